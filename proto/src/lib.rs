@@ -102,8 +102,12 @@ mod tests {
                 .location
                 .iter()
                 .filter(|l| {
-                    l.leading_comments.as_deref().is_some_and(|c| !c.trim().is_empty())
-                        || l.trailing_comments.as_deref().is_some_and(|c| !c.trim().is_empty())
+                    l.leading_comments
+                        .as_deref()
+                        .is_some_and(|c| !c.trim().is_empty())
+                        || l.trailing_comments
+                            .as_deref()
+                            .is_some_and(|c| !c.trim().is_empty())
                 })
                 .map(|l| l.path.clone())
                 .collect();
@@ -136,7 +140,13 @@ mod tests {
                 }
             }
             for (i, message) in file.message_type.iter().enumerate() {
-                walk(vec![4, i as i32], message, &documented, file.name(), &mut undocumented);
+                walk(
+                    vec![4, i as i32],
+                    message,
+                    &documented,
+                    file.name(),
+                    &mut undocumented,
+                );
             }
             for (i, service) in file.service.iter().enumerate() {
                 if !documented.contains(&vec![6, i as i32]) {

@@ -1,0 +1,706 @@
+//! A partition log: a directory of segments, appended at the tail, read by offset or Raft index,
+//! truncated at the tail (Raft conflicts) and purged at the head (retention, snapshots).
+//!
+//! Invariants (checked by `debug_assert!` and by the property tests):
+//! - segments are ordered by base offset, which strictly increases; only the last one is written;
+//! - offsets are dense: a segment's base offset is its predecessor's next offset, and every batch
+//!   starts at the offset after the previous batch; Raft indexes increase by one per entry;
+//! - every segment but the last is fully synced and has index files; `durable` never runs ahead of
+//!   what fdatasync has confirmed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::codec::{Batch, EntryKind, le_u32, le_u64};
+use crate::config::LogConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::segment::{self, ReadEnd, ScanMode, Segment, Visit};
+
+const LOG_META_FILE: &str = "log.meta";
+const LOG_META_MAGIC: [u8; 8] = *b"WFTLOG01";
+const LOG_META_VERSION: u32 = 1;
+
+/// A position in the log: the offset the next record takes and the Raft index the next entry takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogPosition {
+    /// Offset of the next record.
+    pub next_offset: u64,
+    /// Raft index of the next entry.
+    pub next_index: u64,
+}
+
+/// Where an appended batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of its first record.
+    pub base_offset: u64,
+    /// Offset after its last record.
+    pub next_offset: u64,
+    /// Its Raft index.
+    pub index: u64,
+}
+
+/// A torn tail removed by recovery: bytes written after the last fsync that did not fully reach
+/// the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment data file.
+    pub segment: PathBuf,
+    /// Where the file was cut.
+    pub position: u64,
+    /// How many bytes were removed.
+    pub bytes_removed: u64,
+}
+
+/// Damage found in data that had been durable. It is never served; reads of it fail with
+/// [`Error::Corruption`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptionFound {
+    /// The segment data file.
+    pub segment: PathBuf,
+    /// Position of the first damaged byte range.
+    pub position: u64,
+    /// Where valid data resumes in the same file, if it does.
+    pub resumes_at: Option<u64>,
+    /// What check failed.
+    pub detail: String,
+}
+
+/// What opening the log found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// True when the log had been closed cleanly (the tail needed no scan).
+    pub clean_shutdown: bool,
+    /// The torn tail that was cut off, if any.
+    pub torn_tail: Option<TornTail>,
+    /// Damage in durable data.
+    pub corruptions: Vec<CorruptionFound>,
+    /// Segments whose index files were missing, stale or damaged and were rebuilt.
+    pub rebuilt_indexes: Vec<PathBuf>,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PurgeReport {
+    /// Segments deleted.
+    pub segments_deleted: usize,
+    /// Data bytes deleted.
+    pub bytes_deleted: u64,
+    /// The log's first offset afterwards.
+    pub start_offset: u64,
+}
+
+/// One partition's log. Single owner: appends, truncation and purges take `&mut self`; reads take
+/// `&self` and use positioned reads, so they never disturb the writer's state.
+#[derive(Debug)]
+pub struct PartitionLog {
+    dir: PathBuf,
+    config: LogConfig,
+    /// Never empty; the last segment is the active one.
+    segments: Vec<Segment>,
+    durable: LogPosition,
+    poisoned: Option<String>,
+    report: RecoveryReport,
+}
+
+impl PartitionLog {
+    /// Opens (or creates) the log in `dir`, recovering from whatever a crash left: the tail segment
+    /// is scanned and a torn tail cut off, missing or damaged index files are rebuilt, and damage
+    /// in durable data is recorded in [`PartitionLog::recovery_report`].
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<PartitionLog> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).io("create log directory", &dir)?;
+        let mut bases = Vec::new();
+        for entry in fs::read_dir(&dir).io("list log directory", &dir)? {
+            let entry = entry.io("list log directory", &dir)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".tmp") {
+                let path = entry.path();
+                fs::remove_file(&path).io("remove leftover", &path)?;
+            } else if let Some(base) = segment::parse_data_file_name(&name) {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+
+        let start = read_log_meta(&dir)?;
+        let mut report = RecoveryReport::default();
+        let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
+        if bases.is_empty() {
+            let start = start.unwrap_or_default();
+            write_log_meta(&dir, start, &config)?;
+            segments.push(Segment::create(
+                &dir,
+                start.next_offset,
+                start.next_index,
+                &config,
+            )?);
+        }
+        let last = bases.len().saturating_sub(1);
+        for (i, &base) in bases.iter().enumerate() {
+            let path = dir.join(segment::data_file_name(base));
+            let mut seg = Segment::open(path.clone(), base)?;
+            let is_tail = i == last;
+            let hint = match segments.last() {
+                Some(prev) => prev.next_index,
+                None => start.map_or(0, |s| s.next_index),
+            };
+            if seg.load_index()? {
+                if is_tail {
+                    report.clean_shutdown = true;
+                    // The tail changes from now on: its index files would go stale.
+                    seg.remove_index_files()?;
+                    segment::sync_dir(&dir, &config)?;
+                }
+            } else {
+                let mode = if is_tail {
+                    ScanMode::Tail
+                } else {
+                    ScanMode::Sealed
+                };
+                let file_len = seg.data_len;
+                let scan = seg.scan(mode, hint, &config)?;
+                for damage in scan.damage {
+                    report.corruptions.push(CorruptionFound {
+                        segment: path.clone(),
+                        position: damage.position,
+                        resumes_at: damage.resumes_at,
+                        detail: damage.detail,
+                    });
+                }
+                if let Some(torn) = scan.torn_at {
+                    seg.truncate(torn, &config)?;
+                    report.torn_tail = Some(TornTail {
+                        segment: path.clone(),
+                        position: torn,
+                        bytes_removed: file_len - torn,
+                    });
+                }
+                if !is_tail {
+                    seg.write_index_files(&dir, &config)?;
+                    report.rebuilt_indexes.push(path.clone());
+                }
+            }
+            if seg.is_empty() {
+                seg.next_index = hint;
+            }
+            if let Some(prev) = segments.last() {
+                let index_ok = seg.first_index.is_none_or(|first| first == prev.next_index);
+                if prev.next_offset != seg.base_offset || !index_ok {
+                    report.corruptions.push(CorruptionFound {
+                        segment: path.clone(),
+                        position: 0,
+                        resumes_at: Some(0),
+                        detail: format!(
+                            "segment does not continue its predecessor (expected offset {} index {}, \
+                             found offset {} index {:?})",
+                            prev.next_offset, prev.next_index, seg.base_offset, seg.first_index
+                        ),
+                    });
+                }
+            }
+            segments.push(seg);
+        }
+        for corruption in &report.corruptions {
+            tracing::error!(
+                segment = %corruption.segment.display(),
+                position = corruption.position,
+                detail = %corruption.detail,
+                "corruption in durable data; the damaged range will not be served"
+            );
+        }
+        if let Some(torn) = &report.torn_tail {
+            tracing::warn!(
+                segment = %torn.segment.display(),
+                position = torn.position,
+                bytes = torn.bytes_removed,
+                "cut a torn tail left by a crash"
+            );
+        }
+        let mut log = PartitionLog {
+            dir,
+            config,
+            segments,
+            durable: LogPosition::default(),
+            poisoned: None,
+            report,
+        };
+        log.durable = log.end();
+        Ok(log)
+    }
+
+    /// What opening the log found.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments.last().expect("a log always has a segment")
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .last_mut()
+            .expect("a log always has a segment")
+    }
+
+    /// The position after the last written entry (durable or not).
+    pub fn end(&self) -> LogPosition {
+        let active = self.active();
+        LogPosition {
+            next_offset: active.next_offset,
+            next_index: active.next_index,
+        }
+    }
+
+    /// The position after the last durable entry: everything before it survives a power loss.
+    pub fn durable(&self) -> LogPosition {
+        self.durable
+    }
+
+    /// The first retained offset.
+    pub fn start_offset(&self) -> u64 {
+        self.segments[0].base_offset
+    }
+
+    /// The Raft index of the first retained entry, or None when the log holds no entries.
+    pub fn first_index(&self) -> Option<u64> {
+        self.segments.iter().find_map(|s| s.first_index)
+    }
+
+    /// Bytes of data on disk.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.data_len).sum()
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Appends one batch. Its base offset and Raft index must continue the log (see
+    /// [`PartitionLog::end`]). The batch is written but not durable: call [`PartitionLog::flush`]
+    /// (once for many appends: that is group commit).
+    pub fn append(&mut self, batch: &Batch) -> Result<Appended> {
+        if let Some(reason) = &self.poisoned {
+            return Err(Error::Poisoned(reason.clone()));
+        }
+        let header = *batch.header();
+        if batch.len() as u64 > self.config.batch_bytes_max {
+            return Err(Error::BatchTooLarge {
+                size: batch.len() as u64,
+                max: self.config.batch_bytes_max,
+            });
+        }
+        let end = self.end();
+        if header.base_offset != end.next_offset || header.index != end.next_index {
+            return Err(Error::OutOfOrder {
+                expected_offset: end.next_offset,
+                expected_index: end.next_index,
+                offset: header.base_offset,
+                index: header.index,
+            });
+        }
+        if self.should_roll(batch) {
+            self.roll()?;
+        }
+        let config = self.config.clone();
+        match self.active_mut().append(batch, &config) {
+            Ok(_) => {}
+            Err(error) => {
+                if let Error::Poisoned(reason) = &error {
+                    self.poisoned = Some(reason.clone());
+                }
+                return Err(error);
+            }
+        }
+        debug_assert_eq!(self.end().next_offset, header.next_offset());
+        Ok(Appended {
+            base_offset: header.base_offset,
+            next_offset: header.next_offset(),
+            index: header.index,
+        })
+    }
+
+    fn should_roll(&self, batch: &Batch) -> bool {
+        let active = self.active();
+        if !active.has_records() {
+            // Base offsets name segments, so a segment must hold a record before the next starts.
+            return false;
+        }
+        let frame_len = (segment::FRAME_HEADER_LEN + batch.len()) as u64;
+        if active.data_len + frame_len > self.config.segment_bytes_max {
+            return true;
+        }
+        let h = batch.header();
+        h.kind == EntryKind::Records
+            && h.record_count > 0
+            && active.first_timestamp.is_some_and(|first| {
+                h.max_timestamp_ms.saturating_sub(first) >= self.config.segment_ms_max
+            })
+    }
+
+    /// Seals the active segment (synced, index files written) and starts a new one.
+    fn roll(&mut self) -> Result<()> {
+        let config = self.config.clone();
+        let dir = self.dir.clone();
+        let active = self.active_mut();
+        active.sync(&config)?;
+        active.write_index_files(&dir, &config)?;
+        let (base, next_index) = (active.next_offset, active.next_index);
+        self.durable = self.end();
+        let segment = Segment::create(&dir, base, next_index, &config)?;
+        self.segments.push(segment);
+        Ok(())
+    }
+
+    /// Makes everything written so far durable with one fdatasync and returns the durable position.
+    pub fn flush(&mut self) -> Result<LogPosition> {
+        if let Some(reason) = &self.poisoned {
+            return Err(Error::Poisoned(reason.clone()));
+        }
+        let config = self.config.clone();
+        if let Err(error) = self.active_mut().sync(&config) {
+            // After a failed fsync the page cache state is unknown (fsyncgate): refuse to go on.
+            self.poisoned = Some(error.to_string());
+            return Err(error);
+        }
+        self.durable = self.end();
+        Ok(self.durable)
+    }
+
+    /// Reads record batches holding offsets from `from_offset` up to (not including)
+    /// `limit_offset` (pass the commit offset, so nothing uncommitted is served). The first batch
+    /// may start before `from_offset`; callers skip those records. Returns about `max_bytes` of
+    /// batches, but always at least one when any qualifies. Every batch is CRC-checked first.
+    pub fn read(
+        &self,
+        from_offset: u64,
+        max_bytes: usize,
+        limit_offset: u64,
+    ) -> Result<Vec<Batch>> {
+        let start = self.start_offset();
+        let end = self.end().next_offset;
+        if from_offset < start || from_offset > end {
+            return Err(Error::OffsetOutOfRange {
+                offset: from_offset,
+                start,
+                end,
+            });
+        }
+        let limit = limit_offset.min(end);
+        if from_offset >= limit {
+            return Ok(Vec::new());
+        }
+        let first = self
+            .segments
+            .partition_point(|s| s.base_offset <= from_offset)
+            - 1;
+        let mut out: Vec<Batch> = Vec::new();
+        let mut budget = max_bytes.max(1);
+        for seg in &self.segments[first..] {
+            let position = seg.position_for_offset(from_offset);
+            let (batches, how) = seg.read(position, budget, &self.config, |h| {
+                if h.base_offset >= limit {
+                    Visit::Stop
+                } else if h.kind != EntryKind::Records || h.next_offset() <= from_offset {
+                    Visit::Skip
+                } else {
+                    Visit::Take
+                }
+            })?;
+            let bytes: usize = batches.iter().map(Batch::len).sum();
+            out.extend(batches);
+            budget = budget.saturating_sub(bytes);
+            if how == ReadEnd::Stopped || budget == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads entries (records and control) with Raft indexes in `from_index .. until_index`, up to
+    /// about `max_bytes` (at least one entry). For the Raft log store.
+    pub fn read_entries(
+        &self,
+        from_index: u64,
+        until_index: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Batch>> {
+        let end = self.end().next_index;
+        let until = until_index.min(end);
+        if from_index >= until {
+            return Ok(Vec::new());
+        }
+        let start = self.first_index().unwrap_or(end);
+        if from_index < start {
+            return Err(Error::OffsetOutOfRange {
+                offset: from_index,
+                start,
+                end,
+            });
+        }
+        let first = self
+            .segments
+            .partition_point(|s| s.first_index.is_some_and(|f| f <= from_index))
+            .saturating_sub(1);
+        let mut out: Vec<Batch> = Vec::new();
+        let mut budget = max_bytes.max(1);
+        for seg in &self.segments[first..] {
+            let position = seg.position_for_index(from_index);
+            let (batches, how) = seg.read(position, budget, &self.config, |h| {
+                if h.index >= until {
+                    Visit::Stop
+                } else if h.index < from_index {
+                    Visit::Skip
+                } else {
+                    Visit::Take
+                }
+            })?;
+            let bytes: usize = batches.iter().map(Batch::len).sum();
+            out.extend(batches);
+            budget = budget.saturating_sub(bytes);
+            if how == ReadEnd::Stopped || budget == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first offset below `limit_offset` whose record timestamp is at or after
+    /// `timestamp_ms`, or None when there is no such record.
+    pub fn offset_for_timestamp(
+        &self,
+        timestamp_ms: i64,
+        limit_offset: u64,
+    ) -> Result<Option<u64>> {
+        for seg in &self.segments {
+            if seg.max_timestamp < timestamp_ms {
+                continue;
+            }
+            let position = seg.position_for_timestamp(timestamp_ms);
+            let (batches, _) = seg.read(position, 1, &self.config, |h| {
+                if h.base_offset >= limit_offset {
+                    Visit::Stop
+                } else if h.kind != EntryKind::Records
+                    || h.record_count == 0
+                    || h.max_timestamp_ms < timestamp_ms
+                {
+                    Visit::Skip
+                } else {
+                    Visit::Take
+                }
+            })?;
+            let Some(batch) = batches.first() else {
+                return Ok(None);
+            };
+            return Ok(batch
+                .records()
+                .find(|r| r.timestamp_ms >= timestamp_ms && r.offset < limit_offset)
+                .map(|r| r.offset));
+        }
+        Ok(None)
+    }
+
+    /// Removes every entry with Raft index `index` or later (Raft conflict resolution). Durable on
+    /// return.
+    pub fn truncate_from_index(&mut self, index: u64) -> Result<()> {
+        let end = self.end();
+        if index >= end.next_index {
+            return Ok(());
+        }
+        let start = self.first_index().unwrap_or(end.next_index);
+        if index < start {
+            return Err(Error::OffsetOutOfRange {
+                offset: index,
+                start,
+                end: end.next_index,
+            });
+        }
+        let keep = self
+            .segments
+            .partition_point(|s| s.first_index.is_some_and(|f| f <= index))
+            .max(1)
+            - 1;
+        let position = self.segments[keep]
+            .frame_position_of_index(index, &self.config)?
+            .ok_or_else(|| {
+                self.segments[keep].corruption(0, format!("entry {index} missing from its segment"))
+            })?;
+        let removed: Vec<Segment> = self.segments.drain(keep + 1..).collect();
+        for seg in removed.into_iter().rev() {
+            seg.delete()?;
+        }
+        let config = self.config.clone();
+        let seg = &mut self.segments[keep];
+        seg.remove_index_files()?;
+        seg.truncate(position, &config)?;
+        segment::sync_dir(&self.dir, &self.config)?;
+        let end = self.end();
+        debug_assert_eq!(end.next_index, index);
+        self.durable = LogPosition {
+            next_offset: self.durable.next_offset.min(end.next_offset),
+            next_index: self.durable.next_index.min(end.next_index),
+        };
+        Ok(())
+    }
+
+    /// Deletes leading segments whose records all lie below `offset`. The active segment is never
+    /// deleted, so the log may keep some records below `offset`.
+    pub fn purge_before_offset(&mut self, offset: u64) -> Result<PurgeReport> {
+        let count = self.segments[1..]
+            .iter()
+            .take_while(|next| next.base_offset <= offset)
+            .count();
+        self.delete_head(count)
+    }
+
+    /// Deletes leading segments whose entries all have Raft index `index` or lower (after a
+    /// snapshot covers them). The active segment is never deleted.
+    pub fn purge_through_index(&mut self, index: u64) -> Result<PurgeReport> {
+        let count = self.segments[..self.segments.len() - 1]
+            .iter()
+            .take_while(|s| s.next_index <= index + 1)
+            .count();
+        self.delete_head(count)
+    }
+
+    /// Applies `retention_bytes` and `retention_ms` at time `now_ms`: deletes the oldest sealed
+    /// segments while the log would still hold at least `retention_bytes` without them, and those
+    /// whose newest record is older than `now_ms - retention_ms`.
+    pub fn apply_retention(&mut self, now_ms: i64) -> Result<PurgeReport> {
+        let mut count = 0;
+        let mut remaining = self.size_bytes();
+        for seg in &self.segments[..self.segments.len() - 1] {
+            let by_size = self
+                .config
+                .retention_bytes
+                .is_some_and(|max| remaining - seg.data_len >= max);
+            let by_age = self.config.retention_ms.is_some_and(|ms| {
+                seg.has_records() && seg.max_timestamp < now_ms.saturating_sub(ms)
+            });
+            if !(by_size || by_age) {
+                break;
+            }
+            remaining -= seg.data_len;
+            count += 1;
+        }
+        self.delete_head(count)
+    }
+
+    fn delete_head(&mut self, count: usize) -> Result<PurgeReport> {
+        let mut report = PurgeReport {
+            start_offset: self.start_offset(),
+            ..PurgeReport::default()
+        };
+        if count == 0 {
+            return Ok(report);
+        }
+        // Record the new start first, so a crash part-way never leaves an empty first segment
+        // without its Raft index.
+        let new_first = &self.segments[count];
+        let start = LogPosition {
+            next_offset: new_first.base_offset,
+            next_index: new_first.first_index.unwrap_or(new_first.next_index),
+        };
+        write_log_meta(&self.dir, start, &self.config)?;
+        for seg in self.segments.drain(..count) {
+            report.segments_deleted += 1;
+            report.bytes_deleted += seg.data_len;
+            seg.delete()?;
+        }
+        segment::sync_dir(&self.dir, &self.config)?;
+        report.start_offset = self.start_offset();
+        Ok(report)
+    }
+
+    /// Deletes everything and restarts the log empty at `next` (installing a snapshot).
+    pub fn reset(&mut self, next: LogPosition) -> Result<()> {
+        write_log_meta(&self.dir, next, &self.config)?;
+        let fresh = Segment::create_or_replace(&self.dir, next, &self.config)?;
+        let old: Vec<Segment> = std::mem::replace(&mut self.segments, vec![fresh]);
+        for seg in old {
+            if seg.base_offset != next.next_offset {
+                seg.delete()?;
+            }
+        }
+        segment::sync_dir(&self.dir, &self.config)?;
+        self.durable = next;
+        self.poisoned = None;
+        Ok(())
+    }
+
+    /// Syncs everything and writes the tail's index files, so the next open needs no scan.
+    pub fn close(mut self) -> Result<()> {
+        self.flush()?;
+        let config = self.config.clone();
+        self.active().write_index_files(&self.dir, &config)
+    }
+}
+
+impl Segment {
+    /// A new empty segment at `next`, replacing any file of the same name.
+    fn create_or_replace(dir: &Path, next: LogPosition, config: &LogConfig) -> Result<Segment> {
+        let path = dir.join(segment::data_file_name(next.next_offset));
+        if path.exists() {
+            let old = Segment::open(path.clone(), next.next_offset)?;
+            old.delete()?;
+        }
+        Segment::create(dir, next.next_offset, next.next_index, config)
+    }
+}
+
+fn write_log_meta(dir: &Path, start: LogPosition, config: &LogConfig) -> Result<()> {
+    let mut bytes = Vec::with_capacity(36);
+    bytes.extend_from_slice(&LOG_META_MAGIC);
+    bytes.extend_from_slice(&LOG_META_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&start.next_offset.to_le_bytes());
+    bytes.extend_from_slice(&start.next_index.to_le_bytes());
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    let path = dir.join(LOG_META_FILE);
+    let tmp = dir.join(format!("{LOG_META_FILE}.tmp"));
+    fs::write(&tmp, &bytes).io("write", &tmp)?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .io("fsync", &tmp)?;
+    fs::rename(&tmp, &path).io("rename", &path)?;
+    segment::notify(config, &path, bytes.len() as u64);
+    segment::sync_dir(dir, config)
+}
+
+fn read_log_meta(dir: &Path) -> Result<Option<LogPosition>> {
+    let path = dir.join(LOG_META_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).io("read", &path),
+    };
+    let valid = bytes.len() == 32
+        && bytes[..8] == LOG_META_MAGIC
+        && le_u32(&bytes[8..12]) == LOG_META_VERSION
+        && crc32fast::hash(&bytes[..28]) == le_u32(&bytes[28..32]);
+    if !valid {
+        return Err(Error::Corruption {
+            segment: path,
+            position: 0,
+            detail: "log.meta fails its checks".into(),
+        });
+    }
+    Ok(Some(LogPosition {
+        next_offset: le_u64(&bytes[12..20]),
+        next_index: le_u64(&bytes[20..28]),
+    }))
+}

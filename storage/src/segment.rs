@@ -1,0 +1,829 @@
+//! One segment: a data file of frames, and its sparse offset index and time index.
+//!
+//! A frame is a 16-byte frame header followed by one encoded batch. The frame header holds a CRC over
+//! itself and the batch's CRC and length (so every byte of the file is covered by a CRC), a magic
+//! number (so recovery can find the next frame after a damaged one), and `synced_len`: how many bytes
+//! of this segment were durable when the frame was written. That last field is what lets recovery
+//! tell a torn tail (bytes that were never synced: truncate) from corruption of durable data (report,
+//! never truncate): a damaged frame followed by a valid frame whose `synced_len` lies beyond it was
+//! on disk before that later frame was written.
+//!
+//! Index files are derived data, written whole when a segment is sealed or the log is closed, with a
+//! CRC; a missing, stale or damaged index is rebuilt by scanning the data file.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{Batch, BatchHeader, EntryKind, le_u32, le_u64};
+use crate::config::LogConfig;
+use crate::error::{Error, IoContext, Result};
+
+/// Bytes of the frame header that precedes every batch in a data file.
+pub const FRAME_HEADER_LEN: usize = 16;
+const FRAME_MAGIC: [u8; 4] = *b"WFR1";
+/// Bytes of frame header plus the part of the batch header the frame CRC covers.
+const FRAME_PROBE_LEN: usize = FRAME_HEADER_LEN + 8;
+const INDEX_MAGIC: [u8; 8] = *b"WFTIDX01";
+const TIME_INDEX_MAGIC: [u8; 8] = *b"WFTTIX01";
+const INDEX_VERSION: u32 = 1;
+const INDEX_HEADER_LEN: usize = 80;
+const INDEX_ENTRY_LEN: usize = 24;
+const TIME_INDEX_HEADER_LEN: usize = 24;
+const TIME_INDEX_ENTRY_LEN: usize = 16;
+/// Reads from data files are done in chunks of at least this size.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+pub(crate) fn data_file_name(base_offset: u64) -> String {
+    format!("{base_offset:020}.log")
+}
+
+pub(crate) fn parse_data_file_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(".log")?;
+    (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| stem.parse().ok())
+        .flatten()
+}
+
+/// The frame header for `batch` written into a segment whose first `synced_len` bytes are durable.
+pub(crate) fn frame_header(synced_len: u64, batch: &Batch) -> [u8; FRAME_HEADER_LEN] {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    header[4..8].copy_from_slice(&FRAME_MAGIC);
+    header[8..16].copy_from_slice(&synced_len.to_le_bytes());
+    let crc = frame_crc(&header, &batch.bytes()[..8]);
+    header[0..4].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+fn frame_crc(header: &[u8], batch_prefix: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[4..FRAME_HEADER_LEN]);
+    hasher.update(batch_prefix);
+    hasher.finalize()
+}
+
+/// A sparse index point: the frame at `position` starts the batch with `offset` and Raft `index`;
+/// `max_ts_before` is the largest record timestamp of the segment before that frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    pub(crate) offset: u64,
+    pub(crate) index: u64,
+    pub(crate) position: u64,
+    pub(crate) max_ts_before: i64,
+}
+
+/// A damaged range of a data file found by a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Damage {
+    pub(crate) position: u64,
+    /// Where valid frames resume, if they do.
+    pub(crate) resumes_at: Option<u64>,
+    pub(crate) detail: String,
+}
+
+/// How a scan treats a damaged frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScanMode {
+    /// A sealed segment: everything was synced, so damage is corruption; skip past it.
+    Sealed,
+    /// The tail segment after a crash: damage that no later frame proves durable is a torn tail.
+    Tail,
+}
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub(crate) struct ScanReport {
+    pub(crate) damage: Vec<Damage>,
+    /// Tail mode: position of the torn tail (the file should be cut here), if any.
+    pub(crate) torn_at: Option<u64>,
+}
+
+/// The outcome of checking the frame at one position.
+enum Frame {
+    Valid {
+        batch: Batch,
+        synced_len: u64,
+    },
+    /// Not a valid frame: why.
+    Invalid(String),
+}
+
+impl Frame {
+    fn len(batch: &Batch) -> u64 {
+        (FRAME_HEADER_LEN + batch.len()) as u64
+    }
+}
+
+/// A read buffer over a data file that hands out zero-copy slices.
+struct Window<'a> {
+    file: &'a File,
+    path: &'a Path,
+    start: u64,
+    buf: Bytes,
+    end: u64,
+    chunk: usize,
+}
+
+impl<'a> Window<'a> {
+    fn new(file: &'a File, path: &'a Path, end: u64, chunk: usize) -> Self {
+        Window {
+            file,
+            path,
+            start: 0,
+            buf: Bytes::new(),
+            end,
+            chunk: chunk.max(READ_CHUNK_BYTES),
+        }
+    }
+
+    /// `len` bytes at `pos`, or None when they extend past the end.
+    fn slice(&mut self, pos: u64, len: usize) -> Result<Option<Bytes>> {
+        let Some(stop) = pos.checked_add(len as u64) else {
+            return Ok(None);
+        };
+        if stop > self.end {
+            return Ok(None);
+        }
+        if pos < self.start || stop > self.start + self.buf.len() as u64 {
+            let want = (self.end - pos).min(len.max(self.chunk) as u64) as usize;
+            let mut buf = BytesMut::zeroed(want);
+            self.file
+                .read_exact_at(&mut buf, pos)
+                .io("read", self.path)?;
+            self.start = pos;
+            self.buf = buf.freeze();
+        }
+        let from = (pos - self.start) as usize;
+        Ok(Some(self.buf.slice(from..from + len)))
+    }
+
+    /// Checks the frame at `pos`: frame header, frame CRC, batch length, batch CRC and contents.
+    fn frame(&mut self, pos: u64, batch_bytes_max: u64) -> Result<Frame> {
+        let Some(probe) = self.slice(pos, FRAME_PROBE_LEN)? else {
+            return Ok(Frame::Invalid(format!(
+                "frame header cut short ({} bytes left)",
+                self.end.saturating_sub(pos)
+            )));
+        };
+        if probe[4..8] != FRAME_MAGIC {
+            return Ok(Frame::Invalid("bad frame magic".into()));
+        }
+        let stored = le_u32(&probe[0..4]);
+        let computed = frame_crc(&probe, &probe[FRAME_HEADER_LEN..]);
+        if stored != computed {
+            return Ok(Frame::Invalid(format!(
+                "frame CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            )));
+        }
+        let synced_len = le_u64(&probe[8..16]);
+        let batch_len = u64::from(le_u32(&probe[FRAME_HEADER_LEN + 4..FRAME_HEADER_LEN + 8]));
+        if batch_len < crate::BATCH_HEADER_LEN as u64 || batch_len > batch_bytes_max {
+            return Ok(Frame::Invalid(format!(
+                "impossible batch length {batch_len}"
+            )));
+        }
+        let Some(bytes) = self.slice(pos + FRAME_HEADER_LEN as u64, batch_len as usize)? else {
+            return Ok(Frame::Invalid(format!(
+                "batch of {batch_len} bytes cut short by the end of the file"
+            )));
+        };
+        match Batch::decode(bytes) {
+            Ok(batch) => Ok(Frame::Valid { batch, synced_len }),
+            Err(error) => Ok(Frame::Invalid(error.to_string())),
+        }
+    }
+}
+
+/// One segment of a partition log.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub(crate) base_offset: u64,
+    pub(crate) path: PathBuf,
+    file: File,
+    pub(crate) entries: Vec<IndexEntry>,
+    pub(crate) next_offset: u64,
+    /// Raft index of the first entry; None while the segment is empty.
+    pub(crate) first_index: Option<u64>,
+    pub(crate) next_index: u64,
+    pub(crate) data_len: u64,
+    /// Bytes of the data file known to be durable.
+    pub(crate) synced_len: u64,
+    /// Timestamp of the first record, for rolling by age.
+    pub(crate) first_timestamp: Option<i64>,
+    /// Largest record timestamp; i64::MIN while there are no records.
+    pub(crate) max_timestamp: i64,
+    last_indexed: Option<u64>,
+}
+
+impl Segment {
+    /// Creates an empty data file; the directory entry is made durable before returning.
+    pub(crate) fn create(
+        dir: &Path,
+        base_offset: u64,
+        next_index: u64,
+        config: &LogConfig,
+    ) -> Result<Segment> {
+        let path = dir.join(data_file_name(base_offset));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .io("create segment", &path)?;
+        sync_dir(dir, config)?;
+        notify(config, &path, 0);
+        Ok(Segment::empty(base_offset, path, file, next_index))
+    }
+
+    fn empty(base_offset: u64, path: PathBuf, file: File, next_index: u64) -> Segment {
+        Segment {
+            base_offset,
+            path,
+            file,
+            entries: Vec::new(),
+            next_offset: base_offset,
+            first_index: None,
+            next_index,
+            data_len: 0,
+            synced_len: 0,
+            first_timestamp: None,
+            max_timestamp: i64::MIN,
+            last_indexed: None,
+        }
+    }
+
+    /// Opens an existing data file without reading it; call [`Segment::load_index`] or
+    /// [`Segment::scan`] next.
+    pub(crate) fn open(path: PathBuf, base_offset: u64) -> Result<Segment> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .io("open segment", &path)?;
+        let data_len = file.metadata().io("stat segment", &path)?.len();
+        let mut segment = Segment::empty(base_offset, path, file, 0);
+        segment.data_len = data_len;
+        segment.synced_len = data_len;
+        Ok(segment)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first_index.is_none()
+    }
+
+    pub(crate) fn has_records(&self) -> bool {
+        self.next_offset > self.base_offset
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.path.with_extension("index")
+    }
+
+    fn time_index_path(&self) -> PathBuf {
+        self.path.with_extension("timeindex")
+    }
+
+    /// Accounts for a frame at `position` (appended or scanned).
+    fn observe(&mut self, position: u64, header: &BatchHeader, frame_len: u64, interval: u64) {
+        let due = self
+            .last_indexed
+            .is_none_or(|last| position.saturating_sub(last) >= interval);
+        if due {
+            self.entries.push(IndexEntry {
+                offset: header.base_offset,
+                index: header.index,
+                position,
+                max_ts_before: self.max_timestamp,
+            });
+            self.last_indexed = Some(position);
+        }
+        if self.first_index.is_none() {
+            self.first_index = Some(header.index);
+        }
+        self.next_index = header.index + 1;
+        self.next_offset = header.next_offset();
+        if header.kind == EntryKind::Records && header.record_count > 0 {
+            self.first_timestamp
+                .get_or_insert(header.first_timestamp_ms);
+            self.max_timestamp = self.max_timestamp.max(header.max_timestamp_ms);
+        }
+        self.data_len = position + frame_len;
+    }
+
+    /// Writes one frame at the end of the data file (not synced).
+    pub(crate) fn append(&mut self, batch: &Batch, config: &LogConfig) -> Result<u64> {
+        let position = self.data_len;
+        let header = frame_header(self.synced_len, batch);
+        let written = self.file.write_all_at(&header, position).and_then(|()| {
+            self.file
+                .write_all_at(batch.bytes(), position + FRAME_HEADER_LEN as u64)
+        });
+        if let Err(error) = written {
+            // Undo a partial frame so the file ends on a frame boundary again.
+            return match self.file.set_len(position) {
+                Ok(()) => Err(error).io("append", &self.path),
+                Err(undo) => Err(Error::Poisoned(format!(
+                    "append to {} failed ({error}) and could not be undone ({undo})",
+                    self.path.display()
+                ))),
+            };
+        }
+        self.observe(
+            position,
+            batch.header(),
+            Frame::len(batch),
+            config.index_interval_bytes,
+        );
+        Ok(position)
+    }
+
+    /// fdatasync the data file if anything is unsynced.
+    pub(crate) fn sync(&mut self, config: &LogConfig) -> Result<()> {
+        if self.synced_len == self.data_len {
+            return Ok(());
+        }
+        self.file.sync_data().io("fdatasync", &self.path)?;
+        self.synced_len = self.data_len;
+        notify(config, &self.path, self.data_len);
+        Ok(())
+    }
+
+    /// Rebuilds all state by reading the data file from the start, checking every frame.
+    pub(crate) fn scan(
+        &mut self,
+        mode: ScanMode,
+        first_index_hint: u64,
+        config: &LogConfig,
+    ) -> Result<ScanReport> {
+        let file_len = self.data_len;
+        let (entries, next_offset, next_index) = (Vec::new(), self.base_offset, first_index_hint);
+        self.entries = entries;
+        self.next_offset = next_offset;
+        self.next_index = next_index;
+        self.first_index = None;
+        self.first_timestamp = None;
+        self.max_timestamp = i64::MIN;
+        self.last_indexed = None;
+        self.data_len = 0;
+        let mut report = ScanReport::default();
+        let file = self.file.try_clone().io("dup segment handle", &self.path)?;
+        let path = self.path.clone();
+        let mut window = Window::new(&file, &path, file_len, READ_CHUNK_BYTES);
+        let mut position = 0u64;
+        while position < file_len {
+            let invalid = match window.frame(position, config.batch_bytes_max)? {
+                Frame::Valid { batch, .. } if self.continues(batch.header()) => {
+                    let frame_len = Frame::len(&batch);
+                    self.observe(
+                        position,
+                        batch.header(),
+                        frame_len,
+                        config.index_interval_bytes,
+                    );
+                    position += frame_len;
+                    continue;
+                }
+                Frame::Valid { batch, .. } => format!(
+                    "batch (offset {}, index {}) does not continue the segment (offset {}, index {})",
+                    batch.header().base_offset,
+                    batch.header().index,
+                    self.next_offset,
+                    self.next_index
+                ),
+                Frame::Invalid(detail) => detail,
+            };
+            // A damaged frame: look for the next valid frame that continues the log.
+            let resume = self.resync(&mut window, position + 1, config)?;
+            match (mode, resume) {
+                (ScanMode::Tail, Some((_, synced_len))) if synced_len <= position => {
+                    report.torn_at = Some(position);
+                    break;
+                }
+                (ScanMode::Tail, None) => {
+                    report.torn_at = Some(position);
+                    break;
+                }
+                (_, Some((at, _))) => {
+                    report.damage.push(Damage {
+                        position,
+                        resumes_at: Some(at),
+                        detail: invalid,
+                    });
+                    // Force an index point at the resumed frame so reads past the damage work.
+                    self.last_indexed = None;
+                    self.data_len = at;
+                    position = at;
+                    // The damaged frames' offsets are unknown; accept the resumed frame's.
+                    if let Frame::Valid { batch, .. } = window.frame(at, config.batch_bytes_max)? {
+                        self.next_offset = batch.header().base_offset;
+                        self.next_index = batch.header().index;
+                        if self.first_index.is_none() {
+                            self.first_index = Some(batch.header().index);
+                        }
+                    }
+                }
+                (ScanMode::Sealed, None) => {
+                    report.damage.push(Damage {
+                        position,
+                        resumes_at: None,
+                        detail: invalid,
+                    });
+                    self.data_len = file_len;
+                    break;
+                }
+            }
+        }
+        if report.torn_at.is_none() {
+            self.data_len = self.data_len.max(position.min(file_len));
+        }
+        self.synced_len = self.data_len;
+        Ok(report)
+    }
+
+    fn continues(&self, header: &BatchHeader) -> bool {
+        match self.first_index {
+            None => header.base_offset == self.next_offset,
+            Some(_) => header.base_offset == self.next_offset && header.index == self.next_index,
+        }
+    }
+
+    /// Finds the first position at or after `from` holding a valid frame that can follow what the
+    /// segment holds so far. Returns (position, that frame's synced_len).
+    fn resync(
+        &self,
+        window: &mut Window<'_>,
+        from: u64,
+        config: &LogConfig,
+    ) -> Result<Option<(u64, u64)>> {
+        let mut position = from;
+        loop {
+            if position + FRAME_PROBE_LEN as u64 > window.end {
+                return Ok(None);
+            }
+            let take = (window.end - position).min(READ_CHUNK_BYTES as u64) as usize;
+            let Some(chunk) = window.slice(position, take)? else {
+                return Ok(None);
+            };
+            // A candidate frame at position + i has the magic at i + 4 .. i + 8.
+            for i in 0..=take - 8 {
+                if chunk[i + 4..i + 8] != FRAME_MAGIC {
+                    continue;
+                }
+                let candidate = position + i as u64;
+                if let Frame::Valid { batch, synced_len } =
+                    window.frame(candidate, config.batch_bytes_max)?
+                {
+                    let h = batch.header();
+                    let plausible = h.base_offset >= self.next_offset
+                        && (self.first_index.is_none() || h.index >= self.next_index);
+                    if plausible {
+                        return Ok(Some((candidate, synced_len)));
+                    }
+                }
+            }
+            if position + take as u64 >= window.end {
+                return Ok(None);
+            }
+            // The next chunk starts where this one's last candidate would have been + 1.
+            position += (take - 7) as u64;
+        }
+    }
+
+    /// Cuts the data file at `position` (a frame boundary), syncs, and rebuilds the state.
+    pub(crate) fn truncate(&mut self, position: u64, config: &LogConfig) -> Result<()> {
+        let first_index = self.first_index.unwrap_or(self.next_index);
+        self.file
+            .set_len(position)
+            .io("truncate segment", &self.path)?;
+        self.file.sync_all().io("fsync", &self.path)?;
+        notify(config, &self.path, position);
+        self.data_len = position;
+        // Damage before the cut stays where it is: it was reported when found, and reads of it
+        // fail their CRC checks.
+        self.scan(ScanMode::Sealed, first_index, config)?;
+        if self.is_empty() {
+            self.next_index = first_index;
+        }
+        Ok(())
+    }
+
+    /// Reads frames from `start` (a frame boundary) up to `end`, handing each batch to `visit`,
+    /// which says whether to take it and whether to go on. Stops once `max_bytes` of taken batches
+    /// are collected (at least one is always taken if any qualifies). Every frame is checked before
+    /// it is looked at; a damaged one ends the read with [`Error::Corruption`] unless batches were
+    /// already taken, in which case those are returned and the next read reports the damage.
+    pub(crate) fn read(
+        &self,
+        start: u64,
+        max_bytes: usize,
+        config: &LogConfig,
+        mut visit: impl FnMut(&BatchHeader) -> Visit,
+    ) -> Result<(Vec<Batch>, ReadEnd)> {
+        let mut window = Window::new(&self.file, &self.path, self.data_len, max_bytes);
+        let mut position = start;
+        let mut taken = Vec::new();
+        let mut taken_bytes = 0usize;
+        while position < self.data_len {
+            let batch = match window.frame(position, config.batch_bytes_max)? {
+                Frame::Valid { batch, .. } => batch,
+                Frame::Invalid(detail) => {
+                    if taken.is_empty() {
+                        return Err(self.corruption(position, detail));
+                    }
+                    return Ok((taken, ReadEnd::Stopped));
+                }
+            };
+            match visit(batch.header()) {
+                Visit::Stop => return Ok((taken, ReadEnd::Stopped)),
+                Visit::Skip => {}
+                Visit::Take => {
+                    if !taken.is_empty() && taken_bytes + batch.len() > max_bytes {
+                        return Ok((taken, ReadEnd::Stopped));
+                    }
+                    taken_bytes += batch.len();
+                    position += Frame::len(&batch);
+                    taken.push(batch);
+                    if taken_bytes >= max_bytes {
+                        return Ok((taken, ReadEnd::Stopped));
+                    }
+                    continue;
+                }
+            }
+            position += Frame::len(&batch);
+        }
+        Ok((taken, ReadEnd::EndOfSegment))
+    }
+
+    /// The position to start reading at for `offset`: the last index point at or before it.
+    pub(crate) fn position_for_offset(&self, offset: u64) -> u64 {
+        let i = self.entries.partition_point(|e| e.offset <= offset);
+        if i == 0 {
+            0
+        } else {
+            self.entries[i - 1].position
+        }
+    }
+
+    /// The position to start reading at for Raft index `index`.
+    pub(crate) fn position_for_index(&self, index: u64) -> u64 {
+        let i = self.entries.partition_point(|e| e.index <= index);
+        if i == 0 {
+            0
+        } else {
+            self.entries[i - 1].position
+        }
+    }
+
+    /// The position to start reading at to find the first record with timestamp >= `ts`.
+    pub(crate) fn position_for_timestamp(&self, ts: i64) -> u64 {
+        let i = self.entries.partition_point(|e| e.max_ts_before < ts);
+        if i == 0 {
+            0
+        } else {
+            self.entries[i - 1].position
+        }
+    }
+
+    /// Exact frame position of Raft index `index`, by reading from the nearest index point.
+    pub(crate) fn frame_position_of_index(
+        &self,
+        index: u64,
+        config: &LogConfig,
+    ) -> Result<Option<u64>> {
+        let mut window = Window::new(&self.file, &self.path, self.data_len, READ_CHUNK_BYTES);
+        let mut position = self.position_for_index(index);
+        while position < self.data_len {
+            match window.frame(position, config.batch_bytes_max)? {
+                Frame::Valid { batch, .. } => {
+                    if batch.header().index == index {
+                        return Ok(Some(position));
+                    }
+                    if batch.header().index > index {
+                        return Ok(None);
+                    }
+                    position += Frame::len(&batch);
+                }
+                Frame::Invalid(detail) => return Err(self.corruption(position, detail)),
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn corruption(&self, position: u64, detail: String) -> Error {
+        Error::Corruption {
+            segment: self.path.clone(),
+            position,
+            detail,
+        }
+    }
+
+    /// Writes the offset and time index files (atomically, synced). Used when the segment is sealed
+    /// and when the log is closed cleanly.
+    pub(crate) fn write_index_files(&self, dir: &Path, config: &LogConfig) -> Result<()> {
+        let mut index =
+            Vec::with_capacity(INDEX_HEADER_LEN + self.entries.len() * INDEX_ENTRY_LEN + 4);
+        index.extend_from_slice(&INDEX_MAGIC);
+        index.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        index.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        index.extend_from_slice(&self.base_offset.to_le_bytes());
+        index.extend_from_slice(&self.next_offset.to_le_bytes());
+        index.extend_from_slice(&self.first_index.unwrap_or(u64::MAX).to_le_bytes());
+        index.extend_from_slice(&self.next_index.to_le_bytes());
+        index.extend_from_slice(&self.data_len.to_le_bytes());
+        index.extend_from_slice(&self.first_timestamp.unwrap_or(i64::MIN).to_le_bytes());
+        index.extend_from_slice(&self.max_timestamp.to_le_bytes());
+        index.extend_from_slice(&0u64.to_le_bytes());
+        for e in &self.entries {
+            index.extend_from_slice(&e.offset.to_le_bytes());
+            index.extend_from_slice(&e.index.to_le_bytes());
+            index.extend_from_slice(&e.position.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&index);
+        index.extend_from_slice(&crc.to_le_bytes());
+
+        let mut time = Vec::with_capacity(
+            TIME_INDEX_HEADER_LEN + self.entries.len() * TIME_INDEX_ENTRY_LEN + 4,
+        );
+        time.extend_from_slice(&TIME_INDEX_MAGIC);
+        time.extend_from_slice(&INDEX_VERSION.to_le_bytes());
+        time.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        time.extend_from_slice(&self.data_len.to_le_bytes());
+        for e in &self.entries {
+            time.extend_from_slice(&e.max_ts_before.to_le_bytes());
+            time.extend_from_slice(&e.offset.to_le_bytes());
+        }
+        let crc = crc32fast::hash(&time);
+        time.extend_from_slice(&crc.to_le_bytes());
+
+        write_file_atomically(&self.index_path(), &index, config)?;
+        write_file_atomically(&self.time_index_path(), &time, config)?;
+        sync_dir(dir, config)
+    }
+
+    /// Deletes the index files (they go stale as soon as the segment changes).
+    pub(crate) fn remove_index_files(&self) -> Result<bool> {
+        let mut removed = false;
+        for path in [self.index_path(), self.time_index_path()] {
+            match fs::remove_file(&path) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).io("remove index", &path),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Loads the index files if they are intact and describe the data file as it is. Returns false
+    /// (and leaves the segment for a scan) when they are missing, stale or damaged.
+    pub(crate) fn load_index(&mut self) -> Result<bool> {
+        let (Some(index), Some(time)) = (
+            read_optional(&self.index_path())?,
+            read_optional(&self.time_index_path())?,
+        ) else {
+            return Ok(false);
+        };
+        Ok(self.apply_index(&index, &time).is_some())
+    }
+
+    fn apply_index(&mut self, index: &[u8], time: &[u8]) -> Option<()> {
+        let body = checked_body(index, &INDEX_MAGIC)?;
+        let tbody = checked_body(time, &TIME_INDEX_MAGIC)?;
+        if body.len() < INDEX_HEADER_LEN || tbody.len() < TIME_INDEX_HEADER_LEN {
+            return None;
+        }
+        let count = le_u32(&body[12..16]) as usize;
+        if le_u32(&body[8..12]) != INDEX_VERSION
+            || le_u32(&tbody[8..12]) != INDEX_VERSION
+            || le_u32(&tbody[12..16]) as usize != count
+            || body.len() != INDEX_HEADER_LEN + count * INDEX_ENTRY_LEN
+            || tbody.len() != TIME_INDEX_HEADER_LEN + count * TIME_INDEX_ENTRY_LEN
+        {
+            return None;
+        }
+        let base_offset = le_u64(&body[16..24]);
+        let next_offset = le_u64(&body[24..32]);
+        let first_index = le_u64(&body[32..40]);
+        let next_index = le_u64(&body[40..48]);
+        let data_len = le_u64(&body[48..56]);
+        let first_timestamp = le_u64(&body[56..64]) as i64;
+        let max_timestamp = le_u64(&body[64..72]) as i64;
+        if base_offset != self.base_offset
+            || data_len != self.data_len
+            || le_u64(&tbody[16..24]) != data_len
+            || next_offset < base_offset
+            || (count == 0) != (data_len == 0)
+        {
+            return None;
+        }
+        let mut entries = Vec::with_capacity(count);
+        for i in 0..count {
+            let e = &body[INDEX_HEADER_LEN + i * INDEX_ENTRY_LEN..][..INDEX_ENTRY_LEN];
+            let t =
+                &tbody[TIME_INDEX_HEADER_LEN + i * TIME_INDEX_ENTRY_LEN..][..TIME_INDEX_ENTRY_LEN];
+            let entry = IndexEntry {
+                offset: le_u64(&e[0..8]),
+                index: le_u64(&e[8..16]),
+                position: le_u64(&e[16..24]),
+                max_ts_before: le_u64(&t[0..8]) as i64,
+            };
+            if le_u64(&t[8..16]) != entry.offset || entry.position >= data_len {
+                return None;
+            }
+            if let Some(prev) = entries.last() {
+                let prev: &IndexEntry = prev;
+                if entry.position <= prev.position
+                    || entry.offset < prev.offset
+                    || entry.index <= prev.index
+                    || entry.max_ts_before < prev.max_ts_before
+                {
+                    return None;
+                }
+            } else if entry.position != 0
+                || entry.offset != base_offset
+                || entry.index != first_index
+            {
+                return None;
+            }
+            entries.push(entry);
+        }
+        self.entries = entries;
+        self.next_offset = next_offset;
+        self.first_index = (count > 0).then_some(first_index);
+        self.next_index = next_index;
+        self.first_timestamp = (first_timestamp != i64::MIN).then_some(first_timestamp);
+        self.max_timestamp = max_timestamp;
+        self.last_indexed = self.entries.last().map(|e| e.position);
+        Some(())
+    }
+
+    /// Deletes the data and index files.
+    pub(crate) fn delete(self) -> Result<()> {
+        self.remove_index_files()?;
+        fs::remove_file(&self.path).io("delete segment", &self.path)
+    }
+}
+
+/// What a read visitor wants done with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Visit {
+    Take,
+    Skip,
+    Stop,
+}
+
+/// Why a segment read ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadEnd {
+    /// The visitor or the byte limit stopped it.
+    Stopped,
+    /// It ran off the end of the segment; the next segment may continue.
+    EndOfSegment,
+}
+
+fn checked_body<'a>(file: &'a [u8], magic: &[u8; 8]) -> Option<&'a [u8]> {
+    if file.len() < 12 || &file[..8] != magic {
+        return None;
+    }
+    let (body, crc) = file.split_at(file.len() - 4);
+    (crc32fast::hash(body) == le_u32(crc)).then_some(body)
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).io("read index", path),
+    }
+}
+
+fn write_file_atomically(path: &Path, bytes: &[u8], config: &LogConfig) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    {
+        let file = File::create(&tmp).io("create", &tmp)?;
+        file.write_all_at(bytes, 0).io("write", &tmp)?;
+        file.sync_all().io("fsync", &tmp)?;
+    }
+    fs::rename(&tmp, path).io("rename", path)?;
+    notify(config, path, bytes.len() as u64);
+    Ok(())
+}
+
+/// fsync a directory so created, renamed and deleted entries are durable.
+pub(crate) fn sync_dir(dir: &Path, config: &LogConfig) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .io("fsync directory", dir)?;
+    notify(config, dir, 0);
+    Ok(())
+}
+
+pub(crate) fn notify(config: &LogConfig, path: &Path, len: u64) {
+    if let Some(listener) = &config.sync_listener {
+        listener.synced(path, len);
+    }
+}
