@@ -178,7 +178,9 @@ impl PartitionLog {
                         bytes_removed: file_len - torn,
                     });
                 }
-                if !is_tail {
+                if is_tail {
+                    seg.force_sync(&config)?;
+                } else {
                     seg.write_index_files(&dir, &config)?;
                     report.rebuilt_indexes.push(path.clone());
                 }
@@ -412,7 +414,7 @@ impl PartitionLog {
         let mut budget = max_bytes.max(1);
         for seg in &self.segments[first..] {
             let position = seg.position_for_offset(from_offset);
-            let (batches, how) = seg.read(position, budget, &self.config, |h| {
+            let (batches, how) = seg.read(position, budget, out.is_empty(), &self.config, |h| {
                 if h.base_offset >= limit {
                     Visit::Stop
                 } else if h.kind != EntryKind::Records || h.next_offset() <= from_offset {
@@ -460,7 +462,7 @@ impl PartitionLog {
         let mut budget = max_bytes.max(1);
         for seg in &self.segments[first..] {
             let position = seg.position_for_index(from_index);
-            let (batches, how) = seg.read(position, budget, &self.config, |h| {
+            let (batches, how) = seg.read(position, budget, out.is_empty(), &self.config, |h| {
                 if h.index >= until {
                     Visit::Stop
                 } else if h.index < from_index {
@@ -491,7 +493,7 @@ impl PartitionLog {
                 continue;
             }
             let position = seg.position_for_timestamp(timestamp_ms);
-            let (batches, _) = seg.read(position, 1, &self.config, |h| {
+            let (batches, _) = seg.read(position, 1, true, &self.config, |h| {
                 if h.base_offset >= limit_offset {
                     Visit::Stop
                 } else if h.kind != EntryKind::Records

@@ -350,6 +350,15 @@ impl Segment {
         Ok(())
     }
 
+    /// fdatasync unconditionally: after a crash the page cache may hold bytes that never reached
+    /// the disk, and frames written from now on claim that everything before them is durable.
+    pub(crate) fn force_sync(&mut self, config: &LogConfig) -> Result<()> {
+        self.file.sync_data().io("fdatasync", &self.path)?;
+        self.synced_len = self.data_len;
+        notify(config, &self.path, self.data_len);
+        Ok(())
+    }
+
     /// Rebuilds all state by reading the data file from the start, checking every frame.
     pub(crate) fn scan(
         &mut self,
@@ -396,8 +405,12 @@ impl Segment {
             };
             // A damaged frame: look for the next valid frame that continues the log.
             let resume = self.resync(&mut window, position + 1, config)?;
+            let proven_durable = match resume {
+                Some((at, _)) => Self::synced_len_proven_after(&mut window, at, config)? > position,
+                None => false,
+            };
             match (mode, resume) {
-                (ScanMode::Tail, Some((_, synced_len))) if synced_len <= position => {
+                (ScanMode::Tail, Some(_)) if !proven_durable => {
                     report.torn_at = Some(position);
                     break;
                 }
@@ -440,6 +453,27 @@ impl Segment {
         }
         self.synced_len = self.data_len;
         Ok(report)
+    }
+
+    /// The largest `synced_len` among the valid frames that follow each other from `at`: every
+    /// byte below it was on disk before one of those frames was written.
+    fn synced_len_proven_after(
+        window: &mut Window<'_>,
+        at: u64,
+        config: &LogConfig,
+    ) -> Result<u64> {
+        let mut position = at;
+        let mut proven = 0;
+        while position < window.end {
+            match window.frame(position, config.batch_bytes_max)? {
+                Frame::Valid { batch, synced_len } => {
+                    proven = proven.max(synced_len);
+                    position += Frame::len(&batch);
+                }
+                Frame::Invalid(_) => break,
+            }
+        }
+        Ok(proven)
     }
 
     fn continues(&self, header: &BatchHeader) -> bool {
@@ -511,13 +545,14 @@ impl Segment {
 
     /// Reads frames from `start` (a frame boundary) up to `end`, handing each batch to `visit`,
     /// which says whether to take it and whether to go on. Stops once `max_bytes` of taken batches
-    /// are collected (at least one is always taken if any qualifies). Every frame is checked before
+    /// are collected (when `first_may_exceed`, at least one is taken if any qualifies). Every frame is checked before
     /// it is looked at; a damaged one ends the read with [`Error::Corruption`] unless batches were
     /// already taken, in which case those are returned and the next read reports the damage.
     pub(crate) fn read(
         &self,
         start: u64,
         max_bytes: usize,
+        first_may_exceed: bool,
         config: &LogConfig,
         mut visit: impl FnMut(&BatchHeader) -> Visit,
     ) -> Result<(Vec<Batch>, ReadEnd)> {
@@ -539,7 +574,9 @@ impl Segment {
                 Visit::Stop => return Ok((taken, ReadEnd::Stopped)),
                 Visit::Skip => {}
                 Visit::Take => {
-                    if !taken.is_empty() && taken_bytes + batch.len() > max_bytes {
+                    if (!taken.is_empty() || !first_may_exceed)
+                        && taken_bytes + batch.len() > max_bytes
+                    {
                         return Ok((taken, ReadEnd::Stopped));
                     }
                     taken_bytes += batch.len();

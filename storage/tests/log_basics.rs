@@ -1,0 +1,455 @@
+//! Behaviour of the partition log, one feature at a time, on real files.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use weft_storage::{
+    Batch, BatchBuilder, Error, FsyncPolicy, GroupCommitter, LogConfig, LogPosition, PartitionLog,
+    ProducerInfo,
+};
+
+#[test]
+fn appends_roll_segments_and_survive_clean_and_unclean_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(1);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let expected: Vec<Expected> = (0..300)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    assert!(
+        log.segment_count() > 5,
+        "small segments roll: {}",
+        log.segment_count()
+    );
+    log.flush().expect("flush");
+    let check = |log: &PartitionLog| {
+        let got = read_all_entries(log).expect("read");
+        assert_eq!(got.len(), expected.len());
+        for (batch, want) in got.iter().zip(&expected) {
+            assert_eq!(batch.bytes(), &want.bytes);
+        }
+    };
+    check(&log);
+    log.close().expect("close");
+
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen clean");
+    assert!(log.recovery_report().clean_shutdown);
+    assert_eq!(log.recovery_report().torn_tail, None);
+    check(&log);
+    drop(log); // not closed: the next open scans the tail
+
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen unclean");
+    let report = log.recovery_report();
+    assert!(!report.clean_shutdown);
+    assert_eq!(report.torn_tail, None);
+    assert!(report.corruptions.is_empty());
+    check(&log);
+}
+
+#[test]
+fn read_by_offset_respects_limit_and_max_bytes_and_skips_control_entries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(2);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let expected: Vec<Expected> = (0..200)
+        .map(|_| append_random(&mut log, &mut rng, 300))
+        .collect();
+    let end = log.end().next_offset;
+
+    for from in [0, 1, end / 3, end / 2, end - 1] {
+        let limit = (from + 40).min(end);
+        let batches = log.read(from, 2048, limit).expect("read");
+        assert!(!batches.is_empty(), "read from {from} found nothing");
+        let first = batches[0].header();
+        assert!(
+            first.base_offset <= from && from < first.next_offset(),
+            "first batch holds {from}"
+        );
+        let total: usize = batches.iter().map(Batch::len).sum();
+        assert!(
+            batches.len() == 1 || total <= 2048,
+            "byte limit kept: {total}"
+        );
+        for pair in batches.windows(2) {
+            assert_eq!(
+                pair[0].header().next_offset(),
+                pair[1].header().base_offset,
+                "dense"
+            );
+        }
+        for batch in &batches {
+            assert!(
+                batch.header().base_offset < limit,
+                "nothing at or past the limit"
+            );
+            assert_eq!(batch.header().kind, weft_storage::EntryKind::Records);
+            let want = expected
+                .iter()
+                .find(|e| e.index == batch.header().index)
+                .expect("known");
+            assert_eq!(batch.bytes(), &want.bytes);
+        }
+    }
+    // At the limit: nothing. Past the end or before the start: an error.
+    assert!(log.read(10, 1024, 10).expect("read").is_empty());
+    assert!(matches!(
+        log.read(end + 1, 1024, u64::MAX),
+        Err(Error::OffsetOutOfRange { .. })
+    ));
+    // One batch is returned even when it is larger than max_bytes.
+    assert_eq!(log.read(0, 1, end).expect("read").len(), 1);
+}
+
+#[test]
+fn offsets_for_timestamps_match_a_brute_force_search() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(3);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    for _ in 0..150 {
+        append_random(&mut log, &mut rng, 100);
+    }
+    let end = log.end().next_offset;
+    let mut all = Vec::new();
+    let mut from = 0;
+    while from < end {
+        let batches = log.read(from, 1 << 20, end).expect("read");
+        for batch in &batches {
+            all.extend(batch.records().filter(|r| r.offset >= from));
+        }
+        from = batches.last().expect("some").header().next_offset();
+    }
+    assert_eq!(all.len() as u64, end);
+    for target in (1_699_999_990_000i64..1_700_000_110_000).step_by(3_333) {
+        let want = all
+            .iter()
+            .find(|r| r.timestamp_ms >= target)
+            .map(|r| r.offset);
+        assert_eq!(
+            log.offset_for_timestamp(target, end).expect("lookup"),
+            want,
+            "target {target}"
+        );
+    }
+    // The limit hides later records.
+    let limit = end / 2;
+    let target = 1_700_000_050_000;
+    let want = all
+        .iter()
+        .find(|r| r.timestamp_ms >= target && r.offset < limit)
+        .map(|r| r.offset);
+    assert_eq!(
+        log.offset_for_timestamp(target, limit).expect("lookup"),
+        want
+    );
+}
+
+#[test]
+fn truncation_removes_the_suffix_across_segments_and_appends_continue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(4);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let mut expected: Vec<Expected> = (0..200)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    log.flush().expect("flush");
+    let segments_before = log.segment_count();
+    let cut = expected[60].clone();
+    log.truncate_from_index(cut.index).expect("truncate");
+    expected.truncate(60);
+    assert!(log.segment_count() < segments_before);
+    assert_eq!(
+        log.end(),
+        LogPosition {
+            next_offset: cut.base_offset,
+            next_index: cut.index
+        }
+    );
+    assert!(
+        log.durable().next_index <= cut.index,
+        "durable never runs ahead of the log"
+    );
+    for _ in 0..50 {
+        expected.push(append_random(&mut log, &mut rng, 200));
+    }
+    drop(log);
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+    let got = read_all_entries(&log).expect("read");
+    assert_eq!(
+        got.iter().map(|b| b.bytes().clone()).collect::<Vec<_>>(),
+        expected.iter().map(|e| e.bytes.clone()).collect::<Vec<_>>()
+    );
+    // Truncating before the first entry is refused; at or past the end is a no-op.
+    let mut log = log;
+    let end = log.end();
+    log.truncate_from_index(end.next_index + 5).expect("no-op");
+    assert_eq!(log.end(), end);
+}
+
+#[test]
+fn purge_and_retention_delete_whole_old_segments_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(5);
+    let config = LogConfig {
+        retention_bytes: Some(20 * 1024),
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config).expect("open");
+    let expected: Vec<Expected> = (0..300)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    let size = log.size_bytes();
+    let report = log.apply_retention(i64::MAX).expect("retention");
+    assert!(report.segments_deleted > 0);
+    assert!(
+        log.size_bytes() >= 20 * 1024,
+        "keeps at least retention_bytes"
+    );
+    assert!(
+        log.size_bytes() < 20 * 1024 + 8 * 1024 + 4096,
+        "deletes what is beyond: {}",
+        log.size_bytes()
+    );
+    assert_eq!(size - report.bytes_deleted, log.size_bytes());
+    assert_eq!(report.start_offset, log.start_offset());
+
+    // What remains is exactly the expected suffix.
+    let start = log.start_offset();
+    let got = read_all_entries(&log).expect("read");
+    let suffix: Vec<_> = expected
+        .iter()
+        .filter(|e| e.index >= log.first_index().expect("entries"))
+        .collect();
+    assert_eq!(got.len(), suffix.len());
+    assert_eq!(got[0].header().base_offset, start);
+    assert!(
+        matches!(
+            log.read(start.saturating_sub(1), 100, u64::MAX),
+            Err(Error::OffsetOutOfRange { .. })
+        ) || start == 0
+    );
+
+    // Purge by offset never removes anything at or after the offset.
+    let target = expected[250].base_offset;
+    log.purge_before_offset(target).expect("purge");
+    assert!(log.start_offset() <= target);
+    assert!(!log.read(target, 100, u64::MAX).expect("read").is_empty());
+
+    // Age: everything older than the newest record is gone, except the active segment.
+    let mut aged = PartitionLog::open(
+        dir.path(),
+        LogConfig {
+            retention_ms: Some(1),
+            ..small_config()
+        },
+    )
+    .expect("reopen");
+    let report = aged.apply_retention(1_800_000_000_000).expect("retention");
+    assert!(report.segments_deleted > 0);
+    assert_eq!(aged.segment_count(), 1);
+    drop(aged);
+    let reopened = PartitionLog::open(dir.path(), small_config()).expect("reopen after purge");
+    assert_eq!(reopened.segment_count(), 1);
+}
+
+#[test]
+fn damaged_or_missing_index_files_are_rebuilt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(6);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let expected: Vec<Expected> = (0..200)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    log.close().expect("close");
+    let mut indexes: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "index" || e == "timeindex")
+        })
+        .collect();
+    indexes.sort();
+    assert!(indexes.len() >= 6);
+    std::fs::remove_file(&indexes[0]).expect("rm");
+    let mut damaged = std::fs::read(&indexes[2]).expect("read");
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x10;
+    std::fs::write(&indexes[2], damaged).expect("write");
+    std::fs::write(&indexes[4], b"garbage").expect("write");
+
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+    assert!(
+        log.recovery_report().rebuilt_indexes.len() >= 2,
+        "{:?}",
+        log.recovery_report()
+    );
+    assert!(log.recovery_report().corruptions.is_empty());
+    let got = read_all_entries(&log).expect("read");
+    assert_eq!(got.len(), expected.len());
+    for (batch, want) in got.iter().zip(&expected) {
+        assert_eq!(batch.bytes(), &want.bytes);
+    }
+    for offset in [0, 17, 100, expected.last().expect("some").base_offset] {
+        let batches = log.read(offset, 1, u64::MAX).expect("read");
+        assert!(
+            batches[0].header().base_offset <= offset && offset < batches[0].header().next_offset()
+        );
+    }
+}
+
+#[test]
+fn out_of_order_and_oversized_appends_are_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(7);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    append_random(&mut log, &mut rng, 10);
+    let end = log.end();
+    let wrong_offset = make_batch(&mut rng, 1, 10, end.next_offset + 1, 1, end.next_index);
+    assert!(matches!(
+        log.append(&wrong_offset),
+        Err(Error::OutOfOrder { .. })
+    ));
+    let wrong_index = make_batch(&mut rng, 1, 10, end.next_offset, 1, end.next_index + 1);
+    assert!(matches!(
+        log.append(&wrong_index),
+        Err(Error::OutOfOrder { .. })
+    ));
+    let mut big = BatchBuilder::new();
+    big.push(0, b"", &vec![7u8; 5000], []);
+    let big = big.seal(end.next_offset, 1, end.next_index, ProducerInfo::default());
+    assert!(matches!(log.append(&big), Err(Error::BatchTooLarge { .. })));
+    assert_eq!(log.end(), end, "failed appends change nothing");
+    // Invalid configs are refused at open, naming the key.
+    let bad = LogConfig {
+        index_interval_bytes: 0,
+        ..small_config()
+    };
+    match PartitionLog::open(dir.path(), bad) {
+        Err(Error::InvalidConfig { key, .. }) => assert_eq!(key, "index_interval_bytes"),
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
+#[test]
+fn reset_restarts_the_log_at_a_position_and_remembers_it_across_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(8);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    for _ in 0..50 {
+        append_random(&mut log, &mut rng, 100);
+    }
+    let next = LogPosition {
+        next_offset: 5000,
+        next_index: 700,
+    };
+    log.reset(next).expect("reset");
+    assert_eq!(log.end(), next);
+    assert_eq!(log.start_offset(), 5000);
+    drop(log);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+    assert_eq!(log.end(), next, "an empty log remembers where it starts");
+    let e = append_random(&mut log, &mut rng, 100);
+    assert_eq!((e.base_offset, e.index), (5000, 700));
+}
+
+#[test]
+fn group_committer_shares_fsyncs_and_hands_out_dense_offsets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recorder = SyncRecorder::new();
+    let config = LogConfig {
+        sync_listener: Some(recorder.clone()),
+        ..LogConfig::default()
+    };
+    let log = PartitionLog::open(dir.path(), config).expect("open");
+    let committer = Arc::new(GroupCommitter::spawn(log, 1, 64).expect("spawn"));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let committer = committer.clone();
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|i| {
+                        let mut builder = BatchBuilder::new();
+                        builder.push(
+                            i,
+                            format!("{t}").as_bytes(),
+                            format!("{t}-{i}").as_bytes(),
+                            [],
+                        );
+                        builder.push(i, b"", b"second", []);
+                        let committed = committer
+                            .append_wait(builder, ProducerInfo::default())
+                            .expect("append");
+                        assert!(
+                            committed.is_durable(),
+                            "Always policy: durable on completion"
+                        );
+                        (committed.appended, format!("{t}-{i}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut results: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("thread"))
+        .collect();
+    let committer = Arc::into_inner(committer).expect("sole owner");
+    let log = committer.close().expect("close");
+    results.sort_by_key(|(a, _)| a.base_offset);
+    for (i, (appended, _)) in results.iter().enumerate() {
+        assert_eq!(appended.base_offset, 2 * i as u64, "dense, unique offsets");
+        assert_eq!(appended.index, i as u64);
+    }
+    for (appended, value) in &results {
+        let batches = log.read(appended.base_offset, 1, u64::MAX).expect("read");
+        let first = batches[0].records().next().expect("record");
+        assert_eq!(first.value.as_ref(), value.as_bytes());
+    }
+    assert_eq!(log.durable(), log.end());
+    // 400 appends from 4 threads: groups share syncs (each sync serves ~3-4 appends here).
+    let syncs = recorder
+        .data_syncs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        syncs <= 300,
+        "{syncs} data syncs for 400 appends: group commit is not grouping"
+    );
+}
+
+#[test]
+fn interval_policy_acknowledges_before_the_sync_and_syncs_soon_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        fsync: FsyncPolicy::Interval { interval_ms: 20 },
+        ..LogConfig::default()
+    };
+    let log = PartitionLog::open(dir.path(), config).expect("open");
+    let committer = GroupCommitter::spawn(log, 1, 16).expect("spawn");
+    let mut builder = BatchBuilder::new();
+    builder.push(1, b"", b"v", []);
+    let first = committer
+        .append_wait(builder, ProducerInfo::default())
+        .expect("append");
+    assert_eq!(first.appended.base_offset, 0);
+    // Bounded wait for the interval sync to cover the batch.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut builder = BatchBuilder::new();
+        builder.push(1, b"", b"v", []);
+        let later = committer
+            .append_wait(builder, ProducerInfo::default())
+            .expect("append");
+        if later.durable.next_index > first.appended.index {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "interval sync never happened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let log = committer.close().expect("close");
+    assert_eq!(log.durable(), log.end());
+}

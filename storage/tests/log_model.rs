@@ -1,0 +1,253 @@
+//! Property test: random sequences of append / read / truncate / purge / flush / reopen against an
+//! in-memory model of the log. Small segments and index intervals so every run crosses many segment
+//! and index boundaries.
+
+mod common;
+
+use common::small_config;
+use proptest::prelude::*;
+use weft_storage::{Batch, BatchBuilder, EntryKind, PartitionLog, ProducerInfo};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append {
+        records: Vec<(i64, Vec<u8>, Vec<u8>)>,
+    },
+    AppendControl {
+        payload: Vec<u8>,
+    },
+    Read {
+        from_frac: f64,
+        max_bytes: usize,
+        limit_frac: f64,
+    },
+    ReadEntries {
+        from_frac: f64,
+        max_bytes: usize,
+    },
+    Truncate {
+        back: u64,
+    },
+    Purge {
+        frac: f64,
+    },
+    Flush,
+    Reopen {
+        clean: bool,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let record = (
+        0i64..1_000_000,
+        prop::collection::vec(any::<u8>(), 0..8),
+        prop::collection::vec(any::<u8>(), 0..400),
+    );
+    prop_oneof![
+        12 => prop::collection::vec(record, 1..6).prop_map(|records| Op::Append { records }),
+        1 => prop::collection::vec(any::<u8>(), 0..40).prop_map(|payload| Op::AppendControl { payload }),
+        4 => (0.0..1.0f64, 1usize..6000, 0.0..1.2f64).prop_map(|(from_frac, max_bytes, limit_frac)| Op::Read { from_frac, max_bytes, limit_frac }),
+        2 => (0.0..1.0f64, 1usize..6000).prop_map(|(from_frac, max_bytes)| Op::ReadEntries { from_frac, max_bytes }),
+        1 => (1u64..12).prop_map(|back| Op::Truncate { back }),
+        1 => (0.0..1.0f64).prop_map(|frac| Op::Purge { frac }),
+        2 => Just(Op::Flush),
+        1 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+    ]
+}
+
+/// The model: the entries the log should hold, in order.
+#[derive(Debug, Default)]
+struct Model {
+    entries: Vec<Batch>,
+    next_offset: u64,
+    next_index: u64,
+}
+
+impl Model {
+    fn start_index(&self) -> u64 {
+        self.entries
+            .first()
+            .map_or(self.next_index, |b| b.header().index)
+    }
+}
+
+fn check_reads(log: &PartitionLog, model: &Model) -> Result<(), TestCaseError> {
+    prop_assert_eq!(log.end().next_offset, model.next_offset);
+    prop_assert_eq!(log.end().next_index, model.next_index);
+    prop_assert_eq!(
+        log.first_index(),
+        model.entries.first().map(|b| b.header().index)
+    );
+    let got = common::read_all_entries(log).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(got.len(), model.entries.len());
+    for (g, m) in got.iter().zip(&model.entries) {
+        prop_assert_eq!(g.bytes(), m.bytes());
+    }
+    Ok(())
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Some(PartitionLog::open(dir.path(), small_config()).expect("open"));
+    let mut model = Model::default();
+    for op in ops {
+        let l = log.as_mut().expect("open log");
+        match op {
+            Op::Append { records } => {
+                let mut builder = BatchBuilder::new();
+                for (ts, key, value) in &records {
+                    builder.push(*ts, key, value, [(&b"h"[..], &key[..])]);
+                }
+                let batch = builder.seal(
+                    model.next_offset,
+                    3,
+                    model.next_index,
+                    ProducerInfo::default(),
+                );
+                let appended = l
+                    .append(&batch)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(appended.base_offset, model.next_offset);
+                model.next_offset += records.len() as u64;
+                model.next_index += 1;
+                model.entries.push(batch);
+            }
+            Op::AppendControl { payload } => {
+                let batch = Batch::control(model.next_offset, 3, model.next_index, &payload);
+                l.append(&batch)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                model.next_index += 1;
+                model.entries.push(batch);
+            }
+            Op::Read {
+                from_frac,
+                max_bytes,
+                limit_frac,
+            } => {
+                let start = l.start_offset();
+                let span = model.next_offset - start;
+                let from = start + (span as f64 * from_frac) as u64;
+                let limit = start + (span as f64 * limit_frac) as u64;
+                let got = l
+                    .read(from, max_bytes, limit)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let want: Vec<&Batch> = model
+                    .entries
+                    .iter()
+                    .filter(|b| {
+                        let h = b.header();
+                        from < limit
+                            && h.kind == EntryKind::Records
+                            && h.record_count > 0
+                            && h.next_offset() > from
+                            && h.base_offset < limit.min(model.next_offset)
+                    })
+                    .collect();
+                prop_assert_eq!(
+                    got.is_empty(),
+                    want.is_empty(),
+                    "read {} .. {} returned {} batches",
+                    from,
+                    limit,
+                    got.len()
+                );
+                let total: usize = got.iter().map(Batch::len).sum();
+                prop_assert!(got.len() <= 1 || total <= max_bytes);
+                for (g, w) in got.iter().zip(&want) {
+                    prop_assert_eq!(g.bytes(), w.bytes());
+                }
+            }
+            Op::ReadEntries {
+                from_frac,
+                max_bytes,
+            } => {
+                let start = model.start_index();
+                let from = start + ((model.next_index - start) as f64 * from_frac) as u64;
+                let got = l
+                    .read_entries(from, model.next_index, max_bytes)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let want: Vec<&Batch> = model
+                    .entries
+                    .iter()
+                    .filter(|b| b.header().index >= from)
+                    .collect();
+                prop_assert_eq!(got.is_empty(), want.is_empty());
+                for (g, w) in got.iter().zip(&want) {
+                    prop_assert_eq!(g.bytes(), w.bytes());
+                }
+            }
+            Op::Truncate { back } => {
+                let start = model.start_index();
+                let at = model.next_index.saturating_sub(back).max(start);
+                l.truncate_from_index(at)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let keep = model
+                    .entries
+                    .iter()
+                    .take_while(|b| b.header().index < at)
+                    .count();
+                if let Some(first_removed) = model.entries.get(keep) {
+                    model.next_offset = first_removed.header().base_offset;
+                    model.next_index = at;
+                }
+                model.entries.truncate(keep);
+            }
+            Op::Purge { frac } => {
+                let start = l.start_offset();
+                let target = start + ((model.next_offset - start) as f64 * frac) as u64;
+                let report = l
+                    .purge_before_offset(target)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // Nothing at or after the target may go; what remains must be a suffix of the model.
+                prop_assert!(report.start_offset <= target.max(start));
+                let first = l.first_index().unwrap_or(model.next_index);
+                let dropped = model
+                    .entries
+                    .iter()
+                    .take_while(|b| b.header().index < first)
+                    .count();
+                prop_assert!(
+                    model.entries[dropped..]
+                        .iter()
+                        .all(|b| b.header().index >= first)
+                );
+                if let Some(b) = model.entries.get(dropped) {
+                    prop_assert!(b.header().base_offset <= target.max(start) || dropped == 0);
+                }
+                model.entries.drain(..dropped);
+            }
+            Op::Flush => {
+                let durable = l.flush().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(durable, l.end());
+            }
+            Op::Reopen { clean } => {
+                let taken = log.take().expect("open log");
+                if clean {
+                    taken
+                        .close()
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                } else {
+                    drop(taken);
+                }
+                let reopened = PartitionLog::open(dir.path(), small_config())
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let report = reopened.recovery_report();
+                prop_assert_eq!(report.clean_shutdown, clean);
+                prop_assert_eq!(&report.torn_tail, &None);
+                prop_assert!(report.corruptions.is_empty(), "{:?}", report.corruptions);
+                log = Some(reopened);
+            }
+        }
+        check_reads(log.as_ref().expect("open log"), &model)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn log_matches_model(ops in prop::collection::vec(op(), 1..120)) {
+        run(ops)?;
+    }
+}
