@@ -432,8 +432,10 @@ impl Segment {
                     if let Frame::Valid { batch, .. } = window.frame(at, config.batch_bytes_max)? {
                         self.next_offset = batch.header().base_offset;
                         self.next_index = batch.header().index;
+                        // Damage in the first frame: the segment still starts where it should,
+                        // so reads from its start run into the damage instead of skipping it.
                         if self.first_index.is_none() {
-                            self.first_index = Some(batch.header().index);
+                            self.first_index = Some(first_index_hint);
                         }
                     }
                 }
