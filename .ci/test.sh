@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole Weft test suite, from a fresh machine (Debian, a Rust toolchain, root, no services).
+# Installs what the tests need, checks formatting and lints, then runs every test.
+# Usage: bash .ci/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- What the tests need beyond the Rust toolchain ----------------------------------------------
+# The build needs no system tools (protobuf is compiled by protox, in Rust). Tests so far need only
+# the toolchain; system packages for later suites (peer brokers, fault injection) are listed here.
+apt_packages=()
+if [ "${#apt_packages[@]}" -gt 0 ]; then
+    missing=()
+    for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    fi
+fi
+for component in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
+if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+
+# --- Checks ---------------------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "tests (cargo nextest)"
+cargo nextest run --workspace --locked --no-fail-fast
+
+log "doc tests"
+cargo test --workspace --doc --locked
