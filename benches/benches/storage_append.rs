@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use weft_storage::{
-    BatchBuilder, FRAME_HEADER_LEN, GroupCommitter, LogConfig, PartitionLog, ProducerInfo, SyncListener,
+    BatchBuilder, FRAME_HEADER_LEN, GroupCommitter, LogConfig, PartitionLog, ProducerInfo,
+    SyncListener,
 };
 
 const RECORD_BYTES: usize = 1024;
@@ -42,7 +43,10 @@ fn parse_args() -> Result<Args> {
         in_flight: 2,
         sizes: vec![1, 16, 64, 256, 1024],
         dir: None,
-        json: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-results/storage_append.json")),
+        json: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/bench-results/storage_append.json"
+        )),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -52,7 +56,11 @@ fn parse_args() -> Result<Args> {
             "--appenders" => args.appenders = value()?.parse().context("--appenders")?,
             "--in-flight" => args.in_flight = value()?.parse().context("--in-flight")?,
             "--sizes" => {
-                args.sizes = value()?.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>().context("--sizes")?
+                args.sizes = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse())
+                    .collect::<Result<_, _>>()
+                    .context("--sizes")?
             }
             "--dir" => args.dir = Some(PathBuf::from(value()?)),
             "--json" => args.json = PathBuf::from(value()?),
@@ -87,10 +95,18 @@ struct Measured {
 }
 
 fn make_records(records: usize) -> Vec<Vec<u8>> {
-    (0..records).map(|i| (0..RECORD_BYTES).map(|j| (i * 31 + j * 7) as u8).collect()).collect()
+    (0..records)
+        .map(|i| (0..RECORD_BYTES).map(|j| (i * 31 + j * 7) as u8).collect())
+        .collect()
 }
 
-fn run_weft(dir: &Path, records: usize, appenders: usize, in_flight: usize, seconds: f64) -> Result<Measured> {
+fn run_weft(
+    dir: &Path,
+    records: usize,
+    appenders: usize,
+    in_flight: usize,
+    seconds: f64,
+) -> Result<Measured> {
     let counter = Arc::new(SyncCounter::default());
     let config = LogConfig {
         segment_bytes_max: 1 << 30,
@@ -107,15 +123,21 @@ fn run_weft(dir: &Path, records: usize, appenders: usize, in_flight: usize, seco
     let start = Instant::now();
     let threads: Vec<_> = (0..appenders)
         .map(|_| {
-            let (committer, values, stop, appends, disk_bytes) =
-                (committer.clone(), values.clone(), stop.clone(), appends.clone(), disk_bytes.clone());
+            let (committer, values, stop, appends, disk_bytes) = (
+                committer.clone(),
+                values.clone(),
+                stop.clone(),
+                appends.clone(),
+                disk_bytes.clone(),
+            );
             std::thread::spawn(move || -> Result<()> {
                 // Each appender keeps `in_flight` batches queued, like a pipelined producer.
                 let (done_tx, done_rx) = std::sync::mpsc::channel();
                 let mut outstanding = 0;
                 loop {
                     while outstanding < in_flight && !stop.load(Ordering::Relaxed) {
-                        let mut builder = BatchBuilder::with_capacity(records * (RECORD_BYTES + 32));
+                        let mut builder =
+                            BatchBuilder::with_capacity(records * (RECORD_BYTES + 32));
                         for value in values.iter() {
                             builder.push(1_700_000_000_000, b"", value, []);
                         }
@@ -143,7 +165,8 @@ fn run_weft(dir: &Path, records: usize, appenders: usize, in_flight: usize, seco
     std::thread::sleep(Duration::from_secs_f64(seconds));
     stop.store(true, Ordering::Relaxed);
     for t in threads {
-        t.join().map_err(|_| anyhow::anyhow!("appender panicked"))??;
+        t.join()
+            .map_err(|_| anyhow::anyhow!("appender panicked"))??;
     }
     let elapsed = start.elapsed();
     let committer = Arc::into_inner(committer).context("committer still shared")?;
@@ -168,7 +191,11 @@ fn run_raw(dir: &Path, records: usize, group: usize, seconds: f64) -> Result<Mea
     let mut frame = vec![0u8; FRAME_HEADER_LEN];
     frame.extend_from_slice(batch.bytes());
     let path = dir.join("raw.data");
-    let mut file = OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
     let (mut appends, mut fsyncs) = (0u64, 0usize);
@@ -211,12 +238,26 @@ fn main() -> Result<()> {
     );
     println!(
         "{:>8} {:>9} | {:>10} {:>10} {:>9} {:>8} | {:>10} {:>9} | {:>6}",
-        "records", "batch KiB", "weft MB/s", "payload", "appends/s", "per sync", "raw MB/s", "syncs/s", "ratio"
+        "records",
+        "batch KiB",
+        "weft MB/s",
+        "payload",
+        "appends/s",
+        "per sync",
+        "raw MB/s",
+        "syncs/s",
+        "ratio"
     );
     let mut rows = Vec::new();
     for &records in &args.sizes {
         let weft_dir = base.path().join(format!("weft-{records}"));
-        let weft = run_weft(&weft_dir, records, args.appenders, args.in_flight, args.seconds)?;
+        let weft = run_weft(
+            &weft_dir,
+            records,
+            args.appenders,
+            args.in_flight,
+            args.seconds,
+        )?;
         std::fs::remove_dir_all(&weft_dir)?;
         let group = args.appenders * args.in_flight;
         let raw = run_raw(base.path(), records, group, args.seconds)?;
