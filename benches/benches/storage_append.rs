@@ -4,7 +4,9 @@
 //! [`GroupCommitter`] under the default fsync-before-ack policy, each keeping `in-flight` batches
 //! queued like a pipelined producer. The raw limit writes the very same encoded bytes with plain
 //! `write` + `fdatasync` in the best pattern those appenders could produce: `appenders x in-flight`
-//! batches, then one fdatasync. The ratio is Weft's disk MB/s over raw's.
+//! batches, then one fdatasync. The ratio is Weft's disk MB/s over raw's. A second raw run writes
+//! the same number of batches per fdatasync as Weft actually achieved ("matched"), which isolates
+//! the cost of the storage path from how well the load grouped.
 //!
 //! ```text
 //! cargo bench -p weft-bench --bench storage_append -- [--seconds 3] [--appenders 4] [--in-flight 2]
@@ -79,6 +81,8 @@ fn parse_args() -> Result<Args> {
 struct SyncCounter(AtomicUsize);
 
 impl SyncListener for SyncCounter {
+    fn replaced(&self, _path: &Path, _len: u64) {}
+
     fn synced(&self, path: &Path, _len: u64) {
         if path.extension().is_some_and(|e| e == "log") {
             self.0.fetch_add(1, Ordering::Relaxed);
@@ -237,7 +241,7 @@ fn main() -> Result<()> {
         base.path().display()
     );
     println!(
-        "{:>8} {:>9} | {:>10} {:>10} {:>9} {:>8} | {:>10} {:>9} | {:>6}",
+        "{:>8} {:>9} | {:>10} {:>10} {:>9} {:>8} | {:>10} {:>9} {:>6} | {:>11} {:>6}",
         "records",
         "batch KiB",
         "weft MB/s",
@@ -246,6 +250,8 @@ fn main() -> Result<()> {
         "per sync",
         "raw MB/s",
         "syncs/s",
+        "ratio",
+        "matched raw",
         "ratio"
     );
     let mut rows = Vec::new();
@@ -265,8 +271,13 @@ fn main() -> Result<()> {
         let raw_mb = mb_per_s(raw.disk_bytes, raw.elapsed);
         let ratio = weft_mb / raw_mb;
         let per_sync = weft.appends as f64 / weft.fsyncs.max(1) as f64;
+        // The same bytes per fsync as Weft achieved: isolates the storage path's own cost from how
+        // well this load happened to group.
+        let matched_group = (per_sync.round() as usize).max(1);
+        let matched = run_raw(base.path(), records, matched_group, args.seconds)?;
+        let matched_mb = mb_per_s(matched.disk_bytes, matched.elapsed);
         println!(
-            "{:>8} {:>9.1} | {:>10.1} {:>10.1} {:>9.0} {:>8.2} | {:>10.1} {:>9.0} | {:>6.2}",
+            "{:>8} {:>9.1} | {:>10.1} {:>10.1} {:>9.0} {:>8.2} | {:>10.1} {:>9.0} {:>6.2} | {:>11.1} {:>6.2}",
             records,
             (records * RECORD_BYTES) as f64 / 1024.0,
             weft_mb,
@@ -275,7 +286,9 @@ fn main() -> Result<()> {
             per_sync,
             raw_mb,
             raw.fsyncs as f64 / raw.elapsed.as_secs_f64(),
-            ratio
+            ratio,
+            matched_mb,
+            weft_mb / matched_mb
         );
         rows.push(serde_json::json!({
             "records_per_batch": records,
@@ -295,6 +308,11 @@ fn main() -> Result<()> {
                 "writes_per_fsync": group,
             },
             "ratio_weft_to_raw": ratio,
+            "raw_matched": {
+                "disk_mb_per_s": matched_mb,
+                "writes_per_fsync": matched_group,
+            },
+            "ratio_weft_to_raw_matched": weft_mb / matched_mb,
         }));
     }
     if let Some(parent) = args.json.parent() {

@@ -18,11 +18,15 @@ pub enum FsyncPolicy {
     },
 }
 
-/// Observes every fsync the log performs: (file, length that is now durable). Crash tests and the
-/// fault-injection harness use it to cut files back to exactly what a power loss would leave.
+/// Observes every fsync the log performs. Crash tests and the fault-injection harness use it to cut
+/// files back to exactly what a power loss would leave.
 pub trait SyncListener: Send + Sync + fmt::Debug {
-    /// `path` is durable up to `len` bytes; a directory sync reports the directory with len 0.
+    /// At least the first `len` bytes of `path` are durable. Monotone: a smaller `len` than an
+    /// earlier report (a sync begun before a later one finished) takes nothing back. A directory
+    /// sync reports the directory with len 0.
     fn synced(&self, path: &std::path::Path, len: u64);
+    /// `path` now durably holds exactly `len` bytes: it was created, truncated, or replaced whole.
+    fn replaced(&self, path: &std::path::Path, len: u64);
 }
 
 /// Limits and policies of a partition log.

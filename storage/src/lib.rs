@@ -40,7 +40,8 @@ pub use commit::{Committed, GroupCommitter};
 pub use config::{FsyncPolicy, LogConfig, SyncListener};
 pub use error::{Error, Result};
 pub use log::{
-    Appended, CorruptionFound, LogPosition, PartitionLog, PurgeReport, RecoveryReport, TornTail,
+    Appended, CorruptionFound, LogPosition, PartitionLog, PurgeReport, RecoveryReport, SyncTicket,
+    TornTail,
 };
 pub use meta::{
     GroupOffset, MemoryMetaStore, MetaOp, MetaStore, Metadata, NodeIdentity, RaftKey,

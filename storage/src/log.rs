@@ -101,6 +101,37 @@ pub struct PartitionLog {
     durable: LogPosition,
     poisoned: Option<String>,
     report: RecoveryReport,
+    /// Bumped by truncation and reset, so a sync begun before them cannot claim durability after.
+    generation: u64,
+}
+
+/// A sync of the active segment that can run on another thread while appends go on: made by
+/// [`PartitionLog::begin_sync`], run with [`SyncTicket::sync`], and reported back with
+/// [`PartitionLog::complete_sync`]. This is how a writer overlaps the next group's writes with the
+/// previous group's fdatasync.
+#[derive(Debug)]
+pub struct SyncTicket {
+    file: fs::File,
+    path: PathBuf,
+    segment_base: u64,
+    len: u64,
+    position: LogPosition,
+    generation: u64,
+    config: LogConfig,
+}
+
+impl SyncTicket {
+    /// The position that is durable once this sync succeeds.
+    pub fn position(&self) -> LogPosition {
+        self.position
+    }
+
+    /// fdatasync the segment: everything written before [`PartitionLog::begin_sync`] returned.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().io("fdatasync", &self.path)?;
+        segment::notify(&self.config, &self.path, self.len);
+        Ok(())
+    }
 }
 
 impl PartitionLog {
@@ -228,6 +259,7 @@ impl PartitionLog {
             durable: LogPosition::default(),
             poisoned: None,
             report,
+            generation: 0,
         };
         log.durable = log.end();
         Ok(log)
@@ -380,6 +412,55 @@ impl PartitionLog {
             return Err(error);
         }
         self.durable = self.end();
+        Ok(self.durable)
+    }
+
+    /// Prepares a sync of everything written so far, to run on another thread; None when
+    /// everything is already durable.
+    pub fn begin_sync(&self) -> Result<Option<SyncTicket>> {
+        if let Some(reason) = &self.poisoned {
+            return Err(Error::Poisoned(reason.clone()));
+        }
+        let end = self.end();
+        if end == self.durable {
+            return Ok(None);
+        }
+        let active = self.active();
+        Ok(Some(SyncTicket {
+            file: active.sync_handle()?,
+            path: active.path.clone(),
+            segment_base: active.base_offset,
+            len: active.data_len,
+            position: end,
+            generation: self.generation,
+            config: self.config.clone(),
+        }))
+    }
+
+    /// Takes the outcome of [`SyncTicket::sync`]. On success the ticket's position becomes durable
+    /// (unless the log was truncated or reset meanwhile); on failure the log refuses further
+    /// writes, because after a failed fsync the state of the page cache is unknown.
+    pub fn complete_sync(
+        &mut self,
+        ticket: &SyncTicket,
+        outcome: Result<()>,
+    ) -> Result<LogPosition> {
+        if let Err(error) = outcome {
+            self.poisoned = Some(error.to_string());
+            return Err(error);
+        }
+        if ticket.generation == self.generation {
+            if let Some(seg) = self
+                .segments
+                .iter_mut()
+                .find(|s| s.base_offset == ticket.segment_base)
+            {
+                seg.mark_synced(ticket.len);
+            }
+            if ticket.position.next_index > self.durable.next_index {
+                self.durable = ticket.position;
+            }
+        }
         Ok(self.durable)
     }
 
@@ -541,6 +622,7 @@ impl PartitionLog {
             .ok_or_else(|| {
                 self.segments[keep].corruption(0, format!("entry {index} missing from its segment"))
             })?;
+        self.generation += 1;
         let removed: Vec<Segment> = self.segments.drain(keep + 1..).collect();
         for seg in removed.into_iter().rev() {
             seg.delete()?;
@@ -630,6 +712,7 @@ impl PartitionLog {
 
     /// Deletes everything and restarts the log empty at `next` (installing a snapshot).
     pub fn reset(&mut self, next: LogPosition) -> Result<()> {
+        self.generation += 1;
         write_log_meta(&self.dir, next, &self.config)?;
         let fresh = Segment::create_or_replace(&self.dir, next, &self.config)?;
         let old: Vec<Segment> = std::mem::replace(&mut self.segments, vec![fresh]);
@@ -679,7 +762,7 @@ fn write_log_meta(dir: &Path, start: LogPosition, config: &LogConfig) -> Result<
         .and_then(|f| f.sync_all())
         .io("fsync", &tmp)?;
     fs::rename(&tmp, &path).io("rename", &path)?;
-    segment::notify(config, &path, bytes.len() as u64);
+    segment::notify_replaced(config, &path, bytes.len() as u64);
     segment::sync_dir(dir, config)
 }
 

@@ -233,7 +233,7 @@ impl Segment {
             .open(&path)
             .io("create segment", &path)?;
         sync_dir(dir, config)?;
-        notify(config, &path, 0);
+        notify_replaced(config, &path, 0);
         Ok(Segment::empty(base_offset, path, file, next_index))
     }
 
@@ -348,6 +348,16 @@ impl Segment {
         self.synced_len = self.data_len;
         notify(config, &self.path, self.data_len);
         Ok(())
+    }
+
+    /// A duplicate handle to the data file, for syncing on another thread while writes go on.
+    pub(crate) fn sync_handle(&self) -> Result<File> {
+        self.file.try_clone().io("dup segment handle", &self.path)
+    }
+
+    /// Records that a sync issued elsewhere made the first `len` bytes durable.
+    pub(crate) fn mark_synced(&mut self, len: u64) {
+        self.synced_len = self.synced_len.max(len.min(self.data_len));
     }
 
     /// fdatasync unconditionally: after a crash the page cache may hold bytes that never reached
@@ -534,7 +544,7 @@ impl Segment {
             .set_len(position)
             .io("truncate segment", &self.path)?;
         self.file.sync_all().io("fsync", &self.path)?;
-        notify(config, &self.path, position);
+        notify_replaced(config, &self.path, position);
         self.data_len = position;
         // Damage before the cut stays where it is: it was reported when found, and reads of it
         // fail their CRC checks.
@@ -848,7 +858,7 @@ fn write_file_atomically(path: &Path, bytes: &[u8], config: &LogConfig) -> Resul
         file.sync_all().io("fsync", &tmp)?;
     }
     fs::rename(&tmp, path).io("rename", path)?;
-    notify(config, path, bytes.len() as u64);
+    notify_replaced(config, path, bytes.len() as u64);
     Ok(())
 }
 
@@ -864,5 +874,11 @@ pub(crate) fn sync_dir(dir: &Path, config: &LogConfig) -> Result<()> {
 pub(crate) fn notify(config: &LogConfig, path: &Path, len: u64) {
     if let Some(listener) = &config.sync_listener {
         listener.synced(path, len);
+    }
+}
+
+pub(crate) fn notify_replaced(config: &LogConfig, path: &Path, len: u64) {
+    if let Some(listener) = &config.sync_listener {
+        listener.replaced(path, len);
     }
 }

@@ -83,7 +83,22 @@ fn power_loss_keeps_every_acknowledged_batch() {
             for _ in 0..rng.random_range(1..80) {
                 appended.push(append_random(&mut log, &mut rng, 300));
                 if rng.random_ratio(1, 4) {
-                    let durable = log.flush().expect("flush");
+                    let durable = if rng.random() {
+                        log.flush().expect("flush")
+                    } else {
+                        // The overlapped path: appends go on while the sync runs; only what the
+                        // ticket covered is acknowledged.
+                        match log.begin_sync().expect("begin sync") {
+                            Some(ticket) => {
+                                for _ in 0..rng.random_range(0..4) {
+                                    appended.push(append_random(&mut log, &mut rng, 300));
+                                }
+                                let outcome = ticket.sync();
+                                log.complete_sync(&ticket, outcome).expect("complete sync")
+                            }
+                            None => log.durable(),
+                        }
+                    };
                     acked = appended
                         .iter()
                         .take_while(|e| e.index < durable.next_index)

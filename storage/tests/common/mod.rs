@@ -102,11 +102,18 @@ pub struct SyncRecorder {
 }
 
 impl SyncListener for SyncRecorder {
-    fn synced(&self, path: &Path, len: u64) {
+    fn replaced(&self, path: &Path, len: u64) {
         self.synced
             .lock()
             .expect("lock")
             .insert(path.to_path_buf(), len);
+    }
+
+    fn synced(&self, path: &Path, len: u64) {
+        let mut synced = self.synced.lock().expect("lock");
+        let entry = synced.entry(path.to_path_buf()).or_insert(0);
+        *entry = (*entry).max(len);
+        drop(synced);
         if path.extension().is_some_and(|e| e == "log") {
             self.data_syncs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
