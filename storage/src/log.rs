@@ -491,11 +491,11 @@ impl PartitionLog {
             .segments
             .partition_point(|s| s.base_offset <= from_offset)
             - 1;
-        let mut out: Vec<Batch> = Vec::new();
-        let mut budget = max_bytes.max(1);
-        for seg in &self.segments[first..] {
-            let position = seg.position_for_offset(from_offset);
-            let (batches, how) = seg.read(position, budget, out.is_empty(), &self.config, |h| {
+        self.read_segments(
+            first,
+            max_bytes,
+            |seg| seg.position_for_offset(from_offset),
+            |h| {
                 if h.base_offset >= limit {
                     Visit::Stop
                 } else if h.kind != EntryKind::Records || h.next_offset() <= from_offset {
@@ -503,7 +503,24 @@ impl PartitionLog {
                 } else {
                     Visit::Take
                 }
-            })?;
+            },
+        )
+    }
+
+    /// Reads from segment `first` on, each from `start(segment)`, until `visit` stops or about
+    /// `max_bytes` are taken (at least one batch when any qualifies).
+    fn read_segments(
+        &self,
+        first: usize,
+        max_bytes: usize,
+        start: impl Fn(&Segment) -> u64,
+        mut visit: impl FnMut(&crate::codec::BatchHeader) -> Visit,
+    ) -> Result<Vec<Batch>> {
+        let mut out: Vec<Batch> = Vec::new();
+        let mut budget = max_bytes.max(1);
+        for seg in &self.segments[first..] {
+            let (batches, how) =
+                seg.read(start(seg), budget, out.is_empty(), &self.config, &mut visit)?;
             let bytes: usize = batches.iter().map(Batch::len).sum();
             out.extend(batches);
             budget = budget.saturating_sub(bytes);
@@ -539,11 +556,11 @@ impl PartitionLog {
             .segments
             .partition_point(|s| s.first_index.is_some_and(|f| f <= from_index))
             .saturating_sub(1);
-        let mut out: Vec<Batch> = Vec::new();
-        let mut budget = max_bytes.max(1);
-        for seg in &self.segments[first..] {
-            let position = seg.position_for_index(from_index);
-            let (batches, how) = seg.read(position, budget, out.is_empty(), &self.config, |h| {
+        self.read_segments(
+            first,
+            max_bytes,
+            |seg| seg.position_for_index(from_index),
+            |h| {
                 if h.index >= until {
                     Visit::Stop
                 } else if h.index < from_index {
@@ -551,15 +568,8 @@ impl PartitionLog {
                 } else {
                     Visit::Take
                 }
-            })?;
-            let bytes: usize = batches.iter().map(Batch::len).sum();
-            out.extend(batches);
-            budget = budget.saturating_sub(bytes);
-            if how == ReadEnd::Stopped || budget == 0 {
-                break;
-            }
-        }
-        Ok(out)
+            },
+        )
     }
 
     /// The first offset below `limit_offset` whose record timestamp is at or after
