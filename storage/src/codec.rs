@@ -323,6 +323,20 @@ impl Batch {
         Batch { header, bytes }
     }
 
+    /// The same batch re-sealed at another position: new base offset, Raft term and index, new CRC.
+    /// A leader proposes records before it knows where they land; its log store restamps them.
+    pub fn restamp(&self, base_offset: u64, term: u64, index: u64) -> Batch {
+        let mut buf = BytesMut::from(&self.bytes[..]);
+        let header = BatchHeader {
+            base_offset,
+            term,
+            index,
+            ..self.header
+        };
+        buf[0..4].fill(0);
+        Batch::finish(header, buf)
+    }
+
     /// Reads the declared total length from the first 8 bytes of an encoded batch, if present.
     pub fn peek_len(bytes: &[u8]) -> Option<usize> {
         let len = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
@@ -698,6 +712,18 @@ mod tests {
                 "flip of bit {bit} accepted"
             );
         }
+    }
+
+    #[test]
+    fn restamp_moves_a_batch_and_keeps_its_records() {
+        let batch = sample();
+        let moved = batch.restamp(500, 9, 77);
+        let decoded = Batch::decode(moved.bytes().clone()).expect("restamped batch decodes");
+        let h = decoded.header();
+        assert_eq!((h.base_offset, h.term, h.index), (500, 9, 77));
+        assert_eq!((h.producer_id, h.base_sequence), (9, 40));
+        assert_eq!(decoded.payload(), batch.payload());
+        assert_eq!(decoded.records().nth(2).map(|r| r.offset), Some(502));
     }
 
     #[test]

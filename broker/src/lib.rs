@@ -1,0 +1,9 @@
+//! The Weft broker.
+//!
+//! # Layout
+//! - [`raft`]: everything that touches openraft: type config, the segment-store log adapter, the
+//!   partition and controller state machines, the peer network.
+//! - [`topic`]: topic configuration and validation.
+
+pub mod raft;
+pub mod topic;

@@ -1,0 +1,398 @@
+//! The controller group's state machine: the cluster's topics and their partitions' Raft groups.
+//! Applying a command is deterministic; inputs were validated before they were proposed, and the
+//! checks that depend on state (exists / not found) are made here, in log order.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
+use openraft::{
+    AnyError, BasicNode, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError,
+    StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{
+    Command, Entry, GroupId, LogId, NodeId, Response, StorageError, StoredSnapshot, TypeConfig,
+};
+use crate::topic::TopicConfig;
+
+/// One partition of a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    /// Partition number.
+    pub partition: u32,
+    /// Its Raft group.
+    pub group_id: GroupId,
+    /// Nodes holding a replica.
+    pub replicas: Vec<NodeId>,
+}
+
+/// A topic as the controller stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMeta {
+    /// Name.
+    pub name: String,
+    /// Unique id (distinct from an earlier topic of the same name).
+    pub topic_id: String,
+    /// Configuration in force.
+    pub config: TopicConfig,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: i64,
+    /// Partitions, in order.
+    pub partitions: Vec<PartitionMeta>,
+}
+
+/// A change to cluster metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerCommand {
+    /// Create a topic on `replicas` (node ids, one list per partition).
+    CreateTopic {
+        /// Name.
+        name: String,
+        /// Unique id, chosen by the proposer.
+        topic_id: String,
+        /// Validated configuration.
+        config: TopicConfig,
+        /// Creation time.
+        created_at_ms: i64,
+        /// Replica placement per partition.
+        replicas: Vec<Vec<NodeId>>,
+    },
+    /// Replace a topic's configuration (partitions may only grow).
+    UpdateTopic {
+        /// Name.
+        name: String,
+        /// New configuration.
+        config: TopicConfig,
+        /// Placement of added partitions.
+        new_replicas: Vec<Vec<NodeId>>,
+    },
+    /// Delete a topic.
+    DeleteTopic {
+        /// Name.
+        name: String,
+    },
+}
+
+/// The result of a controller command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerResponse {
+    /// The topic as it now is.
+    Topic(TopicMeta),
+    /// The topic was deleted.
+    Deleted {
+        /// Its id.
+        topic_id: String,
+    },
+    /// A topic of that name exists.
+    AlreadyExists(String),
+    /// No such topic.
+    NotFound(String),
+    /// The change is not allowed.
+    Invalid(String),
+}
+
+/// Everything the controller holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerState {
+    /// Last applied entry.
+    pub last_applied: Option<LogId>,
+    /// Membership in force.
+    pub last_membership: StoredMembership<NodeId, BasicNode>,
+    /// Topics by name.
+    pub topics: BTreeMap<String, TopicMeta>,
+    /// The next partition group id to hand out (group 0 is the controller).
+    pub next_group_id: GroupId,
+}
+
+impl ControllerState {
+    fn apply(&mut self, command: &ControllerCommand) -> ControllerResponse {
+        self.next_group_id = self.next_group_id.max(1);
+        match command {
+            ControllerCommand::CreateTopic {
+                name,
+                topic_id,
+                config,
+                created_at_ms,
+                replicas,
+            } => {
+                if self.topics.contains_key(name) {
+                    return ControllerResponse::AlreadyExists(name.clone());
+                }
+                let partitions = self.place(0, replicas);
+                let topic = TopicMeta {
+                    name: name.clone(),
+                    topic_id: topic_id.clone(),
+                    config: config.clone(),
+                    created_at_ms: *created_at_ms,
+                    partitions,
+                };
+                self.topics.insert(name.clone(), topic.clone());
+                ControllerResponse::Topic(topic)
+            }
+            ControllerCommand::UpdateTopic {
+                name,
+                config,
+                new_replicas,
+            } => {
+                let Some(current) = self.topics.get(name).cloned() else {
+                    return ControllerResponse::NotFound(name.clone());
+                };
+                if config.partitions < current.config.partitions {
+                    return ControllerResponse::Invalid(format!(
+                        "partitions can only grow ({} -> {})",
+                        current.config.partitions, config.partitions
+                    ));
+                }
+                let added = (config.partitions - current.config.partitions) as usize;
+                if new_replicas.len() != added {
+                    return ControllerResponse::Invalid(
+                        "placement for added partitions is missing".into(),
+                    );
+                }
+                let mut topic = current;
+                let first = topic.partitions.len() as u32;
+                let more = self.place(first, new_replicas);
+                topic.partitions.extend(more);
+                topic.config = config.clone();
+                self.topics.insert(name.clone(), topic.clone());
+                ControllerResponse::Topic(topic)
+            }
+            ControllerCommand::DeleteTopic { name } => match self.topics.remove(name) {
+                Some(topic) => ControllerResponse::Deleted {
+                    topic_id: topic.topic_id,
+                },
+                None => ControllerResponse::NotFound(name.clone()),
+            },
+        }
+    }
+
+    fn place(&mut self, first: u32, replicas: &[Vec<NodeId>]) -> Vec<PartitionMeta> {
+        replicas
+            .iter()
+            .enumerate()
+            .map(|(i, nodes)| {
+                let group_id = self.next_group_id;
+                self.next_group_id += 1;
+                PartitionMeta {
+                    partition: first + i as u32,
+                    group_id,
+                    replicas: nodes.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: watch::Sender<Arc<ControllerState>>,
+    snapshot: StoredSnapshot,
+}
+
+/// The controller state machine. Clones share state; [`ControllerStateMachine::watch`] lets the
+/// broker react to every change.
+#[derive(Debug, Clone)]
+pub struct ControllerStateMachine {
+    shared: Arc<Shared>,
+}
+
+impl Default for ControllerStateMachine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn sm_error(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
+}
+
+impl ControllerStateMachine {
+    /// An empty controller.
+    pub fn new() -> Self {
+        ControllerStateMachine {
+            shared: Arc::new(Shared {
+                state: watch::Sender::new(Arc::new(ControllerState::default())),
+                snapshot: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<ControllerState> {
+        self.shared.state.borrow().clone()
+    }
+
+    /// Watches the state.
+    pub fn watch(&self) -> watch::Receiver<Arc<ControllerState>> {
+        self.shared.state.subscribe()
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for ControllerStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let state = self.state();
+        let data = serde_json::to_vec(&*state).map_err(sm_error)?;
+        let meta = SnapshotMeta {
+            last_log_id: state.last_applied,
+            last_membership: state.last_membership.clone(),
+            snapshot_id: format!(
+                "{}-{}",
+                state.last_applied.map_or(0, |l| l.leader_id.term),
+                state.last_applied.map_or(0, |l| l.index)
+            ),
+        };
+        *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        let state = self.state();
+        Ok((state.last_applied, state.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut state = (*self.state()).clone();
+        let mut responses = Vec::new();
+        for entry in entries {
+            state.last_applied = Some(entry.log_id);
+            responses.push(match &entry.payload {
+                EntryPayload::Blank => Response::Empty,
+                EntryPayload::Membership(m) => {
+                    state.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    Response::Empty
+                }
+                EntryPayload::Normal(Command::Controller(command)) => {
+                    Response::Controller(state.apply(command))
+                }
+                EntryPayload::Normal(Command::Records(_)) => Response::Empty,
+            });
+        }
+        self.shared.state.send_replace(Arc::new(state));
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let state: ControllerState = serde_json::from_slice(&data).map_err(sm_error)?;
+        self.shared.state.send_replace(Arc::new(state));
+        *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), data));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
+        Ok(current.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(name: &str, partitions: u32) -> ControllerCommand {
+        ControllerCommand::CreateTopic {
+            name: name.into(),
+            topic_id: format!("id-{name}"),
+            config: TopicConfig {
+                partitions,
+                ..TopicConfig::default()
+            },
+            created_at_ms: 1,
+            replicas: vec![vec![1]; partitions as usize],
+        }
+    }
+
+    #[test]
+    fn topic_lifecycle_in_log_order() {
+        let mut state = ControllerState::default();
+        let topic = match state.apply(&create("a", 2)) {
+            ControllerResponse::Topic(t) => t,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            topic
+                .partitions
+                .iter()
+                .map(|p| p.group_id)
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(
+            state.apply(&create("a", 1)),
+            ControllerResponse::AlreadyExists("a".into())
+        );
+        let grown = ControllerCommand::UpdateTopic {
+            name: "a".into(),
+            config: TopicConfig {
+                partitions: 3,
+                ..TopicConfig::default()
+            },
+            new_replicas: vec![vec![1]],
+        };
+        match state.apply(&grown) {
+            ControllerResponse::Topic(t) => {
+                assert_eq!(t.partitions.len(), 3);
+                assert_eq!(t.partitions[2].group_id, 3, "group ids are never reused");
+            }
+            other => panic!("{other:?}"),
+        }
+        let shrunk = ControllerCommand::UpdateTopic {
+            name: "a".into(),
+            config: TopicConfig {
+                partitions: 1,
+                ..TopicConfig::default()
+            },
+            new_replicas: vec![],
+        };
+        assert!(matches!(
+            state.apply(&shrunk),
+            ControllerResponse::Invalid(_)
+        ));
+        assert_eq!(
+            state.apply(&ControllerCommand::DeleteTopic { name: "a".into() }),
+            ControllerResponse::Deleted {
+                topic_id: "id-a".into()
+            }
+        );
+        assert_eq!(
+            state.apply(&ControllerCommand::DeleteTopic { name: "a".into() }),
+            ControllerResponse::NotFound("a".into())
+        );
+        match state.apply(&create("a", 1)) {
+            ControllerResponse::Topic(t) => assert_eq!(t.partitions[0].group_id, 4),
+            other => panic!("{other:?}"),
+        }
+    }
+}

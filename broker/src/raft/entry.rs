@@ -1,0 +1,155 @@
+//! Openraft entries as segment-store batches and back. Records entries are record batches; blank,
+//! membership and controller entries are control batches whose first payload byte says which.
+
+use openraft::{CommittedLeaderId, EntryPayload, StorageIOError};
+use weft_storage::{Batch, EntryKind};
+
+use super::{Command, Entry, LogId, StorageError};
+
+const TAG_BLANK: u8 = 1;
+const TAG_MEMBERSHIP: u8 = 2;
+const TAG_CONTROLLER: u8 = 3;
+
+/// The batch that stores `entry` at `next_offset`.
+pub(crate) fn to_batch(entry: &Entry, next_offset: u64) -> Result<Batch, StorageError> {
+    let term = entry.log_id.leader_id.term;
+    let index = entry.log_id.index;
+    let control = |tag: u8, body: Vec<u8>| {
+        let mut payload = Vec::with_capacity(1 + body.len());
+        payload.push(tag);
+        payload.extend_from_slice(&body);
+        Batch::control(next_offset, term, index, &payload)
+    };
+    let write_error = |e: &dyn std::fmt::Display| -> StorageError {
+        StorageIOError::write_log_entry(entry.log_id, openraft::AnyError::error(e.to_string()))
+            .into()
+    };
+    Ok(match &entry.payload {
+        EntryPayload::Blank => control(TAG_BLANK, Vec::new()),
+        EntryPayload::Membership(membership) => control(
+            TAG_MEMBERSHIP,
+            serde_json::to_vec(membership).map_err(|e| write_error(&e))?,
+        ),
+        EntryPayload::Normal(Command::Controller(command)) => control(
+            TAG_CONTROLLER,
+            serde_json::to_vec(command).map_err(|e| write_error(&e))?,
+        ),
+        EntryPayload::Normal(Command::Records(bytes)) => {
+            let proposed = Batch::decode(bytes.clone()).map_err(|e| write_error(&e))?;
+            if proposed.header().kind != EntryKind::Records {
+                return Err(write_error(&"a Records command must hold a record batch"));
+            }
+            proposed.restamp(next_offset, term, index)
+        }
+    })
+}
+
+/// The entry stored as `batch`.
+pub(crate) fn from_batch(batch: &Batch) -> Result<Entry, StorageError> {
+    let h = batch.header();
+    let log_id = LogId::new(CommittedLeaderId::new(h.term, 0), h.index);
+    let read_error = |what: String| -> StorageError {
+        StorageIOError::read_log_at_index(h.index, openraft::AnyError::error(what)).into()
+    };
+    let payload = match h.kind {
+        EntryKind::Records => EntryPayload::Normal(Command::Records(batch.bytes().clone())),
+        EntryKind::Control => {
+            let body = batch.payload();
+            match body.first() {
+                Some(&TAG_BLANK) => EntryPayload::Blank,
+                Some(&TAG_MEMBERSHIP) => EntryPayload::Membership(
+                    serde_json::from_slice(&body[1..])
+                        .map_err(|e| read_error(format!("membership entry: {e}")))?,
+                ),
+                Some(&TAG_CONTROLLER) => EntryPayload::Normal(Command::Controller(
+                    serde_json::from_slice(&body[1..])
+                        .map_err(|e| read_error(format!("controller entry: {e}")))?,
+                )),
+                other => return Err(read_error(format!("unknown control entry tag {other:?}"))),
+            }
+        }
+    };
+    Ok(Entry { log_id, payload })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::ControllerCommand;
+    use std::collections::BTreeSet;
+    use weft_storage::{BatchBuilder, ProducerInfo};
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(term, 0), index)
+    }
+
+    #[test]
+    fn every_payload_round_trips_through_a_batch() {
+        let mut records = BatchBuilder::new();
+        records.push(5, b"k", b"v", []);
+        let proposed = records.seal(
+            0,
+            0,
+            0,
+            ProducerInfo {
+                producer_id: 3,
+                producer_epoch: 1,
+                base_sequence: 9,
+            },
+        );
+        let membership = openraft::Membership::new(vec![BTreeSet::from([1u64])], None);
+        let entries = vec![
+            Entry {
+                log_id: log_id(1, 4),
+                payload: EntryPayload::Blank,
+            },
+            Entry {
+                log_id: log_id(1, 5),
+                payload: EntryPayload::Membership(membership),
+            },
+            Entry {
+                log_id: log_id(2, 6),
+                payload: EntryPayload::Normal(Command::Controller(
+                    ControllerCommand::DeleteTopic { name: "t".into() },
+                )),
+            },
+            Entry {
+                log_id: log_id(2, 7),
+                payload: EntryPayload::Normal(Command::Records(proposed.bytes().clone())),
+            },
+        ];
+        for entry in entries {
+            let batch = to_batch(&entry, 40).expect("encodes");
+            assert_eq!(
+                (batch.header().term, batch.header().index),
+                (entry.log_id.leader_id.term, entry.log_id.index)
+            );
+            assert_eq!(batch.header().base_offset, 40);
+            let back = from_batch(&batch).expect("decodes");
+            assert_eq!(back.log_id, entry.log_id);
+            match (&back.payload, &entry.payload) {
+                (
+                    EntryPayload::Normal(Command::Records(stored)),
+                    EntryPayload::Normal(Command::Records(_)),
+                ) => {
+                    let stored = Batch::decode(stored.clone()).expect("valid");
+                    assert_eq!(stored.header().base_offset, 40, "restamped at its position");
+                    assert_eq!(stored.header().producer_id, 3);
+                    assert_eq!(stored.payload(), proposed.payload());
+                }
+                (a, b) => assert_eq!(a, b),
+            }
+        }
+    }
+
+    #[test]
+    fn a_records_command_with_a_corrupt_batch_is_refused() {
+        let entry = Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Normal(Command::Records(bytes::Bytes::from_static(
+                b"not a batch",
+            ))),
+        };
+        assert!(to_batch(&entry, 0).is_err());
+    }
+}

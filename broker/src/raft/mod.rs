@@ -1,0 +1,122 @@
+//! Everything that touches openraft lives in this module; the rest of the broker uses the small
+//! handles it exports.
+//!
+//! # Layout
+//! - [`TypeConfig`], [`Command`], [`Response`]: what a Raft entry carries and what applying it returns.
+//! - `entry`: the mapping between openraft entries and segment-store batches. A partition's Raft
+//!   log **is** its partition log: record batches are stored once, as Raft entries.
+//! - `log_store`: [`LogStore`], openraft's `RaftLogStorage` over a `weft_storage::PartitionLog`,
+//!   with group commit (appends write at once; one background fdatasync completes them all).
+//! - `partition_sm` / `controller_sm`: the state machines of partition groups (high watermark,
+//!   producer sequences) and of the controller group (topics).
+//! - `network`: how groups reach their peers.
+
+// openraft's storage traits dictate `StorageError` (208 bytes) as the error of every call; boxing it
+// in our helpers would only add conversions.
+#![allow(clippy::result_large_err)]
+
+mod controller_sm;
+mod entry;
+mod log_store;
+mod network;
+mod partition_sm;
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use controller_sm::{
+    ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine, PartitionMeta,
+    TopicMeta,
+};
+pub use log_store::{LogReader, LogStore};
+pub use network::Network;
+pub use partition_sm::{
+    PRODUCER_BATCHES_KEPT, PartitionState, PartitionStateMachine, ProducerBatch, ProducerState,
+    SequenceCheck,
+};
+
+/// Node ids are u64: the StatefulSet ordinal + 1, or 1 for a single node.
+pub type NodeId = u64;
+
+/// A Raft group id: 0 is the controller, partitions get ids from the controller.
+pub type GroupId = u64;
+
+/// The controller group's id.
+pub const CONTROLLER_GROUP: GroupId = 0;
+
+openraft::declare_raft_types!(
+    /// Weft's openraft types.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The Raft handle type.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A Raft log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A Raft log id: (term, index) in single-term-leader mode.
+pub type LogId = openraft::LogId<NodeId>;
+/// The last built or installed snapshot: its metadata and bytes.
+pub(crate) type StoredSnapshot =
+    std::sync::Mutex<Option<(openraft::SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)>>;
+
+/// A storage error as openraft wants it.
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// What a Raft entry carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// A record batch for a partition, in the segment-store encoding. The leader proposes it with
+    /// placeholder position fields; the log store restamps offset, term and index where it lands.
+    Records(Bytes),
+    /// A change to cluster metadata (controller group only).
+    Controller(ControllerCommand),
+}
+
+/// What applying an entry returns to the proposer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Where a record batch was stored.
+    Appended {
+        /// Offset of its first record.
+        base_offset: u64,
+        /// Number of records.
+        record_count: u32,
+    },
+    /// The result of a controller command.
+    Controller(ControllerResponse),
+    /// Nothing to report (blank and membership entries, or a command for the wrong group).
+    Empty,
+}
+
+/// Raft timing and snapshot settings for one group.
+pub fn raft_config(
+    cluster_name: &str,
+    heartbeat_ms: u64,
+    election_timeout_ms: u64,
+    snapshots: bool,
+) -> anyhow::Result<openraft::Config> {
+    let config = openraft::Config {
+        cluster_name: cluster_name.to_string(),
+        heartbeat_interval: heartbeat_ms,
+        election_timeout_min: election_timeout_ms,
+        election_timeout_max: election_timeout_ms * 2,
+        // Partition logs are the data: Raft never purges them; retention does.
+        snapshot_policy: if snapshots {
+            openraft::SnapshotPolicy::LogsSinceLast(10_000)
+        } else {
+            openraft::SnapshotPolicy::Never
+        },
+        max_in_snapshot_log_to_keep: if snapshots { 1000 } else { u64::MAX },
+        ..Default::default()
+    };
+    Ok(config.validate()?)
+}

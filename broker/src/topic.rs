@@ -1,0 +1,261 @@
+//! Topic configuration: defaults, validation of names and values (pure, unit-tested), and the
+//! mapping to the segment store's log config.
+
+use serde::{Deserialize, Serialize};
+use weft_storage::{FsyncPolicy, LogConfig};
+
+/// When a topic's publishes become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Fsync {
+    /// fdatasync before acknowledging (group-committed). The default.
+    #[default]
+    Always,
+    /// Acknowledge once written; sync every this many milliseconds.
+    IntervalMs(u32),
+}
+
+/// A topic's configuration, with every value resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Replicas per partition.
+    pub replication_factor: u32,
+    /// Delete old segments beyond this many bytes per partition.
+    pub retention_bytes: Option<u64>,
+    /// Delete segments whose newest record is older than this.
+    pub retention_ms: Option<u64>,
+    /// Largest accepted batch, encoded.
+    pub max_message_bytes: u32,
+    /// Durability of publishes.
+    pub fsync: Fsync,
+    /// Segment size.
+    pub segment_bytes: u64,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            partitions: 1,
+            replication_factor: 1,
+            retention_bytes: None,
+            retention_ms: None,
+            max_message_bytes: 1024 * 1024,
+            fsync: Fsync::Always,
+            segment_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Most partitions a topic may have.
+pub const PARTITIONS_MAX: u32 = 1024;
+/// Largest `max_message_bytes` a topic may set.
+pub const MESSAGE_BYTES_MAX: u32 = 64 * 1024 * 1024;
+
+/// A field of a request that failed validation, for `google.rpc.BadRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    /// Path of the field, e.g. `config.partitions`.
+    pub field: String,
+    /// What is wrong.
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub(crate) fn new(field: &str, description: impl Into<String>) -> Self {
+        FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Checks a topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_name(name: &str) -> Result<(), FieldViolation> {
+    let bad = |why: &str| {
+        Err(FieldViolation::new(
+            "name",
+            format!("topic name {name:?} {why}"),
+        ))
+    };
+    if name.is_empty() {
+        return bad("is empty");
+    }
+    if name.len() > 249 {
+        return bad("is longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return bad("is reserved");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return bad("may only contain letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+impl TopicConfig {
+    /// Checks every value; returns all violations.
+    pub fn validate(&self) -> Vec<FieldViolation> {
+        let mut violations = Vec::new();
+        if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
+            violations.push(FieldViolation::new(
+                "config.partitions",
+                format!("{} is outside 1 ..= {PARTITIONS_MAX}", self.partitions),
+            ));
+        }
+        if self.replication_factor == 0 {
+            violations.push(FieldViolation::new(
+                "config.replication_factor",
+                "must be at least 1",
+            ));
+        }
+        if self.max_message_bytes < 128 || self.max_message_bytes > MESSAGE_BYTES_MAX {
+            violations.push(FieldViolation::new(
+                "config.max_message_bytes",
+                format!(
+                    "{} is outside 128 ..= {MESSAGE_BYTES_MAX}",
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        if self.segment_bytes < 1024 * 1024 || self.segment_bytes > u64::from(u32::MAX) {
+            violations.push(FieldViolation::new(
+                "config.segment_bytes",
+                format!("{} is outside 1 MiB ..= 4 GiB", self.segment_bytes),
+            ));
+        } else if u64::from(self.max_message_bytes) + 1024 > self.segment_bytes {
+            violations.push(FieldViolation::new(
+                "config.max_message_bytes",
+                "must be smaller than segment_bytes",
+            ));
+        }
+        if let Fsync::IntervalMs(ms) = self.fsync
+            && !(1..=60_000).contains(&ms)
+        {
+            violations.push(FieldViolation::new(
+                "config.fsync_interval_ms",
+                format!("{ms} is outside 1 ..= 60000"),
+            ));
+        }
+        if self.retention_ms == Some(0) {
+            violations.push(FieldViolation::new(
+                "config.retention_ms",
+                "must be positive",
+            ));
+        }
+        if self.retention_bytes == Some(0) {
+            violations.push(FieldViolation::new(
+                "config.retention_bytes",
+                "must be positive",
+            ));
+        }
+        violations
+    }
+
+    /// The segment-store configuration for one of this topic's partitions.
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes_max: self.segment_bytes,
+            batch_bytes_max: u64::from(self.max_message_bytes) + 1024,
+            fsync: match self.fsync {
+                Fsync::Always => FsyncPolicy::Always,
+                Fsync::IntervalMs(ms) => FsyncPolicy::Interval {
+                    interval_ms: u64::from(ms),
+                },
+            },
+            retention_bytes: self.retention_bytes,
+            retention_ms: self.retention_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
+            ..LogConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["orders", "a", "a.b_c-D9", &"x".repeat(249)] {
+            assert_eq!(validate_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "with space",
+            "slash/no",
+            "ümlaut",
+            &"x".repeat(250),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn configs() {
+        assert!(TopicConfig::default().validate().is_empty());
+        assert!(TopicConfig::default().log_config().validate().is_ok());
+        let cases = [
+            (
+                TopicConfig {
+                    partitions: 0,
+                    ..TopicConfig::default()
+                },
+                "config.partitions",
+            ),
+            (
+                TopicConfig {
+                    partitions: 5000,
+                    ..TopicConfig::default()
+                },
+                "config.partitions",
+            ),
+            (
+                TopicConfig {
+                    replication_factor: 0,
+                    ..TopicConfig::default()
+                },
+                "config.replication_factor",
+            ),
+            (
+                TopicConfig {
+                    max_message_bytes: 10,
+                    ..TopicConfig::default()
+                },
+                "config.max_message_bytes",
+            ),
+            (
+                TopicConfig {
+                    segment_bytes: 10,
+                    ..TopicConfig::default()
+                },
+                "config.segment_bytes",
+            ),
+            (
+                TopicConfig {
+                    fsync: Fsync::IntervalMs(0),
+                    ..TopicConfig::default()
+                },
+                "config.fsync_interval_ms",
+            ),
+            (
+                TopicConfig {
+                    retention_ms: Some(0),
+                    ..TopicConfig::default()
+                },
+                "config.retention_ms",
+            ),
+        ];
+        for (config, field) in cases {
+            let violations = config.validate();
+            assert!(
+                violations.iter().any(|v| v.field == field),
+                "{field}: {violations:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The segment-store Raft log adapter passes openraft's own storage test suite, with each of the
+//! broker's state machines, on real files and with both metadata stores.
+
+use std::sync::Arc;
+
+use openraft::testing::{StoreBuilder, Suite};
+use tempfile::TempDir;
+use weft_broker::raft::{
+    ControllerStateMachine, LogStore, PartitionStateMachine, StorageError, TypeConfig,
+};
+use weft_storage::{LogConfig, MemoryMetaStore, Metadata, PartitionLog, SledMetaStore};
+
+/// Builds a fresh store in a new temporary directory (kept alive by the returned guard).
+struct Builder {
+    sled: bool,
+}
+
+impl Builder {
+    fn open(&self) -> (TempDir, LogStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log =
+            PartitionLog::open(dir.path().join("log"), LogConfig::default()).expect("open log");
+        let meta = if self.sled {
+            Metadata::new(Arc::new(
+                SledMetaStore::open(dir.path().join("meta")).expect("open sled"),
+            ))
+        } else {
+            Metadata::new(Arc::new(MemoryMetaStore::new()))
+        };
+        let store = LogStore::new(7, log, meta).expect("log store");
+        (dir, store)
+    }
+}
+
+impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, PartitionStateMachine), StorageError> {
+        let (dir, store) = self.open();
+        Ok((dir, store, PartitionStateMachine::new()))
+    }
+}
+
+impl StoreBuilder<TypeConfig, LogStore, ControllerStateMachine, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, ControllerStateMachine), StorageError> {
+        let (dir, store) = self.open();
+        Ok((dir, store, ControllerStateMachine::new()))
+    }
+}
+
+#[test]
+fn partition_groups_pass_the_openraft_storage_suite_with_sled() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
+    Suite::<TypeConfig, LogStore, PartitionStateMachine, Builder, TempDir>::test_all(Builder {
+        sled: true,
+    })
+    .expect("suite passes");
+}
+
+#[test]
+fn controller_group_passes_the_openraft_storage_suite_in_memory_metadata() {
+    Suite::<TypeConfig, LogStore, ControllerStateMachine, Builder, TempDir>::test_all(Builder {
+        sled: false,
+    })
+    .expect("suite passes");
+}
