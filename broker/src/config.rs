@@ -1,0 +1,448 @@
+//! The broker's one configuration type. Precedence: command-line flags > `WEFT_*` environment
+//! variables > the TOML file (`--config`) > defaults. Every key is documented in
+//! `broker/weft.example.toml`; [`Config::validate`] names the offending key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// A configuration error, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The file is not valid TOML for this config (unknown key, wrong type...).
+    #[error("invalid config file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, which names the key and line.
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {key}: {reason}")]
+    Invalid {
+        /// The key, as written in the file.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Broker configuration. Keys end in their unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's id (unique, never reused; the StatefulSet ordinal + 1 in Kubernetes).
+    pub node_id: u64,
+    /// Where all data lives: partition logs, the controller log, metadata.
+    pub data_dir: PathBuf,
+    /// Client gRPC listener (Publisher, Subscriber, TopicAdmin, Cluster, health, reflection).
+    pub client_listen: SocketAddr,
+    /// Broker-to-broker gRPC listener.
+    pub peer_listen: SocketAddr,
+    /// Admin HTTP listener (/healthz, /readyz, /metrics, /v1, /openapi.json).
+    pub admin_listen: SocketAddr,
+    /// Address clients are told to use for this node; defaults to the client listener.
+    pub advertised_client_address: Option<String>,
+    /// Name of the Raft cluster (must match on every node).
+    pub cluster_name: String,
+
+    /// Most records in one publish.
+    pub batch_records_max: u32,
+    /// Largest gRPC message accepted, in bytes (a publish or a fetch response).
+    pub grpc_message_bytes_max: u32,
+    /// Deadline for any unary call that sets none (and the ceiling for those that do).
+    pub request_timeout_ms: u64,
+    /// Longest a Fetch may wait for data.
+    pub fetch_wait_ms_max: u64,
+    /// Record bytes a Fetch returns when it asks for no limit, and the most it may ask for.
+    pub fetch_bytes_max: u32,
+    /// Most concurrent streams (Subscribe, PublishStream) per connection.
+    pub streams_per_connection_max: u32,
+    /// Age after which the server ends a Subscribe stream with UNAVAILABLE, so meshes rebalance.
+    pub stream_age_ms_max: u64,
+    /// Heartbeat interval on idle Subscribe streams.
+    pub stream_heartbeat_ms: u64,
+    /// Consumer-group session timeout when the client asks for none.
+    pub session_timeout_ms: u64,
+    /// Most publishes queued per partition before RESOURCE_EXHAUSTED.
+    pub publish_queue_max: u32,
+    /// How often retention runs.
+    pub retention_check_interval_ms: u64,
+    /// Graceful shutdown: how long in-flight work may take before the broker exits anyway.
+    pub shutdown_grace_ms: u64,
+
+    /// Raft heartbeat interval.
+    pub raft_heartbeat_ms: u64,
+    /// Raft election timeout (minimum; the maximum is twice this).
+    pub raft_election_timeout_ms: u64,
+
+    /// Defaults for topics that do not set them.
+    pub topic_defaults: TopicDefaults,
+}
+
+/// Topic settings used when a create request leaves them unset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicDefaults {
+    /// Partitions.
+    pub partitions: u32,
+    /// Replication factor (capped by the number of brokers).
+    pub replication_factor: u32,
+    /// Largest batch, encoded.
+    pub max_message_bytes: u32,
+    /// Segment file size.
+    pub segment_bytes: u64,
+    /// "always" (fsync before ack) or "interval".
+    pub fsync_policy: String,
+    /// Sync interval for "interval".
+    pub fsync_interval_ms: u32,
+    /// Retention by size per partition (none when absent).
+    pub retention_bytes: Option<u64>,
+    /// Retention by age (none when absent).
+    pub retention_ms: Option<u64>,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        TopicDefaults {
+            partitions: 1,
+            replication_factor: 3,
+            max_message_bytes: 1024 * 1024,
+            segment_bytes: 256 * 1024 * 1024,
+            fsync_policy: "always".into(),
+            fsync_interval_ms: 100,
+            retention_bytes: None,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("weft-data"),
+            client_listen: ([0, 0, 0, 0], 7400).into(),
+            peer_listen: ([0, 0, 0, 0], 7401).into(),
+            admin_listen: ([0, 0, 0, 0], 7402).into(),
+            advertised_client_address: None,
+            cluster_name: "weft".into(),
+            batch_records_max: 10_000,
+            grpc_message_bytes_max: 16 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+            fetch_wait_ms_max: 30_000,
+            fetch_bytes_max: 4 * 1024 * 1024,
+            streams_per_connection_max: 256,
+            stream_age_ms_max: 15 * 60 * 1000,
+            stream_heartbeat_ms: 5_000,
+            session_timeout_ms: 10_000,
+            publish_queue_max: 1024,
+            retention_check_interval_ms: 60_000,
+            shutdown_grace_ms: 10_000,
+            raft_heartbeat_ms: 100,
+            raft_election_timeout_ms: 500,
+            topic_defaults: TopicDefaults::default(),
+        }
+    }
+}
+
+/// Command-line flags; each also reads a `WEFT_*` environment variable.
+#[derive(Debug, Default, Parser)]
+#[command(name = "weft-broker", version, about = "The Weft message broker")]
+pub struct Flags {
+    /// TOML config file.
+    #[arg(long, env = "WEFT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Node id.
+    #[arg(long, env = "WEFT_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Data directory.
+    #[arg(long, env = "WEFT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Client gRPC listen address.
+    #[arg(long, env = "WEFT_CLIENT_LISTEN")]
+    pub client_listen: Option<SocketAddr>,
+    /// Peer gRPC listen address.
+    #[arg(long, env = "WEFT_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Admin HTTP listen address.
+    #[arg(long, env = "WEFT_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Address advertised to clients.
+    #[arg(long, env = "WEFT_ADVERTISED_CLIENT_ADDRESS")]
+    pub advertised_client_address: Option<String>,
+    /// Default replication factor of new topics.
+    #[arg(long, env = "WEFT_DEFAULT_REPLICATION_FACTOR")]
+    pub default_replication_factor: Option<u32>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl Config {
+    /// Loads the file (if any), then applies environment variables and flags, then validates.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        let mut config = match &flags.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => {
+                $(if let Some(value) = &flags.$field { config.$field = value.clone().into(); })*
+            };
+        }
+        set!(node_id, data_dir, client_listen, peer_listen, admin_listen);
+        if let Some(address) = &flags.advertised_client_address {
+            config.advertised_client_address = Some(address.clone());
+        }
+        if let Some(rf) = flags.default_replication_factor {
+            config.topic_defaults.replication_factor = rf;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML file (unknown keys are errors).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Config::from_toml(&text).map_err(|reason| ConfigError::Parse {
+            path: path.display().to_string(),
+            reason,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    /// The address clients are told to use.
+    pub fn client_address(&self) -> String {
+        self.advertised_client_address.clone().unwrap_or_else(|| {
+            if self.client_listen.ip().is_unspecified() {
+                format!("127.0.0.1:{}", self.client_listen.port())
+            } else {
+                self.client_listen.to_string()
+            }
+        })
+    }
+
+    /// Checks every value; the error names the first offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn range<T: PartialOrd + std::fmt::Display>(
+            key: &'static str,
+            value: T,
+            min: T,
+            max: T,
+        ) -> Result<(), ConfigError> {
+            if value < min || value > max {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{value} is outside {min} ..= {max}"),
+                });
+            }
+            Ok(())
+        }
+        range("node_id", self.node_id, 1, u64::MAX / 2)?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                reason: "must not be empty".into(),
+            });
+        }
+        if self.cluster_name.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "cluster_name",
+                reason: "must not be empty".into(),
+            });
+        }
+        range("batch_records_max", self.batch_records_max, 1, 1_000_000)?;
+        range(
+            "grpc_message_bytes_max",
+            self.grpc_message_bytes_max,
+            64 * 1024,
+            256 * 1024 * 1024,
+        )?;
+        range("request_timeout_ms", self.request_timeout_ms, 100, 600_000)?;
+        range("fetch_wait_ms_max", self.fetch_wait_ms_max, 0, 600_000)?;
+        range(
+            "fetch_bytes_max",
+            self.fetch_bytes_max,
+            1024,
+            self.grpc_message_bytes_max,
+        )?;
+        range(
+            "streams_per_connection_max",
+            self.streams_per_connection_max,
+            1,
+            100_000,
+        )?;
+        range(
+            "stream_age_ms_max",
+            self.stream_age_ms_max,
+            1_000,
+            24 * 3600 * 1000,
+        )?;
+        range("stream_heartbeat_ms", self.stream_heartbeat_ms, 10, 600_000)?;
+        range(
+            "session_timeout_ms",
+            self.session_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+        range("publish_queue_max", self.publish_queue_max, 1, 1_000_000)?;
+        range(
+            "retention_check_interval_ms",
+            self.retention_check_interval_ms,
+            10,
+            86_400_000,
+        )?;
+        range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
+        range("raft_heartbeat_ms", self.raft_heartbeat_ms, 10, 60_000)?;
+        range(
+            "raft_election_timeout_ms",
+            self.raft_election_timeout_ms,
+            self.raft_heartbeat_ms * 2,
+            600_000,
+        )?;
+        let d = &self.topic_defaults;
+        range(
+            "topic_defaults.partitions",
+            d.partitions,
+            1,
+            crate::topic::PARTITIONS_MAX,
+        )?;
+        range(
+            "topic_defaults.replication_factor",
+            d.replication_factor,
+            1,
+            16,
+        )?;
+        range(
+            "topic_defaults.max_message_bytes",
+            d.max_message_bytes,
+            128,
+            crate::topic::MESSAGE_BYTES_MAX,
+        )?;
+        if u64::from(d.max_message_bytes) > u64::from(self.grpc_message_bytes_max) {
+            return Err(ConfigError::Invalid {
+                key: "topic_defaults.max_message_bytes",
+                reason: "must not exceed grpc_message_bytes_max".into(),
+            });
+        }
+        range(
+            "topic_defaults.segment_bytes",
+            d.segment_bytes,
+            1024 * 1024,
+            u64::from(u32::MAX),
+        )?;
+        if !matches!(d.fsync_policy.as_str(), "always" | "interval") {
+            return Err(ConfigError::Invalid {
+                key: "topic_defaults.fsync_policy",
+                reason: format!(
+                    "{:?} is neither \"always\" nor \"interval\"",
+                    d.fsync_policy
+                ),
+            });
+        }
+        range(
+            "topic_defaults.fsync_interval_ms",
+            d.fsync_interval_ms,
+            1,
+            60_000,
+        )?;
+        if d.retention_bytes == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "topic_defaults.retention_bytes",
+                reason: "must be positive".into(),
+            });
+        }
+        if d.retention_ms == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "topic_defaults.retention_ms",
+                reason: "must be positive".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_is_the_defaults_and_valid() {
+        let text = include_str!("../weft.example.toml");
+        let parsed = Config::from_toml(text).expect("example parses");
+        assert_eq!(
+            parsed,
+            Config::default(),
+            "the example documents the defaults"
+        );
+        parsed.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: [(&str, &str); 5] = [
+            ("node_id = 0", "node_id"),
+            ("fetch_bytes_max = 1", "fetch_bytes_max"),
+            (
+                "[topic_defaults]\nfsync_policy = \"sometimes\"",
+                "topic_defaults.fsync_policy",
+            ),
+            (
+                "raft_heartbeat_ms = 100\nraft_election_timeout_ms = 150",
+                "raft_election_timeout_ms",
+            ),
+            (
+                "[topic_defaults]\nretention_ms = 0",
+                "topic_defaults.retention_ms",
+            ),
+        ];
+        for (text, key) in cases {
+            let config = Config::from_toml(text).expect("parses");
+            match config.validate() {
+                Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key, "{text}"),
+                other => panic!("{text}: expected an error naming {key}, got {other:?}"),
+            }
+        }
+        let unknown = Config::from_toml("no_such_key = 1").expect_err("unknown keys are refused");
+        assert!(unknown.contains("no_such_key"), "{unknown}");
+        let wrong_type = Config::from_toml("node_id = \"one\"").expect_err("types are checked");
+        assert!(wrong_type.contains("node_id"), "{wrong_type}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("weft.toml");
+        std::fs::write(&path, "node_id = 4\ndata_dir = \"/from/file\"\n").expect("write");
+        let flags = Flags {
+            config: Some(path),
+            data_dir: Some(PathBuf::from("/from/flag")),
+            ..Flags::default()
+        };
+        let config = Config::load(&flags).expect("loads");
+        assert_eq!(config.node_id, 4, "from the file");
+        assert_eq!(
+            config.data_dir,
+            PathBuf::from("/from/flag"),
+            "the flag wins"
+        );
+    }
+}
