@@ -5,7 +5,15 @@
 //!   partition and controller state machines, the peer network.
 //! - [`topic`]: topic configuration and validation.
 //! - [`config`]: the broker's configuration (file, environment, flags).
+//! - [`error`]: the broker's error type and its mapping to gRPC statuses.
+//! - [`node`]: one broker node: metadata, controller, hosted partitions, groups.
+//! - [`partition`]: a hosted partition: publish actor, reads, retention.
+//! - [`groups`]: the consumer-group coordinator.
 
 pub mod config;
+pub mod error;
+pub mod groups;
+pub mod node;
+pub mod partition;
 pub mod raft;
 pub mod topic;

@@ -400,6 +400,12 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Changes the retention limits (a topic's configuration changed).
+    pub fn set_retention(&mut self, retention_bytes: Option<u64>, retention_ms: Option<i64>) {
+        self.config.retention_bytes = retention_bytes;
+        self.config.retention_ms = retention_ms;
+    }
+
     /// Makes everything written so far durable with one fdatasync and returns the durable position.
     pub fn flush(&mut self) -> Result<LogPosition> {
         if let Some(reason) = &self.poisoned {

@@ -1,0 +1,247 @@
+//! The broker's error type, and its one mapping to gRPC status codes with `google.rpc` details.
+//! Every client-visible failure is a real status: never an OK carrying an error.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::topic::FieldViolation;
+
+/// The `google.rpc.ErrorInfo` domain of Weft's errors.
+pub const ERROR_DOMAIN: &str = "weft.dev";
+
+/// Why a broker call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// No such topic.
+    #[error("topic {0:?} not found")]
+    TopicNotFound(String),
+    /// No such partition.
+    #[error("topic {topic:?} has no partition {partition}")]
+    PartitionNotFound {
+        /// Topic.
+        topic: String,
+        /// Requested partition.
+        partition: u32,
+    },
+    /// A topic of that name exists.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    /// Malformed request fields.
+    #[error("invalid request: {}", describe(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    /// A batch over the limit.
+    #[error("batch of {size} bytes exceeds the limit of {max} bytes")]
+    BatchTooLarge {
+        /// Encoded size.
+        size: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// A bounded queue is full: retry later.
+    #[error("{0} is full, retry later")]
+    Overloaded(String),
+    /// A producer sequence gap.
+    #[error("sequence gap for producer {producer_id}: expected {expected}, got {got}")]
+    SequenceGap {
+        /// Producer.
+        producer_id: u64,
+        /// Next sequence the partition expects.
+        expected: u64,
+        /// The request's base sequence.
+        got: u64,
+    },
+    /// A producer epoch older than the current one.
+    #[error("producer {producer_id} is fenced: epoch {got} is older than {current}")]
+    ProducerFenced {
+        /// Producer.
+        producer_id: u64,
+        /// Current epoch.
+        current: u32,
+        /// The request's epoch.
+        got: u32,
+    },
+    /// A consumer-group commit or call from a stale generation or unknown member.
+    #[error("stale generation for group {group:?}: current {current}, request {got}")]
+    StaleGeneration {
+        /// Group.
+        group: String,
+        /// Current generation.
+        current: u64,
+        /// The request's generation.
+        got: u64,
+    },
+    /// An offset outside the retained log.
+    #[error("offset {offset} is outside [{start}, {end}]")]
+    OffsetOutOfRange {
+        /// Requested.
+        offset: u64,
+        /// Log start.
+        start: u64,
+        /// Log end.
+        end: u64,
+    },
+    /// This node cannot serve the call now (no leader, shutting down). The operation may or may
+    /// not have happened; retry with the same producer sequence.
+    #[error("unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+        /// The leader's node id, when known.
+        leader: Option<u64>,
+    },
+    /// The call ran past its deadline; it may or may not have happened.
+    #[error("deadline exceeded: {0}")]
+    Timeout(String),
+    /// Stored data failed its checks; it is not served.
+    #[error("data loss: {0}")]
+    DataLoss(String),
+    /// A bug or an I/O failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl BrokerError {
+    /// One invalid field.
+    pub fn invalid(field: &str, description: impl Into<String>) -> Self {
+        BrokerError::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// The gRPC code.
+    pub fn code(&self) -> Code {
+        match self {
+            BrokerError::TopicNotFound(_) | BrokerError::PartitionNotFound { .. } => Code::NotFound,
+            BrokerError::TopicExists(_) => Code::AlreadyExists,
+            BrokerError::InvalidArgument(_) => Code::InvalidArgument,
+            BrokerError::BatchTooLarge { .. } | BrokerError::Overloaded(_) => {
+                Code::ResourceExhausted
+            }
+            BrokerError::SequenceGap { .. }
+            | BrokerError::ProducerFenced { .. }
+            | BrokerError::StaleGeneration { .. } => Code::FailedPrecondition,
+            BrokerError::OffsetOutOfRange { .. } => Code::OutOfRange,
+            BrokerError::Unavailable { .. } => Code::Unavailable,
+            BrokerError::Timeout(_) => Code::DeadlineExceeded,
+            BrokerError::DataLoss(_) => Code::DataLoss,
+            BrokerError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The machine-readable reason in `ErrorInfo`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BrokerError::TopicNotFound(_) => "TOPIC_NOT_FOUND",
+            BrokerError::PartitionNotFound { .. } => "PARTITION_NOT_FOUND",
+            BrokerError::TopicExists(_) => "TOPIC_EXISTS",
+            BrokerError::InvalidArgument(_) => "INVALID_ARGUMENT",
+            BrokerError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
+            BrokerError::Overloaded(_) => "OVERLOADED",
+            BrokerError::SequenceGap { .. } => "SEQUENCE_GAP",
+            BrokerError::ProducerFenced { .. } => "PRODUCER_FENCED",
+            BrokerError::StaleGeneration { .. } => "STALE_GENERATION",
+            BrokerError::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
+            BrokerError::Unavailable { .. } => "UNAVAILABLE",
+            BrokerError::Timeout(_) => "TIMEOUT",
+            BrokerError::DataLoss(_) => "DATA_LOSS",
+            BrokerError::Internal(_) => "INTERNAL",
+        }
+    }
+}
+
+impl From<BrokerError> for tonic::Status {
+    fn from(error: BrokerError) -> tonic::Status {
+        let mut details = ErrorDetails::new();
+        let mut metadata = HashMap::new();
+        match &error {
+            BrokerError::InvalidArgument(violations) => {
+                for v in violations {
+                    details.add_bad_request_violation(&v.field, &v.description);
+                }
+            }
+            BrokerError::TopicNotFound(name) | BrokerError::TopicExists(name) => {
+                details.set_resource_info("weft.v1.Topic", name, "", error.to_string());
+            }
+            BrokerError::PartitionNotFound { topic, partition } => {
+                details.set_resource_info(
+                    "weft.v1.Partition",
+                    format!("{topic}/{partition}"),
+                    "",
+                    error.to_string(),
+                );
+            }
+            BrokerError::BatchTooLarge { size, max } => {
+                metadata.insert("size_bytes".into(), size.to_string());
+                metadata.insert("max_bytes".into(), max.to_string());
+            }
+            BrokerError::Overloaded(_) => {
+                details.set_retry_info(Some(Duration::from_millis(100)));
+            }
+            BrokerError::SequenceGap { expected, got, .. } => {
+                metadata.insert("expected_sequence".into(), expected.to_string());
+                metadata.insert("sequence".into(), got.to_string());
+            }
+            BrokerError::ProducerFenced { current, .. } => {
+                metadata.insert("current_epoch".into(), current.to_string());
+            }
+            BrokerError::StaleGeneration { current, .. } => {
+                metadata.insert("current_generation".into(), current.to_string());
+            }
+            BrokerError::OffsetOutOfRange { start, end, .. } => {
+                metadata.insert("log_start_offset".into(), start.to_string());
+                metadata.insert("log_end_offset".into(), end.to_string());
+            }
+            BrokerError::Unavailable { leader, .. } => {
+                details.set_retry_info(Some(Duration::from_millis(200)));
+                if let Some(leader) = leader {
+                    metadata.insert("leader_id".into(), leader.to_string());
+                }
+            }
+            BrokerError::Timeout(_) | BrokerError::DataLoss(_) | BrokerError::Internal(_) => {}
+        }
+        details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
+        tonic::Status::with_error_details(error.code(), error.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_carry_codes_and_details() {
+        let status = tonic::Status::from(BrokerError::invalid("records", "empty"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let bad = status.get_details_bad_request().expect("BadRequest");
+        assert_eq!(bad.field_violations[0].field, "records");
+
+        let status = tonic::Status::from(BrokerError::SequenceGap {
+            producer_id: 1,
+            expected: 5,
+            got: 9,
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "SEQUENCE_GAP");
+        assert_eq!(
+            info.metadata.get("expected_sequence").map(String::as_str),
+            Some("5")
+        );
+
+        let status = tonic::Status::from(BrokerError::Overloaded("queue".into()));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.get_details_retry_info().is_some());
+
+        let status = tonic::Status::from(BrokerError::TopicNotFound("t".into()));
+        assert_eq!(status.code(), Code::NotFound);
+    }
+}

@@ -1,0 +1,450 @@
+//! One partition on this broker: its Raft group (the segment-store log is the Raft log), its state
+//! machine, and the actor that orders publishes.
+//!
+//! Publishing: requests go through a bounded queue to the partition's actor, which owns the
+//! producers' sequence table. It checks each idempotent batch (duplicate, gap, fenced) in the order
+//! the batches enter the Raft log, then proposes it without waiting (`client_write_ff`), so many
+//! batches are in flight and share group-committed fsyncs. A batch is acknowledged once its entry
+//! is applied: committed, and durably on disk under the topic's fsync policy.
+//!
+//! Reading: consumers read the log by offset up to the high watermark (the offset after the last
+//! applied record), so nothing they see can later be lost. Fetch long-polls on a watch channel.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::BasicNode;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::{mpsc, oneshot, watch};
+use weft_storage::{Batch, Metadata, PartitionLog, ProducerInfo};
+
+use crate::error::BrokerError;
+use crate::raft::{
+    Command, GroupId, LogReader, LogStore, Network, NodeId, PartitionStateMachine, ProducerBatch,
+    ProducerState, Raft, Response, SequenceCheck,
+};
+use crate::topic::TopicConfig;
+
+/// Where a published batch was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Offset of its first record.
+    pub base_offset: u64,
+    /// Records stored.
+    pub record_count: u32,
+    /// True when it had been stored before (a retry).
+    pub duplicate: bool,
+}
+
+/// The bounds of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Oldest retained offset.
+    pub log_start: u64,
+    /// Offset after the last committed record.
+    pub high_watermark: u64,
+    /// Offset after the last record in the log.
+    pub log_end: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+}
+
+struct PublishJob {
+    batch: Batch,
+    reply: oneshot::Sender<Result<Published, BrokerError>>,
+}
+
+/// A partition hosted on this broker.
+pub struct Partition {
+    /// Topic name.
+    pub topic: String,
+    /// Topic id.
+    pub topic_id: String,
+    /// Partition number.
+    pub partition: u32,
+    /// Raft group id.
+    pub group_id: GroupId,
+    dir: PathBuf,
+    raft: Raft,
+    sm: PartitionStateMachine,
+    reader: LogReader,
+    config: Mutex<TopicConfig>,
+    jobs: mpsc::Sender<PublishJob>,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("group_id", &self.group_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for PublishJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishJob")
+            .field("batch", self.batch.header())
+            .finish()
+    }
+}
+
+/// What opening a partition needs.
+#[derive(Debug, Clone)]
+pub struct PartitionSpec {
+    /// Topic name.
+    pub topic: String,
+    /// Topic id.
+    pub topic_id: String,
+    /// Partition number.
+    pub partition: u32,
+    /// Raft group id.
+    pub group_id: GroupId,
+    /// Topic configuration.
+    pub config: TopicConfig,
+}
+
+impl Partition {
+    /// Opens (or creates) the partition's log under `dir`, starts its Raft group as a single voter
+    /// (`node_id`), and its publish actor.
+    pub async fn open(
+        spec: PartitionSpec,
+        dir: &Path,
+        node_id: NodeId,
+        peer_address: String,
+        meta: Metadata,
+        raft_config: Arc<openraft::Config>,
+        queue_max: usize,
+    ) -> anyhow::Result<Arc<Partition>> {
+        let log = PartitionLog::open(dir, spec.config.log_config())?;
+        let report = log.recovery_report().clone();
+        if !report.corruptions.is_empty() {
+            tracing::error!(topic = %spec.topic, partition = spec.partition, ?report, "partition log has damaged ranges");
+        }
+        let store = LogStore::new(spec.group_id, log, meta).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let reader = store.reader();
+        let sm = PartitionStateMachine::new();
+        let raft = Raft::new(node_id, raft_config, Network, store, sm.clone()).await?;
+        if !raft.is_initialized().await? {
+            let members =
+                std::collections::BTreeMap::from([(node_id, BasicNode::new(peer_address))]);
+            raft.initialize(members).await?;
+        }
+        let (jobs, queue) = mpsc::channel(queue_max.max(1));
+        tokio::spawn(run_actor(raft.clone(), sm.clone(), queue));
+        Ok(Arc::new(Partition {
+            topic: spec.topic,
+            topic_id: spec.topic_id,
+            partition: spec.partition,
+            group_id: spec.group_id,
+            dir: dir.to_path_buf(),
+            raft,
+            sm,
+            reader,
+            config: Mutex::new(spec.config),
+            jobs,
+        }))
+    }
+
+    /// The topic configuration in force.
+    pub fn config(&self) -> TopicConfig {
+        self.config.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Applies a changed topic configuration (limits, retention).
+    pub fn set_config(&self, config: TopicConfig) {
+        let log_config = config.log_config();
+        let _ = self.reader.with_log_mut(|log| {
+            log.set_retention(log_config.retention_bytes, log_config.retention_ms)
+        });
+        if let Ok(mut current) = self.config.lock() {
+            *current = config;
+        }
+    }
+
+    /// The partition's data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Publishes a batch (sealed with placeholder offsets). Waits at most `timeout`.
+    pub async fn publish(&self, batch: Batch, timeout: Duration) -> Result<Published, BrokerError> {
+        let max = u64::from(self.config().max_message_bytes);
+        if batch.len() as u64 > max {
+            return Err(BrokerError::BatchTooLarge {
+                size: batch.len() as u64,
+                max,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .try_send(PublishJob { batch, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => BrokerError::Overloaded(format!(
+                    "publish queue of {}/{}",
+                    self.topic, self.partition
+                )),
+                mpsc::error::TrySendError::Closed(_) => unavailable("partition is shutting down"),
+            })?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(unavailable("partition is shutting down")),
+            Err(_) => Err(BrokerError::Timeout(format!(
+                "publish to {}/{} not committed in time",
+                self.topic, self.partition
+            ))),
+        }
+    }
+
+    /// The partition's bounds.
+    pub fn bounds(&self) -> Bounds {
+        let high_watermark = *self.sm.high_watermark().borrow();
+        self.reader
+            .with_log(|log| Bounds {
+                log_start: log.start_offset(),
+                high_watermark: high_watermark.max(log.start_offset()),
+                log_end: log.end().next_offset,
+                size_bytes: log.size_bytes(),
+            })
+            .unwrap_or(Bounds {
+                log_start: 0,
+                high_watermark,
+                log_end: high_watermark,
+                size_bytes: 0,
+            })
+    }
+
+    /// Watches the high watermark.
+    pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {
+        self.sm.high_watermark()
+    }
+
+    /// Reads committed record batches from `offset`, waiting up to `max_wait` for at least
+    /// `min_bytes` when there is less. The first batch may start before `offset`.
+    pub async fn read(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        min_bytes: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<Batch>, BrokerError> {
+        let deadline = Instant::now() + max_wait;
+        let mut watermark = self.sm.high_watermark();
+        loop {
+            let bounds = self.bounds();
+            if offset < bounds.log_start || offset > bounds.high_watermark {
+                return Err(BrokerError::OffsetOutOfRange {
+                    offset,
+                    start: bounds.log_start,
+                    end: bounds.high_watermark,
+                });
+            }
+            let batches = self
+                .reader
+                .with_log(|log| log.read(offset, max_bytes, bounds.high_watermark))
+                .map_err(|e| BrokerError::Internal(e.to_string()))?
+                .map_err(storage_error)?;
+            let bytes: usize = batches.iter().map(Batch::len).sum();
+            if bytes >= min_bytes.max(1) || Instant::now() >= deadline {
+                return Ok(batches);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, watermark.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(unavailable("partition is shutting down")),
+                Err(_) => {} // deadline: one last read above
+            }
+        }
+    }
+
+    /// The first offset whose record timestamp is at or after `timestamp_ms`; the high watermark
+    /// when there is none.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<u64, BrokerError> {
+        let high_watermark = self.bounds().high_watermark;
+        let found = self
+            .reader
+            .with_log(|log| log.offset_for_timestamp(timestamp_ms, high_watermark))
+            .map_err(|e| BrokerError::Internal(e.to_string()))?
+            .map_err(storage_error)?;
+        Ok(found.unwrap_or(high_watermark))
+    }
+
+    /// Deletes segments beyond the topic's retention.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<weft_storage::PurgeReport, BrokerError> {
+        self.reader
+            .with_log_mut(|log| log.apply_retention(now_ms))
+            .map_err(|e| BrokerError::Internal(e.to_string()))?
+            .map_err(storage_error)
+    }
+
+    /// The Raft term of the current leadership, and the leader.
+    pub fn leadership(&self) -> (u64, Option<NodeId>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        (metrics.current_term, metrics.current_leader)
+    }
+
+    /// Stops the Raft group (the log is flushed: every acknowledged batch is already durable).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(topic = %self.topic, partition = self.partition, "raft shutdown: {e}");
+        }
+    }
+}
+
+fn unavailable(reason: &str) -> BrokerError {
+    BrokerError::Unavailable {
+        reason: reason.into(),
+        leader: None,
+    }
+}
+
+pub(crate) fn storage_error(error: weft_storage::Error) -> BrokerError {
+    match error {
+        weft_storage::Error::OffsetOutOfRange { offset, start, end } => {
+            BrokerError::OffsetOutOfRange { offset, start, end }
+        }
+        weft_storage::Error::Corruption { .. } => BrokerError::DataLoss(error.to_string()),
+        other => BrokerError::Internal(other.to_string()),
+    }
+}
+
+type Waiters = Vec<oneshot::Sender<Result<Published, BrokerError>>>;
+
+/// A proposal's outcome, reported back to the actor.
+struct Done {
+    producer: Option<(u64, u32, u64)>,
+    record_count: u32,
+    waiters: Waiters,
+    result: Result<u64, BrokerError>,
+}
+
+/// Orders publishes: checks producer sequences, proposes, answers.
+async fn run_actor(raft: Raft, sm: PartitionStateMachine, mut jobs: mpsc::Receiver<PublishJob>) {
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    // Loaded from the state machine once this node leads and has applied everything before.
+    let mut producers: Option<HashMap<u64, ProducerState>> = None;
+    // Idempotent batches proposed and not yet answered, by (producer, base sequence): retries of
+    // them wait for the original's outcome.
+    let mut pending: HashMap<(u64, u64), Waiters> = HashMap::new();
+    let mut in_flight = 0usize;
+    loop {
+        tokio::select! {
+            job = jobs.recv() => {
+                let Some(job) = job else { break };
+                let h = *job.batch.header();
+                let mut waiters = vec![job.reply];
+                let mut producer = None;
+                if h.producer_id != 0 {
+                    if producers.is_none() {
+                        match raft.ensure_linearizable().await {
+                            Ok(_) => producers = Some(sm.state().producers.into_iter().collect()),
+                            Err(e) => {
+                                let leader = match &e {
+                                    RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => f.leader_id,
+                                    _ => None,
+                                };
+                                answer(waiters, Err(BrokerError::Unavailable { reason: e.to_string(), leader }));
+                                continue;
+                            }
+                        }
+                    }
+                    let table = producers.get_or_insert_with(HashMap::new);
+                    if let Some(others) = pending.get_mut(&(h.producer_id, h.base_sequence)) {
+                        others.append(&mut waiters);
+                        continue;
+                    }
+                    let state = table.entry(h.producer_id).or_default();
+                    match state.check(h.producer_epoch, h.base_sequence, h.record_count) {
+                        SequenceCheck::Duplicate(batch) => {
+                            answer(waiters, Ok(Published { base_offset: batch.base_offset, record_count: batch.record_count, duplicate: true }));
+                            continue;
+                        }
+                        SequenceCheck::Gap { expected } => {
+                            answer(waiters, Err(BrokerError::SequenceGap { producer_id: h.producer_id, expected, got: h.base_sequence }));
+                            continue;
+                        }
+                        SequenceCheck::Fenced { current } => {
+                            answer(waiters, Err(BrokerError::ProducerFenced { producer_id: h.producer_id, current, got: h.producer_epoch }));
+                            continue;
+                        }
+                        SequenceCheck::Accept => {
+                            state.record(h.producer_epoch, ProducerBatch { base_sequence: h.base_sequence, record_count: h.record_count, base_offset: u64::MAX });
+                            producer = Some((h.producer_id, h.producer_epoch, h.base_sequence));
+                        }
+                    }
+                }
+                match raft.client_write_ff(Command::Records(job.batch.bytes().clone())).await {
+                    Ok(receiver) => {
+                        in_flight += 1;
+                        let done_tx = done_tx.clone();
+                        let waiters = match producer {
+                            Some((id, _, seq)) => {
+                                pending.insert((id, seq), waiters);
+                                Vec::new()
+                            }
+                            None => waiters,
+                        };
+                        let record_count = h.record_count;
+                        tokio::spawn(async move {
+                            let result = match receiver.await {
+                                Ok(Ok(response)) => match response.data {
+                                    Response::Appended { base_offset, .. } => Ok(base_offset),
+                                    other => Err(BrokerError::Internal(format!("unexpected apply result {other:?}"))),
+                                },
+                                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                                    Err(BrokerError::Unavailable { reason: "not the partition leader".into(), leader: f.leader_id })
+                                }
+                                Ok(Err(e)) => Err(unavailable(&e.to_string())),
+                                Err(_) => Err(unavailable("raft stopped before answering")),
+                            };
+                            let _ = done_tx.send(Done { producer, record_count, waiters, result });
+                        });
+                    }
+                    Err(fatal) => {
+                        if let Some((id, _, seq)) = producer {
+                            // Forget what we recorded: reload from the state machine next time.
+                            producers = None;
+                            pending.remove(&(id, seq));
+                        }
+                        answer(waiters, Err(unavailable(&fatal.to_string())));
+                    }
+                }
+            }
+            Some(done) = done_rx.recv(), if in_flight > 0 => {
+                in_flight -= 1;
+                let mut waiters = done.waiters;
+                if let Some((id, _, seq)) = done.producer {
+                    waiters.extend(pending.remove(&(id, seq)).unwrap_or_default());
+                    match &done.result {
+                        Ok(base_offset) => {
+                            if let Some(batch) = producers
+                                .as_mut()
+                                .and_then(|t| t.get_mut(&id))
+                                .and_then(|s| s.batches.iter_mut().find(|b| b.base_sequence == seq))
+                            {
+                                batch.base_offset = *base_offset;
+                            }
+                        }
+                        // The outcome is unknown: rebuild the table from what was applied.
+                        Err(_) => producers = None,
+                    }
+                }
+                answer(waiters, done.result.map(|base_offset| Published { base_offset, record_count: done.record_count, duplicate: false }));
+            }
+        }
+    }
+}
+
+fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
+    for waiter in waiters {
+        let _ = waiter.send(result.clone());
+    }
+}
+
+/// The placeholder position a leader seals proposals with (the log store restamps them).
+pub fn seal_for_proposal(builder: weft_storage::BatchBuilder, producer: ProducerInfo) -> Batch {
+    builder.seal(0, 0, 0, producer)
+}
