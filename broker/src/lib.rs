@@ -13,6 +13,8 @@
 pub mod config;
 pub mod error;
 pub mod groups;
+pub mod grpc;
+pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod raft;

@@ -1,0 +1,115 @@
+//! `weft.v1.Cluster`: cluster status and partition placement.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+use weft_proto::v1;
+use weft_proto::v1::cluster_server::Cluster;
+
+use crate::node::Node;
+use crate::raft::PartitionMeta;
+
+/// The Cluster service.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    node: Arc<Node>,
+}
+
+impl ClusterService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        ClusterService { node }
+    }
+}
+
+/// Placement and live offsets of one partition.
+pub fn partition_info(node: &Node, topic: &str, meta: &PartitionMeta) -> v1::PartitionInfo {
+    let mut info = v1::PartitionInfo {
+        topic: topic.to_string(),
+        partition: meta.partition,
+        replicas: meta.replicas.clone(),
+        ..Default::default()
+    };
+    if let Ok(partition) = node.partition(topic, meta.partition) {
+        let bounds = partition.bounds();
+        let (term, leader) = partition.leadership();
+        info.leader_id = leader.unwrap_or(0);
+        info.leader_address = if leader == Some(node.node_id) {
+            node.config.client_address()
+        } else {
+            String::new()
+        };
+        info.in_sync_replicas = leader.into_iter().collect();
+        info.log_start_offset = bounds.log_start;
+        info.high_watermark = bounds.high_watermark;
+        info.log_end_offset = bounds.log_end;
+        info.size_bytes = bounds.size_bytes;
+        info.leader_term = term;
+    }
+    info
+}
+
+/// The status of the cluster as this node sees it.
+pub fn status(node: &Node) -> v1::ClusterStatus {
+    let state = node.controller_state();
+    v1::ClusterStatus {
+        cluster_id: node.cluster_id.clone(),
+        controller_id: node.controller_leader().unwrap_or(0),
+        nodes: vec![v1::Node {
+            id: node.node_id,
+            client_address: node.config.client_address(),
+            peer_address: node.config.peer_listen.to_string(),
+            reachable: true,
+            voter: true,
+        }],
+        topic_count: state.topics.len() as u32,
+        partition_count: state
+            .topics
+            .values()
+            .map(|t| t.partitions.len() as u32)
+            .sum(),
+        answering_node_id: node.node_id,
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn get_cluster_status(
+        &self,
+        _request: Request<v1::GetClusterStatusRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        let started = Instant::now();
+        let result = Ok(Response::new(status(&self.node)));
+        crate::metrics::rpc("GetClusterStatus", started, &result);
+        result
+    }
+
+    async fn list_partitions(
+        &self,
+        request: Request<v1::ListPartitionsRequest>,
+    ) -> Result<Response<v1::ListPartitionsResponse>, Status> {
+        let started = Instant::now();
+        let state = self.node.controller_state();
+        let wanted = &request.get_ref().topic;
+        let result = if !wanted.is_empty() && !state.topics.contains_key(wanted) {
+            Err(Status::from(crate::error::BrokerError::TopicNotFound(
+                wanted.clone(),
+            )))
+        } else {
+            let partitions = state
+                .topics
+                .values()
+                .filter(|t| wanted.is_empty() || &t.name == wanted)
+                .flat_map(|t| {
+                    t.partitions
+                        .iter()
+                        .map(move |p| partition_info(&self.node, &t.name, p))
+                })
+                .collect();
+            Ok(Response::new(v1::ListPartitionsResponse { partitions }))
+        };
+        crate::metrics::rpc("ListPartitions", started, &result);
+        result
+    }
+}

@@ -1,0 +1,209 @@
+//! The client gRPC services of `weft.v1`, one file per service, and what they share: request
+//! metadata checks, record conversion, the Kafka-compatible key partitioner, deadlines.
+
+pub mod cluster;
+pub mod publish;
+pub mod subscribe;
+pub mod topic_admin;
+
+use std::time::Duration;
+
+use weft_proto::v1;
+use weft_storage::Batch;
+
+use crate::error::BrokerError;
+use crate::node::Node;
+
+/// Checks `weft-topic` / `weft-partition` request metadata against the body.
+pub(crate) fn check_headers(
+    metadata: &tonic::metadata::MetadataMap,
+    topic: &str,
+    partition: Option<u32>,
+) -> Result<(), BrokerError> {
+    if let Some(value) = metadata.get(weft_proto::TOPIC_HEADER) {
+        let header = value.to_str().unwrap_or("");
+        if header != topic {
+            return Err(BrokerError::invalid(
+                "metadata.weft-topic",
+                format!("header names topic {header:?} but the request is for {topic:?}"),
+            ));
+        }
+    }
+    if let (Some(value), Some(partition)) = (metadata.get(weft_proto::PARTITION_HEADER), partition)
+    {
+        let header = value.to_str().unwrap_or("");
+        if header.parse::<u32>().ok() != Some(partition) {
+            return Err(BrokerError::invalid(
+                "metadata.weft-partition",
+                format!("header names partition {header:?} but the request is for {partition}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The deadline of a call: the client's `grpc-timeout`, capped by `request_timeout_ms`.
+pub(crate) fn deadline(metadata: &tonic::metadata::MetadataMap, node: &Node) -> Duration {
+    let ceiling = Duration::from_millis(node.config.request_timeout_ms);
+    metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(ceiling, |d| d.min(ceiling))
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Kafka's murmur2 hash (the default partitioner): clients can compute the same partition.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let length = data.len() as u32;
+    let mut h: u32 = SEED ^ length;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    match tail.len() {
+        3 => {
+            h ^= u32::from(tail[2]) << 16;
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        2 => {
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        1 => {
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition for `key`: murmur2 made positive, modulo the partition count (as Kafka does).
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    (murmur2(key) as u32 & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// Converts stored batches to protocol records, from `from_offset`, at most `max_records`
+/// (0 = no limit) and about `max_bytes` (at least one record).
+pub(crate) fn to_records(
+    batches: &[Batch],
+    from_offset: u64,
+    max_records: usize,
+    max_bytes: usize,
+) -> Vec<v1::Record> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    for batch in batches {
+        for record in batch.records() {
+            if record.offset < from_offset {
+                continue;
+            }
+            let size = record.key.len()
+                + record.value.len()
+                + record
+                    .headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.len())
+                    .sum::<usize>();
+            if !out.is_empty()
+                && (bytes + size > max_bytes || (max_records > 0 && out.len() >= max_records))
+            {
+                return out;
+            }
+            bytes += size;
+            out.push(v1::Record {
+                key: record.key,
+                value: record.value,
+                timestamp_ms: record.timestamp_ms,
+                headers: record
+                    .headers
+                    .into_iter()
+                    .map(|h| v1::Header {
+                        key: String::from_utf8_lossy(&h.key).into_owned(),
+                        value: h.value,
+                    })
+                    .collect(),
+                offset: record.offset,
+            });
+        }
+    }
+    out
+}
+
+/// Bytes of a record as counted against credits and limits.
+pub(crate) fn record_size(record: &v1::Record) -> usize {
+    record.key.len()
+        + record.value.len()
+        + record
+            .headers
+            .iter()
+            .map(|h| h.key.len() + h.value.len())
+            .sum::<usize>()
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Vectors from Kafka's UtilsTest.
+        let cases: [(&str, i32); 6] = [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(murmur2(input.as_bytes()), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}

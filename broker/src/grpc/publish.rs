@@ -1,0 +1,228 @@
+//! `weft.v1.Publisher`: Publish (unary) and PublishStream (pipelined, answered in order).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::publisher_server::Publisher;
+use weft_proto::v1::{PublishRequest, PublishResponse};
+use weft_storage::{BatchBuilder, ProducerInfo};
+
+use super::{check_headers, deadline, now_ms, partition_for_key};
+use crate::error::BrokerError;
+use crate::node::Node;
+use crate::partition::seal_for_proposal;
+
+/// Most PublishStream requests being processed at once per stream.
+const STREAM_IN_FLIGHT_MAX: usize = 64;
+/// Longest record header name.
+const HEADER_NAME_BYTES_MAX: usize = 256;
+
+/// The Publisher service.
+#[derive(Debug, Clone)]
+pub struct PublisherService {
+    node: Arc<Node>,
+    round_robin: Arc<AtomicU32>,
+}
+
+impl PublisherService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        PublisherService {
+            node,
+            round_robin: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// Validates, routes and appends one publish request.
+    pub async fn handle(
+        &self,
+        request: PublishRequest,
+        timeout: Duration,
+    ) -> Result<PublishResponse, BrokerError> {
+        let node = &self.node;
+        if request.topic.is_empty() {
+            return Err(BrokerError::invalid("topic", "is empty"));
+        }
+        if request.records.is_empty() {
+            return Err(BrokerError::invalid(
+                "records",
+                "a publish needs at least one record",
+            ));
+        }
+        let records_max = node.config.batch_records_max as usize;
+        if request.records.len() > records_max {
+            return Err(BrokerError::BatchTooLarge {
+                size: request.records.len() as u64,
+                max: records_max as u64,
+            });
+        }
+        for (i, record) in request.records.iter().enumerate() {
+            if let Some(h) = record
+                .headers
+                .iter()
+                .find(|h| h.key.is_empty() || h.key.len() > HEADER_NAME_BYTES_MAX)
+            {
+                return Err(BrokerError::invalid(
+                    &format!("records[{i}].headers"),
+                    format!(
+                        "header name {:?} must be 1 to {HEADER_NAME_BYTES_MAX} bytes",
+                        h.key
+                    ),
+                ));
+            }
+            if record.timestamp_ms < 0 {
+                return Err(BrokerError::invalid(
+                    &format!("records[{i}].timestamp_ms"),
+                    "must not be negative",
+                ));
+            }
+        }
+        let topic = node.topic(&request.topic)?;
+        let partitions = topic.config.partitions;
+        let partition = match &request.target {
+            Some(Target::Partition(p)) => {
+                if *p >= partitions {
+                    return Err(BrokerError::PartitionNotFound {
+                        topic: request.topic.clone(),
+                        partition: *p,
+                    });
+                }
+                *p
+            }
+            Some(Target::PartitionKey(key)) => partition_for_key(key, partitions),
+            None if request.producer_id != 0 => {
+                return Err(BrokerError::invalid(
+                    "target",
+                    "an idempotent publish (producer_id set) needs a partition or a partition_key",
+                ));
+            }
+            None => self.round_robin.fetch_add(1, Ordering::Relaxed) % partitions,
+        };
+        let hosted = node.partition(&request.topic, partition)?;
+        let now = now_ms();
+        let payload: usize = request.records.iter().map(super::record_size).sum();
+        let mut builder = BatchBuilder::with_capacity(payload + request.records.len() * 40);
+        for record in &request.records {
+            let timestamp = if record.timestamp_ms == 0 {
+                now
+            } else {
+                record.timestamp_ms
+            };
+            builder.push(
+                timestamp,
+                &record.key,
+                &record.value,
+                record
+                    .headers
+                    .iter()
+                    .map(|h| (h.key.as_bytes(), h.value.as_ref())),
+            );
+        }
+        let batch = seal_for_proposal(
+            builder,
+            ProducerInfo {
+                producer_id: request.producer_id,
+                producer_epoch: request.producer_epoch,
+                base_sequence: request.base_sequence,
+            },
+        );
+        let published = hosted.publish(batch, timeout).await?;
+        crate::metrics::published(
+            &request.topic,
+            u64::from(published.record_count),
+            payload as u64,
+        );
+        Ok(PublishResponse {
+            topic: request.topic,
+            partition,
+            base_offset: published.base_offset,
+            record_count: published.record_count,
+            duplicate: published.duplicate,
+            request_id: request.request_id,
+            append_time_ms: now,
+        })
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<PublishResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Publisher for PublisherService {
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let started = Instant::now();
+        let timeout = deadline(request.metadata(), &self.node);
+        let result = async {
+            let partition = match &request.get_ref().target {
+                Some(Target::Partition(p)) => Some(*p),
+                _ => None,
+            };
+            check_headers(request.metadata(), &request.get_ref().topic, partition)?;
+            self.handle(request.into_inner(), timeout).await
+        }
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
+        crate::metrics::rpc("Publish", started, &result);
+        result
+    }
+
+    type PublishStreamStream = ResponseStream;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let started = Instant::now();
+        let timeout = deadline(request.metadata(), &self.node);
+        let header_topic = request
+            .metadata()
+            .get(weft_proto::TOPIC_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let service = self.clone();
+        let inbound = request.into_inner();
+        // Requests are handed to their partitions in arrival order (each future enqueues its
+        // batch on first poll, and `buffered` polls them in order); answers come back in order.
+        // The first failure ends the stream with its status.
+        let responses = inbound
+            .map(move |item| {
+                let service = service.clone();
+                let header_topic = header_topic.clone();
+                async move {
+                    let request = item?;
+                    if let Some(topic) = &header_topic
+                        && topic != &request.topic
+                    {
+                        return Err(Status::from(BrokerError::invalid(
+                            "metadata.weft-topic",
+                            format!(
+                                "header names topic {topic:?} but a request is for {:?}",
+                                request.topic
+                            ),
+                        )));
+                    }
+                    service.handle(request, timeout).await.map_err(Status::from)
+                }
+            })
+            .buffered(STREAM_IN_FLIGHT_MAX)
+            .scan(false, |failed, item| {
+                // Stop after the first error so later requests are not reported as applied.
+                if *failed {
+                    return futures::future::ready(None);
+                }
+                *failed = item.is_err();
+                futures::future::ready(Some(item))
+            });
+        let result: Result<(), Status> = Ok(());
+        crate::metrics::rpc("PublishStream", started, &result);
+        Ok(Response::new(Box::pin(responses)))
+    }
+}

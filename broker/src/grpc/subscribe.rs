@@ -1,0 +1,604 @@
+//! `weft.v1.Subscriber`: Fetch (unary long-poll), Subscribe (credit-based stream, optionally as a
+//! consumer-group member), CommitOffsets, GetOffsets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_proto::v1::start_position::Position;
+use weft_proto::v1::subscribe_request::Request as Inbound;
+use weft_proto::v1::subscribe_response::Event;
+use weft_proto::v1::subscriber_server::Subscriber;
+use weft_proto::v1::{
+    Assignment, CommitAck, CommitOffsetsRequest, CommitOffsetsResponse, Delivery, FetchRequest,
+    FetchResponse, GetOffsetsRequest, GetOffsetsResponse, Heartbeat, PartitionOffset,
+    PartitionOffsets, StartPosition, SubscribeRequest, SubscribeResponse, SubscribeStart,
+};
+
+use super::{check_headers, now_ms, record_size, to_records};
+use crate::error::BrokerError;
+use crate::groups::GroupView;
+use crate::node::Node;
+
+/// Messages buffered towards one subscriber before the session waits.
+const STREAM_BUFFER: usize = 16;
+
+/// The Subscriber service.
+#[derive(Debug, Clone)]
+pub struct SubscriberService {
+    node: Arc<Node>,
+}
+
+impl SubscriberService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        SubscriberService { node }
+    }
+
+    async fn fetch_inner(&self, request: FetchRequest) -> Result<FetchResponse, BrokerError> {
+        let config = &self.node.config;
+        let partition = self.node.partition(&request.topic, request.partition)?;
+        let limit = config.fetch_bytes_max as usize;
+        let max_bytes = if request.max_bytes == 0 {
+            limit
+        } else {
+            (request.max_bytes as usize).min(limit)
+        };
+        let wait =
+            Duration::from_millis(u64::from(request.max_wait_ms).min(config.fetch_wait_ms_max));
+        let batches = partition
+            .read(request.offset, max_bytes, request.min_bytes as usize, wait)
+            .await?;
+        let records = to_records(
+            &batches,
+            request.offset,
+            request.max_records as usize,
+            max_bytes,
+        );
+        let bounds = partition.bounds();
+        let next_offset = records.last().map_or(request.offset, |r| r.offset + 1);
+        Ok(FetchResponse {
+            topic: request.topic,
+            partition: request.partition,
+            records,
+            high_watermark: bounds.high_watermark,
+            log_start_offset: bounds.log_start,
+            next_offset,
+        })
+    }
+
+    fn commit_inner(
+        &self,
+        request: &CommitOffsetsRequest,
+    ) -> Result<CommitOffsetsResponse, BrokerError> {
+        let topic = self.node.topic(&request.topic)?;
+        if request.offsets.is_empty() {
+            return Err(BrokerError::invalid("offsets", "nothing to commit"));
+        }
+        let mut offsets = Vec::with_capacity(request.offsets.len());
+        for o in &request.offsets {
+            if o.partition >= topic.config.partitions {
+                return Err(BrokerError::PartitionNotFound {
+                    topic: request.topic.clone(),
+                    partition: o.partition,
+                });
+            }
+            let bounds = self.node.partition(&request.topic, o.partition)?.bounds();
+            if o.offset > bounds.high_watermark {
+                return Err(BrokerError::invalid(
+                    "offsets",
+                    format!(
+                        "partition {}: offset {} is past the high watermark {}",
+                        o.partition, o.offset, bounds.high_watermark
+                    ),
+                ));
+            }
+            offsets.push((o.partition, o.offset));
+        }
+        let committed = self.node.groups.commit(
+            &request.group_id,
+            &request.member_id,
+            request.generation,
+            &request.topic,
+            &offsets,
+        )?;
+        Ok(CommitOffsetsResponse {
+            offsets: committed
+                .into_iter()
+                .map(|(partition, offset)| PartitionOffset { partition, offset })
+                .collect(),
+        })
+    }
+
+    fn offsets_inner(
+        &self,
+        request: &GetOffsetsRequest,
+    ) -> Result<GetOffsetsResponse, BrokerError> {
+        let topic = self.node.topic(&request.topic)?;
+        let partitions: Vec<u32> = if request.partitions.is_empty() {
+            (0..topic.config.partitions).collect()
+        } else {
+            request.partitions.clone()
+        };
+        let mut out = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            let partition = self.node.partition(&request.topic, p)?;
+            let bounds = partition.bounds();
+            let committed_offset = if request.group_id.is_empty() {
+                None
+            } else {
+                self.node
+                    .groups
+                    .committed(&request.group_id, &request.topic, p)?
+            };
+            let timestamp_offset = request
+                .timestamp_ms
+                .map(|ts| partition.offset_for_timestamp(ts))
+                .transpose()?;
+            out.push(PartitionOffsets {
+                partition: p,
+                log_start_offset: bounds.log_start,
+                high_watermark: bounds.high_watermark,
+                log_end_offset: bounds.log_end,
+                committed_offset,
+                timestamp_offset,
+            });
+        }
+        Ok(GetOffsetsResponse { partitions: out })
+    }
+}
+
+type SubscribeStream =
+    Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Subscriber for SubscriberService {
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            check_headers(
+                request.metadata(),
+                &request.get_ref().topic,
+                Some(request.get_ref().partition),
+            )?;
+            self.fetch_inner(request.into_inner()).await
+        }
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
+        crate::metrics::rpc("Fetch", started, &result);
+        result
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<SubscribeStream>, Status> {
+        let started = Instant::now();
+        let header_topic = request
+            .metadata()
+            .get(weft_proto::TOPIC_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut inbound = request.into_inner();
+        let result = async {
+            let first = inbound
+                .message()
+                .await
+                .map_err(|s| BrokerError::invalid("request", s.message().to_string()))?;
+            let Some(SubscribeRequest {
+                request: Some(Inbound::Start(start)),
+            }) = first
+            else {
+                return Err(BrokerError::invalid(
+                    "request",
+                    "the first message of a Subscribe stream must be `start`",
+                ));
+            };
+            if let Some(topic) = header_topic
+                && topic != start.topic
+            {
+                return Err(BrokerError::invalid(
+                    "metadata.weft-topic",
+                    format!(
+                        "header names topic {topic:?} but the subscription is for {:?}",
+                        start.topic
+                    ),
+                ));
+            }
+            Session::open(self.node.clone(), start, inbound)
+        }
+        .await
+        .map_err(Status::from);
+        let result =
+            result.map(|rx| Response::new(Box::pin(ReceiverStream::new(rx)) as SubscribeStream));
+        crate::metrics::rpc("Subscribe", started, &result);
+        result
+    }
+
+    async fn commit_offsets(
+        &self,
+        request: Request<CommitOffsetsRequest>,
+    ) -> Result<Response<CommitOffsetsResponse>, Status> {
+        let started = Instant::now();
+        let result = check_headers(request.metadata(), &request.get_ref().topic, None)
+            .and_then(|()| self.commit_inner(request.get_ref()))
+            .map(Response::new)
+            .map_err(Status::from);
+        crate::metrics::rpc("CommitOffsets", started, &result);
+        result
+    }
+
+    async fn get_offsets(
+        &self,
+        request: Request<GetOffsetsRequest>,
+    ) -> Result<Response<GetOffsetsResponse>, Status> {
+        let started = Instant::now();
+        let result = check_headers(request.metadata(), &request.get_ref().topic, None)
+            .and_then(|()| self.offsets_inner(request.get_ref()))
+            .map(Response::new)
+            .map_err(Status::from);
+        crate::metrics::rpc("GetOffsets", started, &result);
+        result
+    }
+}
+
+/// One open Subscribe stream.
+struct Session {
+    node: Arc<Node>,
+    start: SubscribeStart,
+    group: Option<(String, String)>,
+    view: Option<watch::Receiver<Arc<GroupView>>>,
+    generation: u64,
+    positions: BTreeMap<u32, u64>,
+    resume: HashMap<u32, u64>,
+    credit_records: u64,
+    credit_bytes: u64,
+    tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
+}
+
+fn event(event: Event) -> Result<SubscribeResponse, Status> {
+    Ok(SubscribeResponse { event: Some(event) })
+}
+
+impl Session {
+    /// Validates the start message, joins the group if any, and starts the session task.
+    fn open(
+        node: Arc<Node>,
+        start: SubscribeStart,
+        inbound: Streaming<SubscribeRequest>,
+    ) -> Result<mpsc::Receiver<Result<SubscribeResponse, Status>>, BrokerError> {
+        let topic = node.topic(&start.topic)?;
+        for &p in &start.partitions {
+            if p >= topic.config.partitions {
+                return Err(BrokerError::PartitionNotFound {
+                    topic: start.topic.clone(),
+                    partition: p,
+                });
+            }
+        }
+        let (group, view) = if start.group_id.is_empty() {
+            (None, None)
+        } else {
+            let session = (start.session_timeout_ms > 0)
+                .then(|| Duration::from_millis(u64::from(start.session_timeout_ms)));
+            let member = (!start.member_id.is_empty()).then_some(start.member_id.as_str());
+            let (member_id, view) = node.groups.join(
+                &start.group_id,
+                member,
+                &start.topic,
+                topic.config.partitions,
+                session,
+            )?;
+            (Some((start.group_id.clone(), member_id)), Some(view))
+        };
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let credit = start.credit.unwrap_or_default();
+        let session = Session {
+            resume: start
+                .resume
+                .iter()
+                .map(|o| (o.partition, o.offset))
+                .collect(),
+            credit_records: u64::from(credit.records),
+            credit_bytes: credit.bytes,
+            node,
+            start,
+            group,
+            view,
+            generation: 0,
+            positions: BTreeMap::new(),
+            tx,
+        };
+        tokio::spawn(session.run(inbound));
+        Ok(rx)
+    }
+
+    /// Where delivery of `partition` starts: resume offset > group commit > start position.
+    fn start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
+        let hosted = self.node.partition(&self.start.topic, partition)?;
+        let bounds = hosted.bounds();
+        let clamp = |o: u64| o.clamp(bounds.log_start, bounds.high_watermark);
+        if let Some(&offset) = self.resume.get(&partition) {
+            return Ok(clamp(offset));
+        }
+        if let Some((group, _)) = &self.group
+            && let Some(offset) = self
+                .node
+                .groups
+                .committed(group, &self.start.topic, partition)?
+        {
+            return Ok(clamp(offset));
+        }
+        Ok(
+            match self.start.start.as_ref().and_then(|s| s.position.as_ref()) {
+                Some(Position::Earliest(_)) => bounds.log_start,
+                Some(Position::Offset(o)) => clamp(*o),
+                Some(Position::TimestampMs(ts)) => hosted.offset_for_timestamp(*ts)?,
+                Some(Position::Latest(_)) | None => bounds.high_watermark,
+            },
+        )
+    }
+
+    /// Takes a new set of partitions, keeping positions of those already owned.
+    async fn assign(&mut self, partitions: Vec<u32>, generation: u64) -> Result<(), BrokerError> {
+        let mut positions = BTreeMap::new();
+        for p in partitions {
+            let position = match self.positions.get(&p) {
+                Some(&position) => position,
+                None => self.start_offset(p)?,
+            };
+            positions.insert(p, position);
+        }
+        self.positions = positions;
+        self.generation = generation;
+        let (group_id, member_id) = match &self.group {
+            Some((g, m)) => (g.clone(), m.clone()),
+            None => (String::new(), String::new()),
+        };
+        let assignment = Assignment {
+            group_id,
+            member_id,
+            generation,
+            partitions: self
+                .positions
+                .iter()
+                .map(|(&partition, &offset)| PartitionOffset { partition, offset })
+                .collect(),
+        };
+        self.send(event(Event::Assignment(assignment))).await
+    }
+
+    async fn send(&self, message: Result<SubscribeResponse, Status>) -> Result<(), BrokerError> {
+        self.tx
+            .send(message)
+            .await
+            .map_err(|_| BrokerError::Unavailable {
+                reason: "subscriber went away".into(),
+                leader: None,
+            })
+    }
+
+    /// Delivers what credit allows from every owned partition, without waiting. Returns whether
+    /// anything was sent.
+    async fn deliver(&mut self) -> Result<bool, BrokerError> {
+        let mut sent = false;
+        let owned: Vec<(u32, u64)> = self.positions.iter().map(|(&p, &o)| (p, o)).collect();
+        for (p, position) in owned {
+            if self.credit_records == 0 || self.credit_bytes == 0 {
+                break;
+            }
+            let hosted = self.node.partition(&self.start.topic, p)?;
+            let bounds = hosted.bounds();
+            if position >= bounds.high_watermark {
+                continue;
+            }
+            let max_bytes = (self
+                .credit_bytes
+                .min(u64::from(self.node.config.fetch_bytes_max)))
+                as usize;
+            let batches = match hosted.read(position, max_bytes, 0, Duration::ZERO).await {
+                Ok(batches) => batches,
+                Err(BrokerError::OffsetOutOfRange { start, .. }) if position < start => {
+                    // Retention removed what this subscriber had not read: skip to what is left.
+                    self.positions.insert(p, start);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let records = to_records(&batches, position, self.credit_records as usize, max_bytes);
+            let Some(last) = records.last() else { continue };
+            let next = last.offset + 1;
+            let bytes: u64 = records.iter().map(|r| record_size(r) as u64).sum();
+            self.credit_records = self.credit_records.saturating_sub(records.len() as u64);
+            self.credit_bytes = self.credit_bytes.saturating_sub(bytes);
+            self.positions.insert(p, next);
+            self.send(event(Event::Delivery(Delivery {
+                partition: p,
+                records,
+                high_watermark: bounds.high_watermark,
+            })))
+            .await?;
+            sent = true;
+        }
+        Ok(sent)
+    }
+
+    async fn handle_inbound(&mut self, message: SubscribeRequest) -> Result<(), BrokerError> {
+        if let Some((group, member)) = &self.group {
+            self.node.groups.heartbeat(group, member).map_err(|_| {
+                BrokerError::StaleGeneration {
+                    group: group.clone(),
+                    current: self.generation,
+                    got: self.generation,
+                }
+            })?;
+        }
+        match message.request {
+            Some(Inbound::Credit(credit)) => {
+                self.credit_records = self
+                    .credit_records
+                    .saturating_add(u64::from(credit.records));
+                self.credit_bytes = self.credit_bytes.saturating_add(credit.bytes);
+            }
+            Some(Inbound::Heartbeat(_)) | None => {}
+            Some(Inbound::Commit(commit)) => {
+                let Some((group, member)) = &self.group else {
+                    return Err(BrokerError::invalid(
+                        "commit",
+                        "only group members commit over the stream",
+                    ));
+                };
+                let offsets: Vec<(u32, u64)> = commit
+                    .offsets
+                    .iter()
+                    .map(|o| (o.partition, o.offset))
+                    .collect();
+                let committed = self.node.groups.commit(
+                    group,
+                    member,
+                    commit.generation,
+                    &self.start.topic,
+                    &offsets,
+                )?;
+                let ack = CommitAck {
+                    generation: commit.generation,
+                    offsets: committed
+                        .into_iter()
+                        .map(|(partition, offset)| PartitionOffset { partition, offset })
+                        .collect(),
+                };
+                self.send(event(Event::CommitAck(ack))).await?;
+            }
+            Some(Inbound::Start(_)) => {
+                return Err(BrokerError::invalid(
+                    "start",
+                    "a stream is started only once",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut inbound: Streaming<SubscribeRequest>) {
+        let outcome = self.serve(&mut inbound).await;
+        if let Err(error) = outcome {
+            let _ = self.tx.send(Err(Status::from(error))).await;
+        }
+        if let Some((group, member)) = &self.group {
+            self.node.groups.disconnect(group, member);
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        inbound: &mut Streaming<SubscribeRequest>,
+    ) -> Result<(), BrokerError> {
+        let config = self.node.config.clone();
+        let age_limit = tokio::time::sleep(Duration::from_millis(config.stream_age_ms_max));
+        tokio::pin!(age_limit);
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_millis(config.stream_heartbeat_ms));
+        heartbeat.tick().await;
+        let mut view = self.view.take();
+        let member = self
+            .group
+            .as_ref()
+            .map(|(_, m)| m.clone())
+            .unwrap_or_default();
+        // The first assignment.
+        match &mut view {
+            Some(view) => {
+                let current = view.borrow_and_update().clone();
+                let mine = current
+                    .assignments
+                    .get(&member)
+                    .cloned()
+                    .unwrap_or_default();
+                self.assign(mine, current.generation).await?;
+            }
+            None => {
+                let topic = self.node.topic(&self.start.topic)?;
+                let all: Vec<u32> = if self.start.partitions.is_empty() {
+                    (0..topic.config.partitions).collect()
+                } else {
+                    self.start.partitions.clone()
+                };
+                self.assign(all, 0).await?;
+            }
+        }
+        loop {
+            let delivered = self.deliver().await?;
+            let mut watermarks: Vec<watch::Receiver<u64>> = self
+                .positions
+                .keys()
+                .filter_map(|&p| self.node.partition(&self.start.topic, p).ok())
+                .map(|p| p.watch_high_watermark())
+                .collect();
+            let has_credit = self.credit_records > 0 && self.credit_bytes > 0;
+            let data = async {
+                if watermarks.is_empty() {
+                    return futures::future::pending::<()>().await;
+                }
+                let changes = watermarks.iter_mut().map(|w| Box::pin(w.changed()));
+                let _ = futures::future::select_all(changes).await;
+            };
+            let group_change = async {
+                match &mut view {
+                    Some(view) => match view.changed().await {
+                        Ok(()) => Some(view.borrow_and_update().clone()),
+                        Err(_) => None,
+                    },
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => self.handle_inbound(message).await?,
+                    // The client closed its side, or the connection broke: the session ends.
+                    Ok(None) | Err(_) => return Ok(()),
+                },
+                current = group_change => {
+                    if let Some(current) = current
+                        && current.generation != self.generation
+                    {
+                        let mine = current.assignments.get(&member).cloned().unwrap_or_default();
+                        tracing::debug!(member = %member, generation = current.generation, "reassigned");
+                        self.assign(mine, current.generation).await?;
+                    }
+                }
+                () = &mut age_limit => {
+                    return Err(BrokerError::Unavailable {
+                        reason: format!("stream reached its maximum age of {} ms; resume from your last offsets", config.stream_age_ms_max),
+                        leader: None,
+                    });
+                }
+                () = data, if has_credit && !delivered => {}
+                () = futures::future::ready(()), if delivered => {}
+                _ = heartbeat.tick() => {
+                    self.send(event(Event::Heartbeat(Heartbeat { time_ms: now_ms() }))).await?;
+                }
+            }
+        }
+    }
+}
+
+/// The start position a client means by "earliest".
+pub fn earliest() -> StartPosition {
+    StartPosition {
+        position: Some(Position::Earliest(
+            weft_proto::v1::start_position::Earliest {},
+        )),
+    }
+}

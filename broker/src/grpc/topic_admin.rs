@@ -1,0 +1,269 @@
+//! `weft.v1.TopicAdmin`: create, describe, list, update and delete topics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+use weft_proto::v1;
+use weft_proto::v1::topic_admin_server::TopicAdmin;
+
+use crate::error::BrokerError;
+use crate::node::Node;
+use crate::raft::TopicMeta;
+use crate::topic::{Fsync, TopicConfig};
+
+/// Topics per ListTopics page when the request asks for none, and the most it may ask for.
+const PAGE_SIZE_DEFAULT: usize = 100;
+const PAGE_SIZE_MAX: usize = 1000;
+
+/// The TopicAdmin service.
+#[derive(Debug, Clone)]
+pub struct TopicAdminService {
+    node: Arc<Node>,
+}
+
+impl TopicAdminService {
+    /// Serves `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        TopicAdminService { node }
+    }
+}
+
+/// A create request's config with the broker's defaults filled in.
+pub fn resolve_config(
+    node: &Node,
+    proto: Option<&v1::TopicConfig>,
+) -> Result<TopicConfig, BrokerError> {
+    let d = &node.config.topic_defaults;
+    let default = v1::TopicConfig::default();
+    let p = proto.unwrap_or(&default);
+    let fsync = fsync_from_proto(
+        p,
+        if d.fsync_policy == "interval" {
+            Fsync::IntervalMs(d.fsync_interval_ms)
+        } else {
+            Fsync::Always
+        },
+    )?;
+    // One broker holds one replica: the replication factor is capped by the cluster size.
+    let brokers = 1;
+    let wanted_rf = if p.replication_factor == 0 {
+        d.replication_factor
+    } else {
+        p.replication_factor
+    };
+    Ok(TopicConfig {
+        partitions: if p.partitions == 0 {
+            d.partitions
+        } else {
+            p.partitions
+        },
+        replication_factor: wanted_rf.min(brokers),
+        retention_bytes: p.retention_bytes.or(d.retention_bytes),
+        retention_ms: p.retention_ms.or(d.retention_ms),
+        max_message_bytes: p.max_message_bytes.unwrap_or(d.max_message_bytes),
+        fsync,
+        segment_bytes: p.segment_bytes.unwrap_or(d.segment_bytes),
+    })
+}
+
+fn fsync_from_proto(p: &v1::TopicConfig, default: Fsync) -> Result<Fsync, BrokerError> {
+    match v1::FsyncPolicy::try_from(p.fsync_policy) {
+        Ok(v1::FsyncPolicy::Unspecified) => Ok(match (default, p.fsync_interval_ms) {
+            (Fsync::IntervalMs(_), Some(ms)) => Fsync::IntervalMs(ms),
+            (other, _) => other,
+        }),
+        Ok(v1::FsyncPolicy::Always) => Ok(Fsync::Always),
+        Ok(v1::FsyncPolicy::Interval) => Ok(Fsync::IntervalMs(p.fsync_interval_ms.unwrap_or(100))),
+        Err(_) => Err(BrokerError::invalid(
+            "config.fsync_policy",
+            format!("unknown value {}", p.fsync_policy),
+        )),
+    }
+}
+
+/// The protocol form of a topic config.
+pub fn config_to_proto(c: &TopicConfig) -> v1::TopicConfig {
+    let (policy, interval) = match c.fsync {
+        Fsync::Always => (v1::FsyncPolicy::Always, None),
+        Fsync::IntervalMs(ms) => (v1::FsyncPolicy::Interval, Some(ms)),
+    };
+    v1::TopicConfig {
+        partitions: c.partitions,
+        replication_factor: c.replication_factor,
+        retention_bytes: c.retention_bytes,
+        retention_ms: c.retention_ms,
+        max_message_bytes: Some(c.max_message_bytes),
+        fsync_policy: policy as i32,
+        fsync_interval_ms: interval,
+        segment_bytes: Some(c.segment_bytes),
+    }
+}
+
+/// The protocol form of a topic, with live partition information.
+pub fn topic_to_proto(node: &Node, topic: &TopicMeta) -> v1::Topic {
+    v1::Topic {
+        name: topic.name.clone(),
+        config: Some(config_to_proto(&topic.config)),
+        partitions: topic
+            .partitions
+            .iter()
+            .map(|p| super::cluster::partition_info(node, &topic.name, p))
+            .collect(),
+        topic_id: topic.topic_id.clone(),
+        created_at_ms: topic.created_at_ms,
+    }
+}
+
+fn apply_mask(
+    node: &Node,
+    current: &TopicConfig,
+    update: &v1::TopicConfig,
+    paths: &[String],
+) -> Result<TopicConfig, BrokerError> {
+    if paths.is_empty() {
+        return Err(BrokerError::invalid(
+            "update_mask",
+            "name the fields to change, e.g. \"retention_ms\"",
+        ));
+    }
+    let mut next = current.clone();
+    for path in paths {
+        match path.trim_start_matches("config.") {
+            "partitions" => next.partitions = update.partitions,
+            "retention_bytes" => next.retention_bytes = update.retention_bytes,
+            "retention_ms" => next.retention_ms = update.retention_ms,
+            "max_message_bytes" => {
+                next.max_message_bytes = update
+                    .max_message_bytes
+                    .unwrap_or(node.config.topic_defaults.max_message_bytes)
+            }
+            "segment_bytes" => {
+                next.segment_bytes = update
+                    .segment_bytes
+                    .unwrap_or(node.config.topic_defaults.segment_bytes)
+            }
+            "fsync_policy" | "fsync_interval_ms" => {
+                next.fsync = fsync_from_proto(update, current.fsync)?
+            }
+            "replication_factor" => {
+                return Err(BrokerError::invalid(
+                    "update_mask",
+                    "replication_factor cannot be changed",
+                ));
+            }
+            other => {
+                return Err(BrokerError::invalid(
+                    "update_mask",
+                    format!("unknown field {other:?}"),
+                ));
+            }
+        }
+    }
+    Ok(next)
+}
+
+fn record<T>(
+    method: &'static str,
+    started: Instant,
+    result: Result<T, BrokerError>,
+) -> Result<Response<T>, Status> {
+    let result = result.map(Response::new).map_err(Status::from);
+    crate::metrics::rpc(method, started, &result);
+    result
+}
+
+#[tonic::async_trait]
+impl TopicAdmin for TopicAdminService {
+    async fn create_topic(
+        &self,
+        request: Request<v1::CreateTopicRequest>,
+    ) -> Result<Response<v1::Topic>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let config = resolve_config(&self.node, request.config.as_ref())?;
+            let topic = self.node.create_topic(&request.name, config).await?;
+            Ok(topic_to_proto(&self.node, &topic))
+        }
+        .await;
+        record("CreateTopic", started, result)
+    }
+
+    async fn get_topic(
+        &self,
+        request: Request<v1::GetTopicRequest>,
+    ) -> Result<Response<v1::Topic>, Status> {
+        let started = Instant::now();
+        let result = self
+            .node
+            .topic(&request.get_ref().name)
+            .map(|t| topic_to_proto(&self.node, &t));
+        record("GetTopic", started, result)
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<v1::ListTopicsRequest>,
+    ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let size = match request.page_size as usize {
+            0 => PAGE_SIZE_DEFAULT,
+            n => n.min(PAGE_SIZE_MAX),
+        };
+        let state = self.node.controller_state();
+        let after = request.page_token;
+        let mut page: Vec<&TopicMeta> = state
+            .topics
+            .values()
+            .filter(|t| after.is_empty() || t.name.as_str() > after.as_str())
+            .take(size + 1)
+            .collect();
+        let next_page_token = if page.len() > size {
+            page.truncate(size);
+            page.last().map(|t| t.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let result = Ok(v1::ListTopicsResponse {
+            topics: page
+                .into_iter()
+                .map(|t| topic_to_proto(&self.node, t))
+                .collect(),
+            next_page_token,
+        });
+        record("ListTopics", started, result)
+    }
+
+    async fn update_topic(
+        &self,
+        request: Request<v1::UpdateTopicRequest>,
+    ) -> Result<Response<v1::Topic>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = async {
+            let current = self.node.topic(&request.name)?;
+            let update = request.config.unwrap_or_default();
+            let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
+            let config = apply_mask(&self.node, &current.config, &update, &paths)?;
+            let topic = self.node.update_topic(&request.name, config).await?;
+            Ok(topic_to_proto(&self.node, &topic))
+        }
+        .await;
+        record("UpdateTopic", started, result)
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .node
+            .delete_topic(&request.get_ref().name)
+            .await
+            .map(|topic_id| v1::DeleteTopicResponse { topic_id });
+        record("DeleteTopic", started, result)
+    }
+}

@@ -1,0 +1,90 @@
+//! Prometheus metrics (`weft_` prefix, base units). RPC counters and latencies are recorded by the
+//! handlers; partition and group gauges are refreshed when `/metrics` is scraped.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::node::Node;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0, 10.0, 30.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (tests): render an empty registry.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+/// Records one RPC: a counter by method and status code, and its latency.
+pub fn rpc<T>(method: &'static str, started: Instant, result: &Result<T, tonic::Status>) {
+    let code = match result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics::counter!("weft_rpc_requests_total", "method" => method, "code" => format!("{code:?}"))
+        .increment(1);
+    metrics::histogram!("weft_rpc_duration_seconds", "method" => method)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Counts records and bytes published.
+pub fn published(topic: &str, records: u64, bytes: u64) {
+    metrics::counter!("weft_published_records_total", "topic" => topic.to_string())
+        .increment(records);
+    metrics::counter!("weft_published_bytes_total", "topic" => topic.to_string()).increment(bytes);
+}
+
+/// Refreshes the gauges of every hosted partition and group, then renders the text format.
+pub fn render(node: &Node) -> String {
+    for partition in node.partitions() {
+        let bounds = partition.bounds();
+        let labels = [
+            ("topic", partition.topic.clone()),
+            ("partition", partition.partition.to_string()),
+        ];
+        metrics::gauge!("weft_partition_log_end_offset", &labels).set(bounds.log_end as f64);
+        metrics::gauge!("weft_partition_high_watermark", &labels).set(bounds.high_watermark as f64);
+        metrics::gauge!("weft_partition_log_start_offset", &labels).set(bounds.log_start as f64);
+        metrics::gauge!("weft_partition_size_bytes", &labels).set(bounds.size_bytes as f64);
+    }
+    if let Ok(groups) = node.groups.list() {
+        for group in groups {
+            let Ok(Some(description)) = node.groups.describe(&group) else {
+                continue;
+            };
+            for committed in &description.committed {
+                if let Ok(partition) = node.partition(&committed.topic, committed.partition) {
+                    let lag = partition
+                        .bounds()
+                        .high_watermark
+                        .saturating_sub(committed.offset);
+                    let labels = [
+                        ("group", group.clone()),
+                        ("topic", committed.topic.clone()),
+                        ("partition", committed.partition.to_string()),
+                    ];
+                    metrics::gauge!("weft_group_lag_records", &labels).set(lag as f64);
+                    metrics::gauge!("weft_group_committed_offset", &labels)
+                        .set(committed.offset as f64);
+                }
+            }
+        }
+    }
+    metrics::gauge!("weft_uptime_seconds").set(node.uptime().as_secs_f64());
+    install().render()
+}
