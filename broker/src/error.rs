@@ -26,6 +26,9 @@ pub enum BrokerError {
         /// Requested partition.
         partition: u32,
     },
+    /// No such consumer group.
+    #[error("consumer group {0:?} not found")]
+    GroupNotFound(String),
     /// A topic of that name exists.
     #[error("topic {0:?} already exists")]
     TopicExists(String),
@@ -120,7 +123,9 @@ impl BrokerError {
     /// The gRPC code.
     pub fn code(&self) -> Code {
         match self {
-            BrokerError::TopicNotFound(_) | BrokerError::PartitionNotFound { .. } => Code::NotFound,
+            BrokerError::TopicNotFound(_)
+            | BrokerError::PartitionNotFound { .. }
+            | BrokerError::GroupNotFound(_) => Code::NotFound,
             BrokerError::TopicExists(_) => Code::AlreadyExists,
             BrokerError::InvalidArgument(_) => Code::InvalidArgument,
             BrokerError::BatchTooLarge { .. } | BrokerError::Overloaded(_) => {
@@ -142,6 +147,7 @@ impl BrokerError {
         match self {
             BrokerError::TopicNotFound(_) => "TOPIC_NOT_FOUND",
             BrokerError::PartitionNotFound { .. } => "PARTITION_NOT_FOUND",
+            BrokerError::GroupNotFound(_) => "GROUP_NOT_FOUND",
             BrokerError::TopicExists(_) => "TOPIC_EXISTS",
             BrokerError::InvalidArgument(_) => "INVALID_ARGUMENT",
             BrokerError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
@@ -170,6 +176,9 @@ impl From<BrokerError> for tonic::Status {
             }
             BrokerError::TopicNotFound(name) | BrokerError::TopicExists(name) => {
                 details.set_resource_info("weft.v1.Topic", name, "", error.to_string());
+            }
+            BrokerError::GroupNotFound(group) => {
+                details.set_resource_info("weft.v1.ConsumerGroup", group, "", error.to_string());
             }
             BrokerError::PartitionNotFound { topic, partition } => {
                 details.set_resource_info(

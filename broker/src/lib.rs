@@ -9,7 +9,12 @@
 //! - [`node`]: one broker node: metadata, controller, hosted partitions, groups.
 //! - [`partition`]: a hosted partition: publish actor, reads, retention.
 //! - [`groups`]: the consumer-group coordinator.
+//! - [`grpc`]: the client gRPC services, one file per service.
+//! - [`admin`]: the admin HTTP API and its OpenAPI document.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`server`]: `run(config, listeners, shutdown)`; `main.rs` is a thin wrapper.
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod groups;
@@ -18,4 +23,5 @@ pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod raft;
+pub mod server;
 pub mod topic;

@@ -1,0 +1,541 @@
+//! Admin HTTP (axum): health, readiness, Prometheus metrics, a JSON API under `/v1`, and the
+//! OpenAPI document generated from these handlers (`/openapi.json`). Errors are JSON bodies with
+//! a 4xx/5xx status.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::error::BrokerError;
+use crate::grpc::topic_admin::resolve_config;
+use crate::node::Node;
+use crate::raft::TopicMeta;
+use crate::topic::Fsync;
+
+/// An error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable reason, e.g. TOPIC_NOT_FOUND.
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+    /// Offending fields, for invalid requests.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldError>,
+}
+
+/// One invalid field.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FieldError {
+    /// Field path.
+    pub field: String,
+    /// What is wrong.
+    pub description: String,
+}
+
+/// A failed admin request.
+#[derive(Debug)]
+pub struct ApiError(BrokerError);
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            BrokerError::TopicNotFound(_)
+            | BrokerError::PartitionNotFound { .. }
+            | BrokerError::GroupNotFound(_) => StatusCode::NOT_FOUND,
+            BrokerError::TopicExists(_) => StatusCode::CONFLICT,
+            BrokerError::InvalidArgument(_) | BrokerError::OffsetOutOfRange { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            BrokerError::BatchTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BrokerError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            BrokerError::SequenceGap { .. }
+            | BrokerError::ProducerFenced { .. }
+            | BrokerError::StaleGeneration { .. } => StatusCode::CONFLICT,
+            BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            BrokerError::DataLoss(_) | BrokerError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        let fields = match &self.0 {
+            BrokerError::InvalidArgument(violations) => violations
+                .iter()
+                .map(|v| FieldError {
+                    field: v.field.clone(),
+                    description: v.description.clone(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.0.reason().to_string(),
+                message: self.0.to_string(),
+                fields,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+fn bad_json(rejection: JsonRejection) -> ApiError {
+    ApiError(BrokerError::invalid("body", rejection.body_text()))
+}
+
+/// Health.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// "ok", "ready" or "not ready".
+    pub status: String,
+}
+
+/// A topic.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TopicView {
+    /// Name.
+    pub name: String,
+    /// Unique id.
+    pub topic_id: String,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Replication factor.
+    pub replication_factor: u32,
+    /// Retention by bytes per partition.
+    pub retention_bytes: Option<u64>,
+    /// Retention by age.
+    pub retention_ms: Option<u64>,
+    /// Largest batch.
+    pub max_message_bytes: u32,
+    /// "always" or "interval".
+    pub fsync_policy: String,
+    /// Sync interval for "interval".
+    pub fsync_interval_ms: Option<u32>,
+    /// Segment size.
+    pub segment_bytes: u64,
+    /// Creation time.
+    pub created_at_ms: i64,
+    /// Partitions with offsets.
+    pub partition_details: Vec<PartitionView>,
+}
+
+/// A partition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PartitionView {
+    /// Partition number.
+    pub partition: u32,
+    /// Leader node id (0 when none).
+    pub leader_id: u64,
+    /// Replica node ids.
+    pub replicas: Vec<u64>,
+    /// Oldest retained offset.
+    pub log_start_offset: u64,
+    /// Offset after the last committed record.
+    pub high_watermark: u64,
+    /// Offset after the last record.
+    pub log_end_offset: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+}
+
+/// A request to create a topic. Unset values take the broker's defaults.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTopicBody {
+    /// Name: 1 to 249 characters of [a-zA-Z0-9._-].
+    pub name: String,
+    /// Partitions.
+    pub partitions: Option<u32>,
+    /// Replication factor (capped by the number of brokers).
+    pub replication_factor: Option<u32>,
+    /// Retention by bytes per partition.
+    pub retention_bytes: Option<u64>,
+    /// Retention by age.
+    pub retention_ms: Option<u64>,
+    /// Largest batch.
+    pub max_message_bytes: Option<u32>,
+    /// "always" or "interval".
+    pub fsync_policy: Option<String>,
+    /// Sync interval for "interval".
+    pub fsync_interval_ms: Option<u32>,
+    /// Segment size.
+    pub segment_bytes: Option<u64>,
+}
+
+/// A consumer group.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupView {
+    /// Group id.
+    pub group_id: String,
+    /// Topic consumed.
+    pub topic: String,
+    /// Assignment generation.
+    pub generation: u64,
+    /// Live members and their partitions.
+    pub members: Vec<MemberView>,
+    /// Committed offsets and lag per partition.
+    pub partitions: Vec<GroupPartitionView>,
+    /// Total lag in records.
+    pub lag: u64,
+}
+
+/// A group member.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemberView {
+    /// Member id.
+    pub member_id: String,
+    /// Assigned partitions.
+    pub partitions: Vec<u32>,
+    /// Whether its stream is open.
+    pub connected: bool,
+    /// Milliseconds since it was last heard from.
+    pub idle_ms: u64,
+}
+
+/// A group's position in one partition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GroupPartitionView {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Committed offset.
+    pub committed_offset: u64,
+    /// High watermark.
+    pub high_watermark: u64,
+    /// Records not yet consumed.
+    pub lag: u64,
+}
+
+/// The cluster.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterView {
+    /// Cluster id.
+    pub cluster_id: String,
+    /// This node.
+    pub node_id: u64,
+    /// Controller leader.
+    pub controller_id: u64,
+    /// Client address of this node.
+    pub client_address: String,
+    /// Number of topics.
+    pub topics: usize,
+    /// Number of hosted partitions.
+    pub partitions: usize,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// Whether it serves.
+    pub ready: bool,
+}
+
+fn topic_view(node: &Node, topic: &TopicMeta) -> TopicView {
+    let info = crate::grpc::topic_admin::topic_to_proto(node, topic);
+    let (fsync_policy, fsync_interval_ms) = match topic.config.fsync {
+        Fsync::Always => ("always".to_string(), None),
+        Fsync::IntervalMs(ms) => ("interval".to_string(), Some(ms)),
+    };
+    TopicView {
+        name: topic.name.clone(),
+        topic_id: topic.topic_id.clone(),
+        partitions: topic.config.partitions,
+        replication_factor: topic.config.replication_factor,
+        retention_bytes: topic.config.retention_bytes,
+        retention_ms: topic.config.retention_ms,
+        max_message_bytes: topic.config.max_message_bytes,
+        fsync_policy,
+        fsync_interval_ms,
+        segment_bytes: topic.config.segment_bytes,
+        created_at_ms: topic.created_at_ms,
+        partition_details: info
+            .partitions
+            .into_iter()
+            .map(|p| PartitionView {
+                partition: p.partition,
+                leader_id: p.leader_id,
+                replicas: p.replicas,
+                log_start_offset: p.log_start_offset,
+                high_watermark: p.high_watermark,
+                log_end_offset: p.log_end_offset,
+                size_bytes: p.size_bytes,
+            })
+            .collect(),
+    }
+}
+
+type AppState = Arc<Node>;
+
+/// Liveness: the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness: the node has started its controller and partitions and serves clients.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn readyz(State(node): State<AppState>) -> (StatusCode, Json<Health>) {
+    if node.is_ready() {
+        (
+            StatusCode::OK,
+            Json(Health {
+                status: "ready".into(),
+            }),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "not ready".into(),
+            }),
+        )
+    }
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&node),
+    )
+}
+
+/// The cluster as this node sees it.
+#[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterView)))]
+async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
+    let state = node.controller_state();
+    Json(ClusterView {
+        cluster_id: node.cluster_id.clone(),
+        node_id: node.node_id,
+        controller_id: node.controller_leader().unwrap_or(0),
+        client_address: node.config.client_address(),
+        topics: state.topics.len(),
+        partitions: node.partitions().len(),
+        uptime_seconds: node.uptime().as_secs(),
+        ready: node.is_ready(),
+    })
+}
+
+/// Every topic.
+#[utoipa::path(get, path = "/v1/topics", responses((status = 200, body = [TopicView])))]
+async fn list_topics(State(node): State<AppState>) -> Json<Vec<TopicView>> {
+    let state = node.controller_state();
+    Json(
+        state
+            .topics
+            .values()
+            .map(|t| topic_view(&node, t))
+            .collect(),
+    )
+}
+
+/// Creates a topic.
+#[utoipa::path(post, path = "/v1/topics", request_body = CreateTopicBody,
+    responses((status = 201, body = TopicView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_topic(
+    State(node): State<AppState>,
+    body: Result<Json<CreateTopicBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<TopicView>), ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    let fsync_policy = match body.fsync_policy.as_deref() {
+        None => 0,
+        Some("always") => weft_proto::v1::FsyncPolicy::Always as i32,
+        Some("interval") => weft_proto::v1::FsyncPolicy::Interval as i32,
+        Some(other) => {
+            return Err(BrokerError::invalid(
+                "fsync_policy",
+                format!("{other:?} is neither \"always\" nor \"interval\""),
+            )
+            .into());
+        }
+    };
+    let proto = weft_proto::v1::TopicConfig {
+        partitions: body.partitions.unwrap_or(0),
+        replication_factor: body.replication_factor.unwrap_or(0),
+        retention_bytes: body.retention_bytes,
+        retention_ms: body.retention_ms,
+        max_message_bytes: body.max_message_bytes,
+        fsync_policy,
+        fsync_interval_ms: body.fsync_interval_ms,
+        segment_bytes: body.segment_bytes,
+    };
+    let config = resolve_config(&node, Some(&proto))?;
+    let topic = node.create_topic(&body.name, config).await?;
+    Ok((StatusCode::CREATED, Json(topic_view(&node, &topic))))
+}
+
+/// Describes a topic.
+#[utoipa::path(get, path = "/v1/topics/{name}", params(("name" = String, Path, description = "Topic name")),
+    responses((status = 200, body = TopicView), (status = 404, body = ErrorBody)))]
+async fn describe_topic(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<TopicView>, ApiError> {
+    let topic = node.topic(&name)?;
+    Ok(Json(topic_view(&node, &topic)))
+}
+
+/// Deletes a topic and its data.
+#[utoipa::path(delete, path = "/v1/topics/{name}", params(("name" = String, Path, description = "Topic name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_topic(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.delete_topic(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn group_view(node: &Node, id: &str) -> Result<GroupView, ApiError> {
+    let description = node
+        .groups
+        .describe(id)?
+        .ok_or_else(|| ApiError(BrokerError::GroupNotFound(id.to_string())))?;
+    let partitions: Vec<GroupPartitionView> = description
+        .committed
+        .iter()
+        .map(|c| {
+            let high_watermark = node
+                .partition(&c.topic, c.partition)
+                .map(|p| p.bounds().high_watermark)
+                .unwrap_or(c.offset);
+            GroupPartitionView {
+                topic: c.topic.clone(),
+                partition: c.partition,
+                committed_offset: c.offset,
+                high_watermark,
+                lag: high_watermark.saturating_sub(c.offset),
+            }
+        })
+        .collect();
+    Ok(GroupView {
+        group_id: description.group_id,
+        topic: description.topic,
+        generation: description.generation,
+        lag: partitions.iter().map(|p| p.lag).sum(),
+        members: description
+            .members
+            .into_iter()
+            .map(|m| MemberView {
+                member_id: m.member_id,
+                partitions: m.partitions,
+                connected: m.connected,
+                idle_ms: m.idle_ms,
+            })
+            .collect(),
+        partitions,
+    })
+}
+
+/// Every consumer group, with members and lag.
+#[utoipa::path(get, path = "/v1/groups", responses((status = 200, body = [GroupView])))]
+async fn list_groups(State(node): State<AppState>) -> Result<Json<Vec<GroupView>>, ApiError> {
+    let mut out = Vec::new();
+    for id in node.groups.list()? {
+        if let Ok(view) = group_view(&node, &id) {
+            out.push(view);
+        }
+    }
+    Ok(Json(out))
+}
+
+/// One consumer group: members, assignments, committed offsets and lag.
+#[utoipa::path(get, path = "/v1/groups/{id}", params(("id" = String, Path, description = "Group id")),
+    responses((status = 200, body = GroupView), (status = 404, body = ErrorBody)))]
+async fn describe_group(
+    State(node): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<GroupView>, ApiError> {
+    Ok(Json(group_view(&node, &id)?))
+}
+
+/// The OpenAPI document of this API.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(
+        title = "Weft admin API",
+        description = "Health, metrics and administration of a Weft broker."
+    ),
+    paths(
+        healthz,
+        readyz,
+        metrics,
+        cluster,
+        list_topics,
+        create_topic,
+        describe_topic,
+        delete_topic,
+        list_groups,
+        describe_group
+    ),
+    components(schemas(
+        Health,
+        ErrorBody,
+        ErrorDetail,
+        FieldError,
+        TopicView,
+        PartitionView,
+        CreateTopicBody,
+        GroupView,
+        MemberView,
+        GroupPartitionView,
+        ClusterView
+    ))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
+    )
+}
+
+async fn not_found() -> (StatusCode, Json<ErrorBody>) {
+    let error = ErrorDetail {
+        code: "NOT_FOUND".into(),
+        message: "no such endpoint; see /openapi.json".into(),
+        fields: Vec::new(),
+    };
+    (StatusCode::NOT_FOUND, Json(ErrorBody { error }))
+}
+
+/// The admin router.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/topics", get(list_topics).post(create_topic))
+        .route(
+            "/v1/topics/{name}",
+            get(describe_topic).delete(delete_topic),
+        )
+        .route("/v1/groups", get(list_groups))
+        .route("/v1/groups/{id}", get(describe_group))
+        .fallback(not_found)
+        .with_state(node)
+}

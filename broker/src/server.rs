@@ -1,0 +1,182 @@
+//! Starting and stopping a broker: `run(config, listeners, shutdown)`. Tests bind port 0 and pass
+//! the listeners in; `main.rs` binds the configured addresses and passes a signal future.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use weft_proto::v1::cluster_server::ClusterServer;
+use weft_proto::v1::publisher_server::PublisherServer;
+use weft_proto::v1::subscriber_server::SubscriberServer;
+use weft_proto::v1::topic_admin_server::TopicAdminServer;
+
+use crate::config::Config;
+use crate::grpc::cluster::ClusterService;
+use crate::grpc::publish::PublisherService;
+use crate::grpc::subscribe::SubscriberService;
+use crate::grpc::topic_admin::TopicAdminService;
+use crate::node::Node;
+
+/// The three TCP listeners of a broker.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Client gRPC.
+    pub client: TcpListener,
+    /// Peer gRPC.
+    pub peer: TcpListener,
+    /// Admin HTTP.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let bind = |addr: SocketAddr, key: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {key} {addr}: {e}"))
+        };
+        Ok(Listeners {
+            client: bind(config.client_listen, "client_listen").await?,
+            peer: bind(config.peer_listen, "peer_listen").await?,
+            admin: bind(config.admin_listen, "admin_listen").await?,
+        })
+    }
+
+    /// The bound addresses (client, peer, admin).
+    pub fn addresses(&self) -> std::io::Result<(SocketAddr, SocketAddr, SocketAddr)> {
+        Ok((
+            self.client.local_addr()?,
+            self.peer.local_addr()?,
+            self.admin.local_addr()?,
+        ))
+    }
+}
+
+/// Runs a broker until `shutdown` resolves, then stops accepting, lets in-flight calls finish
+/// (up to `shutdown_grace_ms`), stops every Raft group and returns.
+pub async fn run(
+    mut config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (client, peer, admin) = listeners.addresses()?;
+    // With port 0 the real addresses are only known now.
+    config.client_listen = client;
+    config.peer_listen = peer;
+    config.admin_listen = admin;
+    crate::metrics::install();
+    let node = Node::start(config.clone()).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PublisherServer<PublisherService>>()
+        .await;
+    health
+        .set_serving::<SubscriberServer<SubscriberService>>()
+        .await;
+    health
+        .set_serving::<TopicAdminServer<TopicAdminService>>()
+        .await;
+    health.set_serving::<ClusterServer<ClusterService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let limit = config.grpc_message_bytes_max as usize;
+    let client_server = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.streams_per_connection_max)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service.clone())
+        .add_service(reflection)
+        .add_service(
+            PublisherServer::new(PublisherService::new(node.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(
+            SubscriberServer::new(SubscriberService::new(node.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(TopicAdminServer::new(TopicAdminService::new(node.clone())))
+        .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.client),
+            stopped(stop_rx.clone()),
+        );
+    // The peer port: health now; Raft and forwarding arrive with the multi-node cluster.
+    let peer_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.peer),
+            stopped(stop_rx.clone()),
+        );
+    let admin_server = axum::serve(listeners.admin, crate::admin::router(node.clone()))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let client_task = tokio::spawn(client_server);
+    let peer_task = tokio::spawn(peer_server);
+    let admin_task = tokio::spawn(async move { admin_server.await });
+    println!(
+        "weft-broker ready: node={} client={client} peer={peer} admin={admin}",
+        node.node_id
+    );
+    tracing::info!(node = node.node_id, %client, %peer, %admin, "weft-broker ready");
+
+    shutdown.await;
+    tracing::info!("shutting down: no new calls; finishing in-flight ones");
+    health
+        .set_not_serving::<PublisherServer<PublisherService>>()
+        .await;
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let drained = tokio::time::timeout(grace, async {
+        let _ = client_task.await;
+        let _ = peer_task.await;
+        let _ = admin_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("in-flight calls did not finish within shutdown_grace_ms; stopping anyway");
+    }
+    node.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Keeps `Arc<Node>` alive in tests that embed a broker.
+pub type NodeHandle = Arc<Node>;
