@@ -38,10 +38,63 @@ pub const TOPIC_HEADER: &str = "weft-topic";
 /// Request metadata key that mirrors the partition of a request, for mesh policy and metrics.
 pub const PARTITION_HEADER: &str = "weft-partition";
 
+/// Kafka's murmur2 hash, as its default partitioner uses it.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = SEED ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    for (i, &b) in tail.iter().enumerate().rev() {
+        h ^= u32::from(b) << (8 * i);
+    }
+    if !tail.is_empty() {
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition a `PublishRequest.partition_key` selects: murmur2 made positive, modulo the
+/// partition count (Kafka's default partitioner), so clients and brokers agree.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    (murmur2(key) as u32 & 0x7fff_ffff) % partitions.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Vectors from Kafka's UtilsTest.
+        let cases: [(&str, i32); 6] = [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(murmur2(input.as_bytes()), expected, "{input}");
+        }
+        assert!((0..1000).all(|i| partition_for_key(format!("k{i}").as_bytes(), 7) < 7));
+    }
 
     #[test]
     fn descriptor_set_lists_every_service() {

@@ -66,51 +66,7 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Kafka's murmur2 hash (the default partitioner): clients can compute the same partition.
-pub fn murmur2(data: &[u8]) -> i32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let length = data.len() as u32;
-    let mut h: u32 = SEED ^ length;
-    let chunks = data.chunks_exact(4);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    match tail.len() {
-        3 => {
-            h ^= u32::from(tail[2]) << 16;
-            h ^= u32::from(tail[1]) << 8;
-            h ^= u32::from(tail[0]);
-            h = h.wrapping_mul(M);
-        }
-        2 => {
-            h ^= u32::from(tail[1]) << 8;
-            h ^= u32::from(tail[0]);
-            h = h.wrapping_mul(M);
-        }
-        1 => {
-            h ^= u32::from(tail[0]);
-            h = h.wrapping_mul(M);
-        }
-        _ => {}
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
-
-/// The partition for `key`: murmur2 made positive, modulo the partition count (as Kafka does).
-pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
-    (murmur2(key) as u32 & 0x7fff_ffff) % partitions.max(1)
-}
+pub use weft_proto::{murmur2, partition_for_key};
 
 /// Converts stored batches to protocol records, from `from_offset`, at most `max_records`
 /// (0 = no limit) and about `max_bytes` (at least one record).
@@ -179,25 +135,6 @@ pub(crate) fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn murmur2_matches_kafka() {
-        // Vectors from Kafka's UtilsTest.
-        let cases: [(&str, i32); 6] = [
-            ("21", -973_932_308),
-            ("foobar", -790_332_482),
-            ("a-little-bit-long-string", -985_981_536),
-            ("a-little-bit-longer-string", -1_486_304_829),
-            (
-                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
-                -58_897_971,
-            ),
-            ("abc", 479_470_107),
-        ];
-        for (input, expected) in cases {
-            assert_eq!(murmur2(input.as_bytes()), expected, "{input}");
-        }
-    }
 
     #[test]
     fn grpc_timeouts_parse() {

@@ -1,0 +1,241 @@
+//! Topics and cluster status.
+
+use crate::{Client, Error, Result, proto};
+
+/// Settings for a new topic; unset values take the broker's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// Partitions (0: broker default).
+    pub partitions: u32,
+    /// Replication factor (0: broker default).
+    pub replication_factor: u32,
+    /// Retention by bytes per partition.
+    pub retention_bytes: Option<u64>,
+    /// Retention by age.
+    pub retention_ms: Option<u64>,
+    /// Largest batch.
+    pub max_message_bytes: Option<u32>,
+    /// Fsync every this many ms instead of before each acknowledgement.
+    pub fsync_interval_ms: Option<u32>,
+    /// Segment size.
+    pub segment_bytes: Option<u64>,
+}
+
+/// Offsets of one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// Partition.
+    pub partition: u32,
+    /// Oldest retained offset.
+    pub log_start_offset: u64,
+    /// Offset after the last committed record.
+    pub high_watermark: u64,
+}
+
+/// The admin API.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    client: Client,
+}
+
+impl Admin {
+    pub(crate) fn new(client: Client) -> Self {
+        Admin { client }
+    }
+
+    /// Creates a topic with `partitions` partitions and default settings.
+    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<proto::Topic> {
+        self.create_topic_with(
+            name,
+            TopicSettings {
+                partitions,
+                ..TopicSettings::default()
+            },
+        )
+        .await
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        settings: TopicSettings,
+    ) -> Result<proto::Topic> {
+        let config = proto::TopicConfig {
+            partitions: settings.partitions,
+            replication_factor: settings.replication_factor,
+            retention_bytes: settings.retention_bytes,
+            retention_ms: settings.retention_ms,
+            max_message_bytes: settings.max_message_bytes,
+            fsync_policy: if settings.fsync_interval_ms.is_some() {
+                proto::FsyncPolicy::Interval as i32
+            } else {
+                proto::FsyncPolicy::Unspecified as i32
+            },
+            fsync_interval_ms: settings.fsync_interval_ms,
+            segment_bytes: settings.segment_bytes,
+        };
+        let request = self.client.request(
+            proto::CreateTopicRequest {
+                name: name.into(),
+                config: Some(config),
+            },
+            Some(name),
+            None,
+        );
+        Ok(self
+            .client
+            .topic_admin()
+            .create_topic(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner())
+    }
+
+    /// Describes a topic.
+    pub async fn topic(&self, name: &str) -> Result<proto::Topic> {
+        let request = self.client.request(
+            proto::GetTopicRequest { name: name.into() },
+            Some(name),
+            None,
+        );
+        Ok(self
+            .client
+            .topic_admin()
+            .get_topic(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner())
+    }
+
+    /// Every topic.
+    pub async fn topics(&self) -> Result<Vec<proto::Topic>> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = self.client.request(
+                proto::ListTopicsRequest {
+                    page_size: 1000,
+                    page_token,
+                },
+                None,
+                None,
+            );
+            let page = self
+                .client
+                .topic_admin()
+                .list_topics(request)
+                .await
+                .map_err(Error::from)?
+                .into_inner();
+            out.extend(page.topics);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Deletes a topic.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let request = self.client.request(
+            proto::DeleteTopicRequest { name: name.into() },
+            Some(name),
+            None,
+        );
+        self.client
+            .topic_admin()
+            .delete_topic(request)
+            .await
+            .map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// The cluster status.
+    pub async fn cluster_status(&self) -> Result<proto::ClusterStatus> {
+        let request = self
+            .client
+            .request(proto::GetClusterStatusRequest {}, None, None);
+        Ok(self
+            .client
+            .cluster()
+            .get_cluster_status(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner())
+    }
+
+    /// Partitions with leaders and offsets (one topic, or all when `topic` is empty).
+    pub async fn partitions(&self, topic: &str) -> Result<Vec<proto::PartitionInfo>> {
+        let request = self.client.request(
+            proto::ListPartitionsRequest {
+                topic: topic.into(),
+            },
+            None,
+            None,
+        );
+        Ok(self
+            .client
+            .cluster()
+            .list_partitions(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner()
+            .partitions)
+    }
+
+    /// Offsets of a topic's partitions, with a group's commits when `group` is set.
+    pub async fn offsets(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+    ) -> Result<Vec<proto::PartitionOffsets>> {
+        let request = self.client.request(
+            proto::GetOffsetsRequest {
+                topic: topic.into(),
+                partitions: vec![],
+                group_id: group.unwrap_or_default().into(),
+                timestamp_ms: None,
+            },
+            Some(topic),
+            None,
+        );
+        Ok(self
+            .client
+            .subscriber()
+            .get_offsets(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner()
+            .partitions)
+    }
+
+    /// Commits offsets for a group from outside membership (the group must have no live members).
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<()> {
+        let request = self.client.request(
+            proto::CommitOffsetsRequest {
+                group_id: group.into(),
+                member_id: String::new(),
+                generation: 0,
+                topic: topic.into(),
+                offsets: offsets
+                    .iter()
+                    .map(|&(partition, offset)| proto::PartitionOffset { partition, offset })
+                    .collect(),
+            },
+            Some(topic),
+            None,
+        );
+        self.client
+            .subscriber()
+            .commit_offsets(request)
+            .await
+            .map_err(Error::from)?;
+        Ok(())
+    }
+}

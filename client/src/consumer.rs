@@ -1,0 +1,485 @@
+//! The consumer: one `Subscribe` stream per consumer. It grants the broker credit as the
+//! application takes records (so at most `credit_records` / `credit_bytes` are buffered), sends
+//! heartbeats, follows group reassignments, and reconnects when the broker ends the stream (stream
+//! rotation, restarts): outside a group it resumes from its positions; in a group it rejoins with
+//! its member id and resumes from the committed offsets.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+use crate::{Client, Error, Result, proto};
+use proto::subscribe_response::Event;
+
+/// Where to start in partitions with no committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// The oldest retained record.
+    Earliest,
+    /// Only records published from now on.
+    #[default]
+    Latest,
+    /// This offset.
+    Offset(u64),
+    /// The first record at or after this time (ms since the Unix epoch).
+    Timestamp(i64),
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Topic.
+    pub topic: String,
+    /// Consumer group to join; None to choose partitions yourself.
+    pub group: Option<String>,
+    /// Partitions to read outside a group (empty: all).
+    pub partitions: Vec<u32>,
+    /// Where to start without a committed offset.
+    pub start: StartFrom,
+    /// Commit positions automatically (group consumers).
+    pub auto_commit: bool,
+    /// How often automatic commits happen.
+    pub auto_commit_interval: Duration,
+    /// Records the broker may have delivered and not yet credited back.
+    pub credit_records: u32,
+    /// Bytes the broker may have delivered and not yet credited back.
+    pub credit_bytes: u64,
+    /// Group session timeout (None: the broker's default).
+    pub session_timeout: Option<Duration>,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Reconnection attempts in a row before `next` fails.
+    pub reconnects_max: u32,
+}
+
+impl ConsumerConfig {
+    /// Defaults for `topic`.
+    pub fn new(topic: impl Into<String>) -> Self {
+        ConsumerConfig {
+            topic: topic.into(),
+            group: None,
+            partitions: Vec::new(),
+            start: StartFrom::Latest,
+            auto_commit: true,
+            auto_commit_interval: Duration::from_secs(1),
+            credit_records: 2000,
+            credit_bytes: 8 * 1024 * 1024,
+            session_timeout: None,
+            heartbeat_interval: Duration::from_secs(1),
+            reconnects_max: 30,
+        }
+    }
+
+    /// Joins this group.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Starts here when there is no committed offset.
+    pub fn start(mut self, start: StartFrom) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Reads only these partitions (outside a group).
+    pub fn partitions(mut self, partitions: Vec<u32>) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Turns automatic commits on or off.
+    pub fn auto_commit(mut self, on: bool) -> Self {
+        self.auto_commit = on;
+        self
+    }
+
+    /// Sets the group session timeout.
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = Some(timeout);
+        self
+    }
+}
+
+/// A consumed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// Key (empty: none).
+    pub key: Bytes,
+    /// Value.
+    pub value: Bytes,
+    /// Creation time, ms since the Unix epoch.
+    pub timestamp_ms: i64,
+    /// Headers, in publish order.
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// Reads a topic. Not `Clone`: one consumer, one stream.
+#[derive(Debug)]
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    requests: Option<mpsc::Sender<proto::SubscribeRequest>>,
+    responses: Option<Streaming<proto::SubscribeResponse>>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
+    buffer: VecDeque<Message>,
+    positions: BTreeMap<u32, u64>,
+    committed: BTreeMap<u32, u64>,
+    member_id: String,
+    generation: u64,
+    uncredited: (u32, u64),
+    last_commit: Instant,
+}
+
+/// Bytes of a record as the broker counts them against credit.
+fn message_size(message: &Message) -> u64 {
+    (message.key.len()
+        + message.value.len()
+        + message
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()) as u64
+}
+
+impl Consumer {
+    pub(crate) async fn new(client: Client, config: ConsumerConfig) -> Result<Consumer> {
+        if config.credit_records == 0 || config.credit_bytes == 0 {
+            return Err(Error::InvalidArgument(
+                "credit_records and credit_bytes must be positive".into(),
+            ));
+        }
+        let mut consumer = Consumer {
+            client,
+            config,
+            requests: None,
+            responses: None,
+            heartbeat: None,
+            buffer: VecDeque::new(),
+            positions: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            member_id: String::new(),
+            generation: 0,
+            uncredited: (0, 0),
+            last_commit: Instant::now(),
+        };
+        consumer.subscribe().await?;
+        // The broker announces the assignment first: wait for it, so `assignment()` is meaningful.
+        loop {
+            match consumer.receive().await? {
+                Some(Event::Assignment(_)) => break,
+                Some(_) => {}
+                None => return Err(Error::Closed),
+            }
+        }
+        Ok(consumer)
+    }
+
+    async fn subscribe(&mut self) -> Result<()> {
+        let (tx, rx) = mpsc::channel(16);
+        let start = match self.config.start {
+            StartFrom::Earliest => {
+                proto::start_position::Position::Earliest(proto::start_position::Earliest {})
+            }
+            StartFrom::Latest => {
+                proto::start_position::Position::Latest(proto::start_position::Latest {})
+            }
+            StartFrom::Offset(o) => proto::start_position::Position::Offset(o),
+            StartFrom::Timestamp(t) => proto::start_position::Position::TimestampMs(t),
+        };
+        // Outside a group, resume where this consumer got to; in a group the commits decide.
+        let resume = if self.config.group.is_some() {
+            Vec::new()
+        } else {
+            self.positions
+                .iter()
+                .map(|(&partition, &offset)| proto::PartitionOffset { partition, offset })
+                .collect()
+        };
+        let first = proto::SubscribeRequest {
+            request: Some(proto::subscribe_request::Request::Start(
+                proto::SubscribeStart {
+                    topic: self.config.topic.clone(),
+                    partitions: self.config.partitions.clone(),
+                    group_id: self.config.group.clone().unwrap_or_default(),
+                    member_id: self.member_id.clone(),
+                    start: Some(proto::StartPosition {
+                        position: Some(start),
+                    }),
+                    resume,
+                    credit: Some(proto::Credit {
+                        records: self.config.credit_records,
+                        bytes: self.config.credit_bytes,
+                    }),
+                    session_timeout_ms: self
+                        .config
+                        .session_timeout
+                        .map_or(0, |d| d.as_millis() as u32),
+                },
+            )),
+        };
+        tx.send(first).await.map_err(|_| Error::Closed)?;
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Ok(topic) = self.config.topic.parse() {
+            request
+                .metadata_mut()
+                .insert(weft_proto::TOPIC_HEADER, topic);
+        }
+        let responses = self
+            .client
+            .subscriber()
+            .subscribe(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        let heartbeat_tx = tx.clone();
+        let interval = self.config.heartbeat_interval;
+        if let Some(old) = self.heartbeat.take() {
+            old.abort();
+        }
+        self.heartbeat = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let beat = proto::SubscribeRequest {
+                    request: Some(proto::subscribe_request::Request::Heartbeat(
+                        proto::Heartbeat { time_ms: 0 },
+                    )),
+                };
+                if heartbeat_tx.send(beat).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        self.requests = Some(tx);
+        self.responses = Some(responses);
+        // Records buffered from the old stream were not credited on the new one.
+        self.buffer.clear();
+        self.uncredited = (0, 0);
+        Ok(())
+    }
+
+    /// Receives one event and applies it; None when the stream ended cleanly.
+    async fn receive(&mut self) -> Result<Option<Event>> {
+        let Some(responses) = self.responses.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let message = responses.message().await.map_err(Error::from)?;
+        let Some(event) = message.and_then(|m| m.event) else {
+            return Ok(None);
+        };
+        match &event {
+            Event::Assignment(a) => {
+                self.generation = a.generation;
+                if !a.member_id.is_empty() {
+                    self.member_id = a.member_id.clone();
+                }
+                let owned: BTreeMap<u32, u64> = a
+                    .partitions
+                    .iter()
+                    .map(|p| (p.partition, p.offset))
+                    .collect();
+                self.buffer.retain(|m| owned.contains_key(&m.partition));
+                self.positions = owned;
+                self.committed.retain(|p, _| self.positions.contains_key(p));
+            }
+            Event::Delivery(d) => {
+                for record in &d.records {
+                    self.buffer.push_back(Message {
+                        topic: self.config.topic.clone(),
+                        partition: d.partition,
+                        offset: record.offset,
+                        key: record.key.clone(),
+                        value: record.value.clone(),
+                        timestamp_ms: record.timestamp_ms,
+                        headers: record
+                            .headers
+                            .iter()
+                            .map(|h| (h.key.clone(), h.value.clone()))
+                            .collect(),
+                    });
+                }
+            }
+            Event::Heartbeat(_) | Event::CommitAck(_) => {}
+        }
+        Ok(Some(event))
+    }
+
+    async fn reconnect(&mut self, why: &Error) -> Result<()> {
+        tracing::debug!("subscription ended ({why}); reconnecting");
+        if self.config.group.is_some() && self.config.auto_commit {
+            let _ = self.commit().await;
+        }
+        if why.reason() == "STALE_GENERATION" {
+            // Our membership expired: join as a new member.
+            self.member_id.clear();
+        }
+        let mut attempt = 0;
+        loop {
+            match self.subscribe().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_retriable() && attempt < self.config.reconnects_max => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(20))))
+                        .await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next record, waiting as long as it takes.
+    pub async fn next(&mut self) -> Result<Option<Message>> {
+        let mut failures = 0;
+        loop {
+            if let Some(message) = self.buffer.pop_front() {
+                self.positions.insert(message.partition, message.offset + 1);
+                self.uncredited.0 += 1;
+                self.uncredited.1 += message_size(&message);
+                self.grant_credit().await;
+                if self.config.auto_commit
+                    && self.config.group.is_some()
+                    && self.last_commit.elapsed() >= self.config.auto_commit_interval
+                    && let Err(e) = self.commit().await
+                {
+                    tracing::debug!("automatic commit failed: {e}");
+                }
+                return Ok(Some(message));
+            }
+            let event = self.receive().await;
+            match event {
+                Ok(Some(_)) => failures = 0,
+                Ok(None) => self.reconnect(&Error::Closed).await?,
+                Err(e) => {
+                    let recoverable = e.is_retriable()
+                        || e.code() == Some(Code::FailedPrecondition)
+                            && e.reason() == "STALE_GENERATION"
+                        || e.code() == Some(Code::Cancelled);
+                    failures += 1;
+                    if !recoverable || failures > self.config.reconnects_max {
+                        return Err(e);
+                    }
+                    self.reconnect(&e).await?;
+                }
+            }
+        }
+    }
+
+    /// The next record, or None if none arrives within `wait`.
+    pub async fn next_timeout(&mut self, wait: Duration) -> Result<Option<Message>> {
+        match tokio::time::timeout(wait, self.next()).await {
+            Ok(result) => result,
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Gives back credit for records the application has taken: once half the window is used,
+    /// or when everything delivered has been taken.
+    async fn grant_credit(&mut self) {
+        let (records, bytes) = self.uncredited;
+        let half_used =
+            records >= self.config.credit_records / 2 || bytes >= self.config.credit_bytes / 2;
+        let drained = self.buffer.is_empty() && records > 0;
+        if (half_used || drained)
+            && let Some(tx) = &self.requests
+        {
+            let credit = proto::SubscribeRequest {
+                request: Some(proto::subscribe_request::Request::Credit(proto::Credit {
+                    records,
+                    bytes,
+                })),
+            };
+            if tx.send(credit).await.is_ok() {
+                self.uncredited = (0, 0);
+            }
+        }
+    }
+
+    /// Commits the positions reached (the offset after the last record returned by `next`) in
+    /// every owned partition. Group consumers only.
+    pub async fn commit(&mut self) -> Result<()> {
+        let Some(group) = self.config.group.clone() else {
+            return Err(Error::InvalidArgument("only group consumers commit".into()));
+        };
+        let changed: Vec<proto::PartitionOffset> = self
+            .positions
+            .iter()
+            .filter(|(p, o)| self.committed.get(p) != Some(o))
+            .map(|(&partition, &offset)| proto::PartitionOffset { partition, offset })
+            .collect();
+        self.last_commit = Instant::now();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let request = self.client.request(
+            proto::CommitOffsetsRequest {
+                group_id: group,
+                member_id: self.member_id.clone(),
+                generation: self.generation,
+                topic: self.config.topic.clone(),
+                offsets: changed.clone(),
+            },
+            Some(&self.config.topic),
+            None,
+        );
+        self.client
+            .subscriber()
+            .commit_offsets(request)
+            .await
+            .map_err(Error::from)?;
+        for o in changed {
+            self.committed.insert(o.partition, o.offset);
+        }
+        Ok(())
+    }
+
+    /// Partitions this consumer owns now.
+    pub fn assignment(&self) -> Vec<u32> {
+        self.positions.keys().copied().collect()
+    }
+
+    /// The position (next offset to return) per owned partition.
+    pub fn positions(&self) -> &BTreeMap<u32, u64> {
+        &self.positions
+    }
+
+    /// The group generation of the current assignment (0 outside a group).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// This member's id in its group.
+    pub fn member_id(&self) -> &str {
+        &self.member_id
+    }
+
+    /// Commits (when automatic commits are on) and closes the stream.
+    pub async fn close(mut self) -> Result<()> {
+        let result = if self.config.group.is_some() && self.config.auto_commit {
+            self.commit().await
+        } else {
+            Ok(())
+        };
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        result
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+}

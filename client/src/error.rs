@@ -1,0 +1,91 @@
+//! The client's error type: gRPC statuses decoded into what a caller acts on.
+
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Errors of the Weft client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The broker answered with an error status.
+    #[error("{code:?}: {message}")]
+    Status {
+        /// gRPC code.
+        code: Code,
+        /// The broker's message.
+        message: String,
+        /// `google.rpc.ErrorInfo` reason (e.g. SEQUENCE_GAP, TOPIC_NOT_FOUND), empty if none.
+        reason: String,
+    },
+    /// The broker could not be reached.
+    #[error("cannot reach the broker at {endpoint}: {message}")]
+    Connect {
+        /// The endpoint tried.
+        endpoint: String,
+        /// Why.
+        message: String,
+    },
+    /// Invalid arguments to a client call.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The producer or consumer was closed.
+    #[error("closed")]
+    Closed,
+    /// No answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        let reason = status
+            .get_details_error_info()
+            .map(|i| i.reason)
+            .unwrap_or_default();
+        Error::Status {
+            code: status.code(),
+            message: status.message().to_string(),
+            reason,
+        }
+    }
+}
+
+impl Error {
+    /// The gRPC code, if the broker answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The ErrorInfo reason, if any.
+    pub fn reason(&self) -> &str {
+        match self {
+            Error::Status { reason, .. } => reason,
+            _ => "",
+        }
+    }
+
+    /// Whether retrying the same request may succeed (the broker is unavailable, overloaded, or
+    /// did not answer in time). For publishes the outcome of the failed attempt is unknown; an
+    /// idempotent producer retries with the same sequence, so nothing is stored twice.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Status { code, .. } => {
+                matches!(
+                    code,
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::ResourceExhausted
+                        | Code::Aborted
+                        | Code::Unknown
+                )
+            }
+            Error::Connect { .. } | Error::Timeout(_) => true,
+            Error::InvalidArgument(_) | Error::Closed => false,
+        }
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

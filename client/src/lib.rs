@@ -1,0 +1,255 @@
+//! The Rust client for Weft.
+//!
+//! # Layout
+//! - [`Client`]: a connection to one or several brokers (load-balanced channel), with every call
+//!   carrying a deadline and the `weft-topic` / `weft-partition` metadata that meshes match on.
+//! - [`Admin`]: topics and cluster status.
+//! - [`Producer`]: batches records per partition by size and linger, keeps a bounded number of
+//!   batches in flight, and retries with the same producer sequence, so a retry never stores a
+//!   record twice.
+//! - [`Consumer`]: reads a topic over `Subscribe`, by offset or as a consumer-group member, with
+//!   credit-based flow control, heartbeats, automatic reconnection, and manual or automatic commits.
+//! - [`Error`]: gRPC statuses decoded into codes and reasons.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), weft_client::Error> {
+//! use weft_client::{Client, ConsumerConfig, ProducerConfig, Record, StartFrom};
+//! let client = Client::connect(["127.0.0.1:7400"]).await?;
+//! client.admin().create_topic("orders", 3).await?;
+//! let producer = client.producer(ProducerConfig::default());
+//! let ack = producer.send("orders", Record::new("hello").key("customer-1")).await?;
+//! println!("stored at partition {} offset {}", ack.partition, ack.offset);
+//! producer.close().await?;
+//! let mut consumer = client
+//!     .consumer(ConsumerConfig::new("orders").group("billing").start(StartFrom::Earliest))
+//!     .await?;
+//! if let Some(message) = consumer.next().await? {
+//!     println!("{}", String::from_utf8_lossy(&message.value));
+//! }
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod consumer;
+mod error;
+mod producer;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::transport::{Channel, Endpoint};
+
+pub use admin::{Admin, PartitionStatus, TopicSettings};
+pub use consumer::{Consumer, ConsumerConfig, Message, StartFrom};
+pub use error::{Error, Result};
+pub use producer::{Ack, Producer, ProducerConfig, murmur2, partition_for_key};
+pub use weft_proto::v1 as proto;
+
+/// A record to publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    /// Key (empty: none). Records with a key go to the partition its hash selects.
+    pub key: Bytes,
+    /// Value.
+    pub value: Bytes,
+    /// Ordered headers (name, value).
+    pub headers: Vec<(String, Bytes)>,
+    /// Creation time in ms since the Unix epoch (0: the broker's clock).
+    pub timestamp_ms: i64,
+    /// An explicit partition, overriding the key.
+    pub partition: Option<u32>,
+}
+
+impl Record {
+    /// A record with this value.
+    pub fn new(value: impl Into<Bytes>) -> Self {
+        Record {
+            value: value.into(),
+            ..Record::default()
+        }
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = key.into();
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Sends to this partition.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Sets the timestamp.
+    pub fn timestamp_ms(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = timestamp_ms;
+        self
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.key.len()
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + 32
+    }
+
+    pub(crate) fn to_proto(&self) -> proto::Record {
+        proto::Record {
+            key: self.key.clone(),
+            value: self.value.clone(),
+            timestamp_ms: self.timestamp_ms,
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| proto::Header {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            offset: 0,
+        }
+    }
+}
+
+/// A connection to a Weft cluster.
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+    timeout: Duration,
+    message_bytes_max: usize,
+}
+
+fn endpoint(address: &str) -> Result<Endpoint> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Endpoint::from_shared(uri.clone())
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+        })
+        .map_err(|e| Error::InvalidArgument(format!("bad endpoint {address:?}: {e}")))
+}
+
+impl Client {
+    /// Connects to one or several brokers (`host:port`); calls are spread over them.
+    pub async fn connect<I, S>(addresses: I) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let endpoints: Vec<Endpoint> = addresses
+            .into_iter()
+            .map(|a| endpoint(a.as_ref()))
+            .collect::<Result<_>>()?;
+        let Some(first) = endpoints.first().cloned() else {
+            return Err(Error::InvalidArgument("no broker address given".into()));
+        };
+        let channel = if endpoints.len() == 1 {
+            first.connect().await.map_err(|e| Error::Connect {
+                endpoint: first.uri().to_string(),
+                message: source_chain(&e),
+            })?
+        } else {
+            Channel::balance_list(endpoints.into_iter())
+        };
+        Ok(Client {
+            channel,
+            timeout: Duration::from_secs(30),
+            message_bytes_max: 16 * 1024 * 1024,
+        })
+    }
+
+    /// Sets the deadline of unary calls (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The deadline of unary calls.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The admin API.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.clone())
+    }
+
+    /// A producer.
+    pub fn producer(&self, config: ProducerConfig) -> Producer {
+        Producer::new(self.clone(), config)
+    }
+
+    /// A consumer; it subscribes at once.
+    pub async fn consumer(&self, config: ConsumerConfig) -> Result<Consumer> {
+        Consumer::new(self.clone(), config).await
+    }
+
+    pub(crate) fn publisher(&self) -> proto::publisher_client::PublisherClient<Channel> {
+        proto::publisher_client::PublisherClient::new(self.channel.clone())
+            .max_decoding_message_size(self.message_bytes_max)
+            .max_encoding_message_size(self.message_bytes_max)
+    }
+
+    pub(crate) fn subscriber(&self) -> proto::subscriber_client::SubscriberClient<Channel> {
+        proto::subscriber_client::SubscriberClient::new(self.channel.clone())
+            .max_decoding_message_size(self.message_bytes_max)
+            .max_encoding_message_size(self.message_bytes_max)
+    }
+
+    pub(crate) fn topic_admin(&self) -> proto::topic_admin_client::TopicAdminClient<Channel> {
+        proto::topic_admin_client::TopicAdminClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn cluster(&self) -> proto::cluster_client::ClusterClient<Channel> {
+        proto::cluster_client::ClusterClient::new(self.channel.clone())
+    }
+
+    /// A request with a deadline and the topic (and partition) mirrored into metadata.
+    pub(crate) fn request<T>(
+        &self,
+        body: T,
+        topic: Option<&str>,
+        partition: Option<u32>,
+    ) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        request.set_timeout(self.timeout);
+        if let Some(topic) = topic.and_then(|t| t.parse().ok()) {
+            request
+                .metadata_mut()
+                .insert(weft_proto::TOPIC_HEADER, topic);
+        }
+        if let Some(partition) = partition.and_then(|p| p.to_string().parse().ok()) {
+            request
+                .metadata_mut()
+                .insert(weft_proto::PARTITION_HEADER, partition);
+        }
+        request
+    }
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}

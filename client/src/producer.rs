@@ -1,0 +1,421 @@
+//! The producer: records are grouped per partition into batches (closed by size, record count or
+//! linger), and each partition's batches are sent in order by a sender task that keeps a bounded
+//! window of publishes in flight. Every batch carries this producer's id, epoch and sequence, so a
+//! retry of a batch whose first attempt was stored is answered with the original offsets instead
+//! of storing it again. On a failure the sender waits for the window to drain and resends, in
+//! sequence order, everything not acknowledged.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Client, Error, Record, Result, proto};
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Close a batch at this many bytes.
+    pub batch_bytes_max: usize,
+    /// Close a batch at this many records.
+    pub batch_records_max: usize,
+    /// Close a batch this long after its first record.
+    pub linger: Duration,
+    /// Publishes in flight per partition.
+    pub in_flight_per_partition: usize,
+    /// Records waiting to be sent, over all partitions, before `send` waits.
+    pub queue_records_max: usize,
+    /// Attempts per batch before its records fail.
+    pub retries_max: u32,
+    /// Wait between attempts.
+    pub retry_backoff: Duration,
+    /// Use a producer id and sequences so retries never duplicate (default true).
+    pub idempotent: bool,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            batch_bytes_max: 1024 * 1024,
+            batch_records_max: 10_000,
+            linger: Duration::from_millis(5),
+            in_flight_per_partition: 4,
+            queue_records_max: 100_000,
+            retries_max: 20,
+            retry_backoff: Duration::from_millis(100),
+            idempotent: true,
+        }
+    }
+}
+
+/// Where a record was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// True when a retry found the record already stored.
+    pub duplicate: bool,
+}
+
+pub use weft_proto::{murmur2, partition_for_key};
+
+type Reply = oneshot::Sender<Result<Ack>>;
+
+enum Command {
+    Send {
+        topic: String,
+        record: Record,
+        reply: Reply,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// Publishes records with batching and idempotent retries. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Producer {
+    commands: mpsc::Sender<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Send { topic, .. } => write!(f, "Send({topic})"),
+            Command::Flush(_) => write!(f, "Flush"),
+        }
+    }
+}
+
+impl Producer {
+    pub(crate) fn new(client: Client, config: ProducerConfig) -> Producer {
+        let (commands, inbox) = mpsc::channel(config.queue_records_max.max(1));
+        let task = tokio::spawn(accumulate(client, config, inbox));
+        Producer { commands, task }
+    }
+
+    /// Queues a record (waiting while the queue is full) and returns a future for its
+    /// acknowledgement, so one caller can keep many records in flight.
+    pub async fn send_nowait(
+        &self,
+        topic: &str,
+        record: Record,
+    ) -> Result<oneshot::Receiver<Result<Ack>>> {
+        let (reply, ack) = oneshot::channel();
+        self.commands
+            .send(Command::Send {
+                topic: topic.to_string(),
+                record,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(ack)
+    }
+
+    /// Publishes a record and waits until it is stored.
+    pub async fn send(&self, topic: &str, record: Record) -> Result<Ack> {
+        let ack = self.send_nowait(topic, record).await?;
+        ack.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Sends every queued record now and waits until all records sent before are answered.
+    pub async fn flush(&self) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(done))
+            .await
+            .map_err(|_| Error::Closed)?;
+        wait.await.map_err(|_| Error::Closed)
+    }
+
+    /// Flushes and stops.
+    pub async fn close(self) -> Result<()> {
+        self.flush().await?;
+        drop(self.commands);
+        self.task.await.map_err(|_| Error::Closed)
+    }
+}
+
+struct Open {
+    records: Vec<(Record, Reply)>,
+    bytes: usize,
+    opened: Instant,
+}
+
+struct Batch {
+    records: Vec<(Record, Reply)>,
+}
+
+enum ToSender {
+    Batch(Batch),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Groups records per partition and hands closed batches to per-partition senders.
+async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Receiver<Command>) {
+    let producer_id = if config.idempotent {
+        rand::random::<u64>() | 1
+    } else {
+        0
+    };
+    let mut partition_counts: HashMap<String, u32> = HashMap::new();
+    let mut sticky: HashMap<String, u32> = HashMap::new();
+    let mut open: HashMap<(String, u32), Open> = HashMap::new();
+    let mut senders: HashMap<(String, u32), mpsc::Sender<ToSender>> = HashMap::new();
+    let tick = (config.linger / 2).max(Duration::from_millis(1));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let sender_for =
+        |key: &(String, u32), senders: &mut HashMap<(String, u32), mpsc::Sender<ToSender>>| {
+            senders
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(config.in_flight_per_partition.max(1));
+                    tokio::spawn(send_partition(
+                        client.clone(),
+                        config.clone(),
+                        key.0.clone(),
+                        key.1,
+                        producer_id,
+                        rx,
+                    ));
+                    tx
+                })
+                .clone()
+        };
+
+    loop {
+        tokio::select! {
+            command = inbox.recv() => {
+                let Some(command) = command else { break };
+                match command {
+                    Command::Send { topic, record, reply } => {
+                        let partitions = match partition_counts.get(&topic) {
+                            Some(&n) => n,
+                            None => match client.admin().topic(&topic).await {
+                                Ok(t) => {
+                                    let n = t.config.map_or(1, |c| c.partitions.max(1));
+                                    partition_counts.insert(topic.clone(), n);
+                                    n
+                                }
+                                Err(e) => {
+                                    let _ = reply.send(Err(e));
+                                    continue;
+                                }
+                            },
+                        };
+                        let partition = match record.partition {
+                            Some(p) => p,
+                            None if !record.key.is_empty() => partition_for_key(&record.key, partitions),
+                            None => *sticky.entry(topic.clone()).or_insert_with(|| rand::random::<u32>() % partitions),
+                        };
+                        let key = (topic.clone(), partition);
+                        let size = record.size();
+                        let batch = open.entry(key.clone()).or_insert_with(|| Open { records: Vec::new(), bytes: 0, opened: Instant::now() });
+                        batch.records.push((record, reply));
+                        batch.bytes += size;
+                        if batch.bytes >= config.batch_bytes_max || batch.records.len() >= config.batch_records_max {
+                            if let Some(full) = open.remove(&key) {
+                                let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: full.records })).await;
+                            }
+                            // Keyless records move to another partition once a batch is full (sticky partitioner).
+                            if let Some(p) = sticky.get_mut(&topic) {
+                                *p = (*p + 1) % partitions;
+                            }
+                        }
+                    }
+                    Command::Flush(done) => {
+                        let keys: Vec<(String, u32)> = open.keys().cloned().collect();
+                        for key in keys {
+                            if let Some(batch) = open.remove(&key) {
+                                let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: batch.records })).await;
+                            }
+                        }
+                        let mut waits = Vec::new();
+                        for sender in senders.values() {
+                            let (tx, rx) = oneshot::channel();
+                            if sender.send(ToSender::Flush(tx)).await.is_ok() {
+                                waits.push(rx);
+                            }
+                        }
+                        tokio::spawn(async move {
+                            for wait in waits {
+                                let _ = wait.await;
+                            }
+                            let _ = done.send(());
+                        });
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                let due: Vec<(String, u32)> = open.iter().filter(|(_, b)| b.opened.elapsed() >= config.linger).map(|(k, _)| k.clone()).collect();
+                for key in due {
+                    if let Some(batch) = open.remove(&key) {
+                        let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: batch.records })).await;
+                    }
+                }
+            }
+        }
+    }
+    for (key, batch) in open.drain() {
+        let _ = sender_for(&key, &mut senders)
+            .send(ToSender::Batch(Batch {
+                records: batch.records,
+            }))
+            .await;
+    }
+}
+
+/// A batch with its place in the producer's sequence.
+struct Numbered {
+    batch: Batch,
+    epoch: u32,
+    base_sequence: u64,
+}
+
+/// Sends one partition's batches in order, with a window of publishes in flight.
+async fn send_partition(
+    client: Client,
+    config: ProducerConfig,
+    topic: String,
+    partition: u32,
+    producer_id: u64,
+    mut inbox: mpsc::Receiver<ToSender>,
+) {
+    let mut epoch = 0u32;
+    let mut next_sequence = 0u64;
+    let mut window: FuturesOrdered<_> = FuturesOrdered::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let publish = |n: &Numbered| {
+        let request = proto::PublishRequest {
+            topic: topic.clone(),
+            target: Some(proto::publish_request::Target::Partition(partition)),
+            records: n.batch.records.iter().map(|(r, _)| r.to_proto()).collect(),
+            producer_id,
+            producer_epoch: n.epoch,
+            base_sequence: n.base_sequence,
+            request_id: n.base_sequence,
+        };
+        let request = client.request(request, Some(&topic), Some(partition));
+        let mut publisher = client.publisher();
+        async move {
+            publisher
+                .publish(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(Error::from)
+        }
+    };
+    let mut in_window: VecDeque<Numbered> = VecDeque::new();
+    let mut open = true;
+    while open || !in_window.is_empty() {
+        tokio::select! {
+            message = inbox.recv(), if open && in_window.len() < config.in_flight_per_partition.max(1) => match message {
+                Some(ToSender::Batch(batch)) => {
+                    let count = batch.records.len() as u64;
+                    let numbered = Numbered { batch, epoch, base_sequence: next_sequence };
+                    next_sequence += count;
+                    window.push_back(publish(&numbered));
+                    in_window.push_back(numbered);
+                }
+                Some(ToSender::Flush(done)) => {
+                    if in_window.is_empty() { let _ = done.send(()); } else { flushes.push(done); }
+                }
+                None => open = false,
+            },
+            Some(result) = window.next(), if !in_window.is_empty() => {
+                let Some(first) = in_window.pop_front() else { continue };
+                match result {
+                    Ok(response) => answer(first.batch, &topic, partition, Ok(&response)),
+                    Err(error) => {
+                        // Drain the window: later batches may have failed on the gap this one left.
+                        let mut pending = vec![(first, Some(error))];
+                        while let Some(result) = window.next().await {
+                            let Some(n) = in_window.pop_front() else { break };
+                            match result {
+                                Ok(response) => answer(n.batch, &topic, partition, Ok(&response)),
+                                Err(e) => pending.push((n, Some(e))),
+                            }
+                        }
+                        // Resend in sequence order, one at a time, until each is settled.
+                        let mut renumber: Option<(u32, u64)> = None;
+                        for (mut n, mut last_error) in pending {
+                            if let Some((new_epoch, sequence)) = renumber.as_mut() {
+                                n.epoch = *new_epoch;
+                                n.base_sequence = *sequence;
+                                *sequence += n.batch.records.len() as u64;
+                            }
+                            let mut attempt = 0;
+                            loop {
+                                let retriable = last_error.as_ref().is_none_or(|e| e.is_retriable() || e.reason() == "SEQUENCE_GAP");
+                                if !retriable || attempt >= config.retries_max {
+                                    let error = last_error.take().unwrap_or(Error::Closed);
+                                    tracing::warn!(%topic, partition, "publish failed for good: {error}");
+                                    answer(n.batch, &topic, partition, Err(error));
+                                    // This batch's sequences are lost: later batches restart in a new epoch.
+                                    epoch += 1;
+                                    renumber = Some((epoch, 0));
+                                    break;
+                                }
+                                if attempt > 0 {
+                                    tokio::time::sleep(config.retry_backoff).await;
+                                }
+                                attempt += 1;
+                                match publish(&n).await {
+                                    Ok(response) => {
+                                        answer(n.batch, &topic, partition, Ok(&response));
+                                        break;
+                                    }
+                                    Err(e) => last_error = Some(e),
+                                }
+                            }
+                        }
+                        if let Some((_, sequence)) = renumber {
+                            next_sequence = sequence;
+                        }
+                    }
+                }
+                if in_window.is_empty() {
+                    for done in flushes.drain(..) {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        }
+    }
+    for done in flushes {
+        let _ = done.send(());
+    }
+}
+
+fn answer(
+    batch: Batch,
+    topic: &str,
+    partition: u32,
+    result: Result<&proto::PublishResponse, Error>,
+) {
+    match result {
+        Ok(response) => {
+            for (i, (_, reply)) in batch.records.into_iter().enumerate() {
+                let _ = reply.send(Ok(Ack {
+                    topic: topic.to_string(),
+                    partition,
+                    offset: response.base_offset + i as u64,
+                    duplicate: response.duplicate,
+                }));
+            }
+        }
+        Err(error) => {
+            for (_, reply) in batch.records {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
