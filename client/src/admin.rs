@@ -238,4 +238,35 @@ impl Admin {
             .map_err(Error::from)?;
         Ok(())
     }
+
+    /// Every consumer group.
+    pub async fn groups(&self) -> Result<Vec<String>> {
+        let request = self.client.request(proto::ListGroupsRequest {}, None, None);
+        Ok(self
+            .client
+            .subscriber()
+            .list_groups(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner()
+            .group_ids)
+    }
+
+    /// One consumer group: members, assignments, commits and lag.
+    pub async fn group(&self, group_id: &str) -> Result<proto::GroupDescription> {
+        let request = self.client.request(
+            proto::DescribeGroupRequest {
+                group_id: group_id.into(),
+            },
+            None,
+            None,
+        );
+        Ok(self
+            .client
+            .subscriber()
+            .describe_group(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner())
+    }
 }

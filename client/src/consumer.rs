@@ -462,7 +462,9 @@ impl Consumer {
         &self.member_id
     }
 
-    /// Commits (when automatic commits are on) and closes the stream.
+    /// Commits (when automatic commits are on) and closes the stream cleanly: a group member
+    /// leaves its group at once, so the others take over its partitions without waiting for its
+    /// session to expire.
     pub async fn close(mut self) -> Result<()> {
         let result = if self.config.group.is_some() && self.config.auto_commit {
             self.commit().await
@@ -471,6 +473,12 @@ impl Consumer {
         };
         if let Some(h) = self.heartbeat.take() {
             h.abort();
+        }
+        // End our side of the stream, then let the broker finish it.
+        self.requests.take();
+        if let Some(mut responses) = self.responses.take() {
+            let drain = async { while let Ok(Some(_)) = responses.message().await {} };
+            let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
         }
         result
     }

@@ -10,6 +10,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use weft_proto::v1;
 use weft_proto::v1::start_position::Position;
 use weft_proto::v1::subscribe_request::Request as Inbound;
 use weft_proto::v1::subscribe_response::Event;
@@ -112,6 +113,48 @@ impl SubscriberService {
                 .into_iter()
                 .map(|(partition, offset)| PartitionOffset { partition, offset })
                 .collect(),
+        })
+    }
+
+    fn describe_group_inner(&self, group_id: &str) -> Result<v1::GroupDescription, BrokerError> {
+        let d = self
+            .node
+            .groups
+            .describe(group_id)?
+            .ok_or_else(|| BrokerError::GroupNotFound(group_id.into()))?;
+        let partitions: Vec<v1::GroupPartition> = d
+            .committed
+            .iter()
+            .map(|c| {
+                let high_watermark = self
+                    .node
+                    .partition(&c.topic, c.partition)
+                    .map_or(c.offset, |p| p.bounds().high_watermark);
+                v1::GroupPartition {
+                    topic: c.topic.clone(),
+                    partition: c.partition,
+                    committed_offset: c.offset,
+                    high_watermark,
+                    lag: high_watermark.saturating_sub(c.offset),
+                }
+            })
+            .collect();
+        Ok(v1::GroupDescription {
+            group_id: d.group_id,
+            topic: d.topic,
+            generation: d.generation,
+            members: d
+                .members
+                .into_iter()
+                .map(|m| v1::GroupMember {
+                    member_id: m.member_id,
+                    partitions: m.partitions,
+                    connected: m.connected,
+                    idle_ms: m.idle_ms,
+                })
+                .collect(),
+            lag: partitions.iter().map(|p| p.lag).sum(),
+            partitions,
         })
     }
 
@@ -239,6 +282,34 @@ impl Subscriber for SubscriberService {
         result
     }
 
+    async fn list_groups(
+        &self,
+        _request: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .node
+            .groups
+            .list()
+            .map(|group_ids| Response::new(v1::ListGroupsResponse { group_ids }))
+            .map_err(Status::from);
+        crate::metrics::rpc("ListGroups", started, &result);
+        result
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<v1::DescribeGroupRequest>,
+    ) -> Result<Response<v1::GroupDescription>, Status> {
+        let started = Instant::now();
+        let result = self
+            .describe_group_inner(&request.get_ref().group_id)
+            .map(Response::new)
+            .map_err(Status::from);
+        crate::metrics::rpc("DescribeGroup", started, &result);
+        result
+    }
+
     async fn get_offsets(
         &self,
         request: Request<GetOffsetsRequest>,
@@ -251,6 +322,14 @@ impl Subscriber for SubscriberService {
         crate::metrics::rpc("GetOffsets", started, &result);
         result
     }
+}
+
+/// How a Subscribe stream ended without an error to report.
+enum Ended {
+    /// The client ended its side of the stream: a deliberate close.
+    ClientClosed,
+    /// The connection broke.
+    Broken,
 }
 
 /// One open Subscribe stream.
@@ -492,18 +571,25 @@ impl Session {
 
     async fn run(mut self, mut inbound: Streaming<SubscribeRequest>) {
         let outcome = self.serve(&mut inbound).await;
+        let left = matches!(outcome, Ok(Ended::ClientClosed));
         if let Err(error) = outcome {
             let _ = self.tx.send(Err(Status::from(error))).await;
         }
         if let Some((group, member)) = &self.group {
-            self.node.groups.disconnect(group, member);
+            if left {
+                // A clean close (the client ended its side): leave now, so the others rebalance
+                // at once. A broken or rotated stream keeps the member until its session expires.
+                self.node.groups.leave(group, member);
+            } else {
+                self.node.groups.disconnect(group, member);
+            }
         }
     }
 
     async fn serve(
         &mut self,
         inbound: &mut Streaming<SubscribeRequest>,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Ended, BrokerError> {
         let config = self.node.config.clone();
         let age_limit = tokio::time::sleep(Duration::from_millis(config.stream_age_ms_max));
         tokio::pin!(age_limit);
@@ -566,8 +652,8 @@ impl Session {
                 biased;
                 message = inbound.message() => match message {
                     Ok(Some(message)) => self.handle_inbound(message).await?,
-                    // The client closed its side, or the connection broke: the session ends.
-                    Ok(None) | Err(_) => return Ok(()),
+                    Ok(None) => return Ok(Ended::ClientClosed),
+                    Err(_) => return Ok(Ended::Broken),
                 },
                 current = group_change => {
                     if let Some(current) = current

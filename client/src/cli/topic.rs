@@ -1,0 +1,161 @@
+//! `weft topic create|list|describe|delete`.
+
+use clap::Subcommand;
+use serde_json::json;
+use weft_client::{Client, TopicSettings, proto};
+
+use super::{Output, print_json};
+
+/// Topic commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name.
+        name: String,
+        /// Partitions (default: the broker's).
+        #[arg(short, long)]
+        partitions: Option<u32>,
+        /// Replication factor (default: the broker's; capped by the number of brokers).
+        #[arg(short, long)]
+        replication_factor: Option<u32>,
+        /// Delete data older than this.
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        /// Keep at most about this many bytes per partition.
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+        /// Acknowledge before fsync and sync every this many ms (default: fsync before ack).
+        #[arg(long)]
+        fsync_interval_ms: Option<u32>,
+        /// Largest batch in bytes.
+        #[arg(long)]
+        max_message_bytes: Option<u32>,
+    },
+    /// List topics.
+    List,
+    /// Show a topic with its partitions.
+    Describe {
+        /// Topic name.
+        name: String,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+fn topic_json(t: &proto::Topic) -> serde_json::Value {
+    let c = t.config.unwrap_or_default();
+    json!({
+        "name": t.name,
+        "topic_id": t.topic_id,
+        "partitions": c.partitions,
+        "replication_factor": c.replication_factor,
+        "retention_ms": c.retention_ms,
+        "retention_bytes": c.retention_bytes,
+        "max_message_bytes": c.max_message_bytes,
+        "fsync_policy": if c.fsync_policy == proto::FsyncPolicy::Interval as i32 { "interval" } else { "always" },
+        "fsync_interval_ms": c.fsync_interval_ms,
+        "created_at_ms": t.created_at_ms,
+        "partition_details": t.partitions.iter().map(|p| json!({
+            "partition": p.partition,
+            "leader_id": p.leader_id,
+            "replicas": p.replicas,
+            "log_start_offset": p.log_start_offset,
+            "high_watermark": p.high_watermark,
+            "size_bytes": p.size_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_topic(t: &proto::Topic) {
+    let c = t.config.unwrap_or_default();
+    println!(
+        "topic {}  id {}  partitions {}  replication {}",
+        t.name, t.topic_id, c.partitions, c.replication_factor
+    );
+    println!(
+        "{:>9}  {:>6}  {:>12}  {:>14}  {:>12}",
+        "partition", "leader", "start offset", "high watermark", "bytes"
+    );
+    for p in &t.partitions {
+        println!(
+            "{:>9}  {:>6}  {:>12}  {:>14}  {:>12}",
+            p.partition, p.leader_id, p.log_start_offset, p.high_watermark, p.size_bytes
+        );
+    }
+}
+
+/// Runs a topic command.
+pub(crate) async fn run(
+    client: &Client,
+    output: Output,
+    command: TopicCommand,
+) -> anyhow::Result<()> {
+    let admin = client.admin();
+    match command {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            retention_ms,
+            retention_bytes,
+            fsync_interval_ms,
+            max_message_bytes,
+        } => {
+            let settings = TopicSettings {
+                partitions: partitions.unwrap_or(0),
+                replication_factor: replication_factor.unwrap_or(0),
+                retention_ms,
+                retention_bytes,
+                max_message_bytes,
+                fsync_interval_ms,
+                segment_bytes: None,
+            };
+            let topic = admin.create_topic_with(&name, settings).await?;
+            match output {
+                Output::Json => print_json(&topic_json(&topic)),
+                Output::Text => println!(
+                    "created topic {} with {} partitions",
+                    topic.name,
+                    topic.partitions.len()
+                ),
+            }
+        }
+        TopicCommand::List => {
+            let topics = admin.topics().await?;
+            match output {
+                Output::Json => {
+                    print_json(&json!(topics.iter().map(topic_json).collect::<Vec<_>>()))
+                }
+                Output::Text => {
+                    println!("{:<40} {:>10} {:>12}", "topic", "partitions", "replication");
+                    for t in &topics {
+                        let c = t.config.unwrap_or_default();
+                        println!(
+                            "{:<40} {:>10} {:>12}",
+                            t.name, c.partitions, c.replication_factor
+                        );
+                    }
+                }
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let topic = admin.topic(&name).await?;
+            match output {
+                Output::Json => print_json(&topic_json(&topic)),
+                Output::Text => print_topic(&topic),
+            }
+        }
+        TopicCommand::Delete { name } => {
+            admin.delete_topic(&name).await?;
+            match output {
+                Output::Json => print_json(&json!({ "deleted": name })),
+                Output::Text => println!("deleted topic {name}"),
+            }
+        }
+    }
+    Ok(())
+}
