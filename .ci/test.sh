@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 
 # --- What the tests need beyond the Rust toolchain ----------------------------------------------
-# The build needs no system tools (protobuf is compiled by protox, in Rust). Tests so far need only
-# the toolchain; system packages for later suites (peer brokers, fault injection) are listed here.
+# The build needs no system tools (protobuf is compiled by protox, in Rust). System packages for
+# later suites (peer brokers, fault injection) go here.
 apt_packages=()
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     missing=()
@@ -18,6 +18,11 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
         log "installing ${missing[*]}"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
     fi
+fi
+# The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft).
+if ! python3 -c "import grpc, grpc_reflection, grpc_health" >/dev/null 2>&1; then
+    log "installing grpcio, grpcio-reflection, grpcio-health-checking (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-reflection grpcio-health-checking
 fi
 for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"

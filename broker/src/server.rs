@@ -88,16 +88,21 @@ pub async fn run(
         .set_serving::<TopicAdminServer<TopicAdminService>>()
         .await;
     health.set_serving::<ClusterServer<ClusterService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection v1 and the older v1alpha, which many generic clients still speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let limit = config.grpc_message_bytes_max as usize;
     let client_server = tonic::transport::Server::builder()
         .max_concurrent_streams(config.streams_per_connection_max)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service.clone())
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             PublisherServer::new(PublisherService::new(node.clone()))
                 .max_decoding_message_size(limit)

@@ -1,0 +1,293 @@
+//! The cluster fixture for integration tests: real `weft-broker` processes, each in its own
+//! temporary data directory, listening on free ports on 127.0.0.1, stopped by the test (or on
+//! drop). Helpers to stop gracefully, kill -9 and restart a broker, run the `weft` CLI against it,
+//! and make plain HTTP/1.1 requests to its admin port.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+static BUILD: Once = Once::new();
+
+/// The directory holding the workspace's binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Builds `weft-broker` and `weft` once per test process (a no-op when they are up to date).
+pub fn ensure_binaries() {
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "weft-broker", "-p", "weft-client", "--bins"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+}
+
+/// Path of a workspace binary.
+pub fn binary(name: &str) -> PathBuf {
+    ensure_binaries();
+    bin_dir().join(name)
+}
+
+/// A running broker process.
+#[derive(Debug)]
+pub struct Broker {
+    child: Option<Child>,
+    dir: PathBuf,
+    _tempdir: Option<tempfile::TempDir>,
+    /// Client gRPC address.
+    pub client_addr: String,
+    /// Admin HTTP address.
+    pub admin_addr: String,
+    /// Peer gRPC address.
+    pub peer_addr: String,
+    extra: Vec<String>,
+}
+
+impl Broker {
+    /// Starts a broker in a new temporary directory.
+    pub fn start() -> Broker {
+        Self::start_with(&[])
+    }
+
+    /// Starts a broker with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Broker {
+        let tempdir = tempfile::tempdir().expect("tempdir");
+        let dir = tempdir.path().to_path_buf();
+        let mut broker = Broker {
+            child: None,
+            dir,
+            _tempdir: Some(tempdir),
+            client_addr: String::new(),
+            admin_addr: String::new(),
+            peer_addr: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The broker's working directory (data lives in `data/`, its log in `broker.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("broker.log"))
+            .expect("log file");
+        let mut child = Command::new(binary("weft-broker"))
+            .args([
+                "--data-dir",
+                self.dir.join("data").to_str().expect("utf-8 path"),
+            ])
+            .args([
+                "--client-listen",
+                "127.0.0.1:0",
+                "--peer-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(&self.extra)
+            .env("WEFT_LOG", "info,openraft=warn,sled=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn weft-broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("weft-broker ready:") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("broker did not start; log:\n{}", self.log());
+            }
+        };
+        for field in line.split_whitespace() {
+            if let Some((key, value)) = field.split_once('=') {
+                match key {
+                    "client" => self.client_addr = value.to_string(),
+                    "admin" => self.admin_addr = value.to_string(),
+                    "peer" => self.peer_addr = value.to_string(),
+                    _ => {}
+                }
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, and waits for a graceful exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "broker did not stop within 30 s after SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same data directory (new ports).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts a stopped or killed broker again.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "broker still running");
+        self.spawn();
+    }
+
+    /// A client connected to this broker.
+    pub async fn client(&self) -> weft_client::Client {
+        weft_client::Client::connect([self.client_addr.as_str()])
+            .await
+            .expect("connect")
+    }
+
+    /// Runs the `weft` CLI against this broker.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, "")
+    }
+
+    /// Runs the `weft` CLI with `stdin` as its input.
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = Command::new(binary("weft"))
+            .args(["--server", &self.client_addr])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn weft");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("weft output")
+    }
+
+    /// A plain HTTP/1.1 request to the admin port: (status, body).
+    pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        http(&self.admin_addr, method, path, body)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal HTTP/1.1 client (Connection: close): (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect admin");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: strip the chunk-size lines.
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(&body)
+    } else {
+        body
+    };
+    (status, body)
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// stdout of a CLI run as text, asserting success.
+pub fn ok_stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "weft failed ({:?}): {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

@@ -1,0 +1,287 @@
+//! Bad input gets a clear error (a real gRPC status with details, an HTTP 4xx with a JSON body, a
+//! non-zero exit naming the config key) and the broker keeps serving.
+
+use tonic::Code;
+use tonic_types::StatusExt;
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::publisher_client::PublisherClient;
+use weft_proto::v1::{PublishRequest, Record};
+use weft_tests::{Broker, binary};
+
+fn request(topic: &str, values: usize, value_bytes: usize) -> PublishRequest {
+    PublishRequest {
+        topic: topic.into(),
+        target: Some(Target::Partition(0)),
+        records: (0..values)
+            .map(|_| Record {
+                value: vec![b'x'; value_bytes].into(),
+                ..Record::default()
+            })
+            .collect(),
+        ..PublishRequest::default()
+    }
+}
+
+async fn still_serving(publisher: &mut PublisherClient<tonic::transport::Channel>) {
+    let ok = publisher
+        .publish(request("t", 1, 10))
+        .await
+        .expect("the broker keeps serving")
+        .into_inner();
+    assert_eq!(ok.record_count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_grpc_requests_get_statuses_with_details() {
+    let broker = Broker::start_with(&[]);
+    broker
+        .client()
+        .await
+        .admin()
+        .create_topic("t", 1)
+        .await
+        .expect("create");
+    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
+        .await
+        .expect("connect");
+
+    let unknown = publisher
+        .publish(request("no-such-topic", 1, 10))
+        .await
+        .expect_err("unknown topic");
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert_eq!(
+        unknown.get_details_error_info().expect("ErrorInfo").reason,
+        "TOPIC_NOT_FOUND"
+    );
+    still_serving(&mut publisher).await;
+
+    // Over the topic's max_message_bytes (1 MiB by default).
+    let big = publisher
+        .publish(request("t", 3, 600 * 1024))
+        .await
+        .expect_err("oversize batch");
+    assert_eq!(big.code(), Code::ResourceExhausted);
+    // Over batch_records_max (10 000 by default).
+    let many = publisher
+        .publish(request("t", 10_001, 1))
+        .await
+        .expect_err("too many records");
+    assert_eq!(many.code(), Code::ResourceExhausted);
+    still_serving(&mut publisher).await;
+
+    // Malformed: no records, no topic, a bad header name.
+    let empty = publisher
+        .publish(request("t", 0, 0))
+        .await
+        .expect_err("no records");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    let bad = empty.get_details_bad_request().expect("BadRequest");
+    assert_eq!(bad.field_violations[0].field, "records");
+    let no_topic = publisher
+        .publish(request("", 1, 1))
+        .await
+        .expect_err("no topic");
+    assert_eq!(no_topic.code(), Code::InvalidArgument);
+    let mut bad_header = request("t", 1, 1);
+    bad_header.records[0].headers.push(weft_proto::v1::Header {
+        key: String::new(),
+        value: bytes::Bytes::new(),
+    });
+    assert_eq!(
+        publisher
+            .publish(bad_header)
+            .await
+            .expect_err("empty header name")
+            .code(),
+        Code::InvalidArgument
+    );
+    let missing_partition = PublishRequest {
+        target: Some(Target::Partition(7)),
+        ..request("t", 1, 1)
+    };
+    assert_eq!(
+        publisher
+            .publish(missing_partition)
+            .await
+            .expect_err("no partition 7")
+            .code(),
+        Code::NotFound
+    );
+    still_serving(&mut publisher).await;
+
+    // The weft-topic header must match the body.
+    let mut mismatched = tonic::Request::new(request("t", 1, 1));
+    mismatched
+        .metadata_mut()
+        .insert("weft-topic", "other".parse().expect("ascii"));
+    let status = publisher
+        .publish(mismatched)
+        .await
+        .expect_err("header mismatch");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status
+            .get_details_bad_request()
+            .expect("BadRequest")
+            .field_violations[0]
+            .field,
+        "metadata.weft-topic"
+    );
+    still_serving(&mut publisher).await;
+
+    // Bytes that are not a protobuf message at all.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.client_addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut raw = tonic::client::Grpc::new(channel);
+    raw.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/weft.v1.Publisher/Publish");
+    let garbage: Result<tonic::Response<bytes::Bytes>, tonic::Status> = raw
+        .unary(
+            tonic::Request::new(bytes::Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x0f])),
+            path,
+            RawCodec,
+        )
+        .await;
+    let status = garbage.expect_err("garbage is refused");
+    assert_ne!(status.code(), Code::Ok);
+    still_serving(&mut publisher).await;
+}
+
+#[test]
+fn bad_admin_json_gets_a_4xx_json_body() {
+    let broker = Broker::start();
+    let (status, body) = broker.http("POST", "/v1/topics", Some("{not json"));
+    assert_eq!(status, 400, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
+    assert_eq!(body["error"]["code"], "INVALID_ARGUMENT");
+
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"ok-name","partitions":"three"}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = broker.http("POST", "/v1/topics", Some(r#"{"name":"bad name!"}"#));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"field\":\"name\""), "{body}");
+    let (status, _) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"t","unknown_field":1}"#),
+    );
+    assert_eq!(status, 400);
+    let (status, body) = broker.http("GET", "/v1/topics/missing", None);
+    assert_eq!(status, 404);
+    assert!(body.contains("TOPIC_NOT_FOUND"));
+    let (status, _) = broker.http("GET", "/no/such/path", None);
+    assert_eq!(status, 404);
+    // Still serving.
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"fine","partitions":2}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+}
+
+#[test]
+fn invalid_config_is_a_clear_error_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("node_id = 0\n", "node_id"),
+        ("fetch_bytes_max = 1\n", "fetch_bytes_max"),
+        ("no_such_key = true\n", "no_such_key"),
+        (
+            "[topic_defaults]\nfsync_policy = \"never\"\n",
+            "topic_defaults.fsync_policy",
+        ),
+        ("node_id = \"one\"\n", "node_id"),
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("weft.toml");
+        std::fs::write(&path, text).expect("write");
+        let output = std::process::Command::new(binary("weft-broker"))
+            .args(["--config", path.to_str().expect("utf-8")])
+            .output()
+            .expect("run weft-broker");
+        assert_eq!(output.status.code(), Some(2), "{text:?} must be refused");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(key),
+            "{text:?}: the error must name {key}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    let missing = std::process::Command::new(binary("weft-broker"))
+        .args(["--config", "/nonexistent/weft.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn cli_failures_exit_non_zero_with_one_line() {
+    let broker = Broker::start();
+    let output = broker.cli(&["topic", "describe", "nope"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("weft: ") && stderr.contains("not found"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1);
+    let usage = broker.cli(&["topic", "frobnicate"]);
+    assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
+    let unreachable = std::process::Command::new(binary("weft"))
+        .args(["--server", "127.0.0.1:1", "topic", "list"])
+        .output()
+        .expect("run");
+    assert_eq!(unreachable.status.code(), Some(1));
+}
+
+/// Passes raw bytes through unchanged, to send malformed messages.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}

@@ -1,0 +1,161 @@
+//! Consumer groups: 3 members over 6 partitions each get a share, every record goes to exactly one
+//! member; when one leaves, its partitions move with no record lost and no commit going back.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use weft_client::{Client, Consumer, ConsumerConfig, ProducerConfig, Record, StartFrom};
+use weft_tests::Broker;
+
+async fn publish(client: &Client, from: usize, to: usize) {
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in from..to {
+        acks.push(
+            producer
+                .send_nowait("work", Record::new(format!("job-{i}")).key(format!("k{i}")))
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("stored");
+    }
+    producer.close().await.expect("close");
+}
+
+async fn committed(client: &Client) -> BTreeMap<u32, u64> {
+    client
+        .admin()
+        .offsets("work", Some("g"))
+        .await
+        .expect("offsets")
+        .into_iter()
+        .map(|p| (p.partition, p.committed_offset.unwrap_or(0)))
+        .collect()
+}
+
+/// Reads from every member in turn until `total` records were seen overall (bounded in time).
+async fn drain(members: &mut [Consumer], seen: &mut HashMap<String, usize>, total: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {total} records consumed within 60 s",
+            seen.len()
+        );
+        for (index, member) in members.iter_mut().enumerate() {
+            while let Some(message) = member
+                .next_timeout(Duration::from_millis(100))
+                .await
+                .expect("next")
+            {
+                let value = String::from_utf8_lossy(&message.value).into_owned();
+                assert!(
+                    member.assignment().contains(&message.partition),
+                    "member {index} got a record of partition {} it does not own",
+                    message.partition
+                );
+                if let Some(previous) = seen.insert(value.clone(), index) {
+                    panic!("{value} delivered to member {previous} and again to member {index}");
+                }
+            }
+            member.commit().await.expect("commit");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_partitions_and_take_over_from_a_leaver() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("work", 6)
+        .await
+        .expect("create");
+
+    let config = ConsumerConfig::new("work")
+        .group("g")
+        .start(StartFrom::Earliest)
+        .auto_commit(false);
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push(client.consumer(config.clone()).await.expect("join"));
+    }
+    // Wait until every member has the final (3-member) assignment: 2 partitions each.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for m in members.iter_mut() {
+            let _ = m
+                .next_timeout(Duration::from_millis(50))
+                .await
+                .expect("next");
+        }
+        let sizes: Vec<usize> = members.iter().map(|m| m.assignment().len()).collect();
+        if sizes == [2, 2, 2] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "assignments never settled: {sizes:?}"
+        );
+    }
+    let mut owned = HashSet::new();
+    for m in &members {
+        for p in m.assignment() {
+            assert!(owned.insert(p), "partition {p} assigned twice");
+        }
+    }
+    assert_eq!(owned.len(), 6);
+
+    publish(&client, 0, 600).await;
+    let mut seen = HashMap::new();
+    drain(&mut members, &mut seen, 600).await;
+    let counts: Vec<usize> = (0..3)
+        .map(|i| seen.values().filter(|&&m| m == i).count())
+        .collect();
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "every member got a share: {counts:?}"
+    );
+    let before = committed(&client).await;
+    assert_eq!(before.values().sum::<u64>(), 600, "all 600 committed");
+
+    // One member leaves; its partitions move to the other two.
+    let leaver = members.pop().expect("three members");
+    let leaver_partitions = leaver.assignment();
+    leaver.close().await.expect("leave");
+    publish(&client, 600, 900).await;
+    drain(&mut members, &mut seen, 900).await;
+    let after: HashSet<u32> = members.iter().flat_map(|m| m.assignment()).collect();
+    assert_eq!(
+        after.len(),
+        6,
+        "the two remaining members own all partitions"
+    );
+    for p in leaver_partitions {
+        assert!(after.contains(&p));
+    }
+    assert_eq!(seen.len(), 900, "no record lost");
+    let final_commits = committed(&client).await;
+    for (partition, offset) in &final_commits {
+        assert!(
+            *offset >= before[partition],
+            "commit of partition {partition} went back: {} -> {offset}",
+            before[partition]
+        );
+    }
+    assert_eq!(final_commits.values().sum::<u64>(), 900);
+
+    // A commit from the stale generation is refused.
+    let stale = client
+        .admin()
+        .commit_offsets("g", "work", &[(0, 1)])
+        .await
+        .expect_err("a commit from outside a live group is refused");
+    assert_eq!(stale.reason(), "STALE_GENERATION");
+    for m in members {
+        m.close().await.expect("close");
+    }
+}

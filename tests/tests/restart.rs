@@ -1,0 +1,181 @@
+//! Restarts and crashes: every acknowledged record survives a graceful restart and a kill -9
+//! during concurrent publishing, exactly once, at its acknowledged offset, with dense offsets.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use weft_client::{ConsumerConfig, ProducerConfig, Record, StartFrom};
+use weft_tests::Broker;
+
+/// Reads every record of `topic` from the start: (partition, offset) -> value.
+async fn read_all(
+    broker: &Broker,
+    topic: &str,
+    expected_at_least: usize,
+) -> BTreeMap<(u32, u64), String> {
+    let client = broker.client().await;
+    let mut consumer = client
+        .consumer(ConsumerConfig::new(topic).start(StartFrom::Earliest))
+        .await
+        .expect("subscribe");
+    let mut all = BTreeMap::new();
+    loop {
+        let wait = if all.len() < expected_at_least {
+            Duration::from_secs(20)
+        } else {
+            Duration::from_millis(500)
+        };
+        match consumer.next_timeout(wait).await.expect("next") {
+            Some(m) => {
+                let previous = all.insert(
+                    (m.partition, m.offset),
+                    String::from_utf8_lossy(&m.value).into_owned(),
+                );
+                assert!(
+                    previous.is_none(),
+                    "offset {}/{} delivered twice",
+                    m.partition,
+                    m.offset
+                );
+            }
+            None => break,
+        }
+    }
+    consumer.close().await.expect("close");
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_keeps_every_record_at_its_offset() {
+    let mut broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("durable", 2)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    let mut acked = HashMap::new();
+    for i in 0..500 {
+        let ack = producer
+            .send(
+                "durable",
+                Record::new(format!("v{i}")).key(format!("k{}", i % 9)),
+            )
+            .await
+            .expect("stored");
+        acked.insert((ack.partition, ack.offset), format!("v{i}"));
+    }
+    producer.close().await.expect("close");
+    drop(client);
+
+    assert_eq!(
+        broker.stop(),
+        Some(0),
+        "SIGTERM exits 0; log:\n{}",
+        broker.log()
+    );
+    broker.start_again();
+    let all = read_all(&broker, "durable", acked.len()).await;
+    assert_eq!(all.len(), acked.len());
+    for (key, value) in &acked {
+        assert_eq!(all.get(key), Some(value), "record at {key:?} after restart");
+    }
+    // Publishing continues after the restart at the next offsets.
+    let client = broker.client().await;
+    let ack = client
+        .producer(ProducerConfig::default())
+        .send("durable", Record::new("after").partition(0))
+        .await
+        .expect("stored");
+    let before = acked.keys().filter(|(p, _)| *p == 0).count() as u64;
+    assert_eq!(ack.offset, before, "offsets continue densely");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_publishing_loses_no_acknowledged_record() {
+    let mut broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("crash", 3)
+        .await
+        .expect("create");
+    let acked = Arc::new(std::sync::Mutex::new(HashMap::<(u32, u64), String>::new()));
+    let mut producers = Vec::new();
+    for p in 0..4 {
+        let client = client.clone();
+        let acked = acked.clone();
+        producers.push(tokio::spawn(async move {
+            let producer = client.producer(ProducerConfig {
+                linger: Duration::from_millis(1),
+                retries_max: 2,
+                retry_backoff: Duration::from_millis(50),
+                ..ProducerConfig::default()
+            });
+            // Bounded: at most 20 000 records per producer; the broker dies long before.
+            for i in 0..20_000 {
+                let value = format!("p{p}-{i}");
+                match producer
+                    .send(
+                        "crash",
+                        Record::new(value.clone()).key(format!("{p}-{}", i % 5)),
+                    )
+                    .await
+                {
+                    Ok(ack) => {
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .insert((ack.partition, ack.offset), value);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Let them publish for a while, then kill the broker mid-stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked.lock().expect("lock").len() < 2000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.kill9();
+    for producer in producers {
+        let _ = tokio::time::timeout(Duration::from_secs(30), producer).await;
+    }
+    let acked = acked.lock().expect("lock").clone();
+    assert!(
+        acked.len() >= 2000,
+        "publishing was under way when the broker died ({} acked)",
+        acked.len()
+    );
+
+    broker.start_again();
+    let all = read_all(&broker, "crash", acked.len()).await;
+    for (key, value) in &acked {
+        assert_eq!(
+            all.get(key),
+            Some(value),
+            "acknowledged record at {key:?} lost or changed"
+        );
+    }
+    // Exactly once: no value twice.
+    let mut values = HashSet::new();
+    for value in all.values() {
+        assert!(values.insert(value), "value {value} stored twice");
+    }
+    // Dense offsets per partition, from 0.
+    for partition in 0..3u32 {
+        let offsets: Vec<u64> = all
+            .keys()
+            .filter(|(p, _)| *p == partition)
+            .map(|(_, o)| *o)
+            .collect();
+        assert_eq!(
+            offsets,
+            (0..offsets.len() as u64).collect::<Vec<_>>(),
+            "partition {partition} offsets are dense"
+        );
+    }
+}
