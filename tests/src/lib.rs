@@ -27,7 +27,15 @@ pub fn ensure_binaries() {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", "weft-broker", "-p", "weft-client", "--bins"])
+            .args([
+                "build",
+                "-p",
+                "weft-broker",
+                "-p",
+                "weft-client",
+                "--bins",
+                "--examples",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("run cargo build");

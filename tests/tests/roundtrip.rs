@@ -191,3 +191,21 @@ async fn library_round_trip_with_headers_and_timestamps() {
     );
     consumer.close().await.expect("close");
 }
+
+#[test]
+fn the_quickstart_example_runs() {
+    let broker = Broker::start();
+    let example = weft_tests::bin_dir().join("examples").join("quickstart");
+    weft_tests::ensure_binaries();
+    let output = std::process::Command::new(example)
+        .arg(&broker.client_addr)
+        .output()
+        .expect("run the example");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("read 10 records"), "{stdout}");
+}
