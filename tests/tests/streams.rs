@@ -1,0 +1,228 @@
+//! Streams: PublishStream answers in order; Subscribe streams are rotated by the server after
+//! `stream_age_ms_max` and the consumer resumes with no record lost or repeated; Fetch long-polls.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use weft_client::{ConsumerConfig, ProducerConfig, Record, StartFrom};
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::publisher_client::PublisherClient;
+use weft_proto::v1::subscriber_client::SubscriberClient;
+use weft_proto::v1::{FetchRequest, PublishRequest};
+use weft_tests::Broker;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_stream_answers_every_request_in_order() {
+    let broker = Broker::start();
+    broker
+        .client()
+        .await
+        .admin()
+        .create_topic("piped", 1)
+        .await
+        .expect("create");
+    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
+        .await
+        .expect("connect");
+    let requests: Vec<PublishRequest> = (0..50u64)
+        .map(|i| PublishRequest {
+            topic: "piped".into(),
+            target: Some(Target::Partition(0)),
+            records: (0..10)
+                .map(|j| weft_proto::v1::Record {
+                    value: format!("{i}-{j}").into(),
+                    ..Default::default()
+                })
+                .collect(),
+            producer_id: 99,
+            producer_epoch: 0,
+            base_sequence: i * 10,
+            request_id: i,
+        })
+        .collect();
+    let mut responses = publisher
+        .publish_stream(futures::stream::iter(requests))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut i = 0u64;
+    while let Some(response) = responses.message().await.expect("response") {
+        assert_eq!(response.request_id, i, "answers come in request order");
+        assert_eq!(response.base_offset, i * 10);
+        assert_eq!(response.record_count, 10);
+        i += 1;
+    }
+    assert_eq!(i, 50);
+
+    // The first failure ends the stream with its status.
+    let bad = vec![
+        PublishRequest {
+            topic: "piped".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Default::default()],
+            ..Default::default()
+        },
+        PublishRequest {
+            topic: "missing".into(),
+            records: vec![Default::default()],
+            ..Default::default()
+        },
+    ];
+    let mut responses = publisher
+        .publish_stream(futures::stream::iter(bad))
+        .await
+        .expect("stream")
+        .into_inner();
+    assert!(responses.message().await.expect("first answered").is_some());
+    let error = responses.message().await.expect_err("second fails");
+    assert_eq!(error.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_survive_server_side_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "stream_age_ms_max = 1000\nstream_heartbeat_ms = 100\n",
+    )
+    .expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("rotating", 2)
+        .await
+        .expect("create");
+    let mut consumer = client
+        .consumer(ConsumerConfig::new("rotating").start(StartFrom::Earliest))
+        .await
+        .expect("subscribe");
+
+    let producer_client = client.clone();
+    let producer = tokio::spawn(async move {
+        let producer = producer_client.producer(ProducerConfig::default());
+        for round in 0..35 {
+            for i in 0..20 {
+                producer
+                    .send(
+                        "rotating",
+                        Record::new(format!("{}", round * 20 + i)).key(format!("k{i}")),
+                    )
+                    .await
+                    .expect("stored");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        producer.close().await.expect("close");
+    });
+    let mut seen: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    let mut values = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while values.len() < 700 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 700 records within 60 s",
+            values.len()
+        );
+        if let Some(m) = consumer
+            .next_timeout(Duration::from_secs(5))
+            .await
+            .expect("next")
+        {
+            assert!(
+                values.insert(String::from_utf8_lossy(&m.value).into_owned()),
+                "record delivered twice"
+            );
+            seen.entry(m.partition).or_default().push(m.offset);
+        }
+    }
+    producer.await.expect("producer");
+    for (partition, offsets) in &seen {
+        assert_eq!(
+            offsets,
+            &(0..offsets.len() as u64).collect::<Vec<_>>(),
+            "partition {partition}: in order, none skipped"
+        );
+    }
+    // The run lasted over 3.5 s with 1 s stream age: the stream was rotated and reopened.
+    let (_, metrics) = broker.http("GET", "/metrics", None);
+    let subscribes: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("weft_rpc_requests_total{method=\"Subscribe\",code=\"Ok\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        subscribes >= 3,
+        "the consumer resubscribed after rotations ({subscribes} subscribes)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_long_polls_until_data_or_deadline() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("polled", 1)
+        .await
+        .expect("create");
+    let mut subscriber = SubscriberClient::connect(format!("http://{}", broker.client_addr))
+        .await
+        .expect("connect");
+    let request = |offset, wait| FetchRequest {
+        topic: "polled".into(),
+        partition: 0,
+        offset,
+        max_bytes: 0,
+        max_wait_ms: wait,
+        min_bytes: 1,
+        max_records: 0,
+    };
+
+    // Nothing there: answers empty after about max_wait.
+    let started = Instant::now();
+    let empty = subscriber
+        .fetch(request(0, 300))
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert!(empty.records.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "waited for data"
+    );
+    assert_eq!(empty.high_watermark, 0);
+
+    // Data arriving during the wait wakes the fetch at once.
+    let publisher = client.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        publisher
+            .producer(ProducerConfig::default())
+            .send("polled", Record::new("late"))
+            .await
+            .expect("stored");
+    });
+    let started = Instant::now();
+    let woke = subscriber
+        .fetch(request(0, 10_000))
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert_eq!(woke.records.len(), 1);
+    assert_eq!(woke.records[0].value, "late".as_bytes());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "woken by the publish, not the deadline"
+    );
+    assert_eq!(woke.next_offset, 1);
+
+    // Reading past the high watermark or below the log start is OUT_OF_RANGE.
+    let past = subscriber
+        .fetch(request(5, 0))
+        .await
+        .expect_err("past the end");
+    assert_eq!(past.code(), tonic::Code::OutOfRange);
+}
