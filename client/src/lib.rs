@@ -93,13 +93,14 @@ impl Record {
         self
     }
 
+    /// An upper bound of the record's encoded size in a batch (28 bytes of framing, 8 per header).
     pub(crate) fn size(&self) -> usize {
         self.key.len()
             + self.value.len()
             + self
                 .headers
                 .iter()
-                .map(|(k, v)| k.len() + v.len())
+                .map(|(k, v)| k.len() + v.len() + 8)
                 .sum::<usize>()
             + 32
     }

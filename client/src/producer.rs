@@ -38,7 +38,7 @@ pub struct ProducerConfig {
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
-            batch_bytes_max: 1024 * 1024,
+            batch_bytes_max: 512 * 1024,
             batch_records_max: 10_000,
             linger: Duration::from_millis(5),
             in_flight_per_partition: 4,
@@ -66,6 +66,9 @@ pub struct Ack {
 pub use weft_proto::{murmur2, partition_for_key};
 
 type Reply = oneshot::Sender<Result<Ack>>;
+
+/// Room left in a batch for its header and per-record framing beyond what `Record::size` counts.
+const BATCH_OVERHEAD_BYTES: usize = 1024;
 
 enum Command {
     Send {
@@ -164,7 +167,8 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     } else {
         0
     };
-    let mut partition_counts: HashMap<String, u32> = HashMap::new();
+    // Per topic: partition count and the topic's largest batch.
+    let mut topics: HashMap<String, (u32, usize)> = HashMap::new();
     let mut sticky: HashMap<String, u32> = HashMap::new();
     let mut open: HashMap<(String, u32), Open> = HashMap::new();
     let mut senders: HashMap<(String, u32), mpsc::Sender<ToSender>> = HashMap::new();
@@ -197,13 +201,14 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                 let Some(command) = command else { break };
                 match command {
                     Command::Send { topic, record, reply } => {
-                        let partitions = match partition_counts.get(&topic) {
-                            Some(&n) => n,
+                        let (partitions, topic_bytes_max) = match topics.get(&topic) {
+                            Some(&known) => known,
                             None => match client.admin().topic(&topic).await {
                                 Ok(t) => {
-                                    let n = t.config.map_or(1, |c| c.partitions.max(1));
-                                    partition_counts.insert(topic.clone(), n);
-                                    n
+                                    let config = t.config.unwrap_or_default();
+                                    let known = (config.partitions.max(1), config.max_message_bytes.unwrap_or(1024 * 1024) as usize);
+                                    topics.insert(topic.clone(), known);
+                                    known
                                 }
                                 Err(e) => {
                                     let _ = reply.send(Err(e));
@@ -218,10 +223,20 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         };
                         let key = (topic.clone(), partition);
                         let size = record.size();
+                        // A batch never grows past the producer's limit nor the topic's (with room for
+                        // the batch header): close it before a record would overflow it.
+                        let limit = config.batch_bytes_max.min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES)).max(1);
+                        let overflows = open.get(&key).is_some_and(|b| !b.records.is_empty() && b.bytes + size > limit);
+                        if overflows && let Some(full) = open.remove(&key) {
+                            let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: full.records })).await;
+                            if let Some(p) = sticky.get_mut(&topic) {
+                                *p = (*p + 1) % partitions;
+                            }
+                        }
                         let batch = open.entry(key.clone()).or_insert_with(|| Open { records: Vec::new(), bytes: 0, opened: Instant::now() });
                         batch.records.push((record, reply));
                         batch.bytes += size;
-                        if batch.bytes >= config.batch_bytes_max || batch.records.len() >= config.batch_records_max {
+                        if batch.bytes >= limit || batch.records.len() >= config.batch_records_max {
                             if let Some(full) = open.remove(&key) {
                                 let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: full.records })).await;
                             }

@@ -1,0 +1,117 @@
+//! The producer keeps batches within the topic's `max_message_bytes`; retention by bytes runs in
+//! the background and deletes old segments while consumers keep reading what is retained.
+
+use std::time::{Duration, Instant};
+
+use weft_client::{ConsumerConfig, ProducerConfig, Record, StartFrom, TopicSettings};
+use weft_tests::Broker;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_batches_respect_a_small_topic_limit() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    let settings = TopicSettings {
+        partitions: 1,
+        max_message_bytes: Some(16 * 1024),
+        ..TopicSettings::default()
+    };
+    client
+        .admin()
+        .create_topic_with("small", settings)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_millis(50),
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..400 {
+        let record = Record::new(vec![b'v'; 700])
+            .key(format!("key-{i}"))
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .header("a", "1")
+            .header("b", "2")
+            .header("c", "3");
+        acks.push(producer.send_nowait("small", record).await.expect("queued"));
+    }
+    for ack in acks {
+        ack.await
+            .expect("answered")
+            .expect("every batch fits the topic's limit");
+    }
+    producer.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_bytes_deletes_old_segments_in_the_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "retention_check_interval_ms = 100\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"rolling","partitions":1,"segment_bytes":1048576,"retention_bytes":1048576,"max_message_bytes":65536}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let client = broker.client().await;
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..4000 {
+        acks.push(
+            producer
+                .send_nowait("rolling", Record::new(format!("{i:>1024}")))
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("stored");
+    }
+    producer.close().await.expect("close");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (start, size) = loop {
+        let (_, body) = broker.http("GET", "/v1/topics/rolling", None);
+        let topic: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let p = &topic["partition_details"][0];
+        let start = p["log_start_offset"].as_u64().unwrap_or(0);
+        if start > 0 {
+            break (start, p["size_bytes"].as_u64().unwrap_or(0));
+        }
+        assert!(Instant::now() < deadline, "retention never ran: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        size < 3 * 1024 * 1024,
+        "about retention_bytes plus the active segment remain ({size} bytes)"
+    );
+    assert!(start < 4000);
+    // What is retained reads from the new start, in order, to the end.
+    let mut consumer = client
+        .consumer(ConsumerConfig::new("rolling").start(StartFrom::Earliest))
+        .await
+        .expect("subscribe");
+    let first = consumer
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("next")
+        .expect("a record");
+    assert_eq!(
+        first.offset, start,
+        "reading from earliest starts at the retained start"
+    );
+    let mut last = first.offset;
+    while let Some(m) = consumer
+        .next_timeout(Duration::from_millis(500))
+        .await
+        .expect("next")
+    {
+        assert_eq!(m.offset, last + 1);
+        last = m.offset;
+    }
+    assert_eq!(last, 3999);
+}
