@@ -408,33 +408,13 @@ async fn delete_topic(
 }
 
 fn group_view(node: &Node, id: &str) -> Result<GroupView, ApiError> {
-    let description = node
-        .groups
-        .describe(id)?
-        .ok_or_else(|| ApiError(BrokerError::GroupNotFound(id.to_string())))?;
-    let partitions: Vec<GroupPartitionView> = description
-        .committed
-        .iter()
-        .map(|c| {
-            let high_watermark = node
-                .partition(&c.topic, c.partition)
-                .map(|p| p.bounds().high_watermark)
-                .unwrap_or(c.offset);
-            GroupPartitionView {
-                topic: c.topic.clone(),
-                partition: c.partition,
-                committed_offset: c.offset,
-                high_watermark,
-                lag: high_watermark.saturating_sub(c.offset),
-            }
-        })
-        .collect();
+    let d = crate::grpc::subscribe::describe_group(node, id)?;
     Ok(GroupView {
-        group_id: description.group_id,
-        topic: description.topic,
-        generation: description.generation,
-        lag: partitions.iter().map(|p| p.lag).sum(),
-        members: description
+        group_id: d.group_id,
+        topic: d.topic,
+        generation: d.generation,
+        lag: d.lag,
+        members: d
             .members
             .into_iter()
             .map(|m| MemberView {
@@ -444,7 +424,17 @@ fn group_view(node: &Node, id: &str) -> Result<GroupView, ApiError> {
                 idle_ms: m.idle_ms,
             })
             .collect(),
-        partitions,
+        partitions: d
+            .partitions
+            .into_iter()
+            .map(|p| GroupPartitionView {
+                topic: p.topic,
+                partition: p.partition,
+                committed_offset: p.committed_offset,
+                high_watermark: p.high_watermark,
+                lag: p.lag,
+            })
+            .collect(),
     })
 }
 

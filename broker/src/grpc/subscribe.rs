@@ -116,46 +116,8 @@ impl SubscriberService {
         })
     }
 
-    fn describe_group_inner(&self, group_id: &str) -> Result<v1::GroupDescription, BrokerError> {
-        let d = self
-            .node
-            .groups
-            .describe(group_id)?
-            .ok_or_else(|| BrokerError::GroupNotFound(group_id.into()))?;
-        let partitions: Vec<v1::GroupPartition> = d
-            .committed
-            .iter()
-            .map(|c| {
-                let high_watermark = self
-                    .node
-                    .partition(&c.topic, c.partition)
-                    .map_or(c.offset, |p| p.bounds().high_watermark);
-                v1::GroupPartition {
-                    topic: c.topic.clone(),
-                    partition: c.partition,
-                    committed_offset: c.offset,
-                    high_watermark,
-                    lag: high_watermark.saturating_sub(c.offset),
-                }
-            })
-            .collect();
-        Ok(v1::GroupDescription {
-            group_id: d.group_id,
-            topic: d.topic,
-            generation: d.generation,
-            members: d
-                .members
-                .into_iter()
-                .map(|m| v1::GroupMember {
-                    member_id: m.member_id,
-                    partitions: m.partitions,
-                    connected: m.connected,
-                    idle_ms: m.idle_ms,
-                })
-                .collect(),
-            lag: partitions.iter().map(|p| p.lag).sum(),
-            partitions,
-        })
+    fn describe_group_here(&self, group_id: &str) -> Result<v1::GroupDescription, BrokerError> {
+        describe_group(&self.node, group_id)
     }
 
     fn offsets_inner(
@@ -194,6 +156,47 @@ impl SubscriberService {
         }
         Ok(GetOffsetsResponse { partitions: out })
     }
+}
+
+/// A consumer group with its members, commits and lag (for DescribeGroup and the admin API).
+pub fn describe_group(node: &Node, group_id: &str) -> Result<v1::GroupDescription, BrokerError> {
+    let d = node
+        .groups
+        .describe(group_id)?
+        .ok_or_else(|| BrokerError::GroupNotFound(group_id.into()))?;
+    let partitions: Vec<v1::GroupPartition> = d
+        .committed
+        .iter()
+        .map(|c| {
+            let high_watermark = node
+                .partition(&c.topic, c.partition)
+                .map_or(c.offset, |p| p.bounds().high_watermark);
+            v1::GroupPartition {
+                topic: c.topic.clone(),
+                partition: c.partition,
+                committed_offset: c.offset,
+                high_watermark,
+                lag: high_watermark.saturating_sub(c.offset),
+            }
+        })
+        .collect();
+    Ok(v1::GroupDescription {
+        group_id: d.group_id,
+        topic: d.topic,
+        generation: d.generation,
+        members: d
+            .members
+            .into_iter()
+            .map(|m| v1::GroupMember {
+                member_id: m.member_id,
+                partitions: m.partitions,
+                connected: m.connected,
+                idle_ms: m.idle_ms,
+            })
+            .collect(),
+        lag: partitions.iter().map(|p| p.lag).sum(),
+        partitions,
+    })
 }
 
 type SubscribeStream =
@@ -303,7 +306,7 @@ impl Subscriber for SubscriberService {
     ) -> Result<Response<v1::GroupDescription>, Status> {
         let started = Instant::now();
         let result = self
-            .describe_group_inner(&request.get_ref().group_id)
+            .describe_group_here(&request.get_ref().group_id)
             .map(Response::new)
             .map_err(Status::from);
         crate::metrics::rpc("DescribeGroup", started, &result);

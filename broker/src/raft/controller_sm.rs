@@ -7,15 +7,13 @@ use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
-use openraft::{
-    AnyError, BasicNode, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError,
-    StoredMembership,
-};
+use openraft::{BasicNode, EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
     Command, Entry, GroupId, LogId, NodeId, Response, StorageError, StoredSnapshot, TypeConfig,
+    current_snapshot, sm_error, take_snapshot,
 };
 use crate::topic::TopicConfig;
 
@@ -206,10 +204,6 @@ impl Default for ControllerStateMachine {
     }
 }
 
-fn sm_error(e: impl std::fmt::Display) -> StorageError {
-    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
-}
-
 impl ControllerStateMachine {
     /// An empty controller.
     pub fn new() -> Self {
@@ -235,21 +229,12 @@ impl ControllerStateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for ControllerStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state();
-        let data = serde_json::to_vec(&*state).map_err(sm_error)?;
-        let meta = SnapshotMeta {
-            last_log_id: state.last_applied,
-            last_membership: state.last_membership.clone(),
-            snapshot_id: format!(
-                "{}-{}",
-                state.last_applied.map_or(0, |l| l.leader_id.term),
-                state.last_applied.map_or(0, |l| l.index)
-            ),
-        };
-        *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), data.clone()));
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        take_snapshot(
+            &self.shared.snapshot,
+            &*state,
+            state.last_applied,
+            state.last_membership.clone(),
+        )
     }
 }
 
@@ -309,11 +294,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
-        Ok(current.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        current_snapshot(&self.shared.snapshot)
     }
 }
 
