@@ -375,36 +375,7 @@ impl Batch {
         if stored != computed {
             return Err(CodecError::BadCrc { stored, computed });
         }
-        let h = &bytes[..BATCH_HEADER_LEN];
-        if h[8] != FORMAT_VERSION {
-            return Err(CodecError::BadVersion(h[8]));
-        }
-        let header = BatchHeader {
-            kind: EntryKind::from_code(h[9])?,
-            attributes: le_u16(&h[10..12]),
-            record_count: le_u32(&h[12..16]),
-            base_offset: le_u64(&h[16..24]),
-            term: le_u64(&h[24..32]),
-            index: le_u64(&h[32..40]),
-            first_timestamp_ms: le_u64(&h[40..48]) as i64,
-            max_timestamp_ms: le_u64(&h[48..56]) as i64,
-            producer_id: le_u64(&h[56..64]),
-            producer_epoch: le_u32(&h[64..68]),
-            base_sequence: le_u64(&h[68..76]),
-        };
-        if header.attributes != 0 {
-            return Err(CodecError::Reserved("attributes"));
-        }
-        if le_u32(&h[76..80]) != 0 {
-            return Err(CodecError::Reserved("reserved"));
-        }
-        if header
-            .base_offset
-            .checked_add(u64::from(header.record_count))
-            .is_none()
-        {
-            return Err(CodecError::BadRecords("offset range overflows".into()));
-        }
+        let header = parse_header(&bytes[..BATCH_HEADER_LEN])?;
         match header.kind {
             EntryKind::Control => {
                 if header.record_count != 0 {
@@ -414,6 +385,23 @@ impl Batch {
             EntryKind::Records => validate_records(&header, &bytes[BATCH_HEADER_LEN..])?,
         }
         Ok(Batch { header, bytes })
+    }
+
+    /// The header of an encoded batch, without checking its CRC or its records: for bytes already
+    /// validated by [`Batch::decode`] (a read from the log checks every batch), where only the
+    /// header is needed. Checks the length, version, kind and reserved fields.
+    pub fn header_of(bytes: &[u8]) -> Result<BatchHeader, CodecError> {
+        let Some(h) = bytes.get(..BATCH_HEADER_LEN) else {
+            return Err(CodecError::Truncated {
+                need: BATCH_HEADER_LEN,
+                have: bytes.len(),
+            });
+        };
+        let len = Batch::peek_len(bytes).unwrap_or(0);
+        if len != bytes.len() {
+            return Err(CodecError::BadLength(len as u64));
+        }
+        parse_header(h)
     }
 
     /// The header fields.
@@ -462,6 +450,40 @@ impl Batch {
             },
         }
     }
+}
+
+/// Parses and checks the fixed header (`h` is exactly [`BATCH_HEADER_LEN`] bytes).
+fn parse_header(h: &[u8]) -> Result<BatchHeader, CodecError> {
+    if h[8] != FORMAT_VERSION {
+        return Err(CodecError::BadVersion(h[8]));
+    }
+    let header = BatchHeader {
+        kind: EntryKind::from_code(h[9])?,
+        attributes: le_u16(&h[10..12]),
+        record_count: le_u32(&h[12..16]),
+        base_offset: le_u64(&h[16..24]),
+        term: le_u64(&h[24..32]),
+        index: le_u64(&h[32..40]),
+        first_timestamp_ms: le_u64(&h[40..48]) as i64,
+        max_timestamp_ms: le_u64(&h[48..56]) as i64,
+        producer_id: le_u64(&h[56..64]),
+        producer_epoch: le_u32(&h[64..68]),
+        base_sequence: le_u64(&h[68..76]),
+    };
+    if header.attributes != 0 {
+        return Err(CodecError::Reserved("attributes"));
+    }
+    if le_u32(&h[76..80]) != 0 {
+        return Err(CodecError::Reserved("reserved"));
+    }
+    if header
+        .base_offset
+        .checked_add(u64::from(header.record_count))
+        .is_none()
+    {
+        return Err(CodecError::BadRecords("offset range overflows".into()));
+    }
+    Ok(header)
 }
 
 /// Iterator over the records of a validated batch.
@@ -724,6 +746,20 @@ mod tests {
         assert_eq!((h.producer_id, h.base_sequence), (9, 40));
         assert_eq!(decoded.payload(), batch.payload());
         assert_eq!(decoded.records().nth(2).map(|r| r.offset), Some(502));
+    }
+
+    #[test]
+    fn header_of_reads_the_header_of_a_valid_batch() {
+        let batch = sample();
+        assert_eq!(
+            &Batch::header_of(batch.bytes()).expect("header"),
+            batch.header()
+        );
+        assert!(Batch::header_of(&batch.bytes()[..40]).is_err(), "truncated");
+        assert!(
+            Batch::header_of(&batch.bytes()[..batch.len() - 1]).is_err(),
+            "length mismatch"
+        );
     }
 
     #[test]
