@@ -17,7 +17,7 @@ use crate::{Client, Error, Record, Result, proto};
 /// Producer settings.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
-    /// Close a batch at this many bytes.
+    /// Close a batch at this many bytes (and always within the topic's `max_message_bytes`).
     pub batch_bytes_max: usize,
     /// Close a batch at this many records.
     pub batch_records_max: usize,
@@ -38,7 +38,7 @@ pub struct ProducerConfig {
 impl Default for ProducerConfig {
     fn default() -> Self {
         ProducerConfig {
-            batch_bytes_max: 512 * 1024,
+            batch_bytes_max: 1024 * 1024,
             batch_records_max: 10_000,
             linger: Duration::from_millis(5),
             in_flight_per_partition: 4,
