@@ -1,8 +1,25 @@
 //! Weft's benchmarks.
 //!
 //! # Layout
+//! - The `weft-bench` binary (`src/main.rs`): declared workloads (`workloads/*.toml`) run against
+//!   Weft and peer brokers (NATS JetStream, Redis Streams) on the same machine, at declared
+//!   durability, with latency measured from each message's intended send time. Modules:
+//!   [`workload`] (the files), [`drivers`] (one per system, plus the raw-disk baseline in
+//!   [`runner`]), [`runner`] (one run), [`compare`] (alternating rounds, medians, ratios to
+//!   Weft), [`result`] (the JSON result and its checks), [`chart`] (SVG and PNG),
+//!   [`progress`].
+//! - `benches/micro.rs`: criterion micro-benchmarks of the batch codec and the storage
+//!   append/read path.
 //! - `benches/storage_append.rs`: durable append throughput of the segment store (group commit,
 //!   fsync before ack) next to raw `write` + `fdatasync` of the same bytes in the same run.
+//! - `benches/broker_publish.rs`: an in-process broker's publish throughput and latency.
 //!
-//! The load harness that runs Weft against peer brokers (NATS JetStream, Redis Streams, RabbitMQ
-//! Streams) will live here too; see `benches/README.md`.
+//! See `benches/README.md` for the method, the commands and the latest figures.
+
+pub mod chart;
+pub mod compare;
+pub mod drivers;
+pub mod progress;
+pub mod result;
+pub mod runner;
+pub mod workload;

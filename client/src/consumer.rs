@@ -337,15 +337,15 @@ impl Consumer {
         }
     }
 
-    /// The next record, waiting as long as it takes.
+    /// The next record, waiting as long as it takes. Cancel-safe: dropping the future before it
+    /// completes loses no record.
     pub async fn next(&mut self) -> Result<Option<Message>> {
         let mut failures = 0;
         loop {
-            if let Some(message) = self.buffer.pop_front() {
-                self.positions.insert(message.partition, message.offset + 1);
-                self.uncredited.0 += 1;
-                self.uncredited.1 += message_size(&message);
-                self.grant_credit().await;
+            // Every await comes before a record is taken, so a caller that drops this future
+            // (a timeout, a select) never loses a record: it stays buffered for the next call.
+            self.grant_credit().await;
+            if !self.buffer.is_empty() {
                 if self.config.auto_commit
                     && self.config.group.is_some()
                     && self.last_commit.elapsed() >= self.config.auto_commit_interval
@@ -353,7 +353,12 @@ impl Consumer {
                 {
                     tracing::debug!("automatic commit failed: {e}");
                 }
-                return Ok(Some(message));
+                if let Some(message) = self.buffer.pop_front() {
+                    self.positions.insert(message.partition, message.offset + 1);
+                    self.uncredited.0 += 1;
+                    self.uncredited.1 += message_size(&message);
+                    return Ok(Some(message));
+                }
             }
             let event = self.receive().await;
             match event {

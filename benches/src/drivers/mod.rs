@@ -1,0 +1,259 @@
+//! Drivers: one per system under test. Each turns the harness's topics, partitions, producers and
+//! consumer groups into that system's own terms, and names the durability it runs at.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+pub mod nats;
+pub mod process;
+pub mod redis;
+pub mod weft;
+
+/// Resolves when the system acknowledged one message (for Weft: stored and fsynced).
+pub type AckFuture = BoxFuture<'static, Result<()>>;
+
+/// A system under test, started (or reached) and ready.
+#[async_trait]
+pub trait Driver: Send + Sync {
+    /// Creates a topic with this many partitions.
+    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()>;
+    /// A producer for one topic; `in_flight` is the harness's window per producer.
+    async fn producer(
+        &self,
+        topic: &str,
+        partitions: u32,
+        in_flight: usize,
+    ) -> Result<Box<dyn BenchProducer>>;
+    /// A consumer of some partitions of a topic, as a member of `group` (every group receives
+    /// every message). Returns once it is subscribed.
+    async fn consumer(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        group: &str,
+    ) -> Result<Box<dyn BenchConsumer>>;
+    /// Stops what the driver started.
+    async fn shutdown(self: Box<Self>) -> Result<()>;
+}
+
+/// Publishes messages.
+#[async_trait]
+pub trait BenchProducer: Send {
+    /// Hands one message to the client; waits only for the client's own queue. The returned
+    /// future resolves on the system's acknowledgement.
+    async fn send(
+        &mut self,
+        partition: u32,
+        key: Option<Bytes>,
+        payload: Bytes,
+    ) -> Result<AckFuture>;
+    /// Flushes and closes.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// Receives messages.
+#[async_trait]
+pub trait BenchConsumer: Send {
+    /// The payloads received within `wait` (possibly none).
+    async fn poll(&mut self, wait: Duration) -> Result<Vec<Bytes>>;
+    /// Closes.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// Durability a driver runs at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// The system's own default.
+    Default,
+    /// Every acknowledged message was fsynced first.
+    Fsync,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::Default => "default",
+            Durability::Fsync => "fsync",
+        })
+    }
+}
+
+/// The systems the harness knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// Weft through weft-client (gRPC).
+    Weft,
+    /// NATS JetStream through async-nats.
+    Nats,
+    /// Redis Streams (XADD / XREADGROUP) through redis-rs.
+    Redis,
+    /// Not a broker: the raw bandwidth of write + fdatasync on the data directory's disk.
+    Disk,
+}
+
+impl Kind {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Weft => "weft",
+            Kind::Nats => "nats",
+            Kind::Redis => "redis",
+            Kind::Disk => "disk",
+        }
+    }
+}
+
+/// A driver at one durability, and where to find the system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverSpec {
+    /// Which system.
+    pub kind: Kind,
+    /// At which durability.
+    pub durability: Durability,
+    /// A running instance to use instead of starting one (`host:port`).
+    pub endpoint: Option<String>,
+}
+
+impl DriverSpec {
+    /// Short label, e.g. `nats:fsync`.
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.kind.name(), self.durability)
+    }
+
+    /// What the durability means for this system, in words (recorded in every result).
+    pub fn durability_detail(&self) -> String {
+        match (self.kind, self.durability) {
+            (Kind::Weft, _) => {
+                "fsync before ack (Weft's default: acknowledged once stored and fdatasynced, group commit)".into()
+            }
+            (Kind::Nats, Durability::Default) => {
+                "JetStream default: file storage, acknowledged before fsync (sync_interval 2m)".into()
+            }
+            (Kind::Nats, Durability::Fsync) => {
+                "JetStream file storage with sync_interval: always (fsync before ack)".into()
+            }
+            (Kind::Redis, Durability::Default) => {
+                "AOF on, appendfsync everysec (Redis's default AOF policy: acknowledged before fsync)".into()
+            }
+            (Kind::Redis, Durability::Fsync) => {
+                "AOF on, appendfsync always (fsync before ack)".into()
+            }
+            (Kind::Disk, _) => "raw write + fdatasync of 1 MiB blocks (the disk's limit)".into(),
+        }
+    }
+
+    /// Parses `kind[:durability][@host:port]`. A bare peer name means both of its settings
+    /// when `expand` is set (as in `compare`), its default otherwise.
+    pub fn parse_list(text: &str, expand: bool) -> Result<Vec<DriverSpec>> {
+        let mut specs = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (head, endpoint) = match item.split_once('@') {
+                Some((head, endpoint)) if !endpoint.is_empty() => {
+                    (head, Some(endpoint.to_string()))
+                }
+                Some(_) => bail!("driver {item:?}: empty endpoint after '@'"),
+                None => (item, None),
+            };
+            let (kind, durability) = match head.split_once(':') {
+                Some((kind, durability)) => (kind, Some(durability)),
+                None => (head, None),
+            };
+            let kind = match kind {
+                "weft" => Kind::Weft,
+                "nats" => Kind::Nats,
+                "redis" => Kind::Redis,
+                "disk" => Kind::Disk,
+                other => bail!("unknown driver {other:?} (known: weft, nats, redis, disk)"),
+            };
+            let durabilities = match (kind, durability) {
+                (_, Some("default")) => vec![Durability::Default],
+                (_, Some("fsync")) => vec![Durability::Fsync],
+                (_, Some(other)) => {
+                    bail!("unknown durability {other:?} for {kind:?} (default or fsync)")
+                }
+                // Weft and the disk always fsync before acknowledging.
+                (Kind::Weft | Kind::Disk, None) => vec![Durability::Fsync],
+                (_, None) if expand => vec![Durability::Default, Durability::Fsync],
+                (_, None) => vec![Durability::Default],
+            };
+            if matches!(kind, Kind::Weft | Kind::Disk) && durabilities == [Durability::Default] {
+                bail!(
+                    "{} has one durability, fsync before ack; drop ':default'",
+                    kind.name()
+                );
+            }
+            if kind == Kind::Disk && endpoint.is_some() {
+                bail!("disk takes no endpoint");
+            }
+            for durability in durabilities {
+                specs.push(DriverSpec {
+                    kind,
+                    durability,
+                    endpoint: endpoint.clone(),
+                });
+            }
+        }
+        if specs.is_empty() {
+            bail!("no drivers given");
+        }
+        Ok(specs)
+    }
+}
+
+/// Starts (or connects to) the system a spec names. `data_dir` holds what a started system
+/// stores; `disk` is run by the runner itself and has no driver.
+pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>> {
+    match spec.kind {
+        Kind::Weft => Ok(Box::new(weft::WeftDriver::start(spec, data_dir).await?)),
+        Kind::Nats => Ok(Box::new(nats::NatsDriver::start(spec, data_dir).await?)),
+        Kind::Redis => Ok(Box::new(redis::RedisDriver::start(spec, data_dir).await?)),
+        Kind::Disk => bail!("disk is not a broker"),
+    }
+}
+
+/// Whether the programs a driver starts are installed (for `weft-bench drivers` and the smoke
+/// test); `Err` says what is missing.
+pub fn available(kind: Kind) -> Result<()> {
+    match kind {
+        Kind::Weft => weft::broker_binary().map(|_| ()),
+        Kind::Nats => process::find_program("nats-server").map(|_| ()),
+        Kind::Redis => process::find_program("redis-server").map(|_| ()),
+        Kind::Disk => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_expand() {
+        let specs = DriverSpec::parse_list("weft,nats,redis:fsync,disk", true).expect("parse");
+        let labels: Vec<_> = specs.iter().map(DriverSpec::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "weft:fsync",
+                "nats:default",
+                "nats:fsync",
+                "redis:fsync",
+                "disk:fsync"
+            ]
+        );
+        let single = DriverSpec::parse_list("nats@127.0.0.1:4222", false).expect("parse");
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].durability, Durability::Default);
+        assert_eq!(single[0].endpoint.as_deref(), Some("127.0.0.1:4222"));
+        assert!(DriverSpec::parse_list("kafka", true).is_err());
+        assert!(DriverSpec::parse_list("weft:default", true).is_err());
+        assert!(DriverSpec::parse_list("nats:sometimes", true).is_err());
+        assert!(DriverSpec::parse_list("", true).is_err());
+    }
+}

@@ -1,0 +1,244 @@
+//! NATS JetStream through async-nats: a `nats-server -js` started on loopback with its store in
+//! the run's data directory (or a running one at `nats@host:port`). A topic partition is one
+//! stream (`<topic>-<p>`, subject `<topic>.<p>`), so partitions are as independent as JetStream
+//! allows; a consumer group is a durable pull consumer per stream with no acknowledgements (the
+//! cheapest way to read, like a Kafka consumer that commits rarely). Producers publish
+//! asynchronously with `in_flight` acknowledgements pending at most.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{FutureExt, Stream, StreamExt};
+
+use super::process::{Server, find_program, free_port};
+use super::{AckFuture, BenchConsumer, BenchProducer, Driver, DriverSpec, Durability};
+
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A JetStream server (started or reached).
+#[derive(Debug)]
+pub struct NatsDriver {
+    url: String,
+    context: jetstream::Context,
+    server: Option<Server>,
+}
+
+impl NatsDriver {
+    /// Starts `nats-server` at the spec's durability unless the spec names a running one.
+    pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<NatsDriver> {
+        let (url, server) = match &spec.endpoint {
+            Some(endpoint) => (endpoint.clone(), None),
+            None => {
+                let program = find_program("nats-server")?;
+                let port = free_port()?;
+                let store = data_dir.join("nats");
+                std::fs::create_dir_all(&store)?;
+                let sync = match spec.durability {
+                    Durability::Default => "",
+                    Durability::Fsync => "  sync_interval: always\n",
+                };
+                let config = format!(
+                    "listen: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n{sync}}}\n"
+                );
+                let config_path = data_dir.join("nats.conf");
+                std::fs::write(&config_path, config)?;
+                let mut server = Server::spawn(
+                    "nats-server",
+                    &program,
+                    &["-c".to_string(), config_path.display().to_string()],
+                    data_dir,
+                )?;
+                let address = format!("127.0.0.1:{port}");
+                server.wait_for_port(&address).await?;
+                (address, Some(server))
+            }
+        };
+        let client = connect(&url).await?;
+        let context = jetstream::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .build(client);
+        Ok(NatsDriver {
+            url,
+            context,
+            server,
+        })
+    }
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(10))
+        .request_timeout(Some(API_TIMEOUT))
+        .connect(url)
+        .await
+        .with_context(|| format!("connecting to nats at {url}"))
+}
+
+fn stream_name(topic: &str, partition: u32) -> String {
+    format!("{topic}-{partition}")
+}
+
+fn subject(topic: &str, partition: u32) -> String {
+    format!("{topic}.{partition}")
+}
+
+#[async_trait]
+impl Driver for NatsDriver {
+    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        for p in 0..partitions {
+            self.context
+                .create_stream(stream::Config {
+                    name: stream_name(topic, p),
+                    subjects: vec![subject(topic, p)],
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow!("creating stream {}: {e}", stream_name(topic, p)))?;
+        }
+        Ok(())
+    }
+
+    async fn producer(
+        &self,
+        topic: &str,
+        partitions: u32,
+        in_flight: usize,
+    ) -> Result<Box<dyn BenchProducer>> {
+        // Each producer has its own connection, like a separate client process would.
+        let client = connect(&self.url).await?;
+        let context = jetstream::ContextBuilder::new()
+            .timeout(API_TIMEOUT)
+            .max_ack_inflight(in_flight.max(1))
+            .backpressure_on_inflight(true)
+            .build(client);
+        Ok(Box::new(NatsProducer {
+            context,
+            subjects: (0..partitions).map(|p| subject(topic, p)).collect(),
+        }))
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        group: &str,
+    ) -> Result<Box<dyn BenchConsumer>> {
+        let client = connect(&self.url).await?;
+        let context = jetstream::new(client);
+        let mut streams = Vec::new();
+        for &p in partitions {
+            let stream = context
+                .get_stream(stream_name(topic, p))
+                .await
+                .map_err(|e| anyhow!("stream {}: {e}", stream_name(topic, p)))?;
+            let consumer: consumer::PullConsumer = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(group.to_string()),
+                    ack_policy: consumer::AckPolicy::None,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow!("consumer {group} on {}: {e}", stream_name(topic, p)))?;
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(1000)
+                .messages()
+                .await
+                .map_err(|e| anyhow!("pulling from {}: {e}", stream_name(topic, p)))?;
+            streams.push(
+                messages
+                    .map(|m| m.map(|m| m.message.payload.clone()).map_err(|e| anyhow!(e)))
+                    .boxed(),
+            );
+        }
+        if streams.is_empty() {
+            bail!("a consumer needs at least one partition");
+        }
+        Ok(Box::new(NatsConsumer {
+            messages: Box::pin(futures::stream::select_all(streams)),
+        }))
+    }
+
+    async fn shutdown(self: Box<Self>) -> Result<()> {
+        if let Some(server) = self.server {
+            server.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+struct NatsProducer {
+    context: jetstream::Context,
+    subjects: Vec<String>,
+}
+
+#[async_trait]
+impl BenchProducer for NatsProducer {
+    async fn send(
+        &mut self,
+        partition: u32,
+        _key: Option<Bytes>,
+        payload: Bytes,
+    ) -> Result<AckFuture> {
+        let subject = self
+            .subjects
+            .get(partition as usize)
+            .context("partition out of range")?
+            .clone();
+        let ack = self
+            .context
+            .publish(subject, payload)
+            .await
+            .map_err(|e| anyhow!("publish: {e}"))?;
+        Ok(async move {
+            ack.await
+                .map(|_| ())
+                .map_err(|e| anyhow!("publish ack: {e}"))
+        }
+        .boxed())
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        self.context
+            .client()
+            .flush()
+            .await
+            .map_err(|e| anyhow!("flush: {e}"))
+    }
+}
+
+type PayloadStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+struct NatsConsumer {
+    messages: PayloadStream,
+}
+
+#[async_trait]
+impl BenchConsumer for NatsConsumer {
+    async fn poll(&mut self, wait: Duration) -> Result<Vec<Bytes>> {
+        let mut out = Vec::new();
+        match tokio::time::timeout(wait, self.messages.next()).await {
+            Ok(Some(item)) => out.push(item?),
+            Ok(None) => bail!("consumer stream ended"),
+            Err(_) => return Ok(out),
+        }
+        while out.len() < 4096 {
+            match self.messages.next().now_or_never() {
+                Some(Some(item)) => out.push(item?),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
