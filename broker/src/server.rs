@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use weft_proto::v1::cluster_server::ClusterServer;
 use weft_proto::v1::publisher_server::PublisherServer;
 use weft_proto::v1::subscriber_server::SubscriberServer;
@@ -115,15 +114,17 @@ pub async fn run(
         )
         .add_service(TopicAdminServer::new(TopicAdminService::new(node.clone())))
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        // TCP_NODELAY: without it Nagle holds small responses (acks) behind the delayed ACK of
+        // the peer, ~40 ms per round trip under pipelining.
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.client),
+            tonic::transport::server::TcpIncoming::from(listeners.client).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
     // The peer port: health now; Raft and forwarding arrive with the multi-node cluster.
     let peer_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.peer),
+            tonic::transport::server::TcpIncoming::from(listeners.peer).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
     let admin_server = axum::serve(listeners.admin, crate::admin::router(node.clone()))
