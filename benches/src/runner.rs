@@ -329,7 +329,7 @@ async fn drive(
         errors,
         checks: Default::default(),
     };
-    result.compute_checks(workload.has_consumers());
+    result.compute_checks();
     Ok(result)
 }
 
@@ -678,7 +678,7 @@ async fn run_disk(
         errors: Vec::new(),
         checks: Default::default(),
     };
-    result.compute_checks(false);
+    result.compute_checks();
     if total == 0 {
         bail!("the disk baseline wrote nothing");
     }

@@ -22,7 +22,7 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `weft-broker` and `weft` once per test process (a no-op when they are up to date).
+/// Builds `weft-broker`, `weft` and `weft-bench` once per test process (a no-op when they are up to date).
 pub fn ensure_binaries() {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -33,6 +33,8 @@ pub fn ensure_binaries() {
                 "weft-broker",
                 "-p",
                 "weft-client",
+                "-p",
+                "weft-bench",
                 "--bins",
                 "--examples",
             ])
