@@ -76,8 +76,8 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
     })
 }
 
-fn median_of(results: &[RunResult], pick: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
-    let mut values: Vec<f64> = results.iter().filter_map(pick).collect();
+fn median_of(results: &[&RunResult], pick: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
+    let mut values: Vec<f64> = results.iter().copied().filter_map(pick).collect();
     median(&mut values)
 }
 
@@ -137,14 +137,14 @@ pub async fn compare(
         }
     };
     let weft_index = specs.iter().position(|s| s.kind == Kind::Weft);
-    let weft_runs: Vec<RunResult> = weft_index
-        .map(|i| results[i].iter().map(|(r, _)| r.clone()).collect())
+    let weft_runs: Vec<&RunResult> = weft_index
+        .map(|i| results[i].iter().map(|(r, _)| r).collect())
         .unwrap_or_default();
     let weft_throughput = median_of(&weft_runs, |r| Some(r.msgs_per_sec));
     let weft_p99 = median_of(&weft_runs, p99);
     let mut drivers = Vec::new();
     for (spec, runs) in specs.iter().zip(&results) {
-        let only: Vec<RunResult> = runs.iter().map(|(r, _)| r.clone()).collect();
+        let only: Vec<&RunResult> = runs.iter().map(|(r, _)| r).collect();
         let throughput = median_of(&only, |r| Some(r.msgs_per_sec)).unwrap_or(0.0);
         let driver_p99 = median_of(&only, p99);
         drivers.push(DriverSummary {

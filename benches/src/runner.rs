@@ -70,7 +70,7 @@ struct Shared {
 
 impl Shared {
     fn error(&self, e: impl std::fmt::Display) {
-        let mut errors = self.errors.lock().expect("errors lock");
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         if errors.len() < 10 {
             errors.push(e.to_string());
         }
@@ -304,7 +304,11 @@ async fn drive(
             consumed: timeline_consumed.get(s).copied().unwrap_or(0),
         })
         .collect();
-    let errors = shared.errors.lock().expect("errors lock").clone();
+    let errors = shared
+        .errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let mut result = RunResult {
         format: crate::result::RESULT_FORMAT,
         harness: format!("weft-bench {}", env!("CARGO_PKG_VERSION")),
@@ -365,6 +369,13 @@ async fn produce(
     let mut in_flight = FuturesUnordered::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(plan.index) + 1);
     let interval = (plan.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / plan.rate));
+    // Round-robin keys are made once, not per message.
+    let round_robin: Vec<Bytes> = match plan.keys {
+        KeyDistribution::RoundRobin => (0..plan.key_count)
+            .map(|k| Bytes::from(format!("key-{k}")))
+            .collect(),
+        _ => Vec::new(),
+    };
     let handle = |outcome: Outcome, measured: &mut Measured| {
         let (intended, result) = outcome;
         let now = Instant::now();
@@ -428,11 +439,10 @@ async fn produce(
         };
         let key = match plan.keys {
             KeyDistribution::None => None,
-            KeyDistribution::Random => Some(Bytes::from(rng.random::<[u8; 16]>().to_vec())),
-            KeyDistribution::RoundRobin => Some(Bytes::from(format!(
-                "key-{}",
-                i % u64::from(plan.key_count)
-            ))),
+            KeyDistribution::Random => Some(Bytes::copy_from_slice(&rng.random::<[u8; 16]>())),
+            KeyDistribution::RoundRobin => {
+                Some(round_robin[(i % round_robin.len() as u64) as usize].clone())
+            }
         };
         let partition = match &key {
             Some(key) => weft_proto::partition_for_key(key, plan.partitions),

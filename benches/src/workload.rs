@@ -78,6 +78,7 @@ const CLIENTS_MAX: u32 = 256;
 const MESSAGE_SIZE_MAX: usize = 4 * 1024 * 1024;
 const IN_FLIGHT_MAX: usize = 1_000_000;
 const SECONDS_MAX: f64 = 24.0 * 3600.0;
+const KEY_COUNT_MAX: u32 = 1_000_000;
 
 /// The smallest payload: 8 bytes of intended send time and 8 of producer and sequence.
 pub const MESSAGE_SIZE_MIN: usize = 16;
@@ -146,7 +147,10 @@ impl Workload {
             (MESSAGE_SIZE_MIN..=MESSAGE_SIZE_MAX).contains(&self.message_size),
             &format!("message_size must be {MESSAGE_SIZE_MIN}..={MESSAGE_SIZE_MAX} bytes"),
         )?;
-        check(self.key_count >= 1, "key_count must be at least 1")?;
+        check(
+            (1..=KEY_COUNT_MAX).contains(&self.key_count),
+            &format!("key_count must be 1..={KEY_COUNT_MAX}"),
+        )?;
         check(
             (1..=IN_FLIGHT_MAX).contains(&self.in_flight),
             &format!("in_flight must be 1..={IN_FLIGHT_MAX}"),

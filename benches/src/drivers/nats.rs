@@ -119,7 +119,9 @@ impl Driver for NatsDriver {
             .build(client);
         Ok(Box::new(NatsProducer {
             context,
-            subjects: (0..partitions).map(|p| subject(topic, p)).collect(),
+            subjects: (0..partitions)
+                .map(|p| async_nats::Subject::from(subject(topic, p)))
+                .collect(),
         }))
     }
 
@@ -176,7 +178,8 @@ impl Driver for NatsDriver {
 
 struct NatsProducer {
     context: jetstream::Context,
-    subjects: Vec<String>,
+    /// Per partition; cloning a `Subject` is a reference count, not a copy.
+    subjects: Vec<async_nats::Subject>,
 }
 
 #[async_trait]

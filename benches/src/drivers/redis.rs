@@ -105,7 +105,9 @@ impl Driver for RedisDriver {
     ) -> Result<Box<dyn BenchProducer>> {
         Ok(Box::new(RedisProducer {
             conn: connect(&self.client).await?,
-            keys: (0..partitions).map(|p| stream_key(topic, p)).collect(),
+            keys: (0..partitions)
+                .map(|p| Bytes::from(stream_key(topic, p)))
+                .collect(),
         }))
     }
 
@@ -154,7 +156,8 @@ impl Driver for RedisDriver {
 
 struct RedisProducer {
     conn: MultiplexedConnection,
-    keys: Vec<String>,
+    /// Stream key per partition (`Bytes`: cloned per message without copying).
+    keys: Vec<Bytes>,
 }
 
 #[async_trait]
@@ -173,13 +176,13 @@ impl BenchProducer for RedisProducer {
         let mut conn = self.conn.clone();
         Ok(async move {
             let _id: String = redis::cmd("XADD")
-                .arg(&key)
+                .arg(&key[..])
                 .arg("*")
                 .arg("v")
                 .arg(payload.as_ref())
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| anyhow!("XADD {key}: {e}"))?;
+                .map_err(|e| anyhow!("XADD {}: {e}", String::from_utf8_lossy(&key)))?;
             Ok(())
         }
         .boxed())
