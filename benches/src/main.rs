@@ -160,7 +160,7 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 }
             }
             println!("drivers:");
-            for kind in [Kind::Weft, Kind::Nats, Kind::Redis, Kind::Disk] {
+            for kind in Kind::ALL {
                 match drivers::available(kind) {
                     Ok(()) => println!("  {:<8} installed", kind.name()),
                     Err(e) => println!("  {:<8} unavailable: {e:#}", kind.name()),

@@ -203,7 +203,7 @@ fn fmt_ms(l: Option<&Latency>, pick: fn(&Latency) -> f64) -> String {
 /// A plain-text table of results, one row each.
 pub fn table(results: &[&RunResult]) -> String {
     let mut out = format!(
-        "{:<14} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "{:<16} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
         "driver",
         "msgs/s",
         "MB/s",
@@ -219,7 +219,7 @@ pub fn table(results: &[&RunResult]) -> String {
         let p = r.publish_latency_ms.as_ref();
         let e = r.end_to_end_latency_ms.as_ref();
         out.push_str(&format!(
-            "{:<14} {:>12.0} {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            "{:<16} {:>12.0} {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
             r.label(),
             r.msgs_per_sec,
             r.mb_per_sec,

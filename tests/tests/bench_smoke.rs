@@ -12,29 +12,30 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use weft_tests::binary;
 
-fn installed(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
-}
-
-/// True when the driver can run here; panics when it is required and cannot.
+/// True when the driver can run here (as `weft-bench list` reports it); panics when it is
+/// required and cannot.
 fn available(driver: &str) -> bool {
-    let program = match driver.split(':').next().unwrap_or(driver) {
-        "nats" => "nats-server",
-        "redis" => "redis-server",
-        _ => return true,
-    };
-    if installed(program) {
+    let kind = driver.split(':').next().unwrap_or(driver);
+    let output = Command::new(binary("weft-bench"))
+        .arg("list")
+        .output()
+        .expect("run weft-bench list");
+    assert!(output.status.success(), "weft-bench list failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.split_whitespace().next() == Some(kind))
+        .unwrap_or_else(|| panic!("weft-bench list does not know {kind}:\n{stdout}"));
+    if line.split_whitespace().nth(1) == Some("installed") {
         return true;
     }
     let required = std::env::var("WEFT_BENCH_REQUIRE").unwrap_or_default();
-    let kind = driver.split(':').next().unwrap_or(driver);
     assert!(
         !required.split(',').any(|r| r.trim() == kind),
-        "{program} is required (WEFT_BENCH_REQUIRE={required}) but not on PATH"
+        "{kind} is required (WEFT_BENCH_REQUIRE={required}) but {line}"
     );
-    eprintln!("skipping {driver}: {program} is not installed");
+    eprintln!("skipping {driver}: {line}");
     false
 }
 
@@ -80,6 +81,12 @@ fn check_result(dir: &Path, driver: &str) {
     let v: Value = serde_json::from_str(&text).expect("result.json is JSON");
     let kind = driver.split(':').next().expect("kind");
     assert_eq!(v["driver"], kind);
+    if !driver.contains(':') && kind != "weft" && kind != "disk" {
+        assert_eq!(
+            v["durability"], "default",
+            "a bare peer runs at its default"
+        );
+    }
     assert!(
         v["durability_detail"]
             .as_str()
@@ -202,6 +209,11 @@ fn smoke_redis_fsync() {
 }
 
 #[test]
+fn smoke_rabbitmq() {
+    smoke("rabbitmq");
+}
+
+#[test]
 fn smoke_disk() {
     smoke("disk");
 }
@@ -293,6 +305,11 @@ fn bad_workloads_and_drivers_are_refused_with_a_reason() {
     let output = bench(&["run", "latency-5k", "--driver", "kafka"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown driver"));
+
+    // RabbitMQ Streams have no fsync-before-confirm setting: refused, not faked.
+    let output = bench(&["run", "latency-5k", "--driver", "rabbitmq:fsync"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot fsync"));
 
     let output = bench(&["check", bad.to_str().expect("utf-8")]);
     assert!(

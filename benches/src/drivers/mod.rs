@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 
 pub mod nats;
 pub mod process;
+pub mod rabbitmq;
 pub mod redis;
 pub mod weft;
 
@@ -65,6 +66,52 @@ pub trait BenchConsumer: Send {
     async fn close(self: Box<Self>) -> Result<()>;
 }
 
+/// A stream of received payloads.
+pub type PayloadStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes>> + Send>>;
+
+/// A consumer over a client's stream of deliveries (NATS, RabbitMQ): `poll` waits up to `wait`
+/// for the first payload, then takes what is already there (4,096 at most).
+pub struct StreamConsumer {
+    messages: PayloadStream,
+}
+
+impl std::fmt::Debug for StreamConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamConsumer")
+    }
+}
+
+impl StreamConsumer {
+    /// Wraps the merged deliveries of every partition the consumer reads.
+    pub fn new(messages: PayloadStream) -> StreamConsumer {
+        StreamConsumer { messages }
+    }
+}
+
+#[async_trait]
+impl BenchConsumer for StreamConsumer {
+    async fn poll(&mut self, wait: Duration) -> Result<Vec<Bytes>> {
+        use futures::{FutureExt, StreamExt};
+        let mut out = Vec::new();
+        match tokio::time::timeout(wait, self.messages.next()).await {
+            Ok(Some(item)) => out.push(item?),
+            Ok(None) => bail!("consumer stream ended"),
+            Err(_) => return Ok(out),
+        }
+        while out.len() < 4096 {
+            match self.messages.next().now_or_never() {
+                Some(Some(item)) => out.push(item?),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Durability a driver runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -94,6 +141,8 @@ pub enum Kind {
     Nats,
     /// Redis Streams (XADD / XREADGROUP) through redis-rs.
     Redis,
+    /// RabbitMQ Streams (the stream protocol) through rabbitmq-stream-client.
+    Rabbitmq,
     /// Not a broker: the raw bandwidth of write + fdatasync on the data directory's disk.
     Disk,
 }
@@ -105,9 +154,19 @@ impl Kind {
             Kind::Weft => "weft",
             Kind::Nats => "nats",
             Kind::Redis => "redis",
+            Kind::Rabbitmq => "rabbitmq",
             Kind::Disk => "disk",
         }
     }
+
+    /// Every kind, in the order `list` shows them.
+    pub const ALL: [Kind; 5] = [
+        Kind::Weft,
+        Kind::Nats,
+        Kind::Redis,
+        Kind::Rabbitmq,
+        Kind::Disk,
+    ];
 }
 
 /// A driver at one durability, and where to find the system.
@@ -145,6 +204,9 @@ impl DriverSpec {
             (Kind::Redis, Durability::Fsync) => {
                 "AOF on, appendfsync always (fsync before ack)".into()
             }
+            (Kind::Rabbitmq, _) => {
+                "Streams default (the only setting): written to the page cache and confirmed without fsync; RabbitMQ relies on replication".into()
+            }
             (Kind::Disk, _) => "raw write + fdatasync of 1 MiB blocks (the disk's limit)".into(),
         }
     }
@@ -169,10 +231,17 @@ impl DriverSpec {
                 "weft" => Kind::Weft,
                 "nats" => Kind::Nats,
                 "redis" => Kind::Redis,
+                "rabbitmq" => Kind::Rabbitmq,
                 "disk" => Kind::Disk,
-                other => bail!("unknown driver {other:?} (known: weft, nats, redis, disk)"),
+                other => {
+                    bail!("unknown driver {other:?} (known: weft, nats, redis, rabbitmq, disk)")
+                }
             };
             let durabilities = match (kind, durability) {
+                (Kind::Rabbitmq, Some("fsync")) => bail!(
+                    "RabbitMQ Streams cannot fsync before confirming (their log never calls \
+                     fsync; there is no setting for it): use rabbitmq or rabbitmq:default"
+                ),
                 (_, Some("default")) => vec![Durability::Default],
                 (_, Some("fsync")) => vec![Durability::Fsync],
                 (_, Some(other)) => {
@@ -180,6 +249,8 @@ impl DriverSpec {
                 }
                 // Weft and the disk always fsync before acknowledging.
                 (Kind::Weft | Kind::Disk, None) => vec![Durability::Fsync],
+                // RabbitMQ Streams have a single setting.
+                (Kind::Rabbitmq, None) => vec![Durability::Default],
                 (_, None) if expand => vec![Durability::Default, Durability::Fsync],
                 (_, None) => vec![Durability::Default],
             };
@@ -214,6 +285,9 @@ pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>
         Kind::Weft => Ok(Box::new(weft::WeftDriver::start(spec, data_dir).await?)),
         Kind::Nats => Ok(Box::new(nats::NatsDriver::start(spec, data_dir).await?)),
         Kind::Redis => Ok(Box::new(redis::RedisDriver::start(spec, data_dir).await?)),
+        Kind::Rabbitmq => Ok(Box::new(
+            rabbitmq::RabbitDriver::start(spec, data_dir).await?,
+        )),
         Kind::Disk => bail!("disk is not a broker"),
     }
 }
@@ -225,6 +299,7 @@ pub fn available(kind: Kind) -> Result<()> {
         Kind::Weft => weft::broker_binary().map(|_| ()),
         Kind::Nats => process::find_program("nats-server").map(|_| ()),
         Kind::Redis => process::find_program("redis-server").map(|_| ()),
+        Kind::Rabbitmq => rabbitmq::available(),
         Kind::Disk => Ok(()),
     }
 }
@@ -235,7 +310,8 @@ mod tests {
 
     #[test]
     fn specs_parse_and_expand() {
-        let specs = DriverSpec::parse_list("weft,nats,redis:fsync,disk", true).expect("parse");
+        let specs =
+            DriverSpec::parse_list("weft,nats,redis:fsync,rabbitmq,disk", true).expect("parse");
         let labels: Vec<_> = specs.iter().map(DriverSpec::label).collect();
         assert_eq!(
             labels,
@@ -244,6 +320,7 @@ mod tests {
                 "nats:default",
                 "nats:fsync",
                 "redis:fsync",
+                "rabbitmq:default",
                 "disk:fsync"
             ]
         );
@@ -254,6 +331,8 @@ mod tests {
         assert!(DriverSpec::parse_list("kafka", true).is_err());
         assert!(DriverSpec::parse_list("weft:default", true).is_err());
         assert!(DriverSpec::parse_list("nats:sometimes", true).is_err());
+        let refused = DriverSpec::parse_list("rabbitmq:fsync", true).expect_err("no fsync");
+        assert!(refused.to_string().contains("cannot fsync"), "{refused}");
         assert!(DriverSpec::parse_list("", true).is_err());
     }
 }

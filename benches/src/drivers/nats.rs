@@ -6,17 +6,18 @@
 //! asynchronously with `in_flight` acknowledgements pending at most.
 
 use std::path::Path;
-use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 
 use super::process::{Server, find_program, free_port};
-use super::{AckFuture, BenchConsumer, BenchProducer, Driver, DriverSpec, Durability};
+use super::{
+    AckFuture, BenchConsumer, BenchProducer, Driver, DriverSpec, Durability, StreamConsumer,
+};
 
 const API_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -163,9 +164,9 @@ impl Driver for NatsDriver {
         if streams.is_empty() {
             bail!("a consumer needs at least one partition");
         }
-        Ok(Box::new(NatsConsumer {
-            messages: Box::pin(futures::stream::select_all(streams)),
-        }))
+        Ok(Box::new(StreamConsumer::new(Box::pin(
+            futures::stream::select_all(streams),
+        ))))
     }
 
     async fn shutdown(self: Box<Self>) -> Result<()> {
@@ -214,34 +215,5 @@ impl BenchProducer for NatsProducer {
             .flush()
             .await
             .map_err(|e| anyhow!("flush: {e}"))
-    }
-}
-
-type PayloadStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
-
-struct NatsConsumer {
-    messages: PayloadStream,
-}
-
-#[async_trait]
-impl BenchConsumer for NatsConsumer {
-    async fn poll(&mut self, wait: Duration) -> Result<Vec<Bytes>> {
-        let mut out = Vec::new();
-        match tokio::time::timeout(wait, self.messages.next()).await {
-            Ok(Some(item)) => out.push(item?),
-            Ok(None) => bail!("consumer stream ended"),
-            Err(_) => return Ok(out),
-        }
-        while out.len() < 4096 {
-            match self.messages.next().now_or_never() {
-                Some(Some(item)) => out.push(item?),
-                _ => break,
-            }
-        }
-        Ok(out)
-    }
-
-    async fn close(self: Box<Self>) -> Result<()> {
-        Ok(())
     }
 }

@@ -40,12 +40,24 @@ pub struct Server {
 impl Server {
     /// Spawns `program args...` in `dir`, its output appended to `dir/<name>.log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Result<Server> {
+        Server::spawn_with_env(name, program, args, &[], dir)
+    }
+
+    /// Like [`Server::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        dir: &Path,
+    ) -> Result<Server> {
         let log = dir.join(format!("{name}.log"));
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
@@ -71,7 +83,12 @@ impl Server {
 
     /// Waits until `addr` accepts TCP connections, failing early if the process exits.
     pub async fn wait_for_port(&mut self, addr: &str) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
+        self.wait_for_port_within(addr, START_TIMEOUT).await
+    }
+
+    /// [`Server::wait_for_port`] with its own limit (for servers slower to boot).
+    pub async fn wait_for_port_within(&mut self, addr: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
         loop {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
                 return Ok(());
@@ -85,7 +102,7 @@ impl Server {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not listen on {addr} within {START_TIMEOUT:?}; its log:\n{}",
+                    "{} did not listen on {addr} within {limit:?}; its log:\n{}",
                     self.name,
                     self.log_tail()
                 );
