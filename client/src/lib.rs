@@ -4,8 +4,8 @@
 //! - [`Client`]: a connection to one or several brokers (load-balanced channel), with every call
 //!   carrying a deadline and the `weft-topic` / `weft-partition` metadata that meshes match on.
 //! - [`Admin`]: topics and cluster status.
-//! - [`Producer`]: batches records per partition by size and linger, keeps a bounded number of
-//!   batches in flight, and retries with the same producer sequence, so a retry never stores a
+//! - [`Producer`]: batches records per partition by size and linger (a partition with nothing in
+//!   flight sends at once: natural batching), keeps a bounded number of batches in flight, and retries with the same producer sequence, so a retry never stores a
 //!   record twice.
 //! - [`Consumer`]: reads a topic over `Subscribe`, by offset or as a consumer-group member, with
 //!   credit-based flow control, heartbeats, automatic reconnection, and manual or automatic commits.

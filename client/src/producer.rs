@@ -1,16 +1,20 @@
 //! The producer: records are grouped per partition into batches (closed by size, record count or
 //! linger), and each partition's batches are sent in order by a sender task that keeps a bounded
-//! window of publishes in flight. Every batch carries this producer's id, epoch and sequence, so a
+//! window of publishes in flight. A partition with nothing in flight gets its open batch at once
+//! (natural batching): linger only holds records back while earlier publishes are outstanding, so
+//! a lightly loaded producer adds no delay and a busy one still sends full batches. Every batch carries this producer's id, epoch and sequence, so a
 //! retry of a batch whose first attempt was stored is answered with the original offsets instead
 //! of storing it again. On a failure the sender waits for the window to drain and resends, in
 //! sequence order, everything not acknowledged.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::{Client, Error, Record, Result, proto};
 
@@ -21,7 +25,8 @@ pub struct ProducerConfig {
     pub batch_bytes_max: usize,
     /// Close a batch at this many records.
     pub batch_records_max: usize,
-    /// Close a batch this long after its first record.
+    /// Close a batch this long after its first record, if it has not gone already (a partition
+    /// with no publish in flight sends its batch at once).
     pub linger: Duration,
     /// Publishes in flight per partition.
     pub in_flight_per_partition: usize,
@@ -160,6 +165,31 @@ enum ToSender {
     Flush(oneshot::Sender<()>),
 }
 
+/// The way to one partition's sender, and how many batches it has not answered yet.
+#[derive(Clone)]
+struct Lane {
+    tx: mpsc::Sender<ToSender>,
+    outstanding: Arc<AtomicUsize>,
+}
+
+impl Lane {
+    fn idle(&self) -> bool {
+        self.outstanding.load(Ordering::Acquire) == 0
+    }
+
+    async fn dispatch(&self, records: Vec<(Record, Reply)>) {
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        if self
+            .tx
+            .send(ToSender::Batch(Batch { records }))
+            .await
+            .is_err()
+        {
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Groups records per partition and hands closed batches to per-partition senders.
 async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Receiver<Command>) {
     let producer_id = if config.idempotent {
@@ -171,29 +201,33 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     let mut topics: HashMap<String, (u32, usize)> = HashMap::new();
     let mut sticky: HashMap<String, u32> = HashMap::new();
     let mut open: HashMap<(String, u32), Open> = HashMap::new();
-    let mut senders: HashMap<(String, u32), mpsc::Sender<ToSender>> = HashMap::new();
+    let mut senders: HashMap<(String, u32), Lane> = HashMap::new();
+    // Told by a sender when it has answered everything it was given.
+    let idle = Arc::new(Notify::new());
     let tick = (config.linger / 2).max(Duration::from_millis(1));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let sender_for =
-        |key: &(String, u32), senders: &mut HashMap<(String, u32), mpsc::Sender<ToSender>>| {
-            senders
-                .entry(key.clone())
-                .or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(config.in_flight_per_partition.max(1));
-                    tokio::spawn(send_partition(
-                        client.clone(),
-                        config.clone(),
-                        key.0.clone(),
-                        key.1,
-                        producer_id,
-                        rx,
-                    ));
-                    tx
-                })
-                .clone()
-        };
+    let sender_for = |key: &(String, u32), senders: &mut HashMap<(String, u32), Lane>| {
+        senders
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(config.in_flight_per_partition.max(1));
+                let outstanding = Arc::new(AtomicUsize::new(0));
+                tokio::spawn(send_partition(
+                    client.clone(),
+                    config.clone(),
+                    key.0.clone(),
+                    key.1,
+                    producer_id,
+                    rx,
+                    outstanding.clone(),
+                    idle.clone(),
+                ));
+                Lane { tx, outstanding }
+            })
+            .clone()
+    };
 
     loop {
         tokio::select! {
@@ -228,7 +262,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let limit = config.batch_bytes_max.min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES)).max(1);
                         let overflows = open.get(&key).is_some_and(|b| !b.records.is_empty() && b.bytes + size > limit);
                         if overflows && let Some(full) = open.remove(&key) {
-                            let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: full.records })).await;
+                            sender_for(&key, &mut senders).dispatch(full.records).await;
                             if let Some(p) = sticky.get_mut(&topic) {
                                 *p = (*p + 1) % partitions;
                             }
@@ -236,9 +270,10 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let batch = open.entry(key.clone()).or_insert_with(|| Open { records: Vec::new(), bytes: 0, opened: Instant::now() });
                         batch.records.push((record, reply));
                         batch.bytes += size;
-                        if batch.bytes >= limit || batch.records.len() >= config.batch_records_max {
-                            if let Some(full) = open.remove(&key) {
-                                let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: full.records })).await;
+                        let full = batch.bytes >= limit || batch.records.len() >= config.batch_records_max;
+                        if full {
+                            if let Some(batch) = open.remove(&key) {
+                                sender_for(&key, &mut senders).dispatch(batch.records).await;
                             }
                             // Keyless records move to another partition once a batch is full (sticky partitioner).
                             if let Some(p) = sticky.get_mut(&topic) {
@@ -250,13 +285,13 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let keys: Vec<(String, u32)> = open.keys().cloned().collect();
                         for key in keys {
                             if let Some(batch) = open.remove(&key) {
-                                let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: batch.records })).await;
+                                sender_for(&key, &mut senders).dispatch(batch.records).await;
                             }
                         }
                         let mut waits = Vec::new();
-                        for sender in senders.values() {
+                        for lane in senders.values() {
                             let (tx, rx) = oneshot::channel();
-                            if sender.send(ToSender::Flush(tx)).await.is_ok() {
+                            if lane.tx.send(ToSender::Flush(tx)).await.is_ok() {
                                 waits.push(rx);
                             }
                         }
@@ -273,18 +308,30 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                 let due: Vec<(String, u32)> = open.iter().filter(|(_, b)| b.opened.elapsed() >= config.linger).map(|(k, _)| k.clone()).collect();
                 for key in due {
                     if let Some(batch) = open.remove(&key) {
-                        let _ = sender_for(&key, &mut senders).send(ToSender::Batch(Batch { records: batch.records })).await;
+                        sender_for(&key, &mut senders).dispatch(batch.records).await;
                     }
+                }
+            }
+            () = idle.notified() => {}
+        }
+        // Natural batching: once no more records are waiting in the queue (a burst has been taken
+        // in whole), a partition with nothing in flight sends its open batch now instead of
+        // lingering. Sending on the first record of a burst would make one-record batches.
+        if !open.is_empty() && inbox.is_empty() {
+            let due: Vec<(String, u32)> = open
+                .keys()
+                .filter(|k| senders.get(*k).is_none_or(Lane::idle))
+                .cloned()
+                .collect();
+            for key in due {
+                if let Some(batch) = open.remove(&key) {
+                    sender_for(&key, &mut senders).dispatch(batch.records).await;
                 }
             }
         }
     }
     for (key, batch) in open.drain() {
-        let _ = sender_for(&key, &mut senders)
-            .send(ToSender::Batch(Batch {
-                records: batch.records,
-            }))
-            .await;
+        sender_for(&key, &mut senders).dispatch(batch.records).await;
     }
 }
 
@@ -295,7 +342,9 @@ struct Numbered {
     base_sequence: u64,
 }
 
-/// Sends one partition's batches in order, with a window of publishes in flight.
+/// Sends one partition's batches in order, with a window of publishes in flight. Each answered
+/// batch counts down `outstanding`; reaching zero wakes the accumulator through `idle`.
+#[allow(clippy::too_many_arguments)]
 async fn send_partition(
     client: Client,
     config: ProducerConfig,
@@ -303,7 +352,15 @@ async fn send_partition(
     partition: u32,
     producer_id: u64,
     mut inbox: mpsc::Receiver<ToSender>,
+    outstanding: Arc<AtomicUsize>,
+    idle: Arc<Notify>,
 ) {
+    let settle = |batch: Batch, result: Result<&proto::PublishResponse, Error>| {
+        answer(batch, &topic, partition, result);
+        if outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            idle.notify_one();
+        }
+    };
     let mut epoch = 0u32;
     let mut next_sequence = 0u64;
     let mut window: FuturesOrdered<_> = FuturesOrdered::new();
@@ -348,14 +405,14 @@ async fn send_partition(
             Some(result) = window.next(), if !in_window.is_empty() => {
                 let Some(first) = in_window.pop_front() else { continue };
                 match result {
-                    Ok(response) => answer(first.batch, &topic, partition, Ok(&response)),
+                    Ok(response) => settle(first.batch, Ok(&response)),
                     Err(error) => {
                         // Drain the window: later batches may have failed on the gap this one left.
                         let mut pending = vec![(first, Some(error))];
                         while let Some(result) = window.next().await {
                             let Some(n) = in_window.pop_front() else { break };
                             match result {
-                                Ok(response) => answer(n.batch, &topic, partition, Ok(&response)),
+                                Ok(response) => settle(n.batch, Ok(&response)),
                                 Err(e) => pending.push((n, Some(e))),
                             }
                         }
@@ -373,7 +430,7 @@ async fn send_partition(
                                 if !retriable || attempt >= config.retries_max {
                                     let error = last_error.take().unwrap_or(Error::Closed);
                                     tracing::warn!(%topic, partition, "publish failed for good: {error}");
-                                    answer(n.batch, &topic, partition, Err(error));
+                                    settle(n.batch, Err(error));
                                     // This batch's sequences are lost: later batches restart in a new epoch.
                                     epoch += 1;
                                     renumber = Some((epoch, 0));
@@ -385,7 +442,7 @@ async fn send_partition(
                                 attempt += 1;
                                 match publish(&n).await {
                                     Ok(response) => {
-                                        answer(n.batch, &topic, partition, Ok(&response));
+                                        settle(n.batch, Ok(&response));
                                         break;
                                     }
                                     Err(e) => last_error = Some(e),

@@ -209,3 +209,68 @@ fn the_quickstart_example_runs() {
     );
     assert!(stdout.contains("read 10 records"), "{stdout}");
 }
+
+/// Publish RPCs answered `Ok` so far, from the broker's Prometheus metrics.
+fn publishes(broker: &Broker) -> u64 {
+    let (status, metrics) = broker.http("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    metrics
+        .lines()
+        .find(|l| l.starts_with("weft_rpc_requests_total{method=\"Publish\",code=\"Ok\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse::<f64>().ok())
+        .map_or(0, |n| n as u64)
+}
+
+/// Natural batching: a partition with nothing in flight gets its record at once, whatever the
+/// linger; records that arrive while a publish is outstanding share later publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_producer_sends_at_once_and_batches_while_busy() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("natural", 1)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig {
+        linger: Duration::from_secs(30),
+        ..ProducerConfig::default()
+    });
+    // Nothing in flight: the record goes now, not after the 30 s linger.
+    let ack = tokio::time::timeout(
+        Duration::from_secs(10),
+        producer.send("natural", Record::new("alone")),
+    )
+    .await
+    .expect("an idle producer does not wait for linger")
+    .expect("stored");
+    assert_eq!(ack.offset, 0);
+
+    let before = publishes(&broker);
+    let mut acks = Vec::new();
+    for i in 0..2_000u32 {
+        acks.push(
+            producer
+                .send_nowait("natural", Record::new(format!("r{i}")))
+                .await
+                .expect("queued"),
+        );
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut offsets = Vec::new();
+        for ack in acks {
+            offsets.push(ack.await.expect("answered").expect("stored").offset);
+        }
+        offsets
+    })
+    .await
+    .expect("every record answered well before the linger");
+    assert_eq!(answered, (1..=2_000).collect::<Vec<u64>>(), "in order");
+    let used = publishes(&broker) - before;
+    assert!(
+        (1..2_000).contains(&used),
+        "2,000 records took {used} publishes: records queued behind a publish in flight share one"
+    );
+    producer.close().await.expect("close");
+}
