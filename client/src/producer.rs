@@ -2,9 +2,9 @@
 //! linger), and each partition's batches are sent in order by a sender task that keeps a bounded
 //! window of publishes in flight. A partition with nothing in flight gets its open batch at once
 //! (natural batching): linger only holds records back while earlier publishes are outstanding, so
-//! a lightly loaded producer adds no delay and a busy one still sends full batches. Every batch carries this producer's id, epoch and sequence, so a
-//! retry of a batch whose first attempt was stored is answered with the original offsets instead
-//! of storing it again. On a failure the sender waits for the window to drain and resends, in
+//! a lightly loaded producer adds no delay and a busy one still sends full batches. Every batch
+//! carries this producer's id, epoch and sequence, so a retry of a batch whose first attempt was
+//! stored is answered with the original offsets instead of storing it again. On a failure the sender waits for the window to drain and resends, in
 //! sequence order, everything not acknowledged.
 
 use std::collections::{HashMap, VecDeque};
@@ -305,11 +305,9 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                 }
             }
             _ = ticker.tick() => {
-                let due: Vec<(String, u32)> = open.iter().filter(|(_, b)| b.opened.elapsed() >= config.linger).map(|(k, _)| k.clone()).collect();
-                for key in due {
-                    if let Some(batch) = open.remove(&key) {
-                        sender_for(&key, &mut senders).dispatch(batch.records).await;
-                    }
+                let due: Vec<_> = open.extract_if(|_, b| b.opened.elapsed() >= config.linger).collect();
+                for (key, batch) in due {
+                    sender_for(&key, &mut senders).dispatch(batch.records).await;
                 }
             }
             () = idle.notified() => {}
@@ -317,16 +315,13 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
         // Natural batching: once no more records are waiting in the queue (a burst has been taken
         // in whole), a partition with nothing in flight sends its open batch now instead of
         // lingering. Sending on the first record of a burst would make one-record batches.
+        // (No key is cloned and nothing is allocated unless a batch is due.)
         if !open.is_empty() && inbox.is_empty() {
-            let due: Vec<(String, u32)> = open
-                .keys()
-                .filter(|k| senders.get(*k).is_none_or(Lane::idle))
-                .cloned()
+            let due: Vec<_> = open
+                .extract_if(|key, _| senders.get(key).is_none_or(Lane::idle))
                 .collect();
-            for key in due {
-                if let Some(batch) = open.remove(&key) {
-                    sender_for(&key, &mut senders).dispatch(batch.records).await;
-                }
+            for (key, batch) in due {
+                sender_for(&key, &mut senders).dispatch(batch.records).await;
             }
         }
     }

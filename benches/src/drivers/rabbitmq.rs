@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use rabbitmq_stream_client::types::{Message, OffsetSpecification};
 use rabbitmq_stream_client::{Environment, NoDedup, Producer};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::process::{Server, find_program, free_port};
@@ -328,6 +328,8 @@ async fn publish_loop(
     mut queue: mpsc::Receiver<Pending>,
 ) -> Result<()> {
     let waiting: Waiting = Arc::new(Mutex::new(HashMap::new()));
+    // Signalled when a confirmation leaves `waiting` empty (for the wait at close).
+    let drained = Arc::new(Notify::new());
     let mut next_id = 0u64;
     let mut taken = Vec::with_capacity(MAX_BATCH);
     let fail_all = |waiting: &Waiting, why: &str| {
@@ -360,13 +362,19 @@ async fn publish_loop(
                 }
             }
             let confirmations = waiting.clone();
+            let drained = drained.clone();
             let sent = producer
                 .batch_send(messages, move |confirmation| {
                     if let Ok(status) = confirmation {
-                        let tx = confirmations
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&status.publishing_id());
+                        let tx = {
+                            let mut waiting =
+                                confirmations.lock().unwrap_or_else(|p| p.into_inner());
+                            let tx = waiting.remove(&status.publishing_id());
+                            if waiting.is_empty() {
+                                drained.notify_one();
+                            }
+                            tx
+                        };
                         if let Some(tx) = tx {
                             let _ = tx.send(if status.confirmed() {
                                 Ok(())
@@ -387,11 +395,14 @@ async fn publish_loop(
     // The queue closed: every message was handed over; wait for the last confirmations.
     let deadline = tokio::time::Instant::now() + API_TIMEOUT;
     while !waiting.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-        if tokio::time::Instant::now() > deadline {
+        // A notification sent between the check and this wait is kept, not lost.
+        if tokio::time::timeout_at(deadline, drained.notified())
+            .await
+            .is_err()
+        {
             fail_all(&waiting, "no confirmation before the producer closed");
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     timed(|| "closing producer".to_string(), producer.close()).await
 }
