@@ -38,7 +38,8 @@ pub struct LogConfig {
     pub segment_ms_max: i64,
     /// Add a sparse index entry after at least this many data bytes.
     pub index_interval_bytes: u64,
-    /// Largest accepted batch, encoded.
+    /// Largest batch accepted by an append, encoded. Reading never depends on it: stored batches
+    /// stay readable when it is lowered.
     pub batch_bytes_max: u64,
     /// When appends become durable (used by [`crate::GroupCommitter`]).
     pub fsync: FsyncPolicy,
@@ -94,18 +95,16 @@ impl LogConfig {
                 ),
             );
         }
-        let smallest = (crate::segment::FRAME_HEADER_LEN + crate::BATCH_HEADER_LEN) as u64;
-        if self.batch_bytes_max < smallest
-            || self.batch_bytes_max + crate::segment::FRAME_HEADER_LEN as u64
-                > self.segment_bytes_max
-            || self.batch_bytes_max > crate::codec::BATCH_LEN_LIMIT as u64
-        {
+        // A batch larger than a segment is written alone into a segment of its own; the limit
+        // applies to appends only (reads check lengths against the format's limit).
+        let smallest = crate::BATCH_HEADER_LEN as u64;
+        if !(smallest..=crate::codec::BATCH_LEN_LIMIT as u64).contains(&self.batch_bytes_max) {
             return invalid(
                 "batch_bytes_max",
                 format!(
-                    "{} must be at least {smallest} and leave room for a frame header within \
-                     segment_bytes_max ({})",
-                    self.batch_bytes_max, self.segment_bytes_max
+                    "{} is outside {smallest} ..= {}",
+                    self.batch_bytes_max,
+                    crate::codec::BATCH_LEN_LIMIT
                 ),
             );
         }
@@ -148,7 +147,7 @@ mod tests {
             ),
             (
                 LogConfig {
-                    batch_bytes_max: 600 * 1024 * 1024,
+                    batch_bytes_max: 2 * 1024 * 1024 * 1024,
                     ..LogConfig::default()
                 },
                 "batch_bytes_max",

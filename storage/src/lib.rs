@@ -10,6 +10,7 @@
 //! - [`commit`]: [`GroupCommitter`], a thread that owns a log and shares one fdatasync among every
 //!   append queued at that moment.
 //! - [`meta`]: [`MetaStore`] (sled, or in memory) and the typed [`Metadata`] on top.
+//! - [`snapshot`]: the partition directory's snapshot file, replaced atomically.
 //!
 //! # Boundaries
 //! This crate is synchronous and knows nothing of the network: it depends on no async runtime,
@@ -31,6 +32,7 @@ mod error;
 pub mod log;
 pub mod meta;
 mod segment;
+pub mod snapshot;
 
 pub use codec::{
     BATCH_HEADER_LEN, Batch, BatchBuilder, BatchHeader, CodecError, EntryKind, FORMAT_VERSION,

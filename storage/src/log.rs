@@ -526,7 +526,7 @@ impl PartitionLog {
         let mut budget = max_bytes.max(1);
         for seg in &self.segments[first..] {
             let (batches, how) =
-                seg.read(start(seg), budget, out.is_empty(), &self.config, &mut visit)?;
+                seg.read(start(seg), budget, out.is_empty(), &mut visit)?;
             let bytes: usize = batches.iter().map(Batch::len).sum();
             out.extend(batches);
             budget = budget.saturating_sub(bytes);
@@ -590,7 +590,7 @@ impl PartitionLog {
                 continue;
             }
             let position = seg.position_for_timestamp(timestamp_ms);
-            let (batches, _) = seg.read(position, 1, true, &self.config, |h| {
+            let (batches, _) = seg.read(position, 1, true, |h| {
                 if h.base_offset >= limit_offset {
                     Visit::Stop
                 } else if h.kind != EntryKind::Records
@@ -634,7 +634,7 @@ impl PartitionLog {
             .max(1)
             - 1;
         let position = self.segments[keep]
-            .frame_position_of_index(index, &self.config)?
+            .frame_position_of_index(index)?
             .ok_or_else(|| {
                 self.segments[keep].corruption(0, format!("entry {index} missing from its segment"))
             })?;
@@ -677,11 +677,14 @@ impl PartitionLog {
         self.delete_head(count)
     }
 
-    /// Applies `retention_bytes` and `retention_ms` at time `now_ms`: deletes the oldest sealed
-    /// segments while the log would still hold at least `retention_bytes` without them, and those
-    /// whose newest record is older than `now_ms - retention_ms`.
-    pub fn apply_retention(&mut self, now_ms: i64) -> Result<PurgeReport> {
-        let mut count = 0;
+    /// The Raft index of the last entry that retention (`retention_bytes`, `retention_ms` at time
+    /// `now_ms`) would delete, or None when it would delete nothing. Retention deletes whole
+    /// sealed segments, oldest first: those the log can do without and still hold at least
+    /// `retention_bytes`, and those whose newest record is older than `now_ms - retention_ms`.
+    /// Deciding deletes nothing: under Raft, the layer above first makes a snapshot cover the
+    /// point, then purges through it ([`PartitionLog::purge_through_index`]).
+    pub fn retention_point(&self, now_ms: i64) -> Option<u64> {
+        let mut point = None;
         let mut remaining = self.size_bytes();
         for seg in &self.segments[..self.segments.len() - 1] {
             let by_size = self
@@ -695,9 +698,20 @@ impl PartitionLog {
                 break;
             }
             remaining -= seg.data_len;
-            count += 1;
+            if !seg.is_empty() {
+                point = Some(seg.next_index - 1);
+            }
         }
-        self.delete_head(count)
+        point
+    }
+
+    /// Applies retention at time `now_ms` directly (for a log without Raft above it): deletes
+    /// the segments [`PartitionLog::retention_point`] names.
+    pub fn apply_retention(&mut self, now_ms: i64) -> Result<PurgeReport> {
+        match self.retention_point(now_ms) {
+            Some(index) => self.purge_through_index(index),
+            None => self.delete_head(0),
+        }
     }
 
     fn delete_head(&mut self, count: usize) -> Result<PurgeReport> {
@@ -743,11 +757,18 @@ impl PartitionLog {
         Ok(())
     }
 
-    /// Syncs everything and writes the tail's index files, so the next open needs no scan.
-    pub fn close(mut self) -> Result<()> {
+    /// Syncs everything and writes the tail's index files, so the next open needs no scan (a
+    /// clean shutdown). Appends may continue afterwards: the next open sees the index files no
+    /// longer describe the grown tail and scans it.
+    pub fn checkpoint(&mut self) -> Result<()> {
         self.flush()?;
         let config = self.config.clone();
         self.active().write_index_files(&self.dir, &config)
+    }
+
+    /// [`PartitionLog::checkpoint`], then closes the log.
+    pub fn close(mut self) -> Result<()> {
+        self.checkpoint()
     }
 }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::codec::{Batch, BatchHeader, EntryKind, le_u32, le_u64};
+use crate::codec::{BATCH_LEN_LIMIT, Batch, BatchHeader, EntryKind, le_u32, le_u64};
 use crate::config::LogConfig;
 use crate::error::{Error, IoContext, Result};
 
@@ -160,7 +160,9 @@ impl<'a> Window<'a> {
     }
 
     /// Checks the frame at `pos`: frame header, frame CRC, batch length, batch CRC and contents.
-    fn frame(&mut self, pos: u64, batch_bytes_max: u64) -> Result<Frame> {
+    /// Lengths are checked against the format's limit, never against a configured maximum: a
+    /// maximum can be lowered after larger batches were stored, and those must still read.
+    fn frame(&mut self, pos: u64) -> Result<Frame> {
         let Some(probe) = self.slice(pos, FRAME_PROBE_LEN)? else {
             return Ok(Frame::Invalid(format!(
                 "frame header cut short ({} bytes left)",
@@ -179,7 +181,7 @@ impl<'a> Window<'a> {
         }
         let synced_len = le_u64(&probe[8..16]);
         let batch_len = u64::from(le_u32(&probe[FRAME_HEADER_LEN + 4..FRAME_HEADER_LEN + 8]));
-        if batch_len < crate::BATCH_HEADER_LEN as u64 || batch_len > batch_bytes_max {
+        if batch_len < crate::BATCH_HEADER_LEN as u64 || batch_len > BATCH_LEN_LIMIT as u64 {
             return Ok(Frame::Invalid(format!(
                 "impossible batch length {batch_len}"
             )));
@@ -392,7 +394,7 @@ impl Segment {
         let mut window = Window::new(&file, &path, file_len, READ_CHUNK_BYTES);
         let mut position = 0u64;
         while position < file_len {
-            let invalid = match window.frame(position, config.batch_bytes_max)? {
+            let invalid = match window.frame(position)? {
                 Frame::Valid { batch, .. } if self.continues(batch.header()) => {
                     let frame_len = Frame::len(&batch);
                     self.observe(
@@ -414,9 +416,9 @@ impl Segment {
                 Frame::Invalid(detail) => detail,
             };
             // A damaged frame: look for the next valid frame that continues the log.
-            let resume = self.resync(&mut window, position + 1, config)?;
+            let resume = self.resync(&mut window, position + 1)?;
             let proven_durable = match resume {
-                Some((at, _)) => Self::synced_len_proven_after(&mut window, at, config)? > position,
+                Some((at, _)) => Self::synced_len_proven_after(&mut window, at)? > position,
                 None => false,
             };
             match (mode, resume) {
@@ -439,7 +441,7 @@ impl Segment {
                     self.data_len = at;
                     position = at;
                     // The damaged frames' offsets are unknown; accept the resumed frame's.
-                    if let Frame::Valid { batch, .. } = window.frame(at, config.batch_bytes_max)? {
+                    if let Frame::Valid { batch, .. } = window.frame(at)? {
                         self.next_offset = batch.header().base_offset;
                         self.next_index = batch.header().index;
                         // Damage in the first frame: the segment still starts where it should,
@@ -469,15 +471,11 @@ impl Segment {
 
     /// The largest `synced_len` among the valid frames that follow each other from `at`: every
     /// byte below it was on disk before one of those frames was written.
-    fn synced_len_proven_after(
-        window: &mut Window<'_>,
-        at: u64,
-        config: &LogConfig,
-    ) -> Result<u64> {
+    fn synced_len_proven_after(window: &mut Window<'_>, at: u64) -> Result<u64> {
         let mut position = at;
         let mut proven = 0;
         while position < window.end {
-            match window.frame(position, config.batch_bytes_max)? {
+            match window.frame(position)? {
                 Frame::Valid { batch, synced_len } => {
                     proven = proven.max(synced_len);
                     position += Frame::len(&batch);
@@ -497,12 +495,7 @@ impl Segment {
 
     /// Finds the first position at or after `from` holding a valid frame that can follow what the
     /// segment holds so far. Returns (position, that frame's synced_len).
-    fn resync(
-        &self,
-        window: &mut Window<'_>,
-        from: u64,
-        config: &LogConfig,
-    ) -> Result<Option<(u64, u64)>> {
+    fn resync(&self, window: &mut Window<'_>, from: u64) -> Result<Option<(u64, u64)>> {
         let mut position = from;
         loop {
             if position + FRAME_PROBE_LEN as u64 > window.end {
@@ -519,7 +512,7 @@ impl Segment {
                 }
                 let candidate = position + i as u64;
                 if let Frame::Valid { batch, synced_len } =
-                    window.frame(candidate, config.batch_bytes_max)?
+                    window.frame(candidate)?
                 {
                     let h = batch.header();
                     let plausible = h.base_offset >= self.next_offset
@@ -565,7 +558,6 @@ impl Segment {
         start: u64,
         max_bytes: usize,
         first_may_exceed: bool,
-        config: &LogConfig,
         mut visit: impl FnMut(&BatchHeader) -> Visit,
     ) -> Result<(Vec<Batch>, ReadEnd)> {
         let mut window = Window::new(&self.file, &self.path, self.data_len, max_bytes);
@@ -573,7 +565,7 @@ impl Segment {
         let mut taken = Vec::new();
         let mut taken_bytes = 0usize;
         while position < self.data_len {
-            let batch = match window.frame(position, config.batch_bytes_max)? {
+            let batch = match window.frame(position)? {
                 Frame::Valid { batch, .. } => batch,
                 Frame::Invalid(detail) => {
                     if taken.is_empty() {
@@ -636,15 +628,11 @@ impl Segment {
     }
 
     /// Exact frame position of Raft index `index`, by reading from the nearest index point.
-    pub(crate) fn frame_position_of_index(
-        &self,
-        index: u64,
-        config: &LogConfig,
-    ) -> Result<Option<u64>> {
+    pub(crate) fn frame_position_of_index(&self, index: u64) -> Result<Option<u64>> {
         let mut window = Window::new(&self.file, &self.path, self.data_len, READ_CHUNK_BYTES);
         let mut position = self.position_for_index(index);
         while position < self.data_len {
-            match window.frame(position, config.batch_bytes_max)? {
+            match window.frame(position)? {
                 Frame::Valid { batch, .. } => {
                     if batch.header().index == index {
                         return Ok(Some(position));
@@ -847,7 +835,7 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     }
 }
 
-fn write_file_atomically(path: &Path, bytes: &[u8], config: &LogConfig) -> Result<()> {
+pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8], config: &LogConfig) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("")

@@ -453,3 +453,84 @@ fn interval_policy_acknowledges_before_the_sync_and_syncs_soon_after() {
     let log = committer.close().expect("close");
     assert_eq!(log.durable(), log.end());
 }
+
+#[test]
+fn frames_larger_than_a_lowered_batch_limit_still_read_after_an_unclean_reopen() {
+    // A topic's largest batch may be lowered after large batches were stored: the limit is for
+    // appends only, and recovery never mistakes an older, larger frame for damage.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(11);
+    let big_config = LogConfig {
+        segment_bytes_max: 1 << 20,
+        batch_bytes_max: 256 * 1024,
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), big_config).expect("open");
+    let mut expected = Vec::new();
+    for _ in 0..3 {
+        let end = log.end();
+        let mut builder = BatchBuilder::new();
+        builder.push(1, b"k", &vec![9u8; 200 * 1024], []);
+        let batch = builder.seal(end.next_offset, 1, end.next_index, ProducerInfo::default());
+        log.append(&batch).expect("append a 200 KiB batch");
+        expected.push(batch);
+        expected.push_small(&mut log, &mut rng);
+    }
+    log.flush().expect("flush");
+    drop(log); // no close: the next open scans the tail
+    let small = LogConfig {
+        segment_bytes_max: 1 << 20,
+        batch_bytes_max: 4 * 1024,
+        ..small_config()
+    };
+    let log = PartitionLog::open(dir.path(), small).expect("reopen with a lower limit");
+    let report = log.recovery_report();
+    assert!(report.torn_tail.is_none(), "nothing was torn: {report:?}");
+    assert!(report.corruptions.is_empty(), "nothing is damaged: {report:?}");
+    let got = read_all_entries(&log).expect("read");
+    assert_eq!(got.len(), expected.len());
+    for (got, want) in got.iter().zip(&expected) {
+        assert_eq!(got.bytes(), want.bytes());
+    }
+}
+
+trait PushSmall {
+    fn push_small(&mut self, log: &mut PartitionLog, rng: &mut rand::rngs::StdRng);
+}
+
+impl PushSmall for Vec<Batch> {
+    fn push_small(&mut self, log: &mut PartitionLog, rng: &mut rand::rngs::StdRng) {
+        let end = log.end();
+        let batch = make_batch(rng, 3, 50, end.next_offset, 1, end.next_index);
+        log.append(&batch).expect("append");
+        self.push(batch);
+    }
+}
+
+#[test]
+fn retention_point_names_the_last_entry_of_the_segments_retention_would_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(12);
+    let config = LogConfig {
+        retention_bytes: Some(20 * 1024),
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config).expect("open");
+    assert_eq!(log.retention_point(i64::MAX), None, "an empty log keeps all");
+    for _ in 0..300 {
+        append_random(&mut log, &mut rng, 200);
+    }
+    let point = log
+        .retention_point(i64::MAX)
+        .expect("old segments are beyond retention_bytes");
+    // Deciding deletes nothing.
+    assert_eq!(log.first_index(), Some(0));
+    let size = log.size_bytes();
+    // Purging through the point deletes exactly what apply_retention would.
+    let report = log.purge_through_index(point).expect("purge");
+    assert!(report.segments_deleted > 0);
+    assert_eq!(log.first_index(), Some(point + 1), "whole segments only");
+    assert!(log.size_bytes() >= 20 * 1024);
+    assert_eq!(size - report.bytes_deleted, log.size_bytes());
+    assert_eq!(log.retention_point(i64::MAX), None, "nothing more to delete");
+}
