@@ -78,6 +78,10 @@ pub struct Config {
     pub publish_queue_max: u32,
     /// How often retention runs.
     pub retention_check_interval_ms: u64,
+    /// A partition writes a snapshot of its state after this many record bytes were applied
+    /// since the last one (and before retention, and at shutdown). A restart after a crash
+    /// re-applies at most about this much of the log.
+    pub snapshot_interval_bytes: u64,
     /// Graceful shutdown: how long in-flight work may take before the broker exits anyway.
     pub shutdown_grace_ms: u64,
 
@@ -148,6 +152,7 @@ impl Default for Config {
             session_timeout_ms: 10_000,
             publish_queue_max: 1024,
             retention_check_interval_ms: 60_000,
+            snapshot_interval_bytes: 64 * 1024 * 1024,
             shutdown_grace_ms: 10_000,
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 500,
@@ -309,6 +314,12 @@ impl Config {
             self.retention_check_interval_ms,
             10,
             86_400_000,
+        )?;
+        range(
+            "snapshot_interval_bytes",
+            self.snapshot_interval_bytes,
+            64 * 1024,
+            64 * 1024 * 1024 * 1024,
         )?;
         range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         range("raft_heartbeat_ms", self.raft_heartbeat_ms, 10, 60_000)?;

@@ -8,6 +8,8 @@
 //! - [`error`]: the broker's error type and its mapping to gRPC statuses.
 //! - [`node`]: one broker node: metadata, controller, hosted partitions, groups.
 //! - [`partition`]: a hosted partition: publish actor, reads, retention.
+//! - [`registry`]: the hosted partitions and the supervisor task of each (open, replay, serve,
+//!   snapshot, retention, reopen after a storage error).
 //! - [`groups`]: the consumer-group coordinator.
 //! - [`grpc`]: the client gRPC services, one file per service.
 //! - [`admin`]: the admin HTTP API and its OpenAPI document.
@@ -23,5 +25,6 @@ pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod raft;
+pub mod registry;
 pub mod server;
 pub mod topic;

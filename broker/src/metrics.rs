@@ -49,6 +49,16 @@ pub fn published(topic: &str, records: u64, bytes: u64) {
     metrics::counter!("weft_published_bytes_total", "topic" => topic.to_string()).increment(bytes);
 }
 
+/// Records what a partition re-applied when it opened (from its snapshot to the log's end).
+pub fn replayed(topic: &str, partition: u32, entries: u64, bytes: u64) {
+    let labels = [
+        ("topic", topic.to_string()),
+        ("partition", partition.to_string()),
+    ];
+    metrics::gauge!("weft_partition_replayed_entries", &labels).set(entries as f64);
+    metrics::gauge!("weft_partition_replayed_bytes", &labels).set(bytes as f64);
+}
+
 /// Refreshes the gauges of every hosted partition and group, then renders the text format.
 pub fn render(node: &Node) -> String {
     for partition in node.partitions() {

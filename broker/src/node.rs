@@ -1,32 +1,31 @@
 //! One broker node: its metadata store, the controller Raft group (topics), the partitions it
-//! hosts, and the consumer-group coordinator.
+//! hosts (`registry`), and the consumer-group coordinator.
 //!
-//! The partition registry follows the controller: a reconciler task watches the controller state
-//! and opens the partitions whose replicas include this node, applies configuration changes, and
-//! closes and deletes the partitions of deleted topics. Each partition owns its own state (Raft
-//! group, actor); the registry is only a map from names to them.
+//! The registry follows the controller: a reconciler task watches the controller state and
+//! starts the partitions whose replicas include this node, applies configuration changes, and
+//! stops and deletes the partitions of deleted topics. Each partition is opened, replayed and
+//! supervised by its own task; the node serves a partition only once it is ready.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use openraft::BasicNode;
 use tokio::sync::watch;
-use weft_storage::{LogConfig, Metadata, NodeIdentity, PartitionLog, SledMetaStore};
+use weft_storage::{Metadata, NodeIdentity, SledMetaStore};
 
 use crate::config::Config;
 use crate::error::BrokerError;
 use crate::groups::Coordinator;
 use crate::partition::{Partition, PartitionSpec};
 use crate::raft::{
-    CONTROLLER_GROUP, Command, ControllerCommand, ControllerResponse, ControllerState,
-    ControllerStateMachine, LogStore, Network, NodeId, Raft, Response, TopicMeta, raft_config,
+    ControllerCommand, ControllerGroup, ControllerResponse, ControllerState, NodeId, TopicMeta,
+    raft_config,
 };
+use crate::registry::{HostContext, Phase, Registry};
 use crate::topic::TopicConfig;
 
-type PartitionKey = (String, u32);
+/// Entries after which a partition snapshots even if few bytes were applied (many tiny entries).
+const SNAPSHOT_EVERY_ENTRIES: u64 = 10_000;
 
 /// A running broker node.
 pub struct Node {
@@ -38,14 +37,10 @@ pub struct Node {
     pub cluster_id: String,
     /// Consumer groups.
     pub groups: Coordinator,
-    meta: Metadata,
-    controller: Raft,
-    controller_sm: ControllerStateMachine,
-    partitions: RwLock<HashMap<PartitionKey, Arc<Partition>>>,
-    reconciled: watch::Sender<u64>,
-    raft_config: Arc<openraft::Config>,
-    ready: AtomicBool,
+    controller: ControllerGroup,
+    registry: Registry,
     started: Instant,
+    stopping: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -63,9 +58,21 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Why a node is not ready, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    /// "topic/partition".
+    pub partition: String,
+    /// Its phase: opening, replaying or down.
+    pub phase: String,
+    /// Why it is down, when it is.
+    pub reason: Option<String>,
+}
+
 impl Node {
-    /// Opens the data directory, starts the controller group (initialising a new cluster on first
-    /// start) and the partitions this node hosts.
+    /// Opens the data directory and starts the controller group (initialising a new cluster on
+    /// first start). Partitions open in the background: [`Node::not_ready`] says which are not
+    /// serving yet.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Node>> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot create data_dir {}: {e}", config.data_dir.display())
@@ -89,43 +96,35 @@ impl Node {
                 identity
             }
         };
-        let raft_config = Arc::new(raft_config(
+        let controller = ControllerGroup::open(
+            &config.data_dir.join("controller"),
+            config.node_id,
+            config.peer_listen.to_string(),
+            meta.clone(),
+            Arc::new(raft_config(
+                &config.cluster_name,
+                config.raft_heartbeat_ms,
+                config.raft_election_timeout_ms,
+                None,
+            )?),
+        )
+        .await?;
+        let partition_raft = Arc::new(raft_config(
             &config.cluster_name,
             config.raft_heartbeat_ms,
             config.raft_election_timeout_ms,
-            false,
+            Some(SNAPSHOT_EVERY_ENTRIES),
         )?);
-        let controller_log =
-            PartitionLog::open(config.data_dir.join("controller"), LogConfig::default())?;
-        let store = LogStore::new(CONTROLLER_GROUP, controller_log, meta.clone())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let controller_sm = ControllerStateMachine::new();
-        let controller = Raft::new(
-            config.node_id,
-            raft_config.clone(),
-            Network,
-            store,
-            controller_sm.clone(),
-        )
-        .await?;
-        if !controller.is_initialized().await? {
-            let members = BTreeMap::from([(
-                config.node_id,
-                BasicNode::new(config.peer_listen.to_string()),
-            )]);
-            controller.initialize(members).await?;
-        }
-        controller
-            .wait(Some(Duration::from_secs(30)))
-            .current_leader(config.node_id, "controller leadership")
-            .await
-            .map_err(|e| anyhow::anyhow!("this node did not become controller leader: {e}"))?;
-        // Apply everything already in the controller log before serving.
-        controller
-            .ensure_linearizable()
-            .await
-            .map_err(|e| anyhow::anyhow!("controller not ready: {e}"))?;
-
+        let registry = Registry::new(HostContext {
+            node_id: config.node_id,
+            peer_address: config.peer_listen.to_string(),
+            topics_dir: config.data_dir.join("topics"),
+            meta: meta.clone(),
+            raft_config: partition_raft,
+            queue_max: config.publish_queue_max as usize,
+            retention_interval: Duration::from_millis(config.retention_check_interval_ms),
+            snapshot_interval_bytes: config.snapshot_interval_bytes,
+        });
         let groups = Coordinator::new(
             meta.clone(),
             Duration::from_millis(config.session_timeout_ms),
@@ -134,30 +133,48 @@ impl Node {
             node_id: config.node_id,
             cluster_id: identity.cluster_id,
             groups,
-            meta,
             controller,
-            controller_sm,
-            partitions: RwLock::new(HashMap::new()),
-            reconciled: watch::Sender::new(0),
-            raft_config,
-            ready: AtomicBool::new(false),
+            registry,
             started: Instant::now(),
+            stopping: AtomicBool::new(false),
             config,
         });
-        node.reconcile(&node.controller_sm.state()).await;
+        node.reconcile(&node.controller.state()).await;
         tokio::spawn(reconcile_loop(
             Arc::downgrade(&node),
-            node.controller_sm.watch(),
+            node.controller.watch(),
         ));
-        tokio::spawn(retention_loop(Arc::downgrade(&node)));
         node.groups.start_reaper();
-        node.ready.store(true, Ordering::SeqCst);
         Ok(node)
     }
 
-    /// Whether the node serves: controller led here and partitions open.
+    /// Whether the node serves: every hosted partition is open and caught up.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        !self.stopping.load(Ordering::SeqCst) && self.not_ready().is_empty()
+    }
+
+    /// The hosted partitions that do not serve yet, and why.
+    pub fn not_ready(&self) -> Vec<NotReady> {
+        self.registry
+            .slots()
+            .into_iter()
+            .filter_map(|((topic, partition), slot)| {
+                let phase = slot.phase();
+                match &phase {
+                    Phase::Ready(_) => None,
+                    Phase::Down { reason } => Some(NotReady {
+                        partition: format!("{topic}/{partition}"),
+                        phase: phase.name().into(),
+                        reason: Some(reason.clone()),
+                    }),
+                    _ => Some(NotReady {
+                        partition: format!("{topic}/{partition}"),
+                        phase: phase.name().into(),
+                        reason: None,
+                    }),
+                }
+            })
+            .collect()
     }
 
     /// Seconds since start.
@@ -167,12 +184,12 @@ impl Node {
 
     /// The controller state (topics).
     pub fn controller_state(&self) -> Arc<ControllerState> {
-        self.controller_sm.state()
+        self.controller.state()
     }
 
     /// The controller's leader.
     pub fn controller_leader(&self) -> Option<NodeId> {
-        self.controller.metrics().borrow().current_leader
+        self.controller.leader()
     }
 
     /// A topic by name.
@@ -184,7 +201,8 @@ impl Node {
             .ok_or_else(|| BrokerError::TopicNotFound(name.into()))
     }
 
-    /// A hosted partition.
+    /// A hosted partition that serves; UNAVAILABLE (with the reason) while it opens, replays or
+    /// is down.
     pub fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, BrokerError> {
         let meta = self.topic(topic)?;
         if partition >= meta.config.partitions {
@@ -193,47 +211,39 @@ impl Node {
                 partition,
             });
         }
-        self.partitions
-            .read()
-            .map_err(|_| BrokerError::Internal("partition registry poisoned".into()))?
-            .get(&(topic.to_string(), partition))
-            .filter(|p| p.topic_id == meta.topic_id)
-            .cloned()
-            .ok_or_else(|| BrokerError::Unavailable {
+        match self.registry.slot(topic, partition) {
+            Some(slot) if slot.topic_id() == meta.topic_id => slot.serving(),
+            _ => Err(BrokerError::Unavailable {
                 reason: format!("partition {topic}/{partition} is not open yet"),
                 leader: None,
-            })
+            }),
+        }
     }
 
-    /// All hosted partitions, in (topic, partition) order.
+    /// Every hosted partition that serves, in (topic, partition) order.
     pub fn partitions(&self) -> Vec<Arc<Partition>> {
-        let mut all: Vec<Arc<Partition>> = self
-            .partitions
-            .read()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-        all
+        self.registry
+            .slots()
+            .into_iter()
+            .filter_map(|(_, slot)| match slot.phase() {
+                Phase::Ready(p) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every hosted partition with its phase, in (topic, partition) order.
+    pub fn hosted(&self) -> Vec<((String, u32), Phase)> {
+        self.registry
+            .slots()
+            .into_iter()
+            .map(|(key, slot)| (key, slot.phase()))
+            .collect()
     }
 
     async fn propose(&self, command: ControllerCommand) -> Result<ControllerResponse, BrokerError> {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
-        let write = self.controller.client_write(Command::Controller(command));
-        match tokio::time::timeout(timeout, write).await {
-            Err(_) => Err(BrokerError::Timeout(
-                "controller did not commit in time".into(),
-            )),
-            Ok(Err(e)) => Err(BrokerError::Unavailable {
-                reason: format!("controller: {e}"),
-                leader: self.controller_leader(),
-            }),
-            Ok(Ok(response)) => match response.data {
-                Response::Controller(r) => Ok(r),
-                other => Err(BrokerError::Internal(format!(
-                    "unexpected controller response {other:?}"
-                ))),
-            },
-        }
+        self.controller.propose(command, timeout).await
     }
 
     fn controller_result(response: ControllerResponse) -> Result<TopicMeta, BrokerError> {
@@ -248,7 +258,7 @@ impl Node {
         }
     }
 
-    /// Creates a topic and waits until its partitions are open here.
+    /// Creates a topic and waits until its partitions serve here.
     pub async fn create_topic(
         &self,
         name: &str,
@@ -320,21 +330,18 @@ impl Node {
 
     async fn wait_for_partitions(&self, topic: &TopicMeta) -> Result<(), BrokerError> {
         let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
-        let mut reconciled = self.reconciled.subscribe();
+        let mut changes = self.registry.watch_changes();
         loop {
-            let open = topic
+            changes.borrow_and_update();
+            let serving = topic
                 .partitions
                 .iter()
                 .all(|p| self.partition(&topic.name, p.partition).is_ok());
-            if open {
+            if serving {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero()
-                || tokio::time::timeout(left, reconciled.changed())
-                    .await
-                    .is_err()
-            {
+            if left.is_zero() || tokio::time::timeout(left, changes.changed()).await.is_err() {
                 return Err(BrokerError::Timeout(format!(
                     "partitions of {} did not open in time",
                     topic.name
@@ -343,97 +350,34 @@ impl Node {
         }
     }
 
-    fn partition_dir(&self, topic_id: &str, partition: u32) -> PathBuf {
-        self.config
-            .data_dir
-            .join("topics")
-            .join(topic_id)
-            .join(partition.to_string())
-    }
-
-    /// Makes the open partitions match the controller state.
+    /// Makes the hosted partitions match the controller state.
     async fn reconcile(&self, state: &ControllerState) {
-        let mut wanted: HashMap<PartitionKey, (PartitionSpec, bool)> = HashMap::new();
-        for topic in state.topics.values() {
-            for p in &topic.partitions {
-                if p.replicas.contains(&self.node_id) {
-                    let spec = PartitionSpec {
+        let wanted: Vec<PartitionSpec> = state
+            .topics
+            .values()
+            .flat_map(|topic| {
+                topic
+                    .partitions
+                    .iter()
+                    .filter(|p| p.replicas.contains(&self.node_id))
+                    .map(|p| PartitionSpec {
                         topic: topic.name.clone(),
                         topic_id: topic.topic_id.clone(),
                         partition: p.partition,
                         group_id: p.group_id,
                         config: topic.config.clone(),
-                    };
-                    wanted.insert((topic.name.clone(), p.partition), (spec, true));
-                }
-            }
-        }
-        let running: Vec<Arc<Partition>> = self.partitions();
-        let mut gone_topics: HashSet<String> = HashSet::new();
-        for partition in &running {
-            let key = (partition.topic.clone(), partition.partition);
-            match wanted.get_mut(&key) {
-                Some((spec, open)) if spec.topic_id == partition.topic_id => {
-                    *open = false;
-                    if partition.config() != spec.config {
-                        partition.set_config(spec.config.clone());
-                    }
-                }
-                _ => {
-                    if let Ok(mut map) = self.partitions.write() {
-                        map.remove(&key);
-                    }
-                    partition.shutdown().await;
-                    gone_topics.insert(partition.topic_id.clone());
-                }
-            }
-        }
-        for topic_id in gone_topics {
-            if !state.topics.values().any(|t| t.topic_id == topic_id) {
-                let dir = self.config.data_dir.join("topics").join(&topic_id);
-                if let Err(e) = std::fs::remove_dir_all(&dir) {
-                    tracing::warn!(dir = %dir.display(), "cannot delete the data of a deleted topic: {e}");
-                }
-            }
-        }
-        for (key, (spec, open)) in wanted {
-            if !open {
-                continue;
-            }
-            let dir = self.partition_dir(&spec.topic_id, spec.partition);
-            let opened = Partition::open(
-                spec,
-                &dir,
-                self.node_id,
-                self.config.peer_listen.to_string(),
-                self.meta.clone(),
-                self.raft_config.clone(),
-                self.config.publish_queue_max as usize,
-            )
-            .await;
-            match opened {
-                Ok(partition) => {
-                    if let Ok(mut map) = self.partitions.write() {
-                        map.insert(key, partition);
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(topic = %key.0, partition = key.1, "cannot open partition: {e:#}")
-                }
-            }
-        }
-        self.reconciled.send_modify(|generation| *generation += 1);
+                    })
+            })
+            .collect();
+        self.registry.reconcile(wanted).await;
     }
 
-    /// Stops every Raft group. Acknowledged data is already durable.
+    /// Stops every Raft group, snapshotting each partition so the next start replays nothing.
+    /// Acknowledged data is already durable.
     pub async fn shutdown(&self) {
-        self.ready.store(false, Ordering::SeqCst);
-        for partition in self.partitions() {
-            partition.shutdown().await;
-        }
-        if let Err(e) = self.controller.shutdown().await {
-            tracing::warn!("controller shutdown: {e}");
-        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.registry.shutdown().await;
+        self.controller.shutdown().await;
     }
 }
 
@@ -446,32 +390,10 @@ async fn reconcile_loop(
             return;
         }
         let Some(node) = node.upgrade() else { return };
+        if node.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         let current = state.borrow_and_update().clone();
         node.reconcile(&current).await;
-    }
-}
-
-async fn retention_loop(node: std::sync::Weak<Node>) {
-    loop {
-        let Some(interval) = node.upgrade().map(|n| n.config.retention_check_interval_ms) else {
-            return;
-        };
-        tokio::time::sleep(Duration::from_millis(interval)).await;
-        let Some(node) = node.upgrade() else { return };
-        for partition in node.partitions() {
-            match partition.apply_retention(now_ms()) {
-                Ok(report) if report.segments_deleted > 0 => tracing::info!(
-                    topic = %partition.topic,
-                    partition = partition.partition,
-                    segments = report.segments_deleted,
-                    bytes = report.bytes_deleted,
-                    "retention deleted old segments"
-                ),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(topic = %partition.topic, partition = partition.partition, "retention: {e}")
-                }
-            }
-        }
     }
 }

@@ -1,31 +1,37 @@
-//! One partition on this broker: its Raft group (the segment-store log is the Raft log), its state
-//! machine, and the actor that orders publishes.
+//! One partition on this broker: its Raft group (the segment-store log is the Raft log, see
+//! `raft::PartitionGroup`) and the actor that orders publishes.
 //!
 //! Publishing: requests go through a bounded queue to the partition's actor, which owns the
 //! producers' sequence table. It checks each idempotent batch (duplicate, gap, fenced) in the order
-//! the batches enter the Raft log, then proposes it without waiting (`client_write_ff`), so many
-//! batches are in flight and share group-committed fsyncs. A batch is acknowledged once its entry
-//! is applied: committed, and durably on disk under the topic's fsync policy.
+//! the batches enter the Raft log, then proposes it without waiting, so several batches are in
+//! flight and share fsyncs. At most `PROPOSALS_IN_FLIGHT_MAX` proposals are in flight; beyond that
+//! the actor stops taking from its queue, the queue fills, and publishes are refused with
+//! RESOURCE_EXHAUSTED and a retry hint: memory stays bounded during an fsync stall. A batch is
+//! acknowledged once its entry is applied: committed, and durably on disk under the topic's fsync
+//! policy.
 //!
 //! Reading: consumers read the log by offset up to the high watermark (the offset after the last
 //! applied record), so nothing they see can later be lost. Fetch long-polls on a watch channel.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::BasicNode;
-use openraft::error::{ClientWriteError, RaftError};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot, watch};
-use weft_storage::{Batch, Metadata, PartitionLog, ProducerInfo};
+use weft_storage::{Batch, ProducerInfo};
 
 use crate::error::BrokerError;
 use crate::raft::{
-    Command, GroupId, LogReader, LogStore, Network, NodeId, PartitionStateMachine, ProducerBatch,
-    ProducerState, Raft, Response, SequenceCheck,
+    GroupId, GroupStatus, NodeId, PartitionGroup, ProducerBatch, ProducerState, SequenceCheck,
 };
 use crate::topic::TopicConfig;
+
+/// Most proposals of one partition in flight in Raft at once.
+const PROPOSALS_IN_FLIGHT_MAX: usize = 64;
 
 /// Where a published batch was stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,34 +62,6 @@ struct PublishJob {
     reply: oneshot::Sender<Result<Published, BrokerError>>,
 }
 
-/// A partition hosted on this broker.
-pub struct Partition {
-    /// Topic name.
-    pub topic: String,
-    /// Topic id.
-    pub topic_id: String,
-    /// Partition number.
-    pub partition: u32,
-    /// Raft group id.
-    pub group_id: GroupId,
-    dir: PathBuf,
-    raft: Raft,
-    sm: PartitionStateMachine,
-    reader: LogReader,
-    config: Mutex<TopicConfig>,
-    jobs: mpsc::Sender<PublishJob>,
-}
-
-impl std::fmt::Debug for Partition {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Partition")
-            .field("topic", &self.topic)
-            .field("partition", &self.partition)
-            .field("group_id", &self.group_id)
-            .finish_non_exhaustive()
-    }
-}
-
 impl std::fmt::Debug for PublishJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PublishJob")
@@ -92,8 +70,8 @@ impl std::fmt::Debug for PublishJob {
     }
 }
 
-/// What opening a partition needs.
-#[derive(Debug, Clone)]
+/// What identifies a hosted partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionSpec {
     /// Topic name.
     pub topic: String,
@@ -107,46 +85,70 @@ pub struct PartitionSpec {
     pub config: TopicConfig,
 }
 
+/// A partition hosted on this broker, with its Raft group open.
+pub struct Partition {
+    /// Topic name.
+    pub topic: String,
+    /// Topic id.
+    pub topic_id: String,
+    /// Partition number.
+    pub partition: u32,
+    /// Raft group id.
+    pub group_id: GroupId,
+    dir: PathBuf,
+    group: PartitionGroup,
+    config: Mutex<TopicConfig>,
+    jobs: mpsc::Sender<PublishJob>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("group_id", &self.group_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Partition {
-    /// Opens (or creates) the partition's log under `dir`, starts its Raft group as a single voter
-    /// (`node_id`), and its publish actor.
-    pub async fn open(
+    /// Wraps an opened group and starts the publish actor. The partition is not ready until
+    /// [`Partition::set_ready`] (its group has caught up).
+    pub fn start(
         spec: PartitionSpec,
         dir: &Path,
-        node_id: NodeId,
-        peer_address: String,
-        meta: Metadata,
-        raft_config: Arc<openraft::Config>,
+        group: PartitionGroup,
         queue_max: usize,
-    ) -> anyhow::Result<Arc<Partition>> {
-        let log = PartitionLog::open(dir, spec.config.log_config())?;
-        let report = log.recovery_report().clone();
-        if !report.corruptions.is_empty() {
-            tracing::error!(topic = %spec.topic, partition = spec.partition, ?report, "partition log has damaged ranges");
-        }
-        let store = LogStore::new(spec.group_id, log, meta).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let reader = store.reader();
-        let sm = PartitionStateMachine::new();
-        let raft = Raft::new(node_id, raft_config, Network, store, sm.clone()).await?;
-        if !raft.is_initialized().await? {
-            let members =
-                std::collections::BTreeMap::from([(node_id, BasicNode::new(peer_address))]);
-            raft.initialize(members).await?;
-        }
+    ) -> Arc<Partition> {
         let (jobs, queue) = mpsc::channel(queue_max.max(1));
-        tokio::spawn(run_actor(raft.clone(), sm.clone(), queue));
-        Ok(Arc::new(Partition {
+        tokio::spawn(run_actor(group.clone(), queue));
+        Arc::new(Partition {
             topic: spec.topic,
             topic_id: spec.topic_id,
             partition: spec.partition,
             group_id: spec.group_id,
             dir: dir.to_path_buf(),
-            raft,
-            sm,
-            reader,
+            group,
             config: Mutex::new(spec.config),
             jobs,
-        }))
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// The Raft group.
+    pub fn group(&self) -> &PartitionGroup {
+        &self.group
+    }
+
+    /// Marks the partition as serving (its state is current).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the partition serves.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
     }
 
     /// The topic configuration in force.
@@ -157,7 +159,7 @@ impl Partition {
     /// Applies a changed topic configuration (limits, retention).
     pub fn set_config(&self, config: TopicConfig) {
         let log_config = config.log_config();
-        let _ = self.reader.with_log_mut(|log| {
+        let _ = self.group.reader().with_log_mut(|log| {
             log.set_retention(log_config.retention_bytes, log_config.retention_ms)
         });
         if let Ok(mut current) = self.config.lock() {
@@ -201,8 +203,9 @@ impl Partition {
 
     /// The partition's bounds.
     pub fn bounds(&self) -> Bounds {
-        let high_watermark = *self.sm.high_watermark().borrow();
-        self.reader
+        let high_watermark = self.group.high_watermark_now();
+        self.group
+            .reader()
             .with_log(|log| Bounds {
                 log_start: log.start_offset(),
                 high_watermark: high_watermark.max(log.start_offset()),
@@ -219,7 +222,7 @@ impl Partition {
 
     /// Watches the high watermark.
     pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {
-        self.sm.high_watermark()
+        self.group.high_watermark()
     }
 
     /// Reads committed record batches from `offset`, waiting up to `max_wait` for at least
@@ -232,7 +235,7 @@ impl Partition {
         max_wait: Duration,
     ) -> Result<Vec<Batch>, BrokerError> {
         let deadline = Instant::now() + max_wait;
-        let mut watermark = self.sm.high_watermark();
+        let mut watermark = self.group.high_watermark();
         loop {
             let bounds = self.bounds();
             if offset < bounds.log_start || offset > bounds.high_watermark {
@@ -243,7 +246,8 @@ impl Partition {
                 });
             }
             let batches = self
-                .reader
+                .group
+                .reader()
                 .with_log(|log| log.read(offset, max_bytes, bounds.high_watermark))
                 .map_err(|e| BrokerError::Internal(e.to_string()))?
                 .map_err(storage_error)?;
@@ -265,32 +269,48 @@ impl Partition {
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<u64, BrokerError> {
         let high_watermark = self.bounds().high_watermark;
         let found = self
-            .reader
+            .group
+            .reader()
             .with_log(|log| log.offset_for_timestamp(timestamp_ms, high_watermark))
             .map_err(|e| BrokerError::Internal(e.to_string()))?
             .map_err(storage_error)?;
         Ok(found.unwrap_or(high_watermark))
     }
 
-    /// Deletes segments beyond the topic's retention.
-    pub fn apply_retention(&self, now_ms: i64) -> Result<weft_storage::PurgeReport, BrokerError> {
-        self.reader
-            .with_log_mut(|log| log.apply_retention(now_ms))
-            .map_err(|e| BrokerError::Internal(e.to_string()))?
-            .map_err(storage_error)
+    /// Applies the topic's retention: decides which old segments go, makes a snapshot cover
+    /// them, and purges them through Raft. Returns the Raft index purged through, if any.
+    pub async fn apply_retention(&self, now_ms: i64) -> Result<Option<u64>, BrokerError> {
+        let point = self
+            .group
+            .reader()
+            .with_log(|log| log.retention_point(now_ms))
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let Some(index) = point else { return Ok(None) };
+        if self.group.status().purged_index >= Some(index) {
+            return Ok(None);
+        }
+        self.group
+            .purge_through(index, Duration::from_secs(30))
+            .await?;
+        Ok(Some(index))
     }
 
     /// The Raft term of the current leadership, and the leader.
     pub fn leadership(&self) -> (u64, Option<NodeId>) {
-        let metrics = self.raft.metrics().borrow().clone();
-        (metrics.current_term, metrics.current_leader)
+        let status = self.group.status();
+        (status.term, status.leader)
     }
 
-    /// Stops the Raft group (the log is flushed: every acknowledged batch is already durable).
-    pub async fn shutdown(&self) {
-        if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(topic = %self.topic, partition = self.partition, "raft shutdown: {e}");
-        }
+    /// Term, leader and log positions of the group.
+    pub fn status(&self) -> GroupStatus {
+        self.group.status()
+    }
+
+    /// Stops the Raft group; with `snapshot`, snapshots first so the next open replays nothing.
+    /// Every acknowledged batch is durable already.
+    pub async fn shutdown(&self, snapshot: bool) {
+        self.ready.store(false, Ordering::SeqCst);
+        self.group.shutdown(snapshot).await;
     }
 }
 
@@ -313,7 +333,7 @@ pub(crate) fn storage_error(error: weft_storage::Error) -> BrokerError {
 
 type Waiters = Vec<oneshot::Sender<Result<Published, BrokerError>>>;
 
-/// A proposal's outcome, reported back to the actor.
+/// A proposal's outcome, as the actor sees it.
 struct Done {
     producer: Option<(u64, u32, u64)>,
     record_count: u32,
@@ -322,31 +342,26 @@ struct Done {
 }
 
 /// Orders publishes: checks producer sequences, proposes, answers.
-async fn run_actor(raft: Raft, sm: PartitionStateMachine, mut jobs: mpsc::Receiver<PublishJob>) {
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+async fn run_actor(group: PartitionGroup, mut jobs: mpsc::Receiver<PublishJob>) {
     // Loaded from the state machine once this node leads and has applied everything before.
     let mut producers: Option<HashMap<u64, ProducerState>> = None;
     // Idempotent batches proposed and not yet answered, by (producer, base sequence): retries of
     // them wait for the original's outcome.
     let mut pending: HashMap<(u64, u64), Waiters> = HashMap::new();
-    let mut in_flight = 0usize;
+    let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
-            job = jobs.recv() => {
+            job = jobs.recv(), if in_flight.len() < PROPOSALS_IN_FLIGHT_MAX => {
                 let Some(job) = job else { break };
                 let h = *job.batch.header();
                 let mut waiters = vec![job.reply];
                 let mut producer = None;
                 if h.producer_id != 0 {
                     if producers.is_none() {
-                        match raft.ensure_linearizable().await {
-                            Ok(_) => producers = Some(sm.state().producers.into_iter().collect()),
+                        match group.ensure_leader().await {
+                            Ok(()) => producers = Some(group.producers().into_iter().collect()),
                             Err(e) => {
-                                let leader = match &e {
-                                    RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => f.leader_id,
-                                    _ => None,
-                                };
-                                answer(waiters, Err(BrokerError::Unavailable { reason: e.to_string(), leader }));
+                                answer(waiters, Err(e));
                                 continue;
                             }
                         }
@@ -376,10 +391,8 @@ async fn run_actor(raft: Raft, sm: PartitionStateMachine, mut jobs: mpsc::Receiv
                         }
                     }
                 }
-                match raft.client_write_ff(Command::Records(job.batch.bytes().clone())).await {
-                    Ok(receiver) => {
-                        in_flight += 1;
-                        let done_tx = done_tx.clone();
+                match group.propose(job.batch.bytes().clone()).await {
+                    Ok(proposal) => {
                         let waiters = match producer {
                             Some((id, _, seq)) => {
                                 pending.insert((id, seq), waiters);
@@ -388,19 +401,8 @@ async fn run_actor(raft: Raft, sm: PartitionStateMachine, mut jobs: mpsc::Receiv
                             None => waiters,
                         };
                         let record_count = h.record_count;
-                        tokio::spawn(async move {
-                            let result = match receiver.await {
-                                Ok(Ok(response)) => match response.data {
-                                    Response::Appended { base_offset, .. } => Ok(base_offset),
-                                    other => Err(BrokerError::Internal(format!("unexpected apply result {other:?}"))),
-                                },
-                                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
-                                    Err(BrokerError::Unavailable { reason: "not the partition leader".into(), leader: f.leader_id })
-                                }
-                                Ok(Err(e)) => Err(unavailable(&e.to_string())),
-                                Err(_) => Err(unavailable("raft stopped before answering")),
-                            };
-                            let _ = done_tx.send(Done { producer, record_count, waiters, result });
+                        in_flight.push(async move {
+                            Done { producer, record_count, waiters, result: proposal.await }
                         });
                     }
                     Err(fatal) => {
@@ -409,12 +411,11 @@ async fn run_actor(raft: Raft, sm: PartitionStateMachine, mut jobs: mpsc::Receiv
                             producers = None;
                             pending.remove(&(id, seq));
                         }
-                        answer(waiters, Err(unavailable(&fatal.to_string())));
+                        answer(waiters, Err(fatal));
                     }
                 }
             }
-            Some(done) = done_rx.recv(), if in_flight > 0 => {
-                in_flight -= 1;
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 let mut waiters = done.waiters;
                 if let Some((id, _, seq)) = done.producer {
                     waiters.extend(pending.remove(&(id, seq)).unwrap_or_default());

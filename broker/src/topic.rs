@@ -159,7 +159,10 @@ impl TopicConfig {
     pub fn log_config(&self) -> LogConfig {
         LogConfig {
             segment_bytes_max: self.segment_bytes,
-            batch_bytes_max: u64::from(self.max_message_bytes) + 1024,
+            // The topic's max_message_bytes is checked when a publish arrives; it can change at
+            // any time, so the log itself accepts any batch a topic may ever allow (a raised
+            // limit must not turn the next large entry into a fatal storage error).
+            batch_bytes_max: u64::from(MESSAGE_BYTES_MAX) + 1024,
             fsync: match self.fsync {
                 Fsync::Always => FsyncPolicy::Always,
                 Fsync::IntervalMs(ms) => FsyncPolicy::Interval {

@@ -35,7 +35,14 @@ impl Builder {
 impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, PartitionStateMachine), StorageError> {
         let (dir, store) = self.open();
-        Ok((dir, store, PartitionStateMachine::new()))
+        let sm = PartitionStateMachine::open(
+            dir.path().join("log"),
+            LogConfig::default(),
+            store.reader(),
+            64 * 1024 * 1024,
+        )
+        .expect("state machine");
+        Ok((dir, store, sm))
     }
 }
 

@@ -173,16 +173,33 @@ impl Consumer {
             uncredited: (0, 0),
             last_commit: Instant::now(),
         };
-        consumer.subscribe().await?;
-        // The broker announces the assignment first: wait for it, so `assignment()` is meaningful.
+        // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
+        // reconnect would.
+        let mut attempt = 0;
         loop {
-            match consumer.receive().await? {
-                Some(Event::Assignment(_)) => break,
+            match consumer.start().await {
+                Ok(()) => return Ok(consumer),
+                Err(e) if e.is_retriable() && attempt < consumer.config.reconnects_max => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(20))))
+                        .await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Subscribes and waits for the first assignment, which the broker announces before
+    /// delivering, so `assignment()` is meaningful once this returns.
+    async fn start(&mut self) -> Result<()> {
+        self.subscribe().await?;
+        loop {
+            match self.receive().await? {
+                Some(Event::Assignment(_)) => return Ok(()),
                 Some(_) => {}
                 None => return Err(Error::Closed),
             }
         }
-        Ok(consumer)
     }
 
     async fn subscribe(&mut self) -> Result<()> {

@@ -525,8 +525,7 @@ impl PartitionLog {
         let mut out: Vec<Batch> = Vec::new();
         let mut budget = max_bytes.max(1);
         for seg in &self.segments[first..] {
-            let (batches, how) =
-                seg.read(start(seg), budget, out.is_empty(), &mut visit)?;
+            let (batches, how) = seg.read(start(seg), budget, out.is_empty(), &mut visit)?;
             let bytes: usize = batches.iter().map(Batch::len).sum();
             out.extend(batches);
             budget = budget.saturating_sub(bytes);

@@ -511,9 +511,7 @@ impl Segment {
                     continue;
                 }
                 let candidate = position + i as u64;
-                if let Frame::Valid { batch, synced_len } =
-                    window.frame(candidate)?
-                {
+                if let Frame::Valid { batch, synced_len } = window.frame(candidate)? {
                     let h = batch.header();
                     let plausible = h.base_offset >= self.next_offset
                         && (self.first_index.is_none() || h.index >= self.next_index);

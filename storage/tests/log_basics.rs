@@ -486,7 +486,10 @@ fn frames_larger_than_a_lowered_batch_limit_still_read_after_an_unclean_reopen()
     let log = PartitionLog::open(dir.path(), small).expect("reopen with a lower limit");
     let report = log.recovery_report();
     assert!(report.torn_tail.is_none(), "nothing was torn: {report:?}");
-    assert!(report.corruptions.is_empty(), "nothing is damaged: {report:?}");
+    assert!(
+        report.corruptions.is_empty(),
+        "nothing is damaged: {report:?}"
+    );
     let got = read_all_entries(&log).expect("read");
     assert_eq!(got.len(), expected.len());
     for (got, want) in got.iter().zip(&expected) {
@@ -516,7 +519,11 @@ fn retention_point_names_the_last_entry_of_the_segments_retention_would_delete()
         ..small_config()
     };
     let mut log = PartitionLog::open(dir.path(), config).expect("open");
-    assert_eq!(log.retention_point(i64::MAX), None, "an empty log keeps all");
+    assert_eq!(
+        log.retention_point(i64::MAX),
+        None,
+        "an empty log keeps all"
+    );
     for _ in 0..300 {
         append_random(&mut log, &mut rng, 200);
     }
@@ -532,5 +539,9 @@ fn retention_point_names_the_last_entry_of_the_segments_retention_would_delete()
     assert_eq!(log.first_index(), Some(point + 1), "whole segments only");
     assert!(log.size_bytes() >= 20 * 1024);
     assert_eq!(size - report.bytes_deleted, log.size_bytes());
-    assert_eq!(log.retention_point(i64::MAX), None, "nothing more to delete");
+    assert_eq!(
+        log.retention_point(i64::MAX),
+        None,
+        "nothing more to delete"
+    );
 }

@@ -23,7 +23,10 @@ fn snapshots_round_trip_and_replace_each_other_atomically() {
     );
     let big = vec![7u8; 100_000];
     write_snapshot(dir.path(), &big, &config).expect("replace");
-    assert_eq!(read_snapshot(dir.path()).expect("read").as_deref(), Some(&big[..]));
+    assert_eq!(
+        read_snapshot(dir.path()).expect("read").as_deref(),
+        Some(&big[..])
+    );
     // Durable: the file was replaced whole and its directory synced.
     let path = dir.path().join(weft_storage::snapshot::SNAPSHOT_FILE);
     assert!(recorder.synced_len(&path).is_some_and(|len| len > 100_000));
@@ -39,7 +42,12 @@ fn snapshots_round_trip_and_replace_each_other_atomically() {
 #[test]
 fn a_damaged_snapshot_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    write_snapshot(dir.path(), b"some state worth keeping", &LogConfig::default()).expect("write");
+    write_snapshot(
+        dir.path(),
+        b"some state worth keeping",
+        &LogConfig::default(),
+    )
+    .expect("write");
     let path = dir.path().join(weft_storage::snapshot::SNAPSHOT_FILE);
     let good = std::fs::read(&path).expect("read file");
     for position in [0, 9, 14, 25, good.len() - 1] {

@@ -301,3 +301,138 @@ pub fn ok_stdout(output: &Output) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Plain gRPC clients (generated code only, no `weft-client` logic), with message limits large
+/// enough for tests that move batches of several MiB.
+pub mod grpc {
+    use tonic::transport::Channel;
+    use weft_proto::v1::publisher_client::PublisherClient;
+    use weft_proto::v1::subscriber_client::SubscriberClient;
+    use weft_proto::v1::topic_admin_client::TopicAdminClient;
+
+    const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+    /// A channel to `address` (host:port).
+    pub async fn channel(address: &str) -> Channel {
+        Channel::from_shared(format!("http://{address}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A Publisher client.
+    pub fn publisher(channel: &Channel) -> PublisherClient<Channel> {
+        PublisherClient::new(channel.clone())
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    /// A Subscriber client.
+    pub fn subscriber(channel: &Channel) -> SubscriberClient<Channel> {
+        SubscriberClient::new(channel.clone())
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    /// A TopicAdmin client.
+    pub fn topic_admin(channel: &Channel) -> TopicAdminClient<Channel> {
+        TopicAdminClient::new(channel.clone())
+    }
+}
+
+/// Polls `probe` every 20 ms until it returns Some, failing the test with `what` after `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One partition's bounds from GetOffsets, and the group's committed offset if `group` is given.
+/// Err is the gRPC status (UNAVAILABLE while the partition is opening, say).
+pub async fn offsets(
+    address: &str,
+    topic: &str,
+    partition: u32,
+    group: Option<&str>,
+) -> Result<weft_proto::v1::PartitionOffsets, tonic::Status> {
+    let channel = grpc::channel(address).await;
+    let response = grpc::subscriber(&channel)
+        .get_offsets(weft_proto::v1::GetOffsetsRequest {
+            topic: topic.into(),
+            partitions: vec![partition],
+            group_id: group.unwrap_or_default().into(),
+            timestamp_ms: None,
+        })
+        .await?
+        .into_inner();
+    Ok(response
+        .partitions
+        .into_iter()
+        .next()
+        .expect("one partition"))
+}
+
+/// Reads offsets `from .. until` of a partition with Fetch (never judging "done" by an idle
+/// gap: it reads exactly up to `until`). Returns (offset, value) in order.
+pub async fn fetch_range(
+    address: &str,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    until: u64,
+) -> Vec<(u64, bytes::Bytes)> {
+    let channel = grpc::channel(address).await;
+    let mut subscriber = grpc::subscriber(&channel);
+    let mut out = Vec::new();
+    let mut next = from;
+    while next < until {
+        let response = subscriber
+            .fetch(weft_proto::v1::FetchRequest {
+                topic: topic.into(),
+                partition,
+                offset: next,
+                max_bytes: 4 * 1024 * 1024,
+                max_wait_ms: 5_000,
+                min_bytes: 1,
+                max_records: 0,
+            })
+            .await
+            .unwrap_or_else(|status| panic!("fetch {topic}/{partition} at {next}: {status:?}"))
+            .into_inner();
+        assert!(
+            !response.records.is_empty(),
+            "fetch at {next} returned nothing although the high watermark is {}",
+            response.high_watermark
+        );
+        for record in response.records {
+            if record.offset >= until {
+                return out;
+            }
+            out.push((record.offset, record.value));
+        }
+        next = response.next_offset;
+    }
+    out
+}
+
+/// The value of a Prometheus sample `name{labels}` scraped from the broker's /metrics (labels in
+/// the order the exporter prints them), or None when absent.
+pub fn metric(broker: &Broker, name_and_labels: &str) -> Option<f64> {
+    let (status, body) = broker.http("GET", "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
+}

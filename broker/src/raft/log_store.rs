@@ -48,6 +48,18 @@ impl Shared {
         self.last_purged.lock().map(|g| *g).unwrap_or(None)
     }
 
+    fn record_purged(&self, log_id: LogId) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(&log_id)
+            .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
+        self.meta
+            .set_raft(self.group, RaftKey::LastPurged, &bytes)
+            .map_err(|e| write_error(&e))?;
+        if let Ok(mut purged) = self.last_purged.lock() {
+            *purged = Some(log_id);
+        }
+        Ok(())
+    }
+
     fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
         let start = match self.last_purged() {
             Some(purged) => start.max(purged.index + 1),
@@ -143,7 +155,13 @@ impl LogReader {
         Ok(f(&log))
     }
 
-    /// Runs `f` with the partition log locked for writing (retention).
+    /// Records that the log is purged through `log_id`, durably (in the metadata store) before
+    /// anything is deleted: a crash after deleting segments must not forget that they are gone.
+    pub fn record_purged(&self, log_id: LogId) -> Result<(), StorageError> {
+        self.shared.record_purged(log_id)
+    }
+
+    /// Runs `f` with the partition log locked for writing.
     pub fn with_log_mut<T>(
         &self,
         f: impl FnOnce(&mut PartitionLog) -> T,
@@ -335,15 +353,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Durable first: a crash after deleting segments must not forget that they are gone.
-        let bytes = serde_json::to_vec(&log_id)
-            .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
-        self.shared
-            .meta
-            .set_raft(self.shared.group, RaftKey::LastPurged, &bytes)
-            .map_err(|e| write_error(&e))?;
-        if let Ok(mut purged) = self.shared.last_purged.lock() {
-            *purged = Some(log_id);
-        }
+        self.shared.record_purged(log_id)?;
         let mut log = self.shared.log()?;
         let end = log.end();
         if log_id.index + 1 >= end.next_index {

@@ -10,15 +10,19 @@
 //! - `partition_sm` / `controller_sm`: the state machines of partition groups (high watermark,
 //!   producer sequences) and of the controller group (topics).
 //! - `network`: how groups reach their peers.
+//! - [`PartitionGroup`], [`ControllerGroup`]: the handles the rest of the broker uses; they open a
+//!   group, propose, snapshot, purge and stop it.
 
 // openraft's storage traits dictate `StorageError` (208 bytes) as the error of every call; boxing it
 // in our helpers would only add conversions.
 #![allow(clippy::result_large_err)]
 
+mod controller_group;
 mod controller_sm;
 mod entry;
 mod log_store;
 mod network;
+mod partition_group;
 mod partition_sm;
 
 use std::io::Cursor;
@@ -26,12 +30,14 @@ use std::io::Cursor;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use controller_group::ControllerGroup;
 pub use controller_sm::{
     ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine, PartitionMeta,
     TopicMeta,
 };
 pub use log_store::{LogReader, LogStore};
 pub use network::Network;
+pub use partition_group::{GroupSpec, GroupStatus, PartitionGroup, Proposal};
 pub use partition_sm::{
     PRODUCER_BATCHES_KEPT, PartitionState, PartitionStateMachine, ProducerBatch, ProducerState,
     SequenceCheck,
@@ -60,6 +66,8 @@ openraft::declare_raft_types!(
 
 /// The Raft handle type.
 pub type Raft = openraft::Raft<TypeConfig>;
+/// Raft settings (timing, snapshots) of a group.
+pub type RaftConfig = openraft::Config;
 /// A Raft log entry.
 pub type Entry = openraft::Entry<TypeConfig>;
 /// A Raft log id: (term, index) in single-term-leader mode.
@@ -137,25 +145,26 @@ pub enum Response {
     Empty,
 }
 
-/// Raft timing and snapshot settings for one group.
+/// Raft timing and snapshot settings for one group. `snapshot_every_entries`: build a snapshot
+/// after that many applied entries (partitions also snapshot by applied bytes, before a purge and
+/// at shutdown); None: never. Raft never purges the log by itself: a partition's log is its data,
+/// and retention purges it explicitly (after a snapshot covers what it deletes).
 pub fn raft_config(
     cluster_name: &str,
     heartbeat_ms: u64,
     election_timeout_ms: u64,
-    snapshots: bool,
+    snapshot_every_entries: Option<u64>,
 ) -> anyhow::Result<openraft::Config> {
     let config = openraft::Config {
         cluster_name: cluster_name.to_string(),
         heartbeat_interval: heartbeat_ms,
         election_timeout_min: election_timeout_ms,
         election_timeout_max: election_timeout_ms * 2,
-        // Partition logs are the data: Raft never purges them; retention does.
-        snapshot_policy: if snapshots {
-            openraft::SnapshotPolicy::LogsSinceLast(10_000)
-        } else {
-            openraft::SnapshotPolicy::Never
+        snapshot_policy: match snapshot_every_entries {
+            Some(entries) => openraft::SnapshotPolicy::LogsSinceLast(entries),
+            None => openraft::SnapshotPolicy::Never,
         },
-        max_in_snapshot_log_to_keep: if snapshots { 1000 } else { u64::MAX },
+        max_in_snapshot_log_to_keep: u64::MAX,
         ..Default::default()
     };
     Ok(config.validate()?)

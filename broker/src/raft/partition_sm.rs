@@ -1,24 +1,37 @@
 //! The state machine of a partition group. The records themselves stay in the log; applying an
 //! entry only advances the high watermark (the offset after the last committed record) and the
 //! producers' last sequences, which deduplicate retried publishes.
+//!
+//! The state is small, and it is persisted as the partition's snapshot file (written atomically in
+//! the partition directory): at every snapshot openraft builds (every `snapshot_interval_bytes` of
+//! applied records, before a retention purge, and at a clean shutdown), and when a snapshot is
+//! installed from a leader. A restart loads the snapshot and re-applies only the entries after
+//! it, so neither time nor memory depend on the size of the log.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{BasicNode, EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-use weft_storage::Batch;
+use tokio::sync::{Notify, watch};
+use weft_storage::{Batch, LogConfig, LogPosition};
 
+use super::log_store::LogReader;
 use super::{
-    Command, Entry, LogId, NodeId, Response, StorageError, StoredSnapshot, TypeConfig,
-    current_snapshot, sm_error, take_snapshot,
+    Command, Entry, LogId, NodeId, Response, StorageError, StoredSnapshot, TypeConfig, sm_error,
 };
 
-/// Batches remembered per producer for answering retries (as Kafka does).
+/// Batches remembered per producer for answering retries (as Kafka does). The broker refuses a
+/// producer more publishes in flight than this (see `SequenceCheck::Gap` and the client's
+/// window), so every batch a producer may retry is still remembered.
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
+
+/// Version of the snapshot payload's JSON document.
+const SNAPSHOT_VERSION: u32 = 1;
 
 /// One stored batch of an idempotent producer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +51,9 @@ pub struct ProducerState {
     pub epoch: u32,
     /// Its most recent batches, oldest first.
     pub batches: VecDeque<ProducerBatch>,
+    /// Timestamp (ms since the Unix epoch) of its last stored batch, for expiry.
+    #[serde(default)]
+    pub last_timestamp_ms: i64,
 }
 
 /// The verdict on a publish from an idempotent producer.
@@ -125,11 +141,74 @@ pub struct PartitionState {
     pub producers: BTreeMap<u64, ProducerState>,
 }
 
+impl PartitionState {
+    /// Where the log continues after this state: the next offset and the next Raft index.
+    pub fn next_position(&self) -> LogPosition {
+        LogPosition {
+            next_offset: self.high_watermark,
+            next_index: self.last_applied.map_or(0, |l| l.index + 1),
+        }
+    }
+}
+
+/// The snapshot file's payload.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotDocument {
+    version: u32,
+    state: PartitionState,
+}
+
+fn encode(state: &PartitionState) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(&SnapshotDocument {
+        version: SNAPSHOT_VERSION,
+        state: state.clone(),
+    })
+    .map_err(sm_error)
+}
+
+fn decode(bytes: &[u8]) -> Result<PartitionState, String> {
+    let document: SnapshotDocument =
+        serde_json::from_slice(bytes).map_err(|e| format!("undecodable snapshot: {e}"))?;
+    if document.version != SNAPSHOT_VERSION {
+        return Err(format!(
+            "snapshot version {} is not known to this build",
+            document.version
+        ));
+    }
+    Ok(document.state)
+}
+
+fn meta_of(state: &PartitionState) -> SnapshotMeta<NodeId, BasicNode> {
+    SnapshotMeta {
+        last_log_id: state.last_applied,
+        last_membership: state.last_membership.clone(),
+        snapshot_id: format!(
+            "{}-{}-{}",
+            state.last_applied.map_or(0, |l| l.leader_id.term),
+            state.last_applied.map_or(0, |l| l.index),
+            state.high_watermark
+        ),
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
+    dir: PathBuf,
+    log_config: LogConfig,
+    reader: LogReader,
     state: Mutex<PartitionState>,
     high_watermark: watch::Sender<u64>,
     snapshot: StoredSnapshot,
+    /// One snapshot file write at a time.
+    snapshot_write: tokio::sync::Mutex<()>,
+    /// Record bytes applied since the last snapshot, and the threshold for the next one.
+    bytes_since_snapshot: AtomicU64,
+    snapshot_interval_bytes: u64,
+    /// Woken when `bytes_since_snapshot` passes the threshold.
+    snapshot_due: Notify,
+    /// Record bytes and entries applied since this state machine was opened.
+    applied_bytes: AtomicU64,
+    applied_entries: AtomicU64,
 }
 
 /// A partition's state machine. Clones share state: one goes to openraft, others to the broker.
@@ -138,22 +217,56 @@ pub struct PartitionStateMachine {
     shared: Arc<Shared>,
 }
 
-impl Default for PartitionStateMachine {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl PartitionStateMachine {
-    /// An empty state machine.
-    pub fn new() -> Self {
-        PartitionStateMachine {
+    /// Opens the state machine of the partition in `dir`, from its snapshot file if there is one.
+    /// `reader` is the partition's log (installing a snapshot may restart it). Blocking: it reads
+    /// a small file.
+    pub fn open(
+        dir: PathBuf,
+        log_config: LogConfig,
+        reader: LogReader,
+        snapshot_interval_bytes: u64,
+    ) -> Result<Self, String> {
+        let stored = weft_storage::snapshot::read_snapshot(&dir).map_err(|e| e.to_string())?;
+        let (state, snapshot) = match stored {
+            Some(bytes) => {
+                let state = decode(&bytes)
+                    .map_err(|e| format!("{}: {e}", dir.join("snapshot").display()))?;
+                let meta = meta_of(&state);
+                (state, Some((meta, bytes)))
+            }
+            None => (PartitionState::default(), None),
+        };
+        Ok(PartitionStateMachine {
             shared: Arc::new(Shared {
-                state: Mutex::new(PartitionState::default()),
-                high_watermark: watch::Sender::new(0),
-                snapshot: Mutex::new(None),
+                high_watermark: watch::Sender::new(state.high_watermark),
+                dir,
+                log_config,
+                reader,
+                state: Mutex::new(state),
+                snapshot: Mutex::new(snapshot),
+                snapshot_write: tokio::sync::Mutex::new(()),
+                bytes_since_snapshot: AtomicU64::new(0),
+                snapshot_interval_bytes: snapshot_interval_bytes.max(1),
+                snapshot_due: Notify::new(),
+                applied_bytes: AtomicU64::new(0),
+                applied_entries: AtomicU64::new(0),
             }),
-        }
+        })
+    }
+
+    /// Replaces the state and its snapshot file (blocking): used once, to give a log whose
+    /// prefix was deleted without a snapshot (by an older build) the snapshot it lacks.
+    pub(crate) fn reset_to(&self, state: PartitionState) -> Result<(), String> {
+        let bytes = encode(&state).map_err(|e| e.to_string())?;
+        weft_storage::snapshot::write_snapshot(&self.shared.dir, &bytes, &self.shared.log_config)
+            .map_err(|e| e.to_string())?;
+        self.shared
+            .high_watermark
+            .send_replace(state.high_watermark);
+        *self.shared.snapshot.lock().map_err(|e| e.to_string())? = Some((meta_of(&state), bytes));
+        *self.shared.state.lock().map_err(|e| e.to_string())? = state;
+        Ok(())
     }
 
     /// A copy of the current state.
@@ -165,27 +278,63 @@ impl PartitionStateMachine {
             .unwrap_or_default()
     }
 
+    /// Whether a snapshot file exists (was loaded or written).
+    pub fn has_snapshot(&self) -> bool {
+        self.shared.snapshot.lock().is_ok_and(|s| s.is_some())
+    }
+
     /// Watches the high watermark (for long-polling consumers).
     pub fn high_watermark(&self) -> watch::Receiver<u64> {
         self.shared.high_watermark.subscribe()
     }
 
-    fn apply_one(state: &mut PartitionState, entry: &Entry) -> Result<Response, StorageError> {
+    /// Record bytes and entries applied since the state machine was opened.
+    pub fn applied_since_open(&self) -> (u64, u64) {
+        (
+            self.shared.applied_bytes.load(Ordering::Relaxed),
+            self.shared.applied_entries.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Resolves when `snapshot_interval_bytes` of records were applied since the last snapshot.
+    pub async fn snapshot_due(&self) {
+        loop {
+            let notified = self.shared.snapshot_due.notified();
+            if self.shared.bytes_since_snapshot.load(Ordering::Relaxed)
+                >= self.shared.snapshot_interval_bytes
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn apply_one(
+        state: &mut PartitionState,
+        entry: &Entry,
+    ) -> Result<(Response, u64), StorageError> {
         state.last_applied = Some(entry.log_id);
         Ok(match &entry.payload {
-            EntryPayload::Blank => Response::Empty,
+            EntryPayload::Blank => (Response::Empty, 0),
             EntryPayload::Membership(m) => {
                 state.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                Response::Empty
+                (Response::Empty, 0)
             }
-            EntryPayload::Normal(Command::Controller(_)) => Response::Empty,
+            EntryPayload::Normal(Command::Controller(_)) => (Response::Empty, 0),
             EntryPayload::Normal(Command::Records(bytes)) => {
                 // Applied entries come from the log reader, which checked every batch in full:
                 // only the header is needed here.
                 let h = Batch::header_of(bytes).map_err(sm_error)?;
+                if h.base_offset != state.high_watermark {
+                    return Err(sm_error(format!(
+                        "entry {} starts at offset {} but the partition's next offset is {}",
+                        entry.log_id.index, h.base_offset, state.high_watermark
+                    )));
+                }
                 state.high_watermark = h.next_offset();
                 if h.producer_id != 0 {
-                    state.producers.entry(h.producer_id).or_default().record(
+                    let producer = state.producers.entry(h.producer_id).or_default();
+                    producer.record(
                         h.producer_epoch,
                         ProducerBatch {
                             base_sequence: h.base_sequence,
@@ -193,25 +342,67 @@ impl PartitionStateMachine {
                             base_offset: h.base_offset,
                         },
                     );
+                    producer.last_timestamp_ms = producer.last_timestamp_ms.max(h.max_timestamp_ms);
                 }
-                Response::Appended {
-                    base_offset: h.base_offset,
-                    record_count: h.record_count,
-                }
+                (
+                    Response::Appended {
+                        base_offset: h.base_offset,
+                        record_count: h.record_count,
+                    },
+                    bytes.len() as u64,
+                )
             }
+        })
+    }
+
+    /// Writes `state` as the snapshot file, unless a snapshot at or after it exists already.
+    async fn persist(&self, state: PartitionState) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let _writing = self.shared.snapshot_write.lock().await;
+        let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
+        if let Some((meta, bytes)) = current
+            && meta.last_log_id >= state.last_applied
+        {
+            return Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(bytes)),
+            });
+        }
+        let bytes = encode(&state)?;
+        let dir = self.shared.dir.clone();
+        let config = self.shared.log_config.clone();
+        let payload = bytes.clone();
+        tokio::task::spawn_blocking(move || {
+            weft_storage::snapshot::write_snapshot(&dir, &payload, &config)
+        })
+        .await
+        .map_err(sm_error)?
+        .map_err(sm_error)?;
+        let meta = meta_of(&state);
+        *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
         })
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let state = self.state();
-        take_snapshot(
-            &self.shared.snapshot,
-            &state,
-            state.last_applied,
-            state.last_membership.clone(),
-        )
+        let (state, covered) = {
+            let state = self.shared.state.lock().map_err(sm_error)?;
+            (
+                state.clone(),
+                self.shared.bytes_since_snapshot.load(Ordering::Relaxed),
+            )
+        };
+        let snapshot = self.persist(state).await?;
+        // Bytes applied while the file was written count towards the next snapshot.
+        let _ = self.shared.bytes_since_snapshot.fetch_update(
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+            |b| Some(b.saturating_sub(covered)),
+        );
+        Ok(snapshot)
     }
 }
 
@@ -221,8 +412,8 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
-        let state = self.state();
-        Ok((state.last_applied, state.last_membership))
+        let state = self.shared.state.lock().map_err(sm_error)?;
+        Ok((state.last_applied, state.last_membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
@@ -231,14 +422,31 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut responses = Vec::new();
+        let mut bytes = 0u64;
         let high_watermark = {
             let mut state = self.shared.state.lock().map_err(sm_error)?;
             for entry in entries {
-                responses.push(Self::apply_one(&mut state, &entry)?);
+                let (response, size) = Self::apply_one(&mut state, &entry)?;
+                responses.push(response);
+                bytes += size;
             }
             state.high_watermark
         };
         self.shared.high_watermark.send_replace(high_watermark);
+        self.shared
+            .applied_entries
+            .fetch_add(responses.len() as u64, Ordering::Relaxed);
+        self.shared
+            .applied_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        let since = self
+            .shared
+            .bytes_since_snapshot
+            .fetch_add(bytes, Ordering::Relaxed)
+            + bytes;
+        if since >= self.shared.snapshot_interval_bytes {
+            self.shared.snapshot_due.notify_waiters();
+        }
         Ok(responses)
     }
 
@@ -256,16 +464,40 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: PartitionState = serde_json::from_slice(&data).map_err(sm_error)?;
+        let state = decode(&data).map_err(sm_error)?;
+        if state.last_applied != meta.last_log_id {
+            return Err(sm_error(format!(
+                "snapshot {} holds state at {:?}",
+                meta.snapshot_id, state.last_applied
+            )));
+        }
+        // A log that does not reach the snapshot restarts right after it, at the snapshot's
+        // offsets; a log that holds the snapshot's last entry keeps going.
+        let next = state.next_position();
+        self.shared
+            .reader
+            .with_log_mut(|log| {
+                if log.end().next_index < next.next_index {
+                    log.reset(next)
+                } else {
+                    Ok(())
+                }
+            })?
+            .map_err(sm_error)?;
         let high_watermark = state.high_watermark;
-        *self.shared.state.lock().map_err(sm_error)? = state;
-        *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), data));
+        *self.shared.state.lock().map_err(sm_error)? = state.clone();
+        self.persist(state).await?;
+        self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
         self.shared.high_watermark.send_replace(high_watermark);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        current_snapshot(&self.shared.snapshot)
+        let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
+        Ok(current.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 
@@ -326,5 +558,27 @@ mod tests {
             "bounded memory per producer"
         );
         assert_eq!(p.next_sequence(), 10);
+    }
+
+    #[test]
+    fn snapshot_documents_round_trip_and_unknown_versions_are_refused() {
+        let mut state = PartitionState {
+            high_watermark: 42,
+            ..PartitionState::default()
+        };
+        state.producers.insert(
+            7,
+            ProducerState {
+                epoch: 2,
+                batches: VecDeque::from([batch(10, 5, 37)]),
+                last_timestamp_ms: 1,
+            },
+        );
+        let bytes = encode(&state).expect("encode");
+        assert_eq!(decode(&bytes).expect("decode"), state);
+        let future =
+            serde_json::to_vec(&serde_json::json!({"version": 99, "state": state})).expect("json");
+        assert!(decode(&future).expect_err("unknown version").contains("99"));
+        assert!(decode(b"{").is_err());
     }
 }

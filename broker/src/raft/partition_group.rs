@@ -1,0 +1,409 @@
+//! The handle the rest of the broker uses for one partition's Raft group: open it (log, snapshot,
+//! state machine, Raft), propose record batches, read its state, snapshot, purge, stop. Nothing
+//! outside `raft/` sees an openraft type.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, CommittedLeaderId, Membership, StoredMembership};
+use tokio::sync::watch;
+use weft_storage::{LogConfig, Metadata, PartitionLog};
+
+use super::{
+    Command, GroupId, LogId, LogReader, LogStore, Network, NodeId, PartitionState,
+    PartitionStateMachine, ProducerState, Raft, Response,
+};
+use crate::error::BrokerError;
+
+/// What opening a partition group needs.
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    /// Raft group id.
+    pub group_id: GroupId,
+    /// The partition directory.
+    pub dir: PathBuf,
+    /// This node.
+    pub node_id: NodeId,
+    /// This node's peer address (stored in the membership).
+    pub peer_address: String,
+    /// Segment-store configuration.
+    pub log_config: LogConfig,
+    /// Take a snapshot after this many record bytes were applied.
+    pub snapshot_interval_bytes: u64,
+}
+
+/// Where a partition group stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupStatus {
+    /// Current term.
+    pub term: u64,
+    /// Current leader, if known.
+    pub leader: Option<NodeId>,
+    /// Index of the last entry in the log.
+    pub last_log_index: Option<u64>,
+    /// Index of the last applied entry.
+    pub last_applied_index: Option<u64>,
+    /// Index of the last entry the snapshot covers.
+    pub snapshot_index: Option<u64>,
+    /// Index of the last purged entry.
+    pub purged_index: Option<u64>,
+}
+
+/// An outcome of a proposal, once its entry is applied: the base offset of the stored batch.
+pub type Proposal = Pin<Box<dyn Future<Output = Result<u64, BrokerError>> + Send>>;
+
+/// One partition's Raft group on this node.
+#[derive(Clone)]
+pub struct PartitionGroup {
+    raft: Raft,
+    sm: PartitionStateMachine,
+    reader: LogReader,
+    node_id: NodeId,
+    /// The last log index when the group was opened: it is caught up once this is applied.
+    opened_at_index: Option<u64>,
+    /// What the snapshot covered when the group was opened.
+    opened_snapshot_index: Option<u64>,
+}
+
+fn fatal(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable {
+        reason: format!("partition group stopped: {e}"),
+        leader: None,
+    }
+}
+
+impl std::fmt::Debug for PartitionGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionGroup").finish_non_exhaustive()
+    }
+}
+
+impl PartitionGroup {
+    /// Opens the partition's log and snapshot and starts its Raft group as the single voter
+    /// `node_id` (on first start). Reads the snapshot and the log's tail, never the whole log.
+    pub async fn open(
+        spec: GroupSpec,
+        meta: Metadata,
+        raft_config: Arc<openraft::Config>,
+    ) -> Result<PartitionGroup, String> {
+        let GroupSpec {
+            group_id,
+            dir,
+            node_id,
+            peer_address,
+            log_config,
+            snapshot_interval_bytes,
+        } = spec;
+        let open_dir = dir.clone();
+        let open_config = log_config.clone();
+        let log = tokio::task::spawn_blocking(move || PartitionLog::open(&open_dir, open_config))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot open the log: {e}"))?;
+        let report = log.recovery_report().clone();
+        if !report.corruptions.is_empty() {
+            tracing::error!(dir = %dir.display(), ?report, "partition log has damaged ranges");
+        }
+        let store = LogStore::new(group_id, log, meta).map_err(|e| e.to_string())?;
+        let reader = store.reader();
+        let sm_dir = dir.clone();
+        let sm_reader = reader.clone();
+        let address = peer_address.clone();
+        let sm = tokio::task::spawn_blocking(move || {
+            let sm = PartitionStateMachine::open(
+                sm_dir,
+                log_config,
+                sm_reader.clone(),
+                snapshot_interval_bytes,
+            )?;
+            adopt_headless_log(&sm, &sm_reader, group_id, node_id, &address)?;
+            Ok::<_, String>(sm)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let opened_snapshot_index = sm.state().last_applied.map(|l| l.index);
+        let raft = Raft::new(node_id, raft_config, Network, store, sm.clone())
+            .await
+            .map_err(|e| format!("cannot start the Raft group: {e}"))?;
+        if !raft.is_initialized().await.map_err(|e| e.to_string())? {
+            let members = BTreeMap::from([(node_id, BasicNode::new(peer_address))]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| format!("cannot initialise the Raft group: {e}"))?;
+        }
+        let opened_at_index = raft.metrics().borrow().last_log_index;
+        Ok(PartitionGroup {
+            raft,
+            sm,
+            reader,
+            node_id,
+            opened_at_index,
+            opened_snapshot_index,
+        })
+    }
+
+    /// The log, for reads.
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// Watches the high watermark.
+    pub fn high_watermark(&self) -> watch::Receiver<u64> {
+        self.sm.high_watermark()
+    }
+
+    /// The current high watermark.
+    pub fn high_watermark_now(&self) -> u64 {
+        *self.sm.high_watermark().borrow()
+    }
+
+    /// The idempotent producers as of the last applied entry.
+    pub fn producers(&self) -> BTreeMap<u64, ProducerState> {
+        self.sm.state().producers
+    }
+
+    /// A copy of the applied state.
+    pub fn state(&self) -> PartitionState {
+        self.sm.state()
+    }
+
+    /// Term, leader and log positions.
+    pub fn status(&self) -> GroupStatus {
+        let m = self.raft.metrics().borrow().clone();
+        GroupStatus {
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+        }
+    }
+
+    /// Why the group stopped, if it did (a storage error, say).
+    pub fn stopped(&self) -> Option<String> {
+        self.raft
+            .metrics()
+            .borrow()
+            .running_state
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+    }
+
+    /// Resolves when the group has stopped (a storage error, say), with the reason.
+    pub async fn stopped_wait(&self) -> String {
+        let _ = self
+            .raft
+            .wait(None)
+            .metrics(|m| m.running_state.is_err(), "stopped")
+            .await;
+        self.stopped()
+            .unwrap_or_else(|| "the partition group stopped".into())
+    }
+
+    /// Resolves once this node leads the group and has applied everything the log held when the
+    /// group was opened: the partition's state is then current.
+    pub async fn caught_up(&self) -> Result<(), BrokerError> {
+        let node_id = self.node_id;
+        let target = self.opened_at_index;
+        self.raft
+            .wait(None)
+            .metrics(
+                |m| {
+                    m.running_state.is_err()
+                        || (m.current_leader == Some(node_id)
+                            && m.last_applied.map(|l| l.index) >= target)
+                },
+                "caught up",
+            )
+            .await
+            .map_err(fatal)?;
+        match self.stopped() {
+            Some(reason) => Err(fatal(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Entries and record bytes re-applied after opening (from the snapshot to the log's end at
+    /// open).
+    pub fn replayed(&self) -> (u64, u64) {
+        let (bytes, entries) = self.sm.applied_since_open();
+        let replay_entries = match (self.opened_at_index, self.opened_snapshot_index) {
+            (Some(end), Some(snap)) => end.saturating_sub(snap),
+            (Some(end), None) => end + 1,
+            (None, _) => 0,
+        };
+        (replay_entries.min(entries), bytes)
+    }
+
+    /// Resolves when enough records were applied since the last snapshot to take another.
+    pub async fn snapshot_due(&self) {
+        self.sm.snapshot_due().await
+    }
+
+    /// Confirms this node still leads (with a quorum) and has applied every committed entry.
+    pub async fn ensure_leader(&self) -> Result<(), BrokerError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(BrokerError::Unavailable {
+                    reason: "this broker does not lead the partition".into(),
+                    leader: f.leader_id,
+                })
+            }
+            Err(e) => Err(BrokerError::Unavailable {
+                reason: e.to_string(),
+                leader: None,
+            }),
+        }
+    }
+
+    /// Proposes an encoded record batch (sealed with placeholder offsets: the log store stamps
+    /// them where it lands). Returns at once with a future of the stored base offset.
+    pub async fn propose(&self, batch: Bytes) -> Result<Proposal, BrokerError> {
+        let receiver = self
+            .raft
+            .client_write_ff(Command::Records(batch))
+            .await
+            .map_err(fatal)?;
+        Ok(Box::pin(async move {
+            match receiver.await {
+                Ok(Ok(response)) => match response.data {
+                    Response::Appended { base_offset, .. } => Ok(base_offset),
+                    other => Err(BrokerError::Internal(format!(
+                        "unexpected apply result {other:?}"
+                    ))),
+                },
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(BrokerError::Unavailable {
+                    reason: "not the partition leader".into(),
+                    leader: f.leader_id,
+                }),
+                Ok(Err(e)) => Err(BrokerError::Unavailable {
+                    reason: e.to_string(),
+                    leader: None,
+                }),
+                Err(_) => Err(BrokerError::Unavailable {
+                    reason: "the partition group stopped before answering".into(),
+                    leader: None,
+                }),
+            }
+        }))
+    }
+
+    /// Builds a snapshot of everything applied and waits (up to `timeout`) until it is written.
+    pub async fn snapshot_now(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let applied = self.raft.metrics().borrow().last_applied;
+        if applied.is_none() || self.raft.metrics().borrow().snapshot >= applied {
+            return Ok(());
+        }
+        self.raft.trigger().snapshot().await.map_err(fatal)?;
+        self.raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.running_state.is_err() || m.snapshot >= applied,
+                "snapshot written",
+            )
+            .await
+            .map_err(|e| BrokerError::Timeout(format!("snapshot: {e}")))?;
+        Ok(())
+    }
+
+    /// Deletes the log through Raft index `index` (whole segments), after making sure a snapshot
+    /// covers it: retention as a Raft purge. Returns once the purge is requested; openraft runs it
+    /// when no replication still needs those entries.
+    pub async fn purge_through(&self, index: u64, timeout: Duration) -> Result<(), BrokerError> {
+        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index);
+        let Some(index) = applied.map(|a| a.min(index)) else {
+            return Ok(());
+        };
+        if self.raft.metrics().borrow().snapshot.map(|l| l.index) < Some(index) {
+            self.snapshot_now(timeout).await?;
+        }
+        self.raft.trigger().purge_log(index).await.map_err(fatal)
+    }
+
+    /// Stops the group. With `snapshot`, first snapshots everything applied, so the next open
+    /// replays nothing; then the log's tail gets its index files (no scan at the next open).
+    pub async fn shutdown(&self, snapshot: bool) {
+        if snapshot
+            && self.stopped().is_none()
+            && let Err(e) = self.snapshot_now(Duration::from_secs(10)).await
+        {
+            tracing::warn!("snapshot at shutdown: {e}");
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
+        let reader = self.reader.clone();
+        let checkpoint =
+            tokio::task::spawn_blocking(move || reader.with_log_mut(PartitionLog::checkpoint))
+                .await;
+        match checkpoint {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("closing the log: {e}"),
+            Ok(Err(e)) => tracing::warn!("closing the log: {e}"),
+            Err(e) => tracing::warn!("closing the log: {e}"),
+        }
+    }
+}
+
+/// A log whose prefix was deleted without a snapshot (retention before snapshots existed) cannot
+/// be opened by Raft: its first entries are gone and nothing says what they held. Give it the
+/// snapshot it lacks: the state right before its first entry, with an empty producer table (the
+/// deleted batches can no longer be retried anyway), and record that prefix as purged.
+fn adopt_headless_log(
+    sm: &PartitionStateMachine,
+    reader: &LogReader,
+    group_id: GroupId,
+    node_id: NodeId,
+    peer_address: &str,
+) -> Result<(), String> {
+    if sm.has_snapshot() {
+        return Ok(());
+    }
+    let (first_index, start_offset, first_term) = reader
+        .with_log(|log| {
+            let end = log.end();
+            let first = log.first_index().unwrap_or(end.next_index);
+            let term = match log.first_index() {
+                Some(first) => log
+                    .read_entries(first, first + 1, 1)
+                    .ok()
+                    .and_then(|b| b.first().map(|b| b.header().term)),
+                None => None,
+            };
+            (first, log.start_offset(), term)
+        })
+        .map_err(|e| e.to_string())?;
+    if first_index == 0 {
+        return Ok(());
+    }
+    let purged = LogId::new(
+        CommittedLeaderId::new(first_term.unwrap_or(1), 0),
+        first_index - 1,
+    );
+    tracing::warn!(
+        group_id,
+        first_index,
+        "the log's prefix was deleted without a snapshot; adopting it with a synthesized snapshot"
+    );
+    let membership = Membership::new(
+        vec![BTreeSet::from([node_id])],
+        BTreeMap::from([(node_id, BasicNode::new(peer_address))]),
+    );
+    let state = PartitionState {
+        last_applied: Some(purged),
+        last_membership: StoredMembership::new(Some(purged), membership),
+        high_watermark: start_offset,
+        producers: BTreeMap::new(),
+    };
+    sm.reset_to(state)?;
+    reader.record_purged(purged).map_err(|e| e.to_string())
+}

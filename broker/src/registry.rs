@@ -1,0 +1,402 @@
+//! The partitions this node hosts, each with a supervisor task that owns its life: open the log
+//! and the Raft group, replay the tail after the snapshot, serve, take snapshots, apply
+//! retention, and, when the group stops on a storage error (a full disk, an I/O error), report it
+//! down with the reason and open it again from its durable state once it can.
+//!
+//! A partition answers calls only when it is ready (open and caught up): before, calls get
+//! UNAVAILABLE with a retry hint, never a state that is not yet current (a high watermark of 0, a
+//! committed group offset clamped to it).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use weft_storage::Metadata;
+
+use crate::error::BrokerError;
+use crate::partition::{Partition, PartitionSpec};
+use crate::raft::{GroupSpec, NodeId, PartitionGroup, RaftConfig};
+
+/// (topic, partition).
+pub type PartitionKey = (String, u32);
+
+/// Where a hosted partition is in its life.
+#[derive(Debug, Clone)]
+pub enum Phase {
+    /// Opening its log and Raft group.
+    Opening,
+    /// Open, re-applying the log after its snapshot; not serving yet.
+    Replaying(Arc<Partition>),
+    /// Serving.
+    Ready(Arc<Partition>),
+    /// Stopped on an error; it is opened again after a pause.
+    Down {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Phase {
+    /// A short name for logs, metrics and the admin API.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Opening => "opening",
+            Phase::Replaying(_) => "replaying",
+            Phase::Ready(_) => "ready",
+            Phase::Down { .. } => "down",
+        }
+    }
+}
+
+/// What every supervisor needs from its node.
+#[derive(Debug)]
+pub struct HostContext {
+    /// This node.
+    pub node_id: NodeId,
+    /// This node's peer address.
+    pub peer_address: String,
+    /// Where topic data lives: `<data_dir>/topics`.
+    pub topics_dir: PathBuf,
+    /// The metadata store.
+    pub meta: Metadata,
+    /// Raft settings of partition groups.
+    pub raft_config: Arc<RaftConfig>,
+    /// Publishes queued per partition.
+    pub queue_max: usize,
+    /// How often retention runs.
+    pub retention_interval: Duration,
+    /// Snapshot after this many applied record bytes.
+    pub snapshot_interval_bytes: u64,
+}
+
+/// One hosted partition.
+#[derive(Debug)]
+pub struct Slot {
+    spec: Mutex<PartitionSpec>,
+    phase: watch::Sender<Phase>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Slot {
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase.borrow().clone()
+    }
+
+    /// Topic id.
+    pub fn topic_id(&self) -> String {
+        self.spec
+            .lock()
+            .map(|s| s.topic_id.clone())
+            .unwrap_or_default()
+    }
+
+    /// The serving partition, or UNAVAILABLE saying why not.
+    pub fn serving(&self) -> Result<Arc<Partition>, BrokerError> {
+        let (topic, partition) = self
+            .spec
+            .lock()
+            .map(|s| (s.topic.clone(), s.partition))
+            .unwrap_or_default();
+        match self.phase() {
+            Phase::Ready(p) => Ok(p),
+            Phase::Down { reason } => Err(BrokerError::Unavailable {
+                reason: format!("partition {topic}/{partition} is down: {reason}"),
+                leader: None,
+            }),
+            other => Err(BrokerError::Unavailable {
+                reason: format!("partition {topic}/{partition} is {}", other.name()),
+                leader: None,
+            }),
+        }
+    }
+}
+
+/// The hosted partitions.
+#[derive(Debug)]
+pub struct Registry {
+    context: Arc<HostContext>,
+    slots: RwLock<HashMap<PartitionKey, Arc<Slot>>>,
+    /// Bumped whenever a slot changes phase, for waiters.
+    changed: watch::Sender<u64>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(context: HostContext) -> Registry {
+        Registry {
+            context: Arc::new(context),
+            slots: RwLock::new(HashMap::new()),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    /// A hosted partition's slot.
+    pub fn slot(&self, topic: &str, partition: u32) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .ok()?
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+
+    /// Every slot, in (topic, partition) order.
+    pub fn slots(&self) -> Vec<(PartitionKey, Arc<Slot>)> {
+        let mut all: Vec<(PartitionKey, Arc<Slot>)> = self
+            .slots
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Watches phase changes.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The partition directory of one partition of a topic.
+    pub fn partition_dir(&self, topic_id: &str, partition: u32) -> PathBuf {
+        self.context
+            .topics_dir
+            .join(topic_id)
+            .join(partition.to_string())
+    }
+
+    /// Makes the hosted partitions match `wanted`: starts missing ones, applies configuration
+    /// changes, stops and deletes the data of those no longer wanted (a deleted topic).
+    pub async fn reconcile(&self, wanted: Vec<PartitionSpec>) {
+        let mut wanted: HashMap<PartitionKey, PartitionSpec> = wanted
+            .into_iter()
+            .map(|s| ((s.topic.clone(), s.partition), s))
+            .collect();
+        let mut removed = Vec::new();
+        if let Ok(mut slots) = self.slots.write() {
+            slots.retain(|key, slot| match wanted.get(key) {
+                Some(spec) if slot.topic_id() == spec.topic_id => true,
+                _ => {
+                    removed.push(slot.clone());
+                    false
+                }
+            });
+            for (key, slot) in slots.iter() {
+                if let Some(spec) = wanted.remove(key) {
+                    let changed = slot.spec.lock().is_ok_and(|s| s.config != spec.config);
+                    if changed {
+                        if let Phase::Ready(p) | Phase::Replaying(p) = slot.phase() {
+                            p.set_config(spec.config.clone());
+                        }
+                        if let Ok(mut s) = slot.spec.lock() {
+                            *s = spec;
+                        }
+                    }
+                }
+            }
+            for (key, spec) in wanted {
+                let slot = Arc::new(Slot {
+                    spec: Mutex::new(spec),
+                    phase: watch::Sender::new(Phase::Opening),
+                    stop: watch::Sender::new(false),
+                    task: Mutex::new(None),
+                });
+                let task = tokio::spawn(supervise(
+                    self.context.clone(),
+                    slot.clone(),
+                    self.changed.clone(),
+                ));
+                if let Ok(mut t) = slot.task.lock() {
+                    *t = Some(task);
+                }
+                slots.insert(key, slot);
+            }
+        }
+        self.changed.send_modify(|g| *g += 1);
+        for slot in removed {
+            let (topic_id, partition, group_id) = slot
+                .spec
+                .lock()
+                .map(|s| (s.topic_id.clone(), s.partition, s.group_id))
+                .unwrap_or_default();
+            stop_slot(&slot, false).await;
+            if let Err(e) = self.context.meta.delete_raft_group(group_id) {
+                tracing::warn!(
+                    group_id,
+                    "cannot delete the Raft state of a removed partition: {e}"
+                );
+            }
+            let dir = self.partition_dir(&topic_id, partition);
+            let topic_dir = self.context.topics_dir.join(&topic_id);
+            let deleted = tokio::task::spawn_blocking(move || {
+                remove_dir_durably(&dir)?;
+                // The topic directory goes once its last partition is gone.
+                if std::fs::read_dir(&topic_dir).is_ok_and(|mut d| d.next().is_none()) {
+                    remove_dir_durably(&topic_dir)?;
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(deleted, Ok(Ok(()))) {
+                tracing::warn!(
+                    topic_id,
+                    partition,
+                    "cannot delete the data of a removed partition: {deleted:?}"
+                );
+            }
+        }
+    }
+
+    /// Stops every partition (snapshotting each, so the next start replays nothing).
+    pub async fn shutdown(&self) {
+        let slots: Vec<Arc<Slot>> = self.slots().into_iter().map(|(_, s)| s).collect();
+        let stops = slots.iter().map(|slot| stop_slot(slot, true));
+        futures::future::join_all(stops).await;
+    }
+}
+
+/// Removes a directory and makes its removal durable (fsync of the parent).
+fn remove_dir_durably(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Tells the slot's supervisor to stop its partition (snapshotting it first when `snapshot`) and
+/// waits until it has.
+async fn stop_slot(slot: &Slot, snapshot: bool) {
+    slot.stop.send_replace(snapshot);
+    let task = slot.task.lock().ok().and_then(|mut t| t.take());
+    if let Some(task) = task {
+        let _ = task.await;
+    }
+}
+
+/// Drives one partition: open, replay, serve; down and reopen after a storage error; stop.
+async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::Sender<u64>) {
+    let mut stop = slot.stop.subscribe();
+    let set_phase = |phase: Phase| {
+        slot.phase.send_replace(phase);
+        changed.send_modify(|g| *g += 1);
+    };
+    let mut pause = Duration::from_millis(200);
+    loop {
+        if stop.has_changed().unwrap_or(true) {
+            return;
+        }
+        set_phase(Phase::Opening);
+        let spec = match slot.spec.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return,
+        };
+        let dir = context
+            .topics_dir
+            .join(&spec.topic_id)
+            .join(spec.partition.to_string());
+        let group_spec = GroupSpec {
+            group_id: spec.group_id,
+            dir: dir.clone(),
+            node_id: context.node_id,
+            peer_address: context.peer_address.clone(),
+            log_config: spec.config.log_config(),
+            snapshot_interval_bytes: context.snapshot_interval_bytes,
+        };
+        let opened = tokio::select! {
+            opened = PartitionGroup::open(group_spec, context.meta.clone(), context.raft_config.clone()) => opened,
+            _ = stop.changed() => return,
+        };
+        let group = match opened {
+            Ok(group) => group,
+            Err(reason) => {
+                tracing::error!(topic = %spec.topic, partition = spec.partition, "cannot open partition: {reason}");
+                set_phase(Phase::Down { reason });
+                if pause_or_stop(&mut stop, &mut pause).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let partition = Partition::start(spec.clone(), &dir, group.clone(), context.queue_max);
+        set_phase(Phase::Replaying(partition.clone()));
+        let caught_up = tokio::select! {
+            caught_up = group.caught_up() => caught_up,
+            _ = stop.changed() => {
+                let snapshot = *stop.borrow();
+                partition.shutdown(snapshot).await;
+                return;
+            }
+        };
+        if let Err(e) = caught_up {
+            let reason = e.to_string();
+            tracing::error!(topic = %spec.topic, partition = spec.partition, "partition stopped while replaying: {reason}");
+            partition.shutdown(false).await;
+            set_phase(Phase::Down { reason });
+            if pause_or_stop(&mut stop, &mut pause).await {
+                return;
+            }
+            continue;
+        }
+        let (entries, bytes) = group.replayed();
+        crate::metrics::replayed(&spec.topic, spec.partition, entries, bytes);
+        tracing::info!(topic = %spec.topic, partition = spec.partition, entries, bytes, "partition ready");
+        partition.set_ready();
+        set_phase(Phase::Ready(partition.clone()));
+        pause = Duration::from_millis(200);
+
+        let mut retention = tokio::time::interval(context.retention_interval);
+        retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reason = loop {
+            tokio::select! {
+                _ = stop.changed() => {
+                    let snapshot = *stop.borrow();
+                partition.shutdown(snapshot).await;
+                    return;
+                }
+                reason = group.stopped_wait() => break reason,
+                () = group.snapshot_due() => {
+                    if let Err(e) = group.snapshot_now(Duration::from_secs(30)).await {
+                        tracing::warn!(topic = %spec.topic, partition = spec.partition, "snapshot: {e}");
+                    }
+                }
+                _ = retention.tick() => {
+                    match partition.apply_retention(now_ms()).await {
+                        Ok(Some(index)) => tracing::info!(topic = %spec.topic, partition = spec.partition, index, "retention purged old segments"),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(topic = %spec.topic, partition = spec.partition, "retention: {e}"),
+                    }
+                }
+            }
+        };
+        tracing::error!(topic = %spec.topic, partition = spec.partition, "partition stopped: {reason}");
+        partition.shutdown(false).await;
+        set_phase(Phase::Down { reason });
+        if pause_or_stop(&mut stop, &mut pause).await {
+            return;
+        }
+    }
+}
+
+/// Waits before reopening (doubling up to 30 s); true when asked to stop meanwhile.
+async fn pause_or_stop(stop: &mut watch::Receiver<bool>, pause: &mut Duration) -> bool {
+    let wait = *pause;
+    *pause = (*pause * 2).min(Duration::from_secs(30));
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => false,
+        _ = stop.changed() => true,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
