@@ -74,7 +74,7 @@ impl IntoResponse for ApiError {
             | BrokerError::StaleGeneration { .. } => StatusCode::CONFLICT,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            BrokerError::DataLoss(_) | BrokerError::Internal(_) => {
+            BrokerError::DataLoss { .. } | BrokerError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
@@ -108,6 +108,21 @@ fn bad_json(rejection: JsonRejection) -> ApiError {
 pub struct Health {
     /// "ok", "ready" or "not ready".
     pub status: String,
+    /// For readiness: the hosted partitions that do not serve yet, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_ready: Vec<NotReadyView>,
+}
+
+/// A hosted partition that does not serve.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotReadyView {
+    /// "topic/partition".
+    pub partition: String,
+    /// "opening", "replaying" or "down".
+    pub phase: String,
+    /// Why it is down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A topic.
@@ -156,6 +171,20 @@ pub struct PartitionView {
     pub log_end_offset: u64,
     /// Bytes on disk.
     pub size_bytes: u64,
+    /// Damaged ranges of durable data found so far (never served: reads of them answer
+    /// DATA_LOSS).
+    pub damaged: Vec<DamageView>,
+}
+
+/// A damaged range of a partition's data.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DamageView {
+    /// The segment file.
+    pub segment: String,
+    /// Byte position of the damage.
+    pub position: u64,
+    /// What check failed.
+    pub detail: String,
 }
 
 /// A request to create a topic. Unset values take the broker's defaults.
@@ -277,6 +306,20 @@ fn topic_view(node: &Node, topic: &TopicMeta) -> TopicView {
                 high_watermark: p.high_watermark,
                 log_end_offset: p.log_end_offset,
                 size_bytes: p.size_bytes,
+                damaged: node
+                    .partition(&topic.name, p.partition)
+                    .map(|hosted| {
+                        hosted
+                            .damage()
+                            .into_iter()
+                            .map(|d| DamageView {
+                                segment: d.segment,
+                                position: d.position,
+                                detail: d.detail,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .collect(),
     }
@@ -289,17 +332,30 @@ type AppState = Arc<Node>;
 async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
+        not_ready: Vec::new(),
     })
 }
 
-/// Readiness: the node has started its controller and partitions and serves clients.
+/// Readiness: every partition this node hosts is open, caught up and serving. A 503 lists the
+/// partitions that are not, with their phase (opening, replaying, down) and why a partition is
+/// down (a full disk, say).
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
 async fn readyz(State(node): State<AppState>) -> (StatusCode, Json<Health>) {
+    let not_ready: Vec<NotReadyView> = node
+        .not_ready()
+        .into_iter()
+        .map(|n| NotReadyView {
+            partition: n.partition,
+            phase: n.phase,
+            reason: n.reason,
+        })
+        .collect();
     if node.is_ready() {
         (
             StatusCode::OK,
             Json(Health {
                 status: "ready".into(),
+                not_ready,
             }),
         )
     } else {
@@ -307,6 +363,7 @@ async fn readyz(State(node): State<AppState>) -> (StatusCode, Json<Health>) {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(Health {
                 status: "not ready".into(),
+                not_ready,
             }),
         )
     }
@@ -481,11 +538,13 @@ async fn describe_group(
     ),
     components(schemas(
         Health,
+        NotReadyView,
         ErrorBody,
         ErrorDetail,
         FieldError,
         TopicView,
         PartitionView,
+        DamageView,
         CreateTopicBody,
         GroupView,
         MemberView,

@@ -99,8 +99,15 @@ pub enum BrokerError {
     #[error("deadline exceeded: {0}")]
     Timeout(String),
     /// Stored data failed its checks; it is not served.
-    #[error("data loss: {0}")]
-    DataLoss(String),
+    #[error("data loss: {detail}")]
+    DataLoss {
+        /// What failed, and where.
+        detail: String,
+        /// The damaged file.
+        segment: String,
+        /// Byte position of the damage in it.
+        position: u64,
+    },
     /// A bug or an I/O failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -137,7 +144,7 @@ impl BrokerError {
             BrokerError::OffsetOutOfRange { .. } => Code::OutOfRange,
             BrokerError::Unavailable { .. } => Code::Unavailable,
             BrokerError::Timeout(_) => Code::DeadlineExceeded,
-            BrokerError::DataLoss(_) => Code::DataLoss,
+            BrokerError::DataLoss { .. } => Code::DataLoss,
             BrokerError::Internal(_) => Code::Internal,
         }
     }
@@ -158,7 +165,7 @@ impl BrokerError {
             BrokerError::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
             BrokerError::Unavailable { .. } => "UNAVAILABLE",
             BrokerError::Timeout(_) => "TIMEOUT",
-            BrokerError::DataLoss(_) => "DATA_LOSS",
+            BrokerError::DataLoss { .. } => "DATA_LOSS",
             BrokerError::Internal(_) => "INTERNAL",
         }
     }
@@ -215,7 +222,13 @@ impl From<BrokerError> for tonic::Status {
                     metadata.insert("leader_id".into(), leader.to_string());
                 }
             }
-            BrokerError::Timeout(_) | BrokerError::DataLoss(_) | BrokerError::Internal(_) => {}
+            BrokerError::DataLoss {
+                segment, position, ..
+            } => {
+                metadata.insert("segment".into(), segment.clone());
+                metadata.insert("position".into(), position.to_string());
+            }
+            BrokerError::Timeout(_) | BrokerError::Internal(_) => {}
         }
         details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
         tonic::Status::with_error_details(error.code(), error.to_string(), details)

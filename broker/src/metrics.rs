@@ -61,6 +61,17 @@ pub fn replayed(topic: &str, partition: u32, entries: u64, bytes: u64) {
 
 /// Refreshes the gauges of every hosted partition and group, then renders the text format.
 pub fn render(node: &Node) -> String {
+    for ((topic, partition), phase) in node.hosted() {
+        for state in ["opening", "replaying", "ready", "down"] {
+            let labels = [
+                ("topic", topic.clone()),
+                ("partition", partition.to_string()),
+                ("state", state.to_string()),
+            ];
+            let value = if phase.name() == state { 1.0 } else { 0.0 };
+            metrics::gauge!("weft_partition_state", &labels).set(value);
+        }
+    }
     for partition in node.partitions() {
         let bounds = partition.bounds();
         let labels = [
@@ -71,6 +82,8 @@ pub fn render(node: &Node) -> String {
         metrics::gauge!("weft_partition_high_watermark", &labels).set(bounds.high_watermark as f64);
         metrics::gauge!("weft_partition_log_start_offset", &labels).set(bounds.log_start as f64);
         metrics::gauge!("weft_partition_size_bytes", &labels).set(bounds.size_bytes as f64);
+        metrics::gauge!("weft_partition_damaged_ranges", &labels)
+            .set(partition.damage().len() as f64);
     }
     if let Ok(groups) = node.groups.list() {
         for group in groups {

@@ -85,6 +85,21 @@ pub struct PartitionSpec {
     pub config: TopicConfig,
 }
 
+/// A damaged range of a partition's durable data: found when the log was opened, or by a read.
+/// It is never served; reads of it answer DATA_LOSS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// The segment file.
+    pub segment: String,
+    /// Byte position of the damage in it.
+    pub position: u64,
+    /// What check failed.
+    pub detail: String,
+}
+
+/// Most damaged ranges remembered per partition.
+const DAMAGE_KEPT_MAX: usize = 64;
+
 /// A partition hosted on this broker, with its Raft group open.
 pub struct Partition {
     /// Topic name.
@@ -100,6 +115,7 @@ pub struct Partition {
     config: Mutex<TopicConfig>,
     jobs: mpsc::Sender<PublishJob>,
     ready: AtomicBool,
+    damage: Mutex<Vec<Damage>>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -123,6 +139,16 @@ impl Partition {
     ) -> Arc<Partition> {
         let (jobs, queue) = mpsc::channel(queue_max.max(1));
         tokio::spawn(run_actor(group.clone(), queue));
+        let damage = group
+            .recovery_report()
+            .corruptions
+            .iter()
+            .map(|c| Damage {
+                segment: c.segment.display().to_string(),
+                position: c.position,
+                detail: c.detail.clone(),
+            })
+            .collect();
         Arc::new(Partition {
             topic: spec.topic,
             topic_id: spec.topic_id,
@@ -133,7 +159,37 @@ impl Partition {
             config: Mutex::new(spec.config),
             jobs,
             ready: AtomicBool::new(false),
+            damage: Mutex::new(damage),
         })
+    }
+
+    /// The damaged ranges found so far.
+    pub fn damage(&self) -> Vec<Damage> {
+        self.damage.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Maps a storage error, remembering (and logging, once) damage it reports.
+    fn storage_error(&self, error: weft_storage::Error) -> BrokerError {
+        let error = storage_error(error);
+        if let BrokerError::DataLoss {
+            detail,
+            segment,
+            position,
+        } = &error
+            && let Ok(mut damage) = self.damage.lock()
+            && !damage
+                .iter()
+                .any(|d| &d.segment == segment && d.position == *position)
+            && damage.len() < DAMAGE_KEPT_MAX
+        {
+            tracing::error!(topic = %self.topic, partition = self.partition, %segment, position, "damaged data found by a read; it is not served: {detail}");
+            damage.push(Damage {
+                segment: segment.clone(),
+                position: *position,
+                detail: detail.clone(),
+            });
+        }
+        error
     }
 
     /// The Raft group.
@@ -250,7 +306,7 @@ impl Partition {
                 .reader()
                 .with_log(|log| log.read(offset, max_bytes, bounds.high_watermark))
                 .map_err(|e| BrokerError::Internal(e.to_string()))?
-                .map_err(storage_error)?;
+                .map_err(|e| self.storage_error(e))?;
             let bytes: usize = batches.iter().map(Batch::len).sum();
             if bytes >= min_bytes.max(1) || Instant::now() >= deadline {
                 return Ok(batches);
@@ -273,7 +329,7 @@ impl Partition {
             .reader()
             .with_log(|log| log.offset_for_timestamp(timestamp_ms, high_watermark))
             .map_err(|e| BrokerError::Internal(e.to_string()))?
-            .map_err(storage_error)?;
+            .map_err(|e| self.storage_error(e))?;
         Ok(found.unwrap_or(high_watermark))
     }
 
@@ -326,7 +382,15 @@ pub(crate) fn storage_error(error: weft_storage::Error) -> BrokerError {
         weft_storage::Error::OffsetOutOfRange { offset, start, end } => {
             BrokerError::OffsetOutOfRange { offset, start, end }
         }
-        weft_storage::Error::Corruption { .. } => BrokerError::DataLoss(error.to_string()),
+        weft_storage::Error::Corruption {
+            ref segment,
+            position,
+            ..
+        } => BrokerError::DataLoss {
+            detail: error.to_string(),
+            segment: segment.display().to_string(),
+            position,
+        },
         other => BrokerError::Internal(other.to_string()),
     }
 }

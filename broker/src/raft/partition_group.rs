@@ -13,7 +13,7 @@ use bytes::Bytes;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, CommittedLeaderId, Membership, StoredMembership};
 use tokio::sync::watch;
-use weft_storage::{LogConfig, Metadata, PartitionLog};
+use weft_storage::{LogConfig, Metadata, PartitionLog, RecoveryReport};
 
 use super::{
     Command, GroupId, LogId, LogReader, LogStore, Network, NodeId, PartitionState,
@@ -69,6 +69,8 @@ pub struct PartitionGroup {
     opened_at_index: Option<u64>,
     /// What the snapshot covered when the group was opened.
     opened_snapshot_index: Option<u64>,
+    /// What opening the log found (a torn tail cut, damaged ranges).
+    report: Arc<RecoveryReport>,
 }
 
 fn fatal(e: impl std::fmt::Display) -> BrokerError {
@@ -145,7 +147,13 @@ impl PartitionGroup {
             node_id,
             opened_at_index,
             opened_snapshot_index,
+            report: Arc::new(report),
         })
+    }
+
+    /// What opening the log found.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
     }
 
     /// The log, for reads.

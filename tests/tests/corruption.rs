@@ -1,0 +1,171 @@
+//! Damaged bytes in a partition's durable data, as a client sees them: the partition still opens
+//! and serves, reads of the damaged range answer DATA_LOSS naming where the damage is (never the
+//! bytes), reads elsewhere and new publishes work, and the damage is reported in metrics and the
+//! admin API.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tonic_types::StatusExt;
+use weft_client::{ConsumerConfig, ProducerConfig, Record, StartFrom};
+use weft_proto::v1::FetchRequest;
+use weft_tests::{Broker, fetch_range, grpc, metric, offsets, wait_for};
+
+fn segment_files(broker: &Broker) -> Vec<PathBuf> {
+    let topics = broker.dir().join("data").join("topics");
+    let mut files = Vec::new();
+    for topic in std::fs::read_dir(&topics).expect("topics dir") {
+        let dir = topic.expect("entry").path().join("0");
+        for file in std::fs::read_dir(&dir).expect("partition dir") {
+            let path = file.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "log") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_durable_data_is_refused_with_data_loss_and_the_rest_serves() {
+    let mut broker = Broker::start();
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"damaged","partitions":1,"segment_bytes":1048576,"max_message_bytes":65536}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let client = broker.client().await;
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..4000u64 {
+        acks.push(
+            producer
+                .send_nowait("damaged", Record::new(format!("{i:>1000}")).partition(0))
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("stored");
+    }
+    producer.close().await.expect("close");
+    drop(client);
+    assert_eq!(broker.stop(), Some(0));
+
+    // Flip bytes in the middle of the first (sealed) segment.
+    let files = segment_files(&broker);
+    assert!(files.len() >= 3, "several segments: {files:?}");
+    let first = &files[0];
+    let mut bytes = std::fs::read(first).expect("read segment");
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(first, &bytes).expect("damage the segment");
+    let second_base: u64 = files[1]
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("segment files are named by base offset");
+
+    broker.start_again();
+    let address = broker.client_addr.clone();
+    let bounds = wait_for("the partition to serve", Duration::from_secs(60), || {
+        let address = address.clone();
+        async move { offsets(&address, "damaged", 0, None).await.ok() }
+    })
+    .await;
+    assert_eq!(bounds.high_watermark, 4000, "the damaged partition opens");
+
+    // Reading from the start: intact records up to the damage, then DATA_LOSS naming the place.
+    let channel = grpc::channel(&broker.client_addr).await;
+    let mut subscriber = grpc::subscriber(&channel);
+    let mut next = 0u64;
+    let status = loop {
+        let response = subscriber
+            .fetch(FetchRequest {
+                topic: "damaged".into(),
+                partition: 0,
+                offset: next,
+                max_bytes: 64 * 1024,
+                ..FetchRequest::default()
+            })
+            .await;
+        match response {
+            Ok(r) => {
+                let r = r.into_inner();
+                for record in &r.records {
+                    assert_eq!(record.offset, next);
+                    assert_eq!(
+                        record.value.as_ref(),
+                        format!("{next:>1000}").as_bytes(),
+                        "an intact record before the damage"
+                    );
+                    next += 1;
+                }
+                assert!(next < second_base, "read past the damage without an error");
+            }
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "DATA_LOSS");
+    let segment = info.metadata.get("segment").expect("the segment is named");
+    assert!(segment.ends_with("00000000000000000000.log"), "{segment}");
+    assert!(info.metadata.contains_key("position"), "{info:?}");
+    assert!(
+        !status.message().contains(&format!("{next:>1000}")),
+        "no record bytes in the error"
+    );
+
+    // The rest of the log reads, and publishing goes on.
+    let rest = fetch_range(&broker.client_addr, "damaged", 0, second_base, 4000).await;
+    assert_eq!(rest.len() as u64, 4000 - second_base);
+    for (offset, value) in &rest {
+        assert_eq!(value.as_ref(), format!("{offset:>1000}").as_bytes());
+    }
+    let client = broker.client().await;
+    let ack = client
+        .producer(ProducerConfig::default())
+        .send("damaged", Record::new("after").partition(0))
+        .await
+        .expect("publish after damage");
+    assert_eq!(ack.offset, 4000);
+
+    // A subscriber gets DATA_LOSS too, never the damaged bytes.
+    let mut consumer = client
+        .consumer(ConsumerConfig::new("damaged").start(StartFrom::Earliest))
+        .await
+        .expect("subscribe");
+    let error = loop {
+        match consumer.next_timeout(Duration::from_secs(20)).await {
+            Ok(Some(m)) => assert!(m.offset < next + 1, "delivered past the damage"),
+            Ok(None) => panic!("no error and no record within 20 s"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error.code(), Some(tonic::Code::DataLoss), "{error}");
+
+    // Reported: a metric and the admin API.
+    let found = metric(
+        &broker,
+        r#"weft_partition_damaged_ranges{topic="damaged",partition="0"}"#,
+    )
+    .expect("damage metric");
+    assert!(found >= 1.0);
+    let (status, body) = broker.http("GET", "/v1/topics/damaged", None);
+    assert_eq!(status, 200);
+    let topic: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let damaged = &topic["partition_details"][0]["damaged"];
+    assert!(
+        damaged[0]["segment"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("00000000000000000000.log")),
+        "{body}"
+    );
+    let (status, _) = broker.http("GET", "/readyz", None);
+    assert_eq!(status, 200, "damage in old data does not make the broker unready");
+}
