@@ -71,7 +71,8 @@ impl IntoResponse for ApiError {
             BrokerError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             BrokerError::SequenceGap { .. }
             | BrokerError::ProducerFenced { .. }
-            | BrokerError::StaleGeneration { .. } => StatusCode::CONFLICT,
+            | BrokerError::StaleGeneration { .. }
+            | BrokerError::GroupNotEmpty(_) => StatusCode::CONFLICT,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             BrokerError::DataLoss { .. } | BrokerError::Internal(_) => {
@@ -517,6 +518,17 @@ async fn describe_group(
     Ok(Json(group_view(&node, &id)?))
 }
 
+/// Deletes a consumer group's committed offsets (409 while it has live members).
+#[utoipa::path(delete, path = "/v1/groups/{id}", params(("id" = String, Path, description = "Group id")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_group(
+    State(node): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.groups.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The OpenAPI document of this API.
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -534,7 +546,8 @@ async fn describe_group(
         describe_topic,
         delete_topic,
         list_groups,
-        describe_group
+        describe_group,
+        delete_group
     ),
     components(schemas(
         Health,
@@ -584,7 +597,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(describe_topic).delete(delete_topic),
         )
         .route("/v1/groups", get(list_groups))
-        .route("/v1/groups/{id}", get(describe_group))
+        .route("/v1/groups/{id}", get(describe_group).delete(delete_group))
         .fallback(not_found)
         .with_state(node)
 }

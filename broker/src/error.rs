@@ -29,6 +29,9 @@ pub enum BrokerError {
     /// No such consumer group.
     #[error("consumer group {0:?} not found")]
     GroupNotFound(String),
+    /// A consumer group with live members cannot be deleted.
+    #[error("consumer group {0:?} has live members")]
+    GroupNotEmpty(String),
     /// A topic of that name exists.
     #[error("topic {0:?} already exists")]
     TopicExists(String),
@@ -140,7 +143,8 @@ impl BrokerError {
             }
             BrokerError::SequenceGap { .. }
             | BrokerError::ProducerFenced { .. }
-            | BrokerError::StaleGeneration { .. } => Code::FailedPrecondition,
+            | BrokerError::StaleGeneration { .. }
+            | BrokerError::GroupNotEmpty(_) => Code::FailedPrecondition,
             BrokerError::OffsetOutOfRange { .. } => Code::OutOfRange,
             BrokerError::Unavailable { .. } => Code::Unavailable,
             BrokerError::Timeout(_) => Code::DeadlineExceeded,
@@ -155,6 +159,7 @@ impl BrokerError {
             BrokerError::TopicNotFound(_) => "TOPIC_NOT_FOUND",
             BrokerError::PartitionNotFound { .. } => "PARTITION_NOT_FOUND",
             BrokerError::GroupNotFound(_) => "GROUP_NOT_FOUND",
+            BrokerError::GroupNotEmpty(_) => "GROUP_NOT_EMPTY",
             BrokerError::TopicExists(_) => "TOPIC_EXISTS",
             BrokerError::InvalidArgument(_) => "INVALID_ARGUMENT",
             BrokerError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
@@ -184,7 +189,7 @@ impl From<BrokerError> for tonic::Status {
             BrokerError::TopicNotFound(name) | BrokerError::TopicExists(name) => {
                 details.set_resource_info("weft.v1.Topic", name, "", error.to_string());
             }
-            BrokerError::GroupNotFound(group) => {
+            BrokerError::GroupNotFound(group) | BrokerError::GroupNotEmpty(group) => {
                 details.set_resource_info("weft.v1.ConsumerGroup", group, "", error.to_string());
             }
             BrokerError::PartitionNotFound { topic, partition } => {

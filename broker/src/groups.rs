@@ -3,19 +3,25 @@
 //! refuses commits from stale generations, and stores committed offsets durably (sled). A member
 //! that stops heartbeating is removed after its session timeout. A member whose stream ends (a
 //! rotation, a network blip) keeps its place until then, and rejoins with its member id without a
-//! rebalance.
+//! rebalance. A second stream joining with the id of a member whose stream is still open
+//! supersedes it: the generation moves on, the first stream ends, and its commits are refused.
 //!
-//! One group consumes one topic at a time. On this single-node broker the coordinator is local;
-//! committed offsets move to the controller group with the multi-node cluster.
+//! Commits are atomic with their checks: one commit of a group at a time runs the generation
+//! check, reads the stored offsets and writes the new ones, so a stale member racing the new
+//! owner can never move an offset back. Offsets are keyed by topic id: a deleted topic takes its
+//! offsets with it, and a new topic of the same name starts fresh.
+//!
+//! One group consumes one topic at a time. Groups with neither members nor offsets leave memory.
+//! The state here is pure (time is an argument), so it is unit-tested without sockets.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use weft_storage::{GroupOffset, Metadata};
 
 use crate::error::BrokerError;
+use crate::meta::{GroupOffset, Metadata};
 
 /// Spreads `partitions` over `members` (sorted by id): partition i goes to member i mod n.
 /// Deterministic and balanced to within one partition.
@@ -42,6 +48,9 @@ pub struct GroupView {
     pub generation: u64,
     /// Partitions by member id.
     pub assignments: BTreeMap<String, Vec<u32>>,
+    /// The stream incarnation holding each member id: a stream whose incarnation is no longer
+    /// here was superseded.
+    pub incarnations: BTreeMap<String, u64>,
 }
 
 /// A member as reported by [`Coordinator::describe`].
@@ -68,8 +77,19 @@ pub struct GroupDescription {
     pub generation: u64,
     /// Live members.
     pub members: Vec<MemberDescription>,
-    /// Committed offsets.
+    /// Committed offsets (by topic id).
     pub committed: Vec<GroupOffset>,
+}
+
+/// A member's place in a group, as its stream holds it.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    /// Member id.
+    pub member_id: String,
+    /// This stream's incarnation of the member.
+    pub incarnation: u64,
+    /// The group's assignments.
+    pub view: watch::Receiver<Arc<GroupView>>,
 }
 
 #[derive(Debug)]
@@ -77,15 +97,19 @@ struct Member {
     last_seen: Instant,
     session: Duration,
     connected: bool,
+    incarnation: u64,
 }
 
 #[derive(Debug)]
 struct Group {
     topic: String,
+    topic_id: String,
     partitions: u32,
     generation: u64,
     members: BTreeMap<String, Member>,
     view: watch::Sender<Arc<GroupView>>,
+    /// Held across a commit's check, read and write.
+    commit_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Group {
@@ -95,8 +119,21 @@ impl Group {
         let view = GroupView {
             generation: self.generation,
             assignments: assign(&ids, self.partitions),
+            incarnations: self
+                .members
+                .iter()
+                .map(|(id, m)| (id.clone(), m.incarnation))
+                .collect(),
         };
         self.view.send_replace(Arc::new(view));
+    }
+
+    fn stale(&self, group_id: &str, generation: u64) -> BrokerError {
+        BrokerError::StaleGeneration {
+            group: group_id.into(),
+            current: self.generation,
+            got: generation,
+        }
     }
 }
 
@@ -105,6 +142,7 @@ struct Inner {
     meta: Metadata,
     default_session: Duration,
     groups: Mutex<HashMap<String, Group>>,
+    next_incarnation: std::sync::atomic::AtomicU64,
 }
 
 /// The consumer-group coordinator of this node.
@@ -116,6 +154,10 @@ pub struct Coordinator {
 /// Longest session timeout a member may ask for.
 pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 
+fn meta_error(e: crate::meta::MetaError) -> BrokerError {
+    BrokerError::Internal(e.to_string())
+}
+
 impl Coordinator {
     /// A coordinator storing offsets in `meta`.
     pub fn new(meta: Metadata, default_session: Duration) -> Self {
@@ -124,6 +166,7 @@ impl Coordinator {
                 meta,
                 default_session,
                 groups: Mutex::new(HashMap::new()),
+                next_incarnation: std::sync::atomic::AtomicU64::new(1),
             }),
         }
     }
@@ -135,34 +178,49 @@ impl Coordinator {
             .map_err(|_| BrokerError::Internal("group table poisoned".into()))
     }
 
-    /// Joins (or rejoins, with `member_id`) `group` to consume `topic` with `partitions`
-    /// partitions. Returns the member id and a watch of the group's assignments.
+    /// Joins (or rejoins, with `member_id`) `group` to consume the topic `topic` (id `topic_id`)
+    /// with `partitions` partitions, at time `now`.
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         &self,
         group_id: &str,
         member_id: Option<&str>,
         topic: &str,
+        topic_id: &str,
         partitions: u32,
         session: Option<Duration>,
-    ) -> Result<(String, watch::Receiver<Arc<GroupView>>), BrokerError> {
+        now: Instant,
+    ) -> Result<Membership, BrokerError> {
         if group_id.is_empty() || group_id.len() > 249 {
             return Err(BrokerError::invalid(
                 "group_id",
                 "must be 1 to 249 characters",
             ));
         }
+        if member_id.is_some_and(|m| m.len() > 249) {
+            return Err(BrokerError::invalid(
+                "member_id",
+                "must be at most 249 characters",
+            ));
+        }
         let session = session
             .unwrap_or(self.inner.default_session)
             .min(SESSION_TIMEOUT_MAX);
+        let incarnation = self
+            .inner
+            .next_incarnation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut groups = self.groups()?;
         let group = groups.entry(group_id.to_string()).or_insert_with(|| Group {
             topic: topic.to_string(),
+            topic_id: topic_id.to_string(),
             partitions,
             generation: 0,
             members: BTreeMap::new(),
             view: watch::Sender::new(Arc::new(GroupView::default())),
+            commit_lock: Arc::new(tokio::sync::Mutex::new(())),
         });
-        if group.topic != topic {
+        if group.topic_id != topic_id {
             if !group.members.is_empty() {
                 return Err(BrokerError::invalid(
                     "group_id",
@@ -173,19 +231,28 @@ impl Coordinator {
                 ));
             }
             group.topic = topic.to_string();
+            group.topic_id = topic_id.to_string();
         }
-        let now = Instant::now();
-        let rejoining = member_id.filter(|id| group.members.contains_key(*id));
-        let id = match rejoining {
-            Some(id) => {
-                if let Some(m) = group.members.get_mut(id) {
-                    m.connected = true;
-                    m.last_seen = now;
-                    m.session = session;
-                }
-                if group.partitions != partitions {
+        let known = member_id.and_then(|id| group.members.get_mut(id).map(|m| (id, m)));
+        let id = match known {
+            Some((id, member)) => {
+                let superseded = member.connected;
+                member.connected = true;
+                member.last_seen = now;
+                member.session = session;
+                member.incarnation = incarnation;
+                if superseded || group.partitions != partitions {
+                    // Another stream holds this id: it is superseded, and the generation moves
+                    // on so its holder can no longer commit.
                     group.partitions = partitions;
                     group.rebalance();
+                } else {
+                    // A member coming back after its stream ended: same generation, same
+                    // partitions; only its incarnation changes.
+                    let current = group.view.borrow().clone();
+                    let mut view = (*current).clone();
+                    view.incarnations.insert(id.to_string(), incarnation);
+                    group.view.send_replace(Arc::new(view));
                 }
                 id.to_string()
             }
@@ -200,6 +267,7 @@ impl Coordinator {
                         last_seen: now,
                         session,
                         connected: true,
+                        incarnation,
                     },
                 );
                 group.partitions = partitions;
@@ -207,51 +275,83 @@ impl Coordinator {
                 id
             }
         };
-        Ok((id, group.view.subscribe()))
+        Ok(Membership {
+            member_id: id,
+            incarnation,
+            view: group.view.subscribe(),
+        })
     }
 
-    /// Records that `member` is alive.
-    pub fn heartbeat(&self, group_id: &str, member_id: &str) -> Result<(), BrokerError> {
+    /// Records that the member's stream `incarnation` is alive at `now`; an error when the
+    /// member is gone or the stream was superseded.
+    pub fn heartbeat(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        incarnation: u64,
+        now: Instant,
+    ) -> Result<(), BrokerError> {
         let mut groups = self.groups()?;
-        let member = groups
-            .get_mut(group_id)
-            .and_then(|g| g.members.get_mut(member_id));
-        match member {
-            Some(m) => {
-                m.last_seen = Instant::now();
-                Ok(())
-            }
-            None => Err(BrokerError::StaleGeneration {
+        let Some(group) = groups.get_mut(group_id) else {
+            return Err(BrokerError::StaleGeneration {
                 group: group_id.into(),
                 current: 0,
                 got: 0,
+            });
+        };
+        let generation = group.generation;
+        match group.members.get_mut(member_id) {
+            Some(m) if m.incarnation == incarnation => {
+                m.last_seen = now;
+                Ok(())
+            }
+            _ => Err(BrokerError::StaleGeneration {
+                group: group_id.into(),
+                current: generation,
+                got: generation,
             }),
         }
     }
 
-    /// The member's stream ended: it keeps its partitions until its session times out.
-    pub fn disconnect(&self, group_id: &str, member_id: &str) {
+    /// The member's stream ended: it keeps its partitions until its session times out. Nothing
+    /// happens when another stream superseded this one.
+    pub fn disconnect(&self, group_id: &str, member_id: &str, incarnation: u64, now: Instant) {
         if let Ok(mut groups) = self.groups()
             && let Some(m) = groups
                 .get_mut(group_id)
                 .and_then(|g| g.members.get_mut(member_id))
+            && m.incarnation == incarnation
         {
             m.connected = false;
-            m.last_seen = Instant::now();
+            m.last_seen = now;
         }
     }
 
-    /// Removes `member` now and rebalances.
-    pub fn leave(&self, group_id: &str, member_id: &str) {
-        if let Ok(mut groups) = self.groups()
-            && let Some(group) = groups.get_mut(group_id)
-            && group.members.remove(member_id).is_some()
-        {
-            group.rebalance();
+    /// Removes the member now and rebalances (unless another stream superseded this one).
+    pub fn leave(&self, group_id: &str, member_id: &str, incarnation: u64) {
+        let Ok(mut groups) = self.groups() else {
+            return;
+        };
+        let emptied = match groups.get_mut(group_id) {
+            Some(group)
+                if group
+                    .members
+                    .get(member_id)
+                    .is_some_and(|m| m.incarnation == incarnation) =>
+            {
+                group.members.remove(member_id);
+                group.rebalance();
+                group.members.is_empty()
+            }
+            _ => false,
+        };
+        if emptied {
+            groups.remove(group_id);
         }
     }
 
-    /// Removes members whose session expired; returns how many.
+    /// Removes members whose session expired by `now`, and groups left without members;
+    /// returns how many members went.
     pub fn expire(&self, now: Instant) -> usize {
         let Ok(mut groups) = self.groups() else {
             return 0;
@@ -271,6 +371,9 @@ impl Coordinator {
                 group.rebalance();
             }
         }
+        // An empty group is only its stored offsets: nothing to keep in memory. (A stream still
+        // watching its view learns it is gone through its heartbeat.)
+        groups.retain(|_, g| !g.members.is_empty());
         removed
     }
 
@@ -286,104 +389,126 @@ impl Coordinator {
         });
     }
 
-    /// Stores offsets for `group`. `member_id` empty with generation 0 is a commit from outside
-    /// membership, allowed only while the group has no members. Otherwise the member must be in
-    /// the current generation and own every partition it commits. Offsets never go backwards.
-    pub fn commit(
+    /// Stores offsets for `group` on the topic `topic_id`. `member_id` empty with generation 0
+    /// is a commit from outside membership, allowed only while the group has no members.
+    /// Otherwise the member must be in the current generation and own every partition it
+    /// commits. Offsets never go backwards. The check and the write are one atomic step.
+    pub async fn commit(
         &self,
         group_id: &str,
         member_id: &str,
         generation: u64,
-        topic: &str,
+        topic_id: &str,
         offsets: &[(u32, u64)],
     ) -> Result<Vec<(u32, u64)>, BrokerError> {
         if group_id.is_empty() {
             return Err(BrokerError::invalid("group_id", "is empty"));
         }
-        {
-            let groups = self.groups()?;
-            match groups.get(group_id) {
-                Some(group) if !group.members.is_empty() || !member_id.is_empty() => {
-                    let stale = || BrokerError::StaleGeneration {
-                        group: group_id.into(),
-                        current: group.generation,
-                        got: generation,
-                    };
-                    if generation != group.generation
-                        || !group.members.contains_key(member_id)
-                        || group.topic != topic
-                    {
-                        return Err(stale());
-                    }
-                    let owned = group
-                        .view
-                        .borrow()
-                        .assignments
-                        .get(member_id)
-                        .cloned()
-                        .unwrap_or_default();
-                    if offsets.iter().any(|(p, _)| !owned.contains(p)) {
-                        return Err(stale());
-                    }
+        let lock = self.commit_lock(group_id)?;
+        let _committing = lock.lock().await;
+        self.check_commit(group_id, member_id, generation, topic_id, offsets)?;
+        let meta = self.inner.meta.clone();
+        let group = group_id.to_string();
+        let topic = topic_id.to_string();
+        let commits = offsets.to_vec();
+        tokio::task::spawn_blocking(move || {
+            for &(partition, offset) in &commits {
+                let current = meta
+                    .group_offset(&group, &topic, partition)
+                    .map_err(meta_error)?;
+                if let Some(current) = current
+                    && offset < current
+                {
+                    return Err(BrokerError::invalid(
+                        "offsets",
+                        format!(
+                            "partition {partition}: committed offsets never go backwards ({offset} < {current})"
+                        ),
+                    ));
                 }
-                None if !member_id.is_empty() => {
-                    return Err(BrokerError::StaleGeneration {
-                        group: group_id.into(),
-                        current: 0,
-                        got: generation,
-                    });
+            }
+            let records: Vec<GroupOffset> = commits
+                .iter()
+                .map(|&(partition, offset)| GroupOffset {
+                    topic_id: topic.clone(),
+                    partition,
+                    offset,
+                })
+                .collect();
+            meta.commit_group_offsets(&group, &records)
+                .map_err(meta_error)?;
+            Ok(commits)
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+    }
+
+    /// The lock that serialises commits of `group_id` (groups without members share one).
+    fn commit_lock(&self, group_id: &str) -> Result<Arc<tokio::sync::Mutex<()>>, BrokerError> {
+        static OUTSIDE: std::sync::OnceLock<Arc<tokio::sync::Mutex<()>>> =
+            std::sync::OnceLock::new();
+        Ok(match self.groups()?.get(group_id) {
+            Some(group) => group.commit_lock.clone(),
+            None => OUTSIDE
+                .get_or_init(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone(),
+        })
+    }
+
+    fn check_commit(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: u64,
+        topic_id: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<(), BrokerError> {
+        let groups = self.groups()?;
+        match groups.get(group_id) {
+            Some(group) if !group.members.is_empty() || !member_id.is_empty() => {
+                if generation != group.generation
+                    || !group.members.contains_key(member_id)
+                    || group.topic_id != topic_id
+                {
+                    return Err(group.stale(group_id, generation));
                 }
-                _ => {}
+                let owned = group
+                    .view
+                    .borrow()
+                    .assignments
+                    .get(member_id)
+                    .cloned()
+                    .unwrap_or_default();
+                if offsets.iter().any(|(p, _)| !owned.contains(p)) {
+                    return Err(group.stale(group_id, generation));
+                }
+                Ok(())
             }
+            None if !member_id.is_empty() => Err(BrokerError::StaleGeneration {
+                group: group_id.into(),
+                current: 0,
+                got: generation,
+            }),
+            _ => Ok(()),
         }
-        let meta = &self.inner.meta;
-        for &(partition, offset) in offsets {
-            let current = meta
-                .group_offset(group_id, topic, partition)
-                .map_err(|e| BrokerError::Internal(e.to_string()))?;
-            if current.is_some_and(|c| offset < c) {
-                return Err(BrokerError::invalid(
-                    "offsets",
-                    format!(
-                        "partition {partition}: committed offsets never go backwards ({offset} < {})",
-                        current.unwrap_or(0)
-                    ),
-                ));
-            }
-        }
-        let records: Vec<GroupOffset> = offsets
-            .iter()
-            .map(|&(partition, offset)| GroupOffset {
-                topic: topic.into(),
-                partition,
-                offset,
-            })
-            .collect();
-        meta.commit_group_offsets(group_id, &records)
-            .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        Ok(offsets.to_vec())
     }
 
     /// The committed offset of one partition.
     pub fn committed(
         &self,
         group_id: &str,
-        topic: &str,
+        topic_id: &str,
         partition: u32,
     ) -> Result<Option<u64>, BrokerError> {
         self.inner
             .meta
-            .group_offset(group_id, topic, partition)
-            .map_err(|e| BrokerError::Internal(e.to_string()))
+            .group_offset(group_id, topic_id, partition)
+            .map_err(meta_error)
     }
 
     /// Every group: live ones and those with stored offsets.
     pub fn list(&self) -> Result<Vec<String>, BrokerError> {
-        let mut names: Vec<String> = self
-            .inner
-            .meta
-            .groups()
-            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let mut names: Vec<String> = self.inner.meta.groups().map_err(meta_error)?;
         names.extend(self.groups()?.keys().cloned());
         names.sort();
         names.dedup();
@@ -396,7 +521,7 @@ impl Coordinator {
             .inner
             .meta
             .group_offsets(group_id)
-            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            .map_err(meta_error)?;
         let groups = self.groups()?;
         let now = Instant::now();
         let description = match groups.get(group_id) {
@@ -422,16 +547,44 @@ impl Coordinator {
             None if committed.is_empty() => return Ok(None),
             None => GroupDescription {
                 group_id: group_id.into(),
-                topic: committed
-                    .first()
-                    .map(|o| o.topic.clone())
-                    .unwrap_or_default(),
+                topic: String::new(),
                 generation: 0,
                 members: Vec::new(),
                 committed,
             },
         };
         Ok(Some(description))
+    }
+
+    /// Deletes a group's committed offsets. Refused while it has members; NOT_FOUND when it has
+    /// nothing to delete.
+    pub async fn delete(&self, group_id: &str) -> Result<(), BrokerError> {
+        let lock = self.commit_lock(group_id)?;
+        let _committing = lock.lock().await;
+        if let Some(group) = self.groups()?.get(group_id)
+            && !group.members.is_empty()
+        {
+            return Err(BrokerError::GroupNotEmpty(group_id.into()));
+        }
+        let meta = self.inner.meta.clone();
+        let group = group_id.to_string();
+        let had = tokio::task::spawn_blocking(move || meta.delete_group(&group))
+            .await
+            .map_err(|e| BrokerError::Internal(e.to_string()))?
+            .map_err(meta_error)?;
+        if had {
+            Ok(())
+        } else {
+            Err(BrokerError::GroupNotFound(group_id.into()))
+        }
+    }
+
+    /// Forgets the committed offsets of topics that no longer exist.
+    pub fn forget_deleted_topics(&self, live: &dyn Fn(&str) -> bool) -> Result<usize, BrokerError> {
+        self.inner
+            .meta
+            .retain_group_offsets(live)
+            .map_err(meta_error)
     }
 }
 
@@ -476,19 +629,27 @@ mod tests {
         )
     }
 
-    #[test]
-    fn generations_fence_stale_commits_and_offsets_never_go_back() {
+    #[tokio::test]
+    async fn generations_fence_stale_commits_and_offsets_never_go_back() {
         let c = coordinator();
-        let (a, view) = c.join("g", Some("a"), "t", 4, None).expect("join a");
+        let now = Instant::now();
+        let a = c
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("join a");
+        let view = a.view.clone();
         assert_eq!(view.borrow().generation, 1);
         let gen1 = view.borrow().generation;
-        c.commit("g", &a, gen1, "t", &[(0, 10), (3, 5)])
+        c.commit("g", "a", gen1, "id-t", &[(0, 10), (3, 5)])
+            .await
             .expect("a owns everything");
-        let (b, _) = c.join("g", Some("b"), "t", 4, None).expect("join b");
+        let b = c
+            .join("g", Some("b"), "t", "id-t", 4, None, now)
+            .expect("join b");
         let gen2 = view.borrow().generation;
         assert_eq!(gen2, 2, "a join bumps the generation");
         let err = c
-            .commit("g", &a, gen1, "t", &[(0, 11)])
+            .commit("g", "a", gen1, "id-t", &[(0, 11)])
+            .await
             .expect_err("stale generation");
         assert!(matches!(
             err,
@@ -498,49 +659,92 @@ mod tests {
                 ..
             }
         ));
-        let owned_by_b = view.borrow().assignments[&b].clone();
+        let owned_by_b = view.borrow().assignments["b"].clone();
         let err = c
-            .commit("g", &a, gen2, "t", &[(owned_by_b[0], 1)])
+            .commit("g", "a", gen2, "id-t", &[(owned_by_b[0], 1)])
+            .await
             .expect_err("not a's partition");
         assert!(matches!(err, BrokerError::StaleGeneration { .. }));
         let err = c
-            .commit("g", &a, gen2, "t", &[(0, 9)])
+            .commit("g", "a", gen2, "id-t", &[(0, 9)])
+            .await
             .expect_err("backwards");
         assert!(matches!(err, BrokerError::InvalidArgument(_)));
-        c.commit("g", &a, gen2, "t", &[(0, 12)]).expect("forward");
-        assert_eq!(c.committed("g", "t", 0).expect("read"), Some(12));
+        c.commit("g", "a", gen2, "id-t", &[(0, 12)])
+            .await
+            .expect("forward");
+        assert_eq!(c.committed("g", "id-t", 0).expect("read"), Some(12));
+        assert_eq!(
+            c.committed("g", "id-other", 0).expect("read"),
+            None,
+            "offsets belong to a topic id"
+        );
         let err = c
-            .commit("g", "", 0, "t", &[(1, 1)])
+            .commit("g", "", 0, "id-t", &[(1, 1)])
+            .await
             .expect_err("no simple commits while members live");
         assert!(matches!(err, BrokerError::StaleGeneration { .. }));
-        // Rejoining with a known id does not rebalance.
-        c.disconnect("g", &a);
-        c.join("g", Some(&a), "t", 4, None).expect("rejoin");
+        // Rejoining after the stream ended does not rebalance.
+        c.disconnect("g", "a", a.incarnation, now);
+        let a2 = c
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("rejoin");
         assert_eq!(view.borrow().generation, 2);
-        c.leave("g", &b);
+        // The old stream's incarnation no longer heartbeats.
+        assert!(c.heartbeat("g", "a", a.incarnation, now).is_err());
+        c.heartbeat("g", "a", a2.incarnation, now)
+            .expect("the new stream is the member");
+        // A second stream claiming a connected member's id supersedes it: a new generation.
+        let a3 = c
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("supersede");
         assert_eq!(view.borrow().generation, 3);
+        assert_eq!(view.borrow().incarnations["a"], a3.incarnation);
+        // A superseded stream closing does not remove the member.
+        c.leave("g", "a", a2.incarnation);
+        assert!(view.borrow().assignments.contains_key("a"));
+        c.leave("g", "b", b.incarnation);
+        assert_eq!(view.borrow().generation, 4);
         assert_eq!(
-            view.borrow().assignments[&a],
+            view.borrow().assignments["a"],
             vec![0, 1, 2, 3],
             "b's partitions move to a"
         );
+        // Not deleted while a member lives; deleted once it left.
+        assert!(matches!(
+            c.delete("g").await,
+            Err(BrokerError::GroupNotEmpty(_))
+        ));
+        c.leave("g", "a", a3.incarnation);
+        c.delete("g").await.expect("delete");
+        assert!(matches!(
+            c.delete("g").await,
+            Err(BrokerError::GroupNotFound(_))
+        ));
+        assert_eq!(c.describe("g").expect("describe"), None);
     }
 
     #[test]
-    fn silent_members_expire() {
+    fn silent_members_expire_and_empty_groups_leave_memory() {
         let c = coordinator();
-        let (a, view) = c
-            .join("g", None, "t", 2, Some(Duration::from_millis(50)))
+        let t0 = Instant::now();
+        let a = c
+            .join("g", None, "t", "id-t", 2, Some(Duration::from_secs(1)), t0)
             .expect("join");
-        let (_b, _) = c
-            .join("g", None, "t", 2, Some(Duration::from_secs(60)))
+        let _b = c
+            .join("g", None, "t", "id-t", 2, Some(Duration::from_secs(60)), t0)
             .expect("join");
-        assert_eq!(c.expire(Instant::now()), 0);
-        assert_eq!(c.expire(Instant::now() + Duration::from_millis(100)), 1);
-        assert!(!view.borrow().assignments.contains_key(&a));
+        assert_eq!(c.expire(t0 + Duration::from_millis(500)), 0);
+        assert_eq!(c.expire(t0 + Duration::from_secs(2)), 1);
+        assert!(!a.view.borrow().assignments.contains_key(&a.member_id));
         assert!(
-            c.heartbeat("g", &a).is_err(),
+            c.heartbeat("g", &a.member_id, a.incarnation, t0).is_err(),
             "an expired member is unknown"
+        );
+        assert_eq!(c.expire(t0 + Duration::from_secs(120)), 1);
+        assert!(
+            c.groups().expect("groups").is_empty(),
+            "no empty group kept"
         );
     }
 }

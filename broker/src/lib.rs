@@ -11,6 +11,8 @@
 //! - [`registry`]: the hosted partitions and the supervisor task of each (open, replay, serve,
 //!   snapshot, retention, reopen after a storage error).
 //! - [`groups`]: the consumer-group coordinator.
+//! - [`meta`]: the broker's typed metadata (node identity, Raft state, group offsets) in the
+//!   storage crate's key/value store.
 //! - [`grpc`]: the client gRPC services, one file per service.
 //! - [`admin`]: the admin HTTP API and its OpenAPI document.
 //! - [`metrics`]: Prometheus metrics.
@@ -21,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod groups;
 pub mod grpc;
+pub mod meta;
 pub mod metrics;
 pub mod node;
 pub mod partition;

@@ -87,24 +87,18 @@ pub fn render(node: &Node) -> String {
     }
     if let Ok(groups) = node.groups.list() {
         for group in groups {
-            let Ok(Some(description)) = node.groups.describe(&group) else {
+            let Ok(description) = crate::grpc::subscribe::describe_group(node, &group) else {
                 continue;
             };
-            for committed in &description.committed {
-                if let Ok(partition) = node.partition(&committed.topic, committed.partition) {
-                    let lag = partition
-                        .bounds()
-                        .high_watermark
-                        .saturating_sub(committed.offset);
-                    let labels = [
-                        ("group", group.clone()),
-                        ("topic", committed.topic.clone()),
-                        ("partition", committed.partition.to_string()),
-                    ];
-                    metrics::gauge!("weft_group_lag_records", &labels).set(lag as f64);
-                    metrics::gauge!("weft_group_committed_offset", &labels)
-                        .set(committed.offset as f64);
-                }
+            for p in &description.partitions {
+                let labels = [
+                    ("group", group.clone()),
+                    ("topic", p.topic.clone()),
+                    ("partition", p.partition.to_string()),
+                ];
+                metrics::gauge!("weft_group_lag_records", &labels).set(p.lag as f64);
+                metrics::gauge!("weft_group_committed_offset", &labels)
+                    .set(p.committed_offset as f64);
             }
         }
     }

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use weft_storage::{Metadata, NodeIdentity, SledMetaStore};
+use weft_storage::SledMetaStore;
+
+use crate::meta::{Metadata, NodeIdentity};
 
 use crate::config::Config;
 use crate::error::BrokerError;
@@ -139,7 +141,14 @@ impl Node {
             stopping: AtomicBool::new(false),
             config,
         });
-        node.reconcile(&node.controller.state()).await;
+        let state = node.controller.state();
+        let moved = meta.migrate_legacy_group_offsets(&|name| {
+            state.topics.get(name).map(|t| t.topic_id.clone())
+        })?;
+        if moved > 0 {
+            tracing::info!(moved, "moved committed group offsets to topic ids");
+        }
+        node.reconcile(&state).await;
         tokio::spawn(reconcile_loop(
             Arc::downgrade(&node),
             node.controller.watch(),
@@ -370,6 +379,13 @@ impl Node {
             })
             .collect();
         self.registry.reconcile(wanted).await;
+        // A deleted topic takes its consumer groups' committed offsets with it.
+        let live = |topic_id: &str| state.topics.values().any(|t| t.topic_id == topic_id);
+        match self.groups.forget_deleted_topics(&live) {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "forgot the group offsets of deleted topics"),
+            Err(e) => tracing::warn!("cannot forget the group offsets of deleted topics: {e}"),
+        }
     }
 
     /// Stops every Raft group, snapshotting each partition so the next start replays nothing.

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::meta::Metadata;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use weft_storage::Metadata;
 
 use crate::error::BrokerError;
 use crate::partition::{Partition, PartitionSpec};

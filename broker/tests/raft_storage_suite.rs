@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use openraft::testing::{StoreBuilder, Suite};
 use tempfile::TempDir;
+use weft_broker::meta::Metadata;
 use weft_broker::raft::{
     ControllerStateMachine, LogStore, PartitionStateMachine, StorageError, TypeConfig,
 };
-use weft_storage::{LogConfig, MemoryMetaStore, Metadata, PartitionLog, SledMetaStore};
+use weft_storage::{LogConfig, MemoryMetaStore, PartitionLog, SledMetaStore};
 
 /// Builds a fresh store in a new temporary directory (kept alive by the returned guard).
 struct Builder {

@@ -269,4 +269,22 @@ impl Admin {
             .map_err(Error::from)?
             .into_inner())
     }
+
+    /// Deletes a consumer group's committed offsets. Refused (FAILED_PRECONDITION, reason
+    /// GROUP_NOT_EMPTY) while the group has live members; NOT_FOUND when it has none stored.
+    pub async fn delete_group(&self, group_id: &str) -> Result<()> {
+        let request = self.client.request(
+            proto::DeleteGroupRequest {
+                group_id: group_id.into(),
+            },
+            None,
+            None,
+        );
+        self.client
+            .subscriber()
+            .delete_group(request)
+            .await
+            .map_err(Error::from)?;
+        Ok(())
+    }
 }

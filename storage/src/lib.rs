@@ -9,7 +9,7 @@
 //!   offset, by Raft index and by timestamp, truncate suffix, purge prefix, retention, recovery.
 //! - [`commit`]: [`GroupCommitter`], a thread that owns a log and shares one fdatasync among every
 //!   append queued at that moment.
-//! - [`meta`]: [`MetaStore`] (sled, or in memory) and the typed [`Metadata`] on top.
+//! - [`meta`]: [`MetaStore`]: small durable metadata in named key spaces (sled, or in memory).
 //! - [`snapshot`]: the partition directory's snapshot file, replaced atomically.
 //!
 //! # Boundaries
@@ -45,8 +45,5 @@ pub use log::{
     Appended, CorruptionFound, LogPosition, PartitionLog, PurgeReport, RecoveryReport, SyncTicket,
     TornTail,
 };
-pub use meta::{
-    GroupOffset, MemoryMetaStore, MetaOp, MetaStore, Metadata, NodeIdentity, RaftKey,
-    SledMetaStore, Space,
-};
+pub use meta::{MemoryMetaStore, MetaOp, MetaStore, SledMetaStore};
 pub use segment::FRAME_HEADER_LEN;

@@ -167,5 +167,8 @@ async fn damaged_durable_data_is_refused_with_data_loss_and_the_rest_serves() {
         "{body}"
     );
     let (status, _) = broker.http("GET", "/readyz", None);
-    assert_eq!(status, 200, "damage in old data does not make the broker unready");
+    assert_eq!(
+        status, 200,
+        "damage in old data does not make the broker unready"
+    );
 }

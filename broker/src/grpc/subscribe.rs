@@ -73,7 +73,7 @@ impl SubscriberService {
         })
     }
 
-    fn commit_inner(
+    async fn commit_inner(
         &self,
         request: &CommitOffsetsRequest,
     ) -> Result<CommitOffsetsResponse, BrokerError> {
@@ -101,13 +101,17 @@ impl SubscriberService {
             }
             offsets.push((o.partition, o.offset));
         }
-        let committed = self.node.groups.commit(
-            &request.group_id,
-            &request.member_id,
-            request.generation,
-            &request.topic,
-            &offsets,
-        )?;
+        let committed = self
+            .node
+            .groups
+            .commit(
+                &request.group_id,
+                &request.member_id,
+                request.generation,
+                &topic.topic_id,
+                &offsets,
+            )
+            .await?;
         Ok(CommitOffsetsResponse {
             offsets: committed
                 .into_iter()
@@ -139,7 +143,7 @@ impl SubscriberService {
             } else {
                 self.node
                     .groups
-                    .committed(&request.group_id, &request.topic, p)?
+                    .committed(&request.group_id, &topic.topic_id, p)?
             };
             let timestamp_offset = request
                 .timestamp_ms
@@ -164,25 +168,46 @@ pub fn describe_group(node: &Node, group_id: &str) -> Result<v1::GroupDescriptio
         .groups
         .describe(group_id)?
         .ok_or_else(|| BrokerError::GroupNotFound(group_id.into()))?;
+    let topics = node.controller_state();
+    let name_of = |topic_id: &str| {
+        topics
+            .topics
+            .values()
+            .find(|t| t.topic_id == topic_id)
+            .map(|t| t.name.clone())
+    };
     let partitions: Vec<v1::GroupPartition> = d
         .committed
         .iter()
-        .map(|c| {
+        .filter_map(|c| {
+            // Offsets of a topic deleted a moment ago are being forgotten: not shown.
+            let topic = name_of(&c.topic_id)?;
             let high_watermark = node
-                .partition(&c.topic, c.partition)
+                .partition(&topic, c.partition)
                 .map_or(c.offset, |p| p.bounds().high_watermark);
-            v1::GroupPartition {
-                topic: c.topic.clone(),
+            Some(v1::GroupPartition {
+                topic,
                 partition: c.partition,
                 committed_offset: c.offset,
                 high_watermark,
                 lag: high_watermark.saturating_sub(c.offset),
-            }
+            })
         })
         .collect();
+    let topic = if d.topic.is_empty() {
+        partitions
+            .first()
+            .map(|p| p.topic.clone())
+            .unwrap_or_default()
+    } else {
+        d.topic
+    };
+    if d.members.is_empty() && partitions.is_empty() {
+        return Err(BrokerError::GroupNotFound(group_id.into()));
+    }
     Ok(v1::GroupDescription {
         group_id: d.group_id,
-        topic: d.topic,
+        topic,
         generation: d.generation,
         members: d
             .members
@@ -277,10 +302,12 @@ impl Subscriber for SubscriberService {
         request: Request<CommitOffsetsRequest>,
     ) -> Result<Response<CommitOffsetsResponse>, Status> {
         let started = Instant::now();
-        let result = check_headers(request.metadata(), &request.get_ref().topic, None)
-            .and_then(|()| self.commit_inner(request.get_ref()))
-            .map(Response::new)
-            .map_err(Status::from);
+        let result = match check_headers(request.metadata(), &request.get_ref().topic, None) {
+            Ok(()) => self.commit_inner(request.get_ref()).await,
+            Err(e) => Err(e),
+        }
+        .map(Response::new)
+        .map_err(Status::from);
         crate::metrics::rpc("CommitOffsets", started, &result);
         result
     }
@@ -313,6 +340,22 @@ impl Subscriber for SubscriberService {
         result
     }
 
+    async fn delete_group(
+        &self,
+        request: Request<v1::DeleteGroupRequest>,
+    ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .node
+            .groups
+            .delete(&request.get_ref().group_id)
+            .await
+            .map(|()| Response::new(v1::DeleteGroupResponse {}))
+            .map_err(Status::from);
+        crate::metrics::rpc("DeleteGroup", started, &result);
+        result
+    }
+
     async fn get_offsets(
         &self,
         request: Request<GetOffsetsRequest>,
@@ -335,11 +378,20 @@ enum Ended {
     Broken,
 }
 
+/// This stream's place in a consumer group.
+struct Member {
+    group_id: String,
+    member_id: String,
+    /// The stream's incarnation of the member: a later stream with the same id supersedes it.
+    incarnation: u64,
+}
+
 /// One open Subscribe stream.
 struct Session {
     node: Arc<Node>,
     start: SubscribeStart,
-    group: Option<(String, String)>,
+    topic_id: String,
+    group: Option<Member>,
     view: Option<watch::Receiver<Arc<GroupView>>>,
     generation: u64,
     positions: BTreeMap<u32, u64>,
@@ -375,14 +427,23 @@ impl Session {
             let session = (start.session_timeout_ms > 0)
                 .then(|| Duration::from_millis(u64::from(start.session_timeout_ms)));
             let member = (!start.member_id.is_empty()).then_some(start.member_id.as_str());
-            let (member_id, view) = node.groups.join(
+            let membership = node.groups.join(
                 &start.group_id,
                 member,
                 &start.topic,
+                &topic.topic_id,
                 topic.config.partitions,
                 session,
+                std::time::Instant::now(),
             )?;
-            (Some((start.group_id.clone(), member_id)), Some(view))
+            (
+                Some(Member {
+                    group_id: start.group_id.clone(),
+                    member_id: membership.member_id,
+                    incarnation: membership.incarnation,
+                }),
+                Some(membership.view),
+            )
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let credit = start.credit.unwrap_or_default();
@@ -396,6 +457,7 @@ impl Session {
             credit_bytes: credit.bytes,
             node,
             start,
+            topic_id: topic.topic_id,
             group,
             view,
             generation: 0,
@@ -414,11 +476,11 @@ impl Session {
         if let Some(&offset) = self.resume.get(&partition) {
             return Ok(clamp(offset));
         }
-        if let Some((group, _)) = &self.group
-            && let Some(offset) = self
-                .node
-                .groups
-                .committed(group, &self.start.topic, partition)?
+        if let Some(member) = &self.group
+            && let Some(offset) =
+                self.node
+                    .groups
+                    .committed(&member.group_id, &self.topic_id, partition)?
         {
             return Ok(clamp(offset));
         }
@@ -445,7 +507,7 @@ impl Session {
         self.positions = positions;
         self.generation = generation;
         let (group_id, member_id) = match &self.group {
-            Some((g, m)) => (g.clone(), m.clone()),
+            Some(m) => (m.group_id.clone(), m.member_id.clone()),
             None => (String::new(), String::new()),
         };
         let assignment = Assignment {
@@ -517,14 +579,20 @@ impl Session {
     }
 
     async fn handle_inbound(&mut self, message: SubscribeRequest) -> Result<(), BrokerError> {
-        if let Some((group, member)) = &self.group {
-            self.node.groups.heartbeat(group, member).map_err(|_| {
-                BrokerError::StaleGeneration {
-                    group: group.clone(),
+        if let Some(member) = &self.group {
+            self.node
+                .groups
+                .heartbeat(
+                    &member.group_id,
+                    &member.member_id,
+                    member.incarnation,
+                    std::time::Instant::now(),
+                )
+                .map_err(|_| BrokerError::StaleGeneration {
+                    group: member.group_id.clone(),
                     current: self.generation,
                     got: self.generation,
-                }
-            })?;
+                })?;
         }
         match message.request {
             Some(Inbound::Credit(credit)) => {
@@ -535,7 +603,7 @@ impl Session {
             }
             Some(Inbound::Heartbeat(_)) | None => {}
             Some(Inbound::Commit(commit)) => {
-                let Some((group, member)) = &self.group else {
+                let Some(member) = &self.group else {
                     return Err(BrokerError::invalid(
                         "commit",
                         "only group members commit over the stream",
@@ -546,13 +614,17 @@ impl Session {
                     .iter()
                     .map(|o| (o.partition, o.offset))
                     .collect();
-                let committed = self.node.groups.commit(
-                    group,
-                    member,
-                    commit.generation,
-                    &self.start.topic,
-                    &offsets,
-                )?;
+                let committed = self
+                    .node
+                    .groups
+                    .commit(
+                        &member.group_id,
+                        &member.member_id,
+                        commit.generation,
+                        &self.topic_id,
+                        &offsets,
+                    )
+                    .await?;
                 let ack = CommitAck {
                     generation: commit.generation,
                     offsets: committed
@@ -578,13 +650,20 @@ impl Session {
         if let Err(error) = outcome {
             let _ = self.tx.send(Err(Status::from(error))).await;
         }
-        if let Some((group, member)) = &self.group {
+        if let Some(member) = &self.group {
             if left {
                 // A clean close (the client ended its side): leave now, so the others rebalance
                 // at once. A broken or rotated stream keeps the member until its session expires.
-                self.node.groups.leave(group, member);
+                self.node
+                    .groups
+                    .leave(&member.group_id, &member.member_id, member.incarnation);
             } else {
-                self.node.groups.disconnect(group, member);
+                self.node.groups.disconnect(
+                    &member.group_id,
+                    &member.member_id,
+                    member.incarnation,
+                    std::time::Instant::now(),
+                );
             }
         }
     }
@@ -600,10 +679,10 @@ impl Session {
             tokio::time::interval(Duration::from_millis(config.stream_heartbeat_ms));
         heartbeat.tick().await;
         let mut view = self.view.take();
-        let member = self
+        let (member, incarnation) = self
             .group
             .as_ref()
-            .map(|(_, m)| m.clone())
+            .map(|m| (m.member_id.clone(), m.incarnation))
             .unwrap_or_default();
         // The first assignment.
         match &mut view {
@@ -659,6 +738,16 @@ impl Session {
                     Err(_) => return Ok(Ended::Broken),
                 },
                 current = group_change => {
+                    if let Some(current) = &current
+                        && current.incarnations.get(&member) != Some(&incarnation)
+                    {
+                        // Another stream took this member id (or the member expired).
+                        return Err(BrokerError::StaleGeneration {
+                            group: self.start.group_id.clone(),
+                            current: current.generation,
+                            got: self.generation,
+                        });
+                    }
                     if let Some(current) = current
                         && current.generation != self.generation
                     {

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 use tokio::sync::watch;
-use weft_storage::{LogConfig, Metadata, PartitionLog};
+use weft_storage::{LogConfig, PartitionLog};
+
+use crate::meta::Metadata;
 
 use super::{
     CONTROLLER_GROUP, Command, ControllerCommand, ControllerResponse, ControllerState,

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, StorageIOError, Vote};
 use tokio::sync::mpsc;
-use weft_storage::{LogPosition, Metadata, PartitionLog, RaftKey};
+use weft_storage::{LogPosition, PartitionLog};
+
+use crate::meta::{MetaError, Metadata, RaftKey};
 
 use super::entry::{from_batch, to_batch};
 use super::{Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
@@ -53,7 +55,7 @@ impl Shared {
             .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
         self.meta
             .set_raft(self.group, RaftKey::LastPurged, &bytes)
-            .map_err(|e| write_error(&e))?;
+            .map_err(|e| meta_error(&e))?;
         if let Ok(mut purged) = self.last_purged.lock() {
             *purged = Some(log_id);
         }
@@ -97,6 +99,10 @@ fn io_error(message: &str) -> StorageError {
 
 fn read_error(index: u64, error: &weft_storage::Error) -> StorageError {
     StorageIOError::read_log_at_index(index, AnyError::new(error)).into()
+}
+
+fn meta_error(error: &MetaError) -> StorageError {
+    StorageIOError::write_logs(AnyError::new(error)).into()
 }
 
 fn write_error(error: &weft_storage::Error) -> StorageError {

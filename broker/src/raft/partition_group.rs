@@ -13,7 +13,9 @@ use bytes::Bytes;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, CommittedLeaderId, Membership, StoredMembership};
 use tokio::sync::watch;
-use weft_storage::{LogConfig, Metadata, PartitionLog, RecoveryReport};
+use weft_storage::{LogConfig, PartitionLog, RecoveryReport};
+
+use crate::meta::Metadata;
 
 use super::{
     Command, GroupId, LogId, LogReader, LogStore, Network, NodeId, PartitionState,

@@ -1,4 +1,4 @@
-//! `weft group list|describe`.
+//! `weft group list|describe|delete`.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -13,6 +13,11 @@ pub(crate) enum GroupCommand {
     List,
     /// Show a group's members, assignments, commits and lag.
     Describe {
+        /// Group id.
+        group: String,
+    },
+    /// Delete a group's committed offsets (refused while it has live members).
+    Delete {
         /// Group id.
         group: String,
     },
@@ -31,6 +36,13 @@ pub(crate) async fn run(
             match output {
                 Output::Json => print_json(&json!(groups)),
                 Output::Text => groups.iter().for_each(|g| println!("{g}")),
+            }
+        }
+        GroupCommand::Delete { group } => {
+            admin.delete_group(&group).await?;
+            match output {
+                Output::Json => print_json(&json!({ "deleted": group })),
+                Output::Text => println!("deleted group {group}"),
             }
         }
         GroupCommand::Describe { group } => {

@@ -1,0 +1,324 @@
+//! Consumer-group offsets: bound to the topic's identity (a recreated topic of the same name starts
+//! fresh), deleted with the topic or the group, and fenced: a zombie member, an expired member and
+//! a stream superseded by another using the same member id cannot commit, and a committed offset
+//! never moves back, even when a stale member races the new owner.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use weft_proto::v1::subscribe_request::Request as Inbound;
+use weft_proto::v1::subscribe_response::Event;
+use weft_proto::v1::{
+    CommitOffsetsRequest, Credit, DescribeGroupRequest, PartitionOffset, SubscribeRequest,
+    SubscribeResponse, SubscribeStart,
+};
+use weft_tests::{Broker, grpc, offsets, ok_stdout, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_does_not_inherit_the_old_topics_group_offsets() {
+    let broker = Broker::start();
+    ok_stdout(&broker.cli(&["topic", "create", "gt", "--partitions", "1"]));
+    ok_stdout(&broker.cli_with_stdin(&["produce", "gt"], &"x\n".repeat(12)));
+    let client = broker.client().await;
+    client
+        .admin()
+        .commit_offsets("gg", "gt", &[(0, 10)])
+        .await
+        .expect("commit");
+    ok_stdout(&broker.cli(&["topic", "delete", "gt"]));
+    // The offsets went with the topic.
+    let gone = broker.cli(&["group", "describe", "gg"]);
+    assert!(!gone.status.success(), "the group has nothing left");
+    ok_stdout(&broker.cli(&["topic", "create", "gt", "--partitions", "1"]));
+    ok_stdout(&broker.cli_with_stdin(&["produce", "gt"], "a\nb\nc\n"));
+    let out = ok_stdout(&broker.cli(&[
+        "consume", "gt", "--group", "gg", "--from", "earliest", "--count", "3", "--format", "json",
+    ]));
+    let offsets_seen: Vec<u64> = out
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["offset"]
+                .as_u64()
+                .expect("offset")
+        })
+        .collect();
+    assert_eq!(
+        offsets_seen,
+        [0, 1, 2],
+        "the new topic is read from its start"
+    );
+    let described = ok_stdout(&broker.cli(&["group", "describe", "gg", "--output", "json"]));
+    let d: serde_json::Value = serde_json::from_str(&described).expect("json");
+    assert_eq!(d["partitions"][0]["committed_offset"], 3);
+    assert_eq!(d["partitions"][0]["high_watermark"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_deleted_by_cli_and_admin_api_but_not_while_members_live() {
+    let broker = Broker::start();
+    ok_stdout(&broker.cli(&["topic", "create", "dt", "--partitions", "2"]));
+    let client = broker.client().await;
+    client
+        .admin()
+        .commit_offsets("old", "dt", &[(0, 0), (1, 0)])
+        .await
+        .expect("commit");
+    client
+        .admin()
+        .commit_offsets("other", "dt", &[(0, 0)])
+        .await
+        .expect("commit");
+    ok_stdout(&broker.cli(&["group", "delete", "old"]));
+    let list = ok_stdout(&broker.cli(&["group", "list"]));
+    assert!(!list.lines().any(|l| l == "old"), "{list}");
+    assert!(list.lines().any(|l| l == "other"), "{list}");
+    let again = broker.cli(&["group", "delete", "old"]);
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    let (status, body) = broker.http("DELETE", "/v1/groups/other", None);
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = broker.http("DELETE", "/v1/groups/other", None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("GROUP_NOT_FOUND"), "{body}");
+
+    // A group with a live member is not deleted.
+    let mut member = client
+        .consumer(weft_client::ConsumerConfig::new("dt").group("live"))
+        .await
+        .expect("join");
+    let busy = broker.cli(&["group", "delete", "live"]);
+    assert!(!busy.status.success(), "a live group is not deleted");
+    let (status, body) = broker.http("DELETE", "/v1/groups/live", None);
+    assert_eq!(status, 409, "{body}");
+    let _ = member.next_timeout(Duration::from_millis(10)).await;
+    member.close().await.expect("close");
+}
+
+/// A raw Subscribe stream joined to `group` as `member_id`; returns the request sender, the
+/// response stream and the first assignment's generation.
+async fn join(
+    address: &str,
+    topic: &str,
+    group: &str,
+    member_id: &str,
+    session_timeout_ms: u32,
+) -> (
+    mpsc::Sender<SubscribeRequest>,
+    tonic::Streaming<SubscribeResponse>,
+    u64,
+    Vec<u32>,
+) {
+    let channel = grpc::channel(address).await;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(SubscribeRequest {
+        request: Some(Inbound::Start(SubscribeStart {
+            topic: topic.into(),
+            group_id: group.into(),
+            member_id: member_id.into(),
+            credit: Some(Credit {
+                records: 1,
+                bytes: 1,
+            }),
+            session_timeout_ms,
+            ..SubscribeStart::default()
+        })),
+    })
+    .await
+    .expect("send start");
+    let mut responses = grpc::subscriber(&channel)
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    loop {
+        match responses
+            .message()
+            .await
+            .expect("stream")
+            .expect("open")
+            .event
+        {
+            Some(Event::Assignment(a)) => {
+                assert_eq!(a.member_id, member_id);
+                let partitions = a.partitions.iter().map(|p| p.partition).collect();
+                return (tx, responses, a.generation, partitions);
+            }
+            _ => continue,
+        }
+    }
+}
+
+async fn commit(
+    address: &str,
+    member_id: &str,
+    generation: u64,
+    offset: u64,
+) -> Result<(), tonic::Status> {
+    let channel = grpc::channel(address).await;
+    grpc::subscriber(&channel)
+        .commit_offsets(CommitOffsetsRequest {
+            group_id: "cg".into(),
+            member_id: member_id.into(),
+            generation,
+            topic: "fence".into(),
+            offsets: vec![PartitionOffset {
+                partition: 0,
+                offset,
+            }],
+        })
+        .await
+        .map(|_| ())
+}
+
+fn stale(result: Result<(), tonic::Status>) -> bool {
+    match result {
+        Err(status) => {
+            status.code() == tonic::Code::FailedPrecondition
+                && status.message().contains("stale generation")
+        }
+        Ok(()) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_expired_and_superseded_members_cannot_commit_and_commits_never_go_back() {
+    let broker = Broker::start();
+    let address = broker.client_addr.clone();
+    ok_stdout(&broker.cli(&["topic", "create", "fence", "--partitions", "1"]));
+    ok_stdout(&broker.cli_with_stdin(&["produce", "fence"], &"x\n".repeat(300)));
+
+    // "z-old" owns the partition at generation 1 and commits.
+    let (_old_tx, _old_rx, gen1, owned) = join(&address, "fence", "cg", "z-old", 0).await;
+    assert_eq!(owned, [0]);
+    commit(&address, "z-old", gen1, 1)
+        .await
+        .expect("the owner commits");
+
+    // While "z-old" keeps committing 1 at its generation, "a-new" joins (sorting first, it takes
+    // the partition) and commits 2..=200. The stale member's commits must never land after the
+    // new owner's: the committed offset only grows and ends at 200.
+    let racing = Arc::new(AtomicBool::new(true));
+    let zombie = {
+        let racing = racing.clone();
+        let address = address.clone();
+        tokio::spawn(async move {
+            let mut accepted_after_rebalance = 0;
+            let mut rebalanced = false;
+            while racing.load(Ordering::Relaxed) {
+                match commit(&address, "z-old", gen1, 1).await {
+                    Ok(()) if rebalanced => accepted_after_rebalance += 1,
+                    Ok(()) => {}
+                    Err(_) => rebalanced = true,
+                }
+            }
+            accepted_after_rebalance
+        })
+    };
+    let watcher = {
+        let racing = racing.clone();
+        let address = address.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while racing.load(Ordering::Relaxed) {
+                if let Ok(o) = offsets(&address, "fence", 0, Some("cg")).await {
+                    seen.push(o.committed_offset.unwrap_or(0));
+                }
+            }
+            seen
+        })
+    };
+    let (new_tx, mut new_rx, gen2, owned) = join(&address, "fence", "cg", "a-new", 0).await;
+    assert!(gen2 > gen1);
+    assert_eq!(owned, [0], "the new member owns the partition");
+    for offset in 2..=200 {
+        commit(&address, "a-new", gen2, offset)
+            .await
+            .unwrap_or_else(|s| panic!("the owner's commit of {offset}: {s:?}"));
+    }
+    racing.store(false, Ordering::Relaxed);
+    assert_eq!(
+        zombie.await.expect("zombie"),
+        0,
+        "no stale commit after the rebalance"
+    );
+    let seen = watcher.await.expect("watcher");
+    for pair in seen.windows(2) {
+        assert!(
+            pair[0] <= pair[1],
+            "the committed offset went back: {pair:?}"
+        );
+    }
+    let final_offset = offsets(&address, "fence", 0, Some("cg"))
+        .await
+        .expect("offsets")
+        .committed_offset;
+    assert_eq!(final_offset, Some(200));
+
+    // A zombie at an old generation is refused, deterministically.
+    assert!(stale(commit(&address, "z-old", gen1, 250).await));
+
+    // An expired member: its stream ends, its session runs out, its commit is refused.
+    let (expiring_tx, expiring_rx, gen3, _) =
+        join(&address, "fence", "cg", "m-expiring", 300).await;
+    drop(expiring_tx);
+    drop(expiring_rx);
+    let channel = grpc::channel(&address).await;
+    wait_for(
+        "the silent member to expire",
+        Duration::from_secs(20),
+        || {
+            let mut subscriber = grpc::subscriber(&channel);
+            async move {
+                let d = subscriber
+                    .describe_group(DescribeGroupRequest {
+                        group_id: "cg".into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (!d.members.iter().any(|m| m.member_id == "m-expiring")).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(stale(commit(&address, "m-expiring", gen3, 250).await));
+
+    // Another client reusing "a-new"'s member id supersedes its stream: the first stream ends
+    // with STALE_GENERATION and its holder's generation no longer commits.
+    let current = grpc::subscriber(&channel)
+        .describe_group(DescribeGroupRequest {
+            group_id: "cg".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner()
+        .generation;
+    commit(&address, "a-new", current, 201)
+        .await
+        .expect("the owner still commits");
+    let (_thief_tx, _thief_rx, gen_thief, _) = join(&address, "fence", "cg", "a-new", 0).await;
+    assert!(
+        gen_thief > current,
+        "a superseded stream bumps the generation"
+    );
+    assert!(stale(commit(&address, "a-new", current, 202).await));
+    let ended = loop {
+        match new_rx.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the superseded stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::FailedPrecondition, "{ended:?}");
+    drop(new_tx);
+    let final_offset = offsets(&address, "fence", 0, Some("cg"))
+        .await
+        .expect("offsets")
+        .committed_offset;
+    assert_eq!(final_offset, Some(201), "refused commits changed nothing");
+}
