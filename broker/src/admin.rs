@@ -70,6 +70,7 @@ impl IntoResponse for ApiError {
             BrokerError::BatchTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BrokerError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             BrokerError::SequenceGap { .. }
+            | BrokerError::DuplicateSequence { .. }
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
             | BrokerError::GroupNotEmpty(_) => StatusCode::CONFLICT,

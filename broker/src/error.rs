@@ -59,6 +59,20 @@ pub enum BrokerError {
         /// The request's base sequence.
         got: u64,
     },
+    /// A retried batch that was stored long ago: older than the batches the partition remembers
+    /// per producer, so its offsets are unknown. Not stored again.
+    #[error(
+        "batch of producer {producer_id} at sequence {got} was stored before; its offsets are no \
+         longer remembered (next expected sequence {expected})"
+    )]
+    DuplicateSequence {
+        /// Producer.
+        producer_id: u64,
+        /// Next sequence the partition expects.
+        expected: u64,
+        /// The request's base sequence.
+        got: u64,
+    },
     /// A producer epoch older than the current one.
     #[error("producer {producer_id} is fenced: epoch {got} is older than {current}")]
     ProducerFenced {
@@ -142,6 +156,7 @@ impl BrokerError {
                 Code::ResourceExhausted
             }
             BrokerError::SequenceGap { .. }
+            | BrokerError::DuplicateSequence { .. }
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
             | BrokerError::GroupNotEmpty(_) => Code::FailedPrecondition,
@@ -165,6 +180,7 @@ impl BrokerError {
             BrokerError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
             BrokerError::Overloaded(_) => "OVERLOADED",
             BrokerError::SequenceGap { .. } => "SEQUENCE_GAP",
+            BrokerError::DuplicateSequence { .. } => "DUPLICATE_SEQUENCE",
             BrokerError::ProducerFenced { .. } => "PRODUCER_FENCED",
             BrokerError::StaleGeneration { .. } => "STALE_GENERATION",
             BrokerError::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
@@ -207,7 +223,8 @@ impl From<BrokerError> for tonic::Status {
             BrokerError::Overloaded(_) => {
                 details.set_retry_info(Some(Duration::from_millis(100)));
             }
-            BrokerError::SequenceGap { expected, got, .. } => {
+            BrokerError::SequenceGap { expected, got, .. }
+            | BrokerError::DuplicateSequence { expected, got, .. } => {
                 metadata.insert("expected_sequence".into(), expected.to_string());
                 metadata.insert("sequence".into(), got.to_string());
             }

@@ -441,6 +441,10 @@ async fn run_actor(group: PartitionGroup, mut jobs: mpsc::Receiver<PublishJob>) 
                             answer(waiters, Ok(Published { base_offset: batch.base_offset, record_count: batch.record_count, duplicate: true }));
                             continue;
                         }
+                        SequenceCheck::TooOld { expected } => {
+                            answer(waiters, Err(BrokerError::DuplicateSequence { producer_id: h.producer_id, expected, got: h.base_sequence }));
+                            continue;
+                        }
                         SequenceCheck::Gap { expected } => {
                             answer(waiters, Err(BrokerError::SequenceGap { producer_id: h.producer_id, expected, got: h.base_sequence }));
                             continue;

@@ -71,6 +71,8 @@ impl Error {
     /// idempotent producer retries with the same sequence, so nothing is stored twice.
     pub fn is_retriable(&self) -> bool {
         match self {
+            // A batch over a limit is refused every time; an overloaded queue is not.
+            Error::Status { reason, .. } if reason == "BATCH_TOO_LARGE" => false,
             Error::Status { code, .. } => {
                 matches!(
                     code,

@@ -42,7 +42,9 @@ use tonic::transport::{Channel, Endpoint};
 pub use admin::{Admin, PartitionStatus, TopicSettings};
 pub use consumer::{Consumer, ConsumerConfig, Message, StartFrom};
 pub use error::{Error, Result};
-pub use producer::{Ack, Producer, ProducerConfig, murmur2, partition_for_key};
+pub use producer::{
+    Ack, IN_FLIGHT_PER_PARTITION_MAX, Producer, ProducerConfig, murmur2, partition_for_key,
+};
 pub use weft_proto::v1 as proto;
 
 /// A record to publish.

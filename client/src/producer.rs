@@ -28,7 +28,8 @@ pub struct ProducerConfig {
     /// Close a batch this long after its first record, if it has not gone already (a partition
     /// with no publish in flight sends its batch at once).
     pub linger: Duration,
-    /// Publishes in flight per partition.
+    /// Publishes in flight per partition, at most [`IN_FLIGHT_PER_PARTITION_MAX`] (the batches a
+    /// partition remembers per producer to answer retries; a larger value is lowered to it).
     pub in_flight_per_partition: usize,
     /// Records waiting to be sent, over all partitions, before `send` waits.
     pub queue_records_max: usize,
@@ -70,6 +71,10 @@ pub struct Ack {
 
 pub use weft_proto::{murmur2, partition_for_key};
 
+/// Most publishes a producer keeps in flight per partition: a partition remembers this many
+/// batches per producer, so a retry of any batch in flight is recognised as a duplicate.
+pub const IN_FLIGHT_PER_PARTITION_MAX: usize = 5;
+
 type Reply = oneshot::Sender<Result<Ack>>;
 
 /// Room left in a batch for its header and per-record framing beyond what `Record::size` counts.
@@ -101,7 +106,15 @@ impl std::fmt::Debug for Command {
 }
 
 impl Producer {
-    pub(crate) fn new(client: Client, config: ProducerConfig) -> Producer {
+    pub(crate) fn new(client: Client, mut config: ProducerConfig) -> Producer {
+        if config.in_flight_per_partition > IN_FLIGHT_PER_PARTITION_MAX {
+            tracing::warn!(
+                asked = config.in_flight_per_partition,
+                max = IN_FLIGHT_PER_PARTITION_MAX,
+                "in_flight_per_partition lowered to what partitions remember per producer"
+            );
+            config.in_flight_per_partition = IN_FLIGHT_PER_PARTITION_MAX;
+        }
         let (commands, inbox) = mpsc::channel(config.queue_records_max.max(1));
         let task = tokio::spawn(accumulate(client, config, inbox));
         Producer { commands, task }
@@ -411,42 +424,7 @@ async fn send_partition(
                                 Err(e) => pending.push((n, Some(e))),
                             }
                         }
-                        // Resend in sequence order, one at a time, until each is settled.
-                        let mut renumber: Option<(u32, u64)> = None;
-                        for (mut n, mut last_error) in pending {
-                            if let Some((new_epoch, sequence)) = renumber.as_mut() {
-                                n.epoch = *new_epoch;
-                                n.base_sequence = *sequence;
-                                *sequence += n.batch.records.len() as u64;
-                            }
-                            let mut attempt = 0;
-                            loop {
-                                let retriable = last_error.as_ref().is_none_or(|e| e.is_retriable() || e.reason() == "SEQUENCE_GAP");
-                                if !retriable || attempt >= config.retries_max {
-                                    let error = last_error.take().unwrap_or(Error::Closed);
-                                    tracing::warn!(%topic, partition, "publish failed for good: {error}");
-                                    settle(n.batch, Err(error));
-                                    // This batch's sequences are lost: later batches restart in a new epoch.
-                                    epoch += 1;
-                                    renumber = Some((epoch, 0));
-                                    break;
-                                }
-                                if attempt > 0 {
-                                    tokio::time::sleep(config.retry_backoff).await;
-                                }
-                                attempt += 1;
-                                match publish(&n).await {
-                                    Ok(response) => {
-                                        settle(n.batch, Ok(&response));
-                                        break;
-                                    }
-                                    Err(e) => last_error = Some(e),
-                                }
-                            }
-                        }
-                        if let Some((_, sequence)) = renumber {
-                            next_sequence = sequence;
-                        }
+                        next_sequence = resend(&publish, &settle, &config, &topic, partition, pending, &mut epoch, next_sequence).await;
                     }
                 }
                 if in_window.is_empty() {
@@ -459,6 +437,102 @@ async fn send_partition(
     }
     for done in flushes {
         let _ = done.send(());
+    }
+}
+
+/// Why a batch was not stored, when it surely was not.
+fn surely_not_stored(error: &Error) -> bool {
+    // The broker refused it before storing anything: a gap (an earlier batch is missing), a
+    // fenced epoch, or a batch it will never take (too large, invalid). DUPLICATE_SEQUENCE is
+    // the opposite: stored long ago, its offsets no longer remembered.
+    (!error.is_retriable() || error.reason() == "SEQUENCE_GAP")
+        && error.reason() != "DUPLICATE_SEQUENCE"
+}
+
+/// Resends, in sequence order and one at a time, the batches of a window that failed. A batch
+/// keeps its epoch and sequence as long as it may have been stored: a retry of a stored batch is
+/// answered with its original offsets, never stored again.
+///
+/// - A batch the broker surely did not store (refused, or a persistent gap) fails; the batches
+///   after it were surely not stored either (the broker takes sequences in order), so their
+///   sequences move down to close the hole.
+/// - A batch whose outcome stays unknown after every retry (the broker unreachable) fails, and so
+///   does every batch after it: resending them under new numbers could store them twice. The
+///   producer moves to a new epoch, which fences anything still in flight from the old one; new
+///   batches start at sequence 0.
+///
+/// Returns the next sequence to hand out.
+#[allow(clippy::too_many_arguments)]
+async fn resend<P, F, S>(
+    publish: &P,
+    settle: &S,
+    config: &ProducerConfig,
+    topic: &str,
+    partition: u32,
+    pending: Vec<(Numbered, Option<Error>)>,
+    epoch: &mut u32,
+    next_sequence: u64,
+) -> u64
+where
+    P: Fn(&Numbered) -> F,
+    F: std::future::Future<Output = Result<proto::PublishResponse>>,
+    S: Fn(Batch, Result<&proto::PublishResponse, Error>),
+{
+    // Sequences freed by batches that surely were not stored, to be taken off later batches.
+    let mut freed = 0u64;
+    // Set once a batch's outcome stayed unknown: everything after it fails too.
+    let mut unknown: Option<Error> = None;
+    for (mut n, mut last_error) in pending {
+        if let Some(error) = &unknown {
+            settle(
+                n.batch,
+                Err(Error::Status {
+                    code: tonic::Code::Aborted,
+                    message: format!(
+                        "not sent again: an earlier batch of this producer failed with an unknown outcome ({error})"
+                    ),
+                    reason: "EARLIER_BATCH_UNKNOWN".into(),
+                }),
+            );
+            continue;
+        }
+        n.base_sequence -= freed;
+        let mut attempt = 0;
+        loop {
+            let give_up = match &last_error {
+                Some(e) if !e.is_retriable() && e.reason() != "SEQUENCE_GAP" => true,
+                _ => attempt >= config.retries_max,
+            };
+            if give_up {
+                let error = last_error.take().unwrap_or(Error::Closed);
+                tracing::warn!(%topic, partition, "publish failed for good: {error}");
+                let count = n.batch.records.len() as u64;
+                if surely_not_stored(&error) {
+                    freed += count;
+                } else if error.reason() != "DUPLICATE_SEQUENCE" {
+                    unknown = Some(error.clone());
+                }
+                settle(n.batch, Err(error));
+                break;
+            }
+            if attempt > 0 {
+                tokio::time::sleep(config.retry_backoff).await;
+            }
+            attempt += 1;
+            match publish(&n).await {
+                Ok(response) => {
+                    settle(n.batch, Ok(&response));
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+    }
+    if unknown.is_some() {
+        *epoch += 1;
+        0
+    } else {
+        next_sequence - freed
     }
 }
 

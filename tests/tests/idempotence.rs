@@ -143,3 +143,178 @@ async fn retries_are_stored_once() {
     assert_eq!(again.base_offset, 3);
     assert_eq!(fetch_all(&broker).await, ["a", "b", "c", "d"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_kill_9_is_answered_with_the_original_offsets() {
+    let mut broker = Broker::start();
+    broker
+        .client()
+        .await
+        .admin()
+        .create_topic("idem", 1)
+        .await
+        .expect("create");
+    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
+        .await
+        .expect("connect");
+    for (sequence, value) in ["a", "b", "c"].iter().enumerate() {
+        publisher
+            .publish(batch(7, 0, sequence as u64, &[value]))
+            .await
+            .expect("publish");
+    }
+    // No clean shutdown: the producer table must come back from the snapshot and the tail.
+    broker.kill9();
+    broker.start_again();
+    let mut publisher = weft_tests::wait_for(
+        "the partition to serve",
+        std::time::Duration::from_secs(60),
+        || {
+            let address = broker.client_addr.clone();
+            async move {
+                let mut p = PublisherClient::connect(format!("http://{address}"))
+                    .await
+                    .ok()?;
+                p.publish(batch(7, 0, 2, &["c"])).await.ok()?;
+                Some(p)
+            }
+        },
+    )
+    .await;
+    let again = publisher
+        .publish(batch(7, 0, 2, &["c"]))
+        .await
+        .expect("retry after a crash")
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.base_offset, 2);
+    // Move past the batches a partition remembers per producer; a retry of an older one is
+    // refused as stored long ago, never stored again.
+    for sequence in 3..10u64 {
+        publisher
+            .publish(batch(7, 0, sequence, &["n"]))
+            .await
+            .expect("publish");
+    }
+    let old = publisher
+        .publish(batch(7, 0, 0, &["a"]))
+        .await
+        .expect_err("too old to be answered with offsets");
+    assert_eq!(old.code(), Code::FailedPrecondition);
+    assert_eq!(
+        old.get_details_error_info().expect("ErrorInfo").reason,
+        "DUPLICATE_SEQUENCE"
+    );
+    let stored = fetch_all(&broker).await;
+    assert_eq!(stored.len(), 10, "nothing stored twice: {stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_retries_store_every_record_once_across_broker_crashes() {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    use weft_client::{ProducerConfig, Record};
+
+    let mut broker = Broker::start();
+    let address = broker.client_addr.clone();
+    broker
+        .client()
+        .await
+        .admin()
+        .create_topic("once", 2)
+        .await
+        .expect("create");
+    // Producers keep publishing while the broker is killed and restarted four times, down for
+    // less than, about, and more than their retry budget (5 x 100 ms): some batches are stored
+    // and never answered, some retries run out.
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let failed: Arc<Mutex<u64>> = Arc::default();
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut producers = Vec::new();
+    for p in 0..3 {
+        let (acked, failed, running) = (acked.clone(), failed.clone(), running.clone());
+        let address = address.clone();
+        producers.push(tokio::spawn(async move {
+            let client = weft_client::Client::connect([address.as_str()])
+                .await
+                .expect("connect")
+                .with_timeout(std::time::Duration::from_secs(2));
+            let producer = client.producer(ProducerConfig {
+                linger: std::time::Duration::from_millis(2),
+                retries_max: 5,
+                retry_backoff: std::time::Duration::from_millis(100),
+                ..ProducerConfig::default()
+            });
+            let mut i = 0u64;
+            // Bounded: at most 200 000 sends per producer.
+            while running.load(std::sync::atomic::Ordering::Relaxed) && i < 200_000 {
+                let value = format!("p{p}-{i}");
+                let ack = producer
+                    .send_nowait(
+                        "once",
+                        Record::new(value.clone()).key(format!("k{}", i % 7)),
+                    )
+                    .await
+                    .expect("queued");
+                let (acked, failed) = (acked.clone(), failed.clone());
+                tokio::spawn(async move {
+                    match ack.await {
+                        Ok(Ok(ack)) => {
+                            acked.lock().expect("lock").insert(value, ack.offset);
+                        }
+                        _ => *failed.lock().expect("lock") += 1,
+                    }
+                });
+                i += 1;
+                if i.is_multiple_of(64) {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            }
+            let _ = producer.close().await;
+        }));
+    }
+    for down in [300u64, 550, 800, 1500] {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        broker.kill9();
+        tokio::time::sleep(std::time::Duration::from_millis(down)).await;
+        broker.start_again();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    for p in producers {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(60), p).await;
+    }
+    let acked = acked.lock().expect("lock").clone();
+    assert!(
+        acked.len() > 1000,
+        "publishing went on ({} acked)",
+        acked.len()
+    );
+
+    // Read both partitions whole.
+    let mut stored = Vec::new();
+    for partition in 0..2 {
+        let bounds = weft_tests::offsets(&broker.client_addr, "once", partition, None)
+            .await
+            .expect("offsets");
+        stored.extend(
+            weft_tests::fetch_range(
+                &broker.client_addr,
+                "once",
+                partition,
+                0,
+                bounds.high_watermark,
+            )
+            .await
+            .into_iter()
+            .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()),
+        );
+    }
+    let mut seen = HashSet::new();
+    for value in &stored {
+        assert!(seen.insert(value), "{value} stored twice");
+    }
+    for value in acked.keys() {
+        assert!(seen.contains(value), "acknowledged {value} is missing");
+    }
+}

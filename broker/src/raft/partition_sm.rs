@@ -63,6 +63,11 @@ pub enum SequenceCheck {
     Accept,
     /// Already stored: answer with the original offsets.
     Duplicate(ProducerBatch),
+    /// Stored before, but older than the batches remembered: its offsets are unknown.
+    TooOld {
+        /// The sequence expected next.
+        expected: u64,
+    },
     /// Sequences missing before it.
     Gap {
         /// The sequence expected next.
@@ -105,12 +110,16 @@ impl ProducerState {
         {
             return SequenceCheck::Duplicate(*batch);
         }
-        // Anything else out of order is a gap: ahead of the next sequence, or a retry older than
-        // the batches remembered, or one that overlaps them.
         let expected = self.next_sequence();
+        let oldest = self.batches.front().map_or(expected, |b| b.base_sequence);
         if base_sequence == expected {
             SequenceCheck::Accept
+        } else if base_sequence + u64::from(record_count) <= oldest {
+            // Wholly before the remembered batches: stored long ago (a producer keeps at most
+            // PRODUCER_BATCHES_KEPT in flight, so its own retries never get here).
+            SequenceCheck::TooOld { expected }
         } else {
+            // Ahead of the next sequence, or overlapping the remembered batches.
             SequenceCheck::Gap { expected }
         }
     }
@@ -558,6 +567,16 @@ mod tests {
             "bounded memory per producer"
         );
         assert_eq!(p.next_sequence(), 10);
+        assert_eq!(
+            p.check(1, 1, 1),
+            SequenceCheck::TooOld { expected: 10 },
+            "a retry older than the remembered batches is not a gap"
+        );
+        assert_eq!(
+            p.check(1, 5, 1),
+            SequenceCheck::Duplicate(batch(5, 1, 110)),
+            "the oldest remembered batch"
+        );
     }
 
     #[test]
