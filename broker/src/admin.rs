@@ -59,7 +59,8 @@ impl From<BrokerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match &self.0 {
+        let error = self.0.clipped();
+        let status = match &error {
             BrokerError::TopicNotFound(_)
             | BrokerError::PartitionNotFound { .. }
             | BrokerError::GroupNotFound(_) => StatusCode::NOT_FOUND,
@@ -67,7 +68,9 @@ impl IntoResponse for ApiError {
             BrokerError::InvalidArgument(_) | BrokerError::OffsetOutOfRange { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            BrokerError::BatchTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BrokerError::BatchTooLarge { .. } | BrokerError::TooManyRecords { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             BrokerError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             BrokerError::SequenceGap { .. }
             | BrokerError::DuplicateSequence { .. }
@@ -80,7 +83,7 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        let fields = match &self.0 {
+        let fields = match &error {
             BrokerError::InvalidArgument(violations) => violations
                 .iter()
                 .map(|v| FieldError {
@@ -92,8 +95,8 @@ impl IntoResponse for ApiError {
         };
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.0.reason().to_string(),
-                message: self.0.to_string(),
+                code: error.reason().to_string(),
+                message: error.to_string(),
                 fields,
             },
         };

@@ -46,6 +46,14 @@ pub enum BrokerError {
         /// Limit.
         max: u64,
     },
+    /// A publish with more records than `batch_records_max`.
+    #[error("publish of {count} records exceeds the limit of {max} records")]
+    TooManyRecords {
+        /// Records in the request.
+        count: u64,
+        /// Limit.
+        max: u64,
+    },
     /// A bounded queue is full: retry later.
     #[error("{0} is full, retry later")]
     Overloaded(String),
@@ -138,7 +146,57 @@ fn describe(violations: &[FieldViolation]) -> String {
         .join("; ")
 }
 
+/// Longest name echoed back in an error (a hostile 10,000-character topic name would make the
+/// `grpc-message` header too large for standard clients to accept the response).
+const NAME_CHARS_MAX: usize = 128;
+
+/// `name`, cut to [`NAME_CHARS_MAX`] characters with a marker saying how long it was.
+pub fn clip(name: &str) -> String {
+    if name.chars().count() <= NAME_CHARS_MAX {
+        return name.to_string();
+    }
+    let head: String = name.chars().take(NAME_CHARS_MAX).collect();
+    format!("{head}...({} characters)", name.chars().count())
+}
+
 impl BrokerError {
+    /// The same error with every user-supplied name clipped for echoing back.
+    pub fn clipped(self) -> Self {
+        match self {
+            BrokerError::TopicNotFound(n) => BrokerError::TopicNotFound(clip(&n)),
+            BrokerError::TopicExists(n) => BrokerError::TopicExists(clip(&n)),
+            BrokerError::GroupNotFound(n) => BrokerError::GroupNotFound(clip(&n)),
+            BrokerError::GroupNotEmpty(n) => BrokerError::GroupNotEmpty(clip(&n)),
+            BrokerError::PartitionNotFound { topic, partition } => BrokerError::PartitionNotFound {
+                topic: clip(&topic),
+                partition,
+            },
+            BrokerError::StaleGeneration {
+                group,
+                current,
+                got,
+            } => BrokerError::StaleGeneration {
+                group: clip(&group),
+                current,
+                got,
+            },
+            BrokerError::InvalidArgument(violations) => BrokerError::InvalidArgument(
+                violations
+                    .into_iter()
+                    .map(|v| FieldViolation {
+                        field: clip(&v.field),
+                        description: clip_text(&v.description),
+                    })
+                    .collect(),
+            ),
+            BrokerError::Unavailable { reason, leader } => BrokerError::Unavailable {
+                reason: clip_text(&reason),
+                leader,
+            },
+            other => other,
+        }
+    }
+
     /// One invalid field.
     pub fn invalid(field: &str, description: impl Into<String>) -> Self {
         BrokerError::InvalidArgument(vec![FieldViolation::new(field, description)])
@@ -152,9 +210,9 @@ impl BrokerError {
             | BrokerError::GroupNotFound(_) => Code::NotFound,
             BrokerError::TopicExists(_) => Code::AlreadyExists,
             BrokerError::InvalidArgument(_) => Code::InvalidArgument,
-            BrokerError::BatchTooLarge { .. } | BrokerError::Overloaded(_) => {
-                Code::ResourceExhausted
-            }
+            BrokerError::BatchTooLarge { .. }
+            | BrokerError::TooManyRecords { .. }
+            | BrokerError::Overloaded(_) => Code::ResourceExhausted,
             BrokerError::SequenceGap { .. }
             | BrokerError::DuplicateSequence { .. }
             | BrokerError::ProducerFenced { .. }
@@ -178,6 +236,7 @@ impl BrokerError {
             BrokerError::TopicExists(_) => "TOPIC_EXISTS",
             BrokerError::InvalidArgument(_) => "INVALID_ARGUMENT",
             BrokerError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
+            BrokerError::TooManyRecords { .. } => "TOO_MANY_RECORDS",
             BrokerError::Overloaded(_) => "OVERLOADED",
             BrokerError::SequenceGap { .. } => "SEQUENCE_GAP",
             BrokerError::DuplicateSequence { .. } => "DUPLICATE_SEQUENCE",
@@ -192,8 +251,19 @@ impl BrokerError {
     }
 }
 
+/// Free text that may quote user input, cut to a size any header accepts.
+fn clip_text(text: &str) -> String {
+    const TEXT_CHARS_MAX: usize = 512;
+    if text.chars().count() <= TEXT_CHARS_MAX {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(TEXT_CHARS_MAX).collect();
+    format!("{head}...")
+}
+
 impl From<BrokerError> for tonic::Status {
     fn from(error: BrokerError) -> tonic::Status {
+        let error = error.clipped();
         let mut details = ErrorDetails::new();
         let mut metadata = HashMap::new();
         match &error {
@@ -219,6 +289,10 @@ impl From<BrokerError> for tonic::Status {
             BrokerError::BatchTooLarge { size, max } => {
                 metadata.insert("size_bytes".into(), size.to_string());
                 metadata.insert("max_bytes".into(), max.to_string());
+            }
+            BrokerError::TooManyRecords { count, max } => {
+                metadata.insert("records".into(), count.to_string());
+                metadata.insert("max_records".into(), max.to_string());
             }
             BrokerError::Overloaded(_) => {
                 details.set_retry_info(Some(Duration::from_millis(100)));
@@ -260,6 +334,17 @@ impl From<BrokerError> for tonic::Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_are_clipped_in_statuses() {
+        let long = "x".repeat(10_000);
+        let status = tonic::Status::from(BrokerError::TopicNotFound(long.clone()));
+        assert!(status.message().len() < 300, "{}", status.message().len());
+        assert!(status.message().contains("(10000 characters)"));
+        let status = tonic::Status::from(BrokerError::invalid("name", format!("bad {long}")));
+        assert!(status.message().len() < 1200);
+        assert_eq!(clip("short"), "short");
+    }
 
     #[test]
     fn statuses_carry_codes_and_details() {

@@ -282,7 +282,8 @@ impl Partition {
     }
 
     /// Reads committed record batches from `offset`, waiting up to `max_wait` for at least
-    /// `min_bytes` when there is less. The first batch may start before `offset`.
+    /// `min_bytes` (capped by `max_bytes`) when there is less. The first batch may start before
+    /// `offset`. Each wake-up reads only what was committed since the last read.
     pub async fn read(
         &self,
         offset: u64,
@@ -290,32 +291,51 @@ impl Partition {
         min_bytes: usize,
         max_wait: Duration,
     ) -> Result<Vec<Batch>, BrokerError> {
+        let max_bytes = max_bytes.max(1);
+        let min_bytes = min_bytes.clamp(1, max_bytes);
         let deadline = Instant::now() + max_wait;
         let mut watermark = self.group.high_watermark();
+        let bounds = self.bounds();
+        if offset < bounds.log_start || offset > bounds.high_watermark {
+            return Err(BrokerError::OffsetOutOfRange {
+                offset,
+                start: bounds.log_start,
+                end: bounds.high_watermark,
+            });
+        }
+        let mut out: Vec<Batch> = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = offset;
         loop {
-            let bounds = self.bounds();
-            if offset < bounds.log_start || offset > bounds.high_watermark {
-                return Err(BrokerError::OffsetOutOfRange {
-                    offset,
-                    start: bounds.log_start,
-                    end: bounds.high_watermark,
-                });
+            // Seen before reading: a batch committed while we read wakes the wait below.
+            let high_watermark = *watermark.borrow_and_update();
+            if next < high_watermark && bytes < max_bytes {
+                let batches = self
+                    .group
+                    .reader()
+                    .with_log(|log| log.read(next, max_bytes - bytes, high_watermark))
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?
+                    .map_err(|e| self.storage_error(e));
+                let batches = match batches {
+                    Ok(batches) => batches,
+                    // Retention removed what was to be read next: answer with what we have.
+                    Err(BrokerError::OffsetOutOfRange { .. }) if !out.is_empty() => return Ok(out),
+                    Err(e) => return Err(e),
+                };
+                for batch in batches {
+                    bytes += batch.len();
+                    next = next.max(batch.header().next_offset());
+                    out.push(batch);
+                }
             }
-            let batches = self
-                .group
-                .reader()
-                .with_log(|log| log.read(offset, max_bytes, bounds.high_watermark))
-                .map_err(|e| BrokerError::Internal(e.to_string()))?
-                .map_err(|e| self.storage_error(e))?;
-            let bytes: usize = batches.iter().map(Batch::len).sum();
-            if bytes >= min_bytes.max(1) || Instant::now() >= deadline {
-                return Ok(batches);
+            if bytes >= min_bytes || Instant::now() >= deadline {
+                return Ok(out);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, watermark.changed()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(unavailable("partition is shutting down")),
-                Err(_) => {} // deadline: one last read above
+                Err(_) => return Ok(out),
             }
         }
     }

@@ -88,15 +88,27 @@ pub async fn run(
         .await;
     health.set_serving::<ClusterServer<ClusterService>>().await;
     // Reflection v1 and the older v1alpha, which many generic clients still speak.
+    // Only what this port serves: the broker-to-broker services live on the peer port.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(weft_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("weft.v1.Publisher")
+            .with_service_name("weft.v1.Subscriber")
+            .with_service_name("weft.v1.TopicAdmin")
+            .with_service_name("weft.v1.Cluster")
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection")
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let limit = config.grpc_message_bytes_max as usize;
     let client_server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            crate::grpc::oversized_requests_are_resource_exhausted
+                as fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+        ))
         .max_concurrent_streams(config.streams_per_connection_max)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service.clone())

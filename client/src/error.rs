@@ -72,7 +72,11 @@ impl Error {
     pub fn is_retriable(&self) -> bool {
         match self {
             // A batch over a limit is refused every time; an overloaded queue is not.
-            Error::Status { reason, .. } if reason == "BATCH_TOO_LARGE" => false,
+            Error::Status { reason, .. }
+                if reason == "BATCH_TOO_LARGE" || reason == "TOO_MANY_RECORDS" =>
+            {
+                false
+            }
             Error::Status { code, .. } => {
                 matches!(
                     code,

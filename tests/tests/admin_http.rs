@@ -32,6 +32,10 @@ fn health_metrics_topics_groups_and_openapi() {
 
     let (status, metrics) = broker.http("GET", "/metrics", None);
     assert_eq!(status, 200);
+    // Logs written to a file (not a terminal) carry no colour codes.
+    let log = broker.log();
+    assert!(log.contains("weft-broker ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escape codes in a log file");
     for needle in [
         "weft_rpc_requests_total{method=\"Publish\",code=\"Ok\"}",
         "weft_rpc_duration_seconds_bucket{method=\"Publish\"",

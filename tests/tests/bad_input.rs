@@ -62,12 +62,42 @@ async fn bad_grpc_requests_get_statuses_with_details() {
         .await
         .expect_err("oversize batch");
     assert_eq!(big.code(), Code::ResourceExhausted);
-    // Over batch_records_max (10 000 by default).
+    // Over batch_records_max (10 000 by default): said in records, not bytes.
     let many = publisher
         .publish(request("t", 10_001, 1))
         .await
         .expect_err("too many records");
     assert_eq!(many.code(), Code::ResourceExhausted);
+    assert_eq!(
+        many.get_details_error_info().expect("ErrorInfo").reason,
+        "TOO_MANY_RECORDS"
+    );
+    assert!(
+        many.message().contains("10001 records"),
+        "{}",
+        many.message()
+    );
+    // Over grpc_message_bytes_max (16 MiB): RESOURCE_EXHAUSTED, as gRPC convention has it.
+    let mut big_publisher = publisher
+        .clone()
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let huge = big_publisher
+        .publish(request("t", 20, 1024 * 1024))
+        .await
+        .expect_err("a 20 MiB request");
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
+    // A hostile 10 000-character topic name is not echoed whole into the response headers.
+    let long = "x".repeat(10_000);
+    let unknown_long = publisher
+        .publish(request(&long, 1, 1))
+        .await
+        .expect_err("unknown long topic");
+    assert_eq!(unknown_long.code(), Code::NotFound);
+    assert!(
+        unknown_long.message().len() < 300,
+        "{} characters",
+        unknown_long.message().len()
+    );
     still_serving(&mut publisher).await;
 
     // Malformed: no records, no topic, a bad header name.

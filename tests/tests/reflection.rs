@@ -38,6 +38,10 @@ fn a_generic_client_lists_services_and_checks_health() {
             "reflection lacks {service}: {services:?}"
         );
     }
+    assert!(
+        !services.iter().any(|s| s.starts_with("weft.internal")),
+        "the client port lists only what it serves: {services:?}"
+    );
     assert_eq!(result["health"], "SERVING");
     assert_eq!(result["publisher_health"], "SERVING");
     // Reflection serves the full descriptors: the script resolved Publish's input type.

@@ -207,17 +207,40 @@ async fn fetch_long_polls_until_data_or_deadline() {
     });
     let started = Instant::now();
     let woke = subscriber
-        .fetch(request(0, 10_000))
+        .fetch(request(0, 30_000))
         .await
         .expect("fetch")
         .into_inner();
     assert_eq!(woke.records.len(), 1);
     assert_eq!(woke.records[0].value, "late".as_bytes());
+    // The deadline is 30 s: an answer well before it was woken by the publish.
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(20),
         "woken by the publish, not the deadline"
     );
     assert_eq!(woke.next_offset, 1);
+
+    // min_bytes above max_bytes is capped by it: a full answer is sent at once.
+    client
+        .producer(ProducerConfig::default())
+        .send("polled", Record::new(vec![b'x'; 2048]))
+        .await
+        .expect("stored");
+    let started = Instant::now();
+    let capped = subscriber
+        .fetch(FetchRequest {
+            max_bytes: 1024,
+            min_bytes: 8 * 1024 * 1024,
+            ..request(1, 30_000)
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert_eq!(capped.records.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answered when max_bytes were there, not at the 30 s deadline"
+    );
 
     // Reading past the high watermark or below the log start is OUT_OF_RANGE.
     let past = subscriber

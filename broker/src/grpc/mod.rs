@@ -68,6 +68,34 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 pub use weft_proto::{murmur2, partition_for_key};
 
+/// Answers a request larger than `grpc_message_bytes_max` with RESOURCE_EXHAUSTED, as gRPC
+/// convention has it (tonic's decoder says OUT_OF_RANGE).
+pub(crate) fn oversized_requests_are_resource_exhausted(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let headers = response.headers_mut();
+    let too_large = headers
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() == b"11")
+        && headers.get("grpc-message").is_some_and(|m| {
+            // Percent-encoded on the wire (spaces as %20).
+            m.as_bytes()
+                .starts_with(b"Error,%20decoded%20message%20length%20too%20large")
+        });
+    if too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+        let message = headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .map(|m| m.replace("Error,%20decoded", "request%20refused:%20decoded"))
+            .and_then(|m| http::HeaderValue::from_str(&m).ok());
+        if let Some(message) = message {
+            headers.insert("grpc-message", message);
+        }
+    }
+    response
+}
+
 /// Converts stored batches to protocol records, from `from_offset`, at most `max_records`
 /// (0 = no limit) and about `max_bytes` (at least one record).
 pub(crate) fn to_records(

@@ -56,8 +56,8 @@ impl PublisherService {
         }
         let records_max = node.config.batch_records_max as usize;
         if request.records.len() > records_max {
-            return Err(BrokerError::BatchTooLarge {
-                size: request.records.len() as u64,
+            return Err(BrokerError::TooManyRecords {
+                count: request.records.len() as u64,
                 max: records_max as u64,
             });
         }

@@ -706,13 +706,19 @@ impl Session {
             }
         }
         loop {
-            let delivered = self.deliver().await?;
+            // Watch the high watermarks before delivering and mark them seen: a batch committed
+            // while we deliver wakes the wait below, instead of waiting for a heartbeat.
             let mut watermarks: Vec<watch::Receiver<u64>> = self
                 .positions
                 .keys()
                 .filter_map(|&p| self.node.partition(&self.start.topic, p).ok())
-                .map(|p| p.watch_high_watermark())
+                .map(|p| {
+                    let mut w = p.watch_high_watermark();
+                    w.borrow_and_update();
+                    w
+                })
                 .collect();
+            let delivered = self.deliver().await?;
             let has_credit = self.credit_records > 0 && self.credit_bytes > 0;
             let data = async {
                 if watermarks.is_empty() {
