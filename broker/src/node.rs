@@ -20,8 +20,8 @@ use crate::error::BrokerError;
 use crate::groups::Coordinator;
 use crate::partition::{Partition, PartitionSpec};
 use crate::raft::{
-    ControllerCommand, ControllerGroup, ControllerResponse, ControllerState, NodeId, TopicMeta,
-    raft_config,
+    ControllerCommand, ControllerGroup, ControllerResponse, ControllerState, Flusher, NodeId,
+    TopicMeta, raft_config,
 };
 use crate::registry::{HostContext, Phase, Registry};
 use crate::topic::TopicConfig;
@@ -98,6 +98,8 @@ impl Node {
                 identity
             }
         };
+        let flusher = Flusher::start()
+            .map_err(|e| anyhow::anyhow!("cannot start the flusher thread: {e}"))?;
         let controller = ControllerGroup::open(
             &config.data_dir.join("controller"),
             config.node_id,
@@ -109,6 +111,7 @@ impl Node {
                 config.raft_election_timeout_ms,
                 None,
             )?),
+            flusher.clone(),
         )
         .await?;
         let partition_raft = Arc::new(raft_config(
@@ -126,6 +129,7 @@ impl Node {
             queue_max: config.publish_queue_max as usize,
             retention_interval: Duration::from_millis(config.retention_check_interval_ms),
             snapshot_interval_bytes: config.snapshot_interval_bytes,
+            flusher,
         });
         let groups = Coordinator::new(
             meta.clone(),

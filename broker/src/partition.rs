@@ -216,8 +216,10 @@ impl Partition {
     pub fn set_config(&self, config: TopicConfig) {
         let log_config = config.log_config();
         let _ = self.group.reader().with_log_mut(|log| {
-            log.set_retention(log_config.retention_bytes, log_config.retention_ms)
+            log.set_retention(log_config.retention_bytes, log_config.retention_ms);
+            log.set_segment_bytes_max(log_config.segment_bytes_max);
         });
+        self.group.set_fsync(log_config.fsync);
         if let Ok(mut current) = self.config.lock() {
             *current = config;
         }

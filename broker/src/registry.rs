@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::BrokerError;
 use crate::partition::{Partition, PartitionSpec};
-use crate::raft::{GroupSpec, NodeId, PartitionGroup, RaftConfig};
+use crate::raft::{Flusher, GroupSpec, NodeId, PartitionGroup, RaftConfig};
 
 /// (topic, partition).
 pub type PartitionKey = (String, u32);
@@ -70,6 +70,8 @@ pub struct HostContext {
     pub retention_interval: Duration,
     /// Snapshot after this many applied record bytes.
     pub snapshot_interval_bytes: u64,
+    /// The node's flusher.
+    pub flusher: Flusher,
 }
 
 /// One hosted partition.
@@ -311,7 +313,7 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             snapshot_interval_bytes: context.snapshot_interval_bytes,
         };
         let opened = tokio::select! {
-            opened = PartitionGroup::open(group_spec, context.meta.clone(), context.raft_config.clone()) => opened,
+            opened = PartitionGroup::open(group_spec, context.meta.clone(), context.raft_config.clone(), context.flusher.clone()) => opened,
             _ = stop.changed() => return,
         };
         let group = match opened {

@@ -406,6 +406,13 @@ impl PartitionLog {
         self.config.retention_ms = retention_ms;
     }
 
+    /// Changes the segment size limit (a topic's configuration changed): the next roll uses it.
+    pub fn set_segment_bytes_max(&mut self, segment_bytes_max: u64) {
+        if (4096..=u64::from(u32::MAX)).contains(&segment_bytes_max) {
+            self.config.segment_bytes_max = segment_bytes_max;
+        }
+    }
+
     /// Makes everything written so far durable with one fdatasync and returns the durable position.
     pub fn flush(&mut self) -> Result<LogPosition> {
         if let Some(reason) = &self.poisoned {
@@ -753,6 +760,17 @@ impl PartitionLog {
         segment::sync_dir(&self.dir, &self.config)?;
         self.durable = next;
         self.poisoned = None;
+        Ok(())
+    }
+
+    /// After a failed write or fsync: removes every entry that was not made durable (the page
+    /// cache may hold bytes that never reached the disk, or lost ones that seem written) and
+    /// syncs the cut. Nothing unsynced was acknowledged under fsync-before-ack.
+    pub fn discard_unsynced(&mut self) -> Result<()> {
+        let durable = self.durable;
+        if self.end().next_index > durable.next_index {
+            self.truncate_from_index(durable.next_index)?;
+        }
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use crate::meta::Metadata;
 
 use super::{
     CONTROLLER_GROUP, Command, ControllerCommand, ControllerResponse, ControllerState,
-    ControllerStateMachine, LogStore, Network, NodeId, Raft, Response,
+    ControllerStateMachine, Flusher, LogStore, Network, NodeId, Raft, Response,
 };
 use crate::error::BrokerError;
 
@@ -40,13 +40,14 @@ impl ControllerGroup {
         peer_address: String,
         meta: Metadata,
         raft_config: Arc<openraft::Config>,
+        flusher: Flusher,
     ) -> anyhow::Result<ControllerGroup> {
         let dir = dir.to_path_buf();
         let log =
             tokio::task::spawn_blocking(move || PartitionLog::open(dir, LogConfig::default()))
                 .await??;
-        let store =
-            LogStore::new(CONTROLLER_GROUP, log, meta).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = LogStore::new(CONTROLLER_GROUP, log, meta, flusher)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let sm = ControllerStateMachine::new();
         let raft = Raft::new(node_id, raft_config, Network, store, sm.clone()).await?;
         if !raft.is_initialized().await? {

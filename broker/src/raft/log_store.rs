@@ -1,53 +1,111 @@
 //! openraft's `RaftLogStorage` over a segment-store `PartitionLog`: the Raft log of a partition is
 //! the partition's data, written once.
 //!
-//! Group commit: `append` writes the entries at once (so they are readable when it returns, as
-//! openraft requires) and hands the flush callback to this store's flusher task. The flusher takes
-//! every callback queued, runs one fdatasync on a blocking thread while later appends keep
-//! writing, then completes them all. The vote and the purge point live in the metadata store
-//! (sled), durably.
+//! Write-behind with one flusher per node: `append` stamps the entries' offsets, keeps them in
+//! memory (readable at once, as openraft requires) and hands them with the flush callback to the
+//! node's [`Flusher`]. The flusher thread writes the pending entries of every group that has
+//! some, makes them durable in one round (one fdatasync per file, run side by side), then
+//! completes the callbacks. openraft waits for each append's callback before the next append of
+//! the same group, so a group has at most one append pending; many groups share each round.
 //!
-//! The `PartitionLog` sits behind one mutex shared by the writer (openraft's storage task), the
-//! flusher and readers (replication, the state machine, consumers). Every hold is short: a write
-//! or read to the page cache; the fdatasync itself runs outside the lock.
+//! No blocking I/O runs on the async runtime: writes and syncs run on the flusher thread;
+//! truncation, purges and metadata writes on the blocking pool. Readers (replication, the state
+//! machine, consumers) take the log's read lock; only writes take the write lock, briefly (a
+//! write to the page cache; the fdatasync runs outside the lock).
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, StorageIOError, Vote};
-use tokio::sync::mpsc;
-use weft_storage::{LogPosition, PartitionLog};
-
-use crate::meta::{MetaError, Metadata, RaftKey};
+use weft_storage::{Batch, FsyncPolicy, LogPosition, PartitionLog};
 
 use super::entry::{from_batch, to_batch};
+use super::flusher::Flusher;
 use super::{Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
+use crate::meta::{MetaError, Metadata, RaftKey};
 
-/// Most flush callbacks waiting for the flusher.
-const FLUSH_QUEUE_MAX: usize = 4096;
 /// Read entries in chunks of about this many bytes.
 const READ_CHUNK_BYTES: usize = 4 << 20;
 
+/// A group's log as the log store, its readers and the flusher share it.
 #[derive(Debug)]
-struct Shared {
-    group: GroupId,
-    log: Mutex<PartitionLog>,
+pub(super) struct Shared {
+    pub(super) group: GroupId,
+    log: RwLock<PartitionLog>,
     meta: Metadata,
     /// Entries at or below this index are purged: never returned.
     last_purged: Mutex<Option<LogId>>,
+    /// Entries appended by Raft and not yet written to the log, in order.
+    pending: Mutex<VecDeque<Batch>>,
+    /// The last entry, written or pending.
+    last_log_id: Mutex<Option<LogId>>,
+    /// 0: the flush callback waits for an fdatasync (fsync before ack); otherwise the log is
+    /// synced every this many milliseconds and callbacks complete once entries are written.
+    sync_interval_ms: AtomicU64,
+}
+
+fn log_id_of(batch: &Batch) -> LogId {
+    let h = batch.header();
+    LogId::new(openraft::CommittedLeaderId::new(h.term, 0), h.index)
 }
 
 impl Shared {
-    fn log(&self) -> Result<MutexGuard<'_, PartitionLog>, StorageError> {
+    pub(super) fn log(&self) -> Result<RwLockReadGuard<'_, PartitionLog>, StorageError> {
         self.log
-            .lock()
+            .read()
+            .map_err(|_| io_error("partition log lock poisoned"))
+    }
+
+    pub(super) fn log_mut(&self) -> Result<RwLockWriteGuard<'_, PartitionLog>, StorageError> {
+        self.log
+            .write()
             .map_err(|_| io_error("partition log lock poisoned"))
     }
 
     fn last_purged(&self) -> Option<LogId> {
         self.last_purged.lock().map(|g| *g).unwrap_or(None)
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        self.last_log_id.lock().map(|g| *g).unwrap_or(None)
+    }
+
+    fn set_last_log_id(&self, id: Option<LogId>) {
+        if let Ok(mut last) = self.last_log_id.lock() {
+            *last = id;
+        }
+    }
+
+    /// The sync interval, or None for fsync before ack.
+    pub(super) fn sync_interval_ms(&self) -> Option<u64> {
+        match self.sync_interval_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(ms),
+        }
+    }
+
+    /// Writes the pending entries to the log (page cache). Called by the flusher thread.
+    pub(super) fn write_pending(&self) -> Result<(), String> {
+        let batches: Vec<Batch> = match self.pending.lock() {
+            Ok(pending) => pending.iter().cloned().collect(),
+            Err(_) => return Err("pending entries lock poisoned".into()),
+        };
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let mut log = self.log_mut().map_err(|e| e.to_string())?;
+        for batch in &batches {
+            log.append(batch).map_err(|e| e.to_string())?;
+        }
+        drop(log);
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.drain(..batches.len());
+        }
+        Ok(())
     }
 
     fn record_purged(&self, log_id: LogId) -> Result<(), StorageError> {
@@ -62,6 +120,7 @@ impl Shared {
         Ok(())
     }
 
+    /// Entries `start .. end`: from the log, then from the pending ones not yet written.
     fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
         let start = match self.last_purged() {
             Some(purged) => start.max(purged.index + 1),
@@ -72,7 +131,11 @@ impl Shared {
         while from < end {
             let batches = {
                 let log = self.log()?;
-                let first = log.first_index().unwrap_or(log.end().next_index);
+                let written_end = log.end().next_index;
+                if from >= written_end {
+                    break;
+                }
+                let first = log.first_index().unwrap_or(written_end);
                 if from < first {
                     // Purged physically: start at what is there.
                     from = first;
@@ -80,13 +143,24 @@ impl Shared {
                         break;
                     }
                 }
-                log.read_entries(from, end, READ_CHUNK_BYTES)
+                log.read_entries(from, end.min(written_end), READ_CHUNK_BYTES)
                     .map_err(|e| read_error(from, &e))?
             };
             let Some(last) = batches.last() else { break };
             from = last.header().index + 1;
             for batch in &batches {
                 out.push(from_batch(batch)?);
+            }
+        }
+        if from < end
+            && let Ok(pending) = self.pending.lock()
+        {
+            for batch in pending.iter() {
+                let index = batch.header().index;
+                if index >= from && index < end {
+                    out.push(from_batch(batch)?);
+                    from = index + 1;
+                }
             }
         }
         Ok(out)
@@ -109,11 +183,22 @@ fn write_error(error: &weft_storage::Error) -> StorageError {
     StorageIOError::write_logs(AnyError::new(error)).into()
 }
 
+fn join_error(error: tokio::task::JoinError) -> StorageError {
+    io_error(&format!("blocking storage task failed: {error}"))
+}
+
+/// Runs blocking storage work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(join_error)?
+}
+
 /// The Raft log store of one group.
 #[derive(Debug)]
 pub struct LogStore {
     shared: Arc<Shared>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: Flusher,
 }
 
 /// A cloneable reader of a group's log, for replication, the state machine and consumers.
@@ -123,11 +208,12 @@ pub struct LogReader {
 }
 
 impl LogStore {
-    /// Wraps an opened log. Must be called inside a tokio runtime (it starts the flusher task).
+    /// Wraps an opened log; `flusher` makes its appends durable.
     pub fn new(
         group: GroupId,
         log: PartitionLog,
         meta: Metadata,
+        flusher: Flusher,
     ) -> Result<LogStore, StorageError> {
         let last_purged = meta
             .raft(group, RaftKey::LastPurged)
@@ -135,14 +221,29 @@ impl LogStore {
             .map(|bytes| serde_json::from_slice::<LogId>(&bytes))
             .transpose()
             .map_err(|e| StorageError::from(StorageIOError::read_logs(AnyError::new(&e))))?;
+        let last_in_log = match log.first_index() {
+            Some(_) => {
+                let end = log.end().next_index;
+                log.read_entries(end - 1, end, 1)
+                    .map_err(|e| read_error(end - 1, &e))?
+                    .first()
+                    .map(log_id_of)
+            }
+            None => None,
+        };
+        let sync_interval_ms = match log.config().fsync {
+            FsyncPolicy::Always => 0,
+            FsyncPolicy::Interval { interval_ms } => interval_ms.max(1),
+        };
         let shared = Arc::new(Shared {
             group,
-            log: Mutex::new(log),
+            log: RwLock::new(log),
             meta,
             last_purged: Mutex::new(last_purged),
+            pending: Mutex::new(VecDeque::new()),
+            last_log_id: Mutex::new(last_in_log),
+            sync_interval_ms: AtomicU64::new(sync_interval_ms),
         });
-        let (flusher, queue) = mpsc::channel(FLUSH_QUEUE_MAX);
-        tokio::spawn(flush_loop(shared.clone(), queue));
         Ok(LogStore { shared, flusher })
     }
 
@@ -155,7 +256,7 @@ impl LogStore {
 }
 
 impl LogReader {
-    /// Runs `f` with the partition log locked (reads by offset for consumers).
+    /// Runs `f` with the partition log read-locked (reads by offset for consumers).
     pub fn with_log<T>(&self, f: impl FnOnce(&PartitionLog) -> T) -> Result<T, StorageError> {
         let log = self.shared.log()?;
         Ok(f(&log))
@@ -172,45 +273,18 @@ impl LogReader {
         &self,
         f: impl FnOnce(&mut PartitionLog) -> T,
     ) -> Result<T, StorageError> {
-        let mut log = self.shared.log()?;
+        let mut log = self.shared.log_mut()?;
         Ok(f(&mut log))
     }
-}
 
-/// Completes flush callbacks in groups: one fdatasync for everything queued.
-async fn flush_loop(shared: Arc<Shared>, mut queue: mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    let mut waiting = Vec::new();
-    while let Some(first) = queue.recv().await {
-        waiting.push(first);
-        while let Ok(more) = queue.try_recv() {
-            waiting.push(more);
-        }
-        let outcome = sync(&shared).await;
-        for callback in waiting.drain(..) {
-            callback.log_io_completed(match &outcome {
-                Ok(()) => Ok(()),
-                Err(message) => Err(std::io::Error::other(message.clone())),
-            });
-        }
+    /// Changes when appends become durable: fsync before the flush callback, or every interval.
+    pub fn set_fsync(&self, policy: FsyncPolicy) {
+        let ms = match policy {
+            FsyncPolicy::Always => 0,
+            FsyncPolicy::Interval { interval_ms } => interval_ms.max(1),
+        };
+        self.shared.sync_interval_ms.store(ms, Ordering::Relaxed);
     }
-}
-
-async fn sync(shared: &Arc<Shared>) -> Result<(), String> {
-    let ticket = {
-        let log = shared.log().map_err(|e| e.to_string())?;
-        log.begin_sync().map_err(|e| e.to_string())?
-    };
-    let Some(ticket) = ticket else { return Ok(()) };
-    let (ticket, outcome) = tokio::task::spawn_blocking(move || {
-        let outcome = ticket.sync();
-        (ticket, outcome)
-    })
-    .await
-    .map_err(|e| format!("fsync task failed: {e}"))?;
-    let mut log = shared.log().map_err(|e| e.to_string())?;
-    log.complete_sync(&ticket, outcome)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -252,24 +326,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id = self.shared.last_purged();
-        let last_in_log = {
-            let log = self.shared.log()?;
-            let end = log.end().next_index;
-            match log.first_index() {
-                Some(_) if end > 0 => log
-                    .read_entries(end - 1, end, 1)
-                    .map_err(|e| read_error(end - 1, &e))?
-                    .first()
-                    .map(|b| {
-                        LogId::new(
-                            openraft::CommittedLeaderId::new(b.header().term, 0),
-                            b.header().index,
-                        )
-                    }),
-                _ => None,
-            }
-        };
-        let last_log_id = match (last_in_log, last_purged_log_id) {
+        let last_log_id = match (self.shared.last_log_id(), last_purged_log_id) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
@@ -286,10 +343,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let bytes = serde_json::to_vec(vote)
             .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))?;
-        self.shared
-            .meta
-            .set_raft(self.shared.group, RaftKey::Vote, &bytes)
-            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+        let shared = self.shared.clone();
+        blocking(move || {
+            shared
+                .meta
+                .set_raft(shared.group, RaftKey::Vote, &bytes)
+                .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -313,65 +374,122 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let last_purged = self.shared.last_purged().map(|p| p.index);
+        let mut stamped = Vec::new();
         {
-            let last_purged = self.shared.last_purged().map(|p| p.index);
-            let mut log = self.shared.log()?;
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .map_err(|_| io_error("pending entries lock poisoned"))?;
+            // Where the next entry goes: after the pending ones, or the log's end.
+            let mut next = match pending.back() {
+                Some(b) => LogPosition {
+                    next_offset: b.header().next_offset(),
+                    next_index: b.header().index + 1,
+                },
+                None => self.shared.log()?.end(),
+            };
             for entry in entries {
                 if last_purged.is_some_and(|p| entry.log_id.index <= p) {
                     // Purged already: it could never be read, so it is not stored.
                     continue;
                 }
-                let end = log.end();
-                if log.first_index().is_none() && entry.log_id.index != end.next_index {
+                if entry.log_id.index != next.next_index {
+                    if !pending.is_empty() || self.shared.log()?.first_index().is_some() {
+                        return Err(io_error(&format!(
+                            "append of entry {} does not continue the log at {}",
+                            entry.log_id.index, next.next_index
+                        )));
+                    }
                     // An empty log (new, or purged past its end) starts wherever Raft says.
-                    log.reset(LogPosition {
-                        next_offset: end.next_offset,
-                        next_index: entry.log_id.index,
-                    })
-                    .map_err(|e| write_error(&e))?;
+                    next.next_index = entry.log_id.index;
+                    let restart = next;
+                    self.shared
+                        .log_mut()?
+                        .reset(restart)
+                        .map_err(|e| write_error(&e))?;
                 }
-                let batch = to_batch(&entry, log.end().next_offset)?;
-                log.append(&batch).map_err(|e| write_error(&e))?;
+                let batch = to_batch(&entry, next.next_offset)?;
+                next = LogPosition {
+                    next_offset: batch.header().next_offset(),
+                    next_index: entry.log_id.index + 1,
+                };
+                stamped.push(batch);
             }
+            let Some(last) = stamped.last() else {
+                drop(pending);
+                callback.log_io_completed(Ok(()));
+                return Ok(());
+            };
+            self.shared.set_last_log_id(Some(log_id_of(last)));
+            pending.extend(stamped);
         }
         self.flusher
-            .send(callback)
-            .await
-            .map_err(|_| io_error("the log flusher has stopped"))
+            .flush(self.shared.clone(), callback)
+            .map_err(|e| io_error(&e))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut log = self.shared.log()?;
-        match log.first_index() {
-            Some(first) if log_id.index <= first => {
-                let next = LogPosition {
-                    next_offset: log.start_offset(),
-                    next_index: log_id.index,
-                };
-                log.reset(next).map_err(|e| write_error(&e))
+        let shared = self.shared.clone();
+        blocking(move || {
+            if let Ok(mut pending) = shared.pending.lock() {
+                pending.retain(|b| b.header().index < log_id.index);
             }
-            Some(_) => log
-                .truncate_from_index(log_id.index)
-                .map_err(|e| write_error(&e)),
-            None => Ok(()),
-        }
+            let mut log = shared.log_mut()?;
+            let result = match log.first_index() {
+                Some(first) if log_id.index <= first => {
+                    let next = LogPosition {
+                        next_offset: log.start_offset(),
+                        next_index: log_id.index,
+                    };
+                    log.reset(next).map_err(|e| write_error(&e))
+                }
+                Some(_) => log
+                    .truncate_from_index(log_id.index)
+                    .map_err(|e| write_error(&e)),
+                None => Ok(()),
+            };
+            let end = log.end().next_index;
+            let last = match log.first_index() {
+                Some(_) => log
+                    .read_entries(end - 1, end, 1)
+                    .map_err(|e| read_error(end - 1, &e))?
+                    .first()
+                    .map(log_id_of),
+                None => None,
+            };
+            drop(log);
+            shared.set_last_log_id(last);
+            result
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Durable first: a crash after deleting segments must not forget that they are gone.
-        self.shared.record_purged(log_id)?;
-        let mut log = self.shared.log()?;
-        let end = log.end();
-        if log_id.index + 1 >= end.next_index {
-            log.reset(LogPosition {
-                next_offset: end.next_offset,
-                next_index: log_id.index + 1,
-            })
-            .map_err(|e| write_error(&e))
-        } else {
-            log.purge_through_index(log_id.index)
-                .map(|_| ())
-                .map_err(|e| write_error(&e))
-        }
+        let shared = self.shared.clone();
+        blocking(move || {
+            // Durable first: a crash after deleting segments must not forget that they are gone.
+            shared.record_purged(log_id)?;
+            let mut log = shared.log_mut()?;
+            let end = log.end();
+            if log_id.index + 1 >= end.next_index {
+                log.reset(LogPosition {
+                    next_offset: end.next_offset,
+                    next_index: log_id.index + 1,
+                })
+                .map_err(|e| write_error(&e))?;
+                drop(log);
+                if shared.last_log_id() < Some(log_id) {
+                    shared.set_last_log_id(Some(log_id));
+                }
+                Ok(())
+            } else {
+                log.purge_through_index(log_id.index)
+                    .map(|_| ())
+                    .map_err(|e| write_error(&e))
+            }
+        })
+        .await
     }
 }

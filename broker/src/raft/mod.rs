@@ -6,7 +6,9 @@
 //! - `entry`: the mapping between openraft entries and segment-store batches. A partition's Raft
 //!   log **is** its partition log: record batches are stored once, as Raft entries.
 //! - `log_store`: [`LogStore`], openraft's `RaftLogStorage` over a `weft_storage::PartitionLog`,
-//!   with group commit (appends write at once; one background fdatasync completes them all).
+//!   write-behind: appends are kept in memory until the node's flusher writes them.
+//! - `flusher`: [`Flusher`], one thread per node that writes every group's pending appends and
+//!   makes them durable together (one round, fdatasyncs side by side), then completes them.
 //! - `partition_sm` / `controller_sm`: the state machines of partition groups (high watermark,
 //!   producer sequences) and of the controller group (topics).
 //! - `network`: how groups reach their peers.
@@ -20,6 +22,7 @@
 mod controller_group;
 mod controller_sm;
 mod entry;
+mod flusher;
 mod log_store;
 mod network;
 mod partition_group;
@@ -35,6 +38,7 @@ pub use controller_sm::{
     ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine, PartitionMeta,
     TopicMeta,
 };
+pub use flusher::Flusher;
 pub use log_store::{LogReader, LogStore};
 pub use network::Network;
 pub use partition_group::{GroupSpec, GroupStatus, PartitionGroup, Proposal};

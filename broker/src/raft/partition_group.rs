@@ -18,7 +18,7 @@ use weft_storage::{LogConfig, PartitionLog, RecoveryReport};
 use crate::meta::Metadata;
 
 use super::{
-    Command, GroupId, LogId, LogReader, LogStore, Network, NodeId, PartitionState,
+    Command, Flusher, GroupId, LogId, LogReader, LogStore, Network, NodeId, PartitionState,
     PartitionStateMachine, ProducerState, Raft, Response,
 };
 use crate::error::BrokerError;
@@ -95,6 +95,7 @@ impl PartitionGroup {
         spec: GroupSpec,
         meta: Metadata,
         raft_config: Arc<openraft::Config>,
+        flusher: Flusher,
     ) -> Result<PartitionGroup, String> {
         let GroupSpec {
             group_id,
@@ -114,7 +115,7 @@ impl PartitionGroup {
         if !report.corruptions.is_empty() {
             tracing::error!(dir = %dir.display(), ?report, "partition log has damaged ranges");
         }
-        let store = LogStore::new(group_id, log, meta).map_err(|e| e.to_string())?;
+        let store = LogStore::new(group_id, log, meta, flusher).map_err(|e| e.to_string())?;
         let reader = store.reader();
         let sm_dir = dir.clone();
         let sm_reader = reader.clone();
@@ -340,10 +341,14 @@ impl PartitionGroup {
     }
 
     /// Stops the group. With `snapshot`, first snapshots everything applied, so the next open
-    /// replays nothing; then the log's tail gets its index files (no scan at the next open).
+    /// replays nothing; then the log's tail gets its index files (no scan at the next open). A
+    /// group that stopped on a storage error instead drops what it wrote and never synced: after
+    /// a failed write or fsync the page cache is not to be trusted, and nothing unsynced was
+    /// acknowledged.
     pub async fn shutdown(&self, snapshot: bool) {
+        let failed = self.stopped().is_some();
         if snapshot
-            && self.stopped().is_none()
+            && !failed
             && let Err(e) = self.snapshot_now(Duration::from_secs(10)).await
         {
             tracing::warn!("snapshot at shutdown: {e}");
@@ -352,15 +357,27 @@ impl PartitionGroup {
             tracing::warn!("raft shutdown: {e}");
         }
         let reader = self.reader.clone();
-        let checkpoint =
-            tokio::task::spawn_blocking(move || reader.with_log_mut(PartitionLog::checkpoint))
-                .await;
-        match checkpoint {
+        let closed = tokio::task::spawn_blocking(move || {
+            reader.with_log_mut(|log| {
+                if failed {
+                    log.discard_unsynced()
+                } else {
+                    log.checkpoint()
+                }
+            })
+        })
+        .await;
+        match closed {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!("closing the log: {e}"),
             Ok(Err(e)) => tracing::warn!("closing the log: {e}"),
             Err(e) => tracing::warn!("closing the log: {e}"),
         }
+    }
+
+    /// Changes when appends become durable.
+    pub fn set_fsync(&self, policy: weft_storage::FsyncPolicy) {
+        self.reader.set_fsync(policy);
     }
 }
 

@@ -1,0 +1,245 @@
+//! One flusher per node (per data disk): a thread that takes the pending appends of every Raft
+//! group, writes them, makes them durable together, and completes their flush callbacks.
+//!
+//! A round: take every flush request queued (each group has at most one: openraft waits for an
+//! append's callback before the next append of that group), write each group's pending entries
+//! to its log, then fdatasync every log that needs it, side by side on up to
+//! [`SYNCS_IN_PARALLEL_MAX`] threads (the filesystem's journal merges concurrent syncs of one
+//! disk), then complete the callbacks. Requests that arrive during a round wait for the next, so
+//! under load every round carries many groups' entries and one fsync per file covers them all.
+//!
+//! Topics with `fsync_policy = interval` are acknowledged once written; the flusher syncs their
+//! logs every `fsync_interval_ms`. A power loss can lose what was acknowledged in the last
+//! interval; a crash of the process alone loses nothing (the page cache survives it).
+//!
+//! A failed write or sync fails the callbacks of that group (openraft then stops the group and
+//! the partition's supervisor reopens it from its durable state); other groups are unaffected.
+
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use openraft::storage::LogFlushed;
+
+use super::TypeConfig;
+use super::log_store::Shared;
+
+/// Most fdatasyncs run at the same time in one round.
+pub(super) const SYNCS_IN_PARALLEL_MAX: usize = 8;
+/// Most flush requests taken into one round.
+const ROUND_REQUESTS_MAX: usize = 4096;
+
+struct Request {
+    shared: Arc<Shared>,
+    callback: LogFlushed<TypeConfig>,
+}
+
+/// The handle to a node's flusher thread. Cloned into every group's log store; the thread ends
+/// once every handle is dropped (after a last sync of what interval-policy groups left unsynced).
+#[derive(Debug, Clone)]
+pub struct Flusher {
+    requests: Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("group", &self.shared.group)
+            .finish()
+    }
+}
+
+impl Flusher {
+    /// Starts the flusher thread. The queue is bounded by the number of groups (one request per
+    /// group at most), so it takes no size.
+    pub fn start() -> std::io::Result<Flusher> {
+        let (requests, queue) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("weft-flusher".into())
+            .spawn(move || run(queue))?;
+        Ok(Flusher { requests })
+    }
+
+    /// Asks for `shared`'s pending entries to be written and made durable; `callback` is
+    /// completed when they are (or when that failed).
+    pub(super) fn flush(
+        &self,
+        shared: Arc<Shared>,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), String> {
+        self.requests
+            .send(Request { shared, callback })
+            .map_err(|_| "the flusher has stopped".to_string())
+    }
+}
+
+/// A group whose log holds written, unsynced entries acknowledged under the interval policy.
+struct Unsynced {
+    shared: Arc<Shared>,
+    due: Instant,
+}
+
+fn run(queue: Receiver<Request>) {
+    let mut unsynced: Vec<Unsynced> = Vec::new();
+    loop {
+        let wait = unsynced
+            .iter()
+            .map(|u| u.due.saturating_duration_since(Instant::now()))
+            .min()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut requests = Vec::new();
+        let mut closed = false;
+        match queue.recv_timeout(wait) {
+            Ok(request) => requests.push(request),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => closed = true,
+        }
+        while requests.len() < ROUND_REQUESTS_MAX {
+            match queue.try_recv() {
+                Ok(request) => requests.push(request),
+                Err(_) => break,
+            }
+        }
+        round(requests, &mut unsynced, closed);
+        if closed {
+            return;
+        }
+    }
+}
+
+/// One round: write, sync, complete.
+fn round(requests: Vec<Request>, unsynced: &mut Vec<Unsynced>, closing: bool) {
+    let started = Instant::now();
+    // Write every group's pending entries.
+    let written: Vec<Result<(), String>> =
+        requests.iter().map(|r| r.shared.write_pending()).collect();
+    // Which logs to sync now: fsync-before-ack groups just written, and interval groups due.
+    let now = Instant::now();
+    let mut to_sync: Vec<Arc<Shared>> = Vec::new();
+    for (request, outcome) in requests.iter().zip(&written) {
+        if outcome.is_ok()
+            && request.shared.sync_interval_ms().is_none()
+            && !to_sync.iter().any(|s| Arc::ptr_eq(s, &request.shared))
+        {
+            to_sync.push(request.shared.clone());
+        }
+    }
+    unsynced.retain(|u| {
+        if closing || u.due <= now || u.shared.sync_interval_ms().is_none() {
+            if !to_sync.iter().any(|s| Arc::ptr_eq(s, &u.shared)) {
+                to_sync.push(u.shared.clone());
+            }
+            false
+        } else {
+            true
+        }
+    });
+    let synced = sync_all(&to_sync);
+    // Complete the callbacks, in the order the requests came.
+    for (request, outcome) in requests.into_iter().zip(written) {
+        let outcome = outcome.and_then(|()| {
+            match to_sync.iter().position(|s| Arc::ptr_eq(s, &request.shared)) {
+                Some(i) => synced[i].clone(),
+                None => {
+                    // Interval policy: acknowledged once written; synced when due.
+                    if let Some(ms) = request.shared.sync_interval_ms()
+                        && !unsynced
+                            .iter()
+                            .any(|u| Arc::ptr_eq(&u.shared, &request.shared))
+                    {
+                        unsynced.push(Unsynced {
+                            shared: request.shared.clone(),
+                            due: Instant::now() + Duration::from_millis(ms),
+                        });
+                    }
+                    Ok(())
+                }
+            }
+        });
+        if let Err(e) = &outcome {
+            tracing::error!(
+                group = request.shared.group,
+                "log write or sync failed: {e}"
+            );
+        }
+        request
+            .callback
+            .log_io_completed(outcome.map_err(std::io::Error::other));
+    }
+    if !to_sync.is_empty() {
+        metrics::counter!("weft_flush_rounds_total").increment(1);
+        metrics::histogram!("weft_flush_round_seconds").record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Syncs every log, side by side; the outcome per log, in order.
+fn sync_all(logs: &[Arc<Shared>]) -> Vec<Result<(), String>> {
+    // Prepare each log's sync under its lock; the fdatasync itself runs outside it.
+    let tickets: Vec<Result<Option<weft_storage::SyncTicket>, String>> = logs
+        .iter()
+        .map(|shared| {
+            let log = shared.log().map_err(|e| e.to_string())?;
+            log.begin_sync().map_err(|e| e.to_string())
+        })
+        .collect();
+    let mut outcomes: Vec<Option<weft_storage::Result<()>>> =
+        tickets.iter().map(|_| None).collect();
+    let work: Vec<(usize, &weft_storage::SyncTicket)> = tickets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.as_ref().ok().and_then(|t| t.as_ref()).map(|t| (i, t)))
+        .collect();
+    if work.len() == 1 {
+        outcomes[work[0].0] = Some(work[0].1.sync());
+    } else if !work.is_empty() {
+        let threads = work.len().min(SYNCS_IN_PARALLEL_MAX);
+        let per_thread = work.len().div_ceil(threads);
+        let results: Vec<(usize, weft_storage::Result<()>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = work
+                .chunks(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|(i, ticket)| (*i, ticket.sync()))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        vec![(
+                            usize::MAX,
+                            Err(weft_storage::Error::Poisoned("sync thread panicked".into())),
+                        )]
+                    })
+                })
+                .collect()
+        });
+        for (i, result) in results {
+            if let Some(slot) = outcomes.get_mut(i) {
+                *slot = Some(result);
+            }
+        }
+    }
+    metrics::counter!("weft_flush_fsyncs_total").increment(work.len() as u64);
+    logs.iter()
+        .zip(tickets)
+        .zip(outcomes)
+        .map(|((shared, ticket), outcome)| match ticket {
+            Err(e) => Err(e),
+            Ok(None) => Ok(()),
+            Ok(Some(ticket)) => {
+                let outcome = outcome.unwrap_or_else(|| {
+                    Err(weft_storage::Error::Poisoned("sync did not run".into()))
+                });
+                let mut log = shared.log_mut().map_err(|e| e.to_string())?;
+                log.complete_sync(&ticket, outcome)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .collect()
+}
