@@ -56,6 +56,7 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Broker {
     child: Option<Child>,
     dir: PathBuf,
+    data_dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
     /// Client gRPC address.
     pub client_addr: String,
@@ -75,10 +76,19 @@ impl Broker {
     /// Starts a broker with extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> Broker {
         let tempdir = tempfile::tempdir().expect("tempdir");
+        let data_dir = tempdir.path().join("data");
+        Self::start_at(tempdir, data_dir, extra)
+    }
+
+    /// Starts a broker whose data lives in `data_dir` (a filesystem the test prepared, say),
+    /// logging into `dir`.
+    pub fn start_at(dir: tempfile::TempDir, data_dir: PathBuf, extra: &[&str]) -> Broker {
+        let tempdir = dir;
         let dir = tempdir.path().to_path_buf();
         let mut broker = Broker {
             child: None,
             dir,
+            data_dir,
             _tempdir: Some(tempdir),
             client_addr: String::new(),
             admin_addr: String::new(),
@@ -89,9 +99,15 @@ impl Broker {
         broker
     }
 
-    /// The broker's working directory (data lives in `data/`, its log in `broker.log`).
+    /// The broker's working directory (its log is `broker.log`; data lives in `data/` unless
+    /// the test chose another data directory).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The broker's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     fn spawn(&mut self) {
@@ -101,10 +117,7 @@ impl Broker {
             .open(self.dir.join("broker.log"))
             .expect("log file");
         let mut child = Command::new(binary("weft-broker"))
-            .args([
-                "--data-dir",
-                self.dir.join("data").to_str().expect("utf-8 path"),
-            ])
+            .args(["--data-dir", self.data_dir.to_str().expect("utf-8 path")])
             .args([
                 "--client-listen",
                 "127.0.0.1:0",

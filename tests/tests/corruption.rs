@@ -12,7 +12,7 @@ use weft_proto::v1::FetchRequest;
 use weft_tests::{Broker, fetch_range, grpc, metric, offsets, wait_for};
 
 fn segment_files(broker: &Broker) -> Vec<PathBuf> {
-    let topics = broker.dir().join("data").join("topics");
+    let topics = broker.data_dir().join("topics");
     let mut files = Vec::new();
     for topic in std::fs::read_dir(&topics).expect("topics dir") {
         let dir = topic.expect("entry").path().join("0");
