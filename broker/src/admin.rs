@@ -74,6 +74,7 @@ impl IntoResponse for ApiError {
             BrokerError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             BrokerError::SequenceGap { .. }
             | BrokerError::DuplicateSequence { .. }
+            | BrokerError::UnknownProducer { .. }
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
             | BrokerError::GroupNotEmpty(_) => StatusCode::CONFLICT,

@@ -82,6 +82,10 @@ pub struct Config {
     /// since the last one (and before retention, and at shutdown). A restart after a crash
     /// re-applies at most about this much of the log.
     pub snapshot_interval_bytes: u64,
+    /// A partition forgets an idempotent producer whose last batch is older than this (by record
+    /// timestamps), as Kafka's `producer.id.expiration.ms` does: its state no longer grows with
+    /// every producer that ever wrote. A producer idle that long starts over in a new epoch.
+    pub producer_expiration_ms: u64,
     /// Graceful shutdown: how long in-flight work may take before the broker exits anyway.
     pub shutdown_grace_ms: u64,
 
@@ -153,6 +157,7 @@ impl Default for Config {
             publish_queue_max: 1024,
             retention_check_interval_ms: 60_000,
             snapshot_interval_bytes: 64 * 1024 * 1024,
+            producer_expiration_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 500,
@@ -320,6 +325,12 @@ impl Config {
             self.snapshot_interval_bytes,
             64 * 1024,
             64 * 1024 * 1024 * 1024,
+        )?;
+        range(
+            "producer_expiration_ms",
+            self.producer_expiration_ms,
+            1_000,
+            30 * 24 * 3600 * 1000,
         )?;
         range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         range("raft_heartbeat_ms", self.raft_heartbeat_ms, 10, 60_000)?;

@@ -81,6 +81,18 @@ pub enum BrokerError {
         /// The request's base sequence.
         got: u64,
     },
+    /// A batch from a producer the partition does not know (never seen, or forgotten after
+    /// `producer_expiration_ms` idle) that does not start at sequence 0: start a new epoch.
+    #[error(
+        "producer {producer_id} is unknown to this partition (idle for too long?); start a new \
+         epoch at sequence 0 (batch at sequence {got})"
+    )]
+    UnknownProducer {
+        /// Producer.
+        producer_id: u64,
+        /// The request's base sequence.
+        got: u64,
+    },
     /// A producer epoch older than the current one.
     #[error("producer {producer_id} is fenced: epoch {got} is older than {current}")]
     ProducerFenced {
@@ -215,6 +227,7 @@ impl BrokerError {
             | BrokerError::Overloaded(_) => Code::ResourceExhausted,
             BrokerError::SequenceGap { .. }
             | BrokerError::DuplicateSequence { .. }
+            | BrokerError::UnknownProducer { .. }
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
             | BrokerError::GroupNotEmpty(_) => Code::FailedPrecondition,
@@ -240,6 +253,7 @@ impl BrokerError {
             BrokerError::Overloaded(_) => "OVERLOADED",
             BrokerError::SequenceGap { .. } => "SEQUENCE_GAP",
             BrokerError::DuplicateSequence { .. } => "DUPLICATE_SEQUENCE",
+            BrokerError::UnknownProducer { .. } => "UNKNOWN_PRODUCER",
             BrokerError::ProducerFenced { .. } => "PRODUCER_FENCED",
             BrokerError::StaleGeneration { .. } => "STALE_GENERATION",
             BrokerError::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
@@ -300,6 +314,9 @@ impl From<BrokerError> for tonic::Status {
             BrokerError::SequenceGap { expected, got, .. }
             | BrokerError::DuplicateSequence { expected, got, .. } => {
                 metadata.insert("expected_sequence".into(), expected.to_string());
+                metadata.insert("sequence".into(), got.to_string());
+            }
+            BrokerError::UnknownProducer { got, .. } => {
                 metadata.insert("sequence".into(), got.to_string());
             }
             BrokerError::ProducerFenced { current, .. } => {

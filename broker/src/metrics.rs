@@ -84,6 +84,8 @@ pub fn render(node: &Node) -> String {
         metrics::gauge!("weft_partition_size_bytes", &labels).set(bounds.size_bytes as f64);
         metrics::gauge!("weft_partition_damaged_ranges", &labels)
             .set(partition.damage().len() as f64);
+        metrics::gauge!("weft_partition_producers", &labels)
+            .set(partition.group().state().producers.len() as f64);
     }
     if let Ok(groups) = node.groups.list() {
         for group in groups {

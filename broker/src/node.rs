@@ -129,6 +129,7 @@ impl Node {
             queue_max: config.publish_queue_max as usize,
             retention_interval: Duration::from_millis(config.retention_check_interval_ms),
             snapshot_interval_bytes: config.snapshot_interval_bytes,
+            producer_expiration_ms: config.producer_expiration_ms,
             flusher,
         });
         let groups = Coordinator::new(

@@ -13,7 +13,7 @@
 //! Reading: consumers read the log by offset up to the high watermark (the offset after the last
 //! applied record), so nothing they see can later be lost. Fetch long-polls on a watch channel.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,8 @@ use weft_storage::{Batch, ProducerInfo};
 
 use crate::error::BrokerError;
 use crate::raft::{
-    GroupId, GroupStatus, NodeId, PartitionGroup, ProducerBatch, ProducerState, SequenceCheck,
+    GroupId, GroupStatus, NodeId, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionGroup, ProducerBatch,
+    ProducerState, SequenceCheck, expire_producers,
 };
 use crate::topic::TopicConfig;
 
@@ -136,9 +137,10 @@ impl Partition {
         dir: &Path,
         group: PartitionGroup,
         queue_max: usize,
+        producer_expiration_ms: u64,
     ) -> Arc<Partition> {
         let (jobs, queue) = mpsc::channel(queue_max.max(1));
-        tokio::spawn(run_actor(group.clone(), queue));
+        tokio::spawn(run_actor(group.clone(), queue, producer_expiration_ms));
         let damage = group
             .recovery_report()
             .corruptions
@@ -428,9 +430,14 @@ struct Done {
 }
 
 /// Orders publishes: checks producer sequences, proposes, answers.
-async fn run_actor(group: PartitionGroup, mut jobs: mpsc::Receiver<PublishJob>) {
+async fn run_actor(
+    group: PartitionGroup,
+    mut jobs: mpsc::Receiver<PublishJob>,
+    producer_expiration_ms: u64,
+) {
     // Loaded from the state machine once this node leads and has applied everything before.
-    let mut producers: Option<HashMap<u64, ProducerState>> = None;
+    let mut producers: Option<BTreeMap<u64, ProducerState>> = None;
+    let mut proposed = 0u64;
     // Idempotent batches proposed and not yet answered, by (producer, base sequence): retries of
     // them wait for the original's outcome.
     let mut pending: HashMap<(u64, u64), Waiters> = HashMap::new();
@@ -452,12 +459,27 @@ async fn run_actor(group: PartitionGroup, mut jobs: mpsc::Receiver<PublishJob>) 
                             }
                         }
                     }
-                    let table = producers.get_or_insert_with(HashMap::new);
+                    let table = producers.get_or_insert_with(BTreeMap::new);
                     if let Some(others) = pending.get_mut(&(h.producer_id, h.base_sequence)) {
                         others.append(&mut waiters);
                         continue;
                     }
+                    proposed += 1;
+                    if proposed.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
+                        // Forget idle producers as the state machine does (none with a batch in
+                        // flight).
+                        expire_producers(table, h.max_timestamp_ms, producer_expiration_ms, |id| {
+                            pending.keys().any(|(p, _)| *p == id)
+                        });
+                    }
+                    if !table.contains_key(&h.producer_id) && h.base_sequence != 0 {
+                        // Forgotten (idle for longer than producer_expiration_ms), or never seen:
+                        // the producer starts over in a new epoch.
+                        answer(waiters, Err(BrokerError::UnknownProducer { producer_id: h.producer_id, got: h.base_sequence }));
+                        continue;
+                    }
                     let state = table.entry(h.producer_id).or_default();
+                    state.last_timestamp_ms = state.last_timestamp_ms.max(h.max_timestamp_ms);
                     match state.check(h.producer_epoch, h.base_sequence, h.record_count) {
                         SequenceCheck::Duplicate(batch) => {
                             answer(waiters, Ok(Published { base_offset: batch.base_offset, record_count: batch.record_count, duplicate: true }));

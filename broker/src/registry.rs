@@ -70,6 +70,8 @@ pub struct HostContext {
     pub retention_interval: Duration,
     /// Snapshot after this many applied record bytes.
     pub snapshot_interval_bytes: u64,
+    /// Forget producers idle this long.
+    pub producer_expiration_ms: u64,
     /// The node's flusher.
     pub flusher: Flusher,
 }
@@ -311,6 +313,7 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             peer_address: context.peer_address.clone(),
             log_config: spec.config.log_config(),
             snapshot_interval_bytes: context.snapshot_interval_bytes,
+            producer_expiration_ms: context.producer_expiration_ms,
         };
         let opened = tokio::select! {
             opened = PartitionGroup::open(group_spec, context.meta.clone(), context.raft_config.clone(), context.flusher.clone()) => opened,
@@ -327,7 +330,13 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
                 continue;
             }
         };
-        let partition = Partition::start(spec.clone(), &dir, group.clone(), context.queue_max);
+        let partition = Partition::start(
+            spec.clone(),
+            &dir,
+            group.clone(),
+            context.queue_max,
+            context.producer_expiration_ms,
+        );
         set_phase(Phase::Replaying(partition.clone()));
         let caught_up = tokio::select! {
             caught_up = group.caught_up() => caught_up,

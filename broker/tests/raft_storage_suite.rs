@@ -42,6 +42,7 @@ impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, TempDir> for Buil
             LogConfig::default(),
             store.reader(),
             64 * 1024 * 1024,
+            86_400_000,
         )
         .expect("state machine");
         Ok((dir, store, sm))

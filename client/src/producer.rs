@@ -480,6 +480,9 @@ where
 {
     // Sequences freed by batches that surely were not stored, to be taken off later batches.
     let mut freed = 0u64;
+    // Set when the partition forgot this producer (idle too long): from then on batches are
+    // numbered afresh in a new epoch, from 0.
+    let mut restart: Option<u64> = None;
     // Set once a batch's outcome stayed unknown: everything after it fails too.
     let mut unknown: Option<Error> = None;
     for (mut n, mut last_error) in pending {
@@ -496,9 +499,30 @@ where
             );
             continue;
         }
-        n.base_sequence -= freed;
+        let count = n.batch.records.len() as u64;
+        match restart.as_mut() {
+            Some(next) => {
+                n.epoch = *epoch;
+                n.base_sequence = *next;
+                *next += count;
+            }
+            None => n.base_sequence -= freed,
+        }
         let mut attempt = 0;
         loop {
+            if last_error
+                .as_ref()
+                .is_some_and(|e| e.reason() == "UNKNOWN_PRODUCER")
+                && attempt <= config.retries_max
+            {
+                // Nothing of this producer is known there any more, so no batch still to be
+                // answered was stored: start a new epoch and number them afresh.
+                *epoch += 1;
+                n.epoch = *epoch;
+                n.base_sequence = 0;
+                restart = Some(count);
+                last_error = None;
+            }
             let give_up = match &last_error {
                 Some(e) if !e.is_retriable() && e.reason() != "SEQUENCE_GAP" => true,
                 _ => attempt >= config.retries_max,
@@ -506,9 +530,11 @@ where
             if give_up {
                 let error = last_error.take().unwrap_or(Error::Closed);
                 tracing::warn!(%topic, partition, "publish failed for good: {error}");
-                let count = n.batch.records.len() as u64;
                 if surely_not_stored(&error) {
-                    freed += count;
+                    match restart.as_mut() {
+                        Some(next) => *next -= count,
+                        None => freed += count,
+                    }
                 } else if error.reason() != "DUPLICATE_SEQUENCE" {
                     unknown = Some(error.clone());
                 }
@@ -531,6 +557,8 @@ where
     if unknown.is_some() {
         *epoch += 1;
         0
+    } else if let Some(next) = restart {
+        next
     } else {
         next_sequence - freed
     }

@@ -318,3 +318,79 @@ async fn the_clients_retries_store_every_record_once_across_broker_crashes() {
         assert!(seen.contains(value), "acknowledged {value} is missing");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_producers_are_forgotten_and_start_over_in_a_new_epoch() {
+    use weft_client::{ProducerConfig, Record as ClientRecord};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "producer_expiration_ms = 1000\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("idem", 1)
+        .await
+        .expect("create");
+    let t0 = 1_700_000_000_000i64;
+    let stamped = |producer_id: u64, sequence: u64, value: &str, timestamp_ms: i64| {
+        let mut request = batch(producer_id, 0, sequence, &[value]);
+        request.records[0].timestamp_ms = timestamp_ms;
+        request
+    };
+    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
+        .await
+        .expect("connect");
+    publisher
+        .publish(stamped(5, 0, "five", t0))
+        .await
+        .expect("publish");
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send(
+            "idem",
+            ClientRecord::new("before").partition(0).timestamp_ms(t0),
+        )
+        .await
+        .expect("the client's first record");
+    // Another producer writes 1 100 batches ten seconds of record time later: the others have
+    // been idle for longer than producer_expiration_ms.
+    for sequence in 0..1100u64 {
+        publisher
+            .publish(stamped(6, sequence, "six", t0 + 10_000))
+            .await
+            .expect("publish");
+    }
+    let producers = weft_tests::metric(
+        &broker,
+        r#"weft_partition_producers{topic="idem",partition="0"}"#,
+    )
+    .expect("producer table size");
+    assert_eq!(producers, 1.0, "only the active producer is remembered");
+    // The forgotten producer's next batch is refused as unknown, not taken as a gap.
+    let unknown = publisher
+        .publish(stamped(5, 1, "five again", t0 + 10_001))
+        .await
+        .expect_err("forgotten producer");
+    assert_eq!(unknown.code(), Code::FailedPrecondition);
+    assert_eq!(
+        unknown.get_details_error_info().expect("ErrorInfo").reason,
+        "UNKNOWN_PRODUCER"
+    );
+    // The Rust client starts over in a new epoch by itself.
+    let after = producer
+        .send(
+            "idem",
+            ClientRecord::new("after")
+                .partition(0)
+                .timestamp_ms(t0 + 10_001),
+        )
+        .await
+        .expect("the client continues after being forgotten");
+    assert_eq!(after.offset, 1102);
+    producer.close().await.expect("close");
+    let stored = fetch_all(&broker).await;
+    assert_eq!(stored.iter().filter(|v| *v == "before").count(), 1);
+    assert_eq!(stored.iter().filter(|v| *v == "after").count(), 1);
+}

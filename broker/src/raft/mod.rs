@@ -43,8 +43,8 @@ pub use log_store::{LogReader, LogStore};
 pub use network::Network;
 pub use partition_group::{GroupSpec, GroupStatus, PartitionGroup, Proposal};
 pub use partition_sm::{
-    PRODUCER_BATCHES_KEPT, PartitionState, PartitionStateMachine, ProducerBatch, ProducerState,
-    SequenceCheck,
+    PRODUCER_BATCHES_KEPT, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionState, PartitionStateMachine,
+    ProducerBatch, ProducerState, SequenceCheck, expire_producers,
 };
 
 /// Node ids are u64: the StatefulSet ordinal + 1, or 1 for a single node.

@@ -38,6 +38,8 @@ pub struct GroupSpec {
     pub log_config: LogConfig,
     /// Take a snapshot after this many record bytes were applied.
     pub snapshot_interval_bytes: u64,
+    /// Forget producers idle this long (by record timestamps).
+    pub producer_expiration_ms: u64,
 }
 
 /// Where a partition group stands.
@@ -104,6 +106,7 @@ impl PartitionGroup {
             peer_address,
             log_config,
             snapshot_interval_bytes,
+            producer_expiration_ms,
         } = spec;
         let open_dir = dir.clone();
         let open_config = log_config.clone();
@@ -126,6 +129,7 @@ impl PartitionGroup {
                 log_config,
                 sm_reader.clone(),
                 snapshot_interval_bytes,
+                producer_expiration_ms,
             )?;
             adopt_headless_log(&sm, &sm_reader, group_id, node_id, &address)?;
             Ok::<_, String>(sm)

@@ -30,6 +30,25 @@ use super::{
 /// window), so every batch a producer may retry is still remembered.
 pub const PRODUCER_BATCHES_KEPT: usize = 5;
 
+/// Idle producers are forgotten every this many applied entries (by Raft index, so every replica
+/// forgets the same ones at the same entry).
+pub const PRODUCER_EXPIRY_EVERY_ENTRIES: u64 = 1024;
+
+/// Forgets the producers whose last batch is older than `expiration_ms` before `now_ms` (a record
+/// timestamp: the log's own clock, the same on every replica), except those in `keep`. Like
+/// Kafka's `producer.id.expiration.ms`: a producer idle that long starts over (a new epoch).
+pub fn expire_producers(
+    producers: &mut BTreeMap<u64, ProducerState>,
+    now_ms: i64,
+    expiration_ms: u64,
+    keep: impl Fn(u64) -> bool,
+) -> usize {
+    let before = producers.len();
+    let horizon = now_ms.saturating_sub(i64::try_from(expiration_ms).unwrap_or(i64::MAX));
+    producers.retain(|&id, p| p.last_timestamp_ms >= horizon || keep(id));
+    before - producers.len()
+}
+
 /// Version of the snapshot payload's JSON document.
 const SNAPSHOT_VERSION: u32 = 1;
 
@@ -218,6 +237,8 @@ struct Shared {
     /// Record bytes and entries applied since this state machine was opened.
     applied_bytes: AtomicU64,
     applied_entries: AtomicU64,
+    /// Forget producers idle this long (by record timestamps).
+    producer_expiration_ms: u64,
 }
 
 /// A partition's state machine. Clones share state: one goes to openraft, others to the broker.
@@ -235,6 +256,7 @@ impl PartitionStateMachine {
         log_config: LogConfig,
         reader: LogReader,
         snapshot_interval_bytes: u64,
+        producer_expiration_ms: u64,
     ) -> Result<Self, String> {
         let stored = weft_storage::snapshot::read_snapshot(&dir).map_err(|e| e.to_string())?;
         let (state, snapshot) = match stored {
@@ -260,6 +282,7 @@ impl PartitionStateMachine {
                 snapshot_due: Notify::new(),
                 applied_bytes: AtomicU64::new(0),
                 applied_entries: AtomicU64::new(0),
+                producer_expiration_ms,
             }),
         })
     }
@@ -319,6 +342,7 @@ impl PartitionStateMachine {
     }
 
     fn apply_one(
+        &self,
         state: &mut PartitionState,
         entry: &Entry,
     ) -> Result<(Response, u64), StorageError> {
@@ -352,6 +376,14 @@ impl PartitionStateMachine {
                         },
                     );
                     producer.last_timestamp_ms = producer.last_timestamp_ms.max(h.max_timestamp_ms);
+                }
+                if entry.log_id.index.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
+                    expire_producers(
+                        &mut state.producers,
+                        h.max_timestamp_ms,
+                        self.shared.producer_expiration_ms,
+                        |_| false,
+                    );
                 }
                 (
                     Response::Appended {
@@ -435,7 +467,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let high_watermark = {
             let mut state = self.shared.state.lock().map_err(sm_error)?;
             for entry in entries {
-                let (response, size) = Self::apply_one(&mut state, &entry)?;
+                let (response, size) = self.apply_one(&mut state, &entry)?;
                 responses.push(response);
                 bytes += size;
             }
@@ -576,6 +608,34 @@ mod tests {
             p.check(1, 5, 1),
             SequenceCheck::Duplicate(batch(5, 1, 110)),
             "the oldest remembered batch"
+        );
+    }
+
+    #[test]
+    fn idle_producers_expire_by_record_time_unless_kept() {
+        let mut producers = BTreeMap::new();
+        for (id, last) in [(1u64, 1_000i64), (2, 5_000), (3, 9_000)] {
+            producers.insert(
+                id,
+                ProducerState {
+                    last_timestamp_ms: last,
+                    ..ProducerState::default()
+                },
+            );
+        }
+        // At 10 000 with a 4 500 ms expiration: 1 and 2 are idle, 2 is kept (in flight).
+        assert_eq!(
+            expire_producers(&mut producers, 10_000, 4_500, |id| id == 2),
+            1
+        );
+        assert_eq!(producers.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            expire_producers(&mut producers, 10_000, 4_500, |_| false),
+            1
+        );
+        assert_eq!(
+            expire_producers(&mut producers, i64::MIN, u64::MAX, |_| false),
+            0
         );
     }
 
