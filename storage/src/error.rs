@@ -35,6 +35,10 @@ pub enum Error {
     /// A batch handed to the store is malformed.
     #[error("invalid batch: {0}")]
     InvalidBatch(#[from] CodecError),
+    /// Batches that cannot form one entry (mixed Raft positions, offsets not dense, a control
+    /// batch among record batches).
+    #[error("invalid entry: {0}")]
+    InvalidEntry(String),
     /// An append whose offset or Raft index does not continue the log.
     #[error(
         "append out of order: log expects offset {expected_offset} index {expected_index}, \

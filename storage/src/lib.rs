@@ -5,7 +5,8 @@
 //! - [`codec`]: the batch format (header, records, CRC32). One Raft entry is one batch.
 //! - `segment`: one data file of frames plus its sparse offset and time indexes; scanning with
 //!   torn-tail/corruption classification.
-//! - [`log`]: [`PartitionLog`], a directory of segments: append, flush (group commit), read by
+//! - [`log`]: [`PartitionLog`], a directory of segments: append (an entry of one or several
+//!   batches, as one frame), flush (group commit), read by
 //!   offset, by Raft index and by timestamp, truncate suffix, purge prefix, retention, recovery.
 //! - [`commit`]: [`GroupCommitter`], a thread that owns a log and shares one fdatasync among every
 //!   append queued at that moment.

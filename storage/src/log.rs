@@ -324,34 +324,46 @@ impl PartitionLog {
         self.segments.len()
     }
 
-    /// Appends one batch. Its base offset and Raft index must continue the log (see
+    /// Appends one batch as one entry. Its base offset and Raft index must continue the log (see
     /// [`PartitionLog::end`]). The batch is written but not durable: call [`PartitionLog::flush`]
     /// (once for many appends: that is group commit).
     pub fn append(&mut self, batch: &Batch) -> Result<Appended> {
+        self.append_entry(std::slice::from_ref(batch))
+    }
+
+    /// Appends one entry made of several batches (publishes of several producers coalesced into
+    /// one Raft entry): record batches sharing one Raft index and term, with dense offsets, the
+    /// first continuing the log. Written as one frame, so a crash keeps all of it or none.
+    pub fn append_entry(&mut self, batches: &[Batch]) -> Result<Appended> {
         if let Some(reason) = &self.poisoned {
             return Err(Error::Poisoned(reason.clone()));
         }
-        let header = *batch.header();
-        if batch.len() as u64 > self.config.batch_bytes_max {
+        segment::check_entry(batches).map_err(Error::InvalidEntry)?;
+        let (first, last) = match (batches.first(), batches.last()) {
+            (Some(first), Some(last)) => (*first.header(), *last.header()),
+            _ => return Err(Error::InvalidEntry("an entry needs a batch".into())),
+        };
+        let size: u64 = batches.iter().map(|b| b.len() as u64).sum();
+        if size > self.config.batch_bytes_max {
             return Err(Error::BatchTooLarge {
-                size: batch.len() as u64,
+                size,
                 max: self.config.batch_bytes_max,
             });
         }
         let end = self.end();
-        if header.base_offset != end.next_offset || header.index != end.next_index {
+        if first.base_offset != end.next_offset || first.index != end.next_index {
             return Err(Error::OutOfOrder {
                 expected_offset: end.next_offset,
                 expected_index: end.next_index,
-                offset: header.base_offset,
-                index: header.index,
+                offset: first.base_offset,
+                index: first.index,
             });
         }
-        if self.should_roll(batch) {
+        if self.should_roll(batches) {
             self.roll()?;
         }
         let config = self.config.clone();
-        match self.active_mut().append(batch, &config) {
+        match self.active_mut().append(batches, &config) {
             Ok(_) => {}
             Err(error) => {
                 if let Error::Poisoned(reason) = &error {
@@ -360,30 +372,31 @@ impl PartitionLog {
                 return Err(error);
             }
         }
-        debug_assert_eq!(self.end().next_offset, header.next_offset());
+        debug_assert_eq!(self.end().next_offset, last.next_offset());
         Ok(Appended {
-            base_offset: header.base_offset,
-            next_offset: header.next_offset(),
-            index: header.index,
+            base_offset: first.base_offset,
+            next_offset: last.next_offset(),
+            index: first.index,
         })
     }
 
-    fn should_roll(&self, batch: &Batch) -> bool {
+    fn should_roll(&self, batches: &[Batch]) -> bool {
         let active = self.active();
         if !active.has_records() {
             // Base offsets name segments, so a segment must hold a record before the next starts.
             return false;
         }
-        let frame_len = (segment::FRAME_HEADER_LEN + batch.len()) as u64;
-        if active.data_len + frame_len > self.config.segment_bytes_max {
+        if active.data_len + segment::frame_len(batches) > self.config.segment_bytes_max {
             return true;
         }
-        let h = batch.header();
-        h.kind == EntryKind::Records
-            && h.record_count > 0
-            && active.first_timestamp.is_some_and(|first| {
-                h.max_timestamp_ms.saturating_sub(first) >= self.config.segment_ms_max
-            })
+        batches.iter().any(|batch| {
+            let h = batch.header();
+            h.kind == EntryKind::Records
+                && h.record_count > 0
+                && active.first_timestamp.is_some_and(|first| {
+                    h.max_timestamp_ms.saturating_sub(first) >= self.config.segment_ms_max
+                })
+        })
     }
 
     /// Seals the active segment (synced, index files written) and starts a new one.

@@ -1,7 +1,10 @@
 //! One segment: a data file of frames, and its sparse offset index and time index.
 //!
-//! A frame is a 16-byte frame header followed by one encoded batch. The frame header holds a CRC over
-//! itself and the batch's CRC and length (so every byte of the file is covered by a CRC), a magic
+//! A frame is one Raft entry: a 16-byte frame header followed by one encoded batch, or (frame
+//! version 2) a 24-byte header that also counts the batches and their bytes, followed by several
+//! batches of one entry (publishes of several producers coalesced into one entry). The frame
+//! header holds a CRC over itself and the first batch's CRC and length (so every byte of the file
+//! is covered by a CRC), a magic
 //! number (so recovery can find the next frame after a damaged one), and `synced_len`: how many bytes
 //! of this segment were durable when the frame was written. That last field is what lets recovery
 //! tell a torn tail (bytes that were never synced: truncate) from corruption of durable data (report,
@@ -21,11 +24,15 @@ use crate::codec::{BATCH_LEN_LIMIT, Batch, BatchHeader, EntryKind, le_u32, le_u6
 use crate::config::LogConfig;
 use crate::error::{Error, IoContext, Result};
 
-/// Bytes of the frame header that precedes every batch in a data file.
+/// Bytes of the frame header that precedes a one-batch entry in a data file (frame version 1).
 pub const FRAME_HEADER_LEN: usize = 16;
+/// Bytes of the frame header of an entry of several batches (frame version 2).
+pub(crate) const MULTI_FRAME_HEADER_LEN: usize = 24;
 const FRAME_MAGIC: [u8; 4] = *b"WFR1";
-/// Bytes of frame header plus the part of the batch header the frame CRC covers.
-const FRAME_PROBE_LEN: usize = FRAME_HEADER_LEN + 8;
+const MULTI_FRAME_MAGIC: [u8; 4] = *b"WFR2";
+/// Bytes read to check a frame header: the longest header plus the part of the first batch the
+/// frame CRC covers. Every valid frame is longer (a batch alone is at least 80 bytes).
+const FRAME_PROBE_LEN: usize = MULTI_FRAME_HEADER_LEN + 8;
 const INDEX_MAGIC: [u8; 8] = *b"WFTIDX01";
 const TIME_INDEX_MAGIC: [u8; 8] = *b"WFTTIX01";
 const INDEX_VERSION: u32 = 1;
@@ -47,21 +54,79 @@ pub(crate) fn parse_data_file_name(name: &str) -> Option<u64> {
         .flatten()
 }
 
-/// The frame header for `batch` written into a segment whose first `synced_len` bytes are durable.
-pub(crate) fn frame_header(synced_len: u64, batch: &Batch) -> [u8; FRAME_HEADER_LEN] {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    header[4..8].copy_from_slice(&FRAME_MAGIC);
+/// Bytes of the frame header for an entry of `batches` batches.
+fn header_len(batches: usize) -> usize {
+    if batches == 1 {
+        FRAME_HEADER_LEN
+    } else {
+        MULTI_FRAME_HEADER_LEN
+    }
+}
+
+/// Bytes of the frame that stores `batches` (one Raft entry).
+pub(crate) fn frame_len(batches: &[Batch]) -> u64 {
+    (header_len(batches.len()) + batches.iter().map(Batch::len).sum::<usize>()) as u64
+}
+
+/// The frame header for `batches` (one Raft entry) written into a segment whose first
+/// `synced_len` bytes are durable. One batch: version 1 (16 bytes); several: version 2 (24 bytes,
+/// with the batch count and the entry's length).
+pub(crate) fn frame_header(synced_len: u64, batches: &[Batch]) -> Vec<u8> {
+    let len = header_len(batches.len());
+    let mut header = vec![0u8; len];
+    if batches.len() == 1 {
+        header[4..8].copy_from_slice(&FRAME_MAGIC);
+    } else {
+        header[4..8].copy_from_slice(&MULTI_FRAME_MAGIC);
+        header[16..20].copy_from_slice(&(batches.len() as u32).to_le_bytes());
+        let entry_len: usize = batches.iter().map(Batch::len).sum();
+        header[20..24].copy_from_slice(&u32::try_from(entry_len).unwrap_or(u32::MAX).to_le_bytes());
+    }
     header[8..16].copy_from_slice(&synced_len.to_le_bytes());
-    let crc = frame_crc(&header, &batch.bytes()[..8]);
+    let first = batches.first().map_or(&[0u8; 8][..], |b| &b.bytes()[..8]);
+    let crc = frame_crc(&header, first);
     header[0..4].copy_from_slice(&crc.to_le_bytes());
     header
 }
 
 fn frame_crc(header: &[u8], batch_prefix: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&header[4..FRAME_HEADER_LEN]);
+    hasher.update(&header[4..]);
     hasher.update(batch_prefix);
     hasher.finalize()
+}
+
+/// Checks that `batches` can form one entry: one control batch alone, or record batches of one
+/// Raft index and term with dense offsets.
+pub(crate) fn check_entry(batches: &[Batch]) -> std::result::Result<(), String> {
+    let Some(first) = batches.first() else {
+        return Err("an entry needs a batch".into());
+    };
+    if batches.len() == 1 {
+        return Ok(());
+    }
+    let h = first.header();
+    let mut next = h.base_offset;
+    for b in batches {
+        let b = b.header();
+        if b.kind != EntryKind::Records {
+            return Err("a control batch is an entry of its own".into());
+        }
+        if b.index != h.index || b.term != h.term {
+            return Err(format!(
+                "batches of one entry carry different Raft positions ({}/{} and {}/{})",
+                h.term, h.index, b.term, b.index
+            ));
+        }
+        if b.base_offset != next {
+            return Err(format!(
+                "batches of one entry are not dense (offset {} after {next})",
+                b.base_offset
+            ));
+        }
+        next = b.next_offset();
+    }
+    Ok(())
 }
 
 /// A sparse index point: the frame at `position` starts the batch with `offset` and Raft `index`;
@@ -103,17 +168,14 @@ pub(crate) struct ScanReport {
 /// The outcome of checking the frame at one position.
 enum Frame {
     Valid {
-        batch: Batch,
+        /// The entry's batches, in offset order.
+        batches: Vec<Batch>,
         synced_len: u64,
+        /// Bytes of the whole frame.
+        len: u64,
     },
     /// Not a valid frame: why.
     Invalid(String),
-}
-
-impl Frame {
-    fn len(batch: &Batch) -> u64 {
-        (FRAME_HEADER_LEN + batch.len()) as u64
-    }
 }
 
 /// A read buffer over a data file that hands out zero-copy slices.
@@ -159,9 +221,10 @@ impl<'a> Window<'a> {
         Ok(Some(self.buf.slice(from..from + len)))
     }
 
-    /// Checks the frame at `pos`: frame header, frame CRC, batch length, batch CRC and contents.
-    /// Lengths are checked against the format's limit, never against a configured maximum: a
-    /// maximum can be lowered after larger batches were stored, and those must still read.
+    /// Checks the frame at `pos`: frame header, frame CRC, lengths, every batch's CRC and
+    /// contents, and that the batches form one entry. Lengths are checked against the format's
+    /// limit, never against a configured maximum: a maximum can be lowered after larger batches
+    /// were stored, and those must still read.
     fn frame(&mut self, pos: u64) -> Result<Frame> {
         let Some(probe) = self.slice(pos, FRAME_PROBE_LEN)? else {
             return Ok(Frame::Invalid(format!(
@@ -169,32 +232,70 @@ impl<'a> Window<'a> {
                 self.end.saturating_sub(pos)
             )));
         };
-        if probe[4..8] != FRAME_MAGIC {
+        let (header_len, count, entry_len) = if probe[4..8] == FRAME_MAGIC {
+            let len = u64::from(le_u32(&probe[FRAME_HEADER_LEN + 4..FRAME_HEADER_LEN + 8]));
+            (FRAME_HEADER_LEN, 1u64, len)
+        } else if probe[4..8] == MULTI_FRAME_MAGIC {
+            (
+                MULTI_FRAME_HEADER_LEN,
+                u64::from(le_u32(&probe[16..20])),
+                u64::from(le_u32(&probe[20..24])),
+            )
+        } else {
             return Ok(Frame::Invalid("bad frame magic".into()));
-        }
+        };
         let stored = le_u32(&probe[0..4]);
-        let computed = frame_crc(&probe, &probe[FRAME_HEADER_LEN..]);
+        let computed = frame_crc(&probe[..header_len], &probe[header_len..header_len + 8]);
         if stored != computed {
             return Ok(Frame::Invalid(format!(
                 "frame CRC mismatch (stored {stored:#010x}, computed {computed:#010x})"
             )));
         }
         let synced_len = le_u64(&probe[8..16]);
-        let batch_len = u64::from(le_u32(&probe[FRAME_HEADER_LEN + 4..FRAME_HEADER_LEN + 8]));
-        if batch_len < crate::BATCH_HEADER_LEN as u64 || batch_len > BATCH_LEN_LIMIT as u64 {
+        let batch_min = crate::BATCH_HEADER_LEN as u64;
+        if entry_len < batch_min
+            || entry_len > BATCH_LEN_LIMIT as u64
+            || count == 0
+            || count > entry_len / batch_min
+        {
             return Ok(Frame::Invalid(format!(
-                "impossible batch length {batch_len}"
+                "impossible entry of {count} batches in {entry_len} bytes"
             )));
         }
-        let Some(bytes) = self.slice(pos + FRAME_HEADER_LEN as u64, batch_len as usize)? else {
+        let Some(bytes) = self.slice(pos + header_len as u64, entry_len as usize)? else {
             return Ok(Frame::Invalid(format!(
-                "batch of {batch_len} bytes cut short by the end of the file"
+                "entry of {entry_len} bytes cut short by the end of the file"
             )));
         };
-        match Batch::decode(bytes) {
-            Ok(batch) => Ok(Frame::Valid { batch, synced_len }),
-            Err(error) => Ok(Frame::Invalid(error.to_string())),
+        let mut batches = Vec::with_capacity(count as usize);
+        let mut at = 0usize;
+        for _ in 0..count {
+            let len = Batch::peek_len(&bytes[at..]).unwrap_or(0);
+            if len < crate::BATCH_HEADER_LEN || at + len > bytes.len() {
+                return Ok(Frame::Invalid(format!(
+                    "batch of {len} bytes at byte {at} does not fit the entry"
+                )));
+            }
+            match Batch::decode(bytes.slice(at..at + len)) {
+                Ok(batch) => batches.push(batch),
+                Err(error) => return Ok(Frame::Invalid(error.to_string())),
+            }
+            at += len;
         }
+        if at != bytes.len() {
+            return Ok(Frame::Invalid(format!(
+                "{} bytes after the entry's last batch",
+                bytes.len() - at
+            )));
+        }
+        if let Err(detail) = check_entry(&batches) {
+            return Ok(Frame::Invalid(detail));
+        }
+        Ok(Frame::Valid {
+            batches,
+            synced_len,
+            len: header_len as u64 + entry_len,
+        })
     }
 }
 
@@ -287,41 +388,54 @@ impl Segment {
         self.path.with_extension("timeindex")
     }
 
-    /// Accounts for a frame at `position` (appended or scanned).
-    fn observe(&mut self, position: u64, header: &BatchHeader, frame_len: u64, interval: u64) {
+    /// Accounts for a frame of `batches` at `position` (appended or scanned).
+    fn observe(&mut self, position: u64, batches: &[Batch], frame_len: u64, interval: u64) {
+        let (Some(first), Some(last)) = (batches.first(), batches.last()) else {
+            return;
+        };
+        let (first, last) = (first.header(), last.header());
         let due = self
             .last_indexed
             .is_none_or(|last| position.saturating_sub(last) >= interval);
         if due {
             self.entries.push(IndexEntry {
-                offset: header.base_offset,
-                index: header.index,
+                offset: first.base_offset,
+                index: first.index,
                 position,
                 max_ts_before: self.max_timestamp,
             });
             self.last_indexed = Some(position);
         }
         if self.first_index.is_none() {
-            self.first_index = Some(header.index);
+            self.first_index = Some(first.index);
         }
-        self.next_index = header.index + 1;
-        self.next_offset = header.next_offset();
-        if header.kind == EntryKind::Records && header.record_count > 0 {
-            self.first_timestamp
-                .get_or_insert(header.first_timestamp_ms);
-            self.max_timestamp = self.max_timestamp.max(header.max_timestamp_ms);
+        self.next_index = first.index + 1;
+        self.next_offset = last.next_offset();
+        for batch in batches {
+            let h = batch.header();
+            if h.kind == EntryKind::Records && h.record_count > 0 {
+                self.first_timestamp.get_or_insert(h.first_timestamp_ms);
+                self.max_timestamp = self.max_timestamp.max(h.max_timestamp_ms);
+            }
         }
         self.data_len = position + frame_len;
     }
 
-    /// Writes one frame at the end of the data file (not synced).
-    pub(crate) fn append(&mut self, batch: &Batch, config: &LogConfig) -> Result<u64> {
+    /// Writes one frame holding `batches` (one Raft entry) at the end of the data file (not
+    /// synced). The batches are written as they are, one write each: no copy.
+    pub(crate) fn append(&mut self, batches: &[Batch], config: &LogConfig) -> Result<u64> {
         let position = self.data_len;
-        let header = frame_header(self.synced_len, batch);
-        let written = self.file.write_all_at(&header, position).and_then(|()| {
-            self.file
-                .write_all_at(batch.bytes(), position + FRAME_HEADER_LEN as u64)
-        });
+        let header = frame_header(self.synced_len, batches);
+        let mut at = position;
+        let mut written = self.file.write_all_at(&header, at);
+        at += header.len() as u64;
+        for batch in batches {
+            if written.is_err() {
+                break;
+            }
+            written = self.file.write_all_at(batch.bytes(), at);
+            at += batch.len() as u64;
+        }
         if let Err(error) = written {
             // Undo a partial frame so the file ends on a frame boundary again.
             return match self.file.set_len(position) {
@@ -334,8 +448,8 @@ impl Segment {
         }
         self.observe(
             position,
-            batch.header(),
-            Frame::len(batch),
+            batches,
+            at - position,
             config.index_interval_bytes,
         );
         Ok(position)
@@ -395,21 +509,15 @@ impl Segment {
         let mut position = 0u64;
         while position < file_len {
             let invalid = match window.frame(position)? {
-                Frame::Valid { batch, .. } if self.continues(batch.header()) => {
-                    let frame_len = Frame::len(&batch);
-                    self.observe(
-                        position,
-                        batch.header(),
-                        frame_len,
-                        config.index_interval_bytes,
-                    );
-                    position += frame_len;
+                Frame::Valid { batches, len, .. } if self.continues(batches[0].header()) => {
+                    self.observe(position, &batches, len, config.index_interval_bytes);
+                    position += len;
                     continue;
                 }
-                Frame::Valid { batch, .. } => format!(
-                    "batch (offset {}, index {}) does not continue the segment (offset {}, index {})",
-                    batch.header().base_offset,
-                    batch.header().index,
+                Frame::Valid { batches, .. } => format!(
+                    "entry (offset {}, index {}) does not continue the segment (offset {}, index {})",
+                    batches[0].header().base_offset,
+                    batches[0].header().index,
                     self.next_offset,
                     self.next_index
                 ),
@@ -441,9 +549,9 @@ impl Segment {
                     self.data_len = at;
                     position = at;
                     // The damaged frames' offsets are unknown; accept the resumed frame's.
-                    if let Frame::Valid { batch, .. } = window.frame(at)? {
-                        self.next_offset = batch.header().base_offset;
-                        self.next_index = batch.header().index;
+                    if let Frame::Valid { batches, .. } = window.frame(at)? {
+                        self.next_offset = batches[0].header().base_offset;
+                        self.next_index = batches[0].header().index;
                         // Damage in the first frame: the segment still starts where it should,
                         // so reads from its start run into the damage instead of skipping it.
                         if self.first_index.is_none() {
@@ -476,9 +584,11 @@ impl Segment {
         let mut proven = 0;
         while position < window.end {
             match window.frame(position)? {
-                Frame::Valid { batch, synced_len } => {
+                Frame::Valid {
+                    synced_len, len, ..
+                } => {
                     proven = proven.max(synced_len);
-                    position += Frame::len(&batch);
+                    position += len;
                 }
                 Frame::Invalid(_) => break,
             }
@@ -507,12 +617,18 @@ impl Segment {
             };
             // A candidate frame at position + i has the magic at i + 4 .. i + 8.
             for i in 0..=take - 8 {
-                if chunk[i + 4..i + 8] != FRAME_MAGIC {
+                let magic = &chunk[i + 4..i + 8];
+                if magic != FRAME_MAGIC && magic != MULTI_FRAME_MAGIC {
                     continue;
                 }
                 let candidate = position + i as u64;
-                if let Frame::Valid { batch, synced_len } = window.frame(candidate)? {
-                    let h = batch.header();
+                if let Frame::Valid {
+                    batches,
+                    synced_len,
+                    ..
+                } = window.frame(candidate)?
+                {
+                    let h = batches[0].header();
                     let plausible = h.base_offset >= self.next_offset
                         && (self.first_index.is_none() || h.index >= self.next_index);
                     if plausible {
@@ -546,11 +662,14 @@ impl Segment {
         Ok(())
     }
 
-    /// Reads frames from `start` (a frame boundary) up to `end`, handing each batch to `visit`,
-    /// which says whether to take it and whether to go on. Stops once `max_bytes` of taken batches
-    /// are collected (when `first_may_exceed`, at least one is taken if any qualifies). Every frame is checked before
-    /// it is looked at; a damaged one ends the read with [`Error::Corruption`] unless batches were
-    /// already taken, in which case those are returned and the next read reports the damage.
+    /// Reads frames from `start` (a frame boundary) to the end of the segment, handing each
+    /// batch to `visit`, which says whether to take it and whether to go on. Stops once
+    /// `max_bytes` of taken batches are collected, counting whole frames: the batches of one
+    /// entry are taken together or not at all, unless `visit` stops inside it (when
+    /// `first_may_exceed`, at least one frame is taken if any qualifies). Every frame is checked
+    /// before it is looked at; a damaged one ends the read with [`Error::Corruption`] unless
+    /// batches were already taken, in which case those are returned and the next read reports
+    /// the damage.
     pub(crate) fn read(
         &self,
         start: u64,
@@ -563,8 +682,8 @@ impl Segment {
         let mut taken = Vec::new();
         let mut taken_bytes = 0usize;
         while position < self.data_len {
-            let batch = match window.frame(position)? {
-                Frame::Valid { batch, .. } => batch,
+            let (batches, len) = match window.frame(position)? {
+                Frame::Valid { batches, len, .. } => (batches, len),
                 Frame::Invalid(detail) => {
                     if taken.is_empty() {
                         return Err(self.corruption(position, detail));
@@ -572,25 +691,31 @@ impl Segment {
                     return Ok((taken, ReadEnd::Stopped));
                 }
             };
-            match visit(batch.header()) {
-                Visit::Stop => return Ok((taken, ReadEnd::Stopped)),
-                Visit::Skip => {}
-                Visit::Take => {
-                    if (!taken.is_empty() || !first_may_exceed)
-                        && taken_bytes + batch.len() > max_bytes
-                    {
-                        return Ok((taken, ReadEnd::Stopped));
+            let mut frame_take = Vec::new();
+            let mut stopped = false;
+            for batch in batches {
+                match visit(batch.header()) {
+                    Visit::Stop => {
+                        stopped = true;
+                        break;
                     }
-                    taken_bytes += batch.len();
-                    position += Frame::len(&batch);
-                    taken.push(batch);
-                    if taken_bytes >= max_bytes {
-                        return Ok((taken, ReadEnd::Stopped));
-                    }
-                    continue;
+                    Visit::Skip => {}
+                    Visit::Take => frame_take.push(batch),
                 }
             }
-            position += Frame::len(&batch);
+            let frame_bytes: usize = frame_take.iter().map(Batch::len).sum();
+            if !frame_take.is_empty()
+                && (!taken.is_empty() || !first_may_exceed)
+                && taken_bytes + frame_bytes > max_bytes
+            {
+                return Ok((taken, ReadEnd::Stopped));
+            }
+            taken_bytes += frame_bytes;
+            taken.extend(frame_take);
+            if stopped || (taken_bytes >= max_bytes && !taken.is_empty()) {
+                return Ok((taken, ReadEnd::Stopped));
+            }
+            position += len;
         }
         Ok((taken, ReadEnd::EndOfSegment))
     }
@@ -631,14 +756,15 @@ impl Segment {
         let mut position = self.position_for_index(index);
         while position < self.data_len {
             match window.frame(position)? {
-                Frame::Valid { batch, .. } => {
-                    if batch.header().index == index {
+                Frame::Valid { batches, len, .. } => {
+                    let found = batches[0].header().index;
+                    if found == index {
                         return Ok(Some(position));
                     }
-                    if batch.header().index > index {
+                    if found > index {
                         return Ok(None);
                     }
-                    position += Frame::len(&batch);
+                    position += len;
                 }
                 Frame::Invalid(detail) => return Err(self.corruption(position, detail)),
             }

@@ -545,3 +545,69 @@ fn retention_point_names_the_last_entry_of_the_segments_retention_would_delete()
         "nothing more to delete"
     );
 }
+
+#[test]
+fn an_entry_of_several_batches_is_one_frame_kept_or_cut_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(13);
+    let config = LogConfig {
+        segment_bytes_max: 1 << 20,
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    append_random(&mut log, &mut rng, 50);
+    let end = log.end();
+    let a = make_batch(&mut rng, 2, 50, end.next_offset, 1, end.next_index);
+    let b = make_batch(&mut rng, 3, 50, end.next_offset + 2, 1, end.next_index);
+    // Batches that cannot form one entry are refused.
+    let wrong_index = make_batch(&mut rng, 1, 50, end.next_offset + 2, 1, end.next_index + 1);
+    assert!(matches!(
+        log.append_entry(&[a.clone(), wrong_index]),
+        Err(Error::InvalidEntry(_))
+    ));
+    let gap = make_batch(&mut rng, 1, 50, end.next_offset + 5, 1, end.next_index);
+    assert!(matches!(
+        log.append_entry(&[a.clone(), gap]),
+        Err(Error::InvalidEntry(_))
+    ));
+    let appended = log.append_entry(&[a.clone(), b.clone()]).expect("append");
+    assert_eq!(appended.base_offset, end.next_offset);
+    assert_eq!(appended.next_offset, end.next_offset + 5);
+    assert_eq!(log.end().next_index, end.next_index + 1, "one Raft index");
+    log.flush().expect("flush");
+    // Reads by index return the entry's batches together; reads by offset find the second.
+    let entry = log
+        .read_entries(end.next_index, end.next_index + 1, 1)
+        .expect("read entry");
+    assert_eq!(entry.len(), 2, "an entry is never split by a read");
+    assert_eq!(entry[1].bytes(), b.bytes());
+    let from_b = log
+        .read(end.next_offset + 3, 1 << 20, u64::MAX)
+        .expect("read by offset");
+    assert_eq!(from_b[0].bytes(), b.bytes());
+
+    // A torn write of a later two-batch entry: the whole frame is cut at reopen.
+    let end2 = log.end();
+    let c = make_batch(&mut rng, 2, 50, end2.next_offset, 1, end2.next_index);
+    let d = make_batch(&mut rng, 2, 50, end2.next_offset + 2, 1, end2.next_index);
+    log.append_entry(&[c, d]).expect("append");
+    drop(log);
+    let data = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("segment");
+    let len = std::fs::metadata(&data).expect("stat").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .expect("open segment");
+    file.set_len(len - 40).expect("tear the last frame");
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    assert!(log.recovery_report().torn_tail.is_some());
+    assert_eq!(log.end(), end2, "the torn entry is gone whole, the one before stays");
+    let kept = log
+        .read_entries(end.next_index, end.next_index + 1, 1)
+        .expect("read");
+    assert_eq!(kept.len(), 2);
+}

@@ -16,6 +16,10 @@ enum Op {
     AppendControl {
         payload: Vec<u8>,
     },
+    /// One entry of several batches (coalesced publishes of several producers).
+    AppendMulti {
+        batches: Vec<Vec<(i64, Vec<u8>, Vec<u8>)>>,
+    },
     Read {
         from_frac: f64,
         max_bytes: usize,
@@ -44,7 +48,15 @@ fn op() -> impl Strategy<Value = Op> {
         prop::collection::vec(any::<u8>(), 0..400),
     );
     prop_oneof![
-        12 => prop::collection::vec(record, 1..6).prop_map(|records| Op::Append { records }),
+        12 => prop::collection::vec(record.clone(), 1..6).prop_map(|records| Op::Append { records }),
+        4 => prop::collection::vec(
+            prop::collection::vec(
+                (0i64..1_000_000, prop::collection::vec(any::<u8>(), 0..8), prop::collection::vec(any::<u8>(), 0..200)),
+                1..4,
+            ),
+            2..4,
+        )
+        .prop_map(|batches| Op::AppendMulti { batches }),
         1 => prop::collection::vec(any::<u8>(), 0..40).prop_map(|payload| Op::AppendControl { payload }),
         4 => (0.0..1.0f64, 1usize..6000, 0.0..1.2f64).prop_map(|(from_frac, max_bytes, limit_frac)| Op::Read { from_frac, max_bytes, limit_frac }),
         2 => (0.0..1.0f64, 1usize..6000).prop_map(|(from_frac, max_bytes)| Op::ReadEntries { from_frac, max_bytes }),
@@ -112,6 +124,35 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.next_index += 1;
                 model.entries.push(batch);
             }
+            Op::AppendMulti { batches } => {
+                let mut sealed = Vec::new();
+                let mut offset = model.next_offset;
+                for (producer, records) in batches.iter().enumerate() {
+                    let mut builder = BatchBuilder::new();
+                    for (ts, key, value) in records {
+                        builder.push(*ts, key, value, []);
+                    }
+                    sealed.push(builder.seal(
+                        offset,
+                        3,
+                        model.next_index,
+                        ProducerInfo {
+                            producer_id: producer as u64 + 1,
+                            producer_epoch: 0,
+                            base_sequence: 0,
+                        },
+                    ));
+                    offset += records.len() as u64;
+                }
+                let appended = l
+                    .append_entry(&sealed)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(appended.base_offset, model.next_offset);
+                prop_assert_eq!(appended.next_offset, offset);
+                model.next_offset = offset;
+                model.next_index += 1;
+                model.entries.extend(sealed);
+            }
             Op::AppendControl { payload } => {
                 let batch = Batch::control(model.next_offset, 3, model.next_index, &payload);
                 l.append(&batch)
@@ -151,8 +192,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     limit,
                     got.len()
                 );
+                // Whole entries: past max_bytes only when the first entry alone is larger.
                 let total: usize = got.iter().map(Batch::len).sum();
-                prop_assert!(got.len() <= 1 || total <= max_bytes);
+                prop_assert!(
+                    total <= max_bytes
+                        || got.iter().all(|b| b.header().index == got[0].header().index)
+                );
                 for (g, w) in got.iter().zip(&want) {
                     prop_assert_eq!(g.bytes(), w.bytes());
                 }
@@ -174,6 +219,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got.is_empty(), want.is_empty());
                 for (g, w) in got.iter().zip(&want) {
                     prop_assert_eq!(g.bytes(), w.bytes());
+                }
+                // An entry is never split: the last one read is complete.
+                if let Some(last) = got.last() {
+                    let index = last.header().index;
+                    let read = got.iter().filter(|b| b.header().index == index).count();
+                    let all = model
+                        .entries
+                        .iter()
+                        .filter(|b| b.header().index == index)
+                        .count();
+                    prop_assert_eq!(read, all, "entry {} split by read_entries", index);
                 }
             }
             Op::Truncate { back } => {
