@@ -7,7 +7,9 @@
 //! - [`config`]: the broker's configuration (file, environment, flags).
 //! - [`error`]: the broker's error type and its mapping to gRPC statuses.
 //! - [`node`]: one broker node: metadata, controller, hosted partitions, groups.
-//! - [`partition`]: a hosted partition: publish actor, reads, retention.
+//! - [`partition`]: a hosted partition: publishing, reads, retention.
+//! - [`sequencer`]: a partition's publish actor: producer sequences, reordering, coalescing
+//!   publishes into Raft entries.
 //! - [`registry`]: the hosted partitions and the supervisor task of each (open, replay, serve,
 //!   snapshot, retention, reopen after a storage error).
 //! - [`groups`]: the consumer-group coordinator.
@@ -29,5 +31,6 @@ pub mod node;
 pub mod partition;
 pub mod raft;
 pub mod registry;
+pub mod sequencer;
 pub mod server;
 pub mod topic;

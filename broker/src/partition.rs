@@ -1,38 +1,27 @@
 //! One partition on this broker: its Raft group (the segment-store log is the Raft log, see
 //! `raft::PartitionGroup`) and the actor that orders publishes.
 //!
-//! Publishing: requests go through a bounded queue to the partition's actor, which owns the
-//! producers' sequence table. It checks each idempotent batch (duplicate, gap, fenced) in the order
-//! the batches enter the Raft log, then proposes it without waiting, so several batches are in
-//! flight and share fsyncs. At most `PROPOSALS_IN_FLIGHT_MAX` proposals are in flight; beyond that
-//! the actor stops taking from its queue, the queue fills, and publishes are refused with
-//! RESOURCE_EXHAUSTED and a retry hint: memory stays bounded during an fsync stall. A batch is
-//! acknowledged once its entry is applied: committed, and durably on disk under the topic's fsync
-//! policy.
+//! Publishing: requests go through a bounded queue to the partition's publish actor
+//! (`sequencer.rs`), which checks producers' sequences and coalesces what queues up into Raft
+//! entries. A batch is acknowledged once its entry is applied: committed, and durably on disk
+//! under the topic's fsync policy.
 //!
 //! Reading: consumers read the log by offset up to the high watermark (the offset after the last
 //! applied record), so nothing they see can later be lost. Fetch long-polls on a watch channel.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::sequencer::PublishJob;
 use weft_storage::{Batch, ProducerInfo};
 
 use crate::error::BrokerError;
-use crate::raft::{
-    GroupId, GroupStatus, NodeId, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionGroup, ProducerBatch,
-    ProducerState, SequenceCheck, expire_producers,
-};
+use crate::raft::{GroupId, GroupStatus, NodeId, PartitionGroup};
 use crate::topic::TopicConfig;
-
-/// Most proposals of one partition in flight in Raft at once.
-const PROPOSALS_IN_FLIGHT_MAX: usize = 64;
 
 /// Where a published batch was stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,19 +45,6 @@ pub struct Bounds {
     pub log_end: u64,
     /// Bytes on disk.
     pub size_bytes: u64,
-}
-
-struct PublishJob {
-    batch: Batch,
-    reply: oneshot::Sender<Result<Published, BrokerError>>,
-}
-
-impl std::fmt::Debug for PublishJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PublishJob")
-            .field("batch", self.batch.header())
-            .finish()
-    }
 }
 
 /// What identifies a hosted partition.
@@ -140,7 +116,11 @@ impl Partition {
         producer_expiration_ms: u64,
     ) -> Arc<Partition> {
         let (jobs, queue) = mpsc::channel(queue_max.max(1));
-        tokio::spawn(run_actor(group.clone(), queue, producer_expiration_ms));
+        tokio::spawn(crate::sequencer::run(
+            group.clone(),
+            queue,
+            producer_expiration_ms,
+        ));
         let damage = group
             .recovery_report()
             .corruptions
@@ -416,144 +396,6 @@ pub(crate) fn storage_error(error: weft_storage::Error) -> BrokerError {
             position,
         },
         other => BrokerError::Internal(other.to_string()),
-    }
-}
-
-type Waiters = Vec<oneshot::Sender<Result<Published, BrokerError>>>;
-
-/// A proposal's outcome, as the actor sees it.
-struct Done {
-    producer: Option<(u64, u32, u64)>,
-    record_count: u32,
-    waiters: Waiters,
-    result: Result<u64, BrokerError>,
-}
-
-/// Orders publishes: checks producer sequences, proposes, answers.
-async fn run_actor(
-    group: PartitionGroup,
-    mut jobs: mpsc::Receiver<PublishJob>,
-    producer_expiration_ms: u64,
-) {
-    // Loaded from the state machine once this node leads and has applied everything before.
-    let mut producers: Option<BTreeMap<u64, ProducerState>> = None;
-    let mut proposed = 0u64;
-    // Idempotent batches proposed and not yet answered, by (producer, base sequence): retries of
-    // them wait for the original's outcome.
-    let mut pending: HashMap<(u64, u64), Waiters> = HashMap::new();
-    let mut in_flight = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            job = jobs.recv(), if in_flight.len() < PROPOSALS_IN_FLIGHT_MAX => {
-                let Some(job) = job else { break };
-                let h = *job.batch.header();
-                let mut waiters = vec![job.reply];
-                let mut producer = None;
-                if h.producer_id != 0 {
-                    if producers.is_none() {
-                        match group.ensure_leader().await {
-                            Ok(()) => producers = Some(group.producers().into_iter().collect()),
-                            Err(e) => {
-                                answer(waiters, Err(e));
-                                continue;
-                            }
-                        }
-                    }
-                    let table = producers.get_or_insert_with(BTreeMap::new);
-                    if let Some(others) = pending.get_mut(&(h.producer_id, h.base_sequence)) {
-                        others.append(&mut waiters);
-                        continue;
-                    }
-                    proposed += 1;
-                    if proposed.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
-                        // Forget idle producers as the state machine does (none with a batch in
-                        // flight).
-                        expire_producers(table, h.max_timestamp_ms, producer_expiration_ms, |id| {
-                            pending.keys().any(|(p, _)| *p == id)
-                        });
-                    }
-                    if !table.contains_key(&h.producer_id) && h.base_sequence != 0 {
-                        // Forgotten (idle for longer than producer_expiration_ms), or never seen:
-                        // the producer starts over in a new epoch.
-                        answer(waiters, Err(BrokerError::UnknownProducer { producer_id: h.producer_id, got: h.base_sequence }));
-                        continue;
-                    }
-                    let state = table.entry(h.producer_id).or_default();
-                    state.last_timestamp_ms = state.last_timestamp_ms.max(h.max_timestamp_ms);
-                    match state.check(h.producer_epoch, h.base_sequence, h.record_count) {
-                        SequenceCheck::Duplicate(batch) => {
-                            answer(waiters, Ok(Published { base_offset: batch.base_offset, record_count: batch.record_count, duplicate: true }));
-                            continue;
-                        }
-                        SequenceCheck::TooOld { expected } => {
-                            answer(waiters, Err(BrokerError::DuplicateSequence { producer_id: h.producer_id, expected, got: h.base_sequence }));
-                            continue;
-                        }
-                        SequenceCheck::Gap { expected } => {
-                            answer(waiters, Err(BrokerError::SequenceGap { producer_id: h.producer_id, expected, got: h.base_sequence }));
-                            continue;
-                        }
-                        SequenceCheck::Fenced { current } => {
-                            answer(waiters, Err(BrokerError::ProducerFenced { producer_id: h.producer_id, current, got: h.producer_epoch }));
-                            continue;
-                        }
-                        SequenceCheck::Accept => {
-                            state.record(h.producer_epoch, ProducerBatch { base_sequence: h.base_sequence, record_count: h.record_count, base_offset: u64::MAX });
-                            producer = Some((h.producer_id, h.producer_epoch, h.base_sequence));
-                        }
-                    }
-                }
-                match group.propose(job.batch.bytes().clone()).await {
-                    Ok(proposal) => {
-                        let waiters = match producer {
-                            Some((id, _, seq)) => {
-                                pending.insert((id, seq), waiters);
-                                Vec::new()
-                            }
-                            None => waiters,
-                        };
-                        let record_count = h.record_count;
-                        in_flight.push(async move {
-                            Done { producer, record_count, waiters, result: proposal.await }
-                        });
-                    }
-                    Err(fatal) => {
-                        if let Some((id, _, seq)) = producer {
-                            // Forget what we recorded: reload from the state machine next time.
-                            producers = None;
-                            pending.remove(&(id, seq));
-                        }
-                        answer(waiters, Err(fatal));
-                    }
-                }
-            }
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let mut waiters = done.waiters;
-                if let Some((id, _, seq)) = done.producer {
-                    waiters.extend(pending.remove(&(id, seq)).unwrap_or_default());
-                    match &done.result {
-                        Ok(base_offset) => {
-                            if let Some(batch) = producers
-                                .as_mut()
-                                .and_then(|t| t.get_mut(&id))
-                                .and_then(|s| s.batches.iter_mut().find(|b| b.base_sequence == seq))
-                            {
-                                batch.base_offset = *base_offset;
-                            }
-                        }
-                        // The outcome is unknown: rebuild the table from what was applied.
-                        Err(_) => producers = None,
-                    }
-                }
-                answer(waiters, done.result.map(|base_offset| Published { base_offset, record_count: done.record_count, duplicate: false }));
-            }
-        }
-    }
-}
-
-fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
-    for waiter in waiters {
-        let _ = waiter.send(result.clone());
     }
 }
 

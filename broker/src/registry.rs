@@ -361,6 +361,9 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
         tracing::info!(topic = %spec.topic, partition = spec.partition, entries, bytes, "partition ready");
         partition.set_ready();
         set_phase(Phase::Ready(partition.clone()));
+        if let Err(e) = group.forget_bootstrap_entries().await {
+            tracing::warn!(topic = %spec.topic, partition = spec.partition, "purging the bootstrap entries: {e}");
+        }
         pause = Duration::from_millis(200);
 
         let mut retention = tokio::time::interval(context.retention_interval);
@@ -379,6 +382,9 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
                     }
                 }
                 _ = retention.tick() => {
+                    if let Err(e) = group.forget_bootstrap_entries().await {
+                        tracing::warn!(topic = %spec.topic, partition = spec.partition, "purging the bootstrap entries: {e}");
+                    }
                     match partition.apply_retention(now_ms()).await {
                         Ok(Some(index)) => tracing::info!(topic = %spec.topic, partition = spec.partition, index, "retention purged old segments"),
                         Ok(None) => {}

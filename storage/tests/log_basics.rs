@@ -605,7 +605,11 @@ fn an_entry_of_several_batches_is_one_frame_kept_or_cut_whole() {
     file.set_len(len - 40).expect("tear the last frame");
     let log = PartitionLog::open(dir.path(), config).expect("reopen");
     assert!(log.recovery_report().torn_tail.is_some());
-    assert_eq!(log.end(), end2, "the torn entry is gone whole, the one before stays");
+    assert_eq!(
+        log.end(),
+        end2,
+        "the torn entry is gone whole, the one before stays"
+    );
     let kept = log
         .read_entries(end.next_index, end.next_index + 1, 1)
         .expect("read");

@@ -196,7 +196,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let total: usize = got.iter().map(Batch::len).sum();
                 prop_assert!(
                     total <= max_bytes
-                        || got.iter().all(|b| b.header().index == got[0].header().index)
+                        || got
+                            .iter()
+                            .all(|b| b.header().index == got[0].header().index)
                 );
                 for (g, w) in got.iter().zip(&want) {
                     prop_assert_eq!(g.bytes(), w.bytes());

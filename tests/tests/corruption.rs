@@ -27,6 +27,20 @@ fn segment_files(broker: &Broker) -> Vec<PathBuf> {
     files
 }
 
+/// The (offset, Raft index, position) points of a sealed segment's `.index` file (layout in
+/// storage/FORMAT.md: an 80-byte header, then 24-byte entries, then a CRC).
+fn index_points(segment: &std::path::Path) -> Vec<(u64, u64, u64)> {
+    let bytes = std::fs::read(segment.with_extension("index")).expect("index file");
+    let count = u32::from_le_bytes(bytes[12..16].try_into().expect("count")) as usize;
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("u64"));
+    (0..count)
+        .map(|i| {
+            let at = 80 + i * 24;
+            (u64_at(at), u64_at(at + 8), u64_at(at + 16))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_durable_data_is_refused_with_data_loss_and_the_rest_serves() {
     let mut broker = Broker::start();
@@ -54,17 +68,40 @@ async fn damaged_durable_data_is_refused_with_data_loss_and_the_rest_serves() {
     drop(client);
     assert_eq!(broker.stop(), Some(0));
 
-    // Flip bytes in the middle of the first (sealed) segment.
+    // Damage the entry in the middle of the log (by Raft index: the one a restart that searched
+    // the log for term changes would read first), inside a sealed segment. Every frame of this
+    // topic is large enough to have an index point, so the segments' .index files locate it.
     let files = segment_files(&broker);
     assert!(files.len() >= 3, "several segments: {files:?}");
-    let first = &files[0];
-    let mut bytes = std::fs::read(first).expect("read segment");
-    let middle = bytes.len() / 2;
-    for b in &mut bytes[middle..middle + 16] {
+    let points: Vec<Vec<(u64, u64, u64)>> = files.iter().map(|f| index_points(f)).collect();
+    let last_index = points
+        .iter()
+        .flatten()
+        .map(|(_, index, _)| *index)
+        .max()
+        .expect("index points");
+    let target = last_index / 2;
+    let (damaged_segment, position) = points
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| {
+            p.iter()
+                .find(|(_, index, _)| *index == target)
+                .map(|(_, _, position)| (i, *position))
+        })
+        .expect("the middle entry has an index point");
+    assert!(damaged_segment + 1 < files.len(), "a sealed segment");
+    let mut bytes = std::fs::read(&files[damaged_segment]).expect("read segment");
+    for b in &mut bytes[position as usize + 200..position as usize + 216] {
         *b ^= 0x5a;
     }
-    std::fs::write(first, &bytes).expect("damage the segment");
-    let second_base: u64 = files[1]
+    std::fs::write(&files[damaged_segment], &bytes).expect("damage the segment");
+    let damaged_name = files[damaged_segment]
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_string();
+    let second_base: u64 = files[damaged_segment + 1]
         .file_stem()
         .and_then(|s| s.to_str())
         .and_then(|s| s.parse().ok())
@@ -80,6 +117,7 @@ async fn damaged_durable_data_is_refused_with_data_loss_and_the_rest_serves() {
     assert_eq!(bounds.high_watermark, 4000, "the damaged partition opens");
 
     // Reading from the start: intact records up to the damage, then DATA_LOSS naming the place.
+    // (Start at the damaged segment: the segments before it are intact.)
     let channel = grpc::channel(&broker.client_addr).await;
     let mut subscriber = grpc::subscriber(&channel);
     let mut next = 0u64;
@@ -114,7 +152,7 @@ async fn damaged_durable_data_is_refused_with_data_loss_and_the_rest_serves() {
     let info = status.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.reason, "DATA_LOSS");
     let segment = info.metadata.get("segment").expect("the segment is named");
-    assert!(segment.ends_with("00000000000000000000.log"), "{segment}");
+    assert!(segment.ends_with(&damaged_name), "{segment}");
     assert!(info.metadata.contains_key("position"), "{info:?}");
     assert!(
         !status.message().contains(&format!("{next:>1000}")),
@@ -163,7 +201,7 @@ async fn damaged_durable_data_is_refused_with_data_loss_and_the_rest_serves() {
     assert!(
         damaged[0]["segment"]
             .as_str()
-            .is_some_and(|s| s.ends_with("00000000000000000000.log")),
+            .is_some_and(|s| s.ends_with(&damaged_name)),
         "{body}"
     );
     let (status, _) = broker.http("GET", "/readyz", None);

@@ -1,5 +1,6 @@
-//! Openraft entries as segment-store batches and back. Records entries are record batches; blank,
-//! membership and controller entries are control batches whose first payload byte says which.
+//! Openraft entries as segment-store batches and back. A records entry is one or more record
+//! batches (one frame); blank, membership and controller entries are one control batch whose
+//! first payload byte says which.
 
 use openraft::{CommittedLeaderId, EntryPayload, StorageIOError};
 use weft_storage::{Batch, EntryKind};
@@ -10,8 +11,8 @@ const TAG_BLANK: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
 const TAG_CONTROLLER: u8 = 3;
 
-/// The batch that stores `entry` at `next_offset`.
-pub(crate) fn to_batch(entry: &Entry, next_offset: u64) -> Result<Batch, StorageError> {
+/// The batches that store `entry` at `next_offset`.
+pub(crate) fn to_batches(entry: &Entry, next_offset: u64) -> Result<Vec<Batch>, StorageError> {
     let term = entry.log_id.leader_id.term;
     let index = entry.log_id.index;
     let control = |tag: u8, body: Vec<u8>| {
@@ -25,34 +26,62 @@ pub(crate) fn to_batch(entry: &Entry, next_offset: u64) -> Result<Batch, Storage
             .into()
     };
     Ok(match &entry.payload {
-        EntryPayload::Blank => control(TAG_BLANK, Vec::new()),
-        EntryPayload::Membership(membership) => control(
+        EntryPayload::Blank => vec![control(TAG_BLANK, Vec::new())],
+        EntryPayload::Membership(membership) => vec![control(
             TAG_MEMBERSHIP,
             serde_json::to_vec(membership).map_err(|e| write_error(&e))?,
-        ),
-        EntryPayload::Normal(Command::Controller(command)) => control(
+        )],
+        EntryPayload::Normal(Command::Controller(command)) => vec![control(
             TAG_CONTROLLER,
             serde_json::to_vec(command).map_err(|e| write_error(&e))?,
-        ),
-        EntryPayload::Normal(Command::Records(bytes)) => {
-            let proposed = Batch::decode(bytes.clone()).map_err(|e| write_error(&e))?;
-            if proposed.header().kind != EntryKind::Records {
-                return Err(write_error(&"a Records command must hold a record batch"));
+        )],
+        EntryPayload::Normal(Command::Records(batches)) => {
+            if batches.is_empty() {
+                return Err(write_error(&"a Records command needs a batch"));
             }
-            proposed.restamp(next_offset, term, index)
+            let mut offset = next_offset;
+            let mut stamped = Vec::with_capacity(batches.len());
+            for bytes in batches {
+                let proposed = Batch::decode(bytes.clone()).map_err(|e| write_error(&e))?;
+                if proposed.header().kind != EntryKind::Records {
+                    return Err(write_error(&"a Records command must hold record batches"));
+                }
+                let batch = if (
+                    proposed.header().base_offset,
+                    proposed.header().term,
+                    proposed.header().index,
+                ) == (offset, term, index)
+                {
+                    // Stamped already (an entry a leader read from its log): kept as it is.
+                    proposed
+                } else {
+                    proposed.restamp(offset, term, index)
+                };
+                offset = batch.header().next_offset();
+                stamped.push(batch);
+            }
+            stamped
         }
     })
 }
 
-/// The entry stored as `batch`.
-pub(crate) fn from_batch(batch: &Batch) -> Result<Entry, StorageError> {
+/// The entry stored as `batches` (the batches of one frame).
+pub(crate) fn from_batches(batches: &[Batch]) -> Result<Entry, StorageError> {
+    let Some(batch) = batches.first() else {
+        return Err(StorageIOError::read_logs(openraft::AnyError::error(
+            "an entry without batches",
+        ))
+        .into());
+    };
     let h = batch.header();
     let log_id = LogId::new(CommittedLeaderId::new(h.term, 0), h.index);
     let read_error = |what: String| -> StorageError {
         StorageIOError::read_log_at_index(h.index, openraft::AnyError::error(what)).into()
     };
     let payload = match h.kind {
-        EntryKind::Records => EntryPayload::Normal(Command::Records(batch.bytes().clone())),
+        EntryKind::Records => EntryPayload::Normal(Command::Records(
+            batches.iter().map(|b| b.bytes().clone()).collect(),
+        )),
         EntryKind::Control => {
             let body = batch.payload();
             match body.first() {
@@ -115,27 +144,39 @@ mod tests {
             },
             Entry {
                 log_id: log_id(2, 7),
-                payload: EntryPayload::Normal(Command::Records(proposed.bytes().clone())),
+                payload: EntryPayload::Normal(Command::Records(vec![
+                    proposed.bytes().clone(),
+                    proposed.bytes().clone(),
+                ])),
             },
         ];
         for entry in entries {
-            let batch = to_batch(&entry, 40).expect("encodes");
-            assert_eq!(
-                (batch.header().term, batch.header().index),
-                (entry.log_id.leader_id.term, entry.log_id.index)
-            );
-            assert_eq!(batch.header().base_offset, 40);
-            let back = from_batch(&batch).expect("decodes");
+            let batches = to_batches(&entry, 40).expect("encodes");
+            for batch in &batches {
+                assert_eq!(
+                    (batch.header().term, batch.header().index),
+                    (entry.log_id.leader_id.term, entry.log_id.index)
+                );
+            }
+            assert_eq!(batches[0].header().base_offset, 40);
+            let back = from_batches(&batches).expect("decodes");
             assert_eq!(back.log_id, entry.log_id);
             match (&back.payload, &entry.payload) {
                 (
                     EntryPayload::Normal(Command::Records(stored)),
                     EntryPayload::Normal(Command::Records(_)),
                 ) => {
-                    let stored = Batch::decode(stored.clone()).expect("valid");
-                    assert_eq!(stored.header().base_offset, 40, "restamped at its position");
-                    assert_eq!(stored.header().producer_id, 3);
-                    assert_eq!(stored.payload(), proposed.payload());
+                    assert_eq!(stored.len(), 2, "both batches of the entry");
+                    for (i, bytes) in stored.iter().enumerate() {
+                        let stored = Batch::decode(bytes.clone()).expect("valid");
+                        assert_eq!(
+                            stored.header().base_offset,
+                            40 + i as u64,
+                            "restamped at its position, one after the other"
+                        );
+                        assert_eq!(stored.header().producer_id, 3);
+                        assert_eq!(stored.payload(), proposed.payload());
+                    }
                 }
                 (a, b) => assert_eq!(a, b),
             }
@@ -146,10 +187,10 @@ mod tests {
     fn a_records_command_with_a_corrupt_batch_is_refused() {
         let entry = Entry {
             log_id: log_id(1, 1),
-            payload: EntryPayload::Normal(Command::Records(bytes::Bytes::from_static(
+            payload: EntryPayload::Normal(Command::Records(vec![bytes::Bytes::from_static(
                 b"not a batch",
-            ))),
+            )])),
         };
-        assert!(to_batch(&entry, 0).is_err());
+        assert!(to_batches(&entry, 0).is_err());
     }
 }

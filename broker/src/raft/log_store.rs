@@ -23,7 +23,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, StorageIOError, Vote};
 use weft_storage::{Batch, FsyncPolicy, LogPosition, PartitionLog};
 
-use super::entry::{from_batch, to_batch};
+use super::entry::{from_batches, to_batches};
 use super::flusher::Flusher;
 use super::{Entry, GroupId, LogId, NodeId, StorageError, TypeConfig};
 use crate::meta::{MetaError, Metadata, RaftKey};
@@ -39,13 +39,30 @@ pub(super) struct Shared {
     meta: Metadata,
     /// Entries at or below this index are purged: never returned.
     last_purged: Mutex<Option<LogId>>,
-    /// Entries appended by Raft and not yet written to the log, in order.
-    pending: Mutex<VecDeque<Batch>>,
+    /// Entries (each one or more batches) appended by Raft and not yet written to the log.
+    pending: Mutex<VecDeque<Vec<Batch>>>,
     /// The last entry, written or pending.
     last_log_id: Mutex<Option<LogId>>,
     /// 0: the flush callback waits for an fdatasync (fsync before ack); otherwise the log is
     /// synced every this many milliseconds and callbacks complete once entries are written.
     sync_interval_ms: AtomicU64,
+}
+
+/// Groups batches read from the log into entries (the batches of one frame share a Raft index).
+fn entries_of(batches: &[Batch]) -> Result<Vec<Entry>, StorageError> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < batches.len() {
+        let index = batches[start].header().index;
+        let end = start
+            + batches[start..]
+                .iter()
+                .take_while(|b| b.header().index == index)
+                .count();
+        out.push(from_batches(&batches[start..end])?);
+        start = end;
+    }
+    Ok(out)
 }
 
 fn log_id_of(batch: &Batch) -> LogId {
@@ -90,20 +107,20 @@ impl Shared {
 
     /// Writes the pending entries to the log (page cache). Called by the flusher thread.
     pub(super) fn write_pending(&self) -> Result<(), String> {
-        let batches: Vec<Batch> = match self.pending.lock() {
+        let entries: Vec<Vec<Batch>> = match self.pending.lock() {
             Ok(pending) => pending.iter().cloned().collect(),
             Err(_) => return Err("pending entries lock poisoned".into()),
         };
-        if batches.is_empty() {
+        if entries.is_empty() {
             return Ok(());
         }
         let mut log = self.log_mut().map_err(|e| e.to_string())?;
-        for batch in &batches {
-            log.append(batch).map_err(|e| e.to_string())?;
+        for entry in &entries {
+            log.append_entry(entry).map_err(|e| e.to_string())?;
         }
         drop(log);
         if let Ok(mut pending) = self.pending.lock() {
-            pending.drain(..batches.len());
+            pending.drain(..entries.len());
         }
         Ok(())
     }
@@ -148,17 +165,15 @@ impl Shared {
             };
             let Some(last) = batches.last() else { break };
             from = last.header().index + 1;
-            for batch in &batches {
-                out.push(from_batch(batch)?);
-            }
+            out.extend(entries_of(&batches)?);
         }
         if from < end
             && let Ok(pending) = self.pending.lock()
         {
-            for batch in pending.iter() {
-                let index = batch.header().index;
+            for entry in pending.iter() {
+                let index = entry.first().map_or(0, |b| b.header().index);
                 if index >= from && index < end {
-                    out.push(from_batch(batch)?);
+                    out.push(from_batches(entry)?);
                     from = index + 1;
                 }
             }
@@ -383,7 +398,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .lock()
                 .map_err(|_| io_error("pending entries lock poisoned"))?;
             // Where the next entry goes: after the pending ones, or the log's end.
-            let mut next = match pending.back() {
+            let mut next = match pending.back().and_then(|e| e.last()) {
                 Some(b) => LogPosition {
                     next_offset: b.header().next_offset(),
                     next_index: b.header().index + 1,
@@ -410,14 +425,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         .reset(restart)
                         .map_err(|e| write_error(&e))?;
                 }
-                let batch = to_batch(&entry, next.next_offset)?;
+                let batches = to_batches(&entry, next.next_offset)?;
                 next = LogPosition {
-                    next_offset: batch.header().next_offset(),
+                    next_offset: batches
+                        .last()
+                        .map_or(next.next_offset, |b| b.header().next_offset()),
                     next_index: entry.log_id.index + 1,
                 };
-                stamped.push(batch);
+                stamped.push(batches);
             }
-            let Some(last) = stamped.last() else {
+            let Some(last) = stamped.last().and_then(|e| e.first()) else {
                 drop(pending);
                 callback.log_io_completed(Ok(()));
                 return Ok(());
@@ -434,7 +451,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let shared = self.shared.clone();
         blocking(move || {
             if let Ok(mut pending) = shared.pending.lock() {
-                pending.retain(|b| b.header().index < log_id.index);
+                pending.retain(|e| e.first().is_some_and(|b| b.header().index < log_id.index));
             }
             let mut log = shared.log_mut()?;
             let result = match log.first_index() {

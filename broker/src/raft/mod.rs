@@ -126,9 +126,11 @@ pub type StorageError = openraft::StorageError<NodeId>;
 /// What a Raft entry carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// A record batch for a partition, in the segment-store encoding. The leader proposes it with
-    /// placeholder position fields; the log store restamps offset, term and index where it lands.
-    Records(Bytes),
+    /// Record batches for a partition, in the segment-store encoding: one entry, stored as one
+    /// frame (the publishes of several producers, coalesced). The leader proposes them with
+    /// placeholder position fields; the log store stamps offsets, term and index where the entry
+    /// lands, the batches' offsets following each other.
+    Records(Vec<Bytes>),
     /// A change to cluster metadata (controller group only).
     Controller(ControllerCommand),
 }
@@ -136,12 +138,13 @@ pub enum Command {
 /// What applying an entry returns to the proposer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
-    /// Where a record batch was stored.
+    /// Where an entry's record batches were stored: the first at `base_offset`, each of the
+    /// others right after the one before.
     Appended {
-        /// Offset of its first record.
+        /// Offset of the entry's first record.
         base_offset: u64,
-        /// Number of records.
-        record_count: u32,
+        /// Records in the entry.
+        record_count: u64,
     },
     /// The result of a controller command.
     Controller(ControllerResponse),

@@ -280,12 +280,13 @@ impl PartitionGroup {
         }
     }
 
-    /// Proposes an encoded record batch (sealed with placeholder offsets: the log store stamps
-    /// them where it lands). Returns at once with a future of the stored base offset.
-    pub async fn propose(&self, batch: Bytes) -> Result<Proposal, BrokerError> {
+    /// Proposes encoded record batches as one entry (sealed with placeholder offsets: the log
+    /// store stamps them where the entry lands, one after the other). Returns at once with a
+    /// future of the first batch's stored base offset.
+    pub async fn propose(&self, batches: Vec<Bytes>) -> Result<Proposal, BrokerError> {
         let receiver = self
             .raft
-            .client_write_ff(Command::Records(batch))
+            .client_write_ff(Command::Records(batches))
             .await
             .map_err(fatal)?;
         Ok(Box::pin(async move {
@@ -342,6 +343,27 @@ impl PartitionGroup {
             self.snapshot_now(timeout).await?;
         }
         self.raft.trigger().purge_log(index).await.map_err(fatal)
+    }
+
+    /// Marks the group's first two entries (the initial membership, at term 0, and the first
+    /// leader's blank entry) as purged, once a snapshot covers them. They hold no records, and
+    /// without them the log starts within one term: opening it no longer makes openraft probe
+    /// entries across the log to find where terms change (reads of whole entries that a damaged
+    /// range could fail). Nothing is deleted from disk.
+    pub async fn forget_bootstrap_entries(&self) -> Result<(), BrokerError> {
+        if self.status().purged_index.is_some() {
+            return Ok(());
+        }
+        // A new group has just elected itself: its blank entry is applied a moment later.
+        self.raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.running_state.is_err() || m.last_applied.map(|l| l.index) >= Some(1),
+                "bootstrap entries applied",
+            )
+            .await
+            .map_err(|e| BrokerError::Timeout(format!("bootstrap entries: {e}")))?;
+        self.purge_through(1, Duration::from_secs(30)).await
     }
 
     /// Stops the group. With `snapshot`, first snapshots everything applied, so the next open

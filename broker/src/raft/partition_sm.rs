@@ -354,43 +354,53 @@ impl PartitionStateMachine {
                 (Response::Empty, 0)
             }
             EntryPayload::Normal(Command::Controller(_)) => (Response::Empty, 0),
-            EntryPayload::Normal(Command::Records(bytes)) => {
-                // Applied entries come from the log reader, which checked every batch in full:
-                // only the header is needed here.
-                let h = Batch::header_of(bytes).map_err(sm_error)?;
-                if h.base_offset != state.high_watermark {
-                    return Err(sm_error(format!(
-                        "entry {} starts at offset {} but the partition's next offset is {}",
-                        entry.log_id.index, h.base_offset, state.high_watermark
-                    )));
-                }
-                state.high_watermark = h.next_offset();
-                if h.producer_id != 0 {
-                    let producer = state.producers.entry(h.producer_id).or_default();
-                    producer.record(
-                        h.producer_epoch,
-                        ProducerBatch {
-                            base_sequence: h.base_sequence,
-                            record_count: h.record_count,
-                            base_offset: h.base_offset,
-                        },
-                    );
-                    producer.last_timestamp_ms = producer.last_timestamp_ms.max(h.max_timestamp_ms);
-                }
-                if entry.log_id.index.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
-                    expire_producers(
-                        &mut state.producers,
-                        h.max_timestamp_ms,
-                        self.shared.producer_expiration_ms,
-                        |_| false,
-                    );
+            EntryPayload::Normal(Command::Records(batches)) => {
+                let first_offset = state.high_watermark;
+                let mut bytes = 0u64;
+                for batch in batches {
+                    // Applied entries come from the log reader, which checked every batch in
+                    // full: only the header is needed here.
+                    let h = Batch::header_of(batch).map_err(sm_error)?;
+                    if h.base_offset != state.high_watermark {
+                        return Err(sm_error(format!(
+                            "entry {} has a batch at offset {} but the partition's next offset is {}",
+                            entry.log_id.index, h.base_offset, state.high_watermark
+                        )));
+                    }
+                    state.high_watermark = h.next_offset();
+                    bytes += batch.len() as u64;
+                    if h.producer_id != 0 {
+                        let producer = state.producers.entry(h.producer_id).or_default();
+                        producer.record(
+                            h.producer_epoch,
+                            ProducerBatch {
+                                base_sequence: h.base_sequence,
+                                record_count: h.record_count,
+                                base_offset: h.base_offset,
+                            },
+                        );
+                        producer.last_timestamp_ms =
+                            producer.last_timestamp_ms.max(h.max_timestamp_ms);
+                    }
+                    if entry
+                        .log_id
+                        .index
+                        .is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES)
+                    {
+                        expire_producers(
+                            &mut state.producers,
+                            h.max_timestamp_ms,
+                            self.shared.producer_expiration_ms,
+                            |_| false,
+                        );
+                    }
                 }
                 (
                     Response::Appended {
-                        base_offset: h.base_offset,
-                        record_count: h.record_count,
+                        base_offset: first_offset,
+                        record_count: state.high_watermark - first_offset,
                     },
-                    bytes.len() as u64,
+                    bytes,
                 )
             }
         })

@@ -1,0 +1,400 @@
+//! The publish actor of a partition: it orders publishes, checks producers' sequences, and
+//! coalesces what queues up into Raft entries.
+//!
+//! **Sequences.** Each idempotent batch is checked (duplicate, gap, fenced, unknown producer) in
+//! the order batches enter the Raft log. Unary calls of one producer can overtake each other on
+//! their way here (a connection serves them concurrently, a mesh may retry them), so a batch that
+//! arrives ahead of its producer's next sequence waits, up to [`REORDER_WAIT`], for the batches
+//! before it instead of being refused as a gap at once.
+//!
+//! **Coalescing.** openraft 0.9 appends one entry of a group at a time, and makes each durable
+//! before the next. So at most [`ENTRIES_IN_FLIGHT_MAX`] entries are in flight (one being
+//! flushed, one queued behind it); every publish accepted meanwhile joins the next entry, up to
+//! [`ENTRY_BYTES_MAX`]. One fdatasync then covers all of them, whatever their producers: each
+//! batch keeps its own producer id, epoch and sequence inside the entry.
+//!
+//! **Bounds.** The actor stops taking publishes from its queue while the next entry is full and
+//! entries are in flight; the queue then fills and publishes are refused with RESOURCE_EXHAUSTED
+//! and a retry hint. Memory stays bounded during an fsync stall.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use weft_storage::Batch;
+
+use crate::error::BrokerError;
+use crate::partition::Published;
+use crate::raft::{
+    PRODUCER_BATCHES_KEPT, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionGroup, ProducerBatch,
+    ProducerState, SequenceCheck, expire_producers,
+};
+
+/// Entries of one partition in flight in Raft at once: one being made durable, one queued.
+pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
+/// Largest coalesced entry; a single larger publish (up to the topic's limit) goes alone.
+pub const ENTRY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// How long a batch that arrived ahead of its producer's sequence waits for the ones before it.
+pub const REORDER_WAIT: Duration = Duration::from_millis(500);
+/// Most batches waiting for their predecessors, over all producers of a partition.
+const PARKED_MAX: usize = 4096;
+
+/// A publish waiting for the actor.
+pub struct PublishJob {
+    /// The batch, sealed with placeholder offsets.
+    pub batch: Batch,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<Published, BrokerError>>,
+}
+
+impl std::fmt::Debug for PublishJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishJob")
+            .field("batch", self.batch.header())
+            .finish()
+    }
+}
+
+type Waiters = Vec<oneshot::Sender<Result<Published, BrokerError>>>;
+
+/// A batch accepted into the next entry.
+struct Accepted {
+    bytes: Bytes,
+    record_count: u32,
+    /// (producer id, base sequence) of an idempotent batch; its waiters are in `pending`.
+    producer: Option<(u64, u64)>,
+    /// Waiters of a batch without a producer id.
+    waiters: Waiters,
+}
+
+/// What to answer for one batch of a proposed entry: its record count, its producer key (its
+/// waiters are in `pending`), or the waiters of a batch without a producer.
+type Answer = (u32, Option<(u64, u64)>, Waiters);
+
+/// An entry proposed to Raft, and what to answer when it is applied.
+struct Proposed {
+    batches: Vec<Answer>,
+    result: Result<u64, BrokerError>,
+}
+
+/// A batch that arrived ahead of its producer's next sequence.
+struct Parked {
+    job: PublishJob,
+    until: Instant,
+}
+
+struct Sequencer {
+    group: PartitionGroup,
+    producer_expiration_ms: u64,
+    /// The producers, loaded from the state machine once this node leads; None until then, and
+    /// after an outcome became unknown (reloaded from what was applied).
+    producers: Option<BTreeMap<u64, ProducerState>>,
+    /// Idempotent batches accepted and not yet answered, by (producer, base sequence): retries of
+    /// them wait for the original's outcome.
+    pending: HashMap<(u64, u64), Waiters>,
+    parked: BTreeMap<(u64, u64), Parked>,
+    next_entry: Vec<Accepted>,
+    next_entry_bytes: usize,
+    accepted: u64,
+}
+
+fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
+    for waiter in waiters {
+        let _ = waiter.send(result.clone());
+    }
+}
+
+impl Sequencer {
+    /// Takes one publish: answers it, parks it, or adds it to the next entry.
+    async fn take(&mut self, job: PublishJob) {
+        let h = *job.batch.header();
+        if h.producer_id == 0 {
+            self.add(
+                job.batch.bytes().clone(),
+                h.record_count,
+                None,
+                vec![job.reply],
+            );
+            return;
+        }
+        if self.producers.is_none() {
+            match self.group.ensure_leader().await {
+                Ok(()) => self.producers = Some(self.group.producers()),
+                Err(e) => {
+                    answer(vec![job.reply], Err(e));
+                    return;
+                }
+            }
+        }
+        let key = (h.producer_id, h.base_sequence);
+        if let Some(others) = self.pending.get_mut(&key) {
+            // A retry of a batch in flight: it gets the original's answer.
+            others.push(job.reply);
+            return;
+        }
+        let parked_here = self.parked_of(h.producer_id);
+        let parked_total = self.parked.len();
+        let table = self.producers.get_or_insert_with(BTreeMap::new);
+        self.accepted += 1;
+        if self.accepted.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
+            // Forget idle producers as the state machine does (none with a batch in flight).
+            let pending = &self.pending;
+            expire_producers(
+                table,
+                h.max_timestamp_ms,
+                self.producer_expiration_ms,
+                |id| pending.keys().any(|(p, _)| *p == id),
+            );
+        }
+        if !table.contains_key(&h.producer_id) && h.base_sequence != 0 {
+            // Forgotten (idle for longer than producer_expiration_ms), or never seen: the
+            // producer starts over in a new epoch.
+            answer(
+                vec![job.reply],
+                Err(BrokerError::UnknownProducer {
+                    producer_id: h.producer_id,
+                    got: h.base_sequence,
+                }),
+            );
+            return;
+        }
+        let state = table.entry(h.producer_id).or_default();
+        match state.check(h.producer_epoch, h.base_sequence, h.record_count) {
+            SequenceCheck::Duplicate(batch) => answer(
+                vec![job.reply],
+                Ok(Published {
+                    base_offset: batch.base_offset,
+                    record_count: batch.record_count,
+                    duplicate: true,
+                }),
+            ),
+            SequenceCheck::TooOld { expected } => answer(
+                vec![job.reply],
+                Err(BrokerError::DuplicateSequence {
+                    producer_id: h.producer_id,
+                    expected,
+                    got: h.base_sequence,
+                }),
+            ),
+            SequenceCheck::Gap { expected }
+                if h.producer_epoch == state.epoch
+                    && h.base_sequence > expected
+                    && parked_here < PRODUCER_BATCHES_KEPT
+                    && parked_total < PARKED_MAX =>
+            {
+                // Ahead of its producer: the batches before it are likely on their way.
+                self.parked.insert(
+                    key,
+                    Parked {
+                        job,
+                        until: Instant::now() + REORDER_WAIT,
+                    },
+                );
+            }
+            SequenceCheck::Gap { expected } => answer(
+                vec![job.reply],
+                Err(BrokerError::SequenceGap {
+                    producer_id: h.producer_id,
+                    expected,
+                    got: h.base_sequence,
+                }),
+            ),
+            SequenceCheck::Fenced { current } => answer(
+                vec![job.reply],
+                Err(BrokerError::ProducerFenced {
+                    producer_id: h.producer_id,
+                    current,
+                    got: h.producer_epoch,
+                }),
+            ),
+            SequenceCheck::Accept => {
+                state.record(
+                    h.producer_epoch,
+                    ProducerBatch {
+                        base_sequence: h.base_sequence,
+                        record_count: h.record_count,
+                        base_offset: u64::MAX,
+                    },
+                );
+                state.last_timestamp_ms = state.last_timestamp_ms.max(h.max_timestamp_ms);
+                let next = state.next_sequence();
+                self.pending.insert(key, vec![job.reply]);
+                self.add(
+                    job.batch.bytes().clone(),
+                    h.record_count,
+                    Some(key),
+                    Vec::new(),
+                );
+                // The batch that was waiting for this one, if any, goes next.
+                if let Some(parked) = self.parked.remove(&(h.producer_id, next)) {
+                    Box::pin(self.take(parked.job)).await;
+                }
+            }
+        }
+    }
+
+    fn parked_of(&self, producer_id: u64) -> usize {
+        self.parked
+            .range((producer_id, 0)..=(producer_id, u64::MAX))
+            .count()
+    }
+
+    fn add(
+        &mut self,
+        bytes: Bytes,
+        record_count: u32,
+        producer: Option<(u64, u64)>,
+        waiters: Waiters,
+    ) {
+        self.next_entry_bytes += bytes.len();
+        self.next_entry.push(Accepted {
+            bytes,
+            record_count,
+            producer,
+            waiters,
+        });
+    }
+
+    /// Refuses the parked batches whose predecessors did not come in time.
+    fn expire_parked(&mut self, now: Instant) {
+        let late: Vec<(u64, u64)> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.until <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in late {
+            if let Some(parked) = self.parked.remove(&key) {
+                let expected = self
+                    .producers
+                    .as_ref()
+                    .and_then(|t| t.get(&key.0))
+                    .map_or(0, ProducerState::next_sequence);
+                answer(
+                    vec![parked.job.reply],
+                    Err(BrokerError::SequenceGap {
+                        producer_id: key.0,
+                        expected,
+                        got: key.1,
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Answers every batch of an applied (or failed) entry.
+    fn settle(&mut self, proposed: Proposed) {
+        let mut offset = proposed.result.as_ref().ok().copied();
+        if proposed.result.is_err() {
+            // The outcome is unknown: rebuild the producer table from what was applied, and let
+            // the batches waiting behind these be retried.
+            self.producers = None;
+            for (_, parked) in std::mem::take(&mut self.parked) {
+                answer(
+                    vec![parked.job.reply],
+                    Err(BrokerError::Unavailable {
+                        reason: "an earlier batch's outcome is unknown; retry".into(),
+                        leader: None,
+                    }),
+                );
+            }
+        }
+        for (record_count, producer, mut waiters) in proposed.batches {
+            if let Some(key) = producer {
+                waiters.extend(self.pending.remove(&key).unwrap_or_default());
+                if let (Some(base_offset), Some(table)) = (offset, self.producers.as_mut())
+                    && let Some(batch) = table
+                        .get_mut(&key.0)
+                        .and_then(|s| s.batches.iter_mut().find(|b| b.base_sequence == key.1))
+                {
+                    batch.base_offset = base_offset;
+                }
+            }
+            let result = match (&proposed.result, offset) {
+                (Ok(_), Some(base_offset)) => Ok(Published {
+                    base_offset,
+                    record_count,
+                    duplicate: false,
+                }),
+                (Err(e), _) => Err(e.clone()),
+                (Ok(_), None) => Err(BrokerError::Internal(
+                    "no offset for an applied batch".into(),
+                )),
+            };
+            answer(waiters, result);
+            offset = offset.map(|o| o + u64::from(record_count));
+        }
+    }
+}
+
+/// Runs the actor of `group` until the queue closes.
+pub async fn run(
+    group: PartitionGroup,
+    mut jobs: mpsc::Receiver<PublishJob>,
+    producer_expiration_ms: u64,
+) {
+    let mut seq = Sequencer {
+        group,
+        producer_expiration_ms,
+        producers: None,
+        pending: HashMap::new(),
+        parked: BTreeMap::new(),
+        next_entry: Vec::new(),
+        next_entry_bytes: 0,
+        accepted: 0,
+    };
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() || !seq.next_entry.is_empty() {
+        // Propose what accumulated, while fewer than ENTRIES_IN_FLIGHT_MAX entries are in flight.
+        if !seq.next_entry.is_empty() && in_flight.len() < ENTRIES_IN_FLIGHT_MAX {
+            let accepted = std::mem::take(&mut seq.next_entry);
+            seq.next_entry_bytes = 0;
+            let bytes: Vec<Bytes> = accepted.iter().map(|a| a.bytes.clone()).collect();
+            let batches: Vec<Answer> = accepted
+                .into_iter()
+                .map(|a| (a.record_count, a.producer, a.waiters))
+                .collect();
+            match seq.group.propose(bytes).await {
+                Ok(proposal) => in_flight.push(async move {
+                    Proposed {
+                        batches,
+                        result: proposal.await,
+                    }
+                }),
+                Err(e) => seq.settle(Proposed {
+                    batches,
+                    result: Err(e),
+                }),
+            }
+            continue;
+        }
+        let room = seq.next_entry_bytes < ENTRY_BYTES_MAX;
+        let parked_due = seq.parked.values().map(|p| p.until).min();
+        tokio::select! {
+            job = jobs.recv(), if open && room => match job {
+                Some(job) => {
+                    seq.take(job).await;
+                    // Take what else is queued, up to the entry's size, before proposing.
+                    while seq.next_entry_bytes < ENTRY_BYTES_MAX {
+                        match jobs.try_recv() {
+                            Ok(job) => seq.take(job).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => open = false,
+            },
+            Some(proposed) = in_flight.next(), if !in_flight.is_empty() => seq.settle(proposed),
+            () = tokio::time::sleep_until(parked_due.unwrap_or_else(Instant::now)), if parked_due.is_some() => {
+                seq.expire_parked(Instant::now());
+            }
+            else => break,
+        }
+    }
+    seq.expire_parked(Instant::now() + REORDER_WAIT);
+}
