@@ -8,17 +8,20 @@ use common::small_config;
 use proptest::prelude::*;
 use weft_storage::{Batch, BatchBuilder, EntryKind, PartitionLog, ProducerInfo};
 
+/// A record: timestamp, key, value.
+type RecordSpec = (i64, Vec<u8>, Vec<u8>);
+
 #[derive(Debug, Clone)]
 enum Op {
     Append {
-        records: Vec<(i64, Vec<u8>, Vec<u8>)>,
+        records: Vec<RecordSpec>,
     },
     AppendControl {
         payload: Vec<u8>,
     },
     /// One entry of several batches (coalesced publishes of several producers).
     AppendMulti {
-        batches: Vec<Vec<(i64, Vec<u8>, Vec<u8>)>>,
+        batches: Vec<Vec<RecordSpec>>,
     },
     Read {
         from_frac: f64,
