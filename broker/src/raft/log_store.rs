@@ -30,6 +30,10 @@ use crate::meta::{MetaError, Metadata, RaftKey};
 
 /// Read entries in chunks of about this many bytes.
 const READ_CHUNK_BYTES: usize = 4 << 20;
+/// Written entries kept in memory for the state machine to apply.
+const RECENT_ENTRIES_MAX: usize = 4;
+/// Larger entries are read back from the file when applied.
+const RECENT_ENTRY_BYTES_MAX: usize = 8 << 20;
 
 /// A group's log as the log store, its readers and the flusher share it.
 #[derive(Debug)]
@@ -41,6 +45,9 @@ pub(super) struct Shared {
     last_purged: Mutex<Option<LogId>>,
     /// Entries (each one or more batches) appended by Raft and not yet written to the log.
     pending: Mutex<VecDeque<Vec<Batch>>>,
+    /// The last entries written, kept until the state machine reads them to apply them (a
+    /// moment after they are flushed), so applying does not read them back from the file.
+    recent: Mutex<VecDeque<Vec<Batch>>>,
     /// The last entry, written or pending.
     last_log_id: Mutex<Option<LogId>>,
     /// 0: the flush callback waits for an fdatasync (fsync before ack); otherwise the log is
@@ -122,7 +129,39 @@ impl Shared {
         if let Ok(mut pending) = self.pending.lock() {
             pending.drain(..entries.len());
         }
+        if let Ok(mut recent) = self.recent.lock() {
+            for entry in entries {
+                let bytes: usize = entry.iter().map(Batch::len).sum();
+                if bytes <= RECENT_ENTRY_BYTES_MAX {
+                    recent.push_back(entry);
+                }
+            }
+            while recent.len() > RECENT_ENTRIES_MAX {
+                recent.pop_front();
+            }
+        }
         Ok(())
+    }
+
+    /// Takes the entries `start .. end` from the recently written ones, if they are all there.
+    fn take_recent(&self, start: u64, end: u64) -> Option<Vec<Vec<Batch>>> {
+        let mut recent = self.recent.lock().ok()?;
+        let first = recent.front()?.first()?.header().index;
+        let last = recent.back()?.first()?.header().index;
+        if start < first || end > last + 1 || start >= end {
+            return None;
+        }
+        let taken: Vec<Vec<Batch>> = recent
+            .iter()
+            .filter(|e| {
+                e.first()
+                    .is_some_and(|b| (start..end).contains(&b.header().index))
+            })
+            .cloned()
+            .collect();
+        // Applied now: no one reads them from here again.
+        recent.retain(|e| e.first().is_some_and(|b| b.header().index >= end));
+        Some(taken)
     }
 
     fn record_purged(&self, log_id: LogId) -> Result<(), StorageError> {
@@ -256,6 +295,7 @@ impl LogStore {
             meta,
             last_purged: Mutex::new(last_purged),
             pending: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(VecDeque::new()),
             last_log_id: Mutex::new(last_in_log),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
         });
@@ -327,11 +367,19 @@ impl RaftLogReader<TypeConfig> for LogReader {
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
+    /// The log store's own reads are the state machine's (entries to apply) and openraft's
+    /// startup scans: recently written entries come from memory, once.
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
         let (start, end) = bounds(&range);
+        let purged = self.shared.last_purged().map_or(0, |p| p.index + 1);
+        if start >= purged
+            && let Some(entries) = self.shared.take_recent(start, end)
+        {
+            return entries.iter().map(|e| from_batches(e)).collect();
+        }
         self.shared.read(start, end)
     }
 }
@@ -453,6 +501,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             if let Ok(mut pending) = shared.pending.lock() {
                 pending.retain(|e| e.first().is_some_and(|b| b.header().index < log_id.index));
             }
+            if let Ok(mut recent) = shared.recent.lock() {
+                recent.retain(|e| e.first().is_some_and(|b| b.header().index < log_id.index));
+            }
             let mut log = shared.log_mut()?;
             let result = match log.first_index() {
                 Some(first) if log_id.index <= first => {
@@ -488,6 +539,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         blocking(move || {
             // Durable first: a crash after deleting segments must not forget that they are gone.
             shared.record_purged(log_id)?;
+            if let Ok(mut recent) = shared.recent.lock() {
+                recent.retain(|e| e.first().is_some_and(|b| b.header().index > log_id.index));
+            }
             let mut log = shared.log_mut()?;
             let end = log.end();
             if log_id.index + 1 >= end.next_index {
