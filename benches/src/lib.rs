@@ -7,7 +7,8 @@
 //!   [`workload`] (the files), [`drivers`] (one per system, plus the raw-disk baseline in
 //!   [`runner`]), [`runner`] (one run), [`compare`] (alternating rounds, medians, ratios to
 //!   Weft), [`result`] (the JSON result and its checks), [`chart`] (SVG and PNG),
-//!   [`progress`].
+//!   [`progress`]; [`restart`] (`weft-bench restart`: time to serve a large partition again
+//!   after a clean restart and after kill -9, and peak memory meanwhile).
 //! - `benches/micro.rs`: criterion micro-benchmarks of the batch codec and the storage
 //!   append/read path.
 //! - `benches/storage_append.rs`: durable append throughput of the segment store (group commit,
@@ -20,6 +21,7 @@ pub mod chart;
 pub mod compare;
 pub mod drivers;
 pub mod progress;
+pub mod restart;
 pub mod result;
 pub mod runner;
 pub mod workload;

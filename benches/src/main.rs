@@ -63,6 +63,19 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Builds a large partition through a broker, restarts the broker cleanly and after kill -9,
+    /// and reports the time until the partition serves and the peak resident memory.
+    Restart {
+        /// Size of the partition to build, GiB.
+        #[arg(long, default_value_t = 10.0)]
+        size_gib: f64,
+        /// Where the broker keeps its data (default: the system temp dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where the JSON result goes.
+        #[arg(long, default_value = "weft-bench-results")]
+        out: PathBuf,
+    },
     /// Checks result files: well-formed, and the counts add up. Exit 1 if not.
     Check {
         /// result.json files.
@@ -224,6 +237,43 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 comparison.failures.is_empty()
                     && comparison.drivers.iter().all(|d| d.counts_add_up),
             )
+        }
+        Command::Restart {
+            size_gib,
+            data_dir,
+            out,
+        } => {
+            if !(size_gib.is_finite() && size_gib > 0.0 && size_gib <= 1024.0) {
+                bail!("--size-gib must be in (0, 1024]");
+            }
+            let size = (size_gib * (1u64 << 30) as f64) as u64;
+            let dir = data_dir.unwrap_or_else(std::env::temp_dir);
+            let result = weft_bench::restart::run(size, &dir).await?;
+            println!(
+                "partition: {:.2} GiB, {} records, built in {:.1} s (fsync before ack)",
+                result.log_bytes as f64 / (1u64 << 30) as f64,
+                result.records,
+                result.build_seconds
+            );
+            println!(
+                "{:<8} {:>10} {:>14} {:>16} {:>14}",
+                "restart", "serves s", "peak RSS MiB", "replayed entries", "replayed MiB"
+            );
+            for r in &result.restarts {
+                println!(
+                    "{:<8} {:>10.3} {:>14.1} {:>16} {:>14.1}",
+                    r.kind,
+                    r.serve_seconds,
+                    r.peak_rss_mib,
+                    r.replayed_entries,
+                    r.replayed_bytes / (1u64 << 20) as f64
+                );
+            }
+            std::fs::create_dir_all(&out)?;
+            let path = out.join(format!("{}-restart.json", stamp()));
+            std::fs::write(&path, serde_json::to_vec_pretty(&result)?)?;
+            println!("wrote {}", path.display());
+            Ok(true)
         }
         Command::Check { files } => {
             let mut ok = true;

@@ -1,5 +1,13 @@
 //! Prometheus metrics (`weft_` prefix, base units). RPC counters and latencies are recorded by the
 //! handlers; partition and group gauges are refreshed when `/metrics` is scraped.
+//!
+//! Where a publish's time goes, stage by stage (histograms, seconds): `weft_publish_queue_seconds`
+//! (waiting in the partition's queue), `weft_publish_coalesce_seconds` (accepted, waiting for a
+//! Raft entry to carry it), `weft_publish_commit_seconds` (proposed until applied: Raft append,
+//! the flusher's write and fdatasync, apply), inside which the flusher reports
+//! `weft_flush_write_seconds` and `weft_flush_sync_seconds` per round; `weft_entry_batches`
+//! counts publishes per entry; `weft_delivery_seconds` is the time from a record's commit to its
+//! delivery on a Subscribe stream; `weft_rpc_duration_seconds` is each call as the server saw it.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -20,6 +28,12 @@ pub fn install() -> PrometheusHandle {
             ];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("weft_entry_batches".into()),
+                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
                 Ok(handle) => handle,

@@ -223,7 +223,11 @@ impl Partition {
         }
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .try_send(PublishJob { batch, reply })
+            .try_send(PublishJob {
+                batch,
+                reply,
+                queued: tokio::time::Instant::now(),
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => BrokerError::Overloaded(format!(
                     "publish queue of {}/{}",
@@ -294,12 +298,18 @@ impl Partition {
             // Seen before reading: a batch committed while we read wakes the wait below.
             let high_watermark = *watermark.borrow_and_update();
             if next < high_watermark && bytes < max_bytes {
-                let batches = self
-                    .group
-                    .reader()
-                    .with_log(|log| log.read(next, max_bytes - bytes, high_watermark))
-                    .map_err(|e| BrokerError::Internal(e.to_string()))?
-                    .map_err(|e| self.storage_error(e));
+                // Off the async runtime: a read that misses the page cache waits for the disk.
+                let reader = self.group.reader().clone();
+                let budget = max_bytes - bytes;
+                let batches = tokio::task::spawn_blocking(move || {
+                    reader
+                        .with_log(|log| log.read(next, budget, high_watermark))
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| BrokerError::Internal(e.to_string()))?
+                .map_err(BrokerError::Internal)?
+                .map_err(|e| self.storage_error(e));
                 let batches = match batches {
                     Ok(batches) => batches,
                     // Retention removed what was to be read next: answer with what we have.

@@ -49,6 +49,8 @@ pub struct PublishJob {
     pub batch: Batch,
     /// Where the answer goes.
     pub reply: oneshot::Sender<Result<Published, BrokerError>>,
+    /// When it was queued.
+    pub queued: Instant,
 }
 
 impl std::fmt::Debug for PublishJob {
@@ -79,6 +81,8 @@ type Answer = (u32, Option<(u64, u64)>, Waiters);
 struct Proposed {
     batches: Vec<Answer>,
     result: Result<u64, BrokerError>,
+    /// When it was proposed.
+    proposed: Instant,
 }
 
 /// A batch that arrived ahead of its producer's next sequence.
@@ -99,6 +103,8 @@ struct Sequencer {
     parked: BTreeMap<(u64, u64), Parked>,
     next_entry: Vec<Accepted>,
     next_entry_bytes: usize,
+    /// When the oldest batch of the next entry was accepted.
+    next_entry_since: Option<Instant>,
     accepted: u64,
 }
 
@@ -111,6 +117,8 @@ fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
 impl Sequencer {
     /// Takes one publish: answers it, parks it, or adds it to the next entry.
     async fn take(&mut self, job: PublishJob) {
+        metrics::histogram!("weft_publish_queue_seconds")
+            .record(job.queued.elapsed().as_secs_f64());
         let h = *job.batch.header();
         if h.producer_id == 0 {
             self.add(
@@ -288,6 +296,8 @@ impl Sequencer {
 
     /// Answers every batch of an applied (or failed) entry.
     fn settle(&mut self, proposed: Proposed) {
+        metrics::histogram!("weft_publish_commit_seconds")
+            .record(proposed.proposed.elapsed().as_secs_f64());
         let mut offset = proposed.result.as_ref().ok().copied();
         if proposed.result.is_err() {
             // The outcome is unknown: rebuild the producer table from what was applied, and let
@@ -345,6 +355,7 @@ pub async fn run(
         parked: BTreeMap::new(),
         next_entry: Vec::new(),
         next_entry_bytes: 0,
+        next_entry_since: None,
         accepted: 0,
     };
     let mut in_flight = FuturesUnordered::new();
@@ -354,6 +365,12 @@ pub async fn run(
         if !seq.next_entry.is_empty() && in_flight.len() < ENTRIES_IN_FLIGHT_MAX {
             let accepted = std::mem::take(&mut seq.next_entry);
             seq.next_entry_bytes = 0;
+            if let Some(since) = seq.next_entry_since.take() {
+                metrics::histogram!("weft_publish_coalesce_seconds")
+                    .record(since.elapsed().as_secs_f64());
+            }
+            metrics::histogram!("weft_entry_batches").record(accepted.len() as f64);
+            let proposed_at = Instant::now();
             let bytes: Vec<Bytes> = accepted.iter().map(|a| a.bytes.clone()).collect();
             let batches: Vec<Answer> = accepted
                 .into_iter()
@@ -364,11 +381,13 @@ pub async fn run(
                     Proposed {
                         batches,
                         result: proposal.await,
+                        proposed: proposed_at,
                     }
                 }),
                 Err(e) => seq.settle(Proposed {
                     batches,
                     result: Err(e),
+                    proposed: proposed_at,
                 }),
             }
             continue;

@@ -567,6 +567,11 @@ impl Session {
             self.credit_records = self.credit_records.saturating_sub(records.len() as u64);
             self.credit_bytes = self.credit_bytes.saturating_sub(bytes);
             self.positions.insert(p, next);
+            if next >= bounds.high_watermark {
+                // Caught up with the last commit: how long after it the records go out.
+                metrics::histogram!("weft_delivery_seconds")
+                    .record(hosted.group().committed_at().elapsed().as_secs_f64());
+            }
             self.send(event(Event::Delivery(Delivery {
                 partition: p,
                 records,

@@ -113,6 +113,7 @@ fn round(requests: Vec<Request>, unsynced: &mut Vec<Unsynced>, closing: bool) {
     // Write every group's pending entries.
     let written: Vec<Result<(), String>> =
         requests.iter().map(|r| r.shared.write_pending()).collect();
+    let write_done = Instant::now();
     // Which logs to sync now: fsync-before-ack groups just written, and interval groups due.
     let now = Instant::now();
     let mut to_sync: Vec<Arc<Shared>> = Vec::new();
@@ -135,6 +136,11 @@ fn round(requests: Vec<Request>, unsynced: &mut Vec<Unsynced>, closing: bool) {
         }
     });
     let synced = sync_all(&to_sync);
+    if !to_sync.is_empty() {
+        metrics::histogram!("weft_flush_write_seconds")
+            .record(write_done.duration_since(started).as_secs_f64());
+        metrics::histogram!("weft_flush_sync_seconds").record(write_done.elapsed().as_secs_f64());
+    }
     // Complete the callbacks, in the order the requests came.
     for (request, outcome) in requests.into_iter().zip(written) {
         let outcome = outcome.and_then(|()| {

@@ -173,6 +173,11 @@ impl PartitionGroup {
         self.sm.high_watermark()
     }
 
+    /// When records were last committed.
+    pub fn committed_at(&self) -> std::time::Instant {
+        self.sm.advanced_at()
+    }
+
     /// The current high watermark.
     pub fn high_watermark_now(&self) -> u64 {
         *self.sm.high_watermark().borrow()

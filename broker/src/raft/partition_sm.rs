@@ -239,6 +239,8 @@ struct Shared {
     applied_entries: AtomicU64,
     /// Forget producers idle this long (by record timestamps).
     producer_expiration_ms: u64,
+    /// When the high watermark last moved.
+    advanced_at: Mutex<std::time::Instant>,
 }
 
 /// A partition's state machine. Clones share state: one goes to openraft, others to the broker.
@@ -283,6 +285,7 @@ impl PartitionStateMachine {
                 applied_bytes: AtomicU64::new(0),
                 applied_entries: AtomicU64::new(0),
                 producer_expiration_ms,
+                advanced_at: Mutex::new(std::time::Instant::now()),
             }),
         })
     }
@@ -318,6 +321,15 @@ impl PartitionStateMachine {
     /// Watches the high watermark (for long-polling consumers).
     pub fn high_watermark(&self) -> watch::Receiver<u64> {
         self.shared.high_watermark.subscribe()
+    }
+
+    /// When the high watermark last moved (records were committed).
+    pub fn advanced_at(&self) -> std::time::Instant {
+        self.shared
+            .advanced_at
+            .lock()
+            .map(|a| *a)
+            .unwrap_or_else(|_| std::time::Instant::now())
     }
 
     /// Record bytes and entries applied since the state machine was opened.
@@ -483,6 +495,11 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             }
             state.high_watermark
         };
+        if bytes > 0
+            && let Ok(mut at) = self.shared.advanced_at.lock()
+        {
+            *at = std::time::Instant::now();
+        }
         self.shared.high_watermark.send_replace(high_watermark);
         self.shared
             .applied_entries
