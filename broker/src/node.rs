@@ -27,7 +27,7 @@ use crate::registry::{HostContext, Phase, Registry};
 use crate::topic::TopicConfig;
 
 /// Entries after which a partition snapshots even if few bytes were applied (many tiny entries).
-const SNAPSHOT_EVERY_ENTRIES: u64 = 10_000;
+const SNAPSHOT_EVERY_ENTRIES: u64 = 100_000;
 
 /// A running broker node.
 pub struct Node {

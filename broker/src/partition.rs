@@ -298,18 +298,16 @@ impl Partition {
             // Seen before reading: a batch committed while we read wakes the wait below.
             let high_watermark = *watermark.borrow_and_update();
             if next < high_watermark && bytes < max_bytes {
-                // Off the async runtime: a read that misses the page cache waits for the disk.
-                let reader = self.group.reader().clone();
-                let budget = max_bytes - bytes;
-                let batches = tokio::task::spawn_blocking(move || {
-                    reader
-                        .with_log(|log| log.read(next, budget, high_watermark))
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| BrokerError::Internal(e.to_string()))?
-                .map_err(BrokerError::Internal)?
-                .map_err(|e| self.storage_error(e));
+                // Read on the async runtime: reads come from the page cache in the common case,
+                // and only take the log's read lock, which appends hold just for a write to the
+                // page cache. (Handing reads to blocking threads cost 0.3-0.6 ms of end-to-end
+                // p50 in the fanout workload.)
+                let batches = self
+                    .group
+                    .reader()
+                    .with_log(|log| log.read(next, max_bytes - bytes, high_watermark))
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?
+                    .map_err(|e| self.storage_error(e));
                 let batches = match batches {
                     Ok(batches) => batches,
                     // Retention removed what was to be read next: answer with what we have.

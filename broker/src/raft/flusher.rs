@@ -81,6 +81,13 @@ struct Unsynced {
 
 fn run(queue: Receiver<Request>) {
     let mut unsynced: Vec<Unsynced> = Vec::new();
+    let pool = match SyncPool::start(SYNCS_IN_PARALLEL_MAX - 1) {
+        Ok(pool) => Some(pool),
+        Err(e) => {
+            tracing::warn!("no sync threads ({e}): the flusher syncs one file at a time");
+            None
+        }
+    };
     loop {
         let wait = unsynced
             .iter()
@@ -100,7 +107,7 @@ fn run(queue: Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        round(requests, &mut unsynced, closed);
+        round(requests, &mut unsynced, closed, pool.as_ref());
         if closed {
             return;
         }
@@ -108,7 +115,12 @@ fn run(queue: Receiver<Request>) {
 }
 
 /// One round: write, sync, complete.
-fn round(requests: Vec<Request>, unsynced: &mut Vec<Unsynced>, closing: bool) {
+fn round(
+    requests: Vec<Request>,
+    unsynced: &mut Vec<Unsynced>,
+    closing: bool,
+    pool: Option<&SyncPool>,
+) {
     let started = Instant::now();
     // Write every group's pending entries.
     let written: Vec<Result<(), String>> =
@@ -135,7 +147,7 @@ fn round(requests: Vec<Request>, unsynced: &mut Vec<Unsynced>, closing: bool) {
             true
         }
     });
-    let synced = sync_all(&to_sync);
+    let synced = sync_all(&to_sync, pool);
     if !to_sync.is_empty() {
         metrics::histogram!("weft_flush_write_seconds")
             .record(write_done.duration_since(started).as_secs_f64());
@@ -178,10 +190,47 @@ fn round(requests: Vec<Request>, unsynced: &mut Vec<Unsynced>, closing: bool) {
     }
 }
 
-/// Syncs every log, side by side; the outcome per log, in order.
-fn sync_all(logs: &[Arc<Shared>]) -> Vec<Result<(), String>> {
+type SyncJob = (
+    usize,
+    weft_storage::SyncTicket,
+    Sender<(usize, weft_storage::SyncTicket, weft_storage::Result<()>)>,
+);
+
+/// Threads that run fdatasyncs for the flusher, so that one round's syncs run side by side
+/// (threads started once, not per round).
+struct SyncPool {
+    jobs: Sender<SyncJob>,
+}
+
+impl SyncPool {
+    fn start(threads: usize) -> std::io::Result<SyncPool> {
+        let (jobs, queue) = mpsc::channel::<SyncJob>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for n in 0..threads {
+            let queue = queue.clone();
+            std::thread::Builder::new()
+                .name(format!("weft-sync-{n}"))
+                .spawn(move || {
+                    loop {
+                        let job = match queue.lock() {
+                            Ok(q) => q.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((i, ticket, reply)) = job else { return };
+                        let outcome = ticket.sync();
+                        let _ = reply.send((i, ticket, outcome));
+                    }
+                })?;
+        }
+        Ok(SyncPool { jobs })
+    }
+}
+
+/// Syncs every log, side by side (the flusher's thread runs the first sync itself, the pool the
+/// others); the outcome per log, in order.
+fn sync_all(logs: &[Arc<Shared>], pool: Option<&SyncPool>) -> Vec<Result<(), String>> {
     // Prepare each log's sync under its lock; the fdatasync itself runs outside it.
-    let tickets: Vec<Result<Option<weft_storage::SyncTicket>, String>> = logs
+    let mut tickets: Vec<Result<Option<weft_storage::SyncTicket>, String>> = logs
         .iter()
         .map(|shared| {
             let log = shared.log().map_err(|e| e.to_string())?;
@@ -190,47 +239,45 @@ fn sync_all(logs: &[Arc<Shared>]) -> Vec<Result<(), String>> {
         .collect();
     let mut outcomes: Vec<Option<weft_storage::Result<()>>> =
         tickets.iter().map(|_| None).collect();
-    let work: Vec<(usize, &weft_storage::SyncTicket)> = tickets
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| t.as_ref().ok().and_then(|t| t.as_ref()).map(|t| (i, t)))
-        .collect();
-    if work.len() == 1 {
-        outcomes[work[0].0] = Some(work[0].1.sync());
-    } else if !work.is_empty() {
-        let threads = work.len().min(SYNCS_IN_PARALLEL_MAX);
-        let per_thread = work.len().div_ceil(threads);
-        let results: Vec<(usize, weft_storage::Result<()>)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = work
-                .chunks(per_thread)
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|(i, ticket)| (*i, ticket.sync()))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        vec![(
-                            usize::MAX,
-                            Err(weft_storage::Error::Poisoned("sync thread panicked".into())),
-                        )]
-                    })
-                })
-                .collect()
-        });
-        for (i, result) in results {
-            if let Some(slot) = outcomes.get_mut(i) {
-                *slot = Some(result);
+    let mut mine: Option<usize> = None;
+    let (reply, replies) = mpsc::channel();
+    let mut sent = 0usize;
+    for (i, slot) in tickets.iter_mut().enumerate() {
+        let Ok(Some(_)) = slot else { continue };
+        if mine.is_none() || pool.is_none() {
+            if mine.is_none() {
+                mine = Some(i);
+            } else if let Ok(Some(ticket)) = slot {
+                outcomes[i] = Some(ticket.sync());
+            }
+            continue;
+        }
+        if let (Some(pool), Ok(Some(ticket))) = (pool, std::mem::replace(slot, Ok(None))) {
+            match pool.jobs.send((i, ticket, reply.clone())) {
+                Ok(()) => sent += 1,
+                Err(mpsc::SendError((i, ticket, _))) => {
+                    outcomes[i] = Some(ticket.sync());
+                    *slot = Ok(Some(ticket));
+                }
             }
         }
     }
-    metrics::counter!("weft_flush_fsyncs_total").increment(work.len() as u64);
+    if let Some(i) = mine
+        && let Ok(Some(ticket)) = &tickets[i]
+    {
+        outcomes[i] = Some(ticket.sync());
+    }
+    for _ in 0..sent {
+        match replies.recv() {
+            Ok((i, ticket, outcome)) => {
+                outcomes[i] = Some(outcome);
+                tickets[i] = Ok(Some(ticket));
+            }
+            Err(_) => break,
+        }
+    }
+    let synced = outcomes.iter().filter(|o| o.is_some()).count();
+    metrics::counter!("weft_flush_fsyncs_total").increment(synced as u64);
     logs.iter()
         .zip(tickets)
         .zip(outcomes)
