@@ -47,6 +47,9 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// Delete segments whose newest record is older than this (None: keep forever).
     pub retention_ms: Option<i64>,
+    /// Most sealed segments whose data file stays open (the least recently read are closed and
+    /// opened again when read): file descriptors stay bounded however many segments there are.
+    pub open_segments_max: usize,
     /// Told about every fsync; for crash testing.
     pub sync_listener: Option<Arc<dyn SyncListener>>,
 }
@@ -61,6 +64,7 @@ impl Default for LogConfig {
             fsync: FsyncPolicy::Always,
             retention_bytes: None,
             retention_ms: None,
+            open_segments_max: 8,
             sync_listener: None,
         }
     }
@@ -114,6 +118,12 @@ impl LogConfig {
             return invalid(
                 "fsync_interval_ms",
                 format!("{interval_ms} is outside 1 ..= 60000"),
+            );
+        }
+        if !(1..=100_000).contains(&self.open_segments_max) {
+            return invalid(
+                "open_segments_max",
+                format!("{} is outside 1 ..= 100000", self.open_segments_max),
             );
         }
         if self.retention_ms.is_some_and(|ms| ms < 1) {

@@ -103,6 +103,8 @@ pub struct PartitionLog {
     report: RecoveryReport,
     /// Bumped by truncation and reset, so a sync begun before them cannot claim durability after.
     generation: u64,
+    /// Counts reads of sealed segments, for closing the least recently used files.
+    reads: std::sync::atomic::AtomicU64,
 }
 
 /// A sync of the active segment that can run on another thread while appends go on: made by
@@ -260,9 +262,44 @@ impl PartitionLog {
             poisoned: None,
             report,
             generation: 0,
+            reads: std::sync::atomic::AtomicU64::new(0),
         };
         log.durable = log.end();
+        log.trim_open_files();
         Ok(log)
+    }
+
+    /// Notes a read of segment `i`, then closes the least recently read sealed segments' files
+    /// beyond `open_segments_max` (the active segment's stays open).
+    fn touch(&self, i: usize) {
+        let tick = self
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if let Some(seg) = self.segments.get(i) {
+            seg.last_used
+                .store(tick, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.trim_open_files();
+    }
+
+    fn trim_open_files(&self) {
+        let sealed = &self.segments[..self.segments.len().saturating_sub(1)];
+        let mut open: Vec<&Segment> = sealed.iter().filter(|s| s.is_open()).collect();
+        let max = self.config.open_segments_max;
+        if open.len() <= max {
+            return;
+        }
+        open.sort_by_key(|s| s.last_used.load(std::sync::atomic::Ordering::Relaxed));
+        for seg in &open[..open.len() - max] {
+            seg.close_file();
+        }
+    }
+
+    /// Sealed segments whose data file is open now.
+    pub fn open_segment_files(&self) -> usize {
+        let sealed = &self.segments[..self.segments.len().saturating_sub(1)];
+        sealed.iter().filter(|s| s.is_open()).count()
     }
 
     /// What opening the log found.
@@ -544,8 +581,10 @@ impl PartitionLog {
     ) -> Result<Vec<Batch>> {
         let mut out: Vec<Batch> = Vec::new();
         let mut budget = max_bytes.max(1);
-        for seg in &self.segments[first..] {
-            let (batches, how) = seg.read(start(seg), budget, out.is_empty(), &mut visit)?;
+        for (i, seg) in self.segments.iter().enumerate().skip(first) {
+            let read = seg.read(start(seg), budget, out.is_empty(), &mut visit);
+            self.touch(i);
+            let (batches, how) = read?;
             let bytes: usize = batches.iter().map(Batch::len).sum();
             out.extend(batches);
             budget = budget.saturating_sub(bytes);
@@ -604,11 +643,12 @@ impl PartitionLog {
         timestamp_ms: i64,
         limit_offset: u64,
     ) -> Result<Option<u64>> {
-        for seg in &self.segments {
+        for (i, seg) in self.segments.iter().enumerate() {
             if seg.max_timestamp < timestamp_ms {
                 continue;
             }
             let position = seg.position_for_timestamp(timestamp_ms);
+            self.touch(i);
             let (batches, _) = seg.read(position, 1, true, |h| {
                 if h.base_offset >= limit_offset {
                     Visit::Stop

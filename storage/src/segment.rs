@@ -17,6 +17,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 
@@ -304,7 +306,11 @@ impl<'a> Window<'a> {
 pub(crate) struct Segment {
     pub(crate) base_offset: u64,
     pub(crate) path: PathBuf,
-    file: File,
+    /// The data file, opened on demand and closed again when the log keeps too many open (see
+    /// `LogConfig::open_segments_max`); the active segment's stays open.
+    file: Mutex<Option<Arc<File>>>,
+    /// When the file was last used (a counter of the log's reads), to close the least recent.
+    pub(crate) last_used: AtomicU64,
     pub(crate) entries: Vec<IndexEntry>,
     pub(crate) next_offset: u64,
     /// Raft index of the first entry; None while the segment is empty.
@@ -344,7 +350,8 @@ impl Segment {
         Segment {
             base_offset,
             path,
-            file,
+            file: Mutex::new(Some(Arc::new(file))),
+            last_used: AtomicU64::new(0),
             entries: Vec::new(),
             next_offset: base_offset,
             first_index: None,
@@ -374,6 +381,38 @@ impl Segment {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.first_index.is_none()
+    }
+
+    /// The data file, opened again if it was closed.
+    pub(crate) fn file(&self) -> Result<Arc<File>> {
+        let mut slot = self
+            .file
+            .lock()
+            .map_err(|_| Error::Poisoned("segment file lock poisoned".into()))?;
+        if let Some(file) = slot.as_ref() {
+            return Ok(file.clone());
+        }
+        let file = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .io("open segment", &self.path)?,
+        );
+        *slot = Some(file.clone());
+        Ok(file)
+    }
+
+    /// Whether the data file is open.
+    pub(crate) fn is_open(&self) -> bool {
+        self.file.lock().is_ok_and(|f| f.is_some())
+    }
+
+    /// Closes the data file (reads open it again). Readers holding it keep their handle.
+    pub(crate) fn close_file(&self) {
+        if let Ok(mut slot) = self.file.lock() {
+            slot.take();
+        }
     }
 
     pub(crate) fn has_records(&self) -> bool {
@@ -432,10 +471,11 @@ impl Segment {
         pieces.extend(batches.iter().map(|b| &b.bytes()[..]));
         let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
         let at = position + len;
-        let written = write_all_vectored_at(&self.file, &pieces, position);
+        let file = self.file()?;
+        let written = write_all_vectored_at(&file, &pieces, position);
         if let Err(error) = written {
             // Undo a partial frame so the file ends on a frame boundary again.
-            return match self.file.set_len(position) {
+            return match file.set_len(position) {
                 Ok(()) => Err(error).io("append", &self.path),
                 Err(undo) => Err(Error::Poisoned(format!(
                     "append to {} failed ({error}) and could not be undone ({undo})",
@@ -457,7 +497,7 @@ impl Segment {
         if self.synced_len == self.data_len {
             return Ok(());
         }
-        self.file.sync_data().io("fdatasync", &self.path)?;
+        self.file()?.sync_data().io("fdatasync", &self.path)?;
         self.synced_len = self.data_len;
         notify(config, &self.path, self.data_len);
         Ok(())
@@ -465,7 +505,9 @@ impl Segment {
 
     /// A duplicate handle to the data file, for syncing on another thread while writes go on.
     pub(crate) fn sync_handle(&self) -> Result<File> {
-        self.file.try_clone().io("dup segment handle", &self.path)
+        self.file()?
+            .try_clone()
+            .io("dup segment handle", &self.path)
     }
 
     /// Records that a sync issued elsewhere made the first `len` bytes durable.
@@ -476,7 +518,7 @@ impl Segment {
     /// fdatasync unconditionally: after a crash the page cache may hold bytes that never reached
     /// the disk, and frames written from now on claim that everything before them is durable.
     pub(crate) fn force_sync(&mut self, config: &LogConfig) -> Result<()> {
-        self.file.sync_data().io("fdatasync", &self.path)?;
+        self.file()?.sync_data().io("fdatasync", &self.path)?;
         self.synced_len = self.data_len;
         notify(config, &self.path, self.data_len);
         Ok(())
@@ -500,7 +542,7 @@ impl Segment {
         self.last_indexed = None;
         self.data_len = 0;
         let mut report = ScanReport::default();
-        let file = self.file.try_clone().io("dup segment handle", &self.path)?;
+        let file = self.file()?;
         let path = self.path.clone();
         let mut window = Window::new(&file, &path, file_len, READ_CHUNK_BYTES);
         let mut position = 0u64;
@@ -644,10 +686,9 @@ impl Segment {
     /// Cuts the data file at `position` (a frame boundary), syncs, and rebuilds the state.
     pub(crate) fn truncate(&mut self, position: u64, config: &LogConfig) -> Result<()> {
         let first_index = self.first_index.unwrap_or(self.next_index);
-        self.file
-            .set_len(position)
-            .io("truncate segment", &self.path)?;
-        self.file.sync_all().io("fsync", &self.path)?;
+        let file = self.file()?;
+        file.set_len(position).io("truncate segment", &self.path)?;
+        file.sync_all().io("fsync", &self.path)?;
         notify_replaced(config, &self.path, position);
         self.data_len = position;
         // Damage before the cut stays where it is: it was reported when found, and reads of it
@@ -674,7 +715,8 @@ impl Segment {
         first_may_exceed: bool,
         mut visit: impl FnMut(&BatchHeader) -> Visit,
     ) -> Result<(Vec<Batch>, ReadEnd)> {
-        let mut window = Window::new(&self.file, &self.path, self.data_len, max_bytes);
+        let file = self.file()?;
+        let mut window = Window::new(&file, &self.path, self.data_len, max_bytes);
         let mut position = start;
         let mut taken = Vec::new();
         let mut taken_bytes = 0usize;
@@ -749,7 +791,8 @@ impl Segment {
 
     /// Exact frame position of Raft index `index`, by reading from the nearest index point.
     pub(crate) fn frame_position_of_index(&self, index: u64) -> Result<Option<u64>> {
-        let mut window = Window::new(&self.file, &self.path, self.data_len, READ_CHUNK_BYTES);
+        let file = self.file()?;
+        let mut window = Window::new(&file, &self.path, self.data_len, READ_CHUNK_BYTES);
         let mut position = self.position_for_index(index);
         while position < self.data_len {
             match window.frame(position)? {

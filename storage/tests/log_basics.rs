@@ -615,3 +615,36 @@ fn an_entry_of_several_batches_is_one_frame_kept_or_cut_whole() {
         .expect("read");
     assert_eq!(kept.len(), 2);
 }
+
+#[test]
+fn open_segment_files_stay_bounded_and_closed_ones_reopen_on_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(14);
+    let config = LogConfig {
+        open_segments_max: 3,
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    let expected: Vec<Expected> = (0..400)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    assert!(log.segment_count() > 10, "{} segments", log.segment_count());
+    // Read everything, twice, from the start: every segment's file is used.
+    for _ in 0..2 {
+        let got = read_all_entries(&log).expect("read");
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g.bytes(), &e.bytes);
+        }
+        assert!(
+            log.open_segment_files() <= 3,
+            "{} sealed segment files open",
+            log.open_segment_files()
+        );
+    }
+    // Reopening the log opens no more than the bound either.
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    assert!(log.open_segment_files() <= 3);
+    assert_eq!(read_all_entries(&log).expect("read").len(), expected.len());
+}
