@@ -59,8 +59,8 @@ impl Default for ProducerConfig {
 /// Where a record was stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared by every acknowledgement of a batch).
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: u32,
     /// Offset.
@@ -82,7 +82,7 @@ const BATCH_OVERHEAD_BYTES: usize = 1024;
 
 enum Command {
     Send {
-        topic: String,
+        topic: Arc<str>,
         record: Record,
         reply: Reply,
     },
@@ -94,6 +94,8 @@ enum Command {
 pub struct Producer {
     commands: mpsc::Sender<Command>,
     task: tokio::task::JoinHandle<()>,
+    /// The topic last sent to, shared: no allocation per record for the usual single topic.
+    last_topic: std::sync::Mutex<Option<Arc<str>>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -117,7 +119,11 @@ impl Producer {
         }
         let (commands, inbox) = mpsc::channel(config.queue_records_max.max(1));
         let task = tokio::spawn(accumulate(client, config, inbox));
-        Producer { commands, task }
+        Producer {
+            commands,
+            task,
+            last_topic: std::sync::Mutex::new(None),
+        }
     }
 
     /// Queues a record (waiting while the queue is full) and returns a future for its
@@ -128,9 +134,20 @@ impl Producer {
         record: Record,
     ) -> Result<oneshot::Receiver<Result<Ack>>> {
         let (reply, ack) = oneshot::channel();
+        let topic = match self.last_topic.lock() {
+            Ok(mut last) => match last.as_ref() {
+                Some(known) if &**known == topic => known.clone(),
+                _ => {
+                    let fresh: Arc<str> = Arc::from(topic);
+                    *last = Some(fresh.clone());
+                    fresh
+                }
+            },
+            Err(_) => Arc::from(topic),
+        };
         self.commands
             .send(Command::Send {
-                topic: topic.to_string(),
+                topic,
                 record,
                 reply,
             })
@@ -211,17 +228,17 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
         0
     };
     // Per topic: partition count and the topic's largest batch.
-    let mut topics: HashMap<String, (u32, usize)> = HashMap::new();
-    let mut sticky: HashMap<String, u32> = HashMap::new();
-    let mut open: HashMap<(String, u32), Open> = HashMap::new();
-    let mut senders: HashMap<(String, u32), Lane> = HashMap::new();
+    let mut topics: HashMap<Arc<str>, (u32, usize)> = HashMap::new();
+    let mut sticky: HashMap<Arc<str>, u32> = HashMap::new();
+    let mut open: HashMap<(Arc<str>, u32), Open> = HashMap::new();
+    let mut senders: HashMap<(Arc<str>, u32), Lane> = HashMap::new();
     // Told by a sender when it has answered everything it was given.
     let idle = Arc::new(Notify::new());
     let tick = (config.linger / 2).max(Duration::from_millis(1));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let sender_for = |key: &(String, u32), senders: &mut HashMap<(String, u32), Lane>| {
+    let sender_for = |key: &(Arc<str>, u32), senders: &mut HashMap<(Arc<str>, u32), Lane>| {
         senders
             .entry(key.clone())
             .or_insert_with(|| {
@@ -295,7 +312,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         }
                     }
                     Command::Flush(done) => {
-                        let keys: Vec<(String, u32)> = open.keys().cloned().collect();
+                        let keys: Vec<(Arc<str>, u32)> = open.keys().cloned().collect();
                         for key in keys {
                             if let Some(batch) = open.remove(&key) {
                                 sender_for(&key, &mut senders).dispatch(batch.records).await;
@@ -356,7 +373,7 @@ struct Numbered {
 async fn send_partition(
     client: Client,
     config: ProducerConfig,
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     producer_id: u64,
     mut inbox: mpsc::Receiver<ToSender>,
@@ -375,7 +392,7 @@ async fn send_partition(
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     let publish = |n: &Numbered| {
         let request = proto::PublishRequest {
-            topic: topic.clone(),
+            topic: topic.to_string(),
             target: Some(proto::publish_request::Target::Partition(partition)),
             records: n.batch.records.iter().map(|(r, _)| r.to_proto()).collect(),
             producer_id,
@@ -566,7 +583,7 @@ where
 
 fn answer(
     batch: Batch,
-    topic: &str,
+    topic: &Arc<str>,
     partition: u32,
     result: Result<&proto::PublishResponse, Error>,
 ) {
@@ -574,7 +591,7 @@ fn answer(
         Ok(response) => {
             for (i, (_, reply)) in batch.records.into_iter().enumerate() {
                 let _ = reply.send(Ok(Ack {
-                    topic: topic.to_string(),
+                    topic: topic.clone(),
                     partition,
                     offset: response.base_offset + i as u64,
                     duplicate: response.duplicate,

@@ -73,7 +73,7 @@ pub(crate) async fn run(client: &Client, output: Output, args: ProduceArgs) -> a
         count += 1;
         match output {
             Output::Json => print_json(
-                &json!({ "topic": ack.topic, "partition": ack.partition, "offset": ack.offset }),
+                &json!({ "topic": &*ack.topic, "partition": ack.partition, "offset": ack.offset }),
             ),
             Output::Text => println!("{}/{} offset {}", ack.topic, ack.partition, ack.offset),
         }
