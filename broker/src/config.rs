@@ -82,6 +82,10 @@ pub struct Config {
     /// since the last one (and before retention, and at shutdown). A restart after a crash
     /// re-applies at most about this much of the log.
     pub snapshot_interval_bytes: u64,
+    /// How the flusher makes a round of several partitions' appends durable: "syncfs" (one
+    /// syncfs of the data filesystem; best on a volume of its own) or "fdatasync" (one per
+    /// partition log, side by side; for a filesystem shared with other busy writers).
+    pub flush_sync: String,
     /// A partition forgets an idempotent producer whose last batch is older than this (by record
     /// timestamps), as Kafka's `producer.id.expiration.ms` does: its state no longer grows with
     /// every producer that ever wrote. A producer idle that long starts over in a new epoch.
@@ -157,6 +161,7 @@ impl Default for Config {
             publish_queue_max: 1024,
             retention_check_interval_ms: 60_000,
             snapshot_interval_bytes: 64 * 1024 * 1024,
+            flush_sync: "syncfs".into(),
             producer_expiration_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
             raft_heartbeat_ms: 100,
@@ -326,6 +331,15 @@ impl Config {
             64 * 1024,
             64 * 1024 * 1024 * 1024,
         )?;
+        if !matches!(self.flush_sync.as_str(), "syncfs" | "fdatasync") {
+            return Err(ConfigError::Invalid {
+                key: "flush_sync",
+                reason: format!(
+                    "{:?} is neither \"syncfs\" nor \"fdatasync\"",
+                    self.flush_sync
+                ),
+            });
+        }
         range(
             "producer_expiration_ms",
             self.producer_expiration_ms,
@@ -420,7 +434,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str); 5] = [
+        let cases: [(&str, &str); 6] = [
+            ("flush_sync = \"sometimes\"", "flush_sync"),
             ("node_id = 0", "node_id"),
             ("fetch_bytes_max = 1", "fetch_bytes_max"),
             (

@@ -21,7 +21,7 @@ use crate::groups::Coordinator;
 use crate::partition::{Partition, PartitionSpec};
 use crate::raft::{
     ControllerCommand, ControllerGroup, ControllerResponse, ControllerState, Flusher, NodeId,
-    TopicMeta, raft_config,
+    SyncMode, TopicMeta, raft_config,
 };
 use crate::registry::{HostContext, Phase, Registry};
 use crate::topic::TopicConfig;
@@ -98,7 +98,12 @@ impl Node {
                 identity
             }
         };
-        let flusher = Flusher::start()
+        let mode = if config.flush_sync == "fdatasync" {
+            SyncMode::Fdatasync
+        } else {
+            SyncMode::Syncfs
+        };
+        let flusher = Flusher::start(mode)
             .map_err(|e| anyhow::anyhow!("cannot start the flusher thread: {e}"))?;
         let controller = ControllerGroup::open(
             &config.data_dir.join("controller"),

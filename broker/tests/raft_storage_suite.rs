@@ -7,7 +7,8 @@ use openraft::testing::{StoreBuilder, Suite};
 use tempfile::TempDir;
 use weft_broker::meta::Metadata;
 use weft_broker::raft::{
-    ControllerStateMachine, Flusher, LogStore, PartitionStateMachine, StorageError, TypeConfig,
+    ControllerStateMachine, Flusher, LogStore, PartitionStateMachine, StorageError, SyncMode,
+    TypeConfig,
 };
 use weft_storage::{LogConfig, MemoryMetaStore, PartitionLog, SledMetaStore};
 
@@ -28,8 +29,13 @@ impl Builder {
         } else {
             Metadata::new(Arc::new(MemoryMetaStore::new()))
         };
-        let store =
-            LogStore::new(7, log, meta, Flusher::start().expect("flusher")).expect("log store");
+        let store = LogStore::new(
+            7,
+            log,
+            meta,
+            Flusher::start(SyncMode::Syncfs).expect("flusher"),
+        )
+        .expect("log store");
         (dir, store)
     }
 }

@@ -38,7 +38,7 @@ pub use controller_sm::{
     ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine, PartitionMeta,
     TopicMeta,
 };
-pub use flusher::Flusher;
+pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};
 pub use network::Network;
 pub use partition_group::{GroupSpec, GroupStatus, PartitionGroup, Proposal};
