@@ -214,7 +214,12 @@ impl Partition {
 
     /// Publishes a batch (sealed with placeholder offsets). Waits at most `timeout`.
     pub async fn publish(&self, batch: Batch, timeout: Duration) -> Result<Published, BrokerError> {
-        let max = u64::from(self.config().max_message_bytes);
+        let max = self
+            .config
+            .lock()
+            .map_or(u64::from(TopicConfig::default().max_message_bytes), |c| {
+                u64::from(c.max_message_bytes)
+            });
         if batch.len() as u64 > max {
             return Err(BrokerError::BatchTooLarge {
                 size: batch.len() as u64,

@@ -51,9 +51,8 @@ async fn fetch_all(broker: &Broker) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_are_stored_once() {
-    let mut broker = Broker::start();
+/// Creates the one-partition topic `idem` and connects a plain Publisher client.
+async fn idem_topic(broker: &Broker) -> PublisherClient<tonic::transport::Channel> {
     broker
         .client()
         .await
@@ -61,9 +60,15 @@ async fn retries_are_stored_once() {
         .create_topic("idem", 1)
         .await
         .expect("create");
-    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
+    PublisherClient::connect(format!("http://{}", broker.client_addr))
         .await
-        .expect("connect");
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_stored_once() {
+    let mut broker = Broker::start();
+    let mut publisher = idem_topic(&broker).await;
 
     let first = publisher
         .publish(batch(42, 0, 0, &["a", "b"]))
@@ -147,16 +152,7 @@ async fn retries_are_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_kill_9_is_answered_with_the_original_offsets() {
     let mut broker = Broker::start();
-    broker
-        .client()
-        .await
-        .admin()
-        .create_topic("idem", 1)
-        .await
-        .expect("create");
-    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
-        .await
-        .expect("connect");
+    let mut publisher = idem_topic(&broker).await;
     for (sequence, value) in ["a", "b", "c"].iter().enumerate() {
         publisher
             .publish(batch(7, 0, sequence as u64, &[value]))
@@ -327,21 +323,14 @@ async fn idle_producers_are_forgotten_and_start_over_in_a_new_epoch() {
     let config = dir.path().join("weft.toml");
     std::fs::write(&config, "producer_expiration_ms = 1000\n").expect("config");
     let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
+    let mut publisher = idem_topic(&broker).await;
     let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("idem", 1)
-        .await
-        .expect("create");
     let t0 = 1_700_000_000_000i64;
     let stamped = |producer_id: u64, sequence: u64, value: &str, timestamp_ms: i64| {
         let mut request = batch(producer_id, 0, sequence, &[value]);
         request.records[0].timestamp_ms = timestamp_ms;
         request
     };
-    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
-        .await
-        .expect("connect");
     publisher
         .publish(stamped(5, 0, "five", t0))
         .await

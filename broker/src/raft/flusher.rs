@@ -17,6 +17,7 @@
 //! A failed write or sync fails the callbacks of that group (openraft then stops the group and
 //! the partition's supervisor reopens it from its durable state); other groups are unaffected.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
@@ -94,7 +95,7 @@ struct Unsynced {
 }
 
 fn run(queue: Receiver<Request>, mode: SyncMode) {
-    let mut unsynced: Vec<Unsynced> = Vec::new();
+    let mut unsynced: HashMap<usize, Unsynced> = HashMap::new();
     let pool = match SyncPool::start(SYNCS_IN_PARALLEL_MAX - 1) {
         Ok(pool) => Some(pool),
         Err(e) => {
@@ -104,7 +105,7 @@ fn run(queue: Receiver<Request>, mode: SyncMode) {
     };
     loop {
         let wait = unsynced
-            .iter()
+            .values()
             .map(|u| u.due.saturating_duration_since(Instant::now()))
             .min()
             .unwrap_or(Duration::from_secs(3600));
@@ -128,10 +129,15 @@ fn run(queue: Receiver<Request>, mode: SyncMode) {
     }
 }
 
+/// A log's identity within a round.
+fn key(shared: &Arc<Shared>) -> usize {
+    Arc::as_ptr(shared) as usize
+}
+
 /// One round: write, sync, complete.
 fn round(
     requests: Vec<Request>,
-    unsynced: &mut Vec<Unsynced>,
+    unsynced: &mut HashMap<usize, Unsynced>,
     closing: bool,
     pool: Option<&SyncPool>,
     mode: SyncMode,
@@ -143,20 +149,23 @@ fn round(
     let write_done = Instant::now();
     // Which logs to sync now: fsync-before-ack groups just written, and interval groups due.
     let now = Instant::now();
+    // Logs by identity (a round may hold thousands of groups: no linear searches).
     let mut to_sync: Vec<Arc<Shared>> = Vec::new();
+    let mut position: HashMap<usize, usize> = HashMap::new();
+    let mut add = |shared: &Arc<Shared>, to_sync: &mut Vec<Arc<Shared>>| {
+        position.entry(key(shared)).or_insert_with(|| {
+            to_sync.push(shared.clone());
+            to_sync.len() - 1
+        });
+    };
     for (request, outcome) in requests.iter().zip(&written) {
-        if outcome.is_ok()
-            && request.shared.sync_interval_ms().is_none()
-            && !to_sync.iter().any(|s| Arc::ptr_eq(s, &request.shared))
-        {
-            to_sync.push(request.shared.clone());
+        if outcome.is_ok() && request.shared.sync_interval_ms().is_none() {
+            add(&request.shared, &mut to_sync);
         }
     }
-    unsynced.retain(|u| {
+    unsynced.retain(|_, u| {
         if closing || u.due <= now || u.shared.sync_interval_ms().is_none() {
-            if !to_sync.iter().any(|s| Arc::ptr_eq(s, &u.shared)) {
-                to_sync.push(u.shared.clone());
-            }
+            add(&u.shared, &mut to_sync);
             false
         } else {
             true
@@ -171,19 +180,17 @@ fn round(
     // Complete the callbacks, in the order the requests came.
     for (request, outcome) in requests.into_iter().zip(written) {
         let outcome = outcome.and_then(|()| {
-            match to_sync.iter().position(|s| Arc::ptr_eq(s, &request.shared)) {
-                Some(i) => synced[i].clone(),
+            match position.get(&key(&request.shared)) {
+                Some(&i) => synced[i].clone(),
                 None => {
                     // Interval policy: acknowledged once written; synced when due.
-                    if let Some(ms) = request.shared.sync_interval_ms()
-                        && !unsynced
-                            .iter()
-                            .any(|u| Arc::ptr_eq(&u.shared, &request.shared))
-                    {
-                        unsynced.push(Unsynced {
-                            shared: request.shared.clone(),
-                            due: Instant::now() + Duration::from_millis(ms),
-                        });
+                    if let Some(ms) = request.shared.sync_interval_ms() {
+                        unsynced
+                            .entry(key(&request.shared))
+                            .or_insert_with(|| Unsynced {
+                                shared: request.shared.clone(),
+                                due: Instant::now() + Duration::from_millis(ms),
+                            });
                     }
                     Ok(())
                 }

@@ -151,16 +151,15 @@ impl Shared {
         if start < first || end > last + 1 || start >= end {
             return None;
         }
-        let taken: Vec<Vec<Batch>> = recent
-            .iter()
-            .filter(|e| {
-                e.first()
-                    .is_some_and(|b| (start..end).contains(&b.header().index))
-            })
-            .cloned()
+        // Applied now: no one reads them from here again. Moved out, not cloned; entries before
+        // `start` were read already, those from `end` on stay.
+        let index = |e: &Vec<Batch>| e.first().map_or(0, |b| b.header().index);
+        let keep_from = recent.partition_point(|e| index(e) < end);
+        let rest = recent.split_off(keep_from);
+        let taken: Vec<Vec<Batch>> = std::mem::replace(&mut *recent, rest)
+            .into_iter()
+            .filter(|e| index(e) >= start)
             .collect();
-        // Applied now: no one reads them from here again.
-        recent.retain(|e| e.first().is_some_and(|b| b.header().index >= end));
         Some(taken)
     }
 
