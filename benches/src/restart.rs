@@ -217,8 +217,10 @@ pub async fn run(size_bytes: u64, data_dir: &Path) -> Result<RestartResult> {
             records += extra;
         }
         if kind == "clean" {
-            let pid = broker.child.id().to_string();
-            Command::new("kill").args(["-TERM", &pid]).status()?;
+            let pid = rustix::process::Pid::from_raw(broker.child.id() as i32)
+                .context("the broker's pid")?;
+            rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+                .context("SIGTERM to the broker")?;
         } else {
             broker.child.kill()?;
         }

@@ -18,6 +18,7 @@
 //! - [`grpc`]: the client gRPC services, one file per service.
 //! - [`admin`]: the admin HTTP API and its OpenAPI document.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`sync_journal`]: the test-only record of every sync (feature `sync-journal`).
 //! - [`server`]: `run(config, listeners, shutdown)`; `main.rs` is a thin wrapper.
 
 pub mod admin;
@@ -33,4 +34,5 @@ pub mod raft;
 pub mod registry;
 pub mod sequencer;
 pub mod server;
+pub mod sync_journal;
 pub mod topic;

@@ -26,6 +26,10 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
+    if let Err(e) = weft_broker::sync_journal::install_from_env() {
+        eprintln!("weft-broker: {e}");
+        return std::process::ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| {

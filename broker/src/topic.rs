@@ -171,6 +171,7 @@ impl TopicConfig {
             },
             retention_bytes: self.retention_bytes,
             retention_ms: self.retention_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
+            sync_listener: crate::sync_journal::listener(),
             ..LogConfig::default()
         }
     }

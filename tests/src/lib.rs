@@ -29,6 +29,11 @@ pub fn ensure_binaries() {
         let status = Command::new(cargo)
             .args([
                 "build",
+                "--locked",
+                // The same features as the workspace build that built this test (the tests
+                // crate turns on the broker's sync journal), so this build is a no-op then.
+                "--features",
+                "weft-broker/sync-journal",
                 "-p",
                 "weft-broker",
                 "-p",
@@ -65,6 +70,7 @@ pub struct Broker {
     /// Peer gRPC address.
     pub peer_addr: String,
     extra: Vec<String>,
+    envs: Vec<(String, String)>,
 }
 
 impl Broker {
@@ -94,6 +100,30 @@ impl Broker {
             admin_addr: String::new(),
             peer_addr: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            envs: Vec::new(),
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// Starts a broker with extra arguments and environment variables (on top of a clean
+    /// environment: no inherited `WEFT_*`).
+    pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Broker {
+        let tempdir = tempfile::tempdir().expect("tempdir");
+        let dir = tempdir.path().to_path_buf();
+        let mut broker = Broker {
+            child: None,
+            data_dir: dir.join("data"),
+            dir,
+            _tempdir: Some(tempdir),
+            client_addr: String::new(),
+            admin_addr: String::new(),
+            peer_addr: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         broker.spawn();
         broker
@@ -116,7 +146,15 @@ impl Broker {
             .append(true)
             .open(self.dir.join("broker.log"))
             .expect("log file");
-        let mut child = Command::new(binary("weft-broker"))
+        let mut command = Command::new(binary("weft-broker"));
+        // A clean environment: a WEFT_* variable in the developer's shell (or CI's) must not
+        // change what the test runs.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("WEFT_") {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command
             .args(["--data-dir", self.data_dir.to_str().expect("utf-8 path")])
             .args([
                 "--client-listen",
@@ -128,6 +166,7 @@ impl Broker {
             ])
             .args(&self.extra)
             .env("WEFT_LOG", "info,openraft=warn,sled=warn")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
@@ -169,9 +208,9 @@ impl Broker {
     /// SIGTERM, and waits for a graceful exit; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = child.try_wait() {

@@ -43,9 +43,16 @@ impl ControllerGroup {
         flusher: Flusher,
     ) -> anyhow::Result<ControllerGroup> {
         let dir = dir.to_path_buf();
-        let log =
-            tokio::task::spawn_blocking(move || PartitionLog::open(dir, LogConfig::default()))
-                .await??;
+        let log = tokio::task::spawn_blocking(move || {
+            PartitionLog::open(
+                dir,
+                LogConfig {
+                    sync_listener: crate::sync_journal::listener(),
+                    ..LogConfig::default()
+                },
+            )
+        })
+        .await??;
         let store = LogStore::new(CONTROLLER_GROUP, log, meta, flusher)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let sm = ControllerStateMachine::new();

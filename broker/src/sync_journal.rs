@@ -1,0 +1,99 @@
+//! The sync journal: a test-only record of what every partition file durably holds, for the
+//! power-loss tests and the fault-injection harness.
+//!
+//! Built only with the `sync-journal` cargo feature (never in a release build of the broker).
+//! With it, `WEFT_SYNC_JOURNAL=<file>` makes the broker append one line per durable event to that
+//! file, written with one `write(2)` right after the sync returns and before anything that
+//! depends on it (an acknowledgement) happens, so the journal survives `kill -9`:
+//!
+//! ```text
+//! S <len> <path>   at least the first <len> bytes of <path> are durable (fdatasync, syncfs, fsync)
+//! R <len> <path>   <path> now durably holds exactly <len> bytes (created, truncated, replaced)
+//! ```
+//!
+//! A power-loss simulation cuts each file back to its durable length (plus a torn tail) and
+//! removes files the journal never mentions. The journal only observes: nothing in it can skip
+//! or delay a sync.
+
+use std::sync::Arc;
+
+use weft_storage::SyncListener;
+
+/// The environment variable naming the journal file.
+pub const ENV: &str = "WEFT_SYNC_JOURNAL";
+
+#[cfg(feature = "sync-journal")]
+static LISTENER: std::sync::OnceLock<Arc<dyn SyncListener>> = std::sync::OnceLock::new();
+
+/// The listener every partition log reports its syncs to (None unless installed).
+pub fn listener() -> Option<Arc<dyn SyncListener>> {
+    #[cfg(feature = "sync-journal")]
+    {
+        LISTENER.get().cloned()
+    }
+    #[cfg(not(feature = "sync-journal"))]
+    {
+        None
+    }
+}
+
+/// Installs the journal named by `WEFT_SYNC_JOURNAL`, if set. Refuses when this build has no
+/// sync journal, so a harness never believes it is recording when it is not.
+pub fn install_from_env() -> Result<(), String> {
+    let Some(path) = std::env::var_os(ENV) else {
+        return Ok(());
+    };
+    #[cfg(feature = "sync-journal")]
+    {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {ENV} {}: {e}", path.to_string_lossy()))?;
+        let journal: Arc<dyn SyncListener> = Arc::new(Journal {
+            file: std::sync::Mutex::new(file),
+        });
+        LISTENER
+            .set(journal)
+            .map_err(|_| "the sync journal is already installed".to_string())
+    }
+    #[cfg(not(feature = "sync-journal"))]
+    {
+        Err(format!(
+            "{ENV}={} is set, but this weft-broker was built without the `sync-journal` feature",
+            path.to_string_lossy()
+        ))
+    }
+}
+
+#[cfg(feature = "sync-journal")]
+#[derive(Debug)]
+struct Journal {
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+#[cfg(feature = "sync-journal")]
+impl Journal {
+    fn record(&self, kind: char, path: &std::path::Path, len: u64) {
+        use std::io::Write;
+        let line = format!("{kind} {len} {}\n", path.display());
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        // One write of an O_APPEND file: the line is whole or absent after kill -9. A failure
+        // here would make the harness cut more than the broker synced: loud, never silent.
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            eprintln!("weft-broker: cannot write the sync journal: {e}");
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(feature = "sync-journal")]
+impl SyncListener for Journal {
+    fn synced(&self, path: &std::path::Path, len: u64) {
+        self.record('S', path, len);
+    }
+
+    fn replaced(&self, path: &std::path::Path, len: u64) {
+        self.record('R', path, len);
+    }
+}
