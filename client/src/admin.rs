@@ -21,6 +21,66 @@ pub struct TopicSettings {
     pub segment_bytes: Option<u64>,
 }
 
+/// A change of a topic's configuration: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicUpdate {
+    /// More partitions (partitions can only grow).
+    pub partitions: Option<u32>,
+    /// Retention by bytes per partition; `Some(None)` removes the limit.
+    pub retention_bytes: Option<Option<u64>>,
+    /// Retention by age; `Some(None)` keeps data forever.
+    pub retention_ms: Option<Option<u64>>,
+    /// Largest batch.
+    pub max_message_bytes: Option<u32>,
+    /// Segment size (for segments created from now on).
+    pub segment_bytes: Option<u64>,
+    /// `Some(None)`: fsync before every acknowledgement; `Some(Some(ms))`: acknowledge when
+    /// written and fsync every `ms`.
+    pub fsync_interval_ms: Option<Option<u32>>,
+}
+
+impl TopicUpdate {
+    /// True when nothing would change.
+    pub fn is_empty(&self) -> bool {
+        *self == TopicUpdate::default()
+    }
+
+    /// The request's config and field mask.
+    fn to_request(&self, name: &str) -> proto::UpdateTopicRequest {
+        let mut paths = Vec::new();
+        let mut mark = |present: bool, path: &str| {
+            if present {
+                paths.push(path.to_string());
+            }
+        };
+        mark(self.partitions.is_some(), "partitions");
+        mark(self.retention_bytes.is_some(), "retention_bytes");
+        mark(self.retention_ms.is_some(), "retention_ms");
+        mark(self.max_message_bytes.is_some(), "max_message_bytes");
+        mark(self.segment_bytes.is_some(), "segment_bytes");
+        mark(self.fsync_interval_ms.is_some(), "fsync_policy");
+        let (fsync_policy, fsync_interval_ms) = match self.fsync_interval_ms {
+            None => (proto::FsyncPolicy::Unspecified, None),
+            Some(None) => (proto::FsyncPolicy::Always, None),
+            Some(Some(ms)) => (proto::FsyncPolicy::Interval, Some(ms)),
+        };
+        proto::UpdateTopicRequest {
+            name: name.into(),
+            config: Some(proto::TopicConfig {
+                partitions: self.partitions.unwrap_or(0),
+                replication_factor: 0,
+                retention_bytes: self.retention_bytes.flatten(),
+                retention_ms: self.retention_ms.flatten(),
+                max_message_bytes: self.max_message_bytes,
+                fsync_policy: fsync_policy as i32,
+                fsync_interval_ms,
+                segment_bytes: self.segment_bytes,
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        }
+    }
+}
+
 /// Offsets of one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionStatus {
@@ -134,6 +194,20 @@ impl Admin {
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// Changes a topic's configuration; returns the topic as it is now.
+    pub async fn update_topic(&self, name: &str, update: &TopicUpdate) -> Result<proto::Topic> {
+        let request = self
+            .client
+            .request(update.to_request(name), Some(name), None);
+        Ok(self
+            .client
+            .topic_admin()
+            .update_topic(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner())
     }
 
     /// Deletes a topic.

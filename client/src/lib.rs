@@ -39,7 +39,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tonic::transport::{Channel, Endpoint};
 
-pub use admin::{Admin, PartitionStatus, TopicSettings};
+pub use admin::{Admin, PartitionStatus, TopicSettings, TopicUpdate};
 pub use consumer::{Consumer, ConsumerConfig, Message, StartFrom};
 pub use error::{Error, Result};
 pub use producer::{

@@ -69,9 +69,10 @@ pub fn resolve_config(
 
 fn fsync_from_proto(p: &v1::TopicConfig, default: Fsync) -> Result<Fsync, BrokerError> {
     match v1::FsyncPolicy::try_from(p.fsync_policy) {
-        Ok(v1::FsyncPolicy::Unspecified) => Ok(match (default, p.fsync_interval_ms) {
-            (Fsync::IntervalMs(_), Some(ms)) => Fsync::IntervalMs(ms),
-            (other, _) => other,
+        // An interval given without a policy means the interval policy.
+        Ok(v1::FsyncPolicy::Unspecified) => Ok(match p.fsync_interval_ms {
+            Some(ms) => Fsync::IntervalMs(ms),
+            None => default,
         }),
         Ok(v1::FsyncPolicy::Always) => Ok(Fsync::Always),
         Ok(v1::FsyncPolicy::Interval) => Ok(Fsync::IntervalMs(p.fsync_interval_ms.unwrap_or(100))),
@@ -115,7 +116,9 @@ pub fn topic_to_proto(node: &Node, topic: &TopicMeta) -> v1::Topic {
     }
 }
 
-fn apply_mask(
+/// The configuration `current` becomes when the fields named in `paths` take their values from
+/// `update` (UpdateTopic's field mask; the admin API's PATCH builds the same).
+pub fn apply_mask(
     node: &Node,
     current: &TopicConfig,
     update: &v1::TopicConfig,

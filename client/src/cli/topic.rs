@@ -1,8 +1,8 @@
-//! `weft topic create|list|describe|delete`.
+//! `weft topic create|list|describe|alter|delete`.
 
 use clap::Subcommand;
 use serde_json::json;
-use weft_client::{Client, TopicSettings, proto};
+use weft_client::{Client, TopicSettings, TopicUpdate, proto};
 
 use super::{Output, print_json};
 
@@ -39,11 +39,63 @@ pub(crate) enum TopicCommand {
         /// Topic name.
         name: String,
     },
+    /// Change a topic's configuration (only the options given change).
+    Alter {
+        /// Topic name.
+        name: String,
+        /// More partitions (partitions can only grow).
+        #[arg(short, long)]
+        partitions: Option<u32>,
+        /// Delete data older than this many ms, or "none" to keep it forever.
+        #[arg(long, value_parser = parse_limit)]
+        retention_ms: Option<Limit>,
+        /// Keep at most about this many bytes per partition, or "none".
+        #[arg(long, value_parser = parse_limit)]
+        retention_bytes: Option<Limit>,
+        /// Largest batch in bytes.
+        #[arg(long)]
+        max_message_bytes: Option<u32>,
+        /// Segment size in bytes (for segments created from now on).
+        #[arg(long)]
+        segment_bytes: Option<u64>,
+        /// "always" (fsync before every acknowledgement) or a sync interval in ms
+        /// (acknowledge once written, fsync every that many ms).
+        #[arg(long, value_parser = parse_fsync)]
+        fsync: Option<Fsync>,
+    },
     /// Delete a topic and its data.
     Delete {
         /// Topic name.
         name: String,
     },
+}
+
+/// A limit, or none.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limit(Option<u64>);
+
+fn parse_limit(text: &str) -> Result<Limit, String> {
+    match text {
+        "none" => Ok(Limit(None)),
+        _ => text
+            .parse::<u64>()
+            .map(|n| Limit(Some(n)))
+            .map_err(|_| format!("{text:?} is neither a number nor \"none\"")),
+    }
+}
+
+/// When a topic's publishes are made durable.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fsync(Option<u32>);
+
+fn parse_fsync(text: &str) -> Result<Fsync, String> {
+    match text {
+        "always" => Ok(Fsync(None)),
+        _ => text
+            .parse::<u32>()
+            .map(|ms| Fsync(Some(ms)))
+            .map_err(|_| format!("{text:?} is neither \"always\" nor an interval in ms")),
+    }
 }
 
 fn topic_json(t: &proto::Topic) -> serde_json::Value {
@@ -58,6 +110,7 @@ fn topic_json(t: &proto::Topic) -> serde_json::Value {
         "max_message_bytes": c.max_message_bytes,
         "fsync_policy": if c.fsync_policy == proto::FsyncPolicy::Interval as i32 { "interval" } else { "always" },
         "fsync_interval_ms": c.fsync_interval_ms,
+        "segment_bytes": c.segment_bytes,
         "created_at_ms": t.created_at_ms,
         "partition_details": t.partitions.iter().map(|p| json!({
             "partition": p.partition,
@@ -147,6 +200,35 @@ pub(crate) async fn run(
             match output {
                 Output::Json => print_json(&topic_json(&topic)),
                 Output::Text => print_topic(&topic),
+            }
+        }
+        TopicCommand::Alter {
+            name,
+            partitions,
+            retention_ms,
+            retention_bytes,
+            max_message_bytes,
+            segment_bytes,
+            fsync,
+        } => {
+            let update = TopicUpdate {
+                partitions,
+                retention_bytes: retention_bytes.map(|l| l.0),
+                retention_ms: retention_ms.map(|l| l.0),
+                max_message_bytes,
+                segment_bytes,
+                fsync_interval_ms: fsync.map(|f| f.0),
+            };
+            if update.is_empty() {
+                anyhow::bail!(
+                    "nothing to change: give at least one of --partitions, --retention-ms, \
+                     --retention-bytes, --max-message-bytes, --segment-bytes, --fsync"
+                );
+            }
+            let topic = admin.update_topic(&name, &update).await?;
+            match output {
+                Output::Json => print_json(&topic_json(&topic)),
+                Output::Text => println!("altered topic {}", topic.name),
             }
         }
         TopicCommand::Delete { name } => {

@@ -1,0 +1,253 @@
+//! Every topic setting changed while the topic holds data, through each of the three ways in
+//! (gRPC UpdateTopic through the Rust client, the admin API's PATCH, `weft topic alter`): the
+//! change takes effect, the data written before it stays readable, and both survive a restart.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::Code;
+use tonic_types::StatusExt;
+use weft_client::{Client, ProducerConfig, Record, TopicSettings, TopicUpdate};
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{PublishRequest, Record as ProtoRecord};
+use weft_tests::{Broker, fetch_range, grpc, ok_stdout, wait_for};
+
+/// Publishes `count` records of `bytes` each to `partition`, one per batch; returns
+/// offset -> value.
+async fn publish(
+    client: &Client,
+    partition: u32,
+    tag: &str,
+    count: usize,
+    bytes: usize,
+) -> BTreeMap<u64, Vec<u8>> {
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..count {
+        let mut value = format!("{tag}-{i}-").into_bytes();
+        value.resize(bytes, b'.');
+        let ack = producer
+            .send_nowait("settings", Record::new(value.clone()).partition(partition))
+            .await
+            .expect("queued");
+        acks.push((value, ack));
+    }
+    let mut out = BTreeMap::new();
+    for (value, ack) in acks {
+        let ack = ack.await.expect("answered").expect("stored");
+        out.insert(ack.offset, value);
+    }
+    producer.close().await.expect("close");
+    out
+}
+
+/// One record of `bytes` published as is: the broker's answer.
+async fn publish_one(broker: &Broker, bytes: usize) -> Result<(), tonic::Status> {
+    let channel = grpc::channel(&broker.client_addr).await;
+    grpc::publisher(&channel)
+        .publish(PublishRequest {
+            topic: "settings".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![ProtoRecord {
+                value: vec![b'b'; bytes].into(),
+                ..ProtoRecord::default()
+            }],
+            ..PublishRequest::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+fn assert_batch_too_large(result: Result<(), tonic::Status>, why: &str) {
+    let status = result.expect_err(why);
+    assert_eq!(status.code(), Code::ResourceExhausted, "{why}: {status:?}");
+    assert_eq!(
+        status.get_details_error_info().expect("ErrorInfo").reason,
+        "BATCH_TOO_LARGE",
+        "{why}"
+    );
+}
+
+/// Segment data files of partition 0 of the only topic.
+fn segments(data_dir: &Path) -> usize {
+    let topics = data_dir.join("topics");
+    let topic = std::fs::read_dir(&topics)
+        .expect("topics dir")
+        .next()
+        .expect("one topic")
+        .expect("entry")
+        .path();
+    std::fs::read_dir(topic.join("0"))
+        .expect("partition dir")
+        .filter(|e| {
+            e.as_ref()
+                .expect("entry")
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count()
+}
+
+async fn bounds(client: &Client, partition: u32) -> weft_proto::v1::PartitionOffsets {
+    client
+        .admin()
+        .offsets("settings", None)
+        .await
+        .expect("offsets")
+        .into_iter()
+        .find(|p| p.partition == partition)
+        .expect("the partition")
+}
+
+async fn log_start(client: &Client) -> u64 {
+    bounds(client, 0).await.log_start_offset
+}
+
+/// Every record of `written` at or after the log start reads back with its value.
+async fn assert_readable(broker: &Broker, partition: u32, written: &BTreeMap<u64, Vec<u8>>) {
+    let client = broker.client().await;
+    let bounds = bounds(&client, partition).await;
+    let end = written.keys().next_back().expect("written") + 1;
+    assert!(bounds.high_watermark >= end, "{bounds:?}");
+    let from = bounds
+        .log_start_offset
+        .max(*written.keys().next().expect("written"));
+    let read = fetch_range(&broker.client_addr, "settings", partition, from, end).await;
+    assert_eq!(read.len() as u64, end - from);
+    for (offset, value) in read {
+        assert_eq!(
+            value.as_ref(),
+            written[&offset].as_slice(),
+            "partition {partition} offset {offset}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_topic_setting_changes_under_data_and_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "retention_check_interval_ms = 100\n").expect("config");
+    let mut broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic_with(
+            "settings",
+            TopicSettings {
+                partitions: 1,
+                max_message_bytes: Some(64 * 1024),
+                segment_bytes: Some(64 * 1024 * 1024),
+                ..TopicSettings::default()
+            },
+        )
+        .await
+        .expect("create");
+    // Old data: records of 6 KiB, larger than the limit set below.
+    let mut p0 = publish(&client, 0, "old", 100, 6 * 1024).await;
+    assert_eq!(segments(broker.data_dir()), 1);
+
+    // gRPC (the Rust client): partitions, max_message_bytes, segment_bytes, fsync interval.
+    let topic = client
+        .admin()
+        .update_topic(
+            "settings",
+            &TopicUpdate {
+                partitions: Some(2),
+                max_message_bytes: Some(4096),
+                segment_bytes: Some(1024 * 1024),
+                fsync_interval_ms: Some(Some(50)),
+                ..TopicUpdate::default()
+            },
+        )
+        .await
+        .expect("update through gRPC");
+    let c = topic.config.expect("config");
+    assert_eq!(
+        (
+            c.partitions,
+            c.max_message_bytes,
+            c.segment_bytes,
+            c.fsync_interval_ms
+        ),
+        (2, Some(4096), Some(1024 * 1024), Some(50))
+    );
+    assert_eq!(topic.partitions.len(), 2);
+    // Effects: the new partition takes records; a batch over the new limit is refused; old
+    // records larger than the new limit still read; new segments roll at 1 MiB.
+    let p1 = publish(&client, 1, "new-partition", 10, 100).await;
+    assert_batch_too_large(publish_one(&broker, 5000).await, "over the lowered limit");
+    assert_readable(&broker, 0, &p0).await;
+    p0.extend(publish(&client, 0, "rolled", 1000, 3000).await);
+    assert!(
+        segments(broker.data_dir()) >= 3,
+        "3 MB in 1 MiB segments: {} segment files",
+        segments(broker.data_dir())
+    );
+
+    // Admin HTTP PATCH: retention by bytes, fsync back to always.
+    let (status, body) = broker.http(
+        "PATCH",
+        "/v1/topics/settings",
+        Some(r#"{"retention_bytes":2097152,"fsync_policy":"always"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(view["retention_bytes"], 2097152, "{body}");
+    assert_eq!(view["fsync_policy"], "always", "{body}");
+    assert_eq!(view["max_message_bytes"], 4096, "unchanged: {body}");
+    wait_for(
+        "retention by bytes to delete old segments",
+        Duration::from_secs(60),
+        || async { Some(log_start(&client).await).filter(|&s| s > 0) },
+    )
+    .await;
+    assert_readable(&broker, 0, &p0).await;
+
+    // The CLI: no byte limit any more, retention by age instead.
+    let out = broker.cli(&[
+        "topic",
+        "alter",
+        "settings",
+        "--retention-bytes",
+        "none",
+        "--retention-ms",
+        "1500",
+    ]);
+    ok_stdout(&out);
+    let topic = client.admin().topic("settings").await.expect("describe");
+    let c = topic.config.expect("config");
+    assert_eq!((c.retention_bytes, c.retention_ms), (None, Some(1500)));
+    // Sealed segments whose newest record is older than 1.5 s go; the active one stays.
+    let start_by_bytes = log_start(&client).await;
+    p0.extend(publish(&client, 0, "aged", 400, 3000).await);
+    wait_for(
+        "retention by age to delete old segments",
+        Duration::from_secs(60),
+        || async { Some(log_start(&client).await).filter(|&s| s > start_by_bytes) },
+    )
+    .await;
+    assert_readable(&broker, 0, &p0).await;
+
+    // Everything holds after a restart: the configuration, the limit, the data.
+    let before = client.admin().topic("settings").await.expect("describe");
+    drop(client);
+    broker.restart();
+    let client = broker.client().await;
+    let after = wait_for("the topic after restart", Duration::from_secs(60), || {
+        let client = &client;
+        async move { client.admin().topic("settings").await.ok() }
+    })
+    .await;
+    assert_eq!(after.config, before.config, "configuration after restart");
+    wait_for("partitions to serve", Duration::from_secs(60), || async {
+        client.admin().offsets("settings", None).await.ok()
+    })
+    .await;
+    assert_batch_too_large(publish_one(&broker, 5000).await, "the limit after restart");
+    assert_readable(&broker, 0, &p0).await;
+    assert_readable(&broker, 1, &p1).await;
+    broker.stop();
+}
