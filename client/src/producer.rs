@@ -522,6 +522,14 @@ where
                 n.epoch = *epoch;
                 n.base_sequence = *next;
                 *next += count;
+                // Its UNKNOWN_PRODUCER answer came from the old epoch, which was left already:
+                // renumbered in the new one, it must not start yet another epoch.
+                if last_error
+                    .as_ref()
+                    .is_some_and(|e| e.reason() == "UNKNOWN_PRODUCER")
+                {
+                    last_error = None;
+                }
             }
             None => n.base_sequence -= freed,
         }
@@ -603,5 +611,243 @@ fn answer(
                 let _ = reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The retry rules of [`resend`], driven by a scripted broker: which batches keep their
+    //! numbers, which fail, and what the next sequence and epoch are.
+
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// A batch of `records` records, numbered, with the receivers of its acknowledgements.
+    fn numbered(
+        records: usize,
+        epoch: u32,
+        base_sequence: u64,
+    ) -> (Numbered, Vec<oneshot::Receiver<Result<Ack>>>) {
+        let mut receivers = Vec::new();
+        let records = (0..records)
+            .map(|i| {
+                let (tx, rx) = oneshot::channel();
+                receivers.push(rx);
+                (Record::new(format!("r{i}")), tx)
+            })
+            .collect();
+        (
+            Numbered {
+                batch: Batch { records },
+                epoch,
+                base_sequence,
+            },
+            receivers,
+        )
+    }
+
+    fn status(code: tonic::Code, reason: &str) -> Error {
+        Error::Status {
+            code,
+            message: format!("scripted {reason}"),
+            reason: reason.into(),
+        }
+    }
+
+    fn stored(base_offset: u64) -> proto::PublishResponse {
+        proto::PublishResponse {
+            base_offset,
+            ..proto::PublishResponse::default()
+        }
+    }
+
+    fn config() -> ProducerConfig {
+        ProducerConfig {
+            retries_max: 3,
+            retry_backoff: Duration::from_millis(1),
+            ..ProducerConfig::default()
+        }
+    }
+
+    /// Runs `resend` over `pending` against `script` (answers in the order publishes are made);
+    /// returns (next sequence, epoch, the (epoch, base_sequence) of every publish attempt).
+    async fn run(
+        pending: Vec<(Numbered, Option<Error>)>,
+        script: Vec<Result<proto::PublishResponse>>,
+        epoch: u32,
+        next_sequence: u64,
+    ) -> (u64, u32, Vec<(u32, u64)>) {
+        let script = RefCell::new(VecDeque::from(script));
+        let attempts = RefCell::new(Vec::new());
+        let publish = |n: &Numbered| {
+            attempts.borrow_mut().push((n.epoch, n.base_sequence));
+            let answer = script
+                .borrow_mut()
+                .pop_front()
+                .expect("the script has an answer for every publish");
+            async move { answer }
+        };
+        let settle = |batch: Batch, result: Result<&proto::PublishResponse, Error>| {
+            answer(batch, &Arc::from("t"), 0, result)
+        };
+        let mut epoch = epoch;
+        let next = resend(
+            &publish,
+            &settle,
+            &config(),
+            "t",
+            0,
+            pending,
+            &mut epoch,
+            next_sequence,
+        )
+        .await;
+        assert!(script.borrow().is_empty(), "unused answers in the script");
+        (next, epoch, attempts.into_inner())
+    }
+
+    fn outcome(receivers: Vec<oneshot::Receiver<Result<Ack>>>) -> Vec<Result<u64, String>> {
+        receivers
+            .into_iter()
+            .map(|mut rx| {
+                rx.try_recv()
+                    .expect("answered")
+                    .map(|ack| ack.offset)
+                    .map_err(|e| e.reason().to_string())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_retried_batch_keeps_its_epoch_and_sequence() {
+        let (a, ra) = numbered(2, 3, 10);
+        let (b, rb) = numbered(1, 3, 12);
+        let unavailable = status(tonic::Code::Unavailable, "");
+        let (next, epoch, attempts) = run(
+            vec![
+                (a, Some(unavailable.clone())),
+                (b, Some(unavailable.clone())),
+            ],
+            vec![Err(unavailable), Ok(stored(100)), Ok(stored(102))],
+            3,
+            13,
+        )
+        .await;
+        assert_eq!(attempts, vec![(3, 10), (3, 10), (3, 12)]);
+        assert_eq!((next, epoch), (13, 3));
+        assert_eq!(outcome(ra), vec![Ok(100), Ok(101)]);
+        assert_eq!(outcome(rb), vec![Ok(102)]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_surely_not_stored_fails_and_later_batches_close_the_hole() {
+        // The first batch is refused for good (too large): it was not stored, so the batch after
+        // it (which failed on the gap) moves down to its sequence.
+        let (a, ra) = numbered(2, 0, 0);
+        let (b, rb) = numbered(3, 0, 2);
+        let (next, epoch, attempts) = run(
+            vec![
+                (
+                    a,
+                    Some(status(tonic::Code::ResourceExhausted, "BATCH_TOO_LARGE")),
+                ),
+                (
+                    b,
+                    Some(status(tonic::Code::FailedPrecondition, "SEQUENCE_GAP")),
+                ),
+            ],
+            vec![Ok(stored(7))],
+            0,
+            5,
+        )
+        .await;
+        assert_eq!(
+            attempts,
+            vec![(0, 0)],
+            "the refused batch is not sent again"
+        );
+        assert_eq!((next, epoch), (3, 0));
+        assert_eq!(
+            outcome(ra),
+            vec![Err("BATCH_TOO_LARGE".into()), Err("BATCH_TOO_LARGE".into())]
+        );
+        assert_eq!(outcome(rb), vec![Ok(7), Ok(8), Ok(9)]);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_outcome_fails_every_later_batch_and_fences_with_a_new_epoch() {
+        // The first batch may have been stored (the broker stayed unreachable): nothing after it
+        // may be renumbered and sent as new, so it all fails and the next epoch starts at 0.
+        let (a, ra) = numbered(1, 2, 40);
+        let (b, rb) = numbered(2, 2, 41);
+        let unavailable = status(tonic::Code::Unavailable, "");
+        let (next, epoch, attempts) = run(
+            vec![
+                (a, Some(unavailable.clone())),
+                (b, Some(unavailable.clone())),
+            ],
+            vec![
+                Err(unavailable.clone()),
+                Err(unavailable.clone()),
+                Err(unavailable),
+            ],
+            2,
+            43,
+        )
+        .await;
+        assert_eq!(attempts, vec![(2, 40); 3], "only the first batch is tried");
+        assert_eq!((next, epoch), (0, 3));
+        assert_eq!(outcome(ra), vec![Err(String::new())]);
+        assert_eq!(
+            outcome(rb),
+            vec![
+                Err("EARLIER_BATCH_UNKNOWN".into()),
+                Err("EARLIER_BATCH_UNKNOWN".into())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_producer_starts_a_new_epoch_from_sequence_zero() {
+        let (a, ra) = numbered(2, 1, 500);
+        let (b, rb) = numbered(1, 1, 502);
+        let forgotten = status(tonic::Code::FailedPrecondition, "UNKNOWN_PRODUCER");
+        let (next, epoch, attempts) = run(
+            vec![(a, Some(forgotten.clone())), (b, Some(forgotten))],
+            vec![Ok(stored(0)), Ok(stored(2))],
+            1,
+            503,
+        )
+        .await;
+        assert_eq!(attempts, vec![(2, 0), (2, 2)]);
+        assert_eq!((next, epoch), (3, 2));
+        assert_eq!(outcome(ra), vec![Ok(0), Ok(1)]);
+        assert_eq!(outcome(rb), vec![Ok(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_too_old_to_answer_fails_without_freeing_its_sequences() {
+        // DUPLICATE_SEQUENCE: stored long ago. It fails (no offsets to give), but its sequences
+        // stay used: the next batch keeps its number.
+        let (a, ra) = numbered(1, 0, 0);
+        let (b, rb) = numbered(1, 0, 1);
+        let (next, _, attempts) = run(
+            vec![
+                (
+                    a,
+                    Some(status(tonic::Code::AlreadyExists, "DUPLICATE_SEQUENCE")),
+                ),
+                (b, Some(status(tonic::Code::Unavailable, ""))),
+            ],
+            vec![Ok(stored(9))],
+            0,
+            2,
+        )
+        .await;
+        assert_eq!(attempts, vec![(0, 1)]);
+        assert_eq!(next, 2);
+        assert_eq!(outcome(ra), vec![Err("DUPLICATE_SEQUENCE".into())]);
+        assert_eq!(outcome(rb), vec![Ok(9)]);
     }
 }
