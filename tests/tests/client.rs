@@ -1,0 +1,163 @@
+//! The Rust client against a real broker: the producer keeps each partition's order with many
+//! small batches in flight; a group consumer commits what it consumed, continues from its
+//! commits after the broker restarts under it, and hands over at its commits when it closes.
+
+use std::time::Duration;
+
+use weft_client::{Client, Consumer, ConsumerConfig, ProducerConfig, Record, StartFrom};
+use weft_tests::{Broker, offsets, wait_for};
+
+/// Publishes values `tag-from .. tag-to` to partition 0 and waits for every acknowledgement.
+async fn publish(client: &Client, tag: &str, from: u64, to: u64) {
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in from..to {
+        acks.push(
+            producer
+                .send_nowait("c", Record::new(format!("{tag}-{i}")).partition(0))
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("stored");
+    }
+    producer.close().await.expect("close");
+}
+
+/// The next `count` records: (offset, value).
+async fn take(consumer: &mut Consumer, count: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let message = consumer
+            .next_timeout(Duration::from_secs(30))
+            .await
+            .expect("next")
+            .unwrap_or_else(|| panic!("only {} of {count} records arrived", out.len()));
+        out.push((
+            message.offset,
+            String::from_utf8(message.value.to_vec()).expect("utf-8"),
+        ));
+    }
+    out
+}
+
+async fn committed(broker: &Broker, group: &str) -> Option<u64> {
+    offsets(&broker.client_addr, "c", 0, Some(group))
+        .await
+        .expect("offsets")
+        .committed_offset
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_batches_in_flight_keep_the_partition_order() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("c", 1).await.expect("create");
+    // Batches of at most 7 records, 5 in flight: about 430 publishes for 3,000 records.
+    let producer = client.producer(ProducerConfig {
+        batch_records_max: 7,
+        in_flight_per_partition: 5,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..3000u64 {
+        acks.push(
+            producer
+                .send_nowait("c", Record::new(format!("v-{i}")).partition(0))
+                .await
+                .expect("queued"),
+        );
+    }
+    for (i, ack) in acks.into_iter().enumerate() {
+        let ack = ack.await.expect("answered").expect("stored");
+        assert_eq!(ack.offset, i as u64, "record {i} stored out of order");
+        assert!(!ack.duplicate);
+    }
+    producer.close().await.expect("close");
+    let stored = weft_tests::fetch_range(&broker.client_addr, "c", 0, 0, 3000).await;
+    for (offset, value) in stored {
+        assert_eq!(value.as_ref(), format!("v-{offset}").as_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_continues_from_its_commits_after_the_consumer_and_the_broker_restart() {
+    let mut broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("c", 1).await.expect("create");
+    publish(&client, "a", 0, 100).await;
+
+    let mut consumer = client
+        .consumer(
+            ConsumerConfig::new("c")
+                .group("g")
+                .start(StartFrom::Earliest)
+                .auto_commit(false),
+        )
+        .await
+        .expect("join");
+    let first = take(&mut consumer, 60).await;
+    assert_eq!(first.first().map(|r| r.0), Some(0));
+    assert_eq!(first.last().map(|r| r.0), Some(59));
+    consumer.commit().await.expect("commit");
+    assert_eq!(committed(&broker, "g").await, Some(60));
+
+    // The consuming process goes away without committing more, and the broker restarts (on new
+    // ports: the fixture binds port 0); a new member of the group continues at the commit.
+    drop(consumer);
+    broker.restart();
+    let client = broker.client().await;
+    publish(&client, "b", 100, 150).await;
+    let mut consumer = client
+        .consumer(
+            ConsumerConfig::new("c")
+                .group("g")
+                .start(StartFrom::Earliest)
+                .auto_commit(false),
+        )
+        .await
+        .expect("rejoin");
+    let rest = take(&mut consumer, 90).await;
+    let offsets: Vec<u64> = rest.iter().map(|r| r.0).collect();
+    assert_eq!(
+        offsets,
+        (60..150).collect::<Vec<_>>(),
+        "continues exactly at the commit"
+    );
+    assert_eq!(rest[39].1, "a-99");
+    assert_eq!(rest[40].1, "b-100");
+    consumer.commit().await.expect("commit");
+    assert_eq!(committed(&broker, "g").await, Some(150));
+    consumer.close().await.expect("close");
+    broker.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_commits_what_was_consumed_and_the_next_member_starts_there() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("c", 1).await.expect("create");
+    publish(&client, "x", 0, 80).await;
+
+    let config = ConsumerConfig::new("c")
+        .group("h")
+        .start(StartFrom::Earliest)
+        .auto_commit(true);
+    let mut first = client.consumer(config.clone()).await.expect("join");
+    let got = take(&mut first, 30).await;
+    assert_eq!(got.last().map(|r| r.0), Some(29));
+    // Records buffered but not handed out are not committed: only the 30 taken.
+    first.close().await.expect("close");
+    assert_eq!(committed(&broker, "h").await, Some(30));
+
+    let mut second = client.consumer(config).await.expect("join");
+    let got = take(&mut second, 50).await;
+    assert_eq!(got.first().map(|r| r.0), Some(30));
+    assert_eq!(got.last().map(|r| r.0), Some(79));
+    second.close().await.expect("close");
+    wait_for("the final commit", Duration::from_secs(10), || async {
+        (committed(&broker, "h").await == Some(80)).then_some(())
+    })
+    .await;
+}
