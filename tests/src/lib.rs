@@ -141,6 +141,14 @@ impl Broker {
     }
 
     fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn(["127.0.0.1:0"; 3]) {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts the broker on the given client, peer and admin addresses; Err if it exited
+    /// before it was ready (with its log).
+    fn try_spawn(&mut self, listen: [&str; 3]) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -158,11 +166,11 @@ impl Broker {
             .args(["--data-dir", self.data_dir.to_str().expect("utf-8 path")])
             .args([
                 "--client-listen",
-                "127.0.0.1:0",
+                listen[0],
                 "--peer-listen",
-                "127.0.0.1:0",
+                listen[1],
                 "--admin-listen",
-                "127.0.0.1:0",
+                listen[2],
             ])
             .args(&self.extra)
             .env("WEFT_LOG", "info,openraft=warn,sled=warn")
@@ -184,7 +192,8 @@ impl Broker {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!("broker did not start; log:\n{}", self.log());
+                let _ = child.wait();
+                return Err(format!("broker did not start; log:\n{}", self.log()));
             }
         };
         for field in line.split_whitespace() {
@@ -198,6 +207,29 @@ impl Broker {
             }
         }
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts a stopped or killed broker again on the ports it had, so clients connected to it
+    /// reconnect by themselves (as to a restarted pod behind a stable address). A port taken in
+    /// the meantime is retried for up to 10 s.
+    pub fn start_again_same_ports(&mut self) {
+        assert!(self.child.is_none(), "broker still running");
+        let listen = [
+            self.client_addr.clone(),
+            self.peer_addr.clone(),
+            self.admin_addr.clone(),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.try_spawn([&listen[0], &listen[1], &listen[2]]) {
+                Ok(()) => return,
+                Err(why) if why.contains("cannot listen") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
     }
 
     /// The broker's log so far.
