@@ -76,13 +76,13 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
     // A pass that ran while records were still arriving may have left more behind; the next
     // passes (every 100 ms) must bring the log down to about retention_bytes plus the active
     // segment.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let start = loop {
         let (_, body) = broker.http("GET", "/v1/topics/rolling", None);
         let topic: serde_json::Value = serde_json::from_str(&body).expect("json");
         let p = &topic["partition_details"][0];
-        let start = p["log_start_offset"].as_u64().unwrap_or(0);
-        let size = p["size_bytes"].as_u64().unwrap_or(0);
+        let start = p["log_start_offset"].as_u64().expect("log_start_offset");
+        let size = p["size_bytes"].as_u64().expect("size_bytes");
         if start > 0 && size < 3 * 1024 * 1024 {
             break start;
         }
@@ -108,14 +108,15 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
         first.offset, start,
         "reading from earliest starts at the retained start"
     );
+    // Up to the last record written (an exact end, not an idle gap).
     let mut last = first.offset;
-    while let Some(m) = consumer
-        .next_timeout(Duration::from_millis(500))
-        .await
-        .expect("next")
-    {
+    while last < 3999 {
+        let m = consumer
+            .next_timeout(Duration::from_secs(30))
+            .await
+            .expect("next")
+            .unwrap_or_else(|| panic!("records after {last} never arrived"));
         assert_eq!(m.offset, last + 1);
         last = m.offset;
     }
-    assert_eq!(last, 3999);
 }
