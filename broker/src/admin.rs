@@ -77,6 +77,7 @@ impl IntoResponse for ApiError {
             | BrokerError::UnknownProducer { .. }
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
+            | BrokerError::NotAssigned { .. }
             | BrokerError::GroupNotEmpty(_) => StatusCode::CONFLICT,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -492,7 +493,7 @@ async fn describe_topic(
     State(node): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<TopicView>, ApiError> {
-    let topic = node.topic(&name)?;
+    let topic = node.topic_named("name", &name)?;
     Ok(Json(topic_view(&node, &topic)))
 }
 
@@ -506,7 +507,7 @@ async fn update_topic(
     body: Result<Json<UpdateTopicBody>, JsonRejection>,
 ) -> Result<Json<TopicView>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
-    let current = node.topic(&name)?;
+    let current = node.topic_named("name", &name)?;
     let mut paths = Vec::new();
     let mut mark = |present: bool, path: &str| {
         if present {

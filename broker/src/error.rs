@@ -113,6 +113,19 @@ pub enum BrokerError {
         /// The request's generation.
         got: u64,
     },
+    /// A group commit of a partition the member does not own in its (current) generation: its
+    /// view of the assignment is stale (same reason as [`BrokerError::StaleGeneration`]).
+    #[error(
+        "partition {partition} is not assigned to this member in generation {generation} of group {group:?}: rejoin"
+    )]
+    NotAssigned {
+        /// Group.
+        group: String,
+        /// The partition.
+        partition: u32,
+        /// The (current) generation.
+        generation: u64,
+    },
     /// An offset outside the retained log.
     #[error("offset {offset} is outside [{start}, {end}]")]
     OffsetOutOfRange {
@@ -192,6 +205,15 @@ impl BrokerError {
                 current,
                 got,
             },
+            BrokerError::NotAssigned {
+                group,
+                partition,
+                generation,
+            } => BrokerError::NotAssigned {
+                group: clip(&group),
+                partition,
+                generation,
+            },
             BrokerError::InvalidArgument(violations) => BrokerError::InvalidArgument(
                 violations
                     .into_iter()
@@ -230,6 +252,7 @@ impl BrokerError {
             | BrokerError::UnknownProducer { .. }
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
+            | BrokerError::NotAssigned { .. }
             | BrokerError::GroupNotEmpty(_) => Code::FailedPrecondition,
             BrokerError::OffsetOutOfRange { .. } => Code::OutOfRange,
             BrokerError::Unavailable { .. } => Code::Unavailable,
@@ -255,7 +278,9 @@ impl BrokerError {
             BrokerError::DuplicateSequence { .. } => "DUPLICATE_SEQUENCE",
             BrokerError::UnknownProducer { .. } => "UNKNOWN_PRODUCER",
             BrokerError::ProducerFenced { .. } => "PRODUCER_FENCED",
-            BrokerError::StaleGeneration { .. } => "STALE_GENERATION",
+            BrokerError::StaleGeneration { .. } | BrokerError::NotAssigned { .. } => {
+                "STALE_GENERATION"
+            }
             BrokerError::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
             BrokerError::Unavailable { .. } => "UNAVAILABLE",
             BrokerError::Timeout(_) => "TIMEOUT",
@@ -324,6 +349,14 @@ impl From<BrokerError> for tonic::Status {
             }
             BrokerError::StaleGeneration { current, .. } => {
                 metadata.insert("current_generation".into(), current.to_string());
+            }
+            BrokerError::NotAssigned {
+                generation,
+                partition,
+                ..
+            } => {
+                metadata.insert("current_generation".into(), generation.to_string());
+                metadata.insert("partition".into(), partition.to_string());
             }
             BrokerError::OffsetOutOfRange { start, end, .. } => {
                 metadata.insert("log_start_offset".into(), start.to_string());

@@ -191,12 +191,7 @@ impl Coordinator {
         session: Option<Duration>,
         now: Instant,
     ) -> Result<Membership, BrokerError> {
-        if group_id.is_empty() || group_id.len() > 249 {
-            return Err(BrokerError::invalid(
-                "group_id",
-                "must be 1 to 249 characters",
-            ));
-        }
+        validate_group_id(group_id)?;
         if member_id.is_some_and(|m| m.len() > 249) {
             return Err(BrokerError::invalid(
                 "member_id",
@@ -401,9 +396,7 @@ impl Coordinator {
         topic_id: &str,
         offsets: &[(u32, u64)],
     ) -> Result<Vec<(u32, u64)>, BrokerError> {
-        if group_id.is_empty() {
-            return Err(BrokerError::invalid("group_id", "is empty"));
-        }
+        validate_group_id(group_id)?;
         let lock = self.commit_lock(group_id)?;
         let _committing = lock.lock().await;
         self.check_commit(group_id, member_id, generation, topic_id, offsets)?;
@@ -479,8 +472,12 @@ impl Coordinator {
                     .get(member_id)
                     .cloned()
                     .unwrap_or_default();
-                if offsets.iter().any(|(p, _)| !owned.contains(p)) {
-                    return Err(group.stale(group_id, generation));
+                if let Some(&(partition, _)) = offsets.iter().find(|(p, _)| !owned.contains(p)) {
+                    return Err(BrokerError::NotAssigned {
+                        group: group_id.into(),
+                        partition,
+                        generation,
+                    });
                 }
                 Ok(())
             }
@@ -517,6 +514,7 @@ impl Coordinator {
 
     /// Describes a group; None if it has neither members nor offsets.
     pub fn describe(&self, group_id: &str) -> Result<Option<GroupDescription>, BrokerError> {
+        validate_group_id(group_id)?;
         let committed = self
             .inner
             .meta
@@ -559,6 +557,7 @@ impl Coordinator {
     /// Deletes a group's committed offsets. Refused while it has members; NOT_FOUND when it has
     /// nothing to delete.
     pub async fn delete(&self, group_id: &str) -> Result<(), BrokerError> {
+        validate_group_id(group_id)?;
         let lock = self.commit_lock(group_id)?;
         let _committing = lock.lock().await;
         if let Some(group) = self.groups()?.get(group_id)
@@ -586,6 +585,20 @@ impl Coordinator {
             .retain_group_offsets(live)
             .map_err(meta_error)
     }
+}
+
+/// A group id as requests may give it: 1 to 249 bytes, no control characters.
+pub fn validate_group_id(group_id: &str) -> Result<(), BrokerError> {
+    if group_id.is_empty() || group_id.len() > 249 {
+        return Err(BrokerError::invalid("group_id", "must be 1 to 249 bytes"));
+    }
+    if group_id.chars().any(char::is_control) {
+        return Err(BrokerError::invalid(
+            "group_id",
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -664,7 +677,7 @@ mod tests {
             .commit("g", "a", gen2, "id-t", &[(owned_by_b[0], 1)])
             .await
             .expect_err("not a's partition");
-        assert!(matches!(err, BrokerError::StaleGeneration { .. }));
+        assert!(matches!(err, BrokerError::NotAssigned { .. }));
         let err = c
             .commit("g", "a", gen2, "id-t", &[(0, 9)])
             .await

@@ -213,6 +213,15 @@ impl Node {
 
     /// A topic by name.
     pub fn topic(&self, name: &str) -> Result<TopicMeta, BrokerError> {
+        self.topic_named("topic", name)
+    }
+
+    /// The topic a request names in `field`: INVALID_ARGUMENT (naming the field) when the name
+    /// cannot be a topic's, NOT_FOUND when there is no such topic.
+    pub fn topic_named(&self, field: &str, name: &str) -> Result<TopicMeta, BrokerError> {
+        if let Err(violation) = crate::topic::validate_name(name) {
+            return Err(BrokerError::invalid(field, violation.description));
+        }
         self.controller_state()
             .topics
             .get(name)
@@ -308,7 +317,7 @@ impl Node {
         name: &str,
         config: TopicConfig,
     ) -> Result<TopicMeta, BrokerError> {
-        let current = self.topic(name)?;
+        let current = self.topic_named("name", name)?;
         let violations = config.validate();
         if !violations.is_empty() {
             return Err(BrokerError::InvalidArgument(violations));
@@ -335,6 +344,7 @@ impl Node {
 
     /// Deletes a topic and its data.
     pub async fn delete_topic(&self, name: &str) -> Result<String, BrokerError> {
+        self.topic_named("name", name)?;
         match self
             .propose(ControllerCommand::DeleteTopic { name: name.into() })
             .await?

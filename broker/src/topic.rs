@@ -70,12 +70,20 @@ impl FieldViolation {
     }
 }
 
+/// At most 64 characters of a name, for messages (a hostile name is not echoed whole).
+fn clip(name: &str) -> String {
+    match name.char_indices().nth(64) {
+        Some((end, _)) => format!("{}...", &name[..end]),
+        None => name.to_string(),
+    }
+}
+
 /// Checks a topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_name(name: &str) -> Result<(), FieldViolation> {
     let bad = |why: &str| {
         Err(FieldViolation::new(
             "name",
-            format!("topic name {name:?} {why}"),
+            format!("topic name {:?} {why}", clip(name)),
         ))
     };
     if name.is_empty() {

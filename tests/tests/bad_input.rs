@@ -86,13 +86,14 @@ async fn bad_grpc_requests_get_statuses_with_details() {
         .await
         .expect_err("a 20 MiB request");
     assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
-    // A hostile 10 000-character topic name is not echoed whole into the response headers.
+    // A hostile 10 000-character topic name is refused as invalid (no topic can have it) and not
+    // echoed whole into the response headers.
     let long = "x".repeat(10_000);
     let unknown_long = publisher
         .publish(request(&long, 1, 1))
         .await
-        .expect_err("unknown long topic");
-    assert_eq!(unknown_long.code(), Code::NotFound);
+        .expect_err("a topic name too long");
+    assert_eq!(unknown_long.code(), Code::InvalidArgument);
     assert!(
         unknown_long.message().len() < 300,
         "{} characters",

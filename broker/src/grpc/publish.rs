@@ -82,6 +82,17 @@ impl PublisherService {
                 ));
             }
         }
+        if request.producer_id != 0
+            && request
+                .base_sequence
+                .checked_add(request.records.len() as u64)
+                .is_none()
+        {
+            return Err(BrokerError::invalid(
+                "base_sequence",
+                "the batch's sequences would pass the end of the range: start a new epoch",
+            ));
+        }
         let topic = node.topic(&request.topic)?;
         let partitions = topic.config.partitions;
         let partition = match &request.target {
@@ -93,6 +104,12 @@ impl PublisherService {
                     });
                 }
                 *p
+            }
+            Some(Target::PartitionKey(key)) if key.is_empty() => {
+                return Err(BrokerError::invalid(
+                    "target",
+                    "partition_key is empty: give a key, or name the partition",
+                ));
             }
             Some(Target::PartitionKey(key)) => partition_for_key(key, partitions),
             None if request.producer_id != 0 => {

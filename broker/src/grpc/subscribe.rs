@@ -129,6 +129,9 @@ impl SubscriberService {
         request: &GetOffsetsRequest,
     ) -> Result<GetOffsetsResponse, BrokerError> {
         let topic = self.node.topic(&request.topic)?;
+        if !request.group_id.is_empty() {
+            crate::groups::validate_group_id(&request.group_id)?;
+        }
         let partitions: Vec<u32> = if request.partitions.is_empty() {
             (0..topic.config.partitions).collect()
         } else {
@@ -413,6 +416,28 @@ impl Session {
         inbound: Streaming<SubscribeRequest>,
     ) -> Result<mpsc::Receiver<Result<SubscribeResponse, Status>>, BrokerError> {
         let topic = node.topic(&start.topic)?;
+        if !start.group_id.is_empty() && !start.partitions.is_empty() {
+            return Err(BrokerError::invalid(
+                "partitions",
+                "a group member is assigned its partitions: name none with a group_id",
+            ));
+        }
+        let max_session_ms = crate::groups::SESSION_TIMEOUT_MAX.as_millis();
+        if u128::from(start.session_timeout_ms) > max_session_ms {
+            return Err(BrokerError::invalid(
+                "session_timeout_ms",
+                format!("at most {max_session_ms} ms"),
+            ));
+        }
+        let mut named = std::collections::HashSet::new();
+        for &p in &start.partitions {
+            if !named.insert(p) {
+                return Err(BrokerError::invalid(
+                    "partitions",
+                    format!("partition {p} is named twice"),
+                ));
+            }
+        }
         for &p in &start.partitions {
             if p >= topic.config.partitions {
                 return Err(BrokerError::PartitionNotFound {
@@ -619,6 +644,13 @@ impl Session {
                     .iter()
                     .map(|o| (o.partition, o.offset))
                     .collect();
+                let partitions = self.node.topic(&self.start.topic)?.config.partitions;
+                if let Some(&(partition, _)) = offsets.iter().find(|(p, _)| *p >= partitions) {
+                    return Err(BrokerError::PartitionNotFound {
+                        topic: self.start.topic.clone(),
+                        partition,
+                    });
+                }
                 let committed = self
                     .node
                     .groups

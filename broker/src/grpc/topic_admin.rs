@@ -200,7 +200,7 @@ impl TopicAdmin for TopicAdminService {
         let started = Instant::now();
         let result = self
             .node
-            .topic(&request.get_ref().name)
+            .topic_named("name", &request.get_ref().name)
             .map(|t| topic_to_proto(&self.node, &t));
         record("GetTopic", started, result)
     }
@@ -215,8 +215,19 @@ impl TopicAdmin for TopicAdminService {
             0 => PAGE_SIZE_DEFAULT,
             n => n.min(PAGE_SIZE_MAX),
         };
-        let state = self.node.controller_state();
         let after = request.page_token;
+        // The token is the last topic name of the previous page.
+        if !after.is_empty() && crate::topic::validate_name(&after).is_err() {
+            return record(
+                "ListTopics",
+                started,
+                Err(BrokerError::invalid(
+                    "page_token",
+                    "not a next_page_token from a previous response",
+                )),
+            );
+        }
+        let state = self.node.controller_state();
         let mut page: Vec<&TopicMeta> = state
             .topics
             .values()
@@ -246,7 +257,7 @@ impl TopicAdmin for TopicAdminService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = async {
-            let current = self.node.topic(&request.name)?;
+            let current = self.node.topic_named("name", &request.name)?;
             let update = request.config.unwrap_or_default();
             let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
             let config = apply_mask(&self.node, &current.config, &update, &paths)?;
