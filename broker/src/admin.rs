@@ -47,19 +47,48 @@ pub struct FieldError {
     pub description: String,
 }
 
-/// A failed admin request.
+/// Largest request body the admin API reads (its requests are small JSON documents).
+pub const ADMIN_BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// A failed admin request: a broker error, or a refusal of the HTTP request itself.
 #[derive(Debug)]
-pub struct ApiError(BrokerError);
+pub enum ApiError {
+    /// A broker error, mapped to its HTTP status.
+    Broker(BrokerError),
+    /// An HTTP-level refusal (body too large, method not allowed).
+    Http {
+        /// The status.
+        status: StatusCode,
+        /// Machine-readable reason.
+        code: &'static str,
+        /// Human-readable message.
+        message: String,
+    },
+}
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        ApiError(e)
+        ApiError::Broker(e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let error = self.0.clipped();
+        let error = match self {
+            ApiError::Broker(error) => error.clipped(),
+            ApiError::Http {
+                status,
+                code,
+                message,
+            } => {
+                let error = ErrorDetail {
+                    code: code.into(),
+                    message,
+                    fields: Vec::new(),
+                };
+                return (status, Json(ErrorBody { error })).into_response();
+            }
+        };
         let status = match &error {
             BrokerError::TopicNotFound(_)
             | BrokerError::PartitionNotFound { .. }
@@ -107,7 +136,14 @@ impl IntoResponse for ApiError {
 }
 
 fn bad_json(rejection: JsonRejection) -> ApiError {
-    ApiError(BrokerError::invalid("body", rejection.body_text()))
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::Http {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "BODY_TOO_LARGE",
+            message: format!("the request body is larger than {ADMIN_BODY_BYTES_MAX} bytes"),
+        };
+    }
+    ApiError::Broker(BrokerError::invalid("body", rejection.body_text()))
 }
 
 /// Health.
@@ -661,6 +697,14 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::Http {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "METHOD_NOT_ALLOWED",
+        message: format!("{method} is not allowed here; see /openapi.json"),
+    }
+}
+
 async fn not_found() -> (StatusCode, Json<ErrorBody>) {
     let error = ErrorDetail {
         code: "NOT_FOUND".into(),
@@ -686,5 +730,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{id}", get(describe_group).delete(delete_group))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
         .with_state(node)
 }

@@ -187,34 +187,233 @@ async fn bad_grpc_requests_get_statuses_with_details() {
 }
 
 #[test]
-fn bad_admin_json_gets_a_4xx_json_body() {
+fn bad_admin_requests_get_a_4xx_json_body() {
     let broker = Broker::start();
-    let (status, body) = broker.http("POST", "/v1/topics", Some("{not json"));
-    assert_eq!(status, 400, "{body}");
-    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
-    assert_eq!(body["error"]["code"], "INVALID_ARGUMENT");
-
-    let (status, body) = broker.http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"ok-name","partitions":"three"}"#),
+    let (status, body) = broker.http("POST", "/v1/topics", Some(r#"{"name":"t","partitions":2}"#));
+    assert_eq!(status, 201, "{body}");
+    // Topics with their configs and offsets (not sizes: a new partition's log writes its Raft
+    // bootstrap entries in the background).
+    let topics = || {
+        let (_, body) = broker.http("GET", "/v1/topics", None);
+        let mut topics: serde_json::Value = serde_json::from_str(&body).expect("json");
+        for topic in topics.as_array_mut().expect("topics") {
+            for p in topic["partition_details"]
+                .as_array_mut()
+                .expect("partitions")
+            {
+                p.as_object_mut().expect("partition").remove("size_bytes");
+            }
+        }
+        topics
+    };
+    let before = topics();
+    let big = format!(r#"{{"name":"big","padding":"{}"}}"#, "x".repeat(100 * 1024));
+    // (method, path, body, status, error code, offending field)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        u16,
+        &'a str,
+        Option<&'a str>,
     );
-    assert_eq!(status, 400, "{body}");
-    let (status, body) = broker.http("POST", "/v1/topics", Some(r#"{"name":"bad name!"}"#));
-    assert_eq!(status, 400, "{body}");
-    assert!(body.contains("\"field\":\"name\""), "{body}");
-    let (status, _) = broker.http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"t","unknown_field":1}"#),
-    );
-    assert_eq!(status, 400);
-    let (status, body) = broker.http("GET", "/v1/topics/missing", None);
-    assert_eq!(status, 404);
-    assert!(body.contains("TOPIC_NOT_FOUND"));
-    let (status, _) = broker.http("GET", "/no/such/path", None);
-    assert_eq!(status, 404);
-    // Still serving.
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "POST",
+            "/v1/topics",
+            Some("{not json"),
+            400,
+            "INVALID_ARGUMENT",
+            Some("body"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"ok-name","partitions":"three"}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("body"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"bad name!"}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("name"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"x","unknown_field":1}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("body"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"x","fsync_policy":"never"}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("fsync_policy"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"x","partitions":100000}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("config.partitions"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"t"}"#),
+            409,
+            "TOPIC_EXISTS",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(big.as_str()),
+            413,
+            "BODY_TOO_LARGE",
+            None,
+        ),
+        (
+            "PATCH",
+            "/v1/topics/t",
+            Some("{}"),
+            400,
+            "INVALID_ARGUMENT",
+            Some("update_mask"),
+        ),
+        (
+            "PATCH",
+            "/v1/topics/t",
+            Some(r#"{"colour":"red"}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("body"),
+        ),
+        (
+            "PATCH",
+            "/v1/topics/t",
+            Some(r#"{"partitions":1}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("config.partitions"),
+        ),
+        (
+            "PATCH",
+            "/v1/topics/t",
+            Some(r#"{"replication_factor":3}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("update_mask"),
+        ),
+        (
+            "PATCH",
+            "/v1/topics/t",
+            Some(r#"{"retention_ms":0}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("config.retention_ms"),
+        ),
+        (
+            "PATCH",
+            "/v1/topics/missing",
+            Some(r#"{"retention_ms":1000}"#),
+            404,
+            "TOPIC_NOT_FOUND",
+            None,
+        ),
+        (
+            "PATCH",
+            "/v1/topics/bad%20name",
+            Some(r#"{"retention_ms":1000}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("name"),
+        ),
+        (
+            "GET",
+            "/v1/topics/missing",
+            None,
+            404,
+            "TOPIC_NOT_FOUND",
+            None,
+        ),
+        (
+            "DELETE",
+            "/v1/topics/missing",
+            None,
+            404,
+            "TOPIC_NOT_FOUND",
+            None,
+        ),
+        (
+            "GET",
+            "/v1/groups/missing",
+            None,
+            404,
+            "GROUP_NOT_FOUND",
+            None,
+        ),
+        (
+            "DELETE",
+            "/v1/groups/missing",
+            None,
+            404,
+            "GROUP_NOT_FOUND",
+            None,
+        ),
+        ("GET", "/no/such/path", None, 404, "NOT_FOUND", None),
+        (
+            "PUT",
+            "/v1/topics",
+            Some("{}"),
+            405,
+            "METHOD_NOT_ALLOWED",
+            None,
+        ),
+        (
+            "POST",
+            "/v1/cluster",
+            Some("{}"),
+            405,
+            "METHOD_NOT_ALLOWED",
+            None,
+        ),
+    ];
+    for (method, path, request, want, code, field) in cases {
+        let case = format!("{method} {path} {:.60}", request.unwrap_or(""));
+        let (status, body) = broker.http(method, path, request);
+        assert_eq!(status, want, "{case}: {body}");
+        let body: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{case}: not JSON ({e}): {body}"));
+        assert_eq!(body["error"]["code"], code, "{case}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{case}: a message: {body}"
+        );
+        if let Some(field) = field {
+            let fields = body["error"]["fields"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                fields.iter().any(|f| f["field"] == field),
+                "{case}: names {field}: {body}"
+            );
+        }
+    }
+    // Nothing changed, and the API still serves.
+    assert_eq!(topics(), before, "bad requests changed nothing");
     let (status, body) = broker.http(
         "POST",
         "/v1/topics",

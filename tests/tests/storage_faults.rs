@@ -201,9 +201,15 @@ async fn a_full_disk_takes_the_partition_down_until_space_is_back() {
         },
     )
     .await;
-    assert!(reason.contains("full/0"), "{reason}");
+    let ready: serde_json::Value = serde_json::from_str(&reason).expect("a JSON body");
+    assert_eq!(ready["status"], "not ready", "{reason}");
+    let down = &ready["not_ready"][0];
+    assert_eq!(down["partition"], "full/0", "{reason}");
+    assert_eq!(down["phase"], "down", "{reason}");
     assert!(
-        reason.contains("No space left on device"),
+        down["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("No space left on device")),
         "the reason is the full disk: {reason}"
     );
     assert_eq!(
