@@ -6,7 +6,7 @@ use tonic_types::StatusExt;
 use weft_proto::v1::publish_request::Target;
 use weft_proto::v1::publisher_client::PublisherClient;
 use weft_proto::v1::{PublishRequest, Record};
-use weft_tests::{Broker, binary};
+use weft_tests::{Broker, binary, ok_stdout};
 
 fn request(topic: &str, values: usize, value_bytes: usize) -> PublishRequest {
     PublishRequest {
@@ -460,21 +460,83 @@ fn invalid_config_is_a_clear_error_naming_the_key() {
 #[test]
 fn cli_failures_exit_non_zero_with_one_line() {
     let broker = Broker::start();
-    let output = broker.cli(&["topic", "describe", "nope"]);
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.starts_with("weft: ") && stderr.contains("not found"),
-        "{stderr}"
-    );
-    assert_eq!(stderr.trim().lines().count(), 1);
-    let usage = broker.cli(&["topic", "frobnicate"]);
-    assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
-    let unreachable = std::process::Command::new(binary("weft"))
-        .args(["--server", "127.0.0.1:1", "topic", "list"])
-        .output()
-        .expect("run");
-    assert_eq!(unreachable.status.code(), Some(1));
+    ok_stdout(&broker.cli(&["topic", "create", "t", "--partitions", "2"]));
+    // Failures the broker reports: exit 1, one line "weft: <reason>".
+    let failures: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["topic", "describe", "nope"], "not found"),
+        (vec!["topic", "create", "t"], "exists"),
+        (vec!["topic", "create", "bad name!"], "name"),
+        (
+            vec!["topic", "create", "n", "--partitions", "5000"],
+            "partitions",
+        ),
+        (
+            vec!["topic", "alter", "nope", "--retention-ms", "5"],
+            "not found",
+        ),
+        (vec!["topic", "alter", "t"], "nothing to change"),
+        (
+            vec!["topic", "alter", "t", "--partitions", "1"],
+            "partitions",
+        ),
+        (vec!["topic", "delete", "nope"], "not found"),
+        (vec!["produce", "nope", "v"], "not found"),
+        (vec!["produce", "t", "v", "--partition", "9"], "partition"),
+        (
+            vec!["consume", "nope", "--from", "earliest", "--count", "1"],
+            "not found",
+        ),
+        (vec!["group", "describe", "nope"], "not found"),
+        (vec!["group", "delete", "nope"], "not found"),
+        (
+            vec!["produce", "t", "v", "-H", "no-equals-sign"],
+            "name=value",
+        ),
+        (vec!["consume", "t", "--from", "yesterday"], "--from"),
+    ];
+    for (args, needle) in failures {
+        let output = broker.cli(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("weft: ") && stderr.to_lowercase().contains(needle),
+            "{args:?}: the reason ({needle}): {stderr}"
+        );
+        assert_eq!(
+            stderr.trim().lines().count(),
+            1,
+            "{args:?}: one line: {stderr}"
+        );
+    }
+    // Usage errors (caught before anything is sent): exit 2, the reason on the first line.
+    let usage: Vec<Vec<&str>> = vec![
+        vec!["topic", "frobnicate"],
+        vec!["topic", "alter", "t", "--retention-ms", "soon"],
+        vec!["topic", "alter", "t", "--fsync", "sometimes"],
+    ];
+    for args in usage {
+        let output = broker.cli(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr
+                .lines()
+                .next()
+                .is_some_and(|l| l.starts_with("error: ")),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Nothing to talk to: exit 1, one line naming the address.
+    for server in ["127.0.0.1:1", "not an address"] {
+        let output = std::process::Command::new(binary("weft"))
+            .args(["--server", server, "topic", "list"])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{server}: {stderr}");
+        assert!(stderr.starts_with("weft: "), "{server}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{server}: {stderr}");
+    }
 }
 
 /// Passes raw bytes through unchanged, to send malformed messages.
