@@ -17,7 +17,6 @@ use futures::stream::FuturesUnordered;
 use serde::Serialize;
 use weft_client::{Client, ProducerConfig, Record, TopicSettings};
 
-use crate::drivers::process::free_port;
 use crate::drivers::weft::broker_binary;
 
 /// One restart, measured.
@@ -55,20 +54,19 @@ struct Broker {
 }
 
 fn spawn(binary: &Path, data_dir: &Path) -> Result<(Broker, Instant)> {
-    let client = free_port()?;
-    let peer = free_port()?;
-    let admin = free_port()?;
     let started = Instant::now();
+    // Port 0: the broker binds free ports itself and names them on its ready line (no
+    // bind-release-rebind race).
     let mut child = Command::new(binary)
         .arg("--data-dir")
         .arg(data_dir)
         .args([
             "--client-listen",
-            &format!("127.0.0.1:{client}"),
+            "127.0.0.1:0",
             "--peer-listen",
-            &format!("127.0.0.1:{peer}"),
+            "127.0.0.1:0",
             "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
+            "127.0.0.1:0",
         ])
         .env("WEFT_LOG", "warn")
         .stdout(Stdio::piped())
@@ -84,11 +82,19 @@ fn spawn(binary: &Path, data_dir: &Path) -> Result<(Broker, Instant)> {
         let _ = child.kill();
         bail!("the broker did not start: {line:?}");
     }
+    let address = |key: &str| {
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix(key))
+            .map(str::to_string)
+            .with_context(|| format!("{key} on the ready line {line:?}"))
+    };
+    let client_addr = address("client=")?;
+    let admin_addr = address("admin=")?;
     Ok((
         Broker {
             child,
-            client_addr: format!("127.0.0.1:{client}"),
-            admin_addr: format!("127.0.0.1:{admin}"),
+            client_addr,
+            admin_addr,
         },
         started,
     ))

@@ -356,10 +356,26 @@ fn reset_restarts_the_log_at_a_position_and_remembers_it_across_a_crash() {
 
 #[test]
 fn group_committer_shares_fsyncs_and_hands_out_dense_offsets() {
+    /// A slow disk: every data sync takes at least 5 ms more, so appends from the other threads
+    /// queue up behind it whatever the machine's speed (a tmpfs syncs in no time), and the next
+    /// sync must take them all.
+    #[derive(Debug)]
+    struct SlowSyncs(Arc<SyncRecorder>);
+    impl weft_storage::SyncListener for SlowSyncs {
+        fn synced(&self, path: &std::path::Path, len: u64) {
+            if path.extension().is_some_and(|e| e == "log") {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            self.0.synced(path, len);
+        }
+        fn replaced(&self, path: &std::path::Path, len: u64) {
+            self.0.replaced(path, len);
+        }
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let recorder = SyncRecorder::new();
     let config = LogConfig {
-        sync_listener: Some(recorder.clone()),
+        sync_listener: Some(Arc::new(SlowSyncs(recorder.clone()))),
         ..LogConfig::default()
     };
     let log = PartitionLog::open(dir.path(), config).expect("open");
@@ -408,7 +424,8 @@ fn group_committer_shares_fsyncs_and_hands_out_dense_offsets() {
         assert_eq!(first.value.as_ref(), value.as_bytes());
     }
     assert_eq!(log.durable(), log.end());
-    // 400 appends from 4 threads: groups share syncs (each sync serves ~3-4 appends here).
+    // 400 appends from 4 threads, each waiting for its append to be durable, behind syncs of at
+    // least 5 ms: the other threads' appends wait through each sync, so a sync serves several.
     let syncs = recorder
         .data_syncs
         .load(std::sync::atomic::Ordering::Relaxed);

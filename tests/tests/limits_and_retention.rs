@@ -43,6 +43,18 @@ async fn producer_batches_respect_a_small_topic_limit() {
             .expect("every batch fits the topic's limit");
     }
     producer.close().await.expect("close");
+    // And the batches were not trivially small: 400 records of about 800 bytes went in batches
+    // of several records each (up to about 20 fit in 16 KiB).
+    let publishes = weft_tests::metric(
+        &broker,
+        "weft_rpc_requests_total{method=\"Publish\",code=\"Ok\"}",
+    )
+    .expect("the publish counter");
+    eprintln!("{publishes} publishes");
+    assert!(
+        publishes <= 100.0,
+        "400 records took {publishes} publishes: batches fill up to the limit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

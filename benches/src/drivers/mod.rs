@@ -281,6 +281,24 @@ impl DriverSpec {
 /// Starts (or connects to) the system a spec names. `data_dir` holds what a started system
 /// stores; `disk` is run by the runner itself and has no driver.
 pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>> {
+    // Peers are given a free port found by binding and releasing it; another process may take
+    // it in between, and the server then exits before listening: try again with new ports.
+    let mut attempt = 1;
+    loop {
+        match start_once(spec, data_dir).await {
+            Err(e) if attempt < 3 && format!("{e:#}").contains("before listening on") => {
+                eprintln!(
+                    "{:?}: did not start ({e:#}); trying again on new ports",
+                    spec.kind
+                );
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+async fn start_once(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>> {
     match spec.kind {
         Kind::Weft => Ok(Box::new(weft::WeftDriver::start(spec, data_dir).await?)),
         Kind::Nats => Ok(Box::new(nats::NatsDriver::start(spec, data_dir).await?)),
