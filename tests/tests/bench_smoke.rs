@@ -164,8 +164,9 @@ fn smoke(driver: &str) {
         "0.5",
         "--rate",
         "2000",
+        // Generous: the run ends as soon as everything is consumed.
         "--drain-timeout",
-        "20",
+        "120",
         "--out",
         out.to_str().expect("utf-8"),
         "--data-dir",
