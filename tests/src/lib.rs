@@ -268,10 +268,29 @@ impl Broker {
         }
     }
 
-    /// Starts the broker again on the same data directory (new ports).
+    /// Stops the broker gracefully and starts it again on the same data directory (new ports);
+    /// returns once it is ready (`/readyz` 200: every partition opened and replayed). Tests of
+    /// what happens before then use [`Broker::stop`] and [`Broker::start_again`].
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+        self.wait_ready();
+    }
+
+    /// Waits until `/readyz` answers 200 (at most 60 s).
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.http("GET", "/readyz", None);
+            if status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker was not ready within 60 s: {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts a stopped or killed broker again.
