@@ -33,6 +33,7 @@ mod admin;
 mod consumer;
 mod error;
 mod producer;
+mod stream;
 
 use std::time::Duration;
 
@@ -43,7 +44,8 @@ pub use admin::{Admin, PartitionStatus, TopicSettings, TopicUpdate};
 pub use consumer::{Consumer, ConsumerConfig, Message, StartFrom};
 pub use error::{Error, Result};
 pub use producer::{
-    Ack, IN_FLIGHT_PER_PARTITION_MAX, Producer, ProducerConfig, murmur2, partition_for_key,
+    Ack, IN_FLIGHT_PER_PARTITION_MAX, Producer, ProducerConfig, PublishTransport, murmur2,
+    partition_for_key,
 };
 pub use weft_proto::v1 as proto;
 

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::stream::PublishLane;
 use crate::{Client, Error, Record, Result, proto};
 
 /// Producer settings.
@@ -39,6 +40,20 @@ pub struct ProducerConfig {
     pub retry_backoff: Duration,
     /// Use a producer id and sequences so retries never duplicate (default true).
     pub idempotent: bool,
+    /// How batches travel to the broker (default: one stream per topic).
+    pub transport: PublishTransport,
+}
+
+/// How a producer's batches travel to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PublishTransport {
+    /// One `PublishStream` per topic carries every partition's batches (no call set-up per
+    /// batch; the broker answers in order).
+    #[default]
+    Stream,
+    /// One unary `Publish` call per batch (a service mesh then sees, and can route and measure,
+    /// every batch as its own call).
+    Unary,
 }
 
 impl Default for ProducerConfig {
@@ -52,6 +67,7 @@ impl Default for ProducerConfig {
             retries_max: 20,
             retry_backoff: Duration::from_millis(100),
             idempotent: true,
+            transport: PublishTransport::default(),
         }
     }
 }
@@ -232,24 +248,35 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     let mut sticky: HashMap<Arc<str>, u32> = HashMap::new();
     let mut open: HashMap<(Arc<str>, u32), Open> = HashMap::new();
     let mut senders: HashMap<(Arc<str>, u32), Lane> = HashMap::new();
+    // Per topic, the stream its partitions' batches share (transport Stream).
+    let mut streams: HashMap<Arc<str>, PublishLane> = HashMap::new();
     // Told by a sender when it has answered everything it was given.
     let idle = Arc::new(Notify::new());
     let tick = (config.linger / 2).max(Duration::from_millis(1));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let sender_for = |key: &(Arc<str>, u32), senders: &mut HashMap<(Arc<str>, u32), Lane>| {
+    let sender_for = |key: &(Arc<str>, u32),
+                      senders: &mut HashMap<(Arc<str>, u32), Lane>,
+                      streams: &mut HashMap<Arc<str>, PublishLane>| {
         senders
             .entry(key.clone())
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(config.in_flight_per_partition.max(1));
                 let outstanding = Arc::new(AtomicUsize::new(0));
+                let stream = (config.transport == PublishTransport::Stream).then(|| {
+                    streams
+                        .entry(key.0.clone())
+                        .or_insert_with(|| PublishLane::start(client.clone(), key.0.clone()))
+                        .clone()
+                });
                 tokio::spawn(send_partition(
                     client.clone(),
                     config.clone(),
                     key.0.clone(),
                     key.1,
                     producer_id,
+                    stream,
                     rx,
                     outstanding.clone(),
                     idle.clone(),
@@ -292,7 +319,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let limit = config.batch_bytes_max.min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES)).max(1);
                         let overflows = open.get(&key).is_some_and(|b| !b.records.is_empty() && b.bytes + size > limit);
                         if overflows && let Some(full) = open.remove(&key) {
-                            sender_for(&key, &mut senders).dispatch(full.records).await;
+                            sender_for(&key, &mut senders, &mut streams).dispatch(full.records).await;
                             if let Some(p) = sticky.get_mut(&topic) {
                                 *p = (*p + 1) % partitions;
                             }
@@ -303,7 +330,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let full = batch.bytes >= limit || batch.records.len() >= config.batch_records_max;
                         if full {
                             if let Some(batch) = open.remove(&key) {
-                                sender_for(&key, &mut senders).dispatch(batch.records).await;
+                                sender_for(&key, &mut senders, &mut streams).dispatch(batch.records).await;
                             }
                             // Keyless records move to another partition once a batch is full (sticky partitioner).
                             if let Some(p) = sticky.get_mut(&topic) {
@@ -315,7 +342,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let keys: Vec<(Arc<str>, u32)> = open.keys().cloned().collect();
                         for key in keys {
                             if let Some(batch) = open.remove(&key) {
-                                sender_for(&key, &mut senders).dispatch(batch.records).await;
+                                sender_for(&key, &mut senders, &mut streams).dispatch(batch.records).await;
                             }
                         }
                         let mut waits = Vec::new();
@@ -337,7 +364,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
             _ = ticker.tick() => {
                 let due: Vec<_> = open.extract_if(|_, b| b.opened.elapsed() >= config.linger).collect();
                 for (key, batch) in due {
-                    sender_for(&key, &mut senders).dispatch(batch.records).await;
+                    sender_for(&key, &mut senders, &mut streams).dispatch(batch.records).await;
                 }
             }
             () = idle.notified() => {}
@@ -351,12 +378,16 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                 .extract_if(|key, _| senders.get(key).is_none_or(Lane::idle))
                 .collect();
             for (key, batch) in due {
-                sender_for(&key, &mut senders).dispatch(batch.records).await;
+                sender_for(&key, &mut senders, &mut streams)
+                    .dispatch(batch.records)
+                    .await;
             }
         }
     }
     for (key, batch) in open.drain() {
-        sender_for(&key, &mut senders).dispatch(batch.records).await;
+        sender_for(&key, &mut senders, &mut streams)
+            .dispatch(batch.records)
+            .await;
     }
 }
 
@@ -376,6 +407,7 @@ async fn send_partition(
     topic: Arc<str>,
     partition: u32,
     producer_id: u64,
+    stream: Option<PublishLane>,
     mut inbox: mpsc::Receiver<ToSender>,
     outstanding: Arc<AtomicUsize>,
     idle: Arc<Notify>,
@@ -400,14 +432,23 @@ async fn send_partition(
             base_sequence: n.base_sequence,
             request_id: n.base_sequence,
         };
-        let request = client.request(request, Some(&topic), Some(partition));
-        let mut publisher = client.publisher();
+        let stream = stream.clone();
+        let unary = stream.is_none().then(|| {
+            (
+                client.publisher(),
+                client.request(request.clone(), Some(&topic), Some(partition)),
+            )
+        });
         async move {
-            publisher
-                .publish(request)
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(Error::from)
+            match (stream, unary) {
+                (Some(stream), _) => stream.publish(request).await,
+                (None, Some((mut publisher, request))) => publisher
+                    .publish(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(Error::from),
+                (None, None) => Err(Error::Closed),
+            }
         }
     };
     let mut in_window: VecDeque<Numbered> = VecDeque::new();

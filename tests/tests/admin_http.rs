@@ -37,8 +37,9 @@ fn health_metrics_topics_groups_and_openapi() {
     assert!(log.contains("weft-broker ready"), "{log}");
     assert!(!log.contains('\u{1b}'), "ANSI escape codes in a log file");
     for needle in [
-        "weft_rpc_requests_total{method=\"Publish\",code=\"Ok\"}",
-        "weft_rpc_duration_seconds_bucket{method=\"Publish\"",
+        // The CLI's producer sends its batches over one PublishStream.
+        "weft_rpc_requests_total{method=\"PublishStream\",code=\"Ok\"}",
+        "weft_rpc_duration_seconds_bucket{method=\"PublishStream\"",
         "weft_partition_log_end_offset{topic=\"metered\",partition=\"1\"} 3",
         "weft_partition_high_watermark{topic=\"metered\",partition=\"1\"} 3",
         "weft_partition_size_bytes{topic=\"metered\",partition=\"1\"}",

@@ -161,3 +161,93 @@ async fn closing_commits_what_was_consumed_and_the_next_member_starts_there() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_on_the_shared_stream_fails_alone_and_the_rest_is_stored_once() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic_with(
+            "c",
+            weft_client::TopicSettings {
+                partitions: 4,
+                max_message_bytes: Some(64 * 1024),
+                ..weft_client::TopicSettings::default()
+            },
+        )
+        .await
+        .expect("create");
+    // Every partition's batches share one stream; the broker ends it at the oversized batch, and
+    // the batches sent after it (other partitions') are resent with their sequences.
+    let producer = client.producer(ProducerConfig {
+        batch_records_max: 5,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..2000u32 {
+        let record = if i == 1000 {
+            Record::new(vec![b'x'; 100 * 1024]).partition(1)
+        } else {
+            Record::new(format!("v-{i}")).partition(i % 4)
+        };
+        acks.push((i, producer.send_nowait("c", record).await.expect("queued")));
+    }
+    for (i, ack) in acks {
+        let outcome = ack.await.expect("answered");
+        if i == 1000 {
+            let error = outcome.expect_err("the oversized record is refused");
+            assert_eq!(error.reason(), "BATCH_TOO_LARGE", "{error}");
+        } else {
+            outcome.unwrap_or_else(|e| panic!("record {i}: {e}"));
+        }
+    }
+    producer.close().await.expect("close");
+    let mut seen = std::collections::HashSet::new();
+    for partition in 0..4 {
+        let end = offsets(&broker.client_addr, "c", partition, None)
+            .await
+            .expect("offsets")
+            .high_watermark;
+        for (_, value) in weft_tests::fetch_range(&broker.client_addr, "c", partition, 0, end).await
+        {
+            let value = String::from_utf8(value.to_vec()).expect("utf-8");
+            assert!(seen.insert(value.clone()), "{value} stored twice");
+        }
+    }
+    assert_eq!(seen.len(), 1999, "every other record stored once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unary_transport_keeps_the_partition_order_too() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("c", 1).await.expect("create");
+    let producer = client.producer(ProducerConfig {
+        batch_records_max: 7,
+        transport: weft_client::PublishTransport::Unary,
+        ..ProducerConfig::default()
+    });
+    let mut acks = Vec::new();
+    for i in 0..1000u64 {
+        acks.push(
+            producer
+                .send_nowait("c", Record::new(format!("u-{i}")).partition(0))
+                .await
+                .expect("queued"),
+        );
+    }
+    for (i, ack) in acks.into_iter().enumerate() {
+        assert_eq!(
+            ack.await.expect("answered").expect("stored").offset,
+            i as u64
+        );
+    }
+    producer.close().await.expect("close");
+    let calls = weft_tests::metric(
+        &broker,
+        "weft_rpc_requests_total{method=\"Publish\",code=\"Ok\"}",
+    )
+    .expect("unary publishes counted");
+    assert!(calls >= 1000.0 / 7.0, "{calls} unary calls");
+}

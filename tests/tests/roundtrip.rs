@@ -223,15 +223,9 @@ fn the_quickstart_example_runs() {
 }
 
 /// Publish RPCs answered `Ok` so far, from the broker's Prometheus metrics.
+/// Batches published so far, whichever call carried them (each passes a publish queue).
 fn publishes(broker: &Broker) -> u64 {
-    let (status, metrics) = broker.http("GET", "/metrics", None);
-    assert_eq!(status, 200);
-    metrics
-        .lines()
-        .find(|l| l.starts_with("weft_rpc_requests_total{method=\"Publish\",code=\"Ok\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|n| n.parse::<f64>().ok())
-        .map_or(0, |n| n as u64)
+    weft_tests::metric(broker, "weft_publish_queue_seconds_count").map_or(0, |n| n as u64)
 }
 
 /// Natural batching: a partition with nothing in flight gets its record at once, whatever the

@@ -1,0 +1,197 @@
+//! A producer's publish stream to one topic: the batches of every partition travel over one
+//! `PublishStream` call (HTTP/2 DATA frames on one stream, no call set-up per batch), and the
+//! broker answers them in order. The partition senders keep their windows, sequences and retry
+//! rules; only the transport is shared.
+//!
+//! The broker ends a stream at its first failing request. That request gets its status; every
+//! request sent after it gets UNAVAILABLE with reason `STREAM_ENDED` (it may or may not have been
+//! stored, so its sender resends it with the same sequence, and an idempotent producer never
+//! stores it twice), and the next batch opens a new stream. A request not answered within the
+//! client's timeout fails the same way (DEADLINE_EXCEEDED for it, STREAM_ENDED after it). A stream
+//! is also replaced after [`STREAM_AGE_MAX`], so a mesh can rebalance it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{Client, Error, Result, proto};
+
+/// Requests of one stream sent and not yet answered, at most.
+pub(crate) const STREAM_IN_FLIGHT_MAX: usize = 128;
+/// A stream older than this takes no new requests; the next ones go on a new stream.
+pub(crate) const STREAM_AGE_MAX: Duration = Duration::from_secs(60);
+
+struct Job {
+    request: proto::PublishRequest,
+    reply: oneshot::Sender<Result<proto::PublishResponse>>,
+}
+
+/// The way into a topic's publish stream. Cloned into every partition sender of a producer.
+#[derive(Clone)]
+pub(crate) struct PublishLane {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl PublishLane {
+    /// Starts the stream task of `topic` (it ends when every lane handle is gone).
+    pub(crate) fn start(client: Client, topic: Arc<str>) -> PublishLane {
+        let (jobs, inbox) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
+        tokio::spawn(run(client, topic, inbox));
+        PublishLane { jobs }
+    }
+
+    /// Publishes one request over the stream.
+    pub(crate) async fn publish(
+        &self,
+        request: proto::PublishRequest,
+    ) -> Result<proto::PublishResponse> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// Sent and waiting for its answer.
+struct Pending {
+    request_id: u64,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<proto::PublishResponse>>,
+}
+
+fn stream_ended(why: &str) -> Error {
+    Error::Status {
+        code: tonic::Code::Unavailable,
+        message: format!(
+            "not answered: the publish stream ended ({why}); it may or may not have been stored"
+        ),
+        reason: "STREAM_ENDED".into(),
+    }
+}
+
+/// Fails everything still waiting: the first with `first`, the rest as not answered.
+fn fail_all(pending: &mut VecDeque<Pending>, first: Option<Error>, why: &str) {
+    if let Some(error) = first
+        && let Some(p) = pending.pop_front()
+    {
+        let _ = p.reply.send(Err(error));
+    }
+    for p in pending.drain(..) {
+        let _ = p.reply.send(Err(stream_ended(why)));
+    }
+}
+
+async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
+    loop {
+        // Open a stream when there is something to send; stop when every handle is gone.
+        let Some(first) = inbox.recv().await else {
+            return;
+        };
+        let (requests, outbound) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
+        let mut call = client.request(ReceiverStream::new(outbound), Some(&topic), None);
+        // The stream lives long; each request has its own deadline, kept here.
+        call.metadata_mut().remove("grpc-timeout");
+        let opened = Instant::now();
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let request_id = first.request.request_id;
+        if requests.send(first.request).await.is_err() {
+            let _ = first.reply.send(Err(stream_ended("could not send")));
+            continue;
+        }
+        pending.push_back(Pending {
+            request_id,
+            deadline: Instant::now() + client.timeout(),
+            reply: first.reply,
+        });
+        let mut responses =
+            match tokio::time::timeout(client.timeout(), client.publisher().publish_stream(call))
+                .await
+            {
+                Ok(Ok(response)) => response.into_inner(),
+                Ok(Err(status)) => {
+                    fail_all(&mut pending, Some(Error::from(status)), "refused");
+                    continue;
+                }
+                Err(_) => {
+                    fail_all(
+                        &mut pending,
+                        Some(Error::Timeout(format!(
+                            "no answer within {:?}",
+                            client.timeout()
+                        ))),
+                        "not opened in time",
+                    );
+                    continue;
+                }
+            };
+        let mut requests = Some(requests);
+        loop {
+            let taking = requests.is_some()
+                && pending.len() < STREAM_IN_FLIGHT_MAX
+                && opened.elapsed() < STREAM_AGE_MAX;
+            if !taking && pending.is_empty() {
+                break;
+            }
+            let deadline = pending.front().map(|p| p.deadline);
+            tokio::select! {
+                job = inbox.recv(), if taking => match job {
+                    Some(job) => {
+                        let request_id = job.request.request_id;
+                        let sent = match &requests {
+                            Some(tx) => tx.send(job.request).await.is_ok(),
+                            None => false,
+                        };
+                        if sent {
+                            pending.push_back(Pending {
+                                request_id,
+                                deadline: Instant::now() + client.timeout(),
+                                reply: job.reply,
+                            });
+                        } else {
+                            let _ = job.reply.send(Err(stream_ended("closed")));
+                        }
+                    }
+                    // Every producer handle is gone: finish what was sent, then stop.
+                    None => requests = None,
+                },
+                answer = responses.message() => match answer {
+                    Ok(Some(response)) => match pending.pop_front() {
+                        Some(p) if p.request_id == response.request_id => {
+                            let _ = p.reply.send(Ok(response));
+                        }
+                        Some(p) => {
+                            let error = stream_ended("an answer out of order");
+                            let _ = p.reply.send(Err(error.clone()));
+                            fail_all(&mut pending, None, "an answer out of order");
+                            break;
+                        }
+                        None => break,
+                    },
+                    Ok(None) => {
+                        fail_all(&mut pending, None, "closed by the broker");
+                        break;
+                    }
+                    Err(status) => {
+                        fail_all(&mut pending, Some(Error::from(status)), "an earlier request failed");
+                        break;
+                    }
+                },
+                () = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    fail_all(&mut pending, Some(Error::Timeout(format!("no answer within {:?}", client.timeout()))), "an earlier request timed out");
+                    break;
+                }
+            }
+        }
+    }
+}
