@@ -2,6 +2,10 @@
 //! the library (`weft_broker::server::run`).
 
 use clap::Parser;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use weft_broker::config::{Config, Flags};
 use weft_broker::server::{Listeners, run, signal};
 
