@@ -21,6 +21,9 @@ use weft_storage::SyncListener;
 
 /// The environment variable naming the journal file.
 pub const ENV: &str = "WEFT_SYNC_JOURNAL";
+/// The environment variable that stalls every sync of a segment data file by this many
+/// milliseconds (a slow or hung disk), for tests of backpressure.
+pub const DELAY_ENV: &str = "WEFT_SYNC_DELAY_MS";
 
 #[cfg(feature = "sync-journal")]
 static LISTENER: std::sync::OnceLock<Arc<dyn SyncListener>> = std::sync::OnceLock::new();
@@ -40,28 +43,42 @@ pub fn listener() -> Option<Arc<dyn SyncListener>> {
 /// Installs the journal named by `WEFT_SYNC_JOURNAL`, if set. Refuses when this build has no
 /// sync journal, so a harness never believes it is recording when it is not.
 pub fn install_from_env() -> Result<(), String> {
-    let Some(path) = std::env::var_os(ENV) else {
+    let path = std::env::var_os(ENV);
+    let delay = std::env::var_os(DELAY_ENV);
+    if path.is_none() && delay.is_none() {
         return Ok(());
-    };
+    }
     #[cfg(feature = "sync-journal")]
     {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {ENV} {}: {e}", path.to_string_lossy()))?;
-        let journal: Arc<dyn SyncListener> = Arc::new(Journal {
-            file: std::sync::Mutex::new(file),
-        });
+        let file = match &path {
+            Some(path) => Some(std::sync::Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| format!("cannot open {ENV} {}: {e}", path.to_string_lossy()))?,
+            )),
+            None => None,
+        };
+        let delay = match delay {
+            Some(ms) => Some(std::time::Duration::from_millis(
+                ms.to_string_lossy()
+                    .parse()
+                    .map_err(|_| format!("{DELAY_ENV} must be a number of milliseconds"))?,
+            )),
+            None => None,
+        };
+        let journal: Arc<dyn SyncListener> = Arc::new(Journal { file, delay });
         LISTENER
             .set(journal)
             .map_err(|_| "the sync journal is already installed".to_string())
     }
     #[cfg(not(feature = "sync-journal"))]
     {
+        let _ = (path, delay);
         Err(format!(
-            "{ENV}={} is set, but this weft-broker was built without the `sync-journal` feature",
-            path.to_string_lossy()
+            "{ENV} or {DELAY_ENV} is set, but this weft-broker was built without the \
+             `sync-journal` feature"
         ))
     }
 }
@@ -69,15 +86,27 @@ pub fn install_from_env() -> Result<(), String> {
 #[cfg(feature = "sync-journal")]
 #[derive(Debug)]
 struct Journal {
-    file: std::sync::Mutex<std::fs::File>,
+    file: Option<std::sync::Mutex<std::fs::File>>,
+    delay: Option<std::time::Duration>,
 }
 
 #[cfg(feature = "sync-journal")]
 impl Journal {
     fn record(&self, kind: char, path: &std::path::Path, len: u64) {
         use std::io::Write;
+        if let Some(delay) = self.delay
+            && kind == 'S'
+            && path.extension().is_some_and(|e| e == "log")
+        {
+            // Called right after the sync returned and before anything depends on it: the
+            // sync, as the broker sees it, takes this much longer.
+            std::thread::sleep(delay);
+        }
+        let Some(file) = &self.file else {
+            return;
+        };
         let line = format!("{kind} {len} {}\n", path.display());
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
         // One write of an O_APPEND file: the line is whole or absent after kill -9. A failure
         // here would make the harness cut more than the broker synced: loud, never silent.
         if let Err(e) = file.write_all(line.as_bytes()) {

@@ -1,0 +1,92 @@
+//! Backpressure during an fsync stall: with every sync of the data files taking 300 ms longer (the
+//! test-only `WEFT_SYNC_DELAY_MS` of the `sync-journal` feature), a flood of publishes fills the
+//! partition's bounded publish queue and the rest are refused at once with RESOURCE_EXHAUSTED,
+//! reason OVERLOADED and a RetryInfo, instead of piling up in memory. Everything accepted is
+//! stored once the disk catches up.
+
+use tonic::Code;
+use tonic_types::StatusExt;
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{PublishRequest, Record};
+use weft_tests::{Broker, fetch_range, grpc, offsets};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_fills_the_bounded_queue_and_further_publishes_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "publish_queue_max = 64\n").expect("config");
+    let broker = Broker::start_with_env(
+        &["--config", config.to_str().expect("utf-8")],
+        &[("WEFT_SYNC_DELAY_MS", "300")],
+    );
+    let channel = grpc::channel(&broker.client_addr).await;
+    weft_tests::grpc::topic_admin(&channel)
+        .create_topic(weft_proto::v1::CreateTopicRequest {
+            name: "stalled".into(),
+            config: Some(weft_proto::v1::TopicConfig {
+                partitions: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create");
+
+    // 500 publishes at once, one record each: at most the queue (64) plus the entries being
+    // flushed can wait; the others are refused without waiting for the disk.
+    let mut calls = Vec::new();
+    for i in 0..500u32 {
+        let mut publisher = grpc::publisher(&channel);
+        calls.push(tokio::spawn(async move {
+            let result = publisher
+                .publish(PublishRequest {
+                    topic: "stalled".into(),
+                    target: Some(Target::Partition(0)),
+                    records: vec![Record {
+                        value: format!("v-{i}").into(),
+                        ..Record::default()
+                    }],
+                    ..PublishRequest::default()
+                })
+                .await;
+            (i, result.map(|r| r.into_inner()))
+        }));
+    }
+    let mut stored = Vec::new();
+    let mut refused = 0;
+    for call in calls {
+        let (i, result) = call.await.expect("task");
+        match result {
+            Ok(response) => stored.push((response.base_offset, format!("v-{i}"))),
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(
+                    status.get_details_error_info().expect("ErrorInfo").reason,
+                    "OVERLOADED",
+                    "{status:?}"
+                );
+                assert!(
+                    status.get_details_retry_info().is_some(),
+                    "tells when to retry: {status:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "the bounded queue refused some of the flood");
+    assert!(
+        stored.len() >= 64,
+        "the queue's worth was accepted ({} stored)",
+        stored.len()
+    );
+    assert_eq!(stored.len() + refused, 500);
+    // Everything acknowledged is there, once.
+    let end = offsets(&broker.client_addr, "stalled", 0, None)
+        .await
+        .expect("offsets")
+        .high_watermark;
+    assert_eq!(end, stored.len() as u64, "nothing refused was stored");
+    let read = fetch_range(&broker.client_addr, "stalled", 0, 0, end).await;
+    for (offset, value) in stored {
+        assert_eq!(read[offset as usize].1.as_ref(), value.as_bytes());
+    }
+}
