@@ -17,7 +17,7 @@ use futures::stream::FuturesUnordered;
 use serde::Serialize;
 use weft_client::{Client, ProducerConfig, Record, TopicSettings};
 
-use crate::drivers::weft::broker_binary;
+use crate::drivers::weft::{LISTEN_ON_FREE_PORTS, broker_binary, ready_address};
 
 /// One restart, measured.
 #[derive(Debug, Clone, Serialize)]
@@ -55,19 +55,10 @@ struct Broker {
 
 fn spawn(binary: &Path, data_dir: &Path) -> Result<(Broker, Instant)> {
     let started = Instant::now();
-    // Port 0: the broker binds free ports itself and names them on its ready line (no
-    // bind-release-rebind race).
     let mut child = Command::new(binary)
         .arg("--data-dir")
         .arg(data_dir)
-        .args([
-            "--client-listen",
-            "127.0.0.1:0",
-            "--peer-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
+        .args(LISTEN_ON_FREE_PORTS)
         .env("WEFT_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -82,19 +73,11 @@ fn spawn(binary: &Path, data_dir: &Path) -> Result<(Broker, Instant)> {
         let _ = child.kill();
         bail!("the broker did not start: {line:?}");
     }
-    let address = |key: &str| {
-        line.split_whitespace()
-            .find_map(|field| field.strip_prefix(key))
-            .map(str::to_string)
-            .with_context(|| format!("{key} on the ready line {line:?}"))
-    };
-    let client_addr = address("client=")?;
-    let admin_addr = address("admin=")?;
     Ok((
         Broker {
+            client_addr: ready_address(&line, "client=")?,
+            admin_addr: ready_address(&line, "admin=")?,
             child,
-            client_addr,
-            admin_addr,
         },
         started,
     ))

@@ -391,6 +391,17 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     }
 }
 
+/// How one publish travels (see [`PublishTransport`]). It lives only inside the publish's
+/// future, so the larger unary variant is not boxed (that would allocate per batch).
+#[allow(clippy::large_enum_variant)]
+enum Route {
+    Stream(PublishLane, proto::PublishRequest),
+    Unary(
+        proto::publisher_client::PublisherClient<tonic::transport::Channel>,
+        tonic::Request<proto::PublishRequest>,
+    ),
+}
+
 /// A batch with its place in the producer's sequence.
 struct Numbered {
     batch: Batch,
@@ -432,22 +443,22 @@ async fn send_partition(
             base_sequence: n.base_sequence,
             request_id: n.base_sequence,
         };
-        let stream = stream.clone();
-        let unary = stream.is_none().then(|| {
-            (
+        // Over the topic's shared stream, or as a call of its own.
+        let route = match &stream {
+            Some(stream) => Route::Stream(stream.clone(), request),
+            None => Route::Unary(
                 client.publisher(),
-                client.request(request.clone(), Some(&topic), Some(partition)),
-            )
-        });
+                client.request(request, Some(&topic), Some(partition)),
+            ),
+        };
         async move {
-            match (stream, unary) {
-                (Some(stream), _) => stream.publish(request).await,
-                (None, Some((mut publisher, request))) => publisher
+            match route {
+                Route::Stream(stream, request) => stream.publish(request).await,
+                Route::Unary(mut publisher, request) => publisher
                     .publish(request)
                     .await
                     .map(tonic::Response::into_inner)
                     .map_err(Error::from),
-                (None, None) => Err(Error::Closed),
             }
         }
     };

@@ -65,6 +65,10 @@ struct Pending {
     reply: oneshot::Sender<Result<proto::PublishResponse>>,
 }
 
+fn timed_out(client: &Client) -> Error {
+    Error::Timeout(format!("no answer within {:?}", client.timeout()))
+}
+
 fn stream_ended(why: &str) -> Error {
     Error::Status {
         code: tonic::Code::Unavailable,
@@ -119,14 +123,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                     continue;
                 }
                 Err(_) => {
-                    fail_all(
-                        &mut pending,
-                        Some(Error::Timeout(format!(
-                            "no answer within {:?}",
-                            client.timeout()
-                        ))),
-                        "not opened in time",
-                    );
+                    fail_all(&mut pending, Some(timed_out(&client)), "not opened in time");
                     continue;
                 }
             };
@@ -166,8 +163,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                             let _ = p.reply.send(Ok(response));
                         }
                         Some(p) => {
-                            let error = stream_ended("an answer out of order");
-                            let _ = p.reply.send(Err(error.clone()));
+                            pending.push_front(p);
                             fail_all(&mut pending, None, "an answer out of order");
                             break;
                         }
@@ -188,7 +184,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                         None => std::future::pending().await,
                     }
                 } => {
-                    fail_all(&mut pending, Some(Error::Timeout(format!("no answer within {:?}", client.timeout()))), "an earlier request timed out");
+                    fail_all(&mut pending, Some(timed_out(&client)), "an earlier request timed out");
                     break;
                 }
             }

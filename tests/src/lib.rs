@@ -443,6 +443,56 @@ pub mod grpc {
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }
 
+    /// The sending half and the answers of a raw Subscribe stream.
+    pub type SubscribeStream = (
+        tokio::sync::mpsc::Sender<weft_proto::v1::SubscribeRequest>,
+        tonic::Streaming<weft_proto::v1::SubscribeResponse>,
+    );
+
+    /// Opens a raw Subscribe stream to `address` whose first message is `start`.
+    pub async fn subscribe(
+        address: &str,
+        start: weft_proto::v1::SubscribeStart,
+    ) -> SubscribeStream {
+        let channel = channel(address).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(weft_proto::v1::SubscribeRequest {
+            request: Some(weft_proto::v1::subscribe_request::Request::Start(start)),
+        })
+        .await
+        .expect("queue the start");
+        let responses = subscriber(&channel)
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("subscribe")
+            .into_inner();
+        (tx, responses)
+    }
+
+    /// The next group assignment on a Subscribe stream at generation `at_least` or later
+    /// (skipping deliveries, heartbeats and older assignments).
+    pub async fn next_assignment(
+        responses: &mut tonic::Streaming<weft_proto::v1::SubscribeResponse>,
+        at_least: u64,
+    ) -> weft_proto::v1::Assignment {
+        loop {
+            match responses
+                .message()
+                .await
+                .expect("stream")
+                .expect("open")
+                .event
+            {
+                Some(weft_proto::v1::subscribe_response::Event::Assignment(a))
+                    if a.generation >= at_least =>
+                {
+                    return a;
+                }
+                _ => continue,
+            }
+        }
+    }
+
     /// A Subscriber client.
     pub fn subscriber(channel: &Channel) -> SubscriberClient<Channel> {
         SubscriberClient::new(channel.clone())

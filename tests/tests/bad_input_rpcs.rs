@@ -456,28 +456,16 @@ async fn subscribe_error(
 }
 
 /// Joins `group` on "t" with a raw Subscribe stream.
-async fn member(
-    address: &str,
-    group: &str,
-) -> (
-    mpsc::Sender<SubscribeRequest>,
-    tonic::Streaming<SubscribeResponse>,
-) {
-    let channel = grpc::channel(address).await;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(msg(Inbound::Start(SubscribeStart {
-        group_id: group.into(),
-        session_timeout_ms: 600_000,
-        ..start("t")
-    })))
+async fn member(address: &str, group: &str) -> grpc::SubscribeStream {
+    grpc::subscribe(
+        address,
+        SubscribeStart {
+            group_id: group.into(),
+            session_timeout_ms: 600_000,
+            ..start("t")
+        },
+    )
     .await
-    .expect("queue");
-    let responses = grpc::subscriber(&channel)
-        .subscribe(ReceiverStream::new(rx))
-        .await
-        .expect("subscribe")
-        .into_inner();
-    (tx, responses)
 }
 
 /// The first assignment at generation `at_least` or later: (partitions, generation).
@@ -485,23 +473,11 @@ async fn assignment(
     responses: &mut tonic::Streaming<SubscribeResponse>,
     at_least: u64,
 ) -> (Vec<u32>, u64) {
-    loop {
-        match responses
-            .message()
-            .await
-            .expect("stream")
-            .expect("open")
-            .event
-        {
-            Some(Event::Assignment(a)) if a.generation >= at_least => {
-                return (
-                    a.partitions.iter().map(|p| p.partition).collect(),
-                    a.generation,
-                );
-            }
-            _ => continue,
-        }
-    }
+    let a = grpc::next_assignment(responses, at_least).await;
+    (
+        a.partitions.iter().map(|p| p.partition).collect(),
+        a.generation,
+    )
 }
 
 fn start(topic: &str) -> SubscribeStart {
@@ -706,23 +682,18 @@ async fn subscribe_refuses_bad_streams() {
     // Credit: 0 delivers nothing until credit arrives; a grant of 2 delivers at most 2;
     // u32::MAX records is capped by the broker's own per-delivery limit and delivers the rest.
     {
-        let channel = grpc::channel(&address).await;
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(msg(Inbound::Start(SubscribeStart {
-            partitions: vec![0],
-            credit: Some(Credit {
-                records: 0,
-                bytes: 0,
-            }),
-            ..start("t")
-        })))
-        .await
-        .expect("queue");
-        let mut responses = grpc::subscriber(&channel)
-            .subscribe(ReceiverStream::new(rx))
-            .await
-            .expect("subscribe")
-            .into_inner();
+        let (tx, mut responses) = grpc::subscribe(
+            &address,
+            SubscribeStart {
+                partitions: vec![0],
+                credit: Some(Credit {
+                    records: 0,
+                    bytes: 0,
+                }),
+                ..start("t")
+            },
+        )
+        .await;
         tx.send(msg(Inbound::Credit(Credit {
             records: 2,
             bytes: 1 << 20,

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use weft_client::{Client, Consumer, ConsumerConfig, ProducerConfig, Record, StartFrom};
+use weft_client::{
+    Client, Consumer, ConsumerConfig, ProducerConfig, PublishTransport, Record, StartFrom,
+};
 use weft_tests::{Broker, offsets, wait_for};
 
 /// Publishes values `tag-from .. tag-to` to partition 0 and waits for every acknowledgement.
@@ -49,19 +51,20 @@ async fn committed(broker: &Broker, group: &str) -> Option<u64> {
         .committed_offset
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_small_batches_in_flight_keep_the_partition_order() {
-    let broker = Broker::start();
+/// Publishes `count` records to partition 0 of a new one-partition topic "c" in batches of at
+/// most 7 with 5 in flight, over `transport`: every acknowledgement names the next offset, and
+/// every record reads back at it.
+async fn publish_in_order(broker: &Broker, transport: PublishTransport, count: u64) {
     let client = broker.client().await;
     client.admin().create_topic("c", 1).await.expect("create");
-    // Batches of at most 7 records, 5 in flight: about 430 publishes for 3,000 records.
     let producer = client.producer(ProducerConfig {
         batch_records_max: 7,
         in_flight_per_partition: 5,
+        transport,
         ..ProducerConfig::default()
     });
     let mut acks = Vec::new();
-    for i in 0..3000u64 {
+    for i in 0..count {
         acks.push(
             producer
                 .send_nowait("c", Record::new(format!("v-{i}")).partition(0))
@@ -75,10 +78,17 @@ async fn many_small_batches_in_flight_keep_the_partition_order() {
         assert!(!ack.duplicate);
     }
     producer.close().await.expect("close");
-    let stored = weft_tests::fetch_range(&broker.client_addr, "c", 0, 0, 3000).await;
+    let stored = weft_tests::fetch_range(&broker.client_addr, "c", 0, 0, count).await;
     for (offset, value) in stored {
         assert_eq!(value.as_ref(), format!("v-{offset}").as_bytes());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_batches_in_flight_keep_the_partition_order() {
+    let broker = Broker::start();
+    // About 430 publishes for 3,000 records, over the topic's shared stream.
+    publish_in_order(&broker, PublishTransport::Stream, 3000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,29 +231,7 @@ async fn a_refused_batch_on_the_shared_stream_fails_alone_and_the_rest_is_stored
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_unary_transport_keeps_the_partition_order_too() {
     let broker = Broker::start();
-    let client = broker.client().await;
-    client.admin().create_topic("c", 1).await.expect("create");
-    let producer = client.producer(ProducerConfig {
-        batch_records_max: 7,
-        transport: weft_client::PublishTransport::Unary,
-        ..ProducerConfig::default()
-    });
-    let mut acks = Vec::new();
-    for i in 0..1000u64 {
-        acks.push(
-            producer
-                .send_nowait("c", Record::new(format!("u-{i}")).partition(0))
-                .await
-                .expect("queued"),
-        );
-    }
-    for (i, ack) in acks.into_iter().enumerate() {
-        assert_eq!(
-            ack.await.expect("answered").expect("stored").offset,
-            i as u64
-        );
-    }
-    producer.close().await.expect("close");
+    publish_in_order(&broker, PublishTransport::Unary, 1000).await;
     let calls = weft_tests::metric(
         &broker,
         "weft_rpc_requests_total{method=\"Publish\",code=\"Ok\"}",

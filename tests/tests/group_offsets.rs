@@ -8,9 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use weft_proto::v1::subscribe_request::Request as Inbound;
-use weft_proto::v1::subscribe_response::Event;
 use weft_proto::v1::{
     CommitOffsetsRequest, Credit, DescribeGroupRequest, PartitionOffset, SubscribeRequest,
     SubscribeResponse, SubscribeStart,
@@ -116,10 +113,9 @@ async fn join(
     u64,
     Vec<u32>,
 ) {
-    let channel = grpc::channel(address).await;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(SubscribeRequest {
-        request: Some(Inbound::Start(SubscribeStart {
+    let (tx, mut responses) = grpc::subscribe(
+        address,
+        SubscribeStart {
             topic: topic.into(),
             group_id: group.into(),
             member_id: member_id.into(),
@@ -129,31 +125,13 @@ async fn join(
             }),
             session_timeout_ms,
             ..SubscribeStart::default()
-        })),
-    })
-    .await
-    .expect("send start");
-    let mut responses = grpc::subscriber(&channel)
-        .subscribe(ReceiverStream::new(rx))
-        .await
-        .expect("subscribe")
-        .into_inner();
-    loop {
-        match responses
-            .message()
-            .await
-            .expect("stream")
-            .expect("open")
-            .event
-        {
-            Some(Event::Assignment(a)) => {
-                assert_eq!(a.member_id, member_id);
-                let partitions = a.partitions.iter().map(|p| p.partition).collect();
-                return (tx, responses, a.generation, partitions);
-            }
-            _ => continue,
-        }
-    }
+        },
+    )
+    .await;
+    let a = grpc::next_assignment(&mut responses, 0).await;
+    assert_eq!(a.member_id, member_id);
+    let partitions = a.partitions.iter().map(|p| p.partition).collect();
+    (tx, responses, a.generation, partitions)
 }
 
 async fn commit(

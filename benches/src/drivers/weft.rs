@@ -69,6 +69,25 @@ impl WeftDriver {
     }
 }
 
+/// Listen arguments that let the broker bind free loopback ports itself (port 0) and name them
+/// on its ready line: no bind-release-rebind race.
+pub(crate) const LISTEN_ON_FREE_PORTS: [&str; 6] = [
+    "--client-listen",
+    "127.0.0.1:0",
+    "--peer-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+];
+
+/// The address after `key` (`client=`, `admin=`, `peer=`) on the broker's ready line.
+pub(crate) fn ready_address(line: &str, key: &str) -> Result<String> {
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(key))
+        .map(str::to_string)
+        .with_context(|| format!("no {key} on the ready line {line:?}"))
+}
+
 async fn spawn_broker(data_dir: &Path) -> Result<(String, Server)> {
     let binary = broker_binary()?;
     let log = data_dir.join("weft-broker.log");
@@ -76,14 +95,7 @@ async fn spawn_broker(data_dir: &Path) -> Result<(String, Server)> {
     let mut child = tokio::process::Command::new(&binary)
         .arg("--data-dir")
         .arg(data_dir.join("data"))
-        .args([
-            "--client-listen",
-            "127.0.0.1:0",
-            "--peer-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
+        .args(LISTEN_ON_FREE_PORTS)
         .env("WEFT_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -109,12 +121,7 @@ async fn spawn_broker(data_dir: &Path) -> Result<(String, Server)> {
     };
     // Keep draining stdout so the broker never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let address = line
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("client="))
-        .context("ready line without client=")?
-        .to_string();
-    Ok((address, server))
+    Ok((ready_address(&line, "client=")?, server))
 }
 
 #[async_trait]

@@ -437,8 +437,6 @@ impl Session {
                     format!("partition {p} is named twice"),
                 ));
             }
-        }
-        for &p in &start.partitions {
             if p >= topic.config.partitions {
                 return Err(BrokerError::PartitionNotFound {
                     topic: start.topic.clone(),
