@@ -82,6 +82,10 @@ pub struct Config {
     /// since the last one (and before retention, and at shutdown). A restart after a crash
     /// re-applies at most about this much of the log.
     pub snapshot_interval_bytes: u64,
+    /// Bytes of each partition's most recent record batches kept in memory, so consumers that
+    /// keep up read without touching the disk or the log's lock; older reads go to the segments
+    /// on blocking threads. 0 keeps none.
+    pub partition_read_cache_bytes: u64,
     /// How the flusher makes a round of several partitions' appends durable: "syncfs" (one
     /// syncfs of the data filesystem; best on a volume of its own) or "fdatasync" (one per
     /// partition log, side by side; for a filesystem shared with other busy writers).
@@ -161,6 +165,7 @@ impl Default for Config {
             publish_queue_max: 1024,
             retention_check_interval_ms: 60_000,
             snapshot_interval_bytes: 64 * 1024 * 1024,
+            partition_read_cache_bytes: 2 * 1024 * 1024,
             flush_sync: "syncfs".into(),
             producer_expiration_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
@@ -330,6 +335,12 @@ impl Config {
             self.snapshot_interval_bytes,
             64 * 1024,
             64 * 1024 * 1024 * 1024,
+        )?;
+        range(
+            "partition_read_cache_bytes",
+            self.partition_read_cache_bytes,
+            0,
+            1024 * 1024 * 1024,
         )?;
         if !matches!(self.flush_sync.as_str(), "syncfs" | "fdatasync") {
             return Err(ConfigError::Invalid {

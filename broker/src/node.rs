@@ -134,6 +134,8 @@ impl Node {
             queue_max: config.publish_queue_max as usize,
             retention_interval: Duration::from_millis(config.retention_check_interval_ms),
             snapshot_interval_bytes: config.snapshot_interval_bytes,
+            read_cache_bytes: usize::try_from(config.partition_read_cache_bytes)
+                .unwrap_or(usize::MAX),
             producer_expiration_ms: config.producer_expiration_ms,
             flusher,
         });

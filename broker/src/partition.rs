@@ -288,6 +288,7 @@ impl Partition {
         let min_bytes = min_bytes.clamp(1, max_bytes);
         let deadline = Instant::now() + max_wait;
         let mut watermark = self.group.high_watermark();
+        let tail = self.group.reader().tail_cache().clone();
         let bounds = self.bounds();
         if offset < bounds.log_start || offset > bounds.high_watermark {
             return Err(BrokerError::OffsetOutOfRange {
@@ -303,16 +304,22 @@ impl Partition {
             // Seen before reading: a batch committed while we read wakes the wait below.
             let high_watermark = *watermark.borrow_and_update();
             if next < high_watermark && bytes < max_bytes {
-                // Read on the async runtime: reads come from the page cache in the common case,
-                // and only take the log's read lock, which appends hold just for a write to the
-                // page cache. (Handing reads to blocking threads cost 0.3-0.6 ms of end-to-end
-                // p50 in the fanout workload.)
-                let batches = self
-                    .group
-                    .reader()
-                    .with_log(|log| log.read(next, max_bytes - bytes, high_watermark))
-                    .map_err(|e| BrokerError::Internal(e.to_string()))?
-                    .map_err(|e| self.storage_error(e));
+                // A consumer that keeps up reads from the tail cache: memory, no lock, no system
+                // call. Older data comes from the segments, on a blocking thread (it may wait for
+                // the disk), never on the async runtime.
+                let batches = match tail.read(next, max_bytes - bytes, high_watermark) {
+                    Some(batches) => {
+                        metrics::counter!("weft_read_cache_reads_total", "result" => "hit")
+                            .increment(1);
+                        Ok(batches)
+                    }
+                    None => {
+                        metrics::counter!("weft_read_cache_reads_total", "result" => "miss")
+                            .increment(1);
+                        self.read_segments(next, max_bytes - bytes, high_watermark)
+                            .await?
+                    }
+                };
                 let batches = match batches {
                     Ok(batches) => batches,
                     // Retention removed what was to be read next: answer with what we have.
@@ -337,16 +344,39 @@ impl Partition {
         }
     }
 
+    /// Reads from the segments on a blocking thread.
+    async fn read_segments(
+        &self,
+        from: u64,
+        max_bytes: usize,
+        limit: u64,
+    ) -> Result<Result<Vec<Batch>, BrokerError>, BrokerError> {
+        let reader = self.group.reader().clone();
+        let read = tokio::task::spawn_blocking(move || {
+            reader
+                .with_log(|log| log.read(from, max_bytes, limit))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+        .map_err(BrokerError::Internal)?;
+        Ok(read.map_err(|e| self.storage_error(e)))
+    }
+
     /// The first offset whose record timestamp is at or after `timestamp_ms`; the high watermark
-    /// when there is none.
-    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<u64, BrokerError> {
+    /// when there is none. Searches the segments on a blocking thread.
+    pub async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<u64, BrokerError> {
         let high_watermark = self.bounds().high_watermark;
-        let found = self
-            .group
-            .reader()
-            .with_log(|log| log.offset_for_timestamp(timestamp_ms, high_watermark))
-            .map_err(|e| BrokerError::Internal(e.to_string()))?
-            .map_err(|e| self.storage_error(e))?;
+        let reader = self.group.reader().clone();
+        let found = tokio::task::spawn_blocking(move || {
+            reader
+                .with_log(|log| log.offset_for_timestamp(timestamp_ms, high_watermark))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(e.to_string()))?
+        .map_err(BrokerError::Internal)?
+        .map_err(|e| self.storage_error(e))?;
         Ok(found.unwrap_or(high_watermark))
     }
 

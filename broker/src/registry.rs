@@ -70,6 +70,8 @@ pub struct HostContext {
     pub retention_interval: Duration,
     /// Snapshot after this many applied record bytes.
     pub snapshot_interval_bytes: u64,
+    /// Each partition's tail cache.
+    pub read_cache_bytes: usize,
     /// Forget producers idle this long.
     pub producer_expiration_ms: u64,
     /// The node's flusher.
@@ -311,7 +313,10 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             dir: dir.clone(),
             node_id: context.node_id,
             peer_address: context.peer_address.clone(),
-            log_config: spec.config.log_config(),
+            log_config: weft_storage::LogConfig {
+                tail_cache_bytes: context.read_cache_bytes,
+                ..spec.config.log_config()
+            },
             snapshot_interval_bytes: context.snapshot_interval_bytes,
             producer_expiration_ms: context.producer_expiration_ms,
         };

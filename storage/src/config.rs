@@ -50,6 +50,9 @@ pub struct LogConfig {
     /// Most sealed segments whose data file stays open (the least recently read are closed and
     /// opened again when read): file descriptors stay bounded however many segments there are.
     pub open_segments_max: usize,
+    /// Bytes of the most recent record batches kept in memory for reads of the tail (see
+    /// [`crate::TailCache`]); 0 keeps none.
+    pub tail_cache_bytes: usize,
     /// Told about every fsync; for crash testing.
     pub sync_listener: Option<Arc<dyn SyncListener>>,
 }
@@ -65,6 +68,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_ms: None,
             open_segments_max: 8,
+            tail_cache_bytes: 2 * 1024 * 1024,
             sync_listener: None,
         }
     }

@@ -34,6 +34,7 @@ pub mod log;
 pub mod meta;
 mod segment;
 pub mod snapshot;
+mod tail;
 
 pub use codec::{
     BATCH_HEADER_LEN, Batch, BatchBuilder, BatchHeader, CodecError, EntryKind, FORMAT_VERSION,
@@ -43,8 +44,9 @@ pub use commit::{Committed, GroupCommitter};
 pub use config::{FsyncPolicy, LogConfig, SyncListener};
 pub use error::{Error, Result};
 pub use log::{
-    Appended, CorruptionFound, LogPosition, PartitionLog, PurgeReport, RecoveryReport, SyncTicket,
-    TornTail,
+    Appended, CorruptionFound, LogPosition, PartitionLog, PreparedRoll, PurgeReport,
+    RecoveryReport, RollTicket, SyncTicket, TornTail,
 };
 pub use meta::{MemoryMetaStore, MetaOp, MetaStore, SledMetaStore};
 pub use segment::FRAME_HEADER_LEN;
+pub use tail::TailCache;

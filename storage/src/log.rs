@@ -15,6 +15,7 @@ use crate::codec::{Batch, EntryKind, le_u32, le_u64};
 use crate::config::LogConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::segment::{self, ReadEnd, ScanMode, Segment, Visit};
+use crate::tail::TailCache;
 
 const LOG_META_FILE: &str = "log.meta";
 const LOG_META_MAGIC: [u8; 8] = *b"WFTLOG01";
@@ -105,6 +106,8 @@ pub struct PartitionLog {
     generation: u64,
     /// Counts reads of sealed segments, for closing the least recently used files.
     reads: std::sync::atomic::AtomicU64,
+    /// The most recent record batches, for reads without the log's lock.
+    tail: TailCache,
 }
 
 /// A sync of the active segment that can run on another thread while appends go on: made by
@@ -151,6 +154,45 @@ impl SyncTicket {
         self.file.sync_data().io("fdatasync", &self.path)?;
         segment::notify(&self.config, &self.path, self.len);
         Ok(())
+    }
+}
+
+/// The work of a segment roll, prepared under the log's lock by [`PartitionLog::prepare_roll`]
+/// and run without it ([`RollTicket::run`]): fdatasync the active segment, write its index files,
+/// create the next segment's file and make its directory entry durable. Readers never wait
+/// behind those syncs; [`PartitionLog::finish_roll`] then switches segments in a moment.
+#[derive(Debug)]
+pub struct RollTicket {
+    file: fs::File,
+    path: PathBuf,
+    dir: PathBuf,
+    sealed_base: u64,
+    sealed_len: u64,
+    index_files: segment::IndexFiles,
+    next: LogPosition,
+    generation: u64,
+    config: LogConfig,
+}
+
+/// The next segment, created by [`RollTicket::run`], for [`PartitionLog::finish_roll`].
+#[derive(Debug)]
+pub struct PreparedRoll {
+    segment: Segment,
+}
+
+impl RollTicket {
+    /// Seals the segment and creates its successor (blocking I/O; run it without the log's lock).
+    pub fn run(&self) -> Result<PreparedRoll> {
+        self.file.sync_data().io("fdatasync", &self.path)?;
+        segment::notify(&self.config, &self.path, self.sealed_len);
+        self.index_files.write(&self.dir, &self.config)?;
+        let segment = Segment::create(
+            &self.dir,
+            self.next.next_offset,
+            self.next.next_index,
+            &self.config,
+        )?;
+        Ok(PreparedRoll { segment })
     }
 }
 
@@ -281,8 +323,10 @@ impl PartitionLog {
             report,
             generation: 0,
             reads: std::sync::atomic::AtomicU64::new(0),
+            tail: TailCache::new(0, 0),
         };
         log.durable = log.end();
+        log.tail = TailCache::new(log.end().next_offset, log.config.tail_cache_bytes);
         log.trim_open_files();
         Ok(log)
     }
@@ -312,6 +356,11 @@ impl PartitionLog {
         for seg in &open[..open.len() - max] {
             seg.close_file();
         }
+    }
+
+    /// The tail cache: the most recent record batches, readable without this log's lock.
+    pub fn tail_cache(&self) -> TailCache {
+        self.tail.clone()
     }
 
     /// Sealed segments whose data file is open now.
@@ -428,6 +477,7 @@ impl PartitionLog {
             }
         }
         debug_assert_eq!(self.end().next_offset, last.next_offset());
+        self.tail.appended(batches);
         Ok(Appended {
             base_offset: first.base_offset,
             next_offset: last.next_offset(),
@@ -452,6 +502,60 @@ impl PartitionLog {
                     h.max_timestamp_ms.saturating_sub(first) >= self.config.segment_ms_max
                 })
         })
+    }
+
+    /// For the writer about to append the entry `batches`: when that append would roll the
+    /// active segment, the roll's work, to run without the log's lock (readers then never wait
+    /// behind its syncs). Hand the outcome to [`PartitionLog::finish_roll`] before appending.
+    /// None when no roll is due (the append then rolls by itself if it must).
+    pub fn prepare_roll(&self, batches: &[Batch]) -> Result<Option<RollTicket>> {
+        if let Some(reason) = &self.poisoned {
+            return Err(Error::Poisoned(reason.clone()));
+        }
+        if !self.should_roll(batches) {
+            return Ok(None);
+        }
+        let active = self.active();
+        Ok(Some(RollTicket {
+            file: active.sync_handle()?,
+            path: active.path.clone(),
+            dir: self.dir.clone(),
+            sealed_base: active.base_offset,
+            sealed_len: active.data_len,
+            index_files: active.index_files(),
+            next: self.end(),
+            generation: self.generation,
+            config: self.config.clone(),
+        }))
+    }
+
+    /// Completes a roll prepared by [`PartitionLog::prepare_roll`]: the sealed segment is durable
+    /// and the prepared one becomes active. When the log changed meanwhile (truncated, reset,
+    /// written) the prepared segment is deleted and the next append rolls by itself. A failed
+    /// roll poisons the log: after a failed fsync the page cache is not to be trusted.
+    pub fn finish_roll(&mut self, ticket: RollTicket, outcome: Result<PreparedRoll>) -> Result<()> {
+        let prepared = match outcome {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                self.poisoned = Some(error.to_string());
+                return Err(error);
+            }
+        };
+        let unchanged = {
+            let active = self.active();
+            ticket.generation == self.generation
+                && active.base_offset == ticket.sealed_base
+                && active.data_len == ticket.sealed_len
+                && self.end() == ticket.next
+        };
+        if !unchanged {
+            prepared.segment.delete()?;
+            return segment::sync_dir(&self.dir, &self.config);
+        }
+        self.active_mut().mark_synced(ticket.sealed_len);
+        self.durable = ticket.next;
+        self.segments.push(prepared.segment);
+        Ok(())
     }
 
     /// Seals the active segment (synced, index files written) and starts a new one.
@@ -727,6 +831,7 @@ impl PartitionLog {
         segment::sync_dir(&self.dir, &self.config)?;
         let end = self.end();
         debug_assert_eq!(end.next_index, index);
+        self.tail.truncated(index, end.next_offset);
         self.durable = LogPosition {
             next_offset: self.durable.next_offset.min(end.next_offset),
             next_index: self.durable.next_index.min(end.next_index),
@@ -812,6 +917,7 @@ impl PartitionLog {
             report.bytes_deleted += seg.data_len;
             seg.delete()?;
         }
+        self.tail.purged(self.start_offset());
         segment::sync_dir(&self.dir, &self.config)?;
         report.start_offset = self.start_offset();
         Ok(report)
@@ -820,6 +926,7 @@ impl PartitionLog {
     /// Deletes everything and restarts the log empty at `next` (installing a snapshot).
     pub fn reset(&mut self, next: LogPosition) -> Result<()> {
         self.generation += 1;
+        self.tail.reset(next.next_offset);
         write_log_meta(&self.dir, next, &self.config)?;
         let fresh = Segment::create_or_replace(&self.dir, next, &self.config)?;
         let old: Vec<Segment> = std::mem::replace(&mut self.segments, vec![fresh]);

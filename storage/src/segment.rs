@@ -823,6 +823,12 @@ impl Segment {
     /// Writes the offset and time index files (atomically, synced). Used when the segment is sealed
     /// and when the log is closed cleanly.
     pub(crate) fn write_index_files(&self, dir: &Path, config: &LogConfig) -> Result<()> {
+        self.index_files().write(dir, config)
+    }
+
+    /// The contents of the offset and time index files as the segment stands now, to write
+    /// later (without the segment: a roll writes them outside the log's lock).
+    pub(crate) fn index_files(&self) -> IndexFiles {
         let mut index =
             Vec::with_capacity(INDEX_HEADER_LEN + self.entries.len() * INDEX_ENTRY_LEN + 4);
         index.extend_from_slice(&INDEX_MAGIC);
@@ -857,10 +863,12 @@ impl Segment {
         }
         let crc = crc32fast::hash(&time);
         time.extend_from_slice(&crc.to_le_bytes());
-
-        write_file_atomically(&self.index_path(), &index, config)?;
-        write_file_atomically(&self.time_index_path(), &time, config)?;
-        sync_dir(dir, config)
+        IndexFiles {
+            index_path: self.index_path(),
+            index,
+            time_path: self.time_index_path(),
+            time,
+        }
     }
 
     /// Deletes the index files (they go stale as soon as the segment changes).
@@ -1035,6 +1043,24 @@ fn write_all_vectored_at(file: &File, pieces: &[&[u8]], offset: u64) -> std::io:
         }
     }
     Ok(())
+}
+
+/// A segment's index files, made by [`Segment::index_files`].
+#[derive(Debug)]
+pub(crate) struct IndexFiles {
+    index_path: PathBuf,
+    index: Vec<u8>,
+    time_path: PathBuf,
+    time: Vec<u8>,
+}
+
+impl IndexFiles {
+    /// Writes both files atomically and makes them durable.
+    pub(crate) fn write(&self, dir: &Path, config: &LogConfig) -> Result<()> {
+        write_file_atomically(&self.index_path, &self.index, config)?;
+        write_file_atomically(&self.time_path, &self.time, config)?;
+        sync_dir(dir, config)
+    }
 }
 
 pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8], config: &LogConfig) -> Result<()> {

@@ -665,3 +665,124 @@ fn open_segment_files_stay_bounded_and_closed_ones_reopen_on_read() {
     assert!(log.open_segment_files() <= 3);
     assert_eq!(read_all_entries(&log).expect("read").len(), expected.len());
 }
+
+/// A roll prepared under the lock and run outside it: the sealed segment is synced and indexed,
+/// the next one is the one the roll created, and a log that changed meanwhile throws the
+/// prepared segment away (the append then rolls by itself).
+#[test]
+fn prepared_rolls_seal_outside_the_lock_and_yield_to_a_changed_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recorder = SyncRecorder::new();
+    let config = LogConfig {
+        sync_listener: Some(recorder.clone()),
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    let mut rng = rng(11);
+    use rand::Rng;
+    let mut expected = Vec::new();
+    let mut prepared_rolls = 0;
+    for _ in 0..300 {
+        let end = log.end();
+        let count = rng.random_range(1..6);
+        let batch = make_batch(&mut rng, count, 200, end.next_offset, 1, end.next_index);
+        if let Some(roll) = log
+            .prepare_roll(std::slice::from_ref(&batch))
+            .expect("prepare")
+        {
+            let sealed = log.end();
+            let segments = log.segment_count();
+            let outcome = roll.run();
+            log.finish_roll(roll, outcome).expect("finish");
+            prepared_rolls += 1;
+            assert_eq!(
+                log.segment_count(),
+                segments + 1,
+                "the prepared segment is active"
+            );
+            assert_eq!(
+                log.durable(),
+                sealed,
+                "everything before the roll is durable"
+            );
+        }
+        let segments = log.segment_count();
+        log.append(&batch).expect("append");
+        assert_eq!(
+            log.segment_count(),
+            segments,
+            "the append did not roll again"
+        );
+        expected.push(batch.bytes().clone());
+    }
+    assert!(prepared_rolls > 5, "rolls happened: {prepared_rolls}");
+    // Every sealed segment was synced whole by its roll.
+    let mut sealed: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    sealed.sort();
+    sealed.pop();
+    for path in &sealed {
+        let len = std::fs::metadata(path).expect("stat").len();
+        assert_eq!(
+            recorder.synced_len(path),
+            Some(len),
+            "{} synced",
+            path.display()
+        );
+        assert!(
+            path.with_extension("index").exists(),
+            "{} indexed",
+            path.display()
+        );
+    }
+
+    // A roll whose log is truncated before it finishes: the prepared segment goes.
+    log.flush().expect("flush");
+    let batch = loop {
+        let end = log.end();
+        let batch = make_batch(&mut rng, 3, 200, end.next_offset, 1, end.next_index);
+        if log
+            .prepare_roll(std::slice::from_ref(&batch))
+            .expect("prepare")
+            .is_some()
+        {
+            break batch;
+        }
+        log.append(&batch).expect("append");
+        expected.push(batch.bytes().clone());
+    };
+    let roll = log
+        .prepare_roll(std::slice::from_ref(&batch))
+        .expect("prepare")
+        .expect("a roll is due");
+    let outcome = roll.run();
+    let last = log.end().next_index - 1;
+    log.truncate_from_index(last).expect("truncate");
+    expected.pop();
+    let segments = log.segment_count();
+    log.finish_roll(roll, outcome)
+        .expect("finish after a truncation");
+    assert_eq!(
+        log.segment_count(),
+        segments,
+        "the prepared segment was dropped"
+    );
+    let end = log.end();
+    let batch = make_batch(&mut rng, 3, 200, end.next_offset, 1, end.next_index);
+    log.append(&batch).expect("append after the dropped roll");
+    expected.push(batch.bytes().clone());
+    log.flush().expect("flush");
+    drop(log);
+
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    assert!(log.recovery_report().corruptions.is_empty());
+    let got: Vec<_> = read_all_entries(&log)
+        .expect("read")
+        .iter()
+        .map(|b| b.bytes().clone())
+        .collect();
+    assert_eq!(got, expected);
+}

@@ -4,7 +4,17 @@
 
 mod common;
 
-use common::small_config;
+use weft_storage::LogConfig;
+
+/// A tail cache small enough that runs evict from it.
+const TAIL_CACHE_BYTES: usize = 3000;
+
+fn small_config() -> LogConfig {
+    LogConfig {
+        tail_cache_bytes: TAIL_CACHE_BYTES,
+        ..common::small_config()
+    }
+}
 use proptest::prelude::*;
 use weft_storage::{Batch, BatchBuilder, EntryKind, PartitionLog, ProducerInfo};
 
@@ -205,6 +215,23 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 );
                 for (g, w) in got.iter().zip(&want) {
                     prop_assert_eq!(g.bytes(), w.bytes());
+                }
+                // The tail cache answers the same, for the offsets it holds.
+                let tail = l.tail_cache();
+                let (cached_from, cached_end) = tail.range();
+                prop_assert_eq!(cached_end, model.next_offset);
+                prop_assert!(tail.bytes() <= TAIL_CACHE_BYTES);
+                match tail.read(from, max_bytes, limit) {
+                    Some(cached) => {
+                        prop_assert!(from >= cached_from);
+                        prop_assert_eq!(cached.is_empty(), want.is_empty());
+                        let total: usize = cached.iter().map(Batch::len).sum();
+                        prop_assert!(total <= max_bytes || cached.len() == 1);
+                        for (c, w) in cached.iter().zip(&want) {
+                            prop_assert_eq!(c.bytes(), w.bytes());
+                        }
+                    }
+                    None => prop_assert!(from < cached_from, "a miss inside the cached range"),
                 }
             }
             Op::ReadEntries {

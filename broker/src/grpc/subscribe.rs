@@ -124,7 +124,7 @@ impl SubscriberService {
         describe_group(&self.node, group_id)
     }
 
-    fn offsets_inner(
+    async fn offsets_inner(
         &self,
         request: &GetOffsetsRequest,
     ) -> Result<GetOffsetsResponse, BrokerError> {
@@ -148,10 +148,10 @@ impl SubscriberService {
                     .groups
                     .committed(&request.group_id, &topic.topic_id, p)?
             };
-            let timestamp_offset = request
-                .timestamp_ms
-                .map(|ts| partition.offset_for_timestamp(ts))
-                .transpose()?;
+            let timestamp_offset = match request.timestamp_ms {
+                Some(ts) => Some(partition.offset_for_timestamp(ts).await?),
+                None => None,
+            };
             out.push(PartitionOffsets {
                 partition: p,
                 log_start_offset: bounds.log_start,
@@ -364,10 +364,12 @@ impl Subscriber for SubscriberService {
         request: Request<GetOffsetsRequest>,
     ) -> Result<Response<GetOffsetsResponse>, Status> {
         let started = Instant::now();
-        let result = check_headers(request.metadata(), &request.get_ref().topic, None)
-            .and_then(|()| self.offsets_inner(request.get_ref()))
-            .map(Response::new)
-            .map_err(Status::from);
+        let result = match check_headers(request.metadata(), &request.get_ref().topic, None) {
+            Ok(()) => self.offsets_inner(request.get_ref()).await,
+            Err(e) => Err(e),
+        }
+        .map(Response::new)
+        .map_err(Status::from);
         crate::metrics::rpc("GetOffsets", started, &result);
         result
     }
@@ -492,7 +494,7 @@ impl Session {
     }
 
     /// Where delivery of `partition` starts: resume offset > group commit > start position.
-    fn start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
+    async fn start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
         let hosted = self.node.partition(&self.start.topic, partition)?;
         let bounds = hosted.bounds();
         let clamp = |o: u64| o.clamp(bounds.log_start, bounds.high_watermark);
@@ -511,7 +513,7 @@ impl Session {
             match self.start.start.as_ref().and_then(|s| s.position.as_ref()) {
                 Some(Position::Earliest(_)) => bounds.log_start,
                 Some(Position::Offset(o)) => clamp(*o),
-                Some(Position::TimestampMs(ts)) => hosted.offset_for_timestamp(*ts)?,
+                Some(Position::TimestampMs(ts)) => hosted.offset_for_timestamp(*ts).await?,
                 Some(Position::Latest(_)) | None => bounds.high_watermark,
             },
         )
@@ -523,7 +525,7 @@ impl Session {
         for p in partitions {
             let position = match self.positions.get(&p) {
                 Some(&position) => position,
-                None => self.start_offset(p)?,
+                None => self.start_offset(p).await?,
             };
             positions.insert(p, position);
         }

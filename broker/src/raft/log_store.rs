@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, StorageIOError, Vote};
-use weft_storage::{Batch, FsyncPolicy, LogPosition, PartitionLog};
+use weft_storage::{Batch, FsyncPolicy, LogPosition, PartitionLog, TailCache};
 
 use super::entry::{from_batches, to_batches};
 use super::flusher::Flusher;
@@ -53,6 +53,8 @@ pub(super) struct Shared {
     /// 0: the flush callback waits for an fdatasync (fsync before ack); otherwise the log is
     /// synced every this many milliseconds and callbacks complete once entries are written.
     sync_interval_ms: AtomicU64,
+    /// The log's tail cache, for consumers' reads without the log's lock.
+    tail: TailCache,
 }
 
 /// Groups batches read from the log into entries (the batches of one frame share a Raft index).
@@ -123,6 +125,14 @@ impl Shared {
         }
         let mut log = self.log_mut().map_err(|e| e.to_string())?;
         for entry in &entries {
+            // A segment roll syncs the sealed segment and creates the next: without the lock, so
+            // consumers' reads never wait behind those syncs (this thread is the only writer).
+            if let Some(roll) = log.prepare_roll(entry).map_err(|e| e.to_string())? {
+                drop(log);
+                let prepared = roll.run();
+                log = self.log_mut().map_err(|e| e.to_string())?;
+                log.finish_roll(roll, prepared).map_err(|e| e.to_string())?;
+            }
             log.append_entry(entry).map_err(|e| e.to_string())?;
         }
         drop(log);
@@ -288,7 +298,9 @@ impl LogStore {
             FsyncPolicy::Always => 0,
             FsyncPolicy::Interval { interval_ms } => interval_ms.max(1),
         };
+        let tail = log.tail_cache();
         let shared = Arc::new(Shared {
+            tail,
             group,
             log: RwLock::new(log),
             meta,
@@ -310,6 +322,11 @@ impl LogStore {
 }
 
 impl LogReader {
+    /// The log's tail cache: its most recent record batches, read without the log's lock.
+    pub fn tail_cache(&self) -> &TailCache {
+        &self.shared.tail
+    }
+
     /// Runs `f` with the partition log read-locked (reads by offset for consumers).
     pub fn with_log<T>(&self, f: impl FnOnce(&PartitionLog) -> T) -> Result<T, StorageError> {
         let log = self.shared.log()?;

@@ -1,0 +1,124 @@
+//! Consumers' reads never wait behind the writer's disk syncs. With every sync of a data file
+//! taking 3 s longer (the test-only `WEFT_SYNC_DELAY_MS` of the `sync-journal` feature) and the
+//! in-memory tail cache off (so reads go to the segment files), a publish that rolls the segment
+//! makes the flusher seal the old segment (fdatasync of what is unsynced, index files) and create
+//! the next: a Fetch of data committed before must answer at once, not after the roll's syncs.
+//! (The topic syncs on an interval, so the old segment's data is unsynced when the roll comes,
+//! as it is under fsync-before-ack when one flush round writes several entries.) The records on
+//! both sides of the roll read back afterwards.
+
+use std::time::{Duration, Instant};
+
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{FetchRequest, PublishRequest, Record};
+use weft_tests::{Broker, fetch_range, grpc};
+
+const STALL_MS: u64 = 3000;
+
+fn value(tag: char) -> Vec<u8> {
+    vec![tag as u8; 600 * 1024]
+}
+
+async fn publish(channel: &tonic::transport::Channel, tag: char) -> u64 {
+    grpc::publisher(channel)
+        .publish(PublishRequest {
+            topic: "rolls".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Record {
+                value: value(tag).into(),
+                ..Record::default()
+            }],
+            ..PublishRequest::default()
+        })
+        .await
+        .expect("publish")
+        .into_inner()
+        .base_offset
+}
+
+fn segment_files(broker: &Broker) -> usize {
+    let topics = broker.data_dir().join("topics");
+    std::fs::read_dir(&topics)
+        .expect("topics")
+        .map(|topic| {
+            std::fs::read_dir(topic.expect("topic").path().join("0"))
+                .expect("partition dir")
+                .filter(|f| {
+                    f.as_ref()
+                        .is_ok_and(|f| f.path().extension().is_some_and(|e| e == "log"))
+                })
+                .count()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_does_not_wait_behind_a_segment_roll() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "partition_read_cache_bytes = 0\n").expect("config");
+    let broker = Broker::start_with_env(
+        &["--config", config.to_str().expect("utf-8")],
+        &[("WEFT_SYNC_DELAY_MS", &STALL_MS.to_string())],
+    );
+    let channel = grpc::channel(&broker.client_addr).await;
+    grpc::topic_admin(&channel)
+        .create_topic(weft_proto::v1::CreateTopicRequest {
+            name: "rolls".into(),
+            config: Some(weft_proto::v1::TopicConfig {
+                partitions: 1,
+                segment_bytes: Some(1024 * 1024),
+                max_message_bytes: Some(700 * 1024),
+                // Acknowledged once written: the roll finds the old segment unsynced and syncs it.
+                fsync_policy: weft_proto::v1::FsyncPolicy::Interval as i32,
+                fsync_interval_ms: Some(60_000),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create");
+
+    // The first record fills most of the 1 MiB segment; the second one rolls it.
+    assert_eq!(publish(&channel, 'a').await, 0);
+    assert_eq!(segment_files(&broker), 1);
+    let rolling = {
+        let channel = channel.clone();
+        tokio::spawn(async move { publish(&channel, 'b').await })
+    };
+    // Let the flusher reach the roll (its fdatasync alone now takes 3 s), then read what was
+    // committed before it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!rolling.is_finished(), "the roll is still syncing");
+    let started = Instant::now();
+    let fetched = grpc::subscriber(&channel)
+        .fetch(FetchRequest {
+            topic: "rolls".into(),
+            partition: 0,
+            offset: 0,
+            max_bytes: 4 * 1024 * 1024,
+            max_wait_ms: 0,
+            min_bytes: 1,
+            max_records: 0,
+        })
+        .await
+        .expect("fetch during the roll")
+        .into_inner();
+    let waited = started.elapsed();
+    assert_eq!(fetched.records.len(), 1);
+    assert_eq!(fetched.records[0].value.as_ref(), value('a').as_slice());
+    assert!(
+        waited < Duration::from_millis(STALL_MS / 3),
+        "the fetch waited {waited:?} behind the roll's {STALL_MS} ms sync"
+    );
+    assert!(
+        !rolling.is_finished(),
+        "the fetch was answered while the roll synced"
+    );
+
+    assert_eq!(rolling.await.expect("publish task"), 1);
+    assert_eq!(segment_files(&broker), 2, "the segment rolled");
+    let all = fetch_range(&broker.client_addr, "rolls", 0, 0, 2).await;
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].1.as_ref(), value('a').as_slice());
+    assert_eq!(all[1].1.as_ref(), value('b').as_slice());
+}
