@@ -147,7 +147,27 @@ impl Partition {
 
     /// The damaged ranges found so far.
     pub fn damage(&self) -> Vec<Damage> {
-        self.damage.lock().map(|d| d.clone()).unwrap_or_default()
+        let mut damage = self.damage.lock().map(|d| d.clone()).unwrap_or_default();
+        // Ranges the Raft log reader ran into (and skipped) while applying or replicating.
+        let skipped = self
+            .group
+            .reader()
+            .with_log(|log| log.damaged_ranges().to_vec())
+            .unwrap_or_default();
+        for range in skipped {
+            let segment = range.segment.display().to_string();
+            if !damage
+                .iter()
+                .any(|d| d.segment == segment && d.position == range.position)
+            {
+                damage.push(Damage {
+                    segment,
+                    position: range.position,
+                    detail: range.detail,
+                });
+            }
+        }
+        damage
     }
 
     /// Maps a storage error, remembering (and logging, once) damage it reports.

@@ -44,7 +44,7 @@ pub use commit::{Committed, GroupCommitter};
 pub use config::{FsyncPolicy, LogConfig, SyncListener};
 pub use error::{Error, Result};
 pub use log::{
-    Appended, CorruptionFound, LogPosition, PartitionLog, PreparedRoll, PurgeReport,
+    Appended, CorruptionFound, DamagedRange, LogPosition, PartitionLog, PreparedRoll, PurgeReport,
     RecoveryReport, RollTicket, SyncTicket, TornTail,
 };
 pub use meta::{MemoryMetaStore, MetaOp, MetaStore, SledMetaStore};

@@ -67,6 +67,31 @@ pub struct CorruptionFound {
     pub detail: String,
 }
 
+/// A range of Raft entries that cannot be read because their bytes are damaged, bounded by the
+/// intact entries around it: found by [`PartitionLog::map_damage`] when a read runs into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedRange {
+    /// The segment data file.
+    pub segment: PathBuf,
+    /// Position of the first damaged byte.
+    pub position: u64,
+    /// Where intact frames resume in the same file, if they do.
+    pub resumes_at: Option<u64>,
+    /// Raft index of the first damaged entry.
+    pub first_index: u64,
+    /// Raft index of the first intact entry after the damage (or the log's end).
+    pub next_index: u64,
+    /// Offset of the first record lost.
+    pub first_offset: u64,
+    /// Offset of the first intact record after the damage (or the log's end).
+    pub next_offset: u64,
+    /// A term for the lost entries, from the intact entries around them (they lie between those
+    /// entries' terms); None when neither side is known.
+    pub term: Option<u64>,
+    /// What check failed.
+    pub detail: String,
+}
+
 /// What opening the log found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -108,7 +133,12 @@ pub struct PartitionLog {
     reads: std::sync::atomic::AtomicU64,
     /// The most recent record batches, for reads without the log's lock.
     tail: TailCache,
+    /// Damaged ranges that reads ran into, bounded (see [`PartitionLog::map_damage`]).
+    damaged: Vec<DamagedRange>,
 }
+
+/// Most damaged ranges a log remembers.
+const DAMAGED_RANGES_MAX: usize = 64;
 
 /// A sync of the active segment that can run on another thread while appends go on: made by
 /// [`PartitionLog::begin_sync`], run with [`SyncTicket::sync`], and reported back with
@@ -324,6 +354,7 @@ impl PartitionLog {
             generation: 0,
             reads: std::sync::atomic::AtomicU64::new(0),
             tail: TailCache::new(0, 0),
+            damaged: Vec::new(),
         };
         log.durable = log.end();
         log.tail = TailCache::new(log.end().next_offset, log.config.tail_cache_bytes);
@@ -706,7 +737,13 @@ impl PartitionLog {
         for (i, seg) in self.segments.iter().enumerate().skip(first) {
             let read = seg.read(start(seg), budget, out.is_empty(), &mut visit);
             self.touch(i);
-            let (batches, how) = read?;
+            let (batches, how) = match read {
+                Ok(read) => read,
+                // Damage at the start of a later segment: return what was read; the next read,
+                // which starts there, reports it.
+                Err(Error::Corruption { .. }) if !out.is_empty() => break,
+                Err(error) => return Err(error),
+            };
             let bytes: usize = batches.iter().map(Batch::len).sum();
             out.extend(batches);
             budget = budget.saturating_sub(bytes);
@@ -715,6 +752,79 @@ impl PartitionLog {
             }
         }
         Ok(out)
+    }
+
+    /// After a read of Raft index `index` failed with [`Error::Corruption`]: the damaged range
+    /// that read ran into, bounded by the intact entries around it. Reads of entries after the
+    /// range work from then on (the segment gets an index point where intact frames resume).
+    /// None when the entries up to `index` read intact (a retry of the read succeeds).
+    pub fn map_damage(&mut self, index: u64) -> Result<Option<DamagedRange>> {
+        if let Some(known) = self
+            .damaged
+            .iter()
+            .find(|r| r.first_index <= index && index < r.next_index)
+        {
+            return Ok(Some(known.clone()));
+        }
+        if index < self.first_index().unwrap_or(u64::MAX) || index >= self.end().next_index {
+            return Ok(None);
+        }
+        let i = self
+            .segments
+            .partition_point(|s| s.first_index.is_some_and(|f| f <= index))
+            .saturating_sub(1);
+        let first_index = self.segments[i]
+            .first_index
+            .unwrap_or(self.segments[i].next_index);
+        let Some(found) = self.segments[i].map_damage(index, first_index)? else {
+            return Ok(None);
+        };
+        let following = self.segments.get(i + 1);
+        let (next_index, next_offset, term_after) = match found.resumed {
+            Some((index, offset, term)) => (index, offset, Some(term)),
+            None => match following {
+                Some(next) => (
+                    next.first_index.unwrap_or(next.next_index),
+                    next.base_offset,
+                    None,
+                ),
+                None => (
+                    self.segments[i].next_index.max(found.first_index + 1),
+                    self.segments[i].next_offset.max(found.first_offset),
+                    None,
+                ),
+            },
+        };
+        let range = DamagedRange {
+            segment: self.segments[i].path.clone(),
+            position: found.position,
+            resumes_at: found.resumes_at,
+            first_index: found.first_index,
+            next_index: next_index.max(found.first_index + 1),
+            first_offset: found.first_offset,
+            next_offset: next_offset.max(found.first_offset),
+            term: term_after.or(found.term_before),
+            detail: found.detail,
+        };
+        tracing::error!(
+            segment = %range.segment.display(),
+            position = range.position,
+            first_index = range.first_index,
+            next_index = range.next_index,
+            first_offset = range.first_offset,
+            next_offset = range.next_offset,
+            detail = %range.detail,
+            "damaged entries in durable data; they are skipped and never served"
+        );
+        if self.damaged.len() < DAMAGED_RANGES_MAX {
+            self.damaged.push(range.clone());
+        }
+        Ok(Some(range))
+    }
+
+    /// The damaged ranges reads ran into so far.
+    pub fn damaged_ranges(&self) -> &[DamagedRange] {
+        &self.damaged
     }
 
     /// Reads entries (records and control) with Raft indexes in `from_index .. until_index`, up to
@@ -832,6 +942,7 @@ impl PartitionLog {
         let end = self.end();
         debug_assert_eq!(end.next_index, index);
         self.tail.truncated(index, end.next_offset);
+        self.damaged.retain(|r| r.next_index <= index);
         self.durable = LogPosition {
             next_offset: self.durable.next_offset.min(end.next_offset),
             next_index: self.durable.next_index.min(end.next_index),
@@ -918,6 +1029,8 @@ impl PartitionLog {
             seg.delete()?;
         }
         self.tail.purged(self.start_offset());
+        let first = self.first_index().unwrap_or(self.end().next_index);
+        self.damaged.retain(|r| r.next_index > first);
         segment::sync_dir(&self.dir, &self.config)?;
         report.start_offset = self.start_offset();
         Ok(report)
@@ -927,6 +1040,7 @@ impl PartitionLog {
     pub fn reset(&mut self, next: LogPosition) -> Result<()> {
         self.generation += 1;
         self.tail.reset(next.next_offset);
+        self.damaged.clear();
         write_log_meta(&self.dir, next, &self.config)?;
         let fresh = Segment::create_or_replace(&self.dir, next, &self.config)?;
         let old: Vec<Segment> = std::mem::replace(&mut self.segments, vec![fresh]);

@@ -141,6 +141,21 @@ pub(crate) struct IndexEntry {
     pub(crate) max_ts_before: i64,
 }
 
+/// Damage met by [`Segment::map_damage`]: where it is, the first entry it holds (by the intact
+/// frames before it), and the first intact frame after it in the same file, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SegmentDamage {
+    pub(crate) position: u64,
+    pub(crate) resumes_at: Option<u64>,
+    pub(crate) first_index: u64,
+    pub(crate) first_offset: u64,
+    /// (Raft index, offset, term) of the frame where intact data resumes.
+    pub(crate) resumed: Option<(u64, u64, u64)>,
+    /// Term of the last intact entry before the damage.
+    pub(crate) term_before: Option<u64>,
+    pub(crate) detail: String,
+}
+
 /// A damaged range of a data file found by a scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Damage {
@@ -645,6 +660,20 @@ impl Segment {
     /// Finds the first position at or after `from` holding a valid frame that can follow what the
     /// segment holds so far. Returns (position, that frame's synced_len).
     fn resync(&self, window: &mut Window<'_>, from: u64) -> Result<Option<(u64, u64)>> {
+        let min_index = self.first_index.map(|_| self.next_index);
+        Self::resync_after(window, from, self.next_offset, min_index)
+            .map(|found| found.map(|(at, synced_len, _)| (at, synced_len)))
+    }
+
+    /// Finds the first position at or after `from` holding a valid frame whose offset (and Raft
+    /// index, when given) are at least those given. Returns (position, that frame's synced_len,
+    /// its first batch's header).
+    fn resync_after(
+        window: &mut Window<'_>,
+        from: u64,
+        min_offset: u64,
+        min_index: Option<u64>,
+    ) -> Result<Option<(u64, u64, BatchHeader)>> {
         let mut position = from;
         loop {
             if position + FRAME_PROBE_LEN as u64 > window.end {
@@ -668,10 +697,10 @@ impl Segment {
                 } = window.frame(candidate)?
                 {
                     let h = batches[0].header();
-                    let plausible = h.base_offset >= self.next_offset
-                        && (self.first_index.is_none() || h.index >= self.next_index);
+                    let plausible =
+                        h.base_offset >= min_offset && min_index.is_none_or(|min| h.index >= min);
                     if plausible {
-                        return Ok(Some((candidate, synced_len)));
+                        return Ok(Some((candidate, synced_len, *h)));
                     }
                 }
             }
@@ -808,6 +837,77 @@ impl Segment {
                 }
                 Frame::Invalid(detail) => return Err(self.corruption(position, detail)),
             }
+        }
+        Ok(None)
+    }
+
+    /// Finds the damage that a read of Raft index `index` runs into: walks the frames from the
+    /// index point before `index` and, at the first damaged one, looks for where intact frames
+    /// resume. The entries in between are the damaged range; an index point is added where
+    /// frames resume, so reads of later entries no longer walk through the damage. None when
+    /// the frames up to `index` are intact. `first_index` is the segment's first Raft index
+    /// (known from the log even when the segment's first frame is the damaged one).
+    pub(crate) fn map_damage(
+        &mut self,
+        index: u64,
+        first_index: u64,
+    ) -> Result<Option<SegmentDamage>> {
+        let file = self.file()?;
+        let mut window = Window::new(&file, &self.path, self.data_len, READ_CHUNK_BYTES);
+        let at = self.entries.partition_point(|e| e.index <= index);
+        let (mut position, mut next_offset, mut next_index) = match at {
+            0 => (0, self.base_offset, first_index),
+            i => {
+                let e = &self.entries[i - 1];
+                (e.position, e.offset, e.index)
+            }
+        };
+        let mut term = None;
+        while position < self.data_len {
+            let detail = match window.frame(position)? {
+                Frame::Valid { batches, len, .. } => {
+                    let (first, last) = (batches[0].header(), batches[batches.len() - 1].header());
+                    if first.index > index {
+                        return Ok(None);
+                    }
+                    next_offset = last.next_offset();
+                    next_index = first.index + 1;
+                    term = Some(first.term);
+                    position += len;
+                    continue;
+                }
+                Frame::Invalid(detail) => detail,
+            };
+            let resumed =
+                Self::resync_after(&mut window, position + 1, next_offset, Some(next_index))?;
+            let damage = SegmentDamage {
+                position,
+                resumes_at: resumed.map(|(at, _, _)| at),
+                first_index: next_index,
+                first_offset: next_offset,
+                resumed: resumed.map(|(_, _, h)| (h.index, h.base_offset, h.term)),
+                term_before: term,
+                detail,
+            };
+            if let Some((at, _, h)) = resumed {
+                let i = self.entries.partition_point(|e| e.position < at);
+                if self.entries.get(i).is_none_or(|e| e.position != at) {
+                    let max_ts_before = self
+                        .entries
+                        .get(i)
+                        .map_or(self.max_timestamp, |e| e.max_ts_before);
+                    self.entries.insert(
+                        i,
+                        IndexEntry {
+                            offset: h.base_offset,
+                            index: h.index,
+                            position: at,
+                            max_ts_before,
+                        },
+                    );
+                }
+            }
+            return Ok(Some(damage));
         }
         Ok(None)
     }

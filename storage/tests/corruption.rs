@@ -250,3 +250,108 @@ fn flips_in_the_tail_after_a_crash_are_reported_never_served() {
         "most of the tail is provably durable ({as_corruption} vs {as_torn})"
     );
 }
+
+/// A read that runs into damage returns what it read before it, also when the damage is the
+/// first frame of the next segment; the read that starts at the damage fails; `map_damage`
+/// bounds the damaged range by the intact entries around it, after which every entry past the
+/// range reads again, by Raft index and by offset.
+#[test]
+fn damaged_ranges_are_bounded_by_the_intact_entries_around_them() {
+    for first_frame in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = rng(21);
+        let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+        let expected: Vec<Expected> = (0..300)
+            .map(|_| append_random(&mut log, &mut rng, 200))
+            .collect();
+        log.close().expect("close");
+
+        let mut segments: Vec<PathBuf> = fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        segments.sort();
+        assert!(segments.len() > 4, "several segments");
+        let victim = &segments[segments.len() / 2];
+        let mut bytes = fs::read(victim).expect("read");
+        let positions = frames(&bytes);
+        let (position, len, _) = if first_frame {
+            positions[0]
+        } else {
+            positions[positions.len() / 2]
+        };
+        bytes[position + len - 3] ^= 0x40;
+        fs::write(victim, &bytes).expect("damage");
+
+        let mut log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+        let end = log.end().next_index;
+        let mut from = log.first_index().expect("entries");
+        let error = loop {
+            match log.read_entries(from, end, 64 * 1024) {
+                Ok(batches) => {
+                    assert!(!batches.is_empty(), "a read at {from} returned nothing");
+                    for batch in &batches {
+                        let want = &expected[batch.header().index as usize];
+                        assert_eq!(batch.bytes(), &want.bytes, "an intact entry");
+                    }
+                    from = batches.last().expect("batches").header().index + 1;
+                    assert!(from < end, "read past the damage without an error");
+                }
+                Err(error) => break error,
+            }
+        };
+        match &error {
+            Error::Corruption {
+                segment,
+                position: at,
+                ..
+            } => {
+                assert_eq!(segment, victim);
+                assert_eq!(*at, position as u64, "the damaged frame is named");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+
+        let range = log
+            .map_damage(from)
+            .expect("map damage")
+            .expect("a damaged range");
+        assert_eq!(range.segment, *victim);
+        assert_eq!(range.position, position as u64);
+        assert_eq!(range.resumes_at, Some((position + len) as u64));
+        assert_eq!(range.first_index, from);
+        assert_eq!(range.next_index, from + 1, "one entry is damaged");
+        assert_eq!(range.first_offset, expected[from as usize].base_offset);
+        assert_eq!(range.next_offset, expected[from as usize + 1].base_offset);
+        assert_eq!(range.term, Some(1));
+        assert_eq!(log.damaged_ranges(), std::slice::from_ref(&range));
+        assert_eq!(log.map_damage(from).expect("again"), Some(range.clone()));
+
+        // Everything after the range reads, by index and by offset.
+        let mut next = range.next_index;
+        while next < end {
+            let batches = log
+                .read_entries(next, end, 64 * 1024)
+                .expect("after the damage");
+            for batch in &batches {
+                assert_eq!(
+                    batch.bytes(),
+                    &expected[batch.header().index as usize].bytes
+                );
+            }
+            next = batches.last().expect("batches").header().index + 1;
+        }
+        let after = log
+            .read(range.next_offset, 1 << 20, log.end().next_offset)
+            .expect("read by offset after the damage");
+        assert!(!after.is_empty());
+        assert!(after[0].header().base_offset <= range.next_offset);
+        assert!(after[0].header().next_offset() > range.next_offset);
+        // The damaged entry itself still fails.
+        assert!(matches!(
+            log.read_entries(from, from + 1, 1),
+            Err(Error::Corruption { .. })
+        ));
+    }
+}

@@ -266,7 +266,7 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
                 EntryPayload::Normal(Command::Controller(command)) => {
                     Response::Controller(state.apply(command))
                 }
-                EntryPayload::Normal(Command::Records(_)) => Response::Empty,
+                EntryPayload::Normal(Command::Records(_) | Command::Lost { .. }) => Response::Empty,
             });
         }
         self.shared.state.send_replace(Arc::new(state));

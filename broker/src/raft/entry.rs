@@ -35,6 +35,13 @@ pub(crate) fn to_batches(entry: &Entry, next_offset: u64) -> Result<Vec<Batch>, 
             TAG_CONTROLLER,
             serde_json::to_vec(command).map_err(|e| write_error(&e))?,
         )],
+        EntryPayload::Normal(Command::Lost { .. }) => {
+            // A stand-in for entries damaged on this broker's disk: there is nothing to store.
+            // (Repairing such a range from another replica is the replicated cluster's job.)
+            return Err(write_error(
+                &"a stand-in for damaged entries cannot be stored",
+            ));
+        }
         EntryPayload::Normal(Command::Records(batches)) => {
             if batches.is_empty() {
                 return Err(write_error(&"a Records command needs a batch"));

@@ -191,8 +191,9 @@ impl Shared {
             Some(purged) => start.max(purged.index + 1),
             None => start,
         };
-        let mut out = Vec::new();
+        let mut out: Vec<Entry> = Vec::new();
         let mut from = start;
+        let mut retried_at = None;
         while from < end {
             let batches = {
                 let log = self.log()?;
@@ -208,8 +209,49 @@ impl Shared {
                         break;
                     }
                 }
-                log.read_entries(from, end.min(written_end), READ_CHUNK_BYTES)
-                    .map_err(|e| read_error(from, &e))?
+                match log.read_entries(from, end.min(written_end), READ_CHUNK_BYTES) {
+                    Ok(batches) => batches,
+                    Err(error @ weft_storage::Error::Corruption { .. }) => {
+                        drop(log);
+                        let range = self
+                            .log_mut()?
+                            .map_damage(from)
+                            .map_err(|e| read_error(from, &e))?;
+                        match range {
+                            Some(range) if range.first_index <= from => {
+                                // Damaged entries: stand-ins move the state machine past them.
+                                let until = range.next_index.min(end).min(written_end);
+                                let term = range
+                                    .term
+                                    .or(out.last().map(|e| e.log_id.leader_id.term))
+                                    .unwrap_or(0);
+                                for index in from..until {
+                                    out.push(Entry {
+                                        log_id: LogId::new(
+                                            openraft::CommittedLeaderId::new(term, 0),
+                                            index,
+                                        ),
+                                        payload: openraft::EntryPayload::Normal(
+                                            super::Command::Lost {
+                                                next_offset: range.next_offset,
+                                            },
+                                        ),
+                                    });
+                                }
+                                from = until;
+                                continue;
+                            }
+                            // The damage lies before `from` and intact entries resume before it:
+                            // reads now start where they resume.
+                            _ if retried_at != Some(from) => {
+                                retried_at = Some(from);
+                                continue;
+                            }
+                            _ => return Err(read_error(from, &error)),
+                        }
+                    }
+                    Err(error) => return Err(read_error(from, &error)),
+                }
             };
             let Some(last) = batches.last() else { break };
             from = last.header().index + 1;

@@ -133,6 +133,15 @@ pub enum Command {
     Records(Vec<Bytes>),
     /// A change to cluster metadata (controller group only).
     Controller(ControllerCommand),
+    /// Stands in for an entry whose bytes are damaged on this broker's disk (never proposed,
+    /// never stored): made by the log store when a read runs into a damaged range, so the state
+    /// machine moves past it. The range's records end before `next_offset`; applying it moves
+    /// the partition's next offset there. Its records are lost on this broker (reads of them
+    /// answer DATA_LOSS); its producers' sequence numbers are unknown.
+    Lost {
+        /// The offset of the first intact record after the damaged range.
+        next_offset: u64,
+    },
 }
 
 /// What applying an entry returns to the proposer.

@@ -366,6 +366,10 @@ impl PartitionStateMachine {
                 (Response::Empty, 0)
             }
             EntryPayload::Normal(Command::Controller(_)) => (Response::Empty, 0),
+            EntryPayload::Normal(Command::Lost { next_offset }) => {
+                state.high_watermark = state.high_watermark.max(*next_offset);
+                (Response::Empty, 0)
+            }
             EntryPayload::Normal(Command::Records(batches)) => {
                 let first_offset = state.high_watermark;
                 let mut bytes = 0u64;
