@@ -55,6 +55,10 @@ pub struct Config {
     pub advertised_client_address: Option<String>,
     /// Name of the Raft cluster (must match on every node).
     pub cluster_name: String,
+    /// Every broker of the cluster as `ID@HOST:PORT` (its node id and peer address), this one
+    /// included; empty for a single node. The broker with the lowest id initialises a new
+    /// cluster; every other one joins it through any broker of the list.
+    pub peers: Vec<String>,
 
     /// Most records in one publish.
     pub batch_records_max: u32,
@@ -97,7 +101,8 @@ pub struct Config {
     /// Graceful shutdown: how long in-flight work may take before the broker exits anyway.
     pub shutdown_grace_ms: u64,
 
-    /// Raft heartbeat interval.
+    /// Raft heartbeat interval; also how long a leader waits for a follower to take an
+    /// AppendEntries (written and synced there).
     pub raft_heartbeat_ms: u64,
     /// Raft election timeout (minimum; the maximum is twice this).
     pub raft_election_timeout_ms: u64,
@@ -153,6 +158,7 @@ impl Default for Config {
             admin_listen: ([0, 0, 0, 0], 7402).into(),
             advertised_client_address: None,
             cluster_name: "weft".into(),
+            peers: Vec::new(),
             batch_records_max: 10_000,
             grpc_message_bytes_max: 16 * 1024 * 1024,
             request_timeout_ms: 30_000,
@@ -169,8 +175,8 @@ impl Default for Config {
             flush_sync: "syncfs".into(),
             producer_expiration_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
-            raft_heartbeat_ms: 100,
-            raft_election_timeout_ms: 500,
+            raft_heartbeat_ms: 500,
+            raft_election_timeout_ms: 2000,
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -201,6 +207,9 @@ pub struct Flags {
     /// Address advertised to clients.
     #[arg(long, env = "WEFT_ADVERTISED_CLIENT_ADDRESS")]
     pub advertised_client_address: Option<String>,
+    /// Every broker of the cluster, `ID@HOST:PORT` (node id and peer address), comma-separated.
+    #[arg(long, env = "WEFT_PEERS", value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
     /// Default replication factor of new topics.
     #[arg(long, env = "WEFT_DEFAULT_REPLICATION_FACTOR")]
     pub default_replication_factor: Option<u32>,
@@ -225,6 +234,9 @@ impl Config {
         if let Some(address) = &flags.advertised_client_address {
             config.advertised_client_address = Some(address.clone());
         }
+        if let Some(peers) = &flags.peers {
+            config.peers = peers.clone();
+        }
         if let Some(rf) = flags.default_replication_factor {
             config.topic_defaults.replication_factor = rf;
         }
@@ -247,6 +259,61 @@ impl Config {
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+    }
+
+    /// The cluster's brokers (node id, peer address), parsed from `peers`.
+    pub fn peer_list(&self) -> Result<Vec<(u64, String)>, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "peers",
+            reason,
+        };
+        let mut out: Vec<(u64, String)> = Vec::with_capacity(self.peers.len());
+        for entry in &self.peers {
+            let (id, address) = entry
+                .split_once('@')
+                .ok_or_else(|| invalid(format!("{entry:?} is not ID@HOST:PORT")))?;
+            let id: u64 = id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                invalid(format!("{entry:?}: the node id must be a positive integer"))
+            })?;
+            let address = address.trim();
+            let port = address
+                .rsplit_once(':')
+                .and_then(|(host, port)| (!host.is_empty()).then_some(port))
+                .and_then(|port| port.parse::<u16>().ok());
+            if port.is_none_or(|p| p == 0) {
+                return Err(invalid(format!("{entry:?}: the address must be HOST:PORT")));
+            }
+            if out.iter().any(|(other, _)| *other == id) {
+                return Err(invalid(format!("node id {id} appears twice")));
+            }
+            out.push((id, address.to_string()));
+        }
+        if !out.is_empty() && !out.iter().any(|(id, _)| *id == self.node_id) {
+            return Err(invalid(format!(
+                "this node's id {} is not in the list",
+                self.node_id
+            )));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The address peers use to reach this broker: its entry in `peers`, else the peer listener.
+    pub fn peer_address(&self) -> String {
+        self.peer_list()
+            .ok()
+            .and_then(|list| {
+                list.into_iter()
+                    .find(|(id, _)| *id == self.node_id)
+                    .map(|(_, a)| a)
+            })
+            .unwrap_or_else(|| {
+                if self.peer_listen.ip().is_unspecified() {
+                    format!("127.0.0.1:{}", self.peer_listen.port())
+                } else {
+                    self.peer_listen.to_string()
+                }
+            })
     }
 
     /// The address clients are told to use.
@@ -342,6 +409,7 @@ impl Config {
             0,
             1024 * 1024 * 1024,
         )?;
+        self.peer_list()?;
         if !matches!(self.flush_sync.as_str(), "syncfs" | "fdatasync") {
             return Err(ConfigError::Invalid {
                 key: "flush_sync",

@@ -21,7 +21,7 @@ use crate::groups::Coordinator;
 use crate::partition::{Partition, PartitionSpec};
 use crate::raft::{
     ControllerCommand, ControllerGroup, ControllerResponse, ControllerState, Flusher, NodeId,
-    SyncMode, TopicMeta, raft_config,
+    Peers, SyncMode, TopicMeta, raft_config,
 };
 use crate::registry::{HostContext, Phase, Registry};
 use crate::topic::TopicConfig;
@@ -41,6 +41,7 @@ pub struct Node {
     pub groups: Coordinator,
     controller: ControllerGroup,
     registry: Registry,
+    peers: Peers,
     started: Instant,
     stopping: AtomicBool,
 }
@@ -60,6 +61,29 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Registers this broker in the controller once it has joined, retrying until it has.
+async fn register_loop(node: std::sync::Weak<Node>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let Some(node) = node.upgrade() else { return };
+        if node.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if node.controller.has_leader() {
+            match node.register_broker().await {
+                Ok(()) => {
+                    tracing::info!(node = node.node_id, "registered in the controller");
+                    return;
+                }
+                Err(e) => tracing::info!("cannot register in the controller yet: {e}"),
+            }
+        }
+        drop(node);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Why a node is not ready, for `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotReady {
@@ -72,6 +96,11 @@ pub struct NotReady {
 }
 
 impl Node {
+    /// The node's peer connections and the Raft groups it serves on the peer port.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
     /// Opens the data directory and starts the controller group (initialising a new cluster on
     /// first start). Partitions open in the background: [`Node::not_ready`] says which are not
     /// serving yet.
@@ -105,10 +134,12 @@ impl Node {
         };
         let flusher = Flusher::start(mode)
             .map_err(|e| anyhow::anyhow!("cannot start the flusher thread: {e}"))?;
+        let peers = Peers::new(config.node_id, &config.cluster_name);
+        let seeds = config.peer_list()?;
         let controller = ControllerGroup::open(
             &config.data_dir.join("controller"),
             config.node_id,
-            config.peer_listen.to_string(),
+            config.peer_address(),
             meta.clone(),
             Arc::new(raft_config(
                 &config.cluster_name,
@@ -117,6 +148,8 @@ impl Node {
                 None,
             )?),
             flusher.clone(),
+            peers.clone(),
+            seeds,
         )
         .await?;
         let partition_raft = Arc::new(raft_config(
@@ -127,7 +160,7 @@ impl Node {
         )?);
         let registry = Registry::new(HostContext {
             node_id: config.node_id,
-            peer_address: config.peer_listen.to_string(),
+            peer_address: config.peer_address(),
             topics_dir: config.data_dir.join("topics"),
             meta: meta.clone(),
             raft_config: partition_raft,
@@ -138,6 +171,7 @@ impl Node {
                 .unwrap_or(usize::MAX),
             producer_expiration_ms: config.producer_expiration_ms,
             flusher,
+            peers: peers.clone(),
         });
         let groups = Coordinator::new(
             meta.clone(),
@@ -149,6 +183,7 @@ impl Node {
             groups,
             controller,
             registry,
+            peers,
             started: Instant::now(),
             stopping: AtomicBool::new(false),
             config,
@@ -166,7 +201,32 @@ impl Node {
             node.controller.watch(),
         ));
         node.groups.start_reaper();
+        if node.config.peers.is_empty() {
+            // A single node leads its controller already: register at once.
+            node.register_broker().await?;
+        } else {
+            tokio::spawn(register_loop(Arc::downgrade(&node)));
+        }
         Ok(node)
+    }
+
+    /// Records this broker's addresses in the controller (when they are missing or changed).
+    async fn register_broker(&self) -> Result<(), BrokerError> {
+        let peer_address = self.config.peer_address();
+        let client_address = self.config.client_address();
+        let known = self.controller.state().brokers.get(&self.node_id).cloned();
+        if known
+            .is_some_and(|b| b.peer_address == peer_address && b.client_address == client_address)
+        {
+            return Ok(());
+        }
+        self.propose(ControllerCommand::RegisterBroker {
+            node_id: self.node_id,
+            peer_address,
+            client_address,
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Whether the node serves: every hosted partition is open and caught up.
@@ -176,10 +236,24 @@ impl Node {
 
     /// The hosted partitions that do not serve yet, and why.
     pub fn not_ready(&self) -> Vec<NotReady> {
-        self.registry
-            .slots()
-            .into_iter()
-            .filter_map(|((topic, partition), slot)| {
+        let mut waiting = Vec::new();
+        if !self.config.peers.is_empty() {
+            if !self.controller.has_leader() {
+                waiting.push(NotReady {
+                    partition: "controller".into(),
+                    phase: "joining".into(),
+                    reason: Some("no controller leader known yet".into()),
+                });
+            } else if !self.controller.state().brokers.contains_key(&self.node_id) {
+                waiting.push(NotReady {
+                    partition: "controller".into(),
+                    phase: "registering".into(),
+                    reason: Some("this broker is not registered in the controller yet".into()),
+                });
+            }
+        }
+        waiting.extend(self.registry.slots().into_iter().filter_map(
+            |((topic, partition), slot)| {
                 let phase = slot.phase();
                 match &phase {
                     Phase::Ready(_) => None,
@@ -194,8 +268,9 @@ impl Node {
                         reason: None,
                     }),
                 }
-            })
-            .collect()
+            },
+        ));
+        waiting
     }
 
     /// Seconds since start.
@@ -276,15 +351,33 @@ impl Node {
         self.controller.propose(command, timeout).await
     }
 
+    /// A proposed placement for partitions `first .. end`, from this broker's view of the
+    /// brokers (the controller places replicas again when it applies the command, from the
+    /// brokers registered at that point of its log).
+    fn place(&self, first: u32, end: u32, replication_factor: u32) -> Vec<Vec<NodeId>> {
+        let mut brokers: Vec<NodeId> = self.controller.state().brokers.keys().copied().collect();
+        if brokers.is_empty() {
+            brokers.push(self.node_id);
+        }
+        let rf = (replication_factor.max(1) as usize).min(brokers.len());
+        (first..end)
+            .map(|p| {
+                (0..rf)
+                    .map(|k| brokers[(p as usize + k) % brokers.len()])
+                    .collect()
+            })
+            .collect()
+    }
+
     fn controller_result(response: ControllerResponse) -> Result<TopicMeta, BrokerError> {
         match response {
             ControllerResponse::Topic(t) => Ok(t),
             ControllerResponse::AlreadyExists(name) => Err(BrokerError::TopicExists(name)),
             ControllerResponse::NotFound(name) => Err(BrokerError::TopicNotFound(name)),
             ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("config", reason)),
-            ControllerResponse::Deleted { .. } => {
-                Err(BrokerError::Internal("unexpected delete response".into()))
-            }
+            ControllerResponse::Deleted { .. } | ControllerResponse::Registered => Err(
+                BrokerError::Internal(format!("unexpected controller response {response:?}")),
+            ),
         }
     }
 
@@ -299,8 +392,7 @@ impl Node {
         if !violations.is_empty() {
             return Err(BrokerError::InvalidArgument(violations));
         }
-        // One broker: every partition has one replica, here.
-        let replicas = vec![vec![self.node_id]; config.partitions as usize];
+        let replicas = self.place(0, config.partitions, config.replication_factor);
         let command = ControllerCommand::CreateTopic {
             name: name.into(),
             topic_id: uuid::Uuid::new_v4().to_string(),
@@ -333,11 +425,15 @@ impl Node {
         if config.partitions < current.config.partitions {
             return Err(BrokerError::invalid("config.partitions", "can only grow"));
         }
-        let added = (config.partitions - current.config.partitions) as usize;
+        let new_replicas = self.place(
+            current.config.partitions,
+            config.partitions,
+            config.replication_factor,
+        );
         let command = ControllerCommand::UpdateTopic {
             name: name.into(),
             config,
-            new_replicas: vec![vec![self.node_id]; added],
+            new_replicas,
         };
         let topic = Self::controller_result(self.propose(command).await?)?;
         self.wait_for_partitions(&topic).await?;
@@ -367,6 +463,7 @@ impl Node {
             let serving = topic
                 .partitions
                 .iter()
+                .filter(|p| p.replicas.contains(&self.node_id))
                 .all(|p| self.partition(&topic.name, p.partition).is_ok());
             if serving {
                 return Ok(());
@@ -391,12 +488,29 @@ impl Node {
                     .partitions
                     .iter()
                     .filter(|p| p.replicas.contains(&self.node_id))
-                    .map(|p| PartitionSpec {
-                        topic: topic.name.clone(),
-                        topic_id: topic.topic_id.clone(),
-                        partition: p.partition,
-                        group_id: p.group_id,
-                        config: topic.config.clone(),
+                    .filter_map(|p| {
+                        // Every replica's address must be known (each broker registers itself
+                        // once it has joined); until then the partition waits.
+                        let members: Option<Vec<(NodeId, String)>> = p
+                            .replicas
+                            .iter()
+                            .map(|id| {
+                                let address = match state.brokers.get(id) {
+                                    Some(b) => Some(b.peer_address.clone()),
+                                    None if *id == self.node_id => Some(self.config.peer_address()),
+                                    None => None,
+                                };
+                                address.map(|a| (*id, a))
+                            })
+                            .collect();
+                        Some(PartitionSpec {
+                            topic: topic.name.clone(),
+                            topic_id: topic.topic_id.clone(),
+                            partition: p.partition,
+                            group_id: p.group_id,
+                            config: topic.config.clone(),
+                            members: members?,
+                        })
                     })
             })
             .collect();

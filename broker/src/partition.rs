@@ -60,6 +60,8 @@ pub struct PartitionSpec {
     pub group_id: GroupId,
     /// Topic configuration.
     pub config: TopicConfig,
+    /// Every replica (this node included) with its peer address, the first replica first.
+    pub members: Vec<(NodeId, String)>,
 }
 
 /// A damaged range of a partition's durable data: found when the log was opened, or by a read.

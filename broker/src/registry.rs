@@ -76,6 +76,8 @@ pub struct HostContext {
     pub producer_expiration_ms: u64,
     /// The node's flusher.
     pub flusher: Flusher,
+    /// The node's peer connections and Raft group directory.
+    pub peers: crate::raft::Peers,
 }
 
 /// One hosted partition.
@@ -313,6 +315,7 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             dir: dir.clone(),
             node_id: context.node_id,
             peer_address: context.peer_address.clone(),
+            members: spec.members.clone(),
             log_config: weft_storage::LogConfig {
                 tail_cache_bytes: context.read_cache_bytes,
                 ..spec.config.log_config()
@@ -321,7 +324,7 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             producer_expiration_ms: context.producer_expiration_ms,
         };
         let opened = tokio::select! {
-            opened = PartitionGroup::open(group_spec, context.meta.clone(), context.raft_config.clone(), context.flusher.clone()) => opened,
+            opened = PartitionGroup::open(group_spec, context.meta.clone(), context.raft_config.clone(), context.flusher.clone(), context.peers.clone()) => opened,
             _ = stop.changed() => return,
         };
         let group = match opened {

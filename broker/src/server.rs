@@ -132,9 +132,21 @@ pub async fn run(
             tonic::transport::server::TcpIncoming::from(listeners.client).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
-    // The peer port: health now; Raft and forwarding arrive with the multi-node cluster.
+    // The peer port: Raft for every group of this node, and health.
     let peer_server = tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_service(
+            weft_proto::internal::v1::raft_server::RaftServer::new(crate::raft::RaftService::new(
+                node.peers().clone(),
+            ))
+            .max_decoding_message_size(crate::raft::PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(crate::raft::PEER_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            weft_proto::internal::v1::controller_server::ControllerServer::new(
+                crate::raft::ControllerService::new(node.peers().clone()),
+            ),
+        )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listeners.peer).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),

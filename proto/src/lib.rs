@@ -4,7 +4,8 @@
 //! - [`v1`]: the client API (`weft.v1`): `Publisher`, `Subscriber`, `TopicAdmin`, `Cluster`. One
 //!   service per concern, so a mesh can match policy on path prefixes (`/weft.v1.Publisher/`).
 //! - [`internal::v1`]: the broker-to-broker API (`weft.internal.v1`): `Raft` for every Raft group,
-//!   keyed by group id, and `Forward` for calls a follower hands to the leader.
+//!   keyed by group id, `Controller` (joining the cluster, controller commands forwarded to the
+//!   controller leader), and `Forward` for calls a follower hands to the leader.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every file above, for gRPC reflection.
 //!
 //! The `.proto` sources under `proto/proto/` are the reference: every message and field is
@@ -114,6 +115,7 @@ mod tests {
         assert_eq!(
             services,
             [
+                "weft.internal.v1.Controller",
                 "weft.internal.v1.Forward",
                 "weft.internal.v1.Raft",
                 "weft.v1.Cluster",

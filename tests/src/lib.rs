@@ -129,6 +129,30 @@ impl Broker {
         broker
     }
 
+    /// Starts a broker on the given client, peer and admin addresses (a cluster's brokers must
+    /// know each other's peer addresses before they start: see [`free_port`]), retrying for up
+    /// to 10 s while a port is taken.
+    pub fn start_on(listen: [String; 3], extra: &[&str], envs: &[(&str, &str)]) -> Broker {
+        let tempdir = tempfile::tempdir().expect("tempdir");
+        let dir = tempdir.path().to_path_buf();
+        let mut broker = Broker {
+            child: None,
+            data_dir: dir.join("data"),
+            dir,
+            _tempdir: Some(tempdir),
+            client_addr: listen[0].clone(),
+            admin_addr: listen[2].clone(),
+            peer_addr: listen[1].clone(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        broker.start_again_same_ports();
+        broker
+    }
+
     /// The broker's working directory (its log is `broker.log`; data lives in `data/` unless
     /// the test chose another data directory).
     pub fn dir(&self) -> &Path {
@@ -504,6 +528,15 @@ pub mod grpc {
     pub fn topic_admin(channel: &Channel) -> TopicAdminClient<Channel> {
         TopicAdminClient::new(channel.clone())
     }
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (for a server that must know its peers'
+/// addresses before they start; [`Broker::start_on`] retries when one was taken meanwhile).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// Polls `probe` every 20 ms until it returns Some, failing the test with `what` after `limit`.

@@ -45,8 +45,8 @@ pub fn resolve_config(
             Fsync::Always
         },
     )?;
-    // One broker holds one replica: the replication factor is capped by the cluster size.
-    let brokers = 1;
+    // One broker holds one replica: the controller caps the replication factor by the brokers
+    // registered when it applies the creation.
     let wanted_rf = if p.replication_factor == 0 {
         d.replication_factor
     } else {
@@ -58,7 +58,7 @@ pub fn resolve_config(
         } else {
             p.partitions
         },
-        replication_factor: wanted_rf.min(brokers),
+        replication_factor: wanted_rf,
         retention_bytes: p.retention_bytes.or(d.retention_bytes),
         retention_ms: p.retention_ms.or(d.retention_ms),
         max_message_bytes: p.max_message_bytes.unwrap_or(d.max_message_bytes),

@@ -6,15 +6,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
 use openraft::BasicNode;
+use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::watch;
+use weft_proto::internal::v1 as pb;
 use weft_storage::{LogConfig, PartitionLog};
 
 use crate::meta::Metadata;
 
 use super::{
     CONTROLLER_GROUP, Command, ControllerCommand, ControllerResponse, ControllerState,
-    ControllerStateMachine, Flusher, LogStore, Network, NodeId, Raft, Response,
+    ControllerStateMachine, Flusher, LogStore, NodeId, Peers, Raft, Response,
 };
 use crate::error::BrokerError;
 
@@ -23,6 +27,7 @@ use crate::error::BrokerError;
 pub struct ControllerGroup {
     raft: Raft,
     sm: ControllerStateMachine,
+    peers: Peers,
 }
 
 impl std::fmt::Debug for ControllerGroup {
@@ -32,8 +37,13 @@ impl std::fmt::Debug for ControllerGroup {
 }
 
 impl ControllerGroup {
-    /// Opens the controller log in `dir`, starts the group (initialising a single-voter cluster
-    /// on first start), waits until this node leads it and has applied its log.
+    /// Opens the controller log in `dir` and starts the group. A single node (`seeds` empty)
+    /// initialises a one-voter cluster on first start and waits until it leads it and has applied
+    /// its log. In a cluster (`seeds`: every broker with its peer address), the broker with the
+    /// lowest id initialises a new cluster; any other broker with an empty log joins through the
+    /// seeds in the background (learner, then voter); a broker with a log is a member already.
+    /// A clustered broker never waits here for a quorum.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         dir: &Path,
         node_id: NodeId,
@@ -41,6 +51,8 @@ impl ControllerGroup {
         meta: Metadata,
         raft_config: Arc<openraft::Config>,
         flusher: Flusher,
+        peers: Peers,
+        seeds: Vec<(NodeId, String)>,
     ) -> anyhow::Result<ControllerGroup> {
         let dir = dir.to_path_buf();
         let log = tokio::task::spawn_blocking(move || {
@@ -56,20 +68,45 @@ impl ControllerGroup {
         let store = LogStore::new(CONTROLLER_GROUP, log, meta, flusher)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let sm = ControllerStateMachine::new();
-        let raft = Raft::new(node_id, raft_config, Network, store, sm.clone()).await?;
+        let raft = Raft::new(
+            node_id,
+            raft_config,
+            peers.network(CONTROLLER_GROUP),
+            store,
+            sm.clone(),
+        )
+        .await?;
+        peers.register(CONTROLLER_GROUP, raft.clone());
+        let group = ControllerGroup {
+            raft: raft.clone(),
+            sm,
+            peers: peers.clone(),
+        };
+        let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
         if !raft.is_initialized().await? {
-            let members = BTreeMap::from([(node_id, BasicNode::new(peer_address))]);
-            raft.initialize(members).await?;
+            if seed {
+                let members = BTreeMap::from([(node_id, BasicNode::new(peer_address.clone()))]);
+                raft.initialize(members).await?;
+            } else {
+                tokio::spawn(join(peers, seeds.clone(), node_id, peer_address));
+            }
         }
-        raft.wait(Some(Duration::from_secs(30)))
-            .current_leader(node_id, "controller leadership")
-            .await
-            .map_err(|e| anyhow::anyhow!("this node did not become controller leader: {e}"))?;
-        // Apply everything already in the controller log before serving.
-        raft.ensure_linearizable()
-            .await
-            .map_err(|e| anyhow::anyhow!("controller not ready: {e}"))?;
-        Ok(ControllerGroup { raft, sm })
+        if seeds.is_empty() || (seed && seeds.len() == 1) {
+            raft.wait(Some(Duration::from_secs(30)))
+                .current_leader(node_id, "controller leadership")
+                .await
+                .map_err(|e| anyhow::anyhow!("this node did not become controller leader: {e}"))?;
+            // Apply everything already in the controller log before serving.
+            raft.ensure_linearizable()
+                .await
+                .map_err(|e| anyhow::anyhow!("controller not ready: {e}"))?;
+        }
+        Ok(group)
+    }
+
+    /// Whether this broker is a member of the controller group and knows its leader.
+    pub fn has_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader.is_some()
     }
 
     /// The applied state (topics).
@@ -87,27 +124,23 @@ impl ControllerGroup {
         self.raft.metrics().borrow().current_leader
     }
 
-    /// Proposes a command and waits (up to `timeout`) until it is applied.
+    /// Proposes a command and waits (up to `timeout`) until it is applied; a broker that does
+    /// not lead the controller forwards the command to the one that does.
     pub async fn propose(
         &self,
         command: ControllerCommand,
         timeout: Duration,
     ) -> Result<ControllerResponse, BrokerError> {
-        let write = self.raft.client_write(Command::Controller(command));
-        match tokio::time::timeout(timeout, write).await {
+        match tokio::time::timeout(
+            timeout,
+            propose_here_or_forward(&self.raft, &self.peers, command, 0, timeout),
+        )
+        .await
+        {
             Err(_) => Err(BrokerError::Timeout(
                 "controller did not commit in time".into(),
             )),
-            Ok(Err(e)) => Err(BrokerError::Unavailable {
-                reason: format!("controller: {e}"),
-                leader: self.leader(),
-            }),
-            Ok(Ok(response)) => match response.data {
-                Response::Controller(r) => Ok(r),
-                other => Err(BrokerError::Internal(format!(
-                    "unexpected controller response {other:?}"
-                ))),
-            },
+            Ok(result) => result,
         }
     }
 
@@ -116,5 +149,223 @@ impl ControllerGroup {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("controller shutdown: {e}");
         }
+    }
+}
+
+/// Proposes `command` here when this broker leads the controller, else forwards it once to the
+/// leader over the peer port.
+async fn propose_here_or_forward(
+    raft: &Raft,
+    peers: &Peers,
+    command: ControllerCommand,
+    hops: u32,
+    timeout: Duration,
+) -> Result<ControllerResponse, BrokerError> {
+    let forward = match raft
+        .client_write(Command::Controller(command.clone()))
+        .await
+    {
+        Ok(response) => {
+            return match response.data {
+                Response::Controller(r) => Ok(r),
+                other => Err(BrokerError::Internal(format!(
+                    "unexpected controller response {other:?}"
+                ))),
+            };
+        }
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) if hops == 0 => f,
+        Err(e) => {
+            return Err(BrokerError::Unavailable {
+                reason: format!("controller: {e}"),
+                leader: raft.metrics().borrow().current_leader,
+            });
+        }
+    };
+    let (Some(leader), Some(node)) = (forward.leader_id, forward.leader_node) else {
+        return Err(BrokerError::Unavailable {
+            reason: "the controller has no leader now".into(),
+            leader: None,
+        });
+    };
+    let bytes = serde_json::to_vec(&command).map_err(|e| BrokerError::Internal(e.to_string()))?;
+    let request = peers.request(
+        leader,
+        pb::ProposeRequest {
+            command: bytes.into(),
+            hops: hops + 1,
+        },
+        timeout,
+    );
+    let unavailable = |reason: String| BrokerError::Unavailable {
+        reason,
+        leader: Some(leader),
+    };
+    let mut client = peers
+        .controller_client(&node.addr)
+        .map_err(&unavailable)?;
+    let response = client
+        .propose(request)
+        .await
+        .map_err(|s| unavailable(format!("controller leader {leader}: {}", s.message())))?;
+    serde_json::from_slice(&response.into_inner().response)
+        .map_err(|e| BrokerError::Internal(format!("controller response: {e}")))
+}
+
+/// Joins the controller group through the seeds: asks each in turn (any broker forwards to the
+/// controller leader) until one has added this broker, backing off between rounds. Runs until it
+/// succeeds.
+async fn join(peers: Peers, seeds: Vec<(NodeId, String)>, node_id: NodeId, peer_address: String) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        for (seed, address) in seeds.iter().filter(|(id, _)| *id != node_id) {
+            let request = peers.request(
+                *seed,
+                pb::JoinRequest {
+                    node_id,
+                    peer_address: peer_address.clone(),
+                    hops: 0,
+                },
+                JOIN_TIMEOUT,
+            );
+            let result = match peers.controller_client(address) {
+                Ok(mut client) => client
+                    .join(request)
+                    .await
+                    .map_err(|s| s.message().to_string()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(response) => {
+                    tracing::info!(
+                        leader = response.into_inner().leader_id,
+                        "joined the controller group"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::info!(seed, %address, "cannot join through this broker yet: {e}")
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// How long a forwarded proposal may take at the leader.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a join may take (adding a learner waits until it has caught up).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `weft.internal.v1.Controller` on the peer port.
+#[derive(Debug, Clone)]
+pub struct ControllerService {
+    peers: Peers,
+}
+
+impl ControllerService {
+    /// Serves the controller group registered in `peers`.
+    pub fn new(peers: Peers) -> ControllerService {
+        ControllerService { peers }
+    }
+
+    fn leader_address(raft: &Raft) -> Option<(NodeId, String)> {
+        let metrics = raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let node = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)?
+            .clone();
+        Some((leader, node.addr))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::controller_server::Controller for ControllerService {
+    async fn join(
+        &self,
+        request: tonic::Request<pb::JoinRequest>,
+    ) -> Result<tonic::Response<pb::JoinResponse>, tonic::Status> {
+        self.peers.check(&request)?;
+        let raft = self.peers.group(CONTROLLER_GROUP)?;
+        let message = request.into_inner();
+        if message.node_id == 0 || message.peer_address.is_empty() {
+            return Err(tonic::Status::invalid_argument(
+                "a join needs a node id and a peer address",
+            ));
+        }
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(metrics.id) {
+            let Some((leader, address)) = Self::leader_address(&raft) else {
+                return Err(tonic::Status::unavailable(
+                    "the controller has no leader now",
+                ));
+            };
+            if message.hops > 0 {
+                return Err(tonic::Status::unavailable(format!(
+                    "not the controller leader (node {leader} is)"
+                )));
+            }
+            let request = self.peers.request(
+                leader,
+                pb::JoinRequest {
+                    hops: message.hops + 1,
+                    ..message
+                },
+                JOIN_TIMEOUT,
+            );
+            let mut client = self
+                .peers
+                .controller_client(&address)
+                .map_err(tonic::Status::unavailable)?;
+            return client.join(request).await;
+        }
+        let membership = metrics.membership_config.membership().clone();
+        let is_voter = membership.voter_ids().any(|id| id == message.node_id);
+        if !is_voter {
+            raft.add_learner(
+                message.node_id,
+                BasicNode::new(message.peer_address.clone()),
+                true,
+            )
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("adding the learner: {e}")))?;
+            raft.change_membership(
+                openraft::ChangeMembers::AddVoterIds(BTreeSet::from([message.node_id])),
+                false,
+            )
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("promoting the voter: {e}")))?;
+            tracing::info!(
+                node = message.node_id,
+                address = %message.peer_address,
+                "a broker joined the controller group"
+            );
+        }
+        Ok(tonic::Response::new(pb::JoinResponse {
+            leader_id: metrics.id,
+        }))
+    }
+
+    async fn propose(
+        &self,
+        request: tonic::Request<pb::ProposeRequest>,
+    ) -> Result<tonic::Response<pb::ProposeResponse>, tonic::Status> {
+        self.peers.check(&request)?;
+        let timeout = PROPOSE_TIMEOUT;
+        let raft = self.peers.group(CONTROLLER_GROUP)?;
+        let message = request.into_inner();
+        let command: ControllerCommand = serde_json::from_slice(&message.command)
+            .map_err(|e| tonic::Status::invalid_argument(format!("controller command: {e}")))?;
+        let response = propose_here_or_forward(&raft, &self.peers, command, message.hops, timeout)
+            .await
+            .map_err(tonic::Status::from)?;
+        let bytes =
+            serde_json::to_vec(&response).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(tonic::Response::new(pb::ProposeResponse {
+            response: bytes.into(),
+        }))
     }
 }

@@ -73,6 +73,24 @@ pub enum ControllerCommand {
         /// Name.
         name: String,
     },
+    /// Record a broker's addresses (each broker registers itself once it is a member).
+    RegisterBroker {
+        /// Its node id.
+        node_id: NodeId,
+        /// Where peers reach it.
+        peer_address: String,
+        /// Where clients reach it.
+        client_address: String,
+    },
+}
+
+/// A broker of the cluster, as the controller knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerMeta {
+    /// Where peers reach it.
+    pub peer_address: String,
+    /// Where clients reach it.
+    pub client_address: String,
 }
 
 /// The result of a controller command.
@@ -91,6 +109,8 @@ pub enum ControllerResponse {
     NotFound(String),
     /// The change is not allowed.
     Invalid(String),
+    /// A broker was registered.
+    Registered,
 }
 
 /// Everything the controller holds.
@@ -104,6 +124,9 @@ pub struct ControllerState {
     pub topics: BTreeMap<String, TopicMeta>,
     /// The next partition group id to hand out (group 0 is the controller).
     pub next_group_id: GroupId,
+    /// The cluster's brokers by node id.
+    #[serde(default)]
+    pub brokers: BTreeMap<NodeId, BrokerMeta>,
 }
 
 impl ControllerState {
@@ -120,11 +143,13 @@ impl ControllerState {
                 if self.topics.contains_key(name) {
                     return ControllerResponse::AlreadyExists(name.clone());
                 }
-                let partitions = self.place(0, replicas);
+                let mut config = config.clone();
+                let replicas = self.placement(0, config.partitions, &mut config, replicas);
+                let partitions = self.place(0, &replicas);
                 let topic = TopicMeta {
                     name: name.clone(),
                     topic_id: topic_id.clone(),
-                    config: config.clone(),
+                    config,
                     created_at_ms: *created_at_ms,
                     partitions,
                 };
@@ -153,11 +178,30 @@ impl ControllerState {
                 }
                 let mut topic = current;
                 let first = topic.partitions.len() as u32;
-                let more = self.place(first, new_replicas);
+                let mut config = config.clone();
+                // The replication factor stays what the topic has.
+                config.replication_factor = topic.config.replication_factor;
+                let replicas =
+                    self.placement(first, config.partitions, &mut config.clone(), new_replicas);
+                let more = self.place(first, &replicas);
                 topic.partitions.extend(more);
-                topic.config = config.clone();
+                topic.config = config;
                 self.topics.insert(name.clone(), topic.clone());
                 ControllerResponse::Topic(topic)
+            }
+            ControllerCommand::RegisterBroker {
+                node_id,
+                peer_address,
+                client_address,
+            } => {
+                self.brokers.insert(
+                    *node_id,
+                    BrokerMeta {
+                        peer_address: peer_address.clone(),
+                        client_address: client_address.clone(),
+                    },
+                );
+                ControllerResponse::Registered
             }
             ControllerCommand::DeleteTopic { name } => match self.topics.remove(name) {
                 Some(topic) => ControllerResponse::Deleted {
@@ -166,6 +210,33 @@ impl ControllerState {
                 None => ControllerResponse::NotFound(name.clone()),
             },
         }
+    }
+
+    /// Replicas of partitions `first .. end`, decided here, in log order, from the brokers
+    /// registered so far: `replication_factor` of them per partition (capped by the brokers
+    /// known; the config records the factor in force), the first replica (which initialises the
+    /// partition's group and is its preferred leader) rotating over the brokers so that leaders
+    /// spread. With no broker registered yet, the proposer's placement stands.
+    fn placement(
+        &self,
+        first: u32,
+        end: u32,
+        config: &mut TopicConfig,
+        proposed: &[Vec<NodeId>],
+    ) -> Vec<Vec<NodeId>> {
+        let brokers: Vec<NodeId> = self.brokers.keys().copied().collect();
+        if brokers.is_empty() {
+            return proposed.to_vec();
+        }
+        let rf = (config.replication_factor.max(1) as usize).min(brokers.len());
+        config.replication_factor = rf as u32;
+        (first..end)
+            .map(|p| {
+                (0..rf)
+                    .map(|k| brokers[(p as usize + k) % brokers.len()])
+                    .collect()
+            })
+            .collect()
     }
 
     fn place(&mut self, first: u32, replicas: &[Vec<NodeId>]) -> Vec<PartitionMeta> {

@@ -53,16 +53,20 @@ pub(crate) fn to_batches(entry: &Entry, next_offset: u64) -> Result<Vec<Batch>, 
                 if proposed.header().kind != EntryKind::Records {
                     return Err(write_error(&"a Records command must hold record batches"));
                 }
-                let batch = if (
-                    proposed.header().base_offset,
-                    proposed.header().term,
-                    proposed.header().index,
-                ) == (offset, term, index)
-                {
-                    // Stamped already (an entry a leader read from its log): kept as it is.
+                let h = proposed.header();
+                let batch = if (h.term, h.index) == (0, 0) {
+                    // A proposal, sealed with placeholders: the leader stamps it where it lands.
+                    proposed.restamp(offset, term, index)
+                } else if (h.base_offset, h.term, h.index) == (offset, term, index) {
+                    // Stamped by the leader (a follower storing a replicated entry): kept as it is.
                     proposed
                 } else {
-                    proposed.restamp(offset, term, index)
+                    // Offsets are assigned once, by the leader; a replica never re-stamps them.
+                    return Err(write_error(&format!(
+                        "entry {index} carries a batch stamped at offset {}, term {}, index {} but \
+                         this log continues at offset {offset}, term {term}",
+                        h.base_offset, h.term, h.index
+                    )));
                 };
                 offset = batch.header().next_offset();
                 stamped.push(batch);
@@ -188,6 +192,28 @@ mod tests {
                 (a, b) => assert_eq!(a, b),
             }
         }
+    }
+
+    #[test]
+    fn a_replica_keeps_the_leaders_offsets_and_refuses_others() {
+        let mut records = BatchBuilder::new();
+        records.push(5, b"k", b"v", []);
+        let stamped = records.seal(40, 3, 7, ProducerInfo::default());
+        let entry = Entry {
+            log_id: log_id(3, 7),
+            payload: EntryPayload::Normal(Command::Records(vec![stamped.bytes().clone()])),
+        };
+        let kept = to_batches(&entry, 40).expect("continues this log");
+        assert_eq!(
+            kept[0].bytes(),
+            stamped.bytes(),
+            "stored as the leader stamped it"
+        );
+        let error = to_batches(&entry, 41).expect_err("a log one record ahead");
+        assert!(
+            error.to_string().contains("stamped at offset 40"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -27,20 +27,21 @@ mod log_store;
 mod network;
 mod partition_group;
 mod partition_sm;
+mod wire;
 
 use std::io::Cursor;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub use controller_group::ControllerGroup;
+pub use controller_group::{ControllerGroup, ControllerService};
 pub use controller_sm::{
-    ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine, PartitionMeta,
-    TopicMeta,
+    BrokerMeta, ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine,
+    PartitionMeta, TopicMeta,
 };
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};
-pub use network::Network;
+pub use network::{PEER_MESSAGE_BYTES_MAX, Peers, RaftService};
 pub use partition_group::{GroupSpec, GroupStatus, PartitionGroup, Proposal};
 pub use partition_sm::{
     PRODUCER_BATCHES_KEPT, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionState, PartitionStateMachine,
@@ -181,6 +182,7 @@ pub fn raft_config(
             None => openraft::SnapshotPolicy::Never,
         },
         max_in_snapshot_log_to_keep: u64::MAX,
+        max_payload_entries: network::PAYLOAD_ENTRIES_MAX,
         ..Default::default()
     };
     Ok(config.validate()?)

@@ -1,69 +1,362 @@
-//! How a Raft group reaches its peers. A single-node broker has none: every call fails as
-//! unreachable (openraft never makes one while the node is the only voter). The gRPC transport over
-//! the peer port replaces this with the multi-node cluster.
+//! How Raft groups reach their peers: gRPC (`weft.internal.v1.Raft`) over the peer port.
+//!
+//! [`Peers`] is the node's side of it: one HTTP/2 connection per peer address, made on first use
+//! and reused by every group of this node (never a dial per call), and the directory of the
+//! groups open here, which [`RaftService`] serves. Every call names the cluster and the node it
+//! is meant for (`weft-cluster`, `weft-target-node` metadata); a broker refuses calls meant for
+//! another cluster or node (a recycled address, a stale DNS entry) with FAILED_PRECONDITION.
+//! A single-node broker has no peers: openraft never calls out while its node is the only voter.
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use openraft::{AnyError, BasicNode};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use weft_proto::internal::v1 as pb;
+use weft_proto::internal::v1::raft_client::RaftClient;
 
-use super::{NodeId, TypeConfig};
+use super::{GroupId, NodeId, Raft, TypeConfig, wire};
 
-/// The network of a single-node broker: no peers.
-#[derive(Debug, Clone, Default)]
-pub struct Network;
+/// Metadata key naming the cluster a peer call is meant for.
+pub(super) const CLUSTER_HEADER: &str = "weft-cluster";
+/// Metadata key naming the node a peer call is meant for.
+pub(super) const TARGET_NODE_HEADER: &str = "weft-target-node";
 
-/// A connection to a peer that does not exist.
-#[derive(Debug, Clone)]
-pub struct NoPeer {
-    target: NodeId,
+/// Largest Raft message sent or accepted on the peer port. An AppendEntries that would be larger
+/// is split by openraft (the sender answers PayloadTooLarge with a smaller entry count).
+pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Most entries openraft puts in one AppendEntries (entries are up to a few MiB each).
+pub(super) const PAYLOAD_ENTRIES_MAX: u64 = 16;
+
+struct Inner {
+    node_id: NodeId,
+    cluster_name: String,
+    /// One lazily connected channel per peer address.
+    channels: Mutex<HashMap<String, Channel>>,
+    /// The Raft groups open on this node.
+    groups: RwLock<HashMap<GroupId, Raft>>,
+    connect_timeout: Duration,
 }
 
-impl NoPeer {
-    fn error<E: std::error::Error>(&self) -> RPCError<NodeId, BasicNode, E> {
-        RPCError::Network(NetworkError::new(&AnyError::error(format!(
-            "node {} is not reachable: this broker runs without peers",
-            self.target
-        ))))
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("node_id", &self.node_id)
+            .field("cluster_name", &self.cluster_name)
+            .finish_non_exhaustive()
     }
+}
+
+/// This node's connections to its peers, and the directory of its open Raft groups.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    inner: Arc<Inner>,
+}
+
+impl Peers {
+    /// The peers of node `node_id` in cluster `cluster_name`.
+    pub fn new(node_id: NodeId, cluster_name: &str) -> Peers {
+        Peers {
+            inner: Arc::new(Inner {
+                node_id,
+                cluster_name: cluster_name.to_string(),
+                channels: Mutex::new(HashMap::new()),
+                groups: RwLock::new(HashMap::new()),
+                connect_timeout: Duration::from_secs(2),
+            }),
+        }
+    }
+
+    /// The network a group of this node uses.
+    pub(super) fn network(&self, group_id: GroupId) -> Network {
+        Network {
+            group_id,
+            peers: self.clone(),
+        }
+    }
+
+    /// Makes `raft` reachable by peers as group `group_id`.
+    pub(super) fn register(&self, group_id: GroupId, raft: Raft) {
+        if let Ok(mut groups) = self.inner.groups.write() {
+            groups.insert(group_id, raft);
+        }
+    }
+
+    /// Stops routing peer calls to group `group_id`.
+    pub(super) fn unregister(&self, group_id: GroupId) {
+        if let Ok(mut groups) = self.inner.groups.write() {
+            groups.remove(&group_id);
+        }
+    }
+
+    pub(super) fn group(&self, group_id: GroupId) -> Result<Raft, Status> {
+        self.inner
+            .groups
+            .read()
+            .ok()
+            .and_then(|g| g.get(&group_id).cloned())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "Raft group {group_id} is not open on node {}",
+                    self.inner.node_id
+                ))
+            })
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .map_err(|_| "peer channel table poisoned".to_string())?;
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("bad peer address {address:?}: {e}"))?
+            .connect_timeout(self.inner.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// A client of the `Controller` service of the broker at `address`.
+    pub(super) fn controller_client(
+        &self,
+        address: &str,
+    ) -> Result<pb::controller_client::ControllerClient<Channel>, String> {
+        Ok(pb::controller_client::ControllerClient::new(
+            self.channel(address)?,
+        ))
+    }
+
+    /// A peer request to node `target`, with the cluster and target metadata and a deadline.
+    pub(super) fn request<T>(&self, target: NodeId, message: T, timeout: Duration) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(timeout);
+        let metadata = request.metadata_mut();
+        if let Ok(v) = self.inner.cluster_name.parse() {
+            metadata.insert(CLUSTER_HEADER, v);
+        }
+        if let Ok(v) = target.to_string().parse() {
+            metadata.insert(TARGET_NODE_HEADER, v);
+        }
+        request
+    }
+
+    /// Checks that a peer call is meant for this cluster and node.
+    pub(super) fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let metadata = request.metadata();
+        let cluster = metadata
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if cluster != self.inner.cluster_name {
+            return Err(Status::failed_precondition(format!(
+                "this broker belongs to cluster {:?}, not {cluster:?}",
+                self.inner.cluster_name
+            )));
+        }
+        let target = metadata
+            .get(TARGET_NODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<NodeId>().ok());
+        if target != Some(self.inner.node_id) {
+            return Err(Status::failed_precondition(format!(
+                "this broker is node {}, not {}",
+                self.inner.node_id,
+                target.map_or_else(|| "unnamed".to_string(), |t| t.to_string())
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The network of one group: clients to the group's peers.
+#[derive(Debug, Clone)]
+pub(super) struct Network {
+    group_id: GroupId,
+    peers: Peers,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = NoPeer;
+    type Network = PeerClient;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
-        NoPeer { target }
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerClient {
+            group_id: self.group_id,
+            target,
+            address: node.addr.clone(),
+            peers: self.peers.clone(),
+        }
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoPeer {
+/// One group's client of one peer (sharing the node's connection to that peer).
+#[derive(Debug, Clone)]
+pub(super) struct PeerClient {
+    group_id: GroupId,
+    target: NodeId,
+    address: String,
+    peers: Peers,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+fn network_error<E: std::error::Error>(
+    message: impl std::fmt::Display,
+) -> RPCError<NodeId, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&AnyError::error(message.to_string())))
+}
+
+fn status_error<E: std::error::Error>(status: &Status) -> RPCError<NodeId, BasicNode, E> {
+    let error = AnyError::error(format!("{}: {}", status.code(), status.message()));
+    match status.code() {
+        // Not listening, refused or not open there: back off before retrying.
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition => {
+            RPCError::Unreachable(Unreachable::new(&error))
+        }
+        _ => RPCError::Network(NetworkError::new(&error)),
+    }
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftClient<Channel>, String> {
+        Ok(RaftClient::new(self.peers.channel(&self.address)?)
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
+    }
+
+    fn request<T>(&self, message: T, option: &RPCOption) -> Request<T> {
+        self.peers.request(self.target, message, option.hard_ttl())
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.error())
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let count = rpc.entries.len() as u64;
+        let message = wire::append_to(self.group_id, &rpc).map_err(network_error)?;
+        if prost::Message::encoded_len(&message) > PEER_MESSAGE_BYTES_MAX && count > 1 {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(count / 2),
+            ));
+        }
+        let mut client = self.client().map_err(network_error)?;
+        let response = client
+            .append_entries(self.request(message, &option))
+            .await
+            .map_err(|s| status_error(&s))?;
+        wire::append_response_from(response.into_inner()).map_err(network_error)
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        Err(self.error())
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let message = wire::snapshot_to(self.group_id, &rpc);
+        let mut client = self.client().map_err(network_error)?;
+        let response = client
+            .install_snapshot(self.request(message, &option))
+            .await
+            .map_err(|s| status_error(&s))?;
+        let vote = wire::vote_from(response.into_inner().vote).map_err(network_error)?;
+        Ok(InstallSnapshotResponse { vote })
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        Err(self.error())
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        let message = wire::vote_request_to(self.group_id, &rpc);
+        let mut client = self.client().map_err(network_error)?;
+        let response = client
+            .vote(self.request(message, &option))
+            .await
+            .map_err(|s| status_error(&s))?;
+        wire::vote_response_from(response.into_inner()).map_err(network_error)
+    }
+}
+
+/// `weft.internal.v1.Raft` on the peer port: hands each call to the group it names.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    peers: Peers,
+}
+
+impl RaftService {
+    /// Serves the groups registered in `peers`.
+    pub fn new(peers: Peers) -> RaftService {
+        RaftService { peers }
+    }
+}
+
+fn malformed(e: wire::Malformed) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn raft_failed(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("the Raft group cannot take the call: {e}"))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        self.peers.check(&request)?;
+        let message = request.into_inner();
+        let raft = self.peers.group(message.group_id)?;
+        let rpc = wire::append_from(message).map_err(malformed)?;
+        let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        Ok(Response::new(wire::append_response_to(&response)))
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        self.peers.check(&request)?;
+        let message = request.into_inner();
+        let raft = self.peers.group(message.group_id)?;
+        let rpc = wire::vote_request_from(message).map_err(malformed)?;
+        let response = raft.vote(rpc).await.map_err(raft_failed)?;
+        Ok(Response::new(wire::vote_response_to(&response)))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::InstallSnapshotChunk>,
+    ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        self.peers.check(&request)?;
+        let message = request.into_inner();
+        let raft = self.peers.group(message.group_id)?;
+        let rpc = wire::snapshot_from(message).map_err(malformed)?;
+        let response = raft.install_snapshot(rpc).await.map_err(raft_failed)?;
+        Ok(Response::new(pb::InstallSnapshotResponse {
+            vote: Some(wire::vote_to(&response.vote)),
+        }))
     }
 }

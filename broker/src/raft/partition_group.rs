@@ -18,8 +18,8 @@ use weft_storage::{LogConfig, PartitionLog, RecoveryReport};
 use crate::meta::Metadata;
 
 use super::{
-    Command, Flusher, GroupId, LogId, LogReader, LogStore, Network, NodeId, PartitionState,
-    PartitionStateMachine, ProducerState, Raft, Response,
+    Command, Flusher, GroupId, LogId, LogReader, LogStore, NodeId, PartitionState,
+    PartitionStateMachine, Peers, ProducerState, Raft, Response,
 };
 use crate::error::BrokerError;
 
@@ -34,6 +34,10 @@ pub struct GroupSpec {
     pub node_id: NodeId,
     /// This node's peer address (stored in the membership).
     pub peer_address: String,
+    /// Every replica with its peer address, the first replica first; empty for a replica of one.
+    /// On first start the first replica initialises the group with all of them as voters; the
+    /// others wait for its leader to reach them.
+    pub members: Vec<(NodeId, String)>,
     /// Segment-store configuration.
     pub log_config: LogConfig,
     /// Take a snapshot after this many record bytes were applied.
@@ -68,13 +72,14 @@ pub struct PartitionGroup {
     raft: Raft,
     sm: PartitionStateMachine,
     reader: LogReader,
-    node_id: NodeId,
     /// The last log index when the group was opened: it is caught up once this is applied.
     opened_at_index: Option<u64>,
     /// What the snapshot covered when the group was opened.
     opened_snapshot_index: Option<u64>,
     /// What opening the log found (a torn tail cut, damaged ranges).
     report: Arc<RecoveryReport>,
+    group_id: GroupId,
+    peers: Peers,
 }
 
 fn fatal(e: impl std::fmt::Display) -> BrokerError {
@@ -98,12 +103,14 @@ impl PartitionGroup {
         meta: Metadata,
         raft_config: Arc<openraft::Config>,
         flusher: Flusher,
+        peers: Peers,
     ) -> Result<PartitionGroup, String> {
         let GroupSpec {
             group_id,
             dir,
             node_id,
             peer_address,
+            members,
             log_config,
             snapshot_interval_bytes,
             producer_expiration_ms,
@@ -137,21 +144,39 @@ impl PartitionGroup {
         .await
         .map_err(|e| e.to_string())??;
         let opened_snapshot_index = sm.state().last_applied.map(|l| l.index);
-        let raft = Raft::new(node_id, raft_config, Network, store, sm.clone())
-            .await
-            .map_err(|e| format!("cannot start the Raft group: {e}"))?;
+        let raft = Raft::new(
+            node_id,
+            raft_config,
+            peers.network(group_id),
+            store,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| format!("cannot start the Raft group: {e}"))?;
         if !raft.is_initialized().await.map_err(|e| e.to_string())? {
-            let members = BTreeMap::from([(node_id, BasicNode::new(peer_address))]);
-            raft.initialize(members)
-                .await
-                .map_err(|e| format!("cannot initialise the Raft group: {e}"))?;
+            let first = members.first().is_none_or(|(id, _)| *id == node_id);
+            let members: BTreeMap<NodeId, BasicNode> = if members.is_empty() {
+                BTreeMap::from([(node_id, BasicNode::new(peer_address))])
+            } else {
+                members
+                    .into_iter()
+                    .map(|(id, address)| (id, BasicNode::new(address)))
+                    .collect()
+            };
+            if first {
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| format!("cannot initialise the Raft group: {e}"))?;
+            }
         }
         let opened_at_index = raft.metrics().borrow().last_log_index;
+        peers.register(group_id, raft.clone());
         Ok(PartitionGroup {
+            group_id,
+            peers,
             raft,
             sm,
             reader,
-            node_id,
             opened_at_index,
             opened_snapshot_index,
             report: Arc::new(report),
@@ -228,18 +253,18 @@ impl PartitionGroup {
             .unwrap_or_else(|| "the partition group stopped".into())
     }
 
-    /// Resolves once this node leads the group and has applied everything the log held when the
-    /// group was opened: the partition's state is then current.
+    /// Resolves once the group has a leader (this node or another replica) and this replica has
+    /// applied everything its log held when the group was opened: its state is then current.
     pub async fn caught_up(&self) -> Result<(), BrokerError> {
-        let node_id = self.node_id;
         let target = self.opened_at_index;
         self.raft
             .wait(None)
             .metrics(
                 |m| {
+                    // A leader is known (this node, or another replica's) and what this
+                    // replica's log held when it opened is applied.
                     m.running_state.is_err()
-                        || (m.current_leader == Some(node_id)
-                            && m.last_applied.map(|l| l.index) >= target)
+                        || (m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= target)
                 },
                 "caught up",
             )
@@ -384,6 +409,7 @@ impl PartitionGroup {
         {
             tracing::warn!("snapshot at shutdown: {e}");
         }
+        self.peers.unregister(self.group_id);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }

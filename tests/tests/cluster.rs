@@ -1,0 +1,239 @@
+//! A three-broker cluster on this machine (real processes, 127.0.0.1, free ports): the brokers
+//! find each other from `--peers`, the lowest id initialises the cluster and the others join it;
+//! a topic created through any broker gets three replicas per partition with leaders spread;
+//! publishes to a partition's leader are read back from its followers; when the leader of a
+//! partition is killed (-9) another replica takes over and publishing goes on; the killed broker
+//! restarts with its data and catches up; and a broker refuses peer calls meant for another
+//! cluster or node.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tonic::Code;
+use weft_proto::internal::v1 as internal;
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{PublishRequest, Record};
+use weft_tests::{Broker, fetch_range, free_port, grpc, wait_for};
+
+fn start_cluster(size: u64) -> Vec<Broker> {
+    let listen: Vec<[String; 3]> = (0..size)
+        .map(|_| [(); 3].map(|()| format!("127.0.0.1:{}", free_port())))
+        .collect();
+    let peers = listen
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("{}@{}", i + 1, l[1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let brokers: Vec<Broker> = listen
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let id = (i + 1).to_string();
+            Broker::start_on(l, &["--node-id", &id, "--peers", &peers], &[])
+        })
+        .collect();
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    brokers
+}
+
+/// (partition, leader id, replicas, high watermark) as `broker` sees them.
+fn partitions(broker: &Broker, topic: &str) -> Vec<(u32, u64, Vec<u64>, u64)> {
+    let (status, body) = broker.http("GET", &format!("/v1/topics/{topic}"), None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["partition_details"]
+        .as_array()
+        .expect("partition details")
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].as_u64().expect("partition") as u32,
+                p["leader_id"].as_u64().unwrap_or(0),
+                p["replicas"]
+                    .as_array()
+                    .expect("replicas")
+                    .iter()
+                    .map(|r| r.as_u64().expect("id"))
+                    .collect(),
+                p["high_watermark"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+fn value(partition: u32, i: u64) -> String {
+    format!("p{partition}-{i:05}")
+}
+
+/// Publishes records `from .. to` of `partition` to the broker at `address`, one call each;
+/// returns the offsets acknowledged.
+async fn publish(
+    address: &str,
+    partition: u32,
+    from: u64,
+    to: u64,
+) -> Result<Vec<u64>, tonic::Status> {
+    let channel = grpc::channel(address).await;
+    let mut publisher = grpc::publisher(&channel);
+    let mut offsets = Vec::new();
+    for i in from..to {
+        let response = publisher
+            .publish(PublishRequest {
+                topic: "orders".into(),
+                target: Some(Target::Partition(partition)),
+                records: vec![Record {
+                    value: value(partition, i).into_bytes().into(),
+                    ..Record::default()
+                }],
+                ..PublishRequest::default()
+            })
+            .await?;
+        offsets.push(response.into_inner().base_offset);
+    }
+    Ok(offsets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
+    let mut brokers = start_cluster(3);
+
+    // Created through a broker that does not lead the controller (it forwards).
+    let (status, body) = brokers[1].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"orders","partitions":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(body.contains(r#""replication_factor":3"#), "{body}");
+
+    // Every partition on all three brokers, and the three leaders on three different brokers.
+    let layout = wait_for(
+        "every partition to have a leader",
+        Duration::from_secs(30),
+        || {
+            let seen = partitions(&brokers[0], "orders");
+            async move { seen.iter().all(|p| p.1 != 0).then_some(seen) }
+        },
+    )
+    .await;
+    for (partition, _, replicas, _) in &layout {
+        let set: BTreeSet<u64> = replicas.iter().copied().collect();
+        assert_eq!(set, BTreeSet::from([1, 2, 3]), "partition {partition}");
+    }
+    let leaders: BTreeSet<u64> = layout.iter().map(|p| p.1).collect();
+    assert_eq!(leaders.len(), 3, "leaders spread: {layout:?}");
+
+    // Publish through each leader; read back from a follower.
+    for (partition, leader, _, _) in &layout {
+        let leader = &brokers[*leader as usize - 1];
+        let offsets = publish(&leader.client_addr, *partition, 0, 100)
+            .await
+            .expect("publish to the leader");
+        assert_eq!(offsets, (0..100).collect::<Vec<_>>(), "dense offsets");
+    }
+    for (partition, leader, _, _) in &layout {
+        let follower = &brokers[(*leader as usize) % 3];
+        let read = fetch_range(&follower.client_addr, "orders", *partition, 0, 100).await;
+        let values: Vec<String> = read
+            .iter()
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        assert_eq!(
+            values,
+            (0..100).map(|i| value(*partition, i)).collect::<Vec<_>>(),
+            "partition {partition} read from node {}",
+            (*leader % 3) + 1
+        );
+    }
+
+    // Kill the leader of partition 0: another replica takes over and publishing goes on.
+    let killed = layout[0].1 as usize - 1;
+    brokers[killed].kill9();
+    let survivors: Vec<String> = (0..3)
+        .filter(|i| *i != killed)
+        .map(|i| brokers[i].client_addr.clone())
+        .collect();
+    let (new_leader, first) = wait_for(
+        "a new leader of partition 0",
+        Duration::from_secs(30),
+        || {
+            let survivors = survivors.clone();
+            async move {
+                for address in &survivors {
+                    match publish(address, 0, 100, 101).await {
+                        Ok(offsets) => return Some((address.clone(), offsets[0])),
+                        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+                    }
+                }
+                None
+            }
+        },
+    )
+    .await;
+    assert_eq!(first, 100, "the next offset after the acknowledged ones");
+    let more = publish(&new_leader, 0, 101, 150)
+        .await
+        .expect("publish to the new leader");
+    assert_eq!(more, (101..150).collect::<Vec<_>>());
+
+    // The killed broker restarts with its data and catches up.
+    brokers[killed].start_again_same_ports();
+    brokers[killed].wait_ready();
+    let address = brokers[killed].client_addr.clone();
+    wait_for(
+        "the restarted broker to catch up",
+        Duration::from_secs(30),
+        || {
+            let address = address.clone();
+            async move {
+                weft_tests::offsets(&address, "orders", 0, None)
+                    .await
+                    .ok()
+                    .filter(|b| b.high_watermark >= 150)
+            }
+        },
+    )
+    .await;
+    let read = fetch_range(&address, "orders", 0, 0, 150).await;
+    let offsets: Vec<u64> = read.iter().map(|(o, _)| *o).collect();
+    assert_eq!(
+        offsets,
+        (0..150).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+    for (offset, v) in &read {
+        assert_eq!(v.as_ref(), value(0, *offset).as_bytes());
+    }
+
+    // Peer calls meant for another cluster or another node are refused.
+    let channel = grpc::channel(&brokers[0].peer_addr).await;
+    let mut raft = internal::raft_client::RaftClient::new(channel);
+    for (cluster, node) in [("weft", "2"), ("other", "1"), ("weft", "")] {
+        let mut request = tonic::Request::new(internal::VoteRequest {
+            group_id: 0,
+            vote: Some(internal::Vote {
+                term: 99,
+                node_id: 2,
+                committed: false,
+            }),
+            last_log_id: None,
+        });
+        request
+            .metadata_mut()
+            .insert("weft-cluster", cluster.parse().expect("ascii"));
+        if !node.is_empty() {
+            request
+                .metadata_mut()
+                .insert("weft-target-node", node.parse().expect("ascii"));
+        }
+        let status = raft.vote(request).await.expect_err("refused");
+        assert_eq!(
+            status.code(),
+            Code::FailedPrecondition,
+            "{cluster}/{node}: {status:?}"
+        );
+    }
+}
