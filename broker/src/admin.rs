@@ -109,6 +109,17 @@ impl IntoResponse for ApiError {
             | BrokerError::NotAssigned { .. }
             | BrokerError::GroupNotEmpty(_) => StatusCode::CONFLICT,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Remote(status) => match status.0.code() {
+                tonic::Code::NotFound => StatusCode::NOT_FOUND,
+                tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => {
+                    StatusCode::CONFLICT
+                }
+                tonic::Code::InvalidArgument | tonic::Code::OutOfRange => StatusCode::BAD_REQUEST,
+                tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+                tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+                tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             BrokerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             BrokerError::DataLoss { .. } | BrokerError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

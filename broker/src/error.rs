@@ -15,6 +15,10 @@ pub const ERROR_DOMAIN: &str = "weft.dev";
 /// Why a broker call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
+    /// The answer of the broker a call was forwarded to (the partition's leader), passed on as
+    /// it came: code, message and details.
+    #[error("{}", .0.0.message())]
+    Remote(RemoteStatus),
     /// No such topic.
     #[error("topic {0:?} not found")]
     TopicNotFound(String),
@@ -184,6 +188,26 @@ pub fn clip(name: &str) -> String {
     format!("{head}...({} characters)", name.chars().count())
 }
 
+/// A status answered by another broker, kept whole to be passed on.
+#[derive(Debug, Clone)]
+pub struct RemoteStatus(pub Box<tonic::Status>);
+
+impl PartialEq for RemoteStatus {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.code() == other.0.code()
+            && self.0.message() == other.0.message()
+            && self.0.details() == other.0.details()
+    }
+}
+
+impl Eq for RemoteStatus {}
+
+impl From<tonic::Status> for BrokerError {
+    fn from(status: tonic::Status) -> Self {
+        BrokerError::Remote(RemoteStatus(Box::new(status)))
+    }
+}
+
 impl BrokerError {
     /// The same error with every user-supplied name clipped for echoing back.
     pub fn clipped(self) -> Self {
@@ -239,6 +263,7 @@ impl BrokerError {
     /// The gRPC code.
     pub fn code(&self) -> Code {
         match self {
+            BrokerError::Remote(status) => status.0.code(),
             BrokerError::TopicNotFound(_)
             | BrokerError::PartitionNotFound { .. }
             | BrokerError::GroupNotFound(_) => Code::NotFound,
@@ -265,6 +290,7 @@ impl BrokerError {
     /// The machine-readable reason in `ErrorInfo`.
     pub fn reason(&self) -> &'static str {
         match self {
+            BrokerError::Remote(_) => "FORWARDED",
             BrokerError::TopicNotFound(_) => "TOPIC_NOT_FOUND",
             BrokerError::PartitionNotFound { .. } => "PARTITION_NOT_FOUND",
             BrokerError::GroupNotFound(_) => "GROUP_NOT_FOUND",
@@ -302,6 +328,9 @@ fn clip_text(text: &str) -> String {
 
 impl From<BrokerError> for tonic::Status {
     fn from(error: BrokerError) -> tonic::Status {
+        if let BrokerError::Remote(status) = error {
+            return *status.0;
+        }
         let error = error.clipped();
         let mut details = ErrorDetails::new();
         let mut metadata = HashMap::new();
@@ -374,7 +403,7 @@ impl From<BrokerError> for tonic::Status {
                 metadata.insert("segment".into(), segment.clone());
                 metadata.insert("position".into(), position.to_string());
             }
-            BrokerError::Timeout(_) | BrokerError::Internal(_) => {}
+            BrokerError::Timeout(_) | BrokerError::Internal(_) | BrokerError::Remote(_) => {}
         }
         details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
         tonic::Status::with_error_details(error.code(), error.to_string(), details)

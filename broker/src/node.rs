@@ -84,6 +84,20 @@ async fn register_loop(node: std::sync::Weak<Node>) {
     }
 }
 
+/// Where a call for a partition is served.
+#[derive(Debug)]
+pub enum Route {
+    /// Here.
+    Local(Arc<Partition>),
+    /// By another broker, the partition's leader, over the peer port.
+    Forward {
+        /// Its node id.
+        leader: NodeId,
+        /// Its peer address.
+        peer_address: String,
+    },
+}
+
 /// Why a node is not ready, for `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotReady {
@@ -321,6 +335,50 @@ impl Node {
             _ => Err(BrokerError::Unavailable {
                 reason: format!("partition {topic}/{partition} is not open yet"),
                 leader: None,
+            }),
+        }
+    }
+
+    /// Where a publish to `topic`/`partition` goes: here when this broker leads the partition
+    /// (or nobody is known to), else the leader's peer address. A partition not hosted here
+    /// goes to its first replica (its preferred leader), which forwards no further.
+    pub fn publish_route(&self, topic: &str, partition: u32) -> Result<Route, BrokerError> {
+        let meta = self.topic(topic)?;
+        let hosted_here = meta
+            .partitions
+            .get(partition as usize)
+            .is_some_and(|p| p.replicas.contains(&self.node_id));
+        let leader = if hosted_here {
+            let local = self.partition(topic, partition)?;
+            match local.group().status().leader {
+                Some(leader) if leader != self.node_id => leader,
+                _ => return Ok(Route::Local(local)),
+            }
+        } else {
+            match meta
+                .partitions
+                .get(partition as usize)
+                .and_then(|p| p.replicas.first())
+            {
+                Some(first) => *first,
+                None => {
+                    return Err(BrokerError::PartitionNotFound {
+                        topic: topic.into(),
+                        partition,
+                    });
+                }
+            }
+        };
+        match self.controller.state().brokers.get(&leader) {
+            Some(broker) => Ok(Route::Forward {
+                leader,
+                peer_address: broker.peer_address.clone(),
+            }),
+            None => Err(BrokerError::Unavailable {
+                reason: format!(
+                    "the leader of {topic}/{partition} (node {leader}) is not known yet"
+                ),
+                leader: Some(leader),
             }),
         }
     }

@@ -147,6 +147,13 @@ pub async fn run(
                 crate::raft::ControllerService::new(node.peers().clone()),
             ),
         )
+        .add_service(
+            weft_proto::internal::v1::forward_server::ForwardServer::new(
+                crate::grpc::forward::ForwardService::new(node.clone()),
+            )
+            .max_decoding_message_size(crate::raft::PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(crate::raft::PEER_MESSAGE_BYTES_MAX),
+        )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listeners.peer).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),

@@ -1,7 +1,8 @@
 //! A three-broker cluster on this machine (real processes, 127.0.0.1, free ports): the brokers
 //! find each other from `--peers`, the lowest id initialises the cluster and the others join it;
 //! a topic created through any broker gets three replicas per partition with leaders spread;
-//! publishes to a partition's leader are read back from its followers; when the leader of a
+//! publishes to a partition's leader, and through a follower (which forwards them to the
+//! leader), are read back from another replica; when the leader of a
 //! partition is killed (-9) another replica takes over and publishing goes on; the killed broker
 //! restarts with its data and catches up; and a broker refuses peer calls meant for another
 //! cluster or node.
@@ -134,20 +135,34 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
             .expect("publish to the leader");
         assert_eq!(offsets, (0..100).collect::<Vec<_>>(), "dense offsets");
     }
+    // Publish through a follower (it forwards to the leader); read from the other follower.
     for (partition, leader, _, _) in &layout {
         let follower = &brokers[(*leader as usize) % 3];
-        let read = fetch_range(&follower.client_addr, "orders", *partition, 0, 100).await;
+        let offsets = publish(&follower.client_addr, *partition, 100, 150)
+            .await
+            .expect("publish through a follower");
+        assert_eq!(offsets, (100..150).collect::<Vec<_>>(), "dense offsets");
+    }
+    for (partition, leader, _, _) in &layout {
+        let other = &brokers[(*leader as usize + 1) % 3];
+        let read = fetch_range(&other.client_addr, "orders", *partition, 0, 150).await;
         let values: Vec<String> = read
             .iter()
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
             .collect();
         assert_eq!(
             values,
-            (0..100).map(|i| value(*partition, i)).collect::<Vec<_>>(),
+            (0..150).map(|i| value(*partition, i)).collect::<Vec<_>>(),
             "partition {partition} read from node {}",
-            (*leader % 3) + 1
+            (*leader as usize + 1) % 3 + 1
         );
     }
+    let forwarded = weft_tests::metric(
+        &brokers[(layout[0].1 as usize) % 3],
+        r#"weft_forwarded_calls_total{method="Publish"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(forwarded >= 50.0, "the follower forwarded: {forwarded}");
 
     // Kill the leader of partition 0: another replica takes over and publishing goes on.
     let killed = layout[0].1 as usize - 1;
@@ -163,7 +178,7 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
             let survivors = survivors.clone();
             async move {
                 for address in &survivors {
-                    match publish(address, 0, 100, 101).await {
+                    match publish(address, 0, 150, 151).await {
                         Ok(offsets) => return Some((address.clone(), offsets[0])),
                         Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
                     }
@@ -173,11 +188,11 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
         },
     )
     .await;
-    assert_eq!(first, 100, "the next offset after the acknowledged ones");
-    let more = publish(&new_leader, 0, 101, 150)
+    assert_eq!(first, 150, "the next offset after the acknowledged ones");
+    let more = publish(&new_leader, 0, 151, 200)
         .await
         .expect("publish to the new leader");
-    assert_eq!(more, (101..150).collect::<Vec<_>>());
+    assert_eq!(more, (151..200).collect::<Vec<_>>());
 
     // The killed broker restarts with its data and catches up.
     brokers[killed].start_again_same_ports();
@@ -192,7 +207,7 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
                 weft_tests::offsets(&address, "orders", 0, None)
                     .await
                     .ok()
-                    .filter(|b| b.high_watermark >= 150)
+                    .filter(|b| b.high_watermark >= 200)
             }
         },
     )

@@ -2,6 +2,7 @@
 //! metadata checks, record conversion, the Kafka-compatible key partitioner, deadlines.
 
 pub mod cluster;
+pub mod forward;
 pub mod publish;
 pub mod subscribe;
 pub mod topic_admin;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use weft_proto::internal::v1::ForwardPublishRequest;
 use weft_proto::v1::publish_request::Target;
 use weft_proto::v1::publisher_server::Publisher;
 use weft_proto::v1::{PublishRequest, PublishResponse};
@@ -14,7 +15,7 @@ use weft_storage::{BatchBuilder, ProducerInfo};
 
 use super::{check_headers, deadline, now_ms, partition_for_key};
 use crate::error::BrokerError;
-use crate::node::Node;
+use crate::node::{Node, Route};
 use crate::partition::seal_for_proposal;
 
 /// Most PublishStream requests being processed at once per stream.
@@ -38,11 +39,15 @@ impl PublisherService {
         }
     }
 
-    /// Validates, routes and appends one publish request.
+    /// Validates, routes and appends one publish request: here when this broker leads the
+    /// partition, else forwarded to the leader (`hops` counts forwards: a forwarded request is
+    /// never forwarded again).
     pub async fn handle(
         &self,
         request: PublishRequest,
         timeout: Duration,
+        hops: u32,
+        passed_on: &PassedOn,
     ) -> Result<PublishResponse, BrokerError> {
         let node = &self.node;
         if request.topic.is_empty() {
@@ -120,7 +125,30 @@ impl PublisherService {
             }
             None => self.round_robin.fetch_add(1, Ordering::Relaxed) % partitions,
         };
-        let hosted = node.partition(&request.topic, partition)?;
+        let hosted = match node.publish_route(&request.topic, partition)? {
+            Route::Local(hosted) => hosted,
+            Route::Forward { leader, .. } if hops > 0 => {
+                return Err(BrokerError::Unavailable {
+                    reason: "this broker does not lead the partition".into(),
+                    leader: Some(leader),
+                });
+            }
+            Route::Forward {
+                leader,
+                peer_address,
+            } => {
+                return self
+                    .forward(
+                        request,
+                        partition,
+                        leader,
+                        &peer_address,
+                        timeout,
+                        passed_on,
+                    )
+                    .await;
+            }
+        };
         let now = now_ms();
         let payload: usize = request.records.iter().map(super::record_size).sum();
         let mut builder = BatchBuilder::with_capacity(payload + request.records.len() * 40);
@@ -166,6 +194,72 @@ impl PublisherService {
     }
 }
 
+impl PublisherService {
+    /// Hands a publish to the partition's leader over the peer port, with the caller's deadline,
+    /// trace context and request id, and passes its answer on as it came.
+    async fn forward(
+        &self,
+        mut request: PublishRequest,
+        partition: u32,
+        leader: u64,
+        peer_address: &str,
+        timeout: Duration,
+        passed_on: &PassedOn,
+    ) -> Result<PublishResponse, BrokerError> {
+        request.target = Some(Target::Partition(partition));
+        let mut call = self.node.peers().request(
+            leader,
+            ForwardPublishRequest {
+                request: Some(request),
+                partition,
+                hops: 1,
+                from_node_id: self.node.node_id,
+            },
+            timeout,
+        );
+        passed_on.insert_into(call.metadata_mut());
+        let mut client = self
+            .node
+            .peers()
+            .forward_client(peer_address)
+            .map_err(|reason| BrokerError::Unavailable {
+                reason,
+                leader: Some(leader),
+            })?;
+        metrics::counter!("weft_forwarded_calls_total", "method" => "Publish").increment(1);
+        Ok(client.publish(call).await?.into_inner())
+    }
+}
+
+/// Request metadata a forwarded call carries on: W3C trace context and the request id.
+#[derive(Debug, Clone, Default)]
+pub struct PassedOn(
+    Vec<(
+        &'static str,
+        tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    )>,
+);
+
+impl PassedOn {
+    const KEYS: [&'static str; 3] = ["traceparent", "tracestate", "x-request-id"];
+
+    /// Picks what to pass on from a caller's metadata.
+    pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> PassedOn {
+        PassedOn(
+            Self::KEYS
+                .iter()
+                .filter_map(|key| metadata.get(*key).map(|v| (*key, v.clone())))
+                .collect(),
+        )
+    }
+
+    fn insert_into(&self, metadata: &mut tonic::metadata::MetadataMap) {
+        for (key, value) in &self.0 {
+            metadata.insert(*key, value.clone());
+        }
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<PublishResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -182,7 +276,9 @@ impl Publisher for PublisherService {
                 _ => None,
             };
             check_headers(request.metadata(), &request.get_ref().topic, partition)?;
-            self.handle(request.into_inner(), timeout).await
+            let passed_on = PassedOn::from_metadata(request.metadata());
+            self.handle(request.into_inner(), timeout, 0, &passed_on)
+                .await
         }
         .await
         .map(Response::new)
@@ -205,6 +301,7 @@ impl Publisher for PublisherService {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let service = self.clone();
+        let passed_on = PassedOn::from_metadata(request.metadata());
         let inbound = request.into_inner();
         // Requests are handed to their partitions in arrival order (each future enqueues its
         // batch on first poll, and `buffered` polls them in order); answers come back in order.
@@ -213,6 +310,7 @@ impl Publisher for PublisherService {
             .map(move |item| {
                 let service = service.clone();
                 let header_topic = header_topic.clone();
+                let passed_on = passed_on.clone();
                 async move {
                     let request = item?;
                     if let Some(topic) = &header_topic
@@ -226,7 +324,10 @@ impl Publisher for PublisherService {
                             ),
                         )));
                     }
-                    service.handle(request, timeout).await.map_err(Status::from)
+                    service
+                        .handle(request, timeout, 0, &passed_on)
+                        .await
+                        .map_err(Status::from)
                 }
             })
             .buffered(STREAM_IN_FLIGHT_MAX)

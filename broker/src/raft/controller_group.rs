@@ -200,9 +200,7 @@ async fn propose_here_or_forward(
         reason,
         leader: Some(leader),
     };
-    let mut client = peers
-        .controller_client(&node.addr)
-        .map_err(&unavailable)?;
+    let mut client = peers.controller_client(&node.addr).map_err(&unavailable)?;
     let response = client
         .propose(request)
         .await

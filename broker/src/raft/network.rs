@@ -135,6 +135,18 @@ impl Peers {
         Ok(channel)
     }
 
+    /// A client of the `Forward` service of the broker at `address`.
+    pub fn forward_client(
+        &self,
+        address: &str,
+    ) -> Result<pb::forward_client::ForwardClient<Channel>, String> {
+        Ok(
+            pb::forward_client::ForwardClient::new(self.channel(address)?)
+                .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+        )
+    }
+
     /// A client of the `Controller` service of the broker at `address`.
     pub(super) fn controller_client(
         &self,
@@ -146,7 +158,7 @@ impl Peers {
     }
 
     /// A peer request to node `target`, with the cluster and target metadata and a deadline.
-    pub(super) fn request<T>(&self, target: NodeId, message: T, timeout: Duration) -> Request<T> {
+    pub fn request<T>(&self, target: NodeId, message: T, timeout: Duration) -> Request<T> {
         let mut request = Request::new(message);
         request.set_timeout(timeout);
         let metadata = request.metadata_mut();
@@ -160,7 +172,7 @@ impl Peers {
     }
 
     /// Checks that a peer call is meant for this cluster and node.
-    pub(super) fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    pub fn check<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let metadata = request.metadata();
         let cluster = metadata
             .get(CLUSTER_HEADER)
