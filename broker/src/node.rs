@@ -252,11 +252,11 @@ impl Node {
     pub fn not_ready(&self) -> Vec<NotReady> {
         let mut waiting = Vec::new();
         if !self.config.peers.is_empty() {
-            if !self.controller.has_leader() {
+            if !self.controller.is_current() {
                 waiting.push(NotReady {
                     partition: "controller".into(),
                     phase: "joining".into(),
-                    reason: Some("no controller leader known yet".into()),
+                    reason: Some("no controller leader known, or its log not applied yet".into()),
                 });
             } else if !self.controller.state().brokers.contains_key(&self.node_id) {
                 waiting.push(NotReady {
@@ -313,11 +313,28 @@ impl Node {
         if let Err(violation) = crate::topic::validate_name(name) {
             return Err(BrokerError::invalid(field, violation.description));
         }
+        self.metadata_current()?;
         self.controller_state()
             .topics
             .get(name)
             .cloned()
             .ok_or_else(|| BrokerError::TopicNotFound(name.into()))
+    }
+
+    /// UNAVAILABLE while this broker's copy of the cluster metadata may be behind (a clustered
+    /// broker that has just started or joined): it must not answer "not found" for a topic the
+    /// cluster has.
+    pub fn metadata_current(&self) -> Result<(), BrokerError> {
+        if self.config.peers.is_empty()
+            || (self.controller.is_current()
+                && self.controller.state().brokers.contains_key(&self.node_id))
+        {
+            return Ok(());
+        }
+        Err(BrokerError::Unavailable {
+            reason: "this broker's copy of the cluster metadata is not current yet".into(),
+            leader: self.controller.leader(),
+        })
     }
 
     /// A hosted partition that serves; UNAVAILABLE (with the reason) while it opens, replays or

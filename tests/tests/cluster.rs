@@ -252,3 +252,187 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
         );
     }
 }
+
+/// One idempotent publish (producer 77, epoch 0) of `value` at `sequence`, tried on each broker
+/// in turn until one acknowledges it (a broker that is down, or has no leader yet, answers
+/// UNAVAILABLE or cannot be reached); a retry of an ambiguous attempt reuses the sequence, so
+/// the partition stores it once. Returns the offset and the failed attempts.
+async fn publish_until_acknowledged(
+    addresses: &[String],
+    partition: u32,
+    sequence: u64,
+    value: &str,
+) -> (u64, usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut attempt = 0usize;
+    loop {
+        let address = &addresses[attempt % addresses.len()];
+        attempt += 1;
+        let call = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .expect("endpoint")
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut request = tonic::Request::new(PublishRequest {
+                topic: "rolling".into(),
+                target: Some(Target::Partition(partition)),
+                records: vec![Record {
+                    value: value.as_bytes().to_vec().into(),
+                    ..Record::default()
+                }],
+                producer_id: 77,
+                producer_epoch: 0,
+                base_sequence: sequence,
+                ..PublishRequest::default()
+            });
+            request.set_timeout(Duration::from_secs(5));
+            grpc::publisher(&channel).publish(request).await
+        };
+        match call.await {
+            Ok(response) => return (response.into_inner().base_offset, attempt - 1),
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Cancelled
+                            | Code::Unknown
+                    ),
+                    "publish of {value}: {status:?}"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{value} not acknowledged within 90 s: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_and_full_restarts_under_load_lose_and_duplicate_nothing() {
+    let mut brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"rolling","partitions":2}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    wait_for(
+        "every partition to have a leader",
+        Duration::from_secs(30),
+        || {
+            let seen = partitions(&brokers[0], "rolling");
+            async move { seen.iter().all(|p| p.1 != 0).then_some(()) }
+        },
+    )
+    .await;
+
+    // One idempotent producer publishes, alternating partitions, through whichever broker
+    // answers, while every broker is restarted in turn and then all of them at once; it goes on
+    // until the restarts are over (and at least 300 records).
+    let addresses: Vec<String> = brokers.iter().map(|b| b.client_addr.clone()).collect();
+    let restarted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = restarted.clone();
+    let load = tokio::spawn(async move {
+        let mut sequences = [0u64; 2];
+        let mut acknowledged = Vec::new();
+        let mut failed_attempts = 0;
+        for i in 0..100_000u64 {
+            if i >= 300 && i % 2 == 0 && done.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let partition = (i % 2) as u32;
+            let value = format!("r-{i:04}");
+            let (offset, failed) = publish_until_acknowledged(
+                &addresses,
+                partition,
+                sequences[partition as usize],
+                &value,
+            )
+            .await;
+            sequences[partition as usize] += 1;
+            failed_attempts += failed;
+            acknowledged.push((partition, offset, value));
+        }
+        (acknowledged, failed_attempts)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..brokers.len() {
+        assert_eq!(
+            brokers[i].stop(),
+            Some(0),
+            "graceful stop of node {}",
+            i + 1
+        );
+        brokers[i].start_again_same_ports();
+        brokers[i].wait_ready();
+    }
+    for broker in &mut brokers {
+        broker.kill9();
+    }
+    for broker in &mut brokers {
+        broker.start_again_same_ports();
+    }
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    restarted.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acknowledged, failed_attempts) = load.await.expect("the load finished");
+    let per_partition = acknowledged.len() as u64 / 2;
+    eprintln!(
+        "acknowledged {} records across the restarts ({failed_attempts} attempts failed)",
+        acknowledged.len()
+    );
+    assert!(
+        failed_attempts > 0,
+        "the load ran while all three brokers were down, so some attempts failed"
+    );
+    assert!(per_partition >= 150, "{} acknowledged", acknowledged.len());
+
+    // Every replica holds every acknowledged record once, at its offset, and nothing else.
+    for partition in 0..2u32 {
+        let mut want: Vec<(u64, String)> = acknowledged
+            .iter()
+            .filter(|(p, _, _)| *p == partition)
+            .map(|(_, o, v)| (*o, v.clone()))
+            .collect();
+        want.sort();
+        assert_eq!(
+            want.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (0..per_partition).collect::<Vec<_>>(),
+            "partition {partition}: acknowledged offsets are dense, each once"
+        );
+        for broker in &brokers {
+            let address = broker.client_addr.clone();
+            wait_for("the replica to catch up", Duration::from_secs(30), || {
+                let address = address.clone();
+                async move {
+                    weft_tests::offsets(&address, "rolling", partition, None)
+                        .await
+                        .ok()
+                        .filter(|b| b.high_watermark >= per_partition)
+                }
+            })
+            .await;
+            let read = fetch_range(&address, "rolling", partition, 0, per_partition).await;
+            let got: Vec<(u64, String)> = read
+                .iter()
+                .map(|(o, v)| (*o, String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            assert_eq!(got, want, "partition {partition} on {address}");
+            let bounds = weft_tests::offsets(&address, "rolling", partition, None)
+                .await
+                .expect("offsets");
+            assert_eq!(
+                bounds.high_watermark, per_partition,
+                "nothing more than was acknowledged"
+            );
+        }
+    }
+}

@@ -28,6 +28,8 @@ pub struct ControllerGroup {
     raft: Raft,
     sm: ControllerStateMachine,
     peers: Peers,
+    /// The last index of the controller log when it was opened.
+    opened_at_index: Option<u64>,
 }
 
 impl std::fmt::Debug for ControllerGroup {
@@ -77,10 +79,12 @@ impl ControllerGroup {
         )
         .await?;
         peers.register(CONTROLLER_GROUP, raft.clone());
+        let opened_at_index = raft.metrics().borrow().last_log_index;
         let group = ControllerGroup {
             raft: raft.clone(),
             sm,
             peers: peers.clone(),
+            opened_at_index,
         };
         let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
         if !raft.is_initialized().await? {
@@ -102,6 +106,13 @@ impl ControllerGroup {
                 .map_err(|e| anyhow::anyhow!("controller not ready: {e}"))?;
         }
         Ok(group)
+    }
+
+    /// Whether this broker's copy of the controller state is current: a leader is known and
+    /// everything the controller log held when this broker started is applied.
+    pub fn is_current(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= self.opened_at_index
     }
 
     /// Whether this broker is a member of the controller group and knows its leader.
