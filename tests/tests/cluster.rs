@@ -363,15 +363,10 @@ async fn rolling_and_full_restarts_under_load_lose_and_duplicate_nothing() {
         (acknowledged, failed_attempts)
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for i in 0..brokers.len() {
-        assert_eq!(
-            brokers[i].stop(),
-            Some(0),
-            "graceful stop of node {}",
-            i + 1
-        );
-        brokers[i].start_again_same_ports();
-        brokers[i].wait_ready();
+    for (i, broker) in brokers.iter_mut().enumerate() {
+        assert_eq!(broker.stop(), Some(0), "graceful stop of node {}", i + 1);
+        broker.start_again_same_ports();
+        broker.wait_ready();
     }
     for broker in &mut brokers {
         broker.kill9();
