@@ -628,6 +628,56 @@ fn group_view(node: &Node, id: &str) -> Result<GroupView, ApiError> {
     })
 }
 
+/// Which replica a partition's leadership should move to.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TransferBody {
+    /// The replica to lead; absent: the most caught-up other replica.
+    pub node_id: Option<u64>,
+}
+
+/// Where a partition's leadership went.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaderView {
+    /// The new leader.
+    pub leader_id: u64,
+}
+
+/// What a drain did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DrainView {
+    /// Partitions whose leadership moved away ("topic/partition -> node N").
+    pub moved: Vec<String>,
+    /// Partitions still led here, with why.
+    pub kept: Vec<String>,
+}
+
+/// Moves a partition's leadership to another replica. Send it to the partition's leader (another
+/// broker answers 503 naming the leader).
+#[utoipa::path(post, path = "/v1/topics/{name}/partitions/{partition}/leader",
+    params(("name" = String, Path, description = "Topic name"), ("partition" = u32, Path, description = "Partition")),
+    request_body = TransferBody,
+    responses((status = 200, body = LeaderView), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn transfer_leadership(
+    State(node): State<AppState>,
+    Path((name, partition)): Path<(String, u32)>,
+    body: Result<Json<TransferBody>, JsonRejection>,
+) -> Result<Json<LeaderView>, ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    let leader_id = node
+        .transfer_leadership(&name, partition, body.node_id)
+        .await?;
+    Ok(Json(LeaderView { leader_id }))
+}
+
+/// Moves every partition leadership this broker holds to other replicas (a Kubernetes preStop
+/// hook calls it before the broker stops).
+#[utoipa::path(post, path = "/v1/drain", responses((status = 200, body = DrainView)))]
+async fn drain(State(node): State<AppState>) -> Json<DrainView> {
+    let (moved, kept) = node.drain().await;
+    Json(DrainView { moved, kept })
+}
+
 /// Every consumer group, with members and lag.
 #[utoipa::path(get, path = "/v1/groups", responses((status = 200, body = [GroupView])))]
 async fn list_groups(State(node): State<AppState>) -> Result<Json<Vec<GroupView>>, ApiError> {
@@ -680,7 +730,9 @@ async fn delete_group(
         delete_topic,
         list_groups,
         describe_group,
-        delete_group
+        delete_group,
+        transfer_leadership,
+        drain
     ),
     components(schemas(
         Health,
@@ -696,7 +748,10 @@ async fn delete_group(
         GroupView,
         MemberView,
         GroupPartitionView,
-        ClusterView
+        ClusterView,
+        TransferBody,
+        LeaderView,
+        DrainView
     ))
 )]
 pub struct ApiDoc;
@@ -738,6 +793,11 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/topics/{name}",
             get(describe_topic).patch(update_topic).delete(delete_topic),
         )
+        .route(
+            "/v1/topics/{name}/partitions/{partition}/leader",
+            axum::routing::post(transfer_leadership),
+        )
+        .route("/v1/drain", axum::routing::post(drain))
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{id}", get(describe_group).delete(delete_group))
         .fallback(not_found)

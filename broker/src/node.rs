@@ -400,6 +400,61 @@ impl Node {
         }
     }
 
+    /// Moves a partition's leadership from this broker (which must lead it) to `to`, or to the
+    /// most caught-up other replica. Returns the new leader.
+    pub async fn transfer_leadership(
+        &self,
+        topic: &str,
+        partition: u32,
+        to: Option<NodeId>,
+    ) -> Result<NodeId, BrokerError> {
+        let hosted = self.partition(topic, partition)?;
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        let leader = hosted.group().transfer_leadership(to, timeout).await?;
+        tracing::info!(topic, partition, leader, "moved the partition's leadership");
+        Ok(leader)
+    }
+
+    /// Moves every partition leadership this broker holds to other replicas, side by side.
+    /// Returns the partitions moved and those kept (with why).
+    pub async fn drain(&self) -> (Vec<String>, Vec<String>) {
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        let leading: Vec<Arc<Partition>> = self
+            .partitions()
+            .into_iter()
+            .filter(|p| p.group().is_leader())
+            .collect();
+        let outcomes = futures::future::join_all(leading.iter().map(|p| async move {
+            let name = format!("{}/{}", p.topic, p.partition);
+            (name, p.group().transfer_leadership(None, timeout).await)
+        }))
+        .await;
+        let (mut moved, mut kept) = (Vec::new(), Vec::new());
+        for (name, outcome) in outcomes {
+            match outcome {
+                Ok(leader) => moved.push(format!("{name} -> node {leader}")),
+                Err(e) => kept.push(format!("{name}: {e}")),
+            }
+        }
+        tracing::info!(
+            moved = moved.len(),
+            kept = kept.len(),
+            "drained partition leaderships"
+        );
+        (moved, kept)
+    }
+
+    /// The voters of the controller group.
+    pub fn controller_voters(&self) -> Vec<NodeId> {
+        self.controller.voters()
+    }
+
+    /// Whether this broker, leading the controller, has heard from `node` (it has replicated the
+    /// controller log to it). False when this broker does not lead the controller.
+    pub fn reaches(&self, node: NodeId) -> bool {
+        self.controller.reaches(node)
+    }
+
     /// Every hosted partition that serves, in (topic, partition) order.
     pub fn partitions(&self) -> Vec<Arc<Partition>> {
         self.registry

@@ -239,6 +239,47 @@ impl Admin {
             .into_inner())
     }
 
+    /// Moves a partition's leadership from its leader (the broker this client reaches must
+    /// lead it) to `to`, or to the most caught-up other replica. Returns the new leader.
+    pub async fn transfer_leadership(
+        &self,
+        topic: &str,
+        partition: u32,
+        to: Option<u64>,
+    ) -> Result<u64> {
+        let request = self.client.request(
+            proto::TransferLeadershipRequest {
+                topic: topic.into(),
+                partition,
+                to_node_id: to.unwrap_or(0),
+            },
+            Some(topic),
+            Some(partition),
+        );
+        Ok(self
+            .client
+            .cluster()
+            .transfer_leadership(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner()
+            .leader_id)
+    }
+
+    /// Moves every partition leadership the broker this client reaches holds to other replicas.
+    /// Returns (moved, kept with why).
+    pub async fn drain(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let request = self.client.request(proto::DrainRequest {}, None, None);
+        let r = self
+            .client
+            .cluster()
+            .drain(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        Ok((r.moved, r.kept))
+    }
+
     /// Partitions with leaders and offsets (one topic, or all when `topic` is empty).
     pub async fn partitions(&self, topic: &str) -> Result<Vec<proto::PartitionInfo>> {
         let request = self.client.request(

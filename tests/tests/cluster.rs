@@ -164,8 +164,42 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
     .unwrap_or(0.0);
     assert!(forwarded >= 50.0, "the follower forwarded: {forwarded}");
 
+    // Move partition 1's leadership to the leader of partition 2, then drain that broker: it
+    // leads nothing afterwards, and a publish through it is forwarded to the new leaders.
+    let (l1, l2) = (layout[1].1, layout[2].1);
+    let moved = brokers[l1 as usize - 1].cli(&[
+        "cluster",
+        "transfer",
+        "orders",
+        "1",
+        "--to",
+        &l2.to_string(),
+    ]);
+    assert_eq!(
+        weft_tests::ok_stdout(&moved).trim(),
+        format!("orders/1 is led by node {l2}")
+    );
+    let drained_node = &brokers[l2 as usize - 1];
+    let drained = drained_node.cli(&["cluster", "drain"]);
+    let out = weft_tests::ok_stdout(&drained);
+    assert!(
+        out.contains("moved orders/1") && out.contains("moved orders/2"),
+        "{out}"
+    );
+    let now = partitions(drained_node, "orders");
+    assert!(
+        now.iter().all(|p| p.1 != l2),
+        "node {l2} still leads a partition: {now:?}"
+    );
+    for partition in 1..3u32 {
+        let offsets = publish(&drained_node.client_addr, partition, 150, 160)
+            .await
+            .expect("publish through the drained broker");
+        assert_eq!(offsets, (150..160).collect::<Vec<_>>());
+    }
+
     // Kill the leader of partition 0: another replica takes over and publishing goes on.
-    let killed = layout[0].1 as usize - 1;
+    let killed = partitions(&brokers[0], "orders")[0].1 as usize - 1;
     brokers[killed].kill9();
     let survivors: Vec<String> = (0..3)
         .filter(|i| *i != killed)

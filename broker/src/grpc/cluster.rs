@@ -56,13 +56,28 @@ pub fn status(node: &Node) -> v1::ClusterStatus {
     v1::ClusterStatus {
         cluster_id: node.cluster_id.clone(),
         controller_id: node.controller_leader().unwrap_or(0),
-        nodes: vec![v1::Node {
-            id: node.node_id,
-            client_address: node.config.client_address(),
-            peer_address: node.config.peer_listen.to_string(),
-            reachable: true,
-            voter: true,
-        }],
+        nodes: if state.brokers.is_empty() {
+            vec![v1::Node {
+                id: node.node_id,
+                client_address: node.config.client_address(),
+                peer_address: node.config.peer_address(),
+                reachable: true,
+                voter: true,
+            }]
+        } else {
+            let voters = node.controller_voters();
+            state
+                .brokers
+                .iter()
+                .map(|(id, b)| v1::Node {
+                    id: *id,
+                    client_address: b.client_address.clone(),
+                    peer_address: b.peer_address.clone(),
+                    reachable: *id == node.node_id || node.reaches(*id),
+                    voter: voters.contains(id),
+                })
+                .collect()
+        },
         topic_count: state.topics.len() as u32,
         partition_count: state
             .topics
@@ -110,6 +125,34 @@ impl Cluster for ClusterService {
             Ok(Response::new(v1::ListPartitionsResponse { partitions }))
         };
         crate::metrics::rpc("ListPartitions", started, &result);
+        result
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<v1::TransferLeadershipRequest>,
+    ) -> Result<Response<v1::TransferLeadershipResponse>, Status> {
+        let started = Instant::now();
+        let r = request.into_inner();
+        let to = (r.to_node_id != 0).then_some(r.to_node_id);
+        let result = self
+            .node
+            .transfer_leadership(&r.topic, r.partition, to)
+            .await
+            .map(|leader_id| Response::new(v1::TransferLeadershipResponse { leader_id }))
+            .map_err(Status::from);
+        crate::metrics::rpc("TransferLeadership", started, &result);
+        result
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        let started = Instant::now();
+        let (moved, kept) = self.node.drain().await;
+        let result = Ok(Response::new(v1::DrainResponse { moved, kept }));
+        crate::metrics::rpc("Drain", started, &result);
         result
     }
 }

@@ -115,6 +115,27 @@ impl ControllerGroup {
         m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= self.opened_at_index
     }
 
+    /// The controller group's voters.
+    pub fn voters(&self) -> Vec<NodeId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Whether this broker leads the controller and `node` has every controller entry.
+    pub fn reaches(&self, node: NodeId) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&node))
+            .and_then(|l| l.map(|l| l.index))
+            .is_some_and(|matched| Some(matched) >= m.last_log_index)
+    }
+
     /// Whether this broker is a member of the controller group and knows its leader.
     pub fn has_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader.is_some()

@@ -135,6 +135,13 @@ impl Peers {
         Ok(channel)
     }
 
+    /// A client of the `Raft` service of the broker at `address`.
+    pub(super) fn raft_client(&self, address: &str) -> Result<RaftClient<Channel>, String> {
+        Ok(RaftClient::new(self.channel(address)?)
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
+    }
+
     /// A client of the `Forward` service of the broker at `address`.
     pub fn forward_client(
         &self,
@@ -250,9 +257,7 @@ fn status_error<E: std::error::Error>(status: &Status) -> RPCError<NodeId, Basic
 
 impl PeerClient {
     fn client(&self) -> Result<RaftClient<Channel>, String> {
-        Ok(RaftClient::new(self.peers.channel(&self.address)?)
-            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
+        self.peers.raft_client(&self.address)
     }
 
     fn request<T>(&self, message: T, option: &RPCOption) -> Request<T> {
@@ -356,6 +361,16 @@ impl pb::raft_server::Raft for RaftService {
         let rpc = wire::vote_request_from(message).map_err(malformed)?;
         let response = raft.vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(wire::vote_response_to(&response)))
+    }
+
+    async fn elect(
+        &self,
+        request: Request<pb::ElectRequest>,
+    ) -> Result<Response<pb::ElectResponse>, Status> {
+        self.peers.check(&request)?;
+        let raft = self.peers.group(request.get_ref().group_id)?;
+        raft.trigger().elect().await.map_err(raft_failed)?;
+        Ok(Response::new(pb::ElectResponse {}))
     }
 
     async fn install_snapshot(

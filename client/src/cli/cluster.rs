@@ -1,4 +1,4 @@
-//! `weft cluster status`.
+//! `weft cluster status | transfer | drain`.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -11,6 +11,18 @@ use super::{Output, print_json};
 pub(crate) enum ClusterCommand {
     /// Nodes, controller and counts.
     Status,
+    /// Move a partition's leadership to another replica (ask the partition's leader: -s).
+    Transfer {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The replica to lead (default: the most caught-up other replica).
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Move every leadership the broker (-s) holds to other replicas, before it stops.
+    Drain,
 }
 
 /// Runs a cluster command.
@@ -45,6 +57,42 @@ pub(crate) async fn run(
                         );
                     }
                 }
+            }
+        }
+        ClusterCommand::Transfer {
+            topic,
+            partition,
+            to,
+        } => {
+            let leader = client
+                .admin()
+                .transfer_leadership(&topic, partition, to)
+                .await?;
+            match output {
+                Output::Json => print_json(&json!({
+                    "topic": topic, "partition": partition, "leader_id": leader,
+                })),
+                Output::Text => println!("{topic}/{partition} is led by node {leader}"),
+            }
+        }
+        ClusterCommand::Drain => {
+            let (moved, kept) = client.admin().drain().await?;
+            match output {
+                Output::Json => print_json(&json!({ "moved": moved, "kept": kept })),
+                Output::Text => {
+                    for m in &moved {
+                        println!("moved {m}");
+                    }
+                    for k in &kept {
+                        println!("kept {k}");
+                    }
+                    if moved.is_empty() && kept.is_empty() {
+                        println!("this broker leads no partition");
+                    }
+                }
+            }
+            if !kept.is_empty() {
+                anyhow::bail!("{} partitions are still led by this broker", kept.len());
             }
         }
     }
