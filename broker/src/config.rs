@@ -101,6 +101,10 @@ pub struct Config {
     /// Graceful shutdown: how long in-flight work may take before the broker exits anyway.
     pub shutdown_grace_ms: u64,
 
+    /// In a cluster, how often a broker moves the leadership of partitions it leads back to
+    /// their preferred replica (the first, so leaders spread) when that broker is up, caught up
+    /// and not draining; 0 never does.
+    pub leader_balance_interval_ms: u64,
     /// Raft heartbeat interval; also how long a leader waits for a follower to take an
     /// AppendEntries (written and synced there).
     pub raft_heartbeat_ms: u64,
@@ -175,6 +179,7 @@ impl Default for Config {
             flush_sync: "syncfs".into(),
             producer_expiration_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
+            leader_balance_interval_ms: 5000,
             raft_heartbeat_ms: 500,
             raft_election_timeout_ms: 2000,
             topic_defaults: TopicDefaults::default(),

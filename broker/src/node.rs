@@ -61,6 +61,21 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Runs the preferred-leader balance every `interval` while the node lives.
+async fn balance_loop(node: std::sync::Weak<Node>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        node.balance_leaders().await;
+    }
+}
+
 /// Registers this broker in the controller once it has joined, retrying until it has.
 async fn register_loop(node: std::sync::Weak<Node>) {
     let mut backoff = Duration::from_millis(200);
@@ -220,6 +235,12 @@ impl Node {
             node.register_broker().await?;
         } else {
             tokio::spawn(register_loop(Arc::downgrade(&node)));
+            if node.config.leader_balance_interval_ms > 0 {
+                tokio::spawn(balance_loop(
+                    Arc::downgrade(&node),
+                    Duration::from_millis(node.config.leader_balance_interval_ms),
+                ));
+            }
         }
         Ok(node)
     }
@@ -229,9 +250,9 @@ impl Node {
         let peer_address = self.config.peer_address();
         let client_address = self.config.client_address();
         let known = self.controller.state().brokers.get(&self.node_id).cloned();
-        if known
-            .is_some_and(|b| b.peer_address == peer_address && b.client_address == client_address)
-        {
+        if known.is_some_and(|b| {
+            b.peer_address == peer_address && b.client_address == client_address && !b.draining
+        }) {
             return Ok(());
         }
         self.propose(ControllerCommand::RegisterBroker {
@@ -419,6 +440,16 @@ impl Node {
     /// Returns the partitions moved and those kept (with why).
     pub async fn drain(&self) -> (Vec<String>, Vec<String>) {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        if !self.config.peers.is_empty()
+            && let Err(e) = self
+                .propose(ControllerCommand::SetDraining {
+                    node_id: self.node_id,
+                    draining: true,
+                })
+                .await
+        {
+            tracing::warn!("cannot mark this broker as draining: {e}");
+        }
         let leading: Vec<Arc<Partition>> = self
             .partitions()
             .into_iter()
@@ -442,6 +473,47 @@ impl Node {
             "drained partition leaderships"
         );
         (moved, kept)
+    }
+
+    /// One pass of the preferred-leader balance: each partition this broker leads whose first
+    /// replica (its preferred leader) is another broker, registered, not draining and caught up
+    /// gets its leadership moved back there, one partition at a time. So leaders stay spread
+    /// after elections and come back to a broker that returns.
+    pub async fn balance_leaders(&self) -> usize {
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        let state = self.controller.state();
+        let mut moved = 0;
+        for partition in self.partitions() {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            let Some(preferred) = state
+                .topics
+                .get(&partition.topic)
+                .and_then(|t| t.partitions.get(partition.partition as usize))
+                .and_then(|p| p.replicas.first().copied())
+            else {
+                continue;
+            };
+            let group = partition.group();
+            let eligible = preferred != self.node_id
+                && state.brokers.get(&preferred).is_some_and(|b| !b.draining)
+                && group.is_leader()
+                && group.has_every_entry(preferred);
+            if !eligible {
+                continue;
+            }
+            match group.transfer_leadership(Some(preferred), timeout).await {
+                Ok(leader) => {
+                    moved += 1;
+                    tracing::info!(topic = %partition.topic, partition = partition.partition, leader, "moved leadership back to the preferred replica");
+                }
+                Err(e) => {
+                    tracing::info!(topic = %partition.topic, partition = partition.partition, "leadership stays here for now: {e}");
+                }
+            }
+        }
+        moved
     }
 
     /// The voters of the controller group.

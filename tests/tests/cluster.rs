@@ -4,8 +4,8 @@
 //! publishes to a partition's leader, and through a follower (which forwards them to the
 //! leader), are read back from another replica; when the leader of a
 //! partition is killed (-9) another replica takes over and publishing goes on; the killed broker
-//! restarts with its data and catches up; and a broker refuses peer calls meant for another
-//! cluster or node.
+//! restarts with its data, catches up and gets its leadership back (the leader balance); and a
+//! broker refuses peer calls meant for another cluster or node.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -110,13 +110,16 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
     assert_eq!(status, 201, "{body}");
     assert!(body.contains(r#""replication_factor":3"#), "{body}");
 
-    // Every partition on all three brokers, and the three leaders on three different brokers.
+    // Every partition on all three brokers, each led by its first replica (should an election
+    // go elsewhere, the leader balance moves it back within a few seconds), so the three
+    // leaders are on three different brokers.
     let layout = wait_for(
-        "every partition to have a leader",
-        Duration::from_secs(30),
+        "a leader for every partition, each on a different broker",
+        Duration::from_secs(60),
         || {
             let seen = partitions(&brokers[0], "orders");
-            async move { seen.iter().all(|p| p.1 != 0).then_some(seen) }
+            let preferred = seen.iter().all(|p| p.2.first() == Some(&p.1));
+            async move { preferred.then_some(seen) }
         },
     )
     .await;
@@ -256,6 +259,17 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
     for (offset, v) in &read {
         assert_eq!(v.as_ref(), value(0, *offset).as_bytes());
     }
+
+    // The returned broker is partition 0's preferred replica: its leadership comes back.
+    wait_for(
+        "partition 0's leadership back on the broker that returned",
+        Duration::from_secs(60),
+        || {
+            let seen = partitions(&brokers[killed], "orders");
+            async move { (seen[0].1 == killed as u64 + 1).then_some(()) }
+        },
+    )
+    .await;
 
     // Peer calls meant for another cluster or another node are refused.
     let channel = grpc::channel(&brokers[0].peer_addr).await;

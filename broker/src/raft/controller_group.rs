@@ -30,6 +30,8 @@ pub struct ControllerGroup {
     peers: Peers,
     /// The last index of the controller log when it was opened.
     opened_at_index: Option<u64>,
+    /// Latched by [`ControllerGroup::is_current`].
+    caught_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for ControllerGroup {
@@ -85,6 +87,7 @@ impl ControllerGroup {
             sm,
             peers: peers.clone(),
             opened_at_index,
+            caught_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
         if !raft.is_initialized().await? {
@@ -108,11 +111,21 @@ impl ControllerGroup {
         Ok(group)
     }
 
-    /// Whether this broker's copy of the controller state is current: a leader is known and
-    /// everything the controller log held when this broker started is applied.
+    /// Whether this broker's copy of the controller state has caught up since it started: a
+    /// leader was known and everything the controller log held at start was applied. Once true
+    /// it stays true (a controller election later does not make the metadata stale).
     pub fn is_current(&self) -> bool {
+        if self.caught_up.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
         let m = self.raft.metrics().borrow().clone();
-        m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= self.opened_at_index
+        let now =
+            m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= self.opened_at_index;
+        if now {
+            self.caught_up
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        now
     }
 
     /// The controller group's voters.

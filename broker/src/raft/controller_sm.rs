@@ -73,6 +73,13 @@ pub enum ControllerCommand {
         /// Name.
         name: String,
     },
+    /// Mark a broker as draining (or not): leaderships are not moved back to a draining broker.
+    SetDraining {
+        /// Its node id.
+        node_id: NodeId,
+        /// Draining or not.
+        draining: bool,
+    },
     /// Record a broker's addresses (each broker registers itself once it is a member).
     RegisterBroker {
         /// Its node id.
@@ -91,6 +98,10 @@ pub struct BrokerMeta {
     pub peer_address: String,
     /// Where clients reach it.
     pub client_address: String,
+    /// It was drained (it is about to stop): leaderships are not moved back to it until it
+    /// registers again.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// The result of a controller command.
@@ -199,8 +210,15 @@ impl ControllerState {
                     BrokerMeta {
                         peer_address: peer_address.clone(),
                         client_address: client_address.clone(),
+                        draining: false,
                     },
                 );
+                ControllerResponse::Registered
+            }
+            ControllerCommand::SetDraining { node_id, draining } => {
+                if let Some(broker) = self.brokers.get_mut(node_id) {
+                    broker.draining = *draining;
+                }
                 ControllerResponse::Registered
             }
             ControllerCommand::DeleteTopic { name } => match self.topics.remove(name) {

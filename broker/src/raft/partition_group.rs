@@ -461,6 +461,16 @@ impl PartitionGroup {
         moved
     }
 
+    /// Whether this replica leads the group and `node` has every entry of its log.
+    pub fn has_every_entry(&self, node: NodeId) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.replication
+            .as_ref()
+            .and_then(|r| r.get(&node))
+            .and_then(|l| l.map(|l| l.index))
+            .is_some_and(|matched| Some(matched) >= m.last_log_index)
+    }
+
     /// Whether this replica leads the group now.
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
