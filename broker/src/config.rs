@@ -59,6 +59,16 @@ pub struct Config {
     /// included; empty for a single node. The broker with the lowest id initialises a new
     /// cluster; every other one joins it through any broker of the list.
     pub peers: Vec<String>,
+    /// Take the node id from the ordinal at the end of the host name, plus one (`weft-0` is node
+    /// 1, `weft-2` node 3), as a StatefulSet's pods are named. Node ids start at 1: 0 means "no
+    /// node" in Raft votes on the wire.
+    pub node_id_from_host_name: bool,
+    /// Instead of `peers`: every broker's peer address from a pattern in which `{ordinal}` is
+    /// replaced by 0 .. `cluster_size` - 1 (node ids 1 .. `cluster_size`), e.g.
+    /// `weft-{ordinal}.weft-peers.default.svc:7401`. Stable DNS names, never stored IPs.
+    pub peer_address_pattern: Option<String>,
+    /// Number of brokers the `peer_address_pattern` names.
+    pub cluster_size: u32,
 
     /// Most records in one publish.
     pub batch_records_max: u32,
@@ -163,6 +173,9 @@ impl Default for Config {
             advertised_client_address: None,
             cluster_name: "weft".into(),
             peers: Vec::new(),
+            node_id_from_host_name: false,
+            peer_address_pattern: None,
+            cluster_size: 0,
             batch_records_max: 10_000,
             grpc_message_bytes_max: 16 * 1024 * 1024,
             request_timeout_ms: 30_000,
@@ -185,6 +198,19 @@ impl Default for Config {
             topic_defaults: TopicDefaults::default(),
         }
     }
+}
+
+/// This machine's (or pod's) host name: `$HOSTNAME`, else /etc/hostname.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_default()
 }
 
 /// Command-line flags; each also reads a `WEFT_*` environment variable.
@@ -215,6 +241,15 @@ pub struct Flags {
     /// Every broker of the cluster, `ID@HOST:PORT` (node id and peer address), comma-separated.
     #[arg(long, env = "WEFT_PEERS", value_delimiter = ',')]
     pub peers: Option<Vec<String>>,
+    /// Take the node id from the host name's ordinal, plus one (`weft-2` is node 3).
+    #[arg(long, env = "WEFT_NODE_ID_FROM_HOST_NAME")]
+    pub node_id_from_host_name: bool,
+    /// Every broker's peer address from a pattern with `{ordinal}` (with --cluster-size).
+    #[arg(long, env = "WEFT_PEER_ADDRESS_PATTERN")]
+    pub peer_address_pattern: Option<String>,
+    /// Number of brokers the peer address pattern names.
+    #[arg(long, env = "WEFT_CLUSTER_SIZE")]
+    pub cluster_size: Option<u32>,
     /// Default replication factor of new topics.
     #[arg(long, env = "WEFT_DEFAULT_REPLICATION_FACTOR")]
     pub default_replication_factor: Option<u32>,
@@ -245,8 +280,62 @@ impl Config {
         if let Some(rf) = flags.default_replication_factor {
             config.topic_defaults.replication_factor = rf;
         }
+        if flags.node_id_from_host_name {
+            config.node_id_from_host_name = true;
+        }
+        if let Some(pattern) = &flags.peer_address_pattern {
+            config.peer_address_pattern = Some(pattern.clone());
+        }
+        if let Some(size) = flags.cluster_size {
+            config.cluster_size = size;
+        }
+        config.resolve_identity(&host_name())?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Applies `node_id_from_host_name` (with `host_name`, the machine's or pod's name) and
+    /// `peer_address_pattern`: the node id and the `peers` list they stand for.
+    pub fn resolve_identity(&mut self, host_name: &str) -> Result<(), ConfigError> {
+        if self.node_id_from_host_name {
+            let ordinal = host_name
+                .rsplit_once('-')
+                .and_then(|(_, tail)| tail.parse::<u64>().ok())
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "node_id_from_host_name",
+                    reason: format!(
+                        "the host name {host_name:?} does not end in -<ordinal> (as weft-2 does)"
+                    ),
+                })?;
+            self.node_id = ordinal + 1;
+        }
+        if let Some(pattern) = &self.peer_address_pattern {
+            let invalid = |reason: String| ConfigError::Invalid {
+                key: "peer_address_pattern",
+                reason,
+            };
+            if !self.peers.is_empty() {
+                return Err(invalid(
+                    "give peers or peer_address_pattern, not both".into(),
+                ));
+            }
+            if !pattern.contains("{ordinal}") {
+                return Err(invalid(format!("{pattern:?} has no {{ordinal}}")));
+            }
+            if !(1..=1000).contains(&self.cluster_size) {
+                return Err(ConfigError::Invalid {
+                    key: "cluster_size",
+                    reason: format!(
+                        "{} is outside 1 ..= 1000 (the brokers the pattern names)",
+                        self.cluster_size
+                    ),
+                });
+            }
+            self.peers = (0..self.cluster_size)
+                .map(|i| format!("{}@{}", i + 1, pattern.replace("{ordinal}", &i.to_string())))
+                .collect();
+        }
+        Ok(())
     }
 
     /// Parses a TOML file (unknown keys are errors).
@@ -503,6 +592,58 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ids_come_from_host_names_and_peers_from_a_pattern() {
+        let mut config = Config {
+            node_id_from_host_name: true,
+            peer_address_pattern: Some("weft-{ordinal}.weft-peers.ns.svc:7401".into()),
+            cluster_size: 3,
+            ..Config::default()
+        };
+        config.resolve_identity("weft-2").expect("resolves");
+        assert_eq!(config.node_id, 3);
+        assert_eq!(
+            config.peers,
+            [
+                "1@weft-0.weft-peers.ns.svc:7401",
+                "2@weft-1.weft-peers.ns.svc:7401",
+                "3@weft-2.weft-peers.ns.svc:7401"
+            ]
+        );
+        config.validate().expect("valid");
+        assert_eq!(config.peer_address(), "weft-2.weft-peers.ns.svc:7401");
+
+        let mut bad_host = Config {
+            node_id_from_host_name: true,
+            ..Config::default()
+        };
+        let error = bad_host.resolve_identity("weft").expect_err("no ordinal");
+        assert!(
+            error.to_string().contains("node_id_from_host_name"),
+            "{error}"
+        );
+
+        for (pattern, size, key) in [
+            ("weft.svc:7401", 3, "peer_address_pattern"),
+            ("weft-{ordinal}:7401", 0, "cluster_size"),
+        ] {
+            let mut config = Config {
+                peer_address_pattern: Some(pattern.into()),
+                cluster_size: size,
+                ..Config::default()
+            };
+            let error = config.resolve_identity("x-0").expect_err("refused");
+            assert!(error.to_string().contains(key), "{error}");
+        }
+        let mut both = Config {
+            peers: vec!["1@a:1".into()],
+            peer_address_pattern: Some("w-{ordinal}:1".into()),
+            cluster_size: 1,
+            ..Config::default()
+        };
+        assert!(both.resolve_identity("w-0").is_err());
+    }
 
     #[test]
     fn the_example_file_is_the_defaults_and_valid() {
