@@ -100,7 +100,37 @@ pub fn render(node: &Node) -> String {
             .set(partition.damage().len() as f64);
         metrics::gauge!("weft_partition_producers", &labels)
             .set(partition.group().state().producers.len() as f64);
+        let status = partition.group().status();
+        metrics::gauge!("weft_partition_leader_id", &labels).set(status.leader.unwrap_or(0) as f64);
+        metrics::gauge!("weft_partition_term", &labels).set(status.term as f64);
+        // On the leader: how far each replica is behind, and whether any is.
+        let lag = partition.group().follower_lag();
+        for (replica, entries) in &lag {
+            let labels = [
+                ("topic", partition.topic.clone()),
+                ("partition", partition.partition.to_string()),
+                ("replica", replica.to_string()),
+            ];
+            metrics::gauge!("weft_partition_replica_lag_entries", &labels).set(*entries as f64);
+        }
+        if partition.group().is_leader() {
+            let behind = lag.iter().filter(|(_, entries)| *entries > 0).count();
+            metrics::gauge!("weft_partition_replicas_behind", &labels).set(behind as f64);
+        }
     }
+    // Partitions hosted here that serve but know no leader right now.
+    let leaderless = node
+        .partitions()
+        .iter()
+        .filter(|p| p.group().status().leader.is_none())
+        .count();
+    metrics::gauge!("weft_partitions_leaderless").set(leaderless as f64);
+    let leading = node
+        .partitions()
+        .iter()
+        .filter(|p| p.group().is_leader())
+        .count();
+    metrics::gauge!("weft_partitions_led").set(leading as f64);
     if let Ok(groups) = node.groups.list() {
         for group in groups {
             let Ok(description) = crate::grpc::subscribe::describe_group(node, &group) else {

@@ -167,6 +167,27 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
     .unwrap_or(0.0);
     assert!(forwarded >= 50.0, "the follower forwarded: {forwarded}");
 
+    // Metrics: each broker leads one partition, none is leaderless, and the leader of
+    // partition 0 sees both other replicas caught up.
+    for broker in &brokers {
+        assert_eq!(weft_tests::metric(broker, "weft_partitions_led"), Some(1.0));
+        assert_eq!(
+            weft_tests::metric(broker, "weft_partitions_leaderless"),
+            Some(0.0)
+        );
+    }
+    let leader0 = &brokers[layout[0].1 as usize - 1];
+    for replica in layout[0].2.iter().filter(|r| **r != layout[0].1) {
+        let name = format!(
+            r#"weft_partition_replica_lag_entries{{topic="orders",partition="0",replica="{replica}"}}"#
+        );
+        wait_for("replica lag 0", Duration::from_secs(30), || {
+            let lag = weft_tests::metric(leader0, &name);
+            async move { (lag == Some(0.0)).then_some(()) }
+        })
+        .await;
+    }
+
     // Move partition 1's leadership to the leader of partition 2, then drain that broker: it
     // leads nothing afterwards, and a publish through it is forwarded to the new leaders.
     let (l1, l2) = (layout[1].1, layout[2].1);

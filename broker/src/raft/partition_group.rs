@@ -471,6 +471,24 @@ impl PartitionGroup {
             .is_some_and(|matched| Some(matched) >= m.last_log_index)
     }
 
+    /// On the leader: each other voter's lag behind this log, in entries (the whole log when it
+    /// has matched nothing yet). Empty on a follower.
+    pub fn follower_lag(&self) -> Vec<(NodeId, u64)> {
+        let m = self.raft.metrics().borrow().clone();
+        let end = m.last_log_index.map_or(0, |i| i + 1);
+        let Some(replication) = m.replication.as_ref() else {
+            return Vec::new();
+        };
+        replication
+            .iter()
+            .filter(|(id, _)| **id != m.id)
+            .map(|(id, matched)| {
+                let have = matched.map_or(0, |l| l.index + 1);
+                (*id, end.saturating_sub(have))
+            })
+            .collect()
+    }
+
     /// Whether this replica leads the group now.
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
