@@ -380,15 +380,15 @@ impl Node {
     /// Where a publish to `topic`/`partition` goes: here when this broker leads the partition
     /// (or nobody is known to), else the leader's peer address. A partition not hosted here
     /// goes to its first replica (its preferred leader), which forwards no further.
-    pub fn publish_route(&self, topic: &str, partition: u32) -> Result<Route, BrokerError> {
-        let meta = self.topic(topic)?;
+    pub fn publish_route(&self, meta: &TopicMeta, partition: u32) -> Result<Route, BrokerError> {
+        let topic = meta.name.as_str();
         let hosted_here = meta
             .partitions
             .get(partition as usize)
             .is_some_and(|p| p.replicas.contains(&self.node_id));
         let leader = if hosted_here {
             let local = self.partition(topic, partition)?;
-            match local.group().status().leader {
+            match local.group().leader() {
                 Some(leader) if leader != self.node_id => leader,
                 _ => return Ok(Route::Local(local)),
             }

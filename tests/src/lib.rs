@@ -109,9 +109,29 @@ impl Broker {
     /// Starts a broker with extra arguments and environment variables (on top of a clean
     /// environment: no inherited `WEFT_*`).
     pub fn start_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Broker {
+        let mut broker = Broker::unstarted(extra, envs);
+        broker.spawn();
+        broker
+    }
+
+    /// Starts a broker on the given client, peer and admin addresses (a cluster's brokers must
+    /// know each other's peer addresses before they start: see [`free_port`]), retrying for up
+    /// to 10 s while a port is taken.
+    pub fn start_on(listen: [String; 3], extra: &[&str], envs: &[(&str, &str)]) -> Broker {
+        let mut broker = Broker::unstarted(extra, envs);
+        let [client, peer, admin] = listen;
+        broker.client_addr = client;
+        broker.peer_addr = peer;
+        broker.admin_addr = admin;
+        broker.start_again_same_ports();
+        broker
+    }
+
+    /// A broker not started yet, in a new temporary directory.
+    fn unstarted(extra: &[&str], envs: &[(&str, &str)]) -> Broker {
         let tempdir = tempfile::tempdir().expect("tempdir");
         let dir = tempdir.path().to_path_buf();
-        let mut broker = Broker {
+        Broker {
             child: None,
             data_dir: dir.join("data"),
             dir,
@@ -124,33 +144,7 @@ impl Broker {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        broker.spawn();
-        broker
-    }
-
-    /// Starts a broker on the given client, peer and admin addresses (a cluster's brokers must
-    /// know each other's peer addresses before they start: see [`free_port`]), retrying for up
-    /// to 10 s while a port is taken.
-    pub fn start_on(listen: [String; 3], extra: &[&str], envs: &[(&str, &str)]) -> Broker {
-        let tempdir = tempfile::tempdir().expect("tempdir");
-        let dir = tempdir.path().to_path_buf();
-        let mut broker = Broker {
-            child: None,
-            data_dir: dir.join("data"),
-            dir,
-            _tempdir: Some(tempdir),
-            client_addr: listen[0].clone(),
-            admin_addr: listen[2].clone(),
-            peer_addr: listen[1].clone(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            envs: envs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        broker.start_again_same_ports();
-        broker
+        }
     }
 
     /// The broker's working directory (its log is `broker.log`; data lives in `data/` unless

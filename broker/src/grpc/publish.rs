@@ -125,7 +125,7 @@ impl PublisherService {
             }
             None => self.round_robin.fetch_add(1, Ordering::Relaxed) % partitions,
         };
-        let hosted = match node.publish_route(&request.topic, partition)? {
+        let hosted = match node.publish_route(&topic, partition)? {
             Route::Local(hosted) => hosted,
             Route::Forward { leader, .. } if hops > 0 => {
                 return Err(BrokerError::Unavailable {

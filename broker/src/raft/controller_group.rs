@@ -141,12 +141,9 @@ impl ControllerGroup {
 
     /// Whether this broker leads the controller and `node` has every controller entry.
     pub fn reaches(&self, node: NodeId) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.replication
-            .as_ref()
-            .and_then(|r| r.get(&node))
-            .and_then(|l| l.map(|l| l.index))
-            .is_some_and(|matched| Some(matched) >= m.last_log_index)
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        super::matched_index(&m, node).is_some_and(|matched| Some(matched) >= m.last_log_index)
     }
 
     /// Whether this broker is a member of the controller group and knows its leader.

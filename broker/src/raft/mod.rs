@@ -81,6 +81,18 @@ pub type LogId = openraft::LogId<NodeId>;
 pub(crate) type StoredSnapshot =
     std::sync::Mutex<Option<(openraft::SnapshotMeta<NodeId, openraft::BasicNode>, Vec<u8>)>>;
 
+/// On a group's leader: the index of the last entry `node` is known to hold (None when it
+/// holds none, or this node does not lead).
+pub(crate) fn matched_index(
+    m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>,
+    node: NodeId,
+) -> Option<u64> {
+    m.replication
+        .as_ref()
+        .and_then(|r| r.get(&node))
+        .and_then(|l| l.map(|l| l.index))
+}
+
 /// A state-machine error as openraft wants it.
 pub(crate) fn sm_error(e: impl std::fmt::Display) -> StorageError {
     openraft::StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()

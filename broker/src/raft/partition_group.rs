@@ -376,12 +376,7 @@ impl PartitionGroup {
         }
         let membership = m.membership_config.membership().clone();
         let others: Vec<NodeId> = membership.voter_ids().filter(|v| *v != me).collect();
-        let matched = |id: &NodeId| {
-            m.replication
-                .as_ref()
-                .and_then(|r| r.get(id))
-                .and_then(|l| l.map(|l| l.index))
-        };
+        let matched = |id: &NodeId| super::matched_index(&m, *id);
         let target = match target {
             Some(t) if t == me => return Ok(me),
             Some(t) if others.contains(&t) => t,
@@ -407,13 +402,7 @@ impl PartitionGroup {
             self.raft
                 .wait(Some(timeout))
                 .metrics(
-                    |m| {
-                        m.replication
-                            .as_ref()
-                            .and_then(|r| r.get(&target))
-                            .and_then(|l| l.map(|l| l.index))
-                            >= last
-                    },
+                    |m| super::matched_index(m, target) >= last,
                     "the target has every entry",
                 )
                 .await
@@ -463,12 +452,9 @@ impl PartitionGroup {
 
     /// Whether this replica leads the group and `node` has every entry of its log.
     pub fn has_every_entry(&self, node: NodeId) -> bool {
-        let m = self.raft.metrics().borrow().clone();
-        m.replication
-            .as_ref()
-            .and_then(|r| r.get(&node))
-            .and_then(|l| l.map(|l| l.index))
-            .is_some_and(|matched| Some(matched) >= m.last_log_index)
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        super::matched_index(&m, node).is_some_and(|matched| Some(matched) >= m.last_log_index)
     }
 
     /// On the leader: each other voter's lag behind this log, in entries (the whole log when it
@@ -491,8 +477,14 @@ impl PartitionGroup {
 
     /// Whether this replica leads the group now.
     pub fn is_leader(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
         m.current_leader == Some(m.id)
+    }
+
+    /// The group's leader, if known (no copy of the metrics: it is asked on every publish).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
     }
 
     /// Builds a snapshot of everything applied and waits (up to `timeout`) until it is written.
