@@ -597,8 +597,8 @@ async fn delete_topic(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn group_view(node: &Node, id: &str) -> Result<GroupView, ApiError> {
-    let d = crate::grpc::subscribe::describe_group(node, id)?;
+async fn group_view(node: &Arc<Node>, id: &str) -> Result<GroupView, ApiError> {
+    let d = crate::grpc::group_link::describe(node, id, 0).await?;
     Ok(GroupView {
         group_id: d.group_id,
         topic: d.topic,
@@ -682,8 +682,8 @@ async fn drain(State(node): State<AppState>) -> Json<DrainView> {
 #[utoipa::path(get, path = "/v1/groups", responses((status = 200, body = [GroupView])))]
 async fn list_groups(State(node): State<AppState>) -> Result<Json<Vec<GroupView>>, ApiError> {
     let mut out = Vec::new();
-    for id in node.groups.list()? {
-        if let Ok(view) = group_view(&node, &id) {
+    for id in crate::grpc::group_link::list(&node, 0).await? {
+        if let Ok(view) = group_view(&node, &id).await {
             out.push(view);
         }
     }
@@ -697,7 +697,7 @@ async fn describe_group(
     State(node): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<GroupView>, ApiError> {
-    Ok(Json(group_view(&node, &id)?))
+    Ok(Json(group_view(&node, &id).await?))
 }
 
 /// Deletes a consumer group's committed offsets (409 while it has live members).
@@ -707,7 +707,7 @@ async fn delete_group(
     State(node): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    node.groups.delete(&id).await?;
+    crate::grpc::group_link::delete(&node, &id, 0).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -7,9 +7,16 @@
 //! supersedes it: the generation moves on, the first stream ends, and its commits are refused.
 //!
 //! Commits are atomic with their checks: one commit of a group at a time runs the generation
-//! check, reads the stored offsets and writes the new ones, so a stale member racing the new
-//! owner can never move an offset back. Offsets are keyed by topic id: a deleted topic takes its
-//! offsets with it, and a new topic of the same name starts fresh.
+//! check and stores the new offsets, so a stale member racing the new owner can never move an
+//! offset back. Offsets are keyed by topic id: a deleted topic takes its offsets with it, and a
+//! new topic of the same name starts fresh.
+//!
+//! In a broker, offsets live in the controller group (an [`OffsetStore`]): replicated, they
+//! survive the loss of any minority of brokers. The coordinator of every group is the broker
+//! leading the controller; members connected to other brokers reach it through their broker
+//! (`grpc::group_link`). When another broker takes the controller over, this one forgets its
+//! groups ([`Coordinator::reset`]): their streams end, the members rejoin the new coordinator,
+//! and its generations start above the highest one that ever committed.
 //!
 //! One group consumes one topic at a time. Groups with neither members nor offsets leave memory.
 //! The state here is pure (time is an argument), so it is unit-tested without sockets.
@@ -18,10 +25,31 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::error::BrokerError;
-use crate::meta::{GroupOffset, Metadata};
+use crate::meta::GroupOffset;
+use crate::raft::GroupOffsets;
+
+/// Where committed offsets live: the controller group in a broker (replicated), anything that
+/// keeps them in unit tests.
+pub trait OffsetStore: Send + Sync + std::fmt::Debug {
+    /// A group's committed offsets, with the highest generation that committed.
+    fn group(&self, group: &str) -> Option<Arc<GroupOffsets>>;
+    /// Every group with committed offsets.
+    fn groups(&self) -> Vec<String>;
+    /// Stores offsets on `topic_id`, refused (INVALID_ARGUMENT) if any goes backwards.
+    fn commit(
+        &self,
+        group: String,
+        topic_id: String,
+        generation: u64,
+        offsets: Vec<(u32, u64)>,
+    ) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Forgets a group's offsets; whether it had any.
+    fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>>;
+}
 
 /// Spreads `partitions` over `members` (sorted by id): partition i goes to member i mod n.
 /// Deterministic and balanced to within one partition.
@@ -139,7 +167,7 @@ impl Group {
 
 #[derive(Debug)]
 struct Inner {
-    meta: Metadata,
+    store: Arc<dyn OffsetStore>,
     default_session: Duration,
     groups: Mutex<HashMap<String, Group>>,
     next_incarnation: std::sync::atomic::AtomicU64,
@@ -154,16 +182,12 @@ pub struct Coordinator {
 /// Longest session timeout a member may ask for.
 pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 
-fn meta_error(e: crate::meta::MetaError) -> BrokerError {
-    BrokerError::Internal(e.to_string())
-}
-
 impl Coordinator {
-    /// A coordinator storing offsets in `meta`.
-    pub fn new(meta: Metadata, default_session: Duration) -> Self {
+    /// A coordinator storing offsets in `store`.
+    pub fn new(store: Arc<dyn OffsetStore>, default_session: Duration) -> Self {
         Coordinator {
             inner: Arc::new(Inner {
-                meta,
+                store,
                 default_session,
                 groups: Mutex::new(HashMap::new()),
                 next_incarnation: std::sync::atomic::AtomicU64::new(1),
@@ -210,7 +234,8 @@ impl Coordinator {
             topic: topic.to_string(),
             topic_id: topic_id.to_string(),
             partitions,
-            generation: 0,
+            // Above every generation that committed, under this coordinator or an earlier one.
+            generation: self.inner.store.group(group_id).map_or(0, |g| g.generation),
             members: BTreeMap::new(),
             view: watch::Sender::new(Arc::new(GroupView::default())),
             commit_lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -400,40 +425,16 @@ impl Coordinator {
         let lock = self.commit_lock(group_id)?;
         let _committing = lock.lock().await;
         self.check_commit(group_id, member_id, generation, topic_id, offsets)?;
-        let meta = self.inner.meta.clone();
-        let group = group_id.to_string();
-        let topic = topic_id.to_string();
-        let commits = offsets.to_vec();
-        tokio::task::spawn_blocking(move || {
-            for &(partition, offset) in &commits {
-                let current = meta
-                    .group_offset(&group, &topic, partition)
-                    .map_err(meta_error)?;
-                if let Some(current) = current
-                    && offset < current
-                {
-                    return Err(BrokerError::invalid(
-                        "offsets",
-                        format!(
-                            "partition {partition}: committed offsets never go backwards ({offset} < {current})"
-                        ),
-                    ));
-                }
-            }
-            let records: Vec<GroupOffset> = commits
-                .iter()
-                .map(|&(partition, offset)| GroupOffset {
-                    topic_id: topic.clone(),
-                    partition,
-                    offset,
-                })
-                .collect();
-            meta.commit_group_offsets(&group, &records)
-                .map_err(meta_error)?;
-            Ok(commits)
-        })
-        .await
-        .map_err(|e| BrokerError::Internal(e.to_string()))?
+        self.inner
+            .store
+            .commit(
+                group_id.to_string(),
+                topic_id.to_string(),
+                generation,
+                offsets.to_vec(),
+            )
+            .await?;
+        Ok(offsets.to_vec())
     }
 
     /// The lock that serialises commits of `group_id` (groups without members share one).
@@ -497,15 +498,16 @@ impl Coordinator {
         topic_id: &str,
         partition: u32,
     ) -> Result<Option<u64>, BrokerError> {
-        self.inner
-            .meta
-            .group_offset(group_id, topic_id, partition)
-            .map_err(meta_error)
+        Ok(self
+            .inner
+            .store
+            .group(group_id)
+            .and_then(|g| g.offsets.get(topic_id)?.get(&partition).copied()))
     }
 
     /// Every group: live ones and those with stored offsets.
     pub fn list(&self) -> Result<Vec<String>, BrokerError> {
-        let mut names: Vec<String> = self.inner.meta.groups().map_err(meta_error)?;
+        let mut names: Vec<String> = self.inner.store.groups();
         names.extend(self.groups()?.keys().cloned());
         names.sort();
         names.dedup();
@@ -515,11 +517,23 @@ impl Coordinator {
     /// Describes a group; None if it has neither members nor offsets.
     pub fn describe(&self, group_id: &str) -> Result<Option<GroupDescription>, BrokerError> {
         validate_group_id(group_id)?;
-        let committed = self
+        let committed: Vec<GroupOffset> = self
             .inner
-            .meta
-            .group_offsets(group_id)
-            .map_err(meta_error)?;
+            .store
+            .group(group_id)
+            .map(|g| {
+                g.offsets
+                    .iter()
+                    .flat_map(|(topic_id, partitions)| {
+                        partitions.iter().map(|(&partition, &offset)| GroupOffset {
+                            topic_id: topic_id.clone(),
+                            partition,
+                            offset,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let groups = self.groups()?;
         let now = Instant::now();
         let description = match groups.get(group_id) {
@@ -565,12 +579,7 @@ impl Coordinator {
         {
             return Err(BrokerError::GroupNotEmpty(group_id.into()));
         }
-        let meta = self.inner.meta.clone();
-        let group = group_id.to_string();
-        let had = tokio::task::spawn_blocking(move || meta.delete_group(&group))
-            .await
-            .map_err(|e| BrokerError::Internal(e.to_string()))?
-            .map_err(meta_error)?;
+        let had = self.inner.store.delete(group_id.to_string()).await?;
         if had {
             Ok(())
         } else {
@@ -578,12 +587,15 @@ impl Coordinator {
         }
     }
 
-    /// Forgets the committed offsets of topics that no longer exist.
-    pub fn forget_deleted_topics(&self, live: &dyn Fn(&str) -> bool) -> Result<usize, BrokerError> {
-        self.inner
-            .meta
-            .retain_group_offsets(live)
-            .map_err(meta_error)
+    /// Forgets every group held in memory (this broker no longer coordinates them): their
+    /// streams see their views end and their members rejoin the new coordinator.
+    pub fn reset(&self) {
+        if let Ok(mut groups) = self.groups() {
+            if !groups.is_empty() {
+                tracing::info!(groups = groups.len(), "no longer the group coordinator");
+            }
+            groups.clear();
+        }
     }
 }
 
@@ -604,7 +616,64 @@ pub fn validate_group_id(group_id: &str) -> Result<(), BrokerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_storage::MemoryMetaStore;
+    use crate::raft::{ControllerCommand, ControllerResponse, ControllerState};
+
+    /// Offsets kept by a controller state in memory, with one topic ("id-t").
+    #[derive(Debug)]
+    struct MemoryOffsets(Mutex<ControllerState>);
+
+    impl MemoryOffsets {
+        fn apply(&self, command: ControllerCommand) -> ControllerResponse {
+            self.0.lock().expect("state").apply(&command)
+        }
+    }
+
+    impl OffsetStore for MemoryOffsets {
+        fn group(&self, group: &str) -> Option<Arc<GroupOffsets>> {
+            self.0.lock().expect("state").groups.get(group).cloned()
+        }
+        fn groups(&self) -> Vec<String> {
+            self.0
+                .lock()
+                .expect("state")
+                .groups
+                .keys()
+                .cloned()
+                .collect()
+        }
+        fn commit(
+            &self,
+            group: String,
+            topic_id: String,
+            generation: u64,
+            offsets: Vec<(u32, u64)>,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            let response = self.apply(ControllerCommand::CommitOffsets {
+                group,
+                topic_id,
+                generation,
+                offsets,
+            });
+            Box::pin(async move {
+                match response {
+                    ControllerResponse::Committed => Ok(()),
+                    ControllerResponse::Invalid(reason) => {
+                        Err(BrokerError::invalid("offsets", reason))
+                    }
+                    other => Err(BrokerError::Internal(format!("{other:?}"))),
+                }
+            })
+        }
+        fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>> {
+            let response = self.apply(ControllerCommand::DeleteGroup { group });
+            Box::pin(async move {
+                Ok(matches!(
+                    response,
+                    ControllerResponse::GroupDeleted { existed: true }
+                ))
+            })
+        }
+    }
 
     #[test]
     fn assignment_table() {
@@ -635,11 +704,23 @@ mod tests {
         }
     }
 
+    fn store() -> Arc<MemoryOffsets> {
+        let store = Arc::new(MemoryOffsets(Mutex::new(ControllerState::default())));
+        store.apply(ControllerCommand::CreateTopic {
+            name: "t".into(),
+            topic_id: "id-t".into(),
+            config: crate::topic::TopicConfig {
+                partitions: 4,
+                ..crate::topic::TopicConfig::default()
+            },
+            created_at_ms: 1,
+            replicas: vec![vec![1]; 4],
+        });
+        store
+    }
+
     fn coordinator() -> Coordinator {
-        Coordinator::new(
-            Metadata::new(Arc::new(MemoryMetaStore::new())),
-            Duration::from_secs(10),
-        )
+        Coordinator::new(store(), Duration::from_secs(10))
     }
 
     #[tokio::test]
@@ -735,6 +816,45 @@ mod tests {
             Err(BrokerError::GroupNotFound(_))
         ));
         assert_eq!(c.describe("g").expect("describe"), None);
+    }
+
+    #[tokio::test]
+    async fn a_new_coordinator_starts_above_every_committed_generation() {
+        let store = store();
+        let old = Coordinator::new(store.clone(), Duration::from_secs(10));
+        let now = Instant::now();
+        let mut generation = 0;
+        for member in ["a", "b", "c"] {
+            let m = old
+                .join("g", Some(member), "t", "id-t", 4, None, now)
+                .expect("join");
+            generation = m.view.borrow().generation;
+        }
+        assert_eq!(generation, 3);
+        let owned = old.inner.groups.lock().expect("groups")["g"]
+            .view
+            .borrow()
+            .assignments["a"]
+            .clone();
+        old.commit("g", "a", generation, "id-t", &[(owned[0], 7)])
+            .await
+            .expect("commit");
+        // The controller moved: the old coordinator forgets its groups; a new one takes over.
+        old.reset();
+        let new = Coordinator::new(store, Duration::from_secs(10));
+        let a = new
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("rejoin at the new coordinator");
+        assert!(
+            a.view.borrow().generation > generation,
+            "a generation the old coordinator handed out never comes back"
+        );
+        let err = new
+            .commit("g", "a", generation, "id-t", &[(owned[0], 8)])
+            .await
+            .expect_err("a commit of the old generation is stale");
+        assert!(matches!(err, BrokerError::StaleGeneration { .. }));
+        assert_eq!(new.committed("g", "id-t", owned[0]).expect("read"), Some(7));
     }
 
     #[test]

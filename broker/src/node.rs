@@ -6,8 +6,9 @@
 //! stops and deletes the partitions of deleted topics. Each partition is opened, replayed and
 //! supervised by its own task; the node serves a partition only once it is ready.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -17,14 +18,15 @@ use crate::meta::{Metadata, NodeIdentity};
 
 use crate::config::Config;
 use crate::error::BrokerError;
-use crate::groups::Coordinator;
+use crate::groups::{Coordinator, OffsetStore};
 use crate::partition::{Partition, PartitionSpec};
 use crate::raft::{
-    ControllerCommand, ControllerGroup, ControllerResponse, ControllerState, Flusher, NodeId,
-    Peers, SyncMode, TopicMeta, raft_config,
+    ControllerCommand, ControllerGroup, ControllerResponse, ControllerState, Flusher, GroupOffsets,
+    NodeId, Peers, SyncMode, TopicMeta, controller_raft_config, raft_config,
 };
 use crate::registry::{HostContext, Phase, Registry};
 use crate::topic::TopicConfig;
+use futures::future::BoxFuture;
 
 /// Entries after which a partition snapshots even if few bytes were applied (many tiny entries).
 const SNAPSHOT_EVERY_ENTRIES: u64 = 100_000;
@@ -73,6 +75,147 @@ async fn balance_loop(node: std::sync::Weak<Node>, interval: Duration) {
             return;
         }
         node.balance_leaders().await;
+    }
+}
+
+/// Where consumer groups are coordinated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coordinated {
+    /// Here.
+    Here,
+    /// By another broker.
+    There {
+        /// Its node id.
+        node_id: NodeId,
+        /// Its peer address.
+        peer_address: String,
+    },
+}
+
+/// Committed group offsets in the controller group: replicated with the cluster's metadata.
+#[derive(Debug)]
+struct ControllerOffsets {
+    controller: ControllerGroup,
+    timeout: Duration,
+}
+
+impl OffsetStore for ControllerOffsets {
+    fn group(&self, group: &str) -> Option<Arc<GroupOffsets>> {
+        self.controller.state().groups.get(group).cloned()
+    }
+
+    fn groups(&self) -> Vec<String> {
+        self.controller.state().groups.keys().cloned().collect()
+    }
+
+    fn commit(
+        &self,
+        group: String,
+        topic_id: String,
+        generation: u64,
+        offsets: Vec<(u32, u64)>,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let controller = self.controller.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let command = ControllerCommand::CommitOffsets {
+                group,
+                topic_id,
+                generation,
+                offsets,
+            };
+            match controller.propose(command, timeout).await? {
+                ControllerResponse::Committed => Ok(()),
+                ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("offsets", reason)),
+                ControllerResponse::NotFound(_) => Err(BrokerError::invalid(
+                    "topic",
+                    "the topic was deleted while the commit was under way",
+                )),
+                other => Err(BrokerError::Internal(format!(
+                    "unexpected controller response {other:?}"
+                ))),
+            }
+        })
+    }
+
+    fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>> {
+        let controller = self.controller.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match controller
+                .propose(ControllerCommand::DeleteGroup { group }, timeout)
+                .await?
+            {
+                ControllerResponse::GroupDeleted { existed } => Ok(existed),
+                other => Err(BrokerError::Internal(format!(
+                    "unexpected controller response {other:?}"
+                ))),
+            }
+        })
+    }
+}
+
+/// Moves committed offsets an older build kept in this broker's metadata store into the
+/// controller (where they are replicated), then deletes them here. Offsets of topics that no
+/// longer exist are dropped; an offset behind one the controller has already is left behind.
+async fn migrate_local_group_offsets(node: &Node, meta: &Metadata) -> Result<(), BrokerError> {
+    let internal = |e: crate::meta::MetaError| BrokerError::Internal(e.to_string());
+    for group in meta.groups().map_err(internal)? {
+        let mut by_topic: BTreeMap<String, Vec<(u32, u64)>> = BTreeMap::new();
+        for o in meta.group_offsets(&group).map_err(internal)? {
+            by_topic
+                .entry(o.topic_id)
+                .or_default()
+                .push((o.partition, o.offset));
+        }
+        for (topic_id, offsets) in by_topic {
+            let exists = node
+                .controller
+                .state()
+                .topics
+                .values()
+                .any(|t| t.topic_id == topic_id);
+            if !exists {
+                continue;
+            }
+            match node
+                .propose(ControllerCommand::CommitOffsets {
+                    group: group.clone(),
+                    topic_id,
+                    generation: 0,
+                    offsets,
+                })
+                .await?
+            {
+                ControllerResponse::Committed => {}
+                other => tracing::info!(group = %group, "offsets not moved: {other:?}"),
+            }
+        }
+        meta.delete_group(&group).map_err(internal)?;
+        tracing::info!(group = %group, "moved committed offsets into the controller");
+    }
+    Ok(())
+}
+
+/// Forgets the consumer groups this broker coordinated when another broker takes the
+/// controller over (the coordinator of every group is the controller's leader).
+async fn coordinator_loop(node: Weak<Node>) {
+    let Some(mut leaders) = node.upgrade().map(|n| n.controller.watch_leader()) else {
+        return;
+    };
+    let mut was_leader = false;
+    loop {
+        let leader = *leaders.borrow_and_update();
+        let Some(node) = node.upgrade() else { return };
+        let is_leader = leader == Some(node.node_id);
+        if was_leader && !is_leader {
+            node.groups.reset();
+        }
+        was_leader = is_leader;
+        drop(node);
+        if leaders.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -170,12 +313,12 @@ impl Node {
             config.node_id,
             config.peer_address(),
             meta.clone(),
-            Arc::new(raft_config(
+            Arc::new(controller_raft_config(raft_config(
                 &config.cluster_name,
                 config.raft_heartbeat_ms,
                 config.raft_election_timeout_ms,
                 None,
-            )?),
+            )?)?),
             flusher.clone(),
             peers.clone(),
             seeds,
@@ -203,7 +346,10 @@ impl Node {
             peers: peers.clone(),
         });
         let groups = Coordinator::new(
-            meta.clone(),
+            Arc::new(ControllerOffsets {
+                controller: controller.clone(),
+                timeout: Duration::from_millis(config.request_timeout_ms),
+            }),
             Duration::from_millis(config.session_timeout_ms),
         );
         let node = Arc::new(Node {
@@ -230,10 +376,26 @@ impl Node {
             node.controller.watch(),
         ));
         node.groups.start_reaper();
+        tokio::spawn(coordinator_loop(Arc::downgrade(&node)));
         if node.config.peers.is_empty() {
             // A single node leads its controller already: register at once.
             node.register_broker().await?;
+            migrate_local_group_offsets(&node, &meta).await?;
         } else {
+            let (weak, meta) = (Arc::downgrade(&node), meta.clone());
+            tokio::spawn(async move {
+                for _ in 0..600 {
+                    let Some(node) = weak.upgrade() else { return };
+                    if node.controller.is_current() {
+                        match migrate_local_group_offsets(&node, &meta).await {
+                            Ok(()) => return,
+                            Err(e) => tracing::info!("cannot move group offsets yet: {e}"),
+                        }
+                    }
+                    drop(node);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
             tokio::spawn(register_loop(Arc::downgrade(&node)));
             if node.config.leader_balance_interval_ms > 0 {
                 tokio::spawn(balance_loop(
@@ -421,6 +583,38 @@ impl Node {
         }
     }
 
+    /// Where consumer groups are coordinated: here (this broker leads the controller) or at the
+    /// controller's leader, with its peer address.
+    pub fn coordinator(&self) -> Result<Coordinated, BrokerError> {
+        match self.controller.leader() {
+            Some(leader) if leader == self.node_id => Ok(Coordinated::Here),
+            Some(leader) => match self.controller.state().brokers.get(&leader) {
+                Some(broker) => Ok(Coordinated::There {
+                    node_id: leader,
+                    peer_address: broker.peer_address.clone(),
+                }),
+                None => Err(BrokerError::Unavailable {
+                    reason: format!("the group coordinator (node {leader}) is not registered yet"),
+                    leader: Some(leader),
+                }),
+            },
+            None => Err(BrokerError::Unavailable {
+                reason: "no group coordinator: the controller has no leader".into(),
+                leader: None,
+            }),
+        }
+    }
+
+    /// The index of the last controller entry applied here.
+    pub fn controller_applied_index(&self) -> u64 {
+        self.controller.applied_index()
+    }
+
+    /// Waits (up to `timeout`) until this broker applied the controller log through `index`.
+    pub async fn wait_controller_applied(&self, index: u64, timeout: Duration) -> bool {
+        self.controller.wait_applied(index, timeout).await
+    }
+
     /// Moves a partition's leadership from this broker (which must lead it) to `to`, or to the
     /// most caught-up other replica. Returns the new leader.
     pub async fn transfer_leadership(
@@ -577,9 +771,12 @@ impl Node {
             ControllerResponse::AlreadyExists(name) => Err(BrokerError::TopicExists(name)),
             ControllerResponse::NotFound(name) => Err(BrokerError::TopicNotFound(name)),
             ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("config", reason)),
-            ControllerResponse::Deleted { .. } | ControllerResponse::Registered => Err(
-                BrokerError::Internal(format!("unexpected controller response {response:?}")),
-            ),
+            ControllerResponse::Deleted { .. }
+            | ControllerResponse::Registered
+            | ControllerResponse::Committed
+            | ControllerResponse::GroupDeleted { .. } => Err(BrokerError::Internal(format!(
+                "unexpected controller response {response:?}"
+            ))),
         }
     }
 
@@ -717,13 +914,6 @@ impl Node {
             })
             .collect();
         self.registry.reconcile(wanted).await;
-        // A deleted topic takes its consumer groups' committed offsets with it.
-        let live = |topic_id: &str| state.topics.values().any(|t| t.topic_id == topic_id);
-        match self.groups.forget_deleted_topics(&live) {
-            Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "forgot the group offsets of deleted topics"),
-            Err(e) => tracing::warn!("cannot forget the group offsets of deleted topics: {e}"),
-        }
     }
 
     /// Stops every Raft group, snapshotting each partition so the next start replays nothing.

@@ -58,7 +58,9 @@ impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, TempDir> for Buil
 impl StoreBuilder<TypeConfig, LogStore, ControllerStateMachine, TempDir> for Builder {
     async fn build(&self) -> Result<(TempDir, LogStore, ControllerStateMachine), StorageError> {
         let (dir, store) = self.open();
-        Ok((dir, store, ControllerStateMachine::new()))
+        let sm = ControllerStateMachine::open(&dir.path().join("log"), LogConfig::default())
+            .expect("state machine");
+        Ok((dir, store, sm))
     }
 }
 

@@ -1,20 +1,24 @@
 //! `weft.internal.v1.Forward` on the peer port: client calls another broker hands to this one
-//! because this one can serve them (it leads the partition). A forwarded call is served here or
+//! because this one can serve them (it leads the partition, or coordinates consumer groups). A forwarded call is served here or
 //! refused with UNAVAILABLE and a leader hint: it is never forwarded again, so a stale view of
 //! who leads cannot make a call loop.
 
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use weft_proto::internal::v1::forward_server::Forward;
 use weft_proto::internal::v1::{
     ForwardCommitOffsetsRequest, ForwardCreateTopicRequest, ForwardDeleteTopicRequest,
-    ForwardPublishRequest, ForwardUpdateTopicRequest,
+    ForwardGroupRequest, ForwardPublishRequest, ForwardUpdateTopicRequest, GroupMemberEvent,
+    GroupMemberRequest,
 };
-use weft_proto::v1::{CommitOffsetsResponse, DeleteTopicResponse, PublishResponse, Topic};
+use weft_proto::v1::{
+    CommitOffsetsResponse, DeleteGroupResponse, DeleteTopicResponse, GroupDescription,
+    ListGroupsResponse, PartitionOffset, PublishResponse, Topic,
+};
 
-use super::deadline;
 use super::publish::{PassedOn, PublisherService};
+use super::{deadline, group_link};
 use crate::error::BrokerError;
 use crate::node::Node;
 
@@ -38,10 +42,13 @@ impl ForwardService {
 fn not_forwarded(what: &str) -> Status {
     Status::unimplemented(format!(
         "{what} is not forwarded between brokers: the controller's commands travel through \
-         weft.internal.v1.Controller, and consumer groups are served by the broker a member \
-         connects to"
+         weft.internal.v1.Controller"
     ))
 }
+
+type MemberStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<GroupMemberEvent, Status>> + Send + 'static>,
+>;
 
 #[tonic::async_trait]
 impl Forward for ForwardService {
@@ -65,9 +72,78 @@ impl Forward for ForwardService {
 
     async fn commit_offsets(
         &self,
-        _request: Request<ForwardCommitOffsetsRequest>,
+        request: Request<ForwardCommitOffsetsRequest>,
     ) -> Result<Response<CommitOffsetsResponse>, Status> {
-        Err(not_forwarded("CommitOffsets"))
+        self.node.peers().check(&request)?;
+        let message = request.into_inner();
+        let Some(commit) = message.request else {
+            return Err(BrokerError::invalid("request", "is missing").into());
+        };
+        let result = async {
+            crate::groups::validate_group_id(&commit.group_id)?;
+            let topic = self.node.topic(&commit.topic)?;
+            group_link::commit(&self.node, &commit, &topic.topic_id, message.hops.max(1)).await
+        }
+        .await;
+        result
+            .map(|committed| {
+                Response::new(CommitOffsetsResponse {
+                    offsets: committed
+                        .into_iter()
+                        .map(|(partition, offset)| PartitionOffset { partition, offset })
+                        .collect(),
+                })
+            })
+            .map_err(Status::from)
+    }
+
+    type GroupMemberStream = MemberStream;
+
+    async fn group_member(
+        &self,
+        request: Request<Streaming<GroupMemberRequest>>,
+    ) -> Result<Response<MemberStream>, Status> {
+        self.node.peers().check(&request)?;
+        group_link::serve_member(self.node.clone(), request.into_inner())
+            .await
+            .map(|stream| Response::new(Box::pin(stream) as MemberStream))
+            .map_err(Status::from)
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<ForwardGroupRequest>,
+    ) -> Result<Response<GroupDescription>, Status> {
+        self.node.peers().check(&request)?;
+        let message = request.into_inner();
+        group_link::describe(&self.node, &message.group_id, message.hops.max(1))
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<ForwardGroupRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        self.node.peers().check(&request)?;
+        let message = request.into_inner();
+        group_link::list(&self.node, message.hops.max(1))
+            .await
+            .map(|group_ids| Response::new(ListGroupsResponse { group_ids }))
+            .map_err(Status::from)
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<ForwardGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
+        self.node.peers().check(&request)?;
+        let message = request.into_inner();
+        group_link::delete(&self.node, &message.group_id, message.hops.max(1))
+            .await
+            .map(|()| Response::new(DeleteGroupResponse {}))
+            .map_err(Status::from)
     }
 
     async fn create_topic(

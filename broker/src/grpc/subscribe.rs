@@ -21,6 +21,7 @@ use weft_proto::v1::{
     PartitionOffsets, StartPosition, SubscribeRequest, SubscribeResponse, SubscribeStart,
 };
 
+use super::group_link::{self, GroupLink, Joining};
 use super::{check_headers, now_ms, record_size, to_records};
 use crate::error::BrokerError;
 use crate::groups::GroupView;
@@ -81,7 +82,6 @@ impl SubscriberService {
         if request.offsets.is_empty() {
             return Err(BrokerError::invalid("offsets", "nothing to commit"));
         }
-        let mut offsets = Vec::with_capacity(request.offsets.len());
         for o in &request.offsets {
             if o.partition >= topic.config.partitions {
                 return Err(BrokerError::PartitionNotFound {
@@ -99,29 +99,14 @@ impl SubscriberService {
                     ),
                 ));
             }
-            offsets.push((o.partition, o.offset));
         }
-        let committed = self
-            .node
-            .groups
-            .commit(
-                &request.group_id,
-                &request.member_id,
-                request.generation,
-                &topic.topic_id,
-                &offsets,
-            )
-            .await?;
+        let committed = group_link::commit(&self.node, request, &topic.topic_id, 0).await?;
         Ok(CommitOffsetsResponse {
             offsets: committed
                 .into_iter()
                 .map(|(partition, offset)| PartitionOffset { partition, offset })
                 .collect(),
         })
-    }
-
-    fn describe_group_here(&self, group_id: &str) -> Result<v1::GroupDescription, BrokerError> {
-        describe_group(&self.node, group_id)
     }
 
     async fn offsets_inner(
@@ -290,7 +275,7 @@ impl Subscriber for SubscriberService {
                     ),
                 ));
             }
-            Session::open(self.node.clone(), start, inbound)
+            Session::open(self.node.clone(), start, inbound).await
         }
         .await
         .map_err(Status::from);
@@ -320,10 +305,8 @@ impl Subscriber for SubscriberService {
         _request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         let started = Instant::now();
-        let result = self
-            .node
-            .groups
-            .list()
+        let result = group_link::list(&self.node, 0)
+            .await
             .map(|group_ids| Response::new(v1::ListGroupsResponse { group_ids }))
             .map_err(Status::from);
         crate::metrics::rpc("ListGroups", started, &result);
@@ -335,8 +318,8 @@ impl Subscriber for SubscriberService {
         request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::GroupDescription>, Status> {
         let started = Instant::now();
-        let result = self
-            .describe_group_here(&request.get_ref().group_id)
+        let result = group_link::describe(&self.node, &request.get_ref().group_id, 0)
+            .await
             .map(Response::new)
             .map_err(Status::from);
         crate::metrics::rpc("DescribeGroup", started, &result);
@@ -348,10 +331,7 @@ impl Subscriber for SubscriberService {
         request: Request<v1::DeleteGroupRequest>,
     ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
         let started = Instant::now();
-        let result = self
-            .node
-            .groups
-            .delete(&request.get_ref().group_id)
+        let result = group_link::delete(&self.node, &request.get_ref().group_id, 0)
             .await
             .map(|()| Response::new(v1::DeleteGroupResponse {}))
             .map_err(Status::from);
@@ -383,20 +363,12 @@ enum Ended {
     Broken,
 }
 
-/// This stream's place in a consumer group.
-struct Member {
-    group_id: String,
-    member_id: String,
-    /// The stream's incarnation of the member: a later stream with the same id supersedes it.
-    incarnation: u64,
-}
-
 /// One open Subscribe stream.
 struct Session {
     node: Arc<Node>,
     start: SubscribeStart,
     topic_id: String,
-    group: Option<Member>,
+    group: Option<GroupLink>,
     view: Option<watch::Receiver<Arc<GroupView>>>,
     generation: u64,
     positions: BTreeMap<u32, u64>,
@@ -412,7 +384,7 @@ fn event(event: Event) -> Result<SubscribeResponse, Status> {
 
 impl Session {
     /// Validates the start message, joins the group if any, and starts the session task.
-    fn open(
+    async fn open(
         node: Arc<Node>,
         start: SubscribeStart,
         inbound: Streaming<SubscribeRequest>,
@@ -451,24 +423,16 @@ impl Session {
         } else {
             let session = (start.session_timeout_ms > 0)
                 .then(|| Duration::from_millis(u64::from(start.session_timeout_ms)));
-            let member = (!start.member_id.is_empty()).then_some(start.member_id.as_str());
-            let membership = node.groups.join(
-                &start.group_id,
-                member,
-                &start.topic,
-                &topic.topic_id,
-                topic.config.partitions,
+            let joining = Joining {
+                group_id: start.group_id.clone(),
+                member_id: (!start.member_id.is_empty()).then(|| start.member_id.clone()),
+                topic: start.topic.clone(),
+                topic_id: topic.topic_id.clone(),
+                partitions: topic.config.partitions,
                 session,
-                std::time::Instant::now(),
-            )?;
-            (
-                Some(Member {
-                    group_id: start.group_id.clone(),
-                    member_id: membership.member_id,
-                    incarnation: membership.incarnation,
-                }),
-                Some(membership.view),
-            )
+            };
+            let (link, view) = group_link::join(&node, joining).await?;
+            (Some(link), Some(view))
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let credit = start.credit.unwrap_or_default();
@@ -610,19 +574,14 @@ impl Session {
 
     async fn handle_inbound(&mut self, message: SubscribeRequest) -> Result<(), BrokerError> {
         if let Some(member) = &self.group {
-            self.node
-                .groups
-                .heartbeat(
-                    &member.group_id,
-                    &member.member_id,
-                    member.incarnation,
-                    std::time::Instant::now(),
-                )
-                .map_err(|_| BrokerError::StaleGeneration {
+            member.heartbeat().map_err(|e| match e {
+                BrokerError::Unavailable { .. } => e,
+                _ => BrokerError::StaleGeneration {
                     group: member.group_id.clone(),
                     current: self.generation,
                     got: self.generation,
-                })?;
+                },
+            })?;
         }
         match message.request {
             Some(Inbound::Credit(credit)) => {
@@ -639,29 +598,21 @@ impl Session {
                         "only group members commit over the stream",
                     ));
                 };
-                let offsets: Vec<(u32, u64)> = commit
-                    .offsets
-                    .iter()
-                    .map(|o| (o.partition, o.offset))
-                    .collect();
                 let partitions = self.node.topic(&self.start.topic)?.config.partitions;
-                if let Some(&(partition, _)) = offsets.iter().find(|(p, _)| *p >= partitions) {
+                if let Some(o) = commit.offsets.iter().find(|o| o.partition >= partitions) {
                     return Err(BrokerError::PartitionNotFound {
                         topic: self.start.topic.clone(),
-                        partition,
+                        partition: o.partition,
                     });
                 }
-                let committed = self
-                    .node
-                    .groups
-                    .commit(
-                        &member.group_id,
-                        &member.member_id,
-                        commit.generation,
-                        &self.topic_id,
-                        &offsets,
-                    )
-                    .await?;
+                let request = CommitOffsetsRequest {
+                    topic: self.start.topic.clone(),
+                    group_id: member.group_id.clone(),
+                    member_id: member.member_id.clone(),
+                    generation: commit.generation,
+                    offsets: commit.offsets.clone(),
+                };
+                let committed = group_link::commit(&self.node, &request, &self.topic_id, 0).await?;
                 let ack = CommitAck {
                     generation: commit.generation,
                     offsets: committed
@@ -688,20 +639,9 @@ impl Session {
             let _ = self.tx.send(Err(Status::from(error))).await;
         }
         if let Some(member) = &self.group {
-            if left {
-                // A clean close (the client ended its side): leave now, so the others rebalance
-                // at once. A broken or rotated stream keeps the member until its session expires.
-                self.node
-                    .groups
-                    .leave(&member.group_id, &member.member_id, member.incarnation);
-            } else {
-                self.node.groups.disconnect(
-                    &member.group_id,
-                    &member.member_id,
-                    member.incarnation,
-                    std::time::Instant::now(),
-                );
-            }
+            // A clean close (the client ended its side): leave now, so the others rebalance at
+            // once. A broken or rotated stream keeps the member until its session expires.
+            member.end(left);
         }
     }
 
@@ -781,6 +721,15 @@ impl Session {
                     Err(_) => return Ok(Ended::Broken),
                 },
                 current = group_change => {
+                    let Some(current) = current else {
+                        // The group's coordinator forgot it (another broker coordinates now, or
+                        // every member expired).
+                        return Err(BrokerError::Unavailable {
+                            reason: "the consumer group's membership ended (its coordinator changed); rejoin with your member id".into(),
+                            leader: None,
+                        });
+                    };
+                    let current = Some(current);
                     if let Some(current) = &current
                         && current.incarnations.get(&member) != Some(&incarnation)
                     {

@@ -22,6 +22,22 @@ use super::{
 };
 use crate::error::BrokerError;
 
+/// Segment size of the controller log.
+const CONTROLLER_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The controller snapshots after this many entries, and keeps this many entries behind its
+/// snapshot (for followers a little behind); openraft purges the rest.
+const CONTROLLER_SNAPSHOT_EVERY_ENTRIES: u64 = 2000;
+const CONTROLLER_LOG_KEPT_ENTRIES: u64 = 500;
+
+/// Raft settings of the controller group: those of every group, plus snapshots and purges.
+pub fn controller_raft_config(mut config: openraft::Config) -> anyhow::Result<openraft::Config> {
+    config.snapshot_policy =
+        openraft::SnapshotPolicy::LogsSinceLast(CONTROLLER_SNAPSHOT_EVERY_ENTRIES);
+    config.max_in_snapshot_log_to_keep = CONTROLLER_LOG_KEPT_ENTRIES;
+    Ok(config.validate()?)
+}
+
 /// The controller group on this node.
 #[derive(Clone)]
 pub struct ControllerGroup {
@@ -59,19 +75,21 @@ impl ControllerGroup {
         seeds: Vec<(NodeId, String)>,
     ) -> anyhow::Result<ControllerGroup> {
         let dir = dir.to_path_buf();
-        let log = tokio::task::spawn_blocking(move || {
-            PartitionLog::open(
-                dir,
-                LogConfig {
-                    sync_listener: crate::sync_journal::listener(),
-                    ..LogConfig::default()
-                },
-            )
+        let log_config = LogConfig {
+            // Small segments, so that purging the log behind a snapshot frees space.
+            segment_bytes_max: CONTROLLER_SEGMENT_BYTES,
+            sync_listener: crate::sync_journal::listener(),
+            ..LogConfig::default()
+        };
+        let (log, sm) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            std::fs::create_dir_all(&dir)?;
+            let sm = ControllerStateMachine::open(&dir, log_config.clone())
+                .map_err(|e| anyhow::anyhow!("cannot open the controller snapshot: {e}"))?;
+            Ok((PartitionLog::open(dir, log_config)?, sm))
         })
         .await??;
         let store = LogStore::new(CONTROLLER_GROUP, log, meta, flusher)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let sm = ControllerStateMachine::new();
         let raft = Raft::new(
             node_id,
             raft_config,
@@ -164,6 +182,55 @@ impl ControllerGroup {
     /// The controller's leader.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
+    }
+
+    /// Watches who leads the controller.
+    pub fn watch_leader(&self) -> watch::Receiver<Option<NodeId>> {
+        let mut metrics = self.raft.metrics();
+        let leader = metrics.borrow().current_leader;
+        let (tx, rx) = watch::channel(leader);
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let leader = metrics.borrow().current_leader;
+                tx.send_if_modified(|current| {
+                    let changed = *current != leader;
+                    *current = leader;
+                    changed
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// The index of the last controller entry applied here.
+    pub fn applied_index(&self) -> u64 {
+        self.sm.state().last_applied.map_or(0, |l| l.index)
+    }
+
+    /// Waits (up to `timeout`) until this broker has applied the controller log through
+    /// `index`; whether it has.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut state = self.sm.watch();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if state
+                    .borrow_and_update()
+                    .last_applied
+                    .map_or(0, |l| l.index)
+                    >= index
+                {
+                    return;
+                }
+                if state.changed().await.is_err() {
+                    return futures::future::pending().await;
+                }
+            }
+        })
+        .await
+        .is_ok()
     }
 
     /// Proposes a command and waits (up to `timeout`) until it is applied; a broker that does

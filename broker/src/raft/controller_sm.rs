@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
@@ -13,9 +14,10 @@ use tokio::sync::watch;
 
 use super::{
     Command, Entry, GroupId, LogId, NodeId, Response, StorageError, StoredSnapshot, TypeConfig,
-    current_snapshot, sm_error, take_snapshot,
+    current_snapshot, sm_error,
 };
 use crate::topic::TopicConfig;
+use weft_storage::LogConfig;
 
 /// One partition of a topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +82,23 @@ pub enum ControllerCommand {
         /// Draining or not.
         draining: bool,
     },
+    /// Store a consumer group's committed offsets on one topic (checked by the group's
+    /// coordinator before it proposes; applied only if no offset goes backwards).
+    CommitOffsets {
+        /// Group id.
+        group: String,
+        /// The topic's id.
+        topic_id: String,
+        /// The generation the commit was made in (0 from outside membership).
+        generation: u64,
+        /// (partition, offset) pairs.
+        offsets: Vec<(u32, u64)>,
+    },
+    /// Forget a consumer group's committed offsets.
+    DeleteGroup {
+        /// Group id.
+        group: String,
+    },
     /// Record a broker's addresses (each broker registers itself once it is a member).
     RegisterBroker {
         /// Its node id.
@@ -122,6 +141,23 @@ pub enum ControllerResponse {
     Invalid(String),
     /// A broker was registered.
     Registered,
+    /// Group offsets were stored.
+    Committed,
+    /// A group's offsets were deleted (`existed`: it had any).
+    GroupDeleted {
+        /// Whether the group had offsets.
+        existed: bool,
+    },
+}
+
+/// A consumer group's committed offsets, as the controller stores them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupOffsets {
+    /// The highest generation that committed: a coordinator that takes the group over starts
+    /// its generations above it.
+    pub generation: u64,
+    /// Offsets by topic id, then partition.
+    pub offsets: BTreeMap<String, BTreeMap<u32, u64>>,
 }
 
 /// Everything the controller holds.
@@ -138,10 +174,14 @@ pub struct ControllerState {
     /// The cluster's brokers by node id.
     #[serde(default)]
     pub brokers: BTreeMap<NodeId, BrokerMeta>,
+    /// Consumer groups' committed offsets by group id (shared between state versions: a commit
+    /// copies one group, not all of them).
+    #[serde(default)]
+    pub groups: BTreeMap<String, Arc<GroupOffsets>>,
 }
 
 impl ControllerState {
-    fn apply(&mut self, command: &ControllerCommand) -> ControllerResponse {
+    pub(crate) fn apply(&mut self, command: &ControllerCommand) -> ControllerResponse {
         self.next_group_id = self.next_group_id.max(1);
         match command {
             ControllerCommand::CreateTopic {
@@ -222,12 +262,62 @@ impl ControllerState {
                 ControllerResponse::Registered
             }
             ControllerCommand::DeleteTopic { name } => match self.topics.remove(name) {
-                Some(topic) => ControllerResponse::Deleted {
-                    topic_id: topic.topic_id,
-                },
+                Some(topic) => {
+                    // A deleted topic takes its groups' committed offsets with it.
+                    self.groups.retain(|_, g| {
+                        if g.offsets.contains_key(&topic.topic_id) {
+                            Arc::make_mut(g).offsets.remove(&topic.topic_id);
+                        }
+                        !g.offsets.is_empty()
+                    });
+                    ControllerResponse::Deleted {
+                        topic_id: topic.topic_id,
+                    }
+                }
                 None => ControllerResponse::NotFound(name.clone()),
             },
+            ControllerCommand::CommitOffsets {
+                group,
+                topic_id,
+                generation,
+                offsets,
+            } => {
+                if !self.topics.values().any(|t| &t.topic_id == topic_id) {
+                    return ControllerResponse::NotFound(format!("topic id {topic_id}"));
+                }
+                let current = self.groups.get(group);
+                let stored = current.and_then(|g| g.offsets.get(topic_id));
+                for &(partition, offset) in offsets {
+                    if let Some(&before) = stored.and_then(|s| s.get(&partition))
+                        && offset < before
+                    {
+                        return ControllerResponse::Invalid(format!(
+                            "partition {partition}: committed offsets never go backwards ({offset} < {before})"
+                        ));
+                    }
+                }
+                let entry = Arc::make_mut(self.groups.entry(group.clone()).or_default());
+                entry.generation = entry.generation.max(*generation);
+                let topic = entry.offsets.entry(topic_id.clone()).or_default();
+                for &(partition, offset) in offsets {
+                    topic.insert(partition, offset);
+                }
+                ControllerResponse::Committed
+            }
+            ControllerCommand::DeleteGroup { group } => ControllerResponse::GroupDeleted {
+                existed: self.groups.remove(group).is_some(),
+            },
         }
+    }
+
+    /// The committed offset of `group` on `topic_id`/`partition`.
+    pub fn committed(&self, group: &str, topic_id: &str, partition: u32) -> Option<u64> {
+        self.groups
+            .get(group)?
+            .offsets
+            .get(topic_id)?
+            .get(&partition)
+            .copied()
     }
 
     /// Replicas of partitions `first .. end`, decided here, in log order, from the brokers
@@ -274,34 +364,95 @@ impl ControllerState {
     }
 }
 
+/// Version of the controller snapshot's JSON document.
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// The snapshot file's payload.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotDocument {
+    version: u32,
+    state: ControllerState,
+}
+
+fn encode(state: &ControllerState) -> Result<Vec<u8>, StorageError> {
+    #[derive(Serialize)]
+    struct Borrowed<'a> {
+        version: u32,
+        state: &'a ControllerState,
+    }
+    serde_json::to_vec(&Borrowed {
+        version: SNAPSHOT_VERSION,
+        state,
+    })
+    .map_err(sm_error)
+}
+
+fn decode(bytes: &[u8]) -> Result<ControllerState, String> {
+    let document: SnapshotDocument = serde_json::from_slice(bytes)
+        .map_err(|e| format!("undecodable controller snapshot: {e}"))?;
+    if document.version != SNAPSHOT_VERSION {
+        return Err(format!(
+            "controller snapshot version {} is not known to this build",
+            document.version
+        ));
+    }
+    Ok(document.state)
+}
+
+fn meta_of(state: &ControllerState) -> SnapshotMeta<NodeId, BasicNode> {
+    SnapshotMeta {
+        last_log_id: state.last_applied,
+        last_membership: state.last_membership.clone(),
+        snapshot_id: format!(
+            "{}-{}",
+            state.last_applied.map_or(0, |l| l.leader_id.term),
+            state.last_applied.map_or(0, |l| l.index)
+        ),
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
+    dir: PathBuf,
+    log_config: LogConfig,
     state: watch::Sender<Arc<ControllerState>>,
     snapshot: StoredSnapshot,
+    /// One snapshot file write at a time.
+    snapshot_write: tokio::sync::Mutex<()>,
 }
 
 /// The controller state machine. Clones share state; [`ControllerStateMachine::watch`] lets the
-/// broker react to every change.
+/// broker react to every change. Its snapshot is a file in the controller's directory, written
+/// atomically whenever openraft builds or installs one, so the controller log can be purged
+/// behind it and a restart reads the snapshot plus the log's tail.
 #[derive(Debug, Clone)]
 pub struct ControllerStateMachine {
     shared: Arc<Shared>,
 }
 
-impl Default for ControllerStateMachine {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl ControllerStateMachine {
-    /// An empty controller.
-    pub fn new() -> Self {
-        ControllerStateMachine {
+    /// The controller state machine kept in `dir`, from its snapshot file if there is one
+    /// (blocking: it reads the file).
+    pub fn open(dir: &Path, log_config: LogConfig) -> Result<Self, String> {
+        let stored = weft_storage::snapshot::read_snapshot(dir).map_err(|e| e.to_string())?;
+        let (state, snapshot) = match stored {
+            Some(bytes) => {
+                let state = decode(&bytes)
+                    .map_err(|e| format!("{}: {e}", dir.join("snapshot").display()))?;
+                let meta = meta_of(&state);
+                (state, Some((meta, bytes)))
+            }
+            None => (ControllerState::default(), None),
+        };
+        Ok(ControllerStateMachine {
             shared: Arc::new(Shared {
-                state: watch::Sender::new(Arc::new(ControllerState::default())),
-                snapshot: Mutex::new(None),
+                dir: dir.to_path_buf(),
+                log_config,
+                state: watch::Sender::new(Arc::new(state)),
+                snapshot: Mutex::new(snapshot),
+                snapshot_write: tokio::sync::Mutex::new(()),
             }),
-        }
+        })
     }
 
     /// The current state.
@@ -313,17 +464,47 @@ impl ControllerStateMachine {
     pub fn watch(&self) -> watch::Receiver<Arc<ControllerState>> {
         self.shared.state.subscribe()
     }
+
+    /// Writes `bytes` (the encoding of `state`) as the snapshot file, unless a snapshot at or
+    /// after it exists already.
+    async fn persist(
+        &self,
+        state: &ControllerState,
+        bytes: Vec<u8>,
+    ) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let _writing = self.shared.snapshot_write.lock().await;
+        let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
+        if let Some((meta, bytes)) = current
+            && meta.last_log_id >= state.last_applied
+        {
+            return Ok(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(bytes)),
+            });
+        }
+        let dir = self.shared.dir.clone();
+        let config = self.shared.log_config.clone();
+        let payload = bytes.clone();
+        tokio::task::spawn_blocking(move || {
+            weft_storage::snapshot::write_snapshot(&dir, &payload, &config)
+        })
+        .await
+        .map_err(sm_error)?
+        .map_err(sm_error)?;
+        let meta = meta_of(state);
+        *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for ControllerStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state();
-        take_snapshot(
-            &self.shared.snapshot,
-            &*state,
-            state.last_applied,
-            state.last_membership.clone(),
-        )
+        let bytes = encode(&state)?;
+        self.persist(&state, bytes).await
     }
 }
 
@@ -372,13 +553,13 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
 
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
+        _meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: ControllerState = serde_json::from_slice(&data).map_err(sm_error)?;
+        let state = decode(&data).map_err(sm_error)?;
+        self.persist(&state, data).await?;
         self.shared.state.send_replace(Arc::new(state));
-        *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), data));
         Ok(())
     }
 

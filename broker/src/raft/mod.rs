@@ -34,10 +34,10 @@ use std::io::Cursor;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub use controller_group::{ControllerGroup, ControllerService};
+pub use controller_group::{ControllerGroup, ControllerService, controller_raft_config};
 pub use controller_sm::{
     BrokerMeta, ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine,
-    PartitionMeta, TopicMeta,
+    GroupOffsets, PartitionMeta, TopicMeta,
 };
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};
@@ -96,30 +96,6 @@ pub(crate) fn matched_index(
 /// A state-machine error as openraft wants it.
 pub(crate) fn sm_error(e: impl std::fmt::Display) -> StorageError {
     openraft::StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
-}
-
-/// Serialises `state` (applied up to `last_applied`) as a snapshot and keeps it as the current one.
-pub(crate) fn take_snapshot<S: Serialize>(
-    stored: &StoredSnapshot,
-    state: &S,
-    last_applied: Option<LogId>,
-    last_membership: openraft::StoredMembership<NodeId, openraft::BasicNode>,
-) -> Result<openraft::storage::Snapshot<TypeConfig>, StorageError> {
-    let data = serde_json::to_vec(state).map_err(sm_error)?;
-    let meta = openraft::SnapshotMeta {
-        last_log_id: last_applied,
-        last_membership,
-        snapshot_id: format!(
-            "{}-{}",
-            last_applied.map_or(0, |l| l.leader_id.term),
-            last_applied.map_or(0, |l| l.index)
-        ),
-    };
-    *stored.lock().map_err(sm_error)? = Some((meta.clone(), data.clone()));
-    Ok(openraft::storage::Snapshot {
-        meta,
-        snapshot: Box::new(Cursor::new(data)),
-    })
 }
 
 /// The snapshot last taken or installed.

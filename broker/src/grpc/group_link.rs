@@ -1,0 +1,573 @@
+//! Consumer groups across brokers. Every group is coordinated by the broker leading the
+//! controller (its offsets live in the controller group, so they are replicated). A member may
+//! connect to any broker: when that broker is not the coordinator, it holds the member's place in
+//! the group through a `Forward.GroupMember` stream to the coordinator (join, heartbeats, leave),
+//! and receives the group's assignments over it. Commits, DescribeGroup, ListGroups and
+//! DeleteGroup go to the coordinator the same way.
+//!
+//! When the coordinator changes, its member streams end: each Subscribe stream ends with
+//! UNAVAILABLE, and its client rejoins (through any broker) with its member id.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use weft_proto::internal::v1::group_member_event::Event as CoordinatorEvent;
+use weft_proto::internal::v1::group_member_request::Request as MemberRequest;
+use weft_proto::internal::v1::{
+    ForwardCommitOffsetsRequest, ForwardGroupRequest, GroupJoin, GroupJoined, GroupLeave,
+    GroupMemberEvent, GroupMemberHeartbeat, GroupMemberRequest, GroupViewMember, GroupViewUpdate,
+};
+use weft_proto::v1::{self, CommitOffsetsRequest};
+
+use crate::error::BrokerError;
+use crate::groups::GroupView;
+use crate::node::{Coordinated, Node};
+
+/// Longest a member's broker waits for its local copy of the controller to reach what the
+/// coordinator had applied when it sent an assignment (committed offsets are read from it).
+const CONTROLLER_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Messages buffered on a member link, each way.
+const LINK_BUFFER: usize = 8;
+
+/// Who joins a group.
+#[derive(Debug, Clone)]
+pub struct Joining {
+    /// Group id.
+    pub group_id: String,
+    /// Member id to rejoin with.
+    pub member_id: Option<String>,
+    /// Topic consumed.
+    pub topic: String,
+    /// Its id.
+    pub topic_id: String,
+    /// Its partition count.
+    pub partitions: u32,
+    /// Session timeout asked for.
+    pub session: Option<Duration>,
+}
+
+enum Link {
+    Local,
+    Remote {
+        requests: mpsc::Sender<GroupMemberRequest>,
+        closed: Arc<AtomicBool>,
+        last_beat: std::sync::Mutex<Instant>,
+        beat_every: Duration,
+    },
+}
+
+/// A Subscribe stream's place in a consumer group, here or at a coordinator elsewhere.
+pub struct GroupLink {
+    node: Arc<Node>,
+    /// Group id.
+    pub group_id: String,
+    /// Member id.
+    pub member_id: String,
+    /// The stream's incarnation of the member (a view naming another one: superseded).
+    pub incarnation: u64,
+    link: Link,
+}
+
+fn gone() -> BrokerError {
+    BrokerError::Unavailable {
+        reason: "the group's coordinator changed or went away: rejoin".into(),
+        leader: None,
+    }
+}
+
+/// Joins the group (at its coordinator, wherever it is): the link and the group's assignments.
+pub async fn join(
+    node: &Arc<Node>,
+    joining: Joining,
+) -> Result<(GroupLink, watch::Receiver<Arc<GroupView>>), BrokerError> {
+    let (coordinator, peer_address) = match node.coordinator()? {
+        Coordinated::Here => {
+            let membership = node.groups.join(
+                &joining.group_id,
+                joining.member_id.as_deref(),
+                &joining.topic,
+                &joining.topic_id,
+                joining.partitions,
+                joining.session,
+                Instant::now(),
+            )?;
+            let link = GroupLink {
+                node: node.clone(),
+                group_id: joining.group_id,
+                member_id: membership.member_id,
+                incarnation: membership.incarnation,
+                link: Link::Local,
+            };
+            return Ok((link, membership.view));
+        }
+        Coordinated::There {
+            node_id,
+            peer_address,
+        } => (node_id, peer_address),
+    };
+    let unavailable = |reason: String| BrokerError::Unavailable {
+        reason,
+        leader: Some(coordinator),
+    };
+    let (requests, outbound) = mpsc::channel(LINK_BUFFER);
+    let join = GroupJoin {
+        group_id: joining.group_id.clone(),
+        member_id: joining.member_id.clone().unwrap_or_default(),
+        topic: joining.topic.clone(),
+        topic_id: joining.topic_id.clone(),
+        partitions: joining.partitions,
+        session_timeout_ms: joining
+            .session
+            .map_or(0, |s| u32::try_from(s.as_millis()).unwrap_or(u32::MAX)),
+        from_node_id: node.node_id,
+    };
+    requests
+        .send(GroupMemberRequest {
+            request: Some(MemberRequest::Join(join)),
+        })
+        .await
+        .map_err(|_| gone())?;
+    // The link lives as long as the Subscribe stream, which has a maximum age.
+    let lifetime = Duration::from_millis(node.config.stream_age_ms_max) + Duration::from_secs(60);
+    let call = node
+        .peers()
+        .request(coordinator, ReceiverStream::new(outbound), lifetime);
+    let mut client = node
+        .peers()
+        .forward_client(&peer_address)
+        .map_err(unavailable)?;
+    metrics::counter!("weft_forwarded_calls_total", "method" => "GroupMember").increment(1);
+    let timeout = Duration::from_millis(node.config.request_timeout_ms);
+    let opened = tokio::time::timeout(timeout, async {
+        let mut inbound = client.group_member(call).await?.into_inner();
+        let joined = match inbound.message().await? {
+            Some(GroupMemberEvent {
+                event: Some(CoordinatorEvent::Joined(joined)),
+            }) => joined,
+            _ => return Err(gone()),
+        };
+        let view = match inbound.message().await? {
+            Some(GroupMemberEvent {
+                event: Some(CoordinatorEvent::View(view)),
+            }) => view,
+            _ => return Err(gone()),
+        };
+        Ok((inbound, joined, view))
+    })
+    .await
+    .map_err(|_| unavailable("the group coordinator did not answer in time".into()))?;
+    let (inbound, joined, first) = opened?;
+    node.wait_controller_applied(first.controller_index, CONTROLLER_CATCH_UP)
+        .await;
+    let (views, view) = watch::channel(Arc::new(to_view(first)));
+    let closed = Arc::new(AtomicBool::new(false));
+    tokio::spawn(pump(node.clone(), inbound, views, closed.clone()));
+    let session = joining
+        .session
+        .unwrap_or(Duration::from_millis(node.config.session_timeout_ms));
+    let link = GroupLink {
+        node: node.clone(),
+        group_id: joining.group_id,
+        member_id: joined.member_id,
+        incarnation: joined.incarnation,
+        link: Link::Remote {
+            requests,
+            closed,
+            last_beat: std::sync::Mutex::new(Instant::now()),
+            beat_every: (session / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        },
+    };
+    Ok((link, view))
+}
+
+/// Passes the coordinator's assignments on to the member's stream; when the coordinator's
+/// stream ends, the views end with it (the member's stream ends and its client rejoins).
+async fn pump(
+    node: Arc<Node>,
+    mut inbound: Streaming<GroupMemberEvent>,
+    views: watch::Sender<Arc<GroupView>>,
+    closed: Arc<AtomicBool>,
+) {
+    loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(GroupMemberEvent { event: Some(CoordinatorEvent::View(view)) })) => {
+                    node.wait_controller_applied(view.controller_index, CONTROLLER_CATCH_UP).await;
+                    views.send_replace(Arc::new(to_view(view)));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            },
+            () = views.closed() => break,
+        }
+    }
+    closed.store(true, Ordering::SeqCst);
+}
+
+fn to_view(update: GroupViewUpdate) -> GroupView {
+    GroupView {
+        generation: update.generation,
+        assignments: update
+            .members
+            .iter()
+            .map(|m| (m.member_id.clone(), m.partitions.clone()))
+            .collect(),
+        incarnations: update
+            .members
+            .iter()
+            .map(|m| (m.member_id.clone(), m.incarnation))
+            .collect(),
+    }
+}
+
+fn to_update(view: &GroupView, controller_index: u64) -> GroupViewUpdate {
+    GroupViewUpdate {
+        generation: view.generation,
+        members: view
+            .incarnations
+            .iter()
+            .map(|(id, &incarnation)| GroupViewMember {
+                member_id: id.clone(),
+                partitions: view.assignments.get(id).cloned().unwrap_or_default(),
+                incarnation,
+            })
+            .collect(),
+        controller_index,
+    }
+}
+
+impl std::fmt::Debug for GroupLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupLink")
+            .field("group_id", &self.group_id)
+            .field("member_id", &self.member_id)
+            .field("incarnation", &self.incarnation)
+            .field("remote", &matches!(self.link, Link::Remote { .. }))
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupLink {
+    /// The member is alive; an error when it no longer is a member (expired, superseded, or its
+    /// coordinator went away).
+    pub fn heartbeat(&self) -> Result<(), BrokerError> {
+        match &self.link {
+            Link::Local => self.node.groups.heartbeat(
+                &self.group_id,
+                &self.member_id,
+                self.incarnation,
+                Instant::now(),
+            ),
+            Link::Remote {
+                requests,
+                closed,
+                last_beat,
+                beat_every,
+            } => {
+                if closed.load(Ordering::SeqCst) {
+                    return Err(gone());
+                }
+                let mut last = last_beat.lock().map_err(|_| gone())?;
+                if last.elapsed() >= *beat_every {
+                    *last = Instant::now();
+                    // A full link already carries news of the member: nothing is lost.
+                    let _ = requests.try_send(GroupMemberRequest {
+                        request: Some(MemberRequest::Heartbeat(GroupMemberHeartbeat {})),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The member's stream ended: `left` on purpose (its partitions move at once), otherwise it
+    /// broke (the member keeps its place until its session times out).
+    pub fn end(&self, left: bool) {
+        match &self.link {
+            Link::Local if left => {
+                self.node
+                    .groups
+                    .leave(&self.group_id, &self.member_id, self.incarnation);
+            }
+            Link::Local => self.node.groups.disconnect(
+                &self.group_id,
+                &self.member_id,
+                self.incarnation,
+                Instant::now(),
+            ),
+            Link::Remote { requests, .. } => {
+                if left {
+                    let _ = requests.try_send(GroupMemberRequest {
+                        request: Some(MemberRequest::Leave(GroupLeave {})),
+                    });
+                }
+                // Dropping the link ends the stream: the coordinator disconnects the member.
+            }
+        }
+    }
+}
+
+/// Stores a group's offsets at its coordinator (checked there: generation, ownership, never
+/// backwards). `request` was validated here against the partitions' high watermarks.
+pub async fn commit(
+    node: &Arc<Node>,
+    request: &CommitOffsetsRequest,
+    topic_id: &str,
+    hops: u32,
+) -> Result<Vec<(u32, u64)>, BrokerError> {
+    match node.coordinator()? {
+        Coordinated::Here => {
+            let offsets: Vec<(u32, u64)> = request
+                .offsets
+                .iter()
+                .map(|o| (o.partition, o.offset))
+                .collect();
+            node.groups
+                .commit(
+                    &request.group_id,
+                    &request.member_id,
+                    request.generation,
+                    topic_id,
+                    &offsets,
+                )
+                .await
+        }
+        Coordinated::There { node_id, .. } if hops > 0 => Err(BrokerError::Unavailable {
+            reason: "this broker is not the group coordinator".into(),
+            leader: Some(node_id),
+        }),
+        Coordinated::There {
+            node_id,
+            peer_address,
+        } => {
+            let timeout = Duration::from_millis(node.config.request_timeout_ms);
+            let call = node.peers().request(
+                node_id,
+                ForwardCommitOffsetsRequest {
+                    request: Some(request.clone()),
+                    hops: 1,
+                    from_node_id: node.node_id,
+                },
+                timeout,
+            );
+            let mut client = node
+                .peers()
+                .forward_client(&peer_address)
+                .map_err(|reason| BrokerError::Unavailable {
+                    reason,
+                    leader: Some(node_id),
+                })?;
+            metrics::counter!("weft_forwarded_calls_total", "method" => "CommitOffsets")
+                .increment(1);
+            let response = client.commit_offsets(call).await?.into_inner();
+            Ok(response
+                .offsets
+                .into_iter()
+                .map(|o| (o.partition, o.offset))
+                .collect())
+        }
+    }
+}
+
+/// A group call the coordinator answers: here, or forwarded to it once.
+async fn at_coordinator<T, Local, Remote>(
+    node: &Arc<Node>,
+    group_id: &str,
+    hops: u32,
+    method: &'static str,
+    local: Local,
+    remote: Remote,
+) -> Result<T, BrokerError>
+where
+    Local: AsyncFnOnce() -> Result<T, BrokerError>,
+    Remote: AsyncFnOnce(
+        weft_proto::internal::v1::forward_client::ForwardClient<tonic::transport::Channel>,
+        tonic::Request<ForwardGroupRequest>,
+    ) -> Result<T, Status>,
+{
+    match node.coordinator()? {
+        Coordinated::Here => local().await,
+        Coordinated::There { node_id, .. } if hops > 0 => Err(BrokerError::Unavailable {
+            reason: "this broker is not the group coordinator".into(),
+            leader: Some(node_id),
+        }),
+        Coordinated::There {
+            node_id,
+            peer_address,
+        } => {
+            let timeout = Duration::from_millis(node.config.request_timeout_ms);
+            let call = node.peers().request(
+                node_id,
+                ForwardGroupRequest {
+                    group_id: group_id.to_string(),
+                    hops: 1,
+                    from_node_id: node.node_id,
+                },
+                timeout,
+            );
+            let client = node
+                .peers()
+                .forward_client(&peer_address)
+                .map_err(|reason| BrokerError::Unavailable {
+                    reason,
+                    leader: Some(node_id),
+                })?;
+            metrics::counter!("weft_forwarded_calls_total", "method" => method).increment(1);
+            Ok(remote(client, call).await?)
+        }
+    }
+}
+
+/// Describes a group, at its coordinator.
+pub async fn describe(
+    node: &Arc<Node>,
+    group_id: &str,
+    hops: u32,
+) -> Result<v1::GroupDescription, BrokerError> {
+    crate::groups::validate_group_id(group_id)?;
+    at_coordinator(
+        node,
+        group_id,
+        hops,
+        "DescribeGroup",
+        async || super::subscribe::describe_group(node, group_id),
+        async |mut client, call| Ok(client.describe_group(call).await?.into_inner()),
+    )
+    .await
+}
+
+/// Every group, as its coordinator knows them.
+pub async fn list(node: &Arc<Node>, hops: u32) -> Result<Vec<String>, BrokerError> {
+    at_coordinator(
+        node,
+        "",
+        hops,
+        "ListGroups",
+        async || node.groups.list(),
+        async |mut client, call| Ok(client.list_groups(call).await?.into_inner().group_ids),
+    )
+    .await
+}
+
+/// Deletes a group's committed offsets, at its coordinator.
+pub async fn delete(node: &Arc<Node>, group_id: &str, hops: u32) -> Result<(), BrokerError> {
+    crate::groups::validate_group_id(group_id)?;
+    at_coordinator(
+        node,
+        group_id,
+        hops,
+        "DeleteGroup",
+        async || node.groups.delete(group_id).await,
+        async |mut client, call| {
+            client.delete_group(call).await?;
+            Ok(())
+        },
+    )
+    .await
+}
+
+/// Serves a member connected to another broker (this broker coordinates its group): the
+/// coordinator's side of `Forward.GroupMember`.
+pub async fn serve_member(
+    node: Arc<Node>,
+    mut inbound: Streaming<GroupMemberRequest>,
+) -> Result<ReceiverStream<Result<GroupMemberEvent, Status>>, BrokerError> {
+    let join = match inbound.message().await? {
+        Some(GroupMemberRequest {
+            request: Some(MemberRequest::Join(join)),
+        }) => join,
+        _ => {
+            return Err(BrokerError::invalid(
+                "request",
+                "the first message of a GroupMember stream must be `join`",
+            ));
+        }
+    };
+    if let Coordinated::There { node_id, .. } = node.coordinator()? {
+        return Err(BrokerError::Unavailable {
+            reason: "this broker is not the group coordinator".into(),
+            leader: Some(node_id),
+        });
+    }
+    let topic = node.topic(&join.topic)?;
+    if topic.topic_id != join.topic_id {
+        return Err(BrokerError::TopicNotFound(join.topic));
+    }
+    let session = (join.session_timeout_ms > 0)
+        .then(|| Duration::from_millis(join.session_timeout_ms.into()));
+    let member = (!join.member_id.is_empty()).then_some(join.member_id.as_str());
+    let membership = node.groups.join(
+        &join.group_id,
+        member,
+        &join.topic,
+        &topic.topic_id,
+        topic.config.partitions,
+        session,
+        Instant::now(),
+    )?;
+    let (tx, rx) = mpsc::channel(LINK_BUFFER);
+    let joined = GroupMemberEvent {
+        event: Some(CoordinatorEvent::Joined(GroupJoined {
+            member_id: membership.member_id.clone(),
+            incarnation: membership.incarnation,
+        })),
+    };
+    let _ = tx.try_send(Ok(joined));
+    tokio::spawn(async move {
+        let (group, member, incarnation) =
+            (join.group_id, membership.member_id, membership.incarnation);
+        let mut view = membership.view;
+        let outcome: Result<bool, BrokerError> = async {
+            loop {
+                let current = view.borrow_and_update().clone();
+                let update = to_update(&current, node.controller_applied_index());
+                let event = GroupMemberEvent {
+                    event: Some(CoordinatorEvent::View(update)),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    return Ok(false);
+                }
+                // Until the assignment changes: the member's heartbeats, its leave or its end.
+                loop {
+                    tokio::select! {
+                        message = inbound.message() => match message {
+                            Ok(Some(GroupMemberRequest { request: Some(MemberRequest::Heartbeat(_)) })) => {
+                                node.groups.heartbeat(&group, &member, incarnation, Instant::now())?;
+                            }
+                            Ok(Some(GroupMemberRequest { request: Some(MemberRequest::Leave(_)) })) => {
+                                return Ok(true);
+                            }
+                            Ok(Some(_)) => {
+                                return Err(BrokerError::invalid("request", "a member joins only once"));
+                            }
+                            Ok(None) | Err(_) => return Ok(false),
+                        },
+                        changed = view.changed() => match changed {
+                            Ok(()) => break,
+                            Err(_) => return Err(gone()),
+                        },
+                        () = tx.closed() => return Ok(false),
+                    }
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok(true) => node.groups.leave(&group, &member, incarnation),
+            Ok(false) => node
+                .groups
+                .disconnect(&group, &member, incarnation, Instant::now()),
+            Err(e) => {
+                node.groups
+                    .disconnect(&group, &member, incarnation, Instant::now());
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
