@@ -524,6 +524,32 @@ pub mod grpc {
     }
 }
 
+/// A cluster of `size` brokers on 127.0.0.1 (node ids 1..=size, each knowing the others from
+/// `--peers`), every one ready.
+pub fn start_cluster(size: u64) -> Vec<Broker> {
+    let listen: Vec<[String; 3]> = (0..size)
+        .map(|_| [(); 3].map(|()| format!("127.0.0.1:{}", free_port())))
+        .collect();
+    let peers = listen
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("{}@{}", i + 1, l[1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let brokers: Vec<Broker> = listen
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let id = (i + 1).to_string();
+            Broker::start_on(l, &["--node-id", &id, "--peers", &peers], &[])
+        })
+        .collect();
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    brokers
+}
+
 /// A port that was free a moment ago on 127.0.0.1 (for a server that must know its peers'
 /// addresses before they start; [`Broker::start_on`] retries when one was taken meanwhile).
 pub fn free_port() -> u16 {

@@ -14,31 +14,7 @@ use tonic::Code;
 use weft_proto::internal::v1 as internal;
 use weft_proto::v1::publish_request::Target;
 use weft_proto::v1::{PublishRequest, Record};
-use weft_tests::{Broker, fetch_range, free_port, grpc, wait_for};
-
-fn start_cluster(size: u64) -> Vec<Broker> {
-    let listen: Vec<[String; 3]> = (0..size)
-        .map(|_| [(); 3].map(|()| format!("127.0.0.1:{}", free_port())))
-        .collect();
-    let peers = listen
-        .iter()
-        .enumerate()
-        .map(|(i, l)| format!("{}@{}", i + 1, l[1]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let brokers: Vec<Broker> = listen
-        .into_iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let id = (i + 1).to_string();
-            Broker::start_on(l, &["--node-id", &id, "--peers", &peers], &[])
-        })
-        .collect();
-    for broker in &brokers {
-        broker.wait_ready();
-    }
-    brokers
-}
+use weft_tests::{Broker, fetch_range, grpc, start_cluster, wait_for};
 
 /// (partition, leader id, replicas, high watermark) as `broker` sees them.
 fn partitions(broker: &Broker, topic: &str) -> Vec<(u32, u64, Vec<u64>, u64)> {

@@ -306,3 +306,47 @@ async fn stale_expired_and_superseded_members_cannot_commit_and_commits_never_go
         .committed_offset;
     assert_eq!(final_offset, Some(201), "refused commits changed nothing");
 }
+
+/// Committed offsets live in the controller group, whose state is snapshotted to a file every
+/// 2000 entries: a restart reads the snapshot and the log after it, and every group's offsets are
+/// there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_a_restart_from_the_controllers_snapshot() {
+    let mut broker = Broker::start();
+    ok_stdout(&broker.cli(&["topic", "create", "st", "--partitions", "2"]));
+    ok_stdout(&broker.cli_with_stdin(&["produce", "st"], &"x\n".repeat(40)));
+    let client = broker.client().await;
+    let admin = client.admin();
+    let bounds = admin.offsets("st", None).await.expect("offsets");
+    let end: Vec<u64> = bounds.iter().map(|p| p.high_watermark).collect();
+    // More commits than the controller keeps between snapshots, over eight groups.
+    let commits = 2100u64;
+    for i in 0..commits {
+        let group = format!("sg{}", i % 8);
+        let offset = (i / 8).min(end[0]);
+        admin
+            .commit_offsets(&group, "st", &[(0, offset)])
+            .await
+            .expect("commit");
+    }
+    let snapshot = broker.data_dir().join("controller").join("snapshot");
+    assert!(
+        snapshot.exists(),
+        "the controller wrote its snapshot ({})",
+        snapshot.display()
+    );
+    drop(client);
+    broker.restart();
+    let client = broker.client().await;
+    for g in 0..8u64 {
+        let group = format!("sg{g}");
+        let committed = client
+            .admin()
+            .offsets("st", Some(&group))
+            .await
+            .expect("offsets")[0]
+            .committed_offset;
+        let last = (commits - 8 + g) / 8;
+        assert_eq!(committed, Some(last.min(end[0])), "{group}");
+    }
+}

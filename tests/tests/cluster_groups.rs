@@ -1,0 +1,270 @@
+//! Consumer groups in a three-broker cluster (real processes, 127.0.0.1, free ports): members
+//! connected to two different brokers, neither of them the group coordinator (the controller's
+//! leader), share the topic's partitions; their commits and the group's description are served
+//! through any broker; when the coordinator is killed (-9) the members rejoin the new one, the
+//! committed offsets are still there (they are replicated in the controller), and a member that
+//! takes over a partition starts at its committed offset.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use weft_client::{Client, Consumer, ConsumerConfig, StartFrom};
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{PublishRequest, Record};
+use weft_tests::{Broker, grpc, start_cluster, wait_for};
+
+const PARTITIONS: u32 = 4;
+
+/// Publishes `count` records to every partition through the broker at `address`, retrying
+/// while a partition has no leader (UNAVAILABLE).
+async fn publish_each(address: &str, count: u64) {
+    let channel = grpc::channel(address).await;
+    let mut publisher = grpc::publisher(&channel);
+    for partition in 0..PARTITIONS {
+        let request = PublishRequest {
+            topic: "events".into(),
+            target: Some(Target::Partition(partition)),
+            records: (0..count)
+                .map(|i| Record {
+                    value: format!("p{partition}-{i}").into_bytes().into(),
+                    ..Record::default()
+                })
+                .collect(),
+            ..PublishRequest::default()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match publisher.publish(request.clone()).await {
+                Ok(_) => break,
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("publish to partition {partition}: {status:?}"),
+            }
+        }
+    }
+}
+
+async fn member(broker: &Broker) -> Consumer {
+    let client = Client::connect([broker.client_addr.as_str()])
+        .await
+        .expect("connect");
+    client
+        .consumer(
+            ConsumerConfig::new("events")
+                .group("g")
+                .start(StartFrom::Earliest)
+                .auto_commit(false)
+                .session_timeout(Duration::from_secs(30)),
+        )
+        .await
+        .expect("join")
+}
+
+/// The controller's leader (the group coordinator), as `broker` sees it.
+async fn coordinator(broker: &Broker) -> u64 {
+    let client = broker.client().await;
+    wait_for("a controller leader", Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let status = client.admin().cluster_status().await.ok()?;
+            (status.controller_id != 0).then_some(status.controller_id)
+        }
+    })
+    .await
+}
+
+/// Reads from both members until `want` distinct (partition, offset) pairs were delivered;
+/// returns what each member got.
+async fn consume(members: &mut [&mut Consumer], want: usize) -> Vec<BTreeMap<u32, BTreeSet<u64>>> {
+    let mut got: Vec<BTreeMap<u32, BTreeSet<u64>>> = vec![BTreeMap::new(); members.len()];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let distinct: BTreeSet<(u32, u64)> = got
+            .iter()
+            .flat_map(|m| m.iter().flat_map(|(&p, o)| o.iter().map(move |&o| (p, o))))
+            .collect();
+        if distinct.len() >= want {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {want} records delivered",
+            distinct.len()
+        );
+        for (i, m) in members.iter_mut().enumerate() {
+            if let Some(message) = m
+                .next_timeout(Duration::from_millis(100))
+                .await
+                .expect("next")
+            {
+                got[i]
+                    .entry(message.partition)
+                    .or_default()
+                    .insert(message.offset);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_groups_span_brokers_and_survive_their_coordinator() {
+    let mut brokers = start_cluster(3);
+    let admin = brokers[0].client().await;
+    admin
+        .admin()
+        .create_topic("events", PARTITIONS)
+        .await
+        .expect("create");
+    let boss = coordinator(&brokers[0]).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i as u64 + 1 != boss).collect();
+    let (a, b) = (others[0], others[1]);
+
+    // Two members on the two brokers that do not coordinate the group.
+    let mut m1 = member(&brokers[a]).await;
+    let mut m2 = member(&brokers[b]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        m1.next_timeout(Duration::from_millis(100))
+            .await
+            .expect("m1");
+        m2.next_timeout(Duration::from_millis(100))
+            .await
+            .expect("m2");
+        if m1.generation() == m2.generation()
+            && m1.assignment().len() == 2
+            && m2.assignment().len() == 2
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the members did not share the partitions: {:?} at {}, {:?} at {}",
+            m1.assignment(),
+            m1.generation(),
+            m2.assignment(),
+            m2.generation()
+        );
+    }
+    let (p1, p2): (BTreeSet<u32>, BTreeSet<u32>) = (
+        m1.assignment().into_iter().collect(),
+        m2.assignment().into_iter().collect(),
+    );
+    assert!(p1.is_disjoint(&p2), "{p1:?} and {p2:?} overlap");
+
+    publish_each(&brokers[a].client_addr, 25).await;
+    let got = consume(&mut [&mut m1, &mut m2], 100).await;
+    for (i, owned) in [&p1, &p2].into_iter().enumerate() {
+        let partitions: BTreeSet<u32> = got[i].keys().copied().collect();
+        assert!(
+            partitions.is_subset(owned),
+            "member {i} got records of {partitions:?}, owns {owned:?}"
+        );
+    }
+    m1.commit().await.expect("commit through a non-coordinator");
+    m2.commit().await.expect("commit through another");
+
+    // The group as the third broker (the coordinator) and a member's broker describe it.
+    for broker in [&brokers[boss as usize - 1], &brokers[a]] {
+        let group = broker
+            .client()
+            .await
+            .admin()
+            .group("g")
+            .await
+            .expect("describe");
+        assert_eq!(group.members.len(), 2, "{group:?}");
+        let committed: Vec<u64> = group
+            .partitions
+            .iter()
+            .map(|p| p.committed_offset)
+            .collect();
+        assert_eq!(committed, vec![25; PARTITIONS as usize], "{group:?}");
+    }
+
+    // The coordinator dies; the controller (and with it the groups) moves to a survivor.
+    brokers[boss as usize - 1].kill9();
+    let new_boss = wait_for("a new coordinator", Duration::from_secs(30), || {
+        let client = Client::connect([brokers[a].client_addr.as_str()]);
+        async move {
+            let status = client.await.ok()?.admin().cluster_status().await.ok()?;
+            (status.controller_id != 0 && status.controller_id != boss)
+                .then_some(status.controller_id)
+        }
+    })
+    .await;
+    assert_ne!(new_boss, boss);
+    let offsets = brokers[b]
+        .client()
+        .await
+        .admin()
+        .offsets("events", Some("g"))
+        .await
+        .expect("offsets");
+    for p in &offsets {
+        assert_eq!(
+            p.committed_offset,
+            Some(25),
+            "partition {}: the commit survived its coordinator",
+            p.partition
+        );
+    }
+
+    // The members rejoin the new coordinator and go on with what is published next.
+    publish_each(&brokers[a].client_addr, 5).await;
+    let got = consume(&mut [&mut m1, &mut m2], 20).await;
+    let new: usize = got
+        .iter()
+        .flat_map(|m| m.values())
+        .map(|o| o.iter().filter(|&&o| o >= 25).count())
+        .sum();
+    assert!(
+        new >= 20,
+        "the records after the commit were delivered: {got:?}"
+    );
+
+    // m1 leaves; a new member takes its partitions from their committed offsets (25), not
+    // from the start.
+    m1.close().await.expect("leave");
+    let mut m3 = member(&brokers[b]).await;
+    let mut first: BTreeMap<u32, u64> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Two members left (m2, m3): two partitions each.
+    while first.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "m3 got {first:?}");
+        let _ = m2.next_timeout(Duration::from_millis(50)).await;
+        if let Some(message) = m3
+            .next_timeout(Duration::from_millis(100))
+            .await
+            .expect("next")
+        {
+            first.entry(message.partition).or_insert(message.offset);
+        }
+    }
+    for (partition, offset) in &first {
+        assert_eq!(
+            *offset, 25,
+            "partition {partition} resumed at its commit: {first:?}"
+        );
+    }
+
+    // The killed broker comes back and serves the group's description (forwarded).
+    brokers[boss as usize - 1].start_again_same_ports();
+    brokers[boss as usize - 1].wait_ready();
+    let group = wait_for(
+        "the group through the restarted broker",
+        Duration::from_secs(30),
+        || {
+            let broker = &brokers[boss as usize - 1];
+            async move {
+                let group = broker.client().await.admin().group("g").await.ok()?;
+                (group.members.len() == 2).then_some(group)
+            }
+        },
+    )
+    .await;
+    assert_eq!(group.topic, "events");
+}
