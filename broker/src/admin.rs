@@ -204,6 +204,9 @@ pub struct TopicView {
     pub segment_bytes: u64,
     /// Creation time.
     pub created_at_ms: i64,
+    /// Some partition has fewer replicas than `replication_factor` (too few brokers), or, as
+    /// its leader here sees it, fewer in sync.
+    pub under_replicated: bool,
     /// Partitions with offsets.
     pub partition_details: Vec<PartitionView>,
 }
@@ -217,6 +220,10 @@ pub struct PartitionView {
     pub leader_id: u64,
     /// Replica node ids.
     pub replicas: Vec<u64>,
+    /// Replicas caught up with the leader (known when this broker leads the partition).
+    pub in_sync_replicas: Vec<u64>,
+    /// Fewer replicas than the replication factor, or fewer in sync.
+    pub under_replicated: bool,
     /// Oldest retained offset.
     pub log_start_offset: u64,
     /// Offset after the last committed record.
@@ -397,6 +404,7 @@ fn topic_view(node: &Node, topic: &TopicMeta) -> TopicView {
         fsync_interval_ms,
         segment_bytes: topic.config.segment_bytes,
         created_at_ms: topic.created_at_ms,
+        under_replicated: info.under_replicated,
         partition_details: info
             .partitions
             .into_iter()
@@ -404,6 +412,8 @@ fn topic_view(node: &Node, topic: &TopicMeta) -> TopicView {
                 partition: p.partition,
                 leader_id: p.leader_id,
                 replicas: p.replicas,
+                in_sync_replicas: p.in_sync_replicas,
+                under_replicated: p.under_replicated,
                 log_start_offset: p.log_start_offset,
                 high_watermark: p.high_watermark,
                 log_end_offset: p.log_end_offset,

@@ -86,6 +86,7 @@ pub fn render(node: &Node) -> String {
             metrics::gauge!("weft_partition_state", &labels).set(value);
         }
     }
+    let mut under_replicated = 0u64;
     for partition in node.partitions() {
         let bounds = partition.bounds();
         let labels = [
@@ -117,7 +118,33 @@ pub fn render(node: &Node) -> String {
             let behind = lag.iter().filter(|(_, entries)| *entries > 0).count();
             metrics::gauge!("weft_partition_replicas_behind", &labels).set(behind as f64);
         }
+        let under = node
+            .topic(&partition.topic)
+            .ok()
+            .and_then(|t| {
+                t.partitions.get(partition.partition as usize).map(|p| {
+                    crate::grpc::cluster::partition_info(
+                        node,
+                        &t.name,
+                        t.config.replication_factor,
+                        p,
+                    )
+                })
+            })
+            .is_some_and(|info| info.under_replicated);
+        if partition.group().is_leader() {
+            metrics::gauge!("weft_partition_under_replicated", &labels).set(if under {
+                1.0
+            } else {
+                0.0
+            });
+            if under {
+                under_replicated += 1;
+            }
+        }
     }
+    // Partitions led here with fewer replicas, or fewer in sync, than they should have.
+    metrics::gauge!("weft_under_replicated_partitions").set(under_replicated as f64);
     // Partitions hosted here that serve but know no leader right now.
     let leaderless = node
         .partitions()

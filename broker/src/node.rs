@@ -583,6 +583,13 @@ impl Node {
         }
     }
 
+    /// How many brokers the configuration names (its peers; 1 for a single node).
+    pub fn configured_cluster_size(&self) -> u32 {
+        self.config
+            .peer_list()
+            .map_or(1, |peers| peers.len().max(1) as u32)
+    }
+
     /// Where consumer groups are coordinated: here (this broker leads the controller) or at the
     /// controller's leader, with its peer address.
     pub fn coordinator(&self) -> Result<Coordinated, BrokerError> {

@@ -524,11 +524,21 @@ pub mod grpc {
     }
 }
 
-/// A cluster of `size` brokers on 127.0.0.1 (node ids 1..=size, each knowing the others from
-/// `--peers`), every one ready.
+/// A cluster of `size` brokers (node ids 1..=size, each knowing the others from `--peers`),
+/// every one ready. Each broker listens on its own loopback address 127.0.0.x (x picked at
+/// random per cluster), so a broker restarted on its ports does not find one of them taken by a
+/// server of another test that was handed the port on 127.0.0.1 meanwhile.
 pub fn start_cluster(size: u64) -> Vec<Broker> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let first = 2 + seed % (250 - size);
     let listen: Vec<[String; 3]> = (0..size)
-        .map(|_| [(); 3].map(|()| format!("127.0.0.1:{}", free_port())))
+        .map(|i| {
+            let ip = format!("127.0.0.{}", first + i);
+            [(); 3].map(|()| format!("{ip}:{}", free_port_on(&ip)))
+        })
         .collect();
     let peers = listen
         .iter()
@@ -553,7 +563,12 @@ pub fn start_cluster(size: u64) -> Vec<Broker> {
 /// A port that was free a moment ago on 127.0.0.1 (for a server that must know its peers'
 /// addresses before they start; [`Broker::start_on`] retries when one was taken meanwhile).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    free_port_on("127.0.0.1")
+}
+
+/// A port that was free a moment ago on the loopback address `ip`.
+pub fn free_port_on(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")

@@ -96,3 +96,49 @@ fn health_metrics_topics_groups_and_openapi() {
     assert_eq!(status, 204);
     assert_eq!(broker.http("GET", "/v1/topics/metered", None).0, 404);
 }
+
+/// A topic asking for more replicas than there are brokers keeps its replication factor and says
+/// it is under-replicated (never a silent downgrade); a topic left to the default gets what the
+/// cluster can hold (one replica on a single node) and is not.
+#[test]
+fn a_replication_factor_above_the_broker_count_is_kept_and_reported() {
+    let broker = Broker::start();
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"wide","partitions":2,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["replication_factor"], 3, "{body}");
+    assert_eq!(v["under_replicated"], true, "{body}");
+    assert_eq!(
+        v["partition_details"][0]["replicas"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        v["partition_details"][0]["under_replicated"], true,
+        "{body}"
+    );
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"plain","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["replication_factor"], 1, "{body}");
+    assert_eq!(v["under_replicated"], false, "{body}");
+    assert_eq!(
+        v["partition_details"][0]["in_sync_replicas"],
+        serde_json::json!([1])
+    );
+    let described = weft_tests::ok_stdout(&broker.cli(&["topic", "describe", "wide"]));
+    assert!(described.contains("UNDER-REPLICATED"), "{described}");
+    assert_eq!(
+        weft_tests::metric(&broker, "weft_under_replicated_partitions"),
+        Some(2.0)
+    );
+}

@@ -227,6 +227,29 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
         .await
         .expect("publish to the new leader");
     assert_eq!(more, (151..200).collect::<Vec<_>>());
+    // Its leader counts two replicas in sync of three: the topic says it is under-replicated.
+    let leading = brokers
+        .iter()
+        .position(|b| b.client_addr == new_leader)
+        .expect("the new leader");
+    let under = |broker: &Broker| {
+        let (status, body) = broker.http("GET", "/v1/topics/orders", None);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let p0 = &v["partition_details"][0];
+        (
+            v["under_replicated"].as_bool().expect("under_replicated"),
+            p0["under_replicated"]
+                .as_bool()
+                .expect("partition under_replicated"),
+            p0["in_sync_replicas"].as_array().expect("isr").len(),
+        )
+    };
+    assert_eq!(under(&brokers[leading]), (true, true, 2));
+    assert_eq!(
+        weft_tests::metric(&brokers[leading], "weft_under_replicated_partitions"),
+        Some(1.0)
+    );
 
     // The killed broker restarts with its data and catches up.
     brokers[killed].start_again_same_ports();
@@ -256,6 +279,12 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
     for (offset, v) in &read {
         assert_eq!(v.as_ref(), value(0, *offset).as_bytes());
     }
+    // Caught up, it is in sync again (as whichever broker leads partition 0 now sees it).
+    wait_for("three replicas in sync", Duration::from_secs(30), || {
+        let states: Vec<_> = brokers.iter().map(under).collect();
+        async move { states.contains(&(false, false, 3)).then_some(()) }
+    })
+    .await;
 
     // The returned broker is partition 0's preferred replica: its leadership comes back.
     wait_for(

@@ -24,11 +24,17 @@ impl ClusterService {
 }
 
 /// Placement and live offsets of one partition.
-pub fn partition_info(node: &Node, topic: &str, meta: &PartitionMeta) -> v1::PartitionInfo {
+pub fn partition_info(
+    node: &Node,
+    topic: &str,
+    replication_factor: u32,
+    meta: &PartitionMeta,
+) -> v1::PartitionInfo {
     let mut info = v1::PartitionInfo {
         topic: topic.to_string(),
         partition: meta.partition,
         replicas: meta.replicas.clone(),
+        under_replicated: meta.replicas.len() < replication_factor as usize,
         ..Default::default()
     };
     if let Ok(partition) = node.partition(topic, meta.partition) {
@@ -40,7 +46,10 @@ pub fn partition_info(node: &Node, topic: &str, meta: &PartitionMeta) -> v1::Par
         } else {
             String::new()
         };
-        info.in_sync_replicas = leader.into_iter().collect();
+        if let Some(in_sync) = partition.group().in_sync_replicas() {
+            info.under_replicated |= in_sync.len() < meta.replicas.len();
+            info.in_sync_replicas = in_sync;
+        }
         info.log_start_offset = bounds.log_start;
         info.high_watermark = bounds.high_watermark;
         info.log_end_offset = bounds.log_end;
@@ -117,9 +126,9 @@ impl Cluster for ClusterService {
                 .values()
                 .filter(|t| wanted.is_empty() || &t.name == wanted)
                 .flat_map(|t| {
-                    t.partitions
-                        .iter()
-                        .map(move |p| partition_info(&self.node, &t.name, p))
+                    t.partitions.iter().map(move |p| {
+                        partition_info(&self.node, &t.name, t.config.replication_factor, p)
+                    })
                 })
                 .collect();
             Ok(Response::new(v1::ListPartitionsResponse { partitions }))

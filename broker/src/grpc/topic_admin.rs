@@ -45,10 +45,14 @@ pub fn resolve_config(
             Fsync::Always
         },
     )?;
-    // One broker holds one replica: the controller caps the replication factor by the brokers
-    // registered when it applies the creation.
+    // One broker holds one replica: the controller places at most one replica per broker
+    // registered when it applies the creation; a topic asking for more is under-replicated until
+    // there are enough. The default is capped by the cluster's configured size (1 for a single
+    // node), so a default topic is never under-replicated from the start.
     let wanted_rf = if p.replication_factor == 0 {
         d.replication_factor
+            .min(node.configured_cluster_size())
+            .max(1)
     } else {
         p.replication_factor
     };
@@ -103,14 +107,18 @@ pub fn config_to_proto(c: &TopicConfig) -> v1::TopicConfig {
 
 /// The protocol form of a topic, with live partition information.
 pub fn topic_to_proto(node: &Node, topic: &TopicMeta) -> v1::Topic {
+    let partitions: Vec<v1::PartitionInfo> = topic
+        .partitions
+        .iter()
+        .map(|p| {
+            super::cluster::partition_info(node, &topic.name, topic.config.replication_factor, p)
+        })
+        .collect();
     v1::Topic {
         name: topic.name.clone(),
         config: Some(config_to_proto(&topic.config)),
-        partitions: topic
-            .partitions
-            .iter()
-            .map(|p| super::cluster::partition_info(node, &topic.name, p))
-            .collect(),
+        under_replicated: partitions.iter().any(|p| p.under_replicated),
+        partitions,
         topic_id: topic.topic_id.clone(),
         created_at_ms: topic.created_at_ms,
     }

@@ -336,8 +336,9 @@ impl ControllerState {
         if brokers.is_empty() {
             return proposed.to_vec();
         }
+        // The topic keeps the factor it asked for: with fewer brokers, it is under-replicated
+        // (and says so) until there are enough.
         let rf = (config.replication_factor.max(1) as usize).min(brokers.len());
-        config.replication_factor = rf as u32;
         (first..end)
             .map(|p| {
                 (0..rf)

@@ -37,7 +37,7 @@ pub(super) const TARGET_NODE_HEADER: &str = "weft-target-node";
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Most entries openraft puts in one AppendEntries (entries are up to a few MiB each).
-pub(super) const PAYLOAD_ENTRIES_MAX: u64 = 16;
+pub(crate) const PAYLOAD_ENTRIES_MAX: u64 = 16;
 
 struct Inner {
     node_id: NodeId,

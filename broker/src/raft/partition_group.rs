@@ -475,6 +475,23 @@ impl PartitionGroup {
             .collect()
     }
 
+    /// On the leader: the replicas in sync (the leader, and every follower at most one
+    /// AppendEntries batch behind its log); None on a follower.
+    pub fn in_sync_replicas(&self) -> Option<Vec<NodeId>> {
+        if !self.is_leader() {
+            return None;
+        }
+        let mut in_sync = vec![self.raft.metrics().borrow().id];
+        in_sync.extend(
+            self.follower_lag()
+                .into_iter()
+                .filter(|(_, behind)| *behind <= super::network::PAYLOAD_ENTRIES_MAX)
+                .map(|(id, _)| id),
+        );
+        in_sync.sort_unstable();
+        Some(in_sync)
+    }
+
     /// Whether this replica leads the group now.
     pub fn is_leader(&self) -> bool {
         let metrics = self.raft.metrics();

@@ -112,10 +112,13 @@ fn topic_json(t: &proto::Topic) -> serde_json::Value {
         "fsync_interval_ms": c.fsync_interval_ms,
         "segment_bytes": c.segment_bytes,
         "created_at_ms": t.created_at_ms,
+        "under_replicated": t.under_replicated,
         "partition_details": t.partitions.iter().map(|p| json!({
             "partition": p.partition,
             "leader_id": p.leader_id,
             "replicas": p.replicas,
+            "in_sync_replicas": p.in_sync_replicas,
+            "under_replicated": p.under_replicated,
             "log_start_offset": p.log_start_offset,
             "high_watermark": p.high_watermark,
             "size_bytes": p.size_bytes,
@@ -126,17 +129,32 @@ fn topic_json(t: &proto::Topic) -> serde_json::Value {
 fn print_topic(t: &proto::Topic) {
     let c = t.config.unwrap_or_default();
     println!(
-        "topic {}  id {}  partitions {}  replication {}",
-        t.name, t.topic_id, c.partitions, c.replication_factor
+        "topic {}  id {}  partitions {}  replication {}{}",
+        t.name,
+        t.topic_id,
+        c.partitions,
+        c.replication_factor,
+        if t.under_replicated {
+            "  UNDER-REPLICATED"
+        } else {
+            ""
+        }
     );
+    let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     println!(
-        "{:>9}  {:>6}  {:>12}  {:>14}  {:>12}",
-        "partition", "leader", "start offset", "high watermark", "bytes"
+        "{:>9}  {:>6}  {:>9}  {:>9}  {:>12}  {:>14}  {:>12}",
+        "partition", "leader", "replicas", "in sync", "start offset", "high watermark", "bytes"
     );
     for p in &t.partitions {
         println!(
-            "{:>9}  {:>6}  {:>12}  {:>14}  {:>12}",
-            p.partition, p.leader_id, p.log_start_offset, p.high_watermark, p.size_bytes
+            "{:>9}  {:>6}  {:>9}  {:>9}  {:>12}  {:>14}  {:>12}",
+            p.partition,
+            p.leader_id,
+            ids(&p.replicas),
+            ids(&p.in_sync_replicas),
+            p.log_start_offset,
+            p.high_watermark,
+            p.size_bytes
         );
     }
 }
