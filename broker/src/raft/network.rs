@@ -8,8 +8,9 @@
 //! A single-node broker has no peers: openraft never calls out while its node is the only voter.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, Unreachable,
@@ -46,6 +47,11 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     /// The Raft groups open on this node.
     groups: RwLock<HashMap<GroupId, Raft>>,
+    /// When each (group, peer) last answered this node as a leader or candidate it accepts.
+    contacts: Mutex<HashMap<(GroupId, NodeId), Instant>>,
+    /// The address this node's peer connections leave from (its peer listen address, when that
+    /// names one), so that peers and firewalls see which broker a connection comes from.
+    local_ip: Option<IpAddr>,
     connect_timeout: Duration,
 }
 
@@ -65,17 +71,35 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// The peers of node `node_id` in cluster `cluster_name`.
-    pub fn new(node_id: NodeId, cluster_name: &str) -> Peers {
+    /// The peers of node `node_id` in cluster `cluster_name`; connections leave from
+    /// `local_ip` when given.
+    pub fn new(node_id: NodeId, cluster_name: &str, local_ip: Option<IpAddr>) -> Peers {
         Peers {
             inner: Arc::new(Inner {
                 node_id,
                 cluster_name: cluster_name.to_string(),
                 channels: Mutex::new(HashMap::new()),
                 groups: RwLock::new(HashMap::new()),
+                contacts: Mutex::new(HashMap::new()),
+                local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
                 connect_timeout: Duration::from_secs(2),
             }),
         }
+    }
+
+    fn touch(&self, group_id: GroupId, node: NodeId) {
+        if let Ok(mut contacts) = self.inner.contacts.lock() {
+            contacts.insert((group_id, node), Instant::now());
+        }
+    }
+
+    /// When `node` last answered an AppendEntries or granted a vote of group `group_id` here.
+    pub(super) fn last_contact(&self, group_id: GroupId, node: NodeId) -> Option<Instant> {
+        self.inner
+            .contacts
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(group_id, node)).copied())
     }
 
     /// The network a group of this node uses.
@@ -129,7 +153,8 @@ impl Peers {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .local_address(self.inner.local_ip);
         let channel = endpoint.connect_lazy();
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
@@ -283,7 +308,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .append_entries(self.request(message, &option))
             .await
             .map_err(|s| status_error(&s))?;
-        wire::append_response_from(response.into_inner()).map_err(network_error)
+        let response = wire::append_response_from(response.into_inner()).map_err(network_error)?;
+        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            self.peers.touch(self.group_id, self.target);
+        }
+        Ok(response)
     }
 
     async fn install_snapshot(
@@ -312,7 +341,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .vote(self.request(message, &option))
             .await
             .map_err(|s| status_error(&s))?;
-        wire::vote_response_from(response.into_inner()).map_err(network_error)
+        let response = wire::vote_response_from(response.into_inner()).map_err(network_error)?;
+        if response.vote_granted {
+            self.peers.touch(self.group_id, self.target);
+        }
+        Ok(response)
     }
 }
 

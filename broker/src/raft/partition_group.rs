@@ -326,6 +326,18 @@ impl PartitionGroup {
                 leader: Some(moving_to),
             });
         }
+        if let Some(window_ms) = self.lost_quorum() {
+            // A leader cut off from a majority (a network partition): its writes cannot commit,
+            // and a majority elsewhere may have a new leader already. Refuse them at once rather
+            // than leave the client waiting for a timeout it cannot tell from a failure.
+            return Err(BrokerError::Unavailable {
+                reason: format!(
+                    "this broker leads the partition but has not heard from a majority of its \
+                     replicas for more than {window_ms} ms; another replica may lead it now"
+                ),
+                leader: None,
+            });
+        }
         let receiver = self
             .raft
             .client_write_ff(Command::Records(batches))
@@ -490,6 +502,37 @@ impl PartitionGroup {
         );
         in_sync.sort_unstable();
         Some(in_sync)
+    }
+
+    /// On a leader that has not heard from a majority of its voters (itself included) within an
+    /// election timeout: that timeout (ms). None otherwise (a single voter always has its quorum).
+    pub fn lost_quorum(&self) -> Option<u64> {
+        let (me, voters) = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            if m.current_leader != Some(m.id) {
+                return None;
+            }
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            (m.id, voters)
+        };
+        let window = Duration::from_millis(self.raft.config().election_timeout_min);
+        let mut ages: Vec<Duration> = voters
+            .iter()
+            .map(|&v| {
+                if v == me {
+                    Duration::ZERO
+                } else {
+                    self.peers
+                        .last_contact(self.group_id, v)
+                        .map_or(Duration::MAX, |t| t.elapsed())
+                }
+            })
+            .collect();
+        ages.sort_unstable();
+        // The youngest contact a majority has had with this leader.
+        let majority_age = ages.get(voters.len() / 2).copied()?;
+        (majority_age > window).then(|| u64::try_from(window.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Whether this replica leads the group now.

@@ -1,0 +1,180 @@
+//! A network partition in a three-broker cluster (real processes, each broker on its own
+//! 127.0.0.x, the partition made with iptables as root): the broker leading a partition is cut
+//! off from both others. The majority elects a new leader and keeps committing; the isolated
+//! leader refuses publishes at once with UNAVAILABLE (it cannot reach a majority) instead of
+//! leaving clients to time out; healed, it follows the new leader and catches up, and every
+//! acknowledged record is on it, once, in order.
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{PublishRequest, Record};
+use weft_tests::{Broker, Firewall, fetch_range, grpc, start_cluster, wait_for};
+
+fn value(i: u64) -> String {
+    format!("r-{i:05}")
+}
+
+/// A publish of records `from .. to` to partition 0, with a 3 s deadline.
+fn request(from: u64, to: u64) -> tonic::Request<PublishRequest> {
+    let mut request = tonic::Request::new(PublishRequest {
+        topic: "split".into(),
+        target: Some(Target::Partition(0)),
+        records: (from..to)
+            .map(|i| Record {
+                value: value(i).into_bytes().into(),
+                ..Record::default()
+            })
+            .collect(),
+        ..PublishRequest::default()
+    });
+    request.set_timeout(Duration::from_secs(3));
+    request
+}
+
+/// The leader of partition 0 as `broker` sees it (0: none).
+fn leader_of_0(broker: &Broker) -> u64 {
+    let (status, body) = broker.http("GET", "/v1/topics/split", None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["partition_details"][0]["leader_id"].as_u64().unwrap_or(0)
+}
+
+fn ip(address: &str) -> &str {
+    address.rsplit_once(':').expect("ip:port").0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"split","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leader = wait_for("a leader of partition 0", Duration::from_secs(30), || {
+        let l = leader_of_0(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let isolated = &brokers[leader as usize - 1];
+    let majority: Vec<&Broker> = brokers
+        .iter()
+        .filter(|b| b.peer_addr != isolated.peer_addr)
+        .collect();
+    let channel = grpc::channel(&isolated.client_addr).await;
+    let acked = grpc::publisher(&channel)
+        .publish(request(0, 20))
+        .await
+        .expect("publish to the leader")
+        .into_inner();
+    assert_eq!(acked.base_offset, 0);
+
+    // Cut the leader off: nobody reaches its peer port, and its own peer connections (which
+    // leave from its address) reach nobody. Client traffic still reaches it.
+    let mut firewall = Firewall::new();
+    firewall.drop_tcp(None, &isolated.peer_addr);
+    for other in &majority {
+        firewall.drop_tcp(Some(ip(&isolated.peer_addr)), &other.peer_addr);
+    }
+    let cut_at = Instant::now();
+
+    // The majority elects a leader among themselves and commits.
+    let through = majority[0].client_addr.clone();
+    let offset = wait_for(
+        "the majority to commit without the isolated leader",
+        Duration::from_secs(30),
+        || {
+            let through = through.clone();
+            async move {
+                let channel = grpc::channel(&through).await;
+                match grpc::publisher(&channel).publish(request(20, 40)).await {
+                    Ok(r) => Some(r.into_inner().base_offset),
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                        ) =>
+                    {
+                        eprintln!("not yet: {s:?}");
+                        None
+                    }
+                    Err(s) => panic!("{s:?}"),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(offset, 20, "the majority continues the log");
+    let new_leader = leader_of_0(majority[0]);
+    assert!(
+        new_leader != 0 && new_leader != leader,
+        "node {new_leader} leads now, not the isolated node {leader}"
+    );
+
+    // The isolated broker still believes it leads, but refuses writes at once.
+    let asked = Instant::now();
+    let refused = grpc::publisher(&channel)
+        .publish(request(1000, 1001))
+        .await
+        .expect_err("a minority cannot commit");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("majority"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "refused at once, not after a timeout: {:?}",
+        asked.elapsed()
+    );
+    // What it served stays readable (never anything past its commit index).
+    let read = fetch_range(&isolated.client_addr, "split", 0, 0, 20).await;
+    assert_eq!(read.len(), 20);
+    eprintln!("partitioned for {:?}", cut_at.elapsed());
+
+    // Healed, it follows the new leader and holds every acknowledged record.
+    firewall.heal();
+    let address = isolated.client_addr.clone();
+    wait_for(
+        "the healed broker to catch up",
+        Duration::from_secs(30),
+        || {
+            let address = address.clone();
+            async move {
+                weft_tests::offsets(&address, "split", 0, None)
+                    .await
+                    .ok()
+                    .filter(|b| b.high_watermark >= 40)
+            }
+        },
+    )
+    .await;
+    let read = fetch_range(&isolated.client_addr, "split", 0, 0, 40).await;
+    let got: Vec<(u64, String)> = read
+        .iter()
+        .map(|(o, v)| (*o, String::from_utf8_lossy(v).into_owned()))
+        .collect();
+    let want: Vec<(u64, String)> = (0..40).map(|i| (i, value(i))).collect();
+    assert_eq!(got, want, "every acknowledged record, once, in order");
+    // And publishing through it works again (forwarded to the leader, or led here once more).
+    let again = wait_for(
+        "a publish through the healed broker",
+        Duration::from_secs(30),
+        || {
+            let channel = channel.clone();
+            async move {
+                grpc::publisher(&channel)
+                    .publish(request(40, 41))
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().base_offset)
+            }
+        },
+    )
+    .await;
+    assert_eq!(again, 40);
+}
