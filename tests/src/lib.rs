@@ -360,6 +360,22 @@ impl Drop for Broker {
         if std::thread::panicking() {
             // The test failed: its broker's log says why, and the temporary directory goes.
             let log = self.log();
+            if let Ok(keep) = std::env::var("WEFT_TEST_KEEP_LOGS") {
+                let _ = std::fs::create_dir_all(&keep);
+                let name = self.peer_addr.replace([':', '.'], "_");
+                let _ = std::fs::write(
+                    std::path::Path::new(&keep).join(format!("{name}.log")),
+                    &log,
+                );
+            }
+            let lines: Vec<&str> = log.lines().collect();
+            if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+                // A panic's message is what explains it; its backtrace would push it out of the tail.
+                eprintln!("--- the broker panicked ({}) ---", self.dir.display());
+                for line in lines.iter().skip(at.saturating_sub(2)).take(6) {
+                    eprintln!("{line}");
+                }
+            }
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!(
                 "--- last lines of the broker's log ({}) ---",
@@ -529,6 +545,11 @@ pub mod grpc {
 /// random per cluster), so a broker restarted on its ports does not find one of them taken by a
 /// server of another test that was handed the port on 127.0.0.1 meanwhile.
 pub fn start_cluster(size: u64) -> Vec<Broker> {
+    start_cluster_with(size, &[])
+}
+
+/// [`start_cluster`] with more flags for every broker.
+pub fn start_cluster_with(size: u64, extra: &[&str]) -> Vec<Broker> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as u64)
@@ -551,7 +572,9 @@ pub fn start_cluster(size: u64) -> Vec<Broker> {
         .enumerate()
         .map(|(i, l)| {
             let id = (i + 1).to_string();
-            Broker::start_on(l, &["--node-id", &id, "--peers", &peers], &[])
+            let mut args = vec!["--node-id", &id, "--peers", &peers];
+            args.extend_from_slice(extra);
+            Broker::start_on(l, &args, &[])
         })
         .collect();
     for broker in &brokers {

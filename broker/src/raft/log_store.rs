@@ -55,6 +55,10 @@ pub(super) struct Shared {
     sync_interval_ms: AtomicU64,
     /// The log's tail cache, for consumers' reads without the log's lock.
     tail: TailCache,
+    /// Set when a snapshot was installed over a log that was filled with the entries before
+    /// it (fetched from the leader): the purge openraft then asks for through the snapshot
+    /// only records that those entries are out of Raft's reach, and keeps them on disk.
+    keep_through: Mutex<Option<u64>>,
 }
 
 /// Groups batches read from the log into entries (the batches of one frame share a Raft index).
@@ -351,6 +355,7 @@ impl LogStore {
             recent: Mutex::new(VecDeque::new()),
             last_log_id: Mutex::new(last_in_log),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
+            keep_through: Mutex::new(None),
         });
         Ok(LogStore { shared, flusher })
     }
@@ -388,6 +393,14 @@ impl LogReader {
     ) -> Result<T, StorageError> {
         let mut log = self.shared.log_mut()?;
         Ok(f(&mut log))
+    }
+
+    /// The next purge through `index` or before records the purge without deleting anything
+    /// (see `Shared::keep_through`).
+    pub fn keep_through(&self, index: u64) {
+        if let Ok(mut keep) = self.shared.keep_through.lock() {
+            *keep = Some(index);
+        }
     }
 
     /// Changes when appends become durable: fsync before the flush callback, or every interval.
@@ -599,6 +612,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             shared.record_purged(log_id)?;
             if let Ok(mut recent) = shared.recent.lock() {
                 recent.retain(|e| e.first().is_some_and(|b| b.header().index > log_id.index));
+            }
+            let kept = shared
+                .keep_through
+                .lock()
+                .ok()
+                .and_then(|mut k| k.take_if(|k| log_id.index <= *k));
+            if kept.is_some() {
+                // A snapshot installed over a log filled up to it: keep the entries (records
+                // consumers read), only out of Raft's reach now.
+                if shared.last_log_id() < Some(log_id) {
+                    shared.set_last_log_id(Some(log_id));
+                }
+                return Ok(());
             }
             let mut log = shared.log_mut()?;
             let end = log.end();

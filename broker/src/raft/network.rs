@@ -26,7 +26,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::internal::v1 as pb;
 use weft_proto::internal::v1::raft_client::RaftClient;
 
-use super::{GroupId, NodeId, Raft, TypeConfig, wire};
+use super::{GroupId, LogReader, NodeId, Raft, TypeConfig, wire};
 
 /// Metadata key naming the cluster a peer call is meant for.
 pub(super) const CLUSTER_HEADER: &str = "weft-cluster";
@@ -36,6 +36,9 @@ pub(super) const TARGET_NODE_HEADER: &str = "weft-target-node";
 /// Largest Raft message sent or accepted on the peer port. An AppendEntries that would be larger
 /// is split by openraft (the sender answers PayloadTooLarge with a smaller entry count).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Most bytes a ReadLog answers with.
+pub(super) const READ_LOG_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// Most entries openraft puts in one AppendEntries (entries are up to a few MiB each).
 pub(crate) const PAYLOAD_ENTRIES_MAX: u64 = 16;
@@ -47,6 +50,10 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     /// The Raft groups open on this node.
     groups: RwLock<HashMap<GroupId, Raft>>,
+    /// The logs of the partition groups open here (served to replicas catching up).
+    readers: RwLock<HashMap<GroupId, LogReader>>,
+    /// The node each group last received a snapshot from (its leader then).
+    snapshot_from: Mutex<HashMap<GroupId, NodeId>>,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
     contacts: Mutex<HashMap<(GroupId, NodeId), Instant>>,
     /// The address this node's peer connections leave from (its peer listen address, when that
@@ -80,6 +87,8 @@ impl Peers {
                 cluster_name: cluster_name.to_string(),
                 channels: Mutex::new(HashMap::new()),
                 groups: RwLock::new(HashMap::new()),
+                readers: RwLock::new(HashMap::new()),
+                snapshot_from: Mutex::new(HashMap::new()),
                 contacts: Mutex::new(HashMap::new()),
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
                 connect_timeout: Duration::from_secs(2),
@@ -122,6 +131,42 @@ impl Peers {
         if let Ok(mut groups) = self.inner.groups.write() {
             groups.remove(&group_id);
         }
+        if let Ok(mut readers) = self.inner.readers.write() {
+            readers.remove(&group_id);
+        }
+    }
+
+    /// Serves the log of group `group_id` to replicas catching up (ReadLog).
+    pub(super) fn register_reader(&self, group_id: GroupId, reader: LogReader) {
+        if let Ok(mut readers) = self.inner.readers.write() {
+            readers.insert(group_id, reader);
+        }
+    }
+
+    /// The node group `group_id` last received a snapshot from.
+    pub(super) fn snapshot_sender(&self, group_id: GroupId) -> Option<NodeId> {
+        self.inner
+            .snapshot_from
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&group_id).copied())
+    }
+
+    /// Reads stored entries `from_index .. until_index` (about `max_bytes`) of group
+    /// `group_id` from node `node` at `address`.
+    pub(super) async fn read_log(
+        &self,
+        node: NodeId,
+        address: &str,
+        request: pb::ReadLogRequest,
+        timeout: Duration,
+    ) -> Result<pb::ReadLogResponse, String> {
+        let mut client = self.raft_client(address)?;
+        client
+            .read_log(self.request(node, request, timeout))
+            .await
+            .map(Response::into_inner)
+            .map_err(|s| format!("{}: {}", s.code(), s.message()))
     }
 
     pub(super) fn group(&self, group_id: GroupId) -> Result<Raft, Status> {
@@ -396,6 +441,47 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(wire::vote_response_to(&response)))
     }
 
+    async fn read_log(
+        &self,
+        request: Request<pb::ReadLogRequest>,
+    ) -> Result<Response<pb::ReadLogResponse>, Status> {
+        self.peers.check(&request)?;
+        let message = request.into_inner();
+        let reader = self
+            .peers
+            .inner
+            .readers
+            .read()
+            .ok()
+            .and_then(|r| r.get(&message.group_id).cloned())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "the log of group {} is not open here",
+                    message.group_id
+                ))
+            })?;
+        let max_bytes = usize::try_from(message.max_bytes)
+            .unwrap_or(usize::MAX)
+            .clamp(1, READ_LOG_BYTES_MAX);
+        let read = tokio::task::spawn_blocking(move || {
+            reader.with_log(|log| {
+                let first = log.first_index().unwrap_or(log.end().next_index);
+                let from = message.from_index.max(first);
+                log.read_entries(from, message.until_index, max_bytes)
+                    .map(|batches| (first, batches))
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::unavailable(format!("cannot read the log: {e}")))?;
+        let (first_index, batches) = read;
+        Ok(Response::new(pb::ReadLogResponse {
+            first_index,
+            batches: batches.iter().map(|b| b.bytes().clone()).collect(),
+        }))
+    }
+
     async fn elect(
         &self,
         request: Request<pb::ElectRequest>,
@@ -413,7 +499,14 @@ impl pb::raft_server::Raft for RaftService {
         self.peers.check(&request)?;
         let message = request.into_inner();
         let raft = self.peers.group(message.group_id)?;
+        let group_id = message.group_id;
         let rpc = wire::snapshot_from(message).map_err(malformed)?;
+        if let (Some(leader), Ok(mut senders)) = (
+            rpc.vote.leader_id().voted_for(),
+            self.peers.inner.snapshot_from.lock(),
+        ) {
+            senders.insert(group_id, leader);
+        }
         let response = raft.install_snapshot(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(pb::InstallSnapshotResponse {
             vote: Some(wire::vote_to(&response.vote)),

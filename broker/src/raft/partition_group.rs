@@ -173,6 +173,8 @@ impl PartitionGroup {
         }
         let opened_at_index = raft.metrics().borrow().last_log_index;
         peers.register(group_id, raft.clone());
+        peers.register_reader(group_id, reader.clone());
+        sm.enable_backfill(peers.clone(), group_id);
         Ok(PartitionGroup {
             group_id,
             peers,

@@ -24,6 +24,12 @@ use super::log_store::LogReader;
 use super::{
     Command, Entry, LogId, NodeId, Response, StorageError, StoredSnapshot, TypeConfig, sm_error,
 };
+use super::{GroupId, Peers};
+
+/// Bytes fetched per ReadLog call when filling a log before an installed snapshot.
+const BACKFILL_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
+/// Deadline of one such call.
+const BACKFILL_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Batches remembered per producer for answering retries (as Kafka does). The broker refuses a
 /// producer more publishes in flight than this (see `SequenceCheck::Gap` and the client's
@@ -241,6 +247,8 @@ struct Shared {
     producer_expiration_ms: u64,
     /// When the high watermark last moved.
     advanced_at: Mutex<std::time::Instant>,
+    /// Where to fetch the entries before an installed snapshot from (set once the group runs).
+    backfill: std::sync::OnceLock<(Peers, GroupId)>,
 }
 
 /// A partition's state machine. Clones share state: one goes to openraft, others to the broker.
@@ -286,6 +294,7 @@ impl PartitionStateMachine {
                 applied_entries: AtomicU64::new(0),
                 producer_expiration_ms,
                 advanced_at: Mutex::new(std::time::Instant::now()),
+                backfill: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -302,6 +311,96 @@ impl PartitionStateMachine {
         *self.shared.snapshot.lock().map_err(|e| e.to_string())? = Some((meta_of(&state), bytes));
         *self.shared.state.lock().map_err(|e| e.to_string())? = state;
         Ok(())
+    }
+
+    /// Lets an installed snapshot fill the log with the entries before it, fetched from the
+    /// replica that sent it (group `group_id` over `peers`).
+    pub(super) fn enable_backfill(&self, peers: Peers, group_id: GroupId) {
+        let _ = self.shared.backfill.set((peers, group_id));
+    }
+
+    /// Fills the log, emptied, with the entries before the snapshot at `next` that `node` (at
+    /// `address`) still holds, from its first one: the records a replica needs to hold
+    /// everything the partition retains. Ends with the log at `next`, durable.
+    async fn backfill(
+        &self,
+        peers: &Peers,
+        group_id: GroupId,
+        node: NodeId,
+        address: &str,
+        next: LogPosition,
+    ) -> Result<u64, String> {
+        let reader = self.shared.reader.clone();
+        let mut cursor = 0u64;
+        let mut started = false;
+        let mut fetched = 0u64;
+        while cursor < next.next_index {
+            let request = weft_proto::internal::v1::ReadLogRequest {
+                group_id,
+                from_index: cursor,
+                until_index: next.next_index,
+                max_bytes: BACKFILL_CHUNK_BYTES,
+            };
+            let response = peers
+                .read_log(node, address, request, BACKFILL_CALL_TIMEOUT)
+                .await?;
+            if started && response.first_index > cursor {
+                return Err(format!(
+                    "node {node} purged its log past {cursor} while it was being fetched"
+                ));
+            }
+            let batches = response
+                .batches
+                .into_iter()
+                .map(Batch::decode)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("a fetched entry is damaged: {e}"))?;
+            let Some(first) = batches.first().map(|b| *b.header()) else {
+                return Err(format!("node {node} has no entries before the snapshot"));
+            };
+            let last_index = batches.last().map_or(first.index, |b| b.header().index);
+            fetched += batches.iter().map(|b| b.len() as u64).sum::<u64>();
+            let reset = (!started).then_some(LogPosition {
+                next_offset: first.base_offset,
+                next_index: first.index,
+            });
+            started = true;
+            let reader = reader.clone();
+            tokio::task::spawn_blocking(move || {
+                reader
+                    .with_log_mut(|log| -> Result<(), String> {
+                        if let Some(start) = reset {
+                            log.reset(start).map_err(|e| e.to_string())?;
+                        }
+                        let mut i = 0;
+                        while i < batches.len() {
+                            let index = batches[i].header().index;
+                            let n = batches[i..]
+                                .iter()
+                                .take_while(|b| b.header().index == index)
+                                .count();
+                            log.append_entry(&batches[i..i + n])
+                                .map_err(|e| e.to_string())?;
+                            i += n;
+                        }
+                        log.flush().map(|_| ()).map_err(|e| e.to_string())
+                    })
+                    .map_err(|e| e.to_string())?
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            cursor = last_index + 1;
+        }
+        let end = reader
+            .with_log_mut(|log| log.checkpoint().map(|()| log.end()))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if end != next {
+            return Err(format!(
+                "the fetched entries end at {end:?}, not where the snapshot resumes ({next:?})"
+            ));
+        }
+        Ok(fetched)
     }
 
     /// A copy of the current state.
@@ -543,19 +642,60 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 meta.snapshot_id, state.last_applied
             )));
         }
-        // A log that does not reach the snapshot restarts right after it, at the snapshot's
-        // offsets; a log that holds the snapshot's last entry keeps going.
+        // A log that does not reach the snapshot is filled with the entries before it that the
+        // sender still holds (so this replica holds every retained record), or, failing that,
+        // restarts right after it, at the snapshot's offsets; a log that holds the snapshot's
+        // last entry keeps going.
         let next = state.next_position();
-        self.shared
+        let behind = self
+            .shared
             .reader
-            .with_log_mut(|log| {
-                if log.end().next_index < next.next_index {
-                    log.reset(next)
-                } else {
-                    Ok(())
+            .with_log(|log| log.end().next_index < next.next_index)?;
+        if behind {
+            let source = self.shared.backfill.get().and_then(|(peers, group_id)| {
+                let node = peers.snapshot_sender(*group_id)?;
+                let address = meta
+                    .last_membership
+                    .membership()
+                    .get_node(&node)?
+                    .addr
+                    .clone();
+                Some((peers.clone(), *group_id, node, address))
+            });
+            let filled = match source {
+                Some((peers, group_id, node, address)) => {
+                    match self.backfill(&peers, group_id, node, &address, next).await {
+                        Ok(bytes) => {
+                            tracing::info!(
+                                group = group_id,
+                                from = node,
+                                bytes,
+                                "fetched the entries before the installed snapshot"
+                            );
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                group = group_id,
+                                from = node,
+                                "cannot fetch the entries before the installed snapshot; this replica starts after it: {e}"
+                            );
+                            false
+                        }
+                    }
                 }
-            })?
-            .map_err(sm_error)?;
+                None => false,
+            };
+            if filled {
+                // openraft purges through the snapshot next: keep what was fetched.
+                self.shared.reader.keep_through(next.next_index - 1);
+            } else {
+                self.shared
+                    .reader
+                    .with_log_mut(|log| log.reset(next))?
+                    .map_err(sm_error)?;
+            }
+        }
         let high_watermark = state.high_watermark;
         *self.shared.state.lock().map_err(sm_error)? = state.clone();
         self.persist(state).await?;

@@ -1,0 +1,144 @@
+//! A replica whose data directory was wiped rejoins the cluster and catches up from its
+//! partition's leader (real processes, three brokers on 127.0.0.x). The leader's log was already
+//! purged by retention, so the new replica is sent a snapshot (the partition's state at the
+//! leader's latest snapshot); it then fetches the entries before that snapshot which the leader
+//! still holds (ReadLog on the peer port) and receives every entry after it: it holds everything
+//! retention keeps, not only what came after the leader's latest snapshot. Before, the leader's
+//! partition group crashed outright (openraft refuses a follower whose log went backwards unless
+//! told that a wiped replica may rejoin).
+
+use std::time::Duration;
+
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{PublishRequest, Record};
+use weft_tests::{Broker, fetch_range, grpc, offsets, start_cluster_with, wait_for};
+
+const RECORD: usize = 4096;
+
+fn leader_of_0(broker: &Broker) -> u64 {
+    let (status, body) = broker.http("GET", "/v1/topics/wipe", None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    v["partition_details"][0]["leader_id"].as_u64().unwrap_or(0)
+}
+
+/// Publishes records `from .. to` (16 per call) through `address`.
+async fn publish(address: &str, from: u64, to: u64) {
+    let channel = grpc::channel(address).await;
+    let mut publisher = grpc::publisher(&channel);
+    let mut i = from;
+    while i < to {
+        let end = (i + 16).min(to);
+        let response = publisher
+            .publish(PublishRequest {
+                topic: "wipe".into(),
+                target: Some(Target::Partition(0)),
+                records: (i..end)
+                    .map(|n| {
+                        let mut value = format!("{n:08}").into_bytes();
+                        value.resize(RECORD, b'.');
+                        Record {
+                            value: value.into(),
+                            ..Record::default()
+                        }
+                    })
+                    .collect(),
+                ..PublishRequest::default()
+            })
+            .await
+            .expect("publish")
+            .into_inner();
+        assert_eq!(response.base_offset, i, "dense offsets");
+        i = end;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "retention_check_interval_ms = 200\nsnapshot_interval_bytes = 1048576\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let mut brokers = start_cluster_with(3, &["--config", &config]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"wipe","partitions":1,"segment_bytes":1048576,"retention_bytes":4194304,"max_message_bytes":262144}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of_0(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await as usize;
+    let leader_address = brokers[leader - 1].client_addr.clone();
+
+    // About 6.5 MB through 1 MiB segments, keeping 4 MiB: retention purges the head.
+    publish(&leader_address, 0, 1600).await;
+    wait_for("retention to purge", Duration::from_secs(30), || {
+        let address = leader_address.clone();
+        async move {
+            offsets(&address, "wipe", 0, None)
+                .await
+                .ok()
+                .filter(|b| b.log_start_offset > 0)
+        }
+    })
+    .await;
+
+    // A follower loses its disk: it comes back empty, on the same addresses.
+    let wiped = (0..3).find(|&i| i + 1 != leader).expect("a follower");
+    brokers[wiped].kill9();
+    std::fs::remove_dir_all(brokers[wiped].data_dir()).expect("wipe");
+    brokers[wiped].start_again_same_ports();
+    brokers[wiped].wait_ready();
+    publish(&leader_address, 1600, 1700).await;
+
+    let wiped_address = brokers[wiped].client_addr.clone();
+    let caught_up = wait_for(
+        "the wiped replica to catch up",
+        Duration::from_secs(60),
+        || {
+            let address = wiped_address.clone();
+            async move {
+                offsets(&address, "wipe", 0, None)
+                    .await
+                    .ok()
+                    .filter(|b| b.high_watermark >= 1700)
+            }
+        },
+    )
+    .await;
+    let on_leader = offsets(&leader_address, "wipe", 0, None)
+        .await
+        .expect("leader offsets");
+    eprintln!(
+        "leader holds [{}, {}), the wiped replica [{}, {})",
+        on_leader.log_start_offset,
+        on_leader.high_watermark,
+        caught_up.log_start_offset,
+        caught_up.high_watermark
+    );
+    // It holds what the leader holds (each replica applies retention by itself, whole segments
+    // at a time, so the heads may differ by part of a segment).
+    let per_segment = (1048576 / RECORD) as u64;
+    assert!(
+        caught_up.log_start_offset <= on_leader.log_start_offset + per_segment,
+        "the wiped replica starts at {} but the leader keeps from {}",
+        caught_up.log_start_offset,
+        on_leader.log_start_offset
+    );
+    let read = fetch_range(&wiped_address, "wipe", 0, caught_up.log_start_offset, 1700).await;
+    assert_eq!(read.len() as u64, 1700 - caught_up.log_start_offset);
+    for (offset, value) in &read {
+        assert_eq!(
+            &value[..8],
+            format!("{offset:08}").as_bytes(),
+            "offset {offset}"
+        );
+    }
+}
