@@ -282,6 +282,7 @@ impl Node {
         })?;
         let store = SledMetaStore::open(config.data_dir.join("meta"))?;
         let meta = Metadata::new(Arc::new(store));
+        let fresh = meta.node_identity()?.is_none();
         let identity = match meta.node_identity()? {
             Some(identity) if identity.node_id != config.node_id => anyhow::bail!(
                 "data_dir {} belongs to node {}, but node_id is {}",
@@ -312,6 +313,12 @@ impl Node {
             Some(config.peer_listen.ip()),
         );
         let seeds = config.peer_list()?;
+        if fresh && !seeds.is_empty() {
+            // An empty data directory in a cluster: a first start, or a broker that lost its
+            // data. It votes only once the cluster has said which (and, if it lost its data,
+            // once it has caught up in each group).
+            peers.set_recovery(crate::raft::Recovery::Undecided);
+        }
         let controller = ControllerGroup::open(
             &config.data_dir.join("controller"),
             config.node_id,
@@ -482,6 +489,11 @@ impl Node {
     /// The controller state (topics).
     pub fn controller_state(&self) -> Arc<ControllerState> {
         self.controller.state()
+    }
+
+    /// Watches the controller state.
+    pub fn controller_watch(&self) -> watch::Receiver<Arc<ControllerState>> {
+        self.controller.watch()
     }
 
     /// The controller's leader.

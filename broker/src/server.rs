@@ -144,7 +144,7 @@ pub async fn run(
         )
         .add_service(
             weft_proto::internal::v1::controller_server::ControllerServer::new(
-                crate::raft::ControllerService::new(node.peers().clone()),
+                crate::raft::ControllerService::new(node.peers().clone(), node.controller_watch()),
             ),
         )
         .add_service(

@@ -567,9 +567,12 @@ pub fn start_cluster_with(size: u64, extra: &[&str]) -> Vec<Broker> {
         .map(|(i, l)| format!("{}@{}", i + 1, l[1]))
         .collect::<Vec<_>>()
         .join(",");
-    let brokers: Vec<Broker> = listen
+    // The seed (node 1) last: it asks the others whether they have a cluster before it starts
+    // one, and those already listening answer at once that they have none.
+    let mut brokers: Vec<Broker> = listen
         .into_iter()
         .enumerate()
+        .rev()
         .map(|(i, l)| {
             let id = (i + 1).to_string();
             let mut args = vec!["--node-id", &id, "--peers", &peers];
@@ -577,6 +580,7 @@ pub fn start_cluster_with(size: u64, extra: &[&str]) -> Vec<Broker> {
             Broker::start_on(l, &args, &[])
         })
         .collect();
+    brokers.reverse();
     for broker in &brokers {
         broker.wait_ready();
     }

@@ -90,8 +90,28 @@ async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
     })
     .await;
 
-    // A follower loses its disk: it comes back empty, on the same addresses.
-    let wiped = (0..3).find(|&i| i + 1 != leader).expect("a follower");
+    // The seed broker (node 1, which initialised the cluster) loses its disk while it follows
+    // the partition: it comes back empty, on the same addresses, and must rejoin the cluster
+    // it belonged to, not start a second one.
+    let wiped = 0;
+    if leader == 1 {
+        let (status, body) = brokers[0].http(
+            "POST",
+            "/v1/topics/wipe/partitions/0/leader",
+            Some(r#"{"node_id":2}"#),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    let leader = wait_for(
+        "a leader other than node 1",
+        Duration::from_secs(30),
+        || {
+            let l = leader_of_0(&brokers[1]);
+            async move { (l != 0 && l != 1).then_some(l) }
+        },
+    )
+    .await as usize;
+    let leader_address = brokers[leader - 1].client_addr.clone();
     brokers[wiped].kill9();
     std::fs::remove_dir_all(brokers[wiped].data_dir()).expect("wipe");
     brokers[wiped].start_again_same_ports();
@@ -99,6 +119,10 @@ async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
     publish(&leader_address, 1600, 1700).await;
 
     let wiped_address = brokers[wiped].client_addr.clone();
+    // It knows the cluster's topics (it rejoined; a second cluster would have none), and it
+    // withheld its votes until it had caught up.
+    let (status, body) = brokers[wiped].http("GET", "/v1/topics/wipe", None);
+    assert_eq!(status, 200, "{body}");
     let caught_up = wait_for(
         "the wiped replica to catch up",
         Duration::from_secs(60),
@@ -131,6 +155,11 @@ async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
         "the wiped replica starts at {} but the leader keeps from {}",
         caught_up.log_start_offset,
         on_leader.log_start_offset
+    );
+    let log = brokers[wiped].log();
+    assert!(
+        log.contains("Rejoining") && log.contains("votes again"),
+        "the wiped broker withholds its votes until caught up:\n{log}"
     );
     let read = fetch_range(&wiped_address, "wipe", 0, caught_up.log_start_offset, 1700).await;
     assert_eq!(read.len() as u64, 1700 - caught_up.log_start_offset);

@@ -18,7 +18,7 @@ use crate::meta::Metadata;
 
 use super::{
     CONTROLLER_GROUP, Command, ControllerCommand, ControllerResponse, ControllerState,
-    ControllerStateMachine, Flusher, LogStore, NodeId, Peers, Raft, Response,
+    ControllerStateMachine, Flusher, LogStore, NodeId, Peers, Raft, Recovery, Response,
 };
 use crate::error::BrokerError;
 
@@ -109,11 +109,29 @@ impl ControllerGroup {
         };
         let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
         if !raft.is_initialized().await? {
-            if seed {
-                let members = BTreeMap::from([(node_id, BasicNode::new(peer_address.clone()))]);
-                raft.initialize(members).await?;
+            // The seed initialises a new cluster only when no other broker has one: a seed that
+            // lost its data joins the cluster it belonged to instead of starting a second one.
+            let cluster_elsewhere = if seed && seeds.len() > 1 {
+                probe_cluster(&peers, &seeds, node_id, &peer_address).await
             } else {
-                tokio::spawn(join(peers, seeds.clone(), node_id, peer_address));
+                Probe::NoCluster
+            };
+            match (seed, cluster_elsewhere) {
+                (true, Probe::NoCluster) => {
+                    let members = BTreeMap::from([(node_id, BasicNode::new(peer_address.clone()))]);
+                    raft.initialize(members).await?;
+                    peers.set_recovery(Recovery::Normal);
+                }
+                (_, Probe::Joined { already_member }) => {
+                    peers.set_recovery(if already_member {
+                        Recovery::Rejoining
+                    } else {
+                        Recovery::Normal
+                    });
+                }
+                (_, Probe::NoCluster | Probe::Elsewhere) => {
+                    tokio::spawn(join(peers.clone(), seeds.clone(), node_id, peer_address));
+                }
             }
         }
         if seeds.is_empty() || (seed && seeds.len() == 1) {
@@ -318,6 +336,93 @@ async fn propose_here_or_forward(
         .map_err(|e| BrokerError::Internal(format!("controller response: {e}")))
 }
 
+/// What a seed with an empty controller log learned from the other brokers.
+enum Probe {
+    /// None of them has a cluster (or none answered): this is the first start.
+    NoCluster,
+    /// One of them has a cluster that could not take the join yet (no leader right now).
+    Elsewhere,
+    /// It joined a cluster (being a member of it already, or not).
+    Joined {
+        /// It was a member already: it lost its data.
+        already_member: bool,
+    },
+}
+
+/// How long a seed with an empty controller log asks the other brokers whether they have a
+/// cluster before it starts one.
+const PROBE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Asks the other brokers (for up to [`PROBE_WINDOW`]) whether a cluster exists, joining it
+/// when one does. Every broker answering that its log is empty ends the probe at once; a
+/// broker that answers anything else but an empty log (or does not answer in time) means a
+/// cluster exists, and the seed keeps joining it rather than starting one. Only brokers that
+/// are all empty or not listening let it start a cluster.
+async fn probe_cluster(
+    peers: &Peers,
+    seeds: &[(NodeId, String)],
+    node_id: NodeId,
+    peer_address: &str,
+) -> Probe {
+    let deadline = tokio::time::Instant::now() + PROBE_WINDOW;
+    let others: Vec<&(NodeId, String)> = seeds.iter().filter(|(id, _)| *id != node_id).collect();
+    let mut elsewhere = false;
+    loop {
+        let mut empty = 0;
+        for (seed, address) in &others {
+            let request = peers.request(
+                *seed,
+                pb::JoinRequest {
+                    node_id,
+                    peer_address: peer_address.to_string(),
+                    hops: 0,
+                },
+                JOIN_TIMEOUT.min(Duration::from_secs(2)),
+            );
+            let Ok(mut client) = peers.controller_client(address) else {
+                continue;
+            };
+            match client.join(request).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    tracing::info!(
+                        leader = response.leader_id,
+                        already_member = response.already_member,
+                        "joined the cluster the other brokers have"
+                    );
+                    return Probe::Joined {
+                        already_member: response.already_member,
+                    };
+                }
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => empty += 1,
+                // Not listening (yet): says nothing either way.
+                Err(status) if status.message().contains("tcp connect error") => {}
+                Err(status) => {
+                    // A broker that is up and not empty (it has no leader right now, or its
+                    // leader does not answer): a cluster exists. Never start a second one.
+                    tracing::info!(
+                        seed,
+                        "asking whether a cluster exists: {}",
+                        status.message()
+                    );
+                    elsewhere = true;
+                }
+            }
+        }
+        if empty == others.len() {
+            return Probe::NoCluster;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return if elsewhere {
+                Probe::Elsewhere
+            } else {
+                Probe::NoCluster
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Joins the controller group through the seeds: asks each in turn (any broker forwards to the
 /// controller leader) until one has added this broker, backing off between rounds. Runs until it
 /// succeeds.
@@ -343,10 +448,17 @@ async fn join(peers: Peers, seeds: Vec<(NodeId, String)>, node_id: NodeId, peer_
             };
             match result {
                 Ok(response) => {
+                    let response = response.into_inner();
                     tracing::info!(
-                        leader = response.into_inner().leader_id,
+                        leader = response.leader_id,
+                        already_member = response.already_member,
                         "joined the controller group"
                     );
+                    peers.set_recovery(if response.already_member {
+                        Recovery::Rejoining
+                    } else {
+                        Recovery::Normal
+                    });
                     return;
                 }
                 Err(e) => {
@@ -369,12 +481,13 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct ControllerService {
     peers: Peers,
+    state: watch::Receiver<Arc<ControllerState>>,
 }
 
 impl ControllerService {
-    /// Serves the controller group registered in `peers`.
-    pub fn new(peers: Peers) -> ControllerService {
-        ControllerService { peers }
+    /// Serves the controller group registered in `peers`, whose applied state `state` is.
+    pub fn new(peers: Peers, state: watch::Receiver<Arc<ControllerState>>) -> ControllerService {
+        ControllerService { peers, state }
     }
 
     fn leader_address(raft: &Raft) -> Option<(NodeId, String)> {
@@ -401,6 +514,15 @@ impl pb::controller_server::Controller for ControllerService {
         if message.node_id == 0 || message.peer_address.is_empty() {
             return Err(tonic::Status::invalid_argument(
                 "a join needs a node id and a peer address",
+            ));
+        }
+        if !raft
+            .is_initialized()
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+        {
+            return Err(tonic::Status::failed_precondition(
+                "this broker's controller log is empty: no cluster here yet",
             ));
         }
         let metrics = raft.metrics().borrow().clone();
@@ -431,6 +553,9 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let membership = metrics.membership_config.membership().clone();
         let is_voter = membership.voter_ids().any(|id| id == message.node_id);
+        // A broker registered before lost its data (a first join that failed half way and is
+        // retried is not registered yet: it registers once it has joined).
+        let already_member = self.state.borrow().brokers.contains_key(&message.node_id);
         if !is_voter {
             raft.add_learner(
                 message.node_id,
@@ -453,6 +578,7 @@ impl pb::controller_server::Controller for ControllerService {
         }
         Ok(tonic::Response::new(pb::JoinResponse {
             leader_id: metrics.id,
+            already_member,
         }))
     }
 

@@ -54,6 +54,8 @@ struct Inner {
     readers: RwLock<HashMap<GroupId, LogReader>>,
     /// The node each group last received a snapshot from (its leader then).
     snapshot_from: Mutex<HashMap<GroupId, NodeId>>,
+    /// Whether this node may vote (see [`Recovery`]), and the groups where it waits.
+    recovery: Mutex<(Recovery, HashMap<GroupId, Gate>)>,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
     contacts: Mutex<HashMap<(GroupId, NodeId), Instant>>,
     /// The address this node's peer connections leave from (its peer listen address, when that
@@ -69,6 +71,30 @@ impl std::fmt::Debug for Inner {
             .field("cluster_name", &self.cluster_name)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether a broker votes. A broker that lost its data (started with an empty data directory
+/// while the cluster already counted it as a member) forgot its votes and its log: granting a
+/// vote then could elect a leader that lacks committed entries. It withholds its votes in each
+/// group until its log has caught up with what the group had committed when it came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// It votes.
+    Normal,
+    /// Its data directory was empty at start: whether the cluster knew it is not known yet.
+    Undecided,
+    /// It lost its data: it votes in a group once caught up there.
+    Rejoining,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Gate {
+    /// No leader heard from yet.
+    Waiting,
+    /// Catching up to this commit index.
+    CatchingUp(u64),
+    /// Caught up: votes.
+    Open,
 }
 
 /// This node's connections to its peers, and the directory of its open Raft groups.
@@ -89,6 +115,7 @@ impl Peers {
                 groups: RwLock::new(HashMap::new()),
                 readers: RwLock::new(HashMap::new()),
                 snapshot_from: Mutex::new(HashMap::new()),
+                recovery: Mutex::new((Recovery::Normal, HashMap::new())),
                 contacts: Mutex::new(HashMap::new()),
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
                 connect_timeout: Duration::from_secs(2),
@@ -133,6 +160,71 @@ impl Peers {
         }
         if let Ok(mut readers) = self.inner.readers.write() {
             readers.remove(&group_id);
+        }
+    }
+
+    /// Sets whether this node votes (see [`Recovery`]).
+    pub fn set_recovery(&self, recovery: Recovery) {
+        if let Ok(mut r) = self.inner.recovery.lock() {
+            if r.0 != recovery {
+                tracing::info!(?recovery, "voting mode");
+            }
+            r.0 = recovery;
+        }
+    }
+
+    /// Whether this node withholds its vote in group `group_id` now.
+    fn withholds_vote(&self, group_id: GroupId) -> bool {
+        let Ok(mut r) = self.inner.recovery.lock() else {
+            return true;
+        };
+        match r.0 {
+            Recovery::Normal => false,
+            Recovery::Undecided => true,
+            Recovery::Rejoining => {
+                let gate = r.1.entry(group_id).or_insert(Gate::Waiting);
+                !self.try_open(group_id, gate)
+            }
+        }
+    }
+
+    /// Opens `gate` (group `group_id`) when the group has applied what it catches up to;
+    /// whether it is open.
+    fn try_open(&self, group_id: GroupId, gate: &mut Gate) -> bool {
+        match *gate {
+            Gate::Open => true,
+            Gate::Waiting => false,
+            Gate::CatchingUp(target) => {
+                let applied = self
+                    .group(group_id)
+                    .ok()
+                    .and_then(|raft| raft.metrics().borrow().last_applied)
+                    .map_or(0, |l| l.index);
+                if applied >= target {
+                    tracing::info!(
+                        group = group_id,
+                        "caught up after losing its data: votes again"
+                    );
+                    *gate = Gate::Open;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// A leader's AppendEntries reached group `group_id` here, with its commit index: the
+    /// first one sets what a replica that lost its data must catch up to before it votes.
+    fn heard_leader(&self, group_id: GroupId, leader_commit: u64) {
+        if let Ok(mut r) = self.inner.recovery.lock()
+            && r.0 == Recovery::Rejoining
+        {
+            let gate = r.1.entry(group_id).or_insert(Gate::Waiting);
+            if matches!(gate, Gate::Waiting) {
+                *gate = Gate::CatchingUp(leader_commit);
+            }
+            self.try_open(group_id, gate);
         }
     }
 
@@ -424,7 +516,10 @@ impl pb::raft_server::Raft for RaftService {
         self.peers.check(&request)?;
         let message = request.into_inner();
         let raft = self.peers.group(message.group_id)?;
+        let group_id = message.group_id;
         let rpc = wire::append_from(message).map_err(malformed)?;
+        self.peers
+            .heard_leader(group_id, rpc.leader_commit.map_or(0, |l| l.index));
         let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(wire::append_response_to(&response)))
     }
@@ -436,6 +531,12 @@ impl pb::raft_server::Raft for RaftService {
         self.peers.check(&request)?;
         let message = request.into_inner();
         let raft = self.peers.group(message.group_id)?;
+        if self.peers.withholds_vote(message.group_id) {
+            return Err(Status::unavailable(format!(
+                "node {} lost its data and withholds its vote in group {} until it has caught up",
+                self.peers.inner.node_id, message.group_id
+            )));
+        }
         let rpc = wire::vote_request_from(message).map_err(malformed)?;
         let response = raft.vote(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(wire::vote_response_to(&response)))
