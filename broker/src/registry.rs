@@ -376,8 +376,27 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
 
         let mut retention = tokio::time::interval(context.retention_interval);
         retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every leader this replica sees elected (the one it found on opening included).
+        let elected = |leader: Option<u64>| {
+            if let Some(leader) = leader {
+                tracing::info!(topic = %spec.topic, partition = spec.partition, leader, "partition leader elected");
+                metrics::counter!(
+                    "weft_partition_leader_changes_total",
+                    "topic" => spec.topic.clone(),
+                    "partition" => spec.partition.to_string()
+                )
+                .increment(1);
+            }
+        };
+        let mut leaders = group.watch_leader();
+        let mut leaders_open = true;
+        elected(*leaders.borrow_and_update());
         let reason = loop {
             tokio::select! {
+                changed = leaders.changed(), if leaders_open => match changed {
+                    Ok(()) => elected(*leaders.borrow_and_update()),
+                    Err(_) => leaders_open = false,
+                },
                 _ = stop.changed() => {
                     let snapshot = *stop.borrow();
                 partition.shutdown(snapshot).await;

@@ -153,6 +153,27 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
         );
     }
     let leader0 = &brokers[layout[0].1 as usize - 1];
+    // Elections are counted, and replication calls are timed per peer.
+    let elected = weft_tests::metric(
+        leader0,
+        r#"weft_partition_leader_changes_total{topic="orders",partition="0"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(elected >= 1.0, "leader changes of orders/0: {elected}");
+    let follower0 = layout[0]
+        .2
+        .iter()
+        .find(|r| **r != layout[0].1)
+        .expect("a follower");
+    let calls = weft_tests::metric(
+        leader0,
+        &format!(r#"weft_raft_rpc_seconds_count{{rpc="append_entries",peer="{follower0}"}}"#),
+    )
+    .unwrap_or(0.0);
+    assert!(
+        calls > 0.0,
+        "AppendEntries calls to node {follower0} timed: {calls}"
+    );
     for replica in layout[0].2.iter().filter(|r| **r != layout[0].1) {
         let name = format!(
             r#"weft_partition_replica_lag_entries{{topic="orders",partition="0",replica="{replica}"}}"#

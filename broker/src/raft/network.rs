@@ -441,10 +441,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             ));
         }
         let mut client = self.client().map_err(network_error)?;
-        let response = client
-            .append_entries(self.request(message, &option))
-            .await
-            .map_err(|s| status_error(&s))?;
+        let started = Instant::now();
+        let sent = client.append_entries(self.request(message, &option)).await;
+        let peer = self.target.to_string();
+        metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("weft_raft_append_entries_per_call", "peer" => peer)
+            .record(count as f64);
+        let response = sent.map_err(|s| status_error(&s))?;
         let response = wire::append_response_from(response.into_inner()).map_err(network_error)?;
         if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
             self.peers.touch(self.group_id, self.target);

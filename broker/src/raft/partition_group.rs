@@ -537,6 +537,26 @@ impl PartitionGroup {
         (majority_age > window).then(|| u64::try_from(window.as_millis()).unwrap_or(u64::MAX))
     }
 
+    /// Watches who leads the group (a task maps openraft's metrics; it ends with the group).
+    pub fn watch_leader(&self) -> tokio::sync::watch::Receiver<Option<NodeId>> {
+        let mut metrics = self.raft.metrics();
+        let (tx, rx) = tokio::sync::watch::channel(metrics.borrow().current_leader);
+        tokio::spawn(async move {
+            while metrics.changed().await.is_ok() {
+                let leader = metrics.borrow().current_leader;
+                tx.send_if_modified(|current| {
+                    let changed = *current != leader;
+                    *current = leader;
+                    changed
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
     /// Whether this replica leads the group now.
     pub fn is_leader(&self) -> bool {
         let metrics = self.raft.metrics();
