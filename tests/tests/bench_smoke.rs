@@ -84,7 +84,7 @@ fn check_result(dir: &Path, driver: &str) {
     let v: Value = serde_json::from_str(&text).expect("result.json is JSON");
     let kind = driver.split(':').next().expect("kind");
     assert_eq!(v["driver"], kind);
-    if !driver.contains(':') && kind != "weft" && kind != "disk" {
+    if !driver.contains(':') && !matches!(kind, "weft" | "weft-cluster" | "disk") {
         assert_eq!(
             v["durability"], "default",
             "a bare peer runs at its default"
@@ -190,6 +190,11 @@ fn smoke(driver: &str) {
 #[test]
 fn smoke_weft() {
     smoke("weft");
+}
+
+#[test]
+fn smoke_weft_cluster() {
+    smoke("weft-cluster");
 }
 
 #[test]

@@ -137,6 +137,8 @@ impl std::fmt::Display for Durability {
 pub enum Kind {
     /// Weft through weft-client (gRPC).
     Weft,
+    /// Three Weft brokers on this machine, one cluster, every partition replicated three times.
+    WeftCluster,
     /// NATS JetStream through async-nats.
     Nats,
     /// Redis Streams (XADD / XREADGROUP) through redis-rs.
@@ -152,6 +154,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Weft => "weft",
+            Kind::WeftCluster => "weft-cluster",
             Kind::Nats => "nats",
             Kind::Redis => "redis",
             Kind::Rabbitmq => "rabbitmq",
@@ -160,8 +163,9 @@ impl Kind {
     }
 
     /// Every kind, in the order `list` shows them.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Weft,
+        Kind::WeftCluster,
         Kind::Nats,
         Kind::Redis,
         Kind::Rabbitmq,
@@ -191,6 +195,9 @@ impl DriverSpec {
         match (self.kind, self.durability) {
             (Kind::Weft, _) => {
                 "fsync before ack (Weft's default: acknowledged once stored and fdatasynced, group commit)".into()
+            }
+            (Kind::WeftCluster, _) => {
+                "3 brokers, replication factor 3: acknowledged once a majority of replicas stored and fdatasynced it".into()
             }
             (Kind::Nats, Durability::Default) => {
                 "JetStream default: file storage, acknowledged before fsync (sync_interval 2m)".into()
@@ -229,12 +236,16 @@ impl DriverSpec {
             };
             let kind = match kind {
                 "weft" => Kind::Weft,
+                "weft-cluster" => Kind::WeftCluster,
                 "nats" => Kind::Nats,
                 "redis" => Kind::Redis,
                 "rabbitmq" => Kind::Rabbitmq,
                 "disk" => Kind::Disk,
                 other => {
-                    bail!("unknown driver {other:?} (known: weft, nats, redis, rabbitmq, disk)")
+                    bail!(
+                        "unknown driver {other:?} (known: weft, weft-cluster, nats, redis, \
+                         rabbitmq, disk)"
+                    )
                 }
             };
             let durabilities = match (kind, durability) {
@@ -248,20 +259,22 @@ impl DriverSpec {
                     bail!("unknown durability {other:?} for {kind:?} (default or fsync)")
                 }
                 // Weft and the disk always fsync before acknowledging.
-                (Kind::Weft | Kind::Disk, None) => vec![Durability::Fsync],
+                (Kind::Weft | Kind::WeftCluster | Kind::Disk, None) => vec![Durability::Fsync],
                 // RabbitMQ Streams have a single setting.
                 (Kind::Rabbitmq, None) => vec![Durability::Default],
                 (_, None) if expand => vec![Durability::Default, Durability::Fsync],
                 (_, None) => vec![Durability::Default],
             };
-            if matches!(kind, Kind::Weft | Kind::Disk) && durabilities == [Durability::Default] {
+            if matches!(kind, Kind::Weft | Kind::WeftCluster | Kind::Disk)
+                && durabilities == [Durability::Default]
+            {
                 bail!(
                     "{} has one durability, fsync before ack; drop ':default'",
                     kind.name()
                 );
             }
-            if kind == Kind::Disk && endpoint.is_some() {
-                bail!("disk takes no endpoint");
+            if matches!(kind, Kind::Disk | Kind::WeftCluster) && endpoint.is_some() {
+                bail!("{} takes no endpoint", kind.name());
             }
             for durability in durabilities {
                 specs.push(DriverSpec {
@@ -301,6 +314,9 @@ pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>
 async fn start_once(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>> {
     match spec.kind {
         Kind::Weft => Ok(Box::new(weft::WeftDriver::start(spec, data_dir).await?)),
+        Kind::WeftCluster => Ok(Box::new(
+            weft::WeftClusterDriver::start(spec, data_dir).await?,
+        )),
         Kind::Nats => Ok(Box::new(nats::NatsDriver::start(spec, data_dir).await?)),
         Kind::Redis => Ok(Box::new(redis::RedisDriver::start(spec, data_dir).await?)),
         Kind::Rabbitmq => Ok(Box::new(
@@ -314,7 +330,7 @@ async fn start_once(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver
 /// test); `Err` says what is missing.
 pub fn available(kind: Kind) -> Result<()> {
     match kind {
-        Kind::Weft => weft::broker_binary().map(|_| ()),
+        Kind::Weft | Kind::WeftCluster => weft::broker_binary().map(|_| ()),
         Kind::Nats => process::find_program("nats-server").map(|_| ()),
         Kind::Redis => process::find_program("redis-server").map(|_| ()),
         Kind::Rabbitmq => rabbitmq::available(),

@@ -15,7 +15,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use weft_client::{Client, ConsumerConfig, Producer, ProducerConfig, Record, StartFrom};
 
-use super::process::{START_TIMEOUT, Server};
+use super::process::{START_TIMEOUT, Server, free_port};
 use super::{AckFuture, BenchConsumer, BenchProducer, Driver, DriverSpec};
 
 /// Finds `weft-broker`: `WEFT_BROKER_BIN`, next to this executable (the same `cargo build`), or
@@ -89,13 +89,25 @@ pub(crate) fn ready_address(line: &str, key: &str) -> Result<String> {
 }
 
 async fn spawn_broker(data_dir: &Path) -> Result<(String, Server)> {
+    spawn_broker_with(
+        data_dir,
+        "weft-broker",
+        &LISTEN_ON_FREE_PORTS.map(String::from),
+    )
+    .await
+}
+
+/// Starts `weft-broker` with its data in `dir/data` (the log in `dir/<name>.log`) and `args`;
+/// returns its client address once it says it is ready.
+async fn spawn_broker_with(dir: &Path, name: &str, args: &[String]) -> Result<(String, Server)> {
     let binary = broker_binary()?;
-    let log = data_dir.join("weft-broker.log");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log = dir.join(format!("{name}.log"));
     let err = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let mut child = tokio::process::Command::new(&binary)
         .arg("--data-dir")
-        .arg(data_dir.join("data"))
-        .args(LISTEN_ON_FREE_PORTS)
+        .arg(dir.join("data"))
+        .args(args)
         .env("WEFT_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -114,10 +126,13 @@ async fn spawn_broker(data_dir: &Path) -> Result<(String, Server)> {
         Ok(None)
     })
     .await;
-    let server = Server::from_child("weft-broker", child, log);
+    let server = Server::from_child(name, child, log);
     let line = match ready {
         Ok(Ok(Some(line))) => line,
-        _ => bail!("weft-broker did not start; its log:\n{}", server.log_tail()),
+        _ => bail!(
+            "{name} exited or hung before listening on its ports; its log:\n{}",
+            server.log_tail()
+        ),
     };
     // Keep draining stdout so the broker never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -141,15 +156,7 @@ impl Driver for WeftDriver {
         _partitions: u32,
         in_flight: usize,
     ) -> Result<Box<dyn BenchProducer>> {
-        // The harness bounds unacknowledged messages; batches of a quarter of that window keep
-        // several publishes in flight instead of one window-sized batch at a time.
-        let producer = self.client.producer(ProducerConfig {
-            linger: Duration::from_millis(1),
-            batch_records_max: (in_flight / 4).max(1),
-            in_flight_per_partition: 4,
-            queue_records_max: in_flight.max(1),
-            ..ProducerConfig::default()
-        });
+        let producer = self.client.producer(producer_config(in_flight));
         Ok(Box::new(WeftProducer {
             producer,
             topic: topic.to_string(),
@@ -162,39 +169,268 @@ impl Driver for WeftDriver {
         _partitions: &[u32],
         group: &str,
     ) -> Result<Box<dyn BenchConsumer>> {
-        // Group members share the partitions through the broker's coordinator, as Kafka users
-        // would run them.
-        let mut consumer = self
-            .client
-            .consumer(
-                ConsumerConfig::new(topic)
-                    .group(group)
-                    .start(StartFrom::Earliest),
-            )
-            .await
-            .with_context(|| format!("subscribing to {topic} as {group}"))?;
-        let (tx, rx) = mpsc::channel::<Result<Bytes>>(8192);
-        let task = tokio::spawn(async move {
-            loop {
-                let next = consumer.next().await;
-                let item = match next {
-                    Ok(Some(message)) => Ok(message.value),
-                    Ok(None) => Err(anyhow!("subscription ended")),
-                    Err(e) => Err(anyhow!(e)),
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    break;
-                }
-            }
-            let _ = consumer.close().await;
-        });
-        Ok(Box::new(WeftConsumer { rx, task }))
+        group_member(&self.client, topic, group).await
     }
 
     async fn shutdown(self: Box<Self>) -> Result<()> {
         if let Some(server) = self.server {
             server.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The producer settings of both Weft drivers. The harness bounds unacknowledged messages;
+/// batches of a quarter of that window keep several publishes in flight instead of one
+/// window-sized batch at a time.
+fn producer_config(in_flight: usize) -> ProducerConfig {
+    ProducerConfig {
+        linger: Duration::from_millis(1),
+        batch_records_max: (in_flight / 4).max(1),
+        in_flight_per_partition: 4,
+        queue_records_max: in_flight.max(1),
+        ..ProducerConfig::default()
+    }
+}
+
+/// A consumer-group member through `client`: group members share the partitions through the
+/// group's coordinator, as Kafka users would run them.
+async fn group_member(client: &Client, topic: &str, group: &str) -> Result<Box<dyn BenchConsumer>> {
+    let mut consumer = client
+        .consumer(
+            ConsumerConfig::new(topic)
+                .group(group)
+                .start(StartFrom::Earliest),
+        )
+        .await
+        .with_context(|| format!("subscribing to {topic} as {group}"))?;
+    let (tx, rx) = mpsc::channel::<Result<Bytes>>(8192);
+    let task = tokio::spawn(async move {
+        loop {
+            let next = consumer.next().await;
+            let item = match next {
+                Ok(Some(message)) => Ok(message.value),
+                Ok(None) => Err(anyhow!("subscription ended")),
+                Err(e) => Err(anyhow!(e)),
+            };
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                break;
+            }
+        }
+        let _ = consumer.close().await;
+    });
+    Ok(Box::new(WeftConsumer { rx, task }))
+}
+
+/// Brokers in the `weft-cluster` driver's cluster.
+const CLUSTER_SIZE: usize = 3;
+
+/// Three brokers on loopback, each with its own data directory, forming one cluster (every
+/// partition replicated three times, fsync before ack on every replica, acknowledged once a
+/// majority has it). The driver routes each partition's publishes to its leader, as a client
+/// that learns leaders from the cluster's metadata does; consumers are spread over the
+/// brokers (each reads from its own replica).
+#[derive(Debug)]
+pub struct WeftClusterDriver {
+    /// A client per broker, by node id - 1.
+    clients: Vec<Client>,
+    servers: Vec<Server>,
+    /// Each topic's partitions' leaders (index into `clients`).
+    leaders: std::sync::Mutex<std::collections::HashMap<String, Vec<usize>>>,
+    next_consumer: std::sync::atomic::AtomicUsize,
+}
+
+impl WeftClusterDriver {
+    /// Starts the cluster in `data_dir` (`node1` .. `node3`).
+    pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<WeftClusterDriver> {
+        if spec.endpoint.is_some() {
+            bail!("weft-cluster starts its own brokers; it takes no endpoint");
+        }
+        let ports: Vec<[u16; 3]> = (0..CLUSTER_SIZE)
+            .map(|_| Ok([free_port()?, free_port()?, free_port()?]))
+            .collect::<Result<_>>()?;
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{}@127.0.0.1:{}", i + 1, p[1]))
+            .collect::<Vec<_>>()
+            .join(",");
+        // The seed (node 1) last: it asks the others whether they have a cluster first.
+        let mut started = Vec::new();
+        for i in (0..CLUSTER_SIZE).rev() {
+            let [client, peer, admin] = ports[i];
+            let args: Vec<String> = [
+                "--node-id".to_string(),
+                (i + 1).to_string(),
+                "--peers".to_string(),
+                peers.clone(),
+                "--client-listen".to_string(),
+                format!("127.0.0.1:{client}"),
+                "--peer-listen".to_string(),
+                format!("127.0.0.1:{peer}"),
+                "--admin-listen".to_string(),
+                format!("127.0.0.1:{admin}"),
+            ]
+            .into();
+            let name = format!("weft-broker-{}", i + 1);
+            let (address, server) =
+                spawn_broker_with(&data_dir.join(format!("node{}", i + 1)), &name, &args).await?;
+            started.push((i, address, server));
+        }
+        started.sort_by_key(|(i, _, _)| *i);
+        let mut clients = Vec::new();
+        let mut servers = Vec::new();
+        for (_, address, server) in started {
+            clients.push(
+                Client::connect([address.as_str()])
+                    .await
+                    .with_context(|| format!("connecting to weft at {address}"))?
+                    .with_timeout(Duration::from_secs(30)),
+            );
+            servers.push(server);
+        }
+        // Every broker registered: the controller places replicas on all of them.
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let status = clients[0].admin().cluster_status().await;
+            if status.as_ref().is_ok_and(|s| s.nodes.len() == CLUSTER_SIZE) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("the cluster did not form: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(WeftClusterDriver {
+            clients,
+            servers,
+            leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
+            next_consumer: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Driver for WeftClusterDriver {
+    async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        self.clients[0]
+            .admin()
+            .create_topic(topic, partitions)
+            .await
+            .with_context(|| format!("creating topic {topic}"))?;
+        // Wait for a leader everywhere, preferably the preferred one (leaders spread over the
+        // brokers; the leader balance moves them there within seconds).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let leaders = loop {
+            let infos = self.clients[0].admin().partitions(topic).await?;
+            let led = infos.iter().all(|p| p.leader_id != 0);
+            let preferred = infos
+                .iter()
+                .all(|p| p.replicas.first() == Some(&p.leader_id));
+            if led && (preferred || tokio::time::Instant::now() > deadline) {
+                let mut leaders = vec![0usize; partitions as usize];
+                for p in &infos {
+                    if let Some(slot) = leaders.get_mut(p.partition as usize) {
+                        *slot = (p.leader_id as usize).saturating_sub(1) % CLUSTER_SIZE;
+                    }
+                }
+                break leaders;
+            }
+            if tokio::time::Instant::now() > deadline + Duration::from_secs(10) {
+                bail!("partitions of {topic} have no leader: {infos:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        self.leaders
+            .lock()
+            .map_err(|_| anyhow!("leader table poisoned"))?
+            .insert(topic.to_string(), leaders);
+        Ok(())
+    }
+
+    async fn producer(
+        &self,
+        topic: &str,
+        _partitions: u32,
+        in_flight: usize,
+    ) -> Result<Box<dyn BenchProducer>> {
+        let route = self
+            .leaders
+            .lock()
+            .map_err(|_| anyhow!("leader table poisoned"))?
+            .get(topic)
+            .cloned()
+            .with_context(|| format!("topic {topic} was not created by this driver"))?;
+        let producers = self
+            .clients
+            .iter()
+            .map(|c| c.producer(producer_config(in_flight)))
+            .collect();
+        Ok(Box::new(RoutedProducer {
+            producers,
+            route,
+            topic: topic.to_string(),
+        }))
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        _partitions: &[u32],
+        group: &str,
+    ) -> Result<Box<dyn BenchConsumer>> {
+        let n = self
+            .next_consumer
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        group_member(&self.clients[n % CLUSTER_SIZE], topic, group).await
+    }
+
+    async fn shutdown(self: Box<Self>) -> Result<()> {
+        drop(self.clients);
+        for server in self.servers {
+            server.stop().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes each partition's records through the broker leading it.
+struct RoutedProducer {
+    producers: Vec<Producer>,
+    route: Vec<usize>,
+    topic: String,
+}
+
+#[async_trait]
+impl BenchProducer for RoutedProducer {
+    async fn send(
+        &mut self,
+        partition: u32,
+        key: Option<Bytes>,
+        payload: Bytes,
+    ) -> Result<AckFuture> {
+        let broker = self.route.get(partition as usize).copied().unwrap_or(0);
+        let mut record = Record::new(payload).partition(partition);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        let ack = self.producers[broker]
+            .send_nowait(&self.topic, record)
+            .await?;
+        Ok(async move {
+            match ack.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(anyhow!(e)),
+                Err(_) => Err(anyhow!("producer closed")),
+            }
+        }
+        .boxed())
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        for producer in self.producers {
+            producer.close().await?;
         }
         Ok(())
     }
