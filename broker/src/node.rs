@@ -684,6 +684,14 @@ impl Node {
                 Err(e) => kept.push(format!("{name}: {e}")),
             }
         }
+        // The controller last (it coordinates the consumer groups: their members rejoin the
+        // new leader once, instead of when this broker stops).
+        if !self.config.peers.is_empty() && self.controller.leader() == Some(self.node_id) {
+            match self.controller.transfer_leadership(None, timeout).await {
+                Ok(leader) => moved.push(format!("controller -> node {leader}")),
+                Err(e) => kept.push(format!("controller: {e}")),
+            }
+        }
         tracing::info!(
             moved = moved.len(),
             kept = kept.len(),

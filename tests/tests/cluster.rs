@@ -136,6 +136,67 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
             (*leader as usize + 1) % 3 + 1
         );
     }
+    // A topic with one replica per partition: a broker that holds none of a partition forwards
+    // both publishes and fetches to the one that does.
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"single","partitions":3,"replication_factor":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let holder = partitions(&brokers[0], "single")[0].2.clone();
+    assert_eq!(holder.len(), 1, "one replica: {holder:?}");
+    let elsewhere = brokers
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i as u64 + 1 != holder[0])
+        .map(|(_, b)| b.client_addr.clone())
+        .expect("a broker without the partition");
+    let channel = grpc::channel(&elsewhere).await;
+    let acked = wait_for(
+        "a publish to the single replica",
+        Duration::from_secs(30),
+        || {
+            let channel = channel.clone();
+            async move {
+                grpc::publisher(&channel)
+                    .publish(PublishRequest {
+                        topic: "single".into(),
+                        target: Some(Target::Partition(0)),
+                        records: vec![Record {
+                            value: b"only here".to_vec().into(),
+                            ..Record::default()
+                        }],
+                        ..PublishRequest::default()
+                    })
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(acked.into_inner().base_offset, 0);
+    let read = fetch_range(&elsewhere, "single", 0, 0, 1).await;
+    assert_eq!(
+        read[0].1.as_ref(),
+        b"only here",
+        "fetched through a broker without it"
+    );
+    // (A single replica cannot move: it would keep the drain below from completing.)
+    let (status, body) = brokers[0].http("DELETE", "/v1/topics/single", None);
+    assert_eq!(status, 204, "{body}");
+    wait_for(
+        "the single-replica partitions closed",
+        Duration::from_secs(30),
+        || {
+            let led: Vec<Option<f64>> = brokers
+                .iter()
+                .map(|b| weft_tests::metric(b, "weft_partitions_led"))
+                .collect();
+            async move { led.iter().all(|l| *l == Some(1.0)).then_some(()) }
+        },
+    )
+    .await;
     let forwarded = weft_tests::metric(
         &brokers[(layout[0].1 as usize) % 3],
         r#"weft_forwarded_calls_total{method="Publish"}"#,

@@ -3,7 +3,8 @@
 //! leader), share the topic's partitions; their commits and the group's description are served
 //! through any broker; when the coordinator is killed (-9) the members rejoin the new one, the
 //! committed offsets are still there (they are replicated in the controller), and a member that
-//! takes over a partition starts at its committed offset.
+//! takes over a partition starts at its committed offset. Draining the coordinator moves the
+//! groups to another broker.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -58,7 +59,9 @@ async fn member(broker: &Broker) -> Consumer {
                 .group("g")
                 .start(StartFrom::Earliest)
                 .auto_commit(false)
-                .session_timeout(Duration::from_secs(30)),
+                // A member whose client went away while it was (re)joining stays until its
+                // session times out: keep that short here.
+                .session_timeout(Duration::from_secs(10)),
         )
         .await
         .expect("join")
@@ -126,7 +129,7 @@ async fn consumer_groups_span_brokers_and_survive_their_coordinator() {
     // Two members on the two brokers that do not coordinate the group.
     let mut m1 = member(&brokers[a]).await;
     let mut m2 = member(&brokers[b]).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         m1.next_timeout(Duration::from_millis(100))
             .await
@@ -267,4 +270,32 @@ async fn consumer_groups_span_brokers_and_survive_their_coordinator() {
     )
     .await;
     assert_eq!(group.topic, "events");
+
+    // Draining the coordinator (what a pod's preStop hook does) moves the controller, and with
+    // it the groups, to another broker; the members rejoin there.
+    let c = coordinator(&brokers[0]).await as usize;
+    let (status, body) = brokers[c - 1].http("POST", "/v1/drain", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("controller -> node"), "{body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = m2.next_timeout(Duration::from_millis(50)).await;
+        let _ = m3.next_timeout(Duration::from_millis(50)).await;
+        let now = coordinator(&brokers[c - 1]).await as usize;
+        let members = brokers[c - 1]
+            .client()
+            .await
+            .admin()
+            .group("g")
+            .await
+            .map(|g| g.members.len())
+            .unwrap_or(0);
+        if now != c && members == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "coordinator {now} (was {c}), {members} members"
+        );
+    }
 }

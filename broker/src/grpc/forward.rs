@@ -9,12 +9,12 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_proto::internal::v1::forward_server::Forward;
 use weft_proto::internal::v1::{
     ForwardCommitOffsetsRequest, ForwardCreateTopicRequest, ForwardDeleteTopicRequest,
-    ForwardGroupRequest, ForwardPublishRequest, ForwardUpdateTopicRequest, GroupMemberEvent,
-    GroupMemberRequest,
+    ForwardFetchRequest, ForwardGroupRequest, ForwardPublishRequest, ForwardUpdateTopicRequest,
+    GroupMemberEvent, GroupMemberRequest,
 };
 use weft_proto::v1::{
-    CommitOffsetsResponse, DeleteGroupResponse, DeleteTopicResponse, GroupDescription,
-    ListGroupsResponse, PartitionOffset, PublishResponse, Topic,
+    CommitOffsetsResponse, DeleteGroupResponse, DeleteTopicResponse, FetchResponse,
+    GroupDescription, ListGroupsResponse, PartitionOffset, PublishResponse, Topic,
 };
 
 use super::publish::{PassedOn, PublisherService};
@@ -27,6 +27,7 @@ use crate::node::Node;
 pub struct ForwardService {
     node: Arc<Node>,
     publisher: PublisherService,
+    subscriber: super::subscribe::SubscriberService,
 }
 
 impl ForwardService {
@@ -34,6 +35,7 @@ impl ForwardService {
     pub fn new(node: Arc<Node>) -> Self {
         ForwardService {
             publisher: PublisherService::new(node.clone()),
+            subscriber: super::subscribe::SubscriberService::new(node.clone()),
             node,
         }
     }
@@ -94,6 +96,22 @@ impl Forward for ForwardService {
                         .collect(),
                 })
             })
+            .map_err(Status::from)
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<ForwardFetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        self.node.peers().check(&request)?;
+        let message = request.into_inner();
+        let Some(fetch) = message.request else {
+            return Err(BrokerError::invalid("request", "is missing").into());
+        };
+        self.subscriber
+            .fetch_inner(fetch, message.hops.max(1))
+            .await
+            .map(Response::new)
             .map_err(Status::from)
     }
 

@@ -31,6 +31,9 @@ use crate::node::{Coordinated, Node};
 /// coordinator had applied when it sent an assignment (committed offsets are read from it).
 const CONTROLLER_CATCH_UP: Duration = Duration::from_secs(5);
 
+/// How long the coordinator waits for a member's last message once its broker let go.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
+
 /// Messages buffered on a member link, each way.
 const LINK_BUFFER: usize = 8;
 
@@ -535,6 +538,7 @@ pub async fn serve_member(
                 // Until the assignment changes: the member's heartbeats, its leave or its end.
                 loop {
                     tokio::select! {
+                        biased;
                         message = inbound.message() => match message {
                             Ok(Some(GroupMemberRequest { request: Some(MemberRequest::Heartbeat(_)) })) => {
                                 node.groups.heartbeat(&group, &member, incarnation, Instant::now())?;
@@ -551,12 +555,23 @@ pub async fn serve_member(
                             Ok(()) => break,
                             Err(_) => return Err(gone()),
                         },
-                        () = tx.closed() => return Ok(false),
+                        () = tx.closed() => {
+                            // The member's broker let go of the stream; a leave it sent just
+                            // before may still be on its way.
+                            let last = tokio::time::timeout(LEAVE_GRACE, inbound.message()).await;
+                            return Ok(matches!(
+                                last,
+                                Ok(Ok(Some(GroupMemberRequest {
+                                    request: Some(MemberRequest::Leave(_))
+                                })))
+                            ));
+                        }
                     }
                 }
             }
         }
         .await;
+        tracing::debug!(group = %group, member = %member, ?outcome, "a remote member's link ended");
         match outcome {
             Ok(true) => node.groups.leave(&group, &member, incarnation),
             Ok(false) => node

@@ -42,8 +42,22 @@ impl SubscriberService {
         SubscriberService { node }
     }
 
-    async fn fetch_inner(&self, request: FetchRequest) -> Result<FetchResponse, BrokerError> {
+    /// Serves a Fetch from this broker's replica, or forwards it once to a broker holding one.
+    pub async fn fetch_inner(
+        &self,
+        request: FetchRequest,
+        hops: u32,
+    ) -> Result<FetchResponse, BrokerError> {
         let config = &self.node.config;
+        let topic = self.node.topic(&request.topic)?;
+        if let Some(holder) = topic
+            .partitions
+            .get(request.partition as usize)
+            .filter(|p| !p.replicas.contains(&self.node.node_id))
+            .and_then(|p| p.replicas.first().copied())
+        {
+            return self.forward_fetch(request, holder, hops).await;
+        }
         let partition = self.node.partition(&request.topic, request.partition)?;
         let limit = config.fetch_bytes_max as usize;
         let max_bytes = if request.max_bytes == 0 {
@@ -72,6 +86,52 @@ impl SubscriberService {
             log_start_offset: bounds.log_start,
             next_offset,
         })
+    }
+
+    /// Hands a Fetch to `holder`, a broker with a replica of the partition (this one has none).
+    async fn forward_fetch(
+        &self,
+        request: FetchRequest,
+        holder: u64,
+        hops: u32,
+    ) -> Result<FetchResponse, BrokerError> {
+        if hops > 0 {
+            return Err(BrokerError::Unavailable {
+                reason: "this broker holds no replica of the partition".into(),
+                leader: Some(holder),
+            });
+        }
+        let address = self
+            .node
+            .controller_state()
+            .brokers
+            .get(&holder)
+            .map(|b| b.peer_address.clone())
+            .ok_or_else(|| BrokerError::Unavailable {
+                reason: format!("node {holder}, which holds the partition, is not known yet"),
+                leader: Some(holder),
+            })?;
+        let timeout = Duration::from_millis(self.node.config.request_timeout_ms)
+            + Duration::from_millis(u64::from(request.max_wait_ms));
+        let call = self.node.peers().request(
+            holder,
+            weft_proto::internal::v1::ForwardFetchRequest {
+                request: Some(request),
+                hops: 1,
+                from_node_id: self.node.node_id,
+            },
+            timeout,
+        );
+        let mut client = self
+            .node
+            .peers()
+            .forward_client(&address)
+            .map_err(|reason| BrokerError::Unavailable {
+                reason,
+                leader: Some(holder),
+            })?;
+        metrics::counter!("weft_forwarded_calls_total", "method" => "Fetch").increment(1);
+        Ok(client.fetch(call).await?.into_inner())
     }
 
     async fn commit_inner(
@@ -228,7 +288,7 @@ impl Subscriber for SubscriberService {
                 &request.get_ref().topic,
                 Some(request.get_ref().partition),
             )?;
-            self.fetch_inner(request.into_inner()).await
+            self.fetch_inner(request.into_inner(), 0).await
         }
         .await
         .map(Response::new)
@@ -639,6 +699,7 @@ impl Session {
             let _ = self.tx.send(Err(Status::from(error))).await;
         }
         if let Some(member) = &self.group {
+            tracing::debug!(group = %member.group_id, member = %member.member_id, left, "a member's stream ended");
             // A clean close (the client ended its side): leave now, so the others rebalance at
             // once. A broken or rotated stream keeps the member until its session expires.
             member.end(left);

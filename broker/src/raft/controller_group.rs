@@ -271,6 +271,24 @@ impl ControllerGroup {
         }
     }
 
+    /// Moves the controller's leadership (and with it the coordination of consumer groups) from
+    /// this broker to `target` or the most caught-up other voter; returns the new leader.
+    pub async fn transfer_leadership(
+        &self,
+        target: Option<NodeId>,
+        timeout: Duration,
+    ) -> Result<NodeId, BrokerError> {
+        super::transfer_leadership(
+            &self.raft,
+            &self.peers,
+            CONTROLLER_GROUP,
+            target,
+            timeout,
+            None,
+        )
+        .await
+    }
+
     /// Stops the group.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {

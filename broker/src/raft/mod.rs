@@ -27,6 +27,7 @@ mod log_store;
 mod network;
 mod partition_group;
 mod partition_sm;
+mod transfer;
 mod wire;
 
 use std::io::Cursor;
@@ -47,6 +48,7 @@ pub use partition_sm::{
     PRODUCER_BATCHES_KEPT, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionState, PartitionStateMachine,
     ProducerBatch, ProducerState, SequenceCheck, expire_producers,
 };
+pub(crate) use transfer::transfer_leadership;
 
 /// Node ids are u64: the StatefulSet ordinal + 1, or 1 for a single node.
 pub type NodeId = u64;

@@ -369,99 +369,22 @@ impl PartitionGroup {
         }))
     }
 
-    /// Moves this group's leadership to `target` (or to the most caught-up other voter), built
-    /// from what openraft 0.9 offers, since it has no transfer call: this leader stops proposing
-    /// (publishes answer UNAVAILABLE naming the target) and stops its heartbeats, waits until
-    /// the target has every entry and the followers' leader leases have run out (one maximum
-    /// election timeout), then asks the target to stand for election, and waits until it leads.
-    /// Heartbeats and proposals resume whatever happened. Returns the new leader.
+    /// Moves this group's leadership to `target` (or to the most caught-up other voter): see
+    /// [`super::transfer_leadership`]. Publishes answer UNAVAILABLE naming the target meanwhile.
     pub async fn transfer_leadership(
         &self,
         target: Option<NodeId>,
         timeout: Duration,
     ) -> Result<NodeId, BrokerError> {
-        let m = self.raft.metrics().borrow().clone();
-        let me = m.id;
-        if m.current_leader != Some(me) {
-            return Err(BrokerError::Unavailable {
-                reason: "this broker does not lead the partition".into(),
-                leader: m.current_leader,
-            });
-        }
-        let membership = m.membership_config.membership().clone();
-        let others: Vec<NodeId> = membership.voter_ids().filter(|v| *v != me).collect();
-        let matched = |id: &NodeId| super::matched_index(&m, *id);
-        let target = match target {
-            Some(t) if t == me => return Ok(me),
-            Some(t) if others.contains(&t) => t,
-            Some(t) => {
-                return Err(BrokerError::invalid(
-                    "to_node_id",
-                    format!("node {t} holds no voting replica of this partition"),
-                ));
-            }
-            None => *others.iter().max_by_key(|id| matched(id)).ok_or_else(|| {
-                BrokerError::Unavailable {
-                    reason: "the partition has no other replica to lead it".into(),
-                    leader: Some(me),
-                }
-            })?,
-        };
-        let lease = Duration::from_millis(self.raft.config().election_timeout_max);
-        self.transferring_to
-            .store(target, std::sync::atomic::Ordering::SeqCst);
-        self.raft.runtime_config().heartbeat(false);
-        let moved = async {
-            let last = self.raft.metrics().borrow().last_log_index;
-            self.raft
-                .wait(Some(timeout))
-                .metrics(
-                    |m| super::matched_index(m, target) >= last,
-                    "the target has every entry",
-                )
-                .await
-                .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
-            tokio::time::sleep(lease + Duration::from_millis(100)).await;
-            let address = membership
-                .get_node(&target)
-                .map(|n| n.addr.clone())
-                .ok_or_else(|| BrokerError::Internal(format!("node {target} has no address")))?;
-            let request = self.peers.request(
-                target,
-                weft_proto::internal::v1::ElectRequest {
-                    group_id: self.group_id,
-                },
-                timeout,
-            );
-            let mut client =
-                self.peers
-                    .raft_client(&address)
-                    .map_err(|reason| BrokerError::Unavailable {
-                        reason,
-                        leader: Some(me),
-                    })?;
-            client.elect(request).await?;
-            self.raft
-                .wait(Some(timeout))
-                .metrics(
-                    |m| m.current_leader.is_some() && m.current_leader != Some(me),
-                    "a new leader",
-                )
-                .await
-                .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
-            Ok::<_, BrokerError>(
-                self.raft
-                    .metrics()
-                    .borrow()
-                    .current_leader
-                    .unwrap_or(target),
-            )
-        }
-        .await;
-        self.raft.runtime_config().heartbeat(true);
-        self.transferring_to
-            .store(0, std::sync::atomic::Ordering::SeqCst);
-        moved
+        super::transfer_leadership(
+            &self.raft,
+            &self.peers,
+            self.group_id,
+            target,
+            timeout,
+            Some(&self.transferring_to),
+        )
+        .await
     }
 
     /// Whether this replica leads the group and `node` has every entry of its log.

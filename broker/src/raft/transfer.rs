@@ -1,0 +1,98 @@
+//! Leadership transfer, built from what openraft 0.9 offers (it has no transfer call).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{GroupId, NodeId, Peers, Raft};
+use crate::error::BrokerError;
+
+/// Moves a group's leadership from this node (which must lead it) to `target`, or to the most
+/// caught-up other voter: this leader stops proposing (when `transferring_to` is given, proposals
+/// check it and answer UNAVAILABLE naming the target) and stops its heartbeats, waits until the
+/// target has every entry and the followers' leader leases have run out (one maximum election
+/// timeout), then asks the target to stand for election (`Raft.Elect`), and waits until it
+/// leads. Heartbeats and proposals resume whatever happened. Returns the new leader.
+pub(crate) async fn transfer_leadership(
+    raft: &Raft,
+    peers: &Peers,
+    group_id: GroupId,
+    target: Option<NodeId>,
+    timeout: Duration,
+    transferring_to: Option<&AtomicU64>,
+) -> Result<NodeId, BrokerError> {
+    let m = raft.metrics().borrow().clone();
+    let me = m.id;
+    if m.current_leader != Some(me) {
+        return Err(BrokerError::Unavailable {
+            reason: "this broker does not lead the group".into(),
+            leader: m.current_leader,
+        });
+    }
+    let membership = m.membership_config.membership().clone();
+    let others: Vec<NodeId> = membership.voter_ids().filter(|v| *v != me).collect();
+    let matched = |id: &NodeId| super::matched_index(&m, *id);
+    let target =
+        match target {
+            Some(t) if t == me => return Ok(me),
+            Some(t) if others.contains(&t) => t,
+            Some(t) => {
+                return Err(BrokerError::invalid(
+                    "to_node_id",
+                    format!("node {t} holds no voting replica of this partition"),
+                ));
+            }
+            None => *others.iter().max_by_key(|id| matched(id)).ok_or_else(|| {
+                BrokerError::Unavailable {
+                    reason: "the partition has no other replica to lead it".into(),
+                    leader: Some(me),
+                }
+            })?,
+        };
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    if let Some(t) = transferring_to {
+        t.store(target, Ordering::SeqCst);
+    }
+    raft.runtime_config().heartbeat(false);
+    let moved = async {
+        let last = raft.metrics().borrow().last_log_index;
+        raft.wait(Some(timeout))
+            .metrics(
+                |m| super::matched_index(m, target) >= last,
+                "the target has every entry",
+            )
+            .await
+            .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
+        tokio::time::sleep(lease + Duration::from_millis(100)).await;
+        let address = membership
+            .get_node(&target)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| BrokerError::Internal(format!("node {target} has no address")))?;
+        let request = peers.request(
+            target,
+            weft_proto::internal::v1::ElectRequest { group_id },
+            timeout,
+        );
+        let mut client =
+            peers
+                .raft_client(&address)
+                .map_err(|reason| BrokerError::Unavailable {
+                    reason,
+                    leader: Some(me),
+                })?;
+        client.elect(request).await?;
+        raft.wait(Some(timeout))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != Some(me),
+                "a new leader",
+            )
+            .await
+            .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
+        Ok::<_, BrokerError>(raft.metrics().borrow().current_leader.unwrap_or(target))
+    }
+    .await;
+    raft.runtime_config().heartbeat(true);
+    if let Some(t) = transferring_to {
+        t.store(0, Ordering::SeqCst);
+    }
+    moved
+}
