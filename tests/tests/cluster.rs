@@ -182,6 +182,10 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
         b"only here",
         "fetched through a broker without it"
     );
+    let bounds = weft_tests::offsets(&elsewhere, "single", 0, None)
+        .await
+        .expect("offsets through a broker without the partition");
+    assert_eq!(bounds.high_watermark, 1, "{bounds:?}");
     // (A single replica cannot move: it would keep the drain below from completing.)
     let (status, body) = brokers[0].http("DELETE", "/v1/topics/single", None);
     assert_eq!(status, 204, "{body}");

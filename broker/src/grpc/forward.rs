@@ -9,12 +9,13 @@ use tonic::{Request, Response, Status, Streaming};
 use weft_proto::internal::v1::forward_server::Forward;
 use weft_proto::internal::v1::{
     ForwardCommitOffsetsRequest, ForwardCreateTopicRequest, ForwardDeleteTopicRequest,
-    ForwardFetchRequest, ForwardGroupRequest, ForwardPublishRequest, ForwardUpdateTopicRequest,
-    GroupMemberEvent, GroupMemberRequest,
+    ForwardFetchRequest, ForwardGetOffsetsRequest, ForwardGroupRequest, ForwardPublishRequest,
+    ForwardUpdateTopicRequest, GroupMemberEvent, GroupMemberRequest,
 };
 use weft_proto::v1::{
     CommitOffsetsResponse, DeleteGroupResponse, DeleteTopicResponse, FetchResponse,
-    GroupDescription, ListGroupsResponse, PartitionOffset, PublishResponse, Topic,
+    GetOffsetsResponse, GroupDescription, ListGroupsResponse, PartitionOffset, PublishResponse,
+    Topic,
 };
 
 use super::publish::{PassedOn, PublisherService};
@@ -110,6 +111,22 @@ impl Forward for ForwardService {
         };
         self.subscriber
             .fetch_inner(fetch, message.hops.max(1))
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn get_offsets(
+        &self,
+        request: Request<ForwardGetOffsetsRequest>,
+    ) -> Result<Response<GetOffsetsResponse>, Status> {
+        self.node.peers().check(&request)?;
+        let message = request.into_inner();
+        let Some(offsets) = message.request else {
+            return Err(BrokerError::invalid("request", "is missing").into());
+        };
+        self.subscriber
+            .offsets_inner(&offsets, message.hops.max(1))
             .await
             .map(Response::new)
             .map_err(Status::from)

@@ -50,12 +50,7 @@ impl SubscriberService {
     ) -> Result<FetchResponse, BrokerError> {
         let config = &self.node.config;
         let topic = self.node.topic(&request.topic)?;
-        if let Some(holder) = topic
-            .partitions
-            .get(request.partition as usize)
-            .filter(|p| !p.replicas.contains(&self.node.node_id))
-            .and_then(|p| p.replicas.first().copied())
-        {
+        if let Some(holder) = self.holder_elsewhere(&topic, request.partition) {
             return self.forward_fetch(request, holder, hops).await;
         }
         let partition = self.node.partition(&request.topic, request.partition)?;
@@ -88,21 +83,25 @@ impl SubscriberService {
         })
     }
 
-    /// Hands a Fetch to `holder`, a broker with a replica of the partition (this one has none).
-    async fn forward_fetch(
-        &self,
-        request: FetchRequest,
-        holder: u64,
-        hops: u32,
-    ) -> Result<FetchResponse, BrokerError> {
+    /// When this broker holds no replica of `partition`: a broker that does (its first
+    /// replica).
+    fn holder_elsewhere(&self, topic: &crate::raft::TopicMeta, partition: u32) -> Option<u64> {
+        topic
+            .partitions
+            .get(partition as usize)
+            .filter(|p| !p.replicas.contains(&self.node.node_id))
+            .and_then(|p| p.replicas.first().copied())
+    }
+
+    /// The peer address of `holder`, a broker a call is forwarded to (once: `hops` 0).
+    fn holder_address(&self, holder: u64, hops: u32) -> Result<String, BrokerError> {
         if hops > 0 {
             return Err(BrokerError::Unavailable {
                 reason: "this broker holds no replica of the partition".into(),
                 leader: Some(holder),
             });
         }
-        let address = self
-            .node
+        self.node
             .controller_state()
             .brokers
             .get(&holder)
@@ -110,7 +109,53 @@ impl SubscriberService {
             .ok_or_else(|| BrokerError::Unavailable {
                 reason: format!("node {holder}, which holds the partition, is not known yet"),
                 leader: Some(holder),
+            })
+    }
+
+    /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it).
+    async fn forward_offsets(
+        &self,
+        request: GetOffsetsRequest,
+        holder: u64,
+        hops: u32,
+    ) -> Result<PartitionOffsets, BrokerError> {
+        let address = self.holder_address(holder, hops)?;
+        let call = self.node.peers().request(
+            holder,
+            weft_proto::internal::v1::ForwardGetOffsetsRequest {
+                request: Some(request),
+                hops: 1,
+                from_node_id: self.node.node_id,
+            },
+            Duration::from_millis(self.node.config.request_timeout_ms),
+        );
+        let mut client = self
+            .node
+            .peers()
+            .forward_client(&address)
+            .map_err(|reason| BrokerError::Unavailable {
+                reason,
+                leader: Some(holder),
             })?;
+        metrics::counter!("weft_forwarded_calls_total", "method" => "GetOffsets").increment(1);
+        client
+            .get_offsets(call)
+            .await?
+            .into_inner()
+            .partitions
+            .into_iter()
+            .next()
+            .ok_or_else(|| BrokerError::Internal(format!("node {holder} answered no offsets")))
+    }
+
+    /// Hands a Fetch to `holder`, a broker with a replica of the partition (this one has none).
+    async fn forward_fetch(
+        &self,
+        request: FetchRequest,
+        holder: u64,
+        hops: u32,
+    ) -> Result<FetchResponse, BrokerError> {
+        let address = self.holder_address(holder, hops)?;
         let timeout = Duration::from_millis(self.node.config.request_timeout_ms)
             + Duration::from_millis(u64::from(request.max_wait_ms));
         let call = self.node.peers().request(
@@ -169,9 +214,12 @@ impl SubscriberService {
         })
     }
 
-    async fn offsets_inner(
+    /// Serves GetOffsets from this broker's replicas, forwarding the partitions it holds none of
+    /// (once: `hops` 0).
+    pub async fn offsets_inner(
         &self,
         request: &GetOffsetsRequest,
+        hops: u32,
     ) -> Result<GetOffsetsResponse, BrokerError> {
         let topic = self.node.topic(&request.topic)?;
         if !request.group_id.is_empty() {
@@ -184,6 +232,14 @@ impl SubscriberService {
         };
         let mut out = Vec::with_capacity(partitions.len());
         for p in partitions {
+            if let Some(holder) = self.holder_elsewhere(&topic, p) {
+                let one = GetOffsetsRequest {
+                    partitions: vec![p],
+                    ..request.clone()
+                };
+                out.push(self.forward_offsets(one, holder, hops).await?);
+                continue;
+            }
             let partition = self.node.partition(&request.topic, p)?;
             let bounds = partition.bounds();
             let committed_offset = if request.group_id.is_empty() {
@@ -405,7 +461,7 @@ impl Subscriber for SubscriberService {
     ) -> Result<Response<GetOffsetsResponse>, Status> {
         let started = Instant::now();
         let result = match check_headers(request.metadata(), &request.get_ref().topic, None) {
-            Ok(()) => self.offsets_inner(request.get_ref()).await,
+            Ok(()) => self.offsets_inner(request.get_ref(), 0).await,
             Err(e) => Err(e),
         }
         .map(Response::new)
