@@ -395,6 +395,29 @@ impl Driver for WeftClusterDriver {
     }
 }
 
+/// Hands one record for `partition` to `producer`; the future resolves on its acknowledgement.
+async fn send_record(
+    producer: &Producer,
+    topic: &str,
+    partition: u32,
+    key: Option<Bytes>,
+    payload: Bytes,
+) -> Result<AckFuture> {
+    let mut record = Record::new(payload).partition(partition);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    let ack = producer.send_nowait(topic, record).await?;
+    Ok(async move {
+        match ack.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(anyhow!(e)),
+            Err(_) => Err(anyhow!("producer closed")),
+        }
+    }
+    .boxed())
+}
+
 /// Publishes each partition's records through the broker leading it.
 struct RoutedProducer {
     producers: Vec<Producer>,
@@ -411,21 +434,14 @@ impl BenchProducer for RoutedProducer {
         payload: Bytes,
     ) -> Result<AckFuture> {
         let broker = self.route.get(partition as usize).copied().unwrap_or(0);
-        let mut record = Record::new(payload).partition(partition);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        let ack = self.producers[broker]
-            .send_nowait(&self.topic, record)
-            .await?;
-        Ok(async move {
-            match ack.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(anyhow!(e)),
-                Err(_) => Err(anyhow!("producer closed")),
-            }
-        }
-        .boxed())
+        send_record(
+            &self.producers[broker],
+            &self.topic,
+            partition,
+            key,
+            payload,
+        )
+        .await
     }
 
     async fn close(self: Box<Self>) -> Result<()> {
@@ -449,19 +465,7 @@ impl BenchProducer for WeftProducer {
         key: Option<Bytes>,
         payload: Bytes,
     ) -> Result<AckFuture> {
-        let mut record = Record::new(payload).partition(partition);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        let ack = self.producer.send_nowait(&self.topic, record).await?;
-        Ok(async move {
-            match ack.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(anyhow!(e)),
-                Err(_) => Err(anyhow!("producer closed")),
-            }
-        }
-        .boxed())
+        send_record(&self.producer, &self.topic, partition, key, payload).await
     }
 
     async fn close(self: Box<Self>) -> Result<()> {

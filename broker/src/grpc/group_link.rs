@@ -140,11 +140,7 @@ pub async fn join(
     let call = node
         .peers()
         .request(coordinator, ReceiverStream::new(outbound), lifetime);
-    let mut client = node
-        .peers()
-        .forward_client(&peer_address)
-        .map_err(unavailable)?;
-    metrics::counter!("weft_forwarded_calls_total", "method" => "GroupMember").increment(1);
+    let mut client = super::forward_to(node, coordinator, &peer_address, "GroupMember")?;
     let timeout = Duration::from_millis(node.config.request_timeout_ms);
     let opened = tokio::time::timeout(timeout, async {
         let mut inbound = client.group_member(call).await?.into_inner();
@@ -323,8 +319,16 @@ pub async fn commit(
     topic_id: &str,
     hops: u32,
 ) -> Result<Vec<(u32, u64)>, BrokerError> {
-    match node.coordinator()? {
-        Coordinated::Here => {
+    at_coordinator(
+        node,
+        hops,
+        "CommitOffsets",
+        || ForwardCommitOffsetsRequest {
+            request: Some(request.clone()),
+            hops: 1,
+            from_node_id: node.node_id,
+        },
+        async || {
             let offsets: Vec<(u32, u64)> = request
                 .offsets
                 .iter()
@@ -339,58 +343,35 @@ pub async fn commit(
                     &offsets,
                 )
                 .await
-        }
-        Coordinated::There { node_id, .. } if hops > 0 => Err(BrokerError::Unavailable {
-            reason: "this broker is not the group coordinator".into(),
-            leader: Some(node_id),
-        }),
-        Coordinated::There {
-            node_id,
-            peer_address,
-        } => {
-            let timeout = Duration::from_millis(node.config.request_timeout_ms);
-            let call = node.peers().request(
-                node_id,
-                ForwardCommitOffsetsRequest {
-                    request: Some(request.clone()),
-                    hops: 1,
-                    from_node_id: node.node_id,
-                },
-                timeout,
-            );
-            let mut client = node
-                .peers()
-                .forward_client(&peer_address)
-                .map_err(|reason| BrokerError::Unavailable {
-                    reason,
-                    leader: Some(node_id),
-                })?;
-            metrics::counter!("weft_forwarded_calls_total", "method" => "CommitOffsets")
-                .increment(1);
+        },
+        async |mut client, call| {
             let response = client.commit_offsets(call).await?.into_inner();
             Ok(response
                 .offsets
                 .into_iter()
                 .map(|o| (o.partition, o.offset))
                 .collect())
-        }
-    }
+        },
+    )
+    .await
 }
 
-/// A group call the coordinator answers: here, or forwarded to it once.
-async fn at_coordinator<T, Local, Remote>(
+/// A group call the coordinator answers: `local` here, or `remote` with the forwarded
+/// `message` (built only then) at the coordinator, once (`hops` 0).
+async fn at_coordinator<T, M, Message, Local, Remote>(
     node: &Arc<Node>,
-    group_id: &str,
     hops: u32,
     method: &'static str,
+    message: Message,
     local: Local,
     remote: Remote,
 ) -> Result<T, BrokerError>
 where
+    Message: FnOnce() -> M,
     Local: AsyncFnOnce() -> Result<T, BrokerError>,
     Remote: AsyncFnOnce(
         weft_proto::internal::v1::forward_client::ForwardClient<tonic::transport::Channel>,
-        tonic::Request<ForwardGroupRequest>,
+        tonic::Request<M>,
     ) -> Result<T, Status>,
 {
     match node.coordinator()? {
@@ -404,25 +385,19 @@ where
             peer_address,
         } => {
             let timeout = Duration::from_millis(node.config.request_timeout_ms);
-            let call = node.peers().request(
-                node_id,
-                ForwardGroupRequest {
-                    group_id: group_id.to_string(),
-                    hops: 1,
-                    from_node_id: node.node_id,
-                },
-                timeout,
-            );
-            let client = node
-                .peers()
-                .forward_client(&peer_address)
-                .map_err(|reason| BrokerError::Unavailable {
-                    reason,
-                    leader: Some(node_id),
-                })?;
-            metrics::counter!("weft_forwarded_calls_total", "method" => method).increment(1);
+            let call = node.peers().request(node_id, message(), timeout);
+            let client = super::forward_to(node, node_id, &peer_address, method)?;
             Ok(remote(client, call).await?)
         }
+    }
+}
+
+/// A DescribeGroup, ListGroups or DeleteGroup as forwarded.
+fn group_request(node: &Node, group_id: &str) -> ForwardGroupRequest {
+    ForwardGroupRequest {
+        group_id: group_id.to_string(),
+        hops: 1,
+        from_node_id: node.node_id,
     }
 }
 
@@ -435,9 +410,9 @@ pub async fn describe(
     crate::groups::validate_group_id(group_id)?;
     at_coordinator(
         node,
-        group_id,
         hops,
         "DescribeGroup",
+        || group_request(node, group_id),
         async || super::subscribe::describe_group(node, group_id),
         async |mut client, call| Ok(client.describe_group(call).await?.into_inner()),
     )
@@ -448,9 +423,9 @@ pub async fn describe(
 pub async fn list(node: &Arc<Node>, hops: u32) -> Result<Vec<String>, BrokerError> {
     at_coordinator(
         node,
-        "",
         hops,
         "ListGroups",
+        || group_request(node, ""),
         async || node.groups.list(),
         async |mut client, call| Ok(client.list_groups(call).await?.into_inner().group_ids),
     )
@@ -462,9 +437,9 @@ pub async fn delete(node: &Arc<Node>, group_id: &str, hops: u32) -> Result<(), B
     crate::groups::validate_group_id(group_id)?;
     at_coordinator(
         node,
-        group_id,
         hops,
         "DeleteGroup",
+        || group_request(node, group_id),
         async || node.groups.delete(group_id).await,
         async |mut client, call| {
             client.delete_group(call).await?;

@@ -45,6 +45,28 @@ pub(crate) fn check_headers(
 }
 
 /// The deadline of a call: the client's `grpc-timeout`, capped by `request_timeout_ms`.
+/// A client of node `node_id`'s Forward service at `peer_address`, counting one forwarded
+/// `method` call; UNAVAILABLE naming the node when it cannot be reached.
+pub(crate) fn forward_to(
+    node: &Node,
+    node_id: u64,
+    peer_address: &str,
+    method: &'static str,
+) -> Result<
+    weft_proto::internal::v1::forward_client::ForwardClient<tonic::transport::Channel>,
+    BrokerError,
+> {
+    let client = node
+        .peers()
+        .forward_client(peer_address)
+        .map_err(|reason| BrokerError::Unavailable {
+            reason,
+            leader: Some(node_id),
+        })?;
+    metrics::counter!("weft_forwarded_calls_total", "method" => method).increment(1);
+    Ok(client)
+}
+
 pub(crate) fn deadline(metadata: &tonic::metadata::MetadataMap, node: &Node) -> Duration {
     let ceiling = Duration::from_millis(node.config.request_timeout_ms);
     metadata

@@ -218,15 +218,7 @@ impl PublisherService {
             timeout,
         );
         passed_on.insert_into(call.metadata_mut());
-        let mut client = self
-            .node
-            .peers()
-            .forward_client(peer_address)
-            .map_err(|reason| BrokerError::Unavailable {
-                reason,
-                leader: Some(leader),
-            })?;
-        metrics::counter!("weft_forwarded_calls_total", "method" => "Publish").increment(1);
+        let mut client = super::forward_to(&self.node, leader, peer_address, "Publish")?;
         Ok(client.publish(call).await?.into_inner())
     }
 }

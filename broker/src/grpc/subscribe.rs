@@ -129,15 +129,7 @@ impl SubscriberService {
             },
             Duration::from_millis(self.node.config.request_timeout_ms),
         );
-        let mut client = self
-            .node
-            .peers()
-            .forward_client(&address)
-            .map_err(|reason| BrokerError::Unavailable {
-                reason,
-                leader: Some(holder),
-            })?;
-        metrics::counter!("weft_forwarded_calls_total", "method" => "GetOffsets").increment(1);
+        let mut client = super::forward_to(&self.node, holder, &address, "GetOffsets")?;
         client
             .get_offsets(call)
             .await?
@@ -167,15 +159,7 @@ impl SubscriberService {
             },
             timeout,
         );
-        let mut client = self
-            .node
-            .peers()
-            .forward_client(&address)
-            .map_err(|reason| BrokerError::Unavailable {
-                reason,
-                leader: Some(holder),
-            })?;
-        metrics::counter!("weft_forwarded_calls_total", "method" => "Fetch").increment(1);
+        let mut client = super::forward_to(&self.node, holder, &address, "Fetch")?;
         Ok(client.fetch(call).await?.into_inner())
     }
 

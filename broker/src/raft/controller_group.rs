@@ -203,24 +203,8 @@ impl ControllerGroup {
     }
 
     /// Watches who leads the controller.
-    pub fn watch_leader(&self) -> watch::Receiver<Option<NodeId>> {
-        let mut metrics = self.raft.metrics();
-        let leader = metrics.borrow().current_leader;
-        let (tx, rx) = watch::channel(leader);
-        tokio::spawn(async move {
-            while metrics.changed().await.is_ok() {
-                let leader = metrics.borrow().current_leader;
-                tx.send_if_modified(|current| {
-                    let changed = *current != leader;
-                    *current = leader;
-                    changed
-                });
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        });
-        rx
+    pub fn watch_leader(&self) -> tokio::sync::watch::Receiver<Option<NodeId>> {
+        super::watch_leader(&self.raft)
     }
 
     /// The index of the last controller entry applied here.

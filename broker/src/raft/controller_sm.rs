@@ -368,36 +368,12 @@ impl ControllerState {
 /// Version of the controller snapshot's JSON document.
 const SNAPSHOT_VERSION: u32 = 1;
 
-/// The snapshot file's payload.
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotDocument {
-    version: u32,
-    state: ControllerState,
-}
-
 fn encode(state: &ControllerState) -> Result<Vec<u8>, StorageError> {
-    #[derive(Serialize)]
-    struct Borrowed<'a> {
-        version: u32,
-        state: &'a ControllerState,
-    }
-    serde_json::to_vec(&Borrowed {
-        version: SNAPSHOT_VERSION,
-        state,
-    })
-    .map_err(sm_error)
+    super::encode_snapshot(SNAPSHOT_VERSION, state)
 }
 
 fn decode(bytes: &[u8]) -> Result<ControllerState, String> {
-    let document: SnapshotDocument = serde_json::from_slice(bytes)
-        .map_err(|e| format!("undecodable controller snapshot: {e}"))?;
-    if document.version != SNAPSHOT_VERSION {
-        return Err(format!(
-            "controller snapshot version {} is not known to this build",
-            document.version
-        ));
-    }
-    Ok(document.state)
+    super::decode_snapshot(SNAPSHOT_VERSION, bytes)
 }
 
 fn meta_of(state: &ControllerState) -> SnapshotMeta<NodeId, BasicNode> {

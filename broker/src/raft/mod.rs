@@ -100,6 +100,61 @@ pub(crate) fn sm_error(e: impl std::fmt::Display) -> StorageError {
     openraft::StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
 }
 
+/// A snapshot's payload: `{"version": .., "state": ..}` in JSON.
+pub(crate) fn encode_snapshot<S: Serialize>(
+    version: u32,
+    state: &S,
+) -> Result<Vec<u8>, StorageError> {
+    #[derive(Serialize)]
+    struct Document<'a, S> {
+        version: u32,
+        state: &'a S,
+    }
+    serde_json::to_vec(&Document { version, state }).map_err(sm_error)
+}
+
+/// The state in a snapshot payload written by [`encode_snapshot`] at `version`.
+pub(crate) fn decode_snapshot<S: serde::de::DeserializeOwned>(
+    version: u32,
+    bytes: &[u8],
+) -> Result<S, String> {
+    #[derive(Deserialize)]
+    struct Document<S> {
+        version: u32,
+        state: S,
+    }
+    let document: Document<S> =
+        serde_json::from_slice(bytes).map_err(|e| format!("undecodable snapshot: {e}"))?;
+    if document.version != version {
+        return Err(format!(
+            "snapshot version {} is not known to this build",
+            document.version
+        ));
+    }
+    Ok(document.state)
+}
+
+/// Watches who leads `raft`'s group (a task maps openraft's metrics; it ends with the group
+/// or when nobody watches any more).
+pub(crate) fn watch_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<NodeId>> {
+    let mut metrics = raft.metrics();
+    let (tx, rx) = tokio::sync::watch::channel(metrics.borrow().current_leader);
+    tokio::spawn(async move {
+        while metrics.changed().await.is_ok() {
+            let leader = metrics.borrow().current_leader;
+            tx.send_if_modified(|current| {
+                let changed = *current != leader;
+                *current = leader;
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// The snapshot last taken or installed.
 pub(crate) fn current_snapshot(
     stored: &StoredSnapshot,

@@ -441,6 +441,10 @@ impl PartitionGroup {
             let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
             (m.id, voters)
         };
+        if voters.len() <= 1 {
+            // A single voter is its own quorum (every publish of a single node asks).
+            return None;
+        }
         let window = Duration::from_millis(self.raft.config().election_timeout_min);
         let mut ages: Vec<Duration> = voters
             .iter()
@@ -462,22 +466,7 @@ impl PartitionGroup {
 
     /// Watches who leads the group (a task maps openraft's metrics; it ends with the group).
     pub fn watch_leader(&self) -> tokio::sync::watch::Receiver<Option<NodeId>> {
-        let mut metrics = self.raft.metrics();
-        let (tx, rx) = tokio::sync::watch::channel(metrics.borrow().current_leader);
-        tokio::spawn(async move {
-            while metrics.changed().await.is_ok() {
-                let leader = metrics.borrow().current_leader;
-                tx.send_if_modified(|current| {
-                    let changed = *current != leader;
-                    *current = leader;
-                    changed
-                });
-                if tx.is_closed() {
-                    return;
-                }
-            }
-        });
-        rx
+        super::watch_leader(&self.raft)
     }
 
     /// Whether this replica leads the group now.

@@ -185,31 +185,12 @@ impl PartitionState {
     }
 }
 
-/// The snapshot file's payload.
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotDocument {
-    version: u32,
-    state: PartitionState,
-}
-
 fn encode(state: &PartitionState) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(&SnapshotDocument {
-        version: SNAPSHOT_VERSION,
-        state: state.clone(),
-    })
-    .map_err(sm_error)
+    super::encode_snapshot(SNAPSHOT_VERSION, state)
 }
 
 fn decode(bytes: &[u8]) -> Result<PartitionState, String> {
-    let document: SnapshotDocument =
-        serde_json::from_slice(bytes).map_err(|e| format!("undecodable snapshot: {e}"))?;
-    if document.version != SNAPSHOT_VERSION {
-        return Err(format!(
-            "snapshot version {} is not known to this build",
-            document.version
-        ));
-    }
-    Ok(document.state)
+    super::decode_snapshot(SNAPSHOT_VERSION, bytes)
 }
 
 fn meta_of(state: &PartitionState) -> SnapshotMeta<NodeId, BasicNode> {
