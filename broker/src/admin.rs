@@ -107,7 +107,8 @@ impl IntoResponse for ApiError {
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
             | BrokerError::NotAssigned { .. }
-            | BrokerError::GroupNotEmpty(_) => StatusCode::CONFLICT,
+            | BrokerError::GroupNotEmpty(_)
+            | BrokerError::Conflict(_) => StatusCode::CONFLICT,
             BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Remote(status) => match status.0.code() {
                 tonic::Code::NotFound => StatusCode::NOT_FOUND,
@@ -224,6 +225,8 @@ pub struct PartitionView {
     pub in_sync_replicas: Vec<u64>,
     /// Fewer replicas than the replication factor, or fewer in sync.
     pub under_replicated: bool,
+    /// While the replicas move: the brokers they move to (empty otherwise).
+    pub moving_to: Vec<u64>,
     /// Oldest retained offset.
     pub log_start_offset: u64,
     /// Offset after the last committed record.
@@ -384,6 +387,25 @@ pub struct ClusterView {
     pub uptime_seconds: u64,
     /// Whether it serves.
     pub ready: bool,
+    /// The cluster's brokers.
+    pub brokers: Vec<BrokerView>,
+}
+
+/// One broker of the cluster.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BrokerView {
+    /// Node id.
+    pub id: u64,
+    /// Where clients reach it.
+    pub client_address: String,
+    /// Where peers reach it.
+    pub peer_address: String,
+    /// Whether this broker reaches it (known on the controller's leader, and for itself).
+    pub reachable: bool,
+    /// A voter of the controller group.
+    pub voter: bool,
+    /// It is being removed (its replicas move away; then it leaves the cluster).
+    pub removing: bool,
 }
 
 fn topic_view(node: &Node, topic: &TopicMeta) -> TopicView {
@@ -414,6 +436,7 @@ fn topic_view(node: &Node, topic: &TopicMeta) -> TopicView {
                 replicas: p.replicas,
                 in_sync_replicas: p.in_sync_replicas,
                 under_replicated: p.under_replicated,
+                moving_to: p.moving_to,
                 log_start_offset: p.log_start_offset,
                 high_watermark: p.high_watermark,
                 log_end_offset: p.log_end_offset,
@@ -503,6 +526,18 @@ async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
         partitions: node.partitions().len(),
         uptime_seconds: node.uptime().as_secs(),
         ready: node.is_ready(),
+        brokers: crate::grpc::cluster::status(&node)
+            .nodes
+            .into_iter()
+            .map(|n| BrokerView {
+                id: n.id,
+                client_address: n.client_address,
+                peer_address: n.peer_address,
+                reachable: n.reachable,
+                voter: n.voter,
+                removing: n.removing,
+            })
+            .collect(),
     })
 }
 
@@ -721,6 +756,76 @@ async fn delete_group(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Where a partition's replicas go.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveBody {
+    /// The brokers to hold its replicas, the preferred leader first.
+    pub replicas: Vec<u64>,
+}
+
+/// Moves started by a rebalance or a removal.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReassignView {
+    /// Moves started ("topic/partition: [from] -> [to]").
+    pub started: Vec<String>,
+    /// Partitions left for now, with why (call again once their running move is done).
+    pub waiting: Vec<String>,
+}
+
+/// Starts moving a partition's replicas (the partition's leader ends the move once the new
+/// replicas have caught up; `moving_to` is empty again then).
+#[utoipa::path(post, path = "/v1/topics/{name}/partitions/{partition}/replicas",
+    params(("name" = String, Path, description = "Topic"), ("partition" = u32, Path, description = "Partition")),
+    request_body = MoveBody,
+    responses((status = 202, body = PartitionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn move_partition(
+    State(node): State<AppState>,
+    Path((name, partition)): Path<(String, u32)>,
+    body: Result<Json<MoveBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<PartitionView>), ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    node.move_partition(&name, partition, body.replicas).await?;
+    let topic = node.topic(&name)?;
+    let view = topic_view(&node, &topic)
+        .partition_details
+        .into_iter()
+        .find(|p| p.partition == partition)
+        .ok_or_else(|| BrokerError::PartitionNotFound {
+            topic: name.clone(),
+            partition,
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Starts the moves that spread replicas and preferred leaders evenly over the brokers (after
+/// adding one).
+#[utoipa::path(post, path = "/v1/rebalance", responses((status = 202, body = ReassignView)))]
+async fn rebalance(
+    State(node): State<AppState>,
+) -> Result<(StatusCode, Json<ReassignView>), ApiError> {
+    let (started, waiting) = node.rebalance().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ReassignView { started, waiting }),
+    ))
+}
+
+/// Starts moving every replica off a broker; once none is left it leaves the cluster (it is no
+/// longer listed in `/v1/cluster`) and can be stopped.
+#[utoipa::path(post, path = "/v1/brokers/{id}/remove", params(("id" = u64, Path, description = "Node id")),
+    responses((status = 202, body = ReassignView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn remove_broker(
+    State(node): State<AppState>,
+    Path(id): Path<u64>,
+) -> Result<(StatusCode, Json<ReassignView>), ApiError> {
+    let (started, waiting) = node.remove_broker(id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ReassignView { started, waiting }),
+    ))
+}
+
 /// The OpenAPI document of this API.
 #[derive(Debug, OpenApi)]
 #[openapi(
@@ -742,7 +847,10 @@ async fn delete_group(
         describe_group,
         delete_group,
         transfer_leadership,
-        drain
+        drain,
+        move_partition,
+        rebalance,
+        remove_broker
     ),
     components(schemas(
         Health,
@@ -761,7 +869,10 @@ async fn delete_group(
         ClusterView,
         TransferBody,
         LeaderView,
-        DrainView
+        DrainView,
+        BrokerView,
+        MoveBody,
+        ReassignView
     ))
 )]
 pub struct ApiDoc;
@@ -807,7 +918,16 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/topics/{name}/partitions/{partition}/leader",
             axum::routing::post(transfer_leadership),
         )
+        .route(
+            "/v1/topics/{name}/partitions/{partition}/replicas",
+            axum::routing::post(move_partition),
+        )
         .route("/v1/drain", axum::routing::post(drain))
+        .route("/v1/rebalance", axum::routing::post(rebalance))
+        .route(
+            "/v1/brokers/{id}/remove",
+            axum::routing::post(remove_broker),
+        )
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{id}", get(describe_group).delete(delete_group))
         .fallback(not_found)

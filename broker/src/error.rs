@@ -36,6 +36,10 @@ pub enum BrokerError {
     /// A consumer group with live members cannot be deleted.
     #[error("consumer group {0:?} has live members")]
     GroupNotEmpty(String),
+    /// The cluster is not in a state that allows the change (a partition is moving already, a
+    /// broker still holds replicas).
+    #[error("{0}")]
+    Conflict(String),
     /// A topic of that name exists.
     #[error("topic {0:?} already exists")]
     TopicExists(String),
@@ -278,7 +282,8 @@ impl BrokerError {
             | BrokerError::ProducerFenced { .. }
             | BrokerError::StaleGeneration { .. }
             | BrokerError::NotAssigned { .. }
-            | BrokerError::GroupNotEmpty(_) => Code::FailedPrecondition,
+            | BrokerError::GroupNotEmpty(_)
+            | BrokerError::Conflict(_) => Code::FailedPrecondition,
             BrokerError::OffsetOutOfRange { .. } => Code::OutOfRange,
             BrokerError::Unavailable { .. } => Code::Unavailable,
             BrokerError::Timeout(_) => Code::DeadlineExceeded,
@@ -295,6 +300,7 @@ impl BrokerError {
             BrokerError::PartitionNotFound { .. } => "PARTITION_NOT_FOUND",
             BrokerError::GroupNotFound(_) => "GROUP_NOT_FOUND",
             BrokerError::GroupNotEmpty(_) => "GROUP_NOT_EMPTY",
+            BrokerError::Conflict(_) => "CONFLICT",
             BrokerError::TopicExists(_) => "TOPIC_EXISTS",
             BrokerError::InvalidArgument(_) => "INVALID_ARGUMENT",
             BrokerError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
@@ -402,6 +408,9 @@ impl From<BrokerError> for tonic::Status {
             } => {
                 metadata.insert("segment".into(), segment.clone());
                 metadata.insert("position".into(), position.to_string());
+            }
+            BrokerError::Conflict(reason) => {
+                details.add_precondition_failure_violation("STATE", "cluster", reason.clone());
             }
             BrokerError::Timeout(_) | BrokerError::Internal(_) | BrokerError::Remote(_) => {}
         }

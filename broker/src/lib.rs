@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod node;
 pub mod partition;
 pub mod raft;
+pub mod reassign;
 pub mod registry;
 pub mod sequencer;
 pub mod server;

@@ -46,6 +46,8 @@ pub struct Node {
     peers: Peers,
     started: Instant,
     stopping: AtomicBool,
+    /// Replica moves this broker drives.
+    pub(crate) moves: crate::reassign::Moves,
 }
 
 impl std::fmt::Debug for Node {
@@ -372,6 +374,7 @@ impl Node {
             peers,
             started: Instant::now(),
             stopping: AtomicBool::new(false),
+            moves: Default::default(),
             config,
         });
         let state = node.controller.state();
@@ -408,6 +411,7 @@ impl Node {
                 }
             });
             tokio::spawn(register_loop(Arc::downgrade(&node)));
+            tokio::spawn(crate::reassign::reassign_loop(Arc::downgrade(&node)));
             if node.config.leader_balance_interval_ms > 0 {
                 tokio::spawn(balance_loop(
                     Arc::downgrade(&node),
@@ -716,6 +720,8 @@ impl Node {
                 .topics
                 .get(&partition.topic)
                 .and_then(|t| t.partitions.get(partition.partition as usize))
+                // A moving partition's leadership is the move's business.
+                .filter(|p| p.target.is_none())
                 .and_then(|p| p.replicas.first().copied())
             else {
                 continue;
@@ -776,6 +782,33 @@ impl Node {
     async fn propose(&self, command: ControllerCommand) -> Result<ControllerResponse, BrokerError> {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
         self.controller.propose(command, timeout).await
+    }
+
+    /// Proposes a controller command (through the controller's leader) and waits until it is
+    /// applied there.
+    pub(crate) async fn propose_command(
+        &self,
+        command: ControllerCommand,
+    ) -> Result<ControllerResponse, BrokerError> {
+        self.propose(command).await
+    }
+
+    /// Whether the node is shutting down.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Moves the controller's leadership from this broker to another voter.
+    pub(crate) async fn transfer_controller(
+        &self,
+        timeout: Duration,
+    ) -> Result<NodeId, BrokerError> {
+        self.controller.transfer_leadership(None, timeout).await
+    }
+
+    /// On the controller's leader: takes `node` out of the controller group.
+    pub(crate) async fn remove_controller_member(&self, node: NodeId) -> Result<(), BrokerError> {
+        self.controller.remove_member(node).await
     }
 
     /// A proposed placement for partitions `first .. end`, from this broker's view of the

@@ -280,6 +280,62 @@ impl Admin {
         Ok((r.moved, r.kept))
     }
 
+    /// Starts moving a partition's replicas to `replicas` (the first becomes its preferred
+    /// leader). Returns the partition: `moving_to` says where it goes until the move is done.
+    pub async fn move_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: Vec<u64>,
+    ) -> Result<proto::PartitionInfo> {
+        let request = self.client.request(
+            proto::MovePartitionRequest {
+                topic: topic.into(),
+                partition,
+                replicas,
+            },
+            Some(topic),
+            Some(partition),
+        );
+        Ok(self
+            .client
+            .cluster()
+            .move_partition(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner())
+    }
+
+    /// Starts the moves that spread replicas and preferred leaders evenly over the brokers.
+    /// Returns (moves started, partitions left for now with why).
+    pub async fn rebalance(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let request = self.client.request(proto::RebalanceRequest {}, None, None);
+        let r = self
+            .client
+            .cluster()
+            .rebalance(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        Ok((r.started, r.waiting))
+    }
+
+    /// Starts moving every replica off broker `node_id`, which then leaves the cluster.
+    /// Returns (moves started, partitions left for now with why).
+    pub async fn remove_broker(&self, node_id: u64) -> Result<(Vec<String>, Vec<String>)> {
+        let request = self
+            .client
+            .request(proto::RemoveBrokerRequest { node_id }, None, None);
+        let r = self
+            .client
+            .cluster()
+            .remove_broker(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        Ok((r.started, r.waiting))
+    }
+
     /// Partitions with leaders and offsets (one topic, or all when `topic` is empty).
     pub async fn partitions(&self, topic: &str) -> Result<Vec<proto::PartitionInfo>> {
         let request = self.client.request(

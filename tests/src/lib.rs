@@ -191,7 +191,13 @@ impl Broker {
                 listen[2],
             ])
             .args(&self.extra)
-            .env("WEFT_LOG", "info,openraft=warn,sled=warn")
+            // WEFT_TEST_BROKER_LOG (a tracing filter) sets the brokers' log level when a test
+            // is debugged.
+            .env(
+                "WEFT_LOG",
+                std::env::var("WEFT_TEST_BROKER_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+            )
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -585,6 +591,96 @@ pub fn start_cluster_with(size: u64, extra: &[&str]) -> Vec<Broker> {
         broker.wait_ready();
     }
     brokers
+}
+
+/// One idempotent publish (producer 77, epoch 0) of `value` to `topic`/`partition` at `sequence`, tried on each broker
+/// in turn until one acknowledges it (a broker that is down, or has no leader yet, answers
+/// UNAVAILABLE or cannot be reached); a retry of an ambiguous attempt reuses the sequence, so
+/// the partition stores it once. Returns the offset and the failed attempts.
+pub async fn publish_until_acknowledged(
+    addresses: &[String],
+    topic: &str,
+    partition: u32,
+    sequence: u64,
+    value: &str,
+) -> (u64, usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut attempt = 0usize;
+    loop {
+        let address = &addresses[attempt % addresses.len()];
+        attempt += 1;
+        let call = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .expect("endpoint")
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut request = tonic::Request::new(weft_proto::v1::PublishRequest {
+                topic: topic.into(),
+                target: Some(weft_proto::v1::publish_request::Target::Partition(
+                    partition,
+                )),
+                records: vec![weft_proto::v1::Record {
+                    value: value.as_bytes().to_vec().into(),
+                    ..weft_proto::v1::Record::default()
+                }],
+                producer_id: 77,
+                producer_epoch: 0,
+                base_sequence: sequence,
+                ..weft_proto::v1::PublishRequest::default()
+            });
+            request.set_timeout(Duration::from_secs(5));
+            grpc::publisher(&channel).publish(request).await
+        };
+        match call.await {
+            Ok(response) => return (response.into_inner().base_offset, attempt - 1),
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Unknown
+                    ),
+                    "publish of {value}: {status:?}"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{value} not acknowledged within 90 s: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Starts one more broker (node id `brokers.len() + 1`, on the next 127.0.0.x address) that
+/// joins the running cluster of `brokers` (started by [`start_cluster`]); waits until it serves.
+pub fn add_broker(brokers: &[Broker], extra: &[&str]) -> Broker {
+    let last = brokers.last().expect("a cluster");
+    let ip: std::net::Ipv4Addr = last
+        .peer_addr
+        .rsplit_once(':')
+        .and_then(|(ip, _)| ip.parse().ok())
+        .expect("an IPv4 peer address");
+    let [a, b, c, d] = ip.octets();
+    let ip = std::net::Ipv4Addr::new(a, b, c, d + 1).to_string();
+    let listen = [(); 3].map(|()| format!("{ip}:{}", free_port_on(&ip)));
+    let id = (brokers.len() + 1).to_string();
+    let peers = brokers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("{}@{}", i + 1, b.peer_addr))
+        .chain(std::iter::once(format!("{id}@{}", listen[1])))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args = vec!["--node-id", &id, "--peers", &peers];
+    args.extend_from_slice(extra);
+    let broker = Broker::start_on(listen, &args, &[]);
+    broker.wait_ready();
+    broker
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (for a server that must know its peers'

@@ -14,7 +14,7 @@ use tonic::Code;
 use weft_proto::internal::v1 as internal;
 use weft_proto::v1::publish_request::Target;
 use weft_proto::v1::{PublishRequest, Record};
-use weft_tests::{Broker, fetch_range, grpc, start_cluster, wait_for};
+use weft_tests::{Broker, fetch_range, grpc, publish_until_acknowledged, start_cluster, wait_for};
 
 /// (partition, leader id, replicas, high watermark) as `broker` sees them.
 fn partitions(broker: &Broker, topic: &str) -> Vec<(u32, u64, Vec<u64>, u64)> {
@@ -419,66 +419,6 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
     }
 }
 
-/// One idempotent publish (producer 77, epoch 0) of `value` at `sequence`, tried on each broker
-/// in turn until one acknowledges it (a broker that is down, or has no leader yet, answers
-/// UNAVAILABLE or cannot be reached); a retry of an ambiguous attempt reuses the sequence, so
-/// the partition stores it once. Returns the offset and the failed attempts.
-async fn publish_until_acknowledged(
-    addresses: &[String],
-    partition: u32,
-    sequence: u64,
-    value: &str,
-) -> (u64, usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let mut attempt = 0usize;
-    loop {
-        let address = &addresses[attempt % addresses.len()];
-        attempt += 1;
-        let call = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                .expect("endpoint")
-                .connect_timeout(Duration::from_secs(1))
-                .connect()
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let mut request = tonic::Request::new(PublishRequest {
-                topic: "rolling".into(),
-                target: Some(Target::Partition(partition)),
-                records: vec![Record {
-                    value: value.as_bytes().to_vec().into(),
-                    ..Record::default()
-                }],
-                producer_id: 77,
-                producer_epoch: 0,
-                base_sequence: sequence,
-                ..PublishRequest::default()
-            });
-            request.set_timeout(Duration::from_secs(5));
-            grpc::publisher(&channel).publish(request).await
-        };
-        match call.await {
-            Ok(response) => return (response.into_inner().base_offset, attempt - 1),
-            Err(status) => {
-                assert!(
-                    matches!(
-                        status.code(),
-                        Code::Unavailable
-                            | Code::DeadlineExceeded
-                            | Code::Cancelled
-                            | Code::Unknown
-                    ),
-                    "publish of {value}: {status:?}"
-                );
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{value} not acknowledged within 90 s: {status:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_and_full_restarts_under_load_lose_and_duplicate_nothing() {
     let mut brokers = start_cluster(3);
@@ -517,6 +457,7 @@ async fn rolling_and_full_restarts_under_load_lose_and_duplicate_nothing() {
             let value = format!("r-{i:04}");
             let (offset, failed) = publish_until_acknowledged(
                 &addresses,
+                "rolling",
                 partition,
                 sequences[partition as usize],
                 &value,

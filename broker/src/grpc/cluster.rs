@@ -35,6 +35,7 @@ pub fn partition_info(
         partition: meta.partition,
         replicas: meta.replicas.clone(),
         under_replicated: meta.replicas.len() < replication_factor as usize,
+        moving_to: meta.target.clone().unwrap_or_default(),
         ..Default::default()
     };
     if let Ok(partition) = node.partition(topic, meta.partition) {
@@ -72,6 +73,7 @@ pub fn status(node: &Node) -> v1::ClusterStatus {
                 peer_address: node.config.peer_address(),
                 reachable: true,
                 voter: true,
+                removing: false,
             }]
         } else {
             let voters = node.controller_voters();
@@ -84,6 +86,7 @@ pub fn status(node: &Node) -> v1::ClusterStatus {
                     peer_address: b.peer_address.clone(),
                     reachable: *id == node.node_id || node.reaches(*id),
                     voter: voters.contains(id),
+                    removing: b.removing,
                 })
                 .collect()
         },
@@ -162,6 +165,65 @@ impl Cluster for ClusterService {
         let (moved, kept) = self.node.drain().await;
         let result = Ok(Response::new(v1::DrainResponse { moved, kept }));
         crate::metrics::rpc("Drain", started, &result);
+        result
+    }
+
+    async fn move_partition(
+        &self,
+        request: Request<v1::MovePartitionRequest>,
+    ) -> Result<Response<v1::PartitionInfo>, Status> {
+        let started = Instant::now();
+        let r = request.into_inner();
+        let result = match self
+            .node
+            .move_partition(&r.topic, r.partition, r.replicas)
+            .await
+        {
+            Ok(meta) => {
+                let rf = self
+                    .node
+                    .controller_state()
+                    .topics
+                    .get(&r.topic)
+                    .map_or(0, |t| t.config.replication_factor);
+                Ok(Response::new(partition_info(
+                    &self.node, &r.topic, rf, &meta,
+                )))
+            }
+            Err(e) => Err(Status::from(e)),
+        };
+        crate::metrics::rpc("MovePartition", started, &result);
+        result
+    }
+
+    async fn rebalance(
+        &self,
+        _request: Request<v1::RebalanceRequest>,
+    ) -> Result<Response<v1::ReassignResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .node
+            .rebalance()
+            .await
+            .map(|(started, waiting)| Response::new(v1::ReassignResponse { started, waiting }))
+            .map_err(Status::from);
+        crate::metrics::rpc("Rebalance", started, &result);
+        result
+    }
+
+    async fn remove_broker(
+        &self,
+        request: Request<v1::RemoveBrokerRequest>,
+    ) -> Result<Response<v1::ReassignResponse>, Status> {
+        let started = Instant::now();
+        let node_id = request.into_inner().node_id;
+        let result = self
+            .node
+            .remove_broker(node_id)
+            .await
+            .map(|(started, waiting)| Response::new(v1::ReassignResponse { started, waiting }))
+            .map_err(Status::from);
+        crate::metrics::rpc("RemoveBroker", started, &result);
         result
     }
 }

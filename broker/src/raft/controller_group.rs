@@ -273,6 +273,33 @@ impl ControllerGroup {
         .await
     }
 
+    /// On the controller's leader: takes `node` out of the controller group (a voter or a
+    /// learner; nothing to do when it is neither).
+    pub async fn remove_member(&self, node: NodeId) -> Result<(), BrokerError> {
+        let membership = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        let change = if membership.voter_ids().any(|v| v == node) {
+            openraft::ChangeMembers::RemoveVoters(BTreeSet::from([node]))
+        } else if membership.learner_ids().any(|l| l == node) {
+            openraft::ChangeMembers::RemoveNodes(BTreeSet::from([node]))
+        } else {
+            return Ok(());
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| BrokerError::Unavailable {
+                reason: format!("removing node {node} from the controller group: {e}"),
+                leader: self.leader(),
+            })?;
+        Ok(())
+    }
+
     /// Stops the group.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {

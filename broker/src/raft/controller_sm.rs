@@ -26,8 +26,14 @@ pub struct PartitionMeta {
     pub partition: u32,
     /// Its Raft group.
     pub group_id: GroupId,
-    /// Nodes holding a replica.
+    /// Nodes holding a replica (during a move: the old replicas, then the new ones).
     pub replicas: Vec<NodeId>,
+    /// While the partition's replicas move: the replicas it moves to (the first is its
+    /// preferred leader once the move is done). The partition's leader adds the new ones as
+    /// learners, waits until they caught up, makes them the voters, and then proposes
+    /// [`ControllerCommand::FinishMove`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Vec<NodeId>>,
 }
 
 /// A topic as the controller stores it.
@@ -99,6 +105,39 @@ pub enum ControllerCommand {
         /// Group id.
         group: String,
     },
+    /// Move a partition's replicas to `replicas` (refused while another move of it runs, or
+    /// when its replicas are no longer `from`: the plan was made on an older state).
+    MoveReplicas {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Its replicas when the move was planned.
+        from: Vec<NodeId>,
+        /// Where they go, the preferred leader first.
+        replicas: Vec<NodeId>,
+    },
+    /// A partition's Raft group has `replicas` as its voters: the move is done.
+    FinishMove {
+        /// Topic id.
+        topic_id: String,
+        /// Partition.
+        partition: u32,
+        /// The replicas the move went to.
+        replicas: Vec<NodeId>,
+    },
+    /// Mark a broker as being removed: it gets no new replicas, and once no partition has a
+    /// replica on it, the controller's leader removes it from the controller group and
+    /// proposes [`ControllerCommand::RemoveBroker`].
+    SetRemoving {
+        /// Its node id.
+        node_id: NodeId,
+    },
+    /// Forget a broker (refused while a partition still has a replica on it).
+    RemoveBroker {
+        /// Its node id.
+        node_id: NodeId,
+    },
     /// Record a broker's addresses (each broker registers itself once it is a member).
     RegisterBroker {
         /// Its node id.
@@ -121,6 +160,10 @@ pub struct BrokerMeta {
     /// registers again.
     #[serde(default)]
     pub draining: bool,
+    /// It is being removed from the cluster: its replicas move to other brokers, and then it
+    /// leaves the controller group.
+    #[serde(default)]
+    pub removing: bool,
 }
 
 /// The result of a controller command.
@@ -148,6 +191,41 @@ pub enum ControllerResponse {
         /// Whether the group had offsets.
         existed: bool,
     },
+}
+
+/// A move of one partition's replicas, planned from a controller state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedMove {
+    /// Topic name.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Its replicas now.
+    pub from: Vec<NodeId>,
+    /// Where they go.
+    pub to: Vec<NodeId>,
+}
+
+impl PlannedMove {
+    /// The command that starts the move.
+    pub fn command(&self) -> ControllerCommand {
+        ControllerCommand::MoveReplicas {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            from: self.from.clone(),
+            replicas: self.to.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for PlannedMove {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}: {:?} -> {:?}",
+            self.topic, self.partition, self.from, self.to
+        )
+    }
 }
 
 /// A consumer group's committed offsets, as the controller stores them.
@@ -251,9 +329,55 @@ impl ControllerState {
                         peer_address: peer_address.clone(),
                         client_address: client_address.clone(),
                         draining: false,
+                        // A broker being removed stays so when it registers again.
+                        removing: self.brokers.get(node_id).is_some_and(|b| b.removing),
                     },
                 );
                 ControllerResponse::Registered
+            }
+            ControllerCommand::MoveReplicas {
+                topic,
+                partition,
+                from,
+                replicas,
+            } => self.move_replicas(topic, *partition, from, replicas),
+            ControllerCommand::FinishMove {
+                topic_id,
+                partition,
+                replicas,
+            } => {
+                let Some(topic) = self.topics.values_mut().find(|t| &t.topic_id == topic_id) else {
+                    return ControllerResponse::NotFound(format!("topic id {topic_id}"));
+                };
+                let Some(meta) = topic.partitions.get_mut(*partition as usize) else {
+                    return ControllerResponse::NotFound(format!("partition {partition}"));
+                };
+                if meta.target.as_ref() != Some(replicas) {
+                    return ControllerResponse::Invalid(format!(
+                        "partition {partition} is not moving to {replicas:?}"
+                    ));
+                }
+                meta.replicas = replicas.clone();
+                meta.target = None;
+                ControllerResponse::Topic(topic.clone())
+            }
+            ControllerCommand::SetRemoving { node_id } => match self.brokers.get_mut(node_id) {
+                Some(broker) => {
+                    broker.removing = true;
+                    ControllerResponse::Registered
+                }
+                None => ControllerResponse::NotFound(format!("broker {node_id}")),
+            },
+            ControllerCommand::RemoveBroker { node_id } => {
+                if let Some(p) = self.partitions_on(*node_id).next() {
+                    return ControllerResponse::Invalid(format!(
+                        "broker {node_id} still has a replica of {p}"
+                    ));
+                }
+                match self.brokers.remove(node_id) {
+                    Some(_) => ControllerResponse::Registered,
+                    None => ControllerResponse::NotFound(format!("broker {node_id}")),
+                }
             }
             ControllerCommand::SetDraining { node_id, draining } => {
                 if let Some(broker) = self.brokers.get_mut(node_id) {
@@ -310,6 +434,255 @@ impl ControllerState {
         }
     }
 
+    fn move_replicas(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        from: &[NodeId],
+        replicas: &[NodeId],
+    ) -> ControllerResponse {
+        if replicas.is_empty() {
+            return ControllerResponse::Invalid("a partition needs at least one replica".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for node in replicas {
+            if !seen.insert(*node) {
+                return ControllerResponse::Invalid(format!("node {node} appears twice"));
+            }
+            match self.brokers.get(node) {
+                None => {
+                    return ControllerResponse::Invalid(format!(
+                        "node {node} is not a broker of this cluster"
+                    ));
+                }
+                Some(b) if b.removing && !from.contains(node) => {
+                    return ControllerResponse::Invalid(format!(
+                        "node {node} is being removed from the cluster"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let Some(meta) = self.topics.get_mut(topic) else {
+            return ControllerResponse::NotFound(topic.to_string());
+        };
+        let Some(p) = meta.partitions.get_mut(partition as usize) else {
+            return ControllerResponse::NotFound(format!("{topic}/{partition}"));
+        };
+        // A running move may be redirected (or undone): the replicas then are the old and the
+        // new ones, and the plan must have seen them.
+        if p.replicas != from {
+            return ControllerResponse::Invalid(format!(
+                "{topic}/{partition} has replicas {:?} now, not {from:?}",
+                p.replicas
+            ));
+        }
+        if p.target.is_none() && p.replicas == replicas {
+            // Already there.
+        } else {
+            let mut all = p.replicas.clone();
+            all.extend(replicas.iter().filter(|n| !p.replicas.contains(n)));
+            p.replicas = all;
+            p.target = Some(replicas.to_vec());
+        }
+        ControllerResponse::Topic(meta.clone())
+    }
+
+    /// Brokers that may receive replicas: registered and not being removed.
+    fn eligible_brokers(&self) -> Vec<NodeId> {
+        self.brokers
+            .iter()
+            .filter(|(_, b)| !b.removing)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Replicas per eligible broker (a moving partition counts where it goes).
+    fn replica_counts(&self) -> BTreeMap<NodeId, usize> {
+        let mut counts: BTreeMap<NodeId, usize> = self
+            .eligible_brokers()
+            .into_iter()
+            .map(|b| (b, 0))
+            .collect();
+        for t in self.topics.values() {
+            for p in &t.partitions {
+                for r in p.target.as_ref().unwrap_or(&p.replicas) {
+                    if let Some(c) = counts.get_mut(r) {
+                        *c += 1;
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    /// Moves that spread replicas evenly over the eligible brokers (no two brokers more than
+    /// one replica apart, as far as partitions allow) and then preferred leaders (the first
+    /// replica) the same way, moving as few replicas as it can: what to run after adding a
+    /// broker. Partitions already moving are left alone.
+    pub fn plan_rebalance(&self) -> Vec<PlannedMove> {
+        let mut counts = self.replica_counts();
+        let mut plan: BTreeMap<(String, u32), Vec<NodeId>> = BTreeMap::new();
+        let still: Vec<(String, u32, Vec<NodeId>)> = self
+            .topics
+            .values()
+            .flat_map(|t| {
+                t.partitions
+                    .iter()
+                    .filter(|p| p.target.is_none())
+                    .map(|p| (t.name.clone(), p.partition, p.replicas.clone()))
+            })
+            .collect();
+        let replicas_of = |plan: &BTreeMap<(String, u32), Vec<NodeId>>, t: &str, p: u32, r| {
+            plan.get(&(t.to_string(), p)).cloned().unwrap_or(r)
+        };
+        let total: usize = counts.values().sum();
+        for _ in 0..=total {
+            let (Some((&most, &high)), Some((&least, &low))) = (
+                counts
+                    .iter()
+                    .max_by_key(|(id, c)| (**c, std::cmp::Reverse(**id))),
+                counts.iter().min_by_key(|(id, c)| (**c, **id)),
+            ) else {
+                break;
+            };
+            if high <= low + 1 {
+                break;
+            }
+            let candidate = still.iter().find_map(|(t, p, r)| {
+                let current = replicas_of(&plan, t, *p, r.clone());
+                (current.contains(&most) && !current.contains(&least))
+                    .then(|| (t.clone(), *p, current))
+            });
+            let Some((t, p, mut current)) = candidate else {
+                break;
+            };
+            for r in current.iter_mut() {
+                if *r == most {
+                    *r = least;
+                }
+            }
+            plan.insert((t, p), current);
+            counts.entry(most).and_modify(|c| *c -= 1);
+            counts.entry(least).and_modify(|c| *c += 1);
+        }
+        // Preferred leaders: the first replica of each partition, spread the same way.
+        let mut firsts: BTreeMap<NodeId, usize> = self
+            .eligible_brokers()
+            .into_iter()
+            .map(|b| (b, 0))
+            .collect();
+        for (t, p, r) in &still {
+            if let Some(first) = replicas_of(&plan, t, *p, r.clone()).first()
+                && let Some(c) = firsts.get_mut(first)
+            {
+                *c += 1;
+            }
+        }
+        for _ in 0..=still.len() {
+            let Some((&most, &high)) = firsts
+                .iter()
+                .max_by_key(|(id, c)| (**c, std::cmp::Reverse(**id)))
+            else {
+                break;
+            };
+            let swap = still.iter().find_map(|(t, p, r)| {
+                let current = replicas_of(&plan, t, *p, r.clone());
+                if current.first() != Some(&most) {
+                    return None;
+                }
+                let (i, _) = current
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .filter(|(_, n)| firsts.get(n).is_some_and(|c| c + 1 < high))
+                    .min_by_key(|(_, n)| firsts.get(n).copied().unwrap_or(usize::MAX))?;
+                Some((t.clone(), *p, current, i))
+            });
+            let Some((t, p, mut current, i)) = swap else {
+                break;
+            };
+            current.swap(0, i);
+            firsts.entry(most).and_modify(|c| *c -= 1);
+            firsts.entry(current[0]).and_modify(|c| *c += 1);
+            plan.insert((t, p), current);
+        }
+        still
+            .into_iter()
+            .filter_map(|(topic, partition, from)| {
+                let to = plan.remove(&(topic.clone(), partition))?;
+                (to != from).then_some(PlannedMove {
+                    topic,
+                    partition,
+                    from,
+                    to,
+                })
+            })
+            .collect()
+    }
+
+    /// Moves that take every replica off `node` (each to the eligible broker with the fewest
+    /// replicas that the partition is not on yet; a partition with no such broker shrinks and is
+    /// under-replicated; a running move to `node` is redirected), and the partitions that no
+    /// other broker can hold.
+    pub fn plan_removal(&self, node: NodeId) -> (Vec<PlannedMove>, Vec<String>) {
+        let mut counts = self.replica_counts();
+        counts.remove(&node);
+        let (mut moves, mut stuck) = (Vec::new(), Vec::new());
+        for t in self.topics.values() {
+            for p in &t.partitions {
+                // Where the partition is going (a move that already takes it off `node`
+                // needs nothing more; one that goes to `node` is redirected).
+                let going = p.target.as_ref().unwrap_or(&p.replicas);
+                if !going.contains(&node) {
+                    continue;
+                }
+                let replacement = counts
+                    .iter()
+                    .filter(|(b, _)| !going.contains(b))
+                    .min_by_key(|(b, c)| (**c, **b))
+                    .map(|(b, _)| *b);
+                let to: Vec<NodeId> = match replacement {
+                    Some(b) => {
+                        counts.entry(b).and_modify(|c| *c += 1);
+                        going
+                            .iter()
+                            .map(|r| if *r == node { b } else { *r })
+                            .collect()
+                    }
+                    None => going.iter().copied().filter(|r| *r != node).collect(),
+                };
+                if to.is_empty() {
+                    stuck.push(format!(
+                        "{}/{}: no other broker to hold it",
+                        t.name, p.partition
+                    ));
+                    continue;
+                }
+                moves.push(PlannedMove {
+                    topic: t.name.clone(),
+                    partition: p.partition,
+                    from: p.replicas.clone(),
+                    to,
+                });
+            }
+        }
+        (moves, stuck)
+    }
+
+    /// "topic/partition" of every partition with a replica (or a replica to be) on `node`.
+    pub fn partitions_on(&self, node: NodeId) -> impl Iterator<Item = String> + '_ {
+        self.topics.values().flat_map(move |t| {
+            t.partitions
+                .iter()
+                .filter(move |p| {
+                    p.replicas.contains(&node)
+                        || p.target.as_ref().is_some_and(|r| r.contains(&node))
+                })
+                .map(move |p| format!("{}/{}", t.name, p.partition))
+        })
+    }
+
     /// The committed offset of `group` on `topic_id`/`partition`.
     pub fn committed(&self, group: &str, topic_id: &str, partition: u32) -> Option<u64> {
         self.groups
@@ -332,7 +705,12 @@ impl ControllerState {
         config: &mut TopicConfig,
         proposed: &[Vec<NodeId>],
     ) -> Vec<Vec<NodeId>> {
-        let brokers: Vec<NodeId> = self.brokers.keys().copied().collect();
+        let brokers: Vec<NodeId> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| !b.removing)
+            .map(|(id, _)| *id)
+            .collect();
         if brokers.is_empty() {
             return proposed.to_vec();
         }
@@ -359,6 +737,7 @@ impl ControllerState {
                     partition: first + i as u32,
                     group_id,
                     replicas: nodes.clone(),
+                    target: None,
                 }
             })
             .collect()
@@ -622,5 +1001,219 @@ mod tests {
             ControllerResponse::Topic(t) => assert_eq!(t.partitions[0].group_id, 4),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn register(state: &mut ControllerState, node: NodeId) {
+        state.apply(&ControllerCommand::RegisterBroker {
+            node_id: node,
+            peer_address: format!("127.0.0.{node}:7401"),
+            client_address: format!("127.0.0.{node}:7400"),
+        });
+    }
+
+    fn topic_rf(name: &str, partitions: u32, rf: u32) -> ControllerCommand {
+        ControllerCommand::CreateTopic {
+            name: name.into(),
+            topic_id: format!("id-{name}"),
+            config: TopicConfig {
+                partitions,
+                replication_factor: rf,
+                ..TopicConfig::default()
+            },
+            created_at_ms: 1,
+            replicas: vec![vec![1]; partitions as usize],
+        }
+    }
+
+    /// Applies the moves as the partitions' leaders would end them.
+    fn run_moves(state: &mut ControllerState, plan: &[PlannedMove]) {
+        for m in plan {
+            match state.apply(&m.command()) {
+                ControllerResponse::Topic(_) => {}
+                other => panic!("{m}: {other:?}"),
+            }
+            let topic_id = state.topics[&m.topic].topic_id.clone();
+            assert_eq!(
+                state.apply(&ControllerCommand::FinishMove {
+                    topic_id,
+                    partition: m.partition,
+                    replicas: m.to.clone(),
+                }),
+                ControllerResponse::Topic(state.topics[&m.topic].clone()).clone_with(|t| {
+                    t.partitions[m.partition as usize].replicas = m.to.clone();
+                    t.partitions[m.partition as usize].target = None;
+                })
+            );
+        }
+    }
+
+    impl ControllerResponse {
+        fn clone_with(self, f: impl FnOnce(&mut TopicMeta)) -> ControllerResponse {
+            match self {
+                ControllerResponse::Topic(mut t) => {
+                    f(&mut t);
+                    ControllerResponse::Topic(t)
+                }
+                other => other,
+            }
+        }
+    }
+
+    fn per_broker(state: &ControllerState) -> (BTreeMap<NodeId, usize>, BTreeMap<NodeId, usize>) {
+        let (mut replicas, mut firsts) = (BTreeMap::new(), BTreeMap::new());
+        for id in state.brokers.keys() {
+            replicas.insert(*id, 0);
+            firsts.insert(*id, 0);
+        }
+        for t in state.topics.values() {
+            for p in &t.partitions {
+                let mut unique = p.replicas.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                assert_eq!(unique.len(), p.replicas.len(), "{p:?}");
+                for r in &p.replicas {
+                    *replicas.entry(*r).or_default() += 1;
+                }
+                *firsts.entry(p.replicas[0]).or_default() += 1;
+            }
+        }
+        (replicas, firsts)
+    }
+
+    fn spread(counts: &BTreeMap<NodeId, usize>) -> usize {
+        counts.values().max().unwrap() - counts.values().min().unwrap()
+    }
+
+    #[test]
+    fn a_rebalance_spreads_replicas_and_leaders_over_an_added_broker() {
+        let mut state = ControllerState::default();
+        for node in 1..=3 {
+            register(&mut state, node);
+        }
+        state.apply(&topic_rf("a", 6, 3));
+        state.apply(&topic_rf("b", 5, 2));
+        register(&mut state, 4);
+        let (before, _) = per_broker(&state);
+        assert_eq!(before[&4], 0);
+        let plan = state.plan_rebalance();
+        assert!(!plan.is_empty());
+        run_moves(&mut state, &plan);
+        let (replicas, firsts) = per_broker(&state);
+        assert!(spread(&replicas) <= 1, "{replicas:?}");
+        assert!(spread(&firsts) <= 1, "{firsts:?}");
+        assert_eq!(replicas.values().sum::<usize>(), 6 * 3 + 5 * 2);
+        for t in state.topics.values() {
+            for p in &t.partitions {
+                assert_eq!(p.replicas.len() as u32, t.config.replication_factor);
+                assert_eq!(p.target, None);
+            }
+        }
+        // Balanced: nothing more to do.
+        assert_eq!(state.plan_rebalance(), Vec::new());
+    }
+
+    #[test]
+    fn a_removal_moves_every_replica_off_the_broker_and_keeps_the_factor() {
+        let mut state = ControllerState::default();
+        for node in 1..=4 {
+            register(&mut state, node);
+        }
+        state.apply(&topic_rf("a", 8, 3));
+        state.apply(&ControllerCommand::SetRemoving { node_id: 2 });
+        assert!(matches!(
+            state.apply(&ControllerCommand::RemoveBroker { node_id: 2 }),
+            ControllerResponse::Invalid(_)
+        ));
+        let (plan, stuck) = state.plan_removal(2);
+        assert!(stuck.is_empty());
+        run_moves(&mut state, &plan);
+        assert_eq!(state.partitions_on(2).count(), 0);
+        for p in &state.topics["a"].partitions {
+            assert_eq!(p.replicas.len(), 3, "{p:?}");
+        }
+        let (replicas, _) = per_broker(&state);
+        let others: BTreeMap<NodeId, usize> =
+            replicas.into_iter().filter(|(id, _)| *id != 2).collect();
+        assert!(spread(&others) <= 1, "{others:?}");
+        // A new topic is not placed on it.
+        match state.apply(&topic_rf("c", 3, 3)) {
+            ControllerResponse::Topic(t) => {
+                assert!(t.partitions.iter().all(|p| !p.replicas.contains(&2)))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            state.apply(&ControllerCommand::RemoveBroker { node_id: 2 }),
+            ControllerResponse::Registered
+        );
+        assert!(!state.brokers.contains_key(&2));
+    }
+
+    #[test]
+    fn moves_are_checked_against_the_state_they_were_planned_on() {
+        let mut state = ControllerState::default();
+        for node in 1..=4 {
+            register(&mut state, node);
+        }
+        state.apply(&topic_rf("a", 1, 3));
+        let from = state.topics["a"].partitions[0].replicas.clone();
+        assert_eq!(from, [1, 2, 3]);
+        let to_four = ControllerCommand::MoveReplicas {
+            topic: "a".into(),
+            partition: 0,
+            from: from.clone(),
+            replicas: vec![4, 2, 3],
+        };
+        let moving = match state.apply(&to_four) {
+            ControllerResponse::Topic(t) => t.partitions[0].clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            moving.replicas,
+            [1, 2, 3, 4],
+            "old and new replicas meanwhile"
+        );
+        assert_eq!(moving.target.as_deref(), Some(&[4, 2, 3][..]));
+        // Planned on the state before the move: refused.
+        assert!(matches!(
+            state.apply(&to_four),
+            ControllerResponse::Invalid(_)
+        ));
+        // Unknown brokers and repeated ones are refused.
+        for bad in [vec![9], vec![1, 1], vec![]] {
+            let command = ControllerCommand::MoveReplicas {
+                topic: "a".into(),
+                partition: 0,
+                from: moving.replicas.clone(),
+                replicas: bad.clone(),
+            };
+            assert!(
+                matches!(state.apply(&command), ControllerResponse::Invalid(_)),
+                "{bad:?}"
+            );
+        }
+        // Redirected (undone) while it runs: the end of the first move is refused.
+        let back = ControllerCommand::MoveReplicas {
+            topic: "a".into(),
+            partition: 0,
+            from: moving.replicas.clone(),
+            replicas: from.clone(),
+        };
+        assert!(matches!(state.apply(&back), ControllerResponse::Topic(_)));
+        let finish = |replicas: Vec<NodeId>| ControllerCommand::FinishMove {
+            topic_id: "id-a".into(),
+            partition: 0,
+            replicas,
+        };
+        assert!(matches!(
+            state.apply(&finish(vec![4, 2, 3])),
+            ControllerResponse::Invalid(_)
+        ));
+        assert!(matches!(
+            state.apply(&finish(from.clone())),
+            ControllerResponse::Topic(_)
+        ));
+        assert_eq!(state.topics["a"].partitions[0].replicas, from);
+        assert_eq!(state.topics["a"].partitions[0].target, None);
     }
 }

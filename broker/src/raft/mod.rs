@@ -38,12 +38,12 @@ use serde::{Deserialize, Serialize};
 pub use controller_group::{ControllerGroup, ControllerService, controller_raft_config};
 pub use controller_sm::{
     BrokerMeta, ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine,
-    GroupOffsets, PartitionMeta, TopicMeta,
+    GroupOffsets, PartitionMeta, PlannedMove, TopicMeta,
 };
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};
 pub use network::{PEER_MESSAGE_BYTES_MAX, Peers, RaftService, Recovery};
-pub use partition_group::{GroupSpec, GroupStatus, PartitionGroup, Proposal};
+pub use partition_group::{GroupSpec, GroupStatus, MoveStep, PartitionGroup, Proposal};
 pub use partition_sm::{
     PRODUCER_BATCHES_KEPT, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionState, PartitionStateMachine,
     ProducerBatch, ProducerState, SequenceCheck, expire_producers,

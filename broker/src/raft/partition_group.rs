@@ -63,6 +63,15 @@ pub struct GroupStatus {
     pub purged_index: Option<u64>,
 }
 
+/// What one step of a replica move did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveStep {
+    /// The group's voters are the target replicas.
+    Done,
+    /// The target replicas vote, and this node (not one of them) passed the leadership on.
+    LeadershipMoved(NodeId),
+}
+
 /// An outcome of a proposal, once its entry is applied: the base offset of the stored batch.
 pub type Proposal = Pin<Box<dyn Future<Output = Result<u64, BrokerError>> + Send>>;
 
@@ -299,7 +308,11 @@ impl PartitionGroup {
     }
 
     /// Confirms this node still leads (with a quorum) and has applied every committed entry.
+    /// While its leadership moves it answers UNAVAILABLE naming the target at once: confirming
+    /// would send the followers a round of heartbeats, renew their leader leases, and make them
+    /// refuse their votes to the target.
     pub async fn ensure_leader(&self) -> Result<(), BrokerError> {
+        self.check_not_transferring()?;
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -315,10 +328,7 @@ impl PartitionGroup {
         }
     }
 
-    /// Proposes encoded record batches as one entry (sealed with placeholder offsets: the log
-    /// store stamps them where the entry lands, one after the other). Returns at once with a
-    /// future of the first batch's stored base offset.
-    pub async fn propose(&self, batches: Vec<Bytes>) -> Result<Proposal, BrokerError> {
+    fn check_not_transferring(&self) -> Result<(), BrokerError> {
         let moving_to = self
             .transferring_to
             .load(std::sync::atomic::Ordering::SeqCst);
@@ -328,6 +338,14 @@ impl PartitionGroup {
                 leader: Some(moving_to),
             });
         }
+        Ok(())
+    }
+
+    /// Proposes encoded record batches as one entry (sealed with placeholder offsets: the log
+    /// store stamps them where the entry lands, one after the other). Returns at once with a
+    /// future of the first batch's stored base offset.
+    pub async fn propose(&self, batches: Vec<Bytes>) -> Result<Proposal, BrokerError> {
+        self.check_not_transferring()?;
         if let Some(window_ms) = self.lost_quorum() {
             // A leader cut off from a majority (a network partition): its writes cannot commit,
             // and a majority elsewhere may have a new leader already. Refuse them at once rather
@@ -385,6 +403,106 @@ impl PartitionGroup {
             Some(&self.transferring_to),
         )
         .await
+    }
+
+    /// One step of moving the group's voters to `target` (node ids with peer addresses), on its
+    /// leader: adds the new replicas as learners and waits until they have every entry, then
+    /// makes `target` the voters when this leader is one of them ([`MoveStep::Done`]), or else
+    /// adds them as voters and moves the leadership to one of them
+    /// ([`MoveStep::LeadershipMoved`]: the new leader takes the next step), preferring the one
+    /// that comes first in `seniority` (the partition's replicas, the old ones first).
+    pub async fn move_step(
+        &self,
+        target: &[(NodeId, String)],
+        seniority: &[NodeId],
+        timeout: Duration,
+    ) -> Result<MoveStep, BrokerError> {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(m.id) {
+            return Err(BrokerError::Unavailable {
+                reason: "this broker does not lead the group".into(),
+                leader: m.current_leader,
+            });
+        }
+        let membership = m.membership_config.membership().clone();
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| BrokerError::Unavailable {
+            reason: format!("{what}: {e}"),
+            leader: Some(m.id),
+        };
+        for (id, address) in target {
+            if membership.get_node(id).is_none() {
+                // Blocking: returns once the learner has caught up (or the timeout ends the
+                // wait; it stays a learner and keeps catching up).
+                match tokio::time::timeout(
+                    timeout,
+                    self.raft
+                        .add_learner(*id, BasicNode::new(address.clone()), true),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(unavailable(&format!("adding node {id}"), &e)),
+                    Err(_) => {
+                        return Err(BrokerError::Timeout(format!(
+                            "node {id} is still catching up"
+                        )));
+                    }
+                }
+            }
+        }
+        let last = self.raft.metrics().borrow().last_log_index;
+        for (id, _) in target.iter().filter(|(id, _)| *id != m.id) {
+            self.raft
+                .wait(Some(timeout))
+                .metrics(
+                    |m| super::matched_index(m, *id) >= last,
+                    "the new replica has every entry",
+                )
+                .await
+                .map_err(|e| BrokerError::Timeout(format!("node {id} is catching up: {e}")))?;
+        }
+        let ids: BTreeSet<NodeId> = target.iter().map(|(id, _)| *id).collect();
+        if ids.contains(&m.id) {
+            self.raft
+                .change_membership(
+                    openraft::ChangeMembers::ReplaceAllVoters(ids.clone()),
+                    false,
+                )
+                .await
+                .map_err(|e| unavailable("changing the voters", &e))?;
+            // Learners of an earlier target that this one dropped.
+            let stray: BTreeSet<NodeId> = self
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .learner_ids()
+                .filter(|l| !ids.contains(l))
+                .collect();
+            if !stray.is_empty() {
+                self.raft
+                    .change_membership(openraft::ChangeMembers::RemoveNodes(stray), false)
+                    .await
+                    .map_err(|e| unavailable("removing learners", &e))?;
+            }
+            return Ok(MoveStep::Done);
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if !ids.is_subset(&voters) {
+            self.raft
+                .change_membership(openraft::ChangeMembers::AddVoterIds(ids.clone()), false)
+                .await
+                .map_err(|e| unavailable("adding the voters", &e))?;
+        }
+        // A replica that held the partition before the move takes over when there is one; else
+        // the first new one.
+        let to = target
+            .iter()
+            .map(|(id, _)| *id)
+            .min_by_key(|id| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX));
+        let leader = self.transfer_leadership(to, timeout).await?;
+        Ok(MoveStep::LeadershipMoved(leader))
     }
 
     /// Whether this replica leads the group and `node` has every entry of its log.

@@ -1,4 +1,4 @@
-//! `weft cluster status | transfer | drain`.
+//! `weft cluster status | transfer | drain | move | rebalance | remove-broker`.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -23,6 +23,95 @@ pub(crate) enum ClusterCommand {
     },
     /// Move every leadership the broker (-s) holds to other replicas, before it stops.
     Drain,
+    /// Move a partition's replicas to other brokers (the first becomes the preferred leader).
+    Move {
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Node ids to hold the replicas, comma-separated: 1,2,4.
+        #[arg(long, value_delimiter = ',', required = true)]
+        replicas: Vec<u64>,
+        /// Wait until the move is done.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Spread replicas and preferred leaders evenly over the brokers (after adding one).
+    Rebalance {
+        /// Wait until every move is done.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Move every replica off a broker; it then leaves the cluster and can be stopped.
+    RemoveBroker {
+        /// Its node id.
+        node_id: u64,
+        /// Wait until it has left the cluster.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// How long `--wait` waits.
+const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Waits until no partition moves (or, with `leaving`, until that broker is no longer listed),
+/// printing progress every few seconds.
+async fn wait_for_moves(client: &Client, leaving: Option<u64>) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    let mut last_report = tokio::time::Instant::now();
+    loop {
+        let moving: Vec<String> = client
+            .admin()
+            .partitions("")
+            .await?
+            .into_iter()
+            .filter(|p| !p.moving_to.is_empty())
+            .map(|p| format!("{}/{}", p.topic, p.partition))
+            .collect();
+        let still_there = match leaving {
+            Some(id) => client
+                .admin()
+                .cluster_status()
+                .await?
+                .nodes
+                .iter()
+                .any(|n| n.id == id),
+            None => false,
+        };
+        if moving.is_empty() && !still_there {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "still moving after {}s: {}",
+                WAIT_LIMIT.as_secs(),
+                moving.join(" ")
+            );
+        }
+        if last_report.elapsed() >= std::time::Duration::from_secs(5) {
+            eprintln!("waiting: {} partitions moving", moving.len());
+            last_report = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+fn print_reassign(output: Output, started: &[String], waiting: &[String]) {
+    match output {
+        Output::Json => print_json(&json!({ "started": started, "waiting": waiting })),
+        Output::Text => {
+            for m in started {
+                println!("moving {m}");
+            }
+            for w in waiting {
+                println!("waiting {w}");
+            }
+            if started.is_empty() && waiting.is_empty() {
+                println!("nothing to move");
+            }
+        }
+    }
 }
 
 /// Runs a cluster command.
@@ -42,7 +131,7 @@ pub(crate) async fn run(
                     "partition_count": s.partition_count,
                     "nodes": s.nodes.iter().map(|n| json!({
                         "id": n.id, "client_address": n.client_address, "peer_address": n.peer_address,
-                        "reachable": n.reachable, "voter": n.voter,
+                        "reachable": n.reachable, "voter": n.voter, "removing": n.removing,
                     })).collect::<Vec<_>>(),
                 })),
                 Output::Text => {
@@ -52,8 +141,12 @@ pub(crate) async fn run(
                     );
                     for n in &s.nodes {
                         println!(
-                            "  node {}  client {}  peer {}  reachable {}",
-                            n.id, n.client_address, n.peer_address, n.reachable
+                            "  node {}  client {}  peer {}  reachable {}{}",
+                            n.id,
+                            n.client_address,
+                            n.peer_address,
+                            n.reachable,
+                            if n.removing { "  REMOVING" } else { "" }
                         );
                     }
                 }
@@ -93,6 +186,55 @@ pub(crate) async fn run(
             }
             if !kept.is_empty() {
                 anyhow::bail!("{} partitions are still led by this broker", kept.len());
+            }
+        }
+        ClusterCommand::Move {
+            topic,
+            partition,
+            replicas,
+            wait,
+        } => {
+            let p = client
+                .admin()
+                .move_partition(&topic, partition, replicas)
+                .await?;
+            let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            if wait && !p.moving_to.is_empty() {
+                wait_for_moves(client, None).await?;
+            }
+            match output {
+                Output::Json => print_json(&json!({
+                    "topic": topic, "partition": partition, "replicas": p.replicas,
+                    "moving_to": p.moving_to, "done": wait || p.moving_to.is_empty(),
+                })),
+                Output::Text if p.moving_to.is_empty() => {
+                    println!("{topic}/{partition} is on {}", ids(&p.replicas))
+                }
+                Output::Text if wait => {
+                    println!("{topic}/{partition} moved to {}", ids(&p.moving_to))
+                }
+                Output::Text => println!(
+                    "{topic}/{partition} is moving from {} to {}",
+                    ids(&p.replicas),
+                    ids(&p.moving_to)
+                ),
+            }
+        }
+        ClusterCommand::Rebalance { wait } => {
+            let (started, waiting) = client.admin().rebalance().await?;
+            print_reassign(output, &started, &waiting);
+            if wait {
+                wait_for_moves(client, None).await?;
+            }
+        }
+        ClusterCommand::RemoveBroker { node_id, wait } => {
+            let (started, waiting) = client.admin().remove_broker(node_id).await?;
+            print_reassign(output, &started, &waiting);
+            if wait {
+                wait_for_moves(client, Some(node_id)).await?;
+                if output == Output::Text {
+                    println!("node {node_id} has left the cluster: stop it");
+                }
             }
         }
     }

@@ -119,6 +119,7 @@ fn topic_json(t: &proto::Topic) -> serde_json::Value {
             "replicas": p.replicas,
             "in_sync_replicas": p.in_sync_replicas,
             "under_replicated": p.under_replicated,
+            "moving_to": p.moving_to,
             "log_start_offset": p.log_start_offset,
             "high_watermark": p.high_watermark,
             "size_bytes": p.size_bytes,
@@ -156,6 +157,9 @@ fn print_topic(t: &proto::Topic) {
             p.high_watermark,
             p.size_bytes
         );
+        if !p.moving_to.is_empty() {
+            println!("{:>9}  moving to {}", "", ids(&p.moving_to));
+        }
     }
 }
 

@@ -1,0 +1,312 @@
+//! Moving partitions' replicas between brokers: one partition at a time on request, every
+//! partition for an even spread (after adding a broker), or every replica off a broker that is
+//! being removed.
+//!
+//! A move is a controller command that records where the replicas go; the partition's leader
+//! then does the work in its Raft group (new replicas join as learners, catch up, become the
+//! voters; a leader that is not among them hands its leadership to one that is) and proposes
+//! the command that ends the move. The brokers that lost a replica then delete it. Once no
+//! partition has a replica on a broker being removed, the controller's leader takes it out of
+//! the controller group and forgets it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use crate::error::BrokerError;
+use crate::node::Node;
+use crate::raft::{
+    ControllerCommand, ControllerResponse, ControllerState, GroupId, MoveStep, NodeId,
+    PartitionMeta, PlannedMove,
+};
+
+/// How long one step of a move may wait (for a new replica to catch up, for a membership change
+/// to commit); a step that times out is tried again.
+const MOVE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the moves are looked at when the controller state does not change.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The partition groups whose moves this broker drives now.
+#[derive(Debug, Default)]
+pub struct Moves {
+    running: Mutex<HashSet<GroupId>>,
+}
+
+impl Moves {
+    fn start(&self, group: GroupId) -> bool {
+        self.running.lock().is_ok_and(|mut r| r.insert(group))
+    }
+
+    fn end(&self, group: GroupId) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(&group);
+        }
+    }
+}
+
+fn unexpected(response: ControllerResponse) -> BrokerError {
+    match response {
+        ControllerResponse::NotFound(what) => BrokerError::Conflict(format!("{what} not found")),
+        ControllerResponse::Invalid(reason) => BrokerError::Conflict(reason),
+        other => BrokerError::Internal(format!("unexpected controller response {other:?}")),
+    }
+}
+
+impl Node {
+    /// Starts moving `topic`/`partition`'s replicas to `replicas` (the first becomes its
+    /// preferred leader). Returns the partition as the controller now has it (its `target` says
+    /// where it is going; a move to where it is does nothing).
+    pub async fn move_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    ) -> Result<PartitionMeta, BrokerError> {
+        let meta = self.topic(topic)?;
+        let Some(current) = meta.partitions.get(partition as usize) else {
+            return Err(BrokerError::PartitionNotFound {
+                topic: topic.into(),
+                partition,
+            });
+        };
+        if replicas.is_empty() {
+            return Err(BrokerError::invalid("replicas", "name at least one broker"));
+        }
+        let state = self.controller_state();
+        for node in &replicas {
+            if !state.brokers.contains_key(node) {
+                return Err(BrokerError::invalid(
+                    "replicas",
+                    format!("node {node} is not a broker of this cluster"),
+                ));
+            }
+        }
+        let mut unique = replicas.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        if unique.len() != replicas.len() {
+            return Err(BrokerError::invalid("replicas", "a node appears twice"));
+        }
+        let planned = PlannedMove {
+            topic: topic.into(),
+            partition,
+            from: current.replicas.clone(),
+            to: replicas,
+        };
+        match self.propose_command(planned.command()).await? {
+            ControllerResponse::Topic(t) => t
+                .partitions
+                .get(partition as usize)
+                .cloned()
+                .ok_or_else(|| BrokerError::Internal("the moved partition vanished".into())),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Starts the moves that spread replicas (and preferred leaders) evenly over the brokers.
+    /// Returns the moves started, and those refused (the partition changed meanwhile).
+    pub async fn rebalance(&self) -> Result<(Vec<String>, Vec<String>), BrokerError> {
+        self.metadata_current()?;
+        let plan = self.controller_state().plan_rebalance();
+        Ok(self.start_moves(plan).await)
+    }
+
+    /// Marks `node` as being removed and starts moving every replica off it. Once none is left
+    /// (`weft cluster status` stops listing it), it is out of the cluster and can be stopped.
+    /// Returns the moves started, and the partitions that must finish a move first (they are
+    /// planned again by the next call).
+    pub async fn remove_broker(
+        &self,
+        node: NodeId,
+    ) -> Result<(Vec<String>, Vec<String>), BrokerError> {
+        self.metadata_current()?;
+        let state = self.controller_state();
+        if !state.brokers.contains_key(&node) {
+            return Err(BrokerError::invalid(
+                "node_id",
+                format!("node {node} is not a broker of this cluster"),
+            ));
+        }
+        if !state
+            .brokers
+            .iter()
+            .any(|(id, b)| *id != node && !b.removing)
+        {
+            return Err(BrokerError::Conflict(format!(
+                "node {node} is the last broker that could hold the replicas"
+            )));
+        }
+        match self
+            .propose_command(ControllerCommand::SetRemoving { node_id: node })
+            .await?
+        {
+            ControllerResponse::Registered => {}
+            other => return Err(unexpected(other)),
+        }
+        let (plan, mut busy) = self.controller_state().plan_removal(node);
+        let (started, refused) = self.start_moves(plan).await;
+        busy.extend(refused);
+        tracing::info!(
+            node,
+            moves = started.len(),
+            waiting = busy.len(),
+            "removing a broker"
+        );
+        Ok((started, busy))
+    }
+
+    async fn start_moves(&self, plan: Vec<PlannedMove>) -> (Vec<String>, Vec<String>) {
+        let (mut started, mut refused) = (Vec::new(), Vec::new());
+        for planned in plan {
+            match self.propose_command(planned.command()).await {
+                Ok(ControllerResponse::Topic(_)) => started.push(planned.to_string()),
+                Ok(other) => refused.push(format!("{planned}: {}", unexpected(other))),
+                Err(e) => refused.push(format!("{planned}: {e}")),
+            }
+        }
+        (started, refused)
+    }
+
+    /// Drives the moves of the partitions this broker leads, and (on the controller's leader)
+    /// ends the removal of brokers that hold no replica any more.
+    async fn drive_moves(self: &Arc<Self>, state: &ControllerState) {
+        for topic in state.topics.values() {
+            for p in &topic.partitions {
+                let Some(target) = &p.target else { continue };
+                let Ok(partition) = self.partition(&topic.name, p.partition) else {
+                    continue;
+                };
+                if !partition.group().is_leader() || !self.moves.start(p.group_id) {
+                    continue;
+                }
+                let addresses: Option<Vec<(NodeId, String)>> = target
+                    .iter()
+                    .map(|id| state.brokers.get(id).map(|b| (*id, b.peer_address.clone())))
+                    .collect();
+                let Some(addresses) = addresses else {
+                    self.moves.end(p.group_id);
+                    continue;
+                };
+                let node = Arc::downgrade(self);
+                let (topic_id, name, number, group_id) = (
+                    topic.topic_id.clone(),
+                    topic.name.clone(),
+                    p.partition,
+                    p.group_id,
+                );
+                let target = target.clone();
+                let seniority = p.replicas.clone();
+                tokio::spawn(async move {
+                    let group = partition.group();
+                    let outcome = group
+                        .move_step(&addresses, &seniority, MOVE_STEP_TIMEOUT)
+                        .await;
+                    drop(partition);
+                    let Some(node) = node.upgrade() else { return };
+                    match outcome {
+                        Ok(MoveStep::Done) => {
+                            let finish = ControllerCommand::FinishMove {
+                                topic_id,
+                                partition: number,
+                                replicas: target.clone(),
+                            };
+                            match node.propose_command(finish).await {
+                                Ok(_) => {
+                                    tracing::info!(topic = %name, partition = number, ?target, "moved the partition's replicas")
+                                }
+                                Err(e) => {
+                                    tracing::info!(topic = %name, partition = number, "cannot end the move yet: {e}")
+                                }
+                            }
+                        }
+                        Ok(MoveStep::LeadershipMoved(leader)) => {
+                            tracing::info!(topic = %name, partition = number, leader, "handed the leadership to a new replica; it ends the move")
+                        }
+                        Err(e) => {
+                            tracing::info!(topic = %name, partition = number, ?target, "moving the replicas: {e}")
+                        }
+                    }
+                    node.moves.end(group_id);
+                });
+            }
+        }
+        if self.controller_leader() == Some(self.node_id) {
+            self.finish_removals(state).await;
+        }
+    }
+
+    /// On the controller's leader: takes every broker being removed that holds no replica any
+    /// more out of the controller group, then forgets it. Leading the controller itself, this
+    /// broker first hands that leadership to another voter.
+    async fn finish_removals(&self, state: &ControllerState) {
+        // Replicas still going to a broker being removed (a move that failed, or that ran when
+        // the removal began) are sent elsewhere.
+        for (node, _) in state.brokers.iter().filter(|(_, b)| b.removing) {
+            let (plan, _) = state.plan_removal(*node);
+            if !plan.is_empty() {
+                let (started, refused) = self.start_moves(plan).await;
+                tracing::info!(
+                    node,
+                    ?started,
+                    ?refused,
+                    "moving replicas off a broker being removed"
+                );
+            }
+        }
+        let done: Vec<NodeId> = state
+            .brokers
+            .iter()
+            .filter(|(id, b)| b.removing && state.partitions_on(**id).next().is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for node in done {
+            if node == self.node_id {
+                if let Err(e) = self.transfer_controller(MOVE_STEP_TIMEOUT).await {
+                    tracing::info!("cannot hand the controller over before leaving: {e}");
+                }
+                return;
+            }
+            // Let it apply the moves that took its replicas away (so it deletes them) before it
+            // stops hearing from the controller, if it is there to hear them.
+            for _ in 0..50 {
+                if self.reaches(node) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if let Err(e) = self.remove_controller_member(node).await {
+                tracing::info!(
+                    node,
+                    "cannot take the broker out of the controller yet: {e}"
+                );
+                continue;
+            }
+            match self
+                .propose_command(ControllerCommand::RemoveBroker { node_id: node })
+                .await
+            {
+                Ok(_) => tracing::info!(node, "removed the broker from the cluster"),
+                Err(e) => tracing::info!(node, "cannot forget the broker yet: {e}"),
+            }
+        }
+    }
+}
+
+/// Drives replica moves while the node runs: on every controller change and every second.
+pub(crate) async fn reassign_loop(node: Weak<Node>) {
+    let Some(mut state) = node.upgrade().map(|n| n.controller_watch()) else {
+        return;
+    };
+    loop {
+        if let Ok(Err(_)) = tokio::time::timeout(TICK, state.changed()).await {
+            return;
+        }
+        let Some(node) = node.upgrade() else { return };
+        if node.is_stopping() {
+            return;
+        }
+        let current = state.borrow_and_update().clone();
+        node.drive_moves(&current).await;
+    }
+}

@@ -1,0 +1,268 @@
+//! Growing and shrinking a cluster under load (real processes on 127.0.0.x, free ports, temp
+//! dirs): a fourth broker joins a three-broker cluster, `weft cluster rebalance` moves replicas
+//! (and preferred leaders) onto it, a partition is moved by hand through the admin API, and
+//! `weft cluster remove-broker` moves every replica off the first broker (the one that started
+//! the cluster) and takes it out of the cluster. An idempotent producer publishes the whole time;
+//! every acknowledged record is then read back once from every replica, offsets dense.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use weft_tests::{
+    Broker, add_broker, fetch_range, ok_stdout, publish_until_acknowledged, start_cluster, wait_for,
+};
+
+const TOPIC: &str = "moves";
+const PARTITIONS: u32 = 4;
+
+/// (partition, replicas, moving_to) as `broker` sees them.
+fn placement(broker: &Broker) -> Vec<(u32, Vec<u64>, Vec<u64>)> {
+    let (status, body) = broker.http("GET", &format!("/v1/topics/{TOPIC}"), None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|i| i.as_u64().expect("id"))
+            .collect()
+    };
+    value["partition_details"]
+        .as_array()
+        .expect("partition details")
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].as_u64().expect("partition") as u32,
+                ids(&p["replicas"]),
+                ids(&p["moving_to"]),
+            )
+        })
+        .collect()
+}
+
+/// Node ids the cluster lists, as `broker` sees them.
+fn brokers_listed(broker: &Broker) -> Vec<u64> {
+    let (status, body) = broker.http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["brokers"]
+        .as_array()
+        .expect("brokers")
+        .iter()
+        .map(|b| b["id"].as_u64().expect("id"))
+        .collect()
+}
+
+/// Partition directories a broker holds on disk.
+fn partition_dirs(broker: &Broker) -> usize {
+    let topics = broker.data_dir().join("topics");
+    std::fs::read_dir(&topics)
+        .map(|dirs| {
+            dirs.flatten()
+                .map(|d| std::fs::read_dir(d.path()).map_or(0, |p| p.count()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
+    let mut brokers = start_cluster(3);
+    let (status, body) = brokers[1].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{TOPIC}","partitions":{PARTITIONS},"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+
+    // The producer publishes through brokers 2 and 3 (broker 1 leaves the cluster).
+    let addresses: Vec<String> = brokers[1..].iter().map(|b| b.client_addr.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let load = tokio::spawn(async move {
+        let mut sequences = [0u64; PARTITIONS as usize];
+        let mut acknowledged = Vec::new();
+        for i in 0..200_000u64 {
+            if stopping.load(Ordering::SeqCst) && i >= 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let partition = (i % u64::from(PARTITIONS)) as u32;
+            let value = format!("m-{i:06}");
+            let (offset, _) = publish_until_acknowledged(
+                &addresses,
+                TOPIC,
+                partition,
+                sequences[partition as usize],
+                &value,
+            )
+            .await;
+            sequences[partition as usize] += 1;
+            acknowledged.push((partition, offset, value));
+        }
+        acknowledged
+    });
+
+    // A fourth broker joins: it holds nothing until replicas move to it.
+    let fourth = add_broker(&brokers, &[]);
+    brokers.push(fourth);
+    wait_for(
+        "the cluster to list four brokers",
+        Duration::from_secs(30),
+        || {
+            let listed = brokers_listed(&brokers[1]);
+            async move { (listed == [1, 2, 3, 4]).then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        placement(&brokers[1])
+            .iter()
+            .all(|(_, r, _)| !r.contains(&4))
+    );
+
+    // Bad input: a broker that does not exist, a repeated one, an unknown topic.
+    let (status, body) = brokers[1].http(
+        "POST",
+        &format!("/v1/topics/{TOPIC}/partitions/0/replicas"),
+        Some(r#"{"replicas":[1,2,9]}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("node 9"), "{body}");
+    let (status, body) = brokers[1].http(
+        "POST",
+        &format!("/v1/topics/{TOPIC}/partitions/0/replicas"),
+        Some(r#"{"replicas":[2,2]}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = brokers[1].http(
+        "POST",
+        "/v1/topics/nope/partitions/0/replicas",
+        Some(r#"{"replicas":[1]}"#),
+    );
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = brokers[1].http("POST", "/v1/brokers/9/remove", None);
+    assert_eq!(status, 400, "{body}");
+
+    // Rebalance: replicas and preferred leaders spread over four brokers (12 replicas: 3 each).
+    let out = brokers[1].cli(&["cluster", "rebalance", "--wait"]);
+    let printed = ok_stdout(&out);
+    assert!(printed.contains("moving"), "{printed}");
+    let after = placement(&brokers[1]);
+    let mut per_broker = [0usize; 5];
+    let mut firsts = [0usize; 5];
+    for (_, replicas, moving_to) in &after {
+        assert!(moving_to.is_empty(), "{after:?}");
+        assert_eq!(replicas.len(), 3, "{after:?}");
+        assert_eq!(replicas.iter().collect::<BTreeSet<_>>().len(), 3);
+        for r in replicas {
+            per_broker[*r as usize] += 1;
+        }
+        firsts[replicas[0] as usize] += 1;
+    }
+    assert_eq!(&per_broker[1..], [3, 3, 3, 3], "{after:?}");
+    assert_eq!(&firsts[1..], [1, 1, 1, 1], "{after:?}");
+    wait_for(
+        "the fourth broker to hold its replicas",
+        Duration::from_secs(30),
+        || {
+            let dirs = partition_dirs(&brokers[3]);
+            async move { (dirs == 3).then_some(()) }
+        },
+    )
+    .await;
+
+    // One partition by hand: partition 0 to {2, 3, 4}, node 3 its preferred leader.
+    let (status, body) = brokers[2].http(
+        "POST",
+        &format!("/v1/topics/{TOPIC}/partitions/0/replicas"),
+        Some(r#"{"replicas":[3,2,4]}"#),
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for("partition 0 to move", Duration::from_secs(60), || {
+        let p = placement(&brokers[1]);
+        async move { (p[0].1 == [3, 2, 4] && p[0].2.is_empty()).then_some(()) }
+    })
+    .await;
+
+    // Remove broker 1 (which started the cluster, and may lead the controller).
+    let out = brokers[1].cli(&["cluster", "remove-broker", "1", "--wait"]);
+    let printed = ok_stdout(&out);
+    assert!(printed.contains("has left the cluster"), "{printed}");
+    assert_eq!(brokers_listed(&brokers[1]), [2, 3, 4]);
+    assert_eq!(brokers_listed(&brokers[3]), [2, 3, 4]);
+    for (partition, replicas, moving_to) in placement(&brokers[2]) {
+        assert!(moving_to.is_empty());
+        assert_eq!(replicas.len(), 3, "partition {partition}: {replicas:?}");
+        assert!(
+            !replicas.contains(&1),
+            "partition {partition}: {replicas:?}"
+        );
+    }
+    wait_for(
+        "broker 1 to delete its replicas",
+        Duration::from_secs(30),
+        || {
+            let dirs = partition_dirs(&brokers[0]);
+            async move { (dirs == 0).then_some(()) }
+        },
+    )
+    .await;
+    brokers[0].kill9();
+    // The cluster goes on without it: a topic created now lives on 2, 3 and 4.
+    let (status, body) = brokers[2].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"after","partitions":2}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(!body.contains("\"replicas\":[1"), "{body}");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let acknowledged = load.await.expect("the load finished");
+    eprintln!(
+        "acknowledged {} records while brokers moved",
+        acknowledged.len()
+    );
+
+    // Every replica of every partition holds every acknowledged record once, at its offset.
+    for partition in 0..PARTITIONS {
+        let mut want: Vec<(u64, String)> = acknowledged
+            .iter()
+            .filter(|(p, _, _)| *p == partition)
+            .map(|(_, o, v)| (*o, v.clone()))
+            .collect();
+        want.sort();
+        let count = want.len() as u64;
+        assert_eq!(
+            want.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            (0..count).collect::<Vec<_>>(),
+            "partition {partition}: acknowledged offsets are dense, each once"
+        );
+        for broker in &brokers[1..] {
+            let address = broker.client_addr.clone();
+            wait_for("the replica to catch up", Duration::from_secs(30), || {
+                let address = address.clone();
+                async move {
+                    weft_tests::offsets(&address, TOPIC, partition, None)
+                        .await
+                        .ok()
+                        .filter(|b| b.high_watermark >= count)
+                }
+            })
+            .await;
+            let got: Vec<(u64, String)> = fetch_range(&address, TOPIC, partition, 0, count)
+                .await
+                .iter()
+                .map(|(o, v)| (*o, String::from_utf8_lossy(v).into_owned()))
+                .collect();
+            assert_eq!(got, want, "partition {partition} through {address}");
+        }
+    }
+}
