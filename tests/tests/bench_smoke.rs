@@ -208,6 +208,11 @@ fn smoke_nats_fsync() {
 }
 
 #[test]
+fn smoke_nats_cluster_fsync() {
+    smoke("nats-cluster:fsync");
+}
+
+#[test]
 fn smoke_redis_default() {
     smoke("redis:default");
 }

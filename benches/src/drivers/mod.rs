@@ -141,6 +141,8 @@ pub enum Kind {
     WeftCluster,
     /// NATS JetStream through async-nats.
     Nats,
+    /// Three NATS servers on this machine, one JetStream cluster, every stream with R3.
+    NatsCluster,
     /// Redis Streams (XADD / XREADGROUP) through redis-rs.
     Redis,
     /// RabbitMQ Streams (the stream protocol) through rabbitmq-stream-client.
@@ -156,6 +158,7 @@ impl Kind {
             Kind::Weft => "weft",
             Kind::WeftCluster => "weft-cluster",
             Kind::Nats => "nats",
+            Kind::NatsCluster => "nats-cluster",
             Kind::Redis => "redis",
             Kind::Rabbitmq => "rabbitmq",
             Kind::Disk => "disk",
@@ -163,10 +166,11 @@ impl Kind {
     }
 
     /// Every kind, in the order `list` shows them.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Weft,
         Kind::WeftCluster,
         Kind::Nats,
+        Kind::NatsCluster,
         Kind::Redis,
         Kind::Rabbitmq,
         Kind::Disk,
@@ -205,6 +209,12 @@ impl DriverSpec {
             (Kind::Nats, Durability::Fsync) => {
                 "JetStream file storage with sync_interval: always (fsync before ack)".into()
             }
+            (Kind::NatsCluster, Durability::Default) => {
+                "3 servers, streams with R3: acknowledged once a majority stored it, before fsync (sync_interval 2m)".into()
+            }
+            (Kind::NatsCluster, Durability::Fsync) => {
+                "3 servers, streams with R3, sync_interval: always (fsync before ack on each replica)".into()
+            }
             (Kind::Redis, Durability::Default) => {
                 "AOF on, appendfsync everysec (Redis's default AOF policy: acknowledged before fsync)".into()
             }
@@ -238,13 +248,14 @@ impl DriverSpec {
                 "weft" => Kind::Weft,
                 "weft-cluster" => Kind::WeftCluster,
                 "nats" => Kind::Nats,
+                "nats-cluster" => Kind::NatsCluster,
                 "redis" => Kind::Redis,
                 "rabbitmq" => Kind::Rabbitmq,
                 "disk" => Kind::Disk,
                 other => {
                     bail!(
-                        "unknown driver {other:?} (known: weft, weft-cluster, nats, redis, \
-                         rabbitmq, disk)"
+                        "unknown driver {other:?} (known: weft, weft-cluster, nats, \
+                         nats-cluster, redis, rabbitmq, disk)"
                     )
                 }
             };
@@ -273,7 +284,9 @@ impl DriverSpec {
                     kind.name()
                 );
             }
-            if matches!(kind, Kind::Disk | Kind::WeftCluster) && endpoint.is_some() {
+            if matches!(kind, Kind::Disk | Kind::WeftCluster | Kind::NatsCluster)
+                && endpoint.is_some()
+            {
                 bail!("{} takes no endpoint", kind.name());
             }
             for durability in durabilities {
@@ -318,6 +331,9 @@ async fn start_once(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver
             weft::WeftClusterDriver::start(spec, data_dir).await?,
         )),
         Kind::Nats => Ok(Box::new(nats::NatsDriver::start(spec, data_dir).await?)),
+        Kind::NatsCluster => Ok(Box::new(
+            nats::NatsDriver::start_cluster(spec, data_dir).await?,
+        )),
         Kind::Redis => Ok(Box::new(redis::RedisDriver::start(spec, data_dir).await?)),
         Kind::Rabbitmq => Ok(Box::new(
             rabbitmq::RabbitDriver::start(spec, data_dir).await?,
@@ -331,7 +347,7 @@ async fn start_once(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver
 pub fn available(kind: Kind) -> Result<()> {
     match kind {
         Kind::Weft | Kind::WeftCluster => weft::broker_binary().map(|_| ()),
-        Kind::Nats => process::find_program("nats-server").map(|_| ()),
+        Kind::Nats | Kind::NatsCluster => process::find_program("nats-server").map(|_| ()),
         Kind::Redis => process::find_program("redis-server").map(|_| ()),
         Kind::Rabbitmq => rabbitmq::available(),
         Kind::Disk => Ok(()),

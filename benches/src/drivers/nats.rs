@@ -1,5 +1,6 @@
 //! NATS JetStream through async-nats: a `nats-server -js` started on loopback with its store in
-//! the run's data directory (or a running one at `nats@host:port`). A topic partition is one
+//! the run's data directory (or a running one at `nats@host:port`), or (`nats-cluster`) three of
+//! them routed into one JetStream cluster, every stream with three replicas (R3). A topic partition is one
 //! stream (`<topic>-<p>`, subject `<topic>.<p>`), so partitions are as independent as JetStream
 //! allows; a consumer group is a durable pull consumer per stream with no acknowledgements (the
 //! cheapest way to read, like a Kafka consumer that commits rarely). Producers publish
@@ -26,39 +27,43 @@ const API_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct NatsDriver {
     url: String,
     context: jetstream::Context,
-    server: Option<Server>,
+    servers: Vec<Server>,
+    /// Stream replicas (3 in a cluster).
+    replicas: usize,
 }
+
+/// How many servers a `nats-cluster` runs.
+const CLUSTER_SIZE: usize = 3;
 
 impl NatsDriver {
     /// Starts `nats-server` at the spec's durability unless the spec names a running one.
     pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<NatsDriver> {
-        let (url, server) = match &spec.endpoint {
-            Some(endpoint) => (endpoint.clone(), None),
+        let (url, servers) = match &spec.endpoint {
+            Some(endpoint) => (endpoint.clone(), Vec::new()),
             None => {
-                let program = find_program("nats-server")?;
-                let port = free_port()?;
-                let store = data_dir.join("nats");
-                std::fs::create_dir_all(&store)?;
-                let sync = match spec.durability {
-                    Durability::Default => "",
-                    Durability::Fsync => "  sync_interval: always\n",
-                };
-                let config = format!(
-                    "listen: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n{sync}}}\n"
-                );
-                let config_path = data_dir.join("nats.conf");
-                std::fs::write(&config_path, config)?;
-                let mut server = Server::spawn(
-                    "nats-server",
-                    &program,
-                    &["-c".to_string(), config_path.display().to_string()],
-                    data_dir,
-                )?;
-                let address = format!("127.0.0.1:{port}");
-                server.wait_for_port(&address).await?;
-                (address, Some(server))
+                let (address, server) = spawn(spec, data_dir, None).await?;
+                (address, vec![server])
             }
         };
+        NatsDriver::connected(url, servers, 1).await
+    }
+
+    /// Starts three servers routed into one JetStream cluster (streams with R3).
+    pub async fn start_cluster(spec: &DriverSpec, data_dir: &Path) -> Result<NatsDriver> {
+        let routes: Vec<u16> = (0..CLUSTER_SIZE)
+            .map(|_| free_port())
+            .collect::<Result<_>>()?;
+        let mut servers = Vec::new();
+        let mut addresses = Vec::new();
+        for i in 0..CLUSTER_SIZE {
+            let (address, server) = spawn(spec, data_dir, Some((i, &routes))).await?;
+            addresses.push(address);
+            servers.push(server);
+        }
+        NatsDriver::connected(addresses.join(","), servers, CLUSTER_SIZE).await
+    }
+
+    async fn connected(url: String, servers: Vec<Server>, replicas: usize) -> Result<NatsDriver> {
         let client = connect(&url).await?;
         let context = jetstream::ContextBuilder::new()
             .timeout(API_TIMEOUT)
@@ -66,16 +71,68 @@ impl NatsDriver {
         Ok(NatsDriver {
             url,
             context,
-            server,
+            servers,
+            replicas,
         })
     }
 }
 
+/// Starts one `nats-server` (server `i` of a cluster whose route ports are `routes`, when
+/// given); returns its client address.
+async fn spawn(
+    spec: &DriverSpec,
+    data_dir: &Path,
+    cluster: Option<(usize, &[u16])>,
+) -> Result<(String, Server)> {
+    let program = find_program("nats-server")?;
+    let port = free_port()?;
+    let name = match cluster {
+        Some((i, _)) => format!("nats-{}", i + 1),
+        None => "nats".to_string(),
+    };
+    let store = data_dir.join(&name);
+    std::fs::create_dir_all(&store)?;
+    let sync = match spec.durability {
+        Durability::Default => "",
+        Durability::Fsync => "  sync_interval: always\n",
+    };
+    let mut config = format!(
+        "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {store:?}\n{sync}}}\n"
+    );
+    if let Some((i, routes)) = cluster {
+        let urls: Vec<String> = routes
+            .iter()
+            .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+            .collect();
+        config.push_str(&format!(
+            "cluster {{\n  name: weft-bench\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+            routes[i],
+            urls.join(", ")
+        ));
+    }
+    let config_path = data_dir.join(format!("{name}.conf"));
+    std::fs::write(&config_path, config)?;
+    let mut server = Server::spawn(
+        &format!("{name}-server"),
+        &program,
+        &["-c".to_string(), config_path.display().to_string()],
+        data_dir,
+    )?;
+    let address = format!("127.0.0.1:{port}");
+    server.wait_for_port(&address).await?;
+    Ok((address, server))
+}
+
 async fn connect(url: &str) -> Result<async_nats::Client> {
+    let addresses: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|a| a.trim().parse())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("nats address {url:?}"))?;
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(10))
         .request_timeout(Some(API_TIMEOUT))
-        .connect(url)
+        .connect(addresses)
         .await
         .with_context(|| format!("connecting to nats at {url}"))
 }
@@ -91,16 +148,35 @@ fn subject(topic: &str, partition: u32) -> String {
 #[async_trait]
 impl Driver for NatsDriver {
     async fn create_topic(&self, topic: &str, partitions: u32) -> Result<()> {
+        // A cluster answers "JetStream not ready" (or nothing at all) until its meta group has
+        // a leader and every server has joined: ask with a short timeout, again for a while.
+        let context = if self.replicas > 1 {
+            jetstream::ContextBuilder::new()
+                .timeout(Duration::from_secs(5))
+                .build(self.context.client())
+        } else {
+            self.context.clone()
+        };
         for p in 0..partitions {
-            self.context
-                .create_stream(stream::Config {
-                    name: stream_name(topic, p),
-                    subjects: vec![subject(topic, p)],
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| anyhow!("creating stream {}: {e}", stream_name(topic, p)))?;
+            let deadline = std::time::Instant::now() + 2 * API_TIMEOUT;
+            loop {
+                let created = context
+                    .create_stream(stream::Config {
+                        name: stream_name(topic, p),
+                        subjects: vec![subject(topic, p)],
+                        storage: stream::StorageType::File,
+                        num_replicas: self.replicas,
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(_) => break,
+                    Err(_) if self.replicas > 1 && std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => bail!("creating stream {}: {e}", stream_name(topic, p)),
+                }
+            }
         }
         Ok(())
     }
@@ -170,7 +246,7 @@ impl Driver for NatsDriver {
     }
 
     async fn shutdown(self: Box<Self>) -> Result<()> {
-        if let Some(server) = self.server {
+        for server in self.servers {
             server.stop().await?;
         }
         Ok(())
