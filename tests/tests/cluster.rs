@@ -186,6 +186,71 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
         .await
         .expect("offsets through a broker without the partition");
     assert_eq!(bounds.high_watermark, 1, "{bounds:?}");
+    // Subscribe through that broker too: it reads the partition from the broker holding it,
+    // the record already there and one published while the stream waits; and a consumer group
+    // whose member is on that broker commits its offset.
+    let client = weft_client::Client::connect([elsewhere.clone()])
+        .await
+        .expect("connect");
+    let mut consumer = client
+        .consumer(
+            weft_client::ConsumerConfig::new("single")
+                .partitions(vec![0])
+                .start(weft_client::StartFrom::Earliest),
+        )
+        .await
+        .expect("subscribe through a broker without the partition");
+    let first = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("the stored record in time")
+        .expect("next")
+        .expect("a record");
+    assert_eq!((first.offset, first.value.as_ref()), (0, &b"only here"[..]));
+    grpc::publisher(&channel)
+        .publish(PublishRequest {
+            topic: "single".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Record {
+                value: b"while waiting".to_vec().into(),
+                ..Record::default()
+            }],
+            ..PublishRequest::default()
+        })
+        .await
+        .expect("publish while the stream waits");
+    let second = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("the new record in time")
+        .expect("next")
+        .expect("a record");
+    assert_eq!(
+        (second.offset, second.value.as_ref()),
+        (1, &b"while waiting"[..])
+    );
+    drop(consumer);
+    let elsewhere_broker = brokers
+        .iter()
+        .find(|b| b.client_addr == elsewhere)
+        .expect("the broker");
+    let out = elsewhere_broker.cli(&[
+        "consume",
+        "single",
+        "--group",
+        "remote-readers",
+        "--from",
+        "earliest",
+        "--idle-timeout-ms",
+        "3000",
+    ]);
+    let printed = weft_tests::ok_stdout(&out);
+    assert!(
+        printed.contains("only here") && printed.contains("while waiting"),
+        "{printed}"
+    );
+    let committed = weft_tests::offsets(&elsewhere, "single", 0, Some("remote-readers"))
+        .await
+        .expect("offsets");
+    assert_eq!(committed.committed_offset, Some(2), "{committed:?}");
     // (A single replica cannot move: it would keep the drain below from completing.)
     let (status, body) = brokers[0].http("DELETE", "/v1/topics/single", None);
     assert_eq!(status, 204, "{body}");

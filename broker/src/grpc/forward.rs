@@ -10,7 +10,7 @@ use weft_proto::internal::v1::forward_server::Forward;
 use weft_proto::internal::v1::{
     ForwardCommitOffsetsRequest, ForwardCreateTopicRequest, ForwardDeleteTopicRequest,
     ForwardFetchRequest, ForwardGetOffsetsRequest, ForwardGroupRequest, ForwardPublishRequest,
-    ForwardUpdateTopicRequest, GroupMemberEvent, GroupMemberRequest,
+    ForwardPublishResult, ForwardUpdateTopicRequest, GroupMemberEvent, GroupMemberRequest,
 };
 use weft_proto::v1::{
     CommitOffsetsResponse, DeleteGroupResponse, DeleteTopicResponse, FetchResponse,
@@ -49,6 +49,14 @@ fn not_forwarded(what: &str) -> Status {
     ))
 }
 
+type PublishResults = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<ForwardPublishResult, Status>> + Send + 'static>,
+>;
+
+/// Publishes of one Forward.PublishStream being processed at once (the partition coalesces
+/// them into entries; a deep window keeps a follower's clients as fast as the leader's).
+const FORWARD_STREAM_IN_FLIGHT_MAX: usize = 512;
+
 type MemberStream = std::pin::Pin<
     Box<dyn futures::Stream<Item = Result<GroupMemberEvent, Status>> + Send + 'static>,
 >;
@@ -71,6 +79,45 @@ impl Forward for ForwardService {
             .await
             .map(Response::new)
             .map_err(Status::from)
+    }
+
+    type PublishStreamStream = PublishResults;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<ForwardPublishRequest>>,
+    ) -> Result<Response<PublishResults>, Status> {
+        use futures::StreamExt;
+        self.node.peers().check(&request)?;
+        let publisher = self.publisher.clone();
+        let ceiling = std::time::Duration::from_millis(self.node.config.request_timeout_ms);
+        // Handed to the partition in arrival order (each future enqueues its batch on first
+        // poll, and `buffered` polls them in order); results go back in the same order, a
+        // failure as a result of its own. A broken inbound stream ends the call.
+        let results = request
+            .into_inner()
+            .map(move |item| {
+                let publisher = publisher.clone();
+                async move {
+                    let message = item?;
+                    let Some(publish) = message.request else {
+                        return Ok(super::forward_stream::encode_result(Err(
+                            BrokerError::invalid("request", "is missing"),
+                        )));
+                    };
+                    let timeout = match message.timeout_ms {
+                        0 => ceiling,
+                        ms => std::time::Duration::from_millis(u64::from(ms)).min(ceiling),
+                    };
+                    let passed_on = PassedOn::from_map(&message.passed_on);
+                    let result = publisher
+                        .handle(publish, timeout, message.hops.max(1), &passed_on)
+                        .await;
+                    Ok(super::forward_stream::encode_result(result))
+                }
+            })
+            .buffered(FORWARD_STREAM_IN_FLIGHT_MAX);
+        Ok(Response::new(Box::pin(results)))
     }
 
     async fn commit_offsets(

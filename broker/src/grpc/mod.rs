@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod forward;
+pub(crate) mod forward_stream;
 pub mod group_link;
 pub mod publish;
 pub mod subscribe;

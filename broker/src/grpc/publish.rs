@@ -28,6 +28,7 @@ const HEADER_NAME_BYTES_MAX: usize = 256;
 pub struct PublisherService {
     node: Arc<Node>,
     round_robin: Arc<AtomicU32>,
+    forwarders: Arc<super::forward_stream::Forwarders>,
 }
 
 impl PublisherService {
@@ -36,6 +37,7 @@ impl PublisherService {
         PublisherService {
             node,
             round_robin: Arc::new(AtomicU32::new(0)),
+            forwarders: Arc::default(),
         }
     }
 
@@ -195,8 +197,10 @@ impl PublisherService {
 }
 
 impl PublisherService {
-    /// Hands a publish to the partition's leader over the peer port, with the caller's deadline,
-    /// trace context and request id, and passes its answer on as it came.
+    /// Hands a publish to the partition's leader over the peer port, after every publish this
+    /// broker forwarded to that partition before (one ordered stream per partition and leader),
+    /// with the caller's deadline, trace context and request id; passes its answer on as it
+    /// came.
     async fn forward(
         &self,
         mut request: PublishRequest,
@@ -207,19 +211,17 @@ impl PublisherService {
         passed_on: &PassedOn,
     ) -> Result<PublishResponse, BrokerError> {
         request.target = Some(Target::Partition(partition));
-        let mut call = self.node.peers().request(
-            leader,
-            ForwardPublishRequest {
-                request: Some(request),
-                partition,
-                hops: 1,
-                from_node_id: self.node.node_id,
-            },
-            timeout,
-        );
-        passed_on.insert_into(call.metadata_mut());
-        let mut client = super::forward_to(&self.node, leader, peer_address, "Publish")?;
-        Ok(client.publish(call).await?.into_inner())
+        let forwarded = ForwardPublishRequest {
+            request: Some(request),
+            partition,
+            hops: 1,
+            from_node_id: self.node.node_id,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            passed_on: passed_on.to_map(),
+        };
+        self.forwarders
+            .publish(&self.node, leader, peer_address, forwarded, timeout)
+            .await
     }
 }
 
@@ -245,10 +247,22 @@ impl PassedOn {
         )
     }
 
-    fn insert_into(&self, metadata: &mut tonic::metadata::MetadataMap) {
-        for (key, value) in &self.0 {
-            metadata.insert(*key, value.clone());
-        }
+    /// As a map, for calls that carry it in their message (one per request on a stream).
+    pub fn to_map(&self) -> std::collections::HashMap<String, String> {
+        self.0
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+            .collect()
+    }
+
+    /// From a map a forwarded message carried (unknown keys and bad values are dropped).
+    pub fn from_map(map: &std::collections::HashMap<String, String>) -> PassedOn {
+        PassedOn(
+            Self::KEYS
+                .iter()
+                .filter_map(|key| Some((*key, map.get(*key)?.parse().ok()?)))
+                .collect(),
+        )
     }
 }
 

@@ -178,7 +178,9 @@ impl SubscriberService {
                     partition: o.partition,
                 });
             }
-            let bounds = self.node.partition(&request.topic, o.partition)?.bounds();
+            let bounds = self
+                .partition_offsets(&request.topic, o.partition, None)
+                .await?;
             if o.offset > bounds.high_watermark {
                 return Err(BrokerError::invalid(
                     "offsets",
@@ -196,6 +198,35 @@ impl SubscriberService {
                 .map(|(partition, offset)| PartitionOffset { partition, offset })
                 .collect(),
         })
+    }
+
+    /// One partition's offsets (and the first offset at `timestamp_ms`), from this broker's
+    /// replica or from a broker holding one.
+    async fn partition_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: Option<i64>,
+    ) -> Result<PartitionOffsets, BrokerError> {
+        let request = GetOffsetsRequest {
+            topic: topic.into(),
+            partitions: vec![partition],
+            group_id: String::new(),
+            timestamp_ms,
+        };
+        self.offsets_inner(&request, 0)
+            .await?
+            .partitions
+            .into_iter()
+            .next()
+            .ok_or_else(|| BrokerError::Internal("no offsets for the partition".into()))
+    }
+
+    /// Whether this broker holds no replica of `topic`/`partition` (its reads are forwarded).
+    fn is_remote(&self, topic: &str, partition: u32) -> bool {
+        self.node
+            .topic(topic)
+            .is_ok_and(|t| self.holder_elsewhere(&t, partition).is_some())
     }
 
     /// Serves GetOffsets from this broker's replicas, forwarding the partitions it holds none of
@@ -559,9 +590,28 @@ impl Session {
 
     /// Where delivery of `partition` starts: resume offset > group commit > start position.
     async fn start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
-        let hosted = self.node.partition(&self.start.topic, partition)?;
-        let bounds = hosted.bounds();
-        let clamp = |o: u64| o.clamp(bounds.log_start, bounds.high_watermark);
+        let service = SubscriberService::new(self.node.clone());
+        let timestamp = match self.start.start.as_ref().and_then(|s| s.position.as_ref()) {
+            Some(Position::TimestampMs(ts)) => Some(*ts),
+            _ => None,
+        };
+        // This broker's replica, or (it holds none) the offsets of a broker that does.
+        let (log_start, high_watermark, at_timestamp) =
+            if service.is_remote(&self.start.topic, partition) {
+                let o = service
+                    .partition_offsets(&self.start.topic, partition, timestamp)
+                    .await?;
+                (o.log_start_offset, o.high_watermark, o.timestamp_offset)
+            } else {
+                let hosted = self.node.partition(&self.start.topic, partition)?;
+                let bounds = hosted.bounds();
+                let at = match timestamp {
+                    Some(ts) => Some(hosted.offset_for_timestamp(ts).await?),
+                    None => None,
+                };
+                (bounds.log_start, bounds.high_watermark, at)
+            };
+        let clamp = |o: u64| o.clamp(log_start, high_watermark);
         if let Some(&offset) = self.resume.get(&partition) {
             return Ok(clamp(offset));
         }
@@ -575,10 +625,10 @@ impl Session {
         }
         Ok(
             match self.start.start.as_ref().and_then(|s| s.position.as_ref()) {
-                Some(Position::Earliest(_)) => bounds.log_start,
+                Some(Position::Earliest(_)) => log_start,
                 Some(Position::Offset(o)) => clamp(*o),
-                Some(Position::TimestampMs(ts)) => hosted.offset_for_timestamp(*ts).await?,
-                Some(Position::Latest(_)) | None => bounds.high_watermark,
+                Some(Position::TimestampMs(_)) => at_timestamp.unwrap_or(high_watermark),
+                Some(Position::Latest(_)) | None => high_watermark,
             },
         )
     }
@@ -631,15 +681,22 @@ impl Session {
             if self.credit_records == 0 || self.credit_bytes == 0 {
                 break;
             }
+            let max_bytes = (self
+                .credit_bytes
+                .min(u64::from(self.node.config.fetch_bytes_max)))
+                as usize;
+            let service = SubscriberService::new(self.node.clone());
+            if service.is_remote(&self.start.topic, p) {
+                sent |= self
+                    .deliver_remote(&service, p, position, max_bytes)
+                    .await?;
+                continue;
+            }
             let hosted = self.node.partition(&self.start.topic, p)?;
             let bounds = hosted.bounds();
             if position >= bounds.high_watermark {
                 continue;
             }
-            let max_bytes = (self
-                .credit_bytes
-                .min(u64::from(self.node.config.fetch_bytes_max)))
-                as usize;
             let batches = match hosted.read(position, max_bytes, 0, Duration::ZERO).await {
                 Ok(batches) => batches,
                 Err(BrokerError::OffsetOutOfRange { start, .. }) if position < start => {
@@ -670,6 +727,91 @@ impl Session {
             sent = true;
         }
         Ok(sent)
+    }
+
+    /// Delivers what credit allows of partition `p`, which this broker holds no replica of:
+    /// read from a broker that does (Forward.Fetch, without waiting). Whether anything was sent.
+    async fn deliver_remote(
+        &mut self,
+        service: &SubscriberService,
+        p: u32,
+        position: u64,
+        max_bytes: usize,
+    ) -> Result<bool, BrokerError> {
+        let request = FetchRequest {
+            topic: self.start.topic.clone(),
+            partition: p,
+            offset: position,
+            max_bytes: u32::try_from(max_bytes).unwrap_or(u32::MAX),
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_records: u32::try_from(self.credit_records).unwrap_or(u32::MAX),
+        };
+        let response = match service.fetch_inner(request, 0).await {
+            Ok(response) => response,
+            Err(e) => {
+                // Retention removed what this subscriber had not read: skip to what is left.
+                if let Some(start) = retained_start(&e)
+                    && position < start
+                {
+                    self.positions.insert(p, start);
+                    return Ok(false);
+                }
+                return Err(e);
+            }
+        };
+        let Some(last) = response.records.last() else {
+            return Ok(false);
+        };
+        let next = last.offset + 1;
+        let bytes: u64 = response.records.iter().map(|r| record_size(r) as u64).sum();
+        self.credit_records = self
+            .credit_records
+            .saturating_sub(response.records.len() as u64);
+        self.credit_bytes = self.credit_bytes.saturating_sub(bytes);
+        self.positions.insert(p, next);
+        self.send(event(Event::Delivery(Delivery {
+            partition: p,
+            records: response.records,
+            high_watermark: response.high_watermark,
+        })))
+        .await?;
+        Ok(true)
+    }
+
+    /// Resolves once a partition this broker holds no replica of has a record at the owned
+    /// position (a long-poll Fetch forwarded to a broker that holds it), or after `wait`.
+    async fn remote_data(&self, wait: Duration) {
+        let service = SubscriberService::new(self.node.clone());
+        let polls: Vec<_> = self
+            .positions
+            .iter()
+            .filter(|(p, _)| service.is_remote(&self.start.topic, **p))
+            .map(|(&p, &offset)| {
+                let service = service.clone();
+                let request = FetchRequest {
+                    topic: self.start.topic.clone(),
+                    partition: p,
+                    offset,
+                    max_bytes: 1,
+                    max_wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+                    min_bytes: 1,
+                    max_records: 1,
+                };
+                Box::pin(async move {
+                    match service.fetch_inner(request, 0).await {
+                        Ok(r) if !r.records.is_empty() => {}
+                        // Nothing yet (or the holder cannot answer now): wait before asking again.
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(wait).await,
+                    }
+                })
+            })
+            .collect();
+        if polls.is_empty() {
+            return futures::future::pending().await;
+        }
+        let _ = futures::future::select_all(polls).await;
     }
 
     async fn handle_inbound(&mut self, message: SubscribeRequest) -> Result<(), BrokerError> {
@@ -798,12 +940,17 @@ impl Session {
                 .collect();
             let delivered = self.deliver().await?;
             let has_credit = self.credit_records > 0 && self.credit_bytes > 0;
+            let remote_wait = Duration::from_millis(config.stream_heartbeat_ms);
+            let remote = self.remote_data(remote_wait);
             let data = async {
                 if watermarks.is_empty() {
-                    return futures::future::pending::<()>().await;
+                    return remote.await;
                 }
                 let changes = watermarks.iter_mut().map(|w| Box::pin(w.changed()));
-                let _ = futures::future::select_all(changes).await;
+                tokio::select! {
+                    _ = futures::future::select_all(changes) => {}
+                    () = remote => {}
+                }
             };
             let group_change = async {
                 match &mut view {
@@ -862,6 +1009,23 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// The log start an OFFSET_OUT_OF_RANGE answer names (a local error or a forwarded status).
+fn retained_start(error: &BrokerError) -> Option<u64> {
+    match error {
+        BrokerError::OffsetOutOfRange { start, .. } => Some(*start),
+        BrokerError::Remote(status) => {
+            let details = tonic_types::StatusExt::get_error_details(&*status.0);
+            details
+                .error_info()?
+                .metadata
+                .get("log_start_offset")?
+                .parse()
+                .ok()
+        }
+        _ => None,
     }
 }
 

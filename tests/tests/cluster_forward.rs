@@ -1,0 +1,98 @@
+//! Publishes forwarded by a broker that does not lead the partition keep their order: a plain
+//! gRPC client pipelines idempotent publishes over one PublishStream to a follower, which hands
+//! them to the leader over one ordered stream per partition; every request is stored once, at
+//! the offset its place in the stream gives it, with no sequence gap (real processes on
+//! 127.0.0.x, free ports, temp dirs).
+
+use std::time::Duration;
+
+use weft_proto::v1::publish_request::Target;
+use weft_proto::v1::{PublishRequest, Record};
+use weft_tests::{fetch_range, grpc, start_cluster, wait_for};
+
+/// Leader of partition 0 of `topic` as `broker` sees it (0: none yet).
+fn leader(broker: &weft_tests::Broker, topic: &str) -> u64 {
+    let (status, body) = broker.http("GET", &format!("/v1/topics/{topic}"), None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["partition_details"][0]["leader_id"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_through_a_follower_keep_their_order() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"ordered","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let led_by = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(&brokers[0], "ordered");
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let follower = brokers
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i as u64 + 1 != led_by)
+        .map(|(_, b)| b)
+        .expect("a follower");
+
+    const REQUESTS: u64 = 3000;
+    let channel = grpc::channel(&follower.client_addr).await;
+    // Every request is in the stream at once: the server takes them as fast as it can.
+    let requests: Vec<PublishRequest> = (0..REQUESTS)
+        .map(|i| PublishRequest {
+            topic: "ordered".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Record {
+                value: format!("v{i:05}").into_bytes().into(),
+                ..Record::default()
+            }],
+            producer_id: 4242,
+            producer_epoch: 0,
+            base_sequence: i,
+            request_id: i + 1,
+        })
+        .collect();
+    let mut responses = grpc::publisher(&channel)
+        .publish_stream(futures::stream::iter(requests))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut answered = 0u64;
+    while let Some(response) = responses
+        .message()
+        .await
+        .unwrap_or_else(|status| panic!("request {} failed: {status:?}", answered + 1))
+    {
+        assert_eq!(
+            response.request_id,
+            answered + 1,
+            "answers in request order"
+        );
+        assert_eq!(
+            response.base_offset, answered,
+            "stored in the order of the stream"
+        );
+        assert!(!response.duplicate, "{response:?}");
+        answered += 1;
+    }
+    assert_eq!(answered, REQUESTS);
+    let read = fetch_range(
+        &brokers[(led_by - 1) as usize].client_addr,
+        "ordered",
+        0,
+        0,
+        REQUESTS,
+    )
+    .await;
+    for (i, (offset, value)) in read.iter().enumerate() {
+        assert_eq!(*offset, i as u64);
+        assert_eq!(value.as_ref(), format!("v{i:05}").as_bytes());
+    }
+    assert_eq!(read.len() as u64, REQUESTS);
+}
