@@ -637,6 +637,16 @@ impl Node {
         self.controller.applied_index()
     }
 
+    /// Waits until this broker's copy of the controller state holds everything committed before
+    /// the call (a no-op on a single node).
+    pub async fn sync_controller(&self) -> Result<(), BrokerError> {
+        if self.config.peers.is_empty() {
+            return Ok(());
+        }
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        self.controller.sync_with_leader(timeout).await
+    }
+
     /// Waits (up to `timeout`) until this broker applied the controller log through `index`.
     pub async fn wait_controller_applied(&self, index: u64, timeout: Duration) -> bool {
         self.controller.wait_applied(index, timeout).await

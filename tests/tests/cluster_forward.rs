@@ -96,3 +96,53 @@ async fn pipelined_publishes_through_a_follower_keep_their_order() {
     }
     assert_eq!(read.len() as u64, REQUESTS);
 }
+
+/// Sum of every sample of `name` (any labels) a broker exports.
+fn metric_sum(broker: &weft_tests::Broker, name: &str) -> f64 {
+    let (status, body) = broker.http("GET", "/metrics", None);
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_appends_of_idle_partitions_travel_together() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"idle","partitions":24}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    wait_for(
+        "every partition to have a leader",
+        Duration::from_secs(30),
+        || {
+            let (_, body) = brokers[0].http("GET", "/v1/topics/idle", None);
+            async move { (!body.contains("\"leader_id\":0")).then_some(()) }
+        },
+    )
+    .await;
+    // Heartbeats only, for a few heartbeat intervals.
+    let calls = |b: &weft_tests::Broker| metric_sum(b, "weft_raft_append_groups_per_call_count");
+    let appends = |b: &weft_tests::Broker| metric_sum(b, "weft_raft_append_groups_per_call_sum");
+    let before: Vec<(f64, f64)> = brokers.iter().map(|b| (calls(b), appends(b))).collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (broker, (calls_before, appends_before)) in brokers.iter().zip(before) {
+        let calls = calls(broker) - calls_before;
+        let appends = appends(broker) - appends_before;
+        eprintln!(
+            "{}: {appends} group appends in {calls} calls",
+            broker.client_addr
+        );
+        // Each broker leads 8 groups of 24 and heartbeats each to 2 peers every 500 ms: about
+        // 128 appends in 4 s, which would be 128 calls one by one.
+        assert!(appends >= 64.0, "{appends} appends");
+        assert!(
+            appends >= 1.5 * calls,
+            "{appends} appends in {calls} calls: heartbeats are not batched"
+        );
+    }
+}

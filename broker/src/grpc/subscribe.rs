@@ -239,6 +239,10 @@ impl SubscriberService {
         let topic = self.node.topic(&request.topic)?;
         if !request.group_id.is_empty() {
             crate::groups::validate_group_id(&request.group_id)?;
+            // Committed offsets are read from this broker's copy of the controller state: bring
+            // it up to what was committed before this call (a commit made through another
+            // broker is seen).
+            self.node.sync_controller().await?;
         }
         let partitions: Vec<u32> = if request.partitions.is_empty() {
             (0..topic.config.partitions).collect()

@@ -300,6 +300,55 @@ impl ControllerGroup {
         Ok(())
     }
 
+    /// Waits (up to `timeout`) until this broker's copy of the controller state holds everything
+    /// committed before the call: the leader confirms its leadership and names its read index
+    /// (asked over the peer port when another broker leads), and this broker applies up to it.
+    pub async fn sync_with_leader(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let unavailable = |reason: String| BrokerError::Unavailable {
+            reason,
+            leader: self.leader(),
+        };
+        let index = tokio::time::timeout(timeout, async {
+            let metrics = self.raft.metrics().borrow().clone();
+            match metrics.current_leader {
+                Some(leader) if leader == metrics.id => self
+                    .raft
+                    .ensure_linearizable()
+                    .await
+                    .map(|read| read.map_or(0, |l| l.index))
+                    .map_err(|e| unavailable(format!("controller read index: {e}"))),
+                Some(leader) => {
+                    let address = metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&leader)
+                        .map(|n| n.addr.clone())
+                        .ok_or_else(|| unavailable(format!("node {leader} has no address")))?;
+                    let mut client = self
+                        .peers
+                        .controller_client(&address)
+                        .map_err(unavailable)?;
+                    let request = self.peers.request(leader, pb::ReadIndexRequest {}, timeout);
+                    client
+                        .read_index(request)
+                        .await
+                        .map(|r| r.into_inner().index)
+                        .map_err(|s| unavailable(format!("controller read index: {}", s.message())))
+                }
+                None => Err(unavailable("the controller has no leader now".into())),
+            }
+        })
+        .await
+        .map_err(|_| BrokerError::Timeout("the controller's read index".into()))??;
+        if self.wait_applied(index, timeout).await {
+            Ok(())
+        } else {
+            Err(BrokerError::Timeout(format!(
+                "this broker did not apply the controller log up to {index} in time"
+            )))
+        }
+    }
+
     /// Stops the group.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
@@ -608,6 +657,20 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(tonic::Response::new(pb::JoinResponse {
             leader_id: metrics.id,
             already_member,
+        }))
+    }
+
+    async fn read_index(
+        &self,
+        request: tonic::Request<pb::ReadIndexRequest>,
+    ) -> Result<tonic::Response<pb::ReadIndexResponse>, tonic::Status> {
+        self.peers.check(&request)?;
+        let raft = self.peers.group(CONTROLLER_GROUP)?;
+        let read = raft.ensure_linearizable().await.map_err(|e| {
+            tonic::Status::unavailable(format!("not the controller leader now: {e}"))
+        })?;
+        Ok(tonic::Response::new(pb::ReadIndexResponse {
+            index: read.map_or(0, |l| l.index),
         }))
     }
 

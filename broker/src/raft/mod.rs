@@ -19,6 +19,7 @@
 // in our helpers would only add conversions.
 #![allow(clippy::result_large_err)]
 
+mod batch;
 mod controller_group;
 mod controller_sm;
 mod entry;

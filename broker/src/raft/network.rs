@@ -62,6 +62,8 @@ struct Inner {
     /// names one), so that peers and firewalls see which broker a connection comes from.
     local_ip: Option<IpAddr>,
     connect_timeout: Duration,
+    /// The AppendEntries batcher of each peer (node id, address).
+    batchers: Mutex<HashMap<(NodeId, String), tokio::sync::mpsc::Sender<super::batch::Pending>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -119,6 +121,7 @@ impl Peers {
                 contacts: Mutex::new(HashMap::new()),
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
                 connect_timeout: Duration::from_secs(2),
+                batchers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -297,6 +300,42 @@ impl Peers {
         Ok(channel)
     }
 
+    /// Sends one group's AppendEntries to `target` at `address` through that peer's batcher
+    /// (see `batch.rs`), and waits for its result.
+    async fn append_batched(
+        &self,
+        target: NodeId,
+        address: &str,
+        request: pb::AppendEntriesRequest,
+        timeout: Duration,
+    ) -> Result<pb::AppendEntriesResponse, Status> {
+        let queue = {
+            let mut batchers = self
+                .inner
+                .batchers
+                .lock()
+                .map_err(|_| Status::internal("batcher table poisoned"))?;
+            batchers
+                .entry((target, address.to_string()))
+                .or_insert_with(|| super::batch::start(self.clone(), target, address.to_string()))
+                .clone()
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        queue
+            .send(super::batch::Pending {
+                request,
+                timeout,
+                reply,
+            })
+            .await
+            .map_err(|_| Status::unavailable("the peer's batcher stopped"))?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Status::unavailable("the peer's batcher dropped the append")),
+            Err(_) => Err(Status::deadline_exceeded("AppendEntries timed out")),
+        }
+    }
+
     /// A client of the `Raft` service of the broker at `address`.
     pub(super) fn raft_client(&self, address: &str) -> Result<RaftClient<Channel>, String> {
         Ok(RaftClient::new(self.channel(address)?)
@@ -440,16 +479,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PayloadTooLarge::new_entries_hint(count / 2),
             ));
         }
-        let mut client = self.client().map_err(network_error)?;
         let started = Instant::now();
-        let sent = client.append_entries(self.request(message, &option)).await;
+        let sent = self
+            .peers
+            .append_batched(self.target, &self.address, message, option.hard_ttl())
+            .await;
         let peer = self.target.to_string();
         metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("weft_raft_append_entries_per_call", "peer" => peer)
             .record(count as f64);
         let response = sent.map_err(|s| status_error(&s))?;
-        let response = wire::append_response_from(response.into_inner()).map_err(network_error)?;
+        let response = wire::append_response_from(response).map_err(network_error)?;
         if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
             self.peers.touch(self.group_id, self.target);
         }
@@ -503,6 +544,22 @@ impl RaftService {
     }
 }
 
+impl RaftService {
+    /// One group's AppendEntries.
+    async fn append_one(
+        &self,
+        message: pb::AppendEntriesRequest,
+    ) -> Result<pb::AppendEntriesResponse, Status> {
+        let raft = self.peers.group(message.group_id)?;
+        let group_id = message.group_id;
+        let rpc = wire::append_from(message).map_err(malformed)?;
+        self.peers
+            .heard_leader(group_id, rpc.leader_commit.map_or(0, |l| l.index));
+        let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        Ok(wire::append_response_to(&response))
+    }
+}
+
 fn malformed(e: wire::Malformed) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -518,14 +575,30 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         self.peers.check(&request)?;
-        let message = request.into_inner();
-        let raft = self.peers.group(message.group_id)?;
-        let group_id = message.group_id;
-        let rpc = wire::append_from(message).map_err(malformed)?;
-        self.peers
-            .heard_leader(group_id, rpc.leader_commit.map_or(0, |l| l.index));
-        let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
-        Ok(Response::new(wire::append_response_to(&response)))
+        Ok(Response::new(self.append_one(request.into_inner()).await?))
+    }
+
+    async fn append_entries_batch(
+        &self,
+        request: Request<pb::AppendEntriesBatchRequest>,
+    ) -> Result<Response<pb::AppendEntriesBatchResponse>, Status> {
+        self.peers.check(&request)?;
+        let requests = request.into_inner().requests;
+        let results = futures::future::join_all(requests.into_iter().map(|message| async move {
+            match self.append_one(message).await {
+                Ok(response) => pb::AppendEntriesResult {
+                    response: Some(response),
+                    ..pb::AppendEntriesResult::default()
+                },
+                Err(status) => pb::AppendEntriesResult {
+                    response: None,
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                },
+            }
+        }))
+        .await;
+        Ok(Response::new(pb::AppendEntriesBatchResponse { results }))
     }
 
     async fn vote(
