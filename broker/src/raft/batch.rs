@@ -1,7 +1,9 @@
 //! AppendEntries batched per peer: every group's AppendEntries to one peer goes through that
 //! peer's batcher, which sends the appends ready at the same moment in one
 //! `Raft.AppendEntriesBatch` call, and holds heartbeats (appends with no entries) for up to
-//! [`HEARTBEAT_COALESCE`] to send them with others. So a broker with many idle partitions makes
+//! [`HEARTBEAT_COALESCE`] to send them with others. Only idle groups' heartbeats wait: a group
+//! that sent entries lately sends its empty appends at once (openraft has one append in flight
+//! per group and peer, so a held one would stall the group's replication). So a broker with many idle partitions makes
 //! a bounded number of calls per peer and second, whatever the number of groups. Batches are
 //! sent side by side (a slow one does not hold the next back); openraft keeps at most one
 //! AppendEntries in flight per group and peer, so a group's appends stay in order.
@@ -28,13 +30,17 @@ const QUEUE_MAX: usize = 4096;
 /// One group's AppendEntries waiting to go.
 pub(super) struct Pending {
     pub(super) request: pb::AppendEntriesRequest,
+    /// Sent at once even with no entries: the group is busy (an empty append then carries its
+    /// commit index, and the group's next append waits for it to come back).
+    pub(super) urgent: bool,
     pub(super) timeout: Duration,
     pub(super) reply: oneshot::Sender<Result<pb::AppendEntriesResponse, Status>>,
 }
 
 impl Pending {
+    /// An idle group's heartbeat: it may wait for others to go with it.
     fn is_heartbeat(&self) -> bool {
-        self.request.entries.is_empty()
+        self.request.entries.is_empty() && !self.urgent
     }
 
     fn size(&self) -> usize {

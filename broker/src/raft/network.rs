@@ -37,6 +37,9 @@ pub(super) const TARGET_NODE_HEADER: &str = "weft-target-node";
 /// is split by openraft (the sender answers PayloadTooLarge with a smaller entry count).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// A group that sent entries this recently is busy: its empty appends are not held back.
+const BUSY_WINDOW: Duration = Duration::from_secs(2);
+
 /// Most bytes a ReadLog answers with.
 pub(super) const READ_LOG_BYTES_MAX: usize = 8 * 1024 * 1024;
 
@@ -307,6 +310,7 @@ impl Peers {
         target: NodeId,
         address: &str,
         request: pb::AppendEntriesRequest,
+        urgent: bool,
         timeout: Duration,
     ) -> Result<pb::AppendEntriesResponse, Status> {
         let queue = {
@@ -324,6 +328,7 @@ impl Peers {
         queue
             .send(super::batch::Pending {
                 request,
+                urgent,
                 timeout,
                 reply,
             })
@@ -423,6 +428,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             address: node.addr.clone(),
             peers: self.peers.clone(),
+            last_entries: None,
         }
     }
 }
@@ -434,6 +440,8 @@ pub(super) struct PeerClient {
     target: NodeId,
     address: String,
     peers: Peers,
+    /// When this group last sent this peer entries.
+    last_entries: Option<Instant>,
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -480,9 +488,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             ));
         }
         let started = Instant::now();
+        if count > 0 {
+            self.last_entries = Some(started);
+        }
+        // A busy group's empty appends carry its commit index and go at once; an idle group's
+        // heartbeats may wait a moment for others to the same peer.
+        let urgent = self
+            .last_entries
+            .is_some_and(|t| started.duration_since(t) < BUSY_WINDOW);
         let sent = self
             .peers
-            .append_batched(self.target, &self.address, message, option.hard_ttl())
+            .append_batched(self.target, &self.address, message, urgent, option.hard_ttl())
             .await;
         let peer = self.target.to_string();
         metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())
