@@ -33,6 +33,7 @@ mod admin;
 mod consumer;
 mod error;
 mod producer;
+mod router;
 mod stream;
 
 use std::time::Duration;
@@ -176,6 +177,15 @@ impl Client {
             channel,
             timeout: Duration::from_secs(30),
             message_bytes_max: 16 * 1024 * 1024,
+        })
+    }
+
+    /// A client of the broker at `address` with this client's settings (connected on first use).
+    pub(crate) fn to_address(&self, address: &str) -> Result<Client> {
+        Ok(Client {
+            channel: endpoint(address)?.connect_lazy(),
+            timeout: self.timeout,
+            message_bytes_max: self.message_bytes_max,
         })
     }
 

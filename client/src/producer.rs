@@ -16,6 +16,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::router::Router;
 use crate::stream::PublishLane;
 use crate::{Client, Error, Record, Result, proto};
 
@@ -248,35 +249,27 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     let mut sticky: HashMap<Arc<str>, u32> = HashMap::new();
     let mut open: HashMap<(Arc<str>, u32), Open> = HashMap::new();
     let mut senders: HashMap<(Arc<str>, u32), Lane> = HashMap::new();
-    // Per topic, the stream its partitions' batches share (transport Stream).
-    let mut streams: HashMap<Arc<str>, PublishLane> = HashMap::new();
+    // Where each partition's batches go: its leader when known (over a stream per topic and
+    // broker, with transport Stream).
+    let router = Router::new(client.clone());
     // Told by a sender when it has answered everything it was given.
     let idle = Arc::new(Notify::new());
     let tick = (config.linger / 2).max(Duration::from_millis(1));
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let sender_for = |key: &(Arc<str>, u32),
-                      senders: &mut HashMap<(Arc<str>, u32), Lane>,
-                      streams: &mut HashMap<Arc<str>, PublishLane>| {
+    let sender_for = |key: &(Arc<str>, u32), senders: &mut HashMap<(Arc<str>, u32), Lane>| {
         senders
             .entry(key.clone())
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(config.in_flight_per_partition.max(1));
                 let outstanding = Arc::new(AtomicUsize::new(0));
-                let stream = (config.transport == PublishTransport::Stream).then(|| {
-                    streams
-                        .entry(key.0.clone())
-                        .or_insert_with(|| PublishLane::start(client.clone(), key.0.clone()))
-                        .clone()
-                });
                 tokio::spawn(send_partition(
-                    client.clone(),
+                    router.clone(),
                     config.clone(),
                     key.0.clone(),
                     key.1,
                     producer_id,
-                    stream,
                     rx,
                     outstanding.clone(),
                     idle.clone(),
@@ -299,6 +292,8 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                                     let config = t.config.unwrap_or_default();
                                     let known = (config.partitions.max(1), config.max_message_bytes.unwrap_or(1024 * 1024) as usize);
                                     topics.insert(topic.clone(), known);
+                                    // Learn the leaders before the first batch goes out.
+                                    router.refresh(&topic).await;
                                     known
                                 }
                                 Err(e) => {
@@ -319,7 +314,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let limit = config.batch_bytes_max.min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES)).max(1);
                         let overflows = open.get(&key).is_some_and(|b| !b.records.is_empty() && b.bytes + size > limit);
                         if overflows && let Some(full) = open.remove(&key) {
-                            sender_for(&key, &mut senders, &mut streams).dispatch(full.records).await;
+                            sender_for(&key, &mut senders).dispatch(full.records).await;
                             if let Some(p) = sticky.get_mut(&topic) {
                                 *p = (*p + 1) % partitions;
                             }
@@ -330,7 +325,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let full = batch.bytes >= limit || batch.records.len() >= config.batch_records_max;
                         if full {
                             if let Some(batch) = open.remove(&key) {
-                                sender_for(&key, &mut senders, &mut streams).dispatch(batch.records).await;
+                                sender_for(&key, &mut senders).dispatch(batch.records).await;
                             }
                             // Keyless records move to another partition once a batch is full (sticky partitioner).
                             if let Some(p) = sticky.get_mut(&topic) {
@@ -342,7 +337,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                         let keys: Vec<(Arc<str>, u32)> = open.keys().cloned().collect();
                         for key in keys {
                             if let Some(batch) = open.remove(&key) {
-                                sender_for(&key, &mut senders, &mut streams).dispatch(batch.records).await;
+                                sender_for(&key, &mut senders).dispatch(batch.records).await;
                             }
                         }
                         let mut waits = Vec::new();
@@ -364,7 +359,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
             _ = ticker.tick() => {
                 let due: Vec<_> = open.extract_if(|_, b| b.opened.elapsed() >= config.linger).collect();
                 for (key, batch) in due {
-                    sender_for(&key, &mut senders, &mut streams).dispatch(batch.records).await;
+                    sender_for(&key, &mut senders).dispatch(batch.records).await;
                 }
             }
             () = idle.notified() => {}
@@ -378,16 +373,12 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                 .extract_if(|key, _| senders.get(key).is_none_or(Lane::idle))
                 .collect();
             for (key, batch) in due {
-                sender_for(&key, &mut senders, &mut streams)
-                    .dispatch(batch.records)
-                    .await;
+                sender_for(&key, &mut senders).dispatch(batch.records).await;
             }
         }
     }
     for (key, batch) in open.drain() {
-        sender_for(&key, &mut senders, &mut streams)
-            .dispatch(batch.records)
-            .await;
+        sender_for(&key, &mut senders).dispatch(batch.records).await;
     }
 }
 
@@ -413,12 +404,11 @@ struct Numbered {
 /// batch counts down `outstanding`; reaching zero wakes the accumulator through `idle`.
 #[allow(clippy::too_many_arguments)]
 async fn send_partition(
-    client: Client,
+    router: Router,
     config: ProducerConfig,
     topic: Arc<str>,
     partition: u32,
     producer_id: u64,
-    stream: Option<PublishLane>,
     mut inbox: mpsc::Receiver<ToSender>,
     outstanding: Arc<AtomicUsize>,
     idle: Arc<Notify>,
@@ -443,13 +433,17 @@ async fn send_partition(
             base_sequence: n.base_sequence,
             request_id: n.base_sequence,
         };
-        // Over the topic's shared stream, or as a call of its own.
-        let route = match &stream {
-            Some(stream) => Route::Stream(stream.clone(), request),
-            None => Route::Unary(
-                client.publisher(),
-                client.request(request, Some(&topic), Some(partition)),
-            ),
+        // To the partition's leader when known: over the topic's stream to that broker, or as a
+        // call of its own.
+        let route = match config.transport {
+            PublishTransport::Stream => Route::Stream(router.lane(&topic, partition), request),
+            PublishTransport::Unary => {
+                let client = router.client(&topic, partition);
+                Route::Unary(
+                    client.publisher(),
+                    client.request(request, Some(&topic), Some(partition)),
+                )
+            }
         };
         async move {
             match route {
@@ -484,6 +478,8 @@ async fn send_partition(
                 match result {
                     Ok(response) => settle(first.batch, Ok(&response)),
                     Err(error) => {
+                        // The leader may have moved: ask again where it is.
+                        router.failed(&topic);
                         // Drain the window: later batches may have failed on the gap this one left.
                         let mut pending = vec![(first, Some(error))];
                         while let Some(result) = window.next().await {

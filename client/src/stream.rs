@@ -36,6 +36,12 @@ pub(crate) struct PublishLane {
     jobs: mpsc::Sender<Job>,
 }
 
+impl std::fmt::Debug for PublishLane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishLane").finish_non_exhaustive()
+    }
+}
+
 impl PublishLane {
     /// Starts the stream task of `topic` (it ends when every lane handle is gone).
     pub(crate) fn start(client: Client, topic: Arc<str>) -> PublishLane {

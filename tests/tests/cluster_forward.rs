@@ -146,3 +146,70 @@ async fn the_appends_of_idle_partitions_travel_together() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_producer_sends_each_partition_to_its_leader() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"direct","partitions":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leaders: Vec<u64> = wait_for(
+        "every partition to have a leader",
+        Duration::from_secs(30),
+        || {
+            let (_, body) = brokers[0].http("GET", "/v1/topics/direct", None);
+            async move {
+                let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+                let leaders: Vec<u64> = value["partition_details"]
+                    .as_array()?
+                    .iter()
+                    .map(|p| p["leader_id"].as_u64().unwrap_or(0))
+                    .collect();
+                leaders.iter().all(|l| *l != 0).then_some(leaders)
+            }
+        },
+    )
+    .await;
+    assert!(
+        leaders.iter().any(|l| *l != 1),
+        "leaders are spread, so broker 1 leads not all of them: {leaders:?}"
+    );
+    // The client is given broker 1 only; it learns the leaders from the cluster's metadata.
+    let client = weft_client::Client::connect([brokers[0].client_addr.clone()])
+        .await
+        .expect("connect");
+    let producer = client.producer(weft_client::ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..300u32 {
+        let record = weft_client::Record::new(format!("d{i}")).partition(i % 3);
+        acks.push(
+            producer
+                .send_nowait("direct", record)
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("stored");
+    }
+    producer.close().await.expect("close");
+    for broker in &brokers {
+        let forwarded =
+            weft_tests::metric(broker, r#"weft_forwarded_calls_total{method="Publish"}"#)
+                .unwrap_or(0.0);
+        assert_eq!(
+            forwarded, 0.0,
+            "{}: every batch went to its partition's leader",
+            broker.client_addr
+        );
+    }
+    for partition in 0..3 {
+        let bounds = weft_tests::offsets(&brokers[0].client_addr, "direct", partition, None)
+            .await
+            .expect("offsets");
+        assert_eq!(bounds.high_watermark, 100, "partition {partition}");
+    }
+}

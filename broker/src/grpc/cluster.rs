@@ -42,10 +42,16 @@ pub fn partition_info(
         let bounds = partition.bounds();
         let (term, leader) = partition.leadership();
         info.leader_id = leader.unwrap_or(0);
-        info.leader_address = if leader == Some(node.node_id) {
-            node.config.client_address()
-        } else {
-            String::new()
+        // Where clients reach the leader: smart clients send its publishes there directly.
+        info.leader_address = match leader {
+            Some(id) if id == node.node_id => node.config.client_address(),
+            Some(id) => node
+                .controller_state()
+                .brokers
+                .get(&id)
+                .map(|b| b.client_address.clone())
+                .unwrap_or_default(),
+            None => String::new(),
         };
         if let Some(in_sync) = partition.group().in_sync_replicas() {
             info.under_replicated |= in_sync.len() < meta.replicas.len();

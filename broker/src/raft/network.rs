@@ -498,7 +498,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .is_some_and(|t| started.duration_since(t) < BUSY_WINDOW);
         let sent = self
             .peers
-            .append_batched(self.target, &self.address, message, urgent, option.hard_ttl())
+            .append_batched(
+                self.target,
+                &self.address,
+                message,
+                urgent,
+                option.hard_ttl(),
+            )
             .await;
         let peer = self.target.to_string();
         metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())

@@ -1,0 +1,160 @@
+//! Where a producer sends a partition's publishes: straight to the partition's leader when the
+//! cluster has said who leads it (`Cluster.ListPartitions`: its client address), else to the
+//! brokers the client was given (which forward to the leader). The table is refreshed when a
+//! topic is first used, in the background every [`REFRESH_EVERY`], and soon after a publish
+//! fails; a stale entry costs a forward, never a wrong answer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::Client;
+use crate::stream::PublishLane;
+
+/// How often a topic's leaders are asked again while it is used.
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
+/// Soonest a topic's leaders are asked again after a failure.
+const REFRESH_AFTER_FAILURE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Default)]
+struct Tables {
+    /// Client address of each partition's leader, by topic then partition.
+    leaders: HashMap<Arc<str>, (Instant, HashMap<u32, String>)>,
+    /// A client per leader address.
+    clients: HashMap<String, Client>,
+    /// A publish stream per topic and address ("" for the brokers the client was given).
+    lanes: HashMap<(Arc<str>, String), PublishLane>,
+}
+
+/// A producer's routing table (shared by its partitions' senders).
+#[derive(Debug, Clone)]
+pub(crate) struct Router {
+    base: Client,
+    tables: Arc<RwLock<Tables>>,
+    refreshing: Arc<Mutex<std::collections::HashSet<Arc<str>>>>,
+}
+
+impl Router {
+    pub(crate) fn new(base: Client) -> Router {
+        Router {
+            base,
+            tables: Arc::default(),
+            refreshing: Arc::default(),
+        }
+    }
+
+    /// The client address of `topic`/`partition`'s leader, if known.
+    fn leader(&self, topic: &Arc<str>, partition: u32) -> Option<String> {
+        let tables = self.tables.read().ok()?;
+        let (_, leaders) = tables.leaders.get(topic)?;
+        leaders.get(&partition).cloned()
+    }
+
+    /// The client that reaches `topic`/`partition`'s leader (the base client when unknown).
+    /// Starts a background refresh when the topic's table is old.
+    pub(crate) fn client(&self, topic: &Arc<str>, partition: u32) -> Client {
+        self.refresh_if_older(topic, REFRESH_EVERY);
+        let Some(address) = self.leader(topic, partition) else {
+            return self.base.clone();
+        };
+        if let Some(client) = self
+            .tables
+            .read()
+            .ok()
+            .and_then(|t| t.clients.get(&address).cloned())
+        {
+            return client;
+        }
+        match self.base.to_address(&address) {
+            Ok(client) => {
+                if let Ok(mut tables) = self.tables.write() {
+                    tables.clients.insert(address, client.clone());
+                }
+                client
+            }
+            Err(_) => self.base.clone(),
+        }
+    }
+
+    /// The publish stream of `topic` towards `partition`'s leader.
+    pub(crate) fn lane(&self, topic: &Arc<str>, partition: u32) -> PublishLane {
+        let address = self.leader(topic, partition).unwrap_or_default();
+        self.refresh_if_older(topic, REFRESH_EVERY);
+        if let Some(lane) = self
+            .tables
+            .read()
+            .ok()
+            .and_then(|t| t.lanes.get(&(topic.clone(), address.clone())).cloned())
+        {
+            return lane;
+        }
+        let client = self.client(topic, partition);
+        let lane = PublishLane::start(client, topic.clone());
+        if let Ok(mut tables) = self.tables.write() {
+            tables
+                .lanes
+                .entry((topic.clone(), address))
+                .or_insert(lane)
+                .clone()
+        } else {
+            lane
+        }
+    }
+
+    /// A publish to `topic` failed: ask for its leaders again soon.
+    pub(crate) fn failed(&self, topic: &Arc<str>) {
+        self.refresh_if_older(topic, REFRESH_AFTER_FAILURE);
+    }
+
+    /// Asks for `topic`'s leaders now and waits for the answer (a failure keeps the table).
+    pub(crate) async fn refresh(&self, topic: &Arc<str>) {
+        let Ok(partitions) = self.base.admin().partitions(topic).await else {
+            // Keep what is known, and do not ask again at once.
+            if let Ok(mut tables) = self.tables.write() {
+                let entry = tables
+                    .leaders
+                    .entry(topic.clone())
+                    .or_insert_with(|| (Instant::now(), HashMap::new()));
+                entry.0 = Instant::now();
+            }
+            return;
+        };
+        let leaders: HashMap<u32, String> = partitions
+            .into_iter()
+            .filter(|p| p.leader_id != 0 && !p.leader_address.is_empty())
+            .map(|p| (p.partition, p.leader_address))
+            .collect();
+        if let Ok(mut tables) = self.tables.write() {
+            tables
+                .leaders
+                .insert(topic.clone(), (Instant::now(), leaders));
+        }
+    }
+
+    /// Refreshes `topic` in the background when its table is older than `age` (one refresh
+    /// per topic at a time).
+    fn refresh_if_older(&self, topic: &Arc<str>, age: Duration) {
+        let fresh = self.tables.read().ok().is_some_and(|t| {
+            t.leaders
+                .get(topic)
+                .is_some_and(|(at, _)| at.elapsed() < age)
+        });
+        if fresh {
+            return;
+        }
+        let started = self
+            .refreshing
+            .lock()
+            .is_ok_and(|mut r| r.insert(topic.clone()));
+        if !started {
+            return;
+        }
+        let (router, topic) = (self.clone(), topic.clone());
+        tokio::spawn(async move {
+            router.refresh(&topic).await;
+            if let Ok(mut r) = router.refreshing.lock() {
+                r.remove(&topic);
+            }
+        });
+    }
+}
