@@ -1,0 +1,165 @@
+//! Kill -9 the leader of a partition while four producers publish to it (real processes on
+//! 127.0.0.x, free ports, temp dirs): another replica leads within seconds, the producers carry
+//! on, and the partition holds every acknowledged record exactly once at its acknowledged
+//! offset, with dense offsets and no record twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use weft_client::{Client, ProducerConfig, Record};
+use weft_tests::{fetch_range, start_cluster, wait_for};
+
+const PRODUCERS: usize = 4;
+
+/// Leader of partition 0 of "hot" as `broker` sees it (0: none).
+fn leader(broker: &weft_tests::Broker) -> u64 {
+    let (status, body) = broker.http("GET", "/v1/topics/hot", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["partition_details"][0]["leader_id"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// What one producer saw: acknowledged (value, offset, when), and failed sends.
+struct Outcome {
+    acked: Vec<(String, u64, Instant)>,
+    failed: usize,
+}
+
+async fn produce(addresses: Vec<String>, id: usize, stop: Arc<AtomicBool>) -> Outcome {
+    let client = Client::connect(addresses).await.expect("connect");
+    let producer = client.producer(ProducerConfig {
+        retries_max: 1000,
+        retry_backoff: Duration::from_millis(50),
+        ..ProducerConfig::default()
+    });
+    let mut pending = FuturesUnordered::new();
+    let mut outcome = Outcome {
+        acked: Vec::new(),
+        failed: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let value = format!("p{id}-{i:06}");
+        i += 1;
+        let ack = producer
+            .send_nowait("hot", Record::new(value.clone()).partition(0))
+            .await
+            .expect("queued");
+        pending.push(async move { (value, ack.await) });
+        // A bounded window: wait for the oldest answers once 64 are out.
+        while pending.len() >= 64 {
+            if let Some((value, result)) = pending.next().await {
+                match result {
+                    Ok(Ok(ack)) => outcome.acked.push((value, ack.offset, Instant::now())),
+                    _ => outcome.failed += 1,
+                }
+            }
+        }
+        if i % 64 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    while let Some((value, result)) = pending.next().await {
+        match result {
+            Ok(Ok(ack)) => outcome.acked.push((value, ack.offset, Instant::now())),
+            _ => outcome.failed += 1,
+        }
+    }
+    let _ = producer.close().await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_four_producers_loses_and_repeats_nothing() {
+    let mut brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"hot","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let first_leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let addresses: Vec<String> = brokers.iter().map(|b| b.client_addr.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|id| tokio::spawn(produce(addresses.clone(), id, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = (first_leader - 1) as usize;
+    brokers[killed].kill9();
+    let killed_at = Instant::now();
+    let survivor = (killed + 1) % 3;
+    let new_leader = wait_for("a new leader", Duration::from_secs(30), || {
+        let l = leader(&brokers[survivor]);
+        async move { (l != 0 && l != first_leader).then_some(l) }
+    })
+    .await;
+    let elected_in = killed_at.elapsed();
+    eprintln!("node {new_leader} leads after {elected_in:?}");
+    assert!(elected_in < Duration::from_secs(15), "{elected_in:?}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut outcomes = Vec::new();
+    for p in producers {
+        outcomes.push(p.await.expect("producer"));
+    }
+
+    // Every producer had records acknowledged after the kill: they carried on.
+    for (id, o) in outcomes.iter().enumerate() {
+        let before = o.acked.iter().filter(|a| a.2 < killed_at).count();
+        let after = o.acked.len() - before;
+        eprintln!(
+            "producer {id}: {before} acknowledged before the kill, {after} after, {} failed",
+            o.failed
+        );
+        assert!(before > 0 && after > 0, "producer {id}: {before} / {after}");
+    }
+    let acked: BTreeMap<u64, String> = outcomes
+        .iter()
+        .flat_map(|o| o.acked.iter().map(|(v, off, _)| (*off, v.clone())))
+        .collect();
+    let acked_count: usize = outcomes.iter().map(|o| o.acked.len()).sum();
+    assert_eq!(
+        acked.len(),
+        acked_count,
+        "two acknowledgements name one offset"
+    );
+
+    let address = brokers[survivor].client_addr.clone();
+    let end = weft_tests::offsets(&address, "hot", 0, None)
+        .await
+        .expect("offsets")
+        .high_watermark;
+    let read = fetch_range(&address, "hot", 0, 0, end).await;
+    assert_eq!(read.len() as u64, end, "offsets are dense");
+    let mut seen = HashSet::new();
+    for (i, (offset, value)) in read.iter().enumerate() {
+        assert_eq!(*offset, i as u64, "offsets are dense");
+        let value = String::from_utf8_lossy(value).into_owned();
+        assert!(seen.insert(value.clone()), "{value} stored twice");
+        if let Some(want) = acked.get(offset) {
+            assert_eq!(
+                &value, want,
+                "offset {offset} holds what was acknowledged there"
+            );
+        }
+    }
+    for (offset, value) in &acked {
+        assert!(
+            *offset < end,
+            "acknowledged {value} at {offset}, past the end {end}"
+        );
+    }
+    eprintln!("{acked_count} acknowledged, {end} stored");
+}
