@@ -62,7 +62,7 @@ async fn produce(addresses: Vec<String>, id: usize, stop: Arc<AtomicBool>) -> Ou
                 }
             }
         }
-        if i % 64 == 0 {
+        if i.is_multiple_of(64) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
