@@ -118,7 +118,9 @@ pub struct Config {
     /// Raft heartbeat interval; also how long a leader waits for a follower to take an
     /// AppendEntries (written and synced there).
     pub raft_heartbeat_ms: u64,
-    /// Raft election timeout (minimum; the maximum is twice this).
+    /// Raft election timeout (minimum; the maximum is a quarter more). A follower that stops
+    /// hearing its leader stands for election after the leader's lease (the maximum) plus a
+    /// random election timeout: about 3.4-3.8 s with the default.
     pub raft_election_timeout_ms: u64,
 
     /// Defaults for topics that do not set them.
@@ -194,7 +196,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             leader_balance_interval_ms: 5000,
             raft_heartbeat_ms: 500,
-            raft_election_timeout_ms: 2000,
+            raft_election_timeout_ms: 1500,
             topic_defaults: TopicDefaults::default(),
         }
     }

@@ -222,7 +222,9 @@ pub fn raft_config(
         cluster_name: cluster_name.to_string(),
         heartbeat_interval: heartbeat_ms,
         election_timeout_min: election_timeout_ms,
-        election_timeout_max: election_timeout_ms * 2,
+        // openraft makes the maximum the leader's lease too: a follower that has a leader waits
+        // lease + a random timeout before it stands, so a narrow range fails over sooner.
+        election_timeout_max: election_timeout_ms + election_timeout_ms / 4,
         snapshot_policy: match snapshot_every_entries {
             Some(entries) => openraft::SnapshotPolicy::LogsSinceLast(entries),
             None => openraft::SnapshotPolicy::Never,
