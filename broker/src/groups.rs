@@ -347,6 +347,25 @@ impl Coordinator {
         }
     }
 
+    /// Removes `member_id` now, whatever stream it had, and rebalances (LeaveGroup); whether
+    /// it was there.
+    pub fn leave_member(&self, group_id: &str, member_id: &str) -> bool {
+        let Ok(mut groups) = self.groups() else {
+            return false;
+        };
+        let Some(group) = groups.get_mut(group_id) else {
+            return false;
+        };
+        if group.members.remove(member_id).is_none() {
+            return false;
+        }
+        group.rebalance();
+        if group.members.is_empty() {
+            groups.remove(group_id);
+        }
+        true
+    }
+
     /// Removes the member now and rebalances (unless another stream superseded this one).
     pub fn leave(&self, group_id: &str, member_id: &str, incarnation: u64) {
         let Ok(mut groups) = self.groups() else {

@@ -498,18 +498,62 @@ impl Consumer {
         }
         // End our side of the stream, then let the broker finish it.
         self.requests.take();
-        if let Some(mut responses) = self.responses.take() {
+        let had_stream = if let Some(mut responses) = self.responses.take() {
             let drain = async { while let Ok(Some(_)) = responses.message().await {} };
             let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+            true
+        } else {
+            false
+        };
+        // Without a stream (closed mid-rejoin), closing it told the group nothing: leave.
+        if !had_stream && let Some(leave) = self.leave_call() {
+            let _ = leave.await;
         }
+        self.member_id.clear();
         result
+    }
+
+    /// A LeaveGroup for this member, when it is one.
+    fn leave_call(&self) -> Option<impl std::future::Future<Output = Result<()>> + use<>> {
+        let group = self.config.group.clone()?;
+        if self.member_id.is_empty() {
+            return None;
+        }
+        let request = self.client.request(
+            proto::LeaveGroupRequest {
+                group_id: group,
+                member_id: self.member_id.clone(),
+            },
+            Some(&self.config.topic),
+            None,
+        );
+        let mut subscriber = self.client.subscriber();
+        Some(async move {
+            subscriber
+                .leave_group(request)
+                .await
+                .map(|_| ())
+                .map_err(Error::from)
+        })
     }
 }
 
 impl Drop for Consumer {
+    /// A group member dropped without [`Consumer::close`] leaves its group (in the background,
+    /// on the current Tokio runtime), so the others take its partitions over at once instead of
+    /// when its session expires.
     fn drop(&mut self) {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
+        }
+        self.requests.take();
+        self.responses.take();
+        if let (Some(leave), Ok(runtime)) =
+            (self.leave_call(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(async move {
+                let _ = leave.await;
+            });
         }
     }
 }

@@ -239,3 +239,84 @@ async fn the_unary_transport_keeps_the_partition_order_too() {
     .expect("unary publishes counted");
     assert!(calls >= 1000.0 / 7.0, "{calls} unary calls");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_group_takes_a_member_out_and_rebalances_at_once() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("lg", 4).await.expect("create");
+    let start = || weft_proto::v1::SubscribeStart {
+        topic: "lg".into(),
+        group_id: "leavers".into(),
+        session_timeout_ms: 60_000,
+        start: Some(weft_tests_earliest()),
+        credit: Some(weft_proto::v1::Credit {
+            records: 1000,
+            bytes: 1 << 20,
+        }),
+        ..Default::default()
+    };
+    // Two members on raw streams, two partitions each.
+    let (_a_requests, mut a_responses) =
+        weft_tests::grpc::subscribe(&broker.client_addr, start()).await;
+    let a = weft_tests::grpc::next_assignment(&mut a_responses, 1).await;
+    let (b_requests, mut b_responses) =
+        weft_tests::grpc::subscribe(&broker.client_addr, start()).await;
+    let b = weft_tests::grpc::next_assignment(&mut b_responses, a.generation + 1).await;
+    assert_eq!(b.partitions.len(), 2, "{b:?}");
+    // LeaveGroup takes it out at once: b gets every partition.
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    let mut subscriber = weft_tests::grpc::subscriber(&channel);
+    let left = subscriber
+        .leave_group(weft_proto::v1::LeaveGroupRequest {
+            group_id: "leavers".into(),
+            member_id: a.member_id.clone(),
+        })
+        .await
+        .expect("leave")
+        .into_inner();
+    assert!(left.left);
+    let all = tokio::time::timeout(
+        Duration::from_secs(5),
+        weft_tests::grpc::next_assignment(&mut b_responses, b.generation + 1),
+    )
+    .await
+    .expect("b is reassigned at once");
+    assert_eq!(all.partitions.len(), 4, "{all:?}");
+    // a's own stream ends: it is no longer a member (its client rejoins as a new one).
+    let ended = loop {
+        match a_responses.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a's stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::FailedPrecondition, "{ended:?}");
+    // Again: it is gone already. Bad input: no member id.
+    let again = subscriber
+        .leave_group(weft_proto::v1::LeaveGroupRequest {
+            group_id: "leavers".into(),
+            member_id: a.member_id,
+        })
+        .await
+        .expect("leave again")
+        .into_inner();
+    assert!(!again.left, "it had left already");
+    let bad = subscriber
+        .leave_group(weft_proto::v1::LeaveGroupRequest {
+            group_id: "leavers".into(),
+            member_id: String::new(),
+        })
+        .await
+        .expect_err("no member id");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    drop(b_requests);
+}
+
+fn weft_tests_earliest() -> weft_proto::v1::StartPosition {
+    weft_proto::v1::StartPosition {
+        position: Some(weft_proto::v1::start_position::Position::Earliest(
+            weft_proto::v1::start_position::Earliest {},
+        )),
+    }
+}

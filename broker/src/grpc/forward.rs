@@ -228,6 +228,23 @@ impl Forward for ForwardService {
             .map_err(Status::from)
     }
 
+    async fn leave_group(
+        &self,
+        request: Request<ForwardGroupRequest>,
+    ) -> Result<Response<weft_proto::v1::LeaveGroupResponse>, Status> {
+        self.node.peers().check(&request)?;
+        let message = request.into_inner();
+        group_link::leave(
+            &self.node,
+            &message.group_id,
+            &message.member_id,
+            message.hops.max(1),
+        )
+        .await
+        .map(|left| Response::new(weft_proto::v1::LeaveGroupResponse { left }))
+        .map_err(Status::from)
+    }
+
     async fn create_topic(
         &self,
         _request: Request<ForwardCreateTopicRequest>,

@@ -398,7 +398,36 @@ fn group_request(node: &Node, group_id: &str) -> ForwardGroupRequest {
         group_id: group_id.to_string(),
         hops: 1,
         from_node_id: node.node_id,
+        member_id: String::new(),
     }
+}
+
+/// Takes `member_id` out of `group_id` at the coordinator; whether it was there.
+pub async fn leave(
+    node: &Arc<Node>,
+    group_id: &str,
+    member_id: &str,
+    hops: u32,
+) -> Result<bool, BrokerError> {
+    crate::groups::validate_group_id(group_id)?;
+    if member_id.is_empty() || member_id.len() > 256 {
+        return Err(BrokerError::invalid(
+            "member_id",
+            "name the member (1 to 256 bytes), as its assignment did",
+        ));
+    }
+    at_coordinator(
+        node,
+        hops,
+        "LeaveGroup",
+        || ForwardGroupRequest {
+            member_id: member_id.to_string(),
+            ..group_request(node, group_id)
+        },
+        async || Ok(node.groups.leave_member(group_id, member_id)),
+        async |mut client, call| Ok(client.leave_group(call).await?.into_inner().left),
+    )
+    .await
 }
 
 /// Describes a group, at its coordinator.

@@ -474,6 +474,20 @@ impl Subscriber for SubscriberService {
         result
     }
 
+    async fn leave_group(
+        &self,
+        request: Request<v1::LeaveGroupRequest>,
+    ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
+        let started = Instant::now();
+        let r = request.get_ref();
+        let result = group_link::leave(&self.node, &r.group_id, &r.member_id, 0)
+            .await
+            .map(|left| Response::new(v1::LeaveGroupResponse { left }))
+            .map_err(Status::from);
+        crate::metrics::rpc("LeaveGroup", started, &result);
+        result
+    }
+
     async fn get_offsets(
         &self,
         request: Request<GetOffsetsRequest>,
