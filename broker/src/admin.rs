@@ -389,6 +389,24 @@ pub struct ClusterView {
     pub ready: bool,
     /// The cluster's brokers.
     pub brokers: Vec<BrokerView>,
+    /// The partitions this broker leads, with their replicas, the replicas in sync and how far
+    /// each other replica is behind (ask each broker for the partitions it leads).
+    pub led_partitions: Vec<LedPartitionView>,
+}
+
+/// A partition this broker leads.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LedPartitionView {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Replica node ids.
+    pub replicas: Vec<u64>,
+    /// Replicas caught up with this leader.
+    pub in_sync_replicas: Vec<u64>,
+    /// Raft entries each other replica is behind, by node id.
+    pub replica_lag: std::collections::BTreeMap<u64, u64>,
 }
 
 /// One broker of the cluster.
@@ -536,6 +554,23 @@ async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
                 reachable: n.reachable,
                 voter: n.voter,
                 removing: n.removing,
+            })
+            .collect(),
+        led_partitions: node
+            .partitions()
+            .into_iter()
+            .filter(|p| p.group().is_leader())
+            .map(|p| LedPartitionView {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                replicas: state
+                    .topics
+                    .get(&p.topic)
+                    .and_then(|t| t.partitions.get(p.partition as usize))
+                    .map(|m| m.replicas.clone())
+                    .unwrap_or_default(),
+                in_sync_replicas: p.group().in_sync_replicas().unwrap_or_default(),
+                replica_lag: p.group().follower_lag().into_iter().collect(),
             })
             .collect(),
     })
@@ -871,6 +906,7 @@ async fn remove_broker(
         LeaderView,
         DrainView,
         BrokerView,
+        LedPartitionView,
         MoveBody,
         ReassignView
     ))

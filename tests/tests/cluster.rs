@@ -283,6 +283,40 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
         );
     }
     let leader0 = &brokers[layout[0].1 as usize - 1];
+    // `weft cluster status` (through any broker) lists every partition as its leader sees it:
+    // replicas, those in sync, and each follower's lag; /v1/cluster lists what a broker leads.
+    let status = weft_tests::ok_stdout(&brokers[2].cli(&["cluster", "status"]));
+    for (partition, leader, replicas, _) in &layout {
+        let ids = replicas
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let line = status
+            .lines()
+            .find(|l| l.contains(&format!("partition orders/{partition} ")))
+            .unwrap_or_else(|| panic!("no line for orders/{partition}:\n{status}"));
+        assert!(
+            line.contains(&format!("leader {leader}  replicas {ids}  in sync ")),
+            "{line}"
+        );
+        for follower in replicas.iter().filter(|r| *r != leader) {
+            assert!(
+                line.contains(&format!("{follower}:")),
+                "lag of {follower}: {line}"
+            );
+        }
+    }
+    let (code, body) = leader0.http("GET", "/v1/cluster", None);
+    assert_eq!(code, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let led = view["led_partitions"].as_array().expect("led partitions");
+    assert!(
+        led.iter().any(|p| p["topic"] == "orders"
+            && p["partition"] == 0
+            && p["replica_lag"].as_object().is_some_and(|l| l.len() == 2)),
+        "{body}"
+    );
     // Elections are counted, and replication calls are timed per peer.
     let elected = weft_tests::metric(
         leader0,

@@ -53,6 +53,12 @@ pub fn partition_info(
                 .unwrap_or_default(),
             None => String::new(),
         };
+        info.replica_lag = partition
+            .group()
+            .follower_lag()
+            .into_iter()
+            .map(|(node_id, entries)| v1::ReplicaLag { node_id, entries })
+            .collect();
         if let Some(in_sync) = partition.group().in_sync_replicas() {
             info.under_replicated |= in_sync.len() < meta.replicas.len();
             info.in_sync_replicas = in_sync;

@@ -97,6 +97,36 @@ async fn wait_for_moves(client: &Client, leaving: Option<u64>) -> anyhow::Result
     }
 }
 
+/// Every partition as its leader reports it (in-sync replicas and lag are known there): asked
+/// of the broker this client reaches, then of each leader for the partitions it leads.
+async fn partitions_from_leaders(
+    client: &Client,
+) -> anyhow::Result<Vec<weft_client::proto::PartitionInfo>> {
+    let mut partitions = client.admin().partitions("").await?;
+    let leaders: std::collections::BTreeMap<u64, String> = partitions
+        .iter()
+        .filter(|p| p.leader_id != 0 && !p.leader_address.is_empty() && p.replica_lag.is_empty())
+        .map(|p| (p.leader_id, p.leader_address.clone()))
+        .collect();
+    for (leader, address) in leaders {
+        let Ok(there) = Client::connect([address.as_str()]).await else {
+            continue;
+        };
+        let Ok(led) = there.admin().partitions("").await else {
+            continue;
+        };
+        for p in led.into_iter().filter(|p| p.leader_id == leader) {
+            if let Some(known) = partitions
+                .iter_mut()
+                .find(|k| k.topic == p.topic && k.partition == p.partition)
+            {
+                *known = p;
+            }
+        }
+    }
+    Ok(partitions)
+}
+
 fn print_reassign(output: Output, started: &[String], waiting: &[String]) {
     match output {
         Output::Json => print_json(&json!({ "started": started, "waiting": waiting })),
@@ -123,6 +153,8 @@ pub(crate) async fn run(
     match command {
         ClusterCommand::Status => {
             let s = client.admin().cluster_status().await?;
+            let partitions = partitions_from_leaders(client).await?;
+            let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
             match output {
                 Output::Json => print_json(&json!({
                     "cluster_id": s.cluster_id,
@@ -132,6 +164,14 @@ pub(crate) async fn run(
                     "nodes": s.nodes.iter().map(|n| json!({
                         "id": n.id, "client_address": n.client_address, "peer_address": n.peer_address,
                         "reachable": n.reachable, "voter": n.voter, "removing": n.removing,
+                    })).collect::<Vec<_>>(),
+                    "partitions": partitions.iter().map(|p| json!({
+                        "topic": p.topic, "partition": p.partition, "leader_id": p.leader_id,
+                        "replicas": p.replicas, "in_sync_replicas": p.in_sync_replicas,
+                        "under_replicated": p.under_replicated, "moving_to": p.moving_to,
+                        "replica_lag": p.replica_lag.iter().map(|l| json!({
+                            "node_id": l.node_id, "entries": l.entries,
+                        })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 })),
                 Output::Text => {
@@ -147,6 +187,33 @@ pub(crate) async fn run(
                             n.peer_address,
                             n.reachable,
                             if n.removing { "  REMOVING" } else { "" }
+                        );
+                    }
+                    for p in &partitions {
+                        let lag = p
+                            .replica_lag
+                            .iter()
+                            .map(|l| format!("{}:{}", l.node_id, l.entries))
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        println!(
+                            "  partition {}/{}  leader {}  replicas {}  in sync {}  lag {}{}{}",
+                            p.topic,
+                            p.partition,
+                            p.leader_id,
+                            ids(&p.replicas),
+                            ids(&p.in_sync_replicas),
+                            if lag.is_empty() { "-" } else { &lag },
+                            if p.under_replicated {
+                                "  UNDER-REPLICATED"
+                            } else {
+                                ""
+                            },
+                            if p.moving_to.is_empty() {
+                                String::new()
+                            } else {
+                                format!("  moving to {}", ids(&p.moving_to))
+                            },
                         );
                     }
                 }
