@@ -212,8 +212,11 @@ impl Node {
                                 replicas: target.clone(),
                             };
                             match node.propose_command(finish).await {
-                                Ok(_) => {
+                                Ok(ControllerResponse::Topic(_)) => {
                                     tracing::info!(topic = %name, partition = number, ?target, "moved the partition's replicas")
+                                }
+                                Ok(other) => {
+                                    tracing::info!(topic = %name, partition = number, "the end of the move was refused (redirected meanwhile?): {other:?}")
                                 }
                                 Err(e) => {
                                     tracing::info!(topic = %name, partition = number, "cannot end the move yet: {e}")

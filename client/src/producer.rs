@@ -479,7 +479,7 @@ async fn send_partition(
                     Ok(response) => settle(first.batch, Ok(&response)),
                     Err(error) => {
                         // The leader may have moved: ask again where it is.
-                        router.failed(&topic);
+                        router.failed(&topic, partition);
                         // Drain the window: later batches may have failed on the gap this one left.
                         let mut pending = vec![(first, Some(error))];
                         while let Some(result) = window.next().await {

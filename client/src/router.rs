@@ -15,6 +15,9 @@ use crate::stream::PublishLane;
 const REFRESH_EVERY: Duration = Duration::from_secs(10);
 /// Soonest a topic's leaders are asked again after a failure.
 const REFRESH_AFTER_FAILURE: Duration = Duration::from_millis(500);
+/// How long a leader address that failed a publish is not used (the partition's publishes go
+/// to the brokers the client was given meanwhile, which forward them).
+const AVOID_AFTER_FAILURE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Tables {
@@ -24,6 +27,8 @@ struct Tables {
     clients: HashMap<String, Client>,
     /// A publish stream per topic and address ("" for the brokers the client was given).
     lanes: HashMap<(Arc<str>, String), PublishLane>,
+    /// Leader addresses that failed a publish, and when.
+    avoided: HashMap<String, Instant>,
 }
 
 /// A producer's routing table (shared by its partitions' senders).
@@ -43,18 +48,28 @@ impl Router {
         }
     }
 
-    /// The client address of `topic`/`partition`'s leader, if known.
+    /// The client address of `topic`/`partition`'s leader, if known and not avoided.
     fn leader(&self, topic: &Arc<str>, partition: u32) -> Option<String> {
         let tables = self.tables.read().ok()?;
         let (_, leaders) = tables.leaders.get(topic)?;
-        leaders.get(&partition).cloned()
+        let address = leaders.get(&partition)?;
+        let avoided = tables
+            .avoided
+            .get(address)
+            .is_some_and(|at| at.elapsed() < AVOID_AFTER_FAILURE);
+        (!avoided).then(|| address.clone())
     }
 
     /// The client that reaches `topic`/`partition`'s leader (the base client when unknown).
     /// Starts a background refresh when the topic's table is old.
     pub(crate) fn client(&self, topic: &Arc<str>, partition: u32) -> Client {
         self.refresh_if_older(topic, REFRESH_EVERY);
-        let Some(address) = self.leader(topic, partition) else {
+        self.client_at(self.leader(topic, partition))
+    }
+
+    /// The client of `address` (the base client for none).
+    fn client_at(&self, address: Option<String>) -> Client {
+        let Some(address) = address else {
             return self.base.clone();
         };
         if let Some(client) = self
@@ -88,7 +103,8 @@ impl Router {
         {
             return lane;
         }
-        let client = self.client(topic, partition);
+        // The lane's key and its client name the same address (read once).
+        let client = self.client_at((!address.is_empty()).then(|| address.clone()));
         let lane = PublishLane::start(client, topic.clone());
         if let Ok(mut tables) = self.tables.write() {
             tables
@@ -101,8 +117,14 @@ impl Router {
         }
     }
 
-    /// A publish to `topic` failed: ask for its leaders again soon.
-    pub(crate) fn failed(&self, topic: &Arc<str>) {
+    /// A publish to `topic`/`partition` failed: its leader address is avoided for a while
+    /// (the retries go to the brokers the client was given) and the leaders are asked again.
+    pub(crate) fn failed(&self, topic: &Arc<str>, partition: u32) {
+        if let Some(address) = self.leader(topic, partition)
+            && let Ok(mut tables) = self.tables.write()
+        {
+            tables.avoided.insert(address, Instant::now());
+        }
         self.refresh_if_older(topic, REFRESH_AFTER_FAILURE);
     }
 

@@ -99,16 +99,22 @@ impl Forwarders {
         // method="PublishStream").
         metrics::counter!("weft_forwarded_calls_total", "method" => "Publish").increment(1);
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(Job { request, reply })
-            .await
-            .map_err(|_| BrokerError::Unavailable {
-                reason: format!("the forwarding stream to node {leader} closed; try again"),
-                leader: Some(leader),
-            })?;
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(BrokerError::Unavailable {
+        // The whole wait, room in the queue included, stays within the caller's deadline.
+        let waited = tokio::time::timeout(timeout, async {
+            sender
+                .send(Job { request, reply })
+                .await
+                .map_err(|_| BrokerError::Unavailable {
+                    reason: format!("the forwarding stream to node {leader} closed; try again"),
+                    leader: Some(leader),
+                })?;
+            Ok(answer.await)
+        })
+        .await;
+        match waited {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Ok(result))) => result,
+            Ok(Ok(Err(_))) => Err(BrokerError::Unavailable {
                 reason: format!(
                     "the forwarding stream to node {leader} broke: the publish may or may not \
                      be stored (retry it with the same producer sequence)"

@@ -96,7 +96,16 @@ async fn run(peers: Peers, target: NodeId, address: String, mut queue: mpsc::Rec
             bytes += size;
             batch.push(next);
         }
-        tokio::spawn(send(peers.clone(), target, address.clone(), batch));
+        // Heartbeats travel apart from data: the answer to a batch waits for its slowest
+        // append (a data append's fsync there), and openraft gives a heartbeat one heartbeat
+        // interval.
+        let (heartbeats, data): (Vec<Pending>, Vec<Pending>) =
+            batch.into_iter().partition(Pending::is_heartbeat);
+        for part in [heartbeats, data] {
+            if !part.is_empty() {
+                tokio::spawn(send(peers.clone(), target, address.clone(), part));
+            }
+        }
     }
 }
 

@@ -463,13 +463,12 @@ impl PartitionGroup {
         }
         let ids: BTreeSet<NodeId> = target.iter().map(|(id, _)| *id).collect();
         if ids.contains(&m.id) {
-            self.raft
-                .change_membership(
-                    openraft::ChangeMembers::ReplaceAllVoters(ids.clone()),
-                    false,
-                )
-                .await
-                .map_err(|e| unavailable("changing the voters", &e))?;
+            self.membership_change(
+                openraft::ChangeMembers::ReplaceAllVoters(ids.clone()),
+                timeout,
+                "changing the voters",
+            )
+            .await?;
             // Learners of an earlier target that this one dropped.
             let stray: BTreeSet<NodeId> = self
                 .raft
@@ -481,19 +480,23 @@ impl PartitionGroup {
                 .filter(|l| !ids.contains(l))
                 .collect();
             if !stray.is_empty() {
-                self.raft
-                    .change_membership(openraft::ChangeMembers::RemoveNodes(stray), false)
-                    .await
-                    .map_err(|e| unavailable("removing learners", &e))?;
+                self.membership_change(
+                    openraft::ChangeMembers::RemoveNodes(stray),
+                    timeout,
+                    "removing learners",
+                )
+                .await?;
             }
             return Ok(MoveStep::Done);
         }
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         if !ids.is_subset(&voters) {
-            self.raft
-                .change_membership(openraft::ChangeMembers::AddVoterIds(ids.clone()), false)
-                .await
-                .map_err(|e| unavailable("adding the voters", &e))?;
+            self.membership_change(
+                openraft::ChangeMembers::AddVoterIds(ids.clone()),
+                timeout,
+                "adding the voters",
+            )
+            .await?;
         }
         // A replica that held the partition before the move takes over when there is one; else
         // the first new one.
@@ -503,6 +506,26 @@ impl PartitionGroup {
             .min_by_key(|id| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX));
         let leader = self.transfer_leadership(to, timeout).await?;
         Ok(MoveStep::LeadershipMoved(leader))
+    }
+
+    /// One membership change, waited for at most `timeout` (a change that cannot commit, say
+    /// because a new voter died, is tried again by the next step instead of holding it).
+    async fn membership_change(
+        &self,
+        change: openraft::ChangeMembers<NodeId, BasicNode>,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(), BrokerError> {
+        match tokio::time::timeout(timeout, self.raft.change_membership(change, false)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Unavailable {
+                reason: format!("{what}: {e}"),
+                leader: self.leader(),
+            }),
+            Err(_) => Err(BrokerError::Timeout(format!(
+                "{what}: not committed in time"
+            ))),
+        }
     }
 
     /// Whether this replica leads the group and `node` has every entry of its log.
