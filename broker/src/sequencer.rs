@@ -67,15 +67,21 @@ type Waiters = Vec<oneshot::Sender<Result<Published, BrokerError>>>;
 struct Accepted {
     bytes: Bytes,
     record_count: u32,
-    /// (producer id, base sequence) of an idempotent batch; its waiters are in `pending`.
-    producer: Option<(u64, u64)>,
+    /// (producer id, epoch, base sequence) of an idempotent batch; its waiters are in
+    /// `pending`.
+    producer: Option<PendingKey>,
     /// Waiters of a batch without a producer id.
     waiters: Waiters,
 }
 
 /// What to answer for one batch of a proposed entry: its record count, its producer key (its
 /// waiters are in `pending`), or the waiters of a batch without a producer.
-type Answer = (u32, Option<(u64, u64)>, Waiters);
+type Answer = (u32, Option<PendingKey>, Waiters);
+
+/// An idempotent batch in flight: (producer id, epoch, base sequence). The epoch is part of it:
+/// a producer that starts a new epoch numbers its batches from scratch, and a batch of the new
+/// epoch must never be answered with the offsets of an old-epoch batch still in flight.
+type PendingKey = (u64, u32, u64);
 
 /// An entry proposed to Raft, and what to answer when it is applied.
 struct Proposed {
@@ -99,7 +105,7 @@ struct Sequencer {
     producers: Option<BTreeMap<u64, ProducerState>>,
     /// Idempotent batches accepted and not yet answered, by (producer, base sequence): retries of
     /// them wait for the original's outcome.
-    pending: HashMap<(u64, u64), Waiters>,
+    pending: HashMap<PendingKey, Waiters>,
     parked: BTreeMap<(u64, u64), Parked>,
     next_entry: Vec<Accepted>,
     next_entry_bytes: usize,
@@ -139,7 +145,8 @@ impl Sequencer {
             }
         }
         let key = (h.producer_id, h.base_sequence);
-        if let Some(others) = self.pending.get_mut(&key) {
+        let pending_key = (h.producer_id, h.producer_epoch, h.base_sequence);
+        if let Some(others) = self.pending.get_mut(&pending_key) {
             // A retry of a batch in flight: it gets the original's answer.
             others.push(job.reply);
             return;
@@ -155,7 +162,7 @@ impl Sequencer {
                 table,
                 h.max_timestamp_ms,
                 self.producer_expiration_ms,
-                |id| pending.keys().any(|(p, _)| *p == id),
+                |id| pending.keys().any(|(p, _, _)| *p == id),
             );
         }
         if !table.contains_key(&h.producer_id) && h.base_sequence != 0 {
@@ -230,11 +237,11 @@ impl Sequencer {
                 );
                 state.last_timestamp_ms = state.last_timestamp_ms.max(h.max_timestamp_ms);
                 let next = state.next_sequence();
-                self.pending.insert(key, vec![job.reply]);
+                self.pending.insert(pending_key, vec![job.reply]);
                 self.add(
                     job.batch.bytes().clone(),
                     h.record_count,
-                    Some(key),
+                    Some(pending_key),
                     Vec::new(),
                 );
                 // The batch that was waiting for this one, if any, goes next.
@@ -255,7 +262,7 @@ impl Sequencer {
         &mut self,
         bytes: Bytes,
         record_count: u32,
-        producer: Option<(u64, u64)>,
+        producer: Option<PendingKey>,
         waiters: Waiters,
     ) {
         self.next_entry_bytes += bytes.len();
@@ -319,7 +326,8 @@ impl Sequencer {
                 if let (Some(base_offset), Some(table)) = (offset, self.producers.as_mut())
                     && let Some(batch) = table
                         .get_mut(&key.0)
-                        .and_then(|s| s.batches.iter_mut().find(|b| b.base_sequence == key.1))
+                        .filter(|s| s.epoch == key.1)
+                        .and_then(|s| s.batches.iter_mut().find(|b| b.base_sequence == key.2))
                 {
                     batch.base_offset = base_offset;
                 }
