@@ -789,18 +789,14 @@ impl Node {
             .collect()
     }
 
-    async fn propose(&self, command: ControllerCommand) -> Result<ControllerResponse, BrokerError> {
-        let timeout = Duration::from_millis(self.config.request_timeout_ms);
-        self.controller.propose(command, timeout).await
-    }
-
     /// Proposes a controller command (through the controller's leader) and waits until it is
     /// applied there.
-    pub(crate) async fn propose_command(
+    pub(crate) async fn propose(
         &self,
         command: ControllerCommand,
     ) -> Result<ControllerResponse, BrokerError> {
-        self.propose(command).await
+        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        self.controller.propose(command, timeout).await
     }
 
     /// Whether the node is shutting down.

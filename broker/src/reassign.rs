@@ -94,7 +94,7 @@ impl Node {
             from: current.replicas.clone(),
             to: replicas,
         };
-        match self.propose_command(planned.command()).await? {
+        match self.propose(planned.command()).await? {
             ControllerResponse::Topic(t) => t
                 .partitions
                 .get(partition as usize)
@@ -138,7 +138,7 @@ impl Node {
             )));
         }
         match self
-            .propose_command(ControllerCommand::SetRemoving { node_id: node })
+            .propose(ControllerCommand::SetRemoving { node_id: node })
             .await?
         {
             ControllerResponse::Registered => {}
@@ -159,7 +159,7 @@ impl Node {
     async fn start_moves(&self, plan: Vec<PlannedMove>) -> (Vec<String>, Vec<String>) {
         let (mut started, mut refused) = (Vec::new(), Vec::new());
         for planned in plan {
-            match self.propose_command(planned.command()).await {
+            match self.propose(planned.command()).await {
                 Ok(ControllerResponse::Topic(_)) => started.push(planned.to_string()),
                 Ok(other) => refused.push(format!("{planned}: {}", unexpected(other))),
                 Err(e) => refused.push(format!("{planned}: {e}")),
@@ -211,7 +211,7 @@ impl Node {
                                 partition: number,
                                 replicas: target.clone(),
                             };
-                            match node.propose_command(finish).await {
+                            match node.propose(finish).await {
                                 Ok(ControllerResponse::Topic(_)) => {
                                     tracing::info!(topic = %name, partition = number, ?target, "moved the partition's replicas")
                                 }
@@ -286,7 +286,7 @@ impl Node {
                 continue;
             }
             match self
-                .propose_command(ControllerCommand::RemoveBroker { node_id: node })
+                .propose(ControllerCommand::RemoveBroker { node_id: node })
                 .await
             {
                 Ok(_) => tracing::info!(node, "removed the broker from the cluster"),

@@ -223,10 +223,15 @@ impl SubscriberService {
     }
 
     /// Whether this broker holds no replica of `topic`/`partition` (its reads are forwarded).
+    /// (Reads the shared controller state; no copy of the topic: it runs per partition on
+    /// every delivery round.)
     fn is_remote(&self, topic: &str, partition: u32) -> bool {
         self.node
-            .topic(topic)
-            .is_ok_and(|t| self.holder_elsewhere(&t, partition).is_some())
+            .controller_state()
+            .topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(partition as usize))
+            .is_some_and(|p| !p.replicas.contains(&self.node.node_id))
     }
 
     /// Serves GetOffsets from this broker's replicas, forwarding the partitions it holds none of
