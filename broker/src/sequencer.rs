@@ -18,6 +18,7 @@
 //! and a retry hint. Memory stays bounded during an fsync stall.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,8 +32,37 @@ use crate::error::BrokerError;
 use crate::partition::Published;
 use crate::raft::{
     PRODUCER_BATCHES_KEPT, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionGroup, ProducerBatch,
-    ProducerState, SequenceCheck, expire_producers,
+    ProducerState, Proposal, SequenceCheck, expire_producers,
 };
+
+/// What the actor needs of its partition's Raft group (a trait so the unit tests below can hold
+/// an entry in flight for as long as a scenario needs).
+pub trait Proposer: Send + Sync + 'static {
+    /// Succeeds when this node leads the group and has applied everything committed before.
+    fn ensure_leader(&self) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// The applied producer table.
+    fn producers(&self) -> BTreeMap<u64, ProducerState>;
+    /// Proposes one entry of `batches`; the proposal resolves to its first record's offset.
+    fn propose(
+        &self,
+        batches: Vec<Bytes>,
+    ) -> impl Future<Output = Result<Proposal, BrokerError>> + Send;
+}
+
+impl Proposer for PartitionGroup {
+    fn ensure_leader(&self) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        PartitionGroup::ensure_leader(self)
+    }
+    fn producers(&self) -> BTreeMap<u64, ProducerState> {
+        PartitionGroup::producers(self)
+    }
+    fn propose(
+        &self,
+        batches: Vec<Bytes>,
+    ) -> impl Future<Output = Result<Proposal, BrokerError>> + Send {
+        PartitionGroup::propose(self, batches)
+    }
+}
 
 /// Entries of one partition in flight in Raft at once: one being made durable, one queued.
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
@@ -97,8 +127,8 @@ struct Parked {
     until: Instant,
 }
 
-struct Sequencer {
-    group: PartitionGroup,
+struct Sequencer<G> {
+    group: G,
     producer_expiration_ms: u64,
     /// The producers, loaded from the state machine once this node leads; None until then, and
     /// after an outcome became unknown (reloaded from what was applied).
@@ -120,7 +150,7 @@ fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
     }
 }
 
-impl Sequencer {
+impl<G: Proposer> Sequencer<G> {
     /// Takes one publish: answers it, parks it, or adds it to the next entry.
     async fn take(&mut self, job: PublishJob) {
         metrics::histogram!("weft_publish_queue_seconds")
@@ -350,8 +380,8 @@ impl Sequencer {
 }
 
 /// Runs the actor of `group` until the queue closes.
-pub async fn run(
-    group: PartitionGroup,
+pub async fn run<G: Proposer>(
+    group: G,
     mut jobs: mpsc::Receiver<PublishJob>,
     producer_expiration_ms: u64,
 ) {
@@ -424,4 +454,132 @@ pub async fn run(
         }
     }
     seq.expire_parked(Instant::now() + REORDER_WAIT);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use weft_storage::{BatchBuilder, ProducerInfo};
+
+    use super::*;
+
+    /// A Raft group stand-in whose entries stay in flight until the test releases them; offsets
+    /// are given in proposal order, as the state machine gives them.
+    struct HeldLog {
+        next_offset: Arc<Mutex<u64>>,
+        proposals: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    }
+
+    impl Proposer for HeldLog {
+        async fn ensure_leader(&self) -> Result<(), BrokerError> {
+            Ok(())
+        }
+        fn producers(&self) -> BTreeMap<u64, ProducerState> {
+            BTreeMap::new()
+        }
+        async fn propose(&self, batches: Vec<Bytes>) -> Result<Proposal, BrokerError> {
+            let records: u64 = batches
+                .iter()
+                .map(|b| u64::from(Batch::header_of(b).expect("a sealed batch").record_count))
+                .sum();
+            let base = {
+                let mut next = self.next_offset.lock().expect("lock");
+                let base = *next;
+                *next += records;
+                base
+            };
+            let (release, released) = oneshot::channel();
+            self.proposals
+                .send(release)
+                .expect("the test holds the receiver");
+            Ok(Box::pin(async move {
+                released
+                    .await
+                    .map_err(|_| BrokerError::Internal("dropped".into()))?;
+                Ok(base)
+            }))
+        }
+    }
+
+    fn idempotent(epoch: u32, sequence: u64, value: &[u8]) -> Batch {
+        let mut builder = BatchBuilder::new();
+        builder.push(1, b"", value, []);
+        builder.seal(
+            0,
+            0,
+            0,
+            ProducerInfo {
+                producer_id: 7,
+                producer_epoch: epoch,
+                base_sequence: sequence,
+            },
+        )
+    }
+
+    async fn publish(
+        jobs: &mpsc::Sender<PublishJob>,
+        batch: Batch,
+    ) -> oneshot::Receiver<Result<Published, BrokerError>> {
+        let (reply, answer) = oneshot::channel();
+        jobs.send(PublishJob {
+            batch,
+            reply,
+            queued: Instant::now(),
+        })
+        .await
+        .expect("the actor runs");
+        answer
+    }
+
+    /// A producer whose batch's outcome became unknown starts a new epoch and sends its next
+    /// batch with sequence 0 again while the old-epoch batch (also sequence 0) is still in
+    /// flight. The new batch must get an entry and an offset of its own, never the old batch's
+    /// answer, and a retry of it must be answered with its own offset.
+    #[tokio::test]
+    async fn a_new_epoch_batch_is_never_answered_with_an_old_epoch_batch_in_flight() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let log = HeldLog {
+            next_offset: Arc::new(Mutex::new(100)),
+            proposals: proposals_tx,
+        };
+        let (jobs, queue) = mpsc::channel(16);
+        let actor = tokio::spawn(run(log, queue, 3_600_000));
+        let wait = Duration::from_secs(5);
+
+        let old = publish(&jobs, idempotent(0, 0, b"old")).await;
+        let first = tokio::time::timeout(wait, proposals.recv())
+            .await
+            .expect("the old-epoch batch is proposed")
+            .expect("proposal");
+        let new = publish(&jobs, idempotent(1, 0, b"new")).await;
+        let second = tokio::time::timeout(wait, proposals.recv())
+            .await
+            .expect("the new-epoch batch gets an entry of its own, not the old one's answer")
+            .expect("proposal");
+
+        first.send(()).expect("release");
+        second.send(()).expect("release");
+        let old = old.await.expect("answered").expect("stored");
+        let new = new.await.expect("answered").expect("stored");
+        assert_eq!((old.base_offset, old.duplicate), (100, false));
+        assert_eq!((new.base_offset, new.duplicate), (101, false));
+
+        // A retry of the new-epoch batch is a duplicate at its own offset; the old epoch is fenced.
+        let retry = publish(&jobs, idempotent(1, 0, b"new")).await;
+        let retry = retry.await.expect("answered").expect("duplicate");
+        assert_eq!((retry.base_offset, retry.duplicate), (101, true));
+        let stale = publish(&jobs, idempotent(0, 1, b"late")).await;
+        match stale.await.expect("answered") {
+            Err(BrokerError::ProducerFenced {
+                current: 1, got: 0, ..
+            }) => {}
+            other => panic!("an old-epoch batch must be fenced, got {other:?}"),
+        }
+        drop(jobs);
+        tokio::time::timeout(wait, actor)
+            .await
+            .expect("the actor stops when its queue closes")
+            .expect("no panic");
+    }
 }
