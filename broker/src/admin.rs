@@ -407,6 +407,8 @@ pub struct LedPartitionView {
     pub in_sync_replicas: Vec<u64>,
     /// Raft entries each other replica is behind, by node id.
     pub replica_lag: std::collections::BTreeMap<u64, u64>,
+    /// Bytes of those entries, by node id.
+    pub replica_lag_bytes: std::collections::BTreeMap<u64, u64>,
 }
 
 /// One broker of the cluster.
@@ -560,17 +562,21 @@ async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
             .partitions()
             .into_iter()
             .filter(|p| p.group().is_leader())
-            .map(|p| LedPartitionView {
-                topic: p.topic.clone(),
-                partition: p.partition,
-                replicas: state
-                    .topics
-                    .get(&p.topic)
-                    .and_then(|t| t.partitions.get(p.partition as usize))
-                    .map(|m| m.replicas.clone())
-                    .unwrap_or_default(),
-                in_sync_replicas: p.group().in_sync_replicas().unwrap_or_default(),
-                replica_lag: p.group().follower_lag().into_iter().collect(),
+            .map(|p| {
+                let lag = p.group().follower_lag();
+                LedPartitionView {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                    replicas: state
+                        .topics
+                        .get(&p.topic)
+                        .and_then(|t| t.partitions.get(p.partition as usize))
+                        .map(|m| m.replicas.clone())
+                        .unwrap_or_default(),
+                    in_sync_replicas: p.group().in_sync_replicas().unwrap_or_default(),
+                    replica_lag: lag.iter().map(|l| (l.node, l.entries)).collect(),
+                    replica_lag_bytes: lag.iter().map(|l| (l.node, l.bytes)).collect(),
+                }
             })
             .collect(),
     })

@@ -106,16 +106,18 @@ pub fn render(node: &Node) -> String {
         metrics::gauge!("weft_partition_term", &labels).set(status.term as f64);
         // On the leader: how far each replica is behind, and whether any is.
         let lag = partition.group().follower_lag();
-        for (replica, entries) in &lag {
+        for replica in &lag {
             let labels = [
                 ("topic", partition.topic.clone()),
                 ("partition", partition.partition.to_string()),
-                ("replica", replica.to_string()),
+                ("replica", replica.node.to_string()),
             ];
-            metrics::gauge!("weft_partition_replica_lag_entries", &labels).set(*entries as f64);
+            metrics::gauge!("weft_partition_replica_lag_entries", &labels)
+                .set(replica.entries as f64);
+            metrics::gauge!("weft_partition_replica_lag_bytes", &labels).set(replica.bytes as f64);
         }
         if partition.group().is_leader() {
-            let behind = lag.iter().filter(|(_, entries)| *entries > 0).count();
+            let behind = lag.iter().filter(|l| l.entries > 0).count();
             metrics::gauge!("weft_partition_replicas_behind", &labels).set(behind as f64);
         }
         let under = node

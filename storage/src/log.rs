@@ -454,6 +454,25 @@ impl PartitionLog {
         self.segments.iter().map(|s| s.data_len).sum()
     }
 
+    /// Bytes of the entries after Raft index `index` (all of them for None), from the sparse
+    /// index: an overestimate by at most one index interval. How far a replica that has entries
+    /// through `index` is behind this log, in bytes.
+    pub fn bytes_after_index(&self, index: Option<u64>) -> u64 {
+        let Some(index) = index else {
+            return self.size_bytes();
+        };
+        self.segments
+            .iter()
+            .map(|s| match s.first_index {
+                Some(first) if first > index => s.data_len,
+                Some(_) if s.next_index > index + 1 => {
+                    s.data_len.saturating_sub(s.position_for_index(index + 1))
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Number of segments.
     pub fn segment_count(&self) -> usize {
         self.segments.len()

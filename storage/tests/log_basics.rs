@@ -786,3 +786,40 @@ fn prepared_rolls_seal_outside_the_lock_and_yield_to_a_changed_log() {
         .collect();
     assert_eq!(got, expected);
 }
+
+#[test]
+fn bytes_after_an_index_measure_what_a_replica_there_lacks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(seed("bytes_after_index"));
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let expected: Vec<Expected> = (0..300)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    assert!(log.segment_count() > 5);
+    assert_eq!(log.bytes_after_index(None), log.size_bytes());
+    let last = expected.last().expect("entries").index;
+    assert_eq!(log.bytes_after_index(Some(last)), 0);
+    assert_eq!(log.bytes_after_index(Some(last + 10)), 0);
+    let largest = expected
+        .iter()
+        .map(|e| e.bytes.len() as u64)
+        .max()
+        .unwrap_or(0);
+    let mut previous = u64::MAX;
+    for (i, entry) in expected.iter().enumerate() {
+        let after = &expected[i + 1..];
+        // Each frame holds its batch plus a small header; the sparse index may start the count
+        // up to one index interval (and one frame) early.
+        let payload: u64 = after.iter().map(|e| e.bytes.len() as u64).sum();
+        let got = log.bytes_after_index(Some(entry.index));
+        assert!(got >= payload, "index {}: {got} < {payload}", entry.index);
+        let slack = 64 * after.len() as u64 + small_config().index_interval_bytes + largest + 64;
+        assert!(
+            got <= payload + slack,
+            "index {}: {got} > {payload} + {slack}",
+            entry.index
+        );
+        assert!(got <= previous, "never grows with the index");
+        previous = got;
+    }
+}

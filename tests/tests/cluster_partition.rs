@@ -41,6 +41,25 @@ fn leader_of_0(broker: &Broker) -> u64 {
     v["partition_details"][0]["leader_id"].as_u64().unwrap_or(0)
 }
 
+/// (entries, bytes) that `replica` lacks of partition 0's log, as `leader` reports it in
+/// `/v1/cluster` ((0, 0) when it reports no lag for it).
+fn lag_of(leader: &Broker, replica: u64) -> (u64, u64) {
+    let (status, body) = leader.http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let Some(p) = v["led_partitions"].as_array().and_then(|a| {
+        a.iter()
+            .find(|p| p["topic"] == "split" && p["partition"] == 0)
+    }) else {
+        return (0, 0);
+    };
+    let key = replica.to_string();
+    (
+        p["replica_lag"][&key].as_u64().unwrap_or(0),
+        p["replica_lag_bytes"][&key].as_u64().unwrap_or(0),
+    )
+}
+
 fn ip(address: &str) -> &str {
     address.rsplit_once(':').expect("ip:port").0
 }
@@ -114,6 +133,14 @@ async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
         "node {new_leader} leads now, not the isolated node {leader}"
     );
 
+    // The new leader reports how far the isolated replica is behind, in entries and bytes: at
+    // least the 20 records it committed without it.
+    let lagging = lag_of(&brokers[new_leader as usize - 1], leader);
+    assert!(
+        lagging.0 >= 1 && lagging.1 >= 20 * value(0).len() as u64,
+        "lag of node {leader} (entries, bytes): {lagging:?}"
+    );
+
     // The isolated broker still believes it leads, but refuses writes at once.
     let asked = Instant::now();
     let refused = grpc::publisher(&channel)
@@ -153,6 +180,15 @@ async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
         },
     )
     .await;
+    let leader_now = leader_of_0(majority[0]);
+    if leader_now != 0 && leader_now != leader {
+        let new_leader = &brokers[leader_now as usize - 1];
+        wait_for("no lag once caught up", Duration::from_secs(30), || {
+            let lag = lag_of(new_leader, leader);
+            async move { (lag == (0, 0)).then_some(()) }
+        })
+        .await;
+    }
     let read = fetch_range(&isolated.client_addr, "split", 0, 0, 40).await;
     let got: Vec<(u64, String)> = read
         .iter()

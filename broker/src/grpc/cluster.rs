@@ -57,7 +57,11 @@ pub fn partition_info(
             .group()
             .follower_lag()
             .into_iter()
-            .map(|(node_id, entries)| v1::ReplicaLag { node_id, entries })
+            .map(|lag| v1::ReplicaLag {
+                node_id: lag.node,
+                entries: lag.entries,
+                bytes: lag.bytes,
+            })
             .collect();
         if let Some(in_sync) = partition.group().in_sync_replicas() {
             info.under_replicated |= in_sync.len() < meta.replicas.len();

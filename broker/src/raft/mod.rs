@@ -44,7 +44,9 @@ pub use controller_sm::{
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};
 pub use network::{PEER_MESSAGE_BYTES_MAX, Peers, RaftService, Recovery};
-pub use partition_group::{GroupSpec, GroupStatus, MoveStep, PartitionGroup, Proposal};
+pub use partition_group::{
+    FollowerLag, GroupSpec, GroupStatus, MoveStep, PartitionGroup, Proposal,
+};
 pub use partition_sm::{
     PRODUCER_BATCHES_KEPT, PRODUCER_EXPIRY_EVERY_ENTRIES, PartitionState, PartitionStateMachine,
     ProducerBatch, ProducerState, SequenceCheck, expire_producers,

@@ -72,6 +72,18 @@ pub enum MoveStep {
     LeadershipMoved(NodeId),
 }
 
+/// How far a follower is behind its leader's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowerLag {
+    /// The follower.
+    pub node: NodeId,
+    /// Raft entries it lacks.
+    pub entries: u64,
+    /// Bytes of those entries in the leader's log (from its sparse index: at most one index
+    /// interval more).
+    pub bytes: u64,
+}
+
 /// An outcome of a proposal, once its entry is applied: the base offset of the stored batch.
 pub type Proposal = Pin<Box<dyn Future<Output = Result<u64, BrokerError>> + Send>>;
 
@@ -535,9 +547,9 @@ impl PartitionGroup {
         super::matched_index(&m, node).is_some_and(|matched| Some(matched) >= m.last_log_index)
     }
 
-    /// On the leader: each other voter's lag behind this log, in entries (the whole log when it
-    /// has matched nothing yet). Empty on a follower.
-    pub fn follower_lag(&self) -> Vec<(NodeId, u64)> {
+    /// On the leader: how far each other voter is behind this log, in entries (the whole log when
+    /// it has matched nothing yet) and in bytes of the entries it lacks. Empty on a follower.
+    pub fn follower_lag(&self) -> Vec<FollowerLag> {
         let m = self.raft.metrics().borrow().clone();
         let end = m.last_log_index.map_or(0, |i| i + 1);
         let Some(replication) = m.replication.as_ref() else {
@@ -547,8 +559,21 @@ impl PartitionGroup {
             .iter()
             .filter(|(id, _)| **id != m.id)
             .map(|(id, matched)| {
-                let have = matched.map_or(0, |l| l.index + 1);
-                (*id, end.saturating_sub(have))
+                let matched = matched.map(|l| l.index);
+                let have = matched.map_or(0, |i| i + 1);
+                let entries = end.saturating_sub(have);
+                let bytes = if entries == 0 {
+                    0
+                } else {
+                    self.reader
+                        .with_log(|log| log.bytes_after_index(matched))
+                        .unwrap_or(0)
+                };
+                FollowerLag {
+                    node: *id,
+                    entries,
+                    bytes,
+                }
             })
             .collect()
     }
@@ -563,8 +588,8 @@ impl PartitionGroup {
         in_sync.extend(
             self.follower_lag()
                 .into_iter()
-                .filter(|(_, behind)| *behind <= super::network::PAYLOAD_ENTRIES_MAX)
-                .map(|(id, _)| id),
+                .filter(|lag| lag.entries <= super::network::PAYLOAD_ENTRIES_MAX)
+                .map(|lag| lag.node),
         );
         in_sync.sort_unstable();
         Some(in_sync)

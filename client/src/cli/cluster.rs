@@ -170,7 +170,7 @@ pub(crate) async fn run(
                         "replicas": p.replicas, "in_sync_replicas": p.in_sync_replicas,
                         "under_replicated": p.under_replicated, "moving_to": p.moving_to,
                         "replica_lag": p.replica_lag.iter().map(|l| json!({
-                            "node_id": l.node_id, "entries": l.entries,
+                            "node_id": l.node_id, "entries": l.entries, "bytes": l.bytes,
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 })),
@@ -193,7 +193,7 @@ pub(crate) async fn run(
                         let lag = p
                             .replica_lag
                             .iter()
-                            .map(|l| format!("{}:{}", l.node_id, l.entries))
+                            .map(|l| format!("{}:{}/{}B", l.node_id, l.entries, l.bytes))
                             .collect::<Vec<_>>()
                             .join(" ");
                         println!(
