@@ -412,11 +412,22 @@ impl Config {
             })
     }
 
-    /// The address clients are told to use.
+    /// The address clients are told to use: `advertised_client_address`; else, for a wildcard
+    /// listener, this node's host in the peer list (a stable DNS name in a StatefulSet) with the
+    /// client port, or 127.0.0.1 for a single node; else the listen address.
     pub fn client_address(&self) -> String {
         self.advertised_client_address.clone().unwrap_or_else(|| {
             if self.client_listen.ip().is_unspecified() {
-                format!("127.0.0.1:{}", self.client_listen.port())
+                let peer_host = self.peer_list().ok().and_then(|list| {
+                    list.into_iter()
+                        .find(|(id, _)| *id == self.node_id)
+                        .and_then(|(_, a)| a.rsplit_once(':').map(|(host, _)| host.to_string()))
+                });
+                format!(
+                    "{}:{}",
+                    peer_host.unwrap_or_else(|| "127.0.0.1".into()),
+                    self.client_listen.port()
+                )
             } else {
                 self.client_listen.to_string()
             }
@@ -615,6 +626,17 @@ mod tests {
         );
         config.validate().expect("valid");
         assert_eq!(config.peer_address(), "weft-2.weft-peers.ns.svc:7401");
+        // Listening on every interface, the node tells clients its own stable name, never
+        // 127.0.0.1 (which would send other pods' smart clients to themselves).
+        config.client_listen = "0.0.0.0:7400".parse().expect("address");
+        assert_eq!(config.client_address(), "weft-2.weft-peers.ns.svc:7400");
+        config.advertised_client_address = Some("weft-2.weft.ns.svc:7400".into());
+        assert_eq!(config.client_address(), "weft-2.weft.ns.svc:7400");
+        let single = Config {
+            client_listen: "0.0.0.0:7400".parse().expect("address"),
+            ..Config::default()
+        };
+        assert_eq!(single.client_address(), "127.0.0.1:7400");
 
         let mut bad_host = Config {
             node_id_from_host_name: true,
