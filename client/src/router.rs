@@ -31,6 +31,33 @@ struct Tables {
     avoided: HashMap<String, Instant>,
 }
 
+impl Tables {
+    /// Drops the publish streams and clients of addresses that lead nothing any more (a lane
+    /// dropped here still finishes what was sent on it), and failures older than
+    /// [`AVOID_AFTER_FAILURE`]: a long-lived producer in a cluster whose brokers come and go
+    /// keeps only what it uses.
+    fn forget_unused(&mut self) {
+        let Tables {
+            leaders,
+            clients,
+            lanes,
+            avoided,
+        } = self;
+        let leads = |topic: &Arc<str>, address: &str| {
+            leaders
+                .get(topic)
+                .is_some_and(|(_, l)| l.values().any(|a| a == address))
+        };
+        lanes.retain(|(topic, address), _| address.is_empty() || leads(topic, address));
+        clients.retain(|address, _| {
+            leaders
+                .values()
+                .any(|(_, l)| l.values().any(|a| a == address))
+        });
+        avoided.retain(|_, at| at.elapsed() < AVOID_AFTER_FAILURE);
+    }
+}
+
 /// A producer's routing table (shared by its partitions' senders).
 #[derive(Debug, Clone)]
 pub(crate) struct Router {
@@ -150,6 +177,7 @@ impl Router {
             tables
                 .leaders
                 .insert(topic.clone(), (Instant::now(), leaders));
+            tables.forget_unused();
         }
     }
 
@@ -178,5 +206,69 @@ impl Router {
                 r.remove(&topic);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lanes_and_clients_of_former_leaders_are_forgotten_on_refresh() {
+        // Two addresses: a balanced channel, which connects only when used.
+        let base = Client::connect(["127.0.0.1:1", "127.0.0.1:5"])
+            .await
+            .expect("client");
+        let router = Router::new(base);
+        let topic: Arc<str> = Arc::from("t");
+        let other: Arc<str> = Arc::from("u");
+        {
+            let mut tables = router.tables.write().expect("lock");
+            tables.leaders.insert(
+                topic.clone(),
+                (
+                    Instant::now(),
+                    HashMap::from([(0, "127.0.0.1:2".to_string())]),
+                ),
+            );
+            tables.leaders.insert(
+                other.clone(),
+                (
+                    Instant::now(),
+                    HashMap::from([(0, "127.0.0.1:3".to_string())]),
+                ),
+            );
+            tables
+                .avoided
+                .insert("gone".into(), Instant::now() - AVOID_AFTER_FAILURE * 2);
+            tables.avoided.insert("recent".into(), Instant::now());
+        }
+        for t in [&topic, &other] {
+            router.lane(t, 0);
+            router.client(t, 0);
+        }
+        let _base_lane = router.lane(&topic, 7); // no known leader: the base lane ("")
+        assert_eq!(router.tables.read().expect("lock").lanes.len(), 3);
+        // Partition 0 of `t` moved to another broker.
+        router.tables.write().expect("lock").leaders.insert(
+            topic.clone(),
+            (
+                Instant::now(),
+                HashMap::from([(0, "127.0.0.1:4".to_string())]),
+            ),
+        );
+        router.tables.write().expect("lock").forget_unused();
+        let tables = router.tables.read().expect("lock");
+        let mut lanes: Vec<_> = tables
+            .lanes
+            .keys()
+            .map(|(t, a)| format!("{t}@{a}"))
+            .collect();
+        lanes.sort();
+        assert_eq!(lanes, ["t@", "u@127.0.0.1:3"]);
+        let mut clients: Vec<_> = tables.clients.keys().cloned().collect();
+        clients.sort();
+        assert_eq!(clients, ["127.0.0.1:3"]);
+        assert_eq!(tables.avoided.keys().collect::<Vec<_>>(), ["recent"]);
     }
 }
