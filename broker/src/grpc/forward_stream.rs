@@ -25,7 +25,19 @@ const AGE_MAX: Duration = Duration::from_secs(600);
 /// The deadline of the stream call itself (it is replaced long before).
 const STREAM_DEADLINE: Duration = Duration::from_secs(3600);
 
-type Reply = oneshot::Sender<Result<PublishResponse, BrokerError>>;
+/// What became of a queued publish.
+enum Outcome {
+    /// The leader answered it, or it was sent and its outcome is unknown (an error saying so).
+    Answered(Result<PublishResponse, BrokerError>),
+    /// The stream closed before sending it (idle, replaced, or broken): it goes again on a new
+    /// stream.
+    NotSent(ForwardPublishRequest),
+}
+
+/// Times a publish is handed to a new stream after the one it was queued on closed unsent.
+const REQUEUE_MAX: usize = 3;
+
+type Reply = oneshot::Sender<Outcome>;
 
 struct Job {
     request: ForwardPublishRequest,
@@ -94,37 +106,46 @@ impl Forwarders {
             .map(|r| r.topic.clone())
             .unwrap_or_default();
         let key = (leader, topic, request.partition);
-        let sender = self.sender(node, key, leader, peer_address)?;
         // Counted per publish, like the other forwarded calls (opening a stream counts as
         // method="PublishStream").
         metrics::counter!("weft_forwarded_calls_total", "method" => "Publish").increment(1);
-        let (reply, answer) = oneshot::channel();
+        let not_sent = || BrokerError::Unavailable {
+            reason: format!("the forwarding stream to node {leader} closed; try again"),
+            leader: Some(leader),
+        };
         // The whole wait, room in the queue included, stays within the caller's deadline.
         let waited = tokio::time::timeout(timeout, async {
-            sender
-                .send(Job { request, reply })
-                .await
-                .map_err(|_| BrokerError::Unavailable {
-                    reason: format!("the forwarding stream to node {leader} closed; try again"),
-                    leader: Some(leader),
-                })?;
-            Ok(answer.await)
+            let mut request = request;
+            for _ in 0..REQUEUE_MAX {
+                let sender = self.sender(node, key.clone(), leader, peer_address)?;
+                let (reply, answer) = oneshot::channel();
+                if let Err(refused) = sender.send(Job { request, reply }).await {
+                    // The stream ended between lookup and send: a new one takes it.
+                    request = refused.0.request;
+                    continue;
+                }
+                match answer.await {
+                    Ok(Outcome::Answered(result)) => return result,
+                    Ok(Outcome::NotSent(unsent)) => request = unsent,
+                    Err(_) => {
+                        return Err(BrokerError::Unavailable {
+                            reason: format!(
+                                "the forwarding stream to node {leader} broke: the publish may \
+                                 or may not be stored (retry it with the same producer sequence)"
+                            ),
+                            leader: Some(leader),
+                        });
+                    }
+                }
+            }
+            Err(not_sent())
         })
         .await;
-        match waited {
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(Ok(result))) => result,
-            Ok(Ok(Err(_))) => Err(BrokerError::Unavailable {
-                reason: format!(
-                    "the forwarding stream to node {leader} broke: the publish may or may not \
-                     be stored (retry it with the same producer sequence)"
-                ),
-                leader: Some(leader),
-            }),
-            Err(_) => Err(BrokerError::Timeout(format!(
+        waited.unwrap_or_else(|_| {
+            Err(BrokerError::Timeout(format!(
                 "node {leader} did not answer the forwarded publish in time"
-            ))),
-        }
+            )))
+        })
     }
 
     /// The queue of the stream for `key`, opening one when there is none (or it ended).
@@ -181,9 +202,9 @@ async fn run(
         Err(status) => {
             tracing::info!(leader, "cannot open the forwarding stream: {status}");
             if let Some(reply) = in_flight.pop_front() {
-                let _ = reply.send(Err(BrokerError::from(status)));
+                let _ = reply.send(Outcome::Answered(Err(BrokerError::from(status))));
             }
-            close(jobs, leader);
+            close(jobs);
             return;
         }
     };
@@ -206,7 +227,7 @@ async fn run(
             answer = responses.message() => match answer {
                 Ok(Some(result)) => match in_flight.pop_front() {
                     Some(reply) => {
-                        let _ = reply.send(decode_result(result));
+                        let _ = reply.send(Outcome::Answered(decode_result(result)));
                     }
                     None => {
                         tracing::warn!(leader, "the leader answered a publish that was not sent");
@@ -224,16 +245,47 @@ async fn run(
     }
     // In flight: dropping their replies tells the callers the outcome is unknown.
     drop(in_flight);
-    close(jobs, leader);
+    close(jobs);
 }
 
-/// Refuses the publishes still queued (none of them was sent).
-fn close(mut jobs: mpsc::Receiver<Job>, leader: u64) {
+/// Hands back the publishes still queued (none of them was sent): their callers queue them on a
+/// new stream.
+fn close(mut jobs: mpsc::Receiver<Job>) {
     jobs.close();
     while let Ok(job) = jobs.try_recv() {
-        let _ = job.reply.send(Err(BrokerError::Unavailable {
-            reason: format!("the forwarding stream to node {leader} closed; try again"),
-            leader: Some(leader),
-        }));
+        let _ = job.reply.send(Outcome::NotSent(job.request));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Publishes still queued when a stream retires (idle, too old, or broken) were never sent:
+    /// they are handed back to their callers to go on a new stream, not refused.
+    #[tokio::test]
+    async fn publishes_queued_on_a_closing_stream_are_handed_back_unsent() {
+        let (sender, jobs) = mpsc::channel(4);
+        let mut answers = Vec::new();
+        for partition in [3, 4] {
+            let (reply, answer) = oneshot::channel();
+            let request = ForwardPublishRequest {
+                partition,
+                ..ForwardPublishRequest::default()
+            };
+            sender.send(Job { request, reply }).await.expect("queued");
+            answers.push(answer);
+        }
+        close(jobs);
+        assert!(
+            sender.is_closed(),
+            "a closed stream takes no more publishes"
+        );
+        for (answer, partition) in answers.into_iter().zip([3, 4]) {
+            match answer.await.expect("answered") {
+                Outcome::NotSent(request) => assert_eq!(request.partition, partition),
+                Outcome::Answered(result) => panic!("refused instead of requeued: {result:?}"),
+            }
+        }
     }
 }
