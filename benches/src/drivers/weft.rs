@@ -228,16 +228,14 @@ const CLUSTER_SIZE: usize = 3;
 
 /// Three brokers on loopback, each with its own data directory, forming one cluster (every
 /// partition replicated three times, fsync before ack on every replica, acknowledged once a
-/// majority has it). The driver routes each partition's publishes to its leader, as a client
-/// that learns leaders from the cluster's metadata does; consumers are spread over the
-/// brokers (each reads from its own replica).
+/// majority has it). Producers are the client's own: given one broker, they learn each
+/// partition's leader from the cluster's metadata and send its batches there; consumers are
+/// spread over the brokers (each reads from its own replica).
 #[derive(Debug)]
 pub struct WeftClusterDriver {
     /// A client per broker, by node id - 1.
     clients: Vec<Client>,
     servers: Vec<Server>,
-    /// Each topic's partitions' leaders (index into `clients`).
-    leaders: std::sync::Mutex<std::collections::HashMap<String, Vec<usize>>>,
     next_consumer: std::sync::atomic::AtomicUsize,
 }
 
@@ -305,7 +303,6 @@ impl WeftClusterDriver {
         Ok(WeftClusterDriver {
             clients,
             servers,
-            leaders: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_consumer: std::sync::atomic::AtomicUsize::new(0),
         })
     }
@@ -322,31 +319,20 @@ impl Driver for WeftClusterDriver {
         // Wait for a leader everywhere, preferably the preferred one (leaders spread over the
         // brokers; the leader balance moves them there within seconds).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let leaders = loop {
+        loop {
             let infos = self.clients[0].admin().partitions(topic).await?;
             let led = infos.iter().all(|p| p.leader_id != 0);
             let preferred = infos
                 .iter()
                 .all(|p| p.replicas.first() == Some(&p.leader_id));
             if led && (preferred || tokio::time::Instant::now() > deadline) {
-                let mut leaders = vec![0usize; partitions as usize];
-                for p in &infos {
-                    if let Some(slot) = leaders.get_mut(p.partition as usize) {
-                        *slot = (p.leader_id as usize).saturating_sub(1) % CLUSTER_SIZE;
-                    }
-                }
-                break leaders;
+                return Ok(());
             }
             if tokio::time::Instant::now() > deadline + Duration::from_secs(10) {
                 bail!("partitions of {topic} have no leader: {infos:?}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        self.leaders
-            .lock()
-            .map_err(|_| anyhow!("leader table poisoned"))?
-            .insert(topic.to_string(), leaders);
-        Ok(())
+        }
     }
 
     async fn producer(
@@ -355,21 +341,9 @@ impl Driver for WeftClusterDriver {
         _partitions: u32,
         in_flight: usize,
     ) -> Result<Box<dyn BenchProducer>> {
-        let route = self
-            .leaders
-            .lock()
-            .map_err(|_| anyhow!("leader table poisoned"))?
-            .get(topic)
-            .cloned()
-            .with_context(|| format!("topic {topic} was not created by this driver"))?;
-        let producers = self
-            .clients
-            .iter()
-            .map(|c| c.producer(producer_config(in_flight)))
-            .collect();
-        Ok(Box::new(RoutedProducer {
-            producers,
-            route,
+        // The producer routes each partition's batches to its leader itself.
+        Ok(Box::new(WeftProducer {
+            producer: self.clients[0].producer(producer_config(in_flight)),
             topic: topic.to_string(),
         }))
     }
@@ -416,40 +390,6 @@ async fn send_record(
         }
     }
     .boxed())
-}
-
-/// Publishes each partition's records through the broker leading it.
-struct RoutedProducer {
-    producers: Vec<Producer>,
-    route: Vec<usize>,
-    topic: String,
-}
-
-#[async_trait]
-impl BenchProducer for RoutedProducer {
-    async fn send(
-        &mut self,
-        partition: u32,
-        key: Option<Bytes>,
-        payload: Bytes,
-    ) -> Result<AckFuture> {
-        let broker = self.route.get(partition as usize).copied().unwrap_or(0);
-        send_record(
-            &self.producers[broker],
-            &self.topic,
-            partition,
-            key,
-            payload,
-        )
-        .await
-    }
-
-    async fn close(self: Box<Self>) -> Result<()> {
-        for producer in self.producers {
-            producer.close().await?;
-        }
-        Ok(())
-    }
 }
 
 struct WeftProducer {
