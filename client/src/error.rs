@@ -85,6 +85,10 @@ impl Error {
                         | Code::ResourceExhausted
                         | Code::Aborted
                         | Code::Unknown
+                        // An HTTP/2 stream reset or protocol error (a broker restarting, a
+                        // proxy in between).
+                        | Code::Cancelled
+                        | Code::Internal
                 )
             }
             Error::Connect { .. } | Error::Timeout(_) => true,

@@ -505,13 +505,32 @@ async fn send_partition(
     }
 }
 
-/// Why a batch was not stored, when it surely was not.
+/// The reasons (ErrorInfo) with which the broker refuses a publish before storing anything: a
+/// gap (an earlier batch is missing), a fenced epoch, a forgotten producer, a full queue, or a
+/// batch it will never take (too large, invalid, unknown topic or partition).
+const NOT_STORED_REASONS: [&str; 9] = [
+    "SEQUENCE_GAP",
+    "PRODUCER_FENCED",
+    "UNKNOWN_PRODUCER",
+    "OVERLOADED",
+    "BATCH_TOO_LARGE",
+    "TOO_MANY_RECORDS",
+    "INVALID_ARGUMENT",
+    "TOPIC_NOT_FOUND",
+    "PARTITION_NOT_FOUND",
+];
+
+/// Whether this attempt surely stored nothing: the broker said so (its ErrorInfo reason), or the
+/// client refused the batch itself. Anything else may have been stored, above all errors of the
+/// transport (an HTTP/2 reset or protocol error reaches the client as CANCELLED, INTERNAL or
+/// RESOURCE_EXHAUSTED without the broker's reason). DUPLICATE_SEQUENCE is the opposite: stored
+/// long ago, its offsets no longer remembered.
 fn surely_not_stored(error: &Error) -> bool {
-    // The broker refused it before storing anything: a gap (an earlier batch is missing), a
-    // fenced epoch, or a batch it will never take (too large, invalid). DUPLICATE_SEQUENCE is
-    // the opposite: stored long ago, its offsets no longer remembered.
-    (!error.is_retriable() || error.reason() == "SEQUENCE_GAP")
-        && error.reason() != "DUPLICATE_SEQUENCE"
+    match error {
+        Error::Status { reason, .. } => NOT_STORED_REASONS.contains(&reason.as_str()),
+        Error::InvalidArgument(_) => true,
+        _ => false,
+    }
 }
 
 /// Resends, in sequence order and one at a time, the batches of a window that failed. A batch
@@ -582,6 +601,9 @@ where
             None => n.base_sequence -= freed,
         }
         let mut attempt = 0;
+        // Whether an attempt so far may have stored the batch (a later definite refusal, say a
+        // full queue, does not undo that).
+        let mut maybe_stored = last_error.as_ref().is_some_and(|e| !surely_not_stored(e));
         loop {
             if last_error
                 .as_ref()
@@ -603,7 +625,7 @@ where
             if give_up {
                 let error = last_error.take().unwrap_or(Error::Closed);
                 tracing::warn!(%topic, partition, "publish failed for good: {error}");
-                if surely_not_stored(&error) {
+                if surely_not_stored(&error) && !maybe_stored {
                     match restart.as_mut() {
                         Some(next) => *next -= count,
                         None => freed += count,
@@ -623,7 +645,10 @@ where
                     settle(n.batch, Ok(&response));
                     break;
                 }
-                Err(e) => last_error = Some(e),
+                Err(e) => {
+                    maybe_stored |= !surely_not_stored(&e);
+                    last_error = Some(e);
+                }
             }
         }
     }
@@ -854,6 +879,49 @@ mod tests {
                 Err("EARLIER_BATCH_UNKNOWN".into())
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_transport_error_without_a_broker_reason_is_an_unknown_outcome() {
+        // An HTTP/2 stream reset or protocol error reaches the client as CANCELLED, INTERNAL or
+        // RESOURCE_EXHAUSTED without the broker's ErrorInfo: the request may have been stored
+        // (seen by the fault-injection harness after a paused broker resumed). Renumbering the
+        // batches after it would store them under sequences the broker answers as duplicates.
+        for code in [
+            tonic::Code::Cancelled,
+            tonic::Code::Internal,
+            tonic::Code::ResourceExhausted,
+        ] {
+            let (a, ra) = numbered(1, 2, 40);
+            let (b, rb) = numbered(2, 2, 41);
+            let broken = status(code, "");
+            let (next, epoch, attempts) = run(
+                vec![(a, Some(broken.clone())), (b, Some(broken.clone()))],
+                vec![Err(broken.clone()), Err(broken.clone()), Err(broken)],
+                2,
+                43,
+            )
+            .await;
+            assert_eq!(
+                attempts,
+                vec![(2, 40); 3],
+                "{code:?}: only the first batch is tried"
+            );
+            assert_eq!(
+                (next, epoch),
+                (0, 3),
+                "{code:?}: a new epoch fences the old one"
+            );
+            assert_eq!(outcome(ra), vec![Err(String::new())], "{code:?}");
+            assert_eq!(
+                outcome(rb),
+                vec![
+                    Err("EARLIER_BATCH_UNKNOWN".into()),
+                    Err("EARLIER_BATCH_UNKNOWN".into())
+                ],
+                "{code:?}"
+            );
+        }
     }
 
     #[tokio::test]

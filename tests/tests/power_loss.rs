@@ -13,7 +13,6 @@
 //! cover the acknowledged bytes and this test loses records.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,111 +23,6 @@ use weft_client::{ProducerConfig, Record};
 use weft_tests::{Broker, fetch_range, offsets, wait_for};
 
 const PARTITIONS: u32 = 3;
-
-/// What the first `upto` bytes of the journal say each file durably holds: (path -> length).
-/// Also returns the files replaced whole after that point (their content is no longer what it
-/// was at that moment, so the simulation cannot roll them back by cutting).
-fn durable_lengths(journal: &Path, upto: usize) -> (HashMap<PathBuf, u64>, Vec<PathBuf>) {
-    let text = std::fs::read_to_string(journal).expect("read the sync journal");
-    let upto = text[..upto.min(text.len())]
-        .rfind('\n')
-        .map_or(0, |i| i + 1);
-    let replaced_later = text[upto..]
-        .lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(3, ' ');
-            let (kind, len, path) = (parts.next()?, parts.next()?, parts.next()?);
-            (kind == "R" && len != "0").then(|| PathBuf::from(path))
-        })
-        .collect();
-    let mut lengths: HashMap<PathBuf, u64> = HashMap::new();
-    for line in text[..upto].lines() {
-        let mut parts = line.splitn(3, ' ');
-        let (Some(kind), Some(len), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-            panic!("malformed journal line {line:?}");
-        };
-        let len: u64 = len.parse().expect("journal length");
-        let path = PathBuf::from(path);
-        match kind {
-            "R" => {
-                lengths.insert(path, len);
-            }
-            "S" => {
-                let entry = lengths.entry(path).or_insert(0);
-                *entry = (*entry).max(len);
-            }
-            other => panic!("unknown journal record {other:?}"),
-        }
-    }
-    (lengths, replaced_later)
-}
-
-/// Every file under `root` whose directory holds segment data files (`*.log`): the partition logs.
-fn partition_files(root: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    let mut files = Vec::new();
-    let mut is_log_dir = false;
-    for entry in entries {
-        let path = entry.expect("dir entry").path();
-        if path.is_dir() {
-            partition_files(&path, out);
-        } else {
-            is_log_dir |= path.extension().is_some_and(|e| e == "log");
-            files.push(path);
-        }
-    }
-    if is_log_dir {
-        out.extend(files);
-    }
-}
-
-/// A power loss at the moment the journal was `journal_len` bytes long: each partition file
-/// keeps what was synced by then; the rest of a segment data file is lost, kept in part, or
-/// replaced by garbage; files not yet synced disappear. Returns how many files lost bytes.
-fn power_loss(data_dir: &Path, journal: &Path, journal_len: usize, rng: &mut StdRng) -> usize {
-    let (durable, replaced_later) = durable_lengths(journal, journal_len);
-    // Files replaced whole after the moment (snapshots, log metadata) cannot be rolled back: move
-    // the moment to the end of the journal then (a later power loss, with fewer bytes cut).
-    let durable = if replaced_later.iter().any(|p| {
-        p.extension()
-            .is_none_or(|e| e != "index" && e != "timeindex")
-    }) {
-        eprintln!("files replaced after the moment ({replaced_later:?}): cutting at the kill");
-        durable_lengths(journal, usize::MAX).0
-    } else {
-        durable
-    };
-    let mut files = Vec::new();
-    partition_files(data_dir, &mut files);
-    assert!(!files.is_empty(), "no partition files under {data_dir:?}");
-    let mut cut = 0;
-    for path in files {
-        let Some(&synced) = durable.get(&path) else {
-            std::fs::remove_file(&path).expect("remove an unsynced file");
-            cut += 1;
-            continue;
-        };
-        let content = std::fs::read(&path).expect("read");
-        let synced = (synced as usize).min(content.len());
-        let unsynced = &content[synced..];
-        if unsynced.is_empty() {
-            continue;
-        }
-        cut += 1;
-        let mut kept = content[..synced].to_vec();
-        if path.extension().is_some_and(|e| e == "log") {
-            match rng.random_range(0..3) {
-                0 => {}
-                1 => kept.extend_from_slice(&unsynced[..rng.random_range(0..=unsynced.len())]),
-                _ => kept.extend((0..rng.random_range(1..2000)).map(|_| rng.random::<u8>())),
-            }
-        }
-        std::fs::write(&path, kept).expect("cut back");
-    }
-    cut
-}
 
 fn value(partition: u32, i: u64) -> String {
     format!(
@@ -277,7 +171,9 @@ async fn every_acknowledged_record_survives_a_power_loss() {
             task.abort();
         }
 
-        let cut = power_loss(broker.data_dir(), &journal, journal_len, &mut rng);
+        let cut =
+            weft_jepsen::power::power_loss(broker.data_dir(), &journal, journal_len, &mut rng)
+                .expect("simulate the power loss");
         eprintln!("round {round}: the power loss cut {cut} files");
         files_cut += cut;
         broker.start_again();

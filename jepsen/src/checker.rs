@@ -1,0 +1,691 @@
+//! The checker: reads a history and counts every anomaly of RELIABILITY.md it covers, with the
+//! first few examples of each. Any non-zero count fails the run.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+
+use crate::history::{Function, Kind, Op};
+use crate::workload::value_is_intact;
+
+/// The anomalies checked, in report order.
+pub const ANOMALIES: [&str; 14] = [
+    "lost-write",
+    "unseen-at-end",
+    "inconsistent-offsets",
+    "duplicate",
+    "aborted-read",
+    "phantom",
+    "poll-skip",
+    "nonmonotonic-poll",
+    "nonmonotonic-send",
+    "realtime-order",
+    "offset-gap",
+    "replica-divergence",
+    "election-safety",
+    "crc-escape",
+];
+
+/// Anomalies of RELIABILITY.md this workload does not exercise yet.
+pub const NOT_CHECKED: [&str; 2] = ["commit-regression", "zombie-commit"];
+
+/// Examples kept per anomaly.
+const EXAMPLES_MAX: usize = 8;
+
+/// What the checker found.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// Count per anomaly (every one of [`ANOMALIES`], zeros included).
+    pub anomalies: BTreeMap<String, u64>,
+    /// The first few examples of each anomaly found.
+    pub examples: BTreeMap<String, Vec<String>>,
+    /// Anomaly classes not checked by this workload.
+    pub not_checked: Vec<String>,
+    /// Sends by outcome: ok, fail, info (no completion counts as info).
+    pub sends: BTreeMap<String, u64>,
+    /// Polls by outcome (final reads included).
+    pub polls: BTreeMap<String, u64>,
+    /// Faults injected, by class.
+    pub faults: BTreeMap<String, u64>,
+    /// Acknowledged sends never read back by the end.
+    pub unread_at_end: u64,
+    /// Keys whose replicas were compared, and the nodes compared for each.
+    pub replicas_compared: BTreeMap<u32, Vec<u64>>,
+    /// Per second: (second, acknowledged sends, median and max send latency in ms, acknowledged
+    /// values not yet read by any poll).
+    pub timeline: Vec<Second>,
+    /// Fault windows: (start s, end s, description).
+    pub fault_windows: Vec<(f64, f64, String)>,
+}
+
+/// One second of the run.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Second {
+    /// Seconds since the start.
+    pub second: u64,
+    /// Sends acknowledged in this second.
+    pub acked: u64,
+    /// Median latency of those sends (ms).
+    pub latency_p50_ms: f64,
+    /// Largest latency of those sends (ms).
+    pub latency_max_ms: f64,
+    /// Acknowledged values no poll had returned by the end of this second.
+    pub unread: u64,
+}
+
+impl Report {
+    /// Whether any anomaly was found.
+    pub fn failed(&self) -> bool {
+        self.anomalies.values().any(|c| *c > 0)
+    }
+
+    /// Acknowledged sends.
+    pub fn acked(&self) -> u64 {
+        self.sends.get("ok").copied().unwrap_or(0)
+    }
+
+    fn found(&mut self, anomaly: &str, example: String) {
+        *self.anomalies.entry(anomaly.to_string()).or_default() += 1;
+        let examples = self.examples.entry(anomaly.to_string()).or_default();
+        if examples.len() < EXAMPLES_MAX {
+            examples.push(example);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Send {
+    process: String,
+    key: u32,
+    value: String,
+    invoked: u64,
+    completed: Option<u64>,
+    kind: Kind,
+    offset: Option<u64>,
+}
+
+/// Checks `history`.
+pub fn check(history: &[Op]) -> Report {
+    let mut report = Report::default();
+    for anomaly in ANOMALIES {
+        report.anomalies.insert(anomaly.to_string(), 0);
+    }
+    report.not_checked = NOT_CHECKED.iter().map(|s| s.to_string()).collect();
+
+    // Pair invocations with completions.
+    let mut open: HashMap<(&str, u64), &Op> = HashMap::new();
+    let mut sends: Vec<Send> = Vec::new();
+    let mut send_of: HashMap<(String, u64), usize> = HashMap::new();
+    let mut reads: Vec<&Op> = Vec::new();
+    let mut replica_reads: Vec<&Op> = Vec::new();
+    let mut leaders: BTreeMap<(u32, u64), BTreeSet<u64>> = BTreeMap::new();
+    let mut fault_open: HashMap<u64, (f64, String)> = HashMap::new();
+    for op in history {
+        match (op.f, op.kind) {
+            (Function::Send, Kind::Invoke) => {
+                send_of.insert((op.process.clone(), op.id), sends.len());
+                sends.push(Send {
+                    process: op.process.clone(),
+                    key: op.key.unwrap_or(0),
+                    value: op.value.clone().unwrap_or_default(),
+                    invoked: op.time_ns,
+                    completed: None,
+                    kind: Kind::Info,
+                    offset: None,
+                });
+            }
+            (Function::Send, kind) => {
+                if let Some(&i) = send_of.get(&(op.process.clone(), op.id)) {
+                    sends[i].completed = Some(op.time_ns);
+                    sends[i].kind = kind;
+                    sends[i].offset = op.offset;
+                }
+            }
+            (Function::Poll | Function::FinalPoll | Function::ReplicaRead, Kind::Invoke) => {
+                open.insert((op.process.as_str(), op.id), op);
+            }
+            (Function::Poll | Function::FinalPoll, kind) => {
+                open.remove(&(op.process.as_str(), op.id));
+                *report
+                    .polls
+                    .entry(format!("{kind:?}").to_lowercase())
+                    .or_default() += 1;
+                if kind == Kind::Ok {
+                    reads.push(op);
+                }
+            }
+            (Function::ReplicaRead, Kind::Ok) => replica_reads.push(op),
+            (Function::ReplicaRead, _) => {}
+            (Function::Leader, _) => {
+                if let Some((term, leader)) = op
+                    .detail
+                    .as_deref()
+                    .and_then(|d| d.split_once(' '))
+                    .and_then(|(t, l)| Some((t.parse::<u64>().ok()?, l.parse::<u64>().ok()?)))
+                {
+                    leaders
+                        .entry((op.key.unwrap_or(0), term))
+                        .or_default()
+                        .insert(leader);
+                }
+            }
+            (Function::Nemesis, Kind::Invoke) => {
+                let detail = op.detail.clone().unwrap_or_default();
+                let class = detail.split(':').next().unwrap_or("").to_string();
+                *report.faults.entry(class).or_default() += 1;
+                fault_open.insert(op.id, (op.time_ns as f64 / 1e9, detail));
+            }
+            (Function::Nemesis, _) => {
+                if let Some((start, detail)) = fault_open.remove(&op.id) {
+                    report
+                        .fault_windows
+                        .push((start, op.time_ns as f64 / 1e9, detail));
+                }
+            }
+        }
+    }
+    let end_s = history.last().map_or(0.0, |o| o.time_ns as f64 / 1e9);
+    for (_, (start, detail)) in fault_open {
+        report.fault_windows.push((start, end_s, detail));
+    }
+    report
+        .fault_windows
+        .sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    for s in &sends {
+        *report
+            .sends
+            .entry(format!("{:?}", s.kind).to_lowercase())
+            .or_default() += 1;
+    }
+    let by_value: HashMap<&str, &Send> = sends.iter().map(|s| (s.value.as_str(), s)).collect();
+
+    // What the polls saw: values at (key, offset), where each value was seen, and when first.
+    let mut at: BTreeMap<(u32, u64), BTreeSet<&str>> = BTreeMap::new();
+    let mut seen: HashMap<&str, BTreeSet<(u32, u64)>> = HashMap::new();
+    let mut first_seen: HashMap<&str, u64> = HashMap::new();
+    let mut highest: BTreeMap<u32, u64> = BTreeMap::new();
+    for op in &reads {
+        let key = op.key.unwrap_or(0);
+        for (offset, value) in op.records.as_deref().unwrap_or(&[]) {
+            at.entry((key, *offset)).or_default().insert(value.as_str());
+            seen.entry(value.as_str())
+                .or_default()
+                .insert((key, *offset));
+            first_seen
+                .entry(value.as_str())
+                .and_modify(|t| *t = (*t).min(op.time_ns))
+                .or_insert(op.time_ns);
+            let h = highest.entry(key).or_insert(0);
+            *h = (*h).max(*offset);
+        }
+    }
+
+    // Values: intact, sent, not refused.
+    for (value, places) in &seen {
+        if !value_is_intact(value) {
+            report.found("crc-escape", format!("{value:?} read at {places:?}"));
+            continue;
+        }
+        match by_value.get(value) {
+            None => report.found(
+                "phantom",
+                format!("{value:?} read at {places:?}, never sent"),
+            ),
+            Some(send) if send.kind == Kind::Fail => report.found(
+                "aborted-read",
+                format!("{value:?} read at {places:?}, its send failed"),
+            ),
+            _ => {}
+        }
+        if places.len() > 1 {
+            report.found("duplicate", format!("{value:?} at {places:?}"));
+        }
+    }
+    for ((key, offset), values) in &at {
+        if values.len() > 1 {
+            report.found(
+                "inconsistent-offsets",
+                format!("key {key} offset {offset} read as {values:?}"),
+            );
+        }
+    }
+
+    // Acknowledged sends: read back where they were acknowledged.
+    for s in sends.iter().filter(|s| s.kind == Kind::Ok) {
+        let Some(offset) = s.offset else { continue };
+        let places = seen.get(s.value.as_str());
+        match places {
+            Some(places) => {
+                if !places.contains(&(s.key, offset)) {
+                    report.found(
+                        "inconsistent-offsets",
+                        format!(
+                            "{:?} acknowledged at key {} offset {offset}, read at {places:?}",
+                            s.value, s.key
+                        ),
+                    );
+                }
+            }
+            None => {
+                let top = highest.get(&s.key).copied();
+                if top.is_some_and(|h| offset <= h) {
+                    let there = at.get(&(s.key, offset));
+                    report.found(
+                        "lost-write",
+                        format!(
+                            "{:?} acknowledged at key {} offset {offset} (by {}), never read; that offset read as {there:?}",
+                            s.value, s.key, s.process
+                        ),
+                    );
+                } else {
+                    report.found(
+                        "unseen-at-end",
+                        format!(
+                            "{:?} acknowledged at key {} offset {offset}, past every read ({top:?})",
+                            s.value, s.key
+                        ),
+                    );
+                }
+                report.unread_at_end += 1;
+            }
+        }
+    }
+
+    // Sends of one process to one key get increasing offsets; a send begun after another was
+    // acknowledged lands after it.
+    let mut by_process: BTreeMap<(&str, u32), Vec<&Send>> = BTreeMap::new();
+    let mut by_key: BTreeMap<u32, Vec<&Send>> = BTreeMap::new();
+    for s in sends
+        .iter()
+        .filter(|s| s.kind == Kind::Ok && s.offset.is_some())
+    {
+        by_process
+            .entry((s.process.as_str(), s.key))
+            .or_default()
+            .push(s);
+        by_key.entry(s.key).or_default().push(s);
+    }
+    for ((process, key), list) in &by_process {
+        for pair in list.windows(2) {
+            if pair[1].offset <= pair[0].offset {
+                report.found(
+                    "nonmonotonic-send",
+                    format!(
+                        "{process} key {key}: {:?} at {:?} after {:?} at {:?}",
+                        pair[1].value, pair[1].offset, pair[0].value, pair[0].offset
+                    ),
+                );
+            }
+        }
+    }
+    for (key, list) in &by_key {
+        let mut by_completion: Vec<&Send> = list.clone();
+        by_completion.sort_by_key(|s| s.completed);
+        let mut by_invocation: Vec<&Send> = list.clone();
+        by_invocation.sort_by_key(|s| s.invoked);
+        let mut i = 0;
+        let mut best: Option<&Send> = None;
+        for s in by_invocation {
+            while i < by_completion.len() && by_completion[i].completed < Some(s.invoked) {
+                if best.is_none_or(|b| by_completion[i].offset > b.offset) {
+                    best = Some(by_completion[i]);
+                }
+                i += 1;
+            }
+            if let Some(b) = best
+                && s.offset < b.offset
+            {
+                report.found(
+                    "realtime-order",
+                    format!(
+                        "key {key}: {:?} sent after {:?} (offset {:?}) was acknowledged, stored at {:?}",
+                        s.value, b.value, b.offset, s.offset
+                    ),
+                );
+            }
+        }
+    }
+
+    // Each poll reads on from where it asked, densely.
+    for op in &reads {
+        let key = op.key.unwrap_or(0);
+        let mut expected = op.offset.unwrap_or(0);
+        for (offset, _) in op.records.as_deref().unwrap_or(&[]) {
+            if *offset > expected {
+                report.found(
+                    "poll-skip",
+                    format!(
+                        "{} key {key}: asked from {:?}, skipped {expected}..{offset}",
+                        op.process, op.offset
+                    ),
+                );
+            } else if *offset < expected {
+                report.found(
+                    "nonmonotonic-poll",
+                    format!(
+                        "{} key {key}: asked from {:?}, got {offset} after {}",
+                        op.process,
+                        op.offset,
+                        expected.saturating_sub(1)
+                    ),
+                );
+            }
+            expected = offset + 1;
+        }
+    }
+
+    // Offsets are dense: every offset up to the highest read holds a record someone read.
+    for (key, top) in &highest {
+        let missing: Vec<u64> = (0..=*top)
+            .filter(|o| !at.contains_key(&(*key, *o)))
+            .collect();
+        if !missing.is_empty() {
+            report.found(
+                "offset-gap",
+                format!(
+                    "key {key}: {} offsets up to {top} never read, first {:?}",
+                    missing.len(),
+                    &missing[..missing.len().min(5)]
+                ),
+            );
+        }
+    }
+
+    // Replicas agree on every offset they both hold.
+    let mut replicas: BTreeMap<u32, Vec<(u64, &Op)>> = BTreeMap::new();
+    for op in &replica_reads {
+        replicas
+            .entry(op.key.unwrap_or(0))
+            .or_default()
+            .push((op.node.unwrap_or(0), op));
+    }
+    for (key, copies) in &replicas {
+        report
+            .replicas_compared
+            .insert(*key, copies.iter().map(|(n, _)| *n).collect());
+        let maps: Vec<(u64, BTreeMap<u64, &str>)> = copies
+            .iter()
+            .map(|(node, op)| {
+                (
+                    *node,
+                    op.records
+                        .as_deref()
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|(o, v)| (*o, v.as_str()))
+                        .collect(),
+                )
+            })
+            .collect();
+        for (i, (a, ma)) in maps.iter().enumerate() {
+            for (b, mb) in &maps[i + 1..] {
+                let differ: Vec<u64> = ma
+                    .iter()
+                    .filter_map(|(o, v)| mb.get(o).filter(|w| *w != v).map(|_| *o))
+                    .collect();
+                if !differ.is_empty() {
+                    report.found(
+                        "replica-divergence",
+                        format!(
+                            "key {key}: nodes {a} and {b} differ at {} offsets, first {:?}",
+                            differ.len(),
+                            &differ[..differ.len().min(5)]
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    // At most one leader per term of each partition.
+    for ((key, term), who) in &leaders {
+        if who.len() > 1 {
+            report.found(
+                "election-safety",
+                format!("key {key} term {term}: leaders {who:?}"),
+            );
+        }
+    }
+
+    report.timeline = timeline(&sends, &first_seen);
+    report
+}
+
+fn timeline(sends: &[Send], first_seen: &HashMap<&str, u64>) -> Vec<Second> {
+    let seconds = sends
+        .iter()
+        .filter_map(|s| s.completed)
+        .max()
+        .map_or(0, |t| t / 1_000_000_000 + 1);
+    let mut out: Vec<Second> = (0..seconds)
+        .map(|second| Second {
+            second,
+            ..Second::default()
+        })
+        .collect();
+    let mut latencies: Vec<Vec<f64>> = vec![Vec::new(); seconds as usize];
+    // unread(t) = acknowledged by t - (acknowledged by t and read by t).
+    let mut delta = vec![0i64; seconds as usize + 1];
+    for s in sends.iter().filter(|s| s.kind == Kind::Ok) {
+        let Some(done) = s.completed else { continue };
+        let second = (done / 1_000_000_000) as usize;
+        out[second].acked += 1;
+        latencies[second].push((done - s.invoked) as f64 / 1e6);
+        delta[second] += 1;
+        if let Some(read) = first_seen.get(s.value.as_str()) {
+            let when = ((*read).max(done) / 1_000_000_000) as usize;
+            if when < delta.len() {
+                delta[when] -= 1;
+            }
+        }
+    }
+    let mut unread = 0i64;
+    for (i, second) in out.iter_mut().enumerate() {
+        unread += delta[i];
+        second.unread = unread.max(0) as u64;
+        let l = &mut latencies[i];
+        if !l.is_empty() {
+            l.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            second.latency_p50_ms = l[l.len() / 2];
+            second.latency_max_ms = l[l.len() - 1];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::make_value;
+
+    struct H {
+        ops: Vec<Op>,
+        t: u64,
+        id: u64,
+    }
+
+    impl H {
+        fn new() -> H {
+            H {
+                ops: Vec::new(),
+                t: 0,
+                id: 0,
+            }
+        }
+        fn push(&mut self, mut op: Op) {
+            self.t += 1_000_000;
+            op.time_ns = self.t;
+            self.ops.push(op);
+        }
+        /// A send of `value` to `key` completed as `kind` (at `offset` when ok).
+        fn send(&mut self, process: &str, key: u32, value: &str, kind: Kind, offset: Option<u64>) {
+            self.id += 1;
+            let mut op = Op::new(process, self.id, Kind::Invoke, Function::Send);
+            op.key = Some(key);
+            op.value = Some(value.into());
+            self.push(op.clone());
+            op.kind = kind;
+            op.offset = offset;
+            self.push(op);
+        }
+        fn poll(&mut self, process: &str, key: u32, from: u64, records: &[(u64, &str)]) {
+            self.id += 1;
+            let mut op = Op::new(process, self.id, Kind::Invoke, Function::Poll);
+            op.key = Some(key);
+            op.offset = Some(from);
+            self.push(op.clone());
+            op.kind = Kind::Ok;
+            op.records = Some(records.iter().map(|(o, v)| (*o, v.to_string())).collect());
+            self.push(op);
+        }
+        fn replica(&mut self, node: u64, key: u32, records: &[(u64, &str)]) {
+            self.id += 1;
+            let mut op = Op::new("replicas", self.id, Kind::Ok, Function::ReplicaRead);
+            op.key = Some(key);
+            op.node = Some(node);
+            op.records = Some(records.iter().map(|(o, v)| (*o, v.to_string())).collect());
+            self.push(op);
+        }
+        fn leader(&mut self, node: u64, key: u32, term: u64, leader: u64) {
+            let mut op = Op::new("observer", 0, Kind::Ok, Function::Leader);
+            op.key = Some(key);
+            op.node = Some(node);
+            op.detail = Some(format!("{term} {leader}"));
+            self.push(op);
+        }
+        fn check(&self) -> Report {
+            check(&self.ops)
+        }
+    }
+
+    fn count(report: &Report, anomaly: &str) -> u64 {
+        report.anomalies.get(anomaly).copied().unwrap_or(0)
+    }
+
+    fn only(report: &Report, expected: &[(&str, u64)]) {
+        for anomaly in ANOMALIES {
+            let want = expected
+                .iter()
+                .find(|(a, _)| *a == anomaly)
+                .map_or(0, |(_, n)| *n);
+            assert_eq!(
+                count(report, anomaly),
+                want,
+                "{anomaly}: {:?}",
+                report.examples
+            );
+        }
+    }
+
+    #[test]
+    fn a_clean_history_has_no_anomalies() {
+        let (a, b) = (make_value(0, 0), make_value(0, 1));
+        let mut h = H::new();
+        h.send("s0", 0, &a, Kind::Ok, Some(0));
+        h.send("s0", 0, &b, Kind::Ok, Some(1));
+        h.send("s0", 0, &make_value(0, 2), Kind::Fail, None);
+        h.send("s0", 0, &make_value(0, 3), Kind::Info, None);
+        h.poll("p0", 0, 0, &[(0, &a), (1, &b)]);
+        h.replica(1, 0, &[(0, &a), (1, &b)]);
+        h.replica(2, 0, &[(0, &a)]);
+        h.leader(1, 0, 1, 1);
+        h.leader(2, 0, 1, 1);
+        let report = h.check();
+        only(&report, &[]);
+        assert!(!report.failed());
+        assert_eq!(report.acked(), 2);
+    }
+
+    #[test]
+    fn lost_unseen_and_gaps_are_found() {
+        let v: Vec<String> = (0..4).map(|i| make_value(1, i)).collect();
+        let mut h = H::new();
+        for (i, value) in v.iter().enumerate() {
+            h.send("s1", 0, value, Kind::Ok, Some(i as u64));
+        }
+        // Offset 1 is never read back, offset 2 holds another value, offset 3 is past every read.
+        let info = make_value(2, 0);
+        h.send("s2", 0, &info, Kind::Info, None);
+        h.poll("p0", 0, 0, &[(0, &v[0]), (2, &info)]);
+        let report = h.check();
+        // v1 and v2 lost (both at or below the highest read offset, never read); v3 unseen; v2's
+        // offset read as another value; offset 1 never read (a gap) and skipped by the poll.
+        only(
+            &report,
+            &[
+                ("lost-write", 2),
+                ("unseen-at-end", 1),
+                ("offset-gap", 1),
+                ("poll-skip", 1),
+            ],
+        );
+        assert_eq!(report.unread_at_end, 3);
+    }
+
+    #[test]
+    fn values_in_two_places_two_values_in_one_place_and_refused_values_are_found() {
+        let (a, b, refused) = (make_value(0, 0), make_value(0, 1), make_value(0, 2));
+        let never_sent = make_value(9, 9);
+        let mut damaged = make_value(0, 3);
+        damaged.replace_range(0..1, "x");
+        let mut h = H::new();
+        h.send("s0", 0, &a, Kind::Ok, Some(0));
+        h.send("s0", 0, &b, Kind::Ok, Some(1));
+        h.send("s0", 0, &refused, Kind::Fail, None);
+        h.poll(
+            "p0",
+            0,
+            0,
+            &[
+                (0, &a),
+                (1, &b),
+                (2, &a),
+                (3, &refused),
+                (4, &never_sent),
+                (5, &damaged),
+            ],
+        );
+        h.poll("p1", 0, 1, &[(1, &never_sent)]);
+        let report = h.check();
+        only(
+            &report,
+            &[
+                ("duplicate", 2),
+                ("inconsistent-offsets", 1),
+                ("aborted-read", 1),
+                ("phantom", 1),
+                ("crc-escape", 1),
+            ],
+        );
+    }
+
+    #[test]
+    fn send_order_poll_order_replicas_and_leaders_are_checked() {
+        let v: Vec<String> = (0..3).map(|i| make_value(0, i)).collect();
+        let w = make_value(1, 0);
+        let mut h = H::new();
+        // s0's second send lands below its first; s1's send, begun after s0's first was
+        // acknowledged, lands below it too.
+        h.send("s0", 0, &v[0], Kind::Ok, Some(2));
+        h.send("s0", 0, &v[1], Kind::Ok, Some(1));
+        h.send("s1", 0, &w, Kind::Ok, Some(0));
+        h.poll("p0", 0, 0, &[(0, &w), (1, &v[1]), (2, &v[0])]);
+        // A poll that goes backwards.
+        h.poll("p1", 0, 2, &[(2, &v[0]), (1, &v[1])]);
+        h.replica(1, 0, &[(0, &w), (1, &v[1])]);
+        h.replica(2, 0, &[(0, &w), (1, &v[0])]);
+        h.leader(1, 0, 3, 1);
+        h.leader(2, 0, 3, 2);
+        let report = h.check();
+        only(
+            &report,
+            &[
+                ("nonmonotonic-send", 1),
+                ("realtime-order", 2),
+                ("nonmonotonic-poll", 1),
+                ("replica-divergence", 1),
+                ("election-safety", 1),
+            ],
+        );
+    }
+}

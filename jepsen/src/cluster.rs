@@ -1,0 +1,322 @@
+//! The brokers under test: one `weft-broker` process per network namespace, each its own
+//! process group, with its data directory, log and sync journal under the run directory
+//! (`nodes/n<ID>/`). Started, killed (-9), paused (SIGSTOP), resumed, restarted (optionally under
+//! faketime), and stopped for good at the end.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rustix::process::{Pid, Signal, kill_process_group};
+
+use crate::net::Net;
+
+/// The brokers' ports (every broker has its own address).
+pub const CLIENT_PORT: u16 = 7400;
+/// Peer port.
+pub const PEER_PORT: u16 = 7401;
+/// Admin HTTP port.
+pub const ADMIN_PORT: u16 = 7402;
+
+/// What a broker process is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Running.
+    Up,
+    /// Stopped with SIGSTOP.
+    Paused,
+    /// Not running (killed or stopped).
+    Down,
+}
+
+/// One broker.
+#[derive(Debug)]
+pub struct Node {
+    /// Node id (from 1).
+    pub id: u64,
+    /// Its directory: `data/`, `broker.log`, `sync.journal`.
+    pub dir: PathBuf,
+    child: Option<Child>,
+    /// Its state.
+    pub state: State,
+    /// A faketime offset (`+5s`, `-3s`) it runs under, if any.
+    pub skew: Option<String>,
+}
+
+impl Node {
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The sync journal (what each partition file durably holds).
+    pub fn journal(&self) -> PathBuf {
+        self.dir.join("sync.journal")
+    }
+}
+
+/// The cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The network it runs on.
+    pub net: Net,
+    /// The brokers, in id order.
+    pub nodes: Vec<Node>,
+    broker: PathBuf,
+    peers: String,
+}
+
+impl Cluster {
+    /// Prepares `net.namespaces.len()` brokers under `dir/nodes` (not started).
+    pub fn new(net: Net, dir: &Path, broker: &Path) -> Result<Cluster> {
+        let count = net.namespaces.len() as u64;
+        let peers = (1..=count)
+            .map(|id| format!("{id}@{}:{PEER_PORT}", net.node_ip(id)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (1..=count)
+            .map(|id| {
+                let dir = dir.join("nodes").join(format!("n{id}"));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                Ok(Node {
+                    id,
+                    dir,
+                    child: None,
+                    state: State::Down,
+                    skew: None,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Cluster {
+            net,
+            nodes,
+            broker: broker.to_path_buf(),
+            peers,
+        })
+    }
+
+    /// The client address of node `id`.
+    pub fn client_address(&self, id: u64) -> String {
+        format!("{}:{CLIENT_PORT}", self.net.node_ip(id))
+    }
+
+    /// The admin address of node `id`.
+    pub fn admin_address(&self, id: u64) -> String {
+        format!("{}:{ADMIN_PORT}", self.net.node_ip(id))
+    }
+
+    /// Node ids.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    fn node(&mut self, id: u64) -> Result<&mut Node> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {id}"))
+    }
+
+    /// Starts every broker (the seed, node 1, last: it asks the others whether they have a
+    /// cluster before it starts one) and waits until each is ready.
+    pub async fn start_all(&mut self) -> Result<()> {
+        let mut ids = self.ids();
+        ids.reverse();
+        for id in ids {
+            self.start(id)?;
+        }
+        for id in self.ids() {
+            wait_ready(id, &self.admin_address(id), Duration::from_secs(90)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `id` (it must be down).
+    pub fn start(&mut self, id: u64) -> Result<()> {
+        let broker = self.broker.clone();
+        let peers = self.peers.clone();
+        let ns = self.net.namespace(id).to_string();
+        let ip = self.net.node_ip(id);
+        let node = self.node(id)?;
+        if node.state != State::Down {
+            bail!("node {id} is running already");
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("broker.log"))
+            .context("opening the broker log")?;
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &ns]);
+        if let Some(skew) = &node.skew {
+            command.args(["faketime", "-f", skew]);
+        }
+        command
+            .arg(&broker)
+            .args(["--node-id", &id.to_string(), "--peers", &peers])
+            .arg("--data-dir")
+            .arg(node.data_dir())
+            .args(["--client-listen", &format!("{ip}:{CLIENT_PORT}")])
+            .args(["--peer-listen", &format!("{ip}:{PEER_PORT}")])
+            .args(["--admin-listen", &format!("{ip}:{ADMIN_PORT}")])
+            .env("WEFT_SYNC_JOURNAL", node.journal())
+            .env("WEFT_LOG", "info,openraft=warn,sled=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .process_group(0);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("WEFT_")
+                && key != "WEFT_SYNC_JOURNAL"
+                && key != "WEFT_LOG"
+            {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {} in {ns}", broker.display()))?;
+        node.child = Some(child);
+        node.state = State::Up;
+        Ok(())
+    }
+
+    fn signal(&mut self, id: u64, signal: Signal) -> Result<()> {
+        let node = self.node(id)?;
+        let Some(child) = node.child.as_ref() else {
+            bail!("node {id} is not running");
+        };
+        let pid = Pid::from_raw(child.id() as i32).context("pid")?;
+        kill_process_group(pid, signal).with_context(|| format!("signalling node {id}"))?;
+        Ok(())
+    }
+
+    /// kill -9 node `id` (a no-op when it is down).
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        if self.node(id)?.state == State::Down {
+            return Ok(());
+        }
+        self.signal(id, Signal::KILL)?;
+        let node = self.node(id)?;
+        if let Some(mut child) = node.child.take() {
+            let _ = child.wait();
+        }
+        node.state = State::Down;
+        Ok(())
+    }
+
+    /// Stops node `id` gracefully (SIGTERM, then kill -9 after 10 s).
+    pub fn stop(&mut self, id: u64) -> Result<()> {
+        if self.node(id)?.state == State::Paused {
+            self.resume(id)?;
+        }
+        if self.node(id)?.state == State::Down {
+            return Ok(());
+        }
+        self.signal(id, Signal::TERM)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let node = self.node(id)?;
+        if let Some(child) = node.child.as_mut() {
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    node.child = None;
+                    node.state = State::Down;
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill(id)
+    }
+
+    /// SIGSTOP node `id`.
+    pub fn pause(&mut self, id: u64) -> Result<()> {
+        if self.node(id)?.state != State::Up {
+            return Ok(());
+        }
+        self.signal(id, Signal::STOP)?;
+        self.node(id)?.state = State::Paused;
+        Ok(())
+    }
+
+    /// SIGCONT node `id`.
+    pub fn resume(&mut self, id: u64) -> Result<()> {
+        if self.node(id)?.state != State::Paused {
+            return Ok(());
+        }
+        self.signal(id, Signal::CONT)?;
+        self.node(id)?.state = State::Up;
+        Ok(())
+    }
+
+    /// Stops every broker (gracefully) and waits for them.
+    pub fn stop_all(&mut self) {
+        for id in self.ids() {
+            if let Err(e) = self.stop(id) {
+                eprintln!("stopping node {id}: {e:#}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                if let Some(pid) = Pid::from_raw(child.id() as i32) {
+                    let _ = kill_process_group(pid, Signal::CONT);
+                    let _ = kill_process_group(pid, Signal::KILL);
+                }
+                let _ = child.wait();
+            }
+        }
+        self.net.teardown();
+    }
+}
+
+/// Waits until the broker at admin `address` answers `/readyz` with 200.
+pub async fn wait_ready(id: u64, address: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match http_get(address, "/readyz").await {
+            Ok((200, _)) => return Ok(()),
+            other => {
+                if Instant::now() > deadline {
+                    bail!("node {id} was not ready within {limit:?}: {other:?}");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A plain HTTP/1.1 GET with a 2 s limit: (status, body).
+pub async fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .context("timed out")??;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no HTTP status")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}

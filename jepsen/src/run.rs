@@ -1,0 +1,385 @@
+//! One run: the network and the cluster, the topic, the workload and the nemesis for the
+//! configured time, then the final phase (heal everything, read every key from offset 0 until
+//! everything seen is read, read each replica's own copy), then the check.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use weft_proto::v1::cluster_client::ClusterClient;
+use weft_proto::v1::topic_admin_client::TopicAdminClient;
+use weft_proto::v1::{CreateTopicRequest, ListPartitionsRequest, TopicConfig};
+
+use crate::checker::{self, Report};
+use crate::cluster::Cluster;
+use crate::history::{self, Function, Kind, Op, Recorder};
+use crate::nemesis::{Fault, Nemesis};
+use crate::net::Net;
+use crate::workload::{self, Clients, Progress, TOPIC};
+
+/// How a run is set up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Brokers.
+    pub nodes: usize,
+    /// Keys (partitions of the topic).
+    pub keys: u32,
+    /// Seconds of workload under faults.
+    pub seconds: u64,
+    /// Fault classes the nemesis picks from (none: a run without faults).
+    pub faults: Vec<Fault>,
+    /// The run's seed (network, workload and nemesis choices).
+    pub seed: u64,
+    /// Concurrent senders.
+    pub senders: u32,
+    /// Concurrent pollers.
+    pub pollers: u32,
+    /// The `weft-broker` binary.
+    pub broker: PathBuf,
+    /// Fewest acknowledged sends for the run to count.
+    pub min_acked: u64,
+    /// Keep the brokers' data directories of a passing run too.
+    pub keep_data: bool,
+}
+
+/// What a run found.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The check of its history.
+    pub report: Report,
+    /// Problems other than anomalies (too few sends, replicas that did not catch up).
+    pub problems: Vec<String>,
+}
+
+impl Outcome {
+    /// Whether the run passed.
+    pub fn passed(&self) -> bool {
+        !self.report.failed() && self.problems.is_empty()
+    }
+}
+
+/// How long the final reads may take after healing.
+const FINAL_READ_LIMIT: Duration = Duration::from_secs(60);
+/// How long a replica may take to catch up after healing.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs one test into `dir` and checks it.
+pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("run.json"), serde_json::to_vec_pretty(config)?)?;
+    if !config.broker.is_file() {
+        bail!("no broker binary at {}", config.broker.display());
+    }
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let net = Net::create(config.nodes, dir, &mut rng)?;
+    let mut cluster = Cluster::new(net, dir, &config.broker)?;
+    eprintln!(
+        "[jepsen] {} nodes on 10.213.{}.0/24, seed {}, faults {:?}",
+        config.nodes,
+        cluster.net.subnet,
+        config.seed,
+        config.faults.iter().map(|f| f.name()).collect::<Vec<_>>()
+    );
+    cluster.start_all().await?;
+    let addresses: Vec<(u64, String)> = cluster
+        .ids()
+        .into_iter()
+        .map(|id| (id, cluster.client_address(id)))
+        .collect();
+    let clients = Clients::new(&addresses)?;
+    create_topic(&clients, config).await?;
+    let cluster = Arc::new(Mutex::new(cluster));
+
+    let recorder = Arc::new(Recorder::create(
+        &dir.join("history.jsonl"),
+        Instant::now(),
+    )?);
+    let progress = Arc::new(Progress::new(config.keys));
+    let (stop_tx, stop) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..config.senders {
+        tasks.push(tokio::spawn(workload::sender(
+            i,
+            config.keys,
+            clients.clone(),
+            recorder.clone(),
+            progress.clone(),
+            stop.clone(),
+            rng.random(),
+        )));
+    }
+    for i in 0..config.pollers {
+        tasks.push(tokio::spawn(workload::poller(
+            i,
+            config.keys,
+            clients.clone(),
+            recorder.clone(),
+            progress.clone(),
+            stop.clone(),
+            rng.random(),
+        )));
+    }
+    let (observer_stop_tx, observer_stop) = watch::channel(false);
+    let observer = tokio::spawn(workload::observer(
+        clients.clone(),
+        recorder.clone(),
+        observer_stop,
+    ));
+    let mut nemesis = Nemesis::new(
+        cluster.clone(),
+        clients.clone(),
+        recorder.clone(),
+        rng.random(),
+    );
+    let faults = config.faults.clone();
+    let nemesis_stop = stop.clone();
+    let nemesis_task = tokio::spawn(async move {
+        let result = nemesis
+            .run(&faults, Duration::from_secs(5), nemesis_stop)
+            .await;
+        (nemesis, result)
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(config.seconds);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(5).min(deadline - Instant::now())).await;
+        eprintln!(
+            "[jepsen] {:>4.0} s: {} sends acknowledged",
+            started.elapsed().as_secs_f64(),
+            progress.acked.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let (mut nemesis, nemesis_result) = nemesis_task.await.context("nemesis task")?;
+    let mut problems = Vec::new();
+    if let Err(e) = nemesis_result {
+        problems.push(format!("the nemesis failed: {e:#}"));
+    }
+    eprintln!("[jepsen] healing everything");
+    if let Err(e) = nemesis.heal().await {
+        problems.push(format!("healing failed: {e:#}"));
+    }
+    final_reads(&clients, &recorder, &progress, config.keys, &mut problems).await;
+    replica_reads(&clients, &recorder, &progress, config.keys, &mut problems).await;
+    let _ = observer_stop_tx.send(true);
+    let _ = observer.await;
+    recorder.flush()?;
+    drop(nemesis);
+    match Arc::try_unwrap(cluster) {
+        Ok(cluster) => {
+            let mut cluster = cluster
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            tokio::task::block_in_place(|| cluster.stop_all());
+            drop(cluster);
+        }
+        Err(_) => problems.push("the cluster was still shared at the end".into()),
+    }
+
+    let report = check_dir(dir)?;
+    let acked = report.acked();
+    if acked < config.min_acked {
+        problems.push(format!(
+            "only {acked} sends were acknowledged (at least {} required)",
+            config.min_acked
+        ));
+    }
+    let outcome = Outcome { report, problems };
+    crate::report::write(
+        dir,
+        &outcome.report,
+        serde_json::json!({
+            "seed": config.seed,
+            "config": config,
+            "problems": outcome.problems,
+            "passed": outcome.passed(),
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    )?;
+    if outcome.passed() && !config.keep_data {
+        for node in std::fs::read_dir(dir.join("nodes"))?.flatten() {
+            let _ = std::fs::remove_dir_all(node.path().join("data"));
+        }
+    }
+    Ok(outcome)
+}
+
+/// Checks the history saved in `dir`.
+pub fn check_dir(dir: &Path) -> Result<Report> {
+    let ops = history::read(&dir.join("history.jsonl"))?;
+    Ok(checker::check(&ops))
+}
+
+async fn create_topic(clients: &Clients, config: &RunConfig) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let replication_factor = config.nodes.min(3) as u32;
+    loop {
+        let (_, channel) = clients.nodes[0].clone();
+        let mut request = tonic::Request::new(CreateTopicRequest {
+            name: TOPIC.into(),
+            config: Some(TopicConfig {
+                partitions: config.keys,
+                replication_factor,
+                ..TopicConfig::default()
+            }),
+        });
+        request.set_timeout(Duration::from_secs(5));
+        match TopicAdminClient::new(channel).create_topic(request).await {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::AlreadyExists => break,
+            Err(s) if Instant::now() > deadline => bail!("cannot create the topic: {s}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    loop {
+        let mut led = true;
+        for (_, channel) in &clients.nodes {
+            let mut request = tonic::Request::new(ListPartitionsRequest {
+                topic: TOPIC.into(),
+            });
+            request.set_timeout(Duration::from_secs(2));
+            led &= match ClusterClient::new(channel.clone())
+                .list_partitions(request)
+                .await
+            {
+                Ok(r) => {
+                    let partitions = r.into_inner().partitions;
+                    partitions.len() == config.keys as usize
+                        && partitions.iter().all(|p| p.leader_id != 0)
+                }
+                Err(_) => false,
+            };
+        }
+        if led {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the topic's partitions have no leaders after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads every key from offset 0 through any broker until everything any client saw is read.
+async fn final_reads(
+    clients: &Clients,
+    recorder: &Recorder,
+    progress: &Progress,
+    keys: u32,
+    problems: &mut Vec<String>,
+) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let deadline = Instant::now() + FINAL_READ_LIMIT;
+    for key in 0..keys {
+        let target = progress.end(key);
+        let mut position = 0u64;
+        while position < target {
+            if Instant::now() > deadline {
+                problems.push(format!(
+                    "key {key}: the final reads reached offset {position} of {target} within {FINAL_READ_LIMIT:?}"
+                ));
+                break;
+            }
+            match workload::poll_once(
+                "final",
+                Function::FinalPoll,
+                key,
+                position,
+                clients.any(&mut rng),
+                recorder,
+                progress,
+            )
+            .await
+            {
+                Some((records, _)) if !records.is_empty() => {
+                    position = records.last().map_or(position, |(o, _)| o + 1);
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+/// Reads each replica's own copy of every key (a broker serves reads of a partition it holds
+/// from its own log, up to its own commit index), once it has caught up.
+async fn replica_reads(
+    clients: &Clients,
+    recorder: &Recorder,
+    progress: &Progress,
+    keys: u32,
+    problems: &mut Vec<String>,
+) {
+    let mut replicas: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for (_, channel) in &clients.nodes {
+        let mut request = tonic::Request::new(ListPartitionsRequest {
+            topic: TOPIC.into(),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        if let Ok(r) = ClusterClient::new(channel.clone())
+            .list_partitions(request)
+            .await
+        {
+            for p in r.into_inner().partitions {
+                replicas.insert(p.partition, p.replicas);
+            }
+            break;
+        }
+    }
+    for key in 0..keys {
+        let target = progress.end(key);
+        for node in replicas.get(&key).cloned().unwrap_or_default() {
+            let Some(channel) = clients.node(node) else {
+                continue;
+            };
+            let mut op = Op::new(
+                "replicas",
+                recorder.next_id(),
+                Kind::Invoke,
+                Function::ReplicaRead,
+            );
+            op.key = Some(key);
+            op.node = Some(node);
+            op.offset = Some(0);
+            recorder.record(op.clone());
+            let deadline = Instant::now() + CATCH_UP_LIMIT;
+            let mut records = Vec::new();
+            let mut position = 0u64;
+            let result = loop {
+                if position >= target {
+                    break Ok(());
+                }
+                if Instant::now() > deadline {
+                    break Err(format!(
+                        "node {node} holds key {key} up to offset {position}, not {target}, {CATCH_UP_LIMIT:?} after healing"
+                    ));
+                }
+                match workload::fetch(channel.clone(), key, position).await {
+                    Ok((batch, _)) if !batch.is_empty() => {
+                        position = batch.last().map_or(position, |(o, _)| o + 1);
+                        records.extend(batch);
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            op.records = Some(records);
+            match result {
+                Ok(()) => op.kind = Kind::Ok,
+                Err(e) => {
+                    op.kind = Kind::Info;
+                    op.error = Some(e.clone());
+                    problems.push(e);
+                }
+            }
+            recorder.record(op);
+        }
+    }
+}
