@@ -571,7 +571,22 @@ impl Node {
         let leader = if hosted_here {
             let local = self.partition(topic, partition)?;
             match local.group().leader() {
-                Some(leader) if leader != self.node_id => leader,
+                Some(leader) if leader != self.node_id => {
+                    if let Some(silence) = local.group().leader_silent() {
+                        // Forwarding to a leader cut off from this broker would only wait out
+                        // the caller's deadline: say at once that it is unavailable.
+                        return Err(BrokerError::Unavailable {
+                            reason: format!(
+                                "node {} has not heard from node {leader}, the leader of \
+                                 {topic}/{partition}, for {} ms; an election is likely under way",
+                                self.node_id,
+                                silence.as_millis()
+                            ),
+                            leader: None,
+                        });
+                    }
+                    leader
+                }
                 _ => return Ok(Route::Local(local)),
             }
         } else {

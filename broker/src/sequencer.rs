@@ -42,6 +42,10 @@ pub trait Proposer: Send + Sync + 'static {
     fn ensure_leader(&self) -> impl Future<Output = Result<(), BrokerError>> + Send;
     /// The applied producer table.
     fn producers(&self) -> BTreeMap<u64, ProducerState>;
+    /// On a leader cut off from a majority: how long it has not heard from one (ms).
+    fn lost_quorum(&self) -> Option<u64> {
+        None
+    }
     /// Proposes one entry of `batches`; the proposal resolves to its first record's offset.
     fn propose(
         &self,
@@ -55,6 +59,9 @@ impl Proposer for PartitionGroup {
     }
     fn producers(&self) -> BTreeMap<u64, ProducerState> {
         PartitionGroup::producers(self)
+    }
+    fn lost_quorum(&self) -> Option<u64> {
+        PartitionGroup::lost_quorum(self)
     }
     fn propose(
         &self,
@@ -162,6 +169,24 @@ impl<G: Proposer> Sequencer<G> {
                 h.record_count,
                 None,
                 vec![job.reply],
+            );
+            return;
+        }
+        if let Some(window_ms) = self.group.lost_quorum() {
+            // A leader cut off from a majority may have been replaced: its producer table can
+            // be behind the new leader's, and a sequence check against it would answer a
+            // retry or the next batch wrongly (a gap for a batch the new leader expects). Say
+            // it is unavailable, and reload the table once it leads with a quorum again.
+            self.producers = None;
+            answer(
+                vec![job.reply],
+                Err(BrokerError::Unavailable {
+                    reason: format!(
+                        "this broker leads the partition but has not heard from a majority of \
+                         its replicas for more than {window_ms} ms; another replica may lead it now"
+                    ),
+                    leader: None,
+                }),
             );
             return;
         }
@@ -469,6 +494,8 @@ mod tests {
     struct HeldLog {
         next_offset: Arc<Mutex<u64>>,
         proposals: mpsc::UnboundedSender<oneshot::Sender<()>>,
+        /// Set: this leader has lost its quorum.
+        cut_off: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Proposer for HeldLog {
@@ -477,6 +504,11 @@ mod tests {
         }
         fn producers(&self) -> BTreeMap<u64, ProducerState> {
             BTreeMap::new()
+        }
+        fn lost_quorum(&self) -> Option<u64> {
+            self.cut_off
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then_some(1500)
         }
         async fn propose(&self, batches: Vec<Bytes>) -> Result<Proposal, BrokerError> {
             let records: u64 = batches
@@ -542,6 +574,7 @@ mod tests {
         let log = HeldLog {
             next_offset: Arc::new(Mutex::new(100)),
             proposals: proposals_tx,
+            cut_off: Arc::default(),
         };
         let (jobs, queue) = mpsc::channel(16);
         let actor = tokio::spawn(run(log, queue, 3_600_000));
@@ -581,5 +614,30 @@ mod tests {
             .await
             .expect("the actor stops when its queue closes")
             .expect("no panic");
+    }
+
+    /// A leader cut off from a majority (a new leader may exist, with a newer producer table)
+    /// answers UNAVAILABLE, never a sequence verdict from its possibly stale table (seen by the
+    /// fault-injection harness: SEQUENCE_GAP "expected 45, got 49" from an isolated old leader).
+    #[tokio::test]
+    async fn a_leader_cut_off_from_its_quorum_gives_no_sequence_verdicts() {
+        let (proposals_tx, _proposals) = mpsc::unbounded_channel();
+        let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let log = HeldLog {
+            next_offset: Arc::new(Mutex::new(0)),
+            proposals: proposals_tx,
+            cut_off: cut_off.clone(),
+        };
+        let (jobs, queue) = mpsc::channel(16);
+        let actor = tokio::spawn(run(log, queue, 3_600_000));
+        let answer = publish(&jobs, idempotent(0, 49, b"next")).await;
+        match answer.await.expect("answered") {
+            Err(BrokerError::Unavailable { reason, .. }) => {
+                assert!(reason.contains("majority"), "{reason}")
+            }
+            other => panic!("a cut-off leader must answer UNAVAILABLE, got {other:?}"),
+        }
+        drop(jobs);
+        actor.await.expect("no panic");
     }
 }

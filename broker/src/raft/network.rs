@@ -57,6 +57,8 @@ struct Inner {
     readers: RwLock<HashMap<GroupId, LogReader>>,
     /// The node each group last received a snapshot from (its leader then).
     snapshot_from: Mutex<HashMap<GroupId, NodeId>>,
+    /// When each group last received an AppendEntries (a leader's heartbeat or entries) here.
+    heard_at: Mutex<HashMap<GroupId, std::time::Instant>>,
     /// Whether this node may vote (see [`Recovery`]), and the groups where it waits.
     recovery: Mutex<(Recovery, HashMap<GroupId, Gate>)>,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
@@ -120,6 +122,7 @@ impl Peers {
                 groups: RwLock::new(HashMap::new()),
                 readers: RwLock::new(HashMap::new()),
                 snapshot_from: Mutex::new(HashMap::new()),
+                heard_at: Mutex::new(HashMap::new()),
                 recovery: Mutex::new((Recovery::Normal, HashMap::new())),
                 contacts: Mutex::new(HashMap::new()),
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
@@ -223,6 +226,9 @@ impl Peers {
     /// A leader's AppendEntries reached group `group_id` here, with its commit index: the
     /// first one sets what a replica that lost its data must catch up to before it votes.
     fn heard_leader(&self, group_id: GroupId, leader_commit: u64) {
+        if let Ok(mut heard) = self.inner.heard_at.lock() {
+            heard.insert(group_id, std::time::Instant::now());
+        }
         if let Ok(mut r) = self.inner.recovery.lock()
             && r.0 == Recovery::Rejoining
         {
@@ -232,6 +238,16 @@ impl Peers {
             }
             self.try_open(group_id, gate);
         }
+    }
+
+    /// How long ago group `group_id` here last received an AppendEntries from a leader (None:
+    /// never, since this node started).
+    pub fn silent_for(&self, group_id: GroupId) -> Option<std::time::Duration> {
+        self.inner
+            .heard_at
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&group_id).map(std::time::Instant::elapsed))
     }
 
     /// Serves the log of group `group_id` to replicas catching up (ReadLog).

@@ -647,6 +647,23 @@ impl PartitionGroup {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// On a follower: how long the leader has been silent (no AppendEntries or heartbeat), when
+    /// that is longer than an election timeout - the leader is cut off or gone, and an election
+    /// is likely under way. None on the leader, or while the leader is heard from.
+    pub fn leader_silent(&self) -> Option<Duration> {
+        let (leader, id) = {
+            let m = self.raft.metrics().borrow().clone();
+            (m.current_leader, m.id)
+        };
+        if leader.is_none_or(|l| l == id) {
+            return None;
+        }
+        let limit = Duration::from_millis(self.raft.config().election_timeout_max);
+        self.peers
+            .silent_for(self.group_id)
+            .filter(|silence| *silence > limit)
+    }
+
     /// Builds a snapshot of everything applied and waits (up to `timeout`) until it is written.
     pub async fn snapshot_now(&self, timeout: Duration) -> Result<(), BrokerError> {
         let applied = self.raft.metrics().borrow().last_applied;
