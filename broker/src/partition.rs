@@ -172,6 +172,25 @@ impl Partition {
         damage
     }
 
+    /// Forgets the damage that is no longer in the log (repaired from another replica). Call
+    /// after the log has been scrubbed: every damaged range is then known to the log.
+    pub fn forget_repaired(&self) {
+        let Ok(ranges) = self
+            .group
+            .reader()
+            .with_log(|log| log.damaged_ranges().to_vec())
+        else {
+            return;
+        };
+        if let Ok(mut damage) = self.damage.lock() {
+            damage.retain(|d| {
+                ranges.iter().any(|r| {
+                    r.segment.display().to_string() == d.segment && r.position == d.position
+                })
+            });
+        }
+    }
+
     /// Maps a storage error, remembering (and logging, once) damage it reports.
     fn storage_error(&self, error: weft_storage::Error) -> BrokerError {
         let error = storage_error(error);

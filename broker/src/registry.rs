@@ -388,6 +388,10 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
                 .increment(1);
             }
         };
+        // Find damage anywhere in the log, and repair it from another replica (retried while
+        // no replica can give the entries).
+        let repairer = tokio::spawn(scrub_and_repair(partition.clone()));
+        let _repairer = AbortOnDrop(repairer);
         let mut leaders = group.watch_leader();
         let mut leaders_open = true;
         elected(*leaders.borrow_and_update());
@@ -426,6 +430,37 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
         if pause_or_stop(&mut stop, &mut pause).await {
             return;
         }
+    }
+}
+
+/// Aborts a task when dropped (when the supervisor leaves the partition's serving loop).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Scrubs the partition's log once (so damage anywhere in it is found), then repairs damaged
+/// ranges from other replicas, looking again every 10 s (reads may find more damage later).
+async fn scrub_and_repair(partition: Arc<crate::partition::Partition>) {
+    let (topic, number) = (partition.topic.clone(), partition.partition);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match partition.group().scrub().await {
+        Ok(0) => {}
+        Ok(damaged) => {
+            tracing::warn!(%topic, partition = number, damaged, "the scrub found damaged entries; repairing them from other replicas")
+        }
+        Err(e) => tracing::warn!(%topic, partition = number, "scrubbing the log: {e}"),
+    }
+    loop {
+        let left = partition.group().repair_damage().await;
+        partition.forget_repaired();
+        if left > 0 {
+            tracing::info!(%topic, partition = number, left, "damaged ranges not repaired yet; retrying in 10 s");
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
     }
 }
 

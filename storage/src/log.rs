@@ -846,6 +846,99 @@ impl PartitionLog {
         &self.damaged
     }
 
+    /// Repairs a damaged range with the same entries read from another replica: `entries` (the
+    /// batches of each Raft index of `range.first_index .. range.next_index`, in order) are
+    /// written as frames over the damaged bytes, which they must fill exactly (replicas store the
+    /// leader's entries unchanged, so the same entries make frames of the same sizes), then
+    /// synced; the range is then forgotten and reads go through it again. Only a range that
+    /// intact frames follow (in the same segment, or a sealed segment's end) can be repaired.
+    /// Err, with nothing written, when the entries do not fit the range.
+    pub fn repair(&mut self, range: &DamagedRange, entries: &[Vec<Batch>]) -> Result<()> {
+        let invalid = |why: String| {
+            Error::InvalidEntry(format!(
+                "cannot repair entries {}..{} of {}: {why}",
+                range.first_index,
+                range.next_index,
+                range.segment.display()
+            ))
+        };
+        let wanted = range.next_index.saturating_sub(range.first_index);
+        if entries.len() as u64 != wanted {
+            return Err(invalid(format!(
+                "{} entries given, {wanted} needed",
+                entries.len()
+            )));
+        }
+        let mut next_offset = range.first_offset;
+        for (i, batches) in entries.iter().enumerate() {
+            segment::check_entry(batches).map_err(invalid)?;
+            for batch in batches {
+                let h = batch.header();
+                if h.index != range.first_index + i as u64 {
+                    return Err(invalid(format!(
+                        "entry {i} has Raft index {}, not {}",
+                        h.index,
+                        range.first_index + i as u64
+                    )));
+                }
+                if h.kind == EntryKind::Records {
+                    if h.base_offset != next_offset {
+                        return Err(invalid(format!(
+                            "entry {} starts at offset {}, not {next_offset}",
+                            h.index, h.base_offset
+                        )));
+                    }
+                    next_offset = h.next_offset();
+                }
+            }
+        }
+        if next_offset != range.next_offset {
+            return Err(invalid(format!(
+                "the entries end at offset {next_offset}, the range at {}",
+                range.next_offset
+            )));
+        }
+        let i = self
+            .segments
+            .iter()
+            .position(|s| s.path == range.segment)
+            .ok_or_else(|| invalid("the segment is gone".into()))?;
+        let sealed = i + 1 < self.segments.len();
+        let end = match range.resumes_at {
+            Some(at) => at,
+            None if sealed => self.segments[i].data_len,
+            None => {
+                return Err(invalid(
+                    "no intact frame follows it in the active segment".into(),
+                ));
+            }
+        };
+        let mut bytes = Vec::with_capacity(end.saturating_sub(range.position) as usize);
+        for batches in entries {
+            // The bytes before the damage were durable long ago.
+            bytes.extend_from_slice(&segment::frame_header(range.position, batches));
+            for batch in batches {
+                bytes.extend_from_slice(batch.bytes());
+            }
+        }
+        if bytes.len() as u64 != end - range.position {
+            return Err(invalid(format!(
+                "the entries make {} bytes of frames, the damage spans {}",
+                bytes.len(),
+                end - range.position
+            )));
+        }
+        let segment = &self.segments[i];
+        let file = segment.file()?;
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&bytes, range.position)
+            .io("repair", &segment.path)?;
+        file.sync_data().io("sync", &segment.path)?;
+        segment::notify(&self.config, &segment.path, segment.data_len);
+        self.damaged.retain(|d| d != range);
+        Ok(())
+    }
+
     /// Reads entries (records and control) with Raft indexes in `from_index .. until_index`, up to
     /// about `max_bytes` (at least one entry). For the Raft log store.
     pub fn read_entries(

@@ -355,3 +355,95 @@ fn damaged_ranges_are_bounded_by_the_intact_entries_around_them() {
         ));
     }
 }
+
+/// A damaged range is repaired with the same entries from another replica: the frames written
+/// over it fill it exactly, every entry reads again (also after a reopen), and the range is
+/// forgotten. Entries that do not fit the range are refused and nothing is written.
+#[test]
+fn a_damaged_range_is_repaired_with_the_same_entries_from_another_copy() {
+    for first_frame in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = rng(33);
+        let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+        let expected: Vec<Expected> = (0..300)
+            .map(|_| append_random(&mut log, &mut rng, 200))
+            .collect();
+        log.close().expect("close");
+        let mut segments: Vec<PathBuf> = fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        segments.sort();
+        let victim = &segments[segments.len() / 2];
+        let pristine = fs::read(victim).expect("read");
+        let mut bytes = pristine.clone();
+        let positions = frames(&bytes);
+        // Zero two whole frames and a bit of a third (a chunk lost), or flip one bit.
+        let (position, _, _) = if first_frame {
+            positions[0]
+        } else {
+            positions[positions.len() / 2]
+        };
+        let at = positions
+            .iter()
+            .position(|p| p.0 == position)
+            .expect("frame");
+        let end = positions.get(at + 2).map_or(bytes.len(), |p| p.0 + 5);
+        bytes[position..end].fill(0);
+        fs::write(victim, &bytes).expect("damage");
+
+        let mut log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+        let end_index = log.end().next_index;
+        let mut from = log.first_index().expect("entries");
+        loop {
+            match log.read_entries(from, end_index, 64 * 1024) {
+                Ok(batches) => from = batches.last().expect("batches").header().index + 1,
+                Err(Error::Corruption { .. }) => break,
+                Err(other) => panic!("{other}"),
+            }
+        }
+        let range = log
+            .map_damage(from)
+            .expect("map damage")
+            .expect("a damaged range");
+        let entries: Vec<Vec<Batch>> = (range.first_index..range.next_index)
+            .map(|i| vec![Batch::decode(expected[i as usize].bytes.clone()).expect("batch")])
+            .collect();
+
+        // The wrong entries are refused: one too few, or another range's.
+        assert!(log.repair(&range, &entries[1..]).is_err());
+        let shifted: Vec<Vec<Batch>> = (range.first_index + 1..range.next_index + 1)
+            .map(|i| vec![Batch::decode(expected[i as usize].bytes.clone()).expect("batch")])
+            .collect();
+        assert!(log.repair(&range, &shifted).is_err());
+        assert_eq!(log.damaged_ranges(), std::slice::from_ref(&range));
+
+        log.repair(&range, &entries).expect("repair");
+        assert!(log.damaged_ranges().is_empty());
+        let check = |log: &PartitionLog| {
+            let mut next = log.first_index().expect("entries");
+            while next < end_index {
+                let batches = log
+                    .read_entries(next, end_index, 64 * 1024)
+                    .expect("every entry reads again");
+                for batch in &batches {
+                    assert_eq!(
+                        batch.bytes(),
+                        &expected[batch.header().index as usize].bytes
+                    );
+                }
+                next = batches.last().expect("batches").header().index + 1;
+            }
+        };
+        check(&log);
+        drop(log);
+        let log = PartitionLog::open(dir.path(), small_config()).expect("reopen after repair");
+        assert!(
+            log.recovery_report().corruptions.is_empty(),
+            "{:?}",
+            log.recovery_report()
+        );
+        check(&log);
+    }
+}

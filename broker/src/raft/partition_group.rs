@@ -209,6 +209,187 @@ impl PartitionGroup {
         })
     }
 
+    /// Reads the whole log once, in chunks (the log's lock is held for one chunk at a time),
+    /// so damage anywhere in it is found and mapped (see [`PartitionLog::map_damage`]), not only
+    /// where a read happens to run into it. Returns the damaged ranges known afterwards.
+    pub async fn scrub(&self) -> Result<usize, String> {
+        const CHUNK_BYTES: usize = 1024 * 1024;
+        let reader = self.reader.clone();
+        let (mut from, end) = reader
+            .with_log(|log| (log.first_index(), log.end().next_index))
+            .map_err(|e| e.to_string())?;
+        let Some(mut from_index) = from.take() else {
+            return Ok(0);
+        };
+        while from_index < end {
+            let reader = reader.clone();
+            let at = from_index;
+            let next = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+                let read = reader
+                    .with_log(|log| log.read_entries(at, end, CHUNK_BYTES))
+                    .map_err(|e| e.to_string())?;
+                match read {
+                    Ok(batches) => Ok(batches.last().map_or(end, |b| b.header().index + 1)),
+                    Err(weft_storage::Error::Corruption { .. }) => {
+                        let range = reader
+                            .with_log_mut(|log| log.map_damage(at))
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
+                        // Past the damage (or one entry on, if it could not be bounded).
+                        Ok(range.map_or(at + 1, |r| r.next_index.max(at + 1)))
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            from_index = next.max(from_index + 1);
+            // A gentle pace: the scrub shares the disk with the partition's traffic.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.reader
+            .with_log(|log| log.damaged_ranges().len())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Repairs the damaged ranges of this replica's log that lie within what it has applied
+    /// (committed entries are the same on every replica that holds them) with the entries of
+    /// another replica, read over the peer port (ReadLog) and written over the damaged bytes.
+    /// Returns how many damaged ranges are left (not committed yet, or no replica could give
+    /// them: retried later).
+    pub async fn repair_damage(&self) -> usize {
+        let Ok(ranges) = self.reader.with_log(|log| log.damaged_ranges().to_vec()) else {
+            return 0;
+        };
+        if ranges.is_empty() {
+            return 0;
+        }
+        let (me, applied, nodes) = {
+            let m = self.raft.metrics().borrow().clone();
+            let nodes: Vec<(NodeId, String)> = m
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect();
+            (m.id, m.last_applied.map(|l| l.index), nodes)
+        };
+        let mut left = 0;
+        for range in ranges {
+            if applied.is_none_or(|a| range.next_index > a + 1) {
+                left += 1;
+                continue;
+            }
+            let mut repaired = false;
+            for (node, address) in &nodes {
+                let entries = match self
+                    .fetch_entries(*node, address, range.first_index, range.next_index)
+                    .await
+                {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        tracing::info!(
+                            group = self.group_id,
+                            from = node,
+                            "cannot read entries {}..{} to repair them: {e}",
+                            range.first_index,
+                            range.next_index
+                        );
+                        continue;
+                    }
+                };
+                let reader = self.reader.clone();
+                let target = range.clone();
+                let outcome = tokio::task::spawn_blocking(move || {
+                    reader.with_log_mut(|log| log.repair(&target, &entries))
+                })
+                .await;
+                match outcome {
+                    Ok(Ok(Ok(()))) => {
+                        tracing::warn!(
+                            group = self.group_id,
+                            node = me,
+                            from = node,
+                            segment = %range.segment.display(),
+                            position = range.position,
+                            first_index = range.first_index,
+                            next_index = range.next_index,
+                            "repaired damaged entries with another replica's copy"
+                        );
+                        metrics::counter!("weft_partition_repaired_ranges_total").increment(1);
+                        repaired = true;
+                        break;
+                    }
+                    Ok(Ok(Err(e))) => {
+                        tracing::warn!(
+                            group = self.group_id,
+                            from = node,
+                            "cannot repair entries {}..{}: {e}",
+                            range.first_index,
+                            range.next_index
+                        );
+                    }
+                    other => {
+                        tracing::warn!(group = self.group_id, "repair failed: {other:?}");
+                    }
+                }
+            }
+            if !repaired {
+                left += 1;
+            }
+        }
+        left
+    }
+
+    /// Entries `from .. until` of this group from `node`'s log, grouped by Raft index.
+    async fn fetch_entries(
+        &self,
+        node: NodeId,
+        address: &str,
+        from: u64,
+        until: u64,
+    ) -> Result<Vec<Vec<weft_storage::Batch>>, String> {
+        let mut entries: Vec<Vec<weft_storage::Batch>> = Vec::new();
+        let mut cursor = from;
+        while cursor < until {
+            let request = weft_proto::internal::v1::ReadLogRequest {
+                group_id: self.group_id,
+                from_index: cursor,
+                until_index: until,
+                max_bytes: 4 * 1024 * 1024,
+            };
+            let response = self
+                .peers
+                .read_log(node, address, request, Duration::from_secs(30))
+                .await?;
+            if response.first_index > cursor {
+                return Err(format!("node {node} no longer holds entry {cursor}"));
+            }
+            // ReadLog answers whole entries: the batches of one Raft index travel together.
+            let start = cursor;
+            for bytes in response.batches {
+                let batch = weft_storage::Batch::decode(bytes)
+                    .map_err(|e| format!("a fetched entry is damaged: {e}"))?;
+                let index = batch.header().index;
+                if index < start || index >= until {
+                    continue;
+                }
+                match entries.last_mut() {
+                    Some(last) if last[0].header().index == index => last.push(batch),
+                    _ => entries.push(vec![batch]),
+                }
+                cursor = index + 1;
+            }
+            if cursor == start {
+                return Err(format!(
+                    "node {node} returned none of entries {cursor}..{until}"
+                ));
+            }
+        }
+        Ok(entries)
+    }
+
     /// What opening the log found.
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.report
