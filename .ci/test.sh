@@ -75,6 +75,10 @@ cargo test --workspace --doc --locked
 # fault class of the CI matrix for 60 s, at least 10,000 acknowledged sends per run, zero
 # anomalies. A failing run keeps its seed, history, logs and data under target/jepsen/ci/.
 log "fault injection (weft-jepsen ci)"
-# The broker with the test-only sync journal (power-loss faults need it), as the tests build it.
-cargo build --locked --features weft-broker/sync-journal -p weft-broker -p weft-jepsen --bins
+# The broker with the test-only sync journal (power-loss faults need it): the very build the
+# tests made (tests/src/lib.rs, ensure_binaries), so nothing is compiled again.
+cargo build --locked --features weft-broker/sync-journal -p weft-broker -p weft-client -p weft-bench -p weft-jepsen --bins --examples
 target/debug/weft-jepsen ci --time "${WEFT_JEPSEN_SECONDS:-60}" --out target/jepsen/ci
+# The canaries: each breaks one safety mechanism on purpose; the checker must catch every one.
+log "fault injection canaries (weft-jepsen canaries)"
+target/debug/weft-jepsen canaries --time "${WEFT_JEPSEN_CANARY_SECONDS:-40}" --out target/jepsen/canaries

@@ -46,6 +46,8 @@ pub trait Proposer: Send + Sync + 'static {
     fn lost_quorum(&self) -> Option<u64> {
         None
     }
+    /// The group's current Raft term.
+    fn term(&self) -> u64;
     /// Proposes one entry of `batches`; the proposal resolves to its first record's offset.
     fn propose(
         &self,
@@ -62,6 +64,9 @@ impl Proposer for PartitionGroup {
     }
     fn lost_quorum(&self) -> Option<u64> {
         PartitionGroup::lost_quorum(self)
+    }
+    fn term(&self) -> u64 {
+        PartitionGroup::term(self)
     }
     fn propose(
         &self,
@@ -140,6 +145,11 @@ struct Sequencer<G> {
     /// The producers, loaded from the state machine once this node leads; None until then, and
     /// after an outcome became unknown (reloaded from what was applied).
     producers: Option<BTreeMap<u64, ProducerState>>,
+    /// The term the producer table was loaded in. A table is good for one term only: a node
+    /// that lost the leadership and won it back missed what other leaders stored meanwhile, and
+    /// a retry of a batch they stored must not be taken as new (seen by the fault-injection
+    /// harness: a duplicate after a paused leader was elected again).
+    producers_term: u64,
     /// Idempotent batches accepted and not yet answered, by (producer, base sequence): retries of
     /// them wait for the original's outcome.
     pending: HashMap<PendingKey, Waiters>,
@@ -190,9 +200,17 @@ impl<G: Proposer> Sequencer<G> {
             );
             return;
         }
+        let term = self.group.term();
+        if self.producers.is_some() && term != self.producers_term {
+            self.forget_term();
+        }
         if self.producers.is_none() {
             match self.group.ensure_leader().await {
-                Ok(()) => self.producers = Some(self.group.producers()),
+                Ok(()) => {
+                    // The term read before: if it moved on meanwhile, the next batch reloads.
+                    self.producers = Some(self.group.producers());
+                    self.producers_term = term;
+                }
                 Err(e) => {
                     answer(vec![job.reply], Err(e));
                     return;
@@ -307,6 +325,32 @@ impl<G: Proposer> Sequencer<G> {
         }
     }
 
+    /// The leadership moved on since the producer table was loaded: forget the table (reloaded
+    /// from what was applied), and refuse, as unavailable (retry), the idempotent batches that
+    /// were checked against it and not proposed yet, and the parked ones.
+    fn forget_term(&mut self) {
+        self.producers = None;
+        let unavailable = || BrokerError::Unavailable {
+            reason: "the partition's leadership changed; retry".into(),
+            leader: None,
+        };
+        for (_, parked) in std::mem::take(&mut self.parked) {
+            answer(vec![parked.job.reply], Err(unavailable()));
+        }
+        let mut kept = Vec::new();
+        for accepted in std::mem::take(&mut self.next_entry) {
+            match accepted.producer {
+                Some(key) => {
+                    let waiters = self.pending.remove(&key).unwrap_or_default();
+                    answer(waiters, Err(unavailable()));
+                }
+                None => kept.push(accepted),
+            }
+        }
+        self.next_entry_bytes = kept.iter().map(|a| a.bytes.len()).sum();
+        self.next_entry = kept;
+    }
+
     fn parked_of(&self, producer_id: u64) -> usize {
         self.parked
             .range((producer_id, 0)..=(producer_id, u64::MAX))
@@ -414,6 +458,7 @@ pub async fn run<G: Proposer>(
         group,
         producer_expiration_ms,
         producers: None,
+        producers_term: 0,
         pending: HashMap::new(),
         parked: BTreeMap::new(),
         next_entry: Vec::new(),
@@ -425,6 +470,13 @@ pub async fn run<G: Proposer>(
     let mut open = true;
     while open || !in_flight.is_empty() || !seq.next_entry.is_empty() {
         // Propose what accumulated, while fewer than ENTRIES_IN_FLIGHT_MAX entries are in flight.
+        if !seq.next_entry.is_empty()
+            && seq.producers.is_some()
+            && seq.group.term() != seq.producers_term
+        {
+            // Checked against a table of an earlier term: not proposed.
+            seq.forget_term();
+        }
         if !seq.next_entry.is_empty() && in_flight.len() < ENTRIES_IN_FLIGHT_MAX {
             let accepted = std::mem::take(&mut seq.next_entry);
             seq.next_entry_bytes = 0;
@@ -496,6 +548,10 @@ mod tests {
         proposals: mpsc::UnboundedSender<oneshot::Sender<()>>,
         /// Set: this leader has lost its quorum.
         cut_off: Arc<std::sync::atomic::AtomicBool>,
+        /// The group's term.
+        term: Arc<std::sync::atomic::AtomicU64>,
+        /// What the state machine has applied of the producers.
+        applied: Arc<Mutex<BTreeMap<u64, ProducerState>>>,
     }
 
     impl Proposer for HeldLog {
@@ -503,7 +559,10 @@ mod tests {
             Ok(())
         }
         fn producers(&self) -> BTreeMap<u64, ProducerState> {
-            BTreeMap::new()
+            self.applied.lock().expect("lock").clone()
+        }
+        fn term(&self) -> u64 {
+            self.term.load(std::sync::atomic::Ordering::Relaxed)
         }
         fn lost_quorum(&self) -> Option<u64> {
             self.cut_off
@@ -575,6 +634,8 @@ mod tests {
             next_offset: Arc::new(Mutex::new(100)),
             proposals: proposals_tx,
             cut_off: Arc::default(),
+            term: Arc::default(),
+            applied: Arc::default(),
         };
         let (jobs, queue) = mpsc::channel(16);
         let actor = tokio::spawn(run(log, queue, 3_600_000));
@@ -627,6 +688,8 @@ mod tests {
             next_offset: Arc::new(Mutex::new(0)),
             proposals: proposals_tx,
             cut_off: cut_off.clone(),
+            term: Arc::default(),
+            applied: Arc::default(),
         };
         let (jobs, queue) = mpsc::channel(16);
         let actor = tokio::spawn(run(log, queue, 3_600_000));
@@ -637,6 +700,68 @@ mod tests {
             }
             other => panic!("a cut-off leader must answer UNAVAILABLE, got {other:?}"),
         }
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// A leader that lost the leadership and won it back reloads its producer table: another
+    /// leader may have stored batches meanwhile, and a retry of one of them must be answered as
+    /// a duplicate at its offset, never stored again. Before, the table loaded in the first term
+    /// was kept, and the retry was stored a second time.
+    #[tokio::test]
+    async fn a_leader_elected_again_reloads_the_producer_table() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let term = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let applied: Arc<Mutex<BTreeMap<u64, ProducerState>>> = Arc::default();
+        let log = HeldLog {
+            next_offset: Arc::new(Mutex::new(0)),
+            proposals: proposals_tx,
+            cut_off: Arc::default(),
+            term: term.clone(),
+            applied: applied.clone(),
+        };
+        let (jobs, queue) = mpsc::channel(16);
+        let actor = tokio::spawn(run(log, queue, 3_600_000));
+        let wait = Duration::from_secs(5);
+
+        // Term 1: sequence 0 is stored here, at offset 0.
+        let first = publish(&jobs, idempotent(0, 0, b"a")).await;
+        tokio::time::timeout(wait, proposals.recv())
+            .await
+            .expect("proposed")
+            .expect("proposal")
+            .send(())
+            .expect("release");
+        assert_eq!(
+            first.await.expect("answered").expect("stored").base_offset,
+            0
+        );
+
+        // Another leader, in term 2, stored sequence 1 at offset 57; this node leads again in
+        // term 3, and the producer's retry of sequence 1 reaches it.
+        {
+            let mut table = applied.lock().expect("lock");
+            let state = table.entry(7).or_default();
+            for (sequence, offset) in [(0, 0), (1, 57)] {
+                state.record(
+                    0,
+                    ProducerBatch {
+                        base_sequence: sequence,
+                        record_count: 1,
+                        base_offset: offset,
+                    },
+                );
+            }
+        }
+        term.store(3, std::sync::atomic::Ordering::Relaxed);
+        let retry = publish(&jobs, idempotent(0, 1, b"b")).await;
+        let retry = tokio::time::timeout(wait, retry)
+            .await
+            .expect("answered without a new entry")
+            .expect("answered")
+            .expect("a duplicate");
+        assert_eq!((retry.base_offset, retry.duplicate), (57, true));
+        assert!(proposals.try_recv().is_err(), "nothing stored again");
         drop(jobs);
         actor.await.expect("no panic");
     }

@@ -44,6 +44,9 @@ pub struct Node {
     pub state: State,
     /// A faketime offset (`+5s`, `-3s`) it runs under, if any.
     pub skew: Option<String>,
+    /// Whether it belongs to the cluster (a spare for the membership fault does not, until it
+    /// is added; a removed broker no longer does).
+    pub member: bool,
 }
 
 impl Node {
@@ -69,11 +72,13 @@ pub struct Cluster {
     peers: String,
 }
 
+/// Node ids from `voters + 1` on are spares: not started with the cluster, added later.
 impl Cluster {
-    /// Prepares `net.namespaces.len()` brokers under `dir/nodes` (not started).
-    pub fn new(net: Net, dir: &Path, broker: &Path) -> Result<Cluster> {
+    /// Prepares `net.namespaces.len()` brokers under `dir/nodes` (not started); the first
+    /// `voters` form the cluster, the rest are spares.
+    pub fn new(net: Net, dir: &Path, broker: &Path, voters: usize) -> Result<Cluster> {
         let count = net.namespaces.len() as u64;
-        let peers = (1..=count)
+        let peers = (1..=voters as u64)
             .map(|id| format!("{id}@{}:{PEER_PORT}", net.node_ip(id)))
             .collect::<Vec<_>>()
             .join(",");
@@ -88,6 +93,7 @@ impl Cluster {
                     child: None,
                     state: State::Down,
                     skew: None,
+                    member: id <= voters as u64,
                 })
             })
             .collect::<Result<_>>()?;
@@ -114,6 +120,20 @@ impl Cluster {
         self.nodes.iter().map(|n| n.id).collect()
     }
 
+    /// Ids of the brokers that belong to the cluster.
+    pub fn members(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| n.member)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Node `id`, to change.
+    pub fn node_mut(&mut self, id: u64) -> Result<&mut Node> {
+        self.node(id)
+    }
+
     fn node(&mut self, id: u64) -> Result<&mut Node> {
         self.nodes
             .iter_mut()
@@ -124,12 +144,12 @@ impl Cluster {
     /// Starts every broker (the seed, node 1, last: it asks the others whether they have a
     /// cluster before it starts one) and waits until each is ready.
     pub async fn start_all(&mut self) -> Result<()> {
-        let mut ids = self.ids();
+        let mut ids = self.members();
         ids.reverse();
         for id in ids {
             self.start(id)?;
         }
-        for id in self.ids() {
+        for id in self.members() {
             wait_ready(id, &self.admin_address(id), Duration::from_secs(90)).await?;
         }
         Ok(())
@@ -138,9 +158,18 @@ impl Cluster {
     /// Starts node `id` (it must be down).
     pub fn start(&mut self, id: u64) -> Result<()> {
         let broker = self.broker.clone();
-        let peers = self.peers.clone();
         let ns = self.net.namespace(id).to_string();
         let ip = self.net.node_ip(id);
+        // A broker added later lists the cluster's brokers and itself: it joins.
+        let peers = if self
+            .peers
+            .split(',')
+            .any(|p| p.starts_with(&format!("{id}@")))
+        {
+            self.peers.clone()
+        } else {
+            format!("{},{id}@{ip}:{PEER_PORT}", self.peers)
+        };
         let node = self.node(id)?;
         if node.state != State::Down {
             bail!("node {id} is running already");
@@ -296,11 +325,21 @@ pub async fn wait_ready(id: u64, address: &str, limit: Duration) -> Result<()> {
 
 /// A plain HTTP/1.1 GET with a 2 s limit: (status, body).
 pub async fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
+    http(address, "GET", path).await
+}
+
+/// A plain HTTP/1.1 POST without a body, with a 2 s limit: (status, body).
+pub async fn http_post(address: &str, path: &str) -> Result<(u16, String)> {
+    http(address, "POST", path).await
+}
+
+async fn http(address: &str, method: &str, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;

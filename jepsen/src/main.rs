@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use weft_jepsen::nemesis::Fault;
 use weft_jepsen::net::Net;
-use weft_jepsen::run::{RunConfig, check_dir, run};
+use weft_jepsen::run::{Canary, RunConfig, check_dir, run};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +49,15 @@ enum Command {
         options: RunOptions,
         /// Where the runs go.
         #[arg(long, default_value = "target/jepsen/long")]
+        out: PathBuf,
+    },
+    /// The canaries: each breaks one safety mechanism on purpose under the faults that expose
+    /// it; exits non-zero unless the checker finds anomalies in every one.
+    Canaries {
+        #[command(flatten)]
+        options: RunOptions,
+        /// Where the runs go.
+        #[arg(long, default_value = "target/jepsen/canaries")]
         out: PathBuf,
     },
     /// Re-checks a saved run offline (its history.jsonl) and rewrites its results.
@@ -116,6 +125,7 @@ impl RunOptions {
             broker,
             min_acked: self.min_acked,
             keep_data: self.keep_data,
+            canary: None,
         })
     }
 
@@ -295,6 +305,57 @@ async fn main() -> ExitCode {
                 }
             }
             run_all(runs).await
+        }
+        Command::Canaries { options, out } => {
+            let seed = options.seed();
+            let mut caught = true;
+            let mut rows = Vec::new();
+            for (i, (canary, faults)) in Canary::ALL.iter().enumerate() {
+                let mut config = match options.config(
+                    faults.to_vec(),
+                    options.nodes,
+                    seed.wrapping_add(i as u64),
+                ) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                config.canary = Some(*canary);
+                config.min_acked = 0;
+                let dir = out.join(format!("{}-{}", stamp(), canary.name()));
+                eprintln!(
+                    "\n[jepsen] === canary {}: {} ===",
+                    canary.name(),
+                    dir.display()
+                );
+                match guarded(run(&config, &dir), &dir).await {
+                    Ok(o) => {
+                        println!("{}", weft_jepsen::report::summary(&o.report));
+                        let found: u64 = o.report.anomalies.values().sum();
+                        caught &= found > 0;
+                        rows.push((canary.name(), found, config.seed, dir));
+                    }
+                    Err(e) => {
+                        println!("run error: {e:#}");
+                        caught = false;
+                        rows.push((canary.name(), 0, config.seed, dir));
+                    }
+                }
+            }
+            println!(
+                "\n{:<20} {:>10}  {:>20}  dir",
+                "canary", "anomalies", "seed"
+            );
+            for (name, found, seed, dir) in &rows {
+                let verdict = if *found > 0 { "caught" } else { "MISSED" };
+                println!(
+                    "{name:<20} {found:>10}  {seed:>20}  {} ({verdict})",
+                    dir.display()
+                );
+            }
+            Ok(caught)
         }
         Command::Check { dir } => match check_dir(&dir) {
             Ok(report) => {

@@ -41,11 +41,15 @@ pub enum Fault {
     CorruptionMinority,
     /// A minority restarts with its clock off by up to 30 s (faketime); restarted without at heal.
     ClockSkew,
+    /// Membership changes, in turn: a spare broker is added (it joins; replicas are rebalanced
+    /// onto it), then a broker is removed (its replicas move away, it leaves the cluster, and at
+    /// heal it is stopped and its data wiped), then the wiped broker is added again.
+    Membership,
 }
 
 impl Fault {
     /// Every fault class.
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::Partition,
         Fault::Loss,
         Fault::Kill,
@@ -54,6 +58,7 @@ impl Fault {
         Fault::PowerLossAll,
         Fault::CorruptionMinority,
         Fault::ClockSkew,
+        Fault::Membership,
     ];
 
     /// Its name on the command line.
@@ -67,6 +72,7 @@ impl Fault {
             Fault::PowerLossAll => "power-loss-all",
             Fault::CorruptionMinority => "corruption-minority",
             Fault::ClockSkew => "clock-skew",
+            Fault::Membership => "membership",
         }
     }
 }
@@ -80,6 +86,8 @@ pub struct Nemesis {
     rng: StdRng,
     /// Faults injected so far, by class.
     pub injected: std::collections::BTreeMap<&'static str, u64>,
+    /// A broker being removed (stopped and wiped at heal, once it has left the cluster).
+    removing: Option<u64>,
 }
 
 fn lock(cluster: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
@@ -102,6 +110,7 @@ impl Nemesis {
             recorder,
             rng: StdRng::seed_from_u64(seed),
             injected: Default::default(),
+            removing: None,
         }
     }
 
@@ -172,7 +181,7 @@ impl Nemesis {
     }
 
     async fn inject(&mut self, fault: Fault) -> Result<String> {
-        let ids = lock(&self.cluster).ids();
+        let ids = lock(&self.cluster).members();
         match fault {
             Fault::Partition => self.partition(&ids).await,
             Fault::Loss => {
@@ -234,6 +243,7 @@ impl Nemesis {
                 .await
                 .context("corruption task")?
             }
+            Fault::Membership => self.membership(&ids).await,
             Fault::ClockSkew => {
                 let victims = self.minority(&ids);
                 let mut skews = Vec::new();
@@ -260,6 +270,112 @@ impl Nemesis {
                 Ok(format!("clocks skewed: {described}"))
             }
         }
+    }
+
+    /// One membership step (see [`Fault::Membership`]).
+    async fn membership(&mut self, members: &[u64]) -> Result<String> {
+        let (spare, admin) = {
+            let cluster = lock(&self.cluster);
+            let spare = cluster.nodes.iter().find(|n| !n.member).map(|n| n.id);
+            let admin: Vec<(u64, String)> = cluster
+                .ids()
+                .into_iter()
+                .map(|id| (id, cluster.admin_address(id)))
+                .collect();
+            (spare, admin)
+        };
+        let address = |id: u64| {
+            admin
+                .iter()
+                .find(|(n, _)| *n == id)
+                .map(|(_, a)| a.clone())
+                .unwrap_or_default()
+        };
+        if self.removing.is_some() {
+            return Ok("a removal is still under way: nothing more".into());
+        }
+        if let Some(id) = spare {
+            {
+                let mut cluster = lock(&self.cluster);
+                cluster.node_mut(id)?.member = true;
+                cluster.start(id)?;
+            }
+            crate::cluster::wait_ready(id, &address(id), Duration::from_secs(90)).await?;
+            let via = members[self.rng.random_range(0..members.len())];
+            let (status, body) = crate::cluster::http_post(&address(via), "/v1/rebalance").await?;
+            return Ok(format!(
+                "added node {id}; rebalance through node {via}: {status} {body}"
+            ));
+        }
+        let victim = members[self.rng.random_range(0..members.len())];
+        let others: Vec<u64> = members.iter().copied().filter(|m| *m != victim).collect();
+        let via = others[self.rng.random_range(0..others.len())];
+        let (status, body) =
+            crate::cluster::http_post(&address(via), &format!("/v1/brokers/{victim}/remove"))
+                .await?;
+        if status == 202 {
+            self.removing = Some(victim);
+        }
+        Ok(format!(
+            "removing node {victim} through node {via}: {status} {body}"
+        ))
+    }
+
+    /// Once the broker being removed has left the cluster (up to 90 s): stops it and wipes its
+    /// data, so it can be added again as a new broker.
+    async fn finish_removal(&mut self) -> Result<()> {
+        let Some(victim) = self.removing else {
+            return Ok(());
+        };
+        let asked: Vec<String> = {
+            let cluster = lock(&self.cluster);
+            cluster
+                .members()
+                .into_iter()
+                .filter(|m| *m != victim)
+                .map(|m| cluster.admin_address(m))
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let mut gone = false;
+            for address in &asked {
+                if let Ok((200, body)) = crate::cluster::http_get(address, "/v1/cluster").await
+                    && let Ok(view) = serde_json::from_str::<serde_json::Value>(&body)
+                {
+                    gone = view["brokers"]
+                        .as_array()
+                        .is_some_and(|b| !b.iter().any(|x| x["id"] == victim));
+                    break;
+                }
+            }
+            if gone {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "node {victim} has not left the cluster 90 s after its removal began"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let cluster = self.cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cluster = lock(&cluster);
+            cluster.stop(victim)?;
+            let node = cluster.node_mut(victim)?;
+            node.member = false;
+            let data = node.data_dir();
+            if data.exists() {
+                std::fs::remove_dir_all(&data)
+                    .with_context(|| format!("wiping {}", data.display()))?;
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .context("wipe task")??;
+        self.removing = None;
+        Ok(())
     }
 
     async fn partition(&mut self, ids: &[u64]) -> Result<String> {
@@ -338,11 +454,12 @@ impl Nemesis {
     /// Heals everything: network rules flushed, paused nodes resumed, skewed nodes restarted
     /// without skew, down nodes started, and waits (up to 90 s) for every node to be ready.
     pub async fn heal(&mut self) -> Result<()> {
+        self.finish_removal().await?;
         let cluster = self.cluster.clone();
         let admin = tokio::task::spawn_blocking(move || {
             let mut cluster = lock(&cluster);
             cluster.net.heal()?;
-            for id in cluster.ids() {
+            for id in cluster.members() {
                 let (state, skewed) = cluster
                     .nodes
                     .iter()
@@ -365,7 +482,7 @@ impl Nemesis {
             }
             anyhow::Ok(
                 cluster
-                    .ids()
+                    .members()
                     .into_iter()
                     .map(|id| (id, cluster.admin_address(id)))
                     .collect::<Vec<_>>(),
@@ -383,13 +500,13 @@ impl Nemesis {
 /// Every node loses power at one instant (see [`Fault::PowerLossAll`]).
 fn power_loss_all(cluster: &mut Cluster, seed: u64) -> Result<String> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let ids = cluster.ids();
+    let ids = cluster.members();
     // Freeze everything at one instant: what the journals say then is what was durable.
     for id in &ids {
         cluster.pause(*id)?;
     }
     let mut lengths = Vec::new();
-    for node in &cluster.nodes {
+    for node in cluster.nodes.iter().filter(|n| n.member) {
         let journal = node.journal();
         let len = std::fs::metadata(&journal).map_or(0, |m| m.len() as usize);
         if len == 0 {
@@ -406,7 +523,7 @@ fn power_loss_all(cluster: &mut Cluster, seed: u64) -> Result<String> {
         cluster.kill(*id)?;
     }
     let mut cut = Vec::new();
-    for (node, len) in cluster.nodes.iter().zip(lengths) {
+    for (node, len) in cluster.nodes.iter().filter(|n| n.member).zip(lengths) {
         let files = power::power_loss(&node.data_dir(), &node.journal(), len, &mut rng)?;
         cut.push(format!("node {}: {files} files cut", node.id));
     }

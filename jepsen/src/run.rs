@@ -45,6 +45,41 @@ pub struct RunConfig {
     pub min_acked: u64,
     /// Keep the brokers' data directories of a passing run too.
     pub keep_data: bool,
+    /// A deliberate break of a safety mechanism, which the checker must catch.
+    #[serde(default)]
+    pub canary: Option<Canary>,
+}
+
+/// A canary: the run breaks one safety mechanism on purpose, and the checker must find
+/// anomalies. A checker that never fails proves nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Canary {
+    /// The topic acknowledges before fsync (`FSYNC_POLICY_INTERVAL`, synced every 60 s): a
+    /// power loss of every broker must lose acknowledged records.
+    AckBeforeFsync,
+    /// The senders publish without a producer id, so the broker cannot recognise a retry: an
+    /// ambiguous attempt that was stored and retried must show up as a duplicate.
+    NoDedup,
+}
+
+impl Canary {
+    /// Every canary, with the faults that expose it.
+    pub const ALL: [(Canary, &'static [Fault]); 2] = [
+        (Canary::AckBeforeFsync, &[Fault::PowerLossAll]),
+        (
+            Canary::NoDedup,
+            &[Fault::Kill, Fault::LeaderKill, Fault::Partition],
+        ),
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Canary::AckBeforeFsync => "ack-before-fsync",
+            Canary::NoDedup => "no-dedup",
+        }
+    }
 }
 
 /// What a run found.
@@ -77,8 +112,10 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
     }
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let net = Net::create(config.nodes, dir, &mut rng)?;
-    let mut cluster = Cluster::new(net, dir, &config.broker)?;
+    // The membership fault needs a spare broker to add (and a removed one to re-add).
+    let spares = usize::from(config.faults.contains(&Fault::Membership));
+    let net = Net::create(config.nodes + spares, dir, &mut rng)?;
+    let mut cluster = Cluster::new(net, dir, &config.broker, config.nodes)?;
     eprintln!(
         "[jepsen] {} nodes on 10.213.{}.0/24, seed {}, faults {:?}",
         config.nodes,
@@ -105,7 +142,7 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
     let mut tasks = Vec::new();
     for i in 0..config.senders {
         tasks.push(tokio::spawn(workload::sender(
-            i,
+            (i, config.canary == Some(Canary::NoDedup)),
             config.keys,
             clients.clone(),
             recorder.clone(),
@@ -205,7 +242,13 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
             "seconds": started.elapsed().as_secs_f64(),
         }),
     )?;
-    if outcome.passed() && !config.keep_data {
+    // A caught canary is the expected outcome: its data is not needed either.
+    let expected = if config.canary.is_some() {
+        outcome.report.failed()
+    } else {
+        outcome.passed()
+    };
+    if expected && !config.keep_data {
         for node in std::fs::read_dir(dir.join("nodes"))?.flatten() {
             let _ = std::fs::remove_dir_all(node.path().join("data"));
         }
@@ -222,6 +265,7 @@ pub fn check_dir(dir: &Path) -> Result<Report> {
 async fn create_topic(clients: &Clients, config: &RunConfig) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let replication_factor = config.nodes.min(3) as u32;
+    // Spares are not up yet: create through a broker of the cluster.
     loop {
         let (_, channel) = clients.nodes[0].clone();
         let mut request = tonic::Request::new(CreateTopicRequest {
@@ -229,7 +273,15 @@ async fn create_topic(clients: &Clients, config: &RunConfig) -> Result<()> {
             config: Some(TopicConfig {
                 partitions: config.keys,
                 replication_factor,
-                ..TopicConfig::default()
+                ..if config.canary == Some(Canary::AckBeforeFsync) {
+                    TopicConfig {
+                        fsync_policy: weft_proto::v1::FsyncPolicy::Interval as i32,
+                        fsync_interval_ms: Some(60_000),
+                        ..TopicConfig::default()
+                    }
+                } else {
+                    TopicConfig::default()
+                }
             }),
         });
         request.set_timeout(Duration::from_secs(5));
@@ -242,7 +294,7 @@ async fn create_topic(clients: &Clients, config: &RunConfig) -> Result<()> {
     }
     loop {
         let mut led = true;
-        for (_, channel) in &clients.nodes {
+        for (_, channel) in clients.nodes.iter().take(config.nodes) {
             let mut request = tonic::Request::new(ListPartitionsRequest {
                 topic: TOPIC.into(),
             });

@@ -173,9 +173,10 @@ pub fn classify_publish(status: &tonic::Status) -> Outcome {
     }
 }
 
-/// One sender: publishes unique values to random keys until `stop`.
+/// One sender (its index, and whether it publishes without a producer id: the no-dedup
+/// canary): publishes unique values to random keys until `stop`.
 pub async fn sender(
-    index: u32,
+    (index, no_dedup): (u32, bool),
     keys: u32,
     clients: Clients,
     recorder: Arc<Recorder>,
@@ -185,7 +186,12 @@ pub async fn sender(
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     let process = format!("s{index}");
-    let producer_id = rng.random_range(1..u64::MAX / 2);
+    // The no-dedup canary publishes without a producer id: retries can store twice.
+    let producer_id = if no_dedup {
+        0
+    } else {
+        rng.random_range(1..u64::MAX / 2)
+    };
     // (epoch, next sequence) per key.
     let mut state = vec![(0u32, 0u64); keys as usize];
     let mut n = 0u64;

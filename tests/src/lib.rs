@@ -22,7 +22,7 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `weft-broker`, `weft` and `weft-bench` once per test process (a no-op when they are up to date).
+/// Builds `weft-broker`, `weft`, `weft-bench` and `weft-jepsen` once per test process (a no-op when they are up to date).
 pub fn ensure_binaries() {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -40,6 +40,8 @@ pub fn ensure_binaries() {
                 "weft-client",
                 "-p",
                 "weft-bench",
+                "-p",
+                "weft-jepsen",
                 "--bins",
                 "--examples",
             ])

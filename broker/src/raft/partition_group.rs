@@ -828,6 +828,11 @@ impl PartitionGroup {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// The current Raft term of this replica.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
     /// On a follower: how long the leader has been silent (no AppendEntries or heartbeat), when
     /// that is longer than an election timeout - the leader is cut off or gone, and an election
     /// is likely under way. None on the leader, or while the leader is heard from.
