@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rustix::process::{Pid, Signal, kill_process_group};
+use rustix::process::{Pid, Signal, kill_process_group, test_kill_process_group};
 
 use crate::net::Net;
 
@@ -224,7 +224,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// kill -9 node `id` (a no-op when it is down).
+    /// kill -9 node `id` (a no-op when it is down), and waits until every process of its group
+    /// is gone (under faketime the broker is a child of the process we started).
     pub fn kill(&mut self, id: u64) -> Result<()> {
         if self.node(id)?.state == State::Down {
             return Ok(());
@@ -232,7 +233,11 @@ impl Cluster {
         self.signal(id, Signal::KILL)?;
         let node = self.node(id)?;
         if let Some(mut child) = node.child.take() {
+            let pid = Pid::from_raw(child.id() as i32);
             let _ = child.wait();
+            if let Some(pid) = pid {
+                wait_group_gone(pid, Duration::from_secs(10));
+            }
         }
         node.state = State::Down;
         Ok(())
@@ -250,8 +255,13 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         let node = self.node(id)?;
         if let Some(child) = node.child.as_mut() {
+            let pid = Pid::from_raw(child.id() as i32);
             while Instant::now() < deadline {
-                if child.try_wait().ok().flatten().is_some() {
+                // The process we started has exited, and so has every process of its group
+                // (faketime runs the broker as its child).
+                if child.try_wait().ok().flatten().is_some()
+                    && pid.is_none_or(|pid| test_kill_process_group(pid).is_err())
+                {
                     node.child = None;
                     node.state = State::Down;
                     return Ok(());
@@ -259,7 +269,21 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        self.kill(id)
+        self.kill_group(id)
+    }
+
+    /// kill -9 node `id`'s whole process group, also once the process we started has exited.
+    fn kill_group(&mut self, id: u64) -> Result<()> {
+        let node = self.node(id)?;
+        if let Some(mut child) = node.child.take()
+            && let Some(pid) = Pid::from_raw(child.id() as i32)
+        {
+            let _ = kill_process_group(pid, Signal::KILL);
+            let _ = child.wait();
+            wait_group_gone(pid, Duration::from_secs(10));
+        }
+        node.state = State::Down;
+        Ok(())
     }
 
     /// SIGSTOP node `id`.
@@ -304,6 +328,14 @@ impl Drop for Cluster {
             }
         }
         self.net.teardown();
+    }
+}
+
+/// Waits (up to `limit`) until no process of group `pid` is left.
+fn wait_group_gone(pid: Pid, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while test_kill_process_group(pid).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -34,8 +34,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// The CI matrix: partition, kill, pause, power loss of every node, corruption of a minority;
-    /// 3 nodes, one run each. Exits non-zero if any run fails.
+    /// The CI matrix: partition, kill, pause, power loss of every node, corruption of a minority,
+    /// membership; 3 nodes, one run each. Exits non-zero if any run fails.
     Ci {
         #[command(flatten)]
         options: RunOptions,
@@ -85,7 +85,7 @@ struct RunOptions {
     #[arg(long, default_value_t = 4)]
     keys: u32,
     /// Concurrent senders.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 32)]
     senders: u32,
     /// Concurrent pollers.
     #[arg(long, default_value_t = 3)]
@@ -268,6 +268,7 @@ async fn main() -> ExitCode {
                 Fault::Pause,
                 Fault::PowerLossAll,
                 Fault::CorruptionMinority,
+                Fault::Membership,
             ];
             let runs = matrix
                 .iter()

@@ -293,24 +293,34 @@ async fn create_topic(clients: &Clients, config: &RunConfig) -> Result<()> {
         }
     }
     loop {
-        let mut led = true;
+        // Every broker knows the topic, and each partition has a leader that its replicas see
+        // (a broker holding no replica of a partition does not report its leader).
+        let mut led = vec![false; config.keys as usize];
+        let mut known = true;
         for (_, channel) in clients.nodes.iter().take(config.nodes) {
             let mut request = tonic::Request::new(ListPartitionsRequest {
                 topic: TOPIC.into(),
             });
             request.set_timeout(Duration::from_secs(2));
-            led &= match ClusterClient::new(channel.clone())
+            match ClusterClient::new(channel.clone())
                 .list_partitions(request)
                 .await
             {
                 Ok(r) => {
                     let partitions = r.into_inner().partitions;
-                    partitions.len() == config.keys as usize
-                        && partitions.iter().all(|p| p.leader_id != 0)
+                    known &= partitions.len() == config.keys as usize;
+                    for p in partitions {
+                        if p.leader_id != 0
+                            && let Some(slot) = led.get_mut(p.partition as usize)
+                        {
+                            *slot = true;
+                        }
+                    }
                 }
-                Err(_) => false,
-            };
+                Err(_) => known = false,
+            }
         }
+        let led = known && led.iter().all(|l| *l);
         if led {
             return Ok(());
         }

@@ -64,6 +64,21 @@ impl Clients {
         self.nodes[rng.random_range(0..self.nodes.len())].clone()
     }
 
+    /// A random broker among those not avoided (any, when all are): a client's load balancer
+    /// ejects an endpoint that just failed, as gRPC's outlier detection does.
+    pub fn any_but(&self, rng: &mut impl Rng, avoided: &Avoided) -> (u64, Channel) {
+        let now = Instant::now();
+        let usable: Vec<&(u64, Channel)> = self
+            .nodes
+            .iter()
+            .filter(|(id, _)| avoided.get(id).is_none_or(|until| *until <= now))
+            .collect();
+        if usable.is_empty() {
+            return self.any(rng);
+        }
+        usable[rng.random_range(0..usable.len())].clone()
+    }
+
     /// Broker `id`.
     pub fn node(&self, id: u64) -> Option<Channel> {
         self.nodes
@@ -72,6 +87,12 @@ impl Clients {
             .map(|(_, c)| c.clone())
     }
 }
+
+/// Brokers a client avoids until a moment, after a call to them failed.
+pub type Avoided = std::collections::HashMap<u64, Instant>;
+
+/// How long a client avoids a broker after a call to it failed (timed out, unreachable).
+const AVOID_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
 /// What the clients have seen, for the final reads: the highest offset per key that a send was
 /// acknowledged at or a poll returned.
@@ -195,6 +216,7 @@ pub async fn sender(
     // (epoch, next sequence) per key.
     let mut state = vec![(0u32, 0u64); keys as usize];
     let mut n = 0u64;
+    let mut avoided = Avoided::new();
     while !*stop.borrow() {
         let key = rng.random_range(0..keys);
         let value = make_value(index, n);
@@ -207,7 +229,7 @@ pub async fn sender(
         recorder.record(op.clone());
         let started = Instant::now();
         let outcome = loop {
-            let (node, channel) = clients.any(&mut rng);
+            let (node, channel) = clients.any_but(&mut rng, &avoided);
             let mut request = tonic::Request::new(PublishRequest {
                 topic: TOPIC.into(),
                 target: Some(Target::Partition(key)),
@@ -231,6 +253,9 @@ pub async fn sender(
                 Ok(response) => break Ok((node, response.into_inner().base_offset)),
                 Err(status) => {
                     let outcome = classify_publish(&status);
+                    if outcome == Outcome::Unknown {
+                        avoided.insert(node, Instant::now() + AVOID_AFTER_FAILURE);
+                    }
                     if outcome == Outcome::Fail
                         || started.elapsed() >= SEND_PATIENCE
                         || *stop.borrow()
@@ -344,22 +369,30 @@ pub async fn poller(
     let mut rng = StdRng::seed_from_u64(seed);
     let process = format!("p{index}");
     let mut positions = vec![0u64; keys as usize];
+    let mut avoided = Avoided::new();
     while !*stop.borrow() {
         let key = rng.random_range(0..keys);
         let from = positions[key as usize];
-        if let Some((records, _)) = poll_once(
+        let (node, channel) = clients.any_but(&mut rng, &avoided);
+        match poll_once(
             &process,
             Function::Poll,
             key,
             from,
-            clients.any(&mut rng),
+            (node, channel),
             &recorder,
             &progress,
         )
         .await
-            && let Some((last, _)) = records.last()
         {
-            positions[key as usize] = last + 1;
+            Some((records, _)) => {
+                if let Some((last, _)) = records.last() {
+                    positions[key as usize] = last + 1;
+                }
+            }
+            None => {
+                avoided.insert(node, Instant::now() + AVOID_AFTER_FAILURE);
+            }
         }
         let _ = tokio::time::timeout(
             Duration::from_millis(rng.random_range(5..30)),
