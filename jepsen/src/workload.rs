@@ -228,6 +228,9 @@ pub async fn sender(
         op.value = Some(value.clone());
         recorder.record(op.clone());
         let started = Instant::now();
+        // Whether an attempt so far may have stored the value: a later attempt's definite
+        // refusal (say TOPIC_NOT_FOUND from a broker whose metadata is behind) does not undo it.
+        let mut maybe_stored = false;
         let outcome = loop {
             let (node, channel) = clients.any_but(&mut rng, &avoided);
             let mut request = tonic::Request::new(PublishRequest {
@@ -252,9 +255,12 @@ pub async fn sender(
             match attempt {
                 Ok(response) => break Ok((node, response.into_inner().base_offset)),
                 Err(status) => {
-                    let outcome = classify_publish(&status);
+                    let mut outcome = classify_publish(&status);
                     if outcome == Outcome::Unknown {
+                        maybe_stored = true;
                         avoided.insert(node, Instant::now() + AVOID_AFTER_FAILURE);
+                    } else if maybe_stored {
+                        outcome = Outcome::Unknown;
                     }
                     if outcome == Outcome::Fail
                         || started.elapsed() >= SEND_PATIENCE
