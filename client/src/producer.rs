@@ -508,7 +508,7 @@ async fn send_partition(
 /// The reasons (ErrorInfo) with which the broker refuses a publish before storing anything: a
 /// gap (an earlier batch is missing), a fenced epoch, a forgotten producer, a full queue, or a
 /// batch it will never take (too large, invalid, unknown topic or partition).
-const NOT_STORED_REASONS: [&str; 9] = [
+pub const NOT_STORED_REASONS: [&str; 9] = [
     "SEQUENCE_GAP",
     "PRODUCER_FENCED",
     "UNKNOWN_PRODUCER",

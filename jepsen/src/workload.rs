@@ -164,18 +164,9 @@ pub fn describe(status: &tonic::Status) -> String {
     format!("{:?} {reason}: {}", status.code(), status.message())
 }
 
-/// The ErrorInfo reasons with which the broker refuses a publish before storing anything.
-pub const NOT_STORED_REASONS: [&str; 9] = [
-    "SEQUENCE_GAP",
-    "PRODUCER_FENCED",
-    "UNKNOWN_PRODUCER",
-    "OVERLOADED",
-    "BATCH_TOO_LARGE",
-    "TOO_MANY_RECORDS",
-    "INVALID_ARGUMENT",
-    "TOPIC_NOT_FOUND",
-    "PARTITION_NOT_FOUND",
-];
+/// The ErrorInfo reasons with which the broker refuses a publish before storing anything (the
+/// Rust client's list: one definition of what "surely not stored" means).
+pub use weft_client::NOT_STORED_REASONS;
 
 /// Whether a publish that ended with `status` surely did not happen: only when the broker said
 /// so, with one of [`NOT_STORED_REASONS`] in its ErrorInfo. A status without the broker's reason

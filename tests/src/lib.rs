@@ -871,3 +871,20 @@ impl Drop for Firewall {
         self.heal();
     }
 }
+
+/// The segment data files (`*.log`) of partition 0 of every topic on `broker`, sorted.
+pub fn segment_files(broker: &Broker) -> Vec<PathBuf> {
+    let topics = broker.data_dir().join("topics");
+    let mut files = Vec::new();
+    for topic in std::fs::read_dir(&topics).expect("topics dir") {
+        let dir = topic.expect("entry").path().join("0");
+        for file in std::fs::read_dir(&dir).expect("partition dir") {
+            let path = file.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "log") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}

@@ -5,12 +5,11 @@
 //! damaged bytes: its own copy then serves every record again, and it reports no damage. Before,
 //! the replica refused the damaged range for good (DATA_LOSS) and its reads never got past it.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use weft_proto::v1::publish_request::Target;
 use weft_proto::v1::{FetchRequest, PublishRequest, Record};
-use weft_tests::{Broker, grpc, metric, offsets, start_cluster, wait_for};
+use weft_tests::{Broker, grpc, metric, offsets, segment_files, start_cluster, wait_for};
 
 const RECORDS: u64 = 2000;
 
@@ -23,22 +22,6 @@ fn leader_of_0(broker: &Broker) -> u64 {
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     v["partition_details"][0]["leader_id"].as_u64().unwrap_or(0)
-}
-
-fn segment_files(broker: &Broker) -> Vec<PathBuf> {
-    let topics = broker.data_dir().join("topics");
-    let mut files = Vec::new();
-    for topic in std::fs::read_dir(&topics).expect("topics dir") {
-        let dir = topic.expect("entry").path().join("0");
-        for file in std::fs::read_dir(&dir).expect("partition dir") {
-            let path = file.expect("entry").path();
-            if path.extension().is_some_and(|e| e == "log") {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
 }
 
 /// Every record of the partition as `broker` itself serves it, or the first error.

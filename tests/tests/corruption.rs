@@ -3,29 +3,12 @@
 //! bytes), reads elsewhere and new publishes work, and the damage is reported in metrics and the
 //! admin API.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic_types::StatusExt;
 use weft_client::{ConsumerConfig, ProducerConfig, Record, StartFrom};
 use weft_proto::v1::FetchRequest;
-use weft_tests::{Broker, fetch_range, grpc, metric, offsets, wait_for};
-
-fn segment_files(broker: &Broker) -> Vec<PathBuf> {
-    let topics = broker.data_dir().join("topics");
-    let mut files = Vec::new();
-    for topic in std::fs::read_dir(&topics).expect("topics dir") {
-        let dir = topic.expect("entry").path().join("0");
-        for file in std::fs::read_dir(&dir).expect("partition dir") {
-            let path = file.expect("entry").path();
-            if path.extension().is_some_and(|e| e == "log") {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
-}
+use weft_tests::{Broker, fetch_range, grpc, metric, offsets, segment_files, wait_for};
 
 /// The (offset, Raft index, position) points of a sealed segment's `.index` file (layout in
 /// storage/FORMAT.md: an 80-byte header, then 24-byte entries, then a CRC); none for the active
