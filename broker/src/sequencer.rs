@@ -159,6 +159,11 @@ struct Sequencer<G> {
     /// When the oldest batch of the next entry was accepted.
     next_entry_since: Option<Instant>,
     accepted: u64,
+    /// Entries proposed and not settled yet (kept by [`run`]).
+    in_flight: usize,
+    /// Idempotent batches waiting for the entries in flight to settle before the producer table
+    /// is reloaded (see [`Sequencer::take`]).
+    deferred: Vec<PublishJob>,
 }
 
 fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
@@ -204,6 +209,30 @@ impl<G: Proposer> Sequencer<G> {
         if self.producers.is_some() && term != self.producers_term {
             self.forget_term();
         }
+        let pending_key = (h.producer_id, h.producer_epoch, h.base_sequence);
+        if let Some(others) = self.pending.get_mut(&pending_key) {
+            // A retry of a batch in flight: it gets the original's answer.
+            others.push(job.reply);
+            return;
+        }
+        if self.producers.is_none() && self.in_flight > 0 {
+            // The table is reloaded from what was applied, so only once every entry in flight
+            // has settled: loaded before one of them is applied, it would miss that entry's
+            // batches, and a retry of one (its client timed out meanwhile) would be stored
+            // twice (seen by the fault-injection harness under network partitions).
+            if self.deferred.len() < PARKED_MAX {
+                self.deferred.push(job);
+            } else {
+                answer(
+                    vec![job.reply],
+                    Err(BrokerError::Unavailable {
+                        reason: "the partition is settling a change of leadership; retry".into(),
+                        leader: None,
+                    }),
+                );
+            }
+            return;
+        }
         if self.producers.is_none() {
             match self.group.ensure_leader().await {
                 Ok(()) => {
@@ -218,12 +247,6 @@ impl<G: Proposer> Sequencer<G> {
             }
         }
         let key = (h.producer_id, h.base_sequence);
-        let pending_key = (h.producer_id, h.producer_epoch, h.base_sequence);
-        if let Some(others) = self.pending.get_mut(&pending_key) {
-            // A retry of a batch in flight: it gets the original's answer.
-            others.push(job.reply);
-            return;
-        }
         let parked_here = self.parked_of(h.producer_id);
         let parked_total = self.parked.len();
         let table = self.producers.get_or_insert_with(BTreeMap::new);
@@ -465,11 +488,23 @@ pub async fn run<G: Proposer>(
         next_entry_bytes: 0,
         next_entry_since: None,
         accepted: 0,
+        in_flight: 0,
+        deferred: Vec::new(),
     };
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
-    while open || !in_flight.is_empty() || !seq.next_entry.is_empty() {
-        // Propose what accumulated, while fewer than ENTRIES_IN_FLIGHT_MAX entries are in flight.
+    while open || !in_flight.is_empty() || !seq.next_entry.is_empty() || !seq.deferred.is_empty() {
+        seq.in_flight = in_flight.len();
+        if in_flight.is_empty() && !seq.deferred.is_empty() {
+            // Everything proposed has settled: the table can be reloaded for the batches that
+            // waited for it.
+            for job in std::mem::take(&mut seq.deferred) {
+                seq.take(job).await;
+            }
+            continue;
+        }
+        // Propose what accumulated, while fewer than ENTRIES_IN_FLIGHT_MAX entries are in flight
+        // (none while batches wait for the entries in flight to settle).
         if !seq.next_entry.is_empty()
             && seq.producers.is_some()
             && seq.group.term() != seq.producers_term
@@ -477,7 +512,10 @@ pub async fn run<G: Proposer>(
             // Checked against a table of an earlier term: not proposed.
             seq.forget_term();
         }
-        if !seq.next_entry.is_empty() && in_flight.len() < ENTRIES_IN_FLIGHT_MAX {
+        if !seq.next_entry.is_empty()
+            && in_flight.len() < ENTRIES_IN_FLIGHT_MAX
+            && seq.deferred.is_empty()
+        {
             let accepted = std::mem::take(&mut seq.next_entry);
             seq.next_entry_bytes = 0;
             if let Some(since) = seq.next_entry_since.take() {
@@ -594,6 +632,10 @@ mod tests {
     }
 
     fn idempotent(epoch: u32, sequence: u64, value: &[u8]) -> Batch {
+        idempotent_of(7, epoch, sequence, value)
+    }
+
+    fn idempotent_of(producer_id: u64, epoch: u32, sequence: u64, value: &[u8]) -> Batch {
         let mut builder = BatchBuilder::new();
         builder.push(1, b"", value, []);
         builder.seal(
@@ -601,7 +643,7 @@ mod tests {
             0,
             0,
             ProducerInfo {
-                producer_id: 7,
+                producer_id,
                 producer_epoch: epoch,
                 base_sequence: sequence,
             },
@@ -761,6 +803,84 @@ mod tests {
             .expect("answered")
             .expect("a duplicate");
         assert_eq!((retry.base_offset, retry.duplicate), (57, true));
+        assert!(proposals.try_recv().is_err(), "nothing stored again");
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// The producer table must never be reloaded while an entry is in flight: a table read from
+    /// what was applied before that entry is applied misses its batches, and a retry of one of
+    /// them (its client timed out meanwhile) was stored a second time. Seen by the
+    /// fault-injection harness under network partitions: a leader cut off for a moment dropped
+    /// its table, a batch of another producer reloaded it once the quorum was back, and three
+    /// senders' retries were stored again 20 offsets later.
+    #[tokio::test]
+    async fn the_producer_table_is_not_reloaded_while_an_entry_is_in_flight() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let applied: Arc<Mutex<BTreeMap<u64, ProducerState>>> = Arc::default();
+        let log = HeldLog {
+            next_offset: Arc::new(Mutex::new(0)),
+            proposals: proposals_tx,
+            cut_off: cut_off.clone(),
+            term: Arc::default(),
+            applied: applied.clone(),
+        };
+        let (jobs, queue) = mpsc::channel(16);
+        let actor = tokio::spawn(run(log, queue, 3_600_000));
+        let wait = Duration::from_secs(5);
+
+        // Producer 7's sequence 0 is in flight, at offset 0.
+        let first = publish(&jobs, idempotent(0, 0, b"a")).await;
+        let release_first = tokio::time::timeout(wait, proposals.recv())
+            .await
+            .expect("proposed")
+            .expect("proposal");
+        // The leader loses its quorum for a moment: the table is dropped.
+        cut_off.store(true, std::sync::atomic::Ordering::Relaxed);
+        let refused = publish(&jobs, idempotent(0, 1, b"b")).await;
+        assert!(matches!(
+            refused.await.expect("answered"),
+            Err(BrokerError::Unavailable { .. })
+        ));
+        cut_off.store(false, std::sync::atomic::Ordering::Relaxed);
+        // Another producer's batch arrives while sequence 0 is still in flight.
+        let other = publish(&jobs, idempotent_of(8, 0, 0, b"c")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Sequence 0 is applied (the state machine records it) and answered; its client has
+        // given up on this attempt already.
+        applied.lock().expect("lock").entry(7).or_default().record(
+            0,
+            ProducerBatch {
+                base_sequence: 0,
+                record_count: 1,
+                base_offset: 0,
+            },
+        );
+        release_first.send(()).expect("release");
+        assert_eq!(
+            first.await.expect("answered").expect("stored").base_offset,
+            0
+        );
+        // The other producer's batch is stored after it.
+        tokio::time::timeout(wait, proposals.recv())
+            .await
+            .expect("the other producer's batch is proposed")
+            .expect("proposal")
+            .send(())
+            .expect("release");
+        assert_eq!(
+            other.await.expect("answered").expect("stored").base_offset,
+            1
+        );
+        // The retry of sequence 0 is a duplicate, never stored again.
+        let retry = publish(&jobs, idempotent(0, 0, b"a")).await;
+        let retry = tokio::time::timeout(wait, retry)
+            .await
+            .expect("answered without a new entry")
+            .expect("answered")
+            .expect("a duplicate");
+        assert_eq!((retry.base_offset, retry.duplicate), (0, true));
         assert!(proposals.try_recv().is_err(), "nothing stored again");
         drop(jobs);
         actor.await.expect("no panic");
