@@ -691,8 +691,24 @@ pub fn free_port() -> u16 {
     free_port_on("127.0.0.1")
 }
 
-/// A port that was free a moment ago on the loopback address `ip`.
+/// A port that was free a moment ago on the loopback address `ip`, chosen at random below the
+/// kernel's ephemeral range: bind(0) hands out ports of that range, which outgoing connections
+/// take too, so a port picked there could be taken by another test's connection before the
+/// broker binds it (seen in CI: "Address already in use" on a cluster broker's port).
 pub fn free_port_on(ip: &str) -> u16 {
+    use rand::Rng;
+    let ephemeral_min = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = ephemeral_min.saturating_sub(16_000).max(1024);
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(low..ephemeral_min.max(low + 1));
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

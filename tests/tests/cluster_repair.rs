@@ -4,6 +4,11 @@
 //! reads the same entries from another replica over the peer port and writes them over the
 //! damaged bytes: its own copy then serves every record again, and it reports no damage. Before,
 //! the replica refused the damaged range for good (DATA_LOSS) and its reads never got past it.
+//!
+//! A follower whose log lost its durable tail (the file cut short while it was down) although its
+//! snapshot says those entries were applied fetches the missing entries from another replica
+//! before it starts its Raft group. Before, openraft took the entries as purged (the snapshot
+//! covers them) and never sent them again: the replica's own copy stopped at the cut for good.
 
 use std::time::Duration;
 
@@ -52,9 +57,10 @@ async fn read_all(broker: &Broker) -> Result<Vec<(u64, Vec<u8>)>, tonic::Status>
     Ok(out)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_repairs_damaged_entries_from_the_others() {
-    let mut brokers = start_cluster(3);
+/// A three-broker cluster with topic `heal` (one partition) holding [`RECORDS`] records on
+/// every replica; returns the brokers and the index of a follower.
+async fn cluster_with_records() -> (Vec<Broker>, usize) {
+    let brokers = start_cluster(3);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",
@@ -99,7 +105,33 @@ async fn a_replica_repairs_damaged_entries_from_the_others() {
         },
     )
     .await;
+    (brokers, follower)
+}
 
+/// Waits until `broker`'s own copy serves every record, and checks them.
+async fn assert_serves_everything(broker: &Broker) {
+    let read = wait_for(
+        "the damaged replica to serve every record again",
+        Duration::from_secs(60),
+        || async move {
+            match read_all(broker).await {
+                Ok(records) => Some(records),
+                Err(status) => {
+                    eprintln!("not yet: {}", status.message());
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    let want: Vec<(u64, Vec<u8>)> = (0..RECORDS).map(|i| (i, value(i))).collect();
+    assert_eq!(read.len(), want.len());
+    assert!(read == want, "the repaired copy holds every record, intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_repairs_damaged_entries_from_the_others() {
+    let (mut brokers, follower) = cluster_with_records().await;
     // Damage a chunk of the follower's durable data in the middle of its log, while it is down.
     brokers[follower].stop();
     let files = segment_files(&brokers[follower]);
@@ -115,23 +147,7 @@ async fn a_replica_repairs_damaged_entries_from_the_others() {
     brokers[follower].wait_ready();
 
     let follower_broker = &brokers[follower];
-    let read = wait_for(
-        "the damaged replica to serve every record again",
-        Duration::from_secs(60),
-        || async move {
-            match read_all(follower_broker).await {
-                Ok(records) => Some(records),
-                Err(status) => {
-                    eprintln!("not yet: {}", status.message());
-                    None
-                }
-            }
-        },
-    )
-    .await;
-    let want: Vec<(u64, Vec<u8>)> = (0..RECORDS).map(|i| (i, value(i))).collect();
-    assert_eq!(read.len(), want.len());
-    assert!(read == want, "the repaired copy holds every record, intact");
+    assert_serves_everything(follower_broker).await;
     let repaired = metric(follower_broker, "weft_partition_repaired_ranges_total").unwrap_or(0.0);
     assert!(repaired >= 1.0, "repairs counted: {repaired}");
     let damaged = metric(
@@ -147,4 +163,24 @@ async fn a_replica_repairs_damaged_entries_from_the_others() {
     })
     .await;
     eprintln!("damage reported before the metric settled: {damaged:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_log_lost_its_tail_fetches_it_again() {
+    let (mut brokers, follower) = cluster_with_records().await;
+    // A graceful stop snapshots the partition (the snapshot covers every record); then the
+    // log's newest segment loses its second half while the broker is down.
+    brokers[follower].stop();
+    let files = segment_files(&brokers[follower]);
+    let victim = files.iter().max().expect("a segment");
+    let length = std::fs::metadata(victim).expect("stat").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(victim)
+        .expect("open");
+    file.set_len(length / 2).expect("truncate");
+    drop(file);
+    brokers[follower].start_again_same_ports();
+    brokers[follower].wait_ready();
+    assert_serves_everything(&brokers[follower]).await;
 }

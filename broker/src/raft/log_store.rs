@@ -395,6 +395,24 @@ impl LogReader {
         Ok(f(&mut log))
     }
 
+    /// Appends whole entries fetched from another replica, before the Raft group starts (a log
+    /// that lost part of its durable tail), makes them durable, and moves the store's last log
+    /// id to the last of them (what openraft reads when it starts). Returns the log's end.
+    pub fn append_fetched(&self, entries: &[Vec<Batch>]) -> Result<LogPosition, String> {
+        let mut log = self.shared.log_mut().map_err(|e| e.to_string())?;
+        for entry in entries {
+            log.append_entry(entry).map_err(|e| e.to_string())?;
+        }
+        log.flush().map_err(|e| e.to_string())?;
+        log.checkpoint().map_err(|e| e.to_string())?;
+        let end = log.end();
+        drop(log);
+        if let Some(last) = entries.last().and_then(|e| e.first()) {
+            self.shared.set_last_log_id(Some(log_id_of(last)));
+        }
+        Ok(end)
+    }
+
     /// The next purge through `index` or before records the purge without deleting anything
     /// (see `Shared::keep_through`).
     pub fn keep_through(&self, index: u64) {

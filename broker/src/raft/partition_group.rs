@@ -166,6 +166,7 @@ impl PartitionGroup {
         })
         .await
         .map_err(|e| e.to_string())??;
+        fill_missing_tail(&sm, &reader, &peers, group_id, node_id).await?;
         let opened_snapshot_index = sm.state().last_applied.map(|l| l.index);
         let raft = Raft::new(
             node_id,
@@ -283,9 +284,14 @@ impl PartitionGroup {
             }
             let mut repaired = false;
             for (node, address) in &nodes {
-                let entries = match self
-                    .fetch_entries(*node, address, range.first_index, range.next_index)
-                    .await
+                let entries = match fetch_entries(
+                    &self.peers,
+                    self.group_id,
+                    (*node, address),
+                    range.first_index,
+                    range.next_index,
+                )
+                .await
                 {
                     Ok(entries) => entries,
                     Err(e) => {
@@ -340,54 +346,6 @@ impl PartitionGroup {
             }
         }
         left
-    }
-
-    /// Entries `from .. until` of this group from `node`'s log, grouped by Raft index.
-    async fn fetch_entries(
-        &self,
-        node: NodeId,
-        address: &str,
-        from: u64,
-        until: u64,
-    ) -> Result<Vec<Vec<weft_storage::Batch>>, String> {
-        let mut entries: Vec<Vec<weft_storage::Batch>> = Vec::new();
-        let mut cursor = from;
-        while cursor < until {
-            let request = weft_proto::internal::v1::ReadLogRequest {
-                group_id: self.group_id,
-                from_index: cursor,
-                until_index: until,
-                max_bytes: 4 * 1024 * 1024,
-            };
-            let response = self
-                .peers
-                .read_log(node, address, request, Duration::from_secs(30))
-                .await?;
-            if response.first_index > cursor {
-                return Err(format!("node {node} no longer holds entry {cursor}"));
-            }
-            // ReadLog answers whole entries: the batches of one Raft index travel together.
-            let start = cursor;
-            for bytes in response.batches {
-                let batch = weft_storage::Batch::decode(bytes)
-                    .map_err(|e| format!("a fetched entry is damaged: {e}"))?;
-                let index = batch.header().index;
-                if index < start || index >= until {
-                    continue;
-                }
-                match entries.last_mut() {
-                    Some(last) if last[0].header().index == index => last.push(batch),
-                    _ => entries.push(vec![batch]),
-                }
-                cursor = index + 1;
-            }
-            if cursor == start {
-                return Err(format!(
-                    "node {node} returned none of entries {cursor}..{until}"
-                ));
-            }
-        }
-        Ok(entries)
     }
 
     /// What opening the log found.
@@ -943,6 +901,176 @@ impl PartitionGroup {
     pub fn set_fsync(&self, policy: weft_storage::FsyncPolicy) {
         self.reader.set_fsync(policy);
     }
+}
+
+/// Why entries could not be fetched from a replica.
+#[derive(Debug)]
+enum FetchError {
+    /// The replica no longer holds the first entry asked for (retention purged it).
+    Purged(String),
+    /// Anything else (unreachable, damaged, an unexpected answer): worth another try.
+    Failed(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Purged(why) | FetchError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Entries `from .. until` of group `group_id` from `node`'s log (over the peer port: ReadLog),
+/// grouped by Raft index.
+async fn fetch_entries(
+    peers: &Peers,
+    group_id: GroupId,
+    (node, address): (NodeId, &str),
+    from: u64,
+    until: u64,
+) -> Result<Vec<Vec<weft_storage::Batch>>, FetchError> {
+    let mut entries: Vec<Vec<weft_storage::Batch>> = Vec::new();
+    let mut cursor = from;
+    while cursor < until {
+        let request = weft_proto::internal::v1::ReadLogRequest {
+            group_id,
+            from_index: cursor,
+            until_index: until,
+            max_bytes: 4 * 1024 * 1024,
+        };
+        let response = peers
+            .read_log(node, address, request, Duration::from_secs(30))
+            .await
+            .map_err(FetchError::Failed)?;
+        if response.first_index > cursor {
+            return Err(FetchError::Purged(format!(
+                "node {node} no longer holds entry {cursor}"
+            )));
+        }
+        // ReadLog answers whole entries: the batches of one Raft index travel together.
+        let start = cursor;
+        for bytes in response.batches {
+            let batch = weft_storage::Batch::decode(bytes)
+                .map_err(|e| FetchError::Failed(format!("a fetched entry is damaged: {e}")))?;
+            let index = batch.header().index;
+            if index < start || index >= until {
+                continue;
+            }
+            match entries.last_mut() {
+                Some(last) if last[0].header().index == index => last.push(batch),
+                _ => entries.push(vec![batch]),
+            }
+            cursor = index + 1;
+        }
+        if cursor == start {
+            return Err(FetchError::Failed(format!(
+                "node {node} returned none of entries {cursor}..{until}"
+            )));
+        }
+    }
+    Ok(entries)
+}
+
+/// A log that ends before the entries the snapshot says were applied lost part of its durable
+/// tail (its file cut short while the broker was down: a failing disk, a partial restore).
+/// openraft would take the missing entries as purged (the snapshot covers them) and never send
+/// them again, leaving this replica's copy of the partition with a hole for good (seen by the
+/// fault-injection harness). So they are fetched from another replica and appended before the
+/// Raft group starts. Err while no replica can give them: the partition stays down and is
+/// opened again later. When every replica answered that retention purged them, the log
+/// restarts after the snapshot, as an installed snapshot does.
+async fn fill_missing_tail(
+    sm: &PartitionStateMachine,
+    reader: &LogReader,
+    peers: &Peers,
+    group_id: GroupId,
+    node_id: NodeId,
+) -> Result<(), String> {
+    let state = sm.state();
+    let next = state.next_position();
+    let end = reader
+        .with_log(|log| log.end())
+        .map_err(|e| e.to_string())?;
+    if end.next_index >= next.next_index {
+        return Ok(());
+    }
+    tracing::warn!(
+        group_id,
+        log_end = end.next_index,
+        applied_through = next.next_index - 1,
+        "the log lost entries this replica had applied; fetching them from another replica"
+    );
+    let nodes: Vec<(NodeId, String)> = state
+        .last_membership
+        .membership()
+        .nodes()
+        .filter(|(id, _)| **id != node_id)
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect();
+    let mut errors = Vec::new();
+    let mut purged = 0;
+    for (node, address) in &nodes {
+        let entries = match fetch_entries(
+            peers,
+            group_id,
+            (*node, address),
+            end.next_index,
+            next.next_index,
+        )
+        .await
+        {
+            Ok(entries) => entries,
+            Err(e) => {
+                purged += usize::from(matches!(e, FetchError::Purged(_)));
+                errors.push(e.to_string());
+                continue;
+            }
+        };
+        let writer = reader.clone();
+        let filled = tokio::task::spawn_blocking(move || writer.append_fetched(&entries))
+            .await
+            .map_err(|e| e.to_string())?;
+        match filled {
+            Ok(filled) if filled == next => {
+                tracing::warn!(
+                    group_id,
+                    from = node,
+                    entries = next.next_index - end.next_index,
+                    "fetched the entries the log had lost"
+                );
+                metrics::counter!("weft_partition_refetched_tails_total").increment(1);
+                return Ok(());
+            }
+            Ok(filled) => {
+                return Err(format!(
+                    "the entries fetched from node {node} end at {filled:?}, not where the \
+                     snapshot resumes ({next:?})"
+                ));
+            }
+            Err(e) => errors.push(format!("node {node}: {e}")),
+        }
+    }
+    if !nodes.is_empty() && purged == nodes.len() {
+        tracing::warn!(
+            group_id,
+            "every replica purged the entries the log lost; the log restarts after the snapshot"
+        );
+        return reader
+            .with_log_mut(|log| log.reset(next))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "the log ends at entry {} but entries through {} were applied, and no replica could give \
+         the missing ones yet: {}",
+        end.next_index,
+        next.next_index - 1,
+        if errors.is_empty() {
+            "this replica has no peers".to_string()
+        } else {
+            errors.join("; ")
+        }
+    ))
 }
 
 /// A log whose prefix was deleted without a snapshot (retention before snapshots existed) cannot
