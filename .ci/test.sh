@@ -72,7 +72,7 @@ log "doc tests"
 cargo test --workspace --doc --locked
 
 # Fault injection (jepsen/README.md): a three-broker cluster in network namespaces under each
-# fault class of the CI matrix (partition excluded until its duplicates are fixed) for 60 s, at least 10,000 acknowledged sends per run, zero
+# fault class of the CI matrix for 60 s, at least 10,000 acknowledged sends per run, zero
 # anomalies. A failing run keeps its seed, history, logs and data under target/jepsen/ci/.
 log "fault injection (weft-jepsen ci)"
 # The broker with the test-only sync journal (power-loss faults need it): the very build the

@@ -262,9 +262,8 @@ async fn main() -> ExitCode {
         }
         Command::Ci { options, out } => {
             let seed = options.seed();
-            // Partition is left out until the duplicates it found are fixed (jepsen/README.md,
-            // "Known defects"); `weft-jepsen run --nemesis partition` runs it.
             let matrix = [
+                Fault::Partition,
                 Fault::Kill,
                 Fault::Pause,
                 Fault::PowerLossAll,

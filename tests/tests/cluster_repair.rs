@@ -184,3 +184,65 @@ async fn a_replica_whose_log_lost_its_tail_fetches_it_again() {
     brokers[follower].wait_ready();
     assert_serves_everything(&brokers[follower]).await;
 }
+
+/// A broker whose controller log was damaged while it was down (a chunk zeroed in the middle)
+/// still learns the cluster's metadata: the topics created before and after. Seen by the
+/// fault-injection harness: such a broker answered TOPIC_NOT_FOUND for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_whose_controller_log_is_damaged_learns_the_metadata_again() {
+    let mut brokers = start_cluster(3);
+    let names: Vec<String> = (0..6).map(|i| format!("before-{i}")).collect();
+    for name in &names {
+        let body = format!(r#"{{"name":"{name}","partitions":2}}"#);
+        let (status, body) = brokers[0].http("POST", "/v1/topics", Some(&body));
+        assert_eq!(status, 201, "{body}");
+    }
+    let victim = 2;
+    for name in &names {
+        let broker = &brokers[victim];
+        wait_for(
+            "the topics on every broker",
+            Duration::from_secs(30),
+            || {
+                let (status, _) = broker.http("GET", &format!("/v1/topics/{name}"), None);
+                async move { (status == 200).then_some(()) }
+            },
+        )
+        .await;
+    }
+    brokers[victim].stop();
+    let log = brokers[victim]
+        .data_dir()
+        .join("controller")
+        .join("00000000000000000000.log");
+    let mut bytes = std::fs::read(&log).expect("read the controller log");
+    let middle = bytes.len() / 2;
+    let end = (middle + 300).min(bytes.len());
+    bytes[middle..end].fill(0);
+    std::fs::write(&log, &bytes).expect("damage");
+    brokers[victim].start_again_same_ports();
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"after","partitions":2}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let broker = &brokers[victim];
+    for name in names.iter().map(String::as_str).chain(["after"]) {
+        wait_for(
+            "the damaged broker to know every topic",
+            Duration::from_secs(30),
+            || {
+                let (status, body) = broker.http("GET", &format!("/v1/topics/{name}"), None);
+                async move {
+                    if status != 200 {
+                        eprintln!("{name}: {status} {body}");
+                    }
+                    (status == 200).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    broker.wait_ready();
+}

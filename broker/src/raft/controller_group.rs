@@ -90,6 +90,10 @@ impl ControllerGroup {
         .await??;
         let store = LogStore::new(CONTROLLER_GROUP, log, meta, flusher)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let reader = store.reader();
+        // Other brokers repair damage in their copies of the controller log from this one.
+        peers.register_reader(CONTROLLER_GROUP, reader.clone());
+        repair_controller_log(&reader, &peers, node_id, &seeds, &sm).await?;
         let raft = Raft::new(
             node_id,
             raft_config,
@@ -692,5 +696,60 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(tonic::Response::new(pb::ProposeResponse {
             response: bytes.into(),
         }))
+    }
+}
+
+/// Finds damage anywhere in the controller log (it is small: it is read whole) and repairs it
+/// with another broker's copy of the same entries before the group starts. The controller's
+/// state machine must apply every entry: a damaged one skipped would leave this broker with
+/// metadata that differs from the others' (seen by the fault-injection harness: a broker
+/// answered TOPIC_NOT_FOUND for minutes after its controller log was damaged, and opened
+/// partitions under group ids the others had given to other partitions). Retries while no
+/// broker can give the entries; a broker with no other broker to ask refuses to start.
+async fn repair_controller_log(
+    reader: &super::LogReader,
+    peers: &Peers,
+    node_id: NodeId,
+    seeds: &[(NodeId, String)],
+    sm: &ControllerStateMachine,
+) -> anyhow::Result<()> {
+    let damaged = super::partition_group::scrub_log(reader)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the controller log: {e}"))?;
+    if damaged == 0 {
+        return Ok(());
+    }
+    let mut nodes: BTreeMap<NodeId, String> = seeds.iter().cloned().collect();
+    let state = sm.state();
+    for (id, node) in state.last_membership.membership().nodes() {
+        nodes.entry(*id).or_insert_with(|| node.addr.clone());
+    }
+    nodes.remove(&node_id);
+    let nodes: Vec<(NodeId, String)> = nodes.into_iter().collect();
+    if nodes.is_empty() {
+        anyhow::bail!(
+            "the controller log has {damaged} damaged range(s) and there is no other broker to \
+             repair them from; restore the data directory from a backup"
+        );
+    }
+    tracing::warn!(
+        damaged,
+        "the controller log is damaged; repairing it from another broker before the controller starts"
+    );
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let left =
+            super::partition_group::repair_ranges(reader, peers, CONTROLLER_GROUP, &nodes, None)
+                .await;
+        if left == 0 {
+            tracing::warn!("repaired the controller log");
+            return Ok(());
+        }
+        tracing::warn!(
+            left,
+            "damaged controller log entries not repaired yet (no broker could give them); retrying"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(10));
     }
 }

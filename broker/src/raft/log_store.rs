@@ -222,7 +222,12 @@ impl Shared {
                             .map_damage(from)
                             .map_err(|e| read_error(from, &e))?;
                         match range {
-                            Some(range) if range.first_index <= from => {
+                            // Never for the controller: its state machine must apply every
+                            // entry (its damaged entries are repaired before it starts).
+                            Some(range)
+                                if range.first_index <= from
+                                    && self.group != super::CONTROLLER_GROUP =>
+                            {
                                 // Damaged entries: stand-ins move the state machine past them.
                                 let until = range.next_index.min(end).min(written_end);
                                 let term = range

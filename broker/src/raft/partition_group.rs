@@ -210,47 +210,10 @@ impl PartitionGroup {
         })
     }
 
-    /// Reads the whole log once, in chunks (the log's lock is held for one chunk at a time),
-    /// so damage anywhere in it is found and mapped (see [`PartitionLog::map_damage`]), not only
-    /// where a read happens to run into it. Returns the damaged ranges known afterwards.
+    /// Reads the whole log once, so damage anywhere in it is found and mapped (see
+    /// [`scrub_log`]). Returns the damaged ranges known afterwards.
     pub async fn scrub(&self) -> Result<usize, String> {
-        const CHUNK_BYTES: usize = 1024 * 1024;
-        let reader = self.reader.clone();
-        let (mut from, end) = reader
-            .with_log(|log| (log.first_index(), log.end().next_index))
-            .map_err(|e| e.to_string())?;
-        let Some(mut from_index) = from.take() else {
-            return Ok(0);
-        };
-        while from_index < end {
-            let reader = reader.clone();
-            let at = from_index;
-            let next = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-                let read = reader
-                    .with_log(|log| log.read_entries(at, end, CHUNK_BYTES))
-                    .map_err(|e| e.to_string())?;
-                match read {
-                    Ok(batches) => Ok(batches.last().map_or(end, |b| b.header().index + 1)),
-                    Err(weft_storage::Error::Corruption { .. }) => {
-                        let range = reader
-                            .with_log_mut(|log| log.map_damage(at))
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| e.to_string())?;
-                        // Past the damage (or one entry on, if it could not be bounded).
-                        Ok(range.map_or(at + 1, |r| r.next_index.max(at + 1)))
-                    }
-                    Err(e) => Err(e.to_string()),
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())??;
-            from_index = next.max(from_index + 1);
-            // A gentle pace: the scrub shares the disk with the partition's traffic.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        self.reader
-            .with_log(|log| log.damaged_ranges().len())
-            .map_err(|e| e.to_string())
+        scrub_log(&self.reader).await
     }
 
     /// Repairs the damaged ranges of this replica's log that lie within what it has applied
@@ -259,13 +222,7 @@ impl PartitionGroup {
     /// Returns how many damaged ranges are left (not committed yet, or no replica could give
     /// them: retried later).
     pub async fn repair_damage(&self) -> usize {
-        let Ok(ranges) = self.reader.with_log(|log| log.damaged_ranges().to_vec()) else {
-            return 0;
-        };
-        if ranges.is_empty() {
-            return 0;
-        }
-        let (me, applied, nodes) = {
+        let (applied, nodes) = {
             let m = self.raft.metrics().borrow().clone();
             let nodes: Vec<(NodeId, String)> = m
                 .membership_config
@@ -274,78 +231,16 @@ impl PartitionGroup {
                 .filter(|(id, _)| **id != m.id)
                 .map(|(id, n)| (*id, n.addr.clone()))
                 .collect();
-            (m.id, m.last_applied.map(|l| l.index), nodes)
+            (m.last_applied.map(|l| l.index), nodes)
         };
-        let mut left = 0;
-        for range in ranges {
-            if applied.is_none_or(|a| range.next_index > a + 1) {
-                left += 1;
-                continue;
-            }
-            let mut repaired = false;
-            for (node, address) in &nodes {
-                let entries = match fetch_entries(
-                    &self.peers,
-                    self.group_id,
-                    (*node, address),
-                    range.first_index,
-                    range.next_index,
-                )
-                .await
-                {
-                    Ok(entries) => entries,
-                    Err(e) => {
-                        tracing::info!(
-                            group = self.group_id,
-                            from = node,
-                            "cannot read entries {}..{} to repair them: {e}",
-                            range.first_index,
-                            range.next_index
-                        );
-                        continue;
-                    }
-                };
-                let reader = self.reader.clone();
-                let target = range.clone();
-                let outcome = tokio::task::spawn_blocking(move || {
-                    reader.with_log_mut(|log| log.repair(&target, &entries))
-                })
-                .await;
-                match outcome {
-                    Ok(Ok(Ok(()))) => {
-                        tracing::warn!(
-                            group = self.group_id,
-                            node = me,
-                            from = node,
-                            segment = %range.segment.display(),
-                            position = range.position,
-                            first_index = range.first_index,
-                            next_index = range.next_index,
-                            "repaired damaged entries with another replica's copy"
-                        );
-                        metrics::counter!("weft_partition_repaired_ranges_total").increment(1);
-                        repaired = true;
-                        break;
-                    }
-                    Ok(Ok(Err(e))) => {
-                        tracing::warn!(
-                            group = self.group_id,
-                            from = node,
-                            "cannot repair entries {}..{}: {e}",
-                            range.first_index,
-                            range.next_index
-                        );
-                    }
-                    other => {
-                        tracing::warn!(group = self.group_id, "repair failed: {other:?}");
-                    }
-                }
-            }
-            if !repaired {
-                left += 1;
-            }
-        }
-        left
+        repair_ranges(
+            &self.reader,
+            &self.peers,
+            self.group_id,
+            &nodes,
+            Some(applied),
+        )
+        .await
     }
 
     /// What opening the log found.
@@ -901,6 +796,136 @@ impl PartitionGroup {
     pub fn set_fsync(&self, policy: weft_storage::FsyncPolicy) {
         self.reader.set_fsync(policy);
     }
+}
+
+/// Reads the whole log once, in chunks (the log's lock is held for one chunk at a time),
+/// so damage anywhere in it is found and mapped (see [`PartitionLog::map_damage`]), not only
+/// where a read happens to run into it. Returns the damaged ranges known afterwards.
+pub(super) async fn scrub_log(reader: &LogReader) -> Result<usize, String> {
+    const CHUNK_BYTES: usize = 1024 * 1024;
+    let reader = reader.clone();
+    let (mut from, end) = reader
+        .with_log(|log| (log.first_index(), log.end().next_index))
+        .map_err(|e| e.to_string())?;
+    let Some(mut from_index) = from.take() else {
+        return Ok(0);
+    };
+    while from_index < end {
+        let reader = reader.clone();
+        let at = from_index;
+        let next = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+            let read = reader
+                .with_log(|log| log.read_entries(at, end, CHUNK_BYTES))
+                .map_err(|e| e.to_string())?;
+            match read {
+                Ok(batches) => Ok(batches.last().map_or(end, |b| b.header().index + 1)),
+                Err(weft_storage::Error::Corruption { .. }) => {
+                    let range = reader
+                        .with_log_mut(|log| log.map_damage(at))
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    // Past the damage (or one entry on, if it could not be bounded).
+                    Ok(range.map_or(at + 1, |r| r.next_index.max(at + 1)))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        from_index = next.max(from_index + 1);
+        // A gentle pace: the scrub shares the disk with the partition's traffic.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    reader
+        .with_log(|log| log.damaged_ranges().len())
+        .map_err(|e| e.to_string())
+}
+
+/// Repairs the damaged ranges of a replica's log (group `group_id`) that lie within `applied`
+/// (committed entries are the same on every replica that holds them; None: every range) with
+/// the entries of another replica of `nodes`, read over the peer port (ReadLog) and written
+/// over the damaged bytes. Returns how many damaged ranges are left.
+pub(super) async fn repair_ranges(
+    reader: &LogReader,
+    peers: &Peers,
+    group_id: GroupId,
+    nodes: &[(NodeId, String)],
+    applied: Option<Option<u64>>,
+) -> usize {
+    let Ok(ranges) = reader.with_log(|log| log.damaged_ranges().to_vec()) else {
+        return 0;
+    };
+    let mut left = 0;
+    for range in ranges {
+        if let Some(applied) = applied
+            && applied.is_none_or(|a| range.next_index > a + 1)
+        {
+            left += 1;
+            continue;
+        }
+        let mut repaired = false;
+        for (node, address) in nodes {
+            let entries = match fetch_entries(
+                peers,
+                group_id,
+                (*node, address),
+                range.first_index,
+                range.next_index,
+            )
+            .await
+            {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::info!(
+                        group = group_id,
+                        from = node,
+                        "cannot read entries {}..{} to repair them: {e}",
+                        range.first_index,
+                        range.next_index
+                    );
+                    continue;
+                }
+            };
+            let writer = reader.clone();
+            let target = range.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                writer.with_log_mut(|log| log.repair(&target, &entries))
+            })
+            .await;
+            match outcome {
+                Ok(Ok(Ok(()))) => {
+                    tracing::warn!(
+                        group = group_id,
+                        from = node,
+                        segment = %range.segment.display(),
+                        position = range.position,
+                        first_index = range.first_index,
+                        next_index = range.next_index,
+                        "repaired damaged entries with another replica's copy"
+                    );
+                    metrics::counter!("weft_partition_repaired_ranges_total").increment(1);
+                    repaired = true;
+                    break;
+                }
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(
+                        group = group_id,
+                        from = node,
+                        "cannot repair entries {}..{}: {e}",
+                        range.first_index,
+                        range.next_index
+                    );
+                }
+                other => {
+                    tracing::warn!(group = group_id, "repair failed: {other:?}");
+                }
+            }
+        }
+        if !repaired {
+            left += 1;
+        }
+    }
+    left
 }
 
 /// Why entries could not be fetched from a replica.
