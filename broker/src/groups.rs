@@ -16,7 +16,8 @@
 //! leading the controller; members connected to other brokers reach it through their broker
 //! (`grpc::group_link`). When another broker takes the controller over, this one forgets its
 //! groups ([`Coordinator::reset`]): their streams end, the members rejoin the new coordinator,
-//! and its generations start above the highest one that ever committed.
+//! and its generations start above every one handed out before (the controller's term is their
+//! high half; see [`OffsetStore::generation_floor`]).
 //!
 //! One group consumes one topic at a time. Groups with neither members nor offsets leave memory.
 //! The state here is pure (time is an argument), so it is unit-tested without sockets.
@@ -39,6 +40,12 @@ pub trait OffsetStore: Send + Sync + std::fmt::Debug {
     fn group(&self, group: &str) -> Option<Arc<GroupOffsets>>;
     /// Every group with committed offsets.
     fn groups(&self) -> Vec<String>;
+    /// The lowest generation a group this coordinator takes over may start from: above every
+    /// generation an earlier coordinator handed out, committed or not (a generation number must
+    /// never come back with another assignment). 0 where there is no earlier coordinator.
+    fn generation_floor(&self) -> u64 {
+        0
+    }
     /// Stores offsets on `topic_id`, refused (INVALID_ARGUMENT) if any goes backwards.
     fn commit(
         &self,
@@ -234,8 +241,14 @@ impl Coordinator {
             topic: topic.to_string(),
             topic_id: topic_id.to_string(),
             partitions,
-            // Above every generation that committed, under this coordinator or an earlier one.
-            generation: self.inner.store.group(group_id).map_or(0, |g| g.generation),
+            // Above every generation that committed, under this coordinator or an earlier one,
+            // and every one an earlier coordinator handed out.
+            generation: self
+                .inner
+                .store
+                .group(group_id)
+                .map_or(0, |g| g.generation)
+                .max(self.inner.store.generation_floor()),
             members: BTreeMap::new(),
             view: watch::Sender::new(Arc::new(GroupView::default())),
             commit_lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -637,9 +650,10 @@ mod tests {
     use super::*;
     use crate::raft::{ControllerCommand, ControllerResponse, ControllerState};
 
-    /// Offsets kept by a controller state in memory, with one topic ("id-t").
+    /// Offsets kept by a controller state in memory, with one topic ("id-t"), and the
+    /// controller's term (the generation floor is its high half, as in a broker).
     #[derive(Debug)]
-    struct MemoryOffsets(Mutex<ControllerState>);
+    struct MemoryOffsets(Mutex<ControllerState>, std::sync::atomic::AtomicU64);
 
     impl MemoryOffsets {
         fn apply(&self, command: ControllerCommand) -> ControllerResponse {
@@ -650,6 +664,9 @@ mod tests {
     impl OffsetStore for MemoryOffsets {
         fn group(&self, group: &str) -> Option<Arc<GroupOffsets>> {
             self.0.lock().expect("state").groups.get(group).cloned()
+        }
+        fn generation_floor(&self) -> u64 {
+            self.1.load(std::sync::atomic::Ordering::Relaxed) << 32
         }
         fn groups(&self) -> Vec<String> {
             self.0
@@ -724,7 +741,10 @@ mod tests {
     }
 
     fn store() -> Arc<MemoryOffsets> {
-        let store = Arc::new(MemoryOffsets(Mutex::new(ControllerState::default())));
+        let store = Arc::new(MemoryOffsets(
+            Mutex::new(ControllerState::default()),
+            std::sync::atomic::AtomicU64::new(0),
+        ));
         store.apply(ControllerCommand::CreateTopic {
             name: "t".into(),
             topic_id: "id-t".into(),
@@ -874,6 +894,45 @@ mod tests {
             .expect_err("a commit of the old generation is stale");
         assert!(matches!(err, BrokerError::StaleGeneration { .. }));
         assert_eq!(new.committed("g", "id-t", owned[0]).expect("read"), Some(7));
+    }
+
+    /// A generation the old coordinator handed out and nobody committed in must not come back
+    /// under the new coordinator either (seen by the fault-injection harness: generations 1
+    /// and 2 were handed out again after the controller moved, so a zombie of the old
+    /// generation 2 could have committed in the new one).
+    #[tokio::test]
+    async fn a_new_coordinator_never_hands_out_an_earlier_generation_again() {
+        let store = store();
+        store.1.store(1, std::sync::atomic::Ordering::Relaxed);
+        let old = Coordinator::new(store.clone(), Duration::from_secs(10));
+        let now = Instant::now();
+        let mut handed_out = 0;
+        for member in ["a", "b"] {
+            let m = old
+                .join("g", Some(member), "t", "id-t", 4, None, now)
+                .expect("join");
+            handed_out = m.view.borrow().generation;
+        }
+        // The controller moves (a higher term); nothing was committed.
+        old.reset();
+        store.1.store(2, std::sync::atomic::Ordering::Relaxed);
+        let new = Coordinator::new(store, Duration::from_secs(10));
+        let mut generations = Vec::new();
+        for member in ["b", "a"] {
+            let m = new
+                .join("g", Some(member), "t", "id-t", 4, None, now)
+                .expect("rejoin at the new coordinator");
+            generations.push(m.view.borrow().generation);
+        }
+        assert!(
+            generations.iter().all(|g| *g > handed_out),
+            "generations {generations:?} after {handed_out} was handed out"
+        );
+        let err = new
+            .commit("g", "a", handed_out, "id-t", &[(0, 1)])
+            .await
+            .expect_err("a commit of the old generation is stale");
+        assert!(matches!(err, BrokerError::StaleGeneration { .. }));
     }
 
     #[test]

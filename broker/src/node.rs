@@ -110,6 +110,12 @@ impl OffsetStore for ControllerOffsets {
         self.controller.state().groups.keys().cloned().collect()
     }
 
+    fn generation_floor(&self) -> u64 {
+        // The controller leader coordinates every group: its term in the high half makes the
+        // generations of a new coordinator exceed every one an earlier coordinator handed out.
+        self.controller.term() << 32
+    }
+
     fn commit(
         &self,
         group: String,

@@ -9,7 +9,7 @@ use crate::history::{Function, Kind, Op};
 use crate::workload::value_is_intact;
 
 /// The anomalies checked, in report order.
-pub const ANOMALIES: [&str; 14] = [
+pub const ANOMALIES: [&str; 16] = [
     "lost-write",
     "unseen-at-end",
     "inconsistent-offsets",
@@ -24,10 +24,13 @@ pub const ANOMALIES: [&str; 14] = [
     "replica-divergence",
     "election-safety",
     "crc-escape",
+    "commit-regression",
+    "zombie-commit",
 ];
 
-/// Anomalies of RELIABILITY.md this workload does not exercise yet.
-pub const NOT_CHECKED: [&str; 2] = ["commit-regression", "zombie-commit"];
+/// The anomalies that only a history with consumer-group operations exercises (reported as not
+/// checked when it has none).
+const GROUP_ANOMALIES: [&str; 2] = ["commit-regression", "zombie-commit"];
 
 /// Examples kept per anomaly.
 const EXAMPLES_MAX: usize = 8;
@@ -45,6 +48,9 @@ pub struct Report {
     pub sends: BTreeMap<String, u64>,
     /// Polls by outcome (final reads included).
     pub polls: BTreeMap<String, u64>,
+    /// Group commits by outcome.
+    #[serde(default)]
+    pub commits: BTreeMap<String, u64>,
     /// Faults injected, by class.
     pub faults: BTreeMap<String, u64>,
     /// Acknowledged sends never read back by the end.
@@ -104,13 +110,106 @@ struct Send {
     offset: Option<u64>,
 }
 
+/// The consumer-group checks. commit-regression: a committed offset seen (a commit's answer, a
+/// read of the group's offsets) is never below one seen by an operation that completed before
+/// it began. zombie-commit: a commit naming a generation older than one some member had
+/// received before the commit began is refused.
+fn check_groups(
+    report: &mut Report,
+    assigns: &[(u64, u64, &Op)],
+    group_ops: &[(u64, &Op)],
+    history: &[Op],
+) {
+    let exercised = history
+        .iter()
+        .any(|op| matches!(op.f, Function::Commit | Function::ReadCommitted));
+    if !exercised {
+        report.not_checked = GROUP_ANOMALIES.iter().map(|s| s.to_string()).collect();
+        return;
+    }
+    let mut by_key: BTreeMap<u32, Vec<(u64, u64, u64, &Op)>> = BTreeMap::new();
+    for (invoked, op) in group_ops {
+        if let (Some(key), Some(offset)) = (op.key, op.offset) {
+            by_key
+                .entry(key)
+                .or_default()
+                .push((*invoked, op.time_ns, offset, op));
+        }
+    }
+    for (key, list) in &by_key {
+        let mut by_completion = list.clone();
+        by_completion.sort_by_key(|o| o.1);
+        let mut by_invocation = list.clone();
+        by_invocation.sort_by_key(|o| o.0);
+        let mut i = 0;
+        let mut best: Option<(u64, &Op)> = None;
+        for (invoked, _, offset, op) in by_invocation {
+            while i < by_completion.len() && by_completion[i].1 < invoked {
+                if best.is_none_or(|(b, _)| by_completion[i].2 > b) {
+                    best = Some((by_completion[i].2, by_completion[i].3));
+                }
+                i += 1;
+            }
+            if let Some((before, seen_by)) = best
+                && offset < before
+            {
+                report.found(
+                    "commit-regression",
+                    format!(
+                        "key {key}: {} saw committed offset {offset} ({:?} at {:.3} s), after {} saw {before} ({:?} at {:.3} s)",
+                        op.process,
+                        op.f,
+                        op.time_ns as f64 / 1e9,
+                        seen_by.process,
+                        seen_by.f,
+                        seen_by.time_ns as f64 / 1e9
+                    ),
+                );
+            }
+        }
+    }
+    let mut assigns = assigns.to_vec();
+    assigns.sort_by_key(|a| a.0);
+    let mut commits: Vec<(u64, &Op)> = group_ops
+        .iter()
+        .filter(|(_, op)| op.f == Function::Commit)
+        .copied()
+        .collect();
+    commits.sort_by_key(|c| c.0);
+    let mut i = 0;
+    let mut newest: Option<(u64, &Op)> = None;
+    for (invoked, op) in commits {
+        while i < assigns.len() && assigns[i].0 < invoked {
+            if newest.is_none_or(|(g, _)| assigns[i].1 > g) {
+                newest = Some((assigns[i].1, assigns[i].2));
+            }
+            i += 1;
+        }
+        if let (Some(generation), Some((current, given_to))) = (op.generation, newest)
+            && generation < current
+        {
+            report.found(
+                "zombie-commit",
+                format!(
+                    "{} committed key {:?} offset {:?} in generation {generation} at {:.3} s, after {} had received generation {current} at {:.3} s",
+                    op.process,
+                    op.key,
+                    op.offset,
+                    op.time_ns as f64 / 1e9,
+                    given_to.process,
+                    given_to.time_ns as f64 / 1e9
+                ),
+            );
+        }
+    }
+}
+
 /// Checks `history`.
 pub fn check(history: &[Op]) -> Report {
     let mut report = Report::default();
     for anomaly in ANOMALIES {
         report.anomalies.insert(anomaly.to_string(), 0);
     }
-    report.not_checked = NOT_CHECKED.iter().map(|s| s.to_string()).collect();
 
     // Pair invocations with completions.
     let mut open: HashMap<(&str, u64), &Op> = HashMap::new();
@@ -120,6 +219,10 @@ pub fn check(history: &[Op]) -> Report {
     let mut replica_reads: Vec<&Op> = Vec::new();
     let mut leaders: BTreeMap<(u32, u64), BTreeSet<u64>> = BTreeMap::new();
     let mut fault_open: HashMap<u64, (f64, String)> = HashMap::new();
+    // Assignments received: (time, generation, op).
+    let mut assigns: Vec<(u64, u64, &Op)> = Vec::new();
+    // Group commits and reads of committed offsets that completed ok: (invoked, completion).
+    let mut group_ops: Vec<(u64, &Op)> = Vec::new();
     for op in history {
         match (op.f, op.kind) {
             (Function::Send, Kind::Invoke) => {
@@ -152,6 +255,28 @@ pub fn check(history: &[Op]) -> Report {
                     .or_default() += 1;
                 if kind == Kind::Ok {
                     reads.push(op);
+                }
+            }
+            (Function::Assign, _) => {
+                if let Some(generation) = op.generation {
+                    assigns.push((op.time_ns, generation, op));
+                }
+            }
+            (Function::Commit | Function::ReadCommitted, Kind::Invoke) => {
+                open.insert((op.process.as_str(), op.id), op);
+            }
+            (Function::Commit | Function::ReadCommitted, kind) => {
+                let Some(invoke) = open.remove(&(op.process.as_str(), op.id)) else {
+                    continue;
+                };
+                if op.f == Function::Commit {
+                    *report
+                        .commits
+                        .entry(format!("{kind:?}").to_lowercase())
+                        .or_default() += 1;
+                }
+                if kind == Kind::Ok {
+                    group_ops.push((invoke.time_ns, op));
                 }
             }
             (Function::ReplicaRead, Kind::Ok) => replica_reads.push(op),
@@ -345,6 +470,8 @@ pub fn check(history: &[Op]) -> Report {
             }
         }
     }
+
+    check_groups(&mut report, &assigns, &group_ops, history);
 
     // Each poll reads on from where it asked, densely.
     for op in &reads {
@@ -556,6 +683,33 @@ mod tests {
         fn check(&self) -> Report {
             check(&self.ops)
         }
+        fn assign(&mut self, process: &str, generation: u64) {
+            self.id += 1;
+            let mut op = Op::new(process, self.id, Kind::Ok, Function::Assign);
+            op.generation = Some(generation);
+            self.push(op);
+        }
+        /// A commit of `offset` to `key` in `generation`, completed as `kind` (ok: the
+        /// committed offset).
+        fn commit(&mut self, process: &str, key: u32, generation: u64, offset: u64, kind: Kind) {
+            self.id += 1;
+            let mut op = Op::new(process, self.id, Kind::Invoke, Function::Commit);
+            op.key = Some(key);
+            op.offset = Some(offset);
+            op.generation = Some(generation);
+            self.push(op.clone());
+            op.kind = kind;
+            self.push(op);
+        }
+        fn read_committed(&mut self, process: &str, key: u32, offset: Option<u64>) {
+            self.id += 1;
+            let mut op = Op::new(process, self.id, Kind::Invoke, Function::ReadCommitted);
+            op.key = Some(key);
+            self.push(op.clone());
+            op.kind = Kind::Ok;
+            op.offset = offset;
+            self.push(op);
+        }
     }
 
     fn count(report: &Report, anomaly: &str) -> u64 {
@@ -687,5 +841,38 @@ mod tests {
                 ("election-safety", 1),
             ],
         );
+    }
+
+    #[test]
+    fn group_commits_never_regress_and_stale_generations_never_commit() {
+        let mut h = H::new();
+        // Without group operations, the group anomalies are not checked.
+        assert_eq!(
+            h.check().not_checked,
+            ["commit-regression", "zombie-commit"]
+        );
+        h.assign("g0", 1);
+        h.commit("g0", 0, 1, 10, Kind::Ok);
+        h.read_committed("g1", 0, Some(10));
+        h.commit("g0", 0, 1, 20, Kind::Ok);
+        // A failed or unknown commit is no observation.
+        h.commit("g0", 0, 1, 5, Kind::Fail);
+        h.commit("g0", 0, 1, 3, Kind::Info);
+        h.read_committed("g1", 0, Some(20));
+        // Fine so far, on another key too.
+        h.read_committed("g1", 1, None);
+        assert!(!h.check().failed(), "{:?}", h.check().examples);
+        assert!(h.check().not_checked.is_empty());
+
+        // The committed offset goes back (a lost commit), and a member of generation 1 commits
+        // after generation 2 was handed out, which must be refused; a refused one is fine.
+        h.read_committed("g1", 0, Some(12));
+        h.assign("g1", 2);
+        h.commit("g0", 1, 1, 4, Kind::Fail);
+        h.commit("g0", 1, 1, 4, Kind::Ok);
+        h.commit("g1", 1, 2, 5, Kind::Ok);
+        let report = h.check();
+        only(&report, &[("commit-regression", 1), ("zombie-commit", 1)]);
+        assert_eq!(report.commits.get("ok"), Some(&4));
     }
 }

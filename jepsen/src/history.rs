@@ -43,6 +43,12 @@ pub enum Function {
     Nemesis,
     /// A broker's view of a partition's leadership: (term, leader).
     Leader,
+    /// A consumer-group member received an assignment (its generation).
+    Assign,
+    /// A group member commits an offset of a key in a generation.
+    Commit,
+    /// The group's committed offset of a key, read.
+    ReadCommitted,
 }
 
 /// One line of the history.
@@ -79,6 +85,9 @@ pub struct Op {
     /// A fault's description, or a leadership sample's "term leader".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// A group assignment's or commit's generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 impl Op {
@@ -97,6 +106,7 @@ impl Op {
             node: None,
             error: None,
             detail: None,
+            generation: None,
         }
     }
 }

@@ -90,6 +90,9 @@ struct RunOptions {
     /// Concurrent pollers.
     #[arg(long, default_value_t = 3)]
     pollers: u32,
+    /// Consumer-group members (they consume, commit, and read the group's offsets).
+    #[arg(long, default_value_t = 2)]
+    members: u32,
     /// Seed (default: from the clock; printed and saved in run.json).
     #[arg(long)]
     seed: Option<u64>,
@@ -122,6 +125,7 @@ impl RunOptions {
             seed,
             senders: self.senders,
             pollers: self.pollers,
+            members: self.members,
             broker,
             min_acked: self.min_acked,
             keep_data: self.keep_data,

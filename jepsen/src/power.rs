@@ -138,13 +138,10 @@ pub fn power_loss(
 /// Damages the segment data files of a broker that is down: in a few of them, random bit flips
 /// or a chunk of zeros where data was. Returns a description of each.
 pub fn corrupt(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
-    // Partition data only: damage to the controller's log leaves a broker with stale cluster
-    // metadata (it answered TOPIC_NOT_FOUND for minutes in a CI run); that repair is not built
-    // yet, so the fault leaves the controller's files alone for now.
+    // Partitions' and the controller's segment files.
     let segments: Vec<PathBuf> = partition_files(data_dir)?
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .filter(|p| p.components().any(|c| c.as_os_str() == "topics"))
         .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 64))
         .collect();
     let mut done = Vec::new();

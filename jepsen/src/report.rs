@@ -31,6 +31,9 @@ pub fn summary(report: &Report) -> String {
     );
     let _ = writeln!(out, "sends: {:?}", report.sends);
     let _ = writeln!(out, "polls: {:?}", report.polls);
+    if !report.commits.is_empty() {
+        let _ = writeln!(out, "group commits: {:?}", report.commits);
+    }
     let _ = writeln!(out, "faults: {:?}", report.faults);
     let _ = writeln!(out, "replicas compared: {:?}", report.replicas_compared);
     let _ = writeln!(

@@ -39,6 +39,9 @@ pub struct RunConfig {
     pub senders: u32,
     /// Concurrent pollers.
     pub pollers: u32,
+    /// Consumer-group members.
+    #[serde(default)]
+    pub members: u32,
     /// The `weft-broker` binary.
     pub broker: PathBuf,
     /// Fewest acknowledged sends for the run to count.
@@ -162,6 +165,16 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
             rng.random(),
         )));
     }
+    for i in 0..config.members {
+        tasks.push(tokio::spawn(crate::groups::member(
+            i,
+            config.keys,
+            clients.clone(),
+            recorder.clone(),
+            stop.clone(),
+            rng.random(),
+        )));
+    }
     let (observer_stop_tx, observer_stop) = watch::channel(false);
     let observer = tokio::spawn(workload::observer(
         clients.clone(),
@@ -207,6 +220,11 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
     }
     final_reads(&clients, &recorder, &progress, config.keys, &mut problems).await;
     replica_reads(&clients, &recorder, &progress, config.keys, &mut problems).await;
+    if config.members > 0
+        && !crate::groups::final_read_committed(config.keys, &clients, &recorder).await
+    {
+        problems.push("the group's committed offsets could not be read at the end".into());
+    }
     let _ = observer_stop_tx.send(true);
     let _ = observer.await;
     recorder.flush()?;

@@ -299,3 +299,60 @@ async fn consumer_groups_span_brokers_and_survive_their_coordinator() {
         );
     }
 }
+
+/// A consumer that read up to the partition leader's high watermark commits that offset through
+/// another broker at once: the commit is taken, although that broker's replica learns of the
+/// high watermark only with the leader's next message. Before, the commit was refused as past
+/// the high watermark (INVALID_ARGUMENT), seen by the fault-injection harness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_through_a_lagging_replica_waits_for_the_high_watermark() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"hw","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let (status, body) = brokers[0].http("GET", "/v1/topics/hw", None);
+        async move {
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let leader = v["partition_details"][0]["leader_id"].as_u64()?;
+            (status == 200 && leader != 0).then_some(leader)
+        }
+    })
+    .await;
+    let follower = (1..=3u64).find(|id| *id != leader).expect("a follower");
+    let leader_channel = grpc::channel(&brokers[leader as usize - 1].client_addr).await;
+    let follower_channel = grpc::channel(&brokers[follower as usize - 1].client_addr).await;
+    for i in 0..30u64 {
+        let published = grpc::publisher(&leader_channel)
+            .publish(PublishRequest {
+                topic: "hw".into(),
+                target: Some(Target::Partition(0)),
+                records: vec![Record {
+                    value: format!("r{i}").into_bytes().into(),
+                    ..Record::default()
+                }],
+                ..PublishRequest::default()
+            })
+            .await
+            .expect("publish")
+            .into_inner();
+        let next = published.base_offset + 1;
+        let committed = grpc::subscriber(&follower_channel)
+            .commit_offsets(weft_proto::v1::CommitOffsetsRequest {
+                group_id: "lag".into(),
+                topic: "hw".into(),
+                offsets: vec![weft_proto::v1::PartitionOffset {
+                    partition: 0,
+                    offset: next,
+                }],
+                ..weft_proto::v1::CommitOffsetsRequest::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("commit of {next} through node {follower}: {s:?}"))
+            .into_inner();
+        assert_eq!(committed.offsets[0].offset, next);
+    }
+}

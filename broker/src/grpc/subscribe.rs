@@ -27,6 +27,10 @@ use crate::error::BrokerError;
 use crate::groups::GroupView;
 use crate::node::Node;
 
+/// How long a commit past this broker's view of a partition's high watermark waits for the view
+/// to catch up (a replica learns of a commit a heartbeat after its leader) before it is refused.
+const COMMIT_HIGH_WATERMARK_WAIT: Duration = Duration::from_secs(2);
+
 /// Messages buffered towards one subscriber before the session waits.
 const STREAM_BUFFER: usize = 16;
 
@@ -178,9 +182,19 @@ impl SubscriberService {
                     partition: o.partition,
                 });
             }
-            let bounds = self
-                .partition_offsets(&request.topic, o.partition, None)
-                .await?;
+            // A replica learns of a commit a heartbeat after its leader: a consumer that read
+            // up to the leader's high watermark may commit through a broker whose replica has
+            // not caught up yet. Wait a moment for it before refusing the offset.
+            let patience = tokio::time::Instant::now() + COMMIT_HIGH_WATERMARK_WAIT;
+            let bounds = loop {
+                let bounds = self
+                    .partition_offsets(&request.topic, o.partition, None)
+                    .await?;
+                if o.offset <= bounds.high_watermark || tokio::time::Instant::now() >= patience {
+                    break bounds;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             if o.offset > bounds.high_watermark {
                 return Err(BrokerError::invalid(
                     "offsets",

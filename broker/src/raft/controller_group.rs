@@ -206,6 +206,12 @@ impl ControllerGroup {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// The controller group's current Raft term (a new controller leader always has a higher
+    /// one than every leader before it).
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
     /// Watches who leads the controller.
     pub fn watch_leader(&self) -> tokio::sync::watch::Receiver<Option<NodeId>> {
         super::watch_leader(&self.raft)
