@@ -331,7 +331,16 @@ impl Partition {
         let mut watermark = self.group.high_watermark();
         let tail = self.group.reader().tail_cache().clone();
         let bounds = self.bounds();
-        if offset < bounds.log_start || offset > bounds.high_watermark {
+        // The dirty-read canary (test-only builds): read what is written, committed or not.
+        let dirty = crate::sync_journal::read_uncommitted();
+        let limit = |high_watermark: u64| {
+            if dirty {
+                self.bounds().log_end.max(high_watermark)
+            } else {
+                high_watermark
+            }
+        };
+        if offset < bounds.log_start || offset > limit(bounds.high_watermark) {
             return Err(BrokerError::OffsetOutOfRange {
                 offset,
                 start: bounds.log_start,
@@ -343,7 +352,7 @@ impl Partition {
         let mut next = offset;
         loop {
             // Seen before reading: a batch committed while we read wakes the wait below.
-            let high_watermark = *watermark.borrow_and_update();
+            let high_watermark = limit(*watermark.borrow_and_update());
             if next < high_watermark && bytes < max_bytes {
                 // A consumer that keeps up reads from the tail cache: memory, no lock, no system
                 // call. Older data comes from the segments, on a blocking thread (it may wait for

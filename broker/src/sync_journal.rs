@@ -21,6 +21,30 @@ use weft_storage::SyncListener;
 
 /// The environment variable naming the journal file.
 pub const ENV: &str = "WEFT_SYNC_JOURNAL";
+/// The environment variable that switches batch CRC checks off (the fault-injection harness's
+/// crc-off canary; refused by a build without the test-only feature).
+pub const SKIP_CRC_ENV: &str = "WEFT_CANARY_SKIP_CRC";
+/// The environment variable that makes reads return what is written but not committed (the
+/// fault-injection harness's dirty-read canary; refused by a build without the test-only
+/// feature).
+pub const READ_UNCOMMITTED_ENV: &str = "WEFT_CANARY_READ_UNCOMMITTED";
+
+#[cfg(feature = "sync-journal")]
+static READ_UNCOMMITTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the dirty-read canary is on: reads go past the high watermark to the log's end
+/// (never, without the test-only feature).
+pub fn read_uncommitted() -> bool {
+    #[cfg(feature = "sync-journal")]
+    {
+        READ_UNCOMMITTED.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(feature = "sync-journal"))]
+    {
+        false
+    }
+}
+
 /// The environment variable that stalls every sync of a segment data file by this many
 /// milliseconds (a slow or hung disk), for tests of backpressure.
 pub const DELAY_ENV: &str = "WEFT_SYNC_DELAY_MS";
@@ -43,6 +67,33 @@ pub fn listener() -> Option<Arc<dyn SyncListener>> {
 /// Installs the journal named by `WEFT_SYNC_JOURNAL`, if set. Refuses when this build has no
 /// sync journal, so a harness never believes it is recording when it is not.
 pub fn install_from_env() -> Result<(), String> {
+    if std::env::var_os(SKIP_CRC_ENV).is_some_and(|v| v == "1") {
+        #[cfg(feature = "sync-journal")]
+        {
+            weft_storage::canary::skip_batch_crc();
+            // Before logging is set up: straight to stderr (the broker's log file in tests).
+            eprintln!(
+                "weft-broker: {SKIP_CRC_ENV}=1: batch CRC checks are OFF; damaged bytes reach clients (a canary)"
+            );
+        }
+        #[cfg(not(feature = "sync-journal"))]
+        return Err(format!(
+            "{SKIP_CRC_ENV} needs a test-only build of the broker (feature sync-journal)"
+        ));
+    }
+    if std::env::var_os(READ_UNCOMMITTED_ENV).is_some_and(|v| v == "1") {
+        #[cfg(feature = "sync-journal")]
+        {
+            READ_UNCOMMITTED.store(true, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "weft-broker: {READ_UNCOMMITTED_ENV}=1: reads go past the commit index (a canary)"
+            );
+        }
+        #[cfg(not(feature = "sync-journal"))]
+        return Err(format!(
+            "{READ_UNCOMMITTED_ENV} needs a test-only build of the broker (feature sync-journal)"
+        ));
+    }
     let path = std::env::var_os(ENV);
     let delay = std::env::var_os(DELAY_ENV);
     if path.is_none() && delay.is_none() {

@@ -70,6 +70,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     broker: PathBuf,
     peers: String,
+    /// More environment for every broker (a canary's switch).
+    pub env: Vec<(String, String)>,
 }
 
 /// Node ids from `voters + 1` on are spares: not started with the cluster, added later.
@@ -98,6 +100,7 @@ impl Cluster {
             })
             .collect::<Result<_>>()?;
         Ok(Cluster {
+            env: Vec::new(),
             net,
             nodes,
             broker: broker.to_path_buf(),
@@ -170,6 +173,7 @@ impl Cluster {
         } else {
             format!("{},{id}@{ip}:{PEER_PORT}", self.peers)
         };
+        let env = self.env.clone();
         let node = self.node(id)?;
         if node.state != State::Down {
             bail!("node {id} is running already");
@@ -194,6 +198,7 @@ impl Cluster {
             .args(["--admin-listen", &format!("{ip}:{ADMIN_PORT}")])
             .env("WEFT_SYNC_JOURNAL", node.journal())
             .env("WEFT_LOG", "info,openraft=warn,sled=warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))

@@ -59,7 +59,9 @@ fn commit_surely_failed(status: &tonic::Status) -> bool {
     COMMIT_NOT_APPLIED_REASONS.contains(&reason.as_str())
 }
 
-/// One commit of `offset` for `key` in `generation` through a random broker, recorded.
+/// One commit of `offset` for `key` in `generation` through a random broker, recorded. Whether
+/// the broker refused it as of a stale generation (the member then rejoins, as a Kafka consumer
+/// does).
 #[allow(clippy::too_many_arguments)]
 async fn commit(
     process: &str,
@@ -70,7 +72,7 @@ async fn commit(
     rng: &mut StdRng,
     avoided: &mut Avoided,
     recorder: &Recorder,
-) {
+) -> bool {
     let (node, channel) = clients.any_but(rng, avoided);
     let mut op = Op::new(process, recorder.next_id(), Kind::Invoke, Function::Commit);
     op.key = Some(key);
@@ -116,11 +118,16 @@ async fn commit(
         }
     }
     let unknown = op.kind == Kind::Info;
+    let stale = op
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("STALE_GENERATION"));
     recorder.record(op);
     if unknown {
         // The coordinator may be down or moving: a pause instead of a burst of doomed commits.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    stale
 }
 
 /// Reads the group's committed offsets through a random broker: one `read-committed` operation
@@ -288,7 +295,7 @@ pub async fn member(
                                 && let Some(&(key, offset)) = old.partitions.first()
                                 && rng.random_bool(0.5)
                             {
-                                commit(
+                                let _refused = commit(
                                     &process,
                                     (&old.member_id, old.generation),
                                     key,
@@ -335,7 +342,7 @@ pub async fn member(
                                 held.1 = last + 1;
                             }
                             let (member, generation) = (current.member_id.clone(), current.generation);
-                            commit(
+                            let stale = commit(
                                 &process,
                                 (&member, generation),
                                 d.partition,
@@ -346,6 +353,10 @@ pub async fn member(
                                 &recorder,
                             )
                             .await;
+                            if stale {
+                                // The group moved on without this member: rejoin.
+                                break;
+                            }
                         }
                         Some(Event::Heartbeat(_) | Event::CommitAck(_)) | None => {}
                     }

@@ -56,6 +56,9 @@ enum Command {
     Canaries {
         #[command(flatten)]
         options: RunOptions,
+        /// Only these canaries (comma-separated; default: every one).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<Canary>,
         /// Where the runs go.
         #[arg(long, default_value = "target/jepsen/canaries")]
         out: PathBuf,
@@ -311,11 +314,15 @@ async fn main() -> ExitCode {
             }
             run_all(runs).await
         }
-        Command::Canaries { options, out } => {
+        Command::Canaries { options, only, out } => {
             let seed = options.seed();
             let mut caught = true;
             let mut rows = Vec::new();
-            for (i, (canary, faults)) in Canary::ALL.iter().enumerate() {
+            for (i, (canary, faults)) in Canary::ALL
+                .iter()
+                .enumerate()
+                .filter(|(_, (c, _))| only.is_empty() || only.contains(c))
+            {
                 let mut config = match options.config(
                     faults.to_vec(),
                     options.nodes,

@@ -64,16 +64,25 @@ pub enum Canary {
     /// The senders publish without a producer id, so the broker cannot recognise a retry: an
     /// ambiguous attempt that was stored and retried must show up as a duplicate.
     NoDedup,
+    /// The brokers check no batch CRC (`WEFT_CANARY_SKIP_CRC=1`, a test-only switch): damage
+    /// to a replica's files must reach clients (crc-escape, or replica-divergence).
+    CrcOff,
+    /// Reads go past the commit index (`WEFT_CANARY_READ_UNCOMMITTED=1`, a test-only switch):
+    /// under partitions, records a cut-off leader wrote and never committed must be read
+    /// (inconsistent offsets, aborted or lost values).
+    DirtyRead,
 }
 
 impl Canary {
     /// Every canary, with the faults that expose it.
-    pub const ALL: [(Canary, &'static [Fault]); 2] = [
+    pub const ALL: [(Canary, &'static [Fault]); 4] = [
         (Canary::AckBeforeFsync, &[Fault::PowerLossAll]),
         (
             Canary::NoDedup,
             &[Fault::Kill, Fault::LeaderKill, Fault::Partition],
         ),
+        (Canary::CrcOff, &[Fault::CorruptionMinority]),
+        (Canary::DirtyRead, &[Fault::Partition]),
     ];
 
     /// Its name on the command line.
@@ -81,6 +90,8 @@ impl Canary {
         match self {
             Canary::AckBeforeFsync => "ack-before-fsync",
             Canary::NoDedup => "no-dedup",
+            Canary::CrcOff => "crc-off",
+            Canary::DirtyRead => "dirty-read",
         }
     }
 }
@@ -119,6 +130,15 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
     let spares = usize::from(config.faults.contains(&Fault::Membership));
     let net = Net::create(config.nodes + spares, dir, &mut rng)?;
     let mut cluster = Cluster::new(net, dir, &config.broker, config.nodes)?;
+    match config.canary {
+        Some(Canary::CrcOff) => cluster
+            .env
+            .push(("WEFT_CANARY_SKIP_CRC".into(), "1".into())),
+        Some(Canary::DirtyRead) => cluster
+            .env
+            .push(("WEFT_CANARY_READ_UNCOMMITTED".into(), "1".into())),
+        _ => {}
+    }
     eprintln!(
         "[jepsen] {} nodes on 10.213.{}.0/24, seed {}, faults {:?}",
         config.nodes,
@@ -218,8 +238,28 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
     if let Err(e) = nemesis.heal().await {
         problems.push(format!("healing failed: {e:#}"));
     }
-    final_reads(&clients, &recorder, &progress, config.keys, &mut problems).await;
-    replica_reads(&clients, &recorder, &progress, config.keys, &mut problems).await;
+    // A canary is meant to lose or damage data: what it lost is never read, so its final phase
+    // is cut short rather than waiting out the full limits.
+    let scale = if config.canary.is_some() { 3 } else { 1 };
+    let limits = (FINAL_READ_LIMIT / scale, CATCH_UP_LIMIT / scale);
+    final_reads(
+        &clients,
+        &recorder,
+        &progress,
+        config.keys,
+        limits.0,
+        &mut problems,
+    )
+    .await;
+    replica_reads(
+        &clients,
+        &recorder,
+        &progress,
+        config.keys,
+        limits.1,
+        &mut problems,
+    )
+    .await;
     if config.members > 0
         && !crate::groups::final_read_committed(config.keys, &clients, &recorder).await
     {
@@ -355,17 +395,18 @@ async fn final_reads(
     recorder: &Recorder,
     progress: &Progress,
     keys: u32,
+    limit: Duration,
     problems: &mut Vec<String>,
 ) {
     let mut rng = StdRng::seed_from_u64(7);
-    let deadline = Instant::now() + FINAL_READ_LIMIT;
+    let deadline = Instant::now() + limit;
     for key in 0..keys {
         let target = progress.end(key);
         let mut position = 0u64;
         while position < target {
             if Instant::now() > deadline {
                 problems.push(format!(
-                    "key {key}: the final reads reached offset {position} of {target} within {FINAL_READ_LIMIT:?}"
+                    "key {key}: the final reads reached offset {position} of {target} within {limit:?}"
                 ));
                 break;
             }
@@ -396,6 +437,7 @@ async fn replica_reads(
     recorder: &Recorder,
     progress: &Progress,
     keys: u32,
+    limit: Duration,
     problems: &mut Vec<String>,
 ) {
     let mut replicas: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
@@ -414,6 +456,9 @@ async fn replica_reads(
             break;
         }
     }
+    // One deadline for every replica to catch up (a replica that cannot would otherwise cost
+    // the whole limit once per key); a read begun after it still gets a few seconds.
+    let caught_up_by = Instant::now() + limit;
     for key in 0..keys {
         let target = progress.end(key);
         for node in replicas.get(&key).cloned().unwrap_or_default() {
@@ -430,7 +475,7 @@ async fn replica_reads(
             op.node = Some(node);
             op.offset = Some(0);
             recorder.record(op.clone());
-            let deadline = Instant::now() + CATCH_UP_LIMIT;
+            let deadline = caught_up_by.max(Instant::now() + Duration::from_secs(3));
             let mut records = Vec::new();
             let mut position = 0u64;
             let result = loop {
@@ -439,7 +484,7 @@ async fn replica_reads(
                 }
                 if Instant::now() > deadline {
                     break Err(format!(
-                        "node {node} holds key {key} up to offset {position}, not {target}, {CATCH_UP_LIMIT:?} after healing"
+                        "node {node} holds key {key} up to offset {position}, not {target}, {limit:?} after healing"
                     ));
                 }
                 match workload::fetch(channel.clone(), key, position).await {

@@ -26,6 +26,8 @@
 //!   and position.
 //! - Nothing here panics on bad bytes: malformed input is an [`Error`] or a [`CodecError`].
 
+#[cfg(feature = "unsafe-canaries")]
+pub mod canary;
 pub mod codec;
 pub mod commit;
 pub mod config;
