@@ -50,6 +50,9 @@ pub enum RaftKey {
     Vote,
     /// The last purged log id.
     LastPurged,
+    /// A log index known committed (a lower bound, saved lazily): at open, a log that ends
+    /// before it lost committed entries, which are fetched again before the group may vote.
+    Committed,
 }
 
 impl RaftKey {
@@ -57,6 +60,8 @@ impl RaftKey {
         match self {
             RaftKey::Vote => 1,
             RaftKey::LastPurged => 3,
+            // Tags are never reused or renumbered.
+            RaftKey::Committed => 4,
         }
     }
 }
@@ -162,6 +167,15 @@ impl Metadata {
             .get(RAFT, &Self::raft_key(group, key))?
             .map(|v| versioned(&v, "raft state").map(<[u8]>::to_vec))
             .transpose()
+    }
+
+    /// Stores Raft state `key` of `group`, durable at the store's next sync (for a value whose
+    /// older copy is still correct after a crash).
+    pub fn set_raft_unsynced(&self, group: u64, key: RaftKey, value: &[u8]) -> Result<()> {
+        Ok(self.store.apply_unsynced(
+            RAFT,
+            vec![MetaOp::Put(Self::raft_key(group, key), with_version(value))],
+        )?)
     }
 
     /// Stores Raft state `key` of `group`, durably.

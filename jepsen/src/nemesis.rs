@@ -88,6 +88,9 @@ pub struct Nemesis {
     pub injected: std::collections::BTreeMap<&'static str, u64>,
     /// A broker being removed (stopped and wiped at heal, once it has left the cluster).
     removing: Option<u64>,
+    /// Corruption flips bits in partition data only (many of them), never truncates or zeroes:
+    /// for the crc-off canary, whose damage must be of the kind only a batch CRC catches.
+    pub flips_only: bool,
 }
 
 fn lock(cluster: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
@@ -111,6 +114,7 @@ impl Nemesis {
             rng: StdRng::seed_from_u64(seed),
             injected: Default::default(),
             removing: None,
+            flips_only: false,
         }
     }
 
@@ -229,6 +233,7 @@ impl Nemesis {
                 let victim = ids[self.rng.random_range(0..ids.len())];
                 let seed = self.rng.random::<u64>();
                 let cluster = self.cluster.clone();
+                let flips_only = self.flips_only;
                 tokio::task::spawn_blocking(move || {
                     let mut cluster = lock(&cluster);
                     cluster.kill(victim)?;
@@ -237,7 +242,12 @@ impl Nemesis {
                         .iter()
                         .find(|n| n.id == victim)
                         .context("victim")?;
-                    let done = power::corrupt(&node.data_dir(), &mut StdRng::seed_from_u64(seed))?;
+                    let mut rng = StdRng::seed_from_u64(seed);
+                    let done = if flips_only {
+                        power::flip_bits(&node.data_dir(), &mut rng)?
+                    } else {
+                        power::corrupt(&node.data_dir(), &mut rng)?
+                    };
                     Ok(format!("node {victim}: {}", done.join("; ")))
                 })
                 .await

@@ -179,3 +179,32 @@ pub fn corrupt(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
     }
     Ok(done)
 }
+
+/// Flips many random bits (32 to 96 per file) in one to three partition segment files of a
+/// broker that is down: damage that only a batch CRC catches, mostly inside records. Returns a
+/// description of each.
+pub fn flip_bits(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
+    let segments: Vec<PathBuf> = partition_files(data_dir)?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .filter(|p| p.components().any(|c| c.as_os_str() == "topics"))
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 64))
+        .collect();
+    let mut done = Vec::new();
+    if segments.is_empty() {
+        return Ok(done);
+    }
+    for _ in 0..rng.random_range(1..=3usize) {
+        let path = &segments[rng.random_range(0..segments.len())];
+        let mut content =
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let flips = rng.random_range(32..=96);
+        for _ in 0..flips {
+            let at = rng.random_range(0..content.len());
+            content[at] ^= 1 << rng.random_range(0..8);
+        }
+        std::fs::write(path, &content).with_context(|| format!("writing {}", path.display()))?;
+        done.push(format!("{}: {flips} bit flips", path.display()));
+    }
+    Ok(done)
+}

@@ -207,6 +207,7 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
         recorder.clone(),
         rng.random(),
     );
+    nemesis.flips_only = config.canary == Some(Canary::CrcOff);
     let faults = config.faults.clone();
     let nemesis_stop = stop.clone();
     let nemesis_task = tokio::spawn(async move {

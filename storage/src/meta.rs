@@ -25,6 +25,12 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
     fn get(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Applies writes to one space atomically and durably.
     fn apply(&self, space: &str, ops: Vec<MetaOp>) -> Result<()>;
+    /// Applies writes to one space atomically, durable only once something syncs the store
+    /// (sled syncs on its own every half second): for values where an older one read after a
+    /// crash is still correct, such as a lower bound.
+    fn apply_unsynced(&self, space: &str, ops: Vec<MetaOp>) -> Result<()> {
+        self.apply(space, ops)
+    }
     /// All entries of `space` whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, space: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
 }
@@ -79,6 +85,18 @@ impl MetaStore for SledMetaStore {
         tree.apply_batch(batch).map_err(sled_error)?;
         self.db.flush().map_err(sled_error)?;
         Ok(())
+    }
+
+    fn apply_unsynced(&self, space: &str, ops: Vec<MetaOp>) -> Result<()> {
+        let tree = self.tree(space)?;
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                MetaOp::Put(key, value) => batch.insert(key, value),
+                MetaOp::Delete(key) => batch.remove(key),
+            }
+        }
+        tree.apply_batch(batch).map_err(sled_error)
     }
 
     fn scan_prefix(&self, space: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {

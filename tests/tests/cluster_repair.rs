@@ -9,6 +9,8 @@
 //! snapshot says those entries were applied fetches the missing entries from another replica
 //! before it starts its Raft group. Before, openraft took the entries as purged (the snapshot
 //! covers them) and never sent them again: the replica's own copy stopped at the cut for good.
+//! The same holds for committed entries past its snapshot (killed, no snapshot at stop): it
+//! fetches them before its group starts, so it never votes without them.
 
 use std::time::Duration;
 
@@ -74,6 +76,11 @@ async fn cluster_with_records() -> (Vec<Broker>, usize) {
     .await;
     let channel = grpc::channel(&brokers[leader as usize - 1].client_addr).await;
     for start in (0..RECORDS).step_by(50) {
+        if start + 50 >= RECORDS {
+            // A pause before the last batch: replicas save how far the log is committed at
+            // most once a second, so the last commit is the one they save.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
         grpc::publisher(&channel)
             .publish(PublishRequest {
                 topic: "heal".into(),
@@ -245,4 +252,30 @@ async fn a_broker_whose_controller_log_is_damaged_learns_the_metadata_again() {
         .await;
     }
     broker.wait_ready();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_committed_entries_fetches_them_before_it_votes() {
+    let (mut brokers, follower) = cluster_with_records().await;
+    // Killed (no snapshot at stop) a moment after the last commit, once its saved committed
+    // index has reached the store; then the newest segment loses its second half.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    brokers[follower].kill9();
+    let files = segment_files(&brokers[follower]);
+    let victim = files.iter().max().expect("a segment");
+    let length = std::fs::metadata(victim).expect("stat").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(victim)
+        .expect("open");
+    file.set_len(length / 2).expect("truncate");
+    drop(file);
+    brokers[follower].start_again_same_ports();
+    brokers[follower].wait_ready();
+    let refetched = metric(&brokers[follower], "weft_partition_refetched_tails_total");
+    assert!(
+        refetched.is_some_and(|n| n >= 1.0),
+        "the lost committed entries were fetched at open, before the group started: {refetched:?}"
+    );
+    assert_serves_everything(&brokers[follower]).await;
 }

@@ -59,6 +59,8 @@ pub(super) struct Shared {
     /// it (fetched from the leader): the purge openraft then asks for through the snapshot
     /// only records that those entries are out of Raft's reach, and keeps them on disk.
     keep_through: Mutex<Option<u64>>,
+    /// When the committed index was last saved (see `save_committed`).
+    committed_saved_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// Groups batches read from the log into entries (the batches of one frame share a Raft index).
@@ -361,6 +363,7 @@ impl LogStore {
             last_log_id: Mutex::new(last_in_log),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
             keep_through: Mutex::new(None),
+            committed_saved_at: Mutex::new(None),
         });
         Ok(LogStore { shared, flusher })
     }
@@ -398,6 +401,25 @@ impl LogReader {
     ) -> Result<T, StorageError> {
         let mut log = self.shared.log_mut()?;
         Ok(f(&mut log))
+    }
+
+    /// The log index saved as committed (a lower bound of what was committed: saved lazily),
+    /// if any.
+    pub fn saved_committed(&self) -> Option<u64> {
+        let bytes = self
+            .shared
+            .meta
+            .raft(self.shared.group, RaftKey::Committed)
+            .ok()??;
+        serde_json::from_slice::<LogId>(&bytes)
+            .ok()
+            .map(|id| id.index)
+    }
+
+    /// Whether entries become durable before they are acknowledged (fsync before ack), so a
+    /// committed entry is durable on a majority of the replicas.
+    pub fn syncs_before_ack(&self) -> bool {
+        self.shared.sync_interval_ms().is_none()
     }
 
     /// Appends whole entries fetched from another replica, before the Raft group starts (a log
@@ -508,6 +530,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
         })
         .await
+    }
+
+    /// Saves, at most once a second and without a sync of its own, how far the log is known
+    /// committed: a lower bound, which a later open checks the log against (a log cut short
+    /// below it lost committed entries, fetched again before the group may vote). Only under
+    /// fsync before ack: otherwise committed entries may be lost by design. openraft reads
+    /// none of it back (`read_committed` stays the default): a bound behind a purge would break
+    /// its startup invariants.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+        let Some(committed) = committed else {
+            return Ok(());
+        };
+        if self.shared.sync_interval_ms().is_some() {
+            return Ok(());
+        }
+        let due = match self.shared.committed_saved_at.lock() {
+            Ok(mut at) if at.is_none_or(|t| t.elapsed() >= EVERY) => {
+                *at = Some(std::time::Instant::now());
+                true
+            }
+            _ => false,
+        };
+        if due {
+            let bytes = serde_json::to_vec(&committed)
+                .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
+            self.shared
+                .meta
+                .set_raft_unsynced(self.shared.group, RaftKey::Committed, &bytes)
+                .map_err(|e| meta_error(&e))?;
+        }
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {

@@ -996,14 +996,17 @@ async fn fetch_entries(
     Ok(entries)
 }
 
-/// A log that ends before the entries the snapshot says were applied lost part of its durable
-/// tail (its file cut short while the broker was down: a failing disk, a partial restore).
-/// openraft would take the missing entries as purged (the snapshot covers them) and never send
-/// them again, leaving this replica's copy of the partition with a hole for good (seen by the
-/// fault-injection harness). So they are fetched from another replica and appended before the
-/// Raft group starts. Err while no replica can give them: the partition stays down and is
-/// opened again later. When every replica answered that retention purged them, the log
-/// restarts after the snapshot, as an installed snapshot does.
+/// A log that ends before what this replica knows was committed lost part of its durable tail
+/// (its file cut short while the broker was down: a failing disk, a partial restore). Known
+/// committed: what the snapshot says was applied, and, under fsync before ack, the committed
+/// index the log store saved. openraft would take entries the snapshot covers as purged and
+/// never send them again, leaving this replica's copy with a hole for good; and a replica
+/// missing committed entries must not vote before it has them again (with them it could help
+/// elect a leader that lacks them). So they are fetched from another replica and appended before
+/// the Raft group starts. Err while no replica can give them: the partition stays down and is
+/// opened again later. When every replica answered that retention purged them, or the topic
+/// acknowledges before fsync (losing them is what it accepted), the log restarts after the
+/// snapshot, as an installed snapshot does.
 async fn fill_missing_tail(
     sm: &PartitionStateMachine,
     reader: &LogReader,
@@ -1016,14 +1019,22 @@ async fn fill_missing_tail(
     let end = reader
         .with_log(|log| log.end())
         .map_err(|e| e.to_string())?;
-    if end.next_index >= next.next_index {
+    let fresh = end.next_index == 0 && state.last_applied.is_none();
+    let committed_next = if reader.syncs_before_ack() && !fresh {
+        reader.saved_committed().map(|c| c + 1)
+    } else {
+        None
+    };
+    let want = next.next_index.max(committed_next.unwrap_or(0));
+    if end.next_index >= want {
         return Ok(());
     }
     tracing::warn!(
         group_id,
         log_end = end.next_index,
-        applied_through = next.next_index - 1,
-        "the log lost entries this replica had applied; fetching them from another replica"
+        applied_through = next.next_index.saturating_sub(1),
+        committed_through = want - 1,
+        "the log lost entries this replica knew committed; fetching them from another replica before it may vote"
     );
     let nodes: Vec<(NodeId, String)> = state
         .last_membership
@@ -1035,32 +1046,27 @@ async fn fill_missing_tail(
     let mut errors = Vec::new();
     let mut purged = 0;
     for (node, address) in &nodes {
-        let entries = match fetch_entries(
-            peers,
-            group_id,
-            (*node, address),
-            end.next_index,
-            next.next_index,
-        )
-        .await
-        {
-            Ok(entries) => entries,
-            Err(e) => {
-                purged += usize::from(matches!(e, FetchError::Purged(_)));
-                errors.push(e.to_string());
-                continue;
-            }
-        };
+        let entries =
+            match fetch_entries(peers, group_id, (*node, address), end.next_index, want).await {
+                Ok(entries) => entries,
+                Err(e) => {
+                    purged += usize::from(matches!(e, FetchError::Purged(_)));
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
         let writer = reader.clone();
         let filled = tokio::task::spawn_blocking(move || writer.append_fetched(&entries))
             .await
             .map_err(|e| e.to_string())?;
         match filled {
-            Ok(filled) if filled == next => {
+            Ok(filled)
+                if filled.next_index == want && (want != next.next_index || filled == next) =>
+            {
                 tracing::warn!(
                     group_id,
                     from = node,
-                    entries = next.next_index - end.next_index,
+                    entries = want - end.next_index,
                     "fetched the entries the log had lost"
                 );
                 metrics::counter!("weft_partition_refetched_tails_total").increment(1);
@@ -1068,17 +1074,25 @@ async fn fill_missing_tail(
             }
             Ok(filled) => {
                 return Err(format!(
-                    "the entries fetched from node {node} end at {filled:?}, not where the \
-                     snapshot resumes ({next:?})"
+                    "the entries fetched from node {node} end at {filled:?}, not at entry {want} \
+                     (the snapshot resumes at {next:?})"
                 ));
             }
             Err(e) => errors.push(format!("node {node}: {e}")),
         }
     }
-    if !nodes.is_empty() && purged == nodes.len() {
+    let accepted_loss = !reader.syncs_before_ack();
+    if (!nodes.is_empty() && purged == nodes.len()) || accepted_loss {
+        if end.next_index >= next.next_index {
+            tracing::warn!(
+                group_id,
+                "no replica holds the committed entries this log lost (the topic acknowledges before fsync); going on without them"
+            );
+            return Ok(());
+        }
         tracing::warn!(
             group_id,
-            "every replica purged the entries the log lost; the log restarts after the snapshot"
+            "no replica holds the entries this log lost (purged, or the topic acknowledges before fsync); the log restarts after the snapshot"
         );
         return reader
             .with_log_mut(|log| log.reset(next))
@@ -1086,10 +1100,10 @@ async fn fill_missing_tail(
             .map_err(|e| e.to_string());
     }
     Err(format!(
-        "the log ends at entry {} but entries through {} were applied, and no replica could give \
-         the missing ones yet: {}",
+        "the log ends at entry {} but entries through {} were committed, and no replica could \
+         give the missing ones yet: {}",
         end.next_index,
-        next.next_index - 1,
+        want - 1,
         if errors.is_empty() {
             "this replica has no peers".to_string()
         } else {
