@@ -235,7 +235,13 @@ async fn register_loop(node: std::sync::Weak<Node>) {
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
-        if node.controller.has_leader() {
+        // Only once this broker's join is settled: the controller leader tells a joining broker
+        // that lost its data by finding it registered, so a broker that registered while its
+        // own join was still being retried (its first attempt added it, the answer was lost)
+        // would take itself for one that lost its data and withhold its votes in every group
+        // (seen with five brokers joining at once: new partitions got no leader).
+        let joined = node.peers().recovery() != crate::raft::Recovery::Undecided;
+        if joined && node.controller.has_leader() {
             match node.register_broker().await {
                 Ok(()) => {
                     tracing::info!(node = node.node_id, "registered in the controller");

@@ -45,11 +45,14 @@ pub enum Fault {
     /// onto it), then a broker is removed (its replicas move away, it leaves the cluster, and at
     /// heal it is stopped and its data wiped), then the wiped broker is added again.
     Membership,
+    /// Every broker in turn is stopped gracefully (SIGTERM), started again, and waited for
+    /// until ready, as a rolling upgrade does.
+    RollingRestart,
 }
 
 impl Fault {
     /// Every fault class.
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 10] = [
         Fault::Partition,
         Fault::Loss,
         Fault::Kill,
@@ -59,6 +62,7 @@ impl Fault {
         Fault::CorruptionMinority,
         Fault::ClockSkew,
         Fault::Membership,
+        Fault::RollingRestart,
     ];
 
     /// Its name on the command line.
@@ -73,6 +77,7 @@ impl Fault {
             Fault::CorruptionMinority => "corruption-minority",
             Fault::ClockSkew => "clock-skew",
             Fault::Membership => "membership",
+            Fault::RollingRestart => "rolling-restart",
         }
     }
 }
@@ -254,6 +259,23 @@ impl Nemesis {
                 .context("corruption task")?
             }
             Fault::Membership => self.membership(&ids).await,
+            Fault::RollingRestart => {
+                let mut order = ids.clone();
+                order.shuffle(&mut self.rng);
+                for &id in &order {
+                    let cluster = self.cluster.clone();
+                    let address = tokio::task::spawn_blocking(move || {
+                        let mut cluster = lock(&cluster);
+                        cluster.stop(id)?;
+                        cluster.start(id)?;
+                        anyhow::Ok(cluster.admin_address(id))
+                    })
+                    .await
+                    .context("restart task")??;
+                    crate::cluster::wait_ready(id, &address, Duration::from_secs(90)).await?;
+                }
+                Ok(format!("restarted {order:?} one at a time"))
+            }
             Fault::ClockSkew => {
                 let victims = self.minority(&ids);
                 let mut skews = Vec::new();

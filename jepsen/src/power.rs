@@ -135,8 +135,9 @@ pub fn power_loss(
     Ok(cut)
 }
 
-/// Damages the segment data files of a broker that is down: in a few of them, random bit flips
-/// or a chunk of zeros where data was. Returns a description of each.
+/// Damages the segment data files of a broker that is down: in a few of them, random bit flips,
+/// truncation, a chunk of zeros where data was, or a chunk rolled back to older bytes. Returns a
+/// description of each.
 pub fn corrupt(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
     // Partitions' and the controller's segment files.
     let segments: Vec<PathBuf> = partition_files(data_dir)?
@@ -153,7 +154,16 @@ pub fn corrupt(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
         let mut content =
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let len = content.len();
-        let what = match rng.random_range(0..3) {
+        let what = match rng.random_range(0..4) {
+            3 if len > 2 => {
+                // An older chunk where newer data was (a lost or misdirected write): bytes from
+                // earlier in the file copied over later ones.
+                let to = rng.random_range(1..len);
+                let from = rng.random_range(0..to);
+                let n = rng.random_range(1..=4096).min(len - to).min(to - from);
+                content.copy_within(from..from + n, to);
+                format!("{n} bytes at {to} rolled back to those at {from}")
+            }
             0 => {
                 let flips = rng.random_range(1..=8);
                 for _ in 0..flips {
@@ -180,9 +190,10 @@ pub fn corrupt(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
     Ok(done)
 }
 
-/// Flips many random bits (32 to 96 per file) in one to three partition segment files of a
-/// broker that is down: damage that only a batch CRC catches, mostly inside records. Returns a
-/// description of each.
+/// Changes one character of the checksum part of 8 to 32 stored values (`s<N>-<M>-<8 hex>`) in
+/// one to three partition segment files of a broker that is down: damage inside records only,
+/// which nothing but a batch CRC catches (frames and record headers stay intact). For the
+/// crc-off canary. Returns a description of each.
 pub fn flip_bits(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
     let segments: Vec<PathBuf> = partition_files(data_dir)?
         .into_iter()
@@ -198,13 +209,85 @@ pub fn flip_bits(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
         let path = &segments[rng.random_range(0..segments.len())];
         let mut content =
             std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let flips = rng.random_range(32..=96);
-        for _ in 0..flips {
-            let at = rng.random_range(0..content.len());
-            content[at] ^= 1 << rng.random_range(0..8);
+        let checksums = value_checksums(&content);
+        if checksums.is_empty() {
+            continue;
+        }
+        let count = rng.random_range(8..=32).min(checksums.len());
+        for _ in 0..count {
+            let at = checksums[rng.random_range(0..checksums.len())] + rng.random_range(0..8);
+            content[at] ^= 1;
         }
         std::fs::write(path, &content).with_context(|| format!("writing {}", path.display()))?;
-        done.push(format!("{}: {flips} bit flips", path.display()));
+        done.push(format!("{}: {count} values changed", path.display()));
     }
     Ok(done)
+}
+
+/// Where the 8-hex-digit checksums of stored values (`s<N>-<M>-<8 hex>`) start in `bytes`.
+fn value_checksums(bytes: &[u8]) -> Vec<usize> {
+    let digits = |from: usize| {
+        bytes[from..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count()
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b's' {
+            let a = digits(i + 1);
+            let dash1 = i + 1 + a;
+            if a > 0 && bytes.get(dash1) == Some(&b'-') {
+                let b = digits(dash1 + 1);
+                let dash2 = dash1 + 1 + b;
+                if b > 0
+                    && bytes.get(dash2) == Some(&b'-')
+                    && bytes
+                        .get(dash2 + 1..dash2 + 9)
+                        .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+                {
+                    out.push(dash2 + 1);
+                    i = dash2 + 9;
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::{make_value, value_is_intact};
+
+    #[test]
+    fn stored_values_are_found_and_changed_values_fail_their_check() {
+        let a = make_value(3, 17);
+        let b = make_value(12, 4001);
+        let mut bytes = b"\x00\x07frame\x01".to_vec();
+        bytes.extend_from_slice(a.as_bytes());
+        bytes.extend_from_slice(b"\x02s1-x-12345678\x03");
+        bytes.extend_from_slice(b.as_bytes());
+        bytes.push(4);
+        let found = value_checksums(&bytes);
+        assert_eq!(found.len(), 2, "{found:?}");
+        for at in found {
+            let mut changed = bytes.clone();
+            changed[at + 3] ^= 1;
+            let text = String::from_utf8_lossy(&changed).into_owned();
+            let values: Vec<&str> = text
+                .split(|c: char| c.is_control())
+                .filter(|part| part.starts_with('s') && !part.contains('x'))
+                .collect();
+            assert_eq!(values.len(), 2, "{values:?}");
+            assert_eq!(
+                values.iter().filter(|v| !value_is_intact(v)).count(),
+                1,
+                "exactly the changed value fails its check: {values:?}"
+            );
+        }
+    }
 }

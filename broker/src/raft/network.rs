@@ -182,6 +182,14 @@ impl Peers {
         }
     }
 
+    /// Whether this node votes (see [`Recovery`]).
+    pub fn recovery(&self) -> Recovery {
+        self.inner
+            .recovery
+            .lock()
+            .map_or(Recovery::Undecided, |r| r.0)
+    }
+
     /// Whether this node withholds its vote in group `group_id` now.
     fn withholds_vote(&self, group_id: GroupId) -> bool {
         let Ok(mut r) = self.inner.recovery.lock() else {
