@@ -135,16 +135,23 @@ pub fn power_loss(
     Ok(cut)
 }
 
+/// The segment data files (longer than a header) under `data_dir`: partitions' only, or the
+/// controller's too.
+fn segment_files(data_dir: &Path, partitions_only: bool) -> Result<Vec<PathBuf>> {
+    Ok(partition_files(data_dir)?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .filter(|p| !partitions_only || p.components().any(|c| c.as_os_str() == "topics"))
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 64))
+        .collect())
+}
+
 /// Damages the segment data files of a broker that is down: in a few of them, random bit flips,
 /// truncation, a chunk of zeros where data was, or a chunk rolled back to older bytes. Returns a
 /// description of each.
 pub fn corrupt(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
     // Partitions' and the controller's segment files.
-    let segments: Vec<PathBuf> = partition_files(data_dir)?
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 64))
-        .collect();
+    let segments = segment_files(data_dir, false)?;
     let mut done = Vec::new();
     if segments.is_empty() {
         return Ok(done);
@@ -195,12 +202,7 @@ pub fn corrupt(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
 /// which nothing but a batch CRC catches (frames and record headers stay intact). For the
 /// crc-off canary. Returns a description of each.
 pub fn flip_bits(data_dir: &Path, rng: &mut impl Rng) -> Result<Vec<String>> {
-    let segments: Vec<PathBuf> = partition_files(data_dir)?
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .filter(|p| p.components().any(|c| c.as_os_str() == "topics"))
-        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 64))
-        .collect();
+    let segments = segment_files(data_dir, true)?;
     let mut done = Vec::new();
     if segments.is_empty() {
         return Ok(done);

@@ -74,15 +74,7 @@ impl MetaStore for SledMetaStore {
     }
 
     fn apply(&self, space: &str, ops: Vec<MetaOp>) -> Result<()> {
-        let tree = self.tree(space)?;
-        let mut batch = sled::Batch::default();
-        for op in ops {
-            match op {
-                MetaOp::Put(key, value) => batch.insert(key, value),
-                MetaOp::Delete(key) => batch.remove(key),
-            }
-        }
-        tree.apply_batch(batch).map_err(sled_error)?;
+        self.apply_unsynced(space, ops)?;
         self.db.flush().map_err(sled_error)?;
         Ok(())
     }

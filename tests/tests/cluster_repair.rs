@@ -172,21 +172,26 @@ async fn a_replica_repairs_damaged_entries_from_the_others() {
     eprintln!("damage reported before the metric settled: {damaged:?}");
 }
 
+/// Cuts the newest segment file of `broker` (down) to half its length.
+fn cut_newest_segment_in_half(broker: &Broker) {
+    let files = segment_files(broker);
+    let victim = files.iter().max().expect("a segment");
+    let length = std::fs::metadata(victim).expect("stat").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(victim)
+        .expect("open")
+        .set_len(length / 2)
+        .expect("truncate");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_log_lost_its_tail_fetches_it_again() {
     let (mut brokers, follower) = cluster_with_records().await;
     // A graceful stop snapshots the partition (the snapshot covers every record); then the
     // log's newest segment loses its second half while the broker is down.
     brokers[follower].stop();
-    let files = segment_files(&brokers[follower]);
-    let victim = files.iter().max().expect("a segment");
-    let length = std::fs::metadata(victim).expect("stat").len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(victim)
-        .expect("open");
-    file.set_len(length / 2).expect("truncate");
-    drop(file);
+    cut_newest_segment_in_half(&brokers[follower]);
     brokers[follower].start_again_same_ports();
     brokers[follower].wait_ready();
     assert_serves_everything(&brokers[follower]).await;
@@ -261,15 +266,7 @@ async fn a_replica_that_lost_committed_entries_fetches_them_before_it_votes() {
     // index has reached the store; then the newest segment loses its second half.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     brokers[follower].kill9();
-    let files = segment_files(&brokers[follower]);
-    let victim = files.iter().max().expect("a segment");
-    let length = std::fs::metadata(victim).expect("stat").len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(victim)
-        .expect("open");
-    file.set_len(length / 2).expect("truncate");
-    drop(file);
+    cut_newest_segment_in_half(&brokers[follower]);
     brokers[follower].start_again_same_ports();
     brokers[follower].wait_ready();
     let refetched = metric(&brokers[follower], "weft_partition_refetched_tails_total");
