@@ -207,8 +207,33 @@ impl PartialEq for RemoteStatus {
 impl Eq for RemoteStatus {}
 
 impl From<tonic::Status> for BrokerError {
+    /// A peer broker's answer, passed on as it came; but a status this broker's own gRPC client
+    /// made up because the peer never answered (a connection that broke or closed: CANCELLED,
+    /// UNKNOWN, an h2 error, or any status with a transport error as its source) becomes a plain
+    /// UNAVAILABLE (or DEADLINE_EXCEEDED when the client's timer expired), the codes a client
+    /// retries on: the call may or may not have taken effect at the peer.
     fn from(status: tonic::Status) -> Self {
-        BrokerError::Remote(RemoteStatus(Box::new(status)))
+        let made_up_here = std::error::Error::source(&status).is_some()
+            || matches!(status.code(), Code::Cancelled | Code::Unknown)
+            || status.message().starts_with("h2 protocol error");
+        if !made_up_here {
+            return BrokerError::Remote(RemoteStatus(Box::new(status)));
+        }
+        if status.code() == Code::Cancelled && status.message() == "Timeout expired" {
+            return BrokerError::Timeout(
+                "a peer broker did not answer in time: the call may or may not have taken effect"
+                    .into(),
+            );
+        }
+        BrokerError::Unavailable {
+            reason: format!(
+                "the connection to a peer broker failed ({:?}: {}): the call may or may not have \
+                 taken effect; try again",
+                status.code(),
+                status.message()
+            ),
+            leader: None,
+        }
     }
 }
 
@@ -432,6 +457,34 @@ mod tests {
         let status = tonic::Status::from(BrokerError::invalid("name", format!("bad {long}")));
         assert!(status.message().len() < 1200);
         assert_eq!(clip("short"), "short");
+    }
+
+    /// Seen in a CI run: a publish forwarded to a leader that was killed answered the client
+    /// CANCELLED ("operation was canceled", made up by this broker's own client when the
+    /// connection closed), a code clients do not retry on.
+    #[test]
+    fn a_broken_connection_to_a_peer_is_unavailable_not_passed_on() {
+        for made_up in [
+            tonic::Status::cancelled("operation was canceled"),
+            tonic::Status::unknown("h2 protocol error: error reading a body from connection"),
+            tonic::Status::internal("h2 protocol error: connection reset"),
+        ] {
+            let status = tonic::Status::from(BrokerError::from(made_up));
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("may or may not"), "{status:?}");
+        }
+        let expired = tonic::Status::from(BrokerError::from(tonic::Status::cancelled(
+            tonic::TimeoutExpired(()).to_string(),
+        )));
+        assert_eq!(expired.code(), Code::DeadlineExceeded, "{expired:?}");
+        // What a peer broker really answered is passed on as it came.
+        let answered = tonic::Status::from(BrokerError::from(tonic::Status::internal(
+            "the partition log is damaged",
+        )));
+        assert_eq!(answered.code(), Code::Internal);
+        assert_eq!(answered.message(), "the partition log is damaged");
+        let answered = tonic::Status::from(BrokerError::from(tonic::Status::not_found("no")));
+        assert_eq!(answered.code(), Code::NotFound);
     }
 
     #[test]

@@ -434,16 +434,14 @@ impl Node {
         Ok(node)
     }
 
-    /// Records this broker's addresses in the controller (when they are missing or changed).
+    /// Records this broker's addresses in the controller.
     async fn register_broker(&self) -> Result<(), BrokerError> {
         let peer_address = self.config.peer_address();
         let client_address = self.config.client_address();
-        let known = self.controller.state().brokers.get(&self.node_id).cloned();
-        if known.is_some_and(|b| {
-            b.peer_address == peer_address && b.client_address == client_address && !b.draining
-        }) {
-            return Ok(());
-        }
+        // Always proposed (registering again changes nothing): this broker's copy of the
+        // controller state may lag behind the log. A wiped broker added again found its old
+        // registration in the part of the log it had applied, skipped the proposal, and then
+        // applied its own removal: it never registered and never became ready.
         self.propose(ControllerCommand::RegisterBroker {
             node_id: self.node_id,
             peer_address,

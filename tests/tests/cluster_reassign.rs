@@ -2,8 +2,9 @@
 //! dirs): a fourth broker joins a three-broker cluster, `weft cluster rebalance` moves replicas
 //! (and preferred leaders) onto it, a partition is moved by hand through the admin API, and
 //! `weft cluster remove-broker` moves every replica off the first broker (the one that started
-//! the cluster) and takes it out of the cluster. An idempotent producer publishes the whole time;
-//! every acknowledged record is then read back once from every replica, offsets dense.
+//! the cluster) and takes it out of the cluster; wiped, it joins again. An idempotent producer
+//! publishes the whole time; every acknowledged record is then read back once from every
+//! replica, offsets dense.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -222,6 +223,22 @@ async fn brokers_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
     );
     assert_eq!(status, 201, "{body}");
     assert!(!body.contains("\"replicas\":[1"), "{body}");
+
+    // Broker 1 comes back with its data wiped: it joins again as a new broker and registers
+    // (the fault-injection harness saw such a broker apply its own old registration from the
+    // log it was catching up on, skip registering, and stay not ready for good).
+    std::fs::remove_dir_all(brokers[0].data_dir()).expect("wipe broker 1");
+    brokers[0].start_again_same_ports();
+    brokers[0].wait_ready();
+    wait_for(
+        "the cluster to list broker 1 again",
+        Duration::from_secs(30),
+        || {
+            let listed = brokers_listed(&brokers[2]);
+            async move { (listed == [1, 2, 3, 4]).then_some(()) }
+        },
+    )
+    .await;
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);

@@ -59,6 +59,50 @@ async fn read_all(broker: &Broker) -> Result<Vec<(u64, Vec<u8>)>, tonic::Status>
     Ok(out)
 }
 
+/// Publishes records `start .. start + 50` idempotently (producer 1, sequence `start`), trying
+/// the brokers in turn until one acknowledges them: a partition that has just elected its first
+/// leader may answer UNAVAILABLE for a moment, and a retry of an ambiguous attempt is stored once.
+async fn publish_batch(addresses: &[String], start: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        let channel = grpc::channel(&addresses[attempt % addresses.len()]).await;
+        let mut request = tonic::Request::new(PublishRequest {
+            topic: "heal".into(),
+            target: Some(Target::Partition(0)),
+            records: (start..start + 50)
+                .map(|i| Record {
+                    value: value(i).into(),
+                    ..Record::default()
+                })
+                .collect(),
+            producer_id: 1,
+            base_sequence: start,
+            ..PublishRequest::default()
+        });
+        request.set_timeout(Duration::from_secs(5));
+        match grpc::publisher(&channel).publish(request).await {
+            Ok(response) => {
+                assert_eq!(response.into_inner().base_offset, start, "dense offsets");
+                return;
+            }
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                    ),
+                    "publish at {start}: {status:?}"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not acknowledged within 60 s: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// A three-broker cluster with topic `heal` (one partition) holding [`RECORDS`] records on
 /// every replica; returns the brokers and the index of a follower.
 async fn cluster_with_records() -> (Vec<Broker>, usize) {
@@ -74,27 +118,17 @@ async fn cluster_with_records() -> (Vec<Broker>, usize) {
         async move { (l != 0).then_some(l) }
     })
     .await;
-    let channel = grpc::channel(&brokers[leader as usize - 1].client_addr).await;
+    let addresses: Vec<String> = std::iter::once(leader as usize - 1)
+        .chain(0..3)
+        .map(|i| brokers[i].client_addr.clone())
+        .collect();
     for start in (0..RECORDS).step_by(50) {
         if start + 50 >= RECORDS {
             // A pause before the last batch: replicas save how far the log is committed at
             // most once a second, so the last commit is the one they save.
             tokio::time::sleep(Duration::from_millis(1200)).await;
         }
-        grpc::publisher(&channel)
-            .publish(PublishRequest {
-                topic: "heal".into(),
-                target: Some(Target::Partition(0)),
-                records: (start..start + 50)
-                    .map(|i| Record {
-                        value: value(i).into(),
-                        ..Record::default()
-                    })
-                    .collect(),
-                ..PublishRequest::default()
-            })
-            .await
-            .expect("publish");
+        publish_batch(&addresses, start).await;
     }
     let follower = (1..=3u64).find(|id| *id != leader).expect("a follower") as usize - 1;
     let address = brokers[follower].client_addr.clone();

@@ -102,6 +102,11 @@ impl ControllerGroup {
             sm.clone(),
         )
         .await?;
+        // Whether its log held a cluster at open, read before the group is reachable: once it
+        // is registered, a leader that counts this broker as a member (one whose data was
+        // wiped) may replicate to it at once, and the join below would be skipped, leaving
+        // the broker undecided (never registered, never voting) for good.
+        let initialized = raft.is_initialized().await?;
         peers.register(CONTROLLER_GROUP, raft.clone());
         let opened_at_index = raft.metrics().borrow().last_log_index;
         let group = ControllerGroup {
@@ -112,7 +117,7 @@ impl ControllerGroup {
             caught_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
-        if !raft.is_initialized().await? {
+        if !initialized {
             // The seed initialises a new cluster only when no other broker has one: a seed that
             // lost its data joins the cluster it belonged to instead of starting a second one.
             let cluster_elsewhere = if seed && seeds.len() > 1 {
