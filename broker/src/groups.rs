@@ -16,13 +16,16 @@
 //! leading the controller; members connected to other brokers reach it through their broker
 //! (`grpc::group_link`). When another broker takes the controller over, this one forgets its
 //! groups ([`Coordinator::reset`]): their streams end, the members rejoin the new coordinator,
-//! and its generations start above every one handed out before (the controller's term is their
-//! high half; see [`OffsetStore::generation_floor`]).
+//! and its generations start above every one handed out before: each leadership of the
+//! controller commits a takeover that bumps the coordinator epoch, the high half of the
+//! generations (see [`OffsetStore::generation_floor`]). A Raft term would not do: a leader that
+//! restarts may lead again in the same term, and it forgot the generations it handed out.
 //!
 //! One group consumes one topic at a time. Groups with neither members nor offsets leave memory.
 //! The state here is pure (time is an argument), so it is unit-tested without sockets.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -42,9 +45,10 @@ pub trait OffsetStore: Send + Sync + std::fmt::Debug {
     fn groups(&self) -> Vec<String>;
     /// The lowest generation a group this coordinator takes over may start from: above every
     /// generation an earlier coordinator handed out, committed or not (a generation number must
-    /// never come back with another assignment). 0 where there is no earlier coordinator.
-    fn generation_floor(&self) -> u64 {
-        0
+    /// never come back with another assignment). None while this coordinator's takeover is not
+    /// committed yet (it hands out no generation then).
+    fn generation_floor(&self) -> Option<u64> {
+        Some(0)
     }
     /// Stores offsets on `topic_id`, refused (INVALID_ARGUMENT) if any goes backwards.
     fn commit(
@@ -148,8 +152,13 @@ struct Group {
 }
 
 impl Group {
-    fn rebalance(&mut self) {
-        self.generation += 1;
+    /// A new generation and assignment. Generations come from `last`, the coordinator's
+    /// counter over all its groups: a group that left memory (its last member gone) and comes
+    /// back starts above every generation it had, committed or not.
+    fn rebalance(&mut self, last: &AtomicU64) {
+        let next = last.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        self.generation = (self.generation + 1).max(next);
+        last.fetch_max(self.generation, AtomicOrdering::SeqCst);
         let ids: Vec<&str> = self.members.keys().map(String::as_str).collect();
         let view = GroupView {
             generation: self.generation,
@@ -178,6 +187,8 @@ struct Inner {
     default_session: Duration,
     groups: Mutex<HashMap<String, Group>>,
     next_incarnation: std::sync::atomic::AtomicU64,
+    /// The last generation handed out, over every group.
+    last_generation: AtomicU64,
 }
 
 /// The consumer-group coordinator of this node.
@@ -198,6 +209,7 @@ impl Coordinator {
                 default_session,
                 groups: Mutex::new(HashMap::new()),
                 next_incarnation: std::sync::atomic::AtomicU64::new(1),
+                last_generation: AtomicU64::new(0),
             }),
         }
     }
@@ -237,22 +249,39 @@ impl Coordinator {
             .next_incarnation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut groups = self.groups()?;
-        let group = groups.entry(group_id.to_string()).or_insert_with(|| Group {
-            topic: topic.to_string(),
-            topic_id: topic_id.to_string(),
-            partitions,
-            // Above every generation that committed, under this coordinator or an earlier one,
-            // and every one an earlier coordinator handed out.
-            generation: self
-                .inner
-                .store
-                .group(group_id)
-                .map_or(0, |g| g.generation)
-                .max(self.inner.store.generation_floor()),
-            members: BTreeMap::new(),
-            view: watch::Sender::new(Arc::new(GroupView::default())),
-            commit_lock: Arc::new(tokio::sync::Mutex::new(())),
-        });
+        if !groups.contains_key(group_id) {
+            let Some(floor) = self.inner.store.generation_floor() else {
+                return Err(BrokerError::Unavailable {
+                    reason: "the group coordinator is taking the groups over; join again in a \
+                             moment"
+                        .into(),
+                    leader: None,
+                });
+            };
+            // Generations start above every one an earlier coordinator handed out (its
+            // epoch's), and stay above every one that committed.
+            self.inner
+                .last_generation
+                .fetch_max(floor, AtomicOrdering::SeqCst);
+            let group = Group {
+                topic: topic.to_string(),
+                topic_id: topic_id.to_string(),
+                partitions,
+                generation: self
+                    .inner
+                    .store
+                    .group(group_id)
+                    .map_or(0, |g| g.generation)
+                    .max(floor),
+                members: BTreeMap::new(),
+                view: watch::Sender::new(Arc::new(GroupView::default())),
+                commit_lock: Arc::new(tokio::sync::Mutex::new(())),
+            };
+            groups.insert(group_id.to_string(), group);
+        }
+        let Some(group) = groups.get_mut(group_id) else {
+            return Err(BrokerError::Internal("a group just added is gone".into()));
+        };
         if group.topic_id != topic_id {
             if !group.members.is_empty() {
                 return Err(BrokerError::invalid(
@@ -278,7 +307,7 @@ impl Coordinator {
                     // Another stream holds this id: it is superseded, and the generation moves
                     // on so its holder can no longer commit.
                     group.partitions = partitions;
-                    group.rebalance();
+                    group.rebalance(&self.inner.last_generation);
                 } else {
                     // A member coming back after its stream ended: same generation, same
                     // partitions; only its incarnation changes.
@@ -304,7 +333,7 @@ impl Coordinator {
                     },
                 );
                 group.partitions = partitions;
-                group.rebalance();
+                group.rebalance(&self.inner.last_generation);
                 id
             }
         };
@@ -372,7 +401,7 @@ impl Coordinator {
         if group.members.remove(member_id).is_none() {
             return false;
         }
-        group.rebalance();
+        group.rebalance(&self.inner.last_generation);
         if group.members.is_empty() {
             groups.remove(group_id);
         }
@@ -392,7 +421,7 @@ impl Coordinator {
                     .is_some_and(|m| m.incarnation == incarnation) =>
             {
                 group.members.remove(member_id);
-                group.rebalance();
+                group.rebalance(&self.inner.last_generation);
                 group.members.is_empty()
             }
             _ => false,
@@ -420,7 +449,7 @@ impl Coordinator {
             });
             if group.members.len() != before {
                 removed += before - group.members.len();
-                group.rebalance();
+                group.rebalance(&self.inner.last_generation);
             }
         }
         // An empty group is only its stored offsets: nothing to keep in memory. (A stream still
@@ -619,6 +648,12 @@ impl Coordinator {
         }
     }
 
+    /// Whether this coordinator may hand out generations: its takeover of the groups is
+    /// committed.
+    pub fn taken_over(&self) -> bool {
+        self.inner.store.generation_floor().is_some()
+    }
+
     /// Forgets every group held in memory (this broker no longer coordinates them): their
     /// streams see their views end and their members rejoin the new coordinator.
     pub fn reset(&self) {
@@ -650,8 +685,9 @@ mod tests {
     use super::*;
     use crate::raft::{ControllerCommand, ControllerResponse, ControllerState};
 
-    /// Offsets kept by a controller state in memory, with one topic ("id-t"), and the
-    /// controller's term (the generation floor is its high half, as in a broker).
+    /// Offsets kept by a controller state in memory, with one topic ("id-t"), and the nonce of
+    /// node 1's takeover of the groups (0: none; the generation floor is the coordinator epoch
+    /// in the high half, as in a broker).
     #[derive(Debug)]
     struct MemoryOffsets(Mutex<ControllerState>, std::sync::atomic::AtomicU64);
 
@@ -659,14 +695,23 @@ mod tests {
         fn apply(&self, command: ControllerCommand) -> ControllerResponse {
             self.0.lock().expect("state").apply(&command)
         }
+
+        /// Node 1 takes the groups over (a new leadership, or the same after a restart).
+        fn take_over(&self, nonce: u64) {
+            self.1.store(nonce, std::sync::atomic::Ordering::Relaxed);
+            self.apply(ControllerCommand::TakeOverGroups { node_id: 1, nonce });
+        }
     }
 
     impl OffsetStore for MemoryOffsets {
         fn group(&self, group: &str) -> Option<Arc<GroupOffsets>> {
             self.0.lock().expect("state").groups.get(group).cloned()
         }
-        fn generation_floor(&self) -> u64 {
-            self.1.load(std::sync::atomic::Ordering::Relaxed) << 32
+        fn generation_floor(&self) -> Option<u64> {
+            let nonce = self.1.load(std::sync::atomic::Ordering::Relaxed);
+            let state = self.0.lock().expect("state");
+            (nonce != 0 && state.coordinator == Some((1, nonce)))
+                .then(|| state.coordinator_epoch << 32)
         }
         fn groups(&self) -> Vec<String> {
             self.0
@@ -740,6 +785,11 @@ mod tests {
         }
     }
 
+    /// The generation floor of the takeover [`store`] starts with (epoch 1).
+    const EPOCH_1: u64 = 1 << 32;
+    const E1_GEN1: u64 = EPOCH_1 + 1;
+    const E1_GEN2: u64 = EPOCH_1 + 2;
+
     fn store() -> Arc<MemoryOffsets> {
         let store = Arc::new(MemoryOffsets(
             Mutex::new(ControllerState::default()),
@@ -755,7 +805,68 @@ mod tests {
             created_at_ms: 1,
             replicas: vec![vec![1]; 4],
         });
+        store.take_over(1);
         store
+    }
+
+    /// Seen in a CI run of the fault-injection harness (partitions): a group whose members all
+    /// left went out of memory, came back at its highest committed generation, and handed out
+    /// generations it had handed out before, so a member of an older one committed again.
+    #[test]
+    fn a_group_that_empties_and_comes_back_never_repeats_a_generation() {
+        let coordinator = Coordinator::new(store(), Duration::from_secs(10));
+        let now = Instant::now();
+        let mut handed_out = Vec::new();
+        for round in 0..3 {
+            for member in ["a", "b"] {
+                let m = coordinator
+                    .join("g", Some(member), "t", "id-t", 4, None, now)
+                    .expect("join");
+                handed_out.push(m.view.borrow().generation);
+            }
+            for member in ["a", "b"] {
+                assert!(coordinator.leave_member("g", member), "round {round}");
+            }
+            // Another group's rebalances share the counter and change nothing here.
+            coordinator
+                .join("other", Some("x"), "t", "id-t", 4, None, now)
+                .expect("join");
+        }
+        assert!(
+            handed_out.windows(2).all(|w| w[0] < w[1]),
+            "generations handed out: {handed_out:?}"
+        );
+    }
+
+    /// A coordinator hands out no generation before its takeover is committed: a join answers
+    /// UNAVAILABLE (the client joins again), and then starts above the earlier epoch.
+    #[test]
+    fn no_generation_before_the_takeover_is_committed() {
+        let store = store();
+        let coordinator = Coordinator::new(store.clone(), Duration::from_secs(10));
+        let now = Instant::now();
+        let before = coordinator
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("join")
+            .view
+            .borrow()
+            .generation;
+        coordinator.reset();
+        // A new leadership whose takeover is not in the controller state yet.
+        store.1.store(7, std::sync::atomic::Ordering::Relaxed);
+        let err = coordinator
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect_err("no takeover yet");
+        assert!(matches!(err, BrokerError::Unavailable { .. }), "{err:?}");
+        store.take_over(7);
+        let after = coordinator
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("join after the takeover")
+            .view
+            .borrow()
+            .generation;
+        assert!(after > before, "{after} after {before}");
+        assert_eq!(after >> 32, (before >> 32) + 1, "the next epoch");
     }
 
     fn coordinator() -> Coordinator {
@@ -770,7 +881,7 @@ mod tests {
             .join("g", Some("a"), "t", "id-t", 4, None, now)
             .expect("join a");
         let view = a.view.clone();
-        assert_eq!(view.borrow().generation, 1);
+        assert_eq!(view.borrow().generation, EPOCH_1 + 1);
         let gen1 = view.borrow().generation;
         c.commit("g", "a", gen1, "id-t", &[(0, 10), (3, 5)])
             .await
@@ -779,7 +890,7 @@ mod tests {
             .join("g", Some("b"), "t", "id-t", 4, None, now)
             .expect("join b");
         let gen2 = view.borrow().generation;
-        assert_eq!(gen2, 2, "a join bumps the generation");
+        assert_eq!(gen2, EPOCH_1 + 2, "a join bumps the generation");
         let err = c
             .commit("g", "a", gen1, "id-t", &[(0, 11)])
             .await
@@ -787,8 +898,8 @@ mod tests {
         assert!(matches!(
             err,
             BrokerError::StaleGeneration {
-                current: 2,
-                got: 1,
+                current: E1_GEN2,
+                got: E1_GEN1,
                 ..
             }
         ));
@@ -822,7 +933,7 @@ mod tests {
         let a2 = c
             .join("g", Some("a"), "t", "id-t", 4, None, now)
             .expect("rejoin");
-        assert_eq!(view.borrow().generation, 2);
+        assert_eq!(view.borrow().generation, EPOCH_1 + 2);
         // The old stream's incarnation no longer heartbeats.
         assert!(c.heartbeat("g", "a", a.incarnation, now).is_err());
         c.heartbeat("g", "a", a2.incarnation, now)
@@ -831,13 +942,13 @@ mod tests {
         let a3 = c
             .join("g", Some("a"), "t", "id-t", 4, None, now)
             .expect("supersede");
-        assert_eq!(view.borrow().generation, 3);
+        assert_eq!(view.borrow().generation, EPOCH_1 + 3);
         assert_eq!(view.borrow().incarnations["a"], a3.incarnation);
         // A superseded stream closing does not remove the member.
         c.leave("g", "a", a2.incarnation);
         assert!(view.borrow().assignments.contains_key("a"));
         c.leave("g", "b", b.incarnation);
-        assert_eq!(view.borrow().generation, 4);
+        assert_eq!(view.borrow().generation, EPOCH_1 + 4);
         assert_eq!(
             view.borrow().assignments["a"],
             vec![0, 1, 2, 3],
@@ -869,7 +980,7 @@ mod tests {
                 .expect("join");
             generation = m.view.borrow().generation;
         }
-        assert_eq!(generation, 3);
+        assert_eq!(generation, EPOCH_1 + 3);
         let owned = old.inner.groups.lock().expect("groups")["g"]
             .view
             .borrow()
@@ -903,7 +1014,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_coordinator_never_hands_out_an_earlier_generation_again() {
         let store = store();
-        store.1.store(1, std::sync::atomic::Ordering::Relaxed);
+        store.take_over(11);
         let old = Coordinator::new(store.clone(), Duration::from_secs(10));
         let now = Instant::now();
         let mut handed_out = 0;
@@ -913,9 +1024,10 @@ mod tests {
                 .expect("join");
             handed_out = m.view.borrow().generation;
         }
-        // The controller moves (a higher term); nothing was committed.
+        // The controller moves, or its leader restarts and leads again in the same term;
+        // nothing was committed.
         old.reset();
-        store.1.store(2, std::sync::atomic::Ordering::Relaxed);
+        store.take_over(12);
         let new = Coordinator::new(store, Duration::from_secs(10));
         let mut generations = Vec::new();
         for member in ["b", "a"] {

@@ -99,6 +99,10 @@ pub enum Coordinated {
 struct ControllerOffsets {
     controller: ControllerGroup,
     timeout: Duration,
+    node_id: NodeId,
+    /// The nonce of this broker's takeover of the groups while it leads the controller
+    /// (set by `coordinator_loop`), None otherwise.
+    takeover: Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 impl OffsetStore for ControllerOffsets {
@@ -110,10 +114,14 @@ impl OffsetStore for ControllerOffsets {
         self.controller.state().groups.keys().cloned().collect()
     }
 
-    fn generation_floor(&self) -> u64 {
-        // The controller leader coordinates every group: its term in the high half makes the
-        // generations of a new coordinator exceed every one an earlier coordinator handed out.
-        self.controller.term() << 32
+    fn generation_floor(&self) -> Option<u64> {
+        // The controller leader coordinates every group, under a takeover it committed in the
+        // controller log: its epoch in the high half makes the generations of this coordinator
+        // exceed every one an earlier coordinator (or this one before a restart) handed out.
+        let takeover = *self.takeover.lock().ok()?;
+        let state = self.controller.state();
+        (takeover.is_some() && state.coordinator == takeover.map(|n| (self.node_id, n)))
+            .then(|| state.coordinator_epoch << 32)
     }
 
     fn commit(
@@ -205,25 +213,82 @@ async fn migrate_local_group_offsets(node: &Node, meta: &Metadata) -> Result<(),
     Ok(())
 }
 
-/// Forgets the consumer groups this broker coordinated when another broker takes the
-/// controller over (the coordinator of every group is the controller's leader).
-async fn coordinator_loop(node: Weak<Node>) {
+/// Follows who leads the controller (the coordinator of every group is its leader). When this
+/// broker stops leading, or leads in a new term, it forgets the groups it coordinated; when it
+/// starts leading (also after a restart, in the same term) it takes the groups over: it
+/// commits a [`ControllerCommand::TakeOverGroups`] and hands out no generation before that.
+async fn coordinator_loop(node: Weak<Node>, takeover: Arc<std::sync::Mutex<Option<u64>>>) {
     let Some(mut leaders) = node.upgrade().map(|n| n.controller.watch_leader()) else {
         return;
     };
-    let mut was_leader = false;
+    let mut led_in: Option<u64> = None;
     loop {
         let leader = *leaders.borrow_and_update();
         let Some(node) = node.upgrade() else { return };
-        let is_leader = leader == Some(node.node_id);
-        if was_leader && !is_leader {
-            node.groups.reset();
+        let term = node.controller.term();
+        let leads_in = (leader == Some(node.node_id)).then_some(term);
+        if leads_in != led_in {
+            if let Ok(mut t) = takeover.lock() {
+                *t = None;
+            }
+            if led_in.is_some() {
+                node.groups.reset();
+            }
+            if leads_in.is_some() {
+                let nonce = uuid::Uuid::new_v4().as_u64_pair().0;
+                if let Ok(mut t) = takeover.lock() {
+                    *t = Some(nonce);
+                }
+                tokio::spawn(take_over_groups(
+                    Arc::downgrade(&node),
+                    takeover.clone(),
+                    nonce,
+                ));
+            }
+            led_in = leads_in;
         }
-        was_leader = is_leader;
         drop(node);
         if leaders.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Commits this broker's takeover `nonce` of the consumer groups, retrying while it is still
+/// the takeover in force (this broker leads the controller in the same term).
+async fn take_over_groups(
+    node: Weak<Node>,
+    takeover: Arc<std::sync::Mutex<Option<u64>>>,
+    nonce: u64,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let current = takeover.lock().map(|t| *t == Some(nonce)).unwrap_or(false);
+        let Some(node) = node.upgrade().filter(|_| current) else {
+            return;
+        };
+        if node.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let command = ControllerCommand::TakeOverGroups {
+            node_id: node.node_id,
+            nonce,
+        };
+        let timeout = Duration::from_millis(node.config.request_timeout_ms);
+        match node.controller.propose_here(command, timeout).await {
+            Ok(ControllerResponse::CoordinatorEpoch(epoch)) => {
+                tracing::info!(epoch, "took the consumer groups over");
+                return;
+            }
+            Ok(other) => {
+                tracing::warn!("unexpected answer to a group takeover: {other:?}");
+                return;
+            }
+            Err(e) => tracing::info!("cannot take the consumer groups over yet: {e}"),
+        }
+        drop(node);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -370,10 +435,13 @@ impl Node {
             flusher,
             peers: peers.clone(),
         });
+        let takeover = Arc::new(std::sync::Mutex::new(None));
         let groups = Coordinator::new(
             Arc::new(ControllerOffsets {
                 controller: controller.clone(),
                 timeout: Duration::from_millis(config.request_timeout_ms),
+                node_id: config.node_id,
+                takeover: takeover.clone(),
             }),
             Duration::from_millis(config.session_timeout_ms),
         );
@@ -402,10 +470,15 @@ impl Node {
             node.controller.watch(),
         ));
         node.groups.start_reaper();
-        tokio::spawn(coordinator_loop(Arc::downgrade(&node)));
+        tokio::spawn(coordinator_loop(Arc::downgrade(&node), takeover));
         if node.config.peers.is_empty() {
-            // A single node leads its controller already: register at once.
+            // A single node leads its controller already: register at once, and take the
+            // consumer groups over before serving (joins would answer UNAVAILABLE until then).
             node.register_broker().await?;
+            let patience = Instant::now() + Duration::from_millis(node.config.request_timeout_ms);
+            while !node.groups.taken_over() && Instant::now() < patience {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             migrate_local_group_offsets(&node, &meta).await?;
         } else {
             let (weak, meta) = (Arc::downgrade(&node), meta.clone());
@@ -868,6 +941,7 @@ impl Node {
             ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("config", reason)),
             ControllerResponse::Deleted { .. }
             | ControllerResponse::Registered
+            | ControllerResponse::CoordinatorEpoch(_)
             | ControllerResponse::Committed
             | ControllerResponse::GroupDeleted { .. } => Err(BrokerError::Internal(format!(
                 "unexpected controller response {response:?}"

@@ -400,15 +400,20 @@ async fn final_reads(
     problems: &mut Vec<String>,
 ) {
     let mut rng = StdRng::seed_from_u64(7);
-    let deadline = Instant::now() + limit;
+    // A key is given up on when its reads make no progress for `patience` (not a deadline for
+    // the whole key: a long run's keys take a while to read); once one key was given up on,
+    // the others get a few seconds each.
+    let mut patience = limit;
     for key in 0..keys {
         let target = progress.end(key);
         let mut position = 0u64;
+        let mut progressed_at = Instant::now();
         while position < target {
-            if Instant::now() > deadline {
+            if progressed_at.elapsed() > patience {
                 problems.push(format!(
-                    "key {key}: the final reads reached offset {position} of {target} within {limit:?}"
+                    "key {key}: the final reads reached offset {position} of {target}, then no progress for {patience:?}"
                 ));
+                patience = Duration::from_secs(3);
                 break;
             }
             match workload::poll_once(
@@ -424,6 +429,7 @@ async fn final_reads(
             {
                 Some((records, _)) if !records.is_empty() => {
                     position = records.last().map_or(position, |(o, _)| o + 1);
+                    progressed_at = Instant::now();
                 }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -457,9 +463,10 @@ async fn replica_reads(
             break;
         }
     }
-    // One deadline for every replica to catch up (a replica that cannot would otherwise cost
-    // the whole limit once per key); a read begun after it still gets a few seconds.
-    let caught_up_by = Instant::now() + limit;
+    // A replica is given up on when its copy makes no progress for `limit` (a long run's
+    // replicas may take minutes to read, but one that is stuck is seen stuck within `limit`);
+    // a replica given up on once gets a few seconds on each further key.
+    let mut stuck: std::collections::BTreeSet<u64> = Default::default();
     for key in 0..keys {
         let target = progress.end(key);
         for node in replicas.get(&key).cloned().unwrap_or_default() {
@@ -476,22 +483,32 @@ async fn replica_reads(
             op.node = Some(node);
             op.offset = Some(0);
             recorder.record(op.clone());
-            let deadline = caught_up_by.max(Instant::now() + Duration::from_secs(3));
+            let patience = if stuck.contains(&node) {
+                Duration::from_secs(3)
+            } else {
+                limit
+            };
+            let mut progressed_at = Instant::now();
             let mut records = Vec::new();
             let mut position = 0u64;
             let result = loop {
                 if position >= target {
                     break Ok(());
                 }
-                if Instant::now() > deadline {
+                if progressed_at.elapsed() > patience {
+                    stuck.insert(node);
                     break Err(format!(
-                        "node {node} holds key {key} up to offset {position}, not {target}, {limit:?} after healing"
+                        "node {node} holds key {key} up to offset {position}, not {target}: no progress for {patience:?}"
                     ));
                 }
-                match workload::fetch(channel.clone(), key, position).await {
+                let fetched =
+                    workload::fetch(channel.clone(), key, position, workload::FINAL_READ_RECORDS)
+                        .await;
+                match fetched {
                     Ok((batch, _)) if !batch.is_empty() => {
                         position = batch.last().map_or(position, |(o, _)| o + 1);
                         records.extend(batch);
+                        progressed_at = Instant::now();
                     }
                     _ => tokio::time::sleep(Duration::from_millis(100)).await,
                 }

@@ -35,6 +35,9 @@ pub const SEND_PATIENCE: Duration = Duration::from_secs(10);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Records a poll asks for.
 const POLL_RECORDS: u32 = 100;
+/// Records per fetch of the final reads (every key from offset 0, every replica's copy): long
+/// runs hold hundreds of thousands of records.
+pub const FINAL_READ_RECORDS: u32 = 5000;
 
 /// A gRPC channel per broker.
 #[derive(Debug, Clone)]
@@ -288,18 +291,19 @@ pub async fn sender(
     }
 }
 
-/// Reads `key` from `offset` on `channel` (up to [`POLL_RECORDS`]): (offset, value) pairs, and
+/// Reads `key` from `offset` on `channel` (up to `max_records`): (offset, value) pairs, and
 /// the broker's high watermark.
 pub async fn fetch(
     channel: Channel,
     key: u32,
     offset: u64,
+    max_records: u32,
 ) -> Result<(Vec<(u64, String)>, u64), tonic::Status> {
     let mut request = tonic::Request::new(FetchRequest {
         topic: TOPIC.into(),
         partition: key,
         offset,
-        max_records: POLL_RECORDS,
+        max_records,
         ..FetchRequest::default()
     });
     request.set_timeout(ATTEMPT_TIMEOUT);
@@ -333,7 +337,12 @@ pub async fn poll_once(
     op.offset = Some(offset);
     op.node = Some(node);
     recorder.record(op.clone());
-    match fetch(channel, key, offset).await {
+    let max_records = if f == Function::FinalPoll {
+        FINAL_READ_RECORDS
+    } else {
+        POLL_RECORDS
+    };
+    match fetch(channel, key, offset, max_records).await {
         Ok((records, high_watermark)) => {
             if let Some((last, _)) = records.last() {
                 progress.saw(key, *last);

@@ -350,3 +350,39 @@ async fn committed_offsets_survive_a_restart_from_the_controllers_snapshot() {
         assert_eq!(committed, Some(last.min(end[0])), "{group}");
     }
 }
+
+/// A generation number never comes back with another assignment, not even after the
+/// coordinator restarts with nothing committed. The fault-injection harness saw brokers that all
+/// lost power hand out the generations of before again (the controller's leader led again in
+/// the same Raft term, and generations took their high half from the term), so a zombie member
+/// of an old generation could commit as if it owned the partition now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_never_come_back_after_the_coordinator_restarts() {
+    let mut broker = Broker::start();
+    let address = broker.client_addr.clone();
+    ok_stdout(&broker.cli(&["topic", "create", "fence", "--partitions", "1"]));
+    ok_stdout(&broker.cli_with_stdin(&["produce", "fence"], &"x\n".repeat(10)));
+    let mut handed_out = Vec::new();
+    for round in 0..3 {
+        // A member joins and owns the partition; nothing is committed; the broker is killed.
+        let member = format!("m-{round}");
+        let (tx, rx, generation, owned) = join(&address, "fence", "cg", &member, STAYS).await;
+        assert_eq!(owned, [0]);
+        handed_out.push(generation);
+        drop((tx, rx));
+        broker.kill9();
+        broker.start_again_same_ports();
+        broker.wait_ready();
+    }
+    assert!(
+        handed_out.windows(2).all(|w| w[0] < w[1]),
+        "generations handed out across restarts: {handed_out:?}"
+    );
+    // The member of the first generation, a zombie now, cannot commit.
+    let (_tx, _rx, current, _) = join(&address, "fence", "cg", "m-0", STAYS).await;
+    assert!(current > handed_out[2], "{current} after {handed_out:?}");
+    assert!(stale(commit(&address, "m-0", handed_out[0], 5).await));
+    commit(&address, "m-0", current, 5)
+        .await
+        .expect("the member commits at the generation it holds now");
+}

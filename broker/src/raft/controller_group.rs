@@ -270,6 +270,26 @@ impl ControllerGroup {
         }
     }
 
+    /// Proposes `command` on this broker only: UNAVAILABLE when it does not lead the
+    /// controller (never forwarded).
+    pub async fn propose_here(
+        &self,
+        command: ControllerCommand,
+        timeout: Duration,
+    ) -> Result<ControllerResponse, BrokerError> {
+        match tokio::time::timeout(
+            timeout,
+            propose_here_or_forward(&self.raft, &self.peers, command, 1, timeout),
+        )
+        .await
+        {
+            Err(_) => Err(BrokerError::Timeout(
+                "controller did not commit in time".into(),
+            )),
+            Ok(result) => result,
+        }
+    }
+
     /// Moves the controller's leadership (and with it the coordination of consumer groups) from
     /// this broker to `target` or the most caught-up other voter; returns the new leader.
     pub async fn transfer_leadership(

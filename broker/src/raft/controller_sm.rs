@@ -147,6 +147,16 @@ pub enum ControllerCommand {
         /// Where clients reach it.
         client_address: String,
     },
+    /// The controller's new leader takes over coordinating the consumer groups (proposed by
+    /// the leader itself, once per leadership): the coordinator epoch moves on, and with it the
+    /// high half of every group generation this coordinator hands out.
+    TakeOverGroups {
+        /// The new coordinator.
+        node_id: NodeId,
+        /// Names this one leadership of it (random): a takeover counts once however often it
+        /// is proposed, and a coordinator hands out generations only under its own takeover.
+        nonce: u64,
+    },
 }
 
 /// A broker of the cluster, as the controller knows it.
@@ -191,6 +201,8 @@ pub enum ControllerResponse {
         /// Whether the group had offsets.
         existed: bool,
     },
+    /// The coordinator epoch after a takeover.
+    CoordinatorEpoch(u64),
 }
 
 /// A move of one partition's replicas, planned from a controller state.
@@ -256,6 +268,14 @@ pub struct ControllerState {
     /// copies one group, not all of them).
     #[serde(default)]
     pub groups: BTreeMap<String, Arc<GroupOffsets>>,
+    /// Bumped by every takeover of the group coordination ([`ControllerCommand::TakeOverGroups`]):
+    /// the high half of the generations the coordinator hands out, so a generation number never
+    /// comes back, not even when a leader restarts and leads again in the same Raft term.
+    #[serde(default)]
+    pub coordinator_epoch: u64,
+    /// The takeover in force: (node id, nonce).
+    #[serde(default)]
+    pub coordinator: Option<(NodeId, u64)>,
 }
 
 impl ControllerState {
@@ -334,6 +354,17 @@ impl ControllerState {
                     },
                 );
                 ControllerResponse::Registered
+            }
+            ControllerCommand::TakeOverGroups { node_id, nonce } => {
+                if self.coordinator != Some((*node_id, *nonce)) {
+                    // Above the epoch before and, for generations handed out before epochs
+                    // existed (their high half was the controller's term), above the term of
+                    // this entry.
+                    let term = self.last_applied.map_or(0, |l| l.leader_id.term);
+                    self.coordinator_epoch = (self.coordinator_epoch + 1).max(term + 1);
+                    self.coordinator = Some((*node_id, *nonce));
+                }
+                ControllerResponse::CoordinatorEpoch(self.coordinator_epoch)
             }
             ControllerCommand::MoveReplicas {
                 topic,

@@ -628,10 +628,15 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         // restarts right after it, at the snapshot's offsets; a log that holds the snapshot's
         // last entry keeps going.
         let next = state.next_position();
-        let behind = self
-            .shared
-            .reader
-            .with_log(|log| log.end().next_index < next.next_index)?;
+        // Behind: the log ends before the snapshot, or at its index but not at its offset.
+        // openraft may purge the log through the snapshot before installing it: a purge past
+        // the end of an empty log restarts it at the snapshot's index with the offset it had
+        // (0), and such a log must restart at the snapshot's offset too (the next entry is
+        // stamped there). Seen with a replica added to a partition whose leader had purged.
+        let behind = self.shared.reader.with_log(|log| {
+            let end = log.end();
+            end.next_index < next.next_index || (end.next_index == next.next_index && end != next)
+        })?;
         if behind {
             let source = self.shared.backfill.get().and_then(|(peers, group_id)| {
                 let node = peers.snapshot_sender(*group_id)?;
@@ -788,6 +793,56 @@ mod tests {
         assert_eq!(
             expire_producers(&mut producers, i64::MIN, u64::MAX, |_| false),
             0
+        );
+    }
+
+    /// Seen in a 300 s fault-injection run: a replica added to a partition whose leader had
+    /// purged its log got the leader's snapshot, but openraft purged the replica's (empty) log
+    /// through the snapshot before installing it; the purge left the log ending at the
+    /// snapshot's index with offset 0, the install took it for a log that reaches the
+    /// snapshot, and the next entry (stamped at the snapshot's offset) could not be stored:
+    /// "continues at offset 0", and the partition restarted for good.
+    #[tokio::test]
+    async fn a_snapshot_installed_after_the_purge_through_it_restarts_the_log_at_its_offsets() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = weft_storage::PartitionLog::open(dir.path().join("log"), LogConfig::default())
+            .expect("log");
+        let meta = crate::meta::Metadata::new(Arc::new(
+            weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
+        ));
+        let flusher =
+            crate::raft::Flusher::start(crate::raft::SyncMode::Fdatasync).expect("flusher");
+        let mut store = crate::raft::LogStore::new(5, log, meta, flusher).expect("store");
+        let reader = store.reader();
+        std::fs::create_dir_all(dir.path().join("sm")).expect("state machine dir");
+        let mut sm = PartitionStateMachine::open(
+            dir.path().join("sm"),
+            LogConfig::default(),
+            reader.clone(),
+            1 << 20,
+            60_000,
+        )
+        .expect("state machine");
+        let last = LogId::new(openraft::CommittedLeaderId::new(3, 0), 7098);
+        store.purge(last).await.expect("purge");
+        let state = PartitionState {
+            last_applied: Some(last),
+            high_watermark: 13_594,
+            ..PartitionState::default()
+        };
+        let snapshot_meta = meta_of(&state);
+        let bytes = encode(&state).expect("encode");
+        sm.install_snapshot(&snapshot_meta, Box::new(Cursor::new(bytes)))
+            .await
+            .expect("install");
+        let end = reader.with_log(|log| log.end()).expect("log");
+        assert_eq!(
+            end,
+            LogPosition {
+                next_offset: 13_594,
+                next_index: 7099
+            }
         );
     }
 
