@@ -168,6 +168,17 @@ impl PartitionGroup {
         .map_err(|e| e.to_string())??;
         fill_missing_tail(&sm, &reader, &peers, group_id, node_id).await?;
         let opened_snapshot_index = sm.state().last_applied.map(|l| l.index);
+        if members.len() > 1 {
+            // openraft checks election timeouts on a tick (every 1.5 heartbeats), and each
+            // group draws its timeout once, from a range narrower than a tick: replicas that
+            // open a new partition together (on the same controller commit) tick in step and
+            // stand at the same moment, election after election, splitting the votes (seen:
+            // 15 to 26 s without a leader after the leader was killed). A random start within
+            // one tick puts their ticks apart.
+            let tick_ms = raft_config.heartbeat_interval * 3 / 2;
+            let jitter = uuid::Uuid::new_v4().as_u64_pair().0 % tick_ms.max(1);
+            tokio::time::sleep(Duration::from_millis(jitter)).await;
+        }
         let raft = Raft::new(
             node_id,
             raft_config,
