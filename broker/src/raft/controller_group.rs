@@ -303,7 +303,7 @@ impl ControllerGroup {
             CONTROLLER_GROUP,
             target,
             timeout,
-            None,
+            Some(self.peers.controller_transfer()),
         )
         .await
     }
@@ -401,6 +401,20 @@ async fn propose_here_or_forward(
     hops: u32,
     timeout: Duration,
 ) -> Result<ControllerResponse, BrokerError> {
+    // While this leader hands the controller over, proposals are refused (UNAVAILABLE naming
+    // the target; callers retry there): entries appended meanwhile would keep the target
+    // behind and renew the followers' leases, and the target's election would fail (seen: a
+    // broker being removed could not hand the controller over, twice 30 s, while group commits
+    // kept coming).
+    let moving_to = peers
+        .controller_transfer()
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if moving_to != 0 {
+        return Err(BrokerError::Unavailable {
+            reason: format!("the controller's leadership is moving to node {moving_to}"),
+            leader: Some(moving_to),
+        });
+    }
     let forward = match raft
         .client_write(Command::Controller(command.clone()))
         .await

@@ -69,6 +69,8 @@ struct Inner {
     connect_timeout: Duration,
     /// The AppendEntries batcher of each peer (node id, address).
     batchers: Mutex<HashMap<(NodeId, String), tokio::sync::mpsc::Sender<super::batch::Pending>>>,
+    /// The node the controller's leadership is being handed to from this node (0: none).
+    controller_transfer: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -128,6 +130,7 @@ impl Peers {
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
                 connect_timeout: Duration::from_secs(2),
                 batchers: Mutex::new(HashMap::new()),
+                controller_transfer: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -170,6 +173,13 @@ impl Peers {
         if let Ok(mut readers) = self.inner.readers.write() {
             readers.remove(&group_id);
         }
+    }
+
+    /// The node the controller's leadership is being handed to from this node (0: none):
+    /// proposals are refused meanwhile, so that the target catches up and the followers' leases
+    /// run out.
+    pub fn controller_transfer(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.inner.controller_transfer
     }
 
     /// Sets whether this node votes (see [`Recovery`]).
