@@ -40,6 +40,8 @@ async fn pipelined_publishes_through_a_follower_keep_their_order() {
         .find(|(i, _)| *i as u64 + 1 != led_by)
         .map(|(_, b)| b)
         .expect("a follower");
+    // Its replica of the new partition may still be opening (UNAVAILABLE, retry).
+    follower.wait_ready();
 
     const REQUESTS: u64 = 3000;
     let channel = grpc::channel(&follower.client_addr).await;

@@ -173,11 +173,12 @@ impl PartitionGroup {
             // group draws its timeout once, from a range narrower than a tick: replicas that
             // open a new partition together (on the same controller commit) tick in step and
             // stand at the same moment, election after election, splitting the votes (seen:
-            // 15 to 26 s without a leader after the leader was killed). A random start within
-            // one tick puts their ticks apart.
-            let tick_ms = raft_config.heartbeat_interval * 3 / 2;
-            let jitter = uuid::Uuid::new_v4().as_u64_pair().0 % tick_ms.max(1);
-            tokio::time::sleep(Duration::from_millis(jitter)).await;
+            // 15 to 26 s without a leader after the leader was killed). Each broker starts its
+            // groups on a grid of its own (a random phase within one tick): its groups tick
+            // together (their heartbeats travel in one call per peer), apart from other
+            // brokers' groups.
+            let tick = Duration::from_millis((raft_config.heartbeat_interval * 3 / 2).max(1));
+            tokio::time::sleep(until_tick_phase(tick)).await;
         }
         let raft = Raft::new(
             node_id,
@@ -1018,6 +1019,23 @@ async fn fetch_entries(
 /// opened again later. When every replica answered that retention purged them, or the topic
 /// acknowledges before fsync (losing them is what it accepted), the log restarts after the
 /// snapshot, as an installed snapshot does.
+/// How long until this process's next tick grid point: a random phase within one `tick`,
+/// drawn once per process, on a grid that started when the process did.
+fn until_tick_phase(tick: Duration) -> Duration {
+    static GRID: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (start, seed) = *GRID.get_or_init(|| {
+        (
+            std::time::Instant::now(),
+            uuid::Uuid::new_v4().as_u64_pair().0,
+        )
+    });
+    let tick_ns = tick.as_nanos().max(1);
+    let phase = u128::from(seed) % tick_ns;
+    let now = start.elapsed().as_nanos() % tick_ns;
+    let wait = (phase + tick_ns - now) % tick_ns;
+    Duration::from_nanos(u64::try_from(wait).unwrap_or(0))
+}
+
 async fn fill_missing_tail(
     sm: &PartitionStateMachine,
     reader: &LogReader,
