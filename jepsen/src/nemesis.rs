@@ -96,6 +96,9 @@ pub struct Nemesis {
     /// Corruption flips bits in partition data only (many of them), never truncates or zeroes:
     /// for the crc-off canary, whose damage must be of the kind only a batch CRC catches.
     pub flips_only: bool,
+    /// Partitions always cut a partition's leader off from the other brokers: for the
+    /// dirty-read canary, whose uncommitted writes exist only on a leader cut off.
+    pub leaders_only: bool,
 }
 
 fn lock(cluster: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
@@ -120,6 +123,7 @@ impl Nemesis {
             injected: Default::default(),
             removing: None,
             flips_only: false,
+            leaders_only: false,
         }
     }
 
@@ -420,7 +424,12 @@ impl Nemesis {
                 .flat_map(|x| b.iter().map(move |y| (*x, *y)))
                 .collect()
         };
-        let description = match self.rng.random_range(0..shapes) {
+        let shape = if self.leaders_only {
+            3
+        } else {
+            self.rng.random_range(0..shapes)
+        };
+        let description = match shape {
             0 => {
                 let (one, rest) = shuffled.split_at(1);
                 cuts = all_pairs(one, rest);

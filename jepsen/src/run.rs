@@ -208,6 +208,7 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
         rng.random(),
     );
     nemesis.flips_only = config.canary == Some(Canary::CrcOff);
+    nemesis.leaders_only = config.canary == Some(Canary::DirtyRead);
     let faults = config.faults.clone();
     let nemesis_stop = stop.clone();
     let nemesis_task = tokio::spawn(async move {
