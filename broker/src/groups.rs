@@ -249,38 +249,37 @@ impl Coordinator {
             .next_incarnation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut groups = self.groups()?;
-        if !groups.contains_key(group_id) {
-            let Some(floor) = self.inner.store.generation_floor() else {
-                return Err(BrokerError::Unavailable {
-                    reason: "the group coordinator is taking the groups over; join again in a \
-                             moment"
-                        .into(),
-                    leader: None,
-                });
-            };
-            // Generations start above every one an earlier coordinator handed out (its
-            // epoch's), and stay above every one that committed.
-            self.inner
-                .last_generation
-                .fetch_max(floor, AtomicOrdering::SeqCst);
-            let group = Group {
-                topic: topic.to_string(),
-                topic_id: topic_id.to_string(),
-                partitions,
-                generation: self
-                    .inner
-                    .store
-                    .group(group_id)
-                    .map_or(0, |g| g.generation)
-                    .max(floor),
-                members: BTreeMap::new(),
-                view: watch::Sender::new(Arc::new(GroupView::default())),
-                commit_lock: Arc::new(tokio::sync::Mutex::new(())),
-            };
-            groups.insert(group_id.to_string(), group);
-        }
-        let Some(group) = groups.get_mut(group_id) else {
-            return Err(BrokerError::Internal("a group just added is gone".into()));
+        let group = match groups.entry(group_id.to_string()) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let Some(floor) = self.inner.store.generation_floor() else {
+                    return Err(BrokerError::Unavailable {
+                        reason: "the group coordinator is taking the groups over; join again \
+                                 in a moment"
+                            .into(),
+                        leader: None,
+                    });
+                };
+                // Generations start above every one an earlier coordinator handed out (its
+                // epoch's), and stay above every one that committed.
+                self.inner
+                    .last_generation
+                    .fetch_max(floor, AtomicOrdering::SeqCst);
+                entry.insert(Group {
+                    topic: topic.to_string(),
+                    topic_id: topic_id.to_string(),
+                    partitions,
+                    generation: self
+                        .inner
+                        .store
+                        .group(group_id)
+                        .map_or(0, |g| g.generation)
+                        .max(floor),
+                    members: BTreeMap::new(),
+                    view: watch::Sender::new(Arc::new(GroupView::default())),
+                    commit_lock: Arc::new(tokio::sync::Mutex::new(())),
+                })
+            }
         };
         if group.topic_id != topic_id {
             if !group.members.is_empty() {

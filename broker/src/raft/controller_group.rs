@@ -257,17 +257,7 @@ impl ControllerGroup {
         command: ControllerCommand,
         timeout: Duration,
     ) -> Result<ControllerResponse, BrokerError> {
-        match tokio::time::timeout(
-            timeout,
-            propose_here_or_forward(&self.raft, &self.peers, command, 0, timeout),
-        )
-        .await
-        {
-            Err(_) => Err(BrokerError::Timeout(
-                "controller did not commit in time".into(),
-            )),
-            Ok(result) => result,
-        }
+        self.propose_within(command, 0, timeout).await
     }
 
     /// Proposes `command` on this broker only: UNAVAILABLE when it does not lead the
@@ -277,17 +267,26 @@ impl ControllerGroup {
         command: ControllerCommand,
         timeout: Duration,
     ) -> Result<ControllerResponse, BrokerError> {
-        match tokio::time::timeout(
+        // As if it had been forwarded once already: a non-leader refuses instead of forwarding.
+        self.propose_within(command, 1, timeout).await
+    }
+
+    async fn propose_within(
+        &self,
+        command: ControllerCommand,
+        hops: u32,
+        timeout: Duration,
+    ) -> Result<ControllerResponse, BrokerError> {
+        tokio::time::timeout(
             timeout,
-            propose_here_or_forward(&self.raft, &self.peers, command, 1, timeout),
+            propose_here_or_forward(&self.raft, &self.peers, command, hops, timeout),
         )
         .await
-        {
-            Err(_) => Err(BrokerError::Timeout(
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Timeout(
                 "controller did not commit in time".into(),
-            )),
-            Ok(result) => result,
-        }
+            ))
+        })
     }
 
     /// Moves the controller's leadership (and with it the coordination of consumer groups) from
