@@ -714,6 +714,46 @@ async fn group_view(node: &Arc<Node>, id: &str) -> Result<GroupView, ApiError> {
     })
 }
 
+/// The broker's log filter.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogLevel {
+    /// `tracing` filter directives: `info`, `debug`, `warn,weft_broker::raft=debug`...
+    pub filter: String,
+}
+
+fn log_level_error(e: crate::logging::LogLevelError) -> ApiError {
+    match e {
+        crate::logging::LogLevelError::Invalid(reason) => {
+            ApiError::Broker(BrokerError::invalid("filter", reason))
+        }
+        e @ crate::logging::LogLevelError::NotInstalled => ApiError::Http {
+            status: StatusCode::CONFLICT,
+            code: "LOGGING_NOT_MANAGED",
+            message: e.to_string(),
+        },
+    }
+}
+
+/// The log filter in force.
+#[utoipa::path(get, path = "/v1/log-level", responses((status = 200, body = LogLevel), (status = 409, body = ErrorBody)))]
+async fn get_log_level() -> Result<Json<LogLevel>, ApiError> {
+    let filter = crate::logging::current().map_err(log_level_error)?;
+    Ok(Json(LogLevel { filter }))
+}
+
+/// Changes the log filter while the broker runs (until it restarts: the config's `log_level`
+/// or `WEFT_LOG` then applies again).
+#[utoipa::path(put, path = "/v1/log-level", request_body = LogLevel,
+    responses((status = 200, body = LogLevel), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn put_log_level(
+    body: Result<Json<LogLevel>, JsonRejection>,
+) -> Result<Json<LogLevel>, ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    crate::logging::set(&body.filter).map_err(log_level_error)?;
+    Ok(Json(body))
+}
+
 /// Which replica a partition's leadership should move to.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -889,6 +929,8 @@ async fn remove_broker(
         delete_group,
         transfer_leadership,
         drain,
+        get_log_level,
+        put_log_level,
         move_partition,
         rebalance,
         remove_broker
@@ -896,6 +938,7 @@ async fn remove_broker(
     components(schemas(
         Health,
         NotReadyView,
+        LogLevel,
         ErrorBody,
         ErrorDetail,
         FieldError,
@@ -965,6 +1008,7 @@ pub fn router(node: Arc<Node>) -> Router {
             axum::routing::post(move_partition),
         )
         .route("/v1/drain", axum::routing::post(drain))
+        .route("/v1/log-level", get(get_log_level).put(put_log_level))
         .route("/v1/rebalance", axum::routing::post(rebalance))
         .route(
             "/v1/brokers/{id}/remove",

@@ -123,6 +123,13 @@ pub struct Config {
     /// random election timeout: about 3.4-3.8 s with the default.
     pub raft_election_timeout_ms: u64,
 
+    /// Log line format on stderr: "text" (colours only on a terminal) or "json" (one object
+    /// per line, for log collectors).
+    pub log_format: String,
+    /// Which log lines are written, as `tracing` filter directives (`info`,
+    /// `info,weft_broker::raft=debug`); the `WEFT_LOG` environment variable overrides it, and
+    /// `PUT /v1/log-level` on the admin API changes it at run time.
+    pub log_level: String,
     /// Defaults for topics that do not set them.
     pub topic_defaults: TopicDefaults,
 }
@@ -197,6 +204,8 @@ impl Default for Config {
             leader_balance_interval_ms: 5000,
             raft_heartbeat_ms: 500,
             raft_election_timeout_ms: 1500,
+            log_format: "text".into(),
+            log_level: crate::logging::DEFAULT_FILTER.into(),
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -255,9 +264,19 @@ pub struct Flags {
     /// Default replication factor of new topics.
     #[arg(long, env = "WEFT_DEFAULT_REPLICATION_FACTOR")]
     pub default_replication_factor: Option<u32>,
+    /// Log filter (`info`, `warn,weft_broker::raft=debug`).
+    #[arg(long, env = "WEFT_LOG")]
+    pub log_level: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "WEFT_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Check the configuration (file, environment, flags) and exit: 0 and a one-line summary
+    /// when it is valid, 2 and the reason when not. Binds nothing, touches no data.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl Config {
@@ -290,6 +309,12 @@ impl Config {
         }
         if let Some(size) = flags.cluster_size {
             config.cluster_size = size;
+        }
+        if let Some(level) = &flags.log_level {
+            config.log_level = level.clone();
+        }
+        if let Some(format) = &flags.log_format {
+            config.log_format = format.clone();
         }
         config.resolve_identity(&host_name())?;
         config.validate()?;
@@ -461,6 +486,18 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "cluster_name",
                 reason: "must not be empty".into(),
+            });
+        }
+        if !["text", "json"].contains(&self.log_format.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "log_format",
+                reason: format!("{:?} is neither \"text\" nor \"json\"", self.log_format),
+            });
+        }
+        if let Err(reason) = crate::logging::parse_filter(&self.log_level) {
+            return Err(ConfigError::Invalid {
+                key: "log_level",
+                reason,
             });
         }
         range("batch_records_max", self.batch_records_max, 1, 1_000_000)?;

@@ -17,6 +17,7 @@
 //!   storage crate's key/value store.
 //! - [`grpc`]: the client gRPC services, one file per service.
 //! - [`admin`]: the admin HTTP API and its OpenAPI document.
+//! - [`logging`]: log output (text or JSON) and its filter, changeable at run time.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`sync_journal`]: the test-only record of every sync (feature `sync-journal`).
 //! - [`server`]: `run(config, listeners, shutdown)`; `main.rs` is a thin wrapper.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod groups;
 pub mod grpc;
+pub mod logging;
 pub mod meta;
 pub mod metrics;
 pub mod node;

@@ -18,6 +18,24 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if flags.check_config {
+        // What the broker would start as: its identity and where it keeps its data.
+        let peers = if config.peers.is_empty() {
+            "a single node".to_string()
+        } else {
+            format!("{} brokers", config.peers.len())
+        };
+        println!(
+            "weft-broker: the configuration is valid: node {} of {peers}, data in {}, client {}, \
+             peer {}, admin {}",
+            config.node_id,
+            config.data_dir.display(),
+            config.client_listen,
+            config.peer_listen,
+            config.admin_listen
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
     if flags.print_config {
         match toml::to_string_pretty(&config) {
             Ok(text) => {
@@ -34,15 +52,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("weft-broker: {e}");
         return std::process::ExitCode::from(2);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = weft_broker::logging::init(&config.log_format, &config.log_level) {
+        eprintln!("weft-broker: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
