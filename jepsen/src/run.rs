@@ -124,6 +124,22 @@ pub async fn run(config: &RunConfig, dir: &Path) -> Result<Outcome> {
     if !config.broker.is_file() {
         bail!("no broker binary at {}", config.broker.display());
     }
+    // A fault that cannot be injected proves nothing: refuse to start without the tools.
+    let mut tools = vec!["ip", "iptables"];
+    if config.faults.contains(&Fault::ClockSkew) {
+        tools.push("faketime");
+    }
+    for tool in tools {
+        let found = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            bail!(
+                "{tool} is not installed (apt-get install iproute2 iptables faketime): \
+                 the harness cannot run without it"
+            );
+        }
+    }
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(config.seed);
     // The membership fault needs a spare broker to add (and a removed one to re-add).
