@@ -13,7 +13,8 @@ log() { printf '\n==> %s\n' "$*"; }
 # from PyPI. The "generic gRPC client" test uses Python's grpcio (it knows nothing of Weft). The
 # network-partition test cuts brokers apart with iptables (as root, on loopback addresses only);
 # the fault-injection harness (jepsen/) runs brokers in network namespaces of its own (iproute2,
-# iptables; faketime for clock skew).
+# iptables; faketime for clock skew). The chart's test starts the rendered StatefulSet's pods in
+# network namespaces too (util-linux's mount binds their volumes).
 apt_packages=(redis-server rabbitmq-server python3 python3-venv iptables iproute2 faketime)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -47,6 +48,12 @@ fi
 if ! python3 -c "import grpc, grpc_reflection, grpc_health" >/dev/null 2>&1; then
     log "installing grpcio, grpcio-reflection, grpcio-health-checking (pip)"
     python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-reflection grpcio-health-checking
+fi
+# The Helm chart's tests (tests/tests/helm_chart.rs): real Helm through PyPI's helm-python-sdk
+# (its C library; no helm binary, no cluster) and the Kubernetes schemas of kubernetes-validate.
+if ! python3 -c "import helm_python, kubernetes_validate, yaml" >/dev/null 2>&1; then
+    log "installing helm-python-sdk, kubernetes-validate (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check helm-python-sdk kubernetes-validate
 fi
 # Installed above, so the harness's smoke tests must find them (they skip missing peers otherwise).
 export WEFT_BENCH_REQUIRE=nats,redis,rabbitmq
