@@ -89,3 +89,14 @@ target/debug/weft-jepsen ci --time "${WEFT_JEPSEN_SECONDS:-60}" --out target/jep
 # The canaries: each breaks one safety mechanism on purpose; the checker must catch every one.
 log "fault injection canaries (weft-jepsen canaries)"
 target/debug/weft-jepsen canaries --time "${WEFT_JEPSEN_CANARY_SECONDS:-40}" --out target/jepsen/canaries
+
+# The container image (broker/Dockerfile), where a container engine runs. Where none does
+# (`docker info` fails, as on the reference CI machine), the Dockerfile is still checked by the
+# chart's test (its user, its binaries); docs/kubernetes.md gives the build command.
+if docker info >/dev/null 2>&1; then
+    log "container image (docker build -f broker/Dockerfile)"
+    docker build -f broker/Dockerfile -t weft:ci .
+    docker run --rm --entrypoint weft-broker weft:ci --check-config
+else
+    log "container image: no container engine here (docker info failed); not built"
+fi

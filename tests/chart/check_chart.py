@@ -274,6 +274,25 @@ def check_profile(profile, docs):
                   for k in kinds), "default: no mesh or monitoring objects")
 
 
+def check_image(docs):
+    """The image (broker/Dockerfile) holds what the pod runs, as the user the chart expects."""
+    dockerfile = (CHART.parents[1] / "broker" / "Dockerfile").read_text()
+    lines = [l.strip() for l in dockerfile.splitlines() if l.strip() and not l.startswith("#")]
+    runtime = lines[max(i for i, l in enumerate(lines) if l.startswith("FROM ")):]
+    copied = " ".join(l for l in runtime if l.startswith("COPY "))
+    users = [l.split()[1] for l in runtime if l.startswith("USER ")]
+    check(users and users[-1].split(":")[0] not in ("0", "root", "1337"),
+          f"the image runs as {users}: not root, not 1337")
+    pod = one(docs, "StatefulSet")["spec"]["template"]["spec"]
+    check(users and int(users[-1].split(":")[0]) == pod["securityContext"]["runAsUser"],
+          "the image's user is the chart's runAsUser")
+    container = pod["containers"][0]
+    for program in (container["command"][0], container["lifecycle"]["preStop"]["exec"]["command"][0]):
+        check(f"/{program} " in copied + " " and "/usr/local/bin/" in copied,
+              f"the image has no /usr/local/bin/{program}")
+    check("--release" in dockerfile and "--locked" in dockerfile, "a locked release build")
+
+
 BAD_VALUES = [
     ({"replicaCount": 0}, "replicaCount"),
     ({"config": {"topic_defaults": {"fsync_policy": "never"}}}, "fsync_policy"),
@@ -313,6 +332,7 @@ def main():
         check_profile(profile, docs)
         if profile == "default":
             check_default(docs, broker)
+            check_image(docs)
         rendered += len(docs)
         print(f"{profile}: lint clean, {len(docs)} manifests valid for Kubernetes {version}")
     for values, key in BAD_VALUES:
