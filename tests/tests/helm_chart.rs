@@ -8,7 +8,8 @@
 //!   expanded), its volume mounts (the ConfigMap's files, a data volume), one network namespace
 //!   per pod with its own address and the cluster's DNS names in its hosts file, host names
 //!   from the pod names. The probes the chart declares pass, a client in a namespace of its own
-//!   produces and consumes through the client Service's name, then one pod's preStop hook runs
+//!   produces and consumes through the client Service's name, a fourth pod (the release scaled
+//!   to four) joins and gets replicas from a rebalance, then one pod's preStop hook runs
 //!   (its leaderships move away), it is stopped with SIGTERM, and nothing is lost.
 //!
 //! Needs root (network namespaces) and the Python packages `.ci/test.sh` installs.
@@ -165,13 +166,20 @@ fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rendered_statefulset_runs_a_cluster_and_its_prestop_drains() {
     weft_tests::ensure_binaries();
-    let output = python(&["render", r#"{"replicaCount": 3}"#]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let docs: Vec<Value> = serde_json::from_slice(&output.stdout).expect("rendered JSON");
+    let render = |values: &str| -> Vec<Value> {
+        let output = python(&["render", values]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("rendered JSON")
+    };
+    let docs = render(r#"{"replicaCount": 3}"#);
+    // The release scaled up to four brokers: the new pod's spec.
+    let scaled = render(r#"{"replicaCount": 4}"#);
+    let scaled_container =
+        &find(&scaled, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0];
     let sts = find(&docs, "StatefulSet")[0];
     let pod_spec = &sts["spec"]["template"]["spec"];
     let container = &pod_spec["containers"][0];
@@ -196,16 +204,21 @@ async fn the_rendered_statefulset_runs_a_cluster_and_its_prestop_drains() {
         mount_points: Vec::new(),
         pods: Vec::new(),
     };
-    // One namespace per pod, and one for the client.
-    let net = Net::create(replicas + 1, tmp.path(), &mut rand::rng()).expect("network");
-    let pods: Vec<Pod> = (0..replicas)
+    // One namespace per pod (the three, and a fourth for the scale-up), and one for the client.
+    let net = Net::create(replicas + 2, tmp.path(), &mut rand::rng()).expect("network");
+    let pods: Vec<Pod> = (0..=replicas)
         .map(|i| {
             let name = format!("{base}-{i}");
             let ip = net.node_ip(i as u64 + 1);
             let dir = tmp.path().join(&name);
             std::fs::create_dir_all(&dir).expect("pod dir");
+            let spec = if i < replicas {
+                container
+            } else {
+                scaled_container
+            };
             Pod {
-                env: pod_env(container, &name, ip),
+                env: pod_env(spec, &name, ip),
                 name,
                 ip,
                 netns: net.namespace(i as u64 + 1).to_string(),
@@ -213,10 +226,10 @@ async fn the_rendered_statefulset_runs_a_cluster_and_its_prestop_drains() {
             }
         })
         .collect();
-    let client_ns = net.namespace(replicas as u64 + 1).to_string();
+    let client_ns = net.namespace(replicas as u64 + 2).to_string();
     let client_pod = Pod {
         name: "client".into(),
-        ip: net.node_ip(replicas as u64 + 1),
+        ip: net.node_ip(replicas as u64 + 2),
         netns: client_ns.clone(),
         env: pod_env(
             &serde_json::json!({"env": []}),
@@ -329,18 +342,19 @@ async fn the_rendered_statefulset_runs_a_cluster_and_its_prestop_drains() {
         pod_mounts.push(mounts);
     }
 
-    // Start every pod at once (podManagementPolicy: Parallel).
+    // Start the three pods at once (podManagementPolicy: Parallel).
     assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
-    for (pod, mounts) in pods.iter().zip(&pod_mounts) {
+    let start = |pod: &Pod, mounts: &[(PathBuf, String, bool)]| -> Child {
         let log = std::fs::File::create(pod.dir.join("log")).expect("log");
         let mut command = in_pod(pod, mounts, &command);
         command
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        guard
-            .pods
-            .push(Some(command.spawn().expect("start the pod's container")));
+        command.spawn().expect("start the pod's container")
+    };
+    for (pod, mounts) in pods.iter().zip(&pod_mounts).take(replicas) {
+        guard.pods.push(Some(start(pod, mounts)));
     }
     let logs = |pods: &[Pod]| {
         pods.iter()
@@ -363,8 +377,8 @@ async fn the_rendered_statefulset_runs_a_cluster_and_its_prestop_drains() {
     let live_port = container["livenessProbe"]["grpc"]["port"]
         .as_u64()
         .expect("grpc port") as u16;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for pod in &pods {
+    let wait_ready = async |pod: &Pod| {
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let address = format!("{}:{ready_port}", pod.ip);
             let listening = std::net::TcpStream::connect_timeout(
@@ -399,9 +413,12 @@ async fn the_rendered_statefulset_runs_a_cluster_and_its_prestop_drains() {
             health.status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
+    };
+    for pod in &pods[..replicas] {
+        wait_ready(pod).await;
     }
     // The node ids came from the pod names.
-    for (i, pod) in pods.iter().enumerate() {
+    for (i, pod) in pods.iter().enumerate().take(replicas) {
         let log = std::fs::read_to_string(pod.dir.join("log")).unwrap_or_default();
         assert!(
             log.contains(&format!("\"node\":{}", i + 1)),
@@ -438,21 +455,50 @@ async fn the_rendered_statefulset_runs_a_cluster_and_its_prestop_drains() {
     want.sort();
     assert_eq!(got, want);
 
-    // The preStop hook of a pod that leads partitions: its leaderships move away.
     let admin = |pod: &Pod| format!("{}:{ready_port}", pod.ip);
-    let leaders = |pod: &Pod| -> Vec<u64> {
+    let partitions = |pod: &Pod| -> Vec<Value> {
         let (status, body) = http(&admin(pod), "GET", "/v1/topics/orders", None);
         assert_eq!(status, 200, "{body}");
         let topic: Value = serde_json::from_str(&body).expect("json");
         topic["partition_details"]
             .as_array()
             .expect("partitions")
+            .clone()
+    };
+    let leaders = |pod: &Pod| -> Vec<u64> {
+        partitions(pod)
             .iter()
             .map(|p| p["leader_id"].as_u64().expect("leader"))
             .collect()
     };
+
+    // Scale-up: the fourth pod, with the spec of the release at four replicas, joins; a
+    // rebalance (docs/kubernetes.md) gives it replicas.
+    guard
+        .pods
+        .push(Some(start(&pods[replicas], &pod_mounts[replicas])));
+    wait_ready(&pods[replicas]).await;
+    let new_node = replicas as u64 + 1;
+    run_ok(weft(&["cluster", "rebalance", "--wait"]), "rebalance");
+    let holds: usize = partitions(&pods[0])
+        .iter()
+        .filter(|p| {
+            p["replicas"]
+                .as_array()
+                .expect("replicas")
+                .iter()
+                .any(|r| r.as_u64() == Some(new_node))
+        })
+        .count();
+    assert!(
+        holds > 0,
+        "node {new_node} holds no replica after the rebalance: {:?}",
+        partitions(&pods[0])
+    );
+
+    // The preStop hook of a pod that leads partitions: its leaderships move away.
     let before = leaders(&pods[0]);
-    let victim = (1..=replicas as u64)
+    let victim = (1..=new_node)
         .max_by_key(|id| before.iter().filter(|l| *l == id).count())
         .expect("a leader");
     assert!(before.contains(&victim), "nobody leads: {before:?}");
