@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "weft/v1/subscriber.proto",
     "weft/v1/topic_admin.proto",
     "weft/v1/cluster.proto",
+    "weft/v1/metadata.proto",
     "weft/internal/v1/raft.proto",
     "weft/internal/v1/forward.proto",
 ];

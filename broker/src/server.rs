@@ -9,12 +9,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use weft_proto::v1::cluster_server::ClusterServer;
+use weft_proto::v1::metadata_server::MetadataServer;
 use weft_proto::v1::publisher_server::PublisherServer;
 use weft_proto::v1::subscriber_server::SubscriberServer;
 use weft_proto::v1::topic_admin_server::TopicAdminServer;
 
 use crate::config::Config;
 use crate::grpc::cluster::ClusterService;
+use crate::grpc::metadata::MetadataService;
 use crate::grpc::publish::PublisherService;
 use crate::grpc::subscribe::SubscriberService;
 use crate::grpc::topic_admin::TopicAdminService;
@@ -87,6 +89,9 @@ pub async fn run(
         .set_serving::<TopicAdminServer<TopicAdminService>>()
         .await;
     health.set_serving::<ClusterServer<ClusterService>>().await;
+    health
+        .set_serving::<MetadataServer<MetadataService>>()
+        .await;
     // Reflection v1 and the older v1alpha, which many generic clients still speak.
     // Only what this port serves: the broker-to-broker services live on the peer port.
     let reflection = || {
@@ -97,6 +102,7 @@ pub async fn run(
             .with_service_name("weft.v1.Subscriber")
             .with_service_name("weft.v1.TopicAdmin")
             .with_service_name("weft.v1.Cluster")
+            .with_service_name("weft.v1.Metadata")
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection")
@@ -126,6 +132,7 @@ pub async fn run(
         )
         .add_service(TopicAdminServer::new(TopicAdminService::new(node.clone())))
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        .add_service(MetadataServer::new(MetadataService::new(node.clone())))
         // TCP_NODELAY: without it Nagle holds small responses (acks) behind the delayed ACK of
         // the peer, ~40 ms per round trip under pipelining.
         .serve_with_incoming_shutdown(

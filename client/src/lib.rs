@@ -35,11 +35,16 @@ mod error;
 mod producer;
 mod router;
 mod stream;
+pub mod transport;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+pub use transport::Transport;
+/// The connection every generated client of this crate runs on.
+type Channel = Transport;
 
 pub use admin::{Admin, PartitionStatus, TopicSettings, TopicUpdate};
 pub use consumer::{Consumer, ConsumerConfig, Message, StartFrom};
@@ -165,14 +170,14 @@ impl Client {
         let Some(first) = endpoints.first().cloned() else {
             return Err(Error::InvalidArgument("no broker address given".into()));
         };
-        let channel = if endpoints.len() == 1 {
+        let channel = Transport::new(if endpoints.len() == 1 {
             first.connect().await.map_err(|e| Error::Connect {
                 endpoint: first.uri().to_string(),
                 message: source_chain(&e),
             })?
         } else {
-            Channel::balance_list(endpoints.into_iter())
-        };
+            tonic::transport::Channel::balance_list(endpoints.into_iter())
+        });
         Ok(Client {
             channel,
             timeout: Duration::from_secs(30),
@@ -183,7 +188,7 @@ impl Client {
     /// A client of the broker at `address` with this client's settings (connected on first use).
     pub(crate) fn to_address(&self, address: &str) -> Result<Client> {
         Ok(Client {
-            channel: endpoint(address)?.connect_lazy(),
+            channel: Transport::new(endpoint(address)?.connect_lazy()),
             timeout: self.timeout,
             message_bytes_max: self.message_bytes_max,
         })
@@ -233,6 +238,27 @@ impl Client {
 
     pub(crate) fn cluster(&self) -> proto::cluster_client::ClusterClient<Channel> {
         proto::cluster_client::ClusterClient::new(self.channel.clone())
+    }
+
+    pub(crate) fn metadata(&self) -> proto::metadata_client::MetadataClient<Channel> {
+        proto::metadata_client::MetadataClient::new(self.channel.clone())
+    }
+
+    /// A topic's configuration in force and its partitions with their leaders, from the
+    /// read-only `Metadata` service (what producers and consumers call: never `TopicAdmin` or
+    /// `Cluster`, which a mesh may keep for operators).
+    pub async fn topic_metadata(&self, name: &str) -> Result<proto::Topic> {
+        let request = self.request(
+            proto::GetTopicRequest { name: name.into() },
+            Some(name),
+            None,
+        );
+        Ok(self
+            .metadata()
+            .get_topic(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner())
     }
 
     /// A request with a deadline and the topic (and partition) mirrored into metadata.

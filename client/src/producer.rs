@@ -287,7 +287,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                     Command::Send { topic, record, reply } => {
                         let (partitions, topic_bytes_max) = match topics.get(&topic) {
                             Some(&known) => known,
-                            None => match client.admin().topic(&topic).await {
+                            None => match client.topic_metadata(&topic).await {
                                 Ok(t) => {
                                     let config = t.config.unwrap_or_default();
                                     let known = (config.partitions.max(1), config.max_message_bytes.unwrap_or(1024 * 1024) as usize);
@@ -388,7 +388,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
 enum Route {
     Stream(PublishLane, proto::PublishRequest),
     Unary(
-        proto::publisher_client::PublisherClient<tonic::transport::Channel>,
+        proto::publisher_client::PublisherClient<crate::Transport>,
         tonic::Request<proto::PublishRequest>,
     ),
 }

@@ -157,7 +157,7 @@ impl Router {
 
     /// Asks for `topic`'s leaders now and waits for the answer (a failure keeps the table).
     pub(crate) async fn refresh(&self, topic: &Arc<str>) {
-        let Ok(partitions) = self.base.admin().partitions(topic).await else {
+        let Ok(partitions) = self.base.topic_metadata(topic).await.map(|t| t.partitions) else {
             // Keep what is known, and do not ask again at once.
             if let Ok(mut tables) = self.tables.write() {
                 let entry = tables

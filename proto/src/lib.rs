@@ -1,7 +1,8 @@
 //! Weft's wire protocol: generated prost messages and tonic services.
 //!
 //! # Layout
-//! - [`v1`]: the client API (`weft.v1`): `Publisher`, `Subscriber`, `TopicAdmin`, `Cluster`. One
+//! - [`v1`]: the client API (`weft.v1`): `Publisher`, `Subscriber`, `Metadata` (read-only, for
+//!   producers and consumers), `TopicAdmin`, `Cluster`. One
 //!   service per concern, so a mesh can match policy on path prefixes (`/weft.v1.Publisher/`).
 //! - [`internal::v1`]: the broker-to-broker API (`weft.internal.v1`): `Raft` for every Raft group,
 //!   keyed by group id, `Controller` (joining the cluster, controller commands forwarded to the
@@ -119,6 +120,7 @@ mod tests {
                 "weft.internal.v1.Forward",
                 "weft.internal.v1.Raft",
                 "weft.v1.Cluster",
+                "weft.v1.Metadata",
                 "weft.v1.Publisher",
                 "weft.v1.Subscriber",
                 "weft.v1.TopicAdmin",

@@ -1017,7 +1017,9 @@ impl PartitionLog {
     }
 
     /// Removes every entry with Raft index `index` or later (Raft conflict resolution). Durable on
-    /// return.
+    /// return. When `index` falls inside a damaged range, the cut is at the range's first entry
+    /// (there is no frame boundary inside damage): the log then ends before `index`, and the
+    /// caller must take the entries from there again.
     pub fn truncate_from_index(&mut self, index: u64) -> Result<()> {
         let end = self.end();
         if index >= end.next_index {
@@ -1036,11 +1038,44 @@ impl PartitionLog {
             .partition_point(|s| s.first_index.is_some_and(|f| f <= index))
             .max(1)
             - 1;
-        let position = self.segments[keep]
-            .frame_position_of_index(index)?
-            .ok_or_else(|| {
-                self.segments[keep].corruption(0, format!("entry {index} missing from its segment"))
-            })?;
+        // The walk to `index`'s frame may run into damaged frames before it (a replica whose
+        // data was damaged, repaired later from another copy): map each (which adds an index
+        // point where intact frames resume) and walk again. A cut at or inside a damaged range
+        // cuts at the damage's start (inside it there is no frame boundary to cut at): the
+        // log then ends at the range's first entry, before `index`.
+        let mut attempts = 0;
+        // Where the log ends after the cut, and the base offset of the entry there.
+        let mut cut_index = index;
+        let mut cut_offset = None;
+        let position = loop {
+            match self.segments[keep].frame_position_of_index(index) {
+                Err(error @ Error::Corruption { .. }) => {
+                    attempts += 1;
+                    let range = match self.map_damage(index)? {
+                        Some(range) if attempts <= DAMAGED_RANGES_MAX => range,
+                        _ => return Err(error),
+                    };
+                    if index < range.next_index {
+                        if range.segment != self.segments[keep].path {
+                            return Err(error);
+                        }
+                        cut_index = range.first_index;
+                        cut_offset = Some(range.first_offset);
+                        break Some(range.position);
+                    }
+                }
+                other => break other?,
+            }
+        }
+        .ok_or_else(|| {
+            self.segments[keep].corruption(0, format!("entry {index} missing from its segment"))
+        })?;
+        if cut_offset.is_none() {
+            cut_offset = self
+                .read_entries(index, index + 1, 1)?
+                .first()
+                .map(|b| b.header().base_offset);
+        }
         self.generation += 1;
         let removed: Vec<Segment> = self.segments.drain(keep + 1..).collect();
         for seg in removed.into_iter().rev() {
@@ -1050,11 +1085,19 @@ impl PartitionLog {
         let seg = &mut self.segments[keep];
         seg.remove_index_files()?;
         seg.truncate(position, &config)?;
+        // A damaged frame just before the cut ends the segment's scan early: the cut point,
+        // not the scan, says where the log ends.
+        if let Some(offset) = cut_offset
+            && seg.next_index < cut_index
+        {
+            seg.next_index = cut_index;
+            seg.next_offset = offset;
+        }
         segment::sync_dir(&self.dir, &self.config)?;
         let end = self.end();
-        debug_assert_eq!(end.next_index, index);
-        self.tail.truncated(index, end.next_offset);
-        self.damaged.retain(|r| r.next_index <= index);
+        debug_assert_eq!(end.next_index, cut_index);
+        self.tail.truncated(cut_index, end.next_offset);
+        self.damaged.retain(|r| r.next_index <= cut_index);
         self.durable = LogPosition {
             next_offset: self.durable.next_offset.min(end.next_offset),
             next_index: self.durable.next_index.min(end.next_index),

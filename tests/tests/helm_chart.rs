@@ -74,6 +74,8 @@ impl Drop for Guard {
         for dir in &self.netns_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
+        // /etc/netns itself, if nothing else uses it.
+        let _ = std::fs::remove_dir("/etc/netns");
         for dir in self.mount_points.iter().rev() {
             let _ = std::fs::remove_dir(dir);
         }

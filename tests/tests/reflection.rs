@@ -31,6 +31,7 @@ fn a_generic_client_lists_services_and_checks_health() {
         "weft.v1.Subscriber",
         "weft.v1.TopicAdmin",
         "weft.v1.Cluster",
+        "weft.v1.Metadata",
         "grpc.health.v1.Health",
     ] {
         assert!(

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod forward;
 pub(crate) mod forward_stream;
 pub mod group_link;
+pub mod metadata;
 pub mod publish;
 pub mod subscribe;
 pub mod topic_admin;

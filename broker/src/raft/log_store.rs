@@ -667,6 +667,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 None => Ok(()),
             };
             let end = log.end().next_index;
+            if result.is_ok() && end < log_id.index {
+                // The cut fell inside damaged entries and took them too (no frame boundary
+                // inside damage): openraft believes the entries before the cut are here. The
+                // group restarts from what the log holds, and the leader sends them again.
+                drop(log);
+                return Err(io_error(&format!(
+                    "entries {end}..{} were damaged and cut with the conflicting entries from {}; \
+                     the group restarts to take them from the leader again",
+                    log_id.index, log_id.index
+                )));
+            }
             let last = match log.first_index() {
                 Some(_) => log
                     .read_entries(end - 1, end, 1)

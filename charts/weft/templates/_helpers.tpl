@@ -84,17 +84,12 @@ arrays are TOML values; numbers print as integers, as the broker's keys are). */
 {{- if kindIs "float64" . }}{{ printf "%.0f" . }}{{- else if kindIs "int64" . }}{{ . }}{{- else if kindIs "int" . }}{{ . }}{{- else }}{{ toJson . }}{{- end }}
 {{- end }}
 
-{{/* gRPC methods that change the cluster: only operators may call them when a mesh profile
-guards the brokers (reads, publishes and consumption stay open to clients). */}}
-{{- define "weft.operatorMethods" -}}
-- /weft.v1.TopicAdmin/CreateTopic
-- /weft.v1.TopicAdmin/UpdateTopic
-- /weft.v1.TopicAdmin/DeleteTopic
-- /weft.v1.Cluster/TransferLeadership
-- /weft.v1.Cluster/Drain
-- /weft.v1.Cluster/MovePartition
-- /weft.v1.Cluster/Rebalance
-- /weft.v1.Cluster/RemoveBroker
+{{/* The gRPC paths that administer the cluster ("/service/*" for a whole service): only
+operators may call them when a mesh profile guards the brokers. Producers and consumers need
+only Publisher, Subscriber and the read-only Metadata service. */}}
+{{- define "weft.operatorPaths" -}}
+- /weft.v1.TopicAdmin/*
+- /weft.v1.Cluster/*
 - /weft.v1.Subscriber/DeleteGroup
 {{- end }}
 

@@ -1,0 +1,162 @@
+//! The client's transport: tonic's [`Channel`] plus one translation. A proxy in front of a
+//! broker (a mesh sidecar, nginx, an API gateway) that refuses or fails a call answers with a
+//! plain HTTP status, often with an HTML body, and tonic would read that body as a gRPC message
+//! ("protocol error: received message with invalid compression flag: 60"). Such an answer
+//! becomes the gRPC status the gRPC specification maps its HTTP status to (403 ->
+//! PERMISSION_DENIED, 502/503/504 -> UNAVAILABLE...), with a message that says a proxy, not the
+//! broker, answered.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tonic::Code;
+use tonic::body::Body;
+use tonic::transport::Channel;
+
+/// Metadata key of a translated answer: the proxy's HTTP status.
+pub const PROXY_STATUS_KEY: &str = "weft-proxy-http-status";
+
+/// A [`Channel`] whose non-gRPC answers become gRPC statuses.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    channel: Channel,
+}
+
+impl Transport {
+    pub(crate) fn new(channel: Channel) -> Self {
+        Transport { channel }
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Transport {
+    type Response = http::Response<Body>;
+    type Error = tonic::transport::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<http::Response<Body>, tonic::transport::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.channel, cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let answer = tower::Service::call(&mut self.channel, request);
+        Box::pin(async move { answer.await.map(translate) })
+    }
+}
+
+/// The gRPC code for an HTTP status that did not come with a gRPC status, as the gRPC
+/// specification's "HTTP to gRPC status code mapping" gives it.
+pub fn code_for_http_status(status: u16) -> Code {
+    match status {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502..=504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+/// A gRPC answer passes; anything else becomes a trailers-only gRPC status.
+fn translate(response: http::Response<Body>) -> http::Response<Body> {
+    let headers = response.headers();
+    if headers.contains_key("grpc-status") {
+        // A gRPC status (trailers-only, whatever the HTTP status): tonic reads it.
+        return response;
+    }
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if response.status() == http::StatusCode::OK && content_type.starts_with("application/grpc") {
+        return response;
+    }
+    let status = response.status();
+    let server = headers
+        .get(http::header::SERVER)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| format!(" (server: {s})"))
+        .unwrap_or_default();
+    let kind = if content_type.is_empty() {
+        "no content type".to_string()
+    } else {
+        format!("content type {content_type}")
+    };
+    let mut grpc = tonic::Status::new(
+        code_for_http_status(status.as_u16()),
+        format!(
+            "a proxy between this client and the broker answered HTTP {status}{server} with {kind}, \
+             not the broker: a mesh or proxy policy refused the call, or the proxy could not reach a broker"
+        ),
+    );
+    if let Ok(value) = status.as_u16().to_string().parse() {
+        grpc.metadata_mut().insert(PROXY_STATUS_KEY, value);
+    }
+    grpc.into_http()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(
+        status: u16,
+        content_type: Option<&str>,
+        grpc_status: Option<&str>,
+    ) -> http::Response<Body> {
+        let mut builder = http::Response::builder()
+            .status(status)
+            .header("server", "nginx");
+        if let Some(ct) = content_type {
+            builder = builder.header("content-type", ct);
+        }
+        if let Some(code) = grpc_status {
+            builder = builder.header("grpc-status", code);
+        }
+        builder.body(Body::empty()).expect("response")
+    }
+
+    #[test]
+    fn plain_http_answers_become_the_specified_grpc_codes() {
+        for (http, code) in [
+            (403, Code::PermissionDenied),
+            (401, Code::Unauthenticated),
+            (404, Code::Unimplemented),
+            (502, Code::Unavailable),
+            (503, Code::Unavailable),
+            (504, Code::Unavailable),
+            (429, Code::Unavailable),
+            (400, Code::Internal),
+            (500, Code::Unknown),
+        ] {
+            let translated = translate(answer(http, Some("text/html"), None));
+            let status =
+                tonic::Status::from_header_map(translated.headers()).expect("a gRPC status");
+            assert_eq!(status.code(), code, "HTTP {http}");
+            assert!(status.message().contains("a proxy"), "{}", status.message());
+            assert!(status.message().contains("nginx"), "{}", status.message());
+            assert_eq!(
+                status
+                    .metadata()
+                    .get(PROXY_STATUS_KEY)
+                    .and_then(|v| v.to_str().ok()),
+                Some(http.to_string().as_str())
+            );
+        }
+        // A 200 that is not gRPC (an HTML page) is not a broker's answer either.
+        let translated = translate(answer(200, Some("text/html"), None));
+        let status = tonic::Status::from_header_map(translated.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), Code::Unknown);
+    }
+
+    #[test]
+    fn grpc_answers_pass_untouched() {
+        let ok = translate(answer(200, Some("application/grpc"), None));
+        assert!(tonic::Status::from_header_map(ok.headers()).is_none());
+        let refused = translate(answer(200, Some("application/grpc+proto"), Some("7")));
+        let status = tonic::Status::from_header_map(refused.headers()).expect("status");
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(!status.message().contains("proxy"));
+    }
+}
