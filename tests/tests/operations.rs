@@ -108,8 +108,16 @@ fn json_logs_and_a_log_filter_changed_at_run_time() {
 #[test]
 fn text_logs_on_a_file_carry_no_colour_and_a_bad_log_setting_is_refused() {
     let broker = Broker::start();
-    let log = broker.log();
-    assert!(log.contains("weft-broker ready"), "{log}");
+    // The readiness line reaches the log just after the banner on stdout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = broker.log();
+        if log.contains("weft-broker ready") {
+            break log;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(!log.contains('\u{1b}'), "ANSI escape codes in a log file");
     assert!(
         log.lines().all(|l| !l.starts_with('{')),
