@@ -189,7 +189,10 @@ pub fn classify_publish(status: &tonic::Status) -> Outcome {
 }
 
 /// One sender (its index, and whether it publishes without a producer id: the no-dedup
-/// canary): publishes unique values to random keys until `stop`.
+/// canary): publishes unique values to its key (`index % keys`) until `stop`. A sender owns one
+/// key, as a Kafka producer batches per partition: a partition that a fault stalls holds up its
+/// own senders only, and the others keep the history growing through the fault (a sender that
+/// picked a random key for each send would soon wait on the stalled one, every one of them).
 pub async fn sender(
     (index, no_dedup): (u32, bool),
     keys: u32,
@@ -211,8 +214,8 @@ pub async fn sender(
     let mut state = vec![(0u32, 0u64); keys as usize];
     let mut n = 0u64;
     let mut avoided = Avoided::new();
+    let key = index % keys.max(1);
     while !*stop.borrow() {
-        let key = rng.random_range(0..keys);
         let value = make_value(index, n);
         n += 1;
         let (epoch, sequence) = state[key as usize];
@@ -376,8 +379,8 @@ pub async fn poller(
     let process = format!("p{index}");
     let mut positions = vec![0u64; keys as usize];
     let mut avoided = Avoided::new();
+    let key = index % keys.max(1);
     while !*stop.borrow() {
-        let key = rng.random_range(0..keys);
         let from = positions[key as usize];
         let (node, channel) = clients.any_but(&mut rng, &avoided);
         match poll_once(
