@@ -14,8 +14,9 @@ log() { printf '\n==> %s\n' "$*"; }
 # network-partition test cuts brokers apart with iptables (as root, on loopback addresses only);
 # the fault-injection harness (jepsen/) runs brokers in network namespaces of its own (iproute2,
 # iptables; faketime for clock skew). The chart's test starts the rendered StatefulSet's pods in
-# network namespaces too (util-linux's mount binds their volumes).
-apt_packages=(redis-server rabbitmq-server python3 python3-venv iptables iproute2 faketime nginx)
+# network namespaces too (util-linux's mount binds their volumes). The mesh tests put nginx in
+# front of brokers, the proxies talking mutual TLS with certificates made by openssl.
+apt_packages=(redis-server rabbitmq-server python3 python3-venv iptables iproute2 faketime nginx openssl)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then

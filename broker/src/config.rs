@@ -2,6 +2,7 @@
 //! variables > the TOML file (`--config`) > defaults. Every key is documented in
 //! `broker/weft.example.toml`; [`Config::validate`] names the offending key.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -69,6 +70,12 @@ pub struct Config {
     pub peer_address_pattern: Option<String>,
     /// Number of brokers the `peer_address_pattern` names.
     pub cluster_size: u32,
+    /// Sidecar upstreams, as `PEER_ADDRESS=LOCAL_ADDRESS`: this broker reaches the peer whose
+    /// address is PEER_ADDRESS (as in `peers`, or as it registered) by dialling LOCAL_ADDRESS,
+    /// a local proxy's outbound listener that carries the call to it (Consul's upstreams, an
+    /// nginx or Envoy sidecar without transparent interception). Empty: peers are dialled at
+    /// their own addresses.
+    pub peer_upstreams: Vec<String>,
 
     /// Most records in one publish.
     pub batch_records_max: u32,
@@ -184,6 +191,7 @@ impl Default for Config {
             peers: Vec::new(),
             node_id_from_host_name: false,
             peer_address_pattern: None,
+            peer_upstreams: Vec::new(),
             cluster_size: 0,
             batch_records_max: 10_000,
             grpc_message_bytes_max: 16 * 1024 * 1024,
@@ -258,6 +266,10 @@ pub struct Flags {
     /// Every broker's peer address from a pattern with `{ordinal}` (with --cluster-size).
     #[arg(long, env = "WEFT_PEER_ADDRESS_PATTERN")]
     pub peer_address_pattern: Option<String>,
+    /// Sidecar upstreams, `PEER_ADDRESS=LOCAL_ADDRESS`, comma-separated: dial LOCAL_ADDRESS
+    /// to reach the peer at PEER_ADDRESS.
+    #[arg(long, env = "WEFT_PEER_UPSTREAMS", value_delimiter = ',')]
+    pub peer_upstreams: Option<Vec<String>>,
     /// Number of brokers the peer address pattern names.
     #[arg(long, env = "WEFT_CLUSTER_SIZE")]
     pub cluster_size: Option<u32>,
@@ -297,6 +309,9 @@ impl Config {
         }
         if let Some(peers) = &flags.peers {
             config.peers = peers.clone();
+        }
+        if let Some(upstreams) = &flags.peer_upstreams {
+            config.peer_upstreams = upstreams.clone();
         }
         if let Some(rf) = flags.default_replication_factor {
             config.topic_defaults.replication_factor = rf;
@@ -417,6 +432,36 @@ impl Config {
         }
         out.sort();
         Ok(out)
+    }
+
+    /// `peer_upstreams` as a map: a peer's address to the local address this broker dials
+    /// to reach it.
+    pub fn peer_upstream_map(&self) -> Result<HashMap<String, String>, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "peer_upstreams",
+            reason,
+        };
+        let is_host_port = |a: &str| {
+            a.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+        };
+        let mut map = HashMap::new();
+        for entry in &self.peer_upstreams {
+            let (peer, local) = entry
+                .split_once('=')
+                .map(|(p, l)| (p.trim(), l.trim()))
+                .ok_or_else(|| invalid(format!("{entry:?} is not PEER_ADDRESS=LOCAL_ADDRESS")))?;
+            if !is_host_port(peer) || !is_host_port(local) {
+                return Err(invalid(format!(
+                    "{entry:?}: both addresses must be HOST:PORT"
+                )));
+            }
+            if map.insert(peer.to_string(), local.to_string()).is_some() {
+                return Err(invalid(format!("the peer address {peer} appears twice")));
+            }
+        }
+        Ok(map)
     }
 
     /// The address peers use to reach this broker: its entry in `peers`, else the peer listener.
@@ -554,6 +599,7 @@ impl Config {
             1024 * 1024 * 1024,
         )?;
         self.peer_list()?;
+        self.peer_upstream_map()?;
         if !matches!(self.flush_sync.as_str(), "syncfs" | "fdatasync") {
             return Err(ConfigError::Invalid {
                 key: "flush_sync",
@@ -704,6 +750,43 @@ mod tests {
             ..Config::default()
         };
         assert!(both.resolve_identity("w-0").is_err());
+    }
+
+    #[test]
+    fn peer_upstreams_map_peer_addresses_to_local_proxies() {
+        let config = Config {
+            peer_upstreams: vec![
+                "weft-1.weft-peers:7401=127.0.0.1:21001".into(),
+                " weft-2.weft-peers:7401 = 127.0.0.1:21002".into(),
+            ],
+            ..Config::default()
+        };
+        config.validate().expect("valid");
+        let map = config.peer_upstream_map().expect("map");
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["weft-1.weft-peers:7401"], "127.0.0.1:21001");
+        assert_eq!(map["weft-2.weft-peers:7401"], "127.0.0.1:21002");
+        for (entry, why) in [
+            ("weft-1:7401", "PEER_ADDRESS=LOCAL_ADDRESS"),
+            ("weft-1:7401=127.0.0.1", "HOST:PORT"),
+            ("=127.0.0.1:1", "HOST:PORT"),
+            ("weft-1:0=127.0.0.1:1", "HOST:PORT"),
+        ] {
+            let config = Config {
+                peer_upstreams: vec![entry.into()],
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(entry).to_string();
+            assert!(
+                error.contains("peer_upstreams") && error.contains(why),
+                "{entry}: {error}"
+            );
+        }
+        let twice = Config {
+            peer_upstreams: vec!["a:1=127.0.0.1:2".into(), "a:1=127.0.0.1:3".into()],
+            ..Config::default()
+        };
+        assert!(twice.validate().is_err());
     }
 
     #[test]

@@ -390,6 +390,7 @@ impl Node {
             config.node_id,
             &config.cluster_name,
             Some(config.peer_listen.ip()),
+            config.peer_upstream_map()?,
         );
         let seeds = config.peer_list()?;
         if fresh && !seeds.is_empty() {

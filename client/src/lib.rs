@@ -35,14 +35,13 @@ mod error;
 mod producer;
 mod router;
 mod stream;
-pub mod transport;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use tonic::transport::Endpoint;
 
-pub use transport::Transport;
+pub use weft_proto::transport::{self, Transport};
 /// The connection every generated client of this crate runs on.
 type Channel = Transport;
 

@@ -7,6 +7,8 @@
 //! - [`internal::v1`]: the broker-to-broker API (`weft.internal.v1`): `Raft` for every Raft group,
 //!   keyed by group id, `Controller` (joining the cluster, controller commands forwarded to the
 //!   controller leader), and `Forward` for calls a follower hands to the leader.
+//! - [`transport`]: the channel every caller uses (the Rust client, a broker calling its peers),
+//!   which turns a proxy's plain HTTP answer (403, 502...) into the gRPC status it stands for.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every file above, for gRPC reflection.
 //!
 //! The `.proto` sources under `proto/proto/` are the reference: every message and field is
@@ -16,6 +18,8 @@
 //! This crate is a leaf: it depends on nothing else in the workspace.
 
 #![allow(missing_docs, unreachable_pub, clippy::doc_lazy_continuation)]
+
+pub mod transport;
 
 /// The client API, package `weft.v1`.
 pub mod v1 {

@@ -180,7 +180,9 @@ impl Forwarders {
 /// When the stream ends or breaks, the publishes in flight get an ambiguous UNAVAILABLE (they
 /// may be stored), and those not sent yet a plain one.
 async fn run(
-    mut client: weft_proto::internal::v1::forward_client::ForwardClient<tonic::transport::Channel>,
+    mut client: weft_proto::internal::v1::forward_client::ForwardClient<
+        weft_proto::transport::Transport,
+    >,
     call: tonic::Request<ReceiverStream<ForwardPublishRequest>>,
     outbound: mpsc::Sender<ForwardPublishRequest>,
     mut jobs: mpsc::Receiver<Job>,

@@ -46,7 +46,6 @@ pub(crate) fn check_headers(
     Ok(())
 }
 
-/// The deadline of a call: the client's `grpc-timeout`, capped by `request_timeout_ms`.
 /// A client of node `node_id`'s Forward service at `peer_address`, counting one forwarded
 /// `method` call; UNAVAILABLE naming the node when it cannot be reached.
 pub(crate) fn forward_to(
@@ -55,7 +54,7 @@ pub(crate) fn forward_to(
     peer_address: &str,
     method: &'static str,
 ) -> Result<
-    weft_proto::internal::v1::forward_client::ForwardClient<tonic::transport::Channel>,
+    weft_proto::internal::v1::forward_client::ForwardClient<weft_proto::transport::Transport>,
     BrokerError,
 > {
     let client = node
@@ -69,6 +68,7 @@ pub(crate) fn forward_to(
     Ok(client)
 }
 
+/// The deadline of a call: the client's `grpc-timeout`, capped by `request_timeout_ms`.
 pub(crate) fn deadline(metadata: &tonic::metadata::MetadataMap, node: &Node) -> Duration {
     let ceiling = Duration::from_millis(node.config.request_timeout_ms);
     metadata

@@ -21,7 +21,10 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{AnyError, BasicNode};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+/// A peer connection: a proxy's plain HTTP answer on the way (a sidecar's 403 or 502) becomes
+/// the gRPC status it stands for, not a decoding error.
+type Channel = weft_proto::transport::Transport;
 use tonic::{Request, Response, Status};
 use weft_proto::internal::v1 as pb;
 use weft_proto::internal::v1::raft_client::RaftClient;
@@ -66,6 +69,9 @@ struct Inner {
     /// The address this node's peer connections leave from (its peer listen address, when that
     /// names one), so that peers and firewalls see which broker a connection comes from.
     local_ip: Option<IpAddr>,
+    /// A peer's address to the local address dialled to reach it (a sidecar's outbound
+    /// listener; `peer_upstreams` in the config).
+    upstreams: HashMap<String, String>,
     connect_timeout: Duration,
     /// The AppendEntries batcher of each peer (node id, address).
     batchers: Mutex<HashMap<(NodeId, String), tokio::sync::mpsc::Sender<super::batch::Pending>>>,
@@ -114,8 +120,14 @@ pub struct Peers {
 
 impl Peers {
     /// The peers of node `node_id` in cluster `cluster_name`; connections leave from
-    /// `local_ip` when given.
-    pub fn new(node_id: NodeId, cluster_name: &str, local_ip: Option<IpAddr>) -> Peers {
+    /// `local_ip` when given, and go to a peer's upstream (a local proxy) when `upstreams` names
+    /// one for its address.
+    pub fn new(
+        node_id: NodeId,
+        cluster_name: &str,
+        local_ip: Option<IpAddr>,
+        upstreams: HashMap<String, String>,
+    ) -> Peers {
         Peers {
             inner: Arc::new(Inner {
                 node_id,
@@ -128,6 +140,7 @@ impl Peers {
                 recovery: Mutex::new((Recovery::Normal, HashMap::new())),
                 contacts: Mutex::new(HashMap::new()),
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
+                upstreams,
                 connect_timeout: Duration::from_secs(2),
                 batchers: Mutex::new(HashMap::new()),
                 controller_transfer: std::sync::atomic::AtomicU64::new(0),
@@ -324,15 +337,20 @@ impl Peers {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("bad peer address {address:?}: {e}"))?
+        let dialled = self
+            .inner
+            .upstreams
+            .get(address)
+            .map_or(address, String::as_str);
+        let endpoint = Endpoint::from_shared(format!("http://{dialled}"))
+            .map_err(|e| format!("bad peer address {dialled:?}: {e}"))?
             .connect_timeout(self.inner.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .local_address(self.inner.local_ip);
-        let channel = endpoint.connect_lazy();
+        let channel = Channel::new(endpoint.connect_lazy());
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }

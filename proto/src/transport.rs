@@ -1,4 +1,5 @@
-//! The client's transport: tonic's [`Channel`] plus one translation. A proxy in front of a
+//! The transport of every Weft gRPC caller (the Rust client, and a broker calling its peers):
+//! tonic's [`Channel`] plus one translation. A proxy in front of a
 //! broker (a mesh sidecar, nginx, an API gateway) that refuses or fails a call answers with a
 //! plain HTTP status, often with an HTML body, and tonic would read that body as a gRPC message
 //! ("protocol error: received message with invalid compression flag: 60"). Such an answer
@@ -24,7 +25,8 @@ pub struct Transport {
 }
 
 impl Transport {
-    pub(crate) fn new(channel: Channel) -> Self {
+    /// `channel` with the translation.
+    pub fn new(channel: Channel) -> Self {
         Transport { channel }
     }
 }
@@ -86,8 +88,8 @@ fn translate(response: http::Response<Body>) -> http::Response<Body> {
     let mut grpc = tonic::Status::new(
         code_for_http_status(status.as_u16()),
         format!(
-            "a proxy between this client and the broker answered HTTP {status}{server} with {kind}, \
-             not the broker: a mesh or proxy policy refused the call, or the proxy could not reach a broker"
+            "a proxy on the way to the broker answered HTTP {status}{server} with {kind}, not the \
+             broker: a mesh or proxy policy refused the call, or the proxy could not reach a broker"
         ),
     );
     if let Ok(value) = status.as_u16().to_string().parse() {
