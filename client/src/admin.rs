@@ -361,7 +361,7 @@ impl Admin {
         topic: &str,
         group: Option<&str>,
     ) -> Result<Vec<proto::PartitionOffsets>> {
-        let request = self.client.request(
+        let request = self.client.group_request(
             proto::GetOffsetsRequest {
                 topic: topic.into(),
                 partitions: vec![],
@@ -369,7 +369,7 @@ impl Admin {
                 timestamp_ms: None,
             },
             Some(topic),
-            None,
+            group.unwrap_or_default(),
         );
         Ok(self
             .client
@@ -388,7 +388,7 @@ impl Admin {
         topic: &str,
         offsets: &[(u32, u64)],
     ) -> Result<()> {
-        let request = self.client.request(
+        let request = self.client.group_request(
             proto::CommitOffsetsRequest {
                 group_id: group.into(),
                 member_id: String::new(),
@@ -400,7 +400,7 @@ impl Admin {
                     .collect(),
             },
             Some(topic),
-            None,
+            group,
         );
         self.client
             .subscriber()
@@ -425,12 +425,12 @@ impl Admin {
 
     /// One consumer group: members, assignments, commits and lag.
     pub async fn group(&self, group_id: &str) -> Result<proto::GroupDescription> {
-        let request = self.client.request(
+        let request = self.client.group_request(
             proto::DescribeGroupRequest {
                 group_id: group_id.into(),
             },
             None,
-            None,
+            group_id,
         );
         Ok(self
             .client
@@ -444,12 +444,12 @@ impl Admin {
     /// Deletes a consumer group's committed offsets. Refused (FAILED_PRECONDITION, reason
     /// GROUP_NOT_EMPTY) while the group has live members; NOT_FOUND when it has none stored.
     pub async fn delete_group(&self, group_id: &str) -> Result<()> {
-        let request = self.client.request(
+        let request = self.client.group_request(
             proto::DeleteGroupRequest {
                 group_id: group_id.into(),
             },
             None,
-            None,
+            group_id,
         );
         self.client
             .subscriber()

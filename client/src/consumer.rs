@@ -252,6 +252,9 @@ impl Consumer {
                 .metadata_mut()
                 .insert(weft_proto::TOPIC_HEADER, topic);
         }
+        if let Some(group) = &self.config.group {
+            crate::mirror_group(&mut request, group);
+        }
         let responses = self
             .client
             .subscriber()
@@ -442,16 +445,16 @@ impl Consumer {
         if changed.is_empty() {
             return Ok(());
         }
-        let request = self.client.request(
+        let request = self.client.group_request(
             proto::CommitOffsetsRequest {
-                group_id: group,
+                group_id: group.clone(),
                 member_id: self.member_id.clone(),
                 generation: self.generation,
                 topic: self.config.topic.clone(),
                 offsets: changed.clone(),
             },
             Some(&self.config.topic),
-            None,
+            &group,
         );
         self.client
             .subscriber()
@@ -519,13 +522,13 @@ impl Consumer {
         if self.member_id.is_empty() {
             return None;
         }
-        let request = self.client.request(
+        let request = self.client.group_request(
             proto::LeaveGroupRequest {
-                group_id: group,
+                group_id: group.clone(),
                 member_id: self.member_id.clone(),
             },
             Some(&self.config.topic),
-            None,
+            &group,
         );
         let mut subscriber = self.client.subscriber();
         Some(async move {

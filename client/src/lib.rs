@@ -281,6 +281,30 @@ impl Client {
         }
         request
     }
+
+    /// [`Client::request`] of a group call: the group mirrored into `weft-group` too.
+    pub(crate) fn group_request<T>(
+        &self,
+        body: T,
+        topic: Option<&str>,
+        group: &str,
+    ) -> tonic::Request<T> {
+        let mut request = self.request(body, topic, None);
+        mirror_group(&mut request, group);
+        request
+    }
+}
+
+/// Mirrors `group` into the `weft-group` request metadata (nothing for an empty group).
+pub(crate) fn mirror_group<T>(request: &mut tonic::Request<T>, group: &str) {
+    if group.is_empty() {
+        return;
+    }
+    if let Ok(value) = group.parse() {
+        request
+            .metadata_mut()
+            .insert(weft_proto::GROUP_HEADER, value);
+    }
 }
 
 fn source_chain(error: &dyn std::error::Error) -> String {

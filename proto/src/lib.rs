@@ -43,6 +43,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub const TOPIC_HEADER: &str = "weft-topic";
 /// Request metadata key that mirrors the partition of a request, for mesh policy and metrics.
 pub const PARTITION_HEADER: &str = "weft-partition";
+/// Request metadata key that mirrors the consumer group of a group call (Subscribe as a group
+/// member, CommitOffsets, GetOffsets of a group, DescribeGroup, DeleteGroup, LeaveGroup), for
+/// mesh policy by group. The broker refuses a call whose header and body disagree.
+pub const GROUP_HEADER: &str = "weft-group";
 
 /// Kafka's murmur2 hash, as its default partitioner uses it.
 pub fn murmur2(data: &[u8]) -> i32 {

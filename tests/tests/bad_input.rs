@@ -186,6 +186,100 @@ async fn bad_grpc_requests_get_statuses_with_details() {
     still_serving(&mut publisher).await;
 }
 
+/// The `weft-group` header (mirrored by our client, matched by mesh policies) must name the
+/// group the body names, on every group call: a client cannot pass a policy for one group with
+/// a call for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_header_that_disagrees_with_the_body_is_refused() {
+    use weft_proto::v1::{
+        CommitOffsetsRequest, DescribeGroupRequest, PartitionOffset, SubscribeRequest,
+        SubscribeStart, subscribe_request,
+    };
+    let broker = Broker::start();
+    ok_stdout(&broker.cli(&["topic", "create", "t", "--partitions", "1"]));
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    let mut subscriber = weft_tests::grpc::subscriber(&channel);
+    fn with_group<T>(body: T, group: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        request
+            .metadata_mut()
+            .insert("weft-group", group.parse().expect("ascii"));
+        request
+    }
+    fn refused_for_the_header(status: tonic::Status) {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(
+            status
+                .get_details_bad_request()
+                .expect("BadRequest")
+                .field_violations[0]
+                .field,
+            "metadata.weft-group"
+        );
+    }
+    let commit = CommitOffsetsRequest {
+        group_id: "billing".into(),
+        topic: "t".into(),
+        offsets: vec![PartitionOffset {
+            partition: 0,
+            offset: 0,
+        }],
+        ..CommitOffsetsRequest::default()
+    };
+    refused_for_the_header(
+        subscriber
+            .commit_offsets(with_group(commit.clone(), "audit"))
+            .await
+            .expect_err("CommitOffsets for billing under an audit header"),
+    );
+    subscriber
+        .commit_offsets(with_group(commit, "billing"))
+        .await
+        .expect("a matching header passes");
+    refused_for_the_header(
+        subscriber
+            .describe_group(with_group(
+                DescribeGroupRequest {
+                    group_id: "billing".into(),
+                },
+                "audit",
+            ))
+            .await
+            .expect_err("DescribeGroup under another group's header"),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Start(SubscribeStart {
+            topic: "t".into(),
+            group_id: "billing".into(),
+            ..SubscribeStart::default()
+        })),
+    })
+    .await
+    .expect("queue the start");
+    let opened = subscriber
+        .subscribe(with_group(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            "audit",
+        ))
+        .await;
+    let status = match opened {
+        Err(status) => status,
+        Ok(response) => response
+            .into_inner()
+            .message()
+            .await
+            .expect_err("the stream ends with the refusal"),
+    };
+    refused_for_the_header(status);
+    // Our client mirrors the group it consumes as: the broker accepts its calls.
+    ok_stdout(&broker.cli(&["produce", "t", "x"]));
+    let consumed = ok_stdout(&broker.cli(&[
+        "consume", "t", "--group", "billing", "--from", "earliest", "--count", "1",
+    ]));
+    assert_eq!(consumed.trim(), "x");
+}
+
 #[test]
 fn bad_admin_requests_get_a_4xx_json_body() {
     let broker = Broker::start();

@@ -10,7 +10,8 @@
 //!   all (a peer address is a TLS port), so a working cluster proves every hop was proxied;
 //! - a proxy rule denies `/weft.v1.TopicAdmin/` on the applications' port: that client is
 //!   refused with PERMISSION_DENIED (saying the proxy answered), the operators' port creates
-//!   topics;
+//!   topics; rules on the `weft-topic` and `weft-group` headers our client mirrors refuse a
+//!   topic and a consumer group to the applications;
 //! - produce, consume as a group, a simple CommitOffsets, a Subscribe stream that outlives its
 //!   maximum age (rotated) and waits idle through heartbeats, and a leader killed with kill -9:
 //!   every acknowledged record is read back;
@@ -197,12 +198,18 @@ http {{
     grpc_read_timeout 300s;
     grpc_send_timeout 300s;
 {upstreams}
-    # Applications: producers and consumers do not administer.
+    # Applications: producers and consumers do not administer, and policies by topic and by
+    # consumer group match the weft-topic and weft-group headers (the broker refuses a call
+    # whose headers disagree with its body).
     server {{
         listen 127.0.0.1:{apps} http2;
         location /weft.v1.TopicAdmin/ {{ return 403; }}
         location /weft.v1.Cluster/ {{ return 403; }}
-        location / {{ grpc_pass grpc://broker_client; }}
+        location / {{
+            if ($http_weft_topic = "payments") {{ return 403; }}
+            if ($http_weft_group = "payroll") {{ return 403; }}
+            grpc_pass grpc://broker_client;
+        }}
     }}
 
     # Operators.
@@ -422,6 +429,26 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
     );
 
     phase("topics created");
+    // Policies by topic and by group, on the headers our client mirrors.
+    let refused = cli(ports[0].apps, &["produce", "payments", "p0"]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("HTTP 403"),
+        "a produce to payments passed the topic policy: {stderr}"
+    );
+    ok_stdout(&cli(ports[0].apps, &["produce", "orders", "warm-up"]));
+    let refused = cli(
+        ports[0].apps,
+        &[
+            "consume", "orders", "--group", "payroll", "--from", "earliest", "--count", "1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("HTTP 403"),
+        "a consumer of the payroll group passed the group policy: {stderr}"
+    );
+
     // Produce and consume as a group, through the applications' ports only.
     let first_batch: Vec<String> = (0..30).map(|n| format!("a{n}")).collect();
     let mut args = vec!["produce", "orders"];
@@ -430,11 +457,13 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
     let consumed = values(&cli(
         ports[2].apps,
         &[
-            "consume", "orders", "--group", "billing", "--from", "earliest", "--count", "30",
+            "consume", "orders", "--group", "billing", "--from", "earliest", "--count", "31",
         ],
     ));
     let consumed: BTreeSet<String> = consumed.into_iter().collect();
-    assert_eq!(consumed, first_batch.iter().cloned().collect());
+    let mut expected: BTreeSet<String> = first_batch.iter().cloned().collect();
+    expected.insert("warm-up".into());
+    assert_eq!(consumed, expected);
 
     phase("produced and consumed as a group");
     // A simple commit (a consumer outside group membership) through a proxy: the broker
@@ -473,7 +502,7 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
             "--from",
             "earliest",
         ])
-        .args(["--count", "31", "--idle-timeout-ms", "30000"])
+        .args(["--count", "32", "--idle-timeout-ms", "30000"])
         .env_remove("WEFT_SERVER")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -484,7 +513,7 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
     let waited = waiting.wait_with_output().expect("consume ends");
     let waited: BTreeSet<String> = values(&waited).into_iter().collect();
     assert!(
-        waited.contains("late") && waited.len() == 31,
+        waited.contains("late") && waited.len() == 32,
         "the waiting consumer got {waited:?}"
     );
 
@@ -517,7 +546,7 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
             "--from",
             "earliest",
             "--count",
-            "51",
+            "52",
         ],
     ));
     let all: BTreeSet<String> = all.into_iter().collect();
@@ -525,7 +554,7 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
         .iter()
         .chain(second_batch.iter())
         .cloned()
-        .chain(std::iter::once("late".to_string()))
+        .chain(["late".to_string(), "warm-up".to_string()])
         .collect();
     assert_eq!(
         all, expected,

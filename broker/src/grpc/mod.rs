@@ -18,6 +18,24 @@ use weft_storage::Batch;
 use crate::error::BrokerError;
 use crate::node::Node;
 
+/// Checks `weft-group` request metadata against the body's group (empty: no group), so that a
+/// mesh policy matching the header decides on the group the call really is for.
+pub(crate) fn check_group_header(
+    metadata: &tonic::metadata::MetadataMap,
+    group: &str,
+) -> Result<(), BrokerError> {
+    if let Some(value) = metadata.get(weft_proto::GROUP_HEADER) {
+        let header = value.to_str().unwrap_or("");
+        if header != group {
+            return Err(BrokerError::invalid(
+                "metadata.weft-group",
+                format!("header names group {header:?} but the request is for {group:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks `weft-topic` / `weft-partition` request metadata against the body.
 pub(crate) fn check_headers(
     metadata: &tonic::metadata::MetadataMap,

@@ -22,7 +22,7 @@ use weft_proto::v1::{
 };
 
 use super::group_link::{self, GroupLink, Joining};
-use super::{check_headers, now_ms, record_size, to_records};
+use super::{check_group_header, check_headers, now_ms, record_size, to_records};
 use crate::error::BrokerError;
 use crate::groups::GroupView;
 use crate::node::Node;
@@ -403,6 +403,10 @@ impl Subscriber for SubscriberService {
             .get(weft_proto::TOPIC_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let header_group = request
+            .metadata()
+            .get(weft_proto::GROUP_HEADER)
+            .map(|v| v.to_str().unwrap_or("").to_string());
         let mut inbound = request.into_inner();
         let result = async {
             let first = inbound
@@ -429,6 +433,17 @@ impl Subscriber for SubscriberService {
                     ),
                 ));
             }
+            if let Some(group) = header_group
+                && group != start.group_id
+            {
+                return Err(BrokerError::invalid(
+                    "metadata.weft-group",
+                    format!(
+                        "header names group {group:?} but the subscription is for {:?}",
+                        start.group_id
+                    ),
+                ));
+            }
             Session::open(self.node.clone(), start, inbound).await
         }
         .await
@@ -444,7 +459,9 @@ impl Subscriber for SubscriberService {
         request: Request<CommitOffsetsRequest>,
     ) -> Result<Response<CommitOffsetsResponse>, Status> {
         let started = Instant::now();
-        let result = match check_headers(request.metadata(), &request.get_ref().topic, None) {
+        let result = match check_headers(request.metadata(), &request.get_ref().topic, None)
+            .and_then(|()| check_group_header(request.metadata(), &request.get_ref().group_id))
+        {
             Ok(()) => self.commit_inner(request.get_ref()).await,
             Err(e) => Err(e),
         }
@@ -472,10 +489,13 @@ impl Subscriber for SubscriberService {
         request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::GroupDescription>, Status> {
         let started = Instant::now();
-        let result = group_link::describe(&self.node, &request.get_ref().group_id, 0)
-            .await
-            .map(Response::new)
-            .map_err(Status::from);
+        let result = async {
+            check_group_header(request.metadata(), &request.get_ref().group_id)?;
+            group_link::describe(&self.node, &request.get_ref().group_id, 0).await
+        }
+        .await
+        .map(Response::new)
+        .map_err(Status::from);
         crate::metrics::rpc("DescribeGroup", started, &result);
         result
     }
@@ -485,10 +505,13 @@ impl Subscriber for SubscriberService {
         request: Request<v1::DeleteGroupRequest>,
     ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
         let started = Instant::now();
-        let result = group_link::delete(&self.node, &request.get_ref().group_id, 0)
-            .await
-            .map(|()| Response::new(v1::DeleteGroupResponse {}))
-            .map_err(Status::from);
+        let result = async {
+            check_group_header(request.metadata(), &request.get_ref().group_id)?;
+            group_link::delete(&self.node, &request.get_ref().group_id, 0).await
+        }
+        .await
+        .map(|()| Response::new(v1::DeleteGroupResponse {}))
+        .map_err(Status::from);
         crate::metrics::rpc("DeleteGroup", started, &result);
         result
     }
@@ -499,10 +522,13 @@ impl Subscriber for SubscriberService {
     ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
         let started = Instant::now();
         let r = request.get_ref();
-        let result = group_link::leave(&self.node, &r.group_id, &r.member_id, 0)
-            .await
-            .map(|left| Response::new(v1::LeaveGroupResponse { left }))
-            .map_err(Status::from);
+        let result = async {
+            check_group_header(request.metadata(), &r.group_id)?;
+            group_link::leave(&self.node, &r.group_id, &r.member_id, 0).await
+        }
+        .await
+        .map(|left| Response::new(v1::LeaveGroupResponse { left }))
+        .map_err(Status::from);
         crate::metrics::rpc("LeaveGroup", started, &result);
         result
     }
@@ -512,7 +538,9 @@ impl Subscriber for SubscriberService {
         request: Request<GetOffsetsRequest>,
     ) -> Result<Response<GetOffsetsResponse>, Status> {
         let started = Instant::now();
-        let result = match check_headers(request.metadata(), &request.get_ref().topic, None) {
+        let result = match check_headers(request.metadata(), &request.get_ref().topic, None)
+            .and_then(|()| check_group_header(request.metadata(), &request.get_ref().group_id))
+        {
             Ok(()) => self.offsets_inner(request.get_ref(), 0).await,
             Err(e) => Err(e),
         }
