@@ -111,10 +111,16 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let limit = config.grpc_message_bytes_max as usize;
     let client_server = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            crate::grpc::oversized_requests_are_resource_exhausted
-                as fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
-        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::grpc::caller::CallerLayer)
+                .layer(tower::util::MapResponseLayer::new(
+                    crate::grpc::oversized_requests_are_resource_exhausted
+                        as fn(
+                            http::Response<tonic::body::Body>,
+                        ) -> http::Response<tonic::body::Body>,
+                )),
+        )
         .max_concurrent_streams(config.streams_per_connection_max)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service.clone())
@@ -141,6 +147,7 @@ pub async fn run(
         );
     // The peer port: Raft for every group of this node, and health.
     let peer_server = tonic::transport::Server::builder()
+        .layer(crate::grpc::caller::CallerLayer)
         .add_service(health_service)
         .add_service(
             weft_proto::internal::v1::raft_server::RaftServer::new(crate::raft::RaftService::new(

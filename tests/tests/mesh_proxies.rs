@@ -17,6 +17,8 @@
 //!   every acknowledged record is read back;
 //! - the access logs show each Publish, Subscribe, CommitOffsets and AppendEntries call with its
 //!   gRPC path and status, and each peer call with its verified client certificate;
+//! - a call a broker forwards to another (a commit to the group coordinator) carries its
+//!   caller's W3C `traceparent` on the peer hop, as the mesh sees it;
 //! - a proxy's plain HTTP answer to a broker (502 while a peer is down) is read as the gRPC
 //!   status it stands for (UNAVAILABLE), as the Rust client reads it, not as a broken message.
 
@@ -183,7 +185,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
-    log_format grpc '$server_port $request_method $request_uri $status grpc-status=$sent_trailer_grpc_status client-verify=$ssl_client_verify client-dn="$ssl_client_s_dn"';
+    log_format grpc '$server_port $request_method $request_uri $status grpc-status=$sent_trailer_grpc_status client-verify=$ssl_client_verify client-dn="$ssl_client_s_dn" traceparent=$http_traceparent';
     access_log {d}/access.log grpc;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
@@ -469,24 +471,40 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
     // A simple commit (a consumer outside group membership) through a proxy: the broker
     // forwards it to the group's coordinator over the proxied peer links.
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // Through every broker, each call with its own W3C trace context: those the broker
+    // forwards to the coordinator carry the caller's traceparent on the peer hop.
+    let traceparents: Vec<String> = (1..=N)
+        .map(|i| {
+            format!(
+                "00-{:032x}-{:016x}-01",
+                0xa11ce_u128 + i as u128,
+                0xb0b_u64 + i as u64
+            )
+        })
+        .collect();
     runtime.block_on(async {
-        let channel = weft_tests::grpc::channel(&format!("127.0.0.1:{}", ports[1].apps)).await;
-        let mut request = tonic::Request::new(weft_proto::v1::CommitOffsetsRequest {
-            group_id: "audit".into(),
-            topic: "orders".into(),
-            offsets: (0..3)
-                .map(|partition| weft_proto::v1::PartitionOffset {
-                    partition,
-                    offset: 0,
-                })
-                .collect(),
-            ..Default::default()
-        });
-        request.set_timeout(Duration::from_secs(20));
-        weft_tests::grpc::subscriber(&channel)
-            .commit_offsets(request)
-            .await
-            .expect("CommitOffsets through the proxy");
+        for (i, traceparent) in traceparents.iter().enumerate() {
+            let channel = weft_tests::grpc::channel(&format!("127.0.0.1:{}", ports[i].apps)).await;
+            let mut request = tonic::Request::new(weft_proto::v1::CommitOffsetsRequest {
+                group_id: "audit".into(),
+                topic: "orders".into(),
+                offsets: (0..3)
+                    .map(|partition| weft_proto::v1::PartitionOffset {
+                        partition,
+                        offset: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            request.set_timeout(Duration::from_secs(20));
+            request
+                .metadata_mut()
+                .insert("traceparent", traceparent.parse().expect("ascii"));
+            weft_tests::grpc::subscriber(&channel)
+                .commit_offsets(request)
+                .await
+                .expect("CommitOffsets through the proxy");
+        }
     });
 
     phase("committed");
@@ -580,6 +598,22 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
             "no {line:?} in the access logs:\n{joined}"
         );
     }
+    // The forwarded commits kept their callers' trace context across the peer hop (two of the
+    // three brokers are not the coordinator, so at least two were forwarded; the CLI's own
+    // commits carry none).
+    let forwarded_with_context = traceparents
+        .iter()
+        .filter(|t| {
+            joined.lines().any(|l| {
+                l.contains("/weft.internal.v1.Forward/CommitOffsets 200")
+                    && l.ends_with(&format!("traceparent={t}"))
+            })
+        })
+        .count();
+    assert!(
+        forwarded_with_context >= 2,
+        "forwarded commits lost their callers' trace context:\n{joined}"
+    );
     for (i, log) in logs.iter().enumerate() {
         let peer_port = ports[i].peer.to_string();
         let peer_calls: Vec<&str> = log

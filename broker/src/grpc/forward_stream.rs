@@ -181,7 +181,7 @@ impl Forwarders {
 /// may be stored), and those not sent yet a plain one.
 async fn run(
     mut client: weft_proto::internal::v1::forward_client::ForwardClient<
-        weft_proto::transport::Transport,
+        crate::grpc::caller::PeerChannel,
     >,
     call: tonic::Request<ReceiverStream<ForwardPublishRequest>>,
     outbound: mpsc::Sender<ForwardPublishRequest>,

@@ -370,7 +370,7 @@ where
     Message: FnOnce() -> M,
     Local: AsyncFnOnce() -> Result<T, BrokerError>,
     Remote: AsyncFnOnce(
-        weft_proto::internal::v1::forward_client::ForwardClient<weft_proto::transport::Transport>,
+        weft_proto::internal::v1::forward_client::ForwardClient<crate::grpc::caller::PeerChannel>,
         tonic::Request<M>,
     ) -> Result<T, Status>,
 {

@@ -1,6 +1,7 @@
 //! The client gRPC services of `weft.v1`, one file per service, and what they share: request
 //! metadata checks, record conversion, the Kafka-compatible key partitioner, deadlines.
 
+pub mod caller;
 pub mod cluster;
 pub mod forward;
 pub(crate) mod forward_stream;
@@ -72,7 +73,7 @@ pub(crate) fn forward_to(
     peer_address: &str,
     method: &'static str,
 ) -> Result<
-    weft_proto::internal::v1::forward_client::ForwardClient<weft_proto::transport::Transport>,
+    weft_proto::internal::v1::forward_client::ForwardClient<crate::grpc::caller::PeerChannel>,
     BrokerError,
 > {
     let client = node

@@ -23,8 +23,9 @@ use openraft::raft::{
 use openraft::{AnyError, BasicNode};
 use tonic::transport::Endpoint;
 /// A peer connection: a proxy's plain HTTP answer on the way (a sidecar's 403 or 502) becomes
-/// the gRPC status it stands for, not a decoding error.
-type Channel = weft_proto::transport::Transport;
+/// the gRPC status it stands for, not a decoding error; a call made for a client carries its
+/// trace context.
+type Channel = crate::grpc::caller::PeerChannel;
 use tonic::{Request, Response, Status};
 use weft_proto::internal::v1 as pb;
 use weft_proto::internal::v1::raft_client::RaftClient;
@@ -350,7 +351,9 @@ impl Peers {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .local_address(self.inner.local_ip);
-        let channel = Channel::new(endpoint.connect_lazy());
+        let channel = Channel::new(weft_proto::transport::Transport::new(
+            endpoint.connect_lazy(),
+        ));
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }
