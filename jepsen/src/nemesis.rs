@@ -154,7 +154,13 @@ impl Nemesis {
                 .with_context(|| format!("injecting {}", fault.name()))?;
             *self.injected.entry(fault.name()).or_default() += 1;
             self.record(Kind::Invoke, id, format!("{}: {detail}", fault.name()));
-            let hold = Duration::from_millis(self.rng.random_range(5_000..10_000));
+            // A power loss of every broker is an instant: what it tests is the crash, the cut
+            // files and the restart, not the dark minutes between. The power comes back after
+            // 1-3 s (a 5-10 s hold left a 60 s run more dark than lit, and too few sends).
+            let hold = Duration::from_millis(match fault {
+                Fault::PowerLossAll => self.rng.random_range(1_000..3_000),
+                _ => self.rng.random_range(5_000..10_000),
+            });
             let _ = tokio::time::timeout(hold, stop.wait_for(|s| *s)).await;
             self.heal().await?;
             self.record(Kind::Ok, id, format!("healed {}", fault.name()));
