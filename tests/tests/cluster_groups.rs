@@ -356,19 +356,32 @@ async fn a_commit_through_a_lagging_replica_waits_for_the_high_watermark() {
             }
         };
         let next = published.base_offset + 1;
-        let committed = grpc::subscriber(&follower_channel)
-            .commit_offsets(weft_proto::v1::CommitOffsetsRequest {
-                group_id: "lag".into(),
-                topic: "hw".into(),
-                offsets: vec![weft_proto::v1::PartitionOffset {
-                    partition: 0,
-                    offset: next,
-                }],
-                ..weft_proto::v1::CommitOffsetsRequest::default()
-            })
-            .await
-            .unwrap_or_else(|s| panic!("commit of {next} through node {follower}: {s:?}"))
-            .into_inner();
+        // The follower's replica may still be opening right after the topic was created: it
+        // answers UNAVAILABLE with a retry hint, and the commit is retried as a client would.
+        // What must never come is a refusal as "past the high watermark".
+        let committed = loop {
+            match grpc::subscriber(&follower_channel)
+                .commit_offsets(weft_proto::v1::CommitOffsetsRequest {
+                    group_id: "lag".into(),
+                    topic: "hw".into(),
+                    offsets: vec![weft_proto::v1::PartitionOffset {
+                        partition: 0,
+                        offset: next,
+                    }],
+                    ..weft_proto::v1::CommitOffsetsRequest::default()
+                })
+                .await
+            {
+                Ok(response) => break response.into_inner(),
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => panic!("commit of {next} through node {follower}: {s:?}"),
+            }
+        };
         assert_eq!(committed.offsets[0].offset, next);
     }
 }
