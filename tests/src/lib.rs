@@ -904,3 +904,85 @@ pub fn segment_files(broker: &Broker) -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+/// Debian's nginx as an HTTP/2 gRPC proxy (a mesh sidecar or gateway), in a temporary
+/// directory of its own, one worker, stopped on drop.
+#[derive(Debug)]
+pub struct Nginx {
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx whose `http` block logs each request with `log_format` to `access.log` and
+    /// holds `servers` (server and upstream blocks); `servers` gets the directory (for files
+    /// beside the configuration). Returns once `probe` (host:port) accepts connections.
+    pub fn start(log_format: &str, servers: impl FnOnce(&Path) -> String, probe: &str) -> Nginx {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().display();
+        let config = format!(
+            r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    log_format grpc '{log_format}';
+    access_log {d}/access.log grpc;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+{servers}
+}}
+"#,
+            servers = servers(dir.path())
+        );
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, config).expect("nginx.conf");
+        let child = Command::new("nginx")
+            .args(["-p", &d.to_string(), "-c", path.to_str().expect("utf-8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("stderr")).expect("stderr"),
+            ))
+            .spawn()
+            .expect("nginx (apt-get install nginx; .ci/test.sh does)");
+        let nginx = Nginx {
+            child: Some(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(probe).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}{}",
+                nginx.file("error.log"),
+                nginx.file("stderr")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nginx
+    }
+
+    /// A file of its directory ("" when absent).
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// The access log so far.
+    pub fn access_log(&self) -> String {
+        self.file("access.log")
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -300,6 +300,27 @@ async fn consumer_groups_span_brokers_and_survive_their_coordinator() {
     }
 }
 
+/// `call` until it answers, retrying UNAVAILABLE (a partition opening, a leader just elected)
+/// every 100 ms until `deadline`; any other error fails the test, naming `what`.
+async fn retry_unavailable<T, F, Fut>(deadline: tokio::time::Instant, what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    loop {
+        match call().await {
+            Ok(response) => return response.into_inner(),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("{what}: {status:?}"),
+        }
+    }
+}
+
 /// A consumer that read up to the partition leader's high watermark commits that offset through
 /// another broker at once: the commit is taken, although that broker's replica learns of the
 /// high watermark only with the leader's next message. Before, the commit was refused as past
@@ -340,48 +361,34 @@ async fn a_commit_through_a_lagging_replica_waits_for_the_high_watermark() {
             ..PublishRequest::default()
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let published = loop {
-            match grpc::publisher(&leader_channel)
-                .publish(request.clone())
-                .await
-            {
-                Ok(response) => break response.into_inner(),
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(status) => panic!("publish {i}: {status:?}"),
-            }
-        };
+        let published = retry_unavailable(deadline, &format!("publish {i}"), || {
+            let mut publisher = grpc::publisher(&leader_channel);
+            let request = request.clone();
+            async move { publisher.publish(request).await }
+        })
+        .await;
         let next = published.base_offset + 1;
         // The follower's replica may still be opening right after the topic was created: it
         // answers UNAVAILABLE with a retry hint, and the commit is retried as a client would.
         // What must never come is a refusal as "past the high watermark".
-        let committed = loop {
-            match grpc::subscriber(&follower_channel)
-                .commit_offsets(weft_proto::v1::CommitOffsetsRequest {
-                    group_id: "lag".into(),
-                    topic: "hw".into(),
-                    offsets: vec![weft_proto::v1::PartitionOffset {
-                        partition: 0,
-                        offset: next,
-                    }],
-                    ..weft_proto::v1::CommitOffsetsRequest::default()
-                })
-                .await
-            {
-                Ok(response) => break response.into_inner(),
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(s) => panic!("commit of {next} through node {follower}: {s:?}"),
+        let what = format!("commit of {next} through node {follower}");
+        let committed = retry_unavailable(deadline, &what, || {
+            let mut subscriber = grpc::subscriber(&follower_channel);
+            async move {
+                subscriber
+                    .commit_offsets(weft_proto::v1::CommitOffsetsRequest {
+                        group_id: "lag".into(),
+                        topic: "hw".into(),
+                        offsets: vec![weft_proto::v1::PartitionOffset {
+                            partition: 0,
+                            offset: next,
+                        }],
+                        ..weft_proto::v1::CommitOffsetsRequest::default()
+                    })
+                    .await
             }
-        };
+        })
+        .await;
         assert_eq!(committed.offsets[0].offset, next);
     }
 }

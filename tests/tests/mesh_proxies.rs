@@ -24,10 +24,10 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_tests::{Broker, binary, free_port, free_port_on, ok_stdout, wait_for};
+use weft_tests::{Broker, Nginx, binary, free_port, free_port_on, ok_stdout, wait_for};
 
 /// Runs openssl in `dir`; panics with its output on failure.
 fn openssl(dir: &Path, args: &[&str]) {
@@ -129,38 +129,30 @@ struct SidecarPorts {
     outbound: Vec<(usize, u16)>,
 }
 
-struct Sidecar {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl Sidecar {
-    /// nginx for broker `i` (its client, peer and admin listeners `broker`), with `ports`;
-    /// `all` holds every sidecar's ports (to reach the other proxies' peer ports); certificates
-    /// in `certs`.
-    fn start(
-        i: usize,
-        broker: &[String; 3],
-        ports: &SidecarPorts,
-        all: &[SidecarPorts],
-        certs: &Path,
-    ) -> Sidecar {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().display();
-        let c = certs.display();
-        let mut upstreams = format!(
-            "    upstream broker_client {{ server {}; keepalive 32; }}\n    \
-             upstream broker_peer {{ server {}; keepalive 32; }}\n",
-            broker[0], broker[1]
-        );
-        let mut outbound = String::new();
-        for (j, port) in &ports.outbound {
-            upstreams.push_str(&format!(
-                "    upstream proxy{j} {{ server 127.0.0.1:{}; keepalive 32; }}\n",
-                all[j - 1].peer
-            ));
-            outbound.push_str(&format!(
-                r#"
+/// nginx for broker `i` (its client, peer and admin listeners `broker`), with `ports`; `all`
+/// holds every sidecar's ports (to reach the other proxies' peer ports); certificates in
+/// `certs`.
+fn start_sidecar(
+    i: usize,
+    broker: &[String; 3],
+    ports: &SidecarPorts,
+    all: &[SidecarPorts],
+    certs: &Path,
+) -> Nginx {
+    let c = certs.display();
+    let mut upstreams = format!(
+        "    upstream broker_client {{ server {}; keepalive 32; }}\n    \
+         upstream broker_peer {{ server {}; keepalive 32; }}\n",
+        broker[0], broker[1]
+    );
+    let mut outbound = String::new();
+    for (j, port) in &ports.outbound {
+        upstreams.push_str(&format!(
+            "    upstream proxy{j} {{ server 127.0.0.1:{}; keepalive 32; }}\n",
+            all[j - 1].peer
+        ));
+        outbound.push_str(&format!(
+            r#"
     # Outbound: this broker's calls to broker {j}, over mutual TLS to its proxy.
     server {{
         listen 127.0.0.1:{port} http2;
@@ -175,24 +167,14 @@ impl Sidecar {
         }}
     }}
 "#
-            ));
-        }
-        let config = format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    log_format grpc '$server_port $request_method $request_uri $status grpc-status=$sent_trailer_grpc_status client-verify=$ssl_client_verify client-dn="$ssl_client_s_dn" traceparent=$http_traceparent';
-    access_log {d}/access.log grpc;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    # gRPC streams are long and carry many messages: no body limit, long timeouts.
+        ));
+    }
+    Nginx::start(
+        "$server_port $request_method $request_uri $status grpc-status=$sent_trailer_grpc_status \
+         client-verify=$ssl_client_verify client-dn=\"$ssl_client_s_dn\" traceparent=$http_traceparent",
+        |_| {
+            format!(
+                r#"    # gRPC streams are long and carry many messages: no body limit, long timeouts.
     client_max_body_size 0;
     keepalive_requests 1000000;
     keepalive_timeout 300s;
@@ -233,55 +215,14 @@ http {{
             grpc_pass grpc://broker_peer;
         }}
     }}
-{outbound}}}
-"#,
-            apps = ports.apps,
-            ops = ports.ops,
-            peer = ports.peer,
-        );
-        let path = dir.path().join("nginx.conf");
-        std::fs::write(&path, config).expect("nginx.conf");
-        let child = Command::new("nginx")
-            .args(["-p", &d.to_string(), "-c", path.to_str().expect("utf-8")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("stderr")).expect("stderr"),
-            ))
-            .spawn()
-            .expect("nginx (apt-get install nginx; .ci/test.sh does)");
-        let sidecar = Sidecar {
-            child: Some(child),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", ports.apps)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: {}{}",
-                sidecar.file("error.log"),
-                sidecar.file("stderr")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        sidecar
-    }
-
-    fn file(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
-    }
-
-    fn access_log(&self) -> String {
-        self.file("access.log")
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+{outbound}"#,
+                apps = ports.apps,
+                ops = ports.ops,
+                peer = ports.peer,
+            )
+        },
+        &format!("127.0.0.1:{}", ports.apps),
+    )
 }
 
 /// The `weft` CLI through a proxy's port.
@@ -360,8 +301,8 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
     .expect("config");
 
     // The sidecars first, as a pod's proxy starts before its application.
-    let sidecars: Vec<Sidecar> = (1..=N)
-        .map(|i| Sidecar::start(i, &listen[i - 1], &ports[i - 1], &ports, certs.path()))
+    let sidecars: Vec<Nginx> = (1..=N)
+        .map(|i| start_sidecar(i, &listen[i - 1], &ports[i - 1], &ports, certs.path()))
         .collect();
     // The seed (node 1) last, as start_cluster does.
     let mut brokers: Vec<Option<Broker>> = (0..N).map(|_| None).collect();
@@ -582,7 +523,7 @@ fn a_cluster_whose_every_hop_passes_a_mutual_tls_proxy_works_and_shows_each_call
     phase("everything read back after the kill");
     // The access logs: every call by its gRPC path and status; peer calls only over verified
     // mutual TLS from another proxy.
-    let logs: Vec<String> = sidecars.iter().map(Sidecar::access_log).collect();
+    let logs: Vec<String> = sidecars.iter().map(Nginx::access_log).collect();
     let joined = logs.join("");
     for line in [
         "POST /weft.v1.Publisher/PublishStream 200",

@@ -9,39 +9,25 @@
 //!   answered (it was "protocol error: received message with invalid compression flag: 60").
 //! - nginx's access log shows each call by its gRPC path and status.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use weft_tests::{Broker, binary, free_port, ok_stdout};
+use weft_tests::{Broker, Nginx, binary, free_port, ok_stdout};
 
-struct Nginx {
-    child: Child,
-    dir: tempfile::TempDir,
+struct Proxy {
+    nginx: Nginx,
     address: String,
 }
 
-impl Nginx {
+impl Proxy {
     /// nginx on 127.0.0.1:`port` in front of `broker` (h2c both ways), refusing the admin
     /// services with 403.
-    fn start(port: u16, broker: &str) -> Nginx {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().display();
-        let config = format!(
-            r#"daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    log_format grpc '$request_method $request_uri $status grpc-status=$sent_trailer_grpc_status';
-    access_log {d}/access.log grpc;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
+    fn start(port: u16, broker: &str) -> Proxy {
+        let address = format!("127.0.0.1:{port}");
+        let nginx = Nginx::start(
+            "$request_method $request_uri $status grpc-status=$sent_trailer_grpc_status",
+            |_| {
+                format!(
+                    r#"    server {{
         listen 127.0.0.1:{port} http2;
         # Producers and consumers do not administer.
         location /weft.v1.TopicAdmin/ {{ return 403; }}
@@ -51,39 +37,16 @@ http {{
             grpc_read_timeout 300s;
             grpc_send_timeout 300s;
         }}
-    }}
-}}
-"#
+    }}"#
+                )
+            },
+            &address,
         );
-        let path = dir.path().join("nginx.conf");
-        std::fs::write(&path, config).expect("nginx.conf");
-        let child = Command::new("nginx")
-            .args(["-p", &d.to_string(), "-c", path.to_str().expect("utf-8")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("stderr")).expect("stderr"),
-            ))
-            .spawn()
-            .expect("nginx (apt-get install nginx; .ci/test.sh does)");
-        let address = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&address).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: {}",
-                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Nginx {
-            child,
-            dir,
-            address,
-        }
+        Proxy { nginx, address }
     }
 
     fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+        self.nginx.access_log()
     }
 
     /// The `weft` CLI through the proxy.
@@ -94,13 +57,6 @@ http {{
             .env_remove("WEFT_SERVER")
             .output()
             .expect("run weft")
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -116,7 +72,7 @@ fn producers_and_consumers_pass_a_proxy_that_keeps_administration_for_operators(
         &[],
     );
     ok_stdout(&broker.cli(&["topic", "create", "orders", "--partitions", "2"]));
-    let proxy = Nginx::start(proxy_port, &broker.client_addr);
+    let proxy = Proxy::start(proxy_port, &broker.client_addr);
 
     // Publish and consume as a group, through the proxy only.
     ok_stdout(&proxy.cli(&["produce", "orders", "a", "b", "c"]));

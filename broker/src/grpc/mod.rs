@@ -19,22 +19,40 @@ use weft_storage::Batch;
 use crate::error::BrokerError;
 use crate::node::Node;
 
-/// Checks `weft-group` request metadata against the body's group (empty: no group), so that a
-/// mesh policy matching the header decides on the group the call really is for.
+/// Checks a mirrored request header (`weft-topic`, `weft-group`: `field` is
+/// `metadata.<header>`, `what` names the thing) against the body's value, so that a mesh policy
+/// matching the header decides on what the call really is for.
+pub(crate) fn check_mirrored(
+    field: &'static str,
+    what: &str,
+    header: Option<&str>,
+    body: &str,
+) -> Result<(), BrokerError> {
+    match header {
+        Some(header) if header != body => Err(BrokerError::invalid(
+            field,
+            format!("header names {what} {header:?} but the request is for {body:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The value of request header `key` (empty when it is not text).
+pub(crate) fn header<'a>(metadata: &'a tonic::metadata::MetadataMap, key: &str) -> Option<&'a str> {
+    metadata.get(key).map(|v| v.to_str().unwrap_or(""))
+}
+
+/// Checks `weft-group` request metadata against the body's group (empty: no group).
 pub(crate) fn check_group_header(
     metadata: &tonic::metadata::MetadataMap,
     group: &str,
 ) -> Result<(), BrokerError> {
-    if let Some(value) = metadata.get(weft_proto::GROUP_HEADER) {
-        let header = value.to_str().unwrap_or("");
-        if header != group {
-            return Err(BrokerError::invalid(
-                "metadata.weft-group",
-                format!("header names group {header:?} but the request is for {group:?}"),
-            ));
-        }
-    }
-    Ok(())
+    check_mirrored(
+        "metadata.weft-group",
+        "group",
+        header(metadata, weft_proto::GROUP_HEADER),
+        group,
+    )
 }
 
 /// Checks `weft-topic` / `weft-partition` request metadata against the body.
@@ -43,15 +61,12 @@ pub(crate) fn check_headers(
     topic: &str,
     partition: Option<u32>,
 ) -> Result<(), BrokerError> {
-    if let Some(value) = metadata.get(weft_proto::TOPIC_HEADER) {
-        let header = value.to_str().unwrap_or("");
-        if header != topic {
-            return Err(BrokerError::invalid(
-                "metadata.weft-topic",
-                format!("header names topic {header:?} but the request is for {topic:?}"),
-            ));
-        }
-    }
+    check_mirrored(
+        "metadata.weft-topic",
+        "topic",
+        header(metadata, weft_proto::TOPIC_HEADER),
+        topic,
+    )?;
     if let (Some(value), Some(partition)) = (metadata.get(weft_proto::PARTITION_HEADER), partition)
     {
         let header = value.to_str().unwrap_or("");

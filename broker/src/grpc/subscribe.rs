@@ -22,7 +22,7 @@ use weft_proto::v1::{
 };
 
 use super::group_link::{self, GroupLink, Joining};
-use super::{check_group_header, check_headers, now_ms, record_size, to_records};
+use super::{check_group_header, check_headers, check_mirrored, now_ms, record_size, to_records};
 use crate::error::BrokerError;
 use crate::groups::GroupView;
 use crate::node::Node;
@@ -403,10 +403,8 @@ impl Subscriber for SubscriberService {
             .get(weft_proto::TOPIC_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let header_group = request
-            .metadata()
-            .get(weft_proto::GROUP_HEADER)
-            .map(|v| v.to_str().unwrap_or("").to_string());
+        let header_group =
+            super::header(request.metadata(), weft_proto::GROUP_HEADER).map(str::to_string);
         let mut inbound = request.into_inner();
         let result = async {
             let first = inbound
@@ -422,28 +420,18 @@ impl Subscriber for SubscriberService {
                     "the first message of a Subscribe stream must be `start`",
                 ));
             };
-            if let Some(topic) = header_topic
-                && topic != start.topic
-            {
-                return Err(BrokerError::invalid(
-                    "metadata.weft-topic",
-                    format!(
-                        "header names topic {topic:?} but the subscription is for {:?}",
-                        start.topic
-                    ),
-                ));
-            }
-            if let Some(group) = header_group
-                && group != start.group_id
-            {
-                return Err(BrokerError::invalid(
-                    "metadata.weft-group",
-                    format!(
-                        "header names group {group:?} but the subscription is for {:?}",
-                        start.group_id
-                    ),
-                ));
-            }
+            check_mirrored(
+                "metadata.weft-topic",
+                "topic",
+                header_topic.as_deref(),
+                &start.topic,
+            )?;
+            check_mirrored(
+                "metadata.weft-group",
+                "group",
+                header_group.as_deref(),
+                &start.group_id,
+            )?;
             Session::open(self.node.clone(), start, inbound).await
         }
         .await
