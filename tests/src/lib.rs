@@ -558,6 +558,11 @@ pub fn start_cluster(size: u64) -> Vec<Broker> {
 
 /// [`start_cluster`] with more flags for every broker.
 pub fn start_cluster_with(size: u64, extra: &[&str]) -> Vec<Broker> {
+    start_cluster_env(size, extra, &[])
+}
+
+/// [`start_cluster`] with more flags and environment variables for every broker.
+pub fn start_cluster_env(size: u64, extra: &[&str], envs: &[(&str, &str)]) -> Vec<Broker> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as u64)
@@ -585,7 +590,7 @@ pub fn start_cluster_with(size: u64, extra: &[&str]) -> Vec<Broker> {
             let id = (i + 1).to_string();
             let mut args = vec!["--node-id", &id, "--peers", &peers];
             args.extend_from_slice(extra);
-            Broker::start_on(l, &args, &[])
+            Broker::start_on(l, &args, envs)
         })
         .collect();
     brokers.reverse();

@@ -189,6 +189,7 @@ impl PartitionGroup {
         )
         .await
         .map_err(|e| format!("cannot start the Raft group: {e}"))?;
+        super::spread_reelections(&raft);
         if !raft.is_initialized().await.map_err(|e| e.to_string())? {
             let first = members.first().is_none_or(|(id, _)| *id == node_id);
             let members: BTreeMap<NodeId, BasicNode> = if members.is_empty() {
@@ -1008,6 +1009,30 @@ async fn fetch_entries(
     Ok(entries)
 }
 
+/// How long until this process's next tick grid point: a random phase within one `tick`, drawn
+/// once per process, on a grid that starts at the Unix epoch (the same clock for every process
+/// on a machine). `WEFT_TEST_TICK_PHASE_MS` fixes the phase instead: a test hook that lines
+/// brokers' ticks up, the worst case for split votes.
+fn until_tick_phase(tick: Duration) -> Duration {
+    static PHASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let tick_ns = u64::try_from(tick.as_nanos()).unwrap_or(u64::MAX).max(1);
+    let phase = *PHASE.get_or_init(|| {
+        std::env::var("WEFT_TEST_TICK_PHASE_MS")
+            .ok()
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map_or_else(
+                || uuid::Uuid::new_v4().as_u64_pair().0,
+                |ms| ms.saturating_mul(1_000_000),
+            )
+    }) % tick_ns;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            u64::try_from(d.as_nanos() % u128::from(tick_ns)).unwrap_or(0)
+        });
+    Duration::from_nanos((phase + tick_ns - now) % tick_ns)
+}
+
 /// A log that ends before what this replica knows was committed lost part of its durable tail
 /// (its file cut short while the broker was down: a failing disk, a partial restore). Known
 /// committed: what the snapshot says was applied, and, under fsync before ack, the committed
@@ -1019,23 +1044,6 @@ async fn fetch_entries(
 /// opened again later. When every replica answered that retention purged them, or the topic
 /// acknowledges before fsync (losing them is what it accepted), the log restarts after the
 /// snapshot, as an installed snapshot does.
-/// How long until this process's next tick grid point: a random phase within one `tick`,
-/// drawn once per process, on a grid that started when the process did.
-fn until_tick_phase(tick: Duration) -> Duration {
-    static GRID: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
-    let (start, seed) = *GRID.get_or_init(|| {
-        (
-            std::time::Instant::now(),
-            uuid::Uuid::new_v4().as_u64_pair().0,
-        )
-    });
-    let tick_ns = tick.as_nanos().max(1);
-    let phase = u128::from(seed) % tick_ns;
-    let now = start.elapsed().as_nanos() % tick_ns;
-    let wait = (phase + tick_ns - now) % tick_ns;
-    Duration::from_nanos(u64::try_from(wait).unwrap_or(0))
-}
-
 async fn fill_missing_tail(
     sm: &PartitionStateMachine,
     reader: &LogReader,
