@@ -933,9 +933,12 @@ async fn remove_broker(
         put_log_level,
         move_partition,
         rebalance,
-        remove_broker
+        remove_broker,
+        whoami
     ),
     components(schemas(
+        crate::auth::Identity,
+        crate::auth::Source,
         Health,
         NotReadyView,
         LogLevel,
@@ -986,8 +989,59 @@ async fn not_found() -> (StatusCode, Json<ErrorBody>) {
     (StatusCode::NOT_FOUND, Json(ErrorBody { error }))
 }
 
-/// The admin router.
-pub fn router(node: Arc<Node>) -> Router {
+/// Gives each request its caller's [`Identity`](crate::auth::Identity), or answers 401 / 403
+/// with a JSON body (and an audit line). Probes (`/healthz`, `/readyz`, `/metrics`) carry no
+/// credentials and are let through as anonymous.
+async fn identify(
+    State(auth): State<crate::auth::Authenticator>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let conn = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::tls::AdminConn>>()
+        .map(|c| c.0.0.clone());
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    match auth.identify(request.headers(), conn.as_ref()) {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(_) if probe => {
+            request
+                .extensions_mut()
+                .insert(crate::auth::Identity::anonymous());
+            next.run(request).await
+        }
+        Err(refusal) => {
+            crate::auth::audit_refusal("admin", request.uri().path(), conn.as_ref(), &refusal);
+            let (status, code, message) = match refusal {
+                crate::auth::Refusal::Unauthenticated(m) => {
+                    (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", m)
+                }
+                crate::auth::Refusal::Denied(m) => (StatusCode::FORBIDDEN, "PERMISSION_DENIED", m),
+            };
+            let error = ErrorDetail {
+                code: code.into(),
+                message,
+                fields: Vec::new(),
+            };
+            (status, Json(ErrorBody { error })).into_response()
+        }
+    }
+}
+
+/// Who this broker takes the caller to be: the identity its ACLs and audit lines use (from a
+/// bearer token, a trusted sidecar's header, or the TLS client certificate).
+#[utoipa::path(get, path = "/v1/whoami", responses((status = 200, body = crate::auth::Identity), (status = 401, body = ErrorBody)))]
+async fn whoami(
+    axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
+) -> Json<crate::auth::Identity> {
+    Json(identity)
+}
+
+/// The admin router; `auth` identifies callers.
+pub fn router(node: Arc<Node>, auth: crate::auth::Authenticator) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -1016,8 +1070,10 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{id}", get(describe_group).delete(delete_group))
+        .route("/v1/whoami", get(whoami))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(auth, identify))
         .with_state(node)
 }

@@ -139,6 +139,109 @@ pub struct Config {
     pub log_level: String,
     /// Defaults for topics that do not set them.
     pub topic_defaults: TopicDefaults,
+    /// TLS per listener (none by default: plaintext h2c, what a pod behind a mesh sidecar
+    /// wants, since the sidecar does mutual TLS and application TLS would hide the calls).
+    pub tls: TlsConfig,
+    /// Who callers are: trusted sidecar headers, bearer tokens, the brokers' own identities.
+    pub auth: AuthConfig,
+}
+
+/// TLS of the three listeners, each optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The client listener (gRPC).
+    pub client: Option<ListenerTls>,
+    /// The peer listener, and this broker's calls to its peers: it presents `cert_file` as its
+    /// client certificate and checks the peers' certificates against `ca_file`.
+    pub peer: Option<ListenerTls>,
+    /// The admin listener (HTTP/1.1 and HTTP/2).
+    pub admin: Option<ListenerTls>,
+    /// How often certificate, key and CA files are read for changes; a change takes effect
+    /// for new connections without a restart.
+    pub reload_interval_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            client: None,
+            peer: None,
+            admin: None,
+            reload_interval_ms: 5_000,
+        }
+    }
+}
+
+/// TLS on one listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the certificate.
+    pub key_file: PathBuf,
+    /// PEM CA bundle that signs client certificates (and, on the peer listener, the other
+    /// brokers' certificates). Unset: callers are not asked for a certificate.
+    pub ca_file: Option<PathBuf>,
+    /// With `ca_file`: "required" (mutual TLS, the default) or "optional" (checked when given;
+    /// a caller without one may identify by a bearer token, or stay anonymous).
+    pub client_auth: Option<String>,
+}
+
+impl ListenerTls {
+    /// The files, as the TLS module takes them.
+    pub fn files(&self) -> weft_proto::tls::TlsFiles {
+        weft_proto::tls::TlsFiles {
+            cert_file: Some(self.cert_file.clone()),
+            key_file: Some(self.key_file.clone()),
+            ca_file: self.ca_file.clone(),
+        }
+    }
+
+    /// Whether callers are asked for a certificate.
+    pub fn client_auth(&self) -> weft_proto::tls::ClientAuth {
+        match (&self.ca_file, self.client_auth.as_deref()) {
+            (None, _) => weft_proto::tls::ClientAuth::None,
+            (Some(_), Some("optional")) => weft_proto::tls::ClientAuth::Optional,
+            (Some(_), _) => weft_proto::tls::ClientAuth::Required,
+        }
+    }
+}
+
+/// Identities (see `auth.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The sidecar whose forwarded client identity the client listener trusts: "none" (the
+    /// default), "envoy" (Istio, Consul: `x-forwarded-client-cert`) or "linkerd"
+    /// (`l5d-client-id`). Set it only when the listener is reachable through that sidecar
+    /// alone: anyone can send those headers.
+    pub client_sidecar: String,
+    /// The same for the peer listener.
+    pub peer_sidecar: String,
+    /// The same for the admin listener.
+    pub admin_sidecar: String,
+    /// Static bearer tokens for callers outside a mesh, as `NAME=sha256:HEX` (the SHA-256 of
+    /// the token in hex, as `printf %s "$TOKEN" | sha256sum` prints it; never the token).
+    /// A call with `authorization: Bearer TOKEN` is NAME; an unknown token is refused.
+    pub tokens: Vec<String>,
+    /// The brokers' identities (exact, or a prefix ending in `*`, such as
+    /// `spiffe://cluster.local/ns/weft/sa/weft`): when set, the peer listener serves only
+    /// them. Empty: the peer port is open to whoever reaches it (keep it unreachable).
+    pub broker_identities: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            client_sidecar: "none".into(),
+            peer_sidecar: "none".into(),
+            admin_sidecar: "none".into(),
+            tokens: Vec::new(),
+            broker_identities: Vec::new(),
+        }
+    }
 }
 
 /// Topic settings used when a create request leaves them unset.
@@ -215,6 +318,8 @@ impl Default for Config {
             log_format: "text".into(),
             log_level: crate::logging::DEFAULT_FILTER.into(),
             topic_defaults: TopicDefaults::default(),
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -623,6 +728,8 @@ impl Config {
             self.raft_heartbeat_ms * 2,
             600_000,
         )?;
+        self.validate_tls()?;
+        crate::auth::Authenticator::from_config(&self.auth)?;
         let d = &self.topic_defaults;
         range(
             "topic_defaults.partitions",
@@ -680,6 +787,64 @@ impl Config {
                 key: "topic_defaults.retention_ms",
                 reason: "must be positive".into(),
             });
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Checks the TLS keys and loads every certificate once (a file that does not parse is a
+    /// configuration error at start, not a failed handshake later).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if !(100..=3_600_000).contains(&self.tls.reload_interval_ms) {
+            return Err(ConfigError::Invalid {
+                key: "tls.reload_interval_ms",
+                reason: format!("{} is outside 100 ..= 3600000", self.tls.reload_interval_ms),
+            });
+        }
+        for (key, tls, alpn) in [
+            ("tls.client", &self.tls.client, crate::tls::GRPC_ALPN),
+            ("tls.peer", &self.tls.peer, crate::tls::GRPC_ALPN),
+            ("tls.admin", &self.tls.admin, crate::tls::HTTP_ALPN),
+        ] {
+            let Some(tls) = tls else {
+                continue;
+            };
+            if !matches!(
+                tls.client_auth.as_deref(),
+                None | Some("required" | "optional")
+            ) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!(
+                        "client_auth {:?} is neither \"required\" nor \"optional\"",
+                        tls.client_auth.as_deref().unwrap_or_default()
+                    ),
+                });
+            }
+            if tls.client_auth.is_some() && tls.ca_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "client_auth needs a ca_file to check client certificates".into(),
+                });
+            }
+            weft_proto::tls::server_config(&tls.files(), tls.client_auth(), alpn)
+                .map_err(|reason| ConfigError::Invalid { key, reason })?;
+        }
+        if let Some(peer) = &self.tls.peer {
+            if peer.ca_file.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "tls.peer",
+                    reason: "peer TLS needs a ca_file: brokers check each other's certificates"
+                        .into(),
+                });
+            }
+            weft_proto::tls::client_config(&peer.files()).map_err(|reason| {
+                ConfigError::Invalid {
+                    key: "tls.peer",
+                    reason,
+                }
+            })?;
         }
         Ok(())
     }
@@ -803,7 +968,17 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str); 6] = [
+        let cases: [(&str, &str); 10] = [
+            ("[auth]\nclient_sidecar = \"nginx\"", "auth.client_sidecar"),
+            ("[auth]\ntokens = [\"ci=plaintext\"]", "auth.tokens"),
+            (
+                "[tls.client]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"",
+                "tls.client",
+            ),
+            (
+                "[tls.admin]\ncert_file = \"a\"\nkey_file = \"b\"\nclient_auth = \"optional\"",
+                "tls.admin",
+            ),
             ("flush_sync = \"sometimes\"", "flush_sync"),
             ("node_id = 0", "node_id"),
             ("fetch_bytes_max = 1", "fetch_bytes_max"),

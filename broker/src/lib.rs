@@ -23,6 +23,7 @@
 //! - [`server`]: `run(config, listeners, shutdown)`; `main.rs` is a thin wrapper.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod groups;
@@ -38,4 +39,5 @@ pub mod registry;
 pub mod sequencer;
 pub mod server;
 pub mod sync_journal;
+pub mod tls;
 pub mod topic;

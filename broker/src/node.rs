@@ -391,6 +391,7 @@ impl Node {
             &config.cluster_name,
             Some(config.peer_listen.ip()),
             config.peer_upstream_map()?,
+            crate::tls::peer_client(&config)?,
         );
         let seeds = config.peer_list()?;
         if fresh && !seeds.is_empty() {

@@ -107,6 +107,26 @@ pub async fn run(
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection")
     };
+    let (client_auth, peer_auth, admin_auth) =
+        crate::auth::Authenticator::from_config(&config.auth)?;
+    let client_tls = crate::tls::server(
+        "client TLS",
+        config.tls.client.as_ref(),
+        crate::tls::GRPC_ALPN,
+        &config,
+    )?;
+    let peer_tls = crate::tls::server(
+        "peer TLS",
+        config.tls.peer.as_ref(),
+        crate::tls::GRPC_ALPN,
+        &config,
+    )?;
+    let admin_tls = crate::tls::server(
+        "admin TLS",
+        config.tls.admin.as_ref(),
+        crate::tls::HTTP_ALPN,
+        &config,
+    )?;
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let limit = config.grpc_message_bytes_max as usize;
@@ -114,6 +134,7 @@ pub async fn run(
         .layer(
             tower::ServiceBuilder::new()
                 .layer(crate::grpc::caller::CallerLayer)
+                .layer(crate::auth::AuthLayer::new(client_auth))
                 .layer(tower::util::MapResponseLayer::new(
                     crate::grpc::oversized_requests_are_resource_exhausted
                         as fn(
@@ -139,15 +160,19 @@ pub async fn run(
         .add_service(TopicAdminServer::new(TopicAdminService::new(node.clone())))
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
         .add_service(MetadataServer::new(MetadataService::new(node.clone())))
-        // TCP_NODELAY: without it Nagle holds small responses (acks) behind the delayed ACK of
-        // the peer, ~40 ms per round trip under pipelining.
+        // Every accepted connection has TCP_NODELAY: without it Nagle holds small responses
+        // (acks) behind the delayed ACK of the peer, ~40 ms per round trip under pipelining.
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listeners.client).with_nodelay(Some(true)),
+            crate::tls::grpc_incoming(listeners.client, client_tls, "client"),
             stopped(stop_rx.clone()),
         );
     // The peer port: Raft for every group of this node, and health.
     let peer_server = tonic::transport::Server::builder()
-        .layer(crate::grpc::caller::CallerLayer)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::grpc::caller::CallerLayer)
+                .layer(crate::auth::AuthLayer::new(peer_auth)),
+        )
         .add_service(health_service)
         .add_service(
             weft_proto::internal::v1::raft_server::RaftServer::new(crate::raft::RaftService::new(
@@ -169,11 +194,15 @@ pub async fn run(
             .max_encoding_message_size(crate::raft::PEER_MESSAGE_BYTES_MAX),
         )
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listeners.peer).with_nodelay(Some(true)),
+            crate::tls::grpc_incoming(listeners.peer, peer_tls, "peer"),
             stopped(stop_rx.clone()),
         );
-    let admin_server = axum::serve(listeners.admin, crate::admin::router(node.clone()))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let admin_server = axum::serve(
+        crate::tls::AdminListener::new(listeners.admin, admin_tls)?,
+        crate::admin::router(node.clone(), admin_auth)
+            .into_make_service_with_connect_info::<crate::tls::AdminConn>(),
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
 
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);

@@ -138,21 +138,103 @@ pub struct Client {
     channel: Channel,
     timeout: Duration,
     message_bytes_max: usize,
+    options: std::sync::Arc<ConnectOptions>,
 }
 
-fn endpoint(address: &str) -> Result<Endpoint> {
+/// How a client reaches the brokers: TLS and credentials. The default is plaintext HTTP/2
+/// (h2c), what a pod whose sidecar does mutual TLS wants; an `https://` address turns TLS on
+/// with the system's CAs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// TLS to every broker (also to the leaders that metadata names).
+    pub tls: Option<TlsOptions>,
+    /// A bearer token, sent as `authorization: Bearer TOKEN` on every call (for callers
+    /// outside a mesh; the broker knows it by its hash).
+    pub token: Option<String>,
+}
+
+/// TLS settings of a client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// PEM CA bundle that signs the brokers' certificates (None: the system's CAs).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for brokers that ask for one (mutual TLS).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of the client certificate.
+    pub key_file: Option<std::path::PathBuf>,
+    /// The name the brokers' certificates must carry, when it is not the host dialled.
+    pub server_name: Option<String>,
+}
+
+impl ConnectOptions {
+    /// tonic's TLS configuration for these options (None: plaintext).
+    fn tls_config(&self, address: &str) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| {
+                Error::InvalidArgument(format!("cannot read the {what} {}: {e}", path.display()))
+            })
+        };
+        let Some(tls) = &self.tls else {
+            return Ok(address
+                .starts_with("https://")
+                .then(|| tonic::transport::ClientTlsConfig::new().with_native_roots()));
+        };
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        config = match &tls.ca_file {
+            Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(read(
+                ca, "CA file",
+            )?)),
+            None => config.with_native_roots(),
+        };
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(tonic::transport::Identity::from_pem(
+                    read(cert, "client certificate")?,
+                    read(key, "client key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "a client certificate needs both a certificate and a key file".into(),
+                ));
+            }
+        }
+        if let Some(name) = &tls.server_name {
+            config = config.domain_name(name.clone());
+        }
+        Ok(Some(config))
+    }
+}
+
+fn endpoint(address: &str, options: &ConnectOptions) -> Result<Endpoint> {
+    let tls = options.tls_config(address)?;
     let uri = if address.contains("://") {
         address.to_string()
+    } else if tls.is_some() {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     };
-    Endpoint::from_shared(uri.clone())
+    let endpoint = Endpoint::from_shared(uri.clone())
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(30))
         })
-        .map_err(|e| Error::InvalidArgument(format!("bad endpoint {address:?}: {e}")))
+        .map_err(|e| Error::InvalidArgument(format!("bad endpoint {address:?}: {e}")))?;
+    match tls {
+        Some(tls) => endpoint
+            .tls_config(tls)
+            .map_err(|e| Error::InvalidArgument(format!("TLS for {address:?}: {e}"))),
+        None => Ok(endpoint),
+    }
+}
+
+fn transport(channel: tonic::transport::Channel, options: &ConnectOptions) -> Result<Transport> {
+    Transport::new(channel)
+        .with_bearer_token(options.token.as_deref())
+        .map_err(Error::InvalidArgument)
 }
 
 impl Client {
@@ -162,35 +244,69 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        Client::connect_with(addresses, ConnectOptions::default()).await
+    }
+
+    /// [`Client::connect`] with TLS and credentials.
+    pub async fn connect_with<I, S>(addresses: I, options: ConnectOptions) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
         let endpoints: Vec<Endpoint> = addresses
             .into_iter()
-            .map(|a| endpoint(a.as_ref()))
+            .map(|a| endpoint(a.as_ref(), &options))
             .collect::<Result<_>>()?;
         let Some(first) = endpoints.first().cloned() else {
             return Err(Error::InvalidArgument("no broker address given".into()));
         };
-        let channel = Transport::new(if endpoints.len() == 1 {
-            first.connect().await.map_err(|e| Error::Connect {
-                endpoint: first.uri().to_string(),
-                message: source_chain(&e),
-            })?
-        } else {
-            tonic::transport::Channel::balance_list(endpoints.into_iter())
-        });
+        let channel = transport(
+            if endpoints.len() == 1 {
+                first.connect().await.map_err(|e| Error::Connect {
+                    endpoint: first.uri().to_string(),
+                    message: source_chain(&e),
+                })?
+            } else {
+                tonic::transport::Channel::balance_list(endpoints.into_iter())
+            },
+            &options,
+        )?;
         Ok(Client {
             channel,
             timeout: Duration::from_secs(30),
             message_bytes_max: 16 * 1024 * 1024,
+            options: std::sync::Arc::new(options),
         })
+    }
+
+    /// The TLS and credentials this client connects with.
+    pub fn options(&self) -> &ConnectOptions {
+        &self.options
     }
 
     /// A client of the broker at `address` with this client's settings (connected on first use).
     pub(crate) fn to_address(&self, address: &str) -> Result<Client> {
         Ok(Client {
-            channel: Transport::new(endpoint(address)?.connect_lazy()),
+            channel: transport(
+                endpoint(address, &self.options)?.connect_lazy(),
+                &self.options,
+            )?,
             timeout: self.timeout,
             message_bytes_max: self.message_bytes_max,
+            options: self.options.clone(),
         })
+    }
+
+    /// Who the broker takes this client to be (the identity its ACLs and audit lines use):
+    /// (principal, source).
+    pub async fn who_am_i(&self) -> Result<(String, String)> {
+        let answer = self
+            .metadata()
+            .who_am_i(self.request(proto::WhoAmIRequest {}, None, None))
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        Ok((answer.principal, answer.source))
     }
 
     /// Sets the deadline of unary calls (default 30 s).

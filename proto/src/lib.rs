@@ -19,6 +19,7 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::doc_lazy_continuation)]
 
+pub mod tls;
 pub mod transport;
 
 /// The client API, package `weft.v1`.

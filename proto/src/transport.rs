@@ -18,16 +18,38 @@ use tonic::transport::Channel;
 /// Metadata key of a translated answer: the proxy's HTTP status.
 pub const PROXY_STATUS_KEY: &str = "weft-proxy-http-status";
 
-/// A [`Channel`] whose non-gRPC answers become gRPC statuses.
+/// A [`Channel`] whose non-gRPC answers become gRPC statuses, and that may carry the caller's
+/// credentials (`authorization`) on every call.
 #[derive(Debug, Clone)]
 pub struct Transport {
     channel: Channel,
+    authorization: Option<http::HeaderValue>,
 }
 
 impl Transport {
     /// `channel` with the translation.
     pub fn new(channel: Channel) -> Self {
-        Transport { channel }
+        Transport {
+            channel,
+            authorization: None,
+        }
+    }
+
+    /// Sends `authorization: Bearer <token>` on every call that has no authorization of its
+    /// own. Err: the token cannot be a header value.
+    pub fn with_bearer_token(mut self, token: Option<&str>) -> Result<Self, String> {
+        self.authorization = match token {
+            None => None,
+            Some(token) => {
+                let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                    .map_err(|_| {
+                        "the bearer token holds characters a header cannot carry".to_string()
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(self)
     }
 }
 
@@ -41,7 +63,14 @@ impl tower::Service<http::Request<Body>> for Transport {
         tower::Service::poll_ready(&mut self.channel, cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if let Some(value) = &self.authorization
+            && !request.headers().contains_key(http::header::AUTHORIZATION)
+        {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, value.clone());
+        }
         let answer = tower::Service::call(&mut self.channel, request);
         Box::pin(async move { answer.await.map(translate) })
     }

@@ -166,8 +166,10 @@ def check_default(docs, broker):
     cm = one(docs, "ConfigMap", RELEASE)
     config = tomllib.loads(cm["data"]["weft.toml"])
     values = helm.Chart.load(str(CHART)).values["config"]
+    tables = [k for k, v in values.items() if isinstance(v, dict)]
     expected = {k: v for k, v in values.items() if v is not None and not isinstance(v, dict)}
-    expected["topic_defaults"] = {k: v for k, v in values["topic_defaults"].items() if v is not None}
+    for table in tables:
+        expected[table] = {k: v for k, v in values[table].items() if v is not None}
     check(config == expected, f"weft.toml differs from values.config: {config} vs {expected}")
     printed = tomllib.loads(subprocess.run([broker, "--print-config"], check=True,
                                            capture_output=True, text=True,
@@ -177,14 +179,16 @@ def check_default(docs, broker):
     check(set(printed) <= chart_keys and chart_keys - set(printed) <= UNSET_BY_DEFAULT,
           f"values.config + the pod's keys != the broker's keys: missing {set(printed) - chart_keys}, "
           f"unknown {chart_keys - set(printed) - UNSET_BY_DEFAULT}")
-    defaults = values["topic_defaults"]
-    check(set(printed["topic_defaults"]) == {k for k, v in defaults.items() if v is not None}
-          and set(defaults) - set(printed["topic_defaults"]) <= UNSET_BY_DEFAULT,
-          f"config.topic_defaults != the broker's: {sorted(defaults)} vs {sorted(printed['topic_defaults'])}")
-    for key, value in defaults.items():
-        check(printed["topic_defaults"].get(key) == value,
-              f"config.topic_defaults.{key}: the chart says {value!r}, the broker's default is "
-              f"{printed['topic_defaults'].get(key)!r}")
+    for table in tables:
+        defaults = values[table]
+        broker_table = printed.get(table, {})
+        check(set(broker_table) == {k for k, v in defaults.items() if v is not None}
+              and set(defaults) - set(broker_table) <= UNSET_BY_DEFAULT,
+              f"config.{table} != the broker's: {sorted(defaults)} vs {sorted(broker_table)}")
+        for key, value in defaults.items():
+            check(broker_table.get(key) == value,
+                  f"config.{table}.{key}: the chart says {value!r}, the broker's default is "
+                  f"{broker_table.get(key)!r}")
     for key, value in values.items():
         if key in CHART_CHOICES:
             continue

@@ -39,4 +39,15 @@ impl Metadata for MetadataService {
         crate::metrics::rpc("Metadata.GetTopic", started, &result);
         result
     }
+
+    async fn who_am_i(
+        &self,
+        request: Request<v1::WhoAmIRequest>,
+    ) -> Result<Response<v1::WhoAmIResponse>, Status> {
+        let identity = crate::auth::identity_of(&request);
+        Ok(Response::new(v1::WhoAmIResponse {
+            principal: identity.principal,
+            source: identity.source.as_str().into(),
+        }))
+    }
 }

@@ -73,6 +73,8 @@ struct Inner {
     /// A peer's address to the local address dialled to reach it (a sidecar's outbound
     /// listener; `peer_upstreams` in the config).
     upstreams: HashMap<String, String>,
+    /// TLS of peer calls (`tls.peer`), reloading; None: h2c.
+    tls: Option<Arc<weft_proto::tls::Reloading<weft_proto::tls::rustls::ClientConfig>>>,
     connect_timeout: Duration,
     /// The AppendEntries batcher of each peer (node id, address).
     batchers: Mutex<HashMap<(NodeId, String), tokio::sync::mpsc::Sender<super::batch::Pending>>>,
@@ -128,6 +130,7 @@ impl Peers {
         cluster_name: &str,
         local_ip: Option<IpAddr>,
         upstreams: HashMap<String, String>,
+        tls: Option<Arc<weft_proto::tls::Reloading<weft_proto::tls::rustls::ClientConfig>>>,
     ) -> Peers {
         Peers {
             inner: Arc::new(Inner {
@@ -142,6 +145,7 @@ impl Peers {
                 contacts: Mutex::new(HashMap::new()),
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
                 upstreams,
+                tls,
                 connect_timeout: Duration::from_secs(2),
                 batchers: Mutex::new(HashMap::new()),
                 controller_transfer: std::sync::atomic::AtomicU64::new(0),
@@ -343,6 +347,8 @@ impl Peers {
             .upstreams
             .get(address)
             .map_or(address, String::as_str);
+        // With TLS the URI stays http://: the TLS connector below does the handshake (tonic
+        // refuses https:// URIs unless it does TLS itself, and its TLS does not reload).
         let endpoint = Endpoint::from_shared(format!("http://{dialled}"))
             .map_err(|e| format!("bad peer address {dialled:?}: {e}"))?
             .connect_timeout(self.inner.connect_timeout)
@@ -351,9 +357,18 @@ impl Peers {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .local_address(self.inner.local_ip);
-        let channel = Channel::new(weft_proto::transport::Transport::new(
-            endpoint.connect_lazy(),
-        ));
+        let connection = match &self.inner.tls {
+            // TLS (peer mutual TLS): this broker's certificate, the peers' CA, the server
+            // named by the address dialled (a sidecar upstream is a local proxy, which then
+            // terminates it).
+            Some(tls) => endpoint.connect_with_connector_lazy(weft_proto::tls::TlsConnector::new(
+                tls.clone(),
+                self.inner.local_ip,
+                self.inner.connect_timeout,
+            )),
+            None => endpoint.connect_lazy(),
+        };
+        let channel = Channel::new(weft_proto::transport::Transport::new(connection));
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }

@@ -109,7 +109,8 @@ async fn partitions_from_leaders(
         .map(|p| (p.leader_id, p.leader_address.clone()))
         .collect();
     for (leader, address) in leaders {
-        let Ok(there) = Client::connect([address.as_str()]).await else {
+        let Ok(there) = Client::connect_with([address.as_str()], client.options().clone()).await
+        else {
             continue;
         };
         let Ok(led) = there.admin().partitions("").await else {

@@ -28,6 +28,35 @@ pub(crate) struct Args {
     /// Deadline of each call, in milliseconds.
     #[arg(long, global = true, default_value_t = 30_000)]
     pub(crate) timeout_ms: u64,
+    /// Connect with TLS (also implied by https:// addresses and by the other --tls-* flags).
+    #[arg(long, global = true, env = "WEFT_TLS")]
+    pub(crate) tls: bool,
+    /// PEM CA bundle that signs the brokers' certificates (default: the system's CAs).
+    #[arg(long, global = true, env = "WEFT_TLS_CA_FILE")]
+    pub(crate) tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate, for brokers that require mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_TLS_CERT_FILE",
+        requires = "tls_key_file"
+    )]
+    pub(crate) tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_TLS_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub(crate) tls_key_file: Option<std::path::PathBuf>,
+    /// The name the brokers' certificates carry, when it is not the host dialled.
+    #[arg(long, global = true, env = "WEFT_TLS_SERVER_NAME")]
+    pub(crate) tls_server_name: Option<String>,
+    /// Bearer token sent with every call (prefer the environment variable: arguments show in
+    /// process lists).
+    #[arg(long, global = true, env = "WEFT_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -57,6 +86,9 @@ pub(crate) enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Who the broker takes this client to be (from the token, a sidecar, or the client
+    /// certificate): the identity ACLs and audit lines use.
+    Whoami,
 }
 
 /// Runs a command.
@@ -67,7 +99,20 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    let client = Client::connect(addresses)
+    let tls = args.tls
+        || args.tls_ca_file.is_some()
+        || args.tls_cert_file.is_some()
+        || args.tls_server_name.is_some();
+    let options = weft_client::ConnectOptions {
+        tls: tls.then(|| weft_client::TlsOptions {
+            ca_file: args.tls_ca_file.clone(),
+            cert_file: args.tls_cert_file.clone(),
+            key_file: args.tls_key_file.clone(),
+            server_name: args.tls_server_name.clone(),
+        }),
+        token: args.token.clone(),
+    };
+    let client = Client::connect_with(addresses, options)
         .await?
         .with_timeout(std::time::Duration::from_millis(args.timeout_ms));
     match args.command {
@@ -76,6 +121,17 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         Command::Consume(consume) => consume::run(&client, consume).await,
         Command::Group(command) => group::run(&client, args.output, command).await,
         Command::Cluster(command) => cluster::run(&client, args.output, command).await,
+        Command::Whoami => {
+            let (principal, source) = client.who_am_i().await?;
+            match args.output {
+                Output::Text => println!("{principal} (from {source})"),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({ "principal": principal, "source": source })
+                ),
+            }
+            Ok(())
+        }
     }
 }
 
