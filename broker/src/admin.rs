@@ -119,9 +119,13 @@ impl IntoResponse for ApiError {
                 tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
                 tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
                 tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+                tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             BrokerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            BrokerError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            BrokerError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             BrokerError::DataLoss { .. } | BrokerError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -584,12 +588,22 @@ async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
 
 /// Every topic.
 #[utoipa::path(get, path = "/v1/topics", responses((status = 200, body = [TopicView])))]
-async fn list_topics(State(node): State<AppState>) -> Json<Vec<TopicView>> {
+async fn list_topics(
+    State(node): State<AppState>,
+    axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
+) -> Json<Vec<TopicView>> {
     let state = node.controller_state();
     Json(
         state
             .topics
             .values()
+            .filter(|t| {
+                node.allowed(
+                    &identity,
+                    crate::acl::Operation::Describe,
+                    crate::acl::Resource::Topic(&t.name),
+                )
+            })
             .map(|t| topic_view(&node, t))
             .collect(),
     )
@@ -600,9 +614,15 @@ async fn list_topics(State(node): State<AppState>) -> Json<Vec<TopicView>> {
     responses((status = 201, body = TopicView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn create_topic(
     State(node): State<AppState>,
+    axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
     body: Result<Json<CreateTopicBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<TopicView>), ApiError> {
     let Json(body) = body.map_err(bad_json)?;
+    node.authorize(
+        &identity,
+        crate::acl::Operation::Create,
+        crate::acl::Resource::Topic(&body.name),
+    )?;
     let fsync_policy = fsync_policy_from_json(body.fsync_policy.as_deref())?;
     let proto = weft_proto::v1::TopicConfig {
         partitions: body.partitions.unwrap_or(0),
@@ -806,9 +826,19 @@ async fn drain(State(node): State<AppState>) -> Json<DrainView> {
 
 /// Every consumer group, with members and lag.
 #[utoipa::path(get, path = "/v1/groups", responses((status = 200, body = [GroupView])))]
-async fn list_groups(State(node): State<AppState>) -> Result<Json<Vec<GroupView>>, ApiError> {
+async fn list_groups(
+    State(node): State<AppState>,
+    axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
+) -> Result<Json<Vec<GroupView>>, ApiError> {
     let mut out = Vec::new();
     for id in crate::grpc::group_link::list(&node, 0).await? {
+        if !node.allowed(
+            &identity,
+            crate::acl::Operation::Describe,
+            crate::acl::Resource::Group(&id),
+        ) {
+            continue;
+        }
         if let Ok(view) = group_view(&node, &id).await {
             out.push(view);
         }
@@ -934,11 +964,18 @@ async fn remove_broker(
         move_partition,
         rebalance,
         remove_broker,
-        whoami
+        whoami,
+        list_acls,
+        add_acl,
+        remove_acl
     ),
     components(schemas(
         crate::auth::Identity,
         crate::auth::Source,
+        crate::acl::AclRule,
+        crate::acl::Operation,
+        AclsView,
+        AclChange,
         Health,
         NotReadyView,
         LogLevel,
@@ -993,7 +1030,7 @@ async fn not_found() -> (StatusCode, Json<ErrorBody>) {
 /// with a JSON body (and an audit line). Probes (`/healthz`, `/readyz`, `/metrics`) carry no
 /// credentials and are let through as anonymous.
 async fn identify(
-    State(auth): State<crate::auth::Authenticator>,
+    State((auth, node)): State<(crate::auth::Authenticator, AppState)>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -1004,6 +1041,11 @@ async fn identify(
     let probe = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
     match auth.identify(request.headers(), conn.as_ref()) {
         Ok(identity) => {
+            if let Some((operation, resource)) = required(request.method(), request.uri().path())
+                && let Err(denied) = node.authorize(&identity, operation, resource.as_ref())
+            {
+                return ApiError::Broker(denied).into_response();
+            }
             request.extensions_mut().insert(identity);
             next.run(request).await
         }
@@ -1029,6 +1071,113 @@ async fn identify(
             (status, Json(ErrorBody { error })).into_response()
         }
     }
+}
+
+/// A resource named by an admin path.
+enum PathResource {
+    Topic(String),
+    Group(String),
+    Cluster,
+}
+
+impl PathResource {
+    fn as_ref(&self) -> crate::acl::Resource<'_> {
+        match self {
+            PathResource::Topic(t) => crate::acl::Resource::Topic(t),
+            PathResource::Group(g) => crate::acl::Resource::Group(g),
+            PathResource::Cluster => crate::acl::Resource::Cluster,
+        }
+    }
+}
+
+/// What an admin route needs (ACLs): the same operations as the gRPC calls it mirrors. None:
+/// open (probes, the OpenAPI document, whoami), or checked in the handler (creating a topic,
+/// whose name is in the body; lists, filtered to what the caller may describe).
+fn required(
+    method: &axum::http::Method,
+    path: &str,
+) -> Option<(crate::acl::Operation, PathResource)> {
+    use crate::acl::Operation;
+    use axum::http::Method;
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let read = *method == Method::GET || *method == Method::HEAD;
+    match segments.as_slice() {
+        ["v1", "cluster"] => Some((Operation::Describe, PathResource::Cluster)),
+        ["v1", "log-level"] if read => Some((Operation::Describe, PathResource::Cluster)),
+        ["v1", "log-level" | "drain" | "rebalance" | "acls"]
+        | ["v1", "brokers", ..]
+        | ["v1", "topics", _, "partitions", ..] => Some((Operation::Admin, PathResource::Cluster)),
+        ["v1", "topics", name] => {
+            let operation = match *method {
+                Method::PATCH => Operation::Alter,
+                Method::DELETE => Operation::Delete,
+                _ => Operation::Describe,
+            };
+            Some((operation, PathResource::Topic((*name).to_string())))
+        }
+        ["v1", "groups", id] => {
+            let operation = if *method == Method::DELETE {
+                Operation::Delete
+            } else {
+                Operation::Describe
+            };
+            Some((operation, PathResource::Group((*id).to_string())))
+        }
+        _ => None,
+    }
+}
+
+/// The ACL rules in force.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AclsView {
+    /// Whether calls are checked at all (`acl.enabled`).
+    pub enabled: bool,
+    /// This broker's config-file rules.
+    pub config_rules: Vec<crate::acl::AclRule>,
+    /// The rules stored in the controller (`POST /v1/acls`, `weft acl add`).
+    pub stored_rules: Vec<crate::acl::AclRule>,
+}
+
+/// Lists the ACL rules in force (needs admin on cluster).
+#[utoipa::path(get, path = "/v1/acls", responses((status = 200, body = AclsView), (status = 403, body = ErrorBody)))]
+async fn list_acls(State(node): State<AppState>) -> Json<AclsView> {
+    let (enabled, config_rules, stored_rules) = node.acl_rules();
+    Json(AclsView {
+        enabled,
+        config_rules,
+        stored_rules,
+    })
+}
+
+/// Whether a rule was stored before a change.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AclChange {
+    /// The rule was stored before.
+    pub existed: bool,
+}
+
+/// Adds an allow rule to the controller (needs admin on cluster).
+#[utoipa::path(post, path = "/v1/acls", request_body = crate::acl::AclRule,
+    responses((status = 200, body = AclChange), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn add_acl(
+    State(node): State<AppState>,
+    body: Result<Json<crate::acl::AclRule>, JsonRejection>,
+) -> Result<Json<AclChange>, ApiError> {
+    let Json(rule) = body.map_err(bad_json)?;
+    let existed = node.change_acl(rule, true).await?;
+    Ok(Json(AclChange { existed }))
+}
+
+/// Removes a rule stored in the controller (needs admin on cluster).
+#[utoipa::path(delete, path = "/v1/acls", request_body = crate::acl::AclRule,
+    responses((status = 200, body = AclChange), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn remove_acl(
+    State(node): State<AppState>,
+    body: Result<Json<crate::acl::AclRule>, JsonRejection>,
+) -> Result<Json<AclChange>, ApiError> {
+    let Json(rule) = body.map_err(bad_json)?;
+    let existed = node.change_acl(rule, false).await?;
+    Ok(Json(AclChange { existed }))
 }
 
 /// Who this broker takes the caller to be: the identity its ACLs and audit lines use (from a
@@ -1071,9 +1220,13 @@ pub fn router(node: Arc<Node>, auth: crate::auth::Authenticator) -> Router {
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{id}", get(describe_group).delete(delete_group))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/acls", get(list_acls).post(add_acl).delete(remove_acl))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_BYTES_MAX))
-        .layer(axum::middleware::from_fn_with_state(auth, identify))
+        .layer(axum::middleware::from_fn_with_state(
+            (auth, node.clone()),
+            identify,
+        ))
         .with_state(node)
 }

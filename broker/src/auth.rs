@@ -63,6 +63,13 @@ pub struct Identity {
     pub principal: String,
     /// Where it came from.
     pub source: Source,
+    /// A broker of this cluster (one of `auth.broker_identities`, on the peer port): ACLs
+    /// allow it everything, and it may speak for the callers it forwards calls for.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub broker: bool,
+    /// The caller of a call a broker forwarded (the broker vouches for it).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub forwarded: bool,
 }
 
 impl Identity {
@@ -71,8 +78,101 @@ impl Identity {
         Identity {
             principal: "anonymous".into(),
             source: Source::Anonymous,
+            broker: false,
+            forwarded: false,
         }
     }
+
+    fn new(principal: impl Into<String>, source: Source) -> Identity {
+        Identity {
+            principal: principal.into(),
+            source,
+            broker: false,
+            forwarded: false,
+        }
+    }
+
+    /// The identity of the caller a broker forwarded this call for, from the peer call's
+    /// metadata (None: the broker called on its own behalf).
+    fn forwarded(headers: &http::HeaderMap) -> Option<Identity> {
+        Identity::from_forwarded(
+            headers
+                .get(weft_proto::CALLER_PRINCIPAL_HEADER)?
+                .to_str()
+                .ok()?,
+            headers
+                .get(weft_proto::CALLER_SOURCE_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
+    /// An identity from its forwarded form (see [`Identity::forwarded_pairs`]).
+    pub fn from_forwarded(principal: &str, source: Option<&str>) -> Option<Identity> {
+        let source = match source {
+            Some("token") => Source::Token,
+            Some("sidecar") => Source::Sidecar,
+            Some("certificate") => Source::Certificate,
+            _ => Source::Anonymous,
+        };
+        Some(Identity::new(percent_decode(principal), source))
+    }
+
+    /// This identity as the metadata of a call forwarded for it: (key, value) pairs, the
+    /// principal percent-encoded so that any principal fits a header.
+    pub fn forwarded_pairs(&self) -> [(&'static str, String); 2] {
+        [
+            (
+                weft_proto::CALLER_PRINCIPAL_HEADER,
+                percent_encode(&self.principal),
+            ),
+            (
+                weft_proto::CALLER_SOURCE_HEADER,
+                self.source.as_str().into(),
+            ),
+        ]
+    }
+
+    /// Sets this identity as the caller of a peer call.
+    pub fn apply_forwarded(&self, headers: &mut http::HeaderMap) {
+        for (key, value) in self.forwarded_pairs() {
+            if let Ok(value) = http::HeaderValue::from_str(&value) {
+                headers.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Percent-encodes every byte outside printable ASCII, and `%`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x21..0x7f).contains(&byte) && byte != b'%' || byte == b' ' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Which sidecar's forwarded identity a listener trusts.
@@ -229,14 +329,22 @@ impl Authenticator {
         headers: &http::HeaderMap,
         conn: Option<&ConnInfo>,
     ) -> Result<Identity, Refusal> {
-        let identity = self.identity(headers, conn)?;
-        if !self.allowed.is_empty() && !self.allowed.iter().any(|p| matches(p, &identity.principal))
-        {
+        let mut identity = self.identity(headers, conn)?;
+        if self.allowed.is_empty() {
+            return Ok(identity);
+        }
+        if !self.allowed.iter().any(|p| matches(p, &identity.principal)) {
             return Err(Refusal::Denied(format!(
                 "the {} port serves only brokers (auth.broker_identities); {} is not one",
                 self.listener, identity.principal
             )));
         }
+        // A broker: a call it forwards is its caller's.
+        if let Some(mut caller) = Identity::forwarded(headers) {
+            caller.forwarded = true;
+            return Ok(caller);
+        }
+        identity.broker = true;
         Ok(identity)
     }
 
@@ -256,10 +364,7 @@ impl Authenticator {
                 ));
             };
             return match self.tokens.name_of(token.trim()) {
-                Some(name) => Ok(Identity {
-                    principal: name.to_string(),
-                    source: Source::Token,
-                }),
+                Some(name) => Ok(Identity::new(name, Source::Token)),
                 None => Err(Refusal::Unauthenticated(
                     "the bearer token is not one of this broker's tokens".into(),
                 )),
@@ -280,10 +385,7 @@ impl Authenticator {
                                         .into(),
                                 )
                             })?;
-                    return Ok(Identity {
-                        principal,
-                        source: Source::Sidecar,
-                    });
+                    return Ok(Identity::new(principal, Source::Sidecar));
                 }
             }
             Sidecar::Linkerd => {
@@ -296,10 +398,7 @@ impl Authenticator {
                         .ok_or_else(|| {
                             Refusal::Unauthenticated("the sidecar's l5d-client-id is empty".into())
                         })?;
-                    return Ok(Identity {
-                        principal: principal.to_string(),
-                        source: Source::Sidecar,
-                    });
+                    return Ok(Identity::new(principal, Source::Sidecar));
                 }
             }
         }
@@ -312,10 +411,7 @@ impl Authenticator {
                     "the client certificate has neither a SPIFFE URI nor a subject".into(),
                 )
             })?;
-            return Ok(Identity {
-                principal,
-                source: Source::Certificate,
-            });
+            return Ok(Identity::new(principal, Source::Certificate));
         }
         Ok(Identity::anonymous())
     }
@@ -538,6 +634,15 @@ mod tests {
         for bad in ["ci", "ci=s3cret", "ci=sha256:zz", "=sha256:00"] {
             assert!(Tokens::parse(&[bad.to_string()]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn forwarded_identities_survive_any_characters() {
+        let who = Identity::new("CN=Zoë, O=acme %x", Source::Certificate);
+        let mut headers = http::HeaderMap::new();
+        who.apply_forwarded(&mut headers);
+        assert_eq!(Identity::forwarded(&headers), Some(who));
+        // Only a broker's word makes it the caller: see `identify`.
     }
 
     #[test]

@@ -144,6 +144,20 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Who callers are: trusted sidecar headers, bearer tokens, the brokers' own identities.
     pub auth: AuthConfig,
+    /// Access control by identity, resource and operation (see `acl.rs`).
+    pub acl: AclConfig,
+}
+
+/// Access control.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AclConfig {
+    /// Check every call against the rules; deny what no rule allows. Off: every call is
+    /// allowed.
+    pub enabled: bool,
+    /// This broker's own allow rules (`[[acl.rules]]`: identity, resource, operations), on top
+    /// of those stored in the controller (`weft acl add`).
+    pub rules: Vec<crate::acl::AclRule>,
 }
 
 /// TLS of the three listeners, each optional.
@@ -320,6 +334,7 @@ impl Default for Config {
             topic_defaults: TopicDefaults::default(),
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
+            acl: AclConfig::default(),
         }
     }
 }
@@ -730,6 +745,20 @@ impl Config {
         )?;
         self.validate_tls()?;
         crate::auth::Authenticator::from_config(&self.auth)?;
+        for rule in &self.acl.rules {
+            rule.validate().map_err(|reason| ConfigError::Invalid {
+                key: "acl.rules",
+                reason: format!("{rule:?}: {reason}"),
+            })?;
+        }
+        if self.acl.enabled && self.peers.len() > 1 && self.auth.broker_identities.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "acl.enabled",
+                reason: "a cluster with ACLs needs auth.broker_identities: brokers forward calls \
+                         with their callers' identities, which are believed only from brokers"
+                    .into(),
+            });
+        }
         let d = &self.topic_defaults;
         range(
             "topic_defaults.partitions",

@@ -169,6 +169,12 @@ pub enum BrokerError {
     /// A bug or an I/O failure.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller has no credentials (or bad ones) and the call needs an identity.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller's identity may not make this call (ACLs).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
@@ -314,6 +320,8 @@ impl BrokerError {
             BrokerError::Timeout(_) => Code::DeadlineExceeded,
             BrokerError::DataLoss { .. } => Code::DataLoss,
             BrokerError::Internal(_) => Code::Internal,
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
 
@@ -343,6 +351,8 @@ impl BrokerError {
             BrokerError::Timeout(_) => "TIMEOUT",
             BrokerError::DataLoss { .. } => "DATA_LOSS",
             BrokerError::Internal(_) => "INTERNAL",
+            BrokerError::Unauthenticated(_) => "UNAUTHENTICATED",
+            BrokerError::PermissionDenied(_) => "PERMISSION_DENIED",
         }
     }
 }
@@ -437,7 +447,11 @@ impl From<BrokerError> for tonic::Status {
             BrokerError::Conflict(reason) => {
                 details.add_precondition_failure_violation("STATE", "cluster", reason.clone());
             }
-            BrokerError::Timeout(_) | BrokerError::Internal(_) | BrokerError::Remote(_) => {}
+            BrokerError::Timeout(_)
+            | BrokerError::Internal(_)
+            | BrokerError::Remote(_)
+            | BrokerError::Unauthenticated(_)
+            | BrokerError::PermissionDenied(_) => {}
         }
         details.set_error_info(error.reason(), ERROR_DOMAIN, metadata);
         tonic::Status::with_error_details(error.code(), error.to_string(), details)

@@ -22,6 +22,7 @@
 //! - [`sync_journal`]: the test-only record of every sync (feature `sync-journal`).
 //! - [`server`]: `run(config, listeners, shutdown)`; `main.rs` is a thin wrapper.
 
+pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod config;

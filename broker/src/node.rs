@@ -48,6 +48,8 @@ pub struct Node {
     stopping: AtomicBool,
     /// Replica moves this broker drives.
     pub(crate) moves: crate::reassign::Moves,
+    /// Access control (the config's part).
+    acl: crate::acl::Acl,
 }
 
 impl std::fmt::Debug for Node {
@@ -457,6 +459,7 @@ impl Node {
             started: Instant::now(),
             stopping: AtomicBool::new(false),
             moves: Default::default(),
+            acl: crate::acl::Acl::new(config.acl.enabled, config.acl.rules.clone()),
             config,
         });
         let state = node.controller.state();
@@ -944,6 +947,7 @@ impl Node {
             ControllerResponse::Deleted { .. }
             | ControllerResponse::Registered
             | ControllerResponse::CoordinatorEpoch(_)
+            | ControllerResponse::Acl { .. }
             | ControllerResponse::Committed
             | ControllerResponse::GroupDeleted { .. } => Err(BrokerError::Internal(format!(
                 "unexpected controller response {response:?}"
@@ -1011,6 +1015,71 @@ impl Node {
     }
 
     /// Deletes a topic and its data.
+    /// Whether `identity` may do `operation` on `resource` (the config's ACL rules and the
+    /// controller's); PERMISSION_DENIED / UNAUTHENTICATED with an audit line when not.
+    pub fn authorize(
+        &self,
+        identity: &crate::auth::Identity,
+        operation: crate::acl::Operation,
+        resource: crate::acl::Resource<'_>,
+    ) -> Result<(), BrokerError> {
+        if !self.acl.enabled() {
+            return Ok(());
+        }
+        let state = self.controller_state();
+        self.acl.check(identity, operation, resource, &state.acls)
+    }
+
+    /// Whether ACL checks are on.
+    pub fn acl_enabled(&self) -> bool {
+        self.acl.enabled()
+    }
+
+    /// [`Node::authorize`] as a yes or no (for filtering lists), without an audit line.
+    pub fn allowed(
+        &self,
+        identity: &crate::auth::Identity,
+        operation: crate::acl::Operation,
+        resource: crate::acl::Resource<'_>,
+    ) -> bool {
+        !self.acl.enabled()
+            || self
+                .acl
+                .allows(identity, operation, resource, &self.controller_state().acls)
+    }
+
+    /// The ACL rules in force: whether checks are on, the config file's rules and the
+    /// controller's.
+    pub fn acl_rules(&self) -> (bool, Vec<crate::acl::AclRule>, Vec<crate::acl::AclRule>) {
+        (
+            self.acl.enabled(),
+            self.acl.config_rules().to_vec(),
+            self.controller_state().acls.clone(),
+        )
+    }
+
+    /// Adds (`add`) or removes an ACL rule in the controller; whether it was there before.
+    pub async fn change_acl(
+        &self,
+        rule: crate::acl::AclRule,
+        add: bool,
+    ) -> Result<bool, BrokerError> {
+        rule.validate()
+            .map_err(|reason| BrokerError::invalid("rule", reason))?;
+        let command = if add {
+            ControllerCommand::AddAcl(rule)
+        } else {
+            ControllerCommand::RemoveAcl(rule)
+        };
+        match self.propose(command).await? {
+            ControllerResponse::Acl { existed } => Ok(existed),
+            ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("rule", reason)),
+            other => Err(BrokerError::Internal(format!(
+                "unexpected ACL response {other:?}"
+            ))),
+        }
+    }
+
     pub async fn delete_topic(&self, name: &str) -> Result<String, BrokerError> {
         self.topic_named("name", name)?;
         match self

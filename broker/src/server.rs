@@ -133,8 +133,8 @@ pub async fn run(
     let client_server = tonic::transport::Server::builder()
         .layer(
             tower::ServiceBuilder::new()
-                .layer(crate::grpc::caller::CallerLayer)
                 .layer(crate::auth::AuthLayer::new(client_auth))
+                .layer(crate::grpc::caller::CallerLayer)
                 .layer(tower::util::MapResponseLayer::new(
                     crate::grpc::oversized_requests_are_resource_exhausted
                         as fn(
@@ -170,8 +170,8 @@ pub async fn run(
     let peer_server = tonic::transport::Server::builder()
         .layer(
             tower::ServiceBuilder::new()
-                .layer(crate::grpc::caller::CallerLayer)
-                .layer(crate::auth::AuthLayer::new(peer_auth)),
+                .layer(crate::auth::AuthLayer::new(peer_auth))
+                .layer(crate::grpc::caller::CallerLayer),
         )
         .add_service(health_service)
         .add_service(

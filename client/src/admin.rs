@@ -336,6 +336,33 @@ impl Admin {
         Ok((r.started, r.waiting))
     }
 
+    /// The ACL rules in force: (checks on, the answering broker's config rules, the rules
+    /// stored in the controller).
+    pub async fn acls(&self) -> Result<(bool, Vec<proto::AclRule>, Vec<proto::AclRule>)> {
+        let request = self.client.request(proto::ListAclsRequest {}, None, None);
+        let r = self
+            .client
+            .cluster()
+            .list_acls(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner();
+        Ok((r.enabled, r.config_rules, r.stored_rules))
+    }
+
+    /// Adds (`add`) or removes an allow rule stored in the controller; whether it was there
+    /// before.
+    pub async fn change_acl(&self, rule: proto::AclRule, add: bool) -> Result<bool> {
+        let request = self.client.request(rule, None, None);
+        let mut cluster = self.client.cluster();
+        let answer = if add {
+            cluster.add_acl(request).await
+        } else {
+            cluster.remove_acl(request).await
+        };
+        Ok(answer.map_err(Error::from)?.into_inner().existed)
+    }
+
     /// Partitions with leaders and offsets (one topic, or all when `topic` is empty).
     pub async fn partitions(&self, topic: &str) -> Result<Vec<proto::PartitionInfo>> {
         let request = self.client.request(

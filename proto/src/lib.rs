@@ -49,6 +49,13 @@ pub const PARTITION_HEADER: &str = "weft-partition";
 /// mesh policy by group. The broker refuses a call whose header and body disagree.
 pub const GROUP_HEADER: &str = "weft-group";
 
+/// Peer-call metadata key: the identity of the caller a broker forwards a call for
+/// (percent-encoded), believed by the receiving broker only from a broker identity.
+pub const CALLER_PRINCIPAL_HEADER: &str = "weft-caller-principal";
+/// Peer-call metadata key: where that identity came from (token, sidecar, certificate,
+/// anonymous).
+pub const CALLER_SOURCE_HEADER: &str = "weft-caller-source";
+
 /// Kafka's murmur2 hash, as its default partitioner uses it.
 pub fn murmur2(data: &[u8]) -> i32 {
     const SEED: u32 = 0x9747_b28c;

@@ -991,3 +991,88 @@ impl Drop for Nginx {
         }
     }
 }
+
+/// Test certificates: a CA made by the test and the certificates it issues (rcgen).
+pub mod pki {
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, SanType,
+    };
+
+    /// A test CA and the files it issues, in a temporary directory.
+    #[derive(Debug)]
+    pub struct Pki {
+        dir: PathBuf,
+        name: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        pub fn new(dir: &Path, name: &str) -> Pki {
+            let key = KeyPair::generate().expect("CA key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(DnType::CommonName, format!("{name} test CA"));
+            let cert = params.self_signed(&key).expect("CA certificate");
+            std::fs::write(dir.join(format!("{name}-ca.pem")), cert.pem()).expect("write CA");
+            Pki {
+                dir: dir.to_path_buf(),
+                name: name.to_string(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        pub fn ca_file(&self) -> PathBuf {
+            self.dir.join(format!("{}-ca.pem", self.name))
+        }
+
+        /// A certificate (subject CN=`cn`, an optional URI SAN, every 127.0.0.x as IP SANs when
+        /// `server`), as (cert file, key file) named `stem`.
+        pub fn issue(
+            &self,
+            stem: &str,
+            cn: &str,
+            uri: Option<&str>,
+            server: bool,
+        ) -> (PathBuf, PathBuf) {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, "weft-tests");
+            if let Some(uri) = uri {
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(uri.try_into().expect("URI")));
+            }
+            if server {
+                for last in 1..=254u8 {
+                    params
+                        .subject_alt_names
+                        .push(SanType::IpAddress([127, 0, 0, last].into()));
+                }
+            }
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = params.signed_by(&key, &self.issuer).expect("sign");
+            let cert_file = self.dir.join(format!("{stem}.pem"));
+            let key_file = self.dir.join(format!("{stem}-key.pem"));
+            std::fs::write(&cert_file, cert.pem()).expect("write cert");
+            std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+            (cert_file, key_file)
+        }
+    }
+
+    /// What `printf %s TEXT | sha256sum` prints: the form `auth.tokens` holds a token in.
+    pub fn sha256_hex(text: &str) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

@@ -8,91 +8,20 @@
 //! - three brokers replicate over mutual TLS on the peer port, which serves only broker
 //!   identities.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use weft_client::{Client, ConnectOptions, ConsumerConfig, ProducerConfig, Record, StartFrom};
 use weft_proto::v1::metadata_client::MetadataClient;
+use weft_tests::pki::Pki;
 use weft_tests::{Broker, start_cluster_with, wait_for};
 
 const TOKEN: &str = "let-me-in";
 const ORDERS: &str = "spiffe://weft.test/ns/shop/sa/orders";
 const BROKER_ID: &str = "spiffe://weft.test/ns/weft/sa/weft";
-
-/// A test CA and the files it issues, in a temporary directory.
-struct Pki {
-    dir: PathBuf,
-    name: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new(dir: &Path, name: &str) -> Pki {
-        let key = KeyPair::generate().expect("CA key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        let cert = params.self_signed(&key).expect("CA certificate");
-        std::fs::write(dir.join(format!("{name}-ca.pem")), cert.pem()).expect("write CA");
-        Pki {
-            dir: dir.to_path_buf(),
-            name: name.to_string(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.join(format!("{}-ca.pem", self.name))
-    }
-
-    /// A certificate (subject CN=`cn`, an optional URI SAN, every 127.0.0.x as IP SANs when
-    /// `server`), as (cert file, key file) named `stem`.
-    fn issue(&self, stem: &str, cn: &str, uri: Option<&str>, server: bool) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "weft-tests");
-        if let Some(uri) = uri {
-            params
-                .subject_alt_names
-                .push(SanType::URI(uri.try_into().expect("URI")));
-        }
-        if server {
-            for last in 1..=254u8 {
-                params
-                    .subject_alt_names
-                    .push(SanType::IpAddress([127, 0, 0, last].into()));
-            }
-        }
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        let cert_file = self.dir.join(format!("{stem}.pem"));
-        let key_file = self.dir.join(format!("{stem}-key.pem"));
-        std::fs::write(&cert_file, cert.pem()).expect("write cert");
-        std::fs::write(&key_file, key.serialize_pem()).expect("write key");
-        (cert_file, key_file)
-    }
-}
-
-fn sha256_hex(text: &str) -> String {
-    // What `printf %s TOKEN | sha256sum` prints.
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// A gRPC channel with TLS: `ca` checks the server; `identity` is a client certificate.
 async fn tls_channel(
@@ -224,7 +153,7 @@ async fn a_tls_broker_knows_callers_by_certificate_token_and_trusted_sidecar_and
             "[tls]\nreload_interval_ms = 200\n{}{}[auth]\nadmin_sidecar = \"envoy\"\ntokens = [\"ci=sha256:{}\"]\n",
             listener("client"),
             listener("admin"),
-            sha256_hex(TOKEN)
+            weft_tests::pki::sha256_hex(TOKEN)
         ),
     )
     .expect("config");

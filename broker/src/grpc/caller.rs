@@ -19,16 +19,26 @@ use weft_proto::transport::Transport;
 /// The headers passed on.
 pub const KEYS: [&str; 3] = ["traceparent", "tracestate", "x-request-id"];
 
-/// One caller's headers among [`KEYS`].
+/// One caller's headers among [`KEYS`], and its identity (set by the auth layer, which runs
+/// first): the broker a call is forwarded to checks the ACLs as the original caller's.
 #[derive(Debug, Clone, Default)]
-pub struct Caller(Vec<(&'static str, HeaderValue)>);
+pub struct Caller(
+    Vec<(&'static str, HeaderValue)>,
+    Option<crate::auth::Identity>,
+);
 
 impl Caller {
-    fn from_headers(headers: &http::HeaderMap) -> Caller {
+    fn from_request<B>(request: &http::Request<B>) -> Caller {
+        let headers = request.headers();
         Caller(
             KEYS.iter()
                 .filter_map(|key| headers.get(*key).map(|v| (*key, v.clone())))
                 .collect(),
+            request
+                .extensions()
+                .get::<crate::auth::Identity>()
+                .filter(|identity| !identity.broker)
+                .cloned(),
         )
     }
 
@@ -38,6 +48,9 @@ impl Caller {
             if !headers.contains_key(*key) {
                 headers.insert(*key, value.clone());
             }
+        }
+        if let Some(identity) = &self.1 {
+            identity.apply_forwarded(headers);
         }
     }
 }
@@ -78,7 +91,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let caller = Caller::from_headers(request.headers());
+        let caller = Caller::from_request(&request);
         let answer = self.inner.call(request);
         Box::pin(CALLER.scope(caller, answer))
     }
@@ -126,7 +139,12 @@ mod tests {
         );
         incoming.insert("x-request-id", HeaderValue::from_static("req-1"));
         incoming.insert("authorization", HeaderValue::from_static("secret"));
-        let caller = Caller::from_headers(&incoming);
+        let mut request = http::Request::new(());
+        *request.headers_mut() = incoming;
+        request
+            .extensions_mut()
+            .insert(crate::auth::Identity::anonymous());
+        let caller = Caller::from_request(&request);
         let mut outgoing = http::HeaderMap::new();
         outgoing.insert("x-request-id", HeaderValue::from_static("own"));
         CALLER
@@ -143,6 +161,8 @@ mod tests {
         // A header the outgoing call set itself stays; others are never copied.
         assert_eq!(outgoing["x-request-id"], "own");
         assert!(!outgoing.contains_key("authorization"));
+        // The caller's identity travels, for the ACL check of the broker that serves the call.
+        assert_eq!(outgoing[weft_proto::CALLER_PRINCIPAL_HEADER], "anonymous");
         assert!(
             CALLER.try_with(|_| ()).is_err(),
             "no caller outside a handler"

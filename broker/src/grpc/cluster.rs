@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::v1;
 use weft_proto::v1::cluster_server::Cluster;
 
+use crate::acl::{Operation, Resource};
 use crate::node::Node;
 use crate::raft::PartitionMeta;
 
@@ -120,9 +121,10 @@ pub fn status(node: &Node) -> v1::ClusterStatus {
 impl Cluster for ClusterService {
     async fn get_cluster_status(
         &self,
-        _request: Request<v1::GetClusterStatusRequest>,
+        request: Request<v1::GetClusterStatusRequest>,
     ) -> Result<Response<v1::ClusterStatus>, Status> {
         let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Describe, Resource::Cluster)?;
         let result = Ok(Response::new(status(&self.node)));
         crate::metrics::rpc("GetClusterStatus", started, &result);
         result
@@ -133,6 +135,7 @@ impl Cluster for ClusterService {
         request: Request<v1::ListPartitionsRequest>,
     ) -> Result<Response<v1::ListPartitionsResponse>, Status> {
         let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Describe, Resource::Cluster)?;
         let state = self.node.controller_state();
         let wanted = &request.get_ref().topic;
         let result = if !wanted.is_empty() && !state.topics.contains_key(wanted) {
@@ -161,6 +164,7 @@ impl Cluster for ClusterService {
         request: Request<v1::TransferLeadershipRequest>,
     ) -> Result<Response<v1::TransferLeadershipResponse>, Status> {
         let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
         let r = request.into_inner();
         let to = (r.to_node_id != 0).then_some(r.to_node_id);
         let result = self
@@ -175,9 +179,10 @@ impl Cluster for ClusterService {
 
     async fn drain(
         &self,
-        _request: Request<v1::DrainRequest>,
+        request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
         let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
         let (moved, kept) = self.node.drain().await;
         let result = Ok(Response::new(v1::DrainResponse { moved, kept }));
         crate::metrics::rpc("Drain", started, &result);
@@ -189,6 +194,7 @@ impl Cluster for ClusterService {
         request: Request<v1::MovePartitionRequest>,
     ) -> Result<Response<v1::PartitionInfo>, Status> {
         let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
         let r = request.into_inner();
         let result = match self
             .node
@@ -214,9 +220,10 @@ impl Cluster for ClusterService {
 
     async fn rebalance(
         &self,
-        _request: Request<v1::RebalanceRequest>,
+        request: Request<v1::RebalanceRequest>,
     ) -> Result<Response<v1::ReassignResponse>, Status> {
         let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
         let result = self
             .node
             .rebalance()
@@ -232,6 +239,7 @@ impl Cluster for ClusterService {
         request: Request<v1::RemoveBrokerRequest>,
     ) -> Result<Response<v1::ReassignResponse>, Status> {
         let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
         let node_id = request.into_inner().node_id;
         let result = self
             .node
@@ -242,4 +250,74 @@ impl Cluster for ClusterService {
         crate::metrics::rpc("RemoveBroker", started, &result);
         result
     }
+
+    async fn list_acls(
+        &self,
+        request: Request<v1::ListAclsRequest>,
+    ) -> Result<Response<v1::ListAclsResponse>, Status> {
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
+        let (enabled, config_rules, stored_rules) = self.node.acl_rules();
+        Ok(Response::new(v1::ListAclsResponse {
+            enabled,
+            config_rules: config_rules.iter().map(rule_to_proto).collect(),
+            stored_rules: stored_rules.iter().map(rule_to_proto).collect(),
+        }))
+    }
+
+    async fn add_acl(
+        &self,
+        request: Request<v1::AclRule>,
+    ) -> Result<Response<v1::AclChangeResponse>, Status> {
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
+        let rule = rule_from_proto(request.get_ref())?;
+        let existed = self.node.change_acl(rule, true).await?;
+        Ok(Response::new(v1::AclChangeResponse { existed }))
+    }
+
+    async fn remove_acl(
+        &self,
+        request: Request<v1::AclRule>,
+    ) -> Result<Response<v1::AclChangeResponse>, Status> {
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
+        let rule = rule_from_proto(request.get_ref())?;
+        let existed = self.node.change_acl(rule, false).await?;
+        Ok(Response::new(v1::AclChangeResponse { existed }))
+    }
+}
+
+fn rule_to_proto(rule: &crate::acl::AclRule) -> v1::AclRule {
+    v1::AclRule {
+        identity: rule.identity.clone(),
+        resource: rule.resource.clone(),
+        operations: rule
+            .operations
+            .iter()
+            .map(|o| o.as_str().to_string())
+            .collect(),
+    }
+}
+
+fn rule_from_proto(rule: &v1::AclRule) -> Result<crate::acl::AclRule, crate::error::BrokerError> {
+    let operations = rule
+        .operations
+        .iter()
+        .map(|o| {
+            Operation::parse(o).ok_or_else(|| {
+                crate::error::BrokerError::invalid(
+                    "operations",
+                    format!(
+                        "{o:?} is none of publish, subscribe, commit, describe, create, alter, delete, admin, all"
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let rule = crate::acl::AclRule {
+        identity: rule.identity.clone(),
+        resource: rule.resource.clone(),
+        operations,
+    };
+    rule.validate()
+        .map_err(|reason| crate::error::BrokerError::invalid("rule", reason))?;
+    Ok(rule)
 }

@@ -20,6 +20,7 @@ use weft_proto::v1::{
 
 use super::publish::{PassedOn, PublisherService};
 use super::{deadline, group_link};
+use crate::acl::{Operation, Resource};
 use crate::error::BrokerError;
 use crate::node::Node;
 
@@ -68,12 +69,19 @@ impl Forward for ForwardService {
         request: Request<ForwardPublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
         let timeout = deadline(request.metadata(), &self.node);
-        let passed_on = PassedOn::from_metadata(request.metadata());
+        let passed_on = PassedOn::from_request(&request);
+        let identity = crate::auth::identity_of(&request);
         let message = request.into_inner();
         let Some(publish) = message.request else {
             return Err(BrokerError::invalid("request", "is missing").into());
         };
+        self.node.authorize(
+            &identity,
+            Operation::Publish,
+            Resource::Topic(&publish.topic),
+        )?;
         self.publisher
             .handle(publish, timeout, message.hops.max(1), &passed_on)
             .await
@@ -89,6 +97,11 @@ impl Forward for ForwardService {
     ) -> Result<Response<PublishResults>, Status> {
         use futures::StreamExt;
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
+        // The stream is the sending broker's (shared by its callers); each publish on it
+        // names its caller, believed because the sender is a broker.
+        let sender = crate::auth::identity_of(&request);
+        let node = self.node.clone();
         let publisher = self.publisher.clone();
         let ceiling = std::time::Duration::from_millis(self.node.config.request_timeout_ms);
         // Handed to the partition in arrival order (each future enqueues its batch on first
@@ -98,6 +111,8 @@ impl Forward for ForwardService {
             .into_inner()
             .map(move |item| {
                 let publisher = publisher.clone();
+                let node = node.clone();
+                let sender = sender.clone();
                 async move {
                     let message = item?;
                     let Some(publish) = message.request else {
@@ -110,6 +125,16 @@ impl Forward for ForwardService {
                         ms => std::time::Duration::from_millis(u64::from(ms)).min(ceiling),
                     };
                     let passed_on = PassedOn::from_map(&message.passed_on);
+                    let caller = if sender.broker {
+                        passed_on.identity().unwrap_or(sender)
+                    } else {
+                        sender
+                    };
+                    if let Err(denied) =
+                        node.authorize(&caller, Operation::Publish, Resource::Topic(&publish.topic))
+                    {
+                        return Ok(super::forward_stream::encode_result(Err(denied)));
+                    }
                     let result = publisher
                         .handle(publish, timeout, message.hops.max(1), &passed_on)
                         .await;
@@ -125,10 +150,17 @@ impl Forward for ForwardService {
         request: Request<ForwardCommitOffsetsRequest>,
     ) -> Result<Response<CommitOffsetsResponse>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
+        let identity = crate::auth::identity_of(&request);
         let message = request.into_inner();
         let Some(commit) = message.request else {
             return Err(BrokerError::invalid("request", "is missing").into());
         };
+        self.node.authorize(
+            &identity,
+            Operation::Commit,
+            Resource::Group(&commit.group_id),
+        )?;
         let result = async {
             crate::groups::validate_group_id(&commit.group_id)?;
             let topic = self.node.topic(&commit.topic)?;
@@ -152,10 +184,17 @@ impl Forward for ForwardService {
         request: Request<ForwardFetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
+        let identity = crate::auth::identity_of(&request);
         let message = request.into_inner();
         let Some(fetch) = message.request else {
             return Err(BrokerError::invalid("request", "is missing").into());
         };
+        self.node.authorize(
+            &identity,
+            Operation::Subscribe,
+            Resource::Topic(&fetch.topic),
+        )?;
         self.subscriber
             .fetch_inner(fetch, message.hops.max(1))
             .await
@@ -168,10 +207,24 @@ impl Forward for ForwardService {
         request: Request<ForwardGetOffsetsRequest>,
     ) -> Result<Response<GetOffsetsResponse>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
+        let identity = crate::auth::identity_of(&request);
         let message = request.into_inner();
         let Some(offsets) = message.request else {
             return Err(BrokerError::invalid("request", "is missing").into());
         };
+        self.node.authorize(
+            &identity,
+            Operation::Describe,
+            Resource::Topic(&offsets.topic),
+        )?;
+        if !offsets.group_id.is_empty() {
+            self.node.authorize(
+                &identity,
+                Operation::Describe,
+                Resource::Group(&offsets.group_id),
+            )?;
+        }
         self.subscriber
             .offsets_inner(&offsets, message.hops.max(1))
             .await
@@ -186,6 +239,7 @@ impl Forward for ForwardService {
         request: Request<Streaming<GroupMemberRequest>>,
     ) -> Result<Response<MemberStream>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
         group_link::serve_member(self.node.clone(), request.into_inner())
             .await
             .map(|stream| Response::new(Box::pin(stream) as MemberStream))
@@ -197,7 +251,14 @@ impl Forward for ForwardService {
         request: Request<ForwardGroupRequest>,
     ) -> Result<Response<GroupDescription>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
+        let identity = crate::auth::identity_of(&request);
         let message = request.into_inner();
+        self.node.authorize(
+            &identity,
+            Operation::Describe,
+            Resource::Group(&message.group_id),
+        )?;
         group_link::describe(&self.node, &message.group_id, message.hops.max(1))
             .await
             .map(Response::new)
@@ -209,6 +270,7 @@ impl Forward for ForwardService {
         request: Request<ForwardGroupRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
         let message = request.into_inner();
         group_link::list(&self.node, message.hops.max(1))
             .await
@@ -221,7 +283,14 @@ impl Forward for ForwardService {
         request: Request<ForwardGroupRequest>,
     ) -> Result<Response<DeleteGroupResponse>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
+        let identity = crate::auth::identity_of(&request);
         let message = request.into_inner();
+        self.node.authorize(
+            &identity,
+            Operation::Delete,
+            Resource::Group(&message.group_id),
+        )?;
         group_link::delete(&self.node, &message.group_id, message.hops.max(1))
             .await
             .map(|()| Response::new(DeleteGroupResponse {}))
@@ -233,7 +302,14 @@ impl Forward for ForwardService {
         request: Request<ForwardGroupRequest>,
     ) -> Result<Response<weft_proto::v1::LeaveGroupResponse>, Status> {
         self.node.peers().check(&request)?;
+        super::require_broker(&self.node, &request)?;
+        let identity = crate::auth::identity_of(&request);
         let message = request.into_inner();
+        self.node.authorize(
+            &identity,
+            Operation::Subscribe,
+            Resource::Group(&message.group_id),
+        )?;
         group_link::leave(
             &self.node,
             &message.group_id,

@@ -31,11 +31,15 @@ impl Metadata for MetadataService {
         request: Request<v1::GetTopicRequest>,
     ) -> Result<Response<v1::Topic>, Status> {
         let started = Instant::now();
-        let result = self
-            .node
-            .topic_named("name", &request.get_ref().name)
-            .map(|t| Response::new(super::topic_admin::topic_to_proto(&self.node, &t)))
-            .map_err(Status::from);
+        let result = super::authorize(
+            &self.node,
+            &request,
+            crate::acl::Operation::Describe,
+            crate::acl::Resource::Topic(&request.get_ref().name),
+        )
+        .and_then(|()| self.node.topic_named("name", &request.get_ref().name))
+        .map(|t| Response::new(super::topic_admin::topic_to_proto(&self.node, &t)))
+        .map_err(Status::from);
         crate::metrics::rpc("Metadata.GetTopic", started, &result);
         result
     }

@@ -38,6 +38,31 @@ pub(crate) fn check_mirrored(
 }
 
 /// The value of request header `key` (empty when it is not text).
+/// The ACL check of a gRPC call: may its caller do `operation` on `resource`?
+pub(crate) fn authorize<T>(
+    node: &Node,
+    request: &tonic::Request<T>,
+    operation: crate::acl::Operation,
+    resource: crate::acl::Resource<'_>,
+) -> Result<(), BrokerError> {
+    node.authorize(&crate::auth::identity_of(request), operation, resource)
+}
+
+/// On the peer port with ACLs on: only brokers (or calls they forward) are served.
+pub(crate) fn require_broker<T>(
+    node: &Node,
+    request: &tonic::Request<T>,
+) -> Result<(), BrokerError> {
+    let identity = crate::auth::identity_of(request);
+    if node.acl_enabled() && !identity.broker && !identity.forwarded {
+        return Err(BrokerError::PermissionDenied(format!(
+            "{} is not a broker: the peer port serves brokers only (auth.broker_identities)",
+            identity.principal
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn header<'a>(metadata: &'a tonic::metadata::MetadataMap, key: &str) -> Option<&'a str> {
     metadata.get(key).map(|v| v.to_str().unwrap_or(""))
 }

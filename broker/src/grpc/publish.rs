@@ -14,6 +14,7 @@ use weft_proto::v1::{PublishRequest, PublishResponse};
 use weft_storage::{BatchBuilder, ProducerInfo};
 
 use super::{check_headers, deadline, now_ms, partition_for_key};
+use crate::acl::{Operation, Resource};
 use crate::error::BrokerError;
 use crate::node::{Node, Route};
 use crate::partition::seal_for_proposal;
@@ -235,15 +236,46 @@ pub struct PassedOn(
 );
 
 impl PassedOn {
-    const KEYS: [&'static str; 3] = ["traceparent", "tracestate", "x-request-id"];
+    const KEYS: [&'static str; 5] = [
+        "traceparent",
+        "tracestate",
+        "x-request-id",
+        weft_proto::CALLER_PRINCIPAL_HEADER,
+        weft_proto::CALLER_SOURCE_HEADER,
+    ];
+    /// The trace keys, copied from the caller's metadata (the identity keys never are: they
+    /// come from the identity the broker established).
+    const TRACE_KEYS: usize = 3;
 
-    /// Picks what to pass on from a caller's metadata.
-    pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> PassedOn {
-        PassedOn(
-            Self::KEYS
+    /// Picks what to pass on from a call: its trace context and its caller's identity.
+    pub fn from_request<T>(request: &tonic::Request<T>) -> PassedOn {
+        let metadata = request.metadata();
+        let mut pairs: Vec<_> = Self::KEYS[..Self::TRACE_KEYS]
+            .iter()
+            .filter_map(|key| metadata.get(*key).map(|v| (*key, v.clone())))
+            .collect();
+        let identity = crate::auth::identity_of(request);
+        if !identity.broker {
+            for (key, value) in identity.forwarded_pairs() {
+                if let Ok(value) = value.parse() {
+                    pairs.push((key, value));
+                }
+            }
+        }
+        PassedOn(pairs)
+    }
+
+    /// The identity of the caller this is passed on for, if it carries one.
+    pub fn identity(&self) -> Option<crate::auth::Identity> {
+        let get = |key: &str| {
+            self.0
                 .iter()
-                .filter_map(|key| metadata.get(*key).map(|v| (*key, v.clone())))
-                .collect(),
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.to_str().ok())
+        };
+        crate::auth::Identity::from_forwarded(
+            get(weft_proto::CALLER_PRINCIPAL_HEADER)?,
+            get(weft_proto::CALLER_SOURCE_HEADER),
         )
     }
 
@@ -282,7 +314,13 @@ impl Publisher for PublisherService {
                 _ => None,
             };
             check_headers(request.metadata(), &request.get_ref().topic, partition)?;
-            let passed_on = PassedOn::from_metadata(request.metadata());
+            super::authorize(
+                &self.node,
+                &request,
+                Operation::Publish,
+                Resource::Topic(&request.get_ref().topic),
+            )?;
+            let passed_on = PassedOn::from_request(&request);
             self.handle(request.into_inner(), timeout, 0, &passed_on)
                 .await
         }
@@ -307,7 +345,8 @@ impl Publisher for PublisherService {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let service = self.clone();
-        let passed_on = PassedOn::from_metadata(request.metadata());
+        let passed_on = PassedOn::from_request(&request);
+        let identity = crate::auth::identity_of(&request);
         let inbound = request.into_inner();
         // Requests are handed to their partitions in arrival order (each future enqueues its
         // batch on first poll, and `buffered` polls them in order); answers come back in order.
@@ -317,8 +356,18 @@ impl Publisher for PublisherService {
                 let service = service.clone();
                 let header_topic = header_topic.clone();
                 let passed_on = passed_on.clone();
+                let identity = identity.clone();
                 async move {
                     let request = item?;
+                    // Each request names its topic: each is checked, header or not.
+                    service
+                        .node
+                        .authorize(
+                            &identity,
+                            Operation::Publish,
+                            Resource::Topic(&request.topic),
+                        )
+                        .map_err(Status::from)?;
                     if let Some(topic) = &header_topic
                         && topic != &request.topic
                     {

@@ -23,6 +23,7 @@ use weft_proto::v1::{
 
 use super::group_link::{self, GroupLink, Joining};
 use super::{check_group_header, check_headers, check_mirrored, now_ms, record_size, to_records};
+use crate::acl::{Operation, Resource};
 use crate::error::BrokerError;
 use crate::groups::GroupView;
 use crate::node::Node;
@@ -382,6 +383,12 @@ impl Subscriber for SubscriberService {
                 &request.get_ref().topic,
                 Some(request.get_ref().partition),
             )?;
+            super::authorize(
+                &self.node,
+                &request,
+                Operation::Subscribe,
+                Resource::Topic(&request.get_ref().topic),
+            )?;
             self.fetch_inner(request.into_inner(), 0).await
         }
         .await
@@ -405,6 +412,7 @@ impl Subscriber for SubscriberService {
             .map(str::to_string);
         let header_group =
             super::header(request.metadata(), weft_proto::GROUP_HEADER).map(str::to_string);
+        let identity = crate::auth::identity_of(&request);
         let mut inbound = request.into_inner();
         let result = async {
             let first = inbound
@@ -432,6 +440,19 @@ impl Subscriber for SubscriberService {
                 header_group.as_deref(),
                 &start.group_id,
             )?;
+            // Checked on the start message's topic and group, whatever the headers say.
+            self.node.authorize(
+                &identity,
+                Operation::Subscribe,
+                Resource::Topic(&start.topic),
+            )?;
+            if !start.group_id.is_empty() {
+                self.node.authorize(
+                    &identity,
+                    Operation::Subscribe,
+                    Resource::Group(&start.group_id),
+                )?;
+            }
             Session::open(self.node.clone(), start, inbound).await
         }
         .await
@@ -449,7 +470,14 @@ impl Subscriber for SubscriberService {
         let started = Instant::now();
         let result = match check_headers(request.metadata(), &request.get_ref().topic, None)
             .and_then(|()| check_group_header(request.metadata(), &request.get_ref().group_id))
-        {
+            .and_then(|()| {
+                super::authorize(
+                    &self.node,
+                    &request,
+                    Operation::Commit,
+                    Resource::Group(&request.get_ref().group_id),
+                )
+            }) {
             Ok(()) => self.commit_inner(request.get_ref()).await,
             Err(e) => Err(e),
         }
@@ -461,12 +489,23 @@ impl Subscriber for SubscriberService {
 
     async fn list_groups(
         &self,
-        _request: Request<v1::ListGroupsRequest>,
+        request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         let started = Instant::now();
+        let identity = crate::auth::identity_of(&request);
         let result = group_link::list(&self.node, 0)
             .await
-            .map(|group_ids| Response::new(v1::ListGroupsResponse { group_ids }))
+            .map(|group_ids| {
+                // Only the groups the caller may describe.
+                let group_ids = group_ids
+                    .into_iter()
+                    .filter(|g| {
+                        self.node
+                            .allowed(&identity, Operation::Describe, Resource::Group(g))
+                    })
+                    .collect();
+                Response::new(v1::ListGroupsResponse { group_ids })
+            })
             .map_err(Status::from);
         crate::metrics::rpc("ListGroups", started, &result);
         result
@@ -479,6 +518,12 @@ impl Subscriber for SubscriberService {
         let started = Instant::now();
         let result = async {
             check_group_header(request.metadata(), &request.get_ref().group_id)?;
+            super::authorize(
+                &self.node,
+                &request,
+                Operation::Describe,
+                Resource::Group(&request.get_ref().group_id),
+            )?;
             group_link::describe(&self.node, &request.get_ref().group_id, 0).await
         }
         .await
@@ -495,6 +540,12 @@ impl Subscriber for SubscriberService {
         let started = Instant::now();
         let result = async {
             check_group_header(request.metadata(), &request.get_ref().group_id)?;
+            super::authorize(
+                &self.node,
+                &request,
+                Operation::Delete,
+                Resource::Group(&request.get_ref().group_id),
+            )?;
             group_link::delete(&self.node, &request.get_ref().group_id, 0).await
         }
         .await
@@ -512,6 +563,12 @@ impl Subscriber for SubscriberService {
         let r = request.get_ref();
         let result = async {
             check_group_header(request.metadata(), &r.group_id)?;
+            super::authorize(
+                &self.node,
+                &request,
+                Operation::Subscribe,
+                Resource::Group(&r.group_id),
+            )?;
             group_link::leave(&self.node, &r.group_id, &r.member_id, 0).await
         }
         .await
@@ -528,7 +585,25 @@ impl Subscriber for SubscriberService {
         let started = Instant::now();
         let result = match check_headers(request.metadata(), &request.get_ref().topic, None)
             .and_then(|()| check_group_header(request.metadata(), &request.get_ref().group_id))
-        {
+            .and_then(|()| {
+                super::authorize(
+                    &self.node,
+                    &request,
+                    Operation::Describe,
+                    Resource::Topic(&request.get_ref().topic),
+                )
+            })
+            .and_then(|()| {
+                if request.get_ref().group_id.is_empty() {
+                    return Ok(());
+                }
+                super::authorize(
+                    &self.node,
+                    &request,
+                    Operation::Describe,
+                    Resource::Group(&request.get_ref().group_id),
+                )
+            }) {
             Ok(()) => self.offsets_inner(request.get_ref(), 0).await,
             Err(e) => Err(e),
         }

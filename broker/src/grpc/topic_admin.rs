@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::v1;
 use weft_proto::v1::topic_admin_server::TopicAdmin;
 
+use crate::acl::{Operation, Resource};
 use crate::error::BrokerError;
 use crate::node::Node;
 use crate::raft::TopicMeta;
@@ -191,8 +192,11 @@ impl TopicAdmin for TopicAdminService {
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::Topic>, Status> {
         let started = Instant::now();
+        let identity = crate::auth::identity_of(&request);
         let request = request.into_inner();
         let result = async {
+            self.node
+                .authorize(&identity, Operation::Create, Resource::Topic(&request.name))?;
             let config = resolve_config(&self.node, request.config.as_ref())?;
             let topic = self.node.create_topic(&request.name, config).await?;
             Ok(topic_to_proto(&self.node, &topic))
@@ -206,10 +210,14 @@ impl TopicAdmin for TopicAdminService {
         request: Request<v1::GetTopicRequest>,
     ) -> Result<Response<v1::Topic>, Status> {
         let started = Instant::now();
-        let result = self
-            .node
-            .topic_named("name", &request.get_ref().name)
-            .map(|t| topic_to_proto(&self.node, &t));
+        let result = super::authorize(
+            &self.node,
+            &request,
+            Operation::Describe,
+            Resource::Topic(&request.get_ref().name),
+        )
+        .and_then(|()| self.node.topic_named("name", &request.get_ref().name))
+        .map(|t| topic_to_proto(&self.node, &t));
         record("GetTopic", started, result)
     }
 
@@ -218,6 +226,7 @@ impl TopicAdmin for TopicAdminService {
         request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
         let started = Instant::now();
+        let identity = crate::auth::identity_of(&request);
         let request = request.into_inner();
         let size = match request.page_size as usize {
             0 => PAGE_SIZE_DEFAULT,
@@ -240,6 +249,11 @@ impl TopicAdmin for TopicAdminService {
             .topics
             .values()
             .filter(|t| after.is_empty() || t.name.as_str() > after.as_str())
+            // Only the topics the caller may describe.
+            .filter(|t| {
+                self.node
+                    .allowed(&identity, Operation::Describe, Resource::Topic(&t.name))
+            })
             .take(size + 1)
             .collect();
         let next_page_token = if page.len() > size {
@@ -263,8 +277,11 @@ impl TopicAdmin for TopicAdminService {
         request: Request<v1::UpdateTopicRequest>,
     ) -> Result<Response<v1::Topic>, Status> {
         let started = Instant::now();
+        let identity = crate::auth::identity_of(&request);
         let request = request.into_inner();
         let result = async {
+            self.node
+                .authorize(&identity, Operation::Alter, Resource::Topic(&request.name))?;
             let current = self.node.topic_named("name", &request.name)?;
             let update = request.config.unwrap_or_default();
             let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
@@ -281,11 +298,16 @@ impl TopicAdmin for TopicAdminService {
         request: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let started = Instant::now();
-        let result = self
-            .node
-            .delete_topic(&request.get_ref().name)
-            .await
-            .map(|topic_id| v1::DeleteTopicResponse { topic_id });
+        let result = match super::authorize(
+            &self.node,
+            &request,
+            Operation::Delete,
+            Resource::Topic(&request.get_ref().name),
+        ) {
+            Ok(()) => self.node.delete_topic(&request.get_ref().name).await,
+            Err(e) => Err(e),
+        }
+        .map(|topic_id| v1::DeleteTopicResponse { topic_id });
         record("DeleteTopic", started, result)
     }
 }

@@ -105,6 +105,10 @@ pub enum ControllerCommand {
         /// Group id.
         group: String,
     },
+    /// Add an ACL rule (a rule already there is left as it is).
+    AddAcl(crate::acl::AclRule),
+    /// Remove an ACL rule.
+    RemoveAcl(crate::acl::AclRule),
     /// Move a partition's replicas to `replicas` (refused while another move of it runs, or
     /// when its replicas are no longer `from`: the plan was made on an older state).
     MoveReplicas {
@@ -203,6 +207,11 @@ pub enum ControllerResponse {
     },
     /// The coordinator epoch after a takeover.
     CoordinatorEpoch(u64),
+    /// An ACL rule was added or removed (`existed`: it was there before).
+    Acl {
+        /// Whether the rule was there before.
+        existed: bool,
+    },
 }
 
 /// A move of one partition's replicas, planned from a controller state.
@@ -276,6 +285,9 @@ pub struct ControllerState {
     /// The takeover in force: (node id, nonce).
     #[serde(default)]
     pub coordinator: Option<(NodeId, u64)>,
+    /// ACL rules added through the admin API or `weft acl` (sorted, no duplicates).
+    #[serde(default)]
+    pub acls: Vec<crate::acl::AclRule>,
 }
 
 impl ControllerState {
@@ -462,6 +474,30 @@ impl ControllerState {
             ControllerCommand::DeleteGroup { group } => ControllerResponse::GroupDeleted {
                 existed: self.groups.remove(group).is_some(),
             },
+            ControllerCommand::AddAcl(rule) => {
+                if let Err(reason) = rule.validate() {
+                    return ControllerResponse::Invalid(reason);
+                }
+                let mut rule = rule.clone();
+                rule.operations.sort_unstable();
+                rule.operations.dedup();
+                let existed = self.acls.contains(&rule);
+                if !existed {
+                    self.acls.push(rule);
+                    self.acls.sort();
+                }
+                ControllerResponse::Acl { existed }
+            }
+            ControllerCommand::RemoveAcl(rule) => {
+                let mut rule = rule.clone();
+                rule.operations.sort_unstable();
+                rule.operations.dedup();
+                let before = self.acls.len();
+                self.acls.retain(|r| *r != rule);
+                ControllerResponse::Acl {
+                    existed: self.acls.len() != before,
+                }
+            }
         }
     }
 

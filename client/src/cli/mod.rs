@@ -1,5 +1,6 @@
 //! The `weft` command line: one file per command.
 
+mod acl;
 mod cluster;
 mod consume;
 mod group;
@@ -86,6 +87,9 @@ pub(crate) enum Command {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Access-control rules (stored in the controller).
+    #[command(subcommand)]
+    Acl(acl::AclCommand),
     /// Who the broker takes this client to be (from the token, a sidecar, or the client
     /// certificate): the identity ACLs and audit lines use.
     Whoami,
@@ -121,6 +125,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         Command::Consume(consume) => consume::run(&client, consume).await,
         Command::Group(command) => group::run(&client, args.output, command).await,
         Command::Cluster(command) => cluster::run(&client, args.output, command).await,
+        Command::Acl(command) => acl::run(&client, args.output, command).await,
         Command::Whoami => {
             let (principal, source) = client.who_am_i().await?;
             match args.output {

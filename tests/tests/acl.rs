@@ -1,0 +1,484 @@
+//! Access control with real processes: callers known by bearer token (one broker) or by
+//! certificate and forwarded identity (three brokers over peer mutual TLS).
+//! - deny by default once enabled: a publish, a subscription, a group, an admin route or a
+//!   PublishStream request (per topic, with or without the `weft-topic` header) that no rule
+//!   allows is refused (PERMISSION_DENIED / 403, UNAUTHENTICATED for anonymous callers) with an
+//!   audit line; lists show only what the caller may describe;
+//! - rules added with `weft acl add` are stored in the controller and survive a restart;
+//! - a call a follower forwards to the leader is checked there as the original caller's.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use weft_client::{Client, ConnectOptions, ConsumerConfig, ProducerConfig, Record, StartFrom};
+use weft_proto::v1::PublishRequest;
+use weft_proto::v1::publish_request::Target;
+use weft_tests::pki::{Pki, sha256_hex};
+use weft_tests::{Broker, free_port_on, wait_for};
+
+const OPS: &str = "ops-secret";
+const ORDERS: &str = "orders-secret";
+const BILLING: &str = "billing-secret";
+
+async fn as_token(address: &str, token: &str) -> Client {
+    Client::connect_with(
+        [address],
+        ConnectOptions {
+            tls: None,
+            token: Some(token.into()),
+        },
+    )
+    .await
+    .expect("connect")
+}
+
+/// A plain HTTP/1.1 request with a bearer token: (status, body).
+fn http_as(address: &str, token: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn publish_request(topic: &str, value: &str) -> PublishRequest {
+    PublishRequest {
+        topic: topic.into(),
+        target: Some(Target::Partition(0)),
+        records: vec![weft_proto::v1::Record {
+            value: value.to_string().into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn with_token<T>(body: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    request.set_timeout(Duration::from_secs(20));
+    request
+}
+
+fn audit_lines(broker: &Broker) -> Vec<String> {
+    broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("weft::audit"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acls_deny_by_default_on_every_path_and_weft_acl_rules_persist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[auth]
+tokens = ["ops=sha256:{}", "orders=sha256:{}", "billing=sha256:{}"]
+[acl]
+enabled = true
+[[acl.rules]]
+identity = "ops"
+resource = "*"
+operations = ["all"]
+[[acl.rules]]
+identity = "orders"
+resource = "topic:orders"
+operations = ["publish"]
+"#,
+            sha256_hex(OPS),
+            sha256_hex(ORDERS),
+            sha256_hex(BILLING)
+        ),
+    )
+    .expect("config");
+    let mut broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let address = broker.client_addr.clone();
+
+    let ops = as_token(&address, OPS).await;
+    ops.admin()
+        .create_topic("orders", 1)
+        .await
+        .expect("ops creates");
+    ops.admin()
+        .create_topic("payments", 1)
+        .await
+        .expect("ops creates");
+
+    // orders may publish to its topic (and describe it: the producer reads its metadata)...
+    let orders = as_token(&address, ORDERS).await;
+    let producer = orders.producer(ProducerConfig::default());
+    for i in 0..5 {
+        producer
+            .send("orders", Record::new(format!("order-{i}")))
+            .await
+            .expect("publish allowed by a config rule");
+    }
+    producer.close().await.expect("close");
+    // ... and nothing else.
+    let publisher = weft_tests::grpc::publisher(&weft_tests::grpc::channel(&address).await);
+    let denied = publisher
+        .clone()
+        .publish(with_token(publish_request("payments", "x"), ORDERS))
+        .await
+        .expect_err("no rule lets orders publish to payments");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied
+            .message()
+            .contains("orders may not publish topic:payments"),
+        "{}",
+        denied.message()
+    );
+    let created = orders.admin().create_topic("sneaky", 1).await;
+    assert!(created.is_err(), "orders created a topic");
+    // Without credentials: UNAUTHENTICATED, with a hint.
+    let anonymous = publisher
+        .clone()
+        .publish({
+            let mut r = tonic::Request::new(publish_request("orders", "x"));
+            r.set_timeout(Duration::from_secs(20));
+            r
+        })
+        .await
+        .expect_err("anonymous");
+    assert_eq!(
+        anonymous.code(),
+        tonic::Code::Unauthenticated,
+        "{anonymous:?}"
+    );
+
+    // PublishStream: every request is checked on its own topic, with no weft-topic header.
+    let requests = vec![
+        publish_request("orders", "streamed"),
+        publish_request("payments", "smuggled"),
+    ];
+    let mut answers = publisher
+        .clone()
+        .publish_stream(with_token(futures::stream::iter(requests), ORDERS))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let first = answers.message().await.expect("first answer");
+    assert!(first.is_some(), "the publish to orders is answered");
+    let second = answers
+        .message()
+        .await
+        .expect_err("the publish to payments ends the stream");
+    assert_eq!(second.code(), tonic::Code::PermissionDenied, "{second:?}");
+
+    // billing may not read orders yet, nor see it listed.
+    let billing = as_token(&address, BILLING).await;
+    let refused = billing
+        .consumer(ConsumerConfig::new("orders").start(StartFrom::Earliest))
+        .await;
+    assert!(refused.is_err(), "billing subscribed without a rule");
+    let (status, body) = http_as(&broker.admin_addr, BILLING, "GET", "/v1/topics", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.trim(), "[]", "billing sees no topic: {body}");
+    let (status, body) = http_as(&broker.admin_addr, BILLING, "GET", "/v1/topics/orders", "");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("PERMISSION_DENIED"), "{body}");
+    let (status, body) = http_as(
+        &broker.admin_addr,
+        BILLING,
+        "POST",
+        "/v1/topics",
+        r#"{"name":"via-http"}"#,
+    );
+    assert_eq!(status, 403, "the admin API is a write path too: {body}");
+    let (status, body) = http_as(&broker.admin_addr, BILLING, "POST", "/v1/drain", "");
+    assert_eq!(status, 403, "{body}");
+
+    // The operator allows it with the CLI; the rules live in the controller.
+    let cli_as_ops = |args: &[&str]| {
+        let output = std::process::Command::new(weft_tests::binary("weft"))
+            .args(["--server", &address, "--token", OPS])
+            .args(args)
+            .output()
+            .expect("weft");
+        weft_tests::ok_stdout(&output)
+    };
+    cli_as_ops(&[
+        "acl",
+        "add",
+        "--identity",
+        "billing",
+        "--resource",
+        "topic:orders",
+        "--operations",
+        "subscribe",
+    ]);
+    cli_as_ops(&[
+        "acl",
+        "add",
+        "--identity",
+        "billing",
+        "--resource",
+        "group:billing*",
+        "--operations",
+        "subscribe,commit",
+    ]);
+    let listed = cli_as_ops(&["-o", "json", "acl", "list"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    assert_eq!(listed["enabled"], true);
+    assert_eq!(listed["config_rules"].as_array().map(Vec::len), Some(2));
+    assert_eq!(listed["stored_rules"].as_array().map(Vec::len), Some(2));
+    // billing may not change the rules itself.
+    let output = std::process::Command::new(weft_tests::binary("weft"))
+        .args(["--server", &address, "--token", BILLING])
+        .args(["acl", "add", "--identity", "billing", "--resource", "*"])
+        .args(["--operations", "all"])
+        .output()
+        .expect("weft");
+    assert!(
+        !output.status.success(),
+        "billing granted itself everything"
+    );
+
+    // Now billing reads orders as a group member and commits.
+    let mut consumer = billing
+        .consumer(
+            ConsumerConfig::new("orders")
+                .group("billing-eu")
+                .start(StartFrom::Earliest),
+        )
+        .await
+        .expect("subscribe allowed by a stored rule");
+    for i in 0..5 {
+        let message = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .expect("in time")
+            .expect("consume")
+            .expect("a record");
+        assert_eq!(message.value, format!("order-{i}").as_bytes());
+    }
+    consumer.commit().await.expect("commit allowed");
+    drop(consumer);
+    let (status, body) = http_as(&broker.admin_addr, BILLING, "GET", "/v1/topics", "");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"orders\"") && !body.contains("payments"),
+        "{body}"
+    );
+    // Another group is still refused.
+    let other = billing
+        .consumer(
+            ConsumerConfig::new("orders")
+                .group("audit")
+                .start(StartFrom::Earliest),
+        )
+        .await;
+    assert!(other.is_err(), "billing joined a group no rule names");
+
+    let audit = audit_lines(&broker);
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("orders") && l.contains("topic:payments") && l.contains("denied")),
+        "no audit line names the refused publish: {audit:#?}"
+    );
+
+    // Stored rules survive a restart (they are in the controller's log and snapshot).
+    broker.restart();
+    let address = broker.client_addr.clone();
+    let billing = as_token(&address, BILLING).await;
+    let mut consumer = billing
+        .consumer(ConsumerConfig::new("orders").start(StartFrom::Earliest))
+        .await
+        .expect("the stored rule survived the restart");
+    let first = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("in time")
+        .expect("consume")
+        .expect("a record");
+    assert_eq!(first.value, b"order-0".as_slice());
+}
+
+/// Starts three brokers on 127.0.0.x with their own config files (`configs[i]` for node i+1).
+fn start_cluster_with_configs(configs: &[std::path::PathBuf]) -> Vec<Broker> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let first = 2 + seed % 240;
+    let listen: Vec<[String; 3]> = (0..configs.len() as u64)
+        .map(|i| {
+            let ip = format!("127.0.0.{}", first + i);
+            [(); 3].map(|()| format!("{ip}:{}", free_port_on(&ip)))
+        })
+        .collect();
+    let peers = listen
+        .iter()
+        .enumerate()
+        .map(|(i, l)| format!("{}@{}", i + 1, l[1]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut brokers: Vec<Broker> = listen
+        .into_iter()
+        .enumerate()
+        .rev()
+        .map(|(i, l)| {
+            let id = (i + 1).to_string();
+            let config = configs[i].to_str().expect("path").to_string();
+            Broker::start_on(
+                l,
+                &["--node-id", &id, "--peers", &peers, "--config", &config],
+                &[],
+            )
+        })
+        .collect();
+    brokers.reverse();
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    brokers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_call_is_checked_by_the_leader_as_its_original_callers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "cluster");
+    let (cert, key) = pki.issue(
+        "broker",
+        "weft",
+        Some("spiffe://weft.test/ns/weft/sa/weft"),
+        true,
+    );
+    let ca = pki.ca_file();
+    let base = format!(
+        r#"[tls.peer]
+cert_file = {cert:?}
+key_file = {key:?}
+ca_file = {ca:?}
+[auth]
+broker_identities = ["spiffe://weft.test/ns/weft/sa/weft"]
+tokens = ["ops=sha256:{}", "orders=sha256:{}"]
+[acl]
+enabled = true
+[[acl.rules]]
+identity = "ops"
+resource = "*"
+operations = ["all"]
+"#,
+        sha256_hex(OPS),
+        sha256_hex(ORDERS)
+    );
+    // Broker 3's own file also lets orders publish; brokers 1 and 2 do not.
+    let extra = "[[acl.rules]]\nidentity = \"orders\"\nresource = \"topic:orders\"\noperations = [\"publish\"]\n";
+    let configs: Vec<_> = (1..=3)
+        .map(|i| {
+            let path = dir.path().join(format!("weft-{i}.toml"));
+            let text = if i == 3 {
+                format!("{base}{extra}")
+            } else {
+                base.clone()
+            };
+            std::fs::write(&path, text).expect("config");
+            path
+        })
+        .collect();
+    let brokers = start_cluster_with_configs(&configs);
+    let (status, body) = http_as(
+        &brokers[0].admin_addr,
+        OPS,
+        "POST",
+        "/v1/topics",
+        r#"{"name":"orders","partitions":1,"replication_factor":3}"#,
+    );
+    assert_eq!(status, 201, "{body}");
+    // The leader on broker 1, so a publish through broker 3 is forwarded to it.
+    let (status, body) = http_as(
+        &brokers[0].admin_addr,
+        OPS,
+        "POST",
+        "/v1/topics/orders/partitions/0/leader",
+        r#"{"node_id":1}"#,
+    );
+    assert!(status == 200 || status == 409, "{status} {body}");
+    wait_for("broker 1 to lead orders", Duration::from_secs(30), || {
+        let (status, body) = http_as(&brokers[2].admin_addr, OPS, "GET", "/v1/topics/orders", "");
+        async move {
+            let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (status == 200 && value["partition_details"][0]["leader_id"] == 1).then_some(())
+        }
+    })
+    .await;
+
+    // Broker 3 lets orders through; the leader, checking orders (not broker 3), does not.
+    let publisher =
+        weft_tests::grpc::publisher(&weft_tests::grpc::channel(&brokers[2].client_addr).await);
+    let denied = publisher
+        .clone()
+        .publish(with_token(publish_request("orders", "via-3"), ORDERS))
+        .await
+        .expect_err("the leader has no rule for orders");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied.message().contains("orders may not publish"),
+        "{}",
+        denied.message()
+    );
+    let leader_audit = audit_lines(&brokers[0]);
+    assert!(
+        leader_audit
+            .iter()
+            .any(|l| l.contains("principal=\"orders\"") || l.contains("principal=orders")),
+        "the leader's audit line names the original caller: {leader_audit:#?}"
+    );
+    // Broker 2 has no rule: it refuses at once, without forwarding.
+    let via_2 =
+        weft_tests::grpc::publisher(&weft_tests::grpc::channel(&brokers[1].client_addr).await)
+            .publish(with_token(publish_request("orders", "via-2"), ORDERS))
+            .await
+            .expect_err("broker 2 has no rule for orders");
+    assert_eq!(via_2.code(), tonic::Code::PermissionDenied);
+
+    // A stored rule reaches every broker: the forwarded publish now passes.
+    let ops = as_token(&brokers[0].client_addr, OPS).await;
+    ops.admin()
+        .change_acl(
+            weft_proto::v1::AclRule {
+                identity: "orders".into(),
+                resource: "topic:orders".into(),
+                operations: vec!["publish".into()],
+            },
+            true,
+        )
+        .await
+        .expect("ops adds a rule");
+    wait_for("the rule on every broker", Duration::from_secs(20), || {
+        let publisher = publisher.clone();
+        async move {
+            publisher
+                .clone()
+                .publish(with_token(publish_request("orders", "via-3"), ORDERS))
+                .await
+                .ok()
+        }
+    })
+    .await;
+}
