@@ -429,8 +429,61 @@ pub fn certificate_principal(der: &[u8]) -> Option<String> {
             }
         }
     }
-    let subject = cert.subject().to_string();
+    let subject = rfc4514(cert.subject());
     (!subject.is_empty()).then_some(subject)
+}
+
+/// A distinguished name as RFC 4514 (and OpenSSL's RFC 2253 output, which nginx's
+/// `$ssl_client_s_dn` and Envoy's `x-forwarded-client-cert` carry) writes it: the last RDN
+/// first, `,` between RDNs, `+` within one, short names (CN, O, OU...), special characters
+/// escaped. So a certificate's subject names the same identity whether the broker reads the
+/// certificate itself or a sidecar forwards it.
+pub fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = name
+        .iter()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| {
+                    let key = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                        .map_or_else(|_| attr.attr_type().to_id_string(), str::to_string);
+                    let value = match attr.as_str() {
+                        Ok(text) => escape_rfc4514(text),
+                        Err(_) => {
+                            let hex: String = attr
+                                .attr_value()
+                                .data
+                                .iter()
+                                .map(|b| format!("{b:02x}"))
+                                .collect();
+                            format!("#{hex}")
+                        }
+                    };
+                    format!("{key}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.join(",")
+}
+
+fn escape_rfc4514(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The principal of the last element of an `x-forwarded-client-cert` value (the one the
