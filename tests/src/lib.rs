@@ -398,19 +398,39 @@ impl Drop for Broker {
 
 /// A minimal HTTP/1.1 client (Connection: close): (status, body).
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with_headers(addr, method, path, body, &[])
+}
+
+/// [`http`] with extra request headers (`authorization`, say).
+pub fn http_with_headers(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("connect admin");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).expect("send");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("read");
-    let text = String::from_utf8_lossy(&response).into_owned();
+    parse_http_response(&response)
+}
+
+/// An HTTP/1.1 response read to its end: (status, body), chunked bodies joined.
+pub fn parse_http_response(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response).into_owned();
     let status = text
         .split_whitespace()
         .nth(1)
@@ -563,6 +583,20 @@ pub fn start_cluster_with(size: u64, extra: &[&str]) -> Vec<Broker> {
 
 /// [`start_cluster`] with more flags and environment variables for every broker.
 pub fn start_cluster_env(size: u64, extra: &[&str], envs: &[(&str, &str)]) -> Vec<Broker> {
+    start_cluster_each(
+        size,
+        |_| extra.iter().map(|a| a.to_string()).collect(),
+        envs,
+    )
+}
+
+/// [`start_cluster`] with flags of each broker's own: `extra(i)` for node `i + 1` (a config
+/// file per broker, say), and environment variables for every broker.
+pub fn start_cluster_each(
+    size: u64,
+    extra: impl Fn(usize) -> Vec<String>,
+    envs: &[(&str, &str)],
+) -> Vec<Broker> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos() as u64)
@@ -588,8 +622,9 @@ pub fn start_cluster_env(size: u64, extra: &[&str], envs: &[(&str, &str)]) -> Ve
         .rev()
         .map(|(i, l)| {
             let id = (i + 1).to_string();
+            let own = extra(i);
             let mut args = vec!["--node-id", &id, "--peers", &peers];
-            args.extend_from_slice(extra);
+            args.extend(own.iter().map(String::as_str));
             Broker::start_on(l, &args, envs)
         })
         .collect();

@@ -7,14 +7,13 @@
 //! - rules added with `weft acl add` are stored in the controller and survive a restart;
 //! - a call a follower forwards to the leader is checked there as the original caller's.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use weft_client::{Client, ConnectOptions, ConsumerConfig, ProducerConfig, Record, StartFrom};
 use weft_proto::v1::PublishRequest;
 use weft_proto::v1::publish_request::Target;
 use weft_tests::pki::{Pki, sha256_hex};
-use weft_tests::{Broker, free_port_on, wait_for};
+use weft_tests::{Broker, wait_for};
 
 const OPS: &str = "ops-secret";
 const ORDERS: &str = "orders-secret";
@@ -34,28 +33,14 @@ async fn as_token(address: &str, token: &str) -> Client {
 
 /// A plain HTTP/1.1 request with a bearer token: (status, body).
 fn http_as(address: &str, token: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let authorization = format!("Bearer {token}");
+    weft_tests::http_with_headers(
+        address,
+        method,
+        path,
+        Some(body),
+        &[("Authorization", &authorization)],
     )
-    .expect("write");
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 fn publish_request(topic: &str, value: &str) -> PublishRequest {
@@ -318,46 +303,6 @@ operations = ["publish"]
     assert_eq!(first.value, b"order-0".as_slice());
 }
 
-/// Starts three brokers on 127.0.0.x with their own config files (`configs[i]` for node i+1).
-fn start_cluster_with_configs(configs: &[std::path::PathBuf]) -> Vec<Broker> {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64)
-        ^ u64::from(std::process::id());
-    let first = 2 + seed % 240;
-    let listen: Vec<[String; 3]> = (0..configs.len() as u64)
-        .map(|i| {
-            let ip = format!("127.0.0.{}", first + i);
-            [(); 3].map(|()| format!("{ip}:{}", free_port_on(&ip)))
-        })
-        .collect();
-    let peers = listen
-        .iter()
-        .enumerate()
-        .map(|(i, l)| format!("{}@{}", i + 1, l[1]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut brokers: Vec<Broker> = listen
-        .into_iter()
-        .enumerate()
-        .rev()
-        .map(|(i, l)| {
-            let id = (i + 1).to_string();
-            let config = configs[i].to_str().expect("path").to_string();
-            Broker::start_on(
-                l,
-                &["--node-id", &id, "--peers", &peers, "--config", &config],
-                &[],
-            )
-        })
-        .collect();
-    brokers.reverse();
-    for broker in &brokers {
-        broker.wait_ready();
-    }
-    brokers
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_call_is_checked_by_the_leader_as_its_original_callers() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -401,7 +346,11 @@ operations = ["all"]
             path
         })
         .collect();
-    let brokers = start_cluster_with_configs(&configs);
+    let brokers = weft_tests::start_cluster_each(
+        3,
+        |i| vec!["--config".into(), configs[i].display().to_string()],
+        &[],
+    );
     let (status, body) = http_as(
         &brokers[0].admin_addr,
         OPS,

@@ -98,17 +98,7 @@ async fn https_get(
     tls.write_all(request.as_bytes()).await.expect("write");
     let mut answer = Vec::new();
     let _ = tls.read_to_end(&mut answer).await;
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    weft_tests::parse_http_response(&answer)
 }
 
 fn principal_of(body: &str) -> (String, String) {
