@@ -26,7 +26,27 @@ pub fn bin_dir() -> PathBuf {
 pub fn ensure_binaries() {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        // Cargo gives a test process its package's variables (CARGO_PKG_NAME, CARGO_MANIFEST_DIR
+        // ...); build scripts that track them (ring's) would see them change from the shell's
+        // build and rebuild everything above them. Build with the shell's environment.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || name.starts_with("CARGO_BIN_")
+                || matches!(
+                    &*name,
+                    "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                )
+            {
+                build.env_remove(&*name);
+            }
+        }
+        let status = build
             .args([
                 "build",
                 "--locked",

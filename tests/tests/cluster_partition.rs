@@ -203,11 +203,19 @@ async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
         || {
             let channel = channel.clone();
             async move {
-                grpc::publisher(&channel)
-                    .publish(request(40, 41))
-                    .await
-                    .ok()
-                    .map(|r| r.into_inner().base_offset)
+                // Retried on any error, so idempotent: an attempt that timed out may have been
+                // stored (a forward on a connection still recovering from the cut), and its
+                // retry must get that attempt's offset, not store the record twice.
+                let mut retry = request(40, 41);
+                retry.get_mut().producer_id = 4040;
+                retry.get_mut().base_sequence = 0;
+                match grpc::publisher(&channel).publish(retry).await {
+                    Ok(r) => Some(r.into_inner().base_offset),
+                    Err(s) => {
+                        eprintln!("again not yet: {s:?}");
+                        None
+                    }
+                }
             }
         },
     )
