@@ -167,6 +167,9 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
                             value: b"only here".to_vec().into(),
                             ..Record::default()
                         }],
+                        // Retried until acknowledged: idempotent, so a stored attempt whose
+                        // answer was lost is not stored twice.
+                        producer_id: 31,
                         ..PublishRequest::default()
                     })
                     .await

@@ -109,7 +109,10 @@ async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
             let through = through.clone();
             async move {
                 let channel = grpc::channel(&through).await;
-                match grpc::publisher(&channel).publish(request(20, 40)).await {
+                // Idempotent, as every retried publish here: a timed-out attempt may be stored.
+                let mut attempt = request(20, 40);
+                attempt.get_mut().producer_id = 2020;
+                match grpc::publisher(&channel).publish(attempt).await {
                     Ok(r) => Some(r.into_inner().base_offset),
                     Err(s)
                         if matches!(
@@ -204,8 +207,8 @@ async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
             let channel = channel.clone();
             async move {
                 // Retried on any error, so idempotent: an attempt that timed out may have been
-                // stored (a forward on a connection still recovering from the cut), and its
-                // retry must get that attempt's offset, not store the record twice.
+                // stored (a forward on a connection still in TCP backoff after the heal), and
+                // its retry must get that attempt's offset, not store the record twice.
                 let mut retry = request(40, 41);
                 retry.get_mut().producer_id = 4040;
                 retry.get_mut().base_sequence = 0;
