@@ -146,6 +146,29 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Access control by identity, resource and operation (see `acl.rs`).
     pub acl: AclConfig,
+    /// Traces exported over OTLP (none by default).
+    pub telemetry: TelemetryConfig,
+}
+
+/// Traces (OpenTelemetry): spans of every publish (receive, replicate), delivery and fetch,
+/// joined to the producers' and consumers' spans through the W3C context each record carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Where spans go, over OTLP/gRPC: `http://HOST:4317` (an OpenTelemetry Collector, Jaeger,
+    /// Tempo ...). None: no span is recorded, at no cost.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` the spans carry.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            service_name: "weft-broker".into(),
+        }
+    }
 }
 
 /// Access control.
@@ -335,6 +358,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             acl: AclConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -402,6 +426,9 @@ pub struct Flags {
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Export traces over OTLP/gRPC to this endpoint (`http://collector:4317`).
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -450,6 +477,9 @@ impl Config {
         }
         if let Some(format) = &flags.log_format {
             config.log_format = format.clone();
+        }
+        if let Some(endpoint) = &flags.otlp_endpoint {
+            config.telemetry.otlp_endpoint = Some(endpoint.clone());
         }
         config.resolve_identity(&host_name())?;
         config.validate()?;
@@ -744,6 +774,18 @@ impl Config {
             600_000,
         )?;
         self.validate_tls()?;
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint {
+            weft_proto::otel::check_endpoint(endpoint).map_err(|reason| ConfigError::Invalid {
+                key: "telemetry.otlp_endpoint",
+                reason,
+            })?;
+        }
+        if self.telemetry.service_name.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "telemetry.service_name",
+                reason: "must not be empty".into(),
+            });
+        }
         crate::auth::Authenticator::from_config(&self.auth)?;
         for rule in &self.acl.rules {
             rule.validate().map_err(|reason| ConfigError::Invalid {

@@ -33,6 +33,7 @@ pub mod logging;
 pub mod meta;
 pub mod metrics;
 pub mod node;
+pub mod otel;
 pub mod partition;
 pub mod raft;
 pub mod reassign;

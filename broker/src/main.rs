@@ -64,8 +64,24 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let telemetry = match &config.telemetry.otlp_endpoint {
+            Some(endpoint) => Some(
+                weft_proto::otel::install_otlp(
+                    endpoint,
+                    &config.telemetry.service_name,
+                    vec![weft_broker::otel::node(config.node_id)],
+                )
+                .map_err(anyhow::Error::msg)?,
+            ),
+            None => None,
+        };
         let listeners = Listeners::bind(&config).await?;
-        run(config, listeners, signal()).await
+        let result = run(config, listeners, signal()).await;
+        if let Some(telemetry) = telemetry {
+            // Export what is still queued before the process ends.
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        }
+        result
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

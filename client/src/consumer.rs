@@ -124,6 +124,15 @@ pub struct Message {
     pub headers: Vec<(String, Bytes)>,
 }
 
+impl Message {
+    /// The record's creation context (the producer's `create` span, from its `traceparent` /
+    /// `tracestate` headers), to parent or link the application's own spans; an empty context
+    /// when the record carries none.
+    pub fn creation_context(&self) -> opentelemetry::Context {
+        weft_proto::otel::extract(self.headers.iter().map(|(k, v)| (k.as_str(), &v[..])))
+    }
+}
+
 /// Reads a topic. Not `Clone`: one consumer, one stream.
 #[derive(Debug)]
 pub struct Consumer {
@@ -139,6 +148,9 @@ pub struct Consumer {
     generation: u64,
     uncredited: (u32, u64),
     last_commit: Instant,
+    /// The `process` span of the record `next` returned last (tracing on): it ends when the
+    /// application asks for the next record, or closes the consumer.
+    processing: Option<opentelemetry::Context>,
 }
 
 /// Bytes of a record as the broker counts them against credit.
@@ -172,6 +184,7 @@ impl Consumer {
             generation: 0,
             uncredited: (0, 0),
             last_commit: Instant::now(),
+            processing: None,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
         // reconnect would.
@@ -360,6 +373,7 @@ impl Consumer {
     /// The next record, waiting as long as it takes. Cancel-safe: dropping the future before it
     /// completes loses no record.
     pub async fn next(&mut self) -> Result<Option<Message>> {
+        self.end_processing();
         let mut failures = 0;
         loop {
             // Every await comes before a record is taken, so a caller that drops this future
@@ -377,6 +391,9 @@ impl Consumer {
                     self.positions.insert(message.partition, message.offset + 1);
                     self.uncredited.0 += 1;
                     self.uncredited.1 += message_size(&message);
+                    if weft_proto::otel::enabled() {
+                        self.processing = Some(self.process_span(&message));
+                    }
                     return Ok(Some(message));
                 }
             }
@@ -397,6 +414,50 @@ impl Consumer {
                 }
             }
         }
+    }
+
+    /// Ends the `process` span of the record returned last, if any.
+    fn end_processing(&mut self) {
+        use opentelemetry::trace::TraceContextExt;
+        if let Some(cx) = self.processing.take() {
+            cx.span().end();
+        }
+    }
+
+    /// The `process` span of a record handed to the application: a child of the record's
+    /// creation context (one trace from the producer's `create` through the brokers to here),
+    /// linked to it as the messaging conventions ask.
+    fn process_span(&self, message: &Message) -> opentelemetry::Context {
+        use opentelemetry::KeyValue;
+        use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+        let created = message.creation_context();
+        let mut attributes = weft_proto::otel::messaging(
+            "process",
+            "process",
+            &message.topic,
+            Some(message.partition),
+        );
+        attributes.push(KeyValue::new(
+            weft_proto::otel::OFFSET,
+            message.offset as i64,
+        ));
+        if let Some(group) = &self.config.group {
+            attributes.push(KeyValue::new(
+                weft_proto::otel::CONSUMER_GROUP,
+                group.clone(),
+            ));
+        }
+        let links = weft_proto::otel::links(
+            std::iter::once(created.span().span_context().clone()).filter(|sc| sc.is_valid()),
+        );
+        let tracer = weft_proto::otel::tracer();
+        let span = tracer
+            .span_builder(format!("process {}", message.topic))
+            .with_kind(SpanKind::Consumer)
+            .with_attributes(attributes)
+            .with_links(links)
+            .start_with_context(&tracer, &created);
+        opentelemetry::Context::new().with_span(span)
     }
 
     /// The next record, or None if none arrives within `wait`.
@@ -491,6 +552,7 @@ impl Consumer {
     /// leaves its group at once, so the others take over its partitions without waiting for its
     /// session to expire.
     pub async fn close(mut self) -> Result<()> {
+        self.end_processing();
         let result = if self.config.group.is_some() && self.config.auto_commit {
             self.commit().await
         } else {
@@ -546,6 +608,7 @@ impl Drop for Consumer {
     /// on the current Tokio runtime), so the others take its partitions over at once instead of
     /// when its session expires.
     fn drop(&mut self) {
+        self.end_processing();
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }

@@ -54,6 +54,15 @@ pub use producer::{
 };
 pub use weft_proto::v1 as proto;
 
+/// Traces (OpenTelemetry): the producer records a `create` span per record (its context goes
+/// into the record's `traceparent` header) and a `publish` span per batch; the consumer a
+/// `process` span per record, a child of its creation context. Nothing is recorded until
+/// [`telemetry::install_otlp`] exports to a collector, or [`telemetry::enable`] is called after
+/// the application installed its own global tracer provider.
+pub mod telemetry {
+    pub use weft_proto::otel::{Telemetry, enable, enabled, install_otlp};
+}
+
 /// A record to publish.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Record {

@@ -43,6 +43,12 @@ pub struct ProducerConfig {
     pub idempotent: bool,
     /// How batches travel to the broker (default: one stream per topic).
     pub transport: PublishTransport,
+    /// Send each partition's batches straight to its leader, learnt from the cluster's
+    /// metadata (default true). False: every batch goes to the brokers the client was given,
+    /// which forward it to the leader; for clients that reach the cluster through one address
+    /// only (a Kubernetes Service, an ingress or a mesh's virtual IP) and cannot reach brokers
+    /// one by one.
+    pub to_leaders: bool,
 }
 
 /// How a producer's batches travel to the broker.
@@ -69,6 +75,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             idempotent: true,
             transport: PublishTransport::default(),
+            to_leaders: true,
         }
     }
 }
@@ -151,6 +158,10 @@ impl Producer {
         record: Record,
     ) -> Result<oneshot::Receiver<Result<Ack>>> {
         let (reply, ack) = oneshot::channel();
+        let mut record = record;
+        if weft_proto::otel::enabled() {
+            trace_creation(topic, &mut record);
+        }
         let topic = match self.last_topic.lock() {
             Ok(mut last) => match last.as_ref() {
                 Some(known) if &**known == topic => known.clone(),
@@ -251,7 +262,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     let mut senders: HashMap<(Arc<str>, u32), Lane> = HashMap::new();
     // Where each partition's batches go: its leader when known (over a stream per topic and
     // broker, with transport Stream).
-    let router = Router::new(client.clone());
+    let router = Router::new(client.clone(), config.to_leaders);
     // Told by a sender when it has answered everything it was given.
     let idle = Arc::new(Notify::new());
     let tick = (config.linger / 2).max(Duration::from_millis(1));
@@ -424,6 +435,7 @@ async fn send_partition(
     let mut window: FuturesOrdered<_> = FuturesOrdered::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     let publish = |n: &Numbered| {
+        let span = weft_proto::otel::enabled().then(|| publish_span(&topic, partition, &n.batch));
         let request = proto::PublishRequest {
             topic: topic.to_string(),
             target: Some(proto::publish_request::Target::Partition(partition)),
@@ -439,21 +451,27 @@ async fn send_partition(
             PublishTransport::Stream => Route::Stream(router.lane(&topic, partition), request),
             PublishTransport::Unary => {
                 let client = router.client(&topic, partition);
-                Route::Unary(
-                    client.publisher(),
-                    client.request(request, Some(&topic), Some(partition)),
-                )
+                let mut request = client.request(request, Some(&topic), Some(partition));
+                if let Some(cx) = &span {
+                    // The broker's spans of this call are children of this one.
+                    weft_proto::otel::inject_metadata(cx, request.metadata_mut());
+                }
+                Route::Unary(client.publisher(), request)
             }
         };
         async move {
-            match route {
+            let result = match route {
                 Route::Stream(stream, request) => stream.publish(request).await,
                 Route::Unary(mut publisher, request) => publisher
                     .publish(request)
                     .await
                     .map(tonic::Response::into_inner)
                     .map_err(Error::from),
+            };
+            if let Some(cx) = span {
+                end_publish_span(&cx, &result);
             }
+            result
         }
     };
     let mut in_window: VecDeque<Numbered> = VecDeque::new();
@@ -503,6 +521,85 @@ async fn send_partition(
     for done in flushes {
         let _ = done.send(());
     }
+}
+
+/// Gives a record its creation context, when it has none (the application's own
+/// `traceparent` header stands): a `create` span, a child of the caller's current context,
+/// whose context goes into the record's `traceparent` / `tracestate` headers and travels with
+/// it to every consumer.
+fn trace_creation(topic: &str, record: &mut Record) {
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+    if record
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+    {
+        return;
+    }
+    let tracer = weft_proto::otel::tracer();
+    let span = tracer
+        .span_builder(format!("create {topic}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes(weft_proto::otel::messaging(
+            "create",
+            "create",
+            topic,
+            record.partition,
+        ))
+        .start_with_context(&tracer, &opentelemetry::Context::current());
+    let cx = opentelemetry::Context::current_with_span(span);
+    for (key, value) in weft_proto::otel::inject(&cx) {
+        record.headers.push((key.to_string(), value.into()));
+    }
+    cx.span().end();
+}
+
+/// The span of one attempt to publish a batch (`send`): a child of its first record's creation
+/// context (so a record sent alone makes one trace from creation to consumption), linked to
+/// every record's.
+fn publish_span(topic: &str, partition: u32, batch: &Batch) -> opentelemetry::Context {
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+    let contexts: Vec<_> = batch
+        .records
+        .iter()
+        .filter_map(|(r, _)| {
+            weft_proto::otel::record_context(r.headers.iter().map(|(k, v)| (k.as_str(), &v[..])))
+        })
+        .collect();
+    let parent = contexts
+        .first()
+        .map_or_else(opentelemetry::Context::new, |sc| {
+            opentelemetry::Context::new().with_remote_span_context(sc.clone())
+        });
+    let mut attributes = weft_proto::otel::messaging("send", "publish", topic, Some(partition));
+    attributes.push(KeyValue::new(
+        weft_proto::otel::BATCH_COUNT,
+        batch.records.len() as i64,
+    ));
+    let tracer = weft_proto::otel::tracer();
+    let span = tracer
+        .span_builder(format!("publish {topic}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes(attributes)
+        .with_links(weft_proto::otel::links(contexts))
+        .start_with_context(&tracer, &parent);
+    opentelemetry::Context::new().with_span(span)
+}
+
+/// Ends a publish span with the batch's offset, or its error.
+fn end_publish_span(cx: &opentelemetry::Context, result: &Result<proto::PublishResponse>) {
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Status, TraceContextExt};
+    let span = cx.span();
+    match result {
+        Ok(response) => span.set_attribute(KeyValue::new(
+            weft_proto::otel::OFFSET,
+            response.base_offset as i64,
+        )),
+        Err(e) => span.set_status(Status::error(e.to_string())),
+    }
+    span.end();
 }
 
 /// The reasons (ErrorInfo) with which the broker refuses a publish before storing anything: a

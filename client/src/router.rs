@@ -62,14 +62,17 @@ impl Tables {
 #[derive(Debug, Clone)]
 pub(crate) struct Router {
     base: Client,
+    /// Whether to go straight to leaders (false: always through the brokers given).
+    to_leaders: bool,
     tables: Arc<RwLock<Tables>>,
     refreshing: Arc<Mutex<std::collections::HashSet<Arc<str>>>>,
 }
 
 impl Router {
-    pub(crate) fn new(base: Client) -> Router {
+    pub(crate) fn new(base: Client, to_leaders: bool) -> Router {
         Router {
             base,
+            to_leaders,
             tables: Arc::default(),
             refreshing: Arc::default(),
         }
@@ -77,6 +80,9 @@ impl Router {
 
     /// The client address of `topic`/`partition`'s leader, if known and not avoided.
     fn leader(&self, topic: &Arc<str>, partition: u32) -> Option<String> {
+        if !self.to_leaders {
+            return None;
+        }
         let tables = self.tables.read().ok()?;
         let (_, leaders) = tables.leaders.get(topic)?;
         let address = leaders.get(&partition)?;
@@ -219,7 +225,7 @@ mod tests {
         let base = Client::connect(["127.0.0.1:1", "127.0.0.1:5"])
             .await
             .expect("client");
-        let router = Router::new(base);
+        let router = Router::new(base, true);
         let topic: Arc<str> = Arc::from("t");
         let other: Arc<str> = Arc::from("u");
         {

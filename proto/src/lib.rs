@@ -19,6 +19,7 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::doc_lazy_continuation)]
 
+pub mod otel;
 pub mod tls;
 pub mod transport;
 

@@ -52,6 +52,49 @@ impl PublisherService {
         hops: u32,
         passed_on: &PassedOn,
     ) -> Result<PublishResponse, BrokerError> {
+        if !weft_proto::otel::enabled() {
+            return self
+                .handle_traced(request, timeout, hops, passed_on, None)
+                .await;
+        }
+        // `receive`: a child of the caller's span (the client's publish, or the span of the
+        // broker that forwarded it), linked to the records' creation contexts.
+        let mut attributes =
+            weft_proto::otel::messaging("receive", "publish", &request.topic, None);
+        attributes.push(opentelemetry::KeyValue::new(
+            weft_proto::otel::BATCH_COUNT,
+            request.records.len() as i64,
+        ));
+        attributes.push(crate::otel::node(self.node.node_id));
+        attributes.push(opentelemetry::KeyValue::new("weft.forwarded", hops > 0));
+        let cx = crate::otel::start(
+            format!("receive {}", request.topic),
+            opentelemetry::trace::SpanKind::Server,
+            &passed_on.trace_context(),
+            crate::otel::record_contexts(&request.records),
+            attributes,
+        );
+        let result = self
+            .handle_traced(request, timeout, hops, passed_on, Some(&cx))
+            .await;
+        if let Ok(response) = &result {
+            crate::otel::set(
+                &cx,
+                opentelemetry::KeyValue::new(weft_proto::otel::OFFSET, response.base_offset as i64),
+            );
+        }
+        crate::otel::end(&cx, &result);
+        result
+    }
+
+    async fn handle_traced(
+        &self,
+        request: PublishRequest,
+        timeout: Duration,
+        hops: u32,
+        passed_on: &PassedOn,
+        span: Option<&opentelemetry::Context>,
+    ) -> Result<PublishResponse, BrokerError> {
         let node = &self.node;
         if request.topic.is_empty() {
             return Err(BrokerError::invalid("topic", "is empty"));
@@ -128,6 +171,12 @@ impl PublisherService {
             }
             None => self.round_robin.fetch_add(1, Ordering::Relaxed) % partitions,
         };
+        if let Some(cx) = span {
+            crate::otel::set(
+                cx,
+                opentelemetry::KeyValue::new(weft_proto::otel::PARTITION, partition.to_string()),
+            );
+        }
         let hosted = match node.publish_route(&topic, partition)? {
             Route::Local(hosted) => hosted,
             Route::Forward { leader, .. } if hops > 0 => {
@@ -140,6 +189,11 @@ impl PublisherService {
                 leader,
                 peer_address,
             } => {
+                // The leader's spans are children of this broker's.
+                let passed_on = match span {
+                    Some(cx) => passed_on.with_trace_context(cx),
+                    None => passed_on.clone(),
+                };
                 return self
                     .forward(
                         request,
@@ -147,7 +201,7 @@ impl PublisherService {
                         leader,
                         &peer_address,
                         timeout,
-                        passed_on,
+                        &passed_on,
                     )
                     .await;
             }
@@ -179,7 +233,39 @@ impl PublisherService {
                 base_sequence: request.base_sequence,
             },
         );
-        let published = hosted.publish(batch, timeout).await?;
+        let published = match span {
+            None => hosted.publish(batch, timeout).await?,
+            Some(cx) => {
+                // `replicate`: from the batch's turn in the partition's sequencer until its
+                // Raft entry is committed on a majority and applied.
+                let replicate = crate::otel::child(
+                    format!("replicate {}", request.topic),
+                    cx,
+                    vec![
+                        opentelemetry::KeyValue::new(weft_proto::otel::SYSTEM, "weft"),
+                        opentelemetry::KeyValue::new(
+                            weft_proto::otel::DESTINATION,
+                            request.topic.clone(),
+                        ),
+                        opentelemetry::KeyValue::new(
+                            weft_proto::otel::PARTITION,
+                            partition.to_string(),
+                        ),
+                        crate::otel::node(node.node_id),
+                        opentelemetry::KeyValue::new(
+                            "weft.replicas",
+                            topic
+                                .partitions
+                                .get(partition as usize)
+                                .map_or(1, |p| p.replicas.len() as i64),
+                        ),
+                    ],
+                );
+                let result = hosted.publish(batch, timeout).await;
+                crate::otel::end(&replicate, &result);
+                result?
+            }
+        };
         crate::metrics::published(
             &request.topic,
             u64::from(published.record_count),
@@ -260,6 +346,31 @@ impl PassedOn {
                 if let Ok(value) = value.parse() {
                     pairs.push((key, value));
                 }
+            }
+        }
+        PassedOn(pairs)
+    }
+
+    /// The caller's trace context (its `traceparent` / `tracestate`).
+    pub fn trace_context(&self) -> opentelemetry::Context {
+        weft_proto::otel::extract(self.0.iter().map(|(k, v)| (*k, v.as_bytes())))
+    }
+
+    /// The same, with `cx` as the trace context passed on (the span of the broker passing it).
+    pub fn with_trace_context(&self, cx: &opentelemetry::Context) -> PassedOn {
+        let trace = weft_proto::otel::inject(cx);
+        if trace.is_empty() {
+            return self.clone();
+        }
+        let mut pairs: Vec<_> = self
+            .0
+            .iter()
+            .filter(|(k, _)| *k != "traceparent" && *k != "tracestate")
+            .cloned()
+            .collect();
+        for (key, value) in trace {
+            if let Ok(value) = value.parse() {
+                pairs.push((key, value));
             }
         }
         PassedOn(pairs)

@@ -389,7 +389,28 @@ impl Subscriber for SubscriberService {
                 Operation::Subscribe,
                 Resource::Topic(&request.get_ref().topic),
             )?;
-            self.fetch_inner(request.into_inner(), 0).await
+            if !weft_proto::otel::enabled() {
+                return self.fetch_inner(request.into_inner(), 0).await;
+            }
+            let caller = weft_proto::otel::metadata_context(request.metadata());
+            let request = request.into_inner();
+            let (topic, partition) = (request.topic.clone(), request.partition);
+            let result = self.fetch_inner(request, 0).await;
+            if let Ok(response) = &result
+                && !response.records.is_empty()
+            {
+                let cx = delivery_span(
+                    "fetch",
+                    &topic,
+                    partition,
+                    None,
+                    &response.records,
+                    self.node.node_id,
+                    &caller,
+                );
+                crate::otel::end(&cx, &result);
+            }
+            result
         }
         .await
         .map(Response::new)
@@ -846,12 +867,18 @@ impl Session {
                 metrics::histogram!("weft_delivery_seconds")
                     .record(hosted.group().committed_at().elapsed().as_secs_f64());
             }
-            self.send(event(Event::Delivery(Delivery {
-                partition: p,
-                records,
-                high_watermark: bounds.high_watermark,
-            })))
-            .await?;
+            let span = self.deliver_span(p, &records);
+            let result = self
+                .send(event(Event::Delivery(Delivery {
+                    partition: p,
+                    records,
+                    high_watermark: bounds.high_watermark,
+                })))
+                .await;
+            if let Some(cx) = span {
+                crate::otel::end(&cx, &result);
+            }
+            result?;
             sent = true;
         }
         Ok(sent)
@@ -898,13 +925,36 @@ impl Session {
             .saturating_sub(response.records.len() as u64);
         self.credit_bytes = self.credit_bytes.saturating_sub(bytes);
         self.positions.insert(p, next);
-        self.send(event(Event::Delivery(Delivery {
-            partition: p,
-            records: response.records,
-            high_watermark: response.high_watermark,
-        })))
-        .await?;
+        let span = self.deliver_span(p, &response.records);
+        let result = self
+            .send(event(Event::Delivery(Delivery {
+                partition: p,
+                records: response.records,
+                high_watermark: response.high_watermark,
+            })))
+            .await;
+        if let Some(cx) = span {
+            crate::otel::end(&cx, &result);
+        }
+        result?;
         Ok(true)
+    }
+
+    /// With tracing on, the `deliver` span of records sent to this subscriber: a child of the
+    /// first record's creation context, linked to every record's.
+    fn deliver_span(&self, p: u32, records: &[v1::Record]) -> Option<opentelemetry::Context> {
+        if !weft_proto::otel::enabled() {
+            return None;
+        }
+        Some(delivery_span(
+            "deliver",
+            &self.start.topic,
+            p,
+            (!self.start.group_id.is_empty()).then_some(self.start.group_id.as_str()),
+            records,
+            self.node.node_id,
+            &opentelemetry::Context::new(),
+        ))
     }
 
     /// Resolves once a partition this broker holds no replica of has a record at the owned
@@ -1164,4 +1214,41 @@ pub fn earliest() -> StartPosition {
             weft_proto::v1::start_position::Earliest {},
         )),
     }
+}
+
+/// The span of records handed to a consumer (`deliver` on a Subscribe stream, `fetch` for a
+/// Fetch): a child of the caller's span when it has one, else of the first record's creation
+/// context; linked to the records' contexts.
+fn delivery_span(
+    operation: &'static str,
+    topic: &str,
+    partition: u32,
+    group: Option<&str>,
+    records: &[v1::Record],
+    node_id: u64,
+    caller: &opentelemetry::Context,
+) -> opentelemetry::Context {
+    use opentelemetry::KeyValue;
+    let mut attributes = weft_proto::otel::messaging("receive", operation, topic, Some(partition));
+    attributes.push(KeyValue::new(
+        weft_proto::otel::BATCH_COUNT,
+        records.len() as i64,
+    ));
+    if let Some(first) = records.first() {
+        attributes.push(KeyValue::new(weft_proto::otel::OFFSET, first.offset as i64));
+    }
+    if let Some(group) = group {
+        attributes.push(KeyValue::new(
+            weft_proto::otel::CONSUMER_GROUP,
+            group.to_string(),
+        ));
+    }
+    attributes.push(crate::otel::node(node_id));
+    crate::otel::start(
+        format!("{operation} {topic}"),
+        opentelemetry::trace::SpanKind::Server,
+        caller,
+        crate::otel::record_contexts(records),
+        attributes,
+    )
 }

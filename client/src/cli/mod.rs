@@ -58,6 +58,10 @@ pub(crate) struct Args {
     /// process lists).
     #[arg(long, global = true, env = "WEFT_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
+    /// Export this command's spans (a `create` span per produced record, `publish` per batch,
+    /// `process` per consumed record) over OTLP/gRPC to this endpoint (`http://collector:4317`).
+    #[arg(long, global = true, env = "WEFT_OTLP_ENDPOINT")]
+    pub(crate) otlp_endpoint: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -97,6 +101,22 @@ pub(crate) enum Command {
 
 /// Runs a command.
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
+    let telemetry = match &args.otlp_endpoint {
+        Some(endpoint) => Some(
+            weft_client::telemetry::install_otlp(endpoint, "weft-cli", Vec::new())
+                .map_err(|e| anyhow::anyhow!("--otlp-endpoint: {e}"))?,
+        ),
+        None => None,
+    };
+    let result = run_command(args).await;
+    if let Some(telemetry) = telemetry {
+        // Export every span before the process ends.
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    }
+    result
+}
+
+async fn run_command(args: Args) -> anyhow::Result<()> {
     let addresses: Vec<&str> = args
         .server
         .split(',')
