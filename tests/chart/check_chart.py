@@ -34,7 +34,8 @@ POD_KEYS = {
     "peer_address_pattern", "cluster_size",
 }
 # Keys the broker leaves unset by default (absent from --print-config).
-UNSET_BY_DEFAULT = {"advertised_client_address", "peer_address_pattern", "retention_bytes"}
+UNSET_BY_DEFAULT = {"advertised_client_address", "peer_address_pattern", "retention_bytes",
+                    "otlp_endpoint"}
 # Where the chart's default differs from the broker's, on purpose: JSON lines for collectors.
 CHART_CHOICES = {"log_format"}
 # Custom resources: their schemas are not Kubernetes' own; their API versions are checked.
