@@ -52,6 +52,10 @@ pub struct Config {
     pub peer_listen: SocketAddr,
     /// Admin HTTP listener (/healthz, /readyz, /metrics, /v1, /openapi.json).
     pub admin_listen: SocketAddr,
+    /// An optional QUIC listener (UDP) serving the client gRPC services over HTTP/3, for
+    /// clients outside a mesh (`quic://HOST:PORT`); it needs TLS (`tls.quic`, else
+    /// `tls.client`). None: no QUIC.
+    pub quic_listen: Option<SocketAddr>,
     /// Address clients are told to use for this node; defaults to the client listener.
     pub advertised_client_address: Option<String>,
     /// Name of the Raft cluster (must match on every node).
@@ -194,6 +198,9 @@ pub struct TlsConfig {
     pub peer: Option<ListenerTls>,
     /// The admin listener (HTTP/1.1 and HTTP/2).
     pub admin: Option<ListenerTls>,
+    /// The QUIC listener (TLS 1.3 is part of QUIC); without it the QUIC listener uses
+    /// `tls.client`'s files.
+    pub quic: Option<ListenerTls>,
     /// How often certificate, key and CA files are read for changes; a change takes effect
     /// for new connections without a restart.
     pub reload_interval_ms: u64,
@@ -205,6 +212,7 @@ impl Default for TlsConfig {
             client: None,
             peer: None,
             admin: None,
+            quic: None,
             reload_interval_ms: 5_000,
         }
     }
@@ -326,6 +334,7 @@ impl Default for Config {
             client_listen: ([0, 0, 0, 0], 7400).into(),
             peer_listen: ([0, 0, 0, 0], 7401).into(),
             admin_listen: ([0, 0, 0, 0], 7402).into(),
+            quic_listen: None,
             advertised_client_address: None,
             cluster_name: "weft".into(),
             peers: Vec::new(),
@@ -398,6 +407,9 @@ pub struct Flags {
     /// Admin HTTP listen address.
     #[arg(long, env = "WEFT_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// QUIC (HTTP/3) listen address, UDP; needs TLS.
+    #[arg(long, env = "WEFT_QUIC_LISTEN")]
+    pub quic_listen: Option<SocketAddr>,
     /// Address advertised to clients.
     #[arg(long, env = "WEFT_ADVERTISED_CLIENT_ADDRESS")]
     pub advertised_client_address: Option<String>,
@@ -451,6 +463,9 @@ impl Config {
             };
         }
         set!(node_id, data_dir, client_listen, peer_listen, admin_listen);
+        if let Some(address) = flags.quic_listen {
+            config.quic_listen = Some(address);
+        }
         if let Some(address) = &flags.advertised_client_address {
             config.advertised_client_address = Some(address.clone());
         }
@@ -864,6 +879,11 @@ impl Config {
 }
 
 impl Config {
+    /// The TLS of the QUIC listener: `tls.quic`, else `tls.client`.
+    pub fn quic_tls(&self) -> Option<&ListenerTls> {
+        self.tls.quic.as_ref().or(self.tls.client.as_ref())
+    }
+
     /// Checks the TLS keys and loads every certificate once (a file that does not parse is a
     /// configuration error at start, not a failed handshake later).
     fn validate_tls(&self) -> Result<(), ConfigError> {
@@ -877,6 +897,7 @@ impl Config {
             ("tls.client", &self.tls.client, crate::tls::GRPC_ALPN),
             ("tls.peer", &self.tls.peer, crate::tls::GRPC_ALPN),
             ("tls.admin", &self.tls.admin, crate::tls::HTTP_ALPN),
+            ("tls.quic", &self.tls.quic, crate::tls::QUIC_ALPN),
         ] {
             let Some(tls) = tls else {
                 continue;
@@ -901,6 +922,13 @@ impl Config {
             }
             weft_proto::tls::server_config(&tls.files(), tls.client_auth(), alpn)
                 .map_err(|reason| ConfigError::Invalid { key, reason })?;
+        }
+        if self.quic_listen.is_some() && self.quic_tls().is_none() {
+            return Err(ConfigError::Invalid {
+                key: "quic_listen",
+                reason: "QUIC needs TLS: set [tls.quic] (or [tls.client]) cert_file and key_file"
+                    .into(),
+            });
         }
         if let Some(peer) = &self.tls.peer {
             if peer.ca_file.is_none() {

@@ -31,6 +31,8 @@ pub struct Listeners {
     pub peer: TcpListener,
     /// Admin HTTP.
     pub admin: TcpListener,
+    /// QUIC (HTTP/3), when `quic_listen` is set.
+    pub quic: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -45,7 +47,19 @@ impl Listeners {
             client: bind(config.client_listen, "client_listen").await?,
             peer: bind(config.peer_listen, "peer_listen").await?,
             admin: bind(config.admin_listen, "admin_listen").await?,
+            quic: match config.quic_listen {
+                Some(addr) => Some(
+                    std::net::UdpSocket::bind(addr)
+                        .map_err(|e| anyhow::anyhow!("cannot listen on quic_listen {addr}: {e}"))?,
+                ),
+                None => None,
+            },
         })
+    }
+
+    /// The QUIC listener's bound address, if there is one.
+    pub fn quic_address(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.quic.as_ref().map(|s| s.local_addr()).transpose()
     }
 
     /// The bound addresses (client, peer, admin).
@@ -70,6 +84,9 @@ pub async fn run(
     config.client_listen = client;
     config.peer_listen = peer;
     config.admin_listen = admin;
+    if let Some(quic) = listeners.quic_address()? {
+        config.quic_listen = Some(quic);
+    }
     crate::metrics::install();
     let node = Node::start(config.clone()).await?;
 
@@ -130,21 +147,9 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let limit = config.grpc_message_bytes_max as usize;
-    let client_server = tonic::transport::Server::builder()
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(crate::auth::AuthLayer::new(client_auth))
-                .layer(crate::grpc::caller::CallerLayer)
-                .layer(tower::util::MapResponseLayer::new(
-                    crate::grpc::oversized_requests_are_resource_exhausted
-                        as fn(
-                            http::Response<tonic::body::Body>,
-                        ) -> http::Response<tonic::body::Body>,
-                )),
-        )
-        .max_concurrent_streams(config.streams_per_connection_max)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service.clone())
+    // The client services, served over HTTP/2 and, when configured, over QUIC (HTTP/3), with
+    // the same layers: identities, the caller's trace context, size errors.
+    let client_routes = tonic::service::Routes::new(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
@@ -160,6 +165,31 @@ pub async fn run(
         .add_service(TopicAdminServer::new(TopicAdminService::new(node.clone())))
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
         .add_service(MetadataServer::new(MetadataService::new(node.clone())))
+        .prepare();
+    let client_layers = tower::ServiceBuilder::new()
+        .layer(crate::auth::AuthLayer::new(client_auth))
+        .layer(crate::grpc::caller::CallerLayer)
+        .layer(tower::util::MapResponseLayer::new(
+            crate::grpc::oversized_requests_are_resource_exhausted
+                as fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+        ));
+    let quic_task = match listeners.quic {
+        Some(socket) => {
+            let endpoint = crate::tls::quic_endpoint(socket, &config, stop_rx.clone())?;
+            let service = client_layers.clone().service(client_routes.clone());
+            Some(tokio::spawn(weft_proto::quic::serve(
+                endpoint,
+                service,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
+    let client_server = tonic::transport::Server::builder()
+        .layer(client_layers)
+        .max_concurrent_streams(config.streams_per_connection_max)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_routes(client_routes)
         // Every accepted connection has TCP_NODELAY: without it Nagle holds small responses
         // (acks) behind the delayed ACK of the peer, ~40 ms per round trip under pipelining.
         .serve_with_incoming_shutdown(
@@ -207,11 +237,15 @@ pub async fn run(
     let client_task = tokio::spawn(client_server);
     let peer_task = tokio::spawn(peer_server);
     let admin_task = tokio::spawn(async move { admin_server.await });
+    let quic = config
+        .quic_listen
+        .map(|q| format!(" quic={q}"))
+        .unwrap_or_default();
     println!(
-        "weft-broker ready: node={} client={client} peer={peer} admin={admin}",
+        "weft-broker ready: node={} client={client} peer={peer} admin={admin}{quic}",
         node.node_id
     );
-    tracing::info!(node = node.node_id, %client, %peer, %admin, "weft-broker ready");
+    tracing::info!(node = node.node_id, %client, %peer, %admin, quic = ?config.quic_listen, "weft-broker ready");
 
     shutdown.await;
     tracing::info!("shutting down: no new calls; finishing in-flight ones");
@@ -224,6 +258,9 @@ pub async fn run(
         let _ = client_task.await;
         let _ = peer_task.await;
         let _ = admin_task.await;
+        if let Some(quic_task) = quic_task {
+            let _ = quic_task.await;
+        }
     })
     .await;
     if drained.is_err() {

@@ -14,6 +14,8 @@ use crate::config::{Config, ListenerTls};
 
 /// ALPN of the gRPC listeners.
 pub const GRPC_ALPN: &[&[u8]] = &[b"h2"];
+/// ALPN of the QUIC listener (HTTP/3).
+pub const QUIC_ALPN: &[&[u8]] = &[weft_proto::quic::ALPN];
 /// ALPN of the admin listener (curl and browsers speak HTTP/1.1 too).
 pub const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
@@ -111,4 +113,54 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Admi
     fn connect_info(stream: axum::serve::IncomingStream<'_, AdminListener>) -> Self {
         AdminConn(stream.remote_addr().clone())
     }
+}
+
+/// The QUIC listener's endpoint on `socket`, with the reloading TLS of `tls.quic` (else
+/// `tls.client`): a changed certificate is used for new connections (until `stop`).
+pub fn quic_endpoint(
+    socket: std::net::UdpSocket,
+    config: &Config,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<quinn::Endpoint> {
+    let tls = config
+        .quic_tls()
+        .ok_or_else(|| anyhow::anyhow!("QUIC needs TLS: set [tls.quic] or [tls.client]"))?;
+    let reloading = server("QUIC TLS", Some(tls), QUIC_ALPN, config)?
+        .ok_or_else(|| anyhow::anyhow!("QUIC needs TLS"))?;
+    let current = reloading.current();
+    let server_config =
+        weft_proto::quic::server_config((*current).clone()).map_err(anyhow::Error::msg)?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    // Follow the reloads (a task that ends with the endpoint).
+    let weak = endpoint.clone();
+    let every = Duration::from_millis(config.tls.reload_interval_ms);
+    tokio::spawn(async move {
+        let mut in_force = current;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let now = reloading.current();
+            if Arc::ptr_eq(&now, &in_force) {
+                continue;
+            }
+            match weft_proto::quic::server_config((*now).clone()) {
+                Ok(next) => {
+                    weak.set_server_config(Some(next));
+                    tracing::info!("the QUIC listener uses the reloaded TLS files");
+                }
+                Err(e) => tracing::warn!("reloaded TLS files cannot serve QUIC: {e}"),
+            }
+            in_force = now;
+        }
+    });
+    Ok(endpoint)
 }

@@ -262,9 +262,16 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let endpoints: Vec<Endpoint> = addresses
+        let addresses: Vec<String> = addresses
             .into_iter()
-            .map(|a| endpoint(a.as_ref(), &options))
+            .map(|a| a.as_ref().trim().to_string())
+            .collect();
+        if addresses.iter().any(|a| a.starts_with("quic://")) {
+            return Client::connect_quic(&addresses, options).await;
+        }
+        let endpoints: Vec<Endpoint> = addresses
+            .iter()
+            .map(|a| endpoint(a, &options))
             .collect::<Result<_>>()?;
         let Some(first) = endpoints.first().cloned() else {
             return Err(Error::InvalidArgument("no broker address given".into()));
@@ -286,6 +293,68 @@ impl Client {
             message_bytes_max: 16 * 1024 * 1024,
             options: std::sync::Arc::new(options),
         })
+    }
+
+    /// Over QUIC (HTTP/3): the first of `addresses` (each `quic://HOST:PORT`) that completes a
+    /// handshake carries every call. TLS is part of QUIC: the brokers' certificates are checked
+    /// against `options.tls`'s CA file (else the system's CAs), and its client certificate, if
+    /// any, is presented.
+    async fn connect_quic(addresses: &[String], options: ConnectOptions) -> Result<Client> {
+        let tls = options.tls.clone().unwrap_or_default();
+        let files = weft_proto::tls::TlsFiles {
+            cert_file: tls.cert_file.clone(),
+            key_file: tls.key_file.clone(),
+            ca_file: tls.ca_file.clone(),
+        };
+        let mut failures = Vec::new();
+        for address in addresses {
+            let Some(host_port) = address.strip_prefix("quic://") else {
+                return Err(Error::InvalidArgument(format!(
+                    "{address:?}: give every broker as quic://HOST:PORT, or none"
+                )));
+            };
+            let host_port = host_port.trim_end_matches('/');
+            let host = match host_port.rsplit_once(':') {
+                Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => host,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "bad endpoint {address:?}: expected quic://HOST:PORT"
+                    )));
+                }
+            };
+            let server_name = tls.server_name.clone().unwrap_or_else(|| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            });
+            let config = weft_proto::tls::client_config(&files).map_err(Error::InvalidArgument)?;
+            let channel = weft_proto::quic::QuicChannel::new(host_port, &server_name, config)
+                .map_err(|e| Error::InvalidArgument(format!("{address}: {e}")))?;
+            match channel.connect().await {
+                Ok(()) => {
+                    let transport = Transport::quic(channel)
+                        .with_bearer_token(options.token.as_deref())
+                        .map_err(Error::InvalidArgument)?;
+                    return Ok(Client {
+                        channel: transport,
+                        timeout: Duration::from_secs(30),
+                        message_bytes_max: 16 * 1024 * 1024,
+                        options: std::sync::Arc::new(options),
+                    });
+                }
+                Err(e) => failures.push(format!("{address}: {e}")),
+            }
+        }
+        Err(Error::Connect {
+            endpoint: addresses.join(","),
+            message: failures.join("; "),
+        })
+    }
+
+    /// Whether this client calls over QUIC (then every call goes to the broker it connected
+    /// to, which forwards to leaders: the leaders' advertised addresses are TCP ones).
+    pub fn is_quic(&self) -> bool {
+        self.channel.is_quic()
     }
 
     /// The TLS and credentials this client connects with.

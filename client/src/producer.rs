@@ -262,7 +262,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     let mut senders: HashMap<(Arc<str>, u32), Lane> = HashMap::new();
     // Where each partition's batches go: its leader when known (over a stream per topic and
     // broker, with transport Stream).
-    let router = Router::new(client.clone(), config.to_leaders);
+    let router = Router::new(client.clone(), config.to_leaders && !client.is_quic());
     // Told by a sender when it has answered everything it was given.
     let idle = Arc::new(Notify::new());
     let tick = (config.linger / 2).max(Duration::from_millis(1));

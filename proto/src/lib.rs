@@ -20,6 +20,7 @@
 #![allow(missing_docs, unreachable_pub, clippy::doc_lazy_continuation)]
 
 pub mod otel;
+pub mod quic;
 pub mod tls;
 pub mod transport;
 

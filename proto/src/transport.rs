@@ -22,17 +22,39 @@ pub const PROXY_STATUS_KEY: &str = "weft-proxy-http-status";
 /// credentials (`authorization`) on every call.
 #[derive(Debug, Clone)]
 pub struct Transport {
-    channel: Channel,
+    via: Via,
     authorization: Option<http::HeaderValue>,
+}
+
+/// What carries the calls.
+#[derive(Debug, Clone)]
+enum Via {
+    /// HTTP/2 (h2c or TLS).
+    Http2(Channel),
+    /// HTTP/3 over QUIC.
+    Quic(crate::quic::QuicChannel),
 }
 
 impl Transport {
     /// `channel` with the translation.
     pub fn new(channel: Channel) -> Self {
         Transport {
-            channel,
+            via: Via::Http2(channel),
             authorization: None,
         }
+    }
+
+    /// Calls over QUIC (HTTP/3) through `channel`.
+    pub fn quic(channel: crate::quic::QuicChannel) -> Self {
+        Transport {
+            via: Via::Quic(channel),
+            authorization: None,
+        }
+    }
+
+    /// Whether the calls go over QUIC.
+    pub fn is_quic(&self) -> bool {
+        matches!(self.via, Via::Quic(_))
     }
 
     /// Sends `authorization: Bearer <token>` on every call that has no authorization of its
@@ -60,7 +82,10 @@ impl tower::Service<http::Request<Body>> for Transport {
         Pin<Box<dyn Future<Output = Result<http::Response<Body>, tonic::transport::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::poll_ready(&mut self.channel, cx)
+        match &mut self.via {
+            Via::Http2(channel) => tower::Service::poll_ready(channel, cx),
+            Via::Quic(_) => Poll::Ready(Ok(())),
+        }
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
@@ -71,8 +96,21 @@ impl tower::Service<http::Request<Body>> for Transport {
                 .headers_mut()
                 .insert(http::header::AUTHORIZATION, value.clone());
         }
-        let answer = tower::Service::call(&mut self.channel, request);
-        Box::pin(async move { answer.await.map(translate) })
+        match &mut self.via {
+            Via::Http2(channel) => {
+                let answer = tower::Service::call(channel, request);
+                Box::pin(async move { answer.await.map(translate) })
+            }
+            Via::Quic(channel) => {
+                let answer = tower::Service::call(channel, request);
+                Box::pin(async move {
+                    match answer.await {
+                        Ok(response) => Ok(translate(response)),
+                        Err(never) => match never {},
+                    }
+                })
+            }
+        }
     }
 }
 

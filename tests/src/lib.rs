@@ -91,6 +91,8 @@ pub struct Broker {
     pub admin_addr: String,
     /// Peer gRPC address.
     pub peer_addr: String,
+    /// QUIC (HTTP/3) address, when the broker has a QUIC listener (else empty).
+    pub quic_addr: String,
     extra: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -121,6 +123,7 @@ impl Broker {
             client_addr: String::new(),
             admin_addr: String::new(),
             peer_addr: String::new(),
+            quic_addr: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             envs: Vec::new(),
         };
@@ -161,6 +164,7 @@ impl Broker {
             client_addr: String::new(),
             admin_addr: String::new(),
             peer_addr: String::new(),
+            quic_addr: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             envs: envs
                 .iter()
@@ -248,6 +252,7 @@ impl Broker {
                     "client" => self.client_addr = value.to_string(),
                     "admin" => self.admin_addr = value.to_string(),
                     "peer" => self.peer_addr = value.to_string(),
+                    "quic" => self.quic_addr = value.to_string(),
                     _ => {}
                 }
             }

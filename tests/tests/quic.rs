@@ -1,0 +1,186 @@
+//! gRPC over QUIC (HTTP/3), with real processes: a broker with a QUIC listener (TLS 1.3 from a
+//! CA the test makes) serves our Rust client and the `weft` CLI at `quic://127.0.0.1:PORT`:
+//! topic admin, pipelined publishes on a PublishStream, a consumer group's Subscribe stream and
+//! its commits, the caller's identity from its client certificate; what went in over QUIC is
+//! what HTTP/2 callers read. A client that does not trust the broker's certificate is refused,
+//! and a QUIC listener without TLS is a configuration error.
+
+use std::process::Command;
+use std::time::Duration;
+
+use weft_client::{
+    Client, ConnectOptions, ConsumerConfig, ProducerConfig, Record, StartFrom, TlsOptions,
+};
+use weft_tests::pki::Pki;
+use weft_tests::{Broker, binary, fetch_range, ok_stdout};
+
+fn options(
+    ca: &std::path::Path,
+    cert: Option<(&std::path::Path, &std::path::Path)>,
+) -> ConnectOptions {
+    ConnectOptions {
+        tls: Some(TlsOptions {
+            ca_file: Some(ca.to_path_buf()),
+            cert_file: cert.map(|c| c.0.to_path_buf()),
+            key_file: cert.map(|c| c.1.to_path_buf()),
+            server_name: None,
+        }),
+        token: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_publish_and_consume_over_quic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "quic");
+    let (cert, key) = pki.issue("broker", "weft-0", None, true);
+    let alice = pki.issue("alice", "alice", None, false);
+    let ca = pki.ca_file();
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\nca_file = {ca:?}\nclient_auth = \"optional\"\n"
+        ),
+    )
+    .expect("config");
+    let broker = Broker::start_with(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--quic-listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(
+        !broker.quic_addr.is_empty(),
+        "the broker says where QUIC listens"
+    );
+    let quic = format!("quic://{}", broker.quic_addr);
+
+    // Our client, with a client certificate: the broker knows it by its subject.
+    let client = Client::connect_with([quic.as_str()], options(&ca, Some((&alice.0, &alice.1))))
+        .await
+        .expect("connect over QUIC");
+    assert!(client.is_quic());
+    let (principal, source) = client.who_am_i().await.expect("WhoAmI over QUIC");
+    assert_eq!(
+        (principal.as_str(), source.as_str()),
+        ("O=weft-tests,CN=alice", "certificate")
+    );
+    client
+        .admin()
+        .create_topic("over-quic", 2)
+        .await
+        .expect("create a topic over QUIC");
+
+    // Pipelined publishes (the producer's PublishStream) over QUIC.
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for i in 0..500u32 {
+        let record = Record::new(format!("q-{i:04}")).partition(i % 2);
+        acks.push(
+            producer
+                .send_nowait("over-quic", record)
+                .await
+                .expect("queue"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("stored");
+    }
+    producer.close().await.expect("close");
+
+    // A consumer group over QUIC: a Subscribe stream, then commits.
+    let mut consumer = client
+        .consumer(
+            ConsumerConfig::new("over-quic")
+                .group("quic-readers")
+                .start(StartFrom::Earliest),
+        )
+        .await
+        .expect("subscribe over QUIC");
+    let mut got = Vec::new();
+    while got.len() < 500 {
+        let message = consumer
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("consume")
+            .expect("every record within 20 s");
+        got.push(String::from_utf8_lossy(&message.value).into_owned());
+    }
+    consumer.commit().await.expect("commit over QUIC");
+    consumer.close().await.expect("close");
+    got.sort();
+    let want: Vec<String> = (0..500).map(|i| format!("q-{i:04}")).collect();
+    assert_eq!(got, want, "every record, once");
+
+    // HTTP/2 callers read what QUIC callers wrote, and see the group's commits.
+    let read = fetch_range(&broker.client_addr, "over-quic", 0, 0, 250).await;
+    assert_eq!(read.len(), 250);
+    assert_eq!(read[0].1.as_ref(), b"q-0000");
+    let committed = weft_tests::offsets(&broker.client_addr, "over-quic", 1, Some("quic-readers"))
+        .await
+        .expect("offsets");
+    assert_eq!(committed.committed_offset, Some(250), "{committed:?}");
+
+    // The CLI at a quic:// address.
+    let cli = |args: &[&str]| {
+        Command::new(binary("weft"))
+            .args([
+                "--server",
+                &quic,
+                "--tls-ca-file",
+                ca.to_str().expect("path"),
+            ])
+            .args(args)
+            .output()
+            .expect("run weft")
+    };
+    ok_stdout(&cli(&[
+        "produce",
+        "over-quic",
+        "from-the-cli",
+        "--partition",
+        "0",
+    ]));
+    let out = ok_stdout(&cli(&[
+        "consume",
+        "over-quic",
+        "--partition",
+        "0",
+        "--from",
+        "250",
+        "--count",
+        "1",
+    ]));
+    assert!(out.contains("from-the-cli"), "{out}");
+
+    // A client that does not trust the broker's CA is refused at the handshake.
+    let other = Pki::new(dir.path(), "other");
+    let refused = Client::connect_with([quic.as_str()], options(&other.ca_file(), None)).await;
+    let error = refused.expect_err("an untrusted certificate");
+    assert!(
+        error.to_string().to_lowercase().contains("certificate"),
+        "{error}"
+    );
+    // A malformed QUIC address is a clear error.
+    let bad = Client::connect_with(["quic://no-port"], options(&ca, None)).await;
+    assert!(
+        bad.expect_err("no port")
+            .to_string()
+            .contains("quic://HOST:PORT")
+    );
+}
+
+#[test]
+fn a_quic_listener_needs_tls() {
+    let out = Command::new(binary("weft-broker"))
+        .args(["--quic-listen", "127.0.0.1:0", "--check-config"])
+        .output()
+        .expect("run weft-broker");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("quic_listen") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+}
