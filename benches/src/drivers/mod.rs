@@ -135,8 +135,10 @@ impl std::fmt::Display for Durability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
-    /// Weft through weft-client (gRPC).
+    /// Weft through weft-client (gRPC over HTTP/2).
     Weft,
+    /// Weft through weft-client over QUIC (gRPC over HTTP/3, TLS 1.3).
+    WeftQuic,
     /// Three Weft brokers on this machine, one cluster, every partition replicated three times.
     WeftCluster,
     /// NATS JetStream through async-nats.
@@ -156,6 +158,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Weft => "weft",
+            Kind::WeftQuic => "weft-quic",
             Kind::WeftCluster => "weft-cluster",
             Kind::Nats => "nats",
             Kind::NatsCluster => "nats-cluster",
@@ -166,8 +169,9 @@ impl Kind {
     }
 
     /// Every kind, in the order `list` shows them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Weft,
+        Kind::WeftQuic,
         Kind::WeftCluster,
         Kind::Nats,
         Kind::NatsCluster,
@@ -199,6 +203,9 @@ impl DriverSpec {
         match (self.kind, self.durability) {
             (Kind::Weft, _) => {
                 "fsync before ack (Weft's default: acknowledged once stored and fdatasynced, group commit)".into()
+            }
+            (Kind::WeftQuic, _) => {
+                "fsync before ack, as weft; the client calls over QUIC (HTTP/3, TLS 1.3) instead of HTTP/2 over TCP".into()
             }
             (Kind::WeftCluster, _) => {
                 "3 brokers, replication factor 3: acknowledged once a majority of replicas stored and fdatasynced it".into()
@@ -246,6 +253,7 @@ impl DriverSpec {
             };
             let kind = match kind {
                 "weft" => Kind::Weft,
+                "weft-quic" => Kind::WeftQuic,
                 "weft-cluster" => Kind::WeftCluster,
                 "nats" => Kind::Nats,
                 "nats-cluster" => Kind::NatsCluster,
@@ -254,7 +262,7 @@ impl DriverSpec {
                 "disk" => Kind::Disk,
                 other => {
                     bail!(
-                        "unknown driver {other:?} (known: weft, weft-cluster, nats, \
+                        "unknown driver {other:?} (known: weft, weft-quic, weft-cluster, nats, \
                          nats-cluster, redis, rabbitmq, disk)"
                     )
                 }
@@ -270,14 +278,18 @@ impl DriverSpec {
                     bail!("unknown durability {other:?} for {kind:?} (default or fsync)")
                 }
                 // Weft and the disk always fsync before acknowledging.
-                (Kind::Weft | Kind::WeftCluster | Kind::Disk, None) => vec![Durability::Fsync],
+                (Kind::Weft | Kind::WeftQuic | Kind::WeftCluster | Kind::Disk, None) => {
+                    vec![Durability::Fsync]
+                }
                 // RabbitMQ Streams have a single setting.
                 (Kind::Rabbitmq, None) => vec![Durability::Default],
                 (_, None) if expand => vec![Durability::Default, Durability::Fsync],
                 (_, None) => vec![Durability::Default],
             };
-            if matches!(kind, Kind::Weft | Kind::WeftCluster | Kind::Disk)
-                && durabilities == [Durability::Default]
+            if matches!(
+                kind,
+                Kind::Weft | Kind::WeftQuic | Kind::WeftCluster | Kind::Disk
+            ) && durabilities == [Durability::Default]
             {
                 bail!(
                     "{} has one durability, fsync before ack; drop ':default'",
@@ -327,6 +339,9 @@ pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>
 async fn start_once(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver>> {
     match spec.kind {
         Kind::Weft => Ok(Box::new(weft::WeftDriver::start(spec, data_dir).await?)),
+        Kind::WeftQuic => Ok(Box::new(
+            weft::WeftDriver::start_quic(spec, data_dir).await?,
+        )),
         Kind::WeftCluster => Ok(Box::new(
             weft::WeftClusterDriver::start(spec, data_dir).await?,
         )),
@@ -346,7 +361,7 @@ async fn start_once(spec: &DriverSpec, data_dir: &Path) -> Result<Box<dyn Driver
 /// test); `Err` says what is missing.
 pub fn available(kind: Kind) -> Result<()> {
     match kind {
-        Kind::Weft | Kind::WeftCluster => weft::broker_binary().map(|_| ()),
+        Kind::Weft | Kind::WeftQuic | Kind::WeftCluster => weft::broker_binary().map(|_| ()),
         Kind::Nats | Kind::NatsCluster => process::find_program("nats-server").map(|_| ()),
         Kind::Redis => process::find_program("redis-server").map(|_| ()),
         Kind::Rabbitmq => rabbitmq::available(),

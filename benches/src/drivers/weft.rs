@@ -69,6 +69,82 @@ impl WeftDriver {
     }
 }
 
+impl WeftDriver {
+    /// Starts a broker with a QUIC listener (its certificate from a CA made for this run, in
+    /// `data_dir`) unless the spec names a running one (`weft-quic@HOST:PORT`, its CA file in
+    /// `WEFT_TLS_CA_FILE`), and connects over QUIC.
+    pub async fn start_quic(spec: &DriverSpec, data_dir: &Path) -> Result<WeftDriver> {
+        let (address, ca, server) = match &spec.endpoint {
+            Some(endpoint) => {
+                let ca = std::env::var_os("WEFT_TLS_CA_FILE").map(PathBuf::from).context(
+                    "weft-quic@HOST:PORT needs the CA of the broker's certificate in                      WEFT_TLS_CA_FILE",
+                )?;
+                (endpoint.clone(), ca, None)
+            }
+            None => {
+                std::fs::create_dir_all(data_dir)
+                    .with_context(|| format!("creating {}", data_dir.display()))?;
+                let (ca, cert, key) = quic_certificates(data_dir)?;
+                let config = data_dir.join("weft-quic.toml");
+                std::fs::write(
+                    &config,
+                    format!("[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
+                )
+                .with_context(|| format!("writing {}", config.display()))?;
+                let mut args: Vec<String> = LISTEN_ON_FREE_PORTS.map(String::from).to_vec();
+                args.extend([
+                    "--quic-listen".to_string(),
+                    "127.0.0.1:0".to_string(),
+                    "--config".to_string(),
+                    config.display().to_string(),
+                ]);
+                let (line, server) = spawn_broker_line(data_dir, "weft-broker", &args).await?;
+                (ready_address(&line, "quic=")?, ca, Some(server))
+            }
+        };
+        let options = weft_client::ConnectOptions {
+            tls: Some(weft_client::TlsOptions {
+                ca_file: Some(ca),
+                ..weft_client::TlsOptions::default()
+            }),
+            token: None,
+        };
+        let client = Client::connect_with([format!("quic://{address}")], options)
+            .await
+            .with_context(|| format!("connecting to weft over QUIC at {address}"))?
+            .with_timeout(Duration::from_secs(30));
+        Ok(WeftDriver { client, server })
+    }
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (CA, cert, key).
+fn quic_certificates(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "weft-bench CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec!["localhost".to_string()])?;
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = params.signed_by(&key, &issuer)?;
+    let paths = (
+        dir.join("bench-ca.pem"),
+        dir.join("bench-broker.pem"),
+        dir.join("bench-broker-key.pem"),
+    );
+    std::fs::write(&paths.0, ca_cert.pem())?;
+    std::fs::write(&paths.1, cert.pem())?;
+    std::fs::write(&paths.2, key.serialize_pem())?;
+    Ok(paths)
+}
+
 /// Listen arguments that let the broker bind free loopback ports itself (port 0) and name them
 /// on its ready line: no bind-release-rebind race.
 pub(crate) const LISTEN_ON_FREE_PORTS: [&str; 6] = [
@@ -100,6 +176,12 @@ async fn spawn_broker(data_dir: &Path) -> Result<(String, Server)> {
 /// Starts `weft-broker` with its data in `dir/data` (the log in `dir/<name>.log`) and `args`;
 /// returns its client address once it says it is ready.
 async fn spawn_broker_with(dir: &Path, name: &str, args: &[String]) -> Result<(String, Server)> {
+    let (line, server) = spawn_broker_line(dir, name, args).await?;
+    Ok((ready_address(&line, "client=")?, server))
+}
+
+/// [`spawn_broker_with`], returning the broker's whole ready line.
+async fn spawn_broker_line(dir: &Path, name: &str, args: &[String]) -> Result<(String, Server)> {
     let binary = broker_binary()?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let log = dir.join(format!("{name}.log"));
@@ -136,7 +218,7 @@ async fn spawn_broker_with(dir: &Path, name: &str, args: &[String]) -> Result<(S
     };
     // Keep draining stdout so the broker never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((ready_address(&line, "client=")?, server))
+    Ok((line, server))
 }
 
 #[async_trait]
