@@ -303,6 +303,14 @@ operations = ["publish"]
     assert_eq!(first.value, b"order-0".as_slice());
 }
 
+/// The controller's leader as `broker` sees it (0: none).
+fn controller_of(broker: &weft_tests::Broker) -> u64 {
+    let (status, body) = http_as(&broker.admin_addr, OPS, "GET", "/v1/cluster", "");
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["controller_id"].as_u64().unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_call_is_checked_by_the_leader_as_its_original_callers() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -332,8 +340,10 @@ operations = ["all"]
         sha256_hex(OPS),
         sha256_hex(ORDERS)
     );
-    // Broker 3's own file also lets orders publish; brokers 1 and 2 do not.
-    let extra = "[[acl.rules]]\nidentity = \"orders\"\nresource = \"topic:orders\"\noperations = [\"publish\"]\n";
+    // Broker 3's own file also lets orders publish, and read as group "readers"; brokers 1 and
+    // 2 do not.
+    let extra = "[[acl.rules]]\nidentity = \"orders\"\nresource = \"topic:orders\"\noperations = [\"publish\", \"subscribe\"]\n\
+                 [[acl.rules]]\nidentity = \"orders\"\nresource = \"group:readers\"\noperations = [\"subscribe\", \"commit\"]\n";
     let configs: Vec<_> = (1..=3)
         .map(|i| {
             let path = dir.path().join(format!("weft-{i}.toml"));
@@ -405,6 +415,40 @@ operations = ["all"]
             .await
             .expect_err("broker 2 has no rule for orders");
     assert_eq!(via_2.code(), tonic::Code::PermissionDenied);
+
+    // A group member connected to broker 3 is checked again by the group's coordinator (the
+    // controller's leader, moved off broker 3 if it is there), as itself: refused there.
+    if controller_of(&brokers[0]) == 3 {
+        let (status, body) = http_as(&brokers[2].admin_addr, OPS, "POST", "/v1/drain", "");
+        assert_eq!(status, 200, "{body}");
+        wait_for(
+            "the controller off broker 3",
+            Duration::from_secs(30),
+            || {
+                let id = controller_of(&brokers[0]);
+                async move { (id != 0 && id != 3).then_some(()) }
+            },
+        )
+        .await;
+    }
+    let reader = as_token(&brokers[2].client_addr, ORDERS).await;
+    let refused = reader
+        .consumer(
+            weft_client::ConsumerConfig::new("orders")
+                .group("readers")
+                .start(weft_client::StartFrom::Earliest),
+        )
+        .await
+        .expect_err("the coordinator has no rule for orders");
+    assert_eq!(
+        refused.code(),
+        Some(tonic::Code::PermissionDenied),
+        "{refused:?}"
+    );
+    assert!(
+        refused.to_string().contains("orders may not subscribe"),
+        "{refused}"
+    );
 
     // A stored rule reaches every broker: the forwarded publish now passes.
     let ops = as_token(&brokers[0].client_addr, OPS).await;

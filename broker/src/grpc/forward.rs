@@ -240,7 +240,9 @@ impl Forward for ForwardService {
     ) -> Result<Response<MemberStream>, Status> {
         self.node.peers().check(&request)?;
         super::require_broker(&self.node, &request)?;
-        group_link::serve_member(self.node.clone(), request.into_inner())
+        // The member's own identity, which its broker passes on with the link.
+        let identity = crate::auth::identity_of(&request);
+        group_link::serve_member(self.node.clone(), &identity, request.into_inner())
             .await
             .map(|stream| Response::new(Box::pin(stream) as MemberStream))
             .map_err(Status::from)

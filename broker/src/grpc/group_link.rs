@@ -482,6 +482,7 @@ pub async fn delete(node: &Arc<Node>, group_id: &str, hops: u32) -> Result<(), B
 /// coordinator's side of `Forward.GroupMember`.
 pub async fn serve_member(
     node: Arc<Node>,
+    caller: &crate::auth::Identity,
     mut inbound: Streaming<GroupMemberRequest>,
 ) -> Result<ReceiverStream<Result<GroupMemberEvent, Status>>, BrokerError> {
     let join = match inbound.message().await? {
@@ -495,6 +496,18 @@ pub async fn serve_member(
             ));
         }
     };
+    // Checked here as well as where the member connected: as the member (its broker passes
+    // its identity on), by this broker's rules.
+    node.authorize(
+        caller,
+        crate::acl::Operation::Subscribe,
+        crate::acl::Resource::Topic(&join.topic),
+    )?;
+    node.authorize(
+        caller,
+        crate::acl::Operation::Subscribe,
+        crate::acl::Resource::Group(&join.group_id),
+    )?;
     if let Coordinated::There { node_id, .. } = node.coordinator()? {
         return Err(BrokerError::Unavailable {
             reason: "this broker is not the group coordinator".into(),
