@@ -211,7 +211,41 @@ def check_default(docs, broker):
           f"the broker refuses the rendered config: {ran.stdout} {ran.stderr}")
 
 
+def check_probes(profile, docs):
+    """Startup and liveness: gRPC health on the client port where the mesh lets gRPC probes
+    through (none, Istio), HTTP /healthz on the admin port under Linkerd and Consul."""
+    sts = one(docs, "StatefulSet", RELEASE)
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "livenessProbe"):
+        if profile in ("linkerd", "consul"):
+            check(c[probe].get("httpGet", {}).get("path") == "/healthz"
+                  and c[probe]["httpGet"].get("port") == "http-admin",
+                  f"{profile}: {probe} is HTTP /healthz on the admin port: {c[probe]}")
+        else:
+            check(c[probe].get("grpc", {}).get("port") == 7400,
+                  f"{profile}: {probe} is the gRPC health check on the client port: {c[probe]}")
+    check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{profile}: readiness /readyz")
+
+
+def check_drain_token():
+    """With ACLs on, the preStop drain gets its bearer token from a Secret (WEFT_TOKEN)."""
+    docs = render({"config": {"acl": {"enabled": True}},
+                   "drainToken": {"secretName": "weft-drain", "key": "token"}})
+    sts = one(docs, "StatefulSet", RELEASE)
+    env = env_of(sts["spec"]["template"]["spec"]["containers"][0])
+    ref = env.get("WEFT_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    check(ref == {"name": "weft-drain", "key": "token"}, f"the drain token from its Secret: {ref}")
+    chart = helm.Chart.load(str(CHART))
+    notes = chart.render({"config": {"acl": {"enabled": True}}}, name=RELEASE,
+                         namespace=NAMESPACE, is_install=True)
+    text = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
+    check("drainToken" in text, "NOTES warns when ACLs are on and the drain has no token")
+    check("cluster rebalance --wait" in text and "cluster remove-broker" in text,
+          "NOTES gives the scale-up and scale-down commands")
+
+
 def check_profile(profile, docs):
+    check_probes(profile, docs)
     kinds = {(d["apiVersion"], d["kind"]) for d in docs}
     if profile == "istio":
         pa = one(docs, "PeerAuthentication")
@@ -306,6 +340,12 @@ BAD_VALUES = [
     ({"persistence": {"size": "lots"}}, "size"),
     ({"ports": {"client": 70000}}, "client"),
     ({"replicas": 3}, "replicas"),
+    ({"securityContext": {"privileged": True}}, "privileged"),
+    ({"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}, "add"),
+    ({"securityContext": {"readOnlyRootFilesystem": False}}, "readOnlyRootFilesystem"),
+    ({"securityContext": {"runAsUser": 0}}, "runAsUser"),
+    ({"resources": {"foo": 1}}, "foo"),
+    ({"terminationGracePeriodSeconds": 30}, "terminationGracePeriodSeconds"),
 ]
 
 
@@ -338,6 +378,7 @@ def main():
             check_image(docs)
         rendered += len(docs)
         print(f"{profile}: lint clean, {len(docs)} manifests valid for Kubernetes {version}")
+    check_drain_token()
     for values, key in BAD_VALUES:
         try:
             render(values)
