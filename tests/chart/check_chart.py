@@ -17,6 +17,7 @@ Needs PyPI's helm-python-sdk (real Helm through its C library) and kubernetes-va
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import tomllib
 from pathlib import Path
@@ -227,6 +228,62 @@ def check_probes(profile, docs):
     check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{profile}: readiness /readyz")
 
 
+def check_schema_bounds(broker):
+    """Every numeric config key's bounds in the schema are values the broker accepts: a value
+    Helm lets through never makes the pods crash-loop on a config error."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    config_schema = schema["properties"]["config"]["properties"]
+    cases = []
+    for key, spec in config_schema.items():
+        tables = [(key, spec)] if spec.get("type") != "object" else [
+            (f"{key}.{k}", v) for k, v in spec.get("properties", {}).items()]
+        for path, leaf in tables:
+            types = leaf.get("type")
+            if types not in ("integer", "number") and not (
+                    isinstance(types, list) and "integer" in types):
+                continue
+            for bound in ("minimum", "maximum"):
+                if bound in leaf:
+                    cases.append((path, bound, leaf[bound]))
+            # The broker bounds every such key but these (any positive value is fine).
+            if path not in ("leader_balance_interval_ms", "topic_defaults.retention_bytes",
+                            "topic_defaults.retention_ms"):
+                check("minimum" in leaf and "maximum" in leaf,
+                      f"config.{path} has both bounds in the schema: {leaf}")
+    check(len(cases) >= 20, f"numeric config keys with bounds in the schema: {len(cases)}")
+    base = helm.Chart.load(str(CHART)).values["config"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, bound, value in cases:
+            values = json.loads(json.dumps(base))
+            table, _, leaf = path.rpartition(".")
+            (values[table] if table else values)[leaf] = value
+            if path == "raft_election_timeout_ms" and bound == "minimum":
+                values["raft_heartbeat_ms"] = value // 2
+            if path == "raft_heartbeat_ms" and bound == "maximum":
+                values["raft_election_timeout_ms"] = value * 2
+            # Limits that must fit in a gRPC message (a rule across keys, which the broker
+            # checks at start).
+            if path == "grpc_message_bytes_max" and bound == "minimum":
+                values["fetch_bytes_max"] = value
+                values["topic_defaults"]["max_message_bytes"] = value
+            if path in ("fetch_bytes_max", "topic_defaults.max_message_bytes") \
+                    and bound == "maximum":
+                values["grpc_message_bytes_max"] = \
+                    config_schema["grpc_message_bytes_max"]["maximum"]
+            docs = render({"config": values})
+            cm = one(docs, "ConfigMap", RELEASE)
+            file = os.path.join(tmp, "weft.toml")
+            with open(file, "w") as f:
+                f.write(cm["data"]["weft.toml"])
+            out = subprocess.run([broker, "--config", file, "--check-config"],
+                                 capture_output=True, text=True,
+                                 env={"PATH": os.environ.get("PATH", "")})
+            check(out.returncode == 0,
+                  f"the schema's {bound} of config.{path} ({value}) is refused by the broker: "
+                  f"{out.stderr.strip()}")
+    print(f"schema bounds the broker accepts: {len(cases)}")
+
+
 def check_drain_token():
     """With ACLs on, the preStop drain gets its bearer token from a Secret (WEFT_TOKEN)."""
     docs = render({"config": {"acl": {"enabled": True}},
@@ -346,6 +403,8 @@ BAD_VALUES = [
     ({"securityContext": {"runAsUser": 0}}, "runAsUser"),
     ({"resources": {"foo": 1}}, "foo"),
     ({"terminationGracePeriodSeconds": 30}, "terminationGracePeriodSeconds"),
+    ({"config": {"request_timeout_ms": 1}}, "request_timeout_ms"),
+    ({"config": {"topic_defaults": {"segment_bytes": 1024}}}, "segment_bytes"),
 ]
 
 
@@ -379,6 +438,7 @@ def main():
         rendered += len(docs)
         print(f"{profile}: lint clean, {len(docs)} manifests valid for Kubernetes {version}")
     check_drain_token()
+    check_schema_bounds(broker)
     for values, key in BAD_VALUES:
         try:
             render(values)
