@@ -36,7 +36,7 @@ POD_KEYS = {
 }
 # Keys the broker leaves unset by default (absent from --print-config).
 UNSET_BY_DEFAULT = {"advertised_client_address", "peer_address_pattern", "retention_bytes",
-                    "otlp_endpoint"}
+                    "otlp_endpoint", "quic_listen", "client", "peer", "admin", "quic"}
 # Where the chart's default differs from the broker's, on purpose: JSON lines for collectors.
 CHART_CHOICES = {"log_format"}
 # Custom resources: their schemas are not Kubernetes' own; their API versions are checked.
@@ -284,6 +284,69 @@ def check_schema_bounds(broker):
     print(f"schema bounds the broker accepts: {len(cases)}")
 
 
+def check_listener_tls(broker):
+    """Listener TLS and config-file ACL rules through the chart: weft.toml gets [tls.client],
+    [tls.peer], [tls.admin] and [[acl.rules]] tables the broker accepts (with real files), the
+    probes move off the TLS client port (HTTPS on a TLS admin port), and the preStop drain's
+    `weft` gets its TLS settings from the environment."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for name in ("ca", "broker"):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+                            "-keyout", f"{tmp}/{name}-key.pem", "-out", f"{tmp}/{name}.pem",
+                            "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:weft"],
+                           check=True, capture_output=True)
+            files[name] = (f"{tmp}/{name}.pem", f"{tmp}/{name}-key.pem")
+        listener = {"cert_file": files["broker"][0], "key_file": files["broker"][1],
+                    "ca_file": files["ca"][0], "client_auth": "optional"}
+        values = {
+            "config": {
+                "tls": {"client": listener, "peer": listener, "admin": listener},
+                "auth": {"broker_identities": ["spiffe://cluster.local/ns/weft/sa/weft"]},
+                "acl": {"enabled": True, "rules": [
+                    {"identity": "spiffe://cluster.local/ns/shop/sa/orders",
+                     "resource": "topic:orders", "operations": ["publish", "describe"]}]},
+            },
+            "drainToken": {"secretName": "weft-drain", "key": "token"},
+            "extraVolumes": [{"name": "tls", "secret": {"secretName": "weft-tls"}}],
+            "extraVolumeMounts": [{"name": "tls", "mountPath": "/etc/weft/tls",
+                                   "readOnly": True}],
+        }
+        docs = render(values)
+        validate(docs, "listener-tls")
+        cm = one(docs, "ConfigMap", RELEASE)
+        config = tomllib.loads(cm["data"]["weft.toml"])
+        check(config["tls"]["client"] == listener and config["tls"]["admin"] == listener,
+              f"[tls.client] and [tls.admin] rendered: {config.get('tls')}")
+        check(config["acl"]["rules"] == values["config"]["acl"]["rules"],
+              f"[[acl.rules]] rendered: {config['acl']}")
+        file = os.path.join(tmp, "weft.toml")
+        with open(file, "w") as f:
+            f.write(cm["data"]["weft.toml"])
+        out = subprocess.run([broker, "--config", file, "--check-config"], capture_output=True,
+                             text=True, env={"PATH": os.environ.get("PATH", "")})
+        check(out.returncode == 0, f"the broker refuses the TLS config: {out.stderr.strip()}")
+        sts = one(docs, "StatefulSet", RELEASE)
+        pod = sts["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = c[probe].get("httpGet", {})
+            check(get.get("port") == "http-admin" and get.get("scheme") == "HTTPS",
+                  f"listener TLS: {probe} is HTTPS on the admin port: {c[probe]}")
+        env = env_of(c)
+        check(env.get("WEFT_TLS_CA_FILE", {}).get("value") == files["ca"][0]
+              and env.get("WEFT_TLS_CERT_FILE", {}).get("value") == files["broker"][0]
+              and "$(POD_NAME)" in env.get("WEFT_TLS_SERVER_NAME", {}).get("value", ""),
+              f"the drain's TLS settings in the environment: {env}")
+        check("--tls" in c["lifecycle"]["preStop"]["exec"]["command"],
+              "the drain calls with TLS")
+        check(any(m["mountPath"] == "/etc/weft/tls" for m in c["volumeMounts"])
+              and any(v["name"] == "tls" for v in pod["volumes"]),
+              "the TLS Secret is mounted")
+    print("listener TLS and ACL rules render into a config the broker accepts")
+
+
 def check_drain_token():
     """With ACLs on, the preStop drain gets its bearer token from a Secret (WEFT_TOKEN)."""
     docs = render({"config": {"acl": {"enabled": True}},
@@ -404,6 +467,9 @@ BAD_VALUES = [
     ({"resources": {"foo": 1}}, "foo"),
     ({"terminationGracePeriodSeconds": 30}, "terminationGracePeriodSeconds"),
     ({"config": {"request_timeout_ms": 1}}, "request_timeout_ms"),
+    ({"config": {"tls": {"client": {"cert_file": "/c.pem"}}}}, "key_file"),
+    ({"config": {"acl": {"rules": [{"identity": "a", "resource": "cluster",
+                                    "operations": ["fly"]}]}}}, "operations"),
     ({"config": {"topic_defaults": {"segment_bytes": 1024}}}, "segment_bytes"),
 ]
 
@@ -438,6 +504,7 @@ def main():
         rendered += len(docs)
         print(f"{profile}: lint clean, {len(docs)} manifests valid for Kubernetes {version}")
     check_drain_token()
+    check_listener_tls(broker)
     check_schema_bounds(broker)
     for values, key in BAD_VALUES:
         try:

@@ -73,8 +73,28 @@ arrays are TOML values; numbers print as integers, as the broker's keys are). */
 
 [{{ $table }}]
 {{- range $key, $value := $values }}
-{{- if not (kindIs "invalid" $value) }}
+{{- if and (not (kindIs "invalid" $value)) (not (kindIs "map" $value)) (not (and (kindIs "slice" $value) (gt (len $value) 0) (kindIs "map" (first $value)))) }}
 {{ $key }} = {{ include "weft.tomlValue" $value }}
+{{- end }}
+{{- end }}
+{{- /* Sub-tables ([tls.client]) and arrays of tables ([[acl.rules]]). */}}
+{{- range $key, $value := $values }}
+{{- if kindIs "map" $value }}
+
+[{{ $table }}.{{ $key }}]
+{{- range $k, $v := $value }}
+{{- if not (kindIs "invalid" $v) }}
+{{ $k }} = {{ include "weft.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- else if and (kindIs "slice" $value) (gt (len $value) 0) (kindIs "map" (first $value)) }}
+{{- range $item := $value }}
+
+[[{{ $table }}.{{ $key }}]]
+{{- range $k, $v := $item }}
+{{ $k }} = {{ include "weft.tomlValue" $v }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
