@@ -288,6 +288,18 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// The same authenticator for the QUIC listener: meshes do not intercept UDP, so no sidecar
+    /// stands in front of it to strip client-sent identity headers, and they are never
+    /// trusted there (callers are known by certificate or token).
+    pub fn for_quic(&self) -> Authenticator {
+        Authenticator {
+            listener: "quic",
+            sidecar: Sidecar::None,
+            tokens: self.tokens.clone(),
+            allowed: self.allowed.clone(),
+        }
+    }
+
     /// The authenticators of the client, peer and admin listeners.
     pub fn from_config(
         auth: &AuthConfig,

@@ -166,17 +166,20 @@ pub async fn run(
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
         .add_service(MetadataServer::new(MetadataService::new(node.clone())))
         .prepare();
-    let client_layers = tower::ServiceBuilder::new()
-        .layer(crate::auth::AuthLayer::new(client_auth))
-        .layer(crate::grpc::caller::CallerLayer)
-        .layer(tower::util::MapResponseLayer::new(
-            crate::grpc::oversized_requests_are_resource_exhausted
-                as fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
-        ));
+    let quic_auth = client_auth.for_quic();
+    let client_layers = |auth| {
+        tower::ServiceBuilder::new()
+            .layer(crate::auth::AuthLayer::new(auth))
+            .layer(crate::grpc::caller::CallerLayer)
+            .layer(tower::util::MapResponseLayer::new(
+                crate::grpc::oversized_requests_are_resource_exhausted
+                    as fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
+            ))
+    };
     let quic_task = match listeners.quic {
         Some(socket) => {
             let endpoint = crate::tls::quic_endpoint(socket, &config, stop_rx.clone())?;
-            let service = client_layers.clone().service(client_routes.clone());
+            let service = client_layers(quic_auth).service(client_routes.clone());
             Some(tokio::spawn(weft_proto::quic::serve(
                 endpoint,
                 service,
@@ -186,7 +189,7 @@ pub async fn run(
         None => None,
     };
     let client_server = tonic::transport::Server::builder()
-        .layer(client_layers)
+        .layer(client_layers(client_auth))
         .max_concurrent_streams(config.streams_per_connection_max)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(client_routes)

@@ -33,6 +33,8 @@ pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often an idle connection is kept alive.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Largest header section a call may send (HTTP/2's usual limit).
+const HEADER_BYTES_MAX: u64 = 16 * 1024;
 /// Longest wait for a QUIC handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -211,6 +213,7 @@ pub async fn serve<S, B>(
     B::Error: std::fmt::Display + Send,
 {
     let local = endpoint.local_addr().ok();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(crate::tls::HANDSHAKES_MAX));
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -218,9 +221,16 @@ pub async fn serve<S, B>(
             () = &mut shutdown => break,
         };
         let Some(incoming) = incoming else { break };
+        // Handshakes in progress are bounded, as on the TCP listeners: beyond, refuse.
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
         let service = service.clone();
         tokio::spawn(async move {
-            let connection = match tokio::time::timeout(CONNECT_TIMEOUT, incoming).await {
+            let connection = tokio::time::timeout(CONNECT_TIMEOUT, incoming).await;
+            drop(permit);
+            let connection = match connection {
                 Ok(Ok(connection)) => connection,
                 Ok(Err(e)) => {
                     tracing::debug!("a QUIC handshake failed: {e}");
@@ -229,10 +239,11 @@ pub async fn serve<S, B>(
                 Err(_) => return,
             };
             let info = conn_info(&connection, local);
-            let mut h3 = match h3::server::Connection::<_, Bytes>::new(h3_quinn::Connection::new(
-                connection,
-            ))
-            .await
+            // Header sections as large as HTTP/2's default limit, not h3's unbounded one.
+            let mut h3 = match h3::server::builder()
+                .max_field_section_size(HEADER_BYTES_MAX)
+                .build::<_, Bytes>(h3_quinn::Connection::new(connection))
+                .await
             {
                 Ok(h3) => h3,
                 Err(e) => {
@@ -263,26 +274,47 @@ pub async fn serve<S, B>(
             }
         });
     }
-    endpoint.close(0u32.into(), b"shutting down");
+    // H3_NO_ERROR.
+    endpoint.close(0x100u32.into(), b"shutting down");
 }
 
 type Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
+/// After a failed connection attempt, calls fail at once for this long (with that attempt's
+/// error) instead of each waiting for a handshake of its own.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
+
 /// A gRPC channel over QUIC to one server: connected on first use, again after the connection
-/// is lost. Transport failures come back as UNAVAILABLE gRPC answers (trailers only), never as
-/// errors of the channel.
+/// is lost (one attempt at a time; the others wait for it). Transport failures come back as
+/// UNAVAILABLE gRPC answers (trailers only), never as errors of the channel; a call's
+/// `grpc-timeout` bounds the wait for its answer (DEADLINE_EXCEEDED).
 #[derive(Clone)]
 pub struct QuicChannel {
     inner: Arc<Inner>,
 }
 
+/// The connection in use, or the last failure.
+enum Slot {
+    Empty,
+    Open {
+        sender: Sender,
+        generation: u64,
+    },
+    Failed {
+        at: std::time::Instant,
+        error: String,
+    },
+}
+
 struct Inner {
-    endpoint: quinn::Endpoint,
     /// host:port, resolved at each connection.
     address: String,
     server_name: String,
     client_config: quinn::ClientConfig,
-    sender: Mutex<Option<Sender>>,
+    /// A UDP socket per address family, made when first needed.
+    endpoints: std::sync::Mutex<(Option<quinn::Endpoint>, Option<quinn::Endpoint>)>,
+    slot: Mutex<Slot>,
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for QuicChannel {
@@ -296,7 +328,7 @@ impl std::fmt::Debug for QuicChannel {
 
 impl QuicChannel {
     /// A channel to `address` (host:port) whose certificate must name `server_name`, with
-    /// `tls` (its CAs and client certificate; the ALPN is set here). Binds a UDP socket.
+    /// `tls` (its CAs and client certificate; the ALPN is set here).
     pub fn new(
         address: &str,
         server_name: &str,
@@ -308,20 +340,14 @@ impl QuicChannel {
             .map_err(|e| format!("this TLS configuration cannot call over QUIC: {e}"))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
         client_config.transport_config(transport_config());
-        let bind: SocketAddr = if address.starts_with('[') {
-            "[::]:0".parse().map_err(|e| format!("{e}"))?
-        } else {
-            "0.0.0.0:0".parse().map_err(|e| format!("{e}"))?
-        };
-        let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| format!("cannot open a UDP socket for QUIC: {e}"))?;
         Ok(QuicChannel {
             inner: Arc::new(Inner {
-                endpoint,
                 address: address.to_string(),
                 server_name: server_name.to_string(),
                 client_config,
-                sender: Mutex::new(None),
+                endpoints: std::sync::Mutex::new((None, None)),
+                slot: Mutex::new(Slot::Empty),
+                generations: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -331,41 +357,118 @@ impl QuicChannel {
         self.sender().await.map(|_| ())
     }
 
-    /// The open connection's request sender, connecting when there is none.
-    async fn sender(&self) -> Result<Sender, String> {
-        let mut slot = self.inner.sender.lock().await;
-        if let Some(sender) = slot.as_ref() {
-            return Ok(sender.clone());
+    /// The open connection's request sender and its generation, connecting when there is
+    /// none (one attempt at a time: the others wait for its outcome).
+    async fn sender(&self) -> Result<(Sender, u64), String> {
+        let mut slot = self.inner.slot.lock().await;
+        match &*slot {
+            Slot::Open { sender, generation } => return Ok((sender.clone(), *generation)),
+            Slot::Failed { at, error } if at.elapsed() < RECONNECT_BACKOFF => {
+                return Err(error.clone());
+            }
+            _ => {}
         }
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.open()).await {
+            Ok(Ok((sender, generation))) => {
+                *slot = Slot::Open {
+                    sender: sender.clone(),
+                    generation,
+                };
+                Ok((sender, generation))
+            }
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(e)) => e,
+                    _ => format!(
+                        "no QUIC connection to {} within {CONNECT_TIMEOUT:?}",
+                        self.inner.address
+                    ),
+                };
+                *slot = Slot::Failed {
+                    at: std::time::Instant::now(),
+                    error: error.clone(),
+                };
+                Err(error)
+            }
+        }
+    }
+
+    /// The UDP endpoint for `remote`'s address family.
+    fn endpoint_for(&self, remote: SocketAddr) -> Result<quinn::Endpoint, String> {
+        let mut endpoints = self
+            .inner
+            .endpoints
+            .lock()
+            .map_err(|_| "the QUIC endpoints' lock is poisoned".to_string())?;
+        let (slot, bind): (&mut Option<quinn::Endpoint>, SocketAddr) = if remote.is_ipv4() {
+            (&mut endpoints.0, SocketAddr::from(([0, 0, 0, 0], 0)))
+        } else {
+            (&mut endpoints.1, SocketAddr::from(([0u16; 8], 0)))
+        };
+        if let Some(endpoint) = slot {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|e| format!("cannot open a UDP socket for QUIC: {e}"))?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// A new connection: resolve, handshake, HTTP/3 set-up; its driver task clears the slot
+    /// when it ends (only if the slot still holds this connection).
+    async fn open(&self) -> Result<(Sender, u64), String> {
         let inner = &self.inner;
-        let address = tokio::net::lookup_host(&inner.address)
+        let candidates: Vec<SocketAddr> = tokio::net::lookup_host(&inner.address)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", inner.address))?
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", inner.address))?;
-        let connecting = inner
-            .endpoint
-            .connect_with(inner.client_config.clone(), address, &inner.server_name)
-            .map_err(|e| format!("cannot connect to {address} over QUIC: {e}"))?;
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| format!("no QUIC handshake with {address} within {CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| format!("QUIC handshake with {address}: {e}"))?;
-        let (mut driver, sender) = h3::client::new(h3_quinn::Connection::new(connection))
-            .await
-            .map_err(|e| format!("HTTP/3 with {address}: {e}"))?;
-        let channel = self.clone();
-        tokio::spawn(async move {
-            let error = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-            tracing::debug!(
-                "the QUIC connection to {} ended: {error}",
-                channel.inner.address
-            );
-            // The next call connects again.
-            *channel.inner.sender.lock().await = None;
-        });
-        *slot = Some(sender.clone());
-        Ok(sender)
+            .collect();
+        if candidates.is_empty() {
+            return Err(format!("{} resolves to no address", inner.address));
+        }
+        let mut failures = Vec::new();
+        for address in candidates {
+            let attempt = async {
+                let endpoint = self.endpoint_for(address)?;
+                let connection = endpoint
+                    .connect_with(inner.client_config.clone(), address, &inner.server_name)
+                    .map_err(|e| format!("cannot connect to {address} over QUIC: {e}"))?
+                    .await
+                    .map_err(|e| format!("QUIC handshake with {address}: {e}"))?;
+                h3::client::new(h3_quinn::Connection::new(connection))
+                    .await
+                    .map_err(|e| format!("HTTP/3 with {address}: {e}"))
+            };
+            match attempt.await {
+                Ok((mut driver, sender)) => {
+                    let generation = inner
+                        .generations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        + 1;
+                    // Weak: the task must not keep the channel (and its connection) alive.
+                    let weak = Arc::downgrade(&self.inner);
+                    tokio::spawn(async move {
+                        let error = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+                        let Some(inner) = weak.upgrade() else { return };
+                        tracing::debug!("the QUIC connection to {} ended: {error}", inner.address);
+                        let mut slot = inner.slot.lock().await;
+                        if matches!(&*slot, Slot::Open { generation: g, .. } if *g == generation) {
+                            *slot = Slot::Empty;
+                        }
+                    });
+                    return Ok((sender, generation));
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(failures.join("; "))
+    }
+
+    /// Forgets connection `generation` (a call could not start on it).
+    async fn forget(&self, generation: u64) {
+        let mut slot = self.inner.slot.lock().await;
+        if matches!(&*slot, Slot::Open { generation: g, .. } if *g == generation) {
+            *slot = Slot::Empty;
+        }
     }
 
     /// One call.
@@ -373,7 +476,7 @@ impl QuicChannel {
         &self,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, String> {
-        let mut sender = self.sender().await?;
+        let (mut sender, generation) = self.sender().await?;
         let (mut parts, mut body) = request.into_parts();
         // HTTP/3 wants an absolute URI: the authority this channel calls.
         let path = parts
@@ -381,7 +484,7 @@ impl QuicChannel {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        parts.uri = format!("https://{}{path}", self.inner.server_name_authority())
+        parts.uri = format!("https://{}{path}", self.inner.address)
             .parse()
             .map_err(|e| format!("bad request path {path:?}: {e}"))?;
         let stream = match sender
@@ -390,16 +493,20 @@ impl QuicChannel {
         {
             Ok(stream) => stream,
             Err(e) => {
-                *self.inner.sender.lock().await = None;
+                self.forget(generation).await;
                 return Err(format!("cannot start a call over QUIC: {e}"));
             }
         };
         let (mut send, mut recv) = stream.split();
         // The request body goes out beside the response (streaming calls need both at once).
-        let writer = tokio::spawn(async move {
+        let writer = AbortOnDrop(tokio::spawn(async move {
             let mut trailers_sent = false;
             while let Some(frame) = body.frame().await {
-                let Ok(frame) = frame else { break };
+                let Ok(frame) = frame else {
+                    // The caller's body failed: a reset, not a clean end.
+                    send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                    return;
+                };
                 match frame.into_data() {
                     Ok(data) => {
                         if send.send_data(data).await.is_err() {
@@ -416,18 +523,29 @@ impl QuicChannel {
             if !trailers_sent {
                 let _ = send.finish().await;
             }
-        });
+        }));
         let response = recv
             .recv_response()
             .await
             .map_err(|e| format!("no answer over QUIC: {e}"))?;
-        let (tx, rx) = mpsc::channel(FRAMES_QUEUED);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, tonic::Status>>(FRAMES_QUEUED);
         tokio::spawn(async move {
+            // Owns the request body's writer: the call ends with its response.
+            let _writer = writer;
             loop {
-                match recv.recv_data().await {
+                let next = tokio::select! {
+                    next = recv.recv_data() => next,
+                    () = tx.closed() => {
+                        // The caller dropped the response: tell the server to stop.
+                        recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
+                        break;
+                    }
+                };
+                match next {
                     Ok(Some(mut chunk)) => {
                         let bytes = chunk.copy_to_bytes(chunk.remaining());
                         if tx.send(Ok(Frame::data(bytes))).await.is_err() {
+                            recv.stop_sending(h3::error::Code::H3_REQUEST_CANCELLED);
                             break;
                         }
                     }
@@ -447,8 +565,6 @@ impl QuicChannel {
                     }
                 }
             }
-            // The call is over: stop sending its request body.
-            writer.abort();
         });
         let (parts, ()) = response.into_parts();
         Ok(http::Response::from_parts(
@@ -458,24 +574,45 @@ impl QuicChannel {
     }
 }
 
-impl Inner {
-    fn server_name_authority(&self) -> &str {
-        &self.address
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// A call's `grpc-timeout` (as gRPC writes it: digits and a unit).
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// A trailers-only gRPC answer: UNAVAILABLE with `message`.
 fn unavailable(message: &str) -> http::Response<Body> {
+    status_only("14", message)
+}
+
+/// A trailers-only gRPC answer with `code` (decimal) and `message`.
+fn status_only(code: &'static str, message: &str) -> http::Response<Body> {
     let mut response = http::Response::new(Body::empty());
     let headers = response.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    headers.insert(
-        "grpc-status",
-        http::HeaderValue::from_static("14"), // UNAVAILABLE
-    );
+    headers.insert("grpc-status", http::HeaderValue::from_static(code));
     let encoded: String = message
         .bytes()
         .map(|b| {
@@ -505,11 +642,53 @@ impl tower::Service<http::Request<Body>> for QuicChannel {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let channel = self.clone();
+        let deadline = grpc_timeout(request.headers());
         Box::pin(async move {
-            Ok(match channel.call_inner(request).await {
+            let call = channel.call_inner(request);
+            let outcome = match deadline {
+                Some(deadline) => match tokio::time::timeout(deadline, call).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        // DEADLINE_EXCEEDED (4): no answer within the call's deadline.
+                        return Ok(status_only("4", "no answer over QUIC within the deadline"));
+                    }
+                },
+                None => call.await,
+            };
+            Ok(match outcome {
                 Ok(response) => response,
                 Err(message) => unavailable(&message),
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_as_grpc_writes_them() {
+        let at = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-timeout", value.parse().expect("header"));
+            grpc_timeout(&headers)
+        };
+        assert_eq!(at("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(at("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(at("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(at("5x"), None);
+        assert_eq!(at("S"), None);
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_failed_call_is_a_grpc_status_not_a_transport_error() {
+        let response = status_only("14", "the broker went away: 100%");
+        assert_eq!(response.headers()["grpc-status"], "14");
+        assert_eq!(
+            response.headers()["grpc-message"],
+            "the broker went away: 100%25"
+        );
     }
 }

@@ -468,6 +468,8 @@ BAD_VALUES = [
     ({"terminationGracePeriodSeconds": 30}, "terminationGracePeriodSeconds"),
     ({"config": {"request_timeout_ms": 1}}, "request_timeout_ms"),
     ({"config": {"tls": {"client": {"cert_file": "/c.pem"}}}}, "key_file"),
+    ({"config": {"tls": {"admin": {"cert_file": "/c.pem", "key_file": "/k.pem",
+                                   "ca_file": "/ca.pem"}}}}, "client_auth"),
     ({"config": {"acl": {"rules": [{"identity": "a", "resource": "cluster",
                                     "operations": ["fly"]}]}}}, "operations"),
     ({"config": {"topic_defaults": {"segment_bytes": 1024}}}, "segment_bytes"),

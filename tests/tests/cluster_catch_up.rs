@@ -22,14 +22,17 @@ fn leader_of_0(broker: &Broker) -> u64 {
     v["partition_details"][0]["leader_id"].as_u64().unwrap_or(0)
 }
 
-/// Publishes records `from .. to` (16 per call) through `address`.
+/// Publishes records `from .. to` (16 per call) through `address`, as an idempotent producer
+/// that retries while the partition is unavailable (its leadership moving, say: the preferred
+/// leader balance may run meanwhile).
 async fn publish(address: &str, from: u64, to: u64) {
     let channel = grpc::channel(address).await;
     let mut publisher = grpc::publisher(&channel);
     let mut i = from;
+    let mut attempts = 0;
     while i < to {
         let end = (i + 16).min(to);
-        let response = publisher
+        let answer = publisher
             .publish(PublishRequest {
                 topic: "wipe".into(),
                 target: Some(Target::Partition(0)),
@@ -43,11 +46,20 @@ async fn publish(address: &str, from: u64, to: u64) {
                         }
                     })
                     .collect(),
+                producer_id: 7001,
+                base_sequence: i,
                 ..PublishRequest::default()
             })
-            .await
-            .expect("publish")
-            .into_inner();
+            .await;
+        let response = match answer {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(status) => panic!("publish: {status:?}"),
+        };
         assert_eq!(response.base_offset, i, "dense offsets");
         i = end;
     }

@@ -298,7 +298,9 @@ async fn a_replica_that_lost_committed_entries_fetches_them_before_it_votes() {
     let (mut brokers, follower) = cluster_with_records().await;
     // Killed (no snapshot at stop) a moment after the last commit, once its saved committed
     // index has reached the store; then the newest segment loses its second half.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // (3 s: a heartbeat tells the follower the last commit, it saves it, and sled's flusher,
+    // which runs every 500 ms, writes it out, even on a loaded machine.)
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     brokers[follower].kill9();
     cut_newest_segment_in_half(&brokers[follower]);
     brokers[follower].start_again_same_ports();

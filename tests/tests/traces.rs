@@ -395,6 +395,21 @@ fn a_bad_otlp_endpoint_is_a_config_error() {
         stderr.contains("telemetry.otlp_endpoint") && stderr.contains("http://HOST:PORT"),
         "{stderr}"
     );
+    // OTLP over TLS is refused at start with the reason (the exporter is built without TLS),
+    // not accepted by --check-config and then failing when the broker starts.
+    let out = std::process::Command::new(binary("weft-broker"))
+        .args([
+            "--otlp-endpoint",
+            "https://collector:4317",
+            "--check-config",
+        ])
+        .output()
+        .expect("run weft-broker");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not supported"),
+        "{out:?}"
+    );
     // The CLI refuses it too, with its own message.
     let out = std::process::Command::new(binary("weft"))
         .args(["--otlp-endpoint", "nonsense", "topic", "list"])

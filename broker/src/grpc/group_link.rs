@@ -496,6 +496,12 @@ pub async fn serve_member(
             ));
         }
     };
+    if let Coordinated::There { node_id, .. } = node.coordinator()? {
+        return Err(BrokerError::Unavailable {
+            reason: "this broker is not the group coordinator".into(),
+            leader: Some(node_id),
+        });
+    }
     // Checked here as well as where the member connected: as the member (its broker passes
     // its identity on), by this broker's rules.
     node.authorize(
@@ -508,12 +514,6 @@ pub async fn serve_member(
         crate::acl::Operation::Subscribe,
         crate::acl::Resource::Group(&join.group_id),
     )?;
-    if let Coordinated::There { node_id, .. } = node.coordinator()? {
-        return Err(BrokerError::Unavailable {
-            reason: "this broker is not the group coordinator".into(),
-            leader: Some(node_id),
-        });
-    }
     let topic = node.topic(&join.topic)?;
     if topic.topic_id != join.topic_id {
         return Err(BrokerError::TopicNotFound(join.topic));
