@@ -58,6 +58,22 @@ pub const CALLER_PRINCIPAL_HEADER: &str = "weft-caller-principal";
 /// anonymous).
 pub const CALLER_SOURCE_HEADER: &str = "weft-caller-source";
 
+/// A `grpc-timeout` header value as gRPC writes it (digits and a unit: H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Kafka's murmur2 hash, as its default partitioner uses it.
 pub fn murmur2(data: &[u8]) -> i32 {
     const SEED: u32 = 0x9747_b28c;

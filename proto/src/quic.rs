@@ -583,20 +583,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A call's `grpc-timeout` (as gRPC writes it: digits and a unit).
+/// A call's `grpc-timeout`.
 fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    crate::parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// A trailers-only gRPC answer: UNAVAILABLE with `message`.

@@ -133,22 +133,8 @@ pub(crate) fn deadline(metadata: &tonic::metadata::MetadataMap, node: &Node) -> 
     metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout)
+        .and_then(weft_proto::parse_grpc_timeout)
         .map_or(ceiling, |d| d.min(ceiling))
-}
-
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 pub use weft_proto::{murmur2, partition_for_key};
@@ -251,9 +237,15 @@ mod tests {
 
     #[test]
     fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("x"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
+        assert_eq!(
+            weft_proto::parse_grpc_timeout("5S"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            weft_proto::parse_grpc_timeout("250m"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(weft_proto::parse_grpc_timeout("x"), None);
+        assert_eq!(weft_proto::parse_grpc_timeout(""), None);
     }
 }

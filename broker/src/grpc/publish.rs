@@ -191,8 +191,8 @@ impl PublisherService {
             } => {
                 // The leader's spans are children of this broker's.
                 let passed_on = match span {
-                    Some(cx) => passed_on.with_trace_context(cx),
-                    None => passed_on.clone(),
+                    Some(cx) => std::borrow::Cow::Owned(passed_on.with_trace_context(cx)),
+                    None => std::borrow::Cow::Borrowed(passed_on),
                 };
                 return self
                     .forward(
