@@ -395,6 +395,7 @@ impl Node {
             config.peer_upstream_map()?,
             crate::tls::peer_client(&config)?,
         );
+        peers.watch_leaders();
         let seeds = config.peer_list()?;
         if fresh && !seeds.is_empty() {
             // An empty data directory in a cluster: a first start, or a broker that lost its

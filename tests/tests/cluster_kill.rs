@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use weft_client::{Client, ProducerConfig, Record};
-use weft_tests::{fetch_range, start_cluster, start_cluster_env, wait_for};
+use weft_tests::{
+    fetch_range, metric, start_cluster, start_cluster_each, start_cluster_env, wait_for,
+};
 
 const PRODUCERS: usize = 4;
 
@@ -171,7 +173,16 @@ async fn killing_the_leader_under_four_producers_loses_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_ticking_in_step_still_elect_a_leader_when_theirs_is_killed() {
     for round in 0..2 {
-        let mut brokers = start_cluster_env(3, &[], &[("WEFT_TEST_TICK_PHASE_MS", "0")]);
+        // openraft's own timer only: the leader watch would stand each follower at its own
+        // delay and hide the split votes this test is about.
+        let mut brokers = start_cluster_env(
+            3,
+            &[],
+            &[
+                ("WEFT_TEST_TICK_PHASE_MS", "0"),
+                ("WEFT_TEST_NO_LEADER_WATCH", "1"),
+            ],
+        );
         let (status, body) = brokers[0].http(
             "POST",
             "/v1/topics",
@@ -199,4 +210,60 @@ async fn replicas_ticking_in_step_still_elect_a_leader_when_theirs_is_killed() {
             killed_at.elapsed()
         );
     }
+}
+
+/// A leader that goes silent without closing anything (SIGSTOP: no FIN, no RST, as when it is
+/// cut off) is replaced as soon as its lease has run out: the followers' leader watch stands
+/// one of them after the lease plus its own random half to one and a half ticks. openraft 0.9
+/// alone waits the lease plus a whole random election timeout, checked on its tick. With a 4 s
+/// election timeout (lease 5 s, ticks of 750 ms) the watch stands after 5.4-6.2 s of silence,
+/// openraft's timer after at least 9 s: a new leader within 8.5 s of the pause, and a
+/// survivor's counter of watch elections, show the watch at work. Without it, the new leader
+/// came after 9.4-10 s (and the counter did not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_leader_is_replaced_once_its_lease_runs_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "raft_election_timeout_ms = 4000\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let brokers = start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"hot","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let first_leader = wait_for("a leader", Duration::from_secs(60), || {
+        let l = leader(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let paused = (first_leader - 1) as usize;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != paused).collect();
+    let before: f64 = survivors
+        .iter()
+        .map(|i| metric(&brokers[*i], "weft_raft_prompt_elections_total").unwrap_or(0.0))
+        .sum();
+    brokers[paused].pause();
+    let paused_at = Instant::now();
+    let new_leader = wait_for("a new leader", Duration::from_secs(60), || {
+        let l = leader(&brokers[survivors[0]]);
+        async move { (l != 0 && l != first_leader).then_some(l) }
+    })
+    .await;
+    let waited = paused_at.elapsed();
+    brokers[paused].resume();
+    let after: f64 = survivors
+        .iter()
+        .map(|i| metric(&brokers[*i], "weft_raft_prompt_elections_total").unwrap_or(0.0))
+        .sum();
+    eprintln!("node {new_leader} leads {waited:?} after node {first_leader} was paused");
+    assert!(
+        after > before,
+        "no survivor stood through the leader watch ({before} -> {after})"
+    );
+    assert!(
+        waited < Duration::from_millis(8500),
+        "the new leader came after {waited:?}: openraft's own timer, not the watch"
+    );
 }

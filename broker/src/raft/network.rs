@@ -44,6 +44,16 @@ pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// A group that sent entries this recently is busy: its empty appends are not held back.
 const BUSY_WINDOW: Duration = Duration::from_secs(2);
 
+/// How often the leader watch ([`Peers::watch_leaders`]) looks at every group here.
+const LEADER_WATCH_EVERY: Duration = Duration::from_millis(50);
+
+/// A 64-bit mix (splitmix64's finaliser): spreads nearby seeds over the whole range.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
 /// Most bytes a ReadLog answers with.
 pub(super) const READ_LOG_BYTES_MAX: usize = 8 * 1024 * 1024;
 
@@ -284,6 +294,110 @@ impl Peers {
             .lock()
             .ok()
             .and_then(|h| h.get(&group_id).map(std::time::Instant::elapsed))
+    }
+
+    /// Starts this node's leader watch (a task that ends when the last `Peers` handle is
+    /// dropped): a follower whose leader has been silent for longer than the leader's lease
+    /// (`election_timeout_max`: after it, the other voters grant votes again) plus a random
+    /// half to one and a half ticks stands for election at once.
+    ///
+    /// openraft 0.9 waits the lease *plus* a random election timeout, checked on its 1.5-
+    /// heartbeat tick, before a follower stands: about 3.4-4.5 s with the default timings, and
+    /// 4-6 s after the split vote that two followers standing in the same tick often make. The
+    /// watch stands 2.2-3.0 s after the last heartbeat, each follower at its own random delay (a
+    /// vote round trip is far shorter than the spread), so the first to stand usually wins.
+    /// The delay starts half a tick after the lease so that a leadership transfer (the target
+    /// is asked to stand 100 ms after the lease) is not overtaken by another follower.
+    /// openraft's own timer stays as the fallback; a follower that withholds its votes (lost
+    /// data) or is a learner never stands through the watch.
+    /// `WEFT_TEST_NO_LEADER_WATCH=1` leaves the watch off: a test hook for tests of
+    /// openraft's own election timer (split votes).
+    pub fn watch_leaders(&self) {
+        if std::env::var("WEFT_TEST_NO_LEADER_WATCH").is_ok_and(|v| v == "1") {
+            tracing::warn!("test hook: no leader watch");
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(LEADER_WATCH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The (group, term) each election was last started in: once per silence.
+            let mut stood: HashMap<GroupId, u64> = HashMap::new();
+            loop {
+                every.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let peers = Peers { inner };
+                if peers.recovery() != Recovery::Normal {
+                    continue;
+                }
+                let groups: Vec<(GroupId, Raft)> = match peers.inner.groups.read() {
+                    Ok(groups) => groups.iter().map(|(id, r)| (*id, r.clone())).collect(),
+                    Err(_) => return,
+                };
+                stood.retain(|id, _| groups.iter().any(|(g, _)| g == id));
+                for (group_id, raft) in groups {
+                    let Some(term) = peers.leader_lost(group_id, &raft) else {
+                        continue;
+                    };
+                    if stood.get(&group_id) == Some(&term) {
+                        continue;
+                    }
+                    stood.insert(group_id, term);
+                    tracing::info!(
+                        group = group_id,
+                        term,
+                        "the leader has been silent past its lease: standing for election"
+                    );
+                    metrics::counter!("weft_raft_prompt_elections_total").increment(1);
+                    tokio::spawn(async move {
+                        if let Err(e) = raft.trigger().elect().await {
+                            tracing::debug!(group = group_id, "cannot stand for election: {e}");
+                        }
+                    });
+                }
+            }
+        });
+    }
+
+    /// The term of group `group_id` (`raft`) here when this replica should stand for election
+    /// now: it follows a known leader as a voter, and that leader has been silent for longer
+    /// than its lease plus this replica's delay for the term (see [`Peers::watch_leaders`]).
+    fn leader_lost(&self, group_id: GroupId, raft: &Raft) -> Option<u64> {
+        let (term, lease, tick) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let leader = m.current_leader?;
+            if m.state != openraft::ServerState::Follower
+                || leader == m.id
+                || !m.vote.is_committed()
+                || !m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == m.id)
+            {
+                return None;
+            }
+            let config = raft.config();
+            (
+                m.current_term,
+                Duration::from_millis(config.election_timeout_max),
+                Duration::from_millis((config.heartbeat_interval * 3 / 2).max(1)),
+            )
+        };
+        let silence = self.silent_for(group_id)?;
+        // A delay of its own per (node, group, term), between half a tick and one and a half.
+        let seed = self
+            .inner
+            .node_id
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(group_id.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+            .wrapping_add(term.wrapping_mul(0x94D0_49BB_1331_11EB));
+        let spread = u64::try_from(tick.as_millis()).unwrap_or(u64::MAX).max(1);
+        let delay = tick / 2 + Duration::from_millis(mix(seed) % spread);
+        (silence > lease + delay).then_some(term)
     }
 
     /// Serves the log of group `group_id` to replicas catching up (ReadLog).
@@ -771,6 +885,10 @@ impl pb::raft_server::Raft for RaftService {
         let raft = self.peers.group(message.group_id)?;
         let group_id = message.group_id;
         let rpc = wire::snapshot_from(message).map_err(malformed)?;
+        // A leader sending a snapshot is heard from, like one sending entries.
+        if let Ok(mut heard) = self.peers.inner.heard_at.lock() {
+            heard.insert(group_id, std::time::Instant::now());
+        }
         if let (Some(leader), Ok(mut senders)) = (
             rpc.vote.leader_id().voted_for(),
             self.peers.inner.snapshot_from.lock(),
