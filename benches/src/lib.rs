@@ -20,6 +20,7 @@
 pub mod chart;
 pub mod compare;
 pub mod drivers;
+pub mod failover;
 pub mod progress;
 pub mod restart;
 pub mod result;

@@ -66,6 +66,19 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Freezes (SIGSTOP) the leader of a partition of a three-broker cluster, round after round,
+    /// and reports how long until another broker leads it.
+    Failover {
+        /// Rounds.
+        #[arg(long, default_value_t = 8)]
+        rounds: usize,
+        /// Where the brokers keep their data (default: the system temp dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where the JSON result goes.
+        #[arg(long, default_value = "weft-bench-results")]
+        out: PathBuf,
+    },
     /// Builds a large partition through a broker, restarts the broker cleanly and after kill -9,
     /// and reports the time until the partition serves and the peak resident memory.
     Restart {
@@ -240,6 +253,27 @@ async fn main_inner(cli: Cli) -> Result<bool> {
                 comparison.failures.is_empty()
                     && comparison.drivers.iter().all(|d| d.counts_add_up),
             )
+        }
+        Command::Failover {
+            rounds,
+            data_dir,
+            out,
+        } => {
+            if !(1..=1000).contains(&rounds) {
+                bail!("--rounds must be in 1..=1000");
+            }
+            let dir = data_dir.unwrap_or_else(std::env::temp_dir);
+            let result = weft_bench::failover::run(rounds, &dir).await?;
+            let (min, median, max) = result.summary();
+            println!(
+                "failover after SIGSTOP of the leader, {rounds} rounds: min {min:.2} s, median \
+                 {median:.2} s, max {max:.2} s"
+            );
+            std::fs::create_dir_all(&out)?;
+            let path = out.join(format!("{}-failover.json", stamp()));
+            std::fs::write(&path, serde_json::to_vec_pretty(&result)?)?;
+            println!("wrote {}", path.display());
+            Ok(true)
         }
         Command::Restart {
             size_gib,

@@ -331,3 +331,53 @@ fn bad_workloads_and_drivers_are_refused_with_a_reason() {
         "a non-result file fails the check"
     );
 }
+
+/// `weft-bench failover` runs a real three-broker cluster, freezes the leader, sees another
+/// broker lead, and writes its figures; the frozen broker is resumed and everything stopped.
+#[test]
+fn failover_freezes_the_leader_and_reports_the_time_to_a_new_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let output = bench(&[
+        "failover",
+        "--rounds",
+        "1",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("failover after SIGSTOP of the leader"),
+        "{stdout}"
+    );
+    let file = std::fs::read_dir(&out)
+        .expect("out dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("-failover.json"))
+        .expect("a failover result");
+    let value: Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+    let seconds = value["failover_seconds"]
+        .as_array()
+        .expect("failover_seconds");
+    assert_eq!(seconds.len(), 1);
+    let s = seconds[0].as_f64().expect("seconds");
+    // A new leader was seen (liveness only: the figure itself belongs in the note).
+    assert!(s > 0.0 && s < 60.0, "{s}");
+    let (frozen, next) = (&value["leaders"][0][0], &value["leaders"][0][1]);
+    assert_ne!(frozen, next, "another broker leads");
+    // The cluster's data directory is removed and no broker is left running in it.
+    assert_eq!(
+        std::fs::read_dir(&data).expect("data dir").count(),
+        0,
+        "the run's brokers and data are gone"
+    );
+    let output = bench(&["failover", "--rounds", "0"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--rounds"));
+}

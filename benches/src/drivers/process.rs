@@ -81,6 +81,23 @@ impl Server {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self
+            .child
+            .id()
+            .with_context(|| format!("{} has exited", self.name))?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} ({}) failed", self.name);
+        }
+        Ok(())
+    }
+
     /// Waits until `addr` accepts TCP connections, failing early if the process exits.
     pub async fn wait_for_port(&mut self, addr: &str) -> Result<()> {
         self.wait_for_port_within(addr, START_TIMEOUT).await

@@ -322,6 +322,22 @@ pub struct WeftClusterDriver {
 }
 
 impl WeftClusterDriver {
+    /// The client of node `node` (1-based).
+    pub fn client(&self, node: u64) -> Option<&Client> {
+        self.clients
+            .get(usize::try_from(node).ok()?.checked_sub(1)?)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to node `node`'s broker process.
+    pub fn signal(&self, node: u64, signal: &str) -> Result<()> {
+        let server = usize::try_from(node)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| self.servers.get(i))
+            .with_context(|| format!("no node {node}"))?;
+        server.signal(signal)
+    }
+
     /// Starts the cluster in `data_dir` (`node1` .. `node3`).
     pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<WeftClusterDriver> {
         if spec.endpoint.is_some() {

@@ -139,7 +139,11 @@ async fn send(peers: Peers, target: NodeId, address: String, batch: Vec<Pending>
         },
         timeout,
     );
-    match client.append_entries_batch(call).await {
+    let started = std::time::Instant::now();
+    let answer = client.append_entries_batch(call).await;
+    metrics::histogram!("weft_raft_append_call_seconds", "peer" => target.to_string())
+        .record(started.elapsed().as_secs_f64());
+    match answer {
         Ok(response) => {
             let mut results = response.into_inner().results.into_iter();
             for reply in replies {

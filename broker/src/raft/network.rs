@@ -756,12 +756,19 @@ impl RaftService {
         &self,
         message: pb::AppendEntriesRequest,
     ) -> Result<pb::AppendEntriesResponse, Status> {
+        let started = Instant::now();
         let raft = self.peers.group(message.group_id)?;
         let group_id = message.group_id;
         let rpc = wire::append_from(message).map_err(malformed)?;
+        let with_entries = !rpc.entries.is_empty();
         self.peers
             .heard_leader(group_id, rpc.leader_commit.map_or(0, |l| l.index));
         let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        if with_entries {
+            // On the follower: from the call's arrival to the entries stored and synced.
+            metrics::histogram!("weft_raft_append_serve_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
         Ok(wire::append_response_to(&response))
     }
 }

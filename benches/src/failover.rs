@@ -1,0 +1,126 @@
+//! `weft-bench failover`: how long a three-broker cluster goes without a leader when a leader
+//! stops answering. It starts the `weft-cluster` driver's cluster, creates a topic of one
+//! partition (replication factor 3), and in each round freezes the partition's leader with
+//! SIGSTOP (its sockets stay open, as when it is cut off or hung: nothing tells the followers it
+//! is gone but its silence), then asks another broker for the partition's leader every 20 ms
+//! until a different broker leads. The time from the SIGSTOP to that answer is the round's
+//! failover. The frozen broker then gets SIGCONT, rejoins as a follower, and the cluster's
+//! leader balance moves the leadership back before the next round.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::drivers::weft::WeftClusterDriver;
+use crate::drivers::{Driver, DriverSpec, Durability, Kind};
+
+const TOPIC: &str = "failover";
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverResult {
+    /// Seconds from each SIGSTOP of the leader until another broker led, in round order.
+    pub failover_seconds: Vec<f64>,
+    /// The frozen leader and the new one, per round.
+    pub leaders: Vec<(u64, u64)>,
+}
+
+impl FailoverResult {
+    /// (min, median, max) of the failover times.
+    pub fn summary(&self) -> (f64, f64, f64) {
+        let mut sorted = self.failover_seconds.clone();
+        sorted.sort_by(f64::total_cmp);
+        match (sorted.first(), sorted.last()) {
+            (Some(min), Some(max)) => (*min, sorted[sorted.len() / 2], *max),
+            _ => (0.0, 0.0, 0.0),
+        }
+    }
+}
+
+/// The leader of partition 0 as `node` sees it (0: none, or no answer).
+async fn leader_seen_by(cluster: &WeftClusterDriver, node: u64) -> u64 {
+    let Some(client) = cluster.client(node) else {
+        return 0;
+    };
+    match tokio::time::timeout(Duration::from_secs(2), client.admin().partitions(TOPIC)).await {
+        Ok(Ok(partitions)) => partitions.first().map_or(0, |p| p.leader_id),
+        _ => 0,
+    }
+}
+
+/// Runs `rounds` failovers in a cluster kept in `dir`.
+pub async fn run(rounds: usize, dir: &Path) -> Result<FailoverResult> {
+    let spec = DriverSpec {
+        kind: Kind::WeftCluster,
+        durability: Durability::Fsync,
+        endpoint: None,
+    };
+    let data = tempfile::Builder::new()
+        .prefix("weft-bench-failover")
+        .tempdir_in(dir)
+        .with_context(|| format!("creating a directory in {}", dir.display()))?;
+    let cluster = WeftClusterDriver::start(&spec, data.path()).await?;
+    let outcome = rounds_on(&cluster, rounds).await;
+    // Whatever happened, no broker stays frozen.
+    for node in 1..=3 {
+        let _ = cluster.signal(node, "CONT");
+    }
+    Box::new(cluster).shutdown().await?;
+    outcome
+}
+
+async fn rounds_on(cluster: &WeftClusterDriver, rounds: usize) -> Result<FailoverResult> {
+    cluster.create_topic(TOPIC, 1).await?;
+    let mut result = FailoverResult {
+        failover_seconds: Vec::new(),
+        leaders: Vec::new(),
+    };
+    for round in 0..rounds {
+        let leader = wait_for_leader(cluster, 1, None, Duration::from_secs(30)).await?;
+        let witness = if leader == 1 { 2 } else { 1 };
+        cluster.signal(leader, "STOP")?;
+        let stopped = Instant::now();
+        let next = wait_for_leader(cluster, witness, Some(leader), Duration::from_secs(60)).await;
+        let seconds = stopped.elapsed().as_secs_f64();
+        cluster.signal(leader, "CONT")?;
+        let next = next?;
+        eprintln!(
+            "round {}/{rounds}: node {leader} frozen, node {next} leads after {seconds:.2} s",
+            round + 1
+        );
+        result.failover_seconds.push(seconds);
+        result.leaders.push((leader, next));
+        // The frozen broker catches up, and the leader balance (every 5 s) may move the
+        // leadership back: wait until the partition's preferred replica leads again, or 20 s.
+        if round + 1 == rounds {
+            break;
+        }
+        let settle = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < settle && leader_seen_by(cluster, witness).await != leader {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(result)
+}
+
+/// Waits until `node` names a leader of partition 0 other than `not`.
+async fn wait_for_leader(
+    cluster: &WeftClusterDriver,
+    node: u64,
+    not: Option<u64>,
+    limit: Duration,
+) -> Result<u64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let leader = leader_seen_by(cluster, node).await;
+        if leader != 0 && Some(leader) != not {
+            return Ok(leader);
+        }
+        if Instant::now() > deadline {
+            bail!("no new leader of {TOPIC}/0 seen by node {node} within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
