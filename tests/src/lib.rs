@@ -845,7 +845,8 @@ pub async fn offsets(
 }
 
 /// Reads offsets `from .. until` of a partition with Fetch (never judging "done" by an idle
-/// gap: it reads exactly up to `until`). Returns (offset, value) in order.
+/// gap: it reads exactly up to `until`). Returns (offset, value) in order; panics on an error
+/// (see [`try_fetch_range`] for probes that retry).
 pub async fn fetch_range(
     address: &str,
     topic: &str,
@@ -853,6 +854,21 @@ pub async fn fetch_range(
     from: u64,
     until: u64,
 ) -> Vec<(u64, bytes::Bytes)> {
+    try_fetch_range(address, topic, partition, from, until)
+        .await
+        .unwrap_or_else(|(next, status)| panic!("fetch {topic}/{partition} at {next}: {status:?}"))
+}
+
+/// [`fetch_range`], answering the first refused Fetch (its offset and status) instead of
+/// panicking: for probes that wait until a replica is open and caught up (a replica still
+/// replaying answers UNAVAILABLE).
+pub async fn try_fetch_range(
+    address: &str,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    until: u64,
+) -> Result<Vec<(u64, bytes::Bytes)>, (u64, tonic::Status)> {
     let channel = grpc::channel(address).await;
     let mut subscriber = grpc::subscriber(&channel);
     let mut out = Vec::new();
@@ -869,7 +885,7 @@ pub async fn fetch_range(
                 max_records: 0,
             })
             .await
-            .unwrap_or_else(|status| panic!("fetch {topic}/{partition} at {next}: {status:?}"))
+            .map_err(|status| (next, status))?
             .into_inner();
         assert!(
             !response.records.is_empty(),
@@ -878,13 +894,13 @@ pub async fn fetch_range(
         );
         for record in response.records {
             if record.offset >= until {
-                return out;
+                return Ok(out);
             }
             out.push((record.offset, record.value));
         }
         next = response.next_offset;
     }
-    out
+    Ok(out)
 }
 
 /// The value of a Prometheus sample `name{labels}` scraped from the broker's /metrics (labels in
