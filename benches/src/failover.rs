@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use rustix::process::Signal;
 use serde::Serialize;
 
 use crate::drivers::weft::WeftClusterDriver;
@@ -65,7 +66,7 @@ pub async fn run(rounds: usize, dir: &Path) -> Result<FailoverResult> {
     let outcome = rounds_on(&cluster, rounds).await;
     // Whatever happened, no broker stays frozen.
     for node in 1..=3 {
-        let _ = cluster.signal(node, "CONT");
+        let _ = cluster.signal(node, Signal::CONT);
     }
     Box::new(cluster).shutdown().await?;
     outcome
@@ -80,11 +81,11 @@ async fn rounds_on(cluster: &WeftClusterDriver, rounds: usize) -> Result<Failove
     for round in 0..rounds {
         let leader = wait_for_leader(cluster, 1, None, Duration::from_secs(30)).await?;
         let witness = if leader == 1 { 2 } else { 1 };
-        cluster.signal(leader, "STOP")?;
+        cluster.signal(leader, Signal::STOP)?;
         let stopped = Instant::now();
         let next = wait_for_leader(cluster, witness, Some(leader), Duration::from_secs(60)).await;
         let seconds = stopped.elapsed().as_secs_f64();
-        cluster.signal(leader, "CONT")?;
+        cluster.signal(leader, Signal::CONT)?;
         let next = next?;
         eprintln!(
             "round {}/{rounds}: node {leader} frozen, node {next} leads after {seconds:.2} s",

@@ -314,21 +314,18 @@ impl Broker {
     /// SIGSTOP: the process keeps its sockets and files but does nothing (a hung broker, or
     /// one cut off from its peers without any connection closing).
     pub fn pause(&self) {
-        self.signal("-STOP");
+        self.signal(rustix::process::Signal::STOP);
     }
 
     /// SIGCONT after [`Broker::pause`].
     pub fn resume(&self) {
-        self.signal("-CONT");
+        self.signal(rustix::process::Signal::CONT);
     }
 
-    fn signal(&self, signal: &str) {
+    fn signal(&self, signal: rustix::process::Signal) {
         let child = self.child.as_ref().expect("the broker runs");
-        let status = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill {signal} failed");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("a pid");
+        rustix::process::kill_process(pid, signal).expect("signal the broker");
     }
 
     /// kill -9: no chance to flush anything.

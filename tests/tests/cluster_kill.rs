@@ -27,6 +27,22 @@ fn leader(broker: &weft_tests::Broker) -> u64 {
         .unwrap_or(0)
 }
 
+/// Creates the topic "hot" (one partition) through `brokers[0]` and waits up to `limit` for
+/// its leader; returns the leader's node id.
+async fn create_hot(brokers: &[weft_tests::Broker], limit: Duration) -> u64 {
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"hot","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    wait_for("a leader", limit, || {
+        let l = leader(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await
+}
+
 /// What one producer saw: acknowledged (value, offset, when), and failed sends.
 struct Outcome {
     acked: Vec<(String, u64, Instant)>,
@@ -81,17 +97,7 @@ async fn produce(addresses: Vec<String>, id: usize, stop: Arc<AtomicBool>) -> Ou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_under_four_producers_loses_and_repeats_nothing() {
     let mut brokers = start_cluster(3);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"hot","partitions":1}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let first_leader = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader(&brokers[0]);
-        async move { (l != 0).then_some(l) }
-    })
-    .await;
+    let first_leader = create_hot(&brokers, Duration::from_secs(30)).await;
     let addresses: Vec<String> = brokers.iter().map(|b| b.client_addr.clone()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let producers: Vec<_> = (0..PRODUCERS)
@@ -183,17 +189,7 @@ async fn replicas_ticking_in_step_still_elect_a_leader_when_theirs_is_killed() {
                 ("WEFT_TEST_NO_LEADER_WATCH", "1"),
             ],
         );
-        let (status, body) = brokers[0].http(
-            "POST",
-            "/v1/topics",
-            Some(r#"{"name":"hot","partitions":1}"#),
-        );
-        assert_eq!(status, 201, "{body}");
-        let first_leader = wait_for("a leader", Duration::from_secs(30), || {
-            let l = leader(&brokers[0]);
-            async move { (l != 0).then_some(l) }
-        })
-        .await;
+        let first_leader = create_hot(&brokers, Duration::from_secs(30)).await;
         let killed = (first_leader - 1) as usize;
         brokers[killed].kill9();
         let killed_at = Instant::now();
@@ -227,17 +223,7 @@ async fn a_silent_leader_is_replaced_once_its_lease_runs_out() {
     std::fs::write(&config, "raft_election_timeout_ms = 4000\n").expect("write the config");
     let config = config.to_str().expect("utf-8 path").to_string();
     let brokers = start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"hot","partitions":1}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let first_leader = wait_for("a leader", Duration::from_secs(60), || {
-        let l = leader(&brokers[0]);
-        async move { (l != 0).then_some(l) }
-    })
-    .await;
+    let first_leader = create_hot(&brokers, Duration::from_secs(60)).await;
     let paused = (first_leader - 1) as usize;
     let survivors: Vec<usize> = (0..3).filter(|i| *i != paused).collect();
     let before: f64 = survivors

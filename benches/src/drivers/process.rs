@@ -81,21 +81,15 @@ impl Server {
         }
     }
 
-    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
-    pub fn signal(&self, signal: &str) -> Result<()> {
+    /// Sends `signal` (SIGSTOP, SIGCONT...) to the process.
+    pub fn signal(&self, signal: rustix::process::Signal) -> Result<()> {
         let pid = self
             .child
             .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32))
             .with_context(|| format!("{} has exited", self.name))?;
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .context("running kill")?;
-        if !status.success() {
-            bail!("kill -{signal} {pid} ({}) failed", self.name);
-        }
-        Ok(())
+        rustix::process::kill_process(pid, signal)
+            .with_context(|| format!("signalling {} ({pid:?})", self.name))
     }
 
     /// Waits until `addr` accepts TCP connections, failing early if the process exits.

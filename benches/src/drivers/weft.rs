@@ -328,8 +328,8 @@ impl WeftClusterDriver {
             .get(usize::try_from(node).ok()?.checked_sub(1)?)
     }
 
-    /// Sends `signal` (`STOP`, `CONT`) to node `node`'s broker process.
-    pub fn signal(&self, node: u64, signal: &str) -> Result<()> {
+    /// Sends `signal` (SIGSTOP, SIGCONT) to node `node`'s broker process.
+    pub fn signal(&self, node: u64, signal: rustix::process::Signal) -> Result<()> {
         let server = usize::try_from(node)
             .ok()
             .and_then(|n| n.checked_sub(1))

@@ -126,7 +126,8 @@ async fn send(peers: Peers, target: NodeId, address: String, batch: Vec<Pending>
             return;
         }
     };
-    metrics::histogram!("weft_raft_append_groups_per_call", "peer" => target.to_string())
+    let peer = target.to_string();
+    metrics::histogram!("weft_raft_append_groups_per_call", "peer" => peer.clone())
         .record(batch.len() as f64);
     let (requests, replies): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -141,7 +142,7 @@ async fn send(peers: Peers, target: NodeId, address: String, batch: Vec<Pending>
     );
     let started = std::time::Instant::now();
     let answer = client.append_entries_batch(call).await;
-    metrics::histogram!("weft_raft_append_call_seconds", "peer" => target.to_string())
+    metrics::histogram!("weft_raft_append_call_seconds", "peer" => peer)
         .record(started.elapsed().as_secs_f64());
     match answer {
         Ok(response) => {

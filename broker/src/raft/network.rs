@@ -272,9 +272,7 @@ impl Peers {
     /// A leader's AppendEntries reached group `group_id` here, with its commit index: the
     /// first one sets what a replica that lost its data must catch up to before it votes.
     fn heard_leader(&self, group_id: GroupId, leader_commit: u64) {
-        if let Ok(mut heard) = self.inner.heard_at.lock() {
-            heard.insert(group_id, std::time::Instant::now());
-        }
+        self.heard_now(group_id);
         if let Ok(mut r) = self.inner.recovery.lock()
             && r.0 == Recovery::Rejoining
         {
@@ -283,6 +281,13 @@ impl Peers {
                 *gate = Gate::CatchingUp(leader_commit);
             }
             self.try_open(group_id, gate);
+        }
+    }
+
+    /// Group `group_id` here hears from its leader now (see [`Peers::silent_for`]).
+    fn heard_now(&self, group_id: GroupId) {
+        if let Ok(mut heard) = self.inner.heard_at.lock() {
+            heard.insert(group_id, std::time::Instant::now());
         }
     }
 
@@ -893,9 +898,7 @@ impl pb::raft_server::Raft for RaftService {
         let group_id = message.group_id;
         let rpc = wire::snapshot_from(message).map_err(malformed)?;
         // A leader sending a snapshot is heard from, like one sending entries.
-        if let Ok(mut heard) = self.peers.inner.heard_at.lock() {
-            heard.insert(group_id, std::time::Instant::now());
-        }
+        self.peers.heard_now(group_id);
         if let (Some(leader), Ok(mut senders)) = (
             rpc.vote.leader_id().voted_for(),
             self.peers.inner.snapshot_from.lock(),
