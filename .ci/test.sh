@@ -66,6 +66,9 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
+# A fresh clone gains nothing from incremental compilation, and its caches cost gigabytes.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+
 # --- Checks ---------------------------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check
