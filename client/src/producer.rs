@@ -33,6 +33,12 @@ pub struct ProducerConfig {
     /// Publishes in flight per partition, at most [`IN_FLIGHT_PER_PARTITION_MAX`] (the batches a
     /// partition remembers per producer to answer retries; a larger value is lowered to it).
     pub in_flight_per_partition: usize,
+    /// A partition with fewer publishes than this in flight sends its open batch as soon as the
+    /// records queued so far have been taken in, without lingering (default 2). 1 sends at once
+    /// only when nothing is in flight (larger batches, a linger's wait more often); higher values
+    /// mean smaller batches and less waiting. Records wait for the linger only while this many
+    /// of their partition's publishes are outstanding. At most `in_flight_per_partition`.
+    pub eager_in_flight: usize,
     /// Records waiting to be sent, over all partitions, before `send` waits.
     pub queue_records_max: usize,
     /// Attempts per batch before its records fail.
@@ -70,6 +76,7 @@ impl Default for ProducerConfig {
             batch_records_max: 10_000,
             linger: Duration::from_millis(5),
             in_flight_per_partition: 4,
+            eager_in_flight: 2,
             queue_records_max: 100_000,
             retries_max: 20,
             retry_backoff: Duration::from_millis(100),
@@ -100,6 +107,9 @@ pub use weft_proto::{murmur2, partition_for_key};
 pub const IN_FLIGHT_PER_PARTITION_MAX: usize = 5;
 
 type Reply = oneshot::Sender<Result<Ack>>;
+
+/// Most commands the accumulator takes from its queue at a time.
+const COMMANDS_PER_ROUND: usize = 256;
 
 /// Room left in a batch for its header and per-record framing beyond what `Record::size` counts.
 const BATCH_OVERHEAD_BYTES: usize = 1024;
@@ -231,8 +241,9 @@ struct Lane {
 }
 
 impl Lane {
-    fn idle(&self) -> bool {
-        self.outstanding.load(Ordering::Acquire) == 0
+    /// True when fewer than `eager` of this partition's batches are unanswered.
+    fn eager(&self, eager: usize) -> bool {
+        self.outstanding.load(Ordering::Acquire) < eager
     }
 
     async fn dispatch(&self, records: Vec<(Record, Reply)>) {
@@ -263,10 +274,15 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
     // Where each partition's batches go: its leader when known (over a stream per topic and
     // broker, with transport Stream).
     let router = Router::new(client.clone(), config.to_leaders && !client.is_quic());
-    // Told by a sender when it has answered everything it was given.
+    // Told by a sender when fewer than `eager` of its batches are unanswered.
+    let eager = config
+        .eager_in_flight
+        .clamp(1, config.in_flight_per_partition.max(1));
     let idle = Arc::new(Notify::new());
     let tick = (config.linger / 2).max(Duration::from_millis(1));
     let mut ticker = tokio::time::interval(tick);
+    // Commands are taken from the queue in rounds: one wake-up for many records.
+    let mut commands = Vec::with_capacity(COMMANDS_PER_ROUND);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let sender_for = |key: &(Arc<str>, u32), senders: &mut HashMap<(Arc<str>, u32), Lane>| {
@@ -284,6 +300,7 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
                     rx,
                     outstanding.clone(),
                     idle.clone(),
+                    eager,
                 ));
                 Lane { tx, outstanding }
             })
@@ -292,78 +309,80 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
 
     loop {
         tokio::select! {
-            command = inbox.recv() => {
-                let Some(command) = command else { break };
-                match command {
-                    Command::Send { topic, record, reply } => {
-                        let (partitions, topic_bytes_max) = match topics.get(&topic) {
-                            Some(&known) => known,
-                            None => match client.topic_metadata(&topic).await {
-                                Ok(t) => {
-                                    let config = t.config.unwrap_or_default();
-                                    let known = (config.partitions.max(1), config.max_message_bytes.unwrap_or(1024 * 1024) as usize);
-                                    topics.insert(topic.clone(), known);
-                                    // Learn the leaders before the first batch goes out.
-                                    router.refresh(&topic).await;
-                                    known
+            received = inbox.recv_many(&mut commands, COMMANDS_PER_ROUND) => {
+                if received == 0 { break };
+                for command in commands.drain(..) {
+                    match command {
+                        Command::Send { topic, record, reply } => {
+                            let (partitions, topic_bytes_max) = match topics.get(&topic) {
+                                Some(&known) => known,
+                                None => match client.topic_metadata(&topic).await {
+                                    Ok(t) => {
+                                        let config = t.config.unwrap_or_default();
+                                        let known = (config.partitions.max(1), config.max_message_bytes.unwrap_or(1024 * 1024) as usize);
+                                        topics.insert(topic.clone(), known);
+                                        // Learn the leaders before the first batch goes out.
+                                        router.refresh(&topic).await;
+                                        known
+                                    }
+                                    Err(e) => {
+                                        let _ = reply.send(Err(e));
+                                        continue;
+                                    }
+                                },
+                            };
+                            let partition = match record.partition {
+                                Some(p) => p,
+                                None if !record.key.is_empty() => partition_for_key(&record.key, partitions),
+                                None => *sticky.entry(topic.clone()).or_insert_with(|| rand::random::<u32>() % partitions),
+                            };
+                            let key = (topic.clone(), partition);
+                            let size = record.size();
+                            // A batch never grows past the producer's limit nor the topic's (with room for
+                            // the batch header): close it before a record would overflow it.
+                            let limit = config.batch_bytes_max.min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES)).max(1);
+                            let overflows = open.get(&key).is_some_and(|b| !b.records.is_empty() && b.bytes + size > limit);
+                            if overflows && let Some(full) = open.remove(&key) {
+                                sender_for(&key, &mut senders).dispatch(full.records).await;
+                                if let Some(p) = sticky.get_mut(&topic) {
+                                    *p = (*p + 1) % partitions;
                                 }
-                                Err(e) => {
-                                    let _ = reply.send(Err(e));
-                                    continue;
+                            }
+                            let batch = open.entry(key.clone()).or_insert_with(|| Open { records: Vec::new(), bytes: 0, opened: Instant::now() });
+                            batch.records.push((record, reply));
+                            batch.bytes += size;
+                            let full = batch.bytes >= limit || batch.records.len() >= config.batch_records_max;
+                            if full {
+                                if let Some(batch) = open.remove(&key) {
+                                    sender_for(&key, &mut senders).dispatch(batch.records).await;
                                 }
-                            },
-                        };
-                        let partition = match record.partition {
-                            Some(p) => p,
-                            None if !record.key.is_empty() => partition_for_key(&record.key, partitions),
-                            None => *sticky.entry(topic.clone()).or_insert_with(|| rand::random::<u32>() % partitions),
-                        };
-                        let key = (topic.clone(), partition);
-                        let size = record.size();
-                        // A batch never grows past the producer's limit nor the topic's (with room for
-                        // the batch header): close it before a record would overflow it.
-                        let limit = config.batch_bytes_max.min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES)).max(1);
-                        let overflows = open.get(&key).is_some_and(|b| !b.records.is_empty() && b.bytes + size > limit);
-                        if overflows && let Some(full) = open.remove(&key) {
-                            sender_for(&key, &mut senders).dispatch(full.records).await;
-                            if let Some(p) = sticky.get_mut(&topic) {
-                                *p = (*p + 1) % partitions;
+                                // Keyless records move to another partition once a batch is full (sticky partitioner).
+                                if let Some(p) = sticky.get_mut(&topic) {
+                                    *p = (*p + 1) % partitions;
+                                }
                             }
                         }
-                        let batch = open.entry(key.clone()).or_insert_with(|| Open { records: Vec::new(), bytes: 0, opened: Instant::now() });
-                        batch.records.push((record, reply));
-                        batch.bytes += size;
-                        let full = batch.bytes >= limit || batch.records.len() >= config.batch_records_max;
-                        if full {
-                            if let Some(batch) = open.remove(&key) {
-                                sender_for(&key, &mut senders).dispatch(batch.records).await;
+                        Command::Flush(done) => {
+                            let keys: Vec<(Arc<str>, u32)> = open.keys().cloned().collect();
+                            for key in keys {
+                                if let Some(batch) = open.remove(&key) {
+                                    sender_for(&key, &mut senders).dispatch(batch.records).await;
+                                }
                             }
-                            // Keyless records move to another partition once a batch is full (sticky partitioner).
-                            if let Some(p) = sticky.get_mut(&topic) {
-                                *p = (*p + 1) % partitions;
+                            let mut waits = Vec::new();
+                            for lane in senders.values() {
+                                let (tx, rx) = oneshot::channel();
+                                if lane.tx.send(ToSender::Flush(tx)).await.is_ok() {
+                                    waits.push(rx);
+                                }
                             }
+                            tokio::spawn(async move {
+                                for wait in waits {
+                                    let _ = wait.await;
+                                }
+                                let _ = done.send(());
+                            });
                         }
-                    }
-                    Command::Flush(done) => {
-                        let keys: Vec<(Arc<str>, u32)> = open.keys().cloned().collect();
-                        for key in keys {
-                            if let Some(batch) = open.remove(&key) {
-                                sender_for(&key, &mut senders).dispatch(batch.records).await;
-                            }
-                        }
-                        let mut waits = Vec::new();
-                        for lane in senders.values() {
-                            let (tx, rx) = oneshot::channel();
-                            if lane.tx.send(ToSender::Flush(tx)).await.is_ok() {
-                                waits.push(rx);
-                            }
-                        }
-                        tokio::spawn(async move {
-                            for wait in waits {
-                                let _ = wait.await;
-                            }
-                            let _ = done.send(());
-                        });
                     }
                 }
             }
@@ -376,12 +395,12 @@ async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Rec
             () = idle.notified() => {}
         }
         // Natural batching: once no more records are waiting in the queue (a burst has been taken
-        // in whole), a partition with nothing in flight sends its open batch now instead of
-        // lingering. Sending on the first record of a burst would make one-record batches.
+        // in whole), a partition with fewer than `eager` publishes in flight sends its open batch
+        // now instead of lingering. Sending on the first record of a burst would make one-record batches.
         // (No key is cloned and nothing is allocated unless a batch is due.)
         if !open.is_empty() && inbox.is_empty() {
             let due: Vec<_> = open
-                .extract_if(|key, _| senders.get(key).is_none_or(Lane::idle))
+                .extract_if(|key, _| senders.get(key).is_none_or(|lane| lane.eager(eager)))
                 .collect();
             for (key, batch) in due {
                 sender_for(&key, &mut senders).dispatch(batch.records).await;
@@ -412,7 +431,7 @@ struct Numbered {
 }
 
 /// Sends one partition's batches in order, with a window of publishes in flight. Each answered
-/// batch counts down `outstanding`; reaching zero wakes the accumulator through `idle`.
+/// batch counts down `outstanding`; dropping below `eager` wakes the accumulator through `idle`.
 #[allow(clippy::too_many_arguments)]
 async fn send_partition(
     router: Router,
@@ -423,10 +442,11 @@ async fn send_partition(
     mut inbox: mpsc::Receiver<ToSender>,
     outstanding: Arc<AtomicUsize>,
     idle: Arc<Notify>,
+    eager: usize,
 ) {
     let settle = |batch: Batch, result: Result<&proto::PublishResponse, Error>| {
         answer(batch, &topic, partition, result);
-        if outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if outstanding.fetch_sub(1, Ordering::AcqRel) == eager {
             idle.notify_one();
         }
     };

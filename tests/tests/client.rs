@@ -320,3 +320,59 @@ fn weft_tests_earliest() -> weft_proto::v1::StartPosition {
         )),
     }
 }
+
+/// `eager_in_flight`: a partition with fewer publishes than that in flight sends a new record
+/// at once instead of lingering; at the limit the record waits until an answer frees a place
+/// (the linger here, 30 s, is never what sends anything). The broker is frozen while three
+/// records are sent one after another, so the first stays in flight; the broker counts the
+/// publishes it took. Eager 1: the first alone, then the second and third together. Eager 2:
+/// the first and second each alone at once, the third after the first's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_in_flight_sends_below_it_without_lingering() {
+    for (eager, expected_publishes) in [(1, 2.0), (2, 3.0)] {
+        let broker = Broker::start();
+        let client = broker.client().await;
+        client.admin().create_topic("c", 1).await.expect("create");
+        let producer = client.producer(ProducerConfig {
+            linger: Duration::from_secs(30),
+            in_flight_per_partition: 4,
+            eager_in_flight: eager,
+            ..ProducerConfig::default()
+        });
+        // The producer learns the topic (and its leader) with a first record.
+        producer
+            .send("c", Record::new("warm").partition(0))
+            .await
+            .expect("stored");
+        let counted = |broker: &Broker| {
+            weft_tests::metric(broker, "weft_publish_queue_seconds_count").unwrap_or(0.0)
+        };
+        let before = counted(&broker);
+        broker.pause();
+        let mut acks = Vec::new();
+        for i in 0..3 {
+            acks.push(
+                producer
+                    .send_nowait("c", Record::new(format!("v-{i}")).partition(0))
+                    .await
+                    .expect("queued"),
+            );
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        broker.resume();
+        for (i, ack) in acks.into_iter().enumerate() {
+            let ack = tokio::time::timeout(Duration::from_secs(10), ack)
+                .await
+                .unwrap_or_else(|_| panic!("eager {eager}: record {i} lingered"))
+                .expect("answered")
+                .expect("stored");
+            assert_eq!(ack.offset, 1 + i as u64);
+        }
+        assert_eq!(
+            counted(&broker) - before,
+            expected_publishes,
+            "eager {eager}: publishes the broker took for three records"
+        );
+        producer.close().await.expect("close");
+    }
+}
