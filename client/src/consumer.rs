@@ -148,6 +148,12 @@ pub struct Consumer {
     generation: u64,
     uncredited: (u32, u64),
     last_commit: Instant,
+    /// Whether the current Subscribe stream is open (commits then travel over it).
+    stream_live: bool,
+    /// Commits sent over the stream and not yet acknowledged (answered in order).
+    commits_in_flight: usize,
+    /// Whether the last acknowledged stream commit was refused (its generation was stale).
+    last_commit_refused: bool,
     /// The `process` span of the record `next` returned last (tracing on): it ends when the
     /// application asks for the next record, or closes the consumer.
     processing: Option<opentelemetry::Context>,
@@ -171,6 +177,8 @@ impl Consumer {
                 "credit_records and credit_bytes must be positive".into(),
             ));
         }
+        // A connection of its own: deliveries not read yet hold no one else's HTTP/2 window.
+        let client = client.own_connection()?;
         let mut consumer = Consumer {
             client,
             config,
@@ -184,6 +192,9 @@ impl Consumer {
             generation: 0,
             uncredited: (0, 0),
             last_commit: Instant::now(),
+            stream_live: false,
+            commits_in_flight: 0,
+            last_commit_refused: false,
             processing: None,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
@@ -295,6 +306,8 @@ impl Consumer {
         }));
         self.requests = Some(tx);
         self.responses = Some(responses);
+        self.stream_live = true;
+        self.commits_in_flight = 0;
         // Records buffered from the old stream were not credited on the new one.
         self.buffer.clear();
         self.uncredited = (0, 0);
@@ -306,8 +319,15 @@ impl Consumer {
         let Some(responses) = self.responses.as_mut() else {
             return Err(Error::Closed);
         };
-        let message = responses.message().await.map_err(Error::from)?;
+        let message = match responses.message().await {
+            Ok(message) => message,
+            Err(status) => {
+                self.stream_live = false;
+                return Err(Error::from(status));
+            }
+        };
         let Some(event) = message.and_then(|m| m.event) else {
+            self.stream_live = false;
             return Ok(None);
         };
         match &event {
@@ -342,7 +362,24 @@ impl Consumer {
                     });
                 }
             }
-            Event::Heartbeat(_) | Event::CommitAck(_) => {}
+            Event::Heartbeat(_) => tracing::debug!(
+                topic = %self.config.topic,
+                buffered = self.buffer.len(),
+                uncredited_records = self.uncredited.0,
+                uncredited_bytes = self.uncredited.1,
+                positions = ?self.positions,
+                "subscription heartbeat"
+            ),
+            Event::CommitAck(ack) => {
+                self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
+                // No offsets: refused, the generation it named is no longer current.
+                self.last_commit_refused = ack.offsets.is_empty();
+                for o in &ack.offsets {
+                    if self.positions.contains_key(&o.partition) {
+                        self.committed.insert(o.partition, o.offset);
+                    }
+                }
+            }
         }
         Ok(Some(event))
     }
@@ -383,9 +420,11 @@ impl Consumer {
                 if self.config.auto_commit
                     && self.config.group.is_some()
                     && self.last_commit.elapsed() >= self.config.auto_commit_interval
-                    && let Err(e) = self.commit().await
                 {
-                    tracing::debug!("automatic commit failed: {e}");
+                    // Sent over the stream, not waited for: waiting here (or for a unary call on
+                    // the same connection) while this stream's deliveries sit unread can hold
+                    // the connection's HTTP/2 window, and with it every call on it.
+                    self.send_commit().await;
                 }
                 if let Some(message) = self.buffer.pop_front() {
                     self.positions.insert(message.partition, message.offset + 1);
@@ -496,13 +535,18 @@ impl Consumer {
         let Some(group) = self.config.group.clone() else {
             return Err(Error::InvalidArgument("only group consumers commit".into()));
         };
-        let changed: Vec<proto::PartitionOffset> = self
-            .positions
-            .iter()
-            .filter(|(p, o)| self.committed.get(p) != Some(o))
-            .map(|(&partition, &offset)| proto::PartitionOffset { partition, offset })
-            .collect();
+        let changed = self.uncommitted();
         self.last_commit = Instant::now();
+        if changed.is_empty() && self.commits_in_flight == 0 {
+            return Ok(());
+        }
+        // Over the open stream, reading it while waiting for the acknowledgement: a unary call
+        // could wait behind this stream's unread deliveries for the connection's window.
+        if self.stream_live
+            && (changed.is_empty() || self.send_stream_commit(changed.clone()).await)
+        {
+            return self.await_commit_acks().await;
+        }
         if changed.is_empty() {
             return Ok(());
         }
@@ -526,6 +570,79 @@ impl Consumer {
             self.committed.insert(o.partition, o.offset);
         }
         Ok(())
+    }
+
+    /// The positions not committed yet, as a commit names them.
+    fn uncommitted(&self) -> Vec<proto::PartitionOffset> {
+        self.positions
+            .iter()
+            .filter(|(p, o)| self.committed.get(p) != Some(o))
+            .map(|(&partition, &offset)| proto::PartitionOffset { partition, offset })
+            .collect()
+    }
+
+    /// Sends `offsets` as a commit over the open stream; whether it went.
+    async fn send_stream_commit(&mut self, offsets: Vec<proto::PartitionOffset>) -> bool {
+        let Some(tx) = &self.requests else {
+            return false;
+        };
+        let commit = proto::SubscribeRequest {
+            request: Some(proto::subscribe_request::Request::Commit(
+                proto::StreamCommit {
+                    generation: self.generation,
+                    offsets,
+                },
+            )),
+        };
+        let sent = tx.send(commit).await.is_ok();
+        if sent {
+            self.commits_in_flight += 1;
+        }
+        sent
+    }
+
+    /// The automatic commit: the positions reached, over the stream, without waiting for the
+    /// acknowledgement (it arrives with the deliveries). At most one is outstanding.
+    async fn send_commit(&mut self) {
+        self.last_commit = Instant::now();
+        if !self.stream_live || self.commits_in_flight > 0 {
+            return;
+        }
+        let changed = self.uncommitted();
+        if !changed.is_empty() {
+            self.send_stream_commit(changed).await;
+        }
+    }
+
+    /// Reads the stream until every commit sent over it is acknowledged, buffering what arrives
+    /// meanwhile (bounded by the credit, which is not renewed while waiting), within the
+    /// client's timeout.
+    async fn await_commit_acks(&mut self) -> Result<()> {
+        let timeout = self.client.timeout();
+        let wait = async {
+            while self.commits_in_flight > 0 {
+                match self.receive().await? {
+                    Some(_) => {}
+                    None => return Err(Error::Closed),
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(())) if self.last_commit_refused => Err(Error::Status {
+                code: Code::FailedPrecondition,
+                message: format!(
+                    "the commit was refused: generation {} of group {:?} is no longer current (the group rebalanced); the new assignment follows",
+                    self.generation,
+                    self.config.group.as_deref().unwrap_or_default()
+                ),
+                reason: "STALE_GENERATION".into(),
+            }),
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(format!(
+                "commit not acknowledged within {timeout:?}"
+            ))),
+        }
     }
 
     /// Partitions this consumer owns now.

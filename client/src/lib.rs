@@ -145,6 +145,8 @@ impl Record {
 #[derive(Debug, Clone)]
 pub struct Client {
     channel: Channel,
+    /// The brokers' addresses over TCP (empty over QUIC), to open more connections to them.
+    addresses: std::sync::Arc<Vec<String>>,
     timeout: Duration,
     message_bytes_max: usize,
     options: std::sync::Arc<ConnectOptions>,
@@ -289,6 +291,7 @@ impl Client {
         )?;
         Ok(Client {
             channel,
+            addresses: std::sync::Arc::new(addresses),
             timeout: Duration::from_secs(30),
             message_bytes_max: 16 * 1024 * 1024,
             options: std::sync::Arc::new(options),
@@ -337,6 +340,7 @@ impl Client {
                         .map_err(Error::InvalidArgument)?;
                     return Ok(Client {
                         channel: transport,
+                        addresses: std::sync::Arc::new(Vec::new()),
                         timeout: Duration::from_secs(30),
                         message_bytes_max: 16 * 1024 * 1024,
                         options: std::sync::Arc::new(options),
@@ -369,9 +373,40 @@ impl Client {
                 endpoint(address, &self.options)?.connect_lazy(),
                 &self.options,
             )?,
+            addresses: std::sync::Arc::new(vec![address.to_string()]),
             timeout: self.timeout,
             message_bytes_max: self.message_bytes_max,
             options: self.options.clone(),
+        })
+    }
+
+    /// This client on an HTTP/2 connection of its own (opened on first use), for a consumer's
+    /// stream: the deliveries it has not read yet then hold only that connection's flow-control
+    /// window, never the window that this client's other consumers, producers and calls share
+    /// (a consumer not being read would otherwise stop them all once its deliveries filled the
+    /// connection's window). Over QUIC the connection is shared: its connection-level receive
+    /// window is unbounded (quinn's default), so only each stream's own window applies.
+    pub(crate) fn own_connection(&self) -> Result<Client> {
+        let channel = match self.addresses.as_slice() {
+            [] => return Ok(self.clone()),
+            [address] => transport(
+                endpoint(address, &self.options)?.connect_lazy(),
+                &self.options,
+            )?,
+            addresses => transport(
+                tonic::transport::Channel::balance_list(
+                    addresses
+                        .iter()
+                        .map(|a| endpoint(a, &self.options))
+                        .collect::<Result<Vec<_>>>()?
+                        .into_iter(),
+                ),
+                &self.options,
+            )?,
+        };
+        Ok(Client {
+            channel,
+            ..self.clone()
         })
     }
 

@@ -87,6 +87,12 @@ fn stream_ended(why: &str) -> Error {
 
 /// Fails everything still waiting: the first with `first`, the rest as not answered.
 fn fail_all(pending: &mut VecDeque<Pending>, first: Option<Error>, why: &str) {
+    tracing::debug!(
+        why,
+        first = first.as_ref().map(|e| e.to_string()),
+        unanswered = pending.len(),
+        "publish stream ended"
+    );
     if let Some(error) = first
         && let Some(p) = pending.pop_front()
     {

@@ -376,3 +376,90 @@ async fn eager_in_flight_sends_below_it_without_lingering() {
         producer.close().await.expect("close");
     }
 }
+
+/// Consumers that share one client (one HTTP/2 connection) and the connection's flow-control
+/// window: while one waits for its commit to be answered, its and the others' deliveries sit
+/// unread in that window. A commit answered over a unary call on the same connection waited
+/// behind them for good (the `fanout` benchmark's four groups all stopped for the rest of the
+/// run once the machine was loaded); commits now travel over the consumer's own stream, which
+/// it reads while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_answered_while_deliveries_fill_the_shared_connection() {
+    const RECORDS: usize = 16_000;
+    const CONSUMERS: usize = 4;
+    let broker = Broker::start();
+    let client = broker.client().await.with_timeout(Duration::from_secs(5));
+    client.admin().create_topic("c", 1).await.expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    let value = vec![b'x'; 1024];
+    let mut acks = Vec::new();
+    for _ in 0..RECORDS {
+        acks.push(
+            producer
+                .send_nowait("c", Record::new(value.clone()).partition(0))
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("stored");
+    }
+    producer.close().await.expect("close");
+
+    // Credit far beyond the connection's window: the broker sends as fast as HTTP/2 lets it,
+    // so every stream fills its share of the window as soon as it is assigned.
+    let mut consumers = Vec::new();
+    for g in 0..CONSUMERS {
+        let mut config = ConsumerConfig::new("c")
+            .group(format!("shared-{g}"))
+            .start(StartFrom::Earliest);
+        config.credit_records = 1_000_000;
+        config.credit_bytes = 256 * 1024 * 1024;
+        config.auto_commit_interval = Duration::from_millis(5);
+        consumers.push(client.consumer(config).await.expect("subscribe"));
+    }
+    for consumer in &mut consumers {
+        take(consumer, 1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An explicit commit by each, the others unread meanwhile.
+    for (g, consumer) in consumers.iter_mut().enumerate() {
+        tokio::time::timeout(Duration::from_secs(20), consumer.commit())
+            .await
+            .unwrap_or_else(|_| panic!("consumer {g}'s commit hung"))
+            .unwrap_or_else(|e| panic!("consumer {g}'s commit failed: {e}"));
+        let committed = offsets(&broker.client_addr, "c", 0, Some(&format!("shared-{g}")))
+            .await
+            .expect("offsets")
+            .committed_offset;
+        assert_eq!(committed, Some(1), "group shared-{g}");
+    }
+    // Everything, one record from each consumer in turn, with automatic commits every 5 ms:
+    // no commit may hold a consumer (and with it the others) up.
+    let read_all = async {
+        let mut next = [1u64; CONSUMERS];
+        while next.iter().any(|&n| n < RECORDS as u64) {
+            for (g, consumer) in consumers.iter_mut().enumerate() {
+                if next[g] == RECORDS as u64 {
+                    continue;
+                }
+                let message = consumer.next().await.expect("next").expect("a record");
+                assert_eq!(message.offset, next[g], "consumer {g}");
+                next[g] += 1;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read_all)
+        .await
+        .expect("every consumer read everything within 60 s");
+    for consumer in consumers {
+        consumer.close().await.expect("close commits");
+    }
+    for g in 0..CONSUMERS {
+        let committed = offsets(&broker.client_addr, "c", 0, Some(&format!("shared-{g}")))
+            .await
+            .expect("offsets")
+            .committed_offset;
+        assert_eq!(committed, Some(RECORDS as u64), "group shared-{g}");
+    }
+}

@@ -1025,6 +1025,15 @@ impl Session {
                         partition: o.partition,
                     });
                 }
+                if commit.generation < self.generation && !commit.offsets.is_empty() {
+                    // Sent before this stream's last reassignment reached the client: refused
+                    // (nothing committed), the stream goes on.
+                    let ack = CommitAck {
+                        generation: commit.generation,
+                        offsets: Vec::new(),
+                    };
+                    return self.send(event(Event::CommitAck(ack))).await;
+                }
                 let request = CommitOffsetsRequest {
                     topic: self.start.topic.clone(),
                     group_id: member.group_id.clone(),
@@ -1032,7 +1041,19 @@ impl Session {
                     generation: commit.generation,
                     offsets: commit.offsets.clone(),
                 };
-                let committed = group_link::commit(&self.node, &request, &self.topic_id, 0).await?;
+                let committed =
+                    match group_link::commit(&self.node, &request, &self.topic_id, 0).await {
+                        Ok(committed) => committed,
+                        // From a generation that a rebalance has since replaced: nothing is
+                        // committed and the stream goes on (its new assignment follows). An
+                        // acknowledgement with no offsets says so.
+                        Err(BrokerError::StaleGeneration { current, got, .. })
+                            if got < current && !commit.offsets.is_empty() =>
+                        {
+                            Vec::new()
+                        }
+                        Err(e) => return Err(e),
+                    };
                 let ack = CommitAck {
                     generation: commit.generation,
                     offsets: committed
@@ -1183,6 +1204,14 @@ impl Session {
                 () = data, if has_credit && !delivered => {}
                 () = futures::future::ready(()), if delivered => {}
                 _ = heartbeat.tick() => {
+                    tracing::debug!(
+                        topic = %self.start.topic,
+                        group = %self.start.group_id,
+                        credit_records = self.credit_records,
+                        credit_bytes = self.credit_bytes,
+                        positions = ?self.positions,
+                        "subscription heartbeat"
+                    );
                     self.send(event(Event::Heartbeat(Heartbeat { time_ms: now_ms() }))).await?;
                 }
             }
