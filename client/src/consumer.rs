@@ -341,7 +341,19 @@ impl Consumer {
                     .iter()
                     .map(|p| (p.partition, p.offset))
                     .collect();
-                self.buffer.retain(|m| owned.contains_key(&m.partition));
+                // Records of partitions this member lost are dropped, and credited back: the
+                // broker counted them against this stream's credit when it sent them.
+                let mut dropped = (0u32, 0u64);
+                self.buffer.retain(|m| {
+                    let keep = owned.contains_key(&m.partition);
+                    if !keep {
+                        dropped.0 += 1;
+                        dropped.1 += message_size(m);
+                    }
+                    keep
+                });
+                self.uncredited.0 += dropped.0;
+                self.uncredited.1 += dropped.1;
                 self.positions = owned;
                 self.committed.retain(|p, _| self.positions.contains_key(p));
             }

@@ -313,8 +313,36 @@ impl Broker {
 
     /// SIGSTOP: the process keeps its sockets and files but does nothing (a hung broker, or
     /// one cut off from its peers without any connection closing).
+    /// Returns once every thread of the broker is stopped: a signal is delivered
+    /// asynchronously, and a thread running on another core could otherwise still answer a
+    /// request sent right after this call.
     pub fn pause(&self) {
         self.signal(rustix::process::Signal::STOP);
+        let pid = self.child.as_ref().expect("the broker runs").id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .expect("the broker's threads")
+                .filter_map(|t| t.ok())
+                .map(|t| std::fs::read_to_string(t.path().join("stat")).unwrap_or_default());
+            // The state follows the command name's closing parenthesis: T when stopped (R, S,
+            // D, I or W while it may still run).
+            let running = tasks
+                .filter(|stat| {
+                    stat.rsplit_once(')').is_some_and(|(_, rest)| {
+                        rest.trim_start().starts_with(['R', 'S', 'D', 'I', 'W'])
+                    })
+                })
+                .count();
+            if running == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{running} broker threads still running 10 s after SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT after [`Broker::pause`].
