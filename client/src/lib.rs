@@ -389,10 +389,7 @@ impl Client {
     pub(crate) fn own_connection(&self) -> Result<Client> {
         let channel = match self.addresses.as_slice() {
             [] => return Ok(self.clone()),
-            [address] => transport(
-                endpoint(address, &self.options)?.connect_lazy(),
-                &self.options,
-            )?,
+            [address] => return self.to_address(address),
             addresses => transport(
                 tonic::transport::Channel::balance_list(
                     addresses

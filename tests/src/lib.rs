@@ -313,6 +313,7 @@ impl Broker {
 
     /// SIGSTOP: the process keeps its sockets and files but does nothing (a hung broker, or
     /// one cut off from its peers without any connection closing).
+    ///
     /// Returns once every thread of the broker is stopped: a signal is delivered
     /// asynchronously, and a thread running on another core could otherwise still answer a
     /// request sent right after this call.
@@ -625,6 +626,23 @@ pub mod grpc {
         }
     }
 
+    /// The next commit acknowledgement on a Subscribe stream (skipping other events).
+    pub async fn next_commit_ack(
+        responses: &mut tonic::Streaming<weft_proto::v1::SubscribeResponse>,
+    ) -> weft_proto::v1::CommitAck {
+        loop {
+            if let Some(weft_proto::v1::subscribe_response::Event::CommitAck(ack)) = responses
+                .message()
+                .await
+                .expect("stream")
+                .expect("open")
+                .event
+            {
+                return ack;
+            }
+        }
+    }
+
     /// A Subscriber client.
     pub fn subscriber(channel: &Channel) -> SubscriberClient<Channel> {
         SubscriberClient::new(channel.clone())
@@ -823,6 +841,17 @@ pub fn free_port_on(ip: &str) -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// What `future` gives, or a panic naming `what` once `limit` has passed.
+pub async fn within<T>(
+    what: &str,
+    limit: Duration,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
 }
 
 /// Polls `probe` every 20 ms until it returns Some, failing the test with `what` after `limit`.

@@ -471,9 +471,7 @@ async fn commits_are_answered_while_deliveries_fill_the_shared_connection() {
 /// was in that buffer received nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_dropped_by_a_reassignment_are_credited_back() {
-    use weft_proto::v1::subscribe_request::Request as Inbound;
-    use weft_proto::v1::subscribe_response::Event;
-    use weft_proto::v1::{Credit, SubscribeRequest, SubscribeStart, subscriber_client};
+    use weft_proto::v1::{Credit, SubscribeStart};
     let broker = Broker::start();
     let client = broker.client().await;
     client.admin().create_topic("cr", 2).await.expect("create");
@@ -498,13 +496,9 @@ async fn records_dropped_by_a_reassignment_are_credited_back() {
     let mut a = client.consumer(config).await.expect("member a");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Member B, whose id sorts first: it gets partition 0, A keeps partition 1.
-    let mut raw =
-        subscriber_client::SubscriberClient::connect(format!("http://{}", broker.client_addr))
-            .await
-            .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(SubscribeRequest {
-        request: Some(Inbound::Start(SubscribeStart {
+    let (b_requests, mut b) = weft_tests::grpc::subscribe(
+        &broker.client_addr,
+        SubscribeStart {
             topic: "cr".into(),
             group_id: "cg".into(),
             member_id: "a".into(),
@@ -513,26 +507,15 @@ async fn records_dropped_by_a_reassignment_are_credited_back() {
                 bytes: 1 << 20,
             }),
             ..SubscribeStart::default()
-        })),
-    })
-    .await
-    .expect("start");
-    let mut b = raw
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let wait_b = async {
-        loop {
-            let message = b.message().await.expect("b's stream").expect("open");
-            if let Some(Event::Assignment(assignment)) = message.event {
-                return assignment;
-            }
-        }
-    };
-    let assignment = tokio::time::timeout(Duration::from_secs(20), wait_b)
-        .await
-        .expect("b assigned");
+        },
+    )
+    .await;
+    let assignment = weft_tests::within(
+        "b's assignment",
+        Duration::from_secs(20),
+        weft_tests::grpc::next_assignment(&mut b, 0),
+    )
+    .await;
     assert_eq!(
         assignment
             .partitions
@@ -548,5 +531,5 @@ async fn records_dropped_by_a_reassignment_are_credited_back() {
     let records = take(&mut a, 20).await;
     let expected: Vec<(u64, String)> = (0..20).map(|i| (i, format!("p1-{i}"))).collect();
     assert_eq!(records, expected);
-    drop(tx);
+    drop(b_requests);
 }

@@ -160,36 +160,15 @@ async fn members_share_partitions_and_take_over_from_a_leaver() {
     }
 }
 
-/// The next event of a raw Subscribe stream that `pick` accepts (others skipped), within 20 s.
-async fn next_event<T>(
-    responses: &mut tonic::Streaming<weft_proto::v1::SubscribeResponse>,
-    mut pick: impl FnMut(weft_proto::v1::subscribe_response::Event) -> Option<T>,
-) -> T {
-    let wait = async {
-        loop {
-            let message = responses
-                .message()
-                .await
-                .expect("the stream goes on")
-                .expect("the stream is open");
-            if let Some(found) = message.event.and_then(&mut pick) {
-                return found;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), wait)
-        .await
-        .expect("the event within 20 s")
-}
-
 /// A commit sent over a member's stream from a generation that a rebalance has since replaced
 /// (it crossed the new assignment on the way) is refused without ending the stream: an
 /// acknowledgement with no offsets. The next commit, at the new generation, is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_commit_from_a_replaced_generation_is_refused_and_the_stream_goes_on() {
     use weft_proto::v1::subscribe_request::Request as Inbound;
-    use weft_proto::v1::subscribe_response::Event;
     use weft_proto::v1::*;
+    use weft_tests::{grpc, within};
+    let limit = Duration::from_secs(20);
     let broker = Broker::start();
     let client = broker.client().await;
     client
@@ -199,69 +178,62 @@ async fn a_stream_commit_from_a_replaced_generation_is_refused_and_the_stream_go
         .expect("create");
     publish(&client, 0, 20).await;
 
-    let mut raw =
-        subscriber_client::SubscriberClient::connect(format!("http://{}", broker.client_addr))
-            .await
-            .expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let send = |request| SubscribeRequest {
-        request: Some(request),
-    };
-    tx.send(send(Inbound::Start(SubscribeStart {
-        topic: "work".into(),
-        group_id: "g".into(),
-        credit: Some(Credit {
-            records: 1000,
-            bytes: 1 << 20,
-        }),
-        ..SubscribeStart::default()
-    })))
-    .await
-    .expect("start");
-    let mut responses = raw
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let first = next_event(&mut responses, |e| match e {
-        Event::Assignment(a) => Some(a.generation),
-        _ => None,
-    })
+    let (tx, mut responses) = grpc::subscribe(
+        &broker.client_addr,
+        SubscribeStart {
+            topic: "work".into(),
+            group_id: "g".into(),
+            credit: Some(Credit {
+                records: 1000,
+                bytes: 1 << 20,
+            }),
+            ..SubscribeStart::default()
+        },
+    )
     .await;
+    let first = within(
+        "the first assignment",
+        limit,
+        grpc::next_assignment(&mut responses, 0),
+    )
+    .await
+    .generation;
     // A second member: the group rebalances, this stream gets the new generation.
     let _other = client
         .consumer(ConsumerConfig::new("work").group("g"))
         .await
         .expect("second member");
-    let (second, mine) = next_event(&mut responses, |e| match e {
-        Event::Assignment(a) if a.generation > first && !a.partitions.is_empty() => {
-            Some((a.generation, a.partitions[0].partition))
-        }
-        _ => None,
-    })
+    let assignment = within(
+        "the new assignment",
+        limit,
+        grpc::next_assignment(&mut responses, first + 1),
+    )
     .await;
-    let commit = |generation| {
-        send(Inbound::Commit(StreamCommit {
+    let second = assignment.generation;
+    let mine = assignment
+        .partitions
+        .first()
+        .expect("a partition")
+        .partition;
+    let commit = |generation| SubscribeRequest {
+        request: Some(Inbound::Commit(StreamCommit {
             generation,
             offsets: vec![PartitionOffset {
                 partition: mine,
                 offset: 1,
             }],
-        }))
+        })),
     };
     tx.send(commit(first)).await.expect("stale commit");
-    let refused = next_event(&mut responses, |e| match e {
-        Event::CommitAck(ack) => Some(ack),
-        _ => None,
-    })
-    .await;
+    let refused = within("the refusal", limit, grpc::next_commit_ack(&mut responses)).await;
     assert_eq!(refused.generation, first);
     assert!(refused.offsets.is_empty(), "nothing committed: {refused:?}");
     tx.send(commit(second)).await.expect("current commit");
-    let stored = next_event(&mut responses, |e| match e {
-        Event::CommitAck(ack) => Some(ack),
-        _ => None,
-    })
+    let stored = within(
+        "the acknowledgement",
+        limit,
+        grpc::next_commit_ack(&mut responses),
+    )
     .await;
     assert_eq!(
         stored.offsets,
