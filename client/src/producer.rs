@@ -61,7 +61,7 @@ pub struct ProducerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PublishTransport {
     /// One `PublishStream` per topic carries every partition's batches (no call set-up per
-    /// batch; the broker answers in order).
+    /// batch; the broker answers each as soon as it is stored).
     #[default]
     Stream,
     /// One unary `Publish` call per batch (a service mesh then sees, and can route and measure,

@@ -1,16 +1,19 @@
 //! A producer's publish stream to one topic: the batches of every partition travel over one
-//! `PublishStream` call (HTTP/2 DATA frames on one stream, no call set-up per batch), and the
-//! broker answers them in order. The partition senders keep their windows, sequences and retry
-//! rules; only the transport is shared.
+//! `PublishStream` call (HTTP/2 DATA frames on one stream, no call set-up per batch). The lane
+//! numbers the requests of each stream and asks the broker to answer each as soon as it is
+//! stored (`weft-answer-order: any`), so one partition's answer never waits behind another's.
+//! The partition senders keep their windows, sequences and retry rules; only the transport is
+//! shared.
 //!
-//! The broker ends a stream at its first failing request. That request gets its status; every
-//! request sent after it gets UNAVAILABLE with reason `STREAM_ENDED` (it may or may not have been
-//! stored, so its sender resends it with the same sequence, and an idempotent producer never
-//! stores it twice), and the next batch opens a new stream. A request not answered within the
-//! client's timeout fails the same way (DEADLINE_EXCEEDED for it, STREAM_ENDED after it). A stream
-//! is also replaced after [`STREAM_AGE_MAX`], so a mesh can rebalance it.
+//! The broker ends a stream at its first failing request. That request gets its status (the
+//! broker names it in a trailer); every other request not yet answered gets UNAVAILABLE with
+//! reason `STREAM_ENDED` (it may or may not have been stored, so its sender resends it with the
+//! same sequence, and an idempotent producer never stores it twice), and the next batch opens a
+//! new stream. A request not answered within the client's timeout fails the same way
+//! (DEADLINE_EXCEEDED for it, STREAM_ENDED for the others). A stream is also replaced after
+//! [`STREAM_AGE_MAX`], so a mesh can rebalance it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,9 +69,53 @@ impl PublishLane {
 
 /// Sent and waiting for its answer.
 struct Pending {
-    request_id: u64,
     deadline: Instant,
     reply: oneshot::Sender<Result<proto::PublishResponse>>,
+}
+
+/// The requests of one stream sent and not yet answered: by `request_id` (the lane numbers
+/// them 1, 2, ... on each stream, so they are unique on it), and their ids in the order sent.
+#[derive(Default)]
+struct Unanswered {
+    by_id: HashMap<u64, Pending>,
+    sent: VecDeque<u64>,
+}
+
+impl Unanswered {
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    fn push(&mut self, request_id: u64, pending: Pending) {
+        self.by_id.insert(request_id, pending);
+        self.sent.push_back(request_id);
+        // Answered ids behind an old unanswered one leave only here: keep the list bounded.
+        if self.sent.len() > 4 * STREAM_IN_FLIGHT_MAX {
+            let by_id = &self.by_id;
+            self.sent.retain(|id| by_id.contains_key(id));
+        }
+    }
+
+    /// The oldest request still unanswered (answered ids are dropped from the front here).
+    fn oldest(&mut self) -> Option<(u64, Instant)> {
+        while let Some(&id) = self.sent.front() {
+            match self.by_id.get(&id) {
+                Some(p) => return Some((id, p.deadline)),
+                None => {
+                    self.sent.pop_front();
+                }
+            }
+        }
+        None
+    }
+
+    fn take(&mut self, request_id: u64) -> Option<Pending> {
+        self.by_id.remove(&request_id)
+    }
 }
 
 fn timed_out(client: &Client) -> Error {
@@ -85,57 +132,83 @@ fn stream_ended(why: &str) -> Error {
     }
 }
 
-/// Fails everything still waiting: the first with `first`, the rest as not answered.
-fn fail_all(pending: &mut VecDeque<Pending>, first: Option<Error>, why: &str) {
+/// Fails everything still waiting: the request `first` names (the oldest one when it names
+/// none) with its error, the rest as not answered.
+fn fail_all(pending: &mut Unanswered, first: Option<(Option<u64>, Error)>, why: &str) {
     tracing::debug!(
         why,
-        first = first.as_ref().map(|e| e.to_string()),
+        first = first.as_ref().map(|(_, e)| e.to_string()),
         unanswered = pending.len(),
         "publish stream ended"
     );
-    if let Some(error) = first
-        && let Some(p) = pending.pop_front()
-    {
-        let _ = p.reply.send(Err(error));
+    if let Some((named, error)) = first {
+        let id = named.or_else(|| pending.oldest().map(|(id, _)| id));
+        if let Some(p) = id.and_then(|id| pending.take(id)) {
+            let _ = p.reply.send(Err(error));
+        }
     }
-    for p in pending.drain(..) {
-        let _ = p.reply.send(Err(stream_ended(why)));
+    while let Some((id, _)) = pending.oldest() {
+        if let Some(p) = pending.take(id) {
+            let _ = p.reply.send(Err(stream_ended(why)));
+        }
     }
+}
+
+/// The request a status that ended the stream names (the broker's `weft-request-id` trailer).
+fn failed_request(status: &tonic::Status) -> Option<u64> {
+    status
+        .metadata()
+        .get(weft_proto::REQUEST_ID_TRAILER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
     loop {
         // Open a stream when there is something to send; stop when every handle is gone.
-        let Some(first) = inbox.recv().await else {
+        let Some(mut first) = inbox.recv().await else {
             return;
         };
         let (requests, outbound) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
         let mut call = client.request(ReceiverStream::new(outbound), Some(&topic), None);
         // The stream lives long; each request has its own deadline, kept here.
         call.metadata_mut().remove("grpc-timeout");
+        // Each partition's answer as soon as it is stored, not behind other partitions'.
+        call.metadata_mut().insert(
+            weft_proto::ANSWER_ORDER_HEADER,
+            tonic::metadata::MetadataValue::from_static("any"),
+        );
         let opened = Instant::now();
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let request_id = first.request.request_id;
+        let mut pending = Unanswered::default();
+        let mut next_id = 1u64;
+        first.request.request_id = next_id;
+        next_id += 1;
         if requests.send(first.request).await.is_err() {
             let _ = first.reply.send(Err(stream_ended("could not send")));
             continue;
         }
-        pending.push_back(Pending {
-            request_id,
-            deadline: Instant::now() + client.timeout(),
-            reply: first.reply,
-        });
+        pending.push(
+            1,
+            Pending {
+                deadline: Instant::now() + client.timeout(),
+                reply: first.reply,
+            },
+        );
         let mut responses =
             match tokio::time::timeout(client.timeout(), client.publisher().publish_stream(call))
                 .await
             {
                 Ok(Ok(response)) => response.into_inner(),
                 Ok(Err(status)) => {
-                    fail_all(&mut pending, Some(Error::from(status)), "refused");
+                    fail_all(&mut pending, Some((None, Error::from(status))), "refused");
                     continue;
                 }
                 Err(_) => {
-                    fail_all(&mut pending, Some(timed_out(&client)), "not opened in time");
+                    fail_all(
+                        &mut pending,
+                        Some((None, timed_out(&client))),
+                        "not opened in time",
+                    );
                     continue;
                 }
             };
@@ -147,18 +220,19 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
             if !taking && pending.is_empty() {
                 break;
             }
-            let deadline = pending.front().map(|p| p.deadline);
+            let oldest = pending.oldest();
             tokio::select! {
                 job = inbox.recv(), if taking => match job {
-                    Some(job) => {
-                        let request_id = job.request.request_id;
+                    Some(mut job) => {
+                        let request_id = next_id;
+                        next_id += 1;
+                        job.request.request_id = request_id;
                         let sent = match &requests {
                             Some(tx) => tx.send(job.request).await.is_ok(),
                             None => false,
                         };
                         if sent {
-                            pending.push_back(Pending {
-                                request_id,
+                            pending.push(request_id, Pending {
                                 deadline: Instant::now() + client.timeout(),
                                 reply: job.reply,
                             });
@@ -170,33 +244,33 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                     None => requests = None,
                 },
                 answer = responses.message() => match answer {
-                    Ok(Some(response)) => match pending.pop_front() {
-                        Some(p) if p.request_id == response.request_id => {
+                    // In any order (a broker that keeps request order is one case of it).
+                    Ok(Some(response)) => match pending.take(response.request_id) {
+                        Some(p) => {
                             let _ = p.reply.send(Ok(response));
                         }
-                        Some(p) => {
-                            pending.push_front(p);
-                            fail_all(&mut pending, None, "an answer out of order");
+                        None => {
+                            fail_all(&mut pending, None, "an answer to no request of the stream");
                             break;
                         }
-                        None => break,
                     },
                     Ok(None) => {
                         fail_all(&mut pending, None, "closed by the broker");
                         break;
                     }
                     Err(status) => {
-                        fail_all(&mut pending, Some(Error::from(status)), "an earlier request failed");
+                        let named = failed_request(&status);
+                        fail_all(&mut pending, Some((named, Error::from(status))), "an earlier request failed");
                         break;
                     }
                 },
                 () = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
+                    match oldest {
+                        Some((_, d)) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    fail_all(&mut pending, Some(timed_out(&client)), "an earlier request timed out");
+                    fail_all(&mut pending, Some((None, timed_out(&client))), "an earlier request timed out");
                     break;
                 }
             }

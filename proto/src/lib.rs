@@ -51,6 +51,14 @@ pub const PARTITION_HEADER: &str = "weft-partition";
 /// mesh policy by group. The broker refuses a call whose header and body disagree.
 pub const GROUP_HEADER: &str = "weft-group";
 
+/// PublishStream request metadata key: `any` lets the broker answer the stream's requests in
+/// the order they are stored rather than the order they were sent (a partition's answer never
+/// waits behind another partition's); the client matches answers by `request_id`, which must
+/// then be unique on the stream. Absent (or any other value): answers come in request order.
+pub const ANSWER_ORDER_HEADER: &str = "weft-answer-order";
+/// Trailer of a PublishStream that a failing request ended: that request's `request_id`.
+pub const REQUEST_ID_TRAILER: &str = "weft-request-id";
+
 /// Peer-call metadata key: the identity of the caller a broker forwards a call for
 /// (percent-encoded), believed by the receiving broker only from a broker identity.
 pub const CALLER_PRINCIPAL_HEADER: &str = "weft-caller-principal";

@@ -215,3 +215,204 @@ async fn our_producer_sends_each_partition_to_its_leader() {
         assert_eq!(bounds.high_watermark, 100, "partition {partition}");
     }
 }
+
+/// The leader of each of `topic`'s `partitions` partitions, once every one has one (a broker
+/// knows the leaders of the partitions it hosts: each is asked).
+async fn partition_leaders(
+    brokers: &[weft_tests::Broker],
+    topic: &str,
+    partitions: usize,
+) -> Vec<u64> {
+    wait_for(
+        "every partition to have a leader",
+        Duration::from_secs(30),
+        || {
+            let mut leaders = vec![0u64; partitions];
+            for broker in brokers {
+                let (_, body) = broker.http("GET", &format!("/v1/topics/{topic}"), None);
+                let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                for (i, p) in value["partition_details"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    if let Some(l) = p["leader_id"].as_u64().filter(|l| *l != 0)
+                        && i < partitions
+                    {
+                        leaders[i] = l;
+                    }
+                }
+            }
+            async move { leaders.iter().all(|l| *l != 0).then_some(leaders) }
+        },
+    )
+    .await
+}
+
+/// A topic of three single-replica partitions on three brokers; returns the brokers, a
+/// partition the entry broker leads (`near`), one another broker leads (`far`), and the
+/// indexes of the entry broker and of `far`'s leader in the list.
+async fn one_replica_partitions_on_two_brokers(
+    topic: &str,
+) -> (Vec<weft_tests::Broker>, u32, u32, usize, usize) {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{topic}","partitions":3,"replication_factor":1}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leaders = partition_leaders(&brokers, topic, 3).await;
+    let near = 0u32;
+    let far = (1..3u32)
+        .find(|p| leaders[*p as usize] != leaders[0])
+        .unwrap_or_else(|| panic!("leaders are spread over the brokers: {leaders:?}"));
+    let entry = (leaders[near as usize] - 1) as usize;
+    let frozen = (leaders[far as usize] - 1) as usize;
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    (brokers, near, far, entry, frozen)
+}
+
+fn one_record(topic: &str, partition: u32, request_id: u64) -> PublishRequest {
+    PublishRequest {
+        topic: topic.into(),
+        target: Some(Target::Partition(partition)),
+        records: vec![Record {
+            value: format!("r{request_id}").into_bytes().into(),
+            ..Record::default()
+        }],
+        request_id,
+        ..PublishRequest::default()
+    }
+}
+
+/// With `weft-answer-order: any`, a PublishStream answers each request once it is stored: the
+/// answer for a partition the entry broker leads does not wait behind an earlier request for a
+/// partition whose leader is frozen. Without the header the same stream keeps request order, so
+/// that answer waits until the frozen broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_answer_does_not_wait_behind_another_partition_when_asked() {
+    let topic = "unordered";
+    let (brokers, near, far, entry, frozen) = one_replica_partitions_on_two_brokers(topic).await;
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    for any_order in [true, false] {
+        brokers[frozen].pause();
+        let (requests, outbound) = tokio::sync::mpsc::channel(4);
+        let mut call = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+        if any_order {
+            call.metadata_mut().insert(
+                weft_proto::ANSWER_ORDER_HEADER,
+                tonic::metadata::MetadataValue::from_static("any"),
+            );
+        }
+        requests
+            .send(one_record(topic, far, 1))
+            .await
+            .expect("send");
+        let mut answers = grpc::publisher(&channel)
+            .publish_stream(call)
+            .await
+            .expect("stream")
+            .into_inner();
+        requests
+            .send(one_record(topic, near, 2))
+            .await
+            .expect("send");
+        let first = tokio::time::timeout(Duration::from_secs(3), answers.message()).await;
+        if any_order {
+            let answer = first
+                .expect("the near partition answered while the far one's leader is frozen")
+                .expect("answer")
+                .expect("not ended");
+            assert_eq!(answer.request_id, 2, "{answer:?}");
+            assert_eq!(answer.partition, near, "{answer:?}");
+        } else {
+            assert!(
+                first.is_err(),
+                "in request order nothing is answered before the frozen partition: {first:?}"
+            );
+        }
+        brokers[frozen].resume();
+        let expected: &[u64] = if any_order { &[1] } else { &[1, 2] };
+        for id in expected {
+            let answer = weft_tests::within(
+                "the answer once the frozen broker is back",
+                Duration::from_secs(30),
+                answers.message(),
+            )
+            .await
+            .expect("answer")
+            .expect("not ended");
+            assert_eq!(answer.request_id, *id, "{answer:?}");
+        }
+    }
+}
+
+/// Our producer's publish stream asks for answers in any order and matches them by request id:
+/// sent through one broker (leaders not followed), a record for a partition that broker leads is
+/// acknowledged while an earlier record for a partition on a frozen broker waits, and that one
+/// is acknowledged once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_producer_takes_answers_as_partitions_store_them() {
+    let topic = "unordered-client";
+    let (brokers, near, far, entry, frozen) = one_replica_partitions_on_two_brokers(topic).await;
+    let client = weft_client::Client::connect([brokers[entry].client_addr.clone()])
+        .await
+        .expect("connect");
+    let producer = client.producer(weft_client::ProducerConfig {
+        to_leaders: false,
+        ..weft_client::ProducerConfig::default()
+    });
+    // Opens the stream and learns the topic first.
+    producer
+        .send(
+            "unordered-client",
+            weft_client::Record::new("warm").partition(near),
+        )
+        .await
+        .expect("stored");
+    brokers[frozen].pause();
+    let far_ack = producer
+        .send_nowait(topic, weft_client::Record::new("far").partition(far))
+        .await
+        .expect("queued");
+    // The far record is in the stream (the entry broker is forwarding it) before the near one.
+    wait_for(
+        "the far record to be forwarded",
+        Duration::from_secs(10),
+        || {
+            let forwarded = weft_tests::metric(
+                &brokers[entry],
+                r#"weft_forwarded_calls_total{method="Publish"}"#,
+            );
+            async move { forwarded.filter(|n| *n >= 1.0) }
+        },
+    )
+    .await;
+    let near_ack = producer
+        .send_nowait(topic, weft_client::Record::new("near").partition(near))
+        .await
+        .expect("queued");
+    let near_stored = tokio::time::timeout(Duration::from_secs(5), near_ack)
+        .await
+        .expect("the near partition acknowledged while the far one's leader is frozen")
+        .expect("answered")
+        .expect("stored");
+    assert_eq!(near_stored.offset, 1, "{near_stored:?}");
+    brokers[frozen].resume();
+    let far_stored = weft_tests::within(
+        "the far record's acknowledgement",
+        Duration::from_secs(30),
+        far_ack,
+    )
+    .await
+    .expect("answered")
+    .expect("stored");
+    assert_eq!(far_stored.offset, 0, "{far_stored:?}");
+    producer.close().await.expect("close");
+}

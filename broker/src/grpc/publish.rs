@@ -1,4 +1,5 @@
-//! `weft.v1.Publisher`: Publish (unary) and PublishStream (pipelined, answered in order).
+//! `weft.v1.Publisher`: Publish (unary) and PublishStream (pipelined; answered in request order,
+//! or as stored when the caller asks with `weft-answer-order: any`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -455,56 +456,73 @@ impl Publisher for PublisherService {
             .get(weft_proto::TOPIC_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let any_order = request
+            .metadata()
+            .get(weft_proto::ANSWER_ORDER_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"any"));
         let service = self.clone();
         let passed_on = PassedOn::from_request(&request);
         let identity = crate::auth::identity_of(&request);
         let inbound = request.into_inner();
         // Requests are handed to their partitions in arrival order (each future enqueues its
-        // batch on first poll, and `buffered` polls them in order); answers come back in order.
-        // The first failure ends the stream with its status.
-        let responses = inbound
-            .map(move |item| {
-                let service = service.clone();
-                let header_topic = header_topic.clone();
-                let passed_on = passed_on.clone();
-                let identity = identity.clone();
-                async move {
-                    let request = item?;
-                    // Each request names its topic: each is checked, header or not.
-                    service
-                        .node
-                        .authorize(
-                            &identity,
-                            Operation::Publish,
-                            Resource::Topic(&request.topic),
-                        )
-                        .map_err(Status::from)?;
-                    if let Some(topic) = &header_topic
-                        && topic != &request.topic
-                    {
-                        return Err(Status::from(BrokerError::invalid(
-                            "metadata.weft-topic",
-                            format!(
-                                "header names topic {topic:?} but a request is for {:?}",
-                                request.topic
-                            ),
-                        )));
+        // batch on first poll, and both `buffered` and `buffer_unordered` first poll them in
+        // order); answers come back in request order, or as each is stored with `any_order`.
+        // The first failure ends the stream with its status, naming its request in a trailer.
+        let requests = inbound.map(move |item| {
+            let service = service.clone();
+            let header_topic = header_topic.clone();
+            let passed_on = passed_on.clone();
+            let identity = identity.clone();
+            async move {
+                let request = item?;
+                let request_id = request.request_id;
+                let named = move |mut status: Status| {
+                    if let Ok(id) = request_id.to_string().parse() {
+                        status
+                            .metadata_mut()
+                            .insert(weft_proto::REQUEST_ID_TRAILER, id);
                     }
-                    service
-                        .handle(request, timeout, 0, &passed_on)
-                        .await
-                        .map_err(Status::from)
+                    status
+                };
+                // Each request names its topic: each is checked, header or not.
+                service
+                    .node
+                    .authorize(
+                        &identity,
+                        Operation::Publish,
+                        Resource::Topic(&request.topic),
+                    )
+                    .map_err(|e| named(Status::from(e)))?;
+                if let Some(topic) = &header_topic
+                    && topic != &request.topic
+                {
+                    return Err(named(Status::from(BrokerError::invalid(
+                        "metadata.weft-topic",
+                        format!(
+                            "header names topic {topic:?} but a request is for {:?}",
+                            request.topic
+                        ),
+                    ))));
                 }
-            })
-            .buffered(STREAM_IN_FLIGHT_MAX)
-            .scan(false, |failed, item| {
-                // Stop after the first error so later requests are not reported as applied.
-                if *failed {
-                    return futures::future::ready(None);
-                }
-                *failed = item.is_err();
-                futures::future::ready(Some(item))
-            });
+                service
+                    .handle(request, timeout, 0, &passed_on)
+                    .await
+                    .map_err(|e| named(Status::from(e)))
+            }
+        });
+        let answers: ResponseStream = if any_order {
+            Box::pin(requests.buffer_unordered(STREAM_IN_FLIGHT_MAX))
+        } else {
+            Box::pin(requests.buffered(STREAM_IN_FLIGHT_MAX))
+        };
+        let responses = answers.scan(false, |failed, item| {
+            // Stop after the first error so later requests are not reported as applied.
+            if *failed {
+                return futures::future::ready(None);
+            }
+            *failed = item.is_err();
+            futures::future::ready(Some(item))
+        });
         let result: Result<(), Status> = Ok(());
         crate::metrics::rpc("PublishStream", started, &result);
         Ok(Response::new(Box::pin(responses)))
