@@ -298,10 +298,11 @@ impl Client {
         })
     }
 
-    /// Over QUIC (HTTP/3): the first of `addresses` (each `quic://HOST:PORT`) that completes a
-    /// handshake carries every call. TLS is part of QUIC: the brokers' certificates are checked
-    /// against `options.tls`'s CA file (else the system's CAs), and its client certificate, if
-    /// any, is presented.
+    /// Over QUIC (HTTP/3): one connection at a time, to the first of `addresses` (each
+    /// `quic://HOST:PORT`) that completes a handshake; when it is lost the next call connects to
+    /// another of them (the one after it first), so calls carry on while a broker is away. TLS
+    /// is part of QUIC: the brokers' certificates are checked against `options.tls`'s CA file
+    /// (else the system's CAs), and its client certificate, if any, is presented.
     async fn connect_quic(addresses: &[String], options: ConnectOptions) -> Result<Client> {
         let tls = options.tls.clone().unwrap_or_default();
         let files = weft_proto::tls::TlsFiles {
@@ -309,7 +310,7 @@ impl Client {
             key_file: tls.key_file.clone(),
             ca_file: tls.ca_file.clone(),
         };
-        let mut failures = Vec::new();
+        let mut targets = Vec::new();
         for address in addresses {
             let Some(host_port) = address.strip_prefix("quic://") else {
                 return Err(Error::InvalidArgument(format!(
@@ -330,28 +331,27 @@ impl Client {
                     .trim_end_matches(']')
                     .to_string()
             });
-            let config = weft_proto::tls::client_config(&files).map_err(Error::InvalidArgument)?;
-            let channel = weft_proto::quic::QuicChannel::new(host_port, &server_name, config)
-                .map_err(|e| Error::InvalidArgument(format!("{address}: {e}")))?;
-            match channel.connect().await {
-                Ok(()) => {
-                    let transport = Transport::quic(channel)
-                        .with_bearer_token(options.token.as_deref())
-                        .map_err(Error::InvalidArgument)?;
-                    return Ok(Client {
-                        channel: transport,
-                        addresses: std::sync::Arc::new(Vec::new()),
-                        timeout: Duration::from_secs(30),
-                        message_bytes_max: 16 * 1024 * 1024,
-                        options: std::sync::Arc::new(options),
-                    });
-                }
-                Err(e) => failures.push(format!("{address}: {e}")),
-            }
+            targets.push(weft_proto::quic::QuicTarget {
+                address: host_port.to_string(),
+                server_name,
+            });
         }
-        Err(Error::Connect {
+        let config = weft_proto::tls::client_config(&files).map_err(Error::InvalidArgument)?;
+        let channel = weft_proto::quic::QuicChannel::to_any(targets, config)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", addresses.join(","))))?;
+        channel.connect().await.map_err(|message| Error::Connect {
             endpoint: addresses.join(","),
-            message: failures.join("; "),
+            message,
+        })?;
+        let transport = Transport::quic(channel)
+            .with_bearer_token(options.token.as_deref())
+            .map_err(Error::InvalidArgument)?;
+        Ok(Client {
+            channel: transport,
+            addresses: std::sync::Arc::new(Vec::new()),
+            timeout: Duration::from_secs(30),
+            message_bytes_max: 16 * 1024 * 1024,
+            options: std::sync::Arc::new(options),
         })
     }
 

@@ -33,10 +33,18 @@ pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often an idle connection is kept alive.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// What a client offers instead: QUIC takes the smaller of the two ends' idle timeouts, so a
+/// client learns within this long that its server is gone (killed, or its host lost: no
+/// connection close ever comes), and fails over; its keep-alives keep a live connection open.
+const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// How often a client keeps its connection alive.
+const CLIENT_KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Largest header section a call may send (HTTP/2's usual limit).
 const HEADER_BYTES_MAX: u64 = 16 * 1024;
-/// Longest wait for a QUIC handshake.
+/// Longest wait for a QUIC handshake (with one server; a channel to several tries each in turn).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a handshake with one server of several, before the next is tried.
+const CONNECT_TIMEOUT_OF_SEVERAL: Duration = Duration::from_secs(3);
 
 /// A body fed from a queue (a request body read from QUIC on the server, a response body on
 /// the client).
@@ -56,13 +64,13 @@ impl http_body::Body for QueueBody {
     }
 }
 
-/// The transport settings both ends use.
-fn transport_config() -> Arc<quinn::TransportConfig> {
+/// The transport settings of either end, with its keep-alive interval and idle timeout.
+fn transport_config(keep_alive: Duration, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into());
     transport.max_concurrent_uni_streams(16u32.into());
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+    transport.keep_alive_interval(Some(keep_alive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
         transport.max_idle_timeout(Some(idle));
     }
     Arc::new(transport)
@@ -75,7 +83,7 @@ pub fn server_config(mut tls: rustls::ServerConfig) -> Result<quinn::ServerConfi
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| format!("this TLS configuration cannot serve QUIC: {e}"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
+    config.transport_config(transport_config(KEEP_ALIVE, IDLE_TIMEOUT));
     Ok(config)
 }
 
@@ -284,10 +292,13 @@ type Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 /// error) instead of each waiting for a handshake of its own.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 
-/// A gRPC channel over QUIC to one server: connected on first use, again after the connection
-/// is lost (one attempt at a time; the others wait for it). Transport failures come back as
-/// UNAVAILABLE gRPC answers (trailers only), never as errors of the channel; a call's
-/// `grpc-timeout` bounds the wait for its answer (DEADLINE_EXCEEDED).
+/// A gRPC channel over QUIC to one server at a time: connected on first use, again after the
+/// connection is lost (one attempt at a time; the others wait for it). Given several servers
+/// (brokers of one cluster, any of which serves any call), it connects to the first that
+/// answers, starting after the one whose connection was lost, so calls carry on when a broker
+/// goes away. Transport failures come back as UNAVAILABLE gRPC answers (trailers only), never as
+/// errors of the channel; a call's `grpc-timeout` bounds the wait for its answer
+/// (DEADLINE_EXCEEDED).
 #[derive(Clone)]
 pub struct QuicChannel {
     inner: Arc<Inner>,
@@ -299,6 +310,8 @@ enum Slot {
     Open {
         sender: Sender,
         generation: u64,
+        /// Which of the channel's servers it is connected to.
+        target: usize,
     },
     Failed {
         at: std::time::Instant,
@@ -306,10 +319,20 @@ enum Slot {
     },
 }
 
-struct Inner {
+/// One server a channel may call.
+#[derive(Debug, Clone)]
+pub struct QuicTarget {
     /// host:port, resolved at each connection.
-    address: String,
-    server_name: String,
+    pub address: String,
+    /// The name its certificate must carry.
+    pub server_name: String,
+}
+
+struct Inner {
+    /// At least one.
+    targets: Vec<QuicTarget>,
+    /// The server the next connection tries first.
+    first: std::sync::atomic::AtomicUsize,
     client_config: quinn::ClientConfig,
     /// A UDP socket per address family, made when first needed.
     endpoints: std::sync::Mutex<(Option<quinn::Endpoint>, Option<quinn::Endpoint>)>,
@@ -320,8 +343,7 @@ struct Inner {
 impl std::fmt::Debug for QuicChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QuicChannel")
-            .field("address", &self.inner.address)
-            .field("server_name", &self.inner.server_name)
+            .field("targets", &self.inner.targets)
             .finish_non_exhaustive()
     }
 }
@@ -332,18 +354,35 @@ impl QuicChannel {
     pub fn new(
         address: &str,
         server_name: &str,
+        tls: rustls::ClientConfig,
+    ) -> Result<QuicChannel, String> {
+        QuicChannel::to_any(
+            vec![QuicTarget {
+                address: address.to_string(),
+                server_name: server_name.to_string(),
+            }],
+            tls,
+        )
+    }
+
+    /// A channel to whichever of `targets` answers (tried in order at first), with `tls`.
+    pub fn to_any(
+        targets: Vec<QuicTarget>,
         mut tls: rustls::ClientConfig,
     ) -> Result<QuicChannel, String> {
+        if targets.is_empty() {
+            return Err("a QUIC channel needs at least one server".into());
+        }
         tls.alpn_protocols = vec![ALPN.to_vec()];
         tls.enable_early_data = false;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| format!("this TLS configuration cannot call over QUIC: {e}"))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
-        client_config.transport_config(transport_config());
+        client_config.transport_config(transport_config(CLIENT_KEEP_ALIVE, CLIENT_IDLE_TIMEOUT));
         Ok(QuicChannel {
             inner: Arc::new(Inner {
-                address: address.to_string(),
-                server_name: server_name.to_string(),
+                targets,
+                first: std::sync::atomic::AtomicUsize::new(0),
                 client_config,
                 endpoints: std::sync::Mutex::new((None, None)),
                 slot: Mutex::new(Slot::Empty),
@@ -357,40 +396,59 @@ impl QuicChannel {
         self.sender().await.map(|_| ())
     }
 
-    /// The open connection's request sender and its generation, connecting when there is
-    /// none (one attempt at a time: the others wait for its outcome).
-    async fn sender(&self) -> Result<(Sender, u64), String> {
+    /// The open connection's request sender, its generation and its server's address,
+    /// connecting when there is none (one attempt at a time: the others wait for its outcome).
+    async fn sender(&self) -> Result<(Sender, u64, String), String> {
         let mut slot = self.inner.slot.lock().await;
         match &*slot {
-            Slot::Open { sender, generation } => return Ok((sender.clone(), *generation)),
+            Slot::Open {
+                sender,
+                generation,
+                target,
+            } => {
+                let address = self.inner.targets[*target].address.clone();
+                return Ok((sender.clone(), *generation, address));
+            }
             Slot::Failed { at, error } if at.elapsed() < RECONNECT_BACKOFF => {
                 return Err(error.clone());
             }
             _ => {}
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.open()).await {
-            Ok(Ok((sender, generation))) => {
-                *slot = Slot::Open {
-                    sender: sender.clone(),
-                    generation,
-                };
-                Ok((sender, generation))
-            }
-            outcome => {
-                let error = match outcome {
-                    Ok(Err(e)) => e,
-                    _ => format!(
-                        "no QUIC connection to {} within {CONNECT_TIMEOUT:?}",
-                        self.inner.address
-                    ),
-                };
-                *slot = Slot::Failed {
-                    at: std::time::Instant::now(),
-                    error: error.clone(),
-                };
-                Err(error)
+        // Each server in turn, from the one after the last lost connection's.
+        let count = self.inner.targets.len();
+        let first = self.inner.first.load(std::sync::atomic::Ordering::Relaxed) % count;
+        let limit = if count == 1 {
+            CONNECT_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT_OF_SEVERAL
+        };
+        let mut failures = Vec::new();
+        for target in (0..count).map(|k| (first + k) % count) {
+            let address = &self.inner.targets[target].address;
+            match tokio::time::timeout(limit, self.open(target)).await {
+                Ok(Ok((sender, generation))) => {
+                    self.inner
+                        .first
+                        .store(target, std::sync::atomic::Ordering::Relaxed);
+                    *slot = Slot::Open {
+                        sender: sender.clone(),
+                        generation,
+                        target,
+                    };
+                    return Ok((sender, generation, address.clone()));
+                }
+                Ok(Err(e)) => failures.push(e),
+                Err(_) => {
+                    failures.push(format!("no QUIC connection to {address} within {limit:?}"))
+                }
             }
         }
+        let error = failures.join("; ");
+        *slot = Slot::Failed {
+            at: std::time::Instant::now(),
+            error: error.clone(),
+        };
+        Err(error)
     }
 
     /// The UDP endpoint for `remote`'s address family.
@@ -414,23 +472,28 @@ impl QuicChannel {
         Ok(endpoint)
     }
 
-    /// A new connection: resolve, handshake, HTTP/3 set-up; its driver task clears the slot
-    /// when it ends (only if the slot still holds this connection).
-    async fn open(&self) -> Result<(Sender, u64), String> {
+    /// A new connection to server `target`: resolve, handshake, HTTP/3 set-up; its driver task
+    /// clears the slot when it ends (only if the slot still holds this connection), and the
+    /// next connection then tries the following server first.
+    async fn open(&self, target: usize) -> Result<(Sender, u64), String> {
         let inner = &self.inner;
-        let candidates: Vec<SocketAddr> = tokio::net::lookup_host(&inner.address)
+        let QuicTarget {
+            address: name,
+            server_name,
+        } = &inner.targets[target];
+        let candidates: Vec<SocketAddr> = tokio::net::lookup_host(name)
             .await
-            .map_err(|e| format!("cannot resolve {}: {e}", inner.address))?
+            .map_err(|e| format!("cannot resolve {name}: {e}"))?
             .collect();
         if candidates.is_empty() {
-            return Err(format!("{} resolves to no address", inner.address));
+            return Err(format!("{name} resolves to no address"));
         }
         let mut failures = Vec::new();
         for address in candidates {
             let attempt = async {
                 let endpoint = self.endpoint_for(address)?;
                 let connection = endpoint
-                    .connect_with(inner.client_config.clone(), address, &inner.server_name)
+                    .connect_with(inner.client_config.clone(), address, server_name)
                     .map_err(|e| format!("cannot connect to {address} over QUIC: {e}"))?
                     .await
                     .map_err(|e| format!("QUIC handshake with {address}: {e}"))?;
@@ -449,10 +512,15 @@ impl QuicChannel {
                     tokio::spawn(async move {
                         let error = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
                         let Some(inner) = weak.upgrade() else { return };
-                        tracing::debug!("the QUIC connection to {} ended: {error}", inner.address);
+                        let name = &inner.targets[target].address;
+                        tracing::debug!("the QUIC connection to {name} ended: {error}");
                         let mut slot = inner.slot.lock().await;
                         if matches!(&*slot, Slot::Open { generation: g, .. } if *g == generation) {
                             *slot = Slot::Empty;
+                            inner.first.store(
+                                (target + 1) % inner.targets.len(),
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                         }
                     });
                     return Ok((sender, generation));
@@ -476,7 +544,7 @@ impl QuicChannel {
         &self,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, String> {
-        let (mut sender, generation) = self.sender().await?;
+        let (mut sender, generation, authority) = self.sender().await?;
         let (mut parts, mut body) = request.into_parts();
         // HTTP/3 wants an absolute URI: the authority this channel calls.
         let path = parts
@@ -484,7 +552,7 @@ impl QuicChannel {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        parts.uri = format!("https://{}{path}", self.inner.address)
+        parts.uri = format!("https://{authority}{path}")
             .parse()
             .map_err(|e| format!("bad request path {path:?}: {e}"))?;
         let stream = match sender

@@ -107,6 +107,10 @@ def ports_are_named_and_typed(docs, profile):
     for svc in by_kind(docs, "Service"):
         for p in svc["spec"]["ports"]:
             name = p["name"]
+            if name == "udp-quic":
+                check(p.get("protocol") == "UDP" and "appProtocol" not in p,
+                      f"{profile}: {svc['metadata']['name']}:{name} is UDP, with no appProtocol: {p}")
+                continue
             check(name.startswith(("grpc-", "http-")), f"{profile}: Service port {name} is not grpc-*/http-*")
             if name.startswith("grpc-"):
                 check(p.get("appProtocol") == "kubernetes.io/h2c",
@@ -114,6 +118,9 @@ def ports_are_named_and_typed(docs, profile):
     for sts in by_kind(docs, "StatefulSet"):
         for c in sts["spec"]["template"]["spec"]["containers"]:
             for p in c["ports"]:
+                if p["name"] == "udp-quic":
+                    check(p.get("protocol") == "UDP", f"{profile}: container port udp-quic is UDP: {p}")
+                    continue
                 check(p["name"].startswith(("grpc-", "http-")), f"{profile}: container port {p['name']}")
 
 
@@ -419,10 +426,27 @@ def check_profile(profile, docs):
         check(env["WEFT_CLUSTER_SIZE"]["value"] == "5", "five brokers")
         check(("monitoring.coreos.com/v1", "ServiceMonitor") in kinds, "a ServiceMonitor")
         check(("monitoring.coreos.com/v1", "PodMonitor") in kinds, "a PodMonitor")
+    elif profile == "quic":
+        # The listener's UDP port on the pods, the client Service and every per-pod Service.
+        sts = one(docs, "StatefulSet")
+        ports = sts["spec"]["template"]["spec"]["containers"][0]["ports"]
+        check({"name": "udp-quic", "containerPort": 7403, "protocol": "UDP"} in ports,
+              f"quic: the container opens UDP 7403: {ports}")
+        services = [s for s in by_kind(docs, "Service") if s["spec"].get("clusterIP") != "None"]
+        check(len(services) == 4, f"quic: the client Service and three per-pod Services: {len(services)}")
+        for svc in services:
+            check({"name": "udp-quic", "port": 7403, "targetPort": "udp-quic", "protocol": "UDP"}
+                  in svc["spec"]["ports"], f"quic: {svc['metadata']['name']} opens UDP 7403")
+        config = one(docs, "ConfigMap")["data"]
+        check(any('quic_listen = "0.0.0.0:7403"' in text for text in config.values()),
+              f"quic: the broker's config sets the listener: {config}")
     elif profile == "single-node":
         sts = one(docs, "StatefulSet")
         check("volumeClaimTemplates" not in sts["spec"], "no volume claim without persistence")
         check(not by_kind(docs, "PodDisruptionBudget"), "no PDB")
+    if profile != "quic":
+        check(not any(p["name"] == "udp-quic" for svc in by_kind(docs, "Service")
+                      for p in svc["spec"]["ports"]), f"{profile}: no QUIC port without quic_listen")
     if profile != "istio":
         check(not by_kind(docs, "PeerAuthentication"), f"{profile}: no Istio objects")
     if profile != "default":
@@ -490,7 +514,7 @@ def main():
         (p.name.removesuffix("-values.yaml"), yaml.safe_load(p.read_text()))
         for p in sorted((CHART / "ci").glob("*-values.yaml"))
     ]
-    check(len(profiles) >= 6, "the ci/ profiles are missing")
+    check(len(profiles) >= 7, "the ci/ profiles are missing")
     rendered = 0
     for profile, values in profiles:
         report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)

@@ -2,8 +2,9 @@
 //! CA the test makes) serves our Rust client and the `weft` CLI at `quic://127.0.0.1:PORT`:
 //! topic admin, pipelined publishes on a PublishStream, a consumer group's Subscribe stream and
 //! its commits, the caller's identity from its client certificate; what went in over QUIC is
-//! what HTTP/2 callers read. A client that does not trust the broker's certificate is refused,
-//! and a QUIC listener without TLS is a configuration error.
+//! what HTTP/2 callers read. A client given several brokers carries on through another when
+//! its broker dies. A client that does not trust the broker's certificate is refused, and a
+//! QUIC listener without TLS is a configuration error.
 
 use std::process::Command;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use weft_client::{
     Client, ConnectOptions, ConsumerConfig, ProducerConfig, Record, StartFrom, TlsOptions,
 };
 use weft_tests::pki::Pki;
-use weft_tests::{Broker, binary, fetch_range, ok_stdout};
+use weft_tests::{Broker, binary, fetch_range, ok_stdout, start_cluster_with, within};
 
 fn options(
     ca: &std::path::Path,
@@ -200,6 +201,60 @@ async fn clients_publish_and_consume_over_quic() {
             .to_string()
             .contains("quic://HOST:PORT")
     );
+}
+
+/// A client given every broker's QUIC address carries on through another broker when the one
+/// it is connected to is killed (no connection close reaches it: it learns from the silence,
+/// within the client's idle timeout), and what it published before and after is all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_client_fails_over_when_its_broker_dies() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "quic-failover");
+    let (cert, key) = pki.issue("broker", "weft", None, true);
+    let ca = pki.ca_file();
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        format!("[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
+    )
+    .expect("config");
+    let config = config.to_str().expect("path");
+    let mut brokers = start_cluster_with(3, &["--config", config, "--quic-listen", "127.0.0.1:0"]);
+    let (status, body) = brokers[1].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"away","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let addresses: Vec<String> = brokers
+        .iter()
+        .map(|b| format!("quic://{}", b.quic_addr))
+        .collect();
+    let client = Client::connect_with(addresses.iter().map(String::as_str), options(&ca, None))
+        .await
+        .expect("connect over QUIC");
+    let producer = client.producer(ProducerConfig::default());
+    let before = within(
+        "the first publish",
+        Duration::from_secs(30),
+        producer.send("away", Record::new("before")),
+    )
+    .await
+    .expect("stored");
+    // The client connected to the first address given.
+    brokers[0].kill9();
+    let after = within(
+        "a publish once its broker is gone",
+        Duration::from_secs(60),
+        producer.send("away", Record::new("after")),
+    )
+    .await
+    .expect("stored through another broker");
+    assert_eq!((before.offset, after.offset), (0, 1));
+    producer.close().await.expect("close");
+    let read = fetch_range(&brokers[1].client_addr, "away", 0, 0, 2).await;
+    let values: Vec<&[u8]> = read.iter().map(|(_, v)| v.as_ref()).collect();
+    assert_eq!(values, [b"before".as_slice(), b"after".as_slice()]);
 }
 
 #[test]
