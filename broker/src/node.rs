@@ -595,13 +595,13 @@ impl Node {
     }
 
     /// A topic by name.
-    pub fn topic(&self, name: &str) -> Result<TopicMeta, BrokerError> {
+    pub fn topic(&self, name: &str) -> Result<Arc<TopicMeta>, BrokerError> {
         self.topic_named("topic", name)
     }
 
     /// The topic a request names in `field`: INVALID_ARGUMENT (naming the field) when the name
     /// cannot be a topic's, NOT_FOUND when there is no such topic.
-    pub fn topic_named(&self, field: &str, name: &str) -> Result<TopicMeta, BrokerError> {
+    pub fn topic_named(&self, field: &str, name: &str) -> Result<Arc<TopicMeta>, BrokerError> {
         if let Err(violation) = crate::topic::validate_name(name) {
             return Err(BrokerError::invalid(field, violation.description));
         }

@@ -726,7 +726,7 @@ impl Session {
             credit_bytes: credit.bytes,
             node,
             start,
-            topic_id: topic.topic_id,
+            topic_id: topic.topic_id.clone(),
             group,
             view,
             generation: 0,

@@ -255,6 +255,7 @@ impl TopicAdmin for TopicAdminService {
                     .allowed(&identity, Operation::Describe, Resource::Topic(&t.name))
             })
             .take(size + 1)
+            .map(|t| &**t)
             .collect();
         let next_page_token = if page.len() > size {
             page.truncate(size);

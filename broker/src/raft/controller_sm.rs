@@ -267,7 +267,7 @@ pub struct ControllerState {
     /// Membership in force.
     pub last_membership: StoredMembership<NodeId, BasicNode>,
     /// Topics by name.
-    pub topics: BTreeMap<String, TopicMeta>,
+    pub topics: BTreeMap<String, Arc<TopicMeta>>,
     /// The next partition group id to hand out (group 0 is the controller).
     pub next_group_id: GroupId,
     /// The cluster's brokers by node id.
@@ -314,7 +314,7 @@ impl ControllerState {
                     created_at_ms: *created_at_ms,
                     partitions,
                 };
-                self.topics.insert(name.clone(), topic.clone());
+                self.topics.insert(name.clone(), Arc::new(topic.clone()));
                 ControllerResponse::Topic(topic)
             }
             ControllerCommand::UpdateTopic {
@@ -322,7 +322,7 @@ impl ControllerState {
                 config,
                 new_replicas,
             } => {
-                let Some(current) = self.topics.get(name).cloned() else {
+                let Some(current) = self.topics.get(name).map(|t| TopicMeta::clone(t)) else {
                     return ControllerResponse::NotFound(name.clone());
                 };
                 if config.partitions < current.config.partitions {
@@ -347,7 +347,7 @@ impl ControllerState {
                 let more = self.place(first, &replicas);
                 topic.partitions.extend(more);
                 topic.config = config;
-                self.topics.insert(name.clone(), topic.clone());
+                self.topics.insert(name.clone(), Arc::new(topic.clone()));
                 ControllerResponse::Topic(topic)
             }
             ControllerCommand::RegisterBroker {
@@ -389,7 +389,12 @@ impl ControllerState {
                 partition,
                 replicas,
             } => {
-                let Some(topic) = self.topics.values_mut().find(|t| &t.topic_id == topic_id) else {
+                let Some(topic) = self
+                    .topics
+                    .values_mut()
+                    .find(|t| &t.topic_id == topic_id)
+                    .map(Arc::make_mut)
+                else {
                     return ControllerResponse::NotFound(format!("topic id {topic_id}"));
                 };
                 let Some(meta) = topic.partitions.get_mut(*partition as usize) else {
@@ -438,7 +443,7 @@ impl ControllerState {
                         !g.offsets.is_empty()
                     });
                     ControllerResponse::Deleted {
-                        topic_id: topic.topic_id,
+                        topic_id: topic.topic_id.clone(),
                     }
                 }
                 None => ControllerResponse::NotFound(name.clone()),
@@ -530,7 +535,7 @@ impl ControllerState {
                 Some(_) => {}
             }
         }
-        let Some(meta) = self.topics.get_mut(topic) else {
+        let Some(meta) = self.topics.get_mut(topic).map(Arc::make_mut) else {
             return ControllerResponse::NotFound(topic.to_string());
         };
         let Some(p) = meta.partitions.get_mut(partition as usize) else {
@@ -1106,10 +1111,12 @@ mod tests {
                     partition: m.partition,
                     replicas: m.to.clone(),
                 }),
-                ControllerResponse::Topic(state.topics[&m.topic].clone()).clone_with(|t| {
-                    t.partitions[m.partition as usize].replicas = m.to.clone();
-                    t.partitions[m.partition as usize].target = None;
-                })
+                ControllerResponse::Topic(TopicMeta::clone(&state.topics[&m.topic])).clone_with(
+                    |t| {
+                        t.partitions[m.partition as usize].replicas = m.to.clone();
+                        t.partitions[m.partition as usize].target = None;
+                    }
+                )
             );
         }
     }
