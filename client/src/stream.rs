@@ -180,15 +180,15 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
         );
         let opened = Instant::now();
         let mut pending = Unanswered::default();
-        let mut next_id = 1u64;
-        first.request.request_id = next_id;
-        next_id += 1;
+        let first_id = 1u64;
+        let mut next_id = first_id + 1;
+        first.request.request_id = first_id;
         if requests.send(first.request).await.is_err() {
             let _ = first.reply.send(Err(stream_ended("could not send")));
             continue;
         }
         pending.push(
-            1,
+            first_id,
             Pending {
                 deadline: Instant::now() + client.timeout(),
                 reply: first.reply,

@@ -1,4 +1,5 @@
-//! Streams: PublishStream answers in order; Subscribe streams are rotated by the server after
+//! Streams: PublishStream answers in order (or as stored, when asked) and names a failing
+//! request; Subscribe streams are rotated by the server after
 //! `stream_age_ms_max` and the consumer resumes with no record lost or repeated; Fetch long-polls.
 
 use std::collections::BTreeMap;
@@ -56,28 +57,63 @@ async fn publish_stream_answers_every_request_in_order() {
     }
     assert_eq!(i, 50);
 
-    // The first failure ends the stream with its status.
-    let bad = vec![
-        PublishRequest {
-            topic: "piped".into(),
-            target: Some(Target::Partition(0)),
-            records: vec![Default::default()],
-            ..Default::default()
-        },
-        PublishRequest {
-            topic: "missing".into(),
-            records: vec![Default::default()],
-            ..Default::default()
-        },
-    ];
+    // The first failure ends the stream with its status, naming its request in a trailer.
+    let bad = || {
+        vec![
+            PublishRequest {
+                topic: "piped".into(),
+                target: Some(Target::Partition(0)),
+                records: vec![Default::default()],
+                request_id: 7,
+                ..Default::default()
+            },
+            PublishRequest {
+                topic: "missing".into(),
+                records: vec![Default::default()],
+                request_id: 8,
+                ..Default::default()
+            },
+        ]
+    };
+    let named = |error: &tonic::Status| {
+        error
+            .metadata()
+            .get(weft_proto::REQUEST_ID_TRAILER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let mut responses = publisher
-        .publish_stream(futures::stream::iter(bad))
+        .publish_stream(futures::stream::iter(bad()))
         .await
         .expect("stream")
         .into_inner();
-    assert!(responses.message().await.expect("first answered").is_some());
+    let first = responses.message().await.expect("first answered");
+    assert_eq!(first.map(|r| r.request_id), Some(7));
     let error = responses.message().await.expect_err("second fails");
     assert_eq!(error.code(), tonic::Code::NotFound);
+    assert_eq!(named(&error).as_deref(), Some("8"), "{error:?}");
+
+    // Answered as stored (`weft-answer-order: any`): the failure still ends the stream and
+    // names its request; an answer before it is the other request's.
+    let mut call = tonic::Request::new(futures::stream::iter(bad()));
+    call.metadata_mut().insert(
+        weft_proto::ANSWER_ORDER_HEADER,
+        tonic::metadata::MetadataValue::from_static("any"),
+    );
+    let mut responses = publisher
+        .publish_stream(call)
+        .await
+        .expect("stream")
+        .into_inner();
+    let error = loop {
+        match responses.message().await {
+            Ok(Some(answer)) => assert_eq!(answer.request_id, 7, "{answer:?}"),
+            Ok(None) => panic!("the stream ended without the failure"),
+            Err(error) => break error,
+        }
+    };
+    assert_eq!(error.code(), tonic::Code::NotFound);
+    assert_eq!(named(&error).as_deref(), Some("8"), "{error:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -477,11 +477,9 @@ impl Publisher for PublisherService {
                 let request = item?;
                 let request_id = request.request_id;
                 let named = move |mut status: Status| {
-                    if let Ok(id) = request_id.to_string().parse() {
-                        status
-                            .metadata_mut()
-                            .insert(weft_proto::REQUEST_ID_TRAILER, id);
-                    }
+                    status
+                        .metadata_mut()
+                        .insert(weft_proto::REQUEST_ID_TRAILER, request_id.into());
                     status
                 };
                 // Each request names its topic: each is checked, header or not.
