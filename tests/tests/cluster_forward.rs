@@ -158,23 +158,7 @@ async fn our_producer_sends_each_partition_to_its_leader() {
         Some(r#"{"name":"direct","partitions":3}"#),
     );
     assert_eq!(status, 201, "{body}");
-    let leaders: Vec<u64> = wait_for(
-        "every partition to have a leader",
-        Duration::from_secs(30),
-        || {
-            let (_, body) = brokers[0].http("GET", "/v1/topics/direct", None);
-            async move {
-                let value: serde_json::Value = serde_json::from_str(&body).ok()?;
-                let leaders: Vec<u64> = value["partition_details"]
-                    .as_array()?
-                    .iter()
-                    .map(|p| p["leader_id"].as_u64().unwrap_or(0))
-                    .collect();
-                leaders.iter().all(|l| *l != 0).then_some(leaders)
-            }
-        },
-    )
-    .await;
+    let leaders = partition_leaders(&brokers, "direct", 3).await;
     assert!(
         leaders.iter().any(|l| *l != 1),
         "leaders are spread, so broker 1 leads not all of them: {leaders:?}"
