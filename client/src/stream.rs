@@ -13,7 +13,7 @@
 //! (DEADLINE_EXCEEDED for it, STREAM_ENDED for the others). A stream is also replaced after
 //! [`STREAM_AGE_MAX`], so a mesh can rebalance it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,50 +73,9 @@ struct Pending {
     reply: oneshot::Sender<Result<proto::PublishResponse>>,
 }
 
-/// The requests of one stream sent and not yet answered: by `request_id` (the lane numbers
-/// them 1, 2, ... on each stream, so they are unique on it), and their ids in the order sent.
-#[derive(Default)]
-struct Unanswered {
-    by_id: HashMap<u64, Pending>,
-    sent: VecDeque<u64>,
-}
-
-impl Unanswered {
-    fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
-    fn push(&mut self, request_id: u64, pending: Pending) {
-        self.by_id.insert(request_id, pending);
-        self.sent.push_back(request_id);
-        // Answered ids behind an old unanswered one leave only here: keep the list bounded.
-        if self.sent.len() > 4 * STREAM_IN_FLIGHT_MAX {
-            let by_id = &self.by_id;
-            self.sent.retain(|id| by_id.contains_key(id));
-        }
-    }
-
-    /// The oldest request still unanswered (answered ids are dropped from the front here).
-    fn oldest(&mut self) -> Option<(u64, Instant)> {
-        while let Some(&id) = self.sent.front() {
-            match self.by_id.get(&id) {
-                Some(p) => return Some((id, p.deadline)),
-                None => {
-                    self.sent.pop_front();
-                }
-            }
-        }
-        None
-    }
-
-    fn take(&mut self, request_id: u64) -> Option<Pending> {
-        self.by_id.remove(&request_id)
-    }
-}
+/// The requests of one stream sent and not yet answered, by `request_id`: the lane numbers
+/// them 1, 2, ... on each stream, so ids are unique on it and the smallest is the oldest.
+type Unanswered = BTreeMap<u64, Pending>;
 
 fn timed_out(client: &Client) -> Error {
     Error::Timeout(format!("no answer within {:?}", client.timeout()))
@@ -142,15 +101,13 @@ fn fail_all(pending: &mut Unanswered, first: Option<(Option<u64>, Error)>, why: 
         "publish stream ended"
     );
     if let Some((named, error)) = first {
-        let id = named.or_else(|| pending.oldest().map(|(id, _)| id));
-        if let Some(p) = id.and_then(|id| pending.take(id)) {
+        let id = named.or_else(|| pending.first_key_value().map(|(id, _)| *id));
+        if let Some(p) = id.and_then(|id| pending.remove(&id)) {
             let _ = p.reply.send(Err(error));
         }
     }
-    while let Some((id, _)) = pending.oldest() {
-        if let Some(p) = pending.take(id) {
-            let _ = p.reply.send(Err(stream_ended(why)));
-        }
+    while let Some((_, p)) = pending.pop_first() {
+        let _ = p.reply.send(Err(stream_ended(why)));
     }
 }
 
@@ -187,7 +144,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
             let _ = first.reply.send(Err(stream_ended("could not send")));
             continue;
         }
-        pending.push(
+        pending.insert(
             first_id,
             Pending {
                 deadline: Instant::now() + client.timeout(),
@@ -220,7 +177,8 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
             if !taking && pending.is_empty() {
                 break;
             }
-            let oldest = pending.oldest();
+            // Every request has the same timeout: the oldest one's deadline comes first.
+            let deadline = pending.first_key_value().map(|(_, p)| p.deadline);
             tokio::select! {
                 job = inbox.recv(), if taking => match job {
                     Some(mut job) => {
@@ -232,7 +190,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                             None => false,
                         };
                         if sent {
-                            pending.push(request_id, Pending {
+                            pending.insert(request_id, Pending {
                                 deadline: Instant::now() + client.timeout(),
                                 reply: job.reply,
                             });
@@ -245,7 +203,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                 },
                 answer = responses.message() => match answer {
                     // In any order (a broker that keeps request order is one case of it).
-                    Ok(Some(response)) => match pending.take(response.request_id) {
+                    Ok(Some(response)) => match pending.remove(&response.request_id) {
                         Some(p) => {
                             let _ = p.reply.send(Ok(response));
                         }
@@ -265,8 +223,8 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                     }
                 },
                 () = async {
-                    match oldest {
-                        Some((_, d)) => tokio::time::sleep_until(d).await,
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
                 } => {
