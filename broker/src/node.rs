@@ -46,6 +46,9 @@ pub struct Node {
     peers: Peers,
     started: Instant,
     stopping: AtomicBool,
+    /// Set when the broker begins to shut down (before its servers drain): long calls end or
+    /// answer at once, so the drain finishes instead of waiting out the grace.
+    closing: watch::Sender<bool>,
     /// Replica moves this broker drives.
     pub(crate) moves: crate::reassign::Moves,
     /// Access control (the config's part).
@@ -459,6 +462,7 @@ impl Node {
             peers,
             started: Instant::now(),
             stopping: AtomicBool::new(false),
+            closing: watch::Sender::new(false),
             moves: Default::default(),
             acl: crate::acl::Acl::new(config.acl.enabled, config.acl.rules.clone()),
             config,
@@ -532,7 +536,38 @@ impl Node {
 
     /// Whether the node serves: every hosted partition is open and caught up.
     pub fn is_ready(&self) -> bool {
-        !self.stopping.load(Ordering::SeqCst) && self.not_ready().is_empty()
+        !self.stopping.load(Ordering::SeqCst) && !self.is_closing() && self.not_ready().is_empty()
+    }
+
+    /// Begins the shutdown: streams (Subscribe, PublishStream and their peer-port forms) end
+    /// with UNAVAILABLE, long-poll Fetches answer with what they have, and the node says it is
+    /// not ready. Calls already taken still finish; [`Node::shutdown`] stops the groups after.
+    pub fn begin_closing(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Whether the shutdown has begun ([`Node::begin_closing`]).
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    /// Resolves once the shutdown has begun (at once if it has). Owns what it needs, so a
+    /// long call can hold it beside its other futures.
+    pub fn closing(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        }
+    }
+
+    /// The UNAVAILABLE answer that ends a long call when the broker shuts down.
+    pub(crate) fn closing_error(&self) -> BrokerError {
+        BrokerError::Unavailable {
+            reason: "the broker is shutting down; carry on through another broker (resume from \
+                     your last offsets)"
+                .into(),
+            leader: None,
+        }
     }
 
     /// The hosted partitions that do not serve yet, and why.

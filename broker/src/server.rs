@@ -252,6 +252,9 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutting down: no new calls; finishing in-flight ones");
+    // Streams and long polls end first (they would otherwise hold the drain for the whole
+    // grace); unary calls in flight finish.
+    node.begin_closing();
     health
         .set_not_serving::<PublisherServer<PublisherService>>()
         .await;

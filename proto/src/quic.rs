@@ -208,7 +208,9 @@ fn conn_info(connection: &quinn::Connection, local: Option<SocketAddr>) -> ConnI
 }
 
 /// Serves every connection `endpoint` accepts with `service` (a clone per call) until
-/// `shutdown` resolves; then closes the endpoint.
+/// `shutdown` resolves; then stops accepting, tells every connection's client to open no new
+/// calls (an HTTP/3 GOAWAY), waits for the calls in flight to finish (the caller bounds the
+/// wait), and closes the endpoint.
 pub async fn serve<S, B>(
     endpoint: quinn::Endpoint,
     service: S,
@@ -222,6 +224,9 @@ pub async fn serve<S, B>(
 {
     let local = endpoint.local_addr().ok();
     let handshakes = Arc::new(tokio::sync::Semaphore::new(crate::tls::HANDSHAKES_MAX));
+    // Every connection's task (each waits for its own calls before it ends).
+    let connections = tokio_util::task::TaskTracker::new();
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let incoming = tokio::select! {
@@ -235,7 +240,8 @@ pub async fn serve<S, B>(
             continue;
         };
         let service = service.clone();
-        tokio::spawn(async move {
+        let mut closing = closing.clone();
+        connections.spawn(async move {
             let connection = tokio::time::timeout(CONNECT_TIMEOUT, incoming).await;
             drop(permit);
             let connection = match connection {
@@ -259,12 +265,23 @@ pub async fn serve<S, B>(
                     return;
                 }
             };
+            let calls = tokio_util::task::TaskTracker::new();
             loop {
-                match h3.accept().await {
+                let accepted = tokio::select! {
+                    accepted = h3.accept() => accepted,
+                    () = async { let _ = closing.wait_for(|closing| *closing).await; } => {
+                        // No new calls on this connection; those taken finish below.
+                        if let Err(e) = h3.shutdown(0).await {
+                            tracing::debug!("an HTTP/3 GOAWAY was not sent: {e}");
+                        }
+                        break;
+                    }
+                };
+                match accepted {
                     Ok(Some(resolver)) => {
                         let service = service.clone();
                         let info = info.clone();
-                        tokio::spawn(async move {
+                        calls.spawn(async move {
                             match resolver.resolve_request().await {
                                 Ok((request, stream)) => {
                                     serve_request(request, stream, service, info).await;
@@ -273,15 +290,22 @@ pub async fn serve<S, B>(
                             }
                         });
                     }
-                    Ok(None) => return,
+                    Ok(None) => break,
                     Err(e) => {
                         tracing::debug!("an HTTP/3 connection ended: {e}");
-                        return;
+                        break;
                     }
                 }
             }
+            // The connection closes when `h3` is dropped: only after its calls are answered.
+            calls.close();
+            calls.wait().await;
+            drop(h3);
         });
     }
+    let _ = closing_tx.send(true);
+    connections.close();
+    connections.wait().await;
     // H3_NO_ERROR.
     endpoint.close(0x100u32.into(), b"shutting down");
 }

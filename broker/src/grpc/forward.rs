@@ -107,8 +107,25 @@ impl Forward for ForwardService {
         // Handed to the partition in arrival order (each future enqueues its batch on first
         // poll, and `buffered` polls them in order); results go back in the same order, a
         // failure as a result of its own. A broken inbound stream ends the call.
+        // When this broker begins to shut down the stream takes no more publishes, answers those
+        // taken, then ends with UNAVAILABLE: the sender's callers carry on elsewhere.
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closing = {
+            let (cut, closing) = (cut.clone(), self.node.closing());
+            async move {
+                closing.await;
+                cut.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        };
+        let ending = self.node.clone();
+        let ended = futures::stream::once(async move {
+            cut.load(std::sync::atomic::Ordering::SeqCst)
+                .then(|| Err(Status::from(ending.closing_error())))
+        })
+        .filter_map(futures::future::ready);
         let results = request
             .into_inner()
+            .take_until(closing)
             .map(move |item| {
                 let publisher = publisher.clone();
                 let node = node.clone();
@@ -141,7 +158,8 @@ impl Forward for ForwardService {
                     Ok(super::forward_stream::encode_result(result))
                 }
             })
-            .buffered(FORWARD_STREAM_IN_FLIGHT_MAX);
+            .buffered(FORWARD_STREAM_IN_FLIGHT_MAX)
+            .chain(ended);
         Ok(Response::new(Box::pin(results)))
     }
 

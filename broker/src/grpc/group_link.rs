@@ -542,6 +542,8 @@ pub async fn serve_member(
         let (group, member, incarnation) =
             (join.group_id, membership.member_id, membership.incarnation);
         let mut view = membership.view;
+        let closing = node.closing();
+        tokio::pin!(closing);
         let outcome: Result<bool, BrokerError> = async {
             loop {
                 let current = view.borrow_and_update().clone();
@@ -572,6 +574,8 @@ pub async fn serve_member(
                             Ok(()) => break,
                             Err(_) => return Err(gone()),
                         },
+                        // The coordinator shuts down: the member's broker finds the next one.
+                        () = &mut closing => return Err(node.closing_error()),
                         () = tx.closed() => {
                             // The member's broker let go of the stream; a leave it sent just
                             // before may still be on its way.

@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -463,7 +463,18 @@ impl Publisher for PublisherService {
         let service = self.clone();
         let passed_on = PassedOn::from_request(&request);
         let identity = crate::auth::identity_of(&request);
-        let inbound = request.into_inner();
+        // When the broker begins to shut down, the stream takes no more requests; those taken
+        // are answered, then it ends with UNAVAILABLE (the client carries on elsewhere).
+        let cut = Arc::new(AtomicBool::new(false));
+        let closing = {
+            let (cut, closing) = (cut.clone(), self.node.closing());
+            async move {
+                closing.await;
+                cut.store(true, Ordering::SeqCst);
+            }
+        };
+        let inbound = request.into_inner().take_until(closing);
+        let node = self.node.clone();
         // Requests are handed to their partitions in arrival order (each future enqueues its
         // batch on first poll, and both `buffered` and `buffer_unordered` first poll them in
         // order); answers come back in request order, or as each is stored with `any_order`.
@@ -513,7 +524,12 @@ impl Publisher for PublisherService {
         } else {
             Box::pin(requests.buffered(STREAM_IN_FLIGHT_MAX))
         };
-        let responses = answers.scan(false, |failed, item| {
+        let ended = futures::stream::once(async move {
+            cut.load(Ordering::SeqCst)
+                .then(|| Err(Status::from(node.closing_error())))
+        })
+        .filter_map(futures::future::ready);
+        let responses = answers.chain(ended).scan(false, |failed, item| {
             // Stop after the first error so later requests are not reported as applied.
             if *failed {
                 return futures::future::ready(None);

@@ -67,9 +67,14 @@ impl SubscriberService {
         };
         let wait =
             Duration::from_millis(u64::from(request.max_wait_ms).min(config.fetch_wait_ms_max));
-        let batches = partition
-            .read(request.offset, max_bytes, request.min_bytes as usize, wait)
-            .await?;
+        // A long poll answers with what there is when the broker begins to shut down.
+        let batches = tokio::select! {
+            biased;
+            read = partition.read(request.offset, max_bytes, request.min_bytes as usize, wait) => read?,
+            () = self.node.closing(), if !wait.is_zero() => {
+                partition.read(request.offset, max_bytes, 0, Duration::ZERO).await?
+            }
+        };
         let records = to_records(
             &batches,
             request.offset,
@@ -1094,6 +1099,8 @@ impl Session {
         let config = self.node.config.clone();
         let age_limit = tokio::time::sleep(Duration::from_millis(config.stream_age_ms_max));
         tokio::pin!(age_limit);
+        let closing = self.node.closing();
+        tokio::pin!(closing);
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(config.stream_heartbeat_ms));
         heartbeat.tick().await;
@@ -1195,6 +1202,7 @@ impl Session {
                         self.assign(mine, current.generation).await?;
                     }
                 }
+                () = &mut closing => return Err(self.node.closing_error()),
                 () = &mut age_limit => {
                     return Err(BrokerError::Unavailable {
                         reason: format!("stream reached its maximum age of {} ms; resume from your last offsets", config.stream_age_ms_max),

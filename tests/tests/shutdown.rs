@@ -1,0 +1,242 @@
+//! A broker asked to stop (SIGTERM) while clients hold long calls open, over HTTP/2 and over
+//! QUIC: it ends its Subscribe and PublishStream streams with UNAVAILABLE (the broker is
+//! shutting down: resume elsewhere), answers a waiting long-poll Fetch with what it has, and
+//! exits well within its shutdown grace instead of waiting the whole grace out for streams
+//! that never end on their own.
+
+use std::time::{Duration, Instant};
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{Body, StdError};
+use weft_client::{Client, ProducerConfig, Record};
+use weft_proto::v1::publisher_client::PublisherClient;
+use weft_proto::v1::subscriber_client::SubscriberClient;
+use weft_proto::v1::{
+    Credit, FetchRequest, FetchResponse, PublishRequest, StartPosition, SubscribeRequest,
+    SubscribeResponse, SubscribeStart, publish_request, start_position, subscribe_request,
+};
+use weft_tests::pki::Pki;
+use weft_tests::{Broker, within};
+
+/// Far longer than the test lets the broker take to stop.
+const GRACE_MS: u64 = 25_000;
+/// How long a stop may take with every long call ended at once.
+const PROMPT: Duration = Duration::from_secs(8);
+
+fn publish_request(id: u64, value: &str) -> PublishRequest {
+    PublishRequest {
+        topic: "held".into(),
+        target: Some(publish_request::Target::Partition(0)),
+        records: vec![weft_proto::v1::Record {
+            value: value.as_bytes().to_vec().into(),
+            ..Default::default()
+        }],
+        request_id: id,
+        ..Default::default()
+    }
+}
+
+fn subscribe_start() -> SubscribeRequest {
+    SubscribeRequest {
+        request: Some(subscribe_request::Request::Start(SubscribeStart {
+            topic: "held".into(),
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
+            credit: Some(Credit {
+                records: 1000,
+                bytes: 1 << 20,
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+/// SIGTERM from a blocking thread; the broker back with its exit code and how long it took.
+async fn stop(mut broker: Broker) -> (Broker, Option<i32>, Duration) {
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let code = broker.stop();
+        (broker, code, started.elapsed())
+    })
+    .await
+    .expect("stop")
+}
+
+/// Reads a stream until it ends; the status it ended with (OK when it ended cleanly).
+async fn end_of<T>(stream: &mut tonic::Streaming<T>) -> tonic::Status {
+    within("the stream to end", Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return tonic::Status::ok(""),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+}
+
+fn assert_shutting_down(what: &str, status: &tonic::Status) {
+    assert_eq!(
+        status.code(),
+        tonic::Code::Unavailable,
+        "{what} ends as UNAVAILABLE: {status:?}"
+    );
+    assert!(
+        status.message().contains("shutting down"),
+        "{what} says why: {status:?}"
+    );
+}
+
+/// Holds a Subscribe stream, a PublishStream and a long-poll Fetch open on `channel`, then
+/// stops the broker and checks how each ended and how long the stop took.
+async fn stop_with_long_calls_open<C>(broker: Broker, channel: C)
+where
+    C: tonic::client::GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    C::Error: Into<StdError>,
+    C::ResponseBody: Body<Data = bytes::Bytes> + Send + 'static,
+    <C::ResponseBody as Body>::Error: Into<StdError> + Send,
+    C::Future: Send,
+{
+    let mut subscriber = SubscriberClient::new(channel.clone());
+    let mut publisher = PublisherClient::new(channel);
+
+    // A subscription that has read the record there is and waits for more.
+    let (subscribe_tx, subscribe_rx) = tokio::sync::mpsc::channel(4);
+    subscribe_tx.send(subscribe_start()).await.expect("start");
+    let mut subscription = subscriber
+        .subscribe(ReceiverStream::new(subscribe_rx))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    within("the first delivery", Duration::from_secs(10), async {
+        loop {
+            let message: SubscribeResponse =
+                subscription.message().await.expect("stream").expect("open");
+            if matches!(
+                message.event,
+                Some(weft_proto::v1::subscribe_response::Event::Delivery(_))
+            ) {
+                break;
+            }
+        }
+    })
+    .await;
+
+    // A publish stream with one answered request, left open.
+    let (publish_tx, publish_rx) = tokio::sync::mpsc::channel(4);
+    publish_tx
+        .send(publish_request(1, "second"))
+        .await
+        .expect("send");
+    let mut publishing = publisher
+        .publish_stream(ReceiverStream::new(publish_rx))
+        .await
+        .expect("publish stream")
+        .into_inner();
+    let answer = within("the publish answer", Duration::from_secs(10), async {
+        publishing.message().await.expect("answer").expect("open")
+    })
+    .await;
+    assert_eq!(answer.request_id, 1);
+
+    // A long poll past the end of the log.
+    let fetch = tokio::spawn(async move {
+        subscriber
+            .fetch(FetchRequest {
+                topic: "held".into(),
+                partition: 0,
+                offset: 2,
+                max_wait_ms: GRACE_MS as u32,
+                min_bytes: 1,
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!fetch.is_finished(), "the long poll waits for data");
+
+    let (broker, code, took) = stop(broker).await;
+    let log = broker.log();
+    assert_eq!(code, Some(0), "SIGTERM exits 0; log:\n{log}");
+    assert!(
+        took < PROMPT,
+        "the broker stopped in {took:?} with streams open (grace {GRACE_MS} ms); log:\n{log}"
+    );
+    assert!(
+        !log.contains("did not finish within shutdown_grace_ms"),
+        "every call finished before the grace ran out; log:\n{log}"
+    );
+    assert_shutting_down("the Subscribe stream", &end_of(&mut subscription).await);
+    assert_shutting_down("the PublishStream", &end_of(&mut publishing).await);
+    let fetched: FetchResponse = fetch
+        .await
+        .expect("fetch task")
+        .expect("the long poll is answered, not cut off")
+        .into_inner();
+    assert!(fetched.records.is_empty(), "nothing past the end");
+    assert_eq!(fetched.high_watermark, 2);
+    drop(publish_tx);
+    drop(subscribe_tx);
+}
+
+/// A topic `held` of one partition holding one record.
+async fn prepare(client: &Client) {
+    client
+        .admin()
+        .create_topic("held", 1)
+        .await
+        .expect("create");
+    client
+        .producer(ProducerConfig::default())
+        .send("held", Record::new("first").partition(0))
+        .await
+        .expect("publish");
+}
+
+fn config_with_grace(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("weft.toml");
+    std::fs::write(&path, format!("shutdown_grace_ms = {GRACE_MS}\n{extra}")).expect("config");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_long_calls_and_stops_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_with_grace(dir.path(), "");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    prepare(&broker.client().await).await;
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    stop_with_long_calls_open(broker, channel).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_long_calls_over_quic_and_stops_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "quic");
+    let (cert, key) = pki.issue("broker", "weft-0", None, true);
+    let ca = pki.ca_file();
+    let config = config_with_grace(
+        dir.path(),
+        &format!("[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
+    );
+    let broker = Broker::start_with(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--quic-listen",
+        "127.0.0.1:0",
+    ]);
+    prepare(&broker.client().await).await;
+    let tls = weft_proto::tls::client_config(&weft_proto::tls::TlsFiles {
+        cert_file: None,
+        key_file: None,
+        ca_file: Some(ca),
+    })
+    .expect("TLS");
+    let channel =
+        weft_proto::quic::QuicChannel::new(&broker.quic_addr, "127.0.0.1", tls).expect("channel");
+    stop_with_long_calls_open(broker, channel).await;
+}
