@@ -456,7 +456,7 @@ async fn send_partition(
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     let publish = |n: &Numbered| {
         let span = weft_proto::otel::enabled().then(|| publish_span(&topic, partition, &n.batch));
-        let request = proto::PublishRequest {
+        let mut request = proto::PublishRequest {
             topic: topic.to_string(),
             target: Some(proto::publish_request::Target::Partition(partition)),
             records: n.batch.records.iter().map(|(r, _)| r.to_proto()).collect(),
@@ -464,11 +464,22 @@ async fn send_partition(
             producer_epoch: n.epoch,
             base_sequence: n.base_sequence,
             request_id: n.base_sequence,
+            trace_context: Default::default(),
         };
         // To the partition's leader when known: over the topic's stream to that broker, or as a
         // call of its own.
         let route = match config.transport {
-            PublishTransport::Stream => Route::Stream(router.lane(&topic, partition), request),
+            PublishTransport::Stream => {
+                if let Some(cx) = &span {
+                    // The stream's headers are shared by every request on it: each request
+                    // names its own publish span, of which the broker's spans are children.
+                    request.trace_context = weft_proto::otel::inject(cx)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect();
+                }
+                Route::Stream(router.lane(&topic, partition), request)
+            }
             PublishTransport::Unary => {
                 let client = router.client(&topic, partition);
                 let mut request = client.request(request, Some(&topic), Some(partition));

@@ -1116,6 +1116,24 @@ async fn publish_and_publish_stream_refuse_bad_input() {
             Code::InvalidArgument,
             Field("base_sequence"),
         ),
+        (
+            "a trace context key other than traceparent and tracestate",
+            PublishRequest {
+                trace_context: [("baggage".to_string(), "k=v".to_string())].into(),
+                ..publish("t", Some(Target::Partition(0)), vec![record("x")])
+            },
+            Code::InvalidArgument,
+            Field("trace_context"),
+        ),
+        (
+            "a traceparent of 4 KiB",
+            PublishRequest {
+                trace_context: [("traceparent".to_string(), "0".repeat(4096))].into(),
+                ..publish("t", Some(Target::Partition(0)), vec![record("x")])
+            },
+            Code::InvalidArgument,
+            Field("trace_context.traceparent"),
+        ),
     ];
     for (case, request, code, detail) in cases {
         check(

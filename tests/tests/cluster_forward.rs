@@ -58,6 +58,7 @@ async fn pipelined_publishes_through_a_follower_keep_their_order() {
             producer_epoch: 0,
             base_sequence: i,
             request_id: i + 1,
+            trace_context: Default::default(),
         })
         .collect();
     let mut responses = grpc::publisher(&channel)

@@ -24,6 +24,7 @@ fn batch(producer_id: u64, epoch: u32, base_sequence: u64, values: &[&str]) -> P
         producer_epoch: epoch,
         base_sequence,
         request_id: base_sequence,
+        trace_context: Default::default(),
     }
 }
 

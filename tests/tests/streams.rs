@@ -41,6 +41,7 @@ async fn publish_stream_answers_every_request_in_order() {
             producer_epoch: 0,
             base_sequence: i * 10,
             request_id: i,
+            trace_context: Default::default(),
         })
         .collect();
     let mut responses = publisher

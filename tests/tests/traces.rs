@@ -5,7 +5,8 @@
 //! trace: the producer's `create` and `publish` spans, the follower's and the leader's `receive`,
 //! the leader's `replicate`, the follower's `deliver` and the consumer's `process`, each a child
 //! of the one before it (deliver and process of the record's creation context, and linked to it),
-//! with the messaging attributes.
+//! with the messaging attributes; whether the producer publishes over a PublishStream (each
+//! request names its own publish span in `trace_context`) or with unary calls.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,6 +103,19 @@ fn leader_of_0(broker: &Broker, topic: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_record_makes_one_trace_from_producer_through_follower_and_leader_to_consumer() {
+    one_record_makes_one_trace(PublishTransport::Stream).await;
+}
+
+/// The same through unary Publish calls (each carries its context in its own headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_record_published_by_a_unary_call_makes_one_trace() {
+    one_record_makes_one_trace(PublishTransport::Unary).await;
+}
+
+/// One record published with `transport` through a follower and consumed through it: one
+/// trace, each span a child of the one before. On a PublishStream each request names its own
+/// publish span (`trace_context`), as the stream's headers are shared.
+async fn one_record_makes_one_trace(transport: PublishTransport) {
     // The collector.
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -154,7 +168,7 @@ async fn one_record_makes_one_trace_from_producer_through_follower_and_leader_to
         .await
         .expect("connect");
     let producer = client.producer(ProducerConfig {
-        transport: PublishTransport::Unary,
+        transport,
         to_leaders: false,
         ..ProducerConfig::default()
     });

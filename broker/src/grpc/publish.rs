@@ -53,6 +53,16 @@ impl PublisherService {
         hops: u32,
         passed_on: &PassedOn,
     ) -> Result<PublishResponse, BrokerError> {
+        // A request's own trace context wins over its call's (a stream's headers are shared by
+        // all its requests). A forwarded request's context is in what its broker passed on.
+        check_trace_context(&request.trace_context)?;
+        let own;
+        let passed_on = if hops == 0 && !request.trace_context.is_empty() {
+            own = passed_on.with_trace_pairs(&request.trace_context);
+            &own
+        } else {
+            passed_on
+        };
         if !weft_proto::otel::enabled() {
             return self
                 .handle_traced(request, timeout, hops, passed_on, None)
@@ -299,6 +309,8 @@ impl PublisherService {
         passed_on: &PassedOn,
     ) -> Result<PublishResponse, BrokerError> {
         request.target = Some(Target::Partition(partition));
+        // Its trace context travels in `passed_on` (this broker's span, or the request's own).
+        request.trace_context.clear();
         let forwarded = ForwardPublishRequest {
             request: Some(request),
             partition,
@@ -311,6 +323,37 @@ impl PublisherService {
             .publish(&self.node, leader, peer_address, forwarded, timeout)
             .await
     }
+}
+
+/// Longest `trace_context` value taken (W3C's limit for `tracestate`; a `traceparent` is 55).
+const TRACE_CONTEXT_VALUE_BYTES_MAX: usize = 512;
+
+/// A request's `trace_context`: `traceparent` and `tracestate` only, each printable ASCII of at
+/// most [`TRACE_CONTEXT_VALUE_BYTES_MAX`] bytes.
+fn check_trace_context(
+    pairs: &std::collections::HashMap<String, String>,
+) -> Result<(), BrokerError> {
+    for (key, value) in pairs {
+        if key != "traceparent" && key != "tracestate" {
+            return Err(BrokerError::invalid(
+                "trace_context",
+                format!("takes `traceparent` and `tracestate`, not {key:?}"),
+            ));
+        }
+        if value.len() > TRACE_CONTEXT_VALUE_BYTES_MAX
+            || !value.bytes().all(|b| (0x20..0x7f).contains(&b))
+        {
+            return Err(BrokerError::invalid(
+                &format!("trace_context.{key}"),
+                format!(
+                    "must be printable ASCII of at most {TRACE_CONTEXT_VALUE_BYTES_MAX} bytes \
+                     ({} bytes given)",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Request metadata a forwarded call carries on: W3C trace context and the request id.
@@ -375,6 +418,23 @@ impl PassedOn {
             }
         }
         PassedOn(pairs)
+    }
+
+    /// The same, with the trace context of a request's own `trace_context` field (checked by
+    /// [`check_trace_context`]).
+    pub fn with_trace_pairs(&self, pairs: &std::collections::HashMap<String, String>) -> PassedOn {
+        let mut out: Vec<_> = self
+            .0
+            .iter()
+            .filter(|(k, _)| *k != "traceparent" && *k != "tracestate")
+            .cloned()
+            .collect();
+        for key in ["traceparent", "tracestate"] {
+            if let Some(value) = pairs.get(key).and_then(|v| v.parse().ok()) {
+                out.push((key, value));
+            }
+        }
+        PassedOn(out)
     }
 
     /// The identity of the caller this is passed on for, if it carries one.
