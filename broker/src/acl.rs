@@ -1,6 +1,7 @@
 //! Access control: rules of identity x resource x operations, deny by default once enabled.
 //!
-//! A rule allows `identity` (exact, a prefix ending in `*`, or `*`) the `operations` on
+//! A rule allows (or, with `permission = "deny"`, denies: deny wins) `identity` (exact, a prefix
+//! ending in `*`, or `*`) the `operations` on
 //! `resource`: `topic:NAME`, `topic:PREFIX*`, `group:NAME`, `group:PREFIX*`, `cluster`, or `*`
 //! (everything). Operations: publish, subscribe, commit, describe, create, alter, delete,
 //! admin, or `all`. The rules in force are those of the config file (`[[acl.rules]]`, each
@@ -115,7 +116,55 @@ impl std::fmt::Display for Resource<'_> {
     }
 }
 
-/// One allow rule.
+/// Whether a rule allows or denies what it names.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Permission {
+    /// The rule allows (the default).
+    #[default]
+    Allow,
+    /// The rule denies, whatever other rules allow.
+    Deny,
+}
+
+impl Permission {
+    /// Its name in rules, the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Allow => "allow",
+            Permission::Deny => "deny",
+        }
+    }
+
+    /// From its name; an empty name is `allow`.
+    pub fn parse(name: &str) -> Option<Permission> {
+        match name {
+            "" | "allow" => Some(Permission::Allow),
+            "deny" => Some(Permission::Deny),
+            _ => None,
+        }
+    }
+
+    fn is_allow(&self) -> bool {
+        *self == Permission::Allow
+    }
+}
+
+/// One rule: allows (or, with `permission = "deny"`, denies) `identity` the `operations` on
+/// `resource`.
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
 )]
@@ -127,6 +176,9 @@ pub struct AclRule {
     pub resource: String,
     /// What: publish, subscribe, commit, describe, create, alter, delete, admin, all.
     pub operations: Vec<Operation>,
+    /// `allow` (the default) or `deny`: a deny rule wins over every allow rule.
+    #[serde(default, skip_serializing_if = "Permission::is_allow")]
+    pub permission: Permission,
 }
 
 impl AclRule {
@@ -156,18 +208,21 @@ impl AclRule {
         Ok(())
     }
 
-    /// Whether the rule allows `identity` to do `operation` on `resource`.
+    /// Whether the rule names `identity` doing `operation` on `resource` (allowing it, or for a
+    /// deny rule, denying it).
     pub fn allows(&self, identity: &str, operation: Operation, resource: Resource<'_>) -> bool {
         if !matches(&self.identity, identity) {
             return false;
         }
-        // As in Kafka, any operation on a resource lets one describe it (a consumer reads the
-        // topic's partitions before it subscribes).
-        if !self
-            .operations
-            .iter()
-            .any(|o| *o == Operation::All || *o == operation || operation == Operation::Describe)
-        {
+        // As in Kafka, any operation allowed on a resource lets one describe it (a consumer
+        // reads the topic's partitions before it subscribes); a deny rule denies describing
+        // only when it names describe (or all).
+        let implies_describe = self.permission == Permission::Allow;
+        if !self.operations.iter().any(|o| {
+            *o == Operation::All
+                || *o == operation
+                || (implies_describe && operation == Operation::Describe)
+        }) {
             return false;
         }
         if self.resource == "*" {
@@ -222,13 +277,31 @@ impl Acl {
         resource: Resource<'_>,
         stored: &[AclRule],
     ) -> bool {
-        !self.enabled
-            || identity.broker
-            || self
-                .rules
-                .iter()
-                .chain(stored)
-                .any(|r| r.allows(&identity.principal, operation, resource))
+        self.refusal(identity, operation, resource, stored)
+            .is_none()
+    }
+
+    /// Why `identity` may not do `operation` on `resource`, if it may not: no rule allows it,
+    /// or a deny rule forbids it (deny wins).
+    fn refusal(
+        &self,
+        identity: &Identity,
+        operation: Operation,
+        resource: Resource<'_>,
+        stored: &[AclRule],
+    ) -> Option<&'static str> {
+        if !self.enabled || identity.broker {
+            return None;
+        }
+        let naming = |r: &&AclRule| r.allows(&identity.principal, operation, resource);
+        let mut allowed = false;
+        for rule in self.rules.iter().chain(stored).filter(naming) {
+            match rule.permission {
+                Permission::Deny => return Some("a deny rule forbids it"),
+                Permission::Allow => allowed = true,
+            }
+        }
+        (!allowed).then_some("no ACL rule allows it")
     }
 
     /// [`Acl::allows`], as a PERMISSION_DENIED error (UNAUTHENTICATED for anonymous callers)
@@ -240,11 +313,11 @@ impl Acl {
         resource: Resource<'_>,
         stored: &[AclRule],
     ) -> Result<(), BrokerError> {
-        if self.allows(identity, operation, resource, stored) {
+        let Some(why) = self.refusal(identity, operation, resource, stored) else {
             return Ok(());
-        }
+        };
         let message = format!(
-            "{} may not {} {resource}: no ACL rule allows it",
+            "{} may not {} {resource}: {why}",
             identity.principal,
             operation.as_str()
         );
@@ -276,7 +349,79 @@ mod tests {
             identity: identity.into(),
             resource: resource.into(),
             operations: operations.to_vec(),
+            permission: Permission::Allow,
         }
+    }
+
+    fn deny(identity: &str, resource: &str, operations: &[Operation]) -> AclRule {
+        AclRule {
+            permission: Permission::Deny,
+            ..rule(identity, resource, operations)
+        }
+    }
+
+    #[test]
+    fn a_deny_rule_wins_over_allow_rules() {
+        let app = Identity {
+            principal: "app".into(),
+            source: crate::auth::Source::Token,
+            broker: false,
+            forwarded: false,
+        };
+        let acl = Acl::new(
+            true,
+            vec![
+                rule("*", "topic:*", &[Operation::All]),
+                deny("app", "topic:secret-*", &[Operation::Publish]),
+            ],
+        );
+        assert!(acl.allows(&app, Operation::Publish, Resource::Topic("orders"), &[]));
+        let refused = acl.check(&app, Operation::Publish, Resource::Topic("secret-1"), &[]);
+        match refused {
+            Err(BrokerError::PermissionDenied(message)) => {
+                assert!(message.contains("a deny rule forbids it"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Denying publish leaves reading and describing alone; others are not named.
+        assert!(acl.allows(&app, Operation::Subscribe, Resource::Topic("secret-1"), &[]));
+        assert!(acl.allows(&app, Operation::Describe, Resource::Topic("secret-1"), &[]));
+        let other = Identity {
+            principal: "other".into(),
+            ..app.clone()
+        };
+        assert!(acl.allows(&other, Operation::Publish, Resource::Topic("secret-1"), &[]));
+        // A stored deny of everything, describe included.
+        let stored = [deny("app", "*", &[Operation::All])];
+        assert!(!acl.allows(
+            &app,
+            Operation::Describe,
+            Resource::Topic("orders"),
+            &stored
+        ));
+        assert!(acl.allows(
+            &other,
+            Operation::Describe,
+            Resource::Topic("orders"),
+            &stored
+        ));
+        // Brokers are never refused.
+        let broker = Identity {
+            broker: true,
+            ..app.clone()
+        };
+        assert!(acl.allows(
+            &broker,
+            Operation::Publish,
+            Resource::Topic("secret-1"),
+            &stored
+        ));
+        // Allow rules serialize as before (no `permission` key); deny rules say so.
+        let json = serde_json::to_string(&rule("a", "*", &[Operation::All])).expect("json");
+        assert!(!json.contains("permission"), "{json}");
+        let json = serde_json::to_string(&deny("a", "*", &[Operation::All])).expect("json");
+        let back: AclRule = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back.permission, Permission::Deny);
     }
 
     #[test]

@@ -279,6 +279,59 @@ operations = ["publish"]
         .await;
     assert!(other.is_err(), "billing joined a group no rule names");
 
+    // A deny rule wins over the allow rules: billing may not read orders while it stands.
+    let deny = [
+        "acl",
+        "add",
+        "--identity",
+        "billing",
+        "--resource",
+        "topic:orders",
+        "--operations",
+        "subscribe",
+        "--deny",
+    ];
+    cli_as_ops(&deny);
+    let listed = cli_as_ops(&["-o", "json", "acl", "list"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).expect("json");
+    let denials: Vec<_> = listed["stored_rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["permission"] == "deny")
+        .collect();
+    assert_eq!(denials.len(), 1, "{listed}");
+    let refused = wait_for("the deny rule in force", Duration::from_secs(20), || {
+        let billing = billing.clone();
+        async move {
+            billing
+                .consumer(ConsumerConfig::new("orders").start(StartFrom::Earliest))
+                .await
+                .err()
+        }
+    })
+    .await;
+    assert!(
+        format!("{refused}").contains("a deny rule forbids it"),
+        "{refused}"
+    );
+    // It denies only what it names: billing still sees the topic.
+    let (status, body) = http_as(&broker.admin_addr, BILLING, "GET", "/v1/topics/orders", "");
+    assert_eq!(status, 200, "{body}");
+    let mut remove = deny;
+    remove[1] = "remove";
+    cli_as_ops(&remove);
+    wait_for("the deny rule gone", Duration::from_secs(20), || {
+        let billing = billing.clone();
+        async move {
+            billing
+                .consumer(ConsumerConfig::new("orders").start(StartFrom::Earliest))
+                .await
+                .ok()
+        }
+    })
+    .await;
+
     let audit = audit_lines(&broker);
     assert!(
         audit
@@ -458,6 +511,7 @@ operations = ["all"]
                 identity: "orders".into(),
                 resource: "topic:orders".into(),
                 operations: vec!["publish".into()],
+                permission: String::new(),
             },
             true,
         )

@@ -125,6 +125,7 @@ async fn acls_follow_the_identity_a_trusted_sidecar_forwards() {
                 identity: principal.clone(),
                 resource: "topic:orders".into(),
                 operations: vec!["publish".into()],
+                permission: String::new(),
             },
             true,
         )

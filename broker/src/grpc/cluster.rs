@@ -294,6 +294,7 @@ fn rule_to_proto(rule: &crate::acl::AclRule) -> v1::AclRule {
             .iter()
             .map(|o| o.as_str().to_string())
             .collect(),
+        permission: rule.permission.as_str().to_string(),
     }
 }
 
@@ -312,10 +313,17 @@ fn rule_from_proto(rule: &v1::AclRule) -> Result<crate::acl::AclRule, crate::err
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let permission = crate::acl::Permission::parse(&rule.permission).ok_or_else(|| {
+        crate::error::BrokerError::invalid(
+            "permission",
+            format!("{:?} is neither \"allow\" nor \"deny\"", rule.permission),
+        )
+    })?;
     let rule = crate::acl::AclRule {
         identity: rule.identity.clone(),
         resource: rule.resource.clone(),
         operations,
+        permission,
     };
     rule.validate()
         .map_err(|reason| crate::error::BrokerError::invalid("rule", reason))?;

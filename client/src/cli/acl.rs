@@ -11,9 +11,11 @@ use super::{Output, print_json};
 pub(crate) enum AclCommand {
     /// Show whether ACLs are on, the broker's config-file rules and the stored rules.
     List,
-    /// Allow an identity operations on a resource (stored in the controller, for every broker).
+    /// Allow (or with --deny, deny) an identity operations on a resource (stored in the
+    /// controller, for every broker). A deny rule wins over every allow rule.
     Add(RuleArgs),
-    /// Remove a stored rule (the same identity, resource and operations as it was added with).
+    /// Remove a stored rule (the same identity, resource, operations and --deny as it was added
+    /// with).
     Remove(RuleArgs),
 }
 
@@ -31,15 +33,34 @@ pub(crate) struct RuleArgs {
     /// admin, all.
     #[arg(long, value_delimiter = ',', required = true)]
     operations: Vec<String>,
+    /// A deny rule: it forbids what it names, whatever allow rules say (and does not imply
+    /// describe).
+    #[arg(long)]
+    deny: bool,
+}
+
+/// A rule's permission as shown: "allow" when the broker sent none.
+fn permission(rule: &proto::AclRule) -> &str {
+    if rule.permission.is_empty() {
+        "allow"
+    } else {
+        &rule.permission
+    }
 }
 
 fn rule_json(rule: &proto::AclRule) -> serde_json::Value {
-    json!({ "identity": rule.identity, "resource": rule.resource, "operations": rule.operations })
+    json!({
+        "identity": rule.identity,
+        "resource": rule.resource,
+        "operations": rule.operations,
+        "permission": permission(rule),
+    })
 }
 
 fn rule_text(rule: &proto::AclRule) -> String {
     format!(
-        "{}  {}  {}",
+        "{}  {}  {}  {}",
+        permission(rule),
         rule.identity,
         rule.resource,
         rule.operations.join(",")
@@ -96,6 +117,7 @@ async fn change(
         identity: args.identity,
         resource: args.resource,
         operations: args.operations,
+        permission: if args.deny { "deny" } else { "allow" }.into(),
     };
     let existed = admin.change_acl(rule.clone(), add).await?;
     match output {
