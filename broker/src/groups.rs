@@ -58,6 +58,13 @@ pub trait OffsetStore: Send + Sync + std::fmt::Debug {
         generation: u64,
         offsets: Vec<(u32, u64)>,
     ) -> BoxFuture<'static, Result<(), BrokerError>>;
+    /// Sets offsets on `topic_id` even where they go backwards (an operator's reset).
+    fn reset(
+        &self,
+        group: String,
+        topic_id: String,
+        offsets: Vec<(u32, u64)>,
+    ) -> BoxFuture<'static, Result<(), BrokerError>>;
     /// Forgets a group's offsets; whether it had any.
     fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>>;
 }
@@ -497,6 +504,29 @@ impl Coordinator {
         Ok(offsets.to_vec())
     }
 
+    /// Sets `group_id`'s offsets on `topic_id`, backwards or forwards (an operator rewinding or
+    /// skipping): refused while the group has members, who would commit over it.
+    pub async fn reset_offsets(
+        &self,
+        group_id: &str,
+        topic_id: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<Vec<(u32, u64)>, BrokerError> {
+        validate_group_id(group_id)?;
+        let lock = self.commit_lock(group_id)?;
+        let _committing = lock.lock().await;
+        if let Some(group) = self.groups()?.get(group_id)
+            && !group.members.is_empty()
+        {
+            return Err(BrokerError::GroupNotEmpty(group_id.into()));
+        }
+        self.inner
+            .store
+            .reset(group_id.to_string(), topic_id.to_string(), offsets.to_vec())
+            .await?;
+        Ok(offsets.to_vec())
+    }
+
     /// The lock that serialises commits of `group_id` (groups without members share one).
     fn commit_lock(&self, group_id: &str) -> Result<Arc<tokio::sync::Mutex<()>>, BrokerError> {
         static OUTSIDE: std::sync::OnceLock<Arc<tokio::sync::Mutex<()>>> =
@@ -733,6 +763,7 @@ mod tests {
                 topic_id,
                 generation,
                 offsets,
+                reset: false,
             });
             Box::pin(async move {
                 match response {
@@ -740,6 +771,26 @@ mod tests {
                     ControllerResponse::Invalid(reason) => {
                         Err(BrokerError::invalid("offsets", reason))
                     }
+                    other => Err(BrokerError::Internal(format!("{other:?}"))),
+                }
+            })
+        }
+        fn reset(
+            &self,
+            group: String,
+            topic_id: String,
+            offsets: Vec<(u32, u64)>,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            let response = self.apply(ControllerCommand::CommitOffsets {
+                group,
+                topic_id,
+                generation: 0,
+                offsets,
+                reset: true,
+            });
+            Box::pin(async move {
+                match response {
+                    ControllerResponse::Committed => Ok(()),
                     other => Err(BrokerError::Internal(format!("{other:?}"))),
                 }
             })

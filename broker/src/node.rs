@@ -136,26 +136,27 @@ impl OffsetStore for ControllerOffsets {
         generation: u64,
         offsets: Vec<(u32, u64)>,
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        let controller = self.controller.clone();
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let command = ControllerCommand::CommitOffsets {
-                group,
-                topic_id,
-                generation,
-                offsets,
-            };
-            match controller.propose(command, timeout).await? {
-                ControllerResponse::Committed => Ok(()),
-                ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("offsets", reason)),
-                ControllerResponse::NotFound(_) => Err(BrokerError::invalid(
-                    "topic",
-                    "the topic was deleted while the commit was under way",
-                )),
-                other => Err(BrokerError::Internal(format!(
-                    "unexpected controller response {other:?}"
-                ))),
-            }
+        self.store(ControllerCommand::CommitOffsets {
+            group,
+            topic_id,
+            generation,
+            offsets,
+            reset: false,
+        })
+    }
+
+    fn reset(
+        &self,
+        group: String,
+        topic_id: String,
+        offsets: Vec<(u32, u64)>,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.store(ControllerCommand::CommitOffsets {
+            group,
+            topic_id,
+            generation: 0,
+            offsets,
+            reset: true,
         })
     }
 
@@ -168,6 +169,27 @@ impl OffsetStore for ControllerOffsets {
                 .await?
             {
                 ControllerResponse::GroupDeleted { existed } => Ok(existed),
+                other => Err(BrokerError::Internal(format!(
+                    "unexpected controller response {other:?}"
+                ))),
+            }
+        })
+    }
+}
+
+impl ControllerOffsets {
+    /// Proposes a commit (or reset) of offsets to the controller.
+    fn store(&self, command: ControllerCommand) -> BoxFuture<'static, Result<(), BrokerError>> {
+        let controller = self.controller.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match controller.propose(command, timeout).await? {
+                ControllerResponse::Committed => Ok(()),
+                ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("offsets", reason)),
+                ControllerResponse::NotFound(_) => Err(BrokerError::invalid(
+                    "topic",
+                    "the topic was deleted while the commit was under way",
+                )),
                 other => Err(BrokerError::Internal(format!(
                     "unexpected controller response {other:?}"
                 ))),
@@ -205,6 +227,7 @@ async fn migrate_local_group_offsets(node: &Node, meta: &Metadata) -> Result<(),
                     topic_id,
                     generation: 0,
                     offsets,
+                    reset: false,
                 })
                 .await?
             {

@@ -388,12 +388,23 @@ impl Admin {
         topic: &str,
         group: Option<&str>,
     ) -> Result<Vec<proto::PartitionOffsets>> {
+        self.offsets_at(topic, group, None).await
+    }
+
+    /// [`Admin::offsets`], with each partition's first offset at or after `timestamp_ms` (in
+    /// `timestamp_offset`) when it is set.
+    pub async fn offsets_at(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+        timestamp_ms: Option<i64>,
+    ) -> Result<Vec<proto::PartitionOffsets>> {
         let request = self.client.group_request(
             proto::GetOffsetsRequest {
                 topic: topic.into(),
                 partitions: vec![],
                 group_id: group.unwrap_or_default().into(),
-                timestamp_ms: None,
+                timestamp_ms,
             },
             Some(topic),
             group.unwrap_or_default(),
@@ -409,11 +420,34 @@ impl Admin {
     }
 
     /// Commits offsets for a group from outside membership (the group must have no live members).
+    /// Offsets never go backwards: see [`Admin::reset_offsets`] for that.
     pub async fn commit_offsets(
         &self,
         group: &str,
         topic: &str,
         offsets: &[(u32, u64)],
+    ) -> Result<()> {
+        self.store_offsets(group, topic, offsets, false).await
+    }
+
+    /// Sets a group's offsets on `topic`, backwards (to read again) or forwards (to skip): the
+    /// group must have no live members, and each offset must be retained (between the
+    /// partition's log start and its high watermark). What `weft group reset-offsets` does.
+    pub async fn reset_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<()> {
+        self.store_offsets(group, topic, offsets, true).await
+    }
+
+    async fn store_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+        reset: bool,
     ) -> Result<()> {
         let request = self.client.group_request(
             proto::CommitOffsetsRequest {
@@ -425,6 +459,7 @@ impl Admin {
                     .iter()
                     .map(|&(partition, offset)| proto::PartitionOffset { partition, offset })
                     .collect(),
+                reset,
             },
             Some(topic),
             group,

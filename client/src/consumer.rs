@@ -569,6 +569,7 @@ impl Consumer {
                 generation: self.generation,
                 topic: self.config.topic.clone(),
                 offsets: changed.clone(),
+                reset: false,
             },
             Some(&self.config.topic),
             &group,

@@ -89,6 +89,7 @@ async fn commit(
             partition: key,
             offset,
         }],
+        reset: false,
     });
     request.set_timeout(CALL_TIMEOUT);
     let answer = tokio::time::timeout(

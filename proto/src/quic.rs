@@ -207,6 +207,10 @@ fn conn_info(connection: &quinn::Connection, local: Option<SocketAddr>) -> ConnI
     }
 }
 
+/// At shutdown, how long a connection whose calls are all answered stays open for the client to
+/// receive the last answers (and close it).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 /// Serves every connection `endpoint` accepts with `service` (a clone per call) until
 /// `shutdown` resolves; then stops accepting, tells every connection's client to open no new
 /// calls (an HTTP/3 GOAWAY), waits for the calls in flight to finish (the caller bounds the
@@ -253,6 +257,7 @@ pub async fn serve<S, B>(
                 Err(_) => return,
             };
             let info = conn_info(&connection, local);
+            let quic = connection.clone();
             // Header sections as large as HTTP/2's default limit, not h3's unbounded one.
             let mut h3 = match h3::server::builder()
                 .max_field_section_size(HEADER_BYTES_MAX)
@@ -297,9 +302,13 @@ pub async fn serve<S, B>(
                     }
                 }
             }
-            // The connection closes when `h3` is dropped: only after its calls are answered.
+            // The connection closes when `h3` is dropped: only after its calls are answered,
+            // and after the client had time to receive the last answers (closing a QUIC
+            // connection discards stream data still in flight). The client closes it once it
+            // has them, or it lingers at most `CLOSE_LINGER`.
             calls.close();
             calls.wait().await;
+            let _ = tokio::time::timeout(CLOSE_LINGER, quic.closed()).await;
             drop(h3);
         });
     }

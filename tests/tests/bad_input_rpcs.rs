@@ -320,6 +320,7 @@ async fn fetch_get_offsets_commit_and_group_calls_refuse_bad_input() {
                     .into_iter()
                     .map(|(partition, offset)| PartitionOffset { partition, offset })
                     .collect(),
+                reset: false,
             }
         };
     let cases: Vec<(&str, CommitOffsetsRequest, Code, Detail)> = vec![
@@ -364,6 +365,30 @@ async fn fetch_get_offsets_commit_and_group_calls_refuse_bad_input() {
             commit("g", "gone-member", 1, "t", vec![(0, 8)]),
             Code::FailedPrecondition,
             Reason("STALE_GENERATION"),
+        ),
+        (
+            "commit: a partition named twice",
+            commit("g", "", 0, "t", vec![(0, 8), (0, 9)]),
+            Code::InvalidArgument,
+            Field("offsets"),
+        ),
+        (
+            "reset: from a member",
+            CommitOffsetsRequest {
+                reset: true,
+                ..commit("g", "a-member", 1, "t", vec![(0, 1)])
+            },
+            Code::InvalidArgument,
+            Field("reset"),
+        ),
+        (
+            "reset: beyond the high watermark",
+            CommitOffsetsRequest {
+                reset: true,
+                ..commit("g", "", 0, "t", vec![(0, 11)])
+            },
+            Code::InvalidArgument,
+            Field("offsets"),
         ),
     ];
     for (case, request, code, detail) in cases {

@@ -151,6 +151,7 @@ async fn commit(
                 partition: 0,
                 offset,
             }],
+            reset: false,
         })
         .await
         .map(|_| ())
@@ -385,4 +386,155 @@ async fn generations_never_come_back_after_the_coordinator_restarts() {
     commit(&address, "m-0", current, 5)
         .await
         .expect("the member commits at the generation it holds now");
+}
+
+/// The committed offsets `weft group describe -o json` shows, by partition.
+fn committed(broker: &Broker, group: &str) -> Vec<Option<u64>> {
+    let out = ok_stdout(&broker.cli(&["-o", "json", "group", "describe", group]));
+    let described: serde_json::Value = serde_json::from_str(&out).expect("json");
+    described["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["committed_offset"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_group_reset_offsets_moves_a_group_back_and_forth_but_not_while_members_live() {
+    let broker = Broker::start();
+    ok_stdout(&broker.cli(&["topic", "create", "replay", "--partitions", "2"]));
+    let client = broker.client().await;
+    let producer = client.producer(weft_client::ProducerConfig::default());
+    // Five records per partition an hour ago, five now: `@<ms>` finds the boundary.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let boundary = now_ms - 1_000;
+    for i in 0..10 {
+        for partition in 0..2 {
+            let at = if i < 5 { now_ms - 3_600_000 } else { now_ms };
+            producer
+                .send(
+                    "replay",
+                    weft_client::Record::new(format!("{partition}-{i}"))
+                        .partition(partition)
+                        .timestamp_ms(at),
+                )
+                .await
+                .expect("publish");
+        }
+    }
+    client
+        .admin()
+        .commit_offsets("rg", "replay", &[(0, 10), (1, 10)])
+        .await
+        .expect("commit");
+    assert_eq!(committed(&broker, "rg"), [Some(10), Some(10)]);
+
+    // Without --execute it is a plan only.
+    let plan = ok_stdout(&broker.cli(&[
+        "group",
+        "reset-offsets",
+        "rg",
+        "--topic",
+        "replay",
+        "--to",
+        "earliest",
+    ]));
+    assert!(plan.contains("--execute"), "{plan}");
+    assert_eq!(committed(&broker, "rg"), [Some(10), Some(10)]);
+
+    let reset = |to: &str, extra: &[&str]| {
+        let mut args = vec![
+            "group",
+            "reset-offsets",
+            "rg",
+            "--topic",
+            "replay",
+            "--to",
+            to,
+            "--execute",
+        ];
+        args.extend_from_slice(extra);
+        ok_stdout(&broker.cli(&args))
+    };
+    reset("earliest", &[]);
+    assert_eq!(committed(&broker, "rg"), [Some(0), Some(0)], "backwards");
+    // The group reads again from there.
+    let out = ok_stdout(&broker.cli(&[
+        "consume", "replay", "--group", "rg", "--count", "20", "--format", "json",
+    ]));
+    assert_eq!(out.lines().count(), 20, "{out}");
+    let first: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("a line")).expect("json");
+    assert_eq!(first["offset"], 0, "{out}");
+    reset("4", &[]);
+    assert_eq!(committed(&broker, "rg"), [Some(4), Some(4)]);
+    reset("+3", &[]);
+    assert_eq!(committed(&broker, "rg"), [Some(7), Some(7)]);
+    reset("-2", &["--partitions", "1"]);
+    assert_eq!(
+        committed(&broker, "rg"),
+        [Some(7), Some(5)],
+        "one partition"
+    );
+    reset(&format!("@{boundary}"), &[]);
+    assert_eq!(committed(&broker, "rg"), [Some(5), Some(5)], "by time");
+    // Beyond the log: held to it.
+    let json = reset("+100", &["-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(json["executed"], true);
+    assert_eq!(json["partitions"][0]["new_offset"], 10);
+    assert_eq!(committed(&broker, "rg"), [Some(10), Some(10)], "latest");
+    reset("latest", &[]);
+    assert_eq!(committed(&broker, "rg"), [Some(10), Some(10)]);
+
+    // Bad input: a clear message and a failing exit.
+    for (args, says) in [
+        (vec!["--to", "yesterday"], "--to"),
+        (
+            vec!["--to", "earliest", "--partitions", "7"],
+            "no partition 7",
+        ),
+    ] {
+        let mut all = vec![
+            "group",
+            "reset-offsets",
+            "rg",
+            "--topic",
+            "replay",
+            "--execute",
+        ];
+        all.extend(args);
+        let out = broker.cli(&all);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+    }
+
+    // Not while the group has a live member: it would commit over the reset.
+    let mut member = client
+        .consumer(weft_client::ConsumerConfig::new("replay").group("rg"))
+        .await
+        .expect("join");
+    let _ = member.next_timeout(Duration::from_millis(10)).await;
+    let busy = broker.cli(&[
+        "group",
+        "reset-offsets",
+        "rg",
+        "--topic",
+        "replay",
+        "--to",
+        "earliest",
+        "--execute",
+    ]);
+    assert!(!busy.status.success(), "a live group was reset");
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        stderr.contains("GROUP_NOT_EMPTY") || stderr.contains("members"),
+        "{stderr}"
+    );
+    member.close().await.expect("close");
 }

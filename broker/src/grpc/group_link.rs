@@ -334,6 +334,12 @@ pub async fn commit(
                 .iter()
                 .map(|o| (o.partition, o.offset))
                 .collect();
+            if request.reset {
+                return node
+                    .groups
+                    .reset_offsets(&request.group_id, topic_id, &offsets)
+                    .await;
+            }
             node.groups
                 .commit(
                     &request.group_id,

@@ -181,7 +181,20 @@ impl SubscriberService {
         if request.offsets.is_empty() {
             return Err(BrokerError::invalid("offsets", "nothing to commit"));
         }
+        if request.reset && (!request.member_id.is_empty() || request.generation != 0) {
+            return Err(BrokerError::invalid(
+                "reset",
+                "a reset comes from outside membership: member_id empty, generation 0",
+            ));
+        }
+        let mut partitions = std::collections::BTreeSet::new();
         for o in &request.offsets {
+            if !partitions.insert(o.partition) {
+                return Err(BrokerError::invalid(
+                    "offsets",
+                    format!("partition {} is named twice", o.partition),
+                ));
+            }
             if o.partition >= topic.config.partitions {
                 return Err(BrokerError::PartitionNotFound {
                     topic: request.topic.clone(),
@@ -207,6 +220,17 @@ impl SubscriberService {
                     format!(
                         "partition {}: offset {} is past the high watermark {}",
                         o.partition, o.offset, bounds.high_watermark
+                    ),
+                ));
+            }
+            // A group set back before the log start would only be moved up to it on its next
+            // read: a reset names a retained offset.
+            if request.reset && o.offset < bounds.log_start_offset {
+                return Err(BrokerError::invalid(
+                    "offsets",
+                    format!(
+                        "partition {}: offset {} is before the log start {} (retention removed it)",
+                        o.partition, o.offset, bounds.log_start_offset
                     ),
                 ));
             }
@@ -1045,6 +1069,7 @@ impl Session {
                     member_id: member.member_id.clone(),
                     generation: commit.generation,
                     offsets: commit.offsets.clone(),
+                    reset: false,
                 };
                 let committed =
                     match group_link::commit(&self.node, &request, &self.topic_id, 0).await {

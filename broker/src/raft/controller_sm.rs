@@ -99,6 +99,10 @@ pub enum ControllerCommand {
         generation: u64,
         /// (partition, offset) pairs.
         offsets: Vec<(u32, u64)>,
+        /// Set the offsets even where they go backwards (an operator's reset of a group with
+        /// no members).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reset: bool,
     },
     /// Forget a consumer group's committed offsets.
     DeleteGroup {
@@ -453,6 +457,7 @@ impl ControllerState {
                 topic_id,
                 generation,
                 offsets,
+                reset,
             } => {
                 if !self.topics.values().any(|t| &t.topic_id == topic_id) {
                     return ControllerResponse::NotFound(format!("topic id {topic_id}"));
@@ -462,6 +467,7 @@ impl ControllerState {
                 for &(partition, offset) in offsets {
                     if let Some(&before) = stored.and_then(|s| s.get(&partition))
                         && offset < before
+                        && !reset
                     {
                         return ControllerResponse::Invalid(format!(
                             "partition {partition}: committed offsets never go backwards ({offset} < {before})"
