@@ -512,19 +512,28 @@ impl Coordinator {
         topic_id: &str,
         offsets: &[(u32, u64)],
     ) -> Result<Vec<(u32, u64)>, BrokerError> {
-        validate_group_id(group_id)?;
-        let lock = self.commit_lock(group_id)?;
-        let _committing = lock.lock().await;
-        if let Some(group) = self.groups()?.get(group_id)
-            && !group.members.is_empty()
-        {
-            return Err(BrokerError::GroupNotEmpty(group_id.into()));
-        }
+        let _committing = self.lock_without_members(group_id).await?;
         self.inner
             .store
             .reset(group_id.to_string(), topic_id.to_string(), offsets.to_vec())
             .await?;
         Ok(offsets.to_vec())
+    }
+
+    /// Takes `group_id`'s commit lock, refused (GROUP_NOT_EMPTY) while the group has members:
+    /// what deleting or resetting its offsets needs (members would commit over either).
+    async fn lock_without_members(
+        &self,
+        group_id: &str,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, BrokerError> {
+        validate_group_id(group_id)?;
+        let committing = self.commit_lock(group_id)?.lock_owned().await;
+        if let Some(group) = self.groups()?.get(group_id)
+            && !group.members.is_empty()
+        {
+            return Err(BrokerError::GroupNotEmpty(group_id.into()));
+        }
+        Ok(committing)
     }
 
     /// The lock that serialises commits of `group_id` (groups without members share one).
@@ -661,14 +670,7 @@ impl Coordinator {
     /// Deletes a group's committed offsets. Refused while it has members; NOT_FOUND when it has
     /// nothing to delete.
     pub async fn delete(&self, group_id: &str) -> Result<(), BrokerError> {
-        validate_group_id(group_id)?;
-        let lock = self.commit_lock(group_id)?;
-        let _committing = lock.lock().await;
-        if let Some(group) = self.groups()?.get(group_id)
-            && !group.members.is_empty()
-        {
-            return Err(BrokerError::GroupNotEmpty(group_id.into()));
-        }
+        let _committing = self.lock_without_members(group_id).await?;
         let had = self.inner.store.delete(group_id.to_string()).await?;
         if had {
             Ok(())

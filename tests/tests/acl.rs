@@ -301,14 +301,18 @@ operations = ["publish"]
         .filter(|r| r["permission"] == "deny")
         .collect();
     assert_eq!(denials.len(), 1, "{listed}");
-    let refused = wait_for("the deny rule in force", Duration::from_secs(20), || {
+    // Billing subscribing to orders (the rules reach the broker through the controller).
+    let subscribe = || {
         let billing = billing.clone();
         async move {
             billing
                 .consumer(ConsumerConfig::new("orders").start(StartFrom::Earliest))
                 .await
-                .err()
         }
+    };
+    let refused = wait_for("the deny rule in force", Duration::from_secs(20), || {
+        let subscribed = subscribe();
+        async move { subscribed.await.err() }
     })
     .await;
     assert!(
@@ -322,13 +326,8 @@ operations = ["publish"]
     remove[1] = "remove";
     cli_as_ops(&remove);
     wait_for("the deny rule gone", Duration::from_secs(20), || {
-        let billing = billing.clone();
-        async move {
-            billing
-                .consumer(ConsumerConfig::new("orders").start(StartFrom::Earliest))
-                .await
-                .ok()
-        }
+        let subscribed = subscribe();
+        async move { subscribed.await.ok() }
     })
     .await;
 
