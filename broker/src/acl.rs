@@ -10,7 +10,7 @@
 //!
 //! What each call needs: Publish / PublishStream: publish on the topic. Fetch, Subscribe:
 //! subscribe on the topic (and, as a group member, subscribe on the group). CommitOffsets:
-//! commit on the group. GetOffsets: describe on the topic (and the group, when asked).
+//! commit on the group (a reset, `weft group reset-offsets`: alter on the group as well). GetOffsets: describe on the topic (and the group, when asked).
 //! GetTopic, ListTopics (filtered): describe. CreateTopic: create on the topic; UpdateTopic:
 //! alter; DeleteTopic: delete. DescribeGroup, ListGroups (filtered): describe on the group;
 //! DeleteGroup, LeaveGroup: delete / subscribe on the group. Cluster calls and the admin API's

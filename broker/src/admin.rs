@@ -1156,15 +1156,17 @@ pub struct AclChange {
     pub existed: bool,
 }
 
-/// Adds an allow rule to the controller (needs admin on cluster).
+/// Adds an allow or deny rule to the controller (needs admin on cluster; a deny rule that would
+/// refuse the caller admin on cluster is refused).
 #[utoipa::path(post, path = "/v1/acls", request_body = crate::acl::AclRule,
     responses((status = 200, body = AclChange), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn add_acl(
     State(node): State<AppState>,
+    axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
     body: Result<Json<crate::acl::AclRule>, JsonRejection>,
 ) -> Result<Json<AclChange>, ApiError> {
     let Json(rule) = body.map_err(bad_json)?;
-    let existed = node.change_acl(rule, true).await?;
+    let existed = node.change_acl(rule, true, &identity).await?;
     Ok(Json(AclChange { existed }))
 }
 
@@ -1173,10 +1175,11 @@ async fn add_acl(
     responses((status = 200, body = AclChange), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
 async fn remove_acl(
     State(node): State<AppState>,
+    axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
     body: Result<Json<crate::acl::AclRule>, JsonRejection>,
 ) -> Result<Json<AclChange>, ApiError> {
     let Json(rule) = body.map_err(bad_json)?;
-    let existed = node.change_acl(rule, false).await?;
+    let existed = node.change_acl(rule, false, &identity).await?;
     Ok(Json(AclChange { existed }))
 }
 

@@ -196,6 +196,24 @@ struct Inner {
     next_incarnation: std::sync::atomic::AtomicU64,
     /// The last generation handed out, over every group.
     last_generation: AtomicU64,
+    /// Groups whose offsets are being deleted or reset: nobody joins them meanwhile (a member
+    /// would read the old offsets and commit over the change). Locked after `groups`.
+    changing: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A group's offsets held for a delete or a reset: its commit lock, and no joins until dropped.
+struct Changing {
+    inner: Arc<Inner>,
+    group_id: String,
+    _committing: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        if let Ok(mut changing) = self.inner.changing.lock() {
+            changing.remove(&self.group_id);
+        }
+    }
 }
 
 /// The consumer-group coordinator of this node.
@@ -217,6 +235,7 @@ impl Coordinator {
                 groups: Mutex::new(HashMap::new()),
                 next_incarnation: std::sync::atomic::AtomicU64::new(1),
                 last_generation: AtomicU64::new(0),
+                changing: Mutex::new(Default::default()),
             }),
         }
     }
@@ -256,6 +275,19 @@ impl Coordinator {
             .next_incarnation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut groups = self.groups()?;
+        if self
+            .inner
+            .changing
+            .lock()
+            .map_err(|_| BrokerError::Internal("group state lock poisoned".into()))?
+            .contains(group_id)
+        {
+            return Err(BrokerError::Unavailable {
+                reason: "the group's offsets are being reset or deleted; join again in a moment"
+                    .into(),
+                leader: None,
+            });
+        }
         let group = match groups.entry(group_id.to_string()) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
@@ -522,18 +554,27 @@ impl Coordinator {
 
     /// Takes `group_id`'s commit lock, refused (GROUP_NOT_EMPTY) while the group has members:
     /// what deleting or resetting its offsets needs (members would commit over either).
-    async fn lock_without_members(
-        &self,
-        group_id: &str,
-    ) -> Result<tokio::sync::OwnedMutexGuard<()>, BrokerError> {
+    async fn lock_without_members(&self, group_id: &str) -> Result<Changing, BrokerError> {
         validate_group_id(group_id)?;
         let committing = self.commit_lock(group_id)?.lock_owned().await;
-        if let Some(group) = self.groups()?.get(group_id)
+        let groups = self.groups()?;
+        if let Some(group) = groups.get(group_id)
             && !group.members.is_empty()
         {
             return Err(BrokerError::GroupNotEmpty(group_id.into()));
         }
-        Ok(committing)
+        // Under the groups' lock, as `join` checks it: no member slips in between.
+        self.inner
+            .changing
+            .lock()
+            .map_err(|_| BrokerError::Internal("group state lock poisoned".into()))?
+            .insert(group_id.to_string());
+        drop(groups);
+        Ok(Changing {
+            inner: self.inner.clone(),
+            group_id: group_id.to_string(),
+            _committing: committing,
+        })
     }
 
     /// The lock that serialises commits of `group_id` (groups without members share one).
@@ -923,6 +964,32 @@ mod tests {
 
     fn coordinator() -> Coordinator {
         Coordinator::new(store(), Duration::from_secs(10))
+    }
+
+    /// While a group's offsets are being reset (or deleted) nobody joins it: a member would
+    /// read the old offsets and commit over the change. Afterwards joins go through again.
+    #[tokio::test]
+    async fn nobody_joins_a_group_while_its_offsets_change() {
+        let c = coordinator();
+        let now = Instant::now();
+        let changing = c.lock_without_members("g").await.expect("empty group");
+        match c.join("g", Some("a"), "t", "id-t", 4, None, now) {
+            Err(BrokerError::Unavailable { reason, .. }) => {
+                assert!(reason.contains("being reset"), "{reason}")
+            }
+            other => panic!("joined during a reset: {:?}", other.map(|m| m.member_id)),
+        }
+        // Other groups are not held up.
+        c.join("h", Some("a"), "t", "id-t", 4, None, now)
+            .expect("another group");
+        drop(changing);
+        c.join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("joins after the reset");
+        // And a group with a member is not changed.
+        assert!(matches!(
+            c.lock_without_members("g").await,
+            Err(BrokerError::GroupNotEmpty(_))
+        ));
     }
 
     #[tokio::test]

@@ -1122,9 +1122,30 @@ impl Node {
         &self,
         rule: crate::acl::AclRule,
         add: bool,
+        caller: &crate::auth::Identity,
     ) -> Result<bool, BrokerError> {
         rule.validate()
             .map_err(|reason| BrokerError::invalid("rule", reason))?;
+        // A deny rule that took ACL changes away from the caller could only be removed by
+        // turning ACLs off on every broker.
+        if add
+            && !caller.broker
+            && rule.permission == crate::acl::Permission::Deny
+            && rule.allows(
+                &caller.principal,
+                crate::acl::Operation::Admin,
+                crate::acl::Resource::Cluster,
+            )
+        {
+            return Err(BrokerError::invalid(
+                "rule",
+                format!(
+                    "this deny rule would refuse {} admin on cluster, and with it the removal of \
+                     the rule: name the identities or resources to deny more narrowly",
+                    caller.principal
+                ),
+            ));
+        }
         let command = if add {
             ControllerCommand::AddAcl(rule)
         } else {

@@ -271,16 +271,22 @@ pub async fn serve<S, B>(
                 }
             };
             let calls = tokio_util::task::TaskTracker::new();
+            // After the GOAWAY, accepting goes on until the calls taken are answered: h3 refuses
+            // (H3_REQUEST_REJECTED) the requests the client opened past it, so their callers
+            // know they were not served rather than losing them with the connection.
+            let mut goaway = false;
             loop {
                 let accepted = tokio::select! {
                     accepted = h3.accept() => accepted,
-                    () = async { let _ = closing.wait_for(|closing| *closing).await; } => {
-                        // No new calls on this connection; those taken finish below.
+                    () = async { let _ = closing.wait_for(|closing| *closing).await; }, if !goaway => {
                         if let Err(e) = h3.shutdown(0).await {
                             tracing::debug!("an HTTP/3 GOAWAY was not sent: {e}");
                         }
-                        break;
+                        goaway = true;
+                        calls.close();
+                        continue;
                     }
+                    () = calls.wait(), if goaway => break,
                 };
                 match accepted {
                     Ok(Some(resolver)) => {
@@ -315,8 +321,9 @@ pub async fn serve<S, B>(
     let _ = closing_tx.send(true);
     connections.close();
     connections.wait().await;
-    // H3_NO_ERROR.
+    // H3_NO_ERROR; then a moment for the closes to reach the clients.
     endpoint.close(0x100u32.into(), b"shutting down");
+    let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
 }
 
 type Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;

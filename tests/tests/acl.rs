@@ -319,6 +319,16 @@ operations = ["publish"]
         format!("{refused}").contains("a deny rule forbids it"),
         "{refused}"
     );
+    // A deny rule that would take ACL changes away from the one adding it is refused.
+    let lockout = std::process::Command::new(weft_tests::binary("weft"))
+        .args(["--server", &address, "--token", OPS])
+        .args(["acl", "add", "--identity", "*", "--resource", "cluster"])
+        .args(["--operations", "admin", "--deny"])
+        .output()
+        .expect("weft");
+    assert!(!lockout.status.success(), "ops locked itself out");
+    let stderr = String::from_utf8_lossy(&lockout.stderr);
+    assert!(stderr.contains("would refuse"), "{stderr}");
     // It denies only what it names: billing still sees the topic.
     let (status, body) = http_as(&broker.admin_addr, BILLING, "GET", "/v1/topics/orders", "");
     assert_eq!(status, 200, "{body}");

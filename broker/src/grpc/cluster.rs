@@ -270,7 +270,8 @@ impl Cluster for ClusterService {
     ) -> Result<Response<v1::AclChangeResponse>, Status> {
         super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
         let rule = rule_from_proto(request.get_ref())?;
-        let existed = self.node.change_acl(rule, true).await?;
+        let caller = crate::auth::identity_of(&request);
+        let existed = self.node.change_acl(rule, true, &caller).await?;
         Ok(Response::new(v1::AclChangeResponse { existed }))
     }
 
@@ -280,7 +281,8 @@ impl Cluster for ClusterService {
     ) -> Result<Response<v1::AclChangeResponse>, Status> {
         super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
         let rule = rule_from_proto(request.get_ref())?;
-        let existed = self.node.change_acl(rule, false).await?;
+        let caller = crate::auth::identity_of(&request);
+        let existed = self.node.change_acl(rule, false, &caller).await?;
         Ok(Response::new(v1::AclChangeResponse { existed }))
     }
 }

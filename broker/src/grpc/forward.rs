@@ -179,6 +179,13 @@ impl Forward for ForwardService {
             Operation::Commit,
             Resource::Group(&commit.group_id),
         )?;
+        if commit.reset {
+            self.node.authorize(
+                &identity,
+                Operation::Alter,
+                Resource::Group(&commit.group_id),
+            )?;
+        }
         let result = async {
             crate::groups::validate_group_id(&commit.group_id)?;
             let topic = self.node.topic(&commit.topic)?;

@@ -57,7 +57,7 @@ impl PublisherService {
         // all its requests). A forwarded request's context is in what its broker passed on.
         check_trace_context(&request.trace_context)?;
         let own;
-        let passed_on = if hops == 0 && !request.trace_context.is_empty() {
+        let passed_on = if hops == 0 && request.trace_context.contains_key("traceparent") {
             own = passed_on.with_trace_pairs(&request.trace_context);
             &own
         } else {
@@ -328,8 +328,15 @@ impl PublisherService {
 /// Longest `trace_context` value taken (W3C's limit for `tracestate`; a `traceparent` is 55).
 const TRACE_CONTEXT_VALUE_BYTES_MAX: usize = 512;
 
-/// A request's `trace_context`: `traceparent` and `tracestate` only, each printable ASCII of at
-/// most [`TRACE_CONTEXT_VALUE_BYTES_MAX`] bytes.
+/// Whether a `trace_context` value is printable ASCII of at most
+/// [`TRACE_CONTEXT_VALUE_BYTES_MAX`] bytes.
+fn usable_trace_value(value: &str) -> bool {
+    value.len() <= TRACE_CONTEXT_VALUE_BYTES_MAX && value.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// A request's `trace_context`: `traceparent` and `tracestate` only; a `traceparent` must be
+/// usable ([`usable_trace_value`]). An unusable `tracestate` is not an error: W3C lets any hop
+/// drop it, and it is dropped ([`PassedOn::with_trace_pairs`]).
 fn check_trace_context(
     pairs: &std::collections::HashMap<String, String>,
 ) -> Result<(), BrokerError> {
@@ -340,9 +347,7 @@ fn check_trace_context(
                 format!("takes `traceparent` and `tracestate`, not {key:?}"),
             ));
         }
-        if value.len() > TRACE_CONTEXT_VALUE_BYTES_MAX
-            || !value.bytes().all(|b| (0x20..0x7f).contains(&b))
-        {
+        if key == "traceparent" && !usable_trace_value(value) {
             return Err(BrokerError::invalid(
                 &format!("trace_context.{key}"),
                 format!(
@@ -430,7 +435,11 @@ impl PassedOn {
             .cloned()
             .collect();
         for key in ["traceparent", "tracestate"] {
-            if let Some(value) = pairs.get(key).and_then(|v| v.parse().ok()) {
+            if let Some(value) = pairs
+                .get(key)
+                .filter(|v| usable_trace_value(v))
+                .and_then(|v| v.parse().ok())
+            {
                 out.push((key, value));
             }
         }
@@ -600,5 +609,53 @@ impl Publisher for PublisherService {
         let result: Result<(), Status> = Ok(());
         crate::metrics::rpc("PublishStream", started, &result);
         Ok(Response::new(Box::pin(responses)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn pairs(entries: &[(&str, String)]) -> std::collections::HashMap<String, String> {
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    fn value(passed_on: &PassedOn, key: &str) -> Option<String> {
+        passed_on
+            .0
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.to_str().ok().map(str::to_string))
+    }
+
+    /// A request's trace context: other keys and a bad traceparent are refused; a tracestate
+    /// too long for any header is dropped, not refused (W3C lets a hop drop it).
+    #[test]
+    fn a_requests_trace_context_is_checked_and_a_long_tracestate_dropped() {
+        assert!(check_trace_context(&pairs(&[("baggage", "k=v".into())])).is_err());
+        assert!(check_trace_context(&pairs(&[("traceparent", "0".repeat(600))])).is_err());
+        assert!(check_trace_context(&pairs(&[("traceparent", "a\nb".into())])).is_err());
+        let long_state = pairs(&[
+            ("traceparent", PARENT.into()),
+            ("tracestate", "v=1,".repeat(300)),
+        ]);
+        assert!(check_trace_context(&long_state).is_ok());
+        let base = PassedOn(vec![
+            ("traceparent", "00-aa-bb-01".parse().expect("value")),
+            ("tracestate", "old=1".parse().expect("value")),
+        ]);
+        let applied = base.with_trace_pairs(&long_state);
+        assert_eq!(value(&applied, "traceparent").as_deref(), Some(PARENT));
+        assert_eq!(value(&applied, "tracestate"), None, "dropped");
+        let short = pairs(&[("traceparent", PARENT.into()), ("tracestate", "v=1".into())]);
+        assert_eq!(
+            value(&base.with_trace_pairs(&short), "tracestate").as_deref(),
+            Some("v=1")
+        );
     }
 }

@@ -56,7 +56,11 @@ impl SubscriberService {
         let config = &self.node.config;
         let topic = self.node.topic(&request.topic)?;
         if let Some(holder) = self.holder_elsewhere(&topic, request.partition) {
-            return self.forward_fetch(request, holder, hops).await;
+            // A long poll waiting at another broker ends too when this one shuts down.
+            return tokio::select! {
+                fetched = self.forward_fetch(request, holder, hops) => fetched,
+                () = self.node.closing() => Err(self.node.closing_error()),
+            };
         }
         let partition = self.node.partition(&request.topic, request.partition)?;
         let limit = config.fetch_bytes_max as usize;
@@ -525,6 +529,18 @@ impl Subscriber for SubscriberService {
                     &self.node,
                     &request,
                     Operation::Commit,
+                    Resource::Group(&request.get_ref().group_id),
+                )
+            })
+            .and_then(|()| {
+                // Rewinding or skipping a group is altering it, more than committing.
+                if !request.get_ref().reset {
+                    return Ok(());
+                }
+                super::authorize(
+                    &self.node,
+                    &request,
+                    Operation::Alter,
                     Resource::Group(&request.get_ref().group_id),
                 )
             }) {

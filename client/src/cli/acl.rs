@@ -120,6 +120,21 @@ async fn change(
         permission: if args.deny { "deny" } else { "allow" }.into(),
     };
     let existed = admin.change_acl(rule.clone(), add).await?;
+    if add && args.deny {
+        // A broker that predates deny rules ignores the permission and stores an allow rule:
+        // make sure a deny rule is what stands, and take an allow rule back otherwise.
+        let (_, _, stored) = admin.acls().await?;
+        let stands = stored.iter().any(|r| {
+            r.identity == rule.identity && r.resource == rule.resource && permission(r) == "deny"
+        });
+        if !stands {
+            let _ = admin.change_acl(rule.clone(), false).await;
+            anyhow::bail!(
+                "the broker stored no deny rule (it predates deny rules; the rule it stored in \
+                 its place was removed): upgrade every broker before adding deny rules"
+            );
+        }
+    }
     match output {
         Output::Json => {
             print_json(&json!({ "rule": rule_json(&rule), "existed": existed, "added": add }))
