@@ -4,6 +4,7 @@
 //!   PublishStream request (per topic, with or without the `weft-topic` header) that no rule
 //!   allows is refused (PERMISSION_DENIED / 403, UNAUTHENTICATED for anonymous callers) with an
 //!   audit line; lists show only what the caller may describe;
+//! - a Subscribe stream already open ends (PERMISSION_DENIED) once a deny rule takes its access away;
 //! - rules added with `weft acl add` are stored in the controller and survive a restart;
 //! - a call a follower forwards to the leader is checked there as the original caller's.
 
@@ -335,7 +336,64 @@ operations = ["publish"]
     let mut remove = deny;
     remove[1] = "remove";
     cli_as_ops(&remove);
-    wait_for("the deny rule gone", Duration::from_secs(20), || {
+    let mut reading = wait_for("the deny rule gone", Duration::from_secs(20), || {
+        let subscribed = subscribe();
+        async move { subscribed.await.ok() }
+    })
+    .await;
+
+    // A rule taken away applies to a stream already open: billing's subscription ends with the
+    // refusal once a deny rule stands, and reads nothing published after it.
+    let stored = (0..5)
+        .map(|i| format!("order-{i}"))
+        .chain(["streamed".to_string()]);
+    for expected in stored {
+        let message = tokio::time::timeout(Duration::from_secs(20), reading.next())
+            .await
+            .expect("in time")
+            .expect("consume")
+            .expect("a record");
+        assert_eq!(message.value, expected.as_bytes());
+    }
+    cli_as_ops(&deny);
+    wait_for(
+        "the deny rule in force again",
+        Duration::from_secs(20),
+        || {
+            let subscribed = subscribe();
+            async move { subscribed.await.err() }
+        },
+    )
+    .await;
+    let producer = orders.producer(ProducerConfig::default());
+    producer
+        .send("orders", Record::new("after-the-deny-rule"))
+        .await
+        .expect("orders may still publish");
+    producer.close().await.expect("close");
+    let ended = tokio::time::timeout(Duration::from_secs(20), reading.next())
+        .await
+        .expect("the open subscription ends in time");
+    let error = match ended {
+        Ok(Some(message)) => panic!(
+            "an open subscription read {:?} after a deny rule took its access away",
+            String::from_utf8_lossy(&message.value)
+        ),
+        Ok(None) => panic!("the subscription ended without saying why"),
+        Err(error) => error,
+    };
+    assert_eq!(
+        error.code(),
+        Some(tonic::Code::PermissionDenied),
+        "{error:?}"
+    );
+    assert!(
+        format!("{error}").contains("a deny rule forbids it"),
+        "{error}"
+    );
+    drop(reading);
+    cli_as_ops(&remove);
+    wait_for("the deny rule gone again", Duration::from_secs(20), || {
         let subscribed = subscribe();
         async move { subscribed.await.ok() }
     })

@@ -495,19 +495,8 @@ impl Subscriber for SubscriberService {
                 &start.group_id,
             )?;
             // Checked on the start message's topic and group, whatever the headers say.
-            self.node.authorize(
-                &identity,
-                Operation::Subscribe,
-                Resource::Topic(&start.topic),
-            )?;
-            if !start.group_id.is_empty() {
-                self.node.authorize(
-                    &identity,
-                    Operation::Subscribe,
-                    Resource::Group(&start.group_id),
-                )?;
-            }
-            Session::open(self.node.clone(), start, inbound).await
+            authorize_subscribe(&self.node, &identity, &start)?;
+            Session::open(self.node.clone(), identity, start, inbound).await
         }
         .await
         .map_err(Status::from);
@@ -689,8 +678,31 @@ enum Ended {
 }
 
 /// One open Subscribe stream.
+/// Whether `identity` may read what `start` names: its topic, and its group if any.
+fn authorize_subscribe(
+    node: &Node,
+    identity: &crate::auth::Identity,
+    start: &SubscribeStart,
+) -> Result<(), BrokerError> {
+    node.authorize(
+        identity,
+        Operation::Subscribe,
+        Resource::Topic(&start.topic),
+    )?;
+    if !start.group_id.is_empty() {
+        node.authorize(
+            identity,
+            Operation::Subscribe,
+            Resource::Group(&start.group_id),
+        )?;
+    }
+    Ok(())
+}
+
 struct Session {
     node: Arc<Node>,
+    /// Who opened the stream: checked again whenever the access rules change.
+    identity: crate::auth::Identity,
     start: SubscribeStart,
     topic_id: String,
     group: Option<GroupLink>,
@@ -711,6 +723,7 @@ impl Session {
     /// Validates the start message, joins the group if any, and starts the session task.
     async fn open(
         node: Arc<Node>,
+        identity: crate::auth::Identity,
         start: SubscribeStart,
         inbound: Streaming<SubscribeRequest>,
     ) -> Result<mpsc::Receiver<Result<SubscribeResponse, Status>>, BrokerError> {
@@ -770,6 +783,7 @@ impl Session {
             credit_records: u64::from(credit.records),
             credit_bytes: credit.bytes,
             node,
+            identity,
             start,
             topic_id: topic.topic_id.clone(),
             group,
@@ -1145,6 +1159,15 @@ impl Session {
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(config.stream_heartbeat_ms));
         heartbeat.tick().await;
+        // The stored access rules live in the controller's state: when it changes, the caller
+        // is checked again, so a rule taken away (or a deny rule added) ends the stream, as it
+        // would refuse the caller's next Fetch.
+        let mut rules = self.node.acl_enabled().then(|| {
+            let mut rules = self.node.controller_watch();
+            rules.borrow_and_update();
+            rules
+        });
+        authorize_subscribe(&self.node, &self.identity, &self.start)?;
         let mut view = self.view.take();
         let (member, incarnation) = self
             .group
@@ -1208,6 +1231,16 @@ impl Session {
                     None => futures::future::pending().await,
                 }
             };
+            let rules_change = async {
+                let changed = match &mut rules {
+                    Some(watch) => watch.changed().await.is_ok(),
+                    None => false,
+                };
+                if !changed {
+                    // No rules to watch (ACLs off, or the controller stopped).
+                    futures::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 biased;
                 message = inbound.message() => match message {
@@ -1215,6 +1248,7 @@ impl Session {
                     Ok(None) => return Ok(Ended::ClientClosed),
                     Err(_) => return Ok(Ended::Broken),
                 },
+                () = rules_change => authorize_subscribe(&self.node, &self.identity, &self.start)?,
                 current = group_change => {
                     let Some(current) = current else {
                         // The group's coordinator forgot it (another broker coordinates now, or
