@@ -151,6 +151,9 @@ impl OffsetStore for ControllerOffsets {
         topic_id: String,
         offsets: Vec<(u32, u64)>,
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
+        if let Err(e) = require_feature(&self.controller.state(), 1, "offset resets") {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         self.store(ControllerCommand::CommitOffsets {
             group,
             topic_id,
@@ -195,6 +198,18 @@ impl ControllerOffsets {
                 ))),
             }
         })
+    }
+}
+
+/// Refuses `what` (CONFLICT) while a registered broker runs a build below feature `level`: it
+/// would apply the command differently, and the controller's replicas would disagree.
+fn require_feature(state: &ControllerState, level: u32, what: &str) -> Result<(), BrokerError> {
+    match state.behind(level) {
+        None => Ok(()),
+        Some((node, features)) => Err(BrokerError::Conflict(format!(
+            "broker {node} runs an older build (feature level {features}, {what} need {level}) \
+             that would not apply this as the others do: upgrade every broker first"
+        ))),
     }
 }
 
@@ -552,6 +567,7 @@ impl Node {
             node_id: self.node_id,
             peer_address,
             client_address,
+            features: crate::raft::FEATURE_LEVEL,
         })
         .await
         .map(|_| ())
@@ -1145,6 +1161,9 @@ impl Node {
                     caller.principal
                 ),
             ));
+        }
+        if add && rule.permission == crate::acl::Permission::Deny {
+            require_feature(&self.controller_state(), 1, "deny rules")?;
         }
         let command = if add {
             ControllerCommand::AddAcl(rule)

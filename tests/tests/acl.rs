@@ -596,3 +596,109 @@ operations = ["all"]
     })
     .await;
 }
+
+/// What an older build of broker `node` sends to register itself: its addresses, no feature
+/// level; or, `features` given, what this build sends.
+async fn register_on_peer_port(broker: &Broker, node: u64, features: Option<u32>) {
+    use weft_proto::internal::v1 as internal;
+    let mut command = serde_json::json!({"RegisterBroker": {
+        "node_id": node,
+        "peer_address": format!("127.0.0.1:{}", 1000 + node),
+        "client_address": format!("127.0.0.1:{}", 2000 + node),
+    }});
+    if let Some(features) = features {
+        command["RegisterBroker"]["features"] = features.into();
+    }
+    let channel = weft_tests::grpc::channel(&broker.peer_addr).await;
+    let mut controller = internal::controller_client::ControllerClient::new(channel);
+    let mut request = tonic::Request::new(internal::ProposeRequest {
+        command: serde_json::to_vec(&command).expect("json").into(),
+        hops: 0,
+    });
+    request
+        .metadata_mut()
+        .insert("weft-cluster", "weft".parse().expect("ascii"));
+    request
+        .metadata_mut()
+        .insert("weft-target-node", "1".parse().expect("ascii"));
+    request.set_timeout(Duration::from_secs(20));
+    controller.propose(request).await.expect("registered");
+}
+
+/// A deny rule or an offset reset is refused while a broker of an older build is registered (it
+/// would store the deny rule as an allow rule, and refuse the reset as a commit going back: the
+/// controller's replicas would disagree), and accepted once that broker registers again from a
+/// build that reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rules_and_offset_resets_wait_until_every_broker_reads_them() {
+    let broker = Broker::start();
+    let ok = |args: &[&str]| weft_tests::ok_stdout(&broker.cli(args));
+    ok(&["topic", "create", "mixed", "--partitions", "1"]);
+    weft_tests::ok_stdout(&broker.cli_with_stdin(&["produce", "mixed"], "a\n"));
+    broker
+        .client()
+        .await
+        .admin()
+        .commit_offsets("mixed-group", "mixed", &[(0, 1)])
+        .await
+        .expect("commit");
+    let deny = [
+        "acl",
+        "add",
+        "--identity",
+        "intern",
+        "--resource",
+        "topic:mixed",
+        "--operations",
+        "publish",
+        "--deny",
+    ];
+    let reset = [
+        "group",
+        "reset-offsets",
+        "mixed-group",
+        "--topic",
+        "mixed",
+        "--to",
+        "earliest",
+        "--execute",
+        "-o",
+        "json",
+    ];
+
+    register_on_peer_port(&broker, 7, None).await;
+    for args in [&deny[..], &reset[..]] {
+        let out = broker.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} with an older broker registered"
+        );
+        assert!(
+            stderr.contains("broker 7 runs an older build")
+                && stderr.contains("upgrade every broker"),
+            "{stderr}"
+        );
+    }
+    // What every build reads is not held back.
+    ok(&[
+        "acl",
+        "add",
+        "--identity",
+        "intern",
+        "--resource",
+        "topic:mixed",
+        "--operations",
+        "subscribe",
+    ]);
+    let listed = ok(&["-o", "json", "acl", "list"]);
+    assert!(!listed.contains("\"deny\""), "{listed}");
+
+    register_on_peer_port(&broker, 7, Some(1)).await;
+    ok(&deny);
+    let listed = ok(&["-o", "json", "acl", "list"]);
+    assert!(listed.contains("\"deny\""), "{listed}");
+    let done: serde_json::Value = serde_json::from_str(&ok(&reset)).expect("json");
+    assert_eq!(done["executed"], true, "{done}");
+    assert_eq!(done["partitions"][0]["new_offset"], 0, "{done}");
+}

@@ -154,6 +154,9 @@ pub enum ControllerCommand {
         peer_address: String,
         /// Where clients reach it.
         client_address: String,
+        /// The [`FEATURE_LEVEL`] of its build (0 from a build before levels existed).
+        #[serde(default)]
+        features: u32,
     },
     /// The controller's new leader takes over coordinating the consumer groups (proposed by
     /// the leader itself, once per leadership): the coordinator epoch moves on, and with it the
@@ -182,7 +185,20 @@ pub struct BrokerMeta {
     /// leaves the controller group.
     #[serde(default)]
     pub removing: bool,
+    /// The [`FEATURE_LEVEL`] it registered with (0: a build before levels existed).
+    #[serde(default)]
+    pub features: u32,
 }
+
+/// What this build's controller state machine understands beyond what the first release did,
+/// as one number a broker registers with. A command that an older broker would apply
+/// differently (the controller's replicas would then disagree) is proposed only while every
+/// registered broker is at the level that reads it ([`ControllerState::behind`]), as Kafka
+/// gates a metadata version on every broker's support:
+/// - 1: deny rules (`AclRule.permission`: an older broker stores one as an allow rule) and
+///   offset resets (`CommitOffsets.reset`: an older broker applies one as a commit, and so
+///   refuses it as going backwards).
+pub const FEATURE_LEVEL: u32 = 1;
 
 /// The result of a controller command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +311,15 @@ pub struct ControllerState {
 }
 
 impl ControllerState {
+    /// A registered broker whose build is below feature `level` (the lowest such id), if any:
+    /// a command needing `level` would be applied differently there.
+    pub fn behind(&self, level: u32) -> Option<(NodeId, u32)> {
+        self.brokers
+            .iter()
+            .find(|(_, b)| b.features < level)
+            .map(|(id, b)| (*id, b.features))
+    }
+
     pub(crate) fn apply(&mut self, command: &ControllerCommand) -> ControllerResponse {
         self.next_group_id = self.next_group_id.max(1);
         match command {
@@ -358,6 +383,7 @@ impl ControllerState {
                 node_id,
                 peer_address,
                 client_address,
+                features,
             } => {
                 self.brokers.insert(
                     *node_id,
@@ -367,6 +393,7 @@ impl ControllerState {
                         draining: false,
                         // A broker being removed stays so when it registers again.
                         removing: self.brokers.get(node_id).is_some_and(|b| b.removing),
+                        features: *features,
                     },
                 );
                 ControllerResponse::Registered
@@ -1081,11 +1108,37 @@ mod tests {
         }
     }
 
+    /// A broker registered by a build before feature levels (its entry has no `features`) holds
+    /// the cluster below level 1 until it registers again from a newer build.
+    #[test]
+    fn an_older_brokers_registration_holds_the_feature_level_back() {
+        let mut state = ControllerState::default();
+        register(&mut state, 1);
+        let old: ControllerCommand = serde_json::from_str(
+            r#"{"RegisterBroker":{"node_id":2,"peer_address":"127.0.0.2:7401","client_address":"127.0.0.2:7400"}}"#,
+        )
+        .expect("an older build's entry decodes");
+        state.apply(&old);
+        assert_eq!(state.behind(1), Some((2, 0)));
+        assert_eq!(state.behind(0), None);
+        // An older snapshot's broker (no `features` field) reads as level 0 too.
+        let mut snapshot = serde_json::to_value(&state).expect("encode");
+        snapshot["brokers"]["1"]
+            .as_object_mut()
+            .expect("broker 1")
+            .remove("features");
+        let decoded: ControllerState = serde_json::from_value(snapshot).expect("decode");
+        assert_eq!(decoded.behind(1), Some((1, 0)));
+        register(&mut state, 2);
+        assert_eq!(state.behind(FEATURE_LEVEL), None);
+    }
+
     fn register(state: &mut ControllerState, node: NodeId) {
         state.apply(&ControllerCommand::RegisterBroker {
             node_id: node,
             peer_address: format!("127.0.0.{node}:7401"),
             client_address: format!("127.0.0.{node}:7400"),
+            features: FEATURE_LEVEL,
         });
     }
 
