@@ -867,6 +867,89 @@ async fn delete_group(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// One partition's offset.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionOffsetBody {
+    /// The partition.
+    pub partition: u32,
+    /// The offset: the next record the group reads there.
+    pub offset: u64,
+}
+
+/// A group's offsets to set on one topic.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetOffsetsBody {
+    /// The topic.
+    pub topic: String,
+    /// Where each named partition's committed offset goes, backwards or forwards, within the
+    /// retained log (between the log start and the high watermark).
+    pub offsets: Vec<PartitionOffsetBody>,
+}
+
+/// The offsets set.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResetOffsetsView {
+    /// The group.
+    pub group_id: String,
+    /// The topic.
+    pub topic: String,
+    /// The committed offsets now.
+    pub offsets: Vec<PartitionOffsetBody>,
+}
+
+/// Sets a consumer group's committed offsets on a topic, backwards (to read again) or forwards
+/// (to skip), as `weft group reset-offsets --execute` does (needs alter and commit on the group;
+/// 409 while the group has live members, 400 for an offset outside the retained log).
+#[utoipa::path(put, path = "/v1/groups/{id}/offsets", params(("id" = String, Path, description = "Group id")),
+    request_body = ResetOffsetsBody,
+    responses((status = 200, body = ResetOffsetsView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn reset_group_offsets(
+    State(node): State<AppState>,
+    Path(id): Path<String>,
+    axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
+    body: Result<Json<ResetOffsetsBody>, JsonRejection>,
+) -> Result<Json<ResetOffsetsView>, ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    // The route needs alter (`required`); a reset is a commit as well, as over gRPC.
+    node.authorize(
+        &identity,
+        crate::acl::Operation::Commit,
+        crate::acl::Resource::Group(&id),
+    )?;
+    let request = weft_proto::v1::CommitOffsetsRequest {
+        group_id: id.clone(),
+        topic: body.topic.clone(),
+        offsets: body
+            .offsets
+            .iter()
+            .map(|o| weft_proto::v1::PartitionOffset {
+                partition: o.partition,
+                offset: o.offset,
+            })
+            .collect(),
+        reset: true,
+        ..Default::default()
+    };
+    let stored = crate::grpc::subscribe::SubscriberService::new(node.clone())
+        .commit_inner(&request)
+        .await?;
+    Ok(Json(ResetOffsetsView {
+        group_id: id,
+        topic: body.topic,
+        offsets: stored
+            .offsets
+            .into_iter()
+            .map(|o| PartitionOffsetBody {
+                partition: o.partition,
+                offset: o.offset,
+            })
+            .collect(),
+    }))
+}
+
 /// Where a partition's replicas go.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -957,6 +1040,7 @@ async fn remove_broker(
         list_groups,
         describe_group,
         delete_group,
+        reset_group_offsets,
         transfer_leadership,
         drain,
         get_log_level,
@@ -997,6 +1081,9 @@ async fn remove_broker(
         BrokerView,
         LedPartitionView,
         MoveBody,
+        PartitionOffsetBody,
+        ResetOffsetsBody,
+        ResetOffsetsView,
         ReassignView
     ))
 )]
@@ -1115,6 +1202,9 @@ fn required(
             };
             Some((operation, PathResource::Topic((*name).to_string())))
         }
+        ["v1", "groups", id, "offsets"] => {
+            Some((Operation::Alter, PathResource::Group((*id).to_string())))
+        }
         ["v1", "groups", id] => {
             let operation = if *method == Method::DELETE {
                 Operation::Delete
@@ -1222,6 +1312,10 @@ pub fn router(node: Arc<Node>, auth: crate::auth::Authenticator) -> Router {
         )
         .route("/v1/groups", get(list_groups))
         .route("/v1/groups/{id}", get(describe_group).delete(delete_group))
+        .route(
+            "/v1/groups/{id}/offsets",
+            axum::routing::put(reset_group_offsets),
+        )
         .route("/v1/whoami", get(whoami))
         .route("/v1/acls", get(list_acls).post(add_acl).delete(remove_acl))
         .fallback(not_found)

@@ -264,6 +264,19 @@ operations = ["publish"]
     }
     consumer.commit().await.expect("commit allowed");
     drop(consumer);
+    // Setting a group's offsets over the admin API alters the group: committing is not enough.
+    let (status, body) = http_as(
+        &broker.admin_addr,
+        BILLING,
+        "PUT",
+        "/v1/groups/billing-eu/offsets",
+        r#"{"topic":"orders","offsets":[{"partition":0,"offset":0}]}"#,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("billing may not alter group:billing-eu"),
+        "{body}"
+    );
     let (status, body) = http_as(&broker.admin_addr, BILLING, "GET", "/v1/topics", "");
     assert_eq!(status, 200, "{body}");
     assert!(

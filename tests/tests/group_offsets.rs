@@ -514,6 +514,38 @@ async fn weft_group_reset_offsets_moves_a_group_back_and_forth_but_not_while_mem
         assert!(stderr.contains(says), "{stderr}");
     }
 
+    // The admin API sets exact offsets the same way.
+    let put = |body: &str| broker.http("PUT", "/v1/groups/rg/offsets", Some(body));
+    let (status, body) = put(r#"{"topic":"replay","offsets":[{"partition":1,"offset":3}]}"#);
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["offsets"][0]["offset"], 3, "{body}");
+    assert_eq!(committed(&broker, "rg"), [Some(10), Some(3)], "over HTTP");
+    for (bad, status_wanted, says) in [
+        (
+            r#"{"topic":"replay","offsets":[{"partition":0,"offset":11}]}"#,
+            400,
+            "past the high watermark",
+        ),
+        (
+            r#"{"topic":"replay","offsets":[{"partition":0,"offset":1},{"partition":0,"offset":2}]}"#,
+            400,
+            "named twice",
+        ),
+        (r#"{"topic":"replay","offset":[]}"#, 400, "offset"),
+        (
+            r#"{"topic":"nope","offsets":[{"partition":0,"offset":0}]}"#,
+            404,
+            "nope",
+        ),
+    ] {
+        let (status, body) = put(bad);
+        assert_eq!(status, status_wanted, "{bad}: {body}");
+        assert!(body.contains(says), "{bad}: {body}");
+        let _: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    }
+    assert_eq!(committed(&broker, "rg"), [Some(10), Some(3)], "unchanged");
+
     // Not while the group has a live member: it would commit over the reset.
     let mut member = client
         .consumer(weft_client::ConsumerConfig::new("replay").group("rg"))
@@ -536,5 +568,7 @@ async fn weft_group_reset_offsets_moves_a_group_back_and_forth_but_not_while_mem
         stderr.contains("GROUP_NOT_EMPTY") || stderr.contains("members"),
         "{stderr}"
     );
+    let (status, body) = put(r#"{"topic":"replay","offsets":[{"partition":0,"offset":0}]}"#);
+    assert_eq!(status, 409, "{body}");
     member.close().await.expect("close");
 }

@@ -104,6 +104,35 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(start < 4000);
+    // A group cannot be reset to what retention removed: the admin API refuses the offset,
+    // the CLI's `earliest` is the retained start.
+    let (status, body) = broker.http(
+        "PUT",
+        "/v1/groups/rewinders/offsets",
+        Some(r#"{"topic":"rolling","offsets":[{"partition":0,"offset":0}]}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("before the log start"), "{body}");
+    let plan = weft_tests::ok_stdout(&broker.cli(&[
+        "-o",
+        "json",
+        "group",
+        "reset-offsets",
+        "rewinders",
+        "--topic",
+        "rolling",
+        "--to",
+        "earliest",
+        "--execute",
+    ]));
+    let plan: serde_json::Value = serde_json::from_str(&plan).expect("json");
+    let reset_to = plan["partitions"][0]["new_offset"]
+        .as_u64()
+        .expect("offset");
+    assert!(
+        reset_to >= start,
+        "reset to {reset_to}, before the start {start}: {plan}"
+    );
     // What is retained reads from the new start, in order, to the end.
     let mut consumer = client
         .consumer(ConsumerConfig::new("rolling").start(StartFrom::Earliest))

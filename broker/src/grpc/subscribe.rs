@@ -177,7 +177,8 @@ impl SubscriberService {
         Ok(client.fetch(call).await?.into_inner())
     }
 
-    async fn commit_inner(
+    /// CommitOffsets (and offset resets: `reset`), checked and stored; also the admin API's.
+    pub(crate) async fn commit_inner(
         &self,
         request: &CommitOffsetsRequest,
     ) -> Result<CommitOffsetsResponse, BrokerError> {
