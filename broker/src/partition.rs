@@ -310,6 +310,12 @@ impl Partition {
             })
     }
 
+    /// The high watermark, without the log's lock (which the flusher holds while it writes):
+    /// what a consumer's delivery loop checks on every round.
+    pub fn high_watermark(&self) -> u64 {
+        self.group.high_watermark_now()
+    }
+
     /// Watches the high watermark.
     pub fn watch_high_watermark(&self) -> watch::Receiver<u64> {
         self.group.high_watermark()
@@ -330,7 +336,6 @@ impl Partition {
         let deadline = Instant::now() + max_wait;
         let mut watermark = self.group.high_watermark();
         let tail = self.group.reader().tail_cache().clone();
-        let bounds = self.bounds();
         // The dirty-read canary (test-only builds): read what is written, committed or not.
         let dirty = crate::sync_journal::read_uncommitted();
         let limit = |high_watermark: u64| {
@@ -340,12 +345,19 @@ impl Partition {
                 high_watermark
             }
         };
-        if offset < bounds.log_start || offset > limit(bounds.high_watermark) {
-            return Err(BrokerError::OffsetOutOfRange {
-                offset,
-                start: bounds.log_start,
-                end: bounds.high_watermark,
-            });
+        // Below the high watermark the read itself finds an offset retention removed (the tail
+        // cache holds nothing before the log start; the segments refuse it), so the usual read
+        // of a consumer that keeps up takes no lock. At or past it, check the range here.
+        let committed_now = *watermark.borrow();
+        if dirty || offset >= committed_now {
+            let bounds = self.bounds();
+            if offset < bounds.log_start || offset > limit(bounds.high_watermark) {
+                return Err(BrokerError::OffsetOutOfRange {
+                    offset,
+                    start: bounds.log_start,
+                    end: bounds.high_watermark,
+                });
+            }
         }
         let mut out: Vec<Batch> = Vec::new();
         let mut bytes = 0usize;
@@ -374,6 +386,14 @@ impl Partition {
                     Ok(batches) => batches,
                     // Retention removed what was to be read next: answer with what we have.
                     Err(BrokerError::OffsetOutOfRange { .. }) if !out.is_empty() => return Ok(out),
+                    // The segments name their end; a reader's range ends at the high watermark.
+                    Err(BrokerError::OffsetOutOfRange { offset, start, .. }) => {
+                        return Err(BrokerError::OffsetOutOfRange {
+                            offset,
+                            start,
+                            end: high_watermark.max(start),
+                        });
+                    }
                     Err(e) => return Err(e),
                 };
                 for batch in batches {

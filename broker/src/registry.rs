@@ -7,7 +7,7 @@
 //! UNAVAILABLE with a retry hint, never a state that is not yet current (a high watermark of 0, a
 //! committed group offset clamped to it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -83,6 +83,11 @@ pub struct HostContext {
 /// One hosted partition.
 #[derive(Debug)]
 pub struct Slot {
+    /// Its topic's name and id and its partition number: fixed for the slot's life (a topic
+    /// deleted and created again under the same name gets a new slot).
+    topic: String,
+    topic_id: String,
+    partition: u32,
     spec: Mutex<PartitionSpec>,
     phase: watch::Sender<Phase>,
     stop: watch::Sender<bool>,
@@ -96,22 +101,15 @@ impl Slot {
     }
 
     /// Topic id.
-    pub fn topic_id(&self) -> String {
-        self.spec
-            .lock()
-            .map(|s| s.topic_id.clone())
-            .unwrap_or_default()
+    pub fn topic_id(&self) -> &str {
+        &self.topic_id
     }
 
     /// The serving partition, or UNAVAILABLE saying why not.
     pub fn serving(&self) -> Result<Arc<Partition>, BrokerError> {
-        let (topic, partition) = self
-            .spec
-            .lock()
-            .map(|s| (s.topic.clone(), s.partition))
-            .unwrap_or_default();
-        match self.phase() {
-            Phase::Ready(p) => Ok(p),
+        let (topic, partition) = (&self.topic, self.partition);
+        match &*self.phase.borrow() {
+            Phase::Ready(p) => Ok(p.clone()),
             Phase::Down { reason } => Err(BrokerError::Unavailable {
                 reason: format!("partition {topic}/{partition} is down: {reason}"),
                 leader: None,
@@ -128,7 +126,8 @@ impl Slot {
 #[derive(Debug)]
 pub struct Registry {
     context: Arc<HostContext>,
-    slots: RwLock<HashMap<PartitionKey, Arc<Slot>>>,
+    /// By topic name, then partition (looked up on every call: no key is built to find one).
+    slots: RwLock<HashMap<String, BTreeMap<u32, Arc<Slot>>>>,
     /// Bumped whenever a slot changes phase, for waiters.
     changed: watch::Sender<u64>,
 }
@@ -145,11 +144,7 @@ impl Registry {
 
     /// A hosted partition's slot.
     pub fn slot(&self, topic: &str, partition: u32) -> Option<Arc<Slot>> {
-        self.slots
-            .read()
-            .ok()?
-            .get(&(topic.to_string(), partition))
-            .cloned()
+        self.slots.read().ok()?.get(topic)?.get(&partition).cloned()
     }
 
     /// Every slot, in (topic, partition) order.
@@ -157,7 +152,15 @@ impl Registry {
         let mut all: Vec<(PartitionKey, Arc<Slot>)> = self
             .slots
             .read()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|m| {
+                m.iter()
+                    .flat_map(|(topic, partitions)| {
+                        partitions
+                            .iter()
+                            .map(|(&p, slot)| ((topic.clone(), p), slot.clone()))
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
@@ -185,15 +188,22 @@ impl Registry {
             .collect();
         let mut removed = Vec::new();
         if let Ok(mut slots) = self.slots.write() {
-            slots.retain(|key, slot| match wanted.get(key) {
-                Some(spec) if slot.topic_id() == spec.topic_id => true,
-                _ => {
-                    removed.push(slot.clone());
-                    false
-                }
-            });
-            for (key, slot) in slots.iter() {
-                if let Some(spec) = wanted.remove(key) {
+            for partitions in slots.values_mut() {
+                partitions.retain(|_, slot| {
+                    let key = (slot.topic.clone(), slot.partition);
+                    match wanted.get(&key) {
+                        Some(spec) if slot.topic_id == spec.topic_id => true,
+                        _ => {
+                            removed.push(slot.clone());
+                            false
+                        }
+                    }
+                });
+            }
+            slots.retain(|_, partitions| !partitions.is_empty());
+            for slot in slots.values().flat_map(|partitions| partitions.values()) {
+                let key = (slot.topic.clone(), slot.partition);
+                if let Some(spec) = wanted.remove(&key) {
                     let changed = slot.spec.lock().is_ok_and(|s| s.config != spec.config);
                     if changed {
                         if let Phase::Ready(p) | Phase::Replaying(p) = slot.phase() {
@@ -205,8 +215,11 @@ impl Registry {
                     }
                 }
             }
-            for (key, spec) in wanted {
+            for ((topic, partition), spec) in wanted {
                 let slot = Arc::new(Slot {
+                    topic: topic.clone(),
+                    topic_id: spec.topic_id.clone(),
+                    partition,
                     spec: Mutex::new(spec),
                     phase: watch::Sender::new(Phase::Opening),
                     stop: watch::Sender::new(false),
@@ -220,7 +233,7 @@ impl Registry {
                 if let Ok(mut t) = slot.task.lock() {
                     *t = Some(task);
                 }
-                slots.insert(key, slot);
+                slots.entry(topic).or_default().insert(partition, slot);
             }
         }
         self.changed.send_modify(|g| *g += 1);

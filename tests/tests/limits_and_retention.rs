@@ -104,6 +104,26 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(start < 4000);
+    // A Fetch of what retention removed is OUT_OF_RANGE, naming the retained start.
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    let removed = weft_tests::grpc::subscriber(&channel)
+        .fetch(weft_proto::v1::FetchRequest {
+            topic: "rolling".into(),
+            partition: 0,
+            offset: 0,
+            max_bytes: 65536,
+            ..Default::default()
+        })
+        .await
+        .expect_err("offset 0 was removed");
+    assert_eq!(removed.code(), tonic::Code::OutOfRange, "{removed:?}");
+    let details = tonic_types::StatusExt::get_error_details(&removed);
+    let info = details.error_info().expect("error info");
+    assert_eq!(
+        info.metadata.get("log_start_offset").map(String::as_str),
+        Some(start.to_string().as_str()),
+        "{info:?}"
+    );
     // A group cannot be reset to what retention removed: the admin API refuses the offset,
     // the CLI's `earliest` is the retained start.
     let (status, body) = broker.http(

@@ -902,8 +902,8 @@ impl Session {
                 continue;
             }
             let hosted = self.node.partition(&self.start.topic, p)?;
-            let bounds = hosted.bounds();
-            if position >= bounds.high_watermark {
+            let high_watermark = hosted.high_watermark();
+            if position >= high_watermark {
                 continue;
             }
             let batches = match hosted.read(position, max_bytes, 0, Duration::ZERO).await {
@@ -922,7 +922,7 @@ impl Session {
             self.credit_records = self.credit_records.saturating_sub(records.len() as u64);
             self.credit_bytes = self.credit_bytes.saturating_sub(bytes);
             self.positions.insert(p, next);
-            if next >= bounds.high_watermark {
+            if next >= high_watermark {
                 // Caught up with the last commit: how long after it the records go out.
                 metrics::histogram!("weft_delivery_seconds")
                     .record(hosted.group().committed_at().elapsed().as_secs_f64());
@@ -932,7 +932,7 @@ impl Session {
                 .send(event(Event::Delivery(Delivery {
                     partition: p,
                     records,
-                    high_watermark: bounds.high_watermark,
+                    high_watermark,
                 })))
                 .await;
             if let Some(cx) = span {
