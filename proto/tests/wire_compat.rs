@@ -1,5 +1,6 @@
 //! Field and enum numbers are never reused. `proto/compat/wire.lock` records every field (number,
-//! name, label, type) and enum value ever released; this test fails when one of them changed,
+//! name, label, type, and `presence` for a proto3 `optional` field or `oneof NAME` for a member
+//! of a oneof) and enum value ever released; this test fails when one of them changed,
 //! or disappeared without its number being `reserved`, and when a new one is not recorded yet.
 //! Record new ones with `WEFT_PROTO_LOCK=add cargo test -p weft-proto --test wire_compat`: that
 //! only appends lines, so a change to a recorded one is a deliberate edit of the file, seen in
@@ -59,6 +60,17 @@ fn walk_message(
         if !field.type_name().is_empty() {
             what.push(' ');
             what.push_str(field.type_name());
+        }
+        // Presence and oneof membership are part of the contract too: a field that leaves or
+        // joins a oneof, or gains or loses `optional`, changes what generated code reads.
+        if field.proto3_optional() {
+            what.push_str(" presence");
+        } else if let Some(oneof) = field
+            .oneof_index
+            .and_then(|i| m.oneof_decl.get(usize::try_from(i).ok()?))
+        {
+            what.push_str(" oneof ");
+            what.push_str(oneof.name());
         }
         out.insert((key.clone(), field.number()), what);
     }
@@ -205,6 +217,26 @@ fn the_check_catches_what_it_should() {
     let mut with_reservation = BTreeMap::new();
     with_reservation.insert(scope.clone(), Reserved(vec![(1, 1)]));
     assert!(broken(&locked, &removed, &with_reservation).is_empty());
+
+    // Oneof membership and explicit presence are recorded, so leaving a oneof is a change.
+    let partition = (scope.clone(), 2);
+    assert!(
+        locked[&partition].ends_with(" oneof target"),
+        "{}",
+        locked[&partition]
+    );
+    let mut left_oneof = locked.clone();
+    left_oneof.insert(
+        partition.clone(),
+        locked[&partition].replace(" oneof target", ""),
+    );
+    assert_eq!(broken(&locked, &left_oneof, &reserved).len(), 1);
+    let timestamp = ("field weft.v1.GetOffsetsRequest".to_string(), 4);
+    assert!(
+        locked[&timestamp].ends_with(" presence"),
+        "{}",
+        locked[&timestamp]
+    );
 
     let mut added = locked.clone();
     added.insert((scope, 4000), "extra Optional TypeString".into());
