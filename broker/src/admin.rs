@@ -1186,7 +1186,14 @@ fn required(
 ) -> Option<(crate::acl::Operation, PathResource)> {
     use crate::acl::Operation;
     use axum::http::Method;
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Decoded as the router decodes them for the handlers: `%62illing` must be checked as the
+    // `billing` the handler acts on.
+    let decoded: Vec<std::borrow::Cow<'_, str>> = path
+        .trim_matches('/')
+        .split('/')
+        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     let read = *method == Method::GET || *method == Method::HEAD;
     match segments.as_slice() {
         ["v1", "cluster"] => Some((Operation::Describe, PathResource::Cluster)),

@@ -207,8 +207,9 @@ fn require_feature(state: &ControllerState, level: u32, what: &str) -> Result<()
     match state.behind(level) {
         None => Ok(()),
         Some((node, features)) => Err(BrokerError::Conflict(format!(
-            "broker {node} runs an older build (feature level {features}, {what} need {level}) \
-             that would not apply this as the others do: upgrade every broker first"
+            "broker {node} is at feature level {features} ({what} need {level}): an older build, \
+             or not registered yet, that would not apply this as the others do: upgrade every \
+             broker first"
         ))),
     }
 }
@@ -336,10 +337,10 @@ async fn take_over_groups(
 }
 
 /// Registers this broker in the controller once it has joined, retrying until it has.
-async fn register_loop(node: std::sync::Weak<Node>) {
+async fn register_loop(weak: std::sync::Weak<Node>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let Some(node) = node.upgrade() else { return };
+        let Some(node) = weak.upgrade() else { return };
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
@@ -353,6 +354,8 @@ async fn register_loop(node: std::sync::Weak<Node>) {
             match node.register_broker().await {
                 Ok(()) => {
                     tracing::info!(node = node.node_id, "registered in the controller");
+                    drop(node);
+                    keep_feature_level_registered(weak).await;
                     return;
                 }
                 Err(e) => tracing::info!("cannot register in the controller yet: {e}"),
@@ -361,6 +364,49 @@ async fn register_loop(node: std::sync::Weak<Node>) {
         drop(node);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How often a broker whose registration lost its feature level registers again.
+const REREGISTER_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Registers again while the controller records this broker below its build's feature level:
+/// during a rolling upgrade the registration may have gone through a controller leader of an
+/// older build, which drops the level it does not know (or a snapshot such a leader made may
+/// have). At most once per [`REREGISTER_INTERVAL`], until the level is recorded.
+async fn keep_feature_level_registered(weak: std::sync::Weak<Node>) {
+    let (node_id, mut state) = match weak.upgrade() {
+        Some(node) => (node.node_id, node.controller_watch()),
+        None => return,
+    };
+    let behind = |state: &ControllerState| {
+        state
+            .brokers
+            .get(&node_id)
+            .is_some_and(|b| b.features < crate::raft::FEATURE_LEVEL)
+    };
+    loop {
+        if behind(&state.borrow_and_update()) {
+            tokio::time::sleep(REREGISTER_INTERVAL).await;
+            let Some(node) = weak.upgrade() else { return };
+            if node.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if behind(&node.controller_state()) {
+                match node.register_broker().await {
+                    Ok(()) => tracing::info!(
+                        node = node_id,
+                        level = crate::raft::FEATURE_LEVEL,
+                        "registered again: the controller had this broker below its feature level"
+                    ),
+                    Err(e) => tracing::info!("cannot register again yet: {e}"),
+                }
+            }
+            continue;
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -523,6 +569,7 @@ impl Node {
             // A single node leads its controller already: register at once, and take the
             // consumer groups over before serving (joins would answer UNAVAILABLE until then).
             node.register_broker().await?;
+            tokio::spawn(keep_feature_level_registered(Arc::downgrade(&node)));
             let patience = Instant::now() + Duration::from_millis(node.config.request_timeout_ms);
             while !node.groups.taken_over() && Instant::now() < patience {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1133,6 +1180,15 @@ impl Node {
         )
     }
 
+    /// Refuses `what` (CONFLICT) while a broker of the cluster may run a build below feature
+    /// `level` (read from the controller state as of now, not this broker's possibly older
+    /// copy): it would apply the command differently, and the controller's replicas would
+    /// disagree.
+    pub async fn require_feature(&self, level: u32, what: &str) -> Result<(), BrokerError> {
+        self.sync_controller().await?;
+        require_feature(&self.controller_state(), level, what)
+    }
+
     /// Adds (`add`) or removes an ACL rule in the controller; whether it was there before.
     pub async fn change_acl(
         &self,
@@ -1163,7 +1219,7 @@ impl Node {
             ));
         }
         if add && rule.permission == crate::acl::Permission::Deny {
-            require_feature(&self.controller_state(), 1, "deny rules")?;
+            self.require_feature(1, "deny rules").await?;
         }
         let command = if add {
             ControllerCommand::AddAcl(rule)

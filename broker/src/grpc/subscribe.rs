@@ -192,6 +192,11 @@ impl SubscriberService {
                 "a reset comes from outside membership: member_id empty, generation 0",
             ));
         }
+        if request.reset {
+            // Checked here too, before the reset travels to the group's coordinator: one of an
+            // older build would take it for a plain commit.
+            self.node.require_feature(1, "offset resets").await?;
+        }
         let mut partitions = std::collections::BTreeSet::new();
         for o in &request.offsets {
             if !partitions.insert(o.partition) {
@@ -679,6 +684,19 @@ enum Ended {
 }
 
 /// One open Subscribe stream.
+/// Whether the stored ACL rules in `watch` differ from `seen` (then kept as seen).
+fn rules_changed(
+    watch: &mut watch::Receiver<Arc<crate::raft::ControllerState>>,
+    seen: &mut Vec<crate::acl::AclRule>,
+) -> bool {
+    let state = watch.borrow_and_update();
+    if state.acls == *seen {
+        return false;
+    }
+    seen.clone_from(&state.acls);
+    true
+}
+
 /// Whether `identity` may read what `start` names: its topic, and its group if any.
 fn authorize_subscribe(
     node: &Node,
@@ -1165,8 +1183,8 @@ impl Session {
         // would refuse the caller's next Fetch.
         let mut rules = self.node.acl_enabled().then(|| {
             let mut rules = self.node.controller_watch();
-            rules.borrow_and_update();
-            rules
+            let acls = rules.borrow_and_update().acls.clone();
+            (rules, acls)
         });
         authorize_subscribe(&self.node, &self.identity, &self.start)?;
         let mut view = self.view.take();
@@ -1197,6 +1215,13 @@ impl Session {
             }
         }
         loop {
+            // A rule change seen while waiting on something else counts before delivering.
+            if let Some((watch, acls)) = &mut rules
+                && watch.has_changed().unwrap_or(false)
+                && rules_changed(watch, acls)
+            {
+                authorize_subscribe(&self.node, &self.identity, &self.start)?;
+            }
             // Watch the high watermarks before delivering and mark them seen: a batch committed
             // while we deliver wakes the wait below, instead of waiting for a heartbeat.
             let mut watermarks: Vec<watch::Receiver<u64>> = self
@@ -1232,14 +1257,20 @@ impl Session {
                     None => futures::future::pending().await,
                 }
             };
+            // Wakes only when the stored rules changed, not on every change of the controller's
+            // state (every committed offset is one), so streams do not deliver again for those.
             let rules_change = async {
-                let changed = match &mut rules {
-                    Some(watch) => watch.changed().await.is_ok(),
-                    None => false,
+                let Some((watch, acls)) = &mut rules else {
+                    return futures::future::pending::<()>().await;
                 };
-                if !changed {
-                    // No rules to watch (ACLs off, or the controller stopped).
-                    futures::future::pending::<()>().await;
+                loop {
+                    if watch.changed().await.is_err() {
+                        // The controller stopped: the broker is stopping.
+                        return futures::future::pending::<()>().await;
+                    }
+                    if rules_changed(watch, acls) {
+                        return;
+                    }
                 }
             };
             tokio::select! {

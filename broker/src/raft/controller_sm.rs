@@ -311,13 +311,23 @@ pub struct ControllerState {
 }
 
 impl ControllerState {
-    /// A registered broker whose build is below feature `level` (the lowest such id), if any:
-    /// a command needing `level` would be applied differently there.
+    /// A broker whose build is below feature `level`, with its level, if any: one registered
+    /// with a lower level, or a member of the controller group not registered yet (its build is
+    /// not known: level 0). A command needing `level` could be applied differently there.
     pub fn behind(&self, level: u32) -> Option<(NodeId, u32)> {
-        self.brokers
+        let registered = self
+            .brokers
             .iter()
-            .find(|(_, b)| b.features < level)
-            .map(|(id, b)| (*id, b.features))
+            .filter(|(_, b)| b.features < level)
+            .map(|(id, b)| (*id, b.features));
+        let unregistered = self
+            .last_membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.brokers.contains_key(id))
+            .map(|id| (id, 0));
+        registered.chain(unregistered).min()
     }
 
     pub(crate) fn apply(&mut self, command: &ControllerCommand) -> ControllerResponse {
