@@ -1000,6 +1000,20 @@ impl Firewall {
 
     /// Drops TCP packets from `source` (an IP, or None for any) to `destination` (ip:port).
     pub fn drop_tcp(&mut self, source: Option<&str>, destination: &str) {
+        self.add(source, destination, &["DROP"]);
+    }
+
+    /// Answers TCP packets from `source` (an IP, or None for any) to `destination` (ip:port)
+    /// with a reset: open connections there break at their next packet, new ones are refused.
+    pub fn reset_tcp(&mut self, source: Option<&str>, destination: &str) {
+        self.add(
+            source,
+            destination,
+            &["REJECT", "--reject-with", "tcp-reset"],
+        );
+    }
+
+    fn add(&mut self, source: Option<&str>, destination: &str, target: &[&str]) {
         let (ip, port) = destination
             .rsplit_once(':')
             .expect("destination is IP:PORT");
@@ -1022,7 +1036,8 @@ impl Firewall {
             .map(String::from),
         );
         rule.push(format!("weft-test-{}", std::process::id()));
-        rule.extend(["-j".into(), "DROP".into()]);
+        rule.push("-j".into());
+        rule.extend(target.iter().map(|t| t.to_string()));
         Self::run("-I", &rule).expect("add a packet filter rule");
         self.rules.push(rule);
     }

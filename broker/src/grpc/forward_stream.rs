@@ -2,7 +2,9 @@
 //! to the leader over one `Forward.PublishStream` per (leader, topic, partition), in the order
 //! they reached it. Independent unary calls could overtake each other on the way (each is its
 //! own HTTP/2 stream and server task), and a client's pipelined idempotent publishes would then
-//! arrive out of sequence and be refused with sequence gaps.
+//! arrive out of sequence and be refused with sequence gaps. When the link to the leader breaks,
+//! the idempotent publishes the stream had sent go again, ahead of those queued behind them
+//! ([`run`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -29,8 +31,8 @@ const STREAM_DEADLINE: Duration = Duration::from_secs(3600);
 enum Outcome {
     /// The leader answered it, or it was sent and its outcome is unknown (an error saying so).
     Answered(Result<PublishResponse, BrokerError>),
-    /// The stream closed before sending it (idle, replaced, or broken): it goes again on a new
-    /// stream.
+    /// The stream closed before sending it (idle, too old, or given up after breaking): it goes
+    /// again on a new stream.
     NotSent(ForwardPublishRequest),
 }
 
@@ -166,61 +168,170 @@ impl Forwarders {
         }
         let client = super::forward_to(node, leader, peer_address, "PublishStream")?;
         let (sender, jobs) = mpsc::channel(QUEUE_MAX);
-        let (outbound, requests) = mpsc::channel(QUEUE_MAX);
-        let call = node
-            .peers()
-            .request(leader, ReceiverStream::new(requests), STREAM_DEADLINE);
-        tokio::spawn(run(client, call, outbound, jobs, leader));
+        tokio::spawn(run(client, node.peers().clone(), jobs, leader));
         streams.insert(key, sender.clone());
         Ok(sender)
     }
 }
 
-/// Carries the queued publishes over one stream and hands each answer to its caller, in order.
-/// When the stream ends or breaks, the publishes in flight get an ambiguous UNAVAILABLE (they
-/// may be stored), and those not sent yet a plain one.
+/// Times in a row a broken stream is opened again (each after a longer pause) to carry the
+/// publishes it had sent, before they are given up with an outcome unknown.
+const REOPEN_MAX: u32 = 5;
+/// The pause before the first new stream; it doubles with each failure in a row.
+const REOPEN_BACKOFF: Duration = Duration::from_millis(25);
+
+/// A publish sent on a stream and not answered yet.
+struct Sent {
+    reply: Reply,
+    /// A copy to send again on a new stream when this one breaks: kept only for idempotent
+    /// producers' publishes, which the leader recognises when they were stored already.
+    again: Option<ForwardPublishRequest>,
+}
+
+impl Sent {
+    fn of(job: Job) -> (Sent, ForwardPublishRequest) {
+        let again = job
+            .request
+            .request
+            .as_ref()
+            .is_some_and(|r| r.producer_id != 0)
+            .then(|| job.request.clone());
+        (
+            Sent {
+                reply: job.reply,
+                again,
+            },
+            job.request,
+        )
+    }
+}
+
+/// How one stream ended.
+enum Ended {
+    /// Idle or too old with nothing in flight: the forwarder retires.
+    Retired,
+    /// It broke (or could not open); `answered` says whether the leader answered anything on it.
+    Broke { answered: bool },
+    /// The leader refused the stream itself (not a transport failure): everything on it was
+    /// answered with that refusal, and the forwarder ends.
+    Refused,
+}
+
+/// Carries the queued publishes to the leader, in order, and hands each answer to its caller.
+///
+/// When a stream breaks, the publishes of idempotent producers it had sent go again, first and
+/// in their order, on a new stream (the leader answers one it had stored with its original
+/// offsets), so a later publish never reaches the leader ahead of an earlier one of the same
+/// producer (which would be a sequence gap). Other publishes in flight get an ambiguous
+/// UNAVAILABLE (they may be stored). After [`REOPEN_MAX`] failures in a row, every publish
+/// still to carry gets that ambiguous answer, and those queued and never sent go back to their
+/// callers.
 async fn run(
-    mut client: weft_proto::internal::v1::forward_client::ForwardClient<
+    client: weft_proto::internal::v1::forward_client::ForwardClient<
         crate::grpc::caller::PeerChannel,
     >,
-    call: tonic::Request<ReceiverStream<ForwardPublishRequest>>,
-    outbound: mpsc::Sender<ForwardPublishRequest>,
+    peers: crate::raft::Peers,
     mut jobs: mpsc::Receiver<Job>,
     leader: u64,
 ) {
     let opened = Instant::now();
-    let mut in_flight: VecDeque<Reply> = VecDeque::new();
-    // The first job goes out before the call: the call returns once the leader has answered
-    // its headers, and the leader's first answer may wait for it.
-    let Some(first) = jobs.recv().await else {
-        return;
-    };
-    in_flight.push_back(first.reply);
-    if outbound.send(first.request).await.is_err() {
-        return;
+    // Sent on a stream that broke, to go first, in order, on the next.
+    let mut carried: VecDeque<Sent> = VecDeque::new();
+    let mut failures = 0u32;
+    loop {
+        let ended = carry(
+            client.clone(),
+            &peers,
+            &mut jobs,
+            &mut carried,
+            leader,
+            opened,
+        )
+        .await;
+        match ended {
+            Ended::Retired | Ended::Refused => break,
+            Ended::Broke { answered } => {
+                failures = if answered { 1 } else { failures + 1 };
+                if carried.is_empty() || failures > REOPEN_MAX {
+                    break;
+                }
+                metrics::counter!("weft_forward_publishes_resent_total")
+                    .increment(carried.len() as u64);
+                tokio::time::sleep(REOPEN_BACKOFF * 2u32.pow(failures - 1)).await;
+            }
+        }
     }
+    // Dropping their replies tells the callers the outcome is unknown.
+    drop(carried);
+    close(jobs);
+}
+
+/// One stream: sends what `carried` holds, then the queued publishes, until the stream retires
+/// or breaks. Publishes in flight when it breaks go back into `carried` when they may be sent
+/// again; the others are dropped (their callers hear the outcome is unknown).
+async fn carry(
+    mut client: weft_proto::internal::v1::forward_client::ForwardClient<
+        crate::grpc::caller::PeerChannel,
+    >,
+    peers: &crate::raft::Peers,
+    jobs: &mut mpsc::Receiver<Job>,
+    carried: &mut VecDeque<Sent>,
+    leader: u64,
+    opened: Instant,
+) -> Ended {
+    let (outbound, requests) = mpsc::channel(QUEUE_MAX);
+    let mut in_flight: VecDeque<Sent> = std::mem::take(carried);
+    for sent in &in_flight {
+        if let Some(request) = &sent.again
+            && outbound.try_send(request.clone()).is_err()
+        {
+            // Cannot happen (at most QUEUE_MAX are in flight); treat it as a broken stream.
+            keep_resendable(in_flight, carried);
+            return Ended::Broke { answered: false };
+        }
+    }
+    // At least one publish goes out before the call: the call returns once the leader has
+    // answered its headers, and the leader's first answer may wait for it.
+    if in_flight.is_empty() {
+        let Some(first) = jobs.recv().await else {
+            return Ended::Retired;
+        };
+        let (sent, request) = Sent::of(first);
+        in_flight.push_back(sent);
+        if outbound.send(request).await.is_err() {
+            keep_resendable(in_flight, carried);
+            return Ended::Broke { answered: false };
+        }
+    }
+    let call = peers.request(leader, ReceiverStream::new(requests), STREAM_DEADLINE);
     let mut responses = match client.publish_stream(call).await {
         Ok(response) => response.into_inner(),
-        Err(status) => {
+        Err(status) if transient(status.code()) => {
             tracing::info!(leader, "cannot open the forwarding stream: {status}");
-            if let Some(reply) = in_flight.pop_front() {
-                let _ = reply.send(Outcome::Answered(Err(BrokerError::from(status))));
+            keep_resendable(in_flight, carried);
+            return Ended::Broke { answered: false };
+        }
+        Err(status) => {
+            tracing::warn!(leader, "the leader refused the forwarding stream: {status}");
+            for sent in in_flight {
+                let error = BrokerError::from(status.clone());
+                let _ = sent.reply.send(Outcome::Answered(Err(error)));
             }
-            close(jobs);
-            return;
+            return Ended::Refused;
         }
     };
+    let mut answered = false;
     loop {
         let idle = tokio::time::sleep(IDLE);
-        let retire = in_flight.is_empty() && opened.elapsed() >= AGE_MAX;
-        if retire {
-            break;
+        if in_flight.is_empty() && opened.elapsed() >= AGE_MAX {
+            return Ended::Retired;
         }
         tokio::select! {
             job = jobs.recv(), if in_flight.len() < QUEUE_MAX => match job {
                 Some(job) => {
-                    in_flight.push_back(job.reply);
-                    if outbound.send(job.request).await.is_err() {
+                    let (sent, request) = Sent::of(job);
+                    in_flight.push_back(sent);
+                    if outbound.send(request).await.is_err() {
                         break;
                     }
                 }
@@ -228,8 +339,9 @@ async fn run(
             },
             answer = responses.message() => match answer {
                 Ok(Some(result)) => match in_flight.pop_front() {
-                    Some(reply) => {
-                        let _ = reply.send(Outcome::Answered(decode_result(result)));
+                    Some(sent) => {
+                        answered = true;
+                        let _ = sent.reply.send(Outcome::Answered(decode_result(result)));
                     }
                     None => {
                         tracing::warn!(leader, "the leader answered a publish that was not sent");
@@ -242,12 +354,31 @@ async fn run(
                     break;
                 }
             },
-            () = idle, if in_flight.is_empty() => break,
+            () = idle, if in_flight.is_empty() => return Ended::Retired,
         }
     }
-    // In flight: dropping their replies tells the callers the outcome is unknown.
-    drop(in_flight);
-    close(jobs);
+    keep_resendable(in_flight, carried);
+    Ended::Broke { answered }
+}
+
+/// Moves the publishes of `in_flight` that may be sent again into `carried`, in order; the
+/// others are dropped (their callers hear the outcome is unknown).
+fn keep_resendable(in_flight: VecDeque<Sent>, carried: &mut VecDeque<Sent>) {
+    carried.extend(in_flight.into_iter().filter(|sent| sent.again.is_some()));
+}
+
+/// Whether a stream that could not open may open on another try (the transport failed, or the
+/// leader is busy or stopping), rather than being refused for good.
+fn transient(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Internal
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+    )
 }
 
 /// Hands back the publishes still queued (none of them was sent): their callers queue them on a
