@@ -91,6 +91,13 @@ pub async fn run(
     let node = Node::start(config.clone()).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Once stopping, a gRPC connection that moves no byte for a quarter of the grace (at most
+    // 2 s) is cut: a client that stopped reading cannot hold the stop for the whole grace.
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let stopping = crate::tls::Stopping {
+        token: tokio_util::sync::CancellationToken::new(),
+        stall: (grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(2)),
+    };
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -196,7 +203,7 @@ pub async fn run(
         // Every accepted connection has TCP_NODELAY: without it Nagle holds small responses
         // (acks) behind the delayed ACK of the peer, ~40 ms per round trip under pipelining.
         .serve_with_incoming_shutdown(
-            crate::tls::grpc_incoming(listeners.client, client_tls, "client"),
+            crate::tls::grpc_incoming(listeners.client, client_tls, "client", stopping.clone()),
             stopped(stop_rx.clone()),
         );
     // The peer port: Raft for every group of this node, and health.
@@ -227,7 +234,7 @@ pub async fn run(
             .max_encoding_message_size(crate::raft::PEER_MESSAGE_BYTES_MAX),
         )
         .serve_with_incoming_shutdown(
-            crate::tls::grpc_incoming(listeners.peer, peer_tls, "peer"),
+            crate::tls::grpc_incoming(listeners.peer, peer_tls, "peer", stopping.clone()),
             stopped(stop_rx.clone()),
         );
     let admin_server = axum::serve(
@@ -259,7 +266,7 @@ pub async fn run(
         .set_not_serving::<PublisherServer<PublisherService>>()
         .await;
     let _ = stop_tx.send(true);
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    stopping.token.cancel();
     let drained = tokio::time::timeout(grace, async {
         let _ = client_task.await;
         let _ = peer_task.await;

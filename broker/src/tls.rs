@@ -2,7 +2,9 @@
 //! the gRPC listeners as tonic takes them, and of the admin listener as axum takes them, each
 //! with its [`ConnInfo`] for identities.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,9 +55,171 @@ pub fn grpc_incoming(
     listener: TcpListener,
     tls: Option<Arc<Reloading<ServerConfig>>>,
     name: &'static str,
-) -> impl futures::Stream<Item = Result<Conn, std::io::Error>> {
+    stopping: Stopping,
+) -> impl futures::Stream<Item = Result<Guarded, std::io::Error>> {
     let rx = weft_proto::tls::incoming(listener, tls, name);
-    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+    futures::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        move |conn| Ok(Guarded::new(conn, &stopping)),
+    )
+}
+
+/// The stop of the broker as its connections see it: once `token` is cancelled, a connection
+/// that moves no byte for `stall` is cut.
+#[derive(Debug, Clone)]
+pub struct Stopping {
+    /// Cancelled when the broker begins to stop.
+    pub token: tokio_util::sync::CancellationToken,
+    /// How long a connection may move no byte, once the broker is stopping, before it is cut.
+    pub stall: Duration,
+}
+
+/// An accepted gRPC connection that is cut (its reads and writes fail) when, after the broker
+/// began to stop, it has moved no byte for [`Stopping::stall`]. The stop waits for every
+/// connection to finish its calls, and a client that stopped reading would otherwise hold it
+/// for the whole grace: its HTTP/2 flow-control window is full, so not even the end of its
+/// stream can be sent. Calls still moving bytes, or answered within the stall, are not cut.
+pub struct Guarded {
+    inner: Conn,
+    stopping: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    stall: Duration,
+    /// Armed once the broker is stopping: fires `stall` after the last byte moved.
+    cut_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the last byte moved (or the stop began, if later).
+    last: tokio::time::Instant,
+}
+
+impl std::fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guarded")
+            .field("stopping", &self.cut_at.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guarded {
+    fn new(inner: Conn, stopping: &Stopping) -> Guarded {
+        Guarded {
+            inner,
+            stopping: Box::pin(stopping.token.clone().cancelled_owned()),
+            stall: stopping.stall,
+            cut_at: None,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Fails once the connection has stalled past its limit during a stop; registers `cx` to
+    /// be woken when the stop begins and when the limit runs out.
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if self.cut_at.is_none() {
+            if self.stopping.as_mut().poll(cx).is_pending() {
+                return Ok(());
+            }
+            self.last = self.last.max(tokio::time::Instant::now());
+            self.cut_at = Some(Box::pin(tokio::time::sleep_until(self.last + self.stall)));
+        }
+        let deadline = self.last + self.stall;
+        let Some(cut_at) = self.cut_at.as_mut() else {
+            return Ok(());
+        };
+        if cut_at.deadline() != deadline {
+            cut_at.as_mut().reset(deadline);
+        }
+        if cut_at.as_mut().poll(cx).is_ready() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the broker is stopping and this connection moved nothing for too long",
+            ));
+        }
+        Ok(())
+    }
+
+    fn moved(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.inner.info()
+    }
+}
+
+impl tokio::io::AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.moved();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// The admin listener as axum's `serve` takes it.

@@ -240,3 +240,58 @@ async fn sigterm_ends_long_calls_over_quic_and_stops_at_once() {
         weft_proto::quic::QuicChannel::new(&broker.quic_addr, "127.0.0.1", tls).expect("channel");
     stop_with_long_calls_open(broker, channel).await;
 }
+
+/// A subscriber that stopped reading (its HTTP/2 flow-control window is full, so the broker
+/// cannot even send the end of its stream) does not hold the broker's stop for the whole grace:
+/// its connection is cut once it has made no progress for a moment after the stop began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_subscriber_that_stopped_reading() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_with_grace(dir.path(), "");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let client = broker.client().await;
+    prepare(&client).await;
+    // 8 MiB more than any window the subscriber's connection grants.
+    let producer = client.producer(ProducerConfig::default());
+    let value = vec![b'x'; 64 * 1024];
+    let mut acks = Vec::new();
+    for _ in 0..128 {
+        acks.push(
+            producer
+                .send_nowait("held", Record::new(value.clone()).partition(0))
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("answered").expect("published");
+    }
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    let mut subscriber = SubscriberClient::new(channel);
+    let (subscribe_tx, subscribe_rx) = tokio::sync::mpsc::channel(4);
+    let mut start = subscribe_start();
+    if let Some(subscribe_request::Request::Start(s)) = start.request.as_mut() {
+        s.credit = Some(Credit {
+            records: 100_000,
+            bytes: 64 << 20,
+        });
+    }
+    subscribe_tx.send(start).await.expect("start");
+    let mut subscription = subscriber
+        .subscribe(ReceiverStream::new(subscribe_rx))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // One message read, then nothing: the broker fills the windows and waits.
+    subscription.message().await.expect("stream").expect("open");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (broker, code, took) = stop(broker).await;
+    assert_eq!(code, Some(0), "clean exit: {}", broker.log());
+    assert!(
+        took < PROMPT,
+        "stopping took {took:?} (grace {GRACE_MS} ms): a subscriber that stopped reading held it"
+    );
+    drop(subscription);
+    drop(subscribe_tx);
+}
