@@ -287,6 +287,7 @@ async fn sigterm_does_not_wait_for_a_subscriber_that_stopped_reading() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let (broker, code, took) = stop(broker).await;
+    eprintln!("stopped in {took:?} with a subscriber that stopped reading");
     assert_eq!(code, Some(0), "clean exit: {}", broker.log());
     assert!(
         took < PROMPT,
