@@ -383,7 +383,7 @@ async fn keep_feature_level_registered(weak: std::sync::Weak<Node>) {
         state
             .brokers
             .get(&node_id)
-            .is_some_and(|b| b.features < crate::raft::FEATURE_LEVEL)
+            .is_some_and(|b| b.features < crate::raft::feature_level())
     };
     loop {
         if behind(&state.borrow_and_update()) {
@@ -396,7 +396,7 @@ async fn keep_feature_level_registered(weak: std::sync::Weak<Node>) {
                 match node.register_broker().await {
                     Ok(()) => tracing::info!(
                         node = node_id,
-                        level = crate::raft::FEATURE_LEVEL,
+                        level = crate::raft::feature_level(),
                         "registered again: the controller had this broker below its feature level"
                     ),
                     Err(e) => tracing::info!("cannot register again yet: {e}"),
@@ -614,7 +614,7 @@ impl Node {
             node_id: self.node_id,
             peer_address,
             client_address,
-            features: crate::raft::FEATURE_LEVEL,
+            features: crate::raft::feature_level(),
         })
         .await
         .map(|_| ())

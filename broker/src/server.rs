@@ -257,7 +257,36 @@ pub async fn run(
     );
     tracing::info!(node = node.node_id, %client, %peer, %admin, quic = ?config.quic_listen, "weft-broker ready");
 
-    shutdown.await;
+    // A broker of a build below the feature level the controller log has used (a downgrade)
+    // would apply that log differently: it stops, saying why, instead of serving.
+    let too_old = {
+        let mut state = node.controller_watch();
+        async move {
+            loop {
+                let in_use = state.borrow_and_update().features_in_use;
+                if in_use > crate::raft::feature_level() {
+                    return in_use;
+                }
+                if state.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    };
+    let too_old = tokio::select! {
+        () = shutdown => None,
+        in_use = too_old => Some(in_use),
+    };
+    if let Some(in_use) = too_old {
+        tracing::error!(
+            level = crate::raft::feature_level(),
+            in_use,
+            "this cluster has used feature level {in_use} (deny rules or offset resets), above \
+             this build's level {}: it would apply the controller log differently; stopping \
+             (run a newer build)",
+            crate::raft::feature_level()
+        );
+    }
     tracing::info!("shutting down: no new calls; finishing in-flight ones");
     // Streams and long polls end first (they would otherwise hold the drain for the whole
     // grace); unary calls in flight finish.
@@ -281,6 +310,13 @@ pub async fn run(
     }
     node.shutdown().await;
     tracing::info!("stopped");
+    if let Some(in_use) = too_old {
+        anyhow::bail!(
+            "this cluster has used feature level {in_use}, above this build's level {}: \
+             run a newer build",
+            crate::raft::feature_level()
+        );
+    }
     Ok(())
 }
 

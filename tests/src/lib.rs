@@ -396,6 +396,29 @@ impl Broker {
         self.spawn();
     }
 
+    /// Sets an environment variable for the broker's next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_string(), value.to_string()));
+    }
+
+    /// Waits up to `limit` for the broker to exit by itself; its exit code (None: killed by a
+    /// signal). Panics, with its log, if it is still running then.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("the broker runs");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("broker still running after {limit:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A client connected to this broker.
     pub async fn client(&self) -> weft_client::Client {
         weft_client::Client::connect([self.client_addr.as_str()])

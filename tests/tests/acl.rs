@@ -755,3 +755,75 @@ async fn deny_rules_and_offset_resets_wait_until_every_broker_reads_them() {
     assert_eq!(done["executed"], true, "{done}");
     assert_eq!(done["partitions"][0]["new_offset"], 0, "{done}");
 }
+
+/// Once the cluster has used a feature level (a deny rule: level 1), a broker of a build below
+/// it is refused when it joins (an older build sends no level: 0), and a broker running such a
+/// build (a downgrade) stops, saying why, instead of serving: it would apply the controller log
+/// differently (a deny rule as an allow rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_below_the_feature_level_in_use_may_not_join_or_run() {
+    use weft_proto::internal::v1 as internal;
+    let mut broker = Broker::start();
+    let join = |features: u32| {
+        let peer = broker.peer_addr.clone();
+        async move {
+            let channel = weft_tests::grpc::channel(&peer).await;
+            let mut controller = internal::controller_client::ControllerClient::new(channel);
+            let mut request = tonic::Request::new(internal::JoinRequest {
+                node_id: 9,
+                peer_address: "127.0.0.1:1009".into(),
+                hops: 0,
+                features,
+            });
+            request
+                .metadata_mut()
+                .insert("weft-cluster", "weft".parse().expect("ascii"));
+            request
+                .metadata_mut()
+                .insert("weft-target-node", "1".parse().expect("ascii"));
+            request.set_timeout(Duration::from_secs(5));
+            controller.join(request).await
+        }
+    };
+    weft_tests::ok_stdout(&broker.cli(&[
+        "acl",
+        "add",
+        "--identity",
+        "intern",
+        "--resource",
+        "topic:mixed",
+        "--operations",
+        "publish",
+        "--deny",
+    ]));
+    let refused = join(0)
+        .await
+        .expect_err("a level-0 build joins after a deny rule");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("broker 9 is at feature level 0")
+            && refused.message().contains("has used level 1"),
+        "{refused:?}"
+    );
+
+    // The same broker restarted as a build of level 0 stops by itself, with the reason.
+    assert_eq!(broker.stop(), Some(0));
+    broker.set_env("WEFT_TEST_FEATURE_LEVEL", "0");
+    broker.start_again();
+    let code = broker.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0), "a downgraded broker exits with an error");
+    let log = broker.log();
+    assert!(
+        log.contains("this cluster has used feature level 1, above this build's level 0"),
+        "{log}"
+    );
+    // Back on this build, it serves again with its rule.
+    broker.set_env("WEFT_TEST_FEATURE_LEVEL", "1");
+    broker.start_again();
+    let listed = weft_tests::ok_stdout(&broker.cli(&["-o", "json", "acl", "list"]));
+    assert!(listed.contains("\"deny\""), "{listed}");
+}

@@ -503,6 +503,7 @@ async fn probe_cluster(
                     node_id,
                     peer_address: peer_address.to_string(),
                     hops: 0,
+                    features: super::feature_level(),
                 },
                 JOIN_TIMEOUT.min(Duration::from_secs(2)),
             );
@@ -563,6 +564,7 @@ async fn join(peers: Peers, seeds: Vec<(NodeId, String)>, node_id: NodeId, peer_
                     node_id,
                     peer_address: peer_address.clone(),
                     hops: 0,
+                    features: super::feature_level(),
                 },
                 JOIN_TIMEOUT,
             );
@@ -677,6 +679,22 @@ impl pb::controller_server::Controller for ControllerService {
                 .controller_client(&address)
                 .map_err(tonic::Status::unavailable)?;
             return client.join(request).await;
+        }
+        // A build below the feature level this controller log has used would apply it
+        // differently (a deny rule as an allow rule): it may not join. Read as of now.
+        raft.ensure_linearizable().await.map_err(|e| {
+            tonic::Status::unavailable(format!("not the controller leader now: {e}"))
+        })?;
+        let in_use = self.state.borrow().features_in_use;
+        if message.features < in_use {
+            return Err(tonic::Status::from(crate::error::BrokerError::Conflict(
+                format!(
+                    "broker {} is at feature level {}, and this cluster has used level {in_use} \
+                 (deny rules or offset resets): it would apply the controller log differently; \
+                 run a newer build there",
+                    message.node_id, message.features
+                ),
+            )));
         }
         let membership = metrics.membership_config.membership().clone();
         let is_voter = membership.voter_ids().any(|id| id == message.node_id);

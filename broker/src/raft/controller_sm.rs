@@ -200,6 +200,18 @@ pub struct BrokerMeta {
 ///   refuses it as going backwards).
 pub const FEATURE_LEVEL: u32 = 1;
 
+/// This build's feature level: [`FEATURE_LEVEL`], or lower under `WEFT_TEST_FEATURE_LEVEL` (a
+/// test hook that makes this broker stand for an older build; it can only lower the level).
+pub fn feature_level() -> u32 {
+    static LEVEL: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| {
+        std::env::var("WEFT_TEST_FEATURE_LEVEL")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .map_or(FEATURE_LEVEL, |v| v.min(FEATURE_LEVEL))
+    });
+    *LEVEL
+}
+
 /// The result of a controller command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerResponse {
@@ -308,6 +320,11 @@ pub struct ControllerState {
     /// ACL rules added through the admin API or `weft acl` (sorted, no duplicates).
     #[serde(default)]
     pub acls: Vec<crate::acl::AclRule>,
+    /// The highest feature level a committed command has used (a deny rule, an offset reset:
+    /// see [`FEATURE_LEVEL`]). A broker of a lower level would apply this log differently: it
+    /// may not join, and one running (a downgrade) stops.
+    #[serde(default)]
+    pub features_in_use: u32,
 }
 
 impl ControllerState {
@@ -511,6 +528,9 @@ impl ControllerState {
                         ));
                     }
                 }
+                if *reset {
+                    self.features_in_use = self.features_in_use.max(1);
+                }
                 let entry = Arc::make_mut(self.groups.entry(group.clone()).or_default());
                 entry.generation = entry.generation.max(*generation);
                 let topic = entry.offsets.entry(topic_id.clone()).or_default();
@@ -530,6 +550,9 @@ impl ControllerState {
                 rule.operations.sort_unstable();
                 rule.operations.dedup();
                 let existed = self.acls.contains(&rule);
+                if rule.permission == crate::acl::Permission::Deny {
+                    self.features_in_use = self.features_in_use.max(1);
+                }
                 if !existed {
                     self.acls.push(rule);
                     self.acls.sort();
@@ -1141,6 +1164,46 @@ mod tests {
         assert_eq!(decoded.behind(1), Some((1, 0)));
         register(&mut state, 2);
         assert_eq!(state.behind(FEATURE_LEVEL), None);
+    }
+
+    /// The feature level in use rises with the first command that needs it (a deny rule, an
+    /// offset reset), never with what every build reads (an allow rule, a commit), and an older
+    /// snapshot (no field) reads as none used.
+    #[test]
+    fn commands_that_need_a_level_record_it_as_in_use() {
+        use crate::acl::{AclRule, Operation, Permission};
+        let mut state = ControllerState::default();
+        register(&mut state, 1);
+        let mut rule = AclRule {
+            identity: "intern".into(),
+            resource: "topic:a".into(),
+            operations: vec![Operation::Publish],
+            permission: Permission::Allow,
+        };
+        state.apply(&ControllerCommand::AddAcl(rule.clone()));
+        state.apply(&topic_rf("a", 1, 1));
+        let commit = |reset| ControllerCommand::CommitOffsets {
+            group: "g".into(),
+            topic_id: "id-a".into(),
+            generation: 1,
+            offsets: vec![(0, 0)],
+            reset,
+        };
+        assert_eq!(state.apply(&commit(false)), ControllerResponse::Committed);
+        assert_eq!(state.features_in_use, 0);
+        assert_eq!(state.apply(&commit(true)), ControllerResponse::Committed);
+        assert_eq!(state.features_in_use, 1);
+        let mut other = ControllerState::default();
+        rule.permission = Permission::Deny;
+        other.apply(&ControllerCommand::AddAcl(rule));
+        assert_eq!(other.features_in_use, 1);
+        let mut snapshot = serde_json::to_value(&other).expect("encode");
+        snapshot
+            .as_object_mut()
+            .expect("object")
+            .remove("features_in_use");
+        let decoded: ControllerState = serde_json::from_value(snapshot).expect("decode");
+        assert_eq!(decoded.features_in_use, 0);
     }
 
     fn register(state: &mut ControllerState, node: NodeId) {
