@@ -91,8 +91,9 @@ pub async fn run(
     let node = Node::start(config.clone()).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    // Once stopping, a gRPC connection that moves no byte for a quarter of the grace (at most
-    // 2 s) is cut: a client that stopped reading cannot hold the stop for the whole grace.
+    // Once stopping, an HTTP/2 gRPC connection that moves no byte for a quarter of the grace
+    // (at most 2 s) while no call on it is being answered is cut: a client that stopped
+    // reading cannot hold the stop for the whole grace.
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let stopping = crate::tls::Stopping {
         token: tokio_util::sync::CancellationToken::new(),
@@ -176,6 +177,7 @@ pub async fn run(
     let quic_auth = client_auth.for_quic();
     let client_layers = |auth| {
         tower::ServiceBuilder::new()
+            .layer(crate::tls::CountCalls)
             .layer(crate::auth::AuthLayer::new(auth))
             .layer(crate::grpc::caller::CallerLayer)
             .layer(tower::util::MapResponseLayer::new(
@@ -210,6 +212,7 @@ pub async fn run(
     let peer_server = tonic::transport::Server::builder()
         .layer(
             tower::ServiceBuilder::new()
+                .layer(crate::tls::CountCalls)
                 .layer(crate::auth::AuthLayer::new(peer_auth))
                 .layer(crate::grpc::caller::CallerLayer),
         )

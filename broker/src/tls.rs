@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -75,12 +76,15 @@ pub struct Stopping {
 }
 
 /// An accepted gRPC connection that is cut (its reads and writes fail) when, after the broker
-/// began to stop, it has moved no byte for [`Stopping::stall`]. The stop waits for every
-/// connection to finish its calls, and a client that stopped reading would otherwise hold it
-/// for the whole grace: its HTTP/2 flow-control window is full, so not even the end of its
-/// stream can be sent. Calls still moving bytes, or answered within the stall, are not cut.
+/// began to stop, it has moved no byte for [`Stopping::stall`] and no call on it is still being
+/// answered ([`CountCalls`]). The stop waits for every connection to finish its calls, and a
+/// client that stopped reading would otherwise hold it for the whole grace: its HTTP/2
+/// flow-control window is full, so not even the end of its stream can be sent. A connection
+/// still moving bytes, or whose unary call is still being worked on, is not cut.
 pub struct Guarded {
     inner: Conn,
+    /// Calls of this connection whose handler has not answered yet ([`CountCalls`]).
+    calls: Arc<AtomicUsize>,
     stopping: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     stall: Duration,
     /// Armed once the broker is stopping: fires `stall` after the last byte moved.
@@ -105,6 +109,7 @@ impl Guarded {
             stall: stopping.stall,
             cut_at: None,
             last: tokio::time::Instant::now(),
+            calls: Arc::default(),
         }
     }
 
@@ -126,6 +131,15 @@ impl Guarded {
             cut_at.as_mut().reset(deadline);
         }
         if cut_at.as_mut().poll(cx).is_ready() {
+            if self.calls.load(Ordering::SeqCst) > 0 {
+                // A call is still being answered (a publish waiting for a slow disk, say): it
+                // finishes, within the grace. Looked at again after another stall.
+                self.last = tokio::time::Instant::now();
+                let deadline = self.last + self.stall;
+                cut_at.as_mut().reset(deadline);
+                let _ = cut_at.as_mut().poll(cx);
+                return Ok(());
+            }
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 "the broker is stopping and this connection moved nothing for too long",
@@ -140,10 +154,84 @@ impl Guarded {
 }
 
 impl tonic::transport::server::Connected for Guarded {
-    type ConnectInfo = ConnInfo;
+    type ConnectInfo = GuardedInfo;
 
-    fn connect_info(&self) -> ConnInfo {
-        self.inner.info()
+    fn connect_info(&self) -> GuardedInfo {
+        GuardedInfo {
+            info: self.inner.info(),
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+/// What tonic puts in the requests of a [`Guarded`] connection; [`CountCalls`] takes it out
+/// again and leaves the [`ConnInfo`] that the layers and handlers after it read.
+#[derive(Debug, Clone)]
+pub struct GuardedInfo {
+    info: ConnInfo,
+    calls: Arc<AtomicUsize>,
+}
+
+/// Counts, per [`Guarded`] connection, the calls whose handler has not answered yet (a stream's
+/// handler answers at once: its messages follow), so a stop cuts a connection that stalled only
+/// when no call on it is still being worked on. The outermost layer of the gRPC servers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountCalls;
+
+impl<S> tower::Layer<S> for CountCalls {
+    type Service = Counted<S>;
+
+    fn layer(&self, inner: S) -> Counted<S> {
+        Counted { inner }
+    }
+}
+
+/// The service of [`CountCalls`].
+#[derive(Debug, Clone)]
+pub struct Counted<S> {
+    inner: S,
+}
+
+/// Lowers its connection's count of calls being answered when dropped.
+struct Answering(Arc<AtomicUsize>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Counted<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let answering = request
+            .extensions_mut()
+            .remove::<GuardedInfo>()
+            .map(|guarded| {
+                guarded.calls.fetch_add(1, Ordering::SeqCst);
+                request.extensions_mut().insert(guarded.info);
+                Answering(guarded.calls)
+            });
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let answered = answer.await;
+            drop(answering);
+            answered
+        })
     }
 }
 
@@ -218,7 +306,11 @@ impl tokio::io::AsyncWrite for Guarded {
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if let Err(e) = this.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -327,4 +419,52 @@ pub fn quic_endpoint(
         }
     });
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Once the broker is stopping, a connection that moves nothing is cut after the stall,
+    /// but not while a call on it is still being answered (a publish waiting for a slow disk
+    /// finishes within the grace); once that call is answered, it is cut after a stall.
+    #[tokio::test]
+    async fn a_stalled_connection_is_cut_once_stopping_unless_a_call_is_being_answered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let stopping = Stopping {
+            token: tokio_util::sync::CancellationToken::new(),
+            stall: Duration::from_millis(100),
+        };
+        let mut guarded = Guarded::new(Conn::Plain(server), &stopping);
+        let calls = guarded.calls.clone();
+        let mut buf = [0u8; 16];
+        // Not stopping: an idle connection stays.
+        let read = tokio::time::timeout(Duration::from_millis(300), guarded.read(&mut buf)).await;
+        assert!(read.is_err(), "cut before the stop: {read:?}");
+
+        calls.fetch_add(1, Ordering::SeqCst);
+        stopping.token.cancel();
+        let read = tokio::time::timeout(Duration::from_millis(500), guarded.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "cut while a call was being answered: {read:?}"
+        );
+
+        calls.fetch_sub(1, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(2), guarded.read(&mut buf))
+            .await
+            .expect("cut once no call is being answered");
+        assert_eq!(
+            read.expect_err("cut").kind(),
+            std::io::ErrorKind::ConnectionAborted
+        );
+        assert!(started.elapsed() < Duration::from_millis(1000));
+        drop(client);
+    }
 }

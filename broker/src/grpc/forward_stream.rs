@@ -186,6 +186,8 @@ struct Sent {
     /// A copy to send again on a new stream when this one breaks: kept only for idempotent
     /// producers' publishes, which the leader recognises when they were stored already.
     again: Option<ForwardPublishRequest>,
+    /// Sent on an earlier stream already (it may be stored).
+    sent_before: bool,
 }
 
 impl Sent {
@@ -200,6 +202,7 @@ impl Sent {
             Sent {
                 reply: job.reply,
                 again,
+                sent_before: false,
             },
             job.request,
         )
@@ -212,8 +215,9 @@ enum Ended {
     Retired,
     /// It broke (or could not open); `answered` says whether the leader answered anything on it.
     Broke { answered: bool },
-    /// The leader refused the stream itself (not a transport failure): everything on it was
-    /// answered with that refusal, and the forwarder ends.
+    /// The leader refused the stream itself (not a transport failure), or ended it because it
+    /// is stopping: the publishes on it were answered (with the refusal, or as of unknown
+    /// outcome when they may be stored), and the forwarder ends.
     Refused,
 }
 
@@ -314,8 +318,12 @@ async fn carry(
         Err(status) => {
             tracing::warn!(leader, "the leader refused the forwarding stream: {status}");
             for sent in in_flight {
-                let error = BrokerError::from(status.clone());
-                let _ = sent.reply.send(Outcome::Answered(Err(error)));
+                // One sent on an earlier stream may be stored: dropping its reply says the
+                // outcome is unknown. Those never sent get the refusal.
+                if !sent.sent_before {
+                    let error = BrokerError::from(status.clone());
+                    let _ = sent.reply.send(Outcome::Answered(Err(error)));
+                }
             }
             return Ended::Refused;
         }
@@ -349,6 +357,13 @@ async fn carry(
                     }
                 },
                 Ok(None) => break,
+                Err(status) if stopping(&status) => {
+                    // The leader is stopping: a new stream would find it gone. What it was
+                    // sent gets the ambiguous answer; callers go on with the new leader.
+                    tracing::info!(leader, "the leader ended the forwarding stream: {status}");
+                    drop(in_flight);
+                    return Ended::Refused;
+                }
                 Err(status) => {
                     tracing::info!(leader, "the forwarding stream broke: {status}");
                     break;
@@ -364,7 +379,20 @@ async fn carry(
 /// Moves the publishes of `in_flight` that may be sent again into `carried`, in order; the
 /// others are dropped (their callers hear the outcome is unknown).
 fn keep_resendable(in_flight: VecDeque<Sent>, carried: &mut VecDeque<Sent>) {
-    carried.extend(in_flight.into_iter().filter(|sent| sent.again.is_some()));
+    carried.extend(
+        in_flight
+            .into_iter()
+            .filter(|sent| sent.again.is_some())
+            .map(|sent| Sent {
+                sent_before: true,
+                ..sent
+            }),
+    );
+}
+
+/// Whether the leader ended the stream because it is shutting down.
+fn stopping(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().contains("shutting down")
 }
 
 /// Whether a stream that could not open may open on another try (the transport failed, or the

@@ -687,13 +687,13 @@ impl pb::controller_server::Controller for ControllerService {
         })?;
         let in_use = self.state.borrow().features_in_use;
         if message.features < in_use {
-            return Err(tonic::Status::from(crate::error::BrokerError::Conflict(
-                format!(
-                    "broker {} is at feature level {}, and this cluster has used level {in_use} \
+            // ABORTED, not FAILED_PRECONDITION: a joining seed reads FAILED_PRECONDITION as
+            // "no cluster here yet", and must never start a second cluster.
+            return Err(tonic::Status::aborted(format!(
+                "broker {} is at feature level {}, and this cluster has used level {in_use} \
                  (deny rules or offset resets): it would apply the controller log differently; \
                  run a newer build there",
-                    message.node_id, message.features
-                ),
+                message.node_id, message.features
             )));
         }
         let membership = metrics.membership_config.membership().clone();

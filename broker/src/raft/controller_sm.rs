@@ -328,6 +328,20 @@ pub struct ControllerState {
 }
 
 impl ControllerState {
+    /// Raises `features_in_use` to what the state itself shows was used: a snapshot made by a
+    /// build before the field existed has none, though it may hold deny rules (an offset reset
+    /// leaves nothing to see, and is no worse for it: a broker applying one as a commit only
+    /// refuses it). Every replica then agrees, whether it replayed the log or took a snapshot.
+    pub fn infer_features_in_use(&mut self) {
+        if self
+            .acls
+            .iter()
+            .any(|r| r.permission == crate::acl::Permission::Deny)
+        {
+            self.features_in_use = self.features_in_use.max(1);
+        }
+    }
+
     /// A broker whose build is below feature `level`, with its level, if any: one registered
     /// with a lower level, or a member of the controller group not registered yet (its build is
     /// not known: level 0). A command needing `level` could be applied differently there.
@@ -890,7 +904,9 @@ fn encode(state: &ControllerState) -> Result<Vec<u8>, StorageError> {
 }
 
 fn decode(bytes: &[u8]) -> Result<ControllerState, String> {
-    super::decode_snapshot(SNAPSHOT_VERSION, bytes)
+    let mut state: ControllerState = super::decode_snapshot(SNAPSHOT_VERSION, bytes)?;
+    state.infer_features_in_use();
+    Ok(state)
 }
 
 fn meta_of(state: &ControllerState) -> SnapshotMeta<NodeId, BasicNode> {
@@ -1202,8 +1218,13 @@ mod tests {
             .as_object_mut()
             .expect("object")
             .remove("features_in_use");
-        let decoded: ControllerState = serde_json::from_value(snapshot).expect("decode");
+        let mut decoded: ControllerState = serde_json::from_value(snapshot).expect("decode");
         assert_eq!(decoded.features_in_use, 0);
+        // Read as a snapshot, its deny rule shows the level was used.
+        decoded.infer_features_in_use();
+        assert_eq!(decoded.features_in_use, 1);
+        let bytes = super::encode(&decoded).expect("encode");
+        assert_eq!(super::decode(&bytes).expect("decode").features_in_use, 1);
     }
 
     fn register(state: &mut ControllerState, node: NodeId) {
