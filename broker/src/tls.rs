@@ -254,21 +254,36 @@ impl tokio::io::AsyncRead for Guarded {
     }
 }
 
+impl Guarded {
+    /// A write through `write`, unless the connection is to be cut; a byte written counts as
+    /// moving.
+    fn write_with(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        write: impl FnOnce(
+            Pin<&mut Conn>,
+            &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<usize>>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        let polled = write(Pin::new(&mut self.inner), cx);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        polled
+    }
+}
+
 impl tokio::io::AsyncWrite for Guarded {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if let Err(e) = this.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
-        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            this.moved();
-        }
-        polled
+        self.get_mut()
+            .write_with(cx, |conn, cx| conn.poll_write(cx, data))
     }
 
     fn poll_write_vectored(
@@ -276,15 +291,8 @@ impl tokio::io::AsyncWrite for Guarded {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if let Err(e) = this.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            this.moved();
-        }
-        polled
+        self.get_mut()
+            .write_with(cx, |conn, cx| conn.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

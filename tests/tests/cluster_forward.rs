@@ -22,28 +22,33 @@ fn leader(broker: &weft_tests::Broker, topic: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_publishes_through_a_follower_keep_their_order() {
+/// Creates `topic` (one partition) on a three-broker cluster; the cluster, the leader's node id
+/// and the index of a follower of it, ready to serve.
+async fn topic_with_a_follower(topic: &str) -> (Vec<weft_tests::Broker>, u64, usize) {
     let brokers = start_cluster(3);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",
-        Some(r#"{"name":"ordered","partitions":1}"#),
+        Some(&format!(r#"{{"name":"{topic}","partitions":1}}"#)),
     );
     assert_eq!(status, 201, "{body}");
     let led_by = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader(&brokers[0], "ordered");
+        let l = leader(&brokers[0], topic);
         async move { (l != 0).then_some(l) }
     })
     .await;
-    let follower = brokers
-        .iter()
-        .enumerate()
-        .find(|(i, _)| *i as u64 + 1 != led_by)
-        .map(|(_, b)| b)
+    let follower = (0..brokers.len())
+        .find(|i| *i as u64 + 1 != led_by)
         .expect("a follower");
     // Its replica of the new partition may still be opening (UNAVAILABLE, retry).
-    follower.wait_ready();
+    brokers[follower].wait_ready();
+    (brokers, led_by, follower)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_through_a_follower_keep_their_order() {
+    let (brokers, led_by, follower) = topic_with_a_follower("ordered").await;
+    let follower = &brokers[follower];
 
     const REQUESTS: u64 = 3000;
     let channel = grpc::channel(&follower.client_addr).await;
@@ -110,26 +115,9 @@ async fn pipelined_publishes_through_a_follower_keep_their_order() {
 /// went on a new stream and reached the leader first: SEQUENCE_GAP.) Needs root (iptables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_publishes_survive_a_broken_link_to_the_leader() {
-    let brokers = start_cluster(3);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"relinked","partitions":1}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let led_by = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader(&brokers[0], "relinked");
-        async move { (l != 0).then_some(l) }
-    })
-    .await;
+    let (brokers, led_by, follower) = topic_with_a_follower("relinked").await;
     let leader_broker = &brokers[(led_by - 1) as usize];
-    let follower = brokers
-        .iter()
-        .enumerate()
-        .find(|(i, _)| *i as u64 + 1 != led_by)
-        .map(|(_, b)| b)
-        .expect("a follower");
-    follower.wait_ready();
+    let follower = &brokers[follower];
     let follower_ip = follower
         .peer_addr
         .rsplit_once(':')
