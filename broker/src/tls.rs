@@ -242,11 +242,8 @@ impl tokio::io::AsyncRead for Guarded {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if let Err(e) = this.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
         let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let polled = this.unless_cut(cx, |conn, cx| conn.poll_read(cx, buf));
         if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.moved();
         }
@@ -255,6 +252,21 @@ impl tokio::io::AsyncRead for Guarded {
 }
 
 impl Guarded {
+    /// `op` on the connection, unless it is to be cut.
+    fn unless_cut<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        op: impl FnOnce(
+            Pin<&mut Conn>,
+            &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        op(Pin::new(&mut self.inner), cx)
+    }
+
     /// A write through `write`, unless the connection is to be cut; a byte written counts as
     /// moving.
     fn write_with(
@@ -265,10 +277,7 @@ impl Guarded {
             &mut std::task::Context<'_>,
         ) -> std::task::Poll<std::io::Result<usize>>,
     ) -> std::task::Poll<std::io::Result<usize>> {
-        if let Err(e) = self.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        let polled = write(Pin::new(&mut self.inner), cx);
+        let polled = self.unless_cut(cx, write);
         if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
             self.moved();
         }
@@ -303,22 +312,16 @@ impl tokio::io::AsyncWrite for Guarded {
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if let Err(e) = this.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        Pin::new(&mut this.inner).poll_flush(cx)
+        self.get_mut()
+            .unless_cut(cx, |conn, cx| conn.poll_flush(cx))
     }
 
     fn poll_shutdown(
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if let Err(e) = this.check(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        self.get_mut()
+            .unless_cut(cx, |conn, cx| conn.poll_shutdown(cx))
     }
 }
 

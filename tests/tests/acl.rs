@@ -651,19 +651,41 @@ async fn register_on_peer_port(broker: &Broker, node: u64, features: Option<u32>
     }
     let channel = weft_tests::grpc::channel(&broker.peer_addr).await;
     let mut controller = internal::controller_client::ControllerClient::new(channel);
-    let mut request = tonic::Request::new(internal::ProposeRequest {
-        command: serde_json::to_vec(&command).expect("json").into(),
-        hops: 0,
-    });
+    let request = to_node_1(
+        internal::ProposeRequest {
+            command: serde_json::to_vec(&command).expect("json").into(),
+            hops: 0,
+        },
+        Duration::from_secs(20),
+    );
+    controller.propose(request).await.expect("registered");
+}
+
+/// A peer-port request to node 1 of cluster `weft` (the names a single test broker has).
+fn to_node_1<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
         .insert("weft-cluster", "weft".parse().expect("ascii"));
     request
         .metadata_mut()
         .insert("weft-target-node", "1".parse().expect("ascii"));
-    request.set_timeout(Duration::from_secs(20));
-    controller.propose(request).await.expect("registered");
+    request.set_timeout(timeout);
+    request
 }
+
+/// `weft acl add` of a deny rule: identity `intern` may not publish to `mixed`.
+const DENY_INTERN_PUBLISH: [&str; 9] = [
+    "acl",
+    "add",
+    "--identity",
+    "intern",
+    "--resource",
+    "topic:mixed",
+    "--operations",
+    "publish",
+    "--deny",
+];
 
 /// A deny rule or an offset reset is refused while a broker of an older build is registered (it
 /// would store the deny rule as an allow rule, and refuse the reset as a commit going back: the
@@ -682,17 +704,7 @@ async fn deny_rules_and_offset_resets_wait_until_every_broker_reads_them() {
         .commit_offsets("mixed-group", "mixed", &[(0, 1)])
         .await
         .expect("commit");
-    let deny = [
-        "acl",
-        "add",
-        "--identity",
-        "intern",
-        "--resource",
-        "topic:mixed",
-        "--operations",
-        "publish",
-        "--deny",
-    ];
+    let deny = DENY_INTERN_PUBLISH;
     let reset = [
         "group",
         "reset-offsets",
@@ -769,33 +781,19 @@ async fn a_build_below_the_feature_level_in_use_may_not_join_or_run() {
         async move {
             let channel = weft_tests::grpc::channel(&peer).await;
             let mut controller = internal::controller_client::ControllerClient::new(channel);
-            let mut request = tonic::Request::new(internal::JoinRequest {
-                node_id: 9,
-                peer_address: "127.0.0.1:1009".into(),
-                hops: 0,
-                features,
-            });
-            request
-                .metadata_mut()
-                .insert("weft-cluster", "weft".parse().expect("ascii"));
-            request
-                .metadata_mut()
-                .insert("weft-target-node", "1".parse().expect("ascii"));
-            request.set_timeout(Duration::from_secs(5));
+            let request = to_node_1(
+                internal::JoinRequest {
+                    node_id: 9,
+                    peer_address: "127.0.0.1:1009".into(),
+                    hops: 0,
+                    features,
+                },
+                Duration::from_secs(5),
+            );
             controller.join(request).await
         }
     };
-    weft_tests::ok_stdout(&broker.cli(&[
-        "acl",
-        "add",
-        "--identity",
-        "intern",
-        "--resource",
-        "topic:mixed",
-        "--operations",
-        "publish",
-        "--deny",
-    ]));
+    weft_tests::ok_stdout(&broker.cli(&DENY_INTERN_PUBLISH));
     let refused = join(0)
         .await
         .expect_err("a level-0 build joins after a deny rule");

@@ -683,7 +683,6 @@ enum Ended {
     Broken,
 }
 
-/// One open Subscribe stream.
 /// Whether the stored ACL rules in `watch` differ from `seen` (then kept as seen).
 fn rules_changed(
     watch: &mut watch::Receiver<Arc<crate::raft::ControllerState>>,
@@ -718,6 +717,7 @@ fn authorize_subscribe(
     Ok(())
 }
 
+/// One open Subscribe stream.
 struct Session {
     node: Arc<Node>,
     /// Who opened the stream: checked again whenever the access rules change.
