@@ -705,6 +705,12 @@ impl Node {
         self.controller.state()
     }
 
+    /// Why the cluster refused this broker's join, once it has (see
+    /// [`ControllerGroup::join_refused`]).
+    pub fn join_refused(&self) -> watch::Receiver<Option<String>> {
+        self.controller.join_refused()
+    }
+
     /// Watches the controller state.
     pub fn controller_watch(&self) -> watch::Receiver<Arc<ControllerState>> {
         self.controller.watch()

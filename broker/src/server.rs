@@ -261,14 +261,20 @@ pub async fn run(
     tracing::info!(node = node.node_id, %client, %peer, %admin, quic = ?config.quic_listen, "weft-broker ready");
 
     // A broker of a build below the feature level the controller log has used (a downgrade)
-    // would apply that log differently: it stops, saying why, instead of serving.
+    // would apply that log differently: it stops, saying why, instead of serving. So does one
+    // whose join the cluster refused for that reason.
     let too_old = {
         let mut state = node.controller_watch();
         async move {
             loop {
                 let in_use = state.borrow_and_update().features_in_use;
                 if in_use > crate::raft::feature_level() {
-                    return in_use;
+                    return format!(
+                        "this cluster has used feature level {in_use}, above this build's \
+                         level {} (deny rules or offset resets): it would apply the controller \
+                         log differently; run a newer build",
+                        crate::raft::feature_level()
+                    );
                 }
                 if state.changed().await.is_err() {
                     return std::future::pending().await;
@@ -276,19 +282,25 @@ pub async fn run(
             }
         }
     };
-    let too_old = tokio::select! {
-        () = shutdown => None,
-        in_use = too_old => Some(in_use),
+    let refused = {
+        let mut refused = node.join_refused();
+        async move {
+            match refused.wait_for(Option::is_some).await {
+                Ok(why) => format!(
+                    "the cluster refused this broker: {}",
+                    why.clone().unwrap_or_default()
+                ),
+                Err(_) => std::future::pending().await,
+            }
+        }
     };
-    if let Some(in_use) = too_old {
-        tracing::error!(
-            level = crate::raft::feature_level(),
-            in_use,
-            "this cluster has used feature level {in_use} (deny rules or offset resets), above \
-             this build's level {}: it would apply the controller log differently; stopping \
-             (run a newer build)",
-            crate::raft::feature_level()
-        );
+    let must_stop = tokio::select! {
+        () = shutdown => None,
+        why = too_old => Some(why),
+        why = refused => Some(why),
+    };
+    if let Some(why) = &must_stop {
+        tracing::error!("{why}; stopping");
     }
     tracing::info!("shutting down: no new calls; finishing in-flight ones");
     // Streams and long polls end first (they would otherwise hold the drain for the whole
@@ -313,12 +325,8 @@ pub async fn run(
     }
     node.shutdown().await;
     tracing::info!("stopped");
-    if let Some(in_use) = too_old {
-        anyhow::bail!(
-            "this cluster has used feature level {in_use}, above this build's level {}: \
-             run a newer build",
-            crate::raft::feature_level()
-        );
+    if let Some(why) = must_stop {
+        anyhow::bail!(why);
     }
     Ok(())
 }

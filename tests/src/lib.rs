@@ -812,6 +812,14 @@ pub async fn publish_until_acknowledged(
 /// Starts one more broker (node id `brokers.len() + 1`, on the next 127.0.0.x address) that
 /// joins the running cluster of `brokers` (started by [`start_cluster`]); waits until it serves.
 pub fn add_broker(brokers: &[Broker], extra: &[&str]) -> Broker {
+    let broker = add_broker_env(brokers, extra, &[]);
+    broker.wait_ready();
+    broker
+}
+
+/// [`add_broker`] with environment variables, returning once the broker listens (not waiting
+/// until it is ready: it may be refused).
+pub fn add_broker_env(brokers: &[Broker], extra: &[&str], envs: &[(&str, &str)]) -> Broker {
     let last = brokers.last().expect("a cluster");
     let ip: std::net::Ipv4Addr = last
         .peer_addr
@@ -831,9 +839,7 @@ pub fn add_broker(brokers: &[Broker], extra: &[&str]) -> Broker {
         .join(",");
     let mut args = vec!["--node-id", &id, "--peers", &peers];
     args.extend_from_slice(extra);
-    let broker = Broker::start_on(listen, &args, &[]);
-    broker.wait_ready();
-    broker
+    Broker::start_on(listen, &args, envs)
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (for a server that must know its peers'

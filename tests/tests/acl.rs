@@ -822,3 +822,50 @@ async fn a_build_below_the_feature_level_in_use_may_not_join_or_run() {
     let listed = weft_tests::ok_stdout(&broker.cli(&["-o", "json", "acl", "list"]));
     assert!(listed.contains("\"deny\""), "{listed}");
 }
+
+/// A broker of a build below the feature level the cluster has used, started to join it, is
+/// refused and stops with the reason (before, it retried the join for ever, serving nothing);
+/// the same broker on this build joins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joining_broker_below_the_feature_level_in_use_stops() {
+    let brokers = weft_tests::start_cluster(1);
+    weft_tests::ok_stdout(&brokers[0].cli(&DENY_INTERN_PUBLISH));
+    let mut old = weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_FEATURE_LEVEL", "0")]);
+    let code = old.wait_exit(Duration::from_secs(30));
+    assert_ne!(code, Some(0), "a refused broker exits with an error");
+    let log = old.log();
+    assert!(
+        log.contains("the cluster refused this broker: broker 2 is at feature level 0")
+            && log.contains("has used level 1"),
+        "{log}"
+    );
+    assert_eq!(
+        brokers_listed(&brokers[0]),
+        [1],
+        "the refused broker is not a member"
+    );
+
+    // The same broker on this build joins (and serves).
+    old.set_env("WEFT_TEST_FEATURE_LEVEL", "1");
+    old.start_again_same_ports();
+    old.wait_ready();
+    wait_for("broker 2 registered", Duration::from_secs(30), || async {
+        (brokers_listed(&brokers[0]) == [1, 2]).then_some(())
+    })
+    .await;
+}
+
+/// Node ids `/v1/cluster` lists, as `broker` sees them.
+fn brokers_listed(broker: &Broker) -> Vec<u64> {
+    let (status, body) = broker.http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let mut ids: Vec<u64> = value["brokers"]
+        .as_array()
+        .expect("brokers")
+        .iter()
+        .map(|b| b["id"].as_u64().expect("id"))
+        .collect();
+    ids.sort_unstable();
+    ids
+}

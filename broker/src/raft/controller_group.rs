@@ -48,6 +48,9 @@ pub struct ControllerGroup {
     opened_at_index: Option<u64>,
     /// Latched by [`ControllerGroup::is_current`].
     caught_up: Arc<std::sync::atomic::AtomicBool>,
+    /// Why the cluster refused this broker's join, once it did (its build is below the feature
+    /// level the cluster has used): the broker must stop.
+    join_refused: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for ControllerGroup {
@@ -110,12 +113,14 @@ impl ControllerGroup {
         let initialized = raft.is_initialized().await?;
         peers.register(CONTROLLER_GROUP, raft.clone());
         let opened_at_index = raft.metrics().borrow().last_log_index;
+        let (refused_tx, join_refused) = watch::channel(None);
         let group = ControllerGroup {
             raft: raft.clone(),
             sm,
             peers: peers.clone(),
             opened_at_index,
             caught_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            join_refused,
         };
         let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
         if !initialized {
@@ -140,7 +145,13 @@ impl ControllerGroup {
                     });
                 }
                 (_, Probe::NoCluster | Probe::Elsewhere) => {
-                    tokio::spawn(join(peers.clone(), seeds.clone(), node_id, peer_address));
+                    tokio::spawn(join(
+                        peers.clone(),
+                        seeds.clone(),
+                        node_id,
+                        peer_address,
+                        refused_tx,
+                    ));
                 }
             }
         }
@@ -155,6 +166,12 @@ impl ControllerGroup {
                 .map_err(|e| anyhow::anyhow!("controller not ready: {e}"))?;
         }
         Ok(group)
+    }
+
+    /// Why the cluster refused this broker's join (None while it has not): a broker refused
+    /// stops.
+    pub fn join_refused(&self) -> watch::Receiver<Option<String>> {
+        self.join_refused.clone()
     }
 
     /// Whether this broker's copy of the controller state has caught up since it started: a
@@ -553,8 +570,15 @@ async fn probe_cluster(
 
 /// Joins the controller group through the seeds: asks each in turn (any broker forwards to the
 /// controller leader) until one has added this broker, backing off between rounds. Runs until it
-/// succeeds.
-async fn join(peers: Peers, seeds: Vec<(NodeId, String)>, node_id: NodeId, peer_address: String) {
+/// succeeds, or until the cluster refuses this broker for good (ABORTED: its build is below the
+/// feature level the cluster has used), which it reports through `refused`.
+async fn join(
+    peers: Peers,
+    seeds: Vec<(NodeId, String)>,
+    node_id: NodeId,
+    peer_address: String,
+    refused: watch::Sender<Option<String>>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         for (seed, address) in seeds.iter().filter(|(id, _)| *id != node_id) {
@@ -569,11 +593,8 @@ async fn join(peers: Peers, seeds: Vec<(NodeId, String)>, node_id: NodeId, peer_
                 JOIN_TIMEOUT,
             );
             let result = match peers.controller_client(address) {
-                Ok(mut client) => client
-                    .join(request)
-                    .await
-                    .map_err(|s| s.message().to_string()),
-                Err(e) => Err(e),
+                Ok(mut client) => client.join(request).await,
+                Err(e) => Err(tonic::Status::unavailable(e)),
             };
             match result {
                 Ok(response) => {
@@ -590,8 +611,13 @@ async fn join(peers: Peers, seeds: Vec<(NodeId, String)>, node_id: NodeId, peer_
                     });
                     return;
                 }
-                Err(e) => {
-                    tracing::info!(seed, %address, "cannot join through this broker yet: {e}")
+                Err(status) if status.code() == tonic::Code::Aborted => {
+                    tracing::error!(seed, %address, "the cluster refused this broker: {}", status.message());
+                    let _ = refused.send(Some(status.message().to_string()));
+                    return;
+                }
+                Err(status) => {
+                    tracing::info!(seed, %address, "cannot join through this broker yet: {}", status.message())
                 }
             }
         }
