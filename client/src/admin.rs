@@ -92,7 +92,9 @@ pub struct PartitionStatus {
     pub high_watermark: u64,
 }
 
-/// The admin API.
+/// The admin API. Reads (topics, partitions, offsets, groups, ACLs, the cluster status) are
+/// tried again while the broker answers UNAVAILABLE (an election in progress), for up to the
+/// client's timeout; changes are tried once.
 #[derive(Debug, Clone)]
 pub struct Admin {
     client: Client,
@@ -101,6 +103,32 @@ pub struct Admin {
 impl Admin {
     pub(crate) fn new(client: Client) -> Self {
         Admin { client }
+    }
+
+    /// A read (describe, list, offsets, status): it changes nothing, so it is tried again while
+    /// the broker answers UNAVAILABLE (a controller or partition election in progress, a
+    /// partition still opening), backing off from 50 ms to 1 s, for up to the client's timeout
+    /// in all. `call` makes one attempt.
+    async fn read<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.client.timeout();
+        let mut backoff = std::time::Duration::from_millis(50);
+        loop {
+            match call().await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                }
+                Err(status) => return Err(Error::from(status)),
+            }
+        }
     }
 
     /// Creates a topic with `partitions` partitions and default settings.
@@ -154,18 +182,16 @@ impl Admin {
 
     /// Describes a topic.
     pub async fn topic(&self, name: &str) -> Result<proto::Topic> {
-        let request = self.client.request(
-            proto::GetTopicRequest { name: name.into() },
-            Some(name),
-            None,
-        );
-        Ok(self
-            .client
-            .topic_admin()
-            .get_topic(request)
-            .await
-            .map_err(Error::from)?
-            .into_inner())
+        self.read(|| {
+            let request = self.client.request(
+                proto::GetTopicRequest { name: name.into() },
+                Some(name),
+                None,
+            );
+            let mut admin = self.client.topic_admin();
+            async move { admin.get_topic(request).await }
+        })
+        .await
     }
 
     /// Every topic.
@@ -173,21 +199,20 @@ impl Admin {
         let mut out = Vec::new();
         let mut page_token = String::new();
         loop {
-            let request = self.client.request(
-                proto::ListTopicsRequest {
-                    page_size: 1000,
-                    page_token,
-                },
-                None,
-                None,
-            );
             let page = self
-                .client
-                .topic_admin()
-                .list_topics(request)
-                .await
-                .map_err(Error::from)?
-                .into_inner();
+                .read(|| {
+                    let request = self.client.request(
+                        proto::ListTopicsRequest {
+                            page_size: 1000,
+                            page_token: page_token.clone(),
+                        },
+                        None,
+                        None,
+                    );
+                    let mut admin = self.client.topic_admin();
+                    async move { admin.list_topics(request).await }
+                })
+                .await?;
             out.extend(page.topics);
             if page.next_page_token.is_empty() {
                 return Ok(out);
@@ -227,16 +252,14 @@ impl Admin {
 
     /// The cluster status.
     pub async fn cluster_status(&self) -> Result<proto::ClusterStatus> {
-        let request = self
-            .client
-            .request(proto::GetClusterStatusRequest {}, None, None);
-        Ok(self
-            .client
-            .cluster()
-            .get_cluster_status(request)
-            .await
-            .map_err(Error::from)?
-            .into_inner())
+        self.read(|| {
+            let request = self
+                .client
+                .request(proto::GetClusterStatusRequest {}, None, None);
+            let mut cluster = self.client.cluster();
+            async move { cluster.get_cluster_status(request).await }
+        })
+        .await
     }
 
     /// Moves a partition's leadership from its leader (the broker this client reaches must
@@ -339,14 +362,13 @@ impl Admin {
     /// The ACL rules in force: (checks on, the answering broker's config rules, the rules
     /// stored in the controller).
     pub async fn acls(&self) -> Result<(bool, Vec<proto::AclRule>, Vec<proto::AclRule>)> {
-        let request = self.client.request(proto::ListAclsRequest {}, None, None);
         let r = self
-            .client
-            .cluster()
-            .list_acls(request)
-            .await
-            .map_err(Error::from)?
-            .into_inner();
+            .read(|| {
+                let request = self.client.request(proto::ListAclsRequest {}, None, None);
+                let mut cluster = self.client.cluster();
+                async move { cluster.list_acls(request).await }
+            })
+            .await?;
         Ok((r.enabled, r.config_rules, r.stored_rules))
     }
 
@@ -365,21 +387,20 @@ impl Admin {
 
     /// Partitions with leaders and offsets (one topic, or all when `topic` is empty).
     pub async fn partitions(&self, topic: &str) -> Result<Vec<proto::PartitionInfo>> {
-        let request = self.client.request(
-            proto::ListPartitionsRequest {
-                topic: topic.into(),
-            },
-            None,
-            None,
-        );
-        Ok(self
-            .client
-            .cluster()
-            .list_partitions(request)
-            .await
-            .map_err(Error::from)?
-            .into_inner()
-            .partitions)
+        let r = self
+            .read(|| {
+                let request = self.client.request(
+                    proto::ListPartitionsRequest {
+                        topic: topic.into(),
+                    },
+                    None,
+                    None,
+                );
+                let mut cluster = self.client.cluster();
+                async move { cluster.list_partitions(request).await }
+            })
+            .await?;
+        Ok(r.partitions)
     }
 
     /// Offsets of a topic's partitions, with a group's commits when `group` is set.
@@ -399,24 +420,23 @@ impl Admin {
         group: Option<&str>,
         timestamp_ms: Option<i64>,
     ) -> Result<Vec<proto::PartitionOffsets>> {
-        let request = self.client.group_request(
-            proto::GetOffsetsRequest {
-                topic: topic.into(),
-                partitions: vec![],
-                group_id: group.unwrap_or_default().into(),
-                timestamp_ms,
-            },
-            Some(topic),
-            group.unwrap_or_default(),
-        );
-        Ok(self
-            .client
-            .subscriber()
-            .get_offsets(request)
-            .await
-            .map_err(Error::from)?
-            .into_inner()
-            .partitions)
+        let r = self
+            .read(|| {
+                let request = self.client.group_request(
+                    proto::GetOffsetsRequest {
+                        topic: topic.into(),
+                        partitions: vec![],
+                        group_id: group.unwrap_or_default().into(),
+                        timestamp_ms,
+                    },
+                    Some(topic),
+                    group.unwrap_or_default(),
+                );
+                let mut subscriber = self.client.subscriber();
+                async move { subscriber.get_offsets(request).await }
+            })
+            .await?;
+        Ok(r.partitions)
     }
 
     /// Commits offsets for a group from outside membership (the group must have no live members).
@@ -474,33 +494,30 @@ impl Admin {
 
     /// Every consumer group.
     pub async fn groups(&self) -> Result<Vec<String>> {
-        let request = self.client.request(proto::ListGroupsRequest {}, None, None);
-        Ok(self
-            .client
-            .subscriber()
-            .list_groups(request)
-            .await
-            .map_err(Error::from)?
-            .into_inner()
-            .group_ids)
+        let r = self
+            .read(|| {
+                let request = self.client.request(proto::ListGroupsRequest {}, None, None);
+                let mut subscriber = self.client.subscriber();
+                async move { subscriber.list_groups(request).await }
+            })
+            .await?;
+        Ok(r.group_ids)
     }
 
     /// One consumer group: members, assignments, commits and lag.
     pub async fn group(&self, group_id: &str) -> Result<proto::GroupDescription> {
-        let request = self.client.group_request(
-            proto::DescribeGroupRequest {
-                group_id: group_id.into(),
-            },
-            None,
-            group_id,
-        );
-        Ok(self
-            .client
-            .subscriber()
-            .describe_group(request)
-            .await
-            .map_err(Error::from)?
-            .into_inner())
+        self.read(|| {
+            let request = self.client.group_request(
+                proto::DescribeGroupRequest {
+                    group_id: group_id.into(),
+                },
+                None,
+                group_id,
+            );
+            let mut subscriber = self.client.subscriber();
+            async move { subscriber.describe_group(request).await }
+        })
+        .await
     }
 
     /// Deletes a consumer group's committed offsets. Refused (FAILED_PRECONDITION, reason
