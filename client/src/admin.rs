@@ -106,21 +106,26 @@ impl Admin {
     }
 
     /// A read (describe, list, offsets, status): it changes nothing, so it is tried again while
-    /// the broker answers UNAVAILABLE (a controller or partition election in progress, a
-    /// partition still opening), backing off from 50 ms to 1 s, for up to the client's timeout
-    /// in all. `call` makes one attempt.
+    /// the broker answers that it is unavailable for now (UNAVAILABLE with a retry delay: a
+    /// controller or partition election in progress, a partition still opening), backing off
+    /// from 50 ms to 1 s, within the client's timeout in all. A broker that cannot be reached
+    /// (UNAVAILABLE without details, from the transport) fails at once. `call` makes one
+    /// attempt, with the time left.
     async fn read<T, F, Fut>(&self, mut call: F) -> Result<T>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(std::time::Duration) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
+        use tonic_types::StatusExt;
         let deadline = tokio::time::Instant::now() + self.client.timeout();
         let mut backoff = std::time::Duration::from_millis(50);
         loop {
-            match call().await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match call(left).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status)
                     if status.code() == tonic::Code::Unavailable
+                        && status.get_details_retry_info().is_some()
                         && tokio::time::Instant::now() + backoff < deadline =>
                 {
                     tokio::time::sleep(backoff).await;
@@ -182,12 +187,13 @@ impl Admin {
 
     /// Describes a topic.
     pub async fn topic(&self, name: &str) -> Result<proto::Topic> {
-        self.read(|| {
-            let request = self.client.request(
+        self.read(|left| {
+            let mut request = self.client.request(
                 proto::GetTopicRequest { name: name.into() },
                 Some(name),
                 None,
             );
+            request.set_timeout(left);
             let mut admin = self.client.topic_admin();
             async move { admin.get_topic(request).await }
         })
@@ -200,8 +206,8 @@ impl Admin {
         let mut page_token = String::new();
         loop {
             let page = self
-                .read(|| {
-                    let request = self.client.request(
+                .read(|left| {
+                    let mut request = self.client.request(
                         proto::ListTopicsRequest {
                             page_size: 1000,
                             page_token: page_token.clone(),
@@ -209,6 +215,7 @@ impl Admin {
                         None,
                         None,
                     );
+                    request.set_timeout(left);
                     let mut admin = self.client.topic_admin();
                     async move { admin.list_topics(request).await }
                 })
@@ -252,10 +259,11 @@ impl Admin {
 
     /// The cluster status.
     pub async fn cluster_status(&self) -> Result<proto::ClusterStatus> {
-        self.read(|| {
-            let request = self
+        self.read(|left| {
+            let mut request = self
                 .client
                 .request(proto::GetClusterStatusRequest {}, None, None);
+            request.set_timeout(left);
             let mut cluster = self.client.cluster();
             async move { cluster.get_cluster_status(request).await }
         })
@@ -363,8 +371,9 @@ impl Admin {
     /// stored in the controller).
     pub async fn acls(&self) -> Result<(bool, Vec<proto::AclRule>, Vec<proto::AclRule>)> {
         let r = self
-            .read(|| {
-                let request = self.client.request(proto::ListAclsRequest {}, None, None);
+            .read(|left| {
+                let mut request = self.client.request(proto::ListAclsRequest {}, None, None);
+                request.set_timeout(left);
                 let mut cluster = self.client.cluster();
                 async move { cluster.list_acls(request).await }
             })
@@ -388,14 +397,15 @@ impl Admin {
     /// Partitions with leaders and offsets (one topic, or all when `topic` is empty).
     pub async fn partitions(&self, topic: &str) -> Result<Vec<proto::PartitionInfo>> {
         let r = self
-            .read(|| {
-                let request = self.client.request(
+            .read(|left| {
+                let mut request = self.client.request(
                     proto::ListPartitionsRequest {
                         topic: topic.into(),
                     },
                     None,
                     None,
                 );
+                request.set_timeout(left);
                 let mut cluster = self.client.cluster();
                 async move { cluster.list_partitions(request).await }
             })
@@ -421,8 +431,8 @@ impl Admin {
         timestamp_ms: Option<i64>,
     ) -> Result<Vec<proto::PartitionOffsets>> {
         let r = self
-            .read(|| {
-                let request = self.client.group_request(
+            .read(|left| {
+                let mut request = self.client.group_request(
                     proto::GetOffsetsRequest {
                         topic: topic.into(),
                         partitions: vec![],
@@ -432,6 +442,7 @@ impl Admin {
                     Some(topic),
                     group.unwrap_or_default(),
                 );
+                request.set_timeout(left);
                 let mut subscriber = self.client.subscriber();
                 async move { subscriber.get_offsets(request).await }
             })
@@ -495,8 +506,9 @@ impl Admin {
     /// Every consumer group.
     pub async fn groups(&self) -> Result<Vec<String>> {
         let r = self
-            .read(|| {
-                let request = self.client.request(proto::ListGroupsRequest {}, None, None);
+            .read(|left| {
+                let mut request = self.client.request(proto::ListGroupsRequest {}, None, None);
+                request.set_timeout(left);
                 let mut subscriber = self.client.subscriber();
                 async move { subscriber.list_groups(request).await }
             })
@@ -506,14 +518,15 @@ impl Admin {
 
     /// One consumer group: members, assignments, commits and lag.
     pub async fn group(&self, group_id: &str) -> Result<proto::GroupDescription> {
-        self.read(|| {
-            let request = self.client.group_request(
+        self.read(|left| {
+            let mut request = self.client.group_request(
                 proto::DescribeGroupRequest {
                     group_id: group_id.into(),
                 },
                 None,
                 group_id,
             );
+            request.set_timeout(left);
             let mut subscriber = self.client.subscriber();
             async move { subscriber.describe_group(request).await }
         })

@@ -817,8 +817,8 @@ pub fn add_broker(brokers: &[Broker], extra: &[&str]) -> Broker {
     broker
 }
 
-/// [`add_broker`] with environment variables, returning once the broker listens (not waiting
-/// until it is ready: it may be refused).
+/// [`add_broker`] with environment variables, returning once the broker has printed that it
+/// listens (before it has joined, and without waiting until it is ready: it may be refused).
 pub fn add_broker_env(brokers: &[Broker], extra: &[&str], envs: &[(&str, &str)]) -> Broker {
     let last = brokers.last().expect("a cluster");
     let ip: std::net::Ipv4Addr = last

@@ -832,11 +832,12 @@ async fn a_joining_broker_below_the_feature_level_in_use_stops() {
     weft_tests::ok_stdout(&brokers[0].cli(&DENY_INTERN_PUBLISH));
     let mut old = weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_FEATURE_LEVEL", "0")]);
     let code = old.wait_exit(Duration::from_secs(30));
-    assert_ne!(code, Some(0), "a refused broker exits with an error");
+    assert_eq!(code, Some(1), "a refused broker exits with an error");
     let log = old.log();
     assert!(
         log.contains("the cluster refused this broker: broker 2 is at feature level 0")
-            && log.contains("has used level 1"),
+            && log.contains("has used level 1")
+            && log.contains("; stopping"),
         "{log}"
     );
     assert_eq!(

@@ -483,4 +483,7 @@ async fn admin_reads_ride_out_a_controller_election() {
     let topics = client.admin().topics().await.expect("topics");
     assert_eq!(topics.len(), 1, "{topics:?}");
     eprintln!("answered {:?} after the kill", started.elapsed());
+    // The answers came from the new controller leader (the group's coordinator).
+    let new_boss = coordinator(&brokers[survivor]).await;
+    assert_ne!(new_boss, boss, "a new controller leader was elected");
 }

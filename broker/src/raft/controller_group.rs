@@ -571,7 +571,9 @@ async fn probe_cluster(
 /// Joins the controller group through the seeds: asks each in turn (any broker forwards to the
 /// controller leader) until one has added this broker, backing off between rounds. Runs until it
 /// succeeds, or until the cluster refuses this broker for good (ABORTED: its build is below the
-/// feature level the cluster has used), which it reports through `refused`.
+/// feature level the cluster has used), which it reports through `refused`. A refusal naming
+/// another level (a follower of an older build forwarded the join and dropped the level) is
+/// not for good: it asks the next seed.
 async fn join(
     peers: Peers,
     seeds: Vec<(NodeId, String)>,
@@ -611,7 +613,7 @@ async fn join(
                     });
                     return;
                 }
-                Err(status) if status.code() == tonic::Code::Aborted => {
+                Err(status) if refuses_this_build(&status) => {
                     tracing::error!(seed, %address, "the cluster refused this broker: {}", status.message());
                     let _ = refused.send(Some(status.message().to_string()));
                     return;
@@ -624,6 +626,42 @@ async fn join(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// The ErrorInfo reason of a join refused for its feature level.
+const FEATURE_LEVEL_TOO_LOW: &str = "FEATURE_LEVEL_TOO_LOW";
+
+/// The refusal of broker `node`'s join: its build's level `features` is below `in_use`.
+fn join_refused(node: NodeId, features: u32, in_use: u32) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let details = ErrorDetails::with_error_info(
+        FEATURE_LEVEL_TOO_LOW,
+        crate::error::ERROR_DOMAIN,
+        [
+            ("features".to_string(), features.to_string()),
+            ("in_use".to_string(), in_use.to_string()),
+        ],
+    );
+    tonic::Status::with_error_details(
+        tonic::Code::Aborted,
+        format!(
+            "broker {node} is at feature level {features}, and this cluster has used level \
+             {in_use} (deny rules or offset resets): it would apply the controller log \
+             differently; run a newer build there"
+        ),
+        details,
+    )
+}
+
+/// Whether `status` refuses this broker's join for good: ABORTED for a feature level, the level
+/// the leader saw being this build's own (not a level lost on the way).
+fn refuses_this_build(status: &tonic::Status) -> bool {
+    use tonic_types::StatusExt;
+    status.code() == tonic::Code::Aborted
+        && status.get_details_error_info().is_some_and(|info| {
+            info.reason == FEATURE_LEVEL_TOO_LOW
+                && info.metadata.get("features") == Some(&super::feature_level().to_string())
+        })
 }
 
 /// How long a forwarded proposal may take at the leader.
@@ -714,13 +752,10 @@ impl pb::controller_server::Controller for ControllerService {
         let in_use = self.state.borrow().features_in_use;
         if message.features < in_use {
             // ABORTED, not FAILED_PRECONDITION: a joining seed reads FAILED_PRECONDITION as
-            // "no cluster here yet", and must never start a second cluster.
-            return Err(tonic::Status::aborted(format!(
-                "broker {} is at feature level {}, and this cluster has used level {in_use} \
-                 (deny rules or offset resets): it would apply the controller log differently; \
-                 run a newer build there",
-                message.node_id, message.features
-            )));
+            // "no cluster here yet", and must never start a second cluster. The level seen goes
+            // into ErrorInfo: a joiner stops only when it is its own (a follower of an older
+            // build that forwarded the join dropped the level, which then reads 0).
+            return Err(join_refused(message.node_id, message.features, in_use));
         }
         let membership = metrics.membership_config.membership().clone();
         let is_voter = membership.voter_ids().any(|id| id == message.node_id);
@@ -840,5 +875,31 @@ async fn repair_controller_log(
         );
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal naming this build's level stops the join; one naming another level (a
+    /// follower of an older build forwarded the join and dropped the level: it reads 0), or an
+    /// ABORTED without the refusal's details, does not.
+    #[test]
+    fn a_join_stops_only_on_a_refusal_of_its_own_level() {
+        let own = super::super::feature_level();
+        assert!(refuses_this_build(&join_refused(2, own, own + 1)));
+        assert!(!refuses_this_build(&join_refused(2, own + 1, own + 2)));
+        if own > 0 {
+            assert!(!refuses_this_build(&join_refused(2, 0, own)));
+        }
+        assert!(!refuses_this_build(&tonic::Status::aborted("other")));
+        let status = join_refused(9, 0, 1);
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert!(
+            status.message().contains("broker 9 is at feature level 0")
+                && status.message().contains("has used level 1"),
+            "{status:?}"
+        );
     }
 }
