@@ -523,6 +523,7 @@ impl Node {
             snapshot_interval_bytes: config.snapshot_interval_bytes,
             read_cache_bytes: usize::try_from(config.partition_read_cache_bytes)
                 .unwrap_or(usize::MAX),
+            direct_io: config.direct_io,
             producer_expiration_ms: config.producer_expiration_ms,
             flusher,
             peers: peers.clone(),

@@ -72,6 +72,8 @@ pub struct HostContext {
     pub snapshot_interval_bytes: u64,
     /// Each partition's tail cache.
     pub read_cache_bytes: usize,
+    /// Write segments with direct I/O.
+    pub direct_io: bool,
     /// Forget producers idle this long.
     pub producer_expiration_ms: u64,
     /// The node's flusher.
@@ -331,6 +333,7 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             members: spec.members.clone(),
             log_config: weft_storage::LogConfig {
                 tail_cache_bytes: context.read_cache_bytes,
+                direct_io: context.direct_io,
                 ..spec.config.log_config()
             },
             snapshot_interval_bytes: context.snapshot_interval_bytes,

@@ -293,6 +293,10 @@ impl PartitionLog {
                         detail: damage.detail,
                     });
                 }
+                if scan.padding_at.is_some() && seg.trim()? {
+                    // The zeros after the last frame of a direct write: nothing to report.
+                    seg.force_sync(&config)?;
+                }
                 if let Some(torn) = scan.torn_at {
                     seg.truncate(torn, &config)?;
                     report.torn_tail = Some(TornTail {
@@ -602,7 +606,13 @@ impl PartitionLog {
             prepared.segment.delete()?;
             return segment::sync_dir(&self.dir, &self.config);
         }
-        self.active_mut().mark_synced(ticket.sealed_len);
+        let active = self.active_mut();
+        active.mark_synced(ticket.sealed_len);
+        active.end_writes();
+        // The sealed file ends at its data: its index files describe it so. The cut reaches
+        // the disk with the next sync of this filesystem; should a crash come first, the next
+        // open finds the padding by a scan (see `Segment::scan`).
+        active.trim()?;
         self.durable = ticket.next;
         self.segments.push(prepared.segment);
         Ok(())
@@ -613,7 +623,12 @@ impl PartitionLog {
         let config = self.config.clone();
         let dir = self.dir.clone();
         let active = self.active_mut();
-        active.sync(&config)?;
+        active.end_writes();
+        if active.trim()? {
+            active.force_sync(&config)?;
+        } else {
+            active.sync(&config)?;
+        }
         active.write_index_files(&dir, &config)?;
         let (base, next_index) = (active.next_offset, active.next_index);
         self.durable = self.end();
@@ -1227,6 +1242,9 @@ impl PartitionLog {
     pub fn checkpoint(&mut self) -> Result<()> {
         self.flush()?;
         let config = self.config.clone();
+        if self.active_mut().trim()? {
+            self.active_mut().force_sync(&config)?;
+        }
         self.active().write_index_files(&self.dir, &config)
     }
 

@@ -44,6 +44,17 @@ const TIME_INDEX_HEADER_LEN: usize = 24;
 const TIME_INDEX_ENTRY_LEN: usize = 16;
 /// Reads from data files are done in chunks of at least this size.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
+/// Direct (`O_DIRECT`) writes cover whole blocks of this size, at offsets and from buffers
+/// aligned to it (4 KiB: the page size, and a multiple of every device's logical block).
+pub(crate) const DIRECT_BLOCK: u64 = 4096;
+/// A writing thread keeps its direct-write buffer for the next append up to this size.
+const DIRECT_SCRATCH_KEPT_MAX: usize = 2 * 1024 * 1024;
+
+thread_local! {
+    /// The buffer a thread assembles direct writes in: reused, so an append touches no fresh
+    /// memory (a new buffer per append would page-fault its way in).
+    static DIRECT_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 pub(crate) fn data_file_name(base_offset: u64) -> String {
     format!("{base_offset:020}.log")
@@ -180,6 +191,9 @@ pub(crate) struct ScanReport {
     pub(crate) damage: Vec<Damage>,
     /// Tail mode: position of the torn tail (the file should be cut here), if any.
     pub(crate) torn_at: Option<u64>,
+    /// Where the zero padding of a direct write begins (the file should be cut there; nothing
+    /// was lost), if the file ends in such padding.
+    pub(crate) padding_at: Option<u64>,
 }
 
 /// The outcome of checking the frame at one position.
@@ -236,6 +250,18 @@ impl<'a> Window<'a> {
         }
         let from = (pos - self.start) as usize;
         Ok(Some(self.buf.slice(from..from + len)))
+    }
+
+    /// Whether the file holds only zeros from `pos` to its end, which is the end of a block and
+    /// less than a block away: the padding of a direct write (see [`Writes::Direct`]).
+    fn is_padding(&mut self, pos: u64) -> Result<bool> {
+        let left = self.end.saturating_sub(pos);
+        if left == 0 || left >= DIRECT_BLOCK || !self.end.is_multiple_of(DIRECT_BLOCK) {
+            return Ok(false);
+        }
+        Ok(self
+            .slice(pos, left as usize)?
+            .is_some_and(|rest| rest.iter().all(|&b| b == 0)))
     }
 
     /// Checks the frame at `pos`: frame header, frame CRC, lengths, every batch's CRC and
@@ -339,6 +365,27 @@ pub(crate) struct Segment {
     /// Largest record timestamp; i64::MIN while there are no records.
     pub(crate) max_timestamp: i64,
     last_indexed: Option<u64>,
+    /// How appends reach the data file (see [`LogConfig::direct_io`]).
+    writes: Writes,
+}
+
+/// How a segment's appends reach its data file.
+#[derive(Debug)]
+enum Writes {
+    /// Through the page cache (also after the filesystem refused direct I/O).
+    Buffered,
+    /// Direct I/O not tried yet: the first append opens the file with `O_DIRECT`.
+    DirectUntried,
+    /// Direct I/O: whole blocks written from an aligned buffer, the last one padded with zeros
+    /// (the next append writes that block again, with its bytes and the new ones). So the file
+    /// may end in up to a block of zeros past `data_len`, until a roll or close trims it and a
+    /// scan after a crash recognises it (see [`Segment::scan`]).
+    Direct {
+        file: File,
+        /// The bytes of the data file's last partial block (from `data_len` rounded down to a
+        /// block up to `data_len`), as on disk; None when not known (read from the file then).
+        tail: Option<Vec<u8>>,
+    },
 }
 
 impl Segment {
@@ -376,6 +423,7 @@ impl Segment {
             first_timestamp: None,
             max_timestamp: i64::MIN,
             last_indexed: None,
+            writes: Writes::DirectUntried,
         }
     }
 
@@ -430,6 +478,25 @@ impl Segment {
         }
     }
 
+    /// Ends direct writing (the segment is sealed): closes the `O_DIRECT` handle.
+    pub(crate) fn end_writes(&mut self) {
+        if matches!(self.writes, Writes::Direct { .. }) {
+            self.writes = Writes::DirectUntried;
+        }
+    }
+
+    /// Cuts the zero padding that direct writes leave past `data_len` (see [`Writes::Direct`]),
+    /// not synced. True when the file was longer than `data_len`.
+    pub(crate) fn trim(&mut self) -> Result<bool> {
+        let file = self.file()?;
+        let len = file.metadata().io("stat segment", &self.path)?.len();
+        if len <= self.data_len {
+            return Ok(false);
+        }
+        file.set_len(self.data_len).io("trim segment", &self.path)?;
+        Ok(true)
+    }
+
     pub(crate) fn has_records(&self) -> bool {
         self.next_offset > self.base_offset
     }
@@ -476,8 +543,9 @@ impl Segment {
     }
 
     /// Writes one frame holding `batches` (one Raft entry) at the end of the data file (not
-    /// synced), with one vectored write: no copy of the batches, and the page cache touches
-    /// partial pages only at the frame's two ends (a write per piece would zero a page for each).
+    /// synced): with direct I/O when configured and the filesystem allows it, otherwise with one
+    /// vectored write through the page cache (no copy of the batches; the page cache touches
+    /// partial pages only at the frame's two ends).
     pub(crate) fn append(&mut self, batches: &[Batch], config: &LogConfig) -> Result<u64> {
         let position = self.data_len;
         let header = frame_header(self.synced_len, batches);
@@ -487,9 +555,16 @@ impl Segment {
         let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
         let at = position + len;
         let file = self.file()?;
-        let written = write_all_vectored_at(&file, &pieces, position);
+        let written = if config.direct_io && !matches!(self.writes, Writes::Buffered) {
+            self.write_direct(&file, &pieces, position, len)
+        } else {
+            write_all_vectored_at(&file, &pieces, position)
+        };
         if let Err(error) = written {
             // Undo a partial frame so the file ends on a frame boundary again.
+            if let Writes::Direct { tail, .. } = &mut self.writes {
+                *tail = None;
+            }
             return match file.set_len(position) {
                 Ok(()) => Err(error).io("append", &self.path),
                 Err(undo) => Err(Error::Poisoned(format!(
@@ -505,6 +580,86 @@ impl Segment {
             config.index_interval_bytes,
         );
         Ok(position)
+    }
+
+    /// Writes `pieces` (`len` bytes) at `position` with direct I/O: the block holding `position`
+    /// is written again with its bytes before `position` (the same bytes as on disk, so a torn
+    /// write of it changes none of them), then the pieces, then zeros to the end of the last
+    /// block. Falls back to buffered writes for good when the filesystem refuses `O_DIRECT`.
+    fn write_direct(
+        &mut self,
+        buffered: &File,
+        pieces: &[&[u8]],
+        position: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
+        if matches!(self.writes, Writes::DirectUntried) {
+            use std::os::unix::fs::OpenOptionsExt;
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(&self.path)
+            {
+                Ok(file) => self.writes = Writes::Direct { file, tail: None },
+                Err(error)
+                    if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
+                {
+                    tracing::warn!(path = %self.path.display(), "the filesystem refuses direct I/O: segments are written through the page cache");
+                    self.writes = Writes::Buffered;
+                    return write_all_vectored_at(buffered, pieces, position);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        let Writes::Direct { file, tail } = &mut self.writes else {
+            return write_all_vectored_at(buffered, pieces, position);
+        };
+        let block = DIRECT_BLOCK as usize;
+        let start = position - position % DIRECT_BLOCK;
+        let head_len = (position - start) as usize;
+        let head = match tail.take() {
+            Some(known) if known.len() == head_len => known,
+            _ => {
+                let mut head = vec![0u8; head_len];
+                buffered.read_exact_at(&mut head, start)?;
+                head
+            }
+        };
+        let total = head_len + len as usize;
+        let padded = total.div_ceil(block) * block;
+        let written = DIRECT_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < padded + block {
+                scratch.resize(padded + block, 0);
+            }
+            let skip = scratch.as_ptr().align_offset(block);
+            let out = &mut scratch[skip..skip + padded];
+            out[..head_len].copy_from_slice(&head);
+            let mut at = head_len;
+            for piece in pieces {
+                out[at..at + piece.len()].copy_from_slice(piece);
+                at += piece.len();
+            }
+            out[at..].fill(0);
+            let written = write_all_direct(file, out, start);
+            if written.is_ok() {
+                let end = position + len;
+                let tail_start = (end - end % DIRECT_BLOCK - start) as usize;
+                *tail = Some(out[tail_start..total].to_vec());
+            }
+            if scratch.capacity() > DIRECT_SCRATCH_KEPT_MAX {
+                *scratch = Vec::new();
+            }
+            written
+        });
+        match written {
+            Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                tracing::warn!(path = %self.path.display(), "the filesystem refuses direct writes: segments are written through the page cache");
+                self.writes = Writes::Buffered;
+                write_all_vectored_at(buffered, pieces, position)
+            }
+            written => written,
+        }
     }
 
     /// fdatasync the data file if anything is unsynced.
@@ -556,6 +711,9 @@ impl Segment {
         self.max_timestamp = i64::MIN;
         self.last_indexed = None;
         self.data_len = 0;
+        if let Writes::Direct { tail, .. } = &mut self.writes {
+            *tail = None;
+        }
         let mut report = ScanReport::default();
         let file = self.file()?;
         let path = self.path.clone();
@@ -577,6 +735,11 @@ impl Segment {
                 ),
                 Frame::Invalid(detail) => detail,
             };
+            if window.is_padding(position)? {
+                // The zeros a direct write leaves after the last frame: the data ends here.
+                report.padding_at = Some(position);
+                break;
+            }
             // A damaged frame: look for the next valid frame that continues the log.
             let resume = self.resync(&mut window, position + 1)?;
             let proven_durable = match resume {
@@ -1105,6 +1268,33 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).io("read index", path),
     }
+}
+
+/// Writes `buf` (whole aligned blocks) at `offset` through an `O_DIRECT` handle, retrying short
+/// writes (which end on a block boundary when they happen).
+fn write_all_direct(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0usize;
+    // Bounded: every turn writes at least one byte or fails.
+    while done < buf.len() {
+        match rustix::io::pwrite(file, &buf[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "direct write wrote nothing",
+                ));
+            }
+            Ok(n) if n % DIRECT_BLOCK as usize != 0 && done + n < buf.len() => {
+                return Err(std::io::Error::other(format!(
+                    "direct write stopped inside a block ({n} of {} bytes)",
+                    buf.len() - done
+                )));
+            }
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Writes every piece, in order, at `offset` with `pwritev`, retrying short writes.

@@ -614,7 +614,7 @@ fn an_entry_of_several_batches_is_one_frame_kept_or_cut_whole() {
         .map(|e| e.expect("entry").path())
         .find(|p| p.extension().is_some_and(|e| e == "log"))
         .expect("segment");
-    let len = std::fs::metadata(&data).expect("stat").len();
+    let len = cut_direct_padding(&data);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&data)
@@ -821,5 +821,116 @@ fn bytes_after_an_index_measure_what_a_replica_there_lacks() {
         );
         assert!(got <= previous, "never grows with the index");
         previous = got;
+    }
+}
+
+/// The data files of `dir`, oldest first.
+fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Whether files in `dir` can be opened for direct I/O (a filesystem that refuses it gets
+/// buffered writes, which leave no padding).
+fn direct_io_works(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(0o40000) // O_DIRECT on x86-64 and aarch64 Linux
+        .open(dir.join("probe"))
+        .is_ok()
+}
+
+#[test]
+fn direct_writes_pad_the_last_block_and_every_open_cuts_the_padding() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let direct = direct_io_works(dir.path());
+    let _ = std::fs::remove_file(dir.path().join("probe"));
+    let mut rng = rng(21);
+    let config = small_config();
+    assert!(config.direct_io, "direct I/O is the default");
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    let mut expected: Vec<Expected> = (0..200)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    log.flush().expect("flush");
+    assert!(log.segment_count() > 3, "small segments roll");
+    let check = |log: &PartitionLog, expected: &[Expected], what: &str| {
+        let got = read_all_entries(log).expect("read");
+        assert_eq!(got.len(), expected.len(), "{what}");
+        for (batch, want) in got.iter().zip(expected) {
+            assert_eq!(batch.bytes(), &want.bytes, "{what}");
+        }
+    };
+    check(&log, &expected, "written");
+    drop(log); // unclean: the tail keeps its padding
+    let files = data_files(dir.path());
+    let tail = files.last().expect("a segment").clone();
+    let padded = std::fs::metadata(&tail).expect("stat").len();
+    if direct {
+        assert_eq!(padded % 4096, 0, "direct writes leave whole blocks");
+    }
+    let tail_bytes = std::fs::read(&tail).expect("read tail");
+    let zeros = tail_bytes.iter().rev().take_while(|&&b| b == 0).count();
+
+    // A reopen after the crash cuts the padding: nothing reported, nothing lost.
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("reopen unclean");
+    let report = log.recovery_report().clone();
+    assert_eq!(report.torn_tail, None, "padding is not a torn tail");
+    assert!(report.corruptions.is_empty(), "{report:?}");
+    check(&log, &expected, "after an unclean reopen");
+    let cut = std::fs::metadata(&tail).expect("stat").len();
+    assert!(
+        cut <= padded && padded - cut <= zeros as u64,
+        "only zeros cut"
+    );
+    if direct {
+        assert!(padded > cut && padded - cut < 4096, "{padded} -> {cut}");
+    }
+
+    // Appends continue inside the block the padding was cut from.
+    for _ in 0..30 {
+        expected.push(append_random(&mut log, &mut rng, 200));
+    }
+    log.flush().expect("flush");
+    check(&log, &expected, "appended after the reopen");
+    log.close().expect("close");
+
+    // A clean close leaves every file at its data: the index files match, nothing is scanned.
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("reopen clean");
+    let report = log.recovery_report().clone();
+    assert!(report.clean_shutdown, "{report:?}");
+    assert!(
+        report.rebuilt_indexes.is_empty(),
+        "sealed segments were trimmed at their roll: {report:?}"
+    );
+    check(&log, &expected, "after a clean reopen");
+
+    // Damage in the padding is a torn tail: cut, and no entry lost.
+    let mut log = log;
+    for _ in 0..3 {
+        expected.push(append_random(&mut log, &mut rng, 50));
+    }
+    log.flush().expect("flush");
+    drop(log);
+    let tail = data_files(dir.path()).last().expect("a segment").clone();
+    let mut bytes = std::fs::read(&tail).expect("read tail");
+    let len = bytes.len();
+    if direct {
+        assert_eq!(bytes[len - 1], 0, "the last block is padded");
+        bytes[len - 1] = 0x5a;
+        std::fs::write(&tail, &bytes).expect("damage the padding");
+        let log = PartitionLog::open(dir.path(), config).expect("reopen after damage");
+        let report = log.recovery_report().clone();
+        assert!(report.torn_tail.is_some(), "{report:?}");
+        assert!(report.corruptions.is_empty(), "{report:?}");
+        check(&log, &expected, "after damage in the padding");
     }
 }

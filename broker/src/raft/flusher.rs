@@ -5,7 +5,7 @@
 //! append's callback before the next append of that group), write each group's pending entries
 //! to its log, then make every log that needs it durable: by default one `syncfs` of the data
 //! filesystem when two logs or more need it (measured on max-throughput-16p: ~25% more than an
-//! fdatasync per file), or an fdatasync per log side by side on up to [`SYNCS_IN_PARALLEL_MAX`]
+//! fdatasync per file), or an fdatasync per log side by side on up to [`FLUSH_THREADS_MAX`]
 //! threads (`flush_sync = "fdatasync"`, for a filesystem shared with other writers); then complete
 //! the callbacks. Requests that arrive during a round wait for the next, so under load every
 //! round carries many groups' entries.
@@ -27,8 +27,8 @@ use openraft::storage::LogFlushed;
 use super::TypeConfig;
 use super::log_store::Shared;
 
-/// Most fdatasyncs run at the same time in one round.
-pub(super) const SYNCS_IN_PARALLEL_MAX: usize = 8;
+/// Most fdatasyncs run at the same time in one round (the flusher's thread and its pool's).
+pub(super) const FLUSH_THREADS_MAX: usize = 8;
 /// Most flush requests taken into one round.
 const ROUND_REQUESTS_MAX: usize = 4096;
 
@@ -96,7 +96,7 @@ struct Unsynced {
 
 fn run(queue: Receiver<Request>, mode: SyncMode) {
     let mut unsynced: HashMap<usize, Unsynced> = HashMap::new();
-    let pool = match SyncPool::start(SYNCS_IN_PARALLEL_MAX - 1) {
+    let pool = match Pool::start(FLUSH_THREADS_MAX - 1) {
         Ok(pool) => Some(pool),
         Err(e) => {
             tracing::warn!("no sync threads ({e}): the flusher syncs one file at a time");
@@ -139,11 +139,12 @@ fn round(
     requests: Vec<Request>,
     unsynced: &mut HashMap<usize, Unsynced>,
     closing: bool,
-    pool: Option<&SyncPool>,
+    pool: Option<&Pool>,
     mode: SyncMode,
 ) {
     let started = Instant::now();
-    // Write every group's pending entries.
+    // Write every group's pending entries (one after another: side by side measured no faster,
+    // the device's bandwidth being the limit while they run).
     let written: Vec<Result<(), String>> =
         requests.iter().map(|r| r.shared.write_pending()).collect();
     let write_done = Instant::now();
@@ -212,21 +213,17 @@ fn round(
     }
 }
 
-type SyncJob = (
-    usize,
-    weft_storage::SyncTicket,
-    Sender<(usize, weft_storage::SyncTicket, weft_storage::Result<()>)>,
-);
+type Job = Box<dyn FnOnce() + Send>;
 
-/// Threads that run fdatasyncs for the flusher, so that one round's syncs run side by side
-/// (threads started once, not per round).
-struct SyncPool {
-    jobs: Sender<SyncJob>,
+/// Threads that run the flusher's fdatasyncs, so that one round's run side by side (threads
+/// started once, not per round).
+struct Pool {
+    jobs: Sender<Job>,
 }
 
-impl SyncPool {
-    fn start(threads: usize) -> std::io::Result<SyncPool> {
-        let (jobs, queue) = mpsc::channel::<SyncJob>();
+impl Pool {
+    fn start(threads: usize) -> std::io::Result<Pool> {
+        let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(std::sync::Mutex::new(queue));
         for n in 0..threads {
             let queue = queue.clone();
@@ -238,24 +235,59 @@ impl SyncPool {
                             Ok(q) => q.recv(),
                             Err(_) => return,
                         };
-                        let Ok((i, ticket, reply)) = job else { return };
-                        let outcome = ticket.sync();
-                        let _ = reply.send((i, ticket, outcome));
+                        let Ok(job) = job else { return };
+                        job();
                     }
                 })?;
         }
-        Ok(SyncPool { jobs })
+        Ok(Pool { jobs })
     }
+}
+
+/// Runs `work` on every item side by side: the calling thread takes the first item, the pool
+/// the others (the calling thread all of them without a pool). The outcomes, in order; None for
+/// a job that ended without one (it panicked).
+fn side_by_side<I, T>(pool: Option<&Pool>, items: Vec<I>, work: fn(I) -> T) -> Vec<Option<T>>
+where
+    I: Send + 'static,
+    T: Send + 'static,
+{
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else {
+        return Vec::new();
+    };
+    let (reply, replies) = mpsc::channel::<(usize, T)>();
+    let mut outcomes: Vec<Option<T>> = Vec::new();
+    outcomes.push(None);
+    for (i, item) in items.enumerate() {
+        let i = i + 1;
+        outcomes.push(None);
+        let reply = reply.clone();
+        let job: Job = Box::new(move || {
+            let _ = reply.send((i, work(item)));
+        });
+        match pool {
+            Some(pool) => {
+                if let Err(mpsc::SendError(job)) = pool.jobs.send(job) {
+                    job();
+                }
+            }
+            None => job(),
+        }
+    }
+    outcomes[0] = Some(work(first));
+    drop(reply);
+    // Bounded: one reply per job, and the channel ends once every job has run or been dropped.
+    for (i, outcome) in replies.iter() {
+        outcomes[i] = Some(outcome);
+    }
+    outcomes
 }
 
 /// Syncs every log: with [`SyncMode::Syncfs`] and two logs or more, one `syncfs` of their
 /// filesystem; otherwise an fdatasync per log, side by side (the flusher's thread runs the first
 /// itself, the pool the others). The outcome per log, in order.
-fn sync_all(
-    logs: &[Arc<Shared>],
-    pool: Option<&SyncPool>,
-    mode: SyncMode,
-) -> Vec<Result<(), String>> {
+fn sync_all(logs: &[Arc<Shared>], pool: Option<&Pool>, mode: SyncMode) -> Vec<Result<(), String>> {
     // Prepare each log's sync under its lock; the fdatasync itself runs outside it.
     let mut tickets: Vec<Result<Option<weft_storage::SyncTicket>, String>> = logs
         .iter()
@@ -289,41 +321,30 @@ fn sync_all(
             return finish(logs, tickets, outcomes);
         }
     }
-    let mut mine: Option<usize> = None;
-    let (reply, replies) = mpsc::channel();
-    let mut sent = 0usize;
-    for (i, slot) in tickets.iter_mut().enumerate() {
-        let Ok(Some(_)) = slot else { continue };
-        if mine.is_none() || pool.is_none() {
-            if mine.is_none() {
-                mine = Some(i);
-            } else if let Ok(Some(ticket)) = slot {
-                outcomes[i] = Some(ticket.sync());
+    let live: Vec<(usize, weft_storage::SyncTicket)> = tickets
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, slot)| match std::mem::replace(slot, Ok(None)) {
+            Ok(Some(ticket)) => Some((i, ticket)),
+            other => {
+                *slot = other;
+                None
             }
-            continue;
-        }
-        if let (Some(pool), Ok(Some(ticket))) = (pool, std::mem::replace(slot, Ok(None))) {
-            match pool.jobs.send((i, ticket, reply.clone())) {
-                Ok(()) => sent += 1,
-                Err(mpsc::SendError((i, ticket, _))) => {
-                    outcomes[i] = Some(ticket.sync());
-                    *slot = Ok(Some(ticket));
-                }
-            }
-        }
-    }
-    if let Some(i) = mine
-        && let Ok(Some(ticket)) = &tickets[i]
-    {
-        outcomes[i] = Some(ticket.sync());
-    }
-    for _ in 0..sent {
-        match replies.recv() {
-            Ok((i, ticket, outcome)) => {
+        })
+        .collect();
+    let indices: Vec<usize> = live.iter().map(|(i, _)| *i).collect();
+    let synced = side_by_side(pool, live, |(i, ticket)| {
+        let outcome = ticket.sync();
+        (i, ticket, outcome)
+    });
+    for (&i, done) in indices.iter().zip(synced) {
+        match done {
+            Some((_, ticket, outcome)) => {
                 outcomes[i] = Some(outcome);
                 tickets[i] = Ok(Some(ticket));
             }
-            Err(_) => break,
+            // Never reported durable: the sync did not run to its end.
+            None => tickets[i] = Err("the log's sync did not run".into()),
         }
     }
     let synced = outcomes.iter().filter(|o| o.is_some()).count();
