@@ -196,7 +196,7 @@ fn flips_in_the_tail_after_a_crash_are_reported_never_served() {
         .find(|p| p.extension().is_some_and(|e| e == "log"))
         .expect("data");
     // Only frames: flips in a direct write's zero padding are tested in log_basics.
-    cut_direct_padding(&file);
+    cut_direct_padding(dir.path(), &config);
     let files = snapshot(dir.path());
     let layout = frames(&files[&file]);
     let (mut as_corruption, mut as_torn) = (0, 0);

@@ -614,7 +614,8 @@ fn an_entry_of_several_batches_is_one_frame_kept_or_cut_whole() {
         .map(|e| e.expect("entry").path())
         .find(|p| p.extension().is_some_and(|e| e == "log"))
         .expect("segment");
-    let len = cut_direct_padding(&data);
+    cut_direct_padding(dir.path(), &config);
+    let len = std::fs::metadata(&data).expect("stat").len();
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&data)

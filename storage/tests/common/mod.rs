@@ -145,24 +145,9 @@ pub fn seed(test: &str) -> u64 {
     seed
 }
 
-/// Cuts the zeros a direct write leaves after a data file's last frame (less than a 4 KiB block,
-/// up to a block boundary), as a roll or a clean close does: the file then holds only frames.
-/// Returns the new length.
-pub fn cut_direct_padding(path: &Path) -> u64 {
-    let bytes = std::fs::read(path).expect("read segment");
-    let len = bytes.len();
-    let mut end = len;
-    while end > 0 && bytes[end - 1] == 0 && len - end < 4095 {
-        end -= 1;
-    }
-    if !len.is_multiple_of(4096) || end == len {
-        return len as u64;
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open segment")
-        .set_len(end as u64)
-        .expect("cut padding");
-    end as u64
+/// Cuts the zeros a direct write leaves after the last frame of the log in `dir` (left by a
+/// crash: a log dropped without closing) the way the log does, by opening it, and drops it again
+/// without closing: the files then hold only frames, and the next open still scans the tail.
+pub fn cut_direct_padding(dir: &Path, config: &LogConfig) {
+    drop(PartitionLog::open(dir, config.clone()).expect("open to cut the padding"));
 }
