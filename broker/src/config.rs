@@ -116,9 +116,10 @@ pub struct Config {
     /// partition log, side by side; for a filesystem shared with other busy writers).
     pub flush_sync: String,
     /// Write partition segments with direct I/O (`O_DIRECT`, whole 4 KiB blocks) instead of
-    /// through the page cache: no copy into the kernel per append. The sync before an
-    /// acknowledgement is unchanged. A filesystem that refuses direct I/O gets buffered writes
-    /// (with a warning in the log).
+    /// through the page cache: no copy into the kernel per append and no page cache charged to
+    /// the broker's memory limit for its writes; reads older than the tail cache then come from
+    /// the disk. The sync before an acknowledgement is unchanged. A filesystem that refuses
+    /// direct I/O gets buffered writes (with a warning in the log). Off by default.
     pub direct_io: bool,
     /// A partition forgets an idempotent producer whose last batch is older than this (by record
     /// timestamps), as Kafka's `producer.id.expiration.ms` does: its state no longer grows with
@@ -361,7 +362,7 @@ impl Default for Config {
             snapshot_interval_bytes: 64 * 1024 * 1024,
             partition_read_cache_bytes: 2 * 1024 * 1024,
             flush_sync: "syncfs".into(),
-            direct_io: true,
+            direct_io: false,
             producer_expiration_ms: 24 * 3600 * 1000,
             shutdown_grace_ms: 10_000,
             leader_balance_interval_ms: 5000,

@@ -54,9 +54,10 @@ pub struct LogConfig {
     /// [`crate::TailCache`]); 0 keeps none.
     pub tail_cache_bytes: usize,
     /// Write the active segment with direct I/O (`O_DIRECT`, in whole 4 KiB blocks) instead of
-    /// through the page cache: no copy into the kernel and no page-cache pages to allocate per
-    /// append (on a virtual machine that is most of an append's CPU). The sync that follows is
-    /// unchanged. A filesystem that refuses direct I/O gets buffered writes, with a warning.
+    /// through the page cache: no copy into the kernel and no page-cache pages per append (so a
+    /// container's memory limit does not carry them), but reads of data older than the tail
+    /// cache then come from the disk. The sync that follows is unchanged. A filesystem that
+    /// refuses direct I/O gets buffered writes, with a warning. Off by default.
     pub direct_io: bool,
     /// Told about every fsync; for crash testing.
     pub sync_listener: Option<Arc<dyn SyncListener>>,
@@ -74,7 +75,7 @@ impl Default for LogConfig {
             retention_ms: None,
             open_segments_max: 8,
             tail_cache_bytes: 2 * 1024 * 1024,
-            direct_io: true,
+            direct_io: false,
             sync_listener: None,
         }
     }

@@ -856,7 +856,7 @@ fn direct_writes_pad_the_last_block_and_every_open_cuts_the_padding() {
     let _ = std::fs::remove_file(dir.path().join("probe"));
     let mut rng = rng(21);
     let config = small_config();
-    assert!(config.direct_io, "direct I/O is the default");
+    assert!(config.direct_io, "the storage tests write with direct I/O");
     let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
     let mut expected: Vec<Expected> = (0..200)
         .map(|_| append_random(&mut log, &mut rng, 200))
