@@ -610,9 +610,12 @@ impl PartitionLog {
         active.mark_synced(ticket.sealed_len);
         active.end_writes();
         // The sealed file ends at its data: its index files describe it so. The cut reaches
-        // the disk with the next sync of this filesystem; should a crash come first, the next
-        // open finds the padding by a scan (see `Segment::scan`).
-        active.trim()?;
+        // the disk with a later sync (or journal commit) of this filesystem; should a crash come
+        // first, or the cut fail, the next open finds the padding by a scan (see
+        // `Segment::scan`).
+        if let Err(error) = active.trim() {
+            tracing::warn!(segment = %active.path.display(), "could not cut a sealed segment's padding: {error}");
+        }
         self.durable = ticket.next;
         self.segments.push(prepared.segment);
         Ok(())
@@ -943,7 +946,9 @@ impl PartitionLog {
                 end - range.position
             )));
         }
-        let segment = &self.segments[i];
+        let segment = &mut self.segments[i];
+        // A direct writer's copy of the last block may hold the damaged bytes: read it again.
+        segment.forget_tail();
         let file = segment.file()?;
         use std::os::unix::fs::FileExt;
         file.write_all_at(&bytes, range.position)

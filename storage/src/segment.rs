@@ -478,6 +478,14 @@ impl Segment {
         }
     }
 
+    /// Forgets the copy of the data file's last block kept for direct writes (the file was
+    /// changed another way): the next direct write reads it from the file.
+    pub(crate) fn forget_tail(&mut self) {
+        if let Writes::Direct { tail, .. } = &mut self.writes {
+            *tail = None;
+        }
+    }
+
     /// Ends direct writing (the segment is sealed): closes the `O_DIRECT` handle.
     pub(crate) fn end_writes(&mut self) {
         if matches!(self.writes, Writes::Direct { .. }) {
@@ -654,7 +662,7 @@ impl Segment {
         });
         match written {
             Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                tracing::warn!(path = %self.path.display(), "the filesystem refuses direct writes: segments are written through the page cache");
+                refused_direct_io(&self.path);
                 self.writes = Writes::Buffered;
                 write_all_vectored_at(buffered, pieces, position)
             }
@@ -1267,6 +1275,18 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).io("read index", path),
+    }
+}
+
+/// Warns, once per process, that a filesystem refused direct I/O (each segment then falls back on
+/// its own, quietly).
+fn refused_direct_io(path: &Path) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            path = %path.display(),
+            "the filesystem refuses direct I/O: segments are written through the page cache"
+        );
     }
 }
 

@@ -544,3 +544,72 @@ fn truncation_after_at_or_inside_damaged_entries_works() {
         assert_eq!(log.end().next_index, cut + 1);
     }
 }
+
+/// A repair inside the last block of the active segment stays repaired when the log then writes
+/// with direct I/O: the writer's copy of that block (read before the repair, damage included)
+/// is not written back over the repaired bytes.
+#[test]
+fn a_repair_in_the_last_block_survives_later_direct_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(34);
+    let config = LogConfig {
+        direct_io: true,
+        segment_bytes_max: 1 << 20,
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    let mut expected: Vec<Expected> = (0..6)
+        .map(|_| append_random(&mut log, &mut rng, 40))
+        .collect();
+    log.close().expect("close");
+    let segment = fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("data file");
+    let mut bytes = fs::read(&segment).expect("read");
+    assert!(bytes.len() < 4096, "every frame in the one last block");
+    let positions = frames(&bytes);
+    let (position, len, _) = positions[2];
+    bytes[position + len / 2] ^= 0x10;
+    fs::write(&segment, &bytes).expect("damage");
+
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("reopen");
+    let end_index = log.end().next_index;
+    let mut from = log.first_index().expect("entries");
+    loop {
+        match log.read_entries(from, end_index, 64 * 1024) {
+            Ok(batches) => from = batches.last().expect("batches").header().index + 1,
+            Err(Error::Corruption { .. }) => break,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    let range = log
+        .map_damage(from)
+        .expect("map damage")
+        .expect("a damaged range");
+    assert!(range.resumes_at.is_some(), "intact frames follow it");
+    // A direct write reads the last block, damage included, before the repair.
+    expected.push(append_random(&mut log, &mut rng, 40));
+    log.flush().expect("flush");
+    let entries: Vec<Vec<Batch>> = (range.first_index..range.next_index)
+        .map(|i| vec![Batch::decode(expected[i as usize].bytes.clone()).expect("batch")])
+        .collect();
+    log.repair(&range, &entries).expect("repair");
+    // The next direct write covers the same block again.
+    expected.push(append_random(&mut log, &mut rng, 40));
+    log.flush().expect("flush");
+    drop(log);
+
+    let log = PartitionLog::open(dir.path(), config).expect("reopen after the repair");
+    assert!(
+        log.recovery_report().corruptions.is_empty(),
+        "the repair was undone: {:?}",
+        log.recovery_report()
+    );
+    let got = read_all_entries(&log).expect("every entry reads");
+    assert_eq!(got.len(), expected.len());
+    for (batch, want) in got.iter().zip(&expected) {
+        assert_eq!(batch.bytes(), &want.bytes);
+    }
+}

@@ -74,6 +74,8 @@ fn power_loss_keeps_every_acknowledged_batch() {
         let recorder = SyncRecorder::new();
         let config = LogConfig {
             sync_listener: Some(recorder.clone()),
+            // Every other round writes with direct I/O (whole blocks, the last one padded).
+            direct_io: round % 2 == 1,
             ..small_config()
         };
         let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");

@@ -840,13 +840,17 @@ fn data_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// buffered writes, which leave no padding).
 fn direct_io_works(dir: &std::path::Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    let works = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .custom_flags(0o40000) // O_DIRECT on x86-64 and aarch64 Linux
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
         .open(dir.join("probe"))
-        .is_ok()
+        .is_ok();
+    if !works {
+        eprintln!("this filesystem refuses O_DIRECT: only the buffered fallback is checked");
+    }
+    works
 }
 
 #[test]
@@ -855,8 +859,10 @@ fn direct_writes_pad_the_last_block_and_every_open_cuts_the_padding() {
     let direct = direct_io_works(dir.path());
     let _ = std::fs::remove_file(dir.path().join("probe"));
     let mut rng = rng(21);
-    let config = small_config();
-    assert!(config.direct_io, "the storage tests write with direct I/O");
+    let config = LogConfig {
+        direct_io: true,
+        ..small_config()
+    };
     let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
     let mut expected: Vec<Expected> = (0..200)
         .map(|_| append_random(&mut log, &mut rng, 200))

@@ -12,6 +12,8 @@ const TAIL_CACHE_BYTES: usize = 3000;
 fn small_config() -> LogConfig {
     LogConfig {
         tail_cache_bytes: TAIL_CACHE_BYTES,
+        // The model runs with direct writes (`direct_io`); crash.rs alternates both ways.
+        direct_io: true,
         ..common::small_config()
     }
 }

@@ -100,6 +100,22 @@ async fn kill_9_during_publishing_with_direct_io_loses_no_acknowledged_record() 
     kill_9_during_publishing(broker, |broker| {
         // Written directly, in whole blocks: each partition's active data file ends on a block
         // boundary (its last block padded with zeros) until the restart cuts the padding.
+        let probe = broker.data_dir().join("direct-io-probe");
+        let direct = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(&probe)
+                .is_ok()
+        };
+        let _ = std::fs::remove_file(&probe);
+        if !direct {
+            eprintln!("this filesystem refuses O_DIRECT: the broker wrote through the page cache");
+            return;
+        }
         let topics = broker.data_dir().join("topics");
         let mut active = Vec::new();
         for topic in std::fs::read_dir(&topics).expect("topics") {

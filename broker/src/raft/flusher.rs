@@ -215,7 +215,7 @@ fn round(
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Threads that run the flusher's fdatasyncs, so that one round's run side by side (threads
+/// Threads that run the flusher's fdatasyncs, so that one round's syncs run side by side (threads
 /// started once, not per round).
 struct Pool {
     jobs: Sender<Job>,

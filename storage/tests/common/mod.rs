@@ -23,8 +23,6 @@ pub fn small_config() -> LogConfig {
         segment_bytes_max: 8 * 1024,
         index_interval_bytes: 512,
         batch_bytes_max: 4 * 1024,
-        // The storage tests write with direct I/O (the broker's tests with its default).
-        direct_io: true,
         ..LogConfig::default()
     }
 }
