@@ -293,9 +293,9 @@ impl PartitionLog {
                         detail: damage.detail,
                     });
                 }
-                if scan.padding_at.is_some() && seg.trim()? {
+                if scan.padding_at.is_some() {
                     // The zeros after the last frame of a direct write: nothing to report.
-                    seg.force_sync(&config)?;
+                    seg.cut_padding(&config)?;
                 }
                 if let Some(torn) = scan.torn_at {
                     seg.truncate(torn, &config)?;
@@ -627,11 +627,8 @@ impl PartitionLog {
         let dir = self.dir.clone();
         let active = self.active_mut();
         active.end_writes();
-        if active.trim()? {
-            active.force_sync(&config)?;
-        } else {
-            active.sync(&config)?;
-        }
+        active.cut_padding(&config)?;
+        active.sync(&config)?;
         active.write_index_files(&dir, &config)?;
         let (base, next_index) = (active.next_offset, active.next_index);
         self.durable = self.end();
@@ -1247,9 +1244,7 @@ impl PartitionLog {
     pub fn checkpoint(&mut self) -> Result<()> {
         self.flush()?;
         let config = self.config.clone();
-        if self.active_mut().trim()? {
-            self.active_mut().force_sync(&config)?;
-        }
+        self.active_mut().cut_padding(&config)?;
         self.active().write_index_files(&self.dir, &config)
     }
 

@@ -493,6 +493,14 @@ impl Segment {
         }
     }
 
+    /// [`Segment::trim`], and makes the cut durable when there was padding to cut.
+    pub(crate) fn cut_padding(&mut self, config: &LogConfig) -> Result<()> {
+        if self.trim()? {
+            self.force_sync(config)?;
+        }
+        Ok(())
+    }
+
     /// Cuts the zero padding that direct writes leave past `data_len` (see [`Writes::Direct`]),
     /// not synced. True when the file was longer than `data_len`.
     pub(crate) fn trim(&mut self) -> Result<bool> {
@@ -570,9 +578,7 @@ impl Segment {
         };
         if let Err(error) = written {
             // Undo a partial frame so the file ends on a frame boundary again.
-            if let Writes::Direct { tail, .. } = &mut self.writes {
-                *tail = None;
-            }
+            self.forget_tail();
             return match file.set_len(position) {
                 Ok(()) => Err(error).io("append", &self.path),
                 Err(undo) => Err(Error::Poisoned(format!(
@@ -612,7 +618,7 @@ impl Segment {
                 Err(error)
                     if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
                 {
-                    tracing::warn!(path = %self.path.display(), "the filesystem refuses direct I/O: segments are written through the page cache");
+                    refused_direct_io(&self.path);
                     self.writes = Writes::Buffered;
                     return write_all_vectored_at(buffered, pieces, position);
                 }
@@ -625,7 +631,7 @@ impl Segment {
         let block = DIRECT_BLOCK as usize;
         let start = position - position % DIRECT_BLOCK;
         let head_len = (position - start) as usize;
-        let head = match tail.take() {
+        let mut head = match tail.take() {
             Some(known) if known.len() == head_len => known,
             _ => {
                 let mut head = vec![0u8; head_len];
@@ -653,7 +659,10 @@ impl Segment {
             if written.is_ok() {
                 let end = position + len;
                 let tail_start = (end - end % DIRECT_BLOCK - start) as usize;
-                *tail = Some(out[tail_start..total].to_vec());
+                // The head's buffer holds the new last block: no allocation per append.
+                head.clear();
+                head.extend_from_slice(&out[tail_start..total]);
+                *tail = Some(head);
             }
             if scratch.capacity() > DIRECT_SCRATCH_KEPT_MAX {
                 *scratch = Vec::new();
@@ -719,9 +728,7 @@ impl Segment {
         self.max_timestamp = i64::MIN;
         self.last_indexed = None;
         self.data_len = 0;
-        if let Writes::Direct { tail, .. } = &mut self.writes {
-            *tail = None;
-        }
+        self.forget_tail();
         let mut report = ScanReport::default();
         let file = self.file()?;
         let path = self.path.clone();

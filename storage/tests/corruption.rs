@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use rand::Rng;
-use weft_storage::{Batch, Error, FRAME_HEADER_LEN, LogConfig, PartitionLog};
+use weft_storage::{Batch, DamagedRange, Error, FRAME_HEADER_LEN, LogConfig, PartitionLog};
 
 /// Frame start positions and synced_len fields of a pristine data file.
 fn frames(bytes: &[u8]) -> Vec<(usize, usize, u64)> {
@@ -358,6 +358,30 @@ fn damaged_ranges_are_bounded_by_the_intact_entries_around_them() {
     }
 }
 
+/// Reads the log by Raft index until a read fails with corruption, and maps the damaged range
+/// there.
+fn first_damaged_range(log: &mut PartitionLog) -> DamagedRange {
+    let end_index = log.end().next_index;
+    let mut from = log.first_index().expect("entries");
+    loop {
+        match log.read_entries(from, end_index, 64 * 1024) {
+            Ok(batches) => from = batches.last().expect("batches").header().index + 1,
+            Err(Error::Corruption { .. }) => break,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    log.map_damage(from)
+        .expect("map damage")
+        .expect("a damaged range")
+}
+
+/// The entries with Raft indexes `indexes`, one batch each, as appended.
+fn entries_of(expected: &[Expected], indexes: std::ops::Range<u64>) -> Vec<Vec<Batch>> {
+    indexes
+        .map(|i| vec![Batch::decode(expected[i as usize].bytes.clone()).expect("batch")])
+        .collect()
+}
+
 /// A damaged range is repaired with the same entries from another replica: the frames written
 /// over it fill it exactly, every entry reads again (also after a reopen), and the range is
 /// forgotten. Entries that do not fit the range are refused and nothing is written.
@@ -397,27 +421,12 @@ fn a_damaged_range_is_repaired_with_the_same_entries_from_another_copy() {
 
         let mut log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
         let end_index = log.end().next_index;
-        let mut from = log.first_index().expect("entries");
-        loop {
-            match log.read_entries(from, end_index, 64 * 1024) {
-                Ok(batches) => from = batches.last().expect("batches").header().index + 1,
-                Err(Error::Corruption { .. }) => break,
-                Err(other) => panic!("{other}"),
-            }
-        }
-        let range = log
-            .map_damage(from)
-            .expect("map damage")
-            .expect("a damaged range");
-        let entries: Vec<Vec<Batch>> = (range.first_index..range.next_index)
-            .map(|i| vec![Batch::decode(expected[i as usize].bytes.clone()).expect("batch")])
-            .collect();
+        let range = first_damaged_range(&mut log);
+        let entries = entries_of(&expected, range.first_index..range.next_index);
 
         // The wrong entries are refused: one too few, or another range's.
         assert!(log.repair(&range, &entries[1..]).is_err());
-        let shifted: Vec<Vec<Batch>> = (range.first_index + 1..range.next_index + 1)
-            .map(|i| vec![Batch::decode(expected[i as usize].bytes.clone()).expect("batch")])
-            .collect();
+        let shifted = entries_of(&expected, range.first_index + 1..range.next_index + 1);
         assert!(log.repair(&range, &shifted).is_err());
         assert_eq!(log.damaged_ranges(), std::slice::from_ref(&range));
 
@@ -575,26 +584,12 @@ fn a_repair_in_the_last_block_survives_later_direct_writes() {
     fs::write(&segment, &bytes).expect("damage");
 
     let mut log = PartitionLog::open(dir.path(), config.clone()).expect("reopen");
-    let end_index = log.end().next_index;
-    let mut from = log.first_index().expect("entries");
-    loop {
-        match log.read_entries(from, end_index, 64 * 1024) {
-            Ok(batches) => from = batches.last().expect("batches").header().index + 1,
-            Err(Error::Corruption { .. }) => break,
-            Err(other) => panic!("{other}"),
-        }
-    }
-    let range = log
-        .map_damage(from)
-        .expect("map damage")
-        .expect("a damaged range");
+    let range = first_damaged_range(&mut log);
     assert!(range.resumes_at.is_some(), "intact frames follow it");
     // A direct write reads the last block, damage included, before the repair.
     expected.push(append_random(&mut log, &mut rng, 40));
     log.flush().expect("flush");
-    let entries: Vec<Vec<Batch>> = (range.first_index..range.next_index)
-        .map(|i| vec![Batch::decode(expected[i as usize].bytes.clone()).expect("batch")])
-        .collect();
+    let entries = entries_of(&expected, range.first_index..range.next_index);
     log.repair(&range, &entries).expect("repair");
     // The next direct write covers the same block again.
     expected.push(append_random(&mut log, &mut rng, 40));

@@ -5,7 +5,7 @@
 //! append's callback before the next append of that group), write each group's pending entries
 //! to its log, then make every log that needs it durable: by default one `syncfs` of the data
 //! filesystem when two logs or more need it (measured on max-throughput-16p: ~25% more than an
-//! fdatasync per file), or an fdatasync per log side by side on up to [`FLUSH_THREADS_MAX`]
+//! fdatasync per file), or an fdatasync per log side by side on up to [`SYNCS_IN_PARALLEL_MAX`]
 //! threads (`flush_sync = "fdatasync"`, for a filesystem shared with other writers); then complete
 //! the callbacks. Requests that arrive during a round wait for the next, so under load every
 //! round carries many groups' entries.
@@ -27,8 +27,8 @@ use openraft::storage::LogFlushed;
 use super::TypeConfig;
 use super::log_store::Shared;
 
-/// Most fdatasyncs run at the same time in one round (the flusher's thread and its pool's).
-pub(super) const FLUSH_THREADS_MAX: usize = 8;
+/// Most fdatasyncs run at the same time in one round.
+pub(super) const SYNCS_IN_PARALLEL_MAX: usize = 8;
 /// Most flush requests taken into one round.
 const ROUND_REQUESTS_MAX: usize = 4096;
 
@@ -96,7 +96,7 @@ struct Unsynced {
 
 fn run(queue: Receiver<Request>, mode: SyncMode) {
     let mut unsynced: HashMap<usize, Unsynced> = HashMap::new();
-    let pool = match Pool::start(FLUSH_THREADS_MAX - 1) {
+    let pool = match Pool::start(SYNCS_IN_PARALLEL_MAX - 1) {
         Ok(pool) => Some(pool),
         Err(e) => {
             tracing::warn!("no sync threads ({e}): the flusher syncs one file at a time");
