@@ -402,6 +402,7 @@ async fn produce(
     };
     let mut i: u64 = 0;
     let mut consecutive_failures = 0u32;
+    let mut arena = Arena::default();
     loop {
         // Wait for the due time (fixed rate) and for room in the window, taking acknowledgements
         // meanwhile. At rate 0 a message is due as soon as there is room.
@@ -439,7 +440,7 @@ async fn produce(
         };
         let key = match plan.keys {
             KeyDistribution::None => None,
-            KeyDistribution::Random => Some(Bytes::copy_from_slice(&rng.random::<[u8; 16]>())),
+            KeyDistribution::Random => Some(arena.copy(&rng.random::<[u8; 16]>())),
             KeyDistribution::RoundRobin => {
                 Some(round_robin[(i % round_robin.len() as u64) as usize].clone())
             }
@@ -448,7 +449,7 @@ async fn produce(
             Some(key) => weft_proto::partition_for_key(key, plan.partitions),
             None => partition,
         };
-        let payload = stamp(&plan.payload, intended - shared.origin, plan.index, i);
+        let payload = arena.stamp(&plan.payload, intended - shared.origin, plan.index, i);
         shared.sent.fetch_add(1, Ordering::Relaxed);
         match producer.send(partition, key, payload).await {
             Ok(ack) => {
@@ -494,15 +495,42 @@ async fn produce(
     measured
 }
 
-/// The payload: intended send time (ns since the run's origin), producer index and sequence,
-/// then the workload's random filler.
-fn stamp(base: &Bytes, intended: Duration, producer: u32, sequence: u64) -> Bytes {
-    let mut buf = BytesMut::with_capacity(base.len());
-    buf.put_u64_le(intended.as_nanos() as u64);
-    buf.put_u32_le(producer);
-    buf.put_u32_le(sequence as u32);
-    buf.extend_from_slice(&base[16..]);
-    buf.freeze()
+/// Where a producer's payloads and keys are written: one large buffer cut into messages, so
+/// a message costs no allocation of its own and every copy a client keeps of it (for a retry,
+/// say) is a reference count, as in a client that reuses its buffers. A new buffer is taken
+/// when one is used up; each is freed once its last message is dropped.
+#[derive(Default)]
+struct Arena {
+    buf: BytesMut,
+}
+
+/// Bytes per arena buffer.
+const ARENA_BYTES: usize = 256 * 1024;
+
+impl Arena {
+    fn room(&mut self, len: usize) {
+        if self.buf.capacity() < len {
+            self.buf = BytesMut::with_capacity(ARENA_BYTES.max(len));
+        }
+    }
+
+    /// A copy of `bytes`.
+    fn copy(&mut self, bytes: &[u8]) -> Bytes {
+        self.room(bytes.len());
+        self.buf.extend_from_slice(bytes);
+        self.buf.split().freeze()
+    }
+
+    /// The payload: intended send time (ns since the run's origin), producer index and
+    /// sequence, then the workload's random filler.
+    fn stamp(&mut self, base: &Bytes, intended: Duration, producer: u32, sequence: u64) -> Bytes {
+        self.room(base.len());
+        self.buf.put_u64_le(intended.as_nanos() as u64);
+        self.buf.put_u32_le(producer);
+        self.buf.put_u32_le(sequence as u32);
+        self.buf.extend_from_slice(&base[16..]);
+        self.buf.split().freeze()
+    }
 }
 
 fn intended_of(payload: &[u8]) -> Option<Duration> {
@@ -702,10 +730,32 @@ mod tests {
     #[test]
     fn stamp_round_trips_the_intended_time() {
         let base = Bytes::from(vec![9u8; 64]);
-        let payload = stamp(&base, Duration::from_micros(123_456), 3, 42);
+        let mut arena = Arena::default();
+        let payload = arena.stamp(&base, Duration::from_micros(123_456), 3, 42);
         assert_eq!(payload.len(), 64);
         assert_eq!(intended_of(&payload), Some(Duration::from_micros(123_456)));
         assert_eq!(&payload[16..], &base[16..]);
         assert_eq!(intended_of(&payload[..4]), None);
+    }
+
+    #[test]
+    fn arena_messages_stay_apart_across_buffers() {
+        // Enough messages to fill several buffers: each keeps its own bytes.
+        let base = Bytes::from(vec![7u8; 1000]);
+        let mut arena = Arena::default();
+        let messages: Vec<(Bytes, Bytes)> = (0..1000u64)
+            .map(|i| {
+                let key = arena.copy(&i.to_le_bytes());
+                let payload = arena.stamp(&base, Duration::from_nanos(i), 1, i);
+                (key, payload)
+            })
+            .collect();
+        for (i, (key, payload)) in messages.iter().enumerate() {
+            assert_eq!(&key[..], &(i as u64).to_le_bytes());
+            assert_eq!(payload.len(), 1000);
+            assert_eq!(intended_of(payload), Some(Duration::from_nanos(i as u64)));
+            assert_eq!(&payload[12..16], &(i as u32).to_le_bytes());
+            assert_eq!(&payload[16..], &base[16..]);
+        }
     }
 }
