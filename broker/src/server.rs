@@ -72,6 +72,19 @@ impl Listeners {
     }
 }
 
+/// Why a broker of this build may not run a cluster that has used feature level `in_use`, if
+/// it may not: it would apply the controller log differently.
+fn above_this_build(in_use: u32) -> Option<String> {
+    (in_use > crate::raft::feature_level()).then(|| {
+        format!(
+            "this cluster has used feature level {in_use}, above this build's level {} (deny \
+             rules or offset resets): it would apply the controller log differently; run a \
+             newer build",
+            crate::raft::feature_level()
+        )
+    })
+}
+
 /// Runs a broker until `shutdown` resolves, then stops accepting, lets in-flight calls finish
 /// (up to `shutdown_grace_ms`), stops every Raft group and returns.
 pub async fn run(
@@ -89,6 +102,16 @@ pub async fn run(
     }
     crate::metrics::install();
     let node = Node::start(config.clone()).await?;
+    // A downgrade is refused before any listener takes a call: the controller state this broker
+    // has applied so far (a single node has applied its whole log by now) shows a feature level
+    // above this build's. (A clustered broker still catching up stops as soon as its state
+    // shows it, below.)
+    let in_use = node.controller_watch().borrow().features_in_use;
+    if let Some(why) = above_this_build(in_use) {
+        tracing::error!("{why}; stopping");
+        node.shutdown().await;
+        anyhow::bail!(why);
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // Once stopping, an HTTP/2 gRPC connection that moves no byte for a quarter of the grace
@@ -268,13 +291,8 @@ pub async fn run(
         async move {
             loop {
                 let in_use = state.borrow_and_update().features_in_use;
-                if in_use > crate::raft::feature_level() {
-                    return format!(
-                        "this cluster has used feature level {in_use}, above this build's \
-                         level {} (deny rules or offset resets): it would apply the controller \
-                         log differently; run a newer build",
-                        crate::raft::feature_level()
-                    );
+                if let Some(why) = above_this_build(in_use) {
+                    return why;
                 }
                 if state.changed().await.is_err() {
                     return std::future::pending().await;

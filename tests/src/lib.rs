@@ -242,8 +242,13 @@ impl Broker {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("broker did not start; log:\n{}", self.log()));
+                let status = child
+                    .wait()
+                    .map_or_else(|e| format!("wait: {e}"), |s| s.to_string());
+                return Err(format!(
+                    "broker did not start ({status}); log:\n{}",
+                    self.log()
+                ));
             }
         };
         for field in line.split_whitespace() {
@@ -280,6 +285,17 @@ impl Broker {
                 }
                 Err(why) => panic!("{why}"),
             }
+        }
+    }
+
+    /// Starts a stopped broker again expecting it to stop by itself before it is ready: it
+    /// never prints its ready line, so it never took a call. Returns why it did not start (its
+    /// exit status and log). Panics if it becomes ready.
+    pub fn start_again_expecting_exit(&mut self) -> String {
+        assert!(self.child.is_none(), "broker still running");
+        match self.try_spawn(["127.0.0.1:0"; 3]) {
+            Ok(()) => panic!("the broker became ready; log:\n{}", self.log()),
+            Err(why) => why,
         }
     }
 
