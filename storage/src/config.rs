@@ -49,6 +49,8 @@ pub struct LogConfig {
     pub retention_ms: Option<i64>,
     /// Most sealed segments whose data file stays open (the least recently read are closed and
     /// opened again when read): file descriptors stay bounded however many segments there are.
+    /// The active segment's file is open besides (with a second, `O_DIRECT`, handle when
+    /// [`LogConfig::direct_io`] is on): a log holds at most this + 2 data-file descriptors.
     pub open_segments_max: usize,
     /// Bytes of the most recent record batches kept in memory for reads of the tail (see
     /// [`crate::TailCache`]); 0 keeps none.
