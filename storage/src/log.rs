@@ -281,7 +281,9 @@ impl PartitionLog {
                 let mode = if is_tail {
                     ScanMode::Tail
                 } else {
-                    ScanMode::Sealed
+                    ScanMode::Sealed {
+                        successor_base: bases.get(i + 1).copied(),
+                    }
                 };
                 let file_len = seg.data_len;
                 let scan = seg.scan(mode, hint, &config)?;

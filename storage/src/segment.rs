@@ -179,8 +179,12 @@ pub(crate) struct Damage {
 /// How a scan treats a damaged frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ScanMode {
-    /// A sealed segment: everything was synced, so damage is corruption; skip past it.
-    Sealed,
+    /// A sealed segment: everything was synced, so damage is corruption; skip past it. Zeros
+    /// after its last frame are the padding of direct writes (a roll's cut of it did not reach
+    /// the disk) only when its frames end where the next segment begins (`successor_base`, its
+    /// base offset; None: no next segment to check against): otherwise they are frames lost to
+    /// zeros, which is damage.
+    Sealed { successor_base: Option<u64> },
     /// The tail segment after a crash: damage that no later frame proves durable is a torn tail.
     Tail,
 }
@@ -750,7 +754,13 @@ impl Segment {
                 ),
                 Frame::Invalid(detail) => detail,
             };
-            if window.is_padding(position)? {
+            let padding_fits = match mode {
+                ScanMode::Sealed {
+                    successor_base: Some(next),
+                } => self.next_offset == next,
+                _ => true,
+            };
+            if padding_fits && window.is_padding(position)? {
                 // The zeros a direct write leaves after the last frame: the data ends here.
                 report.padding_at = Some(position);
                 break;
@@ -791,7 +801,7 @@ impl Segment {
                         }
                     }
                 }
-                (ScanMode::Sealed, None) => {
+                (ScanMode::Sealed { .. }, None) => {
                     report.damage.push(Damage {
                         position,
                         resumes_at: None,
@@ -900,7 +910,13 @@ impl Segment {
         self.data_len = position;
         // Damage before the cut stays where it is: it was reported when found, and reads of it
         // fail their CRC checks.
-        self.scan(ScanMode::Sealed, first_index, config)?;
+        self.scan(
+            ScanMode::Sealed {
+                successor_base: None,
+            },
+            first_index,
+            config,
+        )?;
         if self.is_empty() {
             self.next_index = first_index;
         }

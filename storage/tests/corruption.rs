@@ -608,3 +608,93 @@ fn a_repair_in_the_last_block_survives_later_direct_writes() {
         assert_eq!(batch.bytes(), &want.bytes);
     }
 }
+
+/// Frames at the end of a sealed segment that read back as zeros (a lost write, or a
+/// filesystem's zero-filled blocks after a crash) look like the padding a direct write leaves
+/// when the file ends on a block boundary. Real padding (a roll's cut of it had not reached the
+/// disk) is cut at open with nothing reported; zeros in place of frames that the next segment
+/// continues from are reported as corruption, and a read of the lost entries fails instead of
+/// skipping them (before: the zeros were cut as padding and reads by offset jumped the gap).
+#[test]
+fn zeroed_frames_at_the_end_of_a_sealed_segment_are_damage_not_padding() {
+    let seed = seed("zeroed_frames_at_the_end_of_a_sealed_segment_are_damage_not_padding");
+    let mut rng = rng(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = small_config();
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    while log.segment_count() < 3 {
+        append_random(&mut log, &mut rng, 150);
+        log.flush().expect("flush");
+    }
+    let pristine = read_all_entries(&log).expect("read");
+    log.close().expect("close");
+    let files = snapshot(dir.path());
+    let mut data: Vec<&PathBuf> = files
+        .keys()
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    data.sort();
+    // The first sealed segment, its index files gone (as after a crash during the roll that
+    // sealed it), so the next open scans it; its file made to end on a block boundary.
+    let sealed = data[0].clone();
+    let original = &files[&sealed];
+    let layout = frames(original);
+    let end = original.len().next_multiple_of(4096);
+    let without_index = |bytes: &[u8]| {
+        restore(dir.path(), &files);
+        fs::write(&sealed, bytes).expect("write");
+        for ext in ["index", "timeindex"] {
+            fs::remove_file(sealed.with_extension(ext)).expect("remove index file");
+        }
+    };
+
+    // Real padding: zeros after the last frame.
+    let mut padded = original.clone();
+    padded.resize(end, 0);
+    assert!(padded.len() > original.len(), "seed {seed}: padding added");
+    without_index(&padded);
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("open with padding");
+    let report = log.recovery_report();
+    assert!(
+        report.corruptions.is_empty() && report.torn_tail.is_none(),
+        "seed {seed}: padding is not damage: {report:?}"
+    );
+    let (by_offset, by_index) = read_until_error(&log, &pristine);
+    assert!(
+        by_offset.is_none() && by_index.is_none(),
+        "seed {seed}: everything reads after padding: {by_offset:?} {by_index:?}"
+    );
+    assert_eq!(
+        read_all_entries(&log).expect("read").len(),
+        pristine.len(),
+        "seed {seed}"
+    );
+    drop(log);
+    assert_eq!(
+        fs::metadata(&sealed).expect("stat").len(),
+        original.len() as u64,
+        "seed {seed}: the padding was cut"
+    );
+
+    // Zeros in place of the last frames, up to the same block boundary.
+    let (zeroed_from, _, _) = *layout
+        .iter()
+        .find(|(start, _, _)| end - start < 4096)
+        .expect("a frame within a block of the end");
+    let mut zeroed = original.clone();
+    zeroed[zeroed_from..].fill(0);
+    zeroed.resize(end, 0);
+    without_index(&zeroed);
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("open after the zeros");
+    let report = log.recovery_report();
+    assert!(
+        report
+            .corruptions
+            .iter()
+            .any(|c| c.segment == sealed && c.position == zeroed_from as u64),
+        "seed {seed}: zeroed frames of a sealed segment must be reported where they begin: {report:?}"
+    );
+    let (by_offset, by_index) = read_until_error(&log, &pristine);
+    assert_names(by_offset, &sealed, zeroed_from, "read by offset");
+    assert_names(by_index, &sealed, zeroed_from, "read by index");
+}
