@@ -60,7 +60,7 @@ fn codec(c: &mut Criterion) {
             },
         );
         group.bench_with_input(BenchmarkId::new("restamp", records), &batch, |b, batch| {
-            b.iter(|| black_box(batch.restamp(1000, 2, 7)))
+            b.iter(|| black_box(batch.clone().restamp(1000, 2, 7)))
         });
     }
     group.finish();
@@ -73,7 +73,7 @@ fn append_run(batch: &Batch, iters: u64, sync_every: Option<u64>) -> Duration {
     let start = Instant::now();
     for i in 0..iters {
         let end = log.end();
-        let stamped = batch.restamp(end.next_offset, 1, end.next_index);
+        let stamped = batch.clone().restamp(end.next_offset, 1, end.next_index);
         log.append(&stamped).expect("append");
         if sync_every.is_some_and(|n| (i + 1) % n == 0) {
             log.flush().expect("flush");
@@ -109,7 +109,7 @@ fn storage(c: &mut Criterion) {
     let batch = build(256);
     while log.size_bytes() < 64 << 20 {
         let end = log.end();
-        log.append(&batch.restamp(end.next_offset, 1, end.next_index))
+        log.append(&batch.clone().restamp(end.next_offset, 1, end.next_index))
             .expect("append");
     }
     log.flush().expect("flush");

@@ -180,7 +180,7 @@ impl<G: Proposer> Sequencer<G> {
         let h = *job.batch.header();
         if h.producer_id == 0 {
             self.add(
-                job.batch.bytes().clone(),
+                job.batch.into_bytes(),
                 h.record_count,
                 None,
                 vec![job.reply],
@@ -335,7 +335,7 @@ impl<G: Proposer> Sequencer<G> {
                 let next = state.next_sequence();
                 self.pending.insert(pending_key, vec![job.reply]);
                 self.add(
-                    job.batch.bytes().clone(),
+                    job.batch.into_bytes(),
                     h.record_count,
                     Some(pending_key),
                     Vec::new(),
@@ -524,11 +524,12 @@ pub async fn run<G: Proposer>(
             }
             metrics::histogram!("weft_entry_batches").record(accepted.len() as f64);
             let proposed_at = Instant::now();
-            let bytes: Vec<Bytes> = accepted.iter().map(|a| a.bytes.clone()).collect();
-            let batches: Vec<Answer> = accepted
+            // The bytes move into the entry (the log store restamps them in place when it
+            // holds the only handle).
+            let (bytes, batches): (Vec<Bytes>, Vec<Answer>) = accepted
                 .into_iter()
-                .map(|a| (a.record_count, a.producer, a.waiters))
-                .collect();
+                .map(|a| (a.bytes, (a.record_count, a.producer, a.waiters)))
+                .unzip();
             match seq.group.propose(bytes).await {
                 Ok(proposal) => in_flight.push(async move {
                     Proposed {

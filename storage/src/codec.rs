@@ -325,8 +325,12 @@ impl Batch {
 
     /// The same batch re-sealed at another position: new base offset, Raft term and index, new CRC.
     /// A leader proposes records before it knows where they land; its log store restamps them.
-    pub fn restamp(&self, base_offset: u64, term: u64, index: u64) -> Batch {
-        let mut buf = BytesMut::from(&self.bytes[..]);
+    /// Restamps in place when this is the only handle on the bytes (no copy), else in a copy.
+    pub fn restamp(self, base_offset: u64, term: u64, index: u64) -> Batch {
+        let mut buf = match self.bytes.try_into_mut() {
+            Ok(unique) => unique,
+            Err(shared) => BytesMut::from(&shared[..]),
+        };
         let header = BatchHeader {
             base_offset,
             term,
@@ -412,6 +416,11 @@ impl Batch {
     /// The complete encoded batch, as stored and replicated.
     pub fn bytes(&self) -> &Bytes {
         &self.bytes
+    }
+
+    /// The encoded bytes, taken out of the batch.
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
     }
 
     /// Encoded length in bytes.
@@ -752,13 +761,43 @@ mod tests {
     #[test]
     fn restamp_moves_a_batch_and_keeps_its_records() {
         let batch = sample();
-        let moved = batch.restamp(500, 9, 77);
+        let moved = batch.clone().restamp(500, 9, 77);
         let decoded = Batch::decode(moved.bytes().clone()).expect("restamped batch decodes");
         let h = decoded.header();
         assert_eq!((h.base_offset, h.term, h.index), (500, 9, 77));
         assert_eq!((h.producer_id, h.base_sequence), (9, 40));
         assert_eq!(decoded.payload(), batch.payload());
         assert_eq!(decoded.records().nth(2).map(|r| r.offset), Some(502));
+    }
+
+    #[test]
+    fn restamp_reuses_bytes_it_holds_alone_and_leaves_shared_bytes_alone() {
+        let batch = sample();
+        let original = batch.bytes().clone();
+        // Shared: the other handle must still read the old stamp.
+        let copied = batch.clone().restamp(500, 9, 77);
+        assert_ne!(
+            copied.bytes().as_ptr(),
+            original.as_ptr(),
+            "shared bytes are copied"
+        );
+        assert_eq!(
+            Batch::decode(original.clone()).expect("intact").header(),
+            batch.header()
+        );
+        drop(original);
+        // Alone: stamped where it lies, and still a valid batch.
+        let at = batch.bytes().as_ptr();
+        let moved = batch.restamp(600, 10, 78);
+        assert_eq!(
+            moved.bytes().as_ptr(),
+            at,
+            "a unique buffer is restamped in place"
+        );
+        let h = *Batch::decode(moved.bytes().clone())
+            .expect("decodes")
+            .header();
+        assert_eq!((h.base_offset, h.term, h.index), (600, 10, 78));
     }
 
     #[test]

@@ -11,10 +11,12 @@ const TAG_BLANK: u8 = 1;
 const TAG_MEMBERSHIP: u8 = 2;
 const TAG_CONTROLLER: u8 = 3;
 
-/// The batches that store `entry` at `next_offset`.
-pub(crate) fn to_batches(entry: &Entry, next_offset: u64) -> Result<Vec<Batch>, StorageError> {
-    let term = entry.log_id.leader_id.term;
-    let index = entry.log_id.index;
+/// The batches that store `entry` at `next_offset`. A proposal's batches are restamped in place
+/// when the entry holds the only handle on their bytes (the usual case: no copy).
+pub(crate) fn to_batches(entry: Entry, next_offset: u64) -> Result<Vec<Batch>, StorageError> {
+    let log_id = entry.log_id;
+    let term = log_id.leader_id.term;
+    let index = log_id.index;
     let control = |tag: u8, body: Vec<u8>| {
         let mut payload = Vec::with_capacity(1 + body.len());
         payload.push(tag);
@@ -22,18 +24,17 @@ pub(crate) fn to_batches(entry: &Entry, next_offset: u64) -> Result<Vec<Batch>, 
         Batch::control(next_offset, term, index, &payload)
     };
     let write_error = |e: &dyn std::fmt::Display| -> StorageError {
-        StorageIOError::write_log_entry(entry.log_id, openraft::AnyError::error(e.to_string()))
-            .into()
+        StorageIOError::write_log_entry(log_id, openraft::AnyError::error(e.to_string())).into()
     };
-    Ok(match &entry.payload {
+    Ok(match entry.payload {
         EntryPayload::Blank => vec![control(TAG_BLANK, Vec::new())],
         EntryPayload::Membership(membership) => vec![control(
             TAG_MEMBERSHIP,
-            serde_json::to_vec(membership).map_err(|e| write_error(&e))?,
+            serde_json::to_vec(&membership).map_err(|e| write_error(&e))?,
         )],
         EntryPayload::Normal(Command::Controller(command)) => vec![control(
             TAG_CONTROLLER,
-            serde_json::to_vec(command).map_err(|e| write_error(&e))?,
+            serde_json::to_vec(&command).map_err(|e| write_error(&e))?,
         )],
         EntryPayload::Normal(Command::Lost { .. }) => {
             // A stand-in for entries damaged on this broker's disk: there is nothing to store.
@@ -49,11 +50,11 @@ pub(crate) fn to_batches(entry: &Entry, next_offset: u64) -> Result<Vec<Batch>, 
             let mut offset = next_offset;
             let mut stamped = Vec::with_capacity(batches.len());
             for bytes in batches {
-                let proposed = Batch::decode(bytes.clone()).map_err(|e| write_error(&e))?;
+                let proposed = Batch::decode(bytes).map_err(|e| write_error(&e))?;
                 if proposed.header().kind != EntryKind::Records {
                     return Err(write_error(&"a Records command must hold record batches"));
                 }
-                let h = proposed.header();
+                let h = *proposed.header();
                 let batch = if (h.term, h.index) == (0, 0) {
                     // A proposal, sealed with placeholders: the leader stamps it where it lands.
                     proposed.restamp(offset, term, index)
@@ -162,7 +163,7 @@ mod tests {
             },
         ];
         for entry in entries {
-            let batches = to_batches(&entry, 40).expect("encodes");
+            let batches = to_batches(entry.clone(), 40).expect("encodes");
             for batch in &batches {
                 assert_eq!(
                     (batch.header().term, batch.header().index),
@@ -203,13 +204,13 @@ mod tests {
             log_id: log_id(3, 7),
             payload: EntryPayload::Normal(Command::Records(vec![stamped.bytes().clone()])),
         };
-        let kept = to_batches(&entry, 40).expect("continues this log");
+        let kept = to_batches(entry.clone(), 40).expect("continues this log");
         assert_eq!(
             kept[0].bytes(),
             stamped.bytes(),
             "stored as the leader stamped it"
         );
-        let error = to_batches(&entry, 41).expect_err("a log one record ahead");
+        let error = to_batches(entry.clone(), 41).expect_err("a log one record ahead");
         assert!(
             error.to_string().contains("stamped at offset 40"),
             "{error}"
@@ -224,6 +225,6 @@ mod tests {
                 b"not a batch",
             )])),
         };
-        assert!(to_batches(&entry, 0).is_err());
+        assert!(to_batches(entry.clone(), 0).is_err());
     }
 }

@@ -621,12 +621,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         .reset(restart)
                         .map_err(|e| write_error(&e))?;
                 }
-                let batches = to_batches(&entry, next.next_offset)?;
+                let index = entry.log_id.index;
+                let batches = to_batches(entry, next.next_offset)?;
                 next = LogPosition {
                     next_offset: batches
                         .last()
                         .map_or(next.next_offset, |b| b.header().next_offset()),
-                    next_index: entry.log_id.index + 1,
+                    next_index: index + 1,
                 };
                 stamped.push(batches);
             }
