@@ -121,13 +121,13 @@ async fn throughput(client: &Client, args: &Args) -> Result<()> {
         // Bounded: at most 50 000 unanswered records.
         while outstanding.len() >= 50_000 {
             if let Some(ack) = outstanding.pop_front() {
-                ack.await.context("producer stopped")??;
+                ack.await?;
                 acked += 1;
             }
         }
     }
     for ack in outstanding {
-        ack.await.context("producer stopped")??;
+        ack.await?;
         acked += 1;
     }
     let elapsed = start.elapsed();
@@ -185,12 +185,12 @@ async fn latency(client: &Client, args: &Args) -> Result<()> {
             .await?;
         acks.push((
             intended,
-            tokio::spawn(async move { ack.await.map(|r| r.map(|_| Instant::now())) }),
+            tokio::spawn(async move { ack.await.map(|_| Instant::now()) }),
         ));
     }
     let mut publish = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for (intended, ack) in acks {
-        let acked_at = ack.await?.context("producer stopped")??;
+        let acked_at = ack.await??;
         publish
             .record(micros(acked_at.saturating_duration_since(intended)).max(1))
             .ok();

@@ -162,7 +162,7 @@ pub async fn run(size_bytes: u64, data_dir: &Path) -> Result<RestartResult> {
         );
         // Bounded: at most 4 096 answers outstanding.
         while acks.len() >= 4096 {
-            acks.next().await.context("ack")?.context("answered")??;
+            acks.next().await.context("ack")??;
         }
         if i % 65_536 == 0 && i > 0 {
             eprintln!(
@@ -173,7 +173,7 @@ pub async fn run(size_bytes: u64, data_dir: &Path) -> Result<RestartResult> {
         }
     }
     while let Some(ack) = acks.next().await {
-        ack.context("answered")??;
+        ack?;
     }
     producer.close().await?;
     let build_seconds = started.elapsed().as_secs_f64();
@@ -200,7 +200,7 @@ pub async fn run(size_bytes: u64, data_dir: &Path) -> Result<RestartResult> {
                 );
             }
             while let Some(ack) = acks.next().await {
-                ack.context("answered")??;
+                ack?;
             }
             producer.close().await?;
             records += extra;

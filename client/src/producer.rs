@@ -8,13 +8,15 @@
 //! sequence order, everything not acknowledged.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 
 use crate::router::Router;
 use crate::stream::PublishLane;
@@ -33,13 +35,14 @@ pub struct ProducerConfig {
     /// Publishes in flight per partition, at most [`IN_FLIGHT_PER_PARTITION_MAX`] (the batches a
     /// partition remembers per producer to answer retries; a larger value is lowered to it).
     pub in_flight_per_partition: usize,
-    /// A partition with fewer publishes than this in flight sends its open batch as soon as the
-    /// records queued so far have been taken in, without lingering (default 2). 1 sends at once
+    /// A partition with fewer publishes than this in flight sends its open batch as soon as its
+    /// sender task runs (with every record given by then), without lingering (default 2). 1 sends at once
     /// only when nothing is in flight (larger batches, a linger's wait more often); higher values
     /// mean smaller batches and less waiting. Records wait for the linger only while this many
     /// of their partition's publishes are outstanding. At most `in_flight_per_partition`.
     pub eager_in_flight: usize,
-    /// Records waiting to be sent, over all partitions, before `send` waits.
+    /// Records given to the producer and not yet answered, over all partitions, before `send`
+    /// and `send_nowait` wait for room.
     pub queue_records_max: usize,
     /// Attempts per batch before its records fail.
     pub retries_max: u32,
@@ -106,38 +109,221 @@ pub use weft_proto::{murmur2, partition_for_key};
 /// batches per producer, so a retry of any batch in flight is recognised as a duplicate.
 pub const IN_FLIGHT_PER_PARTITION_MAX: usize = 5;
 
-type Reply = oneshot::Sender<Result<Ack>>;
-
-/// Most commands the accumulator takes from its queue at a time.
-const COMMANDS_PER_ROUND: usize = 256;
-
 /// Room left in a batch for its header and per-record framing beyond what `Record::size` counts.
 const BATCH_OVERHEAD_BYTES: usize = 1024;
 
-enum Command {
-    Send {
-        topic: Arc<str>,
-        record: Record,
-        reply: Reply,
-    },
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The answer to one batch, shared by the acknowledgements of all its records: one allocation
+/// and one lock per batch, where a channel per record would take one of each per record.
+#[derive(Debug)]
+struct Outcome {
+    topic: Arc<str>,
+    partition: u32,
+    state: Mutex<OutcomeState>,
+}
+
+#[derive(Debug)]
+enum OutcomeState {
+    /// Not answered yet: the wakers of the acknowledgements being awaited.
+    Waiting(Vec<Waker>),
+    /// Stored from this base offset (and whether as a duplicate of an earlier attempt), or failed.
+    Done(std::result::Result<(u64, bool), Error>),
+}
+
+impl Outcome {
+    /// Answers the batch once (a later answer is ignored) and wakes whoever awaits it.
+    fn settle(&self, result: std::result::Result<(u64, bool), Error>) {
+        let waiting = {
+            let mut state = lock(&self.state);
+            if matches!(*state, OutcomeState::Done(_)) {
+                return;
+            }
+            match std::mem::replace(&mut *state, OutcomeState::Done(result)) {
+                OutcomeState::Waiting(wakers) => wakers,
+                OutcomeState::Done(_) => Vec::new(),
+            }
+        };
+        for waker in waiting {
+            waker.wake();
+        }
+    }
+}
+
+/// The acknowledgement of one record given to [`Producer::send_nowait`]: resolves once the
+/// record's batch is answered, to where the record was stored or why it was not
+/// ([`Error::Closed`] if the producer stopped before it could be sent).
+#[derive(Debug)]
+#[must_use = "an acknowledgement tells whether the record was stored only when awaited"]
+pub struct AckFuture {
+    outcome: Arc<Outcome>,
+    /// The record's place in its batch.
+    index: u64,
+    /// Where this future's waker sits in the outcome's list, once registered.
+    waker: Option<usize>,
+}
+
+impl Future for AckFuture {
+    type Output = Result<Ack>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Ack>> {
+        let this = &mut *self;
+        let mut state = lock(&this.outcome.state);
+        match &mut *state {
+            OutcomeState::Done(Ok((base_offset, duplicate))) => Poll::Ready(Ok(Ack {
+                topic: this.outcome.topic.clone(),
+                partition: this.outcome.partition,
+                offset: *base_offset + this.index,
+                duplicate: *duplicate,
+            })),
+            OutcomeState::Done(Err(error)) => Poll::Ready(Err(error.clone())),
+            OutcomeState::Waiting(wakers) => {
+                match this.waker {
+                    Some(i) if i < wakers.len() => {
+                        if !wakers[i].will_wake(cx.waker()) {
+                            wakers[i] = cx.waker().clone();
+                        }
+                    }
+                    _ => {
+                        this.waker = Some(wakers.len());
+                        wakers.push(cx.waker().clone());
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Records of one partition sent together, with their shared answer. Answered exactly once:
+/// a batch dropped unanswered (the producer's tasks stopped) fails its records with
+/// [`Error::Closed`]. Each record holds a unit of the producer's room until then.
+#[derive(Debug)]
+struct Batch {
+    records: Vec<Record>,
+    outcome: Arc<Outcome>,
+    room: Arc<Semaphore>,
+    answered: bool,
+}
+
+impl Batch {
+    fn new(topic: Arc<str>, partition: u32, room: Arc<Semaphore>) -> Batch {
+        Batch {
+            records: Vec::new(),
+            outcome: Arc::new(Outcome {
+                topic,
+                partition,
+                state: Mutex::new(OutcomeState::Waiting(Vec::new())),
+            }),
+            room,
+            answered: false,
+        }
+    }
+
+    /// The acknowledgement of the record added next.
+    fn push(&mut self, record: Record) -> AckFuture {
+        let ack = AckFuture {
+            outcome: self.outcome.clone(),
+            index: self.records.len() as u64,
+            waker: None,
+        };
+        self.records.push(record);
+        ack
+    }
+
+    fn answer(&mut self, result: std::result::Result<(u64, bool), Error>) {
+        if !self.answered {
+            self.answered = true;
+            self.outcome.settle(result);
+            self.room.add_permits(self.records.len());
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.answer(Err(Error::Closed));
+    }
+}
+
+/// The batch a partition is filling.
+struct Open {
+    batch: Batch,
+    bytes: usize,
+    opened: Instant,
+}
+
+enum ToSender {
+    Batch(Batch),
     Flush(oneshot::Sender<()>),
 }
 
-/// Publishes records with batching and idempotent retries. Cheap to share behind an `Arc`.
-#[derive(Debug)]
-pub struct Producer {
-    commands: mpsc::Sender<Command>,
-    task: tokio::task::JoinHandle<()>,
-    /// The topic last sent to, shared: no allocation per record for the usual single topic.
-    last_topic: std::sync::Mutex<Option<Arc<str>>>,
+/// One partition's place in the producer: the batch being filled, the closed batches (and
+/// flush marks) its sender has still to take, in order, and how many it has in flight.
+struct Lane {
+    open: Option<Open>,
+    ready: VecDeque<ToSender>,
+    /// Publishes the sender has taken and not yet answered.
+    outstanding: usize,
+    wake: Arc<Notify>,
 }
 
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Command::Send { topic, .. } => write!(f, "Send({topic})"),
-            Command::Flush(_) => write!(f, "Flush"),
+/// What the callers of `send_nowait` and the partitions' senders share, under one lock taken
+/// once per record (the caller places its record itself: no queue and no task in between).
+struct State {
+    /// Per topic: partition count and the topic's largest batch.
+    topics: HashMap<Arc<str>, (u32, usize)>,
+    /// Where a topic's keyless records without a partition go now (sticky partitioner).
+    sticky: HashMap<Arc<str>, u32>,
+    lanes: HashMap<(Arc<str>, u32), Lane>,
+    /// Set when the producer is dropped: senders send what is left and stop.
+    closed: bool,
+}
+
+struct Shared {
+    client: Client,
+    config: ProducerConfig,
+    producer_id: u64,
+    /// Where each partition's batches go: its leader when known (over a stream per topic and
+    /// broker, with transport Stream).
+    router: Router,
+    /// A partition with fewer publishes than this in flight takes its open batch at once.
+    eager: usize,
+    /// Records given to the producer and not yet answered, at most `queue_records_max`.
+    room: Arc<Semaphore>,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn close(&self) {
+        let mut state = lock(&self.state);
+        state.closed = true;
+        for lane in state.lanes.values() {
+            lane.wake.notify_one();
         }
+    }
+}
+
+/// Publishes records with batching and idempotent retries. Cheap to share behind an `Arc`.
+pub struct Producer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("producer_id", &self.shared.producer_id)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // Records already given are still sent; the senders stop once they are answered.
+        self.shared.close();
     }
 }
 
@@ -151,264 +337,231 @@ impl Producer {
             );
             config.in_flight_per_partition = IN_FLIGHT_PER_PARTITION_MAX;
         }
-        let (commands, inbox) = mpsc::channel(config.queue_records_max.max(1));
-        let task = tokio::spawn(accumulate(client, config, inbox));
-        Producer {
-            commands,
-            task,
-            last_topic: std::sync::Mutex::new(None),
-        }
+        config.in_flight_per_partition = config.in_flight_per_partition.max(1);
+        let producer_id = if config.idempotent {
+            rand::random::<u64>() | 1
+        } else {
+            0
+        };
+        let router = Router::new(client.clone(), config.to_leaders && !client.is_quic());
+        let eager = config
+            .eager_in_flight
+            .clamp(1, config.in_flight_per_partition);
+        let room = Arc::new(Semaphore::new(
+            config.queue_records_max.clamp(1, Semaphore::MAX_PERMITS),
+        ));
+        let shared = Arc::new(Shared {
+            client,
+            config,
+            producer_id,
+            router,
+            eager,
+            room,
+            state: Mutex::new(State {
+                topics: HashMap::new(),
+                sticky: HashMap::new(),
+                lanes: HashMap::new(),
+                closed: false,
+            }),
+        });
+        tokio::spawn(linger(Arc::downgrade(&shared)));
+        Producer { shared }
     }
 
-    /// Queues a record (waiting while the queue is full) and returns a future for its
-    /// acknowledgement, so one caller can keep many records in flight.
-    pub async fn send_nowait(
-        &self,
-        topic: &str,
-        record: Record,
-    ) -> Result<oneshot::Receiver<Result<Ack>>> {
-        let (reply, ack) = oneshot::channel();
+    /// Gives a record to the producer (waiting while `queue_records_max` records are
+    /// unanswered) and returns its acknowledgement, to await later: one caller can keep many
+    /// records in flight. Fails at once if the topic is unknown.
+    pub async fn send_nowait(&self, topic: &str, record: Record) -> Result<AckFuture> {
         let mut record = record;
         if weft_proto::otel::enabled() {
             trace_creation(topic, &mut record);
         }
-        let topic = match self.last_topic.lock() {
-            Ok(mut last) => match last.as_ref() {
-                Some(known) if &**known == topic => known.clone(),
-                _ => {
-                    let fresh: Arc<str> = Arc::from(topic);
-                    *last = Some(fresh.clone());
-                    fresh
-                }
-            },
-            Err(_) => Arc::from(topic),
-        };
-        self.commands
-            .send(Command::Send {
-                topic,
-                record,
-                reply,
-            })
+        self.shared
+            .room
+            .acquire()
             .await
-            .map_err(|_| Error::Closed)?;
-        Ok(ack)
+            .map_err(|_| Error::Closed)?
+            .forget();
+        let placed = self.place(topic, record).await;
+        if placed.is_err() {
+            self.shared.room.add_permits(1);
+        }
+        placed
     }
 
     /// Publishes a record and waits until it is stored.
     pub async fn send(&self, topic: &str, record: Record) -> Result<Ack> {
-        let ack = self.send_nowait(topic, record).await?;
-        ack.await.map_err(|_| Error::Closed)?
+        self.send_nowait(topic, record).await?.await
     }
 
-    /// Sends every queued record now and waits until all records sent before are answered.
+    /// Puts the record into its partition's open batch; closes the batch when it is full, and
+    /// wakes the partition's sender when it has a batch to take.
+    async fn place(&self, topic: &str, record: Record) -> Result<AckFuture> {
+        let shared = &self.shared;
+        let known = lock(&shared.state).topics.contains_key(topic);
+        if !known {
+            let config = shared
+                .client
+                .topic_metadata(topic)
+                .await?
+                .config
+                .unwrap_or_default();
+            let name: Arc<str> = Arc::from(topic);
+            lock(&shared.state).topics.insert(
+                name.clone(),
+                (
+                    config.partitions.max(1),
+                    config.max_message_bytes.unwrap_or(1024 * 1024) as usize,
+                ),
+            );
+            // Learn the leaders before the first batch goes out.
+            shared.router.refresh(&name).await;
+        }
+        let config = &shared.config;
+        let mut state = lock(&shared.state);
+        let State {
+            topics,
+            sticky,
+            lanes,
+            closed,
+        } = &mut *state;
+        if *closed {
+            return Err(Error::Closed);
+        }
+        let Some((topic, &(partitions, topic_bytes_max))) = topics.get_key_value(topic) else {
+            // Topics are never forgotten; this is unreachable, and harmless if not.
+            return Err(Error::Closed);
+        };
+        let partition = match record.partition {
+            Some(p) => p,
+            None if !record.key.is_empty() => partition_for_key(&record.key, partitions),
+            None => *sticky
+                .entry(topic.clone())
+                .or_insert_with(|| rand::random::<u32>() % partitions),
+        };
+        let key = (topic.clone(), partition);
+        let lane = lanes.entry(key).or_insert_with_key(|key| {
+            let wake = Arc::new(Notify::new());
+            tokio::spawn(send_partition(
+                shared.clone(),
+                key.0.clone(),
+                key.1,
+                wake.clone(),
+            ));
+            Lane {
+                open: None,
+                ready: VecDeque::new(),
+                outstanding: 0,
+                wake,
+            }
+        });
+        // Keyless records move to another partition once a batch is full (sticky partitioner).
+        let mut next_sticky = || {
+            if let Some(p) = sticky.get_mut(topic) {
+                *p = (*p + 1) % partitions;
+            }
+        };
+        let size = record.size();
+        // A batch never grows past the producer's limit nor the topic's (with room for the
+        // batch header): close it before a record would overflow it.
+        let limit = config
+            .batch_bytes_max
+            .min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES))
+            .max(1);
+        let mut wake = false;
+        if lane
+            .open
+            .as_ref()
+            .is_some_and(|o| !o.batch.records.is_empty() && o.bytes + size > limit)
+            && let Some(full) = lane.open.take()
+        {
+            lane.ready.push_back(ToSender::Batch(full.batch));
+            wake = true;
+            next_sticky();
+        }
+        let fresh = lane.open.is_none();
+        let open = lane.open.get_or_insert_with(|| Open {
+            batch: Batch::new(topic.clone(), partition, shared.room.clone()),
+            bytes: 0,
+            opened: Instant::now(),
+        });
+        let ack = open.batch.push(record);
+        open.bytes += size;
+        if open.bytes >= limit || open.batch.records.len() >= config.batch_records_max {
+            if let Some(full) = lane.open.take() {
+                lane.ready.push_back(ToSender::Batch(full.batch));
+            }
+            wake = true;
+            next_sticky();
+        } else if fresh && lane.outstanding < shared.eager {
+            // Natural batching: a partition with few publishes in flight takes its open batch
+            // as soon as its sender runs, with whatever records have joined it by then.
+            wake = true;
+        }
+        if wake {
+            lane.wake.notify_one();
+        }
+        Ok(ack)
+    }
+
+    /// Sends every record given so far now and waits until they are all answered.
     pub async fn flush(&self) -> Result<()> {
-        let (done, wait) = oneshot::channel();
-        self.commands
-            .send(Command::Flush(done))
-            .await
-            .map_err(|_| Error::Closed)?;
-        wait.await.map_err(|_| Error::Closed)
+        let waits: Vec<oneshot::Receiver<()>> = {
+            let mut state = lock(&self.shared.state);
+            state
+                .lanes
+                .values_mut()
+                .map(|lane| {
+                    if let Some(open) = lane.open.take() {
+                        lane.ready.push_back(ToSender::Batch(open.batch));
+                    }
+                    let (done, wait) = oneshot::channel();
+                    lane.ready.push_back(ToSender::Flush(done));
+                    lane.wake.notify_one();
+                    wait
+                })
+                .collect()
+        };
+        for wait in waits {
+            wait.await.map_err(|_| Error::Closed)?;
+        }
+        Ok(())
     }
 
     /// Flushes and stops.
     pub async fn close(self) -> Result<()> {
-        self.flush().await?;
-        drop(self.commands);
-        self.task.await.map_err(|_| Error::Closed)
+        self.flush().await
     }
 }
 
-struct Open {
-    records: Vec<(Record, Reply)>,
-    bytes: usize,
-    opened: Instant,
-}
-
-struct Batch {
-    records: Vec<(Record, Reply)>,
-}
-
-enum ToSender {
-    Batch(Batch),
-    Flush(oneshot::Sender<()>),
-}
-
-/// The way to one partition's sender, and how many batches it has not answered yet.
-#[derive(Clone)]
-struct Lane {
-    tx: mpsc::Sender<ToSender>,
-    outstanding: Arc<AtomicUsize>,
-}
-
-impl Lane {
-    /// True when fewer than `eager` of this partition's batches are unanswered.
-    fn eager(&self, eager: usize) -> bool {
-        self.outstanding.load(Ordering::Acquire) < eager
-    }
-
-    async fn dispatch(&self, records: Vec<(Record, Reply)>) {
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
-        if self
-            .tx
-            .send(ToSender::Batch(Batch { records }))
-            .await
-            .is_err()
-        {
-            self.outstanding.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-}
-
-/// Groups records per partition and hands closed batches to per-partition senders.
-async fn accumulate(client: Client, config: ProducerConfig, mut inbox: mpsc::Receiver<Command>) {
-    let producer_id = if config.idempotent {
-        rand::random::<u64>() | 1
-    } else {
-        0
+/// Closes batches that have waited `linger` since their first record, for producers whose
+/// partitions are busy (an idle partition's sender takes its batch at once).
+async fn linger(shared: std::sync::Weak<Shared>) {
+    let Some(linger) = shared.upgrade().map(|s| s.config.linger) else {
+        return;
     };
-    // Per topic: partition count and the topic's largest batch.
-    let mut topics: HashMap<Arc<str>, (u32, usize)> = HashMap::new();
-    let mut sticky: HashMap<Arc<str>, u32> = HashMap::new();
-    let mut open: HashMap<(Arc<str>, u32), Open> = HashMap::new();
-    let mut senders: HashMap<(Arc<str>, u32), Lane> = HashMap::new();
-    // Where each partition's batches go: its leader when known (over a stream per topic and
-    // broker, with transport Stream).
-    let router = Router::new(client.clone(), config.to_leaders && !client.is_quic());
-    // Told by a sender when fewer than `eager` of its batches are unanswered.
-    let eager = config
-        .eager_in_flight
-        .clamp(1, config.in_flight_per_partition.max(1));
-    let idle = Arc::new(Notify::new());
-    let tick = (config.linger / 2).max(Duration::from_millis(1));
-    let mut ticker = tokio::time::interval(tick);
-    // Commands are taken from the queue in rounds: one wake-up for many records.
-    let mut commands = Vec::with_capacity(COMMANDS_PER_ROUND);
+    let mut ticker = tokio::time::interval((linger / 2).max(Duration::from_millis(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    let sender_for = |key: &(Arc<str>, u32), senders: &mut HashMap<(Arc<str>, u32), Lane>| {
-        senders
-            .entry(key.clone())
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(config.in_flight_per_partition.max(1));
-                let outstanding = Arc::new(AtomicUsize::new(0));
-                tokio::spawn(send_partition(
-                    router.clone(),
-                    config.clone(),
-                    key.0.clone(),
-                    key.1,
-                    producer_id,
-                    rx,
-                    outstanding.clone(),
-                    idle.clone(),
-                    eager,
-                ));
-                Lane { tx, outstanding }
-            })
-            .clone()
-    };
-
     loop {
-        tokio::select! {
-            received = inbox.recv_many(&mut commands, COMMANDS_PER_ROUND) => {
-                if received == 0 { break };
-                for command in commands.drain(..) {
-                    match command {
-                        Command::Send { topic, record, reply } => {
-                            let (partitions, topic_bytes_max) = match topics.get(&topic) {
-                                Some(&known) => known,
-                                None => match client.topic_metadata(&topic).await {
-                                    Ok(t) => {
-                                        let config = t.config.unwrap_or_default();
-                                        let known = (config.partitions.max(1), config.max_message_bytes.unwrap_or(1024 * 1024) as usize);
-                                        topics.insert(topic.clone(), known);
-                                        // Learn the leaders before the first batch goes out.
-                                        router.refresh(&topic).await;
-                                        known
-                                    }
-                                    Err(e) => {
-                                        let _ = reply.send(Err(e));
-                                        continue;
-                                    }
-                                },
-                            };
-                            let partition = match record.partition {
-                                Some(p) => p,
-                                None if !record.key.is_empty() => partition_for_key(&record.key, partitions),
-                                None => *sticky.entry(topic.clone()).or_insert_with(|| rand::random::<u32>() % partitions),
-                            };
-                            let key = (topic.clone(), partition);
-                            let size = record.size();
-                            // A batch never grows past the producer's limit nor the topic's (with room for
-                            // the batch header): close it before a record would overflow it.
-                            let limit = config.batch_bytes_max.min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES)).max(1);
-                            let overflows = open.get(&key).is_some_and(|b| !b.records.is_empty() && b.bytes + size > limit);
-                            if overflows && let Some(full) = open.remove(&key) {
-                                sender_for(&key, &mut senders).dispatch(full.records).await;
-                                if let Some(p) = sticky.get_mut(&topic) {
-                                    *p = (*p + 1) % partitions;
-                                }
-                            }
-                            let batch = open.entry(key.clone()).or_insert_with(|| Open { records: Vec::new(), bytes: 0, opened: Instant::now() });
-                            batch.records.push((record, reply));
-                            batch.bytes += size;
-                            let full = batch.bytes >= limit || batch.records.len() >= config.batch_records_max;
-                            if full {
-                                if let Some(batch) = open.remove(&key) {
-                                    sender_for(&key, &mut senders).dispatch(batch.records).await;
-                                }
-                                // Keyless records move to another partition once a batch is full (sticky partitioner).
-                                if let Some(p) = sticky.get_mut(&topic) {
-                                    *p = (*p + 1) % partitions;
-                                }
-                            }
-                        }
-                        Command::Flush(done) => {
-                            let keys: Vec<(Arc<str>, u32)> = open.keys().cloned().collect();
-                            for key in keys {
-                                if let Some(batch) = open.remove(&key) {
-                                    sender_for(&key, &mut senders).dispatch(batch.records).await;
-                                }
-                            }
-                            let mut waits = Vec::new();
-                            for lane in senders.values() {
-                                let (tx, rx) = oneshot::channel();
-                                if lane.tx.send(ToSender::Flush(tx)).await.is_ok() {
-                                    waits.push(rx);
-                                }
-                            }
-                            tokio::spawn(async move {
-                                for wait in waits {
-                                    let _ = wait.await;
-                                }
-                                let _ = done.send(());
-                            });
-                        }
-                    }
-                }
-            }
-            _ = ticker.tick() => {
-                let due: Vec<_> = open.extract_if(|_, b| b.opened.elapsed() >= config.linger).collect();
-                for (key, batch) in due {
-                    sender_for(&key, &mut senders).dispatch(batch.records).await;
-                }
-            }
-            () = idle.notified() => {}
+        ticker.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut state = lock(&shared.state);
+        if state.closed {
+            return;
         }
-        // Natural batching: once no more records are waiting in the queue (a burst has been taken
-        // in whole), a partition with fewer than `eager` publishes in flight sends its open batch
-        // now instead of lingering. Sending on the first record of a burst would make one-record batches.
-        // (No key is cloned and nothing is allocated unless a batch is due.)
-        if !open.is_empty() && inbox.is_empty() {
-            let due: Vec<_> = open
-                .extract_if(|key, _| senders.get(key).is_none_or(|lane| lane.eager(eager)))
-                .collect();
-            for (key, batch) in due {
-                sender_for(&key, &mut senders).dispatch(batch.records).await;
+        for lane in state.lanes.values_mut() {
+            if lane
+                .open
+                .as_ref()
+                .is_some_and(|o| o.opened.elapsed() >= linger)
+                && let Some(open) = lane.open.take()
+            {
+                lane.ready.push_back(ToSender::Batch(open.batch));
+                lane.wake.notify_one();
             }
         }
-    }
-    for (key, batch) in open.drain() {
-        sender_for(&key, &mut senders).dispatch(batch.records).await;
     }
 }
 
@@ -430,25 +583,16 @@ struct Numbered {
     base_sequence: u64,
 }
 
-/// Sends one partition's batches in order, with a window of publishes in flight. Each answered
-/// batch counts down `outstanding`; dropping below `eager` wakes the accumulator through `idle`.
-#[allow(clippy::too_many_arguments)]
-async fn send_partition(
-    router: Router,
-    config: ProducerConfig,
-    topic: Arc<str>,
-    partition: u32,
-    producer_id: u64,
-    mut inbox: mpsc::Receiver<ToSender>,
-    outstanding: Arc<AtomicUsize>,
-    idle: Arc<Notify>,
-    eager: usize,
-) {
+/// Sends one partition's batches in order, with a window of publishes in flight: it takes the
+/// lane's closed batches while the window has room, and its open batch too while fewer than
+/// `eager` publishes are in flight (or once the producer is dropped).
+async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wake: Arc<Notify>) {
+    let config = &shared.config;
+    let router = &shared.router;
+    let producer_id = shared.producer_id;
+    let key = (topic.clone(), partition);
     let settle = |batch: Batch, result: Result<&proto::PublishResponse, Error>| {
-        answer(batch, &topic, partition, result);
-        if outstanding.fetch_sub(1, Ordering::AcqRel) == eager {
-            idle.notify_one();
-        }
+        answer(batch, result);
     };
     let mut epoch = 0u32;
     let mut next_sequence = 0u64;
@@ -459,7 +603,7 @@ async fn send_partition(
         let mut request = proto::PublishRequest {
             topic: topic.to_string(),
             target: Some(proto::publish_request::Target::Partition(partition)),
-            records: n.batch.records.iter().map(|(r, _)| r.to_proto()).collect(),
+            records: n.batch.records.iter().map(Record::to_proto).collect(),
             producer_id,
             producer_epoch: n.epoch,
             base_sequence: n.base_sequence,
@@ -506,22 +650,61 @@ async fn send_partition(
         }
     };
     let mut in_window: VecDeque<Numbered> = VecDeque::new();
-    let mut open = true;
-    while open || !in_window.is_empty() {
+    loop {
+        // Take what is due, under the lock; publish it outside.
+        let (taken, finished) = {
+            let mut state = lock(&shared.state);
+            let closed = state.closed;
+            match state.lanes.get_mut(&key) {
+                None => (None, true),
+                Some(lane) => {
+                    let room = in_window.len() < config.in_flight_per_partition;
+                    let taken = if !room {
+                        None
+                    } else if let Some(next) = lane.ready.pop_front() {
+                        Some(next)
+                    } else if in_window.len() < shared.eager || closed {
+                        lane.open.take().map(|open| ToSender::Batch(open.batch))
+                    } else {
+                        None
+                    };
+                    let taking = usize::from(matches!(taken, Some(ToSender::Batch(_))));
+                    lane.outstanding = in_window.len() + taking;
+                    let finished = taken.is_none()
+                        && closed
+                        && in_window.is_empty()
+                        && lane.ready.is_empty()
+                        && lane.open.is_none();
+                    (taken, finished)
+                }
+            }
+        };
+        match taken {
+            Some(ToSender::Batch(batch)) => {
+                let count = batch.records.len() as u64;
+                let numbered = Numbered {
+                    batch,
+                    epoch,
+                    base_sequence: next_sequence,
+                };
+                next_sequence += count;
+                window.push_back(publish(&numbered));
+                in_window.push_back(numbered);
+                continue;
+            }
+            Some(ToSender::Flush(done)) => {
+                if in_window.is_empty() {
+                    let _ = done.send(());
+                } else {
+                    flushes.push(done);
+                }
+                continue;
+            }
+            None if finished => break,
+            None => {}
+        }
         tokio::select! {
-            message = inbox.recv(), if open && in_window.len() < config.in_flight_per_partition.max(1) => match message {
-                Some(ToSender::Batch(batch)) => {
-                    let count = batch.records.len() as u64;
-                    let numbered = Numbered { batch, epoch, base_sequence: next_sequence };
-                    next_sequence += count;
-                    window.push_back(publish(&numbered));
-                    in_window.push_back(numbered);
-                }
-                Some(ToSender::Flush(done)) => {
-                    if in_window.is_empty() { let _ = done.send(()); } else { flushes.push(done); }
-                }
-                None => open = false,
-            },
+            () = wake.notified() => {}
             Some(result) = window.next(), if !in_window.is_empty() => {
                 let Some(first) = in_window.pop_front() else { continue };
                 match result {
@@ -538,7 +721,7 @@ async fn send_partition(
                                 Err(e) => pending.push((n, Some(e))),
                             }
                         }
-                        next_sequence = resend(&publish, &settle, &config, &topic, partition, pending, &mut epoch, next_sequence).await;
+                        next_sequence = resend(&publish, &settle, config, &topic, partition, pending, &mut epoch, next_sequence).await;
                     }
                 }
                 if in_window.is_empty() {
@@ -594,7 +777,7 @@ fn publish_span(topic: &str, partition: u32, batch: &Batch) -> opentelemetry::Co
     let contexts: Vec<_> = batch
         .records
         .iter()
-        .filter_map(|(r, _)| {
+        .filter_map(|r| {
             weft_proto::otel::record_context(r.headers.iter().map(|(k, v)| (k.as_str(), &v[..])))
         })
         .collect();
@@ -790,29 +973,9 @@ where
     }
 }
 
-fn answer(
-    batch: Batch,
-    topic: &Arc<str>,
-    partition: u32,
-    result: Result<&proto::PublishResponse, Error>,
-) {
-    match result {
-        Ok(response) => {
-            for (i, (_, reply)) in batch.records.into_iter().enumerate() {
-                let _ = reply.send(Ok(Ack {
-                    topic: topic.clone(),
-                    partition,
-                    offset: response.base_offset + i as u64,
-                    duplicate: response.duplicate,
-                }));
-            }
-        }
-        Err(error) => {
-            for (_, reply) in batch.records {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
-    }
+/// Answers every record of `batch` with where it was stored, or the error.
+fn answer(mut batch: Batch, result: Result<&proto::PublishResponse, Error>) {
+    batch.answer(result.map(|response| (response.base_offset, response.duplicate)));
 }
 
 #[cfg(test)]
@@ -824,27 +987,19 @@ mod tests {
 
     use super::*;
 
-    /// A batch of `records` records, numbered, with the receivers of its acknowledgements.
-    fn numbered(
-        records: usize,
-        epoch: u32,
-        base_sequence: u64,
-    ) -> (Numbered, Vec<oneshot::Receiver<Result<Ack>>>) {
-        let mut receivers = Vec::new();
-        let records = (0..records)
-            .map(|i| {
-                let (tx, rx) = oneshot::channel();
-                receivers.push(rx);
-                (Record::new(format!("r{i}")), tx)
-            })
+    /// A batch of `records` records, numbered, with the acknowledgements of its records.
+    fn numbered(records: usize, epoch: u32, base_sequence: u64) -> (Numbered, Vec<AckFuture>) {
+        let mut batch = Batch::new(Arc::from("t"), 0, Arc::new(Semaphore::new(0)));
+        let acks = (0..records)
+            .map(|i| batch.push(Record::new(format!("r{i}"))))
             .collect();
         (
             Numbered {
-                batch: Batch { records },
+                batch,
                 epoch,
                 base_sequence,
             },
-            receivers,
+            acks,
         )
     }
 
@@ -889,9 +1044,8 @@ mod tests {
                 .expect("the script has an answer for every publish");
             async move { answer }
         };
-        let settle = |batch: Batch, result: Result<&proto::PublishResponse, Error>| {
-            answer(batch, &Arc::from("t"), 0, result)
-        };
+        let settle =
+            |batch: Batch, result: Result<&proto::PublishResponse, Error>| answer(batch, result);
         let mut epoch = epoch;
         let next = resend(
             &publish,
@@ -908,11 +1062,11 @@ mod tests {
         (next, epoch, attempts.into_inner())
     }
 
-    fn outcome(receivers: Vec<oneshot::Receiver<Result<Ack>>>) -> Vec<Result<u64, String>> {
-        receivers
-            .into_iter()
-            .map(|mut rx| {
-                rx.try_recv()
+    fn outcome(acks: Vec<AckFuture>) -> Vec<Result<u64, String>> {
+        use futures::FutureExt;
+        acks.into_iter()
+            .map(|ack| {
+                ack.now_or_never()
                     .expect("answered")
                     .map(|ack| ack.offset)
                     .map_err(|e| e.reason().to_string())

@@ -75,7 +75,7 @@ async fn produce(addresses: Vec<String>, id: usize, stop: Arc<AtomicBool>) -> Ou
         while pending.len() >= 64 {
             if let Some((value, result)) = pending.next().await {
                 match result {
-                    Ok(Ok(ack)) => outcome.acked.push((value, ack.offset, Instant::now())),
+                    Ok(ack) => outcome.acked.push((value, ack.offset, Instant::now())),
                     _ => outcome.failed += 1,
                 }
             }
@@ -86,7 +86,7 @@ async fn produce(addresses: Vec<String>, id: usize, stop: Arc<AtomicBool>) -> Ou
     }
     while let Some((value, result)) = pending.next().await {
         match result {
-            Ok(Ok(ack)) => outcome.acked.push((value, ack.offset, Instant::now())),
+            Ok(ack) => outcome.acked.push((value, ack.offset, Instant::now())),
             _ => outcome.failed += 1,
         }
     }

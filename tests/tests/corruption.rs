@@ -67,7 +67,7 @@ async fn damaged_data_serves_around_the_damage(stop: Stop) {
         );
     }
     for ack in acks {
-        ack.await.expect("answered").expect("stored");
+        ack.await.expect("stored");
     }
     producer.close().await.expect("close");
     drop(client);

@@ -19,7 +19,7 @@ async fn publish(client: &Client, from: usize, to: usize) {
         );
     }
     for ack in acks {
-        ack.await.expect("answered").expect("stored");
+        ack.await.expect("stored");
     }
     producer.close().await.expect("close");
 }

@@ -256,7 +256,7 @@ async fn the_clients_retries_store_every_record_once_across_broker_crashes() {
                 let (acked, failed) = (acked.clone(), failed.clone());
                 tokio::spawn(async move {
                     match ack.await {
-                        Ok(Ok(ack)) => {
+                        Ok(ack) => {
                             acked.lock().expect("lock").insert(value, ack.offset);
                         }
                         _ => *failed.lock().expect("lock") += 1,

@@ -38,9 +38,7 @@ async fn producer_batches_respect_a_small_topic_limit() {
         acks.push(producer.send_nowait("small", record).await.expect("queued"));
     }
     for ack in acks {
-        ack.await
-            .expect("answered")
-            .expect("every batch fits the topic's limit");
+        ack.await.expect("every batch fits the topic's limit");
     }
     producer.close().await.expect("close");
     // And the batches were not trivially small: 400 records of about 800 bytes went in batches
@@ -79,7 +77,7 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
         );
     }
     for ack in acks {
-        ack.await.expect("answered").expect("stored");
+        ack.await.expect("stored");
     }
     producer.close().await.expect("close");
 

@@ -39,7 +39,7 @@ async fn publish_records(
     }
     let mut last = 0;
     for ack in acks {
-        last = ack.await.expect("answered").expect("stored").offset;
+        last = ack.await.expect("stored").offset;
     }
     producer.close().await.expect("close");
     last + 1

@@ -95,7 +95,7 @@ async fn publish_until(
                 while pending.len() > 1024 {
                     let (v, ack) = pending.pop_front().expect("pending");
                     match ack.await {
-                        Ok(Ok(ack)) => {
+                        Ok(ack) => {
                             let mut log = acked.lock().expect("lock");
                             if log.frozen {
                                 return;

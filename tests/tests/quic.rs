@@ -117,7 +117,7 @@ async fn clients_publish_and_consume_over_quic() {
         );
     }
     for ack in acks {
-        ack.await.expect("answered").expect("stored");
+        ack.await.expect("stored");
     }
     producer.close().await.expect("close");
 

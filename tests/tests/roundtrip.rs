@@ -142,7 +142,7 @@ async fn library_round_trip_with_headers_and_timestamps() {
     }
     let mut acked = std::collections::HashMap::new();
     for (i, ack) in sent {
-        let ack = ack.await.expect("answered").expect("stored");
+        let ack = ack.await.expect("stored");
         assert!(!ack.duplicate);
         acked.insert((ack.partition, ack.offset), i);
     }
@@ -268,7 +268,7 @@ async fn an_idle_producer_sends_at_once_and_batches_while_busy() {
     let answered = tokio::time::timeout(Duration::from_secs(120), async {
         let mut offsets = Vec::new();
         for ack in acks {
-            offsets.push(ack.await.expect("answered").expect("stored").offset);
+            offsets.push(ack.await.expect("stored").offset);
         }
         offsets
     })

@@ -264,7 +264,7 @@ async fn sigterm_does_not_wait_for_a_subscriber_that_stopped_reading() {
         );
     }
     for ack in acks {
-        ack.await.expect("answered").expect("published");
+        ack.await.expect("published");
     }
     let channel = weft_tests::grpc::channel(&broker.client_addr).await;
     let mut subscriber = SubscriberClient::new(channel);

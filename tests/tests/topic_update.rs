@@ -35,7 +35,7 @@ async fn publish(
     }
     let mut out = BTreeMap::new();
     for (value, ack) in acks {
-        let ack = ack.await.expect("answered").expect("stored");
+        let ack = ack.await.expect("stored");
         out.insert(ack.offset, value);
     }
     producer.close().await.expect("close");

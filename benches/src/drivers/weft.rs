@@ -480,14 +480,7 @@ async fn send_record(
         record = record.key(key);
     }
     let ack = producer.send_nowait(topic, record).await?;
-    Ok(async move {
-        match ack.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(anyhow!(e)),
-            Err(_) => Err(anyhow!("producer closed")),
-        }
-    }
-    .boxed())
+    Ok(async move { ack.await.map(|_| ()).map_err(|e| anyhow!(e)) }.boxed())
 }
 
 struct WeftProducer {

@@ -67,9 +67,7 @@ pub(crate) async fn run(client: &Client, output: Output, args: ProduceArgs) -> a
     }
     let mut count = 0u64;
     for ack in pending {
-        let ack = ack
-            .await
-            .map_err(|_| anyhow::anyhow!("the producer stopped"))??;
+        let ack = ack.await?;
         count += 1;
         match output {
             Output::Json => print_json(
