@@ -610,3 +610,36 @@ async fn records_given_to_a_dropped_producer_are_still_stored() {
         assert_eq!(ack.offset, i as u64 / 2, "record {i} stored in order");
     }
 }
+
+/// A send given up before its record found a batch (here: cancelled while the producer still
+/// asks the frozen broker about the topic) gives its unit of `queue_records_max` back: the next
+/// send is not left waiting for room that no answer will ever free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_send_gives_its_room_back() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("c", 1).await.expect("create");
+    let producer = client.producer(ProducerConfig {
+        queue_records_max: 1,
+        ..ProducerConfig::default()
+    });
+    broker.pause();
+    for _ in 0..3 {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(200),
+            producer.send("c", Record::new("given up").partition(0)),
+        )
+        .await;
+        assert!(attempt.is_err(), "the broker is frozen: {attempt:?}");
+    }
+    broker.resume();
+    let ack = tokio::time::timeout(
+        Duration::from_secs(10),
+        producer.send("c", Record::new("kept").partition(0)),
+    )
+    .await
+    .expect("room is back once the cancelled sends are gone")
+    .expect("stored");
+    assert_eq!(ack.partition, 0);
+    producer.close().await.expect("close");
+}
