@@ -49,7 +49,7 @@ pub use admin::{Admin, PartitionStatus, TopicSettings, TopicUpdate};
 pub use consumer::{Consumer, ConsumerConfig, Message, StartFrom};
 pub use error::{Error, Result};
 pub use producer::{
-    Ack, IN_FLIGHT_PER_PARTITION_MAX, NOT_STORED_REASONS, Producer, ProducerConfig,
+    Ack, AckFuture, IN_FLIGHT_PER_PARTITION_MAX, NOT_STORED_REASONS, Producer, ProducerConfig,
     PublishTransport, murmur2, partition_for_key,
 };
 pub use weft_proto::v1 as proto;
