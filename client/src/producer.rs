@@ -504,7 +504,8 @@ impl Producer {
         Ok(ack)
     }
 
-    /// Sends every record given so far now and waits until they are all answered.
+    /// Sends every record given so far now and waits until they are all answered (records other
+    /// tasks give meanwhile do not hold it up).
     pub async fn flush(&self) -> Result<()> {
         let waits: Vec<oneshot::Receiver<()>> = {
             let mut state = lock(&self.shared.state);
@@ -597,7 +598,10 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
     let mut epoch = 0u32;
     let mut next_sequence = 0u64;
     let mut window: FuturesOrdered<_> = FuturesOrdered::new();
-    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    // Flushes waiting, each with the number of batches taken before it: it is answered once
+    // that many have been answered, whatever was taken after it.
+    let mut flushes: VecDeque<(u64, oneshot::Sender<()>)> = VecDeque::new();
+    let mut taken_batches = 0u64;
     let publish = |n: &Numbered| {
         let span = weft_proto::otel::enabled().then(|| publish_span(&topic, partition, &n.batch));
         let mut request = proto::PublishRequest {
@@ -688,6 +692,7 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                     base_sequence: next_sequence,
                 };
                 next_sequence += count;
+                taken_batches += 1;
                 window.push_back(publish(&numbered));
                 in_window.push_back(numbered);
                 continue;
@@ -696,7 +701,7 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                 if in_window.is_empty() {
                     let _ = done.send(());
                 } else {
-                    flushes.push(done);
+                    flushes.push_back((taken_batches, done));
                 }
                 continue;
             }
@@ -724,15 +729,17 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                         next_sequence = resend(&publish, &settle, config, &topic, partition, pending, &mut epoch, next_sequence).await;
                     }
                 }
-                if in_window.is_empty() {
-                    for done in flushes.drain(..) {
+                // Every batch not in the window has been answered (a resend answers all it took).
+                let answered = taken_batches - in_window.len() as u64;
+                while flushes.front().is_some_and(|(mark, _)| *mark <= answered) {
+                    if let Some((_, done)) = flushes.pop_front() {
                         let _ = done.send(());
                     }
                 }
             }
         }
     }
-    for done in flushes {
+    for (_, done) in flushes {
         let _ = done.send(());
     }
 }

@@ -643,3 +643,58 @@ async fn a_cancelled_send_gives_its_room_back() {
     assert_eq!(ack.partition, 0);
     producer.close().await.expect("close");
 }
+
+/// `flush` returns once the records given before it are answered, while another task keeps
+/// the partition's window full with records of its own (before, a flush waited for a moment
+/// with no publish in flight, which a busy producer never has).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_returns_while_another_task_keeps_sending() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("c", 1).await.expect("create");
+    let producer = std::sync::Arc::new(client.producer(ProducerConfig {
+        batch_records_max: 64,
+        queue_records_max: 20_000,
+        ..ProducerConfig::default()
+    }));
+    producer
+        .send("c", Record::new("warm").partition(0))
+        .await
+        .expect("stored");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (producer, stop) = (producer.clone(), stop.clone());
+        tokio::spawn(async move {
+            // As fast as the producer's room allows (its acknowledgements are not awaited), so
+            // the partition always has batches waiting; bounded: at most 2 million records,
+            // stopped as soon as the flush is done.
+            for i in 0..2_000_000u32 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let ack = producer
+                    .send_nowait("c", Record::new(format!("busy-{i}")).partition(0))
+                    .await
+                    .expect("queued");
+                drop(ack);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let marker = producer
+        .send_nowait("c", Record::new("marker").partition(0))
+        .await
+        .expect("queued");
+    tokio::time::timeout(Duration::from_secs(10), producer.flush())
+        .await
+        .expect("the flush waits only for what was given before it")
+        .expect("flushed");
+    use futures::FutureExt;
+    let marker = marker
+        .now_or_never()
+        .expect("the record given before the flush is answered when it returns")
+        .expect("stored");
+    assert!(marker.offset > 0);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.await.expect("the busy task ends");
+}
