@@ -100,27 +100,48 @@ async fn reset_offsets(
         Target::Time(ms) => Some(ms),
         _ => None,
     };
-    let offsets = admin
-        .offsets_at(&args.topic, Some(&args.group), time)
-        .await?;
-    if let Some(missing) = args
-        .partitions
-        .iter()
-        .find(|p| !offsets.iter().any(|o| o.partition == **p))
-    {
-        anyhow::bail!("topic {} has no partition {missing}", args.topic);
-    }
-    let plan: Vec<(u32, Option<u64>, u64)> = offsets
-        .iter()
-        .filter(|o| args.partitions.is_empty() || args.partitions.contains(&o.partition))
-        .map(|o| (o.partition, o.committed_offset, new_offset(target, o)))
-        .collect();
-    if args.execute {
-        let moves: Vec<(u32, u64)> = plan.iter().map(|&(p, _, to)| (p, to)).collect();
-        admin
-            .reset_offsets(&args.group, &args.topic, &moves)
+    // Retention may move a partition's start past the planned offset between the read and the
+    // reset (the broker refuses a reset to removed records): then plan again from fresh
+    // offsets, at most three times.
+    let mut attempts = 0;
+    let plan = loop {
+        attempts += 1;
+        let offsets = admin
+            .offsets_at(&args.topic, Some(&args.group), time)
             .await?;
-    }
+        if let Some(missing) = args
+            .partitions
+            .iter()
+            .find(|p| !offsets.iter().any(|o| o.partition == **p))
+        {
+            anyhow::bail!("topic {} has no partition {missing}", args.topic);
+        }
+        let plan: Vec<(u32, Option<u64>, u64)> = offsets
+            .iter()
+            .filter(|o| args.partitions.is_empty() || args.partitions.contains(&o.partition))
+            .map(|o| (o.partition, o.committed_offset, new_offset(target, o)))
+            .collect();
+        if !args.execute {
+            break plan;
+        }
+        let moves: Vec<(u32, u64)> = plan.iter().map(|&(p, _, to)| (p, to)).collect();
+        match admin.reset_offsets(&args.group, &args.topic, &moves).await {
+            Ok(()) => break plan,
+            Err(error) if attempts < 3 => {
+                let now = admin
+                    .offsets_at(&args.topic, Some(&args.group), time)
+                    .await?;
+                let overtaken = plan.iter().any(|&(p, _, to)| {
+                    now.iter()
+                        .any(|o| o.partition == p && o.log_start_offset > to)
+                });
+                if !overtaken {
+                    return Err(error.into());
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     match output {
         Output::Json => print_json(&json!({
             "group_id": args.group,
