@@ -102,7 +102,7 @@ async fn reset_offsets(
     };
     // Retention may move a partition's start past the planned offset between the read and the
     // reset (the broker refuses a reset to removed records): then plan again from fresh
-    // offsets, at most three times.
+    // offsets, at most three times (not for a shift: see below).
     let mut attempts = 0;
     let plan = loop {
         attempts += 1;
@@ -127,10 +127,13 @@ async fn reset_offsets(
         let moves: Vec<(u32, u64)> = plan.iter().map(|&(p, _, to)| (p, to)).collect();
         match admin.reset_offsets(&args.group, &args.topic, &moves).await {
             Ok(()) => break plan,
-            Err(error) if attempts < 3 => {
-                let now = admin
-                    .offsets_at(&args.topic, Some(&args.group), time)
-                    .await?;
+            // A shift is relative to the committed offset, which a reset whose answer was lost
+            // may have moved already: never planned twice.
+            Err(error) if attempts < 3 && !matches!(target, Target::Shift(_)) => {
+                // If the offsets cannot be read now, the reset's own error is the one to show.
+                let Ok(now) = admin.offsets_at(&args.topic, Some(&args.group), time).await else {
+                    return Err(error.into());
+                };
                 let overtaken = plan.iter().any(|&(p, _, to)| {
                     now.iter()
                         .any(|o| o.partition == p && o.log_start_offset > to)
