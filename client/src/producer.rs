@@ -138,13 +138,12 @@ impl Outcome {
     fn settle(&self, result: std::result::Result<(u64, bool), Error>) {
         let waiting = {
             let mut state = lock(&self.state);
-            if matches!(*state, OutcomeState::Done(_)) {
+            let OutcomeState::Waiting(wakers) = &mut *state else {
                 return;
-            }
-            match std::mem::replace(&mut *state, OutcomeState::Done(result)) {
-                OutcomeState::Waiting(wakers) => wakers,
-                OutcomeState::Done(_) => Vec::new(),
-            }
+            };
+            let wakers = std::mem::take(wakers);
+            *state = OutcomeState::Done(result);
+            wakers
         };
         for waker in waiting {
             waker.wake();
@@ -592,9 +591,6 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
     let router = &shared.router;
     let producer_id = shared.producer_id;
     let key = (topic.clone(), partition);
-    let settle = |batch: Batch, result: Result<&proto::PublishResponse, Error>| {
-        answer(batch, result);
-    };
     let mut epoch = 0u32;
     let mut next_sequence = 0u64;
     let mut window: FuturesOrdered<_> = FuturesOrdered::new();
@@ -713,7 +709,7 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
             Some(result) = window.next(), if !in_window.is_empty() => {
                 let Some(first) = in_window.pop_front() else { continue };
                 match result {
-                    Ok(response) => settle(first.batch, Ok(&response)),
+                    Ok(response) => answer(first.batch, Ok(&response)),
                     Err(error) => {
                         // The leader may have moved: ask again where it is.
                         router.failed(&topic, partition);
@@ -722,11 +718,11 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                         while let Some(result) = window.next().await {
                             let Some(n) = in_window.pop_front() else { break };
                             match result {
-                                Ok(response) => settle(n.batch, Ok(&response)),
+                                Ok(response) => answer(n.batch, Ok(&response)),
                                 Err(e) => pending.push((n, Some(e))),
                             }
                         }
-                        next_sequence = resend(&publish, &settle, config, &topic, partition, pending, &mut epoch, next_sequence).await;
+                        next_sequence = resend(&publish, &answer, config, &topic, partition, pending, &mut epoch, next_sequence).await;
                     }
                 }
                 // Every batch not in the window has been answered (a resend answers all it took).
