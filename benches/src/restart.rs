@@ -235,6 +235,9 @@ pub async fn run(size_bytes: u64, data_dir: &Path) -> Result<RestartResult> {
     let _ = broker.child.kill();
     let _ = broker.child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(parent) = dir.parent() {
+        crate::runner::settle_filesystem(parent);
+    }
     Ok(RestartResult {
         log_bytes,
         records,

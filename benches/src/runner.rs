@@ -8,7 +8,7 @@
 //! intended time, so consumers measure end-to-end latency from it too. Messages due during the
 //! warm-up are counted but not measured.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -125,15 +125,38 @@ pub async fn run(
     workload.validate()?;
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("creating {}", options.data_dir.display()))?;
+    // Whatever was deleted or written before this run (an earlier round's data directory) is
+    // settled first, so that it does not land inside this run's measurement.
+    settle_filesystem(&options.data_dir);
     let dir = tempfile::Builder::new()
         .prefix(&format!("weft-bench-{}-", spec.kind.name()))
         .tempdir_in(&options.data_dir)
         .context("creating the run's data directory")?;
-    if spec.kind == Kind::Disk {
-        return run_disk(workload, spec, options, dir.path()).await;
+    let result = if spec.kind == Kind::Disk {
+        run_disk(workload, spec, options, dir.path()).await
+    } else {
+        run_system(workload, spec, options, dir.path()).await
+    };
+    // Remove the run's data now and make the removal durable, rather than at the next round's
+    // first fsync: on a filesystem mounted with `discard` (this machine's root), the journal
+    // commit that frees a run's gigabytes also discards them, and every fsync waits behind it.
+    // Measured: removing a 2 GiB file during latency-5k put a 340 ms stall in that run (e2e
+    // p99 296 ms); with the removal synced before it, p99 2.6 ms.
+    if let Err(e) = dir.close() {
+        eprintln!("warning: removing the run's data directory: {e}");
     }
+    settle_filesystem(&options.data_dir);
+    result
+}
+
+async fn run_system(
+    workload: &Workload,
+    spec: &DriverSpec,
+    options: &RunOptions,
+    dir: &Path,
+) -> Result<RunResult> {
     let started_at_ms = unix_ms();
-    let driver = drivers::start(spec, dir.path())
+    let driver = drivers::start(spec, dir)
         .await
         .with_context(|| format!("starting {}", spec.label()))?;
     let outcome = drive(workload, spec, options, driver.as_ref()).await;
@@ -142,6 +165,16 @@ pub async fn run(
     stopped.with_context(|| format!("stopping {}", spec.label()))?;
     result.started_at_ms = started_at_ms;
     Ok(result)
+}
+
+/// `syncfs` of the filesystem holding `dir`: writes back what is dirty there and commits the
+/// journal, with whatever frees and discards it carries. A failure only costs a quieter run, so
+/// it is logged, not returned.
+pub fn settle_filesystem(dir: &Path) {
+    let synced = std::fs::File::open(dir).and_then(|f| rustix::fs::syncfs(&f).map_err(Into::into));
+    if let Err(e) = synced {
+        eprintln!("warning: syncing the filesystem of {}: {e}", dir.display());
+    }
 }
 
 async fn drive(
