@@ -52,6 +52,11 @@ pub struct ProducerConfig {
     pub idempotent: bool,
     /// How batches travel to the broker (default: one stream per topic).
     pub transport: PublishTransport,
+    /// A partition that gets no record for this long gives up its sender task and batching
+    /// state (its producer sequence numbers are kept: a few bytes), so a long-lived producer
+    /// that has written to many topics and partitions does not keep a task for each. The next
+    /// record for it starts a sender again, continuing the sequence.
+    pub partition_idle_timeout: Duration,
     /// Send each partition's batches straight to its leader, learnt from the cluster's
     /// metadata (default true). False: every batch goes to the brokers the client was given,
     /// which forward it to the leader; for clients that reach the cluster through one address
@@ -85,6 +90,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             idempotent: true,
             transport: PublishTransport::default(),
+            partition_idle_timeout: Duration::from_secs(60),
             to_leaders: true,
         }
     }
@@ -277,6 +283,10 @@ struct State {
     /// Where a topic's keyless records without a partition go now (sticky partitioner).
     sticky: HashMap<Arc<str>, u32>,
     lanes: HashMap<(Arc<str>, u32), Lane>,
+    /// Epoch and next sequence of partitions whose lane was dropped for idleness: the lane's
+    /// next sender continues from them (a sequence restarting at 0 would be answered as a
+    /// duplicate of the partition's first batch).
+    resumes: HashMap<(Arc<str>, u32), (u32, u64)>,
     /// Set when the producer is dropped: senders send what is left and stop.
     closed: bool,
 }
@@ -360,6 +370,7 @@ impl Producer {
                 topics: HashMap::new(),
                 sticky: HashMap::new(),
                 lanes: HashMap::new(),
+                resumes: HashMap::new(),
                 closed: false,
             }),
         });
@@ -423,6 +434,7 @@ impl Producer {
             sticky,
             lanes,
             closed,
+            ..
         } = &mut *state;
         if *closed {
             return Err(Error::Closed);
@@ -528,6 +540,12 @@ impl Producer {
         Ok(())
     }
 
+    /// Partitions for which this producer keeps a sender task and batching state now: those
+    /// that had records within `partition_idle_timeout` (or still have some in flight).
+    pub fn active_partitions(&self) -> usize {
+        lock(&self.shared.state).lanes.len()
+    }
+
     /// Flushes and stops.
     pub async fn close(self) -> Result<()> {
         self.flush().await
@@ -591,8 +609,9 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
     let router = &shared.router;
     let producer_id = shared.producer_id;
     let key = (topic.clone(), partition);
-    let mut epoch = 0u32;
-    let mut next_sequence = 0u64;
+    // Where an earlier sender of this partition stopped (placed before its lane was dropped,
+    // under the lock this lane was created under).
+    let (mut epoch, mut next_sequence) = lock(&shared.state).resumes.remove(&key).unwrap_or((0, 0));
     let mut window: FuturesOrdered<_> = FuturesOrdered::new();
     // Flushes waiting, each with the number of batches taken before it: it is answered once
     // that many have been answered, whatever was taken after it.
@@ -706,6 +725,24 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
         }
         tokio::select! {
             () = wake.notified() => {}
+            () = tokio::time::sleep(config.partition_idle_timeout), if in_window.is_empty() && flushes.is_empty() => {
+                // Idle: drop the lane (unless a record arrived meanwhile) and stop; the next
+                // record starts a sender that continues this one's sequence.
+                let mut state = lock(&shared.state);
+                let idle = state
+                    .lanes
+                    .get(&key)
+                    .is_some_and(|lane| lane.open.is_none() && lane.ready.is_empty());
+                if idle {
+                    state.lanes.remove(&key);
+                    if (epoch, next_sequence) != (0, 0) {
+                        // (Nothing to continue for a partition that never took a record,
+                        // one out of the topic's range, say.)
+                        state.resumes.insert(key.clone(), (epoch, next_sequence));
+                    }
+                    break;
+                }
+            }
             Some(result) = window.next(), if !in_window.is_empty() => {
                 let Some(first) = in_window.pop_front() else { continue };
                 match result {

@@ -698,3 +698,69 @@ async fn flush_returns_while_another_task_keeps_sending() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     busy.await.expect("the busy task ends");
 }
+
+/// A partition idle for `partition_idle_timeout` gives up its sender task and batching state
+/// (a producer that wrote to many partitions once does not keep a task for each), and the next
+/// record there continues the partition's producer sequence: restarting it at 0 would make the
+/// broker answer the record as a duplicate of the partition's first batch, with its offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_partitions_give_up_their_senders_and_keep_their_sequences() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("idle", 3)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig {
+        partition_idle_timeout: Duration::from_millis(300),
+        ..ProducerConfig::default()
+    });
+    let mut last = Vec::new();
+    for partition in 0..3 {
+        for i in 0..2 {
+            let ack = producer
+                .send(
+                    "idle",
+                    Record::new(format!("{partition}-{i}")).partition(partition),
+                )
+                .await
+                .expect("stored");
+            assert!(!ack.duplicate);
+            if i == 1 {
+                last.push(ack.offset);
+            }
+        }
+    }
+    assert_eq!(producer.active_partitions(), 3);
+    wait_for(
+        "idle partitions to drop their senders",
+        Duration::from_secs(10),
+        || async { (producer.active_partitions() == 0).then_some(()) },
+    )
+    .await;
+    for partition in 0..3u32 {
+        let ack = producer
+            .send("idle", Record::new("after").partition(partition))
+            .await
+            .expect("stored after idling");
+        assert!(
+            !ack.duplicate,
+            "partition {partition}: the record after idling was taken for a retry"
+        );
+        assert_eq!(
+            ack.offset,
+            last[partition as usize] + 1,
+            "partition {partition}"
+        );
+    }
+    assert_eq!(producer.active_partitions(), 3);
+    producer.close().await.expect("close");
+    // Every record is stored once.
+    for partition in 0..3u32 {
+        let bounds = offsets(&broker.client_addr, "idle", partition, None)
+            .await
+            .expect("offsets");
+        assert_eq!(bounds.high_watermark, 3, "partition {partition}");
+    }
+}
