@@ -76,9 +76,12 @@ impl WeftDriver {
     pub async fn start_quic(spec: &DriverSpec, data_dir: &Path) -> Result<WeftDriver> {
         let (address, ca, server) = match &spec.endpoint {
             Some(endpoint) => {
-                let ca = std::env::var_os("WEFT_TLS_CA_FILE").map(PathBuf::from).context(
-                    "weft-quic@HOST:PORT needs the CA of the broker's certificate in                      WEFT_TLS_CA_FILE",
-                )?;
+                let ca = std::env::var_os("WEFT_TLS_CA_FILE")
+                    .map(PathBuf::from)
+                    .context(
+                        "weft-quic@HOST:PORT needs the CA of the broker's certificate in \
+                     WEFT_TLS_CA_FILE",
+                    )?;
                 (endpoint.clone(), ca, None)
             }
             None => {
