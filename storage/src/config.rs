@@ -61,6 +61,9 @@ pub struct LogConfig {
     /// cache then come from the disk. The sync that follows is unchanged. A filesystem that
     /// refuses direct I/O gets buffered writes, with a warning. Off by default.
     pub direct_io: bool,
+    /// A purged segment's data file is cut from its end in steps of this many bytes, each
+    /// synced, before it is unlinked (see [`crate::SegmentRemoval::run`]); at least 4096.
+    pub removal_step_bytes: u64,
     /// Told about every fsync; for crash testing.
     pub sync_listener: Option<Arc<dyn SyncListener>>,
 }
@@ -78,6 +81,7 @@ impl Default for LogConfig {
             open_segments_max: 8,
             tail_cache_bytes: 2 * 1024 * 1024,
             direct_io: false,
+            removal_step_bytes: crate::log::REMOVAL_STEP_BYTES,
             sync_listener: None,
         }
     }
@@ -87,6 +91,12 @@ impl LogConfig {
     /// Checks the values; the error names the offending key.
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |key: &'static str, reason: String| Err(Error::InvalidConfig { key, reason });
+        if self.removal_step_bytes < 4096 {
+            return invalid(
+                "removal_step_bytes",
+                format!("{} is below 4096", self.removal_step_bytes),
+            );
+        }
         if !(4096..=u32::MAX as u64).contains(&self.segment_bytes_max) {
             return invalid(
                 "segment_bytes_max",

@@ -47,7 +47,7 @@ pub use config::{FsyncPolicy, LogConfig, SyncListener};
 pub use error::{Error, Result};
 pub use log::{
     Appended, CorruptionFound, DamagedRange, LogPosition, PartitionLog, PreparedRoll, PurgeReport,
-    RecoveryReport, RollTicket, SyncTicket, TornTail,
+    REMOVAL_STEP_BYTES, RecoveryReport, RollTicket, SegmentRemoval, SyncTicket, TornTail,
 };
 pub use meta::{MemoryMetaStore, MetaOp, MetaStore, SledMetaStore};
 pub use segment::FRAME_HEADER_LEN;

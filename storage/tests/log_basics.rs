@@ -941,3 +941,112 @@ fn direct_writes_pad_the_last_block_and_every_open_cuts_the_padding() {
         check(&log, &expected, "after damage in the padding");
     }
 }
+
+/// A purge records the log's new start first and leaves the files to a `SegmentRemoval`, which
+/// cuts each data file in synced steps before unlinking it. A removal cut off part-way (a crash:
+/// one file already cut short, the others whole) is finished by the next open, which deletes
+/// every segment wholly before the recorded start instead of reading the cut one as damage or
+/// serving purged records again.
+#[test]
+fn purged_segments_are_cut_in_steps_and_a_cut_off_removal_is_finished_by_the_next_open() {
+    #[derive(Debug, Default)]
+    struct Cuts(std::sync::Mutex<Vec<(std::path::PathBuf, u64)>>);
+    impl weft_storage::SyncListener for Cuts {
+        fn synced(&self, _: &std::path::Path, _: u64) {}
+        fn replaced(&self, path: &std::path::Path, len: u64) {
+            self.0.lock().expect("lock").push((path.to_path_buf(), len));
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cuts = Arc::new(Cuts::default());
+    let config = LogConfig {
+        segment_bytes_max: 64 * 1024,
+        removal_step_bytes: 4096,
+        sync_listener: Some(cuts.clone()),
+        ..small_config()
+    };
+    let mut rng = rng(11);
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    let expected: Vec<Expected> = (0..400)
+        .map(|_| append_random(&mut log, &mut rng, 400))
+        .collect();
+    log.flush().expect("flush");
+    let before = data_files(dir.path());
+    assert!(before.len() > 4, "segments: {}", before.len());
+
+    // A purge whose removal runs: the files go, each cut in 4 KiB steps first.
+    let (report, removal) = log
+        .purge_through_index_later(expected[100].index)
+        .expect("purge");
+    assert!(report.segments_deleted > 0);
+    let removed: Vec<_> = before[..report.segments_deleted].to_vec();
+    for path in &removed {
+        assert!(path.exists(), "files stay until the removal runs");
+    }
+    removal.run().expect("removal");
+    for path in &removed {
+        assert!(!path.exists(), "{} deleted", path.display());
+        let steps: Vec<u64> = cuts
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|&(_, len)| len)
+            .collect();
+        // (Earlier reports of the file: its creation and sealing.) The last ones are the cuts:
+        // 4 KiB apart, down to at most 4 KiB.
+        let cuts = steps
+            .windows(2)
+            .rev()
+            .take_while(|w| w[0] == w[1] + 4096)
+            .count();
+        assert!(
+            cuts >= 2 && steps.last().is_some_and(|&l| l > 0 && l <= 4096),
+            "{}: cut in 4 KiB steps, got {steps:?}",
+            path.display()
+        );
+    }
+
+    // A purge cut off part-way: the first file already cut short (mid-frame), the rest whole.
+    let (report, removal) = log
+        .purge_through_index_later(expected[250].index)
+        .expect("purge");
+    let start = report.start_offset;
+    let files = data_files(dir.path());
+    let purged: Vec<_> = files[..report.segments_deleted].to_vec();
+    assert!(purged.len() >= 2, "purged segments: {}", purged.len());
+    let first = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&purged[0])
+        .expect("open");
+    let len = first.metadata().expect("stat").len();
+    first.set_len(len / 2 + 3).expect("cut");
+    drop(first);
+    drop(removal); // never run: the crash
+    drop(log);
+
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    let recovery = log.recovery_report();
+    assert!(
+        recovery.corruptions.is_empty(),
+        "the cut purged file is not damage: {:?}",
+        recovery.corruptions
+    );
+    assert_eq!(
+        log.start_offset(),
+        start,
+        "purged records are not served again"
+    );
+    for path in &purged {
+        assert!(!path.exists(), "{} deleted at open", path.display());
+    }
+    let got = read_all_entries(&log).expect("read");
+    let first_index = log.first_index().expect("entries");
+    let suffix: Vec<_> = expected.iter().filter(|e| e.index >= first_index).collect();
+    assert_eq!(got.len(), suffix.len());
+    assert_eq!(got[0].header().base_offset, start);
+    for (batch, want) in got.iter().zip(&suffix) {
+        assert_eq!(batch.bytes(), &want.bytes);
+    }
+}

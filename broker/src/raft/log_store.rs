@@ -729,11 +729,64 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
                 Ok(())
             } else {
-                log.purge_through_index(log_id.index)
-                    .map(|_| ())
-                    .map_err(|e| write_error(&e))
+                let (_, removal) = log
+                    .purge_through_index_later(log_id.index)
+                    .map_err(|e| write_error(&e))?;
+                drop(log);
+                remove_in_background(removal);
+                Ok(())
             }
         })
         .await
+    }
+}
+
+/// Purged segments waiting for the deleting thread, at most.
+const REMOVALS_QUEUED_MAX: usize = 64;
+
+/// Deletes purged segments' files on the node's deleting thread, so that neither the
+/// partition's Raft core (which waits for a purge) nor its appends and reads wait for them (see
+/// [`weft_storage::SegmentRemoval::run`]). When that thread's queue is full, or it cannot be
+/// started, the caller deletes them itself. The purge stands whatever happens to the files (the
+/// log starts after their entries already); files left behind are deleted when the log is next
+/// opened.
+fn remove_in_background(removal: weft_storage::SegmentRemoval) {
+    static QUEUE: std::sync::OnceLock<
+        Option<std::sync::mpsc::SyncSender<weft_storage::SegmentRemoval>>,
+    > = std::sync::OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) =
+            std::sync::mpsc::sync_channel::<weft_storage::SegmentRemoval>(REMOVALS_QUEUED_MAX);
+        let started = std::thread::Builder::new()
+            .name("weft-purge".into())
+            .spawn(move || {
+                for removal in rx {
+                    run_removal(removal);
+                }
+            });
+        match started {
+            Ok(_) => Some(tx),
+            Err(error) => {
+                tracing::warn!(%error, "cannot start the thread that deletes purged segments");
+                None
+            }
+        }
+    });
+    let removal = match queue {
+        Some(tx) => match tx.try_send(removal) {
+            Ok(()) => return,
+            Err(
+                std::sync::mpsc::TrySendError::Full(r)
+                | std::sync::mpsc::TrySendError::Disconnected(r),
+            ) => r,
+        },
+        None => removal,
+    };
+    run_removal(removal);
+}
+
+fn run_removal(removal: weft_storage::SegmentRemoval) {
+    if let Err(error) = removal.run() {
+        tracing::warn!(%error, "could not delete purged segments; the next open of the log will");
     }
 }
