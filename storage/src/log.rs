@@ -116,6 +116,9 @@ pub struct PurgeReport {
     pub start_offset: u64,
 }
 
+/// What a purged segment's data file is renamed to end with until its removal deletes it.
+const PURGED_SUFFIX: &str = ".purged";
+
 /// The default of [`LogConfig::removal_step_bytes`]: bytes a purged segment's data file is cut
 /// by per step before it is unlinked (see [`SegmentRemoval::run`]).
 pub const REMOVAL_STEP_BYTES: u64 = 16 * 1024 * 1024;
@@ -142,7 +145,9 @@ impl SegmentRemoval {
     /// reach segments only through the log, under its lock, and the purge took them out.
     pub fn run(self) -> Result<()> {
         for seg in self.segments {
-            seg.remove_index_files()?;
+            // `seg.path` is the data file's name since the purge (`*.purged`, never reused):
+            // a new segment of the same base offset, in a directory deleted and created again
+            // meanwhile, is never touched.
             let file = seg.file()?;
             let step = self.config.removal_step_bytes.max(4096);
             let mut len = seg.data_len;
@@ -153,7 +158,7 @@ impl SegmentRemoval {
                 segment::notify_replaced(&self.config, &seg.path, len);
             }
             drop(file);
-            seg.delete()?;
+            fs::remove_file(&seg.path).io("delete purged segment", &seg.path)?;
         }
         segment::sync_dir(&self.dir, &self.config)
     }
@@ -282,7 +287,8 @@ impl PartitionLog {
             let entry = entry.io("list log directory", &dir)?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.ends_with(".tmp") {
+            if name.ends_with(".tmp") || name.ends_with(PURGED_SUFFIX) {
+                // (A purged segment's data file whose removal was cut off is one of these.)
                 let path = entry.path();
                 fs::remove_file(&path).io("remove leftover", &path)?;
             } else if let Some(base) = segment::parse_data_file_name(&name) {
@@ -1293,9 +1299,19 @@ impl PartitionLog {
             next_index: new_first.first_index.unwrap_or(new_first.next_index),
         };
         write_log_meta(&self.dir, start, &self.config)?;
-        for seg in self.segments.drain(..count) {
+        for mut seg in self.segments.drain(..count) {
             report.segments_deleted += 1;
             report.bytes_deleted += seg.data_len;
+            // Out of the way under the lock: the index files go, and the data file takes a
+            // name no segment ever has, so the removal, which may run much later, cannot meet
+            // a new file of the same name.
+            seg.remove_index_files()?;
+            let purged = seg.path.with_file_name(format!(
+                "{}{PURGED_SUFFIX}",
+                segment::data_file_name(seg.base_offset)
+            ));
+            fs::rename(&seg.path, &purged).io("rename purged segment", &seg.path)?;
+            seg.path = purged;
             removal.segments.push(seg);
         }
         self.tail.purged(self.start_offset());

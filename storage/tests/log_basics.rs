@@ -981,10 +981,14 @@ fn purged_segments_are_cut_in_steps_and_a_cut_off_removal_is_finished_by_the_nex
     assert!(report.segments_deleted > 0);
     let removed: Vec<_> = before[..report.segments_deleted].to_vec();
     for path in &removed {
-        assert!(path.exists(), "files stay until the removal runs");
+        // Renamed out of the way (a new segment of that base, after the directory was deleted
+        // and made again, is never touched), and still there until the removal runs.
+        assert!(!path.exists(), "{} renamed", path.display());
+        assert!(purged_name(path).exists(), "{} kept", path.display());
     }
     removal.run().expect("removal");
     for path in &removed {
+        let path = &purged_name(path);
         assert!(!path.exists(), "{} deleted", path.display());
         let steps: Vec<u64> = cuts
             .0
@@ -1009,16 +1013,19 @@ fn purged_segments_are_cut_in_steps_and_a_cut_off_removal_is_finished_by_the_nex
     }
 
     // A purge cut off part-way: the first file already cut short (mid-frame), the rest whole.
+    // The second file is back under its own name (the crash came before its rename reached the
+    // disk): the open deletes it because it lies wholly before the recorded start.
+    let files = data_files(dir.path());
     let (report, removal) = log
         .purge_through_index_later(expected[250].index)
         .expect("purge");
     let start = report.start_offset;
-    let files = data_files(dir.path());
     let purged: Vec<_> = files[..report.segments_deleted].to_vec();
     assert!(purged.len() >= 2, "purged segments: {}", purged.len());
+    std::fs::rename(purged_name(&purged[1]), &purged[1]).expect("rename back");
     let first = std::fs::OpenOptions::new()
         .write(true)
-        .open(&purged[0])
+        .open(purged_name(&purged[0]))
         .expect("open");
     let len = first.metadata().expect("stat").len();
     first.set_len(len / 2 + 3).expect("cut");
@@ -1040,6 +1047,11 @@ fn purged_segments_are_cut_in_steps_and_a_cut_off_removal_is_finished_by_the_nex
     );
     for path in &purged {
         assert!(!path.exists(), "{} deleted at open", path.display());
+        assert!(
+            !purged_name(path).exists(),
+            "{} deleted at open",
+            path.display()
+        );
     }
     let got = read_all_entries(&log).expect("read");
     let first_index = log.first_index().expect("entries");
@@ -1049,4 +1061,10 @@ fn purged_segments_are_cut_in_steps_and_a_cut_off_removal_is_finished_by_the_nex
     for (batch, want) in got.iter().zip(&suffix) {
         assert_eq!(batch.bytes(), &want.bytes);
     }
+}
+
+/// The name a purged segment's data file has until its removal deletes it.
+fn purged_name(path: &std::path::Path) -> std::path::PathBuf {
+    let name = path.file_name().expect("name").to_string_lossy();
+    path.with_file_name(format!("{name}.purged"))
 }
