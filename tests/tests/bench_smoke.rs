@@ -234,10 +234,11 @@ fn smoke_disk() {
 
 #[test]
 fn compare_alternates_rounds_and_reports_ratios_to_weft() {
-    let peer = if available("redis") {
-        "redis:fsync"
+    // The disk driver's label names its sync mode, as a peer's names its setting.
+    let (peer, label) = if available("redis") {
+        ("redis:fsync", "redis:fsync")
     } else {
-        "disk"
+        ("disk", "disk:fsync")
     };
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
@@ -275,7 +276,7 @@ fn compare_alternates_rounds_and_reports_ratios_to_weft() {
     let drivers = v["drivers"].as_array().expect("drivers");
     assert_eq!(drivers.len(), 2);
     assert_eq!(drivers[0]["label"], "weft:fsync");
-    assert_eq!(drivers[1]["label"], peer);
+    assert_eq!(drivers[1]["label"], label);
     for d in drivers {
         assert_eq!(u(d, "/runs"), 2, "two rounds of {}", d["label"]);
         assert_eq!(d["counts_add_up"], true);
@@ -285,7 +286,7 @@ fn compare_alternates_rounds_and_reports_ratios_to_weft() {
     assert!(f(&drivers[1], "/throughput_vs_weft") > 0.0);
     // Rounds alternate: r1 of both drivers, then r2 of both.
     for round in ["r1", "r2"] {
-        for label in ["weft-fsync", &peer.replace(':', "-")] {
+        for label in ["weft-fsync", &label.replace(':', "-")] {
             let run = dir.join(format!("{round}-{label}"));
             assert!(
                 run.join("result.json").is_file(),
