@@ -197,7 +197,13 @@ impl Cluster {
             .args(["--peer-listen", &format!("{ip}:{PEER_PORT}")])
             .args(["--admin-listen", &format!("{ip}:{ADMIN_PORT}")])
             .env("WEFT_SYNC_JOURNAL", node.journal())
-            .env("WEFT_LOG", "info,openraft=warn,sled=warn")
+            // `WEFT_JEPSEN_BROKER_LOG` sets the brokers' log filter (for a closer look at a
+            // run, for example `info,openraft=warn,openraft::engine=info,sled=warn`).
+            .env(
+                "WEFT_LOG",
+                std::env::var("WEFT_JEPSEN_BROKER_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn,sled=warn".into()),
+            )
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))

@@ -172,23 +172,14 @@ async fn killing_the_leader_under_four_producers_loses_and_repeats_nothing() {
 
 /// Regression: replicas whose Raft ticks share one phase (here forced by a test hook; in CI it
 /// happened by chance, and the run waited 15 s for a leader) stood for election at the same
-/// tick after their leader was killed, each voted for itself, and stood together again three
-/// ticks later, election after election. Each failed candidacy now holds the next election back
-/// by a random number of ticks, so one candidate stands alone and wins. Without that, this
-/// partition stayed leaderless past the deadline.
+/// tick after their leader was killed (openraft's own timer), each voted for itself, and stood
+/// together again three ticks later, election after election. Elections now start only from
+/// the election watch, after a pre-vote, each replica at a delay of its own per term and
+/// attempt, so one candidate stands alone and wins whatever the phase of the ticks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_ticking_in_step_still_elect_a_leader_when_theirs_is_killed() {
     for round in 0..2 {
-        // openraft's own timer only: the leader watch would stand each follower at its own
-        // delay and hide the split votes this test is about.
-        let mut brokers = start_cluster_env(
-            3,
-            &[],
-            &[
-                ("WEFT_TEST_TICK_PHASE_MS", "0"),
-                ("WEFT_TEST_NO_LEADER_WATCH", "1"),
-            ],
-        );
+        let mut brokers = start_cluster_env(3, &[], &[("WEFT_TEST_TICK_PHASE_MS", "0")]);
         let first_leader = create_hot(&brokers, Duration::from_secs(30)).await;
         let killed = (first_leader - 1) as usize;
         brokers[killed].kill9();

@@ -225,3 +225,158 @@ async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
     .await;
     assert_eq!(again, 40);
 }
+
+/// (term, leader) of partition 0 as `broker`'s replica sees it (its own current term).
+async fn leadership_of_0(broker: &Broker) -> (u64, u64) {
+    let channel = grpc::channel(&broker.client_addr).await;
+    let mut request = tonic::Request::new(weft_proto::v1::ListPartitionsRequest {
+        topic: "split".into(),
+    });
+    request.set_timeout(Duration::from_secs(3));
+    let answer = weft_proto::v1::cluster_client::ClusterClient::new(channel)
+        .list_partitions(request)
+        .await
+        .expect("list partitions")
+        .into_inner();
+    let p = answer
+        .partitions
+        .iter()
+        .find(|p| p.partition == 0)
+        .expect("partition 0");
+    (p.leader_term, p.leader_id)
+}
+
+/// Cuts `broker` off from the other brokers' peer ports and theirs from it.
+fn isolate(firewall: &mut Firewall, brokers: &[Broker], broker: &Broker) {
+    firewall.drop_tcp(None, &broker.peer_addr);
+    for other in brokers.iter().filter(|b| b.peer_addr != broker.peer_addr) {
+        firewall.drop_tcp(Some(ip(&broker.peer_addr)), &other.peer_addr);
+    }
+}
+
+/// Regression (found by the fault-injection harness): a replica cut off from the others stood
+/// for election again and again (openraft's own timer), raising its term each time. Back, its
+/// higher term unseated the leader; and when a leader was cut off just after such a replica
+/// came back behind, its ever higher terms beat the one voter able to win, election after
+/// election: the majority stayed without a leader for the whole 9 s cut. A replica now stands
+/// only after a pre-vote that a majority granted: cut off, it asks and is refused, its term
+/// stays, and back it follows the same leader in the same term. Then the leader is cut off at
+/// once (the replica back may still be behind): the two others elect a leader and commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_back_from_isolation_neither_unseats_the_leader_nor_blocks_the_next_election() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"split","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leader = wait_for("a leader of partition 0", Duration::from_secs(30), || {
+        let l = leader_of_0(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let leading = &brokers[leader as usize - 1];
+    let (term, _) = leadership_of_0(leading).await;
+    for broker in &brokers {
+        wait_for(
+            "every replica to follow the leader",
+            Duration::from_secs(30),
+            || async { (leadership_of_0(broker).await == (term, leader)).then_some(()) },
+        )
+        .await;
+    }
+    let isolated = brokers
+        .iter()
+        .find(|b| b.peer_addr != leading.peer_addr)
+        .expect("a follower");
+    let refused_before =
+        weft_tests::metric(isolated, "weft_raft_pre_votes_total{result=\"refused\"}")
+            .unwrap_or(0.0);
+
+    let mut firewall = Firewall::new();
+    isolate(&mut firewall, &brokers, isolated);
+    let channel = grpc::channel(&leading.client_addr).await;
+    let acked = grpc::publisher(&channel)
+        .publish(request(0, 20))
+        .await
+        .expect("the leader and the other follower commit")
+        .into_inner();
+    assert_eq!(acked.base_offset, 0);
+    // Cut off, it hears no leader and asks for pre-votes, which nobody answers: several
+    // attempts (an election timeout apart at least) without a term of its own.
+    wait_for(
+        "the isolated replica to be refused three pre-votes",
+        Duration::from_secs(30),
+        || {
+            let refused =
+                weft_tests::metric(isolated, "weft_raft_pre_votes_total{result=\"refused\"}")
+                    .unwrap_or(0.0);
+            async move { (refused >= refused_before + 3.0).then_some(()) }
+        },
+    )
+    .await;
+    let (isolated_term, _) = leadership_of_0(isolated).await;
+    assert_eq!(
+        isolated_term, term,
+        "the isolated replica stayed in the leader's term"
+    );
+
+    // Back: it follows the same leader, in the same term.
+    firewall.heal();
+    let acked = grpc::publisher(&channel)
+        .publish(request(20, 40))
+        .await
+        .expect("the leader still leads once the replica is back")
+        .into_inner();
+    assert_eq!(acked.base_offset, 20);
+    assert_eq!(
+        leadership_of_0(leading).await,
+        (term, leader),
+        "the leader kept its term"
+    );
+
+    // The leader cut off at once: the two others elect one of them and commit.
+    isolate(&mut firewall, &brokers, leading);
+    let majority: Vec<&Broker> = brokers
+        .iter()
+        .filter(|b| b.peer_addr != leading.peer_addr)
+        .collect();
+    let cut_at = Instant::now();
+    let through = majority[0].client_addr.clone();
+    let offset = wait_for(
+        "the majority to elect a leader and commit",
+        Duration::from_secs(15),
+        || {
+            let through = through.clone();
+            async move {
+                let channel = grpc::channel(&through).await;
+                let mut attempt = request(40, 60);
+                attempt.get_mut().producer_id = 4040;
+                match grpc::publisher(&channel).publish(attempt).await {
+                    Ok(r) => Some(r.into_inner().base_offset),
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                        ) =>
+                    {
+                        None
+                    }
+                    Err(s) => panic!("{s:?}"),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(offset, 40, "the majority continues the log");
+    let (_, new_leader) = leadership_of_0(majority[0]).await;
+    assert!(
+        new_leader != 0 && new_leader != leader,
+        "node {new_leader} leads, not the cut-off node {leader}"
+    );
+    eprintln!(
+        "node {new_leader} leads and committed {:?} after node {leader} was cut off",
+        cut_at.elapsed()
+    );
+}

@@ -105,7 +105,6 @@ impl ControllerGroup {
             sm.clone(),
         )
         .await?;
-        super::spread_reelections(&raft);
         // Whether its log held a cluster at open, read before the group is reachable: once it
         // is registered, a leader that counts this broker as a member (one whose data was
         // wiped) may replicate to it at once, and the join below would be skipped, leaving

@@ -377,6 +377,11 @@ impl LogStore {
 }
 
 impl LogReader {
+    /// The id of the log's last entry (of the last purged one when it holds none).
+    pub fn last_log_id(&self) -> Option<LogId> {
+        self.shared.last_log_id().max(self.shared.last_purged())
+    }
+
     /// The log's tail cache: its most recent record batches, read without the log's lock.
     pub fn tail_cache(&self) -> &TailCache {
         &self.shared.tail

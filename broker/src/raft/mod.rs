@@ -32,7 +32,6 @@ mod transfer;
 mod wire;
 
 use std::io::Cursor;
-use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -159,68 +158,6 @@ pub(crate) fn watch_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<N
     rx
 }
 
-/// Spreads the elections that follow a split vote, for `raft`'s group (a task that ends with
-/// the group).
-///
-/// openraft checks election timeouts on a tick (every 1.5 heartbeats) and draws each group's
-/// random timeout once, from a range narrower than a tick: a candidate whose election failed
-/// stands again on the third tick after it stood, every time. Two replicas that stood within
-/// one vote's round trip of each other (each voting for itself) therefore stand again together,
-/// election after election, as long as their ticks keep the same phase: seen in CI, 15 s
-/// without a leader after the leader was killed, under load that slowed the vote round trip.
-/// Each time this replica becomes a candidate, its next election is held back by a random
-/// 0-2 ticks beyond the longest election timeout (openraft's tick elections are paused
-/// meanwhile; a leader elected or a higher term seen ends the pause), so two candidates soon
-/// stand at different ticks and one of them wins. An election that succeeds is not delayed.
-pub(crate) fn spread_reelections(raft: &Raft) {
-    let raft = raft.clone();
-    let mut metrics = raft.metrics();
-    let tick_ms = (raft.config().heartbeat_interval * 3 / 2).max(1);
-    let timeout_ms = raft.config().election_timeout_max;
-    tokio::spawn(async move {
-        loop {
-            let candidacy = metrics
-                .wait_for(|m| m.state == openraft::ServerState::Candidate)
-                .await
-                .map(|m| m.current_term);
-            let Ok(term) = candidacy else {
-                return;
-            };
-            let jitter = uuid::Uuid::new_v4().as_u64_pair().0 % (2 * tick_ms);
-            let hold = Duration::from_millis(timeout_ms + jitter);
-            raft.runtime_config().elect(false);
-            let ended = tokio::time::timeout(
-                hold,
-                metrics.wait_for(|m| {
-                    m.state != openraft::ServerState::Candidate || m.current_term != term
-                }),
-            )
-            .await
-            .map(|decided| decided.map(|_| ()));
-            raft.runtime_config().elect(true);
-            match ended {
-                // The group stopped.
-                Ok(Err(_)) => return,
-                // Decided (or a new term) before the hold ran out.
-                Ok(Ok(_)) => {}
-                // Held long enough: the next tick may stand again; wait for this candidacy to end.
-                Err(_) => {
-                    if metrics
-                        .wait_for(|m| {
-                            m.state != openraft::ServerState::Candidate || m.current_term != term
-                        })
-                        .await
-                        .map(|_| ())
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        }
-    });
-}
-
 /// The snapshot last taken or installed.
 pub(crate) fn current_snapshot(
     stored: &StoredSnapshot,
@@ -296,6 +233,8 @@ pub fn raft_config(
         },
         max_in_snapshot_log_to_keep: u64::MAX,
         max_payload_entries: network::PAYLOAD_ENTRIES_MAX,
+        // Elections start from the election watch, after a pre-vote (`Peers::watch_leaders`).
+        enable_elect: false,
         ..Default::default()
     };
     Ok(config.validate()?)

@@ -73,6 +73,9 @@ struct Inner {
     snapshot_from: Mutex<HashMap<GroupId, NodeId>>,
     /// When each group last received an AppendEntries (a leader's heartbeat or entries) here.
     heard_at: Mutex<HashMap<GroupId, std::time::Instant>>,
+    /// Per group: when it was opened here, and when this node last granted a vote in it (the
+    /// election watch's clock, beside `heard_at`).
+    election_clock: Mutex<HashMap<GroupId, (Instant, Option<Instant>)>>,
     /// Whether this node may vote (see [`Recovery`]), and the groups where it waits.
     recovery: Mutex<(Recovery, HashMap<GroupId, Gate>)>,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
@@ -125,6 +128,23 @@ enum Gate {
     Open,
 }
 
+/// What the election watch does in a group (see [`Peers::watch_leaders`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// The only voter, not leading: stand at once.
+    Alone,
+    /// Ask the other voters for a pre-vote, and stand if a majority grants it.
+    PreVote,
+}
+
+/// A log id for a message (term-index, or "nothing").
+fn describe(id: Option<&openraft::LogId<NodeId>>) -> String {
+    id.map_or_else(
+        || "nothing".to_string(),
+        |id| format!("{}-{}", id.leader_id.term, id.index),
+    )
+}
+
 /// This node's connections to its peers, and the directory of its open Raft groups.
 #[derive(Debug, Clone)]
 pub struct Peers {
@@ -151,6 +171,7 @@ impl Peers {
                 readers: RwLock::new(HashMap::new()),
                 snapshot_from: Mutex::new(HashMap::new()),
                 heard_at: Mutex::new(HashMap::new()),
+                election_clock: Mutex::new(HashMap::new()),
                 recovery: Mutex::new((Recovery::Normal, HashMap::new())),
                 contacts: Mutex::new(HashMap::new()),
                 local_ip: local_ip.filter(|ip| !ip.is_unspecified()),
@@ -188,6 +209,9 @@ impl Peers {
 
     /// Makes `raft` reachable by peers as group `group_id`.
     pub(super) fn register(&self, group_id: GroupId, raft: Raft) {
+        if let Ok(mut clock) = self.inner.election_clock.lock() {
+            clock.insert(group_id, (Instant::now(), None));
+        }
         if let Ok(mut groups) = self.inner.groups.write() {
             groups.insert(group_id, raft);
         }
@@ -200,6 +224,9 @@ impl Peers {
         }
         if let Ok(mut readers) = self.inner.readers.write() {
             readers.remove(&group_id);
+        }
+        if let Ok(mut clock) = self.inner.election_clock.lock() {
+            clock.remove(&group_id);
         }
     }
 
@@ -301,108 +328,312 @@ impl Peers {
             .and_then(|h| h.get(&group_id).map(std::time::Instant::elapsed))
     }
 
-    /// Starts this node's leader watch (a task that ends when the last `Peers` handle is
-    /// dropped): a follower whose leader has been silent for longer than the leader's lease
-    /// (`election_timeout_max`: after it, the other voters grant votes again) plus a random
-    /// half to one and a half ticks stands for election at once.
+    /// Starts this node's election watch (a task that ends when the last `Peers` handle is
+    /// dropped). openraft's own election timer is off (`enable_elect: false`): every election
+    /// of a replicated group starts here, and only after a pre-vote (`Raft.PreVote`, the Raft
+    /// thesis' 9.6) that a majority of the group's voters granted.
     ///
-    /// openraft 0.9 waits the lease *plus* a random election timeout, checked on its 1.5-
-    /// heartbeat tick, before a follower stands: about 3.4-4.5 s with the default timings, and
-    /// 4-6 s after the split vote that two followers standing in the same tick often make. The
-    /// watch stands 2.2-3.0 s after the last heartbeat, each follower at its own random delay (a
-    /// vote round trip is far shorter than the spread), so the first to stand usually wins.
-    /// The delay starts half a tick after the lease so that a leadership transfer (the target
-    /// is asked to stand 100 ms after the lease) is not overtaken by another follower.
-    /// openraft's own timer stays as the fallback; a follower that withholds its votes (lost
-    /// data) or is a learner never stands through the watch.
-    /// `WEFT_TEST_NO_LEADER_WATCH=1` leaves the watch off: a test hook for tests of
-    /// openraft's own election timer (split votes).
+    /// A voter stands once it has heard from no leader for longer than the leader's lease
+    /// (`election_timeout_max`: after it, the other voters grant votes again) plus a delay of its
+    /// own, half a tick to one and a half ticks (a tick is 1.5 heartbeats), drawn per node,
+    /// group, term and attempt: the first to stand usually wins. It first asks the other voters
+    /// whether they would vote for it; a voter says yes only when it hears from no leader
+    /// either and the candidate's log is at least as up to date as its own. A pre-vote that
+    /// fails, or an election that did not elect anyone, is tried again after a shorter delay
+    /// (half an election timeout plus up to a tick).
+    ///
+    /// Without the pre-vote, openraft's timer made every voter that heard no leader stand,
+    /// raising the group's term each time, whether or not it could win: a replica cut off from
+    /// the others came back with a higher term and unseated the leader, and a replica whose log
+    /// was behind (back from being cut off) stood again and again with ever higher terms while
+    /// the leader was cut off, so that the one voter able to win kept losing its elections on
+    /// terms. Seen in the fault-injection harness: 9 s without a leader on the majority side.
+    ///
+    /// A single-voter group stands at once whenever it does not lead. A voter that withholds
+    /// its votes (it lost its data) or a learner never stands.
     pub fn watch_leaders(&self) {
-        if std::env::var("WEFT_TEST_NO_LEADER_WATCH").is_ok_and(|v| v == "1") {
-            tracing::warn!("test hook: no leader watch");
-            return;
-        }
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(LEADER_WATCH_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // The (group, term) each election was last started in: once per silence.
-            let mut stood: HashMap<GroupId, u64> = HashMap::new();
+            // Per group: when this node last asked for a pre-vote there, and how many times it
+            // has since it last heard from a leader.
+            let mut campaigns: HashMap<GroupId, (Instant, u64)> = HashMap::new();
+            let running: Arc<Mutex<std::collections::HashSet<GroupId>>> = Arc::default();
             loop {
                 every.tick().await;
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
                 let peers = Peers { inner };
-                if peers.recovery() != Recovery::Normal {
-                    continue;
-                }
                 let groups: Vec<(GroupId, Raft)> = match peers.inner.groups.read() {
                     Ok(groups) => groups.iter().map(|(id, r)| (*id, r.clone())).collect(),
                     Err(_) => return,
                 };
-                stood.retain(|id, _| groups.iter().any(|(g, _)| g == id));
+                campaigns.retain(|id, _| groups.iter().any(|(g, _)| g == id));
                 for (group_id, raft) in groups {
-                    let Some(term) = peers.leader_lost(group_id, &raft) else {
+                    let campaign = campaigns.get(&group_id).copied();
+                    let Some(due) = peers.election_due(group_id, &raft, campaign) else {
                         continue;
                     };
-                    if stood.get(&group_id) == Some(&term) {
-                        continue;
-                    }
-                    stood.insert(group_id, term);
-                    tracing::info!(
-                        group = group_id,
-                        term,
-                        "the leader has been silent past its lease: standing for election"
-                    );
-                    metrics::counter!("weft_raft_prompt_elections_total").increment(1);
-                    tokio::spawn(async move {
-                        if let Err(e) = raft.trigger().elect().await {
-                            tracing::debug!(group = group_id, "cannot stand for election: {e}");
+                    match due {
+                        Due::Alone => {
+                            tracing::info!(group = group_id, "the only voter: standing");
+                            campaigns.insert(group_id, (Instant::now(), 0));
+                            tokio::spawn(async move {
+                                if let Err(e) = raft.trigger().elect().await {
+                                    tracing::debug!(group = group_id, "cannot stand: {e}");
+                                }
+                            });
                         }
-                    });
+                        Due::PreVote => {
+                            let Ok(mut busy) = running.lock() else {
+                                return;
+                            };
+                            if !busy.insert(group_id) {
+                                continue;
+                            }
+                            drop(busy);
+                            let attempt = campaign.map_or(0, |(_, n)| n + 1);
+                            campaigns.insert(group_id, (Instant::now(), attempt));
+                            let peers = peers.clone();
+                            let running = running.clone();
+                            tokio::spawn(async move {
+                                peers.campaign(group_id, &raft).await;
+                                if let Ok(mut busy) = running.lock() {
+                                    busy.remove(&group_id);
+                                }
+                            });
+                        }
+                    }
                 }
             }
         });
     }
 
-    /// The term of group `group_id` (`raft`) here when this replica should stand for election
-    /// now: it follows a known leader as a voter, and that leader has been silent for longer
-    /// than its lease plus this replica's delay for the term (see [`Peers::watch_leaders`]).
-    fn leader_lost(&self, group_id: GroupId, raft: &Raft) -> Option<u64> {
-        let (term, lease, tick) = {
+    /// Whether group `group_id` (`raft`) here should stand for election now (see
+    /// [`Peers::watch_leaders`]); `campaign`: when this node last asked for a pre-vote there
+    /// and how many times it has.
+    fn election_due(
+        &self,
+        group_id: GroupId,
+        raft: &Raft,
+        campaign: Option<(Instant, u64)>,
+    ) -> Option<Due> {
+        let (me, term, alone, state) = {
             let m = raft.metrics();
             let m = m.borrow();
-            let leader = m.current_leader?;
-            if m.state != openraft::ServerState::Follower
-                || leader == m.id
-                || !m.vote.is_committed()
-                || !m
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .any(|v| v == m.id)
-            {
+            if m.running_state.is_err() || m.state == openraft::ServerState::Leader {
                 return None;
             }
-            let config = raft.config();
-            (
-                m.current_term,
-                Duration::from_millis(config.election_timeout_max),
-                Duration::from_millis((config.heartbeat_interval * 3 / 2).max(1)),
-            )
+            let membership = m.membership_config.membership();
+            if !membership.voter_ids().any(|v| v == m.id) {
+                return None;
+            }
+            let alone = membership
+                .get_joint_config()
+                .iter()
+                .all(|c| c.len() == 1 && c.contains(&m.id));
+            (m.id, m.current_term, alone, m.state)
         };
-        let silence = self.silent_for(group_id)?;
-        // A delay of its own per (node, group, term), between half a tick and one and a half.
-        let seed = self
+        if alone {
+            // Once per term: the election of a single voter ends at once.
+            let stood_this_term =
+                campaign.is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
+            return (state != openraft::ServerState::Candidate && !stood_this_term)
+                .then_some(Due::Alone);
+        }
+        if self.withholds_vote(group_id) {
+            return None;
+        }
+        let config = raft.config();
+        let lease = Duration::from_millis(config.election_timeout_max);
+        let tick_ms = (config.heartbeat_interval * 3 / 2).max(1);
+        let heard = self.silent_for(group_id).unwrap_or(Duration::MAX);
+        let (opened, voted) = self
             .inner
-            .node_id
+            .election_clock
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&group_id).copied())
+            .map_or((Duration::MAX, Duration::MAX), |(opened, voted)| {
+                (
+                    opened.elapsed(),
+                    voted.map_or(Duration::MAX, |v| v.elapsed()),
+                )
+            });
+        // A delay of its own per (node, group, term, attempt).
+        let attempt = campaign.map_or(0, |(_, n)| n);
+        let seed = me
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
             .wrapping_add(group_id.wrapping_mul(0xBF58_476D_1CE4_E5B9))
-            .wrapping_add(term.wrapping_mul(0x94D0_49BB_1331_11EB));
-        let spread = u64::try_from(tick.as_millis()).unwrap_or(u64::MAX).max(1);
-        let delay = tick / 2 + Duration::from_millis(mix(seed) % spread);
-        (silence > lease + delay).then_some(term)
+            .wrapping_add(term.wrapping_mul(0x94D0_49BB_1331_11EB))
+            .wrapping_add(attempt);
+        let jitter = Duration::from_millis(mix(seed) % tick_ms);
+        let wait = lease + Duration::from_millis(tick_ms / 2) + jitter;
+        let quiet = heard.min(opened).min(voted);
+        if quiet <= wait {
+            return None;
+        }
+        // Since the last attempt: half an election timeout plus up to a tick.
+        let retry = Duration::from_millis(config.election_timeout_min / 2) + jitter;
+        if campaign.is_some_and(|(at, _)| at.elapsed() <= retry) {
+            return None;
+        }
+        Some(Due::PreVote)
+    }
+
+    /// Asks the other voters of group `group_id` (`raft`) for a pre-vote and stands for
+    /// election when a majority (of each configuration, during a joint change) grants it.
+    async fn campaign(&self, group_id: GroupId, raft: &Raft) {
+        let (me, term, configs, others, timeout) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let others: Vec<(NodeId, String)> = membership
+                .voter_ids()
+                .filter(|v| *v != m.id)
+                .filter_map(|v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
+                .collect();
+            let config = raft.config();
+            (
+                m.id,
+                m.current_term,
+                membership.get_joint_config().clone(),
+                others,
+                Duration::from_millis(config.election_timeout_min / 2)
+                    .max(Duration::from_millis(100)),
+            )
+        };
+        let last_log_id = self.last_log_id(group_id);
+        let asked = others.into_iter().map(|(node, address)| {
+            let request = pb::PreVoteRequest {
+                group_id,
+                term: term + 1,
+                last_log_id: last_log_id.as_ref().map(wire::log_id_to),
+            };
+            async move {
+                let answer = async {
+                    let mut client = self.raft_client(&address)?;
+                    client
+                        .pre_vote(self.request(node, request, timeout))
+                        .await
+                        .map(Response::into_inner)
+                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                };
+                let answer = tokio::time::timeout(timeout, answer)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer in time".into()));
+                (node, answer)
+            }
+        });
+        let mut granted = std::collections::BTreeSet::from([me]);
+        let mut refusals = Vec::new();
+        for (node, answer) in futures::future::join_all(asked).await {
+            match answer {
+                Ok(a) if a.granted => {
+                    granted.insert(node);
+                }
+                Ok(a) => refusals.push(format!("node {node}: {}", a.reason)),
+                Err(e) => refusals.push(format!("node {node}: {e}")),
+            }
+        }
+        let won = configs
+            .iter()
+            .all(|c| c.iter().filter(|v| granted.contains(v)).count() * 2 > c.len());
+        if !won {
+            metrics::counter!("weft_raft_pre_votes_total", "result" => "refused").increment(1);
+            tracing::debug!(group = group_id, term, ?refusals, "pre-vote refused");
+            return;
+        }
+        metrics::counter!("weft_raft_pre_votes_total", "result" => "granted").increment(1);
+        // Still no leader, and still in the term the pre-vote was asked for?
+        {
+            let m = raft.metrics();
+            let m = m.borrow();
+            if m.state == openraft::ServerState::Leader
+                || m.current_term != term
+                || self
+                    .silent_for(group_id)
+                    .is_some_and(|s| s < Duration::from_millis(raft.config().election_timeout_min))
+            {
+                return;
+            }
+        }
+        tracing::info!(
+            group = group_id,
+            term,
+            "no leader heard from and a majority granted a pre-vote: standing for election"
+        );
+        metrics::counter!("weft_raft_prompt_elections_total").increment(1);
+        if let Err(e) = raft.trigger().elect().await {
+            tracing::debug!(group = group_id, "cannot stand for election: {e}");
+        }
+    }
+
+    /// The answer of group `group_id` (`raft`) here to a pre-vote (see [`Peers::watch_leaders`]).
+    fn answer_pre_vote(&self, raft: &Raft, request: &pb::PreVoteRequest) -> pb::PreVoteResponse {
+        let group_id = request.group_id;
+        let (term, leads, lease) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (
+                m.current_term,
+                m.state == openraft::ServerState::Leader,
+                Duration::from_millis(raft.config().election_timeout_max),
+            )
+        };
+        let refuse = |reason: String| pb::PreVoteResponse {
+            granted: false,
+            term,
+            reason,
+        };
+        if self.withholds_vote(group_id) {
+            return refuse("this replica lost its data and withholds its votes".into());
+        }
+        if leads {
+            return refuse("this replica leads the group".into());
+        }
+        if let Some(silence) = self.silent_for(group_id).filter(|s| *s <= lease) {
+            return refuse(format!(
+                "this replica heard from a leader {} ms ago",
+                silence.as_millis()
+            ));
+        }
+        let candidate = request.last_log_id.map(wire::log_id_from);
+        let own = self.last_log_id(group_id);
+        if candidate < own {
+            return refuse(format!(
+                "the candidate's log ends at {}, this replica's at {}",
+                describe(candidate.as_ref()),
+                describe(own.as_ref())
+            ));
+        }
+        pb::PreVoteResponse {
+            granted: true,
+            term,
+            reason: String::new(),
+        }
+    }
+
+    /// The last entry of group `group_id`'s log here (its last purged entry when it holds none).
+    fn last_log_id(&self, group_id: GroupId) -> Option<openraft::LogId<NodeId>> {
+        self.inner
+            .readers
+            .read()
+            .ok()
+            .and_then(|r| r.get(&group_id).cloned())
+            .and_then(|reader| reader.last_log_id())
+    }
+
+    /// This node granted a vote in group `group_id`: the candidate gets its time to win before
+    /// this node stands itself.
+    fn voted_now(&self, group_id: GroupId) {
+        if let Ok(mut clock) = self.inner.election_clock.lock()
+            && let Some(entry) = clock.get_mut(&group_id)
+        {
+            entry.1 = Some(Instant::now());
+        }
     }
 
     /// Serves the log of group `group_id` to replicas catching up (ReadLog).
@@ -832,9 +1063,23 @@ impl pb::raft_server::Raft for RaftService {
                 self.peers.inner.node_id, message.group_id
             )));
         }
+        let group_id = message.group_id;
         let rpc = wire::vote_request_from(message).map_err(malformed)?;
         let response = raft.vote(rpc).await.map_err(raft_failed)?;
+        if response.vote_granted {
+            self.peers.voted_now(group_id);
+        }
         Ok(Response::new(wire::vote_response_to(&response)))
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<pb::PreVoteRequest>,
+    ) -> Result<Response<pb::PreVoteResponse>, Status> {
+        self.peers.check(&request)?;
+        let message = request.into_inner();
+        let raft = self.peers.group(message.group_id)?;
+        Ok(Response::new(self.peers.answer_pre_vote(&raft, &message)))
     }
 
     async fn read_log(

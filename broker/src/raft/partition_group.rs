@@ -189,7 +189,6 @@ impl PartitionGroup {
         )
         .await
         .map_err(|e| format!("cannot start the Raft group: {e}"))?;
-        super::spread_reelections(&raft);
         if !raft.is_initialized().await.map_err(|e| e.to_string())? {
             let first = members.first().is_none_or(|(id, _)| *id == node_id);
             let members: BTreeMap<NodeId, BasicNode> = if members.is_empty() {
