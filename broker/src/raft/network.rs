@@ -228,6 +228,9 @@ impl Peers {
         if let Ok(mut clock) = self.inner.election_clock.lock() {
             clock.remove(&group_id);
         }
+        if let Ok(mut heard) = self.inner.heard_at.lock() {
+            heard.remove(&group_id);
+        }
     }
 
     /// The node the controller's leadership is being handed to from this node (0: none):
@@ -298,8 +301,8 @@ impl Peers {
 
     /// A leader's AppendEntries reached group `group_id` here, with its commit index: the
     /// first one sets what a replica that lost its data must catch up to before it votes.
+    /// (Whether it counts as hearing from a leader is known once openraft has answered it.)
     fn heard_leader(&self, group_id: GroupId, leader_commit: u64) {
-        self.heard_now(group_id);
         if let Ok(mut r) = self.inner.recovery.lock()
             && r.0 == Recovery::Rejoining
         {
@@ -349,15 +352,15 @@ impl Peers {
     /// the leader was cut off, so that the one voter able to win kept losing its elections on
     /// terms. Seen in the fault-injection harness: 9 s without a leader on the majority side.
     ///
-    /// A single-voter group stands at once whenever it does not lead. A voter that withholds
-    /// its votes (it lost its data) or a learner never stands.
+    /// A single-voter group stands at once whenever it does not lead. A learner never stands,
+    /// nor a broker that lost its data until it has caught up in the group.
     pub fn watch_leaders(&self) {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(LEADER_WATCH_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Per group: when this node last asked for a pre-vote there, and how many times it
-            // has since it last heard from a leader.
+            // has (which varies its delay).
             let mut campaigns: HashMap<GroupId, (Instant, u64)> = HashMap::new();
             let running: Arc<Mutex<std::collections::HashSet<GroupId>>> = Arc::default();
             loop {
@@ -366,10 +369,14 @@ impl Peers {
                     return;
                 };
                 let peers = Peers { inner };
-                let groups: Vec<(GroupId, Raft)> = match peers.inner.groups.read() {
-                    Ok(groups) => groups.iter().map(|(id, r)| (*id, r.clone())).collect(),
-                    Err(_) => return,
-                };
+                let groups: Vec<(GroupId, Raft)> = peers
+                    .inner
+                    .groups
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .map(|(id, r)| (*id, r.clone()))
+                    .collect();
                 campaigns.retain(|id, _| groups.iter().any(|(g, _)| g == id));
                 for (group_id, raft) in groups {
                     let campaign = campaigns.get(&group_id).copied();
@@ -387,9 +394,9 @@ impl Peers {
                             });
                         }
                         Due::PreVote => {
-                            let Ok(mut busy) = running.lock() else {
-                                return;
-                            };
+                            let mut busy = running
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
                             if !busy.insert(group_id) {
                                 continue;
                             }
@@ -400,9 +407,10 @@ impl Peers {
                             let running = running.clone();
                             tokio::spawn(async move {
                                 peers.campaign(group_id, &raft).await;
-                                if let Ok(mut busy) = running.lock() {
-                                    busy.remove(&group_id);
-                                }
+                                running
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .remove(&group_id);
                             });
                         }
                     }
@@ -443,7 +451,11 @@ impl Peers {
             return (state != openraft::ServerState::Candidate && !stood_this_term)
                 .then_some(Due::Alone);
         }
-        if self.withholds_vote(group_id) {
+        // A broker that lost its data stands once caught up in the group (it votes then too). One
+        // still undecided (an empty data directory: a new member, or one that lost its data,
+        // not yet known which) may stand, as under openraft's own timer before: a new voter
+        // whose join answer was lost may be the vote the others need.
+        if self.recovery() == Recovery::Rejoining && self.withholds_vote(group_id) {
             return None;
         }
         let config = raft.config();
@@ -535,6 +547,11 @@ impl Peers {
                     granted.insert(node);
                 }
                 Ok(a) => refusals.push(format!("node {node}: {}", a.reason)),
+                // A broker of an earlier version (a rolling upgrade) has no pre-vote: it
+                // decides in the real vote, with its own lease and log checks.
+                Err(e) if e.starts_with(&format!("{}:", tonic::Code::Unimplemented)) => {
+                    granted.insert(node);
+                }
                 Err(e) => refusals.push(format!("node {node}: {e}")),
             }
         }
@@ -574,15 +591,17 @@ impl Peers {
     /// The answer of group `group_id` (`raft`) here to a pre-vote (see [`Peers::watch_leaders`]).
     fn answer_pre_vote(&self, raft: &Raft, request: &pb::PreVoteRequest) -> pb::PreVoteResponse {
         let group_id = request.group_id;
-        let (term, leads, lease) = {
+        let lease_ms = raft.config().election_timeout_max;
+        let (term, leads) = {
             let m = raft.metrics();
             let m = m.borrow();
-            (
-                m.current_term,
-                m.state == openraft::ServerState::Leader,
-                Duration::from_millis(raft.config().election_timeout_max),
-            )
+            // A leader that has not heard from a quorum within its lease (openraft 0.9 has no
+            // check-quorum: it leads on, cut off) does not stand in the way.
+            let leads = m.state == openraft::ServerState::Leader
+                && m.millis_since_quorum_ack.is_some_and(|ms| ms <= lease_ms);
+            (m.current_term, leads)
         };
+        let lease = Duration::from_millis(lease_ms);
         let refuse = |reason: String| pb::PreVoteResponse {
             granted: false,
             term,
@@ -592,7 +611,7 @@ impl Peers {
             return refuse("this replica lost its data and withholds its votes".into());
         }
         if leads {
-            return refuse("this replica leads the group".into());
+            return refuse("this replica leads the group, with a quorum".into());
         }
         if let Some(silence) = self.silent_for(group_id).filter(|s| *s <= lease) {
             return refuse(format!(
@@ -1000,6 +1019,11 @@ impl RaftService {
         self.peers
             .heard_leader(group_id, rpc.leader_commit.map_or(0, |l| l.index));
         let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        // Heard from a leader: one in this replica's term or a later one (an append that a
+        // higher vote here refused came from a deposed leader, which steps down on the answer).
+        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            self.peers.heard_now(group_id);
+        }
         if with_entries {
             // On the follower: from the call's arrival to the entries stored and synced.
             metrics::histogram!("weft_raft_append_serve_seconds")
