@@ -62,6 +62,29 @@ pub struct Report {
     pub timeline: Vec<Second>,
     /// Fault windows: (start s, end s, description).
     pub fault_windows: Vec<(f64, f64, String)>,
+    /// Each partition whose leader a fault cut off or isolated, and how soon the others had a
+    /// new leader (see [`failovers`]).
+    #[serde(default)]
+    pub failovers: Vec<Failover>,
+}
+
+/// A partition whose leader a fault cut off from the other brokers (availability, not an
+/// anomaly: reported, never failing a run).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Failover {
+    /// The fault, as the nemesis described it.
+    pub fault: String,
+    /// When it began (s since the start).
+    pub start: f64,
+    /// How long it was held (s).
+    pub held: f64,
+    /// The key (partition).
+    pub key: u32,
+    /// The node cut off, which led the partition.
+    pub leader: u64,
+    /// Seconds from the cut until a broker on the other side was seen with a new leader in a
+    /// higher term; None: not while the fault lasted.
+    pub seconds: Option<f64>,
 }
 
 /// One second of the run.
@@ -204,6 +227,76 @@ fn check_groups(
     }
 }
 
+/// For each fault that isolated one node ("node N isolated", "leader N isolated") and each
+/// partition that node led when the fault began (the leader of the highest term any broker
+/// reported), how soon a broker other than N reported another leader in a higher term, as the
+/// observer sampled (every ~200 ms per broker).
+pub fn failovers(history: &[Op], windows: &[(f64, f64, String)]) -> Vec<Failover> {
+    // (time s, node, key, term, leader), in history order.
+    let observed: Vec<(f64, u64, u32, u64, u64)> = history
+        .iter()
+        .filter(|op| op.f == Function::Leader)
+        .filter_map(|op| {
+            let (term, leader) = op.detail.as_deref()?.split_once(' ')?;
+            Some((
+                op.time_ns as f64 / 1e9,
+                op.node?,
+                op.key?,
+                term.parse().ok()?,
+                leader.parse().ok()?,
+            ))
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (start, end, detail) in windows {
+        let isolated = detail
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(3)
+            .find(|w| (w[0] == "node" || w[0] == "leader") && w[2] == "isolated")
+            .and_then(|w| w[1].parse::<u64>().ok());
+        let Some(isolated) = isolated else {
+            continue;
+        };
+        // The leader of the highest term reported before the fault, per key.
+        let mut led: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for &(t, _, key, term, leader) in &observed {
+            if t > *start {
+                break;
+            }
+            let e = led.entry(key).or_insert((term, leader));
+            if term >= e.0 {
+                *e = (term, leader);
+            }
+        }
+        for (key, (term, leader)) in led {
+            if leader != isolated {
+                continue;
+            }
+            let seconds = observed
+                .iter()
+                .find(|&&(t, node, k, tm, l)| {
+                    t >= *start
+                        && t <= *end
+                        && k == key
+                        && node != isolated
+                        && tm > term
+                        && l != isolated
+                })
+                .map(|o| o.0 - start);
+            out.push(Failover {
+                fault: detail.clone(),
+                start: *start,
+                held: end - start,
+                key,
+                leader,
+                seconds,
+            });
+        }
+    }
+    out
+}
+
 /// Checks `history`.
 pub fn check(history: &[Op]) -> Report {
     let mut report = Report::default();
@@ -316,6 +409,7 @@ pub fn check(history: &[Op]) -> Report {
     report
         .fault_windows
         .sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    report.failovers = failovers(history, &report.fault_windows);
     for s in &sends {
         *report
             .sends
@@ -874,5 +968,42 @@ mod tests {
         let report = h.check();
         only(&report, &[("commit-regression", 1), ("zombie-commit", 1)]);
         assert_eq!(report.commits.get("ok"), Some(&4));
+    }
+
+    #[test]
+    fn failovers_measure_how_soon_the_others_elect_after_their_leader_is_cut_off() {
+        let mut h = H::new();
+        // Key 0 led by node 2, key 1 by node 1, key 2 by node 2.
+        for node in 1..=3 {
+            h.leader(node, 0, 3, 2);
+            h.leader(node, 1, 4, 1);
+            h.leader(node, 2, 5, 2);
+        }
+        let mut fault = Op::new("nemesis", 900, Kind::Invoke, Function::Nemesis);
+        fault.detail = Some("partition: leader 2 isolated".into());
+        h.push(fault);
+        let cut = h.t;
+        // The isolated node still believes it leads; node 1 sees key 0's new leader 3 ms
+        // after the cut; key 2 gets none while the fault lasts.
+        h.leader(2, 0, 3, 2);
+        h.leader(1, 0, 4, 3);
+        let mut healed = Op::new("nemesis", 900, Kind::Ok, Function::Nemesis);
+        healed.detail = Some("healed partition".into());
+        h.push(healed);
+        let end = h.t;
+        h.leader(1, 2, 6, 1);
+        let report = h.check();
+        let by_key: Vec<(u32, Option<f64>)> = report
+            .failovers
+            .iter()
+            .map(|f| (f.key, f.seconds))
+            .collect();
+        assert_eq!(by_key.len(), 2, "{:?}", report.failovers);
+        assert_eq!(by_key[0].0, 0);
+        let seconds = by_key[0].1.expect("key 0 failed over");
+        assert!((seconds - 0.002).abs() < 1e-9, "{seconds}");
+        assert_eq!(by_key[1], (2, None));
+        assert!((report.failovers[1].held - (end - cut) as f64 / 1e9).abs() < 1e-9);
+        assert!(!report.failed(), "availability is reported, not an anomaly");
     }
 }

@@ -35,6 +35,25 @@ pub fn summary(report: &Report) -> String {
         let _ = writeln!(out, "group commits: {:?}", report.commits);
     }
     let _ = writeln!(out, "faults: {:?}", report.faults);
+    if !report.failovers.is_empty() {
+        let times: Vec<f64> = report.failovers.iter().filter_map(|f| f.seconds).collect();
+        let slowest = times.iter().copied().fold(0.0_f64, f64::max);
+        let _ = writeln!(
+            out,
+            "failovers (a partition's leader cut off): {} seen, {} within the fault (slowest {:.1} s), {} without a new leader while the fault lasted",
+            report.failovers.len(),
+            times.len(),
+            slowest,
+            report.failovers.len() - times.len()
+        );
+        for f in report.failovers.iter().filter(|f| f.seconds.is_none()) {
+            let _ = writeln!(
+                out,
+                "  key {} led by node {}: no new leader in {:.1} s of {:?} (at {:.1} s)",
+                f.key, f.leader, f.held, f.fault, f.start
+            );
+        }
+    }
     let _ = writeln!(out, "replicas compared: {:?}", report.replicas_compared);
     let _ = writeln!(
         out,
