@@ -227,6 +227,12 @@ fn check_groups(
     }
 }
 
+/// The (term, leader) an observer's leader op reports ("TERM LEADER").
+fn observed_leader(op: &Op) -> Option<(u64, u64)> {
+    let (term, leader) = op.detail.as_deref()?.split_once(' ')?;
+    Some((term.parse().ok()?, leader.parse().ok()?))
+}
+
 /// For each fault that isolated one node ("node N isolated", "leader N isolated") and each
 /// partition that node led when the fault began (the leader of the highest term any broker
 /// reported), how soon a broker other than N reported another leader in a higher term, as the
@@ -237,14 +243,8 @@ pub fn failovers(history: &[Op], windows: &[(f64, f64, String)]) -> Vec<Failover
         .iter()
         .filter(|op| op.f == Function::Leader)
         .filter_map(|op| {
-            let (term, leader) = op.detail.as_deref()?.split_once(' ')?;
-            Some((
-                op.time_ns as f64 / 1e9,
-                op.node?,
-                op.key?,
-                term.parse().ok()?,
-                leader.parse().ok()?,
-            ))
+            let (term, leader) = observed_leader(op)?;
+            Some((op.time_ns as f64 / 1e9, op.node?, op.key?, term, leader))
         })
         .collect();
     let mut out = Vec::new();
@@ -375,12 +375,7 @@ pub fn check(history: &[Op]) -> Report {
             (Function::ReplicaRead, Kind::Ok) => replica_reads.push(op),
             (Function::ReplicaRead, _) => {}
             (Function::Leader, _) => {
-                if let Some((term, leader)) = op
-                    .detail
-                    .as_deref()
-                    .and_then(|d| d.split_once(' '))
-                    .and_then(|(t, l)| Some((t.parse::<u64>().ok()?, l.parse::<u64>().ok()?)))
-                {
+                if let Some((term, leader)) = observed_leader(op) {
                     leaders
                         .entry((op.key.unwrap_or(0), term))
                         .or_default()

@@ -64,6 +64,36 @@ fn ip(address: &str) -> &str {
     address.rsplit_once(':').expect("ip:port").0
 }
 
+/// Publishes records `from .. to` to partition 0 through the broker at `address` until one
+/// attempt is acknowledged (within `limit`), as producer `producer_id`: idempotent, since a
+/// timed-out attempt may be stored. Returns the base offset.
+async fn commit_through(
+    address: &str,
+    (from, to, producer_id): (u64, u64, u64),
+    what: &str,
+    limit: Duration,
+) -> u64 {
+    wait_for(what, limit, || async move {
+        let channel = grpc::channel(address).await;
+        let mut attempt = request(from, to);
+        attempt.get_mut().producer_id = producer_id;
+        match grpc::publisher(&channel).publish(attempt).await {
+            Ok(r) => Some(r.into_inner().base_offset),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
+                ) =>
+            {
+                eprintln!("not yet: {s:?}");
+                None
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
     let brokers = start_cluster(3);
@@ -94,39 +124,15 @@ async fn a_partitioned_leader_refuses_writes_and_catches_up_once_healed() {
     // Cut the leader off: nobody reaches its peer port, and its own peer connections (which
     // leave from its address) reach nobody. Client traffic still reaches it.
     let mut firewall = Firewall::new();
-    firewall.drop_tcp(None, &isolated.peer_addr);
-    for other in &majority {
-        firewall.drop_tcp(Some(ip(&isolated.peer_addr)), &other.peer_addr);
-    }
+    isolate(&mut firewall, &brokers, isolated);
     let cut_at = Instant::now();
 
     // The majority elects a leader among themselves and commits.
-    let through = majority[0].client_addr.clone();
-    let offset = wait_for(
+    let offset = commit_through(
+        &majority[0].client_addr,
+        (20, 40, 2020),
         "the majority to commit without the isolated leader",
         Duration::from_secs(30),
-        || {
-            let through = through.clone();
-            async move {
-                let channel = grpc::channel(&through).await;
-                // Idempotent, as every retried publish here: a timed-out attempt may be stored.
-                let mut attempt = request(20, 40);
-                attempt.get_mut().producer_id = 2020;
-                match grpc::publisher(&channel).publish(attempt).await {
-                    Ok(r) => Some(r.into_inner().base_offset),
-                    Err(s)
-                        if matches!(
-                            s.code(),
-                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-                        ) =>
-                    {
-                        eprintln!("not yet: {s:?}");
-                        None
-                    }
-                    Err(s) => panic!("{s:?}"),
-                }
-            }
-        },
     )
     .await;
     assert_eq!(offset, 20, "the majority continues the log");
@@ -343,30 +349,11 @@ async fn a_replica_back_from_isolation_neither_unseats_the_leader_nor_blocks_the
         .filter(|b| b.peer_addr != leading.peer_addr)
         .collect();
     let cut_at = Instant::now();
-    let through = majority[0].client_addr.clone();
-    let offset = wait_for(
+    let offset = commit_through(
+        &majority[0].client_addr,
+        (40, 60, 4040),
         "the majority to elect a leader and commit",
         Duration::from_secs(15),
-        || {
-            let through = through.clone();
-            async move {
-                let channel = grpc::channel(&through).await;
-                let mut attempt = request(40, 60);
-                attempt.get_mut().producer_id = 4040;
-                match grpc::publisher(&channel).publish(attempt).await {
-                    Ok(r) => Some(r.into_inner().base_offset),
-                    Err(s)
-                        if matches!(
-                            s.code(),
-                            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-                        ) =>
-                    {
-                        None
-                    }
-                    Err(s) => panic!("{s:?}"),
-                }
-            }
-        },
     )
     .await;
     assert_eq!(offset, 40, "the majority continues the log");
