@@ -17,6 +17,7 @@
 //!
 //! See `benches/README.md` for the method, the commands and the latest figures.
 
+pub mod catchup;
 pub mod chart;
 pub mod compare;
 pub mod drivers;

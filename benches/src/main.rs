@@ -79,6 +79,29 @@ enum Command {
         #[arg(long, default_value = "weft-bench-results")]
         out: PathBuf,
     },
+    /// Freezes (SIGSTOP) a follower of a partition of a three-broker cluster, publishes through
+    /// the leader, resumes the follower and reports how fast it catches up, against the leader's
+    /// ingestion of the same records and the raw disk.
+    CatchUp {
+        /// Records published while the follower is frozen.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Bytes of each record.
+        #[arg(long, default_value_t = 1024)]
+        record_bytes: usize,
+        /// Records per publish (1: as many small entries as the leader makes of them).
+        #[arg(long, default_value_t = 1)]
+        batch_records: usize,
+        /// Most seconds the catch-up may take.
+        #[arg(long, default_value_t = 600)]
+        limit_seconds: u64,
+        /// Where the brokers keep their data (default: the system temp dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where the JSON result goes.
+        #[arg(long, default_value = "weft-bench-results")]
+        out: PathBuf,
+    },
     /// Builds a large partition through a broker, restarts the broker cleanly and after kill -9,
     /// and reports the time until the partition serves and the peak resident memory.
     Restart {
@@ -272,6 +295,53 @@ async fn main_inner(cli: Cli) -> Result<bool> {
             std::fs::create_dir_all(&out)?;
             let path = out.join(format!("{}-failover.json", stamp()));
             std::fs::write(&path, serde_json::to_vec_pretty(&result)?)?;
+            println!("wrote {}", path.display());
+            Ok(true)
+        }
+        Command::CatchUp {
+            records,
+            record_bytes,
+            batch_records,
+            limit_seconds,
+            data_dir,
+            out,
+        } => {
+            if !(1..=100_000_000).contains(&records)
+                || !(1..=(1 << 20)).contains(&record_bytes)
+                || !(1..=10_000).contains(&batch_records)
+                || !(1..=3600).contains(&limit_seconds)
+            {
+                bail!(
+                    "--records must be in 1..=100000000, --record-bytes in 1..=1048576, \
+                     --batch-records in 1..=10000, --limit-seconds in 1..=3600"
+                );
+            }
+            let dir = data_dir.unwrap_or_else(std::env::temp_dir);
+            let options = weft_bench::catchup::CatchUpOptions {
+                records,
+                record_bytes,
+                batch_records,
+                limit_seconds,
+            };
+            let r = weft_bench::catchup::run(options, &dir).await?;
+            let mib = r.lag_bytes as f64 / f64::from(1 << 20);
+            println!(
+                "catch-up of {} entries ({mib:.1} MiB): {:.2} s, the first progress after {:.2} s \
+                 ({:.0} entries/s, {:.1} MiB/s); the leader took them in {:.2} s ({:.2}x); the \
+                 raw disk wrote the bytes in {:.2} s ({:.2}x)",
+                r.lag_entries,
+                r.catch_up_seconds,
+                r.first_progress_seconds,
+                r.lag_entries as f64 / r.catch_up_seconds,
+                mib / r.catch_up_seconds,
+                r.ingest_seconds,
+                r.against_ingest(),
+                r.disk_seconds,
+                r.against_disk()
+            );
+            std::fs::create_dir_all(&out)?;
+            let path = out.join(format!("{}-catch-up.json", stamp()));
+            std::fs::write(&path, serde_json::to_vec_pretty(&r)?)?;
             println!("wrote {}", path.display());
             Ok(true)
         }

@@ -30,6 +30,9 @@ use crate::meta::{MetaError, Metadata, RaftKey};
 
 /// Read entries in chunks of about this many bytes.
 const READ_CHUNK_BYTES: usize = 4 << 20;
+/// Most bytes of entries replication reads for one AppendEntries (a larger entry goes alone):
+/// a replica catching up gets many small entries a call, and neither side holds more.
+pub(crate) const APPEND_BYTES_MAX: usize = 8 << 20;
 /// Written entries kept in memory for the state machine to apply.
 const RECENT_ENTRIES_MAX: usize = 4;
 /// Larger entries are read back from the file when applied.
@@ -193,6 +196,18 @@ impl Shared {
 
     /// Entries `start .. end`: from the log, then from the pending ones not yet written.
     fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        self.read_limited(start, end, usize::MAX)
+    }
+
+    /// Entries `start .. end`, stopping after the first whose batches take the total to
+    /// `max_bytes` or beyond (at least one entry when the range holds one).
+    fn read_limited(
+        &self,
+        start: u64,
+        end: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let mut bytes = 0usize;
         let start = match self.last_purged() {
             Some(purged) => start.max(purged.index + 1),
             None => start,
@@ -215,7 +230,8 @@ impl Shared {
                         break;
                     }
                 }
-                match log.read_entries(from, end.min(written_end), READ_CHUNK_BYTES) {
+                let chunk = READ_CHUNK_BYTES.min(max_bytes.saturating_sub(bytes)).max(1);
+                match log.read_entries(from, end.min(written_end), chunk) {
                     Ok(batches) => batches,
                     Err(error @ weft_storage::Error::Corruption { .. }) => {
                         drop(log);
@@ -266,7 +282,11 @@ impl Shared {
             };
             let Some(last) = batches.last() else { break };
             from = last.header().index + 1;
+            bytes = bytes.saturating_add(batches.iter().map(Batch::len).sum());
             out.extend(entries_of(&batches)?);
+            if bytes >= max_bytes {
+                return Ok(out);
+            }
         }
         if from < end
             && let Ok(pending) = self.pending.lock()
@@ -274,6 +294,10 @@ impl Shared {
             for entry in pending.iter() {
                 let index = entry.first().map_or(0, |b| b.header().index);
                 if index >= from && index < end {
+                    if bytes >= max_bytes {
+                        break;
+                    }
+                    bytes = bytes.saturating_add(entry.iter().map(Batch::len).sum());
                     out.push(from_batches(entry)?);
                     from = index + 1;
                 }
@@ -484,6 +508,23 @@ impl RaftLogReader<TypeConfig> for LogReader {
     ) -> Result<Vec<Entry>, StorageError> {
         let (start, end) = bounds(&range);
         self.shared.read(start, end)
+    }
+
+    /// What replication sends in one AppendEntries: up to [`APPEND_BYTES_MAX`] of entries
+    /// (openraft asks for up to `max_payload_entries`).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        // A follower close behind gets entries just written (in the page cache, or still in
+        // memory): read at once, as a hop to the blocking pool costs a busy group more than the
+        // read. A follower far behind gets older entries, perhaps from the disk.
+        if end.saturating_sub(start) <= super::network::IN_SYNC_ENTRIES_MAX {
+            return self.shared.read_limited(start, end, APPEND_BYTES_MAX);
+        }
+        let shared = self.shared.clone();
+        blocking(move || shared.read_limited(start, end, APPEND_BYTES_MAX)).await
     }
 }
 
@@ -793,5 +834,124 @@ fn remove_in_background(removal: weft_storage::SegmentRemoval) {
 fn run_removal(removal: weft_storage::SegmentRemoval) {
     if let Err(error) = removal.run() {
         tracing::warn!(%error, "could not delete purged segments; the next open of the log will");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::Command;
+    use bytes::Bytes;
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use weft_storage::MemoryMetaStore;
+    use weft_storage::{BatchBuilder, LogConfig, ProducerInfo};
+
+    /// A log of `count` entries from index 1, each one batch of one record of `value_bytes`.
+    fn log_of(dir: &std::path::Path, count: u64, value_bytes: usize) -> PartitionLog {
+        let mut log = PartitionLog::open(dir, LogConfig::default()).expect("opens");
+        let value = vec![7u8; value_bytes];
+        for index in 1..=count {
+            let mut records = BatchBuilder::new();
+            records.push(0, b"", &value, []);
+            let batch = records.seal(0, 0, 0, ProducerInfo::default());
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+                payload: EntryPayload::Normal(Command::Records(vec![batch.bytes().clone()])),
+            };
+            let end = log.end();
+            let batches = to_batches(entry, end.next_offset).expect("encodes");
+            if end.next_index == 0 {
+                // An empty log starts at index 0: a blank entry first.
+                let blank = Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 0), 0),
+                    payload: EntryPayload::Blank,
+                };
+                log.append_entry(&to_batches(blank, 0).expect("encodes"))
+                    .expect("appends");
+            }
+            log.append_entry(&batches).expect("appends");
+        }
+        log.flush().expect("flushes");
+        log
+    }
+
+    fn bytes_of(entries: &[Entry]) -> Vec<usize> {
+        entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(Command::Records(batches)) => {
+                    batches.iter().map(Bytes::len).sum()
+                }
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_append_for_a_replica_far_behind_carries_many_entries_up_to_a_byte_budget() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // 300 entries of about 64 KiB: the budget holds about 128 of them, more than the 16
+        // entries an AppendEntries carried before, and fewer than openraft asks for.
+        let log = log_of(dir.path(), 300, 64 * 1024);
+        let meta = Metadata::new(Arc::new(MemoryMetaStore::new()));
+        let flusher = Flusher::start(super::super::flusher::SyncMode::Fdatasync).expect("flusher");
+        let store = LogStore::new(9, log, meta, flusher).expect("store");
+        let mut reader = store.reader();
+
+        let entries = reader
+            .limited_get_log_entries(1, 1 + super::super::network::PAYLOAD_ENTRIES_MAX)
+            .await
+            .expect("reads");
+        let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(
+            indexes,
+            (1..=indexes.len() as u64).collect::<Vec<_>>(),
+            "a prefix of the range, in order"
+        );
+        let sizes = bytes_of(&entries);
+        let total: usize = sizes.iter().sum();
+        assert!(
+            total >= APPEND_BYTES_MAX && total - sizes[sizes.len() - 1] < APPEND_BYTES_MAX,
+            "stops at the first entry that reaches the budget: {} entries, {total} bytes",
+            entries.len()
+        );
+        assert!(entries.len() > 100, "{} entries", entries.len());
+
+        // A short range (a replica in sync) comes whole, from either end of the log.
+        let entries = reader
+            .limited_get_log_entries(290, 301)
+            .await
+            .expect("reads");
+        assert_eq!(entries.len(), 11);
+        assert_eq!(entries.last().map(|e| e.log_id.index), Some(300));
+        // A long range is read on the blocking pool, the same way.
+        let entries = reader
+            .limited_get_log_entries(250, 301)
+            .await
+            .expect("reads");
+        assert_eq!(entries.len(), 51);
+        // Unlimited reads (the state machine's, openraft's) still return the whole range.
+        let entries = reader.try_get_log_entries(1..301).await.expect("reads");
+        assert_eq!(entries.len(), 300);
+    }
+
+    #[tokio::test]
+    async fn an_entry_larger_than_the_budget_goes_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = log_of(dir.path(), 3, APPEND_BYTES_MAX + 1024);
+        let meta = Metadata::new(Arc::new(MemoryMetaStore::new()));
+        let flusher = Flusher::start(super::super::flusher::SyncMode::Fdatasync).expect("flusher");
+        let store = LogStore::new(9, log, meta, flusher).expect("store");
+        let mut reader = store.reader();
+        for start in 1..=3 {
+            let entries = reader
+                .limited_get_log_entries(start, 4)
+                .await
+                .expect("reads");
+            assert_eq!(
+                entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+                vec![start]
+            );
+        }
     }
 }

@@ -57,8 +57,12 @@ fn mix(mut x: u64) -> u64 {
 /// Most bytes a ReadLog answers with.
 pub(super) const READ_LOG_BYTES_MAX: usize = 8 * 1024 * 1024;
 
-/// Most entries openraft puts in one AppendEntries (entries are up to a few MiB each).
-pub(crate) const PAYLOAD_ENTRIES_MAX: u64 = 16;
+/// Most entries openraft puts in one AppendEntries; the log reader also stops at
+/// `APPEND_BYTES_MAX` of them (entries are up to a few MiB each, or a few hundred bytes).
+pub(crate) const PAYLOAD_ENTRIES_MAX: u64 = 4096;
+
+/// A follower at most this many entries behind its leader's log is in sync.
+pub(crate) const IN_SYNC_ENTRIES_MAX: u64 = 16;
 
 struct Inner {
     node_id: NodeId,

@@ -634,7 +634,7 @@ impl PartitionGroup {
         in_sync.extend(
             self.follower_lag()
                 .into_iter()
-                .filter(|lag| lag.entries <= super::network::PAYLOAD_ENTRIES_MAX)
+                .filter(|lag| lag.entries <= super::network::IN_SYNC_ENTRIES_MAX)
                 .map(|lag| lag.node),
         );
         in_sync.sort_unstable();
