@@ -342,9 +342,35 @@ pub struct LogStore {
 }
 
 /// A cloneable reader of a group's log, for replication, the state machine and consumers.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LogReader {
     shared: Arc<Shared>,
+    /// Replication's reader of a follower far behind: its share of [`catch_up_budget`] for the
+    /// entries it last read, held until openraft asks for the next ones (one AppendEntries in
+    /// flight per follower: by then the last was answered) or the reader goes.
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Clone for LogReader {
+    fn clone(&self) -> Self {
+        LogReader {
+            shared: self.shared.clone(),
+            held: None,
+        }
+    }
+}
+
+/// Bytes of entries read for followers far behind, over every group of this broker, that may
+/// be in memory at once (waiting to go, or on their way): a broker coming back behind in many
+/// partitions is sent up to this much at a time, not [`APPEND_BYTES_MAX`] for every one.
+const CATCH_UP_BYTES_MAX: usize = 8 * APPEND_BYTES_MAX;
+
+/// The broker-wide budget of [`CATCH_UP_BYTES_MAX`], in KiB.
+fn catch_up_budget() -> Arc<tokio::sync::Semaphore> {
+    static BUDGET: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    BUDGET
+        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(CATCH_UP_BYTES_MAX >> 10)))
+        .clone()
 }
 
 impl LogStore {
@@ -396,6 +422,7 @@ impl LogStore {
     pub fn reader(&self) -> LogReader {
         LogReader {
             shared: self.shared.clone(),
+            held: None,
         }
     }
 }
@@ -523,8 +550,17 @@ impl RaftLogReader<TypeConfig> for LogReader {
         if end.saturating_sub(start) <= super::network::IN_SYNC_ENTRIES_MAX {
             return self.shared.read_limited(start, end, APPEND_BYTES_MAX);
         }
+        // The entries this reader read last were answered (openraft asks again only then).
+        self.held = None;
+        let units = u32::try_from(APPEND_BYTES_MAX >> 10).unwrap_or(u32::MAX);
+        let permit = catch_up_budget()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| io_error("catch-up budget closed"))?;
         let shared = self.shared.clone();
-        blocking(move || shared.read_limited(start, end, APPEND_BYTES_MAX)).await
+        let entries = blocking(move || shared.read_limited(start, end, APPEND_BYTES_MAX)).await?;
+        self.held = Some(permit);
+        Ok(entries)
     }
 }
 
@@ -916,6 +952,11 @@ mod tests {
             entries.len()
         );
         assert!(entries.len() > 100, "{} entries", entries.len());
+        // Until openraft asks again, the reader holds its share of the broker's budget.
+        assert!(reader.held.is_some());
+        assert!(
+            catch_up_budget().available_permits() <= (CATCH_UP_BYTES_MAX - APPEND_BYTES_MAX) >> 10
+        );
 
         // A short range (a replica in sync) comes whole, from either end of the log.
         let entries = reader
