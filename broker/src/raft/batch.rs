@@ -141,7 +141,16 @@ async fn send(peers: Peers, target: NodeId, address: String, batch: Vec<Pending>
         timeout,
     );
     let started = std::time::Instant::now();
-    let answer = client.append_entries_batch(call).await;
+    // Bounded here too, not only by the peer: a peer that stopped answering (frozen, or
+    // behind a black hole) would otherwise keep every abandoned batch's bytes here until the
+    // connection's keepalive gives up, while openraft sends the same entries again.
+    let answer = match tokio::time::timeout(timeout, client.append_entries_batch(call)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer from node {target} within {} ms",
+            timeout.as_millis()
+        ))),
+    };
     metrics::histogram!("weft_raft_append_call_seconds", "peer" => peer)
         .record(started.elapsed().as_secs_f64());
     match answer {
@@ -164,7 +173,10 @@ async fn send(peers: Peers, target: NodeId, address: String, batch: Vec<Pending>
         Err(status) if status.code() == tonic::Code::Unimplemented => {
             for ((request, timeout), reply) in requests.into_iter().zip(replies) {
                 let call = peers.request(target, request, timeout);
-                let result = client.append_entries(call).await.map(|r| r.into_inner());
+                let result = tokio::time::timeout(timeout, client.append_entries(call))
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")))
+                    .map(|r| r.into_inner());
                 let _ = reply.send(result);
             }
         }

@@ -18,6 +18,7 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, OptionalSend, StorageIOError, Vote};
@@ -30,8 +31,9 @@ use crate::meta::{MetaError, Metadata, RaftKey};
 
 /// Read entries in chunks of about this many bytes.
 const READ_CHUNK_BYTES: usize = 4 << 20;
-/// Most bytes of entries replication reads for one AppendEntries (a larger entry goes alone):
-/// a replica catching up gets many small entries a call, and neither side holds more.
+/// Bytes of entries after which replication's read for one AppendEntries stops (the entry that
+/// reaches it is the last: a call carries up to this plus one entry): a replica catching up
+/// gets many small entries a call.
 pub(crate) const APPEND_BYTES_MAX: usize = 8 << 20;
 /// Written entries kept in memory for the state machine to apply.
 const RECENT_ENTRIES_MAX: usize = 4;
@@ -345,25 +347,43 @@ pub struct LogStore {
 #[derive(Debug)]
 pub struct LogReader {
     shared: Arc<Shared>,
-    /// Replication's reader of a follower far behind: its share of [`catch_up_budget`] for the
-    /// entries it last read, held until openraft asks for the next ones (one AppendEntries in
-    /// flight per follower: by then the last was answered) or the reader goes.
-    held: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The broker-wide budget of bytes read for followers far behind ([`catch_up_budget`]).
+    budget: Arc<tokio::sync::Semaphore>,
+    /// Replication's reader of a follower far behind: its share of the budget for the entries
+    /// it last read, held until openraft asks for more (one AppendEntries in flight per
+    /// follower: by then the last was answered or abandoned) and at most [`CATCH_UP_HOLD`].
+    held: Arc<Mutex<Held>>,
+}
+
+/// A share of the catch-up budget, and which read took it.
+#[derive(Debug, Default)]
+struct Held {
+    read: u64,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Clone for LogReader {
     fn clone(&self) -> Self {
         LogReader {
             shared: self.shared.clone(),
-            held: None,
+            budget: self.budget.clone(),
+            held: Arc::default(),
         }
     }
 }
 
 /// Bytes of entries read for followers far behind, over every group of this broker, that may
-/// be in memory at once (waiting to go, or on their way): a broker coming back behind in many
-/// partitions is sent up to this much at a time, not [`APPEND_BYTES_MAX`] for every one.
+/// be held at once (waiting to go, or on their way): a broker coming back behind in many
+/// partitions is sent this much at a time at full speed, not [`APPEND_BYTES_MAX`] for each.
 const CATCH_UP_BYTES_MAX: usize = 8 * APPEND_BYTES_MAX;
+
+/// What a read for a follower far behind takes when the budget is spent (without a share of
+/// it: replication never waits for the budget, so heartbeats keep going).
+const CATCH_UP_FALLBACK_BYTES: usize = 256 << 10;
+
+/// Longest a reader holds its share after a read. An AppendEntries is abandoned after one
+/// heartbeat interval (500 ms by default), and the batcher then drops its bytes.
+const CATCH_UP_HOLD: Duration = Duration::from_secs(2);
 
 /// The broker-wide budget of [`CATCH_UP_BYTES_MAX`], in KiB.
 fn catch_up_budget() -> Arc<tokio::sync::Semaphore> {
@@ -422,7 +442,8 @@ impl LogStore {
     pub fn reader(&self) -> LogReader {
         LogReader {
             shared: self.shared.clone(),
-            held: None,
+            budget: catch_up_budget(),
+            held: Arc::default(),
         }
     }
 }
@@ -537,30 +558,76 @@ impl RaftLogReader<TypeConfig> for LogReader {
         self.shared.read(start, end)
     }
 
-    /// What replication sends in one AppendEntries: up to [`APPEND_BYTES_MAX`] of entries
-    /// (openraft asks for up to `max_payload_entries`).
+    /// What replication sends in one AppendEntries: entries until one takes them to
+    /// [`APPEND_BYTES_MAX`] (openraft asks for up to `max_payload_entries`).
     async fn limited_get_log_entries(
         &mut self,
         start: u64,
         end: u64,
     ) -> Result<Vec<Entry>, StorageError> {
+        // openraft asks again once the last AppendEntries was answered or abandoned.
+        let read = {
+            let mut held = self
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            held.permit = None;
+            held.read += 1;
+            held.read
+        };
         // A follower close behind gets entries just written (in the page cache, or still in
         // memory): read at once, as a hop to the blocking pool costs a busy group more than the
         // read. A follower far behind gets older entries, perhaps from the disk.
         if end.saturating_sub(start) <= super::network::IN_SYNC_ENTRIES_MAX {
             return self.shared.read_limited(start, end, APPEND_BYTES_MAX);
         }
-        // The entries this reader read last were answered (openraft asks again only then).
-        self.held = None;
         let units = u32::try_from(APPEND_BYTES_MAX >> 10).unwrap_or(u32::MAX);
-        let permit = catch_up_budget()
-            .acquire_many_owned(units)
-            .await
-            .map_err(|_| io_error("catch-up budget closed"))?;
+        let permit = self.budget.clone().try_acquire_many_owned(units).ok();
+        let max_bytes = if permit.is_some() {
+            APPEND_BYTES_MAX
+        } else {
+            CATCH_UP_FALLBACK_BYTES
+        };
         let shared = self.shared.clone();
-        let entries = blocking(move || shared.read_limited(start, end, APPEND_BYTES_MAX)).await?;
-        self.held = Some(permit);
+        let entries = blocking(move || shared.read_limited(start, end, max_bytes)).await?;
+        if let Some(mut permit) = permit {
+            // Keep a share for what was read; give the rest back.
+            let bytes: usize = entries.iter().map(entry_bytes).sum();
+            let keep = (bytes >> 10).clamp(1, units as usize);
+            drop(permit.split(units as usize - keep));
+            {
+                let mut held = self
+                    .held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if held.read == read {
+                    held.permit = Some(permit);
+                }
+            }
+            let held = Arc::downgrade(&self.held);
+            tokio::spawn(async move {
+                tokio::time::sleep(CATCH_UP_HOLD).await;
+                if let Some(held) = held.upgrade() {
+                    let mut held = held
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if held.read == read {
+                        held.permit = None;
+                    }
+                }
+            });
+        }
         Ok(entries)
+    }
+}
+
+/// Record bytes of an entry (what a share of the catch-up budget counts).
+fn entry_bytes(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(super::Command::Records(batches)) => {
+            batches.iter().map(bytes::Bytes::len).sum()
+        }
+        _ => 0,
     }
 }
 
@@ -923,16 +990,33 @@ mod tests {
             .collect()
     }
 
+    fn reader_of(log: PartitionLog, budget_bytes: usize) -> (LogStore, LogReader) {
+        let meta = Metadata::new(Arc::new(MemoryMetaStore::new()));
+        let flusher = Flusher::start(super::super::flusher::SyncMode::Fdatasync).expect("flusher");
+        let store = LogStore::new(9, log, meta, flusher).expect("store");
+        let mut reader = store.reader();
+        reader.budget = Arc::new(tokio::sync::Semaphore::new(budget_bytes >> 10));
+        (store, reader)
+    }
+
+    fn held(reader: &LogReader) -> Option<usize> {
+        reader
+            .held
+            .lock()
+            .expect("lock")
+            .permit
+            .as_ref()
+            .map(tokio::sync::OwnedSemaphorePermit::num_permits)
+    }
+
     #[tokio::test]
     async fn an_append_for_a_replica_far_behind_carries_many_entries_up_to_a_byte_budget() {
         let dir = tempfile::tempdir().expect("temp dir");
         // 300 entries of about 64 KiB: the budget holds about 128 of them, more than the 16
         // entries an AppendEntries carried before, and fewer than openraft asks for.
-        let log = log_of(dir.path(), 300, 64 * 1024);
-        let meta = Metadata::new(Arc::new(MemoryMetaStore::new()));
-        let flusher = Flusher::start(super::super::flusher::SyncMode::Fdatasync).expect("flusher");
-        let store = LogStore::new(9, log, meta, flusher).expect("store");
-        let mut reader = store.reader();
+        let (_store, mut reader) =
+            reader_of(log_of(dir.path(), 300, 64 * 1024), CATCH_UP_BYTES_MAX);
+        let total = CATCH_UP_BYTES_MAX >> 10;
 
         let entries = reader
             .limited_get_log_entries(1, 1 + super::super::network::PAYLOAD_ENTRIES_MAX)
@@ -945,48 +1029,94 @@ mod tests {
             "a prefix of the range, in order"
         );
         let sizes = bytes_of(&entries);
-        let total: usize = sizes.iter().sum();
+        let read: usize = sizes.iter().sum();
         assert!(
-            total >= APPEND_BYTES_MAX && total - sizes[sizes.len() - 1] < APPEND_BYTES_MAX,
-            "stops at the first entry that reaches the budget: {} entries, {total} bytes",
+            read >= APPEND_BYTES_MAX && read - sizes[sizes.len() - 1] < APPEND_BYTES_MAX,
+            "stops at the first entry that reaches the budget: {} entries, {read} bytes",
             entries.len()
         );
         assert!(entries.len() > 100, "{} entries", entries.len());
-        // Until openraft asks again, the reader holds its share of the broker's budget.
-        assert!(reader.held.is_some());
-        assert!(
-            catch_up_budget().available_permits() <= (CATCH_UP_BYTES_MAX - APPEND_BYTES_MAX) >> 10
-        );
+        // Until openraft asks again, the reader holds a share of the broker's budget for what
+        // it read, and no more.
+        let share = held(&reader).expect("a share held");
+        assert_eq!(share, (read >> 10).min(APPEND_BYTES_MAX >> 10));
+        assert_eq!(reader.budget.available_permits(), total - share);
+        // A clone (the state machine's reader, say) holds nothing of it.
+        assert_eq!(held(&reader.clone()), None);
 
-        // A short range (a replica in sync) comes whole, from either end of the log.
+        // The next call gives it back; a short range (a replica in sync) comes whole, from
+        // either end of the log, without a share.
         let entries = reader
             .limited_get_log_entries(290, 301)
             .await
             .expect("reads");
         assert_eq!(entries.len(), 11);
         assert_eq!(entries.last().map(|e| e.log_id.index), Some(300));
+        assert_eq!(held(&reader), None);
+        assert_eq!(reader.budget.available_permits(), total);
         // A long range is read on the blocking pool, the same way.
         let entries = reader
             .limited_get_log_entries(250, 301)
             .await
             .expect("reads");
         assert_eq!(entries.len(), 51);
+        assert!(held(&reader).is_some());
+        // A reader asked nothing more gives its share back after a while.
+        tokio::time::sleep(CATCH_UP_HOLD + Duration::from_millis(300)).await;
+        assert_eq!(held(&reader), None);
+        assert_eq!(reader.budget.available_permits(), total);
         // Unlimited reads (the state machine's, openraft's) still return the whole range.
         let entries = reader.try_get_log_entries(1..301).await.expect("reads");
         assert_eq!(entries.len(), 300);
     }
 
     #[tokio::test]
-    async fn an_entry_larger_than_the_budget_goes_alone() {
+    async fn with_the_budget_spent_a_replica_far_behind_gets_small_appends_at_once() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = log_of(dir.path(), 3, APPEND_BYTES_MAX + 1024);
-        let meta = Metadata::new(Arc::new(MemoryMetaStore::new()));
-        let flusher = Flusher::start(super::super::flusher::SyncMode::Fdatasync).expect("flusher");
-        let store = LogStore::new(9, log, meta, flusher).expect("store");
-        let mut reader = store.reader();
-        for start in 1..=3 {
+        let (_store, mut reader) = reader_of(log_of(dir.path(), 300, 64 * 1024), 0);
+        let entries = reader.limited_get_log_entries(1, 301).await.expect("reads");
+        let sizes = bytes_of(&entries);
+        let read: usize = sizes.iter().sum();
+        assert!(!entries.is_empty());
+        assert!(
+            read - sizes[sizes.len() - 1] < CATCH_UP_FALLBACK_BYTES,
+            "{} entries, {read} bytes",
+            entries.len()
+        );
+        assert_eq!(held(&reader), None);
+    }
+
+    #[tokio::test]
+    async fn an_entry_larger_than_the_budget_comes_last_or_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = log_of(dir.path(), 40, 64 * 1024);
+        let (_store, mut reader) = reader_of(log, CATCH_UP_BYTES_MAX);
+        {
+            let mut log = reader.shared.log_mut().expect("log");
+            let big = vec![7u8; APPEND_BYTES_MAX + 1024];
+            for index in 41..=42 {
+                let mut records = BatchBuilder::new();
+                records.push(0, b"", &big, []);
+                let batch = records.seal(0, 0, 0, ProducerInfo::default());
+                let entry = Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+                    payload: EntryPayload::Normal(Command::Records(vec![batch.bytes().clone()])),
+                };
+                let batches = to_batches(entry, log.end().next_offset).expect("encodes");
+                log.append_entry(&batches).expect("appends");
+            }
+            log.flush().expect("flushes");
+        }
+        // Forty small entries, then the large one that reaches the budget, last.
+        let entries = reader.limited_get_log_entries(1, 43).await.expect("reads");
+        assert_eq!(
+            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            (1..=41).collect::<Vec<_>>()
+        );
+        // From the large ones on: one a call.
+        for start in 41..=42 {
             let entries = reader
-                .limited_get_log_entries(start, 4)
+                .limited_get_log_entries(start, 43)
                 .await
                 .expect("reads");
             assert_eq!(

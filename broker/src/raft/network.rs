@@ -939,16 +939,31 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let urgent = self
             .last_entries
             .is_some_and(|t| started.duration_since(t) < BUSY_WINDOW);
-        let sent = self
-            .peers
-            .append_batched(
-                self.target,
-                &self.address,
-                message,
-                urgent,
-                option.hard_ttl(),
-            )
-            .await;
+        // Our own deadline comes a little before openraft's (which would drop this call and
+        // retry the same entries): an append of several entries that found no answer in time
+        // (a slow link, a busy peer) is retried at once with half as many.
+        let ttl = option.hard_ttl().mul_f64(0.9);
+        let sent = tokio::time::timeout(
+            ttl,
+            self.peers
+                .append_batched(self.target, &self.address, message, urgent, ttl),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")));
+        if count > 1
+            && sent.as_ref().is_err_and(|s| {
+                matches!(
+                    s.code(),
+                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                )
+            })
+        {
+            metrics::counter!("weft_raft_append_halved_total", "peer" => self.target.to_string())
+                .increment(1);
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(count / 2),
+            ));
+        }
         let peer = self.target.to_string();
         metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())
             .record(started.elapsed().as_secs_f64());

@@ -624,8 +624,8 @@ impl PartitionGroup {
             .collect()
     }
 
-    /// On the leader: the replicas in sync (the leader, and every follower at most one
-    /// AppendEntries batch behind its log); None on a follower.
+    /// On the leader: the replicas in sync (the leader, and every follower at most
+    /// `IN_SYNC_ENTRIES_MAX` (16) entries behind its log); None on a follower.
     pub fn in_sync_replicas(&self) -> Option<Vec<NodeId>> {
         if !self.is_leader() {
             return None;
