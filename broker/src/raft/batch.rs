@@ -172,6 +172,10 @@ async fn send(peers: Peers, target: NodeId, address: String, batch: Vec<Pending>
         }
         Err(status) if status.code() == tonic::Code::Unimplemented => {
             for ((request, timeout), reply) in requests.into_iter().zip(replies) {
+                if reply.is_closed() {
+                    // Its group gave up waiting: nothing to send.
+                    continue;
+                }
                 let call = peers.request(target, request, timeout);
                 let result = tokio::time::timeout(timeout, client.append_entries(call))
                     .await

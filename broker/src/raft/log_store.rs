@@ -577,8 +577,10 @@ impl RaftLogReader<TypeConfig> for LogReader {
         };
         // A follower close behind gets entries just written (in the page cache, or still in
         // memory): read at once, as a hop to the blocking pool costs a busy group more than the
-        // read. A follower far behind gets older entries, perhaps from the disk.
-        if end.saturating_sub(start) <= super::network::IN_SYNC_ENTRIES_MAX {
+        // read. A follower far behind gets older entries, perhaps from the disk (however few
+        // openraft asks for: it asks for fewer after a timed-out append).
+        let last = self.shared.last_log_id().map_or(0, |l| l.index);
+        if last.saturating_sub(start) < super::network::IN_SYNC_ENTRIES_MAX {
             return self.shared.read_limited(start, end, APPEND_BYTES_MAX);
         }
         let units = u32::try_from(APPEND_BYTES_MAX >> 10).unwrap_or(u32::MAX);
@@ -1054,15 +1056,23 @@ mod tests {
         assert_eq!(entries.last().map(|e| e.log_id.index), Some(300));
         assert_eq!(held(&reader), None);
         assert_eq!(reader.budget.available_permits(), total);
-        // A long range is read on the blocking pool, the same way.
+        // A long range is read on the blocking pool, the same way; its share is what it read
+        // (51 entries of 64 KiB: about 3.2 MiB of the 8).
         let entries = reader
             .limited_get_log_entries(250, 301)
             .await
             .expect("reads");
         assert_eq!(entries.len(), 51);
-        assert!(held(&reader).is_some());
+        let read: usize = bytes_of(&entries).iter().sum();
+        assert!(read < APPEND_BYTES_MAX / 2, "{read}");
+        assert_eq!(held(&reader), Some(read >> 10));
+        assert_eq!(reader.budget.available_permits(), total - (read >> 10));
         // A reader asked nothing more gives its share back after a while.
-        tokio::time::sleep(CATCH_UP_HOLD + Duration::from_millis(300)).await;
+        let asked = std::time::Instant::now();
+        while held(&reader).is_some() && asked.elapsed() < CATCH_UP_HOLD * 5 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(asked.elapsed() >= CATCH_UP_HOLD - Duration::from_millis(100));
         assert_eq!(held(&reader), None);
         assert_eq!(reader.budget.available_permits(), total);
         // Unlimited reads (the state machine's, openraft's) still return the whole range.
@@ -1074,7 +1084,14 @@ mod tests {
     async fn with_the_budget_spent_a_replica_far_behind_gets_small_appends_at_once() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (_store, mut reader) = reader_of(log_of(dir.path(), 300, 64 * 1024), 0);
-        let entries = reader.limited_get_log_entries(1, 301).await.expect("reads");
+        // At once: replication never waits for the budget.
+        let entries = tokio::time::timeout(
+            Duration::from_secs(10),
+            reader.limited_get_log_entries(1, 301),
+        )
+        .await
+        .expect("does not wait for the budget")
+        .expect("reads");
         let sizes = bytes_of(&entries);
         let read: usize = sizes.iter().sum();
         assert!(!entries.is_empty());

@@ -948,22 +948,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             self.peers
                 .append_batched(self.target, &self.address, message, urgent, ttl),
         )
-        .await
-        .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")));
-        if count > 1
-            && sent.as_ref().is_err_and(|s| {
-                matches!(
-                    s.code(),
-                    tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-                )
-            })
-        {
+        .await;
+        // Halved only on this timer: not when the connection broke (Cancelled at once), nor
+        // for an error the peer or the batcher reported.
+        let Ok(sent) = sent else {
+            if count <= 1 {
+                return Err(network_error("no answer in time"));
+            }
             metrics::counter!("weft_raft_append_halved_total", "peer" => self.target.to_string())
                 .increment(1);
             return Err(RPCError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint(count / 2),
             ));
-        }
+        };
         let peer = self.target.to_string();
         metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())
             .record(started.elapsed().as_secs_f64());
