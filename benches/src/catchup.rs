@@ -19,8 +19,9 @@ use rustix::process::Signal;
 use serde::Serialize;
 use weft_client::{ProducerConfig, Record};
 
+use crate::drivers::Driver;
 use crate::drivers::weft::WeftClusterDriver;
-use crate::drivers::{Driver, DriverSpec, Durability, Kind};
+use crate::failover::wait_for_leader;
 
 const TOPIC: &str = "catch-up";
 
@@ -76,43 +77,12 @@ impl CatchUpResult {
 
 /// Runs one catch-up in a cluster kept in `dir`.
 pub async fn run(options: CatchUpOptions, dir: &Path) -> Result<CatchUpResult> {
-    let spec = DriverSpec {
-        kind: Kind::WeftCluster,
-        durability: Durability::Fsync,
-        endpoint: None,
-    };
-    let data = tempfile::Builder::new()
-        .prefix("weft-bench-catch-up")
-        .tempdir_in(dir)
-        .with_context(|| format!("creating a directory in {}", dir.display()))?;
-    let cluster = WeftClusterDriver::start(&spec, data.path()).await?;
+    let (data, cluster) = WeftClusterDriver::start_in(dir, "weft-bench-catch-up").await?;
     let outcome = catch_up_on(&cluster, options).await;
-    for node in 1..=3 {
-        let _ = cluster.signal(node, Signal::CONT);
-    }
-    Box::new(cluster).shutdown().await?;
+    cluster.stop().await?;
     let mut result = outcome?;
     result.disk_seconds = raw_disk_seconds(data.path(), result.lag_bytes)?;
     Ok(result)
-}
-
-/// The partition's leader, as node 1 sees it, once there is one.
-async fn leader(cluster: &WeftClusterDriver) -> Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(client) = cluster.client(1)
-            && let Ok(Ok(partitions)) =
-                tokio::time::timeout(Duration::from_secs(2), client.admin().partitions(TOPIC)).await
-            && let Some(p) = partitions.first()
-            && p.leader_id != 0
-        {
-            return Ok(p.leader_id);
-        }
-        if Instant::now() > deadline {
-            bail!("no leader of {TOPIC}/0 within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// (entries, bytes) `follower` lacks, as `leader` sees it; None when the leader does not say.
@@ -137,7 +107,7 @@ async fn catch_up_on(
     options: CatchUpOptions,
 ) -> Result<CatchUpResult> {
     cluster.create_topic(TOPIC, 1).await?;
-    let leader = leader(cluster).await?;
+    let leader = wait_for_leader(cluster, TOPIC, 1, None, Duration::from_secs(30)).await?;
     let follower = if leader == 1 { 2 } else { 1 };
     // Every replica has the partition open and follows before the freeze.
     let deadline = Instant::now() + Duration::from_secs(30);

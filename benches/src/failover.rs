@@ -10,12 +10,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use rustix::process::Signal;
 use serde::Serialize;
 
+use crate::drivers::Driver;
 use crate::drivers::weft::WeftClusterDriver;
-use crate::drivers::{Driver, DriverSpec, Durability, Kind};
 
 const TOPIC: &str = "failover";
 
@@ -40,12 +40,12 @@ impl FailoverResult {
     }
 }
 
-/// The leader of partition 0 as `node` sees it (0: none, or no answer).
-async fn leader_seen_by(cluster: &WeftClusterDriver, node: u64) -> u64 {
+/// The leader of partition 0 of `topic` as `node` sees it (0: none, or no answer).
+pub(crate) async fn leader_seen_by(cluster: &WeftClusterDriver, topic: &str, node: u64) -> u64 {
     let Some(client) = cluster.client(node) else {
         return 0;
     };
-    match tokio::time::timeout(Duration::from_secs(2), client.admin().partitions(TOPIC)).await {
+    match tokio::time::timeout(Duration::from_secs(2), client.admin().partitions(topic)).await {
         Ok(Ok(partitions)) => partitions.first().map_or(0, |p| p.leader_id),
         _ => 0,
     }
@@ -53,22 +53,10 @@ async fn leader_seen_by(cluster: &WeftClusterDriver, node: u64) -> u64 {
 
 /// Runs `rounds` failovers in a cluster kept in `dir`.
 pub async fn run(rounds: usize, dir: &Path) -> Result<FailoverResult> {
-    let spec = DriverSpec {
-        kind: Kind::WeftCluster,
-        durability: Durability::Fsync,
-        endpoint: None,
-    };
-    let data = tempfile::Builder::new()
-        .prefix("weft-bench-failover")
-        .tempdir_in(dir)
-        .with_context(|| format!("creating a directory in {}", dir.display()))?;
-    let cluster = WeftClusterDriver::start(&spec, data.path()).await?;
+    let (_data, cluster) = WeftClusterDriver::start_in(dir, "weft-bench-failover").await?;
     let outcome = rounds_on(&cluster, rounds).await;
     // Whatever happened, no broker stays frozen.
-    for node in 1..=3 {
-        let _ = cluster.signal(node, Signal::CONT);
-    }
-    Box::new(cluster).shutdown().await?;
+    cluster.stop().await?;
     outcome
 }
 
@@ -79,11 +67,18 @@ async fn rounds_on(cluster: &WeftClusterDriver, rounds: usize) -> Result<Failove
         leaders: Vec::new(),
     };
     for round in 0..rounds {
-        let leader = wait_for_leader(cluster, 1, None, Duration::from_secs(30)).await?;
+        let leader = wait_for_leader(cluster, TOPIC, 1, None, Duration::from_secs(30)).await?;
         let witness = if leader == 1 { 2 } else { 1 };
         cluster.signal(leader, Signal::STOP)?;
         let stopped = Instant::now();
-        let next = wait_for_leader(cluster, witness, Some(leader), Duration::from_secs(60)).await;
+        let next = wait_for_leader(
+            cluster,
+            TOPIC,
+            witness,
+            Some(leader),
+            Duration::from_secs(60),
+        )
+        .await;
         let seconds = stopped.elapsed().as_secs_f64();
         cluster.signal(leader, Signal::CONT)?;
         let next = next?;
@@ -99,28 +94,29 @@ async fn rounds_on(cluster: &WeftClusterDriver, rounds: usize) -> Result<Failove
             break;
         }
         let settle = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < settle && leader_seen_by(cluster, witness).await != leader {
+        while Instant::now() < settle && leader_seen_by(cluster, TOPIC, witness).await != leader {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     Ok(result)
 }
 
-/// Waits until `node` names a leader of partition 0 other than `not`.
-async fn wait_for_leader(
+/// Waits until `node` names a leader of partition 0 of `topic` other than `not`.
+pub(crate) async fn wait_for_leader(
     cluster: &WeftClusterDriver,
+    topic: &str,
     node: u64,
     not: Option<u64>,
     limit: Duration,
 ) -> Result<u64> {
     let deadline = Instant::now() + limit;
     loop {
-        let leader = leader_seen_by(cluster, node).await;
+        let leader = leader_seen_by(cluster, topic, node).await;
         if leader != 0 && Some(leader) != not {
             return Ok(leader);
         }
         if Instant::now() > deadline {
-            bail!("no new leader of {TOPIC}/0 seen by node {node} within {limit:?}");
+            bail!("no new leader of {topic}/0 seen by node {node} within {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -78,6 +78,17 @@ fn f(v: &Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("{path} missing or not a number in {v}"))
 }
 
+/// The JSON result in `out` whose name ends with `suffix`.
+fn json_result(out: &Path, suffix: &str) -> Value {
+    let file = std::fs::read_dir(out)
+        .expect("out dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(suffix))
+        .unwrap_or_else(|| panic!("no {suffix} result in {}", out.display()));
+    serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json")
+}
+
 /// Checks a result file the way a reader of it would.
 fn check_result(dir: &Path, driver: &str) {
     let text = std::fs::read_to_string(dir.join("result.json")).expect("result.json");
@@ -356,13 +367,7 @@ fn failover_freezes_the_leader_and_reports_the_time_to_a_new_one() {
         stdout.contains("failover after SIGSTOP of the leader"),
         "{stdout}"
     );
-    let file = std::fs::read_dir(&out)
-        .expect("out dir")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with("-failover.json"))
-        .expect("a failover result");
-    let value: Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+    let value = json_result(&out, "-failover.json");
     let seconds = value["failover_seconds"]
         .as_array()
         .expect("failover_seconds");
@@ -411,13 +416,7 @@ fn catch_up_freezes_a_follower_and_reports_how_fast_it_caught_up() {
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("catch-up of"), "{stdout}");
-    let file = std::fs::read_dir(&out)
-        .expect("out dir")
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with("-catch-up.json"))
-        .expect("a catch-up result");
-    let value: Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+    let value = json_result(&out, "-catch-up.json");
     // The follower lacked what went through the leader while it was frozen (600 records of
     // 512 bytes: at least 300 KB), and caught up (liveness only: the figures belong in the note).
     assert!(u(&value, "/lag_entries") >= 1, "{value}");

@@ -344,6 +344,33 @@ impl WeftClusterDriver {
         server.signal(signal)
     }
 
+    /// Starts a cluster at fsync durability in a new directory under `dir` (named from
+    /// `prefix`; removed when the returned handle drops), for runs that freeze brokers.
+    pub async fn start_in(
+        dir: &Path,
+        prefix: &str,
+    ) -> Result<(tempfile::TempDir, WeftClusterDriver)> {
+        let spec = DriverSpec {
+            kind: super::Kind::WeftCluster,
+            durability: super::Durability::Fsync,
+            endpoint: None,
+        };
+        let data = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(dir)
+            .with_context(|| format!("creating a directory in {}", dir.display()))?;
+        let cluster = WeftClusterDriver::start(&spec, data.path()).await?;
+        Ok((data, cluster))
+    }
+
+    /// Resumes every broker (whatever a run froze) and stops the cluster.
+    pub async fn stop(self) -> Result<()> {
+        for node in 1..=self.servers.len() as u64 {
+            let _ = self.signal(node, rustix::process::Signal::CONT);
+        }
+        Box::new(self).shutdown().await
+    }
+
     /// Starts the cluster in `data_dir` (`node1` .. `node3`).
     pub async fn start(spec: &DriverSpec, data_dir: &Path) -> Result<WeftClusterDriver> {
         if spec.endpoint.is_some() {

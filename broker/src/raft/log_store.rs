@@ -199,16 +199,17 @@ impl Shared {
     /// Entries `start .. end`: from the log, then from the pending ones not yet written.
     fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
         self.read_limited(start, end, usize::MAX)
+            .map(|(entries, _)| entries)
     }
 
     /// Entries `start .. end`, stopping after the first whose batches take the total to
-    /// `max_bytes` or beyond (at least one entry when the range holds one).
+    /// `max_bytes` or beyond (at least one entry when the range holds one), and their bytes.
     fn read_limited(
         &self,
         start: u64,
         end: u64,
         max_bytes: usize,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> Result<(Vec<Entry>, usize), StorageError> {
         let mut bytes = 0usize;
         let start = match self.last_purged() {
             Some(purged) => start.max(purged.index + 1),
@@ -287,7 +288,7 @@ impl Shared {
             bytes = bytes.saturating_add(batches.iter().map(Batch::len).sum());
             out.extend(entries_of(&batches)?);
             if bytes >= max_bytes {
-                return Ok(out);
+                return Ok((out, bytes));
             }
         }
         if from < end
@@ -305,7 +306,7 @@ impl Shared {
                 }
             }
         }
-        Ok(out)
+        Ok((out, bytes))
     }
 }
 
@@ -581,7 +582,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
         // openraft asks for: it asks for fewer after a timed-out append).
         let last = self.shared.last_log_id().map_or(0, |l| l.index);
         if last.saturating_sub(start) < super::network::IN_SYNC_ENTRIES_MAX {
-            return self.shared.read_limited(start, end, APPEND_BYTES_MAX);
+            return Ok(self.shared.read_limited(start, end, APPEND_BYTES_MAX)?.0);
         }
         let units = u32::try_from(APPEND_BYTES_MAX >> 10).unwrap_or(u32::MAX);
         let permit = self.budget.clone().try_acquire_many_owned(units).ok();
@@ -591,10 +592,9 @@ impl RaftLogReader<TypeConfig> for LogReader {
             CATCH_UP_FALLBACK_BYTES
         };
         let shared = self.shared.clone();
-        let entries = blocking(move || shared.read_limited(start, end, max_bytes)).await?;
+        let (entries, bytes) = blocking(move || shared.read_limited(start, end, max_bytes)).await?;
         if let Some(mut permit) = permit {
             // Keep a share for what was read; give the rest back.
-            let bytes: usize = entries.iter().map(entry_bytes).sum();
             let keep = (bytes >> 10).clamp(1, units as usize);
             drop(permit.split(units as usize - keep));
             {
@@ -620,16 +620,6 @@ impl RaftLogReader<TypeConfig> for LogReader {
             });
         }
         Ok(entries)
-    }
-}
-
-/// Record bytes of an entry (what a share of the catch-up budget counts).
-fn entry_bytes(entry: &Entry) -> usize {
-    match &entry.payload {
-        openraft::EntryPayload::Normal(super::Command::Records(batches)) => {
-            batches.iter().map(bytes::Bytes::len).sum()
-        }
-        _ => 0,
     }
 }
 
@@ -951,30 +941,34 @@ mod tests {
     use weft_storage::MemoryMetaStore;
     use weft_storage::{BatchBuilder, LogConfig, ProducerInfo};
 
+    /// Appends entry `index` to `log`: one batch of one record of `value` (after a blank entry
+    /// 0 when the log is empty).
+    fn append_record(log: &mut PartitionLog, index: u64, value: &[u8]) {
+        if log.end().next_index == 0 {
+            let blank = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 0), 0),
+                payload: EntryPayload::Blank,
+            };
+            log.append_entry(&to_batches(blank, 0).expect("encodes"))
+                .expect("appends");
+        }
+        let mut records = BatchBuilder::new();
+        records.push(0, b"", value, []);
+        let batch = records.seal(0, 0, 0, ProducerInfo::default());
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(Command::Records(vec![batch.bytes().clone()])),
+        };
+        let batches = to_batches(entry, log.end().next_offset).expect("encodes");
+        log.append_entry(&batches).expect("appends");
+    }
+
     /// A log of `count` entries from index 1, each one batch of one record of `value_bytes`.
     fn log_of(dir: &std::path::Path, count: u64, value_bytes: usize) -> PartitionLog {
         let mut log = PartitionLog::open(dir, LogConfig::default()).expect("opens");
         let value = vec![7u8; value_bytes];
         for index in 1..=count {
-            let mut records = BatchBuilder::new();
-            records.push(0, b"", &value, []);
-            let batch = records.seal(0, 0, 0, ProducerInfo::default());
-            let entry = Entry {
-                log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
-                payload: EntryPayload::Normal(Command::Records(vec![batch.bytes().clone()])),
-            };
-            let end = log.end();
-            let batches = to_batches(entry, end.next_offset).expect("encodes");
-            if end.next_index == 0 {
-                // An empty log starts at index 0: a blank entry first.
-                let blank = Entry {
-                    log_id: LogId::new(CommittedLeaderId::new(1, 0), 0),
-                    payload: EntryPayload::Blank,
-                };
-                log.append_entry(&to_batches(blank, 0).expect("encodes"))
-                    .expect("appends");
-            }
-            log.append_entry(&batches).expect("appends");
+            append_record(&mut log, index, &value);
         }
         log.flush().expect("flushes");
         log
@@ -1112,15 +1106,7 @@ mod tests {
             let mut log = reader.shared.log_mut().expect("log");
             let big = vec![7u8; APPEND_BYTES_MAX + 1024];
             for index in 41..=42 {
-                let mut records = BatchBuilder::new();
-                records.push(0, b"", &big, []);
-                let batch = records.seal(0, 0, 0, ProducerInfo::default());
-                let entry = Entry {
-                    log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
-                    payload: EntryPayload::Normal(Command::Records(vec![batch.bytes().clone()])),
-                };
-                let batches = to_batches(entry, log.end().next_offset).expect("encodes");
-                log.append_entry(&batches).expect("appends");
+                append_record(&mut log, index, &big);
             }
             log.flush().expect("flushes");
         }
