@@ -46,6 +46,10 @@ const BUSY_WINDOW: Duration = Duration::from_secs(2);
 
 /// How often the leader watch ([`Peers::watch_leaders`]) looks at every group here.
 const LEADER_WATCH_EVERY: Duration = Duration::from_millis(50);
+/// How soon the replica that initialised a group that never had a leader asks for pre-votes
+/// again (plus up to [`NEW_GROUP_JITTER_MS`]).
+const NEW_GROUP_RETRY: Duration = Duration::from_millis(100);
+const NEW_GROUP_JITTER_MS: u64 = 100;
 
 /// A 64-bit mix (splitmix64's finaliser): spreads nearby seeds over the whole range.
 fn mix(mut x: u64) -> u64 {
@@ -356,6 +360,10 @@ impl Peers {
     /// the leader was cut off, so that the one voter able to win kept losing its elections on
     /// terms. Seen in the fault-injection harness: 9 s without a leader on the majority side.
     ///
+    /// A group that never had a leader (its log holds only the entry that initialised it) has
+    /// no lease to wait out: the replica that initialised it asks for pre-votes every 100-200
+    /// ms until the other replicas have opened the group and grant them.
+    ///
     /// A single-voter group stands at once whenever it does not lead. A learner never stands,
     /// nor a broker that lost its data until it has caught up in the group.
     pub fn watch_leaders(&self) {
@@ -432,7 +440,7 @@ impl Peers {
         raft: &Raft,
         campaign: Option<(Instant, u64)>,
     ) -> Option<Due> {
-        let (me, term, alone, state) = {
+        let (me, term, alone, state, never_led) = {
             let m = raft.metrics();
             let m = m.borrow();
             if m.running_state.is_err() || m.state == openraft::ServerState::Leader {
@@ -446,7 +454,11 @@ impl Peers {
                 .get_joint_config()
                 .iter()
                 .all(|c| c.len() == 1 && c.contains(&m.id));
-            (m.id, m.current_term, alone, m.state)
+            // Its log holds nothing past the entry that initialised the group (index 0), and
+            // it knows no leader: a leader appends an entry as soon as it is elected, so no
+            // leader of this group ever reached this replica.
+            let never_led = m.last_log_index.is_none_or(|i| i == 0) && m.current_leader.is_none();
+            (m.id, m.current_term, alone, m.state, never_led)
         };
         if alone {
             // Once per term: the election of a single voter ends at once.
@@ -486,6 +498,18 @@ impl Peers {
             .wrapping_add(term.wrapping_mul(0x94D0_49BB_1331_11EB))
             .wrapping_add(attempt);
         let jitter = Duration::from_millis(mix(seed) % tick_ms);
+        if never_led {
+            // A new group (only the replica that initialised it is a voter yet: the others learn
+            // the membership from their first leader). Its first election, which openraft
+            // starts in `initialize`, fails when the other replicas have not opened the group
+            // yet (they open it on the same controller commit, a moment apart). There is no
+            // lease to wait out: ask for pre-votes again soon (a voter that has heard from a
+            // leader still refuses), not after a lease and a tick (2.2-3.0 s for a new topic).
+            let retry = NEW_GROUP_RETRY + Duration::from_millis(mix(seed) % NEW_GROUP_JITTER_MS);
+            // (Not before `retry` after opening either: openraft's own first election runs.)
+            let due = opened > retry && campaign.is_none_or(|(at, _)| at.elapsed() > retry);
+            return due.then_some(Due::PreVote);
+        }
         let wait = lease + Duration::from_millis(tick_ms / 2) + jitter;
         let quiet = heard.min(opened).min(voted);
         if quiet <= wait {
