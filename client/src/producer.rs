@@ -408,6 +408,21 @@ impl Producer {
     /// wakes the partition's sender when it has a batch to take.
     async fn place(&self, topic: &str, record: Record) -> Result<AckFuture> {
         let shared = &self.shared;
+        // A publish larger than a gRPC message may be fails in the transport with nothing but
+        // "h2 protocol error": refuse such a record here, by name, before it takes a sequence.
+        let size = record.size();
+        let carried = shared
+            .client
+            .message_bytes_max
+            .saturating_sub(topic.len() + BATCH_OVERHEAD_BYTES);
+        if size > carried {
+            return Err(Error::InvalidArgument(format!(
+                "a record of {size} bytes is larger than one publish can carry ({carried} bytes: \
+                 the client's gRPC message limit of {} bytes, the default of the broker's \
+                 grpc_message_bytes_max too)",
+                shared.client.message_bytes_max
+            )));
+        }
         let known = lock(&shared.state).topics.contains_key(topic);
         if !known {
             let config = shared
@@ -472,7 +487,6 @@ impl Producer {
                 *p = (*p + 1) % partitions;
             }
         };
-        let size = record.size();
         // A batch never grows past the producer's limit nor the topic's (with room for the
         // batch header): close it before a record would overflow it.
         let limit = config

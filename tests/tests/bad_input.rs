@@ -620,6 +620,20 @@ fn cli_failures_exit_non_zero_with_one_line() {
             "{args:?}: {stderr}"
         );
     }
+    // A record larger than a gRPC message may be (16 MiB), on a topic that allows 64 MiB: the
+    // client names the limit (the transport said only "Internal: h2 protocol error"), and
+    // nothing was stored: the next record takes offset 0.
+    ok_stdout(&broker.cli(&["topic", "create", "big", "--max-message-bytes", "67108864"]));
+    let output = broker.cli_with_stdin(&["produce", "big"], &"x".repeat(20_000_000));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("weft: ") && stderr.contains("larger than one publish can carry"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let stored = ok_stdout(&broker.cli(&["produce", "big", "small"]));
+    assert!(stored.contains("offset 0"), "{stored}");
     // Nothing to talk to: exit 1, one line naming the address.
     for server in ["127.0.0.1:1", "not an address"] {
         let output = std::process::Command::new(binary("weft"))
