@@ -1286,3 +1286,95 @@ pub mod pki {
         digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 }
+
+/// A slow link: a TCP proxy on `listen` to `target` that carries what the client sends at most
+/// `bytes_per_sec` (answers go back at full speed). Stopped, with every connection it carries,
+/// when dropped.
+#[derive(Debug)]
+pub struct SlowLink {
+    listen: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sockets: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowLink {
+    pub fn start(listen: &str, target: &str, bytes_per_sec: u64) -> SlowLink {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(listen).expect("bind the slow link");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sockets: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
+            Default::default();
+        let (stop_a, sockets_a, target) = (stop.clone(), sockets.clone(), target.to_string());
+        let acceptor = std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                if stop_a.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(inbound) = inbound else { continue };
+                let Ok(outbound) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
+                {
+                    let mut held = sockets_a.lock().expect("sockets");
+                    held.extend([&inbound, &outbound].map(|s| s.try_clone().expect("clone")));
+                }
+                let copy = |mut from: std::net::TcpStream,
+                            mut to: std::net::TcpStream,
+                            rate: Option<u64>| {
+                    std::thread::spawn(move || {
+                        let started = Instant::now();
+                        let mut carried = 0u64;
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if let Some(rate) = rate {
+                                carried += n as u64;
+                                let due = Duration::from_secs_f64(carried as f64 / rate as f64);
+                                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                    std::thread::sleep(wait);
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                copy(
+                    inbound.try_clone().expect("clone"),
+                    outbound.try_clone().expect("clone"),
+                    Some(bytes_per_sec),
+                );
+                copy(outbound, inbound, None);
+            }
+        });
+        SlowLink {
+            listen: listen.to_string(),
+            stop,
+            sockets,
+            acceptor: Some(acceptor),
+        }
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the acceptor so it sees the flag.
+        let _ = std::net::TcpStream::connect(&self.listen);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for socket in self.sockets.lock().expect("sockets").drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}

@@ -46,6 +46,12 @@ const BUSY_WINDOW: Duration = Duration::from_secs(2);
 
 /// How often the leader watch ([`Peers::watch_leaders`]) looks at every group here.
 const LEADER_WATCH_EVERY: Duration = Duration::from_millis(50);
+/// An AppendEntries of one entry at least this large (encoded) goes as a call of its own that
+/// openraft's timeout does not cut off (see `LargeAppend`).
+const LARGE_APPEND_BYTES: usize = 1 << 20;
+/// The slowest link a large entry is given time for: its call's deadline is one heartbeat
+/// interval plus its size at this rate (an 8 MiB entry: 8.5 s with the defaults).
+const LARGE_APPEND_BYTES_PER_SEC: f64 = (1u64 << 20) as f64;
 /// How soon the replica that initialised a group that never had a leader asks for pre-votes
 /// again (plus up to [`NEW_GROUP_JITTER_MS`]).
 const NEW_GROUP_RETRY: Duration = Duration::from_millis(100);
@@ -896,12 +902,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             address: node.addr.clone(),
             peers: self.peers.clone(),
             last_entries: None,
+            large: None,
         }
     }
 }
 
 /// One group's client of one peer (sharing the node's connection to that peer).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct PeerClient {
     group_id: GroupId,
     target: NodeId,
@@ -909,6 +916,32 @@ pub(super) struct PeerClient {
     peers: Peers,
     /// When this group last sent this peer entries.
     last_entries: Option<Instant>,
+    /// The append of one large entry still on its way (see [`LargeAppend`]).
+    large: Option<LargeAppend>,
+}
+
+/// An AppendEntries of one entry of at least [`LARGE_APPEND_BYTES`], sent as a call of its own
+/// in a task that outlives openraft's wait. openraft gives every append one heartbeat interval
+/// and then sends the same entry again: an entry that takes longer to cross the link and be
+/// made durable there (8 MiB over 100 Mbit/s: 0.7 s) was cut off and sent again, forever. Its
+/// retries of the same entry (same vote, same previous log id) wait for this call instead, so
+/// each retry gets a turn at the answer, and the entry crosses once.
+#[derive(Debug)]
+struct LargeAppend {
+    key: LargeAppendKey,
+    task: tokio::task::JoinHandle<Result<pb::AppendEntriesResponse, Status>>,
+}
+
+type LargeAppendKey = (
+    openraft::Vote<NodeId>,
+    Option<openraft::LogId<NodeId>>,
+    openraft::LogId<NodeId>,
+);
+
+impl Drop for LargeAppend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 type RpcResult<T, E = openraft::error::Infallible> =
@@ -936,6 +969,79 @@ impl PeerClient {
         self.peers.raft_client(&self.address)
     }
 
+    /// The peer's answer to an append sent `started`, of `count` entries.
+    fn answered(
+        &self,
+        sent: Result<pb::AppendEntriesResponse, Status>,
+        started: Instant,
+        count: u64,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let peer = self.target.to_string();
+        metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("weft_raft_append_entries_per_call", "peer" => peer)
+            .record(count as f64);
+        let response = sent.map_err(|s| status_error(&s))?;
+        let response = wire::append_response_from(response).map_err(network_error)?;
+        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+            self.peers.touch(self.group_id, self.target);
+        }
+        Ok(response)
+    }
+
+    /// Sends the append of one large entry (`message`, `size` encoded bytes) as a call of its
+    /// own that is given as long as the entry needs at [`LARGE_APPEND_BYTES_PER_SEC`], or joins
+    /// the call already carrying the same entry (`key`: openraft's retry after its own
+    /// timeout, `ttl`). Waits for the answer a little less than `ttl`; a call still running then
+    /// is kept for the retry (see [`LargeAppend`]).
+    async fn append_large(
+        &mut self,
+        key: LargeAppendKey,
+        message: pb::AppendEntriesRequest,
+        size: usize,
+        ttl: Duration,
+    ) -> RpcResult<Result<pb::AppendEntriesResponse, Status>> {
+        if self.large.as_ref().is_none_or(|large| large.key != key) {
+            let limit = ttl + Duration::from_secs_f64(size as f64 / LARGE_APPEND_BYTES_PER_SEC);
+            let client = self.client().map_err(network_error)?;
+            let request = self.peers.request(self.target, message, limit);
+            let target = self.target;
+            metrics::counter!("weft_raft_large_appends_total", "peer" => target.to_string())
+                .increment(1);
+            let task = tokio::spawn(async move {
+                let mut client = client;
+                tokio::time::timeout(limit, client.append_entries(request))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "no answer from node {target} within {} ms",
+                            limit.as_millis()
+                        )))
+                    })
+                    .map(Response::into_inner)
+            });
+            self.large = Some(LargeAppend { key, task });
+        }
+        let Some(large) = self.large.as_mut() else {
+            return Err(network_error("no large append in flight"));
+        };
+        // A little before openraft's own deadline, as for other appends.
+        match tokio::time::timeout(ttl.mul_f64(0.9), &mut large.task).await {
+            Ok(joined) => {
+                self.large = None;
+                Ok(joined
+                    .unwrap_or_else(|e| Err(Status::internal(format!("the call failed: {e}")))))
+            }
+            Err(_) => {
+                metrics::counter!("weft_raft_large_append_waits_total", "peer" => self.target.to_string())
+                    .increment(1);
+                Err(network_error(format!(
+                    "an entry of {size} bytes is still on its way; openraft's retry will wait for it"
+                )))
+            }
+        }
+    }
+
     fn request<T>(&self, message: T, option: &RPCOption) -> Request<T> {
         self.peers.request(self.target, message, option.hard_ttl())
     }
@@ -957,6 +1063,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let started = Instant::now();
         if count > 0 {
             self.last_entries = Some(started);
+        }
+        let size = prost::Message::encoded_len(&message);
+        if count == 1 && size >= LARGE_APPEND_BYTES {
+            let key = (rpc.vote, rpc.prev_log_id, rpc.entries[0].log_id);
+            let sent = self
+                .append_large(key, message, size, option.hard_ttl())
+                .await?;
+            return self.answered(sent, started, count);
         }
         // A busy group's empty appends carry its commit index and go at once; an idle group's
         // heartbeats may wait a moment for others to the same peer.
@@ -985,17 +1099,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 PayloadTooLarge::new_entries_hint(count / 2),
             ));
         };
-        let peer = self.target.to_string();
-        metrics::histogram!("weft_raft_rpc_seconds", "rpc" => "append_entries", "peer" => peer.clone())
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("weft_raft_append_entries_per_call", "peer" => peer)
-            .record(count as f64);
-        let response = sent.map_err(|s| status_error(&s))?;
-        let response = wire::append_response_from(response).map_err(network_error)?;
-        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
-            self.peers.touch(self.group_id, self.target);
-        }
-        Ok(response)
+        self.answered(sent, started, count)
     }
 
     async fn install_snapshot(
