@@ -492,6 +492,7 @@ impl Producer {
         let limit = config
             .batch_bytes_max
             .min(topic_bytes_max.saturating_sub(BATCH_OVERHEAD_BYTES))
+            .min(carried)
             .max(1);
         let mut wake = false;
         if lane

@@ -1311,7 +1311,10 @@ impl SlowLink {
                 if stop_a.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(inbound) = inbound else { continue };
+                let Ok(inbound) = inbound else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
                 let Ok(outbound) = std::net::TcpStream::connect(&target) else {
                     continue;
                 };
@@ -1325,8 +1328,9 @@ impl SlowLink {
                             mut to: std::net::TcpStream,
                             rate: Option<u64>| {
                     std::thread::spawn(move || {
-                        let started = Instant::now();
-                        let mut carried = 0u64;
+                        // When the bytes read so far may have crossed: idle time earns
+                        // no credit (the link never bursts).
+                        let mut next = Instant::now();
                         let mut buf = vec![0u8; 16 * 1024];
                         loop {
                             let n = match from.read(&mut buf) {
@@ -1334,9 +1338,9 @@ impl SlowLink {
                                 Ok(n) => n,
                             };
                             if let Some(rate) = rate {
-                                carried += n as u64;
-                                let due = Duration::from_secs_f64(carried as f64 / rate as f64);
-                                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                next = next.max(Instant::now())
+                                    + Duration::from_secs_f64(n as f64 / rate as f64);
+                                if let Some(wait) = next.checked_duration_since(Instant::now()) {
                                     std::thread::sleep(wait);
                                 }
                             }

@@ -144,6 +144,11 @@ async fn a_follower_behind_a_slow_link_gets_an_entry_larger_than_a_heartbeat_car
         "node 3 had both records {:?} after they were acknowledged",
         published.elapsed()
     );
+    let large = weft_tests::metric(&brokers[0], "weft_raft_large_appends_total{peer=\"3\"}");
+    assert!(
+        large.is_some_and(|n| n >= 1.0),
+        "sent as a large append: {large:?}"
+    );
     for b in &mut brokers {
         b.stop();
     }

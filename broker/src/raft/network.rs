@@ -504,14 +504,18 @@ impl Peers {
             .wrapping_add(term.wrapping_mul(0x94D0_49BB_1331_11EB))
             .wrapping_add(attempt);
         let jitter = Duration::from_millis(mix(seed) % tick_ms);
-        if never_led {
+        if never_led && opened <= lease {
             // A new group (only the replica that initialised it is a voter yet: the others learn
             // the membership from their first leader). Its first election, which openraft
             // starts in `initialize`, fails when the other replicas have not opened the group
             // yet (they open it on the same controller commit, a moment apart). There is no
             // lease to wait out: ask for pre-votes again soon (a voter that has heard from a
             // leader still refuses), not after a lease and a tick (2.2-3.0 s for a new topic).
-            let retry = NEW_GROUP_RETRY + Duration::from_millis(mix(seed) % NEW_GROUP_JITTER_MS);
+            // Doubling with each attempt (100 ms, 200, 400, ...: a vote round slower than the
+            // retry would otherwise be overtaken by the next term), and only within the first
+            // lease after opening; then as any group.
+            let backoff = NEW_GROUP_RETRY.saturating_mul(1 << attempt.min(4));
+            let retry = backoff + Duration::from_millis(mix(seed) % NEW_GROUP_JITTER_MS);
             // (Not before `retry` after opening either: openraft's own first election runs.)
             let due = opened > retry && campaign.is_none_or(|(at, _)| at.elapsed() > retry);
             return due.then_some(Due::PreVote);
@@ -1003,7 +1007,10 @@ impl PeerClient {
     ) -> RpcResult<Result<pb::AppendEntriesResponse, Status>> {
         if self.large.as_ref().is_none_or(|large| large.key != key) {
             let limit = ttl + Duration::from_secs_f64(size as f64 / LARGE_APPEND_BYTES_PER_SEC);
-            let client = self.client().map_err(network_error)?;
+            // Unreachable (openraft backs off), as the batcher reports it.
+            let client = self
+                .client()
+                .map_err(|e| status_error(&Status::unavailable(e)))?;
             let request = self.peers.request(self.target, message, limit);
             let target = self.target;
             metrics::counter!("weft_raft_large_appends_total", "peer" => target.to_string())
@@ -1065,6 +1072,15 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             self.last_entries = Some(started);
         }
         let size = prost::Message::encoded_len(&message);
+        // A large append whose answer nobody took, or that this request has moved past, goes.
+        if self.large.as_ref().is_some_and(|large| {
+            large.task.is_finished()
+                || rpc
+                    .prev_log_id
+                    .is_some_and(|prev| prev.index >= large.key.2.index)
+        }) {
+            self.large = None;
+        }
         if count == 1 && size >= LARGE_APPEND_BYTES {
             let key = (rpc.vote, rpc.prev_log_id, rpc.entries[0].log_id);
             let sent = self
