@@ -367,8 +367,9 @@ impl Peers {
     /// terms. Seen in the fault-injection harness: 9 s without a leader on the majority side.
     ///
     /// A group that never had a leader (its log holds only the entry that initialised it) has
-    /// no lease to wait out: the replica that initialised it asks for pre-votes every 100-200
-    /// ms until the other replicas have opened the group and grant them.
+    /// no lease to wait out: the replica that initialised it asks for pre-votes again after 100
+    /// ms, 200, 400, ... (within the first lease after opening) until the other replicas have
+    /// opened the group and grant them.
     ///
     /// A single-voter group stands at once whenever it does not lead. A learner never stands,
     /// nor a broker that lost its data until it has caught up in the group.
