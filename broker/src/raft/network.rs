@@ -1006,32 +1006,33 @@ impl PeerClient {
         size: usize,
         ttl: Duration,
     ) -> RpcResult<Result<pb::AppendEntriesResponse, Status>> {
-        if self.large.as_ref().is_none_or(|large| large.key != key) {
-            let limit = ttl + Duration::from_secs_f64(size as f64 / LARGE_APPEND_BYTES_PER_SEC);
-            // Unreachable (openraft backs off), as the batcher reports it.
-            let client = self
-                .client()
-                .map_err(|e| status_error(&Status::unavailable(e)))?;
-            let request = self.peers.request(self.target, message, limit);
-            let target = self.target;
-            metrics::counter!("weft_raft_large_appends_total", "peer" => target.to_string())
-                .increment(1);
-            let task = tokio::spawn(async move {
-                let mut client = client;
-                tokio::time::timeout(limit, client.append_entries(request))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Status::deadline_exceeded(format!(
-                            "no answer from node {target} within {} ms",
-                            limit.as_millis()
-                        )))
-                    })
-                    .map(Response::into_inner)
-            });
-            self.large = Some(LargeAppend { key, task });
-        }
-        let Some(large) = self.large.as_mut() else {
-            return Err(network_error("no large append in flight"));
+        let large = match &mut self.large {
+            Some(large) if large.key == key => large,
+            slot => {
+                let limit = ttl + Duration::from_secs_f64(size as f64 / LARGE_APPEND_BYTES_PER_SEC);
+                // Unreachable (openraft backs off), as the batcher reports it.
+                let client = self
+                    .peers
+                    .raft_client(&self.address)
+                    .map_err(|e| status_error(&Status::unavailable(e)))?;
+                let request = self.peers.request(self.target, message, limit);
+                let target = self.target;
+                metrics::counter!("weft_raft_large_appends_total", "peer" => target.to_string())
+                    .increment(1);
+                let task = tokio::spawn(async move {
+                    let mut client = client;
+                    tokio::time::timeout(limit, client.append_entries(request))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Status::deadline_exceeded(format!(
+                                "no answer from node {target} within {} ms",
+                                limit.as_millis()
+                            )))
+                        })
+                        .map(Response::into_inner)
+                });
+                slot.insert(LargeAppend { key, task })
+            }
         };
         // A little before openraft's own deadline, as for other appends.
         match tokio::time::timeout(ttl.mul_f64(0.9), &mut large.task).await {
@@ -1063,7 +1064,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         let count = rpc.entries.len() as u64;
         let message = wire::append_to(self.group_id, &rpc).map_err(network_error)?;
-        if prost::Message::encoded_len(&message) > PEER_MESSAGE_BYTES_MAX && count > 1 {
+        let size = prost::Message::encoded_len(&message);
+        if size > PEER_MESSAGE_BYTES_MAX && count > 1 {
             return Err(RPCError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint(count / 2),
             ));
@@ -1072,7 +1074,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if count > 0 {
             self.last_entries = Some(started);
         }
-        let size = prost::Message::encoded_len(&message);
         // A large append whose answer nobody took, or that this request has moved past, goes.
         if self.large.as_ref().is_some_and(|large| {
             large.task.is_finished()
