@@ -1293,6 +1293,8 @@ pub mod pki {
 #[derive(Debug)]
 pub struct SlowLink {
     listen: String,
+    /// Bytes carried towards the target so far.
+    carried: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     sockets: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
     acceptor: Option<std::thread::JoinHandle<()>>,
@@ -1305,7 +1307,9 @@ impl SlowLink {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sockets: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
             Default::default();
+        let carried = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (stop_a, sockets_a, target) = (stop.clone(), sockets.clone(), target.to_string());
+        let carried_a = carried.clone();
         let acceptor = std::thread::spawn(move || {
             for inbound in listener.incoming() {
                 if stop_a.load(Ordering::SeqCst) {
@@ -1327,6 +1331,7 @@ impl SlowLink {
                 let copy = |mut from: std::net::TcpStream,
                             mut to: std::net::TcpStream,
                             rate: Option<u64>| {
+                    let carried = carried_a.clone();
                     std::thread::spawn(move || {
                         // When the bytes read so far may have crossed: idle time earns
                         // no credit (the link never bursts).
@@ -1347,6 +1352,9 @@ impl SlowLink {
                             if to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
+                            if rate.is_some() {
+                                carried.fetch_add(n as u64, Ordering::SeqCst);
+                            }
                         }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
@@ -1362,10 +1370,18 @@ impl SlowLink {
         });
         SlowLink {
             listen: listen.to_string(),
+            carried,
             stop,
             sockets,
             acceptor: Some(acceptor),
         }
+    }
+}
+
+impl SlowLink {
+    /// The bytes carried towards the target so far (every connection).
+    pub fn carried(&self) -> u64 {
+        self.carried.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -107,6 +107,8 @@ struct Inner {
     batchers: Mutex<HashMap<(NodeId, String), tokio::sync::mpsc::Sender<super::batch::Pending>>>,
     /// The node the controller's leadership is being handed to from this node (0: none).
     controller_transfer: std::sync::atomic::AtomicU64,
+    /// Per peer: one large append at a time (see [`LargeAppend`]).
+    large_lanes: Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -194,6 +196,7 @@ impl Peers {
                 connect_timeout: Duration::from_secs(2),
                 batchers: Mutex::new(HashMap::new()),
                 controller_transfer: std::sync::atomic::AtomicU64::new(0),
+                large_lanes: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -819,6 +822,19 @@ impl Peers {
         }
     }
 
+    /// The lane of `target`'s large appends: one crosses the link at a time.
+    fn large_lane(&self, target: NodeId) -> Arc<tokio::sync::Semaphore> {
+        let mut lanes = self
+            .inner
+            .large_lanes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        lanes
+            .entry(target)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+            .clone()
+    }
+
     /// A client of the `Raft` service of the broker at `address`.
     pub(super) fn raft_client(&self, address: &str) -> Result<RaftClient<Channel>, String> {
         Ok(RaftClient::new(self.channel(address)?)
@@ -908,6 +924,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             peers: self.peers.clone(),
             last_entries: None,
             large: None,
+            stalled: None,
         }
     }
 }
@@ -921,21 +938,49 @@ pub(super) struct PeerClient {
     peers: Peers,
     /// When this group last sent this peer entries.
     last_entries: Option<Instant>,
-    /// The append of one large entry still on its way (see [`LargeAppend`]).
+    /// The append of one large entry still on its way, or answered a moment ago (see
+    /// [`LargeAppend`]).
     large: Option<LargeAppend>,
+    /// The last single entry that found no answer in time, how many of its own calls ran out
+    /// of time, and when its first append started: its next append goes as a call of its own,
+    /// given longer each time.
+    stalled: Option<Stalled>,
 }
 
-/// An AppendEntries of one entry of at least [`LARGE_APPEND_BYTES`], sent as a call of its own
-/// in a task that outlives openraft's wait. openraft gives every append one heartbeat interval
-/// and then sends the same entry again: an entry that takes longer to cross the link and be
-/// made durable there (8 MiB over 100 Mbit/s: 0.7 s) was cut off and sent again, forever. Its
-/// retries of the same entry (same vote, same previous log id) wait for this call instead, so
-/// each retry gets a turn at the answer, and the entry crosses once.
+/// An AppendEntries of one entry of at least [`LARGE_APPEND_BYTES`] (or one that found no answer
+/// in time through the batcher), sent as a call of its own in a task that outlives openraft's
+/// wait. openraft gives every append one heartbeat interval and then sends the same entry again:
+/// an entry that takes longer to cross the link and be made durable there (8 MiB over 100
+/// Mbit/s: 0.7 s) was cut off and sent again, forever. Its retries of the same entry (same vote,
+/// same previous log id), alone or followed by later entries, wait for this call instead, so
+/// each retry gets a turn at the answer, and the entry crosses once. The task keeps its answer
+/// for a moment after it finishes (openraft's retry may come up to a heartbeat interval after
+/// the last wait gave up). A peer's large appends cross one at a time (`Peers::large_lane`):
+/// each call's deadline counts from when its turn comes, so several groups' large entries to
+/// one slow peer do not share its bandwidth and run out of time together, again and again.
 #[derive(Debug)]
 struct LargeAppend {
     key: LargeAppendKey,
+    /// When the first append of this entry asked for it (for `weft_raft_rpc_seconds`).
+    started: Instant,
+    /// How many large appends of this entry ran out of time before this one.
+    attempts: u32,
     task: tokio::task::JoinHandle<Result<pb::AppendEntriesResponse, Status>>,
+    /// When the task finished (set by it).
+    finished: Arc<std::sync::OnceLock<Instant>>,
 }
+
+/// An entry whose append found no answer in time (see [`PeerClient::stalled`]).
+#[derive(Debug, Clone, Copy)]
+struct Stalled {
+    key: LargeAppendKey,
+    attempts: u32,
+    started: Instant,
+}
+
+/// The most a call of its own is given beyond what the entry needs at
+/// [`LARGE_APPEND_BYTES_PER_SEC`], however often it ran out of time before.
+const LARGE_APPEND_EXTRA_MAX: Duration = Duration::from_secs(30);
 
 type LargeAppendKey = (
     openraft::Vote<NodeId>,
@@ -994,33 +1039,45 @@ impl PeerClient {
         Ok(response)
     }
 
-    /// Sends the append of one large entry (`message`, `size` encoded bytes) as a call of its
-    /// own that is given as long as the entry needs at [`LARGE_APPEND_BYTES_PER_SEC`], or joins
-    /// the call already carrying the same entry (`key`: openraft's retry after its own
-    /// timeout, `ttl`). Waits for the answer a little less than `ttl`; a call still running then
-    /// is kept for the retry (see [`LargeAppend`]).
-    async fn append_large(
+    /// Starts the append of one entry (`message`, `size` encoded bytes) as a call of its own,
+    /// given a heartbeat interval (`ttl`) plus as long as the entry needs at
+    /// [`LARGE_APPEND_BYTES_PER_SEC`], twice that for each earlier call of it that ran out of
+    /// time (at most [`LARGE_APPEND_EXTRA_MAX`] more). An entry of [`LARGE_APPEND_BYTES`] or
+    /// more waits for the peer's lane (one at a time), and its time counts from its turn; a
+    /// smaller one (it stalled in the batcher) goes at once.
+    fn start_large(
         &mut self,
         key: LargeAppendKey,
         message: pb::AppendEntriesRequest,
         size: usize,
         ttl: Duration,
-    ) -> RpcResult<Result<pb::AppendEntriesResponse, Status>> {
-        let large = match &mut self.large {
-            Some(large) if large.key == key => large,
-            slot => {
-                let limit = ttl + Duration::from_secs_f64(size as f64 / LARGE_APPEND_BYTES_PER_SEC);
-                // Unreachable (openraft backs off), as the batcher reports it.
-                let client = self
-                    .peers
-                    .raft_client(&self.address)
-                    .map_err(|e| status_error(&Status::unavailable(e)))?;
-                let request = self.peers.request(self.target, message, limit);
-                let target = self.target;
-                metrics::counter!("weft_raft_large_appends_total", "peer" => target.to_string())
-                    .increment(1);
-                let task = tokio::spawn(async move {
-                    let mut client = client;
+        started: Instant,
+    ) -> RpcResult<()> {
+        let (attempts, started) = match self.stalled {
+            Some(stalled) if stalled.key == key => (stalled.attempts, stalled.started),
+            _ => (0, started),
+        };
+        let base = ttl + Duration::from_secs_f64(size as f64 / LARGE_APPEND_BYTES_PER_SEC);
+        let limit = base + (base * ((1 << attempts.min(4)) - 1)).min(LARGE_APPEND_EXTRA_MAX);
+        // Unreachable (openraft backs off), as the batcher reports it.
+        let mut client = self
+            .peers
+            .raft_client(&self.address)
+            .map_err(|e| status_error(&Status::unavailable(e)))?;
+        let (peers, target) = (self.peers.clone(), self.target);
+        let lane = (size >= LARGE_APPEND_BYTES).then(|| peers.large_lane(target));
+        let finished = Arc::new(std::sync::OnceLock::new());
+        let done = finished.clone();
+        metrics::counter!("weft_raft_large_appends_total", "peer" => target.to_string())
+            .increment(1);
+        let task = tokio::spawn(async move {
+            let turn = match lane {
+                Some(lane) => lane.acquire_owned().await.map(Some),
+                None => Ok(None),
+            };
+            let answer = match turn {
+                Ok(_turn) => {
+                    let request = peers.request(target, message, limit);
                     tokio::time::timeout(limit, client.append_entries(request))
                         .await
                         .unwrap_or_else(|_| {
@@ -1030,22 +1087,56 @@ impl PeerClient {
                             )))
                         })
                         .map(Response::into_inner)
-                });
-                slot.insert(LargeAppend { key, task })
-            }
+                }
+                Err(_) => Err(Status::unavailable("the peer's large-append lane closed")),
+            };
+            let _ = done.set(Instant::now());
+            answer
+        });
+        self.large = Some(LargeAppend {
+            key,
+            started,
+            attempts,
+            task,
+            finished,
+        });
+        Ok(())
+    }
+
+    /// Waits for the running large append's answer a little less than `ttl`, as for other
+    /// appends; a call still running then is kept for openraft's retry. Returns the answer and
+    /// when the entry's first append started.
+    async fn join_large(
+        &mut self,
+        ttl: Duration,
+    ) -> RpcResult<(Result<pb::AppendEntriesResponse, Status>, Instant)> {
+        let Some(large) = self.large.as_mut() else {
+            return Err(network_error("no large append to wait for"));
         };
-        // A little before openraft's own deadline, as for other appends.
         match tokio::time::timeout(ttl.mul_f64(0.9), &mut large.task).await {
             Ok(joined) => {
+                let (key, started, attempts) = (large.key, large.started, large.attempts);
                 self.large = None;
-                Ok(joined
-                    .unwrap_or_else(|e| Err(Status::internal(format!("the call failed: {e}")))))
+                let answer = joined
+                    .unwrap_or_else(|e| Err(Status::internal(format!("the call failed: {e}"))));
+                if answer
+                    .as_ref()
+                    .is_err_and(|s| s.code() == tonic::Code::DeadlineExceeded)
+                {
+                    self.stalled = Some(Stalled {
+                        key,
+                        attempts: attempts + 1,
+                        started,
+                    });
+                }
+                Ok((answer, started))
             }
             Err(_) => {
                 metrics::counter!("weft_raft_large_append_waits_total", "peer" => self.target.to_string())
                     .increment(1);
                 Err(network_error(format!(
-                    "an entry of {size} bytes is still on its way; openraft's retry will wait for it"
+                    "entry {} is still on its way; openraft's retry will wait for it",
+                    large.key.2
                 )))
             }
         }
@@ -1074,21 +1165,52 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if count > 0 {
             self.last_entries = Some(started);
         }
-        // A large append whose answer nobody took, or that this request has moved past, goes.
+        let ttl = option.hard_ttl();
+        // A large append this request does not continue goes: a new vote, an entry the follower
+        // has since taken, an answer kept past its moment.
         if self.large.as_ref().is_some_and(|large| {
-            large.task.is_finished()
+            large.key.0 != rpc.vote
                 || rpc
                     .prev_log_id
                     .is_some_and(|prev| prev.index >= large.key.2.index)
+                || large
+                    .finished
+                    .get()
+                    .is_some_and(|at| started.duration_since(*at) > ttl)
         }) {
             self.large = None;
         }
-        if count == 1 && size >= LARGE_APPEND_BYTES {
-            let key = (rpc.vote, rpc.prev_log_id, rpc.entries[0].log_id);
-            let sent = self
-                .append_large(key, message, size, option.hard_ttl())
-                .await?;
-            return self.answered(sent, started, count);
+        let key = rpc
+            .entries
+            .first()
+            .map(|entry| (rpc.vote, rpc.prev_log_id, entry.log_id));
+        if let Some(key) = key {
+            if self.large.as_ref().is_some_and(|large| large.key == key) {
+                // openraft's retry of an entry on its way (alone, or followed by later entries
+                // once its hint for fewer entries ran out): wait for it; it answers for that
+                // entry.
+                let (sent, first) = self.join_large(ttl).await?;
+                let response = self.answered(sent, first, 1)?;
+                return Ok(match response {
+                    AppendEntriesResponse::Success if count > 1 => {
+                        AppendEntriesResponse::PartialSuccess(Some(key.2))
+                    }
+                    other => other,
+                });
+            }
+            let stalled = self.stalled.is_some_and(|stalled| stalled.key == key);
+            if count > 1 && stalled {
+                // Its own call ended without the entry crossing (or it stalled in the batcher):
+                // not again with later entries through the batcher, but alone.
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(1),
+                ));
+            }
+            if count == 1 && (size >= LARGE_APPEND_BYTES || stalled) {
+                self.start_large(key, message, size, ttl, started)?;
+                let (sent, first) = self.join_large(ttl).await?;
+                return self.answered(sent, first, count);
+            }
         }
         // A busy group's empty appends carry its commit index and go at once; an idle group's
         // heartbeats may wait a moment for others to the same peer.
@@ -1098,17 +1220,31 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // Our own deadline comes a little before openraft's (which would drop this call and
         // retry the same entries): an append of several entries that found no answer in time
         // (a slow link, a busy peer) is retried at once with half as many.
-        let ttl = option.hard_ttl().mul_f64(0.9);
+        let ttl = ttl.mul_f64(0.9);
         let sent = tokio::time::timeout(
             ttl,
             self.peers
                 .append_batched(self.target, &self.address, message, urgent, ttl),
         )
         .await;
-        // Halved only on this timer: not when the connection broke (Cancelled at once), nor
-        // for an error the peer or the batcher reported.
-        let Ok(sent) = sent else {
+        // Halved only on this timer (or the batcher's, of the same length): not when the
+        // connection broke (Cancelled at once), nor for another error the peer or the batcher
+        // reported.
+        let sent = match sent {
+            Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => None,
+            Ok(sent) => Some(sent),
+            Err(_) => None,
+        };
+        let Some(sent) = sent else {
             if count <= 1 {
+                // A single entry that did not cross in time goes on its own next time.
+                if let Some(key) = key {
+                    self.stalled = Some(Stalled {
+                        key,
+                        attempts: 0,
+                        started,
+                    });
+                }
                 return Err(network_error("no answer in time"));
             }
             metrics::counter!("weft_raft_append_halved_total", "peer" => self.target.to_string())
