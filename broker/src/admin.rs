@@ -424,7 +424,8 @@ pub struct BrokerView {
     pub client_address: String,
     /// Where peers reach it.
     pub peer_address: String,
-    /// Whether this broker reaches it (known on the controller's leader, and for itself).
+    /// Whether it answered this broker's health check on its peer port just now (true for
+    /// itself).
     pub reachable: bool,
     /// A voter of the controller group.
     pub voter: bool,
@@ -542,7 +543,7 @@ async fn metrics(State(node): State<AppState>) -> impl IntoResponse {
 async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
     let state = node.controller_state();
     Json(ClusterView {
-        cluster_id: node.cluster_id.clone(),
+        cluster_id: node.cluster_id(),
         node_id: node.node_id,
         controller_id: node.controller_leader().unwrap_or(0),
         client_address: node.config.client_address(),
@@ -551,6 +552,7 @@ async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
         uptime_seconds: node.uptime().as_secs(),
         ready: node.is_ready(),
         brokers: crate::grpc::cluster::status(&node)
+            .await
             .nodes
             .into_iter()
             .map(|n| BrokerView {

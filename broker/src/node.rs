@@ -37,8 +37,9 @@ pub struct Node {
     pub config: Config,
     /// This node's id.
     pub node_id: NodeId,
-    /// The cluster's id.
-    pub cluster_id: String,
+    /// The cluster id this broker's data directory holds (made at its first start); the
+    /// cluster's own is [`Node::cluster_id`].
+    pub local_cluster_id: String,
     /// Consumer groups.
     pub groups: Coordinator,
     controller: ControllerGroup,
@@ -59,7 +60,7 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
             .field("node_id", &self.node_id)
-            .field("cluster_id", &self.cluster_id)
+            .field("cluster_id", &self.local_cluster_id)
             .finish_non_exhaustive()
     }
 }
@@ -540,7 +541,7 @@ impl Node {
         );
         let node = Arc::new(Node {
             node_id: config.node_id,
-            cluster_id: identity.cluster_id,
+            local_cluster_id: identity.cluster_id,
             groups,
             controller,
             registry,
@@ -603,6 +604,17 @@ impl Node {
         Ok(node)
     }
 
+    /// The cluster's id: the one the controller holds (every broker of a cluster shows the
+    /// same), or this broker's own before it knows one.
+    pub fn cluster_id(&self) -> String {
+        let state = self.controller_state();
+        if state.cluster_id.is_empty() {
+            self.local_cluster_id.clone()
+        } else {
+            state.cluster_id.clone()
+        }
+    }
+
     /// Records this broker's addresses in the controller.
     async fn register_broker(&self) -> Result<(), BrokerError> {
         let peer_address = self.config.peer_address();
@@ -616,6 +628,7 @@ impl Node {
             peer_address,
             client_address,
             features: crate::raft::feature_level(),
+            cluster_id: self.local_cluster_id.clone(),
         })
         .await
         .map(|_| ())

@@ -740,3 +740,142 @@ async fn a_new_topic_elects_its_leaders_without_waiting_a_lease() {
         );
     }
 }
+
+/// A replica that went down holding every entry of an idle partition: it leaves the partition's
+/// in-sync replicas within an election timeout (the partition says under-replicated), the idle
+/// partition keeps taking publishes while the preferred-leader balance runs (every 500 ms
+/// here), and a transfer of its leadership to the dead replica is refused at once. Before, the
+/// dead replica stayed "in sync" for as long as nothing was written, and the transfer waited
+/// 30 s for it (504) with the leader's heartbeats held back, so the leadership went elsewhere.
+/// Also: every broker shows the same cluster id (each showed the id its own data directory was
+/// given), and which brokers it reaches (a broker that did not lead the controller said no
+/// other broker was reachable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_leaves_the_in_sync_set_and_is_not_handed_leadership() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "leader_balance_interval_ms = 500\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let mut brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let ids: BTreeSet<String> = brokers
+        .iter()
+        .map(|b| {
+            let (status, body) = b.http("GET", "/v1/cluster", None);
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            v["cluster_id"].as_str().expect("cluster_id").to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one cluster id: {ids:?}");
+    // Which brokers each one reaches (their peer ports answer it).
+    let reachable = |b: &Broker| -> Vec<(u64, bool)> {
+        let (status, body) = b.http("GET", "/v1/cluster", None);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["brokers"]
+            .as_array()
+            .expect("brokers")
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_u64().expect("id"),
+                    n["reachable"].as_bool().expect("reachable"),
+                )
+            })
+            .collect()
+    };
+    for b in &brokers {
+        assert_eq!(reachable(b), [(1, true), (2, true), (3, true)]);
+    }
+    let (status, body) = brokers[1].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"orders","partitions":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    // The partition whose preferred leader is node 1, once node 1 leads it.
+    let brokers_ref = &brokers;
+    let partition = wait_for(
+        "node 1 leading its partition",
+        Duration::from_secs(30),
+        || {
+            let found = partitions(&brokers_ref[1], "orders")
+                .into_iter()
+                .find(|p| p.2.first() == Some(&1) && p.1 == 1)
+                .map(|p| p.0);
+            async move { found }
+        },
+    )
+    .await;
+    brokers[0].kill9();
+    let brokers_ref = &brokers;
+    let leader = wait_for("a new leader", Duration::from_secs(30), || {
+        let leader = partitions(&brokers_ref[1], "orders")
+            .into_iter()
+            .find(|p| p.0 == partition && p.1 > 1)
+            .map(|p| p.1);
+        async move { leader }
+    })
+    .await;
+    let leader_broker = &brokers[leader as usize - 1];
+    // Every live broker sees node 1 gone and the others there (not only the controller's
+    // leader: a follower said "false" for every broker but itself).
+    for b in &brokers[1..] {
+        assert_eq!(reachable(b), [(1, false), (2, true), (3, true)]);
+    }
+    // Out of the in-sync set within an election timeout (at most 3 s by default) and a little.
+    wait_for(
+        "node 1 out of the in-sync replicas",
+        Duration::from_secs(8),
+        || {
+            let (status, body) = leader_broker.http("GET", "/v1/topics/orders", None);
+            let out = status == 200 && {
+                let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+                v["partition_details"].as_array().is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["partition"].as_u64() == Some(u64::from(partition))
+                            && p["under_replicated"].as_bool() == Some(true)
+                            && p["in_sync_replicas"].as_array().is_some_and(|r| {
+                                !r.is_empty() && r.iter().all(|id| id.as_u64() != Some(1))
+                            })
+                    })
+                })
+            };
+            async move { out.then_some(()) }
+        },
+    )
+    .await;
+    // Several balance passes later, the idle partition still takes publishes at once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let channel = grpc::channel(&leader_broker.client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    for i in 0..3 {
+        let result = publisher
+            .publish(PublishRequest {
+                topic: "orders".into(),
+                target: Some(Target::Partition(partition)),
+                records: vec![Record {
+                    value: value(partition, i).into_bytes().into(),
+                    ..Record::default()
+                }],
+                ..PublishRequest::default()
+            })
+            .await;
+        let response = result.expect("the leader takes the publish at once");
+        assert_eq!(response.into_inner().base_offset, i);
+    }
+    let (status, body) = leader_broker.http(
+        "POST",
+        &format!("/v1/topics/orders/partitions/{partition}/leader"),
+        Some(r#"{"node_id":1}"#),
+    );
+    assert_eq!(
+        status, 503,
+        "a transfer to the dead replica is refused: {body}"
+    );
+    assert!(body.contains("has not answered"), "{body}");
+    for b in &mut brokers {
+        b.stop();
+    }
+}

@@ -77,11 +77,16 @@ pub fn partition_info(
     info
 }
 
-/// The status of the cluster as this node sees it.
-pub fn status(node: &Node) -> v1::ClusterStatus {
+/// How long the status waits for each broker's answer to its health check.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// The status of the cluster as this node sees it; a broker is reachable when it answered this
+/// node's health check on its peer port just now (all asked at once, each for at most
+/// [`PING_TIMEOUT`]).
+pub async fn status(node: &Node) -> v1::ClusterStatus {
     let state = node.controller_state();
     v1::ClusterStatus {
-        cluster_id: node.cluster_id.clone(),
+        cluster_id: node.cluster_id(),
         controller_id: node.controller_leader().unwrap_or(0),
         nodes: if state.brokers.is_empty() {
             vec![v1::Node {
@@ -94,14 +99,21 @@ pub fn status(node: &Node) -> v1::ClusterStatus {
             }]
         } else {
             let voters = node.controller_voters();
+            let peers = node.peers();
+            let reachable = futures::future::join_all(state.brokers.iter().map(|(id, b)| {
+                let (id, address) = (*id, b.peer_address.clone());
+                async move { id == node.node_id || peers.ping(id, &address, PING_TIMEOUT).await }
+            }))
+            .await;
             state
                 .brokers
                 .iter()
-                .map(|(id, b)| v1::Node {
+                .zip(reachable)
+                .map(|((id, b), reachable)| v1::Node {
                     id: *id,
                     client_address: b.client_address.clone(),
                     peer_address: b.peer_address.clone(),
-                    reachable: *id == node.node_id || node.reaches(*id),
+                    reachable,
                     voter: voters.contains(id),
                     removing: b.removing,
                 })
@@ -125,7 +137,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<v1::ClusterStatus>, Status> {
         let started = Instant::now();
         super::authorize(&self.node, &request, Operation::Describe, Resource::Cluster)?;
-        let result = Ok(Response::new(status(&self.node)));
+        let result = Ok(Response::new(status(&self.node).await));
         crate::metrics::rpc("GetClusterStatus", started, &result);
         result
     }

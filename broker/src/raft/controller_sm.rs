@@ -157,6 +157,9 @@ pub enum ControllerCommand {
         /// The [`FEATURE_LEVEL`] of its build (0 from a build before levels existed).
         #[serde(default)]
         features: u32,
+        /// The cluster id its data directory holds (see [`ControllerState::cluster_id`]).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        cluster_id: String,
     },
     /// The controller's new leader takes over coordinating the consumer groups (proposed by
     /// the leader itself, once per leadership): the coordinator epoch moves on, and with it the
@@ -325,6 +328,11 @@ pub struct ControllerState {
     /// may not join, and one running (a downgrade) stops.
     #[serde(default)]
     pub features_in_use: u32,
+    /// The cluster's id, one for every broker: the id of the first broker that registered
+    /// with one (the broker that initialised the cluster, or after an upgrade from a build
+    /// without it, the first to register again). Empty until then.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_id: String,
 }
 
 impl ControllerState {
@@ -425,7 +433,11 @@ impl ControllerState {
                 peer_address,
                 client_address,
                 features,
+                cluster_id,
             } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id.clone_from(cluster_id);
+                }
                 self.brokers.insert(
                     *node_id,
                     BrokerMeta {
@@ -1233,7 +1245,29 @@ mod tests {
             peer_address: format!("127.0.0.{node}:7401"),
             client_address: format!("127.0.0.{node}:7400"),
             features: FEATURE_LEVEL,
+            cluster_id: format!("cluster-of-{node}"),
         });
+    }
+
+    /// The cluster's id is the first registered broker's, whoever registers later, and a
+    /// snapshot or an older build's entry without one leaves it as it is.
+    #[test]
+    fn the_first_registered_brokers_cluster_id_is_the_clusters() {
+        let mut state = ControllerState::default();
+        let old: ControllerCommand = serde_json::from_str(
+            r#"{"RegisterBroker":{"node_id":3,"peer_address":"127.0.0.3:7401","client_address":"127.0.0.3:7400"}}"#,
+        )
+        .expect("an older build's entry decodes");
+        state.apply(&old);
+        assert_eq!(state.cluster_id, "");
+        register(&mut state, 1);
+        register(&mut state, 2);
+        assert_eq!(state.cluster_id, "cluster-of-1");
+        let bytes = super::encode(&state).expect("encode");
+        assert_eq!(
+            super::decode(&bytes).expect("decode").cluster_id,
+            "cluster-of-1"
+        );
     }
 
     fn topic_rf(name: &str, partitions: u32, rf: u32) -> ControllerCommand {

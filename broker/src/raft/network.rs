@@ -835,6 +835,24 @@ impl Peers {
             .clone()
     }
 
+    /// Whether the broker `target` at `address` answers a health check on its peer port within
+    /// `timeout` (over this node's connection to it, dialled if needed).
+    pub async fn ping(&self, target: NodeId, address: &str, timeout: Duration) -> bool {
+        let Ok(channel) = self.channel(address) else {
+            return false;
+        };
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let request = self.request(
+            target,
+            tonic_health::pb::HealthCheckRequest::default(),
+            timeout,
+        );
+        matches!(
+            tokio::time::timeout(timeout, client.check(request)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// A client of the `Raft` service of the broker at `address`.
     pub(super) fn raft_client(&self, address: &str) -> Result<RaftClient<Channel>, String> {
         Ok(RaftClient::new(self.channel(address)?)

@@ -625,16 +625,25 @@ impl PartitionGroup {
     }
 
     /// On the leader: the replicas in sync (the leader, and every follower at most
-    /// `IN_SYNC_ENTRIES_MAX` (16) entries behind its log); None on a follower.
+    /// `IN_SYNC_ENTRIES_MAX` (16) entries behind its log that answered it within a maximum
+    /// election timeout: a replica that went down with every entry is not in sync for long);
+    /// None on a follower.
     pub fn in_sync_replicas(&self) -> Option<Vec<NodeId>> {
         if !self.is_leader() {
             return None;
         }
+        let window = Duration::from_millis(self.raft.config().election_timeout_max);
         let mut in_sync = vec![self.raft.metrics().borrow().id];
         in_sync.extend(
             self.follower_lag()
                 .into_iter()
-                .filter(|lag| lag.entries <= super::network::IN_SYNC_ENTRIES_MAX)
+                .filter(|lag| {
+                    lag.entries <= super::network::IN_SYNC_ENTRIES_MAX
+                        && self
+                            .peers
+                            .last_contact(self.group_id, lag.node)
+                            .is_some_and(|t| t.elapsed() <= window)
+                })
                 .map(|lag| lag.node),
         );
         in_sync.sort_unstable();

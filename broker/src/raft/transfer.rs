@@ -7,11 +7,12 @@ use super::{GroupId, NodeId, Peers, Raft};
 use crate::error::BrokerError;
 
 /// Moves a group's leadership from this node (which must lead it) to `target`, or to the most
-/// caught-up other voter: this leader stops proposing (when `transferring_to` is given, proposals
+/// caught-up other voter that answers: this leader stops proposing (when `transferring_to` is given, proposals
 /// check it and answer UNAVAILABLE naming the target) and stops its heartbeats, waits until the
 /// target has every entry and the followers' leader leases have run out (one maximum election
 /// timeout), then asks the target to stand for election (`Raft.Elect`), and waits until it
-/// leads. Heartbeats and proposals resume whatever happened. Returns the new leader.
+/// leads. Heartbeats and proposals resume whatever happened. A target that has not answered
+/// this leader within that timeout is refused at once (UNAVAILABLE). Returns the new leader.
 pub(crate) async fn transfer_leadership(
     raft: &Raft,
     peers: &Peers,
@@ -31,24 +32,42 @@ pub(crate) async fn transfer_leadership(
     let membership = m.membership_config.membership().clone();
     let others: Vec<NodeId> = membership.voter_ids().filter(|v| *v != me).collect();
     let matched = |id: &NodeId| super::matched_index(&m, *id);
-    let target =
-        match target {
-            Some(t) if t == me => return Ok(me),
-            Some(t) if others.contains(&t) => t,
-            Some(t) => {
-                return Err(BrokerError::invalid(
-                    "to_node_id",
-                    format!("node {t} holds no voting replica of this partition"),
-                ));
-            }
-            None => *others.iter().max_by_key(|id| matched(id)).ok_or_else(|| {
-                BrokerError::Unavailable {
-                    reason: "the partition has no other replica to lead it".into(),
-                    leader: Some(me),
-                }
-            })?,
-        };
     let lease = Duration::from_millis(raft.config().election_timeout_max);
+    let answered = |id: &NodeId| {
+        peers
+            .last_contact(group_id, *id)
+            .is_some_and(|t| t.elapsed() <= lease)
+    };
+    let target = match target {
+        Some(t) if t == me => return Ok(me),
+        Some(t) if others.contains(&t) => t,
+        Some(t) => {
+            return Err(BrokerError::invalid(
+                "to_node_id",
+                format!("node {t} holds no voting replica of this partition"),
+            ));
+        }
+        None => *others
+            .iter()
+            .filter(|id| answered(id))
+            .max_by_key(|id| matched(id))
+            .ok_or_else(|| BrokerError::Unavailable {
+                reason: "the partition has no other replica that answers to lead it".into(),
+                leader: Some(me),
+            })?,
+    };
+    // A target that has not answered lately (down, cut off) could not stand: the leader would
+    // refuse proposals and hold back its heartbeats for nothing (and the other followers'
+    // leases run out).
+    if !answered(&target) {
+        return Err(BrokerError::Unavailable {
+            reason: format!(
+                "node {target} has not answered this leader within {} ms",
+                lease.as_millis()
+            ),
+            leader: Some(me),
+        });
+    }
     if let Some(t) = transferring_to {
         t.store(target, Ordering::SeqCst);
     }
