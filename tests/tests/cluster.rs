@@ -786,7 +786,12 @@ async fn a_dead_replica_leaves_the_in_sync_set_and_is_not_handed_leadership() {
             .collect()
     };
     for b in &brokers {
-        assert_eq!(reachable(b), [(1, true), (2, true), (3, true)]);
+        // (A broker may not have applied every registration the moment it is ready.)
+        wait_for("every broker reachable", Duration::from_secs(10), || {
+            let all = reachable(b) == [(1, true), (2, true), (3, true)];
+            async move { all.then_some(()) }
+        })
+        .await;
     }
     let (status, body) = brokers[1].http(
         "POST",
@@ -822,7 +827,15 @@ async fn a_dead_replica_leaves_the_in_sync_set_and_is_not_handed_leadership() {
     // Every live broker sees node 1 gone and the others there (not only the controller's
     // leader: a follower said "false" for every broker but itself).
     for b in &brokers[1..] {
-        assert_eq!(reachable(b), [(1, false), (2, true), (3, true)]);
+        wait_for(
+            "node 1 unreachable, the others reachable",
+            Duration::from_secs(10),
+            || {
+                let seen = reachable(b) == [(1, false), (2, true), (3, true)];
+                async move { seen.then_some(()) }
+            },
+        )
+        .await;
     }
     // Out of the in-sync set within an election timeout (at most 3 s by default) and a little.
     wait_for(

@@ -847,10 +847,15 @@ impl Peers {
             tonic_health::pb::HealthCheckRequest::default(),
             timeout,
         );
-        matches!(
-            tokio::time::timeout(timeout, client.check(request)).await,
-            Ok(Ok(_))
-        )
+        // The peer port's health says SERVING for the whole server ("") while it runs.
+        tokio::time::timeout(timeout, client.check(request))
+            .await
+            .is_ok_and(|answer| {
+                answer.is_ok_and(|a| {
+                    a.into_inner().status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                })
+            })
     }
 
     /// A client of the `Raft` service of the broker at `address`.
