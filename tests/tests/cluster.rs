@@ -861,23 +861,10 @@ async fn a_dead_replica_leaves_the_in_sync_set_and_is_not_handed_leadership() {
     .await;
     // Several balance passes later, the idle partition still takes publishes at once.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let channel = grpc::channel(&leader_broker.client_addr).await;
-    let mut publisher = grpc::publisher(&channel);
-    for i in 0..3 {
-        let result = publisher
-            .publish(PublishRequest {
-                topic: "orders".into(),
-                target: Some(Target::Partition(partition)),
-                records: vec![Record {
-                    value: value(partition, i).into_bytes().into(),
-                    ..Record::default()
-                }],
-                ..PublishRequest::default()
-            })
-            .await;
-        let response = result.expect("the leader takes the publish at once");
-        assert_eq!(response.into_inner().base_offset, i);
-    }
+    let offsets = publish(&leader_broker.client_addr, partition, 0, 3)
+        .await
+        .expect("the leader takes the publishes at once");
+    assert_eq!(offsets, [0, 1, 2]);
     let (status, body) = leader_broker.http(
         "POST",
         &format!("/v1/topics/orders/partitions/{partition}/leader"),
