@@ -104,6 +104,12 @@ pub fn render(node: &Node) -> String {
         let status = partition.group().status();
         metrics::gauge!("weft_partition_leader_id", &labels).set(status.leader.unwrap_or(0) as f64);
         metrics::gauge!("weft_partition_term", &labels).set(status.term as f64);
+        if let Some(applied) = status.last_applied_index {
+            metrics::gauge!("weft_partition_applied_index", &labels).set(applied as f64);
+        }
+        if let Some(saved) = partition.group().reader().committed_saved_index() {
+            metrics::gauge!("weft_partition_committed_saved_index", &labels).set(saved as f64);
+        }
         // On the leader: how far each replica is behind, and whether any is.
         let lag = partition.group().follower_lag();
         for replica in &lag {

@@ -123,11 +123,6 @@ async fn cluster_with_records() -> (Vec<Broker>, usize) {
         .map(|i| brokers[i].client_addr.clone())
         .collect();
     for start in (0..RECORDS).step_by(50) {
-        if start + 50 >= RECORDS {
-            // A pause before the last batch: replicas save how far the log is committed at
-            // most once a second, so the last commit is the one they save.
-            tokio::time::sleep(Duration::from_millis(1200)).await;
-        }
         publish_batch(&addresses, start).await;
     }
     let follower = (1..=3u64).find(|id| *id != leader).expect("a follower") as usize - 1;
@@ -296,11 +291,28 @@ async fn a_broker_whose_controller_log_is_damaged_learns_the_metadata_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_committed_entries_fetches_them_before_it_votes() {
     let (mut brokers, follower) = cluster_with_records().await;
-    // Killed (no snapshot at stop) a moment after the last commit, once its saved committed
-    // index has reached the store; then the newest segment loses its second half.
-    // (3 s: a heartbeat tells the follower the last commit, it saves it, and sled's flusher,
-    // which runs every 500 ms, writes it out, even on a loaded machine.)
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Killed (no snapshot at stop) once its saved committed index covers everything it
+    // applied (the records are all applied: `cluster_with_records` waited for them), and
+    // sled's flusher (every 500 ms) has written that out; then the newest segment loses its
+    // second half.
+    let follower_broker = &brokers[follower];
+    wait_for(
+        "the follower to save its committed index",
+        Duration::from_secs(30),
+        || {
+            let applied = metric(
+                follower_broker,
+                r#"weft_partition_applied_index{topic="heal",partition="0"}"#,
+            );
+            let saved = metric(
+                follower_broker,
+                r#"weft_partition_committed_saved_index{topic="heal",partition="0"}"#,
+            );
+            async move { applied.zip(saved).filter(|(a, s)| s >= a).map(|_| ()) }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     brokers[follower].kill9();
     cut_newest_segment_in_half(&brokers[follower]);
     brokers[follower].start_again_same_ports();

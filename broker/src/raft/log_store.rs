@@ -64,8 +64,56 @@ pub(super) struct Shared {
     /// it (fetched from the leader): the purge openraft then asks for through the snapshot
     /// only records that those entries are out of Raft's reach, and keeps them on disk.
     keep_through: Mutex<Option<u64>>,
-    /// When the committed index was last saved (see `save_committed`).
-    committed_saved_at: Mutex<Option<std::time::Instant>>,
+    /// How far the log is known committed, as saved (see `save_committed`).
+    committed: Mutex<CommittedSave>,
+}
+
+/// The saving of the committed index: when it was last saved, what, and the newer one
+/// waiting for its turn (saved by a timer, so the last commit before a quiet spell is saved).
+#[derive(Debug, Default)]
+struct CommittedSave {
+    at: Option<std::time::Instant>,
+    saved: Option<u64>,
+    waiting: Option<LogId>,
+    timer: bool,
+}
+
+/// Shortest time between two saves of a group's committed index.
+const COMMITTED_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+impl Shared {
+    /// Saves `committed` now (without a sync of its own: sled's flusher writes it out).
+    fn write_committed(&self, committed: LogId) -> Result<(), StorageError> {
+        let bytes = serde_json::to_vec(&committed)
+            .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
+        self.meta
+            .set_raft_unsynced(self.group, RaftKey::Committed, &bytes)
+            .map_err(|e| meta_error(&e))?;
+        if let Ok(mut c) = self.committed.lock() {
+            c.saved = c.saved.max(Some(committed.index));
+        }
+        Ok(())
+    }
+
+    /// The timer's turn: saves the committed index that waited, if any.
+    fn write_waiting_committed(&self) {
+        let waiting = match self.committed.lock() {
+            Ok(mut c) => {
+                c.timer = false;
+                let waiting = c.waiting.take();
+                if waiting.is_some() {
+                    c.at = Some(std::time::Instant::now());
+                }
+                waiting
+            }
+            Err(_) => None,
+        };
+        if let Some(committed) = waiting
+            && let Err(e) = self.write_committed(committed)
+        {
+            tracing::warn!(group = self.group, "cannot save the committed index: {e}");
+        }
+    }
 }
 
 /// Groups batches read from the log into entries (the batches of one frame share a Raft index).
@@ -434,7 +482,7 @@ impl LogStore {
             last_log_id: Mutex::new(last_in_log),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
             keep_through: Mutex::new(None),
-            committed_saved_at: Mutex::new(None),
+            committed: Mutex::default(),
         });
         Ok(LogStore { shared, flusher })
     }
@@ -492,6 +540,12 @@ impl LogReader {
         serde_json::from_slice::<LogId>(&bytes)
             .ok()
             .map(|id| id.index)
+    }
+
+    /// The committed index this broker last saved for the group since it started (saved
+    /// lazily, without a sync of its own: durable once the metadata store's flusher ran).
+    pub fn committed_saved_index(&self) -> Option<u64> {
+        self.shared.committed.lock().ok().and_then(|c| c.saved)
     }
 
     /// Whether entries become durable before they are acknowledged (fsync before ack), so a
@@ -675,32 +729,48 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     /// Saves, at most once a second and without a sync of its own, how far the log is known
     /// committed: a lower bound, which a later open checks the log against (a log cut short
-    /// below it lost committed entries, fetched again before the group may vote). Only under
-    /// fsync before ack: otherwise committed entries may be lost by design. openraft reads
-    /// none of it back (`read_committed` stays the default): a bound behind a purge would break
-    /// its startup invariants.
+    /// below it lost committed entries, fetched again before the group may vote). A commit
+    /// that comes sooner waits for a timer, so the last one before a quiet spell is saved too.
+    /// Only under fsync before ack: otherwise committed entries may be lost by design.
+    /// openraft reads none of it back (`read_committed` stays the default): a bound behind a
+    /// purge would break its startup invariants.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
         let Some(committed) = committed else {
             return Ok(());
         };
         if self.shared.sync_interval_ms().is_some() {
             return Ok(());
         }
-        let due = match self.shared.committed_saved_at.lock() {
-            Ok(mut at) if at.is_none_or(|t| t.elapsed() >= EVERY) => {
-                *at = Some(std::time::Instant::now());
-                true
+        let wait = {
+            let mut c = self
+                .shared
+                .committed
+                .lock()
+                .map_err(|_| io_error("committed index lock poisoned"))?;
+            match c.at.map(|t| t.elapsed()) {
+                Some(elapsed) if elapsed < COMMITTED_SAVE_EVERY => {
+                    c.waiting = Some(committed);
+                    let arm = !c.timer;
+                    c.timer = true;
+                    arm.then(|| COMMITTED_SAVE_EVERY - elapsed)
+                }
+                _ => {
+                    c.at = Some(std::time::Instant::now());
+                    c.waiting = None;
+                    drop(c);
+                    return self.shared.write_committed(committed);
+                }
             }
-            _ => false,
         };
-        if due {
-            let bytes = serde_json::to_vec(&committed)
-                .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
-            self.shared
-                .meta
-                .set_raft_unsynced(self.shared.group, RaftKey::Committed, &bytes)
-                .map_err(|e| meta_error(&e))?;
+        if let Some(wait) = wait {
+            // A weak handle: a group that closed meanwhile saves nothing more.
+            let shared = Arc::downgrade(&self.shared);
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if let Some(shared) = shared.upgrade() {
+                    shared.write_waiting_committed();
+                }
+            });
         }
         Ok(())
     }
