@@ -391,6 +391,10 @@ pub struct ClusterView {
     pub uptime_seconds: u64,
     /// Whether it serves.
     pub ready: bool,
+    /// This broker's build's feature level (what its controller state machine understands).
+    pub feature_level: u32,
+    /// The highest feature level the cluster has used: a build below it may not join or run.
+    pub features_in_use: u32,
     /// The cluster's brokers.
     pub brokers: Vec<BrokerView>,
     /// The partitions this broker leads, with their replicas, the replicas in sync and how far
@@ -551,6 +555,8 @@ async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
         partitions: node.partitions().len(),
         uptime_seconds: node.uptime().as_secs(),
         ready: node.is_ready(),
+        feature_level: crate::raft::feature_level(),
+        features_in_use: state.features_in_use,
         brokers: crate::grpc::cluster::status(&node)
             .await
             .nodes

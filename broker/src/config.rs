@@ -83,7 +83,8 @@ pub struct Config {
 
     /// Most records in one publish.
     pub batch_records_max: u32,
-    /// Largest gRPC message accepted, in bytes (a publish or a fetch response).
+    /// Largest gRPC message accepted, in bytes (a publish or a fetch response). A topic
+    /// created or changed through this broker may not allow larger records.
     pub grpc_message_bytes_max: u32,
     /// Deadline for any unary call that sets none (and the ceiling for those that do).
     pub request_timeout_ms: u64,

@@ -374,17 +374,23 @@ const REREGISTER_INTERVAL: Duration = Duration::from_secs(3);
 /// Registers again while the controller records this broker below its build's feature level:
 /// during a rolling upgrade the registration may have gone through a controller leader of an
 /// older build, which drops the level it does not know (or a snapshot such a leader made may
-/// have). At most once per [`REREGISTER_INTERVAL`], until the level is recorded.
+/// have). Also while no cluster id is stored though every broker could store it. At most once
+/// per [`REREGISTER_INTERVAL`], until the level (and the id) is recorded.
 async fn keep_feature_level_registered(weak: std::sync::Weak<Node>) {
     let (node_id, mut state) = match weak.upgrade() {
         Some(node) => (node.node_id, node.controller_watch()),
         None => return,
     };
+    // Its own level recorded too low; or every broker is at the level that stores the cluster
+    // id and none is stored (the last broker of an older build was removed, so no registration
+    // came after it): a registration sets it.
     let behind = |state: &ControllerState| {
-        state
-            .brokers
-            .get(&node_id)
-            .is_some_and(|b| b.features < crate::raft::feature_level())
+        state.brokers.get(&node_id).is_some_and(|b| {
+            b.features < crate::raft::feature_level()
+                || (state.cluster_id.is_empty()
+                    && crate::raft::feature_level() >= crate::raft::CLUSTER_ID_LEVEL
+                    && state.behind(crate::raft::CLUSTER_ID_LEVEL).is_none())
+        })
     };
     loop {
         if behind(&state.borrow_and_update()) {
@@ -398,7 +404,8 @@ async fn keep_feature_level_registered(weak: std::sync::Weak<Node>) {
                     Ok(()) => tracing::info!(
                         node = node_id,
                         level = crate::raft::feature_level(),
-                        "registered again: the controller had this broker below its feature level"
+                        "registered again: the controller had this broker below its feature \
+                         level, or stored no cluster id"
                     ),
                     Err(e) => tracing::info!("cannot register again yet: {e}"),
                 }
@@ -1097,6 +1104,24 @@ impl Node {
         }
     }
 
+    /// What is wrong with a topic's `config`: its own limits, and a record size this broker's
+    /// gRPC listener would refuse (`grpc_message_bytes_max`), so no publish of it could arrive.
+    fn topic_config_violations(&self, config: &TopicConfig) -> Vec<crate::topic::FieldViolation> {
+        let mut violations = config.validate();
+        let grpc_max = self.config.grpc_message_bytes_max;
+        if config.max_message_bytes > grpc_max {
+            violations.push(crate::topic::FieldViolation::new(
+                "config.max_message_bytes",
+                format!(
+                    "{} is above this broker's grpc_message_bytes_max ({grpc_max}): a \
+                     publish that large would be refused before it reached the topic",
+                    config.max_message_bytes
+                ),
+            ));
+        }
+        violations
+    }
+
     /// Creates a topic and waits until its partitions serve here.
     pub async fn create_topic(
         &self,
@@ -1104,7 +1129,7 @@ impl Node {
         config: TopicConfig,
     ) -> Result<TopicMeta, BrokerError> {
         crate::topic::validate_name(name).map_err(|v| BrokerError::InvalidArgument(vec![v]))?;
-        let violations = config.validate();
+        let violations = self.topic_config_violations(&config);
         if !violations.is_empty() {
             return Err(BrokerError::InvalidArgument(violations));
         }
@@ -1128,7 +1153,7 @@ impl Node {
         config: TopicConfig,
     ) -> Result<TopicMeta, BrokerError> {
         let current = self.topic_named("name", name)?;
-        let violations = config.validate();
+        let violations = self.topic_config_violations(&config);
         if !violations.is_empty() {
             return Err(BrokerError::InvalidArgument(violations));
         }

@@ -771,11 +771,13 @@ async fn deny_rules_and_offset_resets_wait_until_every_broker_reads_them() {
 /// Once the cluster has used a feature level (a deny rule: level 1), a broker of a build below
 /// it is refused when it joins (an older build sends no level: 0), and a broker running such a
 /// build (a downgrade) stops, saying why, instead of serving: it would apply the controller log
-/// differently (a deny rule as an allow rule).
+/// differently (a deny rule as an allow rule). The broker starts as a build of level 1 (which
+/// sets no cluster id, level 2); upgraded to this build, its cluster gets its id, and then
+/// level 1 may not run either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_below_the_feature_level_in_use_may_not_join_or_run() {
     use weft_proto::internal::v1 as internal;
-    let mut broker = Broker::start();
+    let mut broker = Broker::start_with_env(&[], &[("WEFT_TEST_FEATURE_LEVEL", "1")]);
     let join = |features: u32| {
         let peer = broker.peer_addr.clone();
         async move {
@@ -819,11 +821,45 @@ async fn a_build_below_the_feature_level_in_use_may_not_join_or_run() {
         log.contains("this cluster has used feature level 1, above this build's level 0"),
         "{log}"
     );
-    // Back on this build, it serves again with its rule.
+    // Back on level 1, it serves again with its rule, and the cluster has no id of its own
+    // yet: the broker shows its data directory's.
     broker.set_env("WEFT_TEST_FEATURE_LEVEL", "1");
     broker.start_again();
     let listed = weft_tests::ok_stdout(&broker.cli(&["-o", "json", "acl", "list"]));
     assert!(listed.contains("\"deny\""), "{listed}");
+    assert_eq!(features_in_use(&broker), 1);
+
+    // Upgraded to this build (level 2), it gives its cluster an id; a level-1 build then stops.
+    assert_eq!(broker.stop(), Some(0));
+    broker.set_env("WEFT_TEST_FEATURE_LEVEL", "2");
+    broker.start_again();
+    wait_for("the cluster id stored", Duration::from_secs(30), || {
+        let seen = features_in_use(&broker);
+        async move { (seen == 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(broker.stop(), Some(0));
+    broker.set_env("WEFT_TEST_FEATURE_LEVEL", "1");
+    let why = broker.start_again_expecting_exit();
+    assert!(why.contains("exit status: 1"), "{why}");
+    let log = broker.log();
+    assert!(
+        log.contains("this cluster has used feature level 2, above this build's level 1"),
+        "{log}"
+    );
+    broker.set_env("WEFT_TEST_FEATURE_LEVEL", "2");
+    broker.start_again();
+    let listed = weft_tests::ok_stdout(&broker.cli(&["-o", "json", "acl", "list"]));
+    assert!(listed.contains("\"deny\""), "{listed}");
+}
+
+/// The feature level the cluster has used, as `broker`'s `/v1/cluster` shows it (2 once the
+/// cluster stores its id).
+fn features_in_use(broker: &Broker) -> u64 {
+    let (status, body) = broker.http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["features_in_use"].as_u64().expect("features_in_use")
 }
 
 /// A broker of a build below the feature level the cluster has used, started to join it, is
@@ -831,7 +867,8 @@ async fn a_build_below_the_feature_level_in_use_may_not_join_or_run() {
 /// the same broker on this build joins.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_joining_broker_below_the_feature_level_in_use_stops() {
-    let brokers = weft_tests::start_cluster(1);
+    // A cluster of level-1 builds (this build would also store the cluster id: level 2).
+    let brokers = weft_tests::start_cluster_env(1, &[], &[("WEFT_TEST_FEATURE_LEVEL", "1")]);
     weft_tests::ok_stdout(&brokers[0].cli(&DENY_INTERN_PUBLISH));
     let mut old = weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_FEATURE_LEVEL", "0")]);
     let code = old.wait_exit(Duration::from_secs(30));
@@ -849,7 +886,7 @@ async fn a_joining_broker_below_the_feature_level_in_use_stops() {
         "the refused broker is not a member"
     );
 
-    // The same broker on this build joins (and serves).
+    // The same broker on a build of level 1 (the cluster's) joins (and serves).
     old.set_env("WEFT_TEST_FEATURE_LEVEL", "1");
     old.start_again_same_ports();
     old.wait_ready();

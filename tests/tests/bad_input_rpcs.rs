@@ -866,6 +866,20 @@ async fn topic_admin_and_cluster_calls_refuse_bad_input() {
             Code::InvalidArgument,
             Field("config.max_message_bytes"),
         ),
+        (
+            // (The broker's grpc_message_bytes_max is 16 MiB: no publish that large arrives.)
+            "create: messages larger than the broker takes in one request",
+            create(
+                "n",
+                TopicConfig {
+                    segment_bytes: Some(256 << 20),
+                    max_message_bytes: Some(32 << 20),
+                    ..TopicConfig::default()
+                },
+            ),
+            Code::InvalidArgument,
+            Field("config.max_message_bytes"),
+        ),
     ];
     for (case, request, code, detail) in cases {
         check(

@@ -758,16 +758,24 @@ async fn a_dead_replica_leaves_the_in_sync_set_and_is_not_handed_leadership() {
     let config = config.to_str().expect("utf-8 path").to_string();
     let mut brokers =
         weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
-    let ids: BTreeSet<String> = brokers
-        .iter()
-        .map(|b| {
-            let (status, body) = b.http("GET", "/v1/cluster", None);
-            assert_eq!(status, 200, "{body}");
-            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-            v["cluster_id"].as_str().expect("cluster_id").to_string()
-        })
-        .collect();
-    assert_eq!(ids.len(), 1, "one cluster id: {ids:?}");
+    // (The id is stored by the first registration applied once every member registered, which
+    // a ready broker may not have applied yet.)
+    let cluster_ids = || -> BTreeSet<String> {
+        brokers
+            .iter()
+            .map(|b| {
+                let (status, body) = b.http("GET", "/v1/cluster", None);
+                assert_eq!(status, 200, "{body}");
+                let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+                v["cluster_id"].as_str().expect("cluster_id").to_string()
+            })
+            .collect()
+    };
+    wait_for("one cluster id", Duration::from_secs(10), || {
+        let ids = cluster_ids();
+        async move { (ids.len() == 1).then_some(()) }
+    })
+    .await;
     // Which brokers each one reaches (their peer ports answer it).
     let reachable = |b: &Broker| -> Vec<(u64, bool)> {
         let (status, body) = b.http("GET", "/v1/cluster", None);
@@ -878,4 +886,82 @@ async fn a_dead_replica_leaves_the_in_sync_set_and_is_not_handed_leadership() {
     for b in &mut brokers {
         b.stop();
     }
+}
+
+/// A leadership transfer holds back the leader's heartbeats for a maximum election timeout and
+/// a little: the followers, which answered every heartbeat before, stay in the in-sync set
+/// throughout (before, they dropped out of it for the end of every transfer, the partition
+/// said UNDER-REPLICATED, and every drain or balance pass showed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_followers_stay_in_sync_while_the_leadership_is_handed_over() {
+    // No leader balancing: the test alone moves the leadership.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "leader_balance_interval_ms = 0\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"orders","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let brokers_ref = &brokers;
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let leader = partitions(&brokers_ref[0], "orders")[0].1;
+        async move { (leader != 0).then_some(leader) }
+    })
+    .await;
+    publish(&brokers[0].client_addr, 0, 0, 3)
+        .await
+        .expect("publish");
+    let leader_broker = &brokers[leader as usize - 1];
+    // Every replica in sync before the transfer (each answered lately).
+    wait_for("every replica in sync", Duration::from_secs(10), || {
+        let (status, body) = leader_broker.http("GET", "/v1/topics/orders", None);
+        let all = status == 200 && in_sync_of_0(&body).len() == 3;
+        async move { all.then_some(()) }
+    })
+    .await;
+    let target = leader % 3 + 1;
+    let admin = leader_broker.admin_addr.clone();
+    let transfer = std::thread::spawn(move || {
+        weft_tests::http(
+            &admin,
+            "POST",
+            "/v1/topics/orders/partitions/0/leader",
+            Some(&format!(r#"{{"node_id":{target}}}"#)),
+        )
+    });
+    // What the leader says while it still leads (a follower's view lists none).
+    let mut seen = Vec::new();
+    while !transfer.is_finished() {
+        let (status, body) = leader_broker.http("GET", "/v1/topics/orders", None);
+        assert_eq!(status, 200, "{body}");
+        let in_sync = in_sync_of_0(&body);
+        if !in_sync.is_empty() {
+            seen.push(in_sync);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = transfer.join().expect("the transfer thread");
+    assert_eq!(status, 200, "{body}");
+    assert!(seen.len() > 10, "the leader was asked often: {seen:?}");
+    let short: Vec<&Vec<u64>> = seen.iter().filter(|s| s.len() < 3).collect();
+    assert!(
+        short.is_empty(),
+        "in-sync sets seen on the leader during the transfer that lack a follower: {short:?} \
+         (of {} seen)",
+        seen.len()
+    );
+}
+
+/// Partition 0's in-sync replicas in a `/v1/topics/{t}` body.
+fn in_sync_of_0(body: &str) -> Vec<u64> {
+    let value: serde_json::Value = serde_json::from_str(body).expect("json");
+    value["partition_details"][0]["in_sync_replicas"]
+        .as_array()
+        .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default()
 }

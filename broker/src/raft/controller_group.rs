@@ -320,6 +320,7 @@ impl ControllerGroup {
             target,
             timeout,
             Some(self.peers.controller_transfer()),
+            None,
         )
         .await
     }
@@ -645,7 +646,7 @@ fn join_refused(node: NodeId, features: u32, in_use: u32) -> tonic::Status {
         tonic::Code::Aborted,
         format!(
             "broker {node} is at feature level {features}, and this cluster has used level \
-             {in_use} (deny rules or offset resets): it would apply the controller log \
+             {in_use} (deny rules, offset resets, its cluster id): it would apply the controller log \
              differently; run a newer build there"
         ),
         details,

@@ -201,7 +201,14 @@ pub struct BrokerMeta {
 /// - 1: deny rules (`AclRule.permission`: an older broker stores one as an allow rule) and
 ///   offset resets (`CommitOffsets.reset`: an older broker applies one as a commit, and so
 ///   refuses it as going backwards).
-pub const FEATURE_LEVEL: u32 = 1;
+/// - 2: the cluster id (`ControllerState.cluster_id`: an older broker ignores it when it
+///   applies a registration and leaves it out of its snapshots, so replicas would disagree).
+///   Set by the first registration applied while every broker is at level 2: at once in a
+///   new cluster, after the last broker's upgrade in an older one.
+pub const FEATURE_LEVEL: u32 = 2;
+
+/// The feature level that stores the cluster id (see [`FEATURE_LEVEL`]).
+pub const CLUSTER_ID_LEVEL: u32 = 2;
 
 /// This build's feature level: [`FEATURE_LEVEL`], or lower under `WEFT_TEST_FEATURE_LEVEL` (a
 /// test hook that makes this broker stand for an older build; it can only lower the level).
@@ -328,9 +335,11 @@ pub struct ControllerState {
     /// may not join, and one running (a downgrade) stops.
     #[serde(default)]
     pub features_in_use: u32,
-    /// The cluster's id, one for every broker: the id of the first broker that registered
-    /// with one (the broker that initialised the cluster, or after an upgrade from a build
-    /// without it, the first to register again). Empty until then.
+    /// The cluster's id, one for every broker: the data-directory id of the broker whose
+    /// registration was the first applied while every broker (and every member of the
+    /// controller group) was at feature level 2: in a new cluster, usually the broker that
+    /// initialised it; after an upgrade from an older build, the last broker upgraded. Empty
+    /// until then.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster_id: String,
 }
@@ -435,9 +444,6 @@ impl ControllerState {
                 features,
                 cluster_id,
             } => {
-                if self.cluster_id.is_empty() {
-                    self.cluster_id.clone_from(cluster_id);
-                }
                 self.brokers.insert(
                     *node_id,
                     BrokerMeta {
@@ -449,6 +455,15 @@ impl ControllerState {
                         features: *features,
                     },
                 );
+                // Once every broker stores it (an older build would leave it out of its
+                // snapshots), and from then on no older build may join or run.
+                if self.cluster_id.is_empty()
+                    && !cluster_id.is_empty()
+                    && self.behind(CLUSTER_ID_LEVEL).is_none()
+                {
+                    self.cluster_id.clone_from(cluster_id);
+                    self.features_in_use = self.features_in_use.max(CLUSTER_ID_LEVEL);
+                }
                 ControllerResponse::Registered
             }
             ControllerCommand::TakeOverGroups { node_id, nonce } => {
@@ -918,6 +933,12 @@ fn encode(state: &ControllerState) -> Result<Vec<u8>, StorageError> {
 fn decode(bytes: &[u8]) -> Result<ControllerState, String> {
     let mut state: ControllerState = super::decode_snapshot(SNAPSHOT_VERSION, bytes)?;
     state.infer_features_in_use();
+    if state.features_in_use < CLUSTER_ID_LEVEL {
+        // A build of level 1 set the id from the first registration, whatever the others'
+        // levels; replaying its log on this build sets none (its registrations are below
+        // level 2). Every replica agrees: the id is set again once every broker is at level 2.
+        state.cluster_id.clear();
+    }
     Ok(state)
 }
 
@@ -1201,7 +1222,8 @@ mod tests {
     fn commands_that_need_a_level_record_it_as_in_use() {
         use crate::acl::{AclRule, Operation, Permission};
         let mut state = ControllerState::default();
-        register(&mut state, 1);
+        // A build of level 1: the cluster id (level 2) is not set.
+        register_at(&mut state, 1, 1);
         let mut rule = AclRule {
             identity: "intern".into(),
             resource: "topic:a".into(),
@@ -1240,34 +1262,75 @@ mod tests {
     }
 
     fn register(state: &mut ControllerState, node: NodeId) {
+        register_at(state, node, FEATURE_LEVEL);
+    }
+
+    /// Registers `node` as a build of feature level `features`.
+    fn register_at(state: &mut ControllerState, node: NodeId, features: u32) {
         state.apply(&ControllerCommand::RegisterBroker {
             node_id: node,
             peer_address: format!("127.0.0.{node}:7401"),
             client_address: format!("127.0.0.{node}:7400"),
-            features: FEATURE_LEVEL,
+            features,
             cluster_id: format!("cluster-of-{node}"),
         });
     }
 
-    /// The cluster's id is the first registered broker's, whoever registers later, and a
-    /// snapshot or an older build's entry without one leaves it as it is.
+    /// A new cluster's id is its first registered broker's, whoever registers later. In a
+    /// cluster with a broker of an older build (which would drop the id from its snapshots),
+    /// the id waits until that broker registers on a build of level 2; the level is then in
+    /// use (no older build may run again), also as read from a snapshot without the field.
     #[test]
-    fn the_first_registered_brokers_cluster_id_is_the_clusters() {
+    fn the_cluster_id_is_set_once_every_broker_stores_it() {
         let mut state = ControllerState::default();
-        let old: ControllerCommand = serde_json::from_str(
-            r#"{"RegisterBroker":{"node_id":3,"peer_address":"127.0.0.3:7401","client_address":"127.0.0.3:7400"}}"#,
-        )
-        .expect("an older build's entry decodes");
-        state.apply(&old);
-        assert_eq!(state.cluster_id, "");
         register(&mut state, 1);
         register(&mut state, 2);
         assert_eq!(state.cluster_id, "cluster-of-1");
+        assert_eq!(state.features_in_use, CLUSTER_ID_LEVEL);
         let bytes = super::encode(&state).expect("encode");
         assert_eq!(
             super::decode(&bytes).expect("decode").cluster_id,
             "cluster-of-1"
         );
+
+        let mut upgrading = ControllerState::default();
+        let old: ControllerCommand = serde_json::from_str(
+            r#"{"RegisterBroker":{"node_id":3,"peer_address":"127.0.0.3:7401","client_address":"127.0.0.3:7400"}}"#,
+        )
+        .expect("an older build's entry decodes");
+        upgrading.apply(&old);
+        register_at(&mut upgrading, 2, 1);
+        register(&mut upgrading, 1);
+        assert_eq!(upgrading.cluster_id, "", "node 3 (level 0) would drop it");
+        register(&mut upgrading, 3);
+        assert_eq!(upgrading.cluster_id, "", "node 2 (level 1) would drop it");
+        assert_eq!(upgrading.features_in_use, 0);
+        register(&mut upgrading, 2);
+        assert_eq!(upgrading.cluster_id, "cluster-of-2");
+        assert_eq!(upgrading.features_in_use, CLUSTER_ID_LEVEL);
+        register(&mut upgrading, 1);
+        assert_eq!(upgrading.cluster_id, "cluster-of-2");
+
+        let bytes = super::encode(&upgrading).expect("encode");
+        assert_eq!(
+            super::decode(&bytes).expect("decode").cluster_id,
+            "cluster-of-2"
+        );
+
+        // A snapshot of a level-1 build that set an id without the gate (as one briefly did)
+        // reads without it, as a replay of its log on this build gives.
+        let mut early = ControllerState::default();
+        register_at(&mut early, 1, 1);
+        early.cluster_id = "cluster-of-1".into();
+        let bytes = super::encode(&early).expect("encode");
+        let decoded = super::decode(&bytes).expect("decode");
+        assert_eq!(
+            (decoded.cluster_id.as_str(), decoded.features_in_use),
+            ("", 0)
+        );
+        let mut replayed = ControllerState::default();
+        register_at(&mut replayed, 1, 1);
+        assert_eq!(replayed.cluster_id, decoded.cluster_id);
     }
 
     fn topic_rf(name: &str, partitions: u32, rf: u32) -> ControllerCommand {

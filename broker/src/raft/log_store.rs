@@ -76,26 +76,35 @@ struct CommittedSave {
     saved: Option<u64>,
     waiting: Option<LogId>,
     timer: bool,
+    /// The group closed: nothing more is saved (its Raft state may be deleted next).
+    closed: bool,
 }
 
 /// Shortest time between two saves of a group's committed index.
 const COMMITTED_SAVE_EVERY: Duration = Duration::from_secs(1);
 
 impl Shared {
-    /// Saves `committed` now (without a sync of its own: sled's flusher writes it out).
+    /// Saves `committed` now (without a sync of its own: sled's flusher writes it out), under
+    /// the lock, so an older index never lands after a newer one; not once the group closed.
     fn write_committed(&self, committed: LogId) -> Result<(), StorageError> {
+        let mut c = self
+            .committed
+            .lock()
+            .map_err(|_| io_error("committed index lock poisoned"))?;
+        if c.closed || c.saved.is_some_and(|saved| saved >= committed.index) {
+            return Ok(());
+        }
         let bytes = serde_json::to_vec(&committed)
             .map_err(|e| StorageError::from(StorageIOError::write_logs(AnyError::new(&e))))?;
         self.meta
             .set_raft_unsynced(self.group, RaftKey::Committed, &bytes)
             .map_err(|e| meta_error(&e))?;
-        if let Ok(mut c) = self.committed.lock() {
-            c.saved = c.saved.max(Some(committed.index));
-        }
+        c.saved = Some(committed.index);
         Ok(())
     }
 
-    /// The timer's turn: saves the committed index that waited, if any.
+    /// The timer's turn (or the group's close): saves the committed index that waited, if
+    /// any.
     fn write_waiting_committed(&self) {
         let waiting = match self.committed.lock() {
             Ok(mut c) => {
@@ -542,6 +551,16 @@ impl LogReader {
             .map(|id| id.index)
     }
 
+    /// At the group's close, once its Raft core stopped: saves the committed index still
+    /// waiting for its timer (the last commit before a clean stop), then saves nothing more
+    /// (the group's Raft state may be deleted next, and a later instance saves its own).
+    pub fn close_committed(&self) {
+        self.shared.write_waiting_committed();
+        if let Ok(mut c) = self.shared.committed.lock() {
+            c.closed = true;
+        }
+    }
+
     /// The committed index this broker last saved for the group since it started (saved
     /// lazily, without a sync of its own: durable once the metadata store's flusher ran).
     pub fn committed_saved_index(&self) -> Option<u64> {
@@ -763,7 +782,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         };
         if let Some(wait) = wait {
-            // A weak handle: a group that closed meanwhile saves nothing more.
+            // A weak handle: a store dropped meanwhile saves nothing more (nor does a group
+            // that closed: see `LogReader::close_committed`).
             let shared = Arc::downgrade(&self.shared);
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
@@ -1073,6 +1093,47 @@ mod tests {
             .permit
             .as_ref()
             .map(tokio::sync::OwnedSemaphorePermit::num_permits)
+    }
+
+    /// The committed index is saved at most once a second; one that comes sooner is saved by
+    /// a timer (the last commit before a quiet spell: before, it was not saved until the next
+    /// commit came), a clean close saves the one waiting, and nothing is saved after it.
+    #[tokio::test]
+    async fn the_last_commit_before_a_quiet_spell_is_saved() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, reader) = reader_of(log_of(dir.path(), 5, 10), 1 << 20);
+        let id = |index| Some(LogId::new(CommittedLeaderId::new(1, 0), index));
+        store.save_committed(id(1)).await.expect("save");
+        assert_eq!(
+            reader.saved_committed(),
+            Some(1),
+            "the first is saved at once"
+        );
+        store.save_committed(id(2)).await.expect("save");
+        store.save_committed(id(3)).await.expect("save");
+        assert_eq!(
+            reader.saved_committed(),
+            Some(1),
+            "within a second of the last save"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            reader.saved_committed(),
+            Some(3),
+            "the timer saved the last one"
+        );
+        assert_eq!(reader.committed_saved_index(), Some(3));
+        store.save_committed(id(4)).await.expect("save");
+        assert_eq!(reader.saved_committed(), Some(3));
+        reader.close_committed();
+        assert_eq!(
+            reader.saved_committed(),
+            Some(4),
+            "the close saved the one waiting"
+        );
+        store.save_committed(id(5)).await.expect("save");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(reader.saved_committed(), Some(4), "nothing after the close");
     }
 
     #[tokio::test]

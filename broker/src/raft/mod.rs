@@ -38,8 +38,9 @@ use serde::{Deserialize, Serialize};
 
 pub use controller_group::{ControllerGroup, ControllerService, controller_raft_config};
 pub use controller_sm::{
-    BrokerMeta, ControllerCommand, ControllerResponse, ControllerState, ControllerStateMachine,
-    FEATURE_LEVEL, GroupOffsets, PartitionMeta, PlannedMove, TopicMeta, feature_level,
+    BrokerMeta, CLUSTER_ID_LEVEL, ControllerCommand, ControllerResponse, ControllerState,
+    ControllerStateMachine, FEATURE_LEVEL, GroupOffsets, PartitionMeta, PlannedMove, TopicMeta,
+    feature_level,
 };
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};

@@ -250,6 +250,18 @@ impl Peers {
         }
     }
 
+    /// Forgets when the replicas of group `group_id` last answered here, and when its leader
+    /// was last heard (the group closed; call once its Raft core stopped, so that no late
+    /// message records one again).
+    pub(super) fn forget_contacts(&self, group_id: GroupId) {
+        if let Ok(mut contacts) = self.inner.contacts.lock() {
+            contacts.retain(|(group, _), _| *group != group_id);
+        }
+        if let Ok(mut heard) = self.inner.heard_at.lock() {
+            heard.remove(&group_id);
+        }
+    }
+
     /// The node the controller's leadership is being handed to from this node (0: none):
     /// proposals are refused meanwhile, so that the target catches up and the followers' leases
     /// run out.

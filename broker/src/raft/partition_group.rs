@@ -103,6 +103,8 @@ pub struct PartitionGroup {
     peers: Peers,
     /// While a leadership transfer runs: the node leadership goes to (0 otherwise).
     transferring_to: Arc<std::sync::atomic::AtomicU64>,
+    /// When a transfer last held back the heartbeats (for how recent followers' answers are).
+    pause: Arc<super::transfer::HeartbeatPause>,
 }
 
 fn fatal(e: impl std::fmt::Display) -> BrokerError {
@@ -213,6 +215,7 @@ impl PartitionGroup {
             group_id,
             peers,
             transferring_to: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            pause: Arc::default(),
             raft,
             sm,
             reader,
@@ -459,6 +462,7 @@ impl PartitionGroup {
             target,
             timeout,
             Some(&self.transferring_to),
+            Some(&self.pause),
         )
         .await
     }
@@ -627,7 +631,8 @@ impl PartitionGroup {
     /// On the leader: the replicas in sync (the leader, and every follower at most
     /// `IN_SYNC_ENTRIES_MAX` (16) entries behind its log that answered it within a maximum
     /// election timeout: a replica that went down with every entry is not in sync for long);
-    /// None on a follower.
+    /// None on a follower. Answers count as of when a leadership transfer held back the
+    /// heartbeats (see [`PartitionGroup::contact_age`]).
     pub fn in_sync_replicas(&self) -> Option<Vec<NodeId>> {
         if !self.is_leader() {
             return None;
@@ -639,15 +644,22 @@ impl PartitionGroup {
                 .into_iter()
                 .filter(|lag| {
                     lag.entries <= super::network::IN_SYNC_ENTRIES_MAX
-                        && self
-                            .peers
-                            .last_contact(self.group_id, lag.node)
-                            .is_some_and(|t| t.elapsed() <= window)
+                        && self.contact_age(lag.node) <= window
                 })
                 .map(|lag| lag.node),
         );
         in_sync.sort_unstable();
         Some(in_sync)
+    }
+
+    /// How long ago replica `node` last answered this leader (MAX: never). While a leadership
+    /// transfer holds back the heartbeats, and for one heartbeat interval after, its age when
+    /// they were held back: the followers have nothing to answer meanwhile.
+    fn contact_age(&self, node: NodeId) -> Duration {
+        let heartbeat = Duration::from_millis(self.raft.config().heartbeat_interval);
+        self.peers
+            .last_contact(self.group_id, node)
+            .map_or(Duration::MAX, |t| self.pause.age(t, heartbeat))
     }
 
     /// On a leader that has not heard from a majority of its voters (itself included) within an
@@ -673,9 +685,7 @@ impl PartitionGroup {
                 if v == me {
                     Duration::ZERO
                 } else {
-                    self.peers
-                        .last_contact(self.group_id, v)
-                        .map_or(Duration::MAX, |t| t.elapsed())
+                    self.contact_age(v)
                 }
             })
             .collect();
@@ -794,6 +804,8 @@ impl PartitionGroup {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");
         }
+        self.peers.forget_contacts(self.group_id);
+        self.reader.close_committed();
         let reader = self.reader.clone();
         let closed = tokio::task::spawn_blocking(move || {
             reader.with_log_mut(|log| {

@@ -1,10 +1,49 @@
 //! Leadership transfer, built from what openraft 0.9 offers (it has no transfer call).
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{GroupId, NodeId, Peers, Raft};
 use crate::error::BrokerError;
+
+/// How much longer than a maximum election timeout a transfer holds back heartbeats before the
+/// target stands, so that every follower's lease has run out.
+const TRANSFER_PAUSE_EXTRA: Duration = Duration::from_millis(100);
+
+/// When a transfer last held back a group's heartbeats (followers then answer nothing, though
+/// nothing is wrong with them): (held back at, resumed at).
+#[derive(Debug, Default)]
+pub(crate) struct HeartbeatPause(Mutex<Option<(Instant, Option<Instant>)>>);
+
+impl HeartbeatPause {
+    fn hold(&self) {
+        if let Ok(mut p) = self.0.lock() {
+            *p = Some((Instant::now(), None));
+        }
+    }
+
+    fn resume(&self) {
+        if let Ok(mut p) = self.0.lock()
+            && let Some((_, resumed)) = p.as_mut()
+        {
+            *resumed = Some(Instant::now());
+        }
+    }
+
+    /// How old an answer received at `contact` counts as: its age when the heartbeats were
+    /// held back, while they are and until one heartbeat interval (`heartbeat`) after they
+    /// resumed (by then every follower had a heartbeat to answer); its age now otherwise.
+    pub(crate) fn age(&self, contact: Instant, heartbeat: Duration) -> Duration {
+        let held = self.0.lock().ok().and_then(|p| *p);
+        match held {
+            Some((held, resumed)) if resumed.is_none_or(|r| r.elapsed() <= heartbeat) => {
+                held.saturating_duration_since(contact)
+            }
+            _ => contact.elapsed(),
+        }
+    }
+}
 
 /// Moves a group's leadership from this node (which must lead it) to `target`, or to the most
 /// caught-up other voter that answers: this leader stops proposing (when `transferring_to` is given, proposals
@@ -20,6 +59,7 @@ pub(crate) async fn transfer_leadership(
     target: Option<NodeId>,
     timeout: Duration,
     transferring_to: Option<&AtomicU64>,
+    pause: Option<&HeartbeatPause>,
 ) -> Result<NodeId, BrokerError> {
     let m = raft.metrics().borrow().clone();
     let me = m.id;
@@ -71,6 +111,9 @@ pub(crate) async fn transfer_leadership(
     if let Some(t) = transferring_to {
         t.store(target, Ordering::SeqCst);
     }
+    if let Some(p) = pause {
+        p.hold();
+    }
     raft.runtime_config().heartbeat(false);
     let moved = async {
         let last = raft.metrics().borrow().last_log_index;
@@ -81,7 +124,7 @@ pub(crate) async fn transfer_leadership(
             )
             .await
             .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
-        tokio::time::sleep(lease + Duration::from_millis(100)).await;
+        tokio::time::sleep(lease + TRANSFER_PAUSE_EXTRA).await;
         let address = membership
             .get_node(&target)
             .map(|n| n.addr.clone())
@@ -110,6 +153,9 @@ pub(crate) async fn transfer_leadership(
     }
     .await;
     raft.runtime_config().heartbeat(true);
+    if let Some(p) = pause {
+        p.resume();
+    }
     if let Some(t) = transferring_to {
         t.store(0, Ordering::SeqCst);
     }
