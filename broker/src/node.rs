@@ -1106,10 +1106,17 @@ impl Node {
 
     /// What is wrong with a topic's `config`: its own limits, and a record size this broker's
     /// gRPC listener would refuse (`grpc_message_bytes_max`), so no publish of it could arrive.
-    fn topic_config_violations(&self, config: &TopicConfig) -> Vec<crate::topic::FieldViolation> {
+    /// Only a change checks the latter: a topic made by an older build or through a broker
+    /// with a larger limit keeps its value through other changes.
+    fn topic_config_violations(
+        &self,
+        config: &TopicConfig,
+        current: Option<&TopicConfig>,
+    ) -> Vec<crate::topic::FieldViolation> {
         let mut violations = config.validate();
         let grpc_max = self.config.grpc_message_bytes_max;
-        if config.max_message_bytes > grpc_max {
+        let changed = current.is_none_or(|c| c.max_message_bytes != config.max_message_bytes);
+        if changed && config.max_message_bytes > grpc_max {
             violations.push(crate::topic::FieldViolation::new(
                 "config.max_message_bytes",
                 format!(
@@ -1129,7 +1136,7 @@ impl Node {
         config: TopicConfig,
     ) -> Result<TopicMeta, BrokerError> {
         crate::topic::validate_name(name).map_err(|v| BrokerError::InvalidArgument(vec![v]))?;
-        let violations = self.topic_config_violations(&config);
+        let violations = self.topic_config_violations(&config, None);
         if !violations.is_empty() {
             return Err(BrokerError::InvalidArgument(violations));
         }
@@ -1153,7 +1160,7 @@ impl Node {
         config: TopicConfig,
     ) -> Result<TopicMeta, BrokerError> {
         let current = self.topic_named("name", name)?;
-        let violations = self.topic_config_violations(&config);
+        let violations = self.topic_config_violations(&config, Some(&current.config));
         if !violations.is_empty() {
             return Err(BrokerError::InvalidArgument(violations));
         }

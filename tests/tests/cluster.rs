@@ -758,8 +758,9 @@ async fn a_dead_replica_leaves_the_in_sync_set_and_is_not_handed_leadership() {
     let config = config.to_str().expect("utf-8 path").to_string();
     let mut brokers =
         weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
-    // (The id is stored by the first registration applied once every member registered, which
-    // a ready broker may not have applied yet.)
+    // (The id is stored by the first registration applied while every member is registered:
+    // a broker that joined before the seed's registration waits for the next, which a ready
+    // broker may not have applied yet.)
     let cluster_ids = || -> BTreeSet<String> {
         brokers
             .iter()
@@ -907,23 +908,26 @@ async fn the_followers_stay_in_sync_while_the_leadership_is_handed_over() {
         Some(r#"{"name":"orders","partitions":1}"#),
     );
     assert_eq!(status, 201, "{body}");
-    let brokers_ref = &brokers;
-    let leader = wait_for("a leader", Duration::from_secs(30), || {
-        let leader = partitions(&brokers_ref[0], "orders")[0].1;
-        async move { (leader != 0).then_some(leader) }
-    })
-    .await;
     publish(&brokers[0].client_addr, 0, 0, 3)
         .await
         .expect("publish");
+    // The leader, as it sees itself, once every replica is in sync there (each answered it
+    // lately). Its in-sync set is empty on the others.
+    let brokers_ref = &brokers;
+    let leader = wait_for(
+        "a leader with every replica in sync",
+        Duration::from_secs(30),
+        || {
+            let leader = brokers_ref.iter().position(|b| {
+                let (status, body) = b.http("GET", "/v1/topics/orders", None);
+                status == 200 && in_sync_of_0(&body).len() == 3
+            });
+            async move { leader }
+        },
+    )
+    .await as u64
+        + 1;
     let leader_broker = &brokers[leader as usize - 1];
-    // Every replica in sync before the transfer (each answered lately).
-    wait_for("every replica in sync", Duration::from_secs(10), || {
-        let (status, body) = leader_broker.http("GET", "/v1/topics/orders", None);
-        let all = status == 200 && in_sync_of_0(&body).len() == 3;
-        async move { all.then_some(()) }
-    })
-    .await;
     let target = leader % 3 + 1;
     let admin = leader_broker.admin_addr.clone();
     let transfer = std::thread::spawn(move || {

@@ -251,3 +251,49 @@ async fn every_topic_setting_changes_under_data_and_survives_a_restart() {
     assert_readable(&broker, 1, &p1).await;
     broker.stop();
 }
+
+/// A topic may not allow records larger than the broker's `grpc_message_bytes_max` (no publish
+/// that large could reach it), but a topic that already does (made through a broker with a
+/// larger limit) keeps its value through other changes: only raising it past the limit is
+/// refused.
+#[test]
+fn the_record_limit_stays_within_the_grpc_limit_and_other_changes_keep_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "grpc_message_bytes_max = 33554432\n").expect("write the config");
+    let config_arg = config.to_str().expect("utf-8 path").to_string();
+    let mut broker = Broker::start_with(&["--config", &config_arg]);
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"wide","partitions":1,"segment_bytes":67108864,"max_message_bytes":33554432}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    // The same broker with the default limit (16 MiB).
+    assert_eq!(broker.stop(), Some(0));
+    std::fs::write(&config, "").expect("write the config");
+    broker.start_again();
+    let (status, body) = broker.http(
+        "PATCH",
+        "/v1/topics/wide",
+        Some(r#"{"retention_ms":3600000}"#),
+    );
+    assert_eq!(status, 200, "another change keeps the wider limit: {body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(view["max_message_bytes"], 33554432, "{body}");
+    assert_eq!(view["retention_ms"], 3600000, "{body}");
+    let (status, body) = broker.http(
+        "PATCH",
+        "/v1/topics/wide",
+        Some(r#"{"max_message_bytes":33554433}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("grpc_message_bytes_max"), "{body}");
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"narrow","partitions":1,"segment_bytes":67108864,"max_message_bytes":33554432}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("grpc_message_bytes_max"), "{body}");
+}

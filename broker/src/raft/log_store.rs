@@ -1116,7 +1116,10 @@ mod tests {
             Some(1),
             "within a second of the last save"
         );
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while reader.saved_committed() != Some(3) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert_eq!(
             reader.saved_committed(),
             Some(3),

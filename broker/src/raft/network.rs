@@ -226,6 +226,8 @@ impl Peers {
 
     /// Makes `raft` reachable by peers as group `group_id`.
     pub(super) fn register(&self, group_id: GroupId, raft: Raft) {
+        // (An answer to the group's previous instance may have come after it closed.)
+        self.forget_contacts(group_id);
         if let Ok(mut clock) = self.inner.election_clock.lock() {
             clock.insert(group_id, (Instant::now(), None));
         }

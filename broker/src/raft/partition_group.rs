@@ -631,8 +631,8 @@ impl PartitionGroup {
     /// On the leader: the replicas in sync (the leader, and every follower at most
     /// `IN_SYNC_ENTRIES_MAX` (16) entries behind its log that answered it within a maximum
     /// election timeout: a replica that went down with every entry is not in sync for long);
-    /// None on a follower. Answers count as of when a leadership transfer held back the
-    /// heartbeats (see [`PartitionGroup::contact_age`]).
+    /// None on a follower. The time a leadership transfer held back the heartbeats does not
+    /// count (see [`PartitionGroup::contact_age`]).
     pub fn in_sync_replicas(&self) -> Option<Vec<NodeId>> {
         if !self.is_leader() {
             return None;
@@ -652,14 +652,13 @@ impl PartitionGroup {
         Some(in_sync)
     }
 
-    /// How long ago replica `node` last answered this leader (MAX: never). While a leadership
-    /// transfer holds back the heartbeats, and for one heartbeat interval after, its age when
-    /// they were held back: the followers have nothing to answer meanwhile.
+    /// How long ago replica `node` last answered this leader (MAX: never), less the time
+    /// leadership transfers held back the heartbeats since: the followers had nothing to
+    /// answer meanwhile.
     fn contact_age(&self, node: NodeId) -> Duration {
-        let heartbeat = Duration::from_millis(self.raft.config().heartbeat_interval);
         self.peers
             .last_contact(self.group_id, node)
-            .map_or(Duration::MAX, |t| self.pause.age(t, heartbeat))
+            .map_or(Duration::MAX, |t| self.pause.age(t))
     }
 
     /// On a leader that has not heard from a majority of its voters (itself included) within an
@@ -685,7 +684,11 @@ impl PartitionGroup {
                 if v == me {
                     Duration::ZERO
                 } else {
-                    self.contact_age(v)
+                    // The time since, pauses included: a transfer's wait counts here (its
+                    // followers may have elected another leader meanwhile).
+                    self.peers
+                        .last_contact(self.group_id, v)
+                        .map_or(Duration::MAX, |t| t.elapsed())
                 }
             })
             .collect();

@@ -1,5 +1,6 @@
 //! Leadership transfer, built from what openraft 0.9 offers (it has no transfer call).
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,36 +12,70 @@ use crate::error::BrokerError;
 /// target stands, so that every follower's lease has run out.
 const TRANSFER_PAUSE_EXTRA: Duration = Duration::from_millis(100);
 
-/// When a transfer last held back a group's heartbeats (followers then answer nothing, though
-/// nothing is wrong with them): (held back at, resumed at).
+/// When transfers held back a group's heartbeats (followers then have nothing to answer,
+/// though nothing is wrong with them): the last few pauses, (held back at, resumed at).
 #[derive(Debug, Default)]
-pub(crate) struct HeartbeatPause(Mutex<Option<(Instant, Option<Instant>)>>);
+pub(crate) struct HeartbeatPause(Mutex<VecDeque<(Instant, Option<Instant>)>>);
+
+/// Pauses remembered (older ones no longer matter: an answer older than them is stale anyway).
+const PAUSES_KEPT: usize = 4;
 
 impl HeartbeatPause {
     fn hold(&self) {
         if let Ok(mut p) = self.0.lock() {
-            *p = Some((Instant::now(), None));
+            if p.len() == PAUSES_KEPT {
+                p.pop_front();
+            }
+            p.push_back((Instant::now(), None));
         }
     }
 
     fn resume(&self) {
         if let Ok(mut p) = self.0.lock()
-            && let Some((_, resumed)) = p.as_mut()
+            && let Some((_, resumed @ None)) = p.back_mut()
         {
             *resumed = Some(Instant::now());
         }
     }
 
-    /// How old an answer received at `contact` counts as: its age when the heartbeats were
-    /// held back, while they are and until one heartbeat interval (`heartbeat`) after they
-    /// resumed (by then every follower had a heartbeat to answer); its age now otherwise.
-    pub(crate) fn age(&self, contact: Instant, heartbeat: Duration) -> Duration {
-        let held = self.0.lock().ok().and_then(|p| *p);
-        match held {
-            Some((held, resumed)) if resumed.is_none_or(|r| r.elapsed() <= heartbeat) => {
-                held.saturating_duration_since(contact)
-            }
-            _ => contact.elapsed(),
+    /// How old an answer received at `contact` counts as: the time since, less the time the
+    /// heartbeats were held back since (a follower that answered every heartbeat before a
+    /// pause is as fresh after it as before).
+    pub(crate) fn age(&self, contact: Instant) -> Duration {
+        let now = Instant::now();
+        let paused: Duration = self
+            .0
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .map(|(held, resumed)| {
+                        let from = (*held).max(contact);
+                        resumed.unwrap_or(now).saturating_duration_since(from)
+                    })
+                    .sum()
+            })
+            .unwrap_or_default();
+        now.saturating_duration_since(contact)
+            .saturating_sub(paused)
+    }
+}
+
+/// Undoes what a transfer set up, however it ends (also when its caller gives up and drops it):
+/// heartbeats and proposals resume.
+struct Transferring<'a> {
+    raft: &'a Raft,
+    to: Option<&'a AtomicU64>,
+    pause: Option<&'a HeartbeatPause>,
+}
+
+impl Drop for Transferring<'_> {
+    fn drop(&mut self) {
+        self.raft.runtime_config().heartbeat(true);
+        if let Some(p) = self.pause {
+            p.resume();
+        }
+        if let Some(t) = self.to {
+            t.store(0, Ordering::SeqCst);
         }
     }
 }
@@ -50,7 +85,8 @@ impl HeartbeatPause {
 /// check it and answer UNAVAILABLE naming the target) and stops its heartbeats, waits until the
 /// target has every entry and the followers' leader leases have run out (one maximum election
 /// timeout), then asks the target to stand for election (`Raft.Elect`), and waits until it
-/// leads. Heartbeats and proposals resume whatever happened. A target that has not answered
+/// leads. Heartbeats and proposals resume whatever happened (also when the caller gives up);
+/// one transfer of a group runs at a time. A target that has not answered
 /// this leader within that timeout is refused at once (UNAVAILABLE). Returns the new leader.
 pub(crate) async fn transfer_leadership(
     raft: &Raft,
@@ -73,10 +109,12 @@ pub(crate) async fn transfer_leadership(
     let others: Vec<NodeId> = membership.voter_ids().filter(|v| *v != me).collect();
     let matched = |id: &NodeId| super::matched_index(&m, *id);
     let lease = Duration::from_millis(raft.config().election_timeout_max);
+    // (Measured as the in-sync set measures it: less the time earlier transfers held back
+    // the heartbeats.)
     let answered = |id: &NodeId| {
         peers
             .last_contact(group_id, *id)
-            .is_some_and(|t| t.elapsed() <= lease)
+            .is_some_and(|t| pause.map_or_else(|| t.elapsed(), |p| p.age(t)) <= lease)
     };
     let target = match target {
         Some(t) if t == me => return Ok(me),
@@ -108,14 +146,26 @@ pub(crate) async fn transfer_leadership(
             leader: Some(me),
         });
     }
-    if let Some(t) = transferring_to {
-        t.store(target, Ordering::SeqCst);
+    // One transfer of a group at a time (a drain, the balancer and an operator may ask at
+    // once): a second would resume the heartbeats the first holds back.
+    if let Some(t) = transferring_to
+        && let Err(running) = t.compare_exchange(0, target, Ordering::SeqCst, Ordering::SeqCst)
+    {
+        return Err(BrokerError::Unavailable {
+            reason: format!("a transfer of this leadership to node {running} is under way"),
+            leader: Some(me),
+        });
     }
     if let Some(p) = pause {
         p.hold();
     }
     raft.runtime_config().heartbeat(false);
-    let moved = async {
+    let _transferring = Transferring {
+        raft,
+        to: transferring_to,
+        pause,
+    };
+    async {
         let last = raft.metrics().borrow().last_log_index;
         raft.wait(Some(timeout))
             .metrics(
@@ -151,13 +201,38 @@ pub(crate) async fn transfer_leadership(
             .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
         Ok::<_, BrokerError>(raft.metrics().borrow().current_leader.unwrap_or(target))
     }
-    .await;
-    raft.runtime_config().heartbeat(true);
-    if let Some(p) = pause {
-        p.resume();
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An answer's age leaves out the time heartbeats were held back after it, and only that.
+    #[test]
+    fn a_pause_does_not_age_the_answers_before_it() {
+        let pause = HeartbeatPause::default();
+        let before = Instant::now();
+        std::thread::sleep(Duration::from_millis(30));
+        pause.hold();
+        std::thread::sleep(Duration::from_millis(200));
+        let during = Instant::now();
+        std::thread::sleep(Duration::from_millis(30));
+        let held_age = pause.age(before);
+        assert!(
+            held_age < Duration::from_millis(150),
+            "30 ms before the pause, 230 ms of it: {held_age:?}"
+        );
+        assert!(pause.age(during) < Duration::from_millis(20));
+        pause.resume();
+        std::thread::sleep(Duration::from_millis(30));
+        let after = pause.age(before);
+        assert!(
+            after >= Duration::from_millis(60) && after < Duration::from_millis(200),
+            "30 ms before, 30 ms after: {after:?}"
+        );
+        let fresh = Instant::now();
+        assert!(pause.age(fresh) < Duration::from_millis(20));
+        assert!(before.elapsed() >= Duration::from_millis(290));
     }
-    if let Some(t) = transferring_to {
-        t.store(0, Ordering::SeqCst);
-    }
-    moved
 }
