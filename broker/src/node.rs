@@ -940,7 +940,7 @@ impl Node {
             .collect();
         let outcomes = futures::future::join_all(leading.iter().map(|p| async move {
             let name = format!("{}/{}", p.topic, p.partition);
-            (name, p.group().transfer_leadership(None, timeout).await)
+            (name, drain_partition(p, timeout).await)
         }))
         .await;
         let (mut moved, mut kept) = (Vec::new(), Vec::new());
@@ -1388,3 +1388,31 @@ async fn reconcile_loop(
         node.reconcile(&current).await;
     }
 }
+
+/// Moves partition `p`'s leadership away from this broker (a drain): returns the new leader.
+/// A transfer of it that is already under way (the leader balance, an operator) is waited for,
+/// and the partition counts as moved once another broker leads it.
+async fn drain_partition(p: &Partition, timeout: Duration) -> Result<NodeId, BrokerError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let group = p.group();
+        if !group.is_leader()
+            && let Some(leader) = group.leader()
+        {
+            return Ok(leader);
+        }
+        match group.transfer_leadership(None, timeout).await {
+            // Another transfer of it ran (or an election): look again shortly.
+            Err(BrokerError::Unavailable { .. })
+                if (group.is_transferring() || !group.is_leader())
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(DRAIN_RECHECK).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// How often a drain looks again at a partition whose leadership another transfer is moving.
+const DRAIN_RECHECK: Duration = Duration::from_millis(100);

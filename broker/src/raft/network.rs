@@ -52,6 +52,21 @@ const LARGE_APPEND_BYTES: usize = 1 << 20;
 /// The slowest link a large entry is given time for: its call's deadline is one heartbeat
 /// interval plus its size at this rate (an 8 MiB entry: 8.5 s with the defaults).
 const LARGE_APPEND_BYTES_PER_SEC: f64 = (1u64 << 20) as f64;
+/// `WEFT_TEST_ELECT_DELAY_MS`: a test hook that makes this broker stand that much later when a
+/// transfer asks it to (`Raft.Elect`), as a loaded machine may.
+fn elect_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("WEFT_TEST_ELECT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    })
+}
+
+/// The least time a leader waits for a follower's answer to HoldElections.
+const HOLD_ANSWER_MIN: Duration = Duration::from_millis(200);
+
 /// How soon the replica that initialised a group that never had a leader asks for pre-votes
 /// again (plus up to [`NEW_GROUP_JITTER_MS`]).
 const NEW_GROUP_RETRY: Duration = Duration::from_millis(100);
@@ -109,6 +124,9 @@ struct Inner {
     controller_transfer: std::sync::atomic::AtomicU64,
     /// Per peer: one large append at a time (see [`LargeAppend`]).
     large_lanes: Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
+    /// Per group: a leadership transfer under way holds this replica's elections until then, in
+    /// that term (see [`Peers::hold_elections`]).
+    holds: Mutex<HashMap<GroupId, (Instant, u64)>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -197,6 +215,7 @@ impl Peers {
                 batchers: Mutex::new(HashMap::new()),
                 controller_transfer: std::sync::atomic::AtomicU64::new(0),
                 large_lanes: Mutex::new(HashMap::new()),
+                holds: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -249,6 +268,9 @@ impl Peers {
         }
         if let Ok(mut heard) = self.inner.heard_at.lock() {
             heard.remove(&group_id);
+        }
+        if let Ok(mut holds) = self.inner.holds.lock() {
+            holds.remove(&group_id);
         }
     }
 
@@ -491,6 +513,10 @@ impl Peers {
             return (state != openraft::ServerState::Candidate && !stood_this_term)
                 .then_some(Due::Alone);
         }
+        // Its leader is handing the leadership to another replica: that one stands.
+        if self.held(group_id, term) {
+            return None;
+        }
         // A broker that lost its data stands once caught up in the group (it votes then too). One
         // still undecided (an empty data directory: a new member, or one that lost its data,
         // not yet known which) may stand, as under openraft's own timer before: a new voter
@@ -626,6 +652,7 @@ impl Peers {
             let m = m.borrow();
             if m.state == openraft::ServerState::Leader
                 || m.current_term != term
+                || self.held(group_id, term)
                 || self
                     .silent_for(group_id)
                     .is_some_and(|s| s < Duration::from_millis(raft.config().election_timeout_min))
@@ -669,6 +696,9 @@ impl Peers {
         if leads {
             return refuse("this replica leads the group, with a quorum".into());
         }
+        if self.held(group_id, term) {
+            return refuse("a transfer of the group's leadership is under way".into());
+        }
         if let Some(silence) = self.silent_for(group_id).filter(|s| *s <= lease) {
             return refuse(format!(
                 "this replica heard from a leader {} ms ago",
@@ -699,6 +729,92 @@ impl Peers {
             .ok()
             .and_then(|r| r.get(&group_id).cloned())
             .and_then(|reader| reader.last_log_id())
+    }
+
+    /// Holds this node's elections in group `group_id` (no standing, no pre-vote granted) for
+    /// `hold` or until its term moves past `term`: a transfer of the group's leadership is under
+    /// way (see [`Peers::hold_elections`]).
+    fn hold_here(&self, group_id: GroupId, term: u64, hold: Duration) {
+        if let Ok(mut holds) = self.inner.holds.lock() {
+            holds.insert(group_id, (Instant::now() + hold, term));
+        }
+    }
+
+    /// Whether a transfer holds this node's elections in group `group_id`, now in term `term`.
+    fn held(&self, group_id: GroupId, term: u64) -> bool {
+        let Ok(mut holds) = self.inner.holds.lock() else {
+            return false;
+        };
+        match holds.get(&group_id) {
+            Some((until, held_term)) if *until > Instant::now() && *held_term == term => true,
+            Some(_) => {
+                holds.remove(&group_id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// On the leader of group `group_id` (`raft`), before it holds back its heartbeats to hand
+    /// the leadership to `target`: asks every other voter but the target, and this node, to
+    /// stand for no election and grant no pre-vote for `hold` (or until the term moves on).
+    /// Otherwise a follower whose lease runs out during the pause, as it must for the target to
+    /// win, may stand first and take the leadership meant for the target (seen on a loaded
+    /// 2-core machine). Best effort: a voter that does not answer in time (or a broker of an
+    /// earlier version) is not waited for; it only races the target as before.
+    pub(super) async fn hold_elections(
+        &self,
+        group_id: GroupId,
+        raft: &Raft,
+        target: NodeId,
+        hold: Duration,
+    ) {
+        let (me, term, others) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let others: Vec<(NodeId, String)> = membership
+                .voter_ids()
+                .filter(|v| *v != m.id && *v != target)
+                .filter_map(|v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
+                .collect();
+            (m.id, m.current_term, others)
+        };
+        self.hold_here(group_id, term, hold);
+        let timeout = Duration::from_millis(raft.config().heartbeat_interval).max(HOLD_ANSWER_MIN);
+        let asked = others.into_iter().map(|(node, address)| {
+            let request = pb::HoldElectionsRequest {
+                group_id,
+                leader_id: me,
+                term,
+                target,
+                hold_ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
+            };
+            async move {
+                let answer = async {
+                    let mut client = self.raft_client(&address)?;
+                    client
+                        .hold_elections(self.request(node, request, timeout))
+                        .await
+                        .map(Response::into_inner)
+                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                };
+                let answer = tokio::time::timeout(timeout, answer)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer in time".into()));
+                match answer {
+                    Ok(a) if a.held => {}
+                    Ok(a) => tracing::debug!(
+                        group = group_id,
+                        node,
+                        reason = a.reason,
+                        "elections not held"
+                    ),
+                    Err(e) => tracing::debug!(group = group_id, node, "elections not held: {e}"),
+                }
+            }
+        });
+        futures::future::join_all(asked).await;
     }
 
     /// This node granted a vote in group `group_id`: the candidate gets its time to win before
@@ -1441,6 +1557,37 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(self.peers.answer_pre_vote(&raft, &message)))
     }
 
+    async fn hold_elections(
+        &self,
+        request: Request<pb::HoldElectionsRequest>,
+    ) -> Result<Response<pb::HoldElectionsResponse>, Status> {
+        self.peers.check(&request)?;
+        let message = request.into_inner();
+        let raft = self.peers.group(message.group_id)?;
+        let (term, leader) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.current_term, m.current_leader)
+        };
+        if term != message.term || leader != Some(message.leader_id) {
+            return Ok(Response::new(pb::HoldElectionsResponse {
+                held: false,
+                reason: format!(
+                    "this replica is in term {term} with leader {leader:?}, not term {} with leader {}",
+                    message.term, message.leader_id
+                ),
+            }));
+        }
+        // At most a few leases, whatever the leader asked.
+        let cap = Duration::from_millis(raft.config().election_timeout_max.saturating_mul(3));
+        let hold = Duration::from_millis(message.hold_ms).min(cap);
+        self.peers.hold_here(message.group_id, term, hold);
+        Ok(Response::new(pb::HoldElectionsResponse {
+            held: true,
+            reason: String::new(),
+        }))
+    }
+
     async fn read_log(
         &self,
         request: Request<pb::ReadLogRequest>,
@@ -1488,6 +1635,9 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::ElectResponse>, Status> {
         self.peers.check(&request)?;
         let raft = self.peers.group(request.get_ref().group_id)?;
+        if let Some(delay) = elect_delay() {
+            tokio::time::sleep(delay).await;
+        }
         raft.trigger().elect().await.map_err(raft_failed)?;
         Ok(Response::new(pb::ElectResponse {}))
     }

@@ -81,13 +81,15 @@ impl Drop for Transferring<'_> {
 }
 
 /// Moves a group's leadership from this node (which must lead it) to `target`, or to the most
-/// caught-up other voter that answers: this leader stops proposing (when `transferring_to` is given, proposals
-/// check it and answer UNAVAILABLE naming the target) and stops its heartbeats, waits until the
-/// target has every entry and the followers' leader leases have run out (one maximum election
+/// caught-up other voter that answers: this leader stops proposing (when `transferring_to` is
+/// given, proposals check it and answer UNAVAILABLE naming the target), waits until the target
+/// has every entry, asks the other voters to hold their elections ([`Peers::hold_elections`]),
+/// stops its heartbeats until the followers' leader leases have run out (one maximum election
 /// timeout), then asks the target to stand for election (`Raft.Elect`), and waits until it
 /// leads. Heartbeats and proposals resume whatever happened (also when the caller gives up);
-/// one transfer of a group runs at a time. A target that has not answered
-/// this leader within that timeout is refused at once (UNAVAILABLE). Returns the new leader.
+/// one transfer of a group runs at a time. A target that has not answered this leader within
+/// that timeout is refused at once (UNAVAILABLE), and so is a transfer to a named target that
+/// another replica won. Returns the new leader.
 pub(crate) async fn transfer_leadership(
     raft: &Raft,
     peers: &Peers,
@@ -116,6 +118,7 @@ pub(crate) async fn transfer_leadership(
             .last_contact(group_id, *id)
             .is_some_and(|t| pause.map_or_else(|| t.elapsed(), |p| p.age(t)) <= lease)
     };
+    let explicit = target.is_some();
     let target = match target {
         Some(t) if t == me => return Ok(me),
         Some(t) if others.contains(&t) => t,
@@ -156,16 +159,13 @@ pub(crate) async fn transfer_leadership(
             leader: Some(me),
         });
     }
-    if let Some(p) = pause {
-        p.hold();
-    }
-    raft.runtime_config().heartbeat(false);
     let _transferring = Transferring {
         raft,
         to: transferring_to,
         pause,
     };
     async {
+        // Proposals are refused from here: the log ends at `last` until the transfer ends.
         let last = raft.metrics().borrow().last_log_index;
         raft.wait(Some(timeout))
             .metrics(
@@ -174,6 +174,15 @@ pub(crate) async fn transfer_leadership(
             )
             .await
             .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
+        // The other voters stand for no election meanwhile (their leases run out too), long
+        // enough for the pause, the call to the target and its election.
+        peers
+            .hold_elections(group_id, raft, target, lease * 2 + TRANSFER_PAUSE_EXTRA)
+            .await;
+        if let Some(p) = pause {
+            p.hold();
+        }
+        raft.runtime_config().heartbeat(false);
         tokio::time::sleep(lease + TRANSFER_PAUSE_EXTRA).await;
         let address = membership
             .get_node(&target)
@@ -199,7 +208,14 @@ pub(crate) async fn transfer_leadership(
             )
             .await
             .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
-        Ok::<_, BrokerError>(raft.metrics().borrow().current_leader.unwrap_or(target))
+        let leader = raft.metrics().borrow().current_leader.unwrap_or(target);
+        if explicit && leader != target {
+            return Err(BrokerError::Unavailable {
+                reason: format!("node {leader} won the election meant for node {target}"),
+                leader: Some(leader),
+            });
+        }
+        Ok::<_, BrokerError>(leader)
     }
     .await
 }
