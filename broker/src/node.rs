@@ -940,7 +940,14 @@ impl Node {
             .collect();
         let outcomes = futures::future::join_all(leading.iter().map(|p| async move {
             let name = format!("{}/{}", p.topic, p.partition);
-            (name, drain_partition(p, timeout).await)
+            let group = p.group();
+            let outcome = move_away(
+                timeout,
+                || (group.is_leader(), group.leader()),
+                |within| group.transfer_leadership(None, within),
+            )
+            .await;
+            (name, outcome)
         }))
         .await;
         let (mut moved, mut kept) = (Vec::new(), Vec::new());
@@ -953,7 +960,18 @@ impl Node {
         // The controller last (it coordinates the consumer groups: their members rejoin the
         // new leader once, instead of when this broker stops).
         if !self.config.peers.is_empty() && self.controller.leader() == Some(self.node_id) {
-            match self.controller.transfer_leadership(None, timeout).await {
+            let controller = &self.controller;
+            let me = self.node_id;
+            let outcome = move_away(
+                timeout,
+                || {
+                    let leader = controller.leader();
+                    (leader == Some(me), leader)
+                },
+                |within| controller.transfer_leadership(None, within),
+            )
+            .await;
+            match outcome {
                 Ok(leader) => moved.push(format!("controller -> node {leader}")),
                 Err(e) => kept.push(format!("controller: {e}")),
             }
@@ -1389,25 +1407,31 @@ async fn reconcile_loop(
     }
 }
 
-/// Moves partition `p`'s leadership away from this broker (a drain): returns the new leader.
-/// A transfer of it that is already under way (the leader balance, an operator) is waited for,
-/// and the partition counts as moved once another broker leads it.
-async fn drain_partition(p: &Partition, timeout: Duration) -> Result<NodeId, BrokerError> {
+/// Moves a group's leadership away from this broker (a drain) within `timeout`: `leads` says
+/// whether this broker leads it and who does, `transfer` moves it within the time given.
+/// Returns the new leader. A transfer of it already under way (the leader balance, an operator,
+/// a broker removal) is waited for, and the group counts as moved once another broker leads it.
+async fn move_away<L, T, F>(timeout: Duration, leads: L, transfer: T) -> Result<NodeId, BrokerError>
+where
+    L: Fn() -> (bool, Option<NodeId>),
+    T: Fn(Duration) -> F,
+    F: std::future::Future<Output = Result<NodeId, BrokerError>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let group = p.group();
-        if !group.is_leader()
-            && let Some(leader) = group.leader()
-        {
+        if let (false, Some(leader)) = leads() {
             return Ok(leader);
         }
-        match group.transfer_leadership(None, timeout).await {
-            // Another transfer of it ran (or an election): look again shortly.
-            Err(BrokerError::Unavailable { .. })
-                if (group.is_transferring() || !group.is_leader())
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(DRAIN_RECHECK).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(BrokerError::Timeout(
+                "the leadership did not move in time".into(),
+            ));
+        }
+        match transfer(left).await {
+            // Another transfer of it runs (or ran, or an election moved it): look again shortly.
+            Err(e) if crate::raft::transfer_under_way(&e) || !leads().0 => {
+                tokio::time::sleep(DRAIN_RECHECK.min(left)).await;
             }
             outcome => return outcome,
         }

@@ -985,7 +985,7 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
         .await
         .expect("publish");
     let brokers_ref = &brokers;
-    for round in 0..3 {
+    for round in 0..4 {
         // The leader, once every replica answers it (a transfer to one that has not lately is
         // refused).
         let leader = wait_for(
@@ -1039,7 +1039,22 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
             Some(&format!(r#"{{"node_id":{target}}}"#)),
         )
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Under way once the leader refuses publishes, naming the target.
+    let leader_client = brokers[leader as usize - 1].client_addr.clone();
+    let started = std::time::Instant::now();
+    let mut next = 3;
+    loop {
+        match publish(&leader_client, 0, next, next + 1).await {
+            Ok(_) => next += 1,
+            Err(status) if status.code() == tonic::Code::Unavailable => break,
+            Err(status) => panic!("publish during the transfer: {status:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the transfer never refused a publish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, body) = brokers[leader as usize - 1].http("POST", "/v1/drain", None);
     assert_eq!(status, 200, "{body}");
     let drained: serde_json::Value = serde_json::from_str(&body).expect("json");

@@ -130,15 +130,33 @@ async fn cluster(partitions: u32) -> (Vec<Broker>, SlowLink) {
         async move { all.then_some(led) }
     })
     .await;
-    for (partition, leader) in led {
-        if leader != 1 {
-            // Asked of the partition's leader, which hands it over.
-            let (status, body) = brokers[leader as usize - 1].http(
-                "POST",
-                &format!("/v1/topics/big/partitions/{partition}/leader"),
-                Some(r#"{"node_id":1}"#),
+    for (partition, first) in led {
+        // Asked of the partition's leader, which hands it over; again while it answers
+        // UNAVAILABLE (node 1 has not answered that new leader yet, say).
+        let started = Instant::now();
+        let mut leader = first;
+        while leader != 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "partition {partition} never moved to node 1"
             );
-            assert_eq!(status, 200, "partition {partition} to node 1: {body}");
+            if leader != 0 {
+                let (status, body) = brokers[leader as usize - 1].http(
+                    "POST",
+                    &format!("/v1/topics/big/partitions/{partition}/leader"),
+                    Some(r#"{"node_id":1}"#),
+                );
+                if status == 200 {
+                    break;
+                }
+                assert_eq!(status, 503, "partition {partition} to node 1: {body}");
+                eprintln!("partition {partition} to node 1: {body}; again");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            leader = leaders(&brokers[0])
+                .into_iter()
+                .find(|(p, _)| *p == partition)
+                .map_or(0, |(_, l)| l);
         }
     }
     wait_for(

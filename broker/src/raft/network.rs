@@ -757,7 +757,8 @@ impl Peers {
 
     /// On the leader of group `group_id` (`raft`), before it holds back its heartbeats to hand
     /// the leadership to `target`: asks every other voter but the target, and this node, to
-    /// stand for no election and grant no pre-vote for `hold` (or until the term moves on).
+    /// stand for no election and grant no pre-vote for `hold` (or until the term moves on; a
+    /// zero `hold` ends an earlier one: the transfer failed).
     /// Otherwise a follower whose lease runs out during the pause, as it must for the target to
     /// win, may stand first and take the leadership meant for the target (seen on a loaded
     /// 2-core machine). Best effort: a voter that does not answer in time (or a broker of an
@@ -1578,8 +1579,8 @@ impl pb::raft_server::Raft for RaftService {
                 ),
             }));
         }
-        // At most a few leases, whatever the leader asked.
-        let cap = Duration::from_millis(raft.config().election_timeout_max.saturating_mul(3));
+        // At most a few leases, whatever the leader asked (0 ends a hold).
+        let cap = Duration::from_millis(raft.config().election_timeout_max.saturating_mul(4));
         let hold = Duration::from_millis(message.hold_ms).min(cap);
         self.peers.hold_here(message.group_id, term, hold);
         Ok(Response::new(pb::HoldElectionsResponse {
@@ -1663,5 +1664,31 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(pb::InstallSnapshotResponse {
             vote: Some(wire::vote_to(&response.vote)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hold lasts its time, in its term only, and a zero hold ends it (a failed transfer).
+    #[test]
+    fn a_hold_ends_with_its_time_its_term_or_a_release() {
+        let peers = Peers::new(1, "test", None, HashMap::new(), None);
+        assert!(!peers.held(7, 3), "nothing held yet");
+        peers.hold_here(7, 3, Duration::from_secs(60));
+        assert!(peers.held(7, 3));
+        assert!(!peers.held(8, 3), "another group");
+        assert!(!peers.held(7, 4), "the term moved on");
+        assert!(!peers.held(7, 3), "a hold the term left behind is gone");
+        peers.hold_here(7, 3, Duration::from_secs(60));
+        peers.hold_here(7, 3, Duration::ZERO);
+        assert!(!peers.held(7, 3), "released");
+        peers.hold_here(7, 3, Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!peers.held(7, 3), "ran out");
+        peers.hold_here(7, 3, Duration::from_secs(60));
+        peers.unregister(7);
+        assert!(!peers.held(7, 3), "the group closed here");
     }
 }

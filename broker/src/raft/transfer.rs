@@ -60,16 +60,38 @@ impl HeartbeatPause {
     }
 }
 
+/// How the refusal of a second transfer of the same group begins.
+const UNDER_WAY: &str = "a transfer of this leadership";
+
+/// Whether `e` refused a transfer because another transfer of the group is under way.
+pub(crate) fn transfer_under_way(e: &BrokerError) -> bool {
+    matches!(e, BrokerError::Unavailable { reason, .. } if reason.starts_with(UNDER_WAY))
+}
+
 /// Undoes what a transfer set up, however it ends (also when its caller gives up and drops it):
 /// heartbeats and proposals resume.
 struct Transferring<'a> {
     raft: &'a Raft,
     to: Option<&'a AtomicU64>,
     pause: Option<&'a HeartbeatPause>,
+    /// The voters were asked to hold their elections for a transfer to this node, and it has
+    /// not succeeded: they are released (best effort), so that a leader lost soon after a
+    /// failed transfer is replaced without waiting out the hold.
+    held: Option<(Peers, GroupId, NodeId)>,
 }
 
 impl Drop for Transferring<'_> {
     fn drop(&mut self) {
+        if let Some((peers, group_id, target)) = self.held.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let raft = self.raft.clone();
+            runtime.spawn(async move {
+                peers
+                    .hold_elections(group_id, &raft, target, Duration::ZERO)
+                    .await;
+            });
+        }
         self.raft.runtime_config().heartbeat(true);
         if let Some(p) = self.pause {
             p.resume();
@@ -155,16 +177,17 @@ pub(crate) async fn transfer_leadership(
         && let Err(running) = t.compare_exchange(0, target, Ordering::SeqCst, Ordering::SeqCst)
     {
         return Err(BrokerError::Unavailable {
-            reason: format!("a transfer of this leadership to node {running} is under way"),
+            reason: format!("{UNDER_WAY} to node {running} is under way"),
             leader: Some(me),
         });
     }
-    let _transferring = Transferring {
+    let mut transferring = Transferring {
         raft,
         to: transferring_to,
         pause,
+        held: None,
     };
-    async {
+    let outcome = async {
         // Proposals are refused from here: the log ends at `last` until the transfer ends.
         let last = raft.metrics().borrow().last_log_index;
         raft.wait(Some(timeout))
@@ -175,10 +198,12 @@ pub(crate) async fn transfer_leadership(
             .await
             .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
         // The other voters stand for no election meanwhile (their leases run out too), long
-        // enough for the pause, the call to the target and its election.
+        // enough for the pause, the call to the target and its election (which moves the term
+        // on, and so ends the hold), with a lease to spare for a target slow to stand.
         peers
-            .hold_elections(group_id, raft, target, lease * 2 + TRANSFER_PAUSE_EXTRA)
+            .hold_elections(group_id, raft, target, lease * 3 + TRANSFER_PAUSE_EXTRA)
             .await;
+        transferring.held = Some((peers.clone(), group_id, target));
         if let Some(p) = pause {
             p.hold();
         }
@@ -217,7 +242,11 @@ pub(crate) async fn transfer_leadership(
         }
         Ok::<_, BrokerError>(leader)
     }
-    .await
+    .await;
+    if outcome.is_ok() {
+        transferring.held = None;
+    }
+    outcome
 }
 
 #[cfg(test)]
