@@ -941,9 +941,14 @@ impl Node {
         let outcomes = futures::future::join_all(leading.iter().map(|p| async move {
             let name = format!("{}/{}", p.topic, p.partition);
             let group = p.group();
+            let me = self.node_id;
             let outcome = move_away(
                 timeout,
-                || (group.is_leader(), group.leader()),
+                || {
+                    // (One reading of the metrics for both.)
+                    let leader = group.leader();
+                    (leader == Some(me), leader)
+                },
                 |within| group.transfer_leadership(None, within),
             )
             .await;
@@ -1428,7 +1433,15 @@ where
                 "the leadership did not move in time".into(),
             ));
         }
-        match transfer(left).await {
+        // (A transfer gives each of its steps the time it is given: bounded as a whole here.)
+        let outcome = tokio::time::timeout(left, transfer(left))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Timeout(
+                    "the leadership did not move in time".into(),
+                ))
+            });
+        match outcome {
             // Another transfer of it runs (or ran, or an election moved it): look again shortly.
             Err(e) if crate::raft::transfer_under_way(&e) || !leads().0 => {
                 tokio::time::sleep(DRAIN_RECHECK.min(left)).await;

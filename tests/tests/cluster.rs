@@ -1028,7 +1028,19 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
 
     // A drain that comes while a transfer of the same partition is under way waits for it (it
     // answered "kept: a transfer ... is under way" before, and the CLI failed).
-    let leader = partitions(&brokers[0], "orders")[0].1;
+    let leader = wait_for(
+        "a leader with every replica in sync",
+        Duration::from_secs(30),
+        || {
+            let leader = brokers_ref.iter().position(|b| {
+                let (status, body) = b.http("GET", "/v1/topics/orders", None);
+                status == 200 && in_sync_of_0(&body).len() == 3
+            });
+            async move { leader }
+        },
+    )
+    .await as u64
+        + 1;
     let target = leader % 3 + 1;
     let admin = brokers[leader as usize - 1].admin_addr.clone();
     let transfer = std::thread::spawn(move || {
@@ -1048,6 +1060,10 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
             Ok(_) => next += 1,
             Err(status) if status.code() == tonic::Code::Unavailable => break,
             Err(status) => panic!("publish during the transfer: {status:?}"),
+        }
+        if transfer.is_finished() {
+            let answer = transfer.join().expect("the transfer thread");
+            panic!("the transfer ended before it refused a publish: {answer:?}");
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),

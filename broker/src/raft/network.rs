@@ -64,6 +64,26 @@ fn elect_delay() -> Option<Duration> {
     })
 }
 
+/// A transfer's hold on a replica's elections in a group (see [`Peers::hold_elections`]).
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    term: u64,
+    id: u64,
+}
+
+/// A new hold id: unique within this process, and unlikely to repeat one of an earlier run.
+pub(super) fn new_hold_id() -> u64 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        std::sync::atomic::AtomicU64::new(seed | 1)
+    })
+    .fetch_add(2, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The least time a leader waits for a follower's answer to HoldElections.
 const HOLD_ANSWER_MIN: Duration = Duration::from_millis(200);
 
@@ -125,8 +145,8 @@ struct Inner {
     /// Per peer: one large append at a time (see [`LargeAppend`]).
     large_lanes: Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
     /// Per group: a leadership transfer under way holds this replica's elections until then, in
-    /// that term (see [`Peers::hold_elections`]).
-    holds: Mutex<HashMap<GroupId, (Instant, u64)>>,
+    /// that term; and the hold's id (see [`Peers::hold_elections`]).
+    holds: Mutex<HashMap<GroupId, Hold>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -733,11 +753,25 @@ impl Peers {
 
     /// Holds this node's elections in group `group_id` (no standing, no pre-vote granted) for
     /// `hold` or until its term moves past `term`: a transfer of the group's leadership is under
-    /// way (see [`Peers::hold_elections`]).
-    fn hold_here(&self, group_id: GroupId, term: u64, hold: Duration) {
-        if let Ok(mut holds) = self.inner.holds.lock() {
-            holds.insert(group_id, (Instant::now() + hold, term));
+    /// way (see [`Peers::hold_elections`]). A zero `hold` ends the hold named `id` only.
+    fn hold_here(&self, group_id: GroupId, term: u64, hold: Duration, id: u64) {
+        let Ok(mut holds) = self.inner.holds.lock() else {
+            return;
+        };
+        if hold.is_zero() {
+            if holds.get(&group_id).is_some_and(|h| h.id == id) {
+                holds.remove(&group_id);
+            }
+            return;
         }
+        holds.insert(
+            group_id,
+            Hold {
+                until: Instant::now() + hold,
+                term,
+                id,
+            },
+        );
     }
 
     /// Whether a transfer holds this node's elections in group `group_id`, now in term `term`.
@@ -746,7 +780,7 @@ impl Peers {
             return false;
         };
         match holds.get(&group_id) {
-            Some((until, held_term)) if *until > Instant::now() && *held_term == term => true,
+            Some(h) if h.until > Instant::now() && h.term == term => true,
             Some(_) => {
                 holds.remove(&group_id);
                 false
@@ -758,7 +792,7 @@ impl Peers {
     /// On the leader of group `group_id` (`raft`), before it holds back its heartbeats to hand
     /// the leadership to `target`: asks every other voter but the target, and this node, to
     /// stand for no election and grant no pre-vote for `hold` (or until the term moves on; a
-    /// zero `hold` ends an earlier one: the transfer failed).
+    /// zero `hold` ends the hold named `hold_id`: the transfer failed).
     /// Otherwise a follower whose lease runs out during the pause, as it must for the target to
     /// win, may stand first and take the leadership meant for the target (seen on a loaded
     /// 2-core machine). Best effort: a voter that does not answer in time (or a broker of an
@@ -769,6 +803,7 @@ impl Peers {
         raft: &Raft,
         target: NodeId,
         hold: Duration,
+        hold_id: u64,
     ) {
         let (me, term, others) = {
             let m = raft.metrics();
@@ -781,7 +816,7 @@ impl Peers {
                 .collect();
             (m.id, m.current_term, others)
         };
-        self.hold_here(group_id, term, hold);
+        self.hold_here(group_id, term, hold, hold_id);
         let timeout = Duration::from_millis(raft.config().heartbeat_interval).max(HOLD_ANSWER_MIN);
         let asked = others.into_iter().map(|(node, address)| {
             let request = pb::HoldElectionsRequest {
@@ -790,6 +825,7 @@ impl Peers {
                 term,
                 target,
                 hold_ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
+                hold_id,
             };
             async move {
                 let answer = async {
@@ -1582,7 +1618,8 @@ impl pb::raft_server::Raft for RaftService {
         // At most a few leases, whatever the leader asked (0 ends a hold).
         let cap = Duration::from_millis(raft.config().election_timeout_max.saturating_mul(4));
         let hold = Duration::from_millis(message.hold_ms).min(cap);
-        self.peers.hold_here(message.group_id, term, hold);
+        self.peers
+            .hold_here(message.group_id, term, hold, message.hold_id);
         Ok(Response::new(pb::HoldElectionsResponse {
             held: true,
             reason: String::new(),
@@ -1675,20 +1712,28 @@ mod tests {
     #[test]
     fn a_hold_ends_with_its_time_its_term_or_a_release() {
         let peers = Peers::new(1, "test", None, HashMap::new(), None);
+        let minute = Duration::from_secs(60);
         assert!(!peers.held(7, 3), "nothing held yet");
-        peers.hold_here(7, 3, Duration::from_secs(60));
+        peers.hold_here(7, 3, minute, 1);
         assert!(peers.held(7, 3));
         assert!(!peers.held(8, 3), "another group");
         assert!(!peers.held(7, 4), "the term moved on");
         assert!(!peers.held(7, 3), "a hold the term left behind is gone");
-        peers.hold_here(7, 3, Duration::from_secs(60));
-        peers.hold_here(7, 3, Duration::ZERO);
+        peers.hold_here(7, 3, minute, 1);
+        peers.hold_here(7, 3, Duration::ZERO, 1);
         assert!(!peers.held(7, 3), "released");
-        peers.hold_here(7, 3, Duration::from_millis(30));
+        // A failed transfer's late release does not end the next transfer's hold.
+        peers.hold_here(7, 3, minute, 3);
+        peers.hold_here(7, 3, Duration::ZERO, 1);
+        assert!(peers.held(7, 3), "another transfer's release");
+        peers.hold_here(7, 3, Duration::ZERO, 3);
+        assert!(!peers.held(7, 3), "its own release");
+        peers.hold_here(7, 3, Duration::from_millis(30), 5);
         std::thread::sleep(Duration::from_millis(40));
         assert!(!peers.held(7, 3), "ran out");
-        peers.hold_here(7, 3, Duration::from_secs(60));
+        peers.hold_here(7, 3, minute, 7);
         peers.unregister(7);
         assert!(!peers.held(7, 3), "the group closed here");
+        assert_ne!(new_hold_id(), new_hold_id());
     }
 }

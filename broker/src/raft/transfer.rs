@@ -74,21 +74,23 @@ struct Transferring<'a> {
     raft: &'a Raft,
     to: Option<&'a AtomicU64>,
     pause: Option<&'a HeartbeatPause>,
-    /// The voters were asked to hold their elections for a transfer to this node, and it has
-    /// not succeeded: they are released (best effort), so that a leader lost soon after a
-    /// failed transfer is replaced without waiting out the hold.
-    held: Option<(Peers, GroupId, NodeId)>,
+    /// The voters were asked to hold their elections for a transfer to this node (the hold's
+    /// id), and it has not succeeded: they are released (best effort), so that a leader lost
+    /// soon after a failed transfer is replaced without waiting out the hold. A transfer that
+    /// fails releases them itself, before a next transfer may start; this is for a caller that
+    /// gives up. (The id keeps a late release from ending a later transfer's hold.)
+    held: Option<(Peers, GroupId, NodeId, u64)>,
 }
 
 impl Drop for Transferring<'_> {
     fn drop(&mut self) {
-        if let Some((peers, group_id, target)) = self.held.take()
+        if let Some((peers, group_id, target, id)) = self.held.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let raft = self.raft.clone();
             runtime.spawn(async move {
                 peers
-                    .hold_elections(group_id, &raft, target, Duration::ZERO)
+                    .hold_elections(group_id, &raft, target, Duration::ZERO, id)
                     .await;
             });
         }
@@ -200,10 +202,17 @@ pub(crate) async fn transfer_leadership(
         // The other voters stand for no election meanwhile (their leases run out too), long
         // enough for the pause, the call to the target and its election (which moves the term
         // on, and so ends the hold), with a lease to spare for a target slow to stand.
+        let hold_id = super::network::new_hold_id();
+        transferring.held = Some((peers.clone(), group_id, target, hold_id));
         peers
-            .hold_elections(group_id, raft, target, lease * 3 + TRANSFER_PAUSE_EXTRA)
+            .hold_elections(
+                group_id,
+                raft,
+                target,
+                lease * 3 + TRANSFER_PAUSE_EXTRA,
+                hold_id,
+            )
             .await;
-        transferring.held = Some((peers.clone(), group_id, target));
         if let Some(p) = pause {
             p.hold();
         }
@@ -243,8 +252,12 @@ pub(crate) async fn transfer_leadership(
         Ok::<_, BrokerError>(leader)
     }
     .await;
-    if outcome.is_ok() {
-        transferring.held = None;
+    if let Some((_, _, _, hold_id)) = transferring.held.take()
+        && outcome.is_err()
+    {
+        peers
+            .hold_elections(group_id, raft, target, Duration::ZERO, hold_id)
+            .await;
     }
     outcome
 }
