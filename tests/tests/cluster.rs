@@ -910,22 +910,7 @@ async fn the_followers_stay_in_sync_while_the_leadership_is_handed_over() {
     publish(&brokers[0].client_addr, 0, 0, 3)
         .await
         .expect("publish");
-    // The leader, as it sees itself, once every replica is in sync there (each answered it
-    // lately). Its in-sync set is empty on the others.
-    let brokers_ref = &brokers;
-    let leader = wait_for(
-        "a leader with every replica in sync",
-        Duration::from_secs(30),
-        || {
-            let leader = brokers_ref.iter().position(|b| {
-                let (status, body) = b.http("GET", "/v1/topics/orders", None);
-                status == 200 && in_sync_of_0(&body).len() == 3
-            });
-            async move { leader }
-        },
-    )
-    .await as u64
-        + 1;
+    let leader = leader_with_every_replica_in_sync(&brokers).await;
     let leader_broker = &brokers[leader as usize - 1];
     let target = leader % 3 + 1;
     let admin = leader_broker.admin_addr.clone();
@@ -986,21 +971,7 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
         .expect("publish");
     let brokers_ref = &brokers;
     for round in 0..4 {
-        // The leader, once every replica answers it (a transfer to one that has not lately is
-        // refused).
-        let leader = wait_for(
-            "a leader with every replica in sync",
-            Duration::from_secs(30),
-            || {
-                let leader = brokers_ref.iter().position(|b| {
-                    let (status, body) = b.http("GET", "/v1/topics/orders", None);
-                    status == 200 && in_sync_of_0(&body).len() == 3
-                });
-                async move { leader }
-            },
-        )
-        .await as u64
-            + 1;
+        let leader = leader_with_every_replica_in_sync(&brokers).await;
         let target = leader % 3 + 1;
         let (status, body) = brokers[leader as usize - 1].http(
             "POST",
@@ -1028,19 +999,7 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
 
     // A drain that comes while a transfer of the same partition is under way waits for it (it
     // answered "kept: a transfer ... is under way" before, and the CLI failed).
-    let leader = wait_for(
-        "a leader with every replica in sync",
-        Duration::from_secs(30),
-        || {
-            let leader = brokers_ref.iter().position(|b| {
-                let (status, body) = b.http("GET", "/v1/topics/orders", None);
-                status == 200 && in_sync_of_0(&body).len() == 3
-            });
-            async move { leader }
-        },
-    )
-    .await as u64
-        + 1;
+    let leader = leader_with_every_replica_in_sync(&brokers).await;
     let target = leader % 3 + 1;
     let admin = brokers[leader as usize - 1].admin_addr.clone();
     let transfer = std::thread::spawn(move || {
@@ -1084,6 +1043,25 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
     );
     let (status, body) = transfer.join().expect("the transfer thread");
     assert_eq!(status, 200, "{body}");
+}
+
+/// The leader of orders/0, as it sees itself, once every replica is in sync there (each
+/// answered it lately; a transfer to one that has not is refused). Its in-sync set is empty on
+/// the others.
+async fn leader_with_every_replica_in_sync(brokers: &[Broker]) -> u64 {
+    wait_for(
+        "a leader with every replica in sync",
+        Duration::from_secs(30),
+        || {
+            let leader = brokers.iter().position(|b| {
+                let (status, body) = b.http("GET", "/v1/topics/orders", None);
+                status == 200 && in_sync_of_0(&body).len() == 3
+            });
+            async move { leader }
+        },
+    )
+    .await as u64
+        + 1
 }
 
 /// Partition 0's in-sync replicas in a `/v1/topics/{t}` body.

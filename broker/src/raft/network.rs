@@ -84,6 +84,19 @@ pub(super) fn new_hold_id() -> u64 {
     .fetch_add(2, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// A peer's answer to `call` within `timeout`; what went wrong as text otherwise (the code and
+/// message of a refusal, or no answer in time).
+async fn answer_within<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(s)) => Err(format!("{}: {}", s.code(), s.message())),
+        Err(_) => Err("no answer in time".into()),
+    }
+}
+
 /// The least time a leader waits for a follower's answer to HoldElections.
 const HOLD_ANSWER_MIN: Duration = Duration::from_millis(200);
 
@@ -627,17 +640,16 @@ impl Peers {
                 last_log_id: last_log_id.as_ref().map(wire::log_id_to),
             };
             async move {
-                let answer = async {
-                    let mut client = self.raft_client(&address)?;
-                    client
-                        .pre_vote(self.request(node, request, timeout))
+                let answer = match self.raft_client(&address) {
+                    Ok(mut client) => {
+                        answer_within(
+                            timeout,
+                            client.pre_vote(self.request(node, request, timeout)),
+                        )
                         .await
-                        .map(Response::into_inner)
-                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                    }
+                    Err(e) => Err(e),
                 };
-                let answer = tokio::time::timeout(timeout, answer)
-                    .await
-                    .unwrap_or_else(|_| Err("no answer in time".into()));
                 (node, answer)
             }
         });
@@ -828,17 +840,13 @@ impl Peers {
                 hold_id,
             };
             async move {
-                let answer = async {
-                    let mut client = self.raft_client(&address)?;
-                    client
-                        .hold_elections(self.request(node, request, timeout))
-                        .await
-                        .map(Response::into_inner)
-                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                let answer = match self.raft_client(&address) {
+                    Ok(mut client) => {
+                        let call = client.hold_elections(self.request(node, request, timeout));
+                        answer_within(timeout, call).await
+                    }
+                    Err(e) => Err(e),
                 };
-                let answer = tokio::time::timeout(timeout, answer)
-                    .await
-                    .unwrap_or_else(|_| Err("no answer in time".into()));
                 match answer {
                     Ok(a) if a.held => {}
                     Ok(a) => tracing::debug!(

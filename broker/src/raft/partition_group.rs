@@ -389,13 +389,6 @@ impl PartitionGroup {
         }
     }
 
-    /// Whether a transfer of this group's leadership from this node is under way.
-    pub fn is_transferring(&self) -> bool {
-        self.transferring_to
-            .load(std::sync::atomic::Ordering::SeqCst)
-            != 0
-    }
-
     fn check_not_transferring(&self) -> Result<(), BrokerError> {
         let moving_to = self
             .transferring_to
