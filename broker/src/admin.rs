@@ -435,6 +435,11 @@ pub struct BrokerView {
     pub voter: bool,
     /// It is being removed (its replicas move away; then it leaves the cluster).
     pub removing: bool,
+    /// A member of the controller group that never registered (no client address): it joined
+    /// and was lost before it registered, or it is still catching up. It counts toward the
+    /// controller's quorum and holds back deny rules and offset resets until it registers or
+    /// `POST /v1/brokers/{id}/remove` takes it out.
+    pub unregistered: bool,
 }
 
 fn topic_view(node: &Node, topic: &TopicMeta) -> TopicView {
@@ -568,6 +573,7 @@ async fn cluster(State(node): State<AppState>) -> Json<ClusterView> {
                 reachable: n.reachable,
                 voter: n.voter,
                 removing: n.removing,
+                unregistered: n.unregistered,
             })
             .collect(),
         led_partitions: node

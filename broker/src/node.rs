@@ -341,7 +341,9 @@ async fn take_over_groups(
 async fn register_loop(weak: std::sync::Weak<Node>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let Some(node) = weak.upgrade() else { return };
+        let Some(mut node) = weak.upgrade() else {
+            return;
+        };
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
@@ -352,6 +354,14 @@ async fn register_loop(weak: std::sync::Weak<Node>) {
         // (seen with five brokers joining at once: new partitions got no leader).
         let joined = node.peers().recovery() != crate::raft::Recovery::Undecided;
         if joined && node.controller.has_leader() {
+            if let Some(delay) = register_delay() {
+                // Test hook: a broker lost between its join and its registration.
+                tracing::warn!(?delay, "WEFT_TEST_REGISTER_DELAY_MS: registering later");
+                drop(node);
+                tokio::time::sleep(delay).await;
+                let Some(again) = weak.upgrade() else { return };
+                node = again;
+            }
             match node.register_broker().await {
                 Ok(()) => {
                     tracing::info!(node = node.node_id, "registered in the controller");
@@ -366,6 +376,16 @@ async fn register_loop(weak: std::sync::Weak<Node>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// `WEFT_TEST_REGISTER_DELAY_MS`: a test hook that makes a joining broker wait that long after
+/// its join before it registers (the window in which a broker lost between the two is a member
+/// of the controller group that never registered).
+fn register_delay() -> Option<Duration> {
+    std::env::var("WEFT_TEST_REGISTER_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis)
 }
 
 /// How often a broker whose registration lost its feature level registers again.
@@ -1035,6 +1055,22 @@ impl Node {
     /// The voters of the controller group.
     pub fn controller_voters(&self) -> Vec<NodeId> {
         self.controller.voters()
+    }
+
+    /// The controller group's members that never registered as brokers, with their peer
+    /// addresses (see [`crate::raft::ControllerGroup::unregistered_members`]).
+    pub fn unregistered_controller_members(&self) -> Vec<(NodeId, String)> {
+        self.controller.unregistered_members()
+    }
+
+    /// Takes `node`, a controller member that never registered, out of the controller group.
+    pub(crate) async fn remove_unregistered_member(
+        &self,
+        node: NodeId,
+    ) -> Result<NodeId, BrokerError> {
+        self.controller
+            .remove_unregistered_member(node, Duration::from_millis(self.config.request_timeout_ms))
+            .await
     }
 
     /// Whether this broker, leading the controller, has heard from `node` (it has replicated the

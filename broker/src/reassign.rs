@@ -122,6 +122,28 @@ impl Node {
     ) -> Result<(Vec<String>, Vec<String>), BrokerError> {
         self.metadata_current()?;
         let state = self.controller_state();
+        if !state.brokers.contains_key(&node)
+            && self
+                .unregistered_controller_members()
+                .iter()
+                .any(|(id, _)| *id == node)
+        {
+            // A member that joined and was lost before it registered: it holds no replica (only
+            // registered brokers get them), so it only leaves the controller group.
+            let leader = self.remove_unregistered_member(node).await?;
+            tracing::info!(
+                node,
+                leader,
+                "took an unregistered member out of the controller"
+            );
+            return Ok((
+                vec![format!(
+                    "node {node} (a controller member that never registered) left the \
+                     controller group"
+                )],
+                Vec::new(),
+            ));
+        }
         if !state.brokers.contains_key(&node) {
             return Err(BrokerError::invalid(
                 "node_id",

@@ -283,3 +283,100 @@ async fn brokers_join_and_leave_under_load_and_nothing_acknowledged_is_lost() {
         }
     }
 }
+
+/// The nodes `broker`'s `/v1/cluster` lists, with their JSON.
+fn cluster_nodes(broker: &Broker) -> Vec<serde_json::Value> {
+    let (status, body) = broker.http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["brokers"].as_array().expect("brokers").clone()
+}
+
+/// A broker that joined the controller group and was lost before it registered (killed, its
+/// machine gone; a test hook holds its registration back) used to be a voter that nothing
+/// listed and nothing could remove ("node 4 is not a broker of this cluster"): it counted
+/// toward the controller's quorum and held back every feature-gated command (deny rules,
+/// offset resets) for good. Now `/v1/cluster` lists it as unregistered, and `weft cluster
+/// remove-broker` takes it out of the controller group once it has stopped (refused while it
+/// still answers: it would register once caught up).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_lost_before_it_registered_is_listed_and_can_be_removed() {
+    let brokers = start_cluster(3);
+    let mut lost = weft_tests::add_broker_env(
+        &brokers,
+        &[],
+        &[("WEFT_TEST_REGISTER_DELAY_MS", "600000")],
+    );
+    let listed = wait_for(
+        "node 4 listed as a controller voter that has not registered",
+        Duration::from_secs(60),
+        || {
+            let nodes = cluster_nodes(&brokers[0]);
+            async move {
+                nodes
+                    .into_iter()
+                    .find(|n| n["id"] == 4 && n["unregistered"] == true && n["voter"] == true)
+            }
+        },
+    )
+    .await;
+    assert_eq!(listed["client_address"], "", "{listed}");
+    assert_eq!(listed["peer_address"], lost.peer_addr.as_str(), "{listed}");
+    // Still running, it is not taken out.
+    let out = brokers[1].cli(&["cluster", "remove-broker", "4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "removed while it runs");
+    assert!(
+        stderr.contains("has not registered yet, but it answers"),
+        "{stderr}"
+    );
+
+    lost.kill9();
+    let deny = [
+        "acl",
+        "add",
+        "--identity",
+        "intern",
+        "--resource",
+        "topic:any",
+        "--operations",
+        "publish",
+        "--deny",
+    ];
+    let out = brokers[0].cli(&deny);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a deny rule with node 4's build unknown");
+    assert!(stderr.contains("broker 4 is at feature level 0"), "{stderr}");
+    let text = ok_stdout(&brokers[2].cli(&["cluster", "status"]));
+    assert!(text.contains("node 4") && text.contains("UNREGISTERED"), "{text}");
+
+    // Through a broker that need not lead the controller; --wait returns once it is gone.
+    let out = ok_stdout(&brokers[1].cli(&["cluster", "remove-broker", "4", "--wait"]));
+    assert!(out.contains("never registered"), "{out}");
+    for broker in &brokers {
+        wait_for("node 4 gone from every view", Duration::from_secs(30), || {
+            let ids: Vec<u64> = cluster_nodes(broker)
+                .iter()
+                .map(|n| n["id"].as_u64().expect("id"))
+                .collect();
+            async move { (ids == [1, 2, 3]).then_some(()) }
+        })
+        .await;
+    }
+    let voters: Vec<u64> = cluster_nodes(&brokers[0])
+        .iter()
+        .filter(|n| n["voter"] == true)
+        .map(|n| n["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(voters, [1, 2, 3]);
+    ok_stdout(&brokers[0].cli(&deny));
+    let rules = ok_stdout(&brokers[2].cli(&["-o", "json", "acl", "list"]));
+    assert!(rules.contains("\"deny\""), "{rules}");
+    // A node that is neither a broker nor a member is still refused.
+    let out = brokers[0].cli(&["cluster", "remove-broker", "4"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a broker of this cluster"),
+        "{out:?}"
+    );
+}

@@ -96,28 +96,45 @@ pub async fn status(node: &Node) -> v1::ClusterStatus {
                 reachable: true,
                 voter: true,
                 removing: false,
+                unregistered: false,
             }]
         } else {
             let voters = node.controller_voters();
             let peers = node.peers();
-            let reachable = futures::future::join_all(state.brokers.iter().map(|(id, b)| {
-                let (id, address) = (*id, b.peer_address.clone());
-                async move { id == node.node_id || peers.ping(id, &address, PING_TIMEOUT).await }
-            }))
-            .await;
-            state
+            // The registered brokers, then the controller members that never registered.
+            let mut nodes: Vec<v1::Node> = state
                 .brokers
                 .iter()
-                .zip(reachable)
-                .map(|((id, b), reachable)| v1::Node {
+                .map(|(id, b)| v1::Node {
                     id: *id,
                     client_address: b.client_address.clone(),
                     peer_address: b.peer_address.clone(),
-                    reachable,
+                    reachable: false,
                     voter: voters.contains(id),
                     removing: b.removing,
+                    unregistered: false,
                 })
-                .collect()
+                .collect();
+            nodes.extend(node.unregistered_controller_members().into_iter().map(
+                |(id, peer_address)| v1::Node {
+                    id,
+                    client_address: String::new(),
+                    peer_address,
+                    reachable: false,
+                    voter: voters.contains(&id),
+                    removing: false,
+                    unregistered: true,
+                },
+            ));
+            let reachable = futures::future::join_all(nodes.iter().map(|n| {
+                let (id, address) = (n.id, n.peer_address.clone());
+                async move { id == node.node_id || peers.ping(id, &address, PING_TIMEOUT).await }
+            }))
+            .await;
+            for (n, reachable) in nodes.iter_mut().zip(reachable) {
+                n.reachable = reachable;
+            }
+            nodes
         },
         topic_count: state.topics.len() as u32,
         partition_count: state

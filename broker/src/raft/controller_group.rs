@@ -352,6 +352,46 @@ impl ControllerGroup {
         Ok(())
     }
 
+    /// The members of the controller group (voters and learners) that never registered as
+    /// brokers, with the peer address they joined with.
+    pub fn unregistered_members(&self) -> Vec<(NodeId, String)> {
+        let state = self.sm.state();
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| !state.brokers.contains_key(id))
+            .map(|(id, node)| (*id, node.addr.clone()))
+            .collect()
+    }
+
+    /// Takes `node`, a member of the controller group that never registered as a broker, out of
+    /// the group (on the controller's leader; forwarded to it from any other broker). Refused
+    /// while `node` answers on its peer port: a broker still catching up registers once it has.
+    pub async fn remove_unregistered_member(
+        &self,
+        node: NodeId,
+        timeout: Duration,
+    ) -> Result<NodeId, BrokerError> {
+        tokio::time::timeout(
+            timeout,
+            remove_unregistered_here_or_forward(
+                &self.raft,
+                &self.peers,
+                || self.sm.state(),
+                node,
+                0,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Timeout(format!(
+                "node {node} was not taken out of the controller group in time"
+            )))
+        })
+    }
+
     /// Waits (up to `timeout`) until this broker's copy of the controller state holds everything
     /// committed before the call: the leader confirms its leadership and names its read index
     /// (asked over the peer port when another broker leads), and this broker applies up to it.
@@ -478,6 +518,102 @@ async fn propose_here_or_forward(
         .map_err(|s| unavailable(format!("controller leader {leader}: {}", s.message())))?;
     serde_json::from_slice(&response.into_inner().response)
         .map_err(|e| BrokerError::Internal(format!("controller response: {e}")))
+}
+
+/// How long the controller leader's health check of a member it is asked to remove may take.
+const MEMBER_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// [`ControllerGroup::remove_unregistered_member`] on the controller's leader, or forwarded to
+/// it once (`hops` counts forwards). Answers the leader that took the member out.
+async fn remove_unregistered_here_or_forward(
+    raft: &Raft,
+    peers: &Peers,
+    state: impl Fn() -> Arc<ControllerState>,
+    node: NodeId,
+    hops: u32,
+) -> Result<NodeId, BrokerError> {
+    let metrics = raft.metrics().borrow().clone();
+    let Some(leader) = metrics.current_leader else {
+        return Err(BrokerError::Unavailable {
+            reason: "the controller has no leader now".into(),
+            leader: None,
+        });
+    };
+    if leader != metrics.id {
+        let unavailable = |reason: String| BrokerError::Unavailable {
+            reason,
+            leader: Some(leader),
+        };
+        if hops > 0 {
+            return Err(unavailable(format!(
+                "not the controller leader (node {leader} is)"
+            )));
+        }
+        let address = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| unavailable("the controller leader's address is unknown".into()))?;
+        let request = peers.request(
+            leader,
+            pb::RemoveMemberRequest {
+                node_id: node,
+                hops: hops + 1,
+            },
+            PROPOSE_TIMEOUT,
+        );
+        let mut client = peers.controller_client(&address).map_err(&unavailable)?;
+        let response = client.remove_member(request).await?;
+        return Ok(response.into_inner().leader_id);
+    }
+    // Read as of now: a registration committed before this call counts.
+    raft.ensure_linearizable()
+        .await
+        .map_err(|e| BrokerError::Unavailable {
+            reason: format!("not the controller leader now: {e}"),
+            leader: None,
+        })?;
+    if state().brokers.contains_key(&node) {
+        return Err(BrokerError::Conflict(format!(
+            "node {node} has registered as a broker: remove it as one (its replicas move first)"
+        )));
+    }
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    let Some(address) = membership.get_node(&node).map(|n| n.addr.clone()) else {
+        return Err(BrokerError::invalid(
+            "node_id",
+            format!("node {node} is not a broker or a member of this cluster"),
+        ));
+    };
+    if peers.ping(node, &address, MEMBER_PING_TIMEOUT).await {
+        return Err(BrokerError::Conflict(format!(
+            "node {node} joined the controller group and has not registered yet, but it answers \
+             at {address}: it registers once it has caught up; stop it first to take it out"
+        )));
+    }
+    let change = if membership.voter_ids().any(|v| v == node) {
+        openraft::ChangeMembers::RemoveVoters(BTreeSet::from([node]))
+    } else {
+        openraft::ChangeMembers::RemoveNodes(BTreeSet::from([node]))
+    };
+    raft.change_membership(change, false)
+        .await
+        .map_err(|e| BrokerError::Unavailable {
+            reason: format!("removing node {node} from the controller group: {e}"),
+            leader: raft.metrics().borrow().current_leader,
+        })?;
+    tracing::info!(
+        node,
+        %address,
+        "took a member that never registered out of the controller group"
+    );
+    Ok(metrics.id)
 }
 
 /// What a seed with an empty controller log learned from the other brokers.
@@ -800,6 +936,33 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(tonic::Response::new(pb::ReadIndexResponse {
             index: read.map_or(0, |l| l.index),
         }))
+    }
+
+    async fn remove_member(
+        &self,
+        request: tonic::Request<pb::RemoveMemberRequest>,
+    ) -> Result<tonic::Response<pb::RemoveMemberResponse>, tonic::Status> {
+        self.peers.check(&request)?;
+        let raft = self.peers.group(CONTROLLER_GROUP)?;
+        let message = request.into_inner();
+        let leader_id = tokio::time::timeout(
+            PROPOSE_TIMEOUT,
+            remove_unregistered_here_or_forward(
+                &raft,
+                &self.peers,
+                || self.state.borrow().clone(),
+                message.node_id,
+                message.hops,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Timeout(
+                "the member was not taken out in time".into(),
+            ))
+        })
+        .map_err(tonic::Status::from)?;
+        Ok(tonic::Response::new(pb::RemoveMemberResponse { leader_id }))
     }
 
     async fn propose(

@@ -165,6 +165,7 @@ pub(crate) async fn run(
                     "nodes": s.nodes.iter().map(|n| json!({
                         "id": n.id, "client_address": n.client_address, "peer_address": n.peer_address,
                         "reachable": n.reachable, "voter": n.voter, "removing": n.removing,
+                        "unregistered": n.unregistered,
                     })).collect::<Vec<_>>(),
                     "partitions": partitions.iter().map(|p| json!({
                         "topic": p.topic, "partition": p.partition, "leader_id": p.leader_id,
@@ -187,7 +188,14 @@ pub(crate) async fn run(
                             n.client_address,
                             n.peer_address,
                             n.reachable,
-                            if n.removing { "  REMOVING" } else { "" }
+                            if n.removing {
+                                "  REMOVING"
+                            } else if n.unregistered {
+                                "  UNREGISTERED (a controller member that never registered: \
+                                 `weft cluster remove-broker` takes it out once it is stopped)"
+                            } else {
+                                ""
+                            }
                         );
                     }
                     for p in &partitions {
