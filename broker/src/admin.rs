@@ -979,6 +979,9 @@ pub struct ReassignView {
     pub started: Vec<String>,
     /// Partitions left for now, with why (call again once their running move is done).
     pub waiting: Vec<String>,
+    /// Changes made at once: a controller member that never registered, taken out of the
+    /// controller group by a broker removal.
+    pub done: Vec<String>,
 }
 
 /// Starts moving a partition's replicas (the partition's leader ends the move once the new
@@ -1015,7 +1018,11 @@ async fn rebalance(
     let (started, waiting) = node.rebalance().await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(ReassignView { started, waiting }),
+        Json(ReassignView {
+            started,
+            waiting,
+            done: Vec::new(),
+        }),
     ))
 }
 
@@ -1027,10 +1034,14 @@ async fn remove_broker(
     State(node): State<AppState>,
     Path(id): Path<u64>,
 ) -> Result<(StatusCode, Json<ReassignView>), ApiError> {
-    let (started, waiting) = node.remove_broker(id).await?;
+    let removal = node.remove_broker(id).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(ReassignView { started, waiting }),
+        Json(ReassignView {
+            started: removal.started,
+            waiting: removal.waiting,
+            done: removal.done,
+        }),
     ))
 }
 

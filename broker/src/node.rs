@@ -1059,8 +1059,17 @@ impl Node {
 
     /// The controller group's members that never registered as brokers, with their peer
     /// addresses (see [`crate::raft::ControllerGroup::unregistered_members`]).
-    pub fn unregistered_controller_members(&self) -> Vec<(NodeId, String)> {
-        self.controller.unregistered_members()
+    pub fn unregistered_controller_members(
+        &self,
+        state: &ControllerState,
+    ) -> Vec<(NodeId, String)> {
+        self.controller.unregistered_members(state)
+    }
+
+    /// Whether `node` is a member of the controller group (a voter or a learner), as this
+    /// broker's copy of the group's membership says.
+    pub fn is_controller_member(&self, node: NodeId) -> bool {
+        self.controller.is_member(node)
     }
 
     /// Takes `node`, a controller member that never registered, out of the controller group.

@@ -112,22 +112,16 @@ impl Node {
         Ok(self.start_moves(plan).await)
     }
 
-    /// Marks `node` as being removed and starts moving every replica off it. Once none is left
+    /// Marks `node` as being removed and starts moving every replica off it.
+    /// A member of the controller group that never registered (it joined and was lost before it
+    /// registered) holds no replica: it is taken out of the controller group at once. Once none is left
     /// (`weft cluster status` stops listing it), it is out of the cluster and can be stopped.
     /// Returns the moves started, and the partitions that must finish a move first (they are
     /// planned again by the next call).
-    pub async fn remove_broker(
-        &self,
-        node: NodeId,
-    ) -> Result<(Vec<String>, Vec<String>), BrokerError> {
+    pub async fn remove_broker(&self, node: NodeId) -> Result<Removal, BrokerError> {
         self.metadata_current()?;
         let state = self.controller_state();
-        if !state.brokers.contains_key(&node)
-            && self
-                .unregistered_controller_members()
-                .iter()
-                .any(|(id, _)| *id == node)
-        {
+        if !state.brokers.contains_key(&node) && self.is_controller_member(node) {
             // A member that joined and was lost before it registered: it holds no replica (only
             // registered brokers get them), so it only leaves the controller group.
             let leader = self.remove_unregistered_member(node).await?;
@@ -136,13 +130,13 @@ impl Node {
                 leader,
                 "took an unregistered member out of the controller"
             );
-            return Ok((
-                vec![format!(
+            return Ok(Removal {
+                done: vec![format!(
                     "node {node} (a controller member that never registered) left the \
                      controller group"
                 )],
-                Vec::new(),
-            ));
+                ..Removal::default()
+            });
         }
         if !state.brokers.contains_key(&node) {
             return Err(BrokerError::invalid(
@@ -175,7 +169,11 @@ impl Node {
             waiting = busy.len(),
             "removing a broker"
         );
-        Ok((started, busy))
+        Ok(Removal {
+            started,
+            waiting: busy,
+            done: Vec::new(),
+        })
     }
 
     async fn start_moves(&self, plan: Vec<PlannedMove>) -> (Vec<String>, Vec<String>) {
@@ -265,6 +263,26 @@ impl Node {
     /// more out of the controller group, then forgets it. Leading the controller itself, this
     /// broker first hands that leadership to another voter.
     async fn finish_removals(&self, state: &ControllerState) {
+        // A broker registered though it is no member of the controller group: its registration
+        // was in flight while it was taken out as a member that never registered. It would get
+        // replicas and never hear of them (it no longer receives the controller log): it is
+        // removed as any broker is.
+        for (node, _) in state
+            .brokers
+            .iter()
+            .filter(|(id, b)| !b.removing && !self.is_controller_member(**id))
+        {
+            match self
+                .propose(ControllerCommand::SetRemoving { node_id: *node })
+                .await
+            {
+                Ok(_) => tracing::warn!(
+                    node,
+                    "a broker registered after it left the controller group: removing it"
+                ),
+                Err(e) => tracing::info!(node, "cannot mark the broker as being removed yet: {e}"),
+            }
+        }
         // Replicas still going to a broker being removed (a move that failed, or that ran when
         // the removal began) are sent elsewhere.
         for (node, _) in state.brokers.iter().filter(|(_, b)| b.removing) {
@@ -316,6 +334,17 @@ impl Node {
             }
         }
     }
+}
+
+/// What `remove_broker` did.
+#[derive(Debug, Default)]
+pub struct Removal {
+    /// Moves started ("topic/partition: [from] -> [to]").
+    pub started: Vec<String>,
+    /// Partitions left for now, with why.
+    pub waiting: Vec<String>,
+    /// Changes made at once (a controller member that never registered, taken out).
+    pub done: Vec<String>,
 }
 
 /// Drives replica moves while the node runs: on every controller change and every second.

@@ -351,9 +351,9 @@ impl Admin {
         Ok((r.started, r.waiting))
     }
 
-    /// Starts moving every replica off broker `node_id`, which then leaves the cluster.
-    /// Returns (moves started, partitions left for now with why).
-    pub async fn remove_broker(&self, node_id: u64) -> Result<(Vec<String>, Vec<String>)> {
+    /// Starts moving every replica off broker `node_id`, which then leaves the cluster (a
+    /// member of the controller group that never registered leaves it at once).
+    pub async fn remove_broker(&self, node_id: u64) -> Result<Removal> {
         let request = self
             .client
             .request(proto::RemoveBrokerRequest { node_id }, None, None);
@@ -364,7 +364,11 @@ impl Admin {
             .await
             .map_err(Error::from)?
             .into_inner();
-        Ok((r.started, r.waiting))
+        Ok(Removal {
+            started: r.started,
+            waiting: r.waiting,
+            done: r.done,
+        })
     }
 
     /// The ACL rules in force: (checks on, the answering broker's config rules, the rules
@@ -550,4 +554,15 @@ impl Admin {
             .map_err(Error::from)?;
         Ok(())
     }
+}
+
+/// What a broker removal did ([`Admin::remove_broker`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// Moves started ("topic/partition: [from] -> [to]").
+    pub started: Vec<String>,
+    /// Partitions left for now, with why (call again once their running move is done).
+    pub waiting: Vec<String>,
+    /// Changes made at once: a member of the controller group that never registered, taken out.
+    pub done: Vec<String>,
 }

@@ -45,7 +45,7 @@ pub use weft_proto::transport::{self, Transport};
 /// The connection every generated client of this crate runs on.
 type Channel = Transport;
 
-pub use admin::{Admin, PartitionStatus, TopicSettings, TopicUpdate};
+pub use admin::{Admin, PartitionStatus, Removal, TopicSettings, TopicUpdate};
 pub use consumer::{Consumer, ConsumerConfig, Message, StartFrom};
 pub use error::{Error, Result};
 pub use producer::{

@@ -905,6 +905,8 @@ fn brokers_listed(broker: &Broker) -> Vec<u64> {
         .as_array()
         .expect("brokers")
         .iter()
+        // Registered brokers only (not members of the controller group still registering).
+        .filter(|b| b["unregistered"] != true)
         .map(|b| b["id"].as_u64().expect("id"))
         .collect();
     ids.sort_unstable();

@@ -423,7 +423,10 @@ impl WeftClusterDriver {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             let status = clients[0].admin().cluster_status().await;
-            if status.as_ref().is_ok_and(|s| s.nodes.len() == CLUSTER_SIZE) {
+            let registered = |s: &weft_proto::v1::ClusterStatus| {
+                s.nodes.iter().filter(|n| !n.unregistered).count()
+            };
+            if status.as_ref().is_ok_and(|s| registered(s) == CLUSTER_SIZE) {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -452,6 +455,15 @@ impl Driver for WeftClusterDriver {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let infos = self.clients[0].admin().partitions(topic).await?;
+            // The figures mean replication factor 3: a cluster that placed fewer replicas (a
+            // broker not registered yet when the topic was made) would measure something else.
+            if let Some(p) = infos.iter().find(|p| p.replicas.len() != CLUSTER_SIZE) {
+                bail!(
+                    "partition {} of {topic} has replicas {:?}, not {CLUSTER_SIZE}",
+                    p.partition,
+                    p.replicas
+                );
+            }
             let led = infos.iter().all(|p| p.leader_id != 0);
             let preferred = infos
                 .iter()

@@ -115,17 +115,19 @@ pub async fn status(node: &Node) -> v1::ClusterStatus {
                     unregistered: false,
                 })
                 .collect();
-            nodes.extend(node.unregistered_controller_members().into_iter().map(
-                |(id, peer_address)| v1::Node {
-                    id,
-                    client_address: String::new(),
-                    peer_address,
-                    reachable: false,
-                    voter: voters.contains(&id),
-                    removing: false,
-                    unregistered: true,
-                },
-            ));
+            nodes.extend(
+                node.unregistered_controller_members(&state)
+                    .into_iter()
+                    .map(|(id, peer_address)| v1::Node {
+                        id,
+                        client_address: String::new(),
+                        peer_address,
+                        reachable: false,
+                        voter: voters.contains(&id),
+                        removing: false,
+                        unregistered: true,
+                    }),
+            );
             let reachable = futures::future::join_all(nodes.iter().map(|n| {
                 let (id, address) = (n.id, n.peer_address.clone());
                 async move { id == node.node_id || peers.ping(id, &address, PING_TIMEOUT).await }
@@ -257,7 +259,13 @@ impl Cluster for ClusterService {
             .node
             .rebalance()
             .await
-            .map(|(started, waiting)| Response::new(v1::ReassignResponse { started, waiting }))
+            .map(|(started, waiting)| {
+                Response::new(v1::ReassignResponse {
+                    started,
+                    waiting,
+                    done: Vec::new(),
+                })
+            })
             .map_err(Status::from);
         crate::metrics::rpc("Rebalance", started, &result);
         result
@@ -274,7 +282,13 @@ impl Cluster for ClusterService {
             .node
             .remove_broker(node_id)
             .await
-            .map(|(started, waiting)| Response::new(v1::ReassignResponse { started, waiting }))
+            .map(|r| {
+                Response::new(v1::ReassignResponse {
+                    started: r.started,
+                    waiting: r.waiting,
+                    done: r.done,
+                })
+            })
             .map_err(Status::from);
         crate::metrics::rpc("RemoveBroker", started, &result);
         result

@@ -352,10 +352,20 @@ impl ControllerGroup {
         Ok(())
     }
 
-    /// The members of the controller group (voters and learners) that never registered as
-    /// brokers, with the peer address they joined with.
-    pub fn unregistered_members(&self) -> Vec<(NodeId, String)> {
-        let state = self.sm.state();
+    /// Whether `node` is a voter or a learner of the controller group (this broker's view).
+    pub fn is_member(&self, node: NodeId) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .is_some()
+    }
+
+    /// The members of the controller group (voters and learners) that are not registered as
+    /// brokers in `state`, with the peer address they joined with.
+    pub fn unregistered_members(&self, state: &ControllerState) -> Vec<(NodeId, String)> {
         let metrics = self.raft.metrics().borrow().clone();
         metrics
             .membership_config
@@ -539,6 +549,17 @@ async fn remove_unregistered_here_or_forward(
             leader: None,
         });
     };
+    // As for proposals: a membership change appended while this leader hands the controller
+    // over would keep the target behind and its election would fail.
+    let moving_to = peers
+        .controller_transfer()
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if leader == metrics.id && moving_to != 0 {
+        return Err(BrokerError::Unavailable {
+            reason: format!("the controller's leadership is moving to node {moving_to}"),
+            leader: Some(moving_to),
+        });
+    }
     if leader != metrics.id {
         let unavailable = |reason: String| BrokerError::Unavailable {
             reason,
@@ -564,8 +585,17 @@ async fn remove_unregistered_here_or_forward(
             PROPOSE_TIMEOUT,
         );
         let mut client = peers.controller_client(&address).map_err(&unavailable)?;
-        let response = client.remove_member(request).await?;
-        return Ok(response.into_inner().leader_id);
+        return match client.remove_member(request).await {
+            Ok(response) => Ok(response.into_inner().leader_id),
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                Err(BrokerError::Conflict(format!(
+                    "the controller leader (node {leader}) runs an earlier build, which cannot \
+                     take a member that never registered out of the controller group; upgrade \
+                     it first"
+                )))
+            }
+            Err(status) => Err(status.into()),
+        };
     }
     // Read as of now: a registration committed before this call counts.
     raft.ensure_linearizable()

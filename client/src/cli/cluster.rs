@@ -128,17 +128,22 @@ async fn partitions_from_leaders(
     Ok(partitions)
 }
 
-fn print_reassign(output: Output, started: &[String], waiting: &[String]) {
+fn print_reassign(output: Output, started: &[String], waiting: &[String], done: &[String]) {
     match output {
-        Output::Json => print_json(&json!({ "started": started, "waiting": waiting })),
+        Output::Json => {
+            print_json(&json!({ "started": started, "waiting": waiting, "done": done }))
+        }
         Output::Text => {
+            for d in done {
+                println!("{d}");
+            }
             for m in started {
                 println!("moving {m}");
             }
             for w in waiting {
                 println!("waiting {w}");
             }
-            if started.is_empty() && waiting.is_empty() {
+            if started.is_empty() && waiting.is_empty() && done.is_empty() {
                 println!("nothing to move");
             }
         }
@@ -191,8 +196,9 @@ pub(crate) async fn run(
                             if n.removing {
                                 "  REMOVING"
                             } else if n.unregistered {
-                                "  UNREGISTERED (a controller member that never registered: \
-                                 `weft cluster remove-broker` takes it out once it is stopped)"
+                                "  UNREGISTERED (a controller member that has not registered: \
+                                 still catching up, or lost before it registered; `weft cluster \
+                                 remove-broker` takes a lost one out once it is stopped)"
                             } else {
                                 ""
                             }
@@ -298,14 +304,14 @@ pub(crate) async fn run(
         }
         ClusterCommand::Rebalance { wait } => {
             let (started, waiting) = client.admin().rebalance().await?;
-            print_reassign(output, &started, &waiting);
+            print_reassign(output, &started, &waiting, &[]);
             if wait {
                 wait_for_moves(client, None).await?;
             }
         }
         ClusterCommand::RemoveBroker { node_id, wait } => {
-            let (started, waiting) = client.admin().remove_broker(node_id).await?;
-            print_reassign(output, &started, &waiting);
+            let removal = client.admin().remove_broker(node_id).await?;
+            print_reassign(output, &removal.started, &removal.waiting, &removal.done);
             if wait {
                 wait_for_moves(client, Some(node_id)).await?;
                 if output == Output::Text {
