@@ -402,3 +402,55 @@ async fn a_member_lost_before_it_registered_is_listed_and_can_be_removed() {
         "{out:?}"
     );
 }
+
+/// The race of the removal above: a member taken out of the controller group while it could
+/// not answer (paused), whose registration then lands, would be a registered broker outside the
+/// controller group (given replicas it never hears of). The controller's leader removes it as
+/// any broker, so it leaves the listing again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_that_registers_after_it_was_taken_out_is_removed_again() {
+    let brokers = start_cluster(3);
+    let late =
+        weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_REGISTER_DELAY_MS", "8000")]);
+    wait_for(
+        "node 4 listed as a controller member that has not registered",
+        Duration::from_secs(60),
+        || {
+            let nodes = cluster_nodes(&brokers[0]);
+            async move {
+                nodes
+                    .into_iter()
+                    .find(|n| n["id"] == 4 && n["unregistered"] == true)
+            }
+        },
+    )
+    .await;
+    late.pause();
+    let out = ok_stdout(&brokers[0].cli(&["cluster", "remove-broker", "4"]));
+    assert!(out.contains("never registered"), "{out}");
+    late.resume();
+    // Its registration lands once its delay is over; the controller's leader then removes it.
+    wait_for(
+        "the controller's leader to remove the late registration",
+        Duration::from_secs(60),
+        || {
+            let warned = brokers.iter().any(|b| {
+                b.log()
+                    .contains("a broker registered after it left the controller group")
+            });
+            async move { warned.then_some(()) }
+        },
+    )
+    .await;
+    for broker in &brokers {
+        wait_for("node 4 gone again", Duration::from_secs(30), || {
+            let ids: Vec<u64> = cluster_nodes(broker)
+                .iter()
+                .map(|n| n["id"].as_u64().expect("id"))
+                .collect();
+            async move { (ids == [1, 2, 3]).then_some(()) }
+        })
+        .await;
+    }
+    drop(late);
+}
