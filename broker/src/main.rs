@@ -64,6 +64,8 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // First: a SIGTERM from here on stops the broker gracefully.
+        let stop_signal = signal();
         let telemetry = match &config.telemetry.otlp_endpoint {
             Some(endpoint) => Some(
                 weft_proto::otel::install_otlp(
@@ -76,7 +78,7 @@ fn main() -> std::process::ExitCode {
             None => None,
         };
         let listeners = Listeners::bind(&config).await?;
-        let result = run(config, listeners, signal()).await;
+        let result = run(config, listeners, stop_signal).await;
         if let Some(telemetry) = telemetry {
             // Export what is still queued before the process ends.
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;

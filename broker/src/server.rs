@@ -101,7 +101,16 @@ pub async fn run(
         config.quic_listen = Some(quic);
     }
     crate::metrics::install();
-    let node = Node::start(config.clone()).await?;
+    // A SIGTERM while the node starts (a seed waiting for its peers, a damaged controller log
+    // waiting for a broker to repair it from) stops it there: what it opened is crash-safe.
+    let mut shutdown = Box::pin(shutdown);
+    let node = tokio::select! {
+        node = Node::start(config.clone()) => node?,
+        () = &mut shutdown => {
+            tracing::info!("asked to stop while starting; stopped");
+            return Ok(());
+        }
+    };
     // A downgrade is refused before any listener takes a call: the controller state this broker
     // has applied so far (a single node has applied its whole log by now) shows a feature level
     // above this build's. (A clustered broker still catching up stops as soon as its state
@@ -313,7 +322,7 @@ pub async fn run(
         }
     };
     let must_stop = tokio::select! {
-        () = shutdown => None,
+        () = &mut shutdown => None,
         why = too_old => Some(why),
         why = refused => Some(why),
     };
@@ -349,27 +358,41 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (within the
+/// runtime), not when the future is first polled: a SIGTERM that comes while the broker starts,
+/// or right after it says it is ready (a pod deleted at that moment), then stops it gracefully
+/// instead of killing it (seen: a broker killed by a SIGTERM sent just after its ready line).
+pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (term, interrupt) {
+                (Ok(mut term), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+                (Ok(mut term), Err(_)) => {
+                    let _ = term.recv().await;
+                }
+                (Err(_), Ok(mut interrupt)) => {
+                    let _ = interrupt.recv().await;
+                }
+                (Err(_), Err(_)) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async move {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -838,7 +838,8 @@ async fn a_build_below_the_feature_level_in_use_may_not_join_or_run() {
         async move { (seen == 2).then_some(()) }
     })
     .await;
-    assert_eq!(broker.stop(), Some(0));
+    let code = broker.stop();
+    assert_eq!(code, Some(0), "{}", broker.log());
     broker.set_env("WEFT_TEST_FEATURE_LEVEL", "1");
     let why = broker.start_again_expecting_exit();
     assert!(why.contains("exit status: 1"), "{why}");

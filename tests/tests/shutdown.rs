@@ -296,3 +296,75 @@ async fn sigterm_does_not_wait_for_a_subscriber_that_stopped_reading() {
     drop(subscription);
     drop(subscribe_tx);
 }
+
+/// A SIGTERM that comes while the broker starts (here a seed waiting up to 5 s for its peers
+/// to say whether they have a cluster; a pod deleted at that moment) stops it gracefully, exit
+/// status 0. Before, the signal handler was only installed once the broker was ready, so such
+/// a SIGTERM killed the process (and so did one sent just after its ready line: seen as a
+/// flaky `acl` test whose broker, stopped right after starting, died by the signal).
+#[test]
+fn sigterm_while_starting_stops_the_broker_gracefully() {
+    weft_tests::ensure_binaries();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let [client, peer, admin] = [(); 3].map(|()| format!("127.0.0.1:{}", weft_tests::free_port()));
+    // Peers 2 and 3 never start: node 1 asks them for a while before it starts a cluster.
+    let peers = format!(
+        "1@{peer},2@127.0.0.1:{},3@127.0.0.1:{}",
+        weft_tests::free_port(),
+        weft_tests::free_port()
+    );
+    let log = std::fs::File::create(dir.path().join("broker.log")).expect("log");
+    let mut child = std::process::Command::new(weft_tests::binary("weft-broker"))
+        .args(["--node-id", "1", "--peers", &peers])
+        .args([
+            "--data-dir",
+            dir.path().join("data").to_str().expect("utf-8"),
+        ])
+        .args(["--client-listen", &client, "--peer-listen", &peer])
+        .args(["--admin-listen", &admin])
+        .env("WEFT_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn weft-broker");
+    // Its listeners are bound before it starts the node: once its client port takes a
+    // connection, it is starting.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&client).is_err() {
+        assert!(Instant::now() < deadline, "the broker never bound its port");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let read_log = || std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
+    assert!(
+        !read_log().contains("weft-broker ready"),
+        "the broker was ready already: {}",
+        read_log()
+    );
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the broker did not stop after SIGTERM; log:\n{}",
+                read_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a graceful stop, not death by the signal ({status}); log:\n{}",
+        read_log()
+    );
+    assert!(
+        read_log().contains("asked to stop while starting"),
+        "{}",
+        read_log()
+    );
+}
