@@ -294,6 +294,20 @@ fn cluster_nodes(broker: &Broker) -> Vec<serde_json::Value> {
     value["brokers"].as_array().expect("brokers").clone()
 }
 
+/// Waits until every broker's `/v1/cluster` lists exactly the nodes `ids` (registered or not).
+async fn listed_everywhere_as(brokers: &[Broker], ids: &[u64]) {
+    for broker in brokers {
+        wait_for("the nodes listed", Duration::from_secs(30), || {
+            let listed: Vec<u64> = cluster_nodes(broker)
+                .iter()
+                .map(|n| n["id"].as_u64().expect("id"))
+                .collect();
+            async move { (listed == ids).then_some(()) }
+        })
+        .await;
+    }
+}
+
 /// A broker that joined the controller group and was lost before it registered (killed, its
 /// machine gone; a test hook holds its registration back) used to be a voter that nothing
 /// listed and nothing could remove ("node 4 is not a broker of this cluster"): it counted
@@ -377,20 +391,7 @@ async fn a_member_lost_before_it_registered_is_listed_and_can_be_removed() {
         ),
         "{out}"
     );
-    for broker in &brokers {
-        wait_for(
-            "node 4 gone from every view",
-            Duration::from_secs(30),
-            || {
-                let ids: Vec<u64> = cluster_nodes(broker)
-                    .iter()
-                    .map(|n| n["id"].as_u64().expect("id"))
-                    .collect();
-                async move { (ids == [1, 2, 3]).then_some(()) }
-            },
-        )
-        .await;
-    }
+    listed_everywhere_as(&brokers, &[1, 2, 3]).await;
     ok_stdout(&brokers[0].cli(&deny));
     let rules = ok_stdout(&brokers[2].cli(&["-o", "json", "acl", "list"]));
     assert!(rules.contains("\"deny\""), "{rules}");
@@ -442,15 +443,6 @@ async fn a_member_that_registers_after_it_was_taken_out_is_removed_again() {
         },
     )
     .await;
-    for broker in &brokers {
-        wait_for("node 4 gone again", Duration::from_secs(30), || {
-            let ids: Vec<u64> = cluster_nodes(broker)
-                .iter()
-                .map(|n| n["id"].as_u64().expect("id"))
-                .collect();
-            async move { (ids == [1, 2, 3]).then_some(()) }
-        })
-        .await;
-    }
+    listed_everywhere_as(&brokers, &[1, 2, 3]).await;
     drop(late);
 }
