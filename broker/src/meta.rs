@@ -147,12 +147,35 @@ impl Metadata {
 
     /// Stores the node identity.
     pub fn set_node_identity(&self, identity: &NodeIdentity) -> Result<()> {
+        self.create_node_identity(identity, false)
+    }
+
+    /// Stores the node identity of a first start, and, with `recovering`, the mark of a broker
+    /// whose data directory was empty in a cluster ([`Metadata::recovering`]), in one write: a
+    /// crash between the two could leave an identity without the mark.
+    pub fn create_node_identity(&self, identity: &NodeIdentity, recovering: bool) -> Result<()> {
         let mut body = identity.node_id.to_le_bytes().to_vec();
         body.extend_from_slice(identity.cluster_id.as_bytes());
-        Ok(self.store.apply(
-            NODE,
-            vec![MetaOp::Put(b"identity".to_vec(), with_version(&body))],
-        )?)
+        let mut ops = vec![MetaOp::Put(b"identity".to_vec(), with_version(&body))];
+        if recovering {
+            ops.push(MetaOp::Put(b"recovering".to_vec(), with_version(&[])));
+        }
+        Ok(self.store.apply(NODE, ops)?)
+    }
+
+    /// Whether this broker started with an empty data directory in a cluster and has not yet
+    /// settled that it was a new broker, or caught up in every group after losing its data.
+    /// Until then it withholds its votes again after a restart: an identity alone would make a
+    /// broker stopped half way through that look like one that never lost anything.
+    pub fn recovering(&self) -> Result<bool> {
+        Ok(self.store.get(NODE, b"recovering")?.is_some())
+    }
+
+    /// Removes the mark of [`Metadata::recovering`].
+    pub fn clear_recovering(&self) -> Result<()> {
+        Ok(self
+            .store
+            .apply(NODE, vec![MetaOp::Delete(b"recovering".to_vec())])?)
     }
 
     fn raft_key(group: u64, key: RaftKey) -> Vec<u8> {

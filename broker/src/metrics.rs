@@ -75,6 +75,20 @@ pub fn replayed(topic: &str, partition: u32, entries: u64, bytes: u64) {
 
 /// Refreshes the gauges of every hosted partition and group, then renders the text format.
 pub fn render(node: &Node) -> String {
+    // 1 while this broker withholds votes: its data directory was empty at a start in a
+    // cluster and it has not settled yet (new, or caught up after losing its data).
+    let voting = match node.peers().recovery() {
+        crate::raft::Recovery::Normal => "normal",
+        crate::raft::Recovery::Undecided => "undecided",
+        crate::raft::Recovery::Rejoining => "rejoining",
+    };
+    for mode in ["normal", "undecided", "rejoining"] {
+        metrics::gauge!("weft_voting_mode", "mode" => mode).set(if mode == voting {
+            1.0
+        } else {
+            0.0
+        });
+    }
     for ((topic, partition), phase) in node.hosted() {
         for state in ["opening", "replaying", "ready", "down"] {
             let labels = [

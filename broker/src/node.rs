@@ -378,6 +378,54 @@ async fn register_loop(weak: std::sync::Weak<Node>) {
     }
 }
 
+/// Clears the mark of a broker that started with an empty data directory in a cluster
+/// ([`Metadata::recovering`]) once it votes as any broker: at once when the cluster said it is
+/// new; after it lost its data, once every group open here has caught up with what its leader
+/// had committed and every partition it holds serves. Checked every second.
+async fn settle_recovery(weak: Weak<Node>, meta: Metadata) {
+    use crate::raft::Recovery;
+    // Test hook: `WEFT_TEST_SETTLE_AFTER_MS` holds the broker short of settling that long (a
+    // broker stopped while it catches up).
+    if let Some(ms) = std::env::var("WEFT_TEST_SETTLE_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(node) = weak.upgrade() else { return };
+        if node.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let peers = node.peers();
+        let settled = match peers.recovery() {
+            Recovery::Normal => true,
+            Recovery::Undecided => false,
+            Recovery::Rejoining => {
+                node.controller.is_current() && node.is_ready() && peers.votes_in_every_group()
+            }
+        };
+        if !settled {
+            continue;
+        }
+        // Becoming Normal clears the mark too (`Peers::on_settled`); cleared here as well in
+        // case that failed.
+        if peers.recovery() == Recovery::Rejoining {
+            peers.set_recovery(Recovery::Normal);
+        }
+        match meta.clear_recovering() {
+            Ok(()) => {
+                tracing::info!(
+                    "settled after starting with an empty data directory: votes in every group"
+                );
+                return;
+            }
+            Err(e) => tracing::warn!("cannot clear the recovering mark yet: {e}"),
+        }
+    }
+}
+
 /// `WEFT_TEST_REGISTER_DELAY_MS`: a test hook that makes a joining broker wait that long after
 /// its join before it registers (the window in which a broker lost between the two is a member
 /// of the controller group that never registered).
@@ -478,7 +526,7 @@ impl Node {
         })?;
         let store = SledMetaStore::open(config.data_dir.join("meta"))?;
         let meta = Metadata::new(Arc::new(store));
-        let fresh = meta.node_identity()?.is_none();
+        let seeds = config.peer_list()?;
         let identity = match meta.node_identity()? {
             Some(identity) if identity.node_id != config.node_id => anyhow::bail!(
                 "data_dir {} belongs to node {}, but node_id is {}",
@@ -492,10 +540,13 @@ impl Node {
                     node_id: config.node_id,
                     cluster_id: uuid::Uuid::new_v4().to_string(),
                 };
-                meta.set_node_identity(&identity)?;
+                // In a cluster, marked until this broker has settled that it is new, or caught
+                // up after losing its data (see `Metadata::recovering`).
+                meta.create_node_identity(&identity, !seeds.is_empty())?;
                 identity
             }
         };
+        let recovering = !seeds.is_empty() && meta.recovering()?;
         let mode = if config.flush_sync == "fdatasync" {
             SyncMode::Fdatasync
         } else {
@@ -511,11 +562,21 @@ impl Node {
             crate::tls::peer_client(&config)?,
         );
         peers.watch_leaders();
-        let seeds = config.peer_list()?;
-        if fresh && !seeds.is_empty() {
+        {
+            let meta = meta.clone();
+            peers.on_settled(Box::new(move || {
+                if let Err(e) = meta.clear_recovering() {
+                    tracing::warn!("cannot clear the recovering mark: {e}");
+                }
+            }));
+        }
+        if recovering {
             // An empty data directory in a cluster: a first start, or a broker that lost its
             // data. It votes only once the cluster has said which (and, if it lost its data,
-            // once it has caught up in each group).
+            // once it has caught up in each group). So does one that was stopped before that
+            // (its mark stays until then): with its identity alone it would vote at once, with
+            // a log that may lack what it had acknowledged before it lost its data. (The
+            // controller group makes it rejoining when its log already holds the cluster.)
             peers.set_recovery(crate::raft::Recovery::Undecided);
         }
         let controller = ControllerGroup::open(
@@ -586,6 +647,9 @@ impl Node {
         })?;
         if moved > 0 {
             tracing::info!(moved, "moved committed group offsets to topic ids");
+        }
+        if recovering {
+            tokio::spawn(settle_recovery(Arc::downgrade(&node), meta.clone()));
         }
         node.reconcile(&state).await;
         tokio::spawn(reconcile_loop(

@@ -183,3 +183,79 @@ async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
         );
     }
 }
+
+/// A replica that lost its data and was stopped while it was catching up (killed, or its pod
+/// deleted) withholds its votes again after the restart, until it has caught up; then it votes
+/// as any broker, and a later restart votes at once. Before, the identity its first start wrote
+/// made the second start look like that of a broker that never lost anything: it voted at once
+/// in every group, with a log that may lack entries it had acknowledged before it lost its
+/// data (so it could help elect a leader that lacks committed entries). A test hook holds the
+/// first start short of settling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_stopped_before_it_caught_up_still_withholds_its_votes() {
+    let mut brokers = start_cluster_with(3, &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"wipe","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    publish(&brokers[0].client_addr, 0, 64).await;
+
+    let wiped = 2;
+    brokers[wiped].kill9();
+    std::fs::remove_dir_all(brokers[wiped].data_dir()).expect("wipe");
+    brokers[wiped].set_env("WEFT_TEST_SETTLE_AFTER_MS", "600000");
+    brokers[wiped].start_again_same_ports();
+    wait_for(
+        "the wiped broker rejoining",
+        Duration::from_secs(60),
+        || {
+            let log = brokers[wiped].log();
+            async move { log.contains("recovery=Rejoining").then_some(()) }
+        },
+    )
+    .await;
+    brokers[wiped].kill9();
+
+    // Restarted (the hook off): it withholds its votes until it has caught up again, then
+    // settles.
+    let before = brokers[wiped].log().len();
+    brokers[wiped].set_env("WEFT_TEST_SETTLE_AFTER_MS", "0");
+    brokers[wiped].start_again_same_ports();
+    brokers[wiped].wait_ready();
+    wait_for(
+        "the restarted broker to settle",
+        Duration::from_secs(60),
+        || {
+            let log = brokers[wiped].log();
+            let settled = log[before..].contains("votes in every group");
+            async move { settled.then_some(()) }
+        },
+    )
+    .await;
+    let second = brokers[wiped].log()[before..].to_string();
+    assert!(
+        second.contains("recovery=Rejoining"),
+        "the restarted broker withholds its votes until caught up:\n{second}"
+    );
+    assert_eq!(
+        weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"normal\"}"),
+        Some(1.0)
+    );
+
+    // Settled, a restart votes at once.
+    let before = brokers[wiped].log().len();
+    assert_eq!(brokers[wiped].stop(), Some(0));
+    brokers[wiped].start_again_same_ports();
+    brokers[wiped].wait_ready();
+    let third = brokers[wiped].log()[before..].to_string();
+    assert!(!third.contains("recovery="), "{third}");
+    assert_eq!(
+        weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"normal\"}"),
+        Some(1.0)
+    );
+    // It still holds every record.
+    let read = fetch_range(&brokers[wiped].client_addr, "wipe", 0, 0, 64).await;
+    assert_eq!(read.len(), 64);
+}

@@ -122,6 +122,12 @@ impl ControllerGroup {
             join_refused,
         };
         let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
+        if initialized && peers.recovery() == Recovery::Undecided {
+            // Stopped after it started with an empty data directory and before it had caught
+            // up everywhere: it holds part of the cluster's log again, so it is a member that
+            // lost its data (a new broker would have settled that at its join).
+            peers.set_recovery(Recovery::Rejoining);
+        }
         if !initialized {
             // The seed initialises a new cluster only when no other broker has one: a seed that
             // lost its data joins the cluster it belonged to instead of starting a second one.

@@ -44,7 +44,7 @@ pub use controller_sm::{
 };
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};
-pub use network::{PEER_MESSAGE_BYTES_MAX, Peers, RaftService, Recovery};
+pub use network::{PEER_MESSAGE_BYTES_MAX, Peers, RaftService, Recovery, SettledHook};
 pub use partition_group::{
     FollowerLag, GroupSpec, GroupStatus, MoveStep, PartitionGroup, Proposal,
 };

@@ -140,6 +140,8 @@ struct Inner {
     election_clock: Mutex<HashMap<GroupId, (Instant, Option<Instant>)>>,
     /// Whether this node may vote (see [`Recovery`]), and the groups where it waits.
     recovery: Mutex<(Recovery, HashMap<GroupId, Gate>)>,
+    /// Called when this node comes to vote as any broker ([`Peers::on_settled`]).
+    settled: Mutex<Option<SettledHook>>,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
     contacts: Mutex<HashMap<(GroupId, NodeId), Instant>>,
     /// The address this node's peer connections leave from (its peer listen address, when that
@@ -170,6 +172,9 @@ impl std::fmt::Debug for Inner {
             .finish_non_exhaustive()
     }
 }
+
+/// See [`Peers::on_settled`].
+pub type SettledHook = Box<dyn Fn() + Send + Sync>;
 
 /// Whether a broker votes. A broker that lost its data (started with an empty data directory
 /// while the cluster already counted it as a member) forgot its votes and its log: granting a
@@ -249,6 +254,7 @@ impl Peers {
                 controller_transfer: std::sync::atomic::AtomicU64::new(0),
                 large_lanes: Mutex::new(HashMap::new()),
                 holds: Mutex::new(HashMap::new()),
+                settled: Mutex::new(None),
             }),
         }
     }
@@ -326,13 +332,28 @@ impl Peers {
         &self.inner.controller_transfer
     }
 
-    /// Sets whether this node votes (see [`Recovery`]).
+    /// Sets whether this node votes (see [`Recovery`]). Becoming [`Recovery::Normal`] calls
+    /// the hook of [`Peers::on_settled`] (after the mode is set).
     pub fn set_recovery(&self, recovery: Recovery) {
         if let Ok(mut r) = self.inner.recovery.lock() {
             if r.0 != recovery {
                 tracing::info!(?recovery, "voting mode");
             }
             r.0 = recovery;
+        }
+        if recovery == Recovery::Normal
+            && let Ok(hook) = self.inner.settled.lock()
+            && let Some(hook) = hook.as_ref()
+        {
+            hook();
+        }
+    }
+
+    /// What to do when this node comes to vote as any broker: the broker clears the durable
+    /// mark that makes it withhold its votes again after a restart.
+    pub fn on_settled(&self, hook: SettledHook) {
+        if let Ok(mut settled) = self.inner.settled.lock() {
+            *settled = Some(hook);
         }
     }
 
@@ -353,10 +374,30 @@ impl Peers {
             Recovery::Normal => false,
             Recovery::Undecided => true,
             Recovery::Rejoining => {
+                // The group's only voter has no other replica to lack anything against (a seed
+                // stopped just after it started the cluster): it would otherwise never elect.
+                let sole_voter = self.group(group_id).ok().is_some_and(|raft| {
+                    let m = raft.metrics().borrow().clone();
+                    let mut voters = m.membership_config.membership().voter_ids();
+                    voters.next() == Some(self.inner.node_id) && voters.next().is_none()
+                });
+                if sole_voter {
+                    return false;
+                }
                 let gate = r.1.entry(group_id).or_insert(Gate::Waiting);
                 !self.try_open(group_id, gate)
             }
         }
+    }
+
+    /// Whether this node votes in every group open here now (always, unless it is rejoining
+    /// after losing its data and some group has not caught up yet).
+    pub fn votes_in_every_group(&self) -> bool {
+        let ids: Vec<GroupId> = match self.inner.groups.read() {
+            Ok(groups) => groups.keys().copied().collect(),
+            Err(_) => return false,
+        };
+        ids.into_iter().all(|id| !self.withholds_vote(id))
     }
 
     /// Opens `gate` (group `group_id`) when the group has applied what it catches up to;
