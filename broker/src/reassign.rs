@@ -63,6 +63,10 @@ impl Node {
         partition: u32,
         replicas: Vec<NodeId>,
     ) -> Result<PartitionMeta, BrokerError> {
+        // The move names the replicas it starts from: read them as of now, not as this broker
+        // last applied them (seen: a move asked of a broker that had not yet applied the end of
+        // a rebalance another broker had waited for was refused as a conflict).
+        self.sync_controller().await?;
         let meta = self.topic(topic)?;
         let Some(current) = meta.partitions.get(partition as usize) else {
             return Err(BrokerError::PartitionNotFound {
@@ -108,6 +112,7 @@ impl Node {
     /// Returns the moves started, and those refused (the partition changed meanwhile).
     pub async fn rebalance(&self) -> Result<(Vec<String>, Vec<String>), BrokerError> {
         self.metadata_current()?;
+        self.sync_controller().await?;
         let plan = self.controller_state().plan_rebalance();
         Ok(self.start_moves(plan).await)
     }
@@ -120,6 +125,7 @@ impl Node {
     /// planned again by the next call).
     pub async fn remove_broker(&self, node: NodeId) -> Result<Removal, BrokerError> {
         self.metadata_current()?;
+        self.sync_controller().await?;
         let state = self.controller_state();
         if !state.brokers.contains_key(&node) && self.is_controller_member(node) {
             // A member that joined and was lost before it registered: it holds no replica (only
