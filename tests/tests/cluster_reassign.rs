@@ -294,6 +294,24 @@ fn cluster_nodes(broker: &Broker) -> Vec<serde_json::Value> {
     value["brokers"].as_array().expect("brokers").clone()
 }
 
+/// Waits until `broker`'s `/v1/cluster` lists node `id` as a voter of the controller group that
+/// has not registered; its JSON.
+async fn listed_unregistered(broker: &Broker, id: u64) -> serde_json::Value {
+    wait_for(
+        "the node listed as a controller voter that has not registered",
+        Duration::from_secs(60),
+        || {
+            let nodes = cluster_nodes(broker);
+            async move {
+                nodes
+                    .into_iter()
+                    .find(|n| n["id"] == id && n["unregistered"] == true && n["voter"] == true)
+            }
+        },
+    )
+    .await
+}
+
 /// Waits until every broker's `/v1/cluster` lists exactly the nodes `ids` (registered or not).
 async fn listed_everywhere_as(brokers: &[Broker], ids: &[u64]) {
     for broker in brokers {
@@ -320,19 +338,7 @@ async fn a_member_lost_before_it_registered_is_listed_and_can_be_removed() {
     let brokers = start_cluster(3);
     let mut lost =
         weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_REGISTER_DELAY_MS", "600000")]);
-    let listed = wait_for(
-        "node 4 listed as a controller voter that has not registered",
-        Duration::from_secs(60),
-        || {
-            let nodes = cluster_nodes(&brokers[0]);
-            async move {
-                nodes
-                    .into_iter()
-                    .find(|n| n["id"] == 4 && n["unregistered"] == true && n["voter"] == true)
-            }
-        },
-    )
-    .await;
+    let listed = listed_unregistered(&brokers[0], 4).await;
     assert_eq!(listed["client_address"], "", "{listed}");
     assert_eq!(listed["peer_address"], lost.peer_addr.as_str(), "{listed}");
     // Still running, it is not taken out.
@@ -413,19 +419,7 @@ async fn a_member_that_registers_after_it_was_taken_out_is_removed_again() {
     let brokers = start_cluster(3);
     let late =
         weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_REGISTER_DELAY_MS", "8000")]);
-    wait_for(
-        "node 4 listed as a controller member that has not registered",
-        Duration::from_secs(60),
-        || {
-            let nodes = cluster_nodes(&brokers[0]);
-            async move {
-                nodes
-                    .into_iter()
-                    .find(|n| n["id"] == 4 && n["unregistered"] == true)
-            }
-        },
-    )
-    .await;
+    listed_unregistered(&brokers[0], 4).await;
     late.pause();
     let out = ok_stdout(&brokers[0].cli(&["cluster", "remove-broker", "4"]));
     assert!(out.contains("never registered"), "{out}");

@@ -479,15 +479,7 @@ async fn propose_here_or_forward(
     // behind and renew the followers' leases, and the target's election would fail (seen: a
     // broker being removed could not hand the controller over, twice 30 s, while group commits
     // kept coming).
-    let moving_to = peers
-        .controller_transfer()
-        .load(std::sync::atomic::Ordering::SeqCst);
-    if moving_to != 0 {
-        return Err(BrokerError::Unavailable {
-            reason: format!("the controller's leadership is moving to node {moving_to}"),
-            leader: Some(moving_to),
-        });
-    }
+    refuse_while_handing_over(peers)?;
     let forward = match raft
         .client_write(Command::Controller(command.clone()))
         .await
@@ -536,6 +528,20 @@ async fn propose_here_or_forward(
         .map_err(|e| BrokerError::Internal(format!("controller response: {e}")))
 }
 
+/// UNAVAILABLE, naming the target, while this broker hands the controller's leadership over.
+fn refuse_while_handing_over(peers: &Peers) -> Result<(), BrokerError> {
+    let moving_to = peers
+        .controller_transfer()
+        .load(std::sync::atomic::Ordering::SeqCst);
+    if moving_to == 0 {
+        return Ok(());
+    }
+    Err(BrokerError::Unavailable {
+        reason: format!("the controller's leadership is moving to node {moving_to}"),
+        leader: Some(moving_to),
+    })
+}
+
 /// How long the controller leader's health check of a member it is asked to remove may take.
 const MEMBER_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -557,14 +563,8 @@ async fn remove_unregistered_here_or_forward(
     };
     // As for proposals: a membership change appended while this leader hands the controller
     // over would keep the target behind and its election would fail.
-    let moving_to = peers
-        .controller_transfer()
-        .load(std::sync::atomic::Ordering::SeqCst);
-    if leader == metrics.id && moving_to != 0 {
-        return Err(BrokerError::Unavailable {
-            reason: format!("the controller's leadership is moving to node {moving_to}"),
-            leader: Some(moving_to),
-        });
+    if leader == metrics.id {
+        refuse_while_handing_over(peers)?;
     }
     if leader != metrics.id {
         let unavailable = |reason: String| BrokerError::Unavailable {

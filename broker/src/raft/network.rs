@@ -377,7 +377,8 @@ impl Peers {
                 // The group's only voter has no other replica to lack anything against (a seed
                 // stopped just after it started the cluster): it would otherwise never elect.
                 let sole_voter = self.group(group_id).ok().is_some_and(|raft| {
-                    let m = raft.metrics().borrow().clone();
+                    let metrics = raft.metrics();
+                    let m = metrics.borrow();
                     let mut voters = m.membership_config.membership().voter_ids();
                     voters.next() == Some(self.inner.node_id) && voters.next().is_none()
                 });
