@@ -812,6 +812,36 @@ pub struct DrainView {
     pub kept: Vec<String>,
 }
 
+/// Ending a broker's recovery after it lost its data.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EndRecoveryBody {
+    /// Must be true: records acknowledged before the loss may be lost.
+    pub accept_data_loss: bool,
+}
+
+/// What ending the recovery did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EndRecoveryView {
+    /// The voting mode before: "normal" (nothing to end), "undecided" or "rejoining".
+    pub was: String,
+}
+
+/// Makes this broker vote in every group at once although it lost its data and has not caught
+/// up everywhere (it withholds its votes until then). Unsafe: a leader elected with its vote
+/// may lack records acknowledged before the loss; for a group most of whose replicas lost their
+/// data, which cannot elect otherwise.
+#[utoipa::path(post, path = "/v1/recovery/end", request_body = EndRecoveryBody,
+    responses((status = 200, body = EndRecoveryView), (status = 400, body = ErrorBody)))]
+async fn end_recovery(
+    State(node): State<AppState>,
+    body: Result<Json<EndRecoveryBody>, JsonRejection>,
+) -> Result<Json<EndRecoveryView>, ApiError> {
+    let Json(body) = body.map_err(bad_json)?;
+    let was = node.end_recovery(body.accept_data_loss)?;
+    Ok(Json(EndRecoveryView { was: was.into() }))
+}
+
 /// Moves a partition's leadership to another replica. Send it to the partition's leader (another
 /// broker answers 503 naming the leader).
 #[utoipa::path(post, path = "/v1/topics/{name}/partitions/{partition}/leader",
@@ -1068,6 +1098,7 @@ async fn remove_broker(
         reset_group_offsets,
         transfer_leadership,
         drain,
+        end_recovery,
         get_log_level,
         put_log_level,
         move_partition,
@@ -1103,6 +1134,8 @@ async fn remove_broker(
         TransferBody,
         LeaderView,
         DrainView,
+        EndRecoveryBody,
+        EndRecoveryView,
         BrokerView,
         LedPartitionView,
         MoveBody,
@@ -1224,6 +1257,7 @@ fn required(
         ["v1", "cluster"] => Some((Operation::Describe, PathResource::Cluster)),
         ["v1", "log-level"] if read => Some((Operation::Describe, PathResource::Cluster)),
         ["v1", "log-level" | "drain" | "rebalance" | "acls"]
+        | ["v1", "recovery", ..]
         | ["v1", "brokers", ..]
         | ["v1", "topics", _, "partitions", ..] => Some((Operation::Admin, PathResource::Cluster)),
         ["v1", "topics", name] => {
@@ -1336,6 +1370,7 @@ pub fn router(node: Arc<Node>, auth: crate::auth::Authenticator) -> Router {
             axum::routing::post(move_partition),
         )
         .route("/v1/drain", axum::routing::post(drain))
+        .route("/v1/recovery/end", axum::routing::post(end_recovery))
         .route("/v1/log-level", get(get_log_level).put(put_log_level))
         .route("/v1/rebalance", axum::routing::post(rebalance))
         .route(

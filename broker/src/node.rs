@@ -6,7 +6,7 @@
 //! stops and deletes the partitions of deleted topics. Each partition is opened, replayed and
 //! supervised by its own task; the node serves a partition only once it is ready.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -402,9 +402,7 @@ async fn settle_recovery(weak: Weak<Node>, meta: Metadata) {
         let settled = match peers.recovery() {
             Recovery::Normal => true,
             Recovery::Undecided => false,
-            Recovery::Rejoining => {
-                node.controller.is_current() && node.is_ready() && peers.votes_in_every_group()
-            }
+            Recovery::Rejoining => node.settled_after_data_loss(),
         };
         if !settled {
             continue;
@@ -725,6 +723,40 @@ impl Node {
         .map(|_| ())
     }
 
+    /// Whether this broker, rejoining after it lost its data, has caught up everywhere: it
+    /// knows the controller's state as of now and is registered there, every partition the
+    /// controller gives it is open and caught up here (one that reconcile has not opened yet,
+    /// or that is down, counts as not caught up: its group would vote at once after a restart
+    /// once settled) and every group open here votes.
+    fn settled_after_data_loss(&self) -> bool {
+        if self.stopping.load(Ordering::SeqCst) || !self.controller.is_current() {
+            return false;
+        }
+        let state = self.controller.state();
+        if !state.brokers.contains_key(&self.node_id) {
+            return false;
+        }
+        let slots: HashMap<(String, u32), Phase> = self
+            .registry
+            .slots()
+            .into_iter()
+            .map(|(key, slot)| (key, slot.phase()))
+            .collect();
+        let every_partition_open = state.topics.values().all(|topic| {
+            topic
+                .partitions
+                .iter()
+                .filter(|p| p.replicas.contains(&self.node_id))
+                .all(|p| {
+                    matches!(
+                        slots.get(&(topic.name.clone(), p.partition)),
+                        Some(Phase::Ready(_))
+                    )
+                })
+        });
+        every_partition_open && self.is_ready() && self.peers.votes_in_every_group()
+    }
+
     /// Whether the node serves: every hosted partition is open and caught up.
     pub fn is_ready(&self) -> bool {
         !self.stopping.load(Ordering::SeqCst) && !self.is_closing() && self.not_ready().is_empty()
@@ -1001,6 +1033,33 @@ impl Node {
         let leader = hosted.group().transfer_leadership(to, timeout).await?;
         tracing::info!(topic, partition, leader, "moved the partition's leadership");
         Ok(leader)
+    }
+
+    /// Makes this broker vote in every group at once, although it lost its data and has not
+    /// caught up everywhere (see `raft::Recovery`); clears its durable mark. Unsafe, so
+    /// `accept_data_loss` must say the caller knows. Returns the voting mode it had.
+    pub fn end_recovery(&self, accept_data_loss: bool) -> Result<&'static str, BrokerError> {
+        use crate::raft::Recovery;
+        if !accept_data_loss {
+            return Err(BrokerError::invalid(
+                "accept_data_loss",
+                "must be true: a leader elected with this broker's vote before it has caught up \
+                 may lack records acknowledged before it lost its data",
+            ));
+        }
+        let was = match self.peers.recovery() {
+            Recovery::Normal => return Ok("normal"),
+            Recovery::Undecided => "undecided",
+            Recovery::Rejoining => "rejoining",
+        };
+        tracing::warn!(
+            was,
+            "recovery ended by an operator: this broker votes in every group although it has \
+             not caught up everywhere after losing its data"
+        );
+        // Clears the durable mark too (`Peers::on_settled`).
+        self.peers.set_recovery(Recovery::Normal);
+        Ok(was)
     }
 
     /// Moves every partition leadership this broker holds to other replicas, side by side.
@@ -1458,6 +1517,15 @@ impl Node {
 
     /// Makes the hosted partitions match the controller state.
     async fn reconcile(&self, state: &ControllerState) {
+        self.peers.set_sole_replicas(
+            state
+                .topics
+                .values()
+                .flat_map(|topic| topic.partitions.iter())
+                .filter(|p| p.replicas == [self.node_id])
+                .map(|p| p.group_id)
+                .collect(),
+        );
         let wanted: Vec<PartitionSpec> = state
             .topics
             .values()

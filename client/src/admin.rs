@@ -311,6 +311,23 @@ impl Admin {
         Ok((r.moved, r.kept))
     }
 
+    /// Makes the broker this client reaches vote in every group at once although it lost its
+    /// data and has not caught up everywhere (unsafe: `accept_data_loss` must be true). Returns
+    /// its voting mode before: "normal" (nothing to end), "undecided" or "rejoining".
+    pub async fn end_recovery(&self, accept_data_loss: bool) -> Result<String> {
+        let request =
+            self.client
+                .request(proto::EndRecoveryRequest { accept_data_loss }, None, None);
+        Ok(self
+            .client
+            .cluster()
+            .end_recovery(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner()
+            .was)
+    }
+
     /// Starts moving a partition's replicas to `replicas` (the first becomes its preferred
     /// leader). Returns the partition: `moving_to` says where it goes until the move is done.
     pub async fn move_partition(

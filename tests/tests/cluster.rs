@@ -503,6 +503,7 @@ async fn a_three_broker_cluster_replicates_and_survives_a_partition_leader() {
                 committed: false,
             }),
             last_log_id: None,
+            candidate_in_every_quorum: false,
         });
         request
             .metadata_mut()

@@ -259,3 +259,118 @@ async fn a_wiped_replica_stopped_before_it_caught_up_still_withholds_its_votes()
     let read = fetch_range(&brokers[wiped].client_addr, "wipe", 0, 0, 64).await;
     assert_eq!(read.len(), 64);
 }
+
+/// A topic of two replicas created while one of them rejoins after losing its data elects its
+/// leaders. Before, the rejoining broker withheld its votes in every group whose leader it had
+/// not heard yet, a new group included, and stood in none of them: the other replica could
+/// never get a majority, and the partition stayed without a leader until the broker settled
+/// (never, while that group had no leader). The other replica of a group of two voters was in
+/// every majority that committed anything there, so its candidacy is safe whatever the
+/// rejoining broker had acknowledged; it says so in its (pre-)vote requests. Then an operator
+/// ends the recovery (`weft cluster end-recovery --accept-data-loss`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leaders() {
+    let mut brokers = start_cluster_with(3, &[]);
+    let wiped = 2;
+    let wiped_id = wiped as u64 + 1;
+    brokers[wiped].kill9();
+    std::fs::remove_dir_all(brokers[wiped].data_dir()).expect("wipe");
+    // Held short of settling: it stays rejoining for the whole test.
+    brokers[wiped].set_env("WEFT_TEST_SETTLE_AFTER_MS", "600000");
+    brokers[wiped].start_again_same_ports();
+    wait_for(
+        "the wiped broker rejoining",
+        Duration::from_secs(60),
+        || {
+            let log = brokers[wiped].log();
+            async move { log.contains("recovery=Rejoining").then_some(()) }
+        },
+    )
+    .await;
+
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"pair","partitions":3,"replication_factor":2}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = brokers[0].http("GET", "/v1/topics/pair", None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let with_wiped: Vec<u32> = v["partition_details"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .filter(|p| {
+            p["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|id| id.as_u64() == Some(wiped_id)))
+        })
+        .map(|p| p["partition"].as_u64().expect("partition") as u32)
+        .collect();
+    assert!(
+        !with_wiped.is_empty(),
+        "node {wiped_id} holds no replica: {body}"
+    );
+
+    let addresses: Vec<String> = brokers.iter().map(|b| b.client_addr.clone()).collect();
+    for partition in 0..3 {
+        let (offset, _) = weft_tests::publish_until_acknowledged(
+            &addresses,
+            "pair",
+            partition,
+            0,
+            &format!("p{partition}"),
+        )
+        .await;
+        assert_eq!(offset, 0);
+    }
+    // The rejoining broker was still rejoining: the leaders were elected with its votes given
+    // as it rejoined, not after it settled.
+    assert_eq!(
+        weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"rejoining\"}"),
+        Some(1.0),
+        "partitions {with_wiped:?} hold node {wiped_id}"
+    );
+
+    // An operator may end the recovery (unsafe, so only when told so): the broker then votes
+    // everywhere, and its durable mark is gone (a restart votes at once).
+    let refused = brokers[wiped].cli(&["cluster", "end-recovery"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--accept-data-loss"), "{stderr}");
+    let (status, body) = brokers[wiped].http(
+        "POST",
+        "/v1/recovery/end",
+        Some(r#"{"accept_data_loss":false}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("accept_data_loss"), "{body}");
+    assert_eq!(
+        weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"rejoining\"}"),
+        Some(1.0)
+    );
+    let ended = brokers[wiped].cli(&["cluster", "end-recovery", "--accept-data-loss"]);
+    let stdout = String::from_utf8_lossy(&ended.stdout);
+    assert!(
+        ended.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
+    assert!(stdout.contains("was rejoining"), "{stdout}");
+    assert_eq!(
+        weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"normal\"}"),
+        Some(1.0)
+    );
+    let before = brokers[wiped].log().len();
+    assert_eq!(brokers[wiped].stop(), Some(0));
+    brokers[wiped].start_again_same_ports();
+    brokers[wiped].wait_ready();
+    let restarted = brokers[wiped].log()[before..].to_string();
+    assert!(!restarted.contains("recovery="), "{restarted}");
+    let again = brokers[wiped].cli(&["cluster", "end-recovery", "--accept-data-loss"]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing to end"),
+        "{again:?}"
+    );
+}

@@ -220,6 +220,21 @@ impl Cluster for ClusterService {
         result
     }
 
+    async fn end_recovery(
+        &self,
+        request: Request<v1::EndRecoveryRequest>,
+    ) -> Result<Response<v1::EndRecoveryResponse>, Status> {
+        let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
+        let result = self
+            .node
+            .end_recovery(request.into_inner().accept_data_loss)
+            .map(|was| Response::new(v1::EndRecoveryResponse { was: was.into() }))
+            .map_err(Status::from);
+        crate::metrics::rpc("EndRecovery", started, &result);
+        result
+    }
+
     async fn move_partition(
         &self,
         request: Request<v1::MovePartitionRequest>,

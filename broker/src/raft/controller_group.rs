@@ -91,7 +91,7 @@ impl ControllerGroup {
             Ok((PartitionLog::open(dir, log_config)?, sm))
         })
         .await??;
-        let store = LogStore::new(CONTROLLER_GROUP, log, meta, flusher)
+        let store = LogStore::new(CONTROLLER_GROUP, log, meta.clone(), flusher)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let reader = store.reader();
         // Other brokers repair damage in their copies of the controller log from this one.
@@ -138,6 +138,11 @@ impl ControllerGroup {
             };
             match (seed, cluster_elsewhere) {
                 (true, Probe::NoCluster) => {
+                    // A new cluster: this broker lost nothing. The mark goes first, so that a
+                    // stop right after the cluster starts does not leave its only broker
+                    // rejoining a group it alone can elect in (a stop before the start leaves
+                    // an empty log and no mark: it starts the cluster again).
+                    meta.clear_recovering()?;
                     let members = BTreeMap::from([(node_id, BasicNode::new(peer_address.clone()))]);
                     raft.initialize(members).await?;
                     peers.set_recovery(Recovery::Normal);

@@ -142,6 +142,8 @@ struct Inner {
     recovery: Mutex<(Recovery, HashMap<GroupId, Gate>)>,
     /// Called when this node comes to vote as any broker ([`Peers::on_settled`]).
     settled: Mutex<Option<SettledHook>>,
+    /// The partition groups of which the controller lists this node as the only replica.
+    sole_replicas: RwLock<std::collections::HashSet<GroupId>>,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
     contacts: Mutex<HashMap<(GroupId, NodeId), Instant>>,
     /// The address this node's peer connections leave from (its peer listen address, when that
@@ -255,6 +257,7 @@ impl Peers {
                 large_lanes: Mutex::new(HashMap::new()),
                 holds: Mutex::new(HashMap::new()),
                 settled: Mutex::new(None),
+                sole_replicas: RwLock::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -357,6 +360,22 @@ impl Peers {
         }
     }
 
+    /// The partition groups of which the controller lists this node as the only replica
+    /// (set by each reconcile).
+    pub fn set_sole_replicas(&self, groups: std::collections::HashSet<GroupId>) {
+        if let Ok(mut sole) = self.inner.sole_replicas.write() {
+            *sole = groups;
+        }
+    }
+
+    /// Whether the controller lists this node as the only replica of group `group_id`.
+    fn is_sole_replica(&self, group_id: GroupId) -> bool {
+        self.inner
+            .sole_replicas
+            .read()
+            .is_ok_and(|sole| sole.contains(&group_id))
+    }
+
     /// Whether this node votes (see [`Recovery`]).
     pub fn recovery(&self) -> Recovery {
         self.inner
@@ -374,14 +393,17 @@ impl Peers {
             Recovery::Normal => false,
             Recovery::Undecided => true,
             Recovery::Rejoining => {
-                // The group's only voter has no other replica to lack anything against (a seed
-                // stopped just after it started the cluster): it would otherwise never elect.
-                let sole_voter = self.group(group_id).ok().is_some_and(|raft| {
-                    let metrics = raft.metrics();
-                    let m = metrics.borrow();
-                    let mut voters = m.membership_config.membership().voter_ids();
-                    voters.next() == Some(self.inner.node_id) && voters.next().is_none()
-                });
+                // The only replica of a partition has no other replica to lack anything
+                // against: it would otherwise never settle (its own leadership does not open
+                // the gate). Only where the controller says so too: the membership of a broker
+                // that lost its data may be one no longer in force (see `election_due`).
+                let sole_voter = self.is_sole_replica(group_id)
+                    && self.group(group_id).ok().is_some_and(|raft| {
+                        let metrics = raft.metrics();
+                        let m = metrics.borrow();
+                        let mut voters = m.membership_config.membership().voter_ids();
+                        voters.next() == Some(self.inner.node_id) && voters.next().is_none()
+                    });
                 if sole_voter {
                     return false;
                 }
@@ -389,6 +411,32 @@ impl Peers {
                 !self.try_open(group_id, gate)
             }
         }
+    }
+
+    /// Whether every committed entry of group `group_id` is in this node's log, whoever else
+    /// lost theirs: this node votes there, and every majority of its membership (each half of a
+    /// joint one) includes it (a group of two voters). Entries are committed by a majority of
+    /// the membership in force (the last one in the log; a change to it is committed by both
+    /// halves of the joint one before a new one follows), so each was acknowledged by this node.
+    /// A replica that lost its data and withholds its votes grants them to such a candidate:
+    /// it is safe whatever the replica had acknowledged, and a group of two voters (a
+    /// two-broker cluster, a topic of two replicas) would otherwise never elect while one of
+    /// them rejoins.
+    pub(super) fn in_every_quorum(&self, group_id: GroupId) -> bool {
+        if self.withholds_vote(group_id) {
+            return false;
+        }
+        let Ok(raft) = self.group(group_id) else {
+            return false;
+        };
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let me = self.inner.node_id;
+        m.membership_config
+            .membership()
+            .get_joint_config()
+            .iter()
+            .all(|part| part.contains(&me) && part.len() <= 2)
     }
 
     /// Whether this node votes in every group open here now (always, unless it is rejoining
@@ -581,6 +629,12 @@ impl Peers {
             let never_led = m.last_log_index.is_none_or(|i| i == 0) && m.current_leader.is_none();
             (m.id, m.current_term, alone, m.state, never_led)
         };
+        if alone && self.recovery() != Recovery::Normal && !self.is_sole_replica(group_id) {
+            // A broker that lost its data may hold a membership that is no longer in force (a
+            // snapshot taken before the group grew, the first entries of the log as it catches
+            // up): it stands alone only where the controller lists it as the only replica.
+            return None;
+        }
         if alone {
             // Once per term: the election of a single voter ends at once.
             let stood_this_term =
@@ -675,11 +729,13 @@ impl Peers {
             )
         };
         let last_log_id = self.last_log_id(group_id);
+        let candidate_in_every_quorum = self.in_every_quorum(group_id);
         let asked = others.into_iter().map(|(node, address)| {
             let request = pb::PreVoteRequest {
                 group_id,
                 term: term + 1,
                 last_log_id: last_log_id.as_ref().map(wire::log_id_to),
+                candidate_in_every_quorum,
             };
             async move {
                 let answer = match self.raft_client(&address) {
@@ -764,7 +820,7 @@ impl Peers {
             term,
             reason,
         };
-        if self.withholds_vote(group_id) {
+        if self.withholds_vote(group_id) && !request.candidate_in_every_quorum {
             return refuse("this replica lost its data and withholds its votes".into());
         }
         if leads {
@@ -1516,7 +1572,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        let message = wire::vote_request_to(self.group_id, &rpc);
+        let mut message = wire::vote_request_to(self.group_id, &rpc);
+        message.candidate_in_every_quorum = self.peers.in_every_quorum(self.group_id);
         let mut client = self.client().map_err(network_error)?;
         let response = client
             .vote(self.request(message, &option))
@@ -1619,7 +1676,7 @@ impl pb::raft_server::Raft for RaftService {
         self.peers.check(&request)?;
         let message = request.into_inner();
         let raft = self.peers.group(message.group_id)?;
-        if self.peers.withholds_vote(message.group_id) {
+        if self.peers.withholds_vote(message.group_id) && !message.candidate_in_every_quorum {
             return Err(Status::unavailable(format!(
                 "node {} lost its data and withholds its vote in group {} until it has caught up",
                 self.peers.inner.node_id, message.group_id

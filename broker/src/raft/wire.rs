@@ -206,6 +206,8 @@ pub(super) fn vote_request_to(group_id: u64, r: &VoteRequest<NodeId>) -> pb::Vot
         group_id,
         vote: Some(vote_to(&r.vote)),
         last_log_id: r.last_log_id.as_ref().map(log_id_to),
+        // Set by the sender, which knows its membership (see `Peers::in_every_quorum`).
+        candidate_in_every_quorum: false,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `weft cluster status | transfer | drain | move | rebalance | remove-broker`.
+//! `weft cluster status | transfer | drain | move | rebalance | end-recovery | remove-broker`.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -41,6 +41,13 @@ pub(crate) enum ClusterCommand {
         /// Wait until every move is done.
         #[arg(long)]
         wait: bool,
+    },
+    /// Make the broker (-s) vote at once although it lost its data and has not caught up
+    /// everywhere. Unsafe: only for a group most of whose replicas lost their data.
+    EndRecovery {
+        /// Accept that records acknowledged before the loss may be lost (required).
+        #[arg(long)]
+        accept_data_loss: bool,
     },
     /// Move every replica off a broker; it then leaves the cluster and can be stopped.
     RemoveBroker {
@@ -248,6 +255,23 @@ pub(crate) async fn run(
                     "topic": topic, "partition": partition, "leader_id": leader,
                 })),
                 Output::Text => println!("{topic}/{partition} is led by node {leader}"),
+            }
+        }
+        ClusterCommand::EndRecovery { accept_data_loss } => {
+            if !accept_data_loss {
+                anyhow::bail!(
+                    "end-recovery makes a broker that lost its data vote before it has caught \
+                     up: a leader it helps elect may lack acknowledged records. Pass \
+                     --accept-data-loss to go on"
+                );
+            }
+            let was = client.admin().end_recovery(true).await?;
+            match output {
+                Output::Json => print_json(&json!({ "was": was })),
+                Output::Text if was == "normal" => {
+                    println!("this broker was not recovering: nothing to end")
+                }
+                Output::Text => println!("recovery ended (was {was}): the broker votes everywhere"),
             }
         }
         ClusterCommand::Drain => {
