@@ -816,6 +816,8 @@ pub struct DrainView {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EndRecoveryBody {
+    /// The broker meant (another broker refuses: 400).
+    pub node_id: u64,
     /// Must be true: records acknowledged before the loss may be lost.
     pub accept_data_loss: bool,
 }
@@ -823,23 +825,29 @@ pub struct EndRecoveryBody {
 /// What ending the recovery did.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EndRecoveryView {
-    /// The voting mode before: "normal" (nothing to end), "undecided" or "rejoining".
+    /// The voting mode before: "normal" (nothing to end) or "rejoining".
     pub was: String,
+    /// The answering broker.
+    pub node_id: u64,
 }
 
 /// Makes this broker vote in every group at once although it lost its data and has not caught
 /// up everywhere (it withholds its votes until then). Unsafe: a leader elected with its vote
 /// may lack records acknowledged before the loss; for a group most of whose replicas lost their
-/// data, which cannot elect otherwise.
+/// data, which cannot elect otherwise. 409 while the broker has not joined the cluster yet.
 #[utoipa::path(post, path = "/v1/recovery/end", request_body = EndRecoveryBody,
-    responses((status = 200, body = EndRecoveryView), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = EndRecoveryView), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn end_recovery(
     State(node): State<AppState>,
     body: Result<Json<EndRecoveryBody>, JsonRejection>,
 ) -> Result<Json<EndRecoveryView>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
-    let was = node.end_recovery(body.accept_data_loss)?;
-    Ok(Json(EndRecoveryView { was: was.into() }))
+    let was = node.end_recovery(body.node_id, body.accept_data_loss)?;
+    Ok(Json(EndRecoveryView {
+        was: was.into(),
+        node_id: node.node_id,
+    }))
 }
 
 /// Moves a partition's leadership to another replica. Send it to the partition's leader (another

@@ -54,6 +54,8 @@ pub struct Node {
     pub(crate) moves: crate::reassign::Moves,
     /// Access control (the config's part).
     acl: crate::acl::Acl,
+    /// The broker's metadata store.
+    meta: Metadata,
 }
 
 impl std::fmt::Debug for Node {
@@ -560,6 +562,9 @@ impl Node {
             crate::tls::peer_client(&config)?,
         );
         peers.watch_leaders();
+        if seeds.len() == 1 && seeds[0].0 == config.node_id {
+            peers.set_controller_alone();
+        }
         {
             let meta = meta.clone();
             peers.on_settled(Box::new(move || {
@@ -637,6 +642,7 @@ impl Node {
             closing: watch::Sender::new(false),
             moves: Default::default(),
             acl: crate::acl::Acl::new(config.acl.enabled, config.acl.rules.clone()),
+            meta: meta.clone(),
             config,
         });
         let state = node.controller.state();
@@ -649,10 +655,11 @@ impl Node {
         if recovering {
             tokio::spawn(settle_recovery(Arc::downgrade(&node), meta.clone()));
         }
-        node.reconcile(&state).await;
+        let done = node.reconcile(&state).await;
         tokio::spawn(reconcile_loop(
             Arc::downgrade(&node),
             node.controller.watch(),
+            done,
         ));
         node.groups.start_reaper();
         tokio::spawn(coordinator_loop(Arc::downgrade(&node), takeover));
@@ -729,7 +736,13 @@ impl Node {
     /// or that is down, counts as not caught up: its group would vote at once after a restart
     /// once settled) and every group open here votes.
     fn settled_after_data_loss(&self) -> bool {
-        if self.stopping.load(Ordering::SeqCst) || !self.controller.is_current() {
+        // The votes first: the controller group's gate opens once it has applied what its
+        // leader had committed, so the state read after it lists every partition this broker
+        // held before it lost its data.
+        if self.stopping.load(Ordering::SeqCst)
+            || !self.controller.is_current()
+            || !self.peers.votes_in_every_group()
+        {
             return false;
         }
         let state = self.controller.state();
@@ -1035,11 +1048,26 @@ impl Node {
         Ok(leader)
     }
 
-    /// Makes this broker vote in every group at once, although it lost its data and has not
-    /// caught up everywhere (see `raft::Recovery`); clears its durable mark. Unsafe, so
-    /// `accept_data_loss` must say the caller knows. Returns the voting mode it had.
-    pub fn end_recovery(&self, accept_data_loss: bool) -> Result<&'static str, BrokerError> {
+    /// Makes this broker (node `node_id`: the caller names the broker it means) vote in every
+    /// group at once, although it lost its data and has not caught up everywhere (see
+    /// `raft::Recovery`); clears its durable mark. Unsafe, so `accept_data_loss` must say the
+    /// caller knows. Refused while the broker has not joined yet (whether it lost data is not
+    /// known then). Returns the voting mode it had.
+    pub fn end_recovery(
+        &self,
+        node_id: NodeId,
+        accept_data_loss: bool,
+    ) -> Result<&'static str, BrokerError> {
         use crate::raft::Recovery;
+        if node_id != self.node_id {
+            return Err(BrokerError::invalid(
+                "node_id",
+                format!(
+                    "this is node {}, not node {node_id}: ask the broker you mean",
+                    self.node_id
+                ),
+            ));
+        }
         if !accept_data_loss {
             return Err(BrokerError::invalid(
                 "accept_data_loss",
@@ -1048,17 +1076,27 @@ impl Node {
             ));
         }
         let was = match self.peers.recovery() {
-            Recovery::Normal => return Ok("normal"),
-            Recovery::Undecided => "undecided",
+            Recovery::Normal => "normal",
+            Recovery::Undecided => {
+                return Err(BrokerError::Conflict(
+                    "this broker has not joined the cluster yet: whether it lost its data is \
+                     not known (it votes once it has joined, if it is new)"
+                        .into(),
+                ));
+            }
             Recovery::Rejoining => "rejoining",
         };
-        tracing::warn!(
-            was,
-            "recovery ended by an operator: this broker votes in every group although it has \
-             not caught up everywhere after losing its data"
-        );
-        // Clears the durable mark too (`Peers::on_settled`).
-        self.peers.set_recovery(Recovery::Normal);
+        if was != "normal" {
+            tracing::warn!(
+                "recovery ended by an operator: this broker votes in every group although it \
+                 has not caught up everywhere after losing its data"
+            );
+            self.peers.set_recovery(Recovery::Normal);
+        }
+        // (The mode's hook clears the mark too, but only logs a failure.)
+        self.meta
+            .clear_recovering()
+            .map_err(|e| BrokerError::Internal(format!("cannot clear the recovering mark: {e}")))?;
         Ok(was)
     }
 
@@ -1516,7 +1554,16 @@ impl Node {
     }
 
     /// Makes the hosted partitions match the controller state.
-    async fn reconcile(&self, state: &ControllerState) {
+    /// Returns false when it did nothing yet: a broker that lost its data opens no partition
+    /// until its copy of the controller state has caught up with what the controller had
+    /// committed when it came back (an earlier state may give it a partition as the only
+    /// replica that has more replicas now, which it would start as a group of its own).
+    async fn reconcile(&self, state: &ControllerState) -> bool {
+        if self.peers.recovery() != crate::raft::Recovery::Normal
+            && !self.peers.votes_in(crate::raft::CONTROLLER_GROUP)
+        {
+            return false;
+        }
         self.peers.set_sole_replicas(
             state
                 .topics
@@ -1561,6 +1608,7 @@ impl Node {
             })
             .collect();
         self.registry.reconcile(wanted).await;
+        true
     }
 
     /// Stops every Raft group, snapshotting each partition so the next start replays nothing.
@@ -1575,17 +1623,26 @@ impl Node {
 async fn reconcile_loop(
     node: std::sync::Weak<Node>,
     mut state: watch::Receiver<Arc<ControllerState>>,
+    mut done: bool,
 ) {
     loop {
-        if state.changed().await.is_err() {
-            return;
+        if done {
+            if state.changed().await.is_err() {
+                return;
+            }
+        } else {
+            // Deferred (see `Node::reconcile`): tried again soon, changed or not.
+            let changed = tokio::time::timeout(Duration::from_millis(250), state.changed());
+            if let Ok(Err(_)) = changed.await {
+                return;
+            }
         }
         let Some(node) = node.upgrade() else { return };
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
         let current = state.borrow_and_update().clone();
-        node.reconcile(&current).await;
+        done = node.reconcile(&current).await;
     }
 }
 

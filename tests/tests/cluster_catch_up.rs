@@ -270,11 +270,16 @@ async fn a_wiped_replica_stopped_before_it_caught_up_still_withholds_its_votes()
 /// ends the recovery (`weft cluster end-recovery --accept-data-loss`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leaders() {
-    let mut brokers = start_cluster_with(3, &[]);
+    // Each broker opens a new partition at a fixed phase of the 750 ms tick: the rejoining
+    // broker (mostly) 50 ms before the others. Placement gives it p1 = [2, 3] (node 2 starts
+    // the group and stands) and p2 = [3, 1]: node 3 starts that group, and its first election
+    // (openraft's, at the start) finds node 1 not open yet; it must stand again itself.
+    let mut brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_TICK_PHASE_MS", "50")]);
     let wiped = 2;
     let wiped_id = wiped as u64 + 1;
     brokers[wiped].kill9();
     std::fs::remove_dir_all(brokers[wiped].data_dir()).expect("wipe");
+    brokers[wiped].set_env("WEFT_TEST_TICK_PHASE_MS", "0");
     // Held short of settling: it stays rejoining for the whole test.
     brokers[wiped].set_env("WEFT_TEST_SETTLE_AFTER_MS", "600000");
     brokers[wiped].start_again_same_ports();
@@ -335,14 +340,22 @@ async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leade
 
     // An operator may end the recovery (unsafe, so only when told so): the broker then votes
     // everywhere, and its durable mark is gone (a restart votes at once).
-    let refused = brokers[wiped].cli(&["cluster", "end-recovery"]);
+    let id = wiped_id.to_string();
+    let refused = brokers[wiped].cli(&["cluster", "end-recovery", &id]);
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--accept-data-loss"), "{stderr}");
+    // A call that reaches another broker than the one named changes nothing.
+    let elsewhere = brokers[0].cli(&["cluster", "end-recovery", &id, "--accept-data-loss"]);
+    assert!(!elsewhere.status.success());
+    let stderr = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(stderr.contains("this is node 1"), "{stderr}");
     let (status, body) = brokers[wiped].http(
         "POST",
         "/v1/recovery/end",
-        Some(r#"{"accept_data_loss":false}"#),
+        Some(&format!(
+            r#"{{"node_id":{wiped_id},"accept_data_loss":false}}"#
+        )),
     );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("accept_data_loss"), "{body}");
@@ -350,7 +363,7 @@ async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leade
         weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"rejoining\"}"),
         Some(1.0)
     );
-    let ended = brokers[wiped].cli(&["cluster", "end-recovery", "--accept-data-loss"]);
+    let ended = brokers[wiped].cli(&["cluster", "end-recovery", &id, "--accept-data-loss"]);
     let stdout = String::from_utf8_lossy(&ended.stdout);
     assert!(
         ended.status.success(),
@@ -368,7 +381,7 @@ async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leade
     brokers[wiped].wait_ready();
     let restarted = brokers[wiped].log()[before..].to_string();
     assert!(!restarted.contains("recovery="), "{restarted}");
-    let again = brokers[wiped].cli(&["cluster", "end-recovery", "--accept-data-loss"]);
+    let again = brokers[wiped].cli(&["cluster", "end-recovery", &id, "--accept-data-loss"]);
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("nothing to end"),
         "{again:?}"

@@ -226,10 +226,16 @@ impl Cluster for ClusterService {
     ) -> Result<Response<v1::EndRecoveryResponse>, Status> {
         let started = Instant::now();
         super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
+        let r = request.into_inner();
         let result = self
             .node
-            .end_recovery(request.into_inner().accept_data_loss)
-            .map(|was| Response::new(v1::EndRecoveryResponse { was: was.into() }))
+            .end_recovery(r.node_id, r.accept_data_loss)
+            .map(|was| {
+                Response::new(v1::EndRecoveryResponse {
+                    was: was.into(),
+                    node_id: self.node.node_id,
+                })
+            })
             .map_err(Status::from);
         crate::metrics::rpc("EndRecovery", started, &result);
         result

@@ -144,6 +144,8 @@ struct Inner {
     settled: Mutex<Option<SettledHook>>,
     /// The partition groups of which the controller lists this node as the only replica.
     sole_replicas: RwLock<std::collections::HashSet<GroupId>>,
+    /// The configuration names no other broker ([`Peers::set_controller_alone`]).
+    controller_alone: std::sync::atomic::AtomicBool,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
     contacts: Mutex<HashMap<(GroupId, NodeId), Instant>>,
     /// The address this node's peer connections leave from (its peer listen address, when that
@@ -211,6 +213,16 @@ enum Due {
     PreVote,
 }
 
+/// Whether every majority of `m`'s membership (each half of a joint one) includes `me`: a
+/// membership of two voters or one (see [`Peers::in_every_quorum`]).
+fn in_every_quorum(m: &openraft::RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
+    let configs = m.membership_config.membership().get_joint_config();
+    !configs.is_empty()
+        && configs
+            .iter()
+            .all(|part| part.contains(&me) && part.len() <= 2)
+}
+
 /// A log id for a message (term-index, or "nothing").
 fn describe(id: Option<&openraft::LogId<NodeId>>) -> String {
     id.map_or_else(
@@ -258,6 +270,7 @@ impl Peers {
                 holds: Mutex::new(HashMap::new()),
                 settled: Mutex::new(None),
                 sole_replicas: RwLock::new(std::collections::HashSet::new()),
+                controller_alone: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -368,8 +381,23 @@ impl Peers {
         }
     }
 
-    /// Whether the controller lists this node as the only replica of group `group_id`.
+    /// Says that this node is the only broker its configuration names (`--peers` lists only
+    /// itself): the controller group has no other replica.
+    pub fn set_controller_alone(&self) {
+        self.inner
+            .controller_alone
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the controller lists this node as the only replica of group `group_id` (for
+    /// the controller group: whether the configuration names no other broker).
     fn is_sole_replica(&self, group_id: GroupId) -> bool {
+        if group_id == super::CONTROLLER_GROUP {
+            return self
+                .inner
+                .controller_alone
+                .load(std::sync::atomic::Ordering::SeqCst);
+        }
         self.inner
             .sole_replicas
             .read()
@@ -407,36 +435,46 @@ impl Peers {
                 if sole_voter {
                     return false;
                 }
+                // Elected in a group of two voters (it stands there, see `in_every_quorum`):
+                // the other voter's log check granted it, so it holds every committed entry;
+                // a leader hears no other leader to catch up with.
+                let leads_pair = self.group(group_id).ok().is_some_and(|raft| {
+                    let metrics = raft.metrics();
+                    let m = metrics.borrow();
+                    m.state == openraft::ServerState::Leader
+                        && in_every_quorum(&m, self.inner.node_id)
+                });
                 let gate = r.1.entry(group_id).or_insert(Gate::Waiting);
+                if leads_pair {
+                    *gate = Gate::Open;
+                }
                 !self.try_open(group_id, gate)
             }
         }
     }
 
-    /// Whether every committed entry of group `group_id` is in this node's log, whoever else
-    /// lost theirs: this node votes there, and every majority of its membership (each half of a
-    /// joint one) includes it (a group of two voters). Entries are committed by a majority of
-    /// the membership in force (the last one in the log; a change to it is committed by both
-    /// halves of the joint one before a new one follows), so each was acknowledged by this node.
-    /// A replica that lost its data and withholds its votes grants them to such a candidate:
-    /// it is safe whatever the replica had acknowledged, and a group of two voters (a
-    /// two-broker cluster, a topic of two replicas) would otherwise never elect while one of
-    /// them rejoins.
+    /// Whether every majority of this node's membership in group `group_id` (each half of a
+    /// joint one) includes this node (a group of two voters, or one). Entries are committed by
+    /// a majority of the membership in force (the last one in the log; a change to it is
+    /// committed by both halves of the joint one before a new one follows), so each was
+    /// acknowledged by this node: a candidate that says so (`candidate_in_every_quorum` in its
+    /// pre-vote and vote requests) holds every committed entry, or it lost its data too. A
+    /// replica that lost its data and withholds its votes grants them to such a candidate
+    /// (openraft's own log check still applies), and stands there itself: a group of two
+    /// voters (a two-broker cluster, a topic of two replicas) would otherwise never elect while
+    /// one of them rejoins. If both lost their data, nothing committed there survives anyway.
     pub(super) fn in_every_quorum(&self, group_id: GroupId) -> bool {
-        if self.withholds_vote(group_id) {
-            return false;
-        }
         let Ok(raft) = self.group(group_id) else {
             return false;
         };
         let metrics = raft.metrics();
         let m = metrics.borrow();
-        let me = self.inner.node_id;
-        m.membership_config
-            .membership()
-            .get_joint_config()
-            .iter()
-            .all(|part| part.contains(&me) && part.len() <= 2)
+        in_every_quorum(&m, self.inner.node_id)
+    }
+
+    /// Whether this node votes in group `group_id` now.
+    pub fn votes_in(&self, group_id: GroupId) -> bool {
+        !self.withholds_vote(group_id)
     }
 
     /// Whether this node votes in every group open here now (always, unless it is rejoining
@@ -650,7 +688,10 @@ impl Peers {
         // still undecided (an empty data directory: a new member, or one that lost its data,
         // not yet known which) may stand, as under openraft's own timer before: a new voter
         // whose join answer was lost may be the vote the others need.
-        if self.recovery() == Recovery::Rejoining && self.withholds_vote(group_id) {
+        if self.recovery() == Recovery::Rejoining
+            && self.withholds_vote(group_id)
+            && !self.in_every_quorum(group_id)
+        {
             return None;
         }
         let config = raft.config();

@@ -42,9 +42,12 @@ pub(crate) enum ClusterCommand {
         #[arg(long)]
         wait: bool,
     },
-    /// Make the broker (-s) vote at once although it lost its data and has not caught up
-    /// everywhere. Unsafe: only for a group most of whose replicas lost their data.
+    /// Make a broker (-s, named again by its node id) vote at once although it lost its data
+    /// and has not caught up everywhere. Unsafe: only for a group most of whose replicas lost
+    /// their data.
     EndRecovery {
+        /// The broker's node id (a broker that is not this one refuses).
+        node_id: u64,
         /// Accept that records acknowledged before the loss may be lost (required).
         #[arg(long)]
         accept_data_loss: bool,
@@ -257,7 +260,10 @@ pub(crate) async fn run(
                 Output::Text => println!("{topic}/{partition} is led by node {leader}"),
             }
         }
-        ClusterCommand::EndRecovery { accept_data_loss } => {
+        ClusterCommand::EndRecovery {
+            node_id,
+            accept_data_loss,
+        } => {
             if !accept_data_loss {
                 anyhow::bail!(
                     "end-recovery makes a broker that lost its data vote before it has caught \
@@ -265,13 +271,15 @@ pub(crate) async fn run(
                      --accept-data-loss to go on"
                 );
             }
-            let was = client.admin().end_recovery(true).await?;
+            let was = client.admin().end_recovery(node_id, true).await?;
             match output {
-                Output::Json => print_json(&json!({ "was": was })),
+                Output::Json => print_json(&json!({ "node_id": node_id, "was": was })),
                 Output::Text if was == "normal" => {
-                    println!("this broker was not recovering: nothing to end")
+                    println!("node {node_id} was not recovering: nothing to end")
                 }
-                Output::Text => println!("recovery ended (was {was}): the broker votes everywhere"),
+                Output::Text => {
+                    println!("recovery of node {node_id} ended (was {was}): it votes everywhere")
+                }
             }
         }
         ClusterCommand::Drain => {
