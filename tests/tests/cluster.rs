@@ -1046,6 +1046,91 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A leader that dies during a transfer, after the other voters began to hold their elections
+/// (for three leases) and before it called the target's election, leaves the partition to the
+/// target: the target was told to stand by itself if that call is overdue. Before, the target
+/// was not told; its pre-votes were refused by the held voter, and the partition stayed
+/// without a leader until that hold ran out (11.35 s with these timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_dies_during_a_transfer_leaves_the_partition_to_its_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    // A lease of 3.75 s: the hold lasts 11.35 s, the target stands by itself 5.7 s after it
+    // was told (about 5 s after the kill below).
+    std::fs::write(
+        &config,
+        "leader_balance_interval_ms = 0\nraft_election_timeout_ms = 3000\n",
+    )
+    .expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    // Every leader's transfer stalls a minute before it calls the target's election.
+    let mut brokers = weft_tests::start_cluster_each(
+        3,
+        |_| vec!["--config".into(), config.clone()],
+        &[("WEFT_TEST_TRANSFER_STALL_MS", "60000")],
+    );
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"orders","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    publish(&brokers[0].client_addr, 0, 0, 3)
+        .await
+        .expect("publish");
+    let leader = leader_with_every_replica_in_sync(&brokers).await;
+    let target = leader % 3 + 1;
+    let other = (1..=3)
+        .find(|n| *n != leader && *n != target)
+        .expect("a third");
+    let admin = brokers[leader as usize - 1].admin_addr.clone();
+    let transfer = std::thread::spawn(move || {
+        weft_tests::http(
+            &admin,
+            "POST",
+            "/v1/topics/orders/partitions/0/leader",
+            Some(&format!(r#"{{"node_id":{target}}}"#)),
+        )
+    });
+    // Under way once the leader refuses publishes; the holds follow within moments.
+    let leader_client = brokers[leader as usize - 1].client_addr.clone();
+    let started = std::time::Instant::now();
+    let mut next = 3;
+    loop {
+        match publish(&leader_client, 0, next, next + 1).await {
+            Ok(_) => next += 1,
+            Err(status) if status.code() == tonic::Code::Unavailable => break,
+            Err(status) => panic!("publish during the transfer: {status:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the transfer never refused a publish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    brokers[leader as usize - 1].kill9();
+    let killed = std::time::Instant::now();
+    let brokers_ref = &brokers;
+    let new_leader = wait_for("a new leader", Duration::from_secs(30), || {
+        let now = partitions(&brokers_ref[other as usize - 1], "orders")[0].1;
+        async move { (now != 0 && now != leader).then_some(now) }
+    })
+    .await;
+    let leaderless = killed.elapsed();
+    assert_eq!(new_leader, target, "after {leaderless:?}");
+    assert!(
+        leaderless < Duration::from_secs(9),
+        "node {target} led {leaderless:?} after the kill: not before the other voter's hold ran out"
+    );
+    // It serves: every record acknowledged before is there, and a publish goes through.
+    let offsets = publish(&brokers[target as usize - 1].client_addr, 0, next, next + 1)
+        .await
+        .expect("publish to the new leader");
+    assert_eq!(offsets, vec![next]);
+    let _ = transfer.join();
+}
+
 /// The leader of orders/0, as it sees itself, once every replica is in sync there (each
 /// answered it lately; a transfer to one that has not is refused). Its in-sync set is empty on
 /// the others.

@@ -72,6 +72,16 @@ struct Hold {
     id: u64,
 }
 
+/// A transfer's target waiting for its leader's Elect (see
+/// `HoldElectionsRequest.stand_after_ms`): from `at` until `until`, in term `term`, it stands
+/// by itself if its leader is silent.
+struct Standby {
+    at: Instant,
+    until: Instant,
+    term: u64,
+    id: u64,
+}
+
 /// A new hold id: unique within this process, and unlikely to repeat one of an earlier run.
 pub(super) fn new_hold_id() -> u64 {
     static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
@@ -166,6 +176,8 @@ struct Inner {
     /// Per group: a leadership transfer under way holds this replica's elections until then, in
     /// that term; and the hold's id (see [`Peers::hold_elections`]).
     holds: Mutex<HashMap<GroupId, Hold>>,
+    /// Per group: a leadership transfer to this node is under way (see [`Standby`]).
+    standbys: Mutex<HashMap<GroupId, Standby>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -211,6 +223,9 @@ enum Due {
     Alone,
     /// Ask the other voters for a pre-vote, and stand if a majority grants it.
     PreVote,
+    /// The target of a transfer whose leader went silent before it called Elect: stand at
+    /// once (the other voters hold their elections and refuse pre-votes).
+    Standby,
 }
 
 /// Whether every majority of `m`'s membership (each half of a joint one) includes `me`: a
@@ -268,6 +283,7 @@ impl Peers {
                 controller_transfer: std::sync::atomic::AtomicU64::new(0),
                 large_lanes: Mutex::new(HashMap::new()),
                 holds: Mutex::new(HashMap::new()),
+                standbys: Mutex::new(HashMap::new()),
                 settled: Mutex::new(None),
                 sole_replicas: RwLock::new(std::collections::HashSet::new()),
                 controller_alone: std::sync::atomic::AtomicBool::new(false),
@@ -326,6 +342,9 @@ impl Peers {
         }
         if let Ok(mut holds) = self.inner.holds.lock() {
             holds.remove(&group_id);
+        }
+        if let Ok(mut standbys) = self.inner.standbys.lock() {
+            standbys.remove(&group_id);
         }
     }
 
@@ -612,6 +631,19 @@ impl Peers {
                                 }
                             });
                         }
+                        Due::Standby => {
+                            tracing::info!(
+                                group = group_id,
+                                "the leader handing its leadership here went silent before \
+                                 it called the election: standing"
+                            );
+                            campaigns.insert(group_id, (Instant::now(), 0));
+                            tokio::spawn(async move {
+                                if let Err(e) = raft.trigger().elect().await {
+                                    tracing::debug!(group = group_id, "cannot stand: {e}");
+                                }
+                            });
+                        }
                         Due::PreVote => {
                             let mut busy = running
                                 .lock()
@@ -667,6 +699,13 @@ impl Peers {
             let never_led = m.last_log_index.is_none_or(|i| i == 0) && m.current_leader.is_none();
             (m.id, m.current_term, alone, m.state, never_led)
         };
+        if self.standby_due(
+            group_id,
+            term,
+            Duration::from_millis(raft.config().election_timeout_max),
+        ) {
+            return Some(Due::Standby);
+        }
         if alone && self.recovery() != Recovery::Normal && !self.is_sole_replica(group_id) {
             // A broker that lost its data may hold a membership that is no longer in force (a
             // snapshot taken before the group grew, the first entries of the log as it catches
@@ -925,6 +964,61 @@ impl Peers {
         );
     }
 
+    /// Makes this node, the target of a transfer of group `group_id`'s leadership in term
+    /// `term`, stand by itself after `stand_after` if its leader's Elect has not come by then
+    /// (a zero `stand_after` forgets the standby named `id`: the transfer failed).
+    fn stand_by(
+        &self,
+        group_id: GroupId,
+        term: u64,
+        stand_after: Duration,
+        lease: Duration,
+        id: u64,
+    ) {
+        let Ok(mut standbys) = self.inner.standbys.lock() else {
+            return;
+        };
+        if stand_after.is_zero() {
+            if standbys.get(&group_id).is_some_and(|s| s.id == id) {
+                standbys.remove(&group_id);
+            }
+            return;
+        }
+        let at = Instant::now() + stand_after;
+        standbys.insert(
+            group_id,
+            Standby {
+                at,
+                until: at + lease,
+                term,
+                id,
+            },
+        );
+    }
+
+    /// Whether this node, the target of a transfer in group `group_id` (now in term `term`),
+    /// should stand by itself now: the leader's Elect is overdue and the leader has been silent
+    /// for a lease. Once only.
+    fn standby_due(&self, group_id: GroupId, term: u64, lease: Duration) -> bool {
+        let Ok(mut standbys) = self.inner.standbys.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        match standbys.get(&group_id) {
+            None => false,
+            Some(s) if s.term != term || now > s.until => {
+                standbys.remove(&group_id);
+                false
+            }
+            Some(s) if now < s.at => false,
+            Some(_) => {
+                standbys.remove(&group_id);
+                self.silent_for(group_id)
+                    .is_none_or(|silence| silence >= lease)
+            }
+        }
+    }
+
     /// Whether a transfer holds this node's elections in group `group_id`, now in term `term`.
     fn held(&self, group_id: GroupId, term: u64) -> bool {
         let Ok(mut holds) = self.inner.holds.lock() else {
@@ -954,6 +1048,7 @@ impl Peers {
         raft: &Raft,
         target: NodeId,
         hold: Duration,
+        stand_after: Duration,
         hold_id: u64,
     ) {
         let (me, term, others) = {
@@ -962,7 +1057,7 @@ impl Peers {
             let membership = m.membership_config.membership();
             let others: Vec<(NodeId, String)> = membership
                 .voter_ids()
-                .filter(|v| *v != m.id && *v != target)
+                .filter(|v| *v != m.id)
                 .filter_map(|v| membership.get_node(&v).map(|n| (v, n.addr.clone())))
                 .collect();
             (m.id, m.current_term, others)
@@ -977,6 +1072,12 @@ impl Peers {
                 target,
                 hold_ms: u64::try_from(hold.as_millis()).unwrap_or(u64::MAX),
                 hold_id,
+                // (The target holds nothing: it stands by instead.)
+                stand_after_ms: if node == target {
+                    u64::try_from(stand_after.as_millis()).unwrap_or(u64::MAX)
+                } else {
+                    0
+                },
             };
             async move {
                 let answer = match self.raft_client(&address) {
@@ -1764,7 +1865,28 @@ impl pb::raft_server::Raft for RaftService {
             }));
         }
         // At most a few leases, whatever the leader asked (0 ends a hold).
-        let cap = Duration::from_millis(raft.config().election_timeout_max.saturating_mul(4));
+        let lease = Duration::from_millis(raft.config().election_timeout_max);
+        let cap = lease.saturating_mul(4);
+        if message.target == self.peers.inner.node_id {
+            let stand_after = if message.hold_ms == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(message.stand_after_ms).min(cap)
+            };
+            if message.hold_ms != 0 && stand_after.is_zero() {
+                // (A leader of an earlier version asks the target to hold: it holds nothing.)
+                return Ok(Response::new(pb::HoldElectionsResponse {
+                    held: false,
+                    reason: "this replica is the transfer's target".into(),
+                }));
+            }
+            self.peers
+                .stand_by(message.group_id, term, stand_after, lease, message.hold_id);
+            return Ok(Response::new(pb::HoldElectionsResponse {
+                held: false,
+                reason: "this replica is the transfer's target: it stands by".into(),
+            }));
+        }
         let hold = Duration::from_millis(message.hold_ms).min(cap);
         self.peers
             .hold_here(message.group_id, term, hold, message.hold_id);
@@ -1821,6 +1943,10 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::ElectResponse>, Status> {
         self.peers.check(&request)?;
         let raft = self.peers.group(request.get_ref().group_id)?;
+        // The leader's call came: no standing by itself any more.
+        if let Ok(mut standbys) = self.peers.inner.standbys.lock() {
+            standbys.remove(&request.get_ref().group_id);
+        }
         if let Some(delay) = elect_delay() {
             tokio::time::sleep(delay).await;
         }

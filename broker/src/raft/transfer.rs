@@ -60,6 +60,15 @@ impl HeartbeatPause {
     }
 }
 
+/// `WEFT_TEST_TRANSFER_STALL_MS`: a test hook that makes a leader wait that much longer after
+/// its pause before it calls the target's election (a leader that dies in between).
+fn transfer_stall() -> Option<Duration> {
+    std::env::var("WEFT_TEST_TRANSFER_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
 /// How the refusal of a second transfer of the same group begins.
 const UNDER_WAY: &str = "a transfer of this leadership";
 
@@ -90,7 +99,7 @@ impl Drop for Transferring<'_> {
             let raft = self.raft.clone();
             runtime.spawn(async move {
                 peers
-                    .hold_elections(group_id, &raft, target, Duration::ZERO, id)
+                    .hold_elections(group_id, &raft, target, Duration::ZERO, Duration::ZERO, id)
                     .await;
             });
         }
@@ -201,7 +210,9 @@ pub(crate) async fn transfer_leadership(
             .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
         // The other voters stand for no election meanwhile (their leases run out too), long
         // enough for the pause, the call to the target and its election (which moves the term
-        // on, and so ends the hold), with a lease to spare for a target slow to stand.
+        // on, and so ends the hold), with a lease to spare for a target slow to stand. The
+        // target stands by itself if this leader's call has not come half a lease after the
+        // pause (this leader died meanwhile: the others would wait out their hold).
         let hold_id = super::network::new_hold_id();
         transferring.held = Some((peers.clone(), group_id, target, hold_id));
         peers
@@ -210,6 +221,7 @@ pub(crate) async fn transfer_leadership(
                 raft,
                 target,
                 lease * 3 + TRANSFER_PAUSE_EXTRA,
+                lease + TRANSFER_PAUSE_EXTRA + lease / 2,
                 hold_id,
             )
             .await;
@@ -218,6 +230,9 @@ pub(crate) async fn transfer_leadership(
         }
         raft.runtime_config().heartbeat(false);
         tokio::time::sleep(lease + TRANSFER_PAUSE_EXTRA).await;
+        if let Some(stall) = transfer_stall() {
+            tokio::time::sleep(stall).await;
+        }
         let address = membership
             .get_node(&target)
             .map(|n| n.addr.clone())
@@ -256,7 +271,14 @@ pub(crate) async fn transfer_leadership(
         && outcome.is_err()
     {
         peers
-            .hold_elections(group_id, raft, target, Duration::ZERO, hold_id)
+            .hold_elections(
+                group_id,
+                raft,
+                target,
+                Duration::ZERO,
+                Duration::ZERO,
+                hold_id,
+            )
             .await;
     }
     outcome
