@@ -825,7 +825,7 @@ pub struct EndRecoveryBody {
 /// What ending the recovery did.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EndRecoveryView {
-    /// The voting mode before: "normal" (nothing to end) or "rejoining".
+    /// The voting mode before: "normal" (nothing to end), "undecided" or "rejoining".
     pub was: String,
     /// The answering broker.
     pub node_id: u64,
@@ -834,10 +834,11 @@ pub struct EndRecoveryView {
 /// Makes this broker vote in every group at once although it lost its data and has not caught
 /// up everywhere (it withholds its votes until then). Unsafe: a leader elected with its vote
 /// may lack records acknowledged before the loss; for a group most of whose replicas lost their
-/// data, which cannot elect otherwise. 409 while the broker has not joined the cluster yet.
+/// data, which cannot elect otherwise (also a broker that cannot join because the controller
+/// has no quorum without its vote).
 #[utoipa::path(post, path = "/v1/recovery/end", request_body = EndRecoveryBody,
     responses((status = 200, body = EndRecoveryView), (status = 400, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 403, body = ErrorBody)))]
 async fn end_recovery(
     State(node): State<AppState>,
     body: Result<Json<EndRecoveryBody>, JsonRejection>,

@@ -562,8 +562,10 @@ impl Node {
             crate::tls::peer_client(&config)?,
         );
         peers.watch_leaders();
-        if seeds.len() == 1 && seeds[0].0 == config.node_id {
-            peers.set_controller_alone();
+        if recovering {
+            // Its controller state is not trusted until it has caught up (see
+            // `Node::reconcile`), whatever the voting mode becomes.
+            peers.expect_catch_up(crate::raft::CONTROLLER_GROUP);
         }
         {
             let meta = meta.clone();
@@ -816,6 +818,16 @@ impl Node {
                     phase: "joining".into(),
                     reason: Some("no controller leader known, or its log not applied yet".into()),
                 });
+            } else if !self.peers.caught_up_in(crate::raft::CONTROLLER_GROUP) {
+                waiting.push(NotReady {
+                    partition: "controller".into(),
+                    phase: "catching-up".into(),
+                    reason: Some(
+                        "this broker started with an empty data directory: its copy of the \
+                         controller state has not caught up yet (no partition opens before)"
+                            .into(),
+                    ),
+                });
             } else if !self.controller.state().brokers.contains_key(&self.node_id) {
                 waiting.push(NotReady {
                     partition: "controller".into(),
@@ -1051,8 +1063,7 @@ impl Node {
     /// Makes this broker (node `node_id`: the caller names the broker it means) vote in every
     /// group at once, although it lost its data and has not caught up everywhere (see
     /// `raft::Recovery`); clears its durable mark. Unsafe, so `accept_data_loss` must say the
-    /// caller knows. Refused while the broker has not joined yet (whether it lost data is not
-    /// known then). Returns the voting mode it had.
+    /// caller knows. Returns the voting mode it had.
     pub fn end_recovery(
         &self,
         node_id: NodeId,
@@ -1077,26 +1088,25 @@ impl Node {
         }
         let was = match self.peers.recovery() {
             Recovery::Normal => "normal",
-            Recovery::Undecided => {
-                return Err(BrokerError::Conflict(
-                    "this broker has not joined the cluster yet: whether it lost its data is \
-                     not known (it votes once it has joined, if it is new)"
-                        .into(),
-                ));
-            }
+            // (Not joined yet: maybe because the controller has no quorum without this vote.)
+            Recovery::Undecided => "undecided",
             Recovery::Rejoining => "rejoining",
         };
         if was != "normal" {
             tracing::warn!(
+                was,
                 "recovery ended by an operator: this broker votes in every group although it \
                  has not caught up everywhere after losing its data"
             );
-            self.peers.set_recovery(Recovery::Normal);
+            self.peers.end_recovery_by_operator();
         }
         // (The mode's hook clears the mark too, but only logs a failure.)
-        self.meta
-            .clear_recovering()
-            .map_err(|e| BrokerError::Internal(format!("cannot clear the recovering mark: {e}")))?;
+        self.meta.clear_recovering().map_err(|e| {
+            BrokerError::Internal(format!(
+                "this broker votes now, but its recovering mark could not be cleared (after a \
+                 restart it withholds its votes again): {e}"
+            ))
+        })?;
         Ok(was)
     }
 
@@ -1554,14 +1564,13 @@ impl Node {
     }
 
     /// Makes the hosted partitions match the controller state.
-    /// Returns false when it did nothing yet: a broker that lost its data opens no partition
-    /// until its copy of the controller state has caught up with what the controller had
-    /// committed when it came back (an earlier state may give it a partition as the only
-    /// replica that has more replicas now, which it would start as a group of its own).
+    /// Returns false when it did nothing yet: a broker that started with an empty data
+    /// directory in a cluster opens no partition until its copy of the controller state has
+    /// caught up with what the controller had committed when it came back (an earlier state
+    /// may give it a partition as the only replica that has more replicas now, which it would
+    /// start as a group of its own), even after an operator ended its recovery.
     async fn reconcile(&self, state: &ControllerState) -> bool {
-        if self.peers.recovery() != crate::raft::Recovery::Normal
-            && !self.peers.votes_in(crate::raft::CONTROLLER_GROUP)
-        {
+        if !self.peers.caught_up_in(crate::raft::CONTROLLER_GROUP) {
             return false;
         }
         self.peers.set_sole_replicas(

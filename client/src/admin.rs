@@ -314,7 +314,7 @@ impl Admin {
     /// Makes broker `node_id` (the one this client reaches: another refuses) vote in every
     /// group at once although it lost its data and has not caught up everywhere (unsafe:
     /// `accept_data_loss` must be true). Returns its voting mode before: "normal" (nothing to
-    /// end) or "rejoining".
+    /// end), "undecided" or "rejoining".
     pub async fn end_recovery(&self, node_id: u64, accept_data_loss: bool) -> Result<String> {
         let request = self.client.request(
             proto::EndRecoveryRequest {

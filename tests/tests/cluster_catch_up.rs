@@ -283,12 +283,16 @@ async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leade
     // Held short of settling: it stays rejoining for the whole test.
     brokers[wiped].set_env("WEFT_TEST_SETTLE_AFTER_MS", "600000");
     brokers[wiped].start_again_same_ports();
+    // Rejoining, and its controller state caught up (it opens partitions only then): the new
+    // partitions open at their tick phases.
     wait_for(
-        "the wiped broker rejoining",
+        "the wiped broker rejoining, its controller state caught up",
         Duration::from_secs(60),
         || {
             let log = brokers[wiped].log();
-            async move { log.contains("recovery=Rejoining").then_some(()) }
+            let ready = log.contains("recovery=Rejoining")
+                && log.contains("caught up after losing its data: votes again group=0");
+            async move { ready.then_some(()) }
         },
     )
     .await;

@@ -165,7 +165,10 @@ impl ControllerGroup {
                 }
             }
         }
-        if seeds.is_empty() || (seed && seeds.len() == 1) {
+        // (One that lost its data and has not caught up does not stand alone: it serves its
+        // admin API meanwhile, where an operator can end its recovery.)
+        if (seeds.is_empty() || (seed && seeds.len() == 1)) && peers.recovery() == Recovery::Normal
+        {
             raft.wait(Some(Duration::from_secs(30)))
                 .current_leader(node_id, "controller leadership")
                 .await

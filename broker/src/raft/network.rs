@@ -154,8 +154,8 @@ struct Inner {
     settled: Mutex<Option<SettledHook>>,
     /// The partition groups of which the controller lists this node as the only replica.
     sole_replicas: RwLock<std::collections::HashSet<GroupId>>,
-    /// The configuration names no other broker ([`Peers::set_controller_alone`]).
-    controller_alone: std::sync::atomic::AtomicBool,
+    /// An operator ended this node's recovery ([`Peers::end_recovery_by_operator`]).
+    ended_by_operator: std::sync::atomic::AtomicBool,
     /// When each (group, peer) last answered this node as a leader or candidate it accepts.
     contacts: Mutex<HashMap<(GroupId, NodeId), Instant>>,
     /// The address this node's peer connections leave from (its peer listen address, when that
@@ -286,7 +286,7 @@ impl Peers {
                 standbys: Mutex::new(HashMap::new()),
                 settled: Mutex::new(None),
                 sole_replicas: RwLock::new(std::collections::HashSet::new()),
-                controller_alone: std::sync::atomic::AtomicBool::new(false),
+                ended_by_operator: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -370,6 +370,14 @@ impl Peers {
     /// Sets whether this node votes (see [`Recovery`]). Becoming [`Recovery::Normal`] calls
     /// the hook of [`Peers::on_settled`] (after the mode is set).
     pub fn set_recovery(&self, recovery: Recovery) {
+        if recovery != Recovery::Normal
+            && self
+                .inner
+                .ended_by_operator
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         if let Ok(mut r) = self.inner.recovery.lock() {
             if r.0 != recovery {
                 tracing::info!(?recovery, "voting mode");
@@ -400,27 +408,53 @@ impl Peers {
         }
     }
 
-    /// Says that this node is the only broker its configuration names (`--peers` lists only
-    /// itself): the controller group has no other replica.
-    pub fn set_controller_alone(&self) {
-        self.inner
-            .controller_alone
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Whether the controller lists this node as the only replica of group `group_id` (for
-    /// the controller group: whether the configuration names no other broker).
+    /// Whether the controller lists this node as the only replica of partition group
+    /// `group_id` (never the controller group: a broker's own log cannot tell a cluster of one
+    /// from an early prefix of a larger cluster's log).
     fn is_sole_replica(&self, group_id: GroupId) -> bool {
-        if group_id == super::CONTROLLER_GROUP {
-            return self
-                .inner
-                .controller_alone
-                .load(std::sync::atomic::Ordering::SeqCst);
-        }
         self.inner
             .sole_replicas
             .read()
             .is_ok_and(|sole| sole.contains(&group_id))
+    }
+
+    /// An operator ends this node's recovery: it votes everywhere from now on, whatever a late
+    /// join answer says.
+    pub fn end_recovery_by_operator(&self) {
+        self.inner
+            .ended_by_operator
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set_recovery(Recovery::Normal);
+    }
+
+    /// Expects group `group_id` to catch up with its leader's commit (see
+    /// [`Peers::caught_up_in`]): a broker that started with an empty data directory calls it
+    /// for the controller group at start.
+    pub fn expect_catch_up(&self, group_id: GroupId) {
+        if let Ok(mut r) = self.inner.recovery.lock() {
+            r.1.entry(group_id).or_insert(Gate::Waiting);
+        }
+    }
+
+    /// Whether group `group_id` here has applied what its leader had committed when this node
+    /// first heard it after coming back (or leads it, or was never expected to catch up
+    /// there), whatever the voting mode: an operator's end of the recovery makes the broker
+    /// vote, not its controller state current.
+    pub fn caught_up_in(&self, group_id: GroupId) -> bool {
+        let Ok(mut r) = self.inner.recovery.lock() else {
+            return false;
+        };
+        let Some(gate) = r.1.get_mut(&group_id) else {
+            return true;
+        };
+        let leads = self
+            .group(group_id)
+            .ok()
+            .is_some_and(|raft| raft.metrics().borrow().state == openraft::ServerState::Leader);
+        if leads {
+            *gate = Gate::Open;
+        }
+        self.try_open(group_id, gate)
     }
 
     /// Whether this node votes (see [`Recovery`]).
@@ -462,9 +496,14 @@ impl Peers {
                     let m = metrics.borrow();
                     m.state == openraft::ServerState::Leader
                         && in_every_quorum(&m, self.inner.node_id)
+                        && m.membership_config.membership().voter_ids().count() == 2
                 });
                 let gate = r.1.entry(group_id).or_insert(Gate::Waiting);
-                if leads_pair {
+                if leads_pair && !matches!(gate, Gate::Open) {
+                    tracing::info!(
+                        group = group_id,
+                        "elected by the other voter of the group after losing its data: votes again"
+                    );
                     *gate = Gate::Open;
                 }
                 !self.try_open(group_id, gate)
@@ -473,15 +512,12 @@ impl Peers {
     }
 
     /// Whether every majority of this node's membership in group `group_id` (each half of a
-    /// joint one) includes this node (a group of two voters, or one). Entries are committed by
-    /// a majority of the membership in force (the last one in the log; a change to it is
-    /// committed by both halves of the joint one before a new one follows), so each was
-    /// acknowledged by this node: a candidate that says so (`candidate_in_every_quorum` in its
-    /// pre-vote and vote requests) holds every committed entry, or it lost its data too. A
-    /// replica that lost its data and withholds its votes grants them to such a candidate
-    /// (openraft's own log check still applies), and stands there itself: a group of two
-    /// voters (a two-broker cluster, a topic of two replicas) would otherwise never elect while
-    /// one of them rejoins. If both lost their data, nothing committed there survives anyway.
+    /// joint one) includes this node (a group of two voters, or one). A replica that lost its
+    /// data stands in such a group even while it withholds its votes: only a replica that
+    /// votes as any broker can elect it then (see [`Peers::candidate_in_every_quorum`]), and
+    /// that one's log check keeps a candidate that lacks committed entries out. A group of
+    /// two voters (a two-broker cluster, a topic of two replicas) would otherwise never elect
+    /// while one of them rejoins.
     pub(super) fn in_every_quorum(&self, group_id: GroupId) -> bool {
         let Ok(raft) = self.group(group_id) else {
             return false;
@@ -489,6 +525,19 @@ impl Peers {
         let metrics = raft.metrics();
         let m = metrics.borrow();
         in_every_quorum(&m, self.inner.node_id)
+    }
+
+    /// What this node says in its (pre-)vote requests of group `group_id`
+    /// (`candidate_in_every_quorum`): it votes there, and every majority of its membership
+    /// includes it. Entries are committed by a majority of the membership in force (the last
+    /// one in the log; a change to it is committed by both halves of the joint one before a
+    /// new one follows), so each was acknowledged by this node and is in its log: a replica
+    /// that lost its data and withholds its votes may grant this candidate its vote. A
+    /// candidate that withholds its own votes never says so: its membership may come from a
+    /// prefix of the log (a pair that has grown since), and two replicas that lost their data
+    /// must not elect each other over the one that holds everything.
+    pub(super) fn candidate_in_every_quorum(&self, group_id: GroupId) -> bool {
+        !self.withholds_vote(group_id) && self.in_every_quorum(group_id)
     }
 
     /// Whether this node votes in group `group_id` now.
@@ -536,14 +585,20 @@ impl Peers {
     /// first one sets what a replica that lost its data must catch up to before it votes.
     /// (Whether it counts as hearing from a leader is known once openraft has answered it.)
     fn heard_leader(&self, group_id: GroupId, leader_commit: u64) {
-        if let Ok(mut r) = self.inner.recovery.lock()
-            && r.0 == Recovery::Rejoining
-        {
-            let gate = r.1.entry(group_id).or_insert(Gate::Waiting);
-            if matches!(gate, Gate::Waiting) {
-                *gate = Gate::CatchingUp(leader_commit);
+        if let Ok(mut r) = self.inner.recovery.lock() {
+            let gate = if r.0 == Recovery::Rejoining {
+                Some(r.1.entry(group_id).or_insert(Gate::Waiting))
+            } else {
+                // (A gate expected before the mode was known, or left after an operator ended
+                // the recovery: see `caught_up_in`.)
+                r.1.get_mut(&group_id)
+            };
+            if let Some(gate) = gate {
+                if matches!(gate, Gate::Waiting) {
+                    *gate = Gate::CatchingUp(leader_commit);
+                }
+                self.try_open(group_id, gate);
             }
-            self.try_open(group_id, gate);
         }
     }
 
@@ -809,7 +864,7 @@ impl Peers {
             )
         };
         let last_log_id = self.last_log_id(group_id);
-        let candidate_in_every_quorum = self.in_every_quorum(group_id);
+        let candidate_in_every_quorum = self.candidate_in_every_quorum(group_id);
         let asked = others.into_iter().map(|(node, address)| {
             let request = pb::PreVoteRequest {
                 group_id,
@@ -1715,7 +1770,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
         let mut message = wire::vote_request_to(self.group_id, &rpc);
-        message.candidate_in_every_quorum = self.peers.in_every_quorum(self.group_id);
+        message.candidate_in_every_quorum = self.peers.candidate_in_every_quorum(self.group_id);
         let mut client = self.client().map_err(network_error)?;
         let response = client
             .vote(self.request(message, &option))
