@@ -657,7 +657,7 @@ impl Node {
         if recovering {
             tokio::spawn(settle_recovery(Arc::downgrade(&node), meta.clone()));
         }
-        let done = node.reconcile(&state).await;
+        let done = node.reconcile().await;
         tokio::spawn(reconcile_loop(
             Arc::downgrade(&node),
             node.controller.watch(),
@@ -1569,10 +1569,12 @@ impl Node {
     /// caught up with what the controller had committed when it came back (an earlier state
     /// may give it a partition as the only replica that has more replicas now, which it would
     /// start as a group of its own), even after an operator ended its recovery.
-    async fn reconcile(&self, state: &ControllerState) -> bool {
+    async fn reconcile(&self) -> bool {
         if !self.peers.caught_up_in(crate::raft::CONTROLLER_GROUP) {
             return false;
         }
+        // (The state as of now, read after the gate's check.)
+        let state = &*self.controller.state();
         self.peers.set_sole_replicas(
             state
                 .topics
@@ -1650,8 +1652,9 @@ async fn reconcile_loop(
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let current = state.borrow_and_update().clone();
-        done = node.reconcile(&current).await;
+        // (Marks the state seen; reconcile reads the latest itself.)
+        state.borrow_and_update();
+        done = node.reconcile().await;
     }
 }
 

@@ -1108,7 +1108,15 @@ async fn a_leader_that_dies_during_a_transfer_leaves_the_partition_to_its_target
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The target was told to stand by (the other voter, to hold, in the same round).
+    wait_for("the target standing by", Duration::from_secs(20), || {
+        let log = brokers[target as usize - 1].log();
+        async move {
+            log.contains("the target of a leadership transfer: standing by")
+                .then_some(())
+        }
+    })
+    .await;
     brokers[leader as usize - 1].kill9();
     let killed = std::time::Instant::now();
     let brokers_ref = &brokers;

@@ -148,7 +148,7 @@ impl ControllerGroup {
                     peers.set_recovery(Recovery::Normal);
                 }
                 (_, Probe::Joined { already_member }) => {
-                    peers.set_recovery(if already_member {
+                    peers.decide_recovery(if already_member {
                         Recovery::Rejoining
                     } else {
                         Recovery::Normal
@@ -786,7 +786,7 @@ async fn join(
                         already_member = response.already_member,
                         "joined the controller group"
                     );
-                    peers.set_recovery(if response.already_member {
+                    peers.decide_recovery(if response.already_member {
                         Recovery::Rejoining
                     } else {
                         Recovery::Normal

@@ -78,6 +78,9 @@ struct Hold {
 struct Standby {
     at: Instant,
     until: Instant,
+    /// How long the leader must have been silent (it pauses its heartbeats as it holds the
+    /// others, so its silence measures the time since the pause began).
+    quiet: Duration,
     term: u64,
     id: u64,
 }
@@ -238,6 +241,15 @@ fn in_every_quorum(m: &openraft::RaftMetrics<NodeId, BasicNode>, me: NodeId) -> 
             .all(|part| part.contains(&me) && part.len() <= 2)
 }
 
+/// Whether `m` leads its group and has applied an entry of its own term: a new leader has
+/// every committed entry in its log, but applies its predecessors' only once its own first
+/// entry is committed.
+fn leads_applied(m: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
+    m.state == openraft::ServerState::Leader
+        && m.last_applied
+            .is_some_and(|l| l.leader_id.term == m.current_term)
+}
+
 /// A log id for a message (term-index, or "nothing").
 fn describe(id: Option<&openraft::LogId<NodeId>>) -> String {
     id.map_or_else(
@@ -370,15 +382,16 @@ impl Peers {
     /// Sets whether this node votes (see [`Recovery`]). Becoming [`Recovery::Normal`] calls
     /// the hook of [`Peers::on_settled`] (after the mode is set).
     pub fn set_recovery(&self, recovery: Recovery) {
-        if recovery != Recovery::Normal
-            && self
-                .inner
-                .ended_by_operator
-                .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            return;
-        }
         if let Ok(mut r) = self.inner.recovery.lock() {
+            // (Under the lock: an operator's end and a join answer may cross.)
+            if recovery != Recovery::Normal
+                && self
+                    .inner
+                    .ended_by_operator
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return;
+            }
             if r.0 != recovery {
                 tracing::info!(?recovery, "voting mode");
             }
@@ -421,10 +434,26 @@ impl Peers {
     /// An operator ends this node's recovery: it votes everywhere from now on, whatever a late
     /// join answer says.
     pub fn end_recovery_by_operator(&self) {
-        self.inner
-            .ended_by_operator
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(_r) = self.inner.recovery.lock() {
+            self.inner
+                .ended_by_operator
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         self.set_recovery(Recovery::Normal);
+    }
+
+    /// What the cluster says at this node's join: it is new (`Normal`) or lost its data
+    /// (`Rejoining`). Changes the mode only while it is still undecided (a broker that an
+    /// operator made vote, or that restarted after that, keeps its mode).
+    pub fn decide_recovery(&self, recovery: Recovery) {
+        let undecided = self
+            .inner
+            .recovery
+            .lock()
+            .is_ok_and(|r| r.0 == Recovery::Undecided);
+        if undecided {
+            self.set_recovery(recovery);
+        }
     }
 
     /// Expects group `group_id` to catch up with its leader's commit (see
@@ -447,10 +476,11 @@ impl Peers {
         let Some(gate) = r.1.get_mut(&group_id) else {
             return true;
         };
-        let leads = self
-            .group(group_id)
-            .ok()
-            .is_some_and(|raft| raft.metrics().borrow().state == openraft::ServerState::Leader);
+        let leads = self.group(group_id).ok().is_some_and(|raft| {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            leads_applied(&m)
+        });
         if leads {
             *gate = Gate::Open;
         }
@@ -494,7 +524,7 @@ impl Peers {
                 let leads_pair = self.group(group_id).ok().is_some_and(|raft| {
                     let metrics = raft.metrics();
                     let m = metrics.borrow();
-                    m.state == openraft::ServerState::Leader
+                    leads_applied(&m)
                         && in_every_quorum(&m, self.inner.node_id)
                         && m.membership_config.membership().voter_ids().count() == 2
                 });
@@ -1017,6 +1047,13 @@ impl Peers {
                 id,
             },
         );
+        drop(holds);
+        // (A standby left by an earlier transfer whose release was lost does not apply here.)
+        if let Ok(mut standbys) = self.inner.standbys.lock()
+            && standbys.get(&group_id).is_some_and(|s| s.id != id)
+        {
+            standbys.remove(&group_id);
+        }
     }
 
     /// Makes this node, the target of a transfer of group `group_id`'s leadership in term
@@ -1045,9 +1082,20 @@ impl Peers {
             Standby {
                 at,
                 until: at + lease,
+                quiet: stand_after,
                 term,
                 id,
             },
+        );
+        drop(standbys);
+        // (A hold left by an earlier transfer whose release was lost does not apply here.)
+        if let Ok(mut holds) = self.inner.holds.lock() {
+            holds.remove(&group_id);
+        }
+        tracing::info!(
+            group = group_id,
+            term,
+            "the target of a leadership transfer: standing by"
         );
     }
 
@@ -1066,10 +1114,11 @@ impl Peers {
                 false
             }
             Some(s) if now < s.at => false,
-            Some(_) => {
+            Some(s) => {
+                let quiet = s.quiet.max(lease);
                 standbys.remove(&group_id);
                 self.silent_for(group_id)
-                    .is_none_or(|silence| silence >= lease)
+                    .is_none_or(|silence| silence >= quiet)
             }
         }
     }
@@ -1808,13 +1857,14 @@ impl RaftService {
         let group_id = message.group_id;
         let rpc = wire::append_from(message).map_err(malformed)?;
         let with_entries = !rpc.entries.is_empty();
-        self.peers
-            .heard_leader(group_id, rpc.leader_commit.map_or(0, |l| l.index));
+        let leader_commit = rpc.leader_commit.map_or(0, |l| l.index);
         let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
         // Heard from a leader: one in this replica's term or a later one (an append that a
-        // higher vote here refused came from a deposed leader, which steps down on the answer).
+        // higher vote here refused came from a deposed leader, which steps down on the answer:
+        // its commit index is no target to catch up to either).
         if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
             self.peers.heard_now(group_id);
+            self.peers.heard_leader(group_id, leader_commit);
         }
         if with_entries {
             // On the follower: from the call's arrival to the entries stored and synced.
