@@ -1117,6 +1117,8 @@ async fn a_leader_that_dies_during_a_transfer_leaves_the_partition_to_its_target
         }
     })
     .await;
+    // (The other voter's hold went out in the same round: give its answer time to arrive.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
     brokers[leader as usize - 1].kill9();
     let killed = std::time::Instant::now();
     let brokers_ref = &brokers;

@@ -78,8 +78,9 @@ struct Hold {
 struct Standby {
     at: Instant,
     until: Instant,
-    /// How long the leader must have been silent (it pauses its heartbeats as it holds the
-    /// others, so its silence measures the time since the pause began).
+    /// How long the leader must have been silent: it pauses its heartbeats once the other
+    /// voters answered its holds, so its silence measures the time since the pause began (it
+    /// may have begun after this target was told: the standby waits until `until` for it).
     quiet: Duration,
     term: u64,
     id: u64,
@@ -1039,6 +1040,21 @@ impl Peers {
             }
             return;
         }
+        // (Both locks, holds first as everywhere: a hold and a standby of different
+        // transfers do not coexist. Ids grow within a leader's process, so in one term a
+        // larger id is a later transfer: a late message of an earlier one changes nothing.)
+        let Ok(mut standbys) = self.inner.standbys.lock() else {
+            return;
+        };
+        if standbys
+            .get(&group_id)
+            .is_some_and(|s| s.term == term && s.id > id)
+        {
+            return;
+        }
+        if standbys.get(&group_id).is_some_and(|s| s.id != id) {
+            standbys.remove(&group_id);
+        }
         holds.insert(
             group_id,
             Hold {
@@ -1047,13 +1063,6 @@ impl Peers {
                 id,
             },
         );
-        drop(holds);
-        // (A standby left by an earlier transfer whose release was lost does not apply here.)
-        if let Ok(mut standbys) = self.inner.standbys.lock()
-            && standbys.get(&group_id).is_some_and(|s| s.id != id)
-        {
-            standbys.remove(&group_id);
-        }
     }
 
     /// Makes this node, the target of a transfer of group `group_id`'s leadership in term
@@ -1067,6 +1076,10 @@ impl Peers {
         lease: Duration,
         id: u64,
     ) {
+        // (Both locks, holds first: see `hold_here`.)
+        let Ok(mut holds) = self.inner.holds.lock() else {
+            return;
+        };
         let Ok(mut standbys) = self.inner.standbys.lock() else {
             return;
         };
@@ -1076,6 +1089,13 @@ impl Peers {
             }
             return;
         }
+        if holds
+            .get(&group_id)
+            .is_some_and(|h| h.term == term && h.id > id)
+        {
+            return;
+        }
+        holds.remove(&group_id);
         let at = Instant::now() + stand_after;
         standbys.insert(
             group_id,
@@ -1088,10 +1108,7 @@ impl Peers {
             },
         );
         drop(standbys);
-        // (A hold left by an earlier transfer whose release was lost does not apply here.)
-        if let Ok(mut holds) = self.inner.holds.lock() {
-            holds.remove(&group_id);
-        }
+        drop(holds);
         tracing::info!(
             group = group_id,
             term,
@@ -1101,7 +1118,7 @@ impl Peers {
 
     /// Whether this node, the target of a transfer in group `group_id` (now in term `term`),
     /// should stand by itself now: the leader's Elect is overdue and the leader has been silent
-    /// for a lease. Once only.
+    /// for the standby's time (at least a lease). Once only.
     fn standby_due(&self, group_id: GroupId, term: u64, lease: Duration) -> bool {
         let Ok(mut standbys) = self.inner.standbys.lock() else {
             return false;
@@ -1115,10 +1132,16 @@ impl Peers {
             }
             Some(s) if now < s.at => false,
             Some(s) => {
+                // (Not used up by a leader that went quiet later than expected: it may still
+                // until `until`.)
                 let quiet = s.quiet.max(lease);
-                standbys.remove(&group_id);
-                self.silent_for(group_id)
-                    .is_none_or(|silence| silence >= quiet)
+                let due = self
+                    .silent_for(group_id)
+                    .is_none_or(|silence| silence >= quiet);
+                if due {
+                    standbys.remove(&group_id);
+                }
+                due
             }
         }
     }
