@@ -1002,35 +1002,7 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
     // answered "kept: a transfer ... is under way" before, and the CLI failed).
     let leader = leader_with_every_replica_in_sync(&brokers).await;
     let target = leader % 3 + 1;
-    let admin = brokers[leader as usize - 1].admin_addr.clone();
-    let transfer = std::thread::spawn(move || {
-        weft_tests::http(
-            &admin,
-            "POST",
-            "/v1/topics/orders/partitions/0/leader",
-            Some(&format!(r#"{{"node_id":{target}}}"#)),
-        )
-    });
-    // Under way once the leader refuses publishes, naming the target.
-    let leader_client = brokers[leader as usize - 1].client_addr.clone();
-    let started = std::time::Instant::now();
-    let mut next = 3;
-    loop {
-        match publish(&leader_client, 0, next, next + 1).await {
-            Ok(_) => next += 1,
-            Err(status) if status.code() == tonic::Code::Unavailable => break,
-            Err(status) => panic!("publish during the transfer: {status:?}"),
-        }
-        if transfer.is_finished() {
-            let answer = transfer.join().expect("the transfer thread");
-            panic!("the transfer ended before it refused a publish: {answer:?}");
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the transfer never refused a publish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (transfer, _) = transfer_under_way(&brokers, leader, target, 3).await;
     let (status, body) = brokers[leader as usize - 1].http("POST", "/v1/drain", None);
     assert_eq!(status, 200, "{body}");
     let drained: serde_json::Value = serde_json::from_str(&body).expect("json");
@@ -1083,31 +1055,8 @@ async fn a_leader_that_dies_during_a_transfer_leaves_the_partition_to_its_target
     let other = (1..=3)
         .find(|n| *n != leader && *n != target)
         .expect("a third");
-    let admin = brokers[leader as usize - 1].admin_addr.clone();
-    let transfer = std::thread::spawn(move || {
-        weft_tests::http(
-            &admin,
-            "POST",
-            "/v1/topics/orders/partitions/0/leader",
-            Some(&format!(r#"{{"node_id":{target}}}"#)),
-        )
-    });
-    // Under way once the leader refuses publishes; the holds follow within moments.
-    let leader_client = brokers[leader as usize - 1].client_addr.clone();
-    let started = std::time::Instant::now();
-    let mut next = 3;
-    loop {
-        match publish(&leader_client, 0, next, next + 1).await {
-            Ok(_) => next += 1,
-            Err(status) if status.code() == tonic::Code::Unavailable => break,
-            Err(status) => panic!("publish during the transfer: {status:?}"),
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the transfer never refused a publish"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // (The holds follow within moments of the leader refusing publishes.)
+    let (transfer, next) = transfer_under_way(&brokers, leader, target, 3).await;
     // The target was told to stand by (the other voter, to hold, in the same round).
     wait_for("the target standing by", Duration::from_secs(20), || {
         let log = brokers[target as usize - 1].log();
@@ -1139,6 +1088,45 @@ async fn a_leader_that_dies_during_a_transfer_leaves_the_partition_to_its_target
         .expect("publish to the new leader");
     assert_eq!(offsets, vec![next]);
     let _ = transfer.join();
+}
+
+/// Asks `leader` (in a thread) to hand orders/0 to `target`, and returns once the transfer is
+/// under way: the leader refuses publishes (the records published meanwhile, from `next`,
+/// acknowledged). Returns the thread (its HTTP answer) and the next record's number.
+async fn transfer_under_way(
+    brokers: &[Broker],
+    leader: u64,
+    target: u64,
+    mut next: u64,
+) -> (std::thread::JoinHandle<(u16, String)>, u64) {
+    let admin = brokers[leader as usize - 1].admin_addr.clone();
+    let transfer = std::thread::spawn(move || {
+        weft_tests::http(
+            &admin,
+            "POST",
+            "/v1/topics/orders/partitions/0/leader",
+            Some(&format!(r#"{{"node_id":{target}}}"#)),
+        )
+    });
+    let leader_client = brokers[leader as usize - 1].client_addr.clone();
+    let started = std::time::Instant::now();
+    loop {
+        match publish(&leader_client, 0, next, next + 1).await {
+            Ok(_) => next += 1,
+            Err(status) if status.code() == tonic::Code::Unavailable => break,
+            Err(status) => panic!("publish during the transfer: {status:?}"),
+        }
+        if transfer.is_finished() {
+            let answer = transfer.join().expect("the transfer thread");
+            panic!("the transfer ended before it refused a publish: {answer:?}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the transfer never refused a publish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (transfer, next)
 }
 
 /// The leader of orders/0, as it sees itself, once every replica is in sync there (each

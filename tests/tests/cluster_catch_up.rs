@@ -245,19 +245,25 @@ async fn a_wiped_replica_stopped_before_it_caught_up_still_withholds_its_votes()
     );
 
     // Settled, a restart votes at once.
-    let before = brokers[wiped].log().len();
-    assert_eq!(brokers[wiped].stop(), Some(0));
-    brokers[wiped].start_again_same_ports();
-    brokers[wiped].wait_ready();
-    let third = brokers[wiped].log()[before..].to_string();
-    assert!(!third.contains("recovery="), "{third}");
-    assert_eq!(
-        weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"normal\"}"),
-        Some(1.0)
-    );
+    restart_votes_at_once(&mut brokers[wiped]);
     // It still holds every record.
     let read = fetch_range(&brokers[wiped].client_addr, "wipe", 0, 0, 64).await;
     assert_eq!(read.len(), 64);
+}
+
+/// Stops `broker` gracefully and starts it again: it votes at once (no recovery mode logged,
+/// the voting-mode gauge normal), its recovering mark gone.
+fn restart_votes_at_once(broker: &mut Broker) {
+    let before = broker.log().len();
+    assert_eq!(broker.stop(), Some(0));
+    broker.start_again_same_ports();
+    broker.wait_ready();
+    let restarted = broker.log()[before..].to_string();
+    assert!(!restarted.contains("recovery="), "{restarted}");
+    assert_eq!(
+        weft_tests::metric(broker, "weft_voting_mode{mode=\"normal\"}"),
+        Some(1.0)
+    );
 }
 
 /// A topic of two replicas created while one of them rejoins after losing its data elects its
@@ -379,12 +385,7 @@ async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leade
         weft_tests::metric(&brokers[wiped], "weft_voting_mode{mode=\"normal\"}"),
         Some(1.0)
     );
-    let before = brokers[wiped].log().len();
-    assert_eq!(brokers[wiped].stop(), Some(0));
-    brokers[wiped].start_again_same_ports();
-    brokers[wiped].wait_ready();
-    let restarted = brokers[wiped].log()[before..].to_string();
-    assert!(!restarted.contains("recovery="), "{restarted}");
+    restart_votes_at_once(&mut brokers[wiped]);
     let again = brokers[wiped].cli(&["cluster", "end-recovery", &id, "--accept-data-loss"]);
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("nothing to end"),

@@ -509,26 +509,25 @@ impl Peers {
                 // against: it would otherwise never settle (its own leadership does not open
                 // the gate). Only where the controller says so too: the membership of a broker
                 // that lost its data may be one no longer in force (see `election_due`).
-                let sole_voter = self.is_sole_replica(group_id)
-                    && self.group(group_id).ok().is_some_and(|raft| {
-                        let metrics = raft.metrics();
-                        let m = metrics.borrow();
-                        let mut voters = m.membership_config.membership().voter_ids();
-                        voters.next() == Some(self.inner.node_id) && voters.next().is_none()
-                    });
-                if sole_voter {
-                    return false;
-                }
                 // Elected in a group of two voters (it stands there, see `in_every_quorum`):
                 // the other voter's log check granted it, so it holds every committed entry;
                 // a leader hears no other leader to catch up with.
-                let leads_pair = self.group(group_id).ok().is_some_and(|raft| {
-                    let metrics = raft.metrics();
-                    let m = metrics.borrow();
-                    leads_applied(&m)
-                        && in_every_quorum(&m, self.inner.node_id)
-                        && m.membership_config.membership().voter_ids().count() == 2
-                });
+                let me = self.inner.node_id;
+                let (sole_voter, leads_pair) =
+                    self.group(group_id).ok().map_or((false, false), |raft| {
+                        let metrics = raft.metrics();
+                        let m = metrics.borrow();
+                        let mut voters = m.membership_config.membership().voter_ids();
+                        let (first, second) = (voters.next(), voters.next());
+                        let two = second.is_some() && voters.next().is_none();
+                        (
+                            first == Some(me) && second.is_none(),
+                            two && leads_applied(&m) && in_every_quorum(&m, me),
+                        )
+                    });
+                if sole_voter && self.is_sole_replica(group_id) {
+                    return false;
+                }
                 let gate = r.1.entry(group_id).or_insert(Gate::Waiting);
                 if leads_pair && !matches!(gate, Gate::Open) {
                     tracing::info!(
@@ -569,11 +568,6 @@ impl Peers {
     /// must not elect each other over the one that holds everything.
     pub(super) fn candidate_in_every_quorum(&self, group_id: GroupId) -> bool {
         !self.withholds_vote(group_id) && self.in_every_quorum(group_id)
-    }
-
-    /// Whether this node votes in group `group_id` now.
-    pub fn votes_in(&self, group_id: GroupId) -> bool {
-        !self.withholds_vote(group_id)
     }
 
     /// Whether this node votes in every group open here now (always, unless it is rejoining
@@ -708,21 +702,16 @@ impl Peers {
                         continue;
                     };
                     match due {
-                        Due::Alone => {
-                            tracing::info!(group = group_id, "the only voter: standing");
-                            campaigns.insert(group_id, (Instant::now(), 0));
-                            tokio::spawn(async move {
-                                if let Err(e) = raft.trigger().elect().await {
-                                    tracing::debug!(group = group_id, "cannot stand: {e}");
-                                }
-                            });
-                        }
-                        Due::Standby => {
-                            tracing::info!(
-                                group = group_id,
-                                "the leader handing its leadership here went silent before \
-                                 it called the election: standing"
-                            );
+                        Due::Alone | Due::Standby => {
+                            if due == Due::Alone {
+                                tracing::info!(group = group_id, "the only voter: standing");
+                            } else {
+                                tracing::info!(
+                                    group = group_id,
+                                    "the leader handing its leadership here went silent \
+                                     before it called the election: standing"
+                                );
+                            }
                             campaigns.insert(group_id, (Instant::now(), 0));
                             tokio::spawn(async move {
                                 if let Err(e) = raft.trigger().elect().await {
