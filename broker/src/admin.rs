@@ -109,7 +109,9 @@ impl IntoResponse for ApiError {
             | BrokerError::NotAssigned { .. }
             | BrokerError::GroupNotEmpty(_)
             | BrokerError::Conflict(_) => StatusCode::CONFLICT,
-            BrokerError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Unavailable { .. } | BrokerError::TransferUnderWay { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             BrokerError::Remote(status) => match status.0.code() {
                 tonic::Code::NotFound => StatusCode::NOT_FOUND,
                 tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => {

@@ -153,6 +153,15 @@ pub enum BrokerError {
         /// The leader's node id, when known.
         leader: Option<u64>,
     },
+    /// A transfer of a partition's leadership was asked for while another transfer of it runs
+    /// (a drain, the leader balance and an operator may ask at once): try again once it ended.
+    #[error("unavailable: a transfer of this leadership to node {to} is under way")]
+    TransferUnderWay {
+        /// The running transfer's target.
+        to: u64,
+        /// The leader (this broker, until the transfer ends).
+        leader: u64,
+    },
     /// The call ran past its deadline; it may or may not have happened.
     #[error("deadline exceeded: {0}")]
     Timeout(String),
@@ -290,6 +299,23 @@ impl BrokerError {
         }
     }
 
+    /// The group's current generation, when this refused a commit because the member's
+    /// generation was replaced (STALE_GENERATION), whether this broker refused it or the
+    /// group's coordinator did on another broker (a forwarded call's answer).
+    pub fn replaced_generation(&self) -> Option<u64> {
+        match self {
+            BrokerError::StaleGeneration { current, .. } => Some(*current),
+            BrokerError::Remote(status) => {
+                let info = status.0.get_details_error_info()?;
+                if info.reason != "STALE_GENERATION" {
+                    return None;
+                }
+                info.metadata.get("current_generation")?.parse().ok()
+            }
+            _ => None,
+        }
+    }
+
     /// One invalid field.
     pub fn invalid(field: &str, description: impl Into<String>) -> Self {
         BrokerError::InvalidArgument(vec![FieldViolation::new(field, description)])
@@ -316,7 +342,9 @@ impl BrokerError {
             | BrokerError::GroupNotEmpty(_)
             | BrokerError::Conflict(_) => Code::FailedPrecondition,
             BrokerError::OffsetOutOfRange { .. } => Code::OutOfRange,
-            BrokerError::Unavailable { .. } => Code::Unavailable,
+            BrokerError::Unavailable { .. } | BrokerError::TransferUnderWay { .. } => {
+                Code::Unavailable
+            }
             BrokerError::Timeout(_) => Code::DeadlineExceeded,
             BrokerError::DataLoss { .. } => Code::DataLoss,
             BrokerError::Internal(_) => Code::Internal,
@@ -347,7 +375,7 @@ impl BrokerError {
                 "STALE_GENERATION"
             }
             BrokerError::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
-            BrokerError::Unavailable { .. } => "UNAVAILABLE",
+            BrokerError::Unavailable { .. } | BrokerError::TransferUnderWay { .. } => "UNAVAILABLE",
             BrokerError::Timeout(_) => "TIMEOUT",
             BrokerError::DataLoss { .. } => "DATA_LOSS",
             BrokerError::Internal(_) => "INTERNAL",
@@ -438,6 +466,11 @@ impl From<BrokerError> for tonic::Status {
                     metadata.insert("leader_id".into(), leader.to_string());
                 }
             }
+            BrokerError::TransferUnderWay { to, leader } => {
+                details.set_retry_info(Some(Duration::from_millis(200)));
+                metadata.insert("leader_id".into(), leader.to_string());
+                metadata.insert("transfer_to_node_id".into(), to.to_string());
+            }
             BrokerError::DataLoss {
                 segment, position, ..
             } => {
@@ -499,6 +532,31 @@ mod tests {
         assert_eq!(answered.message(), "the partition log is damaged");
         let answered = tonic::Status::from(BrokerError::from(tonic::Status::not_found("no")));
         assert_eq!(answered.code(), Code::NotFound);
+    }
+
+    /// A coordinator's STALE_GENERATION reads the same through a forwarded call's answer;
+    /// a partition another member owns (same reason, current generation) is told apart by the
+    /// generation, and other refusals are not stale.
+    #[test]
+    fn a_replaced_generation_is_known_from_a_remote_answer_too() {
+        let stale = BrokerError::StaleGeneration {
+            group: "g".into(),
+            current: 9,
+            got: 7,
+        };
+        assert_eq!(stale.replaced_generation(), Some(9));
+        let remote = BrokerError::from(tonic::Status::from(stale));
+        assert!(matches!(remote, BrokerError::Remote(_)), "{remote:?}");
+        assert_eq!(remote.replaced_generation(), Some(9));
+        let not_assigned = BrokerError::from(tonic::Status::from(BrokerError::NotAssigned {
+            group: "g".into(),
+            partition: 1,
+            generation: 7,
+        }));
+        assert_eq!(not_assigned.replaced_generation(), Some(7));
+        let other = BrokerError::from(tonic::Status::from(BrokerError::invalid("offsets", "no")));
+        assert_eq!(other.replaced_generation(), None);
+        assert_eq!(BrokerError::Timeout("t".into()).replaced_generation(), None);
     }
 
     #[test]

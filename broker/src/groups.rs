@@ -222,6 +222,21 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
+/// `WEFT_TEST_COMMIT_STALL_MS`: a test hook that makes the coordinator wait that long between
+/// a member commit's check and its proposal (a coordinator that loses the controller's
+/// leadership in between).
+fn commit_stall() -> Option<Duration> {
+    std::env::var("WEFT_TEST_COMMIT_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+/// Longest a new owner of a partition waits for the group's commits in flight
+/// ([`Coordinator::settle_commits`]): a controller proposal's own timeout is longer, but a
+/// member that waits this long has a broker whose controller is in trouble anyway.
+const COMMIT_SETTLE_MAX: Duration = Duration::from_secs(10);
+
 /// Longest session timeout a member may ask for.
 pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 
@@ -341,10 +356,12 @@ impl Coordinator {
                 member.last_seen = now;
                 member.session = session;
                 member.incarnation = incarnation;
-                if superseded || group.partitions != partitions {
+                if superseded || group.partitions < partitions {
                     // Another stream holds this id: it is superseded, and the generation moves
-                    // on so its holder can no longer commit.
-                    group.partitions = partitions;
+                    // on so its holder can no longer commit. (A topic's partitions only grow:
+                    // a member that joined through a broker whose copy of the topic is behind
+                    // does not take the new ones away.)
+                    group.partitions = group.partitions.max(partitions);
                     group.rebalance(&self.inner.last_generation);
                 } else {
                     // A member coming back after its stream ended: same generation, same
@@ -370,7 +387,7 @@ impl Coordinator {
                         incarnation,
                     },
                 );
-                group.partitions = partitions;
+                group.partitions = group.partitions.max(partitions);
                 group.rebalance(&self.inner.last_generation);
                 id
             }
@@ -380,6 +397,23 @@ impl Coordinator {
             incarnation,
             view: group.view.subscribe(),
         })
+    }
+
+    /// Topic `topic_id` has `partitions` partitions now: the groups consuming it that know of
+    /// fewer rebalance over all of them (partitions added to a topic are consumed by its live
+    /// groups at once, not when a member next joins).
+    pub fn topic_partitions(&self, topic_id: &str, partitions: u32) {
+        let Ok(mut groups) = self.groups() else {
+            return;
+        };
+        for group in groups.values_mut() {
+            if group.topic_id == topic_id && group.partitions < partitions {
+                group.partitions = partitions;
+                if !group.members.is_empty() {
+                    group.rebalance(&self.inner.last_generation);
+                }
+            }
+        }
     }
 
     /// Records that the member's stream `incarnation` is alive at `now`; an error when the
@@ -524,6 +558,9 @@ impl Coordinator {
         let lock = self.commit_lock(group_id)?;
         let _committing = lock.lock().await;
         self.check_commit(group_id, member_id, generation, topic_id, offsets)?;
+        if let Some(stall) = commit_stall() {
+            tokio::time::sleep(stall).await;
+        }
         self.inner
             .store
             .commit(
@@ -578,6 +615,24 @@ impl Coordinator {
     }
 
     /// The lock that serialises commits of `group_id` (groups without members share one).
+    /// Waits (at most [`COMMIT_SETTLE_MAX`]) until the commits of `group_id` checked before now
+    /// are stored or refused: a member given a partition in a new generation reads its
+    /// committed offset after this, so a commit its previous owner made just before the
+    /// rebalance is not read as older than it is (the new owner would start before it, and its
+    /// first commit be refused as going backwards). Commits checked after now are checked
+    /// against the new generation. Returns at once on a broker that does not coordinate the
+    /// group.
+    pub async fn settle_commits(&self, group_id: &str) {
+        let lock = match self.groups() {
+            Ok(groups) => match groups.get(group_id) {
+                Some(group) => group.commit_lock.clone(),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let _ = tokio::time::timeout(COMMIT_SETTLE_MAX, lock.lock()).await;
+    }
+
     fn commit_lock(&self, group_id: &str) -> Result<Arc<tokio::sync::Mutex<()>>, BrokerError> {
         static OUTSIDE: std::sync::OnceLock<Arc<tokio::sync::Mutex<()>>> =
             std::sync::OnceLock::new();
@@ -847,6 +902,144 @@ mod tests {
                 ))
             })
         }
+    }
+
+    /// A store whose commits wait for the test's go before they are applied (a controller
+    /// proposal in flight).
+    #[derive(Debug)]
+    struct Gated {
+        inner: Arc<MemoryOffsets>,
+        go: Arc<tokio::sync::Notify>,
+    }
+
+    impl OffsetStore for Gated {
+        fn group(&self, group: &str) -> Option<Arc<GroupOffsets>> {
+            self.inner.group(group)
+        }
+        fn generation_floor(&self) -> Option<u64> {
+            self.inner.generation_floor()
+        }
+        fn groups(&self) -> Vec<String> {
+            self.inner.groups()
+        }
+        fn commit(
+            &self,
+            group: String,
+            topic_id: String,
+            generation: u64,
+            offsets: Vec<(u32, u64)>,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            let (inner, go) = (self.inner.clone(), self.go.clone());
+            Box::pin(async move {
+                go.notified().await;
+                inner.commit(group, topic_id, generation, offsets).await
+            })
+        }
+        fn reset(
+            &self,
+            group: String,
+            topic_id: String,
+            offsets: Vec<(u32, u64)>,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            self.inner.reset(group, topic_id, offsets)
+        }
+        fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>> {
+            self.inner.delete(group)
+        }
+    }
+
+    /// A partition's new owner reads its committed offset only after the commits its previous
+    /// owner made before the rebalance are stored: `settle_commits` waits for them. Before,
+    /// it read the offset before them, started behind, and its first commit was refused as
+    /// going backwards (which ended its stream).
+    #[tokio::test]
+    async fn a_new_owner_waits_for_the_commits_in_flight_at_the_rebalance() {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let store = Arc::new(Gated {
+            inner: store(),
+            go: go.clone(),
+        });
+        let coordinator = Coordinator::new(store, Duration::from_secs(10));
+        let now = Instant::now();
+        let b = coordinator
+            .join("g", Some("b"), "t", "id-t", 1, None, now)
+            .expect("join");
+        let generation = b.view.borrow().generation;
+        let commit = tokio::spawn({
+            let coordinator = coordinator.clone();
+            async move {
+                coordinator
+                    .commit("g", "b", generation, "id-t", &[(0, 100)])
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!commit.is_finished(), "the commit waits for its proposal");
+        // "a" joins: partition 0 moves to it (members sorted: a, b).
+        let a = coordinator
+            .join("g", Some("a"), "t", "id-t", 1, None, now)
+            .expect("join");
+        assert_eq!(a.view.borrow().assignments["a"], vec![0]);
+        let settled = tokio::spawn({
+            let coordinator = coordinator.clone();
+            async move { coordinator.settle_commits("g").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !settled.is_finished(),
+            "settled before the commit in flight"
+        );
+        go.notify_one();
+        commit
+            .await
+            .expect("task")
+            .expect("b's commit, checked before the rebalance");
+        settled.await.expect("task");
+        assert_eq!(
+            coordinator.committed("g", "id-t", 0).expect("read"),
+            Some(100),
+            "what the new owner reads"
+        );
+        // A commit checked after the rebalance is checked against the new generation.
+        let late = tokio::time::timeout(
+            Duration::from_secs(5),
+            coordinator.commit("g", "b", generation, "id-t", &[(0, 120)]),
+        )
+        .await
+        .expect("refused at its check, not proposed");
+        assert!(late.is_err(), "{late:?}");
+        // No group here: nothing to wait for.
+        coordinator.settle_commits("nobody").await;
+    }
+
+    /// Partitions added to a topic are assigned to its live groups at once (a new generation);
+    /// a member joining through a broker whose copy of the topic is behind takes none away.
+    #[test]
+    fn partitions_added_to_a_topic_rebalance_its_groups() {
+        let coordinator = Coordinator::new(store(), Duration::from_secs(10));
+        let now = Instant::now();
+        let a = coordinator
+            .join("g", Some("a"), "t", "id-t", 2, None, now)
+            .expect("join");
+        let before = a.view.borrow().generation;
+        coordinator.topic_partitions("id-t", 2);
+        assert_eq!(
+            a.view.borrow().generation,
+            before,
+            "no change, no rebalance"
+        );
+        coordinator.topic_partitions("other-id", 4);
+        assert_eq!(a.view.borrow().generation, before, "another topic");
+        coordinator.topic_partitions("id-t", 4);
+        let view = a.view.borrow().clone();
+        assert!(view.generation > before);
+        assert_eq!(view.assignments["a"], vec![0, 1, 2, 3]);
+        let b = coordinator
+            .join("g", Some("b"), "t", "id-t", 2, None, now)
+            .expect("join through a broker behind");
+        let view = b.view.borrow().clone();
+        assert_eq!(view.assignments["a"], vec![0, 2]);
+        assert_eq!(view.assignments["b"], vec![1, 3]);
     }
 
     #[test]

@@ -170,8 +170,9 @@ impl OffsetStore for ControllerOffsets {
         let controller = self.controller.clone();
         let timeout = self.timeout;
         Box::pin(async move {
+            // (On this broker only, as `store` proposes: the coordinator checked the group.)
             match controller
-                .propose(ControllerCommand::DeleteGroup { group }, timeout)
+                .propose_here(ControllerCommand::DeleteGroup { group }, timeout)
                 .await?
             {
                 ControllerResponse::GroupDeleted { existed } => Ok(existed),
@@ -184,12 +185,18 @@ impl OffsetStore for ControllerOffsets {
 }
 
 impl ControllerOffsets {
-    /// Proposes a commit (or reset) of offsets to the controller.
+    /// Proposes a commit (or reset) of offsets to the controller, on this broker only: the
+    /// coordinator checked it against its groups, which are this controller leader's. Were the
+    /// leadership lost meanwhile, openraft would answer "forward to the new leader", which
+    /// would apply it after the new coordinator's takeover, unchecked (a fenced member's commit
+    /// stored over a new owner's): refused (UNAVAILABLE) instead, and the member retries with
+    /// the new coordinator. (An entry that the new leader holds already is applied before its
+    /// takeover, while the generations it was checked against were still the current ones.)
     fn store(&self, command: ControllerCommand) -> BoxFuture<'static, Result<(), BrokerError>> {
         let controller = self.controller.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            match controller.propose(command, timeout).await? {
+            match controller.propose_here(command, timeout).await? {
                 ControllerResponse::Committed => Ok(()),
                 ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("offsets", reason)),
                 ControllerResponse::NotFound(_) => Err(BrokerError::invalid(
@@ -1619,6 +1626,10 @@ impl Node {
             })
             .collect();
         self.registry.reconcile(wanted).await;
+        for topic in state.topics.values() {
+            self.groups
+                .topic_partitions(&topic.topic_id, topic.config.partitions);
+        }
         true
     }
 
@@ -1689,7 +1700,10 @@ where
             });
         match outcome {
             // Another transfer of it runs (or ran, or an election moved it): look again shortly.
-            Err(e) if crate::raft::transfer_under_way(&e) || !leads().0 => {
+            Err(BrokerError::TransferUnderWay { .. }) => {
+                tokio::time::sleep(DRAIN_RECHECK.min(left)).await;
+            }
+            Err(_) if !leads().0 => {
                 tokio::time::sleep(DRAIN_RECHECK.min(left)).await;
             }
             outcome => return outcome,
@@ -1699,3 +1713,65 @@ where
 
 /// How often a drain looks again at a partition whose leadership another transfer is moving.
 const DRAIN_RECHECK: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// A drain waits for a transfer of the same group that another caller runs, and counts the
+    /// group as moved once another broker leads it; any other refusal while this broker leads
+    /// is the drain's answer, and a transfer that outlasts the drain's time ends it.
+    #[tokio::test]
+    async fn a_drain_waits_for_a_transfer_under_way() {
+        let under_way = || BrokerError::TransferUnderWay { to: 3, leader: 1 };
+        let calls = AtomicU32::new(0);
+        let moved = AtomicBool::new(false);
+        let outcome = move_away(
+            Duration::from_secs(10),
+            || {
+                if moved.load(Ordering::SeqCst) {
+                    (false, Some(3))
+                } else {
+                    (true, Some(1))
+                }
+            },
+            |_| async {
+                if calls.fetch_add(1, Ordering::SeqCst) == 2 {
+                    moved.store(true, Ordering::SeqCst);
+                }
+                Err(under_way())
+            },
+        )
+        .await;
+        assert_eq!(outcome.expect("moved by the other transfer"), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "looked again twice");
+
+        let outcome = move_away(
+            Duration::from_secs(10),
+            || (true, Some(1)),
+            |_| async {
+                Err(BrokerError::Unavailable {
+                    reason: "the partition has no other replica that answers to lead it".into(),
+                    leader: Some(1),
+                })
+            },
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(BrokerError::Unavailable { .. })),
+            "{outcome:?}"
+        );
+
+        let outcome = move_away(
+            Duration::from_millis(350),
+            || (true, Some(1)),
+            |_| async { Err(under_way()) },
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(BrokerError::Timeout(_))),
+            "{outcome:?}"
+        );
+    }
+}

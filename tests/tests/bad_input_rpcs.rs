@@ -704,6 +704,72 @@ async fn subscribe_refuses_bad_streams() {
         );
     }
 
+    // A member's commit over its stream is checked as a unary commit is: an offset past the
+    // high watermark (10) is refused and nothing is committed. It was stored before, and every
+    // later commit of the partition refused as going backwards. (A new group each: a refused
+    // member keeps its partitions for its session.)
+    for (case, group, offsets, detail) in [
+        (
+            "stream commit past the high watermark",
+            "g4",
+            vec![PartitionOffset {
+                partition: 0,
+                offset: 1 << 60,
+            }],
+            Detail::Field("offsets"),
+        ),
+        (
+            "stream commit naming a partition twice",
+            "g5",
+            vec![
+                PartitionOffset {
+                    partition: 0,
+                    offset: 6,
+                },
+                PartitionOffset {
+                    partition: 0,
+                    offset: 7,
+                },
+            ],
+            Detail::Field("offsets"),
+        ),
+    ] {
+        eprintln!("case: {case}");
+        let (tx, mut responses) = member(&address, group).await;
+        let (owns, generation) = assignment(&mut responses, 0).await;
+        assert!(owns.contains(&0), "{owns:?}");
+        tx.send(msg(Inbound::Commit(StreamCommit {
+            generation,
+            offsets,
+        })))
+        .await
+        .expect("queue");
+        let status = loop {
+            match responses.message().await {
+                Ok(Some(SubscribeResponse {
+                    event: Some(Event::CommitAck(ack)),
+                })) => panic!("{case}: acknowledged: {ack:?}"),
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("{case}: the stream ended without refusing the commit"),
+                Err(status) => break status,
+            }
+        };
+        check(case, Err(status), Code::InvalidArgument, detail);
+        let committed = grpc::subscriber(&grpc::channel(&address).await)
+            .get_offsets(GetOffsetsRequest {
+                topic: "t".into(),
+                partitions: vec![0],
+                group_id: group.into(),
+                ..GetOffsetsRequest::default()
+            })
+            .await
+            .expect("offsets")
+            .into_inner()
+            .partitions[0]
+            .committed_offset;
+        assert_eq!(committed, None, "{case}: committed");
+    }
+
     // Credit: 0 delivers nothing until credit arrives; a grant of 2 delivers at most 2;
     // u32::MAX records is capped by the broker's own per-delivery limit and delivers the rest.
     {

@@ -487,3 +487,179 @@ async fn admin_reads_ride_out_a_controller_election() {
     let new_boss = coordinator(&brokers[survivor]).await;
     assert_ne!(new_boss, boss, "a new controller leader was elected");
 }
+
+/// A member connected to a broker that does not coordinate its group commits from a generation
+/// a rebalance has just replaced (its new assignment is still on its way: hook
+/// `WEFT_TEST_VIEW_DELAY_MS` holds it back 1.5 s): nothing is committed and its stream goes
+/// on, as on the coordinator's own broker. Before, the
+/// coordinator's STALE_GENERATION came back through the forwarded call unrecognised and ended
+/// the stream; the client then joined as a new member, and the old one kept its partitions
+/// until its session ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_stream() {
+    use weft_proto::v1::start_position::{Earliest, Position};
+    use weft_proto::v1::subscribe_request::Request as Inbound;
+    use weft_proto::v1::subscribe_response::Event;
+    use weft_proto::v1::{
+        Credit, PartitionOffset, StartPosition, StreamCommit, SubscribeRequest, SubscribeStart,
+    };
+
+    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_VIEW_DELAY_MS", "1500")]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"events","partitions":4}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    publish_each(&brokers[0].client_addr, 1).await;
+    let boss = coordinator(&brokers[0]).await as usize;
+    let elsewhere = &brokers[boss % 3];
+    let start = |member: &str| SubscribeStart {
+        topic: "events".into(),
+        group_id: "stale".into(),
+        member_id: member.into(),
+        session_timeout_ms: 60_000,
+        credit: Some(Credit {
+            records: 100,
+            bytes: 1 << 20,
+        }),
+        start: Some(StartPosition {
+            position: Some(Position::Earliest(Earliest {})),
+        }),
+        ..SubscribeStart::default()
+    };
+    let (tx, mut responses) = grpc::subscribe(&elsewhere.client_addr, start("a")).await;
+    let first = grpc::next_assignment(&mut responses, 0).await;
+    let mine = first.partitions[0].partition;
+    let mut others = Vec::new();
+    let mut stale_acks = 0;
+    for round in 0..3 {
+        // Another member joins through the coordinator's broker: the generation moves on
+        // there at once, and reaches "a"'s broker 1.5 s later.
+        let other =
+            grpc::subscribe(&brokers[boss - 1].client_addr, start(&format!("b{round}"))).await;
+        others.push(other);
+        let (_, joined) = others.last_mut().expect("pushed");
+        let generation = grpc::next_assignment(joined, first.generation + 1)
+            .await
+            .generation;
+        tx.send(SubscribeRequest {
+            request: Some(Inbound::Commit(StreamCommit {
+                generation: first.generation,
+                offsets: vec![PartitionOffset {
+                    partition: mine,
+                    offset: 1,
+                }],
+            })),
+        })
+        .await
+        .expect("queue");
+        let ack = loop {
+            match responses.message().await {
+                Ok(Some(message)) => {
+                    if let Some(Event::CommitAck(ack)) = message.event {
+                        break ack;
+                    }
+                }
+                Ok(None) => panic!("round {round}: the stream ended"),
+                Err(status) => panic!("round {round} (generation {generation}): {status:?}"),
+            }
+        };
+        assert!(
+            ack.offsets.is_empty(),
+            "round {round}: committed from replaced generation {}: {ack:?}",
+            first.generation
+        );
+        stale_acks += 1;
+    }
+    assert_eq!(stale_acks, 3);
+    drop(tx);
+}
+
+/// A member's commit that its coordinator checked just before it lost the controller's
+/// leadership (hook `WEFT_TEST_COMMIT_STALL_MS`: the proposal waits 12 s after the check, while
+/// a drain moves the controller) is refused, not stored. Before, openraft's "forward to the
+/// leader" sent it to the new leader, which applied it after its takeover of the groups,
+/// unchecked: a fenced member's offset stored over the new generation's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_checked_by_a_coordinator_that_lost_the_controller_is_refused() {
+    use weft_proto::v1::start_position::{Earliest, Position};
+    use weft_proto::v1::{
+        CommitOffsetsRequest, Credit, GetOffsetsRequest, PartitionOffset, StartPosition,
+        SubscribeStart,
+    };
+
+    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_COMMIT_STALL_MS", "12000")]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"events","partitions":4}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    publish_each(&brokers[0].client_addr, 10).await;
+    let boss = coordinator(&brokers[0]).await as usize;
+    let at_boss = &brokers[boss - 1].client_addr;
+    let (_tx, mut responses) = grpc::subscribe(
+        at_boss,
+        SubscribeStart {
+            topic: "events".into(),
+            group_id: "fenced".into(),
+            session_timeout_ms: 60_000,
+            credit: Some(Credit {
+                records: 100,
+                bytes: 1 << 20,
+            }),
+            start: Some(StartPosition {
+                position: Some(Position::Earliest(Earliest {})),
+            }),
+            ..SubscribeStart::default()
+        },
+    )
+    .await;
+    let assignment = grpc::next_assignment(&mut responses, 0).await;
+    let member_id = assignment.member_id.clone();
+    let channel = grpc::channel(at_boss).await;
+    let commit = tokio::spawn({
+        let channel = channel.clone();
+        let request = CommitOffsetsRequest {
+            topic: "events".into(),
+            group_id: "fenced".into(),
+            member_id,
+            generation: assignment.generation,
+            offsets: vec![PartitionOffset {
+                partition: 0,
+                offset: 5,
+            }],
+            ..CommitOffsetsRequest::default()
+        };
+        async move { grpc::subscriber(&channel).commit_offsets(request).await }
+    });
+    // The commit is checked at once and waits; the controller moves meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = brokers[boss - 1].http("POST", "/v1/drain", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("controller -> node"), "{body}");
+    assert!(
+        !commit.is_finished(),
+        "the drain took longer than the commit's stall: the test proves nothing"
+    );
+    let outcome = commit.await.expect("commit task");
+    let other = &brokers[boss % 3];
+    let committed = grpc::subscriber(&grpc::channel(&other.client_addr).await)
+        .get_offsets(GetOffsetsRequest {
+            topic: "events".into(),
+            partitions: vec![0],
+            group_id: "fenced".into(),
+            ..GetOffsetsRequest::default()
+        })
+        .await
+        .expect("offsets")
+        .into_inner()
+        .partitions[0]
+        .committed_offset;
+    // (UNAVAILABLE from the old coordinator, or STALE_GENERATION where a retry reached the
+    // new one.)
+    let status = outcome.expect_err("a commit checked under the old coordinator is refused");
+    eprintln!("refused: {status:?}");
+    assert_eq!(committed, None, "nothing was committed");
+}

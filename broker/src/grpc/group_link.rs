@@ -196,6 +196,9 @@ async fn pump(
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(GroupMemberEvent { event: Some(CoordinatorEvent::View(view)) })) => {
+                    if let Some(delay) = view_delay() {
+                        tokio::time::sleep(delay).await;
+                    }
                     node.wait_controller_applied(view.controller_index, CONTROLLER_CATCH_UP).await;
                     views.send_replace(Arc::new(to_view(view)));
                 }
@@ -206,6 +209,16 @@ async fn pump(
         }
     }
     closed.store(true, Ordering::SeqCst);
+}
+
+/// `WEFT_TEST_VIEW_DELAY_MS`: a test hook that makes a member's broker pass on each assignment
+/// from the group's coordinator on another broker that much later (a member that commits
+/// before its new assignment reached it).
+fn view_delay() -> Option<Duration> {
+    std::env::var("WEFT_TEST_VIEW_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
 }
 
 fn to_view(update: GroupViewUpdate) -> GroupView {
@@ -553,6 +566,9 @@ pub async fn serve_member(
         let outcome: Result<bool, BrokerError> = async {
             loop {
                 let current = view.borrow_and_update().clone();
+                // The index the member's broker waits for covers the commits that were in
+                // flight at the rebalance (see `Coordinator::settle_commits`).
+                node.groups.settle_commits(&group).await;
                 let update = to_update(&current, node.controller_applied_index());
                 let event = GroupMemberEvent {
                     event: Some(CoordinatorEvent::View(update)),

@@ -197,17 +197,44 @@ impl SubscriberService {
             // older build would take it for a plain commit.
             self.node.require_feature(1, "offset resets").await?;
         }
-        let mut partitions = std::collections::BTreeSet::new();
-        for o in &request.offsets {
-            if !partitions.insert(o.partition) {
+        self.check_offsets(
+            &request.topic,
+            topic.config.partitions,
+            &request.offsets,
+            request.reset,
+        )
+        .await?;
+        let committed = group_link::commit(&self.node, request, &topic.topic_id, 0).await?;
+        Ok(CommitOffsetsResponse {
+            offsets: committed
+                .into_iter()
+                .map(|(partition, offset)| PartitionOffset { partition, offset })
+                .collect(),
+        })
+    }
+
+    /// Checks offsets to commit to `topic` (of `partitions` partitions) before they go to the
+    /// group's coordinator, for a unary commit (or a reset) and a member's stream alike: each
+    /// partition named once and existing, each offset at most the high watermark (a replica
+    /// behind is waited for a moment), a reset's at least the log start.
+    async fn check_offsets(
+        &self,
+        topic: &str,
+        partitions: u32,
+        offsets: &[PartitionOffset],
+        reset: bool,
+    ) -> Result<(), BrokerError> {
+        let mut named = std::collections::BTreeSet::new();
+        for o in offsets {
+            if !named.insert(o.partition) {
                 return Err(BrokerError::invalid(
                     "offsets",
                     format!("partition {} is named twice", o.partition),
                 ));
             }
-            if o.partition >= topic.config.partitions {
+            if o.partition >= partitions {
                 return Err(BrokerError::PartitionNotFound {
-                    topic: request.topic.clone(),
+                    topic: topic.to_string(),
                     partition: o.partition,
                 });
             }
@@ -216,9 +243,7 @@ impl SubscriberService {
             // not caught up yet. Wait a moment for it before refusing the offset.
             let patience = tokio::time::Instant::now() + COMMIT_HIGH_WATERMARK_WAIT;
             let bounds = loop {
-                let bounds = self
-                    .partition_offsets(&request.topic, o.partition, None)
-                    .await?;
+                let bounds = self.partition_offsets(topic, o.partition, None).await?;
                 if o.offset <= bounds.high_watermark || tokio::time::Instant::now() >= patience {
                     break bounds;
                 }
@@ -235,7 +260,7 @@ impl SubscriberService {
             }
             // A group set back before the log start would only be moved up to it on its next
             // read: a reset names a retained offset.
-            if request.reset && o.offset < bounds.log_start_offset {
+            if reset && o.offset < bounds.log_start_offset {
                 return Err(BrokerError::invalid(
                     "offsets",
                     format!(
@@ -245,13 +270,7 @@ impl SubscriberService {
                 ));
             }
         }
-        let committed = group_link::commit(&self.node, request, &topic.topic_id, 0).await?;
-        Ok(CommitOffsetsResponse {
-            offsets: committed
-                .into_iter()
-                .map(|(partition, offset)| PartitionOffset { partition, offset })
-                .collect(),
-        })
+        Ok(())
     }
 
     /// One partition's offsets (and the first offset at `timestamp_ms`), from this broker's
@@ -862,6 +881,14 @@ impl Session {
 
     /// Takes a new set of partitions, keeping positions of those already owned.
     async fn assign(&mut self, partitions: Vec<u32>, generation: u64) -> Result<(), BrokerError> {
+        // A partition new to this member: its previous owner's commits in flight are stored
+        // (or refused) before its committed offset is read. (On the coordinator's broker; a
+        // view from another broker's coordinator was sent after it waited the same way.)
+        if let Some(member) = &self.group
+            && partitions.iter().any(|p| !self.positions.contains_key(p))
+        {
+            self.node.groups.settle_commits(&member.group_id).await;
+        }
         let mut positions = BTreeMap::new();
         for p in partitions {
             let position = match self.positions.get(&p) {
@@ -1112,6 +1139,11 @@ impl Session {
                     };
                     return self.send(event(Event::CommitAck(ack))).await;
                 }
+                // As a unary commit is checked (an offset past the high watermark would be
+                // stored, and every later commit of the partition refused as going backwards).
+                SubscriberService::new(self.node.clone())
+                    .check_offsets(&self.start.topic, partitions, &commit.offsets, false)
+                    .await?;
                 let request = CommitOffsetsRequest {
                     topic: self.start.topic.clone(),
                     group_id: member.group_id.clone(),
@@ -1126,8 +1158,11 @@ impl Session {
                         // From a generation that a rebalance has since replaced: nothing is
                         // committed and the stream goes on (its new assignment follows). An
                         // acknowledgement with no offsets says so.
-                        Err(BrokerError::StaleGeneration { current, got, .. })
-                            if got < current && !commit.offsets.is_empty() =>
+                        // (Refused here, or by the coordinator on another broker.)
+                        Err(e)
+                            if e.replaced_generation()
+                                .is_some_and(|current| commit.generation < current)
+                                && !commit.offsets.is_empty() =>
                         {
                             Vec::new()
                         }

@@ -212,6 +212,9 @@ impl Shared {
                 let bytes: usize = entry.iter().map(Batch::len).sum();
                 if bytes <= RECENT_ENTRY_BYTES_MAX {
                     recent.push_back(entry);
+                } else {
+                    // Kept out: the entries kept stay a run without gaps (`take_recent`).
+                    recent.clear();
                 }
             }
             while recent.len() > RECENT_ENTRIES_MAX {
@@ -233,6 +236,11 @@ impl Shared {
         // `start` were read already, those from `end` on stay.
         let index = |e: &Vec<Batch>| e.first().map_or(0, |b| b.header().index);
         let keep_from = recent.partition_point(|e| index(e) < end);
+        // Every entry of the range, or none (openraft checks only the first and the last).
+        let from = recent.partition_point(|e| index(e) < start);
+        if u64::try_from(keep_from - from).ok() != Some(end - start) {
+            return None;
+        }
         let rest = recent.split_off(keep_from);
         let taken: Vec<Vec<Batch>> = std::mem::replace(&mut *recent, rest)
             .into_iter()
@@ -1137,6 +1145,43 @@ mod tests {
         store.save_committed(id(5)).await.expect("save");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(reader.saved_committed(), Some(4), "nothing after the close");
+    }
+
+    /// An entry too large to keep in memory after its write is read back from the log with the
+    /// entries around it (before, the entries kept around it were taken without it: the state
+    /// machine skipped it, or stopped).
+    #[tokio::test]
+    async fn entries_to_apply_around_one_too_large_to_keep_come_whole() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, _reader) = reader_of(log_of(dir.path(), 4, 10), 1 << 20);
+        let record = |index: u64, offset: u64, bytes: usize| {
+            let mut records = BatchBuilder::new();
+            records.push(0, b"", &vec![3u8; bytes], []);
+            let batch = records.seal(0, 0, 0, ProducerInfo::default());
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+                payload: EntryPayload::Normal(Command::Records(vec![batch.bytes().clone()])),
+            };
+            to_batches(entry, offset).expect("encodes")
+        };
+        let blank = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 0), 7),
+            payload: EntryPayload::Blank,
+        };
+        {
+            let mut pending = store.shared.pending.lock().expect("lock");
+            pending.push_back(record(5, 4, 100));
+            pending.push_back(record(6, 5, RECENT_ENTRY_BYTES_MAX + 1024));
+            pending.push_back(to_batches(blank, 6).expect("encodes"));
+        }
+        store.shared.write_pending().expect("writes");
+        let entries = store.try_get_log_entries(5..8).await.expect("reads");
+        let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, vec![5, 6, 7]);
+        assert!(
+            bytes_of(&entries)[1] > RECENT_ENTRY_BYTES_MAX,
+            "entry 6 whole"
+        );
     }
 
     #[tokio::test]

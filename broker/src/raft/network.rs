@@ -210,12 +210,20 @@ pub enum Recovery {
     Rejoining,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gate {
     /// No leader heard from yet.
     Waiting,
-    /// Catching up to this commit index.
-    CatchingUp(u64),
+    /// Catching up to the commit index `target` that a leader of term `term` sent (the
+    /// highest term heard: a deposed leader cut off from the others may be heard first, and
+    /// its commit index can lack entries its successor committed with this replica's help
+    /// before it lost them).
+    CatchingUp {
+        /// The commit index to apply.
+        target: u64,
+        /// The term of the leader that sent it.
+        term: u64,
+    },
     /// Caught up: votes.
     Open,
 }
@@ -235,7 +243,13 @@ enum Due {
 /// Whether every majority of `m`'s membership (each half of a joint one) includes `me`: a
 /// membership of two voters or one (see [`Peers::in_every_quorum`]).
 fn in_every_quorum(m: &openraft::RaftMetrics<NodeId, BasicNode>, me: NodeId) -> bool {
-    let configs = m.membership_config.membership().get_joint_config();
+    in_every_majority(m.membership_config.membership().get_joint_config(), me)
+}
+
+/// Whether every majority of each voter set of `configs` (one, or the two halves of a joint
+/// membership) includes `me`: `me` votes in each, and each has at most two voters (a majority
+/// of two is both; of one, that one). Nothing at all is not.
+fn in_every_majority(configs: &[std::collections::BTreeSet<NodeId>], me: NodeId) -> bool {
     !configs.is_empty()
         && configs
             .iter()
@@ -586,7 +600,7 @@ impl Peers {
         match *gate {
             Gate::Open => true,
             Gate::Waiting => false,
-            Gate::CatchingUp(target) => {
+            Gate::CatchingUp { target, .. } => {
                 let applied = self
                     .group(group_id)
                     .ok()
@@ -606,10 +620,11 @@ impl Peers {
         }
     }
 
-    /// A leader's AppendEntries reached group `group_id` here, with its commit index: the
-    /// first one sets what a replica that lost its data must catch up to before it votes.
-    /// (Whether it counts as hearing from a leader is known once openraft has answered it.)
-    fn heard_leader(&self, group_id: GroupId, leader_commit: u64) {
+    /// A leader of term `term`'s AppendEntries reached group `group_id` here, with its commit
+    /// index: the first one sets what a replica that lost its data must catch up to before it
+    /// votes, and one of a later term raises it while it has not caught up. (Whether it counts
+    /// as hearing from a leader is known once openraft has answered it.)
+    fn heard_leader(&self, group_id: GroupId, term: u64, leader_commit: u64) {
         if let Ok(mut r) = self.inner.recovery.lock() {
             let gate = if r.0 == Recovery::Rejoining {
                 Some(r.1.entry(group_id).or_insert(Gate::Waiting))
@@ -619,8 +634,23 @@ impl Peers {
                 r.1.get_mut(&group_id)
             };
             if let Some(gate) = gate {
-                if matches!(gate, Gate::Waiting) {
-                    *gate = Gate::CatchingUp(leader_commit);
+                match *gate {
+                    Gate::Waiting => {
+                        *gate = Gate::CatchingUp {
+                            target: leader_commit,
+                            term,
+                        };
+                    }
+                    Gate::CatchingUp {
+                        target,
+                        term: heard,
+                    } if term > heard => {
+                        *gate = Gate::CatchingUp {
+                            target: target.max(leader_commit),
+                            term,
+                        };
+                    }
+                    Gate::CatchingUp { .. } | Gate::Open => {}
                 }
                 self.try_open(group_id, gate);
             }
@@ -1870,13 +1900,15 @@ impl RaftService {
         let rpc = wire::append_from(message).map_err(malformed)?;
         let with_entries = !rpc.entries.is_empty();
         let leader_commit = rpc.leader_commit.map_or(0, |l| l.index);
+        let leader_term = rpc.vote.leader_id().term;
         let response = raft.append_entries(rpc).await.map_err(raft_failed)?;
         // Heard from a leader: one in this replica's term or a later one (an append that a
         // higher vote here refused came from a deposed leader, which steps down on the answer:
         // its commit index is no target to catch up to either).
         if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
             self.peers.heard_now(group_id);
-            self.peers.heard_leader(group_id, leader_commit);
+            self.peers
+                .heard_leader(group_id, leader_term, leader_commit);
         }
         if with_entries {
             // On the follower: from the call's arrival to the entries stored and synced.
@@ -2126,5 +2158,100 @@ mod tests {
         peers.unregister(7);
         assert!(!peers.held(7, 3), "the group closed here");
         assert_ne!(new_hold_id(), new_hold_id());
+    }
+
+    /// A replica that lost its data catches up to the commit index sent by the leader of the
+    /// highest term it heard: a deposed leader heard first (cut off from its successor, not
+    /// from this replica) may not know of entries its successor committed.
+    #[test]
+    fn a_later_leaders_commit_raises_the_catch_up_target() {
+        let peers = Peers::new(1, "test", None, HashMap::new(), None);
+        peers.set_recovery(Recovery::Rejoining);
+        let gate = |peers: &Peers| peers.inner.recovery.lock().unwrap().1.get(&7).copied();
+        assert_eq!(gate(&peers), None);
+        peers.heard_leader(7, 5, 8);
+        assert_eq!(gate(&peers), Some(Gate::CatchingUp { target: 8, term: 5 }));
+        peers.heard_leader(7, 5, 9);
+        assert_eq!(
+            gate(&peers),
+            Some(Gate::CatchingUp { target: 8, term: 5 }),
+            "the same leader's later commits are no target (it would move for ever)"
+        );
+        peers.heard_leader(7, 6, 10);
+        assert_eq!(
+            gate(&peers),
+            Some(Gate::CatchingUp {
+                target: 10,
+                term: 6
+            })
+        );
+        peers.heard_leader(7, 7, 4);
+        assert_eq!(
+            gate(&peers),
+            Some(Gate::CatchingUp {
+                target: 10,
+                term: 7
+            }),
+            "never lowered"
+        );
+        peers.heard_leader(7, 5, 30);
+        assert_eq!(
+            gate(&peers),
+            Some(Gate::CatchingUp {
+                target: 10,
+                term: 7
+            })
+        );
+        assert!(peers.withholds_vote(7), "group 7 has applied nothing here");
+    }
+
+    /// A candidate is in every majority only where each voter set it belongs to has at most
+    /// two voters including it: a withholding replica may grant it then (every committed entry
+    /// was acknowledged by it), and never otherwise.
+    #[test]
+    fn every_majority_includes_a_candidate_only_in_sets_of_two_or_one() {
+        use std::collections::BTreeSet;
+        let set = |ids: &[NodeId]| ids.iter().copied().collect::<BTreeSet<NodeId>>();
+        assert!(in_every_majority(&[set(&[1])], 1), "the only voter");
+        assert!(in_every_majority(&[set(&[1, 2])], 1), "one of two");
+        assert!(in_every_majority(&[set(&[1, 2])], 2), "the other of two");
+        assert!(
+            !in_every_majority(&[set(&[1, 2, 3])], 1),
+            "2 and 3 are a majority of three"
+        );
+        assert!(
+            !in_every_majority(&[set(&[2, 3])], 1),
+            "not a voter: a learner"
+        );
+        assert!(
+            !in_every_majority(&[set(&[2])], 1),
+            "another's group of one"
+        );
+        assert!(!in_every_majority(&[], 1), "no membership yet");
+        // Joint memberships: every half must hold.
+        assert!(
+            in_every_majority(&[set(&[1, 2]), set(&[1, 3])], 1),
+            "in both pairs of a replacement"
+        );
+        assert!(
+            in_every_majority(&[set(&[1, 2]), set(&[1])], 1),
+            "shrinking from two to one"
+        );
+        assert!(
+            !in_every_majority(&[set(&[1, 2]), set(&[1, 2, 3])], 1),
+            "growing from two to three: 2 and 3 are a majority of the new half"
+        );
+        assert!(
+            !in_every_majority(&[set(&[1, 2, 3]), set(&[1, 2])], 1),
+            "shrinking from three to two: 2 and 3 are a majority of the old half"
+        );
+        assert!(
+            !in_every_majority(&[set(&[1, 2]), set(&[2, 3])], 1),
+            "not a voter of the new half"
+        );
+        assert!(
+            !in_every_majority(&[set(&[2, 3]), set(&[1, 2])], 1),
+            "not a voter of the old half"
+        );
     }
 }

@@ -69,14 +69,6 @@ fn transfer_stall() -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
-/// How the refusal of a second transfer of the same group begins.
-const UNDER_WAY: &str = "a transfer of this leadership";
-
-/// Whether `e` refused a transfer because another transfer of the group is under way.
-pub(crate) fn transfer_under_way(e: &BrokerError) -> bool {
-    matches!(e, BrokerError::Unavailable { reason, .. } if reason.starts_with(UNDER_WAY))
-}
-
 /// Undoes what a transfer set up, however it ends (also when its caller gives up and drops it):
 /// heartbeats and proposals resume.
 struct Transferring<'a> {
@@ -187,9 +179,9 @@ pub(crate) async fn transfer_leadership(
     if let Some(t) = transferring_to
         && let Err(running) = t.compare_exchange(0, target, Ordering::SeqCst, Ordering::SeqCst)
     {
-        return Err(BrokerError::Unavailable {
-            reason: format!("{UNDER_WAY} to node {running} is under way"),
-            leader: Some(me),
+        return Err(BrokerError::TransferUnderWay {
+            to: running,
+            leader: me,
         });
     }
     let mut transferring = Transferring {
