@@ -233,9 +233,10 @@ fn commit_stall() -> Option<Duration> {
 }
 
 /// Longest a new owner of a partition waits for the group's commits in flight
-/// ([`Coordinator::settle_commits`]): a controller proposal's own timeout is longer, but a
-/// member that waits this long has a broker whose controller is in trouble anyway.
-const COMMIT_SETTLE_MAX: Duration = Duration::from_secs(10);
+/// ([`Coordinator::settle_commits`]): a proposal takes milliseconds when the controller is
+/// well, and the waiting session reads no heartbeats meanwhile (well under the shortest
+/// session timeout people set; a controller proposal's own timeout is longer).
+const COMMIT_SETTLE_MAX: Duration = Duration::from_secs(2);
 
 /// Longest session timeout a member may ask for.
 pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
@@ -399,15 +400,17 @@ impl Coordinator {
         })
     }
 
-    /// Topic `topic_id` has `partitions` partitions now: the groups consuming it that know of
-    /// fewer rebalance over all of them (partitions added to a topic are consumed by its live
-    /// groups at once, not when a member next joins).
-    pub fn topic_partitions(&self, topic_id: &str, partitions: u32) {
+    /// The partitions of each topic now, by topic id: the groups consuming a topic that know
+    /// of fewer rebalance over all of them (partitions added to a topic are consumed by its
+    /// live groups at once, not when a member next joins). One pass under the lock.
+    pub fn topic_partitions(&self, partitions_of: &HashMap<&str, u32>) {
         let Ok(mut groups) = self.groups() else {
             return;
         };
         for group in groups.values_mut() {
-            if group.topic_id == topic_id && group.partitions < partitions {
+            if let Some(&partitions) = partitions_of.get(group.topic_id.as_str())
+                && group.partitions < partitions
+            {
                 group.partitions = partitions;
                 if !group.members.is_empty() {
                     group.rebalance(&self.inner.last_generation);
@@ -1022,15 +1025,15 @@ mod tests {
             .join("g", Some("a"), "t", "id-t", 2, None, now)
             .expect("join");
         let before = a.view.borrow().generation;
-        coordinator.topic_partitions("id-t", 2);
+        coordinator.topic_partitions(&HashMap::from([("id-t", 2)]));
         assert_eq!(
             a.view.borrow().generation,
             before,
             "no change, no rebalance"
         );
-        coordinator.topic_partitions("other-id", 4);
+        coordinator.topic_partitions(&HashMap::from([("other-id", 4)]));
         assert_eq!(a.view.borrow().generation, before, "another topic");
-        coordinator.topic_partitions("id-t", 4);
+        coordinator.topic_partitions(&HashMap::from([("id-t", 4), ("other-id", 4)]));
         let view = a.view.borrow().clone();
         assert!(view.generation > before);
         assert_eq!(view.assignments["a"], vec![0, 1, 2, 3]);

@@ -1626,10 +1626,13 @@ impl Node {
             })
             .collect();
         self.registry.reconcile(wanted).await;
-        for topic in state.topics.values() {
-            self.groups
-                .topic_partitions(&topic.topic_id, topic.config.partitions);
-        }
+        self.groups.topic_partitions(
+            &state
+                .topics
+                .values()
+                .map(|t| (t.topic_id.as_str(), t.config.partitions))
+                .collect(),
+        );
         true
     }
 

@@ -490,7 +490,7 @@ async fn admin_reads_ride_out_a_controller_election() {
 
 /// A member connected to a broker that does not coordinate its group commits from a generation
 /// a rebalance has just replaced (its new assignment is still on its way: hook
-/// `WEFT_TEST_VIEW_DELAY_MS` holds it back 1.5 s): nothing is committed and its stream goes
+/// `WEFT_TEST_VIEW_DELAY_MS` holds it back 4 s): nothing is committed and its stream goes
 /// on, as on the coordinator's own broker. Before, the
 /// coordinator's STALE_GENERATION came back through the forwarded call unrecognised and ended
 /// the stream; the client then joined as a new member, and the old one kept its partitions
@@ -504,7 +504,7 @@ async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_st
         Credit, PartitionOffset, StartPosition, StreamCommit, SubscribeRequest, SubscribeStart,
     };
 
-    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_VIEW_DELAY_MS", "1500")]);
+    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_VIEW_DELAY_MS", "4000")]);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",
@@ -535,7 +535,7 @@ async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_st
     let mut stale_acks = 0;
     for round in 0..3 {
         // Another member joins through the coordinator's broker: the generation moves on
-        // there at once, and reaches "a"'s broker 1.5 s later.
+        // there at once, and reaches "a"'s broker 4 s later.
         let other =
             grpc::subscribe(&brokers[boss - 1].client_addr, start(&format!("b{round}"))).await;
         others.push(other);
@@ -577,7 +577,7 @@ async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_st
 }
 
 /// A member's commit that its coordinator checked just before it lost the controller's
-/// leadership (hook `WEFT_TEST_COMMIT_STALL_MS`: the proposal waits 12 s after the check, while
+/// leadership (hook `WEFT_TEST_COMMIT_STALL_MS`: the proposal waits 20 s after the check, while
 /// a drain moves the controller) is refused, not stored. Before, openraft's "forward to the
 /// leader" sent it to the new leader, which applied it after its takeover of the groups,
 /// unchecked: a fenced member's offset stored over the new generation's.
@@ -589,7 +589,7 @@ async fn a_commit_checked_by_a_coordinator_that_lost_the_controller_is_refused()
         SubscribeStart,
     };
 
-    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_COMMIT_STALL_MS", "12000")]);
+    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_COMMIT_STALL_MS", "20000")]);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",

@@ -32,6 +32,10 @@ use crate::node::Node;
 /// to catch up (a replica learns of a commit a heartbeat after its leader) before it is refused.
 const COMMIT_HIGH_WATERMARK_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a stream waits for a partition given to it that is not open yet (see
+/// `new_start_offset`): the session reads no heartbeats meanwhile.
+const NEW_PARTITION_WAIT: Duration = Duration::from_secs(3);
+
 /// Messages buffered towards one subscriber before the session waits.
 const STREAM_BUFFER: usize = 16;
 
@@ -835,6 +839,21 @@ impl Session {
     }
 
     /// Where delivery of `partition` starts: resume offset > group commit > start position.
+    /// [`Self::start_offset`] of a partition given to this stream, waiting a moment for one
+    /// that is still opening (added to the topic just now: its replicas open and elect a leader
+    /// within about an election timeout) rather than ending the stream at once.
+    async fn new_start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
+        let patience = tokio::time::Instant::now() + NEW_PARTITION_WAIT;
+        loop {
+            match self.start_offset(partition).await {
+                Err(BrokerError::Unavailable { .. }) if tokio::time::Instant::now() < patience => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     async fn start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
         let service = SubscriberService::new(self.node.clone());
         let timestamp = match self.start.start.as_ref().and_then(|s| s.position.as_ref()) {
@@ -893,7 +912,7 @@ impl Session {
         for p in partitions {
             let position = match self.positions.get(&p) {
                 Some(&position) => position,
-                None => self.start_offset(p).await?,
+                None => self.new_start_offset(p).await?,
             };
             positions.insert(p, position);
         }
@@ -1139,11 +1158,33 @@ impl Session {
                     };
                     return self.send(event(Event::CommitAck(ack))).await;
                 }
-                // As a unary commit is checked (an offset past the high watermark would be
+                // Checked as a unary commit is (an offset past the high watermark would be
                 // stored, and every later commit of the partition refused as going backwards).
-                SubscriberService::new(self.node.clone())
-                    .check_offsets(&self.start.topic, partitions, &commit.offsets, false)
-                    .await?;
+                // An offset within what this stream delivered is within the high watermark:
+                // only those past it are looked up (a replica elsewhere may be asked). A
+                // partition this stream does not own is the coordinator's to refuse.
+                let mut named = std::collections::BTreeSet::new();
+                if let Some(o) = commit.offsets.iter().find(|o| !named.insert(o.partition)) {
+                    return Err(BrokerError::invalid(
+                        "offsets",
+                        format!("partition {} is named twice", o.partition),
+                    ));
+                }
+                let beyond: Vec<PartitionOffset> = commit
+                    .offsets
+                    .iter()
+                    .filter(|o| {
+                        self.positions
+                            .get(&o.partition)
+                            .is_some_and(|&p| o.offset > p)
+                    })
+                    .cloned()
+                    .collect();
+                if !beyond.is_empty() {
+                    SubscriberService::new(self.node.clone())
+                        .check_offsets(&self.start.topic, partitions, &beyond, false)
+                        .await?;
+                }
                 let request = CommitOffsetsRequest {
                     topic: self.start.topic.clone(),
                     group_id: member.group_id.clone(),
