@@ -122,9 +122,10 @@ pub struct Config {
     /// the disk. The sync before an acknowledgement is unchanged. A filesystem that refuses
     /// direct I/O gets buffered writes (with a warning in the log). Off by default.
     pub direct_io: bool,
-    /// A partition forgets an idempotent producer whose last batch is older than this (by record
-    /// timestamps), as Kafka's `producer.id.expiration.ms` does: its state no longer grows with
-    /// every producer that ever wrote. A producer idle that long starts over in a new epoch.
+    /// A partition forgets an idempotent producer that sent nothing for this long by the
+    /// partition's clock (the latest record time it stored), as Kafka's
+    /// `producer.id.expiration.ms` does: its state no longer grows with every producer that ever
+    /// wrote. A producer idle that long starts over in a new epoch.
     pub producer_expiration_ms: u64,
     /// Graceful shutdown: how long in-flight work may take before the broker exits anyway.
     pub shutdown_grace_ms: u64,

@@ -150,6 +150,10 @@ struct Sequencer<G> {
     /// a retry of a batch they stored must not be taken as new (seen by the fault-injection
     /// harness: a duplicate after a paused leader was elected again).
     producers_term: u64,
+    /// The partition's clock as this leader sees it (see `PartitionState::clock_ms`): at most
+    /// the state machine's, from the table loaded (each producer's last activity) and the
+    /// batches accepted since, so this leader forgets no producer before the state machine does.
+    clock_ms: i64,
     /// Idempotent batches accepted and not yet answered, by (producer, base sequence): retries of
     /// them wait for the original's outcome.
     pending: HashMap<PendingKey, Waiters>,
@@ -237,7 +241,13 @@ impl<G: Proposer> Sequencer<G> {
             match self.group.ensure_leader().await {
                 Ok(()) => {
                     // The term read before: if it moved on meanwhile, the next batch reloads.
-                    self.producers = Some(self.group.producers());
+                    let table = self.group.producers();
+                    self.clock_ms = table
+                        .values()
+                        .map(|p| p.last_timestamp_ms)
+                        .max()
+                        .unwrap_or(0);
+                    self.producers = Some(table);
                     self.producers_term = term;
                 }
                 Err(e) => {
@@ -251,15 +261,13 @@ impl<G: Proposer> Sequencer<G> {
         let parked_total = self.parked.len();
         let table = self.producers.get_or_insert_with(BTreeMap::new);
         self.accepted += 1;
+        self.clock_ms = self.clock_ms.max(h.max_timestamp_ms);
         if self.accepted.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
             // Forget idle producers as the state machine does (none with a batch in flight).
             let pending = &self.pending;
-            expire_producers(
-                table,
-                h.max_timestamp_ms,
-                self.producer_expiration_ms,
-                |id| pending.keys().any(|(p, _, _)| *p == id),
-            );
+            expire_producers(table, self.clock_ms, self.producer_expiration_ms, |id| {
+                pending.keys().any(|(p, _, _)| *p == id)
+            });
         }
         if !table.contains_key(&h.producer_id) && h.base_sequence != 0 {
             // Forgotten (idle for longer than producer_expiration_ms), or never seen: the
@@ -331,7 +339,7 @@ impl<G: Proposer> Sequencer<G> {
                         base_offset: u64::MAX,
                     },
                 );
-                state.last_timestamp_ms = state.last_timestamp_ms.max(h.max_timestamp_ms);
+                state.last_timestamp_ms = state.last_timestamp_ms.max(self.clock_ms);
                 let next = state.next_sequence();
                 self.pending.insert(pending_key, vec![job.reply]);
                 self.add(
@@ -482,6 +490,7 @@ pub async fn run<G: Proposer>(
         producer_expiration_ms,
         producers: None,
         producers_term: 0,
+        clock_ms: 0,
         pending: HashMap::new(),
         parked: BTreeMap::new(),
         next_entry: Vec::new(),

@@ -1191,6 +1191,26 @@ async fn publish_and_publish_stream_refuse_bad_input() {
             Field("records[0].timestamp_ms"),
         ),
         (
+            "a timestamp two hours ahead of the broker's clock",
+            publish(
+                "t",
+                Some(Target::Partition(0)),
+                vec![Record {
+                    timestamp_ms: i64::try_from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .expect("clock")
+                            .as_millis(),
+                    )
+                    .expect("ms")
+                        + 2 * 3_600_000,
+                    ..record("x")
+                }],
+            ),
+            Code::InvalidArgument,
+            Field("records[0].timestamp_ms"),
+        ),
+        (
             "a header value of 2 MiB",
             publish(
                 "t",

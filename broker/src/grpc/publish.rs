@@ -25,6 +25,12 @@ const STREAM_IN_FLIGHT_MAX: usize = 64;
 /// Longest record header name.
 const HEADER_NAME_BYTES_MAX: usize = 256;
 
+/// How far ahead of the broker's clock a record's time may be (Kafka's
+/// `log.message.timestamp.after.max.ms` default): record times move the partition's clock,
+/// against which idle producers expire, and a producer whose clock is years ahead would make
+/// every other producer look idle (their retries then taken as new data).
+pub(crate) const RECORD_TIME_AHEAD_MAX_MS: i64 = 3_600_000;
+
 /// The Publisher service.
 #[derive(Debug, Clone)]
 pub struct PublisherService {
@@ -141,6 +147,15 @@ impl PublisherService {
                 return Err(BrokerError::invalid(
                     &format!("records[{i}].timestamp_ms"),
                     "must not be negative",
+                ));
+            }
+            if record.timestamp_ms > super::now_ms().saturating_add(RECORD_TIME_AHEAD_MAX_MS) {
+                return Err(BrokerError::invalid(
+                    &format!("records[{i}].timestamp_ms"),
+                    format!(
+                        "{} is more than {} ms ahead of the broker's clock (is the producer's clock right?)",
+                        record.timestamp_ms, RECORD_TIME_AHEAD_MAX_MS
+                    ),
                 ));
             }
         }

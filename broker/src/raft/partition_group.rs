@@ -1221,6 +1221,7 @@ fn adopt_headless_log(
         last_membership: StoredMembership::new(Some(purged), membership),
         high_watermark: start_offset,
         producers: BTreeMap::new(),
+        clock_ms: 0,
     };
     sm.reset_to(state)?;
     reader.record_purged(purged).map_err(|e| e.to_string())

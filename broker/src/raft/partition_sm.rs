@@ -18,7 +18,7 @@ use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{BasicNode, EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use weft_storage::{Batch, LogConfig, LogPosition};
+use weft_storage::{Batch, BatchHeader, LogConfig, LogPosition};
 
 use super::log_store::LogReader;
 use super::{
@@ -173,9 +173,37 @@ pub struct PartitionState {
     pub high_watermark: u64,
     /// Idempotent producers by id.
     pub producers: BTreeMap<u64, ProducerState>,
+    /// The partition's clock: the latest record time applied (ms). A producer's last activity
+    /// is this clock at its last batch, and idle producers expire against it: a producer that
+    /// sends old event times is not taken for an idle one. (Absent from snapshots of earlier
+    /// builds: 0 then, until the next batch.)
+    #[serde(default)]
+    pub clock_ms: i64,
 }
 
 impl PartitionState {
+    /// Records in the producer table that batch `h` of entry `index` was applied, moves the
+    /// clock to its time, and every [`PRODUCER_EXPIRY_EVERY_ENTRIES`] entries forgets the
+    /// producers idle for `expiration_ms` by that clock.
+    fn apply_producer_batch(&mut self, h: &BatchHeader, index: u64, expiration_ms: u64) {
+        self.clock_ms = self.clock_ms.max(h.max_timestamp_ms);
+        if h.producer_id != 0 {
+            let producer = self.producers.entry(h.producer_id).or_default();
+            producer.record(
+                h.producer_epoch,
+                ProducerBatch {
+                    base_sequence: h.base_sequence,
+                    record_count: h.record_count,
+                    base_offset: h.base_offset,
+                },
+            );
+            producer.last_timestamp_ms = producer.last_timestamp_ms.max(self.clock_ms);
+        }
+        if index.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
+            expire_producers(&mut self.producers, self.clock_ms, expiration_ms, |_| false);
+        }
+    }
+
     /// Where the log continues after this state: the next offset and the next Raft index.
     pub fn next_position(&self) -> LogPosition {
         LogPosition {
@@ -465,31 +493,11 @@ impl PartitionStateMachine {
                     }
                     state.high_watermark = h.next_offset();
                     bytes += batch.len() as u64;
-                    if h.producer_id != 0 {
-                        let producer = state.producers.entry(h.producer_id).or_default();
-                        producer.record(
-                            h.producer_epoch,
-                            ProducerBatch {
-                                base_sequence: h.base_sequence,
-                                record_count: h.record_count,
-                                base_offset: h.base_offset,
-                            },
-                        );
-                        producer.last_timestamp_ms =
-                            producer.last_timestamp_ms.max(h.max_timestamp_ms);
-                    }
-                    if entry
-                        .log_id
-                        .index
-                        .is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES)
-                    {
-                        expire_producers(
-                            &mut state.producers,
-                            h.max_timestamp_ms,
-                            self.shared.producer_expiration_ms,
-                            |_| false,
-                        );
-                    }
+                    state.apply_producer_batch(
+                        &h,
+                        entry.log_id.index,
+                        self.shared.producer_expiration_ms,
+                    );
                 }
                 (
                     Response::Appended {
@@ -766,6 +774,51 @@ mod tests {
             SequenceCheck::Duplicate(batch(5, 1, 110)),
             "the oldest remembered batch"
         );
+    }
+
+    /// A producer is idle by the partition's clock (the latest record time applied), not by
+    /// its own record times: one that sends event times two days old stays known while it
+    /// publishes, and is forgotten once idle for the expiration by that clock. Before, it was
+    /// forgotten at the next expiry pass, and a retry of its last batch (its answer lost)
+    /// came back UNKNOWN_PRODUCER: the client started a new epoch and stored the batch again.
+    #[test]
+    fn a_producer_sending_old_record_times_is_not_idle() {
+        let day = 86_400_000i64;
+        let now = 1_800_000_000_000i64;
+        let header = |producer_id: u64, base_sequence: u64, time: i64| BatchHeader {
+            kind: weft_storage::EntryKind::Records,
+            attributes: 0,
+            record_count: 1,
+            base_offset: 0,
+            term: 1,
+            index: 0,
+            first_timestamp_ms: time,
+            max_timestamp_ms: time,
+            producer_id,
+            producer_epoch: 0,
+            base_sequence,
+        };
+        let mut state = PartitionState::default();
+        let expiration = u64::try_from(day).expect("ms");
+        let entries = 3 * PRODUCER_EXPIRY_EVERY_ENTRIES;
+        for index in 1..=entries {
+            let t = now + i64::try_from(index).expect("small");
+            // Producer 1 sends event times two days old; producer 2 current ones.
+            state.apply_producer_batch(&header(1, index, t - 2 * day), index, expiration);
+            state.apply_producer_batch(&header(2, index, t), index, expiration);
+        }
+        assert!(
+            state.producers.contains_key(&1),
+            "an active producer expired"
+        );
+        assert!(state.producers.contains_key(&2));
+        assert_eq!(state.clock_ms, now + i64::try_from(entries).expect("small"));
+        // Producer 1 goes quiet for longer than the expiration by the partition's clock.
+        let later = state.clock_ms + day + 1;
+        let index = 4 * PRODUCER_EXPIRY_EVERY_ENTRIES;
+        state.apply_producer_batch(&header(2, entries + 1, later), index, expiration);
+        assert!(!state.producers.contains_key(&1), "an idle producer stays");
+        assert!(state.producers.contains_key(&2));
     }
 
     #[test]
