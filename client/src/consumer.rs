@@ -52,7 +52,8 @@ pub struct ConsumerConfig {
     pub session_timeout: Option<Duration>,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,
-    /// Reconnection attempts in a row before `next` fails.
+    /// Reconnection attempts in a row before `next` fails. A stream that ends within a second
+    /// of opening is opened again after a growing wait (100 ms more each time, at most 2 s).
     pub reconnects_max: u32,
 }
 
@@ -157,6 +158,22 @@ pub struct Consumer {
     /// The `process` span of the record `next` returned last (tracing on): it ends when the
     /// application asks for the next record, or closes the consumer.
     processing: Option<opentelemetry::Context>,
+    /// When the current Subscribe stream was opened.
+    stream_opened: Instant,
+    /// Streams in a row that ended within [`QUICK_STREAM`] of opening: each reconnection after
+    /// one waits longer (see [`reconnect_delay`]).
+    quick_ends: u32,
+}
+
+/// A stream that ends sooner than this after it opened counts as a quick end: the broker
+/// accepted it and then failed it at once (a partition still opening, a coordinator taking
+/// over), and opening another at once would only fail the same way.
+const QUICK_STREAM: Duration = Duration::from_secs(1);
+
+/// The wait before opening a stream again after `quick_ends` streams in a row ended quickly:
+/// none after a stream that lived, then 100 ms more per quick end, at most 2 s.
+fn reconnect_delay(quick_ends: u32) -> Duration {
+    Duration::from_millis(100 * u64::from(quick_ends.min(20)))
 }
 
 /// Bytes of a record as the broker counts them against credit.
@@ -196,6 +213,8 @@ impl Consumer {
             commits_in_flight: 0,
             last_commit_refused: false,
             processing: None,
+            stream_opened: Instant::now(),
+            quick_ends: 0,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
         // reconnect would.
@@ -286,6 +305,7 @@ impl Consumer {
             .await
             .map_err(Error::from)?
             .into_inner();
+        self.stream_opened = Instant::now();
         let heartbeat_tx = tx.clone();
         let interval = self.config.heartbeat_interval;
         if let Some(old) = self.heartbeat.take() {
@@ -405,6 +425,16 @@ impl Consumer {
             // Our membership expired: join as a new member.
             self.member_id.clear();
         }
+        // A stream that ended right after it opened is not opened again at once: a broker
+        // failing every stream (its partition opening, its coordinator taking over) would
+        // otherwise see a tight loop of streams, and `next` run through its reconnections in
+        // well under a second.
+        if self.stream_opened.elapsed() < QUICK_STREAM {
+            self.quick_ends = self.quick_ends.saturating_add(1);
+        } else {
+            self.quick_ends = 0;
+        }
+        tokio::time::sleep(reconnect_delay(self.quick_ends)).await;
         let mut attempt = 0;
         loop {
             match self.subscribe().await {
@@ -751,5 +781,25 @@ impl Drop for Consumer {
                 let _ = leave.await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that lived is opened again at once; streams that end right after opening wait
+    /// longer and longer, at most 2 s (30 reconnections then span about 45 s, not a few ms).
+    #[test]
+    fn quick_stream_ends_wait_longer_before_the_next_stream() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(5), Duration::from_millis(500));
+        assert_eq!(reconnect_delay(20), Duration::from_secs(2));
+        assert_eq!(reconnect_delay(u32::MAX), Duration::from_secs(2));
+        let total: Duration = (1..=ConsumerConfig::new("t").reconnects_max)
+            .map(reconnect_delay)
+            .sum();
+        assert!(total > Duration::from_secs(30), "{total:?}");
     }
 }

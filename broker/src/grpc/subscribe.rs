@@ -846,7 +846,11 @@ impl Session {
         let patience = tokio::time::Instant::now() + NEW_PARTITION_WAIT;
         loop {
             match self.start_offset(partition).await {
-                Err(BrokerError::Unavailable { .. }) if tokio::time::Instant::now() < patience => {
+                // (Here, or answered by the broker holding the partition.)
+                Err(e)
+                    if e.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < patience =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 outcome => return outcome,
