@@ -427,12 +427,21 @@ impl Producer {
         }
         let known = lock(&shared.state).topics.contains_key(topic);
         if !known {
-            let config = shared
-                .client
-                .topic_metadata(topic)
-                .await?
-                .config
-                .unwrap_or_default();
+            // A read, asked again while the broker cannot answer yet (UNAVAILABLE: its copy of
+            // the cluster's metadata is not current, it has not registered): the record has
+            // taken no sequence yet.
+            let mut attempt = 0;
+            let metadata = loop {
+                match shared.client.topic_metadata(topic).await {
+                    Ok(metadata) => break metadata,
+                    Err(e) if e.is_retriable() && attempt + 1 < shared.config.retries_max => {
+                        attempt += 1;
+                        tokio::time::sleep(retry_delay(shared.config.retry_backoff, attempt)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let config = metadata.config.unwrap_or_default();
             let name: Arc<str> = Arc::from(topic);
             lock(&shared.state).topics.insert(
                 name.clone(),

@@ -546,3 +546,49 @@ async fn our_producer_takes_answers_as_partitions_store_them() {
     assert_eq!(far_stored.offset, 0, "{far_stored:?}");
     producer.close().await.expect("close");
 }
+
+/// A producer's first send to a topic through a broker that has joined but not yet registered
+/// (it answers UNAVAILABLE until its copy of the cluster's metadata is current) is stored once
+/// the broker can answer. Before, the producer asked for the topic's metadata once and the send
+/// failed at once with UNAVAILABLE, although nothing had been sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_send_through_a_broker_not_registered_yet_waits_for_it() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"early","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let late =
+        weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_REGISTER_DELAY_MS", "4000")]);
+    let client = weft_client::Client::connect([late.client_addr.as_str()])
+        .await
+        .expect("connect");
+    let producer = client.producer(weft_client::ProducerConfig::default());
+    let started = std::time::Instant::now();
+    let stored = producer
+        .send("early", weft_client::Record::new("first").partition(0))
+        .await
+        .expect("stored once the broker could answer");
+    eprintln!(
+        "stored at offset {} after {:?}",
+        stored.offset,
+        started.elapsed()
+    );
+    producer.close().await.expect("close");
+    // (Read through a replica once it has applied the record.)
+    let address = brokers[0].client_addr.clone();
+    let read = wait_for("the record on a replica", Duration::from_secs(30), || {
+        let address = address.clone();
+        async move {
+            weft_tests::try_fetch_range(&address, "early", 0, 0, 1)
+                .await
+                .ok()
+                .filter(|r| r.len() == 1)
+        }
+    })
+    .await;
+    assert_eq!(&read[0].1[..], b"first");
+    drop(late);
+}
