@@ -226,10 +226,7 @@ pub struct Coordinator {
 /// a member commit's check and its proposal (a coordinator that loses the controller's
 /// leadership in between).
 fn commit_stall() -> Option<Duration> {
-    std::env::var("WEFT_TEST_COMMIT_STALL_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
+    crate::test_hook_ms("WEFT_TEST_COMMIT_STALL_MS")
 }
 
 /// Longest a new owner of a partition waits for the group's commits in flight

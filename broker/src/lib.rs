@@ -43,3 +43,12 @@ pub mod server;
 pub mod sync_journal;
 pub mod tls;
 pub mod topic;
+
+/// The milliseconds of test hook `var` (a `WEFT_TEST_*_MS` environment variable), if set to a
+/// number: the delays tests use to open a race window deterministically.
+pub(crate) fn test_hook_ms(var: &str) -> Option<std::time::Duration> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis)
+}

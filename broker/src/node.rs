@@ -437,10 +437,7 @@ async fn settle_recovery(weak: Weak<Node>, meta: Metadata) {
 /// its join before it registers (the window in which a broker lost between the two is a member
 /// of the controller group that never registered).
 fn register_delay() -> Option<Duration> {
-    std::env::var("WEFT_TEST_REGISTER_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis)
+    crate::test_hook_ms("WEFT_TEST_REGISTER_DELAY_MS")
 }
 
 /// How often a broker whose registration lost its feature level registers again.

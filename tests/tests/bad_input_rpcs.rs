@@ -755,17 +755,9 @@ async fn subscribe_refuses_bad_streams() {
             }
         };
         check(case, Err(status), Code::InvalidArgument, detail);
-        let committed = grpc::subscriber(&grpc::channel(&address).await)
-            .get_offsets(GetOffsetsRequest {
-                topic: "t".into(),
-                partitions: vec![0],
-                group_id: group.into(),
-                ..GetOffsetsRequest::default()
-            })
+        let committed = weft_tests::offsets(&address, "t", 0, Some(group))
             .await
             .expect("offsets")
-            .into_inner()
-            .partitions[0]
             .committed_offset;
         assert_eq!(committed, None, "{case}: committed");
     }

@@ -488,35 +488,29 @@ async fn admin_reads_ride_out_a_controller_election() {
     assert_ne!(new_boss, boss, "a new controller leader was elected");
 }
 
-/// A member connected to a broker that does not coordinate its group commits from a generation
-/// a rebalance has just replaced (its new assignment is still on its way: hook
-/// `WEFT_TEST_VIEW_DELAY_MS` holds it back 4 s): nothing is committed and its stream goes
-/// on, as on the coordinator's own broker. Before, the
-/// coordinator's STALE_GENERATION came back through the forwarded call unrecognised and ended
-/// the stream; the client then joined as a new member, and the old one kept its partitions
-/// until its session ran out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_stream() {
-    use weft_proto::v1::start_position::{Earliest, Position};
-    use weft_proto::v1::subscribe_request::Request as Inbound;
-    use weft_proto::v1::subscribe_response::Event;
-    use weft_proto::v1::{
-        Credit, PartitionOffset, StartPosition, StreamCommit, SubscribeRequest, SubscribeStart,
-    };
-
-    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_VIEW_DELAY_MS", "4000")]);
+/// Three brokers with `envs`, topic "events" (4 partitions) holding `records` records in each
+/// partition, and the group coordinator's node id.
+async fn events_cluster(envs: &[(&str, &str)], records: u64) -> (Vec<Broker>, usize) {
+    let brokers = weft_tests::start_cluster_env(3, &[], envs);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",
         Some(r#"{"name":"events","partitions":4}"#),
     );
     assert_eq!(status, 201, "{body}");
-    publish_each(&brokers[0].client_addr, 1).await;
+    publish_each(&brokers[0].client_addr, records).await;
     let boss = coordinator(&brokers[0]).await as usize;
-    let elsewhere = &brokers[boss % 3];
-    let start = |member: &str| SubscribeStart {
+    (brokers, boss)
+}
+
+/// The start of a raw Subscribe stream of member `member` (empty: a new one) of `group` on
+/// "events", from the earliest offset, with a session of a minute.
+fn group_start(group: &str, member: &str) -> weft_proto::v1::SubscribeStart {
+    use weft_proto::v1::start_position::{Earliest, Position};
+    use weft_proto::v1::{Credit, StartPosition, SubscribeStart};
+    SubscribeStart {
         topic: "events".into(),
-        group_id: "stale".into(),
+        group_id: group.into(),
         member_id: member.into(),
         session_timeout_ms: 60_000,
         credit: Some(Credit {
@@ -527,7 +521,25 @@ async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_st
             position: Some(Position::Earliest(Earliest {})),
         }),
         ..SubscribeStart::default()
-    };
+    }
+}
+
+/// A member connected to a broker that does not coordinate its group commits from a generation
+/// a rebalance has just replaced (its new assignment is still on its way: hook
+/// `WEFT_TEST_VIEW_DELAY_MS` holds it back 4 s): nothing is committed and its stream goes
+/// on, as on the coordinator's own broker. Before, the
+/// coordinator's STALE_GENERATION came back through the forwarded call unrecognised and ended
+/// the stream; the client then joined as a new member, and the old one kept its partitions
+/// until its session ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_stream() {
+    use weft_proto::v1::subscribe_request::Request as Inbound;
+    use weft_proto::v1::subscribe_response::Event;
+    use weft_proto::v1::{PartitionOffset, StreamCommit, SubscribeRequest};
+
+    let (brokers, boss) = events_cluster(&[("WEFT_TEST_VIEW_DELAY_MS", "4000")], 1).await;
+    let elsewhere = &brokers[boss % 3];
+    let start = |member: &str| group_start("stale", member);
     let (tx, mut responses) = grpc::subscribe(&elsewhere.client_addr, start("a")).await;
     let first = grpc::next_assignment(&mut responses, 0).await;
     let mine = first.partitions[0].partition;
@@ -583,39 +595,11 @@ async fn a_commit_from_a_replaced_generation_through_another_broker_keeps_the_st
 /// unchecked: a fenced member's offset stored over the new generation's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_checked_by_a_coordinator_that_lost_the_controller_is_refused() {
-    use weft_proto::v1::start_position::{Earliest, Position};
-    use weft_proto::v1::{
-        CommitOffsetsRequest, Credit, GetOffsetsRequest, PartitionOffset, StartPosition,
-        SubscribeStart,
-    };
+    use weft_proto::v1::{CommitOffsetsRequest, PartitionOffset};
 
-    let brokers = weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_COMMIT_STALL_MS", "20000")]);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"events","partitions":4}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    publish_each(&brokers[0].client_addr, 10).await;
-    let boss = coordinator(&brokers[0]).await as usize;
+    let (brokers, boss) = events_cluster(&[("WEFT_TEST_COMMIT_STALL_MS", "20000")], 10).await;
     let at_boss = &brokers[boss - 1].client_addr;
-    let (_tx, mut responses) = grpc::subscribe(
-        at_boss,
-        SubscribeStart {
-            topic: "events".into(),
-            group_id: "fenced".into(),
-            session_timeout_ms: 60_000,
-            credit: Some(Credit {
-                records: 100,
-                bytes: 1 << 20,
-            }),
-            start: Some(StartPosition {
-                position: Some(Position::Earliest(Earliest {})),
-            }),
-            ..SubscribeStart::default()
-        },
-    )
-    .await;
+    let (_tx, mut responses) = grpc::subscribe(at_boss, group_start("fenced", "")).await;
     let assignment = grpc::next_assignment(&mut responses, 0).await;
     let member_id = assignment.member_id.clone();
     let channel = grpc::channel(at_boss).await;
@@ -645,17 +629,9 @@ async fn a_commit_checked_by_a_coordinator_that_lost_the_controller_is_refused()
     );
     let outcome = commit.await.expect("commit task");
     let other = &brokers[boss % 3];
-    let committed = grpc::subscriber(&grpc::channel(&other.client_addr).await)
-        .get_offsets(GetOffsetsRequest {
-            topic: "events".into(),
-            partitions: vec![0],
-            group_id: "fenced".into(),
-            ..GetOffsetsRequest::default()
-        })
+    let committed = weft_tests::offsets(&other.client_addr, "events", 0, Some("fenced"))
         .await
         .expect("offsets")
-        .into_inner()
-        .partitions[0]
         .committed_offset;
     // (UNAVAILABLE from the old coordinator, or STALE_GENERATION where a retry reached the
     // new one.)

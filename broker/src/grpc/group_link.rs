@@ -215,10 +215,7 @@ async fn pump(
 /// from the group's coordinator on another broker that much later (a member that commits
 /// before its new assignment reached it).
 fn view_delay() -> Option<Duration> {
-    std::env::var("WEFT_TEST_VIEW_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
+    crate::test_hook_ms("WEFT_TEST_VIEW_DELAY_MS")
 }
 
 fn to_view(update: GroupViewUpdate) -> GroupView {

@@ -63,10 +63,7 @@ impl HeartbeatPause {
 /// `WEFT_TEST_TRANSFER_STALL_MS`: a test hook that makes a leader wait that much longer after
 /// its pause before it calls the target's election (a leader that dies in between).
 fn transfer_stall() -> Option<Duration> {
-    std::env::var("WEFT_TEST_TRANSFER_STALL_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
+    crate::test_hook_ms("WEFT_TEST_TRANSFER_STALL_MS")
 }
 
 /// Undoes what a transfer set up, however it ends (also when its caller gives up and drops it):
