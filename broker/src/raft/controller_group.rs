@@ -94,9 +94,11 @@ impl ControllerGroup {
         let store = LogStore::new(CONTROLLER_GROUP, log, meta.clone(), flusher)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let reader = store.reader();
+        sm.track_purges(reader.clone());
         // Other brokers repair damage in their copies of the controller log from this one.
         peers.register_reader(CONTROLLER_GROUP, reader.clone());
         repair_controller_log(&reader, &peers, node_id, &seeds, &sm).await?;
+        fill_lost_controller_tail(&reader, &peers, node_id, &seeds, &sm).await?;
         let raft = Raft::new(
             node_id,
             raft_config,
@@ -1050,13 +1052,7 @@ async fn repair_controller_log(
     if damaged == 0 {
         return Ok(());
     }
-    let mut nodes: BTreeMap<NodeId, String> = seeds.iter().cloned().collect();
-    let state = sm.state();
-    for (id, node) in state.last_membership.membership().nodes() {
-        nodes.entry(*id).or_insert_with(|| node.addr.clone());
-    }
-    nodes.remove(&node_id);
-    let nodes: Vec<(NodeId, String)> = nodes.into_iter().collect();
+    let nodes = other_brokers(node_id, seeds, sm);
     if nodes.is_empty() {
         anyhow::bail!(
             "the controller log has {damaged} damaged range(s) and there is no other broker to \
@@ -1080,6 +1076,161 @@ async fn repair_controller_log(
             left,
             "damaged controller log entries not repaired yet (no broker could give them); retrying"
         );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The brokers other than `node_id` that may hold the controller log: the seeds and the
+/// members of the membership in force.
+fn other_brokers(
+    node_id: NodeId,
+    seeds: &[(NodeId, String)],
+    sm: &ControllerStateMachine,
+) -> Vec<(NodeId, String)> {
+    let mut nodes: BTreeMap<NodeId, String> = seeds.iter().cloned().collect();
+    let state = sm.state();
+    for (id, node) in state.last_membership.membership().nodes() {
+        nodes.entry(*id).or_insert_with(|| node.addr.clone());
+    }
+    nodes.remove(&node_id);
+    nodes.into_iter().collect()
+}
+
+/// A controller log that ends before the last entry this broker knew committed (the log id
+/// the log store saved, under fsync before ack) lost part of its durable tail while the broker
+/// was down (a failing disk, a partial restore). The entries after the snapshot through that
+/// one are fetched from another broker and appended before the group starts: without them
+/// this broker could vote for a candidate that lacks them, and a committed entry would be lost.
+/// They are taken only when the last of them carries the saved log id (so, by Raft's log
+/// matching, all of them are the committed ones: a broker that was cut off may hold entries of
+/// an earlier term at those indexes). Entries the snapshot covers are never fetched (the
+/// snapshot holds their state): a log ending before the snapshot restarts right after it.
+/// Retries while no broker can give them; when a broker answers that it purged them (a
+/// snapshot of its own covers them), the group starts without them and catches up from the
+/// leader. A broker with no other broker to ask refuses to start.
+async fn fill_lost_controller_tail(
+    reader: &super::LogReader,
+    peers: &Peers,
+    node_id: NodeId,
+    seeds: &[(NodeId, String)],
+    sm: &ControllerStateMachine,
+) -> anyhow::Result<()> {
+    let Some(committed) = reader.saved_committed_log_id() else {
+        return Ok(());
+    };
+    if !reader.syncs_before_ack() {
+        return Ok(());
+    }
+    let log_end = || {
+        reader
+            .with_log(|log| log.end())
+            .map_err(|e| anyhow::anyhow!("cannot read the controller log: {e}"))
+    };
+    let snapshot = sm.state().last_applied;
+    let applied_next = snapshot.map_or(0, |l| l.index + 1);
+    if committed.index < applied_next.max(log_end()?.next_index) {
+        return Ok(());
+    }
+    let nodes = other_brokers(node_id, seeds, sm);
+    if nodes.is_empty() {
+        anyhow::bail!(
+            "the controller log ends at entry {} but entries through {} were committed, and \
+             there is no other broker to fetch them from; restore the data directory from a \
+             backup",
+            log_end()?.next_index,
+            committed.index
+        );
+    }
+    if let Some(snapshot) = snapshot
+        && log_end()?.next_index < applied_next
+    {
+        // The log restarts right after the snapshot, recorded as purged through it.
+        reader
+            .record_purged(snapshot)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        reader
+            .with_log_mut(|log| {
+                let next_offset = log.end().next_offset;
+                log.reset(weft_storage::LogPosition {
+                    next_offset,
+                    next_index: applied_next,
+                })
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    tracing::warn!(
+        log_end = log_end()?.next_index,
+        committed_through = committed.index,
+        "the controller log lost entries this broker knew committed; fetching them from another broker before the controller starts"
+    );
+    let want = committed.index + 1;
+    let mut pause = Duration::from_millis(500);
+    loop {
+        for (node, address) in &nodes {
+            let from = log_end()?.next_index;
+            if from >= want {
+                return Ok(());
+            }
+            let entries = match super::partition_group::fetch_entries(
+                peers,
+                CONTROLLER_GROUP,
+                (*node, address),
+                from,
+                want,
+            )
+            .await
+            {
+                Ok(entries) => entries,
+                Err(super::partition_group::FetchError::Purged(why)) => {
+                    tracing::warn!(
+                        from = node,
+                        "another broker purged the controller entries this log lost ({why}); starting without them: the leader sends them, or its snapshot"
+                    );
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::info!(from = node, "cannot fetch the lost controller entries: {e}");
+                    continue;
+                }
+            };
+            let last = entries
+                .last()
+                .and_then(|e| e.first())
+                .map(super::log_store::log_id_of);
+            if last != Some(committed) {
+                tracing::info!(
+                    from = node,
+                    "the controller entries fetched end at {last:?}, not at the entry saved as committed ({committed:?}); not taken"
+                );
+                continue;
+            }
+            let writer = reader.clone();
+            let filled = tokio::task::spawn_blocking(move || writer.append_fetched(&entries))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            match filled {
+                Ok(filled) if filled.next_index == want => {
+                    tracing::warn!(
+                        from = node,
+                        entries = want - from,
+                        "fetched the entries the controller log had lost"
+                    );
+                    metrics::counter!("weft_controller_refetched_tails_total").increment(1);
+                    return Ok(());
+                }
+                Ok(filled) => anyhow::bail!(
+                    "the controller entries fetched from node {node} end at entry {}, not at {want}",
+                    filled.next_index
+                ),
+                Err(e) => tracing::warn!(
+                    from = node,
+                    "cannot append the fetched controller entries: {e}"
+                ),
+            }
+        }
+        tracing::warn!("the lost controller entries could not be fetched yet; retrying");
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(10));
     }

@@ -962,6 +962,8 @@ struct Shared {
     snapshot: StoredSnapshot,
     /// One snapshot file write at a time.
     snapshot_write: tokio::sync::Mutex<()>,
+    /// The controller log, told of each snapshot written (its purges wait for one).
+    reader: std::sync::OnceLock<super::LogReader>,
 }
 
 /// The controller state machine. Clones share state; [`ControllerStateMachine::watch`] lets the
@@ -994,8 +996,37 @@ impl ControllerStateMachine {
                 state: watch::Sender::new(Arc::new(state)),
                 snapshot: Mutex::new(snapshot),
                 snapshot_write: tokio::sync::Mutex::new(()),
+                reader: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Makes the controller log's purges wait for a snapshot file that covers them (see
+    /// `LogReader::track_snapshots`): set once, before the group starts.
+    pub fn track_purges(&self, reader: super::LogReader) {
+        let through = self.shared.snapshot.lock().ok().and_then(|s| {
+            s.as_ref()
+                .and_then(|(meta, _)| meta.last_log_id.map(|l| l.index))
+        });
+        reader.track_snapshots(through);
+        let _ = self.shared.reader.set(reader);
+    }
+
+    /// Tells the log that the snapshot file covers it through `snapshot`'s last entry: a purge
+    /// held back until then runs now.
+    async fn report_snapshot(
+        &self,
+        snapshot: &SnapshotMeta<NodeId, BasicNode>,
+    ) -> Result<(), StorageError> {
+        let (Some(reader), Some(index)) = (
+            self.shared.reader.get().cloned(),
+            snapshot.last_log_id.map(|l| l.index),
+        ) else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || reader.snapshot_persisted(index))
+            .await
+            .map_err(sm_error)?
     }
 
     /// The current state.
@@ -1047,7 +1078,9 @@ impl RaftSnapshotBuilder<TypeConfig> for ControllerStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let state = self.state();
         let bytes = encode(&state)?;
-        self.persist(&state, bytes).await
+        let snapshot = self.persist(&state, bytes).await?;
+        self.report_snapshot(&snapshot.meta).await?;
+        Ok(snapshot)
     }
 }
 
@@ -1101,8 +1134,10 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let state = decode(&data).map_err(sm_error)?;
-        self.persist(&state, data).await?;
+        let persisted = self.persist(&state, data).await?;
         self.shared.state.send_replace(Arc::new(state));
+        // Now openraft's purge through the snapshot may run.
+        self.report_snapshot(&persisted.meta).await?;
         Ok(())
     }
 

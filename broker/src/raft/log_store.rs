@@ -48,6 +48,9 @@ pub(super) struct Shared {
     meta: Metadata,
     /// Entries at or below this index are purged: never returned.
     last_purged: Mutex<Option<LogId>>,
+    /// The purge recorded in the metadata store (behind `last_purged` while a purge waits for
+    /// a snapshot: see [`PurgeGate`]).
+    purged_on_disk: Mutex<Option<LogId>>,
     /// Entries (each one or more batches) appended by Raft and not yet written to the log.
     pending: Mutex<VecDeque<Vec<Batch>>>,
     /// The last entries written, kept until the state machine reads them to apply them (a
@@ -66,6 +69,21 @@ pub(super) struct Shared {
     keep_through: Mutex<Option<u64>>,
     /// How far the log is known committed, as saved (see `save_committed`).
     committed: Mutex<CommittedSave>,
+    /// Purges wait for a durable snapshot that covers them (see [`LogReader::track_snapshots`]).
+    purge_gate: Mutex<PurgeGate>,
+    /// One purge at a time (a deferred one and a later one may otherwise run together).
+    purging: Mutex<()>,
+}
+
+/// Purges held back until the state machine's snapshot file covers them.
+#[derive(Debug, Default)]
+struct PurgeGate {
+    /// Whether the state machine reports its durable snapshots; until it does, purges run at once.
+    tracking: bool,
+    /// The last index the durable snapshot covers.
+    snapshot_through: Option<u64>,
+    /// The latest purge asked for past it, held back.
+    deferred: Option<LogId>,
 }
 
 /// The saving of the committed index: when it was last saved, what, and the newer one
@@ -142,7 +160,7 @@ fn entries_of(batches: &[Batch]) -> Result<Vec<Entry>, StorageError> {
     Ok(out)
 }
 
-fn log_id_of(batch: &Batch) -> LogId {
+pub(super) fn log_id_of(batch: &Batch) -> LogId {
     let h = batch.header();
     LogId::new(openraft::CommittedLeaderId::new(h.term, 0), h.index)
 }
@@ -255,10 +273,27 @@ impl Shared {
         self.meta
             .set_raft(self.group, RaftKey::LastPurged, &bytes)
             .map_err(|e| meta_error(&e))?;
-        if let Ok(mut purged) = self.last_purged.lock() {
+        if let Ok(mut purged) = self.purged_on_disk.lock() {
             *purged = Some(log_id);
         }
+        self.purge_in_memory(log_id);
         Ok(())
+    }
+
+    /// Entries through `log_id` are out of Raft's reach from now on (never read, never held
+    /// in memory), whatever the disk holds yet.
+    fn purge_in_memory(&self, log_id: LogId) {
+        if let Ok(mut purged) = self.last_purged.lock() {
+            *purged = (*purged).max(Some(log_id));
+        }
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.retain(|e| e.first().is_some_and(|b| b.header().index > log_id.index));
+        }
+        if let Ok(mut last) = self.last_log_id.lock()
+            && *last < Some(log_id)
+        {
+            *last = Some(log_id);
+        }
     }
 
     /// Entries `start .. end`: from the log, then from the pending ones not yet written.
@@ -494,12 +529,15 @@ impl LogStore {
             log: RwLock::new(log),
             meta,
             last_purged: Mutex::new(last_purged),
+            purged_on_disk: Mutex::new(last_purged),
             pending: Mutex::new(VecDeque::new()),
             recent: Mutex::new(VecDeque::new()),
             last_log_id: Mutex::new(last_in_log),
             sync_interval_ms: AtomicU64::new(sync_interval_ms),
             keep_through: Mutex::new(None),
             committed: Mutex::default(),
+            purge_gate: Mutex::default(),
+            purging: Mutex::new(()),
         });
         Ok(LogStore { shared, flusher })
     }
@@ -531,6 +569,38 @@ impl LogReader {
         Ok(f(&log))
     }
 
+    /// From now on, a purge waits until the state machine's snapshot file covers it
+    /// (`through`: the last index the snapshot on disk covers now, if there is one): the state
+    /// machine reports each snapshot it writes with [`LogReader::snapshot_persisted`]. Without
+    /// this, a purge runs at once.
+    pub fn track_snapshots(&self, through: Option<u64>) {
+        let mut gate = self
+            .shared
+            .purge_gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gate.tracking = true;
+        gate.snapshot_through = gate.snapshot_through.max(through);
+    }
+
+    /// The state machine's snapshot file now covers the log through `index`: runs the purge
+    /// held back until then, if any (blocking: it may delete or reset segments).
+    pub fn snapshot_persisted(&self, index: u64) -> Result<(), StorageError> {
+        let due = {
+            let mut gate = self
+                .shared
+                .purge_gate
+                .lock()
+                .map_err(|_| io_error("purge gate lock poisoned"))?;
+            gate.snapshot_through = gate.snapshot_through.max(Some(index));
+            gate.deferred.take_if(|d| d.index <= index)
+        };
+        match due {
+            Some(log_id) => self.shared.purge_now(log_id),
+            None => Ok(()),
+        }
+    }
+
     /// Records that the log is purged through `log_id`, durably (in the metadata store) before
     /// anything is deleted: a crash after deleting segments must not forget that they are gone.
     pub fn record_purged(&self, log_id: LogId) -> Result<(), StorageError> {
@@ -549,14 +619,17 @@ impl LogReader {
     /// The log index saved as committed (a lower bound of what was committed: saved lazily),
     /// if any.
     pub fn saved_committed(&self) -> Option<u64> {
+        self.saved_committed_log_id().map(|id| id.index)
+    }
+
+    /// The log id saved as committed (see [`LogReader::saved_committed`]).
+    pub fn saved_committed_log_id(&self) -> Option<LogId> {
         let bytes = self
             .shared
             .meta
             .raft(self.shared.group, RaftKey::Committed)
             .ok()??;
-        serde_json::from_slice::<LogId>(&bytes)
-            .ok()
-            .map(|id| id.index)
+        serde_json::from_slice::<LogId>(&bytes).ok()
     }
 
     /// At the group's close, once its Raft core stopped: saves the committed index still
@@ -803,16 +876,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
+    /// The saved vote, always read back as not granted (uncommitted), whatever it was saved as.
+    /// openraft 0.9 makes a replica whose vote was committed for itself leader again at once, in
+    /// the same term, with whatever its log holds now. A log that lost its tail while the
+    /// broker was down (a failing disk, a partial restore) then hands out again the Raft
+    /// indexes its lost entries had in that term; the other replicas hold entries under those
+    /// same log ids and keep theirs, so the copies part for good (seen by the fault-injection
+    /// harness on the controller group). Read back uncommitted, the vote still stops this
+    /// replica from voting for anyone else in that term, and it leads again only after winning
+    /// an election in a later term, which a replica with a shorter log than the others cannot.
+    /// A single voter elects itself at once (`Peers::watch_leaders`).
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
         let bytes = self
             .shared
             .meta
             .raft(self.shared.group, RaftKey::Vote)
             .map_err(|e| StorageError::from(StorageIOError::read_vote(AnyError::new(&e))))?;
-        bytes
+        let vote: Option<Vote<NodeId>> = bytes
             .map(|b| serde_json::from_slice(&b))
             .transpose()
-            .map_err(|e| StorageIOError::read_vote(AnyError::new(&e)).into())
+            .map_err(|e| StorageError::from(StorageIOError::read_vote(AnyError::new(&e))))?;
+        Ok(vote.map(|v| Vote {
+            committed: false,
+            ..v
+        }))
     }
 
     async fn append<I>(
@@ -936,47 +1023,77 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let shared = self.shared.clone();
         blocking(move || {
-            // Durable first: a crash after deleting segments must not forget that they are gone.
-            shared.record_purged(log_id)?;
-            if let Ok(mut recent) = shared.recent.lock() {
-                recent.retain(|e| e.first().is_some_and(|b| b.header().index > log_id.index));
-            }
-            let kept = shared
-                .keep_through
-                .lock()
-                .ok()
-                .and_then(|mut k| k.take_if(|k| log_id.index <= *k));
-            if kept.is_some() {
-                // A snapshot installed over a log filled up to it: keep the entries (records
-                // consumers read), only out of Raft's reach now.
-                if shared.last_log_id() < Some(log_id) {
-                    shared.set_last_log_id(Some(log_id));
+            {
+                let mut gate = shared
+                    .purge_gate
+                    .lock()
+                    .map_err(|_| io_error("purge gate lock poisoned"))?;
+                if gate.tracking && gate.snapshot_through.is_none_or(|t| log_id.index > t) {
+                    // openraft purges through a snapshot it installs as soon as it hands the
+                    // snapshot to the state machine, before the state machine has written it:
+                    // recorded now, a crash in between would leave the log purged past the
+                    // state the broker restarts from, with the entries in between gone.
+                    // Out of Raft's reach at once, as openraft expects; recorded and deleted
+                    // once the snapshot is written.
+                    gate.deferred = gate.deferred.max(Some(log_id));
+                    drop(gate);
+                    shared.purge_in_memory(log_id);
+                    return Ok(());
                 }
-                return Ok(());
             }
-            let mut log = shared.log_mut()?;
-            let end = log.end();
-            if log_id.index + 1 >= end.next_index {
-                log.reset(LogPosition {
-                    next_offset: end.next_offset,
-                    next_index: log_id.index + 1,
-                })
-                .map_err(|e| write_error(&e))?;
-                drop(log);
-                if shared.last_log_id() < Some(log_id) {
-                    shared.set_last_log_id(Some(log_id));
-                }
-                Ok(())
-            } else {
-                let (_, removal) = log
-                    .purge_through_index_later(log_id.index)
-                    .map_err(|e| write_error(&e))?;
-                drop(log);
-                remove_in_background(removal);
-                Ok(())
-            }
+            shared.purge_now(log_id)
         })
         .await
+    }
+}
+
+impl Shared {
+    /// Purges the log through `log_id` (see [`LogStore::purge`]); nothing when it is purged
+    /// that far already.
+    fn purge_now(&self, log_id: LogId) -> Result<(), StorageError> {
+        let _one = self
+            .purging
+            .lock()
+            .map_err(|_| io_error("purge lock poisoned"))?;
+        if self.purged_on_disk.lock().map(|p| *p).unwrap_or(None) >= Some(log_id) {
+            return Ok(());
+        }
+        // Durable first: a crash after deleting segments must not forget that they are gone.
+        self.record_purged(log_id)?;
+        let kept = self
+            .keep_through
+            .lock()
+            .ok()
+            .and_then(|mut k| k.take_if(|k| log_id.index <= *k));
+        if kept.is_some() {
+            // A snapshot installed over a log filled up to it: keep the entries (records
+            // consumers read), only out of Raft's reach now.
+            if self.last_log_id() < Some(log_id) {
+                self.set_last_log_id(Some(log_id));
+            }
+            return Ok(());
+        }
+        let mut log = self.log_mut()?;
+        let end = log.end();
+        if log_id.index + 1 >= end.next_index {
+            log.reset(LogPosition {
+                next_offset: end.next_offset,
+                next_index: log_id.index + 1,
+            })
+            .map_err(|e| write_error(&e))?;
+            drop(log);
+            if self.last_log_id() < Some(log_id) {
+                self.set_last_log_id(Some(log_id));
+            }
+            Ok(())
+        } else {
+            let (_, removal) = log
+                .purge_through_index_later(log_id.index)
+                .map_err(|e| write_error(&e))?;
+            drop(log);
+            remove_in_background(removal);
+            Ok(())
+        }
     }
 }
 
@@ -1101,6 +1218,28 @@ mod tests {
             .permit
             .as_ref()
             .map(tokio::sync::OwnedSemaphorePermit::num_permits)
+    }
+
+    /// A vote saved as committed (this replica led its term) reads back uncommitted, for the
+    /// same leader and term: openraft would otherwise make the replica leader again at once in
+    /// that term, with whatever its log holds after the restart.
+    #[tokio::test]
+    async fn a_committed_vote_reads_back_uncommitted() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, _reader) = reader_of(log_of(dir.path(), 2, 10), 1 << 20);
+        assert_eq!(store.read_vote().await.expect("read"), None);
+        store
+            .save_vote(&Vote::new_committed(7, 3))
+            .await
+            .expect("save");
+        let read = store.read_vote().await.expect("read").expect("a vote");
+        assert_eq!(read, Vote::new(7, 3));
+        assert!(!read.is_committed());
+        store.save_vote(&Vote::new(8, 2)).await.expect("save");
+        assert_eq!(
+            store.read_vote().await.expect("read"),
+            Some(Vote::new(8, 2))
+        );
     }
 
     /// The committed index is saved at most once a second; one that comes sooner is saved by

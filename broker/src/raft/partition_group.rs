@@ -966,7 +966,7 @@ pub(super) async fn repair_ranges(
 
 /// Why entries could not be fetched from a replica.
 #[derive(Debug)]
-enum FetchError {
+pub(super) enum FetchError {
     /// The replica no longer holds the first entry asked for (retention purged it).
     Purged(String),
     /// Anything else (unreachable, damaged, an unexpected answer): worth another try.
@@ -983,7 +983,7 @@ impl std::fmt::Display for FetchError {
 
 /// Entries `from .. until` of group `group_id` from `node`'s log (over the peer port: ReadLog),
 /// grouped by Raft index.
-async fn fetch_entries(
+pub(super) async fn fetch_entries(
     peers: &Peers,
     group_id: GroupId,
     (node, address): (NodeId, &str),
@@ -1008,6 +1008,7 @@ async fn fetch_entries(
                 "node {node} no longer holds entry {cursor}"
             )));
         }
+
         // ReadLog answers whole entries: the batches of one Raft index travel together.
         let start = cursor;
         for bytes in response.batches {
@@ -1080,12 +1081,21 @@ async fn fill_missing_tail(
         .with_log(|log| log.end())
         .map_err(|e| e.to_string())?;
     let fresh = end.next_index == 0 && state.last_applied.is_none();
-    let committed_next = if reader.syncs_before_ack() && !fresh {
-        reader.saved_committed().map(|c| c + 1)
+    let committed = if reader.syncs_before_ack() && !fresh {
+        reader.saved_committed_log_id()
     } else {
         None
     };
+    let committed_next = committed.map(|c| c.index + 1);
     let want = next.next_index.max(committed_next.unwrap_or(0));
+    // The id of the last entry wanted, known committed: entries fetched are taken only when
+    // the last of them carries it (then, by Raft's log matching, all of them are the committed
+    // ones: a replica that was cut off may hold entries of an earlier term at those indexes).
+    let want_last = if committed_next == Some(want) {
+        committed
+    } else {
+        state.last_applied
+    };
     if end.next_index >= want {
         return Ok(());
     }
@@ -1115,6 +1125,16 @@ async fn fill_missing_tail(
                     continue;
                 }
             };
+        let last = entries
+            .last()
+            .and_then(|e| e.first())
+            .map(super::log_store::log_id_of);
+        if last != want_last {
+            errors.push(format!(
+                "node {node}: the entries end at {last:?}, not at the committed {want_last:?}"
+            ));
+            continue;
+        }
         let writer = reader.clone();
         let filled = tokio::task::spawn_blocking(move || writer.append_fetched(&entries))
             .await

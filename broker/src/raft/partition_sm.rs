@@ -287,6 +287,8 @@ impl PartitionStateMachine {
             }
             None => (PartitionState::default(), None),
         };
+        // Purges wait for a snapshot file that covers them.
+        reader.track_snapshots(state.last_applied.map(|l| l.index));
         Ok(PartitionStateMachine {
             shared: Arc::new(Shared {
                 high_watermark: watch::Sender::new(state.high_watermark),
@@ -318,6 +320,12 @@ impl PartitionStateMachine {
             .high_watermark
             .send_replace(state.high_watermark);
         *self.shared.snapshot.lock().map_err(|e| e.to_string())? = Some((meta_of(&state), bytes));
+        if let Some(index) = state.last_applied.map(|l| l.index) {
+            self.shared
+                .reader
+                .snapshot_persisted(index)
+                .map_err(|e| e.to_string())?;
+        }
         *self.shared.state.lock().map_err(|e| e.to_string())? = state;
         Ok(())
     }
@@ -511,6 +519,7 @@ impl PartitionStateMachine {
     }
 
     /// Writes `state` as the snapshot file, unless a snapshot at or after it exists already.
+    /// The log's purges wait for it: call [`PartitionStateMachine::report_snapshot`] next.
     async fn persist(&self, state: PartitionState) -> Result<Snapshot<TypeConfig>, StorageError> {
         let _writing = self.shared.snapshot_write.lock().await;
         let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
@@ -539,6 +548,21 @@ impl PartitionStateMachine {
             snapshot: Box::new(Cursor::new(bytes)),
         })
     }
+
+    /// Tells the log that the snapshot file covers it through `snapshot`'s last entry: a purge
+    /// held back until then runs now.
+    async fn report_snapshot(
+        &self,
+        snapshot: &SnapshotMeta<NodeId, BasicNode>,
+    ) -> Result<(), StorageError> {
+        let Some(index) = snapshot.last_log_id.map(|l| l.index) else {
+            return Ok(());
+        };
+        let reader = self.shared.reader.clone();
+        tokio::task::spawn_blocking(move || reader.snapshot_persisted(index))
+            .await
+            .map_err(sm_error)?
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
@@ -551,6 +575,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
             )
         };
         let snapshot = self.persist(state).await?;
+        self.report_snapshot(&snapshot.meta).await?;
         // Bytes applied while the file was written count towards the next snapshot.
         let _ = self.shared.bytes_since_snapshot.fetch_update(
             Ordering::Relaxed,
@@ -645,6 +670,11 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             let end = log.end();
             end.next_index < next.next_index || (end.next_index == next.next_index && end != next)
         })?;
+        // The snapshot file first: a crash before the log below is filled or restarted leaves
+        // a log that ends before the snapshot, filled again at the next open
+        // (`fill_missing_tail`). The other way round, it left a log restarted after a state
+        // that was never written.
+        let persisted = self.persist(state.clone()).await?;
         if behind {
             let source = self.shared.backfill.get().and_then(|(peers, group_id)| {
                 let node = peers.snapshot_sender(*group_id)?;
@@ -691,8 +721,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             }
         }
         let high_watermark = state.high_watermark;
-        *self.shared.state.lock().map_err(sm_error)? = state.clone();
-        self.persist(state).await?;
+        *self.shared.state.lock().map_err(sm_error)? = state;
+        // Now openraft's purge through the snapshot may run.
+        self.report_snapshot(&persisted.meta).await?;
         self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
         self.shared.high_watermark.send_replace(high_watermark);
         Ok(())
@@ -892,6 +923,96 @@ mod tests {
         let end = reader.with_log(|log| log.end()).expect("log");
         assert_eq!(
             end,
+            LogPosition {
+                next_offset: 13_594,
+                next_index: 7099
+            }
+        );
+    }
+
+    /// A partition's log store, reader and state machine over `dir` and `meta` (as a broker
+    /// opens them).
+    fn open_partition(
+        dir: &std::path::Path,
+        meta: &crate::meta::Metadata,
+    ) -> (crate::raft::LogStore, LogReader, PartitionStateMachine) {
+        let log =
+            weft_storage::PartitionLog::open(dir.join("log"), LogConfig::default()).expect("log");
+        let meta = meta.clone();
+        let flusher =
+            crate::raft::Flusher::start(crate::raft::SyncMode::Fdatasync).expect("flusher");
+        let store = crate::raft::LogStore::new(5, log, meta, flusher).expect("store");
+        let reader = store.reader();
+        std::fs::create_dir_all(dir.join("sm")).expect("state machine dir");
+        let sm = PartitionStateMachine::open(
+            dir.join("sm"),
+            LogConfig::default(),
+            reader.clone(),
+            1 << 20,
+            60_000,
+        )
+        .expect("state machine");
+        (store, reader, sm)
+    }
+
+    /// openraft 0.9 purges the log through a snapshot it installs as soon as it hands the
+    /// snapshot to the state machine, without waiting for the state machine to write it. A
+    /// crash in between left the purge recorded and the snapshot not: the broker restarted from
+    /// an older state with the entries after it gone, and the group could not apply them.
+    /// Now the purge waits until the snapshot file covers it.
+    #[tokio::test]
+    async fn a_purge_through_a_snapshot_not_yet_written_waits_for_it() {
+        use openraft::storage::{RaftLogStorage, RaftStateMachine};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let last = LogId::new(openraft::CommittedLeaderId::new(3, 0), 7098);
+        // The metadata store outlives the "restarts" below (sled holds a lock on its files).
+        let meta = crate::meta::Metadata::new(Arc::new(
+            weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
+        ));
+        {
+            let (mut store, _reader, _sm) = open_partition(dir.path(), &meta);
+            store.purge(last).await.expect("purge");
+            // The broker stops here, before the state machine installed the snapshot.
+        }
+        let (mut store, _reader, mut sm) = open_partition(dir.path(), &meta);
+        let purged = store
+            .get_log_state()
+            .await
+            .expect("log state")
+            .last_purged_log_id;
+        let (applied, _) = sm.applied_state().await.expect("applied");
+        assert!(
+            purged <= applied,
+            "the log is purged through {purged:?}, past the state it restarts from ({applied:?})"
+        );
+        // The install done, the purge runs.
+        store.purge(last).await.expect("purge");
+        let state = PartitionState {
+            last_applied: Some(last),
+            high_watermark: 13_594,
+            ..PartitionState::default()
+        };
+        let bytes = encode(&state).expect("encode");
+        sm.install_snapshot(&meta_of(&state), Box::new(Cursor::new(bytes)))
+            .await
+            .expect("install");
+        let purged = store
+            .get_log_state()
+            .await
+            .expect("log state")
+            .last_purged_log_id;
+        assert_eq!(purged, Some(last));
+        drop((store, sm));
+        let (mut store, reader, mut sm) = open_partition(dir.path(), &meta);
+        let purged = store
+            .get_log_state()
+            .await
+            .expect("log state")
+            .last_purged_log_id;
+        let (applied, _) = sm.applied_state().await.expect("applied");
+        assert_eq!((purged, applied), (Some(last), Some(last)));
+        assert_eq!(
+            reader.with_log(|log| log.end()).expect("log"),
             LogPosition {
                 next_offset: 13_594,
                 next_index: 7099
