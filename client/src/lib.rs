@@ -242,6 +242,14 @@ fn endpoint(address: &str, options: &ConnectOptions) -> Result<Endpoint> {
     }
 }
 
+/// Calls spread over several brokers, leaving out those that cannot be reached (see
+/// [`weft_proto::transport::Spread`]).
+fn spread(endpoints: Vec<Endpoint>, options: &ConnectOptions) -> Result<Transport> {
+    Transport::spread(endpoints)
+        .with_bearer_token(options.token.as_deref())
+        .map_err(Error::InvalidArgument)
+}
+
 fn transport(channel: tonic::transport::Channel, options: &ConnectOptions) -> Result<Transport> {
     Transport::new(channel)
         .with_bearer_token(options.token.as_deref())
@@ -278,17 +286,17 @@ impl Client {
         let Some(first) = endpoints.first().cloned() else {
             return Err(Error::InvalidArgument("no broker address given".into()));
         };
-        let channel = transport(
-            if endpoints.len() == 1 {
+        let channel = if endpoints.len() == 1 {
+            transport(
                 first.connect().await.map_err(|e| Error::Connect {
                     endpoint: first.uri().to_string(),
                     message: source_chain(&e),
-                })?
-            } else {
-                tonic::transport::Channel::balance_list(endpoints.into_iter())
-            },
-            &options,
-        )?;
+                })?,
+                &options,
+            )?
+        } else {
+            spread(endpoints, &options)?
+        };
         Ok(Client {
             channel,
             addresses: std::sync::Arc::new(addresses),
@@ -390,14 +398,11 @@ impl Client {
         let channel = match self.addresses.as_slice() {
             [] => return Ok(self.clone()),
             [address] => return self.to_address(address),
-            addresses => transport(
-                tonic::transport::Channel::balance_list(
-                    addresses
-                        .iter()
-                        .map(|a| endpoint(a, &self.options))
-                        .collect::<Result<Vec<_>>>()?
-                        .into_iter(),
-                ),
+            addresses => spread(
+                addresses
+                    .iter()
+                    .map(|a| endpoint(a, &self.options))
+                    .collect::<Result<Vec<_>>>()?,
                 &self.options,
             )?,
         };

@@ -9,11 +9,15 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::Code;
 use tonic::body::Body;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
+use tower::ServiceExt;
 
 /// Metadata key of a translated answer: the proxy's HTTP status.
 pub const PROXY_STATUS_KEY: &str = "weft-proxy-http-status";
@@ -33,6 +37,81 @@ enum Via {
     Http2(Channel),
     /// HTTP/3 over QUIC.
     Quic(crate::quic::QuicChannel),
+    /// HTTP/2 to several brokers in turn, leaving out those that cannot be reached.
+    Spread(Arc<Spread>),
+}
+
+/// Calls spread over several brokers, one after the other, each over its own connection
+/// (opened on first use). A broker whose call failed at the transport (no connection: it is
+/// down, or its address leads nowhere) is left out until a connection to it succeeds again,
+/// tried in the background (every [`PROBE_FIRST`], then less often, up to [`PROBE_MAX`]); while
+/// every broker is left out, calls go to them in turn anyway. tonic's balancer, used before,
+/// kept sending calls to a broker that was down, and they failed.
+#[derive(Debug)]
+pub struct Spread {
+    targets: Vec<Target>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Target {
+    endpoint: Endpoint,
+    channel: Channel,
+    /// Left out: its last call failed at the transport, and no connection succeeded since.
+    down: AtomicBool,
+    /// A background task is trying to connect.
+    probing: AtomicBool,
+}
+
+/// First wait before a broker left out is tried again.
+const PROBE_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between two tries.
+const PROBE_MAX: Duration = Duration::from_secs(5);
+
+impl Spread {
+    /// The next broker to call: the next one in turn that is not left out (the next in turn
+    /// when every one is).
+    fn pick(&self) -> usize {
+        let n = self.targets.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|i| !self.targets[*i].down.load(Ordering::Relaxed))
+            .unwrap_or(start)
+    }
+
+    /// Broker `i`'s call failed at the transport: it is left out until a connection to it
+    /// succeeds (one background task per broker; it ends when the client is dropped).
+    fn failed(self: &Arc<Self>, i: usize) {
+        let target = &self.targets[i];
+        target.down.store(true, Ordering::Relaxed);
+        if target.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            target.probing.store(false, Ordering::Release);
+            return;
+        };
+        let spread: Weak<Spread> = Arc::downgrade(self);
+        let endpoint = target.endpoint.clone();
+        runtime.spawn(async move {
+            let mut wait = PROBE_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                let connected = endpoint.connect().await.is_ok();
+                let Some(spread) = spread.upgrade() else {
+                    return;
+                };
+                let target = &spread.targets[i];
+                if connected || !target.down.load(Ordering::Relaxed) {
+                    target.down.store(false, Ordering::Relaxed);
+                    target.probing.store(false, Ordering::Release);
+                    return;
+                }
+                wait = (wait * 2).min(PROBE_MAX);
+            }
+        });
+    }
 }
 
 impl Transport {
@@ -48,6 +127,26 @@ impl Transport {
     pub fn quic(channel: crate::quic::QuicChannel) -> Self {
         Transport {
             via: Via::Quic(channel),
+            authorization: None,
+        }
+    }
+
+    /// Calls spread over `endpoints` (see [`Spread`]), each connected on first use.
+    pub fn spread(endpoints: Vec<Endpoint>) -> Self {
+        let targets = endpoints
+            .into_iter()
+            .map(|endpoint| Target {
+                channel: endpoint.connect_lazy(),
+                endpoint,
+                down: AtomicBool::new(false),
+                probing: AtomicBool::new(false),
+            })
+            .collect();
+        Transport {
+            via: Via::Spread(Arc::new(Spread {
+                targets,
+                next: AtomicUsize::new(0),
+            })),
             authorization: None,
         }
     }
@@ -84,7 +183,8 @@ impl tower::Service<http::Request<Body>> for Transport {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         match &mut self.via {
             Via::Http2(channel) => tower::Service::poll_ready(channel, cx),
-            Via::Quic(_) => Poll::Ready(Ok(())),
+            // Each call waits for its own broker's channel.
+            Via::Quic(_) | Via::Spread(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -101,6 +201,19 @@ impl tower::Service<http::Request<Body>> for Transport {
                 let answer = tower::Service::call(channel, request);
                 Box::pin(async move { answer.await.map(translate) })
             }
+            Via::Spread(spread) if spread.targets.is_empty() => Box::pin(async { Ok(no_broker()) }),
+            Via::Spread(spread) => {
+                let spread = spread.clone();
+                let i = spread.pick();
+                let channel = spread.targets[i].channel.clone();
+                Box::pin(async move {
+                    let answer = channel.oneshot(request).await;
+                    if answer.is_err() {
+                        spread.failed(i);
+                    }
+                    answer.map(translate)
+                })
+            }
             Via::Quic(channel) => {
                 let answer = tower::Service::call(channel, request);
                 Box::pin(async move {
@@ -112,6 +225,11 @@ impl tower::Service<http::Request<Body>> for Transport {
             }
         }
     }
+}
+
+/// The answer of a spread over no broker at all.
+fn no_broker() -> http::Response<Body> {
+    tonic::Status::unavailable("no broker address to call").into_http()
 }
 
 /// The gRPC code for an HTTP status that did not come with a gRPC status, as the gRPC

@@ -763,3 +763,65 @@ async fn idle_partitions_give_up_their_senders_and_keep_their_sequences() {
         assert_eq!(bounds.high_watermark, 3, "partition {partition}");
     }
 }
+
+/// A client given two brokers, one of them down (nothing listens on its port), sends its calls
+/// to the other. Before, tonic's balancer kept picking the broker that was down, and about half
+/// the calls failed with a connection error for as long as it stayed down (a producer in a
+/// cluster whose broker was killed used its retries up on it). Now a broker whose connection
+/// failed is left out until a connection to it succeeds again (tried in the background): of
+/// 40 calls, at most the first fails. And once it is up again, calls reach it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_spread_over_brokers_leave_out_one_that_is_down() {
+    let live = Broker::start();
+    let mut other = Broker::start();
+    for broker in [&live, &other] {
+        let (status, body) = broker.http(
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"spread","partitions":1}"#),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let down = other.client_addr.clone();
+    other.stop();
+    let client = Client::connect([down.as_str(), live.client_addr.as_str()])
+        .await
+        .expect("connect");
+    let mut failed = Vec::new();
+    for _ in 0..40 {
+        if let Err(e) = client.topic_metadata("spread").await {
+            failed.push(e.to_string());
+        }
+    }
+    assert!(
+        failed.len() <= 1,
+        "{} of 40 calls failed: {failed:?}",
+        failed.len()
+    );
+    other.start_again_same_ports();
+    // Both brokers answer again; calls go to each of them (the broker answering is told by its
+    // request counter).
+    let served = |b: &Broker| {
+        weft_tests::metric(
+            b,
+            r#"weft_rpc_requests_total{method="Metadata.GetTopic",code="Ok"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = served(&other);
+    wait_for(
+        "calls to reach the broker back up",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            let other = &other;
+            async move {
+                for _ in 0..10 {
+                    client.topic_metadata("spread").await.ok()?;
+                }
+                (served(other) > before).then_some(())
+            }
+        },
+    )
+    .await;
+}
