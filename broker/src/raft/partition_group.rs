@@ -1113,18 +1113,30 @@ async fn fill_missing_tail(
         .filter(|(id, _)| **id != node_id)
         .map(|(id, n)| (*id, n.addr.clone()))
         .collect();
+    // The log's last entry: the entries fetched must continue it. A log that ends before the
+    // snapshot may end in entries of an earlier term that were never committed (a replica cut
+    // off before it was sent the snapshot, stopped before the install filled its log); the
+    // fetched ones, committed, then hold another entry at that index.
+    let own_last = reader
+        .with_log(|log| {
+            let first = log.first_index()?;
+            let last = end.next_index.checked_sub(1).filter(|l| *l >= first)?;
+            let batches = log.read_entries(last, last + 1, 1).ok()?;
+            batches.first().map(super::log_store::log_id_of)
+        })
+        .map_err(|e| e.to_string())?;
+    let from = own_last.map_or(end.next_index, |l| l.index);
     let mut errors = Vec::new();
     let mut purged = 0;
     for (node, address) in &nodes {
-        let entries =
-            match fetch_entries(peers, group_id, (*node, address), end.next_index, want).await {
-                Ok(entries) => entries,
-                Err(e) => {
-                    purged += usize::from(matches!(e, FetchError::Purged(_)));
-                    errors.push(e.to_string());
-                    continue;
-                }
-            };
+        let mut entries = match fetch_entries(peers, group_id, (*node, address), from, want).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                purged += usize::from(matches!(e, FetchError::Purged(_)));
+                errors.push(e.to_string());
+                continue;
+            }
+        };
         let last = entries
             .last()
             .and_then(|e| e.first())
@@ -1134,6 +1146,30 @@ async fn fill_missing_tail(
                 "node {node}: the entries end at {last:?}, not at the committed {want_last:?}"
             ));
             continue;
+        }
+        if let Some(own) = own_last {
+            let fetched = entries
+                .first()
+                .and_then(|e| e.first())
+                .map(super::log_store::log_id_of);
+            if fetched != Some(own) {
+                tracing::warn!(
+                    group_id,
+                    ?own,
+                    ?fetched,
+                    "the log ends in an entry that is not the committed one at its index; it restarts after the snapshot"
+                );
+                reader
+                    .with_log_mut(|log| log.reset(next))
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "the log ended in entry {own:?}, which the committed log holds as \
+                     {fetched:?}: restarted after the snapshot, the rest is fetched at the next \
+                     open"
+                ));
+            }
+            entries.remove(0);
         }
         let writer = reader.clone();
         let filled = tokio::task::spawn_blocking(move || writer.append_fetched(&entries))

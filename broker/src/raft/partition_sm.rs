@@ -574,8 +574,12 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
                 self.shared.bytes_since_snapshot.load(Ordering::Relaxed),
             )
         };
+        let built = meta_of(&state);
         let snapshot = self.persist(state).await?;
-        self.report_snapshot(&snapshot.meta).await?;
+        // What this build covers, not the snapshot file's (`persist` answers with a later one
+        // when there is: a snapshot being installed meanwhile, whose purge waits for its own
+        // report, after the install made the log ready for it).
+        self.report_snapshot(&built).await?;
         // Bytes applied while the file was written count towards the next snapshot.
         let _ = self.shared.bytes_since_snapshot.fetch_update(
             Ordering::Relaxed,
@@ -676,6 +680,12 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         // that was never written.
         let persisted = self.persist(state.clone()).await?;
         if behind {
+            // Then the purge through the snapshot is recorded, keeping whatever the log holds
+            // (`keep_through`), before the log changes: a crash while it is filled must not
+            // leave a log whose first entries are gone with no purge recorded before them
+            // (openraft would look for them at the next start, and fail).
+            self.shared.reader.keep_through(next.next_index - 1);
+            self.report_snapshot(&persisted.meta).await?;
             let source = self.shared.backfill.get().and_then(|(peers, group_id)| {
                 let node = peers.snapshot_sender(*group_id)?;
                 let address = meta
@@ -710,10 +720,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
                 None => false,
             };
-            if filled {
-                // openraft purges through the snapshot next: keep what was fetched.
-                self.shared.reader.keep_through(next.next_index - 1);
-            } else {
+            if !filled {
                 self.shared
                     .reader
                     .with_log_mut(|log| log.reset(next))?
@@ -1017,6 +1024,44 @@ mod tests {
                 next_offset: 13_594,
                 next_index: 7099
             }
+        );
+    }
+
+    /// openraft builds snapshots on a task of their own: a build that started before an
+    /// install finds the installed snapshot file, later than its own state, and answers with
+    /// it. Its report must not let the install's purge run before the install has made the log
+    /// ready for it (found by review: the purge reset the log while the install was filling
+    /// it with the entries before the snapshot).
+    #[tokio::test]
+    async fn a_build_answered_with_a_later_snapshot_does_not_release_its_purge() {
+        use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let meta = crate::meta::Metadata::new(Arc::new(
+            weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
+        ));
+        let (mut store, reader, sm) = open_partition(dir.path(), &meta);
+        let last = LogId::new(openraft::CommittedLeaderId::new(3, 0), 7098);
+        let before = reader.with_log(|log| log.end()).expect("log");
+        // The install's purge, held back; the install has written its snapshot file.
+        store.purge(last).await.expect("purge");
+        let installed = PartitionState {
+            last_applied: Some(last),
+            high_watermark: 13_594,
+            ..PartitionState::default()
+        };
+        sm.persist(installed).await.expect("persist");
+        // A build of the (older) state the state machine still holds.
+        let mut builder = sm.clone();
+        let built = builder.build_snapshot().await.expect("build");
+        assert_eq!(
+            built.meta.last_log_id,
+            Some(last),
+            "answered with the later file"
+        );
+        assert_eq!(
+            reader.with_log(|log| log.end()).expect("log"),
+            before,
+            "the log is left to the install"
         );
     }
 
