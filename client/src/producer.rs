@@ -775,7 +775,7 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                     Ok(response) => answer(first.batch, Ok(&response)),
                     Err(error) => {
                         // The leader may have moved: ask again where it is.
-                        router.failed(&topic, partition);
+                        router.failed(&topic, partition, &error);
                         // Drain the window: later batches may have failed on the gap this one left.
                         let mut pending = vec![(first, Some(error))];
                         while let Some(result) = window.next().await {

@@ -58,6 +58,23 @@ impl Tables {
     }
 }
 
+/// Whether a publish that failed with `error` may have gone to a broker that no longer leads
+/// the partition, or is gone.
+fn leader_may_have_moved(error: &crate::Error) -> bool {
+    match error {
+        crate::Error::Connect { .. } | crate::Error::Timeout(_) => true,
+        crate::Error::Status { code, .. } => matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::NotFound
+        ),
+        crate::Error::InvalidArgument(_) | crate::Error::Closed => false,
+    }
+}
+
 /// A producer's routing table (shared by its partitions' senders).
 #[derive(Debug, Clone)]
 pub(crate) struct Router {
@@ -150,9 +167,17 @@ impl Router {
         }
     }
 
-    /// A publish to `topic`/`partition` failed: its leader address is avoided for a while
-    /// (the retries go to the brokers the client was given) and the leaders are asked again.
-    pub(crate) fn failed(&self, topic: &Arc<str>, partition: u32) {
+    /// A publish to `topic`/`partition` failed with `error`. When the error says the leader
+    /// may be gone or have moved (no connection, no answer in time, UNAVAILABLE), its address
+    /// is avoided for a while (the retries go to the brokers the client was given) and the
+    /// leaders are asked again. Other errors come from the leader itself, which still leads
+    /// (RESOURCE_EXHAUSTED: it is busy; a refused batch): the retries keep going to it.
+    /// Before, every error avoided the leader for 30 s, so a producer that met backpressure
+    /// sent everything through another broker, one hop more, for that long.
+    pub(crate) fn failed(&self, topic: &Arc<str>, partition: u32, error: &crate::Error) {
+        if !leader_may_have_moved(error) {
+            return;
+        }
         if let Some(address) = self.leader(topic, partition)
             && let Ok(mut tables) = self.tables.write()
         {
@@ -276,5 +301,43 @@ mod tests {
         clients.sort();
         assert_eq!(clients, ["127.0.0.1:3"]);
         assert_eq!(tables.avoided.keys().collect::<Vec<_>>(), ["recent"]);
+    }
+
+    /// Only errors that say the leader may be gone or have moved turn the publishes away from
+    /// it; a busy leader (RESOURCE_EXHAUSTED) or a refused batch keeps them.
+    #[tokio::test]
+    async fn only_a_leader_that_may_have_moved_is_avoided() {
+        let base = Client::connect(["127.0.0.1:1", "127.0.0.1:5"])
+            .await
+            .expect("client");
+        let router = Router::new(base, true);
+        let topic: Arc<str> = Arc::from("t");
+        router.tables.write().expect("lock").leaders.insert(
+            topic.clone(),
+            (
+                Instant::now(),
+                HashMap::from([(0, "127.0.0.1:2".to_string())]),
+            ),
+        );
+        let status = |code| crate::Error::Status {
+            code,
+            message: String::new(),
+            reason: String::new(),
+        };
+        for kept in [
+            status(tonic::Code::ResourceExhausted),
+            status(tonic::Code::InvalidArgument),
+            status(tonic::Code::FailedPrecondition),
+            status(tonic::Code::PermissionDenied),
+        ] {
+            router.failed(&topic, 0, &kept);
+            assert_eq!(
+                router.leader(&topic, 0).as_deref(),
+                Some("127.0.0.1:2"),
+                "{kept}"
+            );
+        }
+        router.failed(&topic, 0, &status(tonic::Code::Unavailable));
+        assert_eq!(router.leader(&topic, 0), None);
     }
 }
