@@ -257,7 +257,9 @@ fn transport(channel: tonic::transport::Channel, options: &ConnectOptions) -> Re
 }
 
 impl Client {
-    /// Connects to one or several brokers (`host:port`); calls are spread over them.
+    /// Connects to one or several brokers (`host:port`); calls go to them in turn, each over
+    /// its own connection, and one that cannot be reached is left out until a connection to it
+    /// succeeds again (tried in the background).
     pub async fn connect<I, S>(addresses: I) -> Result<Client>
     where
         I: IntoIterator<Item = S>,
