@@ -1129,8 +1129,18 @@ async fn fill_missing_tail(
     let mut errors = Vec::new();
     let mut purged = 0;
     for (node, address) in &nodes {
-        let mut entries = match fetch_entries(peers, group_id, (*node, address), from, want).await {
-            Ok(entries) => entries,
+        let fetched = match fetch_entries(peers, group_id, (*node, address), from, want).await {
+            // A replica whose log starts right after this one's last entry (retention deleted
+            // the segments before it) holds every entry wanted but not the one to compare.
+            Err(FetchError::Purged(_)) if own_last.is_some() => {
+                fetch_entries(peers, group_id, (*node, address), end.next_index, want)
+                    .await
+                    .map(|entries| (entries, None))
+            }
+            other => other.map(|entries| (entries, own_last)),
+        };
+        let (mut entries, compare) = match fetched {
+            Ok(fetched) => fetched,
             Err(e) => {
                 purged += usize::from(matches!(e, FetchError::Purged(_)));
                 errors.push(e.to_string());
@@ -1147,7 +1157,7 @@ async fn fill_missing_tail(
             ));
             continue;
         }
-        if let Some(own) = own_last {
+        if let Some(own) = compare {
             let fetched = entries
                 .first()
                 .and_then(|e| e.first())

@@ -1040,6 +1040,13 @@ mod tests {
             weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
         ));
         let (mut store, reader, sm) = open_partition(dir.path(), &meta);
+        // The state machine has applied through entry 10 (and a snapshot covers it).
+        let applied = LogId::new(openraft::CommittedLeaderId::new(3, 0), 10);
+        sm.reset_to(PartitionState {
+            last_applied: Some(applied),
+            ..PartitionState::default()
+        })
+        .expect("state");
         let last = LogId::new(openraft::CommittedLeaderId::new(3, 0), 7098);
         let before = reader.with_log(|log| log.end()).expect("log");
         // The install's purge, held back; the install has written its snapshot file.
