@@ -59,17 +59,18 @@ impl Tables {
 }
 
 /// Whether a publish that failed with `error` may have gone to a broker that no longer leads
-/// the partition, or is gone.
+/// the partition, or is gone: no connection, no answer in time, an answer that is not the
+/// broker's (a status without the broker's ErrorInfo reason: made up by a proxy in front of it,
+/// say a 403 or a 502, or by the HTTP/2 transport), or the broker's UNAVAILABLE,
+/// DEADLINE_EXCEEDED or NOT_FOUND. A broker's other refusals (RESOURCE_EXHAUSTED when it is
+/// busy, a refused batch) come from a leader that still leads.
 fn leader_may_have_moved(error: &crate::Error) -> bool {
     match error {
         crate::Error::Connect { .. } | crate::Error::Timeout(_) => true,
+        crate::Error::Status { reason, .. } if reason.is_empty() => true,
         crate::Error::Status { code, .. } => matches!(
             code,
-            tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Unknown
-                | tonic::Code::Cancelled
-                | tonic::Code::NotFound
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::NotFound
         ),
         crate::Error::InvalidArgument(_) | crate::Error::Closed => false,
     }
@@ -319,16 +320,17 @@ mod tests {
                 HashMap::from([(0, "127.0.0.1:2".to_string())]),
             ),
         );
-        let status = |code| crate::Error::Status {
+        // The broker's answers carry an ErrorInfo reason.
+        let status = |code, reason: &str| crate::Error::Status {
             code,
             message: String::new(),
-            reason: String::new(),
+            reason: reason.into(),
         };
         for kept in [
-            status(tonic::Code::ResourceExhausted),
-            status(tonic::Code::InvalidArgument),
-            status(tonic::Code::FailedPrecondition),
-            status(tonic::Code::PermissionDenied),
+            status(tonic::Code::ResourceExhausted, "OVERLOADED"),
+            status(tonic::Code::InvalidArgument, "BATCH_TOO_LARGE"),
+            status(tonic::Code::FailedPrecondition, "SEQUENCE_GAP"),
+            status(tonic::Code::PermissionDenied, "PERMISSION_DENIED"),
         ] {
             router.failed(&topic, 0, &kept);
             assert_eq!(
@@ -337,7 +339,12 @@ mod tests {
                 "{kept}"
             );
         }
-        router.failed(&topic, 0, &status(tonic::Code::Unavailable));
+        router.failed(&topic, 0, &status(tonic::Code::Unavailable, "UNAVAILABLE"));
+        assert_eq!(router.leader(&topic, 0), None);
+        // A proxy's 403 in front of the leader (no reason: not the broker's answer).
+        router.tables.write().expect("lock").avoided.clear();
+        assert!(router.leader(&topic, 0).is_some());
+        router.failed(&topic, 0, &status(tonic::Code::PermissionDenied, ""));
         assert_eq!(router.leader(&topic, 0), None);
     }
 }

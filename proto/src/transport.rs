@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -41,12 +41,17 @@ enum Via {
     Spread(Arc<Spread>),
 }
 
-/// Calls spread over several brokers, one after the other, each over its own connection
-/// (opened on first use). A broker whose call failed at the transport (no connection: it is
-/// down, or its address leads nowhere) is left out until a connection to it succeeds again,
-/// tried in the background (every [`PROBE_FIRST`], then less often, up to [`PROBE_MAX`]); while
-/// every broker is left out, calls go to them in turn anyway. tonic's balancer, used before,
-/// kept sending calls to a broker that was down, and they failed.
+/// Calls spread over several brokers, one after the other (from a random one), each over its
+/// own connection (opened on first use). A broker whose call failed at the transport (no
+/// connection: it is down, or its address leads nowhere; not a call that ran out of time) is
+/// left out until it answers a call again: a background probe (a WhoAmI call with a short
+/// deadline) tries it after [`PROBE_FIRST`], then less often, up to [`PROBE_MAX`], each failure
+/// in a row doubling the first wait too. While every broker is left out, calls go to them in
+/// turn anyway. A call that names a deadline (`grpc-timeout`) ends with DEADLINE_EXCEEDED
+/// soon after it even while it waits for its broker's connection (a connection attempt to a
+/// host that drops it takes the endpoint's connect timeout, and calls queue behind it).
+/// tonic's balancer, used before, kept sending calls to a broker that was down, and they
+/// failed.
 #[derive(Debug)]
 pub struct Spread {
     targets: Vec<Target>,
@@ -61,12 +66,19 @@ struct Target {
     down: AtomicBool,
     /// A background task is trying to connect.
     probing: AtomicBool,
+    /// Transport failures in a row.
+    failures: AtomicU32,
 }
 
 /// First wait before a broker left out is tried again.
 const PROBE_FIRST: Duration = Duration::from_millis(500);
 /// Longest wait between two tries.
 const PROBE_MAX: Duration = Duration::from_secs(5);
+/// A probe's deadline.
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
+/// How long after its deadline a call still waiting for its broker's connection is ended
+/// (tonic's own deadline, which starts once the call is sent, normally ends it first).
+const DEADLINE_GRACE: Duration = Duration::from_millis(500);
 
 impl Spread {
     /// The next broker to call: the next one in turn that is not left out (the next in turn
@@ -80,11 +92,17 @@ impl Spread {
             .unwrap_or(start)
     }
 
-    /// Broker `i`'s call failed at the transport: it is left out until a connection to it
-    /// succeeds (one background task per broker; it ends when the client is dropped).
+    /// Broker `i` answered a call.
+    fn answered(&self, i: usize) {
+        self.targets[i].failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Broker `i`'s call failed at the transport: it is left out until it answers a probe
+    /// (one background task per broker; it ends when the client is dropped).
     fn failed(self: &Arc<Self>, i: usize) {
         let target = &self.targets[i];
         target.down.store(true, Ordering::Relaxed);
+        let failures = target.failures.fetch_add(1, Ordering::Relaxed).min(8);
         if target.probing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -95,10 +113,10 @@ impl Spread {
         let spread: Weak<Spread> = Arc::downgrade(self);
         let endpoint = target.endpoint.clone();
         runtime.spawn(async move {
-            let mut wait = PROBE_FIRST;
+            let mut wait = PROBE_FIRST.saturating_mul(1 << failures).min(PROBE_MAX);
             loop {
                 tokio::time::sleep(wait).await;
-                let connected = endpoint.connect().await.is_ok();
+                let connected = answers(&endpoint).await;
                 let Some(spread) = spread.upgrade() else {
                     return;
                 };
@@ -112,6 +130,54 @@ impl Spread {
             }
         });
     }
+}
+
+/// Whether the broker at `endpoint` answers a call (any gRPC answer, refusals included: a
+/// broker that wants credentials answers UNAUTHENTICATED) within [`PROBE_DEADLINE`]. A TCP or
+/// TLS connection alone does not tell: a stopped or stuck broker's kernel still accepts them.
+async fn answers(endpoint: &Endpoint) -> bool {
+    let Ok(Ok(channel)) = tokio::time::timeout(PROBE_DEADLINE, endpoint.connect()).await else {
+        return false;
+    };
+    let mut request = tonic::Request::new(crate::v1::WhoAmIRequest {});
+    request.set_timeout(PROBE_DEADLINE);
+    let mut client = crate::v1::metadata_client::MetadataClient::new(channel);
+    match tokio::time::timeout(PROBE_DEADLINE + DEADLINE_GRACE, client.who_am_i(request)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(status)) => !matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+        ),
+        Err(_) => false,
+    }
+}
+
+/// The deadline a call names in its `grpc-timeout` header, if any.
+fn deadline_of(request: &http::Request<Body>) -> Option<Duration> {
+    let value = request.headers().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Whether a transport error is tonic's own deadline running out (the broker was reached).
+fn is_deadline(error: &tonic::transport::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 impl Transport {
@@ -140,12 +206,19 @@ impl Transport {
                 endpoint,
                 down: AtomicBool::new(false),
                 probing: AtomicBool::new(false),
+                failures: AtomicU32::new(0),
             })
             .collect();
+        // From a random broker: each client (each consumer's own connection, say) starts
+        // elsewhere, so long-lived streams opened first spread over the brokers.
+        let start = {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+        };
         Transport {
             via: Via::Spread(Arc::new(Spread {
                 targets,
-                next: AtomicUsize::new(0),
+                next: AtomicUsize::new(usize::try_from(start % 1_000_003).unwrap_or(0)),
             })),
             authorization: None,
         }
@@ -206,10 +279,30 @@ impl tower::Service<http::Request<Body>> for Transport {
                 let spread = spread.clone();
                 let i = spread.pick();
                 let channel = spread.targets[i].channel.clone();
+                let deadline = deadline_of(&request);
                 Box::pin(async move {
-                    let answer = channel.oneshot(request).await;
-                    if answer.is_err() {
-                        spread.failed(i);
+                    let call = channel.oneshot(request);
+                    let answer = match deadline {
+                        Some(deadline) => {
+                            match tokio::time::timeout(deadline + DEADLINE_GRACE, call).await {
+                                Ok(answer) => answer,
+                                Err(_) => {
+                                    spread.failed(i);
+                                    return Ok(tonic::Status::deadline_exceeded(format!(
+                                        "no answer from {} within the call's deadline ({deadline:?}): \
+                                         no connection to it yet",
+                                        spread.targets[i].endpoint.uri()
+                                    ))
+                                    .into_http());
+                                }
+                            }
+                        }
+                        None => call.await,
+                    };
+                    match &answer {
+                        Ok(_) => spread.answered(i),
+                        Err(e) if is_deadline(e) => {}
+                        Err(_) => spread.failed(i),
                     }
                     answer.map(translate)
                 })
@@ -286,6 +379,28 @@ fn translate(response: http::Response<Body>) -> http::Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_calls_deadline_is_read_from_its_grpc_timeout() {
+        let with = |value: &str| {
+            let request = http::Request::builder()
+                .header("grpc-timeout", value)
+                .body(Body::empty())
+                .expect("request");
+            deadline_of(&request)
+        };
+        assert_eq!(with("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(with("2500m"), Some(Duration::from_millis(2500)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(with("x"), None);
+        assert_eq!(with("12"), None);
+        assert_eq!(with(""), None);
+        let none = http::Request::builder()
+            .body(Body::empty())
+            .expect("request");
+        assert_eq!(deadline_of(&none), None);
+    }
 
     fn answer(
         status: u16,

@@ -825,3 +825,53 @@ async fn calls_spread_over_brokers_leave_out_one_that_is_down() {
     )
     .await;
 }
+
+/// A broker whose address drops connection attempts (a host that is gone: no refusal, no
+/// answer) does not hold the calls sent to it past their deadline. Before, those calls queued
+/// behind one connection attempt after another (5 s each, the connect timeout), and the k-th
+/// of them waited about 5k seconds whatever its deadline. Now each ends with DEADLINE_EXCEEDED
+/// soon after its deadline (1 s here), the broker is left out, and the next calls go to the
+/// other broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_drops_connections_holds_no_call_past_its_deadline() {
+    let live = Broker::start();
+    let (status, body) = live.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"spread","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let silent = format!("127.0.0.1:{}", weft_tests::free_port());
+    let mut firewall = weft_tests::Firewall::new();
+    firewall.drop_tcp(None, &silent);
+    let client = Client::connect([silent.as_str(), live.client_addr.as_str()])
+        .await
+        .expect("connect")
+        .with_timeout(Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all((0..8).map(|_| {
+        let client = client.clone();
+        async move { client.topic_metadata("spread").await }
+    }))
+    .await;
+    let took = started.elapsed();
+    let failed: Vec<String> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().err().map(ToString::to_string))
+        .collect();
+    assert!(
+        took < Duration::from_secs(4),
+        "8 calls with a 1 s deadline took {took:?}; failures: {failed:?}"
+    );
+    assert!(
+        failed.len() < 8,
+        "the calls to the live broker were answered: {failed:?}"
+    );
+    for _ in 0..10 {
+        client
+            .topic_metadata("spread")
+            .await
+            .expect("the silent broker is left out");
+    }
+    firewall.heal();
+}
