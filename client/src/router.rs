@@ -59,15 +59,31 @@ impl Tables {
 }
 
 /// Whether a publish that failed with `error` may have gone to a broker that no longer leads
-/// the partition, or is gone: no connection, no answer in time, an answer that is not the
-/// broker's (a status without the broker's ErrorInfo reason: made up by a proxy in front of it,
-/// say a 403 or a 502, or by the HTTP/2 transport), or the broker's UNAVAILABLE,
-/// DEADLINE_EXCEEDED or NOT_FOUND. A broker's other refusals (RESOURCE_EXHAUSTED when it is
-/// busy, a refused batch) come from a leader that still leads.
+/// the partition, or is gone: no connection, no answer in time, a proxy's answer in front of
+/// it (a 403 or a 502, translated by the transport), a status the HTTP/2 transport made up
+/// (UNAVAILABLE, UNKNOWN, CANCELLED, INTERNAL without the broker's ErrorInfo reason), or the
+/// broker's UNAVAILABLE, DEADLINE_EXCEEDED or NOT_FOUND. A broker's other refusals, with a
+/// reason or without (RESOURCE_EXHAUSTED when it is busy or a request is too large, a refused
+/// batch, its authentication layer's UNAUTHENTICATED), come from a leader that still leads.
+/// Nor does a request that was not answered because its publish stream ended
+/// (`STREAM_ENDED`): the request that ended it carries why.
 fn leader_may_have_moved(error: &crate::Error) -> bool {
     match error {
         crate::Error::Connect { .. } | crate::Error::Timeout(_) => true,
-        crate::Error::Status { reason, .. } if reason.is_empty() => true,
+        crate::Error::Status { message, .. }
+            if message.starts_with(weft_proto::transport::PROXY_ANSWER_PREFIX) =>
+        {
+            true
+        }
+        crate::Error::Status { reason, .. } if reason == "STREAM_ENDED" => false,
+        crate::Error::Status { code, reason, .. } if reason.is_empty() => matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Cancelled
+                | tonic::Code::Internal
+        ),
         crate::Error::Status { code, .. } => matches!(
             code,
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::NotFound
@@ -341,10 +357,30 @@ mod tests {
         }
         router.failed(&topic, 0, &status(tonic::Code::Unavailable, "UNAVAILABLE"));
         assert_eq!(router.leader(&topic, 0), None);
-        // A proxy's 403 in front of the leader (no reason: not the broker's answer).
+        // The broker's own refusals without a reason (a request over the size limit, its
+        // authentication layer) and requests left unanswered when a stream ended keep it.
         router.tables.write().expect("lock").avoided.clear();
-        assert!(router.leader(&topic, 0).is_some());
-        router.failed(&topic, 0, &status(tonic::Code::PermissionDenied, ""));
+        for kept in [
+            status(tonic::Code::ResourceExhausted, ""),
+            status(tonic::Code::Unauthenticated, ""),
+            status(tonic::Code::Unavailable, "STREAM_ENDED"),
+        ] {
+            router.failed(&topic, 0, &kept);
+            assert!(router.leader(&topic, 0).is_some(), "{kept}");
+        }
+        // A proxy's 403 in front of the leader, as the transport translates it.
+        let proxy = tonic::Status::new(
+            weft_proto::transport::code_for_http_status(403),
+            format!(
+                "{} HTTP 403 Forbidden (server: envoy) with no content type",
+                weft_proto::transport::PROXY_ANSWER_PREFIX
+            ),
+        );
+        router.failed(&topic, 0, &crate::Error::from(proxy));
+        assert_eq!(router.leader(&topic, 0), None);
+        // A transport failure without a reason.
+        router.tables.write().expect("lock").avoided.clear();
+        router.failed(&topic, 0, &status(tonic::Code::Internal, ""));
         assert_eq!(router.leader(&topic, 0), None);
     }
 }

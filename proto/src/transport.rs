@@ -19,6 +19,9 @@ use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceExt;
 
+/// How the message of a translated answer (a proxy's, not the broker's) begins.
+pub const PROXY_ANSWER_PREFIX: &str = "a proxy on the way to the broker answered";
+
 /// Metadata key of a translated answer: the proxy's HTTP status.
 pub const PROXY_STATUS_KEY: &str = "weft-proxy-http-status";
 
@@ -43,15 +46,18 @@ enum Via {
 
 /// Calls spread over several brokers, one after the other (from a random one), each over its
 /// own connection (opened on first use). A broker whose call failed at the transport (no
-/// connection: it is down, or its address leads nowhere; not a call that ran out of time) is
-/// left out until it answers a call again: a background probe (a WhoAmI call with a short
-/// deadline) tries it after [`PROBE_FIRST`], then less often, up to [`PROBE_MAX`], each failure
-/// in a row doubling the first wait too. While every broker is left out, calls go to them in
-/// turn anyway. A call that names a deadline (`grpc-timeout`) ends with DEADLINE_EXCEEDED
-/// soon after it even while it waits for its broker's connection (a connection attempt to a
-/// host that drops it takes the endpoint's connect timeout, and calls queue behind it).
-/// tonic's balancer, used before, kept sending calls to a broker that was down, and they
-/// failed.
+/// connection: it is down, or its address leads nowhere) is left out until it answers a
+/// probe: a WhoAmI call with a short deadline, on a connection of its own, in the background,
+/// after [`PROBE_FIRST`], then less often, up to [`PROBE_MAX`] (each time it is left out again
+/// without having answered a call in between, the first wait doubles too). A call that ran
+/// out of time is probed at once, and its broker is left out only when the probe fails too (a
+/// host that died without closing its connections, a stopped broker). A broker that answers
+/// the probe gets the probe's connection for its next calls. While every broker is left out,
+/// calls go to them in turn anyway. A call that names a deadline (`grpc-timeout`) ends with
+/// DEADLINE_EXCEEDED soon after it even while it waits for its broker's connection (a
+/// connection attempt to a host that drops it takes the endpoint's connect timeout, and calls
+/// queue behind it). tonic's balancer, used before, kept sending calls to a broker that was
+/// down, and they failed.
 #[derive(Debug)]
 pub struct Spread {
     targets: Vec<Target>,
@@ -61,13 +67,14 @@ pub struct Spread {
 #[derive(Debug)]
 struct Target {
     endpoint: Endpoint,
-    channel: Channel,
-    /// Left out: its last call failed at the transport, and no connection succeeded since.
+    /// The connection calls take (replaced by the probe's once the broker answers it again).
+    channel: std::sync::Mutex<Channel>,
+    /// Left out: a call failed at the transport, and no probe was answered since.
     down: AtomicBool,
-    /// A background task is trying to connect.
+    /// A background task is probing it.
     probing: AtomicBool,
-    /// Transport failures in a row.
-    failures: AtomicU32,
+    /// Times it was left out since it last answered a call.
+    outages: AtomicU32,
 }
 
 /// First wait before a broker left out is tried again.
@@ -92,17 +99,39 @@ impl Spread {
             .unwrap_or(start)
     }
 
-    /// Broker `i` answered a call.
-    fn answered(&self, i: usize) {
-        self.targets[i].failures.store(0, Ordering::Relaxed);
+    /// The connection to broker `i`.
+    fn channel(&self, i: usize) -> Channel {
+        self.targets[i]
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    /// Broker `i`'s call failed at the transport: it is left out until it answers a probe
-    /// (one background task per broker; it ends when the client is dropped).
+    /// Broker `i` answered a call.
+    fn answered(&self, i: usize) {
+        self.targets[i].outages.store(0, Ordering::Relaxed);
+    }
+
+    /// Broker `i`'s call failed at the transport: it is left out until it answers a probe.
     fn failed(self: &Arc<Self>, i: usize) {
         let target = &self.targets[i];
-        target.down.store(true, Ordering::Relaxed);
-        let failures = target.failures.fetch_add(1, Ordering::Relaxed).min(8);
+        if !target.down.swap(true, Ordering::AcqRel) {
+            target.outages.fetch_add(1, Ordering::Relaxed);
+        }
+        self.probe(i, false);
+    }
+
+    /// Broker `i`'s call ran out of time: it is probed at once, and left out if the probe
+    /// fails.
+    fn timed_out(self: &Arc<Self>, i: usize) {
+        self.probe(i, true);
+    }
+
+    /// Probes broker `i` in the background until it answers (one task per broker; it ends
+    /// when the client is dropped). `now`: the first try at once.
+    fn probe(self: &Arc<Self>, i: usize, now: bool) {
+        let target = &self.targets[i];
         if target.probing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -110,46 +139,69 @@ impl Spread {
             target.probing.store(false, Ordering::Release);
             return;
         };
+        let outages = target.outages.load(Ordering::Relaxed).clamp(1, 8) - 1;
         let spread: Weak<Spread> = Arc::downgrade(self);
         let endpoint = target.endpoint.clone();
         runtime.spawn(async move {
-            let mut wait = PROBE_FIRST.saturating_mul(1 << failures).min(PROBE_MAX);
+            let mut wait = PROBE_FIRST.saturating_mul(1 << outages).min(PROBE_MAX);
+            let mut first = now;
             loop {
-                tokio::time::sleep(wait).await;
-                let connected = answers(&endpoint).await;
+                if !first {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(PROBE_MAX);
+                }
+                first = false;
+                let answered = answers(&endpoint).await;
                 let Some(spread) = spread.upgrade() else {
                     return;
                 };
                 let target = &spread.targets[i];
-                if connected || !target.down.load(Ordering::Relaxed) {
-                    target.down.store(false, Ordering::Relaxed);
-                    target.probing.store(false, Ordering::Release);
-                    return;
+                match answered {
+                    Some(channel) => {
+                        // Its next calls take this connection: the old one may hold the
+                        // failure of a connection attempt that a call gave up waiting for, and
+                        // would hand it to the next call.
+                        *target
+                            .channel
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = channel;
+                        target.down.store(false, Ordering::Release);
+                        target.probing.store(false, Ordering::Release);
+                        return;
+                    }
+                    None => {
+                        if !target.down.swap(true, Ordering::AcqRel) {
+                            target.outages.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
-                wait = (wait * 2).min(PROBE_MAX);
             }
         });
     }
 }
 
-/// Whether the broker at `endpoint` answers a call (any gRPC answer, refusals included: a
-/// broker that wants credentials answers UNAUTHENTICATED) within [`PROBE_DEADLINE`]. A TCP or
-/// TLS connection alone does not tell: a stopped or stuck broker's kernel still accepts them.
-async fn answers(endpoint: &Endpoint) -> bool {
+/// A connection to the broker at `endpoint` if it answers a call on it (any gRPC answer,
+/// refusals included: a broker that wants credentials answers UNAUTHENTICATED) within
+/// [`PROBE_DEADLINE`]. A TCP or TLS connection alone does not tell: a stopped or stuck broker's
+/// kernel still accepts them.
+async fn answers(endpoint: &Endpoint) -> Option<Channel> {
     let Ok(Ok(channel)) = tokio::time::timeout(PROBE_DEADLINE, endpoint.connect()).await else {
-        return false;
+        return None;
     };
     let mut request = tonic::Request::new(crate::v1::WhoAmIRequest {});
     request.set_timeout(PROBE_DEADLINE);
-    let mut client = crate::v1::metadata_client::MetadataClient::new(channel);
-    match tokio::time::timeout(PROBE_DEADLINE + DEADLINE_GRACE, client.who_am_i(request)).await {
-        Ok(Ok(_)) => true,
-        Ok(Err(status)) => !matches!(
-            status.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-        ),
-        Err(_) => false,
-    }
+    let mut client = crate::v1::metadata_client::MetadataClient::new(channel.clone());
+    let alive =
+        match tokio::time::timeout(PROBE_DEADLINE + DEADLINE_GRACE, client.who_am_i(request)).await
+        {
+            Ok(Ok(_)) => true,
+            Ok(Err(status)) => !matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+            ),
+            Err(_) => false,
+        };
+    alive.then_some(channel)
 }
 
 /// The deadline a call names in its `grpc-timeout` header, if any.
@@ -202,11 +254,11 @@ impl Transport {
         let targets = endpoints
             .into_iter()
             .map(|endpoint| Target {
-                channel: endpoint.connect_lazy(),
+                channel: std::sync::Mutex::new(endpoint.connect_lazy()),
                 endpoint,
                 down: AtomicBool::new(false),
                 probing: AtomicBool::new(false),
-                failures: AtomicU32::new(0),
+                outages: AtomicU32::new(0),
             })
             .collect();
         // From a random broker: each client (each consumer's own connection, say) starts
@@ -278,7 +330,7 @@ impl tower::Service<http::Request<Body>> for Transport {
             Via::Spread(spread) => {
                 let spread = spread.clone();
                 let i = spread.pick();
-                let channel = spread.targets[i].channel.clone();
+                let channel = spread.channel(i);
                 let deadline = deadline_of(&request);
                 Box::pin(async move {
                     let call = channel.oneshot(request);
@@ -301,7 +353,7 @@ impl tower::Service<http::Request<Body>> for Transport {
                     };
                     match &answer {
                         Ok(_) => spread.answered(i),
-                        Err(e) if is_deadline(e) => {}
+                        Err(e) if is_deadline(e) => spread.timed_out(i),
                         Err(_) => spread.failed(i),
                     }
                     answer.map(translate)
@@ -366,8 +418,8 @@ fn translate(response: http::Response<Body>) -> http::Response<Body> {
     let mut grpc = tonic::Status::new(
         code_for_http_status(status.as_u16()),
         format!(
-            "a proxy on the way to the broker answered HTTP {status}{server} with {kind}, not the \
-             broker: a mesh or proxy policy refused the call, or the proxy could not reach a broker"
+            "{PROXY_ANSWER_PREFIX} HTTP {status}{server} with {kind}, not the broker: a mesh or \
+             proxy policy refused the call, or the proxy could not reach a broker"
         ),
     );
     if let Ok(value) = status.as_u16().to_string().parse() {

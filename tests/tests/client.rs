@@ -875,3 +875,72 @@ async fn a_broker_that_drops_connections_holds_no_call_past_its_deadline() {
     }
     firewall.heal();
 }
+
+/// A broker that stops answering while the client's connection to it stays open (its process
+/// stopped, as a host that died without closing its connections) is left out too: its calls
+/// run out of time, a probe finds it silent, and the next calls go to the other broker. Found
+/// by review: a call that ran out of time never took its broker out, so every other call
+/// waited its whole deadline for as long as the connection looked open. Once it answers again,
+/// calls reach it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_broker_with_open_connections_is_left_out() {
+    let brokers = [Broker::start(), Broker::start()];
+    for broker in &brokers {
+        let (status, body) = broker.http(
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"spread","partitions":1}"#),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let client = Client::connect([
+        brokers[0].client_addr.as_str(),
+        brokers[1].client_addr.as_str(),
+    ])
+    .await
+    .expect("connect")
+    .with_timeout(Duration::from_secs(1));
+    // Connections to both.
+    for _ in 0..6 {
+        client.topic_metadata("spread").await.expect("both answer");
+    }
+    brokers[0].pause();
+    wait_for(
+        "ten calls in a row answered",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            async move {
+                for _ in 0..10 {
+                    client.topic_metadata("spread").await.ok()?;
+                }
+                Some(())
+            }
+        },
+    )
+    .await;
+    brokers[0].resume();
+    let served = |b: &Broker| {
+        weft_tests::metric(
+            b,
+            r#"weft_rpc_requests_total{method="Metadata.GetTopic",code="Ok"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = served(&brokers[0]);
+    wait_for(
+        "calls to reach the broker again",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            let broker = &brokers[0];
+            async move {
+                for _ in 0..10 {
+                    client.topic_metadata("spread").await.ok()?;
+                }
+                (served(broker) > before).then_some(())
+            }
+        },
+    )
+    .await;
+}
