@@ -206,18 +206,7 @@ async fn answers(endpoint: &Endpoint) -> Option<Channel> {
 
 /// The deadline a call names in its `grpc-timeout` header, if any.
 fn deadline_of(request: &http::Request<Body>) -> Option<Duration> {
-    let value = request.headers().get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    crate::parse_grpc_timeout(request.headers().get("grpc-timeout")?.to_str().ok()?)
 }
 
 /// Whether a transport error is tonic's own deadline running out (the broker was reached).
