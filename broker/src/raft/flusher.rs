@@ -22,10 +22,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use openraft::storage::LogFlushed;
-
-use super::TypeConfig;
-use super::log_store::Shared;
+use super::log_store::{Done, Shared};
 
 /// Most fdatasyncs run at the same time in one round.
 pub(super) const SYNCS_IN_PARALLEL_MAX: usize = 8;
@@ -46,7 +43,7 @@ pub enum SyncMode {
 
 struct Request {
     shared: Arc<Shared>,
-    callback: LogFlushed<TypeConfig>,
+    callback: Done,
 }
 
 /// The handle to a node's flusher thread. Cloned into every group's log store; the thread ends
@@ -77,11 +74,7 @@ impl Flusher {
 
     /// Asks for `shared`'s pending entries to be written and made durable; `callback` is
     /// completed when they are (or when that failed).
-    pub(super) fn flush(
-        &self,
-        shared: Arc<Shared>,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), String> {
+    pub(super) fn flush(&self, shared: Arc<Shared>, callback: Done) -> Result<(), String> {
         self.requests
             .send(Request { shared, callback })
             .map_err(|_| "the flusher has stopped".to_string())
@@ -203,9 +196,7 @@ fn round(
                 "log write or sync failed: {e}"
             );
         }
-        request
-            .callback
-            .log_io_completed(outcome.map_err(std::io::Error::other));
+        (request.callback)(outcome.map_err(std::io::Error::other));
     }
     if !to_sync.is_empty() {
         metrics::counter!("weft_flush_rounds_total").increment(1);
