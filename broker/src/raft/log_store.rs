@@ -97,6 +97,8 @@ struct Parked {
     installing: bool,
     /// The waiting append: its entries, the flusher to hand them to, its completion.
     append: Option<(Vec<Entry>, Flusher, Done)>,
+    /// Since when it waits.
+    since: Option<std::time::Instant>,
 }
 
 impl Debug for Parked {
@@ -419,11 +421,13 @@ impl Shared {
         let Some((entries, flusher, done)) = parked.append.take() else {
             return;
         };
+        parked.since = None;
         let first = entries.first().map_or(0, |e| e.log_id.index);
         match self.awaits_install(first) {
             Ok(false) => {}
             Ok(true) => {
                 parked.append = Some((entries, flusher, done));
+                parked.since = Some(std::time::Instant::now());
                 return;
             }
             Err(e) => {
@@ -676,6 +680,7 @@ impl LogStore {
                     "an append waits for a snapshot install to reach it"
                 );
                 parked.append = Some((entries, self.flusher.clone(), done));
+                parked.since = Some(std::time::Instant::now());
                 return Ok(());
             }
         }
@@ -879,13 +884,29 @@ impl LogReader {
         }
     }
 
+    /// How long an append has been waiting for the snapshot install, if one waits: the
+    /// group's Raft core waits with it (it answers no one meanwhile).
+    pub fn append_waiting_for(&self) -> Option<Duration> {
+        self.shared
+            .parked
+            .lock()
+            .ok()
+            .and_then(|p| p.since)
+            .map(|since| since.elapsed())
+    }
+
     /// The snapshot install is over (`ok`: the log ends where the snapshot resumes): the
     /// append that waited goes on, or fails with the install.
     pub fn end_install(&self, ok: bool) {
         let failed = match self.shared.parked.lock() {
             Ok(mut parked) => {
                 parked.installing = false;
-                if ok { None } else { parked.append.take() }
+                if ok {
+                    None
+                } else {
+                    parked.since = None;
+                    parked.append.take()
+                }
             }
             Err(_) => None,
         };

@@ -30,6 +30,11 @@ use super::{GroupId, Peers};
 const BACKFILL_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// Deadline of one such call.
 const BACKFILL_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest an append of the entries after the snapshot waits for the filling (a leader elected
+/// during the install sends them at once, and the group's Raft core waits with its append,
+/// answering no votes or heartbeats): past it, the filling stops and the replica starts after
+/// the snapshot, without the older records (the other replicas keep them).
+const BACKFILL_YIELD_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Batches remembered per producer for answering retries (as Kafka does). The broker refuses a
 /// producer more publishes in flight than this (see `SequenceCheck::Gap` and the client's
@@ -352,6 +357,14 @@ impl PartitionStateMachine {
         let mut started = false;
         let mut fetched = 0u64;
         while cursor < next.next_index {
+            if let Some(waited) = reader.append_waiting_for()
+                && waited > BACKFILL_YIELD_AFTER
+            {
+                metrics::counter!("weft_backfills_given_up_total").increment(1);
+                return Err(format!(
+                    "a leader's append has waited {waited:?} for it; given up at index {cursor}"
+                ));
+            }
             let request = weft_proto::internal::v1::ReadLogRequest {
                 group_id,
                 from_index: cursor,
@@ -1110,6 +1123,12 @@ mod tests {
                 appended.try_recv().is_err(),
                 "log of {older_entries}: the append is durable before the install is done"
             );
+            assert!(
+                reader
+                    .append_waiting_for()
+                    .is_some_and(|w| w >= std::time::Duration::from_millis(200)),
+                "log of {older_entries}: the filling sees the append waiting"
+            );
             let state = PartitionState {
                 last_applied: Some(last),
                 high_watermark: 13_594,
@@ -1124,6 +1143,7 @@ mod tests {
                 .expect("the append goes on after the install")
                 .expect("answer")
                 .expect("durable");
+            assert_eq!(reader.append_waiting_for(), None);
             let end = reader.with_log(|log| log.end()).expect("log");
             assert_eq!(
                 end.next_index, 7100,
