@@ -680,6 +680,7 @@ impl Consumer {
                     self.config.group.as_deref().unwrap_or_default()
                 ),
                 reason: "STALE_GENERATION".into(),
+                leader_id: None,
             }),
             Ok(result) => result,
             Err(_) => Err(Error::Timeout(format!(

@@ -15,6 +15,9 @@ pub enum Error {
         message: String,
         /// `google.rpc.ErrorInfo` reason (e.g. SEQUENCE_GAP, TOPIC_NOT_FOUND), empty if none.
         reason: String,
+        /// The node the broker names as the leader (its ErrorInfo `leader_id`), in an
+        /// UNAVAILABLE answer of a broker that does not lead.
+        leader_id: Option<u64>,
     },
     /// The broker could not be reached.
     #[error("cannot reach the broker at {endpoint}: {message}")]
@@ -37,14 +40,17 @@ pub enum Error {
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
-        let reason = status
-            .get_details_error_info()
-            .map(|i| i.reason)
-            .unwrap_or_default();
+        let info = status.get_details_error_info();
+        let leader_id = info
+            .as_ref()
+            .and_then(|i| i.metadata.get("leader_id"))
+            .and_then(|id| id.parse::<u64>().ok())
+            .filter(|id| *id != 0);
         Error::Status {
             code: status.code(),
             message: status.message().to_string(),
-            reason,
+            reason: info.map(|i| i.reason).unwrap_or_default(),
+            leader_id,
         }
     }
 }

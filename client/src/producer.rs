@@ -964,6 +964,7 @@ where
                         "not sent again: an earlier batch of this producer failed with an unknown outcome ({error})"
                     ),
                     reason: "EARLIER_BATCH_UNKNOWN".into(),
+                    leader_id: None,
                 }),
             );
             continue;
@@ -1098,6 +1099,7 @@ mod tests {
             code,
             message: format!("scripted {reason}"),
             reason: reason.into(),
+            leader_id: None,
         }
     }
 

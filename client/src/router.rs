@@ -18,6 +18,10 @@ const REFRESH_AFTER_FAILURE: Duration = Duration::from_millis(500);
 /// How long a leader address that failed a publish is not used (the partition's publishes go
 /// to the brokers the client was given meanwhile, which forward them).
 const AVOID_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// A leader address avoided at least this long is used again as soon as a refresh asked after
+/// that names it as a leader (the broker came back and leads again; earlier, the cluster may
+/// still name a broker that is gone, until it has elected another leader).
+const TRUST_REFRESH_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Tables {
@@ -29,6 +33,9 @@ struct Tables {
     lanes: HashMap<(Arc<str>, String), PublishLane>,
     /// Leader addresses that failed a publish, and when.
     avoided: HashMap<String, Instant>,
+    /// Client address of each broker seen leading a partition, by node id (to follow a
+    /// broker's leader hint).
+    nodes: HashMap<u64, String>,
 }
 
 impl Tables {
@@ -42,6 +49,7 @@ impl Tables {
             clients,
             lanes,
             avoided,
+            ..
         } = self;
         let leads = |topic: &Arc<str>, address: &str| {
             leaders
@@ -191,8 +199,40 @@ impl Router {
     /// (RESOURCE_EXHAUSTED: it is busy; a refused batch): the retries keep going to it.
     /// Before, every error avoided the leader for 30 s, so a producer that met backpressure
     /// sent everything through another broker, one hop more, for that long.
+    ///
+    /// A broker that answered UNAVAILABLE naming the leader (its `leader_id` hint: it no
+    /// longer leads the partition, say after a leadership transfer) is up: the partition's
+    /// publishes go to the named leader at once when its address is known (else to the
+    /// brokers given), and the broker is not avoided for the partitions it still leads.
+    /// Before, the hint was ignored and the broker avoided for 30 s in every partition.
     pub(crate) fn failed(&self, topic: &Arc<str>, partition: u32, error: &crate::Error) {
         if !leader_may_have_moved(error) {
+            return;
+        }
+        if let crate::Error::Status {
+            code: tonic::Code::Unavailable,
+            leader_id: Some(hint),
+            ..
+        } = error
+            && self.to_leaders
+        {
+            if let Ok(mut tables) = self.tables.write() {
+                let address = tables.nodes.get(hint).cloned();
+                let named_now = self.leader_named(&tables, topic, partition);
+                if let Some((_, leaders)) = tables.leaders.get_mut(topic) {
+                    match address {
+                        Some(address) if named_now.as_deref() != Some(address.as_str()) => {
+                            leaders.insert(partition, address);
+                        }
+                        // The broker names the one that failed: not followed.
+                        Some(_) => {}
+                        None => {
+                            leaders.remove(&partition);
+                        }
+                    }
+                }
+            }
+            self.refresh_if_older(topic, REFRESH_AFTER_FAILURE);
             return;
         }
         if let Some(address) = self.leader(topic, partition)
@@ -203,8 +243,41 @@ impl Router {
         self.refresh_if_older(topic, REFRESH_AFTER_FAILURE);
     }
 
+    /// The address the table names for `topic`/`partition`'s leader, avoided or not.
+    fn leader_named(&self, tables: &Tables, topic: &Arc<str>, partition: u32) -> Option<String> {
+        tables
+            .leaders
+            .get(topic)
+            .and_then(|(_, l)| l.get(&partition).cloned())
+    }
+
+    /// Takes in `topic`'s leaders as a refresh asked at `asked_at` found them: (partition,
+    /// leader node id, its client address). An address avoided since at least
+    /// [`TRUST_REFRESH_AFTER`] before the question, and named as a leader, is used again.
+    fn learn(&self, topic: &Arc<str>, found: Vec<(u32, u64, String)>, asked_at: Instant) {
+        let Ok(mut tables) = self.tables.write() else {
+            return;
+        };
+        for (_, node, address) in &found {
+            tables.nodes.insert(*node, address.clone());
+        }
+        let leaders: HashMap<u32, String> = found
+            .into_iter()
+            .map(|(partition, _, address)| (partition, address))
+            .collect();
+        tables.avoided.retain(|address, at| {
+            let named = leaders.values().any(|a| a == address);
+            !(named && asked_at.saturating_duration_since(*at) >= TRUST_REFRESH_AFTER)
+        });
+        tables
+            .leaders
+            .insert(topic.clone(), (Instant::now(), leaders));
+        tables.forget_unused();
+    }
+
     /// Asks for `topic`'s leaders now and waits for the answer (a failure keeps the table).
     pub(crate) async fn refresh(&self, topic: &Arc<str>) {
+        let asked_at = Instant::now();
         let Ok(partitions) = self.base.topic_metadata(topic).await.map(|t| t.partitions) else {
             // Keep what is known, and do not ask again at once.
             if let Ok(mut tables) = self.tables.write() {
@@ -216,17 +289,12 @@ impl Router {
             }
             return;
         };
-        let leaders: HashMap<u32, String> = partitions
+        let found = partitions
             .into_iter()
             .filter(|p| p.leader_id != 0 && !p.leader_address.is_empty())
-            .map(|p| (p.partition, p.leader_address))
+            .map(|p| (p.partition, p.leader_id, p.leader_address))
             .collect();
-        if let Ok(mut tables) = self.tables.write() {
-            tables
-                .leaders
-                .insert(topic.clone(), (Instant::now(), leaders));
-            tables.forget_unused();
-        }
+        self.learn(topic, found, asked_at);
     }
 
     /// Refreshes `topic` in the background when its table is older than `age` (one refresh
@@ -341,6 +409,7 @@ mod tests {
             code,
             message: String::new(),
             reason: reason.into(),
+            leader_id: None,
         };
         for kept in [
             status(tonic::Code::ResourceExhausted, "OVERLOADED"),
@@ -382,5 +451,99 @@ mod tests {
         router.tables.write().expect("lock").avoided.clear();
         router.failed(&topic, 0, &status(tonic::Code::Internal, ""));
         assert_eq!(router.leader(&topic, 0), None);
+    }
+
+    /// A broker that answers UNAVAILABLE naming the partition's leader (it no longer leads
+    /// it) is up: the partition's publishes go to the named leader at once, and the broker
+    /// keeps the publishes of the partitions it still leads. Before, the hint was ignored: the
+    /// broker was avoided for 30 s in every partition, whose publishes all went through the
+    /// brokers given (one hop more).
+    #[tokio::test]
+    async fn a_leader_hint_moves_the_partition_and_keeps_the_broker() {
+        let base = Client::connect(["127.0.0.1:1", "127.0.0.1:5"])
+            .await
+            .expect("client");
+        let router = Router::new(base, true);
+        let topic: Arc<str> = Arc::from("t");
+        router.learn(
+            &topic,
+            vec![
+                (0, 1, "127.0.0.1:11".into()),
+                (1, 1, "127.0.0.1:11".into()),
+                (2, 2, "127.0.0.1:12".into()),
+            ],
+            Instant::now(),
+        );
+        let moved = crate::Error::Status {
+            code: tonic::Code::Unavailable,
+            message: "not the leader".into(),
+            reason: "UNAVAILABLE".into(),
+            leader_id: Some(2),
+        };
+        router.failed(&topic, 0, &moved);
+        assert_eq!(router.leader(&topic, 0).as_deref(), Some("127.0.0.1:12"));
+        assert_eq!(
+            router.leader(&topic, 1).as_deref(),
+            Some("127.0.0.1:11"),
+            "the broker that answered still leads partition 1"
+        );
+        // A hint naming a broker whose address is not known: through the brokers given.
+        let unknown = crate::Error::Status {
+            code: tonic::Code::Unavailable,
+            message: "not the leader".into(),
+            reason: "UNAVAILABLE".into(),
+            leader_id: Some(9),
+        };
+        router.failed(&topic, 1, &unknown);
+        assert_eq!(router.leader(&topic, 1), None);
+        assert_eq!(router.leader(&topic, 2).as_deref(), Some("127.0.0.1:12"));
+        // The hint travels in the status's ErrorInfo.
+        let mut details = tonic_types::ErrorDetails::new();
+        details.set_error_info(
+            "UNAVAILABLE",
+            "weft.io",
+            HashMap::from([("leader_id".to_string(), "3".to_string())]),
+        );
+        let status = <tonic::Status as tonic_types::StatusExt>::with_error_details(
+            tonic::Code::Unavailable,
+            "not the leader",
+            details,
+        );
+        match crate::Error::from(status) {
+            crate::Error::Status { leader_id, .. } => assert_eq!(leader_id, Some(3)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A broker avoided after a failure is used again once a refresh asked at least
+    /// [`TRUST_REFRESH_AFTER`] later names it as a leader (it came back, and leads again).
+    /// Before, it stayed avoided for 30 s whatever the cluster said, and its partitions'
+    /// publishes went through the brokers given.
+    #[tokio::test]
+    async fn a_broker_named_leader_by_a_later_refresh_is_used_again() {
+        let base = Client::connect(["127.0.0.1:1", "127.0.0.1:5"])
+            .await
+            .expect("client");
+        let router = Router::new(base, true);
+        let topic: Arc<str> = Arc::from("t");
+        let now = Instant::now();
+        {
+            let mut tables = router.tables.write().expect("lock");
+            tables
+                .avoided
+                .insert("127.0.0.1:11".into(), now - TRUST_REFRESH_AFTER * 2);
+            tables.avoided.insert("127.0.0.1:12".into(), now);
+        }
+        router.learn(
+            &topic,
+            vec![(0, 1, "127.0.0.1:11".into()), (1, 2, "127.0.0.1:12".into())],
+            now,
+        );
+        assert_eq!(router.leader(&topic, 0).as_deref(), Some("127.0.0.1:11"));
+        assert_eq!(
+            router.leader(&topic, 1),
+            None,
+            "a refresh right after the failure may still name a broker that is gone"
+        );
     }
 }

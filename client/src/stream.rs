@@ -88,6 +88,7 @@ fn stream_ended(why: &str) -> Error {
             "not answered: the publish stream ended ({why}); it may or may not have been stored"
         ),
         reason: "STREAM_ENDED".into(),
+        leader_id: None,
     }
 }
 

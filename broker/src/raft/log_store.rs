@@ -71,7 +71,8 @@ pub(super) struct Shared {
     committed: Mutex<CommittedSave>,
     /// Purges wait for a durable snapshot that covers them (see [`LogReader::track_snapshots`]).
     purge_gate: Mutex<PurgeGate>,
-    /// One purge at a time (a deferred one and a later one may otherwise run together).
+    /// One purge at a time (a deferred one and a later one may otherwise run together); an
+    /// append that may wait for one takes it too (`awaits_install`).
     purging: Mutex<()>,
     /// An append that waits for a snapshot install to bring the log to where it goes.
     parked: Mutex<Parked>,
@@ -343,6 +344,12 @@ impl Shared {
     /// waits for the snapshot file, then restarts the log after it; or the install fills the
     /// log up to it). A purge that ran has restarted the log there already.
     fn awaits_install(&self, first: u64) -> Result<bool, StorageError> {
+        // A purge under way (its record on disk, the log not yet restarted after it) ends
+        // first: without the lock, the append would see the purge done and the log not there.
+        let _no_purge = self
+            .purging
+            .lock()
+            .map_err(|_| io_error("purge lock poisoned"))?;
         let Some(purged) = self.last_purged() else {
             return Ok(false);
         };
@@ -673,6 +680,10 @@ impl LogStore {
                 .parked
                 .lock()
                 .map_err(|_| io_error("parked append lock poisoned"))?;
+            if parked.append.is_some() {
+                // openraft waits for each append's callback before the next.
+                return Err(io_error("an append came while another one waits"));
+            }
             if parked.installing || self.shared.awaits_install(first)? {
                 tracing::debug!(
                     group = self.shared.group,
