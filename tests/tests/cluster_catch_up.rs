@@ -392,3 +392,136 @@ async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leade
         "{again:?}"
     );
 }
+
+/// The leadership moves while a wiped replica fills its log with the entries before the
+/// snapshot it was sent: the new leader's entries after the snapshot, and the old leader's
+/// retried snapshot, reach a replica whose log is being written by the filling. openraft 0.9
+/// holds every later command of the group (appends included) until the install is answered,
+/// so the replica still ends up with every record the leader keeps, in order, and nothing
+/// fails on the way (no append that does not continue the log, no filling given up). A test
+/// hook slows the filling down so that the leadership moves during it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leadership_change_while_a_wiped_replica_fills_its_log_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "retention_check_interval_ms = 200\nsnapshot_interval_bytes = 1048576\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let mut brokers = start_cluster_with(3, &["--config", &config]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"wipe","partitions":1,"segment_bytes":1048576,"retention_bytes":4194304,"max_message_bytes":262144}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of_0(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await as usize;
+    publish(&brokers[leader - 1].client_addr.clone(), 0, 1600).await;
+    wait_for("retention to purge", Duration::from_secs(30), || {
+        let address = brokers[leader - 1].client_addr.clone();
+        async move {
+            offsets(&address, "wipe", 0, None)
+                .await
+                .ok()
+                .filter(|b| b.log_start_offset > 0)
+        }
+    })
+    .await;
+    // Node 3 loses its data; node 1 leads while it catches up, then hands over to node 2.
+    if leader != 1 {
+        let (status, body) = brokers[0].http(
+            "POST",
+            "/v1/topics/wipe/partitions/0/leader",
+            Some(r#"{"node_id":1}"#),
+        );
+        assert_eq!(status, 200, "{body}");
+        wait_for("node 1 to lead", Duration::from_secs(30), || {
+            let l = leader_of_0(&brokers[0]);
+            async move { (l == 1).then_some(()) }
+        })
+        .await;
+    }
+    let wiped = 2;
+    brokers[wiped].kill9();
+    std::fs::remove_dir_all(brokers[wiped].data_dir()).expect("wipe");
+    brokers[wiped].set_env("WEFT_TEST_BACKFILL_DELAY_MS", "2000");
+    brokers[wiped].start_again_same_ports();
+    wait_for(
+        "the wiped replica to fill its log",
+        Duration::from_secs(60),
+        || {
+            let filling = brokers[wiped].log().contains("WEFT_TEST_BACKFILL_DELAY_MS");
+            async move { filling.then_some(()) }
+        },
+    )
+    .await;
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics/wipe/partitions/0/leader",
+        Some(r#"{"node_id":2}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let new_leader = brokers[1].client_addr.clone();
+    publish(&new_leader, 1600, 1700).await;
+
+    let wiped_address = brokers[wiped].client_addr.clone();
+    let caught_up = wait_for(
+        "the wiped replica to catch up",
+        Duration::from_secs(60),
+        || {
+            let address = wiped_address.clone();
+            async move {
+                offsets(&address, "wipe", 0, None)
+                    .await
+                    .ok()
+                    .filter(|b| b.high_watermark >= 1700)
+            }
+        },
+    )
+    .await;
+    let log = brokers[wiped].log();
+    let filled_at = log
+        .lines()
+        .find(|l| l.contains("fetched the entries before the installed snapshot"))
+        .and_then(|l| l.split(' ').next().map(str::to_string))
+        .expect("the filling ended");
+    let moved_at = brokers[1]
+        .log()
+        .lines()
+        .find(|l| l.contains("partition leader elected") && l.contains("leader=2"))
+        .and_then(|l| l.split(' ').next().map(str::to_string))
+        .expect("node 2 leads");
+    assert!(
+        moved_at < filled_at,
+        "the leadership moved at {moved_at}, not before the filling ended at {filled_at}"
+    );
+    assert!(
+        !log.contains("does not continue the log") && !log.contains("cannot fetch the entries"),
+        "the append failed, or the filling gave up:\n{log}"
+    );
+    let on_leader = offsets(&new_leader, "wipe", 0, None)
+        .await
+        .expect("leader offsets");
+    let per_segment = (1048576 / RECORD) as u64;
+    assert!(
+        caught_up.log_start_offset <= on_leader.log_start_offset + per_segment,
+        "the wiped replica starts at {} but the leader keeps from {}",
+        caught_up.log_start_offset,
+        on_leader.log_start_offset
+    );
+    let read = fetch_range(&wiped_address, "wipe", 0, caught_up.log_start_offset, 1700).await;
+    assert_eq!(read.len() as u64, 1700 - caught_up.log_start_offset);
+    for (offset, value) in &read {
+        assert_eq!(
+            &value[..8],
+            format!("{offset:08}").as_bytes(),
+            "offset {offset}"
+        );
+    }
+}

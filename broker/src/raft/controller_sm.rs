@@ -1133,23 +1133,12 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let installed = async {
-            let state = decode(&data).map_err(sm_error)?;
-            let persisted = self.persist(&state, data).await?;
-            self.shared.state.send_replace(Arc::new(state));
-            // Now openraft's purge through the snapshot may run (and restart the log after
-            // it: an append of the entries after the snapshot that came meanwhile then goes
-            // on).
-            self.report_snapshot(&persisted.meta).await
-        }
-        .await;
-        if installed.is_err()
-            && let Some(reader) = self.shared.reader.get()
-        {
-            // An append waiting for the purge fails with the install.
-            reader.end_install(false);
-        }
-        installed
+        let state = decode(&data).map_err(sm_error)?;
+        let persisted = self.persist(&state, data).await?;
+        self.shared.state.send_replace(Arc::new(state));
+        // Now openraft's purge through the snapshot may run.
+        self.report_snapshot(&persisted.meta).await?;
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {

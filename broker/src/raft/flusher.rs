@@ -22,7 +22,10 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use super::log_store::{Done, Shared};
+use openraft::storage::LogFlushed;
+
+use super::TypeConfig;
+use super::log_store::Shared;
 
 /// Most fdatasyncs run at the same time in one round.
 pub(super) const SYNCS_IN_PARALLEL_MAX: usize = 8;
@@ -43,7 +46,7 @@ pub enum SyncMode {
 
 struct Request {
     shared: Arc<Shared>,
-    callback: Done,
+    callback: LogFlushed<TypeConfig>,
 }
 
 /// The handle to a node's flusher thread. Cloned into every group's log store; the thread ends
@@ -74,7 +77,11 @@ impl Flusher {
 
     /// Asks for `shared`'s pending entries to be written and made durable; `callback` is
     /// completed when they are (or when that failed).
-    pub(super) fn flush(&self, shared: Arc<Shared>, callback: Done) -> Result<(), String> {
+    pub(super) fn flush(
+        &self,
+        shared: Arc<Shared>,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), String> {
         self.requests
             .send(Request { shared, callback })
             .map_err(|_| "the flusher has stopped".to_string())
@@ -196,7 +203,9 @@ fn round(
                 "log write or sync failed: {e}"
             );
         }
-        (request.callback)(outcome.map_err(std::io::Error::other));
+        request
+            .callback
+            .log_io_completed(outcome.map_err(std::io::Error::other));
     }
     if !to_sync.is_empty() {
         metrics::counter!("weft_flush_rounds_total").increment(1);

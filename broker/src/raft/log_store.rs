@@ -71,50 +71,8 @@ pub(super) struct Shared {
     committed: Mutex<CommittedSave>,
     /// Purges wait for a durable snapshot that covers them (see [`LogReader::track_snapshots`]).
     purge_gate: Mutex<PurgeGate>,
-    /// One purge at a time (a deferred one and a later one may otherwise run together); an
-    /// append that may wait for one takes it too (`awaits_install`).
+    /// One purge at a time (a deferred one and a later one may otherwise run together).
     purging: Mutex<()>,
-    /// An append that waits for a snapshot install to bring the log to where it goes.
-    parked: Mutex<Parked>,
-}
-
-/// Completes an append once its entries are durable (or failed): openraft's flush callback.
-pub(super) type Done = Box<dyn FnOnce(std::io::Result<()>) + Send>;
-
-/// An append that comes while a snapshot install has not yet brought the log to the entry
-/// after the snapshot (see [`LogStore::append_entries`]).
-///
-/// openraft 0.9 takes an installed snapshot as the end of the log as soon as it hands the
-/// snapshot to the state machine: a leader elected meanwhile sends the entries after it at
-/// once, while the state machine may still be filling the log with the entries before the
-/// snapshot, fetched from another replica (`PartitionStateMachine::install_snapshot`), or
-/// before the purge through the snapshot restarted the log after it. Such an append waits here,
-/// its entries not yet stamped with offsets (the snapshot says where they start), and goes to
-/// the flusher once the log reaches it. openraft waits for each append's callback before the
-/// next, so at most one waits.
-#[derive(Default)]
-struct Parked {
-    /// A snapshot install is filling or restarting the log: appends wait for it to end.
-    installing: bool,
-    /// The waiting append: its entries, the flusher to hand them to, its completion.
-    append: Option<(Vec<Entry>, Flusher, Done)>,
-    /// Since when it waits.
-    since: Option<std::time::Instant>,
-}
-
-impl Debug for Parked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Parked")
-            .field("installing", &self.installing)
-            .field(
-                "append",
-                &self
-                    .append
-                    .as_ref()
-                    .and_then(|(e, _, _)| e.first().map(|e| e.log_id.index)),
-            )
-            .finish()
-    }
 }
 
 /// Purges held back until the state machine's snapshot file covers them.
@@ -338,124 +296,6 @@ impl Shared {
         }
     }
 
-    /// Whether an append starting at entry `first` must wait for a snapshot install: the
-    /// log (written and pending) ends before it, and the entries in between are purged in
-    /// memory only, by the purge through a snapshot that is still being installed (the purge
-    /// waits for the snapshot file, then restarts the log after it; or the install fills the
-    /// log up to it). A purge that ran has restarted the log there already.
-    fn awaits_install(&self, first: u64) -> Result<bool, StorageError> {
-        // A purge under way (its record on disk, the log not yet restarted after it) ends
-        // first: without the lock, the append would see the purge done and the log not there.
-        let _no_purge = self
-            .purging
-            .lock()
-            .map_err(|_| io_error("purge lock poisoned"))?;
-        let Some(purged) = self.last_purged() else {
-            return Ok(false);
-        };
-        if purged.index + 1 != first
-            || !self
-                .pending
-                .lock()
-                .map_err(|_| io_error("pending entries lock poisoned"))?
-                .is_empty()
-        {
-            return Ok(false);
-        }
-        let on_disk = self.purged_on_disk.lock().map(|p| *p).unwrap_or(None);
-        let end = self.log()?.end().next_index;
-        Ok(end < first && on_disk < Some(purged))
-    }
-
-    /// Stamps `entries` with their offsets, after the pending ones or the log's end, and
-    /// adds them to the pending ones (the flusher writes them).
-    fn queue(&self, entries: Vec<Entry>) -> Result<(), StorageError> {
-        let mut pending = self
-            .pending
-            .lock()
-            .map_err(|_| io_error("pending entries lock poisoned"))?;
-        // Where the next entry goes: after the pending ones, or the log's end.
-        let mut next = match pending.back().and_then(|e| e.last()) {
-            Some(b) => LogPosition {
-                next_offset: b.header().next_offset(),
-                next_index: b.header().index + 1,
-            },
-            None => self.log()?.end(),
-        };
-        let mut stamped = Vec::new();
-        for entry in entries {
-            if entry.log_id.index != next.next_index {
-                if !pending.is_empty() || !stamped.is_empty() || self.log()?.first_index().is_some()
-                {
-                    return Err(io_error(&format!(
-                        "append of entry {} does not continue the log at {}",
-                        entry.log_id.index, next.next_index
-                    )));
-                }
-                // An empty log (new, or purged past its end) starts wherever Raft says.
-                next.next_index = entry.log_id.index;
-                let restart = next;
-                self.log_mut()?
-                    .reset(restart)
-                    .map_err(|e| write_error(&e))?;
-            }
-            let index = entry.log_id.index;
-            let batches = to_batches(entry, next.next_offset)?;
-            next = LogPosition {
-                next_offset: batches
-                    .last()
-                    .map_or(next.next_offset, |b| b.header().next_offset()),
-                next_index: index + 1,
-            };
-            stamped.push(batches);
-        }
-        if let Some(last) = stamped.last().and_then(|e| e.first()) {
-            self.set_last_log_id(Some(log_id_of(last)));
-        }
-        pending.extend(stamped);
-        Ok(())
-    }
-
-    /// Hands the append that waited for a snapshot install to the flusher once the log
-    /// reaches it (the install over, the purge through the snapshot done); a no-op otherwise.
-    fn resume_parked(self: &Arc<Self>) {
-        let Ok(mut parked) = self.parked.lock() else {
-            return;
-        };
-        if parked.installing {
-            return;
-        }
-        let Some((entries, flusher, done)) = parked.append.take() else {
-            return;
-        };
-        parked.since = None;
-        let first = entries.first().map_or(0, |e| e.log_id.index);
-        match self.awaits_install(first) {
-            Ok(false) => {}
-            Ok(true) => {
-                parked.append = Some((entries, flusher, done));
-                parked.since = Some(std::time::Instant::now());
-                return;
-            }
-            Err(e) => {
-                done(Err(std::io::Error::other(e.to_string())));
-                return;
-            }
-        }
-        tracing::debug!(group = self.group, first, "the append that waited goes on");
-        if let Err(e) = self.queue(entries) {
-            done(Err(std::io::Error::other(e.to_string())));
-            return;
-        }
-        if let Err(e) = flusher.flush(self.clone(), done) {
-            // The callback went with the request: openraft sees it dropped, a failed write.
-            tracing::warn!(
-                group = self.group,
-                "cannot hand an append to the flusher: {e}"
-            );
-        }
-    }
-
     /// Entries `start .. end`: from the log, then from the pending ones not yet written.
     fn read(&self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
         self.read_limited(start, end, usize::MAX)
@@ -655,52 +495,6 @@ fn catch_up_budget() -> Arc<tokio::sync::Semaphore> {
 }
 
 impl LogStore {
-    /// openraft's append: stamps the entries' offsets, keeps them pending (readable at once)
-    /// and hands them to the flusher, which calls `done` once they are durable. An append
-    /// that follows a snapshot install the log has not caught up with yet waits for it first
-    /// (see [`Parked`]).
-    pub(super) fn append_entries(
-        &self,
-        entries: Vec<Entry>,
-        done: Done,
-    ) -> Result<(), StorageError> {
-        let last_purged = self.shared.last_purged().map(|p| p.index);
-        // Purged already: they could never be read, so they are not stored.
-        let entries: Vec<Entry> = entries
-            .into_iter()
-            .filter(|e| last_purged.is_none_or(|p| e.log_id.index > p))
-            .collect();
-        let Some(first) = entries.first().map(|e| e.log_id.index) else {
-            done(Ok(()));
-            return Ok(());
-        };
-        {
-            let mut parked = self
-                .shared
-                .parked
-                .lock()
-                .map_err(|_| io_error("parked append lock poisoned"))?;
-            if parked.append.is_some() {
-                // openraft waits for each append's callback before the next.
-                return Err(io_error("an append came while another one waits"));
-            }
-            if parked.installing || self.shared.awaits_install(first)? {
-                tracing::debug!(
-                    group = self.shared.group,
-                    first,
-                    "an append waits for a snapshot install to reach it"
-                );
-                parked.append = Some((entries, self.flusher.clone(), done));
-                parked.since = Some(std::time::Instant::now());
-                return Ok(());
-            }
-        }
-        self.shared.queue(entries)?;
-        self.flusher
-            .flush(self.shared.clone(), done)
-            .map_err(|e| io_error(&e))
-    }
-
     /// Wraps an opened log; `flusher` makes its appends durable.
     pub fn new(
         group: GroupId,
@@ -744,7 +538,6 @@ impl LogStore {
             committed: Mutex::default(),
             purge_gate: Mutex::default(),
             purging: Mutex::new(()),
-            parked: Mutex::default(),
         });
         Ok(LogStore { shared, flusher })
     }
@@ -885,46 +678,6 @@ impl LogReader {
         if let Ok(mut keep) = self.shared.keep_through.lock() {
             *keep = Some(index);
         }
-    }
-
-    /// A snapshot install is about to fill or restart the log: appends wait until
-    /// [`LogReader::end_install`].
-    pub fn begin_install(&self) {
-        if let Ok(mut parked) = self.shared.parked.lock() {
-            parked.installing = true;
-        }
-    }
-
-    /// How long an append has been waiting for the snapshot install, if one waits: the
-    /// group's Raft core waits with it (it answers no one meanwhile).
-    pub fn append_waiting_for(&self) -> Option<Duration> {
-        self.shared
-            .parked
-            .lock()
-            .ok()
-            .and_then(|p| p.since)
-            .map(|since| since.elapsed())
-    }
-
-    /// The snapshot install is over (`ok`: the log ends where the snapshot resumes): the
-    /// append that waited goes on, or fails with the install.
-    pub fn end_install(&self, ok: bool) {
-        let failed = match self.shared.parked.lock() {
-            Ok(mut parked) => {
-                parked.installing = false;
-                if ok {
-                    None
-                } else {
-                    parked.since = None;
-                    parked.append.take()
-                }
-            }
-            Err(_) => None,
-        };
-        if let Some((_, _, done)) = failed {
-            done(Err(std::io::Error::other("the snapshot install failed")));
-        }
-        self.shared.resume_parked();
     }
 
     /// Changes when appends become durable: fsync before the flush callback, or every interval.
@@ -1158,10 +911,63 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        self.append_entries(
-            entries.into_iter().collect(),
-            Box::new(move |outcome| callback.log_io_completed(outcome)),
-        )
+        let last_purged = self.shared.last_purged().map(|p| p.index);
+        let mut stamped = Vec::new();
+        {
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .map_err(|_| io_error("pending entries lock poisoned"))?;
+            // Where the next entry goes: after the pending ones, or the log's end.
+            let mut next = match pending.back().and_then(|e| e.last()) {
+                Some(b) => LogPosition {
+                    next_offset: b.header().next_offset(),
+                    next_index: b.header().index + 1,
+                },
+                None => self.shared.log()?.end(),
+            };
+            for entry in entries {
+                if last_purged.is_some_and(|p| entry.log_id.index <= p) {
+                    // Purged already: it could never be read, so it is not stored.
+                    continue;
+                }
+                if entry.log_id.index != next.next_index {
+                    if !pending.is_empty() || self.shared.log()?.first_index().is_some() {
+                        return Err(io_error(&format!(
+                            "append of entry {} does not continue the log at {}",
+                            entry.log_id.index, next.next_index
+                        )));
+                    }
+                    // An empty log (new, or purged past its end) starts wherever Raft says.
+                    next.next_index = entry.log_id.index;
+                    let restart = next;
+                    self.shared
+                        .log_mut()?
+                        .reset(restart)
+                        .map_err(|e| write_error(&e))?;
+                }
+                let index = entry.log_id.index;
+                let batches = to_batches(entry, next.next_offset)?;
+                next = LogPosition {
+                    next_offset: batches
+                        .last()
+                        .map_or(next.next_offset, |b| b.header().next_offset()),
+                    next_index: index + 1,
+                };
+                stamped.push(batches);
+            }
+            let Some(last) = stamped.last().and_then(|e| e.first()) else {
+                drop(pending);
+                callback.log_io_completed(Ok(()));
+                return Ok(());
+            };
+            self.shared.set_last_log_id(Some(log_id_of(last)));
+            pending.extend(stamped);
+        }
+        self.flusher
+            .flush(self.shared.clone(), callback)
+            .map_err(|e| io_error(&e))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -1242,16 +1048,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 impl Shared {
-    /// Purges the log through `log_id` (see [`LogStore::purge`]), then lets an append that
-    /// waited for it go on.
-    fn purge_now(self: &Arc<Self>, log_id: LogId) -> Result<(), StorageError> {
-        let purged = self.purge_through(log_id);
-        self.resume_parked();
-        purged
-    }
-
-    /// Purges the log through `log_id`; nothing when it is purged that far already.
-    fn purge_through(&self, log_id: LogId) -> Result<(), StorageError> {
+    /// Purges the log through `log_id` (see [`LogStore::purge`]); nothing when it is purged
+    /// that far already.
+    fn purge_now(&self, log_id: LogId) -> Result<(), StorageError> {
         let _one = self
             .purging
             .lock()
@@ -1441,52 +1240,6 @@ mod tests {
             store.read_vote().await.expect("read"),
             Some(Vote::new(8, 2))
         );
-    }
-
-    /// The controller's install: openraft purges through the snapshot (held back until the
-    /// snapshot file is written) and appends the entry after it before the purge restarted
-    /// the log there. Before, that append failed ("does not continue the log") and stopped the
-    /// group; now it waits for the purge and goes on after it.
-    #[tokio::test]
-    async fn an_append_after_a_purge_held_back_waits_for_the_purge() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (mut store, reader) = reader_of(log_of(dir.path(), 5, 10), 1 << 20);
-        reader.track_snapshots(Some(5));
-        let last = LogId::new(CommittedLeaderId::new(2, 0), 100);
-        store.purge(last).await.expect("purge");
-        let (tx, mut appended) = tokio::sync::oneshot::channel();
-        let entry = Entry {
-            log_id: LogId::new(CommittedLeaderId::new(2, 0), 101),
-            payload: EntryPayload::Blank,
-        };
-        store
-            .append_entries(
-                vec![entry],
-                Box::new(move |outcome| {
-                    let _ = tx.send(outcome);
-                }),
-            )
-            .expect("append");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(appended.try_recv().is_err(), "durable before the purge ran");
-        // The snapshot is written: the purge runs and restarts the log after it.
-        let r = reader.clone();
-        tokio::task::spawn_blocking(move || r.snapshot_persisted(100))
-            .await
-            .expect("joins")
-            .expect("purge");
-        tokio::time::timeout(Duration::from_secs(10), appended)
-            .await
-            .expect("the append goes on after the purge")
-            .expect("answer")
-            .expect("durable");
-        assert_eq!(
-            reader.with_log(|log| log.end().next_index).expect("log"),
-            102
-        );
-        let read = store.shared.read(101, 102).expect("read");
-        assert_eq!(read.len(), 1);
-        assert_eq!(read[0].log_id.index, 101);
     }
 
     /// The committed index is saved at most once a second; one that comes sooner is saved by

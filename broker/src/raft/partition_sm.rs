@@ -30,11 +30,6 @@ use super::{GroupId, Peers};
 const BACKFILL_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// Deadline of one such call.
 const BACKFILL_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Longest an append of the entries after the snapshot waits for the filling (a leader elected
-/// during the install sends them at once, and the group's Raft core waits with its append,
-/// answering no votes or heartbeats): past it, the filling stops and the replica starts after
-/// the snapshot, without the older records (the other replicas keep them).
-const BACKFILL_YIELD_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Batches remembered per producer for answering retries (as Kafka does). The broker refuses a
 /// producer more publishes in flight than this (see `SequenceCheck::Gap` and the client's
@@ -344,6 +339,17 @@ impl PartitionStateMachine {
     /// Fills the log, emptied, with the entries before the snapshot at `next` that `node` (at
     /// `address`) still holds, from its first one: the records a replica needs to hold
     /// everything the partition retains. Ends with the log at `next`, durable.
+    ///
+    /// Nothing else writes the log meanwhile: openraft 0.9 answers the install only once the
+    /// state machine has installed the snapshot (`Command::Respond` under
+    /// `Condition::StateMachineCommand`), and runs none of the group's later commands before
+    /// that answer, so an append of the entries after the snapshot (a leader elected during
+    /// the install sends them at once) waits until this returns. The group answers no one
+    /// meanwhile either (votes and heartbeats wait too): a long filling keeps this replica out
+    /// of elections for its length.
+    ///
+    /// `WEFT_TEST_BACKFILL_DELAY_MS`: a test hook that makes each fetch wait that long first
+    /// (a filling long enough for a leader change).
     async fn backfill(
         &self,
         peers: &Peers,
@@ -357,13 +363,13 @@ impl PartitionStateMachine {
         let mut started = false;
         let mut fetched = 0u64;
         while cursor < next.next_index {
-            if let Some(waited) = reader.append_waiting_for()
-                && waited > BACKFILL_YIELD_AFTER
-            {
-                metrics::counter!("weft_backfills_given_up_total").increment(1);
-                return Err(format!(
-                    "a leader's append has waited {waited:?} for it; given up at index {cursor}"
-                ));
+            if let Some(delay) = crate::test_hook_ms("WEFT_TEST_BACKFILL_DELAY_MS") {
+                tracing::warn!(
+                    group = group_id,
+                    ?delay,
+                    "WEFT_TEST_BACKFILL_DELAY_MS: fetching the next entries before the snapshot later"
+                );
+                tokio::time::sleep(delay).await;
             }
             let request = weft_proto::internal::v1::ReadLogRequest {
                 group_id,
@@ -665,29 +671,6 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         meta: &SnapshotMeta<NodeId, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        let installed = self.install(meta, snapshot).await;
-        // An append that came meanwhile (a leader elected during the install sends the
-        // entries after the snapshot at once) goes on now, from where the log ends.
-        self.shared.reader.end_install(installed.is_ok());
-        installed
-    }
-
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
-        Ok(current.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
-    }
-}
-
-impl PartitionStateMachine {
-    /// Installs a snapshot sent by the leader (see `install_snapshot`).
-    async fn install(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let state = decode(&data).map_err(sm_error)?;
         if state.last_applied != meta.last_log_id {
@@ -710,10 +693,6 @@ impl PartitionStateMachine {
             let end = log.end();
             end.next_index < next.next_index || (end.next_index == next.next_index && end != next)
         })?;
-        if behind {
-            // Appends wait until the log ends where the snapshot resumes.
-            self.shared.reader.begin_install();
-        }
         // The snapshot file first: a crash before the log below is filled or restarted leaves
         // a log that ends before the snapshot, filled again at the next open
         // (`fill_missing_tail`). The other way round, it left a log restarted after a state
@@ -774,6 +753,14 @@ impl PartitionStateMachine {
         self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
         self.shared.high_watermark.send_replace(high_watermark);
         Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
+        Ok(current.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 
@@ -1057,115 +1044,6 @@ mod tests {
                 next_index: 7099
             }
         );
-    }
-
-    /// Entry `index` of term 3: one batch of one record of `bytes`.
-    fn record_entry(index: u64, bytes: usize) -> crate::raft::Entry {
-        let mut records = weft_storage::BatchBuilder::new();
-        records.push(0, b"", &vec![5u8; bytes], []);
-        let batch = records.seal(0, 0, 0, weft_storage::ProducerInfo::default());
-        openraft::Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 0), index),
-            payload: openraft::EntryPayload::Normal(crate::raft::Command::Records(vec![
-                batch.bytes().clone(),
-            ])),
-        }
-    }
-
-    /// Hands `entries` to the store; the receiver answers once they are durable.
-    fn append(
-        store: &crate::raft::LogStore,
-        entries: Vec<crate::raft::Entry>,
-    ) -> Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>, StorageError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        store.append_entries(
-            entries,
-            Box::new(move |outcome| {
-                let _ = tx.send(outcome);
-            }),
-        )?;
-        Ok(rx)
-    }
-
-    /// openraft 0.9 takes a snapshot it installs as the end of the log as soon as it hands it
-    /// to the state machine, and purges through it: a leader elected meanwhile sends the
-    /// entries after it at once, while the install is still filling or restarting the log.
-    /// Before, such an append was stamped where the log ended then: over an empty log it was
-    /// stored at offset 0 and acknowledged, then wiped when the install restarted the log (an
-    /// acknowledged entry lost); over a log holding older entries it failed ("does not continue
-    /// the log") and stopped the group. Now it waits for the install and goes on from where
-    /// the snapshot resumes.
-    #[tokio::test]
-    async fn an_append_during_a_snapshot_install_waits_for_it() {
-        use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
-        for older_entries in [0u64, 5] {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let meta = crate::meta::Metadata::new(Arc::new(
-                weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
-            ));
-            let (mut store, reader, mut sm) = open_partition(dir.path(), &meta);
-            if older_entries > 0 {
-                let entries = (0..older_entries).map(|i| record_entry(i, 100)).collect();
-                append(&store, entries)
-                    .expect("append")
-                    .await
-                    .expect("answer")
-                    .expect("durable");
-            }
-            // The install begins: openraft purges through the snapshot, then appends the
-            // entry after it for a new leader.
-            let last = LogId::new(openraft::CommittedLeaderId::new(3, 0), 7098);
-            store.purge(last).await.expect("purge");
-            let mut appended = append(&store, vec![record_entry(7099, 200)])
-                .unwrap_or_else(|e| panic!("log of {older_entries}: append: {e}"));
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            assert!(
-                appended.try_recv().is_err(),
-                "log of {older_entries}: the append is durable before the install is done"
-            );
-            assert!(
-                reader
-                    .append_waiting_for()
-                    .is_some_and(|w| w >= std::time::Duration::from_millis(200)),
-                "log of {older_entries}: the filling sees the append waiting"
-            );
-            let state = PartitionState {
-                last_applied: Some(last),
-                high_watermark: 13_594,
-                ..PartitionState::default()
-            };
-            let bytes = encode(&state).expect("encode");
-            sm.install_snapshot(&meta_of(&state), Box::new(Cursor::new(bytes)))
-                .await
-                .expect("install");
-            tokio::time::timeout(std::time::Duration::from_secs(10), appended)
-                .await
-                .expect("the append goes on after the install")
-                .expect("answer")
-                .expect("durable");
-            assert_eq!(reader.append_waiting_for(), None);
-            let end = reader.with_log(|log| log.end()).expect("log");
-            assert_eq!(
-                end.next_index, 7100,
-                "log of {older_entries}: the log holds the entry after the snapshot"
-            );
-            let read = store
-                .get_log_reader()
-                .await
-                .try_get_log_entries(7099..7100)
-                .await
-                .expect("read");
-            assert_eq!(read.len(), 1, "log of {older_entries}");
-            let first = reader
-                .with_log(|log| log.read_entries(7099, 7100, 1))
-                .expect("log")
-                .expect("read");
-            assert_eq!(
-                first[0].header().base_offset,
-                13_594,
-                "log of {older_entries}: the entry starts where the snapshot resumes"
-            );
-        }
     }
 
     /// openraft builds snapshots on a task of their own: a build that started before an
