@@ -898,7 +898,16 @@ impl Node {
         if let Err(violation) = crate::topic::validate_name(name) {
             return Err(BrokerError::invalid(field, violation.description));
         }
-        self.metadata_current()?;
+        // Without the controller's leader as a hint: a call about a topic's partition would
+        // take it for the partition's leader (the producer goes straight to the node a hint
+        // names).
+        self.metadata_current().map_err(|e| match e {
+            BrokerError::Unavailable { reason, .. } => BrokerError::Unavailable {
+                reason,
+                leader: None,
+            },
+            other => other,
+        })?;
         self.controller_state()
             .topics
             .get(name)

@@ -41,8 +41,10 @@ pub enum Error {
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
         let info = status.get_details_error_info();
+        // Only a Weft broker's hint (a proxy in between may answer with details of its own).
         let leader_id = info
             .as_ref()
+            .filter(|i| i.domain == "weft.dev")
             .and_then(|i| i.metadata.get("leader_id"))
             .and_then(|id| id.parse::<u64>().ok())
             .filter(|id| *id != 0);

@@ -785,7 +785,21 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                                 Err(e) => pending.push((n, Some(e))),
                             }
                         }
-                        next_sequence = resend(&publish, &answer, config, &topic, partition, pending, &mut epoch, next_sequence).await;
+                        // Each retry's failure moves the route too: a retry that finds the
+                        // broker it went to gone (a leader hint naming a broker that died, say)
+                        // goes elsewhere next time.
+                        let publish_again = |n: &Numbered| {
+                            let sent = publish(n);
+                            let topic = &topic;
+                            async move {
+                                let result = sent.await;
+                                if let Err(error) = &result {
+                                    router.failed(topic, partition, error);
+                                }
+                                result
+                            }
+                        };
+                        next_sequence = resend(&publish_again, &answer, config, &topic, partition, pending, &mut epoch, next_sequence).await;
                     }
                 }
                 // Every batch not in the window has been answered (a resend answers all it took).

@@ -19,9 +19,12 @@ const REFRESH_AFTER_FAILURE: Duration = Duration::from_millis(500);
 /// to the brokers the client was given meanwhile, which forward them).
 const AVOID_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// A leader address avoided at least this long is used again as soon as a refresh asked after
-/// that names it as a leader (the broker came back and leads again; earlier, the cluster may
-/// still name a broker that is gone, until it has elected another leader).
+/// that names it as a leader and the broker answers a probe from this client (it came back and
+/// leads again; earlier, the cluster may still name a broker that is gone, until it has
+/// elected another leader).
 const TRUST_REFRESH_AFTER: Duration = Duration::from_secs(5);
+/// Deadline of that probe.
+const PROBE_DEADLINE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct Tables {
@@ -252,11 +255,17 @@ impl Router {
     }
 
     /// Takes in `topic`'s leaders as a refresh asked at `asked_at` found them: (partition,
-    /// leader node id, its client address). An address avoided since at least
-    /// [`TRUST_REFRESH_AFTER`] before the question, and named as a leader, is used again.
-    fn learn(&self, topic: &Arc<str>, found: Vec<(u32, u64, String)>, asked_at: Instant) {
+    /// leader node id, its client address). Returns the avoided addresses to probe: avoided
+    /// since at least [`TRUST_REFRESH_AFTER`] before the question, and named as a leader (the
+    /// cluster says it leads; whether this client reaches it, a probe says).
+    fn learn(
+        &self,
+        topic: &Arc<str>,
+        found: Vec<(u32, u64, String)>,
+        asked_at: Instant,
+    ) -> Vec<String> {
         let Ok(mut tables) = self.tables.write() else {
-            return;
+            return Vec::new();
         };
         for (_, node, address) in &found {
             tables.nodes.insert(*node, address.clone());
@@ -265,14 +274,34 @@ impl Router {
             .into_iter()
             .map(|(partition, _, address)| (partition, address))
             .collect();
-        tables.avoided.retain(|address, at| {
-            let named = leaders.values().any(|a| a == address);
-            !(named && asked_at.saturating_duration_since(*at) >= TRUST_REFRESH_AFTER)
-        });
+        let probe: Vec<String> = tables
+            .avoided
+            .iter()
+            .filter(|(address, at)| {
+                leaders.values().any(|a| a == *address)
+                    && asked_at.saturating_duration_since(**at) >= TRUST_REFRESH_AFTER
+            })
+            .map(|(address, _)| address.clone())
+            .collect();
         tables
             .leaders
             .insert(topic.clone(), (Instant::now(), leaders));
         tables.forget_unused();
+        probe
+    }
+
+    /// Uses `address` again if it answers a WhoAmI within [`PROBE_DEADLINE`] and has not
+    /// failed again since `asked_at`.
+    async fn probe(&self, address: String, asked_at: Instant) {
+        let client = self.client_at(Some(address.clone()));
+        let answered = tokio::time::timeout(PROBE_DEADLINE, client.who_am_i())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if answered && let Ok(mut tables) = self.tables.write() {
+            tables
+                .avoided
+                .retain(|a, at| a != &address || *at > asked_at);
+        }
     }
 
     /// Asks for `topic`'s leaders now and waits for the answer (a failure keeps the table).
@@ -294,7 +323,9 @@ impl Router {
             .filter(|p| p.leader_id != 0 && !p.leader_address.is_empty())
             .map(|p| (p.partition, p.leader_id, p.leader_address))
             .collect();
-        self.learn(topic, found, asked_at);
+        for address in self.learn(topic, found, asked_at) {
+            self.probe(address, asked_at).await;
+        }
     }
 
     /// Refreshes `topic` in the background when its table is older than `age` (one refresh
@@ -501,7 +532,7 @@ mod tests {
         let mut details = tonic_types::ErrorDetails::new();
         details.set_error_info(
             "UNAVAILABLE",
-            "weft.io",
+            "weft.dev",
             HashMap::from([("leader_id".to_string(), "3".to_string())]),
         );
         let status = <tonic::Status as tonic_types::StatusExt>::with_error_details(
@@ -515,10 +546,10 @@ mod tests {
         }
     }
 
-    /// A broker avoided after a failure is used again once a refresh asked at least
-    /// [`TRUST_REFRESH_AFTER`] later names it as a leader (it came back, and leads again).
-    /// Before, it stayed avoided for 30 s whatever the cluster said, and its partitions'
-    /// publishes went through the brokers given.
+    /// A broker avoided after a failure is probed once a refresh asked at least
+    /// [`TRUST_REFRESH_AFTER`] later names it as a leader (it came back, and leads again), and
+    /// used again if it answers. Before, it stayed avoided for 30 s whatever the cluster said,
+    /// and its partitions' publishes went through the brokers given.
     #[tokio::test]
     async fn a_broker_named_leader_by_a_later_refresh_is_used_again() {
         let base = Client::connect(["127.0.0.1:1", "127.0.0.1:5"])
@@ -534,16 +565,18 @@ mod tests {
                 .insert("127.0.0.1:11".into(), now - TRUST_REFRESH_AFTER * 2);
             tables.avoided.insert("127.0.0.1:12".into(), now);
         }
-        router.learn(
+        let probe = router.learn(
             &topic,
             vec![(0, 1, "127.0.0.1:11".into()), (1, 2, "127.0.0.1:12".into())],
             now,
         );
-        assert_eq!(router.leader(&topic, 0).as_deref(), Some("127.0.0.1:11"));
         assert_eq!(
-            router.leader(&topic, 1),
-            None,
+            probe,
+            ["127.0.0.1:11"],
             "a refresh right after the failure may still name a broker that is gone"
         );
+        // A broker that does not answer stays avoided.
+        router.probe("127.0.0.1:11".into(), now).await;
+        assert_eq!(router.leader(&topic, 0), None);
     }
 }
