@@ -159,8 +159,14 @@ impl Node {
                 "node {node} is the last broker that could hold the replicas"
             )));
         }
+        // Checked again when applied, once every broker reads the check: two removals asked
+        // at once would otherwise both pass the check above and leave no broker.
+        let keep_one = state.behind(crate::raft::LAST_BROKER_CHECK_LEVEL).is_none();
         match self
-            .propose(ControllerCommand::SetRemoving { node_id: node })
+            .propose(ControllerCommand::SetRemoving {
+                node_id: node,
+                keep_one,
+            })
             .await?
         {
             ControllerResponse::Registered => {}
@@ -279,7 +285,10 @@ impl Node {
             .filter(|(id, b)| !b.removing && !self.is_controller_member(**id))
         {
             match self
-                .propose(ControllerCommand::SetRemoving { node_id: *node })
+                .propose(ControllerCommand::SetRemoving {
+                    node_id: *node,
+                    keep_one: false,
+                })
                 .await
             {
                 Ok(_) => tracing::warn!(

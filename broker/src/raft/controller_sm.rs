@@ -140,6 +140,11 @@ pub enum ControllerCommand {
     SetRemoving {
         /// Its node id.
         node_id: NodeId,
+        /// Refused when applied if no other broker that is not being removed would remain to
+        /// hold the replicas ([`LAST_BROKER_CHECK_LEVEL`]): two removals asked at once, each
+        /// checked against a state without the other, must not both pass.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        keep_one: bool,
     },
     /// Forget a broker (refused while a partition still has a replica on it).
     RemoveBroker {
@@ -205,7 +210,13 @@ pub struct BrokerMeta {
 ///   applies a registration and leaves it out of its snapshots, so replicas would disagree).
 ///   Set by the first registration applied while every broker is at level 2: at once in a
 ///   new cluster, after the last broker's upgrade in an older one.
-pub const FEATURE_LEVEL: u32 = 2;
+/// - 3: a broker's removal refused when applied if it would leave no broker to hold the
+///   replicas (`SetRemoving.keep_one`: an older broker applies it without the check).
+pub const FEATURE_LEVEL: u32 = 3;
+
+/// The feature level that checks, when a removal is applied, that a broker remains to hold the
+/// replicas (see [`FEATURE_LEVEL`]).
+pub const LAST_BROKER_CHECK_LEVEL: u32 = 3;
 
 /// The feature level that stores the cluster id (see [`FEATURE_LEVEL`]).
 pub const CLUSTER_ID_LEVEL: u32 = 2;
@@ -508,13 +519,27 @@ impl ControllerState {
                 meta.target = None;
                 ControllerResponse::Topic(topic.clone())
             }
-            ControllerCommand::SetRemoving { node_id } => match self.brokers.get_mut(node_id) {
-                Some(broker) => {
-                    broker.removing = true;
-                    ControllerResponse::Registered
+            ControllerCommand::SetRemoving { node_id, keep_one } => {
+                if *keep_one {
+                    self.features_in_use = self.features_in_use.max(LAST_BROKER_CHECK_LEVEL);
+                    let another = self
+                        .brokers
+                        .iter()
+                        .any(|(id, b)| id != node_id && !b.removing);
+                    if self.brokers.contains_key(node_id) && !another {
+                        return ControllerResponse::Invalid(format!(
+                            "node {node_id} is the last broker that could hold the replicas"
+                        ));
+                    }
                 }
-                None => ControllerResponse::NotFound(format!("broker {node_id}")),
-            },
+                match self.brokers.get_mut(node_id) {
+                    Some(broker) => {
+                        broker.removing = true;
+                        ControllerResponse::Registered
+                    }
+                    None => ControllerResponse::NotFound(format!("broker {node_id}")),
+                }
+            }
             ControllerCommand::RemoveBroker { node_id } => {
                 if let Some(p) = self.partitions_on(*node_id).next() {
                     return ControllerResponse::Invalid(format!(
@@ -1471,6 +1496,45 @@ mod tests {
         assert_eq!(state.plan_rebalance(), Vec::new());
     }
 
+    /// Two removals asked at once, each checked against a state without the other, are
+    /// checked again when applied: the second would leave no broker to hold the replicas, and
+    /// is refused. Before, both were applied: every broker was being removed, no removal could
+    /// finish, and no new topic could be placed. The check is a feature level of its own (an
+    /// older broker applies the removal without it).
+    #[test]
+    fn removals_that_would_leave_no_broker_are_refused_when_applied() {
+        let mut state = ControllerState::default();
+        for node in 1..=2 {
+            register(&mut state, node);
+        }
+        let removing = |node_id| ControllerCommand::SetRemoving {
+            node_id,
+            keep_one: true,
+        };
+        assert_eq!(state.apply(&removing(1)), ControllerResponse::Registered);
+        assert!(matches!(
+            state.apply(&removing(2)),
+            ControllerResponse::Invalid(_)
+        ));
+        assert!(!state.brokers[&2].removing);
+        assert_eq!(state.features_in_use, LAST_BROKER_CHECK_LEVEL);
+        // Without the flag (proposed while a broker is at an older level), as before.
+        let mut older = ControllerState::default();
+        for node in 1..=2 {
+            register(&mut older, node);
+        }
+        for node_id in 1..=2 {
+            assert_eq!(
+                older.apply(&ControllerCommand::SetRemoving {
+                    node_id,
+                    keep_one: false
+                }),
+                ControllerResponse::Registered
+            );
+        }
+        assert!(older.features_in_use < LAST_BROKER_CHECK_LEVEL);
+    }
+
     #[test]
     fn a_removal_moves_every_replica_off_the_broker_and_keeps_the_factor() {
         let mut state = ControllerState::default();
@@ -1478,7 +1542,10 @@ mod tests {
             register(&mut state, node);
         }
         state.apply(&topic_rf("a", 8, 3));
-        state.apply(&ControllerCommand::SetRemoving { node_id: 2 });
+        state.apply(&ControllerCommand::SetRemoving {
+            node_id: 2,
+            keep_one: true,
+        });
         assert!(matches!(
             state.apply(&ControllerCommand::RemoveBroker { node_id: 2 }),
             ControllerResponse::Invalid(_)
