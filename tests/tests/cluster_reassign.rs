@@ -440,3 +440,87 @@ async fn a_member_that_registers_after_it_was_taken_out_is_removed_again() {
     listed_everywhere_as(&brokers, &[1, 2, 3]).await;
     drop(late);
 }
+
+/// A broker's removal from a three-broker cluster shrinks every partition of a topic with a
+/// factor of 3 (no other broker can take its replicas): the topic says it is under-replicated.
+/// A fourth broker joins later, and `weft cluster rebalance --wait` gives every partition its
+/// third replica back, on the new broker, which then serves every record. Before, a rebalance
+/// only moved replicas around: the partitions stayed under-replicated for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_gives_partitions_shrunk_by_a_removal_their_factor_back() {
+    let mut brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{TOPIC}","partitions":2,"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let addresses: Vec<String> = brokers[..2].iter().map(|b| b.client_addr.clone()).collect();
+    for i in 0..20u64 {
+        let partition = (i % 2) as u32;
+        publish_until_acknowledged(&addresses, TOPIC, partition, i / 2, &format!("r-{i:02}")).await;
+    }
+    let under_replicated = |broker: &Broker| {
+        let (status, body) = broker.http("GET", &format!("/v1/topics/{TOPIC}"), None);
+        assert_eq!(status, 200, "{body}");
+        let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+        value["under_replicated"]
+            .as_bool()
+            .expect("under_replicated")
+    };
+    assert!(!under_replicated(&brokers[0]));
+
+    let out = brokers[0].cli(&["cluster", "remove-broker", "3", "--wait"]);
+    let printed = ok_stdout(&out);
+    assert!(printed.contains("has left the cluster"), "{printed}");
+    for (partition, replicas, _) in placement(&brokers[0]) {
+        assert_eq!(replicas.len(), 2, "partition {partition}: {replicas:?}");
+    }
+    assert!(under_replicated(&brokers[0]));
+    brokers[2].kill9();
+
+    let fourth = add_broker(&brokers, &[]);
+    let out = brokers[0].cli(&["cluster", "rebalance", "--wait"]);
+    ok_stdout(&out);
+    for (partition, replicas, moving_to) in placement(&brokers[0]) {
+        assert!(moving_to.is_empty(), "partition {partition}: {moving_to:?}");
+        assert_eq!(replicas.len(), 3, "partition {partition}: {replicas:?}");
+        assert!(replicas.contains(&4), "partition {partition}: {replicas:?}");
+    }
+    wait_for(
+        "the topic to be fully replicated",
+        Duration::from_secs(30),
+        || {
+            let under = under_replicated(&brokers[0]);
+            async move { (!under).then_some(()) }
+        },
+    )
+    .await;
+    for partition in 0..2u32 {
+        let read = wait_for(
+            "the new replica to hold every record",
+            Duration::from_secs(30),
+            || {
+                let address = fourth.client_addr.clone();
+                async move {
+                    weft_tests::try_fetch_range(&address, TOPIC, partition, 0, 10)
+                        .await
+                        .ok()
+                        .filter(|r| r.len() == 10)
+                }
+            },
+        )
+        .await;
+        let values: BTreeSet<String> = read
+            .iter()
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        let expected: BTreeSet<String> = (0..20u64)
+            .filter(|i| (i % 2) as u32 == partition)
+            .map(|i| format!("r-{i:02}"))
+            .collect();
+        assert_eq!(values, expected, "partition {partition}");
+    }
+}

@@ -720,10 +720,13 @@ impl ControllerState {
         counts
     }
 
-    /// Moves that spread replicas evenly over the eligible brokers (no two brokers more than
-    /// one replica apart, as far as partitions allow) and then preferred leaders (the first
-    /// replica) the same way, moving as few replicas as it can: what to run after adding a
-    /// broker. Partitions already moving are left alone.
+    /// Moves that first give every under-replicated partition the replicas its topic asked for,
+    /// as far as eligible brokers allow (a partition shrunk by a broker's removal, or placed
+    /// while the cluster had fewer brokers, gets them back once brokers are added), each on the
+    /// eligible broker with the fewest replicas; then spread replicas evenly over the eligible
+    /// brokers (no two brokers more than one replica apart, as far as partitions allow) and
+    /// then preferred leaders (the first replica) the same way, moving as few replicas as it
+    /// can: what to run after adding a broker. Partitions already moving are left alone.
     pub fn plan_rebalance(&self) -> Vec<PlannedMove> {
         let mut counts = self.replica_counts();
         let mut plan: BTreeMap<(String, u32), Vec<NodeId>> = BTreeMap::new();
@@ -740,6 +743,29 @@ impl ControllerState {
         let replicas_of = |plan: &BTreeMap<(String, u32), Vec<NodeId>>, t: &str, p: u32, r| {
             plan.get(&(t.to_string(), p)).cloned().unwrap_or(r)
         };
+        // The replication factor back, where brokers allow.
+        for (t, p, r) in &still {
+            let asked = self
+                .topics
+                .get(t)
+                .map_or(0, |meta| meta.config.replication_factor.max(1) as usize);
+            let mut grown = r.clone();
+            while grown.len() < asked {
+                let Some(b) = counts
+                    .iter()
+                    .filter(|(b, _)| !grown.contains(b))
+                    .min_by_key(|(b, c)| (**c, **b))
+                    .map(|(b, _)| *b)
+                else {
+                    break;
+                };
+                counts.entry(b).and_modify(|c| *c += 1);
+                grown.push(b);
+            }
+            if grown.len() > r.len() {
+                plan.insert((t.clone(), *p), grown);
+            }
+        }
         let total: usize = counts.values().sum();
         for _ in 0..=total {
             let (Some((&most, &high)), Some((&least, &low))) = (
@@ -1494,6 +1520,58 @@ mod tests {
         }
         // Balanced: nothing more to do.
         assert_eq!(state.plan_rebalance(), Vec::new());
+    }
+
+    /// A broker's removal shrinks partitions that no other broker can take (three brokers, a
+    /// factor of 3); a broker added later gets them back to the factor their topic asked for
+    /// at the next rebalance. Before, a rebalance only moved replicas around: the partitions
+    /// stayed under-replicated for good.
+    #[test]
+    fn a_rebalance_gives_shrunk_partitions_their_factor_back() {
+        let mut state = ControllerState::default();
+        for node in 1..=3 {
+            register(&mut state, node);
+        }
+        state.apply(&topic_rf("a", 4, 3));
+        state.apply(&ControllerCommand::SetRemoving {
+            node_id: 3,
+            keep_one: true,
+        });
+        let (plan, stuck) = state.plan_removal(3);
+        assert!(stuck.is_empty());
+        run_moves(&mut state, &plan);
+        assert_eq!(
+            state.apply(&ControllerCommand::RemoveBroker { node_id: 3 }),
+            ControllerResponse::Registered
+        );
+        assert!(
+            state.topics["a"]
+                .partitions
+                .iter()
+                .all(|p| p.replicas.len() == 2),
+            "shrunk: {:?}",
+            state.topics["a"].partitions
+        );
+        register(&mut state, 4);
+        let plan = state.plan_rebalance();
+        run_moves(&mut state, &plan);
+        for p in &state.topics["a"].partitions {
+            assert_eq!(p.replicas.len(), 3, "{p:?}");
+            assert!(p.replicas.contains(&4), "{p:?}");
+        }
+        let (replicas, _) = per_broker(&state);
+        assert!(spread(&replicas) <= 1, "{replicas:?}");
+        // Nothing more to do, and a factor above the brokers' count asks for no more.
+        assert_eq!(state.plan_rebalance(), Vec::new());
+        state.apply(&topic_rf("b", 2, 5));
+        assert!(
+            state
+                .plan_rebalance()
+                .iter()
+                .all(|m| m.to.len() == m.from.len()),
+            "{:?}",
+            state.plan_rebalance()
+        );
     }
 
     /// Two removals asked at once, each checked against a state without the other, are
