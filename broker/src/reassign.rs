@@ -45,6 +45,9 @@ impl Moves {
     }
 }
 
+/// How long a broker has to answer the health check that says it may take replicas.
+const PING_TIMEOUT: Duration = Duration::from_millis(1000);
+
 fn unexpected(response: ControllerResponse) -> BrokerError {
     match response {
         ControllerResponse::NotFound(what) => BrokerError::Conflict(format!("{what} not found")),
@@ -113,8 +116,36 @@ impl Node {
     pub async fn rebalance(&self) -> Result<(Vec<String>, Vec<String>), BrokerError> {
         self.metadata_current()?;
         self.sync_controller().await?;
-        let plan = self.controller_state().plan_rebalance();
+        let state = self.controller_state();
+        let usable = self.usable_brokers(&state).await;
+        let plan = state.plan_rebalance_onto(&usable);
         Ok(self.start_moves(plan).await)
+    }
+
+    /// The brokers that may take replicas now: registered, not being removed, not draining,
+    /// voters of the controller group (a broker registered though it left the group never
+    /// hears of its replicas), and answering a health check on the peer port (a broker that
+    /// is down would hold a move for as long as it stays down).
+    async fn usable_brokers(&self, state: &ControllerState) -> std::collections::BTreeSet<NodeId> {
+        let voters = self.controller_voters();
+        let candidates: Vec<(NodeId, String)> = state
+            .brokers
+            .iter()
+            .filter(|(id, b)| !b.removing && !b.draining && voters.contains(id))
+            .map(|(id, b)| (*id, b.peer_address.clone()))
+            .collect();
+        let peers = self.peers();
+        let up = futures::future::join_all(candidates.iter().map(|(id, address)| {
+            let peers = peers.clone();
+            async move { *id == self.node_id || peers.ping(*id, address, PING_TIMEOUT).await }
+        }))
+        .await;
+        candidates
+            .into_iter()
+            .zip(up)
+            .filter(|(_, up)| *up)
+            .map(|((id, _), _)| id)
+            .collect()
     }
 
     /// Marks `node` as being removed and starts moving every replica off it.
@@ -172,7 +203,9 @@ impl Node {
             ControllerResponse::Registered => {}
             other => return Err(unexpected(other)),
         }
-        let (plan, mut busy) = self.controller_state().plan_removal(node);
+        let state = self.controller_state();
+        let usable = self.usable_brokers(&state).await;
+        let (plan, mut busy) = state.plan_removal_onto(node, &usable);
         let (started, refused) = self.start_moves(plan).await;
         busy.extend(refused);
         tracing::info!(
@@ -300,8 +333,18 @@ impl Node {
         }
         // Replicas still going to a broker being removed (a move that failed, or that ran when
         // the removal began) are sent elsewhere.
+        let mut usable = None;
         for (node, _) in state.brokers.iter().filter(|(_, b)| b.removing) {
-            let (plan, _) = state.plan_removal(*node);
+            if state.partitions_on(*node).next().is_none() {
+                continue;
+            }
+            if usable.is_none() {
+                usable = Some(self.usable_brokers(state).await);
+            }
+            let Some(usable) = usable.as_ref() else {
+                continue;
+            };
+            let (plan, _) = state.plan_removal_onto(*node, usable);
             if !plan.is_empty() {
                 let (started, refused) = self.start_moves(plan).await;
                 tracing::info!(

@@ -78,7 +78,7 @@ fn above_this_build(in_use: u32) -> Option<String> {
     (in_use > crate::raft::feature_level()).then(|| {
         format!(
             "this cluster has used feature level {in_use}, above this build's level {} (deny \
-             rules, offset resets, its cluster id): it would apply the controller log differently; run a \
+             rules, offset resets, its cluster id, removals checked when applied): it would apply the controller log differently; run a \
              newer build",
             crate::raft::feature_level()
         )

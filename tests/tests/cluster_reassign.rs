@@ -470,7 +470,16 @@ async fn a_rebalance_gives_partitions_shrunk_by_a_removal_their_factor_back() {
             .as_bool()
             .expect("under_replicated")
     };
-    assert!(!under_replicated(&brokers[0]));
+    // (In-sync replicas count too: a follower may be a moment behind.)
+    wait_for(
+        "the topic to be fully replicated",
+        Duration::from_secs(30),
+        || {
+            let under = under_replicated(&brokers[0]);
+            async move { (!under).then_some(()) }
+        },
+    )
+    .await;
 
     let out = brokers[0].cli(&["cluster", "remove-broker", "3", "--wait"]);
     let printed = ok_stdout(&out);

@@ -2,7 +2,7 @@
 //! Applying a command is deterministic; inputs were validated before they were proposed, and the
 //! checks that depend on state (exists / not found) are made here, in log order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -520,7 +520,10 @@ impl ControllerState {
                 ControllerResponse::Topic(topic.clone())
             }
             ControllerCommand::SetRemoving { node_id, keep_one } => {
-                if *keep_one {
+                // Only while every broker (and controller member) reads the check as applied
+                // here: one of an older build that joined after the removal was proposed
+                // applies it without, and so does every replica then.
+                if *keep_one && self.behind(LAST_BROKER_CHECK_LEVEL).is_none() {
                     self.features_in_use = self.features_in_use.max(LAST_BROKER_CHECK_LEVEL);
                     let another = self
                         .brokers
@@ -728,7 +731,15 @@ impl ControllerState {
     /// then preferred leaders (the first replica) the same way, moving as few replicas as it
     /// can: what to run after adding a broker. Partitions already moving are left alone.
     pub fn plan_rebalance(&self) -> Vec<PlannedMove> {
+        self.plan_rebalance_onto(&self.eligible_brokers().into_iter().collect())
+    }
+
+    /// [`ControllerState::plan_rebalance`] placing replicas and preferred leaders only on the
+    /// brokers of `usable` (up, serving, not draining: what the proposer sees); replicas on
+    /// other brokers stay where they are.
+    pub fn plan_rebalance_onto(&self, usable: &BTreeSet<NodeId>) -> Vec<PlannedMove> {
         let mut counts = self.replica_counts();
+        counts.retain(|b, _| usable.contains(b));
         let mut plan: BTreeMap<(String, u32), Vec<NodeId>> = BTreeMap::new();
         let still: Vec<(String, u32, Vec<NodeId>)> = self
             .topics
@@ -800,6 +811,7 @@ impl ControllerState {
         let mut firsts: BTreeMap<NodeId, usize> = self
             .eligible_brokers()
             .into_iter()
+            .filter(|b| usable.contains(b))
             .map(|b| (b, 0))
             .collect();
         for (t, p, r) in &still {
@@ -856,8 +868,19 @@ impl ControllerState {
     /// under-replicated; a running move to `node` is redirected), and the partitions that no
     /// other broker can hold.
     pub fn plan_removal(&self, node: NodeId) -> (Vec<PlannedMove>, Vec<String>) {
+        self.plan_removal_onto(node, &self.eligible_brokers().into_iter().collect())
+    }
+
+    /// [`ControllerState::plan_removal`] moving replicas only to the brokers of `usable` (up,
+    /// serving, not draining: what the proposer sees).
+    pub fn plan_removal_onto(
+        &self,
+        node: NodeId,
+        usable: &BTreeSet<NodeId>,
+    ) -> (Vec<PlannedMove>, Vec<String>) {
         let mut counts = self.replica_counts();
         counts.remove(&node);
+        counts.retain(|b, _| usable.contains(b));
         let (mut moves, mut stuck) = (Vec::new(), Vec::new());
         for t in self.topics.values() {
             for p in &t.partitions {
@@ -1574,6 +1597,37 @@ mod tests {
         );
     }
 
+    /// Moves go only to the brokers the proposer found usable (up, serving, not draining):
+    /// before, a rebalance or a removal sent replicas to the broker with the fewest, even one
+    /// that was down or about to stop, and the move waited for it for as long as it stayed
+    /// down (a removal that needed that move never finished).
+    #[test]
+    fn moves_go_only_to_usable_brokers() {
+        let mut state = ControllerState::default();
+        for node in 1..=3 {
+            register(&mut state, node);
+        }
+        state.apply(&topic_rf("a", 6, 2));
+        register(&mut state, 4);
+        let all: BTreeSet<NodeId> = [1, 2, 3, 4].into();
+        assert!(
+            state
+                .plan_rebalance_onto(&all)
+                .iter()
+                .any(|m| m.to.contains(&4)),
+            "an empty broker gets replicas"
+        );
+        let without_4: BTreeSet<NodeId> = [1, 2, 3].into();
+        let plan = state.plan_rebalance_onto(&without_4);
+        assert!(plan.iter().all(|m| !m.to.contains(&4)), "{plan:?}");
+        let (plan, stuck) = state.plan_removal_onto(1, &without_4);
+        assert!(stuck.is_empty());
+        assert!(!plan.is_empty());
+        for m in &plan {
+            assert!(!m.to.contains(&4) && !m.to.contains(&1), "{m}");
+        }
+    }
+
     /// Two removals asked at once, each checked against a state without the other, are
     /// checked again when applied: the second would leave no broker to hold the replicas, and
     /// is refused. Before, both were applied: every broker was being removed, no removal could
@@ -1596,6 +1650,17 @@ mod tests {
         ));
         assert!(!state.brokers[&2].removing);
         assert_eq!(state.features_in_use, LAST_BROKER_CHECK_LEVEL);
+        // An older broker registered since the removal was proposed: applied without the
+        // check, as that broker applies it.
+        let mut joined = ControllerState::default();
+        for node in 1..=2 {
+            register(&mut joined, node);
+        }
+        register_at(&mut joined, 3, CLUSTER_ID_LEVEL);
+        joined.apply(&removing(1));
+        joined.apply(&removing(3));
+        assert_eq!(joined.apply(&removing(2)), ControllerResponse::Registered);
+        assert!(joined.features_in_use < LAST_BROKER_CHECK_LEVEL);
         // Without the flag (proposed while a broker is at an older level), as before.
         let mut older = ControllerState::default();
         for node in 1..=2 {
