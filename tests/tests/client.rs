@@ -944,3 +944,85 @@ async fn a_stopped_broker_with_open_connections_is_left_out() {
     )
     .await;
 }
+
+/// A member that opened its stream with resume offsets (where it was when its last stream
+/// ended) starts its first assignment there; a partition given back to it after a rebalance
+/// starts at the group's commit, which the partition's owner meanwhile moved on. Before, the
+/// resume offset won again: the records in between came again, and the member's next commit
+/// was refused as going backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_offsets_place_only_the_first_assignment() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("rs", 2).await.expect("create");
+    let addresses = [broker.client_addr.clone()];
+    for partition in 0..2u32 {
+        for i in 0..10u64 {
+            weft_tests::publish_until_acknowledged(
+                &addresses,
+                "rs",
+                partition,
+                i,
+                &format!("p{partition}-{i}"),
+            )
+            .await;
+        }
+    }
+    let start = |resume: Vec<weft_proto::v1::PartitionOffset>| weft_proto::v1::SubscribeStart {
+        topic: "rs".into(),
+        group_id: "resumers".into(),
+        session_timeout_ms: 60_000,
+        start: Some(weft_tests_earliest()),
+        resume,
+        credit: Some(weft_proto::v1::Credit {
+            records: 1000,
+            bytes: 1 << 20,
+        }),
+        ..Default::default()
+    };
+    let at = |partition, offset| weft_proto::v1::PartitionOffset { partition, offset };
+    let (_a_requests, mut a_responses) =
+        weft_tests::grpc::subscribe(&broker.client_addr, start(vec![at(0, 2), at(1, 2)])).await;
+    let a = weft_tests::grpc::next_assignment(&mut a_responses, 1).await;
+    assert_eq!(a.partitions, [at(0, 2), at(1, 2)], "{a:?}");
+    // A second member takes one partition and commits further in it.
+    let (b_requests, mut b_responses) =
+        weft_tests::grpc::subscribe(&broker.client_addr, start(Vec::new())).await;
+    let b = weft_tests::grpc::next_assignment(&mut b_responses, a.generation + 1).await;
+    assert_eq!(b.partitions.len(), 1, "{b:?}");
+    let taken = b.partitions[0].partition;
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    let mut subscriber = weft_tests::grpc::subscriber(&channel);
+    subscriber
+        .commit_offsets(weft_proto::v1::CommitOffsetsRequest {
+            group_id: "resumers".into(),
+            member_id: b.member_id.clone(),
+            generation: b.generation,
+            topic: "rs".into(),
+            offsets: vec![at(taken, 8)],
+            ..Default::default()
+        })
+        .await
+        .expect("commit");
+    subscriber
+        .leave_group(weft_proto::v1::LeaveGroupRequest {
+            group_id: "resumers".into(),
+            member_id: b.member_id.clone(),
+        })
+        .await
+        .expect("leave");
+    // The partition comes back to the first member, at the commit.
+    let back = tokio::time::timeout(
+        Duration::from_secs(10),
+        weft_tests::grpc::next_assignment(&mut a_responses, b.generation + 1),
+    )
+    .await
+    .expect("reassigned");
+    let given_back = back
+        .partitions
+        .iter()
+        .find(|p| p.partition == taken)
+        .unwrap_or_else(|| panic!("{back:?}"));
+    assert_eq!(given_back.offset, 8, "{back:?}");
+    drop(b_requests);
+}

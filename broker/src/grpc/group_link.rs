@@ -161,8 +161,18 @@ pub async fn join(
     .await
     .map_err(|_| unavailable("the group coordinator did not answer in time".into()))?;
     let (inbound, joined, first) = opened?;
-    node.wait_controller_applied(first.controller_index, CONTROLLER_CATCH_UP)
-        .await;
+    // The member reads the group's committed offsets from this broker's copy of the
+    // controller state: it must hold what the coordinator held when it assigned (before, a
+    // copy still behind was used anyway, and the member started from older commits).
+    if !node
+        .wait_controller_applied(first.controller_index, CONTROLLER_CATCH_UP)
+        .await
+    {
+        return Err(unavailable(
+            "this broker's copy of the group's committed offsets is behind the coordinator; try again"
+                .into(),
+        ));
+    }
     let (views, view) = watch::channel(Arc::new(to_view(first)));
     let closed = Arc::new(AtomicBool::new(false));
     tokio::spawn(pump(node.clone(), inbound, views, closed.clone()));
@@ -199,7 +209,15 @@ async fn pump(
                     if let Some(delay) = view_delay() {
                         tokio::time::sleep(delay).await;
                     }
-                    node.wait_controller_applied(view.controller_index, CONTROLLER_CATCH_UP).await;
+                    if !node.wait_controller_applied(view.controller_index, CONTROLLER_CATCH_UP).await {
+                        // Behind the coordinator: the member's stream ends (its client joins
+                        // again) rather than start partitions from older commits.
+                        tracing::warn!(
+                            index = view.controller_index,
+                            "this broker's copy of the controller state is behind a group's coordinator: ending the member's link"
+                        );
+                        break;
+                    }
                     views.send_replace(Arc::new(to_view(view)));
                 }
                 Ok(Some(_)) => {}

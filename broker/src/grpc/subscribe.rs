@@ -922,6 +922,14 @@ impl Session {
         }
         self.positions = positions;
         self.generation = generation;
+        // The client's resume offsets say where it was when this stream opened: they place the
+        // first assignment only. A partition given back later (after a rebalance took it away)
+        // starts at the group's commit, which its owner meanwhile moved on; before, the resume
+        // offset won again, the records in between came again, and the member's next commit
+        // was refused as going backwards.
+        if self.group.is_some() {
+            self.resume.clear();
+        }
         let (group_id, member_id) = match &self.group {
             Some(m) => (m.group_id.clone(), m.member_id.clone()),
             None => (String::new(), String::new()),
