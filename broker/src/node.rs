@@ -267,10 +267,22 @@ async fn migrate_local_group_offsets(node: &Node, meta: &Metadata) -> Result<(),
     Ok(())
 }
 
+/// How often the controller's leader checks that a majority of the voters still answers it
+/// (see [`coordinator_loop`]).
+const COORDINATOR_LEASE_CHECK_EVERY: Duration = Duration::from_millis(200);
+
 /// Follows who leads the controller (the coordinator of every group is its leader). When this
 /// broker stops leading, or leads in a new term, it forgets the groups it coordinated; when it
 /// starts leading (also after a restart, in the same term) it takes the groups over: it
 /// commits a [`ControllerCommand::TakeOverGroups`] and hands out no generation before that.
+///
+/// A leader that has not heard from a majority of the controller's voters within an election
+/// timeout (cut off from them: they may have elected another leader, and openraft 0.9 keeps an
+/// isolated leader believing it leads) stops coordinating as if it had lost the leadership:
+/// its members' streams end and their clients join again, through the brokers that reach the
+/// new coordinator. Before, both coordinated the same groups at once (records delivered to two
+/// members; the old side's commits could not be stored). Heard from again, it takes the
+/// groups over anew (a new epoch fences the generations it gave out before).
 async fn coordinator_loop(node: Weak<Node>, takeover: Arc<std::sync::Mutex<Option<u64>>>) {
     let Some(mut leaders) = node.upgrade().map(|n| n.controller.watch_leader()) else {
         return;
@@ -280,8 +292,15 @@ async fn coordinator_loop(node: Weak<Node>, takeover: Arc<std::sync::Mutex<Optio
         let leader = *leaders.borrow_and_update();
         let Some(node) = node.upgrade() else { return };
         let term = node.controller.term();
-        let leads_in = (leader == Some(node.node_id)).then_some(term);
+        let leads = leader == Some(node.node_id);
+        let cut_off = leads && node.controller.lost_quorum();
+        let leads_in = (leads && !cut_off).then_some(term);
         if leads_in != led_in {
+            if cut_off && led_in.is_some() {
+                tracing::warn!(
+                    "no answer from most of the controller's voters: no longer coordinating the consumer groups"
+                );
+            }
             if let Ok(mut t) = takeover.lock() {
                 *t = None;
             }
@@ -302,8 +321,13 @@ async fn coordinator_loop(node: Weak<Node>, takeover: Arc<std::sync::Mutex<Optio
             led_in = leads_in;
         }
         drop(node);
-        if leaders.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = leaders.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(COORDINATOR_LEASE_CHECK_EVERY), if leads => {}
         }
     }
 }

@@ -639,3 +639,60 @@ async fn a_commit_checked_by_a_coordinator_that_lost_the_controller_is_refused()
     eprintln!("refused: {status:?}");
     assert_eq!(committed, None, "nothing was committed");
 }
+
+/// The group coordinator (the controller's leader) cut off from the other brokers stops
+/// coordinating within about an election timeout: its members' streams end, so their clients
+/// join again through brokers that reach the new coordinator. Before, openraft kept the
+/// isolated leader believing it led, and it went on handing out assignments while the other
+/// side elected a new coordinator for the same groups (two members got the same partitions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_cut_off_from_the_cluster_stops_coordinating() {
+    let brokers = start_cluster(3);
+    let client = brokers[0].client().await;
+    client.admin().create_topic("iso", 2).await.expect("create");
+    let boss = coordinator(&brokers[0]).await as usize;
+    let on_boss = &brokers[boss - 1];
+    let (_requests, mut responses) = grpc::subscribe(
+        &on_boss.client_addr,
+        weft_proto::v1::SubscribeStart {
+            topic: "iso".into(),
+            group_id: "isolated".into(),
+            session_timeout_ms: 60_000,
+            credit: Some(weft_proto::v1::Credit {
+                records: 1000,
+                bytes: 1 << 20,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = grpc::next_assignment(&mut responses, 1).await;
+    assert_eq!(first.partitions.len(), 2, "{first:?}");
+
+    let mut firewall = weft_tests::Firewall::new();
+    let ip = |address: &str| address.rsplit_once(':').expect("ip:port").0.to_string();
+    firewall.drop_tcp(None, &on_boss.peer_addr);
+    for other in brokers.iter().filter(|b| b.peer_addr != on_boss.peer_addr) {
+        firewall.drop_tcp(Some(&ip(&on_boss.peer_addr)), &other.peer_addr);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the cut-off coordinator's member stream ends");
+    eprintln!("the member's stream ended: {ended:?}");
+    assert!(
+        on_boss
+            .log()
+            .contains("no longer coordinating the consumer groups"),
+        "{}",
+        on_boss.log()
+    );
+    firewall.heal();
+}

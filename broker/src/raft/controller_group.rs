@@ -244,6 +244,12 @@ impl ControllerGroup {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// On the controller's leader: whether a majority of the voters has not answered it within
+    /// an election timeout (they may have elected another leader; see [`super::lost_quorum`]).
+    pub fn lost_quorum(&self) -> bool {
+        super::lost_quorum(&self.raft, &self.peers, CONTROLLER_GROUP).is_some()
+    }
+
     /// The controller group's current Raft term (a new controller leader always has a higher
     /// one than every leader before it).
     pub fn term(&self) -> u64 {

@@ -138,6 +138,45 @@ pub(crate) fn decode_snapshot<S: serde::de::DeserializeOwned>(
     Ok(document.state)
 }
 
+/// On the leader of `raft`'s group (`group_id`): Some(the election timeout in ms) when a
+/// majority of its voters has not answered it (an AppendEntries, a vote) within an election
+/// timeout: the others may have elected another leader meanwhile (openraft 0.9 has no leader
+/// lease: an isolated leader keeps believing it leads). None otherwise, and off the leader.
+pub(crate) fn lost_quorum(raft: &Raft, peers: &Peers, group_id: GroupId) -> Option<u64> {
+    let (me, voters) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        if m.current_leader != Some(m.id) {
+            return None;
+        }
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        (m.id, voters)
+    };
+    if voters.len() <= 1 {
+        // A single voter is its own quorum (every publish of a single node asks).
+        return None;
+    }
+    let window = std::time::Duration::from_millis(raft.config().election_timeout_min);
+    let mut ages: Vec<std::time::Duration> = voters
+        .iter()
+        .map(|&v| {
+            if v == me {
+                std::time::Duration::ZERO
+            } else {
+                // The time since, pauses included: a transfer's wait counts here (its
+                // followers may have elected another leader meanwhile).
+                peers
+                    .last_contact(group_id, v)
+                    .map_or(std::time::Duration::MAX, |t| t.elapsed())
+            }
+        })
+        .collect();
+    ages.sort_unstable();
+    // The youngest contact a majority has had with this leader.
+    let majority_age = ages.get(voters.len() / 2).copied()?;
+    (majority_age > window).then(|| u64::try_from(window.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Watches who leads `raft`'s group (a task maps openraft's metrics; it ends with the group
 /// or when nobody watches any more).
 pub(crate) fn watch_leader(raft: &Raft) -> tokio::sync::watch::Receiver<Option<NodeId>> {

@@ -664,38 +664,7 @@ impl PartitionGroup {
     /// On a leader that has not heard from a majority of its voters (itself included) within an
     /// election timeout: that timeout (ms). None otherwise (a single voter always has its quorum).
     pub fn lost_quorum(&self) -> Option<u64> {
-        let (me, voters) = {
-            let metrics = self.raft.metrics();
-            let m = metrics.borrow();
-            if m.current_leader != Some(m.id) {
-                return None;
-            }
-            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-            (m.id, voters)
-        };
-        if voters.len() <= 1 {
-            // A single voter is its own quorum (every publish of a single node asks).
-            return None;
-        }
-        let window = Duration::from_millis(self.raft.config().election_timeout_min);
-        let mut ages: Vec<Duration> = voters
-            .iter()
-            .map(|&v| {
-                if v == me {
-                    Duration::ZERO
-                } else {
-                    // The time since, pauses included: a transfer's wait counts here (its
-                    // followers may have elected another leader meanwhile).
-                    self.peers
-                        .last_contact(self.group_id, v)
-                        .map_or(Duration::MAX, |t| t.elapsed())
-                }
-            })
-            .collect();
-        ages.sort_unstable();
-        // The youngest contact a majority has had with this leader.
-        let majority_age = ages.get(voters.len() / 2).copied()?;
-        (majority_age > window).then(|| u64::try_from(window.as_millis()).unwrap_or(u64::MAX))
+        super::lost_quorum(&self.raft, &self.peers, self.group_id)
     }
 
     /// Watches who leads the group (a task maps openraft's metrics; it ends with the group).
