@@ -276,8 +276,8 @@ const COORDINATOR_LEASE_CHECK_EVERY: Duration = Duration::from_millis(200);
 /// starts leading (also after a restart, in the same term) it takes the groups over: it
 /// commits a [`ControllerCommand::TakeOverGroups`] and hands out no generation before that.
 ///
-/// A leader that has not heard from a majority of the controller's voters within an election
-/// timeout (cut off from them: they may have elected another leader, and openraft 0.9 keeps an
+/// A leader that has not heard from a majority of the controller's voters within two election
+/// timeouts (cut off from them: they may have elected another leader, and openraft 0.9 keeps an
 /// isolated leader believing it leads) stops coordinating as if it had lost the leadership:
 /// its members' streams end and their clients join again, through the brokers that reach the
 /// new coordinator. Before, both coordinated the same groups at once (records delivered to two

@@ -168,6 +168,13 @@ pub async fn join(
         .wait_controller_applied(first.controller_index, CONTROLLER_CATCH_UP)
         .await
     {
+        // The coordinator counts the member in already: it leaves at once, rather than hold
+        // partitions nobody reads until its session times out (its client joins again as a
+        // new member).
+        let _ = requests.try_send(GroupMemberRequest {
+            request: Some(MemberRequest::Leave(GroupLeave {})),
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
         return Err(unavailable(
             "this broker's copy of the group's committed offsets is behind the coordinator; try again"
                 .into(),

@@ -245,9 +245,13 @@ impl ControllerGroup {
     }
 
     /// On the controller's leader: whether a majority of the voters has not answered it within
-    /// an election timeout (they may have elected another leader; see [`super::lost_quorum`]).
+    /// two election timeouts (they may have elected another leader; see [`super::lost_quorum`]).
+    /// Two, not one: a busy controller's answers come late now and then (its appends wait for
+    /// the fsyncs of the partitions' appends they travel with), and a leadership transfer
+    /// holds its heartbeats for about one; a cut-off coordinator still stops within about one
+    /// election timeout of the others electing a new leader.
     pub fn lost_quorum(&self) -> bool {
-        super::lost_quorum(&self.raft, &self.peers, CONTROLLER_GROUP).is_some()
+        super::lost_quorum(&self.raft, &self.peers, CONTROLLER_GROUP, 2).is_some()
     }
 
     /// The controller group's current Raft term (a new controller leader always has a higher

@@ -895,6 +895,20 @@ impl ControllerState {
                     .filter(|(b, _)| !going.contains(b))
                     .min_by_key(|(b, c)| (**c, **b))
                     .map(|(b, _)| *b);
+                if replacement.is_none()
+                    && self
+                        .eligible_brokers()
+                        .iter()
+                        .any(|b| *b != node && !going.contains(b))
+                {
+                    // A broker could take it but is not usable now (down, draining, slow to
+                    // answer): planned again later rather than shrunk for good.
+                    stuck.push(format!(
+                        "{}/{}: the brokers that could take it are not usable now",
+                        t.name, p.partition
+                    ));
+                    continue;
+                }
                 let to: Vec<NodeId> = match replacement {
                     Some(b) => {
                         counts.entry(b).and_modify(|c| *c += 1);
@@ -1626,6 +1640,14 @@ mod tests {
         for m in &plan {
             assert!(!m.to.contains(&4) && !m.to.contains(&1), "{m}");
         }
+        // A partition whose only possible new home is not usable now waits (planned again
+        // later) rather than shrink for good.
+        state.apply(&topic_rf("c", 1, 3));
+        let c0 = state.topics["c"].partitions[0].replicas.clone();
+        assert_eq!(c0, [1, 2, 3]);
+        let (plan, stuck) = state.plan_removal_onto(1, &[2, 3].into());
+        assert!(plan.iter().all(|m| m.topic != "c"), "{plan:?}");
+        assert!(stuck.iter().any(|s| s.starts_with("c/0")), "{stuck:?}");
     }
 
     /// Two removals asked at once, each checked against a state without the other, are

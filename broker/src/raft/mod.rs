@@ -138,11 +138,16 @@ pub(crate) fn decode_snapshot<S: serde::de::DeserializeOwned>(
     Ok(document.state)
 }
 
-/// On the leader of `raft`'s group (`group_id`): Some(the election timeout in ms) when a
-/// majority of its voters has not answered it (an AppendEntries, a vote) within an election
-/// timeout: the others may have elected another leader meanwhile (openraft 0.9 has no leader
-/// lease: an isolated leader keeps believing it leads). None otherwise, and off the leader.
-pub(crate) fn lost_quorum(raft: &Raft, peers: &Peers, group_id: GroupId) -> Option<u64> {
+/// On the leader of `raft`'s group (`group_id`): Some(the window in ms) when a majority of its
+/// voters has not answered it (an AppendEntries, a vote) within `timeouts` election timeouts:
+/// the others may have elected another leader meanwhile (openraft 0.9 has no leader lease: an
+/// isolated leader keeps believing it leads). None otherwise, and off the leader.
+pub(crate) fn lost_quorum(
+    raft: &Raft,
+    peers: &Peers,
+    group_id: GroupId,
+    timeouts: u32,
+) -> Option<u64> {
     let (me, voters) = {
         let metrics = raft.metrics();
         let m = metrics.borrow();
@@ -156,7 +161,7 @@ pub(crate) fn lost_quorum(raft: &Raft, peers: &Peers, group_id: GroupId) -> Opti
         // A single voter is its own quorum (every publish of a single node asks).
         return None;
     }
-    let window = std::time::Duration::from_millis(raft.config().election_timeout_min);
+    let window = std::time::Duration::from_millis(raft.config().election_timeout_min) * timeouts;
     let mut ages: Vec<std::time::Duration> = voters
         .iter()
         .map(|&v| {

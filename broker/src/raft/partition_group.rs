@@ -664,7 +664,7 @@ impl PartitionGroup {
     /// On a leader that has not heard from a majority of its voters (itself included) within an
     /// election timeout: that timeout (ms). None otherwise (a single voter always has its quorum).
     pub fn lost_quorum(&self) -> Option<u64> {
-        super::lost_quorum(&self.raft, &self.peers, self.group_id)
+        super::lost_quorum(&self.raft, &self.peers, self.group_id, 1)
     }
 
     /// Watches who leads the group (a task maps openraft's metrics; it ends with the group).
