@@ -641,10 +641,13 @@ async fn a_commit_checked_by_a_coordinator_that_lost_the_controller_is_refused()
 }
 
 /// The group coordinator (the controller's leader) cut off from the other brokers stops
-/// coordinating within about an election timeout: its members' streams end, so their clients
+/// coordinating within about two election timeouts: its members' streams end, so their clients
 /// join again through brokers that reach the new coordinator. Before, openraft kept the
 /// isolated leader believing it led, and it went on handing out assignments while the other
 /// side elected a new coordinator for the same groups (two members got the same partitions).
+/// A member on another broker, linked to the cut-off coordinator, has its stream ended as
+/// soon as its broker learns of the new controller leader (the coordinator changed), not only
+/// once its link's connection to the cut-off broker gives up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_cut_off_from_the_cluster_stops_coordinating() {
     let brokers = start_cluster(3);
@@ -668,6 +671,26 @@ async fn a_coordinator_cut_off_from_the_cluster_stops_coordinating() {
     .await;
     let first = grpc::next_assignment(&mut responses, 1).await;
     assert_eq!(first.partitions.len(), 2, "{first:?}");
+    let elsewhere = brokers
+        .iter()
+        .find(|b| b.peer_addr != on_boss.peer_addr)
+        .expect("another broker");
+    let (_other_requests, mut other_responses) = grpc::subscribe(
+        &elsewhere.client_addr,
+        weft_proto::v1::SubscribeStart {
+            topic: "iso".into(),
+            group_id: "isolated".into(),
+            session_timeout_ms: 60_000,
+            credit: Some(weft_proto::v1::Credit {
+                records: 1000,
+                bytes: 1 << 20,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let second = grpc::next_assignment(&mut other_responses, first.generation + 1).await;
+    assert_eq!(second.partitions.len(), 1, "{second:?}");
 
     let mut firewall = weft_tests::Firewall::new();
     let ip = |address: &str| address.rsplit_once(':').expect("ip:port").0.to_string();
@@ -675,6 +698,7 @@ async fn a_coordinator_cut_off_from_the_cluster_stops_coordinating() {
     for other in brokers.iter().filter(|b| b.peer_addr != on_boss.peer_addr) {
         firewall.drop_tcp(Some(&ip(&on_boss.peer_addr)), &other.peer_addr);
     }
+    let cut = std::time::Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
             match responses.message().await {
@@ -687,6 +711,24 @@ async fn a_coordinator_cut_off_from_the_cluster_stops_coordinating() {
     .await
     .expect("the cut-off coordinator's member stream ends");
     eprintln!("the member's stream ended: {ended:?}");
+    let other_ended = tokio::time::timeout(Duration::from_secs(12), async {
+        loop {
+            match other_responses.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream of the member on another broker ends");
+    let other_after = cut.elapsed();
+    eprintln!("the other member's stream ended {other_after:?} after the cut: {other_ended:?}");
+    // Its broker hears of the new controller leader within about an election.
+    assert!(
+        other_after < Duration::from_secs(6),
+        "the other member's stream ended {other_after:?} after the cut"
+    );
     assert!(
         on_boss
             .log()
