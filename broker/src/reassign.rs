@@ -137,7 +137,12 @@ impl Node {
         let peers = self.peers();
         let up = futures::future::join_all(candidates.iter().map(|(id, address)| {
             let peers = peers.clone();
-            async move { *id == self.node_id || peers.ping(*id, address, PING_TIMEOUT).await }
+            async move {
+                // Twice: one late answer of a busy broker does not make it unusable.
+                *id == self.node_id
+                    || peers.ping(*id, address, PING_TIMEOUT).await
+                    || peers.ping(*id, address, PING_TIMEOUT).await
+            }
         }))
         .await;
         candidates
