@@ -336,10 +336,13 @@ impl PartitionGroup {
             .wait(None)
             .metrics(
                 |m| {
-                    // A leader is known (this node, or another replica's) and what this
-                    // replica's log held when it opened is applied.
                     m.running_state.is_err()
-                        || (m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= target)
+                        || caught_up(
+                            m.current_leader.is_some(),
+                            m.last_applied.map(|l| l.index),
+                            m.last_log_index,
+                            target,
+                        )
                 },
                 "caught up",
             )
@@ -1026,6 +1029,22 @@ fn until_tick_phase(tick: Duration) -> Duration {
     Duration::from_nanos((phase + tick_ns - now) % tick_ns)
 }
 
+/// Whether a replica that opened with its log ending at `target` has caught up: a leader is
+/// known (this node, or another replica) and what its log held at open is applied, or, when
+/// the log now ends before that (the entries past it were never committed: a new leader's
+/// log replaced them), everything it holds is applied. Before, such a replica waited to apply
+/// up to `target` itself, and stayed "replaying" (not ready) until the partition's new
+/// entries passed it, for good when no more came (seen by the fault-injection harness after a
+/// power loss of every node: one replica had synced entries the others had not).
+fn caught_up(
+    leader_known: bool,
+    applied: Option<u64>,
+    last_log_index: Option<u64>,
+    target: Option<u64>,
+) -> bool {
+    leader_known && (applied >= target || (last_log_index < target && applied >= last_log_index))
+}
+
 /// A log that ends before what this replica knows was committed lost part of its durable tail
 /// (its file cut short while the broker was down: a failing disk, a partial restore). Known
 /// committed: what the snapshot says was applied, and, under fsync before ack, the committed
@@ -1260,4 +1279,25 @@ fn adopt_headless_log(
     };
     sm.reset_to(state)?;
     reader.record_purged(purged).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::caught_up;
+
+    /// A replica opened with entries 0..=120 in its log; the leader's log replaced 101..=120
+    /// (never committed) and holds 0..=100, all applied here: caught up. Before, it waited
+    /// for 120 to be applied, for as long as no new entries came.
+    #[test]
+    fn a_replica_whose_uncommitted_tail_was_replaced_is_caught_up() {
+        assert!(caught_up(true, Some(100), Some(100), Some(120)));
+        // Not before everything it holds is applied, nor without a leader.
+        assert!(!caught_up(true, Some(90), Some(100), Some(120)));
+        assert!(!caught_up(false, Some(100), Some(100), Some(120)));
+        // The usual case: its log reaches the open point, which must be applied.
+        assert!(!caught_up(true, Some(110), Some(130), Some(120)));
+        assert!(caught_up(true, Some(120), Some(130), Some(120)));
+        // An empty log at open.
+        assert!(caught_up(true, None, None, None));
+    }
 }
