@@ -182,7 +182,13 @@ pub async fn join(
     }
     let (views, view) = watch::channel(Arc::new(to_view(first)));
     let closed = Arc::new(AtomicBool::new(false));
-    tokio::spawn(pump(node.clone(), inbound, views, closed.clone()));
+    tokio::spawn(pump(
+        node.clone(),
+        coordinator,
+        inbound,
+        views,
+        closed.clone(),
+    ));
     let session = joining
         .session
         .unwrap_or(Duration::from_millis(node.config.session_timeout_ms));
@@ -202,15 +208,33 @@ pub async fn join(
 }
 
 /// Passes the coordinator's assignments on to the member's stream; when the coordinator's
-/// stream ends, the views end with it (the member's stream ends and its client rejoins).
+/// stream ends, the views end with it (the member's stream ends and its client rejoins). So
+/// they do once this broker learns that another broker leads the controller (the coordinator
+/// of every group): the old coordinator may be cut off from here, its stream's end never
+/// arriving until the connection's keepalive gives up, while the new one already gives the
+/// member's partitions to others.
 async fn pump(
     node: Arc<Node>,
+    coordinator: crate::raft::NodeId,
     mut inbound: Streaming<GroupMemberEvent>,
     views: watch::Sender<Arc<GroupView>>,
     closed: Arc<AtomicBool>,
 ) {
+    let mut check = tokio::time::interval(COORDINATOR_CHECK_EVERY);
     loop {
         tokio::select! {
+            _ = check.tick() => {
+                if let Some(leader) = node.controller_leader()
+                    && leader != coordinator
+                {
+                    tracing::info!(
+                        coordinator,
+                        leader,
+                        "another broker coordinates the consumer groups now: ending the member's link"
+                    );
+                    break;
+                }
+            }
             message = inbound.message() => match message {
                 Ok(Some(GroupMemberEvent { event: Some(CoordinatorEvent::View(view)) })) => {
                     if let Some(delay) = view_delay() {
@@ -235,6 +259,9 @@ async fn pump(
     }
     closed.store(true, Ordering::SeqCst);
 }
+
+/// How often a member's link checks that its coordinator still leads the controller.
+const COORDINATOR_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// `WEFT_TEST_VIEW_DELAY_MS`: a test hook that makes a member's broker pass on each assignment
 /// from the group's coordinator on another broker that much later (a member that commits
