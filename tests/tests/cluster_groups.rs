@@ -699,29 +699,14 @@ async fn a_coordinator_cut_off_from_the_cluster_stops_coordinating() {
         firewall.drop_tcp(Some(&ip(&on_boss.peer_addr)), &other.peer_addr);
     }
     let cut = std::time::Instant::now();
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match responses.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => break None,
-                Err(status) => break Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the cut-off coordinator's member stream ends");
+    let ended = tokio::time::timeout(Duration::from_secs(15), stream_end(&mut responses))
+        .await
+        .expect("the cut-off coordinator's member stream ends");
     eprintln!("the member's stream ended: {ended:?}");
-    let other_ended = tokio::time::timeout(Duration::from_secs(12), async {
-        loop {
-            match other_responses.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => break None,
-                Err(status) => break Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the stream of the member on another broker ends");
+    let other_ended =
+        tokio::time::timeout(Duration::from_secs(12), stream_end(&mut other_responses))
+            .await
+            .expect("the stream of the member on another broker ends");
     let other_after = cut.elapsed();
     eprintln!("the other member's stream ended {other_after:?} after the cut: {other_ended:?}");
     // Its broker hears of the new controller leader within about an election.
@@ -737,4 +722,17 @@ async fn a_coordinator_cut_off_from_the_cluster_stops_coordinating() {
         on_boss.log()
     );
     firewall.heal();
+}
+
+/// Reads a Subscribe stream until it ends: None when it closed, the status when it failed.
+async fn stream_end(
+    responses: &mut tonic::Streaming<weft_proto::v1::SubscribeResponse>,
+) -> Option<tonic::Status> {
+    loop {
+        match responses.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(status) => return Some(status),
+        }
+    }
 }
