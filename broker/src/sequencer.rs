@@ -196,7 +196,7 @@ impl<G: Proposer> Sequencer<G> {
             // be behind the new leader's, and a sequence check against it would answer a
             // retry or the next batch wrongly (a gap for a batch the new leader expects). Say
             // it is unavailable, and reload the table once it leads with a quorum again.
-            self.producers = None;
+            self.drop_table("this broker lost touch with the partition's majority; retry");
             answer(
                 vec![job.reply],
                 Err(BrokerError::Unavailable {
@@ -211,7 +211,7 @@ impl<G: Proposer> Sequencer<G> {
         }
         let term = self.group.term();
         if self.producers.is_some() && term != self.producers_term {
-            self.forget_term();
+            self.drop_table("the partition's leadership changed; retry");
         }
         let pending_key = (h.producer_id, h.producer_epoch, h.base_sequence);
         if let Some(others) = self.pending.get_mut(&pending_key) {
@@ -356,13 +356,15 @@ impl<G: Proposer> Sequencer<G> {
         }
     }
 
-    /// The leadership moved on since the producer table was loaded: forget the table (reloaded
-    /// from what was applied), and refuse, as unavailable (retry), the idempotent batches that
-    /// were checked against it and not proposed yet, and the parked ones.
-    fn forget_term(&mut self) {
+    /// Forgets the producer table (it is reloaded from what was applied, once every entry in
+    /// flight has settled), and refuses, as unavailable (retry), the idempotent batches that
+    /// were checked against it and not proposed yet, and the parked ones. Those batches must
+    /// not outlive the table: a table reloaded before they are stored misses them, and a retry
+    /// of one would then be stored a second time.
+    fn drop_table(&mut self, reason: &str) {
         self.producers = None;
         let unavailable = || BrokerError::Unavailable {
-            reason: "the partition's leadership changed; retry".into(),
+            reason: reason.to_string(),
             leader: None,
         };
         for (_, parked) in std::mem::take(&mut self.parked) {
@@ -439,16 +441,7 @@ impl<G: Proposer> Sequencer<G> {
         if proposed.result.is_err() {
             // The outcome is unknown: rebuild the producer table from what was applied, and let
             // the batches waiting behind these be retried.
-            self.producers = None;
-            for (_, parked) in std::mem::take(&mut self.parked) {
-                answer(
-                    vec![parked.job.reply],
-                    Err(BrokerError::Unavailable {
-                        reason: "an earlier batch's outcome is unknown; retry".into(),
-                        leader: None,
-                    }),
-                );
-            }
+            self.drop_table("an earlier batch's outcome is unknown; retry");
         }
         for (record_count, producer, mut waiters) in proposed.batches {
             if let Some(key) = producer {
@@ -519,7 +512,7 @@ pub async fn run<G: Proposer>(
             && seq.group.term() != seq.producers_term
         {
             // Checked against a table of an earlier term: not proposed.
-            seq.forget_term();
+            seq.drop_table("the partition's leadership changed; retry");
         }
         if !seq.next_entry.is_empty()
             && in_flight.len() < ENTRIES_IN_FLIGHT_MAX
@@ -892,6 +885,140 @@ mod tests {
             .expect("a duplicate");
         assert_eq!((retry.base_offset, retry.duplicate), (0, true));
         assert!(proposals.try_recv().is_err(), "nothing stored again");
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    async fn next_proposal(
+        proposals: &mut mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    ) -> oneshot::Sender<()> {
+        tokio::time::timeout(Duration::from_secs(5), proposals.recv())
+            .await
+            .expect("proposed")
+            .expect("proposal")
+    }
+
+    /// Batches accepted against the producer table and waiting for the next entry (two entries
+    /// in flight) must not outlive the table: dropped (a leader cut off for a moment) and
+    /// reloaded from what was applied, the table missed them, so once they were stored a retry
+    /// of one was taken as new and stored again, and the producer's next batch was refused as a
+    /// gap until then. Seen by the fault-injection harness (partition fault, seed
+    /// 1796436568205376813): a sender's value stored at offsets 1842 and 2119.
+    #[tokio::test]
+    async fn batches_waiting_for_an_entry_do_not_outlive_the_producer_table() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let applied: Arc<Mutex<BTreeMap<u64, ProducerState>>> = Arc::default();
+        let log = HeldLog {
+            next_offset: Arc::new(Mutex::new(0)),
+            proposals: proposals_tx,
+            cut_off: cut_off.clone(),
+            term: Arc::default(),
+            applied: applied.clone(),
+        };
+        let (jobs, queue) = mpsc::channel(16);
+        let actor = tokio::spawn(run(log, queue, 3_600_000));
+        let wait = Duration::from_secs(5);
+        let apply = |producer: u64, sequence: u64, offset: u64| {
+            applied
+                .lock()
+                .expect("lock")
+                .entry(producer)
+                .or_default()
+                .record(
+                    0,
+                    ProducerBatch {
+                        base_sequence: sequence,
+                        record_count: 1,
+                        base_offset: offset,
+                    },
+                );
+        };
+
+        // Two entries in flight: producer 7's sequence 0 (offset 0), producer 9's (offset 1).
+        let first = publish(&jobs, idempotent_of(7, 0, 0, b"a")).await;
+        let release_first = next_proposal(&mut proposals).await;
+        let nine = publish(&jobs, idempotent_of(9, 0, 0, b"n")).await;
+        let release_nine = next_proposal(&mut proposals).await;
+        // Producer 7's sequence 1 is accepted and waits for the next entry.
+        let second = publish(&jobs, idempotent_of(7, 0, 1, b"b")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The leader loses its quorum for a moment: the table is dropped.
+        cut_off.store(true, std::sync::atomic::Ordering::Relaxed);
+        let refused = publish(&jobs, idempotent_of(8, 0, 0, b"c")).await;
+        assert!(matches!(
+            refused.await.expect("answered"),
+            Err(BrokerError::Unavailable { .. })
+        ));
+        cut_off.store(false, std::sync::atomic::Ordering::Relaxed);
+        // Producer 8 tries again: it waits for the entries in flight, then reloads the table.
+        let eight = publish(&jobs, idempotent_of(8, 0, 0, b"c")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        apply(7, 0, 0);
+        apply(9, 0, 1);
+        release_first.send(()).expect("release");
+        release_nine.send(()).expect("release");
+        assert_eq!(
+            first.await.expect("answered").expect("stored").base_offset,
+            0
+        );
+        assert_eq!(
+            nine.await.expect("answered").expect("stored").base_offset,
+            1
+        );
+        // The next entry: producer 8's batch, and producer 7's sequence 1 if it was kept.
+        let release_third = next_proposal(&mut proposals).await;
+        let second = tokio::time::timeout(Duration::from_millis(500), second).await;
+        let second_stored_at = match &second {
+            Ok(Ok(Err(BrokerError::Unavailable { .. }))) => None,
+            // Still waiting: it went into the third entry.
+            Err(_) => Some(2),
+            other => panic!("sequence 1 must wait for its entry or be refused: {other:?}"),
+        };
+        if let Some(offset) = second_stored_at {
+            apply(7, 1, offset);
+        }
+        apply(8, 0, if second_stored_at.is_some() { 3 } else { 2 });
+        release_third.send(()).expect("release");
+        eight.await.expect("answered").expect("stored");
+
+        // The producer retries sequence 1 (its attempt timed out, or was refused): it is stored
+        // exactly once, and the next sequence follows it.
+        let retry = publish(&jobs, idempotent_of(7, 0, 1, b"b")).await;
+        let proposed = tokio::time::timeout(Duration::from_millis(500), proposals.recv()).await;
+        match (second_stored_at, proposed) {
+            (Some(offset), Ok(_)) => {
+                panic!("sequence 1, stored at offset {offset}, was proposed a second time")
+            }
+            (Some(_), Err(_)) => {}
+            (None, Ok(Some(release))) => release.send(()).expect("release"),
+            (None, other) => panic!("the retry of a refused batch is stored: {other:?}"),
+        }
+        let retry = tokio::time::timeout(wait, retry)
+            .await
+            .expect("answered")
+            .expect("answered")
+            .expect("stored or a duplicate");
+        assert_eq!(
+            retry.duplicate,
+            second_stored_at.is_some(),
+            "a retry of a stored batch is a duplicate, never stored again: {retry:?}"
+        );
+        if let Some(offset) = second_stored_at {
+            assert_eq!(retry.base_offset, offset);
+        } else {
+            apply(7, 1, retry.base_offset);
+        }
+        let third = publish(&jobs, idempotent_of(7, 0, 2, b"c")).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        tokio::time::timeout(wait, third)
+            .await
+            .expect("answered")
+            .expect("answered")
+            .expect("the next sequence follows, no gap");
         drop(jobs);
         actor.await.expect("no panic");
     }
