@@ -878,7 +878,7 @@ pub fn free_port_on(ip: &str) -> u16 {
     let mut rng = rand::rng();
     for _ in 0..200 {
         let port = rng.random_range(low..ephemeral_min.max(low + 1));
-        if std::net::TcpListener::bind((ip, port)).is_ok() {
+        if std::net::TcpListener::bind((ip, port)).is_ok() && reserve_port(ip, port) {
             return port;
         }
     }
@@ -886,6 +886,45 @@ pub fn free_port_on(ip: &str) -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// Claims `ip:port` for this test process, across the test processes running at once: a file
+/// per port names the process that holds it. A cluster broker keeps its ports across restarts,
+/// and while it was down another test saw its port free and gave it to a broker of its own (seen
+/// in CI: "Address already in use" restarting a cluster broker). A claim of a process that has
+/// exited is taken over.
+fn reserve_port(ip: &str, port: u16) -> bool {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join("weft-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let path = dir.join(format!("{ip}-{port}"));
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut file) => {
+                return write!(file, "{}", std::process::id()).is_ok();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let alive = holder
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+                // An empty file is a claim being written: taken.
+                if alive || holder.is_empty() {
+                    return false;
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(_) => return true,
+        }
+    }
+    false
 }
 
 /// What `future` gives, or a panic naming `what` once `limit` has passed.
