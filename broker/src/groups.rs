@@ -1090,6 +1090,7 @@ mod tests {
             },
             created_at_ms: 1,
             replicas: vec![vec![1]; 4],
+            as_proposed: false,
         });
         store.take_over(1);
         store

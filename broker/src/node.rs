@@ -1346,21 +1346,40 @@ impl Node {
     }
 
     /// A proposed placement for partitions `first .. end`, from this broker's view of the
-    /// brokers (the controller places replicas again when it applies the command, from the
-    /// brokers registered at that point of its log).
-    fn place(&self, first: u32, end: u32, replication_factor: u32) -> Vec<Vec<NodeId>> {
-        let mut brokers: Vec<NodeId> = self.controller.state().brokers.keys().copied().collect();
+    /// brokers: preferred leaders on the brokers up and serving, spread by load (see
+    /// [`ControllerState::propose_placement`]), and whether it is to stand as proposed (every
+    /// broker at [`crate::raft::PLACEMENT_LEVEL`]; otherwise the controller places the replicas
+    /// again when it applies the command, by rotation over the brokers registered at that
+    /// point of its log).
+    async fn place(
+        &self,
+        first: u32,
+        end: u32,
+        replication_factor: u32,
+    ) -> (Vec<Vec<NodeId>>, bool) {
+        let state = self.controller.state();
+        let as_proposed =
+            !state.brokers.is_empty() && state.behind(crate::raft::PLACEMENT_LEVEL).is_none();
+        if as_proposed {
+            let usable = self.usable_brokers(&state).await;
+            let placed = state.propose_placement(first, end, replication_factor, &usable);
+            if !placed.is_empty() {
+                return (placed, true);
+            }
+        }
+        let mut brokers: Vec<NodeId> = state.brokers.keys().copied().collect();
         if brokers.is_empty() {
             brokers.push(self.node_id);
         }
         let rf = (replication_factor.max(1) as usize).min(brokers.len());
-        (first..end)
+        let placed = (first..end)
             .map(|p| {
                 (0..rf)
                     .map(|k| brokers[(p as usize + k) % brokers.len()])
                     .collect()
             })
-            .collect()
+            .collect();
+        (placed, false)
     }
 
     fn controller_result(response: ControllerResponse) -> Result<TopicMeta, BrokerError> {
@@ -1416,13 +1435,16 @@ impl Node {
         if !violations.is_empty() {
             return Err(BrokerError::InvalidArgument(violations));
         }
-        let replicas = self.place(0, config.partitions, config.replication_factor);
+        let (replicas, as_proposed) = self
+            .place(0, config.partitions, config.replication_factor)
+            .await;
         let command = ControllerCommand::CreateTopic {
             name: name.into(),
             topic_id: uuid::Uuid::new_v4().to_string(),
             config,
             created_at_ms: now_ms(),
             replicas,
+            as_proposed,
         };
         let topic = Self::controller_result(self.propose(command).await?)?;
         self.wait_for_partitions(&topic).await?;
@@ -1449,15 +1471,18 @@ impl Node {
         if config.partitions < current.config.partitions {
             return Err(BrokerError::invalid("config.partitions", "can only grow"));
         }
-        let new_replicas = self.place(
-            current.config.partitions,
-            config.partitions,
-            config.replication_factor,
-        );
+        let (new_replicas, as_proposed) = self
+            .place(
+                current.config.partitions,
+                config.partitions,
+                config.replication_factor,
+            )
+            .await;
         let command = ControllerCommand::UpdateTopic {
             name: name.into(),
             config,
             new_replicas,
+            as_proposed,
         };
         let topic = Self::controller_result(self.propose(command).await?)?;
         self.wait_for_partitions(&topic).await?;

@@ -126,7 +126,10 @@ impl Node {
     /// voters of the controller group (a broker registered though it left the group never
     /// hears of its replicas), and answering a health check on the peer port (a broker that
     /// is down would hold a move for as long as it stays down).
-    async fn usable_brokers(&self, state: &ControllerState) -> std::collections::BTreeSet<NodeId> {
+    pub(crate) async fn usable_brokers(
+        &self,
+        state: &ControllerState,
+    ) -> std::collections::BTreeSet<NodeId> {
         let voters = self.controller_voters();
         let candidates: Vec<(NodeId, String)> = state
             .brokers

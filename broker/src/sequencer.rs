@@ -84,6 +84,9 @@ pub const ENTRY_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const REORDER_WAIT: Duration = Duration::from_millis(500);
 /// Most batches waiting for their predecessors, over all producers of a partition.
 const PARKED_MAX: usize = 4096;
+/// How long the actor waits for its group to confirm the leadership before loading the
+/// producer table.
+const LEADERSHIP_CHECK_WAIT: Duration = Duration::from_secs(3);
 
 /// A publish waiting for the actor.
 pub struct PublishJob {
@@ -238,7 +241,19 @@ impl<G: Proposer> Sequencer<G> {
             return;
         }
         if self.producers.is_none() {
-            match self.group.ensure_leader().await {
+            // Bounded: a leader cut off right after it confirmed its quorum waits for its first
+            // entry to commit, and the actor would wait with it.
+            let confirmed = tokio::time::timeout(LEADERSHIP_CHECK_WAIT, self.group.ensure_leader())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BrokerError::Unavailable {
+                        reason: "this broker could not confirm in time that it leads the \
+                                 partition; retry"
+                            .into(),
+                        leader: None,
+                    })
+                });
+            match confirmed {
                 Ok(()) => {
                     // The term read before: if it moved on meanwhile, the next batch reloads.
                     let table = self.group.producers();
@@ -305,14 +320,24 @@ impl<G: Proposer> Sequencer<G> {
                     && parked_here < PRODUCER_BATCHES_KEPT
                     && parked_total < PARKED_MAX =>
             {
-                // Ahead of its producer: the batches before it are likely on their way.
-                self.parked.insert(
+                // Ahead of its producer: the batches before it are likely on their way. A retry
+                // of a batch parked already takes its place (its first attempt is answered).
+                let previous = self.parked.insert(
                     key,
                     Parked {
                         job,
                         until: Instant::now() + REORDER_WAIT,
                     },
                 );
+                if let Some(previous) = previous {
+                    answer(
+                        vec![previous.job.reply],
+                        Err(BrokerError::Unavailable {
+                            reason: "a retry of this batch took its place; retry".into(),
+                            leader: None,
+                        }),
+                    );
+                }
             }
             SequenceCheck::Gap { expected } => answer(
                 vec![job.reply],
@@ -406,8 +431,17 @@ impl<G: Proposer> Sequencer<G> {
         });
     }
 
-    /// Refuses the parked batches whose predecessors did not come in time.
+    /// Refuses the parked batches whose predecessors did not come in time: a sequence gap, by
+    /// the table they were checked against while it is still good (this leader's term, with
+    /// its quorum), or else unavailable (retry): a new leader may hold their predecessors.
     fn expire_parked(&mut self, now: Instant) {
+        if self.producers.is_some() && !self.parked.is_empty() {
+            if self.group.term() != self.producers_term {
+                self.drop_table("the partition's leadership changed; retry");
+            } else if self.group.lost_quorum().is_some() {
+                self.drop_table("this broker lost touch with the partition's majority; retry");
+            }
+        }
         let late: Vec<(u64, u64)> = self
             .parked
             .iter()
@@ -885,6 +919,47 @@ mod tests {
             .expect("a duplicate");
         assert_eq!((retry.base_offset, retry.duplicate), (0, true));
         assert!(proposals.try_recv().is_err(), "nothing stored again");
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// A batch parked ahead of its producer's sequence whose predecessors do not come is
+    /// refused as a gap only by a table that is still good: after the leadership moved on (a
+    /// new leader may hold the predecessors), it is unavailable (retry). Before, the old term's
+    /// table answered SEQUENCE_GAP. A retry of a parked batch takes its place, and its first
+    /// attempt is answered (before, it was dropped unanswered).
+    #[tokio::test]
+    async fn a_parked_batch_gets_no_gap_verdict_from_an_old_term() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let term = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let log = HeldLog {
+            next_offset: Arc::new(Mutex::new(0)),
+            proposals: proposals_tx,
+            cut_off: Arc::default(),
+            term: term.clone(),
+            applied: Arc::default(),
+        };
+        let (jobs, queue) = mpsc::channel(16);
+        let actor = tokio::spawn(run(log, queue, 3_600_000));
+        let first = publish(&jobs, idempotent(0, 0, b"a")).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        first.await.expect("answered").expect("stored");
+        // Sequence 2 arrives before 1, twice: the first attempt is answered.
+        let early = publish(&jobs, idempotent(0, 2, b"c")).await;
+        let again = publish(&jobs, idempotent(0, 2, b"c")).await;
+        match tokio::time::timeout(Duration::from_secs(1), early).await {
+            Ok(Ok(Err(BrokerError::Unavailable { .. }))) => {}
+            other => panic!("the first attempt of a batch parked again is answered: {other:?}"),
+        }
+        // The leadership moves on before sequence 1 comes.
+        term.store(2, std::sync::atomic::Ordering::Relaxed);
+        match tokio::time::timeout(REORDER_WAIT * 4, again).await {
+            Ok(Ok(Err(BrokerError::Unavailable { .. }))) => {}
+            other => panic!("no gap verdict from an old term's table: {other:?}"),
+        }
         drop(jobs);
         actor.await.expect("no panic");
     }

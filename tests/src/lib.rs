@@ -1097,6 +1097,20 @@ impl Firewall {
         );
     }
 
+    /// Drops every TCP packet from the IP `source` to the IP `destination`, whatever the ports:
+    /// with only this rule, `source` still receives what `destination` sends it, but nothing it
+    /// answers (acknowledgements and responses included) comes back.
+    pub fn drop_tcp_between(&mut self, source: &str, destination: &str) {
+        let mut rule: Vec<String> = ["-s", source, "-d", destination, "-p", "tcp"]
+            .map(String::from)
+            .to_vec();
+        rule.extend(["-m", "comment", "--comment"].map(String::from));
+        rule.push(format!("weft-test-{}", std::process::id()));
+        rule.extend(["-j", "DROP"].map(String::from));
+        Self::run("-I", &rule).expect("add a packet filter rule");
+        self.rules.push(rule);
+    }
+
     fn add(&mut self, source: Option<&str>, destination: &str, target: &[&str]) {
         let (ip, port) = destination
             .rsplit_once(':')

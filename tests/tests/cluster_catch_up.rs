@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use weft_proto::v1::publish_request::Target;
 use weft_proto::v1::{PublishRequest, Record};
-use weft_tests::{Broker, fetch_range, grpc, offsets, start_cluster_with, wait_for};
+use weft_tests::{Broker, Firewall, fetch_range, grpc, offsets, start_cluster_with, wait_for};
 
 const RECORD: usize = 4096;
 
@@ -26,6 +26,12 @@ fn leader_of_0(broker: &Broker) -> u64 {
 /// that retries while the partition is unavailable (its leadership moving, say: the preferred
 /// leader balance may run meanwhile).
 async fn publish(address: &str, from: u64, to: u64) {
+    publish_at(address, from, to, Some(from)).await;
+}
+
+/// [`publish`], the first record expected at offset `first_offset` (None: wherever the log
+/// ends).
+async fn publish_at(address: &str, from: u64, to: u64, mut first_offset: Option<u64>) {
     let channel = grpc::channel(address).await;
     let mut publisher = grpc::publisher(&channel);
     let mut i = from;
@@ -60,7 +66,8 @@ async fn publish(address: &str, from: u64, to: u64) {
             }
             Err(status) => panic!("publish: {status:?}"),
         };
-        assert_eq!(response.base_offset, i, "dense offsets");
+        let first = *first_offset.get_or_insert(response.base_offset);
+        assert_eq!(response.base_offset, i - from + first, "dense offsets");
         i = end;
     }
 }
@@ -524,4 +531,177 @@ async fn a_leadership_change_while_a_wiped_replica_fills_its_log_loses_nothing()
             "offset {offset}"
         );
     }
+}
+
+/// One idempotent publish of producer `producer_id` at `sequence` to `address` with a deadline
+/// of `limit`.
+async fn publish_once(
+    address: String,
+    producer_id: u64,
+    sequence: u64,
+    limit: Duration,
+) -> Result<weft_proto::v1::PublishResponse, tonic::Status> {
+    let channel = grpc::channel(&address).await;
+    let mut request = tonic::Request::new(PublishRequest {
+        topic: "wipe".into(),
+        target: Some(Target::Partition(0)),
+        records: vec![Record {
+            value: b"one".to_vec().into(),
+            ..Record::default()
+        }],
+        producer_id,
+        base_sequence: sequence,
+        ..PublishRequest::default()
+    });
+    request.set_timeout(limit);
+    tokio::time::timeout(
+        limit + Duration::from_secs(1),
+        grpc::publisher(&channel).publish(request),
+    )
+    .await
+    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("client timeout")))
+    .map(tonic::Response::into_inner)
+}
+
+/// A leader cut off with a publish in flight loses the leadership while the others commit the
+/// publish's entry and retention runs on the new leader; back, the old leader is sent a
+/// snapshot, and then leads again: it must take idempotent publishes. openraft never answers a
+/// proposal whose entry a snapshot covered (it answers only entries it applies or truncates),
+/// and the partition's publish actor then waited for it for good (each idempotent publish
+/// waited for the entries in flight to settle before loading the producer table); a proposal
+/// now gives up once a snapshot was installed over it. This run does not reliably reach that
+/// case: openraft holds the purge back while its replication to the cut-off replica is in
+/// flight, so the old leader usually receives the entry itself before the snapshot. It passes
+/// with and without the proposal's give-up (seen: 4 runs each); it guards the whole sequence
+/// (cut, retention, snapshot install, leading again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_pending_publish_a_snapshot_covered_serves_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "retention_check_interval_ms = 200\nsnapshot_interval_bytes = 1048576\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let brokers = start_cluster_with(3, &["--config", &config]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"wipe","partitions":1,"segment_bytes":1048576,"retention_bytes":4194304,"max_message_bytes":262144}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let old = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of_0(&brokers[0]);
+        async move { (l != 0).then_some(l) }
+    })
+    .await as usize;
+    // The leader knows the producer (its table is loaded). Then nothing the others send it
+    // arrives: its next publish reaches the followers, which store it, but their answers are
+    // lost, and it cannot commit it. Then it is cut off for good: the others elect a leader,
+    // which commits that entry.
+    publish_once(
+        brokers[old - 1].client_addr.clone(),
+        9001,
+        0,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("the first publish");
+    let mut firewall = Firewall::new();
+    let cut = &brokers[old - 1];
+    for other in brokers.iter().filter(|b| b.peer_addr != cut.peer_addr) {
+        firewall.drop_tcp_between(ip(&other.peer_addr), ip(&cut.peer_addr));
+    }
+    let stranded = tokio::spawn(publish_once(
+        cut.client_addr.clone(),
+        9001,
+        1,
+        Duration::from_secs(2),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for other in brokers.iter().filter(|b| b.peer_addr != cut.peer_addr) {
+        firewall.drop_tcp(Some(ip(&cut.peer_addr)), &other.peer_addr);
+    }
+    let stranded = stranded.await.expect("no panic");
+    assert!(
+        stranded.is_err(),
+        "a cut-off leader committed: {stranded:?}"
+    );
+    let other = brokers
+        .iter()
+        .position(|b| b.peer_addr != cut.peer_addr)
+        .expect("another");
+    let new = wait_for("a new leader", Duration::from_secs(30), || {
+        let l = leader_of_0(&brokers[other]);
+        async move { (l != 0 && l as usize != old).then_some(l) }
+    })
+    .await as usize;
+    let new_address = brokers[new - 1].client_addr.clone();
+    // Retention on the new leader purges far past the old leader's log.
+    publish_at(&new_address, 0, 1600, None).await;
+    wait_for("retention to purge", Duration::from_secs(30), || {
+        let address = new_address.clone();
+        async move {
+            offsets(&address, "wipe", 0, None)
+                .await
+                .ok()
+                .filter(|b| b.log_start_offset > 0)
+        }
+    })
+    .await;
+    firewall.heal();
+    wait_for(
+        "the old leader to catch up",
+        Duration::from_secs(60),
+        || {
+            let address = cut.client_addr.clone();
+            async move {
+                offsets(&address, "wipe", 0, None)
+                    .await
+                    .ok()
+                    .filter(|b| b.high_watermark >= 1600)
+            }
+        },
+    )
+    .await;
+    // Led by it again (the transfer asked of the current leader).
+    wait_for(
+        "the old leader to lead again",
+        Duration::from_secs(30),
+        || {
+            let l = leader_of_0(&brokers[other]) as usize;
+            if l != 0 && l != old {
+                let (status, body) = brokers[l - 1].http(
+                    "POST",
+                    "/v1/topics/wipe/partitions/0/leader",
+                    Some(&format!(r#"{{"node_id":{old}}}"#)),
+                );
+                assert!(status == 200 || status == 503, "{status} {body}");
+            }
+            async move { (l == old).then_some(()) }
+        },
+    )
+    .await;
+    // It takes an idempotent publish of a new producer.
+    let mut last = None;
+    for _ in 0..10 {
+        match publish_once(cut.client_addr.clone(), 9002, 0, Duration::from_secs(2)).await {
+            Ok(response) => {
+                assert!(response.base_offset >= 1600, "{response:?}");
+                return;
+            }
+            Err(status) => last = Some(status),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "the old leader, leading again, took no idempotent publish: {last:?}; log:\n{}",
+        cut.log()
+    );
+}
+
+/// The IP of `address` (ip:port).
+fn ip(address: &str) -> &str {
+    address.rsplit_once(':').map_or(address, |(ip, _)| ip)
 }

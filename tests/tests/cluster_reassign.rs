@@ -533,3 +533,78 @@ async fn a_rebalance_gives_partitions_shrunk_by_a_removal_their_factor_back() {
         assert_eq!(values, expected, "partition {partition}");
     }
 }
+
+/// A topic created while a broker is down is led only by brokers that are up, and still has
+/// its factor of 3 (the broker that is down holds the third replicas, and catches up once
+/// back). Before, partitions rotated over every registered broker: the one whose first replica
+/// (the replica that starts the partition's group) was down had no leader, and took no
+/// publish, until that broker came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_while_a_broker_is_down_is_led_by_the_brokers_that_are_up() {
+    let mut brokers = start_cluster(3);
+    listed_everywhere_as(&brokers, &[1, 2, 3]).await;
+    brokers[2].kill9();
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{TOPIC}","partitions":3,"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    for (partition, replicas, _) in placement(&brokers[0]) {
+        assert_eq!(replicas.len(), 3, "partition {partition}: {replicas:?}");
+        assert_ne!(
+            replicas[0], 3,
+            "partition {partition} is led by the broker that is down"
+        );
+    }
+    let leaders = |broker: &Broker| -> Vec<u64> {
+        let (status, body) = broker.http("GET", &format!("/v1/topics/{TOPIC}"), None);
+        assert_eq!(status, 200, "{body}");
+        let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+        value["partition_details"]
+            .as_array()
+            .expect("partition details")
+            .iter()
+            .map(|p| p["leader_id"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    wait_for(
+        "every partition to have a leader",
+        Duration::from_secs(20),
+        || {
+            let leaders = leaders(&brokers[0]);
+            async move { leaders.iter().all(|l| *l != 0).then_some(()) }
+        },
+    )
+    .await;
+    let addresses: Vec<String> = brokers[..2].iter().map(|b| b.client_addr.clone()).collect();
+    for partition in 0..3u32 {
+        let published = tokio::time::timeout(
+            Duration::from_secs(20),
+            publish_until_acknowledged(&addresses, TOPIC, partition, 0, &format!("p{partition}")),
+        )
+        .await;
+        assert!(published.is_ok(), "partition {partition} took no publish");
+    }
+    // Back, the broker catches up on its replicas.
+    brokers[2].start_again_same_ports();
+    for partition in 0..3u32 {
+        let address = brokers[2].client_addr.clone();
+        wait_for(
+            "the broker back to hold the record",
+            Duration::from_secs(30),
+            || {
+                let address = address.clone();
+                async move {
+                    weft_tests::try_fetch_range(&address, TOPIC, partition, 0, 1)
+                        .await
+                        .ok()
+                        .filter(|r| r.len() == 1)
+                }
+            },
+        )
+        .await;
+    }
+}

@@ -66,6 +66,10 @@ pub enum ControllerCommand {
         created_at_ms: i64,
         /// Replica placement per partition.
         replicas: Vec<Vec<NodeId>>,
+        /// `replicas` stands when applied, if it is still valid then ([`PLACEMENT_LEVEL`]):
+        /// the proposer placed the replicas and preferred leaders on the brokers it saw up.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        as_proposed: bool,
     },
     /// Replace a topic's configuration (partitions may only grow).
     UpdateTopic {
@@ -75,6 +79,10 @@ pub enum ControllerCommand {
         config: TopicConfig,
         /// Placement of added partitions.
         new_replicas: Vec<Vec<NodeId>>,
+        /// `new_replicas` stands when applied, if it is still valid then
+        /// ([`PLACEMENT_LEVEL`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        as_proposed: bool,
     },
     /// Delete a topic.
     DeleteTopic {
@@ -212,7 +220,14 @@ pub struct BrokerMeta {
 ///   new cluster, after the last broker's upgrade in an older one.
 /// - 3: a broker's removal refused when applied if it would leave no broker to hold the
 ///   replicas (`SetRemoving.keep_one`: an older broker applies it without the check).
-pub const FEATURE_LEVEL: u32 = 3;
+/// - 4: a new partition's replicas placed as proposed (`CreateTopic.as_proposed`,
+///   `UpdateTopic.as_proposed`: the proposer leaves out brokers that are down or draining; an
+///   older broker places them by rotation over every registered broker).
+pub const FEATURE_LEVEL: u32 = 4;
+
+/// The feature level that places a new partition's replicas as the proposer chose them (see
+/// [`FEATURE_LEVEL`]).
+pub const PLACEMENT_LEVEL: u32 = 4;
 
 /// The feature level that checks, when a removal is applied, that a broker remains to hold the
 /// replicas (see [`FEATURE_LEVEL`]).
@@ -398,12 +413,14 @@ impl ControllerState {
                 config,
                 created_at_ms,
                 replicas,
+                as_proposed,
             } => {
                 if self.topics.contains_key(name) {
                     return ControllerResponse::AlreadyExists(name.clone());
                 }
                 let mut config = config.clone();
-                let replicas = self.placement(0, config.partitions, &mut config, replicas);
+                let replicas =
+                    self.placement(0, config.partitions, &mut config, replicas, *as_proposed);
                 let partitions = self.place(0, &replicas);
                 let topic = TopicMeta {
                     name: name.clone(),
@@ -419,6 +436,7 @@ impl ControllerState {
                 name,
                 config,
                 new_replicas,
+                as_proposed,
             } => {
                 let Some(current) = self.topics.get(name).map(|t| TopicMeta::clone(t)) else {
                     return ControllerResponse::NotFound(name.clone());
@@ -440,8 +458,13 @@ impl ControllerState {
                 let mut config = config.clone();
                 // The replication factor stays what the topic has.
                 config.replication_factor = topic.config.replication_factor;
-                let replicas =
-                    self.placement(first, config.partitions, &mut config.clone(), new_replicas);
+                let replicas = self.placement(
+                    first,
+                    config.partitions,
+                    &mut config.clone(),
+                    new_replicas,
+                    *as_proposed,
+                );
                 let more = self.place(first, &replicas);
                 topic.partitions.extend(more);
                 topic.config = config;
@@ -693,6 +716,74 @@ impl ControllerState {
             p.target = Some(replicas.to_vec());
         }
         ControllerResponse::Topic(meta.clone())
+    }
+
+    /// A placement to propose for partitions `first .. end` of a topic asking for
+    /// `replication_factor` replicas (capped by the brokers that are registered and not being
+    /// removed). Each partition's first replica (it initialises the group and is the preferred
+    /// leader) is the broker of `usable` (up, serving, not draining: what the proposer sees)
+    /// with the fewest preferred leaderships, then the fewest replicas; the others are the
+    /// usable brokers with the fewest replicas, and only when too few are usable, brokers that
+    /// are down or draining (they catch up once back; the group needs a majority of its
+    /// replicas up). Leaders so spread over the brokers that are up, whatever the topics'
+    /// partition counts; a broker that is down leads no new partition, which would stay
+    /// leaderless until it came back.
+    pub fn propose_placement(
+        &self,
+        first: u32,
+        end: u32,
+        replication_factor: u32,
+        usable: &BTreeSet<NodeId>,
+    ) -> Vec<Vec<NodeId>> {
+        let eligible = self.eligible_brokers();
+        if eligible.is_empty() {
+            return Vec::new();
+        }
+        let rf = (replication_factor.max(1) as usize).min(eligible.len());
+        let mut replicas = self.replica_counts();
+        let mut leaders: BTreeMap<NodeId, usize> = eligible.iter().map(|b| (*b, 0)).collect();
+        for t in self.topics.values() {
+            for p in &t.partitions {
+                if let Some(c) = p
+                    .target
+                    .as_ref()
+                    .unwrap_or(&p.replicas)
+                    .first()
+                    .and_then(|b| leaders.get_mut(b))
+                {
+                    *c += 1;
+                }
+            }
+        }
+        (first..end)
+            .map(|_| {
+                let mut chosen: Vec<NodeId> = Vec::with_capacity(rf);
+                // Usable brokers first, then the others; within each, the least loaded.
+                let rank = |b: &NodeId, by_leaders: bool| {
+                    let (l, r) = (leaders[b], replicas[b]);
+                    (
+                        !usable.contains(b),
+                        if by_leaders { (l, r) } else { (r, l) },
+                        *b,
+                    )
+                };
+                let leader = eligible
+                    .iter()
+                    .min_by_key(|b| rank(b, true))
+                    .copied()
+                    .expect("eligible is not empty");
+                chosen.push(leader);
+                let mut others: Vec<NodeId> =
+                    eligible.iter().filter(|b| **b != leader).copied().collect();
+                others.sort_by_key(|b| rank(b, false));
+                chosen.extend(others.into_iter().take(rf - 1));
+                *leaders.get_mut(&leader).expect("eligible") += 1;
+                for b in &chosen {
+                    *replicas.get_mut(b).expect("eligible") += 1;
+                }
+                chosen
+            })
+            .collect()
     }
 
     /// Brokers that may receive replicas: registered and not being removed.
@@ -962,15 +1053,21 @@ impl ControllerState {
 
     /// Replicas of partitions `first .. end`, decided here, in log order, from the brokers
     /// registered so far: `replication_factor` of them per partition (capped by the brokers
-    /// known; the config records the factor in force), the first replica (which initialises the
-    /// partition's group and is its preferred leader) rotating over the brokers so that leaders
-    /// spread. With no broker registered yet, the proposer's placement stands.
+    /// known; the config records the factor in force).
+    ///
+    /// With `as_proposed`, while every broker places at [`PLACEMENT_LEVEL`], the proposer's
+    /// placement stands if it is still valid here (see [`ControllerState::propose_placement`]:
+    /// it leaves out brokers that are down or draining). Otherwise the first replica (which
+    /// initialises the partition's group and is its preferred leader) rotates over the
+    /// registered brokers, so that leaders spread. With no broker registered yet, the
+    /// proposer's placement stands.
     fn placement(
-        &self,
+        &mut self,
         first: u32,
         end: u32,
         config: &mut TopicConfig,
         proposed: &[Vec<NodeId>],
+        as_proposed: bool,
     ) -> Vec<Vec<NodeId>> {
         let brokers: Vec<NodeId> = self
             .brokers
@@ -984,6 +1081,19 @@ impl ControllerState {
         // The topic keeps the factor it asked for: with fewer brokers, it is under-replicated
         // (and says so) until there are enough.
         let rf = (config.replication_factor.max(1) as usize).min(brokers.len());
+        if as_proposed && self.behind(PLACEMENT_LEVEL).is_none() {
+            self.features_in_use = self.features_in_use.max(PLACEMENT_LEVEL);
+            let valid = proposed.len() == (end - first) as usize
+                && proposed.iter().all(|replicas| {
+                    let distinct: BTreeSet<&NodeId> = replicas.iter().collect();
+                    replicas.len() == rf
+                        && distinct.len() == rf
+                        && replicas.iter().all(|r| brokers.contains(r))
+                });
+            if valid {
+                return proposed.to_vec();
+            }
+        }
         (first..end)
             .map(|p| {
                 (0..rf)
@@ -1248,6 +1358,7 @@ mod tests {
             },
             created_at_ms: 1,
             replicas: vec![vec![1]; partitions as usize],
+            as_proposed: false,
         }
     }
 
@@ -1277,6 +1388,7 @@ mod tests {
                 ..TopicConfig::default()
             },
             new_replicas: vec![vec![1]],
+            as_proposed: false,
         };
         match state.apply(&grown) {
             ControllerResponse::Topic(t) => {
@@ -1292,6 +1404,7 @@ mod tests {
                 ..TopicConfig::default()
             },
             new_replicas: vec![],
+            as_proposed: false,
         };
         assert!(matches!(
             state.apply(&shrunk),
@@ -1467,6 +1580,7 @@ mod tests {
             },
             created_at_ms: 1,
             replicas: vec![vec![1]; partitions as usize],
+            as_proposed: false,
         }
     }
 
@@ -1648,6 +1762,153 @@ mod tests {
         let (plan, stuck) = state.plan_removal_onto(1, &[2, 3].into());
         assert!(plan.iter().all(|m| m.topic != "c"), "{plan:?}");
         assert!(stuck.iter().any(|s| s.starts_with("c/0")), "{stuck:?}");
+    }
+
+    /// Creates `name` as the proposer does: placed on what `usable` holds, to stand as
+    /// proposed while every broker reads that.
+    fn create_proposed(
+        state: &mut ControllerState,
+        name: &str,
+        partitions: u32,
+        rf: u32,
+        usable: &BTreeSet<NodeId>,
+    ) -> ControllerResponse {
+        let ControllerCommand::CreateTopic {
+            name,
+            topic_id,
+            config,
+            created_at_ms,
+            ..
+        } = topic_rf(name, partitions, rf)
+        else {
+            unreachable!()
+        };
+        let replicas = state.propose_placement(0, partitions, rf, usable);
+        state.apply(&ControllerCommand::CreateTopic {
+            name,
+            topic_id,
+            config,
+            created_at_ms,
+            replicas,
+            as_proposed: state.behind(PLACEMENT_LEVEL).is_none(),
+        })
+    }
+
+    fn preferred_leaders(state: &ControllerState) -> Vec<NodeId> {
+        state
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.iter().map(|p| p.replicas[0]))
+            .collect()
+    }
+
+    /// A new partition is led only by a broker that is up: one whose first replica was down
+    /// stayed without a leader (its group is started by its first replica) until that broker
+    /// came back. Brokers that are down still take the other replicas when too few are up, so
+    /// the topic keeps its replication factor. Before, partitions rotated over every registered
+    /// broker, down or not.
+    #[test]
+    fn new_partitions_are_led_by_brokers_that_are_up() {
+        let mut state = ControllerState::default();
+        for node in 1..=3 {
+            register_at(&mut state, node, FEATURE_LEVEL);
+        }
+        let up: BTreeSet<NodeId> = [1, 2].into();
+        let ControllerResponse::Topic(topic) = create_proposed(&mut state, "t", 6, 3, &up) else {
+            panic!("created")
+        };
+        assert_eq!(state.features_in_use, PLACEMENT_LEVEL);
+        for p in &topic.partitions {
+            assert_ne!(p.replicas[0], 3, "{p:?}");
+            let mut sorted = p.replicas.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [1, 2, 3], "the factor is kept: {p:?}");
+        }
+        let firsts = preferred_leaders(&state);
+        assert_eq!(firsts.iter().filter(|b| **b == 1).count(), 3, "{firsts:?}");
+        // With a factor of 2 and two brokers up, the one down gets nothing.
+        let ControllerResponse::Topic(two) = create_proposed(&mut state, "u", 4, 2, &up) else {
+            panic!("created")
+        };
+        assert!(two.partitions.iter().all(|p| !p.replicas.contains(&3)));
+    }
+
+    /// Topics of one partition each spread their leaders over the brokers (each placed where
+    /// the fewest partitions are led): before, every one of them was led by the first broker.
+    #[test]
+    fn single_partition_topics_spread_their_leaders() {
+        let mut state = ControllerState::default();
+        for node in 1..=3 {
+            register_at(&mut state, node, FEATURE_LEVEL);
+        }
+        let all: BTreeSet<NodeId> = [1, 2, 3].into();
+        for name in ["a", "b", "c", "d", "e", "f"] {
+            create_proposed(&mut state, name, 1, 3, &all);
+        }
+        let firsts = preferred_leaders(&state);
+        for node in 1..=3 {
+            assert_eq!(
+                firsts.iter().filter(|b| **b == node).count(),
+                2,
+                "{firsts:?}"
+            );
+        }
+    }
+
+    /// The proposed placement stands only while every broker reads it (an older broker places
+    /// by rotation, and the controller's replicas must agree), and only if it is still valid
+    /// when applied (a broker being removed meanwhile, a factor not kept): otherwise the
+    /// rotation places the partitions.
+    #[test]
+    fn a_proposed_placement_stands_only_when_every_broker_reads_it_and_it_is_valid() {
+        let up: BTreeSet<NodeId> = [2, 3].into();
+        let mut older = ControllerState::default();
+        register_at(&mut older, 1, LAST_BROKER_CHECK_LEVEL);
+        for node in 2..=3 {
+            register_at(&mut older, node, FEATURE_LEVEL);
+        }
+        let command = |replicas: Vec<Vec<NodeId>>| ControllerCommand::CreateTopic {
+            name: "t".into(),
+            topic_id: "id-t".into(),
+            config: TopicConfig {
+                partitions: 1,
+                replication_factor: 2,
+                ..TopicConfig::default()
+            },
+            created_at_ms: 1,
+            replicas,
+            as_proposed: true,
+        };
+        let ControllerResponse::Topic(t) = older.apply(&command(vec![vec![3, 2]])) else {
+            panic!("created")
+        };
+        assert_eq!(
+            t.partitions[0].replicas,
+            [1, 2],
+            "rotation on an older cluster"
+        );
+        assert!(older.features_in_use < PLACEMENT_LEVEL);
+
+        let mut current = ControllerState::default();
+        for node in 1..=3 {
+            register_at(&mut current, node, FEATURE_LEVEL);
+        }
+        assert_eq!(current.propose_placement(0, 1, 2, &up), [vec![2, 3]]);
+        for invalid in [vec![vec![3]], vec![vec![3, 3]], vec![vec![3, 9]], vec![]] {
+            let mut state = current.clone();
+            let ControllerResponse::Topic(t) = state.apply(&command(invalid.clone())) else {
+                panic!("created")
+            };
+            assert_eq!(
+                t.partitions[0].replicas,
+                [1, 2],
+                "{invalid:?} is not placed"
+            );
+        }
+        let ControllerResponse::Topic(t) = current.apply(&command(vec![vec![3, 2]])) else {
+            panic!("created")
+        };
+        assert_eq!(t.partitions[0].replicas, [3, 2]);
     }
 
     /// Two removals asked at once, each checked against a state without the other, are

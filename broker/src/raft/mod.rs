@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 pub use controller_group::{ControllerGroup, ControllerService, controller_raft_config};
 pub use controller_sm::{
     BrokerMeta, CLUSTER_ID_LEVEL, ControllerCommand, ControllerResponse, ControllerState,
-    ControllerStateMachine, FEATURE_LEVEL, GroupOffsets, LAST_BROKER_CHECK_LEVEL, PartitionMeta,
-    PlannedMove, TopicMeta, feature_level,
+    ControllerStateMachine, FEATURE_LEVEL, GroupOffsets, LAST_BROKER_CHECK_LEVEL, PLACEMENT_LEVEL,
+    PartitionMeta, PlannedMove, TopicMeta, feature_level,
 };
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};

@@ -422,13 +422,36 @@ impl PartitionGroup {
                 leader: None,
             });
         }
-        let receiver = self
+        // A snapshot installed after this entry was appended may cover it (this replica lost
+        // the leadership, and the new leader had purged past its log): openraft then never
+        // answers the proposal (it answers only entries it applies or truncates).
+        let mut installs = self.sm.installs();
+        let mut receiver = self
             .raft
             .client_write_ff(Command::Records(batches))
             .await
             .map_err(fatal)?;
         Ok(Box::pin(async move {
-            match receiver.await {
+            let answer = tokio::select! {
+                biased;
+                answer = &mut receiver => answer,
+                () = installed(&mut installs) => {
+                    // The answer may be on its way still.
+                    match tokio::time::timeout(INSTALL_ANSWER_GRACE, &mut receiver).await {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            return Err(BrokerError::Unavailable {
+                                reason: "this replica took a snapshot from the partition's \
+                                         leader: the publish may or may not be stored (retry \
+                                         it with the same producer sequence)"
+                                    .into(),
+                                leader: None,
+                            });
+                        }
+                    }
+                }
+            };
+            match answer {
                 Ok(Ok(response)) => match response.data {
                     Response::Appended { base_offset, .. } => Ok(base_offset),
                     other => Err(BrokerError::Internal(format!(
@@ -1279,6 +1302,16 @@ fn adopt_headless_log(
     };
     sm.reset_to(state)?;
     reader.record_purged(purged).map_err(|e| e.to_string())
+}
+
+/// How long a proposal waits for its answer after a snapshot was installed over the log.
+const INSTALL_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// Resolves once a snapshot is installed (never, once the state machine is gone).
+async fn installed(installs: &mut tokio::sync::watch::Receiver<u64>) {
+    if installs.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 #[cfg(test)]

@@ -258,6 +258,8 @@ struct Shared {
     advanced_at: Mutex<std::time::Instant>,
     /// Where to fetch the entries before an installed snapshot from (set once the group runs).
     backfill: std::sync::OnceLock<(Peers, GroupId)>,
+    /// Snapshots installed since the state machine was opened.
+    installs: watch::Sender<u64>,
 }
 
 /// A partition's state machine. Clones share state: one goes to openraft, others to the broker.
@@ -301,6 +303,7 @@ impl PartitionStateMachine {
                 bytes_since_snapshot: AtomicU64::new(0),
                 snapshot_interval_bytes: snapshot_interval_bytes.max(1),
                 snapshot_due: Notify::new(),
+                installs: watch::Sender::new(0),
                 applied_bytes: AtomicU64::new(0),
                 applied_entries: AtomicU64::new(0),
                 producer_expiration_ms,
@@ -451,6 +454,12 @@ impl PartitionStateMachine {
     /// Whether a snapshot file exists (was loaded or written).
     pub fn has_snapshot(&self) -> bool {
         self.shared.snapshot.lock().is_ok_and(|s| s.is_some())
+    }
+
+    /// Counts the snapshots installed from the leader (a proposal of this replica's that a
+    /// snapshot covered is never answered by openraft: see [`super::PartitionGroup::propose`]).
+    pub fn installs(&self) -> watch::Receiver<u64> {
+        self.shared.installs.subscribe()
     }
 
     /// Watches the high watermark (for long-polling consumers).
@@ -752,6 +761,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         self.report_snapshot(&persisted.meta).await?;
         self.shared.bytes_since_snapshot.store(0, Ordering::Relaxed);
         self.shared.high_watermark.send_replace(high_watermark);
+        self.shared.installs.send_modify(|n| *n += 1);
         Ok(())
     }
 
