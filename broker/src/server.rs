@@ -22,6 +22,10 @@ use crate::grpc::subscribe::SubscriberService;
 use crate::grpc::topic_admin::TopicAdminService;
 use crate::node::Node;
 
+/// Calls a peer may cancel on one connection before the server has taken them up (see the
+/// peer server below).
+const PEER_PENDING_RESETS_MAX: usize = 4096;
+
 /// The three TCP listeners of a broker.
 #[derive(Debug)]
 pub struct Listeners {
@@ -242,6 +246,11 @@ pub async fn run(
         );
     // The peer port: Raft for every group of this node, and health.
     let peer_server = tonic::transport::Server::builder()
+        // One connection per peer carries every group's calls: when a cut heals, the peer
+        // cancels many at once, and h2's default (20 cancelled before the server took them up)
+        // would close the connection with every call on it. Peers are brokers of the cluster
+        // (authenticated), so the guard against a flood of resets can be far looser here.
+        .http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS_MAX))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(crate::tls::CountCalls)
