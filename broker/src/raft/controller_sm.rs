@@ -722,8 +722,9 @@ impl ControllerState {
     /// `replication_factor` replicas (capped by the brokers that are registered and not being
     /// removed). Each partition's first replica (it initialises the group and is the preferred
     /// leader) is the broker of `usable` (up, serving, not draining: what the proposer sees)
-    /// with the fewest preferred leaderships, then the fewest replicas; the others are the
-    /// usable brokers with the fewest replicas, and only when too few are usable, brokers that
+    /// with the fewest preferred leaderships (of this topic first, then of the cluster), then
+    /// the fewest replicas; the others are the usable brokers with the fewest replicas (the
+    /// same way), and only when too few are usable, brokers that
     /// are down or draining (they catch up once back; the group needs a majority of its
     /// replicas up). Leaders so spread over the brokers that are up, whatever the topics'
     /// partition counts; a broker that is down leads no new partition, which would stay
@@ -755,15 +756,28 @@ impl ControllerState {
                 }
             }
         }
+        // What this topic's partitions placed so far give each broker: the topic spreads its
+        // own leaders and replicas first (a new empty broker would otherwise lead all of a new
+        // topic's partitions, and take all its publishes), then the cluster's.
+        let mut own_leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut own_replicas: BTreeMap<NodeId, usize> = BTreeMap::new();
         (first..end)
             .map(|_| {
                 let mut chosen: Vec<NodeId> = Vec::with_capacity(rf);
                 // Usable brokers first, then the others; within each, the least loaded.
                 let rank = |b: &NodeId, by_leaders: bool| {
                     let (l, r) = (leaders[b], replicas[b]);
+                    let (ol, or) = (
+                        own_leaders.get(b).copied().unwrap_or(0),
+                        own_replicas.get(b).copied().unwrap_or(0),
+                    );
                     (
                         !usable.contains(b),
-                        if by_leaders { (l, r) } else { (r, l) },
+                        if by_leaders {
+                            (ol, l, or, r)
+                        } else {
+                            (or, r, ol, l)
+                        },
                         *b,
                     )
                 };
@@ -778,8 +792,10 @@ impl ControllerState {
                 others.sort_by_key(|b| rank(b, false));
                 chosen.extend(others.into_iter().take(rf - 1));
                 *leaders.get_mut(&leader).expect("eligible") += 1;
+                *own_leaders.entry(leader).or_default() += 1;
                 for b in &chosen {
                     *replicas.get_mut(b).expect("eligible") += 1;
+                    *own_replicas.entry(*b).or_default() += 1;
                 }
                 chosen
             })
@@ -1082,7 +1098,6 @@ impl ControllerState {
         // (and says so) until there are enough.
         let rf = (config.replication_factor.max(1) as usize).min(brokers.len());
         if as_proposed && self.behind(PLACEMENT_LEVEL).is_none() {
-            self.features_in_use = self.features_in_use.max(PLACEMENT_LEVEL);
             let valid = proposed.len() == (end - first) as usize
                 && proposed.iter().all(|replicas| {
                     let distinct: BTreeSet<&NodeId> = replicas.iter().collect();
@@ -1091,6 +1106,8 @@ impl ControllerState {
                         && replicas.iter().all(|r| brokers.contains(r))
                 });
             if valid {
+                // Only a placement kept as proposed is one an older build would not make.
+                self.features_in_use = self.features_in_use.max(PLACEMENT_LEVEL);
                 return proposed.to_vec();
             }
         }
@@ -1855,6 +1872,30 @@ mod tests {
         }
     }
 
+    /// A broker that joined empty does not lead every partition of the next topic (it has the
+    /// fewest leaderships of the cluster): the topic spreads its own leaders first.
+    #[test]
+    fn a_new_topic_spreads_its_leaders_even_onto_an_unbalanced_cluster() {
+        let mut state = ControllerState::default();
+        for node in 1..=3 {
+            register_at(&mut state, node, FEATURE_LEVEL);
+        }
+        let all: BTreeSet<NodeId> = [1, 2, 3].into();
+        create_proposed(&mut state, "old", 9, 3, &all);
+        register_at(&mut state, 4, FEATURE_LEVEL);
+        let all: BTreeSet<NodeId> = [1, 2, 3, 4].into();
+        let ControllerResponse::Topic(topic) = create_proposed(&mut state, "new", 8, 3, &all)
+        else {
+            panic!("created")
+        };
+        let led_by_4 = topic
+            .partitions
+            .iter()
+            .filter(|p| p.replicas[0] == 4)
+            .count();
+        assert_eq!(led_by_4, 2, "{:?}", topic.partitions);
+    }
+
     /// The proposed placement stands only while every broker reads it (an older broker places
     /// by rotation, and the controller's replicas must agree), and only if it is still valid
     /// when applied (a broker being removed meanwhile, a factor not kept): otherwise the
@@ -1903,6 +1944,10 @@ mod tests {
                 t.partitions[0].replicas,
                 [1, 2],
                 "{invalid:?} is not placed"
+            );
+            assert!(
+                state.features_in_use < PLACEMENT_LEVEL,
+                "a placement by rotation uses no new level"
             );
         }
         let ControllerResponse::Topic(t) = current.apply(&command(vec![vec![3, 2]])) else {
