@@ -629,6 +629,25 @@ mod tests {
         applied: Arc<Mutex<BTreeMap<u64, ProducerState>>>,
     }
 
+    impl HeldLog {
+        /// Offsets from `next_offset`; not cut off, term 0, nothing applied.
+        fn at(next_offset: u64, proposals: mpsc::UnboundedSender<oneshot::Sender<()>>) -> HeldLog {
+            HeldLog {
+                next_offset: Arc::new(Mutex::new(next_offset)),
+                proposals,
+                cut_off: Arc::default(),
+                term: Arc::default(),
+                applied: Arc::default(),
+            }
+        }
+    }
+
+    /// The publish actor of `log`: its queue and its task.
+    fn spawn_actor(log: HeldLog) -> (mpsc::Sender<PublishJob>, tokio::task::JoinHandle<()>) {
+        let (jobs, queue) = mpsc::channel(16);
+        (jobs, tokio::spawn(run(log, queue, 3_600_000)))
+    }
+
     impl Proposer for HeldLog {
         async fn ensure_leader(&self) -> Result<(), BrokerError> {
             Ok(())
@@ -709,15 +728,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_epoch_batch_is_never_answered_with_an_old_epoch_batch_in_flight() {
         let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
-        let log = HeldLog {
-            next_offset: Arc::new(Mutex::new(100)),
-            proposals: proposals_tx,
-            cut_off: Arc::default(),
-            term: Arc::default(),
-            applied: Arc::default(),
-        };
-        let (jobs, queue) = mpsc::channel(16);
-        let actor = tokio::spawn(run(log, queue, 3_600_000));
+        let (jobs, actor) = spawn_actor(HeldLog::at(100, proposals_tx));
         let wait = Duration::from_secs(5);
 
         let old = publish(&jobs, idempotent(0, 0, b"old")).await;
@@ -763,15 +774,10 @@ mod tests {
     async fn a_leader_cut_off_from_its_quorum_gives_no_sequence_verdicts() {
         let (proposals_tx, _proposals) = mpsc::unbounded_channel();
         let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let log = HeldLog {
-            next_offset: Arc::new(Mutex::new(0)),
-            proposals: proposals_tx,
+        let (jobs, actor) = spawn_actor(HeldLog {
             cut_off: cut_off.clone(),
-            term: Arc::default(),
-            applied: Arc::default(),
-        };
-        let (jobs, queue) = mpsc::channel(16);
-        let actor = tokio::spawn(run(log, queue, 3_600_000));
+            ..HeldLog::at(0, proposals_tx)
+        });
         let answer = publish(&jobs, idempotent(0, 49, b"next")).await;
         match answer.await.expect("answered") {
             Err(BrokerError::Unavailable { reason, .. }) => {
@@ -792,15 +798,11 @@ mod tests {
         let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
         let term = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let applied: Arc<Mutex<BTreeMap<u64, ProducerState>>> = Arc::default();
-        let log = HeldLog {
-            next_offset: Arc::new(Mutex::new(0)),
-            proposals: proposals_tx,
-            cut_off: Arc::default(),
+        let (jobs, actor) = spawn_actor(HeldLog {
             term: term.clone(),
             applied: applied.clone(),
-        };
-        let (jobs, queue) = mpsc::channel(16);
-        let actor = tokio::spawn(run(log, queue, 3_600_000));
+            ..HeldLog::at(0, proposals_tx)
+        });
         let wait = Duration::from_secs(5);
 
         // Term 1: sequence 0 is stored here, at offset 0.
@@ -856,15 +858,11 @@ mod tests {
         let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
         let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let applied: Arc<Mutex<BTreeMap<u64, ProducerState>>> = Arc::default();
-        let log = HeldLog {
-            next_offset: Arc::new(Mutex::new(0)),
-            proposals: proposals_tx,
+        let (jobs, actor) = spawn_actor(HeldLog {
             cut_off: cut_off.clone(),
-            term: Arc::default(),
             applied: applied.clone(),
-        };
-        let (jobs, queue) = mpsc::channel(16);
-        let actor = tokio::spawn(run(log, queue, 3_600_000));
+            ..HeldLog::at(0, proposals_tx)
+        });
         let wait = Duration::from_secs(5);
 
         // Producer 7's sequence 0 is in flight, at offset 0.
@@ -932,15 +930,10 @@ mod tests {
     async fn a_parked_batch_gets_no_gap_verdict_from_an_old_term() {
         let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
         let term = Arc::new(std::sync::atomic::AtomicU64::new(1));
-        let log = HeldLog {
-            next_offset: Arc::new(Mutex::new(0)),
-            proposals: proposals_tx,
-            cut_off: Arc::default(),
+        let (jobs, actor) = spawn_actor(HeldLog {
             term: term.clone(),
-            applied: Arc::default(),
-        };
-        let (jobs, queue) = mpsc::channel(16);
-        let actor = tokio::spawn(run(log, queue, 3_600_000));
+            ..HeldLog::at(0, proposals_tx)
+        });
         let first = publish(&jobs, idempotent(0, 0, b"a")).await;
         next_proposal(&mut proposals)
             .await
@@ -984,15 +977,11 @@ mod tests {
         let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
         let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let applied: Arc<Mutex<BTreeMap<u64, ProducerState>>> = Arc::default();
-        let log = HeldLog {
-            next_offset: Arc::new(Mutex::new(0)),
-            proposals: proposals_tx,
+        let (jobs, actor) = spawn_actor(HeldLog {
             cut_off: cut_off.clone(),
-            term: Arc::default(),
             applied: applied.clone(),
-        };
-        let (jobs, queue) = mpsc::channel(16);
-        let actor = tokio::spawn(run(log, queue, 3_600_000));
+            ..HeldLog::at(0, proposals_tx)
+        });
         let wait = Duration::from_secs(5);
         let apply = |producer: u64, sequence: u64, offset: u64| {
             applied

@@ -72,8 +72,10 @@ async fn publish_at(address: &str, from: u64, to: u64, mut first_offset: Option<
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
+/// Three brokers that check retention every 200 ms and snapshot every MiB, and topic `wipe`
+/// (one partition, 1 MiB segments, 4 MiB kept): the brokers, the node id of the partition's
+/// leader, and the directory of their config file (kept while the test runs).
+async fn retention_cluster() -> (Vec<Broker>, usize, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
     std::fs::write(
@@ -82,7 +84,7 @@ async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
     )
     .expect("config");
     let config = config.to_string_lossy().into_owned();
-    let mut brokers = start_cluster_with(3, &["--config", &config]);
+    let brokers = start_cluster_with(3, &["--config", &config]);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",
@@ -94,6 +96,12 @@ async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
         async move { (l != 0).then_some(l) }
     })
     .await as usize;
+    (brokers, leader, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
+    let (mut brokers, leader, _config) = retention_cluster().await;
     let leader_address = brokers[leader - 1].client_addr.clone();
 
     // About 6.5 MB through 1 MiB segments, keeping 4 MiB: retention purges the head.
@@ -409,26 +417,7 @@ async fn a_topic_of_two_replicas_created_while_a_broker_rejoins_elects_its_leade
 /// hook slows the filling down so that the leadership moves during it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leadership_change_while_a_wiped_replica_fills_its_log_loses_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("weft.toml");
-    std::fs::write(
-        &config,
-        "retention_check_interval_ms = 200\nsnapshot_interval_bytes = 1048576\n",
-    )
-    .expect("config");
-    let config = config.to_string_lossy().into_owned();
-    let mut brokers = start_cluster_with(3, &["--config", &config]);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"wipe","partitions":1,"segment_bytes":1048576,"retention_bytes":4194304,"max_message_bytes":262144}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let leader = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader_of_0(&brokers[0]);
-        async move { (l != 0).then_some(l) }
-    })
-    .await as usize;
+    let (mut brokers, leader, _config) = retention_cluster().await;
     publish(&brokers[leader - 1].client_addr.clone(), 0, 1600).await;
     wait_for("retention to purge", Duration::from_secs(30), || {
         let address = brokers[leader - 1].client_addr.clone();
@@ -576,26 +565,7 @@ async fn publish_once(
 /// (cut, retention, snapshot install, leading again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_pending_publish_a_snapshot_covered_serves_again() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("weft.toml");
-    std::fs::write(
-        &config,
-        "retention_check_interval_ms = 200\nsnapshot_interval_bytes = 1048576\n",
-    )
-    .expect("config");
-    let config = config.to_string_lossy().into_owned();
-    let brokers = start_cluster_with(3, &["--config", &config]);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"wipe","partitions":1,"segment_bytes":1048576,"retention_bytes":4194304,"max_message_bytes":262144}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let old = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader_of_0(&brokers[0]);
-        async move { (l != 0).then_some(l) }
-    })
-    .await as usize;
+    let (brokers, old, _config) = retention_cluster().await;
     // The leader knows the producer (its table is loaded). Then nothing the others send it
     // arrives: its next publish reaches the followers, which store it, but their answers are
     // lost, and it cannot commit it. Then it is cut off for good: the others elect a leader,

@@ -737,9 +737,9 @@ impl ControllerState {
         usable: &BTreeSet<NodeId>,
     ) -> Vec<Vec<NodeId>> {
         let eligible = self.eligible_brokers();
-        if eligible.is_empty() {
+        let Some(&fallback) = eligible.first() else {
             return Vec::new();
-        }
+        };
         let rf = (replication_factor.max(1) as usize).min(eligible.len());
         let mut replicas = self.replica_counts();
         let mut leaders: BTreeMap<NodeId, usize> = eligible.iter().map(|b| (*b, 0)).collect();
@@ -765,12 +765,11 @@ impl ControllerState {
             .map(|_| {
                 let mut chosen: Vec<NodeId> = Vec::with_capacity(rf);
                 // Usable brokers first, then the others; within each, the least loaded.
+                let count =
+                    |m: &BTreeMap<NodeId, usize>, b: &NodeId| m.get(b).copied().unwrap_or(0);
                 let rank = |b: &NodeId, by_leaders: bool| {
-                    let (l, r) = (leaders[b], replicas[b]);
-                    let (ol, or) = (
-                        own_leaders.get(b).copied().unwrap_or(0),
-                        own_replicas.get(b).copied().unwrap_or(0),
-                    );
+                    let (l, r) = (count(&leaders, b), count(&replicas, b));
+                    let (ol, or) = (count(&own_leaders, b), count(&own_replicas, b));
                     (
                         !usable.contains(b),
                         if by_leaders {
@@ -785,16 +784,16 @@ impl ControllerState {
                     .iter()
                     .min_by_key(|b| rank(b, true))
                     .copied()
-                    .expect("eligible is not empty");
+                    .unwrap_or(fallback);
                 chosen.push(leader);
                 let mut others: Vec<NodeId> =
                     eligible.iter().filter(|b| **b != leader).copied().collect();
                 others.sort_by_key(|b| rank(b, false));
                 chosen.extend(others.into_iter().take(rf - 1));
-                *leaders.get_mut(&leader).expect("eligible") += 1;
+                *leaders.entry(leader).or_default() += 1;
                 *own_leaders.entry(leader).or_default() += 1;
                 for b in &chosen {
-                    *replicas.get_mut(b).expect("eligible") += 1;
+                    *replicas.entry(*b).or_default() += 1;
                     *own_replicas.entry(*b).or_default() += 1;
                 }
                 chosen
