@@ -321,14 +321,13 @@ impl<G: Proposer> Sequencer<G> {
                     && parked_total < PARKED_MAX =>
             {
                 // Ahead of its producer: the batches before it are likely on their way. A retry
-                // of a batch parked already takes its place (its first attempt is answered).
-                let previous = self.parked.insert(
-                    key,
-                    Parked {
-                        job,
-                        until: Instant::now() + REORDER_WAIT,
-                    },
-                );
+                // of a batch parked already takes its place (its first attempt is answered) and
+                // its deadline (retries do not keep it waiting longer).
+                let until = self
+                    .parked
+                    .get(&key)
+                    .map_or_else(|| Instant::now() + REORDER_WAIT, |p| p.until);
+                let previous = self.parked.insert(key, Parked { job, until });
                 if let Some(previous) = previous {
                     answer(
                         vec![previous.job.reply],
@@ -954,6 +953,49 @@ mod tests {
             other => panic!("no gap verdict from an old term's table: {other:?}"),
         }
         drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// A retry of a parked batch keeps the first attempt's deadline: a caller retrying it
+    /// faster than the reorder wait must not keep it parked for good (before, every retry
+    /// started a new wait, and the gap verdict never came).
+    #[tokio::test]
+    async fn retries_of_a_parked_batch_do_not_postpone_its_verdict() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let (jobs, actor) = spawn_actor(HeldLog::at(0, proposals_tx));
+        let first = publish(&jobs, idempotent(0, 0, b"a")).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        first.await.expect("answered").expect("stored");
+        // Sequence 2 (1 never comes), sent again every fifth of the reorder wait, for twice
+        // the wait: the attempt parked when the first wait ends gets the gap verdict.
+        let mut attempt = publish(&jobs, idempotent(0, 2, b"c")).await;
+        let mut verdict = None;
+        for _ in 0..10 {
+            tokio::time::sleep(REORDER_WAIT / 5).await;
+            let previous =
+                std::mem::replace(&mut attempt, publish(&jobs, idempotent(0, 2, b"c")).await);
+            match previous.await.expect("answered") {
+                Err(BrokerError::Unavailable { .. }) => {}
+                Err(BrokerError::SequenceGap {
+                    expected: 1,
+                    got: 2,
+                    ..
+                }) => {
+                    verdict = Some(());
+                    break;
+                }
+                other => panic!("a parked batch is replaced or refused as a gap: {other:?}"),
+            }
+        }
+        assert!(
+            verdict.is_some(),
+            "a batch retried faster than the reorder wait got no verdict in twice the wait"
+        );
+        drop(jobs);
+        drop(attempt);
         actor.await.expect("no panic");
     }
 

@@ -248,8 +248,9 @@ pub async fn run(
     let peer_server = tonic::transport::Server::builder()
         // One connection per peer carries every group's calls: when a cut heals, the peer
         // cancels many at once, and h2's default (20 cancelled before the server took them up)
-        // would close the connection with every call on it. Peers are brokers of the cluster
-        // (authenticated), so the guard against a flood of resets can be far looser here.
+        // would close the connection with every call on it. The peer port is for the cluster's
+        // brokers (mutual TLS in a deployment), so its guard against a flood of resets can be
+        // looser, and stays bounded.
         .http2_max_pending_accept_reset_streams(Some(PEER_PENDING_RESETS_MAX))
         .layer(
             tower::ServiceBuilder::new()

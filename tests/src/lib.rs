@@ -888,43 +888,31 @@ pub fn free_port_on(ip: &str) -> u16 {
         .expect("a free port")
 }
 
-/// Claims `ip:port` for this test process, across the test processes running at once: a file
-/// per port names the process that holds it. A cluster broker keeps its ports across restarts,
-/// and while it was down another test saw its port free and gave it to a broker of its own (seen
-/// in CI: "Address already in use" restarting a cluster broker). A claim of a process that has
-/// exited is taken over.
+/// Claims `ip:port` for this test process, across the test processes running at once: a lock
+/// on a file per port, held until the process exits (the kernel then releases it, whatever
+/// the way it ended). A cluster broker keeps its ports across restarts, and while it was down
+/// another test saw its port free and gave it to a broker of its own (seen in CI: "Address
+/// already in use" restarting a cluster broker).
 fn reserve_port(ip: &str, port: u16) -> bool {
-    use std::io::Write;
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
     let dir = std::env::temp_dir().join("weft-test-ports");
     if std::fs::create_dir_all(&dir).is_err() {
         return true;
     }
-    let path = dir.join(format!("{ip}-{port}"));
-    for _ in 0..2 {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut file) => {
-                return write!(file, "{}", std::process::id()).is_ok();
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let alive = holder
-                    .trim()
-                    .parse::<u32>()
-                    .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                // An empty file is a claim being written: taken.
-                if alive || holder.is_empty() {
-                    return false;
-                }
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(_) => return true,
-        }
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(format!("{ip}-{port}")))
+    else {
+        return true;
+    };
+    // Another open of the file conflicts, in this process too.
+    if file.try_lock().is_err() {
+        return false;
     }
-    false
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+    true
 }
 
 /// What `future` gives, or a panic naming `what` once `limit` has passed.

@@ -897,6 +897,63 @@ async fn a_joining_broker_below_the_feature_level_in_use_stops() {
     .await;
 }
 
+/// The feature level can rise while a broker joins: a topic created between the leader's check
+/// of the joiner's level and the learner's entry did not count the joiner (no member yet), so
+/// its placement raised the level past the joiner's build. The joiner must then be taken out
+/// and refused (before, it was made a voter, then stopped on reading the level: a dead voter
+/// left in the controller group).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_level_raised_while_a_broker_joins_refuses_it() {
+    let brokers = weft_tests::start_cluster_env(1, &[], &[("WEFT_TEST_JOIN_DELAY_MS", "4000")]);
+    let before = features_in_use(&brokers[0]);
+    assert!(
+        before < 4,
+        "a cluster without topics has not used the placement level yet: {before}"
+    );
+    let mut old = weft_tests::add_broker_env(&brokers, &[], &[("WEFT_TEST_FEATURE_LEVEL", "3")]);
+    wait_for(
+        "the join to reach the leader",
+        Duration::from_secs(20),
+        || async {
+            brokers[0]
+                .log()
+                .contains("WEFT_TEST_JOIN_DELAY_MS: adding the learner later")
+                .then_some(())
+        },
+    )
+    .await;
+    weft_tests::ok_stdout(&brokers[0].cli(&["topic", "create", "placed", "--partitions", "2"]));
+    assert_eq!(
+        features_in_use(&brokers[0]),
+        4,
+        "a placement kept as proposed"
+    );
+    let code = old.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(1), "a refused broker exits with an error");
+    let log = old.log();
+    assert!(
+        log.contains("the cluster refused this broker: broker 2 is at feature level 3")
+            && log.contains("has used level 4"),
+        "{log}"
+    );
+    let (status, body) = brokers[0].http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let members: Vec<u64> = value["brokers"]
+        .as_array()
+        .expect("brokers")
+        .iter()
+        .map(|b| b["id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(
+        members,
+        [1],
+        "the refused broker is no member, not even unregistered: {body}"
+    );
+    // The cluster still takes changes (no dead voter in its controller group).
+    weft_tests::ok_stdout(&brokers[0].cli(&["topic", "create", "after", "--partitions", "1"]));
+}
+
 /// Node ids `/v1/cluster` lists, as `broker` sees them.
 fn brokers_listed(broker: &Broker) -> Vec<u64> {
     let (status, body) = broker.http("GET", "/v1/cluster", None);

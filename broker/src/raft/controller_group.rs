@@ -820,6 +820,13 @@ async fn join(
     }
 }
 
+/// `WEFT_TEST_JOIN_DELAY_MS`: a test hook that makes the controller leader wait that long
+/// between checking a joining broker's feature level and adding it as a learner (the window
+/// in which a command can raise the level past the joiner's build).
+fn join_delay() -> Option<Duration> {
+    crate::test_hook_ms("WEFT_TEST_JOIN_DELAY_MS")
+}
+
 /// The ErrorInfo reason of a join refused for its feature level.
 const FEATURE_LEVEL_TOO_LOW: &str = "FEATURE_LEVEL_TOO_LOW";
 
@@ -955,13 +962,43 @@ impl pb::controller_server::Controller for ControllerService {
         // retried is not registered yet: it registers once it has joined).
         let already_member = self.state.borrow().brokers.contains_key(&message.node_id);
         if !is_voter {
-            raft.add_learner(
-                message.node_id,
-                BasicNode::new(message.peer_address.clone()),
-                true,
-            )
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("adding the learner: {e}")))?;
+            if let Some(delay) = join_delay() {
+                tracing::warn!(?delay, "WEFT_TEST_JOIN_DELAY_MS: adding the learner later");
+                tokio::time::sleep(delay).await;
+            }
+            let node = BasicNode::new(message.peer_address.clone());
+            raft.add_learner(message.node_id, node.clone(), false)
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("adding the learner: {e}")))?;
+            // A command applied between the check above and the learner's entry did not count
+            // this broker (it was no member yet) and may have raised the level past its build,
+            // which would apply that command differently. From the learner's entry on, every
+            // command counts it (unregistered: level 0), so this second read is final.
+            raft.ensure_linearizable().await.map_err(|e| {
+                tonic::Status::unavailable(format!("not the controller leader now: {e}"))
+            })?;
+            let in_use = self.state.borrow().features_in_use;
+            if message.features < in_use {
+                raft.change_membership(
+                    openraft::ChangeMembers::RemoveNodes(BTreeSet::from([message.node_id])),
+                    false,
+                )
+                .await
+                .map_err(|e| {
+                    tonic::Status::unavailable(format!("taking the refused learner out: {e}"))
+                })?;
+                tracing::warn!(
+                    node = message.node_id,
+                    features = message.features,
+                    in_use,
+                    "the feature level rose while a broker joined: took it out and refused it"
+                );
+                return Err(join_refused(message.node_id, message.features, in_use));
+            }
+            // Waits for the learner to catch up (an entry appending the same learner again).
+            raft.add_learner(message.node_id, node, true)
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("adding the learner: {e}")))?;
             raft.change_membership(
                 openraft::ChangeMembers::AddVoterIds(BTreeSet::from([message.node_id])),
                 false,
