@@ -675,6 +675,14 @@ impl PartitionLog {
                 return Err(error);
             }
         };
+        if let Some(reason) = &self.poisoned {
+            // A sync of this log failed meanwhile (on another thread): nothing written becomes
+            // durable by this roll's sync, which may have shared that file's reported error.
+            let reason = reason.clone();
+            prepared.segment.delete()?;
+            segment::sync_dir(&self.dir, &self.config)?;
+            return Err(Error::Poisoned(reason));
+        }
         let unchanged = {
             let active = self.active();
             ticket.generation == self.generation
@@ -778,6 +786,11 @@ impl PartitionLog {
         if let Err(error) = outcome {
             self.poisoned = Some(error.to_string());
             return Err(error);
+        }
+        if let Some(reason) = &self.poisoned {
+            // Another sync of this log failed meanwhile: a file reports a writeback error to
+            // one of its syncs only, so this one's success proves nothing.
+            return Err(Error::Poisoned(reason.clone()));
         }
         if ticket.generation == self.generation {
             if let Some(seg) = self

@@ -34,6 +34,12 @@ pub struct PartitionMeta {
     /// [`ControllerCommand::FinishMove`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Vec<NodeId>>,
+    /// While the partition's replicas move: the replicas the move added (not replicas before
+    /// it). Planning reads it (a removal plans again a move stalled on a new replica that went
+    /// down); no decision applied depends on it, so a state without it (written by an older
+    /// build) only plans less.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adding: Vec<NodeId>,
 }
 
 /// A topic as the controller stores it.
@@ -540,6 +546,7 @@ impl ControllerState {
                 }
                 meta.replicas = replicas.clone();
                 meta.target = None;
+                meta.adding.clear();
                 ControllerResponse::Topic(topic.clone())
             }
             ControllerCommand::SetRemoving { node_id, keep_one } => {
@@ -710,8 +717,19 @@ impl ControllerState {
         if p.target.is_none() && p.replicas == replicas {
             // Already there.
         } else {
+            let before: Vec<NodeId> = p
+                .replicas
+                .iter()
+                .filter(|n| !p.adding.contains(n))
+                .copied()
+                .collect();
             let mut all = p.replicas.clone();
             all.extend(replicas.iter().filter(|n| !p.replicas.contains(n)));
+            p.adding = all
+                .iter()
+                .filter(|n| !before.contains(n))
+                .copied()
+                .collect();
             p.replicas = all;
             p.target = Some(replicas.to_vec());
         }
@@ -978,7 +996,10 @@ impl ControllerState {
     }
 
     /// [`ControllerState::plan_removal`] moving replicas only to the brokers of `usable` (up,
-    /// serving, not draining: what the proposer sees).
+    /// serving, not draining: what the proposer sees). A move already taking a partition off
+    /// `node` whose new replicas include a broker not usable now (it went down after the move
+    /// began) is planned again too: it would hold the removal for as long as that broker stays
+    /// down.
     pub fn plan_removal_onto(
         &self,
         node: NodeId,
@@ -991,21 +1012,47 @@ impl ControllerState {
         for t in self.topics.values() {
             for p in &t.partitions {
                 // Where the partition is going (a move that already takes it off `node`
-                // needs nothing more; one that goes to `node` is redirected).
+                // needs nothing more, unless it stalls on a new replica that is down; one
+                // that goes to `node` is redirected).
                 let going = p.target.as_ref().unwrap_or(&p.replicas);
-                if !going.contains(&node) {
+                let stalled: BTreeSet<NodeId> = match &p.target {
+                    Some(target) if p.replicas.contains(&node) => target
+                        .iter()
+                        .filter(|b| p.adding.contains(b) && !usable.contains(b))
+                        .copied()
+                        .collect(),
+                    _ => BTreeSet::new(),
+                };
+                if !going.contains(&node) && stalled.is_empty() {
                     continue;
                 }
-                let replacement = counts
-                    .iter()
-                    .filter(|(b, _)| !going.contains(b))
-                    .min_by_key(|(b, c)| (**c, **b))
-                    .map(|(b, _)| *b);
-                if replacement.is_none()
+                // Each replica to leave (`node`, and stalled new ones) gets the usable broker
+                // with the fewest replicas that the partition is not going to yet.
+                let mut to: Vec<NodeId> = Vec::new();
+                let mut missing = false;
+                for r in going {
+                    if *r != node && !stalled.contains(r) {
+                        to.push(*r);
+                        continue;
+                    }
+                    let replacement = counts
+                        .iter()
+                        .filter(|(b, _)| !going.contains(b) && !to.contains(b))
+                        .min_by_key(|(b, c)| (**c, **b))
+                        .map(|(b, _)| *b);
+                    match replacement {
+                        Some(b) => {
+                            counts.entry(b).and_modify(|c| *c += 1);
+                            to.push(b);
+                        }
+                        None => missing = true,
+                    }
+                }
+                if missing
                     && self
                         .eligible_brokers()
                         .iter()
-                        .any(|b| *b != node && !going.contains(b))
+                        .any(|b| *b != node && !going.contains(b) && !to.contains(b))
                 {
                     // A broker could take it but is not usable now (down, draining, slow to
                     // answer): planned again later rather than shrunk for good.
@@ -1015,16 +1062,14 @@ impl ControllerState {
                     ));
                     continue;
                 }
-                let to: Vec<NodeId> = match replacement {
-                    Some(b) => {
-                        counts.entry(b).and_modify(|c| *c += 1);
-                        going
-                            .iter()
-                            .map(|r| if *r == node { b } else { *r })
-                            .collect()
-                    }
-                    None => going.iter().copied().filter(|r| *r != node).collect(),
-                };
+                if missing && !stalled.is_empty() {
+                    // No other broker at all: the running move waits for its target.
+                    stuck.push(format!(
+                        "{}/{}: its move waits for a broker that is down",
+                        t.name, p.partition
+                    ));
+                    continue;
+                }
                 if to.is_empty() {
                     stuck.push(format!(
                         "{}/{}: no other broker to hold it",
@@ -1131,6 +1176,7 @@ impl ControllerState {
                     group_id,
                     replicas: nodes.clone(),
                     target: None,
+                    adding: Vec::new(),
                 }
             })
             .collect()
@@ -1618,6 +1664,7 @@ mod tests {
                     |t| {
                         t.partitions[m.partition as usize].replicas = m.to.clone();
                         t.partitions[m.partition as usize].target = None;
+                        t.partitions[m.partition as usize].adding.clear();
                     }
                 )
             );
@@ -1778,6 +1825,54 @@ mod tests {
         let (plan, stuck) = state.plan_removal_onto(1, &[2, 3].into());
         assert!(plan.iter().all(|m| m.topic != "c"), "{plan:?}");
         assert!(stuck.iter().any(|s| s.starts_with("c/0")), "{stuck:?}");
+    }
+
+    /// A removal whose move sends a replica to a broker that then goes down is planned again
+    /// onto a usable broker (before, the move waited for that broker for as long as it stayed
+    /// down, and the removal with it); with no other broker, it waits.
+    #[test]
+    fn a_removal_plans_again_a_move_whose_new_replica_went_down() {
+        let mut state = ControllerState::default();
+        for node in 1..=5 {
+            register(&mut state, node);
+        }
+        let all: BTreeSet<NodeId> = [1, 2, 3, 4, 5].into();
+        create_proposed(&mut state, "m", 1, 3, &[1, 2, 3].into());
+        assert_eq!(state.topics["m"].partitions[0].replicas, [1, 2, 3]);
+        state.apply(&ControllerCommand::SetRemoving {
+            node_id: 3,
+            keep_one: true,
+        });
+        // The removal sends partition 0 to 4 (fewest replicas first: 4 and 5 have none).
+        let (plan, stuck) = state.plan_removal_onto(3, &all);
+        assert!(stuck.is_empty(), "{stuck:?}");
+        let first = plan.iter().find(|m| m.topic == "m").expect("a move of m/0");
+        assert_eq!(first.to, [1, 2, 4]);
+        assert!(matches!(
+            state.apply(&first.command()),
+            ControllerResponse::Topic(_)
+        ));
+        // While 4 answers, the move stands.
+        let (plan, _) = state.plan_removal_onto(3, &all);
+        assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
+        // 4 goes down: the move goes to 5 instead.
+        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3, 5].into());
+        assert!(stuck.is_empty(), "{stuck:?}");
+        let again = plan
+            .iter()
+            .find(|m| m.topic == "m")
+            .expect("m/0 planned again");
+        assert_eq!(again.to, [1, 2, 5]);
+        assert_eq!(again.from, [1, 2, 3, 4]);
+        assert!(matches!(
+            state.apply(&again.command()),
+            ControllerResponse::Topic(_)
+        ));
+        assert_eq!(state.topics["m"].partitions[0].target, Some(vec![1, 2, 5]));
+        // 5 goes down too, 4 still down: nothing usable to go to; the move waits.
+        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3].into());
+        assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
+        assert!(stuck.iter().any(|s| s.starts_with("m/0")), "{stuck:?}");
     }
 
     /// Creates `name` as the proposer does: placed on what `usable` holds, to stand as

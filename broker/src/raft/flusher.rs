@@ -18,7 +18,8 @@
 //! interval; a crash of the process alone loses nothing (the page cache survives it).
 //!
 //! A failed write or sync fails the callbacks of that group (openraft then stops the group and
-//! the partition's supervisor reopens it from its durable state); other groups are unaffected.
+//! the partition's supervisor reopens it from its durable state). A failed `syncfs` fails every
+//! group it covered (the failure cannot be told apart per file); a failed fdatasync only its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,8 +56,9 @@ struct Request {
     callback: LogFlushed<TypeConfig>,
 }
 
-/// The handle to a node's flusher thread. Cloned into every group's log store; the thread ends
-/// once every handle is dropped (after a last sync of what interval-policy groups left unsynced).
+/// The handle to a node's flusher (its write and sync stages, each a thread). Cloned into every
+/// group's log store; the threads end once every handle is dropped (after a last sync of what
+/// interval-policy groups left unsynced).
 #[derive(Debug, Clone)]
 pub struct Flusher {
     requests: Sender<Request>,
@@ -71,7 +73,7 @@ impl std::fmt::Debug for Request {
 }
 
 impl Flusher {
-    /// Starts the flusher thread. The queue is bounded by the number of groups (one request per
+    /// Starts the flusher's threads. The queue is bounded by the number of groups (one request per
     /// group at most), so it takes no size.
     pub fn start(mode: SyncMode) -> std::io::Result<Flusher> {
         let (requests, queue) = mpsc::channel();
@@ -114,7 +116,8 @@ struct Written {
 
 /// The write stage: takes every flush request queued, writes each group's pending entries,
 /// and hands them to the sync stage; then takes the next requests while that stage syncs.
-/// Once every handle is dropped it tells the sync stage to close, and waits for it.
+/// Once every handle is dropped it tells the sync stage to close (that stage then syncs what
+/// is left and ends).
 fn write_stage(queue: Receiver<Request>, to_sync: SyncSender<Option<Written>>) {
     while let Ok(request) = queue.recv() {
         let mut requests = vec![request];
@@ -222,7 +225,8 @@ fn sync_round(
         });
     };
     for (request, outcome) in requests.iter().zip(&written) {
-        if outcome.is_ok() && request.shared.sync_interval_ms().is_none() {
+        // Closing: interval-policy groups are synced now too (no later round would).
+        if outcome.is_ok() && (closing || request.shared.sync_interval_ms().is_none()) {
             add(&request.shared, &mut to_sync);
         }
     }

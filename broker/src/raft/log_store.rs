@@ -3,12 +3,12 @@
 //!
 //! Write-behind with one flusher per node: `append` stamps the entries' offsets, keeps them in
 //! memory (readable at once, as openraft requires) and hands them with the flush callback to the
-//! node's [`Flusher`]. The flusher thread writes the pending entries of every group that has
-//! some, makes them durable in one round (one fdatasync per file, run side by side), then
+//! node's [`Flusher`]. Its write stage writes the pending entries of every group that has some;
+//! its sync stage makes them durable together (one `syncfs`, or fdatasyncs side by side), then
 //! completes the callbacks. openraft waits for each append's callback before the next append of
 //! the same group, so a group has at most one append pending; many groups share each round.
 //!
-//! No blocking I/O runs on the async runtime: writes and syncs run on the flusher thread;
+//! No blocking I/O runs on the async runtime: writes and syncs run on the flusher's threads;
 //! truncation, purges and metadata writes on the blocking pool. Readers (replication, the state
 //! machine, consumers) take the log's read lock; only writes take the write lock, briefly (a
 //! write to the page cache; the fdatasync runs outside the lock).
@@ -200,7 +200,8 @@ impl Shared {
         }
     }
 
-    /// Writes the pending entries to the log (page cache). Called by the flusher thread.
+    /// Writes the pending entries to the log (page cache). Called by the flusher's write stage
+    /// (the log's only writer).
     pub(super) fn write_pending(&self) -> Result<(), String> {
         let entries: Vec<Vec<Batch>> = match self.pending.lock() {
             Ok(pending) => pending.iter().cloned().collect(),
