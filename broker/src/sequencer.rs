@@ -40,8 +40,9 @@ use crate::raft::{
 pub trait Proposer: Send + Sync + 'static {
     /// Succeeds when this node leads the group and has applied everything committed before.
     fn ensure_leader(&self) -> impl Future<Output = Result<(), BrokerError>> + Send;
-    /// The applied producer table.
-    fn producers(&self) -> BTreeMap<u64, ProducerState>;
+    /// The applied producer table, or why it cannot be trusted now (it misses the batches of
+    /// entries damaged on this replica's disk, until they are repaired from another replica).
+    fn producers(&self) -> Result<BTreeMap<u64, ProducerState>, BrokerError>;
     /// On a leader cut off from a majority: how long it has not heard from one (ms).
     fn lost_quorum(&self) -> Option<u64> {
         None
@@ -59,8 +60,20 @@ impl Proposer for PartitionGroup {
     fn ensure_leader(&self) -> impl Future<Output = Result<(), BrokerError>> + Send {
         PartitionGroup::ensure_leader(self)
     }
-    fn producers(&self) -> BTreeMap<u64, ProducerState> {
-        PartitionGroup::producers(self)
+    fn producers(&self) -> Result<BTreeMap<u64, ProducerState>, BrokerError> {
+        let state = self.state();
+        // One replica alone has nowhere to repair from: what it lost is lost, and a retry of
+        // a lost batch stores it again (the first copy cannot be read).
+        let voters = state.last_membership.membership().voter_ids().count();
+        match state.lost.iter().next() {
+            Some((first, next)) if voters > 1 => Err(BrokerError::Unavailable {
+                reason: format!(
+                    "entries {first}..{next} of this partition are damaged on this broker's disk                      and not repaired from another replica yet, so its producer table misses                      their batches; retry"
+                ),
+                leader: None,
+            }),
+            _ => Ok(state.producers),
+        }
     }
     fn lost_quorum(&self) -> Option<u64> {
         PartitionGroup::lost_quorum(self)
@@ -256,7 +269,13 @@ impl<G: Proposer> Sequencer<G> {
             match confirmed {
                 Ok(()) => {
                     // The term read before: if it moved on meanwhile, the next batch reloads.
-                    let table = self.group.producers();
+                    let table = match self.group.producers() {
+                        Ok(table) => table,
+                        Err(e) => {
+                            answer(vec![job.reply], Err(e));
+                            return;
+                        }
+                    };
                     self.clock_ms = table
                         .values()
                         .map(|p| p.last_timestamp_ms)
@@ -626,6 +645,8 @@ mod tests {
         term: Arc<std::sync::atomic::AtomicU64>,
         /// What the state machine has applied of the producers.
         applied: Arc<Mutex<BTreeMap<u64, ProducerState>>>,
+        /// Set: the applied producer table misses damaged entries' batches.
+        incomplete: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl HeldLog {
@@ -637,6 +658,7 @@ mod tests {
                 cut_off: Arc::default(),
                 term: Arc::default(),
                 applied: Arc::default(),
+                incomplete: Arc::default(),
             }
         }
     }
@@ -651,8 +673,14 @@ mod tests {
         async fn ensure_leader(&self) -> Result<(), BrokerError> {
             Ok(())
         }
-        fn producers(&self) -> BTreeMap<u64, ProducerState> {
-            self.applied.lock().expect("lock").clone()
+        fn producers(&self) -> Result<BTreeMap<u64, ProducerState>, BrokerError> {
+            if self.incomplete.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(BrokerError::Unavailable {
+                    reason: "damaged entries not repaired".into(),
+                    leader: None,
+                });
+            }
+            Ok(self.applied.lock().expect("lock").clone())
         }
         fn term(&self) -> u64 {
             self.term.load(std::sync::atomic::Ordering::Relaxed)
@@ -996,6 +1024,52 @@ mod tests {
         );
         drop(jobs);
         drop(attempt);
+        actor.await.expect("no panic");
+    }
+
+    /// A leader whose producer table misses the batches of entries damaged on its disk (not
+    /// repaired yet) refuses idempotent publishes as unavailable (before, it checked them
+    /// against that table, and a retry of a batch stored in a damaged entry was stored again);
+    /// other publishes go on, and once the table is whole, idempotent ones too.
+    #[tokio::test]
+    async fn a_leader_with_unrepaired_damage_refuses_idempotent_publishes() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let incomplete = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (jobs, actor) = spawn_actor(HeldLog {
+            incomplete: incomplete.clone(),
+            ..HeldLog::at(0, proposals_tx)
+        });
+        let refused = publish(&jobs, idempotent(0, 0, b"a")).await;
+        match refused.await.expect("answered") {
+            Err(BrokerError::Unavailable { reason, .. }) => {
+                assert!(reason.contains("damaged"), "{reason}")
+            }
+            other => {
+                panic!("an idempotent batch is refused while the table misses some: {other:?}")
+            }
+        }
+        let mut plain = BatchBuilder::new();
+        plain.push(1, b"", b"p", []);
+        let plain = publish(&jobs, plain.seal(0, 0, 0, ProducerInfo::default())).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        plain
+            .await
+            .expect("answered")
+            .expect("a plain publish is stored");
+        incomplete.store(false, std::sync::atomic::Ordering::Relaxed);
+        let stored = publish(&jobs, idempotent(0, 0, b"a")).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        stored
+            .await
+            .expect("answered")
+            .expect("stored once the table is whole");
+        drop(jobs);
         actor.await.expect("no panic");
     }
 

@@ -248,14 +248,68 @@ impl PartitionGroup {
                 .collect();
             (m.last_applied.map(|l| l.index), nodes)
         };
-        repair_ranges(
+        let left = repair_ranges(
             &self.reader,
             &self.peers,
             self.group_id,
             &nodes,
             Some(applied),
         )
-        .await
+        .await;
+        self.fold_repaired().await;
+        left
+    }
+
+    /// Folds into the producer table the batches of entries this replica applied as lost,
+    /// once they are repaired (read back whole), and forgets lost entries purged since.
+    async fn fold_repaired(&self) {
+        use openraft::storage::RaftLogReader;
+        let lost = self.sm.state().lost;
+        for (first, next) in lost {
+            let first_in_log = self.reader.with_log(|log| log.first_index()).ok().flatten();
+            if first_in_log.is_some_and(|start| next <= start) {
+                self.sm.fold_repaired(first, next, None);
+                tracing::info!(
+                    group = self.group_id,
+                    first,
+                    next,
+                    "entries applied as lost were purged since: forgotten"
+                );
+                continue;
+            }
+            let mut reader = self.reader.clone();
+            let Ok(entries) = reader.try_get_log_entries(first..next).await else {
+                continue;
+            };
+            if entries.len() as u64 != next - first {
+                continue;
+            }
+            let mut headers = Vec::new();
+            let mut whole = true;
+            for entry in &entries {
+                match &entry.payload {
+                    openraft::EntryPayload::Normal(Command::Records(batches)) => {
+                        for batch in batches {
+                            match weft_storage::Batch::header_of(batch) {
+                                Ok(h) => headers.push(h),
+                                Err(_) => whole = false,
+                            }
+                        }
+                    }
+                    openraft::EntryPayload::Normal(Command::Lost { .. }) => whole = false,
+                    _ => {}
+                }
+            }
+            if whole {
+                self.sm.fold_repaired(first, next, Some(headers));
+                tracing::info!(
+                    group = self.group_id,
+                    first,
+                    next,
+                    "folded the producer batches of repaired entries into the producer table"
+                );
+            }
+        }
     }
 
     /// What opening the log found.
@@ -1299,6 +1353,7 @@ fn adopt_headless_log(
         high_watermark: start_offset,
         producers: BTreeMap::new(),
         clock_ms: 0,
+        lost: BTreeMap::new(),
     };
     sm.reset_to(state)?;
     reader.record_purged(purged).map_err(|e| e.to_string())

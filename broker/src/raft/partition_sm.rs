@@ -149,6 +149,35 @@ impl ProducerState {
         }
     }
 
+    /// Records a stored batch found late (in entries this replica applied as lost, repaired
+    /// since; later batches are recorded already): kept in sequence order among the batches
+    /// remembered, unless it is older than all of them with the window full, or of an epoch
+    /// other than the producer's current one (a retry of it is then fenced).
+    pub fn record_older(&mut self, epoch: u32, batch: ProducerBatch) {
+        if self.batches.is_empty() && epoch >= self.epoch {
+            self.epoch = epoch;
+            self.batches.push_back(batch);
+            return;
+        }
+        if epoch != self.epoch
+            || self
+                .batches
+                .iter()
+                .any(|b| b.base_sequence == batch.base_sequence)
+        {
+            return;
+        }
+        let at = self
+            .batches
+            .iter()
+            .position(|b| b.base_sequence > batch.base_sequence)
+            .unwrap_or(self.batches.len());
+        self.batches.insert(at, batch);
+        while self.batches.len() > PRODUCER_BATCHES_KEPT {
+            self.batches.pop_front();
+        }
+    }
+
     /// Records a stored batch.
     pub fn record(&mut self, epoch: u32, batch: ProducerBatch) {
         if epoch > self.epoch {
@@ -179,6 +208,13 @@ pub struct PartitionState {
     /// builds: 0 then, until the next batch.)
     #[serde(default)]
     pub clock_ms: i64,
+    /// Entries this replica applied as lost (damaged on its disk), by first index, to the
+    /// index after the last: their producers' batches are missing from the table until the
+    /// entries are repaired from another replica and folded in
+    /// ([`PartitionStateMachine::fold_repaired`]). While any is left, this replica, leading,
+    /// refuses idempotent publishes (a retry of a batch stored there would be taken as new).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lost: BTreeMap<u64, u64>,
 }
 
 impl PartitionState {
@@ -451,6 +487,39 @@ impl PartitionStateMachine {
             .unwrap_or_default()
     }
 
+    /// Folds the producer batches of entries `first .. next`, applied as lost and repaired
+    /// since (`batches`: their headers, in log order), into the producer table, and forgets
+    /// that range. `batches` None: the range is no longer in the log (purged), so it is only
+    /// forgotten. Does nothing if `first .. next` is not a lost range.
+    pub fn fold_repaired(&self, first: u64, next: u64, batches: Option<Vec<BatchHeader>>) {
+        let Ok(mut state) = self.shared.state.lock() else {
+            return;
+        };
+        if state.lost.get(&first) != Some(&next) {
+            return;
+        }
+        let clock = state.clock_ms;
+        for h in batches.unwrap_or_default() {
+            if h.producer_id == 0 {
+                continue;
+            }
+            let producer = state.producers.entry(h.producer_id).or_default();
+            producer.record_older(
+                h.producer_epoch,
+                ProducerBatch {
+                    base_sequence: h.base_sequence,
+                    record_count: h.record_count,
+                    base_offset: h.base_offset,
+                },
+            );
+            if producer.last_timestamp_ms == 0 {
+                // Found only now: idle from now on, by the partition's clock.
+                producer.last_timestamp_ms = clock;
+            }
+        }
+        state.lost.remove(&first);
+    }
+
     /// Whether a snapshot file exists (was loaded or written).
     pub fn has_snapshot(&self) -> bool {
         self.shared.snapshot.lock().is_ok_and(|s| s.is_some())
@@ -512,6 +581,16 @@ impl PartitionStateMachine {
             EntryPayload::Normal(Command::Controller(_)) => (Response::Empty, 0),
             EntryPayload::Normal(Command::Lost { next_offset }) => {
                 state.high_watermark = state.high_watermark.max(*next_offset);
+                let index = entry.log_id.index;
+                match state.lost.range(..=index).next_back() {
+                    Some((&first, &next)) if next == index => {
+                        state.lost.insert(first, index + 1);
+                    }
+                    Some((_, &next)) if next > index => {}
+                    _ => {
+                        state.lost.insert(index, index + 1);
+                    }
+                }
                 (Response::Empty, 0)
             }
             EntryPayload::Normal(Command::Records(batches)) => {
@@ -964,6 +1043,77 @@ mod tests {
                 next_index: 7099
             }
         );
+    }
+
+    /// Entries applied as lost (damaged on this replica) are recorded, so a leader knows its
+    /// producer table misses their batches; once repaired, their batches are folded in and a
+    /// retry of one is answered as the duplicate it is (before, the table never had them, and
+    /// the retry was stored again).
+    #[tokio::test]
+    async fn lost_entries_are_recorded_and_their_batches_folded_in_once_repaired() {
+        use openraft::storage::RaftStateMachine;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let meta = crate::meta::Metadata::new(Arc::new(
+            weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
+        ));
+        let (_store, _reader, mut sm) = open_partition(dir.path(), &meta);
+        let lost = |index| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(Command::Lost { next_offset: 5 }),
+        };
+        // Producer 9 is known from before, at sequence 10 (its later batch came after).
+        sm.shared.state.lock().expect("state").producers.insert(
+            9,
+            ProducerState {
+                epoch: 0,
+                batches: [batch(12, 1, 20)].into(),
+                last_timestamp_ms: 1,
+            },
+        );
+        sm.apply([lost(1), lost(2)]).await.expect("applied");
+        sm.apply([lost(4)]).await.expect("applied");
+        assert_eq!(sm.state().lost, BTreeMap::from([(1, 3), (4, 5)]));
+        assert_eq!(sm.state().high_watermark, 5);
+        let header = |producer_id, base_sequence, record_count, base_offset| BatchHeader {
+            kind: weft_storage::EntryKind::Records,
+            attributes: 0,
+            record_count,
+            base_offset,
+            term: 1,
+            index: 1,
+            first_timestamp_ms: 0,
+            max_timestamp_ms: 0,
+            producer_id,
+            producer_epoch: 0,
+            base_sequence,
+        };
+        // Not a lost range: nothing happens.
+        sm.fold_repaired(1, 2, Some(vec![header(7, 0, 2, 0)]));
+        assert!(!sm.state().producers.contains_key(&7));
+        sm.fold_repaired(
+            1,
+            3,
+            Some(vec![
+                header(7, 0, 2, 0),
+                header(9, 10, 2, 2),
+                header(0, 0, 1, 4),
+            ]),
+        );
+        let state = sm.state();
+        assert_eq!(state.lost, BTreeMap::from([(4, 5)]));
+        assert_eq!(
+            state.producers[&7].check(0, 0, 2),
+            SequenceCheck::Duplicate(batch(0, 2, 0))
+        );
+        assert_eq!(state.producers[&7].check(0, 2, 1), SequenceCheck::Accept);
+        assert_eq!(
+            state.producers[&9].check(0, 10, 2),
+            SequenceCheck::Duplicate(batch(10, 2, 2))
+        );
+        assert_eq!(state.producers[&9].check(0, 13, 1), SequenceCheck::Accept);
+        // A range purged since is forgotten.
+        sm.fold_repaired(4, 5, None);
+        assert!(sm.state().lost.is_empty());
     }
 
     /// A partition's log store, reader and state machine over `dir` and `meta` (as a broker
