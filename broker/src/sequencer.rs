@@ -65,14 +65,35 @@ impl Proposer for PartitionGroup {
         // One replica alone has nowhere to repair from: what it lost is lost, and a retry of
         // a lost batch stores it again (the first copy cannot be read).
         let voters = state.last_membership.membership().voter_ids().count();
-        match state.lost.iter().next() {
-            Some((first, next)) if voters > 1 => Err(BrokerError::Unavailable {
+        let Some((first, next)) = state.lost.iter().next() else {
+            return Ok(state.producers);
+        };
+        if voters <= 1 {
+            return Ok(state.producers);
+        }
+        // A retry of a batch stored in a lost entry comes from a producer that sent it before
+        // this term began, and clients retry for a bounded time: past LOST_REFUSAL_MAX into
+        // the term (the damage still not repaired: no replica could give the entries), the
+        // table is taken as it is.
+        match self.lost_refusal_since(self.term()) {
+            Some(since) if since.elapsed() < LOST_REFUSAL_MAX => Err(BrokerError::Unavailable {
                 reason: format!(
-                    "entries {first}..{next} of this partition are damaged on this broker's disk                      and not repaired from another replica yet, so its producer table misses                      their batches; retry"
+                    "entries {first}..{next} of this partition are damaged on this broker's \
+                     disk and not repaired from another replica yet, so its producer table \
+                     misses their batches; retry"
                 ),
                 leader: None,
             }),
-            _ => Ok(state.producers),
+            _ => {
+                tracing::warn!(
+                    group = self.group_id(),
+                    first,
+                    next,
+                    "damaged entries still not repaired: idempotent publishes go on with a \
+                     producer table that misses their batches"
+                );
+                Ok(state.producers)
+            }
         }
     }
     fn lost_quorum(&self) -> Option<u64> {
@@ -88,6 +109,11 @@ impl Proposer for PartitionGroup {
         PartitionGroup::propose(self, batches)
     }
 }
+
+/// How long into a term a leader whose producer table misses the batches of damaged entries
+/// refuses idempotent publishes while it waits for their repair (longer than a client retries
+/// a batch).
+pub const LOST_REFUSAL_MAX: Duration = Duration::from_secs(120);
 
 /// Entries of one partition in flight in Raft at once: one being made durable, one queued.
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;

@@ -105,6 +105,9 @@ pub struct PartitionGroup {
     transferring_to: Arc<std::sync::atomic::AtomicU64>,
     /// When a transfer last held back the heartbeats (for how recent followers' answers are).
     pause: Arc<super::transfer::HeartbeatPause>,
+    /// The term in which this replica, leading with damaged entries not repaired, first
+    /// refused idempotent publishes, and when.
+    lost_refusal: Arc<std::sync::Mutex<Option<(u64, std::time::Instant)>>>,
 }
 
 fn fatal(e: impl std::fmt::Display) -> BrokerError {
@@ -216,6 +219,7 @@ impl PartitionGroup {
             peers,
             transferring_to: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             pause: Arc::default(),
+            lost_refusal: Arc::default(),
             raft,
             sm,
             reader,
@@ -223,6 +227,25 @@ impl PartitionGroup {
             opened_snapshot_index,
             report: Arc::new(report),
         })
+    }
+
+    /// The group's id.
+    pub fn group_id(&self) -> GroupId {
+        self.group_id
+    }
+
+    /// When this replica, leading in `term` with damaged entries not repaired, began refusing
+    /// idempotent publishes (now, on the first call of a term).
+    pub fn lost_refusal_since(&self, term: u64) -> Option<std::time::Instant> {
+        let mut since = self.lost_refusal.lock().ok()?;
+        match *since {
+            Some((t, at)) if t == term => Some(at),
+            _ => {
+                let now = std::time::Instant::now();
+                *since = Some((term, now));
+                Some(now)
+            }
+        }
     }
 
     /// Reads the whole log once, so damage anywhere in it is found and mapped (see

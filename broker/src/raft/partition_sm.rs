@@ -152,14 +152,18 @@ impl ProducerState {
     /// Records a stored batch found late (in entries this replica applied as lost, repaired
     /// since; later batches are recorded already): kept in sequence order among the batches
     /// remembered, unless it is older than all of them with the window full, or of an epoch
-    /// other than the producer's current one (a retry of it is then fenced).
+    /// older than the producer's current one (a retry of it is then fenced). A newer epoch
+    /// starts the window over.
     pub fn record_older(&mut self, epoch: u32, batch: ProducerBatch) {
-        if self.batches.is_empty() && epoch >= self.epoch {
+        if epoch > self.epoch || (self.batches.is_empty() && epoch == self.epoch) {
+            // A newer epoch than every batch remembered (batches after the lost range cannot
+            // carry an older one): it starts the window, as `record` does.
             self.epoch = epoch;
+            self.batches.clear();
             self.batches.push_back(batch);
             return;
         }
-        if epoch != self.epoch
+        if epoch < self.epoch
             || self
                 .batches
                 .iter()
@@ -285,6 +289,9 @@ struct Shared {
     snapshot_interval_bytes: u64,
     /// Woken when `bytes_since_snapshot` passes the threshold.
     snapshot_due: Notify,
+    /// Set when repaired entries were folded into the state since the last snapshot file: the
+    /// next snapshot is written even with nothing applied since.
+    refolded: std::sync::atomic::AtomicBool,
     /// Record bytes and entries applied since this state machine was opened.
     applied_bytes: AtomicU64,
     applied_entries: AtomicU64,
@@ -339,6 +346,7 @@ impl PartitionStateMachine {
                 bytes_since_snapshot: AtomicU64::new(0),
                 snapshot_interval_bytes: snapshot_interval_bytes.max(1),
                 snapshot_due: Notify::new(),
+                refolded: std::sync::atomic::AtomicBool::new(false),
                 installs: watch::Sender::new(0),
                 applied_bytes: AtomicU64::new(0),
                 applied_entries: AtomicU64::new(0),
@@ -518,6 +526,7 @@ impl PartitionStateMachine {
             }
         }
         state.lost.remove(&first);
+        self.shared.refolded.store(true, Ordering::Relaxed);
     }
 
     /// Whether a snapshot file exists (was loaded or written).
@@ -630,8 +639,10 @@ impl PartitionStateMachine {
     async fn persist(&self, state: PartitionState) -> Result<Snapshot<TypeConfig>, StorageError> {
         let _writing = self.shared.snapshot_write.lock().await;
         let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
+        let refolded = self.shared.refolded.swap(false, Ordering::Relaxed);
         if let Some((meta, bytes)) = current
             && meta.last_log_id >= state.last_applied
+            && !refolded
         {
             return Ok(Snapshot {
                 meta,
@@ -642,12 +653,14 @@ impl PartitionStateMachine {
         let dir = self.shared.dir.clone();
         let config = self.shared.log_config.clone();
         let payload = bytes.clone();
-        tokio::task::spawn_blocking(move || {
+        let written = tokio::task::spawn_blocking(move || {
             weft_storage::snapshot::write_snapshot(&dir, &payload, &config)
         })
-        .await
-        .map_err(sm_error)?
-        .map_err(sm_error)?;
+        .await;
+        if !matches!(written, Ok(Ok(()))) && refolded {
+            self.shared.refolded.store(true, Ordering::Relaxed);
+        }
+        written.map_err(sm_error)?.map_err(sm_error)?;
         let meta = meta_of(&state);
         *self.shared.snapshot.lock().map_err(sm_error)? = Some((meta.clone(), bytes.clone()));
         Ok(Snapshot {
@@ -1070,6 +1083,15 @@ mod tests {
                 last_timestamp_ms: 1,
             },
         );
+        // Producer 11 is known at epoch 0; in the lost range it started epoch 1.
+        sm.shared.state.lock().expect("state").producers.insert(
+            11,
+            ProducerState {
+                epoch: 0,
+                batches: [batch(3, 1, 1)].into(),
+                last_timestamp_ms: 1,
+            },
+        );
         sm.apply([lost(1), lost(2)]).await.expect("applied");
         sm.apply([lost(4)]).await.expect("applied");
         assert_eq!(sm.state().lost, BTreeMap::from([(1, 3), (4, 5)]));
@@ -1097,6 +1119,10 @@ mod tests {
                 header(7, 0, 2, 0),
                 header(9, 10, 2, 2),
                 header(0, 0, 1, 4),
+                BatchHeader {
+                    producer_epoch: 1,
+                    ..header(11, 0, 1, 4)
+                },
             ]),
         );
         let state = sm.state();
@@ -1111,6 +1137,12 @@ mod tests {
             SequenceCheck::Duplicate(batch(10, 2, 2))
         );
         assert_eq!(state.producers[&9].check(0, 13, 1), SequenceCheck::Accept);
+        assert_eq!(
+            state.producers[&11].check(1, 0, 1),
+            SequenceCheck::Duplicate(batch(0, 1, 4)),
+            "a newer epoch's batch found late starts the window over"
+        );
+        assert_eq!(state.producers[&11].check(1, 1, 1), SequenceCheck::Accept);
         // A range purged since is forgotten.
         sm.fold_repaired(4, 5, None);
         assert!(sm.state().lost.is_empty());
