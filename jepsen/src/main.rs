@@ -285,8 +285,15 @@ async fn main() -> ExitCode {
                 .iter()
                 .enumerate()
                 .map(|(i, f)| {
-                    let config =
+                    let mut config =
                         options.config(vec![*f], options.nodes, seed.wrapping_add(i as u64))?;
+                    if *f == Fault::PowerLossAll {
+                        // Every broker is down, then recovering, for much of each fault: this
+                        // class acknowledges well under half what the others do in the same
+                        // time (2026-12-01, `long --sizes 5`: 28,259 against 46,898 to 77,995),
+                        // and a 60 s CI run of it came out at 9,749 with five power losses.
+                        config.min_acked = options.min_acked / 2;
+                    }
                     Ok((config, out.join(format!("{}-{}", stamp(), f.name()))))
                 })
                 .collect::<Result<Vec<_>>>();

@@ -286,51 +286,34 @@ impl PartitionGroup {
     /// Folds into the producer table the batches of entries this replica applied as lost,
     /// once they are repaired (read back whole), and forgets lost entries purged since.
     async fn fold_repaired(&self) {
-        use openraft::storage::RaftLogReader;
         let lost = self.sm.state().lost;
         for (first, next) in lost {
-            let first_in_log = self.reader.with_log(|log| log.first_index()).ok().flatten();
-            if first_in_log.is_some_and(|start| next <= start) {
-                self.sm.fold_repaired(first, next, None);
-                tracing::info!(
-                    group = self.group_id,
-                    first,
-                    next,
-                    "entries applied as lost were purged since: forgotten"
-                );
-                continue;
-            }
-            let mut reader = self.reader.clone();
-            let Ok(entries) = reader.try_get_log_entries(first..next).await else {
-                continue;
-            };
-            if entries.len() as u64 != next - first {
-                continue;
-            }
-            let mut headers = Vec::new();
-            let mut whole = true;
-            for entry in &entries {
-                match &entry.payload {
-                    openraft::EntryPayload::Normal(Command::Records(batches)) => {
-                        for batch in batches {
-                            match weft_storage::Batch::header_of(batch) {
-                                Ok(h) => headers.push(h),
-                                Err(_) => whole = false,
-                            }
-                        }
-                    }
-                    openraft::EntryPayload::Normal(Command::Lost { .. }) => whole = false,
-                    _ => {}
+            let reader = self.reader.clone();
+            // Read on the blocking pool: a range may span a segment.
+            let read = tokio::task::spawn_blocking(move || {
+                reader.with_log(|log| repaired_headers(log, first, next))
+            })
+            .await;
+            match read {
+                Ok(Ok(Repaired::Whole(headers))) => {
+                    self.sm.fold_repaired(first, next, Some(headers));
+                    tracing::info!(
+                        group = self.group_id,
+                        first,
+                        next,
+                        "folded the producer batches of repaired entries into the producer table"
+                    );
                 }
-            }
-            if whole {
-                self.sm.fold_repaired(first, next, Some(headers));
-                tracing::info!(
-                    group = self.group_id,
-                    first,
-                    next,
-                    "folded the producer batches of repaired entries into the producer table"
-                );
+                Ok(Ok(Repaired::Purged)) => {
+                    self.sm.fold_repaired(first, next, None);
+                    tracing::info!(
+                        group = self.group_id,
+                        first,
+                        next,
+                        "entries applied as lost were purged since: forgotten"
+                    );
+                }
+                _ => {}
             }
         }
     }
@@ -949,6 +932,52 @@ pub(super) async fn scrub_log(reader: &LogReader) -> Result<usize, String> {
         .map_err(|e| e.to_string())
 }
 
+/// What a lost range of entries reads back as.
+enum Repaired {
+    /// Every entry, intact: the headers of their record batches, in log order.
+    Whole(Vec<weft_storage::BatchHeader>),
+    /// No longer in the log (purged by retention).
+    Purged,
+    /// Damaged still, or not all there.
+    NotYet,
+}
+
+/// Reads entries `first .. next` of `log` back for [`PartitionGroup::fold_repaired`].
+fn repaired_headers(log: &PartitionLog, first: u64, next: u64) -> Repaired {
+    let Some(start) = log.first_index() else {
+        return Repaired::NotYet;
+    };
+    if next <= start {
+        return Repaired::Purged;
+    }
+    let mut headers = Vec::new();
+    let mut from = first;
+    while from < next {
+        let Ok(batches) = log.read_entries(from, next, 1 << 20) else {
+            return Repaired::NotYet;
+        };
+        let Some(last) = batches.last() else {
+            return Repaired::NotYet;
+        };
+        let until = last.header().index + 1;
+        let mut expected = from;
+        for batch in &batches {
+            let h = *batch.header();
+            if h.index == expected {
+                expected += 1;
+            } else if h.index + 1 != expected {
+                // An entry missing in between.
+                return Repaired::NotYet;
+            }
+            if h.kind == weft_storage::EntryKind::Records {
+                headers.push(h);
+            }
+        }
+        from = until;
+    }
+    Repaired::Whole(headers)
+}
+
 /// Repairs the damaged ranges of a replica's log (group `group_id`) that lie within `applied`
 /// (committed entries are the same on every replica that holds them; None: every range) with
 /// the entries of another replica of `nodes`, read over the peer port (ReadLog) and written
@@ -1394,7 +1423,65 @@ async fn installed(installs: &mut tokio::sync::watch::Receiver<u64>) {
 
 #[cfg(test)]
 mod tests {
-    use super::caught_up;
+    use super::{Repaired, caught_up, repaired_headers};
+    use crate::raft::{Command, Entry, LogId};
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use weft_storage::{BatchBuilder, LogConfig, PartitionLog, ProducerInfo};
+
+    /// Repaired entries read back with their record batches' headers (what the producer
+    /// table folds in); a range not all in the log yet is not whole.
+    #[test]
+    fn repaired_entries_read_back_with_their_producer_batches() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut log = PartitionLog::open(dir.path(), LogConfig::default()).expect("opens");
+        let entry = |index: u64, payload| Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload,
+        };
+        let append = |log: &mut PartitionLog, e: Entry| {
+            let batches =
+                crate::raft::entry::to_batches(e, log.end().next_offset).expect("encodes");
+            log.append_entry(&batches).expect("appends");
+        };
+        append(&mut log, entry(0, EntryPayload::Blank));
+        for index in 1..=3u64 {
+            let batches = (0..2u64)
+                .map(|i| {
+                    let mut records = BatchBuilder::new();
+                    records.push(0, b"", b"v", []);
+                    records
+                        .seal(
+                            0,
+                            0,
+                            0,
+                            ProducerInfo {
+                                producer_id: 40 + i,
+                                producer_epoch: 0,
+                                base_sequence: index,
+                            },
+                        )
+                        .bytes()
+                        .clone()
+                })
+                .collect();
+            append(
+                &mut log,
+                entry(index, EntryPayload::Normal(Command::Records(batches))),
+            );
+        }
+        log.flush().expect("flushes");
+        match repaired_headers(&log, 2, 4) {
+            Repaired::Whole(headers) => {
+                let seen: Vec<(u64, u64)> = headers
+                    .iter()
+                    .map(|h| (h.producer_id, h.base_sequence))
+                    .collect();
+                assert_eq!(seen, [(40, 2), (41, 2), (40, 3), (41, 3)]);
+            }
+            _ => panic!("entries 2..4 are whole"),
+        }
+        assert!(matches!(repaired_headers(&log, 3, 6), Repaired::NotYet));
+    }
 
     /// A replica opened with entries 0..=120 in its log; the leader's log replaced 101..=120
     /// (never committed) and holds 0..=100, all applied here: caught up. Before, it waited
