@@ -286,7 +286,7 @@ impl PartitionGroup {
     /// Folds into the producer table the batches of entries this replica applied as lost,
     /// once they are repaired (read back whole), and forgets lost entries purged since.
     async fn fold_repaired(&self) {
-        let lost = self.sm.state().lost;
+        let lost = self.sm.lost();
         for (first, next) in lost {
             let reader = self.reader.clone();
             // Read on the blocking pool: a range may span a segment.

@@ -495,6 +495,16 @@ impl PartitionStateMachine {
             .unwrap_or_default()
     }
 
+    /// The entries applied as lost and not folded back yet (see [`PartitionState::lost`]),
+    /// without copying the rest of the state.
+    pub fn lost(&self) -> BTreeMap<u64, u64> {
+        self.shared
+            .state
+            .lock()
+            .map(|s| s.lost.clone())
+            .unwrap_or_default()
+    }
+
     /// Folds the producer batches of entries `first .. next`, applied as lost and repaired
     /// since (`batches`: their headers, in log order), into the producer table, and forgets
     /// that range. `batches` None: the range is no longer in the log (purged), so it is only
