@@ -530,8 +530,12 @@ impl PartitionStateMachine {
                     base_offset: h.base_offset,
                 },
             );
+            // The batch was stored when the partition's clock read at least its timestamps:
+            // the producer was active then, later than anything remembered of it before the
+            // lost range (it would otherwise expire here before it does on the other replicas).
+            producer.last_timestamp_ms = producer.last_timestamp_ms.max(h.max_timestamp_ms);
             if producer.last_timestamp_ms == 0 {
-                // Found only now: idle from now on, by the partition's clock.
+                // Found only now, with no timestamp: idle from now on, by the partition's clock.
                 producer.last_timestamp_ms = clock;
             }
         }
@@ -1127,7 +1131,10 @@ mod tests {
             3,
             Some(vec![
                 header(7, 0, 2, 0),
-                header(9, 10, 2, 2),
+                BatchHeader {
+                    max_timestamp_ms: 500,
+                    ..header(9, 10, 2, 2)
+                },
                 header(0, 0, 1, 4),
                 BatchHeader {
                     producer_epoch: 1,
@@ -1147,6 +1154,10 @@ mod tests {
             SequenceCheck::Duplicate(batch(10, 2, 2))
         );
         assert_eq!(state.producers[&9].check(0, 13, 1), SequenceCheck::Accept);
+        assert_eq!(
+            state.producers[&9].last_timestamp_ms, 500,
+            "a batch found late is the producer's latest activity"
+        );
         assert_eq!(
             state.producers[&11].check(1, 0, 1),
             SequenceCheck::Duplicate(batch(0, 1, 4)),
