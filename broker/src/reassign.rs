@@ -9,9 +9,9 @@
 //! partition has a replica on a broker being removed, the controller's leader takes it out of
 //! the controller group and forgets it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::BrokerError;
 use crate::node::Node;
@@ -27,10 +27,12 @@ const MOVE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the moves are looked at when the controller state does not change.
 const TICK: Duration = Duration::from_secs(1);
 
-/// The partition groups whose moves this broker drives now.
+/// The partition groups whose moves this broker drives now, and since when each broker has
+/// failed its health checks.
 #[derive(Debug, Default)]
 pub struct Moves {
     running: Mutex<HashSet<GroupId>>,
+    unreachable_since: Mutex<BTreeMap<NodeId, Instant>>,
 }
 
 impl Moves {
@@ -43,7 +45,37 @@ impl Moves {
             r.remove(&group);
         }
     }
+
+    /// Notes a health check of `node` at `now`: failed, it is unreachable since the first
+    /// failure after its last answer.
+    fn observe(&self, node: NodeId, up: bool, now: Instant) {
+        if let Ok(mut u) = self.unreachable_since.lock() {
+            if up {
+                u.remove(&node);
+            } else {
+                u.entry(node).or_insert(now);
+            }
+        }
+    }
+
+    /// The brokers that have failed every health check for at least `grace` at `now`.
+    fn down_for(&self, grace: Duration, now: Instant) -> BTreeSet<NodeId> {
+        self.unreachable_since.lock().map_or_else(
+            |_| BTreeSet::new(),
+            |u| {
+                u.iter()
+                    .filter(|(_, since)| now.saturating_duration_since(**since) >= grace)
+                    .map(|(id, _)| *id)
+                    .collect()
+            },
+        )
+    }
 }
+
+/// How long a broker must have failed every health check before a removal sends a move that
+/// adds a replica on it elsewhere. A busy broker that misses a check or two keeps its moves
+/// (and the catching up they did); one that stays down does not hold a removal for good.
+const STALLED_TARGET_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a broker has to answer the health check that says it may take replicas.
 const PING_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -138,7 +170,7 @@ impl Node {
             .map(|(id, b)| (*id, b.peer_address.clone()))
             .collect();
         let peers = self.peers();
-        let up = futures::future::join_all(candidates.iter().map(|(id, address)| {
+        let up: Vec<bool> = futures::future::join_all(candidates.iter().map(|(id, address)| {
             let peers = peers.clone();
             async move {
                 // Twice: one late answer of a busy broker does not make it unusable.
@@ -148,6 +180,10 @@ impl Node {
             }
         }))
         .await;
+        let now = Instant::now();
+        for ((id, _), up) in candidates.iter().zip(&up) {
+            self.moves.observe(*id, *up, now);
+        }
         candidates
             .into_iter()
             .zip(up)
@@ -213,7 +249,8 @@ impl Node {
         }
         let state = self.controller_state();
         let usable = self.usable_brokers(&state).await;
-        let (plan, mut busy) = state.plan_removal_onto(node, &usable);
+        let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
+        let (plan, mut busy) = state.plan_removal_onto(node, &usable, &down);
         let (started, refused) = self.start_moves(plan).await;
         busy.extend(refused);
         tracing::info!(
@@ -352,7 +389,8 @@ impl Node {
             let Some(usable) = usable.as_ref() else {
                 continue;
             };
-            let (plan, _) = state.plan_removal_onto(*node, usable);
+            let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
+            let (plan, _) = state.plan_removal_onto(*node, usable, &down);
             if !plan.is_empty() {
                 let (started, refused) = self.start_moves(plan).await;
                 tracing::info!(
@@ -428,5 +466,44 @@ pub(crate) async fn reassign_loop(node: Weak<Node>) {
         }
         let current = state.borrow_and_update().clone();
         node.drive_moves(&current).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker counts as down only once it has failed every check for the grace period; an
+    /// answer in between starts it over.
+    #[test]
+    fn a_broker_is_down_only_after_failing_checks_for_the_grace() {
+        let moves = Moves::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        moves.observe(4, false, t0);
+        moves.observe(5, true, t0);
+        assert!(
+            moves
+                .down_for(grace, t0 + Duration::from_secs(9))
+                .is_empty()
+        );
+        // Failing again does not move the start of its failures.
+        moves.observe(4, false, t0 + Duration::from_secs(9));
+        assert_eq!(
+            moves.down_for(grace, t0 + Duration::from_secs(10)),
+            BTreeSet::from([4])
+        );
+        // It answers: up again, and a later failure starts the clock over.
+        moves.observe(4, true, t0 + Duration::from_secs(11));
+        moves.observe(4, false, t0 + Duration::from_secs(12));
+        assert!(
+            moves
+                .down_for(grace, t0 + Duration::from_secs(21))
+                .is_empty()
+        );
+        assert_eq!(
+            moves.down_for(grace, t0 + Duration::from_secs(22)),
+            BTreeSet::from([4])
+        );
     }
 }

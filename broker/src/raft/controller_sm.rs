@@ -992,18 +992,24 @@ impl ControllerState {
     /// under-replicated; a running move to `node` is redirected), and the partitions that no
     /// other broker can hold.
     pub fn plan_removal(&self, node: NodeId) -> (Vec<PlannedMove>, Vec<String>) {
-        self.plan_removal_onto(node, &self.eligible_brokers().into_iter().collect())
+        self.plan_removal_onto(
+            node,
+            &self.eligible_brokers().into_iter().collect(),
+            &BTreeSet::new(),
+        )
     }
 
     /// [`ControllerState::plan_removal`] moving replicas only to the brokers of `usable` (up,
     /// serving, not draining: what the proposer sees). A move already taking a partition off
-    /// `node` whose new replicas include a broker not usable now (it went down after the move
-    /// began) is planned again too: it would hold the removal for as long as that broker stays
-    /// down.
+    /// `node` whose new replicas include a broker of `down` (down for a while: it went down
+    /// after the move began) is planned again too: it would hold the removal for as long as that
+    /// broker stays down. A new replica's broker that is only not usable now (slow to answer a
+    /// check, draining) keeps its move and what it caught up.
     pub fn plan_removal_onto(
         &self,
         node: NodeId,
         usable: &BTreeSet<NodeId>,
+        down: &BTreeSet<NodeId>,
     ) -> (Vec<PlannedMove>, Vec<String>) {
         let mut counts = self.replica_counts();
         counts.remove(&node);
@@ -1018,7 +1024,7 @@ impl ControllerState {
                 let stalled: BTreeSet<NodeId> = match &p.target {
                     Some(target) if p.replicas.contains(&node) => target
                         .iter()
-                        .filter(|b| p.adding.contains(b) && !usable.contains(b))
+                        .filter(|b| p.adding.contains(b) && down.contains(b))
                         .copied()
                         .collect(),
                     _ => BTreeSet::new(),
@@ -1811,7 +1817,7 @@ mod tests {
         let without_4: BTreeSet<NodeId> = [1, 2, 3].into();
         let plan = state.plan_rebalance_onto(&without_4);
         assert!(plan.iter().all(|m| !m.to.contains(&4)), "{plan:?}");
-        let (plan, stuck) = state.plan_removal_onto(1, &without_4);
+        let (plan, stuck) = state.plan_removal_onto(1, &without_4, &BTreeSet::new());
         assert!(stuck.is_empty());
         assert!(!plan.is_empty());
         for m in &plan {
@@ -1822,14 +1828,16 @@ mod tests {
         state.apply(&topic_rf("c", 1, 3));
         let c0 = state.topics["c"].partitions[0].replicas.clone();
         assert_eq!(c0, [1, 2, 3]);
-        let (plan, stuck) = state.plan_removal_onto(1, &[2, 3].into());
+        let (plan, stuck) = state.plan_removal_onto(1, &[2, 3].into(), &BTreeSet::new());
         assert!(plan.iter().all(|m| m.topic != "c"), "{plan:?}");
         assert!(stuck.iter().any(|s| s.starts_with("c/0")), "{stuck:?}");
     }
 
     /// A removal whose move sends a replica to a broker that then goes down is planned again
     /// onto a usable broker (before, the move waited for that broker for as long as it stayed
-    /// down, and the removal with it); with no other broker, it waits.
+    /// down, and the removal with it); with no other broker, it waits. A broker that only
+    /// missed a check keeps its move (before, one slow answer sent the move elsewhere and threw
+    /// away what the new replica had caught up).
     #[test]
     fn a_removal_plans_again_a_move_whose_new_replica_went_down() {
         let mut state = ControllerState::default();
@@ -1844,7 +1852,7 @@ mod tests {
             keep_one: true,
         });
         // The removal sends partition 0 to 4 (fewest replicas first: 4 and 5 have none).
-        let (plan, stuck) = state.plan_removal_onto(3, &all);
+        let (plan, stuck) = state.plan_removal_onto(3, &all, &BTreeSet::new());
         assert!(stuck.is_empty(), "{stuck:?}");
         let first = plan.iter().find(|m| m.topic == "m").expect("a move of m/0");
         assert_eq!(first.to, [1, 2, 4]);
@@ -1853,10 +1861,13 @@ mod tests {
             ControllerResponse::Topic(_)
         ));
         // While 4 answers, the move stands.
-        let (plan, _) = state.plan_removal_onto(3, &all);
+        let (plan, _) = state.plan_removal_onto(3, &all, &BTreeSet::new());
         assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
-        // 4 goes down: the move goes to 5 instead.
-        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3, 5].into());
+        // 4 misses a check (busy): not usable for new moves, but its move stands.
+        let (plan, _) = state.plan_removal_onto(3, &[1, 2, 3, 5].into(), &BTreeSet::new());
+        assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
+        // 4 stays down: the move goes to 5 instead.
+        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3, 5].into(), &[4].into());
         assert!(stuck.is_empty(), "{stuck:?}");
         let again = plan
             .iter()
@@ -1870,7 +1881,7 @@ mod tests {
         ));
         assert_eq!(state.topics["m"].partitions[0].target, Some(vec![1, 2, 5]));
         // 5 goes down too, 4 still down: nothing usable to go to; the move waits.
-        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3].into());
+        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3].into(), &[4, 5].into());
         assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
         assert!(stuck.iter().any(|s| s.starts_with("m/0")), "{stuck:?}");
     }
