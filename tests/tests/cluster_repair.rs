@@ -11,6 +11,10 @@
 //! covers them) and never sent them again: the replica's own copy stopped at the cut for good.
 //! The same holds for committed entries past its snapshot (killed, no snapshot at stop): it
 //! fetches them before its group starts, so it never votes without them.
+//!
+//! A follower that applied damaged entries (killed, so no snapshot covered them) folds their
+//! producer batches into its producer table once it has repaired them: leading, it answers a
+//! retry of such a batch as a duplicate instead of storing it twice.
 
 use std::time::Duration;
 
@@ -441,4 +445,153 @@ async fn a_controller_leader_whose_log_lost_its_tail_does_not_lead_its_term_agai
             .await;
         }
     }
+}
+
+/// A replica that applied damaged entries (killed, so no snapshot covered them, then a chunk of
+/// one idempotent batch zeroed while it was down) knows that producer batch again once it has
+/// repaired the entries, and, leading, answers a retry of it as the duplicate it is. Before, its
+/// producer table never had the batch: the retry was the producer's next sequence, and the new
+/// leader stored it a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_applied_damaged_entries_knows_their_producer_batches_when_it_leads() {
+    let (mut brokers, follower) = cluster_with_records().await;
+    let leader = leader_of_0(&brokers[0]);
+    // A plain batch after the last idempotent one, so that batch is not the log's tail (a
+    // damaged tail is cut and fetched again, never applied as lost).
+    let channel = grpc::channel(&brokers[leader as usize - 1].client_addr).await;
+    let response = grpc::publisher(&channel)
+        .publish(PublishRequest {
+            topic: "heal".into(),
+            target: Some(Target::Partition(0)),
+            records: (RECORDS..RECORDS + 50)
+                .map(|i| Record {
+                    value: value(i).into(),
+                    ..Record::default()
+                })
+                .collect(),
+            ..PublishRequest::default()
+        })
+        .await
+        .expect("plain publish")
+        .into_inner();
+    assert_eq!(response.base_offset, RECORDS);
+    let address = brokers[follower].client_addr.clone();
+    wait_for(
+        "the follower to hold the plain batch",
+        Duration::from_secs(30),
+        || {
+            let address = address.clone();
+            async move {
+                offsets(&address, "heal", 0, None)
+                    .await
+                    .ok()
+                    .filter(|o| o.high_watermark >= RECORDS + 50)
+            }
+        },
+    )
+    .await;
+    // Killed: the follower's snapshot (if any) does not cover the last batches. Zero a chunk of
+    // the last idempotent batch (producer 1, sequence RECORDS - 50) in its segment file.
+    brokers[follower].kill9();
+    let last = RECORDS - 50;
+    let marker = format!("heal-{:06}-", last + 10).into_bytes();
+    let files = segment_files(&brokers[follower]);
+    let mut damaged = false;
+    for file in &files {
+        let mut bytes = std::fs::read(file).expect("read");
+        if let Some(at) = bytes
+            .windows(marker.len())
+            .position(|w| w == marker.as_slice())
+        {
+            bytes[at..at + 300].fill(0);
+            std::fs::write(file, &bytes).expect("damage");
+            damaged = true;
+        }
+    }
+    assert!(
+        damaged,
+        "the batch found in the follower's segments {files:?}"
+    );
+    brokers[follower].start_again_same_ports();
+    brokers[follower].wait_ready();
+    let follower_broker = &brokers[follower];
+    wait_for(
+        "the damaged entries repaired and their batches folded in",
+        Duration::from_secs(60),
+        || {
+            let folded = follower_broker
+                .log()
+                .contains("folded the producer batches of repaired entries");
+            async move { folded.then_some(()) }
+        },
+    )
+    .await;
+    // The repaired replica takes the leadership.
+    let target = follower as u64 + 1;
+    let brokers_ref = &brokers;
+    wait_for(
+        "the leadership moved to the repaired replica",
+        Duration::from_secs(60),
+        || async move {
+            let leader = leader_of_0(&brokers_ref[0]);
+            if leader == target {
+                return Some(());
+            }
+            if leader != 0 {
+                let (status, body) = brokers_ref[leader as usize - 1].http(
+                    "POST",
+                    "/v1/topics/heal/partitions/0/leader",
+                    Some(&format!(r#"{{"node_id":{target}}}"#)),
+                );
+                eprintln!("transfer to {target}: {status} {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            None
+        },
+    )
+    .await;
+    // A retry of the damaged batch (its acknowledgement lost, say) is a duplicate.
+    let answer = wait_for(
+        "the retry answered by the new leader",
+        Duration::from_secs(60),
+        || async move {
+            let channel = grpc::channel(&brokers_ref[follower].client_addr).await;
+            let mut request = tonic::Request::new(PublishRequest {
+                topic: "heal".into(),
+                target: Some(Target::Partition(0)),
+                records: (last..RECORDS)
+                    .map(|i| Record {
+                        value: value(i).into(),
+                        ..Record::default()
+                    })
+                    .collect(),
+                producer_id: 1,
+                base_sequence: last,
+                ..PublishRequest::default()
+            });
+            request.set_timeout(Duration::from_secs(5));
+            match grpc::publisher(&channel).publish(request).await {
+                Ok(response) => Some(response.into_inner()),
+                Err(status) => {
+                    assert_eq!(
+                        status.code(),
+                        tonic::Code::Unavailable,
+                        "retry refused: {status:?}"
+                    );
+                    eprintln!("not yet: {}", status.message());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    None
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        answer.duplicate && answer.base_offset == last,
+        "the retry is the batch stored before, not a new one: {answer:?}"
+    );
+    let end = offsets(&brokers[follower].client_addr, "heal", 0, None)
+        .await
+        .expect("offsets");
+    assert_eq!(end.high_watermark, RECORDS + 50, "nothing stored twice");
 }
