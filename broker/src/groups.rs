@@ -238,6 +238,11 @@ const COMMIT_SETTLE_MAX: Duration = Duration::from_secs(2);
 /// Longest session timeout a member may ask for.
 pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 
+/// Shortest session timeout a member may ask for (the broker's own setting has the same
+/// floor): shorter, a member would expire between its heartbeats and rebalance its group
+/// without end.
+pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+
 impl Coordinator {
     /// A coordinator storing offsets in `store`.
     pub fn new(store: Arc<dyn OffsetStore>, default_session: Duration) -> Self {
@@ -282,7 +287,7 @@ impl Coordinator {
         }
         let session = session
             .unwrap_or(self.inner.default_session)
-            .min(SESSION_TIMEOUT_MAX);
+            .clamp(SESSION_TIMEOUT_MIN, SESSION_TIMEOUT_MAX);
         let incarnation = self
             .inner
             .next_incarnation

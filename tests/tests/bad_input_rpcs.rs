@@ -615,6 +615,16 @@ async fn subscribe_refuses_bad_streams() {
             Field("session_timeout_ms"),
         ),
         (
+            "session timeout under the minimum",
+            vec![msg(Inbound::Start(SubscribeStart {
+                group_id: "g2".into(),
+                session_timeout_ms: 5,
+                ..start("t")
+            }))],
+            Code::InvalidArgument,
+            Field("session_timeout_ms"),
+        ),
+        (
             "group id too long",
             vec![msg(Inbound::Start(SubscribeStart {
                 group_id: "g".repeat(300),

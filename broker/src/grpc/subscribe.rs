@@ -777,10 +777,15 @@ impl Session {
             ));
         }
         let max_session_ms = crate::groups::SESSION_TIMEOUT_MAX.as_millis();
-        if u128::from(start.session_timeout_ms) > max_session_ms {
+        let min_session_ms = crate::groups::SESSION_TIMEOUT_MIN.as_millis();
+        let session_ms = u128::from(start.session_timeout_ms);
+        if session_ms > max_session_ms || (session_ms > 0 && session_ms < min_session_ms) {
             return Err(BrokerError::invalid(
                 "session_timeout_ms",
-                format!("at most {max_session_ms} ms"),
+                format!(
+                    "{session_ms} ms: must be 0 (the broker's default) or between \
+                     {min_session_ms} and {max_session_ms} ms"
+                ),
             ));
         }
         let mut named = std::collections::HashSet::new();
