@@ -572,3 +572,77 @@ async fn weft_group_reset_offsets_moves_a_group_back_and_forth_but_not_while_mem
     assert_eq!(status, 409, "{body}");
     member.close().await.expect("close");
 }
+
+/// A commit forwarded by a broker that checked it against a topic since deleted (its metadata
+/// behind, the topic created again meanwhile) is refused by the coordinator with NOT_FOUND.
+/// Before, the forwarded call named the topic only, and the coordinator stored the offsets under
+/// the new topic of that name: its group then skipped the new topic's records. The call is made
+/// here as a forwarding broker makes it, on the peer port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_commit_checked_against_a_deleted_topic_is_refused() {
+    use weft_proto::internal::v1 as internal;
+    let broker = Broker::start();
+    let topic_id = |broker: &Broker| {
+        let (status, body) = broker.http("GET", "/v1/topics/ft", None);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        v["topic_id"].as_str().expect("topic id").to_string()
+    };
+    ok_stdout(&broker.cli(&["topic", "create", "ft", "--partitions", "1"]));
+    let old_id = topic_id(&broker);
+    ok_stdout(&broker.cli(&["topic", "delete", "ft"]));
+    ok_stdout(&broker.cli(&["topic", "create", "ft", "--partitions", "1"]));
+    ok_stdout(&broker.cli_with_stdin(&["produce", "ft"], "a\nb\nc\n"));
+    let new_id = topic_id(&broker);
+    assert_ne!(old_id, new_id);
+    let channel = grpc::channel(&broker.peer_addr).await;
+    let mut forward = internal::forward_client::ForwardClient::new(channel);
+    let forwarded = |topic_id: &str| {
+        let mut request = tonic::Request::new(internal::ForwardCommitOffsetsRequest {
+            request: Some(CommitOffsetsRequest {
+                group_id: "fg".into(),
+                topic: "ft".into(),
+                offsets: vec![PartitionOffset {
+                    partition: 0,
+                    offset: 2,
+                }],
+                ..CommitOffsetsRequest::default()
+            }),
+            hops: 1,
+            from_node_id: 2,
+            topic_id: topic_id.to_string(),
+        });
+        request
+            .metadata_mut()
+            .insert("weft-cluster", "weft".parse().expect("ascii"));
+        request
+            .metadata_mut()
+            .insert("weft-target-node", "1".parse().expect("ascii"));
+        request.set_timeout(Duration::from_secs(10));
+        request
+    };
+    let refused = forward
+        .commit_offsets(forwarded(&old_id))
+        .await
+        .expect_err("the deleted topic's offsets are refused");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let gone = broker.cli(&["group", "describe", "fg"]);
+    assert!(
+        !gone.status.success(),
+        "nothing committed: {}",
+        String::from_utf8_lossy(&gone.stdout)
+    );
+    // Checked against the topic as it is, the same call commits.
+    let committed = forward
+        .commit_offsets(forwarded(&new_id))
+        .await
+        .expect("commit")
+        .into_inner();
+    assert_eq!(
+        committed.offsets,
+        [PartitionOffset {
+            partition: 0,
+            offset: 2
+        }]
+    );
+}

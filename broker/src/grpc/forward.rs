@@ -189,6 +189,11 @@ impl Forward for ForwardService {
         let result = async {
             crate::groups::validate_group_id(&commit.group_id)?;
             let topic = self.node.topic(&commit.topic)?;
+            if !message.topic_id.is_empty() && message.topic_id != topic.topic_id {
+                // Checked by the forwarding broker against a topic of that name deleted since:
+                // the offsets are not this topic's.
+                return Err(BrokerError::TopicNotFound(commit.topic.clone()));
+            }
             group_link::commit(&self.node, &commit, &topic.topic_id, message.hops.max(1)).await
         }
         .await;

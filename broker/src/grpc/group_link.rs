@@ -389,6 +389,7 @@ pub async fn commit(
             request: Some(request.clone()),
             hops: 1,
             from_node_id: node.node_id,
+            topic_id: topic_id.to_string(),
         },
         async || {
             let offsets: Vec<(u32, u64)> = request
