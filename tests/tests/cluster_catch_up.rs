@@ -5,7 +5,8 @@
 //! still holds (ReadLog on the peer port) and receives every entry after it: it holds everything
 //! retention keeps, not only what came after the leader's latest snapshot. Before, the leader's
 //! partition group crashed outright (openraft refuses a follower whose log went backwards unless
-//! told that a wiped replica may rejoin).
+//! told that a wiped replica may rejoin). When the leader cannot give those entries (it died
+//! meanwhile, say), the new replica fetches them from another replica.
 
 use std::time::Duration;
 
@@ -190,6 +191,133 @@ async fn a_wiped_replica_catches_up_with_everything_retention_keeps() {
     );
     let read = fetch_range(&wiped_address, "wipe", 0, caught_up.log_start_offset, 1700).await;
     assert_eq!(read.len() as u64, 1700 - caught_up.log_start_offset);
+    for (offset, value) in &read {
+        assert_eq!(
+            &value[..8],
+            format!("{offset:08}").as_bytes(),
+            "offset {offset}"
+        );
+    }
+}
+
+/// A wiped replica whose snapshot's sender (the leader) dies while the replica fetches the
+/// entries before that snapshot fetches them from another replica. Before, it fetched them from
+/// the sender only, and when that failed its log restarted after the snapshot: it held only what
+/// came after, and, leading later, it would have served less than retention keeps. A test hook
+/// makes each fetch wait, so the leader is killed in the middle of the fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_whose_snapshot_sender_dies_fills_its_log_from_another_replica() {
+    let (mut brokers, leader, _config) = retention_cluster().await;
+    let leader_address = brokers[leader - 1].client_addr.clone();
+    publish(&leader_address, 0, 1600).await;
+    // The leader that will send the snapshot: the preferred one (the leader balance moves the
+    // leadership there, and leaves it).
+    let brokers_ref = &brokers;
+    let leader = wait_for(
+        "the preferred replica to lead",
+        Duration::from_secs(30),
+        || async move {
+            let (status, body) = brokers_ref[0].http("GET", "/v1/topics/wipe", None);
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            let p = &v["partition_details"][0];
+            let leader = p["leader_id"].as_u64().unwrap_or(0);
+            (leader != 0 && Some(leader) == p["replicas"][0].as_u64()).then_some(leader as usize)
+        },
+    )
+    .await;
+    let leader_address = brokers[leader - 1].client_addr.clone();
+    wait_for("retention to purge", Duration::from_secs(30), || {
+        let address = leader_address.clone();
+        async move {
+            offsets(&address, "wipe", 0, None)
+                .await
+                .ok()
+                .filter(|b| b.log_start_offset > 0)
+        }
+    })
+    .await;
+    let wiped = (1..=3).find(|id| *id != leader).expect("a follower") - 1;
+    let third = (1..=3)
+        .find(|id| *id != leader && *id != wiped + 1)
+        .expect("the other follower")
+        - 1;
+    let on_third = offsets(&brokers[third].client_addr, "wipe", 0, None)
+        .await
+        .expect("offsets");
+    brokers[wiped].kill9();
+    std::fs::remove_dir_all(brokers[wiped].data_dir()).expect("wipe");
+    brokers[wiped].set_env("WEFT_TEST_BACKFILL_DELAY_MS", "2000");
+    brokers[wiped].start_again_same_ports();
+    let wiped_broker = &brokers[wiped];
+    wait_for(
+        "the wiped replica to fill its log",
+        Duration::from_secs(60),
+        || {
+            let filling = wiped_broker.log().contains("WEFT_TEST_BACKFILL_DELAY_MS");
+            async move { filling.then_some(()) }
+        },
+    )
+    .await;
+    brokers[leader - 1].kill9();
+    let wiped_broker = &brokers[wiped];
+    let log = wait_for(
+        "the wiped replica to fill its log, or give up",
+        Duration::from_secs(120),
+        || {
+            let log = wiped_broker.log();
+            async move {
+                (log.contains("fetched the entries before the installed snapshot")
+                    || log.contains("no replica gave the entries before the installed snapshot"))
+                .then_some(log)
+            }
+        },
+    )
+    .await;
+    let filled = log
+        .lines()
+        .find(|l| l.contains("fetched the entries before the installed snapshot"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        log.contains("cannot fetch the entries before the installed snapshot from this replica")
+            && filled.contains(&format!("from={}", third + 1)),
+        "the dead leader was asked first, then the other follower gave the entries:\n{log}"
+    );
+    // The killed leader comes back: the partition has its three replicas again.
+    brokers[leader - 1].start_again_same_ports();
+    brokers[leader - 1].wait_ready();
+    let wiped_address = brokers[wiped].client_addr.clone();
+    let caught_up = wait_for(
+        "the wiped replica to serve every record",
+        Duration::from_secs(60),
+        || {
+            let address = wiped_address.clone();
+            async move {
+                offsets(&address, "wipe", 0, None)
+                    .await
+                    .ok()
+                    .filter(|b| b.high_watermark >= 1600)
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "the other follower held [{}, {}), the wiped replica [{}, {})",
+        on_third.log_start_offset,
+        on_third.high_watermark,
+        caught_up.log_start_offset,
+        caught_up.high_watermark
+    );
+    let per_segment = (1048576 / RECORD) as u64;
+    assert!(
+        caught_up.log_start_offset <= on_third.log_start_offset + per_segment,
+        "the wiped replica starts at {} but the other follower keeps from {}",
+        caught_up.log_start_offset,
+        on_third.log_start_offset
+    );
+    let read = fetch_range(&wiped_address, "wipe", 0, caught_up.log_start_offset, 1600).await;
+    assert_eq!(read.len() as u64, 1600 - caught_up.log_start_offset);
     for (offset, value) in &read {
         assert_eq!(
             &value[..8],

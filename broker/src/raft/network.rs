@@ -1265,6 +1265,11 @@ impl Peers {
         }
     }
 
+    /// This node's id.
+    pub(super) fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
     /// The node group `group_id` last received a snapshot from.
     pub(super) fn snapshot_sender(&self, group_id: GroupId) -> Option<NodeId> {
         self.inner

@@ -1082,8 +1082,48 @@ impl std::fmt::Display for FetchError {
     }
 }
 
+/// Checks, after a later chunk of a fetch was read, that `node` still holds the last entry of the
+/// chunks read before it (`index`, with term `term`). A replica's log changes only by losing a
+/// suffix (entries of an earlier term, overwritten by a leader) and growing again; an entry of the
+/// same index and term is the same entry, with the same entries before it. So if that entry is
+/// still there after the later read, the later chunk continues the earlier ones: they are one log,
+/// not entries from before and after such a change.
+pub(super) async fn still_holds(
+    peers: &Peers,
+    group_id: GroupId,
+    (node, address): (NodeId, &str),
+    index: u64,
+    term: u64,
+) -> Result<(), String> {
+    let request = weft_proto::internal::v1::ReadLogRequest {
+        group_id,
+        from_index: index,
+        until_index: index + 1,
+        max_bytes: 1,
+    };
+    let response = peers
+        .read_log(node, address, request, Duration::from_secs(30))
+        .await?;
+    let found = response
+        .batches
+        .into_iter()
+        .next()
+        .map(weft_storage::Batch::decode)
+        .transpose()
+        .map_err(|e| format!("a fetched entry is damaged: {e}"))?
+        .map(|b| (b.header().index, b.header().term));
+    if found == Some((index, term)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "node {node}'s log changed while it was being read: entry {index} of term {term} is \
+             now {found:?} (index, term)"
+        ))
+    }
+}
+
 /// Entries `from .. until` of group `group_id` from `node`'s log (over the peer port: ReadLog),
-/// grouped by Raft index.
+/// grouped by Raft index. Read in chunks that are checked to be one log ([`still_holds`]).
 pub(super) async fn fetch_entries(
     peers: &Peers,
     group_id: GroupId,
@@ -1112,6 +1152,9 @@ pub(super) async fn fetch_entries(
 
         // ReadLog answers whole entries: the batches of one Raft index travel together.
         let start = cursor;
+        let previous = entries
+            .last()
+            .map(|e| (e[0].header().index, e[0].header().term));
         for bytes in response.batches {
             let batch = weft_storage::Batch::decode(bytes)
                 .map_err(|e| FetchError::Failed(format!("a fetched entry is damaged: {e}")))?;
@@ -1129,6 +1172,11 @@ pub(super) async fn fetch_entries(
             return Err(FetchError::Failed(format!(
                 "node {node} returned none of entries {cursor}..{until}"
             )));
+        }
+        if let Some((index, term)) = previous {
+            still_holds(peers, group_id, (node, address), index, term)
+                .await
+                .map_err(FetchError::Failed)?;
         }
     }
     Ok(entries)

@@ -30,6 +30,24 @@ use super::{GroupId, Peers};
 const BACKFILL_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 /// Deadline of one such call.
 const BACKFILL_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How soon a replica other than a snapshot's sender must answer a health check to be asked for
+/// the entries before that snapshot.
+const BACKFILL_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why a fill of the log before an installed snapshot failed.
+#[derive(Debug)]
+enum BackfillError {
+    /// The replica asked holds no entry before the snapshot.
+    NothingBefore(String),
+    /// Anything else (unreachable, damaged, purged meanwhile, a log that does not match).
+    Failed(String),
+}
+
+impl From<String> for BackfillError {
+    fn from(e: String) -> Self {
+        BackfillError::Failed(e)
+    }
+}
 
 /// Batches remembered per producer for answering retries (as Kafka does). The broker refuses a
 /// producer more publishes in flight than this (see `SequenceCheck::Gap` and the client's
@@ -378,14 +396,18 @@ impl PartitionStateMachine {
     }
 
     /// Lets an installed snapshot fill the log with the entries before it, fetched from the
-    /// replica that sent it (group `group_id` over `peers`).
+    /// replica that sent it, or failing that from another replica (group `group_id` over
+    /// `peers`).
     pub(super) fn enable_backfill(&self, peers: Peers, group_id: GroupId) {
         let _ = self.shared.backfill.set((peers, group_id));
     }
 
     /// Fills the log, emptied, with the entries before the snapshot at `next` that `node` (at
     /// `address`) still holds, from its first one: the records a replica needs to hold
-    /// everything the partition retains. Ends with the log at `next`, durable.
+    /// everything the partition retains. Ends with the log at `next`, durable, its last entry
+    /// the snapshot's last one (`last`: same index and term, so by Raft's log matching every
+    /// entry fetched is the committed one; a replica that was cut off may hold entries of an
+    /// earlier term at those indexes). Each call starts the log over.
     ///
     /// Nothing else writes the log meanwhile: openraft 0.9 answers the install only once the
     /// state machine has installed the snapshot (`Command::Respond` under
@@ -404,11 +426,15 @@ impl PartitionStateMachine {
         node: NodeId,
         address: &str,
         next: LogPosition,
-    ) -> Result<u64, String> {
+        last: Option<LogId>,
+    ) -> Result<u64, BackfillError> {
         let reader = self.shared.reader.clone();
         let mut cursor = 0u64;
         let mut started = false;
         let mut fetched = 0u64;
+        let want = last.map(|l| (l.index, l.leader_id.term));
+        // (index, term) of the last entry appended so far.
+        let mut last_fetched: Option<(u64, u64)> = None;
         while cursor < next.next_index {
             if let Some(delay) = crate::test_hook_ms("WEFT_TEST_BACKFILL_DELAY_MS") {
                 tracing::warn!(
@@ -428,9 +454,9 @@ impl PartitionStateMachine {
                 .read_log(node, address, request, BACKFILL_CALL_TIMEOUT)
                 .await?;
             if started && response.first_index > cursor {
-                return Err(format!(
+                return Err(BackfillError::Failed(format!(
                     "node {node} purged its log past {cursor} while it was being fetched"
-                ));
+                )));
             }
             let batches = response
                 .batches
@@ -439,9 +465,28 @@ impl PartitionStateMachine {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("a fetched entry is damaged: {e}"))?;
             let Some(first) = batches.first().map(|b| *b.header()) else {
-                return Err(format!("node {node} has no entries before the snapshot"));
+                return Err(BackfillError::NothingBefore(format!(
+                    "node {node} has no entries before the snapshot"
+                )));
             };
+            if let Some((index, term)) = last_fetched {
+                super::partition_group::still_holds(peers, group_id, (node, address), index, term)
+                    .await?;
+            }
             let last_index = batches.last().map_or(first.index, |b| b.header().index);
+            if last_index + 1 == next.next_index {
+                // The snapshot's last entry, checked before it is written: a log ending where
+                // the snapshot resumes is kept as it is (`fill_missing_tail`) if the broker
+                // stops before this fill is over.
+                let got = batches.last().map(|b| (b.header().index, b.header().term));
+                if got != want {
+                    return Err(BackfillError::Failed(format!(
+                        "node {node}'s entries end at (index, term) {got:?}, not at the \
+                         snapshot's last entry {want:?}"
+                    )));
+                }
+            }
+            last_fetched = batches.last().map(|b| (b.header().index, b.header().term));
             fetched += batches.iter().map(|b| b.len() as u64).sum::<u64>();
             let reset = (!started).then_some(LogPosition {
                 next_offset: first.base_offset,
@@ -479,9 +524,15 @@ impl PartitionStateMachine {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         if end != next {
-            return Err(format!(
+            return Err(BackfillError::Failed(format!(
                 "the fetched entries end at {end:?}, not where the snapshot resumes ({next:?})"
-            ));
+            )));
+        }
+        if last_fetched != want {
+            return Err(BackfillError::Failed(format!(
+                "node {node}'s entries end at (index, term) {last_fetched:?}, not at the \
+                 snapshot's last entry {want:?}"
+            )));
         }
         Ok(fetched)
     }
@@ -517,7 +568,11 @@ impl PartitionStateMachine {
             return;
         }
         let clock = state.clock_ms;
+        // The partition's clock as the other replicas had it when they applied each entry: at
+        // least every timestamp up to it in the range.
+        let mut clock_then = 0i64;
         for h in batches.unwrap_or_default() {
+            clock_then = clock_then.max(h.max_timestamp_ms);
             if h.producer_id == 0 {
                 continue;
             }
@@ -530,10 +585,9 @@ impl PartitionStateMachine {
                     base_offset: h.base_offset,
                 },
             );
-            // The batch was stored when the partition's clock read at least its timestamps:
-            // the producer was active then, later than anything remembered of it before the
+            // The producer was active then, later than anything remembered of it before the
             // lost range (it would otherwise expire here before it does on the other replicas).
-            producer.last_timestamp_ms = producer.last_timestamp_ms.max(h.max_timestamp_ms);
+            producer.last_timestamp_ms = producer.last_timestamp_ms.max(clock_then);
             if producer.last_timestamp_ms == 0 {
                 // Found only now, with no timestamp: idle from now on, by the partition's clock.
                 producer.last_timestamp_ms = clock;
@@ -795,9 +849,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             )));
         }
         // A log that does not reach the snapshot is filled with the entries before it that the
-        // sender still holds (so this replica holds every retained record), or, failing that,
-        // restarts right after it, at the snapshot's offsets; a log that holds the snapshot's
-        // last entry keeps going.
+        // sender (or, failing that, another replica) still holds, so this replica holds every
+        // retained record; or, failing that, restarts right after it, at the snapshot's offsets.
+        // A log that holds the snapshot's last entry keeps going.
         let next = state.next_position();
         // Behind: the log ends before the snapshot, or at its index but not at its offset.
         // openraft may purge the log through the snapshot before installing it: a purge past
@@ -820,41 +874,79 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             // (openraft would look for them at the next start, and fail).
             self.shared.reader.keep_through(next.next_index - 1);
             self.report_snapshot(&persisted.meta).await?;
-            let source = self.shared.backfill.get().and_then(|(peers, group_id)| {
-                let node = peers.snapshot_sender(*group_id)?;
-                let address = meta
-                    .last_membership
-                    .membership()
-                    .get_node(&node)?
-                    .addr
-                    .clone();
-                Some((peers.clone(), *group_id, node, address))
-            });
-            let filled = match source {
-                Some((peers, group_id, node, address)) => {
-                    match self.backfill(&peers, group_id, node, &address, next).await {
-                        Ok(bytes) => {
-                            tracing::info!(
-                                group = group_id,
-                                from = node,
-                                bytes,
-                                "fetched the entries before the installed snapshot"
-                            );
-                            true
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                group = group_id,
-                                from = node,
-                                "cannot fetch the entries before the installed snapshot; this replica starts after it: {e}"
-                            );
-                            false
-                        }
+            // From the sender first, then, if that fails (its copy damaged, say), from the
+            // other replicas in turn.
+            let mut sources: Vec<(Peers, GroupId, NodeId, String)> = Vec::new();
+            if let Some((peers, group_id)) = self.shared.backfill.get() {
+                let sender = peers.snapshot_sender(*group_id);
+                let membership = meta.last_membership.membership();
+                let mut nodes: Vec<(NodeId, String)> = membership
+                    .nodes()
+                    .filter(|(id, _)| **id != peers.node_id())
+                    .map(|(id, n)| (*id, n.addr.clone()))
+                    .collect();
+                nodes.sort_by_key(|(id, _)| Some(*id) != sender);
+                sources.extend(
+                    nodes
+                        .into_iter()
+                        .map(|(id, address)| (peers.clone(), *group_id, id, address)),
+                );
+            }
+            let mut filled = false;
+            let mut nothing_before = false;
+            for (i, (peers, group_id, node, address)) in sources.into_iter().enumerate() {
+                // Another replica is asked only if it answers a health check at once: an
+                // unreachable one would hold this group (which answers no one meanwhile) for
+                // a whole call's timeout.
+                if i > 0 && !peers.ping(node, &address, BACKFILL_PING_TIMEOUT).await {
+                    tracing::warn!(
+                        group = group_id,
+                        from = node,
+                        "cannot fetch the entries before the installed snapshot from this replica: it does not answer"
+                    );
+                    continue;
+                }
+                match self
+                    .backfill(&peers, group_id, node, &address, next, meta.last_log_id)
+                    .await
+                {
+                    Ok(bytes) => {
+                        tracing::info!(
+                            group = group_id,
+                            from = node,
+                            bytes,
+                            "fetched the entries before the installed snapshot"
+                        );
+                        filled = true;
+                        break;
+                    }
+                    Err(BackfillError::NothingBefore(e)) if i == 0 => {
+                        // The sender (the leader) keeps nothing before its snapshot: nor need
+                        // this replica.
+                        tracing::info!(
+                            group = group_id,
+                            from = node,
+                            "no entries before the installed snapshot to fetch: {e}"
+                        );
+                        nothing_before = true;
+                        break;
+                    }
+                    Err(BackfillError::NothingBefore(e) | BackfillError::Failed(e)) => {
+                        tracing::warn!(
+                            group = group_id,
+                            from = node,
+                            "cannot fetch the entries before the installed snapshot from this replica: {e}"
+                        );
                     }
                 }
-                None => false,
-            };
+            }
             if !filled {
+                if !nothing_before {
+                    tracing::warn!(
+                        snapshot = %meta.snapshot_id,
+                        "no replica gave the entries before the installed snapshot; this replica starts after it"
+                    );
+                }
                 self.shared
                     .reader
                     .with_log_mut(|log| log.reset(next))?
@@ -1135,7 +1227,10 @@ mod tests {
                     max_timestamp_ms: 500,
                     ..header(9, 10, 2, 2)
                 },
-                header(0, 0, 1, 4),
+                BatchHeader {
+                    max_timestamp_ms: 700,
+                    ..header(0, 0, 1, 4)
+                },
                 BatchHeader {
                     producer_epoch: 1,
                     ..header(11, 0, 1, 4)
@@ -1164,6 +1259,10 @@ mod tests {
             "a newer epoch's batch found late starts the window over"
         );
         assert_eq!(state.producers[&11].check(1, 1, 1), SequenceCheck::Accept);
+        assert_eq!(
+            state.producers[&11].last_timestamp_ms, 700,
+            "the partition's clock then counts every timestamp before it in the range"
+        );
         // A range purged since is forgotten.
         sm.fold_repaired(4, 5, None);
         assert!(sm.state().lost.is_empty());
