@@ -32,7 +32,8 @@ const TICK: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Moves {
     running: Mutex<HashSet<GroupId>>,
-    unreachable_since: Mutex<BTreeMap<NodeId, Instant>>,
+    /// Per broker failing its checks: since when, and when it was last checked.
+    unreachable_since: Mutex<BTreeMap<NodeId, (Instant, Instant)>>,
 }
 
 impl Moves {
@@ -47,14 +48,20 @@ impl Moves {
     }
 
     /// Notes a health check of `node` at `now`: failed, it is unreachable since the first
-    /// failure after its last answer.
+    /// failure after its last answer, unless it went unchecked for a while before this one
+    /// (checks run only while something needs them: an old failure says nothing of the time
+    /// since).
     fn observe(&self, node: NodeId, up: bool, now: Instant) {
         if let Ok(mut u) = self.unreachable_since.lock() {
             if up {
                 u.remove(&node);
-            } else {
-                u.entry(node).or_insert(now);
+                return;
             }
+            let entry = u.entry(node).or_insert((now, now));
+            if now.saturating_duration_since(entry.1) > CHECKS_GAP_MAX {
+                entry.0 = now;
+            }
+            entry.1 = now;
         }
     }
 
@@ -64,7 +71,7 @@ impl Moves {
             |_| BTreeSet::new(),
             |u| {
                 u.iter()
-                    .filter(|(_, since)| now.saturating_duration_since(**since) >= grace)
+                    .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= grace)
                     .map(|(id, _)| *id)
                     .collect()
             },
@@ -76,6 +83,11 @@ impl Moves {
 /// adds a replica on it elsewhere. A busy broker that misses a check or two keeps its moves
 /// (and the catching up they did); one that stays down does not hold a removal for good.
 const STALLED_TARGET_GRACE: Duration = Duration::from_secs(10);
+
+/// Longest gap between two failed checks of a broker for them to count as one spell of failures
+/// (checks come every [`TICK`] while a removal runs, each taking at most two
+/// [`PING_TIMEOUT`]s).
+const CHECKS_GAP_MAX: Duration = Duration::from_secs(9);
 
 /// How long a broker has to answer the health check that says it may take replicas.
 const PING_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -162,11 +174,24 @@ impl Node {
         &self,
         state: &ControllerState,
     ) -> std::collections::BTreeSet<NodeId> {
+        self.usable_brokers_checking(state, &BTreeSet::new()).await
+    }
+
+    /// [`Node::usable_brokers`], checking the brokers of `also` too (to know since when they
+    /// fail their checks: the new replicas of moves, which may be on brokers not usable now).
+    async fn usable_brokers_checking(
+        &self,
+        state: &ControllerState,
+        also: &BTreeSet<NodeId>,
+    ) -> BTreeSet<NodeId> {
         let voters = self.controller_voters();
+        let eligible = |id: &NodeId, b: &crate::raft::BrokerMeta| {
+            !b.removing && !b.draining && voters.contains(id)
+        };
         let candidates: Vec<(NodeId, String)> = state
             .brokers
             .iter()
-            .filter(|(id, b)| !b.removing && !b.draining && voters.contains(id))
+            .filter(|(id, b)| eligible(id, b) || also.contains(id))
             .map(|(id, b)| (*id, b.peer_address.clone()))
             .collect();
         let peers = self.peers();
@@ -187,7 +212,7 @@ impl Node {
         candidates
             .into_iter()
             .zip(up)
-            .filter(|(_, up)| *up)
+            .filter(|((id, _), up)| *up && state.brokers.get(id).is_some_and(|b| eligible(id, b)))
             .map(|((id, _), _)| id)
             .collect()
     }
@@ -248,7 +273,9 @@ impl Node {
             other => return Err(unexpected(other)),
         }
         let state = self.controller_state();
-        let usable = self.usable_brokers(&state).await;
+        let usable = self
+            .usable_brokers_checking(&state, &state.move_targets())
+            .await;
         let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
         let (plan, mut busy) = state.plan_removal_onto(node, &usable, &down);
         let (started, refused) = self.start_moves(plan).await;
@@ -384,7 +411,10 @@ impl Node {
                 continue;
             }
             if usable.is_none() {
-                usable = Some(self.usable_brokers(state).await);
+                usable = Some(
+                    self.usable_brokers_checking(state, &state.move_targets())
+                        .await,
+                );
             }
             let Some(usable) = usable.as_ref() else {
                 continue;
@@ -504,6 +534,22 @@ mod tests {
         assert_eq!(
             moves.down_for(grace, t0 + Duration::from_secs(22)),
             BTreeSet::from([4])
+        );
+        // Checked again only after a long gap (nothing needed the checks meanwhile): the old
+        // failure says nothing of the time between, so its spell starts over.
+        let moves = Moves::default();
+        moves.observe(6, false, t0);
+        moves.observe(6, false, t0 + Duration::from_secs(60));
+        assert!(
+            moves
+                .down_for(grace, t0 + Duration::from_secs(60))
+                .is_empty()
+        );
+        moves.observe(6, false, t0 + Duration::from_secs(65));
+        moves.observe(6, false, t0 + Duration::from_secs(70));
+        assert_eq!(
+            moves.down_for(grace, t0 + Duration::from_secs(70)),
+            BTreeSet::from([6])
         );
     }
 }

@@ -99,7 +99,9 @@ impl ConsumerConfig {
         self
     }
 
-    /// Sets the group session timeout.
+    /// Sets the group session timeout: how long the group keeps this member's partitions after
+    /// its stream ends or its heartbeats stop. Between 100 ms and 1 hour (the broker refuses
+    /// others with INVALID_ARGUMENT); unset, the broker's `session_timeout_ms`.
     pub fn session_timeout(mut self, timeout: Duration) -> Self {
         self.session_timeout = Some(timeout);
         self

@@ -188,8 +188,17 @@ impl Forward for ForwardService {
         }
         let result = async {
             crate::groups::validate_group_id(&commit.group_id)?;
-            let topic = self.node.topic(&commit.topic)?;
-            if !message.topic_id.is_empty() && message.topic_id != topic.topic_id {
+            let named = |id: &str| message.topic_id.is_empty() || message.topic_id == id;
+            let mut topic = self.node.topic(&commit.topic);
+            if !topic.as_ref().is_ok_and(|t| named(&t.topic_id)) && !message.topic_id.is_empty() {
+                // This broker may not have applied yet what the forwarding broker has (the
+                // topic created, or deleted and created again): it catches up with the
+                // controller and looks again.
+                self.node.sync_controller().await?;
+                topic = self.node.topic(&commit.topic);
+            }
+            let topic = topic?;
+            if !named(&topic.topic_id) {
                 // Checked by the forwarding broker against a topic of that name deleted since:
                 // the offsets are not this topic's.
                 return Err(BrokerError::TopicNotFound(commit.topic.clone()));

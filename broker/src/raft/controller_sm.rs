@@ -987,6 +987,16 @@ impl ControllerState {
             .collect()
     }
 
+    /// The brokers that running moves add replicas on.
+    pub fn move_targets(&self) -> BTreeSet<NodeId> {
+        self.topics
+            .values()
+            .flat_map(|t| &t.partitions)
+            .filter(|p| p.target.is_some())
+            .flat_map(|p| p.adding.iter().copied())
+            .collect()
+    }
+
     /// Moves that take every replica off `node` (each to the eligible broker with the fewest
     /// replicas that the partition is not on yet; a partition with no such broker shrinks and is
     /// under-replicated; a running move to `node` is redirected), and the partitions that no
