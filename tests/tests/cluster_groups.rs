@@ -736,3 +736,108 @@ async fn stream_end(
         }
     }
 }
+
+/// A commit forwarded to a broker that has not applied the topic's creation yet (its
+/// controller log cut off from the controller's leader for a moment; the group's coordinator
+/// had moved there, say, when the forwarding broker sent it) is not refused as naming an
+/// unknown topic: the broker catches up with the controller first, finds the topic the
+/// forwarding broker named by id, and answers as it answers any commit that reaches a broker
+/// not coordinating the groups (UNAVAILABLE, naming the coordinator: the forwarding broker
+/// tries again there). Before, it answered NOT_FOUND at once, although the topic existed, and
+/// the member's commit failed for good. The calls are made as a forwarding broker makes them,
+/// on the peer port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_forwarded_to_a_broker_behind_on_the_topic_waits_for_it() {
+    use weft_proto::internal::v1 as internal;
+    use weft_proto::v1::{CommitOffsetsRequest, PartitionOffset};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    // Long elections: the broker cut off below does not stand while it is.
+    std::fs::write(&config, "raft_election_timeout_ms = 6000\n").expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let brokers = weft_tests::start_cluster_with(3, &["--config", &config]);
+    let (status, body) = brokers[0].http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let leader = view["controller_id"].as_u64().expect("controller_id") as usize - 1;
+    let behind = (leader + 1) % 3;
+    let forwarder = (leader + 2) % 3;
+    let ip = |address: &str| address.rsplit_once(':').expect("ip:port").0.to_string();
+    let mut firewall = weft_tests::Firewall::new();
+    firewall.drop_tcp(
+        Some(&ip(&brokers[leader].peer_addr)),
+        &brokers[behind].peer_addr,
+    );
+
+    let (status, body) = brokers[leader].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"late","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let topic_id = created["topic_id"].as_str().expect("topic id").to_string();
+    let forwarded = |to: usize| {
+        let mut request = tonic::Request::new(internal::ForwardCommitOffsetsRequest {
+            request: Some(CommitOffsetsRequest {
+                group_id: "lg".into(),
+                topic: "late".into(),
+                offsets: vec![PartitionOffset {
+                    partition: 0,
+                    offset: 0,
+                }],
+                ..CommitOffsetsRequest::default()
+            }),
+            hops: 1,
+            from_node_id: forwarder as u64 + 1,
+            topic_id: topic_id.clone(),
+        });
+        request
+            .metadata_mut()
+            .insert("weft-cluster", "weft".parse().expect("ascii"));
+        request.metadata_mut().insert(
+            "weft-target-node",
+            (to + 1).to_string().parse().expect("ascii"),
+        );
+        request.set_timeout(Duration::from_secs(25));
+        request
+    };
+    let channel = grpc::channel(&brokers[behind].peer_addr).await;
+    let mut forward = internal::forward_client::ForwardClient::new(channel);
+    let request = forwarded(behind);
+    let call = tokio::spawn(async move { forward.commit_offsets(request).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !call.is_finished(),
+        "answered before it could know the topic: {:?}",
+        call.await
+    );
+    firewall.heal();
+    let answer = call
+        .await
+        .expect("no panic")
+        .expect_err("the broker behind does not coordinate the groups");
+    assert_eq!(answer.code(), tonic::Code::Unavailable, "{answer:?}");
+    assert!(
+        answer.message().contains("not the group coordinator"),
+        "{answer:?}"
+    );
+    // At the coordinator, the same call commits.
+    let channel = grpc::channel(&brokers[leader].peer_addr).await;
+    let committed = internal::forward_client::ForwardClient::new(channel)
+        .commit_offsets(forwarded(leader))
+        .await
+        .expect("the commit at the coordinator")
+        .into_inner();
+    assert_eq!(
+        committed.offsets,
+        [PartitionOffset {
+            partition: 0,
+            offset: 0
+        }]
+    );
+    let (status, body) = brokers[behind].http("GET", "/v1/groups/lg", None);
+    assert_eq!(status, 200, "{body}");
+    let group: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(group["partitions"][0]["committed_offset"], 0, "{body}");
+}

@@ -608,3 +608,226 @@ async fn a_topic_created_while_a_broker_is_down_is_led_by_the_brokers_that_are_u
         .await;
     }
 }
+
+/// Publishes `count` records of 4 KiB to partition 0 of `topic` through `address` (16 per
+/// call, an idempotent producer that retries while the partition has no leader).
+async fn publish_4k(address: &str, topic: &str, count: u64) {
+    let channel = weft_tests::grpc::channel(address).await;
+    let mut publisher = weft_tests::grpc::publisher(&channel);
+    let mut i = 0;
+    let mut attempts = 0;
+    while i < count {
+        let end = (i + 16).min(count);
+        let answer = publisher
+            .publish(weft_proto::v1::PublishRequest {
+                topic: topic.into(),
+                target: Some(weft_proto::v1::publish_request::Target::Partition(0)),
+                records: (i..end)
+                    .map(|n| {
+                        let mut value = format!("{n:08}").into_bytes();
+                        value.resize(4096, b'.');
+                        weft_proto::v1::Record {
+                            value: value.into(),
+                            ..weft_proto::v1::Record::default()
+                        }
+                    })
+                    .collect(),
+                producer_id: 7002,
+                base_sequence: i,
+                ..weft_proto::v1::PublishRequest::default()
+            })
+            .await;
+        match answer {
+            Ok(response) => {
+                assert_eq!(response.into_inner().base_offset, i, "dense offsets");
+                i = end;
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable && attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("publish: {status:?}"),
+        }
+    }
+}
+
+/// A removal's move whose new replica's broker stops answering for a moment (paused for 3 s
+/// while it fills its log) keeps that replica: the move ends on it. Before, one missed health
+/// check sent the move to another broker and threw away what the new replica had caught up. A
+/// new replica's broker that dies (kill -9) stays in the move only until it has failed its
+/// checks for 10 s: the move then goes to a broker that is up, and the removal ends. Five
+/// brokers, a topic of factor 2 whose log retention has purged (so a new replica installs a
+/// snapshot and fills its log; a test hook makes each fill wait 4 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_keeps_a_new_replica_that_paused_and_redirects_one_whose_broker_died() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "retention_check_interval_ms = 200\nsnapshot_interval_bytes = 1048576\n\
+         leader_balance_interval_ms = 0\n",
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let mut brokers = weft_tests::start_cluster_each(
+        5,
+        |_| vec!["--config".into(), config.clone()],
+        &[("WEFT_TEST_BACKFILL_DELAY_MS", "4000")],
+    );
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{TOPIC}","partitions":1,"replication_factor":2,"segment_bytes":1048576,"retention_bytes":4194304,"max_message_bytes":262144}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    publish_4k(&brokers[0].client_addr, TOPIC, 1600).await;
+    let first_address = brokers[0].client_addr.clone();
+    wait_for("retention to purge", Duration::from_secs(30), || {
+        let address = first_address.clone();
+        async move {
+            weft_tests::offsets(&address, TOPIC, 0, None)
+                .await
+                .ok()
+                .filter(|b| b.log_start_offset > 0)
+        }
+    })
+    .await;
+    let (_, start, _) = placement(&brokers[0]).remove(0);
+    assert_eq!(start.len(), 2, "{start:?}");
+    let up = |brokers: &[Broker], except: &[u64]| -> usize {
+        (1..=brokers.len() as u64)
+            .find(|id| !except.contains(id))
+            .expect("a broker") as usize
+            - 1
+    };
+
+    // The new replica's broker pauses for 3 s while it fills its log: the move keeps it.
+    let removed = start[0];
+    let asked = up(&brokers, &[removed]);
+    let (status, body) =
+        brokers[asked].http("POST", &format!("/v1/brokers/{removed}/remove"), None);
+    // 202: the controller's leader started the move itself meanwhile (its removal tick).
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let brokers_ref = &brokers;
+    let new = wait_for("the move's new replica", Duration::from_secs(30), || {
+        // (The replicas being added are listed with the others while the move runs.)
+        let (_, _, moving_to) = placement(&brokers_ref[asked]).remove(0);
+        let new: Vec<u64> = moving_to
+            .into_iter()
+            .filter(|id| !start.contains(id))
+            .collect();
+        async move { (new.len() == 1).then(|| new[0]) }
+    })
+    .await;
+    let filling = &brokers[new as usize - 1];
+    wait_for(
+        "the new replica to fill its log",
+        Duration::from_secs(60),
+        || {
+            let started = filling.log().contains("WEFT_TEST_BACKFILL_DELAY_MS");
+            async move { started.then_some(()) }
+        },
+    )
+    .await;
+    filling.pause();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    filling.resume();
+    let brokers_ref = &brokers;
+    let replicas = wait_for("the move to end", Duration::from_secs(90), || {
+        let (_, replicas, moving_to) = placement(&brokers_ref[asked]).remove(0);
+        async move { moving_to.is_empty().then_some(replicas) }
+    })
+    .await;
+    let kept: BTreeSet<u64> = [start[1], new].into();
+    assert_eq!(
+        replicas.iter().copied().collect::<BTreeSet<u64>>(),
+        kept,
+        "the paused broker {new} kept its new replica"
+    );
+    wait_for("the removal to end", Duration::from_secs(60), || {
+        let listed = brokers_listed(&brokers_ref[asked]);
+        async move { (!listed.contains(&removed)).then_some(()) }
+    })
+    .await;
+
+    // The next removal's new replica dies: after 10 s of failed checks the move goes to the
+    // last broker that can take it.
+    let removed = start[1];
+    let asked = new as usize - 1;
+    let (status, body) =
+        brokers[asked].http("POST", &format!("/v1/brokers/{removed}/remove"), None);
+    // 202: the controller's leader started the move itself meanwhile (its removal tick).
+    assert!(status == 200 || status == 202, "{status} {body}");
+    let brokers_ref = &brokers;
+    let dying = wait_for("the move's new replica", Duration::from_secs(30), || {
+        let (_, _, moving_to) = placement(&brokers_ref[asked]).remove(0);
+        let new: Vec<u64> = moving_to
+            .into_iter()
+            .filter(|id| *id != new && !start.contains(id))
+            .collect();
+        async move { (new.len() == 1).then(|| new[0]) }
+    })
+    .await;
+    let filling = &brokers[dying as usize - 1];
+    wait_for(
+        "the new replica to fill its log",
+        Duration::from_secs(60),
+        || {
+            let started = filling.log().contains("WEFT_TEST_BACKFILL_DELAY_MS");
+            async move { started.then_some(()) }
+        },
+    )
+    .await;
+    brokers[dying as usize - 1].kill9();
+    let killed = std::time::Instant::now();
+    let last = up(&brokers, &[start[0], removed, new, dying]) as u64 + 1;
+    let brokers_ref = &brokers;
+    let replicas = wait_for(
+        "the move to end elsewhere",
+        Duration::from_secs(120),
+        || {
+            let (_, replicas, moving_to) = placement(&brokers_ref[asked]).remove(0);
+            async move { moving_to.is_empty().then_some(replicas) }
+        },
+    )
+    .await;
+    assert_eq!(
+        replicas.iter().copied().collect::<BTreeSet<u64>>(),
+        BTreeSet::from([new, last]),
+        "the move went from the dead broker {dying} to broker {last}"
+    );
+    let waited = killed.elapsed();
+    assert!(
+        waited >= Duration::from_secs(8),
+        "the move left the dead broker after {waited:?}, before its checks had failed for 10 s"
+    );
+    wait_for("the removal to end", Duration::from_secs(60), || {
+        let listed = brokers_listed(&brokers_ref[asked]);
+        async move { (!listed.contains(&removed)).then_some(()) }
+    })
+    .await;
+    // Both new replicas serve what the log keeps, up to the last record.
+    for id in [new, last] {
+        let address = brokers[id as usize - 1].client_addr.clone();
+        let held = wait_for(
+            "the replica to hold every record",
+            Duration::from_secs(60),
+            || {
+                let address = address.clone();
+                async move {
+                    weft_tests::offsets(&address, TOPIC, 0, None)
+                        .await
+                        .ok()
+                        .filter(|b| b.high_watermark == 1600)
+                }
+            },
+        )
+        .await;
+        let read = fetch_range(&address, TOPIC, 0, 1599, 1600).await;
+        assert_eq!(read.len(), 1, "broker {id}");
+        assert_eq!(&read[0].1[..8], b"00001599", "broker {id}");
+        assert!(held.log_start_offset > 0, "broker {id}: {held:?}");
+    }
+}
