@@ -83,13 +83,17 @@ log "doc tests"
 cargo test --workspace --doc --locked
 
 # Fault injection (jepsen/README.md): a three-broker cluster in network namespaces under each
-# fault class of the CI matrix for 60 s, at least 10,000 acknowledged sends per run, zero
-# anomalies. A failing run keeps its seed, history, logs and data under target/jepsen/ci/.
+# fault class of the CI matrix for 60 s, at least 3,000 acknowledged sends per run (1,500 for
+# the power loss of every broker), zero anomalies. The count is bound by the machine's CPU: the
+# three debug brokers and the clients saturate two cores (jepsen/README.md, "CI"), so the floor
+# only asks that a run did enough to mean something; the checker's anomalies, its final reads
+# and its catch-up deadline are what fail a cluster that stops serving. A failing run keeps its
+# seed, history, logs and data under target/jepsen/ci/.
 log "fault injection (weft-jepsen ci)"
 # The broker with the test-only sync journal (power-loss faults need it): the very build the
 # tests made (tests/src/lib.rs, ensure_binaries), so nothing is compiled again.
 cargo build --locked --features weft-broker/sync-journal -p weft-broker -p weft-client -p weft-bench -p weft-jepsen --bins --examples
-target/debug/weft-jepsen ci --time "${WEFT_JEPSEN_SECONDS:-60}" --out target/jepsen/ci
+target/debug/weft-jepsen ci --time "${WEFT_JEPSEN_SECONDS:-60}" --min-acked 3000 --out target/jepsen/ci
 # The canaries: each breaks one safety mechanism on purpose; the checker must catch every one.
 log "fault injection canaries (weft-jepsen canaries)"
 target/debug/weft-jepsen canaries --time "${WEFT_JEPSEN_CANARY_SECONDS:-40}" --out target/jepsen/canaries
