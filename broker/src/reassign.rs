@@ -278,8 +278,35 @@ impl Node {
             .await;
         let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
         let (plan, mut busy) = state.plan_removal_onto(node, &usable, &down);
-        let (started, refused) = self.start_moves(plan).await;
-        busy.extend(refused);
+        let (mut started, refused) = self.start_planned_moves(plan).await;
+        // The controller's leader plans the moves off a broker being removed on its own too
+        // (each tick, from the moment the broker is marked): a move that plan started first,
+        // so that this one was refused or not planned at all, is under way, not waiting.
+        let now = self.controller_state();
+        let moving_off = |topic: &str, partition: u32| {
+            now.topics
+                .get(topic)
+                .and_then(|t| t.partitions.get(partition as usize))
+                .and_then(|p| p.target.as_ref())
+                .is_some_and(|target| !target.contains(&node))
+        };
+        for (planned, e) in refused {
+            if !moving_off(&planned.topic, planned.partition) {
+                busy.push(format!("{planned}: {e}"));
+            }
+        }
+        for topic in now.topics.values() {
+            for p in &topic.partitions {
+                let name = format!("{}/{}:", topic.name, p.partition);
+                if p.replicas.contains(&node)
+                    && moving_off(&topic.name, p.partition)
+                    && !started.iter().any(|s| s.starts_with(&name))
+                {
+                    let target = p.target.as_deref().unwrap_or_default();
+                    started.push(format!("{name} -> {target:?} (under way)"));
+                }
+            }
+        }
         tracing::info!(
             node,
             moves = started.len(),
@@ -294,12 +321,25 @@ impl Node {
     }
 
     async fn start_moves(&self, plan: Vec<PlannedMove>) -> (Vec<String>, Vec<String>) {
+        let (started, refused) = self.start_planned_moves(plan).await;
+        let refused = refused
+            .into_iter()
+            .map(|(planned, e)| format!("{planned}: {e}"))
+            .collect();
+        (started, refused)
+    }
+
+    /// Proposes each move of `plan`: the moves started, and those refused with why.
+    async fn start_planned_moves(
+        &self,
+        plan: Vec<PlannedMove>,
+    ) -> (Vec<String>, Vec<(PlannedMove, BrokerError)>) {
         let (mut started, mut refused) = (Vec::new(), Vec::new());
         for planned in plan {
             match self.propose(planned.command()).await {
                 Ok(ControllerResponse::Topic(_)) => started.push(planned.to_string()),
-                Ok(other) => refused.push(format!("{planned}: {}", unexpected(other))),
-                Err(e) => refused.push(format!("{planned}: {e}")),
+                Ok(other) => refused.push((planned, unexpected(other))),
+                Err(e) => refused.push((planned, e)),
             }
         }
         (started, refused)
