@@ -651,6 +651,49 @@ async fn publish_4k(address: &str, topic: &str, count: u64) {
     }
 }
 
+/// Asks broker `asked` (an index) to remove node `removed`, checks that the answer lists the
+/// move of partition 0 as under way, and waits until the move's new replica (the one node not
+/// in `held`) fills its log (the test hook's delay begins). Returns that node. The move is
+/// under way whether this call started it or the controller's leader did meanwhile (it plans
+/// removals each tick too). Before, a move the tick had started first was listed as waiting
+/// ("has replicas [1, 2, 3] now, not [1, 2]").
+async fn remove_until_filling(brokers: &[Broker], asked: usize, removed: u64, held: &[u64]) -> u64 {
+    let (status, body) =
+        brokers[asked].http("POST", &format!("/v1/brokers/{removed}/remove"), None);
+    assert_eq!(status, 202, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["waiting"], serde_json::json!([]), "{body}");
+    assert!(
+        answer["started"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|m| m
+                .as_str()
+                .is_some_and(|m| m.starts_with(&format!("{TOPIC}/0:"))))),
+        "{body}"
+    );
+    let new = wait_for("the move's new replica", Duration::from_secs(30), || {
+        // (The replicas being added are listed with the others while the move runs.)
+        let (_, _, moving_to) = placement(&brokers[asked]).remove(0);
+        let new: Vec<u64> = moving_to
+            .into_iter()
+            .filter(|id| !held.contains(id))
+            .collect();
+        async move { (new.len() == 1).then(|| new[0]) }
+    })
+    .await;
+    let filling = &brokers[new as usize - 1];
+    wait_for(
+        "the new replica to fill its log",
+        Duration::from_secs(60),
+        || {
+            let started = filling.log().contains("WEFT_TEST_BACKFILL_DELAY_MS");
+            async move { started.then_some(()) }
+        },
+    )
+    .await;
+    new
+}
+
 /// A removal's move whose new replica's broker stops answering for a moment (paused for 3 s
 /// while it fills its log) keeps that replica: the move ends on it. Before, one missed health
 /// check sent the move to another broker and threw away what the new replica had caught up. A
@@ -706,43 +749,8 @@ async fn a_removal_keeps_a_new_replica_that_paused_and_redirects_one_whose_broke
     // The new replica's broker pauses for 3 s while it fills its log: the move keeps it.
     let removed = start[0];
     let asked = up(&brokers, &[removed]);
-    let (status, body) =
-        brokers[asked].http("POST", &format!("/v1/brokers/{removed}/remove"), None);
-    // The move is under way, whether this call started it or the controller's leader did
-    // meanwhile (it plans removals each tick too). Before, a move the tick had started first
-    // was listed as waiting ("has replicas [1, 2, 3] now, not [1, 2]").
-    assert_eq!(status, 202, "{body}");
-    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(answer["waiting"], serde_json::json!([]), "{body}");
-    assert!(
-        answer["started"]
-            .as_array()
-            .is_some_and(|s| s.iter().any(|m| m
-                .as_str()
-                .is_some_and(|m| m.starts_with(&format!("{TOPIC}/0:"))))),
-        "{body}"
-    );
-    let brokers_ref = &brokers;
-    let new = wait_for("the move's new replica", Duration::from_secs(30), || {
-        // (The replicas being added are listed with the others while the move runs.)
-        let (_, _, moving_to) = placement(&brokers_ref[asked]).remove(0);
-        let new: Vec<u64> = moving_to
-            .into_iter()
-            .filter(|id| !start.contains(id))
-            .collect();
-        async move { (new.len() == 1).then(|| new[0]) }
-    })
-    .await;
+    let new = remove_until_filling(&brokers, asked, removed, &start).await;
     let filling = &brokers[new as usize - 1];
-    wait_for(
-        "the new replica to fill its log",
-        Duration::from_secs(60),
-        || {
-            let started = filling.log().contains("WEFT_TEST_BACKFILL_DELAY_MS");
-            async move { started.then_some(()) }
-        },
-    )
-    .await;
     filling.pause();
     tokio::time::sleep(Duration::from_secs(3)).await;
     filling.resume();
@@ -768,42 +776,8 @@ async fn a_removal_keeps_a_new_replica_that_paused_and_redirects_one_whose_broke
     // last broker that can take it.
     let removed = start[1];
     let asked = new as usize - 1;
-    let (status, body) =
-        brokers[asked].http("POST", &format!("/v1/brokers/{removed}/remove"), None);
-    // The move is under way, whether this call started it or the controller's leader did
-    // meanwhile (it plans removals each tick too). Before, a move the tick had started first
-    // was listed as waiting ("has replicas [1, 2, 3] now, not [1, 2]").
-    assert_eq!(status, 202, "{body}");
-    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(answer["waiting"], serde_json::json!([]), "{body}");
-    assert!(
-        answer["started"]
-            .as_array()
-            .is_some_and(|s| s.iter().any(|m| m
-                .as_str()
-                .is_some_and(|m| m.starts_with(&format!("{TOPIC}/0:"))))),
-        "{body}"
-    );
-    let brokers_ref = &brokers;
-    let dying = wait_for("the move's new replica", Duration::from_secs(30), || {
-        let (_, _, moving_to) = placement(&brokers_ref[asked]).remove(0);
-        let new: Vec<u64> = moving_to
-            .into_iter()
-            .filter(|id| *id != new && !start.contains(id))
-            .collect();
-        async move { (new.len() == 1).then(|| new[0]) }
-    })
-    .await;
-    let filling = &brokers[dying as usize - 1];
-    wait_for(
-        "the new replica to fill its log",
-        Duration::from_secs(60),
-        || {
-            let started = filling.log().contains("WEFT_TEST_BACKFILL_DELAY_MS");
-            async move { started.then_some(()) }
-        },
-    )
-    .await;
+    let held = [start[0], start[1], new];
+    let dying = remove_until_filling(&brokers, asked, removed, &held).await;
     brokers[dying as usize - 1].kill9();
     let killed = std::time::Instant::now();
     let last = up(&brokers, &[start[0], removed, new, dying]) as u64 + 1;
