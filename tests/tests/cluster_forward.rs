@@ -592,3 +592,134 @@ async fn a_first_send_through_a_broker_not_registered_yet_waits_for_it() {
     assert_eq!(&read[0].1[..], b"first");
     drop(late);
 }
+
+/// Publishes forwarded by any running broker so far (a broker that leads the partition handles
+/// its publishes itself: every publish that reached another one was forwarded).
+fn forwarded_so_far(brokers: &[weft_tests::Broker], down: usize) -> f64 {
+    brokers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != down)
+        .map(|(_, b)| {
+            weft_tests::metric(b, r#"weft_forwarded_calls_total{method="Publish"}"#).unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// Our producer, given one broker's address, sends straight to the partition's leader; when
+/// that leader fails (killed) it avoids the leader's address for 30 s and its publishes go
+/// through the broker it was given. A leader that comes back and leads again is used again
+/// before then: a refresh of the topic's leaders at least 5 s after the failure names it, the
+/// producer probes it (WhoAmI) and, answered, sends to it directly. Without the probe the
+/// publishes stayed forwarded for the whole 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_producer_goes_back_to_a_leader_that_returned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    // Leadership moves only when the test asks.
+    std::fs::write(&config, "leader_balance_interval_ms = 0\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let mut brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let topic = "returning";
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(r#"{{"name":"{topic}","partitions":1}}"#)),
+    );
+    assert_eq!(status, 201, "{body}");
+    let led_by = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(&brokers[0], topic);
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let returning = led_by as usize - 1;
+    let entry = (returning + 1) % 3;
+    brokers[entry].wait_ready();
+    let client = weft_client::Client::connect([brokers[entry].client_addr.clone()])
+        .await
+        .expect("connect");
+    let producer = client.producer(weft_client::ProducerConfig::default());
+    let mut sent = 0u64;
+    let mut send = async |n: u64| {
+        for _ in 0..n {
+            producer
+                .send(
+                    topic,
+                    weft_client::Record::new(format!("r{sent}")).partition(0),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("send {sent}: {e}"));
+            sent += 1;
+        }
+    };
+    // Straight to the leader: nothing forwarded (the first send may go through the broker
+    // given, before the producer knows the leader).
+    send(5).await;
+    let before = forwarded_so_far(&brokers, usize::MAX);
+    send(20).await;
+    assert_eq!(
+        forwarded_so_far(&brokers, usize::MAX),
+        before,
+        "the producer sends to the leader, node {led_by}, directly"
+    );
+
+    brokers[returning].kill9();
+    let failed = std::time::Instant::now();
+    // The next sends fail over: another broker is elected and they are stored.
+    send(20).await;
+    brokers[returning].start_again_same_ports();
+    brokers[returning].wait_ready();
+    // Node led_by leads again, once it has caught up (a transfer to a replica out of sync is
+    // refused: asked again).
+    wait_for(
+        "leadership back on the returned broker",
+        Duration::from_secs(20),
+        || {
+            let now = leader(&brokers[entry], topic);
+            let brokers = &brokers;
+            async move {
+                if now == led_by {
+                    return Some(());
+                }
+                if now != 0 {
+                    brokers[now as usize - 1].http(
+                        "POST",
+                        &format!("/v1/topics/{topic}/partitions/0/leader"),
+                        Some(&format!(r#"{{"node_id":{led_by}}}"#)),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                None
+            }
+        },
+    )
+    .await;
+    // Within the 30 s the failure avoids the address for, the producer sends straight to it
+    // again: a run of sends that no broker forwards.
+    loop {
+        let before = forwarded_so_far(&brokers, usize::MAX);
+        send(20).await;
+        let after = forwarded_so_far(&brokers, usize::MAX);
+        if after == before {
+            break;
+        }
+        assert!(
+            failed.elapsed() < Duration::from_secs(28),
+            "28 s after node {led_by} failed and long after it led again, the producer \
+             still sends through another broker ({after} publishes forwarded)"
+        );
+    }
+    eprintln!(
+        "direct to node {led_by} again {:?} after it failed",
+        failed.elapsed()
+    );
+    producer.close().await.expect("close");
+    // Every record sent is stored once, in order.
+    let read = weft_tests::fetch_range(&brokers[entry].client_addr, topic, 0, 0, sent).await;
+    assert_eq!(read.len() as u64, sent);
+    for (i, (offset, value)) in read.iter().enumerate() {
+        assert_eq!(*offset, i as u64);
+        assert_eq!(&value[..], format!("r{i}").as_bytes(), "offset {offset}");
+    }
+}
