@@ -974,6 +974,7 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
     for round in 0..4 {
         let leader = leader_with_every_replica_in_sync(&brokers).await;
         let target = leader % 3 + 1;
+        let asked_before = pre_votes_asked(&brokers[leader as usize - 1]);
         let (status, body) = brokers[leader as usize - 1].http(
             "POST",
             "/v1/topics/orders/partitions/0/leader",
@@ -996,6 +997,16 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
         )
         .await;
         assert_eq!(now, target);
+        // The leader that handed its leadership over asked for no pre-vote after stepping
+        // down: it gives the next leader its time to be heard, as a voter that granted a vote
+        // does. (It stood at once before, having heard from no other leader, and sometimes won
+        // the election meant for the target.)
+        assert_eq!(
+            pre_votes_asked(&brokers[leader as usize - 1]),
+            asked_before,
+            "round {round}: node {leader} asked for pre-votes after handing its leadership to \
+             node {target}"
+        );
     }
 
     // A drain that comes while a transfer of the same partition is under way waits for it (it
@@ -1127,6 +1138,20 @@ async fn transfer_under_way(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (transfer, next)
+}
+
+/// How many pre-votes `broker` has asked for (granted or refused), in every group.
+fn pre_votes_asked(broker: &Broker) -> f64 {
+    ["granted", "refused"]
+        .iter()
+        .map(|r| {
+            weft_tests::metric(
+                broker,
+                &format!(r#"weft_raft_pre_votes_total{{result="{r}"}}"#),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum()
 }
 
 /// The leader of orders/0, as it sees itself, once every replica is in sync there (each
