@@ -680,9 +680,10 @@ impl Peers {
     /// thesis' 9.6) that a majority of the group's voters granted.
     ///
     /// A voter stands once it has heard from no leader for longer than the leader's lease
-    /// (`election_timeout_max`: after it, the other voters grant votes again) plus a delay of its
-    /// own, half a tick to one and a half ticks (a tick is 1.5 heartbeats), drawn per node,
-    /// group, term and attempt: the first to stand usually wins. It first asks the other voters
+    /// (`election_timeout_max`: after it, the other voters grant votes again), nor granted a
+    /// vote, nor led the group itself, plus a delay of its own, half a tick to one and a half
+    /// ticks (a tick is 1.5 heartbeats), drawn per node, group, term and attempt: the first to
+    /// stand usually wins. It first asks the other voters
     /// whether they would vote for it; a voter says yes only when it hears from no leader
     /// either and the candidate's log is at least as up to date as its own. A pre-vote that
     /// fails, or an election that did not elect anyone, is tried again after a shorter delay
@@ -784,14 +785,19 @@ impl Peers {
         raft: &Raft,
         campaign: Option<(Instant, u64)>,
     ) -> Option<Due> {
+        let leads = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.running_state.is_ok() && m.state == openraft::ServerState::Leader
+        };
+        if leads {
+            self.led_now(group_id);
+            return None;
+        }
         let (me, term, alone, state, never_led) = {
             let m = raft.metrics();
             let m = m.borrow();
-            if m.running_state.is_err() {
-                return None;
-            }
-            if m.state == openraft::ServerState::Leader {
-                self.led_now(group_id);
+            if m.running_state.is_err() || m.state == openraft::ServerState::Leader {
                 return None;
             }
             let membership = m.membership_config.membership();
@@ -1252,13 +1258,25 @@ impl Peers {
         futures::future::join_all(asked).await;
     }
 
-    /// This node granted a vote in group `group_id`: the candidate gets its time to win before
-    /// this node stands itself.
-    fn voted_now(&self, group_id: GroupId) {
-        if let Ok(mut clock) = self.inner.election_clock.lock()
+    /// This node grants a vote in group `group_id`: the candidate gets its time to win before
+    /// this node stands itself. Returns what [`Peers::vote_refused`] needs to undo it: the
+    /// instant set and the one before.
+    fn voted_now(&self, group_id: GroupId) -> Option<(Instant, Option<Instant>)> {
+        let mut clock = self.inner.election_clock.lock().ok()?;
+        let entry = clock.get_mut(&group_id)?;
+        let now = Instant::now();
+        Some((now, entry.1.replace(now)))
+    }
+
+    /// The vote [`Peers::voted_now`] was set for before the decision (`marked`) was refused:
+    /// the clock goes back to what it was, unless something set it since.
+    fn vote_refused(&self, group_id: GroupId, marked: Option<(Instant, Option<Instant>)>) {
+        if let Some((set, before)) = marked
+            && let Ok(mut clock) = self.inner.election_clock.lock()
             && let Some(entry) = clock.get_mut(&group_id)
+            && entry.1 == Some(set)
         {
-            entry.1 = Some(Instant::now());
+            entry.1 = before;
         }
     }
 
@@ -1268,9 +1286,10 @@ impl Peers {
     /// heard from no other leader, and stood at once after stepping down (before the new
     /// leader's first heartbeat reached it, or the other voter's hold ended with the term),
     /// often winning the election meant for the transfer's target (seen on a loaded 2-core
-    /// machine: 2 of 5 runs of `cluster::a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand`).
+    /// machine in 2 of 5 runs of the test
+    /// `cluster::a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand`).
     fn led_now(&self, group_id: GroupId) {
-        self.voted_now(group_id);
+        let _ = self.voted_now(group_id);
     }
 
     /// Serves the log of group `group_id` to replicas catching up (ReadLog).
@@ -1995,10 +2014,16 @@ impl pb::raft_server::Raft for RaftService {
         }
         let group_id = message.group_id;
         let rpc = wire::vote_request_from(message).map_err(malformed)?;
-        let response = raft.vote(rpc).await.map_err(raft_failed)?;
-        if response.vote_granted {
-            self.peers.voted_now(group_id);
+        // Counted as granted before openraft decides: it moves this node to the candidate's
+        // term as it grants, and the election watch, seeing a new term with no leader heard
+        // and no hold (a hold ends with its term), could otherwise ask for pre-votes in
+        // between and take the election from the candidate. Undone if refused.
+        let marked = self.peers.voted_now(group_id);
+        let response = raft.vote(rpc).await;
+        if !matches!(&response, Ok(r) if r.vote_granted) {
+            self.peers.vote_refused(group_id, marked);
         }
+        let response = response.map_err(raft_failed)?;
         Ok(Response::new(wire::vote_response_to(&response)))
     }
 
