@@ -282,6 +282,12 @@ impl Node {
         // The controller's leader plans the moves off a broker being removed on its own too
         // (each tick, from the moment the broker is marked): a move that plan started first,
         // so that this one was refused or not planned at all, is under way, not waiting.
+        // (A refusal was decided on the controller's leader: this broker's copy of the state
+        // may not have applied the move that caused it yet. Best effort: on a timeout the
+        // copy as it is decides.)
+        if !refused.is_empty() {
+            let _ = self.sync_controller().await;
+        }
         let now = self.controller_state();
         let moving_off = |topic: &str, partition: u32| {
             now.topics
