@@ -92,6 +92,10 @@ const CHECKS_GAP_MAX: Duration = Duration::from_secs(9);
 /// How long a broker has to answer the health check that says it may take replicas.
 const PING_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// Moves of one plan proposed to the controller at once (they commit together; more would
+/// only queue in the controller's log).
+const MOVE_PROPOSALS_AT_ONCE: usize = 16;
+
 fn unexpected(response: ControllerResponse) -> BrokerError {
     match response {
         ControllerResponse::NotFound(what) => BrokerError::Conflict(format!("{what} not found")),
@@ -224,6 +228,7 @@ impl Node {
     /// Returns the moves started, and the partitions that must finish a move first (they are
     /// planned again by the next call).
     pub async fn remove_broker(&self, node: NodeId) -> Result<Removal, BrokerError> {
+        let began = Instant::now();
         self.metadata_current()?;
         self.sync_controller().await?;
         let state = self.controller_state();
@@ -272,13 +277,16 @@ impl Node {
             ControllerResponse::Registered => {}
             other => return Err(unexpected(other)),
         }
+        let marked_ms = began.elapsed().as_millis() as u64;
         let state = self.controller_state();
         let usable = self
             .usable_brokers_checking(&state, &state.move_targets())
             .await;
+        let checked_ms = began.elapsed().as_millis() as u64;
         let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
         let (plan, mut busy) = state.plan_removal_onto(node, &usable, &down);
         let (mut started, refused) = self.start_planned_moves(plan).await;
+        let proposed_ms = began.elapsed().as_millis() as u64;
         // The controller's leader plans the moves off a broker being removed on its own too
         // (each tick, from the moment the broker is marked): a move that plan started first,
         // so that this one was refused or not planned at all, is under way, not waiting.
@@ -317,6 +325,10 @@ impl Node {
             node,
             moves = started.len(),
             waiting = busy.len(),
+            marked_ms,
+            checked_ms,
+            proposed_ms,
+            elapsed_ms = began.elapsed().as_millis() as u64,
             "removing a broker"
         );
         Ok(Removal {
@@ -335,14 +347,24 @@ impl Node {
         (started, refused)
     }
 
-    /// Proposes each move of `plan`: the moves started, and those refused with why.
+    /// Proposes every move of `plan`: the moves started, and those refused with why.
+    /// The moves are of different partitions, each checked on its own when applied, so they
+    /// are proposed [`MOVE_PROPOSALS_AT_ONCE`] at a time: a removal or a rebalance answers in
+    /// a few controller commits' time, not one commit per partition.
     async fn start_planned_moves(
         &self,
         plan: Vec<PlannedMove>,
     ) -> (Vec<String>, Vec<(PlannedMove, BrokerError)>) {
+        use futures::StreamExt;
+        let commands: Vec<ControllerCommand> = plan.iter().map(PlannedMove::command).collect();
+        let answers: Vec<_> = futures::stream::iter(commands)
+            .map(|command| self.propose(command))
+            .buffered(MOVE_PROPOSALS_AT_ONCE)
+            .collect()
+            .await;
         let (mut started, mut refused) = (Vec::new(), Vec::new());
-        for planned in plan {
-            match self.propose(planned.command()).await {
+        for (planned, answer) in plan.into_iter().zip(answers) {
+            match answer {
                 Ok(ControllerResponse::Topic(_)) => started.push(planned.to_string()),
                 Ok(other) => refused.push((planned, unexpected(other))),
                 Err(e) => refused.push((planned, e)),

@@ -368,15 +368,20 @@ pub async fn wait_ready(id: u64, address: &str, limit: Duration) -> Result<()> {
 
 /// A plain HTTP/1.1 GET with a 2 s limit: (status, body).
 pub async fn http_get(address: &str, path: &str) -> Result<(u16, String)> {
-    http(address, "GET", path).await
+    http(address, "GET", path, Duration::from_secs(2)).await
 }
 
-/// A plain HTTP/1.1 POST without a body, with a 2 s limit: (status, body).
+/// A plain HTTP/1.1 POST without a body, with a 30 s limit: (status, body). It is an admin
+/// call that changes the cluster and may wait for the controller's commits and for liveness
+/// checks of other brokers, so it is given longer than a read.
 pub async fn http_post(address: &str, path: &str) -> Result<(u16, String)> {
-    http(address, "POST", path).await
+    http(address, "POST", path, ADMIN_WRITE_TIMEOUT).await
 }
 
-async fn http(address: &str, method: &str, path: &str) -> Result<(u16, String)> {
+/// How long an admin call that changes the cluster may take before the nemesis gives up.
+const ADMIN_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn http(address: &str, method: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(address).await?;
@@ -388,7 +393,7 @@ async fn http(address: &str, method: &str, path: &str) -> Result<(u16, String)> 
         stream.read_to_end(&mut response).await?;
         anyhow::Ok(String::from_utf8_lossy(&response).into_owned())
     };
-    let text = tokio::time::timeout(Duration::from_secs(2), exchange)
+    let text = tokio::time::timeout(timeout, exchange)
         .await
         .context("timed out")??;
     let status = text

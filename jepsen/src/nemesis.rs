@@ -344,14 +344,17 @@ impl Nemesis {
             }
             crate::cluster::wait_ready(id, &address(id), Duration::from_secs(90)).await?;
             let via = members[self.rng.random_range(0..members.len())];
+            let began = std::time::Instant::now();
             let (status, body) = crate::cluster::http_post(&address(via), "/v1/rebalance").await?;
             return Ok(format!(
-                "added node {id}; rebalance through node {via}: {status} {body}"
+                "added node {id}; rebalance through node {via} ({} ms): {status} {body}",
+                began.elapsed().as_millis()
             ));
         }
         let victim = members[self.rng.random_range(0..members.len())];
         let others: Vec<u64> = members.iter().copied().filter(|m| *m != victim).collect();
         let via = others[self.rng.random_range(0..others.len())];
+        let began = std::time::Instant::now();
         let (status, body) =
             crate::cluster::http_post(&address(via), &format!("/v1/brokers/{victim}/remove"))
                 .await?;
@@ -359,7 +362,8 @@ impl Nemesis {
             self.removing = Some(victim);
         }
         Ok(format!(
-            "removing node {victim} through node {via}: {status} {body}"
+            "removing node {victim} through node {via} ({} ms): {status} {body}",
+            began.elapsed().as_millis()
         ))
     }
 
