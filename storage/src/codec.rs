@@ -297,6 +297,19 @@ impl Batch {
     }
 
     fn finish(header: BatchHeader, mut buf: BytesMut) -> Batch {
+        Batch::write_header(&header, &mut buf);
+        let crc = crc32fast::hash(&buf[4..]);
+        buf[0..4].copy_from_slice(&crc.to_le_bytes());
+        let bytes = buf.freeze();
+        debug_assert!(
+            Batch::decode(bytes.clone()).is_ok(),
+            "sealed batch must decode"
+        );
+        Batch { header, bytes }
+    }
+
+    /// Writes `header` (all but the CRC) into the first [`BATCH_HEADER_LEN`] bytes of `buf`.
+    fn write_header(header: &BatchHeader, buf: &mut BytesMut) {
         let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
         let h = &mut buf[..BATCH_HEADER_LEN];
         h[4..8].copy_from_slice(&len.to_le_bytes());
@@ -313,19 +326,17 @@ impl Batch {
         h[64..68].copy_from_slice(&header.producer_epoch.to_le_bytes());
         h[68..76].copy_from_slice(&header.base_sequence.to_le_bytes());
         h[76..80].copy_from_slice(&0u32.to_le_bytes());
-        let crc = crc32fast::hash(&buf[4..]);
-        buf[0..4].copy_from_slice(&crc.to_le_bytes());
-        let bytes = buf.freeze();
-        debug_assert!(
-            Batch::decode(bytes.clone()).is_ok(),
-            "sealed batch must decode"
-        );
-        Batch { header, bytes }
     }
 
     /// The same batch re-sealed at another position: new base offset, Raft term and index, new CRC.
     /// A leader proposes records before it knows where they land; its log store restamps them.
     /// Restamps in place when this is the only handle on the bytes (no copy), else in a copy.
+    ///
+    /// The new CRC is the old one adjusted for the header bytes that changed (CRC-32 is linear:
+    /// the change of the header, shifted past the records, is combined into the stored value),
+    /// so a restamp costs the header, not the batch. The records are not read again: if they
+    /// no longer match the stored CRC, the new CRC does not match them either, and every read
+    /// reports the damage as it would have before.
     pub fn restamp(self, base_offset: u64, term: u64, index: u64) -> Batch {
         let mut buf = match self.bytes.try_into_mut() {
             Ok(unique) => unique,
@@ -337,8 +348,34 @@ impl Batch {
             index,
             ..self.header
         };
-        buf[0..4].fill(0);
-        Batch::finish(header, buf)
+        let mut before = [0u8; BATCH_HEADER_LEN];
+        before.copy_from_slice(&buf[..BATCH_HEADER_LEN]);
+        Batch::write_header(&header, &mut buf);
+        let old_crc = u32::from_le_bytes([before[0], before[1], before[2], before[3]]);
+        let mut change = [0u8; BATCH_HEADER_LEN - 4];
+        for (c, (a, b)) in change
+            .iter_mut()
+            .zip(before[4..].iter().zip(&buf[4..BATCH_HEADER_LEN]))
+        {
+            *c = a ^ b;
+        }
+        let crc = old_crc ^ crc_of_change(&change, (buf.len() - BATCH_HEADER_LEN) as u64);
+        buf[0..4].copy_from_slice(&crc.to_le_bytes());
+        let bytes = buf.freeze();
+        #[cfg(debug_assertions)]
+        {
+            let mut old = crc32fast::Hasher::new();
+            old.update(&before[4..]);
+            old.update(&bytes[BATCH_HEADER_LEN..]);
+            if old.finalize() == old_crc {
+                debug_assert_eq!(
+                    crc,
+                    crc32fast::hash(&bytes[4..]),
+                    "a restamp's CRC matches the bytes when the old one did"
+                );
+            }
+        }
+        Batch { header, bytes }
     }
 
     /// Reads the declared total length from the first 8 bytes of an encoded batch, if present.
@@ -607,6 +644,17 @@ fn parse_record(
     ))
 }
 
+/// How the CRC-32 of a message changes when its first `change.len()` bytes are XORed with
+/// `change` and `rest` bytes follow unchanged: the CRC of the change alone, less that of as many
+/// zero bytes (what CRC-32's initial and final XOR add), shifted past the `rest` bytes (zlib's
+/// `crc32_combine` with a zero second CRC, as crc32fast implements it).
+fn crc_of_change(change: &[u8; BATCH_HEADER_LEN - 4], rest: u64) -> u32 {
+    let linear = crc32fast::hash(change) ^ crc32fast::hash(&[0u8; BATCH_HEADER_LEN - 4]);
+    let mut shifted = crc32fast::Hasher::new_with_initial_len(linear, change.len() as u64);
+    shifted.combine(&crc32fast::Hasher::new_with_initial_len(0, rest));
+    shifted.finalize()
+}
+
 fn validate_records(header: &BatchHeader, payload: &[u8]) -> Result<(), CodecError> {
     let count = header.record_count as usize;
     if count > payload.len() / RECORD_MIN_LEN {
@@ -768,6 +816,84 @@ mod tests {
         assert_eq!((h.producer_id, h.base_sequence), (9, 40));
         assert_eq!(decoded.payload(), batch.payload());
         assert_eq!(decoded.records().nth(2).map(|r| r.offset), Some(502));
+    }
+
+    /// A batch of `values` (each a record) sealed at the proposal placeholder, as a leader's
+    /// publish path seals it.
+    fn proposal(values: &[Vec<u8>], producer_id: u64) -> Batch {
+        let mut b = BatchBuilder::new();
+        for (i, v) in values.iter().enumerate() {
+            b.push(i as i64 * 3, &v[..v.len().min(3)], v, []);
+        }
+        b.seal(
+            0,
+            0,
+            0,
+            ProducerInfo {
+                producer_id,
+                producer_epoch: 2,
+                base_sequence: 17,
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+        /// The CRC a restamp derives from the old one equals the CRC of the restamped bytes,
+        /// whatever the records and the new position (sizes from empty records to tens of KiB,
+        /// so the shift past the records covers many lengths).
+        #[test]
+        fn a_restamps_crc_is_the_crc_of_its_bytes(
+            values in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4000), 1..12),
+            producer_id in proptest::prelude::any::<u64>(),
+            base_offset in proptest::prelude::any::<u64>(),
+            term in proptest::prelude::any::<u64>(),
+            index in proptest::prelude::any::<u64>(),
+            again in proptest::prelude::any::<(u64, u64, u64)>(),
+        ) {
+            let batch = proposal(&values, producer_id);
+            let moved = batch.clone().restamp(base_offset, term, index);
+            proptest::prop_assert_eq!(
+                Batch::peek_crc(moved.bytes()),
+                Some(crc32fast::hash(&moved.bytes()[4..]))
+            );
+            let decoded = Batch::decode(moved.bytes().clone()).expect("restamped batch decodes");
+            proptest::prop_assert_eq!(
+                (decoded.header().base_offset, decoded.header().term, decoded.header().index),
+                (base_offset, term, index)
+            );
+            proptest::prop_assert_eq!(decoded.payload(), batch.payload());
+            // Restamped twice (a stamped batch moved again): still its bytes' CRC.
+            let twice = moved.restamp(again.0, again.1, again.2);
+            proptest::prop_assert_eq!(
+                Batch::peek_crc(twice.bytes()),
+                Some(crc32fast::hash(&twice.bytes()[4..]))
+            );
+        }
+    }
+
+    #[test]
+    fn records_damaged_before_a_restamp_stay_damaged_after_it() {
+        let values: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 300]).collect();
+        let batch = proposal(&values, 5);
+        let len = batch.len();
+        for at in [BATCH_HEADER_LEN, BATCH_HEADER_LEN + 1000, len - 1] {
+            let mut damaged = BytesMut::from(&batch.bytes()[..]);
+            damaged[at] ^= 0x40;
+            let stand_in = Batch {
+                header: *batch.header(),
+                bytes: damaged.freeze(),
+            };
+            let moved = stand_in.restamp(1000, 3, 44);
+            assert!(
+                matches!(
+                    Batch::decode(moved.bytes().clone()),
+                    Err(CodecError::BadCrc { .. })
+                ),
+                "a flip at byte {at} of the records passed a restamp unnoticed"
+            );
+        }
     }
 
     #[test]
