@@ -351,7 +351,7 @@ impl Batch {
         let mut before = [0u8; BATCH_HEADER_LEN];
         before.copy_from_slice(&buf[..BATCH_HEADER_LEN]);
         Batch::write_header(&header, &mut buf);
-        let old_crc = u32::from_le_bytes([before[0], before[1], before[2], before[3]]);
+        let old_crc = Batch::peek_crc(&before).unwrap_or(0);
         let mut change = [0u8; BATCH_HEADER_LEN - 4];
         for (c, (a, b)) in change
             .iter_mut()
@@ -372,6 +372,10 @@ impl Batch {
                     crc,
                     crc32fast::hash(&bytes[4..]),
                     "a restamp's CRC matches the bytes when the old one did"
+                );
+                debug_assert!(
+                    Batch::decode(bytes.clone()).is_ok(),
+                    "a restamped batch must decode"
                 );
             }
         }
