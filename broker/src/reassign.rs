@@ -473,23 +473,22 @@ impl Node {
         }
         // Replicas still going to a broker being removed (a move that failed, or that ran when
         // the removal began) are sent elsewhere.
-        let mut usable = None;
-        for (node, _) in state.brokers.iter().filter(|(_, b)| b.removing) {
-            if state.partitions_on(*node).next().is_none() {
-                continue;
-            }
-            if usable.is_none() {
-                usable = Some(
-                    self.usable_brokers_checking(state, &state.move_targets())
-                        .await,
-                );
-            }
-            let Some(usable) = usable.as_ref() else {
-                continue;
-            };
+        // Planned together: each removal counts what the ones before it send to each broker.
+        let removing: Vec<NodeId> = state
+            .brokers
+            .iter()
+            .filter(|(id, b)| b.removing && state.partitions_on(**id).next().is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        if !removing.is_empty() {
+            let usable = self
+                .usable_brokers_checking(state, &state.move_targets())
+                .await;
             let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
-            let (plan, _) = state.plan_removal_onto(*node, usable, &down);
-            if !plan.is_empty() {
+            for (node, plan, _) in state.plan_removals_onto(&removing, &usable, &down) {
+                if plan.is_empty() {
+                    continue;
+                }
                 let (started, refused) = self.start_moves(plan).await;
                 tracing::info!(
                     node,

@@ -1104,6 +1104,31 @@ impl ControllerState {
         (moves, stuck)
     }
 
+    /// [`ControllerState::plan_removal_onto`] for several brokers being removed at once, in
+    /// order: each plan starts from the state the plans before it leave (their moves applied),
+    /// so it counts the replicas they send to each broker. Planned each from the same state,
+    /// two removals both sent their replicas to the broker with the fewest (an empty new one
+    /// took every replica of both). The plan of each broker, with its stuck partitions; a
+    /// partition on several of them is redirected by the later plan, whose move must be
+    /// proposed once the earlier one is applied.
+    pub fn plan_removals_onto(
+        &self,
+        nodes: &[NodeId],
+        usable: &BTreeSet<NodeId>,
+        down: &BTreeSet<NodeId>,
+    ) -> Vec<(NodeId, Vec<PlannedMove>, Vec<String>)> {
+        let mut after = self.clone();
+        let mut plans = Vec::with_capacity(nodes.len());
+        for &node in nodes {
+            let (plan, stuck) = after.plan_removal_onto(node, usable, down);
+            for m in &plan {
+                after.apply(&m.command());
+            }
+            plans.push((node, plan, stuck));
+        }
+        plans
+    }
+
     /// "topic/partition" of every partition with a replica (or a replica to be) on `node`.
     pub fn partitions_on(&self, node: NodeId) -> impl Iterator<Item = String> + '_ {
         self.topics.values().flat_map(move |t| {
@@ -1894,6 +1919,52 @@ mod tests {
         let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3].into(), &[4, 5].into());
         assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
         assert!(stuck.iter().any(|s| s.starts_with("m/0")), "{stuck:?}");
+    }
+
+    /// Two brokers removed at once share their replicas out over the others: planned each from
+    /// the same state (as the controller's tick did), both removals sent every replica to the
+    /// one empty broker, which ended with twice what the others held.
+    #[test]
+    fn brokers_removed_together_do_not_pile_their_replicas_onto_one_broker() {
+        let mut state = ControllerState::default();
+        for node in 1..=5 {
+            register(&mut state, node);
+        }
+        create_proposed(&mut state, "a", 10, 2, &[1, 2, 3, 4, 5].into());
+        register(&mut state, 6);
+        for node in [1, 2] {
+            state.apply(&ControllerCommand::SetRemoving {
+                node_id: node,
+                keep_one: true,
+            });
+        }
+        let usable: BTreeSet<NodeId> = [3, 4, 5, 6].into();
+        let plans = state.plan_removals_onto(&[1, 2], &usable, &BTreeSet::new());
+        assert_eq!(plans.len(), 2);
+        let mut after = state.clone();
+        let mut refused = Vec::new();
+        for (node, plan, stuck) in &plans {
+            assert!(stuck.is_empty(), "{node}: {stuck:?}");
+            assert!(!plan.is_empty(), "{node} has replicas to move");
+            // Started in turn, as the tick proposes them.
+            for m in plan {
+                if !matches!(after.apply(&m.command()), ControllerResponse::Topic(_)) {
+                    refused.push(m.to_string());
+                }
+            }
+        }
+        let counts = after.replica_counts();
+        assert_eq!(counts.get(&1), None, "{counts:?}");
+        assert_eq!(counts.get(&2), None, "{counts:?}");
+        assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+        let (least, most) = (counts.values().min(), counts.values().max());
+        assert!(
+            most.zip(least).is_some_and(|(m, l)| m - l <= 1),
+            "replicas per broker after both removals: {counts:?}"
+        );
+        // A partition on both brokers is redirected by the second plan, from what the first
+        // left: every move is accepted.
+        assert_eq!(refused, Vec::<String>::new());
     }
 
     /// Creates `name` as the proposer does: placed on what `usable` holds, to stand as
