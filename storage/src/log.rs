@@ -299,13 +299,12 @@ impl PartitionLog {
 
         let start = read_log_meta(&dir)?;
         if let Some(start) = start {
-            // Segments wholly before the recorded start: a purge recorded that start and was
-            // cut off before its removal had deleted their files (perhaps part-way through
-            // cutting one, see `SegmentRemoval::run`). Their entries are gone for Raft.
-            let first_kept = bases
-                .iter()
-                .rposition(|&base| base <= start.next_offset)
-                .unwrap_or(0);
+            // Segments before the recorded start, which is always a segment's base: a purge
+            // recorded that start and was cut off before its removal had deleted their files
+            // (perhaps part-way through cutting one, see `SegmentRemoval::run`), or a reset
+            // before it had deleted them or made the segment at the start (made below when
+            // no segment is left). Their entries are gone for Raft.
+            let first_kept = bases.partition_point(|&base| base < start.next_offset);
             if first_kept > 0 {
                 for base in bases.drain(..first_kept) {
                     let path = dir.join(segment::data_file_name(base));
@@ -1188,8 +1187,15 @@ impl PartitionLog {
         }
         self.generation += 1;
         let removed: Vec<Segment> = self.segments.drain(keep + 1..).collect();
+        let deleted = !removed.is_empty();
         for seg in removed.into_iter().rev() {
             seg.delete()?;
+        }
+        if deleted {
+            // The later segments' removal is durable before the cut: a crash can never leave
+            // the cut segment followed by later ones (a log with a hole). Not every filesystem
+            // orders an unlink before a later fsync of another file.
+            segment::sync_dir(&self.dir, &self.config)?;
         }
         let config = self.config.clone();
         let seg = &mut self.segments[keep];
@@ -1334,23 +1340,54 @@ impl PartitionLog {
         Ok((report, removal))
     }
 
-    /// Deletes everything and restarts the log empty at `next` (installing a snapshot).
+    /// Deletes everything and restarts the log empty at `next` (installing a snapshot, or
+    /// discarding every entry). A crash at any point leaves a log that opens whole: either a
+    /// prefix of the old one (the entries it lost were being discarded anyway) or the empty log
+    /// at `next`. So the segments from `next`'s offset on go first, newest first, and that is
+    /// made durable; then the new start is recorded; then the fresh segment is made and the
+    /// segments before it go (an open that finds the start recorded deletes every segment
+    /// before it, and makes the segment at the start when it is missing). A failure part-way
+    /// poisons the log until a reset succeeds.
     pub fn reset(&mut self, next: LogPosition) -> Result<()> {
         self.generation += 1;
         self.tail.reset(next.next_offset);
         self.damaged.clear();
-        write_log_meta(&self.dir, next, &self.config)?;
-        let fresh = Segment::create_or_replace(&self.dir, next, &self.config)?;
-        let old: Vec<Segment> = std::mem::replace(&mut self.segments, vec![fresh]);
-        for seg in old {
-            if seg.base_offset != next.next_offset {
-                seg.delete()?;
+        let fresh = match self.reset_files(next) {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                self.poisoned = Some(format!("a reset of the log failed part-way: {error}"));
+                return Err(error);
             }
-        }
-        segment::sync_dir(&self.dir, &self.config)?;
+        };
+        // The old segments' files are gone: dropped, not deleted again.
+        self.segments = vec![fresh];
         self.durable = next;
         self.poisoned = None;
         Ok(())
+    }
+
+    /// The file steps of [`PartitionLog::reset`], in their crash-safe order; the fresh segment.
+    fn reset_files(&self, next: LogPosition) -> Result<Segment> {
+        for seg in self
+            .segments
+            .iter()
+            .rev()
+            .filter(|s| s.base_offset >= next.next_offset)
+        {
+            seg.remove_files()?;
+        }
+        segment::sync_dir(&self.dir, &self.config)?;
+        write_log_meta(&self.dir, next, &self.config)?;
+        let fresh = Segment::create_or_replace(&self.dir, next, &self.config)?;
+        for seg in self
+            .segments
+            .iter()
+            .filter(|s| s.base_offset < next.next_offset)
+        {
+            seg.remove_files()?;
+        }
+        segment::sync_dir(&self.dir, &self.config)?;
+        Ok(fresh)
     }
 
     /// After a failed write or fsync: removes every entry that was not made durable (the page

@@ -1266,6 +1266,18 @@ impl Segment {
         self.remove_index_files()?;
         fs::remove_file(&self.path).io("delete segment", &self.path)
     }
+
+    /// Removes the segment's files, those already gone included (a step retried after a
+    /// failure part-way).
+    pub(crate) fn remove_files(&self) -> Result<()> {
+        self.remove_index_files()?;
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).io("delete segment", &self.path)
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What a read visitor wants done with a batch.

@@ -354,6 +354,117 @@ fn reset_restarts_the_log_at_a_position_and_remembers_it_across_a_crash() {
     assert_eq!((e.base_offset, e.index), (5000, 700));
 }
 
+/// A listener that "crashes" (panics) right after its `n`th event once armed: a process that
+/// dies just after that file step.
+#[derive(Debug, Default)]
+struct CrashAfter {
+    left: std::sync::atomic::AtomicUsize,
+}
+
+impl CrashAfter {
+    fn event(&self) {
+        use std::sync::atomic::Ordering;
+        let left = self.left.load(Ordering::SeqCst);
+        if left > 0 {
+            self.left.store(left - 1, Ordering::SeqCst);
+            if left == 1 {
+                panic!("simulated crash");
+            }
+        }
+    }
+}
+
+impl weft_storage::SyncListener for CrashAfter {
+    fn synced(&self, _: &std::path::Path, _: u64) {
+        self.event();
+    }
+    fn replaced(&self, _: &std::path::Path, _: u64) {
+        self.event();
+    }
+}
+
+/// A crash after any file step of a reset leaves a log that opens whole: a prefix of the old
+/// log, or the empty log at the reset's position; either way appends continue it. Before, a
+/// reset that discarded every entry (to the log's first position) made its fresh segment
+/// first and deleted the old ones after it, so a crash between them left an empty first
+/// segment followed by old ones ("does not continue its predecessor": reported as damage, and
+/// discarded entries back after a hole); and a reset forwards (a snapshot) that recorded its
+/// start but had not yet made its segment reopened ending at the old end, not at the start.
+#[test]
+fn a_crash_at_any_step_of_a_reset_leaves_a_log_that_opens_whole() {
+    let mut rng = rng(81);
+    for forwards in [false, true] {
+        for crash_after in 1.. {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let crash = Arc::new(CrashAfter::default());
+            let config = LogConfig {
+                sync_listener: Some(crash.clone()),
+                ..small_config()
+            };
+            let mut log = PartitionLog::open(dir.path(), config).expect("open");
+            for _ in 0..60 {
+                append_random(&mut log, &mut rng, 200);
+            }
+            log.flush().expect("flush");
+            assert!(log.segment_count() > 3, "{}", log.segment_count());
+            let old = read_all_entries(&log).expect("read");
+            let first = LogPosition {
+                next_offset: log.start_offset(),
+                next_index: log.first_index().expect("entries"),
+            };
+            let next = if forwards {
+                LogPosition {
+                    next_offset: log.end().next_offset + 1000,
+                    next_index: log.end().next_index + 100,
+                }
+            } else {
+                first
+            };
+            crash
+                .left
+                .store(crash_after, std::sync::atomic::Ordering::SeqCst);
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| log.reset(next)));
+            crash.left.store(0, std::sync::atomic::Ordering::SeqCst);
+            let finished = match outcome {
+                Ok(reset) => {
+                    reset.expect("reset");
+                    true
+                }
+                Err(_) => false,
+            };
+            drop(log);
+            let mut log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+            let case = format!("forwards {forwards}, crash after event {crash_after}");
+            let report = log.recovery_report();
+            assert!(report.corruptions.is_empty(), "{case}: {report:?}");
+            let kept = read_all_entries(&log).expect("read");
+            if log.end() == next {
+                assert!(kept.is_empty(), "{case}");
+            } else {
+                assert!(!finished, "{case}: the reset finished");
+                assert_eq!(log.start_offset(), first.next_offset, "{case}");
+                assert!(kept.len() <= old.len(), "{case}");
+                for (got, want) in kept.iter().zip(&old) {
+                    assert_eq!(got.bytes(), want.bytes(), "{case}");
+                }
+            }
+            let end = log.end();
+            let e = append_random(&mut log, &mut rng, 100);
+            assert_eq!(
+                (e.base_offset, e.index),
+                (end.next_offset, end.next_index),
+                "{case}"
+            );
+            if finished {
+                assert_eq!(end, next, "{case}");
+                break;
+            }
+            assert!(crash_after < 50, "{case}: the reset never finished");
+        }
+    }
+}
+
 #[test]
 fn group_committer_shares_fsyncs_and_hands_out_dense_offsets() {
     /// A slow disk: every data sync takes at least 5 ms more, so appends from the other threads
