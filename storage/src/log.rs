@@ -259,6 +259,23 @@ pub struct PreparedRoll {
 }
 
 impl RollTicket {
+    /// Removes the index files [`RollTicket::run`] wrote for the sealed segment (those not
+    /// written included).
+    fn remove_index_files(&self) -> Result<()> {
+        for path in [
+            self.path.with_extension("index"),
+            self.path.with_extension("timeindex"),
+        ] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).io("remove stale index", &path);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Seals the segment and creates its successor (blocking I/O; run it without the log's lock).
     pub fn run(&self) -> Result<PreparedRoll> {
         self.file.sync_data().io("fdatasync", &self.path)?;
@@ -596,8 +613,14 @@ impl PartitionLog {
                 index: first.index,
             });
         }
-        if self.should_roll(batches) {
-            self.roll()?;
+        if self.should_roll(batches)
+            && let Err(error) = self.roll()
+        {
+            // A failed sync may have dropped pages whose error a retried sync would no longer
+            // report (Linux reports a writeback error once): nothing more is trusted until the
+            // log is opened again from its durable state, as after a failed flush.
+            self.poisoned = Some(format!("a segment roll failed: {error}"));
+            return Err(error);
         }
         let config = self.config.clone();
         match self.active_mut().append(batches, &config) {
@@ -679,6 +702,7 @@ impl PartitionLog {
             // durable by this roll's sync, which may have shared that file's reported error.
             let reason = reason.clone();
             prepared.segment.delete()?;
+            ticket.remove_index_files()?;
             segment::sync_dir(&self.dir, &self.config)?;
             return Err(Error::Poisoned(reason));
         }
@@ -691,6 +715,9 @@ impl PartitionLog {
         };
         if !unchanged {
             prepared.segment.delete()?;
+            // The sealing wrote index files for the segment as it saw it, which no longer is
+            // (the segment stays active, or is gone).
+            ticket.remove_index_files()?;
             return segment::sync_dir(&self.dir, &self.config);
         }
         let active = self.active_mut();

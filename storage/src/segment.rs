@@ -299,6 +299,14 @@ impl<'a> Window<'a> {
             )));
         }
         let synced_len = le_u64(&probe[8..16]);
+        if synced_len > pos {
+            // A frame records how much of the file was durable when it was written, which is
+            // never past where it was written: this one was not written here (the bytes of a
+            // frame inside a record found by a search past damage).
+            return Ok(Frame::Invalid(format!(
+                "a frame at byte {pos} says {synced_len} bytes were durable before it"
+            )));
+        }
         let batch_min = crate::BATCH_HEADER_LEN as u64;
         if entry_len < batch_min
             || entry_len > BATCH_LEN_LIMIT as u64

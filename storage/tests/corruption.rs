@@ -698,3 +698,84 @@ fn zeroed_frames_at_the_end_of_a_sealed_segment_are_damage_not_padding() {
     assert_names(by_offset, &sealed, zeroed_from, "read by offset");
     assert_names(by_index, &sealed, zeroed_from, "read by index");
 }
+
+/// A frame found by searching past damage counts only if it could have been written there: a
+/// genuine frame never says more bytes were durable before it than its own position. A record
+/// may carry the bytes of a whole Weft frame (an archived segment, a crafted value); before,
+/// when a crash tore the frame holding such a record, the embedded frame's claimed durable
+/// length made the scan report the torn tail as damage to durable data, and accept the embedded
+/// frame as an entry of the log, with whatever offset and index it carried.
+#[test]
+fn a_frame_inside_a_record_never_proves_a_torn_tail_durable() {
+    let mut rng = rng(84);
+    // The frame to embed: an entry far ahead, written after 40 KiB were synced.
+    let other = tempfile::tempdir().expect("tempdir");
+    let big = LogConfig {
+        segment_bytes_max: 1 << 20,
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(other.path(), big.clone()).expect("open");
+    log.reset(weft_storage::LogPosition {
+        next_offset: 1_000_000,
+        next_index: 1_000_000,
+    })
+    .expect("reset");
+    while log.end().next_offset < 1_000_100 {
+        append_random(&mut log, &mut rng, 400);
+    }
+    log.flush().expect("flush");
+    let file = other.path().join(format!("{:020}.log", 1_000_000));
+    let at = fs::metadata(&file).expect("stat").len() as usize;
+    assert!(at > 20_000, "{at}");
+    append_random(&mut log, &mut rng, 400);
+    drop(log);
+    let embedded = fs::read(&file).expect("read")[at..].to_vec();
+
+    // A log whose last entry carries that frame as a record value, then a crash that tore the
+    // start of that entry's frame.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = PartitionLog::open(dir.path(), big).expect("open");
+    for _ in 0..5 {
+        append_random(&mut log, &mut rng, 200);
+    }
+    log.flush().expect("flush");
+    let kept = read_all_entries(&log).expect("read");
+    let end = log.end();
+    let mut builder = weft_storage::BatchBuilder::new();
+    builder.push(1_700_000_000_000, b"k", &embedded, []);
+    let batch = builder.seal(
+        end.next_offset,
+        1,
+        end.next_index,
+        weft_storage::ProducerInfo {
+            producer_id: 1,
+            producer_epoch: 0,
+            base_sequence: end.next_offset,
+        },
+    );
+    log.append(&batch).expect("append");
+    let data = dir.path().join(format!("{:020}.log", 0));
+    let torn_at =
+        fs::metadata(&data).expect("stat").len() - batch.len() as u64 - FRAME_HEADER_LEN as u64;
+    drop(log);
+    let mut bytes = fs::read(&data).expect("read");
+    for b in &mut bytes[torn_at as usize..torn_at as usize + 16] {
+        *b = 0xa5;
+    }
+    fs::write(&data, &bytes).expect("write");
+
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+    let report = log.recovery_report();
+    assert!(report.corruptions.is_empty(), "{report:?}");
+    assert_eq!(
+        report.torn_tail.as_ref().map(|t| t.position),
+        Some(torn_at),
+        "{report:?}"
+    );
+    assert_eq!(log.end(), end, "the log ends where the torn entry began");
+    let got = read_all_entries(&log).expect("read");
+    assert_eq!(got.len(), kept.len());
+    for (got, want) in got.iter().zip(&kept) {
+        assert_eq!(got.bytes(), want.bytes());
+    }
+}

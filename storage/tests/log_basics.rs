@@ -354,6 +354,105 @@ fn reset_restarts_the_log_at_a_position_and_remembers_it_across_a_crash() {
     assert_eq!((e.base_offset, e.index), (5000, 700));
 }
 
+/// A roll whose sealing runs after the log was truncated (the sealing runs outside the log's
+/// lock) leaves no index files describing the segment as it was: the segment stays active,
+/// and a crash when it happened to be as long again would have opened it as cleanly closed from
+/// those files (wrong end, index points inside frames). Before, finish_roll dropped the
+/// prepared segment but kept the stale index files.
+#[test]
+fn a_roll_sealed_after_a_truncation_leaves_no_stale_index_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let mut rng = rng(83);
+    let (roll, active) = loop {
+        let end = log.end();
+        let batch = make_batch(&mut rng, 3, 200, end.next_offset, 1, end.next_index);
+        if let Some(roll) = log
+            .prepare_roll(std::slice::from_ref(&batch))
+            .expect("prepare")
+        {
+            break (roll, log.segment_count());
+        }
+        log.append(&batch).expect("append");
+    };
+    log.flush().expect("flush");
+    let last = log.end().next_index - 1;
+    log.truncate_from_index(last).expect("truncate");
+    let outcome = roll.run();
+    log.finish_roll(roll, outcome)
+        .expect("finish after a truncation");
+    assert_eq!(
+        log.segment_count(),
+        active,
+        "the prepared segment was dropped"
+    );
+    let mut data: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    data.sort();
+    let active = data.last().expect("a segment");
+    for extension in ["index", "timeindex"] {
+        assert!(
+            !active.with_extension(extension).exists(),
+            "{} describes the active segment as the roll saw it",
+            active.with_extension(extension).display()
+        );
+    }
+    let end = log.end();
+    drop(log);
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+    assert!(log.recovery_report().corruptions.is_empty());
+    assert_eq!(log.end(), end);
+}
+
+/// A roll that fails poisons the log, as a failed flush does: its sync may have failed, and a
+/// retried sync would not report again the writeback error of pages it dropped (so the entries
+/// before the roll would have counted as durable). Before, the next append simply tried the roll
+/// again. Here the roll fails at its new segment (a directory stands where its file would go).
+#[test]
+fn a_failed_roll_poisons_the_log_until_it_is_opened_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(82);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let mut failed = None;
+    for _ in 0..200 {
+        let blocker = dir
+            .path()
+            .join(format!("{:020}.log", log.end().next_offset));
+        if blocker.exists() {
+            // The active segment's own file (it is empty).
+            append_random(&mut log, &mut rng, 200);
+            continue;
+        }
+        std::fs::create_dir(&blocker).expect("mkdir");
+        let end = log.end();
+        let batch = make_batch(&mut rng, 3, 200, end.next_offset, 1, end.next_index);
+        match log.append_entry(std::slice::from_ref(&batch)) {
+            Ok(_) => std::fs::remove_dir(&blocker).expect("rmdir"),
+            Err(error) => {
+                failed = Some((error, blocker, batch));
+                break;
+            }
+        }
+    }
+    let (error, blocker, batch) = failed.expect("a roll ran into the directory");
+    assert!(matches!(error, Error::Io { .. }), "{error:?}");
+    std::fs::remove_dir(&blocker).expect("rmdir");
+    match log.append_entry(std::slice::from_ref(&batch)) {
+        Err(Error::Poisoned(reason)) => assert!(reason.contains("roll"), "{reason}"),
+        other => panic!("expected the log poisoned, got {other:?}"),
+    }
+    let end = log.end();
+    drop(log);
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+    assert!(log.recovery_report().corruptions.is_empty());
+    assert_eq!(log.end(), end);
+    log.append_entry(&[batch])
+        .expect("appends again once reopened");
+}
+
 /// A listener that "crashes" (panics) right after its `n`th event once armed: a process that
 /// dies just after that file step.
 #[derive(Debug, Default)]
