@@ -998,6 +998,19 @@ where
                     last_error = None;
                 }
             }
+            None if freed > 0 && last_error.as_ref().is_some_and(|e| !surely_not_stored(e)) => {
+                // An earlier batch was surely not stored, but this one may have reached the
+                // broker (its stream ended, say): there it waits for the freed sequences (the
+                // broker holds a batch that comes ahead of its turn for a while), and renumbered
+                // down it would be stored twice, once its old copy took the turn after the new
+                // one, and the batch after it answered as a duplicate of that copy. So it and
+                // every later batch go to a new epoch, from sequence 0: the old copies are
+                // fenced.
+                *epoch += 1;
+                n.epoch = *epoch;
+                n.base_sequence = 0;
+                restart = Some(count);
+            }
             None => n.base_sequence -= freed,
         }
         let mut attempt = 0;
@@ -1238,6 +1251,44 @@ mod tests {
             vec![Err("BATCH_TOO_LARGE".into()), Err("BATCH_TOO_LARGE".into())]
         );
         assert_eq!(outcome(rb), vec![Ok(7), Ok(8), Ok(9)]);
+    }
+
+    /// The first batch is refused for good; the second's stream ended before its answer, so a
+    /// copy of it may wait at the broker for the first one's sequences. Renumbered down to
+    /// them (as before), it was stored twice: the new copy took the turn, the old one the
+    /// next, and the batch after it was answered as a duplicate of that old copy, its records
+    /// never stored. It goes to a new epoch instead, from 0, which fences the old copy.
+    #[tokio::test]
+    async fn a_batch_that_may_wait_at_the_broker_is_not_renumbered_into_a_freed_hole() {
+        let (a, ra) = numbered(2, 4, 10);
+        let (b, rb) = numbered(2, 4, 12);
+        let (c, rc) = numbered(1, 4, 14);
+        let ended = status(tonic::Code::Unavailable, "STREAM_ENDED");
+        let (next, epoch, attempts) = run(
+            vec![
+                (
+                    a,
+                    Some(status(tonic::Code::InvalidArgument, "INVALID_ARGUMENT")),
+                ),
+                (b, Some(ended.clone())),
+                (c, Some(ended)),
+            ],
+            vec![Ok(stored(50)), Ok(stored(52))],
+            4,
+            15,
+        )
+        .await;
+        assert_eq!(attempts, vec![(5, 0), (5, 2)]);
+        assert_eq!((next, epoch), (3, 5));
+        assert_eq!(
+            outcome(ra),
+            vec![
+                Err("INVALID_ARGUMENT".into()),
+                Err("INVALID_ARGUMENT".into())
+            ]
+        );
+        assert_eq!(outcome(rb), vec![Ok(50), Ok(51)]);
+        assert_eq!(outcome(rc), vec![Ok(52)]);
     }
 
     #[tokio::test]
