@@ -210,9 +210,11 @@ impl SyncTicket {
     }
 
     /// `syncfs` of the filesystem holding the segment: everything written to it, by any log,
-    /// before the call is durable (and a writeback error anywhere on it since the segment was
-    /// opened is reported, on Linux 5.8 and later). Use for a round of several logs on one
-    /// filesystem: one call instead of an fdatasync per file.
+    /// before the call is durable. A writeback error anywhere on it is reported (Linux 5.8 and
+    /// later) only to the first syncfs through each open file after it happened, and never
+    /// through a file opened after an earlier syncfs saw it: after a failure, sync each log
+    /// with [`SyncTicket::sync`] (the broker's flusher does). Use for a round of several logs
+    /// on one filesystem: one call instead of an fdatasync per file.
     pub fn sync_filesystem(&self) -> Result<()> {
         rustix::fs::syncfs(&self.file)
             .map_err(std::io::Error::from)
@@ -532,6 +534,12 @@ impl PartitionLog {
             next_offset: active.next_offset,
             next_index: active.next_index,
         }
+    }
+
+    /// Whether a failed write or sync poisoned the log (it refuses appends and flushes until
+    /// a reset, and what it holds past [`PartitionLog::durable`] is not to be trusted).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
     }
 
     /// The position after the last durable entry: everything before it survives a power loss.

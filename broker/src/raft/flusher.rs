@@ -157,7 +157,7 @@ fn fail(written: Written, why: &str) {
 
 /// The sync stage: takes everything written since its last sync (one write round or several),
 /// makes it durable together, and completes the callbacks; syncs interval-policy logs when due.
-fn sync_stage(written: Receiver<Option<Written>>, mode: SyncMode) {
+fn sync_stage(written: Receiver<Option<Written>>, mut mode: SyncMode) {
     let mut unsynced: HashMap<usize, Unsynced> = HashMap::new();
     let pool = match Pool::start(SYNCS_IN_PARALLEL_MAX - 1) {
         Ok(pool) => Some(pool),
@@ -186,7 +186,16 @@ fn sync_stage(written: Receiver<Option<Written>>, mode: SyncMode) {
                 Err(_) => break,
             }
         }
-        sync_round(rounds, &mut unsynced, closing, pool.as_ref(), mode);
+        if sync_round(rounds, &mut unsynced, closing, pool.as_ref(), mode) == Synced::SyncfsFailed {
+            // A writeback error reaches only the first syncfs that sees it (per open file, and
+            // never a file opened after it was seen): a later round led by a file opened since
+            // (a new segment) would report another log's lost pages as durable. An fdatasync
+            // reports each file's own errors, whoever saw them first.
+            tracing::error!(
+                "syncfs failed: the flusher syncs each log with its own fdatasync from now on"
+            );
+            mode = SyncMode::Fdatasync;
+        }
         if closing {
             return;
         }
@@ -198,6 +207,14 @@ fn key(shared: &Arc<Shared>) -> usize {
     Arc::as_ptr(shared) as usize
 }
 
+/// How a sync round went, for the sync stage's choice of mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Synced {
+    Done,
+    /// A `syncfs` failed (every log it covered failed with it).
+    SyncfsFailed,
+}
+
 /// One sync round over what the write stage wrote: sync, then complete.
 fn sync_round(
     rounds: Vec<Written>,
@@ -205,7 +222,7 @@ fn sync_round(
     closing: bool,
     pool: Option<&Pool>,
     mode: SyncMode,
-) {
+) -> Synced {
     let started = rounds.first().map(|r| r.started);
     let mut requests = Vec::new();
     let mut written = Vec::new();
@@ -238,7 +255,7 @@ fn sync_round(
             true
         }
     });
-    let synced = sync_all(&to_sync, pool, mode);
+    let (synced, outcome) = sync_all(&to_sync, pool, mode);
     if !to_sync.is_empty() {
         metrics::histogram!("weft_flush_sync_seconds").record(now.elapsed().as_secs_f64());
     }
@@ -277,6 +294,7 @@ fn sync_round(
             metrics::histogram!("weft_flush_round_seconds").record(started.elapsed().as_secs_f64());
         }
     }
+    outcome
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -353,7 +371,11 @@ where
 /// Syncs every log: with [`SyncMode::Syncfs`] and two logs or more, one `syncfs` of their
 /// filesystem; otherwise an fdatasync per log, side by side (the flusher's thread runs the first
 /// itself, the pool the others). The outcome per log, in order.
-fn sync_all(logs: &[Arc<Shared>], pool: Option<&Pool>, mode: SyncMode) -> Vec<Result<(), String>> {
+fn sync_all(
+    logs: &[Arc<Shared>],
+    pool: Option<&Pool>,
+    mode: SyncMode,
+) -> (Vec<Result<(), String>>, Synced) {
     // Prepare each log's sync under its lock; the fdatasync itself runs outside it.
     let mut tickets: Vec<Result<Option<weft_storage::SyncTicket>, String>> = logs
         .iter()
@@ -384,7 +406,12 @@ fn sync_all(logs: &[Arc<Shared>], pool: Option<&Pool>, mode: SyncMode) -> Vec<Re
                 outcomes[i] = Some(outcome.clone());
             }
             metrics::counter!("weft_flush_fsyncs_total").increment(1);
-            return finish(logs, tickets, outcomes);
+            let synced = if outcome.is_ok() {
+                Synced::Done
+            } else {
+                Synced::SyncfsFailed
+            };
+            return (finish(logs, tickets, outcomes), synced);
         }
     }
     let live: Vec<(usize, weft_storage::SyncTicket)> = tickets
@@ -415,7 +442,7 @@ fn sync_all(logs: &[Arc<Shared>], pool: Option<&Pool>, mode: SyncMode) -> Vec<Re
     }
     let synced = outcomes.iter().filter(|o| o.is_some()).count();
     metrics::counter!("weft_flush_fsyncs_total").increment(synced as u64);
-    finish(logs, tickets, outcomes)
+    (finish(logs, tickets, outcomes), Synced::Done)
 }
 
 /// Reports each sync's outcome to its log.

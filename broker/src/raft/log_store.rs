@@ -395,16 +395,20 @@ impl Shared {
         if from < end
             && let Ok(pending) = self.pending.lock()
         {
+            // Only entries that continue what was read: the flusher may have written (and
+            // drained) the ones at `from` after the log was read and before this lock was
+            // taken, and what is pending now starts later. The caller then reads again.
             for entry in pending.iter() {
                 let index = entry.first().map_or(0, |b| b.header().index);
-                if index >= from && index < end {
-                    if bytes >= max_bytes {
-                        break;
-                    }
-                    bytes = bytes.saturating_add(entry.iter().map(Batch::len).sum());
-                    out.push(from_batches(entry)?);
-                    from = index + 1;
+                if index < from {
+                    continue;
                 }
+                if index != from || index >= end || bytes >= max_bytes {
+                    break;
+                }
+                bytes = bytes.saturating_add(entry.iter().map(Batch::len).sum());
+                out.push(from_batches(entry)?);
+                from = index + 1;
             }
         }
         Ok((out, bytes))

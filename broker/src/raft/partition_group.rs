@@ -847,9 +847,10 @@ impl PartitionGroup {
 
     /// Stops the group. With `snapshot`, first snapshots everything applied, so the next open
     /// replays nothing; then the log's tail gets its index files (no scan at the next open). A
-    /// group that stopped on a storage error instead drops what it wrote and never synced: after
-    /// a failed write or fsync the page cache is not to be trusted, and nothing unsynced was
-    /// acknowledged.
+    /// log that a failed write or fsync poisoned instead drops what it wrote and never synced:
+    /// its page cache is not to be trusted, and nothing unsynced was acknowledged under fsync
+    /// before ack. A group stopped for another reason keeps it (synced now): under
+    /// `fsync_policy = interval` it was acknowledged, and only a power loss may take it.
     pub async fn shutdown(&self, snapshot: bool) {
         let failed = self.stopped().is_some();
         if snapshot
@@ -867,10 +868,16 @@ impl PartitionGroup {
         let reader = self.reader.clone();
         let closed = tokio::task::spawn_blocking(move || {
             reader.with_log_mut(|log| {
-                if failed {
-                    log.discard_unsynced()
-                } else {
-                    log.checkpoint()
+                if failed && log.is_poisoned() {
+                    return log.discard_unsynced();
+                }
+                match log.checkpoint() {
+                    // The sync failed: the log is poisoned now.
+                    Err(error) if log.is_poisoned() => {
+                        tracing::warn!("closing the log: {error}");
+                        log.discard_unsynced()
+                    }
+                    other => other,
                 }
             })
         })
