@@ -709,7 +709,7 @@ impl PartitionLog {
             // A sync of this log failed meanwhile (on another thread): nothing written becomes
             // durable by this roll's sync, which may have shared that file's reported error.
             let reason = reason.clone();
-            prepared.segment.delete()?;
+            self.drop_prepared(prepared)?;
             ticket.remove_index_files()?;
             segment::sync_dir(&self.dir, &self.config)?;
             return Err(Error::Poisoned(reason));
@@ -722,7 +722,7 @@ impl PartitionLog {
                 && self.end() == ticket.next
         };
         if !unchanged {
-            prepared.segment.delete()?;
+            self.drop_prepared(prepared)?;
             // The sealing wrote index files for the segment as it saw it, which no longer is
             // (the segment stays active, or is gone).
             ticket.remove_index_files()?;
@@ -741,6 +741,20 @@ impl PartitionLog {
         self.durable = ticket.next;
         self.segments.push(prepared.segment);
         Ok(())
+    }
+
+    /// Deletes a prepared segment that will not be used, unless a segment of the log has its
+    /// file now: a reset to the same position meanwhile replaced that file with its own fresh
+    /// segment, which must not be unlinked under it.
+    fn drop_prepared(&self, prepared: PreparedRoll) -> Result<()> {
+        if self
+            .segments
+            .iter()
+            .any(|s| s.path == prepared.segment.path)
+        {
+            return Ok(());
+        }
+        prepared.segment.delete()
     }
 
     /// Seals the active segment (synced, index files written) and starts a new one.

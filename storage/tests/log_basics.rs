@@ -407,6 +407,46 @@ fn a_roll_sealed_after_a_truncation_leaves_no_stale_index_files() {
     assert_eq!(log.end(), end);
 }
 
+/// A reset to the log's end while a roll's sealing ran (a snapshot installed there) makes its
+/// fresh segment where the roll made its next one; the roll then finds the log changed and
+/// drops its segment, and must not unlink the reset's, which is now the active one. Before, it
+/// did: what was appended after the reset went to an unlinked file and was gone at the next open.
+#[test]
+fn a_roll_dropped_after_a_reset_to_its_position_keeps_the_resets_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let mut rng = rng(85);
+    let roll = loop {
+        let end = log.end();
+        let batch = make_batch(&mut rng, 3, 200, end.next_offset, 1, end.next_index);
+        if let Some(roll) = log
+            .prepare_roll(std::slice::from_ref(&batch))
+            .expect("prepare")
+        {
+            break roll;
+        }
+        log.append(&batch).expect("append");
+    };
+    let outcome = roll.run();
+    let at = log.end();
+    log.reset(at).expect("reset to the end");
+    log.finish_roll(roll, outcome)
+        .expect("finish after a reset");
+    let appended: Vec<_> = (0..5)
+        .map(|_| append_random(&mut log, &mut rng, 100).bytes)
+        .collect();
+    log.flush().expect("flush");
+    drop(log);
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
+    assert!(log.recovery_report().corruptions.is_empty());
+    let got: Vec<_> = read_all_entries(&log)
+        .expect("read")
+        .iter()
+        .map(|b| b.bytes().clone())
+        .collect();
+    assert_eq!(got, appended, "what was appended after the reset survives");
+}
+
 /// A roll that fails poisons the log, as a failed flush does: its sync may have failed, and a
 /// retried sync would not report again the writeback error of pages it dropped (so the entries
 /// before the roll would have counted as durable). Before, the next append simply tried the roll

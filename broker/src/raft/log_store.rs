@@ -319,96 +319,106 @@ impl Shared {
         let mut out: Vec<Entry> = Vec::new();
         let mut from = start;
         let mut retried_at = None;
-        while from < end {
-            let batches = {
-                let log = self.log()?;
-                let written_end = log.end().next_index;
-                if from >= written_end {
-                    break;
-                }
-                let first = log.first_index().unwrap_or(written_end);
-                if from < first {
-                    // Purged physically: start at what is there.
-                    from = first;
-                    if from >= end {
+        // The flusher may write (and drain from the pending ones) the entries at `from` between
+        // the log read and the pending lock: the log is then read again (a short answer would
+        // stop a group that applies them). Bounded: each pass finds them written.
+        for pass in 0.. {
+            while from < end {
+                let batches = {
+                    let log = self.log()?;
+                    let written_end = log.end().next_index;
+                    if from >= written_end {
                         break;
                     }
-                }
-                let chunk = READ_CHUNK_BYTES.min(max_bytes.saturating_sub(bytes)).max(1);
-                match log.read_entries(from, end.min(written_end), chunk) {
-                    Ok(batches) => batches,
-                    Err(error @ weft_storage::Error::Corruption { .. }) => {
-                        drop(log);
-                        let range = self
-                            .log_mut()?
-                            .map_damage(from)
-                            .map_err(|e| read_error(from, &e))?;
-                        match range {
-                            // Never for the controller: its state machine must apply every
-                            // entry (its damaged entries are repaired before it starts).
-                            Some(range)
-                                if range.first_index <= from
-                                    && self.group != super::CONTROLLER_GROUP =>
-                            {
-                                // Damaged entries: stand-ins move the state machine past them.
-                                let until = range.next_index.min(end).min(written_end);
-                                let term = range
-                                    .term
-                                    .or(out.last().map(|e| e.log_id.leader_id.term))
-                                    .unwrap_or(0);
-                                for index in from..until {
-                                    out.push(Entry {
-                                        log_id: LogId::new(
-                                            openraft::CommittedLeaderId::new(term, 0),
-                                            index,
-                                        ),
-                                        payload: openraft::EntryPayload::Normal(
-                                            super::Command::Lost {
-                                                next_offset: range.next_offset,
-                                            },
-                                        ),
-                                    });
-                                }
-                                from = until;
-                                continue;
-                            }
-                            // The damage lies before `from` and intact entries resume before it:
-                            // reads now start where they resume.
-                            _ if retried_at != Some(from) => {
-                                retried_at = Some(from);
-                                continue;
-                            }
-                            _ => return Err(read_error(from, &error)),
+                    let first = log.first_index().unwrap_or(written_end);
+                    if from < first {
+                        // Purged physically: start at what is there.
+                        from = first;
+                        if from >= end {
+                            break;
                         }
                     }
-                    Err(error) => return Err(read_error(from, &error)),
+                    let chunk = READ_CHUNK_BYTES.min(max_bytes.saturating_sub(bytes)).max(1);
+                    match log.read_entries(from, end.min(written_end), chunk) {
+                        Ok(batches) => batches,
+                        Err(error @ weft_storage::Error::Corruption { .. }) => {
+                            drop(log);
+                            let range = self
+                                .log_mut()?
+                                .map_damage(from)
+                                .map_err(|e| read_error(from, &e))?;
+                            match range {
+                                // Never for the controller: its state machine must apply every
+                                // entry (its damaged entries are repaired before it starts).
+                                Some(range)
+                                    if range.first_index <= from
+                                        && self.group != super::CONTROLLER_GROUP =>
+                                {
+                                    // Damaged entries: stand-ins move the state machine past them.
+                                    let until = range.next_index.min(end).min(written_end);
+                                    let term = range
+                                        .term
+                                        .or(out.last().map(|e| e.log_id.leader_id.term))
+                                        .unwrap_or(0);
+                                    for index in from..until {
+                                        out.push(Entry {
+                                            log_id: LogId::new(
+                                                openraft::CommittedLeaderId::new(term, 0),
+                                                index,
+                                            ),
+                                            payload: openraft::EntryPayload::Normal(
+                                                super::Command::Lost {
+                                                    next_offset: range.next_offset,
+                                                },
+                                            ),
+                                        });
+                                    }
+                                    from = until;
+                                    continue;
+                                }
+                                // The damage lies before `from` and intact entries resume before it:
+                                // reads now start where they resume.
+                                _ if retried_at != Some(from) => {
+                                    retried_at = Some(from);
+                                    continue;
+                                }
+                                _ => return Err(read_error(from, &error)),
+                            }
+                        }
+                        Err(error) => return Err(read_error(from, &error)),
+                    }
+                };
+                let Some(last) = batches.last() else { break };
+                from = last.header().index + 1;
+                bytes = bytes.saturating_add(batches.iter().map(Batch::len).sum());
+                out.extend(entries_of(&batches)?);
+                if bytes >= max_bytes {
+                    return Ok((out, bytes));
                 }
-            };
-            let Some(last) = batches.last() else { break };
-            from = last.header().index + 1;
-            bytes = bytes.saturating_add(batches.iter().map(Batch::len).sum());
-            out.extend(entries_of(&batches)?);
-            if bytes >= max_bytes {
-                return Ok((out, bytes));
             }
-        }
-        if from < end
-            && let Ok(pending) = self.pending.lock()
-        {
-            // Only entries that continue what was read: the flusher may have written (and
-            // drained) the ones at `from` after the log was read and before this lock was
-            // taken, and what is pending now starts later. The caller then reads again.
-            for entry in pending.iter() {
-                let index = entry.first().map_or(0, |b| b.header().index);
-                if index < from {
-                    continue;
+            if from < end
+                && let Ok(pending) = self.pending.lock()
+            {
+                // Only entries that continue what was read (the ones at `from` may have been
+                // written and drained meanwhile: see above).
+                for entry in pending.iter() {
+                    let index = entry.first().map_or(0, |b| b.header().index);
+                    if index < from {
+                        continue;
+                    }
+                    if index != from || index >= end || bytes >= max_bytes {
+                        break;
+                    }
+                    bytes = bytes.saturating_add(entry.iter().map(Batch::len).sum());
+                    out.push(from_batches(entry)?);
+                    from = index + 1;
                 }
-                if index != from || index >= end || bytes >= max_bytes {
-                    break;
-                }
-                bytes = bytes.saturating_add(entry.iter().map(Batch::len).sum());
-                out.push(from_batches(entry)?);
-                from = index + 1;
+            }
+            if from >= end || bytes >= max_bytes || pass >= 3 {
+                break;
+            }
+            if self.log()?.end().next_index <= from {
+                break;
             }
         }
         Ok((out, bytes))
