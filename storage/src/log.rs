@@ -264,18 +264,7 @@ impl RollTicket {
     /// Removes the index files [`RollTicket::run`] wrote for the sealed segment (those not
     /// written included).
     fn remove_index_files(&self) -> Result<()> {
-        for path in [
-            self.path.with_extension("index"),
-            self.path.with_extension("timeindex"),
-        ] {
-            match fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).io("remove stale index", &path);
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        segment::remove_index_files_of(&self.path).map(|_| ())
     }
 
     /// Seals the segment and creates its successor (blocking I/O; run it without the log's lock).

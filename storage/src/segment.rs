@@ -1175,15 +1175,7 @@ impl Segment {
 
     /// Deletes the index files (they go stale as soon as the segment changes).
     pub(crate) fn remove_index_files(&self) -> Result<bool> {
-        let mut removed = false;
-        for path in [self.index_path(), self.time_index_path()] {
-            match fs::remove_file(&path) {
-                Ok(()) => removed = true,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).io("remove index", &path),
-            }
-        }
-        Ok(removed)
+        remove_index_files_of(&self.path)
     }
 
     /// Loads the index files if they are intact and describe the data file as it is. Returns false
@@ -1432,6 +1424,23 @@ pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8], config: &LogConfi
 }
 
 /// fsync a directory so created, renamed and deleted entries are durable.
+/// Deletes the index files of the data file at `data_path` (those already gone included);
+/// whether there were any.
+pub(crate) fn remove_index_files_of(data_path: &Path) -> Result<bool> {
+    let mut removed = false;
+    for path in [
+        data_path.with_extension("index"),
+        data_path.with_extension("timeindex"),
+    ] {
+        match fs::remove_file(&path) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).io("remove index", &path),
+        }
+    }
+    Ok(removed)
+}
+
 pub(crate) fn sync_dir(dir: &Path, config: &LogConfig) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
