@@ -689,6 +689,26 @@ impl PartitionLog {
     pub fn finish_roll(&mut self, ticket: RollTicket, outcome: Result<PreparedRoll>) -> Result<()> {
         let prepared = match outcome {
             Ok(prepared) => prepared,
+            Err(_) if ticket.generation != self.generation => {
+                // A reset replaced the log meanwhile (its failure may even come from the reset's
+                // own fresh segment, made at the very path the roll wanted): nothing the roll
+                // touched is part of the log now, and only index files it may have written for
+                // the sealed segment, and the new segment's file should the roll have made it
+                // before failing, are left to remove.
+                ticket.remove_index_files()?;
+                let made = self
+                    .dir
+                    .join(segment::data_file_name(ticket.next.next_offset));
+                if !self.segments.iter().any(|s| s.path == made) {
+                    match fs::remove_file(&made) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(e).io("delete segment", &made);
+                        }
+                        _ => {}
+                    }
+                }
+                return segment::sync_dir(&self.dir, &self.config);
+            }
             Err(error) => {
                 self.poisoned = Some(error.to_string());
                 return Err(error);
@@ -735,6 +755,8 @@ impl PartitionLog {
     /// Deletes a prepared segment that will not be used, unless a segment of the log has its
     /// file now: a reset to the same position meanwhile replaced that file with its own fresh
     /// segment, which must not be unlinked under it.
+    /// Its file may be gone too: a second reset deleted the first one's segment, made at the
+    /// same path.
     fn drop_prepared(&self, prepared: PreparedRoll) -> Result<()> {
         if self
             .segments
@@ -743,7 +765,7 @@ impl PartitionLog {
         {
             return Ok(());
         }
-        prepared.segment.delete()
+        prepared.segment.remove_files()
     }
 
     /// Seals the active segment (synced, index files written) and starts a new one.

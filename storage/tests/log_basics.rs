@@ -447,6 +447,87 @@ fn a_roll_dropped_after_a_reset_to_its_position_keeps_the_resets_segment() {
     assert_eq!(got, appended, "what was appended after the reset survives");
 }
 
+/// Runs appends until the next one would roll; the roll's ticket.
+fn prepare_next_roll(
+    log: &mut PartitionLog,
+    rng: &mut rand::rngs::StdRng,
+) -> weft_storage::RollTicket {
+    loop {
+        let end = log.end();
+        let batch = make_batch(rng, 3, 200, end.next_offset, 1, end.next_index);
+        if let Some(roll) = log
+            .prepare_roll(std::slice::from_ref(&batch))
+            .expect("prepare")
+        {
+            return roll;
+        }
+        log.append(&batch).expect("append");
+    }
+}
+
+/// Appends five entries to `log`, syncs, reopens it and checks that exactly those are read.
+fn appends_survive_reopen(
+    dir: &std::path::Path,
+    mut log: PartitionLog,
+    rng: &mut rand::rngs::StdRng,
+) {
+    let appended: Vec<_> = (0..5)
+        .map(|_| append_random(&mut log, rng, 100).bytes)
+        .collect();
+    log.flush().expect("flush");
+    drop(log);
+    let log = PartitionLog::open(dir, small_config()).expect("reopen");
+    assert!(log.recovery_report().corruptions.is_empty());
+    let got: Vec<_> = read_all_entries(&log)
+        .expect("read")
+        .iter()
+        .map(|b| b.bytes().clone())
+        .collect();
+    assert_eq!(got, appended, "what was appended after the reset survives");
+}
+
+/// A reset to the log's end while a roll runs makes the very file the roll is about to create:
+/// the roll then fails ("create segment": the file exists). That failure concerns a log the
+/// reset already replaced. Before, it poisoned the freshly reset log, so every append failed
+/// until the partition's group restarted.
+#[test]
+fn a_roll_that_fails_on_the_file_a_reset_made_leaves_the_reset_log_usable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let mut rng = rng(86);
+    let roll = prepare_next_roll(&mut log, &mut rng);
+    let at = log.end();
+    log.reset(at).expect("reset to the end");
+    let outcome = roll.run();
+    assert!(outcome.is_err(), "the roll's segment file exists already");
+    log.finish_roll(roll, outcome)
+        .expect("a roll overtaken by a reset is dropped, not an error");
+    assert!(!log.is_poisoned());
+    appends_survive_reopen(dir.path(), log, &mut rng);
+}
+
+/// Two resets while a roll runs: the first replaces the roll's new segment with its own, the
+/// second deletes that one. Before, dropping the prepared segment then failed (its file was
+/// gone), and the failure reached the writer as an error of the reset log.
+#[test]
+fn a_roll_dropped_after_two_resets_finishes_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let mut rng = rng(87);
+    let roll = prepare_next_roll(&mut log, &mut rng);
+    let outcome = roll.run();
+    let at = log.end();
+    log.reset(at).expect("reset to the end");
+    log.reset(weft_storage::LogPosition {
+        next_offset: at.next_offset + 1_000,
+        next_index: at.next_index + 10,
+    })
+    .expect("reset forwards");
+    log.finish_roll(roll, outcome)
+        .expect("a roll overtaken by two resets is dropped, not an error");
+    appends_survive_reopen(dir.path(), log, &mut rng);
+}
+
 /// A roll that fails poisons the log, as a failed flush does: its sync may have failed, and a
 /// retried sync would not report again the writeback error of pages it dropped (so the entries
 /// before the roll would have counted as durable). Before, the next append simply tried the roll
