@@ -56,3 +56,62 @@ async fn the_peer_port_keeps_a_connection_through_a_burst_of_cancelled_calls() {
     assert_eq!(response.status(), 200);
     assert!(!connection.is_finished(), "the connection ended");
 }
+
+/// A snapshot chunk far past the bytes received so far is refused. openraft writes each chunk
+/// at its offset into a buffer that first grows to that offset, so one forged chunk at 1 TiB
+/// (past a first chunk that opens the stream) made the broker abort on the allocation: any
+/// host that reached the peer port could stop a broker with two calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_chunk_far_past_what_came_is_refused_and_the_broker_lives() {
+    use weft_proto::internal::v1 as internal;
+
+    let mut broker = Broker::start();
+    let channel = weft_tests::grpc::channel(&broker.peer_addr).await;
+    let mut raft = internal::raft_client::RaftClient::new(channel);
+    let chunk = |offset: u64, data: &[u8]| {
+        let mut request = tonic::Request::new(internal::InstallSnapshotChunk {
+            group_id: 0,
+            vote: Some(internal::Vote {
+                term: 1_000_000,
+                node_id: 2,
+                committed: true,
+            }),
+            meta: Some(internal::SnapshotMeta {
+                last_log_id: None,
+                last_membership_log_id: None,
+                last_membership: Some(internal::Membership::default()),
+                snapshot_id: "forged".into(),
+            }),
+            offset,
+            data: data.to_vec().into(),
+            done: false,
+        });
+        request
+            .metadata_mut()
+            .insert("weft-cluster", "weft".parse().expect("ascii"));
+        request
+            .metadata_mut()
+            .insert("weft-target-node", "1".parse().expect("ascii"));
+        request
+    };
+    raft.install_snapshot(chunk(0, &[7; 10]))
+        .await
+        .expect("a first chunk opens the stream");
+    raft.install_snapshot(chunk(10, &[7; 10]))
+        .await
+        .expect("the next chunk continues it");
+    let status = raft
+        .install_snapshot(chunk(1 << 40, &[7; 10]))
+        .await
+        .expect_err("a chunk at 1 TiB is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("does not follow"), "{status:?}");
+    let (code, body) = broker.http("GET", "/healthz", None);
+    assert_eq!(code, 200, "the broker still serves: {body}");
+    assert_eq!(
+        broker.stop(),
+        Some(0),
+        "and stops cleanly: {}",
+        broker.log()
+    );
+}

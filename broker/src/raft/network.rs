@@ -147,6 +147,9 @@ struct Inner {
     readers: RwLock<HashMap<GroupId, LogReader>>,
     /// The node each group last received a snapshot from (its leader then).
     snapshot_from: Mutex<HashMap<GroupId, NodeId>>,
+    /// Per group: the snapshot being received here, and how many of its bytes came so far
+    /// (see [`RaftService::install_snapshot`]).
+    snapshot_received: Mutex<HashMap<GroupId, (String, u64)>>,
     /// When each group last received an AppendEntries (a leader's heartbeat or entries) here.
     heard_at: Mutex<HashMap<GroupId, std::time::Instant>>,
     /// Per group: when it was opened here, and when this node last granted a vote in it or
@@ -298,6 +301,7 @@ impl Peers {
                 groups: RwLock::new(HashMap::new()),
                 readers: RwLock::new(HashMap::new()),
                 snapshot_from: Mutex::new(HashMap::new()),
+                snapshot_received: Mutex::new(HashMap::new()),
                 heard_at: Mutex::new(HashMap::new()),
                 election_clock: Mutex::new(HashMap::new()),
                 recovery: Mutex::new((Recovery::Normal, HashMap::new())),
@@ -363,6 +367,9 @@ impl Peers {
         }
         if let Ok(mut clock) = self.inner.election_clock.lock() {
             clock.remove(&group_id);
+        }
+        if let Ok(mut received) = self.inner.snapshot_received.lock() {
+            received.remove(&group_id);
         }
         if let Ok(mut heard) = self.inner.heard_at.lock() {
             heard.remove(&group_id);
@@ -1958,6 +1965,10 @@ impl RaftService {
     }
 }
 
+/// The most bytes of one snapshot a group receives (a partition's snapshot holds its producer
+/// table and a controller's its topics and committed offsets: far smaller).
+const SNAPSHOT_RECEIVED_BYTES_MAX: u64 = 1 << 30;
+
 fn malformed(e: wire::Malformed) -> Status {
     Status::invalid_argument(e.to_string())
 }
@@ -2157,13 +2168,59 @@ impl pb::raft_server::Raft for RaftService {
         let raft = self.peers.group(message.group_id)?;
         let group_id = message.group_id;
         let rpc = wire::snapshot_from(message).map_err(malformed)?;
-        // A leader sending a snapshot is heard from, like one sending entries.
-        self.peers.heard_now(group_id);
-        if let (Some(leader), Ok(mut senders)) = (
-            rpc.vote.leader_id().voted_for(),
-            self.peers.inner.snapshot_from.lock(),
-        ) {
-            senders.insert(group_id, leader);
+        // openraft writes a chunk at its offset into the snapshot's buffer, which grows to the
+        // offset first: a chunk far past what came (a peer's defect, or a forged call) would
+        // make the broker allocate without limit. Chunks follow each other, bounded in total.
+        let id = rpc.meta.snapshot_id.clone();
+        let end = rpc.offset.saturating_add(rpc.data.len() as u64);
+        let received = self
+            .peers
+            .inner
+            .snapshot_received
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&group_id).cloned());
+        let continues = rpc.offset == 0
+            || received
+                .as_ref()
+                .is_some_and(|(at, bytes)| *at == id && rpc.offset <= *bytes);
+        if !continues {
+            return Err(Status::invalid_argument(format!(
+                "snapshot {id:?} chunk at offset {} does not follow the {} bytes received",
+                rpc.offset,
+                received
+                    .filter(|(at, _)| *at == id)
+                    .map_or(0, |(_, bytes)| bytes)
+            )));
+        }
+        if end > SNAPSHOT_RECEIVED_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "snapshot {id:?} would exceed {SNAPSHOT_RECEIVED_BYTES_MAX} bytes (chunk ending at {end})"
+            )));
+        }
+        // Counted before openraft takes the chunk (a call cancelled while it writes must not
+        // leave the count behind what was written), when openraft will take it: its vote is
+        // not below this node's (openraft's own test). A vote that rises meanwhile at most lets
+        // one chunk more through, and the total stays bounded.
+        let current = raft.metrics().borrow().vote;
+        let taken = rpc.vote >= current;
+        if taken && let Ok(mut received) = self.peers.inner.snapshot_received.lock() {
+            let bytes = received
+                .get(&group_id)
+                .filter(|(at, _)| *at == id && rpc.offset > 0)
+                .map_or(0, |(_, bytes)| *bytes);
+            received.insert(group_id, (id, bytes.max(end)));
+        }
+        // A leader sending a snapshot is heard from, like one sending entries; a deposed one
+        // (its chunks refused) is not, nor is it a source to fill the log from.
+        if taken {
+            self.peers.heard_now(group_id);
+            if let (Some(leader), Ok(mut senders)) = (
+                rpc.vote.leader_id().voted_for(),
+                self.peers.inner.snapshot_from.lock(),
+            ) {
+                senders.insert(group_id, leader);
+            }
         }
         let response = raft.install_snapshot(rpc).await.map_err(raft_failed)?;
         Ok(Response::new(pb::InstallSnapshotResponse {
