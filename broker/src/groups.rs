@@ -150,6 +150,9 @@ struct Member {
 struct Group {
     topic: String,
     topic_id: String,
+    /// Whether this broker's copy of the metadata has shown the topic: once it has, a copy
+    /// without it means the topic was deleted (see [`Coordinator::topic_partitions`]).
+    topic_seen: bool,
     partitions: u32,
     generation: u64,
     members: BTreeMap<String, Member>,
@@ -325,6 +328,7 @@ impl Coordinator {
                 entry.insert(Group {
                     topic: topic.to_string(),
                     topic_id: topic_id.to_string(),
+                    topic_seen: false,
                     partitions,
                     generation: self
                         .inner
@@ -350,6 +354,7 @@ impl Coordinator {
             }
             group.topic = topic.to_string();
             group.topic_id = topic_id.to_string();
+            group.topic_seen = false;
         }
         let known = member_id.and_then(|id| group.members.get_mut(id).map(|m| (id, m)));
         let id = match known {
@@ -402,23 +407,34 @@ impl Coordinator {
         })
     }
 
-    /// The partitions of each topic now, by topic id: the groups consuming a topic that know
-    /// of fewer rebalance over all of them (partitions added to a topic are consumed by its
-    /// live groups at once, not when a member next joins). One pass under the lock.
+    /// The partitions of every topic now (all of them: a topic missing was deleted), by topic
+    /// id: the groups consuming a topic that know of fewer rebalance over all of them
+    /// (partitions added to a topic are consumed by its live groups at once, not when a member
+    /// next joins). One pass under the lock.
     pub fn topic_partitions(&self, partitions_of: &HashMap<&str, u32>) {
         let Ok(mut groups) = self.groups() else {
             return;
         };
         for group in groups.values_mut() {
-            if let Some(&partitions) = partitions_of.get(group.topic_id.as_str())
-                && group.partitions < partitions
-            {
+            let Some(&partitions) = partitions_of.get(group.topic_id.as_str()) else {
+                continue;
+            };
+            group.topic_seen = true;
+            if group.partitions < partitions {
                 group.partitions = partitions;
                 if !group.members.is_empty() {
                     group.rebalance(&self.inner.last_generation);
                 }
             }
         }
+        // A group whose topic was deleted leaves memory: its members' views end, and the group
+        // may consume the topic created again under that name (or another one). Before, its
+        // members stayed until their sessions timed out (up to an hour), and every join until
+        // then was refused as consuming another topic. Only a topic this copy of the metadata
+        // showed counts as deleted: a copy behind may not show a new one yet.
+        groups.retain(|_, group| {
+            !group.topic_seen || partitions_of.contains_key(group.topic_id.as_str())
+        });
     }
 
     /// Records that the member's stream `incarnation` is alive at `now`; an error when the
@@ -1017,6 +1033,34 @@ mod tests {
         coordinator.settle_commits("nobody").await;
     }
 
+    /// A group whose topic was deleted leaves memory once this broker's metadata no longer
+    /// shows the topic: its members' views end, and the group may consume the topic created
+    /// again under the same name. Before, every join was refused (INVALID_ARGUMENT, "one group
+    /// consumes one topic") until the old members' sessions timed out. A topic the metadata
+    /// never showed (a copy behind) keeps its group.
+    #[test]
+    fn a_group_whose_topic_was_deleted_may_consume_the_topic_created_again() {
+        let coordinator = Coordinator::new(store(), Duration::from_secs(3600));
+        let now = Instant::now();
+        let mut a = coordinator
+            .join("g", Some("a"), "t", "id-t", 2, None, now)
+            .expect("join");
+        let fresh = coordinator
+            .join("h", Some("x"), "u", "id-u", 1, None, now)
+            .expect("join a topic this copy does not show yet");
+        coordinator.topic_partitions(&HashMap::from([("id-t", 2)]));
+        coordinator.topic_partitions(&HashMap::from([("id-t2", 2)]));
+        assert!(a.view.has_changed().is_err(), "the old member's view ended");
+        let b = coordinator
+            .join("g", Some("b"), "t", "id-t2", 2, None, now)
+            .expect("a join to the topic created again");
+        assert_eq!(b.view.borrow().assignments["b"], vec![0, 1]);
+        assert!(
+            fresh.view.has_changed().is_ok(),
+            "a group of a topic never shown here stays"
+        );
+    }
+
     /// Partitions added to a topic are assigned to its live groups at once (a new generation);
     /// a member joining through a broker whose copy of the topic is behind takes none away.
     #[test]
@@ -1033,7 +1077,7 @@ mod tests {
             before,
             "no change, no rebalance"
         );
-        coordinator.topic_partitions(&HashMap::from([("other-id", 4)]));
+        coordinator.topic_partitions(&HashMap::from([("id-t", 2), ("other-id", 4)]));
         assert_eq!(a.view.borrow().generation, before, "another topic");
         coordinator.topic_partitions(&HashMap::from([("id-t", 4), ("other-id", 4)]));
         let view = a.view.borrow().clone();

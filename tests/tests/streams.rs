@@ -313,3 +313,94 @@ async fn fetch_long_polls_until_data_or_deadline() {
         .expect_err("past the end");
     assert_eq!(past.code(), tonic::Code::OutOfRange);
 }
+
+/// A Subscribe stream whose topic is deleted and created again under its name ends with
+/// NOT_FOUND. Partitions are found by name, so before, the stream went on reading the new
+/// topic from the old one's positions: the new topic's first records were skipped unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_ends_when_its_topic_is_deleted_and_created_again() {
+    use weft_proto::v1::subscribe_request::Request as Inbound;
+    use weft_proto::v1::subscribe_response::Event;
+    use weft_proto::v1::{Credit, StartPosition, SubscribeRequest, SubscribeStart, start_position};
+
+    let broker = Broker::start();
+    let admin = broker.client().await.admin();
+    admin.create_topic("reborn", 1).await.expect("create");
+    let mut publisher = PublisherClient::connect(format!("http://{}", broker.client_addr))
+        .await
+        .expect("connect");
+    let mut publish = async |count: usize| {
+        publisher
+            .publish(PublishRequest {
+                topic: "reborn".into(),
+                target: Some(Target::Partition(0)),
+                records: (0..count)
+                    .map(|i| weft_proto::v1::Record {
+                        value: format!("r{i}").into(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("publish");
+    };
+    publish(10).await;
+    let (tx, mut responses) = weft_tests::grpc::subscribe(
+        &broker.client_addr,
+        SubscribeStart {
+            topic: "reborn".into(),
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
+            credit: Some(Credit {
+                records: 10,
+                bytes: 1 << 20,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut read = 0;
+    while read < 10 {
+        let message = tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("in time")
+            .expect("stream")
+            .expect("open");
+        if let Some(Event::Delivery(d)) = message.event {
+            read += d.records.len();
+        }
+    }
+    // Out of credit: the stream waits. The topic goes and comes back with 20 records.
+    admin.delete_topic("reborn").await.expect("delete");
+    admin.create_topic("reborn", 1).await.expect("create again");
+    publish(20).await;
+    tx.send(SubscribeRequest {
+        request: Some(Inbound::Credit(Credit {
+            records: 100,
+            bytes: 1 << 20,
+        })),
+    })
+    .await
+    .expect("grant credit");
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("in time")
+        {
+            Ok(Some(message)) => match message.event {
+                Some(Event::Delivery(d)) => panic!(
+                    "delivered from the new topic at offset {:?}",
+                    d.records.first().map(|r| r.offset)
+                ),
+                _ => continue,
+            },
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::NotFound, "{ended:?}");
+}

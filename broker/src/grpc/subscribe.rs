@@ -962,9 +962,21 @@ impl Session {
             })
     }
 
+    /// NOT_FOUND once the stream's topic is gone, deleted (and perhaps created again under its
+    /// name: partitions are found by name, and the new topic's must not be read from the old
+    /// one's positions). This broker's copy of the metadata: a copy behind sees it later.
+    fn check_topic(&self) -> Result<(), BrokerError> {
+        let state = self.node.controller_state();
+        match state.topics.get(&self.start.topic) {
+            Some(topic) if topic.topic_id == self.topic_id => Ok(()),
+            _ => Err(BrokerError::TopicNotFound(self.start.topic.clone())),
+        }
+    }
+
     /// Delivers what credit allows from every owned partition, without waiting. Returns whether
     /// anything was sent.
     async fn deliver(&mut self) -> Result<bool, BrokerError> {
+        self.check_topic()?;
         let mut sent = false;
         let owned: Vec<(u32, u64)> = self.positions.iter().map(|(&p, &o)| (p, o)).collect();
         for (p, position) in owned {
@@ -1376,8 +1388,9 @@ impl Session {
                 () = rules_change => authorize_subscribe(&self.node, &self.identity, &self.start)?,
                 current = group_change => {
                     let Some(current) = current else {
-                        // The group's coordinator forgot it (another broker coordinates now, or
-                        // every member expired).
+                        // The group's coordinator forgot it (another broker coordinates now,
+                        // every member expired, or its topic was deleted: then NOT_FOUND).
+                        self.check_topic()?;
                         return Err(BrokerError::Unavailable {
                             reason: "the consumer group's membership ended (its coordinator changed); rejoin with your member id".into(),
                             leader: None,
