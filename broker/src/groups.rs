@@ -1042,7 +1042,7 @@ mod tests {
     fn a_group_whose_topic_was_deleted_may_consume_the_topic_created_again() {
         let coordinator = Coordinator::new(store(), Duration::from_secs(3600));
         let now = Instant::now();
-        let mut a = coordinator
+        let a = coordinator
             .join("g", Some("a"), "t", "id-t", 2, None, now)
             .expect("join");
         let fresh = coordinator
