@@ -166,8 +166,8 @@ impl Group {
     /// counter over all its groups: a group that left memory (its last member gone) and comes
     /// back starts above every generation it had, committed or not.
     fn rebalance(&mut self, last: &AtomicU64) {
-        let next = last.fetch_add(1, AtomicOrdering::SeqCst) + 1;
-        self.generation = (self.generation + 1).max(next);
+        let next = last.fetch_add(1, AtomicOrdering::SeqCst).saturating_add(1);
+        self.generation = self.generation.saturating_add(1).max(next);
         last.fetch_max(self.generation, AtomicOrdering::SeqCst);
         let ids: Vec<&str> = self.members.keys().map(String::as_str).collect();
         let view = GroupView {
@@ -703,6 +703,11 @@ impl Coordinator {
                 current: 0,
                 got: generation,
             }),
+            _ if generation != 0 => Err(BrokerError::invalid(
+                "generation",
+                "a commit without a member id comes from outside the group's membership: \
+                 generation 0",
+            )),
             _ => Ok(()),
         }
     }

@@ -367,6 +367,14 @@ async fn fetch_get_offsets_commit_and_group_calls_refuse_bad_input() {
             Reason("STALE_GENERATION"),
         ),
         (
+            // Before, any generation passed, and the group's next generation was computed
+            // from it: u64::MAX overflowed (a panic under the groups' lock in a debug build).
+            "commit: a generation from outside membership",
+            commit("g", "", u64::MAX, "t", vec![(0, 8)]),
+            Code::InvalidArgument,
+            Field("generation"),
+        ),
+        (
             "commit: a partition named twice",
             commit("g", "", 0, "t", vec![(0, 8), (0, 9)]),
             Code::InvalidArgument,

@@ -190,6 +190,13 @@ impl SubscriberService {
         if request.offsets.is_empty() {
             return Err(BrokerError::invalid("offsets", "nothing to commit"));
         }
+        if request.member_id.is_empty() && request.generation != 0 {
+            return Err(BrokerError::invalid(
+                "generation",
+                "a commit without a member id comes from outside the group's membership: \
+                 generation 0",
+            ));
+        }
         if request.reset && (!request.member_id.is_empty() || request.generation != 0) {
             return Err(BrokerError::invalid(
                 "reset",
