@@ -708,10 +708,16 @@ impl PartitionStateMachine {
         let _writing = self.shared.snapshot_write.lock().await;
         let current = self.shared.snapshot.lock().map_err(sm_error)?.clone();
         let refolded = self.shared.refolded.swap(false, Ordering::Relaxed);
+        // The file is kept when it is later than `state` (an install wrote it while this build
+        // ran: the log may be purged through it, so an older state must never replace it; a
+        // repair's refold then waits for the next build), or as late and nothing was refolded.
         if let Some((meta, bytes)) = current
-            && meta.last_log_id >= state.last_applied
-            && !refolded
+            && (meta.last_log_id > state.last_applied
+                || (meta.last_log_id == state.last_applied && !refolded))
         {
+            if refolded {
+                self.shared.refolded.store(true, Ordering::Relaxed);
+            }
             return Ok(Snapshot {
                 meta,
                 snapshot: Box::new(Cursor::new(bytes)),
@@ -1400,6 +1406,51 @@ mod tests {
             reader.with_log(|log| log.end()).expect("log"),
             before,
             "the log is left to the install"
+        );
+    }
+
+    /// A build of an older state that a repair refolded meanwhile (the flag says "write even at
+    /// the same index") must not write that older state over a later installed snapshot: the
+    /// log is purged through the later one, so a restart from the older file would need
+    /// entries that are gone (from helper-64's review).
+    #[tokio::test]
+    async fn a_refolded_build_never_writes_an_older_state_over_a_later_snapshot() {
+        use openraft::storage::RaftSnapshotBuilder;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let meta = crate::meta::Metadata::new(Arc::new(
+            weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
+        ));
+        let (_store, _reader, sm) = open_partition(dir.path(), &meta);
+        let applied = LogId::new(openraft::CommittedLeaderId::new(3, 0), 10);
+        sm.reset_to(PartitionState {
+            last_applied: Some(applied),
+            lost: BTreeMap::from([(1, 3)]),
+            ..PartitionState::default()
+        })
+        .expect("state");
+        let later = LogId::new(openraft::CommittedLeaderId::new(3, 0), 7098);
+        sm.persist(PartitionState {
+            last_applied: Some(later),
+            high_watermark: 13_594,
+            ..PartitionState::default()
+        })
+        .await
+        .expect("persist the installed snapshot");
+        sm.fold_repaired(1, 3, None);
+        let mut builder = sm.clone();
+        let built = builder.build_snapshot().await.expect("build");
+        assert_eq!(
+            built.meta.last_log_id,
+            Some(later),
+            "answered with the later file"
+        );
+        let stored = weft_storage::snapshot::read_snapshot(&dir.path().join("sm"))
+            .expect("read")
+            .expect("a snapshot file");
+        assert_eq!(
+            decode(&stored).expect("decode").last_applied,
+            Some(later),
+            "the later snapshot stays on disk"
         );
     }
 
