@@ -4,6 +4,10 @@
 use std::time::{Duration, Instant};
 
 use weft_client::{ConsumerConfig, ProducerConfig, Record, StartFrom, TopicSettings};
+use weft_proto::v1::{
+    Credit, StartPosition, SubscribeRequest, SubscribeStart, start_position, subscribe_request,
+    subscribe_response,
+};
 use weft_tests::Broker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,11 +57,29 @@ async fn producer_batches_respect_a_small_topic_limit() {
     );
 }
 
+/// The next Delivery on a raw Subscribe stream (skipping heartbeats and other events).
+async fn next_delivery(
+    stream: &mut tonic::Streaming<weft_proto::v1::SubscribeResponse>,
+) -> weft_proto::v1::Delivery {
+    loop {
+        if let Some(subscribe_response::Event::Delivery(d)) =
+            stream.message().await.expect("stream").expect("open").event
+        {
+            return d;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_bytes_deletes_old_segments_in_the_background() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
-    std::fs::write(&config, "retention_check_interval_ms = 100\n").expect("config");
+    // Heartbeats far apart: a stream waiting for one shows (see the subscriber below).
+    std::fs::write(
+        &config,
+        "retention_check_interval_ms = 100\nstream_heartbeat_ms = 120000\n",
+    )
+    .expect("config");
     let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
     let (status, body) = broker.http(
         "POST",
@@ -66,6 +88,25 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
     );
     assert_eq!(status, 201, "{body}");
     let client = broker.client().await;
+    // A subscriber with credit for one record, from the start: retention will remove what it
+    // has not read.
+    let (credit_tx, mut stream) = weft_tests::grpc::subscribe(
+        &broker.client_addr,
+        SubscribeStart {
+            topic: "rolling".into(),
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
+            credit: Some(Credit {
+                records: 1,
+                bytes: 1 << 20,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
     let producer = client.producer(ProducerConfig::default());
     let mut acks = Vec::new();
     for i in 0..4000 {
@@ -102,6 +143,25 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(start < 4000);
+    // The subscriber read its one record, then retention passed its position: credit for more
+    // delivers from the retained start at once. Before, the stream moved its position and then
+    // waited for the next heartbeat (or a new record) to deliver.
+    let first_delivered = next_delivery(&mut stream).await;
+    assert_eq!(first_delivered.records[0].offset, 0);
+    credit_tx
+        .send(SubscribeRequest {
+            request: Some(subscribe_request::Request::Credit(Credit {
+                records: 1,
+                bytes: 1 << 20,
+            })),
+        })
+        .await
+        .expect("grant credit");
+    let after = tokio::time::timeout(Duration::from_secs(20), next_delivery(&mut stream))
+        .await
+        .expect("delivered without waiting for a heartbeat");
+    assert_eq!(after.records[0].offset, start, "from the retained start");
+    drop(credit_tx);
     // What is retained reads from the new start, in order, to the end.
     let mut consumer = client
         .consumer(ConsumerConfig::new("rolling").start(StartFrom::Earliest))

@@ -981,7 +981,8 @@ impl Session {
     }
 
     /// Delivers what credit allows from every owned partition, without waiting. Returns whether
-    /// anything was sent.
+    /// anything was sent, or a position moved past what retention removed (either way, the
+    /// caller delivers again at once).
     async fn deliver(&mut self) -> Result<bool, BrokerError> {
         self.check_topic()?;
         let mut sent = false;
@@ -1009,8 +1010,10 @@ impl Session {
             let batches = match hosted.read(position, max_bytes, 0, Duration::ZERO).await {
                 Ok(batches) => batches,
                 Err(BrokerError::OffsetOutOfRange { start, .. }) if position < start => {
-                    // Retention removed what this subscriber had not read: skip to what is left.
+                    // Retention removed what this subscriber had not read: skip to what is left,
+                    // and deliver again at once (no new record need come to wake the stream).
                     self.positions.insert(p, start);
+                    sent = true;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -1045,7 +1048,7 @@ impl Session {
     }
 
     /// Delivers what credit allows of partition `p`, which this broker holds no replica of:
-    /// read from a broker that does (Forward.Fetch, without waiting). Whether anything was sent.
+    /// read from a broker that does (Forward.Fetch, without waiting). Whether anything was sent (or the position moved).
     async fn deliver_remote(
         &mut self,
         service: &SubscriberService,
@@ -1070,7 +1073,7 @@ impl Session {
                     && position < start
                 {
                     self.positions.insert(p, start);
-                    return Ok(false);
+                    return Ok(true);
                 }
                 return Err(e);
             }
