@@ -1048,7 +1048,8 @@ impl Session {
     }
 
     /// Delivers what credit allows of partition `p`, which this broker holds no replica of:
-    /// read from a broker that does (Forward.Fetch, without waiting). Whether anything was sent (or the position moved).
+    /// read from a broker that does (Forward.Fetch, without waiting). Whether anything was sent
+    /// (or the position moved).
     async fn deliver_remote(
         &mut self,
         service: &SubscriberService,
