@@ -747,6 +747,41 @@ fn authorize_subscribe(
     Ok(())
 }
 
+/// A replica's offsets, as [`start_position`] needs them.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    log_start: u64,
+    high_watermark: u64,
+    /// The first offset at the asked timestamp, if one was asked.
+    at_timestamp: Option<u64>,
+}
+
+/// Where a stream starts reading a partition: where the client says it resumes, else the
+/// group's committed offset, else the asked start position.
+///
+/// A resumed or committed position is only raised to the log's start (retention may have
+/// removed it), never lowered to `bounds`' high watermark: that is the serving replica's,
+/// which may lag the leader the position was read from. Lowered, a group member re-read
+/// records committed already, and its next commit, behind the stored offset, was refused (a
+/// commit never goes backwards). A position past the high watermark waits for the replica.
+fn start_position(
+    resume: Option<u64>,
+    committed: Option<u64>,
+    start: Option<&Position>,
+    bounds: Bounds,
+) -> u64 {
+    if let Some(offset) = resume.or(committed) {
+        return offset.max(bounds.log_start);
+    }
+    let clamp = |o: u64| o.clamp(bounds.log_start, bounds.high_watermark);
+    match start {
+        Some(Position::Earliest(_)) => bounds.log_start,
+        Some(Position::Offset(o)) => clamp(*o),
+        Some(Position::TimestampMs(_)) => bounds.at_timestamp.unwrap_or(bounds.high_watermark),
+        Some(Position::Latest(_)) | None => bounds.high_watermark,
+    }
+}
+
 /// One open Subscribe stream.
 struct Session {
     node: Arc<Node>,
@@ -892,26 +927,24 @@ impl Session {
                 };
                 (bounds.log_start, bounds.high_watermark, at)
             };
-        let clamp = |o: u64| o.clamp(log_start, high_watermark);
-        if let Some(&offset) = self.resume.get(&partition) {
-            return Ok(clamp(offset));
-        }
-        if let Some(member) = &self.group
-            && let Some(offset) =
+        let committed = match (&self.group, self.resume.contains_key(&partition)) {
+            (Some(member), false) => {
                 self.node
                     .groups
                     .committed(&member.group_id, &self.topic_id, partition)?
-        {
-            return Ok(clamp(offset));
-        }
-        Ok(
-            match self.start.start.as_ref().and_then(|s| s.position.as_ref()) {
-                Some(Position::Earliest(_)) => log_start,
-                Some(Position::Offset(o)) => clamp(*o),
-                Some(Position::TimestampMs(_)) => at_timestamp.unwrap_or(high_watermark),
-                Some(Position::Latest(_)) | None => high_watermark,
+            }
+            _ => None,
+        };
+        Ok(start_position(
+            self.resume.get(&partition).copied(),
+            committed,
+            self.start.start.as_ref().and_then(|s| s.position.as_ref()),
+            Bounds {
+                log_start,
+                high_watermark,
+                at_timestamp,
             },
-        )
+        ))
     }
 
     /// Takes a new set of partitions, keeping positions of those already owned.
@@ -1069,14 +1102,17 @@ impl Session {
         let response = match service.fetch_inner(request, 0).await {
             Ok(response) => response,
             Err(e) => {
-                // Retention removed what this subscriber had not read: skip to what is left.
-                if let Some(start) = retained_start(&e)
-                    && position < start
-                {
-                    self.positions.insert(p, start);
-                    return Ok(true);
+                match retained_range(&e) {
+                    // Retention removed what this subscriber had not read: skip to what is left.
+                    Some((start, _)) if position < start => {
+                        self.positions.insert(p, start);
+                        return Ok(true);
+                    }
+                    // Past what the replica read from has committed (a position read from one
+                    // further ahead): nothing to deliver yet.
+                    Some((_, end)) if position > end => return Ok(false),
+                    _ => return Err(e),
                 }
-                return Err(e);
             }
         };
         let Some(last) = response.records.last() else {
@@ -1452,17 +1488,14 @@ impl Session {
 }
 
 /// The log start an OFFSET_OUT_OF_RANGE answer names (a local error or a forwarded status).
-fn retained_start(error: &BrokerError) -> Option<u64> {
+fn retained_range(error: &BrokerError) -> Option<(u64, u64)> {
     match error {
-        BrokerError::OffsetOutOfRange { start, .. } => Some(*start),
+        BrokerError::OffsetOutOfRange { start, end, .. } => Some((*start, *end)),
         BrokerError::Remote(status) => {
             let details = tonic_types::StatusExt::get_error_details(&*status.0);
-            details
-                .error_info()?
-                .metadata
-                .get("log_start_offset")?
-                .parse()
-                .ok()
+            let metadata = &details.error_info()?.metadata;
+            let offset = |key: &str| metadata.get(key)?.parse().ok();
+            Some((offset("log_start_offset")?, offset("log_end_offset")?))
         }
         _ => None,
     }
@@ -1512,4 +1545,60 @@ fn delivery_span(
         crate::otel::record_contexts(records),
         attributes,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_proto::v1::start_position::{Earliest, Latest};
+
+    use super::*;
+
+    /// A replica 100 offsets behind the leader, with records 10..900.
+    const LAGGING: Bounds = Bounds {
+        log_start: 10,
+        high_watermark: 900,
+        at_timestamp: None,
+    };
+
+    /// A committed (or resumed) position past the serving replica's high watermark is kept: the
+    /// stream waits there for the replica. Before, it was lowered to that high watermark, the
+    /// member re-read what its group had committed, and its next commit was refused as going
+    /// backwards (found by helper-63's review).
+    #[test]
+    fn a_committed_position_past_a_lagging_replica_is_kept() {
+        assert_eq!(start_position(None, Some(1000), None, LAGGING), 1000);
+        assert_eq!(start_position(Some(950), Some(1000), None, LAGGING), 950);
+    }
+
+    /// Positions retention passed start at the log's start; asked positions stay in the range.
+    #[test]
+    fn positions_start_within_what_the_replica_holds() {
+        assert_eq!(start_position(None, Some(3), None, LAGGING), 10);
+        assert_eq!(start_position(Some(3), None, None, LAGGING), 10);
+        let earliest = Position::Earliest(Earliest {});
+        assert_eq!(start_position(None, None, Some(&earliest), LAGGING), 10);
+        let latest = Position::Latest(Latest {});
+        assert_eq!(start_position(None, None, Some(&latest), LAGGING), 900);
+        assert_eq!(start_position(None, None, None, LAGGING), 900);
+        assert_eq!(
+            start_position(None, None, Some(&Position::Offset(5000)), LAGGING),
+            900
+        );
+        assert_eq!(
+            start_position(None, None, Some(&Position::Offset(2)), LAGGING),
+            10
+        );
+        let at = Bounds {
+            at_timestamp: Some(42),
+            ..LAGGING
+        };
+        assert_eq!(
+            start_position(None, None, Some(&Position::TimestampMs(7)), at),
+            42
+        );
+        assert_eq!(
+            start_position(None, None, Some(&Position::TimestampMs(7)), LAGGING),
+            900
+        );
+    }
 }
