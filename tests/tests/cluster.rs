@@ -15,7 +15,9 @@ use tonic::Code;
 use weft_proto::internal::v1 as internal;
 use weft_proto::v1::publish_request::Target;
 use weft_proto::v1::{PublishRequest, Record};
-use weft_tests::{Broker, fetch_range, grpc, publish_until_acknowledged, start_cluster, wait_for};
+use weft_tests::{
+    Broker, fetch_range, grpc, metric, publish_until_acknowledged, start_cluster, wait_for,
+};
 
 /// (partition, leader id, replicas, high watermark) as `broker` sees them.
 fn partitions(broker: &Broker, topic: &str) -> Vec<(u32, u64, Vec<u64>, u64)> {
@@ -1180,4 +1182,67 @@ fn in_sync_of_0(body: &str) -> Vec<u64> {
         .as_array()
         .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
         .unwrap_or_default()
+}
+
+/// A call to stand for election that comes late (another election ran since) or for a term
+/// that is over is refused, and the partition keeps its leader and term. Before, any Elect made
+/// the follower stand: its higher term deposed the leader (0.9 leaders step down for one), and
+/// the partition had none until the next election (found by helper-64's review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_call_to_stand_leaves_the_leader_in_place() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"elect","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    // Every replica open and following the same leader.
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let seen: Vec<u64> = brokers
+            .iter()
+            .map(|b| partitions(b, "elect")[0].1)
+            .collect();
+        async move { (seen[0] != 0 && seen.iter().all(|l| *l == seen[0])).then_some(seen[0]) }
+    })
+    .await;
+    let term_metric = "weft_partition_term{topic=\"elect\",partition=\"0\"}";
+    let leader_broker = &brokers[(leader - 1) as usize];
+    let term = metric(leader_broker, term_metric).expect("term") as u64;
+    let follower = (1..=3u64).find(|id| *id != leader).expect("a follower");
+    let channel = grpc::channel(&brokers[(follower - 1) as usize].peer_addr).await;
+    let mut raft = internal::raft_client::RaftClient::new(channel);
+    // The first topic's partition is the cluster's group 1 (0 is the controller's).
+    // Another term than this one; a leader that is not the one this term has.
+    for (stale_term, from) in [(term + 1, leader), (term, follower)] {
+        let mut request = tonic::Request::new(internal::ElectRequest {
+            group_id: 1,
+            term: stale_term,
+            leader_id: from,
+        });
+        request
+            .metadata_mut()
+            .insert("weft-cluster", "weft".parse().expect("ascii"));
+        request.metadata_mut().insert(
+            "weft-target-node",
+            follower.to_string().parse().expect("ascii"),
+        );
+        let status = raft
+            .elect(request)
+            .await
+            .expect_err("a stale call is refused");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    }
+    // Longer than an election takes here: nothing moved.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        partitions(&brokers[0], "elect")[0].1,
+        leader,
+        "the same leader"
+    );
+    assert_eq!(
+        metric(leader_broker, term_metric).map(|t| t as u64),
+        Some(term),
+        "the same term"
+    );
 }

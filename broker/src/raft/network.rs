@@ -2148,6 +2148,31 @@ impl pb::raft_server::Raft for RaftService {
     ) -> Result<Response<pb::ElectResponse>, Status> {
         self.peers.check(&request)?;
         let raft = self.peers.group(request.get_ref().group_id)?;
+        let asked = request.get_ref();
+        if asked.term != 0 {
+            // A call that comes late (another election ran meanwhile) or twice must not make
+            // this node stand against the leader elected since: 0.9 leaders step down for a
+            // higher term, and the group would have none until the next election.
+            let (term, leader, voted_for) = {
+                let metrics = raft.metrics().borrow().clone();
+                let voted_for = metrics.vote.leader_id().voted_for();
+                (metrics.current_term, metrics.current_leader, voted_for)
+            };
+            let me = self.peers.node_id();
+            if term > asked.term && (leader == Some(me) || voted_for == Some(me)) {
+                // Standing already (it stood by itself when this call was slow to come): done.
+                return Ok(Response::new(pb::ElectResponse {}));
+            }
+            if term != asked.term || leader.is_some_and(|l| l != asked.leader_id) {
+                return Err(Status::failed_precondition(format!(
+                    "a stale call to stand: it is for term {} under node {}; this node is in \
+                     term {term} under {}",
+                    asked.term,
+                    asked.leader_id,
+                    leader.map_or_else(|| "no known leader".to_string(), |l| format!("node {l}"))
+                )));
+            }
+        }
         // The leader's call came: no standing by itself any more.
         if let Ok(mut standbys) = self.peers.inner.standbys.lock() {
             standbys.remove(&request.get_ref().group_id);

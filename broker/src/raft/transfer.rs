@@ -189,7 +189,10 @@ pub(crate) async fn transfer_leadership(
     };
     let outcome = async {
         // Proposals are refused from here: the log ends at `last` until the transfer ends.
-        let last = raft.metrics().borrow().last_log_index;
+        let (last, term) = {
+            let metrics = raft.metrics().borrow().clone();
+            (metrics.last_log_index, metrics.current_term)
+        };
         raft.wait(Some(timeout))
             .metrics(
                 |m| super::matched_index(m, target) >= last,
@@ -228,7 +231,11 @@ pub(crate) async fn transfer_leadership(
             .ok_or_else(|| BrokerError::Internal(format!("node {target} has no address")))?;
         let request = peers.request(
             target,
-            weft_proto::internal::v1::ElectRequest { group_id },
+            weft_proto::internal::v1::ElectRequest {
+                group_id,
+                term,
+                leader_id: me,
+            },
             timeout,
         );
         let mut client =
