@@ -404,3 +404,25 @@ async fn a_subscription_ends_when_its_topic_is_deleted_and_created_again() {
     };
     assert_eq!(ended.code(), tonic::Code::NotFound, "{ended:?}");
 }
+
+/// A Subscribe stream whose first message never comes is ended after `request_timeout_ms`
+/// with DEADLINE_EXCEEDED. Before, the broker waited for it as long as the connection lived (a
+/// task held per such stream, and a clean shutdown held for its whole grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_first_message_never_comes_is_ended() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "request_timeout_ms = 500\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    let (_silent, rx) = tokio::sync::mpsc::channel::<weft_proto::v1::SubscribeRequest>(1);
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        SubscriberClient::new(channel).subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("answered, not left waiting");
+    let status = answer.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("start"), "{status:?}");
+}

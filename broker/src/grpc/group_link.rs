@@ -554,7 +554,7 @@ pub async fn serve_member(
     caller: &crate::auth::Identity,
     mut inbound: Streaming<GroupMemberRequest>,
 ) -> Result<ReceiverStream<Result<GroupMemberEvent, Status>>, BrokerError> {
-    let join = match inbound.message().await? {
+    let join = match crate::grpc::first_message(&node, &mut inbound, "join").await?? {
         Some(GroupMemberRequest {
             request: Some(MemberRequest::Join(join)),
         }) => join,

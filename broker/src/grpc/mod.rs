@@ -249,3 +249,24 @@ mod tests {
         assert_eq!(weft_proto::parse_grpc_timeout(""), None);
     }
 }
+
+/// The first message of a client stream, waited for at most `request_timeout_ms` (a client
+/// that opens a stream and sends nothing would hold its task until the connection died, and a
+/// clean shutdown for its whole grace period): DEADLINE_EXCEEDED past that, UNAVAILABLE when
+/// the broker stops meanwhile. `what` names the message expected.
+pub(crate) async fn first_message<T>(
+    node: &crate::node::Node,
+    inbound: &mut tonic::Streaming<T>,
+    what: &str,
+) -> Result<Result<Option<T>, tonic::Status>, crate::error::BrokerError> {
+    let limit = std::time::Duration::from_millis(node.config.request_timeout_ms);
+    tokio::select! {
+        first = tokio::time::timeout(limit, inbound.message()) => first.map_err(|_| {
+            crate::error::BrokerError::Timeout(format!(
+                "the stream's first message (`{what}`) did not come within {} ms",
+                limit.as_millis()
+            ))
+        }),
+        () = node.closing() => Err(node.closing_error()),
+    }
+}

@@ -505,9 +505,8 @@ impl Subscriber for SubscriberService {
         let identity = crate::auth::identity_of(&request);
         let mut inbound = request.into_inner();
         let result = async {
-            let first = inbound
-                .message()
-                .await
+            let first = crate::grpc::first_message(&self.node, &mut inbound, "start")
+                .await?
                 .map_err(|s| BrokerError::invalid("request", s.message().to_string()))?;
             let Some(SubscribeRequest {
                 request: Some(Inbound::Start(start)),
