@@ -231,25 +231,6 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(
-            weft_proto::parse_grpc_timeout("5S"),
-            Some(Duration::from_secs(5))
-        );
-        assert_eq!(
-            weft_proto::parse_grpc_timeout("250m"),
-            Some(Duration::from_millis(250))
-        );
-        assert_eq!(weft_proto::parse_grpc_timeout("x"), None);
-        assert_eq!(weft_proto::parse_grpc_timeout(""), None);
-    }
-}
-
 /// The first message of a client stream, waited for at most `request_timeout_ms` (a client
 /// that opens a stream and sends nothing would hold its task until the connection died, and a
 /// clean shutdown for its whole grace period): DEADLINE_EXCEEDED past that, UNAVAILABLE when
@@ -268,5 +249,24 @@ pub(crate) async fn first_message<T>(
             ))
         }),
         () = node.closing() => Err(node.closing_error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(
+            weft_proto::parse_grpc_timeout("5S"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            weft_proto::parse_grpc_timeout("250m"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(weft_proto::parse_grpc_timeout("x"), None);
+        assert_eq!(weft_proto::parse_grpc_timeout(""), None);
     }
 }
