@@ -1681,6 +1681,9 @@ impl Node {
             })
             .collect();
         self.registry.reconcile(wanted).await;
+        // The state as of now: a topic created and joined during the reconcile above is in it
+        // (a group of a topic missing from it leaves memory).
+        let state = self.controller.state();
         self.groups.topic_partitions(
             &state
                 .topics

@@ -424,8 +424,10 @@ impl Consumer {
             let _ = self.commit().await;
         }
         if why.reason() == "STALE_GENERATION" {
-            // Our membership expired: join as a new member.
+            // Our membership expired: join as a new member (commits until then come from
+            // outside membership: generation 0).
             self.member_id.clear();
+            self.generation = 0;
         }
         // A stream that ended right after it opened is not opened again at once: a broker
         // failing every stream (its partition opening, its coordinator taking over) would
@@ -738,6 +740,7 @@ impl Consumer {
             let _ = leave.await;
         }
         self.member_id.clear();
+        self.generation = 0;
         result
     }
 

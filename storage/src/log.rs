@@ -177,6 +177,8 @@ pub struct PartitionLog {
     report: RecoveryReport,
     /// Bumped by truncation and reset, so a sync begun before them cannot claim durability after.
     generation: u64,
+    /// Bumped by reset only: every segment there was is gone then.
+    resets: u64,
     /// Counts reads of sealed segments, for closing the least recently used files.
     reads: std::sync::atomic::AtomicU64,
     /// The most recent record batches, for reads without the log's lock.
@@ -251,6 +253,7 @@ pub struct RollTicket {
     index_files: segment::IndexFiles,
     next: LogPosition,
     generation: u64,
+    resets: u64,
     config: LogConfig,
 }
 
@@ -443,6 +446,7 @@ impl PartitionLog {
             poisoned: None,
             report,
             generation: 0,
+            resets: 0,
             reads: std::sync::atomic::AtomicU64::new(0),
             tail: TailCache::new(0, 0),
             damaged: Vec::new(),
@@ -678,6 +682,7 @@ impl PartitionLog {
             index_files: active.index_files(),
             next: self.end(),
             generation: self.generation,
+            resets: self.resets,
             config: self.config.clone(),
         }))
     }
@@ -689,7 +694,7 @@ impl PartitionLog {
     pub fn finish_roll(&mut self, ticket: RollTicket, outcome: Result<PreparedRoll>) -> Result<()> {
         let prepared = match outcome {
             Ok(prepared) => prepared,
-            Err(_) if ticket.generation != self.generation => {
+            Err(_) if ticket.resets != self.resets => {
                 // A reset replaced the log meanwhile (its failure may even come from the reset's
                 // own fresh segment, made at the very path the roll wanted): nothing the roll
                 // touched is part of the log now, and only index files it may have written for
@@ -1410,6 +1415,7 @@ impl PartitionLog {
     /// poisons the log until a reset succeeds.
     pub fn reset(&mut self, next: LogPosition) -> Result<()> {
         self.generation += 1;
+        self.resets += 1;
         self.tail.reset(next.next_offset);
         self.damaged.clear();
         let fresh = match self.reset_files(next) {

@@ -506,6 +506,33 @@ fn a_roll_that_fails_on_the_file_a_reset_made_leaves_the_reset_log_usable() {
     appends_survive_reopen(dir.path(), log, &mut rng);
 }
 
+/// A truncation (not a reset) while a roll runs keeps the segment the roll seals: a failed
+/// roll must still poison the log, as its fdatasync of that segment may have failed, and a
+/// retried sync would not report the error again. Before, any change of the log while the
+/// roll ran was taken for a reset and the failure dropped (found by helper-65's review).
+#[test]
+fn a_roll_that_fails_after_a_truncation_still_poisons_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
+    let mut rng = rng(88);
+    let roll = prepare_next_roll(&mut log, &mut rng);
+    // The roll's new segment cannot be made: a directory stands at its path.
+    let blocker = dir
+        .path()
+        .join(format!("{:020}.log", log.end().next_offset));
+    std::fs::create_dir(&blocker).expect("blocker");
+    let last = log.end().next_index - 1;
+    log.truncate_from_index(last)
+        .expect("truncate the last entry");
+    let outcome = roll.run();
+    assert!(outcome.is_err(), "the roll fails");
+    assert!(log.finish_roll(roll, outcome).is_err());
+    assert!(
+        log.is_poisoned(),
+        "the sealed segment's sync may have failed"
+    );
+}
+
 /// Two resets while a roll runs: the first replaces the roll's new segment with its own, the
 /// second deletes that one. Before, dropping the prepared segment then failed (its file was
 /// gone), and the failure reached the writer as an error of the reset log.

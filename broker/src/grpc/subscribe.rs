@@ -758,21 +758,27 @@ struct Bounds {
 /// Where a stream starts reading a partition: where the client says it resumes, else the
 /// group's committed offset, else the asked start position.
 ///
-/// A resumed or committed position is only raised to the log's start (retention may have
-/// removed it), never lowered to `bounds`' high watermark: that is the serving replica's,
-/// which may lag the leader the position was read from. Lowered, a group member re-read
-/// records committed already, and its next commit, behind the stored offset, was refused (a
-/// commit never goes backwards). A position past the high watermark waits for the replica.
+/// A group member's position (resumed or committed) is only raised to the log's start
+/// (retention may have removed it), never lowered to `bounds`' high watermark: that is the
+/// serving replica's, which may lag the leader the position was read from. Lowered, the member
+/// re-read records committed already, and its next commit, behind the stored offset, was
+/// refused (a commit never goes backwards). A position past the high watermark waits for the
+/// replica. Outside a group a resumed position is kept within the replica's range (nothing
+/// checked it: past the end it would skip records, a topic created again say; lowered, a few
+/// records come twice).
 fn start_position(
     resume: Option<u64>,
+    member: bool,
     committed: Option<u64>,
     start: Option<&Position>,
     bounds: Bounds,
 ) -> u64 {
-    if let Some(offset) = resume.or(committed) {
-        return offset.max(bounds.log_start);
-    }
     let clamp = |o: u64| o.clamp(bounds.log_start, bounds.high_watermark);
+    match (resume, committed) {
+        (Some(offset), _) if !member => return clamp(offset),
+        (Some(offset), _) | (None, Some(offset)) => return offset.max(bounds.log_start),
+        (None, None) => {}
+    }
     match start {
         Some(Position::Earliest(_)) => bounds.log_start,
         Some(Position::Offset(o)) => clamp(*o),
@@ -936,6 +942,7 @@ impl Session {
         };
         Ok(start_position(
             self.resume.get(&partition).copied(),
+            self.group.is_some(),
             committed,
             self.start.start.as_ref().and_then(|s| s.position.as_ref()),
             Bounds {
@@ -1565,26 +1572,40 @@ mod tests {
     /// backwards (found by helper-63's review).
     #[test]
     fn a_committed_position_past_a_lagging_replica_is_kept() {
-        assert_eq!(start_position(None, Some(1000), None, LAGGING), 1000);
-        assert_eq!(start_position(Some(950), Some(1000), None, LAGGING), 950);
+        assert_eq!(start_position(None, true, Some(1000), None, LAGGING), 1000);
+        assert_eq!(
+            start_position(Some(950), true, Some(1000), None, LAGGING),
+            950
+        );
+        assert_eq!(
+            start_position(Some(950), false, None, None, LAGGING),
+            900,
+            "outside a group, a resumed position stays within the replica's range"
+        );
     }
 
     /// Positions retention passed start at the log's start; asked positions stay in the range.
     #[test]
     fn positions_start_within_what_the_replica_holds() {
-        assert_eq!(start_position(None, Some(3), None, LAGGING), 10);
-        assert_eq!(start_position(Some(3), None, None, LAGGING), 10);
+        assert_eq!(start_position(None, true, Some(3), None, LAGGING), 10);
+        assert_eq!(start_position(Some(3), true, None, None, LAGGING), 10);
         let earliest = Position::Earliest(Earliest {});
-        assert_eq!(start_position(None, None, Some(&earliest), LAGGING), 10);
-        let latest = Position::Latest(Latest {});
-        assert_eq!(start_position(None, None, Some(&latest), LAGGING), 900);
-        assert_eq!(start_position(None, None, None, LAGGING), 900);
         assert_eq!(
-            start_position(None, None, Some(&Position::Offset(5000)), LAGGING),
+            start_position(None, true, None, Some(&earliest), LAGGING),
+            10
+        );
+        let latest = Position::Latest(Latest {});
+        assert_eq!(
+            start_position(None, true, None, Some(&latest), LAGGING),
+            900
+        );
+        assert_eq!(start_position(None, true, None, None, LAGGING), 900);
+        assert_eq!(
+            start_position(None, true, None, Some(&Position::Offset(5000)), LAGGING),
             900
         );
         assert_eq!(
-            start_position(None, None, Some(&Position::Offset(2)), LAGGING),
+            start_position(None, true, None, Some(&Position::Offset(2)), LAGGING),
             10
         );
         let at = Bounds {
@@ -1592,11 +1613,11 @@ mod tests {
             ..LAGGING
         };
         assert_eq!(
-            start_position(None, None, Some(&Position::TimestampMs(7)), at),
+            start_position(None, true, None, Some(&Position::TimestampMs(7)), at),
             42
         );
         assert_eq!(
-            start_position(None, None, Some(&Position::TimestampMs(7)), LAGGING),
+            start_position(None, true, None, Some(&Position::TimestampMs(7)), LAGGING),
             900
         );
     }

@@ -2198,26 +2198,6 @@ impl pb::raft_server::Raft for RaftService {
         // make the broker allocate without limit. Chunks follow each other, bounded in total.
         let id = rpc.meta.snapshot_id.clone();
         let end = rpc.offset.saturating_add(rpc.data.len() as u64);
-        let received = self
-            .peers
-            .inner
-            .snapshot_received
-            .lock()
-            .ok()
-            .and_then(|r| r.get(&group_id).cloned());
-        let continues = rpc.offset == 0
-            || received
-                .as_ref()
-                .is_some_and(|(at, bytes)| *at == id && rpc.offset <= *bytes);
-        if !continues {
-            return Err(Status::invalid_argument(format!(
-                "snapshot {id:?} chunk at offset {} does not follow the {} bytes received",
-                rpc.offset,
-                received
-                    .filter(|(at, _)| *at == id)
-                    .map_or(0, |(_, bytes)| bytes)
-            )));
-        }
         if end > SNAPSHOT_RECEIVED_BYTES_MAX {
             return Err(Status::invalid_argument(format!(
                 "snapshot {id:?} would exceed {SNAPSHOT_RECEIVED_BYTES_MAX} bytes (chunk ending at {end})"
@@ -2226,15 +2206,36 @@ impl pb::raft_server::Raft for RaftService {
         // Counted before openraft takes the chunk (a call cancelled while it writes must not
         // leave the count behind what was written), when openraft will take it: its vote is
         // not below this node's (openraft's own test). A vote that rises meanwhile at most lets
-        // one chunk more through, and the total stays bounded.
+        // one chunk more through, and the total stays bounded. Checked and counted under one
+        // lock: two chunks at once (of two snapshots) see each other's count.
         let current = raft.metrics().borrow().vote;
         let taken = rpc.vote >= current;
-        if taken && let Ok(mut received) = self.peers.inner.snapshot_received.lock() {
+        {
+            let mut received = self
+                .peers
+                .inner
+                .snapshot_received
+                .lock()
+                .map_err(|_| Status::internal("snapshot counts lock poisoned"))?;
             let bytes = received
                 .get(&group_id)
-                .filter(|(at, _)| *at == id && rpc.offset > 0)
-                .map_or(0, |(_, bytes)| *bytes);
-            received.insert(group_id, (id, bytes.max(end)));
+                .filter(|(at, _)| *at == id)
+                .map(|(_, bytes)| *bytes);
+            if rpc.offset > 0 && bytes.is_none_or(|bytes| rpc.offset > bytes) {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot {id:?} chunk at offset {} does not follow the {} bytes received",
+                    rpc.offset,
+                    bytes.unwrap_or(0)
+                )));
+            }
+            if taken {
+                let bytes = if rpc.offset == 0 {
+                    0
+                } else {
+                    bytes.unwrap_or(0)
+                };
+                received.insert(group_id, (id, bytes.max(end)));
+            }
         }
         // A leader sending a snapshot is heard from, like one sending entries; a deposed one
         // (its chunks refused) is not, nor is it a source to fill the log from.
