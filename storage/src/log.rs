@@ -705,12 +705,7 @@ impl PartitionLog {
                     .dir
                     .join(segment::data_file_name(ticket.next.next_offset));
                 if !self.segments.iter().any(|s| s.path == made) {
-                    match fs::remove_file(&made) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(e).io("delete segment", &made);
-                        }
-                        _ => {}
-                    }
+                    segment::remove_files_of(&made)?;
                 }
                 return segment::sync_dir(&self.dir, &self.config);
             }

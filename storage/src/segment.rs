@@ -1270,13 +1270,7 @@ impl Segment {
     /// Removes the segment's files, those already gone included (a step retried after a
     /// failure part-way).
     pub(crate) fn remove_files(&self) -> Result<()> {
-        self.remove_index_files()?;
-        match fs::remove_file(&self.path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).io("delete segment", &self.path)
-            }
-            _ => Ok(()),
-        }
+        remove_files_of(&self.path)
     }
 }
 
@@ -1439,6 +1433,17 @@ pub(crate) fn remove_index_files_of(data_path: &Path) -> Result<bool> {
         }
     }
     Ok(removed)
+}
+
+/// Removes a segment's data file and its index files, those already gone included.
+pub(crate) fn remove_files_of(data_path: &Path) -> Result<()> {
+    remove_index_files_of(data_path)?;
+    match fs::remove_file(data_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).io("delete segment", data_path)
+        }
+        _ => Ok(()),
+    }
 }
 
 pub(crate) fn sync_dir(dir: &Path, config: &LogConfig) -> Result<()> {

@@ -416,35 +416,13 @@ fn a_roll_dropped_after_a_reset_to_its_position_keeps_the_resets_segment() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
     let mut rng = rng(85);
-    let roll = loop {
-        let end = log.end();
-        let batch = make_batch(&mut rng, 3, 200, end.next_offset, 1, end.next_index);
-        if let Some(roll) = log
-            .prepare_roll(std::slice::from_ref(&batch))
-            .expect("prepare")
-        {
-            break roll;
-        }
-        log.append(&batch).expect("append");
-    };
+    let roll = prepare_next_roll(&mut log, &mut rng);
     let outcome = roll.run();
     let at = log.end();
     log.reset(at).expect("reset to the end");
     log.finish_roll(roll, outcome)
         .expect("finish after a reset");
-    let appended: Vec<_> = (0..5)
-        .map(|_| append_random(&mut log, &mut rng, 100).bytes)
-        .collect();
-    log.flush().expect("flush");
-    drop(log);
-    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen");
-    assert!(log.recovery_report().corruptions.is_empty());
-    let got: Vec<_> = read_all_entries(&log)
-        .expect("read")
-        .iter()
-        .map(|b| b.bytes().clone())
-        .collect();
-    assert_eq!(got, appended, "what was appended after the reset survives");
+    appends_survive_reopen(dir.path(), log, &mut rng);
 }
 
 /// Runs appends until the next one would roll; the roll's ticket.
