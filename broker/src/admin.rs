@@ -676,7 +676,6 @@ async fn update_topic(
     body: Result<Json<UpdateTopicBody>, JsonRejection>,
 ) -> Result<Json<TopicView>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
-    let current = node.topic_named("name", &name)?;
     let mut paths = Vec::new();
     let mut mark = |present: bool, path: &str| {
         if present {
@@ -703,8 +702,9 @@ async fn update_topic(
         fsync_interval_ms: body.fsync_interval_ms,
         segment_bytes: body.segment_bytes,
     };
-    let config = apply_mask(&node, &current.config, &update, &paths)?;
-    let topic = node.update_topic(&name, config).await?;
+    let topic = node
+        .update_topic(&name, |current| apply_mask(&node, current, &update, &paths))
+        .await?;
     Ok(Json(topic_view(&node, &topic)))
 }
 

@@ -1388,6 +1388,9 @@ impl Node {
             ControllerResponse::AlreadyExists(name) => Err(BrokerError::TopicExists(name)),
             ControllerResponse::NotFound(name) => Err(BrokerError::TopicNotFound(name)),
             ControllerResponse::Invalid(reason) => Err(BrokerError::invalid("config", reason)),
+            ControllerResponse::Changed(name) => Err(BrokerError::Conflict(format!(
+                "topic {name:?} changed while this change was made: try again"
+            ))),
             ControllerResponse::Deleted { .. }
             | ControllerResponse::Registered
             | ControllerResponse::CoordinatorEpoch(_)
@@ -1451,42 +1454,62 @@ impl Node {
         Ok(topic)
     }
 
-    /// Changes a topic's configuration.
+    /// Changes a topic's configuration to what `change` makes of the current one. The change is
+    /// committed only over the topic it was made from: when another change came between (from
+    /// this broker or another), it is made again from the topic as it now is.
     pub async fn update_topic(
         &self,
         name: &str,
-        config: TopicConfig,
+        change: impl Fn(&TopicConfig) -> Result<TopicConfig, BrokerError>,
     ) -> Result<TopicMeta, BrokerError> {
-        let current = self.topic_named("name", name)?;
-        let violations = self.topic_config_violations(&config, Some(&current.config));
-        if !violations.is_empty() {
-            return Err(BrokerError::InvalidArgument(violations));
+        const ATTEMPTS: usize = 16;
+        for _ in 0..ATTEMPTS {
+            // What the controller has committed so far, so the change is made from it.
+            self.sync_controller().await?;
+            let current = self.topic_named("name", name)?;
+            let config = change(&current.config)?;
+            let violations = self.topic_config_violations(&config, Some(&current.config));
+            if !violations.is_empty() {
+                return Err(BrokerError::InvalidArgument(violations));
+            }
+            if config.replication_factor != current.config.replication_factor {
+                return Err(BrokerError::invalid(
+                    "config.replication_factor",
+                    "cannot be changed",
+                ));
+            }
+            if config.partitions < current.config.partitions {
+                return Err(BrokerError::invalid("config.partitions", "can only grow"));
+            }
+            let (new_replicas, as_proposed) = self
+                .place(
+                    current.config.partitions,
+                    config.partitions,
+                    config.replication_factor,
+                )
+                .await;
+            let command = ControllerCommand::UpdateTopic {
+                name: name.into(),
+                config,
+                new_replicas,
+                as_proposed,
+                base: Some(crate::raft::TopicBase {
+                    topic_id: current.topic_id.clone(),
+                    config: current.config.clone(),
+                }),
+            };
+            match self.propose(command).await? {
+                ControllerResponse::Changed(_) => continue,
+                response => {
+                    let topic = Self::controller_result(response)?;
+                    self.wait_for_partitions(&topic).await?;
+                    return Ok(topic);
+                }
+            }
         }
-        if config.replication_factor != current.config.replication_factor {
-            return Err(BrokerError::invalid(
-                "config.replication_factor",
-                "cannot be changed",
-            ));
-        }
-        if config.partitions < current.config.partitions {
-            return Err(BrokerError::invalid("config.partitions", "can only grow"));
-        }
-        let (new_replicas, as_proposed) = self
-            .place(
-                current.config.partitions,
-                config.partitions,
-                config.replication_factor,
-            )
-            .await;
-        let command = ControllerCommand::UpdateTopic {
-            name: name.into(),
-            config,
-            new_replicas,
-            as_proposed,
-        };
-        let topic = Self::controller_result(self.propose(command).await?)?;
-        self.wait_for_partitions(&topic).await?;
-        Ok(topic)
+        Err(BrokerError::Conflict(format!(
+            "topic {name:?} changed {ATTEMPTS} times while this change was made: try again"
+        )))
     }
 
     /// Deletes a topic and its data.

@@ -297,3 +297,85 @@ fn the_record_limit_stays_within_the_grpc_limit_and_other_changes_keep_it() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("grpc_message_bytes_max"), "{body}");
 }
+
+/// Changes of six different fields of `topic`, made at once through the admin APIs at `admins`
+/// (in turn), three rounds over: every change stands (each is applied only over the topic it
+/// was made from; before, the later of two changes made at once put back what the earlier one
+/// had changed).
+fn changes_made_at_once_all_stand(admins: &[&str], topic: &str) {
+    let path = format!("/v1/topics/{topic}");
+    for round in 1..=3u64 {
+        let changes = [
+            ("retention_ms", 3_600_000 * round, None),
+            ("retention_bytes", (1 << 30) * round, None),
+            ("partitions", 1 + round, None),
+            ("max_message_bytes", 100_000 * round, None),
+            ("segment_bytes", (64 << 20) * round, None),
+            ("fsync_interval_ms", 10 * round, Some("interval")),
+        ];
+        let barrier = std::sync::Barrier::new(changes.len());
+        std::thread::scope(|s| {
+            for (i, (field, value, policy)) in changes.iter().enumerate() {
+                let (barrier, path) = (&barrier, &path);
+                let admin = admins[i % admins.len()];
+                s.spawn(move || {
+                    let body = match policy {
+                        Some(p) => format!(r#"{{"fsync_policy":"{p}","{field}":{value}}}"#),
+                        None => format!(r#"{{"{field}":{value}}}"#),
+                    };
+                    barrier.wait();
+                    let (status, answer) = weft_tests::http(admin, "PATCH", path, Some(&body));
+                    assert_eq!(status, 200, "{body}: {answer}");
+                });
+            }
+        });
+        for admin in admins {
+            // Every broker applies the controller's log (the one asked at once, the others soon).
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let view = loop {
+                let (status, body) = weft_tests::http(admin, "GET", &path, None);
+                assert_eq!(status, 200, "{body}");
+                let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+                let missing: Vec<&str> = changes
+                    .iter()
+                    .filter(|(field, value, _)| view[*field] != *value)
+                    .map(|(field, _, _)| *field)
+                    .collect();
+                if missing.is_empty() {
+                    break view;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: changes lost on {admin}: {missing:?} in {view}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert_eq!(view["fsync_policy"], "interval", "round {round}: {view}");
+        }
+    }
+}
+
+#[test]
+fn changes_of_different_fields_made_at_once_all_stand() {
+    let broker = Broker::start();
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"many","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    changes_made_at_once_all_stand(&[&broker.admin_addr], "many");
+}
+
+#[test]
+fn changes_made_at_once_through_three_brokers_all_stand() {
+    let brokers = weft_tests::start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"many","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let admins: Vec<&str> = brokers.iter().map(|b| b.admin_addr.as_str()).collect();
+    changes_made_at_once_all_stand(&admins, "many");
+}

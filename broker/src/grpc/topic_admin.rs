@@ -283,11 +283,14 @@ impl TopicAdmin for TopicAdminService {
         let result = async {
             self.node
                 .authorize(&identity, Operation::Alter, Resource::Topic(&request.name))?;
-            let current = self.node.topic_named("name", &request.name)?;
             let update = request.config.unwrap_or_default();
             let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
-            let config = apply_mask(&self.node, &current.config, &update, &paths)?;
-            let topic = self.node.update_topic(&request.name, config).await?;
+            let topic = self
+                .node
+                .update_topic(&request.name, |current| {
+                    apply_mask(&self.node, current, &update, &paths)
+                })
+                .await?;
             Ok(topic_to_proto(&self.node, &topic))
         }
         .await;

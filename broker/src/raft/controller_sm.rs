@@ -57,6 +57,15 @@ pub struct TopicMeta {
     pub partitions: Vec<PartitionMeta>,
 }
 
+/// The topic a change was made from: its id and its configuration then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicBase {
+    /// The topic's id.
+    pub topic_id: String,
+    /// Its configuration.
+    pub config: TopicConfig,
+}
+
 /// A change to cluster metadata.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerCommand {
@@ -89,6 +98,12 @@ pub enum ControllerCommand {
         /// ([`PLACEMENT_LEVEL`]).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         as_proposed: bool,
+        /// The topic the change was made from ([`UPDATE_BASE_LEVEL`]): when applied, a topic
+        /// that is no longer this one (changed, or deleted and created again) is left as it is
+        /// and the proposer is told ([`ControllerResponse::Changed`]), so a change never undoes
+        /// another that came between its read and its commit.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base: Option<TopicBase>,
     },
     /// Delete a topic.
     DeleteTopic {
@@ -229,7 +244,13 @@ pub struct BrokerMeta {
 /// - 4: a new partition's replicas placed as proposed (`CreateTopic.as_proposed`,
 ///   `UpdateTopic.as_proposed`: the proposer leaves out brokers that are down or draining; an
 ///   older broker places them by rotation over every registered broker).
-pub const FEATURE_LEVEL: u32 = 4;
+/// - 5: a topic's change applied only to the topic it was made from (`UpdateTopic.base`: an
+///   older broker applies it over whatever came between).
+pub const FEATURE_LEVEL: u32 = 5;
+
+/// The feature level that applies a topic's change only to the topic it was made from (see
+/// [`FEATURE_LEVEL`]).
+pub const UPDATE_BASE_LEVEL: u32 = 5;
 
 /// The feature level that places a new partition's replicas as the proposer chose them (see
 /// [`FEATURE_LEVEL`]).
@@ -270,6 +291,8 @@ pub enum ControllerResponse {
     NotFound(String),
     /// The change is not allowed.
     Invalid(String),
+    /// The topic changed after the proposer read it (`UpdateTopic.base`): nothing was applied.
+    Changed(String),
     /// A broker was registered.
     Registered,
     /// Group offsets were stored.
@@ -443,10 +466,20 @@ impl ControllerState {
                 config,
                 new_replicas,
                 as_proposed,
+                base,
             } => {
                 let Some(current) = self.topics.get(name).map(|t| TopicMeta::clone(t)) else {
                     return ControllerResponse::NotFound(name.clone());
                 };
+                if let Some(base) = base
+                    && self.behind(UPDATE_BASE_LEVEL).is_none()
+                {
+                    // An older build would apply the change whatever the topic is now.
+                    self.features_in_use = self.features_in_use.max(UPDATE_BASE_LEVEL);
+                    if base.topic_id != current.topic_id || base.config != current.config {
+                        return ControllerResponse::Changed(name.clone());
+                    }
+                }
                 if config.partitions < current.config.partitions {
                     return ControllerResponse::Invalid(format!(
                         "partitions can only grow ({} -> {})",
@@ -1492,6 +1525,7 @@ mod tests {
             },
             new_replicas: vec![vec![1]],
             as_proposed: false,
+            base: None,
         };
         match state.apply(&grown) {
             ControllerResponse::Topic(t) => {
@@ -1508,6 +1542,7 @@ mod tests {
             },
             new_replicas: vec![],
             as_proposed: false,
+            base: None,
         };
         assert!(matches!(
             state.apply(&shrunk),
@@ -1598,6 +1633,85 @@ mod tests {
         assert_eq!(decoded.features_in_use, 1);
         let bytes = super::encode(&decoded).expect("encode");
         assert_eq!(super::decode(&bytes).expect("decode").features_in_use, 1);
+    }
+
+    /// A change of `name`'s retention (and nothing else) made from `base`.
+    fn retention_change(name: &str, base: &TopicMeta, retention_ms: u64) -> ControllerCommand {
+        ControllerCommand::UpdateTopic {
+            name: name.into(),
+            config: TopicConfig {
+                retention_ms: Some(retention_ms),
+                ..base.config.clone()
+            },
+            new_replicas: vec![],
+            as_proposed: false,
+            base: Some(TopicBase {
+                topic_id: base.topic_id.clone(),
+                config: base.config.clone(),
+            }),
+        }
+    }
+
+    /// Two changes made from the same topic: the second is refused as made from a topic that
+    /// has changed (it would put the first one's fields back); so is one made from a topic of
+    /// the same name that was deleted and created again. While a broker below the level runs,
+    /// the change applies as an older build applies it.
+    #[test]
+    fn a_topic_change_applies_only_over_the_topic_it_was_made_from() {
+        let mut state = ControllerState::default();
+        register(&mut state, 1);
+        let ControllerResponse::Topic(base) = state.apply(&create("a", 1)) else {
+            panic!("created")
+        };
+        let ControllerResponse::Topic(first) = state.apply(&retention_change("a", &base, 1000))
+        else {
+            panic!("the first change applies")
+        };
+        assert_eq!(first.config.retention_ms, Some(1000));
+        assert_eq!(state.features_in_use, UPDATE_BASE_LEVEL);
+        assert_eq!(
+            state.apply(&retention_change("a", &base, 2000)),
+            ControllerResponse::Changed("a".into())
+        );
+        assert_eq!(
+            state.topics["a"].config.retention_ms,
+            Some(1000),
+            "unchanged"
+        );
+        // Made again from the topic as it now is: applied.
+        let ControllerResponse::Topic(second) = state.apply(&retention_change("a", &first, 2000))
+        else {
+            panic!("the change made again applies")
+        };
+        assert_eq!(second.config.retention_ms, Some(2000));
+        // A topic of that name created again.
+        state.apply(&ControllerCommand::DeleteTopic { name: "a".into() });
+        let mut again = create("a", 1);
+        if let ControllerCommand::CreateTopic { topic_id, .. } = &mut again {
+            *topic_id = "id-a-again".into();
+        }
+        let ControllerResponse::Topic(recreated) = state.apply(&again) else {
+            panic!("created again")
+        };
+        let mut stale = second.clone();
+        stale.config = recreated.config.clone();
+        assert_eq!(
+            state.apply(&retention_change("a", &stale, 3000)),
+            ControllerResponse::Changed("a".into())
+        );
+        // A broker of level 4 in the cluster: applied whatever the topic is now.
+        let mut older = ControllerState::default();
+        register(&mut older, 1);
+        register_at(&mut older, 2, UPDATE_BASE_LEVEL - 1);
+        let ControllerResponse::Topic(base) = older.apply(&create("a", 1)) else {
+            panic!("created")
+        };
+        older.apply(&retention_change("a", &base, 1000));
+        let ControllerResponse::Topic(t) = older.apply(&retention_change("a", &base, 2000)) else {
+            panic!("applied as a level-4 build applies it")
+        };
+        assert_eq!(t.config.retention_ms, Some(2000));
+        assert!(older.features_in_use < UPDATE_BASE_LEVEL);
     }
 
     fn register(state: &mut ControllerState, node: NodeId) {

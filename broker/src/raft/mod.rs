@@ -40,7 +40,7 @@ pub use controller_group::{ControllerGroup, ControllerService, controller_raft_c
 pub use controller_sm::{
     BrokerMeta, CLUSTER_ID_LEVEL, ControllerCommand, ControllerResponse, ControllerState,
     ControllerStateMachine, FEATURE_LEVEL, GroupOffsets, LAST_BROKER_CHECK_LEVEL, PLACEMENT_LEVEL,
-    PartitionMeta, PlannedMove, TopicMeta, feature_level,
+    PartitionMeta, PlannedMove, TopicBase, TopicMeta, UPDATE_BASE_LEVEL, feature_level,
 };
 pub use flusher::{Flusher, SyncMode};
 pub use log_store::{LogReader, LogStore};
