@@ -13,9 +13,12 @@
 //! [`ENTRY_BYTES_MAX`]. One fdatasync then covers all of them, whatever their producers: each
 //! batch keeps its own producer id, epoch and sequence inside the entry.
 //!
-//! **Bounds.** The actor stops taking publishes from its queue while the next entry is full and
-//! entries are in flight; the queue then fills and publishes are refused with RESOURCE_EXHAUSTED
-//! and a retry hint. Memory stays bounded during an fsync stall.
+//! **Bounds.** The actor stops taking publishes from its queue while the next entry (with the
+//! batches deferred until the producer table is reloaded) is full and entries are in flight;
+//! the queue then fills and publishes are refused with RESOURCE_EXHAUSTED and a retry hint. An
+//! entry proposed holds at most [`ENTRY_BYTES_MAX`] (or one larger batch alone), and the batches
+//! parked ahead of their producers' sequences at most [`PARKED_BYTES_MAX`]. Memory stays bounded
+//! during an fsync stall.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -123,6 +126,8 @@ pub const ENTRY_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const REORDER_WAIT: Duration = Duration::from_millis(500);
 /// Most batches waiting for their predecessors, over all producers of a partition.
 const PARKED_MAX: usize = 4096;
+/// Most bytes of batches waiting for their predecessors, over all producers of a partition.
+pub const PARKED_BYTES_MAX: usize = 4 * ENTRY_BYTES_MAX;
 /// How long the actor waits for its group to confirm the leadership before loading the
 /// producer table.
 const LEADERSHIP_CHECK_WAIT: Duration = Duration::from_secs(3);
@@ -210,6 +215,8 @@ struct Sequencer<G> {
     /// Idempotent batches waiting for the entries in flight to settle before the producer table
     /// is reloaded (see [`Sequencer::take`]).
     deferred: Vec<PublishJob>,
+    /// Their bytes (with the next entry's, they bound what the actor takes from its queue).
+    deferred_bytes: usize,
 }
 
 fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
@@ -267,6 +274,7 @@ impl<G: Proposer> Sequencer<G> {
             // batches, and a retry of one (its client timed out meanwhile) would be stored
             // twice (seen by the fault-injection harness under network partitions).
             if self.deferred.len() < PARKED_MAX {
+                self.deferred_bytes += job.batch.len();
                 self.deferred.push(job);
             } else {
                 answer(
@@ -317,8 +325,13 @@ impl<G: Proposer> Sequencer<G> {
             }
         }
         let key = (h.producer_id, h.base_sequence);
-        let parked_here = self.parked_of(h.producer_id);
-        let parked_total = self.parked.len();
+        // A retry of a batch parked already takes its place, whatever the bounds (refused, it
+        // would be answered as surely not stored while its first attempt stays parked).
+        let parked_again = self.parked.contains_key(&key);
+        let room_to_park = parked_again
+            || (self.parked_of(h.producer_id) < PRODUCER_BATCHES_KEPT
+                && self.parked.len() < PARKED_MAX
+                && self.parked_bytes() + job.batch.len() <= PARKED_BYTES_MAX);
         let table = self.producers.get_or_insert_with(BTreeMap::new);
         self.accepted += 1;
         self.clock_ms = self.clock_ms.max(h.max_timestamp_ms);
@@ -362,8 +375,7 @@ impl<G: Proposer> Sequencer<G> {
             SequenceCheck::Gap { expected }
                 if h.producer_epoch == state.epoch
                     && h.base_sequence > expected
-                    && parked_here < PRODUCER_BATCHES_KEPT
-                    && parked_total < PARKED_MAX =>
+                    && room_to_park =>
             {
                 // Ahead of its producer: the batches before it are likely on their way. A retry
                 // of a batch parked already takes its place (its first attempt is answered) and
@@ -459,6 +471,15 @@ impl<G: Proposer> Sequencer<G> {
             .count()
     }
 
+    fn parked_bytes(&self) -> usize {
+        self.parked.values().map(|p| p.job.batch.len()).sum()
+    }
+
+    /// Bytes held for the next entries: the next entry's and the deferred batches'.
+    fn held_bytes(&self) -> usize {
+        self.next_entry_bytes + self.deferred_bytes
+    }
+
     fn add(
         &mut self,
         bytes: Bytes,
@@ -467,6 +488,7 @@ impl<G: Proposer> Sequencer<G> {
         waiters: Waiters,
     ) {
         self.next_entry_bytes += bytes.len();
+        self.next_entry_since.get_or_insert_with(Instant::now);
         self.next_entry.push(Accepted {
             bytes,
             record_count,
@@ -570,6 +592,7 @@ pub async fn run<G: Proposer>(
         accepted: 0,
         in_flight: 0,
         deferred: Vec::new(),
+        deferred_bytes: 0,
     };
     let mut in_flight = FuturesUnordered::new();
     let mut open = true;
@@ -578,6 +601,7 @@ pub async fn run<G: Proposer>(
         if in_flight.is_empty() && !seq.deferred.is_empty() {
             // Everything proposed has settled: the table can be reloaded for the batches that
             // waited for it.
+            seq.deferred_bytes = 0;
             for job in std::mem::take(&mut seq.deferred) {
                 seq.take(job).await;
             }
@@ -596,11 +620,26 @@ pub async fn run<G: Proposer>(
             && in_flight.len() < ENTRIES_IN_FLIGHT_MAX
             && seq.deferred.is_empty()
         {
-            let accepted = std::mem::take(&mut seq.next_entry);
-            seq.next_entry_bytes = 0;
+            // At most ENTRY_BYTES_MAX (a larger batch alone): the rest, if any (batches that
+            // waited for a reloaded table, or for a predecessor), goes into the next entry.
+            let mut take = 0;
+            let mut bytes_taken = 0;
+            for a in &seq.next_entry {
+                if take > 0 && bytes_taken + a.bytes.len() > ENTRY_BYTES_MAX {
+                    break;
+                }
+                take += 1;
+                bytes_taken += a.bytes.len();
+            }
+            let rest = seq.next_entry.split_off(take);
+            let accepted = std::mem::replace(&mut seq.next_entry, rest);
+            seq.next_entry_bytes -= bytes_taken;
             if let Some(since) = seq.next_entry_since.take() {
                 metrics::histogram!("weft_publish_coalesce_seconds")
                     .record(since.elapsed().as_secs_f64());
+            }
+            if !seq.next_entry.is_empty() {
+                seq.next_entry_since = Some(Instant::now());
             }
             metrics::histogram!("weft_entry_batches").record(accepted.len() as f64);
             let proposed_at = Instant::now();
@@ -626,14 +665,14 @@ pub async fn run<G: Proposer>(
             }
             continue;
         }
-        let room = seq.next_entry_bytes < ENTRY_BYTES_MAX;
+        let room = seq.held_bytes() < ENTRY_BYTES_MAX;
         let parked_due = seq.parked.values().map(|p| p.until).min();
         tokio::select! {
             job = jobs.recv(), if open && room => match job {
                 Some(job) => {
                     seq.take(job).await;
                     // Take what else is queued, up to the entry's size, before proposing.
-                    while seq.next_entry_bytes < ENTRY_BYTES_MAX {
+                    while seq.held_bytes() < ENTRY_BYTES_MAX {
                         match jobs.try_recv() {
                             Ok(job) => seq.take(job).await,
                             Err(_) => break,
@@ -673,6 +712,8 @@ mod tests {
         applied: Arc<Mutex<BTreeMap<u64, ProducerState>>>,
         /// Set: the applied producer table misses damaged entries' batches.
         incomplete: Arc<std::sync::atomic::AtomicBool>,
+        /// The bytes of each entry proposed, in order.
+        proposed_bytes: Arc<Mutex<Vec<usize>>>,
     }
 
     impl HeldLog {
@@ -685,6 +726,7 @@ mod tests {
                 term: Arc::default(),
                 applied: Arc::default(),
                 incomplete: Arc::default(),
+                proposed_bytes: Arc::default(),
             }
         }
     }
@@ -721,6 +763,10 @@ mod tests {
                 .iter()
                 .map(|b| u64::from(Batch::header_of(b).expect("a sealed batch").record_count))
                 .sum();
+            self.proposed_bytes
+                .lock()
+                .expect("lock")
+                .push(batches.iter().map(Bytes::len).sum());
             let base = {
                 let mut next = self.next_offset.lock().expect("lock");
                 let base = *next;
@@ -1225,6 +1271,193 @@ mod tests {
             .expect("answered")
             .expect("answered")
             .expect("the next sequence follows, no gap");
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// Batches deferred while the producer table is reloaded (a leader cut off for a moment,
+    /// entries in flight) count against what the actor takes from its queue, and go into
+    /// entries of at most ENTRY_BYTES_MAX. Before, the actor took up to 4,096 of them whatever
+    /// their size (the queue never filled, nothing was refused), and proposed them all as one
+    /// entry: 10 MiB and more, past what one peer message carries.
+    #[tokio::test]
+    async fn batches_deferred_for_a_reload_are_bounded_and_go_into_bounded_entries() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let cut_off = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let applied: Arc<Mutex<BTreeMap<u64, ProducerState>>> = Arc::default();
+        let log = HeldLog {
+            cut_off: cut_off.clone(),
+            applied: applied.clone(),
+            ..HeldLog::at(0, proposals_tx)
+        };
+        let proposed_bytes = log.proposed_bytes.clone();
+        let (jobs, actor) = spawn_actor(log);
+        // Two entries in flight.
+        let one = publish(&jobs, idempotent_of(1, 0, 0, b"a")).await;
+        let release_one = next_proposal(&mut proposals).await;
+        let two = publish(&jobs, idempotent_of(2, 0, 0, b"b")).await;
+        let release_two = next_proposal(&mut proposals).await;
+        // The leader loses its quorum for a moment: the table is dropped.
+        cut_off.store(true, std::sync::atomic::Ordering::Relaxed);
+        let refused = publish(&jobs, idempotent_of(3, 0, 0, b"c")).await;
+        assert!(matches!(
+            refused.await.expect("answered"),
+            Err(BrokerError::Unavailable { .. })
+        ));
+        cut_off.store(false, std::sync::atomic::Ordering::Relaxed);
+        // 256 KiB batches of new producers, queued until the queue refuses one.
+        let value = vec![b'v'; 256 * 1024];
+        let mut answers = Vec::new();
+        for producer in 100..300 {
+            let (reply, answer) = oneshot::channel();
+            let job = PublishJob {
+                batch: idempotent_of(producer, 0, 0, &value),
+                reply,
+                queued: Instant::now(),
+            };
+            match jobs.try_send(job) {
+                Ok(()) => answers.push(answer),
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    // Once more after the actor had time to take what it takes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    match jobs.try_send(job) {
+                        Ok(()) => answers.push(answer),
+                        Err(_) => break,
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // The queue (16) and what fills one entry (16 of 256 KiB), with one to spare.
+        assert!(
+            answers.len() <= 16 + ENTRY_BYTES_MAX / value.len() + 1,
+            "{} batches of 256 KiB taken while the table waits for a reload",
+            answers.len()
+        );
+        // The entries in flight settle: the deferred batches are stored, in bounded entries.
+        for producer in [1, 2] {
+            applied
+                .lock()
+                .expect("lock")
+                .entry(producer)
+                .or_default()
+                .record(
+                    0,
+                    ProducerBatch {
+                        base_sequence: 0,
+                        record_count: 1,
+                        base_offset: producer - 1,
+                    },
+                );
+        }
+        release_one.send(()).expect("release");
+        release_two.send(()).expect("release");
+        one.await.expect("answered").expect("stored");
+        two.await.expect("answered").expect("stored");
+        let stored = answers.len();
+        let mut answers = futures::future::join_all(answers);
+        let results = loop {
+            tokio::select! {
+                results = &mut answers => break results,
+                release = proposals.recv() => {
+                    release.expect("proposal").send(()).expect("release");
+                }
+            }
+        };
+        assert_eq!(results.len(), stored);
+        for result in results {
+            result.expect("answered").expect("stored");
+        }
+        let sizes = proposed_bytes.lock().expect("lock").clone();
+        assert!(
+            sizes.iter().all(|&b| b <= ENTRY_BYTES_MAX),
+            "entries of {sizes:?} bytes, more than {ENTRY_BYTES_MAX}"
+        );
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// A retry of a parked batch takes its place even when its producer has as many batches
+    /// parked as are kept. Before, the retry was refused as a sequence gap (which a client
+    /// takes as surely not stored) while the first attempt stayed parked, to be stored later.
+    #[tokio::test]
+    async fn a_retry_of_a_parked_batch_takes_its_place_at_the_limit() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let (jobs, actor) = spawn_actor(HeldLog::at(0, proposals_tx));
+        let first = publish(&jobs, idempotent(0, 0, b"a")).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        first.await.expect("answered").expect("stored");
+        // Sequences 2 ..= 6 arrive before 1: as many parked as a producer may have.
+        let mut parked = Vec::new();
+        for sequence in 2..2 + PRODUCER_BATCHES_KEPT as u64 {
+            parked.push(publish(&jobs, idempotent(0, sequence, b"p")).await);
+        }
+        let again = publish(&jobs, idempotent(0, 2, b"p")).await;
+        match tokio::time::timeout(Duration::from_secs(1), parked.remove(0)).await {
+            Ok(Ok(Err(BrokerError::Unavailable { .. }))) => {}
+            other => panic!("the first attempt of a batch parked again is answered: {other:?}"),
+        }
+        // Sequence 1 comes: 1 ..= 6 are stored, each once, the retry of 2 in its place.
+        let one = publish(&jobs, idempotent(0, 1, b"o")).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        let one = one.await.expect("answered").expect("stored");
+        let again = again.await.expect("answered").expect("stored");
+        assert_eq!((one.base_offset, again.base_offset), (1, 2));
+        for (k, answer) in parked.into_iter().enumerate() {
+            let stored = answer.await.expect("answered").expect("stored");
+            assert_eq!(stored.base_offset, 3 + k as u64);
+        }
+        assert!(
+            proposals.try_recv().is_err(),
+            "one entry, nothing stored twice"
+        );
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// Batches parked ahead of their producers' sequences hold at most PARKED_BYTES_MAX: past
+    /// it, a batch is refused as a gap at once. Before, 4,096 batches of any size could wait.
+    #[tokio::test]
+    async fn parked_batches_are_bounded_in_bytes() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let (jobs, actor) = spawn_actor(HeldLog::at(0, proposals_tx));
+        let fits = PARKED_BYTES_MAX / (1024 * 1024);
+        // Producers 1 ..= fits + 1 store sequence 0.
+        for producer in 1..=fits as u64 + 1 {
+            let stored = publish(&jobs, idempotent_of(producer, 0, 0, b"a")).await;
+            next_proposal(&mut proposals)
+                .await
+                .send(())
+                .expect("release");
+            stored.await.expect("answered").expect("stored");
+        }
+        // Each sends 1 MiB as sequence 2, before 1: `fits` of them wait, the next is refused.
+        let value = vec![b'v'; 1024 * 1024 - 200];
+        let mut waiting = Vec::new();
+        for producer in 1..=fits as u64 {
+            waiting.push(publish(&jobs, idempotent_of(producer, 0, 2, &value)).await);
+        }
+        let over = publish(&jobs, idempotent_of(fits as u64 + 1, 0, 2, &value)).await;
+        match tokio::time::timeout(REORDER_WAIT / 2, over).await {
+            Ok(Ok(Err(BrokerError::SequenceGap {
+                expected: 1,
+                got: 2,
+                ..
+            }))) => {}
+            other => panic!("a batch past the parked bytes is refused at once: {other:?}"),
+        }
+        for answer in waiting {
+            match answer.await.expect("answered") {
+                Err(BrokerError::SequenceGap { .. }) => {}
+                other => panic!("a parked batch whose predecessor never came: {other:?}"),
+            }
+        }
         drop(jobs);
         actor.await.expect("no panic");
     }
