@@ -16,7 +16,7 @@
 //! **Bounds.** The actor stops taking publishes from its queue while the next entry (with the
 //! batches deferred until the producer table is reloaded) is full and entries are in flight;
 //! the queue then fills and publishes are refused with RESOURCE_EXHAUSTED and a retry hint. An
-//! entry proposed holds at most [`ENTRY_BYTES_MAX`] (or one larger batch alone), and the batches
+//! entry proposed holds at most [`ENTRY_BYTES_SPLIT`] (or one larger batch alone), and the batches
 //! parked ahead of their producers' sequences at most [`PARKED_BYTES_MAX`]. Memory stays bounded
 //! during an fsync stall.
 
@@ -120,8 +120,12 @@ pub const LOST_REFUSAL_MAX: Duration = Duration::from_secs(120);
 
 /// Entries of one partition in flight in Raft at once: one being made durable, one queued.
 pub const ENTRIES_IN_FLIGHT_MAX: usize = 2;
-/// Largest coalesced entry; a single larger publish (up to the topic's limit) goes alone.
+/// Largest coalesced entry: the actor takes publishes into the next entry until it holds this
+/// much; a single larger publish (up to the topic's limit) goes alone.
 pub const ENTRY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// What one proposed entry of several batches holds at most (the last batch taken may pass
+/// [`ENTRY_BYTES_MAX`]; batches taken at once after a wait are split at this size).
+pub const ENTRY_BYTES_SPLIT: usize = 2 * ENTRY_BYTES_MAX;
 /// How long a batch that arrived ahead of its producer's sequence waits for the ones before it.
 pub const REORDER_WAIT: Duration = Duration::from_millis(500);
 /// Most batches waiting for their predecessors, over all producers of a partition.
@@ -217,6 +221,13 @@ struct Sequencer<G> {
     deferred: Vec<PublishJob>,
     /// Their bytes (with the next entry's, they bound what the actor takes from its queue).
     deferred_bytes: usize,
+}
+
+/// How many batches of `producer_id` are parked.
+fn parked_of(parked: &BTreeMap<(u64, u64), Parked>, producer_id: u64) -> usize {
+    parked
+        .range((producer_id, 0)..=(producer_id, u64::MAX))
+        .count()
 }
 
 fn answer(waiters: Waiters, result: Result<Published, BrokerError>) {
@@ -327,11 +338,15 @@ impl<G: Proposer> Sequencer<G> {
         let key = (h.producer_id, h.base_sequence);
         // A retry of a batch parked already takes its place, whatever the bounds (refused, it
         // would be answered as surely not stored while its first attempt stays parked).
-        let parked_again = self.parked.contains_key(&key);
-        let room_to_park = parked_again
-            || (self.parked_of(h.producer_id) < PRODUCER_BATCHES_KEPT
-                && self.parked.len() < PARKED_MAX
-                && self.parked_bytes() + job.batch.len() <= PARKED_BYTES_MAX);
+        // (Looked at only for a batch ahead of its producer.)
+        let parked = &self.parked;
+        let room_to_park = |bytes: usize| {
+            parked.contains_key(&key)
+                || (parked_of(parked, h.producer_id) < PRODUCER_BATCHES_KEPT
+                    && parked.len() < PARKED_MAX
+                    && parked.values().map(|p| p.job.batch.len()).sum::<usize>() + bytes
+                        <= PARKED_BYTES_MAX)
+        };
         let table = self.producers.get_or_insert_with(BTreeMap::new);
         self.accepted += 1;
         self.clock_ms = self.clock_ms.max(h.max_timestamp_ms);
@@ -375,7 +390,7 @@ impl<G: Proposer> Sequencer<G> {
             SequenceCheck::Gap { expected }
                 if h.producer_epoch == state.epoch
                     && h.base_sequence > expected
-                    && room_to_park =>
+                    && room_to_park(job.batch.len()) =>
             {
                 // Ahead of its producer: the batches before it are likely on their way. A retry
                 // of a batch parked already takes its place (its first attempt is answered) and
@@ -463,16 +478,6 @@ impl<G: Proposer> Sequencer<G> {
         }
         self.next_entry_bytes = kept.iter().map(|a| a.bytes.len()).sum();
         self.next_entry = kept;
-    }
-
-    fn parked_of(&self, producer_id: u64) -> usize {
-        self.parked
-            .range((producer_id, 0)..=(producer_id, u64::MAX))
-            .count()
-    }
-
-    fn parked_bytes(&self) -> usize {
-        self.parked.values().map(|p| p.job.batch.len()).sum()
     }
 
     /// Bytes held for the next entries: the next entry's and the deferred batches'.
@@ -620,12 +625,12 @@ pub async fn run<G: Proposer>(
             && in_flight.len() < ENTRIES_IN_FLIGHT_MAX
             && seq.deferred.is_empty()
         {
-            // At most ENTRY_BYTES_MAX (a larger batch alone): the rest, if any (batches that
+            // At most ENTRY_BYTES_SPLIT (a larger batch alone): the rest, if any (batches that
             // waited for a reloaded table, or for a predecessor), goes into the next entry.
             let mut take = 0;
             let mut bytes_taken = 0;
             for a in &seq.next_entry {
-                if take > 0 && bytes_taken + a.bytes.len() > ENTRY_BYTES_MAX {
+                if take > 0 && bytes_taken + a.bytes.len() > ENTRY_BYTES_SPLIT {
                     break;
                 }
                 take += 1;
@@ -1277,7 +1282,7 @@ mod tests {
 
     /// Batches deferred while the producer table is reloaded (a leader cut off for a moment,
     /// entries in flight) count against what the actor takes from its queue, and go into
-    /// entries of at most ENTRY_BYTES_MAX. Before, the actor took up to 4,096 of them whatever
+    /// entries of at most ENTRY_BYTES_SPLIT. Before, the actor took up to 4,096 of them whatever
     /// their size (the queue never filled, nothing was refused), and proposed them all as one
     /// entry: 10 MiB and more, past what one peer message carries.
     #[tokio::test]
@@ -1370,8 +1375,8 @@ mod tests {
         }
         let sizes = proposed_bytes.lock().expect("lock").clone();
         assert!(
-            sizes.iter().all(|&b| b <= ENTRY_BYTES_MAX),
-            "entries of {sizes:?} bytes, more than {ENTRY_BYTES_MAX}"
+            sizes.iter().all(|&b| b <= ENTRY_BYTES_SPLIT),
+            "entries of {sizes:?} bytes, more than {ENTRY_BYTES_SPLIT}"
         );
         drop(jobs);
         actor.await.expect("no panic");
