@@ -145,6 +145,7 @@ impl Node {
         }
         let planned = PlannedMove {
             topic: topic.into(),
+            topic_id: meta.topic_id.clone(),
             partition,
             from: current.replicas.clone(),
             to: replicas,

@@ -257,10 +257,7 @@ impl Registry {
             let deleted = tokio::task::spawn_blocking(move || {
                 remove_dir_durably(&dir)?;
                 // The topic directory goes once its last partition is gone.
-                if std::fs::read_dir(&topic_dir).is_ok_and(|mut d| d.next().is_none()) {
-                    remove_dir_durably(&topic_dir)?;
-                }
-                Ok::<_, std::io::Error>(())
+                remove_dir_if_empty(&topic_dir)
             })
             .await;
             if !matches!(deleted, Ok(Ok(()))) {
@@ -286,6 +283,27 @@ fn remove_dir_durably(dir: &std::path::Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Removes `dir` (durably) if it is empty: a directory that is not (a partition of the topic
+/// is being opened here meanwhile) stays, and so does all in it.
+fn remove_dir_if_empty(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+            ) =>
+        {
+            return Ok(());
+        }
         Err(e) => return Err(e),
     }
     if let Some(parent) = dir.parent() {
@@ -494,4 +512,26 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A topic's directory goes with its last partition, but never with a partition that
+    /// arrived meanwhile (before, an emptiness check and then `remove_dir_all`: a partition
+    /// created between the two lost its files while open).
+    #[test]
+    fn a_topic_directory_goes_only_when_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let topic = dir.path().join("topic-id");
+        std::fs::create_dir_all(topic.join("1")).expect("mkdir");
+        std::fs::write(topic.join("1").join("00000000000000000000.log"), b"x").expect("write");
+        remove_dir_if_empty(&topic).expect("a directory in use stays, no error");
+        assert!(topic.join("1").join("00000000000000000000.log").exists());
+        std::fs::remove_dir_all(topic.join("1")).expect("remove the partition");
+        remove_dir_if_empty(&topic).expect("removed");
+        assert!(!topic.exists());
+        remove_dir_if_empty(&topic).expect("already gone: no error");
+    }
 }

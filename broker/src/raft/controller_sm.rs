@@ -153,6 +153,10 @@ pub enum ControllerCommand {
         from: Vec<NodeId>,
         /// Where they go, the preferred leader first.
         replicas: Vec<NodeId>,
+        /// The topic's id when the move was planned ([`UPDATE_BASE_LEVEL`]): a topic of that
+        /// name deleted and created again since is left alone (empty: not checked).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        topic_id: String,
     },
     /// A partition's Raft group has `replicas` as its voters: the move is done.
     FinishMove {
@@ -245,7 +249,9 @@ pub struct BrokerMeta {
 ///   `UpdateTopic.as_proposed`: the proposer leaves out brokers that are down or draining; an
 ///   older broker places them by rotation over every registered broker).
 /// - 5: a topic's change applied only to the topic it was made from (`UpdateTopic.base`: an
-///   older broker applies it over whatever came between).
+///   older broker applies it over whatever came between), and a replica move only to the topic
+///   it was planned on (`MoveReplicas.topic_id`: an older broker moves the replicas of a topic
+///   of that name created again since).
 pub const FEATURE_LEVEL: u32 = 5;
 
 /// The feature level that applies a topic's change only to the topic it was made from (see
@@ -316,6 +322,8 @@ pub enum ControllerResponse {
 pub struct PlannedMove {
     /// Topic name.
     pub topic: String,
+    /// The topic's id.
+    pub topic_id: String,
     /// Partition.
     pub partition: u32,
     /// Its replicas now.
@@ -332,6 +340,7 @@ impl PlannedMove {
             partition: self.partition,
             from: self.from.clone(),
             replicas: self.to.clone(),
+            topic_id: self.topic_id.clone(),
         }
     }
 }
@@ -555,7 +564,8 @@ impl ControllerState {
                 partition,
                 from,
                 replicas,
-            } => self.move_replicas(topic, *partition, from, replicas),
+                topic_id,
+            } => self.move_replicas(topic, topic_id, *partition, from, replicas),
             ControllerCommand::FinishMove {
                 topic_id,
                 partition,
@@ -707,6 +717,7 @@ impl ControllerState {
     fn move_replicas(
         &mut self,
         topic: &str,
+        topic_id: &str,
         partition: u32,
         from: &[NodeId],
         replicas: &[NodeId],
@@ -731,6 +742,18 @@ impl ControllerState {
                     ));
                 }
                 Some(_) => {}
+            }
+        }
+        let Some(current_id) = self.topics.get(topic).map(|t| t.topic_id.clone()) else {
+            return ControllerResponse::NotFound(topic.to_string());
+        };
+        if !topic_id.is_empty() && self.behind(UPDATE_BASE_LEVEL).is_none() {
+            // An older build would move the replicas of whatever topic has the name now.
+            self.features_in_use = self.features_in_use.max(UPDATE_BASE_LEVEL);
+            if current_id != topic_id {
+                return ControllerResponse::Invalid(format!(
+                    "topic {topic:?} was deleted and created again since the move was planned"
+                ));
             }
         }
         let Some(meta) = self.topics.get_mut(topic).map(Arc::make_mut) else {
@@ -1010,8 +1033,10 @@ impl ControllerState {
             .into_iter()
             .filter_map(|(topic, partition, from)| {
                 let to = plan.remove(&(topic.clone(), partition))?;
+                let topic_id = self.topics.get(&topic)?.topic_id.clone();
                 (to != from).then_some(PlannedMove {
                     topic,
+                    topic_id,
                     partition,
                     from,
                     to,
@@ -1128,6 +1153,7 @@ impl ControllerState {
                 }
                 moves.push(PlannedMove {
                     topic: t.name.clone(),
+                    topic_id: t.topic_id.clone(),
                     partition: p.partition,
                     from: p.replicas.clone(),
                     to,
@@ -2346,6 +2372,52 @@ mod tests {
         assert!(!state.brokers.contains_key(&2));
     }
 
+    /// A move planned on a topic that was then deleted and created again under the same name
+    /// (the same placement) is refused; before, it moved the new topic's replicas.
+    #[test]
+    fn a_move_planned_on_a_deleted_topic_leaves_the_new_one_alone() {
+        let mut state = ControllerState::default();
+        for node in 1..=4 {
+            register(&mut state, node);
+        }
+        state.apply(&topic_rf("a", 1, 3));
+        let from = state.topics["a"].partitions[0].replicas.clone();
+        let planned = PlannedMove {
+            topic: "a".into(),
+            topic_id: state.topics["a"].topic_id.clone(),
+            partition: 0,
+            from: from.clone(),
+            to: vec![4, 2, 3],
+        };
+        state.apply(&ControllerCommand::DeleteTopic { name: "a".into() });
+        let mut again = topic_rf("a", 1, 3);
+        if let ControllerCommand::CreateTopic { topic_id, .. } = &mut again {
+            *topic_id = "id-a-again".into();
+        }
+        state.apply(&again);
+        assert_eq!(
+            state.topics["a"].partitions[0].replicas, from,
+            "same placement"
+        );
+        match state.apply(&planned.command()) {
+            ControllerResponse::Invalid(reason) => {
+                assert!(reason.contains("created again"), "{reason}")
+            }
+            other => panic!("a move planned on the deleted topic: {other:?}"),
+        }
+        assert_eq!(state.topics["a"].partitions[0].target, None);
+        assert_eq!(state.features_in_use, UPDATE_BASE_LEVEL);
+        // Planned on the topic as it is: applied.
+        let planned = PlannedMove {
+            topic_id: "id-a-again".into(),
+            ..planned
+        };
+        assert!(matches!(
+            state.apply(&planned.command()),
+            ControllerResponse::Topic(_)
+        ));
+    }
+
     #[test]
     fn moves_are_checked_against_the_state_they_were_planned_on() {
         let mut state = ControllerState::default();
@@ -2360,6 +2432,7 @@ mod tests {
             partition: 0,
             from: from.clone(),
             replicas: vec![4, 2, 3],
+            topic_id: String::new(),
         };
         let moving = match state.apply(&to_four) {
             ControllerResponse::Topic(t) => t.partitions[0].clone(),
@@ -2383,6 +2456,7 @@ mod tests {
                 partition: 0,
                 from: moving.replicas.clone(),
                 replicas: bad.clone(),
+                topic_id: String::new(),
             };
             assert!(
                 matches!(state.apply(&command), ControllerResponse::Invalid(_)),
@@ -2395,6 +2469,7 @@ mod tests {
             partition: 0,
             from: moving.replicas.clone(),
             replicas: from.clone(),
+            topic_id: String::new(),
         };
         assert!(matches!(state.apply(&back), ControllerResponse::Topic(_)));
         let finish = |replicas: Vec<NodeId>| ControllerCommand::FinishMove {
