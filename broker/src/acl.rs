@@ -109,8 +109,9 @@ pub enum Resource<'a> {
 impl std::fmt::Display for Resource<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Resource::Topic(t) => write!(f, "topic:{t}"),
-            Resource::Group(g) => write!(f, "group:{g}"),
+            // (Clipped: a refusal and its audit line never echo a hostile name whole.)
+            Resource::Topic(t) => write!(f, "topic:{}", crate::error::clip(t)),
+            Resource::Group(g) => write!(f, "group:{}", crate::error::clip(g)),
             Resource::Cluster => write!(f, "cluster"),
         }
     }

@@ -295,6 +295,12 @@ impl BrokerError {
                 reason: clip_text(&reason),
                 leader,
             },
+            BrokerError::PermissionDenied(message) => {
+                BrokerError::PermissionDenied(clip_text(&message))
+            }
+            BrokerError::Unauthenticated(message) => {
+                BrokerError::Unauthenticated(clip_text(&message))
+            }
             other => other,
         }
     }

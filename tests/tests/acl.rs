@@ -970,3 +970,53 @@ fn brokers_listed(broker: &Broker) -> Vec<u64> {
     ids.sort_unstable();
     ids
 }
+
+/// A refusal never echoes a caller's name whole: an anonymous CreateTopic of a name of a
+/// million characters is UNAUTHENTICATED (and an authenticated one PERMISSION_DENIED) with a
+/// short message, and the audit line is short too. Before, the whole name went into
+/// `grpc-message` and into the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_does_not_echo_a_huge_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\ntokens = [\"billing=sha256:{}\"]\n[acl]\nenabled = true\n",
+            sha256_hex(BILLING)
+        ),
+    )
+    .expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let channel = weft_tests::grpc::channel(&broker.client_addr).await;
+    let name = "n".repeat(1_000_000);
+    let request = || weft_proto::v1::CreateTopicRequest {
+        name: name.clone(),
+        ..Default::default()
+    };
+    let anonymous = weft_tests::grpc::topic_admin(&channel)
+        .create_topic(request())
+        .await
+        .expect_err("refused");
+    let billing = weft_tests::grpc::topic_admin(&channel)
+        .create_topic(with_token(request(), BILLING))
+        .await
+        .expect_err("refused");
+    for (status, code) in [
+        (&anonymous, tonic::Code::Unauthenticated),
+        (&billing, tonic::Code::PermissionDenied),
+    ] {
+        let head: String = status.message().chars().take(200).collect();
+        assert_eq!(status.code(), code, "{head}");
+        assert!(
+            status.message().len() < 2048,
+            "{code:?}: a message of {} bytes",
+            status.message().len()
+        );
+    }
+    let audit = audit_lines(&broker);
+    assert!(audit.len() >= 2, "{audit:?}");
+    for line in audit {
+        assert!(line.len() < 4096, "an audit line of {} bytes", line.len());
+    }
+}
