@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -150,6 +150,32 @@ impl IntoResponse for ApiError {
             },
         };
         (status, Json(body)).into_response()
+    }
+}
+
+/// A path's parameters ([`Path`]), refused as a JSON 400 naming `path` when they do not parse
+/// (axum's own rejection is a plain-text body).
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(ApiError::Broker(BrokerError::invalid(
+                "path",
+                rejection.body_text(),
+            ))),
+        }
     }
 }
 
@@ -639,6 +665,19 @@ async fn create_topic(
         crate::acl::Operation::Create,
         crate::acl::Resource::Topic(&body.name),
     )?;
+    // Absent is the broker's default; 0 (which gRPC cannot tell from absent) is refused here.
+    for (field, value) in [
+        ("config.partitions", body.partitions),
+        ("config.replication_factor", body.replication_factor),
+    ] {
+        if value == Some(0) {
+            return Err(BrokerError::invalid(
+                field,
+                "must be at least 1 (leave it out for the broker's default)",
+            )
+            .into());
+        }
+    }
     let fsync_policy = fsync_policy_from_json(body.fsync_policy.as_deref())?;
     let proto = weft_proto::v1::TopicConfig {
         partitions: body.partitions.unwrap_or(0),
@@ -660,7 +699,7 @@ async fn create_topic(
     responses((status = 200, body = TopicView), (status = 404, body = ErrorBody)))]
 async fn describe_topic(
     State(node): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<TopicView>, ApiError> {
     let topic = node.topic_named("name", &name)?;
     Ok(Json(topic_view(&node, &topic)))
@@ -672,7 +711,7 @@ async fn describe_topic(
     responses((status = 200, body = TopicView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn update_topic(
     State(node): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Json<UpdateTopicBody>, JsonRejection>,
 ) -> Result<Json<TopicView>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
@@ -713,7 +752,7 @@ async fn update_topic(
     responses((status = 204), (status = 404, body = ErrorBody)))]
 async fn delete_topic(
     State(node): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     node.delete_topic(&name).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -861,7 +900,7 @@ async fn end_recovery(
     responses((status = 200, body = LeaderView), (status = 400, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn transfer_leadership(
     State(node): State<AppState>,
-    Path((name, partition)): Path<(String, u32)>,
+    ApiPath((name, partition)): ApiPath<(String, u32)>,
     body: Result<Json<TransferBody>, JsonRejection>,
 ) -> Result<Json<LeaderView>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
@@ -906,7 +945,7 @@ async fn list_groups(
     responses((status = 200, body = GroupView), (status = 404, body = ErrorBody)))]
 async fn describe_group(
     State(node): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<GroupView>, ApiError> {
     Ok(Json(group_view(&node, &id).await?))
 }
@@ -916,7 +955,7 @@ async fn describe_group(
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_group(
     State(node): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     crate::grpc::group_link::delete(&node, &id, 0).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -963,7 +1002,7 @@ pub struct ResetOffsetsView {
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn reset_group_offsets(
     State(node): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     axum::extract::Extension(identity): axum::extract::Extension<crate::auth::Identity>,
     body: Result<Json<ResetOffsetsBody>, JsonRejection>,
 ) -> Result<Json<ResetOffsetsView>, ApiError> {
@@ -1033,7 +1072,7 @@ pub struct ReassignView {
     responses((status = 202, body = PartitionView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn move_partition(
     State(node): State<AppState>,
-    Path((name, partition)): Path<(String, u32)>,
+    ApiPath((name, partition)): ApiPath<(String, u32)>,
     body: Result<Json<MoveBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<PartitionView>), ApiError> {
     let Json(body) = body.map_err(bad_json)?;
@@ -1073,7 +1112,7 @@ async fn rebalance(
     responses((status = 202, body = ReassignView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn remove_broker(
     State(node): State<AppState>,
-    Path(id): Path<u64>,
+    ApiPath(id): ApiPath<u64>,
 ) -> Result<(StatusCode, Json<ReassignView>), ApiError> {
     let removal = node.remove_broker(id).await?;
     Ok((

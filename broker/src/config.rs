@@ -825,6 +825,21 @@ impl Config {
                     .into(),
             });
         }
+        let peer_certificates = self
+            .tls
+            .peer
+            .as_ref()
+            .is_some_and(|t| t.client_auth() != weft_proto::tls::ClientAuth::None);
+        if !self.auth.broker_identities.is_empty()
+            && self.auth.peer_sidecar == "none"
+            && !peer_certificates
+        {
+            return Err(ConfigError::Invalid {
+                key: "auth.broker_identities",
+                reason: "brokers are known on the peer port by their client certificate                          ([tls.peer] with ca_file) or through a sidecar (auth.peer_sidecar),                          and neither is set: every broker's call would be refused"
+                    .into(),
+            });
+        }
         let d = &self.topic_defaults;
         range(
             "topic_defaults.partitions",
@@ -881,6 +896,17 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "topic_defaults.retention_ms",
                 reason: "must be positive".into(),
+            });
+        }
+        if u64::from(d.max_message_bytes) + 1024 > d.segment_bytes {
+            // As a topic's own limits are checked: every topic made with the defaults would
+            // be refused, naming a field its creator never set.
+            return Err(ConfigError::Invalid {
+                key: "topic_defaults.max_message_bytes",
+                reason: format!(
+                    "must be at least 1 KiB smaller than topic_defaults.segment_bytes ({})",
+                    d.segment_bytes
+                ),
             });
         }
         Ok(())
@@ -1076,7 +1102,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str); 10] = [
+        let cases: [(&str, &str); 12] = [
             ("[auth]\nclient_sidecar = \"nginx\"", "auth.client_sidecar"),
             ("[auth]\ntokens = [\"ci=plaintext\"]", "auth.tokens"),
             (
@@ -1101,6 +1127,14 @@ mod tests {
             (
                 "[topic_defaults]\nretention_ms = 0",
                 "topic_defaults.retention_ms",
+            ),
+            (
+                "grpc_message_bytes_max = 16777216\n[topic_defaults]\nmax_message_bytes = 16777216\nsegment_bytes = 1048576",
+                "topic_defaults.max_message_bytes",
+            ),
+            (
+                "[auth]\nbroker_identities = [\"spiffe://weft.test/ns/weft/sa/weft\"]\n[acl]\nenabled = true",
+                "auth.broker_identities",
             ),
         ];
         for (text, key) in cases {

@@ -367,6 +367,17 @@ operations = ["publish"]
     let mut remove = deny;
     remove[1] = "remove";
     cli_as_ops(&remove);
+    // Removed again: no such rule, exit 1 whatever the output (JSON answered 0 before).
+    for output in ["text", "json"] {
+        let again = std::process::Command::new(weft_tests::binary("weft"))
+            .args(["--server", &address, "--token", OPS, "-o", output])
+            .args(remove.iter())
+            .output()
+            .expect("weft");
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert_eq!(again.status.code(), Some(1), "{output}: {stderr}");
+        assert!(stderr.contains("no such stored rule"), "{output}: {stderr}");
+    }
     let mut reading = wait_for("the deny rule gone", Duration::from_secs(20), || {
         let subscribed = subscribe();
         async move { subscribed.await.ok() }

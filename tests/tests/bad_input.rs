@@ -363,6 +363,46 @@ fn bad_admin_requests_get_a_4xx_json_body() {
         (
             "POST",
             "/v1/topics",
+            Some(r#"{"name":"x","partitions":0}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("config.partitions"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"x","replication_factor":0}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("config.replication_factor"),
+        ),
+        (
+            "POST",
+            "/v1/brokers/abc/remove",
+            Some("{}"),
+            400,
+            "INVALID_ARGUMENT",
+            Some("path"),
+        ),
+        (
+            "POST",
+            "/v1/topics/t/partitions/4294967296/leader",
+            Some("{}"),
+            400,
+            "INVALID_ARGUMENT",
+            Some("path"),
+        ),
+        (
+            "GET",
+            "/v1/topics/%FF",
+            None,
+            400,
+            "INVALID_ARGUMENT",
+            Some("path"),
+        ),
+        (
+            "POST",
+            "/v1/topics",
             Some(r#"{"name":"t"}"#),
             409,
             "TOPIC_EXISTS",
@@ -609,6 +649,11 @@ fn cli_failures_exit_non_zero_with_one_line() {
     // Usage errors (caught before anything is sent): exit 2, the reason on the first line.
     let usage: Vec<Vec<&str>> = vec![
         vec!["topic", "frobnicate"],
+        vec!["topic", "create", "z", "--partitions", "0"],
+        vec!["topic", "create", "z", "--replication-factor", "0"],
+        vec!["topic", "alter", "t", "--partitions", "0"],
+        vec!["--timeout-ms", "400000000000000", "topic", "list"],
+        vec!["--timeout-ms", "0", "topic", "list"],
         vec!["topic", "alter", "t", "--retention-ms", "soon"],
         vec!["topic", "alter", "t", "--fsync", "sometimes"],
     ];

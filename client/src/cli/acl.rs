@@ -135,6 +135,10 @@ async fn change(
             );
         }
     }
+    if !add && !existed {
+        // In either output: a script removing a rule learns it was not there (exit 1).
+        anyhow::bail!("no such stored rule: {}", rule_text(&rule));
+    }
     match output {
         Output::Json => {
             print_json(&json!({ "rule": rule_json(&rule), "existed": existed, "added": add }))
@@ -142,8 +146,7 @@ async fn change(
         Output::Text => match (add, existed) {
             (true, false) => println!("added {}", rule_text(&rule)),
             (true, true) => println!("already there: {}", rule_text(&rule)),
-            (false, true) => println!("removed {}", rule_text(&rule)),
-            (false, false) => anyhow::bail!("no such stored rule: {}", rule_text(&rule)),
+            (false, _) => println!("removed {}", rule_text(&rule)),
         },
     }
     Ok(())

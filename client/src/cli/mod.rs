@@ -26,8 +26,9 @@ pub(crate) struct Args {
     /// How to print structured results.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
     pub(crate) output: Output,
-    /// Deadline of each call, in milliseconds.
-    #[arg(long, global = true, default_value_t = 30_000)]
+    /// Deadline of each call, in milliseconds (at most a day).
+    #[arg(long, global = true, default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub(crate) timeout_ms: u64,
     /// Connect with TLS (also implied by https:// addresses and by the other --tls-* flags).
     #[arg(long, global = true, env = "WEFT_TLS")]

@@ -14,10 +14,10 @@ pub(crate) enum TopicCommand {
         /// Topic name.
         name: String,
         /// Partitions (default: the broker's).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
         partitions: Option<u32>,
         /// Replication factor (default: the broker's; capped by the number of brokers).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
         replication_factor: Option<u32>,
         /// Delete data older than this.
         #[arg(long)]
@@ -44,7 +44,7 @@ pub(crate) enum TopicCommand {
         /// Topic name.
         name: String,
         /// More partitions (partitions can only grow).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
         partitions: Option<u32>,
         /// Delete data older than this many ms, or "none" to keep it forever.
         #[arg(long, value_parser = parse_limit)]
