@@ -836,7 +836,9 @@ impl Config {
         {
             return Err(ConfigError::Invalid {
                 key: "auth.broker_identities",
-                reason: "brokers are known on the peer port by their client certificate                          ([tls.peer] with ca_file) or through a sidecar (auth.peer_sidecar),                          and neither is set: every broker's call would be refused"
+                reason: "brokers are known on the peer port by their client certificate \
+                         ([tls.peer] with ca_file) or through a sidecar (auth.peer_sidecar), \
+                         and neither is set: every broker's call would be refused"
                     .into(),
             });
         }

@@ -829,3 +829,41 @@ async fn a_removal_keeps_a_new_replica_that_paused_and_redirects_one_whose_broke
         assert!(held.log_start_offset > 0, "broker {id}: {held:?}");
     }
 }
+
+/// A broker's removal that would leave the controller without an answering majority waits:
+/// with broker 2 down, taking broker 3 (which holds no replica) out of the controller group
+/// needs broker 2 in the joint configuration. Before, the controller went into it and then
+/// committed nothing (a topic's creation failed) until broker 2 came back; now the controller
+/// goes on, and the removal ends once broker 2 is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removal_that_would_cost_the_controller_its_majority_waits() {
+    let mut brokers = start_cluster(3);
+    brokers[1].kill9();
+    let (status, body) = brokers[0].http("POST", "/v1/brokers/3/remove", None);
+    assert!(status < 300, "{status}: {body}");
+    // A few rounds of the controller leader's removal work.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let created = brokers[0].cli(&[
+        "--timeout-ms",
+        "15000",
+        "topic",
+        "create",
+        "after",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "1",
+    ]);
+    ok_stdout(&created);
+    assert!(
+        brokers_listed(&brokers[0]).contains(&3),
+        "not removed while broker 2 is down"
+    );
+    brokers[1].start_again_same_ports();
+    wait_for(
+        "broker 3 removed once broker 2 is back",
+        Duration::from_secs(90),
+        || async { (brokers_listed(&brokers[0]) == [1, 2]).then_some(()) },
+    )
+    .await;
+}

@@ -29,6 +29,8 @@ const CONTROLLER_SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// snapshot (for followers a little behind); openraft purges the rest.
 const CONTROLLER_SNAPSHOT_EVERY_ENTRIES: u64 = 2000;
 const CONTROLLER_LOG_KEPT_ENTRIES: u64 = 500;
+/// How long taking a member out of the controller group may take to commit.
+const MEMBER_CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Raft settings of the controller group: those of every group, plus snapshots and purges.
 pub fn controller_raft_config(mut config: openraft::Config) -> anyhow::Result<openraft::Config> {
@@ -361,21 +363,14 @@ impl ControllerGroup {
             .membership_config
             .membership()
             .clone();
-        let change = if membership.voter_ids().any(|v| v == node) {
-            openraft::ChangeMembers::RemoveVoters(BTreeSet::from([node]))
-        } else if membership.learner_ids().any(|l| l == node) {
-            openraft::ChangeMembers::RemoveNodes(BTreeSet::from([node]))
-        } else {
+        if !membership
+            .voter_ids()
+            .chain(membership.learner_ids())
+            .any(|v| v == node)
+        {
             return Ok(());
-        };
-        self.raft
-            .change_membership(change, false)
-            .await
-            .map_err(|e| BrokerError::Unavailable {
-                reason: format!("removing node {node} from the controller group: {e}"),
-                leader: self.leader(),
-            })?;
-        Ok(())
+        }
+        take_out(&self.raft, &self.peers, &membership, node).await
     }
 
     /// Whether `node` is a voter or a learner of the controller group (this broker's view).
@@ -653,23 +648,69 @@ async fn remove_unregistered_here_or_forward(
              at {address}: it registers once it has caught up; stop it first to take it out"
         )));
     }
-    let change = if membership.voter_ids().any(|v| v == node) {
-        openraft::ChangeMembers::RemoveVoters(BTreeSet::from([node]))
-    } else {
-        openraft::ChangeMembers::RemoveNodes(BTreeSet::from([node]))
-    };
-    raft.change_membership(change, false)
-        .await
-        .map_err(|e| BrokerError::Unavailable {
-            reason: format!("removing node {node} from the controller group: {e}"),
-            leader: raft.metrics().borrow().current_leader,
-        })?;
+    take_out(raft, peers, &membership, node).await?;
     tracing::info!(
         node,
         %address,
         "took a member that never registered out of the controller group"
     );
     Ok(metrics.id)
+}
+
+/// Takes `node` (a voter or a learner of `membership`) out of the controller group. A voter is
+/// taken out only while a majority of the voters left answers a ping: the change commits in a
+/// joint configuration that needs them, and without them the controller would commit nothing
+/// (topics, offsets, takeovers) until they came back. Bounded by [`MEMBER_CHANGE_TIMEOUT`].
+async fn take_out(
+    raft: &Raft,
+    peers: &Peers,
+    membership: &openraft::Membership<NodeId, BasicNode>,
+    node: NodeId,
+) -> Result<(), BrokerError> {
+    let leader = || raft.metrics().borrow().current_leader;
+    let change = if membership.voter_ids().any(|v| v == node) {
+        let me = raft.metrics().borrow().id;
+        let left: Vec<NodeId> = membership.voter_ids().filter(|v| *v != node).collect();
+        let pings = left.iter().map(|&v| async move {
+            let answers = v == me
+                || match membership.get_node(&v) {
+                    Some(n) => peers.ping(v, &n.addr, MEMBER_PING_TIMEOUT).await,
+                    None => false,
+                };
+            answers.then_some(v)
+        });
+        let answering: Vec<NodeId> = futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if answering.len() * 2 <= left.len() {
+            return Err(BrokerError::Unavailable {
+                reason: format!(
+                    "taking node {node} out of the controller group would leave voters {left:?}, \
+                     of which only {answering:?} answer: not a majority; bring the others \
+                     back first"
+                ),
+                leader: leader(),
+            });
+        }
+        openraft::ChangeMembers::RemoveVoters(BTreeSet::from([node]))
+    } else {
+        openraft::ChangeMembers::RemoveNodes(BTreeSet::from([node]))
+    };
+    tokio::time::timeout(MEMBER_CHANGE_TIMEOUT, raft.change_membership(change, false))
+        .await
+        .map_err(|_| {
+            BrokerError::Timeout(format!(
+                "taking node {node} out of the controller group did not commit within {} s",
+                MEMBER_CHANGE_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| BrokerError::Unavailable {
+            reason: format!("removing node {node} from the controller group: {e}"),
+            leader: leader(),
+        })?;
+    Ok(())
 }
 
 /// What a seed with an empty controller log learned from the other brokers.
