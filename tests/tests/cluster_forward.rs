@@ -717,3 +717,62 @@ async fn our_producer_goes_back_to_a_leader_that_returned() {
         assert_eq!(&value[..], format!("r{i}").as_bytes(), "offset {offset}");
     }
 }
+
+/// A publish larger than a peer message may be, sent to a broker that does not lead the
+/// partition (which allows larger gRPC messages), is refused there as too large
+/// (RESOURCE_EXHAUSTED, BATCH_TOO_LARGE), and the publishes around it through the same broker
+/// are stored. Before, it was put on the ordered stream to the leader, whose encoding failed and
+/// reset the stream: the publishes in flight on it got UNAVAILABLE (an unknown outcome).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_too_large_to_forward_is_refused_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "grpc_message_bytes_max = 134217728\n").expect("config");
+    let config = config.to_str().expect("utf-8").to_string();
+    let brokers = weft_tests::start_cluster_with(2, &["--config", &config]);
+    let led_by = one_partition_topic(&brokers, "large").await;
+    let follower = &brokers[if led_by == 1 { 1 } else { 0 }];
+    follower.wait_ready();
+    let channel = grpc::channel(&follower.client_addr).await;
+    let publisher = grpc::publisher(&channel)
+        .max_encoding_message_size(128 * 1024 * 1024)
+        .max_decoding_message_size(128 * 1024 * 1024);
+    let request = |value: Vec<u8>| PublishRequest {
+        topic: "large".into(),
+        target: Some(Target::Partition(0)),
+        records: vec![Record {
+            value: value.into(),
+            ..Record::default()
+        }],
+        ..PublishRequest::default()
+    };
+    let small = |i: u8| {
+        let mut publisher = publisher.clone();
+        let request = request(vec![i; 100]);
+        async move { publisher.publish(request).await }
+    };
+    small(0).await.expect("stored before");
+    let mut big = publisher.clone();
+    let (before, refused, after) = tokio::join!(
+        small(1),
+        big.publish(request(vec![b'x'; 70 * 1024 * 1024])),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            small(2).await
+        }
+    );
+    let status = refused.expect_err("too large");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        format!("{status:?}").contains("BATCH_TOO_LARGE"),
+        "{status:?}"
+    );
+    before.expect("stored around it");
+    after.expect("stored around it");
+    small(3).await.expect("stored after");
+    let stored = fetch_range(&follower.client_addr, "large", 0, 0, 4).await;
+    assert!(
+        stored.iter().all(|(_, v)| v.len() == 100),
+        "the four small records"
+    );
+}

@@ -215,6 +215,16 @@ impl PublisherService {
                 leader,
                 peer_address,
             } => {
+                // A publish that cannot travel to the leader in one peer message (this broker
+                // takes larger gRPC messages) is larger than any topic allows: refused here, as
+                // the leader would (put on the stream, it would break it for every publish on it).
+                let size = prost::Message::encoded_len(&request);
+                if size > FORWARDED_PUBLISH_BYTES_MAX {
+                    return Err(BrokerError::BatchTooLarge {
+                        size: size as u64,
+                        max: u64::from(topic.config.max_message_bytes),
+                    });
+                }
                 // The leader's spans are children of this broker's.
                 let passed_on = match span {
                     Some(cx) => std::borrow::Cow::Owned(passed_on.with_trace_context(cx)),
@@ -339,6 +349,10 @@ impl PublisherService {
             .await
     }
 }
+
+/// Largest publish forwarded to a partition's leader: what a peer message carries, less room
+/// for the rest of the forwarded request. Larger than any batch a topic may allow.
+const FORWARDED_PUBLISH_BYTES_MAX: usize = crate::raft::PEER_MESSAGE_BYTES_MAX - 64 * 1024;
 
 /// Longest `trace_context` value taken (W3C's limit for `tracestate`; a `traceparent` is 55).
 const TRACE_CONTEXT_VALUE_BYTES_MAX: usize = 512;

@@ -38,8 +38,11 @@ pub(super) const CLUSTER_HEADER: &str = "weft-cluster";
 pub(super) const TARGET_NODE_HEADER: &str = "weft-target-node";
 
 /// Largest Raft message sent or accepted on the peer port. An AppendEntries that would be larger
-/// is split by openraft (the sender answers PayloadTooLarge with a smaller entry count).
-pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// is split by openraft (the sender answers PayloadTooLarge with a smaller entry count), so one
+/// entry alone must always fit: the largest batch a topic may allow
+/// ([`crate::topic::MESSAGE_BYTES_MAX`]) with room to spare for the message around it (before,
+/// the two were equal, and an entry of one such batch was sent and refused forever).
+pub const PEER_MESSAGE_BYTES_MAX: usize = crate::topic::MESSAGE_BYTES_MAX as usize + 1024 * 1024;
 
 /// A group that sent entries this recently is busy: its empty appends are not held back.
 const BUSY_WINDOW: Duration = Duration::from_secs(2);

@@ -282,6 +282,33 @@ mod tests {
         LogId::new(CommittedLeaderId::new(term, 0), index)
     }
 
+    /// An AppendEntries of one entry holding the largest batch a topic may allow (as the log
+    /// stores it, with its slack) fits in one peer message: openraft splits larger appends by
+    /// entries, never an entry. Before, the limits were equal and such an entry was refused on
+    /// every resend.
+    #[test]
+    fn one_entry_of_the_largest_batch_fits_in_a_peer_message() {
+        use prost::Message;
+        let batch = bytes::Bytes::from(vec![0u8; crate::topic::MESSAGE_BYTES_MAX as usize + 1024]);
+        let request = AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(u64::MAX, u64::MAX),
+            prev_log_id: Some(id(u64::MAX, u64::MAX - 1)),
+            entries: vec![Entry {
+                log_id: id(u64::MAX, u64::MAX),
+                payload: EntryPayload::Normal(Command::Records(vec![batch])),
+            }],
+            leader_commit: Some(id(u64::MAX, u64::MAX)),
+        };
+        let encoded = append_to(u64::MAX, &request)
+            .expect("encodes")
+            .encoded_len();
+        assert!(
+            encoded <= crate::raft::PEER_MESSAGE_BYTES_MAX,
+            "{encoded} bytes, more than a peer message's {}",
+            crate::raft::PEER_MESSAGE_BYTES_MAX
+        );
+    }
+
     #[test]
     fn requests_and_responses_round_trip() {
         let membership = Membership::new(
