@@ -125,6 +125,18 @@ impl ControllerGroup {
             caught_up: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             join_refused,
         };
+        // Peer calls carry the cluster's id once the controller stores one.
+        let mut ids = group.sm.watch();
+        let id_peers = peers.clone();
+        tokio::spawn(async move {
+            loop {
+                let id = ids.borrow_and_update().cluster_id.clone();
+                id_peers.set_cluster_id(&id);
+                if ids.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let seed = seeds.first().is_none_or(|(first, _)| *first == node_id);
         if initialized && peers.recovery() == Recovery::Undecided {
             // Stopped after it started with an empty data directory and before it had caught

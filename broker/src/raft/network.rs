@@ -34,6 +34,8 @@ use super::{GroupId, LogReader, NodeId, Raft, TypeConfig, wire};
 
 /// Metadata key naming the cluster a peer call is meant for.
 pub(super) const CLUSTER_HEADER: &str = "weft-cluster";
+/// Metadata key carrying the cluster's id (once the controller stores one).
+pub(super) const CLUSTER_ID_HEADER: &str = "weft-cluster-id";
 /// Metadata key naming the node a peer call is meant for.
 pub(super) const TARGET_NODE_HEADER: &str = "weft-target-node";
 
@@ -142,6 +144,10 @@ pub(crate) const IN_SYNC_ENTRIES_MAX: u64 = 16;
 struct Inner {
     node_id: NodeId,
     cluster_name: String,
+    /// The cluster's id once the controller stores one (empty until then): sent with every
+    /// peer call, and a call naming another id is refused. Clusters share a name easily (the
+    /// default), and node ids from pod ordinals repeat across them.
+    cluster_id: RwLock<String>,
     /// One lazily connected channel per peer address.
     channels: Mutex<HashMap<String, Channel>>,
     /// The Raft groups open on this node.
@@ -300,6 +306,7 @@ impl Peers {
             inner: Arc::new(Inner {
                 node_id,
                 cluster_name: cluster_name.to_string(),
+                cluster_id: RwLock::new(String::new()),
                 channels: Mutex::new(HashMap::new()),
                 groups: RwLock::new(HashMap::new()),
                 readers: RwLock::new(HashMap::new()),
@@ -1497,6 +1504,15 @@ impl Peers {
         ))
     }
 
+    /// Records the cluster's id as the controller stores it (empty: none yet).
+    pub fn set_cluster_id(&self, id: &str) {
+        if let Ok(mut ours) = self.inner.cluster_id.write()
+            && *ours != id
+        {
+            *ours = id.to_string();
+        }
+    }
+
     /// A peer request to node `target`, with the cluster and target metadata and a deadline.
     pub fn request<T>(&self, target: NodeId, message: T, timeout: Duration) -> Request<T> {
         let mut request = Request::new(message);
@@ -1504,6 +1520,12 @@ impl Peers {
         let metadata = request.metadata_mut();
         if let Ok(v) = self.inner.cluster_name.parse() {
             metadata.insert(CLUSTER_HEADER, v);
+        }
+        if let Ok(id) = self.inner.cluster_id.read()
+            && !id.is_empty()
+            && let Ok(v) = id.parse()
+        {
+            metadata.insert(CLUSTER_ID_HEADER, v);
         }
         if let Ok(v) = target.to_string().parse() {
             metadata.insert(TARGET_NODE_HEADER, v);
@@ -1521,6 +1543,22 @@ impl Peers {
         if cluster != self.inner.cluster_name {
             return Err(Status::failed_precondition(format!(
                 "this broker belongs to cluster {:?}, not {cluster:?}",
+                self.inner.cluster_name
+            )));
+        }
+        // Checked when both sides know the id (a broker still joining, or of a build before
+        // the id was sent, knows none).
+        let id = metadata
+            .get(CLUSTER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if let Ok(ours) = self.inner.cluster_id.read()
+            && !ours.is_empty()
+            && !id.is_empty()
+            && *ours != id
+        {
+            return Err(Status::failed_precondition(format!(
+                "this broker belongs to cluster {:?} of id {ours}, not to the one of id {id}",
                 self.inner.cluster_name
             )));
         }
@@ -2255,6 +2293,33 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(pb::InstallSnapshotResponse {
             vote: Some(wire::vote_to(&response.vote)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod cluster_id_tests {
+    use super::*;
+
+    /// A peer call from another cluster of the same name (the default) is refused once both
+    /// sides know their cluster's id. Before, the name alone was checked, so a recycled
+    /// address reached a broker of the same node id in another cluster and was served.
+    #[test]
+    fn a_call_from_a_cluster_of_the_same_name_and_another_id_is_refused() {
+        let ours = Peers::new(2, "weft", None, HashMap::new(), None);
+        let theirs = Peers::new(1, "weft", None, HashMap::new(), None);
+        let call = |from: &Peers| from.request(2, (), Duration::from_secs(1));
+        assert!(ours.check(&call(&theirs)).is_ok(), "no id known yet");
+        ours.set_cluster_id("id-ours");
+        assert!(
+            ours.check(&call(&theirs)).is_ok(),
+            "the caller knows none yet"
+        );
+        theirs.set_cluster_id("id-theirs");
+        let refused = ours.check(&call(&theirs)).expect_err("another cluster");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("id-theirs"), "{refused:?}");
+        theirs.set_cluster_id("id-ours");
+        assert!(ours.check(&call(&theirs)).is_ok(), "the same cluster");
     }
 }
 
