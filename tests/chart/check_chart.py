@@ -273,6 +273,12 @@ def check_schema_bounds(broker):
             if path == "grpc_message_bytes_max" and bound == "minimum":
                 values["fetch_bytes_max"] = value
                 values["topic_defaults"]["max_message_bytes"] = value
+            # A record must fit in a segment with room for its frame (checked at start too).
+            if path == "topic_defaults.segment_bytes" and bound == "minimum":
+                values["topic_defaults"]["max_message_bytes"] = value - 1024
+            if path == "topic_defaults.max_message_bytes" and bound == "maximum":
+                values["topic_defaults"]["segment_bytes"] = max(
+                    values["topic_defaults"].get("segment_bytes", 0), value + 1024)
             if path in ("fetch_bytes_max", "topic_defaults.max_message_bytes") \
                     and bound == "maximum":
                 values["grpc_message_bytes_max"] = \
@@ -497,6 +503,7 @@ BAD_VALUES = [
     ({"config": {"acl": {"rules": [{"identity": "a", "resource": "cluster",
                                     "operations": ["fly"]}]}}}, "operations"),
     ({"config": {"topic_defaults": {"segment_bytes": 1024}}}, "segment_bytes"),
+    ({"config": {"topic_defaults": {"segment_bytes": 1048576}}}, "max_message_bytes"),
 ]
 
 
