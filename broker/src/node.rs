@@ -575,7 +575,15 @@ impl Node {
             }
         };
         let recovering = !seeds.is_empty() && meta.recovering()?;
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let mode = if config.flush_sync == "fdatasync" {
+            SyncMode::Fdatasync
+        } else if !crate::raft::syncfs_reports_errors(&release) {
+            tracing::warn!(
+                kernel = release.trim(),
+                "flush_sync = \"syncfs\" needs Linux 5.8 or later (an older kernel's syncfs does \
+                 not report writeback errors): each log is synced with its own fdatasync instead"
+            );
             SyncMode::Fdatasync
         } else {
             SyncMode::Syncfs

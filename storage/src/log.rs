@@ -285,6 +285,33 @@ impl RollTicket {
     }
 }
 
+/// Creates `dir` and every missing parent, each made durable in its own parent: a power loss
+/// soon after must not take the directory away with the entries synced in it (a file's
+/// fdatasync does not make the directory entries above it durable).
+fn create_dir_durably(dir: &Path, config: &LogConfig) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    for created in missing.into_iter().rev() {
+        match fs::create_dir(created) {
+            Ok(()) => {}
+            // Made meanwhile (another partition of the topic): its maker syncs it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).io("create log directory", created),
+        }
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            segment::sync_dir(parent, config)?;
+        }
+    }
+    Ok(())
+}
+
 impl PartitionLog {
     /// Opens (or creates) the log in `dir`, recovering from whatever a crash left: the tail segment
     /// is scanned and a torn tail cut off, missing or damaged index files are rebuilt, and damage
@@ -292,7 +319,7 @@ impl PartitionLog {
     pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<PartitionLog> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).io("create log directory", &dir)?;
+        create_dir_durably(&dir, &config)?;
         let mut bases = Vec::new();
         for entry in fs::read_dir(&dir).io("list log directory", &dir)? {
             let entry = entry.io("list log directory", &dir)?;

@@ -1404,3 +1404,32 @@ fn purged_name(path: &std::path::Path) -> std::path::PathBuf {
     let name = path.file_name().expect("name").to_string_lossy();
     path.with_file_name(format!("{name}.purged"))
 }
+
+/// A log opened in a directory that does not exist yet makes every directory it creates
+/// durable in its parent (topics/<id>/<partition>: a power loss soon after must not drop the
+/// directory with the entries synced in it). Before, only the log's own directory was synced.
+#[test]
+fn a_new_log_directory_is_made_durable_in_its_parents() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let recorder = SyncRecorder::new();
+    let config = LogConfig {
+        sync_listener: Some(recorder.clone()),
+        ..small_config()
+    };
+    let dir = root.path().join("topics").join("topic-id").join("0");
+    let log = PartitionLog::open(&dir, config).expect("open");
+    drop(log);
+    let synced = recorder.synced.lock().expect("lock");
+    for parent in [
+        root.path().to_path_buf(),
+        root.path().join("topics"),
+        root.path().join("topics").join("topic-id"),
+    ] {
+        assert!(
+            synced.contains_key(&parent),
+            "{} not synced: {:?}",
+            parent.display(),
+            synced.keys().collect::<Vec<_>>()
+        );
+    }
+}

@@ -39,6 +39,19 @@ const ROUND_REQUESTS_MAX: usize = 4096;
 /// into one sync.
 const WRITTEN_ROUNDS_MAX: usize = 64;
 
+/// Whether `syncfs` reports writeback errors on the kernel of `release` (as
+/// `/proc/sys/kernel/osrelease` reads): Linux 5.8 and later. Before, syncfs returned 0 after a
+/// failed writeback, so acknowledged entries could be lost unseen. A release that does not
+/// parse counts as older.
+pub fn syncfs_reports_errors(release: &str) -> bool {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let number = |p: Option<&str>| p.and_then(|p| p.parse::<u32>().ok());
+    match (number(parts.next()), number(parts.next())) {
+        (Some(major), Some(minor)) => (major, minor) >= (5, 8),
+        _ => false,
+    }
+}
+
 /// How a round makes several logs durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncMode {
@@ -468,4 +481,28 @@ fn finish(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod syncfs_tests {
+    use super::syncfs_reports_errors;
+
+    /// syncfs is trusted only where it reports writeback errors (Linux 5.8 and later): on an
+    /// older kernel the flusher syncs each log with its own fdatasync.
+    #[test]
+    fn syncfs_is_trusted_from_linux_5_8() {
+        for release in ["5.8.0", "5.10.0-28-amd64", "6.1.0-13-cloud-amd64", "10.0"] {
+            assert!(syncfs_reports_errors(release), "{release}");
+        }
+        for release in [
+            "4.18.0-553.el8_10.x86_64",
+            "5.4.0-42-generic",
+            "4.14.336-257.562.amzn2.x86_64",
+            "5.7.19",
+            "",
+            "unknown",
+        ] {
+            assert!(!syncfs_reports_errors(release), "{release}");
+        }
+    }
 }

@@ -42,7 +42,7 @@ pub use controller_sm::{
     ControllerStateMachine, FEATURE_LEVEL, GroupOffsets, LAST_BROKER_CHECK_LEVEL, PLACEMENT_LEVEL,
     PartitionMeta, PlannedMove, TopicBase, TopicMeta, UPDATE_BASE_LEVEL, feature_level,
 };
-pub use flusher::{Flusher, SyncMode};
+pub use flusher::{Flusher, SyncMode, syncfs_reports_errors};
 pub use log_store::{LogReader, LogStore};
 pub use network::{PEER_MESSAGE_BYTES_MAX, Peers, RaftService, Recovery, SettledHook};
 pub use partition_group::{
