@@ -349,7 +349,6 @@ impl<G: Proposer> Sequencer<G> {
         };
         let table = self.producers.get_or_insert_with(BTreeMap::new);
         self.accepted += 1;
-        self.clock_ms = self.clock_ms.max(h.max_timestamp_ms);
         if self.accepted.is_multiple_of(PRODUCER_EXPIRY_EVERY_ENTRIES) {
             // Forget idle producers as the state machine does (none with a batch in flight).
             let pending = &self.pending;
@@ -435,6 +434,10 @@ impl<G: Proposer> Sequencer<G> {
                         base_offset: u64::MAX,
                     },
                 );
+                // Only a batch that will be stored moves the clock on (the state machine's moves
+                // with what it applies): a refused one's timestamps must not make this leader
+                // forget a producer the state machine still knows.
+                self.clock_ms = self.clock_ms.max(h.max_timestamp_ms);
                 state.last_timestamp_ms = state.last_timestamp_ms.max(self.clock_ms);
                 let next = state.next_sequence();
                 self.pending.insert(pending_key, vec![job.reply]);
@@ -1463,6 +1466,59 @@ mod tests {
                 other => panic!("a parked batch whose predecessor never came: {other:?}"),
             }
         }
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// Batches the leader refuses never move its producer clock on: the state machine's moves
+    /// only with what it applies, and the leader must forget no producer before it does.
+    /// Before, a thousand refused batches stamped two hours ahead made the leader forget an
+    /// idle producer that the state machine still knew, and its next batch was refused as
+    /// coming from an unknown producer.
+    #[tokio::test]
+    async fn refused_batches_do_not_move_the_producer_clock() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let (jobs, actor) = spawn_actor(HeldLog::at(0, proposals_tx));
+        let stamped = |producer: u64, sequence: u64, timestamp: i64| {
+            let mut builder = BatchBuilder::new();
+            builder.push(timestamp, b"", b"v", []);
+            builder.seal(
+                0,
+                0,
+                0,
+                ProducerInfo {
+                    producer_id: producer,
+                    producer_epoch: 0,
+                    base_sequence: sequence,
+                },
+            )
+        };
+        let hour_ms = 3_600_000;
+        let stored = publish(&jobs, stamped(7, 0, hour_ms)).await;
+        next_proposal(&mut proposals)
+            .await
+            .send(())
+            .expect("release");
+        stored.await.expect("answered").expect("stored");
+        // An unknown producer's batches (not sequence 0), two hours ahead: all refused.
+        for _ in 0..PRODUCER_EXPIRY_EVERY_ENTRIES {
+            let refused = publish(&jobs, stamped(8, 5, 3 * hour_ms)).await;
+            match refused.await.expect("answered") {
+                Err(BrokerError::UnknownProducer { .. }) => {}
+                other => panic!("an unknown producer's batch: {other:?}"),
+            }
+        }
+        // Producer 7 goes on: still known.
+        let next = publish(&jobs, stamped(7, 1, hour_ms + 1)).await;
+        let proposed = tokio::time::timeout(Duration::from_secs(5), proposals.recv()).await;
+        match proposed {
+            Ok(Some(release)) => release.send(()).expect("release"),
+            other => panic!(
+                "producer 7's next batch was not proposed ({other:?}): {:?}",
+                next.await
+            ),
+        }
+        next.await.expect("answered").expect("stored");
         drop(jobs);
         actor.await.expect("no panic");
     }
