@@ -799,8 +799,19 @@ mod tests {
     }
 
     fn idempotent_of(producer_id: u64, epoch: u32, sequence: u64, value: &[u8]) -> Batch {
+        stamped_of(producer_id, epoch, sequence, value, 1)
+    }
+
+    /// [`idempotent_of`] with its record's timestamp.
+    fn stamped_of(
+        producer_id: u64,
+        epoch: u32,
+        sequence: u64,
+        value: &[u8],
+        timestamp: i64,
+    ) -> Batch {
         let mut builder = BatchBuilder::new();
-        builder.push(1, b"", value, []);
+        builder.push(timestamp, b"", value, []);
         builder.seal(
             0,
             0,
@@ -1480,18 +1491,7 @@ mod tests {
         let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
         let (jobs, actor) = spawn_actor(HeldLog::at(0, proposals_tx));
         let stamped = |producer: u64, sequence: u64, timestamp: i64| {
-            let mut builder = BatchBuilder::new();
-            builder.push(timestamp, b"", b"v", []);
-            builder.seal(
-                0,
-                0,
-                0,
-                ProducerInfo {
-                    producer_id: producer,
-                    producer_epoch: 0,
-                    base_sequence: sequence,
-                },
-            )
+            stamped_of(producer, 0, sequence, b"v", timestamp)
         };
         let hour_ms = 3_600_000;
         let stored = publish(&jobs, stamped(7, 0, hour_ms)).await;
