@@ -165,6 +165,8 @@ pub struct Consumer {
     /// Streams in a row that ended within [`QUICK_STREAM`] of opening: each reconnection after
     /// one waits longer (see [`reconnect_delay`]).
     quick_ends: u32,
+    /// Whether the current stream has announced an assignment yet.
+    assigned_on_stream: bool,
 }
 
 /// A stream that ends sooner than this after it opened counts as a quick end: the broker
@@ -176,6 +178,33 @@ const QUICK_STREAM: Duration = Duration::from_secs(1);
 /// none after a stream that lived, then 100 ms more per quick end, at most 2 s.
 fn reconnect_delay(quick_ends: u32) -> Duration {
     Duration::from_millis(100 * u64::from(quick_ends.min(20)))
+}
+
+/// The positions after an assignment that announced `owned` (each partition with the broker's
+/// position in it). The first assignment of a stream places every partition. A later one, on
+/// the same stream, keeps this consumer's position in the partitions it already owned: the
+/// broker's is where it has delivered to, and the records between the two are still buffered
+/// here, not taken by the application (a commit of the broker's position would cover them).
+fn kept_positions(
+    before: BTreeMap<u32, u64>,
+    owned: BTreeMap<u32, u64>,
+    same_stream: bool,
+) -> BTreeMap<u32, u64> {
+    if !same_stream {
+        return owned;
+    }
+    owned
+        .into_iter()
+        .map(|(partition, offset)| (partition, before.get(&partition).copied().unwrap_or(offset)))
+        .collect()
+}
+
+/// Whether `event` shows the stream working, so the reconnections counted against
+/// `reconnects_max` start over. An assignment does not: a broker announces one on every stream
+/// it accepts, also on one it then fails at once (its partitions unreadable), and counting from
+/// zero after each let such streams be opened again forever.
+fn shows_a_working_stream(event: &Event) -> bool {
+    !matches!(event, Event::Assignment(_))
 }
 
 /// Bytes of a record as the broker counts them against credit.
@@ -217,6 +246,7 @@ impl Consumer {
             processing: None,
             stream_opened: Instant::now(),
             quick_ends: 0,
+            assigned_on_stream: false,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
         // reconnect would.
@@ -249,7 +279,16 @@ impl Consumer {
 
     async fn subscribe(&mut self) -> Result<()> {
         let (tx, rx) = mpsc::channel(16);
-        let start = match self.config.start {
+        // Outside a group, a stream after the first names where this consumer got to in every
+        // partition it was given; one it was never given was added to the topic since, and all
+        // of it came after this consumer started: it is read from its start, whatever the
+        // configured start (the latest offset would skip what was published there meanwhile).
+        let start = if self.config.group.is_none() && !self.positions.is_empty() {
+            StartFrom::Earliest
+        } else {
+            self.config.start
+        };
+        let start = match start {
             StartFrom::Earliest => {
                 proto::start_position::Position::Earliest(proto::start_position::Earliest {})
             }
@@ -329,6 +368,7 @@ impl Consumer {
         self.requests = Some(tx);
         self.responses = Some(responses);
         self.stream_live = true;
+        self.assigned_on_stream = false;
         self.commits_in_flight = 0;
         // Records buffered from the old stream were not credited on the new one.
         self.buffer.clear();
@@ -376,7 +416,12 @@ impl Consumer {
                 });
                 self.uncredited.0 += dropped.0;
                 self.uncredited.1 += dropped.1;
-                self.positions = owned;
+                self.positions = kept_positions(
+                    std::mem::take(&mut self.positions),
+                    owned,
+                    self.assigned_on_stream,
+                );
+                self.assigned_on_stream = true;
                 self.committed.retain(|p, _| self.positions.contains_key(p));
             }
             Event::Delivery(d) => {
@@ -484,8 +529,18 @@ impl Consumer {
             }
             let event = self.receive().await;
             match event {
-                Ok(Some(_)) => failures = 0,
-                Ok(None) => self.reconnect(&Error::Closed).await?,
+                Ok(Some(event)) => {
+                    if shows_a_working_stream(&event) {
+                        failures = 0;
+                    }
+                }
+                Ok(None) => {
+                    failures += 1;
+                    if failures > self.config.reconnects_max {
+                        return Err(Error::Closed);
+                    }
+                    self.reconnect(&Error::Closed).await?
+                }
                 Err(e) => {
                     let recoverable = e.is_retriable()
                         || e.code() == Some(Code::FailedPrecondition)
@@ -807,5 +862,23 @@ mod tests {
             .map(reconnect_delay)
             .sum();
         assert!(total > Duration::from_secs(30), "{total:?}");
+    }
+
+    /// Streams that fail right after their assignment count against `reconnects_max`; records,
+    /// heartbeats and commit acknowledgements show a working stream.
+    #[test]
+    fn only_a_working_stream_resets_the_reconnections_counted() {
+        assert!(!shows_a_working_stream(&Event::Assignment(
+            proto::Assignment::default()
+        )));
+        assert!(shows_a_working_stream(&Event::Delivery(
+            proto::Delivery::default()
+        )));
+        assert!(shows_a_working_stream(&Event::Heartbeat(
+            proto::Heartbeat::default()
+        )));
+        assert!(shows_a_working_stream(&Event::CommitAck(
+            proto::CommitAck::default()
+        )));
     }
 }

@@ -1026,3 +1026,50 @@ async fn resume_offsets_place_only_the_first_assignment() {
     assert_eq!(given_back.offset, 8, "{back:?}");
     drop(b_requests);
 }
+
+/// A consumer outside a group that started at the latest offset reads a partition added to its
+/// topic while its stream was down from that partition's start: every record there came after
+/// the consumer started. Before, the new stream placed the partition it had never seen at the
+/// latest offset too, and the records published there in between were skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_consumer_reads_a_partition_added_while_its_stream_was_down_from_its_start() {
+    let mut broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("c", 1).await.expect("create");
+    publish(&client, "old", 0, 3).await;
+    let mut consumer = client
+        .consumer(ConsumerConfig::new("c").start(StartFrom::Latest))
+        .await
+        .expect("subscribe");
+    assert_eq!(consumer.positions().get(&0), Some(&3));
+    publish(&client, "a", 3, 4).await;
+    assert_eq!(take(&mut consumer, 1).await, vec![(3, "a-3".to_string())]);
+
+    // The topic grows to two partitions, and its stream goes down with the broker.
+    let (status, body) = broker.http("PATCH", "/v1/topics/c", Some(r#"{"partitions":2}"#));
+    assert_eq!(status, 200, "{body}");
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send("c", Record::new("b-0").partition(1))
+        .await
+        .expect("stored in the new partition");
+    producer.close().await.expect("close");
+    broker.stop();
+    broker.start_again_same_ports();
+    broker.wait_ready();
+
+    let message = consumer
+        .next_timeout(Duration::from_secs(30))
+        .await
+        .expect("next")
+        .expect("the record of the new partition");
+    assert_eq!(
+        (message.partition, message.offset, &message.value[..]),
+        (1, 0, &b"b-0"[..])
+    );
+    assert_eq!(
+        consumer.positions().get(&0),
+        Some(&4),
+        "partition 0 resumed"
+    );
+}

@@ -306,3 +306,88 @@ async fn partitions_added_to_a_topic_go_to_its_live_group() {
     }
     member.close().await.expect("leave");
 }
+
+/// A member that keeps a partition through a rebalance keeps its own position there: the
+/// records the broker had delivered but the application had not taken yet are still to come,
+/// so a commit names what was taken, not what was delivered. Before, the new assignment's
+/// offsets (the broker's delivery positions) replaced the member's: a commit then covered
+/// records never processed (lost if the member died), and the next records taken moved the
+/// position back, so the following commit was refused as going backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("work", 2)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    for i in 0..20u32 {
+        producer
+            .send("work", Record::new(format!("job-{i}")).partition(i % 2))
+            .await
+            .expect("stored");
+    }
+    producer.close().await.expect("close");
+
+    let config = ConsumerConfig::new("work")
+        .group("g")
+        .start(StartFrom::Earliest)
+        .auto_commit(false);
+    let mut first = client.consumer(config.clone()).await.expect("join");
+    assert_eq!(first.assignment(), vec![0, 1]);
+    // One record taken: both partitions' ten records were delivered (the credit allows 2,000).
+    let taken = first
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("next")
+        .expect("a record");
+    let mut expected: BTreeMap<u32, u64> = BTreeMap::from([(0, 0), (1, 0)]);
+    expected.insert(taken.partition, taken.offset + 1);
+
+    // A second member: the group rebalances and the first keeps one partition.
+    let second = client.consumer(config).await.expect("second member");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match first.commit().await {
+            Ok(()) if first.generation() == second.generation() => break,
+            Ok(()) => {}
+            Err(e) => assert_eq!(e.reason(), "STALE_GENERATION", "{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first member never saw the new generation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = first.assignment();
+    assert_eq!(kept.len(), 1, "one partition each: {kept:?}");
+    let kept = kept[0];
+    assert_eq!(
+        first.positions().get(&kept),
+        expected.get(&kept),
+        "the position of the kept partition is what the application took"
+    );
+    assert_eq!(
+        committed(&client).await.get(&kept).copied().unwrap_or(0),
+        expected[&kept],
+        "the commit names only records the application took"
+    );
+
+    // The rest of the kept partition follows, in order, and its commit is stored.
+    let mut next = expected[&kept];
+    while next < 10 {
+        let message = first
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .expect("the kept partition's next record");
+        assert_eq!((message.partition, message.offset), (kept, next));
+        next += 1;
+    }
+    first.commit().await.expect("commit after the rebalance");
+    assert_eq!(committed(&client).await.get(&kept), Some(&10));
+    first.close().await.expect("close");
+    second.close().await.expect("close");
+}
