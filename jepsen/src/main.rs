@@ -377,7 +377,7 @@ async fn main() -> ExitCode {
                     let found = match guarded(run(&config, &dir), &dir).await {
                         Ok(o) => {
                             println!("{}", weft_jepsen::report::summary(&o.report));
-                            o.report.anomalies.values().sum()
+                            canary.caught_in(&o.report)
                         }
                         Err(e) => {
                             println!("run error: {e:#}");
@@ -398,7 +398,7 @@ async fn main() -> ExitCode {
             }
             println!(
                 "\n{:<20} {:>10}  {:>20}  dir",
-                "canary", "anomalies", "seed"
+                "canary", "signature", "seed"
             );
             for (name, found, seed, dir, retried) in &rows {
                 let verdict = if *found > 0 {

@@ -85,6 +85,26 @@ impl Canary {
         (Canary::DirtyRead, &[Fault::Partition]),
     ];
 
+    /// The anomalies that show its defect: a run catches the canary only with one of these,
+    /// not with any anomaly (final reads cut short by the lost data would count unseen records
+    /// for any canary, and say nothing of whether the checks meant for it work).
+    pub fn signature(self) -> &'static [&'static str] {
+        match self {
+            Canary::AckBeforeFsync => &["lost-write", "unseen-at-end", "inconsistent-offsets"],
+            Canary::NoDedup => &["duplicate"],
+            Canary::CrcOff => &["crc-escape", "replica-divergence"],
+            Canary::DirtyRead => &["inconsistent-offsets", "aborted-read", "phantom"],
+        }
+    }
+
+    /// The count of `report`'s anomalies that show this canary's defect.
+    pub fn caught_in(self, report: &crate::checker::Report) -> u64 {
+        self.signature()
+            .iter()
+            .map(|a| report.anomalies.get(*a).copied().unwrap_or(0))
+            .sum()
+    }
+
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -422,7 +442,10 @@ async fn final_reads(
     // the others get a few seconds each.
     let mut patience = limit;
     for key in 0..keys {
-        let target = progress.end(key);
+        // Up to the highest offset any client saw, and on to the high watermark the reads
+        // report: records stored after it (retries that were still in flight, sends that
+        // failed though they were stored) are checked too.
+        let mut target = progress.end(key);
         let mut position = 0u64;
         let mut progressed_at = Instant::now();
         while position < target {
@@ -444,11 +467,16 @@ async fn final_reads(
             )
             .await
             {
-                Some((records, _)) if !records.is_empty() => {
+                Some((records, high_watermark)) if !records.is_empty() => {
                     position = records.last().map_or(position, |(o, _)| o + 1);
+                    target = target.max(high_watermark);
                     progressed_at = Instant::now();
                 }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                Some((_, high_watermark)) => {
+                    target = target.max(high_watermark);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     }
@@ -465,6 +493,7 @@ async fn replica_reads(
     problems: &mut Vec<String>,
 ) {
     let mut replicas: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    let mut listed = false;
     for (_, channel) in &clients.nodes {
         let mut request = tonic::Request::new(ListPartitionsRequest {
             topic: TOPIC.into(),
@@ -477,8 +506,12 @@ async fn replica_reads(
             for p in r.into_inner().partitions {
                 replicas.insert(p.partition, p.replicas);
             }
+            listed = true;
             break;
         }
+    }
+    if !listed {
+        problems.push("no broker listed the partitions' replicas: no copy was compared".into());
     }
     // A replica is given up on when its copy makes no progress for `limit` (a long run's
     // replicas may take minutes to read, but one that is stuck is seen stuck within `limit`);

@@ -379,8 +379,10 @@ pub async fn poller(
     let process = format!("p{index}");
     let mut positions = vec![0u64; keys as usize];
     let mut avoided = Avoided::new();
-    let key = index % keys.max(1);
     while !*stop.borrow() {
+        // A random key each time: every key is read while the faults run, whatever the
+        // number of pollers (pinned to one key each, 3 pollers left a fourth key unread).
+        let key = rng.random_range(0..keys.max(1));
         let from = positions[key as usize];
         let (node, channel) = clients.any_but(&mut rng, &avoided);
         match poll_once(
