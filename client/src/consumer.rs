@@ -199,6 +199,17 @@ fn kept_positions(
         .collect()
 }
 
+/// How often the client heartbeats: `heartbeat_interval`, and at least three times per session
+/// timeout (a session of 500 ms with heartbeats every second expired between every two, and
+/// the member rejoined under a new id, again and again), never more often than every 10 ms.
+fn heartbeat_every(config: &ConsumerConfig) -> Duration {
+    let interval = match config.session_timeout {
+        Some(session) => config.heartbeat_interval.min(session / 3),
+        None => config.heartbeat_interval,
+    };
+    interval.max(Duration::from_millis(10))
+}
+
 /// Whether `event` shows the stream working, so the reconnections counted against
 /// `reconnects_max` start over. An assignment does not: a broker announces one on every stream
 /// it accepts, also on one it then fails at once (its partitions unreadable), and counting from
@@ -348,7 +359,7 @@ impl Consumer {
             .into_inner();
         self.stream_opened = Instant::now();
         let heartbeat_tx = tx.clone();
-        let interval = self.config.heartbeat_interval;
+        let interval = heartbeat_every(&self.config);
         if let Some(old) = self.heartbeat.take() {
             old.abort();
         }

@@ -391,3 +391,119 @@ async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
     first.close().await.expect("close");
     second.close().await.expect("close");
 }
+
+/// A member whose application takes records slowly stays in its group while its client keeps
+/// heartbeating: the broker reads the member's heartbeats while the stream waits for the
+/// member to read. Before, a full stream (the HTTP/2 window and the session's queue full of
+/// small deliveries, with credit left) held the session in its delivery, which read nothing
+/// from the member: the coordinator expired a live member after its session timeout, and
+/// gave its partitions to others while it still processed them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_member_that_keeps_heartbeating_stays_in_its_group() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("slow", 1)
+        .await
+        .expect("create");
+    let mut member = client
+        .consumer(
+            ConsumerConfig::new("slow")
+                .group("g")
+                .start(StartFrom::Earliest)
+                .auto_commit(false)
+                .session_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .expect("join");
+    let (id, generation) = (member.member_id().to_string(), member.generation());
+
+    // A steady producer: one 8 KiB record at a time, so each delivery is small (bounded: 7 s,
+    // at most 3,000 records).
+    let producing = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let producer = client.producer(ProducerConfig::default());
+            let began = Instant::now();
+            let mut sent = 0u64;
+            while began.elapsed() < Duration::from_secs(7) && sent < 3000 {
+                producer
+                    .send("slow", Record::new(vec![b'x'; 8192]).partition(0))
+                    .await
+                    .expect("stored");
+                sent += 1;
+            }
+            producer.close().await.expect("close");
+            sent
+        })
+    };
+    member
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("next")
+        .expect("a record");
+    // The application holds on to that record for 7 s: more than three session timeouts.
+    let sent = producing.await.expect("producer");
+    assert!(
+        sent * 8192 > 3 << 20,
+        "too few records to fill the stream ({sent})"
+    );
+    let group = client.admin().group("g").await.expect("describe");
+    assert_eq!(
+        group
+            .members
+            .iter()
+            .map(|m| m.member_id.as_str())
+            .collect::<Vec<_>>(),
+        vec![id.as_str()],
+        "the slow member is still the group's member"
+    );
+    for _ in 0..100 {
+        member
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .expect("a record");
+    }
+    assert_eq!(member.member_id(), id);
+    assert_eq!(member.generation(), generation);
+    member.close().await.expect("close");
+}
+
+/// A member with a short session timeout (500 ms, below the client's default heartbeat
+/// interval of 1 s) keeps its membership on an idle topic: the client heartbeats often enough
+/// for it. Before, the session expired between two heartbeats, the group rebalanced, and the
+/// member rejoined under a new id, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_session_timeout_keeps_an_idle_member() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("idle", 1)
+        .await
+        .expect("create");
+    let mut member = client
+        .consumer(
+            ConsumerConfig::new("idle")
+                .group("g")
+                .session_timeout(Duration::from_millis(500)),
+        )
+        .await
+        .expect("join");
+    let (id, generation) = (member.member_id().to_string(), member.generation());
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(4) {
+        assert!(
+            member
+                .next_timeout(Duration::from_millis(200))
+                .await
+                .expect("next")
+                .is_none()
+        );
+    }
+    assert_eq!(member.member_id(), id, "the member kept its id");
+    assert_eq!(member.generation(), generation, "no rebalance");
+    member.close().await.expect("close");
+}

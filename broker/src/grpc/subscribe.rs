@@ -1030,6 +1030,12 @@ impl Session {
             if self.credit_records == 0 || self.credit_bytes == 0 {
                 break;
             }
+            // The stream's queue is full (the subscriber is not reading: its HTTP/2 window is
+            // full too): waiting here for room would stop the session reading the subscriber's
+            // messages, its heartbeats among them. The session loop waits for room instead.
+            if self.tx.capacity() == 0 {
+                break;
+            }
             let max_bytes = (self
                 .credit_bytes
                 .min(u64::from(self.node.config.fetch_bytes_max)))
@@ -1394,6 +1400,9 @@ impl Session {
                 .collect();
             let delivered = self.deliver().await?;
             let has_credit = self.credit_records > 0 && self.credit_bytes > 0;
+            // A full queue: deliver again once it has room, reading the subscriber meanwhile.
+            let full = self.tx.capacity() == 0;
+            let room = self.tx.clone();
             let remote_wait = Duration::from_millis(config.stream_heartbeat_ms);
             let remote = self.remote_data(remote_wait);
             let data = async {
@@ -1475,9 +1484,17 @@ impl Session {
                         leader: None,
                     });
                 }
-                () = data, if has_credit && !delivered => {}
-                () = futures::future::ready(()), if delivered => {}
-                _ = heartbeat.tick() => {
+                () = data, if has_credit && !delivered && !full => {}
+                () = futures::future::ready(()), if delivered && !full => {}
+                permit = room.reserve(), if full => {
+                    if permit.is_err() {
+                        return Err(BrokerError::Unavailable {
+                            reason: "subscriber went away".into(),
+                            leader: None,
+                        });
+                    }
+                }
+                _ = heartbeat.tick(), if !full => {
                     tracing::debug!(
                         topic = %self.start.topic,
                         group = %self.start.group_id,
