@@ -150,13 +150,26 @@ impl Node {
             from: current.replicas.clone(),
             to: replicas,
         };
-        match self.propose(planned.command()).await? {
+        let answer = self.propose(planned.command()).await?;
+        self.see_own_writes(true).await;
+        match answer {
             ControllerResponse::Topic(t) => t
                 .partitions
                 .get(partition as usize)
                 .cloned()
                 .ok_or_else(|| BrokerError::Internal("the moved partition vanished".into())),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// After moves were started (`started`), waits until this broker's copy of the controller
+    /// state holds them, so a caller that asks this broker next (`weft cluster rebalance
+    /// --wait` polls the partitions) sees them moving. The controller applied them on its
+    /// leader; this broker may apply them later (seen: `--wait` read no move, returned at once,
+    /// and the moves were still running). The moves stand either way: a failure is logged.
+    async fn see_own_writes(&self, started: bool) {
+        if started && let Err(e) = self.sync_controller().await {
+            tracing::warn!("the moves started, but this broker's metadata is behind: {e}");
         }
     }
 
@@ -294,7 +307,8 @@ impl Node {
         // (A refusal was decided on the controller's leader: this broker's copy of the state
         // may not have applied the move that caused it yet. Best effort: on a timeout the
         // copy as it is decides.)
-        if !refused.is_empty() {
+        // Both ways, the moves started are then seen by the caller's next request here.
+        if !refused.is_empty() || !started.is_empty() {
             let _ = self.sync_controller().await;
         }
         let now = self.controller_state();
@@ -341,6 +355,7 @@ impl Node {
 
     async fn start_moves(&self, plan: Vec<PlannedMove>) -> (Vec<String>, Vec<String>) {
         let (started, refused) = self.start_planned_moves(plan).await;
+        self.see_own_writes(!started.is_empty()).await;
         let refused = refused
             .into_iter()
             .map(|(planned, e)| format!("{planned}: {e}"))

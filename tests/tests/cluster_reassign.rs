@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use weft_tests::{
-    Broker, add_broker, fetch_range, ok_stdout, publish_until_acknowledged, start_cluster, wait_for,
+    Broker, add_broker, add_broker_env, fetch_range, ok_stdout, publish_until_acknowledged,
+    start_cluster, wait_for,
 };
 
 const TOPIC: &str = "moves";
@@ -866,4 +867,50 @@ async fn a_removal_that_would_cost_the_controller_its_majority_waits() {
         || async { (brokers_listed(&brokers[0]) == [1, 2]).then_some(()) },
     )
     .await;
+}
+
+/// `weft cluster rebalance --wait` through a broker whose copy of the metadata lags (each
+/// controller apply there waits 300 ms) returns only once the moves are done. Before, the
+/// rebalance answered once the controller's leader had applied the moves; the lagging broker
+/// then listed no partition moving, and `--wait` returned at once (seen in CI: a rebalance
+/// "waited for" was still under way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_wait_through_a_lagging_broker_returns_once_the_moves_are_done() {
+    let mut brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{TOPIC}","partitions":{PARTITIONS},"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let fourth = add_broker_env(
+        &brokers,
+        &[],
+        &[("WEFT_TEST_CONTROLLER_APPLY_DELAY_MS", "300")],
+    );
+    fourth.wait_ready();
+    brokers.push(fourth);
+    wait_for(
+        "the lagging broker to list four brokers",
+        Duration::from_secs(30),
+        || {
+            let listed = brokers_listed(&brokers[3]);
+            async move { (listed == [1, 2, 3, 4]).then_some(()) }
+        },
+    )
+    .await;
+    let out = brokers[3].cli(&["cluster", "rebalance", "--wait"]);
+    let printed = ok_stdout(&out);
+    assert!(printed.contains("moving"), "{printed}");
+    // The brokers without the delay applied the end of every move before the lagging one.
+    for broker in &brokers[..3] {
+        let after = placement(broker);
+        assert!(
+            after.iter().all(|(_, _, moving_to)| moving_to.is_empty()),
+            "still moving after --wait returned: {after:?}"
+        );
+        assert!(after.iter().any(|(_, replicas, _)| replicas.contains(&4)));
+    }
 }

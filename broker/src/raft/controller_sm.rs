@@ -1459,6 +1459,10 @@ impl RaftStateMachine<TypeConfig> for ControllerStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Tests: a broker whose copy of the metadata lags behind the controller's leader.
+        if let Some(delay) = crate::test_hook_ms("WEFT_TEST_CONTROLLER_APPLY_DELAY_MS") {
+            tokio::time::sleep(delay).await;
+        }
         let mut state = (*self.state()).clone();
         let mut responses = Vec::new();
         for entry in entries {
