@@ -104,6 +104,9 @@ fn unexpected(response: ControllerResponse) -> BrokerError {
     }
 }
 
+/// How long a broker that started moves waits for its own copy of the metadata to hold them.
+const OWN_WRITES_WAIT: Duration = Duration::from_secs(5);
+
 impl Node {
     /// Starts moving `topic`/`partition`'s replicas to `replicas` (the first becomes its
     /// preferred leader). Returns the partition as the controller now has it (its `target` says
@@ -168,8 +171,18 @@ impl Node {
     /// leader; this broker may apply them later (seen: `--wait` read no move, returned at once,
     /// and the moves were still running). The moves stand either way: a failure is logged.
     async fn see_own_writes(&self, started: bool) {
-        if started && let Err(e) = self.sync_controller().await {
-            tracing::warn!("the moves started, but this broker's metadata is behind: {e}");
+        if !started {
+            return;
+        }
+        // Bounded well within the caller's deadline: the moves stand either way.
+        match tokio::time::timeout(OWN_WRITES_WAIT, self.sync_controller()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!("the moves started, but this broker's metadata is behind: {e}")
+            }
+            Err(_) => tracing::warn!(
+                "the moves started, but this broker's metadata is still behind after {OWN_WRITES_WAIT:?}"
+            ),
         }
     }
 

@@ -546,6 +546,10 @@ impl Consumer {
                     }
                 }
                 Ok(None) => {
+                    // A stream that lived a while worked: the count starts over.
+                    if self.stream_opened.elapsed() >= QUICK_STREAM {
+                        failures = 0;
+                    }
                     failures += 1;
                     if failures > self.config.reconnects_max {
                         return Err(Error::Closed);
@@ -557,6 +561,9 @@ impl Consumer {
                         || e.code() == Some(Code::FailedPrecondition)
                             && e.reason() == "STALE_GENERATION"
                         || e.code() == Some(Code::Cancelled);
+                    if self.stream_opened.elapsed() >= QUICK_STREAM {
+                        failures = 0;
+                    }
                     failures += 1;
                     if !recoverable || failures > self.config.reconnects_max {
                         return Err(e);

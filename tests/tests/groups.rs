@@ -395,9 +395,9 @@ async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
 /// A member whose application takes records slowly stays in its group while its client keeps
 /// heartbeating: the broker reads the member's heartbeats while the stream waits for the
 /// member to read. Before, a full stream (the HTTP/2 window and the session's queue full of
-/// small deliveries, with credit left) held the session in its delivery, which read nothing
-/// from the member: the coordinator expired a live member after its session timeout, and
-/// gave its partitions to others while it still processed them.
+/// small deliveries, with credit left) held the session in its delivery, and it read nothing
+/// from the member: the coordinator expired a live member after its session timeout, and gave
+/// its partitions to others while it still processed them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_member_that_keeps_heartbeating_stays_in_its_group() {
     let broker = Broker::start();
@@ -407,27 +407,28 @@ async fn a_slow_member_that_keeps_heartbeating_stays_in_its_group() {
         .create_topic("slow", 1)
         .await
         .expect("create");
+    let session = Duration::from_secs(2);
     let mut member = client
         .consumer(
             ConsumerConfig::new("slow")
                 .group("g")
                 .start(StartFrom::Earliest)
                 .auto_commit(false)
-                .session_timeout(Duration::from_secs(2)),
+                .session_timeout(session),
         )
         .await
         .expect("join");
     let (id, generation) = (member.member_id().to_string(), member.generation());
 
-    // A steady producer: one 8 KiB record at a time, so each delivery is small (bounded: 7 s,
-    // at most 3,000 records).
+    // A steady producer, one 8 KiB record at a time (so each delivery is small), until 3 MiB
+    // are stored: more than the stream holds, about 2 MiB (bounded: 30 s).
     let producing = {
         let client = client.clone();
         tokio::spawn(async move {
             let producer = client.producer(ProducerConfig::default());
             let began = Instant::now();
             let mut sent = 0u64;
-            while began.elapsed() < Duration::from_secs(7) && sent < 3000 {
+            while sent * 8192 < 3 << 20 && began.elapsed() < Duration::from_secs(30) {
                 producer
                     .send("slow", Record::new(vec![b'x'; 8192]).partition(0))
                     .await
@@ -443,12 +444,10 @@ async fn a_slow_member_that_keeps_heartbeating_stays_in_its_group() {
         .await
         .expect("next")
         .expect("a record");
-    // The application holds on to that record for 7 s: more than three session timeouts.
     let sent = producing.await.expect("producer");
-    assert!(
-        sent * 8192 > 3 << 20,
-        "too few records to fill the stream ({sent})"
-    );
+    assert!(sent * 8192 >= 3 << 20, "only {sent} records stored in 30 s");
+    // The application holds on to its record for three session timeouts.
+    tokio::time::sleep(session * 3).await;
     let group = client.admin().group("g").await.expect("describe");
     assert_eq!(
         group
@@ -471,7 +470,7 @@ async fn a_slow_member_that_keeps_heartbeating_stays_in_its_group() {
     member.close().await.expect("close");
 }
 
-/// A member with a short session timeout (500 ms, below the client's default heartbeat
+/// A member with a short session timeout (700 ms, below the client's default heartbeat
 /// interval of 1 s) keeps its membership on an idle topic: the client heartbeats often enough
 /// for it. Before, the session expired between two heartbeats, the group rebalanced, and the
 /// member rejoined under a new id, again and again.
@@ -488,7 +487,7 @@ async fn a_short_session_timeout_keeps_an_idle_member() {
         .consumer(
             ConsumerConfig::new("idle")
                 .group("g")
-                .session_timeout(Duration::from_millis(500)),
+                .session_timeout(Duration::from_millis(700)),
         )
         .await
         .expect("join");

@@ -1,7 +1,7 @@
 //! `weft.v1.Subscriber`: Fetch (unary long-poll), Subscribe (credit-based stream, optionally as a
 //! consumer-group member), CommitOffsets, GetOffsets.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -802,6 +802,21 @@ struct Session {
     credit_records: u64,
     credit_bytes: u64,
     tx: mpsc::Sender<Result<SubscribeResponse, Status>>,
+    /// Control messages (assignments, commit acknowledgements) that found the stream's queue
+    /// full, in order: sent as room comes, before any further delivery (see
+    /// [`Session::send_control`]).
+    pending: VecDeque<Result<SubscribeResponse, Status>>,
+}
+
+/// Control messages a session holds while its subscriber does not read; past this many it
+/// waits for room (a subscriber that commits without ever reading).
+const PENDING_CONTROL_MAX: usize = 64;
+
+fn subscriber_gone() -> BrokerError {
+    BrokerError::Unavailable {
+        reason: "subscriber went away".into(),
+        leader: None,
+    }
 }
 
 fn event(event: Event) -> Result<SubscribeResponse, Status> {
@@ -885,6 +900,7 @@ impl Session {
             generation: 0,
             positions: BTreeMap::new(),
             tx,
+            pending: VecDeque::new(),
         };
         tokio::spawn(session.run(inbound));
         Ok(rx)
@@ -995,17 +1011,41 @@ impl Session {
                 .map(|(&partition, &offset)| PartitionOffset { partition, offset })
                 .collect(),
         };
-        self.send(event(Event::Assignment(assignment))).await
+        self.send_control(event(Event::Assignment(assignment)))
+            .await
     }
 
     async fn send(&self, message: Result<SubscribeResponse, Status>) -> Result<(), BrokerError> {
-        self.tx
-            .send(message)
-            .await
-            .map_err(|_| BrokerError::Unavailable {
-                reason: "subscriber went away".into(),
-                leader: None,
-            })
+        self.tx.send(message).await.map_err(|_| subscriber_gone())
+    }
+
+    /// Sends a control message without waiting for room: when the stream's queue is full (the
+    /// subscriber is not reading), it waits in `pending` and the session goes on reading the
+    /// subscriber's messages, its heartbeats among them. Waiting here instead let a slow
+    /// member's session expire while its client heartbeated (a commit acknowledgement or a new
+    /// assignment stuck behind deliveries it had not read).
+    async fn send_control(
+        &mut self,
+        message: Result<SubscribeResponse, Status>,
+    ) -> Result<(), BrokerError> {
+        if !self.pending.is_empty() {
+            if self.pending.len() < PENDING_CONTROL_MAX {
+                self.pending.push_back(message);
+                return Ok(());
+            }
+            while let Some(queued) = self.pending.pop_front() {
+                self.send(queued).await?;
+            }
+            return self.send(message).await;
+        }
+        match self.tx.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                self.pending.push_back(message);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(subscriber_gone()),
+        }
     }
 
     /// NOT_FOUND once the stream's topic is gone, deleted (and perhaps created again under its
@@ -1032,8 +1072,10 @@ impl Session {
             }
             // The stream's queue is full (the subscriber is not reading: its HTTP/2 window is
             // full too): waiting here for room would stop the session reading the subscriber's
-            // messages, its heartbeats among them. The session loop waits for room instead.
-            if self.tx.capacity() == 0 {
+            // messages, its heartbeats among them. The session loop waits for room instead,
+            // and sends the control messages waiting first (an assignment precedes the
+            // deliveries of its generation).
+            if self.tx.capacity() == 0 || !self.pending.is_empty() {
                 break;
             }
             let max_bytes = (self
@@ -1244,7 +1286,7 @@ impl Session {
                         generation: commit.generation,
                         offsets: Vec::new(),
                     };
-                    return self.send(event(Event::CommitAck(ack))).await;
+                    return self.send_control(event(Event::CommitAck(ack))).await;
                 }
                 // Checked as a unary commit is (an offset past the high watermark would be
                 // stored, and every later commit of the partition refused as going backwards).
@@ -1304,7 +1346,7 @@ impl Session {
                         .map(|(partition, offset)| PartitionOffset { partition, offset })
                         .collect(),
                 };
-                self.send(event(Event::CommitAck(ack))).await?;
+                self.send_control(event(Event::CommitAck(ack))).await?;
             }
             Some(Inbound::Start(_)) => {
                 return Err(BrokerError::invalid(
@@ -1319,6 +1361,12 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<SubscribeRequest>) {
         let outcome = self.serve(&mut inbound).await;
         let left = matches!(outcome, Ok(Ended::ClientClosed));
+        // Acknowledgements still waiting go before the end.
+        while let Some(queued) = self.pending.pop_front() {
+            if self.tx.send(queued).await.is_err() {
+                break;
+            }
+        }
         if let Err(error) = outcome {
             let _ = self.tx.send(Err(Status::from(error))).await;
         }
@@ -1400,8 +1448,9 @@ impl Session {
                 .collect();
             let delivered = self.deliver().await?;
             let has_credit = self.credit_records > 0 && self.credit_bytes > 0;
-            // A full queue: deliver again once it has room, reading the subscriber meanwhile.
-            let full = self.tx.capacity() == 0;
+            // A full queue, or control messages waiting: send them and deliver again once it
+            // has room, reading the subscriber meanwhile.
+            let full = self.tx.capacity() == 0 || !self.pending.is_empty();
             let room = self.tx.clone();
             let remote_wait = Duration::from_millis(config.stream_heartbeat_ms);
             let remote = self.remote_data(remote_wait);
@@ -1487,11 +1536,9 @@ impl Session {
                 () = data, if has_credit && !delivered && !full => {}
                 () = futures::future::ready(()), if delivered && !full => {}
                 permit = room.reserve(), if full => {
-                    if permit.is_err() {
-                        return Err(BrokerError::Unavailable {
-                            reason: "subscriber went away".into(),
-                            leader: None,
-                        });
+                    let permit = permit.map_err(|_| subscriber_gone())?;
+                    if let Some(message) = self.pending.pop_front() {
+                        permit.send(message);
                     }
                 }
                 _ = heartbeat.tick(), if !full => {

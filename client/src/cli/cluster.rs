@@ -65,20 +65,64 @@ pub(crate) enum ClusterCommand {
 /// How long `--wait` waits.
 const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Waits until no partition moves (or, with `leaving`, until that broker is no longer listed),
-/// printing progress every few seconds.
-async fn wait_for_moves(client: &Client, leaving: Option<u64>) -> anyhow::Result<()> {
+/// The moves a reassignment answer names as started (`topic/partition: [from] -> [to]`, or
+/// `topic/partition: -> [to] (under way)`): partition name and target replicas.
+fn started_targets(started: &[String]) -> std::collections::HashMap<String, Vec<u64>> {
+    started
+        .iter()
+        .filter_map(|line| {
+            let (name, rest) = line.split_once(':')?;
+            let target = rest.split_once("-> [")?.1.split_once(']')?.0;
+            let ids: Option<Vec<u64>> = target
+                .split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(|id| id.parse().ok())
+                .collect();
+            Some((name.to_string(), ids?))
+        })
+        .collect()
+}
+
+/// Waits until no partition moves and every move in `started` has reached its target (or
+/// was replaced by another move), or, with `leaving`, until that broker is no longer listed;
+/// printing progress every few seconds. A broker whose copy of the metadata is behind lists
+/// a move just started as not moving yet: the targets tell that from a move that ended.
+async fn wait_for_moves(
+    client: &Client,
+    leaving: Option<u64>,
+    started: &[String],
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
     let mut last_report = tokio::time::Instant::now();
+    let mut targets = started_targets(started);
     loop {
-        let moving: Vec<String> = client
-            .admin()
-            .partitions("")
-            .await?
+        let partitions = client.admin().partitions("").await?;
+        // A partition no longer listed (its topic deleted) has nothing left to wait for.
+        targets.retain(|name, _| {
+            partitions
+                .iter()
+                .any(|p| format!("{}/{}", p.topic, p.partition) == *name)
+        });
+        for p in &partitions {
+            let name = format!("{}/{}", p.topic, p.partition);
+            if let Some(target) = targets.get(&name)
+                && (p.replicas == *target && p.moving_to.is_empty()
+                    || !p.moving_to.is_empty() && p.moving_to != *target)
+            {
+                targets.remove(&name);
+            }
+        }
+        let mut moving: Vec<String> = partitions
             .into_iter()
             .filter(|p| !p.moving_to.is_empty())
             .map(|p| format!("{}/{}", p.topic, p.partition))
             .collect();
+        for name in targets.keys() {
+            if !moving.contains(name) {
+                moving.push(name.clone());
+            }
+        }
         let still_there = match leaving {
             Some(id) => client
                 .admin()
@@ -314,7 +358,8 @@ pub(crate) async fn run(
                 .await?;
             let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
             if wait && !p.moving_to.is_empty() {
-                wait_for_moves(client, None).await?;
+                let started = vec![format!("{topic}/{partition}: -> [{}]", ids(&p.moving_to))];
+                wait_for_moves(client, None, &started).await?;
             }
             match output {
                 Output::Json => print_json(&json!({
@@ -338,14 +383,15 @@ pub(crate) async fn run(
             let (started, waiting) = client.admin().rebalance().await?;
             print_reassign(output, &started, &waiting, &[]);
             if wait {
-                wait_for_moves(client, None).await?;
+                wait_for_moves(client, None, &started).await?;
             }
         }
         ClusterCommand::RemoveBroker { node_id, wait } => {
             let removal = client.admin().remove_broker(node_id).await?;
             print_reassign(output, &removal.started, &removal.waiting, &removal.done);
             if wait {
-                wait_for_moves(client, Some(node_id)).await?;
+                // Done once the broker is gone: its moves may be planned again meanwhile.
+                wait_for_moves(client, Some(node_id), &[]).await?;
                 if output == Output::Text {
                     println!("node {node_id} has left the cluster: stop it");
                 }
@@ -353,4 +399,23 @@ pub(crate) async fn run(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_targets_of_started_moves_are_read_from_the_answer() {
+        let targets = started_targets(&[
+            "moves/0: [1, 2, 3] -> [2, 4, 3]".to_string(),
+            "moves/1: -> [4] (under way)".to_string(),
+            "orders/12: -> [3,1]".to_string(),
+            "not a move".to_string(),
+        ]);
+        assert_eq!(targets.len(), 3);
+        assert_eq!(targets["moves/0"], vec![2, 4, 3]);
+        assert_eq!(targets["moves/1"], vec![4]);
+        assert_eq!(targets["orders/12"], vec![3, 1]);
+    }
 }
