@@ -167,6 +167,10 @@ pub struct Consumer {
     quick_ends: u32,
     /// Whether the current stream has announced an assignment yet.
     assigned_on_stream: bool,
+    /// The session timeout the broker last said is in force.
+    broker_session: Option<Duration>,
+    /// How often the heartbeat task beats.
+    heartbeat_interval: Duration,
 }
 
 /// A stream that ends sooner than this after it opened counts as a quick end: the broker
@@ -200,10 +204,11 @@ fn kept_positions(
 }
 
 /// How often the client heartbeats: `heartbeat_interval`, and at least three times per session
-/// timeout (a session of 500 ms with heartbeats every second expired between every two, and
-/// the member rejoined under a new id, again and again), never more often than every 10 ms.
-fn heartbeat_every(config: &ConsumerConfig) -> Duration {
-    let interval = match config.session_timeout {
+/// timeout, its own or else the one the broker said is in force (a session of 500 ms with
+/// heartbeats every second expired between every two, and the member rejoined under a new id,
+/// again and again), never more often than every 10 ms.
+fn heartbeat_every(config: &ConsumerConfig, broker_session: Option<Duration>) -> Duration {
+    let interval = match config.session_timeout.or(broker_session) {
         Some(session) => config.heartbeat_interval.min(session / 3),
         None => config.heartbeat_interval,
     };
@@ -258,6 +263,8 @@ impl Consumer {
             stream_opened: Instant::now(),
             quick_ends: 0,
             assigned_on_stream: false,
+            broker_session: None,
+            heartbeat_interval: Duration::ZERO,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
         // reconnect would.
@@ -358,11 +365,28 @@ impl Consumer {
             .map_err(Error::from)?
             .into_inner();
         self.stream_opened = Instant::now();
-        let heartbeat_tx = tx.clone();
-        let interval = heartbeat_every(&self.config);
+        self.requests = Some(tx);
+        self.start_heartbeats(heartbeat_every(&self.config, self.broker_session));
+        self.responses = Some(responses);
+        self.stream_live = true;
+        self.assigned_on_stream = false;
+        self.commits_in_flight = 0;
+        // Records buffered from the old stream were not credited on the new one.
+        self.buffer.clear();
+        self.uncredited = (0, 0);
+        Ok(())
+    }
+
+    /// Receives one event and applies it; None when the stream ended cleanly.
+    /// Heartbeats every `interval` on the current stream (in place of any before).
+    fn start_heartbeats(&mut self, interval: Duration) {
         if let Some(old) = self.heartbeat.take() {
             old.abort();
         }
+        let Some(heartbeat_tx) = self.requests.clone() else {
+            return;
+        };
+        self.heartbeat_interval = interval;
         self.heartbeat = Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
@@ -376,18 +400,8 @@ impl Consumer {
                 }
             }
         }));
-        self.requests = Some(tx);
-        self.responses = Some(responses);
-        self.stream_live = true;
-        self.assigned_on_stream = false;
-        self.commits_in_flight = 0;
-        // Records buffered from the old stream were not credited on the new one.
-        self.buffer.clear();
-        self.uncredited = (0, 0);
-        Ok(())
     }
 
-    /// Receives one event and applies it; None when the stream ended cleanly.
     async fn receive(&mut self) -> Result<Option<Event>> {
         let Some(responses) = self.responses.as_mut() else {
             return Err(Error::Closed);
@@ -406,6 +420,15 @@ impl Consumer {
         match &event {
             Event::Assignment(a) => {
                 self.generation = a.generation;
+                // The session timeout in force (the broker's default when this consumer named
+                // none) sets how often to heartbeat.
+                if a.session_timeout_ms > 0 {
+                    self.broker_session = Some(Duration::from_millis(a.session_timeout_ms.into()));
+                    let interval = heartbeat_every(&self.config, self.broker_session);
+                    if interval != self.heartbeat_interval {
+                        self.start_heartbeats(interval);
+                    }
+                }
                 if !a.member_id.is_empty() {
                     self.member_id = a.member_id.clone();
                 }

@@ -506,3 +506,39 @@ async fn a_short_session_timeout_keeps_an_idle_member() {
     assert_eq!(member.generation(), generation, "no rebalance");
     member.close().await.expect("close");
 }
+
+/// A member that names no session timeout gets the broker's default, here 700 ms (below the
+/// client's default heartbeat interval of 1 s): the assignment says it, and the client
+/// heartbeats often enough for it. Before, the client beat every second whatever the broker's
+/// default, and the member was expired and rejoined under a new id, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_default_session_timeout_of_the_broker_keeps_an_idle_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "session_timeout_ms = 700\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("idle", 1)
+        .await
+        .expect("create");
+    let mut member = client
+        .consumer(ConsumerConfig::new("idle").group("g"))
+        .await
+        .expect("join");
+    let (id, generation) = (member.member_id().to_string(), member.generation());
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(4) {
+        assert!(
+            member
+                .next_timeout(Duration::from_millis(200))
+                .await
+                .expect("next")
+                .is_none()
+        );
+    }
+    assert_eq!(member.member_id(), id, "the member kept its id");
+    assert_eq!(member.generation(), generation, "no rebalance");
+    member.close().await.expect("close");
+}

@@ -1001,10 +1001,16 @@ impl Session {
             Some(m) => (m.group_id.clone(), m.member_id.clone()),
             None => (String::new(), String::new()),
         };
+        let session_timeout_ms = match (&self.group, self.start.session_timeout_ms) {
+            (None, _) => 0,
+            (Some(_), 0) => u32::try_from(self.node.config.session_timeout_ms).unwrap_or(u32::MAX),
+            (Some(_), asked) => asked,
+        };
         let assignment = Assignment {
             group_id,
             member_id,
             generation,
+            session_timeout_ms,
             partitions: self
                 .positions
                 .iter()
