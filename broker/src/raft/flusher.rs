@@ -93,10 +93,16 @@ impl Flusher {
         let (to_sync, written) = mpsc::sync_channel(WRITTEN_ROUNDS_MAX);
         std::thread::Builder::new()
             .name("weft-syncer".into())
-            .spawn(move || sync_stage(written, mode))?;
+            .spawn(move || {
+                let _stop = StopOnPanic("sync stage");
+                sync_stage(written, mode)
+            })?;
         std::thread::Builder::new()
             .name("weft-flusher".into())
-            .spawn(move || write_stage(queue, to_sync))?;
+            .spawn(move || {
+                let _stop = StopOnPanic("write stage");
+                write_stage(queue, to_sync)
+            })?;
         Ok(Flusher { requests })
     }
 
@@ -110,6 +116,27 @@ impl Flusher {
         self.requests
             .send(Request { shared, callback })
             .map_err(|_| "the flusher has stopped".to_string())
+    }
+}
+
+/// Ends the process when the flusher thread it lives in panics. Without that thread no entry
+/// of any group becomes durable again: every partition would stop taking writes while the
+/// broker went on answering as if alive. Ended, it is restarted (by Kubernetes, or systemd)
+/// and recovers from its data directory; nothing acknowledged is lost, since an entry is
+/// acknowledged only once synced.
+struct StopOnPanic(&'static str);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let message = format!(
+                "the flusher's {} panicked: no write can be made durable any more; the broker stops (started again, it recovers from its data directory)",
+                self.0
+            );
+            tracing::error!("{message}");
+            eprintln!("{message}");
+            std::process::abort();
+        }
     }
 }
 
@@ -132,7 +159,13 @@ struct Written {
 /// Once every handle is dropped it tells the sync stage to close (that stage then syncs what
 /// is left and ends).
 fn write_stage(queue: Receiver<Request>, to_sync: SyncSender<Option<Written>>) {
+    // Tests: the write stage panics at its first round this long after it started.
+    let panic_at =
+        crate::test_hook_ms("WEFT_TEST_FLUSHER_PANIC_AFTER_MS").map(|after| Instant::now() + after);
     while let Ok(request) = queue.recv() {
+        if panic_at.is_some_and(|at| Instant::now() >= at) {
+            panic!("WEFT_TEST_FLUSHER_PANIC_AFTER_MS: the write stage panics, as a test asked");
+        }
         let mut requests = vec![request];
         while requests.len() < ROUND_REQUESTS_MAX {
             match queue.try_recv() {
