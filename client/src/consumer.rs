@@ -377,7 +377,12 @@ impl Consumer {
         Ok(())
     }
 
-    /// Receives one event and applies it; None when the stream ended cleanly.
+    /// Whether the stream that just ended worked: it announced an assignment and lived at least
+    /// [`QUICK_STREAM`].
+    fn stream_worked(&self) -> bool {
+        self.assigned_on_stream && self.stream_opened.elapsed() >= QUICK_STREAM
+    }
+
     /// Heartbeats every `interval` on the current stream (in place of any before).
     fn start_heartbeats(&mut self, interval: Duration) {
         if let Some(old) = self.heartbeat.take() {
@@ -402,6 +407,7 @@ impl Consumer {
         }));
     }
 
+    /// Receives one event and applies it; None when the stream ended cleanly.
     async fn receive(&mut self) -> Result<Option<Event>> {
         let Some(responses) = self.responses.as_mut() else {
             return Err(Error::Closed);
@@ -569,8 +575,10 @@ impl Consumer {
                     }
                 }
                 Ok(None) => {
-                    // A stream that lived a while worked: the count starts over.
-                    if self.stream_opened.elapsed() >= QUICK_STREAM {
+                    // A stream that was assigned and lived a while worked: the count starts over.
+                    // (One that failed before its assignment, a partition that cannot open
+                    // failing it after a few seconds, did not.)
+                    if self.stream_worked() {
                         failures = 0;
                     }
                     failures += 1;
@@ -584,7 +592,7 @@ impl Consumer {
                         || e.code() == Some(Code::FailedPrecondition)
                             && e.reason() == "STALE_GENERATION"
                         || e.code() == Some(Code::Cancelled);
-                    if self.stream_opened.elapsed() >= QUICK_STREAM {
+                    if self.stream_worked() {
                         failures = 0;
                     }
                     failures += 1;

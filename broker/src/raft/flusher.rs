@@ -159,12 +159,13 @@ struct Written {
 /// Once every handle is dropped it tells the sync stage to close (that stage then syncs what
 /// is left and ends).
 fn write_stage(queue: Receiver<Request>, to_sync: SyncSender<Option<Written>>) {
-    // Tests: the write stage panics at its first round this long after it started.
-    let panic_at =
-        crate::test_hook_ms("WEFT_TEST_FLUSHER_PANIC_AFTER_MS").map(|after| Instant::now() + after);
+    // Tests: the write stage panics at its first round once this file exists.
+    let panic_on = std::env::var_os("WEFT_TEST_FLUSHER_PANIC_FILE")
+        .filter(|path| !path.is_empty())
+        .map(std::path::PathBuf::from);
     while let Ok(request) = queue.recv() {
-        if panic_at.is_some_and(|at| Instant::now() >= at) {
-            panic!("WEFT_TEST_FLUSHER_PANIC_AFTER_MS: the write stage panics, as a test asked");
+        if panic_on.as_ref().is_some_and(|file| file.exists()) {
+            panic!("WEFT_TEST_FLUSHER_PANIC_FILE: the write stage panics, as a test asked");
         }
         let mut requests = vec![request];
         while requests.len() < ROUND_REQUESTS_MAX {

@@ -106,9 +106,13 @@ async fn wait_for_moves(
         });
         for p in &partitions {
             let name = format!("{}/{}", p.topic, p.partition);
+            // Done: at its target. Replaced: another move started from it (its replicas hold
+            // the whole target; a view from before the move would not).
             if let Some(target) = targets.get(&name)
                 && (p.replicas == *target && p.moving_to.is_empty()
-                    || !p.moving_to.is_empty() && p.moving_to != *target)
+                    || !p.moving_to.is_empty()
+                        && p.moving_to != *target
+                        && target.iter().all(|id| p.replicas.contains(id)))
             {
                 targets.remove(&name);
             }
