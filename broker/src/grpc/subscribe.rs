@@ -1432,6 +1432,9 @@ impl Session {
                 self.assign(all, 0).await?;
             }
         }
+        // Waits for room in the stream's queue (a sender of its own: `self` is borrowed by the
+        // other arms).
+        let room = self.tx.clone();
         loop {
             // A rule change seen while waiting on something else counts before delivering.
             if let Some((watch, acls)) = &mut rules
@@ -1457,7 +1460,6 @@ impl Session {
             // A full queue, or control messages waiting: send them and deliver again once it
             // has room, reading the subscriber meanwhile.
             let full = self.tx.capacity() == 0 || !self.pending.is_empty();
-            let room = self.tx.clone();
             let remote_wait = Duration::from_millis(config.stream_heartbeat_ms);
             let remote = self.remote_data(remote_wait);
             let data = async {
