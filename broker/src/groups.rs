@@ -97,6 +97,25 @@ pub struct GroupView {
     /// The stream incarnation holding each member id: a stream whose incarnation is no longer
     /// here was superseded.
     pub incarnations: BTreeMap<String, u64>,
+    /// For each assigned partition, the generation since which its owner (member id and
+    /// incarnation) has held it without a break. A member's stream that last assigned at an
+    /// earlier generation and finds a partition it had, held only since a later one, lost it
+    /// in between (a generation it never saw): another member may have read and committed
+    /// past its position, so it starts over from the commit. A partition missing here (a view
+    /// from a coordinator that does not say) counts as held throughout.
+    pub owned_since: BTreeMap<u32, u64>,
+}
+
+impl GroupView {
+    /// Whether `partition`, owned at this view by a member whose stream last assigned at
+    /// `previous` (0: never), was owned by it at every generation since `previous`.
+    pub fn held_since(&self, partition: u32, previous: u64) -> bool {
+        previous > 0
+            && self
+                .owned_since
+                .get(&partition)
+                .is_none_or(|&since| since <= previous)
+    }
 }
 
 /// A member as reported by [`Coordinator::describe`].
@@ -171,14 +190,38 @@ impl Group {
         self.generation = self.generation.saturating_add(1).max(next);
         last.fetch_max(self.generation, AtomicOrdering::SeqCst);
         let ids: Vec<&str> = self.members.keys().map(String::as_str).collect();
+        let assignments = assign(&ids, self.partitions);
+        let incarnations: BTreeMap<String, u64> = self
+            .members
+            .iter()
+            .map(|(id, m)| (id.clone(), m.incarnation))
+            .collect();
+        // A partition keeps its "since" when the same member (same incarnation) held it in the
+        // previous view; otherwise it changed hands at this generation.
+        let before = self.view.borrow().clone();
+        let owner_before = |partition: u32| {
+            before
+                .assignments
+                .iter()
+                .find(|(_, partitions)| partitions.contains(&partition))
+                .map(|(id, _)| (id.clone(), before.incarnations.get(id).copied()))
+        };
+        let mut owned_since = BTreeMap::new();
+        for (id, partitions) in &assignments {
+            for &p in partitions {
+                let same = owner_before(p) == Some((id.clone(), incarnations.get(id).copied()));
+                let since = match before.owned_since.get(&p) {
+                    Some(&since) if same => since,
+                    _ => self.generation,
+                };
+                owned_since.insert(p, since);
+            }
+        }
         let view = GroupView {
             generation: self.generation,
-            assignments: assign(&ids, self.partitions),
-            incarnations: self
-                .members
-                .iter()
-                .map(|(id, m)| (id.clone(), m.incarnation))
-                .collect(),
+            assignments,
+            incarnations,
+            owned_since,
         };
         self.view.send_replace(Arc::new(view));
     }
@@ -1439,5 +1482,47 @@ mod tests {
             c.groups().expect("groups").is_empty(),
             "no empty group kept"
         );
+    }
+    /// Each partition's "since" is the generation its owner took it at: kept through later
+    /// rebalances, new when it changes hands, and new again when it comes back to a member that
+    /// lost it (a stream that missed the generation in between sees it was not held).
+    #[test]
+    fn a_partition_held_without_a_break_keeps_its_since() {
+        let coordinator = Coordinator::new(store(), Duration::from_secs(10));
+        let now = Instant::now();
+        let a = coordinator
+            .join("g", Some("a"), "t", "id-t", 2, None, now)
+            .expect("join");
+        let first = a.view.borrow().clone();
+        assert_eq!(first.assignments["a"], vec![0, 1]);
+        assert_eq!(first.owned_since[&0], first.generation);
+        assert!(first.held_since(1, first.generation));
+        assert!(
+            !first.held_since(1, 0),
+            "a stream's first assignment keeps nothing"
+        );
+
+        let b = coordinator
+            .join("g", Some("b"), "t", "id-t", 2, None, now)
+            .expect("join");
+        let second = b.view.borrow().clone();
+        assert_eq!(second.assignments["a"], vec![0]);
+        assert_eq!(second.assignments["b"], vec![1]);
+        assert_eq!(second.owned_since[&0], first.generation, "kept by a");
+        assert_eq!(second.owned_since[&1], second.generation, "taken by b");
+        assert!(second.held_since(0, first.generation));
+        assert!(!second.held_since(1, first.generation));
+
+        assert!(coordinator.leave_member("g", "b"));
+        let third = a.view.borrow().clone();
+        assert_eq!(third.assignments["a"], vec![0, 1]);
+        assert_eq!(third.owned_since[&0], first.generation);
+        assert_eq!(third.owned_since[&1], third.generation, "back to a");
+        assert!(third.held_since(0, first.generation));
+        assert!(
+            !third.held_since(1, first.generation),
+            "a at the first generation, seeing only the third: it lost partition 1 in between"
+        );
+        assert!(third.held_since(1, third.generation));
     }
 }

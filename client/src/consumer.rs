@@ -4,7 +4,7 @@
 //! rotation, restarts): outside a group it resumes from its positions; in a group it rejoins with
 //! its member id and resumes from the committed offsets.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -185,21 +185,24 @@ fn reconnect_delay(quick_ends: u32) -> Duration {
 }
 
 /// The positions after an assignment that announced `owned` (each partition with the broker's
-/// position in it). The first assignment of a stream places every partition. A later one, on
-/// the same stream, keeps this consumer's position in the partitions it already owned: the
-/// broker's is where it has delivered to, and the records between the two are still buffered
-/// here, not taken by the application (a commit of the broker's position would cover them).
+/// position in it), `kept` of them owned without a break since the previous assignment on this
+/// stream. The first assignment of a stream places every partition. A later one keeps this
+/// consumer's position in the partitions kept: the broker's is where it has delivered to, and
+/// the records between the two are still buffered here, not taken by the application (a
+/// commit of the broker's position would cover them). Every other partition starts at the
+/// broker's offset, one this member had too: another member held it in between (a
+/// generation this stream never saw), and may have committed past this member's position.
 fn kept_positions(
     before: BTreeMap<u32, u64>,
     owned: BTreeMap<u32, u64>,
-    same_stream: bool,
+    kept: &BTreeSet<u32>,
 ) -> BTreeMap<u32, u64> {
-    if !same_stream {
-        return owned;
-    }
     owned
         .into_iter()
-        .map(|(partition, offset)| (partition, before.get(&partition).copied().unwrap_or(offset)))
+        .map(|(partition, offset)| match before.get(&partition) {
+            Some(&mine) if kept.contains(&partition) => (partition, mine),
+            _ => (partition, offset),
+        })
         .collect()
 }
 
@@ -443,11 +446,20 @@ impl Consumer {
                     .iter()
                     .map(|p| (p.partition, p.offset))
                     .collect();
-                // Records of partitions this member lost are dropped, and credited back: the
-                // broker counted them against this stream's credit when it sent them.
+                // Partitions kept since this stream's previous assignment (none on a stream's
+                // first).
+                let kept: BTreeSet<u32> = if self.assigned_on_stream {
+                    a.kept_partitions.iter().copied().collect()
+                } else {
+                    BTreeSet::new()
+                };
+                // Records of partitions this member did not keep are dropped (lost, or given
+                // back after another member held them: delivery starts over from the
+                // assignment's offset), and credited back: the broker counted them against
+                // this stream's credit when it sent them.
                 let mut dropped = (0u32, 0u64);
                 self.buffer.retain(|m| {
-                    let keep = owned.contains_key(&m.partition);
+                    let keep = kept.contains(&m.partition);
                     if !keep {
                         dropped.0 += 1;
                         dropped.1 += message_size(m);
@@ -456,11 +468,7 @@ impl Consumer {
                 });
                 self.uncredited.0 += dropped.0;
                 self.uncredited.1 += dropped.1;
-                self.positions = kept_positions(
-                    std::mem::take(&mut self.positions),
-                    owned,
-                    self.assigned_on_stream,
-                );
+                self.positions = kept_positions(std::mem::take(&mut self.positions), owned, &kept);
                 self.assigned_on_stream = true;
                 self.committed.retain(|p, _| self.positions.contains_key(p));
             }

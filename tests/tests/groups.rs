@@ -392,6 +392,122 @@ async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
     second.close().await.expect("close");
 }
 
+/// A member whose stream missed a whole generation (its session busy while the group
+/// rebalanced twice: hook `WEFT_TEST_GROUP_CHANGE_DELAY_MS` makes it take a changed view 5 s
+/// late) gets back a partition another member held in between, read to its end and committed:
+/// it starts there. Before, its session and its client took the partition for one it had kept
+/// all along: it went on from its own older position, the other member's records came again,
+/// and its next commit was refused as going backwards (INVALID_ARGUMENT, which ends a
+/// consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_given_back_after_another_member_held_it_starts_at_its_commit() {
+    let delay = Duration::from_millis(5000);
+    let broker = Broker::start_with_env(&[], &[("WEFT_TEST_GROUP_CHANGE_DELAY_MS", "5000")]);
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("work", 2)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    for i in 0..20u32 {
+        producer
+            .send("work", Record::new(format!("job-{i}")).partition(i % 2))
+            .await
+            .expect("stored");
+    }
+    producer.close().await.expect("close");
+
+    let config = ConsumerConfig::new("work")
+        .group("g")
+        .start(StartFrom::Earliest)
+        .auto_commit(false);
+    let mut first = client.consumer(config.clone()).await.expect("join");
+    assert_eq!(first.assignment(), vec![0, 1]);
+    // One record taken: both partitions' ten records were delivered.
+    let taken = first
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("next")
+        .expect("a record");
+
+    // A second member joins, reads its partition to the end, commits and leaves, all while the
+    // first member's session has not yet taken the generation it joined at.
+    let joined = Instant::now();
+    let mut second = client.consumer(config).await.expect("second member");
+    let lent = second.assignment();
+    assert_eq!(lent.len(), 1, "one partition each: {lent:?}");
+    let lent = lent[0];
+    let second_generation = second.generation();
+    for offset in 0..10 {
+        let message = second
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .expect("a record of the second member's partition");
+        assert_eq!((message.partition, message.offset), (lent, offset));
+    }
+    second.commit().await.expect("the second member's commit");
+    second.close().await.expect("leave");
+    assert_eq!(committed(&client).await.get(&lent), Some(&10));
+    assert!(
+        joined.elapsed() < delay,
+        "the second member took {:?}, longer than the first member's session waits: the test \
+         would not show a missed generation",
+        joined.elapsed()
+    );
+
+    // The first member's session takes the latest view: both partitions, one of them back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match first.commit().await {
+            Ok(()) if first.generation() > second_generation => break,
+            Ok(()) => {}
+            Err(e) => assert_eq!(e.reason(), "STALE_GENERATION", "{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first member never saw the generation after the second left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first.assignment(), vec![0, 1]);
+    assert_eq!(
+        first.positions().get(&lent),
+        Some(&10),
+        "the partition given back starts at the commit of the member that held it"
+    );
+    // What follows is the rest of the first member's own partition, and nothing again of the
+    // one the second member read.
+    let own = 1 - lent;
+    let mut next = if taken.partition == own {
+        taken.offset + 1
+    } else {
+        0
+    };
+    while next < 10 {
+        let message = first
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .expect("the rest of the member's own partition");
+        assert_eq!((message.partition, message.offset), (own, next));
+        next += 1;
+    }
+    let extra = first
+        .next_timeout(Duration::from_millis(1500))
+        .await
+        .expect("next");
+    assert!(
+        extra.is_none(),
+        "a record read again: {:?}",
+        extra.map(|m| (m.partition, m.offset))
+    );
+    first.commit().await.expect("commit after the rebalance");
+    assert_eq!(committed(&client).await, BTreeMap::from([(0, 10), (1, 10)]));
+    first.close().await.expect("close");
+}
+
 /// A member whose application takes records slowly stays in its group while its client keeps
 /// heartbeating: the broker reads the member's heartbeats while the stream waits for the
 /// member to read. Before, a full stream (the HTTP/2 window and the session's queue full of

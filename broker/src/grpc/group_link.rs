@@ -20,6 +20,7 @@ use weft_proto::internal::v1::group_member_request::Request as MemberRequest;
 use weft_proto::internal::v1::{
     ForwardCommitOffsetsRequest, ForwardGroupRequest, GroupJoin, GroupJoined, GroupLeave,
     GroupMemberEvent, GroupMemberHeartbeat, GroupMemberRequest, GroupViewMember, GroupViewUpdate,
+    PartitionSince,
 };
 use weft_proto::v1::{self, CommitOffsetsRequest};
 
@@ -283,6 +284,11 @@ fn to_view(update: GroupViewUpdate) -> GroupView {
             .iter()
             .map(|m| (m.member_id.clone(), m.incarnation))
             .collect(),
+        owned_since: update
+            .owned_since
+            .iter()
+            .map(|p| (p.partition, p.since))
+            .collect(),
     }
 }
 
@@ -299,6 +305,11 @@ fn to_update(view: &GroupView, controller_index: u64) -> GroupViewUpdate {
             })
             .collect(),
         controller_index,
+        owned_since: view
+            .owned_since
+            .iter()
+            .map(|(&partition, &since)| PartitionSince { partition, since })
+            .collect(),
     }
 }
 

@@ -969,21 +969,40 @@ impl Session {
         ))
     }
 
-    /// Takes a new set of partitions, keeping positions of those already owned.
-    async fn assign(&mut self, partitions: Vec<u32>, generation: u64) -> Result<(), BrokerError> {
+    /// Takes a new set of partitions (in a group, those `view` gives this member), keeping
+    /// positions of those kept: owned at this stream's previous assignment and, in a group,
+    /// held without a break since (a member whose stream missed a whole generation, busy
+    /// when the group rebalanced twice, may find a partition it had that another member held
+    /// in between, read and committed further: it starts over from the commit; before, it
+    /// went on from its own older position, read those records again, and its commit was
+    /// refused as going backwards).
+    async fn assign(
+        &mut self,
+        partitions: Vec<u32>,
+        view: Option<&GroupView>,
+    ) -> Result<(), BrokerError> {
+        let generation = view.map_or(0, |v| v.generation);
+        let kept: Vec<u32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| {
+                self.positions.contains_key(p)
+                    && view.is_none_or(|v| v.held_since(*p, self.generation))
+            })
+            .collect();
         // A partition new to this member: its previous owner's commits in flight are stored
         // (or refused) before its committed offset is read. (On the coordinator's broker; a
         // view from another broker's coordinator was sent after it waited the same way.)
         if let Some(member) = &self.group
-            && partitions.iter().any(|p| !self.positions.contains_key(p))
+            && partitions.len() > kept.len()
         {
             self.node.groups.settle_commits(&member.group_id).await;
         }
         let mut positions = BTreeMap::new();
         for p in partitions {
             let position = match self.positions.get(&p) {
-                Some(&position) => position,
-                None => self.new_start_offset(p).await?,
+                Some(&position) if kept.contains(&p) => position,
+                _ => self.new_start_offset(p).await?,
             };
             positions.insert(p, position);
         }
@@ -1016,6 +1035,7 @@ impl Session {
                 .iter()
                 .map(|(&partition, &offset)| PartitionOffset { partition, offset })
                 .collect(),
+            kept_partitions: kept,
         };
         self.send_control(event(Event::Assignment(assignment)))
             .await
@@ -1420,7 +1440,7 @@ impl Session {
                     .get(&member)
                     .cloned()
                     .unwrap_or_default();
-                self.assign(mine, current.generation).await?;
+                self.assign(mine, Some(&current)).await?;
             }
             None => {
                 let topic = self.node.topic(&self.start.topic)?;
@@ -1429,7 +1449,7 @@ impl Session {
                 } else {
                     self.start.partitions.clone()
                 };
-                self.assign(all, 0).await?;
+                self.assign(all, None).await?;
             }
         }
         // Waits for room in the stream's queue (a sender of its own: `self` is borrowed by the
@@ -1515,6 +1535,16 @@ impl Session {
                             leader: None,
                         });
                     };
+                    // `WEFT_TEST_GROUP_CHANGE_DELAY_MS`: a test hook that makes the session take
+                    // a changed view that much later (a session busy when its group rebalanced
+                    // twice sees only the second view).
+                    let current = match (crate::test_hook_ms("WEFT_TEST_GROUP_CHANGE_DELAY_MS"), &mut view) {
+                        (Some(delay), Some(view)) => {
+                            tokio::time::sleep(delay).await;
+                            view.borrow_and_update().clone()
+                        }
+                        _ => current,
+                    };
                     let current = Some(current);
                     if let Some(current) = &current
                         && current.incarnations.get(&member) != Some(&incarnation)
@@ -1531,7 +1561,7 @@ impl Session {
                     {
                         let mine = current.assignments.get(&member).cloned().unwrap_or_default();
                         tracing::debug!(member = %member, generation = current.generation, "reassigned");
-                        self.assign(mine, current.generation).await?;
+                        self.assign(mine, Some(&current)).await?;
                     }
                 }
                 () = &mut closing => return Err(self.node.closing_error()),
