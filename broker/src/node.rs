@@ -56,6 +56,8 @@ pub struct Node {
     acl: crate::acl::Acl,
     /// The broker's metadata store.
     meta: Metadata,
+    /// Where calls for partitions this broker holds no replica of go.
+    pub(crate) route_hints: crate::grpc::route_hints::RouteHints,
 }
 
 impl std::fmt::Debug for Node {
@@ -681,6 +683,7 @@ impl Node {
             moves: Default::default(),
             acl: crate::acl::Acl::new(config.acl.enabled, config.acl.rules.clone()),
             meta: meta.clone(),
+            route_hints: Default::default(),
             config,
         });
         let state = node.controller.state();
@@ -1013,12 +1016,12 @@ impl Node {
                 _ => return Ok(Route::Local(local)),
             }
         } else {
-            match meta
-                .partitions
-                .get(partition as usize)
-                .and_then(|p| p.replicas.first())
-            {
-                Some(first) => *first,
+            // No replica here: the one the answers to earlier forwarded calls point to.
+            match meta.partitions.get(partition as usize).and_then(|p| {
+                self.route_hints
+                    .pick(&meta.topic_id, partition, &p.replicas)
+            }) {
+                Some(replica) => replica,
                 None => {
                     return Err(BrokerError::PartitionNotFound {
                         topic: topic.into(),

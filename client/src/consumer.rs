@@ -185,22 +185,26 @@ fn reconnect_delay(quick_ends: u32) -> Duration {
 }
 
 /// The positions after an assignment that announced `owned` (each partition with the broker's
-/// position in it), `kept` of them owned without a break since the previous assignment on this
-/// stream. The first assignment of a stream places every partition. A later one keeps this
-/// consumer's position in the partitions kept: the broker's is where it has delivered to, and
-/// the records between the two are still buffered here, not taken by the application (a
-/// commit of the broker's position would cover them). Every other partition starts at the
-/// broker's offset, one this member had too: another member held it in between (a
-/// generation this stream never saw), and may have committed past this member's position.
+/// position in it), `restarted` of them lost and given back since the previous assignment on
+/// this stream. The first assignment of a stream (`same_stream` false) places every partition.
+/// A later one keeps this consumer's position in the partitions it already owned: the broker's
+/// is where it has delivered to, and the records between the two are still buffered here, not
+/// taken by the application (a commit of the broker's position would cover them). A restarted
+/// partition starts at the broker's offset: another member held it in between (a generation
+/// this stream never saw), and may have committed past this member's position.
 fn kept_positions(
     before: BTreeMap<u32, u64>,
     owned: BTreeMap<u32, u64>,
-    kept: &BTreeSet<u32>,
+    restarted: &BTreeSet<u32>,
+    same_stream: bool,
 ) -> BTreeMap<u32, u64> {
+    if !same_stream {
+        return owned;
+    }
     owned
         .into_iter()
         .map(|(partition, offset)| match before.get(&partition) {
-            Some(&mine) if kept.contains(&partition) => (partition, mine),
+            Some(&mine) if !restarted.contains(&partition) => (partition, mine),
             _ => (partition, offset),
         })
         .collect()
@@ -446,20 +450,16 @@ impl Consumer {
                     .iter()
                     .map(|p| (p.partition, p.offset))
                     .collect();
-                // Partitions kept since this stream's previous assignment (none on a stream's
-                // first).
-                let kept: BTreeSet<u32> = if self.assigned_on_stream {
-                    a.kept_partitions.iter().copied().collect()
-                } else {
-                    BTreeSet::new()
-                };
-                // Records of partitions this member did not keep are dropped (lost, or given
-                // back after another member held them: delivery starts over from the
-                // assignment's offset), and credited back: the broker counted them against
-                // this stream's credit when it sent them.
+                // Partitions given back after another member held them (an older broker names
+                // none).
+                let restarted: BTreeSet<u32> = a.restarted_partitions.iter().copied().collect();
+                // Records of partitions this member lost are dropped (and of those given back:
+                // delivery starts over from the assignment's offset), and credited back: the
+                // broker counted them against this stream's credit when it sent them.
                 let mut dropped = (0u32, 0u64);
                 self.buffer.retain(|m| {
-                    let keep = kept.contains(&m.partition);
+                    let keep =
+                        owned.contains_key(&m.partition) && !restarted.contains(&m.partition);
                     if !keep {
                         dropped.0 += 1;
                         dropped.1 += message_size(m);
@@ -468,7 +468,12 @@ impl Consumer {
                 });
                 self.uncredited.0 += dropped.0;
                 self.uncredited.1 += dropped.1;
-                self.positions = kept_positions(std::mem::take(&mut self.positions), owned, &kept);
+                self.positions = kept_positions(
+                    std::mem::take(&mut self.positions),
+                    owned,
+                    &restarted,
+                    self.assigned_on_stream,
+                );
                 self.assigned_on_stream = true;
                 self.committed.retain(|p, _| self.positions.contains_key(p));
             }
@@ -905,6 +910,29 @@ impl Drop for Consumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A later assignment on a stream keeps this consumer's own position in the partitions it
+    /// owned, unless the broker says one restarted (given back after another member held it);
+    /// a broker that names none (an older one) leaves every owned partition kept.
+    #[test]
+    fn positions_are_kept_unless_a_partition_restarted() {
+        let before = BTreeMap::from([(0, 10), (1, 20)]);
+        let owned = BTreeMap::from([(0, 100), (1, 200), (2, 5)]);
+        let none = BTreeSet::new();
+        assert_eq!(
+            kept_positions(before.clone(), owned.clone(), &none, true),
+            BTreeMap::from([(0, 10), (1, 20), (2, 5)])
+        );
+        assert_eq!(
+            kept_positions(before.clone(), owned.clone(), &BTreeSet::from([1]), true),
+            BTreeMap::from([(0, 10), (1, 200), (2, 5)])
+        );
+        assert_eq!(
+            kept_positions(before, owned.clone(), &none, false),
+            owned,
+            "a stream's first assignment places every partition"
+        );
+    }
 
     /// A stream that lived is opened again at once; streams that end right after opening wait
     /// longer and longer, at most 2 s (30 reconnections then span about 45 s, not a few ms).

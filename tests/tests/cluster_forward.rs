@@ -776,3 +776,90 @@ async fn a_publish_too_large_to_forward_is_refused_and_the_stream_goes_on() {
         "the four small records"
     );
 }
+
+/// A broker with no replica of a partition forwards its calls to a live replica. Four brokers,
+/// three replicas: the partition's first replica is killed, and publishes and reads through the
+/// fourth broker (a plain gRPC client that retries UNAVAILABLE) go on within seconds, reaching
+/// the new leader (a replica that does not lead answers with a leader hint, which the
+/// forwarding broker follows). Before, that broker forwarded every call to the first replica,
+/// dead, and every call failed for as long as it stayed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_replica_forwards_past_a_dead_one() {
+    let mut brokers = start_cluster(4);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"past","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    assert_eq!(replicas.len(), 3, "{body}");
+    let outsider = (1..=4u64)
+        .find(|id| !replicas.contains(id))
+        .expect("a broker without a replica");
+    let replica = &brokers[replicas[1] as usize - 1];
+    wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(replica, "past");
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let through = brokers[outsider as usize - 1].client_addr.clone();
+    let channel = grpc::channel(&through).await;
+    let mut publisher = grpc::publisher(&channel);
+    let publish = |n: u64| PublishRequest {
+        topic: "past".into(),
+        target: Some(Target::Partition(0)),
+        records: vec![Record {
+            value: format!("record-{n}").into_bytes().into(),
+            ..Record::default()
+        }],
+        producer_id: 4242,
+        base_sequence: n,
+        ..PublishRequest::default()
+    };
+    publisher
+        .publish(publish(0))
+        .await
+        .expect("a publish through the broker without a replica");
+
+    brokers[replicas[0] as usize - 1].kill9();
+    let killed = std::time::Instant::now();
+    for n in 1..=10u64 {
+        loop {
+            match publisher.publish(publish(n)).await {
+                Ok(answer) => {
+                    assert_eq!(answer.into_inner().base_offset, n, "dense offsets");
+                    break;
+                }
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    assert!(
+                        killed.elapsed() < Duration::from_secs(30),
+                        "publishes through node {outsider} still fail 30 s after node {} died: \
+                         {status:?}",
+                        replicas[0]
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("publish {n}: {status:?}"),
+            }
+        }
+    }
+    eprintln!(
+        "publishing through node {outsider} again {:?} after node {} died",
+        killed.elapsed(),
+        replicas[0]
+    );
+    let read = fetch_range(&through, "past", 0, 0, 11).await;
+    let values: Vec<String> = read
+        .iter()
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..=10).map(|n| format!("record-{n}")).collect();
+    assert_eq!(values, expected);
+}

@@ -401,15 +401,43 @@ async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
 /// consumer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_given_back_after_another_member_held_it_starts_at_its_commit() {
-    let delay = Duration::from_millis(5000);
     let broker = Broker::start_with_env(&[], &[("WEFT_TEST_GROUP_CHANGE_DELAY_MS", "5000")]);
     let client = broker.client().await;
-    client
+    given_back_partition_starts_at_its_commit(&client, &client).await;
+}
+
+/// The same with three brokers, the member whose stream misses a generation connected to a
+/// broker that does not coordinate the group: the partitions' "owned since" generations reach
+/// it from the coordinator on another broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_given_back_through_another_broker_starts_at_its_commit() {
+    let brokers =
+        weft_tests::start_cluster_env(3, &[], &[("WEFT_TEST_GROUP_CHANGE_DELAY_MS", "5000")]);
+    let admin = brokers[0].client().await;
+    let coordinator = weft_tests::wait_for("a controller leader", Duration::from_secs(30), || {
+        let admin = admin.clone();
+        async move {
+            let status = admin.admin().cluster_status().await.ok()?;
+            (status.controller_id != 0).then_some(status.controller_id)
+        }
+    })
+    .await as usize;
+    let elsewhere = brokers[coordinator % 3].client().await;
+    let at_coordinator = brokers[coordinator - 1].client().await;
+    given_back_partition_starts_at_its_commit(&elsewhere, &at_coordinator).await;
+}
+
+/// The scenario of the two tests above: topic "work" (2 partitions of 10 records), group "g";
+/// the first member joins through `first_client`, the second through `second_client`.
+async fn given_back_partition_starts_at_its_commit(first_client: &Client, second_client: &Client) {
+    // How late the first member's session takes a changed view (the brokers' hook).
+    let delay = Duration::from_millis(5000);
+    first_client
         .admin()
         .create_topic("work", 2)
         .await
         .expect("create");
-    let producer = client.producer(ProducerConfig::default());
+    let producer = first_client.producer(ProducerConfig::default());
     for i in 0..20u32 {
         producer
             .send("work", Record::new(format!("job-{i}")).partition(i % 2))
@@ -422,9 +450,12 @@ async fn a_partition_given_back_after_another_member_held_it_starts_at_its_commi
         .group("g")
         .start(StartFrom::Earliest)
         .auto_commit(false);
-    let mut first = client.consumer(config.clone()).await.expect("join");
+    // Credit for two records: the first member's session delivers little, so where it got to in
+    // the partition it lends stays below what the second member commits there.
+    let mut small = config.clone();
+    small.credit_records = 2;
+    let mut first = first_client.consumer(small).await.expect("join");
     assert_eq!(first.assignment(), vec![0, 1]);
-    // One record taken: both partitions' ten records were delivered.
     let taken = first
         .next_timeout(Duration::from_secs(10))
         .await
@@ -434,7 +465,7 @@ async fn a_partition_given_back_after_another_member_held_it_starts_at_its_commi
     // A second member joins, reads its partition to the end, commits and leaves, all while the
     // first member's session has not yet taken the generation it joined at.
     let joined = Instant::now();
-    let mut second = client.consumer(config).await.expect("second member");
+    let mut second = second_client.consumer(config).await.expect("second member");
     let lent = second.assignment();
     assert_eq!(lent.len(), 1, "one partition each: {lent:?}");
     let lent = lent[0];
@@ -449,7 +480,7 @@ async fn a_partition_given_back_after_another_member_held_it_starts_at_its_commi
     }
     second.commit().await.expect("the second member's commit");
     second.close().await.expect("leave");
-    assert_eq!(committed(&client).await.get(&lent), Some(&10));
+    assert_eq!(committed(first_client).await.get(&lent), Some(&10));
     assert!(
         joined.elapsed() < delay,
         "the second member took {:?}, longer than the first member's session waits: the test \
@@ -504,7 +535,10 @@ async fn a_partition_given_back_after_another_member_held_it_starts_at_its_commi
         extra.map(|m| (m.partition, m.offset))
     );
     first.commit().await.expect("commit after the rebalance");
-    assert_eq!(committed(&client).await, BTreeMap::from([(0, 10), (1, 10)]));
+    assert_eq!(
+        committed(first_client).await,
+        BTreeMap::from([(0, 10), (1, 10)])
+    );
     first.close().await.expect("close");
 }
 

@@ -8,6 +8,7 @@ pub(crate) mod forward_stream;
 pub mod group_link;
 pub mod metadata;
 pub mod publish;
+pub mod route_hints;
 pub mod subscribe;
 pub mod topic_admin;
 

@@ -230,7 +230,7 @@ impl PublisherService {
                     Some(cx) => std::borrow::Cow::Owned(passed_on.with_trace_context(cx)),
                     None => std::borrow::Cow::Borrowed(passed_on),
                 };
-                return self
+                let forwarded = self
                     .forward(
                         request,
                         partition,
@@ -240,6 +240,11 @@ impl PublisherService {
                         &passed_on,
                     )
                     .await;
+                // A publish stored shows who leads; a refusal may name the leader; no answer
+                // passes the broker over for a while (used for partitions not hosted here).
+                node.route_hints
+                    .learn(&topic.topic_id, partition, leader, &forwarded, true);
+                return forwarded;
             }
         };
         let now = now_ms();

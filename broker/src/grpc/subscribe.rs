@@ -60,9 +60,13 @@ impl SubscriberService {
         let config = &self.node.config;
         let topic = self.node.topic(&request.topic)?;
         if let Some(holder) = self.holder_elsewhere(&topic, request.partition) {
+            let partition = request.partition;
             // A long poll waiting at another broker ends too when this one shuts down.
             return tokio::select! {
-                fetched = self.forward_fetch(request, holder, hops) => fetched,
+                fetched = self.forward_fetch(request, holder, hops) => {
+                    self.node.route_hints.learn(&topic.topic_id, partition, holder, &fetched, false);
+                    fetched
+                }
                 () = self.node.closing() => Err(self.node.closing_error()),
             };
         }
@@ -101,14 +105,19 @@ impl SubscriberService {
         })
     }
 
-    /// When this broker holds no replica of `partition`: a broker that does (its first
-    /// replica).
+    /// When this broker holds no replica of `partition`: a broker that does (the leader a
+    /// replica named last, else the first replica not found unreachable lately: see
+    /// [`crate::grpc::route_hints`]).
     fn holder_elsewhere(&self, topic: &crate::raft::TopicMeta, partition: u32) -> Option<u64> {
         topic
             .partitions
             .get(partition as usize)
             .filter(|p| !p.replicas.contains(&self.node.node_id))
-            .and_then(|p| p.replicas.first().copied())
+            .and_then(|p| {
+                self.node
+                    .route_hints
+                    .pick(&topic.topic_id, partition, &p.replicas)
+            })
     }
 
     /// The peer address of `holder`, a broker a call is forwarded to (once: `hops` 0).
@@ -345,7 +354,11 @@ impl SubscriberService {
                     partitions: vec![p],
                     ..request.clone()
                 };
-                out.push(self.forward_offsets(one, holder, hops).await?);
+                let forwarded = self.forward_offsets(one, holder, hops).await;
+                self.node
+                    .route_hints
+                    .learn(&topic.topic_id, p, holder, &forwarded, false);
+                out.push(forwarded?);
                 continue;
             }
             let partition = self.node.partition(&request.topic, p)?;
@@ -998,6 +1011,12 @@ impl Session {
         {
             self.node.groups.settle_commits(&member.group_id).await;
         }
+        // Owned at the previous assignment, but not kept: they start again.
+        let restarted: Vec<u32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| self.positions.contains_key(p) && !kept.contains(p))
+            .collect();
         let mut positions = BTreeMap::new();
         for p in partitions {
             let position = match self.positions.get(&p) {
@@ -1035,7 +1054,7 @@ impl Session {
                 .iter()
                 .map(|(&partition, &offset)| PartitionOffset { partition, offset })
                 .collect(),
-            kept_partitions: kept,
+            restarted_partitions: restarted,
         };
         self.send_control(event(Event::Assignment(assignment)))
             .await
