@@ -84,6 +84,30 @@ fn started_targets(started: &[String]) -> std::collections::HashMap<String, Vec<
         .collect()
 }
 
+/// How long a partition whose move this command started may be listed as not moving, away
+/// from its target, before the move counts as replaced: a broker's copy of the metadata lags a
+/// move just started by a few seconds at most (the broker that started it waits for its own
+/// copy), while a move replaced by another that ended between two looks never shows again.
+const REPLACED_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Whether the move to `target` of a partition listed with `replicas`, moving to `moving_to`
+/// (empty: not moving), is over: at its target; replaced by another move that started from it
+/// (its replicas hold the whole target; a view from before the move would not); or listed as
+/// not moving, away from its target, for `idle_for` of at least [`REPLACED_AFTER`] (replaced
+/// by a move that ended between two looks; before, `--wait` waited for it its whole 600 s).
+fn move_over(
+    replicas: &[u64],
+    moving_to: &[u64],
+    target: &[u64],
+    idle_for: Option<std::time::Duration>,
+) -> bool {
+    replicas == target && moving_to.is_empty()
+        || !moving_to.is_empty()
+            && moving_to != target
+            && target.iter().all(|id| replicas.contains(id))
+        || idle_for.is_some_and(|idle| idle >= REPLACED_AFTER)
+}
+
 /// Waits until no partition moves and every move in `started` has reached its target (or
 /// was replaced by another move), or, with `leaving`, until that broker is no longer listed;
 /// printing progress every few seconds. A broker whose copy of the metadata is behind lists
@@ -96,6 +120,9 @@ async fn wait_for_moves(
     let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
     let mut last_report = tokio::time::Instant::now();
     let mut targets = started_targets(started);
+    // Since when each started move's partition is listed as not moving, away from its target.
+    let mut idle_since: std::collections::HashMap<String, tokio::time::Instant> =
+        std::collections::HashMap::new();
     loop {
         let partitions = client.admin().partitions("").await?;
         // A partition no longer listed (its topic deleted) has nothing left to wait for.
@@ -106,14 +133,27 @@ async fn wait_for_moves(
         });
         for p in &partitions {
             let name = format!("{}/{}", p.topic, p.partition);
-            // Done: at its target. Replaced: another move started from it (its replicas hold
-            // the whole target; a view from before the move would not).
-            if let Some(target) = targets.get(&name)
-                && (p.replicas == *target && p.moving_to.is_empty()
-                    || !p.moving_to.is_empty()
-                        && p.moving_to != *target
-                        && target.iter().all(|id| p.replicas.contains(id)))
-            {
+            let Some(target) = targets.get(&name) else {
+                continue;
+            };
+            let idle = p.moving_to.is_empty() && p.replicas != *target;
+            if !idle {
+                idle_since.remove(&name);
+            }
+            let idle_for = idle.then(|| {
+                idle_since
+                    .entry(name.clone())
+                    .or_insert_with(tokio::time::Instant::now)
+                    .elapsed()
+            });
+            if move_over(&p.replicas, &p.moving_to, target, idle_for) {
+                if idle {
+                    eprintln!(
+                        "{name}: no longer moving, on {:?} rather than {target:?} (another move \
+                         replaced this one, or it was given up)",
+                        p.replicas
+                    );
+                }
                 targets.remove(&name);
             }
         }
@@ -421,5 +461,21 @@ mod tests {
         assert_eq!(targets["moves/0"], vec![2, 4, 3]);
         assert_eq!(targets["moves/1"], vec![4]);
         assert_eq!(targets["orders/12"], vec![3, 1]);
+    }
+
+    #[test]
+    fn a_move_is_over_at_its_target_or_once_replaced() {
+        let target = [2, 4, 3];
+        assert!(move_over(&[2, 4, 3], &[], &target, None), "at its target");
+        assert!(!move_over(&[1, 2, 3], &[2, 4, 3], &target, None), "moving");
+        assert!(
+            move_over(&[2, 4, 3, 5], &[4, 3, 5], &target, None),
+            "replaced by a move from its target"
+        );
+        // Not moving and away from its target: a view from before the move (a few seconds at
+        // most), or a move replaced by another that ended between two looks.
+        let away = Some(std::time::Duration::from_secs(2));
+        assert!(!move_over(&[1, 2, 3], &[], &target, away));
+        assert!(move_over(&[4, 3, 5], &[], &target, Some(REPLACED_AFTER)));
     }
 }
