@@ -862,4 +862,45 @@ async fn a_broker_without_a_replica_forwards_past_a_dead_one() {
         .collect();
     let expected: Vec<String> = (0..=10).map(|n| format!("record-{n}")).collect();
     assert_eq!(values, expected);
+    // Reads through a broker that has learnt nothing (restarted: no publishes went through
+    // it) work at once, and keep working past the time the dead replica is passed over
+    // (10 s): a replica that does not answer is replaced within the call, and reads stay with
+    // the replica that served them. Before, the first read failed, and reads went back to the
+    // dead first replica, and failed, each time its mark ran out.
+    drop(publisher);
+    drop(channel);
+    let outsider_broker = &mut brokers[outsider as usize - 1];
+    outsider_broker.stop();
+    outsider_broker.start_again_same_ports();
+    outsider_broker.wait_ready();
+    let channel = grpc::channel(&through).await;
+    let mut subscriber = grpc::subscriber(&channel);
+    let mut high_watermark = 0;
+    let reading = std::time::Instant::now();
+    while reading.elapsed() < Duration::from_secs(13) {
+        let answer = subscriber
+            .fetch(weft_proto::v1::FetchRequest {
+                topic: "past".into(),
+                partition: 0,
+                offset: 5,
+                max_bytes: 65536,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|status| {
+                panic!(
+                    "a read through node {outsider} failed {:?} after the reads began: {status:?}",
+                    reading.elapsed()
+                )
+            })
+            .into_inner();
+        assert_eq!(answer.records.first().map(|r| r.offset), Some(5));
+        assert!(
+            answer.high_watermark >= high_watermark.max(11),
+            "the high watermark went from {high_watermark} to {}",
+            answer.high_watermark
+        );
+        high_watermark = answer.high_watermark;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

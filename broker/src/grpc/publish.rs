@@ -206,9 +206,15 @@ impl PublisherService {
         let hosted = match node.publish_route(&topic, partition)? {
             Route::Local(hosted) => hosted,
             Route::Forward { leader, .. } if hops > 0 => {
+                // The leader is named only when this broker's own replica knows it (one holding
+                // none only guesses).
+                let hosted_here = topic
+                    .partitions
+                    .get(partition as usize)
+                    .is_some_and(|p| p.replicas.contains(&node.node_id));
                 return Err(BrokerError::Unavailable {
                     reason: "this broker does not lead the partition".into(),
-                    leader: Some(leader),
+                    leader: hosted_here.then_some(leader),
                 });
             }
             Route::Forward {
@@ -240,10 +246,17 @@ impl PublisherService {
                         &passed_on,
                     )
                     .await;
-                // A publish stored shows who leads; a refusal may name the leader; no answer
-                // passes the broker over for a while (used for partitions not hosted here).
-                node.route_hints
-                    .learn(&topic.topic_id, partition, leader, &forwarded, true);
+                // For a partition with no replica here: a publish stored shows who leads; a
+                // refusal may name the leader; no answer passes the broker over for a while.
+                // (A replica here learns its leader from its own group.)
+                let hosted_here = topic
+                    .partitions
+                    .get(partition as usize)
+                    .is_some_and(|p| p.replicas.contains(&node.node_id));
+                if !hosted_here {
+                    node.route_hints
+                        .learn(&topic.topic_id, partition, leader, &forwarded, true);
+                }
                 return forwarded;
             }
         };

@@ -1,9 +1,18 @@
 //! Where a broker sends the calls of partitions it holds no replica of. It knows the replicas
 //! (the controller's metadata) but not which one leads, nor which are up: it learns both from
-//! the answers to the calls it forwards. A replica that does not lead answers UNAVAILABLE with
-//! the leader's id, which the next call goes to; a replica that could not be reached is passed
-//! over for a while. Before, every such call went to the partition's first replica, and all of
-//! them failed for as long as that replica was down.
+//! the answers to the calls it forwards. Before, every such call went to the partition's first
+//! replica, and all of them failed for as long as that replica was down.
+//!
+//! - A replica that does not lead answers a publish with UNAVAILABLE and the leader's id: the
+//!   next call goes there. A publish stored shows who leads.
+//! - Calls stay with the replica that last served the partition (reads that moved from one
+//!   replica to another would see its high watermark move back and forth).
+//! - A replica that did not answer (the connection failed) is passed over for
+//!   [`UNREACHABLE_FOR`], for every partition; one that answered that it cannot serve the
+//!   partition now (UNAVAILABLE naming no other leader: its copy is opening, down, or cut off
+//!   from its group; DATA_LOSS) is passed over for [`CANNOT_SERVE_FOR`], for that partition.
+//! - Only a call that reached the peer, or failed trying, teaches anything: a caller's own
+//!   deadline says nothing about the peer.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,13 +21,15 @@ use std::time::{Duration, Instant};
 use crate::error::BrokerError;
 use crate::raft::NodeId;
 
-/// Partitions whose leader is remembered; past it the hints start over (each is re-learned
-/// from one answer).
-const LEADERS_MAX: usize = 100_000;
+/// Partitions whose leader and serving replica are remembered; past it the hints start over
+/// (each is re-learned from one answer).
+const PARTITIONS_MAX: usize = 100_000;
 
-/// How long a replica that could not be reached is passed over (unless a replica names it as
-/// the leader since).
+/// How long a broker that did not answer is passed over.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
+
+/// How long a replica that cannot serve a partition is passed over for it.
+const CANNOT_SERVE_FOR: Duration = Duration::from_secs(5);
 
 /// What this broker learned about the replicas of partitions it does not host.
 #[derive(Debug, Default)]
@@ -26,46 +37,125 @@ pub struct RouteHints {
     inner: Mutex<Hints>,
 }
 
+type Key = (String, u32);
+
 #[derive(Debug, Default)]
 struct Hints {
     /// Leader by (topic id, partition), as last named by a replica or shown by a publish it
     /// stored.
-    leaders: HashMap<(String, u32), NodeId>,
+    leaders: HashMap<Key, NodeId>,
+    /// The replica that last served a call of the partition.
+    serving: HashMap<Key, NodeId>,
     /// When each broker last failed to answer a forwarded call.
     unreachable: HashMap<NodeId, Instant>,
+    /// When a replica last answered that it cannot serve a partition.
+    cannot_serve: HashMap<(Key, NodeId), Instant>,
 }
 
 impl Hints {
-    fn unreachable(&self, node: NodeId) -> bool {
-        self.unreachable
+    /// When `node` was last found unable to serve `key` (None: not lately).
+    fn passed_over(&self, key: &Key, node: NodeId) -> Option<Instant> {
+        let unreachable = self
+            .unreachable
             .get(&node)
-            .is_some_and(|at| at.elapsed() < UNREACHABLE_FOR)
+            .filter(|at| at.elapsed() < UNREACHABLE_FOR);
+        let cannot = self
+            .cannot_serve
+            .get(&(key.clone(), node))
+            .filter(|at| at.elapsed() < CANNOT_SERVE_FOR);
+        unreachable.max(cannot).copied()
+    }
+
+    fn forget(&mut self, key: &Key, node: NodeId) {
+        if self.leaders.get(key) == Some(&node) {
+            self.leaders.remove(key);
+        }
+        if self.serving.get(key) == Some(&node) {
+            self.serving.remove(key);
+        }
+    }
+
+    fn bounded(&mut self, key: &Key) {
+        if self.leaders.len() >= PARTITIONS_MAX && !self.leaders.contains_key(key) {
+            self.leaders.clear();
+        }
+        if self.serving.len() >= PARTITIONS_MAX && !self.serving.contains_key(key) {
+            self.serving.clear();
+        }
+        if self.cannot_serve.len() >= PARTITIONS_MAX {
+            self.cannot_serve
+                .retain(|_, at| at.elapsed() < CANNOT_SERVE_FOR);
+            if self.cannot_serve.len() >= PARTITIONS_MAX {
+                self.cannot_serve.clear();
+            }
+        }
+    }
+}
+
+/// What a forwarded call's outcome says about its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// It served the call (`true`: as the partition's leader).
+    Served(bool),
+    /// It answered, naming another replica as the leader.
+    NamedLeader(NodeId),
+    /// It answered that it cannot serve the partition now.
+    CannotServe,
+    /// It answered something else (the call's own fault: not found, out of range...).
+    Answered,
+    /// It did not answer: the connection failed.
+    Unreachable,
+    /// Nothing learned (the caller's deadline ran out, or the call never left this broker).
+    Nothing,
+}
+
+fn verdict<T>(target: NodeId, outcome: &Result<T, BrokerError>, led: bool) -> Verdict {
+    match outcome {
+        Ok(_) => Verdict::Served(led),
+        Err(BrokerError::Remote(status)) => match status.0.code() {
+            tonic::Code::Unavailable => match named_leader(&status.0) {
+                Some(leader) if leader != target => Verdict::NamedLeader(leader),
+                _ => Verdict::CannotServe,
+            },
+            tonic::Code::DataLoss => Verdict::CannotServe,
+            _ => Verdict::Answered,
+        },
+        Err(BrokerError::Unavailable { .. }) => Verdict::Unreachable,
+        Err(_) => Verdict::Nothing,
     }
 }
 
 impl RouteHints {
     /// The replica of `topic_id`/`partition` (`replicas`, from the metadata) to send a call
-    /// to: the leader a replica named last, else the first replica not found unreachable
-    /// lately, else the first.
+    /// to: the leader a replica named last, else the replica that served the partition last,
+    /// else the first replica; each only if not passed over lately (when every one is, the
+    /// one passed over longest ago).
     pub fn pick(&self, topic_id: &str, partition: u32, replicas: &[NodeId]) -> Option<NodeId> {
         let Ok(hints) = self.inner.lock() else {
             return replicas.first().copied();
         };
-        if let Some(&leader) = hints.leaders.get(&(topic_id.to_string(), partition))
-            && replicas.contains(&leader)
-            && !hints.unreachable(leader)
-        {
-            return Some(leader);
-        }
-        replicas
-            .iter()
+        let key = (topic_id.to_string(), partition);
+        let preferred = [hints.leaders.get(&key), hints.serving.get(&key)];
+        let candidates = preferred
+            .into_iter()
+            .flatten()
             .copied()
-            .find(|&n| !hints.unreachable(n))
-            .or_else(|| replicas.first().copied())
+            .chain(replicas.iter().copied())
+            .filter(|node| replicas.contains(node));
+        let mut oldest: Option<(Instant, NodeId)> = None;
+        for node in candidates {
+            match hints.passed_over(&key, node) {
+                None => return Some(node),
+                Some(at) if oldest.is_none_or(|(seen, _)| at < seen) => oldest = Some((at, node)),
+                Some(_) => {}
+            }
+        }
+        oldest.map(|(_, node)| node)
     }
 
     /// Learns from the outcome of a call forwarded to `target` for `topic_id`/`partition`:
-    /// `led` when an answer shows the target leads (a publish it stored).
+    /// `led` when success shows the target leads (a publish it stored). Call it only around
+    /// the call to the peer itself.
     pub fn learn<T>(
         &self,
         topic_id: &str,
@@ -78,46 +168,56 @@ impl RouteHints {
             return;
         };
         let key = (topic_id.to_string(), partition);
-        match outcome {
-            Ok(_) => {
+        hints.bounded(&key);
+        match verdict(target, outcome, led) {
+            Verdict::Served(led) => {
                 hints.unreachable.remove(&target);
+                hints.cannot_serve.remove(&(key.clone(), target));
                 if led {
-                    remember(&mut hints, key, target);
+                    hints.leaders.insert(key.clone(), target);
                 }
+                hints.serving.insert(key, target);
             }
-            // The target answered: it is up; with a leader's id when it does not lead.
-            Err(BrokerError::Remote(status)) => {
+            Verdict::NamedLeader(leader) => {
                 hints.unreachable.remove(&target);
-                if let Some(leader) = named_leader(&status.0) {
-                    // A replica names the leader: reachable as far as it knows, tried next.
-                    hints.unreachable.remove(&leader);
-                    remember(&mut hints, key, leader);
+                // Tried next; but a broker found unreachable here stays passed over (a replica
+                // that has not noticed its leader died still names it).
+                hints.leaders.insert(key.clone(), leader);
+                if hints.serving.get(&key) == Some(&target) {
+                    hints.serving.remove(&key);
                 }
             }
-            // No answer: the connection failed, or the call timed out.
-            Err(BrokerError::Unavailable { .. } | BrokerError::Timeout(_)) => {
+            Verdict::CannotServe => {
+                hints.unreachable.remove(&target);
+                hints
+                    .cannot_serve
+                    .insert((key.clone(), target), Instant::now());
+                hints.forget(&key, target);
+            }
+            Verdict::Answered => {
+                hints.unreachable.remove(&target);
+            }
+            Verdict::Unreachable => {
                 hints.unreachable.insert(target, Instant::now());
-                if hints.leaders.get(&key) == Some(&target) {
-                    hints.leaders.remove(&key);
-                }
+                hints.forget(&key, target);
             }
-            Err(_) => {}
+            Verdict::Nothing => {}
         }
     }
-}
 
-fn remember(hints: &mut Hints, key: (String, u32), leader: NodeId) {
-    if hints.leaders.len() >= LEADERS_MAX && !hints.leaders.contains_key(&key) {
-        hints.leaders.clear();
+    /// Whether `outcome` of a read forwarded to a replica says another replica should be asked
+    /// at once (the target did not answer, or cannot serve the partition now; a read is safe to
+    /// repeat).
+    pub fn try_another<T>(target: NodeId, outcome: &Result<T, BrokerError>) -> bool {
+        matches!(
+            verdict(target, outcome, false),
+            Verdict::Unreachable | Verdict::CannotServe
+        )
     }
-    hints.leaders.insert(key, leader);
 }
 
 /// The leader a peer's UNAVAILABLE answer names (`leader_id` in its ErrorInfo), if any.
 fn named_leader(status: &tonic::Status) -> Option<NodeId> {
-    if status.code() != tonic::Code::Unavailable {
-        return None;
-    }
     let details = tonic_types::StatusExt::get_error_details(status);
     details
         .error_info()?
@@ -132,11 +232,20 @@ fn named_leader(status: &tonic::Status) -> Option<NodeId> {
 mod tests {
     use super::*;
 
-    fn remote_unavailable(leader: Option<NodeId>) -> BrokerError {
-        BrokerError::from(tonic::Status::from(BrokerError::Unavailable {
-            reason: "this broker does not lead the partition".into(),
-            leader,
-        }))
+    fn remote_unavailable(leader: Option<NodeId>) -> Result<(), BrokerError> {
+        Err(BrokerError::from(tonic::Status::from(
+            BrokerError::Unavailable {
+                reason: "this broker does not lead the partition".into(),
+                leader,
+            },
+        )))
+    }
+
+    fn broke() -> Result<(), BrokerError> {
+        Err(BrokerError::Unavailable {
+            reason: "the forwarding stream to node 1 broke".into(),
+            leader: Some(1),
+        })
     }
 
     #[test]
@@ -149,15 +258,11 @@ mod tests {
     #[test]
     fn an_unreachable_replica_is_passed_over_and_a_named_leader_followed() {
         let hints = RouteHints::default();
-        let broke: Result<(), _> = Err(BrokerError::Unavailable {
-            reason: "the forwarding stream to node 1 broke".into(),
-            leader: Some(1),
-        });
-        hints.learn("t", 0, 1, &broke, true);
+        hints.learn("t", 0, 1, &broke(), true);
         assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2), "1 did not answer");
         assert_eq!(hints.pick("t", 1, &[1, 3]), Some(3), "for every partition");
 
-        let named: Result<(), _> = Err(remote_unavailable(Some(3)));
+        let named = remote_unavailable(Some(3));
         assert!(matches!(named, Err(BrokerError::Remote(_))));
         hints.learn("t", 0, 2, &named, true);
         assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(3), "2 named 3");
@@ -166,16 +271,64 @@ mod tests {
             Some(2),
             "a named leader no longer a replica is not used"
         );
-
-        // An answer without a leader changes nothing but the target's reachability.
-        hints.learn("t", 0, 2, &Err::<(), _>(remote_unavailable(None)), true);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(3));
-        // The leader stops answering: the next live replica.
-        let timed_out: Result<(), _> = Err(BrokerError::Timeout("no answer".into()));
-        hints.learn("t", 0, 3, &timed_out, true);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
+        // 3 names 1, which did not answer here: 1 stays passed over, and 3 does not lead.
+        hints.learn("t", 1, 3, &remote_unavailable(Some(1)), true);
+        assert_eq!(hints.pick("t", 1, &[1, 2, 3]), Some(2));
         // 1 answers again.
         hints.learn("t", 0, 1, &Ok::<(), BrokerError>(()), true);
         assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(1));
+    }
+
+    /// A replica that answers but cannot serve the partition (its copy opening or down, or a
+    /// leader cut off from its group) is passed over for that partition, not for others.
+    #[test]
+    fn a_replica_that_cannot_serve_is_passed_over_for_that_partition() {
+        let hints = RouteHints::default();
+        hints.learn("t", 0, 3, &Ok::<(), BrokerError>(()), true);
+        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(3));
+        hints.learn("t", 0, 3, &remote_unavailable(None), true);
+        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(1));
+        // Naming itself is no better.
+        hints.learn("t", 0, 1, &remote_unavailable(Some(1)), false);
+        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
+        assert_eq!(hints.pick("t", 1, &[3, 1]), Some(3), "another partition");
+    }
+
+    /// Reads stay with the replica that served them, rather than going back to the first
+    /// replica once its mark runs out (their high watermark would move back and forth).
+    #[test]
+    fn calls_stay_with_the_replica_that_served_them() {
+        let hints = RouteHints::default();
+        hints.learn("t", 0, 1, &broke(), false);
+        let next = hints.pick("t", 0, &[1, 2, 3]).expect("a replica");
+        assert_eq!(next, 2);
+        hints.learn("t", 0, next, &Ok::<(), BrokerError>(()), false);
+        // 1 answers for another partition: reachable again, but partition 0 stays with 2.
+        hints.learn("t", 5, 1, &Ok::<(), BrokerError>(()), false);
+        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
+    }
+
+    /// The caller's own deadline says nothing about the peer; with every replica passed over,
+    /// the one passed over longest ago is tried.
+    #[test]
+    fn timeouts_teach_nothing_and_the_oldest_mark_goes_first() {
+        let hints = RouteHints::default();
+        hints.learn("t", 0, 1, &Ok::<(), BrokerError>(()), true);
+        hints.learn(
+            "t",
+            0,
+            1,
+            &Err::<(), _>(BrokerError::Timeout("no answer in time".into())),
+            true,
+        );
+        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(1));
+
+        let hints = RouteHints::default();
+        hints.learn("t", 0, 2, &broke(), false);
+        std::thread::sleep(Duration::from_millis(5));
+        hints.learn("t", 0, 3, &broke(), false);
+        std::thread::sleep(Duration::from_millis(5));
+        hints.learn("t", 0, 1, &broke(), false);
+        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
     }
 }

@@ -61,12 +61,12 @@ impl SubscriberService {
         let topic = self.node.topic(&request.topic)?;
         if let Some(holder) = self.holder_elsewhere(&topic, request.partition) {
             let partition = request.partition;
+            let fetched = self.read_elsewhere(&topic, partition, holder, hops, |holder| {
+                self.forward_fetch(&topic.topic_id, request.clone(), holder, hops)
+            });
             // A long poll waiting at another broker ends too when this one shuts down.
             return tokio::select! {
-                fetched = self.forward_fetch(request, holder, hops) => {
-                    self.node.route_hints.learn(&topic.topic_id, partition, holder, &fetched, false);
-                    fetched
-                }
+                fetched = fetched => fetched,
                 () = self.node.closing() => Err(self.node.closing_error()),
             };
         }
@@ -120,12 +120,56 @@ impl SubscriberService {
             })
     }
 
+    /// Runs `call` (a read forwarded to a replica of `partition`, this broker holding none)
+    /// against `first`, then, while a replica did not answer or cannot serve the partition
+    /// now, against another (a read is safe to repeat), each replica at most once. Before, a
+    /// read went to one replica only, and failed whenever that one did.
+    async fn read_elsewhere<T, F, Fut>(
+        &self,
+        topic: &crate::raft::TopicMeta,
+        partition: u32,
+        first: u64,
+        hops: u32,
+        call: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, BrokerError>>,
+    {
+        let replicas = topic
+            .partitions
+            .get(partition as usize)
+            .map(|p| p.replicas.clone())
+            .unwrap_or_default();
+        let mut holder = first;
+        let mut tried = Vec::new();
+        loop {
+            let result = call(holder).await;
+            tried.push(holder);
+            if hops > 0 || !crate::grpc::route_hints::RouteHints::try_another(holder, &result) {
+                return result;
+            }
+            let next = self
+                .node
+                .route_hints
+                .pick(&topic.topic_id, partition, &replicas)
+                .filter(|n| !tried.contains(n))
+                .or_else(|| replicas.iter().copied().find(|n| !tried.contains(n)));
+            match next {
+                Some(next) => holder = next,
+                None => return result,
+            }
+        }
+    }
+
     /// The peer address of `holder`, a broker a call is forwarded to (once: `hops` 0).
     fn holder_address(&self, holder: u64, hops: u32) -> Result<String, BrokerError> {
         if hops > 0 {
+            // No leader named: `holder` is only this broker's guess (the forwarding broker's
+            // copy of the metadata placed a replica here; it asks another replica).
             return Err(BrokerError::Unavailable {
                 reason: "this broker holds no replica of the partition".into(),
-                leader: Some(holder),
+                leader: None,
             });
         }
         self.node
@@ -139,14 +183,17 @@ impl SubscriberService {
             })
     }
 
-    /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it).
+    /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it), and
+    /// learns from the answer where the partition's calls go.
     async fn forward_offsets(
         &self,
+        topic_id: &str,
         request: GetOffsetsRequest,
         holder: u64,
         hops: u32,
     ) -> Result<PartitionOffsets, BrokerError> {
         let address = self.holder_address(holder, hops)?;
+        let partition = request.partitions.first().copied().unwrap_or_default();
         let call = self.node.peers().request(
             holder,
             weft_proto::internal::v1::ForwardGetOffsetsRequest {
@@ -157,9 +204,11 @@ impl SubscriberService {
             Duration::from_millis(self.node.config.request_timeout_ms),
         );
         let mut client = super::forward_to(&self.node, holder, &address, "GetOffsets")?;
-        client
-            .get_offsets(call)
-            .await?
+        let answer = client.get_offsets(call).await.map_err(BrokerError::from);
+        self.node
+            .route_hints
+            .learn(topic_id, partition, holder, &answer, false);
+        answer?
             .into_inner()
             .partitions
             .into_iter()
@@ -170,11 +219,13 @@ impl SubscriberService {
     /// Hands a Fetch to `holder`, a broker with a replica of the partition (this one has none).
     async fn forward_fetch(
         &self,
+        topic_id: &str,
         request: FetchRequest,
         holder: u64,
         hops: u32,
     ) -> Result<FetchResponse, BrokerError> {
         let address = self.holder_address(holder, hops)?;
+        let partition = request.partition;
         let timeout = Duration::from_millis(self.node.config.request_timeout_ms)
             + Duration::from_millis(u64::from(request.max_wait_ms));
         let call = self.node.peers().request(
@@ -187,7 +238,17 @@ impl SubscriberService {
             timeout,
         );
         let mut client = super::forward_to(&self.node, holder, &address, "Fetch")?;
-        Ok(client.fetch(call).await?.into_inner())
+        let answer = client
+            .fetch(call)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(BrokerError::from);
+        // Learnt from the answer (a peer's or a failed connection's), not from the refusals
+        // above, which never reached the peer.
+        self.node
+            .route_hints
+            .learn(topic_id, partition, holder, &answer, false);
+        answer
     }
 
     /// CommitOffsets (and offset resets: `reset`), checked and stored; also the admin API's.
@@ -354,11 +415,12 @@ impl SubscriberService {
                     partitions: vec![p],
                     ..request.clone()
                 };
-                let forwarded = self.forward_offsets(one, holder, hops).await;
-                self.node
-                    .route_hints
-                    .learn(&topic.topic_id, p, holder, &forwarded, false);
-                out.push(forwarded?);
+                let answer = self
+                    .read_elsewhere(&topic, p, holder, hops, |holder| {
+                        self.forward_offsets(&topic.topic_id, one.clone(), holder, hops)
+                    })
+                    .await?;
+                out.push(answer);
                 continue;
             }
             let partition = self.node.partition(&request.topic, p)?;
