@@ -35,6 +35,61 @@ async fn committed(client: &Client) -> BTreeMap<u32, u64> {
         .collect()
 }
 
+/// Topic "work" with two partitions of ten records each (`job-0`, `job-2`... in partition 0),
+/// and the config of a member of group "g" reading it from the start, committing by hand.
+async fn two_partitions_of_ten(client: &Client) -> ConsumerConfig {
+    client
+        .admin()
+        .create_topic("work", 2)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    for i in 0..20u32 {
+        producer
+            .send("work", Record::new(format!("job-{i}")).partition(i % 2))
+            .await
+            .expect("stored");
+    }
+    producer.close().await.expect("close");
+    ConsumerConfig::new("work")
+        .group("g")
+        .start(StartFrom::Earliest)
+        .auto_commit(false)
+}
+
+/// Commits `member`'s positions (which also reads its stream) until its generation is one
+/// that `wanted` accepts, within 30 s; commits refused as naming a replaced generation are
+/// expected meanwhile.
+async fn commit_until_generation(member: &mut Consumer, wanted: impl Fn(u64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match member.commit().await {
+            Ok(()) if wanted(member.generation()) => return,
+            Ok(()) => {}
+            Err(e) => assert_eq!(e.reason(), "STALE_GENERATION", "{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the member never saw the generation awaited (at {})",
+            member.generation()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Takes `member`'s next records, which must be those of `partition` from offset `from` to
+/// its end (offset 9), in order.
+async fn read_to_ten(member: &mut Consumer, partition: u32, from: u64) {
+    for next in from..10 {
+        let message = member
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .unwrap_or_else(|| panic!("record {next} of partition {partition} never came"));
+        assert_eq!((message.partition, message.offset), (partition, next));
+    }
+}
+
 /// Reads from every member in turn until `total` records were seen overall (bounded in time).
 async fn drain(members: &mut [Consumer], seen: &mut HashMap<String, usize>, total: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -317,24 +372,7 @@ async fn partitions_added_to_a_topic_go_to_its_live_group() {
 async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
     let broker = Broker::start();
     let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("work", 2)
-        .await
-        .expect("create");
-    let producer = client.producer(ProducerConfig::default());
-    for i in 0..20u32 {
-        producer
-            .send("work", Record::new(format!("job-{i}")).partition(i % 2))
-            .await
-            .expect("stored");
-    }
-    producer.close().await.expect("close");
-
-    let config = ConsumerConfig::new("work")
-        .group("g")
-        .start(StartFrom::Earliest)
-        .auto_commit(false);
+    let config = two_partitions_of_ten(&client).await;
     let mut first = client.consumer(config.clone()).await.expect("join");
     assert_eq!(first.assignment(), vec![0, 1]);
     // One record taken: both partitions' ten records were delivered (the credit allows 2,000).
@@ -348,19 +386,8 @@ async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
 
     // A second member: the group rebalances and the first keeps one partition.
     let second = client.consumer(config).await.expect("second member");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match first.commit().await {
-            Ok(()) if first.generation() == second.generation() => break,
-            Ok(()) => {}
-            Err(e) => assert_eq!(e.reason(), "STALE_GENERATION", "{e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the first member never saw the new generation"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let new = second.generation();
+    commit_until_generation(&mut first, |g| g == new).await;
     let kept = first.assignment();
     assert_eq!(kept.len(), 1, "one partition each: {kept:?}");
     let kept = kept[0];
@@ -376,16 +403,7 @@ async fn a_kept_partition_keeps_the_members_position_through_a_rebalance() {
     );
 
     // The rest of the kept partition follows, in order, and its commit is stored.
-    let mut next = expected[&kept];
-    while next < 10 {
-        let message = first
-            .next_timeout(Duration::from_secs(10))
-            .await
-            .expect("next")
-            .expect("the kept partition's next record");
-        assert_eq!((message.partition, message.offset), (kept, next));
-        next += 1;
-    }
+    read_to_ten(&mut first, kept, expected[&kept]).await;
     first.commit().await.expect("commit after the rebalance");
     assert_eq!(committed(&client).await.get(&kept), Some(&10));
     first.close().await.expect("close");
@@ -432,24 +450,7 @@ async fn a_partition_given_back_through_another_broker_starts_at_its_commit() {
 async fn given_back_partition_starts_at_its_commit(first_client: &Client, second_client: &Client) {
     // How late the first member's session takes a changed view (the brokers' hook).
     let delay = Duration::from_millis(5000);
-    first_client
-        .admin()
-        .create_topic("work", 2)
-        .await
-        .expect("create");
-    let producer = first_client.producer(ProducerConfig::default());
-    for i in 0..20u32 {
-        producer
-            .send("work", Record::new(format!("job-{i}")).partition(i % 2))
-            .await
-            .expect("stored");
-    }
-    producer.close().await.expect("close");
-
-    let config = ConsumerConfig::new("work")
-        .group("g")
-        .start(StartFrom::Earliest)
-        .auto_commit(false);
+    let config = two_partitions_of_ten(first_client).await;
     // Credit for two records: the first member's session delivers little, so where it got to in
     // the partition it lends stays below what the second member commits there.
     let mut small = config.clone();
@@ -489,19 +490,7 @@ async fn given_back_partition_starts_at_its_commit(first_client: &Client, second
     );
 
     // The first member's session takes the latest view: both partitions, one of them back.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match first.commit().await {
-            Ok(()) if first.generation() > second_generation => break,
-            Ok(()) => {}
-            Err(e) => assert_eq!(e.reason(), "STALE_GENERATION", "{e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the first member never saw the generation after the second left"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    commit_until_generation(&mut first, |g| g > second_generation).await;
     assert_eq!(first.assignment(), vec![0, 1]);
     assert_eq!(
         first.positions().get(&lent),
@@ -511,20 +500,12 @@ async fn given_back_partition_starts_at_its_commit(first_client: &Client, second
     // What follows is the rest of the first member's own partition, and nothing again of the
     // one the second member read.
     let own = 1 - lent;
-    let mut next = if taken.partition == own {
+    let from = if taken.partition == own {
         taken.offset + 1
     } else {
         0
     };
-    while next < 10 {
-        let message = first
-            .next_timeout(Duration::from_secs(10))
-            .await
-            .expect("next")
-            .expect("the rest of the member's own partition");
-        assert_eq!((message.partition, message.offset), (own, next));
-        next += 1;
-    }
+    read_to_ten(&mut first, own, from).await;
     let extra = first
         .next_timeout(Duration::from_millis(1500))
         .await
