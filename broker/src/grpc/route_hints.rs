@@ -13,6 +13,9 @@
 //!   from its group; DATA_LOSS) is passed over for [`CANNOT_SERVE_FOR`], for that partition.
 //! - Only a call that reached the peer, or failed trying, teaches anything: a caller's own
 //!   deadline says nothing about the peer.
+//! - A partition's high watermark never goes back: reads answered by a replica that lags what
+//!   this broker saw served before report the higher one, and one that refuses an offset past
+//!   its own end, below what was served, counts as unable to serve (another replica is asked).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -50,6 +53,35 @@ struct Hints {
     unreachable: HashMap<NodeId, Instant>,
     /// When a replica last answered that it cannot serve a partition.
     cannot_serve: HashMap<(Key, NodeId), Instant>,
+    /// The highest high watermark of each partition seen in an answer.
+    high_watermarks: HashMap<Key, u64>,
+}
+
+/// An answer that reports a partition's high watermark.
+pub trait Watermarked {
+    /// The high watermark it reports.
+    fn high_watermark(&self) -> u64;
+    /// Reports `to` instead, a higher one seen before (the partition had committed that far).
+    fn raise_high_watermark(&mut self, to: u64);
+}
+
+impl Watermarked for weft_proto::v1::FetchResponse {
+    fn high_watermark(&self) -> u64 {
+        self.high_watermark
+    }
+    fn raise_high_watermark(&mut self, to: u64) {
+        self.high_watermark = to;
+    }
+}
+
+impl Watermarked for weft_proto::v1::PartitionOffsets {
+    fn high_watermark(&self) -> u64 {
+        self.high_watermark
+    }
+    fn raise_high_watermark(&mut self, to: u64) {
+        self.high_watermark = to;
+        self.log_end_offset = self.log_end_offset.max(to);
+    }
 }
 
 impl Hints {
@@ -82,6 +114,9 @@ impl Hints {
         if self.serving.len() >= PARTITIONS_MAX && !self.serving.contains_key(key) {
             self.serving.clear();
         }
+        if self.high_watermarks.len() >= PARTITIONS_MAX && !self.high_watermarks.contains_key(key) {
+            self.high_watermarks.clear();
+        }
         if self.cannot_serve.len() >= PARTITIONS_MAX {
             self.cannot_serve
                 .retain(|_, at| at.elapsed() < CANNOT_SERVE_FOR);
@@ -109,15 +144,22 @@ enum Verdict {
     Nothing,
 }
 
-fn verdict<T>(target: NodeId, outcome: &Result<T, BrokerError>, led: bool) -> Verdict {
+/// `floor`: the highest high watermark of the partition seen before (0: none).
+fn verdict<T>(target: NodeId, outcome: &Result<T, BrokerError>, led: bool, floor: u64) -> Verdict {
     match outcome {
         Ok(_) => Verdict::Served(led),
         Err(BrokerError::Remote(status)) => match status.0.code() {
-            tonic::Code::Unavailable => match named_leader(&status.0) {
-                Some(leader) if leader != target => Verdict::NamedLeader(leader),
+            tonic::Code::Unavailable => match error_metadata(&status.0, "leader_id") {
+                Some(leader) if leader != target && leader != 0 => Verdict::NamedLeader(leader),
                 _ => Verdict::CannotServe,
             },
             tonic::Code::DataLoss => Verdict::CannotServe,
+            // Its log ends below what was served before: it lags.
+            tonic::Code::OutOfRange
+                if error_metadata(&status.0, "log_end_offset").is_some_and(|end| end < floor) =>
+            {
+                Verdict::CannotServe
+            }
             _ => Verdict::Answered,
         },
         Err(BrokerError::Unavailable { .. }) => Verdict::Unreachable,
@@ -169,7 +211,45 @@ impl RouteHints {
         };
         let key = (topic_id.to_string(), partition);
         hints.bounded(&key);
-        match verdict(target, outcome, led) {
+        let floor = hints.high_watermarks.get(&key).copied().unwrap_or(0);
+        hints.take(key, target, verdict(target, outcome, led, floor));
+    }
+
+    /// [`RouteHints::learn`] for a read: an answer reports at least the highest high watermark
+    /// seen before. Returns whether another replica should be asked at once (the target did
+    /// not answer, or cannot serve the partition now; a read is safe to repeat).
+    pub fn learn_read<T: Watermarked>(
+        &self,
+        topic_id: &str,
+        partition: u32,
+        target: NodeId,
+        outcome: &mut Result<T, BrokerError>,
+    ) -> bool {
+        let Ok(mut hints) = self.inner.lock() else {
+            return false;
+        };
+        let key = (topic_id.to_string(), partition);
+        hints.bounded(&key);
+        let floor = hints.high_watermarks.get(&key).copied().unwrap_or(0);
+        if let Ok(answer) = outcome {
+            if answer.high_watermark() < floor {
+                answer.raise_high_watermark(floor);
+            } else {
+                hints
+                    .high_watermarks
+                    .insert(key.clone(), answer.high_watermark());
+            }
+        }
+        let verdict = verdict(target, outcome, false, floor);
+        hints.take(key, target, verdict);
+        matches!(verdict, Verdict::Unreachable | Verdict::CannotServe)
+    }
+}
+
+impl Hints {
+    fn take(&mut self, key: Key, target: NodeId, verdict: Verdict) {
+        let hints = self;
+        match verdict {
             Verdict::Served(led) => {
                 hints.unreachable.remove(&target);
                 hints.cannot_serve.remove(&(key.clone(), target));
@@ -204,28 +284,12 @@ impl RouteHints {
             Verdict::Nothing => {}
         }
     }
-
-    /// Whether `outcome` of a read forwarded to a replica says another replica should be asked
-    /// at once (the target did not answer, or cannot serve the partition now; a read is safe to
-    /// repeat).
-    pub fn try_another<T>(target: NodeId, outcome: &Result<T, BrokerError>) -> bool {
-        matches!(
-            verdict(target, outcome, false),
-            Verdict::Unreachable | Verdict::CannotServe
-        )
-    }
 }
 
-/// The leader a peer's UNAVAILABLE answer names (`leader_id` in its ErrorInfo), if any.
-fn named_leader(status: &tonic::Status) -> Option<NodeId> {
+/// A number in a peer's answer's ErrorInfo (`leader_id`, `log_end_offset`...), if any.
+fn error_metadata(status: &tonic::Status, name: &str) -> Option<u64> {
     let details = tonic_types::StatusExt::get_error_details(status);
-    details
-        .error_info()?
-        .metadata
-        .get("leader_id")?
-        .parse()
-        .ok()
-        .filter(|&id| id != 0)
+    details.error_info()?.metadata.get(name)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -330,5 +394,46 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         hints.learn("t", 0, 1, &broke(), false);
         assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
+    }
+
+    /// A read answered by a replica behind what was served before reports the higher high
+    /// watermark; one that refuses an offset past its end, below what was served, lags: another
+    /// replica is asked, and it is passed over for the partition.
+    #[test]
+    fn reads_never_see_the_high_watermark_go_back() {
+        let hints = RouteHints::default();
+        let answer = |high_watermark| {
+            Ok::<_, BrokerError>(weft_proto::v1::FetchResponse {
+                high_watermark,
+                ..Default::default()
+            })
+        };
+        let mut from_2 = answer(110);
+        assert!(!hints.learn_read("t", 0, 2, &mut from_2));
+        let mut from_1 = answer(10);
+        assert!(!hints.learn_read("t", 0, 1, &mut from_1));
+        assert_eq!(from_1.expect("answer").high_watermark, 110);
+        let mut higher = answer(120);
+        assert!(!hints.learn_read("t", 0, 1, &mut higher));
+        assert_eq!(higher.expect("answer").high_watermark, 120);
+
+        let past_its_end = |end| {
+            Err::<weft_proto::v1::FetchResponse, _>(BrokerError::from(tonic::Status::from(
+                BrokerError::OffsetOutOfRange {
+                    offset: 115,
+                    start: 0,
+                    end,
+                },
+            )))
+        };
+        assert!(
+            hints.learn_read("t", 0, 1, &mut past_its_end(10)),
+            "1 lags: ask another"
+        );
+        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
+        assert!(
+            !hints.learn_read("t", 0, 2, &mut past_its_end(120)),
+            "an offset past what any answer showed is the caller's"
+        );
     }
 }

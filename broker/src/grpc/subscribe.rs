@@ -62,7 +62,7 @@ impl SubscriberService {
         if let Some(holder) = self.holder_elsewhere(&topic, request.partition) {
             let partition = request.partition;
             let fetched = self.read_elsewhere(&topic, partition, holder, hops, |holder| {
-                self.forward_fetch(&topic.topic_id, request.clone(), holder, hops)
+                self.forward_fetch(request.clone(), holder, hops)
             });
             // A long poll waiting at another broker ends too when this one shuts down.
             return tokio::select! {
@@ -135,6 +135,7 @@ impl SubscriberService {
     where
         F: Fn(u64) -> Fut,
         Fut: std::future::Future<Output = Result<T, BrokerError>>,
+        T: crate::grpc::route_hints::Watermarked,
     {
         let replicas = topic
             .partitions
@@ -144,9 +145,17 @@ impl SubscriberService {
         let mut holder = first;
         let mut tried = Vec::new();
         loop {
-            let result = call(holder).await;
+            let mut result = call(holder).await;
             tried.push(holder);
-            if hops > 0 || !crate::grpc::route_hints::RouteHints::try_another(holder, &result) {
+            // (A forwarded call, `hops` > 0, was refused here without calling anyone.)
+            if hops > 0
+                || !self.node.route_hints.learn_read(
+                    &topic.topic_id,
+                    partition,
+                    holder,
+                    &mut result,
+                )
+            {
                 return result;
             }
             let next = self
@@ -183,17 +192,14 @@ impl SubscriberService {
             })
     }
 
-    /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it), and
-    /// learns from the answer where the partition's calls go.
+    /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it).
     async fn forward_offsets(
         &self,
-        topic_id: &str,
         request: GetOffsetsRequest,
         holder: u64,
         hops: u32,
     ) -> Result<PartitionOffsets, BrokerError> {
         let address = self.holder_address(holder, hops)?;
-        let partition = request.partitions.first().copied().unwrap_or_default();
         let call = self.node.peers().request(
             holder,
             weft_proto::internal::v1::ForwardGetOffsetsRequest {
@@ -204,11 +210,9 @@ impl SubscriberService {
             Duration::from_millis(self.node.config.request_timeout_ms),
         );
         let mut client = super::forward_to(&self.node, holder, &address, "GetOffsets")?;
-        let answer = client.get_offsets(call).await.map_err(BrokerError::from);
-        self.node
-            .route_hints
-            .learn(topic_id, partition, holder, &answer, false);
-        answer?
+        client
+            .get_offsets(call)
+            .await?
             .into_inner()
             .partitions
             .into_iter()
@@ -219,13 +223,11 @@ impl SubscriberService {
     /// Hands a Fetch to `holder`, a broker with a replica of the partition (this one has none).
     async fn forward_fetch(
         &self,
-        topic_id: &str,
         request: FetchRequest,
         holder: u64,
         hops: u32,
     ) -> Result<FetchResponse, BrokerError> {
         let address = self.holder_address(holder, hops)?;
-        let partition = request.partition;
         let timeout = Duration::from_millis(self.node.config.request_timeout_ms)
             + Duration::from_millis(u64::from(request.max_wait_ms));
         let call = self.node.peers().request(
@@ -238,17 +240,7 @@ impl SubscriberService {
             timeout,
         );
         let mut client = super::forward_to(&self.node, holder, &address, "Fetch")?;
-        let answer = client
-            .fetch(call)
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(BrokerError::from);
-        // Learnt from the answer (a peer's or a failed connection's), not from the refusals
-        // above, which never reached the peer.
-        self.node
-            .route_hints
-            .learn(topic_id, partition, holder, &answer, false);
-        answer
+        Ok(client.fetch(call).await?.into_inner())
     }
 
     /// CommitOffsets (and offset resets: `reset`), checked and stored; also the admin API's.
@@ -417,7 +409,7 @@ impl SubscriberService {
                 };
                 let answer = self
                     .read_elsewhere(&topic, p, holder, hops, |holder| {
-                        self.forward_offsets(&topic.topic_id, one.clone(), holder, hops)
+                        self.forward_offsets(one.clone(), holder, hops)
                     })
                     .await?;
                 out.push(answer);
