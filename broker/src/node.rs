@@ -1018,8 +1018,12 @@ impl Node {
         } else {
             // No replica here: the one the answers to earlier forwarded calls point to.
             match meta.partitions.get(partition as usize).and_then(|p| {
-                self.route_hints
-                    .pick(&meta.topic_id, partition, &p.replicas)
+                self.route_hints.pick(
+                    &meta.topic_id,
+                    partition,
+                    &p.replicas,
+                    crate::grpc::route_hints::Purpose::Write,
+                )
             }) {
                 Some(replica) => replica,
                 None => {
@@ -1172,28 +1176,38 @@ impl Node {
         {
             tracing::warn!("cannot mark this broker as draining: {e}");
         }
-        let leading: Vec<Arc<Partition>> = self
-            .partitions()
-            .into_iter()
-            .filter(|p| p.group().is_leader())
-            .collect();
-        let outcomes = futures::future::join_all(leading.iter().map(|p| async move {
-            let name = format!("{}/{}", p.topic, p.partition);
-            let group = p.group();
-            let me = self.node_id;
-            let outcome = move_away(
-                timeout,
-                || {
-                    // (One reading of the metrics for both.)
-                    let leader = group.leader();
-                    (leader == Some(me), leader)
-                },
-                |within| group.transfer_leadership(None, within),
-            )
+        // Twice: a partition that elected this broker while the first pass ran (its election
+        // began before the drain) is moved too.
+        let mut outcomes: Vec<(String, Result<NodeId, BrokerError>)> = Vec::new();
+        for _ in 0..2 {
+            let leading: Vec<Arc<Partition>> = self
+                .partitions()
+                .into_iter()
+                .filter(|p| p.group().is_leader())
+                .filter(|p| {
+                    let name = format!("{}/{}", p.topic, p.partition);
+                    !outcomes.iter().any(|(tried, _)| *tried == name)
+                })
+                .collect();
+            let pass = futures::future::join_all(leading.iter().map(|p| async move {
+                let name = format!("{}/{}", p.topic, p.partition);
+                let group = p.group();
+                let me = self.node_id;
+                let outcome = move_away(
+                    timeout,
+                    || {
+                        // (One reading of the metrics for both.)
+                        let leader = group.leader();
+                        (leader == Some(me), leader)
+                    },
+                    |within| group.transfer_leadership(None, within),
+                )
+                .await;
+                (name, outcome)
+            }))
             .await;
-            (name, outcome)
-        }))
-        .await;
+            outcomes.extend(pass);
+        }
         let (mut moved, mut kept) = (Vec::new(), Vec::new());
         for (name, outcome) in outcomes {
             match outcome {

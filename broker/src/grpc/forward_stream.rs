@@ -113,7 +113,8 @@ impl Forwarders {
         metrics::counter!("weft_forwarded_calls_total", "method" => "Publish").increment(1);
         let not_sent = || BrokerError::Unavailable {
             reason: format!("the forwarding stream to node {leader} closed; try again"),
-            leader: Some(leader),
+            // Not named as the leader: it did not answer.
+            leader: None,
         };
         // The whole wait, room in the queue included, stays within the caller's deadline.
         let waited = tokio::time::timeout(timeout, async {
@@ -135,7 +136,8 @@ impl Forwarders {
                                 "the forwarding stream to node {leader} broke: the publish may \
                                  or may not be stored (retry it with the same producer sequence)"
                             ),
-                            leader: Some(leader),
+                            // Not named as the leader: the connection to it failed.
+                            leader: None,
                         });
                     }
                 }

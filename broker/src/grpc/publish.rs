@@ -255,7 +255,7 @@ impl PublisherService {
                     .is_some_and(|p| p.replicas.contains(&node.node_id));
                 if !hosted_here {
                     node.route_hints
-                        .learn(&topic.topic_id, partition, leader, &forwarded, true);
+                        .learn_write(&topic.topic_id, partition, leader, &forwarded);
                 }
                 return forwarded;
             }

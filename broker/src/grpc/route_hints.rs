@@ -4,18 +4,23 @@
 //! replica, and all of them failed for as long as that replica was down.
 //!
 //! - A replica that does not lead answers a publish with UNAVAILABLE and the leader's id: the
-//!   next call goes there. A publish stored shows who leads.
-//! - Calls stay with the replica that last served the partition (reads that moved from one
+//!   next call goes there (even if that one could not serve a moment ago). A publish stored
+//!   shows who leads.
+//! - Reads stay with the replica that last served the partition (reads that moved from one
 //!   replica to another would see its high watermark move back and forth).
 //! - A replica that did not answer (the connection failed) is passed over for
-//!   [`UNREACHABLE_FOR`], for every partition; one that answered that it cannot serve the
-//!   partition now (UNAVAILABLE naming no other leader: its copy is opening, down, or cut off
-//!   from its group; DATA_LOSS) is passed over for [`CANNOT_SERVE_FOR`], for that partition.
+//!   [`UNREACHABLE_FOR`], for every partition, whatever other replicas say (one that has not
+//!   noticed its leader died still names it). One that answered that it cannot serve the
+//!   partition now (UNAVAILABLE naming no other leader: its copy is opening or down, or it is
+//!   cut off from its group) is passed over for [`CANNOT_SERVE_FOR`], for that partition. One
+//!   whose reads lag (DATA_LOSS; an offset refused as past its end, or nothing to read, below
+//!   the highest high watermark seen) is passed over for reads of that partition for
+//!   [`LAGGING_FOR`].
 //! - Only a call that reached the peer, or failed trying, teaches anything: a caller's own
-//!   deadline says nothing about the peer.
-//! - A partition's high watermark never goes back: reads answered by a replica that lags what
-//!   this broker saw served before report the higher one, and one that refuses an offset past
-//!   its own end, below what was served, counts as unable to serve (another replica is asked).
+//!   deadline, and a refusal made here before calling (it names the node it would have
+//!   called), say nothing about the peer.
+//! - A partition's high watermark never goes back in the answers reads get: one answered by a
+//!   replica behind the highest seen (within [`HIGH_WATERMARK_KEPT_FOR`]) reports that one.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,15 +29,23 @@ use std::time::{Duration, Instant};
 use crate::error::BrokerError;
 use crate::raft::NodeId;
 
-/// Partitions whose leader and serving replica are remembered; past it the hints start over
-/// (each is re-learned from one answer).
+/// Partitions whose leader, serving replica and high watermark are remembered; past it a map
+/// starts over (each entry is re-learned from one answer).
 const PARTITIONS_MAX: usize = 100_000;
 
 /// How long a broker that did not answer is passed over.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(10);
 
 /// How long a replica that cannot serve a partition is passed over for it.
-const CANNOT_SERVE_FOR: Duration = Duration::from_secs(5);
+const CANNOT_SERVE_FOR: Duration = Duration::from_secs(2);
+
+/// How long a replica whose reads of a partition lag is passed over for them.
+const LAGGING_FOR: Duration = Duration::from_secs(5);
+
+/// How long the highest high watermark seen counts without an answer reaching it again (a
+/// topic deleted and created again under a name this broker still maps to the old one, data
+/// lost on every replica: then no replica reaches it again, and it is forgotten).
+const HIGH_WATERMARK_KEPT_FOR: Duration = Duration::from_secs(30);
 
 /// What this broker learned about the replicas of partitions it does not host.
 #[derive(Debug, Default)]
@@ -42,60 +55,65 @@ pub struct RouteHints {
 
 type Key = (String, u32);
 
+/// What a call is for: a write goes to the leader; a read may be served by any replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A publish.
+    Write,
+    /// A Fetch or GetOffsets.
+    Read,
+}
+
 #[derive(Debug, Default)]
 struct Hints {
     /// Leader by (topic id, partition), as last named by a replica or shown by a publish it
     /// stored.
     leaders: HashMap<Key, NodeId>,
-    /// The replica that last served a call of the partition.
+    /// The replica that last served a read of the partition.
     serving: HashMap<Key, NodeId>,
     /// When each broker last failed to answer a forwarded call.
     unreachable: HashMap<NodeId, Instant>,
     /// When a replica last answered that it cannot serve a partition.
     cannot_serve: HashMap<(Key, NodeId), Instant>,
-    /// The highest high watermark of each partition seen in an answer.
-    high_watermarks: HashMap<Key, u64>,
+    /// When a replica's reads of a partition last lagged.
+    lagging: HashMap<(Key, NodeId), Instant>,
+    /// The highest high watermark of each partition seen in an answer, and when an answer last
+    /// reached it.
+    high_watermarks: HashMap<Key, (u64, Instant)>,
 }
 
-/// An answer that reports a partition's high watermark.
-pub trait Watermarked {
-    /// The high watermark it reports.
-    fn high_watermark(&self) -> u64;
-    /// Reports `to` instead, a higher one seen before (the partition had committed that far).
-    fn raise_high_watermark(&mut self, to: u64);
+/// Inserts into a map bounded at [`PARTITIONS_MAX`] entries: a new key into a full map clears
+/// it first.
+fn bounded_insert<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>, key: K, value: V) {
+    if map.len() >= PARTITIONS_MAX && !map.contains_key(&key) {
+        map.clear();
+    }
+    map.insert(key, value);
 }
 
-impl Watermarked for weft_proto::v1::FetchResponse {
-    fn high_watermark(&self) -> u64 {
-        self.high_watermark
-    }
-    fn raise_high_watermark(&mut self, to: u64) {
-        self.high_watermark = to;
-    }
-}
-
-impl Watermarked for weft_proto::v1::PartitionOffsets {
-    fn high_watermark(&self) -> u64 {
-        self.high_watermark
-    }
-    fn raise_high_watermark(&mut self, to: u64) {
-        self.high_watermark = to;
-        self.log_end_offset = self.log_end_offset.max(to);
-    }
+/// Whether `at` is within `lasting` of now.
+fn recent(at: Option<&Instant>, lasting: Duration) -> Option<Instant> {
+    at.filter(|at| at.elapsed() < lasting).copied()
 }
 
 impl Hints {
-    /// When `node` was last found unable to serve `key` (None: not lately).
-    fn passed_over(&self, key: &Key, node: NodeId) -> Option<Instant> {
-        let unreachable = self
-            .unreachable
-            .get(&node)
-            .filter(|at| at.elapsed() < UNREACHABLE_FOR);
-        let cannot = self
-            .cannot_serve
-            .get(&(key.clone(), node))
-            .filter(|at| at.elapsed() < CANNOT_SERVE_FOR);
-        unreachable.max(cannot).copied()
+    /// When `node` was last found unable to serve `key` for `purpose` (None: not lately).
+    fn passed_over(&self, key: &Key, node: NodeId, purpose: Purpose) -> Option<Instant> {
+        let pair = (key.clone(), node);
+        let unreachable = recent(self.unreachable.get(&node), UNREACHABLE_FOR);
+        let cannot = recent(self.cannot_serve.get(&pair), CANNOT_SERVE_FOR);
+        let lagging = match purpose {
+            Purpose::Read => recent(self.lagging.get(&pair), LAGGING_FOR),
+            Purpose::Write => None,
+        };
+        unreachable.max(cannot).max(lagging)
+    }
+
+    fn high_watermark(&self, key: &Key) -> u64 {
+        self.high_watermarks
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < HIGH_WATERMARK_KEPT_FOR)
+            .map_or(0, |(high_watermark, _)| *high_watermark)
     }
 
     fn forget(&mut self, key: &Key, node: NodeId) {
@@ -107,35 +125,114 @@ impl Hints {
         }
     }
 
-    fn bounded(&mut self, key: &Key) {
-        if self.leaders.len() >= PARTITIONS_MAX && !self.leaders.contains_key(key) {
-            self.leaders.clear();
+    /// Marks `node` for `key` in `marks` (a map bounded like the others: expired marks go
+    /// first).
+    fn mark(
+        marks: &mut HashMap<(Key, NodeId), Instant>,
+        key: &Key,
+        node: NodeId,
+        lasting: Duration,
+    ) {
+        if marks.len() >= PARTITIONS_MAX {
+            marks.retain(|_, at| at.elapsed() < lasting);
         }
-        if self.serving.len() >= PARTITIONS_MAX && !self.serving.contains_key(key) {
-            self.serving.clear();
-        }
-        if self.high_watermarks.len() >= PARTITIONS_MAX && !self.high_watermarks.contains_key(key) {
-            self.high_watermarks.clear();
-        }
-        if self.cannot_serve.len() >= PARTITIONS_MAX {
-            self.cannot_serve
-                .retain(|_, at| at.elapsed() < CANNOT_SERVE_FOR);
-            if self.cannot_serve.len() >= PARTITIONS_MAX {
-                self.cannot_serve.clear();
+        bounded_insert(marks, (key.clone(), node), Instant::now());
+    }
+
+    fn take(&mut self, key: Key, target: NodeId, verdict: Verdict) {
+        match verdict {
+            Verdict::Served { led, read } => {
+                self.unreachable.remove(&target);
+                self.cannot_serve.remove(&(key.clone(), target));
+                if read {
+                    self.lagging.remove(&(key.clone(), target));
+                    bounded_insert(&mut self.serving, key.clone(), target);
+                }
+                if led {
+                    bounded_insert(&mut self.leaders, key, target);
+                }
             }
+            Verdict::NamedLeader(leader) => {
+                self.unreachable.remove(&target);
+                // Tried next, even if it could not serve a moment ago (it may again now); but a
+                // broker that did not answer here stays passed over.
+                self.cannot_serve.remove(&(key.clone(), leader));
+                if self.serving.get(&key) == Some(&target) {
+                    self.serving.remove(&key);
+                }
+                bounded_insert(&mut self.leaders, key, leader);
+            }
+            Verdict::CannotServe => {
+                self.unreachable.remove(&target);
+                Self::mark(&mut self.cannot_serve, &key, target, CANNOT_SERVE_FOR);
+                self.forget(&key, target);
+            }
+            Verdict::Lagging => {
+                self.unreachable.remove(&target);
+                Self::mark(&mut self.lagging, &key, target, LAGGING_FOR);
+                if self.serving.get(&key) == Some(&target) {
+                    self.serving.remove(&key);
+                }
+            }
+            Verdict::Answered => {
+                self.unreachable.remove(&target);
+            }
+            Verdict::Unreachable => {
+                self.unreachable.insert(target, Instant::now());
+                self.forget(&key, target);
+            }
+            Verdict::Nothing => {}
         }
+    }
+}
+
+/// An answer that reports a partition's high watermark.
+pub trait Watermarked {
+    /// The high watermark it reports.
+    fn high_watermark(&self) -> u64;
+    /// Reports `to` instead, a higher one seen before (the partition had committed that far).
+    fn raise_high_watermark(&mut self, to: u64);
+    /// Whether it gave nothing to read (a Fetch without records).
+    fn nothing_read(&self) -> bool;
+}
+
+impl Watermarked for weft_proto::v1::FetchResponse {
+    fn high_watermark(&self) -> u64 {
+        self.high_watermark
+    }
+    fn raise_high_watermark(&mut self, to: u64) {
+        self.high_watermark = to;
+    }
+    fn nothing_read(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+impl Watermarked for weft_proto::v1::PartitionOffsets {
+    fn high_watermark(&self) -> u64 {
+        self.high_watermark
+    }
+    fn raise_high_watermark(&mut self, to: u64) {
+        self.high_watermark = to;
+        self.log_end_offset = self.log_end_offset.max(to);
+    }
+    fn nothing_read(&self) -> bool {
+        false
     }
 }
 
 /// What a forwarded call's outcome says about its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
-    /// It served the call (`true`: as the partition's leader).
-    Served(bool),
+    /// It served the call: `led`, as the partition's leader (a publish it stored); `read`, a
+    /// read.
+    Served { led: bool, read: bool },
     /// It answered, naming another replica as the leader.
     NamedLeader(NodeId),
     /// It answered that it cannot serve the partition now.
     CannotServe,
+    /// Its reads of the partition lag what was served before (or its copy is damaged).
+    Lagging,
     /// It answered something else (the call's own fault: not found, out of range...).
     Answered,
     /// It did not answer: the connection failed.
@@ -144,41 +241,61 @@ enum Verdict {
     Nothing,
 }
 
-/// `floor`: the highest high watermark of the partition seen before (0: none).
-fn verdict<T>(target: NodeId, outcome: &Result<T, BrokerError>, led: bool, floor: u64) -> Verdict {
+/// The verdict on a call to `target`; `floor`: the highest high watermark of the partition
+/// seen before (0: none).
+fn verdict<T>(
+    target: NodeId,
+    outcome: &Result<T, BrokerError>,
+    purpose: Purpose,
+    floor: u64,
+) -> Verdict {
     match outcome {
-        Ok(_) => Verdict::Served(led),
+        Ok(_) => Verdict::Served {
+            led: purpose == Purpose::Write,
+            read: purpose == Purpose::Read,
+        },
         Err(BrokerError::Remote(status)) => match status.0.code() {
             tonic::Code::Unavailable => match error_metadata(&status.0, "leader_id") {
                 Some(leader) if leader != target && leader != 0 => Verdict::NamedLeader(leader),
                 _ => Verdict::CannotServe,
             },
-            tonic::Code::DataLoss => Verdict::CannotServe,
+            tonic::Code::DataLoss => Verdict::Lagging,
             // Its log ends below what was served before: it lags.
             tonic::Code::OutOfRange
                 if error_metadata(&status.0, "log_end_offset").is_some_and(|end| end < floor) =>
             {
-                Verdict::CannotServe
+                Verdict::Lagging
             }
             _ => Verdict::Answered,
         },
-        Err(BrokerError::Unavailable { .. }) => Verdict::Unreachable,
+        // Made here because the connection failed (a refusal made before calling names the
+        // node it would have called).
+        Err(BrokerError::Unavailable { leader: None, .. }) => Verdict::Unreachable,
         Err(_) => Verdict::Nothing,
     }
 }
 
 impl RouteHints {
     /// The replica of `topic_id`/`partition` (`replicas`, from the metadata) to send a call
-    /// to: the leader a replica named last, else the replica that served the partition last,
-    /// else the first replica; each only if not passed over lately (when every one is, the
-    /// one passed over longest ago).
-    pub fn pick(&self, topic_id: &str, partition: u32, replicas: &[NodeId]) -> Option<NodeId> {
+    /// for `purpose` to: the leader named last; for a read, else the replica that served the
+    /// last read; else the first replica; each only if not passed over lately (when every one
+    /// is, the one passed over longest ago).
+    pub fn pick(
+        &self,
+        topic_id: &str,
+        partition: u32,
+        replicas: &[NodeId],
+        purpose: Purpose,
+    ) -> Option<NodeId> {
         let Ok(hints) = self.inner.lock() else {
             return replicas.first().copied();
         };
         let key = (topic_id.to_string(), partition);
-        let preferred = [hints.leaders.get(&key), hints.serving.get(&key)];
-        let candidates = preferred
+        let serving = match purpose {
+            Purpose::Read => hints.serving.get(&key),
+            Purpose::Write => None,
+        };
+        let candidates = [hints.leaders.get(&key), serving]
             .into_iter()
             .flatten()
             .copied()
@@ -186,7 +303,7 @@ impl RouteHints {
             .filter(|node| replicas.contains(node));
         let mut oldest: Option<(Instant, NodeId)> = None;
         for node in candidates {
-            match hints.passed_over(&key, node) {
+            match hints.passed_over(&key, node, purpose) {
                 None => return Some(node),
                 Some(at) if oldest.is_none_or(|(seen, _)| at < seen) => oldest = Some((at, node)),
                 Some(_) => {}
@@ -195,29 +312,26 @@ impl RouteHints {
         oldest.map(|(_, node)| node)
     }
 
-    /// Learns from the outcome of a call forwarded to `target` for `topic_id`/`partition`:
-    /// `led` when success shows the target leads (a publish it stored). Call it only around
-    /// the call to the peer itself.
-    pub fn learn<T>(
+    /// Learns from the outcome of a publish forwarded to `target` for `topic_id`/`partition`.
+    pub fn learn_write<T>(
         &self,
         topic_id: &str,
         partition: u32,
         target: NodeId,
         outcome: &Result<T, BrokerError>,
-        led: bool,
     ) {
         let Ok(mut hints) = self.inner.lock() else {
             return;
         };
         let key = (topic_id.to_string(), partition);
-        hints.bounded(&key);
-        let floor = hints.high_watermarks.get(&key).copied().unwrap_or(0);
-        hints.take(key, target, verdict(target, outcome, led, floor));
+        let verdict = verdict(target, outcome, Purpose::Write, 0);
+        hints.take(key, target, verdict);
     }
 
-    /// [`RouteHints::learn`] for a read: an answer reports at least the highest high watermark
-    /// seen before. Returns whether another replica should be asked at once (the target did
-    /// not answer, or cannot serve the partition now; a read is safe to repeat).
+    /// Learns from the outcome of a read forwarded to `target` for `topic_id`/`partition`; an
+    /// answer reports at least the highest high watermark seen before. Returns whether another
+    /// replica should be asked at once (the target did not answer, cannot serve the partition
+    /// now, or lags; a read is safe to repeat).
     pub fn learn_read<T: Watermarked>(
         &self,
         topic_id: &str,
@@ -229,60 +343,28 @@ impl RouteHints {
             return false;
         };
         let key = (topic_id.to_string(), partition);
-        hints.bounded(&key);
-        let floor = hints.high_watermarks.get(&key).copied().unwrap_or(0);
+        let floor = hints.high_watermark(&key);
+        let mut verdict = verdict(target, outcome, Purpose::Read, floor);
         if let Ok(answer) = outcome {
             if answer.high_watermark() < floor {
+                // Behind: and with nothing to read, it would keep a reader waiting there.
+                if answer.nothing_read() {
+                    verdict = Verdict::Lagging;
+                }
                 answer.raise_high_watermark(floor);
             } else {
-                hints
-                    .high_watermarks
-                    .insert(key.clone(), answer.high_watermark());
+                bounded_insert(
+                    &mut hints.high_watermarks,
+                    key.clone(),
+                    (answer.high_watermark(), Instant::now()),
+                );
             }
         }
-        let verdict = verdict(target, outcome, false, floor);
         hints.take(key, target, verdict);
-        matches!(verdict, Verdict::Unreachable | Verdict::CannotServe)
-    }
-}
-
-impl Hints {
-    fn take(&mut self, key: Key, target: NodeId, verdict: Verdict) {
-        let hints = self;
-        match verdict {
-            Verdict::Served(led) => {
-                hints.unreachable.remove(&target);
-                hints.cannot_serve.remove(&(key.clone(), target));
-                if led {
-                    hints.leaders.insert(key.clone(), target);
-                }
-                hints.serving.insert(key, target);
-            }
-            Verdict::NamedLeader(leader) => {
-                hints.unreachable.remove(&target);
-                // Tried next; but a broker found unreachable here stays passed over (a replica
-                // that has not noticed its leader died still names it).
-                hints.leaders.insert(key.clone(), leader);
-                if hints.serving.get(&key) == Some(&target) {
-                    hints.serving.remove(&key);
-                }
-            }
-            Verdict::CannotServe => {
-                hints.unreachable.remove(&target);
-                hints
-                    .cannot_serve
-                    .insert((key.clone(), target), Instant::now());
-                hints.forget(&key, target);
-            }
-            Verdict::Answered => {
-                hints.unreachable.remove(&target);
-            }
-            Verdict::Unreachable => {
-                hints.unreachable.insert(target, Instant::now());
-                hints.forget(&key, target);
-            }
-            Verdict::Nothing => {}
-        }
+        matches!(
+            verdict,
+            Verdict::Unreachable | Verdict::CannotServe | Verdict::Lagging
+        )
     }
 }
 
@@ -295,145 +377,195 @@ fn error_metadata(status: &tonic::Status, name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_proto::v1::FetchResponse;
 
-    fn remote_unavailable(leader: Option<NodeId>) -> Result<(), BrokerError> {
-        Err(BrokerError::from(tonic::Status::from(
-            BrokerError::Unavailable {
-                reason: "this broker does not lead the partition".into(),
-                leader,
-            },
-        )))
+    const ALL: [NodeId; 3] = [1, 2, 3];
+
+    fn remote(error: BrokerError) -> BrokerError {
+        BrokerError::from(tonic::Status::from(error))
     }
 
-    fn broke() -> Result<(), BrokerError> {
+    fn remote_unavailable(leader: Option<NodeId>) -> Result<(), BrokerError> {
+        Err(remote(BrokerError::Unavailable {
+            reason: "this broker does not lead the partition".into(),
+            leader,
+        }))
+    }
+
+    /// A forwarding stream that broke (the connection failed).
+    fn broke<T>() -> Result<T, BrokerError> {
         Err(BrokerError::Unavailable {
             reason: "the forwarding stream to node 1 broke".into(),
-            leader: Some(1),
+            leader: None,
         })
+    }
+
+    fn fetched(high_watermark: u64, records: usize) -> Result<FetchResponse, BrokerError> {
+        Ok(FetchResponse {
+            high_watermark,
+            records: vec![Default::default(); records],
+            ..Default::default()
+        })
+    }
+
+    fn past_its_end(end: u64) -> Result<FetchResponse, BrokerError> {
+        Err(remote(BrokerError::OffsetOutOfRange {
+            offset: 115,
+            start: 0,
+            end,
+        }))
     }
 
     #[test]
     fn the_first_replica_until_answers_say_otherwise() {
         let hints = RouteHints::default();
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(1));
-        assert_eq!(hints.pick("t", 0, &[]), None);
+        assert_eq!(hints.pick("t", 0, &ALL, Purpose::Write), Some(1));
+        assert_eq!(hints.pick("t", 0, &ALL, Purpose::Read), Some(1));
+        assert_eq!(hints.pick("t", 0, &[], Purpose::Read), None);
     }
 
     #[test]
     fn an_unreachable_replica_is_passed_over_and_a_named_leader_followed() {
+        let w = Purpose::Write;
         let hints = RouteHints::default();
-        hints.learn("t", 0, 1, &broke(), true);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2), "1 did not answer");
-        assert_eq!(hints.pick("t", 1, &[1, 3]), Some(3), "for every partition");
+        hints.learn_write("t", 0, 1, &broke::<()>());
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(2), "1 did not answer");
+        assert_eq!(
+            hints.pick("t", 1, &[1, 3], w),
+            Some(3),
+            "for every partition"
+        );
 
         let named = remote_unavailable(Some(3));
         assert!(matches!(named, Err(BrokerError::Remote(_))));
-        hints.learn("t", 0, 2, &named, true);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(3), "2 named 3");
+        hints.learn_write("t", 0, 2, &named);
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(3), "2 named 3");
         assert_eq!(
-            hints.pick("t", 0, &[1, 2]),
+            hints.pick("t", 0, &[1, 2], w),
             Some(2),
             "a named leader no longer a replica is not used"
         );
-        // 3 names 1, which did not answer here: 1 stays passed over, and 3 does not lead.
-        hints.learn("t", 1, 3, &remote_unavailable(Some(1)), true);
-        assert_eq!(hints.pick("t", 1, &[1, 2, 3]), Some(2));
+        // 3 names 1, which did not answer here: 1 stays passed over.
+        hints.learn_write("t", 1, 3, &remote_unavailable(Some(1)));
+        assert_ne!(hints.pick("t", 1, &ALL, w), Some(1));
         // 1 answers again.
-        hints.learn("t", 0, 1, &Ok::<(), BrokerError>(()), true);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(1));
+        hints.learn_write("t", 0, 1, &Ok::<(), BrokerError>(()));
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(1));
     }
 
     /// A replica that answers but cannot serve the partition (its copy opening or down, or a
-    /// leader cut off from its group) is passed over for that partition, not for others.
+    /// leader cut off from its group) is passed over for that partition, not for others, until
+    /// another replica names it the leader.
     #[test]
-    fn a_replica_that_cannot_serve_is_passed_over_for_that_partition() {
+    fn a_replica_that_cannot_serve_is_passed_over_until_named_again() {
+        let w = Purpose::Write;
         let hints = RouteHints::default();
-        hints.learn("t", 0, 3, &Ok::<(), BrokerError>(()), true);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(3));
-        hints.learn("t", 0, 3, &remote_unavailable(None), true);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(1));
+        hints.learn_write("t", 0, 3, &Ok::<(), BrokerError>(()));
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(3));
+        hints.learn_write("t", 0, 3, &remote_unavailable(None));
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(1));
         // Naming itself is no better.
-        hints.learn("t", 0, 1, &remote_unavailable(Some(1)), false);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
-        assert_eq!(hints.pick("t", 1, &[3, 1]), Some(3), "another partition");
+        hints.learn_write("t", 0, 1, &remote_unavailable(Some(1)));
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(2));
+        assert_eq!(hints.pick("t", 1, &[3, 1], w), Some(3), "another partition");
+        // 2 names 3 the leader: it is tried again.
+        hints.learn_write("t", 0, 2, &remote_unavailable(Some(3)));
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(3));
     }
 
     /// Reads stay with the replica that served them, rather than going back to the first
-    /// replica once its mark runs out (their high watermark would move back and forth).
+    /// replica once its mark runs out; a replica whose reads lag is passed over for reads, not
+    /// for publishes.
     #[test]
-    fn calls_stay_with_the_replica_that_served_them() {
+    fn reads_stay_with_the_replica_that_served_them() {
+        let r = Purpose::Read;
         let hints = RouteHints::default();
-        hints.learn("t", 0, 1, &broke(), false);
-        let next = hints.pick("t", 0, &[1, 2, 3]).expect("a replica");
+        assert!(hints.learn_read("t", 0, 1, &mut broke::<FetchResponse>()));
+        let next = hints.pick("t", 0, &ALL, r).expect("a replica");
         assert_eq!(next, 2);
-        hints.learn("t", 0, next, &Ok::<(), BrokerError>(()), false);
+        assert!(!hints.learn_read("t", 0, next, &mut fetched(10, 1)));
         // 1 answers for another partition: reachable again, but partition 0 stays with 2.
-        hints.learn("t", 5, 1, &Ok::<(), BrokerError>(()), false);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
+        assert!(!hints.learn_read("t", 5, 1, &mut fetched(10, 1)));
+        assert_eq!(hints.pick("t", 0, &ALL, r), Some(2));
+
+        // A leader known from publishes; its copy then refuses a read as damaged.
+        hints.learn_write("t", 0, 3, &Ok::<(), BrokerError>(()));
+        assert_eq!(hints.pick("t", 0, &ALL, r), Some(3));
+        let mut damaged: Result<FetchResponse, _> = Err(remote(BrokerError::DataLoss {
+            detail: "crc".into(),
+            segment: "00.log".into(),
+            position: 0,
+        }));
+        assert!(hints.learn_read("t", 0, 3, &mut damaged), "ask another");
+        assert_ne!(hints.pick("t", 0, &ALL, r), Some(3));
+        assert_eq!(
+            hints.pick("t", 0, &ALL, Purpose::Write),
+            Some(3),
+            "publishes"
+        );
     }
 
-    /// The caller's own deadline says nothing about the peer; with every replica passed over,
-    /// the one passed over longest ago is tried.
+    /// The caller's own deadline, and refusals made here before calling, say nothing about the
+    /// peer; with every replica passed over, the one passed over longest ago is tried.
     #[test]
-    fn timeouts_teach_nothing_and_the_oldest_mark_goes_first() {
+    fn what_teaches_nothing_and_the_oldest_mark_goes_first() {
+        let w = Purpose::Write;
         let hints = RouteHints::default();
-        hints.learn("t", 0, 1, &Ok::<(), BrokerError>(()), true);
-        hints.learn(
+        hints.learn_write("t", 0, 1, &Ok::<(), BrokerError>(()));
+        hints.learn_write(
             "t",
             0,
             1,
             &Err::<(), _>(BrokerError::Timeout("no answer in time".into())),
-            true,
         );
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(1));
+        hints.learn_write(
+            "t",
+            0,
+            1,
+            &Err::<(), _>(BrokerError::Unavailable {
+                reason: "node 1, which holds the partition, is not known yet".into(),
+                leader: Some(1),
+            }),
+        );
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(1));
 
         let hints = RouteHints::default();
-        hints.learn("t", 0, 2, &broke(), false);
+        hints.learn_write("t", 0, 2, &broke::<()>());
         std::thread::sleep(Duration::from_millis(5));
-        hints.learn("t", 0, 3, &broke(), false);
+        hints.learn_write("t", 0, 3, &broke::<()>());
         std::thread::sleep(Duration::from_millis(5));
-        hints.learn("t", 0, 1, &broke(), false);
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
+        hints.learn_write("t", 0, 1, &broke::<()>());
+        assert_eq!(hints.pick("t", 0, &ALL, w), Some(2));
     }
 
     /// A read answered by a replica behind what was served before reports the higher high
-    /// watermark; one that refuses an offset past its end, below what was served, lags: another
-    /// replica is asked, and it is passed over for the partition.
+    /// watermark, and if it had nothing to give, or refused an offset past its end below what
+    /// was served, it lags: another replica is asked, and it is passed over for reads.
     #[test]
     fn reads_never_see_the_high_watermark_go_back() {
+        let r = Purpose::Read;
         let hints = RouteHints::default();
-        let answer = |high_watermark| {
-            Ok::<_, BrokerError>(weft_proto::v1::FetchResponse {
-                high_watermark,
-                ..Default::default()
-            })
-        };
-        let mut from_2 = answer(110);
+        let mut from_2 = fetched(110, 1);
         assert!(!hints.learn_read("t", 0, 2, &mut from_2));
-        let mut from_1 = answer(10);
-        assert!(!hints.learn_read("t", 0, 1, &mut from_1));
+        let mut from_1 = fetched(10, 1);
+        assert!(!hints.learn_read("t", 0, 1, &mut from_1), "it gave records");
         assert_eq!(from_1.expect("answer").high_watermark, 110);
-        let mut higher = answer(120);
+        let mut higher = fetched(120, 1);
         assert!(!hints.learn_read("t", 0, 1, &mut higher));
         assert_eq!(higher.expect("answer").high_watermark, 120);
 
-        let past_its_end = |end| {
-            Err::<weft_proto::v1::FetchResponse, _>(BrokerError::from(tonic::Status::from(
-                BrokerError::OffsetOutOfRange {
-                    offset: 115,
-                    start: 0,
-                    end,
-                },
-            )))
-        };
+        assert!(hints.learn_read("t", 0, 1, &mut past_its_end(10)), "1 lags");
+        assert_eq!(hints.pick("t", 0, &ALL, r), Some(2));
         assert!(
-            hints.learn_read("t", 0, 1, &mut past_its_end(10)),
-            "1 lags: ask another"
-        );
-        assert_eq!(hints.pick("t", 0, &[1, 2, 3]), Some(2));
-        assert!(
-            !hints.learn_read("t", 0, 2, &mut past_its_end(120)),
+            !hints.learn_read("t", 0, 2, &mut past_its_end(130)),
             "an offset past what any answer showed is the caller's"
         );
+        let mut nothing_behind = fetched(100, 0);
+        assert!(
+            hints.learn_read("t", 0, 2, &mut nothing_behind),
+            "2 lags now"
+        );
+        assert_eq!(nothing_behind.expect("answer").high_watermark, 120);
+        assert_eq!(hints.pick("t", 0, &ALL, r), Some(3));
     }
 }

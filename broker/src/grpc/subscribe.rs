@@ -26,6 +26,7 @@ use super::{check_group_header, check_headers, check_mirrored, now_ms, record_si
 use crate::acl::{Operation, Resource};
 use crate::error::BrokerError;
 use crate::groups::GroupView;
+use crate::grpc::route_hints::Purpose;
 use crate::node::Node;
 
 /// How long a commit past this broker's view of a partition's high watermark waits for the view
@@ -116,7 +117,7 @@ impl SubscriberService {
             .and_then(|p| {
                 self.node
                     .route_hints
-                    .pick(&topic.topic_id, partition, &p.replicas)
+                    .pick(&topic.topic_id, partition, &p.replicas, Purpose::Read)
             })
     }
 
@@ -161,7 +162,7 @@ impl SubscriberService {
             let next = self
                 .node
                 .route_hints
-                .pick(&topic.topic_id, partition, &replicas)
+                .pick(&topic.topic_id, partition, &replicas, Purpose::Read)
                 .filter(|n| !tried.contains(n))
                 .or_else(|| replicas.iter().copied().find(|n| !tried.contains(n)));
             match next {
