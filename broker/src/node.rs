@@ -75,6 +75,11 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Passes of a drain at most (see [`Node::drain`]), and the pause before each pass after the
+/// first.
+const DRAIN_PASSES_MAX: usize = 5;
+const DRAIN_PASS_PAUSE: Duration = Duration::from_millis(200);
+
 /// Runs the preferred-leader balance every `interval` while the node lives.
 async fn balance_loop(node: std::sync::Weak<Node>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
@@ -1176,25 +1181,35 @@ impl Node {
         {
             tracing::warn!("cannot mark this broker as draining: {e}");
         }
-        // Twice: a partition that elected this broker while the first pass ran (its election
-        // began before the drain) is moved too.
-        let mut outcomes: Vec<(String, Result<NodeId, BrokerError>)> = Vec::new();
-        for _ in 0..2 {
+        // Passes until this broker leads no partition it has not given up on, all within one
+        // `timeout`: a partition that elected this broker while a pass ran (its election began
+        // before the drain), or that a leader balance which had not yet seen this broker
+        // draining handed back, is moved too. One outcome per partition, the last.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut outcomes: BTreeMap<String, Result<NodeId, BrokerError>> = BTreeMap::new();
+        for pass in 0..DRAIN_PASSES_MAX {
+            if pass > 0 {
+                tokio::time::sleep(DRAIN_PASS_PAUSE).await;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let leading: Vec<Arc<Partition>> = self
                 .partitions()
                 .into_iter()
                 .filter(|p| p.group().is_leader())
                 .filter(|p| {
                     let name = format!("{}/{}", p.topic, p.partition);
-                    !outcomes.iter().any(|(tried, _)| *tried == name)
+                    !matches!(outcomes.get(&name), Some(Err(_)))
                 })
                 .collect();
-            let pass = futures::future::join_all(leading.iter().map(|p| async move {
+            if leading.is_empty() || left.is_zero() {
+                break;
+            }
+            let results = futures::future::join_all(leading.iter().map(|p| async move {
                 let name = format!("{}/{}", p.topic, p.partition);
                 let group = p.group();
                 let me = self.node_id;
                 let outcome = move_away(
-                    timeout,
+                    left,
                     || {
                         // (One reading of the metrics for both.)
                         let leader = group.leader();
@@ -1206,7 +1221,7 @@ impl Node {
                 (name, outcome)
             }))
             .await;
-            outcomes.extend(pass);
+            outcomes.extend(results);
         }
         let (mut moved, mut kept) = (Vec::new(), Vec::new());
         for (name, outcome) in outcomes {
@@ -1248,12 +1263,14 @@ impl Node {
     /// after elections and come back to a broker that returns.
     pub async fn balance_leaders(&self) -> usize {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
-        let state = self.controller.state();
         let mut moved = 0;
         for partition in self.partitions() {
             if self.stopping.load(Ordering::SeqCst) {
                 break;
             }
+            // Read for each partition: a pass takes seconds, and a broker may begin draining
+            // meanwhile (a leadership its drain just moved away is not handed back).
+            let state = self.controller.state();
             let Some(preferred) = state
                 .topics
                 .get(&partition.topic)

@@ -246,18 +246,34 @@ impl PublisherService {
                         &passed_on,
                     )
                     .await;
-                // For a partition with no replica here: a publish stored shows who leads; a
-                // refusal may name the leader; no answer passes the broker over for a while.
-                // (A replica here learns its leader from its own group.)
                 let hosted_here = topic
                     .partitions
                     .get(partition as usize)
                     .is_some_and(|p| p.replicas.contains(&node.node_id));
                 if !hosted_here {
+                    // No replica here: a publish stored shows who leads; a refusal may name
+                    // the leader; no answer passes the broker over for a while.
                     node.route_hints
                         .learn_write(&topic.topic_id, partition, leader, &forwarded);
+                    return forwarded;
                 }
-                return forwarded;
+                // A replica here: a connection to the leader that failed names no leader, but
+                // this replica's own group knows one (a client is pointed there, rather than
+                // taking this broker for a broken one).
+                return match forwarded {
+                    Err(BrokerError::Unavailable {
+                        reason,
+                        leader: None,
+                    }) => Err(BrokerError::Unavailable {
+                        reason,
+                        leader: node
+                            .partition(&topic.name, partition)
+                            .ok()
+                            .and_then(|p| p.group().leader())
+                            .filter(|l| *l != node.node_id),
+                    }),
+                    other => other,
+                };
             }
         };
         let now = now_ms();

@@ -344,7 +344,13 @@ impl RouteHints {
         };
         let key = (topic_id.to_string(), partition);
         let floor = hints.high_watermark(&key);
-        let mut verdict = verdict(target, outcome, Purpose::Read, floor);
+        let mut verdict = match verdict(target, outcome, Purpose::Read, floor) {
+            // Any replica serves reads: a leader a read refusal names is another group's (the
+            // controller's, which a read with a group waits for), not the partition's. The
+            // replica cannot serve the read now; it stays a candidate for publishes.
+            Verdict::NamedLeader(_) => Verdict::Lagging,
+            other => other,
+        };
         if let Ok(answer) = outcome {
             if answer.high_watermark() < floor {
                 // Behind: and with nothing to read, it would keep a reader waiting there.
@@ -503,6 +509,15 @@ mod tests {
             Some(3),
             "publishes"
         );
+
+        // A read refused naming a leader (the controller's, whose state a read with a group
+        // waits for): another replica is asked, and publishes still go to the partition's.
+        let mut refused: Result<FetchResponse, _> = Err(remote(BrokerError::Unavailable {
+            reason: "the controller state is behind".into(),
+            leader: Some(1),
+        }));
+        assert!(hints.learn_read("t", 0, 2, &mut refused));
+        assert_eq!(hints.pick("t", 0, &ALL, Purpose::Write), Some(3));
     }
 
     /// The caller's own deadline, and refusals made here before calling, say nothing about the
