@@ -322,6 +322,20 @@ impl BrokerError {
         }
     }
 
+    /// The leader this UNAVAILABLE names (its `leader_id`), whether this broker made it or it
+    /// is a peer's answer.
+    pub fn named_leader(&self) -> Option<u64> {
+        match self {
+            BrokerError::Unavailable { leader, .. } => *leader,
+            BrokerError::Remote(status) if status.0.code() == Code::Unavailable => {
+                let info = status.0.get_details_error_info()?;
+                info.metadata.get("leader_id")?.parse().ok()
+            }
+            _ => None,
+        }
+        .filter(|&id| id != 0)
+    }
+
     /// One invalid field.
     pub fn invalid(field: &str, description: impl Into<String>) -> Self {
         BrokerError::InvalidArgument(vec![FieldViolation::new(field, description)])

@@ -254,15 +254,16 @@ fn verdict<T>(
             led: purpose == Purpose::Write,
             read: purpose == Purpose::Read,
         },
-        Err(BrokerError::Remote(status)) => match status.0.code() {
-            tonic::Code::Unavailable => match error_metadata(&status.0, "leader_id") {
-                Some(leader) if leader != target && leader != 0 => Verdict::NamedLeader(leader),
+        Err(error @ BrokerError::Remote(status)) => match status.0.code() {
+            tonic::Code::Unavailable => match error.named_leader() {
+                Some(leader) if leader != target => Verdict::NamedLeader(leader),
                 _ => Verdict::CannotServe,
             },
             tonic::Code::DataLoss => Verdict::Lagging,
             // Its log ends below what was served before: it lags.
             tonic::Code::OutOfRange
-                if error_metadata(&status.0, "log_end_offset").is_some_and(|end| end < floor) =>
+                if crate::grpc::subscribe::retained_range(error)
+                    .is_some_and(|(_, end)| end < floor) =>
             {
                 Verdict::Lagging
             }
@@ -372,12 +373,6 @@ impl RouteHints {
             Verdict::Unreachable | Verdict::CannotServe | Verdict::Lagging
         )
     }
-}
-
-/// A number in a peer's answer's ErrorInfo (`leader_id`, `log_end_offset`...), if any.
-fn error_metadata(status: &tonic::Status, name: &str) -> Option<u64> {
-    let details = tonic_types::StatusExt::get_error_details(status);
-    details.error_info()?.metadata.get(name)?.parse().ok()
 }
 
 #[cfg(test)]

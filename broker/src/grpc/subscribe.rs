@@ -1670,7 +1670,7 @@ impl Session {
 }
 
 /// The log start an OFFSET_OUT_OF_RANGE answer names (a local error or a forwarded status).
-fn retained_range(error: &BrokerError) -> Option<(u64, u64)> {
+pub(crate) fn retained_range(error: &BrokerError) -> Option<(u64, u64)> {
     match error {
         BrokerError::OffsetOutOfRange { start, end, .. } => Some((*start, *end)),
         BrokerError::Remote(status) => {
