@@ -100,7 +100,9 @@ impl IntoResponse for ApiError {
             BrokerError::BatchTooLarge { .. } | BrokerError::TooManyRecords { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            BrokerError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            BrokerError::Overloaded(_) | BrokerError::LimitReached { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             BrokerError::SequenceGap { .. }
             | BrokerError::DuplicateSequence { .. }
             | BrokerError::UnknownProducer { .. }

@@ -100,6 +100,12 @@ pub struct Config {
     pub stream_heartbeat_ms: u64,
     /// Consumer-group session timeout when the client asks for none.
     pub session_timeout_ms: u64,
+    /// Most consumer groups with members at once (on the coordinator); a new group past it is
+    /// refused with RESOURCE_EXHAUSTED (LIMIT_REACHED).
+    pub groups_max: u32,
+    /// Most members of one consumer group; one more is refused with RESOURCE_EXHAUSTED
+    /// (LIMIT_REACHED).
+    pub group_members_max: u32,
     /// Most publishes queued per partition before RESOURCE_EXHAUSTED.
     pub publish_queue_max: u32,
     /// How often retention runs.
@@ -359,6 +365,8 @@ impl Default for Config {
             stream_age_ms_max: 15 * 60 * 1000,
             stream_heartbeat_ms: 5_000,
             session_timeout_ms: 10_000,
+            groups_max: 10_000,
+            group_members_max: 1_000,
             publish_queue_max: 1024,
             retention_check_interval_ms: 60_000,
             snapshot_interval_bytes: 64 * 1024 * 1024,
@@ -753,6 +761,8 @@ impl Config {
             100,
             3_600_000,
         )?;
+        range("groups_max", self.groups_max, 1, 1_000_000)?;
+        range("group_members_max", self.group_members_max, 1, 100_000)?;
         range("publish_queue_max", self.publish_queue_max, 1, 1_000_000)?;
         range(
             "retention_check_interval_ms",

@@ -65,6 +65,17 @@ pub enum BrokerError {
     /// A bounded queue is full: retry later.
     #[error("{0} is full, retry later")]
     Overloaded(String),
+    /// A configured maximum on what clients create (consumer groups, members of a group) is
+    /// reached: refused until some go away, not worth retrying at once.
+    #[error("{what}: the most `{key}` allows is {max}")]
+    LimitReached {
+        /// What was refused, for people.
+        what: String,
+        /// The configuration key setting the maximum.
+        key: &'static str,
+        /// The maximum.
+        max: u64,
+    },
     /// A producer sequence gap.
     #[error("sequence gap for producer {producer_id}: expected {expected}, got {got}")]
     SequenceGap {
@@ -301,6 +312,11 @@ impl BrokerError {
             BrokerError::Unauthenticated(message) => {
                 BrokerError::Unauthenticated(clip_text(&message))
             }
+            BrokerError::LimitReached { what, key, max } => BrokerError::LimitReached {
+                what: clip_text(&what),
+                key,
+                max,
+            },
             other => other,
         }
     }
@@ -352,7 +368,8 @@ impl BrokerError {
             BrokerError::InvalidArgument(_) => Code::InvalidArgument,
             BrokerError::BatchTooLarge { .. }
             | BrokerError::TooManyRecords { .. }
-            | BrokerError::Overloaded(_) => Code::ResourceExhausted,
+            | BrokerError::Overloaded(_)
+            | BrokerError::LimitReached { .. } => Code::ResourceExhausted,
             BrokerError::SequenceGap { .. }
             | BrokerError::DuplicateSequence { .. }
             | BrokerError::UnknownProducer { .. }
@@ -387,6 +404,7 @@ impl BrokerError {
             BrokerError::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
             BrokerError::TooManyRecords { .. } => "TOO_MANY_RECORDS",
             BrokerError::Overloaded(_) => "OVERLOADED",
+            BrokerError::LimitReached { .. } => "LIMIT_REACHED",
             BrokerError::SequenceGap { .. } => "SEQUENCE_GAP",
             BrokerError::DuplicateSequence { .. } => "DUPLICATE_SEQUENCE",
             BrokerError::UnknownProducer { .. } => "UNKNOWN_PRODUCER",
@@ -453,6 +471,11 @@ impl From<BrokerError> for tonic::Status {
             }
             BrokerError::Overloaded(_) => {
                 details.set_retry_info(Some(Duration::from_millis(100)));
+            }
+            BrokerError::LimitReached { what, key, max } => {
+                details.add_quota_failure_violation(*key, what.clone());
+                metadata.insert("limit".into(), (*key).to_string());
+                metadata.insert("max".into(), max.to_string());
             }
             BrokerError::SequenceGap { expected, got, .. }
             | BrokerError::DuplicateSequence { expected, got, .. } => {

@@ -235,10 +235,30 @@ impl Group {
     }
 }
 
+/// How many groups a coordinator holds and how many members a group has, at most
+/// (`groups_max`, `group_members_max`): a join past either is refused with LIMIT_REACHED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Groups with members at once.
+    pub groups: usize,
+    /// Members of one group.
+    pub members: usize,
+}
+
+impl Default for GroupLimits {
+    fn default() -> Self {
+        GroupLimits {
+            groups: 10_000,
+            members: 1_000,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn OffsetStore>,
     default_session: Duration,
+    limits: GroupLimits,
     groups: Mutex<HashMap<String, Group>>,
     next_incarnation: std::sync::atomic::AtomicU64,
     /// The last generation handed out, over every group.
@@ -291,12 +311,22 @@ pub const SESSION_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 pub const SESSION_TIMEOUT_MIN: Duration = Duration::from_millis(100);
 
 impl Coordinator {
-    /// A coordinator storing offsets in `store`.
+    /// A coordinator storing offsets in `store`, with the default limits.
     pub fn new(store: Arc<dyn OffsetStore>, default_session: Duration) -> Self {
+        Self::with_limits(store, default_session, GroupLimits::default())
+    }
+
+    /// A coordinator storing offsets in `store` that holds at most `limits`.
+    pub fn with_limits(
+        store: Arc<dyn OffsetStore>,
+        default_session: Duration,
+        limits: GroupLimits,
+    ) -> Self {
         Coordinator {
             inner: Arc::new(Inner {
                 store,
                 default_session,
+                limits,
                 groups: Mutex::new(HashMap::new()),
                 next_incarnation: std::sync::atomic::AtomicU64::new(1),
                 last_generation: AtomicU64::new(0),
@@ -353,9 +383,20 @@ impl Coordinator {
                 leader: None,
             });
         }
+        let held = groups.len();
         let group = match groups.entry(group_id.to_string()) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
+                if held >= self.inner.limits.groups {
+                    return Err(BrokerError::LimitReached {
+                        what: format!(
+                            "consumer group {group_id:?} cannot start: the coordinator holds \
+                             {held} groups with members"
+                        ),
+                        key: "groups_max",
+                        max: self.inner.limits.groups as u64,
+                    });
+                }
                 let Some(floor) = self.inner.store.generation_floor() else {
                     return Err(BrokerError::Unavailable {
                         reason: "the group coordinator is taking the groups over; join again \
@@ -427,6 +468,16 @@ impl Coordinator {
                 id.to_string()
             }
             None => {
+                if group.members.len() >= self.inner.limits.members {
+                    return Err(BrokerError::LimitReached {
+                        what: format!(
+                            "consumer group {group_id:?} has {} members; no more may join",
+                            group.members.len()
+                        ),
+                        key: "group_members_max",
+                        max: self.inner.limits.members as u64,
+                    });
+                }
                 let id = member_id.filter(|id| !id.is_empty()).map_or_else(
                     || format!("member-{}", uuid::Uuid::new_v4()),
                     str::to_string,
@@ -1458,6 +1509,69 @@ mod tests {
             .await
             .expect_err("a commit of the old generation is stale");
         assert!(matches!(err, BrokerError::StaleGeneration { .. }));
+    }
+
+    #[test]
+    fn joins_past_the_limits_are_refused_until_someone_leaves() {
+        let limits = GroupLimits {
+            groups: 2,
+            members: 2,
+        };
+        let c = Coordinator::with_limits(store(), Duration::from_secs(10), limits);
+        let t0 = Instant::now();
+        let session = Some(Duration::from_secs(1));
+        let a = c.join("g", None, "t", "id-t", 4, session, t0).expect("a");
+        c.join("g", None, "t", "id-t", 4, session, t0).expect("b");
+        let err = c
+            .join("g", None, "t", "id-t", 4, session, t0)
+            .expect_err("a third member");
+        assert!(
+            matches!(
+                err,
+                BrokerError::LimitReached {
+                    key: "group_members_max",
+                    max: 2,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
+        // A member rejoining with its id is not one more.
+        c.join("g", Some(&a.member_id), "t", "id-t", 4, session, t0)
+            .expect("a rejoins");
+        c.join("h", None, "t", "id-t", 4, session, t0).expect("h");
+        let err = c
+            .join("i", None, "t", "id-t", 4, session, t0)
+            .expect_err("a third group");
+        assert!(
+            matches!(
+                err,
+                BrokerError::LimitReached {
+                    key: "groups_max",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // A group already held still takes members up to its own limit.
+        c.join("h", None, "t", "id-t", 4, session, t0)
+            .expect("h's second member");
+        // Sessions end: the groups leave memory and new ones may start.
+        c.expire(t0 + Duration::from_secs(2));
+        c.join(
+            "i",
+            None,
+            "t",
+            "id-t",
+            4,
+            session,
+            t0 + Duration::from_secs(2),
+        )
+        .expect("room again");
     }
 
     #[test]

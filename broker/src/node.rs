@@ -666,7 +666,7 @@ impl Node {
             peers: peers.clone(),
         });
         let takeover = Arc::new(std::sync::Mutex::new(None));
-        let groups = Coordinator::new(
+        let groups = Coordinator::with_limits(
             Arc::new(ControllerOffsets {
                 controller: controller.clone(),
                 timeout: Duration::from_millis(config.request_timeout_ms),
@@ -674,6 +674,10 @@ impl Node {
                 takeover: takeover.clone(),
             }),
             Duration::from_millis(config.session_timeout_ms),
+            crate::groups::GroupLimits {
+                groups: config.groups_max as usize,
+                members: config.group_members_max as usize,
+            },
         );
         let node = Arc::new(Node {
             node_id: config.node_id,

@@ -832,11 +832,19 @@ impl Consumer {
 
     /// Commits (when automatic commits are on) and closes the stream cleanly: a group member
     /// leaves its group at once, so the others take over its partitions without waiting for its
-    /// session to expire.
+    /// session to expire. A closing commit refused because the group rebalanced meanwhile is
+    /// not an error (as in Kafka's `close`): the partitions are others' now, and they go on
+    /// from the group's last commit, so records read since may come to them again.
     pub async fn close(mut self) -> Result<()> {
         self.end_processing();
         let result = if self.config.group.is_some() && self.config.auto_commit {
-            self.commit().await
+            match self.commit().await {
+                Err(e) if e.reason() == "STALE_GENERATION" => {
+                    tracing::warn!("the closing commit was refused, the group rebalanced: {e}");
+                    Ok(())
+                }
+                other => other,
+            }
         } else {
             Ok(())
         };

@@ -79,9 +79,13 @@ impl Error {
     /// idempotent producer retries with the same sequence, so nothing is stored twice.
     pub fn is_retriable(&self) -> bool {
         match self {
-            // A batch over a limit is refused every time; an overloaded queue is not.
+            // A batch over a limit is refused every time, and a configured maximum reached
+            // (groups, members of a group) holds until someone leaves; an overloaded queue
+            // drains in moments.
             Error::Status { reason, .. }
-                if reason == "BATCH_TOO_LARGE" || reason == "TOO_MANY_RECORDS" =>
+                if reason == "BATCH_TOO_LARGE"
+                    || reason == "TOO_MANY_RECORDS"
+                    || reason == "LIMIT_REACHED" =>
             {
                 false
             }

@@ -666,3 +666,75 @@ async fn a_short_default_session_timeout_of_the_broker_keeps_an_idle_member() {
         .expect("join");
     stays_idle_for_4_s(member).await;
 }
+
+/// A broker holds at most `groups_max` groups with members and `group_members_max` members
+/// per group: one more is refused at once with RESOURCE_EXHAUSTED (LIMIT_REACHED, naming the
+/// setting), the client does not retry it, the CLI says it and exits non-zero, and room comes
+/// back when a member leaves. Before, groups and members grew without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_past_the_group_limits_are_refused_with_the_setting_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "groups_max = 2\ngroup_members_max = 2\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let client = broker.client().await;
+    let member_of = |group: &str| ConsumerConfig::new("work").group(group);
+    client
+        .admin()
+        .create_topic("work", 2)
+        .await
+        .expect("create");
+    let first = client.consumer(member_of("g")).await.expect("first member");
+    let second = client
+        .consumer(member_of("g"))
+        .await
+        .expect("second member");
+    let refused = |e: weft_client::Error, key: &str| {
+        assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
+        assert_eq!(e.reason(), "LIMIT_REACHED", "{e}");
+        assert!(!e.is_retriable(), "{e}");
+        assert!(e.to_string().contains(key), "{e}");
+    };
+    let third = client.consumer(member_of("g")).await;
+    refused(
+        match third {
+            Err(e) => e,
+            Ok(_) => panic!("a third member is refused"),
+        },
+        "group_members_max",
+    );
+    let other = client
+        .consumer(member_of("h"))
+        .await
+        .expect("a second group");
+    let third_group = client.consumer(member_of("i")).await;
+    refused(
+        match third_group {
+            Err(e) => e,
+            Ok(_) => panic!("a third group is refused"),
+        },
+        "groups_max",
+    );
+    let cli = broker.cli(&["consume", "work", "--group", "i", "--count", "1"]);
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(!cli.status.success(), "the CLI fails: {stderr}");
+    assert!(
+        stderr.contains("groups_max"),
+        "the CLI names the setting: {stderr}"
+    );
+    // A member leaving makes room in its group; its group leaving makes room for another.
+    // (It closes after the group rebalanced under it, its stream unread: before, its closing
+    // commit was refused as naming a replaced generation and `close` failed.)
+    first.close().await.expect("close");
+    let again = client.consumer(member_of("g")).await.expect("room again");
+    other.close().await.expect("close");
+    let newcomer = client
+        .consumer(member_of("i"))
+        .await
+        .expect("room for a group");
+    // Members that did not read their streams since the group rebalanced close cleanly too
+    // (their closing commits are refused as naming a replaced generation: not an error).
+    for member in [second, again, newcomer] {
+        member.close().await.expect("close");
+    }
+}
