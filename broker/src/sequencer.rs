@@ -130,6 +130,9 @@ pub const ENTRY_BYTES_SPLIT: usize = 2 * ENTRY_BYTES_MAX;
 pub const REORDER_WAIT: Duration = Duration::from_millis(500);
 /// Most batches waiting for their predecessors, over all producers of a partition.
 const PARKED_MAX: usize = 4096;
+/// Most callers waiting on one batch in flight (its first sender and its retries that still
+/// wait): a client resending it in a loop during a stall is refused past this.
+const RETRY_WAITERS_MAX: usize = 16;
 /// Most bytes of batches waiting for their predecessors, over all producers of a partition.
 pub const PARKED_BYTES_MAX: usize = 4 * ENTRY_BYTES_MAX;
 /// How long the actor waits for its group to confirm the leadership before loading the
@@ -275,7 +278,18 @@ impl<G: Proposer> Sequencer<G> {
         }
         let pending_key = (h.producer_id, h.producer_epoch, h.base_sequence);
         if let Some(others) = self.pending.get_mut(&pending_key) {
-            // A retry of a batch in flight: it gets the original's answer.
+            // A retry of a batch in flight: it gets the original's answer. Callers that gave
+            // up wait no more, and only so many may wait.
+            others.retain(|waiter| !waiter.is_closed());
+            if others.len() >= RETRY_WAITERS_MAX {
+                answer(
+                    vec![job.reply],
+                    Err(BrokerError::Overloaded(format!(
+                        "the list of {RETRY_WAITERS_MAX} retries waiting on this batch in flight"
+                    ))),
+                );
+                return;
+            }
             others.push(job.reply);
             return;
         }
@@ -877,6 +891,52 @@ mod tests {
                 current: 1, got: 0, ..
             }) => {}
             other => panic!("an old-epoch batch must be fenced, got {other:?}"),
+        }
+        drop(jobs);
+        tokio::time::timeout(wait, actor)
+            .await
+            .expect("the actor stops when its queue closes")
+            .expect("no panic");
+    }
+
+    /// Retries of a batch in flight wait for its answer, but only so many: callers that gave up
+    /// leave the list, and past the limit a retry is refused as overloaded. Before, every
+    /// retry sent during a stall added a waiter, without bound.
+    #[tokio::test]
+    async fn retries_waiting_on_a_batch_in_flight_are_bounded() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let (jobs, actor) = spawn_actor(HeldLog::at(100, proposals_tx));
+        let wait = Duration::from_secs(5);
+        let first = publish(&jobs, idempotent(0, 0, b"a")).await;
+        let release = tokio::time::timeout(wait, proposals.recv())
+            .await
+            .expect("proposed")
+            .expect("proposal");
+        // Callers that give up (their answers dropped) do not count.
+        for _ in 0..100 {
+            drop(publish(&jobs, idempotent(0, 0, b"a")).await);
+        }
+        let mut waiting = Vec::new();
+        for _ in 1..RETRY_WAITERS_MAX {
+            waiting.push(publish(&jobs, idempotent(0, 0, b"a")).await);
+        }
+        let refused = publish(&jobs, idempotent(0, 0, b"a")).await;
+        match tokio::time::timeout(wait, refused)
+            .await
+            .expect("answered at once")
+        {
+            Ok(Err(BrokerError::Overloaded(_))) => {}
+            other => panic!("one retry too many is refused as overloaded, got {other:?}"),
+        }
+        release.send(()).expect("release");
+        let first = first.await.expect("answered").expect("stored");
+        assert_eq!((first.base_offset, first.duplicate), (100, false));
+        for retry in waiting {
+            let retry = retry
+                .await
+                .expect("answered")
+                .expect("the original's answer");
+            assert_eq!(retry.base_offset, 100);
         }
         drop(jobs);
         tokio::time::timeout(wait, actor)

@@ -275,6 +275,20 @@ async fn fetch_get_offsets_commit_and_group_calls_refuse_bad_input() {
             Reason("PARTITION_NOT_FOUND"),
         ),
         (
+            "offsets: a partition named twice",
+            get_offsets("t", vec![0, 1, 0], "", None),
+            Code::InvalidArgument,
+            Field("partitions"),
+        ),
+        (
+            // 4 MB on the wire; before, the answer grew to 4 million entries (and 16 million
+            // would have been 1 GiB in the broker's memory).
+            "offsets: millions of partitions",
+            get_offsets("t", vec![0; 4_000_000], "", None),
+            Code::InvalidArgument,
+            Field("partitions"),
+        ),
+        (
             "offsets: bad group id",
             get_offsets("t", vec![], &"g".repeat(300), None),
             Code::InvalidArgument,

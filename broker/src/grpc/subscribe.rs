@@ -399,6 +399,33 @@ impl SubscriberService {
         let partitions: Vec<u32> = if request.partitions.is_empty() {
             (0..topic.config.partitions).collect()
         } else {
+            // Each partition once: the answer's size follows the topic, not the request.
+            if request.partitions.len() > topic.config.partitions as usize {
+                return Err(BrokerError::invalid(
+                    "partitions",
+                    format!(
+                        "names {} partitions; topic {:?} has {}",
+                        request.partitions.len(),
+                        request.topic,
+                        topic.config.partitions
+                    ),
+                ));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for &p in &request.partitions {
+                if p >= topic.config.partitions {
+                    return Err(BrokerError::PartitionNotFound {
+                        topic: request.topic.clone(),
+                        partition: p,
+                    });
+                }
+                if !seen.insert(p) {
+                    return Err(BrokerError::invalid(
+                        "partitions",
+                        format!("partition {p} is named twice"),
+                    ));
+                }
+            }
             request.partitions.clone()
         };
         let mut out = Vec::with_capacity(partitions.len());
@@ -762,7 +789,18 @@ impl Subscriber for SubscriberService {
                     Resource::Group(&request.get_ref().group_id),
                 )
             }) {
-            Ok(()) => self.offsets_inner(request.get_ref(), 0).await,
+            // Within the call's deadline (timestamp lookups read the disk; forwards wait on
+            // peers).
+            Ok(()) => tokio::time::timeout(
+                super::deadline(request.metadata(), &self.node),
+                self.offsets_inner(request.get_ref(), 0),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Timeout(
+                    "the offsets were not found within the call's deadline".into(),
+                ))
+            }),
             Err(e) => Err(e),
         }
         .map(Response::new)
