@@ -133,6 +133,9 @@ pub struct Config {
     /// `producer.id.expiration.ms` does: its state no longer grows with every producer that ever
     /// wrote. A producer idle that long starts over in a new epoch.
     pub producer_expiration_ms: u64,
+    /// Most idempotent producers one partition remembers: a new one past it is refused with
+    /// RESOURCE_EXHAUSTED (LIMIT_REACHED) until idle ones expire.
+    pub producers_per_partition_max: u32,
     /// Graceful shutdown: how long in-flight work may take before the broker exits anyway.
     pub shutdown_grace_ms: u64,
 
@@ -374,6 +377,7 @@ impl Default for Config {
             flush_sync: "syncfs".into(),
             direct_io: false,
             producer_expiration_ms: 24 * 3600 * 1000,
+            producers_per_partition_max: 10_000,
             shutdown_grace_ms: 10_000,
             leader_balance_interval_ms: 5000,
             raft_heartbeat_ms: 500,
@@ -798,6 +802,12 @@ impl Config {
             self.producer_expiration_ms,
             1_000,
             30 * 24 * 3600 * 1000,
+        )?;
+        range(
+            "producers_per_partition_max",
+            self.producers_per_partition_max,
+            1,
+            10_000_000,
         )?;
         range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         range("raft_heartbeat_ms", self.raft_heartbeat_ms, 10, 60_000)?;

@@ -662,6 +662,7 @@ impl Node {
                 .unwrap_or(usize::MAX),
             direct_io: config.direct_io,
             producer_expiration_ms: config.producer_expiration_ms,
+            producers_per_partition_max: config.producers_per_partition_max as usize,
             flusher,
             peers: peers.clone(),
         });

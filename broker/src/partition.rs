@@ -116,12 +116,14 @@ impl Partition {
         group: PartitionGroup,
         queue_max: usize,
         producer_expiration_ms: u64,
+        producers_max: usize,
     ) -> Arc<Partition> {
         let (jobs, queue) = mpsc::channel(queue_max.max(1));
         tokio::spawn(crate::sequencer::run(
             group.clone(),
             queue,
             producer_expiration_ms,
+            producers_max,
         ));
         let damage = group
             .recovery_report()

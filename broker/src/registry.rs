@@ -76,6 +76,8 @@ pub struct HostContext {
     pub direct_io: bool,
     /// Forget producers idle this long.
     pub producer_expiration_ms: u64,
+    /// Most producers one partition remembers.
+    pub producers_per_partition_max: usize,
     /// The node's flusher.
     pub flusher: Flusher,
     /// The node's peer connections and Raft group directory.
@@ -378,6 +380,7 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             group.clone(),
             context.queue_max,
             context.producer_expiration_ms,
+            context.producers_per_partition_max,
         );
         set_phase(Phase::Replaying(partition.clone()));
         let caught_up = tokio::select! {

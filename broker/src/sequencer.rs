@@ -196,6 +196,8 @@ struct Parked {
 struct Sequencer<G> {
     group: G,
     producer_expiration_ms: u64,
+    /// Most producers the partition remembers (`producers_per_partition_max`).
+    producers_max: usize,
     /// The producers, loaded from the state machine once this node leads; None until then, and
     /// after an outcome became unknown (reloaded from what was applied).
     producers: Option<BTreeMap<u64, ProducerState>>,
@@ -381,6 +383,30 @@ impl<G: Proposer> Sequencer<G> {
                 }),
             );
             return;
+        }
+        if !table.contains_key(&h.producer_id) && table.len() >= self.producers_max {
+            // Room first from idle producers (this leader's clock is at most the state
+            // machine's: it forgets none the state machine still remembers).
+            let pending = &self.pending;
+            expire_producers(table, self.clock_ms, self.producer_expiration_ms, |id| {
+                pending.keys().any(|(p, _, _)| *p == id)
+            });
+            if table.len() >= self.producers_max {
+                answer(
+                    vec![job.reply],
+                    Err(BrokerError::LimitReached {
+                        what: format!(
+                            "producer {} is new to a partition that remembers {} producers \
+                             (each is forgotten after producer_expiration_ms idle)",
+                            h.producer_id,
+                            table.len()
+                        ),
+                        key: "producers_per_partition_max",
+                        max: self.producers_max as u64,
+                    }),
+                );
+                return;
+            }
         }
         let state = table.entry(h.producer_id).or_default();
         match state.check(h.producer_epoch, h.base_sequence, h.record_count) {
@@ -599,10 +625,12 @@ pub async fn run<G: Proposer>(
     group: G,
     mut jobs: mpsc::Receiver<PublishJob>,
     producer_expiration_ms: u64,
+    producers_max: usize,
 ) {
     let mut seq = Sequencer {
         group,
         producer_expiration_ms,
+        producers_max,
         producers: None,
         producers_term: 0,
         clock_ms: 0,
@@ -755,8 +783,20 @@ mod tests {
 
     /// The publish actor of `log`: its queue and its task.
     fn spawn_actor(log: HeldLog) -> (mpsc::Sender<PublishJob>, tokio::task::JoinHandle<()>) {
+        spawn_actor_remembering(log, 1_000)
+    }
+
+    /// [`spawn_actor`] remembering at most `producers_max` producers (idle for an hour,
+    /// forgotten).
+    fn spawn_actor_remembering(
+        log: HeldLog,
+        producers_max: usize,
+    ) -> (mpsc::Sender<PublishJob>, tokio::task::JoinHandle<()>) {
         let (jobs, queue) = mpsc::channel(16);
-        (jobs, tokio::spawn(run(log, queue, 3_600_000)))
+        (
+            jobs,
+            tokio::spawn(run(log, queue, 3_600_000, producers_max)),
+        )
     }
 
     impl Proposer for HeldLog {
@@ -1579,6 +1619,42 @@ mod tests {
             ),
         }
         next.await.expect("answered").expect("stored");
+        drop(jobs);
+        actor.await.expect("no panic");
+    }
+
+    /// A partition remembers at most `producers_per_partition_max` producers: a new one past
+    /// it is refused (LIMIT_REACHED) while the known ones go on, and one idle past
+    /// `producer_expiration_ms` makes room. Before, every new producer id was remembered for a
+    /// day, without bound.
+    #[tokio::test]
+    async fn producers_past_the_limit_are_refused_until_idle_ones_expire() {
+        let (proposals_tx, mut proposals) = mpsc::unbounded_channel();
+        let (jobs, actor) = spawn_actor_remembering(HeldLog::at(0, proposals_tx), 2);
+        let hour_ms = 3_600_000;
+        let mut store = async |producer: u64, sequence: u64, timestamp: i64| {
+            let stored = publish(&jobs, stamped_of(producer, 0, sequence, b"v", timestamp)).await;
+            next_proposal(&mut proposals)
+                .await
+                .send(())
+                .expect("release");
+            stored.await.expect("answered").expect("stored");
+        };
+        store(1, 0, hour_ms).await;
+        store(2, 0, hour_ms).await;
+        let refused = publish(&jobs, stamped_of(3, 0, 0, b"v", hour_ms)).await;
+        match refused.await.expect("answered") {
+            Err(BrokerError::LimitReached {
+                key: "producers_per_partition_max",
+                max: 2,
+                ..
+            }) => {}
+            other => panic!("a third producer is refused: {other:?}"),
+        }
+        // The known ones go on; two hours later producer 1 has been idle past the expiration
+        // and producer 3 takes its place.
+        store(2, 1, 3 * hour_ms).await;
+        store(3, 0, 3 * hour_ms).await;
         drop(jobs);
         actor.await.expect("no panic");
     }

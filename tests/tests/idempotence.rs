@@ -403,3 +403,62 @@ async fn idle_producers_are_forgotten_and_start_over_in_a_new_epoch() {
     assert_eq!(stored.iter().filter(|v| *v == "before").count(), 1);
     assert_eq!(stored.iter().filter(|v| *v == "after").count(), 1);
 }
+
+/// A partition remembers at most `producers_per_partition_max` idempotent producers: a new
+/// one past it is refused with RESOURCE_EXHAUSTED (LIMIT_REACHED, a QuotaFailure naming the
+/// setting) while known producers go on, and producers idle past `producer_expiration_ms`
+/// make room. Before, every new producer id (the Rust client picks a random one per
+/// `Producer`) was remembered for a day, without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_past_the_limit_are_refused_until_idle_ones_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "producer_expiration_ms = 1000\nproducers_per_partition_max = 3\n",
+    )
+    .expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8")]);
+    let mut publisher = idem_topic(&broker).await;
+    let t0 = 1_700_000_000_000i64;
+    let stamped = |producer_id: u64, sequence: u64, timestamp_ms: i64| {
+        let mut request = batch(producer_id, 0, sequence, &[&format!("p{producer_id}")]);
+        request.records[0].timestamp_ms = timestamp_ms;
+        request
+    };
+    for producer in 1..=3 {
+        publisher
+            .publish(stamped(producer, 0, t0))
+            .await
+            .expect("publish");
+    }
+    let refused = publisher
+        .publish(stamped(4, 0, t0))
+        .await
+        .expect_err("a fourth producer is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.get_details_error_info().expect("ErrorInfo").reason,
+        "LIMIT_REACHED"
+    );
+    let quota = refused.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, "producers_per_partition_max");
+    let producers = weft_tests::metric(
+        &broker,
+        r#"weft_partition_producers{topic="idem",partition="0"}"#,
+    )
+    .expect("producer table size");
+    assert_eq!(producers, 3.0);
+    // A known producer goes on, ten seconds of record time later: producers 1 and 2 have been
+    // idle past the expiration, and the fourth takes a place.
+    publisher
+        .publish(stamped(3, 1, t0 + 10_000))
+        .await
+        .expect("a known producer goes on");
+    publisher
+        .publish(stamped(4, 0, t0 + 10_000))
+        .await
+        .expect("room after the idle ones expired");
+    let stored = fetch_all(&broker).await;
+    assert_eq!(stored, ["p1", "p2", "p3", "p3", "p4"]);
+}
