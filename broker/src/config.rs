@@ -100,9 +100,13 @@ pub struct Config {
     pub stream_heartbeat_ms: u64,
     /// Consumer-group session timeout when the client asks for none.
     pub session_timeout_ms: u64,
-    /// Most consumer groups with members at once (on the coordinator); a new group past it is
-    /// refused with RESOURCE_EXHAUSTED (LIMIT_REACHED).
+    /// Most consumer groups with members or committed offsets; a new group past it (its
+    /// first join or commit) is refused with RESOURCE_EXHAUSTED (LIMIT_REACHED). At most
+    /// 50,000, so a list of every group fits in one answer.
     pub groups_max: u32,
+    /// A consumer group with no members that committed nothing for this long loses its
+    /// committed offsets, as with Kafka's `offsets.retention.minutes` (default 7 days).
+    pub offsets_retention_ms: u64,
     /// Most members of one consumer group; one more is refused with RESOURCE_EXHAUSTED
     /// (LIMIT_REACHED).
     pub group_members_max: u32,
@@ -369,6 +373,7 @@ impl Default for Config {
             stream_heartbeat_ms: 5_000,
             session_timeout_ms: 10_000,
             groups_max: 10_000,
+            offsets_retention_ms: 7 * 24 * 3600 * 1000,
             group_members_max: 1_000,
             publish_queue_max: 1024,
             retention_check_interval_ms: 60_000,
@@ -765,7 +770,13 @@ impl Config {
             100,
             3_600_000,
         )?;
-        range("groups_max", self.groups_max, 1, 1_000_000)?;
+        range("groups_max", self.groups_max, 1, 50_000)?;
+        range(
+            "offsets_retention_ms",
+            self.offsets_retention_ms,
+            1_000,
+            365 * 24 * 3600 * 1000,
+        )?;
         range("group_members_max", self.group_members_max, 1, 100_000)?;
         range("publish_queue_max", self.publish_queue_max, 1, 1_000_000)?;
         range(

@@ -21,7 +21,10 @@
 //! generations (see [`OffsetStore::generation_floor`]). A Raft term would not do: a leader that
 //! restarts may lead again in the same term, and it forgot the generations it handed out.
 //!
-//! One group consumes one topic at a time. Groups with neither members nor offsets leave memory.
+//! One group consumes one topic at a time. Groups with neither members nor offsets leave memory;
+//! the offsets of a group without members that committed nothing for `offsets_retention_ms`
+//! are forgotten. At most `groups_max` groups (with members or offsets) and
+//! `group_members_max` members per group: one more is refused (LIMIT_REACHED).
 //! The state here is pure (time is an argument), so it is unit-tested without sockets.
 
 use std::collections::{BTreeMap, HashMap};
@@ -236,13 +239,17 @@ impl Group {
 }
 
 /// How many groups a coordinator holds and how many members a group has, at most
-/// (`groups_max`, `group_members_max`): a join past either is refused with LIMIT_REACHED.
+/// (`groups_max`, `group_members_max`): a join or a first commit past either is refused with
+/// LIMIT_REACHED. And how long the offsets of a group without members are kept
+/// (`offsets_retention_ms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupLimits {
-    /// Groups with members at once.
+    /// Groups with members or committed offsets.
     pub groups: usize,
     /// Members of one group.
     pub members: usize,
+    /// A group with no members that committed nothing for this long loses its offsets.
+    pub offsets_retention: Duration,
 }
 
 impl Default for GroupLimits {
@@ -250,6 +257,7 @@ impl Default for GroupLimits {
         GroupLimits {
             groups: 10_000,
             members: 1_000,
+            offsets_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -266,6 +274,10 @@ struct Inner {
     /// Groups whose offsets are being deleted or reset: nobody joins them meanwhile (a member
     /// would read the old offsets and commit over the change). Locked after `groups`.
     changing: Mutex<std::collections::HashSet<String>>,
+    /// For each group with stored offsets, when this coordinator last saw it active (members,
+    /// a commit), or first saw it: its offsets go once it stays idle for
+    /// `offsets_retention`. Locked after `groups`.
+    idle_since: Mutex<HashMap<String, Instant>>,
 }
 
 /// A group's offsets held for a delete or a reset: its commit lock, and no joins until dropped.
@@ -331,6 +343,7 @@ impl Coordinator {
                 next_incarnation: std::sync::atomic::AtomicU64::new(1),
                 last_generation: AtomicU64::new(0),
                 changing: Mutex::new(Default::default()),
+                idle_since: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -340,6 +353,27 @@ impl Coordinator {
             .groups
             .lock()
             .map_err(|_| BrokerError::Internal("group table poisoned".into()))
+    }
+
+    /// Whether `group_id` may be held: it is already (it has members or stored offsets), or
+    /// fewer than `groups_max` groups are.
+    fn room_for(&self, groups: &HashMap<String, Group>, group_id: &str) -> Result<(), BrokerError> {
+        if groups.contains_key(group_id) || self.inner.store.group(group_id).is_some() {
+            return Ok(());
+        }
+        let stored = self.inner.store.groups();
+        let held = groups.len() + stored.iter().filter(|g| !groups.contains_key(*g)).count();
+        if held < self.inner.limits.groups {
+            return Ok(());
+        }
+        Err(BrokerError::LimitReached {
+            what: format!(
+                "consumer group {group_id:?} cannot start: {held} groups have members or \
+                 committed offsets (those of a group idle for offsets_retention_ms go)"
+            ),
+            key: "groups_max",
+            max: self.inner.limits.groups as u64,
+        })
     }
 
     /// Joins (or rejoins, with `member_id`) `group` to consume the topic `topic` (id `topic_id`)
@@ -383,19 +417,12 @@ impl Coordinator {
                 leader: None,
             });
         }
-        let held = groups.len();
+        let held = self.room_for(&groups, group_id).err();
         let group = match groups.entry(group_id.to_string()) {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
-                if held >= self.inner.limits.groups {
-                    return Err(BrokerError::LimitReached {
-                        what: format!(
-                            "consumer group {group_id:?} cannot start: the coordinator holds \
-                             {held} groups with members"
-                        ),
-                        key: "groups_max",
-                        max: self.inner.limits.groups as u64,
-                    });
+                if let Some(refused) = held {
+                    return Err(refused);
                 }
                 let Some(floor) = self.inner.store.generation_floor() else {
                     return Err(BrokerError::Unavailable {
@@ -647,7 +674,8 @@ impl Coordinator {
         removed
     }
 
-    /// Starts the task that expires silent members.
+    /// Starts the tasks that expire silent members, and the offsets of groups idle for
+    /// `offsets_retention`.
     pub fn start_reaper(&self) {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
@@ -657,6 +685,76 @@ impl Coordinator {
                 Coordinator { inner }.expire(Instant::now());
             }
         });
+        let weak = Arc::downgrade(&self.inner);
+        let every = (self.inner.limits.offsets_retention / 8)
+            .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                Coordinator { inner }.expire_offsets(Instant::now()).await;
+            }
+        });
+    }
+
+    /// Notes `group_id` active at `now` (its offsets' retention starts over).
+    fn active(&self, group_id: &str, now: Instant) {
+        if let Ok(mut idle) = self.inner.idle_since.lock() {
+            idle.insert(group_id.to_string(), now);
+        }
+    }
+
+    /// Forgets the committed offsets of every group that had no members and committed nothing
+    /// for `offsets_retention` by `now`, as Kafka's `offsets.retention.minutes` does: offsets
+    /// of groups that are gone do not stay forever. Idle time counts on this coordinator only
+    /// (from when it took the groups over at the earliest), so a group never goes sooner than
+    /// that. Returns the groups forgotten.
+    pub async fn expire_offsets(&self, now: Instant) -> Vec<String> {
+        if !self.taken_over() {
+            if let Ok(mut idle) = self.inner.idle_since.lock() {
+                idle.clear();
+            }
+            return Vec::new();
+        }
+        let stored: std::collections::HashSet<String> =
+            self.inner.store.groups().into_iter().collect();
+        let due: Vec<String> = {
+            let Ok(groups) = self.groups() else {
+                return Vec::new();
+            };
+            let Ok(mut idle) = self.inner.idle_since.lock() else {
+                return Vec::new();
+            };
+            idle.retain(|group, _| stored.contains(group));
+            for group in &stored {
+                if groups.get(group).is_some_and(|g| !g.members.is_empty()) {
+                    idle.insert(group.clone(), now);
+                } else {
+                    idle.entry(group.clone()).or_insert(now);
+                }
+            }
+            let retention = self.inner.limits.offsets_retention;
+            idle.iter()
+                .filter(|(_, since)| now.saturating_duration_since(**since) >= retention)
+                .map(|(group, _)| group.clone())
+                .collect()
+        };
+        let mut forgotten = Vec::new();
+        for group in due {
+            // As an operator's delete: refused if a member joined meanwhile.
+            match self.delete(&group).await {
+                Ok(()) => {
+                    tracing::info!(group = %group, "forgot the committed offsets of a group idle for offsets_retention_ms");
+                    metrics::counter!("weft_group_offsets_expired_total").increment(1);
+                    forgotten.push(group.clone());
+                }
+                Err(e) => tracing::debug!(group = %group, "offsets not expired: {e}"),
+            }
+            if let Ok(mut idle) = self.inner.idle_since.lock() {
+                idle.remove(&group);
+            }
+        }
+        forgotten
     }
 
     /// Stores offsets for `group` on the topic `topic_id`. `member_id` empty with generation 0
@@ -675,6 +773,7 @@ impl Coordinator {
         let lock = self.commit_lock(group_id)?;
         let _committing = lock.lock().await;
         self.check_commit(group_id, member_id, generation, topic_id, offsets)?;
+        self.room_for(&*self.groups()?, group_id)?;
         if let Some(stall) = commit_stall() {
             tokio::time::sleep(stall).await;
         }
@@ -687,6 +786,7 @@ impl Coordinator {
                 offsets.to_vec(),
             )
             .await?;
+        self.active(group_id, Instant::now());
         Ok(offsets.to_vec())
     }
 
@@ -699,10 +799,12 @@ impl Coordinator {
         offsets: &[(u32, u64)],
     ) -> Result<Vec<(u32, u64)>, BrokerError> {
         let _committing = self.lock_without_members(group_id).await?;
+        self.room_for(&*self.groups()?, group_id)?;
         self.inner
             .store
             .reset(group_id.to_string(), topic_id.to_string(), offsets.to_vec())
             .await?;
+        self.active(group_id, Instant::now());
         Ok(offsets.to_vec())
     }
 
@@ -911,6 +1013,9 @@ impl Coordinator {
                 tracing::info!(groups = groups.len(), "no longer the group coordinator");
             }
             groups.clear();
+        }
+        if let Ok(mut idle) = self.inner.idle_since.lock() {
+            idle.clear();
         }
     }
 }
@@ -1511,11 +1616,12 @@ mod tests {
         assert!(matches!(err, BrokerError::StaleGeneration { .. }));
     }
 
-    #[test]
-    fn joins_past_the_limits_are_refused_until_someone_leaves() {
+    #[tokio::test]
+    async fn joins_past_the_limits_are_refused_until_someone_leaves() {
         let limits = GroupLimits {
             groups: 2,
             members: 2,
+            ..GroupLimits::default()
         };
         let c = Coordinator::with_limits(store(), Duration::from_secs(10), limits);
         let t0 = Instant::now();
@@ -1560,18 +1666,86 @@ mod tests {
         // A group already held still takes members up to its own limit.
         c.join("h", None, "t", "id-t", 4, session, t0)
             .expect("h's second member");
+        // Nor may a commit from outside membership start a third.
+        let err = c
+            .commit("j", "", 0, "id-t", &[(0, 1)])
+            .await
+            .expect_err("a third group's first commit");
+        assert!(
+            matches!(
+                err,
+                BrokerError::LimitReached {
+                    key: "groups_max",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         // Sessions end: the groups leave memory and new ones may start.
-        c.expire(t0 + Duration::from_secs(2));
-        c.join(
-            "i",
-            None,
-            "t",
-            "id-t",
-            4,
-            session,
-            t0 + Duration::from_secs(2),
-        )
-        .expect("room again");
+        let t1 = t0 + Duration::from_secs(2);
+        c.expire(t1);
+        c.join("i", None, "t", "id-t", 4, session, t1)
+            .expect("room again");
+        // A group with stored offsets counts while it has no members: with "i" live and "j"
+        // stored, a third is refused; "j" itself may still join.
+        c.commit("j", "", 0, "id-t", &[(0, 1)])
+            .await
+            .expect("j commits from outside membership");
+        assert!(c.join("k", None, "t", "id-t", 4, session, t1).is_err());
+        c.join("j", None, "t", "id-t", 4, session, t1)
+            .expect("a stored group joins");
+    }
+
+    /// The offsets of a group without members that committed nothing for
+    /// `offsets_retention` are forgotten (Kafka's offsets retention); a group with members, or
+    /// one that committed since, keeps them. Before, they stayed forever.
+    #[tokio::test]
+    async fn offsets_of_groups_idle_past_the_retention_are_forgotten() {
+        let limits = GroupLimits {
+            offsets_retention: Duration::from_secs(60),
+            ..GroupLimits::default()
+        };
+        let store = store();
+        let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
+        let t0 = Instant::now();
+        c.commit("gone", "", 0, "id-t", &[(0, 1)])
+            .await
+            .expect("commit");
+        c.commit("busy", "", 0, "id-t", &[(0, 1)])
+            .await
+            .expect("commit");
+        let live = c
+            .join("live", None, "t", "id-t", 4, None, t0)
+            .expect("join");
+        let generation = live.view.borrow().generation;
+        c.commit("live", &live.member_id, generation, "id-t", &[(0, 1)])
+            .await
+            .expect("a member commits");
+        assert!(c.expire_offsets(t0).await.is_empty(), "nothing idle yet");
+        // Half-way, "busy" commits again.
+        assert!(
+            c.expire_offsets(t0 + Duration::from_secs(30))
+                .await
+                .is_empty()
+        );
+        c.active("busy", t0 + Duration::from_secs(30));
+        let forgotten = c.expire_offsets(t0 + Duration::from_secs(61)).await;
+        assert_eq!(forgotten, ["gone"]);
+        let mut left = store.groups();
+        left.sort();
+        assert_eq!(left, ["busy", "live"]);
+        // A coordinator that no longer coordinates (node 2 took the groups over) forgets
+        // nothing.
+        store.apply(ControllerCommand::TakeOverGroups {
+            node_id: 2,
+            nonce: 5,
+        });
+        assert!(
+            c.expire_offsets(t0 + Duration::from_secs(600))
+                .await
+                .is_empty()
+        );
+        assert_eq!(store.groups().len(), 2);
     }
 
     #[test]

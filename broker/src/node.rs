@@ -678,6 +678,7 @@ impl Node {
             crate::groups::GroupLimits {
                 groups: config.groups_max as usize,
                 members: config.group_members_max as usize,
+                offsets_retention: Duration::from_millis(config.offsets_retention_ms),
             },
         );
         let node = Arc::new(Node {

@@ -647,3 +647,48 @@ async fn a_forwarded_commit_checked_against_a_deleted_topic_is_refused() {
         }]
     );
 }
+
+/// A group with no members that committed nothing for `offsets_retention_ms` loses its
+/// committed offsets (Kafka's `offsets.retention.minutes`): it leaves `weft group list`, and
+/// the broker counts it in `weft_group_offsets_expired_total`. A group with a live member keeps
+/// its offsets. Before, the offsets of every group that ever committed stayed forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_of_a_group_idle_past_the_retention_are_forgotten() {
+    use weft_client::ConsumerConfig;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "offsets_retention_ms = 1000\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    ok_stdout(&broker.cli(&["topic", "create", "work", "--partitions", "1"]));
+    let client = broker.client().await;
+    let admin = client.admin();
+    admin
+        .commit_offsets("ghost", "work", &[(0, 0)])
+        .await
+        .expect("a commit from outside membership");
+    let mut member = client
+        .consumer(ConsumerConfig::new("work").group("live").auto_commit(false))
+        .await
+        .expect("join");
+    member.commit().await.expect("the member commits");
+    let listed = ok_stdout(&broker.cli(&["group", "list"]));
+    assert!(
+        listed.contains("ghost") && listed.contains("live"),
+        "{listed}"
+    );
+    wait_for(
+        "the idle group's offsets to go",
+        Duration::from_secs(20),
+        || async {
+            let groups = admin.groups().await.expect("groups");
+            (!groups.iter().any(|g| g == "ghost")).then_some(())
+        },
+    )
+    .await;
+    let groups = admin.groups().await.expect("groups");
+    assert!(groups.iter().any(|g| g == "live"), "{groups:?}");
+    let expired = weft_tests::metric(&broker, "weft_group_offsets_expired_total")
+        .expect("the expiry counter");
+    assert!(expired >= 1.0, "{expired}");
+    member.close().await.expect("close");
+}

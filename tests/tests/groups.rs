@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use weft_client::{Client, Consumer, ConsumerConfig, ProducerConfig, Record, StartFrom};
-use weft_tests::Broker;
+use weft_tests::{Broker, ok_stdout};
 
 async fn publish(client: &Client, from: usize, to: usize) {
     let producer = client.producer(ProducerConfig::default());
@@ -722,12 +722,23 @@ async fn joins_past_the_group_limits_are_refused_with_the_setting_named() {
         stderr.contains("groups_max"),
         "the CLI names the setting: {stderr}"
     );
-    // A member leaving makes room in its group; its group leaving makes room for another.
-    // (It closes after the group rebalanced under it, its stream unread: before, its closing
-    // commit was refused as naming a replaced generation and `close` failed.)
+    // A member leaving makes room in its group. (It closes after the group rebalanced under
+    // it, its stream unread: before, its closing commit was refused as naming a replaced
+    // generation and `close` failed.)
     first.close().await.expect("close");
     let again = client.consumer(member_of("g")).await.expect("room again");
+    // A group whose last member left still counts while it keeps committed offsets (its
+    // member's closing commit stored some); deleted, it makes room for another.
     other.close().await.expect("close");
+    let still = client.consumer(member_of("i")).await;
+    refused(
+        match still {
+            Err(e) => e,
+            Ok(_) => panic!("a group with offsets still counts"),
+        },
+        "groups_max",
+    );
+    ok_stdout(&broker.cli(&["group", "delete", "h"]));
     let newcomer = client
         .consumer(member_of("i"))
         .await
