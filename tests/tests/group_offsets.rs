@@ -119,6 +119,13 @@ async fn join(
             topic: topic.into(),
             group_id: group.into(),
             member_id: member_id.into(),
+            // From the earliest: nothing is committed until a test commits (a group's start
+            // from "latest" is stored as its commit at once).
+            start: Some(weft_proto::v1::StartPosition {
+                position: Some(weft_proto::v1::start_position::Position::Earliest(
+                    weft_proto::v1::start_position::Earliest {},
+                )),
+            }),
             credit: Some(Credit {
                 records: 1,
                 bytes: 1,

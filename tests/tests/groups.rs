@@ -238,6 +238,13 @@ async fn a_stream_commit_from_a_replaced_generation_is_refused_and_the_stream_go
         SubscribeStart {
             topic: "work".into(),
             group_id: "g".into(),
+            // (From "latest", the group's start would be stored as its commit, 10, and the
+            // commit of 1 below refused as going backwards.)
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
             credit: Some(Credit {
                 records: 1000,
                 bytes: 1 << 20,
@@ -748,4 +755,50 @@ async fn joins_past_the_group_limits_are_refused_with_the_setting_named() {
     for member in [second, again, newcomer] {
         member.close().await.expect("close");
     }
+}
+
+/// A group reading from "latest" that never committed on a partition: the first member's
+/// start becomes the group's commit at once, so a member given the partition next starts
+/// there and gets what was published in between. Before, the next member took "latest"
+/// again, later, and the records published while the first member held the partition (it read
+/// none of them, or had not committed yet) went to nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_group_moving_a_partition_before_its_first_commit_loses_nothing() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("work", 1)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    let publish = async |from: u32, to: u32| {
+        for i in from..to {
+            producer
+                .send("work", Record::new(format!("r{i}")))
+                .await
+                .expect("stored");
+        }
+    };
+    publish(0, 5).await;
+    let latest = || {
+        ConsumerConfig::new("work")
+            .group("g")
+            .start(StartFrom::Latest)
+            .auto_commit(false)
+    };
+    let first = client.consumer(latest()).await.expect("first member");
+    assert_eq!(first.positions().get(&0), Some(&5));
+    publish(5, 10).await;
+    // It leaves without reading or committing anything.
+    first.close().await.expect("close");
+    let mut second = client.consumer(latest()).await.expect("second member");
+    let record = second
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("next")
+        .expect("a record published while the first member held the partition");
+    assert_eq!(record.value.as_ref(), b"r5");
+    second.close().await.expect("close");
+    producer.close().await.expect("close");
 }

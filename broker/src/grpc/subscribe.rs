@@ -1118,6 +1118,50 @@ impl Session {
             };
             positions.insert(p, position);
         }
+        // A partition its group never committed on starts where the start position put it now
+        // ("latest", a time): that is stored as the group's commit at once, as Kafka's consumer
+        // commits the position it reset to. A member given the partition next starts there
+        // too; before, it took "latest" again, later, and what was published in between went
+        // to nobody (the first member had read none of it, or had not committed yet).
+        // ("Earliest" is not stored: taken again later it finds the same records, or fewer
+        // after retention.)
+        let earliest = matches!(
+            self.start.start.as_ref().and_then(|s| s.position.as_ref()),
+            Some(Position::Earliest(_))
+        );
+        if let Some(member) = &self.group
+            && view.is_some()
+            && !earliest
+        {
+            let fresh: Vec<PartitionOffset> = positions
+                .iter()
+                .filter(|(p, _)| !kept.contains(p) && !self.resume.contains_key(p))
+                .filter(|(p, _)| {
+                    matches!(
+                        self.node
+                            .groups
+                            .committed(&member.group_id, &self.topic_id, **p),
+                        Ok(None)
+                    )
+                })
+                .map(|(&partition, &offset)| PartitionOffset { partition, offset })
+                .collect();
+            if !fresh.is_empty() {
+                let request = CommitOffsetsRequest {
+                    group_id: member.group_id.clone(),
+                    member_id: member.member_id.clone(),
+                    generation,
+                    topic: self.start.topic.clone(),
+                    offsets: fresh,
+                    reset: false,
+                };
+                // Refused (the group moved on meanwhile, or a commit came first), the next
+                // owner resolves its own start: nothing is lost against before.
+                if let Err(e) = group_link::commit(&self.node, &request, &self.topic_id, 0).await {
+                    tracing::debug!(group = %member.group_id, "start positions not stored: {e}");
+                }
+            }
+        }
         self.positions = positions;
         self.generation = generation;
         // The client's resume offsets say where it was when this stream opened: they place the
