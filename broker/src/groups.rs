@@ -70,6 +70,15 @@ pub trait OffsetStore: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'static, Result<(), BrokerError>>;
     /// Forgets a group's offsets; whether it had any.
     fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>>;
+    /// Whether groups carry the time they were last active (`GroupOffsets::active_ms`) that
+    /// every coordinator reads the same: commits stamp it and [`OffsetStore::touch`] works.
+    fn stamps(&self) -> bool {
+        false
+    }
+    /// Stamps `groups` active now.
+    fn touch(&self, _groups: Vec<String>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// Spreads `partitions` over `members` (sorted by id): partition i goes to member i mod n.
@@ -275,9 +284,17 @@ struct Inner {
     /// would read the old offsets and commit over the change). Locked after `groups`.
     changing: Mutex<std::collections::HashSet<String>>,
     /// For each group with stored offsets, when this coordinator last saw it active (members,
-    /// a commit), or first saw it: its offsets go once it stays idle for
-    /// `offsets_retention`. Locked after `groups`.
-    idle_since: Mutex<HashMap<String, Instant>>,
+    /// a commit), or first saw it (see [`Coordinator::expire_offsets`]). Locked after
+    /// `groups`.
+    idle_since: Mutex<HashMap<String, Seen>>,
+}
+
+/// When a coordinator last saw a group with stored offsets.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    at: Instant,
+    /// Active then (members, a commit); else only first seen.
+    active: bool,
 }
 
 /// A group's offsets held for a delete or a reset: its commit lock, and no joins until dropped.
@@ -692,7 +709,10 @@ impl Coordinator {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(inner) = weak.upgrade() else { return };
-                Coordinator { inner }.expire_offsets(Instant::now()).await;
+                let wall_ms = u64::try_from(crate::grpc::now_ms()).unwrap_or(0);
+                Coordinator { inner }
+                    .expire_offsets(Instant::now(), wall_ms)
+                    .await;
             }
         });
     }
@@ -700,16 +720,48 @@ impl Coordinator {
     /// Notes `group_id` active at `now` (its offsets' retention starts over).
     fn active(&self, group_id: &str, now: Instant) {
         if let Ok(mut idle) = self.inner.idle_since.lock() {
-            idle.insert(group_id.to_string(), now);
+            idle.insert(
+                group_id.to_string(),
+                Seen {
+                    at: now,
+                    active: true,
+                },
+            );
         }
     }
 
-    /// Forgets the committed offsets of every group that had no members and committed nothing
-    /// for `offsets_retention` by `now`, as Kafka's `offsets.retention.minutes` does: offsets
-    /// of groups that are gone do not stay forever. Idle time counts on this coordinator only
-    /// (from when it took the groups over at the earliest), so a group never goes sooner than
-    /// that. Returns the groups forgotten.
-    pub async fn expire_offsets(&self, now: Instant) -> Vec<String> {
+    /// Whether `group`'s offsets have been idle past the retention at `now` (`now_ms` by the
+    /// wall clock), `seen` as this coordinator saw it. With stamps (see
+    /// [`OffsetStore::stamps`]), the stored time it was last active counts, so a coordinator
+    /// that took over lately does not start the count again (with each controller move, as in
+    /// a rolling restart, nothing would ever expire); a group it saw active itself counts from
+    /// then at the latest. The stamps of groups with members come about every eighth of the
+    /// retention: a group known only by its stamp waits a quarter longer, so it never goes
+    /// sooner than the retention after its last member left. Without stamps, idle time counts
+    /// from when this coordinator first saw the group.
+    fn idle_past_retention(&self, group: &str, seen: Seen, now: Instant, now_ms: u64) -> bool {
+        let retention = self.inner.limits.offsets_retention;
+        let here = now.saturating_duration_since(seen.at);
+        let stamped = self
+            .inner
+            .store
+            .stamps()
+            .then(|| self.inner.store.group(group).map_or(0, |g| g.active_ms))
+            .filter(|&ms| ms != 0)
+            .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms)));
+        match stamped {
+            Some(stamped) if seen.active => here.min(stamped) >= retention,
+            Some(stamped) => stamped >= retention + retention / 4,
+            None => here >= retention,
+        }
+    }
+
+    /// Forgets the committed offsets of every group without members idle past
+    /// `offsets_retention` at `now` (`now_ms` by the wall clock), as Kafka's
+    /// `offsets.retention.minutes` does: the offsets of groups that are gone do not stay
+    /// forever (see [`Coordinator::idle_past_retention`]). Also stamps the groups with members
+    /// active, now and then. Returns the groups forgotten.
+    pub async fn expire_offsets(&self, now: Instant, now_ms: u64) -> Vec<String> {
         if !self.taken_over() {
             if let Ok(mut idle) = self.inner.idle_since.lock() {
                 idle.clear();
@@ -718,7 +770,9 @@ impl Coordinator {
         }
         let stored: std::collections::HashSet<String> =
             self.inner.store.groups().into_iter().collect();
-        let due: Vec<String> = {
+        let retention = self.inner.limits.offsets_retention;
+        let stamps = self.inner.store.stamps();
+        let (due, touch): (Vec<String>, Vec<String>) = {
             let Ok(groups) = self.groups() else {
                 return Vec::new();
             };
@@ -726,28 +780,65 @@ impl Coordinator {
                 return Vec::new();
             };
             idle.retain(|group, _| stored.contains(group));
+            let mut touch = Vec::new();
             for group in &stored {
                 if groups.get(group).is_some_and(|g| !g.members.is_empty()) {
-                    idle.insert(group.clone(), now);
+                    idle.insert(
+                        group.clone(),
+                        Seen {
+                            at: now,
+                            active: true,
+                        },
+                    );
+                    let stamped = self.inner.store.group(group).map_or(0, |g| g.active_ms);
+                    if stamps
+                        && Duration::from_millis(now_ms.saturating_sub(stamped)) >= retention / 8
+                    {
+                        touch.push(group.clone());
+                    }
                 } else {
-                    idle.entry(group.clone()).or_insert(now);
+                    idle.entry(group.clone()).or_insert(Seen {
+                        at: now,
+                        active: false,
+                    });
                 }
             }
-            let retention = self.inner.limits.offsets_retention;
-            idle.iter()
-                .filter(|(_, since)| now.saturating_duration_since(**since) >= retention)
+            let due = idle
+                .iter()
+                .filter(|(group, seen)| self.idle_past_retention(group, **seen, now, now_ms))
                 .map(|(group, _)| group.clone())
-                .collect()
+                .collect();
+            (due, touch)
         };
+        for chunk in touch.chunks(1_000) {
+            if let Err(e) = self.inner.store.touch(chunk.to_vec()).await {
+                tracing::debug!("groups not stamped active: {e}");
+            }
+        }
         let mut forgotten = Vec::new();
         for group in due {
-            // As an operator's delete: refused if a member joined meanwhile.
-            match self.delete(&group).await {
-                Ok(()) => {
+            // As an operator's delete (refused if a member joined meanwhile), and only if the
+            // group is still idle once nothing else commits to it: a commit waiting for its
+            // proposal when the group was picked goes first and keeps it.
+            let Ok(_changing) = self.lock_without_members(&group).await else {
+                continue;
+            };
+            let seen = self
+                .inner
+                .idle_since
+                .lock()
+                .ok()
+                .and_then(|idle| idle.get(&group).copied());
+            if !seen.is_some_and(|seen| self.idle_past_retention(&group, seen, now, now_ms)) {
+                continue;
+            }
+            match self.inner.store.delete(group.clone()).await {
+                Ok(true) => {
                     tracing::info!(group = %group, "forgot the committed offsets of a group idle for offsets_retention_ms");
                     metrics::counter!("weft_group_offsets_expired_total").increment(1);
                     forgotten.push(group.clone());
                 }
+                Ok(false) => {}
                 Err(e) => tracing::debug!(group = %group, "offsets not expired: {e}"),
             }
             if let Ok(mut idle) = self.inner.idle_since.lock() {
@@ -1043,7 +1134,13 @@ mod tests {
     /// node 1's takeover of the groups (0: none; the generation floor is the coordinator epoch
     /// in the high half, as in a broker).
     #[derive(Debug)]
-    struct MemoryOffsets(Mutex<ControllerState>, std::sync::atomic::AtomicU64);
+    /// The controller's state, the nonce of node 1's takeover, and the wall clock commits and
+    /// touches stamp (ms; tests set it).
+    struct MemoryOffsets(
+        Mutex<ControllerState>,
+        std::sync::atomic::AtomicU64,
+        std::sync::atomic::AtomicU64,
+    );
 
     impl MemoryOffsets {
         fn apply(&self, command: ControllerCommand) -> ControllerResponse {
@@ -1089,6 +1186,7 @@ mod tests {
                 generation,
                 offsets,
                 reset: false,
+                at_ms: self.2.load(std::sync::atomic::Ordering::Relaxed),
             });
             Box::pin(async move {
                 match response {
@@ -1112,6 +1210,7 @@ mod tests {
                 generation: 0,
                 offsets,
                 reset: true,
+                at_ms: self.2.load(std::sync::atomic::Ordering::Relaxed),
             });
             Box::pin(async move {
                 match response {
@@ -1119,6 +1218,16 @@ mod tests {
                     other => Err(BrokerError::Internal(format!("{other:?}"))),
                 }
             })
+        }
+        fn stamps(&self) -> bool {
+            true
+        }
+        fn touch(&self, groups: Vec<String>) -> BoxFuture<'static, Result<(), BrokerError>> {
+            self.apply(ControllerCommand::TouchGroups {
+                groups,
+                at_ms: self.2.load(std::sync::atomic::Ordering::Relaxed),
+            });
+            Box::pin(std::future::ready(Ok(())))
         }
         fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>> {
             let response = self.apply(ControllerCommand::DeleteGroup { group });
@@ -1336,6 +1445,7 @@ mod tests {
         let store = Arc::new(MemoryOffsets(
             Mutex::new(ControllerState::default()),
             std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(WALL_T0_MS),
         ));
         store.apply(ControllerCommand::CreateTopic {
             name: "t".into(),
@@ -1696,9 +1806,13 @@ mod tests {
             .expect("a stored group joins");
     }
 
-    /// The offsets of a group without members that committed nothing for
-    /// `offsets_retention` are forgotten (Kafka's offsets retention); a group with members, or
-    /// one that committed since, keeps them. Before, they stayed forever.
+    /// The wall clock the test store starts at (ms).
+    const WALL_T0_MS: u64 = 1_700_000_000_000;
+
+    /// The offsets of a group without members idle for `offsets_retention` are forgotten
+    /// (Kafka's offsets retention): by the time stamped on them, also on a coordinator that
+    /// took the groups over since; a group with members, or one that committed since, keeps
+    /// them. Before, they stayed forever.
     #[tokio::test]
     async fn offsets_of_groups_idle_past_the_retention_are_forgotten() {
         let limits = GroupLimits {
@@ -1706,8 +1820,20 @@ mod tests {
             ..GroupLimits::default()
         };
         let store = store();
+        let clock = |secs: u64| {
+            store.2.store(
+                WALL_T0_MS + secs * 1000,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+        };
         let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
         let t0 = Instant::now();
+        // A sweep `secs` into the test, by both clocks.
+        let sweep = async |secs: u64| {
+            clock(secs);
+            c.expire_offsets(t0 + Duration::from_secs(secs), WALL_T0_MS + secs * 1000)
+                .await
+        };
         c.commit("gone", "", 0, "id-t", &[(0, 1)])
             .await
             .expect("commit");
@@ -1721,31 +1847,85 @@ mod tests {
         c.commit("live", &live.member_id, generation, "id-t", &[(0, 1)])
             .await
             .expect("a member commits");
-        assert!(c.expire_offsets(t0).await.is_empty(), "nothing idle yet");
-        // Half-way, "busy" commits again.
-        assert!(
-            c.expire_offsets(t0 + Duration::from_secs(30))
-                .await
-                .is_empty()
-        );
-        c.active("busy", t0 + Duration::from_secs(30));
-        let forgotten = c.expire_offsets(t0 + Duration::from_secs(61)).await;
-        assert_eq!(forgotten, ["gone"]);
+        assert!(sweep(0).await.is_empty(), "nothing idle yet");
+        // Half-way, "busy" commits again (stamped then).
+        clock(30);
+        c.commit("busy", "", 0, "id-t", &[(0, 2)])
+            .await
+            .expect("commit");
+        assert!(sweep(30).await.is_empty());
+        assert_eq!(sweep(61).await, ["gone"]);
         let mut left = store.groups();
         left.sort();
         assert_eq!(left, ["busy", "live"]);
+        // The coordinator moves (a rolling restart, say) and comes back: it goes by the times
+        // stamped on the groups, not by when it took them over. "live" was stamped active
+        // while it had members (at 61 s); it has none now.
+        c.reset();
+        store.take_over(7);
+        drop(live);
+        assert!(sweep(100).await.is_empty(), "70 s after busy's stamp");
+        assert_eq!(sweep(106).await, ["busy"]);
+        assert!(sweep(130).await.is_empty(), "69 s after live's stamp");
+        assert_eq!(sweep(140).await, ["live"]);
         // A coordinator that no longer coordinates (node 2 took the groups over) forgets
         // nothing.
+        c.commit("late", "", 0, "id-t", &[(0, 1)])
+            .await
+            .expect("commit");
         store.apply(ControllerCommand::TakeOverGroups {
             node_id: 2,
             nonce: 5,
         });
-        assert!(
-            c.expire_offsets(t0 + Duration::from_secs(600))
-                .await
-                .is_empty()
+        assert!(sweep(600).await.is_empty());
+        assert_eq!(store.groups(), ["late"]);
+    }
+
+    /// A commit waiting for its proposal when the sweep picks its group idle goes first, and
+    /// the group keeps its offsets. Before, the sweep's delete queued behind the commit and
+    /// then wiped it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_under_way_keeps_its_group_from_the_retention_sweep() {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let gated = Arc::new(Gated {
+            inner: store(),
+            go: go.clone(),
+        });
+        let limits = GroupLimits {
+            offsets_retention: Duration::from_millis(50),
+            ..GroupLimits::default()
+        };
+        let c = Coordinator::with_limits(gated.clone(), Duration::from_secs(3600), limits);
+        go.notify_one();
+        c.commit("b", "", 0, "id-t", &[(0, 1)])
+            .await
+            .expect("commit");
+        // First seen idle now (the gated store has no stamps: idle time counts here).
+        assert!(c.expire_offsets(Instant::now(), 0).await.is_empty());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let committing = {
+            let c = c.clone();
+            tokio::spawn(async move { c.commit("b", "", 0, "id-t", &[(0, 9)]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sweeping = {
+            let c = c.clone();
+            tokio::spawn(async move { c.expire_offsets(Instant::now(), 0).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        go.notify_one();
+        committing
+            .await
+            .expect("no panic")
+            .expect("the commit is stored");
+        let forgotten = sweeping.await.expect("no panic");
+        assert!(forgotten.is_empty(), "{forgotten:?}");
+        assert_eq!(
+            gated
+                .group("b")
+                .and_then(|g| g.offsets["id-t"].get(&0).copied()),
+            Some(9)
         );
-        assert_eq!(store.groups().len(), 2);
     }
 
     #[test]

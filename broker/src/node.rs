@@ -152,6 +152,7 @@ impl OffsetStore for ControllerOffsets {
             generation,
             offsets,
             reset: false,
+            at_ms: wall_ms(),
         })
     }
 
@@ -170,6 +171,21 @@ impl OffsetStore for ControllerOffsets {
             generation: 0,
             offsets,
             reset: true,
+            at_ms: wall_ms(),
+        })
+    }
+
+    fn stamps(&self) -> bool {
+        self.controller
+            .state()
+            .behind(crate::raft::GROUP_STAMPS_LEVEL)
+            .is_none()
+    }
+
+    fn touch(&self, groups: Vec<String>) -> BoxFuture<'static, Result<(), BrokerError>> {
+        self.store(ControllerCommand::TouchGroups {
+            groups,
+            at_ms: wall_ms(),
         })
     }
 
@@ -218,6 +234,11 @@ impl ControllerOffsets {
     }
 }
 
+/// This broker's wall clock in ms since the epoch (0 before it).
+fn wall_ms() -> u64 {
+    u64::try_from(crate::grpc::now_ms()).unwrap_or(0)
+}
+
 /// Refuses `what` (CONFLICT) while a registered broker runs a build below feature `level`: it
 /// would apply the command differently, and the controller's replicas would disagree.
 fn require_feature(state: &ControllerState, level: u32, what: &str) -> Result<(), BrokerError> {
@@ -261,6 +282,7 @@ async fn migrate_local_group_offsets(node: &Node, meta: &Metadata) -> Result<(),
                     generation: 0,
                     offsets,
                     reset: false,
+                    at_ms: wall_ms(),
                 })
                 .await?
             {

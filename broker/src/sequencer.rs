@@ -385,10 +385,13 @@ impl<G: Proposer> Sequencer<G> {
             return;
         }
         if !table.contains_key(&h.producer_id) && table.len() >= self.producers_max {
-            // Room first from idle producers (this leader's clock is at most the state
-            // machine's: it forgets none the state machine still remembers).
+            // Room first from idle producers, by the partition's clock as it will be once this
+            // batch is stored (the state machine forgets the same ones then). This batch's own
+            // time counts: the clock moves only with accepted batches, and with every new
+            // producer refused, nothing else would move it.
             let pending = &self.pending;
-            expire_producers(table, self.clock_ms, self.producer_expiration_ms, |id| {
+            let clock = self.clock_ms.max(h.max_timestamp_ms);
+            expire_producers(table, clock, self.producer_expiration_ms, |id| {
                 pending.keys().any(|(p, _, _)| *p == id)
             });
             if table.len() >= self.producers_max {
@@ -1651,9 +1654,12 @@ mod tests {
             }) => {}
             other => panic!("a third producer is refused: {other:?}"),
         }
-        // The known ones go on; two hours later producer 1 has been idle past the expiration
-        // and producer 3 takes its place.
-        store(2, 1, 3 * hour_ms).await;
+        // A known one goes on.
+        store(2, 1, hour_ms + 1).await;
+        // Two hours later (by the new producer's own batch: nothing else was stored meanwhile),
+        // producers 1 and 2 have been idle past the expiration and producer 3 takes a place.
+        // Before, only an accepted batch moved the clock, and every new producer was refused
+        // for good.
         store(3, 0, 3 * hour_ms).await;
         drop(jobs);
         actor.await.expect("no panic");

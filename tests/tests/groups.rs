@@ -25,9 +25,14 @@ async fn publish(client: &Client, from: usize, to: usize) {
 }
 
 async fn committed(client: &Client) -> BTreeMap<u32, u64> {
+    committed_of(client, "g").await
+}
+
+/// `group`'s committed offsets on "work", by partition (0 where none).
+async fn committed_of(client: &Client, group: &str) -> BTreeMap<u32, u64> {
     client
         .admin()
-        .offsets("work", Some("g"))
+        .offsets("work", Some(group))
         .await
         .expect("offsets")
         .into_iter()
@@ -789,6 +794,11 @@ async fn a_latest_group_moving_a_partition_before_its_first_commit_loses_nothing
     };
     let first = client.consumer(latest()).await.expect("first member");
     assert_eq!(first.positions().get(&0), Some(&5));
+    // Its start is the group's commit (stored in the background, at once).
+    weft_tests::wait_for("the start stored", Duration::from_secs(10), || async {
+        (committed_of(&client, "g").await.get(&0) == Some(&5)).then_some(())
+    })
+    .await;
     publish(5, 10).await;
     // It leaves without reading or committing anything.
     first.close().await.expect("close");
@@ -800,5 +810,54 @@ async fn a_latest_group_moving_a_partition_before_its_first_commit_loses_nothing
         .expect("a record published while the first member held the partition");
     assert_eq!(record.value.as_ref(), b"r5");
     second.close().await.expect("close");
+    producer.close().await.expect("close");
+}
+
+/// The start stored for a group reading from "latest" does not hold its member's stream up: with
+/// every commit taking 3 s (hook `WEFT_TEST_COMMIT_STALL_MS`), a member with a 1 s session
+/// keeps its id and generation and reads what is published. Before (the store awaited in the
+/// assignment), the stream read none of its member's heartbeats meanwhile and the member
+/// expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_commit_of_the_start_does_not_expire_the_member() {
+    let broker = Broker::start_with_env(&[], &[("WEFT_TEST_COMMIT_STALL_MS", "3000")]);
+    broker.wait_ready();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("work", 1)
+        .await
+        .expect("create");
+    let mut member = client
+        .consumer(
+            ConsumerConfig::new("work")
+                .group("g")
+                .start(StartFrom::Latest)
+                .auto_commit(false)
+                .session_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .expect("join");
+    let (id, generation) = (member.member_id().to_string(), member.generation());
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send("work", Record::new("r0"))
+        .await
+        .expect("stored");
+    let began = Instant::now();
+    let mut read = Vec::new();
+    while began.elapsed() < Duration::from_secs(5) {
+        if let Some(m) = member
+            .next_timeout(Duration::from_millis(200))
+            .await
+            .expect("next")
+        {
+            read.push(m.value.clone());
+        }
+    }
+    assert_eq!(read, [bytes::Bytes::from("r0")]);
+    assert_eq!(member.member_id(), id, "the member kept its id");
+    assert_eq!(member.generation(), generation, "no rebalance");
+    member.close().await.expect("close");
     producer.close().await.expect("close");
 }

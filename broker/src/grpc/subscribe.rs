@@ -1155,11 +1155,23 @@ impl Session {
                     offsets: fresh,
                     reset: false,
                 };
-                // Refused (the group moved on meanwhile, or a commit came first), the next
-                // owner resolves its own start: nothing is lost against before.
-                if let Err(e) = group_link::commit(&self.node, &request, &self.topic_id, 0).await {
-                    tracing::debug!(group = %member.group_id, "start positions not stored: {e}");
-                }
+                // In the background, within a request timeout: the stream goes on reading its
+                // member's heartbeats meanwhile (a slow controller must not expire it). Refused
+                // (the group moved on meanwhile, or the member's own commit came first: never
+                // stored below it), the next owner resolves its own start, as before.
+                let node = self.node.clone();
+                let topic_id = self.topic_id.clone();
+                let timeout = Duration::from_millis(self.node.config.request_timeout_ms);
+                tokio::spawn(async move {
+                    let stored = tokio::time::timeout(
+                        timeout,
+                        group_link::commit(&node, &request, &topic_id, 0),
+                    )
+                    .await;
+                    if !matches!(stored, Ok(Ok(_))) {
+                        tracing::debug!(group = %request.group_id, "start positions not stored: {stored:?}");
+                    }
+                });
             }
         }
         self.positions = positions;

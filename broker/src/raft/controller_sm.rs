@@ -132,6 +132,21 @@ pub enum ControllerCommand {
         /// no members).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         reset: bool,
+        /// The proposer's wall clock (ms since the epoch): the group was active then (its
+        /// offsets' retention counts from the latest such time). 0: not said (an older build,
+        /// which also ignores it when it applies the command: only retention reads it).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        at_ms: u64,
+    },
+    /// Notes groups active at `at_ms` (the proposer's wall clock): the coordinator stamps its
+    /// groups with members now and then, so their offsets' retention counts from when they
+    /// last had members, also on a coordinator that takes over later
+    /// ([`GROUP_STAMPS_LEVEL`]).
+    TouchGroups {
+        /// Group ids (those without offsets are left alone).
+        groups: Vec<String>,
+        /// When.
+        at_ms: u64,
     },
     /// Forget a consumer group's committed offsets.
     DeleteGroup {
@@ -252,7 +267,12 @@ pub struct BrokerMeta {
 ///   older broker applies it over whatever came between), and a replica move only to the topic
 ///   it was planned on (`MoveReplicas.topic_id`: an older broker moves the replicas of a topic
 ///   of that name created again since).
-pub const FEATURE_LEVEL: u32 = 5;
+/// - 6: groups stamped active (`TouchGroups`, which an older broker cannot read; the
+///   `CommitOffsets.at_ms` it ignores), for the retention of their offsets.
+pub const FEATURE_LEVEL: u32 = 6;
+
+/// The feature level that reads [`ControllerCommand::TouchGroups`] (see [`FEATURE_LEVEL`]).
+pub const GROUP_STAMPS_LEVEL: u32 = 6;
 
 /// The feature level that applies a topic's change only to the topic it was made from (see
 /// [`FEATURE_LEVEL`]).
@@ -363,6 +383,14 @@ pub struct GroupOffsets {
     pub generation: u64,
     /// Offsets by topic id, then partition.
     pub offsets: BTreeMap<String, BTreeMap<u32, u64>>,
+    /// When the group was last known active (a commit, or members seen by the coordinator),
+    /// by the proposer's wall clock in ms; 0: not known (stored by an older build).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub active_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Everything the controller holds.
@@ -654,6 +682,7 @@ impl ControllerState {
                 generation,
                 offsets,
                 reset,
+                at_ms,
             } => {
                 if !self.topics.values().any(|t| &t.topic_id == topic_id) {
                     return ControllerResponse::NotFound(format!("topic id {topic_id}"));
@@ -675,6 +704,7 @@ impl ControllerState {
                 }
                 let entry = Arc::make_mut(self.groups.entry(group.clone()).or_default());
                 entry.generation = entry.generation.max(*generation);
+                entry.active_ms = entry.active_ms.max(*at_ms);
                 let topic = entry.offsets.entry(topic_id.clone()).or_default();
                 for &(partition, offset) in offsets {
                     topic.insert(partition, offset);
@@ -684,6 +714,18 @@ impl ControllerState {
             ControllerCommand::DeleteGroup { group } => ControllerResponse::GroupDeleted {
                 existed: self.groups.remove(group).is_some(),
             },
+            ControllerCommand::TouchGroups { groups, at_ms } => {
+                // An older build cannot read this command in the log.
+                self.features_in_use = self.features_in_use.max(GROUP_STAMPS_LEVEL);
+                for group in groups {
+                    if let Some(g) = self.groups.get_mut(group)
+                        && g.active_ms < *at_ms
+                    {
+                        Arc::make_mut(g).active_ms = *at_ms;
+                    }
+                }
+                ControllerResponse::Committed
+            }
             ControllerCommand::AddAcl(rule) => {
                 if let Err(reason) = rule.validate() {
                     return ControllerResponse::Invalid(reason);
@@ -1642,6 +1684,7 @@ mod tests {
             generation: 1,
             offsets: vec![(0, 0)],
             reset,
+            at_ms: 0,
         };
         assert_eq!(state.apply(&commit(false)), ControllerResponse::Committed);
         assert_eq!(state.features_in_use, 0);
