@@ -71,12 +71,16 @@ pub trait OffsetStore: Send + Sync + std::fmt::Debug {
     /// Forgets a group's offsets; whether it had any.
     fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>>;
     /// Whether groups carry the time they were last active (`GroupOffsets::active_ms`) that
-    /// every coordinator reads the same: commits stamp it and [`OffsetStore::touch`] works.
+    /// every coordinator reads: commits stamp it and [`OffsetStore::touch`] works.
     fn stamps(&self) -> bool {
         false
     }
-    /// Stamps `groups` active now.
-    fn touch(&self, _groups: Vec<String>) -> BoxFuture<'static, Result<(), BrokerError>> {
+    /// Stamps `group` (with offsets on `topic_id`) active now.
+    fn touch(
+        &self,
+        _group: String,
+        _topic_id: String,
+    ) -> BoxFuture<'static, Result<(), BrokerError>> {
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -540,10 +544,14 @@ impl Coordinator {
                 id
             }
         };
+        let view = group.view.subscribe();
+        // Members: its offsets' retention starts over (also for a member that leaves before
+        // the next sweep sees it).
+        self.active(group_id, now);
         Ok(Membership {
             member_id: id,
             incarnation,
-            view: group.view.subscribe(),
+            view,
         })
     }
 
@@ -638,6 +646,7 @@ impl Coordinator {
         if group.members.is_empty() {
             groups.remove(group_id);
         }
+        self.active(group_id, Instant::now());
         true
     }
 
@@ -661,6 +670,7 @@ impl Coordinator {
         };
         if emptied {
             groups.remove(group_id);
+            self.active(group_id, Instant::now());
         }
     }
 
@@ -683,6 +693,7 @@ impl Coordinator {
             if group.members.len() != before {
                 removed += before - group.members.len();
                 group.rebalance(&self.inner.last_generation);
+                self.active(group_id, now);
             }
         }
         // An empty group is only its stored offsets: nothing to keep in memory. (A stream still
@@ -703,8 +714,7 @@ impl Coordinator {
             }
         });
         let weak = Arc::downgrade(&self.inner);
-        let every = (self.inner.limits.offsets_retention / 8)
-            .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let every = Self::sweep_every(self.inner.limits.offsets_retention);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -737,8 +747,11 @@ impl Coordinator {
     /// a rolling restart, nothing would ever expire); a group it saw active itself counts from
     /// then at the latest. The stamps of groups with members come about every eighth of the
     /// retention: a group known only by its stamp waits a quarter longer, so it never goes
-    /// sooner than the retention after its last member left. Without stamps, idle time counts
-    /// from when this coordinator first saw the group.
+    /// sooner than the retention after its last member left, and this coordinator must have
+    /// known it for a grace (a quarter of the retention, at most an hour: members rejoin a new
+    /// coordinator within their session, and a stamp from a clock that ran ahead, or an older
+    /// build's missing one, is not trusted alone). Without stamps, idle time counts from when
+    /// this coordinator first saw the group.
     fn idle_past_retention(&self, group: &str, seen: Seen, now: Instant, now_ms: u64) -> bool {
         let retention = self.inner.limits.offsets_retention;
         let here = now.saturating_duration_since(seen.at);
@@ -749,18 +762,24 @@ impl Coordinator {
             .then(|| self.inner.store.group(group).map_or(0, |g| g.active_ms))
             .filter(|&ms| ms != 0)
             .map(|ms| Duration::from_millis(now_ms.saturating_sub(ms)));
+        let grace = (retention / 4).min(Duration::from_secs(3600));
         match stamped {
             Some(stamped) if seen.active => here.min(stamped) >= retention,
-            Some(stamped) => stamped >= retention + retention / 4,
+            Some(stamped) => here >= grace && stamped >= retention + retention / 4,
             None => here >= retention,
         }
     }
 
-    /// Forgets the committed offsets of every group without members idle past
+    /// Most groups one sweep forgets (each is a controller proposal): the rest wait for the
+    /// next sweep, and a slow controller holds a sweep up for a bounded time.
+    const EXPIRE_PER_SWEEP: usize = 100;
+
+    /// Forgets the committed offsets of groups without members idle past
     /// `offsets_retention` at `now` (`now_ms` by the wall clock), as Kafka's
     /// `offsets.retention.minutes` does: the offsets of groups that are gone do not stay
-    /// forever (see [`Coordinator::idle_past_retention`]). Also stamps the groups with members
-    /// active, now and then. Returns the groups forgotten.
+    /// forever (see [`Coordinator::idle_past_retention`]). First stamps active, now and then,
+    /// the groups with members or active since the previous sweep. Returns the groups
+    /// forgotten.
     pub async fn expire_offsets(&self, now: Instant, now_ms: u64) -> Vec<String> {
         if !self.taken_over() {
             if let Ok(mut idle) = self.inner.idle_since.lock() {
@@ -782,41 +801,58 @@ impl Coordinator {
             idle.retain(|group, _| stored.contains(group));
             let mut touch = Vec::new();
             for group in &stored {
-                if groups.get(group).is_some_and(|g| !g.members.is_empty()) {
-                    idle.insert(
-                        group.clone(),
-                        Seen {
-                            at: now,
-                            active: true,
-                        },
-                    );
-                    let stamped = self.inner.store.group(group).map_or(0, |g| g.active_ms);
-                    if stamps
-                        && Duration::from_millis(now_ms.saturating_sub(stamped)) >= retention / 8
-                    {
-                        touch.push(group.clone());
-                    }
+                let seen = if groups.get(group).is_some_and(|g| !g.members.is_empty()) {
+                    let seen = Seen {
+                        at: now,
+                        active: true,
+                    };
+                    idle.insert(group.clone(), seen);
+                    seen
                 } else {
-                    idle.entry(group.clone()).or_insert(Seen {
+                    *idle.entry(group.clone()).or_insert(Seen {
                         at: now,
                         active: false,
-                    });
+                    })
+                };
+                // Active since the previous sweep (members now, or a member that came and
+                // went in between): its stamp is brought up to date once it is an eighth of
+                // the retention old.
+                let recent = seen.active
+                    && now.saturating_duration_since(seen.at) <= 2 * Self::sweep_every(retention);
+                let stamped = self.inner.store.group(group).map_or(0, |g| g.active_ms);
+                if stamps
+                    && recent
+                    && Duration::from_millis(now_ms.saturating_sub(stamped)) >= retention / 8
+                {
+                    touch.push(group.clone());
                 }
             }
             let due = idle
                 .iter()
                 .filter(|(group, seen)| self.idle_past_retention(group, **seen, now, now_ms))
                 .map(|(group, _)| group.clone())
+                .take(Self::EXPIRE_PER_SWEEP)
                 .collect();
             (due, touch)
         };
-        for chunk in touch.chunks(1_000) {
-            if let Err(e) = self.inner.store.touch(chunk.to_vec()).await {
-                tracing::debug!("groups not stamped active: {e}");
+        for group in touch {
+            let Some(topic_id) = self
+                .inner
+                .store
+                .group(&group)
+                .and_then(|g| g.offsets.keys().next().cloned())
+            else {
+                continue;
+            };
+            if let Err(e) = self.inner.store.touch(group.clone(), topic_id).await {
+                tracing::debug!(group = %group, "group not stamped active: {e}");
             }
         }
         let mut forgotten = Vec::new();
         for group in due {
+            if !self.taken_over() {
+                break;
+            }
             // As an operator's delete (refused if a member joined meanwhile), and only if the
             // group is still idle once nothing else commits to it: a commit waiting for its
             // proposal when the group was picked goes first and keeps it.
@@ -846,6 +882,11 @@ impl Coordinator {
             }
         }
         forgotten
+    }
+
+    /// How often the offsets of idle groups are looked at.
+    fn sweep_every(retention: Duration) -> Duration {
+        (retention / 8).clamp(Duration::from_millis(100), Duration::from_secs(60))
     }
 
     /// Stores offsets for `group` on the topic `topic_id`. `member_id` empty with generation 0
@@ -1222,9 +1263,17 @@ mod tests {
         fn stamps(&self) -> bool {
             true
         }
-        fn touch(&self, groups: Vec<String>) -> BoxFuture<'static, Result<(), BrokerError>> {
-            self.apply(ControllerCommand::TouchGroups {
-                groups,
+        fn touch(
+            &self,
+            group: String,
+            topic_id: String,
+        ) -> BoxFuture<'static, Result<(), BrokerError>> {
+            self.apply(ControllerCommand::CommitOffsets {
+                group,
+                topic_id,
+                generation: 0,
+                offsets: Vec::new(),
+                reset: false,
                 at_ms: self.2.load(std::sync::atomic::Ordering::Relaxed),
             });
             Box::pin(std::future::ready(Ok(())))
@@ -1865,7 +1914,10 @@ mod tests {
         store.take_over(7);
         drop(live);
         assert!(sweep(100).await.is_empty(), "70 s after busy's stamp");
-        assert_eq!(sweep(106).await, ["busy"]);
+        // Past the stamp's 75 s, but the new coordinator has known the group for less than its
+        // grace (15 s): its members may still be on their way back.
+        assert!(sweep(114).await.is_empty(), "within the grace");
+        assert_eq!(sweep(116).await, ["busy"]);
         assert!(sweep(130).await.is_empty(), "69 s after live's stamp");
         assert_eq!(sweep(140).await, ["live"]);
         // A coordinator that no longer coordinates (node 2 took the groups over) forgets
@@ -1879,6 +1931,47 @@ mod tests {
         });
         assert!(sweep(600).await.is_empty());
         assert_eq!(store.groups(), ["late"]);
+    }
+
+    /// A member that comes and goes between two sweeps starts its group's retention over:
+    /// before, only commits and the members a sweep happened to see counted, and the offsets of
+    /// a quiet group went seconds after such a member left.
+    #[tokio::test]
+    async fn a_member_between_two_sweeps_starts_the_retention_over() {
+        let limits = GroupLimits {
+            offsets_retention: Duration::from_secs(60),
+            ..GroupLimits::default()
+        };
+        let store = store();
+        let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
+        let t0 = Instant::now();
+        let sweep = async |secs: u64| {
+            store.2.store(
+                WALL_T0_MS + secs * 1000,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            c.expire_offsets(t0 + Duration::from_secs(secs), WALL_T0_MS + secs * 1000)
+                .await
+        };
+        c.commit("g", "", 0, "id-t", &[(0, 1)])
+            .await
+            .expect("commit");
+        assert!(sweep(50).await.is_empty());
+        // A member joins at 91 s and its session (1 s) ends at 92.5 s: both between two sweeps.
+        c.join(
+            "g",
+            None,
+            "t",
+            "id-t",
+            4,
+            Some(Duration::from_secs(1)),
+            t0 + Duration::from_secs(91),
+        )
+        .expect("join");
+        assert_eq!(c.expire(t0 + Duration::from_millis(92_500)), 1);
+        assert!(sweep(93).await.is_empty(), "its member left a moment ago");
+        assert!(sweep(150).await.is_empty());
+        assert_eq!(sweep(155).await, ["g"]);
     }
 
     /// A commit waiting for its proposal when the sweep picks its group idle goes first, and

@@ -386,9 +386,9 @@ impl<G: Proposer> Sequencer<G> {
         }
         if !table.contains_key(&h.producer_id) && table.len() >= self.producers_max {
             // Room first from idle producers, by the partition's clock as it will be once this
-            // batch is stored (the state machine forgets the same ones then). This batch's own
-            // time counts: the clock moves only with accepted batches, and with every new
-            // producer refused, nothing else would move it.
+            // batch is stored (the state machine forgets them at its next expiry pass after
+            // that). This batch's own time counts: the clock moves only with accepted
+            // batches, and with every new producer refused, nothing else would move it.
             let pending = &self.pending;
             let clock = self.clock_ms.max(h.max_timestamp_ms);
             expire_producers(table, clock, self.producer_expiration_ms, |id| {

@@ -1155,21 +1155,18 @@ impl Session {
                     offsets: fresh,
                     reset: false,
                 };
-                // In the background, within a request timeout: the stream goes on reading its
-                // member's heartbeats meanwhile (a slow controller must not expire it). Refused
-                // (the group moved on meanwhile, or the member's own commit came first: never
-                // stored below it), the next owner resolves its own start, as before.
+                // In the background: the stream goes on reading its member's heartbeats
+                // meanwhile (a slow controller must not expire it). Every step of the commit
+                // has its own timeout; one around it all could end it while its proposal is
+                // still on the way, and release the group's commit lock before it is stored.
+                // Refused (the group moved on meanwhile, or the member's own commit came
+                // first: never stored below it), the next owner resolves its own start, as
+                // before.
                 let node = self.node.clone();
                 let topic_id = self.topic_id.clone();
-                let timeout = Duration::from_millis(self.node.config.request_timeout_ms);
                 tokio::spawn(async move {
-                    let stored = tokio::time::timeout(
-                        timeout,
-                        group_link::commit(&node, &request, &topic_id, 0),
-                    )
-                    .await;
-                    if !matches!(stored, Ok(Ok(_))) {
-                        tracing::debug!(group = %request.group_id, "start positions not stored: {stored:?}");
+                    if let Err(e) = group_link::commit(&node, &request, &topic_id, 0).await {
+                        tracing::debug!(group = %request.group_id, "start positions not stored: {e}");
                     }
                 });
             }

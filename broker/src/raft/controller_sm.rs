@@ -133,21 +133,14 @@ pub enum ControllerCommand {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         reset: bool,
         /// The proposer's wall clock (ms since the epoch): the group was active then (its
-        /// offsets' retention counts from the latest such time). 0: not said (an older build,
-        /// which also ignores it when it applies the command: only retention reads it).
+        /// offsets' retention counts from the latest such time). 0: not said. An older build
+        /// ignores it (its replica keeps no such time: only retention reads it, and takes a
+        /// missing time as unknown). A commit with no offsets only stamps the group (the
+        /// coordinator's way of noting a group with members active now and then).
         #[serde(default, skip_serializing_if = "is_zero")]
         at_ms: u64,
     },
-    /// Notes groups active at `at_ms` (the proposer's wall clock): the coordinator stamps its
-    /// groups with members now and then, so their offsets' retention counts from when they
-    /// last had members, also on a coordinator that takes over later
-    /// ([`GROUP_STAMPS_LEVEL`]).
-    TouchGroups {
-        /// Group ids (those without offsets are left alone).
-        groups: Vec<String>,
-        /// When.
-        at_ms: u64,
-    },
+
     /// Forget a consumer group's committed offsets.
     DeleteGroup {
         /// Group id.
@@ -267,12 +260,7 @@ pub struct BrokerMeta {
 ///   older broker applies it over whatever came between), and a replica move only to the topic
 ///   it was planned on (`MoveReplicas.topic_id`: an older broker moves the replicas of a topic
 ///   of that name created again since).
-/// - 6: groups stamped active (`TouchGroups`, which an older broker cannot read; the
-///   `CommitOffsets.at_ms` it ignores), for the retention of their offsets.
-pub const FEATURE_LEVEL: u32 = 6;
-
-/// The feature level that reads [`ControllerCommand::TouchGroups`] (see [`FEATURE_LEVEL`]).
-pub const GROUP_STAMPS_LEVEL: u32 = 6;
+pub const FEATURE_LEVEL: u32 = 5;
 
 /// The feature level that applies a topic's change only to the topic it was made from (see
 /// [`FEATURE_LEVEL`]).
@@ -714,18 +702,6 @@ impl ControllerState {
             ControllerCommand::DeleteGroup { group } => ControllerResponse::GroupDeleted {
                 existed: self.groups.remove(group).is_some(),
             },
-            ControllerCommand::TouchGroups { groups, at_ms } => {
-                // An older build cannot read this command in the log.
-                self.features_in_use = self.features_in_use.max(GROUP_STAMPS_LEVEL);
-                for group in groups {
-                    if let Some(g) = self.groups.get_mut(group)
-                        && g.active_ms < *at_ms
-                    {
-                        Arc::make_mut(g).active_ms = *at_ms;
-                    }
-                }
-                ControllerResponse::Committed
-            }
             ControllerCommand::AddAcl(rule) => {
                 if let Err(reason) = rule.validate() {
                     return ControllerResponse::Invalid(reason);
@@ -1664,6 +1640,45 @@ mod tests {
     /// The feature level in use rises with the first command that needs it (a deny rule, an
     /// offset reset), never with what every build reads (an allow rule, a commit), and an older
     /// snapshot (no field) reads as none used.
+    /// Commits stamp their group active at the proposer's time, and a commit of no offsets
+    /// only stamps it (offsets and generation unchanged); stamps never go back, survive the
+    /// state's encoding, and a group encoded without one (an older build's) reads as unknown.
+    #[test]
+    fn commits_stamp_their_group_active() {
+        let mut state = ControllerState::default();
+        state.apply(&topic_rf("a", 1, 1));
+        let commit =
+            |offsets: Vec<(u32, u64)>, generation, at_ms| ControllerCommand::CommitOffsets {
+                group: "g".into(),
+                topic_id: "id-a".into(),
+                generation,
+                offsets,
+                reset: false,
+                at_ms,
+            };
+        assert_eq!(
+            state.apply(&commit(vec![(0, 5)], 3, 1_000)),
+            ControllerResponse::Committed
+        );
+        assert_eq!(
+            state.apply(&commit(Vec::new(), 0, 2_000)),
+            ControllerResponse::Committed
+        );
+        assert_eq!(
+            state.apply(&commit(Vec::new(), 0, 1_500)),
+            ControllerResponse::Committed
+        );
+        let g = state.groups["g"].clone();
+        assert_eq!((g.active_ms, g.generation), (2_000, 3));
+        assert_eq!(g.offsets["id-a"][&0], 5);
+        let encoded = serde_json::to_string(&*g).expect("encode");
+        let decoded: GroupOffsets = serde_json::from_str(&encoded).expect("decode");
+        assert_eq!(decoded, *g);
+        let older: GroupOffsets =
+            serde_json::from_str(r#"{"generation":3,"offsets":{"id-a":{"0":5}}}"#).expect("decode");
+        assert_eq!(older.active_ms, 0);
+    }
+
     #[test]
     fn commands_that_need_a_level_record_it_as_in_use() {
         use crate::acl::{AclRule, Operation, Permission};
