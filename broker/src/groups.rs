@@ -774,6 +774,14 @@ impl Coordinator {
     /// next sweep, and a slow controller holds a sweep up for a bounded time.
     const EXPIRE_PER_SWEEP: usize = 100;
 
+    /// Most groups one sweep stamps active (each is a controller proposal), the oldest stamps
+    /// first: the rest wait for the next sweep. Stamps are brought up to date once an eighth of
+    /// the retention old and trusted alone only past a quarter more, so at this rate 500
+    /// groups per sweep (8 sweeps per retention) keep up with 4,000 groups with members before
+    /// any stamp runs late; a late one only delays an expiry on a coordinator that took over,
+    /// and a coordinator's own view of its groups' members keeps their offsets meanwhile.
+    const TOUCH_PER_SWEEP: usize = 500;
+
     /// Forgets the committed offsets of groups without members idle past
     /// `offsets_retention` at `now` (`now_ms` by the wall clock), as Kafka's
     /// `offsets.retention.minutes` does: the offsets of groups that are gone do not stay
@@ -835,7 +843,22 @@ impl Coordinator {
                 .collect();
             (due, touch)
         };
-        for group in touch {
+        // The oldest stamps first, a bounded number per sweep (each is a controller proposal).
+        let mut touch: Vec<(u64, String)> = touch
+            .into_iter()
+            .map(|g| (self.inner.store.group(&g).map_or(0, |o| o.active_ms), g))
+            .collect();
+        touch.sort_unstable();
+        for (_, group) in touch.into_iter().take(Self::TOUCH_PER_SWEEP) {
+            if !self.taken_over() {
+                return Vec::new();
+            }
+            // Under the group's commit lock, and only while it has offsets: a stamp applied
+            // to a group deleted meanwhile would create it again, empty.
+            let Ok(lock) = self.commit_lock(&group) else {
+                continue;
+            };
+            let _committing = lock.lock_owned().await;
             let Some(topic_id) = self
                 .inner
                 .store
@@ -903,23 +926,33 @@ impl Coordinator {
     ) -> Result<Vec<(u32, u64)>, BrokerError> {
         validate_group_id(group_id)?;
         let lock = self.commit_lock(group_id)?;
-        let _committing = lock.lock().await;
-        self.check_commit(group_id, member_id, generation, topic_id, offsets)?;
-        self.room_for(&*self.groups()?, group_id)?;
-        if let Some(stall) = commit_stall() {
-            tokio::time::sleep(stall).await;
-        }
-        self.inner
-            .store
-            .commit(
-                group_id.to_string(),
-                topic_id.to_string(),
-                generation,
-                offsets.to_vec(),
-            )
-            .await?;
-        self.active(group_id, Instant::now());
-        Ok(offsets.to_vec())
+        // In a task of its own: a caller that goes away (a forwarded call's deadline drops its
+        // handler) does not end the commit between its proposal and its answer, so the group's
+        // commit lock is released only once the commit is stored or refused (a new owner of
+        // the partition waits on that lock before it reads the commit).
+        let this = self.clone();
+        let (group_id, member_id, topic_id) = (
+            group_id.to_string(),
+            member_id.to_string(),
+            topic_id.to_string(),
+        );
+        let offsets = offsets.to_vec();
+        tokio::spawn(async move {
+            let _committing = lock.lock_owned().await;
+            this.check_commit(&group_id, &member_id, generation, &topic_id, &offsets)?;
+            this.room_for(&*this.groups()?, &group_id)?;
+            if let Some(stall) = commit_stall() {
+                tokio::time::sleep(stall).await;
+            }
+            this.inner
+                .store
+                .commit(group_id.clone(), topic_id, generation, offsets.clone())
+                .await?;
+            this.active(&group_id, Instant::now());
+            Ok(offsets)
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("a commit's task failed: {e}")))?
     }
 
     /// Sets `group_id`'s offsets on `topic_id`, backwards or forwards (an operator rewinding or
@@ -1970,8 +2003,53 @@ mod tests {
         .expect("join");
         assert_eq!(c.expire(t0 + Duration::from_millis(92_500)), 1);
         assert!(sweep(93).await.is_empty(), "its member left a moment ago");
-        assert!(sweep(150).await.is_empty());
-        assert_eq!(sweep(155).await, ["g"]);
+        // That sweep stamped the group active (93 s): a coordinator that takes over goes by
+        // the stamp, not by the commit at 0 s.
+        c.reset();
+        store.take_over(7);
+        assert!(sweep(100).await.is_empty());
+        assert!(sweep(120).await.is_empty(), "27 s after the stamp");
+        assert!(sweep(167).await.is_empty(), "74 s after the stamp");
+        assert_eq!(sweep(169).await, ["g"]);
+    }
+
+    /// A sweep stamps a bounded number of groups (each is a controller proposal), the oldest
+    /// stamps first; the next sweep goes on with the rest.
+    #[tokio::test]
+    async fn a_sweep_stamps_a_bounded_number_of_groups_oldest_first() {
+        let limits = GroupLimits {
+            offsets_retention: Duration::from_secs(60),
+            ..GroupLimits::default()
+        };
+        let store = store();
+        let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
+        let t0 = Instant::now();
+        let groups = Coordinator::TOUCH_PER_SWEEP + 100;
+        let mut members = Vec::new();
+        for i in 0..groups {
+            let group = format!("g{i:04}");
+            let m = c
+                .join(&group, None, "t", "id-t", 4, None, t0)
+                .expect("join");
+            let generation = m.view.borrow().generation;
+            c.commit(&group, &m.member_id, generation, "id-t", &[(0, 1)])
+                .await
+                .expect("commit");
+            members.push(m);
+        }
+        let stamped_at = |ms: u64| {
+            store
+                .groups()
+                .iter()
+                .filter(|g| store.group(g).is_some_and(|o| o.active_ms == ms))
+                .count()
+        };
+        for (secs, touched) in [(30, Coordinator::TOUCH_PER_SWEEP), (31, 100)] {
+            let ms = WALL_T0_MS + secs * 1000;
+            store.2.store(ms, std::sync::atomic::Ordering::Relaxed);
+            c.expire_offsets(t0 + Duration::from_secs(secs), ms).await;
+            assert_eq!(stamped_at(ms), touched, "stamped at {secs} s");
+        }
     }
 
     /// A commit waiting for its proposal when the sweep picks its group idle goes first, and

@@ -692,7 +692,13 @@ impl ControllerState {
                 }
                 let entry = Arc::make_mut(self.groups.entry(group.clone()).or_default());
                 entry.generation = entry.generation.max(*generation);
-                entry.active_ms = entry.active_ms.max(*at_ms);
+                // A commit without a time (from an older build) makes the time unknown: the
+                // group was active then, and a time stamped before is stale.
+                entry.active_ms = if *at_ms == 0 && !offsets.is_empty() {
+                    0
+                } else {
+                    entry.active_ms.max(*at_ms)
+                };
                 let topic = entry.offsets.entry(topic_id.clone()).or_default();
                 for &(partition, offset) in offsets {
                     topic.insert(partition, offset);
@@ -1637,12 +1643,10 @@ mod tests {
         assert_eq!(state.behind(FEATURE_LEVEL), None);
     }
 
-    /// The feature level in use rises with the first command that needs it (a deny rule, an
-    /// offset reset), never with what every build reads (an allow rule, a commit), and an older
-    /// snapshot (no field) reads as none used.
     /// Commits stamp their group active at the proposer's time, and a commit of no offsets
-    /// only stamps it (offsets and generation unchanged); stamps never go back, survive the
-    /// state's encoding, and a group encoded without one (an older build's) reads as unknown.
+    /// only stamps it (offsets, generation and feature level unchanged); stamps never go
+    /// back, survive the state's encoding, and a group encoded without one (an older build's)
+    /// reads as unknown, as does one an older build's commit reached after a stamp.
     #[test]
     fn commits_stamp_their_group_active() {
         let mut state = ControllerState::default();
@@ -1671,13 +1675,24 @@ mod tests {
         let g = state.groups["g"].clone();
         assert_eq!((g.active_ms, g.generation), (2_000, 3));
         assert_eq!(g.offsets["id-a"][&0], 5);
+        assert_eq!(state.features_in_use, 0);
         let encoded = serde_json::to_string(&*g).expect("encode");
         let decoded: GroupOffsets = serde_json::from_str(&encoded).expect("decode");
         assert_eq!(decoded, *g);
         let older: GroupOffsets =
             serde_json::from_str(r#"{"generation":3,"offsets":{"id-a":{"0":5}}}"#).expect("decode");
         assert_eq!(older.active_ms, 0);
+        // An older build's commit (no time) after the stamp: the time is unknown again.
+        assert_eq!(
+            state.apply(&commit(vec![(0, 6)], 3, 0)),
+            ControllerResponse::Committed
+        );
+        assert_eq!(state.groups["g"].active_ms, 0);
     }
+
+    /// The feature level in use rises with the first command that needs it (a deny rule, an
+    /// offset reset), never with what every build reads (an allow rule, a commit), and an older
+    /// snapshot (no field) reads as none used.
 
     #[test]
     fn commands_that_need_a_level_record_it_as_in_use() {
