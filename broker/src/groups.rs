@@ -1301,14 +1301,11 @@ mod tests {
             group: String,
             topic_id: String,
         ) -> BoxFuture<'static, Result<(), BrokerError>> {
-            self.apply(ControllerCommand::CommitOffsets {
+            self.apply(ControllerCommand::stamp(
                 group,
                 topic_id,
-                generation: 0,
-                offsets: Vec::new(),
-                reset: false,
-                at_ms: self.2.load(std::sync::atomic::Ordering::Relaxed),
-            });
+                self.2.load(std::sync::atomic::Ordering::Relaxed),
+            ));
             Box::pin(std::future::ready(Ok(())))
         }
         fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>> {
@@ -1808,6 +1805,14 @@ mod tests {
         assert!(matches!(err, BrokerError::StaleGeneration { .. }));
     }
 
+    /// `err` is LIMIT_REACHED naming `key`.
+    fn assert_limit(err: &BrokerError, key: &str) {
+        assert!(
+            matches!(err, BrokerError::LimitReached { key: k, .. } if *k == key),
+            "{err:?}"
+        );
+    }
+
     #[tokio::test]
     async fn joins_past_the_limits_are_refused_until_someone_leaves() {
         let limits = GroupLimits {
@@ -1845,16 +1850,7 @@ mod tests {
         let err = c
             .join("i", None, "t", "id-t", 4, session, t0)
             .expect_err("a third group");
-        assert!(
-            matches!(
-                err,
-                BrokerError::LimitReached {
-                    key: "groups_max",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_limit(&err, "groups_max");
         // A group already held still takes members up to its own limit.
         c.join("h", None, "t", "id-t", 4, session, t0)
             .expect("h's second member");
@@ -1863,16 +1859,7 @@ mod tests {
             .commit("j", "", 0, "id-t", &[(0, 1)])
             .await
             .expect_err("a third group's first commit");
-        assert!(
-            matches!(
-                err,
-                BrokerError::LimitReached {
-                    key: "groups_max",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert_limit(&err, "groups_max");
         // Sessions end: the groups leave memory and new ones may start.
         let t1 = t0 + Duration::from_secs(2);
         c.expire(t1);

@@ -184,15 +184,7 @@ impl OffsetStore for ControllerOffsets {
         group: String,
         topic_id: String,
     ) -> BoxFuture<'static, Result<(), BrokerError>> {
-        // A commit of no offsets: every build reads it (an older one applies it as nothing).
-        self.store(ControllerCommand::CommitOffsets {
-            group,
-            topic_id,
-            generation: 0,
-            offsets: Vec::new(),
-            reset: false,
-            at_ms: wall_ms(),
-        })
+        self.store(ControllerCommand::stamp(group, topic_id, wall_ms()))
     }
 
     fn delete(&self, group: String) -> BoxFuture<'static, Result<bool, BrokerError>> {

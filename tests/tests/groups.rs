@@ -24,6 +24,17 @@ async fn publish(client: &Client, from: usize, to: usize) {
     producer.close().await.expect("close");
 }
 
+/// A client of `broker` and a topic "work" of `partitions` partitions on it.
+async fn work_topic(broker: &Broker, partitions: u32) -> Client {
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("work", partitions)
+        .await
+        .expect("create");
+    client
+}
+
 async fn committed(client: &Client) -> BTreeMap<u32, u64> {
     committed_of(client, "g").await
 }
@@ -689,13 +700,8 @@ async fn joins_past_the_group_limits_are_refused_with_the_setting_named() {
     let config = dir.path().join("weft.toml");
     std::fs::write(&config, "groups_max = 2\ngroup_members_max = 2\n").expect("config");
     let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
-    let client = broker.client().await;
+    let client = work_topic(&broker, 2).await;
     let member_of = |group: &str| ConsumerConfig::new("work").group(group);
-    client
-        .admin()
-        .create_topic("work", 2)
-        .await
-        .expect("create");
     let first = client.consumer(member_of("g")).await.expect("first member");
     let second = client
         .consumer(member_of("g"))
@@ -770,12 +776,7 @@ async fn joins_past_the_group_limits_are_refused_with_the_setting_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_latest_group_moving_a_partition_before_its_first_commit_loses_nothing() {
     let broker = Broker::start();
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("work", 1)
-        .await
-        .expect("create");
+    let client = work_topic(&broker, 1).await;
     let producer = client.producer(ProducerConfig::default());
     let publish = async |from: u32, to: u32| {
         for i in from..to {
@@ -822,12 +823,7 @@ async fn a_latest_group_moving_a_partition_before_its_first_commit_loses_nothing
 async fn a_slow_commit_of_the_start_does_not_expire_the_member() {
     let broker = Broker::start_with_env(&[], &[("WEFT_TEST_COMMIT_STALL_MS", "3000")]);
     broker.wait_ready();
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("work", 1)
-        .await
-        .expect("create");
+    let client = work_topic(&broker, 1).await;
     let mut member = client
         .consumer(
             ConsumerConfig::new("work")

@@ -219,6 +219,21 @@ pub enum ControllerCommand {
     },
 }
 
+impl ControllerCommand {
+    /// Stamps `group` (with offsets on `topic_id`) active at `at_ms`: a commit of no offsets,
+    /// which every build reads (an older one applies it as nothing to an existing group).
+    pub fn stamp(group: String, topic_id: String, at_ms: u64) -> Self {
+        ControllerCommand::CommitOffsets {
+            group,
+            topic_id,
+            generation: 0,
+            offsets: Vec::new(),
+            reset: false,
+            at_ms,
+        }
+    }
+}
+
 /// A broker of the cluster, as the controller knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokerMeta {
