@@ -171,6 +171,9 @@ pub struct Membership {
     pub incarnation: u64,
     /// The group's assignments.
     pub view: watch::Receiver<Arc<GroupView>>,
+    /// The session timeout the member is held to (the coordinator's default when it asked
+    /// for none).
+    pub session: Duration,
 }
 
 #[derive(Debug)]
@@ -552,6 +555,7 @@ impl Coordinator {
             member_id: id,
             incarnation,
             view,
+            session,
         })
     }
 

@@ -841,3 +841,71 @@ async fn a_commit_forwarded_to_a_broker_behind_on_the_topic_waits_for_it() {
     let group: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(group["partitions"][0]["committed_offset"], 0, "{body}");
 }
+
+/// A member connected through a broker whose default session timeout (10 s) is longer than the
+/// coordinator's (700 ms) is held to the coordinator's: its assignment says so, its client and
+/// its broker's link heartbeat often enough for it, and an idle member keeps its id and its
+/// generation. Before, the member was told its own broker's default, both heartbeated every
+/// second, and the coordinator expired it again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_is_held_to_its_coordinators_default_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |ms: u32| {
+        let path = dir.path().join(format!("session-{ms}.toml"));
+        std::fs::write(&path, format!("session_timeout_ms = {ms}\n")).expect("config");
+        path.to_str().expect("utf-8").to_string()
+    };
+    let (short, long) = (config(700), config(10_000));
+    let brokers = weft_tests::start_cluster_each(
+        3,
+        |i| {
+            let file = if i == 0 { &short } else { &long };
+            vec!["--config".into(), file.clone()]
+        },
+        &[],
+    );
+    // Node 1 (700 ms) coordinates: the others are drained until the controller moves there.
+    for _ in 0..2 {
+        let c = coordinator(&brokers[0]).await;
+        if c == 1 {
+            break;
+        }
+        let (status, body) = brokers[c as usize - 1].http("POST", "/v1/drain", None);
+        assert_eq!(status, 200, "{body}");
+        wait_for(
+            "the controller to move",
+            Duration::from_secs(30),
+            || async {
+                let now = coordinator(&brokers[0]).await;
+                (now != c).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(coordinator(&brokers[0]).await, 1, "node 1 coordinates");
+    let client = brokers[1].client().await;
+    client
+        .admin()
+        .create_topic("idle", 1)
+        .await
+        .expect("create");
+    // Through node 2 (10 s default), asking for no session timeout.
+    let mut member = client
+        .consumer(ConsumerConfig::new("idle").group("g"))
+        .await
+        .expect("join");
+    let (id, generation) = (member.member_id().to_string(), member.generation());
+    let began = std::time::Instant::now();
+    while began.elapsed() < Duration::from_secs(4) {
+        assert!(
+            member
+                .next_timeout(Duration::from_millis(200))
+                .await
+                .expect("next")
+                .is_none()
+        );
+    }
+    assert_eq!(member.member_id(), id, "the member kept its id");
+    assert_eq!(member.generation(), generation, "no rebalance");
+    member.close().await.expect("close");
+}

@@ -74,6 +74,8 @@ pub struct GroupLink {
     pub member_id: String,
     /// The stream's incarnation of the member (a view naming another one: superseded).
     pub incarnation: u64,
+    /// The session timeout its coordinator holds it to.
+    pub session: Duration,
     link: Link,
 }
 
@@ -105,6 +107,7 @@ pub async fn join(
                 group_id: joining.group_id,
                 member_id: membership.member_id,
                 incarnation: membership.incarnation,
+                session: membership.session,
                 link: Link::Local,
             };
             return Ok((link, membership.view));
@@ -190,14 +193,20 @@ pub async fn join(
         views,
         closed.clone(),
     ));
-    let session = joining
-        .session
-        .unwrap_or(Duration::from_millis(node.config.session_timeout_ms));
+    // The coordinator says what it holds the member to (its default, not this broker's, when
+    // the member asked for none; an older coordinator does not say).
+    let session = match joined.session_timeout_ms {
+        0 => joining
+            .session
+            .unwrap_or(Duration::from_millis(node.config.session_timeout_ms)),
+        ms => Duration::from_millis(ms),
+    };
     let link = GroupLink {
         node: node.clone(),
         group_id: joining.group_id,
         member_id: joined.member_id,
         incarnation: joined.incarnation,
+        session,
         link: Link::Remote {
             requests,
             closed,
@@ -615,6 +624,7 @@ pub async fn serve_member(
         event: Some(CoordinatorEvent::Joined(GroupJoined {
             member_id: membership.member_id.clone(),
             incarnation: membership.incarnation,
+            session_timeout_ms: u64::try_from(membership.session.as_millis()).unwrap_or(u64::MAX),
         })),
     };
     let _ = tx.try_send(Ok(joined));

@@ -1185,11 +1185,12 @@ impl Session {
             Some(m) => (m.group_id.clone(), m.member_id.clone()),
             None => (String::new(), String::new()),
         };
-        let session_timeout_ms = match (&self.group, self.start.session_timeout_ms) {
-            (None, _) => 0,
-            (Some(_), 0) => u32::try_from(self.node.config.session_timeout_ms).unwrap_or(u32::MAX),
-            (Some(_), asked) => asked,
-        };
+        // What the group's coordinator holds the member to (its default when the member asked
+        // for none: before, this broker's default was reported, and a member connected through
+        // a broker whose default is longer than the coordinator's heartbeated too seldom).
+        let session_timeout_ms = self.group.as_ref().map_or(0, |member| {
+            u32::try_from(member.session.as_millis()).unwrap_or(u32::MAX)
+        });
         let assignment = Assignment {
             group_id,
             member_id,
