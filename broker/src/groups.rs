@@ -929,11 +929,13 @@ impl Coordinator {
         offsets: &[(u32, u64)],
     ) -> Result<Vec<(u32, u64)>, BrokerError> {
         validate_group_id(group_id)?;
-        let lock = self.commit_lock(group_id)?;
-        // In a task of its own: a caller that goes away (a forwarded call's deadline drops its
-        // handler) does not end the commit between its proposal and its answer, so the group's
-        // commit lock is released only once the commit is stored or refused (a new owner of
-        // the partition waits on that lock before it reads the commit).
+        // The lock is waited for here: a caller that gives up meanwhile leaves the queue.
+        let committing = self.commit_lock(group_id)?.lock_owned().await;
+        // Then in a task of its own: a caller that goes away (a forwarded call's deadline
+        // drops its handler) does not end the commit between its proposal and its answer, so
+        // the group's commit lock is released only once the commit is stored or refused (or
+        // its proposal timed out; a new owner of the partition waits on that lock before it
+        // reads the commit).
         let this = self.clone();
         let (group_id, member_id, topic_id) = (
             group_id.to_string(),
@@ -942,7 +944,7 @@ impl Coordinator {
         );
         let offsets = offsets.to_vec();
         tokio::spawn(async move {
-            let _committing = lock.lock_owned().await;
+            let _committing = committing;
             this.check_commit(&group_id, &member_id, generation, &topic_id, &offsets)?;
             this.room_for(&*this.groups()?, &group_id)?;
             if let Some(stall) = commit_stall() {
@@ -2041,6 +2043,38 @@ mod tests {
             c.expire_offsets(t0 + Duration::from_secs(secs), ms).await;
             assert_eq!(stamped_at(ms), touched, "stamped at {secs} s");
         }
+    }
+
+    /// Commits whose callers gave up while they waited for the group's commit lock leave its
+    /// queue: an operator's delete after them is not held up behind them. (A commit that holds
+    /// the lock finishes in its own task.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_given_up_while_waiting_leave_the_queue() {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let gated = Arc::new(Gated {
+            inner: store(),
+            go: go.clone(),
+        });
+        let c = Coordinator::new(gated.clone(), Duration::from_secs(3600));
+        let first = {
+            let c = c.clone();
+            tokio::spawn(async move { c.commit("b", "", 0, "id-t", &[(0, 1)]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for offset in 2..52 {
+            let waited = tokio::time::timeout(
+                Duration::from_millis(5),
+                c.commit("b", "", 0, "id-t", &[(0, offset)]),
+            )
+            .await;
+            assert!(waited.is_err(), "waits behind the first");
+        }
+        go.notify_one();
+        first.await.expect("no panic").expect("stored");
+        tokio::time::timeout(Duration::from_secs(5), c.delete("b"))
+            .await
+            .expect("the delete is not held up behind commits given up")
+            .expect("deleted");
     }
 
     /// A commit waiting for its proposal when the sweep picks its group idle goes first, and

@@ -211,7 +211,8 @@ pub async fn join(
             requests,
             closed,
             last_beat: std::sync::Mutex::new(Instant::now()),
-            beat_every: (session / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+            // (A quarter of the shortest session allowed, 100 ms, is 25 ms.)
+            beat_every: (session / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
         },
     };
     Ok((link, view))

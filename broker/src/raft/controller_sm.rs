@@ -1708,7 +1708,6 @@ mod tests {
     /// The feature level in use rises with the first command that needs it (a deny rule, an
     /// offset reset), never with what every build reads (an allow rule, a commit), and an older
     /// snapshot (no field) reads as none used.
-
     #[test]
     fn commands_that_need_a_level_record_it_as_in_use() {
         use crate::acl::{AclRule, Operation, Permission};
