@@ -1884,31 +1884,58 @@ mod tests {
     /// The wall clock the test store starts at (ms).
     const WALL_T0_MS: u64 = 1_700_000_000_000;
 
+    /// A coordinator with a 60 s offsets retention over a test store, and both clocks of the
+    /// test from `t0` (and [`WALL_T0_MS`]).
+    struct Retention {
+        store: Arc<MemoryOffsets>,
+        c: Coordinator,
+        t0: Instant,
+    }
+
+    impl Retention {
+        fn new() -> Self {
+            let limits = GroupLimits {
+                offsets_retention: Duration::from_secs(60),
+                ..GroupLimits::default()
+            };
+            let store = store();
+            let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
+            Retention {
+                store,
+                c,
+                t0: Instant::now(),
+            }
+        }
+
+        /// Sets the store's wall clock (what commits and stamps carry) `secs` into the test.
+        fn clock(&self, secs: u64) {
+            self.store.2.store(
+                WALL_T0_MS + secs * 1000,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+
+        /// A sweep `secs` into the test, by both clocks.
+        async fn sweep(&self, secs: u64) -> Vec<String> {
+            self.clock(secs);
+            self.c
+                .expire_offsets(
+                    self.t0 + Duration::from_secs(secs),
+                    WALL_T0_MS + secs * 1000,
+                )
+                .await
+        }
+    }
+
     /// The offsets of a group without members idle for `offsets_retention` are forgotten
     /// (Kafka's offsets retention): by the time stamped on them, also on a coordinator that
     /// took the groups over since; a group with members, or one that committed since, keeps
     /// them. Before, they stayed forever.
     #[tokio::test]
     async fn offsets_of_groups_idle_past_the_retention_are_forgotten() {
-        let limits = GroupLimits {
-            offsets_retention: Duration::from_secs(60),
-            ..GroupLimits::default()
-        };
-        let store = store();
-        let clock = |secs: u64| {
-            store.2.store(
-                WALL_T0_MS + secs * 1000,
-                std::sync::atomic::Ordering::Relaxed,
-            )
-        };
-        let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
-        let t0 = Instant::now();
-        // A sweep `secs` into the test, by both clocks.
-        let sweep = async |secs: u64| {
-            clock(secs);
-            c.expire_offsets(t0 + Duration::from_secs(secs), WALL_T0_MS + secs * 1000)
-                .await
-        };
+        let r = Retention::new();
+        let (store, c, t0) = (&r.store, &r.c, r.t0);
+        let sweep = async |secs: u64| r.sweep(secs).await;
         c.commit("gone", "", 0, "id-t", &[(0, 1)])
             .await
             .expect("commit");
@@ -1924,7 +1951,7 @@ mod tests {
             .expect("a member commits");
         assert!(sweep(0).await.is_empty(), "nothing idle yet");
         // Half-way, "busy" commits again (stamped then).
-        clock(30);
+        r.clock(30);
         c.commit("busy", "", 0, "id-t", &[(0, 2)])
             .await
             .expect("commit");
@@ -1964,21 +1991,9 @@ mod tests {
     /// a quiet group went seconds after such a member left.
     #[tokio::test]
     async fn a_member_between_two_sweeps_starts_the_retention_over() {
-        let limits = GroupLimits {
-            offsets_retention: Duration::from_secs(60),
-            ..GroupLimits::default()
-        };
-        let store = store();
-        let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
-        let t0 = Instant::now();
-        let sweep = async |secs: u64| {
-            store.2.store(
-                WALL_T0_MS + secs * 1000,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            c.expire_offsets(t0 + Duration::from_secs(secs), WALL_T0_MS + secs * 1000)
-                .await
-        };
+        let r = Retention::new();
+        let (store, c, t0) = (&r.store, &r.c, r.t0);
+        let sweep = async |secs: u64| r.sweep(secs).await;
         c.commit("g", "", 0, "id-t", &[(0, 1)])
             .await
             .expect("commit");
@@ -2010,13 +2025,8 @@ mod tests {
     /// stamps first; the next sweep goes on with the rest.
     #[tokio::test]
     async fn a_sweep_stamps_a_bounded_number_of_groups_oldest_first() {
-        let limits = GroupLimits {
-            offsets_retention: Duration::from_secs(60),
-            ..GroupLimits::default()
-        };
-        let store = store();
-        let c = Coordinator::with_limits(store.clone(), Duration::from_secs(3600), limits);
-        let t0 = Instant::now();
+        let r = Retention::new();
+        let (store, c, t0) = (&r.store, &r.c, r.t0);
         let groups = Coordinator::TOUCH_PER_SWEEP + 100;
         let mut members = Vec::new();
         for i in 0..groups {
@@ -2038,10 +2048,12 @@ mod tests {
                 .count()
         };
         for (secs, touched) in [(30, Coordinator::TOUCH_PER_SWEEP), (31, 100)] {
-            let ms = WALL_T0_MS + secs * 1000;
-            store.2.store(ms, std::sync::atomic::Ordering::Relaxed);
-            c.expire_offsets(t0 + Duration::from_secs(secs), ms).await;
-            assert_eq!(stamped_at(ms), touched, "stamped at {secs} s");
+            r.sweep(secs).await;
+            assert_eq!(
+                stamped_at(WALL_T0_MS + secs * 1000),
+                touched,
+                "stamped at {secs} s"
+            );
         }
     }
 

@@ -926,6 +926,25 @@ pub async fn within<T>(
         .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
 }
 
+/// Reads nothing for 4 s (the topic is idle), and checks the member kept its id and its
+/// generation meanwhile (no expiry, no rejoin); then closes it.
+pub async fn stays_idle_for_4_s(mut member: weft_client::Consumer) {
+    let (id, generation) = (member.member_id().to_string(), member.generation());
+    let began = std::time::Instant::now();
+    while began.elapsed() < Duration::from_secs(4) {
+        assert!(
+            member
+                .next_timeout(Duration::from_millis(200))
+                .await
+                .expect("next")
+                .is_none()
+        );
+    }
+    assert_eq!(member.member_id(), id, "the member kept its id");
+    assert_eq!(member.generation(), generation, "no rebalance");
+    member.close().await.expect("close");
+}
+
 /// Polls `probe` every 20 ms until it returns Some, failing the test with `what` after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
 where

@@ -890,22 +890,9 @@ async fn a_member_is_held_to_its_coordinators_default_session() {
         .await
         .expect("create");
     // Through node 2 (10 s default), asking for no session timeout.
-    let mut member = client
+    let member = client
         .consumer(ConsumerConfig::new("idle").group("g"))
         .await
         .expect("join");
-    let (id, generation) = (member.member_id().to_string(), member.generation());
-    let began = std::time::Instant::now();
-    while began.elapsed() < Duration::from_secs(4) {
-        assert!(
-            member
-                .next_timeout(Duration::from_millis(200))
-                .await
-                .expect("next")
-                .is_none()
-        );
-    }
-    assert_eq!(member.member_id(), id, "the member kept its id");
-    assert_eq!(member.generation(), generation, "no rebalance");
-    member.close().await.expect("close");
+    weft_tests::stays_idle_for_4_s(member).await;
 }

@@ -624,25 +624,6 @@ async fn a_slow_member_that_keeps_heartbeating_stays_in_its_group() {
     member.close().await.expect("close");
 }
 
-/// Reads nothing for 4 s (the topic is idle), and checks the member kept its id and its
-/// generation meanwhile (no expiry, no rejoin); then closes it.
-async fn stays_idle_for_4_s(mut member: Consumer) {
-    let (id, generation) = (member.member_id().to_string(), member.generation());
-    let began = Instant::now();
-    while began.elapsed() < Duration::from_secs(4) {
-        assert!(
-            member
-                .next_timeout(Duration::from_millis(200))
-                .await
-                .expect("next")
-                .is_none()
-        );
-    }
-    assert_eq!(member.member_id(), id, "the member kept its id");
-    assert_eq!(member.generation(), generation, "no rebalance");
-    member.close().await.expect("close");
-}
-
 /// A member with a short session timeout (700 ms, below the client's default heartbeat
 /// interval of 1 s) keeps its membership on an idle topic: the client heartbeats often enough
 /// for it. Before, the session expired between two heartbeats, the group rebalanced, and the
@@ -664,7 +645,7 @@ async fn a_short_session_timeout_keeps_an_idle_member() {
         )
         .await
         .expect("join");
-    stays_idle_for_4_s(member).await;
+    weft_tests::stays_idle_for_4_s(member).await;
 }
 
 /// A member that names no session timeout gets the broker's default, here 700 ms (below the
@@ -687,7 +668,7 @@ async fn a_short_default_session_timeout_of_the_broker_keeps_an_idle_member() {
         .consumer(ConsumerConfig::new("idle").group("g"))
         .await
         .expect("join");
-    stays_idle_for_4_s(member).await;
+    weft_tests::stays_idle_for_4_s(member).await;
 }
 
 /// A broker holds at most `groups_max` groups with members and `group_members_max` members
