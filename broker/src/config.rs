@@ -94,6 +94,9 @@ pub struct Config {
     pub fetch_bytes_max: u32,
     /// Most concurrent streams (Subscribe, PublishStream) per connection.
     pub streams_per_connection_max: u32,
+    /// Most client connections held at once (HTTP/2 and QUIC together); one more is closed at
+    /// once and counted in `weft_client_connections_refused_total`.
+    pub connections_max: u32,
     /// Age after which the server ends a Subscribe stream with UNAVAILABLE, so meshes rebalance.
     pub stream_age_ms_max: u64,
     /// Heartbeat interval on idle Subscribe streams.
@@ -369,6 +372,7 @@ impl Default for Config {
             fetch_wait_ms_max: 30_000,
             fetch_bytes_max: 4 * 1024 * 1024,
             streams_per_connection_max: 256,
+            connections_max: 10_000,
             stream_age_ms_max: 15 * 60 * 1000,
             stream_heartbeat_ms: 5_000,
             session_timeout_ms: 10_000,
@@ -757,6 +761,7 @@ impl Config {
             1,
             100_000,
         )?;
+        range("connections_max", self.connections_max, 1, 1_000_000)?;
         range(
             "stream_age_ms_max",
             self.stream_age_ms_max,

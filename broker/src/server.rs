@@ -221,13 +221,17 @@ pub async fn run(
                     as fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body>,
             ))
     };
+    // The client connections, over HTTP/2 and QUIC together, are bounded.
+    let slots = crate::tls::ConnectionSlots::new(config.connections_max);
     let quic_task = match listeners.quic {
         Some(socket) => {
             let endpoint = crate::tls::quic_endpoint(socket, &config, stop_rx.clone())?;
             let service = client_layers(quic_auth).service(client_routes.clone());
+            let slots = slots.clone();
             Some(tokio::spawn(weft_proto::quic::serve(
                 endpoint,
                 service,
+                move || slots.take("quic"),
                 stopped(stop_rx.clone()),
             )))
         }
@@ -241,7 +245,13 @@ pub async fn run(
         // Every accepted connection has TCP_NODELAY: without it Nagle holds small responses
         // (acks) behind the delayed ACK of the peer, ~40 ms per round trip under pipelining.
         .serve_with_incoming_shutdown(
-            crate::tls::grpc_incoming(listeners.client, client_tls, "client", stopping.clone()),
+            crate::tls::grpc_incoming(
+                listeners.client,
+                client_tls,
+                "client",
+                stopping.clone(),
+                Some(slots.clone()),
+            ),
             stopped(stop_rx.clone()),
         );
     // The peer port: Raft for every group of this node, and health.
@@ -279,7 +289,7 @@ pub async fn run(
             .max_encoding_message_size(crate::raft::PEER_MESSAGE_BYTES_MAX),
         )
         .serve_with_incoming_shutdown(
-            crate::tls::grpc_incoming(listeners.peer, peer_tls, "peer", stopping.clone()),
+            crate::tls::grpc_incoming(listeners.peer, peer_tls, "peer", stopping.clone(), None),
             stopped(stop_rx.clone()),
         );
     let admin_server = axum::serve(

@@ -51,18 +51,81 @@ pub fn peer_client(
     Ok(Some(reloading))
 }
 
-/// The connections of a gRPC listener, as tonic's `serve_with_incoming` takes them.
+/// The connections of a gRPC listener, as tonic's `serve_with_incoming` takes them. With
+/// `slots`, a connection beyond them is closed as soon as it is accepted.
 pub fn grpc_incoming(
     listener: TcpListener,
     tls: Option<Arc<Reloading<ServerConfig>>>,
     name: &'static str,
     stopping: Stopping,
+    slots: Option<ConnectionSlots>,
 ) -> impl futures::Stream<Item = Result<Guarded, std::io::Error>> {
     let rx = weft_proto::tls::incoming(listener, tls, name);
-    futures::StreamExt::map(
+    futures::StreamExt::filter_map(
         tokio_stream::wrappers::ReceiverStream::new(rx),
-        move |conn| Ok(Guarded::new(conn, &stopping)),
+        move |conn| {
+            let admitted = match &slots {
+                None => Some(Guarded::new(conn, &stopping, None)),
+                // Dropped unserved when full: the client sees its connection closed.
+                Some(slots) => slots
+                    .take(name)
+                    .map(|slot| Guarded::new(conn, &stopping, Some(slot))),
+            };
+            std::future::ready(admitted.map(Ok))
+        },
     )
+}
+
+/// The client connections a broker holds at once (`connections_max`), over HTTP/2 and QUIC
+/// together: a bound on what clients can make it keep (each connection's streams are bounded
+/// by `streams_per_connection_max`). Shown by the `weft_client_connections` gauge.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: u32,
+}
+
+impl ConnectionSlots {
+    pub fn new(max: u32) -> ConnectionSlots {
+        metrics::gauge!("weft_client_connections").set(0.0);
+        ConnectionSlots {
+            slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            max,
+        }
+    }
+
+    /// A slot for one more connection, held as long as it is open; none (counted in
+    /// `weft_client_connections_refused_total`) when every slot is taken.
+    pub fn take(&self, listener: &'static str) -> Option<ConnectionSlot> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                metrics::gauge!("weft_client_connections").increment(1.0);
+                Some(ConnectionSlot { _permit: permit })
+            }
+            Err(_) => {
+                metrics::counter!("weft_client_connections_refused_total", "listener" => listener)
+                    .increment(1);
+                tracing::warn!(
+                    listener,
+                    connections_max = self.max,
+                    "a client connection was closed: connections_max are open already"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// One open client connection's place among [`ConnectionSlots`].
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        metrics::gauge!("weft_client_connections").decrement(1.0);
+    }
 }
 
 /// The stop of the broker as its connections see it: once `token` is cancelled, a connection
@@ -91,6 +154,8 @@ pub struct Guarded {
     cut_at: Option<Pin<Box<tokio::time::Sleep>>>,
     /// When the last byte moved (or the stop began, if later).
     last: tokio::time::Instant,
+    /// Its place among the listener's connections, if they are bounded.
+    _slot: Option<ConnectionSlot>,
 }
 
 impl std::fmt::Debug for Guarded {
@@ -102,9 +167,10 @@ impl std::fmt::Debug for Guarded {
 }
 
 impl Guarded {
-    fn new(inner: Conn, stopping: &Stopping) -> Guarded {
+    fn new(inner: Conn, stopping: &Stopping, slot: Option<ConnectionSlot>) -> Guarded {
         Guarded {
             inner,
+            _slot: slot,
             stopping: Box::pin(stopping.token.clone().cancelled_owned()),
             stall: stopping.stall,
             cut_at: None,
@@ -451,7 +517,7 @@ mod guard_tests {
             token: tokio_util::sync::CancellationToken::new(),
             stall: Duration::from_millis(100),
         };
-        let mut guarded = Guarded::new(Conn::Plain(server), &stopping);
+        let mut guarded = Guarded::new(Conn::Plain(server), &stopping, None);
         let calls = guarded.calls.clone();
         let mut buf = [0u8; 16];
         // Not stopping: an idle connection stays.

@@ -212,14 +212,18 @@ fn conn_info(connection: &quinn::Connection, local: Option<SocketAddr>) -> ConnI
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Serves every connection `endpoint` accepts with `service` (a clone per call) until
-/// `shutdown` resolves; then stops accepting, tells every connection's client to open no new
-/// calls (an HTTP/3 GOAWAY), waits for the calls in flight to finish (the caller bounds the
-/// wait), and closes the endpoint.
-pub async fn serve<S, B>(
+/// `shutdown` resolves. `admit` is asked for each new connection: it is refused on `None`, and
+/// otherwise holds what `admit` gave until it closes (a place among bounded connections). At
+/// shutdown, stops accepting, tells every connection's client to open no new calls (an HTTP/3
+/// GOAWAY), waits for the calls in flight to finish (the caller bounds the wait), and closes
+/// the endpoint.
+pub async fn serve<S, B, A>(
     endpoint: quinn::Endpoint,
     service: S,
+    admit: impl Fn() -> Option<A>,
     shutdown: impl std::future::Future<Output = ()>,
 ) where
+    A: Send + 'static,
     S: tower::Service<http::Request<Body>, Response = http::Response<B>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: std::fmt::Display + Send,
@@ -243,9 +247,15 @@ pub async fn serve<S, B>(
             incoming.refuse();
             continue;
         };
+        // And so are the connections held, if the caller bounds them.
+        let Some(admitted) = admit() else {
+            incoming.refuse();
+            continue;
+        };
         let service = service.clone();
         let mut closing = closing.clone();
         connections.spawn(async move {
+            let _admitted = admitted;
             let connection = tokio::time::timeout(CONNECT_TIMEOUT, incoming).await;
             drop(permit);
             let connection = match connection {

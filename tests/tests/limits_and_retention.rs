@@ -248,3 +248,80 @@ async fn retention_by_bytes_deletes_old_segments_in_the_background() {
         "reset to {reset_to}, before the start {start}: {plan}"
     );
 }
+
+/// Asks `channel`'s broker whether it serves: the call's status code, OK when it does.
+async fn health_check(channel: tonic::transport::Channel) -> tonic::Code {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let call = health.check(tonic_health::pb::HealthCheckRequest::default());
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(_)) => tonic::Code::Ok,
+        Ok(Err(status)) => status.code(),
+        Err(_) => panic!("the health check did not end in 10 s"),
+    }
+}
+
+/// A connection to `address` whose first call goes out on it (none once it cannot be made).
+async fn connection(address: &str) -> Option<tonic::transport::Channel> {
+    tonic::transport::Channel::from_shared(format!("http://{address}"))
+        .expect("uri")
+        .connect()
+        .await
+        .ok()
+}
+
+/// A broker holds at most `connections_max` client connections (like NATS's `max_connections`
+/// or Kafka's `max.connections`): one more is closed as soon as it is accepted and counted in
+/// `weft_client_connections_refused_total`; the connections held keep working, the open ones
+/// show in the `weft_client_connections` gauge, and one closed makes room for another. Before,
+/// client connections were not bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_past_connections_max_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "connections_max = 2\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
+    // The connections a start-up check made are closed by now.
+    weft_tests::wait_for("no client connection open", Duration::from_secs(10), || {
+        std::future::ready((open(&broker) == Some(0.0)).then_some(()))
+    })
+    .await;
+    let first = connection(&broker.client_addr).await.expect("first");
+    let second = connection(&broker.client_addr).await.expect("second");
+    assert_eq!(health_check(first.clone()).await, tonic::Code::Ok);
+    assert_eq!(health_check(second.clone()).await, tonic::Code::Ok);
+    assert_eq!(open(&broker), Some(2.0), "two connections open");
+    // The third: closed by the broker (its handshake or its first call fails).
+    let third = match connection(&broker.client_addr).await {
+        Some(third) => health_check(third).await,
+        None => tonic::Code::Unavailable,
+    };
+    assert_ne!(third, tonic::Code::Ok, "the third connection is closed");
+    assert!(
+        weft_tests::metric(
+            &broker,
+            "weft_client_connections_refused_total{listener=\"client\"} "
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "the refusal is counted"
+    );
+    // The two held still work; the CLI (another connection) is refused meanwhile.
+    assert_eq!(health_check(first.clone()).await, tonic::Code::Ok);
+    let cli = broker.cli(&["topic", "list"]);
+    assert!(
+        !cli.status.success(),
+        "the CLI cannot connect while the broker is full"
+    );
+    // One closed makes room.
+    drop(second);
+    weft_tests::wait_for(
+        "a connection's place freed",
+        Duration::from_secs(10),
+        || std::future::ready((open(&broker) == Some(1.0)).then_some(())),
+    )
+    .await;
+    let again = connection(&broker.client_addr).await.expect("room again");
+    assert_eq!(health_check(again).await, tonic::Code::Ok);
+    assert_eq!(health_check(first).await, tonic::Code::Ok);
+}

@@ -270,3 +270,84 @@ fn a_quic_listener_needs_tls() {
         "{stderr}"
     );
 }
+
+/// QUIC connections count against `connections_max` with the HTTP/2 ones: past it, a QUIC
+/// connection is refused (and an HTTP/2 one closed), and one that closes makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_count_against_connections_max() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "quic");
+    let (cert, key) = pki.issue("broker", "weft-0", None, true);
+    let ca = pki.ca_file();
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        format!("connections_max = 1\n[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
+    )
+    .expect("config");
+    let broker = Broker::start_with(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--quic-listen",
+        "127.0.0.1:0",
+    ]);
+    let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
+    weft_tests::wait_for("no client connection open", Duration::from_secs(10), || {
+        std::future::ready((open(&broker) == Some(0.0)).then_some(()))
+    })
+    .await;
+    let who_am_i = || async {
+        let tls = weft_proto::tls::client_config(&weft_proto::tls::TlsFiles {
+            cert_file: None,
+            key_file: None,
+            ca_file: Some(ca.clone()),
+        })
+        .expect("TLS");
+        let channel = weft_proto::quic::QuicChannel::new(&broker.quic_addr, "127.0.0.1", tls)
+            .expect("channel");
+        let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(
+            weft_proto::transport::Transport::quic(channel),
+        );
+        let answer = within(
+            "a WhoAmI over QUIC",
+            Duration::from_secs(20),
+            metadata.who_am_i(weft_proto::v1::WhoAmIRequest {}),
+        )
+        .await;
+        (metadata, answer.map(|_| ()))
+    };
+    let (held, first) = who_am_i().await;
+    first.expect("the first QUIC connection is served");
+    assert_eq!(open(&broker), Some(1.0), "one connection open");
+    let (_, second) = who_am_i().await;
+    assert!(second.is_err(), "a second QUIC connection is refused");
+    let refused = |listener: &str| {
+        weft_tests::metric(
+            &broker,
+            &format!("weft_client_connections_refused_total{{listener=\"{listener}\"}} "),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(refused("quic") >= 1.0, "the QUIC refusal is counted");
+    // The one place is taken for HTTP/2 too.
+    let http2 = weft_tests::grpc::channel(&broker.client_addr).await;
+    let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(http2);
+    assert!(
+        metadata
+            .who_am_i(weft_proto::v1::WhoAmIRequest {})
+            .await
+            .is_err(),
+        "an HTTP/2 connection is closed while QUIC holds the place"
+    );
+    assert!(refused("client") >= 1.0, "the HTTP/2 refusal is counted");
+    // The QUIC connection closed, the place is free again.
+    drop(held);
+    weft_tests::wait_for(
+        "the QUIC connection's place freed",
+        Duration::from_secs(20),
+        || std::future::ready((open(&broker) == Some(0.0)).then_some(())),
+    )
+    .await;
+    let (_, again) = who_am_i().await;
+    again.expect("room again");
+}
