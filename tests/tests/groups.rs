@@ -838,3 +838,117 @@ async fn a_slow_commit_of_the_start_does_not_expire_the_member() {
     member.close().await.expect("close");
     producer.close().await.expect("close");
 }
+
+/// A member that commits over its stream but reads none of the answers (the stream's queue and
+/// its HTTP/2 window full of deliveries it does not read) is not held without end: past 64
+/// acknowledgements waiting, its stream ends with RESOURCE_EXHAUSTED, said after what was
+/// queued even though the subscriber read nothing meanwhile. Before, the session waited for
+/// room without end, stuck (reading nothing more from the member) for as long as the
+/// subscriber kept its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_commits_without_reading_the_answers_is_ended() {
+    use weft_proto::v1::subscribe_request::Request as Inbound;
+    use weft_proto::v1::*;
+    use weft_tests::{grpc, within};
+    let limit = Duration::from_secs(20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    // How long a stream that ends waits for its subscriber to take its last answers.
+    std::fs::write(&config, "request_timeout_ms = 1000\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("unread", 1)
+        .await
+        .expect("create");
+    // 8 MiB: more than the windows of the subscriber's connection and the stream's queue.
+    let producer = client.producer(ProducerConfig::default());
+    let mut acks = Vec::new();
+    for _ in 0..128 {
+        acks.push(
+            producer
+                .send_nowait(
+                    "unread",
+                    weft_client::Record::new(vec![b'x'; 64 * 1024]).partition(0),
+                )
+                .await
+                .expect("queued"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    let (tx, mut responses) = grpc::subscribe(
+        &broker.client_addr,
+        SubscribeStart {
+            topic: "unread".into(),
+            group_id: "g".into(),
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
+            credit: Some(Credit {
+                records: 100_000,
+                bytes: 64 << 20,
+            }),
+            ..SubscribeStart::default()
+        },
+    )
+    .await;
+    let generation = within(
+        "the assignment",
+        limit,
+        grpc::next_assignment(&mut responses, 0),
+    )
+    .await
+    .generation;
+    // Nothing read from here on: the broker fills the windows and the queue.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for offset in 1..=100u64 {
+        let commit = SubscribeRequest {
+            request: Some(Inbound::Commit(StreamCommit {
+                generation,
+                offsets: vec![PartitionOffset {
+                    partition: 0,
+                    offset,
+                }],
+            })),
+        };
+        within("a commit sent", limit, tx.send(commit))
+            .await
+            .expect("sent");
+    }
+    // The broker ends the stream without waiting for the subscriber to read...
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // ...which reads what was queued, then the end.
+    let mut answered = 0;
+    let ended = within("the stream's end", Duration::from_secs(30), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(SubscribeResponse {
+                    event: Some(subscribe_response::Event::CommitAck(_)),
+                })) => answered += 1,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        ended.code(),
+        tonic::Code::ResourceExhausted,
+        "{ended:?} after {answered} acknowledgements"
+    );
+    assert!(
+        ended.message().contains("read none"),
+        "the status says why: {ended:?}"
+    );
+    assert!(
+        answered < 100,
+        "{answered} of the 100 commits were answered"
+    );
+    drop(tx);
+}

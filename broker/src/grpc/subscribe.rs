@@ -912,10 +912,13 @@ struct Session {
     /// full, in order: sent as room comes, before any further delivery (see
     /// [`Session::send_control`]).
     pending: VecDeque<Result<SubscribeResponse, Status>>,
+    /// A place in the stream's queue kept for the stream's last word (the error that ends it),
+    /// so that it is said even to a subscriber that stopped reading.
+    last_word: Option<mpsc::OwnedPermit<Result<SubscribeResponse, Status>>>,
 }
 
-/// Control messages a session holds while its subscriber does not read; past this many it
-/// waits for room (a subscriber that commits without ever reading).
+/// Control messages a session holds while its subscriber does not read; past this many the
+/// stream ends (a subscriber that commits without ever reading its answers).
 const PENDING_CONTROL_MAX: usize = 64;
 
 fn subscriber_gone() -> BrokerError {
@@ -987,7 +990,9 @@ impl Session {
             let (link, view) = group_link::join(&node, joining).await?;
             (Some(link), Some(view))
         };
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        // One more place than the buffer: kept for the stream's last word.
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER + 1);
+        let last_word = tx.clone().try_reserve_owned().ok();
         let credit = start.credit.unwrap_or_default();
         let session = Session {
             resume: start
@@ -1007,6 +1012,7 @@ impl Session {
             positions: BTreeMap::new(),
             tx,
             pending: VecDeque::new(),
+            last_word,
         };
         tokio::spawn(session.run(inbound));
         Ok(rx)
@@ -1215,7 +1221,9 @@ impl Session {
     /// subscriber is not reading), it waits in `pending` and the session goes on reading the
     /// subscriber's messages, its heartbeats among them. Waiting here instead let a slow
     /// member's session expire while its client heartbeated (a commit acknowledgement or a new
-    /// assignment stuck behind deliveries it had not read).
+    /// assignment stuck behind deliveries it had not read). Past [`PENDING_CONTROL_MAX`] the
+    /// stream ends (RESOURCE_EXHAUSTED): waiting for room then held the session, stuck, for as
+    /// long as the subscriber kept its connection without reading.
     async fn send_control(
         &mut self,
         message: Result<SubscribeResponse, Status>,
@@ -1225,10 +1233,10 @@ impl Session {
                 self.pending.push_back(message);
                 return Ok(());
             }
-            while let Some(queued) = self.pending.pop_front() {
-                self.send(queued).await?;
-            }
-            return self.send(message).await;
+            return Err(BrokerError::Overloaded(format!(
+                "this stream's queue of answers (the subscriber read none of the last \
+                 {PENDING_CONTROL_MAX} while it kept asking)"
+            )));
         }
         match self.tx.try_send(message) {
             Ok(()) => Ok(()),
@@ -1553,14 +1561,31 @@ impl Session {
     async fn run(mut self, mut inbound: Streaming<SubscribeRequest>) {
         let outcome = self.serve(&mut inbound).await;
         let left = matches!(outcome, Ok(Ended::ClientClosed));
-        // Acknowledgements still waiting go before the end.
-        while let Some(queued) = self.pending.pop_front() {
-            if self.tx.send(queued).await.is_err() {
-                break;
+        // Acknowledgements still waiting go before the end, as long as the subscriber takes
+        // them within a call's timeout: one that stopped reading does not hold the session.
+        let patience = Duration::from_millis(self.node.config.request_timeout_ms);
+        let flushed = tokio::time::timeout(patience, async {
+            while let Some(queued) = self.pending.pop_front() {
+                if self.tx.send(queued).await.is_err() {
+                    break;
+                }
             }
+        })
+        .await;
+        if flushed.is_err() {
+            tracing::debug!(
+                topic = %self.start.topic,
+                group = %self.start.group_id,
+                left = self.pending.len(),
+                "a subscriber read none of its last answers in time; the stream ends without them"
+            );
         }
         if let Err(error) = outcome {
-            let _ = self.tx.send(Err(Status::from(error))).await;
+            tracing::debug!(topic = %self.start.topic, group = %self.start.group_id, "a stream ends: {error}");
+            // In the place kept for it: said even to a subscriber that stopped reading.
+            if let Some(permit) = self.last_word.take() {
+                permit.send(Err(Status::from(error)));
+            }
         }
         if let Some(member) = &self.group {
             tracing::debug!(group = %member.group_id, member = %member.member_id, left, "a member's stream ended");
