@@ -97,6 +97,9 @@ pub struct Config {
     /// Most client connections held at once (HTTP/2 and QUIC together); one more is closed at
     /// once and counted in `weft_client_connections_refused_total`.
     pub connections_max: u32,
+    /// Most partition replicas one broker hosts: a topic created or grown past it (on any of
+    /// the brokers it would place replicas on) is refused with LIMIT_REACHED.
+    pub partition_replicas_max: u32,
     /// Age after which the server ends a Subscribe stream with UNAVAILABLE, so meshes rebalance.
     pub stream_age_ms_max: u64,
     /// Heartbeat interval on idle Subscribe streams.
@@ -373,6 +376,7 @@ impl Default for Config {
             fetch_bytes_max: 4 * 1024 * 1024,
             streams_per_connection_max: 256,
             connections_max: 10_000,
+            partition_replicas_max: 10_000,
             stream_age_ms_max: 15 * 60 * 1000,
             stream_heartbeat_ms: 5_000,
             session_timeout_ms: 10_000,
@@ -762,6 +766,12 @@ impl Config {
             100_000,
         )?;
         range("connections_max", self.connections_max, 1, 1_000_000)?;
+        range(
+            "partition_replicas_max",
+            self.partition_replicas_max,
+            1,
+            1_000_000,
+        )?;
         range(
             "stream_age_ms_max",
             self.stream_age_ms_max,

@@ -1450,6 +1450,40 @@ impl Node {
         (placed, false)
     }
 
+    /// Refuses (LIMIT_REACHED) replicas `placed` that would give a broker more than
+    /// `partition_replicas_max` partition replicas. Counted from the metadata committed so far
+    /// (a partition that moves counts on its old and its new replicas): two topics created at
+    /// the same moment may each pass.
+    fn room_for_replicas(&self, placed: &[Vec<NodeId>]) -> Result<(), BrokerError> {
+        let max = self.config.partition_replicas_max as usize;
+        let mut adding: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for &node in placed.iter().flatten() {
+            *adding.entry(node).or_default() += 1;
+        }
+        let state = self.controller.state();
+        let held = |node: NodeId| {
+            state
+                .topics
+                .values()
+                .flat_map(|t| t.partitions.iter())
+                .filter(|p| p.replicas.contains(&node))
+                .count()
+        };
+        for (&node, &more) in &adding {
+            let now = held(node);
+            if now + more > max {
+                return Err(BrokerError::LimitReached {
+                    what: format!(
+                        "broker {node} holds {now} partition replicas and cannot take {more} more"
+                    ),
+                    key: "partition_replicas_max",
+                    max: max as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn controller_result(response: ControllerResponse) -> Result<TopicMeta, BrokerError> {
         match response {
             ControllerResponse::Topic(t) => Ok(t),
@@ -1509,6 +1543,7 @@ impl Node {
         let (replicas, as_proposed) = self
             .place(0, config.partitions, config.replication_factor)
             .await;
+        self.room_for_replicas(&replicas)?;
         let command = ControllerCommand::CreateTopic {
             name: name.into(),
             topic_id: uuid::Uuid::new_v4().to_string(),
@@ -1556,6 +1591,7 @@ impl Node {
                     config.replication_factor,
                 )
                 .await;
+            self.room_for_replicas(&new_replicas)?;
             let command = ControllerCommand::UpdateTopic {
                 name: name.into(),
                 config,

@@ -325,3 +325,78 @@ async fn client_connections_past_connections_max_are_closed() {
     assert_eq!(health_check(again).await, tonic::Code::Ok);
     assert_eq!(health_check(first).await, tonic::Code::Ok);
 }
+
+/// A broker hosts at most `partition_replicas_max` partition replicas: a topic created or grown
+/// past it is refused with RESOURCE_EXHAUSTED (reason LIMIT_REACHED, naming the key), over
+/// gRPC, the admin API (HTTP 429) and the CLI alike, and nothing of it is created; deleting a
+/// topic makes room. Before, topics and partitions could be created without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_past_partition_replicas_max_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "partition_replicas_max = 5\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let client = broker.client().await;
+    let admin = client.admin();
+    admin.create_topic("first", 3).await.expect("3 of 5");
+    let refused = |e: weft_client::Error| {
+        assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
+        assert_eq!(e.reason(), "LIMIT_REACHED", "{e}");
+        assert!(!e.is_retriable(), "{e}");
+        assert!(e.to_string().contains("partition_replicas_max"), "{e}");
+    };
+    refused(
+        admin
+            .create_topic("second", 3)
+            .await
+            .expect_err("6 of 5 is refused"),
+    );
+    refused(
+        admin
+            .update_topic(
+                "first",
+                &weft_client::TopicUpdate {
+                    partitions: Some(6),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect_err("growing to 6 of 5 is refused"),
+    );
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"third","partitions":3}"#),
+    );
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("partition_replicas_max"), "{body}");
+    let cli = broker.cli(&["topic", "create", "fourth", "--partitions", "3"]);
+    assert!(!cli.status.success(), "the CLI fails");
+    assert!(
+        String::from_utf8_lossy(&cli.stderr).contains("partition_replicas_max"),
+        "the CLI names the key: {}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    // Nothing of the refused topics was made; the first kept its 3 partitions.
+    let names: Vec<String> = admin
+        .topics()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["first".to_string()]);
+    // Within the limit still works; a deleted topic makes room.
+    admin
+        .update_topic(
+            "first",
+            &weft_client::TopicUpdate {
+                partitions: Some(5),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("5 of 5");
+    admin.delete_topic("first").await.expect("delete");
+    admin.create_topic("second", 3).await.expect("room again");
+}
