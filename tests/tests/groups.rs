@@ -840,21 +840,27 @@ async fn a_slow_commit_of_the_start_does_not_expire_the_member() {
 }
 
 /// A member that commits over its stream but reads none of the answers (the stream's queue and
-/// its HTTP/2 window full of deliveries it does not read) is not held without end: past 64
-/// acknowledgements waiting, its stream ends with RESOURCE_EXHAUSTED, said after what was
-/// queued even though the subscriber read nothing meanwhile. Before, the session waited for
-/// room without end, stuck (reading nothing more from the member) for as long as the
-/// subscriber kept its connection.
+/// its HTTP/2 window full of deliveries it does not read) does not hold its session stuck: at
+/// 64 acknowledgements waiting the session reads no more of its commits, and the stream still
+/// ends at its maximum age while the subscriber reads nothing (the end follows what was
+/// queued, once it reads). Before, the session waited for room inside its 65th commit, deaf to
+/// its age and to the broker's stop, for as long as the subscriber kept its connection; once
+/// the subscriber read again it went on and answered all 100 commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_that_commits_without_reading_the_answers_is_ended() {
+async fn a_member_that_commits_without_reading_the_answers_is_not_held() {
     use weft_proto::v1::subscribe_request::Request as Inbound;
     use weft_proto::v1::*;
     use weft_tests::{grpc, within};
     let limit = Duration::from_secs(20);
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
-    // How long a stream that ends waits for its subscriber to take its last answers.
-    std::fs::write(&config, "request_timeout_ms = 1000\n").expect("config");
+    // Streams end at 4 s of age; one that ends waits 1 s for its subscriber to take its last
+    // answers.
+    std::fs::write(
+        &config,
+        "stream_age_ms_max = 4000\nrequest_timeout_ms = 1000\n",
+    )
+    .expect("config");
     let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
     let client = broker.client().await;
     client
@@ -920,8 +926,25 @@ async fn a_member_that_commits_without_reading_the_answers_is_ended() {
             .await
             .expect("sent");
     }
-    // The broker ends the stream without waiting for the subscriber to read...
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The session takes commits until 64 answers wait, then no more.
+    let committed = || async {
+        weft_tests::offsets(&broker.client_addr, "unread", 0, Some("g"))
+            .await
+            .expect("offsets")
+            .committed_offset
+            .unwrap_or(0)
+    };
+    weft_tests::wait_for("64 commits stored", limit, || async {
+        (committed().await >= 64).then_some(())
+    })
+    .await;
+    // The stream reaches its age meanwhile, and ends without waiting for the subscriber...
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stored = committed().await;
+    assert!(
+        stored < 100,
+        "the session read every commit ({stored}) although none of its answers was read"
+    );
     // ...which reads what was queued, then the end.
     let mut answered = 0;
     let ended = within("the stream's end", Duration::from_secs(30), async {
@@ -939,16 +962,21 @@ async fn a_member_that_commits_without_reading_the_answers_is_ended() {
     .await;
     assert_eq!(
         ended.code(),
-        tonic::Code::ResourceExhausted,
+        tonic::Code::Unavailable,
         "{ended:?} after {answered} acknowledgements"
     );
     assert!(
-        ended.message().contains("read none"),
-        "the status says why: {ended:?}"
+        ended.message().contains("maximum age"),
+        "the stream ended at its age, unread: {ended:?}"
     );
     assert!(
         answered < 100,
-        "{answered} of the 100 commits were answered"
+        "{answered} of the 100 commits were answered: the session went on"
+    );
+    assert_eq!(
+        committed().await,
+        stored,
+        "no commit taken after the stream's end"
     );
     drop(tx);
 }

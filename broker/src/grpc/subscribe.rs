@@ -912,13 +912,14 @@ struct Session {
     /// full, in order: sent as room comes, before any further delivery (see
     /// [`Session::send_control`]).
     pending: VecDeque<Result<SubscribeResponse, Status>>,
-    /// A place in the stream's queue kept for the stream's last word (the error that ends it),
-    /// so that it is said even to a subscriber that stopped reading.
+    /// A place in the stream's queue kept for the stream's last word (the error that ends it):
+    /// the session puts it there and ends at once, even when its subscriber stopped reading
+    /// (who gets it, after what was queued before it, once it reads again).
     last_word: Option<mpsc::OwnedPermit<Result<SubscribeResponse, Status>>>,
 }
 
-/// Control messages a session holds while its subscriber does not read; past this many the
-/// stream ends (a subscriber that commits without ever reading its answers).
+/// Control messages a session holds while its subscriber does not read; at this many it stops
+/// reading the subscriber's messages (and taking new assignments) until some are sent.
 const PENDING_CONTROL_MAX: usize = 64;
 
 fn subscriber_gone() -> BrokerError {
@@ -1221,22 +1222,18 @@ impl Session {
     /// subscriber is not reading), it waits in `pending` and the session goes on reading the
     /// subscriber's messages, its heartbeats among them. Waiting here instead let a slow
     /// member's session expire while its client heartbeated (a commit acknowledgement or a new
-    /// assignment stuck behind deliveries it had not read). Past [`PENDING_CONTROL_MAX`] the
-    /// stream ends (RESOURCE_EXHAUSTED): waiting for room then held the session, stuck, for as
-    /// long as the subscriber kept its connection without reading.
+    /// assignment stuck behind deliveries it had not read). `pending` stays bounded: at
+    /// [`PENDING_CONTROL_MAX`] the session reads no more of the subscriber's messages and takes
+    /// no new assignment until some are sent ([`Session::serve`]). Waiting here for room
+    /// instead held the session, stuck (deaf to its maximum age and to the broker's stop), for
+    /// as long as the subscriber kept its connection without reading.
     async fn send_control(
         &mut self,
         message: Result<SubscribeResponse, Status>,
     ) -> Result<(), BrokerError> {
         if !self.pending.is_empty() {
-            if self.pending.len() < PENDING_CONTROL_MAX {
-                self.pending.push_back(message);
-                return Ok(());
-            }
-            return Err(BrokerError::Overloaded(format!(
-                "this stream's queue of answers (the subscriber read none of the last \
-                 {PENDING_CONTROL_MAX} while it kept asking)"
-            )));
+            self.pending.push_back(message);
+            return Ok(());
         }
         match self.tx.try_send(message) {
             Ok(()) => Ok(()),
@@ -1582,7 +1579,8 @@ impl Session {
         }
         if let Err(error) = outcome {
             tracing::debug!(topic = %self.start.topic, group = %self.start.group_id, "a stream ends: {error}");
-            // In the place kept for it: said even to a subscriber that stopped reading.
+            // In the place kept for it: the session does not wait for a subscriber that
+            // stopped reading.
             if let Some(permit) = self.last_word.take() {
                 permit.send(Err(Status::from(error)));
             }
@@ -1671,6 +1669,9 @@ impl Session {
             // A full queue, or control messages waiting: send them and deliver again once it
             // has room, reading the subscriber meanwhile.
             let full = self.tx.capacity() == 0 || !self.pending.is_empty();
+            // So many answers wait that the subscriber's next messages (or a new assignment)
+            // wait too: they would add more.
+            let backlog = self.pending.len() >= PENDING_CONTROL_MAX;
             let remote_wait = Duration::from_millis(config.stream_heartbeat_ms);
             let remote = self.remote_data(remote_wait);
             let data = async {
@@ -1710,13 +1711,13 @@ impl Session {
             };
             tokio::select! {
                 biased;
-                message = inbound.message() => match message {
+                message = inbound.message(), if !backlog => match message {
                     Ok(Some(message)) => self.handle_inbound(message).await?,
                     Ok(None) => return Ok(Ended::ClientClosed),
                     Err(_) => return Ok(Ended::Broken),
                 },
                 () = rules_change => authorize_subscribe(&self.node, &self.identity, &self.start)?,
-                current = group_change => {
+                current = group_change, if !backlog => {
                     let Some(current) = current else {
                         // The group's coordinator forgot it (another broker coordinates now,
                         // every member expired, or its topic was deleted: then NOT_FOUND).
