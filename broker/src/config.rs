@@ -94,8 +94,9 @@ pub struct Config {
     pub fetch_bytes_max: u32,
     /// Most concurrent streams (Subscribe, PublishStream) per connection.
     pub streams_per_connection_max: u32,
-    /// Most client connections held at once (HTTP/2 and QUIC together); one more is closed at
-    /// once and counted in `weft_client_connections_refused_total`.
+    /// Most client connections held at once (HTTP/2 and QUIC together). Past it, a few more
+    /// HTTP/2 connections may only check health or drain (`tls::ConnectionSlots`); beyond
+    /// those one is closed at once. Counted in `weft_client_connections_refused_total`.
     pub connections_max: u32,
     /// Most partition replicas one broker hosts: a topic created or grown past it (on any of
     /// the brokers it would place replicas on) is refused with LIMIT_REACHED.

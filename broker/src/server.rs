@@ -211,9 +211,11 @@ pub async fn run(
         .add_service(MetadataServer::new(MetadataService::new(node.clone())))
         .prepare();
     let quic_auth = client_auth.for_quic();
-    let client_layers = |auth| {
+    let connections_max = config.connections_max;
+    let client_layers = move |auth| {
         tower::ServiceBuilder::new()
             .layer(crate::tls::CountCalls)
+            .layer(crate::tls::OnlyProbes { connections_max })
             .layer(crate::auth::AuthLayer::new(auth))
             .layer(crate::grpc::caller::CallerLayer)
             .layer(tower::util::MapResponseLayer::new(

@@ -66,9 +66,10 @@ pub fn grpc_incoming(
         move |conn| {
             let admitted = match &slots {
                 None => Some(Guarded::new(conn, &stopping, None)),
-                // Dropped unserved when full: the client sees its connection closed.
+                // When full, one of the few places kept for probes and operators; past them,
+                // dropped unserved (the client sees its connection closed).
                 Some(slots) => slots
-                    .take(name)
+                    .take_or_reserved(name)
                     .map(|slot| Guarded::new(conn, &stopping, Some(slot))),
             };
             std::future::ready(admitted.map(Ok))
@@ -78,18 +79,29 @@ pub fn grpc_incoming(
 
 /// The client connections a broker holds at once (`connections_max`), over HTTP/2 and QUIC
 /// together: a bound on what clients can make it keep (each connection's streams are bounded
-/// by `streams_per_connection_max`). Shown by the `weft_client_connections` gauge.
+/// by `streams_per_connection_max`). Shown by the `weft_client_connections` gauge. When they
+/// are all taken, [`RESERVED_CONNECTIONS`] more HTTP/2 connections may only check health or
+/// drain the broker ([`OnlyProbes`]): the kubelet's gRPC probes and the preStop drain still
+/// get through to a broker full of clients, as PostgreSQL keeps connections for superusers.
 #[derive(Debug, Clone)]
 pub struct ConnectionSlots {
     slots: Arc<tokio::sync::Semaphore>,
+    reserved: Arc<tokio::sync::Semaphore>,
     max: u32,
 }
+
+/// Connections beyond `connections_max` kept for health checks and drains.
+pub const RESERVED_CONNECTIONS: usize = 8;
+
+/// The calls a connection in a reserved place may make.
+const PROBE_CALLS: &[&str] = &["/grpc.health.v1.Health/Check", "/weft.v1.Cluster/Drain"];
 
 impl ConnectionSlots {
     pub fn new(max: u32) -> ConnectionSlots {
         metrics::gauge!("weft_client_connections").set(0.0);
         ConnectionSlots {
             slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            reserved: Arc::new(tokio::sync::Semaphore::new(RESERVED_CONNECTIONS)),
             max,
         }
     }
@@ -97,22 +109,41 @@ impl ConnectionSlots {
     /// A slot for one more connection, held as long as it is open; none (counted in
     /// `weft_client_connections_refused_total`) when every slot is taken.
     pub fn take(&self, listener: &'static str) -> Option<ConnectionSlot> {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                metrics::gauge!("weft_client_connections").increment(1.0);
-                Some(ConnectionSlot { _permit: permit })
-            }
-            Err(_) => {
-                metrics::counter!("weft_client_connections_refused_total", "listener" => listener)
-                    .increment(1);
-                tracing::warn!(
-                    listener,
-                    connections_max = self.max,
-                    "a client connection was closed: connections_max are open already"
-                );
-                None
-            }
+        self.admit(listener, false)
+    }
+
+    /// [`ConnectionSlots::take`], or when every slot is taken one of the reserved places
+    /// (still counted as refused: only probes and drains are served on it).
+    pub fn take_or_reserved(&self, listener: &'static str) -> Option<ConnectionSlot> {
+        self.admit(listener, true)
+    }
+
+    fn admit(&self, listener: &'static str, reserve: bool) -> Option<ConnectionSlot> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            metrics::gauge!("weft_client_connections").increment(1.0);
+            return Some(ConnectionSlot {
+                _permit: permit,
+                reserved: false,
+            });
         }
+        metrics::counter!("weft_client_connections_refused_total", "listener" => listener)
+            .increment(1);
+        let reserved = reserve
+            .then(|| self.reserved.clone().try_acquire_owned().ok())
+            .flatten();
+        tracing::warn!(
+            listener,
+            connections_max = self.max,
+            probes_only = reserved.is_some(),
+            "a client connection was refused: connections_max are open already"
+        );
+        reserved.map(|permit| {
+            metrics::gauge!("weft_client_connections").increment(1.0);
+            ConnectionSlot {
+                _permit: permit,
+                reserved: true,
+            }
+        })
     }
 }
 
@@ -120,11 +151,77 @@ impl ConnectionSlots {
 #[derive(Debug)]
 pub struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// One of the places kept for probes and drains.
+    reserved: bool,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         metrics::gauge!("weft_client_connections").decrement(1.0);
+    }
+}
+
+/// Marks the calls of a connection in a reserved place ([`ConnectionSlots`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReservedPlace;
+
+/// Answers RESOURCE_EXHAUSTED (LIMIT_REACHED, naming `connections_max`) to every call but a
+/// health check or a drain made over a connection in a reserved place. After [`CountCalls`].
+#[derive(Debug, Clone, Copy)]
+pub struct OnlyProbes {
+    pub connections_max: u32,
+}
+
+impl<S> tower::Layer<S> for OnlyProbes {
+    type Service = OnlyProbesService<S>;
+
+    fn layer(&self, inner: S) -> OnlyProbesService<S> {
+        OnlyProbesService {
+            inner,
+            connections_max: self.connections_max,
+        }
+    }
+}
+
+/// The service of [`OnlyProbes`].
+#[derive(Debug, Clone)]
+pub struct OnlyProbesService<S> {
+    inner: S,
+    connections_max: u32,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for OnlyProbesService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.extensions().get::<ReservedPlace>().is_some()
+            && !PROBE_CALLS.contains(&request.uri().path())
+        {
+            let refused = crate::error::BrokerError::LimitReached {
+                what: "this broker holds as many client connections as it may, and this one \
+                       may only check health or drain it; connect again later"
+                    .into(),
+                key: "connections_max",
+                max: u64::from(self.connections_max),
+            };
+            let response = tonic::Status::from(refused).into_http();
+            return Box::pin(std::future::ready(Ok(response)));
+        }
+        Box::pin(self.inner.call(request))
     }
 }
 
@@ -156,7 +253,14 @@ pub struct Guarded {
     last: tokio::time::Instant,
     /// Its place among the listener's connections, if they are bounded.
     _slot: Option<ConnectionSlot>,
+    /// Until its first byte arrives: when it fires, the connection is cut (a socket opened and
+    /// left silent would keep its place for good).
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How long an accepted connection may stay silent before its first byte (an HTTP/2 client
+/// sends its preface at once): past it, the connection is cut.
+const FIRST_BYTE_WAIT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Guarded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,6 +275,9 @@ impl Guarded {
         Guarded {
             inner,
             _slot: slot,
+            first_byte: Some(Box::pin(tokio::time::sleep(
+                crate::test_hook_ms("WEFT_TEST_FIRST_BYTE_MS").unwrap_or(FIRST_BYTE_WAIT),
+            ))),
             stopping: Box::pin(stopping.token.clone().cancelled_owned()),
             stall: stopping.stall,
             cut_at: None,
@@ -226,6 +333,7 @@ impl tonic::transport::server::Connected for Guarded {
         GuardedInfo {
             info: self.inner.info(),
             calls: self.calls.clone(),
+            reserved: self._slot.as_ref().is_some_and(|s| s.reserved),
         }
     }
 }
@@ -236,6 +344,8 @@ impl tonic::transport::server::Connected for Guarded {
 pub struct GuardedInfo {
     info: ConnInfo,
     calls: Arc<AtomicUsize>,
+    /// The connection is in a place kept for probes ([`ConnectionSlots`]).
+    reserved: bool,
 }
 
 /// Counts, per [`Guarded`] connection, the calls whose handler has not answered yet (a stream's
@@ -290,6 +400,9 @@ where
             .map(|guarded| {
                 guarded.calls.fetch_add(1, Ordering::SeqCst);
                 request.extensions_mut().insert(guarded.info);
+                if guarded.reserved {
+                    request.extensions_mut().insert(ReservedPlace);
+                }
                 Answering(guarded.calls)
             });
         let answer = self.inner.call(request);
@@ -312,6 +425,15 @@ impl tokio::io::AsyncRead for Guarded {
         let polled = this.unless_cut(cx, |conn, cx| conn.poll_read(cx, buf));
         if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.moved();
+            this.first_byte = None;
+        } else if polled.is_pending()
+            && let Some(first_byte) = this.first_byte.as_mut()
+            && first_byte.as_mut().poll(cx).is_ready()
+        {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection sent nothing since it was accepted",
+            )));
         }
         polled
     }

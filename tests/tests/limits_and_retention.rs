@@ -270,12 +270,15 @@ async fn connection(address: &str) -> Option<tonic::transport::Channel> {
 }
 
 /// A broker holds at most `connections_max` client connections (like NATS's `max_connections`
-/// or Kafka's `max.connections`): one more is closed as soon as it is accepted and counted in
-/// `weft_client_connections_refused_total`; the connections held keep working, the open ones
-/// show in the `weft_client_connections` gauge, and one closed makes room for another. Before,
-/// client connections were not bounded.
+/// or Kafka's `max.connections`). Past it, 8 more may only check health or drain the broker (the
+/// kubelet's probes and the preStop drain still get through): any other call on them is
+/// refused with RESOURCE_EXHAUSTED (LIMIT_REACHED, naming the key), and the CLI says so. Past
+/// those, a connection is closed as soon as it is accepted. Refusals are counted in
+/// `weft_client_connections_refused_total`, open connections in `weft_client_connections`; the
+/// connections held keep working, and one closed makes room. Before, client connections were
+/// not bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_connections_past_connections_max_are_closed() {
+async fn client_connections_past_connections_max_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
     std::fs::write(&config, "connections_max = 2\n").expect("config");
@@ -286,44 +289,131 @@ async fn client_connections_past_connections_max_are_closed() {
         std::future::ready((open(&broker) == Some(0.0)).then_some(()))
     })
     .await;
+    let who_am_i = |channel: tonic::transport::Channel| async move {
+        let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(channel);
+        let call = metadata.who_am_i(weft_proto::v1::WhoAmIRequest {});
+        match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(answer) => answer.map(|_| ()),
+            Err(_) => panic!("WhoAmI did not end in 10 s"),
+        }
+    };
     let first = connection(&broker.client_addr).await.expect("first");
     let second = connection(&broker.client_addr).await.expect("second");
-    assert_eq!(health_check(first.clone()).await, tonic::Code::Ok);
-    assert_eq!(health_check(second.clone()).await, tonic::Code::Ok);
+    who_am_i(first.clone()).await.expect("served");
+    who_am_i(second.clone()).await.expect("served");
     assert_eq!(open(&broker), Some(2.0), "two connections open");
-    // The third: closed by the broker (its handshake or its first call fails).
-    let third = match connection(&broker.client_addr).await {
-        Some(third) => health_check(third).await,
+    // Eight more: health checks only. The CLI takes the last of them for a moment, is refused
+    // and says why.
+    let mut probes = Vec::new();
+    for _ in 0..7 {
+        let probe = connection(&broker.client_addr).await.expect("probe");
+        assert_eq!(health_check(probe.clone()).await, tonic::Code::Ok);
+        let refused = who_am_i(probe.clone()).await.expect_err("only probes");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(refused.message().contains("connections_max"), "{refused:?}");
+        probes.push(probe);
+    }
+    let cli = broker.cli(&["topic", "list"]);
+    assert!(
+        !cli.status.success(),
+        "the CLI cannot work while the broker is full"
+    );
+    assert!(
+        String::from_utf8_lossy(&cli.stderr).contains("connections_max"),
+        "the CLI names the key: {}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    weft_tests::wait_for(
+        "the CLI's connection closed",
+        Duration::from_secs(10),
+        || std::future::ready((open(&broker) == Some(9.0)).then_some(())),
+    )
+    .await;
+    let last = connection(&broker.client_addr).await.expect("probe");
+    assert_eq!(health_check(last.clone()).await, tonic::Code::Ok);
+    probes.push(last);
+    assert_eq!(open(&broker), Some(10.0), "ten connections open");
+    // Past the places kept for probes: closed by the broker (its handshake or its first call
+    // fails).
+    let closed = match connection(&broker.client_addr).await {
+        Some(closed) => health_check(closed).await,
         None => tonic::Code::Unavailable,
     };
-    assert_ne!(third, tonic::Code::Ok, "the third connection is closed");
+    assert_ne!(closed, tonic::Code::Ok, "a connection past them is closed");
     assert!(
         weft_tests::metric(
             &broker,
             "weft_client_connections_refused_total{listener=\"client\"} "
         )
         .unwrap_or(0.0)
-            >= 1.0,
-        "the refusal is counted"
+            >= 10.0,
+        "the refusals are counted"
     );
-    // The two held still work; the CLI (another connection) is refused meanwhile.
-    assert_eq!(health_check(first.clone()).await, tonic::Code::Ok);
-    let cli = broker.cli(&["topic", "list"]);
-    assert!(
-        !cli.status.success(),
-        "the CLI cannot connect while the broker is full"
-    );
-    // One closed makes room.
+    // The two held still work; one closed makes room.
+    who_am_i(first.clone()).await.expect("still served");
     drop(second);
     weft_tests::wait_for(
         "a connection's place freed",
         Duration::from_secs(10),
-        || std::future::ready((open(&broker) == Some(1.0)).then_some(())),
+        || std::future::ready((open(&broker) == Some(9.0)).then_some(())),
     )
     .await;
     let again = connection(&broker.client_addr).await.expect("room again");
-    assert_eq!(health_check(again).await, tonic::Code::Ok);
-    assert_eq!(health_check(first).await, tonic::Code::Ok);
+    who_am_i(again).await.expect("served again");
+    drop(probes);
+}
+
+/// A connection accepted and left silent (no HTTP/2 preface) does not keep its place among
+/// `connections_max` for good: it is cut after a while (10 s; here 500 ms through a test hook),
+/// and a real client gets the place. Before, a silent socket held a place until the client
+/// closed it, so a few thousand of them locked every client out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_keep_its_place() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "connections_max = 1\n").expect("config");
+    let broker = Broker::start_with_env(
+        &["--config", config.to_str().expect("path")],
+        &[("WEFT_TEST_FIRST_BYTE_MS", "500")],
+    );
+    let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
+    weft_tests::wait_for("no client connection open", Duration::from_secs(10), || {
+        std::future::ready((open(&broker) == Some(0.0)).then_some(()))
+    })
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(&broker.client_addr)
+        .await
+        .expect("connect");
+    weft_tests::wait_for(
+        "the silent connection counted",
+        Duration::from_secs(5),
+        || std::future::ready((open(&broker) == Some(1.0)).then_some(())),
+    )
+    .await;
+    // Cut: the broker closes it (after its own HTTP/2 settings): the read ends, at the end of
+    // the stream or with a reset, within the limit (`within` fails the test otherwise).
+    let mut received = Vec::new();
+    let _ended = weft_tests::within(
+        "the broker closing the silent connection",
+        Duration::from_secs(10),
+        silent.read_to_end(&mut received),
+    )
+    .await;
+    weft_tests::wait_for("the place freed", Duration::from_secs(5), || {
+        std::future::ready((open(&broker) == Some(0.0)).then_some(()))
+    })
+    .await;
+    let client = connection(&broker.client_addr).await.expect("connect");
+    let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(client);
+    metadata
+        .who_am_i(weft_proto::v1::WhoAmIRequest {})
+        .await
+        .expect("a real client is served");
 }
 
 /// A broker hosts at most `partition_replicas_max` partition replicas: a topic created or grown

@@ -329,7 +329,7 @@ async fn quic_connections_count_against_connections_max() {
         .unwrap_or(0.0)
     };
     assert!(refused("quic") >= 1.0, "the QUIC refusal is counted");
-    // The one place is taken for HTTP/2 too.
+    // The one place is taken for HTTP/2 too (a connection there may only check health).
     let http2 = weft_tests::grpc::channel(&broker.client_addr).await;
     let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(http2);
     assert!(
@@ -340,7 +340,8 @@ async fn quic_connections_count_against_connections_max() {
         "an HTTP/2 connection is closed while QUIC holds the place"
     );
     assert!(refused("client") >= 1.0, "the HTTP/2 refusal is counted");
-    // The QUIC connection closed, the place is free again.
+    // Both closed, the place is free again.
+    drop(metadata);
     drop(held);
     weft_tests::wait_for(
         "the QUIC connection's place freed",
