@@ -209,15 +209,7 @@ async fn clients_publish_and_consume_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_client_fails_over_when_its_broker_dies() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path(), "quic-failover");
-    let (cert, key) = pki.issue("broker", "weft", None, true);
-    let ca = pki.ca_file();
-    let config = dir.path().join("weft.toml");
-    std::fs::write(
-        &config,
-        format!("[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
-    )
-    .expect("config");
+    let (config, ca) = quic_config(dir.path(), "quic-failover", "weft", "");
     let config = config.to_str().expect("path");
     let mut brokers = start_cluster_with(3, &["--config", config, "--quic-listen", "127.0.0.1:0"]);
     let (status, body) = brokers[1].http(
@@ -271,20 +263,32 @@ fn a_quic_listener_needs_tls() {
     );
 }
 
+/// A configuration file in `dir` with `extra` keys and a QUIC listener whose certificate
+/// (for `host`) comes from a new CA named `name`; and that CA's file.
+fn quic_config(
+    dir: &std::path::Path,
+    name: &str,
+    host: &str,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pki = Pki::new(dir, name);
+    let (cert, key) = pki.issue("broker", host, None, true);
+    let config = dir.join("weft.toml");
+    std::fs::write(
+        &config,
+        format!("{extra}[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
+    )
+    .expect("config");
+    (config, pki.ca_file())
+}
+
 /// QUIC connections count against `connections_max` with the HTTP/2 ones: past it, a QUIC
-/// connection is refused (and an HTTP/2 one closed), and one that closes makes room.
+/// connection is refused (and an HTTP/2 one may only check health), and one that closes makes
+/// room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_connections_count_against_connections_max() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path(), "quic");
-    let (cert, key) = pki.issue("broker", "weft-0", None, true);
-    let ca = pki.ca_file();
-    let config = dir.path().join("weft.toml");
-    std::fs::write(
-        &config,
-        format!("connections_max = 1\n[tls.quic]\ncert_file = {cert:?}\nkey_file = {key:?}\n"),
-    )
-    .expect("config");
+    let (config, ca) = quic_config(dir.path(), "quic", "weft-0", "connections_max = 1\n");
     let broker = Broker::start_with(&[
         "--config",
         config.to_str().expect("path"),
