@@ -98,8 +98,10 @@ pub struct Config {
     /// HTTP/2 connections may only check health or drain (`tls::ConnectionSlots`); beyond
     /// those one is closed at once. Counted in `weft_client_connections_refused_total`.
     pub connections_max: u32,
-    /// Most partition replicas one broker hosts: a topic created or grown past it (on any of
-    /// the brokers it would place replicas on) is refused with LIMIT_REACHED.
+    /// Most partition replicas per broker that topic creation and growth may reach: a topic
+    /// created or grown past it (on any broker it would place replicas on) is refused with
+    /// LIMIT_REACHED. Checked by the broker receiving the call, against its copy of the
+    /// metadata; moves are not checked.
     pub partition_replicas_max: u32,
     /// Age after which the server ends a Subscribe stream with UNAVAILABLE, so meshes rebalance.
     pub stream_age_ms_max: u64,

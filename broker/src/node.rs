@@ -1450,10 +1450,11 @@ impl Node {
         (placed, false)
     }
 
-    /// Refuses (LIMIT_REACHED) replicas `placed` that would give a broker more than
-    /// `partition_replicas_max` partition replicas. Counted from the metadata committed so far
-    /// (a partition that moves counts on its old and its new replicas): two topics created at
-    /// the same moment may each pass.
+    /// Refuses (LIMIT_REACHED) replicas `placed` that would give a broker more than this
+    /// broker's `partition_replicas_max` partition replicas. Counted from this broker's copy of
+    /// the metadata (a partition that moves counts on its old and its new replicas), so two
+    /// topics created at the same moment may each pass; moves, rebalances and removals are not
+    /// checked.
     fn room_for_replicas(&self, placed: &[Vec<NodeId>]) -> Result<(), BrokerError> {
         let max = self.config.partition_replicas_max as usize;
         let mut adding: BTreeMap<NodeId, usize> = BTreeMap::new();
@@ -1543,6 +1544,11 @@ impl Node {
         let (replicas, as_proposed) = self
             .place(0, config.partitions, config.replication_factor)
             .await;
+        // A topic that exists is ALREADY_EXISTS (what "create unless it exists" callers look
+        // for), whatever room is left; the controller checks it again when it applies.
+        if self.controller.state().topics.contains_key(name) {
+            return Err(BrokerError::TopicExists(name.into()));
+        }
         self.room_for_replicas(&replicas)?;
         let command = ControllerCommand::CreateTopic {
             name: name.into(),

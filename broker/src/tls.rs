@@ -126,25 +126,31 @@ impl ConnectionSlots {
                 reserved: false,
             });
         }
-        metrics::counter!("weft_client_connections_refused_total", "listener" => listener)
-            .increment(1);
-        let reserved = reserve
+        if let Some(permit) = reserve
             .then(|| self.reserved.clone().try_acquire_owned().ok())
-            .flatten();
-        tracing::warn!(
-            listener,
-            connections_max = self.max,
-            probes_only = reserved.is_some(),
-            "a client connection was refused: connections_max are open already"
-        );
-        reserved.map(|permit| {
+            .flatten()
+        {
+            // Counted as refused only if it makes a call other than a probe's ([`OnlyProbes`]).
+            tracing::debug!(listener, "a connection in a place kept for probes");
             metrics::gauge!("weft_client_connections").increment(1.0);
-            ConnectionSlot {
+            return Some(ConnectionSlot {
                 _permit: permit,
                 reserved: true,
-            }
-        })
+            });
+        }
+        refused(listener, self.max, "it was closed");
+        None
     }
+}
+
+/// Counts and logs a client connection refused for want of a place.
+fn refused(listener: &'static str, connections_max: u32, how: &str) {
+    metrics::counter!("weft_client_connections_refused_total", "listener" => listener).increment(1);
+    tracing::warn!(
+        listener,
+        connections_max,
+        "a client connection was refused ({how}): connections_max are open already"
+    );
 }
 
 /// One open client connection's place among [`ConnectionSlots`].
@@ -165,8 +171,9 @@ impl Drop for ConnectionSlot {
 #[derive(Debug, Clone, Copy)]
 pub struct ReservedPlace;
 
-/// Answers RESOURCE_EXHAUSTED (LIMIT_REACHED, naming `connections_max`) to every call but a
-/// health check or a drain made over a connection in a reserved place. After [`CountCalls`].
+/// Answers UNAVAILABLE (naming `connections_max`; retriable: our client tries again, through
+/// another broker if it knows one) to every call but a health check or a drain made over a
+/// connection in a reserved place, which is then cut (see [`Guarded`]). After [`CountCalls`].
 #[derive(Debug, Clone, Copy)]
 pub struct OnlyProbes {
     pub connections_max: u32,
@@ -211,12 +218,19 @@ where
         if request.extensions().get::<ReservedPlace>().is_some()
             && !PROBE_CALLS.contains(&request.uri().path())
         {
-            let refused = crate::error::BrokerError::LimitReached {
-                what: "this broker holds as many client connections as it may, and this one \
-                       may only check health or drain it; connect again later"
-                    .into(),
-                key: "connections_max",
-                max: u64::from(self.connections_max),
+            refused(
+                "client",
+                self.connections_max,
+                "only probes and drains are served on it",
+            );
+            let refused = crate::error::BrokerError::Unavailable {
+                reason: format!(
+                    "this broker holds as many client connections as it may (connections_max \
+                     = {}); this one may only check health or drain it, and closes: connect \
+                     again later, or to another broker",
+                    self.connections_max
+                ),
+                leader: None,
             };
             let response = tonic::Status::from(refused).into_http();
             return Box::pin(std::future::ready(Ok(response)));
@@ -253,14 +267,22 @@ pub struct Guarded {
     last: tokio::time::Instant,
     /// Its place among the listener's connections, if they are bounded.
     _slot: Option<ConnectionSlot>,
-    /// Until its first byte arrives: when it fires, the connection is cut (a socket opened and
-    /// left silent would keep its place for good).
+    /// Until the client's HTTP/2 preface and first frame header arrived: when it fires, the
+    /// connection is cut (a socket opened and left silent, or sending a byte now and then,
+    /// would keep its place for good: hyper has no handshake timeout, and its keepalive pings
+    /// start only after the handshake).
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read so far, until [`FIRST_BYTES`].
+    first_bytes_read: usize,
 }
 
-/// How long an accepted connection may stay silent before its first byte (an HTTP/2 client
-/// sends its preface at once): past it, the connection is cut.
+/// How long an accepted connection may take to send its first [`FIRST_BYTES`] (an HTTP/2
+/// client sends its preface and SETTINGS at once): past it, the connection is cut.
 const FIRST_BYTE_WAIT: Duration = Duration::from_secs(10);
+/// The HTTP/2 client preface (24 bytes) and a frame header (9).
+const FIRST_BYTES: usize = 33;
+/// How long a connection in a place kept for probes stays open with nothing to do.
+const RESERVED_IDLE: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Guarded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -272,16 +294,28 @@ impl std::fmt::Debug for Guarded {
 
 impl Guarded {
     fn new(inner: Conn, stopping: &Stopping, slot: Option<ConnectionSlot>) -> Guarded {
+        // A connection in a place kept for probes is cut as a stopping broker cuts them: once
+        // it moved no byte for a moment with no call on it being answered (a probe's or a
+        // drain's done, or another call refused). Its client then connects again, to a place
+        // of its own if one came free.
+        let reserved = slot.as_ref().is_some_and(|s| s.reserved);
+        let now = tokio::time::Instant::now();
+        let stall = if reserved {
+            RESERVED_IDLE.min(stopping.stall)
+        } else {
+            stopping.stall
+        };
         Guarded {
             inner,
             _slot: slot,
             first_byte: Some(Box::pin(tokio::time::sleep(
                 crate::test_hook_ms("WEFT_TEST_FIRST_BYTE_MS").unwrap_or(FIRST_BYTE_WAIT),
             ))),
+            first_bytes_read: 0,
             stopping: Box::pin(stopping.token.clone().cancelled_owned()),
-            stall: stopping.stall,
-            cut_at: None,
-            last: tokio::time::Instant::now(),
+            stall,
+            cut_at: reserved.then(|| Box::pin(tokio::time::sleep_until(now + stall))),
+            last: now,
             calls: Arc::default(),
         }
     }
@@ -315,7 +349,8 @@ impl Guarded {
             }
             return Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
-                "the broker is stopping and this connection moved nothing for too long",
+                "this connection moved nothing for too long (the broker is stopping, or the \
+                 connection was in a place kept for probes)",
             ));
         }
         Ok(())
@@ -425,7 +460,10 @@ impl tokio::io::AsyncRead for Guarded {
         let polled = this.unless_cut(cx, |conn, cx| conn.poll_read(cx, buf));
         if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.moved();
-            this.first_byte = None;
+            this.first_bytes_read += buf.filled().len() - before;
+            if this.first_bytes_read >= FIRST_BYTES {
+                this.first_byte = None;
+            }
         } else if polled.is_pending()
             && let Some(first_byte) = this.first_byte.as_mut()
             && first_byte.as_mut().poll(cx).is_ready()
