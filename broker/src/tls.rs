@@ -167,9 +167,10 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Marks the calls of a connection in a reserved place ([`ConnectionSlots`]).
-#[derive(Debug, Clone, Copy)]
-pub struct ReservedPlace;
+/// Marks the calls of a connection in a reserved place ([`ConnectionSlots`]); set once a call
+/// other than a probe's was refused on it, which closes it ([`Guarded`]).
+#[derive(Debug, Clone)]
+pub struct ReservedPlace(Arc<std::sync::atomic::AtomicBool>);
 
 /// Answers UNAVAILABLE (naming `connections_max`; retriable: our client tries again, through
 /// another broker if it knows one) to every call but a health check or a drain made over a
@@ -215,14 +216,17 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.extensions().get::<ReservedPlace>().is_some()
+        if let Some(ReservedPlace(refused_here)) = request.extensions().get::<ReservedPlace>()
             && !PROBE_CALLS.contains(&request.uri().path())
         {
-            refused(
-                "client",
-                self.connections_max,
-                "only probes and drains are served on it",
-            );
+            // Counted once per connection, which then closes.
+            if !refused_here.swap(true, Ordering::SeqCst) {
+                refused(
+                    "client",
+                    self.connections_max,
+                    "only probes and drains are served on it",
+                );
+            }
             let refused = crate::error::BrokerError::Unavailable {
                 reason: format!(
                     "this broker holds as many client connections as it may (connections_max \
@@ -274,6 +278,16 @@ pub struct Guarded {
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes read so far, until [`FIRST_BYTES`].
     first_bytes_read: usize,
+    /// In a place kept for probes: set once a call other than a probe's was refused on it
+    /// ([`OnlyProbes`]); it is then cut [`REFUSED_LINGER`] after that (or after its last call
+    /// answered, if later), however busy its client keeps it.
+    refused: Arc<std::sync::atomic::AtomicBool>,
+    /// When the refusal was first seen.
+    refused_seen: Option<tokio::time::Instant>,
+    /// A call was being answered at the last look.
+    answering: bool,
+    /// When the last call being answered was answered (seen from here).
+    answered_at: Option<tokio::time::Instant>,
 }
 
 /// How long an accepted connection may take to send its first [`FIRST_BYTES`] (an HTTP/2
@@ -283,6 +297,9 @@ const FIRST_BYTE_WAIT: Duration = Duration::from_secs(10);
 const FIRST_BYTES: usize = 33;
 /// How long a connection in a place kept for probes stays open with nothing to do.
 const RESERVED_IDLE: Duration = Duration::from_secs(1);
+/// How long a connection in a place kept for probes stays open after a call was refused on it
+/// (for the refusal to be written).
+const REFUSED_LINGER: Duration = Duration::from_millis(200);
 
 impl std::fmt::Debug for Guarded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -312,6 +329,10 @@ impl Guarded {
                 crate::test_hook_ms("WEFT_TEST_FIRST_BYTE_MS").unwrap_or(FIRST_BYTE_WAIT),
             ))),
             first_bytes_read: 0,
+            refused: Arc::default(),
+            refused_seen: None,
+            answering: false,
+            answered_at: None,
             stopping: Box::pin(stopping.token.clone().cancelled_owned()),
             stall,
             cut_at: reserved.then(|| Box::pin(tokio::time::sleep_until(now + stall))),
@@ -323,6 +344,15 @@ impl Guarded {
     /// Fails once the connection has stalled past its limit during a stop; registers `cx` to
     /// be woken when the stop begins and when the limit runs out.
     fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        let answering = self.calls.load(Ordering::SeqCst) > 0;
+        if self.answering && !answering {
+            // An answer was just produced: the stall starts again from now, so it is written
+            // before the connection is cut.
+            let now = tokio::time::Instant::now();
+            self.last = now;
+            self.answered_at = Some(now);
+        }
+        self.answering = answering;
         if self.cut_at.is_none() {
             if self.stopping.as_mut().poll(cx).is_pending() {
                 return Ok(());
@@ -330,7 +360,15 @@ impl Guarded {
             self.last = self.last.max(tokio::time::Instant::now());
             self.cut_at = Some(Box::pin(tokio::time::sleep_until(self.last + self.stall)));
         }
-        let deadline = self.last + self.stall;
+        let mut deadline = self.last + self.stall;
+        if self.refused.load(Ordering::SeqCst) {
+            // A call was refused here: cut soon, however many bytes its client keeps moving.
+            let seen = *self
+                .refused_seen
+                .get_or_insert_with(tokio::time::Instant::now);
+            let quiet_since = self.answered_at.map_or(seen, |at| at.max(seen));
+            deadline = deadline.min(quiet_since + REFUSED_LINGER);
+        }
         let Some(cut_at) = self.cut_at.as_mut() else {
             return Ok(());
         };
@@ -368,7 +406,11 @@ impl tonic::transport::server::Connected for Guarded {
         GuardedInfo {
             info: self.inner.info(),
             calls: self.calls.clone(),
-            reserved: self._slot.as_ref().is_some_and(|s| s.reserved),
+            reserved: self
+                ._slot
+                .as_ref()
+                .is_some_and(|s| s.reserved)
+                .then(|| self.refused.clone()),
         }
     }
 }
@@ -379,8 +421,9 @@ impl tonic::transport::server::Connected for Guarded {
 pub struct GuardedInfo {
     info: ConnInfo,
     calls: Arc<AtomicUsize>,
-    /// The connection is in a place kept for probes ([`ConnectionSlots`]).
-    reserved: bool,
+    /// The connection is in a place kept for probes ([`ConnectionSlots`]): the flag set once
+    /// a call was refused on it.
+    reserved: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Counts, per [`Guarded`] connection, the calls whose handler has not answered yet (a stream's
@@ -435,8 +478,8 @@ where
             .map(|guarded| {
                 guarded.calls.fetch_add(1, Ordering::SeqCst);
                 request.extensions_mut().insert(guarded.info);
-                if guarded.reserved {
-                    request.extensions_mut().insert(ReservedPlace);
+                if let Some(refused) = guarded.reserved {
+                    request.extensions_mut().insert(ReservedPlace(refused));
                 }
                 Answering(guarded.calls)
             });
@@ -702,6 +745,50 @@ mod guard_tests {
             std::io::ErrorKind::ConnectionAborted
         );
         assert!(started.elapsed() < Duration::from_millis(1000));
+        drop(client);
+    }
+
+    /// A call answered just before the stall runs out is not cut off: the stall starts again
+    /// from its answer, so the answer is written first. Before, the connection could be cut
+    /// at the deadline armed while the call ran (a drain's answer lost to its CLI).
+    #[tokio::test]
+    async fn an_answer_produced_just_before_the_stall_runs_out_is_written_first() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let stall = Duration::from_millis(200);
+        let stopping = Stopping {
+            token: tokio_util::sync::CancellationToken::new(),
+            stall,
+        };
+        let mut guarded = Guarded::new(Conn::Plain(server), &stopping, None);
+        let calls = guarded.calls.clone();
+        let mut buf = [0u8; 16];
+        calls.fetch_add(1, Ordering::SeqCst);
+        stopping.token.cancel();
+        // The call runs for two and a half stalls: the deadline is armed again at each.
+        let read = tokio::time::timeout(stall * 5 / 2, guarded.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "cut while a call was being answered: {read:?}"
+        );
+        // Answered half a stall before the deadline armed last.
+        calls.fetch_sub(1, Ordering::SeqCst);
+        let answered = std::time::Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(2), guarded.read(&mut buf))
+            .await
+            .expect("cut once no call is being answered");
+        assert_eq!(
+            read.expect_err("cut").kind(),
+            std::io::ErrorKind::ConnectionAborted
+        );
+        assert!(
+            answered.elapsed() >= stall - Duration::from_millis(20),
+            "cut {:?} after the answer: before a whole stall",
+            answered.elapsed()
+        );
         drop(client);
     }
 }
