@@ -357,6 +357,67 @@ async fn client_connections_past_connections_max_are_refused() {
     who_am_i(first).await.expect("still served");
 }
 
+/// Past `connections_max` and the 8 places kept for probes (each kept busy with health checks,
+/// so none closes as idle), a connection is closed as soon as it is accepted, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_the_places_kept_for_probes_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "connections_max = 1\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
+    weft_tests::wait_for("no client connection open", Duration::from_secs(10), || {
+        std::future::ready((open(&broker) == Some(0.0)).then_some(()))
+    })
+    .await;
+    let held = connection(&broker.client_addr).await.expect("held");
+    assert_eq!(health_check(held.clone()).await, tonic::Code::Ok);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut probes = Vec::new();
+    for _ in 0..8 {
+        let probe = connection(&broker.client_addr).await.expect("probe");
+        assert_eq!(health_check(probe.clone()).await, tonic::Code::Ok);
+        let mut stopped = stopped.clone();
+        probes.push(tokio::spawn(async move {
+            // Bounded: until told to stop, at most 30 s.
+            let began = Instant::now();
+            while !*stopped.borrow_and_update() && began.elapsed() < Duration::from_secs(30) {
+                assert_eq!(health_check(probe.clone()).await, tonic::Code::Ok);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }));
+    }
+    assert_eq!(
+        open(&broker),
+        Some(9.0),
+        "one place and the 8 kept for probes"
+    );
+    let before = weft_tests::metric(
+        &broker,
+        "weft_client_connections_refused_total{listener=\"client\"} ",
+    )
+    .unwrap_or(0.0);
+    let closed = match connection(&broker.client_addr).await {
+        Some(closed) => health_check(closed).await,
+        None => tonic::Code::Unavailable,
+    };
+    assert_ne!(closed, tonic::Code::Ok, "a tenth connection is closed");
+    let after = weft_tests::metric(
+        &broker,
+        "weft_client_connections_refused_total{listener=\"client\"} ",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        after > before,
+        "the closed connection is counted ({before} -> {after})"
+    );
+    stop.send(true).expect("stop the probes");
+    for probe in probes {
+        probe.await.expect("every probe served");
+    }
+    assert_eq!(health_check(held).await, tonic::Code::Ok);
+}
+
 /// A connection accepted and left silent (one byte of an HTTP/2 preface, then nothing) does not
 /// keep its place among `connections_max` for good: it is cut after a while (10 s; here 500 ms
 /// through a test hook), and a real client gets the place. Before, a silent socket held a place
