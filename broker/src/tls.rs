@@ -270,7 +270,7 @@ pub struct Guarded {
     /// When the last byte moved (or the stop began, if later).
     last: tokio::time::Instant,
     /// Its place among the listener's connections, if they are bounded.
-    _slot: Option<ConnectionSlot>,
+    slot: Option<ConnectionSlot>,
     /// Until the client's HTTP/2 preface and first frame header arrived: when it fires, the
     /// connection is cut (a socket opened and left silent, or sending a byte now and then,
     /// would keep its place for good: hyper has no handshake timeout, and its keepalive pings
@@ -324,7 +324,7 @@ impl Guarded {
         };
         Guarded {
             inner,
-            _slot: slot,
+            slot,
             first_byte: Some(Box::pin(tokio::time::sleep(
                 crate::test_hook_ms("WEFT_TEST_FIRST_BYTE_MS").unwrap_or(FIRST_BYTE_WAIT),
             ))),
@@ -407,7 +407,7 @@ impl tonic::transport::server::Connected for Guarded {
             info: self.inner.info(),
             calls: self.calls.clone(),
             reserved: self
-                ._slot
+                .slot
                 .as_ref()
                 .is_some_and(|s| s.reserved)
                 .then(|| self.refused.clone()),
@@ -706,11 +706,9 @@ mod guard_tests {
     use super::*;
     use tokio::io::AsyncReadExt;
 
-    /// Once the broker is stopping, a connection that moves nothing is cut after the stall,
-    /// but not while a call on it is still being answered (a publish waiting for a slow disk
-    /// finishes within the grace); once that call is answered, it is cut after a stall.
-    #[tokio::test]
-    async fn a_stalled_connection_is_cut_once_stopping_unless_a_call_is_being_answered() {
+    /// A guarded loopback connection whose broker stops cutting after `stall`, the stop (not
+    /// begun yet), and the client's end.
+    async fn guarded(stall: Duration) -> (Guarded, Stopping, tokio::net::TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
             .await
@@ -718,9 +716,21 @@ mod guard_tests {
         let (server, _) = listener.accept().await.expect("accept");
         let stopping = Stopping {
             token: tokio_util::sync::CancellationToken::new(),
-            stall: Duration::from_millis(100),
+            stall,
         };
-        let mut guarded = Guarded::new(Conn::Plain(server), &stopping, None);
+        (
+            Guarded::new(Conn::Plain(server), &stopping, None),
+            stopping,
+            client,
+        )
+    }
+
+    /// Once the broker is stopping, a connection that moves nothing is cut after the stall,
+    /// but not while a call on it is still being answered (a publish waiting for a slow disk
+    /// finishes within the grace); once that call is answered, it is cut after a stall.
+    #[tokio::test]
+    async fn a_stalled_connection_is_cut_once_stopping_unless_a_call_is_being_answered() {
+        let (mut guarded, stopping, client) = guarded(Duration::from_millis(100)).await;
         let calls = guarded.calls.clone();
         let mut buf = [0u8; 16];
         // Not stopping: an idle connection stays.
@@ -753,17 +763,8 @@ mod guard_tests {
     /// at the deadline armed while the call ran (a drain's answer lost to its CLI).
     #[tokio::test]
     async fn an_answer_produced_just_before_the_stall_runs_out_is_written_first() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (server, _) = listener.accept().await.expect("accept");
         let stall = Duration::from_millis(200);
-        let stopping = Stopping {
-            token: tokio_util::sync::CancellationToken::new(),
-            stall,
-        };
-        let mut guarded = Guarded::new(Conn::Plain(server), &stopping, None);
+        let (mut guarded, stopping, client) = guarded(stall).await;
         let calls = guarded.calls.clone();
         let mut buf = [0u8; 16];
         calls.fetch_add(1, Ordering::SeqCst);
