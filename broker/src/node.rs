@@ -1453,8 +1453,8 @@ impl Node {
     /// Refuses (LIMIT_REACHED) replicas `placed` that would give a broker more than this
     /// broker's `partition_replicas_max` partition replicas. Counted from this broker's copy of
     /// the metadata (a partition that moves counts on its old and its new replicas), so two
-    /// topics created at the same moment may each pass; moves, rebalances and removals are not
-    /// checked.
+    /// topics created at the same moment may each pass. Moves, rebalances and removals check
+    /// the same limit when they plan (`reassign.rs`).
     fn room_for_replicas(&self, placed: &[Vec<NodeId>]) -> Result<(), BrokerError> {
         let max = self.config.partition_replicas_max as usize;
         let mut adding: BTreeMap<NodeId, usize> = BTreeMap::new();

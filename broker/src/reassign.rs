@@ -108,6 +108,12 @@ fn unexpected(response: ControllerResponse) -> BrokerError {
 const OWN_WRITES_WAIT: Duration = Duration::from_secs(5);
 
 impl Node {
+    /// This broker's `partition_replicas_max`: the most partition replicas its moves give any
+    /// broker.
+    fn replicas_max(&self) -> usize {
+        self.config.partition_replicas_max as usize
+    }
+
     /// Starts moving `topic`/`partition`'s replicas to `replicas` (the first becomes its
     /// preferred leader). Returns the partition as the controller now has it (its `target` says
     /// where it is going; a move to where it is does nothing).
@@ -145,6 +151,22 @@ impl Node {
         unique.dedup();
         if unique.len() != replicas.len() {
             return Err(BrokerError::invalid("replicas", "a node appears twice"));
+        }
+        // No broker takes more than partition_replicas_max replicas (KIP-578's
+        // max.broker.partitions is checked on reassignments too).
+        let max = self.replicas_max();
+        let going = current.target.as_ref().unwrap_or(&current.replicas);
+        for &node in replicas.iter().filter(|n| !going.contains(n)) {
+            let held = state.replicas_on(node);
+            if held >= max {
+                return Err(BrokerError::LimitReached {
+                    what: format!(
+                        "broker {node} holds {held} partition replicas and cannot take {topic}/{partition}"
+                    ),
+                    key: "partition_replicas_max",
+                    max: max as u64,
+                });
+            }
         }
         let planned = PlannedMove {
             topic: topic.into(),
@@ -193,7 +215,7 @@ impl Node {
         self.sync_controller().await?;
         let state = self.controller_state();
         let usable = self.usable_brokers(&state).await;
-        let plan = state.plan_rebalance_onto(&usable);
+        let plan = state.plan_rebalance_onto(&usable, self.replicas_max());
         Ok(self.start_moves(plan).await)
     }
 
@@ -311,7 +333,7 @@ impl Node {
             .await;
         let checked_ms = began.elapsed().as_millis() as u64;
         let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
-        let (plan, mut busy) = state.plan_removal_onto(node, &usable, &down);
+        let (plan, mut busy) = state.plan_removal_onto(node, &usable, &down, self.replicas_max());
         let (mut started, refused) = self.start_planned_moves(plan).await;
         let proposed_ms = began.elapsed().as_millis() as u64;
         // The controller's leader plans the moves off a broker being removed on its own too
@@ -514,7 +536,9 @@ impl Node {
                 .usable_brokers_checking(state, &state.move_targets())
                 .await;
             let down = self.moves.down_for(STALLED_TARGET_GRACE, Instant::now());
-            for (node, plan, _) in state.plan_removals_onto(&removing, &usable, &down) {
+            for (node, plan, _) in
+                state.plan_removals_onto(&removing, &usable, &down, self.replicas_max())
+            {
                 if plan.is_empty() {
                     continue;
                 }

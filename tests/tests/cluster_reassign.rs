@@ -935,3 +935,87 @@ async fn rebalance_wait_through_a_lagging_broker_returns_once_the_moves_are_done
         .await;
     }
 }
+
+/// The replicas each broker holds of `topics`, as `broker` sees them (a moving partition
+/// counts where it goes).
+fn replicas_per_broker(broker: &Broker, topics: &[&str]) -> std::collections::BTreeMap<u64, usize> {
+    let mut held = std::collections::BTreeMap::new();
+    for topic in topics {
+        let (status, body) = broker.http("GET", &format!("/v1/topics/{topic}"), None);
+        assert_eq!(status, 200, "{body}");
+        let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+        for p in value["partition_details"].as_array().expect("partitions") {
+            let going = p["moving_to"]
+                .as_array()
+                .filter(|to| !to.is_empty())
+                .unwrap_or_else(|| p["replicas"].as_array().expect("replicas"));
+            for id in going {
+                *held.entry(id.as_u64().expect("id")).or_default() += 1;
+            }
+        }
+    }
+    held
+}
+
+/// `partition_replicas_max` holds for moves as for creations (Kafka's max.broker.partitions
+/// does the same): with every broker full, moving a partition onto another broker is refused
+/// (HTTP 429, LIMIT_REACHED naming the key), and removing a broker starts no move, says why
+/// its partitions wait, and leaves every broker at its limit. Before, a move or a removal
+/// gave a broker replicas past its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_past_partition_replicas_max_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "partition_replicas_max = 2\n").expect("config");
+    let config = config.to_str().expect("path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(2, |_| vec!["--config".into(), config.clone()], &[]);
+    let topics = ["full-a", "full-b"];
+    for topic in topics {
+        let (status, body) = brokers[0].http(
+            "POST",
+            "/v1/topics",
+            Some(&format!(
+                r#"{{"name":"{topic}","partitions":2,"replication_factor":1}}"#
+            )),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let full: std::collections::BTreeMap<u64, usize> = [(1, 2), (2, 2)].into();
+    assert_eq!(replicas_per_broker(&brokers[0], &topics), full);
+    // Partition 0 of full-a, onto the broker that does not hold it.
+    let (status, body) = brokers[0].http("GET", "/v1/topics/full-a", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let on = value["partition_details"][0]["replicas"][0]
+        .as_u64()
+        .expect("replica");
+    let other = 3 - on;
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics/full-a/partitions/0/replicas",
+        Some(&format!(r#"{{"replicas":[{other}]}}"#)),
+    );
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("partition_replicas_max"), "{body}");
+    assert!(body.contains("LIMIT_REACHED"), "{body}");
+
+    let (status, body) = brokers[0].http("POST", "/v1/brokers/2/remove", None);
+    assert_eq!(status, 202, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(view["started"], serde_json::json!([]), "{body}");
+    let waiting = view["waiting"].as_array().expect("waiting");
+    assert_eq!(waiting.len(), 2, "{body}");
+    assert!(
+        waiting.iter().all(|w| w
+            .as_str()
+            .is_some_and(|w| w.contains("partition_replicas_max"))),
+        "{body}"
+    );
+    // The controller's leader plans the removal's moves on its own each tick too (every
+    // second): it plans none either.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for broker in &brokers {
+        assert_eq!(replicas_per_broker(broker, &topics), full);
+    }
+}

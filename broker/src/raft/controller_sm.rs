@@ -923,6 +923,16 @@ impl ControllerState {
             .collect()
     }
 
+    /// The partition replicas `node` holds, or will once the moves under way end (a moving
+    /// partition counts where it goes).
+    pub fn replicas_on(&self, node: NodeId) -> usize {
+        self.topics
+            .values()
+            .flat_map(|t| &t.partitions)
+            .filter(|p| p.target.as_ref().unwrap_or(&p.replicas).contains(&node))
+            .count()
+    }
+
     /// Replicas per eligible broker (a moving partition counts where it goes).
     fn replica_counts(&self) -> BTreeMap<NodeId, usize> {
         let mut counts: BTreeMap<NodeId, usize> = self
@@ -950,13 +960,14 @@ impl ControllerState {
     /// then preferred leaders (the first replica) the same way, moving as few replicas as it
     /// can: what to run after adding a broker. Partitions already moving are left alone.
     pub fn plan_rebalance(&self) -> Vec<PlannedMove> {
-        self.plan_rebalance_onto(&self.eligible_brokers().into_iter().collect())
+        self.plan_rebalance_onto(&self.eligible_brokers().into_iter().collect(), usize::MAX)
     }
 
     /// [`ControllerState::plan_rebalance`] placing replicas and preferred leaders only on the
-    /// brokers of `usable` (up, serving, not draining: what the proposer sees); replicas on
-    /// other brokers stay where they are.
-    pub fn plan_rebalance_onto(&self, usable: &BTreeSet<NodeId>) -> Vec<PlannedMove> {
+    /// brokers of `usable` (up, serving, not draining: what the proposer sees), and giving no
+    /// broker more than `max` replicas (`partition_replicas_max`); replicas on other brokers
+    /// stay where they are.
+    pub fn plan_rebalance_onto(&self, usable: &BTreeSet<NodeId>, max: usize) -> Vec<PlannedMove> {
         let mut counts = self.replica_counts();
         counts.retain(|b, _| usable.contains(b));
         let mut plan: BTreeMap<(String, u32), Vec<NodeId>> = BTreeMap::new();
@@ -983,7 +994,7 @@ impl ControllerState {
             while grown.len() < asked {
                 let Some(b) = counts
                     .iter()
-                    .filter(|(b, _)| !grown.contains(b))
+                    .filter(|(b, c)| !grown.contains(b) && **c < max)
                     .min_by_key(|(b, c)| (**c, **b))
                     .map(|(b, _)| *b)
                 else {
@@ -1006,7 +1017,7 @@ impl ControllerState {
             ) else {
                 break;
             };
-            if high <= low + 1 {
+            if high <= low + 1 || low >= max {
                 break;
             }
             let candidate = still.iter().find_map(|(t, p, r)| {
@@ -1103,6 +1114,7 @@ impl ControllerState {
             node,
             &self.eligible_brokers().into_iter().collect(),
             &BTreeSet::new(),
+            usize::MAX,
         )
     }
 
@@ -1111,12 +1123,15 @@ impl ControllerState {
     /// `node` whose new replicas include a broker of `down` (down for a while: it went down
     /// after the move began) is planned again too: it would hold the removal for as long as that
     /// broker stays down. A new replica's broker that is only not usable now (slow to answer a
-    /// check, draining) keeps its move and what it caught up.
+    /// check, draining) keeps its move and what it caught up. No broker is given more than `max`
+    /// replicas (`partition_replicas_max`): a partition that only full brokers could take waits
+    /// (it is not shrunk) until one has room or another broker joins.
     pub fn plan_removal_onto(
         &self,
         node: NodeId,
         usable: &BTreeSet<NodeId>,
         down: &BTreeSet<NodeId>,
+        max: usize,
     ) -> (Vec<PlannedMove>, Vec<String>) {
         let mut counts = self.replica_counts();
         counts.remove(&node);
@@ -1150,7 +1165,7 @@ impl ControllerState {
                     }
                     let replacement = counts
                         .iter()
-                        .filter(|(b, _)| !going.contains(b) && !to.contains(b))
+                        .filter(|(b, c)| !going.contains(b) && !to.contains(b) && **c < max)
                         .min_by_key(|(b, c)| (**c, **b))
                         .map(|(b, _)| *b);
                     match replacement {
@@ -1160,6 +1175,18 @@ impl ControllerState {
                         }
                         None => missing = true,
                     }
+                }
+                if missing
+                    && counts
+                        .iter()
+                        .any(|(b, c)| !going.contains(b) && !to.contains(b) && *c >= max)
+                {
+                    stuck.push(format!(
+                        "{}/{}: the brokers that could take it hold partition_replicas_max \
+                         ({max}) replicas each",
+                        t.name, p.partition
+                    ));
+                    continue;
                 }
                 if missing
                     && self
@@ -1214,11 +1241,12 @@ impl ControllerState {
         nodes: &[NodeId],
         usable: &BTreeSet<NodeId>,
         down: &BTreeSet<NodeId>,
+        max: usize,
     ) -> Vec<(NodeId, Vec<PlannedMove>, Vec<String>)> {
         let mut after = self.clone();
         let mut plans = Vec::with_capacity(nodes.len());
         for &node in nodes {
-            let (plan, stuck) = after.plan_removal_onto(node, usable, down);
+            let (plan, stuck) = after.plan_removal_onto(node, usable, down, max);
             for m in &plan {
                 after.apply(&m.command());
             }
@@ -2075,15 +2103,15 @@ mod tests {
         let all: BTreeSet<NodeId> = [1, 2, 3, 4].into();
         assert!(
             state
-                .plan_rebalance_onto(&all)
+                .plan_rebalance_onto(&all, usize::MAX)
                 .iter()
                 .any(|m| m.to.contains(&4)),
             "an empty broker gets replicas"
         );
         let without_4: BTreeSet<NodeId> = [1, 2, 3].into();
-        let plan = state.plan_rebalance_onto(&without_4);
+        let plan = state.plan_rebalance_onto(&without_4, usize::MAX);
         assert!(plan.iter().all(|m| !m.to.contains(&4)), "{plan:?}");
-        let (plan, stuck) = state.plan_removal_onto(1, &without_4, &BTreeSet::new());
+        let (plan, stuck) = state.plan_removal_onto(1, &without_4, &BTreeSet::new(), usize::MAX);
         assert!(stuck.is_empty());
         assert!(!plan.is_empty());
         for m in &plan {
@@ -2094,9 +2122,41 @@ mod tests {
         state.apply(&topic_rf("c", 1, 3));
         let c0 = state.topics["c"].partitions[0].replicas.clone();
         assert_eq!(c0, [1, 2, 3]);
-        let (plan, stuck) = state.plan_removal_onto(1, &[2, 3].into(), &BTreeSet::new());
+        let (plan, stuck) =
+            state.plan_removal_onto(1, &[2, 3].into(), &BTreeSet::new(), usize::MAX);
         assert!(plan.iter().all(|m| m.topic != "c"), "{plan:?}");
         assert!(stuck.iter().any(|s| s.starts_with("c/0")), "{stuck:?}");
+    }
+
+    /// Rebalances and removals give no broker more than `max` replicas: a new broker is filled
+    /// up to the limit only, and a partition that only full brokers could take waits (it is not
+    /// shrunk).
+    #[test]
+    fn moves_give_no_broker_more_than_its_limit() {
+        let mut state = ControllerState::default();
+        for node in 1..=3 {
+            register(&mut state, node);
+        }
+        state.apply(&topic_rf("a", 6, 2));
+        register(&mut state, 4);
+        let all: BTreeSet<NodeId> = [1, 2, 3, 4].into();
+        let to_4 = |plan: &[PlannedMove]| plan.iter().filter(|m| m.to.contains(&4)).count();
+        assert_eq!(to_4(&state.plan_rebalance_onto(&all, usize::MAX)), 3);
+        assert_eq!(to_4(&state.plan_rebalance_onto(&all, 1)), 1);
+        assert_eq!(to_4(&state.plan_rebalance_onto(&all, 4)), 3);
+        // Brokers 1-3 hold 4 replicas each and broker 4 none: with a limit of 4, the 4
+        // replicas of broker 1 can only go to broker 4.
+        let (plan, stuck) = state.plan_removal_onto(1, &all, &BTreeSet::new(), 4);
+        assert!(stuck.is_empty(), "{stuck:?}");
+        assert_eq!(to_4(&plan), 4, "{plan:?}");
+        let (plan, stuck) = state.plan_removal_onto(1, &all, &BTreeSet::new(), 3);
+        assert_eq!(to_4(&plan), 3, "{plan:?}");
+        assert_eq!(stuck.len(), 1, "{stuck:?}");
+        assert!(stuck[0].contains("partition_replicas_max (3)"), "{stuck:?}");
+        assert!(
+            plan.iter().all(|m| m.to.len() == 2),
+            "none shrinks: {plan:?}"
+        );
     }
 
     /// A removal whose move sends a replica to a broker that then goes down is planned again
@@ -2118,7 +2178,7 @@ mod tests {
             keep_one: true,
         });
         // The removal sends partition 0 to 4 (fewest replicas first: 4 and 5 have none).
-        let (plan, stuck) = state.plan_removal_onto(3, &all, &BTreeSet::new());
+        let (plan, stuck) = state.plan_removal_onto(3, &all, &BTreeSet::new(), usize::MAX);
         assert!(stuck.is_empty(), "{stuck:?}");
         let first = plan.iter().find(|m| m.topic == "m").expect("a move of m/0");
         assert_eq!(first.to, [1, 2, 4]);
@@ -2127,13 +2187,15 @@ mod tests {
             ControllerResponse::Topic(_)
         ));
         // While 4 answers, the move stands.
-        let (plan, _) = state.plan_removal_onto(3, &all, &BTreeSet::new());
+        let (plan, _) = state.plan_removal_onto(3, &all, &BTreeSet::new(), usize::MAX);
         assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
         // 4 misses a check (busy): not usable for new moves, but its move stands.
-        let (plan, _) = state.plan_removal_onto(3, &[1, 2, 3, 5].into(), &BTreeSet::new());
+        let (plan, _) =
+            state.plan_removal_onto(3, &[1, 2, 3, 5].into(), &BTreeSet::new(), usize::MAX);
         assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
         // 4 stays down: the move goes to 5 instead.
-        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3, 5].into(), &[4].into());
+        let (plan, stuck) =
+            state.plan_removal_onto(3, &[1, 2, 3, 5].into(), &[4].into(), usize::MAX);
         assert!(stuck.is_empty(), "{stuck:?}");
         let again = plan
             .iter()
@@ -2147,7 +2209,8 @@ mod tests {
         ));
         assert_eq!(state.topics["m"].partitions[0].target, Some(vec![1, 2, 5]));
         // 5 goes down too, 4 still down: nothing usable to go to; the move waits.
-        let (plan, stuck) = state.plan_removal_onto(3, &[1, 2, 3].into(), &[4, 5].into());
+        let (plan, stuck) =
+            state.plan_removal_onto(3, &[1, 2, 3].into(), &[4, 5].into(), usize::MAX);
         assert!(plan.iter().all(|m| m.topic != "m"), "{plan:?}");
         assert!(stuck.iter().any(|s| s.starts_with("m/0")), "{stuck:?}");
     }
@@ -2170,7 +2233,7 @@ mod tests {
             });
         }
         let usable: BTreeSet<NodeId> = [3, 4, 5, 6].into();
-        let plans = state.plan_removals_onto(&[1, 2], &usable, &BTreeSet::new());
+        let plans = state.plan_removals_onto(&[1, 2], &usable, &BTreeSet::new(), usize::MAX);
         assert_eq!(plans.len(), 2);
         let mut after = state.clone();
         let mut refused = Vec::new();
