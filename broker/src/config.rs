@@ -98,6 +98,11 @@ pub struct Config {
     /// HTTP/2 connections may only check health or drain (`tls::ConnectionSlots`); beyond
     /// those one is closed at once. Counted in `weft_client_connections_refused_total`.
     pub connections_max: u32,
+    /// How long a client connection may have no call open (no unary call being answered, no
+    /// stream) before the broker closes it, as Kafka's `connections.max.idle.ms` (10 minutes
+    /// by default, as Kafka's); 0 keeps idle connections open. Our client connects again on
+    /// its next call.
+    pub connections_idle_ms: u64,
     /// Most partition replicas per broker that topic creation and growth may reach: a topic
     /// created or grown past it (on any broker it would place replicas on) is refused with
     /// LIMIT_REACHED. Checked by the broker receiving the call, against its copy of the
@@ -379,6 +384,7 @@ impl Default for Config {
             fetch_bytes_max: 4 * 1024 * 1024,
             streams_per_connection_max: 256,
             connections_max: 10_000,
+            connections_idle_ms: 600_000,
             partition_replicas_max: 10_000,
             stream_age_ms_max: 15 * 60 * 1000,
             stream_heartbeat_ms: 5_000,
@@ -769,6 +775,14 @@ impl Config {
             100_000,
         )?;
         range("connections_max", self.connections_max, 1, 1_000_000)?;
+        if self.connections_idle_ms != 0 {
+            range(
+                "connections_idle_ms",
+                self.connections_idle_ms,
+                100,
+                604_800_000,
+            )?;
+        }
         range(
             "partition_replicas_max",
             self.partition_replicas_max,
@@ -1153,8 +1167,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str); 12] = [
+        let cases: [(&str, &str); 13] = [
             ("[auth]\nclient_sidecar = \"nginx\"", "auth.client_sidecar"),
+            ("connections_idle_ms = 50", "connections_idle_ms"),
             ("[auth]\ntokens = [\"ci=plaintext\"]", "auth.tokens"),
             (
                 "[tls.client]\ncert_file = \"/nonexistent/cert.pem\"\nkey_file = \"/nonexistent/key.pem\"",

@@ -224,7 +224,9 @@ pub async fn run(
             ))
     };
     // The client connections, over HTTP/2 and QUIC together, are bounded.
-    let slots = crate::tls::ConnectionSlots::new(config.connections_max);
+    let idle =
+        (config.connections_idle_ms > 0).then(|| Duration::from_millis(config.connections_idle_ms));
+    let slots = crate::tls::ConnectionSlots::new(config.connections_max, idle);
     let quic_task = match listeners.quic {
         Some(socket) => {
             let endpoint = crate::tls::quic_endpoint(socket, &config, stop_rx.clone())?;
@@ -234,6 +236,7 @@ pub async fn run(
                 endpoint,
                 service,
                 move || slots.take("quic"),
+                idle,
                 stopped(stop_rx.clone()),
             )))
         }

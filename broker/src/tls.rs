@@ -88,6 +88,8 @@ pub struct ConnectionSlots {
     slots: Arc<tokio::sync::Semaphore>,
     reserved: Arc<tokio::sync::Semaphore>,
     max: u32,
+    /// `connections_idle_ms`: how long a connection may have no call open before it is closed.
+    idle: Option<Duration>,
 }
 
 /// Connections beyond `connections_max` kept for health checks and drains.
@@ -97,13 +99,23 @@ pub const RESERVED_CONNECTIONS: usize = 8;
 const PROBE_CALLS: &[&str] = &["/grpc.health.v1.Health/Check", "/weft.v1.Cluster/Drain"];
 
 impl ConnectionSlots {
-    pub fn new(max: u32) -> ConnectionSlots {
+    /// `max` connections (`connections_max`), each closed once it has had no call open for
+    /// `idle` (`connections_idle_ms`; never with `None`).
+    pub fn new(max: u32, idle: Option<Duration>) -> ConnectionSlots {
         metrics::gauge!("weft_client_connections").set(0.0);
+        metrics::counter!("weft_client_connections_idle_closed_total", "listener" => "client")
+            .absolute(0);
         ConnectionSlots {
             slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
             reserved: Arc::new(tokio::sync::Semaphore::new(RESERVED_CONNECTIONS)),
             max,
+            idle,
         }
+    }
+
+    /// How long a connection may have no call open before it is closed (`connections_idle_ms`).
+    pub fn idle(&self) -> Option<Duration> {
+        self.idle
     }
 
     /// A slot for one more connection, held as long as it is open; none (counted in
@@ -124,6 +136,7 @@ impl ConnectionSlots {
             return Some(ConnectionSlot {
                 _permit: permit,
                 reserved: false,
+                idle: self.idle,
             });
         }
         if let Some(permit) = reserve
@@ -136,6 +149,7 @@ impl ConnectionSlots {
             return Some(ConnectionSlot {
                 _permit: permit,
                 reserved: true,
+                idle: self.idle,
             });
         }
         refused(listener, self.max, "it was closed");
@@ -159,6 +173,8 @@ pub struct ConnectionSlot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     /// One of the places kept for probes and drains.
     reserved: bool,
+    /// How long the connection may have no call open before it is closed.
+    idle: Option<Duration>,
 }
 
 impl Drop for ConnectionSlot {
@@ -288,7 +304,24 @@ pub struct Guarded {
     answering: bool,
     /// When the last call being answered was answered (seen from here).
     answered_at: Option<tokio::time::Instant>,
+    /// Calls open on this connection: unary calls until answered, streams until their answer
+    /// ends ([`CountCalls`]).
+    open: Arc<AtomicUsize>,
+    /// `connections_idle_ms`: the connection is closed once it has had no call open for that
+    /// long (Kafka's `connections.max.idle.ms`), and nothing came from its client for
+    /// [`IDLE_QUIET`].
+    idle: Option<Duration>,
+    /// Since when no call has been open (seen from here).
+    idle_since: Option<tokio::time::Instant>,
+    /// Wakes the connection now and then to look at how long it has been idle.
+    idle_look: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the last byte came from the client.
+    last_read: tokio::time::Instant,
 }
+
+/// An idle connection is closed only once nothing came from its client for this long (its
+/// answers to the keep-alive pings included), so that a call just arriving is rarely cut off.
+const IDLE_QUIET: Duration = Duration::from_millis(500);
 
 /// How long an accepted connection may take to send its first [`FIRST_BYTES`] (an HTTP/2
 /// client sends its preface and SETTINGS at once): past it, the connection is cut.
@@ -316,6 +349,7 @@ impl Guarded {
         // drain's done, or another call refused). Its client then connects again, to a place
         // of its own if one came free.
         let reserved = slot.as_ref().is_some_and(|s| s.reserved);
+        let idle = slot.as_ref().and_then(|s| s.idle);
         let now = tokio::time::Instant::now();
         let stall = if reserved {
             RESERVED_IDLE.min(stopping.stall)
@@ -338,12 +372,49 @@ impl Guarded {
             cut_at: reserved.then(|| Box::pin(tokio::time::sleep_until(now + stall))),
             last: now,
             calls: Arc::default(),
+            open: Arc::default(),
+            idle,
+            idle_since: Some(now),
+            idle_look: None,
+            last_read: now,
         }
+    }
+
+    /// Fails once the connection has had no call open for `connections_idle_ms` (and nothing
+    /// came from its client for [`IDLE_QUIET`]); registers `cx` to be woken to look again.
+    fn check_idle(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        let Some(idle) = self.idle else {
+            return Ok(());
+        };
+        let now = tokio::time::Instant::now();
+        if self.open.load(Ordering::SeqCst) > 0 {
+            self.idle_since = None;
+        }
+        let since = *self.idle_since.get_or_insert(now);
+        if now >= since + idle && now >= self.last_read + IDLE_QUIET {
+            metrics::counter!("weft_client_connections_idle_closed_total", "listener" => "client")
+                .increment(1);
+            tracing::debug!(?idle, "closed a client connection with no call open");
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "this connection had no call open for connections_idle_ms",
+            ));
+        }
+        // Looked at again a quarter of the limit later (a call may open and end meanwhile).
+        let next = now + (idle / 4).max(IDLE_QUIET / 4);
+        let look = self
+            .idle_look
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
+        while look.as_mut().poll(cx).is_ready() {
+            look.as_mut().reset(next);
+        }
+        Ok(())
     }
 
     /// Fails once the connection has stalled past its limit during a stop; registers `cx` to
     /// be woken when the stop begins and when the limit runs out.
     fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        self.check_idle(cx)?;
         let answering = self.calls.load(Ordering::SeqCst) > 0;
         if self.answering && !answering {
             // An answer was just produced: the stall starts again from now, so it is written
@@ -406,6 +477,7 @@ impl tonic::transport::server::Connected for Guarded {
         GuardedInfo {
             info: self.inner.info(),
             calls: self.calls.clone(),
+            open: self.open.clone(),
             reserved: self
                 .slot
                 .as_ref()
@@ -421,6 +493,8 @@ impl tonic::transport::server::Connected for Guarded {
 pub struct GuardedInfo {
     info: ConnInfo,
     calls: Arc<AtomicUsize>,
+    /// Calls open: unary calls until answered, streams until their answer ends.
+    open: Arc<AtomicUsize>,
     /// The connection is in a place kept for probes ([`ConnectionSlots`]): the flag set once
     /// a call was refused on it.
     reserved: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -455,9 +529,35 @@ impl Drop for Answering {
     }
 }
 
+/// A call's answer body that keeps its call counted as open until it ends or is dropped.
+struct OpenBody {
+    inner: tonic::body::Body,
+    _open: Answering,
+}
+
+impl http_body::Body for OpenBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for Counted<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -472,22 +572,29 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let answering = request
+        let counted = request
             .extensions_mut()
             .remove::<GuardedInfo>()
             .map(|guarded| {
                 guarded.calls.fetch_add(1, Ordering::SeqCst);
+                guarded.open.fetch_add(1, Ordering::SeqCst);
                 request.extensions_mut().insert(guarded.info);
                 if let Some(refused) = guarded.reserved {
                     request.extensions_mut().insert(ReservedPlace(refused));
                 }
-                Answering(guarded.calls)
+                (Answering(guarded.calls), Answering(guarded.open))
             });
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answered = answer.await;
+            let Some((answering, open)) = counted else {
+                return answered;
+            };
             drop(answering);
-            answered
+            // Open until its answer (a stream's messages) ends.
+            answered.map(|response| {
+                response.map(|inner| tonic::body::Body::new(OpenBody { inner, _open: open }))
+            })
         })
     }
 }
@@ -503,6 +610,7 @@ impl tokio::io::AsyncRead for Guarded {
         let polled = this.unless_cut(cx, |conn, cx| conn.poll_read(cx, buf));
         if matches!(polled, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.moved();
+            this.last_read = this.last;
             this.first_bytes_read += buf.filled().len() - before;
             if this.first_bytes_read >= FIRST_BYTES {
                 this.first_byte = None;

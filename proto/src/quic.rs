@@ -213,7 +213,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Serves every connection `endpoint` accepts with `service` (a clone per call) until
 /// `shutdown` resolves. `admit` is asked for each new connection: it is refused on `None`, and
-/// otherwise holds what `admit` gave until it closes (a place among bounded connections). At
+/// otherwise holds what `admit` gave until it closes (a place among bounded connections). A
+/// connection with no call open for `idle` is told to open no new calls (an HTTP/3 GOAWAY) and
+/// closed (its client connects again for its next call). At
 /// shutdown, stops accepting, tells every connection's client to open no new calls (an HTTP/3
 /// GOAWAY), waits for the calls in flight to finish (the caller bounds the wait), and closes
 /// the endpoint.
@@ -221,6 +223,7 @@ pub async fn serve<S, B, A>(
     endpoint: quinn::Endpoint,
     service: S,
     admit: impl Fn() -> Option<A>,
+    idle: Option<Duration>,
     shutdown: impl std::future::Future<Output = ()>,
 ) where
     A: Send + 'static,
@@ -285,9 +288,31 @@ pub async fn serve<S, B, A>(
             // (H3_REQUEST_REJECTED) the requests the client opened past it, so their callers
             // know they were not served rather than losing them with the connection.
             let mut goaway = false;
+            // Looked at every quarter of `idle`: since when no call is open.
+            let look_every = idle.map_or(Duration::from_secs(3600), |idle| idle / 4);
+            let mut look = tokio::time::interval(look_every);
+            look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut idle_since = Some(tokio::time::Instant::now());
             loop {
                 let accepted = tokio::select! {
                     accepted = h3.accept() => accepted,
+                    _ = look.tick(), if idle.is_some() && !goaway => {
+                        let now = tokio::time::Instant::now();
+                        if !calls.is_empty() {
+                            idle_since = None;
+                            continue;
+                        }
+                        let since = *idle_since.get_or_insert(now);
+                        if idle.is_some_and(|idle| now >= since + idle) {
+                            tracing::debug!(?idle, "closing a QUIC connection with no call open");
+                            if let Err(e) = h3.shutdown(0).await {
+                                tracing::debug!("an HTTP/3 GOAWAY was not sent: {e}");
+                            }
+                            goaway = true;
+                            calls.close();
+                        }
+                        continue;
+                    }
                     () = async { let _ = closing.wait_for(|closing| *closing).await; }, if !goaway => {
                         if let Err(e) = h3.shutdown(0).await {
                             tracing::debug!("an HTTP/3 GOAWAY was not sent: {e}");

@@ -357,6 +357,102 @@ async fn client_connections_past_connections_max_are_refused() {
     who_am_i(first).await.expect("still served");
 }
 
+/// A client connection with no call open for `connections_idle_ms` is closed (Kafka's
+/// `connections.max.idle.ms`) and counted in `weft_client_connections_idle_closed_total`; its
+/// client connects again on its next call. A connection with a stream open stays, however long
+/// nothing moves on it (a Subscribe waiting for records, its heartbeats far apart), and the
+/// stream then delivers. Before, an idle connection kept its place for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_idle_past_connections_idle_ms_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "connections_idle_ms = 500\nstream_heartbeat_ms = 120000\n",
+    )
+    .expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
+    let idle_closed = |broker: &Broker| {
+        weft_tests::metric(
+            broker,
+            "weft_client_connections_idle_closed_total{listener=\"client\"} ",
+        )
+        .unwrap_or(0.0)
+    };
+    let open_falls_to = async |n: f64| {
+        weft_tests::wait_for(
+            &format!("{n} client connections open"),
+            Duration::from_secs(10),
+            || std::future::ready((open(&broker) == Some(n)).then_some(())),
+        )
+        .await
+    };
+    let who_am_i = |channel: tonic::transport::Channel| async move {
+        let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(channel);
+        let call = metadata.who_am_i(weft_proto::v1::WhoAmIRequest {});
+        match tokio::time::timeout(Duration::from_secs(10), call).await {
+            Ok(answer) => answer.map(|_| ()),
+            Err(_) => panic!("WhoAmI did not end in 10 s"),
+        }
+    };
+    broker
+        .client()
+        .await
+        .admin()
+        .create_topic("quiet", 1)
+        .await
+        .expect("create");
+    open_falls_to(0.0).await;
+    let closed_before = idle_closed(&broker);
+
+    let idle = connection(&broker.client_addr).await.expect("connect");
+    who_am_i(idle.clone()).await.expect("served");
+    open_falls_to(0.0).await;
+    assert!(idle_closed(&broker) > closed_before, "the close is counted");
+    // Its client connects again for its next call.
+    who_am_i(idle.clone()).await.expect("served again");
+
+    // A Subscribe stream open on a connection keeps it, though nothing moves for 4 times the
+    // limit.
+    let (_tx, mut stream) = weft_tests::grpc::subscribe(
+        &broker.client_addr,
+        SubscribeStart {
+            topic: "quiet".into(),
+            partitions: vec![0],
+            credit: Some(Credit {
+                records: 100,
+                bytes: 1 << 20,
+            }),
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
+            ..SubscribeStart::default()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        open(&broker),
+        Some(1.0),
+        "only the subscriber's connection is open"
+    );
+    let client = broker.client().await;
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send_nowait("quiet", Record::new(b"after a quiet while".to_vec()))
+        .await
+        .expect("queued")
+        .await
+        .expect("acknowledged");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), next_delivery(&mut stream))
+        .await
+        .expect("the stream delivers within 10 s");
+    assert_eq!(delivery.partition, 0);
+}
+
 /// Past `connections_max` and the 8 places kept for probes (each kept busy with health checks,
 /// so none closes as idle), a connection is closed as soon as it is accepted, and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

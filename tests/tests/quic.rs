@@ -356,3 +356,52 @@ async fn quic_connections_count_against_connections_max() {
     let (_, again) = who_am_i().await;
     again.expect("room again");
 }
+
+/// A QUIC connection with no call open for `connections_idle_ms` is told to open no new calls
+/// (an HTTP/3 GOAWAY) and closed, which frees its place; the channel connects again for its
+/// next call. Before, an idle QUIC connection (kept alive by its pings) held its place for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_quic_connections_are_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, ca) = quic_config(dir.path(), "quic", "weft-0", "connections_idle_ms = 500\n");
+    let broker = Broker::start_with(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--quic-listen",
+        "127.0.0.1:0",
+    ]);
+    let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
+    let open_falls_to_0 = || {
+        weft_tests::wait_for("no client connection open", Duration::from_secs(10), || {
+            std::future::ready((open(&broker) == Some(0.0)).then_some(()))
+        })
+    };
+    open_falls_to_0().await;
+    let tls = weft_proto::tls::client_config(&weft_proto::tls::TlsFiles {
+        cert_file: None,
+        key_file: None,
+        ca_file: Some(ca),
+    })
+    .expect("TLS");
+    let channel =
+        weft_proto::quic::QuicChannel::new(&broker.quic_addr, "127.0.0.1", tls).expect("channel");
+    let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(
+        weft_proto::transport::Transport::quic(channel),
+    );
+    within(
+        "a WhoAmI over QUIC",
+        Duration::from_secs(20),
+        metadata.who_am_i(weft_proto::v1::WhoAmIRequest {}),
+    )
+    .await
+    .expect("served");
+    assert_eq!(open(&broker), Some(1.0), "its connection is open");
+    open_falls_to_0().await;
+    within(
+        "a WhoAmI over QUIC after the close",
+        Duration::from_secs(20),
+        metadata.who_am_i(weft_proto::v1::WhoAmIRequest {}),
+    )
+    .await
+    .expect("served on a new connection");
+}
