@@ -943,6 +943,10 @@ fn surely_not_stored(error: &Error) -> bool {
 ///   does every batch after it: resending them under new numbers could store them twice. The
 ///   producer moves to a new epoch, which fences anything still in flight from the old one; new
 ///   batches start at sequence 0.
+/// - A partition that forgot the producer (UNKNOWN_PRODUCER: idle past its expiry) stored none
+///   of the batches still to be answered, unless an earlier attempt of one may have stored it
+///   before the producer expired: that batch fails as OUTCOME_UNKNOWN (with every later one),
+///   the others are numbered afresh in a new epoch.
 ///
 /// Returns the next sequence to hand out.
 #[allow(clippy::too_many_arguments)]
@@ -1018,25 +1022,42 @@ where
         // full queue, does not undo that).
         let mut maybe_stored = last_error.as_ref().is_some_and(|e| !surely_not_stored(e));
         loop {
-            if last_error
+            let forgotten = last_error
                 .as_ref()
-                .is_some_and(|e| e.reason() == "UNKNOWN_PRODUCER")
-                && attempt <= config.retries_max
-            {
-                // Nothing of this producer is known there any more, so no batch still to be
-                // answered was stored: start a new epoch and number them afresh.
+                .is_some_and(|e| e.reason() == "UNKNOWN_PRODUCER");
+            if forgotten && !maybe_stored && attempt <= config.retries_max {
+                // Nothing of this producer is known there any more, and no attempt of this
+                // batch may have been stored (nor, in sequence order, any batch after it):
+                // start a new epoch and number them afresh.
                 *epoch += 1;
                 n.epoch = *epoch;
                 n.base_sequence = 0;
                 restart = Some(count);
                 last_error = None;
             }
+            // Forgotten after an attempt that may have stored it (its answer lost, then the
+            // producer expired there): renumbered, it could be stored twice. Its outcome is
+            // unknown; it and every later batch fail, under a new epoch.
             let give_up = match &last_error {
+                Some(_) if forgotten && maybe_stored => true,
                 Some(e) if !e.is_retriable() && e.reason() != "SEQUENCE_GAP" => true,
                 _ => attempt >= config.retries_max,
             };
             if give_up {
-                let error = last_error.take().unwrap_or(Error::Closed);
+                let mut error = last_error.take().unwrap_or(Error::Closed);
+                if forgotten && maybe_stored {
+                    error = Error::Status {
+                        code: tonic::Code::Unknown,
+                        message: format!(
+                            "an earlier attempt may have stored this batch (its answer was lost), \
+                             and the partition has since forgotten this producer ({error}): sent \
+                             again under a new number it could be stored twice, so its outcome \
+                             stays unknown"
+                        ),
+                        reason: "OUTCOME_UNKNOWN".into(),
+                        leader_id: None,
+                    };
+                }
                 tracing::warn!(%topic, partition, "publish failed for good: {error}");
                 if surely_not_stored(&error) && !maybe_stored {
                     match restart.as_mut() {
@@ -1383,6 +1404,35 @@ mod tests {
         assert_eq!((next, epoch), (3, 2));
         assert_eq!(outcome(ra), vec![Ok(0), Ok(1)]);
         assert_eq!(outcome(rb), vec![Ok(2)]);
+    }
+
+    /// A batch whose earlier attempt may have been stored (its answer lost) and whose retry
+    /// finds the producer forgotten (expired meanwhile) may be stored already: it fails with an
+    /// unknown outcome, and so do the batches after it, under a new epoch. Before, it was
+    /// renumbered from sequence 0 in a new epoch and stored a second time (helper-90).
+    #[tokio::test]
+    async fn a_batch_that_may_be_stored_is_not_renumbered_when_its_producer_is_forgotten() {
+        let (a, ra) = numbered(1, 1, 7);
+        let (b, rb) = numbered(1, 1, 8);
+        let forgotten = status(tonic::Code::FailedPrecondition, "UNKNOWN_PRODUCER");
+        let (next, epoch, attempts) = run(
+            vec![
+                (a, Some(status(tonic::Code::Unavailable, ""))),
+                (b, Some(status(tonic::Code::Unavailable, ""))),
+            ],
+            vec![Err(forgotten)],
+            1,
+            9,
+        )
+        .await;
+        assert_eq!(
+            attempts,
+            vec![(1, 7)],
+            "only the retry under its own number"
+        );
+        assert_eq!((next, epoch), (0, 2), "a new epoch fences the old one");
+        assert_eq!(outcome(ra), vec![Err("OUTCOME_UNKNOWN".into())]);
+        assert_eq!(outcome(rb), vec![Err("EARLIER_BATCH_UNKNOWN".into())]);
     }
 
     #[tokio::test]
