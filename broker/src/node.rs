@@ -1462,16 +1462,8 @@ impl Node {
             *adding.entry(node).or_default() += 1;
         }
         let state = self.controller.state();
-        let held = |node: NodeId| {
-            state
-                .topics
-                .values()
-                .flat_map(|t| t.partitions.iter())
-                .filter(|p| p.replicas.contains(&node))
-                .count()
-        };
         for (&node, &more) in &adding {
-            let now = held(node);
+            let now = state.replicas_on(node);
             if now + more > max {
                 return Err(BrokerError::LimitReached {
                     what: format!(

@@ -999,6 +999,13 @@ async fn moves_past_partition_replicas_max_are_refused() {
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("partition_replicas_max"), "{body}");
     assert!(body.contains("LIMIT_REACHED"), "{body}");
+    // Onto the broker that holds it already: no replica more anywhere, so not refused.
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics/full-a/partitions/0/replicas",
+        Some(&format!(r#"{{"replicas":[{on}]}}"#)),
+    );
+    assert_eq!(status, 202, "{body}");
 
     let (status, body) = brokers[0].http("POST", "/v1/brokers/2/remove", None);
     assert_eq!(status, 202, "{body}");

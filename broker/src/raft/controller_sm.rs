@@ -923,14 +923,25 @@ impl ControllerState {
             .collect()
     }
 
-    /// The partition replicas `node` holds, or will once the moves under way end (a moving
-    /// partition counts where it goes).
+    /// The partition replicas `node` holds or is getting: a moving partition counts on its
+    /// replicas (those leaving stay until the move ends, however long that takes) and on its
+    /// target. What `partition_replicas_max` bounds.
     pub fn replicas_on(&self, node: NodeId) -> usize {
         self.topics
             .values()
             .flat_map(|t| &t.partitions)
-            .filter(|p| p.target.as_ref().unwrap_or(&p.replicas).contains(&node))
+            .filter(|p| {
+                p.replicas.contains(&node) || p.target.as_ref().is_some_and(|t| t.contains(&node))
+            })
             .count()
+    }
+
+    /// [`ControllerState::replicas_on`] of every registered broker.
+    fn replicas_held(&self) -> BTreeMap<NodeId, usize> {
+        self.brokers
+            .keys()
+            .map(|&b| (b, self.replicas_on(b)))
+            .collect()
     }
 
     /// Replicas per eligible broker (a moving partition counts where it goes).
@@ -969,6 +980,11 @@ impl ControllerState {
     /// stay where they are.
     pub fn plan_rebalance_onto(&self, usable: &BTreeSet<NodeId>, max: usize) -> Vec<PlannedMove> {
         let mut counts = self.replica_counts();
+        // What each broker holds or is getting, against `max` (a replica planned to leave a
+        // broker stays there until its move ends: it does not make room).
+        let mut held = self.replicas_held();
+        let room =
+            |held: &BTreeMap<NodeId, usize>, b: &NodeId| held.get(b).copied().unwrap_or(0) < max;
         counts.retain(|b, _| usable.contains(b));
         let mut plan: BTreeMap<(String, u32), Vec<NodeId>> = BTreeMap::new();
         let still: Vec<(String, u32, Vec<NodeId>)> = self
@@ -994,13 +1010,14 @@ impl ControllerState {
             while grown.len() < asked {
                 let Some(b) = counts
                     .iter()
-                    .filter(|(b, c)| !grown.contains(b) && **c < max)
+                    .filter(|(b, _)| !grown.contains(b) && room(&held, b))
                     .min_by_key(|(b, c)| (**c, **b))
                     .map(|(b, _)| *b)
                 else {
                     break;
                 };
                 counts.entry(b).and_modify(|c| *c += 1);
+                *held.entry(b).or_default() += 1;
                 grown.push(b);
             }
             if grown.len() > r.len() {
@@ -1017,7 +1034,7 @@ impl ControllerState {
             ) else {
                 break;
             };
-            if high <= low + 1 || low >= max {
+            if high <= low + 1 || !room(&held, &least) {
                 break;
             }
             let candidate = still.iter().find_map(|(t, p, r)| {
@@ -1036,6 +1053,7 @@ impl ControllerState {
             plan.insert((t, p), current);
             counts.entry(most).and_modify(|c| *c -= 1);
             counts.entry(least).and_modify(|c| *c += 1);
+            *held.entry(least).or_default() += 1;
         }
         // Preferred leaders: the first replica of each partition, spread the same way.
         let mut firsts: BTreeMap<NodeId, usize> = self
@@ -1136,6 +1154,10 @@ impl ControllerState {
         let mut counts = self.replica_counts();
         counts.remove(&node);
         counts.retain(|b, _| usable.contains(b));
+        // What each broker holds or is getting, against `max`.
+        let mut held = self.replicas_held();
+        let room =
+            |held: &BTreeMap<NodeId, usize>, b: &NodeId| held.get(b).copied().unwrap_or(0) < max;
         let (mut moves, mut stuck) = (Vec::new(), Vec::new());
         for t in self.topics.values() {
             for p in &t.partitions {
@@ -1155,7 +1177,10 @@ impl ControllerState {
                     continue;
                 }
                 // Each replica to leave (`node`, and stalled new ones) gets the usable broker
-                // with the fewest replicas that the partition is not going to yet.
+                // with the fewest replicas that the partition is not going to yet, and that has
+                // room. Counted as planned only if the move is (a partition left waiting keeps
+                // no broker's room).
+                let (counts_before, held_before) = (counts.clone(), held.clone());
                 let mut to: Vec<NodeId> = Vec::new();
                 let mut missing = false;
                 for r in going {
@@ -1165,56 +1190,50 @@ impl ControllerState {
                     }
                     let replacement = counts
                         .iter()
-                        .filter(|(b, c)| !going.contains(b) && !to.contains(b) && **c < max)
+                        .filter(|(b, _)| !going.contains(b) && !to.contains(b) && room(&held, b))
                         .min_by_key(|(b, c)| (**c, **b))
                         .map(|(b, _)| *b);
                     match replacement {
                         Some(b) => {
                             counts.entry(b).and_modify(|c| *c += 1);
+                            *held.entry(b).or_default() += 1;
                             to.push(b);
                         }
                         None => missing = true,
                     }
                 }
-                if missing
-                    && counts
-                        .iter()
-                        .any(|(b, c)| !going.contains(b) && !to.contains(b) && *c >= max)
-                {
-                    stuck.push(format!(
-                        "{}/{}: the brokers that could take it hold partition_replicas_max \
-                         ({max}) replicas each",
-                        t.name, p.partition
-                    ));
-                    continue;
-                }
-                if missing
-                    && self
-                        .eligible_brokers()
-                        .iter()
-                        .any(|b| *b != node && !going.contains(b) && !to.contains(b))
-                {
+                let others: Vec<NodeId> = self
+                    .eligible_brokers()
+                    .into_iter()
+                    .filter(|b| *b != node && !going.contains(b) && !to.contains(b))
+                    .collect();
+                let waiting = if !missing {
+                    None
+                } else if others.iter().any(|b| !counts.contains_key(b)) {
                     // A broker could take it but is not usable now (down, draining, slow to
                     // answer): planned again later rather than shrunk for good.
-                    stuck.push(format!(
-                        "{}/{}: the brokers that could take it are not usable now",
-                        t.name, p.partition
-                    ));
-                    continue;
-                }
-                if missing && !stalled.is_empty() {
+                    Some("the brokers that could take it are not usable now".to_string())
+                } else if !others.is_empty() {
+                    // Usable brokers, but full: planned again once one has room or another
+                    // broker joins, rather than shrunk for good.
+                    Some(format!(
+                        "the brokers that could take it hold partition_replicas_max ({max}) \
+                         replicas each"
+                    ))
+                } else if !stalled.is_empty() {
                     // No other broker at all: the running move waits for its target.
-                    stuck.push(format!(
-                        "{}/{}: its move waits for a broker that is down",
-                        t.name, p.partition
-                    ));
-                    continue;
-                }
-                if to.is_empty() {
-                    stuck.push(format!(
-                        "{}/{}: no other broker to hold it",
-                        t.name, p.partition
-                    ));
+                    Some("its move waits for a broker that is down".to_string())
+                } else if to.is_empty() {
+                    Some("no other broker to hold it".to_string())
+                } else {
+                    None
+                };
+                if let Some(why) = waiting.or_else(|| {
+                    to.is_empty()
+                        .then(|| "no other broker to hold it".to_string())
+                }) {
+                    stuck.push(format!("{}/{}: {why}", t.name, p.partition));
+                    (counts, held) = (counts_before, held_before);
                     continue;
                 }
                 moves.push(PlannedMove {
@@ -2157,6 +2176,46 @@ mod tests {
             plan.iter().all(|m| m.to.len() == 2),
             "none shrinks: {plan:?}"
         );
+    }
+
+    /// The limit counts what a broker holds or is getting: a replica moving off a broker still
+    /// counts there until its move ends, and a rebalance giving an under-replicated partition
+    /// its factor back puts no replica on a full broker (helper-89).
+    #[test]
+    fn the_limit_counts_replicas_still_leaving_and_bounds_the_factor_regrown() {
+        let mut state = ControllerState::default();
+        register(&mut state, 1);
+        // Placed with one broker: a factor of 1, under-replicated.
+        state.apply(&topic_rf("a", 3, 2));
+        register(&mut state, 2);
+        register(&mut state, 3);
+        let all: BTreeSet<NodeId> = [1, 2, 3].into();
+        let grown = |plan: &[PlannedMove]| plan.iter().filter(|m| m.to.len() == 2).count();
+        assert_eq!(grown(&state.plan_rebalance_onto(&all, usize::MAX)), 3);
+        // Brokers 2 and 3 have room for one replica each.
+        let plan = state.plan_rebalance_onto(&all, 1);
+        assert_eq!(grown(&plan), 2, "{plan:?}");
+        for b in [2, 3] {
+            assert_eq!(
+                plan.iter().filter(|m| m.to.contains(&b)).count(),
+                1,
+                "{plan:?}"
+            );
+        }
+        // a/0 moves from 1 to 2: until the move ends, both hold it.
+        let moving = PlannedMove {
+            topic: "a".into(),
+            topic_id: state.topics["a"].topic_id.clone(),
+            partition: 0,
+            from: vec![1],
+            to: vec![2],
+        };
+        assert!(matches!(
+            state.apply(&moving.command()),
+            ControllerResponse::Topic(_)
+        ));
+        assert_eq!(state.replicas_on(1), 3, "still leaving, still held");
+        assert_eq!(state.replicas_on(2), 1);
     }
 
     /// A removal whose move sends a replica to a broker that then goes down is planned again
