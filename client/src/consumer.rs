@@ -171,7 +171,16 @@ pub struct Consumer {
     broker_session: Option<Duration>,
     /// How often the heartbeat task beats.
     heartbeat_interval: Duration,
+    /// How often the broker said it sends a heartbeat on a quiet stream (its last assignment).
+    broker_heartbeat: Option<Duration>,
 }
+
+/// How many of the broker's heartbeat intervals may pass with nothing on the stream before the
+/// consumer takes it as lost (a hung broker, a proxy holding the stream) and subscribes again.
+const SILENT_HEARTBEATS_MAX: u32 = 3;
+
+/// The least silence taken as a lost stream, however often the broker heartbeats.
+const SILENCE_MIN: Duration = Duration::from_secs(2);
 
 /// A stream that ends sooner than this after it opened counts as a quick end: the broker
 /// accepted it and then failed it at once (a partition still opening, a coordinator taking
@@ -272,6 +281,7 @@ impl Consumer {
             assigned_on_stream: false,
             broker_session: None,
             heartbeat_interval: Duration::ZERO,
+            broker_heartbeat: None,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
         // reconnect would.
@@ -364,11 +374,17 @@ impl Consumer {
         if let Some(group) = &self.config.group {
             crate::mirror_group(&mut request, group);
         }
-        let responses = self
-            .client
-            .subscriber()
-            .subscribe(request)
+        // The stream's headers come at once from a broker that works: a hung one (or a
+        // connection that went dead) gets the client's call timeout, not forever.
+        let timeout = self.client.timeout();
+        let responses = tokio::time::timeout(timeout, self.client.subscriber().subscribe(request))
             .await
+            .map_err(|_| Error::Status {
+                code: Code::DeadlineExceeded,
+                message: format!("the broker did not answer the subscription within {timeout:?}"),
+                reason: String::new(),
+                leader_id: None,
+            })?
             .map_err(Error::from)?
             .into_inner();
         self.stream_opened = Instant::now();
@@ -414,16 +430,46 @@ impl Consumer {
         }));
     }
 
-    /// Receives one event and applies it; None when the stream ended cleanly.
+    /// How long the stream may stay silent before it is taken as lost: a few of the broker's
+    /// heartbeat intervals once it said how often it sends them; the client's call timeout
+    /// before that, and for a stream's first answer (its assignment), if longer.
+    fn silence_max(&self) -> Duration {
+        let beats = self
+            .broker_heartbeat
+            .map(|every| every.saturating_mul(SILENT_HEARTBEATS_MAX).max(SILENCE_MIN));
+        match beats {
+            Some(beats) if self.assigned_on_stream => beats,
+            Some(beats) => beats.max(self.client.timeout()),
+            None => self.client.timeout(),
+        }
+    }
+
+    /// Receives one event and applies it; None when the stream ended cleanly. A stream on which
+    /// nothing came for [`Consumer::silence_max`] fails (UNAVAILABLE, reason STREAM_SILENT):
+    /// the broker hung, or something between holds the stream, and only a new stream helps.
     async fn receive(&mut self) -> Result<Option<Event>> {
+        let silence = self.silence_max();
         let Some(responses) = self.responses.as_mut() else {
             return Err(Error::Closed);
         };
-        let message = match responses.message().await {
-            Ok(message) => message,
-            Err(status) => {
+        let message = match tokio::time::timeout(silence, responses.message()).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(status)) => {
                 self.stream_live = false;
                 return Err(Error::from(status));
+            }
+            Err(_) => {
+                self.stream_live = false;
+                return Err(Error::Status {
+                    code: Code::Unavailable,
+                    message: format!(
+                        "nothing came on the subscription stream for {silence:?} (the broker \
+                         heartbeats every {:?}): taken as lost",
+                        self.broker_heartbeat.unwrap_or_default()
+                    ),
+                    reason: "STREAM_SILENT".into(),
+                    leader_id: None,
+                });
             }
         };
         let Some(event) = message.and_then(|m| m.event) else {
@@ -433,6 +479,9 @@ impl Consumer {
         match &event {
             Event::Assignment(a) => {
                 self.generation = a.generation;
+                if a.heartbeat_ms > 0 {
+                    self.broker_heartbeat = Some(Duration::from_millis(a.heartbeat_ms.into()));
+                }
                 // The session timeout in force (the broker's default when this consumer named
                 // none) sets how often to heartbeat.
                 if a.session_timeout_ms > 0 {

@@ -426,7 +426,8 @@ impl Client {
         Ok((answer.principal, answer.source))
     }
 
-    /// Sets the deadline of unary calls (default 30 s).
+    /// Sets the deadline of unary calls (default 30 s); also the longest a subscription waits
+    /// for its stream's headers and first assignment.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self

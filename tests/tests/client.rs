@@ -1073,3 +1073,42 @@ async fn a_latest_consumer_reads_a_partition_added_while_its_stream_was_down_fro
         "partition 0 resumed"
     );
 }
+
+/// A consumer whose broker hangs (SIGSTOP: its connections stay open and nothing comes) does
+/// not wait for good: its stream is taken as lost after three of the heartbeat intervals the
+/// broker announced in the assignment (`stream_heartbeat_ms`), and with no reconnection allowed
+/// `next` fails (UNAVAILABLE, STREAM_SILENT); a consumer made while the broker hangs fails within
+/// the client's timeout. Before, both waited until the HTTP/2 keep-alive gave up (about 50 s),
+/// or for good behind a proxy that answers pings itself (helper-90).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_of_a_hung_broker_fails_instead_of_waiting_for_good() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "stream_heartbeat_ms = 200\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
+    let client = broker.client().await.with_timeout(Duration::from_secs(2));
+    client
+        .admin()
+        .create_topic("hung", 1)
+        .await
+        .expect("create");
+    let consumer_config = || ConsumerConfig {
+        reconnects_max: 0,
+        ..ConsumerConfig::new("hung").start(StartFrom::Earliest)
+    };
+    let mut consumer = client.consumer(consumer_config()).await.expect("consumer");
+    broker.pause();
+    let next = tokio::time::timeout(Duration::from_secs(15), consumer.next())
+        .await
+        .expect("next ends within 15 s of the broker hanging");
+    let error = next.expect_err("no record from a hung broker");
+    assert_eq!(error.reason(), "STREAM_SILENT", "{error}");
+    let made = tokio::time::timeout(Duration::from_secs(15), client.consumer(consumer_config()))
+        .await
+        .expect("a consumer made while the broker hangs fails within 15 s");
+    assert!(made.is_err(), "no consumer of a hung broker");
+    broker.resume();
+    // Served again once the broker runs.
+    let consumer = client.consumer(consumer_config()).await.expect("consumer");
+    assert_eq!(consumer.assignment(), vec![0]);
+}

@@ -1209,6 +1209,7 @@ impl Session {
                 .map(|(&partition, &offset)| PartitionOffset { partition, offset })
                 .collect(),
             restarted_partitions: restarted,
+            heartbeat_ms: u32::try_from(self.node.config.stream_heartbeat_ms).unwrap_or(u32::MAX),
         };
         self.send_control(event(Event::Assignment(assignment)))
             .await
