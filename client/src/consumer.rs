@@ -173,6 +173,21 @@ pub struct Consumer {
     heartbeat_interval: Duration,
     /// How often the broker said it sends a heartbeat on a quiet stream (its last assignment).
     broker_heartbeat: Option<Duration>,
+    /// Streams in a row that failed (counted across calls of `next`, so a caller that polls
+    /// with short timeouts still gets the error once `reconnects_max` is passed).
+    failures: u32,
+    /// A new stream to open: when, and the attempts made so far. Kept across calls of `next`,
+    /// so a caller's timeout that cuts a reconnection short does not skip its wait.
+    reconnecting: Option<Reconnecting>,
+}
+
+/// A pending reconnection of a [`Consumer`].
+#[derive(Debug, Clone, Copy)]
+struct Reconnecting {
+    /// Not before then.
+    at: tokio::time::Instant,
+    /// Attempts that failed so far.
+    attempts: u32,
 }
 
 /// How many of the broker's heartbeat intervals may pass with nothing on the stream before the
@@ -282,6 +297,8 @@ impl Consumer {
             broker_session: None,
             heartbeat_interval: Duration::ZERO,
             broker_heartbeat: None,
+            failures: 0,
+            reconnecting: None,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
         // reconnect would.
@@ -565,11 +582,10 @@ impl Consumer {
         Ok(Some(event))
     }
 
-    async fn reconnect(&mut self, why: &Error) -> Result<()> {
+    /// Notes that the stream ended (`why`): a new one is opened by [`Consumer::reconnect`],
+    /// after a wait.
+    async fn begin_reconnect(&mut self, why: &Error) {
         tracing::debug!("subscription ended ({why}); reconnecting");
-        if self.config.group.is_some() && self.config.auto_commit {
-            let _ = self.commit().await;
-        }
         if why.reason() == "STALE_GENERATION" {
             // Our membership expired: join as a new member (commits until then come from
             // outside membership: generation 0).
@@ -585,27 +601,54 @@ impl Consumer {
         } else {
             self.quick_ends = 0;
         }
-        tokio::time::sleep(reconnect_delay(self.quick_ends)).await;
-        let mut attempt = 0;
-        loop {
+        self.reconnecting = Some(Reconnecting {
+            at: tokio::time::Instant::now() + reconnect_delay(self.quick_ends),
+            attempts: 0,
+        });
+        if self.config.group.is_some() && self.config.auto_commit {
+            let _ = self.commit().await;
+        }
+    }
+
+    /// Opens a new stream once the pending reconnection's wait is over, trying again (within
+    /// `reconnects_max`) while the broker is unavailable. Cancel-safe: a later call goes on
+    /// with the same wait and attempts.
+    async fn reconnect(&mut self) -> Result<()> {
+        while let Some(pending) = self.reconnecting {
+            tokio::time::sleep_until(pending.at).await;
             match self.subscribe().await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_retriable() && attempt < self.config.reconnects_max => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(20))))
-                        .await;
+                Ok(()) => self.reconnecting = None,
+                Err(e) if e.is_retriable() && pending.attempts < self.config.reconnects_max => {
+                    let attempts = pending.attempts + 1;
+                    self.reconnecting = Some(Reconnecting {
+                        at: tokio::time::Instant::now()
+                            + Duration::from_millis(100 * u64::from(attempts.min(20))),
+                        attempts,
+                    });
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.reconnecting = None;
+                    return Err(e);
+                }
             }
         }
+        Ok(())
     }
 
     /// The next record, waiting as long as it takes. Cancel-safe: dropping the future before it
     /// completes loses no record.
     pub async fn next(&mut self) -> Result<Option<Message>> {
         self.end_processing();
-        let mut failures = 0;
         loop {
+            // A reconnection a cancelled call left under way goes on (its records are not
+            // taken from the old stream's buffer meanwhile: the new stream starts over).
+            if self.reconnecting.is_some() {
+                if let Err(e) = self.reconnect().await {
+                    self.failures = 0;
+                    return Err(e);
+                }
+                continue;
+            }
             // Every await comes before a record is taken, so a caller that drops this future
             // (a timeout, a select) never loses a record: it stays buffered for the next call.
             self.grant_credit().await;
@@ -633,7 +676,7 @@ impl Consumer {
             match event {
                 Ok(Some(event)) => {
                     if shows_a_working_stream(&event) {
-                        failures = 0;
+                        self.failures = 0;
                     }
                 }
                 Ok(None) => {
@@ -641,13 +684,16 @@ impl Consumer {
                     // (One that failed before its assignment, a partition that cannot open
                     // failing it after a few seconds, did not.)
                     if self.stream_worked() {
-                        failures = 0;
+                        self.failures = 0;
                     }
-                    failures += 1;
-                    if failures > self.config.reconnects_max {
+                    self.failures += 1;
+                    if self.failures > self.config.reconnects_max {
+                        // Said once; a later call starts over.
+                        self.failures = 0;
+                        self.begin_reconnect(&Error::Closed).await;
                         return Err(Error::Closed);
                     }
-                    self.reconnect(&Error::Closed).await?
+                    self.begin_reconnect(&Error::Closed).await;
                 }
                 Err(e) => {
                     let recoverable = e.is_retriable()
@@ -655,13 +701,18 @@ impl Consumer {
                             && e.reason() == "STALE_GENERATION"
                         || e.code() == Some(Code::Cancelled);
                     if self.stream_worked() {
-                        failures = 0;
+                        self.failures = 0;
                     }
-                    failures += 1;
-                    if !recoverable || failures > self.config.reconnects_max {
+                    self.failures += 1;
+                    if !recoverable || self.failures > self.config.reconnects_max {
+                        self.failures = 0;
+                        if recoverable {
+                            // A later call tries again, after the wait.
+                            self.begin_reconnect(&e).await;
+                        }
                         return Err(e);
                     }
-                    self.reconnect(&e).await?;
+                    self.begin_reconnect(&e).await;
                 }
             }
         }

@@ -1112,3 +1112,44 @@ async fn a_consumer_of_a_hung_broker_fails_instead_of_waiting_for_good() {
     let consumer = client.consumer(consumer_config()).await.expect("consumer");
     assert_eq!(consumer.assignment(), vec![0]);
 }
+
+/// A consumer polled with short timeouts (`next_timeout`, as a Kafka-style poll loop) whose
+/// broker is gone gets the error once its reconnections (`reconnects_max`) are used up, each
+/// after its wait: the count and the waits carry over from one call to the next. Before, each
+/// call started over, made one attempt, was cut short in its wait, and answered "no record"
+/// for good, reconnecting at the polling rate (helper-90).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_a_consumer_of_a_dead_broker_ends_in_an_error() {
+    let mut broker = Broker::start();
+    let client = broker.client().await.with_timeout(Duration::from_secs(2));
+    client
+        .admin()
+        .create_topic("gone", 1)
+        .await
+        .expect("create");
+    let mut consumer = client
+        .consumer(ConsumerConfig {
+            reconnects_max: 3,
+            ..ConsumerConfig::new("gone")
+                .group("pollers")
+                .start(StartFrom::Earliest)
+        })
+        .await
+        .expect("consumer");
+    broker.kill9();
+    let began = std::time::Instant::now();
+    let mut polls = 0u32;
+    let error = loop {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "still no error after {polls} polls in 30 s"
+        );
+        polls += 1;
+        match consumer.next_timeout(Duration::from_millis(50)).await {
+            Ok(None) => continue,
+            Ok(Some(m)) => panic!("a record from a dead broker: {m:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(error.is_retriable(), "{error}");
+}
