@@ -44,6 +44,10 @@ pub struct ProducerConfig {
     /// Records given to the producer and not yet answered, over all partitions, before `send`
     /// and `send_nowait` wait for room.
     pub queue_records_max: usize,
+    /// Bytes of records given to the producer and not yet answered, over all partitions, before
+    /// `send` and `send_nowait` wait for room (default 64 MiB; Kafka's `buffer.memory` is the
+    /// same idea). A record larger than this waits until nothing else is unanswered.
+    pub queue_bytes_max: usize,
     /// Attempts per batch before its records fail.
     pub retries_max: u32,
     /// Wait before the second attempt; each later one waits that much longer, up to ten times
@@ -88,6 +92,7 @@ impl Default for ProducerConfig {
             in_flight_per_partition: 4,
             eager_in_flight: 2,
             queue_records_max: 100_000,
+            queue_bytes_max: 64 * 1024 * 1024,
             retries_max: 20,
             retry_backoff: Duration::from_millis(100),
             idempotent: true,
@@ -212,12 +217,22 @@ struct Batch {
     records: Vec<Record>,
     outcome: Arc<Outcome>,
     room: Arc<Semaphore>,
+    /// The producer's room in bytes, and how much of it the records hold.
+    room_bytes: Arc<Semaphore>,
+    bytes_held: usize,
     answered: bool,
 }
 
 impl Batch {
-    fn new(topic: Arc<str>, partition: u32, room: Arc<Semaphore>) -> Batch {
+    fn new(
+        topic: Arc<str>,
+        partition: u32,
+        room: Arc<Semaphore>,
+        room_bytes: Arc<Semaphore>,
+    ) -> Batch {
         Batch {
+            room_bytes,
+            bytes_held: 0,
             records: Vec::new(),
             outcome: Arc::new(Outcome {
                 topic,
@@ -245,6 +260,7 @@ impl Batch {
             self.answered = true;
             self.outcome.settle(result);
             self.room.add_permits(self.records.len());
+            self.room_bytes.add_permits(self.bytes_held);
         }
     }
 }
@@ -304,6 +320,8 @@ struct Shared {
     eager: usize,
     /// Records given to the producer and not yet answered, at most `queue_records_max`.
     room: Arc<Semaphore>,
+    /// Their bytes, at most `queue_bytes_max`.
+    room_bytes: Arc<Semaphore>,
     state: Mutex<State>,
 }
 
@@ -361,6 +379,10 @@ impl Producer {
         let room = Arc::new(Semaphore::new(
             config.queue_records_max.clamp(1, Semaphore::MAX_PERMITS),
         ));
+        config.queue_bytes_max = config
+            .queue_bytes_max
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let room_bytes = Arc::new(Semaphore::new(config.queue_bytes_max));
         let shared = Arc::new(Shared {
             client,
             config,
@@ -368,6 +390,7 @@ impl Producer {
             router,
             eager,
             room,
+            room_bytes,
             state: Mutex::new(State {
                 topics: HashMap::new(),
                 sticky: HashMap::new(),
@@ -380,9 +403,10 @@ impl Producer {
         Producer { shared }
     }
 
-    /// Gives a record to the producer (waiting while `queue_records_max` records are
-    /// unanswered) and returns its acknowledgement, to await later: one caller can keep many
-    /// records in flight. Fails at once if the topic is unknown.
+    /// Gives a record to the producer (waiting while `queue_records_max` records, or
+    /// `queue_bytes_max` bytes of them, are unanswered) and returns its acknowledgement, to
+    /// await later: one caller can keep many records in flight. Fails at once if the topic is
+    /// unknown.
     pub async fn send_nowait(&self, topic: &str, record: Record) -> Result<AckFuture> {
         let mut record = record;
         if weft_proto::otel::enabled() {
@@ -396,8 +420,17 @@ impl Producer {
             .acquire()
             .await
             .map_err(|_| Error::Closed)?;
-        let ack = self.place(topic, record).await?;
+        // (At most the whole room: a larger record waits until nothing else is unanswered.)
+        let units = record.size().clamp(1, self.shared.config.queue_bytes_max);
+        let room_bytes = self
+            .shared
+            .room_bytes
+            .acquire_many(u32::try_from(units).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| Error::Closed)?;
+        let ack = self.place(topic, record, units).await?;
         room.forget();
+        room_bytes.forget();
         Ok(ack)
     }
 
@@ -408,7 +441,7 @@ impl Producer {
 
     /// Puts the record into its partition's open batch; closes the batch when it is full, and
     /// wakes the partition's sender when it has a batch to take.
-    async fn place(&self, topic: &str, record: Record) -> Result<AckFuture> {
+    async fn place(&self, topic: &str, record: Record, units: usize) -> Result<AckFuture> {
         let shared = &self.shared;
         // A publish larger than a gRPC message may be fails in the transport with nothing but
         // "h2 protocol error": refuse such a record here, by name, before it takes a sequence.
@@ -518,11 +551,17 @@ impl Producer {
         }
         let fresh = lane.open.is_none();
         let open = lane.open.get_or_insert_with(|| Open {
-            batch: Batch::new(topic.clone(), partition, shared.room.clone()),
+            batch: Batch::new(
+                topic.clone(),
+                partition,
+                shared.room.clone(),
+                shared.room_bytes.clone(),
+            ),
             bytes: 0,
             opened: Instant::now(),
         });
         let ack = open.batch.push(record);
+        open.batch.bytes_held += units;
         open.bytes += size;
         if open.bytes >= limit || open.batch.records.len() >= config.batch_records_max {
             if let Some(full) = lane.open.take() {
@@ -1128,7 +1167,12 @@ mod tests {
 
     /// A batch of `records` records, numbered, with the acknowledgements of its records.
     fn numbered(records: usize, epoch: u32, base_sequence: u64) -> (Numbered, Vec<AckFuture>) {
-        let mut batch = Batch::new(Arc::from("t"), 0, Arc::new(Semaphore::new(0)));
+        let mut batch = Batch::new(
+            Arc::from("t"),
+            0,
+            Arc::new(Semaphore::new(0)),
+            Arc::new(Semaphore::new(0)),
+        );
         let acks = (0..records)
             .map(|i| batch.push(Record::new(format!("r{i}"))))
             .collect();

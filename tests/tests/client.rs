@@ -1153,3 +1153,45 @@ async fn polling_a_consumer_of_a_dead_broker_ends_in_an_error() {
     };
     assert!(error.is_retriable(), "{error}");
 }
+
+/// The producer holds at most `queue_bytes_max` bytes of unanswered records (64 MiB by
+/// default, as Kafka's `buffer.memory` bounds its producer): with the broker hung, sends of
+/// 512 KiB records wait for room once 64 MiB are given, and every record given is stored once
+/// the broker runs again. Before, only the record count was bounded (100,000), so a producer
+/// of large records could hold gigabytes (helper-90).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_bounds_the_bytes_it_holds_unanswered() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client.admin().create_topic("big", 1).await.expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send("big", Record::new(vec![1u8; 16]))
+        .await
+        .expect("the producer knows the topic");
+    broker.pause();
+    const RECORD: usize = 512 * 1024;
+    let mut acks = Vec::new();
+    // At most 300 (150 MiB): past 128, room is wanting.
+    for _ in 0..300 {
+        match tokio::time::timeout(
+            Duration::from_millis(500),
+            producer.send_nowait("big", Record::new(vec![7u8; RECORD])),
+        )
+        .await
+        {
+            Ok(ack) => acks.push(ack.expect("queued")),
+            Err(_) => break,
+        }
+    }
+    let held = acks.len();
+    broker.resume();
+    assert!(
+        held <= 64 * 1024 * 1024 / RECORD,
+        "{held} records of 512 KiB given while nothing was answered"
+    );
+    assert!(held >= 100, "only {held} records given: the room is 64 MiB");
+    for ack in acks {
+        ack.await.expect("stored once the broker runs");
+    }
+}

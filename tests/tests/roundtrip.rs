@@ -282,3 +282,46 @@ async fn an_idle_producer_sends_at_once_and_batches_while_busy() {
     );
     producer.close().await.expect("close");
 }
+
+/// `weft produce` reading a stdin that stays open (`tail -f app.log | weft produce logs`)
+/// publishes each line and prints where it went as lines come, not only at the end of input:
+/// its memory stays bounded however long the input runs. Before, it printed nothing (and
+/// kept every acknowledgement) until stdin closed (helper-90).
+#[test]
+fn cli_produce_prints_each_line_as_it_comes_from_an_open_stdin() {
+    use std::io::{BufRead, Write};
+    let broker = Broker::start();
+    ok_stdout(&broker.cli(&["topic", "create", "lines", "--partitions", "1"]));
+    let mut child = std::process::Command::new(weft_tests::binary("weft"))
+        .args(["--server", &broker.client_addr, "produce", "lines"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn weft");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let (printed_tx, printed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if printed_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    for (i, value) in ["first", "second"].into_iter().enumerate() {
+        writeln!(stdin, "{value}").expect("write a line");
+        stdin.flush().expect("flush");
+        let line = printed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the line's offset printed within 10 s, stdin still open");
+        assert_eq!(line, format!("lines/0 offset {i}"));
+    }
+    drop(stdin);
+    let status = child.wait().expect("weft exits");
+    assert!(
+        status.success(),
+        "weft produce exits 0 at the end of its input"
+    );
+}

@@ -4,10 +4,16 @@ use std::io::BufRead;
 
 use anyhow::Context;
 use clap::Args;
+use futures::StreamExt;
 use serde_json::json;
 use weft_client::{Client, ProducerConfig, Record};
 
 use super::{Output, print_json};
+
+/// Values read ahead of their publish.
+const VALUES_AHEAD: usize = 1024;
+/// Records given to the producer and not yet answered (and printed).
+const UNANSWERED_MAX: usize = 10_000;
 
 /// What to publish.
 #[derive(Debug, Args)]
@@ -39,41 +45,70 @@ pub(crate) async fn run(client: &Client, output: Output, args: ProduceArgs) -> a
             .with_context(|| format!("header {h:?} is not NAME=VALUE"))?;
         headers.push((name.to_string(), bytes::Bytes::from(value.to_string())));
     }
-    let values: Box<dyn Iterator<Item = std::io::Result<String>>> = if args.values.is_empty() {
-        Box::new(std::io::stdin().lock().lines())
+    // Values come through a bounded queue (stdin read on a thread of its own), and each
+    // acknowledgement is printed as it arrives, in order, with at most `UNANSWERED_MAX` records
+    // given and not yet answered: `tail -f app.log | weft produce logs` publishes and prints as
+    // lines come, in bounded memory, rather than holding every acknowledgement until the end.
+    let (tx, mut values) = tokio::sync::mpsc::channel::<std::io::Result<String>>(VALUES_AHEAD);
+    if args.values.is_empty() {
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                if tx.blocking_send(line).is_err() {
+                    return;
+                }
+            }
+        });
     } else {
-        Box::new(args.values.clone().into_iter().map(Ok))
-    };
-    let producer = client.producer(ProducerConfig::default());
-    let mut pending = Vec::new();
-    for value in values {
-        let value = value.context("reading stdin")?;
-        let (key, value) = match (&args.key_separator, &args.key) {
-            (Some(sep), _) => match value.split_once(sep.as_str()) {
-                Some((k, v)) => (Some(k.to_string()), v.to_string()),
-                None => (args.key.clone(), value),
-            },
-            (None, key) => (key.clone(), value),
-        };
-        let mut record = Record::new(value);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        if let Some(p) = args.partition {
-            record = record.partition(p);
-        }
-        record.headers = headers.clone();
-        pending.push(producer.send_nowait(&args.topic, record).await?);
+        let given = args.values.clone();
+        tokio::spawn(async move {
+            for value in given {
+                if tx.send(Ok(value)).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
+    let producer = client.producer(ProducerConfig::default());
+    let mut pending = futures::stream::FuturesOrdered::new();
     let mut count = 0u64;
-    for ack in pending {
-        let ack = ack.await?;
-        count += 1;
-        match output {
-            Output::Json => print_json(
-                &json!({ "topic": &*ack.topic, "partition": ack.partition, "offset": ack.offset }),
-            ),
-            Output::Text => println!("{}/{} offset {}", ack.topic, ack.partition, ack.offset),
+    let mut input_done = false;
+    loop {
+        tokio::select! {
+            biased;
+            Some(ack) = pending.next(), if !pending.is_empty() => {
+                let ack: weft_client::Ack = ack?;
+                count += 1;
+                match output {
+                    Output::Json => print_json(
+                        &json!({ "topic": &*ack.topic, "partition": ack.partition, "offset": ack.offset }),
+                    ),
+                    Output::Text => println!("{}/{} offset {}", ack.topic, ack.partition, ack.offset),
+                }
+            }
+            value = values.recv(), if !input_done && pending.len() < UNANSWERED_MAX => {
+                let Some(value) = value else {
+                    input_done = true;
+                    continue;
+                };
+                let value = value.context("reading stdin")?;
+                let (key, value) = match (&args.key_separator, &args.key) {
+                    (Some(sep), _) => match value.split_once(sep.as_str()) {
+                        Some((k, v)) => (Some(k.to_string()), v.to_string()),
+                        None => (args.key.clone(), value),
+                    },
+                    (None, key) => (key.clone(), value),
+                };
+                let mut record = Record::new(value);
+                if let Some(key) = key {
+                    record = record.key(key);
+                }
+                if let Some(p) = args.partition {
+                    record = record.partition(p);
+                }
+                record.headers = headers.clone();
+                pending.push_back(producer.send_nowait(&args.topic, record).await?);
+            }
+            else => break,
         }
     }
     producer.close().await?;
