@@ -204,6 +204,8 @@ impl Admin {
     pub async fn topics(&self) -> Result<Vec<proto::Topic>> {
         let mut out = Vec::new();
         let mut page_token = String::new();
+        // A broker that hands back a token it gave before would keep this going for good.
+        let mut seen = std::collections::HashSet::new();
         loop {
             let page = self
                 .read(|left| {
@@ -223,6 +225,17 @@ impl Admin {
             out.extend(page.topics);
             if page.next_page_token.is_empty() {
                 return Ok(out);
+            }
+            if !seen.insert(page.next_page_token.clone()) {
+                return Err(Error::Status {
+                    code: tonic::Code::Internal,
+                    message: format!(
+                        "the broker listed topics in a loop (page token {:?} came twice)",
+                        page.next_page_token
+                    ),
+                    reason: String::new(),
+                    leader_id: None,
+                });
             }
             page_token = page.next_page_token;
         }

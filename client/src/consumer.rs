@@ -663,7 +663,8 @@ impl Consumer {
                     self.send_commit().await;
                 }
                 if let Some(message) = self.buffer.pop_front() {
-                    self.positions.insert(message.partition, message.offset + 1);
+                    self.positions
+                        .insert(message.partition, message.offset.saturating_add(1));
                     self.uncredited.0 += 1;
                     self.uncredited.1 += message_size(&message);
                     if weft_proto::otel::enabled() {

@@ -184,12 +184,26 @@ impl Future for AckFuture {
         let this = &mut *self;
         let mut state = lock(&this.outcome.state);
         match &mut *state {
-            OutcomeState::Done(Ok((base_offset, duplicate))) => Poll::Ready(Ok(Ack {
-                topic: this.outcome.topic.clone(),
-                partition: this.outcome.partition,
-                offset: *base_offset + this.index,
-                duplicate: *duplicate,
-            })),
+            OutcomeState::Done(Ok((base_offset, duplicate))) => {
+                Poll::Ready(match base_offset.checked_add(this.index) {
+                    Some(offset) => Ok(Ack {
+                        topic: this.outcome.topic.clone(),
+                        partition: this.outcome.partition,
+                        offset,
+                        duplicate: *duplicate,
+                    }),
+                    // Only a broken answer: offsets end far below.
+                    None => Err(Error::Status {
+                        code: tonic::Code::Internal,
+                        message: format!(
+                            "the broker answered a base offset of {base_offset}, past the \
+                             last offset there can be"
+                        ),
+                        reason: String::new(),
+                        leader_id: None,
+                    }),
+                })
+            }
             OutcomeState::Done(Err(error)) => Poll::Ready(Err(error.clone())),
             OutcomeState::Waiting(wakers) => {
                 match this.waker {
