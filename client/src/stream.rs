@@ -31,6 +31,8 @@ pub(crate) const STREAM_AGE_MAX: Duration = Duration::from_secs(60);
 struct Job {
     request: proto::PublishRequest,
     reply: oneshot::Sender<Result<proto::PublishResponse>>,
+    /// When it was handed to the lane: its deadline runs from then, waiting included.
+    queued: Instant,
 }
 
 /// The way into a topic's publish stream. Cloned into every partition sender of a producer.
@@ -60,7 +62,11 @@ impl PublishLane {
     ) -> Result<proto::PublishResponse> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { request, reply })
+            .send(Job {
+                request,
+                reply,
+                queued: Instant::now(),
+            })
             .await
             .map_err(|_| Error::Closed)?;
         answer.await.map_err(|_| Error::Closed)?
@@ -112,6 +118,16 @@ fn fail_all(pending: &mut Unanswered, first: Option<(Option<u64>, Error)>, why: 
     }
 }
 
+/// Fails the requests queued for the lane and not yet sent, as not answered: a stream that
+/// could not be opened (`why`) would hold each of them as long again. Their senders try again
+/// (with the same sequence: they count as maybe stored), towards the partition's leader as the
+/// client then knows it.
+fn fail_queued(inbox: &mut mpsc::Receiver<Job>, why: &str) {
+    while let Ok(job) = inbox.try_recv() {
+        let _ = job.reply.send(Err(stream_ended(why)));
+    }
+}
+
 /// The request a status that ended the stream names (the broker's `weft-request-id` trailer).
 fn failed_request(status: &tonic::Status) -> Option<u64> {
     status
@@ -148,7 +164,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
         pending.insert(
             first_id,
             Pending {
-                deadline: Instant::now() + client.timeout(),
+                deadline: first.queued + client.timeout(),
                 reply: first.reply,
             },
         );
@@ -159,6 +175,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                 Ok(Ok(response)) => response.into_inner(),
                 Ok(Err(status)) => {
                     fail_all(&mut pending, Some((None, Error::from(status))), "refused");
+                    fail_queued(&mut inbox, "refused");
                     continue;
                 }
                 Err(_) => {
@@ -167,6 +184,9 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                         Some((None, timed_out(&client))),
                         "not opened in time",
                     );
+                    // The broker did not open a stream in the whole timeout: the requests
+                    // queued meanwhile would each wait as long again for a stream of their own.
+                    fail_queued(&mut inbox, "not opened in time");
                     continue;
                 }
             };
@@ -178,8 +198,8 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
             if !taking && pending.is_empty() {
                 break;
             }
-            // Every request has the same timeout: the oldest one's deadline comes first.
-            let deadline = pending.first_key_value().map(|(_, p)| p.deadline);
+            // The earliest deadline (each runs from when its request was queued).
+            let deadline = pending.values().map(|p| p.deadline).min();
             tokio::select! {
                 job = inbox.recv(), if taking => match job {
                     Some(mut job) => {
@@ -192,7 +212,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                         };
                         if sent {
                             pending.insert(request_id, Pending {
-                                deadline: Instant::now() + client.timeout(),
+                                deadline: job.queued + client.timeout(),
                                 reply: job.reply,
                             });
                         } else {
