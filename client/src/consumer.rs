@@ -171,8 +171,12 @@ pub struct Consumer {
     broker_session: Option<Duration>,
     /// How often the heartbeat task beats.
     heartbeat_interval: Duration,
-    /// How often the broker said it sends a heartbeat on a quiet stream (its last assignment).
+    /// How often the broker said it sends a heartbeat on a quiet stream (the current stream's
+    /// last assignment; None before it, or from a broker that does not say).
     broker_heartbeat: Option<Duration>,
+    /// When something last came on the current stream (or it was opened): the silence is
+    /// measured from then, across calls of `next`.
+    last_heard: tokio::time::Instant,
     /// Streams in a row that failed (counted across calls of `next`, so a caller that polls
     /// with short timeouts still gets the error once `reconnects_max` is passed).
     failures: u32,
@@ -194,8 +198,14 @@ struct Reconnecting {
 /// consumer takes it as lost (a hung broker, a proxy holding the stream) and subscribes again.
 const SILENT_HEARTBEATS_MAX: u32 = 3;
 
-/// The least silence taken as a lost stream, however often the broker heartbeats.
-const SILENCE_MIN: Duration = Duration::from_secs(2);
+/// The least silence taken as a lost stream, however often the broker heartbeats: a broker's
+/// session sends nothing while it waits on a slow step (a rebalance waits up to 2 s for
+/// commits in flight, and up to 3 s for each partition still opening).
+const SILENCE_MIN: Duration = Duration::from_secs(15);
+
+/// The longest a stream may stay silent before its first assignment (a group member's may wait
+/// for a rebalance), unless the client's timeout is longer.
+const FIRST_ANSWER_SILENCE_MAX: Duration = Duration::from_secs(30);
 
 /// A stream that ends sooner than this after it opened counts as a quick end: the broker
 /// accepted it and then failed it at once (a partition still opening, a coordinator taking
@@ -297,6 +307,7 @@ impl Consumer {
             broker_session: None,
             heartbeat_interval: Duration::ZERO,
             broker_heartbeat: None,
+            last_heard: tokio::time::Instant::now(),
             failures: 0,
             reconnecting: None,
         };
@@ -405,6 +416,9 @@ impl Consumer {
             .map_err(Error::from)?
             .into_inner();
         self.stream_opened = Instant::now();
+        self.last_heard = tokio::time::Instant::now();
+        // Announced again by this stream's broker (another, maybe, with its own setting).
+        self.broker_heartbeat = None;
         self.requests = Some(tx);
         self.start_heartbeats(heartbeat_every(&self.config, self.broker_session));
         self.responses = Some(responses);
@@ -447,18 +461,16 @@ impl Consumer {
         }));
     }
 
-    /// How long the stream may stay silent before it is taken as lost: a few of the broker's
-    /// heartbeat intervals once it said how often it sends them; the client's call timeout
-    /// before that, and for a stream's first answer (its assignment), if longer.
-    fn silence_max(&self) -> Duration {
-        let beats = self
-            .broker_heartbeat
-            .map(|every| every.saturating_mul(SILENT_HEARTBEATS_MAX).max(SILENCE_MIN));
-        match beats {
-            Some(beats) if self.assigned_on_stream => beats,
-            Some(beats) => beats.max(self.client.timeout()),
-            None => self.client.timeout(),
+    /// How long the stream may stay silent before it is taken as lost: before its first
+    /// assignment, [`FIRST_ANSWER_SILENCE_MAX`] (or the client's timeout, if longer); then a few
+    /// of the heartbeat intervals its broker announced (at least [`SILENCE_MIN`]). A broker that
+    /// announces none (an older build) is not watched: its interval is not known.
+    fn silence_max(&self) -> Option<Duration> {
+        if !self.assigned_on_stream {
+            return Some(FIRST_ANSWER_SILENCE_MAX.max(self.client.timeout()));
         }
+        self.broker_heartbeat
+            .map(|every| every.saturating_mul(SILENT_HEARTBEATS_MAX).max(SILENCE_MIN))
     }
 
     /// Receives one event and applies it; None when the stream ended cleanly. A stream on which
@@ -466,11 +478,18 @@ impl Consumer {
     /// the broker hung, or something between holds the stream, and only a new stream helps.
     async fn receive(&mut self) -> Result<Option<Event>> {
         let silence = self.silence_max();
+        // From when something last came, not from this call: a caller polling with short
+        // timeouts still sees a silent stream fail.
+        // (Not watched: a day at a time.)
+        let until = self.last_heard + silence.unwrap_or(Duration::from_secs(86_400));
         let Some(responses) = self.responses.as_mut() else {
             return Err(Error::Closed);
         };
-        let message = match tokio::time::timeout(silence, responses.message()).await {
-            Ok(Ok(message)) => message,
+        let message = match tokio::time::timeout_at(until, responses.message()).await {
+            Ok(Ok(message)) => {
+                self.last_heard = tokio::time::Instant::now();
+                message
+            }
             Ok(Err(status)) => {
                 self.stream_live = false;
                 return Err(Error::from(status));
@@ -480,8 +499,9 @@ impl Consumer {
                 return Err(Error::Status {
                     code: Code::Unavailable,
                     message: format!(
-                        "nothing came on the subscription stream for {silence:?} (the broker \
+                        "nothing came on the subscription stream for {:?} (its broker \
                          heartbeats every {:?}): taken as lost",
+                        silence.unwrap_or_default(),
                         self.broker_heartbeat.unwrap_or_default()
                     ),
                     reason: "STREAM_SILENT".into(),
@@ -586,12 +606,6 @@ impl Consumer {
     /// after a wait.
     async fn begin_reconnect(&mut self, why: &Error) {
         tracing::debug!("subscription ended ({why}); reconnecting");
-        if why.reason() == "STALE_GENERATION" {
-            // Our membership expired: join as a new member (commits until then come from
-            // outside membership: generation 0).
-            self.member_id.clear();
-            self.generation = 0;
-        }
         // A stream that ended right after it opened is not opened again at once: a broker
         // failing every stream (its partition opening, its coordinator taking over) would
         // otherwise see a tight loop of streams, and `next` run through its reconnections in
@@ -605,8 +619,16 @@ impl Consumer {
             at: tokio::time::Instant::now() + reconnect_delay(self.quick_ends),
             attempts: 0,
         });
+        // Committed as the member this consumer was (a fenced one's commit is refused), and
+        // only then its membership forgotten.
         if self.config.group.is_some() && self.config.auto_commit {
             let _ = self.commit().await;
+        }
+        if why.reason() == "STALE_GENERATION" {
+            // Our membership expired: join as a new member (commits until then come from
+            // outside membership: generation 0).
+            self.member_id.clear();
+            self.generation = 0;
         }
     }
 
@@ -615,17 +637,31 @@ impl Consumer {
     /// with the same wait and attempts.
     async fn reconnect(&mut self) -> Result<()> {
         while let Some(pending) = self.reconnecting {
+            if pending.attempts > self.config.reconnects_max {
+                // Attempts cut short by the caller's timeouts (a broker that hangs) count too.
+                self.reconnecting = None;
+                return Err(Error::Status {
+                    code: Code::Unavailable,
+                    message: format!(
+                        "no subscription stream opened in {} attempts",
+                        pending.attempts
+                    ),
+                    reason: "STREAM_NOT_OPENED".into(),
+                    leader_id: None,
+                });
+            }
             tokio::time::sleep_until(pending.at).await;
+            // Counted (and the wait before the next one set) before it is made: a caller's
+            // timeout that cuts it short has used it all the same.
+            let attempts = pending.attempts + 1;
+            self.reconnecting = Some(Reconnecting {
+                at: tokio::time::Instant::now()
+                    + Duration::from_millis(100 * u64::from(attempts.min(20))),
+                attempts,
+            });
             match self.subscribe().await {
                 Ok(()) => self.reconnecting = None,
-                Err(e) if e.is_retriable() && pending.attempts < self.config.reconnects_max => {
-                    let attempts = pending.attempts + 1;
-                    self.reconnecting = Some(Reconnecting {
-                        at: tokio::time::Instant::now()
-                            + Duration::from_millis(100 * u64::from(attempts.min(20))),
-                        attempts,
-                    });
-                }
+                Err(e) if e.is_retriable() && attempts <= self.config.reconnects_max => {}
                 Err(e) => {
                     self.reconnecting = None;
                     return Err(e);

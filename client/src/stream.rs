@@ -31,8 +31,6 @@ pub(crate) const STREAM_AGE_MAX: Duration = Duration::from_secs(60);
 struct Job {
     request: proto::PublishRequest,
     reply: oneshot::Sender<Result<proto::PublishResponse>>,
-    /// When it was handed to the lane: its deadline runs from then, waiting included.
-    queued: Instant,
 }
 
 /// The way into a topic's publish stream. Cloned into every partition sender of a producer.
@@ -62,11 +60,7 @@ impl PublishLane {
     ) -> Result<proto::PublishResponse> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job {
-                request,
-                reply,
-                queued: Instant::now(),
-            })
+            .send(Job { request, reply })
             .await
             .map_err(|_| Error::Closed)?;
         answer.await.map_err(|_| Error::Closed)?
@@ -164,7 +158,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
         pending.insert(
             first_id,
             Pending {
-                deadline: first.queued + client.timeout(),
+                deadline: Instant::now() + client.timeout(),
                 reply: first.reply,
             },
         );
@@ -198,8 +192,10 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
             if !taking && pending.is_empty() {
                 break;
             }
-            // The earliest deadline (each runs from when its request was queued).
-            let deadline = pending.values().map(|p| p.deadline).min();
+            // Every request has the same timeout from when it is sent: the oldest one's
+            // deadline comes first. (Not from when it was queued: a busy stream's requests
+            // wait behind others, and the first to pass its deadline would end the stream.)
+            let deadline = pending.first_key_value().map(|(_, p)| p.deadline);
             tokio::select! {
                 job = inbox.recv(), if taking => match job {
                     Some(mut job) => {
@@ -212,7 +208,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                         };
                         if sent {
                             pending.insert(request_id, Pending {
-                                deadline: job.queued + client.timeout(),
+                                deadline: Instant::now() + client.timeout(),
                                 reply: job.reply,
                             });
                         } else {

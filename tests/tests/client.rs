@@ -1076,9 +1076,9 @@ async fn a_latest_consumer_reads_a_partition_added_while_its_stream_was_down_fro
 
 /// A consumer whose broker hangs (SIGSTOP: its connections stay open and nothing comes) does
 /// not wait for good: its stream is taken as lost after three of the heartbeat intervals the
-/// broker announced in the assignment (`stream_heartbeat_ms`), and with no reconnection allowed
-/// `next` fails (UNAVAILABLE, STREAM_SILENT); a consumer made while the broker hangs fails within
-/// the client's timeout. Before, both waited until the HTTP/2 keep-alive gave up (about 50 s),
+/// broker announced in the assignment (`stream_heartbeat_ms`), at least 15 s, and with no
+/// reconnection allowed `next` fails (UNAVAILABLE, STREAM_SILENT); a consumer made while the
+/// broker hangs fails within the client's timeout. Before, both waited until the HTTP/2 keep-alive gave up (about 50 s),
 /// or for good behind a proxy that answers pings itself (helper-90).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_of_a_hung_broker_fails_instead_of_waiting_for_good() {
@@ -1098,9 +1098,9 @@ async fn a_consumer_of_a_hung_broker_fails_instead_of_waiting_for_good() {
     };
     let mut consumer = client.consumer(consumer_config()).await.expect("consumer");
     broker.pause();
-    let next = tokio::time::timeout(Duration::from_secs(15), consumer.next())
+    let next = tokio::time::timeout(Duration::from_secs(30), consumer.next())
         .await
-        .expect("next ends within 15 s of the broker hanging");
+        .expect("next ends within 30 s of the broker hanging");
     let error = next.expect_err("no record from a hung broker");
     assert_eq!(error.reason(), "STREAM_SILENT", "{error}");
     let made = tokio::time::timeout(Duration::from_secs(15), client.consumer(consumer_config()))
@@ -1115,11 +1115,22 @@ async fn a_consumer_of_a_hung_broker_fails_instead_of_waiting_for_good() {
 
 /// A consumer polled with short timeouts (`next_timeout`, as a Kafka-style poll loop) whose
 /// broker is gone gets the error once its reconnections (`reconnects_max`) are used up, each
-/// after its wait: the count and the waits carry over from one call to the next. Before, each
-/// call started over, made one attempt, was cut short in its wait, and answered "no record"
-/// for good, reconnecting at the polling rate (helper-90).
+/// after its wait: the count, the waits and the stream's silence carry over from one call to
+/// the next, and an attempt cut short by the caller's timeout counts. Killed, the broker
+/// refuses connections at once; hung (SIGSTOP), nothing answers. Before, each call started
+/// over, made one attempt, was cut short in its wait, and answered "no record" for good,
+/// reconnecting at the polling rate (helper-90, helper-91).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_a_consumer_of_a_dead_broker_ends_in_an_error() {
+    polling_ends_in_an_error(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_a_consumer_of_a_hung_broker_ends_in_an_error() {
+    polling_ends_in_an_error(true).await;
+}
+
+async fn polling_ends_in_an_error(hang: bool) {
     let mut broker = Broker::start();
     let client = broker.client().await.with_timeout(Duration::from_secs(2));
     client
@@ -1136,13 +1147,17 @@ async fn polling_a_consumer_of_a_dead_broker_ends_in_an_error() {
         })
         .await
         .expect("consumer");
-    broker.kill9();
+    if hang {
+        broker.pause();
+    } else {
+        broker.kill9();
+    }
     let began = std::time::Instant::now();
     let mut polls = 0u32;
     let error = loop {
         assert!(
-            began.elapsed() < Duration::from_secs(30),
-            "still no error after {polls} polls in 30 s"
+            began.elapsed() < Duration::from_secs(45),
+            "still no error after {polls} polls in 45 s"
         );
         polls += 1;
         match consumer.next_timeout(Duration::from_millis(50)).await {
@@ -1152,6 +1167,9 @@ async fn polling_a_consumer_of_a_dead_broker_ends_in_an_error() {
         }
     };
     assert!(error.is_retriable(), "{error}");
+    if hang {
+        broker.resume();
+    }
 }
 
 /// The producer holds at most `queue_bytes_max` bytes of unanswered records (64 MiB by
