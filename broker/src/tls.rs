@@ -103,8 +103,10 @@ impl ConnectionSlots {
     /// `idle` (`connections_idle_ms`; never with `None`).
     pub fn new(max: u32, idle: Option<Duration>) -> ConnectionSlots {
         metrics::gauge!("weft_client_connections").set(0.0);
-        metrics::counter!("weft_client_connections_idle_closed_total", "listener" => "client")
-            .absolute(0);
+        for listener in ["client", "quic"] {
+            metrics::counter!("weft_client_connections_idle_closed_total", "listener" => listener)
+                .absolute(0);
+        }
         ConnectionSlots {
             slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
             reserved: Arc::new(tokio::sync::Semaphore::new(RESERVED_CONNECTIONS)),
@@ -307,6 +309,11 @@ pub struct Guarded {
     /// Calls open on this connection: unary calls until answered, streams until their answer
     /// ends ([`CountCalls`]).
     open: Arc<AtomicUsize>,
+    /// Bumped when a call on this connection starts or ends ([`CountCalls`]): a short call may
+    /// start and end between two looks at `open`, in a task of its own.
+    activity: Arc<AtomicUsize>,
+    /// `activity` at the last look.
+    activity_seen: usize,
     /// `connections_idle_ms`: the connection is closed once it has had no call open for that
     /// long (Kafka's `connections.max.idle.ms`), and nothing came from its client for
     /// [`IDLE_QUIET`].
@@ -320,7 +327,8 @@ pub struct Guarded {
 }
 
 /// An idle connection is closed only once nothing came from its client for this long (its
-/// answers to the keep-alive pings included), so that a call just arriving is rarely cut off.
+/// answers to the keep-alive pings included), and only when a read finds nothing to read: a
+/// call whose bytes have arrived is read, and served, rather than cut off.
 const IDLE_QUIET: Duration = Duration::from_millis(500);
 
 /// How long an accepted connection may take to send its first [`FIRST_BYTES`] (an HTTP/2
@@ -373,6 +381,8 @@ impl Guarded {
             last: now,
             calls: Arc::default(),
             open: Arc::default(),
+            activity: Arc::default(),
+            activity_seen: 0,
             idle,
             idle_since: Some(now),
             idle_look: None,
@@ -380,14 +390,17 @@ impl Guarded {
         }
     }
 
-    /// Fails once the connection has had no call open for `connections_idle_ms` (and nothing
-    /// came from its client for [`IDLE_QUIET`]); registers `cx` to be woken to look again.
-    fn check_idle(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+    /// Whether the connection has had no call open for `connections_idle_ms` and nothing came
+    /// from its client for [`IDLE_QUIET`] (asked when a read finds nothing to read); registers
+    /// `cx` to be woken to look again.
+    fn idle_for_too_long(&mut self, cx: &mut std::task::Context<'_>) -> bool {
         let Some(idle) = self.idle else {
-            return Ok(());
+            return false;
         };
         let now = tokio::time::Instant::now();
-        if self.open.load(Ordering::SeqCst) > 0 {
+        let activity = self.activity.load(Ordering::SeqCst);
+        if activity != self.activity_seen || self.open.load(Ordering::SeqCst) > 0 {
+            self.activity_seen = activity;
             self.idle_since = None;
         }
         let since = *self.idle_since.get_or_insert(now);
@@ -395,10 +408,7 @@ impl Guarded {
             metrics::counter!("weft_client_connections_idle_closed_total", "listener" => "client")
                 .increment(1);
             tracing::debug!(?idle, "closed a client connection with no call open");
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "this connection had no call open for connections_idle_ms",
-            ));
+            return true;
         }
         // Looked at again a quarter of the limit later (a call may open and end meanwhile).
         let next = now + (idle / 4).max(IDLE_QUIET / 4);
@@ -408,13 +418,12 @@ impl Guarded {
         while look.as_mut().poll(cx).is_ready() {
             look.as_mut().reset(next);
         }
-        Ok(())
+        false
     }
 
     /// Fails once the connection has stalled past its limit during a stop; registers `cx` to
     /// be woken when the stop begins and when the limit runs out.
     fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
-        self.check_idle(cx)?;
         let answering = self.calls.load(Ordering::SeqCst) > 0;
         if self.answering && !answering {
             // An answer was just produced: the stall starts again from now, so it is written
@@ -478,6 +487,7 @@ impl tonic::transport::server::Connected for Guarded {
             info: self.inner.info(),
             calls: self.calls.clone(),
             open: self.open.clone(),
+            activity: self.activity.clone(),
             reserved: self
                 .slot
                 .as_ref()
@@ -495,6 +505,8 @@ pub struct GuardedInfo {
     calls: Arc<AtomicUsize>,
     /// Calls open: unary calls until answered, streams until their answer ends.
     open: Arc<AtomicUsize>,
+    /// Bumped when a call starts or ends.
+    activity: Arc<AtomicUsize>,
     /// The connection is in a place kept for probes ([`ConnectionSlots`]): the flag set once
     /// a call was refused on it.
     reserved: Option<Arc<std::sync::atomic::AtomicBool>>,
@@ -529,10 +541,32 @@ impl Drop for Answering {
     }
 }
 
+/// Counts a call as open until dropped, and bumps its connection's activity when it starts
+/// and ends.
+struct OpenCall {
+    open: Arc<AtomicUsize>,
+    activity: Arc<AtomicUsize>,
+}
+
+impl OpenCall {
+    fn new(open: Arc<AtomicUsize>, activity: Arc<AtomicUsize>) -> OpenCall {
+        open.fetch_add(1, Ordering::SeqCst);
+        activity.fetch_add(1, Ordering::SeqCst);
+        OpenCall { open, activity }
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+        self.activity.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// A call's answer body that keeps its call counted as open until it ends or is dropped.
 struct OpenBody {
     inner: tonic::body::Body,
-    _open: Answering,
+    _open: OpenCall,
 }
 
 impl http_body::Body for OpenBody {
@@ -577,12 +611,12 @@ where
             .remove::<GuardedInfo>()
             .map(|guarded| {
                 guarded.calls.fetch_add(1, Ordering::SeqCst);
-                guarded.open.fetch_add(1, Ordering::SeqCst);
+                let open = OpenCall::new(guarded.open, guarded.activity);
                 request.extensions_mut().insert(guarded.info);
                 if let Some(refused) = guarded.reserved {
                     request.extensions_mut().insert(ReservedPlace(refused));
                 }
-                (Answering(guarded.calls), Answering(guarded.open))
+                (Answering(guarded.calls), open)
             });
         let answer = self.inner.call(request);
         Box::pin(async move {
@@ -622,6 +656,12 @@ impl tokio::io::AsyncRead for Guarded {
             return std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the connection sent nothing since it was accepted",
+            )));
+        } else if polled.is_pending() && this.idle_for_too_long(cx) {
+            // Only with nothing to read: a call whose bytes arrived is served, not cut off.
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "this connection had no call open for connections_idle_ms",
             )));
         }
         polled

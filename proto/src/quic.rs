@@ -293,9 +293,25 @@ pub async fn serve<S, B, A>(
             let mut look = tokio::time::interval(look_every);
             look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut idle_since = Some(tokio::time::Instant::now());
+            // After an idle connection's GOAWAY: until when requests the client opened before
+            // it heard the GOAWAY are still read (and refused with H3_REQUEST_REJECTED, so the
+            // client knows they were not served), rather than lost with the connection.
+            let mut refusing_until: Option<tokio::time::Instant> = None;
             loop {
                 let accepted = tokio::select! {
                     accepted = h3.accept() => accepted,
+                    () = async {
+                        match refusing_until {
+                            Some(until) => tokio::time::sleep_until(until).await,
+                            None => std::future::pending().await,
+                        }
+                    }, if goaway => {
+                        if calls.is_empty() {
+                            break;
+                        }
+                        refusing_until = None;
+                        continue;
+                    }
                     _ = look.tick(), if idle.is_some() && !goaway => {
                         let now = tokio::time::Instant::now();
                         if !calls.is_empty() {
@@ -305,10 +321,16 @@ pub async fn serve<S, B, A>(
                         let since = *idle_since.get_or_insert(now);
                         if idle.is_some_and(|idle| now >= since + idle) {
                             tracing::debug!(?idle, "closing a QUIC connection with no call open");
+                            metrics::counter!(
+                                "weft_client_connections_idle_closed_total",
+                                "listener" => "quic"
+                            )
+                            .increment(1);
                             if let Err(e) = h3.shutdown(0).await {
                                 tracing::debug!("an HTTP/3 GOAWAY was not sent: {e}");
                             }
                             goaway = true;
+                            refusing_until = Some(now + CLOSE_LINGER);
                             calls.close();
                         }
                         continue;
@@ -321,10 +343,12 @@ pub async fn serve<S, B, A>(
                         calls.close();
                         continue;
                     }
-                    () = calls.wait(), if goaway => break,
+                    () = calls.wait(), if goaway && refusing_until.is_none() => break,
                 };
                 match accepted {
                     Ok(Some(resolver)) => {
+                        // A call: the connection is not idle.
+                        idle_since = None;
                         let service = service.clone();
                         let info = info.clone();
                         calls.spawn(async move {
@@ -619,25 +643,35 @@ impl QuicChannel {
         &self,
         request: http::Request<Body>,
     ) -> Result<http::Response<Body>, String> {
-        let (mut sender, generation, authority) = self.sender().await?;
-        let (mut parts, mut body) = request.into_parts();
-        // HTTP/3 wants an absolute URI: the authority this channel calls.
+        let (parts, mut body) = request.into_parts();
         let path = parts
             .uri
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        parts.uri = format!("https://{authority}{path}")
-            .parse()
-            .map_err(|e| format!("bad request path {path:?}: {e}"))?;
-        let stream = match sender
-            .send_request(http::Request::from_parts(parts, ()))
-            .await
-        {
-            Ok(stream) => stream,
-            Err(e) => {
-                self.forget(generation).await;
-                return Err(format!("cannot start a call over QUIC: {e}"));
+        // A connection the server is closing (an idle one's GOAWAY) refuses to start the call:
+        // nothing of it was sent, so it starts once more, on a new connection.
+        let mut attempt = 0;
+        let stream = loop {
+            let (mut sender, generation, authority) = self.sender().await?;
+            let mut head = http::Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.headers_mut() = parts.headers.clone();
+            *head.version_mut() = parts.version;
+            // HTTP/3 wants an absolute URI: the authority this channel calls.
+            *head.uri_mut() = format!("https://{authority}{path}")
+                .parse()
+                .map_err(|e| format!("bad request path {path:?}: {e}"))?;
+            match sender.send_request(head).await {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    self.forget(generation).await;
+                    attempt += 1;
+                    if attempt >= 2 {
+                        return Err(format!("cannot start a call over QUIC: {e}"));
+                    }
+                    tracing::debug!("cannot start a call over QUIC ({e}); on a new connection");
+                }
             }
         };
         let (mut send, mut recv) = stream.split();

@@ -368,7 +368,7 @@ async fn client_connections_idle_past_connections_idle_ms_are_closed() {
     let config = dir.path().join("weft.toml");
     std::fs::write(
         &config,
-        "connections_idle_ms = 500\nstream_heartbeat_ms = 120000\n",
+        "connections_idle_ms = 1200\nstream_heartbeat_ms = 120000\n",
     )
     .expect("config");
     let broker = Broker::start_with(&["--config", config.to_str().expect("path")]);
@@ -406,6 +406,26 @@ async fn client_connections_idle_past_connections_idle_ms_are_closed() {
     open_falls_to(0.0).await;
     let closed_before = idle_closed(&broker);
 
+    // A connection whose client calls every 700 ms (more than the half second of quiet after
+    // which an idle one may be cut, less than the limit) is not idle, however short its calls:
+    // never cut. Before helper-92's fix, it was cut about the limit after it opened, its
+    // calls being answered between two looks.
+    let busy = connection(&broker.client_addr).await.expect("connect");
+    for _ in 0..8 {
+        who_am_i(busy.clone())
+            .await
+            .expect("a busy connection is kept");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(
+        idle_closed(&broker),
+        closed_before,
+        "no busy connection closed as idle"
+    );
+    drop(busy);
+    open_falls_to(0.0).await;
+    let closed_before = idle_closed(&broker);
+
     let idle = connection(&broker.client_addr).await.expect("connect");
     who_am_i(idle.clone()).await.expect("served");
     open_falls_to(0.0).await;
@@ -413,8 +433,8 @@ async fn client_connections_idle_past_connections_idle_ms_are_closed() {
     // Its client connects again for its next call.
     who_am_i(idle.clone()).await.expect("served again");
 
-    // A Subscribe stream open on a connection keeps it, though nothing moves for 4 times the
-    // limit.
+    // A Subscribe stream open on a connection keeps it, though nothing moves for longer than
+    // the limit.
     let (_tx, mut stream) = weft_tests::grpc::subscribe(
         &broker.client_addr,
         SubscribeStart {
@@ -433,7 +453,7 @@ async fn client_connections_idle_past_connections_idle_ms_are_closed() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         open(&broker),
         Some(1.0),

@@ -396,7 +396,31 @@ async fn idle_quic_connections_are_closed() {
     .await
     .expect("served");
     assert_eq!(open(&broker), Some(1.0), "its connection is open");
+    let idle_closed = || {
+        weft_tests::metric(
+            &broker,
+            "weft_client_connections_idle_closed_total{listener=\"quic\"} ",
+        )
+        .unwrap_or(0.0)
+    };
+    // Calls every 200 ms keep it, however short they are.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        within(
+            "a WhoAmI over a busy QUIC connection",
+            Duration::from_secs(20),
+            metadata.who_am_i(weft_proto::v1::WhoAmIRequest {}),
+        )
+        .await
+        .expect("served");
+    }
+    assert_eq!(
+        idle_closed(),
+        0.0,
+        "a busy QUIC connection is not closed as idle"
+    );
     open_falls_to_0().await;
+    assert_eq!(idle_closed(), 1.0, "the idle close is counted");
     within(
         "a WhoAmI over QUIC after the close",
         Duration::from_secs(20),
