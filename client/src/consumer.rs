@@ -174,9 +174,12 @@ pub struct Consumer {
     /// How often the broker said it sends a heartbeat on a quiet stream (the current stream's
     /// last assignment; None before it, or from a broker that does not say).
     broker_heartbeat: Option<Duration>,
-    /// When something last came on the current stream (or it was opened): the silence is
-    /// measured from then, across calls of `next`.
+    /// When something last came on the current stream (or it was opened, or the consumer went
+    /// back to waiting on it after handing out records): the silence is measured from then,
+    /// across calls of `next` that gave no record (a caller polling with short timeouts).
     last_heard: tokio::time::Instant,
+    /// A record was handed to the application since the consumer last waited on the stream.
+    handed_out: bool,
     /// Streams in a row that failed (counted across calls of `next`, so a caller that polls
     /// with short timeouts still gets the error once `reconnects_max` is passed).
     failures: u32,
@@ -308,6 +311,7 @@ impl Consumer {
             heartbeat_interval: Duration::ZERO,
             broker_heartbeat: None,
             last_heard: tokio::time::Instant::now(),
+            handed_out: false,
             failures: 0,
             reconnecting: None,
         };
@@ -477,6 +481,9 @@ impl Consumer {
     /// nothing came for [`Consumer::silence_max`] fails (UNAVAILABLE, reason STREAM_SILENT):
     /// the broker hung, or something between holds the stream, and only a new stream helps.
     async fn receive(&mut self) -> Result<Option<Event>> {
+        if std::mem::take(&mut self.handed_out) {
+            self.last_heard = tokio::time::Instant::now();
+        }
         let silence = self.silence_max();
         // From when something last came, not from this call: a caller polling with short
         // timeouts still sees a silent stream fail.
@@ -699,6 +706,10 @@ impl Consumer {
                     self.send_commit().await;
                 }
                 if let Some(message) = self.buffer.pop_front() {
+                    // The application works on it for as long as it takes: meanwhile the
+                    // broker may send nothing (the stream's window full), and that is not
+                    // silence. It counts again from the next wait on the stream.
+                    self.handed_out = true;
                     self.positions
                         .insert(message.partition, message.offset.saturating_add(1));
                     self.uncredited.0 += 1;

@@ -294,8 +294,10 @@ pub async fn serve<S, B, A>(
             look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut idle_since = Some(tokio::time::Instant::now());
             // After an idle connection's GOAWAY: until when requests the client opened before
-            // it heard the GOAWAY are still read (and refused with H3_REQUEST_REJECTED, so the
-            // client knows they were not served), rather than lost with the connection.
+            // it heard the GOAWAY are still read, so that one racing it is refused with
+            // H3_REQUEST_REJECTED (the client knows it was not served) rather than lost with
+            // the connection. (h3 then ends `accept`: a second racing request is not read. A
+            // client that has heard the GOAWAY starts its calls on a new connection.)
             let mut refusing_until: Option<tokio::time::Instant> = None;
             loop {
                 let accepted = tokio::select! {
@@ -667,7 +669,14 @@ impl QuicChannel {
                 Err(e) => {
                     self.forget(generation).await;
                     attempt += 1;
-                    if attempt >= 2 {
+                    // Only a connection going away is worth a new one: a request that cannot
+                    // be sent (its headers too large, say) fails the same way anywhere.
+                    let closing = matches!(
+                        e,
+                        h3::error::StreamError::RemoteClosing { .. }
+                            | h3::error::StreamError::ConnectionError { .. }
+                    );
+                    if attempt >= 2 || !closing {
                         return Err(format!("cannot start a call over QUIC: {e}"));
                     }
                     tracing::debug!("cannot start a call over QUIC ({e}); on a new connection");

@@ -1213,3 +1213,54 @@ async fn the_producer_bounds_the_bytes_it_holds_unanswered() {
         ack.await.expect("stored once the broker runs");
     }
 }
+
+/// A consumer whose application takes longer over a record than the stream's silence limit
+/// (15 s with the broker's default heartbeat) is not cut when it comes back: the broker may
+/// have sent nothing meanwhile (here a 3 MiB delivery fills the stream's window, and the
+/// heartbeats wait behind it), and the silence counts only while the consumer waits. Found by
+/// helper-93 in the first version of the silence limit, which cut such a stream
+/// (STREAM_SILENT) and delivered its records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_takes_its_time_over_a_record_is_not_cut_as_silent() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic_with(
+            "slow",
+            weft_client::TopicSettings {
+                partitions: 1,
+                max_message_bytes: Some(4 * 1024 * 1024),
+                ..weft_client::TopicSettings::default()
+            },
+        )
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send("slow", Record::new("first"))
+        .await
+        .expect("stored");
+    let mut consumer = client
+        .consumer(ConsumerConfig {
+            reconnects_max: 0,
+            ..ConsumerConfig::new("slow").start(StartFrom::Earliest)
+        })
+        .await
+        .expect("consumer");
+    let first = consumer.next().await.expect("first").expect("a record");
+    assert_eq!(first.offset, 0);
+    producer
+        .send("slow", Record::new(vec![3u8; 3 * 1024 * 1024]))
+        .await
+        .expect("stored");
+    // The application works on the first record for longer than the silence limit.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let second = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .expect("within 20 s")
+        .expect("not cut as silent")
+        .expect("a record");
+    assert_eq!(second.offset, 1);
+    assert_eq!(second.value.len(), 3 * 1024 * 1024);
+}
