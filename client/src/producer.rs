@@ -435,14 +435,15 @@ impl Producer {
             .await
             .map_err(|_| Error::Closed)?;
         // (At most the whole room: a larger record waits until nothing else is unanswered.)
-        let units = record.size().clamp(1, self.shared.config.queue_bytes_max);
+        let size = record.size();
+        let units = size.clamp(1, self.shared.config.queue_bytes_max);
         let room_bytes = self
             .shared
             .room_bytes
             .acquire_many(u32::try_from(units).unwrap_or(u32::MAX))
             .await
             .map_err(|_| Error::Closed)?;
-        let ack = self.place(topic, record, units).await?;
+        let ack = self.place(topic, record, size, units).await?;
         room.forget();
         room_bytes.forget();
         Ok(ack)
@@ -455,11 +456,17 @@ impl Producer {
 
     /// Puts the record into its partition's open batch; closes the batch when it is full, and
     /// wakes the partition's sender when it has a batch to take.
-    async fn place(&self, topic: &str, record: Record, units: usize) -> Result<AckFuture> {
+    async fn place(
+        &self,
+        topic: &str,
+        record: Record,
+        size: usize,
+        units: usize,
+    ) -> Result<AckFuture> {
         let shared = &self.shared;
         // A publish larger than a gRPC message may be fails in the transport with nothing but
         // "h2 protocol error": refuse such a record here, by name, before it takes a sequence.
-        let size = record.size();
+        // (`size` is `record.size()`, worked out once by the caller.)
         let carried = shared
             .client
             .message_bytes_max

@@ -282,36 +282,51 @@ fn quic_config(
     (config, pki.ca_file())
 }
 
-/// QUIC connections count against `connections_max` with the HTTP/2 ones: past it, a QUIC
-/// connection is refused (and an HTTP/2 one may only check health), and one that closes makes
-/// room.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quic_connections_count_against_connections_max() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (config, ca) = quic_config(dir.path(), "quic", "weft-0", "connections_max = 1\n");
+/// A broker with a QUIC listener (on a free port) and the settings `extra`; the CA its
+/// certificate is issued by.
+fn quic_broker(dir: &std::path::Path, extra: &str) -> (Broker, std::path::PathBuf) {
+    let (config, ca) = quic_config(dir, "quic", "weft-0", extra);
     let broker = Broker::start_with(&[
         "--config",
         config.to_str().expect("path"),
         "--quic-listen",
         "127.0.0.1:0",
     ]);
+    (broker, ca)
+}
+
+/// A Metadata client over a new QUIC channel to `broker`, trusting `ca`.
+fn quic_metadata(
+    broker: &Broker,
+    ca: &std::path::Path,
+) -> weft_proto::v1::metadata_client::MetadataClient<weft_proto::transport::Transport> {
+    let tls = weft_proto::tls::client_config(&weft_proto::tls::TlsFiles {
+        cert_file: None,
+        key_file: None,
+        ca_file: Some(ca.to_path_buf()),
+    })
+    .expect("TLS");
+    let channel =
+        weft_proto::quic::QuicChannel::new(&broker.quic_addr, "127.0.0.1", tls).expect("channel");
+    weft_proto::v1::metadata_client::MetadataClient::new(weft_proto::transport::Transport::quic(
+        channel,
+    ))
+}
+
+/// QUIC connections count against `connections_max` with the HTTP/2 ones: past it, a QUIC
+/// connection is refused (and an HTTP/2 one may only check health), and one that closes makes
+/// room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_connections_count_against_connections_max() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker, ca) = quic_broker(dir.path(), "connections_max = 1\n");
     let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
     weft_tests::wait_for("no client connection open", Duration::from_secs(10), || {
         std::future::ready((open(&broker) == Some(0.0)).then_some(()))
     })
     .await;
     let who_am_i = || async {
-        let tls = weft_proto::tls::client_config(&weft_proto::tls::TlsFiles {
-            cert_file: None,
-            key_file: None,
-            ca_file: Some(ca.clone()),
-        })
-        .expect("TLS");
-        let channel = weft_proto::quic::QuicChannel::new(&broker.quic_addr, "127.0.0.1", tls)
-            .expect("channel");
-        let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(
-            weft_proto::transport::Transport::quic(channel),
-        );
+        let mut metadata = quic_metadata(&broker, &ca);
         let answer = within(
             "a WhoAmI over QUIC",
             Duration::from_secs(20),
@@ -363,13 +378,7 @@ async fn quic_connections_count_against_connections_max() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_quic_connections_are_closed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (config, ca) = quic_config(dir.path(), "quic", "weft-0", "connections_idle_ms = 500\n");
-    let broker = Broker::start_with(&[
-        "--config",
-        config.to_str().expect("path"),
-        "--quic-listen",
-        "127.0.0.1:0",
-    ]);
+    let (broker, ca) = quic_broker(dir.path(), "connections_idle_ms = 500\n");
     let open = |broker: &Broker| weft_tests::metric(broker, "weft_client_connections ");
     let open_falls_to_0 = || {
         weft_tests::wait_for("no client connection open", Duration::from_secs(10), || {
@@ -377,17 +386,7 @@ async fn idle_quic_connections_are_closed() {
         })
     };
     open_falls_to_0().await;
-    let tls = weft_proto::tls::client_config(&weft_proto::tls::TlsFiles {
-        cert_file: None,
-        key_file: None,
-        ca_file: Some(ca),
-    })
-    .expect("TLS");
-    let channel =
-        weft_proto::quic::QuicChannel::new(&broker.quic_addr, "127.0.0.1", tls).expect("channel");
-    let mut metadata = weft_proto::v1::metadata_client::MetadataClient::new(
-        weft_proto::transport::Transport::quic(channel),
-    );
+    let mut metadata = quic_metadata(&broker, &ca);
     within(
         "a WhoAmI over QUIC",
         Duration::from_secs(20),
