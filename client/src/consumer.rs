@@ -193,7 +193,8 @@ pub struct Consumer {
 struct Reconnecting {
     /// Not before then.
     at: tokio::time::Instant,
-    /// Attempts that failed so far.
+    /// Attempts made so far (each counted when it starts, so one a caller's timeout cut
+    /// short counts too).
     attempts: u32,
 }
 
