@@ -186,6 +186,18 @@ pub struct Consumer {
     /// A new stream to open: when, and the attempts made so far. Kept across calls of `next`,
     /// so a caller's timeout that cuts a reconnection short does not skip its wait.
     reconnecting: Option<Reconnecting>,
+    /// A stream being opened, in a task of its own: a caller's timeout that cuts `next` short
+    /// leaves it under way, and the next call waits for the same one (before, each poll shorter
+    /// than the broker's answer cancelled its attempt and used up `reconnects_max` without
+    /// any stream ever opening).
+    opening: Option<Opening>,
+}
+
+/// A subscription stream being opened: its request channel, and the call.
+#[derive(Debug)]
+struct Opening {
+    requests: mpsc::Sender<proto::SubscribeRequest>,
+    call: tokio::task::JoinHandle<Result<Streaming<proto::SubscribeResponse>>>,
 }
 
 /// A pending reconnection of a [`Consumer`].
@@ -315,6 +327,7 @@ impl Consumer {
             handed_out: false,
             failures: 0,
             reconnecting: None,
+            opening: None,
         };
         // A broker that is starting (its partitions opening) answers UNAVAILABLE: retry as a
         // reconnect would.
@@ -345,7 +358,42 @@ impl Consumer {
         }
     }
 
+    /// Opens a stream (or goes on waiting for the one a cancelled call left opening) and makes
+    /// it the consumer's. Cancel-safe: the call runs in a task of its own.
     async fn subscribe(&mut self) -> Result<()> {
+        if self.opening.is_none() {
+            self.opening = Some(self.open_stream());
+        }
+        let Some(opening) = self.opening.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let answer = (&mut opening.call).await;
+        let Some(Opening { requests: tx, .. }) = self.opening.take() else {
+            return Err(Error::Closed);
+        };
+        let responses = match answer {
+            Ok(answer) => answer?,
+            // The task panicked or was aborted: no stream.
+            Err(_) => return Err(Error::Closed),
+        };
+        self.stream_opened = Instant::now();
+        self.last_heard = tokio::time::Instant::now();
+        // Announced again by this stream's broker (another, maybe, with its own setting).
+        self.broker_heartbeat = None;
+        self.requests = Some(tx);
+        self.start_heartbeats(heartbeat_every(&self.config, self.broker_session));
+        self.responses = Some(responses);
+        self.stream_live = true;
+        self.assigned_on_stream = false;
+        self.commits_in_flight = 0;
+        // Records buffered from the old stream were not credited on the new one.
+        self.buffer.clear();
+        self.uncredited = (0, 0);
+        Ok(())
+    }
+
+    /// Starts the Subscribe call of a new stream, in a task of its own.
+    fn open_stream(&self) -> Opening {
         let (tx, rx) = mpsc::channel(16);
         // Outside a group, a stream after the first names where this consumer got to in every
         // partition it was given; one it was never given was added to the topic since, and all
@@ -397,7 +445,8 @@ impl Consumer {
                 },
             )),
         };
-        tx.send(first).await.map_err(|_| Error::Closed)?;
+        // The channel is new and empty: there is room.
+        let _ = tx.try_send(first);
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         if let Ok(topic) = self.config.topic.parse() {
             request
@@ -410,30 +459,22 @@ impl Consumer {
         // The stream's headers come at once from a broker that works: a hung one (or a
         // connection that went dead) gets the client's call timeout, not forever.
         let timeout = self.client.timeout();
-        let responses = tokio::time::timeout(timeout, self.client.subscriber().subscribe(request))
-            .await
-            .map_err(|_| Error::Status {
-                code: Code::DeadlineExceeded,
-                message: format!("the broker did not answer the subscription within {timeout:?}"),
-                reason: String::new(),
-                leader_id: None,
-            })?
-            .map_err(Error::from)?
-            .into_inner();
-        self.stream_opened = Instant::now();
-        self.last_heard = tokio::time::Instant::now();
-        // Announced again by this stream's broker (another, maybe, with its own setting).
-        self.broker_heartbeat = None;
-        self.requests = Some(tx);
-        self.start_heartbeats(heartbeat_every(&self.config, self.broker_session));
-        self.responses = Some(responses);
-        self.stream_live = true;
-        self.assigned_on_stream = false;
-        self.commits_in_flight = 0;
-        // Records buffered from the old stream were not credited on the new one.
-        self.buffer.clear();
-        self.uncredited = (0, 0);
-        Ok(())
+        let mut subscriber = self.client.subscriber();
+        let call = tokio::spawn(async move {
+            Ok(tokio::time::timeout(timeout, subscriber.subscribe(request))
+                .await
+                .map_err(|_| Error::Status {
+                    code: Code::DeadlineExceeded,
+                    message: format!(
+                        "the broker did not answer the subscription within {timeout:?}"
+                    ),
+                    reason: String::new(),
+                    leader_id: None,
+                })?
+                .map_err(Error::from)?
+                .into_inner())
+        });
+        Opening { requests: tx, call }
     }
 
     /// Whether the stream that just ended worked: it announced an assignment and lived at least
@@ -645,6 +686,19 @@ impl Consumer {
     /// with the same wait and attempts.
     async fn reconnect(&mut self) -> Result<()> {
         while let Some(pending) = self.reconnecting {
+            if self.opening.is_some() {
+                // An attempt a cancelled call left under way: its answer, not a new one.
+                match self.subscribe().await {
+                    Ok(()) => self.reconnecting = None,
+                    Err(e)
+                        if e.is_retriable() && pending.attempts <= self.config.reconnects_max => {}
+                    Err(e) => {
+                        self.reconnecting = None;
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
             if pending.attempts > self.config.reconnects_max {
                 // Attempts cut short by the caller's timeouts (a broker that hangs) count too.
                 self.reconnecting = None;
@@ -1051,6 +1105,9 @@ impl Drop for Consumer {
         self.end_processing();
         if let Some(h) = self.heartbeat.take() {
             h.abort();
+        }
+        if let Some(opening) = self.opening.take() {
+            opening.call.abort();
         }
         self.requests.take();
         self.responses.take();

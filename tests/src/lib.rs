@@ -1443,6 +1443,13 @@ impl SlowLink {
     pub fn carried(&self) -> u64 {
         self.carried.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// Cuts every connection the link carries now; it goes on accepting new ones.
+    pub fn cut(&self) {
+        for socket in self.sockets.lock().expect("sockets").drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 impl Drop for SlowLink {

@@ -1172,6 +1172,70 @@ async fn polling_ends_in_an_error(hang: bool) {
     }
 }
 
+/// The next record's value, polling with 20 ms timeouts (at most 30 s); an error fails the test.
+async fn poll_in_short_steps(consumer: &mut Consumer) -> String {
+    let began = std::time::Instant::now();
+    loop {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "no record within 30 s"
+        );
+        match consumer.next_timeout(Duration::from_millis(20)).await {
+            Ok(None) => continue,
+            Ok(Some(m)) => return String::from_utf8_lossy(&m.value).into_owned(),
+            Err(e) => panic!("polling failed: {e}"),
+        }
+    }
+}
+
+/// A consumer polled with timeouts shorter than the broker takes to answer a subscription (a
+/// slow link) reconnects all the same: its Subscribe call goes on across polls, and the next
+/// poll waits for the same one. Before, each poll's timeout cancelled the call under way, every
+/// attempt was cut short, and `reconnects_max` ran out with the broker up and answering
+/// ("no subscription stream opened in 4 attempts").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_shorter_than_the_subscribe_call_do_not_cut_it_short() {
+    let broker = Broker::start();
+    let direct = broker.client().await;
+    direct
+        .admin()
+        .create_topic("slow", 1)
+        .await
+        .expect("create");
+    // What the client sends crawls at 1,500 bytes a second: a new connection's preface,
+    // settings and Subscribe call take a few hundred milliseconds to reach the broker.
+    let listen = format!("127.0.0.1:{}", weft_tests::free_port());
+    let link = weft_tests::SlowLink::start(&listen, &broker.client_addr, 1_500);
+    let client = Client::connect([listen.as_str()])
+        .await
+        .expect("connect")
+        .with_timeout(Duration::from_secs(10));
+    let mut consumer = client
+        .consumer(ConsumerConfig {
+            reconnects_max: 3,
+            ..ConsumerConfig::new("slow").start(StartFrom::Earliest)
+        })
+        .await
+        .expect("consumer");
+    let publish = |value: &'static str| {
+        let direct = direct.clone();
+        async move {
+            direct
+                .producer(ProducerConfig::default())
+                .send("slow", Record::new(value).partition(0))
+                .await
+                .expect("stored")
+        }
+    };
+    publish("before").await;
+    assert_eq!(poll_in_short_steps(&mut consumer).await, "before");
+    // The stream lived a while: its end is no quick end (no wait before the first attempt).
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    link.cut();
+    publish("after").await;
+    assert_eq!(poll_in_short_steps(&mut consumer).await, "after");
+}
+
 /// The producer holds at most `queue_bytes_max` bytes of unanswered records (64 MiB by
 /// default, as Kafka's `buffer.memory` bounds its producer): with the broker hung, sends of
 /// 512 KiB records wait for room once 64 MiB are given, and every record given is stored once
