@@ -1542,6 +1542,7 @@ mod tests {
             created_at_ms: 1,
             replicas: vec![vec![1]; 4],
             as_proposed: false,
+            replicas_max: None,
         });
         store.take_over(1);
         store

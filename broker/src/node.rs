@@ -1452,9 +1452,10 @@ impl Node {
 
     /// Refuses (LIMIT_REACHED) replicas `placed` that would give a broker more than this
     /// broker's `partition_replicas_max` partition replicas. Counted from this broker's copy of
-    /// the metadata (a partition that moves counts on its old and its new replicas), so two
-    /// topics created at the same moment may each pass. Moves, rebalances and removals check
-    /// the same limit when they plan (`reassign.rs`).
+    /// the metadata (a partition that moves counts on its old and its new replicas); the
+    /// controller checks again when it applies the placement, so two topics created at the
+    /// same moment cannot both pass. Moves, rebalances and removals check the same limit when
+    /// they plan (`reassign.rs`).
     fn room_for_replicas(&self, placed: &[Vec<NodeId>]) -> Result<(), BrokerError> {
         let max = self.config.partition_replicas_max as usize;
         let mut adding: BTreeMap<NodeId, usize> = BTreeMap::new();
@@ -1486,6 +1487,11 @@ impl Node {
             ControllerResponse::Changed(name) => Err(BrokerError::Conflict(format!(
                 "topic {name:?} changed while this change was made: try again"
             ))),
+            ControllerResponse::LimitReached { what, max } => Err(BrokerError::LimitReached {
+                what,
+                key: "partition_replicas_max",
+                max,
+            }),
             ControllerResponse::Deleted { .. }
             | ControllerResponse::Registered
             | ControllerResponse::CoordinatorEpoch(_)
@@ -1553,6 +1559,9 @@ impl Node {
             created_at_ms: now_ms(),
             replicas,
             as_proposed,
+            // Checked again when applied: two creations checked here at once against the same
+            // metadata cannot both pass.
+            replicas_max: Some(u64::from(self.config.partition_replicas_max)),
         };
         let topic = Self::controller_result(self.propose(command).await?)?;
         self.wait_for_partitions(&topic).await?;
@@ -1603,6 +1612,7 @@ impl Node {
                     topic_id: current.topic_id.clone(),
                     config: current.config.clone(),
                 }),
+                replicas_max: Some(u64::from(self.config.partition_replicas_max)),
             };
             match self.propose(command).await? {
                 ControllerResponse::Changed(_) => continue,

@@ -100,6 +100,11 @@ fn unexpected(response: ControllerResponse) -> BrokerError {
     match response {
         ControllerResponse::NotFound(what) => BrokerError::Conflict(format!("{what} not found")),
         ControllerResponse::Invalid(reason) => BrokerError::Conflict(reason),
+        ControllerResponse::LimitReached { what, max } => BrokerError::LimitReached {
+            what,
+            key: "partition_replicas_max",
+            max,
+        },
         other => BrokerError::Internal(format!("unexpected controller response {other:?}")),
     }
 }
@@ -175,7 +180,7 @@ impl Node {
             from: current.replicas.clone(),
             to: replicas,
         };
-        let answer = self.propose(planned.command()).await?;
+        let answer = self.propose(planned.command_within(max)).await?;
         self.see_own_writes(true).await;
         match answer {
             ControllerResponse::Topic(t) => t
@@ -407,7 +412,8 @@ impl Node {
         plan: Vec<PlannedMove>,
     ) -> (Vec<String>, Vec<(PlannedMove, BrokerError)>) {
         use futures::StreamExt;
-        let commands: Vec<ControllerCommand> = plan.iter().map(PlannedMove::command).collect();
+        let max = self.replicas_max();
+        let commands: Vec<ControllerCommand> = plan.iter().map(|m| m.command_within(max)).collect();
         let answers: Vec<_> = futures::stream::iter(commands)
             .map(|command| self.propose(command))
             .buffered(MOVE_PROPOSALS_AT_ONCE)

@@ -1026,3 +1026,79 @@ async fn moves_past_partition_replicas_max_are_refused() {
         assert_eq!(replicas_per_broker(broker, &topics), full);
     }
 }
+
+/// Two topics created at the same moment through two brokers, when the cluster has room for
+/// only one: at most one is created, the other is refused (HTTP 429, LIMIT_REACHED), and no
+/// broker holds more than `partition_replicas_max` replicas. Each broker checks the limit on
+/// its own copy of the metadata before it proposes, so both checks could pass; the controller
+/// now checks again when it applies the placement. Before, both topics were created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_created_at_once_through_two_brokers_share_partition_replicas_max() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "partition_replicas_max = 1\n").expect("config");
+    let config = config.to_str().expect("path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(2, |_| vec!["--config".into(), config.clone()], &[]);
+    let mut created_rounds = 0;
+    for round in 0..8 {
+        // Both brokers know that no topic is left from the round before.
+        wait_for(
+            "the last round's topic deleted",
+            Duration::from_secs(10),
+            || async {
+                brokers
+                    .iter()
+                    .all(|b| {
+                        let (status, body) = b.http("GET", "/v1/topics", None);
+                        status == 200 && !body.contains("at-once-")
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+        let names = [format!("at-once-{round}-a"), format!("at-once-{round}-b")];
+        let barrier = std::sync::Barrier::new(2);
+        let answers: Vec<(u16, String)> = std::thread::scope(|scope| {
+            let calls: Vec<_> = brokers
+                .iter()
+                .zip(&names)
+                .map(|(broker, name)| {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        let body =
+                            format!(r#"{{"name":"{name}","partitions":1,"replication_factor":2}}"#);
+                        barrier.wait();
+                        broker.http("POST", "/v1/topics", Some(&body))
+                    })
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().expect("create"))
+                .collect()
+        });
+        let created: Vec<&String> = answers
+            .iter()
+            .zip(&names)
+            .filter(|((status, _), _)| *status == 201)
+            .map(|(_, name)| name)
+            .collect();
+        for (status, body) in &answers {
+            assert!(
+                *status == 201 || *status == 429 && body.contains("LIMIT_REACHED"),
+                "round {round}: {status} {body}"
+            );
+        }
+        assert!(
+            created.len() <= 1,
+            "round {round}: both topics created past partition_replicas_max: {answers:?}"
+        );
+        for name in created {
+            created_rounds += 1;
+            let (status, body) = brokers[0].http("DELETE", &format!("/v1/topics/{name}"), None);
+            assert!(status < 300, "{status} {body}");
+        }
+    }
+    assert!(created_rounds > 0, "no round created a topic");
+}

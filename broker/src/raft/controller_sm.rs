@@ -85,6 +85,10 @@ pub enum ControllerCommand {
         /// the proposer placed the replicas and preferred leaders on the brokers it saw up.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         as_proposed: bool,
+        /// The proposer's `partition_replicas_max` ([`REPLICAS_MAX_LEVEL`]): refused when
+        /// applied if it would give a broker more partition replicas (None: not checked).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replicas_max: Option<u64>,
     },
     /// Replace a topic's configuration (partitions may only grow).
     UpdateTopic {
@@ -104,6 +108,10 @@ pub enum ControllerCommand {
         /// another that came between its read and its commit.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         base: Option<TopicBase>,
+        /// The proposer's `partition_replicas_max`, checked for the added partitions' replicas
+        /// when applied ([`REPLICAS_MAX_LEVEL`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replicas_max: Option<u64>,
     },
     /// Delete a topic.
     DeleteTopic {
@@ -165,6 +173,10 @@ pub enum ControllerCommand {
         /// name deleted and created again since is left alone (empty: not checked).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         topic_id: String,
+        /// The proposer's `partition_replicas_max`, checked for the brokers the move adds when
+        /// applied ([`REPLICAS_MAX_LEVEL`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replicas_max: Option<u64>,
     },
     /// A partition's Raft group has `replicas` as its voters: the move is done.
     FinishMove {
@@ -275,7 +287,15 @@ pub struct BrokerMeta {
 ///   older broker applies it over whatever came between), and a replica move only to the topic
 ///   it was planned on (`MoveReplicas.topic_id`: an older broker moves the replicas of a topic
 ///   of that name created again since).
-pub const FEATURE_LEVEL: u32 = 5;
+/// - 6: `partition_replicas_max` checked when a topic's creation, its new partitions or a
+///   replica move is applied (`replicas_max`: an older broker applies them whatever a broker
+///   then holds), so that two changes checked at once by their proposers against the same
+///   state cannot both pass.
+pub const FEATURE_LEVEL: u32 = 6;
+
+/// The feature level that checks `partition_replicas_max` when a placement or a move is
+/// applied (see [`FEATURE_LEVEL`]).
+pub(crate) const REPLICAS_MAX_LEVEL: u32 = 6;
 
 /// The feature level that applies a topic's change only to the topic it was made from (see
 /// [`FEATURE_LEVEL`]).
@@ -322,6 +342,14 @@ pub enum ControllerResponse {
     Invalid(String),
     /// The topic changed after the proposer read it (`UpdateTopic.base`): nothing was applied.
     Changed(String),
+    /// A broker would hold more than the proposer's `partition_replicas_max` partition
+    /// replicas ([`REPLICAS_MAX_LEVEL`]): nothing was applied.
+    LimitReached {
+        /// Which broker, and what it holds.
+        what: String,
+        /// The limit.
+        max: u64,
+    },
     /// A broker was registered.
     Registered,
     /// Group offsets were stored.
@@ -356,7 +384,7 @@ pub struct PlannedMove {
 }
 
 impl PlannedMove {
-    /// The command that starts the move.
+    /// The command that starts the move (with no limit checked when applied).
     pub fn command(&self) -> ControllerCommand {
         ControllerCommand::MoveReplicas {
             topic: self.topic.clone(),
@@ -364,7 +392,18 @@ impl PlannedMove {
             from: self.from.clone(),
             replicas: self.to.clone(),
             topic_id: self.topic_id.clone(),
+            replicas_max: None,
         }
+    }
+
+    /// The command that starts the move, refused when applied if it would give a broker more
+    /// than `max` partition replicas (`partition_replicas_max`).
+    pub fn command_within(&self, max: usize) -> ControllerCommand {
+        let mut command = self.command();
+        if let ControllerCommand::MoveReplicas { replicas_max, .. } = &mut command {
+            *replicas_max = Some(max as u64);
+        }
+        command
     }
 }
 
@@ -483,13 +522,18 @@ impl ControllerState {
                 created_at_ms,
                 replicas,
                 as_proposed,
+                replicas_max,
             } => {
                 if self.topics.contains_key(name) {
                     return ControllerResponse::AlreadyExists(name.clone());
                 }
                 let mut config = config.clone();
+                let features = self.features_in_use;
                 let replicas =
                     self.placement(0, config.partitions, &mut config, replicas, *as_proposed);
+                if let Some(refused) = self.past_replicas_max(*replicas_max, &replicas, features) {
+                    return refused;
+                }
                 let partitions = self.place(0, &replicas);
                 let topic = TopicMeta {
                     name: name.clone(),
@@ -507,6 +551,7 @@ impl ControllerState {
                 new_replicas,
                 as_proposed,
                 base,
+                replicas_max,
             } => {
                 let Some(current) = self.topics.get(name).map(|t| TopicMeta::clone(t)) else {
                     return ControllerResponse::NotFound(name.clone());
@@ -537,6 +582,7 @@ impl ControllerState {
                 let mut config = config.clone();
                 // The replication factor stays what the topic has.
                 config.replication_factor = topic.config.replication_factor;
+                let features = self.features_in_use;
                 let replicas = self.placement(
                     first,
                     config.partitions,
@@ -544,6 +590,9 @@ impl ControllerState {
                     new_replicas,
                     *as_proposed,
                 );
+                if let Some(refused) = self.past_replicas_max(*replicas_max, &replicas, features) {
+                    return refused;
+                }
                 let more = self.place(first, &replicas);
                 topic.partitions.extend(more);
                 topic.config = config;
@@ -596,7 +645,8 @@ impl ControllerState {
                 from,
                 replicas,
                 topic_id,
-            } => self.move_replicas(topic, topic_id, *partition, from, replicas),
+                replicas_max,
+            } => self.move_replicas(topic, topic_id, *partition, from, replicas, *replicas_max),
             ControllerCommand::FinishMove {
                 topic_id,
                 partition,
@@ -760,6 +810,7 @@ impl ControllerState {
         partition: u32,
         from: &[NodeId],
         replicas: &[NodeId],
+        replicas_max: Option<u64>,
     ) -> ControllerResponse {
         if replicas.is_empty() {
             return ControllerResponse::Invalid("a partition needs at least one replica".into());
@@ -794,6 +845,27 @@ impl ControllerState {
                     "topic {topic:?} was deleted and created again since the move was planned"
                 ));
             }
+        }
+        // The brokers the move gives a replica (one they neither hold nor are getting).
+        let gaining: Vec<Vec<NodeId>> = match self
+            .topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(partition as usize))
+        {
+            Some(p) if p.replicas == from => vec![
+                replicas
+                    .iter()
+                    .filter(|n| {
+                        !p.replicas.contains(n) && !p.target.as_ref().is_some_and(|t| t.contains(n))
+                    })
+                    .copied()
+                    .collect(),
+            ],
+            _ => Vec::new(),
+        };
+        let features = self.features_in_use;
+        if let Some(refused) = self.past_replicas_max(replicas_max, &gaining, features) {
+            return refused;
         }
         let Some(meta) = self.topics.get_mut(topic).map(Arc::make_mut) else {
             return ControllerResponse::NotFound(topic.to_string());
@@ -934,6 +1006,40 @@ impl ControllerState {
                 p.replicas.contains(&node) || p.target.as_ref().is_some_and(|t| t.contains(&node))
             })
             .count()
+    }
+
+    /// With `max` (the proposer's `partition_replicas_max`) and every broker at
+    /// [`REPLICAS_MAX_LEVEL`]: the refusal of `placed` (replica lists) if it would give a broker
+    /// more than `max` partition replicas, counting what it holds or is getting. A refused
+    /// command changes nothing but `features_in_use` (restored to `features`, what it was before
+    /// the command, then raised: an older build would have applied it).
+    fn past_replicas_max(
+        &mut self,
+        max: Option<u64>,
+        placed: &[Vec<NodeId>],
+        features: u32,
+    ) -> Option<ControllerResponse> {
+        let max = max?;
+        if self.behind(REPLICAS_MAX_LEVEL).is_some() {
+            return None;
+        }
+        let mut adding: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for &node in placed.iter().flatten() {
+            *adding.entry(node).or_default() += 1;
+        }
+        for (node, more) in adding {
+            let held = self.replicas_on(node);
+            if (held + more) as u64 > max {
+                self.features_in_use = features.max(REPLICAS_MAX_LEVEL);
+                return Some(ControllerResponse::LimitReached {
+                    what: format!(
+                        "broker {node} holds {held} partition replicas and cannot take {more} more"
+                    ),
+                    max,
+                });
+            }
+        }
+        None
     }
 
     /// [`ControllerState::replicas_on`] of every registered broker.
@@ -1611,6 +1717,7 @@ mod tests {
             created_at_ms: 1,
             replicas: vec![vec![1]; partitions as usize],
             as_proposed: false,
+            replicas_max: None,
         }
     }
 
@@ -1641,6 +1748,7 @@ mod tests {
             },
             new_replicas: vec![vec![1]],
             as_proposed: false,
+            replicas_max: None,
             base: None,
         };
         match state.apply(&grown) {
@@ -1658,6 +1766,7 @@ mod tests {
             },
             new_replicas: vec![],
             as_proposed: false,
+            replicas_max: None,
             base: None,
         };
         assert!(matches!(
@@ -1809,6 +1918,7 @@ mod tests {
             },
             new_replicas: vec![],
             as_proposed: false,
+            replicas_max: None,
             base: Some(TopicBase {
                 topic_id: base.topic_id.clone(),
                 config: base.config.clone(),
@@ -1962,6 +2072,7 @@ mod tests {
             created_at_ms: 1,
             replicas: vec![vec![1]; partitions as usize],
             as_proposed: false,
+            replicas_max: None,
         }
     }
 
@@ -2178,6 +2289,103 @@ mod tests {
         );
     }
 
+    /// `partition_replicas_max` is checked again when a placement or a move is applied: two
+    /// creations, two growths or two moves checked by their proposers against the same state
+    /// (each broker checks its own copy before it proposes) cannot both pass. A refused one
+    /// changes nothing (no group id handed out). With a broker of level 5 (which applies them
+    /// without the check), every replica applies them unchecked too, as before.
+    #[test]
+    fn changes_checked_against_the_same_state_cannot_both_pass_the_limit() {
+        let with_limit = |command: ControllerCommand, max: u64| match command {
+            ControllerCommand::CreateTopic {
+                name,
+                topic_id,
+                config,
+                created_at_ms,
+                replicas,
+                ..
+            } => ControllerCommand::CreateTopic {
+                name,
+                topic_id,
+                config,
+                created_at_ms,
+                replicas,
+                as_proposed: true,
+                replicas_max: Some(max),
+            },
+            other => panic!("{other:?}"),
+        };
+        // Two brokers; every partition of "a" and "b" placed on broker 1 alone (RF 1).
+        let mut state = ControllerState::default();
+        register(&mut state, 1);
+        register(&mut state, 2);
+        assert!(matches!(
+            state.apply(&with_limit(topic_rf("a", 2, 1), 3)),
+            ControllerResponse::Topic(_)
+        ));
+        let groups = state.next_group_id;
+        match state.apply(&with_limit(topic_rf("b", 2, 1), 3)) {
+            ControllerResponse::LimitReached { what, max } => {
+                assert_eq!(max, 3);
+                assert!(what.contains("broker 1 holds 2"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!state.topics.contains_key("b"));
+        assert_eq!(state.next_group_id, groups);
+        assert_eq!(state.features_in_use, REPLICAS_MAX_LEVEL);
+        // Growing "a" by two partitions on broker 1: past the limit too.
+        let mut config = state.topics["a"].config.clone();
+        config.partitions = 4;
+        let grow = ControllerCommand::UpdateTopic {
+            name: "a".into(),
+            config,
+            new_replicas: vec![vec![1], vec![1]],
+            as_proposed: true,
+            base: None,
+            replicas_max: Some(3),
+        };
+        assert!(
+            matches!(state.apply(&grow), ControllerResponse::LimitReached { .. }),
+            "growth past the limit"
+        );
+        assert_eq!(state.topics["a"].partitions.len(), 2);
+        // Both partitions of "a" planned onto broker 2 from the same state, limit 1: the first
+        // move is applied, the second refused (broker 2 is getting one already).
+        let plan: Vec<PlannedMove> = (0..2)
+            .map(|p| PlannedMove {
+                topic: "a".into(),
+                topic_id: "id-a".into(),
+                partition: p,
+                from: vec![1],
+                to: vec![2],
+            })
+            .collect();
+        assert!(matches!(
+            state.apply(&plan[0].command_within(1)),
+            ControllerResponse::Topic(_)
+        ));
+        assert!(
+            matches!(
+                state.apply(&plan[1].command_within(1)),
+                ControllerResponse::LimitReached { .. }
+            ),
+            "a second move onto a full broker"
+        );
+        assert_eq!(state.topics["a"].partitions[1].target, None);
+        // A broker of level 5 applies them unchecked: so does every replica.
+        let mut older = ControllerState::default();
+        register(&mut older, 1);
+        register_at(&mut older, 2, REPLICAS_MAX_LEVEL - 1);
+        for name in ["a", "b"] {
+            assert!(matches!(
+                older.apply(&with_limit(topic_rf(name, 2, 1), 3)),
+                ControllerResponse::Topic(_)
+            ));
+        }
+        assert!(older.features_in_use < REPLICAS_MAX_LEVEL);
+    }
+
     /// The limit counts what a broker holds or is getting: a replica moving off a broker still
     /// counts there until its move ends, and a rebalance giving an under-replicated partition
     /// its factor back puts no replica on a full broker (helper-89).
@@ -2347,6 +2555,7 @@ mod tests {
             created_at_ms,
             replicas,
             as_proposed: state.behind(PLACEMENT_LEVEL).is_none(),
+            replicas_max: None,
         })
     }
 
@@ -2458,6 +2667,7 @@ mod tests {
             created_at_ms: 1,
             replicas,
             as_proposed: true,
+            replicas_max: None,
         };
         let ControllerResponse::Topic(t) = older.apply(&command(vec![vec![3, 2]])) else {
             panic!("created")
@@ -2646,6 +2856,7 @@ mod tests {
             from: from.clone(),
             replicas: vec![4, 2, 3],
             topic_id: String::new(),
+            replicas_max: None,
         };
         let moving = match state.apply(&to_four) {
             ControllerResponse::Topic(t) => t.partitions[0].clone(),
@@ -2670,6 +2881,7 @@ mod tests {
                 from: moving.replicas.clone(),
                 replicas: bad.clone(),
                 topic_id: String::new(),
+                replicas_max: None,
             };
             assert!(
                 matches!(state.apply(&command), ControllerResponse::Invalid(_)),
@@ -2683,6 +2895,7 @@ mod tests {
             from: moving.replicas.clone(),
             replicas: from.clone(),
             topic_id: String::new(),
+            replicas_max: None,
         };
         assert!(matches!(state.apply(&back), ControllerResponse::Topic(_)));
         let finish = |replicas: Vec<NodeId>| ControllerCommand::FinishMove {
