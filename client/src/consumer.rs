@@ -193,11 +193,23 @@ pub struct Consumer {
     opening: Option<Opening>,
 }
 
-/// A subscription stream being opened: its request channel, and the call.
+/// A subscription stream being opened: its request channel, the call, and its heartbeats,
+/// which start with the call: once the broker has the stream, the member's session runs, also
+/// while the application does not poll (a stream opened but not yet taken up by `next`).
 #[derive(Debug)]
 struct Opening {
     requests: mpsc::Sender<proto::SubscribeRequest>,
     call: tokio::task::JoinHandle<Result<Streaming<proto::SubscribeResponse>>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+    heartbeat_interval: Duration,
+}
+
+impl Opening {
+    /// Stops the call and its heartbeats.
+    fn abort(&self) {
+        self.call.abort();
+        self.heartbeat.abort();
+    }
 }
 
 /// A pending reconnection of a [`Consumer`].
@@ -278,6 +290,26 @@ fn heartbeat_every(config: &ConsumerConfig, broker_session: Option<Duration>) ->
 /// zero after each let such streams be opened again forever.
 fn shows_a_working_stream(event: &Event) -> bool {
     !matches!(event, Event::Assignment(_))
+}
+
+/// A task that heartbeats every `interval` on a stream's requests, until the stream is gone.
+fn heartbeat_task(
+    requests: mpsc::Sender<proto::SubscribeRequest>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let beat = proto::SubscribeRequest {
+                request: Some(proto::subscribe_request::Request::Heartbeat(
+                    proto::Heartbeat { time_ms: 0 },
+                )),
+            };
+            if requests.send(beat).await.is_err() {
+                return;
+            }
+        }
+    })
 }
 
 /// Bytes of a record as the broker counts them against credit.
@@ -368,20 +400,30 @@ impl Consumer {
             return Err(Error::Closed);
         };
         let answer = (&mut opening.call).await;
-        let Some(Opening { requests: tx, .. }) = self.opening.take() else {
+        let Some(opening) = self.opening.take() else {
             return Err(Error::Closed);
         };
         let responses = match answer {
-            Ok(answer) => answer?,
+            Ok(Ok(responses)) => responses,
+            Ok(Err(e)) => {
+                opening.abort();
+                return Err(e);
+            }
             // The task panicked or was aborted: no stream.
-            Err(_) => return Err(Error::Closed),
+            Err(_) => {
+                opening.abort();
+                return Err(Error::Closed);
+            }
         };
         self.stream_opened = Instant::now();
         self.last_heard = tokio::time::Instant::now();
         // Announced again by this stream's broker (another, maybe, with its own setting).
         self.broker_heartbeat = None;
-        self.requests = Some(tx);
-        self.start_heartbeats(heartbeat_every(&self.config, self.broker_session));
+        self.requests = Some(opening.requests);
+        if let Some(old) = self.heartbeat.replace(opening.heartbeat) {
+            old.abort();
+        }
+        self.heartbeat_interval = opening.heartbeat_interval;
         self.responses = Some(responses);
         self.stream_live = true;
         self.assigned_on_stream = false;
@@ -458,6 +500,8 @@ impl Consumer {
         }
         // The stream's headers come at once from a broker that works: a hung one (or a
         // connection that went dead) gets the client's call timeout, not forever.
+        let heartbeat_interval = heartbeat_every(&self.config, self.broker_session);
+        let heartbeat = heartbeat_task(tx.clone(), heartbeat_interval);
         let timeout = self.client.timeout();
         let mut subscriber = self.client.subscriber();
         let call = tokio::spawn(async move {
@@ -474,7 +518,12 @@ impl Consumer {
                 .map_err(Error::from)?
                 .into_inner())
         });
-        Opening { requests: tx, call }
+        Opening {
+            requests: tx,
+            call,
+            heartbeat,
+            heartbeat_interval,
+        }
     }
 
     /// Whether the stream that just ended worked: it announced an assignment and lived at least
@@ -492,19 +541,7 @@ impl Consumer {
             return;
         };
         self.heartbeat_interval = interval;
-        self.heartbeat = Some(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let beat = proto::SubscribeRequest {
-                    request: Some(proto::subscribe_request::Request::Heartbeat(
-                        proto::Heartbeat { time_ms: 0 },
-                    )),
-                };
-                if heartbeat_tx.send(beat).await.is_err() {
-                    return;
-                }
-            }
-        }));
+        self.heartbeat = Some(heartbeat_task(heartbeat_tx, interval));
     }
 
     /// How long the stream may stay silent before it is taken as lost: before its first
@@ -1054,16 +1091,24 @@ impl Consumer {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
+        // A stream being opened (a reconnection) is not finished: the LeaveGroup below tells the
+        // group, whether or not the broker took it up.
+        if let Some(opening) = self.opening.take() {
+            opening.abort();
+        }
         // End our side of the stream, then let the broker finish it.
         self.requests.take();
-        let had_stream = if let Some(mut responses) = self.responses.take() {
-            let drain = async { while let Ok(Some(_)) = responses.message().await {} };
-            let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
-            true
-        } else {
-            false
+        let responses = self.responses.take();
+        let had_stream = match responses {
+            Some(mut responses) if self.stream_live => {
+                let drain = async { while let Ok(Some(_)) = responses.message().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+                true
+            }
+            _ => false,
         };
-        // Without a stream (closed mid-rejoin), closing it told the group nothing: leave.
+        // Without a live stream (closed mid-rejoin, or while reconnecting: the stream that
+        // ended is not this member's any more), closing it told the group nothing: leave.
         if !had_stream && let Some(leave) = self.leave_call() {
             let _ = leave.await;
         }
@@ -1107,7 +1152,7 @@ impl Drop for Consumer {
             h.abort();
         }
         if let Some(opening) = self.opening.take() {
-            opening.call.abort();
+            opening.abort();
         }
         self.requests.take();
         self.responses.take();

@@ -1236,6 +1236,148 @@ async fn polls_shorter_than_the_subscribe_call_do_not_cut_it_short() {
     assert_eq!(poll_in_short_steps(&mut consumer).await, "after");
 }
 
+/// A group member closed while it reconnects (its stream cut, a new one being opened through a
+/// slow link) leaves its group: the other member gets every partition at once, not once the
+/// closed member's session (30 s) expires. helper-94 read that `close` took the stream that had
+/// ended for the member's own and sent no LeaveGroup; this test passed before the change too
+/// (the end of the stream being opened tells the broker), and now guards both ways out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_closed_while_it_reconnects_leaves_its_group() {
+    let broker = Broker::start();
+    let direct = broker.client().await;
+    direct
+        .admin()
+        .create_topic("rejoin", 2)
+        .await
+        .expect("create");
+    let listen = format!("127.0.0.1:{}", weft_tests::free_port());
+    let link = weft_tests::SlowLink::start(&listen, &broker.client_addr, 1_500);
+    let client = Client::connect([listen.as_str()])
+        .await
+        .expect("connect")
+        .with_timeout(Duration::from_secs(10));
+    let mut a = client
+        .consumer(ConsumerConfig {
+            session_timeout: Some(Duration::from_secs(30)),
+            ..ConsumerConfig::new("rejoin")
+                .group("rejoiners")
+                .start(StartFrom::Earliest)
+        })
+        .await
+        .expect("a");
+    assert_eq!(a.assignment().len(), 2);
+    let (_b_requests, mut b_responses) = weft_tests::grpc::subscribe(
+        &broker.client_addr,
+        weft_proto::v1::SubscribeStart {
+            topic: "rejoin".into(),
+            group_id: "rejoiners".into(),
+            session_timeout_ms: 30_000,
+            start: Some(weft_tests_earliest()),
+            credit: Some(weft_proto::v1::Credit {
+                records: 1000,
+                bytes: 1 << 20,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = weft_tests::grpc::next_assignment(&mut b_responses, a.generation() + 1).await;
+    assert_eq!(b.partitions.len(), 1, "{b:?}");
+    // a's stream lives a while, is cut, and a poll or two start its reconnection.
+    for _ in 0..30 {
+        let _ = a.next_timeout(Duration::from_millis(40)).await;
+    }
+    link.cut();
+    for _ in 0..5 {
+        let _ = a.next_timeout(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::timeout(Duration::from_secs(10), a.close())
+        .await
+        .expect("close within 10 s")
+        .expect("closed");
+    let all = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let next = weft_tests::grpc::next_assignment(&mut b_responses, 0).await;
+            if next.partitions.len() == 2 {
+                return next;
+            }
+        }
+    })
+    .await
+    .expect("b gets every partition within 5 s of a's close");
+    assert_eq!(all.partitions.len(), 2, "{all:?}");
+}
+
+/// A group member whose stream was opened again in the background (a reconnection a short poll
+/// started) keeps its session while the application does not poll: the stream heartbeats from
+/// the moment it opens, not from the next poll. So the other member's assignment stays as it is
+/// while the reconnected member's application is busy for three of its 2 s sessions (helper-94).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opened_in_the_background_keeps_its_members_session() {
+    let broker = Broker::start();
+    let direct = broker.client().await;
+    direct
+        .admin()
+        .create_topic("busy", 2)
+        .await
+        .expect("create");
+    let listen = format!("127.0.0.1:{}", weft_tests::free_port());
+    let link = weft_tests::SlowLink::start(&listen, &broker.client_addr, 1_500);
+    let client = Client::connect([listen.as_str()])
+        .await
+        .expect("connect")
+        .with_timeout(Duration::from_secs(10));
+    let mut a = client
+        .consumer(ConsumerConfig {
+            session_timeout: Some(Duration::from_secs(2)),
+            ..ConsumerConfig::new("busy")
+                .group("busy-group")
+                .start(StartFrom::Earliest)
+        })
+        .await
+        .expect("a");
+    let (_b_requests, mut b_responses) = weft_tests::grpc::subscribe(
+        &broker.client_addr,
+        weft_proto::v1::SubscribeStart {
+            topic: "busy".into(),
+            group_id: "busy-group".into(),
+            session_timeout_ms: 30_000,
+            start: Some(weft_tests_earliest()),
+            credit: Some(weft_proto::v1::Credit {
+                records: 1000,
+                bytes: 1 << 20,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = weft_tests::grpc::next_assignment(&mut b_responses, a.generation() + 1).await;
+    assert_eq!(b.partitions.len(), 1, "{b:?}");
+    for _ in 0..30 {
+        let _ = a.next_timeout(Duration::from_millis(40)).await;
+    }
+    link.cut();
+    for _ in 0..5 {
+        let _ = a.next_timeout(Duration::from_millis(20)).await;
+    }
+    // a's application is busy for 6 s: what b is given meanwhile.
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            let next = weft_tests::grpc::next_assignment(&mut b_responses, 0).await;
+            seen.push((next.generation, next.partitions.len()));
+        }
+    })
+    .await;
+    assert!(
+        seen.last().is_none_or(|(_, partitions)| *partitions == 1),
+        "a's session expired while its application was busy: b's assignments {seen:?}"
+    );
+    // a goes on.
+    let _ = a.next_timeout(Duration::from_millis(500)).await;
+}
+
 /// The producer holds at most `queue_bytes_max` bytes of unanswered records (64 MiB by
 /// default, as Kafka's `buffer.memory` bounds its producer): with the broker hung, sends of
 /// 512 KiB records wait for room once 64 MiB are given, and every record given is stored once
