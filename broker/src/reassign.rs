@@ -160,8 +160,12 @@ impl Node {
         // No broker takes more than partition_replicas_max replicas (KIP-578's
         // max.broker.partitions is checked on reassignments too).
         let max = self.replicas_max();
-        let going = current.target.as_ref().unwrap_or(&current.replicas);
-        for &node in replicas.iter().filter(|n| !going.contains(n)) {
+        // A broker already counts this partition if it holds a replica of it or is getting
+        // one (a move back onto a broker the partition is leaving gives it nothing more).
+        let counted = |n: &NodeId| {
+            current.replicas.contains(n) || current.target.as_ref().is_some_and(|t| t.contains(n))
+        };
+        for &node in replicas.iter().filter(|n| !counted(n)) {
             let held = state.replicas_on(node);
             if held >= max {
                 return Err(BrokerError::LimitReached {

@@ -1102,3 +1102,61 @@ async fn topics_created_at_once_through_two_brokers_share_partition_replicas_max
     }
     assert!(created_rounds > 0, "no round created a topic");
 }
+
+/// A move stalled on a broker that is down can be undone even when the broker the partition is
+/// leaving holds `partition_replicas_max` replicas: the replica it still holds already counts
+/// there, so moving back gives it nothing more. Before, the broker receiving the call counted
+/// it again and refused the move back with LIMIT_REACHED (helper-94), although the controller
+/// would have applied it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_move_can_be_undone_at_the_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "partition_replicas_max = 1\n").expect("config");
+    let config = config.to_str().expect("path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"undo","partitions":1,"replication_factor":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = brokers[0].http("GET", "/v1/topics/undo", None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let on = value["partition_details"][0]["replicas"][0]
+        .as_u64()
+        .expect("replica");
+    // Node ids are 1..=3, in the order of `brokers`.
+    let other = on % 3 + 1;
+    let stays = &brokers[on as usize - 1];
+    let hung = &brokers[other as usize - 1];
+    // The broker it would move to is hung (the controller keeps its majority): the move starts
+    // and cannot end.
+    hung.pause();
+    let (status, body) = stays.http(
+        "POST",
+        "/v1/topics/undo/partitions/0/replicas",
+        Some(&format!(r#"{{"replicas":[{other}]}}"#)),
+    );
+    assert_eq!(status, 202, "{body}");
+    // Back where it was: the broker it is leaving holds its one replica already.
+    let (status, body) = stays.http(
+        "POST",
+        "/v1/topics/undo/partitions/0/replicas",
+        Some(&format!(r#"{{"replicas":[{on}]}}"#)),
+    );
+    hung.resume();
+    assert_eq!(status, 202, "{body}");
+    wait_for("the move undone", Duration::from_secs(30), || async {
+        let (status, body) = stays.http("GET", "/v1/topics/undo", None);
+        let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let p = &value["partition_details"][0];
+        (status == 200
+            && p["replicas"] == serde_json::json!([on])
+            && p["moving_to"].as_array().is_none_or(|t| t.is_empty()))
+        .then_some(())
+    })
+    .await;
+}
