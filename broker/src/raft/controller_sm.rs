@@ -290,7 +290,7 @@ pub struct BrokerMeta {
 /// - 6: `partition_replicas_max` checked when a topic's creation, its new partitions or a
 ///   replica move is applied (`replicas_max`: an older broker applies them whatever a broker
 ///   then holds), so that two changes checked at once by their proposers against the same
-///   state cannot both pass.
+///   state cannot both pass. The first change so checked raises `features_in_use` to 6.
 pub const FEATURE_LEVEL: u32 = 6;
 
 /// The feature level that checks `partition_replicas_max` when a placement or a move is
@@ -1010,9 +1010,10 @@ impl ControllerState {
 
     /// With `max` (the proposer's `partition_replicas_max`) and every broker at
     /// [`REPLICAS_MAX_LEVEL`]: the refusal of `placed` (replica lists) if it would give a broker
-    /// more than `max` partition replicas, counting what it holds or is getting. A refused
-    /// command changes nothing but `features_in_use` (restored to `features`, what it was before
-    /// the command, then raised: an older build would have applied it).
+    /// more than `max` partition replicas, counting what it holds or is getting. Every check
+    /// raises `features_in_use` to [`REPLICAS_MAX_LEVEL`] (as levels 3 and 5 do: a build
+    /// rolled back below it would apply a refusal differently); a refused command changes
+    /// nothing else (`features_in_use` is what it was before the command, `features`, raised).
     fn past_replicas_max(
         &mut self,
         max: Option<u64>,
@@ -1023,6 +1024,7 @@ impl ControllerState {
         if self.behind(REPLICAS_MAX_LEVEL).is_some() {
             return None;
         }
+        self.features_in_use = self.features_in_use.max(REPLICAS_MAX_LEVEL);
         let mut adding: BTreeMap<NodeId, usize> = BTreeMap::new();
         for &node in placed.iter().flatten() {
             *adding.entry(node).or_default() += 1;
