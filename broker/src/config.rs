@@ -105,15 +105,9 @@ pub struct Config {
     pub connections_idle_ms: u64,
     /// Most partition replicas per broker that topic creation and growth may reach: a topic
     /// created or grown past it (on any broker it would place replicas on) is refused with
-    /// LIMIT_REACHED, and so is a replica move onto a broker that holds that many. Checked by
-    /// the broker receiving the call, against its copy of the metadata, and by the controller
-    /// when it applies the change (with the receiving broker's value).
+    /// LIMIT_REACHED. Checked by the broker receiving the call, against its copy of the
+    /// metadata; moves are not checked.
     pub partition_replicas_max: u32,
-    /// Bytes of publishes (their encoded size) the broker holds at once, from clients and
-    /// forwarded by other brokers (a budget each), as Kafka's `queued.max.request.bytes`: a
-    /// stream's next publish is not read until there is room, and a unary publish waits for
-    /// room within its deadline (then RESOURCE_EXHAUSTED, OVERLOADED).
-    pub publish_bytes_in_flight_max: u64,
     /// Age after which the server ends a Subscribe stream with UNAVAILABLE, so meshes rebalance.
     pub stream_age_ms_max: u64,
     /// Heartbeat interval on idle Subscribe streams.
@@ -391,7 +385,6 @@ impl Default for Config {
             streams_per_connection_max: 256,
             connections_max: 10_000,
             connections_idle_ms: 600_000,
-            publish_bytes_in_flight_max: 256 * 1024 * 1024,
             partition_replicas_max: 10_000,
             stream_age_ms_max: 15 * 60 * 1000,
             stream_heartbeat_ms: 5_000,
@@ -795,12 +788,6 @@ impl Config {
             self.partition_replicas_max,
             1,
             1_000_000,
-        )?;
-        range(
-            "publish_bytes_in_flight_max",
-            self.publish_bytes_in_flight_max,
-            1024 * 1024,
-            u64::from(u32::MAX),
         )?;
         range(
             "stream_age_ms_max",

@@ -25,7 +25,6 @@
 pub mod acl;
 pub mod admin;
 pub mod auth;
-pub mod budget;
 pub mod config;
 pub mod error;
 pub mod groups;

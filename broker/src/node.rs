@@ -58,11 +58,6 @@ pub struct Node {
     meta: Metadata,
     /// Where calls for partitions this broker holds no replica of go.
     pub(crate) route_hints: crate::grpc::route_hints::RouteHints,
-    /// Bytes of client publishes held at once (`publish_bytes_in_flight_max`).
-    pub(crate) client_publish_budget: crate::budget::ByteBudget,
-    /// Bytes of publishes forwarded by other brokers held at once (a budget of its own: see
-    /// [`crate::budget`]).
-    pub(crate) forwarded_publish_budget: crate::budget::ByteBudget,
 }
 
 impl std::fmt::Debug for Node {
@@ -720,14 +715,6 @@ impl Node {
             acl: crate::acl::Acl::new(config.acl.enabled, config.acl.rules.clone()),
             meta: meta.clone(),
             route_hints: Default::default(),
-            client_publish_budget: crate::budget::ByteBudget::new(
-                config.publish_bytes_in_flight_max,
-                "client",
-            ),
-            forwarded_publish_budget: crate::budget::ByteBudget::new(
-                config.publish_bytes_in_flight_max,
-                "forwarded",
-            ),
             config,
         });
         let state = node.controller.state();

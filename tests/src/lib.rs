@@ -327,18 +327,6 @@ impl Broker {
         }
     }
 
-    /// The broker process's resident memory now, in bytes (VmRSS).
-    pub fn resident_bytes(&self) -> u64 {
-        let pid = self.child.as_ref().expect("the broker runs").id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmRSS")
-            * 1024
-    }
-
     /// SIGSTOP: the process keeps its sockets and files but does nothing (a hung broker, or
     /// one cut off from its peers without any connection closing).
     ///

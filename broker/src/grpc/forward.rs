@@ -82,12 +82,6 @@ impl Forward for ForwardService {
             Operation::Publish,
             Resource::Topic(&publish.topic),
         )?;
-        // Its bytes, held until it is answered (see `crate::budget`).
-        let _held = self
-            .node
-            .forwarded_publish_budget
-            .take_within(prost::Message::encoded_len(&publish), timeout)
-            .await?;
         self.publisher
             .handle(publish, timeout, message.hops.max(1), &passed_on)
             .await
@@ -129,30 +123,14 @@ impl Forward for ForwardService {
                 .then(|| Err(Status::from(ending.closing_error())))
         })
         .filter_map(futures::future::ready);
-        // Each publish takes its bytes before the next one is read, and holds them until it is
-        // answered (see `crate::budget`).
-        let budget = self.node.forwarded_publish_budget.clone();
         let results = request
             .into_inner()
             .take_until(closing)
-            .then(move |item| {
-                let budget = budget.clone();
-                async move {
-                    let held = match &item {
-                        Ok(message) => {
-                            Some(budget.take(prost::Message::encoded_len(message)).await)
-                        }
-                        Err(_) => None,
-                    };
-                    (item, held)
-                }
-            })
-            .map(move |(item, held)| {
+            .map(move |item| {
                 let publisher = publisher.clone();
                 let node = node.clone();
                 let sender = sender.clone();
                 async move {
-                    let _held = held;
                     let message = item?;
                     let Some(publish) = message.request else {
                         return Ok(super::forward_stream::encode_result(Err(

@@ -565,12 +565,6 @@ impl Publisher for PublisherService {
                 Resource::Topic(&request.get_ref().topic),
             )?;
             let passed_on = PassedOn::from_request(&request);
-            // Its bytes, held until it is answered (see `crate::budget`).
-            let _held = self
-                .node
-                .client_publish_budget
-                .take_within(prost::Message::encoded_len(request.get_ref()), timeout)
-                .await?;
             self.handle(request.into_inner(), timeout, 0, &passed_on)
                 .await
         }
@@ -611,31 +605,18 @@ impl Publisher for PublisherService {
                 cut.store(true, Ordering::SeqCst);
             }
         };
-        // Each request takes its bytes before the next one is read, and holds them until it is
-        // answered (see `crate::budget`).
-        let budget = self.node.client_publish_budget.clone();
-        let inbound = request.into_inner().take_until(closing).then(move |item| {
-            let budget = budget.clone();
-            async move {
-                let held = match &item {
-                    Ok(request) => Some(budget.take(prost::Message::encoded_len(request)).await),
-                    Err(_) => None,
-                };
-                (item, held)
-            }
-        });
+        let inbound = request.into_inner().take_until(closing);
         let node = self.node.clone();
         // Requests are handed to their partitions in arrival order (each future enqueues its
         // batch on first poll, and both `buffered` and `buffer_unordered` first poll them in
         // order); answers come back in request order, or as each is stored with `any_order`.
         // The first failure ends the stream with its status, naming its request in a trailer.
-        let requests = inbound.map(move |(item, held)| {
+        let requests = inbound.map(move |item| {
             let service = service.clone();
             let header_topic = header_topic.clone();
             let passed_on = passed_on.clone();
             let identity = identity.clone();
             async move {
-                let _held = held;
                 let request = item?;
                 let request_id = request.request_id;
                 let named = move |mut status: Status| {
