@@ -1236,18 +1236,29 @@ async fn polls_shorter_than_the_subscribe_call_do_not_cut_it_short() {
     assert_eq!(poll_in_short_steps(&mut consumer).await, "after");
 }
 
-/// A group member closed while it reconnects (its stream cut, a new one being opened through a
-/// slow link) leaves its group: the other member gets every partition at once, not once the
-/// closed member's session (30 s) expires. helper-94 read that `close` took the stream that had
-/// ended for the member's own and sent no LeaveGroup; this test passed before the change too
-/// (the end of the stream being opened tells the broker), and now guards both ways out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_closed_while_it_reconnects_leaves_its_group() {
+/// Two members of group `group` on a new two-partition topic `topic`: a, our consumer through a
+/// slow link (1,500 B/s towards the broker) with session timeout `session`, and b, a raw
+/// Subscribe stream (session 30 s), one partition each. Then a's stream lives a while and is
+/// cut, and a few short polls start its reconnection.
+async fn two_members_and_a_cut(
+    topic: &str,
+    group: &str,
+    session: Duration,
+) -> (
+    Broker,
+    weft_tests::SlowLink,
+    Consumer,
+    (
+        tokio::sync::mpsc::Sender<weft_proto::v1::SubscribeRequest>,
+        tonic::Streaming<weft_proto::v1::SubscribeResponse>,
+    ),
+) {
     let broker = Broker::start();
-    let direct = broker.client().await;
-    direct
+    broker
+        .client()
+        .await
         .admin()
-        .create_topic("rejoin", 2)
+        .create_topic(topic, 2)
         .await
         .expect("create");
     let listen = format!("127.0.0.1:{}", weft_tests::free_port());
@@ -1258,19 +1269,19 @@ async fn a_member_closed_while_it_reconnects_leaves_its_group() {
         .with_timeout(Duration::from_secs(10));
     let mut a = client
         .consumer(ConsumerConfig {
-            session_timeout: Some(Duration::from_secs(30)),
-            ..ConsumerConfig::new("rejoin")
-                .group("rejoiners")
+            session_timeout: Some(session),
+            ..ConsumerConfig::new(topic)
+                .group(group)
                 .start(StartFrom::Earliest)
         })
         .await
         .expect("a");
     assert_eq!(a.assignment().len(), 2);
-    let (_b_requests, mut b_responses) = weft_tests::grpc::subscribe(
+    let (b_requests, mut b_responses) = weft_tests::grpc::subscribe(
         &broker.client_addr,
         weft_proto::v1::SubscribeStart {
-            topic: "rejoin".into(),
-            group_id: "rejoiners".into(),
+            topic: topic.into(),
+            group_id: group.into(),
             session_timeout_ms: 30_000,
             start: Some(weft_tests_earliest()),
             credit: Some(weft_proto::v1::Credit {
@@ -1283,7 +1294,8 @@ async fn a_member_closed_while_it_reconnects_leaves_its_group() {
     .await;
     let b = weft_tests::grpc::next_assignment(&mut b_responses, a.generation() + 1).await;
     assert_eq!(b.partitions.len(), 1, "{b:?}");
-    // a's stream lives a while, is cut, and a poll or two start its reconnection.
+    // a's stream lives a while (its end is no quick end), is cut, and a few short polls start
+    // its reconnection.
     for _ in 0..30 {
         let _ = a.next_timeout(Duration::from_millis(40)).await;
     }
@@ -1291,6 +1303,18 @@ async fn a_member_closed_while_it_reconnects_leaves_its_group() {
     for _ in 0..5 {
         let _ = a.next_timeout(Duration::from_millis(20)).await;
     }
+    (broker, link, a, (b_requests, b_responses))
+}
+
+/// A group member closed while it reconnects (its stream cut, a new one being opened through a
+/// slow link) leaves its group: the other member gets every partition at once, not once the
+/// closed member's session (30 s) expires. helper-94 read that `close` took the stream that had
+/// ended for the member's own and sent no LeaveGroup; this test passed before the change too
+/// (the end of the stream being opened tells the broker), and now guards both ways out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_closed_while_it_reconnects_leaves_its_group() {
+    let (_broker, _link, a, (_b_requests, mut b_responses)) =
+        two_members_and_a_cut("rejoin", "rejoiners", Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     tokio::time::timeout(Duration::from_secs(10), a.close())
         .await
@@ -1315,52 +1339,8 @@ async fn a_member_closed_while_it_reconnects_leaves_its_group() {
 /// while the reconnected member's application is busy for three of its 2 s sessions (helper-94).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_opened_in_the_background_keeps_its_members_session() {
-    let broker = Broker::start();
-    let direct = broker.client().await;
-    direct
-        .admin()
-        .create_topic("busy", 2)
-        .await
-        .expect("create");
-    let listen = format!("127.0.0.1:{}", weft_tests::free_port());
-    let link = weft_tests::SlowLink::start(&listen, &broker.client_addr, 1_500);
-    let client = Client::connect([listen.as_str()])
-        .await
-        .expect("connect")
-        .with_timeout(Duration::from_secs(10));
-    let mut a = client
-        .consumer(ConsumerConfig {
-            session_timeout: Some(Duration::from_secs(2)),
-            ..ConsumerConfig::new("busy")
-                .group("busy-group")
-                .start(StartFrom::Earliest)
-        })
-        .await
-        .expect("a");
-    let (_b_requests, mut b_responses) = weft_tests::grpc::subscribe(
-        &broker.client_addr,
-        weft_proto::v1::SubscribeStart {
-            topic: "busy".into(),
-            group_id: "busy-group".into(),
-            session_timeout_ms: 30_000,
-            start: Some(weft_tests_earliest()),
-            credit: Some(weft_proto::v1::Credit {
-                records: 1000,
-                bytes: 1 << 20,
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
-    let b = weft_tests::grpc::next_assignment(&mut b_responses, a.generation() + 1).await;
-    assert_eq!(b.partitions.len(), 1, "{b:?}");
-    for _ in 0..30 {
-        let _ = a.next_timeout(Duration::from_millis(40)).await;
-    }
-    link.cut();
-    for _ in 0..5 {
-        let _ = a.next_timeout(Duration::from_millis(20)).await;
-    }
+    let (_broker, _link, mut a, (_b_requests, mut b_responses)) =
+        two_members_and_a_cut("busy", "busy-group", Duration::from_secs(2)).await;
     // a's application is busy for 6 s: what b is given meanwhile.
     let mut seen = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(6), async {
