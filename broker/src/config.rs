@@ -105,8 +105,10 @@ pub struct Config {
     pub connections_idle_ms: u64,
     /// Most partition replicas per broker that topic creation and growth may reach: a topic
     /// created or grown past it (on any broker it would place replicas on) is refused with
-    /// LIMIT_REACHED. Checked by the broker receiving the call, against its copy of the
-    /// metadata; moves are not checked.
+    /// LIMIT_REACHED, and so is a replica move onto a broker that holds that many; rebalances
+    /// and removals plan no replica onto a full broker. Checked by the broker receiving the
+    /// call, against its copy of the metadata, and again by the controller when it applies the
+    /// change (with the receiving broker's value).
     pub partition_replicas_max: u32,
     /// Age after which the server ends a Subscribe stream with UNAVAILABLE, so meshes rebalance.
     pub stream_age_ms_max: u64,

@@ -937,7 +937,10 @@ async fn a_level_raised_while_a_broker_joins_refuses_it() {
     // A placement kept as proposed (level 4); this build's creation also checks
     // partition_replicas_max when applied (level 6).
     let used = features_in_use(&brokers[0]);
-    assert!(used >= 4, "a placement kept as proposed: {used}");
+    assert_eq!(
+        used, 6,
+        "a placement kept as proposed, checked against the limit"
+    );
     let code = old.wait_exit(Duration::from_secs(30));
     assert_eq!(code, Some(1), "a refused broker exits with an error");
     let log = old.log();

@@ -1128,8 +1128,16 @@ async fn a_stalled_move_can_be_undone_at_the_limit() {
     let on = value["partition_details"][0]["replicas"][0]
         .as_u64()
         .expect("replica");
-    // Node ids are 1..=3, in the order of `brokers`.
-    let other = on % 3 + 1;
+    // Node ids are 1..=3, in the order of `brokers`. The broker to hang is not the
+    // controller's leader (the calls below need the controller).
+    let (status, body) = brokers[0].http("GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    let cluster: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let controller = cluster["controller_id"].as_u64().expect("controller_id");
+    let other = [1u64, 2, 3]
+        .into_iter()
+        .find(|&n| n != on && n != controller)
+        .expect("a broker that neither holds the partition nor leads the controller");
     let stays = &brokers[on as usize - 1];
     let hung = &brokers[other as usize - 1];
     // The broker it would move to is hung (the controller keeps its majority): the move starts

@@ -1010,10 +1010,11 @@ impl ControllerState {
 
     /// With `max` (the proposer's `partition_replicas_max`) and every broker at
     /// [`REPLICAS_MAX_LEVEL`]: the refusal of `placed` (replica lists) if it would give a broker
-    /// more than `max` partition replicas, counting what it holds or is getting. Every check
-    /// raises `features_in_use` to [`REPLICAS_MAX_LEVEL`] (as levels 3 and 5 do: a build
-    /// rolled back below it would apply a refusal differently); a refused command changes
-    /// nothing else (`features_in_use` is what it was before the command, `features`, raised).
+    /// more than `max` partition replicas, counting what it holds or is getting. Every check of
+    /// a command that gives some broker a replica raises `features_in_use` to
+    /// [`REPLICAS_MAX_LEVEL`] (as levels 3 and 5 do: a build rolled back below it would apply a
+    /// refusal differently); a refused command changes nothing else (`features_in_use` is what
+    /// it was before the command, `features`, raised).
     fn past_replicas_max(
         &mut self,
         max: Option<u64>,
@@ -1024,11 +1025,16 @@ impl ControllerState {
         if self.behind(REPLICAS_MAX_LEVEL).is_some() {
             return None;
         }
-        self.features_in_use = self.features_in_use.max(REPLICAS_MAX_LEVEL);
         let mut adding: BTreeMap<NodeId, usize> = BTreeMap::new();
         for &node in placed.iter().flatten() {
             *adding.entry(node).or_default() += 1;
         }
+        if adding.is_empty() {
+            // Nothing to refuse (a growth by no partition, a move that gives no broker a new
+            // replica): an older build applies it alike.
+            return None;
+        }
+        self.features_in_use = self.features_in_use.max(REPLICAS_MAX_LEVEL);
         // A broker holds at most one replica of each partition: while the cluster has fewer
         // partitions than the limit leaves room for (the usual case), no broker can pass it,
         // and the partitions need not be counted (every replica applies every command).
@@ -2396,6 +2402,42 @@ mod tests {
             ));
         }
         assert!(older.features_in_use < REPLICAS_MAX_LEVEL);
+    }
+
+    /// At the limit exactly: a broker may reach `partition_replicas_max`, not pass it, whether
+    /// the cluster's partitions are few enough to skip the count or not.
+    #[test]
+    fn a_broker_may_reach_the_limit_and_not_pass_it() {
+        let on = |name: &str, broker: NodeId| ControllerCommand::CreateTopic {
+            name: name.into(),
+            topic_id: format!("id-{name}"),
+            config: TopicConfig {
+                partitions: 1,
+                replication_factor: 1,
+                ..TopicConfig::default()
+            },
+            created_at_ms: 1,
+            replicas: vec![vec![broker]],
+            as_proposed: true,
+            replicas_max: Some(3),
+        };
+        let mut state = ControllerState::default();
+        register(&mut state, 1);
+        register(&mut state, 2);
+        for name in ["a", "b", "c"] {
+            assert!(
+                matches!(state.apply(&on(name, 1)), ControllerResponse::Topic(_)),
+                "{name}: broker 1 reaches 3"
+            );
+        }
+        assert!(matches!(
+            state.apply(&on("d", 1)),
+            ControllerResponse::LimitReached { max: 3, .. }
+        ));
+        assert!(matches!(
+            state.apply(&on("d", 2)),
+            ControllerResponse::Topic(_)
+        ));
     }
 
     /// The limit counts what a broker holds or is getting: a replica moving off a broker still
