@@ -1172,6 +1172,19 @@ async fn polling_ends_in_an_error(hang: bool) {
     }
 }
 
+/// A client of `broker` through a slow link: what the client sends crawls at 1,500 bytes a
+/// second, so a new connection's preface, settings and Subscribe call take a few hundred
+/// milliseconds to reach the broker (answers come back at full speed).
+async fn through_a_slow_link(broker: &Broker) -> (weft_tests::SlowLink, Client) {
+    let listen = format!("127.0.0.1:{}", weft_tests::free_port());
+    let link = weft_tests::SlowLink::start(&listen, &broker.client_addr, 1_500);
+    let client = Client::connect([listen.as_str()])
+        .await
+        .expect("connect")
+        .with_timeout(Duration::from_secs(10));
+    (link, client)
+}
+
 /// The next record's value, polling with 20 ms timeouts (at most 30 s); an error fails the test.
 async fn poll_in_short_steps(consumer: &mut Consumer) -> String {
     let began = std::time::Instant::now();
@@ -1202,14 +1215,7 @@ async fn polls_shorter_than_the_subscribe_call_do_not_cut_it_short() {
         .create_topic("slow", 1)
         .await
         .expect("create");
-    // What the client sends crawls at 1,500 bytes a second: a new connection's preface,
-    // settings and Subscribe call take a few hundred milliseconds to reach the broker.
-    let listen = format!("127.0.0.1:{}", weft_tests::free_port());
-    let link = weft_tests::SlowLink::start(&listen, &broker.client_addr, 1_500);
-    let client = Client::connect([listen.as_str()])
-        .await
-        .expect("connect")
-        .with_timeout(Duration::from_secs(10));
+    let (link, client) = through_a_slow_link(&broker).await;
     let mut consumer = client
         .consumer(ConsumerConfig {
             reconnects_max: 3,
@@ -1261,12 +1267,7 @@ async fn two_members_and_a_cut(
         .create_topic(topic, 2)
         .await
         .expect("create");
-    let listen = format!("127.0.0.1:{}", weft_tests::free_port());
-    let link = weft_tests::SlowLink::start(&listen, &broker.client_addr, 1_500);
-    let client = Client::connect([listen.as_str()])
-        .await
-        .expect("connect")
-        .with_timeout(Duration::from_secs(10));
+    let (link, client) = through_a_slow_link(&broker).await;
     let mut a = client
         .consumer(ConsumerConfig {
             session_timeout: Some(session),

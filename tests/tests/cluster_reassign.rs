@@ -936,6 +936,18 @@ async fn rebalance_wait_through_a_lagging_broker_returns_once_the_moves_are_done
     }
 }
 
+/// A cluster of `size` brokers, each with `partition_replicas_max = max` (the config file's
+/// directory goes with it).
+fn cluster_with_replicas_max(size: u64, max: u32) -> (tempfile::TempDir, Vec<Broker>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, format!("partition_replicas_max = {max}\n")).expect("config");
+    let config = config.to_str().expect("path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(size, |_| vec!["--config".into(), config.clone()], &[]);
+    (dir, brokers)
+}
+
 /// The replicas each broker holds of `topics`, as `broker` sees them (a moving partition
 /// counts where it goes).
 fn replicas_per_broker(broker: &Broker, topics: &[&str]) -> std::collections::BTreeMap<u64, usize> {
@@ -964,12 +976,7 @@ fn replicas_per_broker(broker: &Broker, topics: &[&str]) -> std::collections::BT
 /// gave a broker replicas past its limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_past_partition_replicas_max_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("weft.toml");
-    std::fs::write(&config, "partition_replicas_max = 2\n").expect("config");
-    let config = config.to_str().expect("path").to_string();
-    let brokers =
-        weft_tests::start_cluster_each(2, |_| vec!["--config".into(), config.clone()], &[]);
+    let (_dir, brokers) = cluster_with_replicas_max(2, 2);
     let topics = ["full-a", "full-b"];
     for topic in topics {
         let (status, body) = brokers[0].http(
@@ -1034,12 +1041,7 @@ async fn moves_past_partition_replicas_max_are_refused() {
 /// now checks again when it applies the placement. Before, both topics were created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_created_at_once_through_two_brokers_share_partition_replicas_max() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("weft.toml");
-    std::fs::write(&config, "partition_replicas_max = 1\n").expect("config");
-    let config = config.to_str().expect("path").to_string();
-    let brokers =
-        weft_tests::start_cluster_each(2, |_| vec!["--config".into(), config.clone()], &[]);
+    let (_dir, brokers) = cluster_with_replicas_max(2, 1);
     let mut created_rounds = 0;
     for round in 0..8 {
         // Both brokers know that no topic is left from the round before.
@@ -1110,12 +1112,7 @@ async fn topics_created_at_once_through_two_brokers_share_partition_replicas_max
 /// would have applied it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_move_can_be_undone_at_the_limit() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("weft.toml");
-    std::fs::write(&config, "partition_replicas_max = 1\n").expect("config");
-    let config = config.to_str().expect("path").to_string();
-    let brokers =
-        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let (_dir, brokers) = cluster_with_replicas_max(3, 1);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",

@@ -2314,24 +2314,17 @@ mod tests {
     /// without the check), every replica applies them unchecked too, as before.
     #[test]
     fn changes_checked_against_the_same_state_cannot_both_pass_the_limit() {
-        let with_limit = |command: ControllerCommand, max: u64| match command {
-            ControllerCommand::CreateTopic {
-                name,
-                topic_id,
-                config,
-                created_at_ms,
-                replicas,
+        let with_limit = |mut command: ControllerCommand, max: u64| {
+            if let ControllerCommand::CreateTopic {
+                as_proposed,
+                replicas_max,
                 ..
-            } => ControllerCommand::CreateTopic {
-                name,
-                topic_id,
-                config,
-                created_at_ms,
-                replicas,
-                as_proposed: true,
-                replicas_max: Some(max),
-            },
-            other => panic!("{other:?}"),
+            } = &mut command
+            {
+                *as_proposed = true;
+                *replicas_max = Some(max);
+            }
+            command
         };
         // Two brokers; every partition of "a" and "b" placed on broker 1 alone (RF 1).
         let mut state = ControllerState::default();
