@@ -294,6 +294,21 @@ struct Inner {
     /// a commit), or first saw it (see [`Coordinator::expire_offsets`]). Locked after
     /// `groups`.
     idle_since: Mutex<HashMap<String, Seen>>,
+    /// Where this coordinator stands since it took the groups over: until its members had
+    /// time to come back, it does not know them (see [`Coordinator::lock_without_members`]).
+    takeover: Mutex<Takeover>,
+}
+
+/// How far a coordinator's takeover of the groups has gone.
+#[derive(Debug, Clone, Copy)]
+enum Takeover {
+    /// Nobody to wait for: the first coordinator of a new cluster, or one whose takeover
+    /// happened long enough ago.
+    Settled,
+    /// Coordinating from now, or no longer: the takeover is not committed yet.
+    Pending,
+    /// Committed then: the members of the previous coordinator rejoin this one meanwhile.
+    Since(Instant),
 }
 
 /// When a coordinator last saw a group with stored offsets.
@@ -368,6 +383,7 @@ impl Coordinator {
                 last_generation: AtomicU64::new(0),
                 changing: Mutex::new(Default::default()),
                 idle_since: Mutex::new(HashMap::new()),
+                takeover: Mutex::new(Takeover::Settled),
             }),
         }
     }
@@ -981,14 +997,36 @@ impl Coordinator {
 
     /// Takes `group_id`'s commit lock, refused (GROUP_NOT_EMPTY) while the group has members:
     /// what deleting or resetting its offsets needs (members would commit over either).
+    ///
+    /// A coordinator that took the groups over knows a group's members only once they rejoined
+    /// it: until then (for the default session, `session_timeout_ms`, after its takeover was
+    /// committed: a member of the previous coordinator that is not back by then would have
+    /// been dropped there too), a group with committed offsets that nobody joined here yet is
+    /// answered UNAVAILABLE, try again, rather than taken for one without members.
     async fn lock_without_members(&self, group_id: &str) -> Result<Changing, BrokerError> {
         validate_group_id(group_id)?;
         let committing = self.commit_lock(group_id)?.lock_owned().await;
         let groups = self.groups()?;
-        if let Some(group) = groups.get(group_id)
-            && !group.members.is_empty()
-        {
-            return Err(BrokerError::GroupNotEmpty(group_id.into()));
+        match groups.get(group_id) {
+            Some(group) if !group.members.is_empty() => {
+                return Err(BrokerError::GroupNotEmpty(group_id.into()));
+            }
+            Some(_) => {}
+            None => {
+                if let Some(wait) = self.rejoining(Instant::now())
+                    && self.inner.store.group(group_id).is_some()
+                {
+                    return Err(BrokerError::Unavailable {
+                        reason: format!(
+                            "the group coordinator moved here just now and group {group_id:?} \
+                             has not rejoined it yet (its members have {} ms left to come \
+                             back); try again then",
+                            wait.as_millis()
+                        ),
+                        leader: None,
+                    });
+                }
+            }
         }
         // Under the groups' lock, as `join` checks it: no member slips in between.
         self.inner
@@ -1176,6 +1214,32 @@ impl Coordinator {
         self.inner.store.generation_floor().is_some()
     }
 
+    /// Records that this coordinator's takeover of the groups was committed `at`: the
+    /// members of the previous coordinator have the default session from then to rejoin
+    /// (none to wait for if it is the `first` coordinator of the cluster).
+    pub fn took_over(&self, at: Instant, first: bool) {
+        if let Ok(mut takeover) = self.inner.takeover.lock() {
+            *takeover = if first {
+                Takeover::Settled
+            } else {
+                Takeover::Since(at)
+            };
+        }
+    }
+
+    /// How long the members of the previous coordinator may still take to rejoin this one
+    /// at `now` (None: they had their time, or there was none before it).
+    fn rejoining(&self, now: Instant) -> Option<Duration> {
+        let takeover = self.inner.takeover.lock().map_or(Takeover::Pending, |t| *t);
+        match takeover {
+            Takeover::Settled => None,
+            Takeover::Pending => Some(self.inner.default_session),
+            Takeover::Since(at) => (at + self.inner.default_session)
+                .checked_duration_since(now)
+                .filter(|left| !left.is_zero()),
+        }
+    }
+
     /// Forgets every group held in memory (this broker no longer coordinates them): their
     /// streams see their views end and their members rejoin the new coordinator.
     pub fn reset(&self) {
@@ -1187,6 +1251,9 @@ impl Coordinator {
         }
         if let Ok(mut idle) = self.inner.idle_since.lock() {
             idle.clear();
+        }
+        if let Ok(mut takeover) = self.inner.takeover.lock() {
+            *takeover = Takeover::Pending;
         }
     }
 }
@@ -1612,6 +1679,62 @@ mod tests {
         Coordinator::new(store(), Duration::from_secs(10))
     }
 
+    /// A coordinator that took the groups over from another one does not know their members
+    /// until they rejoin: for the default session after its takeover, a group with offsets
+    /// that nobody joined here yet is neither deleted nor reset (UNAVAILABLE); one that
+    /// rejoined is judged by its members. The first coordinator of a cluster has nobody to
+    /// wait for.
+    #[tokio::test]
+    async fn a_new_coordinator_waits_for_members_before_deleting_offsets() {
+        let unavailable = |r: Result<(), BrokerError>| matches!(r, Err(BrokerError::Unavailable { ref reason, .. }) if reason.contains("rejoined"));
+        let c = coordinator();
+        c.reset_offsets("g", "id-t", &[(0, 5)])
+            .await
+            .expect("reset");
+        c.reset_offsets("h", "id-t", &[(0, 5)])
+            .await
+            .expect("reset");
+        // Another broker coordinated before; this one's takeover is not committed yet, then it
+        // is.
+        c.reset();
+        assert!(unavailable(c.delete("g").await));
+        let now = Instant::now();
+        c.took_over(now, false);
+        assert!(unavailable(c.delete("g").await));
+        assert!(unavailable(
+            c.reset_offsets("g", "id-t", &[(0, 1)]).await.map(|_| ())
+        ));
+        // Nothing stored: nothing to wait for.
+        assert!(matches!(
+            c.delete("nothing").await,
+            Err(BrokerError::GroupNotFound(_))
+        ));
+        // g's member comes back: refused for it. Gone again, g waits for the rest of the
+        // session still (another of its members may be on its way).
+        let a = c
+            .join("g", Some("a"), "t", "id-t", 4, None, now)
+            .expect("rejoin");
+        assert!(matches!(
+            c.delete("g").await,
+            Err(BrokerError::GroupNotEmpty(_))
+        ));
+        c.leave("g", "a", a.incarnation);
+        assert!(unavailable(c.delete("g").await));
+        // The default session after the takeover, the members had their time.
+        if let Some(earlier) = now.checked_sub(Duration::from_secs(11)) {
+            c.took_over(earlier, false);
+            c.delete("g").await.expect("delete after the session");
+            c.delete("h").await.expect("delete after the session");
+        }
+        // The first coordinator of a cluster.
+        c.reset_offsets("k", "id-t", &[(0, 5)])
+            .await
+            .expect("reset");
+        c.reset();
+        c.took_over(Instant::now(), true);
+        c.delete("k").await.expect("delete with nobody before");
+    }
+
     /// While a group's offsets are being reset (or deleted) nobody joins it: a member would
     /// read the old offsets and commit over the change. Afterwards joins go through again.
     #[tokio::test]
@@ -1966,6 +2089,9 @@ mod tests {
         // while it had members (at 61 s); it has none now.
         c.reset();
         store.take_over(7);
+        // (The default session of the takeover is not what this test is about: its own grace
+        // is longer.)
+        c.took_over(t0, true);
         drop(live);
         assert!(sweep(100).await.is_empty(), "70 s after busy's stamp");
         // Past the stamp's 75 s, but the new coordinator has known the group for less than its
@@ -2016,6 +2142,8 @@ mod tests {
         // the stamp, not by the commit at 0 s.
         c.reset();
         store.take_over(7);
+        // (Its members' time to rejoin is not what this test is about.)
+        c.took_over(t0, true);
         assert!(sweep(100).await.is_empty());
         assert!(sweep(120).await.is_empty(), "27 s after the stamp");
         assert!(sweep(167).await.is_empty(), "74 s after the stamp");

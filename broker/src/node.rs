@@ -331,9 +331,9 @@ async fn coordinator_loop(node: Weak<Node>, takeover: Arc<std::sync::Mutex<Optio
             if let Ok(mut t) = takeover.lock() {
                 *t = None;
             }
-            if led_in.is_some() {
-                node.groups.reset();
-            }
+            // Also on taking the groups over, the first time too: until its takeover is
+            // committed and the members had time to rejoin, this broker does not know them.
+            node.groups.reset();
             if leads_in.is_some() {
                 let nonce = uuid::Uuid::new_v4().as_u64_pair().0;
                 if let Ok(mut t) = takeover.lock() {
@@ -375,6 +375,8 @@ async fn take_over_groups(
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
+        // No coordinator before this one (a new cluster): no members anywhere to wait for.
+        let first = node.controller.state().coordinator.is_none();
         let command = ControllerCommand::TakeOverGroups {
             node_id: node.node_id,
             nonce,
@@ -383,6 +385,10 @@ async fn take_over_groups(
         match node.controller.propose_here(command, timeout).await {
             Ok(ControllerResponse::CoordinatorEpoch(epoch)) => {
                 tracing::info!(epoch, "took the consumer groups over");
+                // (Unless it no longer is the takeover in force: a reset came meanwhile.)
+                if takeover.lock().map(|t| *t == Some(nonce)).unwrap_or(false) {
+                    node.groups.took_over(Instant::now(), first);
+                }
                 return;
             }
             Ok(other) => {

@@ -896,3 +896,79 @@ async fn a_member_is_held_to_its_coordinators_default_session() {
         .expect("join");
     weft_tests::stays_idle_for_4_s(member).await;
 }
+
+/// A group's offsets cannot be deleted (or reset) through a coordinator that has just taken
+/// the groups over while its members are still on their way back to it: the new coordinator
+/// does not know them yet, and it answers UNAVAILABLE (try again) instead of deleting the
+/// offsets of a group whose live member then starts over from the end. Once the member is
+/// back, the delete is refused as for any group with members (409, GROUP_NOT_EMPTY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_cannot_be_deleted_while_its_members_rejoin_a_new_coordinator() {
+    let (mut brokers, boss) = events_cluster(&[], 20).await;
+    let a = (0..3).find(|&i| i + 1 != boss).expect("a survivor");
+    let mut m = member(&brokers[a]).await;
+    let mut got = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while got < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "got {got} records");
+        if m.next_timeout(Duration::from_millis(100))
+            .await
+            .expect("next")
+            .is_some()
+        {
+            got += 1;
+        }
+    }
+    m.commit().await.expect("commit");
+    let (status, body) = brokers[a].http("DELETE", "/v1/groups/g", None);
+    assert_eq!(status, 409, "a group with a member: {body}");
+
+    // The coordinator dies while the member's application is busy (it does not poll).
+    brokers[boss - 1].kill9();
+    let new_boss = wait_for("a new coordinator", Duration::from_secs(30), || {
+        let client = Client::connect([brokers[a].client_addr.as_str()]);
+        async move {
+            let status = client.await.ok()?.admin().cluster_status().await.ok()?;
+            (status.controller_id != 0 && status.controller_id as usize != boss)
+                .then_some(status.controller_id as usize)
+        }
+    })
+    .await;
+    // For a few seconds (well within the broker's default session of 10 s), every delete is
+    // turned away: none deletes the offsets.
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut answers = BTreeMap::new();
+    while tokio::time::Instant::now() < until {
+        let (status, body) = brokers[new_boss - 1].http("DELETE", "/v1/groups/g", None);
+        assert_ne!(status, 204, "deleted while its member was away: {body}");
+        assert!(status == 503 || status == 409, "answered {status}: {body}");
+        *answers.entry(status).or_insert(0) += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("answers while the member was away: {answers:?}");
+
+    // The member comes back: the delete is refused for its being there, and it goes on from
+    // its committed offsets.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = m.next_timeout(Duration::from_millis(100)).await;
+        let (status, body) = brokers[new_boss - 1].http("DELETE", "/v1/groups/g", None);
+        assert_ne!(status, 204, "deleted while its member was back: {body}");
+        if status == 409 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {status}: {body}"
+        );
+    }
+    let group = brokers[new_boss - 1]
+        .client()
+        .await
+        .admin()
+        .group("g")
+        .await
+        .expect("describe");
+    let committed: u64 = group.partitions.iter().map(|p| p.committed_offset).sum();
+    assert_eq!(committed, 10, "the commit was kept: {group:?}");
+}
