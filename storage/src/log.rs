@@ -432,7 +432,32 @@ impl PartitionLog {
             if seg.is_empty() {
                 seg.next_index = hint;
             }
-            if let Some(prev) = segments.last() {
+            if let Some(prev) = segments.last_mut()
+                && let Some(first) = seg.first_index
+                && (prev.next_offset, prev.next_index) != (seg.base_offset, first)
+                && prev.next_offset <= seg.base_offset
+                && prev.next_index <= first
+            {
+                // The previous segment ends before this one begins: its file was cut short
+                // (frames lost at its end, or all of them). What it lost is damage in it, up
+                // to this segment's start; reads of it fail instead of skipping to here.
+                if !report.corruptions.iter().any(|c| c.segment == prev.path) {
+                    report.corruptions.push(CorruptionFound {
+                        segment: prev.path.clone(),
+                        position: prev.data_len,
+                        resumes_at: None,
+                        detail: format!(
+                            "the segment's frames end at offset {} index {}, but the next segment \
+                             starts at offset {} index {}: the entries in between are lost \
+                             (the file was cut short)",
+                            prev.next_offset, prev.next_index, seg.base_offset, first
+                        ),
+                    });
+                }
+                prev.lost = Some((prev.next_offset, prev.next_index));
+                prev.next_offset = seg.base_offset;
+                prev.next_index = first;
+            } else if let Some(prev) = segments.last() {
                 let index_ok = seg.first_index.is_none_or(|first| first == prev.next_index);
                 if prev.next_offset != seg.base_offset || !index_ok {
                     report.corruptions.push(CorruptionFound {
@@ -574,7 +599,7 @@ impl PartitionLog {
 
     /// The Raft index of the first retained entry, or None when the log holds no entries.
     pub fn first_index(&self) -> Option<u64> {
-        self.segments.iter().find_map(|s| s.first_index)
+        self.segments.iter().find_map(Segment::start_index)
     }
 
     /// Bytes of data on disk.
@@ -963,6 +988,21 @@ impl PartitionLog {
             if how == ReadEnd::Stopped || budget == 0 {
                 break;
             }
+            if let Some((offset, index)) = seg.lost {
+                // The segment's file ends before the next segment begins: what the read
+                // wants next is lost (never skip to the next segment's entries).
+                if out.is_empty() {
+                    return Err(seg.corruption(
+                        seg.data_len,
+                        format!(
+                            "the file ends here, before entries {index}..{} (offsets \
+                             {offset}..{}) that the next segment follows: they were lost",
+                            seg.next_index, seg.next_offset
+                        ),
+                    ));
+                }
+                break;
+            }
         }
         Ok(out)
     }
@@ -984,13 +1024,13 @@ impl PartitionLog {
         }
         let i = self
             .segments
-            .partition_point(|s| s.first_index.is_some_and(|f| f <= index))
+            .partition_point(|s| s.start_index().is_some_and(|f| f <= index))
             .saturating_sub(1);
         let first_index = self.segments[i]
-            .first_index
+            .start_index()
             .unwrap_or(self.segments[i].next_index);
         let Some(found) = self.segments[i].map_damage(index, first_index)? else {
-            return Ok(None);
+            return self.map_lost(i, index);
         };
         let following = self.segments.get(i + 1);
         let (next_index, next_offset, term_after) = match found.resumed {
@@ -1030,6 +1070,56 @@ impl PartitionLog {
             "damaged entries in durable data; they are skipped and never served"
         );
         if self.damaged.len() < DAMAGED_RANGES_MAX {
+            self.damaged.push(range.clone());
+        }
+        Ok(Some(range))
+    }
+
+    /// The entries segment `i` lost at its end (its file cut short), when `index` is one of
+    /// them: the damaged range from where its frames end to the next segment's start.
+    fn map_lost(&mut self, i: usize, index: u64) -> Result<Option<DamagedRange>> {
+        let seg = &self.segments[i];
+        let Some((first_offset, first_index)) = seg.lost else {
+            return Ok(None);
+        };
+        if index < first_index || index >= seg.next_index {
+            return Ok(None);
+        }
+        let (next_index, next_offset) = (seg.next_index, seg.next_offset);
+        // The lost entries' terms are at most the next entry's.
+        let term = match self.segments.get(i + 1) {
+            Some(next) => next
+                .read(0, 1, true, |_| Visit::Take)
+                .ok()
+                .and_then(|(batches, _)| batches.first().map(|b| b.header().term)),
+            None => None,
+        };
+        let seg = &self.segments[i];
+        let range = DamagedRange {
+            segment: seg.path.clone(),
+            position: seg.data_len,
+            resumes_at: None,
+            first_index,
+            next_index,
+            first_offset,
+            next_offset,
+            term,
+            detail: format!(
+                "the file ends at byte {}, before entries {first_index}..{next_index} \
+                 (offsets {first_offset}..{next_offset}) that the next segment follows",
+                seg.data_len
+            ),
+        };
+        tracing::error!(
+            segment = %range.segment.display(),
+            position = range.position,
+            first_index,
+            next_index,
+            first_offset,
+            next_offset,
+            "entries lost at the end of a segment cut short; they are skipped and never served"
+        );
+        if self.damaged.len() < DAMAGED_RANGES_MAX && !self.damaged.contains(&range) {
             self.damaged.push(range.clone());
         }
         Ok(Some(range))
@@ -1098,8 +1188,17 @@ impl PartitionLog {
             .position(|s| s.path == range.segment)
             .ok_or_else(|| invalid("the segment is gone".into()))?;
         let sealed = i + 1 < self.segments.len();
+        let lost_end = range.resumes_at.is_none()
+            && sealed
+            && self.segments[i].lost.is_some()
+            && range.next_index == self.segments[i].next_index;
         let end = match range.resumes_at {
             Some(at) => at,
+            // The entries lost at the end of a file cut short: written back in full, however
+            // long the file is now.
+            None if lost_end => {
+                range.position + entries.iter().map(|b| segment::frame_len(b)).sum::<u64>()
+            }
             None if sealed => self.segments[i].data_len,
             None => {
                 return Err(invalid(
@@ -1129,7 +1228,16 @@ impl PartitionLog {
         use std::os::unix::fs::FileExt;
         file.write_all_at(&bytes, range.position)
             .io("repair", &segment.path)?;
+        if lost_end {
+            // Whatever followed the damage in the file is gone too: the file ends with the
+            // entries written back.
+            file.set_len(end).io("cut after repair", &segment.path)?;
+        }
         file.sync_data().io("sync", &segment.path)?;
+        if lost_end {
+            segment.repaired_lost(range.position, entries, self.config.index_interval_bytes);
+            segment.write_index_files(&self.dir, &self.config)?;
+        }
         segment::notify(&self.config, &segment.path, segment.data_len);
         self.damaged.retain(|d| d != range);
         Ok(())
@@ -1158,7 +1266,7 @@ impl PartitionLog {
         }
         let first = self
             .segments
-            .partition_point(|s| s.first_index.is_some_and(|f| f <= from_index))
+            .partition_point(|s| s.start_index().is_some_and(|f| f <= from_index))
             .saturating_sub(1);
         self.read_segments(
             first,
@@ -1231,7 +1339,7 @@ impl PartitionLog {
         }
         let keep = self
             .segments
-            .partition_point(|s| s.first_index.is_some_and(|f| f <= index))
+            .partition_point(|s| s.start_index().is_some_and(|f| f <= index))
             .max(1)
             - 1;
         // The walk to `index`'s frame may run into damaged frames before it (a replica whose
@@ -1244,6 +1352,14 @@ impl PartitionLog {
         let mut cut_index = index;
         let mut cut_offset = None;
         let position = loop {
+            // Inside the entries a segment cut short lost: the log ends where its frames do.
+            if let Some((offset, first_lost)) = self.segments[keep].lost
+                && index >= first_lost
+            {
+                cut_index = first_lost;
+                cut_offset = Some(offset);
+                break Some(self.segments[keep].data_len);
+            }
             match self.segments[keep].frame_position_of_index(index) {
                 Err(error @ Error::Corruption { .. }) => {
                     attempts += 1;

@@ -379,6 +379,11 @@ pub(crate) struct Segment {
     last_indexed: Option<u64>,
     /// How appends reach the data file (see [`LogConfig::direct_io`]).
     writes: Writes,
+    /// A sealed segment whose file ends before the next segment begins (cut short on disk):
+    /// the (offset, Raft index) its frames actually end at. `next_offset` and `next_index`
+    /// are then the next segment's start, and the entries in between are damage: reads of
+    /// them fail, [`crate::PartitionLog::map_damage`] bounds them, a repair writes them back.
+    pub(crate) lost: Option<(u64, u64)>,
 }
 
 /// How a segment's appends reach its data file.
@@ -436,6 +441,7 @@ impl Segment {
             max_timestamp: i64::MIN,
             last_indexed: None,
             writes: Writes::DirectUntried,
+            lost: None,
         }
     }
 
@@ -456,6 +462,26 @@ impl Segment {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.first_index.is_none()
+    }
+
+    /// The Raft index of the segment's first entry, also when the entries it lost are all it
+    /// held (see `lost`); None for an empty segment.
+    pub(crate) fn start_index(&self) -> Option<u64> {
+        self.first_index.or(self.lost.map(|(_, index)| index))
+    }
+
+    /// After a repair wrote `entries` as frames from `position` on, at the end of a segment
+    /// that had lost them: the segment holds them, its bounds are those of its frames again.
+    pub(crate) fn repaired_lost(&mut self, position: u64, entries: &[Vec<Batch>], interval: u64) {
+        let mut at = position;
+        for batches in entries {
+            let len = frame_len(batches);
+            self.observe(at, batches, len, interval);
+            at += len;
+        }
+        self.data_len = at;
+        self.synced_len = at;
+        self.lost = None;
     }
 
     /// The data file, opened again if it was closed.
@@ -910,7 +936,9 @@ impl Segment {
 
     /// Cuts the data file at `position` (a frame boundary), syncs, and rebuilds the state.
     pub(crate) fn truncate(&mut self, position: u64, config: &LogConfig) -> Result<()> {
-        let first_index = self.first_index.unwrap_or(self.next_index);
+        let first_index = self.start_index().unwrap_or(self.next_index);
+        // Cut, it ends the log: where its frames end is where the log ends.
+        self.lost = None;
         let file = self.file()?;
         file.set_len(position).io("truncate segment", &self.path)?;
         file.sync_all().io("fsync", &self.path)?;
@@ -1136,10 +1164,13 @@ impl Segment {
         index.extend_from_slice(&INDEX_MAGIC);
         index.extend_from_slice(&INDEX_VERSION.to_le_bytes());
         index.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        // (A segment that lost its end is written down with the bounds of its frames: the
+        // next open finds the loss again.)
+        let (next_offset, next_index) = self.lost.unwrap_or((self.next_offset, self.next_index));
         index.extend_from_slice(&self.base_offset.to_le_bytes());
-        index.extend_from_slice(&self.next_offset.to_le_bytes());
+        index.extend_from_slice(&next_offset.to_le_bytes());
         index.extend_from_slice(&self.first_index.unwrap_or(u64::MAX).to_le_bytes());
-        index.extend_from_slice(&self.next_index.to_le_bytes());
+        index.extend_from_slice(&next_index.to_le_bytes());
         index.extend_from_slice(&self.data_len.to_le_bytes());
         index.extend_from_slice(&self.first_timestamp.unwrap_or(i64::MIN).to_le_bytes());
         index.extend_from_slice(&self.max_timestamp.to_le_bytes());

@@ -779,3 +779,220 @@ fn a_frame_inside_a_record_never_proves_a_torn_tail_durable() {
         assert_eq!(got.bytes(), want.bytes());
     }
 }
+
+/// A sealed segment cut short (a file system that lost the end of a file, a mistaken
+/// `truncate`): at a frame boundary, to nothing, or inside its first frame, with its index
+/// files kept or gone. The entries it lost, up to the next segment, are damage: reported at
+/// open, a read of them by offset or by Raft index fails naming the segment (never skipping
+/// to the next segment's entries), and `map_damage` bounds them by the next segment's first
+/// entry, so a replica can repair them. Everything before the cut still reads.
+#[test]
+fn a_sealed_segment_cut_short_is_damage_never_a_gap() {
+    for (cut, keep_index, victim_at) in [
+        ("at a frame boundary", true, 1),
+        ("at a frame boundary", false, 1),
+        ("to nothing", true, 1),
+        ("to nothing", false, 0),
+        ("inside its first frame", true, 1),
+        ("inside its first frame", false, 0),
+    ] {
+        {
+            let what = format!("segment {victim_at} cut {cut}, index files kept: {keep_index}");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut rng = rng(97);
+            let config = small_config();
+            let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+            while log.segment_count() < 4 {
+                append_random(&mut log, &mut rng, 150);
+                log.flush().expect("flush");
+            }
+            let pristine = read_all_entries(&log).expect("read");
+            log.close().expect("close");
+            let mut data: Vec<PathBuf> = fs::read_dir(dir.path())
+                .expect("ls")
+                .map(|e| e.expect("entry").path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect();
+            data.sort();
+            let victim = data[victim_at].clone();
+            let bytes = fs::read(&victim).expect("read");
+            let layout = frames(&bytes);
+            assert!(layout.len() >= 4, "{what}: frames in the segment");
+            let header_at = |position: usize| {
+                let len = layout.iter().find(|f| f.0 == position).expect("a frame").1;
+                *Batch::decode(bytes::Bytes::copy_from_slice(
+                    &bytes[position + FRAME_HEADER_LEN..position + len],
+                ))
+                .expect("batch")
+                .header()
+            };
+            let (len, lost_from) = match cut {
+                "at a frame boundary" => (layout[layout.len() / 2].0, layout[layout.len() / 2].0),
+                "to nothing" => (0, 0),
+                _ => (10, 0),
+            };
+            let lost = header_at(lost_from);
+            let following = fs::read(&data[victim_at + 1]).expect("read");
+            let next = *Batch::decode(bytes::Bytes::copy_from_slice(
+                &following[FRAME_HEADER_LEN..frames(&following)[0].1],
+            ))
+            .expect("the next segment's first entry")
+            .header();
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(&victim)
+                .expect("open");
+            file.set_len(len as u64).expect("cut");
+            drop(file);
+            if !keep_index {
+                for ext in ["index", "timeindex"] {
+                    let _ = fs::remove_file(victim.with_extension(ext));
+                }
+            }
+
+            let mut log = PartitionLog::open(dir.path(), config.clone()).expect("reopen");
+            let report = log.recovery_report();
+            assert!(
+                !report.corruptions.is_empty(),
+                "{what}: the cut is reported: {report:?}"
+            );
+            let end = log.end();
+            assert_eq!(
+                end.next_index,
+                pristine.last().expect("entries").header().index + 1,
+                "{what}"
+            );
+            match log.read(lost.base_offset, 4096, end.next_offset) {
+                Err(Error::Corruption { segment, .. }) => assert_eq!(segment, victim, "{what}"),
+                other => panic!(
+                    "{what}: a read of lost offset {} answered {:?}",
+                    lost.base_offset,
+                    other.map(|b| b.iter().map(|b| b.header().base_offset).collect::<Vec<_>>())
+                ),
+            }
+            match log.read_entries(lost.index, end.next_index, 4096) {
+                Err(Error::Corruption { segment, .. }) => assert_eq!(segment, victim, "{what}"),
+                other => panic!(
+                    "{what}: a read of lost index {} answered {:?}",
+                    lost.index,
+                    other.map(|b| b.iter().map(|b| b.header().index).collect::<Vec<_>>())
+                ),
+            }
+            let range = log
+                .map_damage(lost.index)
+                .expect("map damage")
+                .unwrap_or_else(|| panic!("{what}: no damaged range at {}", lost.index));
+            assert_eq!(range.segment, victim, "{what}");
+            assert_eq!(range.first_index, lost.index, "{what}");
+            assert_eq!(range.next_index, next.index, "{what}");
+            assert_eq!(range.first_offset, lost.base_offset, "{what}");
+            assert_eq!(range.next_offset, next.base_offset, "{what}");
+            // Before the cut and after the lost range, everything reads.
+            let first = log.first_index().expect("entries");
+            if lost.index > first {
+                let before = log
+                    .read_entries(first, lost.index, 1 << 20)
+                    .expect("before");
+                assert_eq!(
+                    before.last().expect("some").header().index,
+                    lost.index - 1,
+                    "{what}"
+                );
+            }
+            let after = log
+                .read_entries(next.index, end.next_index, 1 << 20)
+                .expect("after the lost range");
+            assert_eq!(after[0].header().index, next.index, "{what}");
+
+            // Repaired with the same entries from another copy: every entry reads again, also
+            // after a reopen, which finds nothing wrong.
+            let entries: Vec<Vec<Batch>> = (range.first_index..range.next_index)
+                .map(|i| {
+                    pristine
+                        .iter()
+                        .filter(|b| b.header().index == i)
+                        .cloned()
+                        .collect()
+                })
+                .collect();
+            assert!(
+                log.repair(&range, &entries[1..]).is_err(),
+                "{what}: one entry short"
+            );
+            log.repair(&range, &entries).expect("repair");
+            assert!(log.damaged_ranges().is_empty(), "{what}");
+            let check = |log: &PartitionLog| {
+                let got = read_all_entries(log).expect("every entry reads");
+                assert_eq!(got.len(), pristine.len(), "{what}");
+                for (got, want) in got.iter().zip(&pristine) {
+                    assert_eq!(got.bytes(), want.bytes(), "{what}");
+                }
+                let (by_offset, by_index) = read_until_error(log, &pristine);
+                assert!(by_offset.is_none() && by_index.is_none(), "{what}");
+            };
+            check(&log);
+            drop(log);
+            let log = PartitionLog::open(dir.path(), config.clone()).expect("reopen");
+            assert!(
+                log.recovery_report().corruptions.is_empty(),
+                "{what}: {:?}",
+                log.recovery_report()
+            );
+            check(&log);
+        }
+    }
+}
+
+/// Raft truncates a log inside the entries a segment cut short lost (a conflict with a new
+/// leader): the log then ends where the segment's frames end, and goes on from there.
+#[test]
+fn a_truncation_inside_the_entries_a_cut_segment_lost_ends_the_log_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(98);
+    let config = small_config();
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    while log.segment_count() < 4 {
+        append_random(&mut log, &mut rng, 150);
+        log.flush().expect("flush");
+    }
+    log.close().expect("close");
+    let mut data: Vec<PathBuf> = fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    data.sort();
+    let bytes = fs::read(&data[1]).expect("read");
+    let layout = frames(&bytes);
+    let (cut, len, _) = layout[layout.len() / 2];
+    let lost = *Batch::decode(bytes::Bytes::copy_from_slice(
+        &bytes[cut + FRAME_HEADER_LEN..cut + len],
+    ))
+    .expect("batch")
+    .header();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&data[1])
+        .expect("open")
+        .set_len(cut as u64)
+        .expect("cut");
+
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("reopen");
+    log.truncate_from_index(lost.index + 1).expect("truncate");
+    assert_eq!(
+        log.end().next_index,
+        lost.index,
+        "the log ends where the frames do"
+    );
+    assert_eq!(log.end().next_offset, lost.base_offset);
+    assert!(log.map_damage(lost.index).expect("map").is_none());
+    let end = log.end();
+    let fresh = make_batch(&mut rng, 2, 50, end.next_offset, 2, end.next_index);
+    log.append_entry(&[fresh]).expect("append after the cut");
+    log.flush().expect("flush");
+    let got = read_all_entries(&log).expect("read");
+    assert_eq!(got.last().expect("entries").header().index, lost.index);
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config).expect("reopen");
+    assert_eq!(log.end().next_index, lost.index + 1);
+}
