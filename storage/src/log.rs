@@ -388,9 +388,11 @@ impl PartitionLog {
             if seg.load_index()? {
                 if is_tail {
                     report.clean_shutdown = true;
-                    // The tail changes from now on: its index files would go stale.
-                    seg.remove_index_files()?;
-                    segment::sync_dir(&dir, &config)?;
+                    // The tail changes from now on: its index files go before its first
+                    // change. Kept until then, an open that stops early (a damaged last entry,
+                    // say) leaves the log as cleanly closed as it found it: the next open does
+                    // not scan the tail and take damage in it for a torn write.
+                    seg.index_files_stale = true;
                 }
             } else {
                 let mode = if is_tail {

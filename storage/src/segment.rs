@@ -384,6 +384,10 @@ pub(crate) struct Segment {
     /// are then the next segment's start, and the entries in between are damage: reads of
     /// them fail, [`crate::PartitionLog::map_damage`] bounds them, a repair writes them back.
     pub(crate) lost: Option<(u64, u64)>,
+    /// The tail of a log closed cleanly keeps its index files until its first append, which
+    /// removes them (they describe it only as long as it does not change; an open checks they
+    /// match the file's length).
+    pub(crate) index_files_stale: bool,
 }
 
 /// How a segment's appends reach its data file.
@@ -442,6 +446,7 @@ impl Segment {
             last_indexed: None,
             writes: Writes::DirectUntried,
             lost: None,
+            index_files_stale: false,
         }
     }
 
@@ -601,6 +606,12 @@ impl Segment {
     /// vectored write through the page cache (no copy of the batches; the page cache touches
     /// partial pages only at the frame's two ends).
     pub(crate) fn append(&mut self, batches: &[Batch], config: &LogConfig) -> Result<u64> {
+        if self.index_files_stale {
+            // (No directory sync needed: index files whose length no longer matches the data
+            // file's are ignored at the next open.)
+            self.remove_index_files()?;
+            self.index_files_stale = false;
+        }
         let position = self.data_len;
         let header = frame_header(self.synced_len, batches);
         let mut pieces: Vec<&[u8]> = Vec::with_capacity(batches.len() + 1);

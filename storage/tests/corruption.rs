@@ -996,3 +996,61 @@ fn a_truncation_inside_the_entries_a_cut_segment_lost_ends_the_log_there() {
     let log = PartitionLog::open(dir.path(), config).expect("reopen");
     assert_eq!(log.end().next_index, lost.index + 1);
 }
+
+/// The last frame of a log closed cleanly is damaged while the node is down. The open that
+/// finds the tail clean trusts its index files; if it stops there (its caller failed on the
+/// damaged entry), the next open finds the log as cleanly closed as before, and does not take
+/// the damage for a torn write and cut it without a word (before, the first open removed the
+/// tail's index files, so the second one scanned the tail and cut the damage as a torn tail).
+#[test]
+fn an_open_that_stops_early_leaves_a_cleanly_closed_log_clean() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rng(99);
+    let config = small_config();
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    for _ in 0..20 {
+        append_random(&mut log, &mut rng, 150);
+    }
+    log.flush().expect("flush");
+    let end = log.end();
+    log.close().expect("close");
+    let mut data: Vec<PathBuf> = fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    data.sort();
+    let tail = data.last().expect("segments").clone();
+    let mut bytes = fs::read(&tail).expect("read");
+    let (last, len, _) = *frames(&bytes).last().expect("frames");
+    bytes[last + len - 2] ^= 0x10;
+    fs::write(&tail, &bytes).expect("damage");
+
+    for attempt in 0..2 {
+        let log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        let report = log.recovery_report();
+        assert!(
+            report.clean_shutdown && report.torn_tail.is_none(),
+            "open {attempt}: {report:?}"
+        );
+        assert_eq!(log.end(), end, "open {attempt}: nothing cut");
+        assert!(
+            matches!(
+                log.read_entries(end.next_index - 1, end.next_index, 1),
+                Err(Error::Corruption { .. })
+            ),
+            "open {attempt}: the damaged entry is not served"
+        );
+        drop(log);
+    }
+    // Once the log changes, the index files that described it go.
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    log.truncate_from_index(end.next_index - 1)
+        .expect("truncate");
+    append_random(&mut log, &mut rng, 150);
+    log.flush().expect("flush");
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config).expect("open");
+    assert!(!log.recovery_report().clean_shutdown);
+    assert_eq!(log.end().next_index, end.next_index);
+}

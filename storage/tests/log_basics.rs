@@ -15,7 +15,7 @@ fn appends_roll_segments_and_survive_clean_and_unclean_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rng = rng(1);
     let mut log = PartitionLog::open(dir.path(), small_config()).expect("open");
-    let expected: Vec<Expected> = (0..300)
+    let mut expected: Vec<Expected> = (0..300)
         .map(|_| append_random(&mut log, &mut rng, 200))
         .collect();
     assert!(
@@ -24,28 +24,35 @@ fn appends_roll_segments_and_survive_clean_and_unclean_reopen() {
         log.segment_count()
     );
     log.flush().expect("flush");
-    let check = |log: &PartitionLog| {
+    let check = |log: &PartitionLog, expected: &[Expected]| {
         let got = read_all_entries(log).expect("read");
         assert_eq!(got.len(), expected.len());
-        for (batch, want) in got.iter().zip(&expected) {
+        for (batch, want) in got.iter().zip(expected) {
             assert_eq!(batch.bytes(), &want.bytes);
         }
     };
-    check(&log);
+    check(&log, &expected);
     log.close().expect("close");
 
     let log = PartitionLog::open(dir.path(), small_config()).expect("reopen clean");
     assert!(log.recovery_report().clean_shutdown);
     assert_eq!(log.recovery_report().torn_tail, None);
-    check(&log);
-    drop(log); // not closed: the next open scans the tail
+    check(&log, &expected);
+    drop(log); // not closed, but not changed either: the tail's index files still hold
+    let log = PartitionLog::open(dir.path(), small_config()).expect("reopen unchanged");
+    assert!(log.recovery_report().clean_shutdown);
+    check(&log, &expected);
+    let mut log = log;
+    expected.push(append_random(&mut log, &mut rng, 200));
+    log.flush().expect("flush");
+    drop(log); // changed, not closed: the next open scans the tail
 
     let log = PartitionLog::open(dir.path(), small_config()).expect("reopen unclean");
     let report = log.recovery_report();
     assert!(!report.clean_shutdown);
     assert_eq!(report.torn_tail, None);
     assert!(report.corruptions.is_empty());
-    check(&log);
+    check(&log, &expected);
 }
 
 #[test]

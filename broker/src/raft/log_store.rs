@@ -523,13 +523,46 @@ impl LogStore {
             .map(|bytes| serde_json::from_slice::<LogId>(&bytes))
             .transpose()
             .map_err(|e| StorageError::from(StorageIOError::read_logs(AnyError::new(&e))))?;
+        let mut log = log;
         let last_in_log = match log.first_index() {
             Some(_) => {
                 let end = log.end().next_index;
-                log.read_entries(end - 1, end, 1)
-                    .map_err(|e| read_error(end - 1, &e))?
-                    .first()
-                    .map(log_id_of)
+                match log.read_entries(end - 1, end, 1) {
+                    Ok(batches) => batches.first().map(log_id_of),
+                    // The last entries are damaged (found only now when the log was closed
+                    // cleanly: its tail was not scanned). Their terms are unknown, and this
+                    // replica must claim no log it does not hold: they are cut, as the damaged
+                    // end of a log that was not closed cleanly is (`storage/FORMAT.md`). A log
+                    // then shorter than its known commit is filled from the other replicas
+                    // before this one votes (`fill_missing_tail`).
+                    Err(error @ weft_storage::Error::Corruption { .. }) => {
+                        let Some(range) = log
+                            .map_damage(end - 1)
+                            .map_err(|e| read_error(end - 1, &e))?
+                        else {
+                            return Err(read_error(end - 1, &error));
+                        };
+                        tracing::error!(
+                            group,
+                            first_index = range.first_index,
+                            end,
+                            "the last entries of a log closed cleanly are damaged: cut, to be \
+                             fetched again from the other replicas: {error}"
+                        );
+                        log.truncate_from_index(range.first_index)
+                            .map_err(|e| read_error(range.first_index, &e))?;
+                        let end = log.end().next_index;
+                        match log.first_index() {
+                            Some(first) if first < end => log
+                                .read_entries(end - 1, end, 1)
+                                .map_err(|e| read_error(end - 1, &e))?
+                                .first()
+                                .map(log_id_of),
+                            _ => None,
+                        }
+                    }
+                    Err(error) => return Err(read_error(end - 1, &error)),
+                }
             }
             None => None,
         };
@@ -1238,6 +1271,42 @@ mod tests {
     /// A vote saved as committed (this replica led its term) reads back uncommitted, for the
     /// same leader and term: openraft would otherwise make the replica leader again at once in
     /// that term, with whatever its log holds after the restart.
+    /// The last entry of a log closed cleanly is damaged while the broker is down: the store
+    /// opens (before, it failed on the entry, and the next attempt cut it as a torn tail), the
+    /// damaged entry is cut (its term unknown, the replica must not claim it), and the log's
+    /// last id is the entry before it.
+    #[tokio::test]
+    async fn a_damaged_last_entry_of_a_cleanly_closed_log_is_cut_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = log_of(dir.path(), 6, 100);
+        let end = log.end().next_index;
+        log.close().expect("close");
+        let segment = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").path())
+            .find(|p| p.extension().is_some_and(|e| e == "log"))
+            .expect("a segment");
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let at = bytes.len() - 3;
+        bytes[at] ^= 0x20;
+        std::fs::write(&segment, &bytes).expect("damage");
+
+        let log = PartitionLog::open(dir.path(), LogConfig::default()).expect("open");
+        assert!(log.recovery_report().clean_shutdown);
+        let (mut store, _reader) = reader_of(log, 1 << 20);
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(
+            state.last_log_id.map(|id| id.index),
+            Some(end - 2),
+            "{state:?}"
+        );
+        let entries = store
+            .try_get_log_entries(0..end - 1)
+            .await
+            .expect("the entries before it read");
+        assert_eq!(entries.len() as u64, end - 1);
+    }
+
     #[tokio::test]
     async fn a_committed_vote_reads_back_uncommitted() {
         let dir = tempfile::tempdir().expect("temp dir");
