@@ -186,6 +186,11 @@ pub fn render(node: &Node) -> String {
                 continue;
             };
             for p in &description.partitions {
+                // Only where this broker knows the high watermark (a replica here): a series of
+                // lag 0 for a partition it cannot see would be wrong, its absence is not.
+                if node.partition(&p.topic, p.partition).is_err() {
+                    continue;
+                }
                 let labels = [
                     ("group", group.clone()),
                     ("topic", p.topic.clone()),

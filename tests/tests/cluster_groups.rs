@@ -972,3 +972,65 @@ async fn a_group_cannot_be_deleted_while_its_members_rejoin_a_new_coordinator() 
     let committed: u64 = group.partitions.iter().map(|p| p.committed_offset).sum();
     assert_eq!(committed, 10, "the commit was kept: {group:?}");
 }
+
+/// A group's lag is the same through every broker, also for partitions whose only replica is
+/// on another broker than the group's coordinator: before, the coordinator took a partition it
+/// did not hold for one whose high watermark was the committed offset (lag 0, high watermark 0
+/// shown for two of three partitions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_lag_counts_partitions_held_by_other_brokers() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"lag","partitions":3,"replication_factor":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let channel = grpc::channel(&brokers[0].client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    for partition in 0..3 {
+        let request = PublishRequest {
+            topic: "lag".into(),
+            target: Some(Target::Partition(partition)),
+            records: (0..10)
+                .map(|i| Record {
+                    value: format!("{i}").into_bytes().into(),
+                    ..Record::default()
+                })
+                .collect(),
+            ..PublishRequest::default()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match publisher.publish(request.clone()).await {
+                Ok(_) => break,
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => panic!("publish to partition {partition}: {status:?}"),
+            }
+        }
+    }
+    brokers[0]
+        .client()
+        .await
+        .admin()
+        .commit_offsets("g", "lag", &[(0, 0), (1, 0), (2, 0)])
+        .await
+        .expect("commit");
+    for broker in &brokers {
+        let (status, body) = broker.http("GET", "/v1/groups/g", None);
+        assert_eq!(status, 200, "{body}");
+        let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(view["lag"], 30, "{body}");
+        let partitions = view["partitions"].as_array().expect("partitions");
+        assert_eq!(partitions.len(), 3, "{body}");
+        for p in partitions {
+            assert_eq!(p["high_watermark"], 10, "{body}");
+            assert_eq!(p["lag"], 10, "{body}");
+        }
+    }
+}

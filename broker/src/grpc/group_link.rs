@@ -532,7 +532,7 @@ pub async fn describe(
         hops,
         "DescribeGroup",
         || group_request(node, group_id),
-        async || super::subscribe::describe_group(node, group_id),
+        async || super::subscribe::describe_group_everywhere(node, group_id).await,
         async |mut client, call| Ok(client.describe_group(call).await?.into_inner()),
     )
     .await

@@ -469,7 +469,53 @@ impl SubscriberService {
     }
 }
 
-/// A consumer group with its members, commits and lag (for DescribeGroup and the admin API).
+/// [`describe_group`], with the high watermarks (and so the lag) of the partitions this broker
+/// holds no replica of asked of brokers that do. For DescribeGroup and the admin API,
+/// answered by the group's coordinator (also for a describe forwarded to it: those reads are
+/// its own, one hop each).
+pub async fn describe_group_everywhere(
+    node: &Arc<Node>,
+    group_id: &str,
+) -> Result<v1::GroupDescription, BrokerError> {
+    let mut d = describe_group(node, group_id)?;
+    let mut elsewhere: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for p in &d.partitions {
+        if node.partition(&p.topic, p.partition).is_err() {
+            elsewhere
+                .entry(p.topic.clone())
+                .or_default()
+                .push(p.partition);
+        }
+    }
+    if elsewhere.is_empty() {
+        return Ok(d);
+    }
+    let service = SubscriberService::new(node.clone());
+    for (topic, partitions) in elsewhere {
+        let request = v1::GetOffsetsRequest {
+            topic: topic.clone(),
+            partitions,
+            ..Default::default()
+        };
+        let answer = service.offsets_inner(&request, 0).await?;
+        for o in answer.partitions {
+            if let Some(p) = d
+                .partitions
+                .iter_mut()
+                .find(|p| p.topic == topic && p.partition == o.partition)
+            {
+                p.high_watermark = o.high_watermark;
+                p.lag = o.high_watermark.saturating_sub(p.committed_offset);
+            }
+        }
+    }
+    d.lag = d.partitions.iter().map(|p| p.lag).sum();
+    Ok(d)
+}
+
+/// A consumer group with its members, commits and lag, from what this broker holds: a
+/// partition it holds no replica of shows its committed offset as its high watermark (see
+/// [`describe_group_everywhere`]).
 pub fn describe_group(node: &Node, group_id: &str) -> Result<v1::GroupDescription, BrokerError> {
     let d = node
         .groups
