@@ -935,8 +935,14 @@ async fn list_groups(
         ) {
             continue;
         }
-        if let Ok(view) = group_view(&node, &id).await {
-            out.push(view);
+        match group_view(&node, &id).await {
+            Ok(view) => out.push(view),
+            // Deleted (or its offsets expired) since the listing: not a group any more.
+            Err(ApiError::Broker(e))
+                if tonic::Status::from(e.clone()).code() == tonic::Code::NotFound => {}
+            // Any other failure (the coordinator moving, a peer not answering) fails the
+            // listing: a 200 leaving groups out would say they do not exist.
+            Err(e) => return Err(e),
         }
     }
     Ok(Json(out))

@@ -330,6 +330,13 @@ impl Consumer {
                 "credit_records and credit_bytes must be positive".into(),
             ));
         }
+        // (The protocol reads an empty group id as none: a consumer asked to join "" would
+        // read as a plain one, then fail on its first commit.)
+        if config.group.as_deref().is_some_and(str::is_empty) {
+            return Err(Error::InvalidArgument(
+                "the group id is empty: give a group of 1 to 249 bytes, or none".into(),
+            ));
+        }
         // A connection of its own: deliveries not read yet hold no one else's HTTP/2 window.
         let client = client.own_connection()?;
         let mut consumer = Consumer {

@@ -631,6 +631,11 @@ fn cli_failures_exit_non_zero_with_one_line() {
             "name=value",
         ),
         (vec!["consume", "t", "--from", "yesterday"], "--from"),
+        // Refused before anything is read (before: records printed, then a failed commit).
+        (
+            vec!["consume", "t", "-g", "", "--from", "earliest", "-n", "1"],
+            "group id is empty",
+        ),
     ];
     for (args, needle) in failures {
         let output = broker.cli(&args);

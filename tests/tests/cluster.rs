@@ -1246,3 +1246,74 @@ async fn a_stale_call_to_stand_leaves_the_leader_in_place() {
         "the same term"
     );
 }
+
+/// `weft cluster status` asks each partition leader for what it leads, each within the CLI's
+/// `--timeout-ms`: a leader whose advertised client address does not answer (here a socket
+/// that accepts connections and says nothing) costs that long, not the library's default of
+/// 30 s a call (before, the calls to the leaders were made by a client of their own with the
+/// default deadline).
+#[test]
+fn cluster_status_keeps_to_its_timeout_with_a_leader_that_does_not_answer() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_address = silent.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().take(64) {
+            match stream {
+                Ok(stream) => held.push(stream),
+                Err(_) => break,
+            }
+        }
+    });
+    let brokers = weft_tests::start_cluster_each(
+        3,
+        |i| {
+            if i == 1 {
+                vec!["--advertised-client-address".into(), silent_address.clone()]
+            } else {
+                Vec::new()
+            }
+        },
+        &[],
+    );
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"far","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    // Broker 2 leads the partition.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = brokers[1].http("GET", "/v1/topics/far", None);
+        if body.contains("\"leader_id\":2") {
+            break;
+        }
+        if body.contains("\"leader_id\":1") || body.contains("\"leader_id\":3") {
+            let leader = if body.contains("\"leader_id\":1") {
+                0
+            } else {
+                2
+            };
+            let _ = brokers[leader].http(
+                "POST",
+                "/v1/topics/far/partitions/0/leader",
+                Some(r#"{"node_id":2}"#),
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "broker 2 never led: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let started = std::time::Instant::now();
+    let out = brokers[0].cli(&["--timeout-ms", "1000", "cluster", "status"]);
+    let took = started.elapsed();
+    let status = weft_tests::ok_stdout(&out);
+    assert!(status.contains("partition far/0 "), "{status}");
+    assert!(
+        took < Duration::from_secs(12),
+        "cluster status took {took:?} with --timeout-ms 1000"
+    );
+}

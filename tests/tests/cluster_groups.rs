@@ -1034,3 +1034,50 @@ async fn group_lag_counts_partitions_held_by_other_brokers() {
         }
     }
 }
+
+/// `GET /v1/groups` answers every group or fails: a group whose description cannot be had
+/// right now (here: the only replica of the partition it committed on is down, so its lag
+/// cannot be read) makes the listing a 503, not a 200 that leaves the group out as if it did
+/// not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_groups_fails_rather_than_leaving_one_out() {
+    let mut brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"one","partitions":3,"replication_factor":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let boss = coordinator(&brokers[0]).await;
+    // A partition whose only replica is on a broker that does not coordinate the groups.
+    let topic = brokers[0]
+        .client()
+        .await
+        .admin()
+        .partitions("one")
+        .await
+        .expect("partitions");
+    let (partition, holder) = topic
+        .iter()
+        .find_map(|p| {
+            let holder = *p.replicas.first()?;
+            (holder != boss).then_some((p.partition, holder))
+        })
+        .expect("a partition held away from the coordinator");
+    brokers[0]
+        .client()
+        .await
+        .admin()
+        .commit_offsets("g", "one", &[(partition, 0)])
+        .await
+        .expect("commit");
+    let survivor = boss as usize - 1;
+    let (status, body) = brokers[survivor].http("GET", "/v1/groups", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"group_id\":\"g\""), "{body}");
+
+    brokers[holder as usize - 1].kill9();
+    let (status, body) = brokers[survivor].http("GET", "/v1/groups", None);
+    assert_ne!(status, 200, "a listing without g: {body}");
+    assert_eq!(status, 503, "{body}");
+}

@@ -207,11 +207,19 @@ async fn partitions_from_leaders(
         .map(|p| (p.leader_id, p.leader_address.clone()))
         .collect();
     for (leader, address) in leaders {
-        let Ok(there) = Client::connect_with([address.as_str()], client.options().clone()).await
+        // Each within the command's deadline (`--timeout-ms`): a leader that does not answer
+        // costs that long, and its partitions are shown as this broker reports them.
+        let timeout = client.timeout();
+        let Ok(Ok(there)) = tokio::time::timeout(
+            timeout,
+            Client::connect_with([address.as_str()], client.options().clone()),
+        )
+        .await
         else {
             continue;
         };
-        let Ok(led) = there.admin().partitions("").await else {
+        let there = there.with_timeout(timeout);
+        let Ok(Ok(led)) = tokio::time::timeout(timeout, there.admin().partitions("")).await else {
             continue;
         };
         for p in led.into_iter().filter(|p| p.leader_id == leader) {
