@@ -400,6 +400,10 @@ pub struct GroupPartitionView {
     pub high_watermark: u64,
     /// Records not yet consumed.
     pub lag: u64,
+    /// Why the high watermark could not be read just now (no replica answered); absent when
+    /// it was. When present, `high_watermark` is the committed offset and `lag` 0: not known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// The cluster.
@@ -786,6 +790,7 @@ async fn group_view(node: &Arc<Node>, id: &str) -> Result<GroupView, ApiError> {
                 committed_offset: p.committed_offset,
                 high_watermark: p.high_watermark,
                 lag: p.lag,
+                unavailable: (!p.unavailable.is_empty()).then_some(p.unavailable),
             })
             .collect(),
     })

@@ -302,8 +302,8 @@ struct Inner {
 /// How far a coordinator's takeover of the groups has gone.
 #[derive(Debug, Clone, Copy)]
 enum Takeover {
-    /// Nobody to wait for: the first coordinator of a new cluster, or one whose takeover
-    /// happened long enough ago.
+    /// Nobody to wait for: a coordinator that took over no group with offsets, or one whose
+    /// takeover happened long enough ago.
     Settled,
     /// Coordinating from now, or no longer: the takeover is not committed yet.
     Pending,
@@ -1216,10 +1216,10 @@ impl Coordinator {
 
     /// Records that this coordinator's takeover of the groups was committed `at`: the
     /// members of the previous coordinator have the default session from then to rejoin
-    /// (none to wait for if it is the `first` coordinator of the cluster).
-    pub fn took_over(&self, at: Instant, first: bool) {
+    /// (none to wait for if there are no groups with offsets: `nobody`).
+    pub fn took_over(&self, at: Instant, nobody: bool) {
         if let Ok(mut takeover) = self.inner.takeover.lock() {
-            *takeover = if first {
+            *takeover = if nobody {
                 Takeover::Settled
             } else {
                 Takeover::Since(at)

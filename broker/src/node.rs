@@ -375,8 +375,6 @@ async fn take_over_groups(
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
-        // No coordinator before this one (a new cluster): no members anywhere to wait for.
-        let first = node.controller.state().coordinator.is_none();
         let command = ControllerCommand::TakeOverGroups {
             node_id: node.node_id,
             nonce,
@@ -385,9 +383,13 @@ async fn take_over_groups(
         match node.controller.propose_here(command, timeout).await {
             Ok(ControllerResponse::CoordinatorEpoch(epoch)) => {
                 tracing::info!(epoch, "took the consumer groups over");
-                // (Unless it no longer is the takeover in force: a reset came meanwhile.)
+                // (Unless it no longer is the takeover in force: a reset came meanwhile.) No
+                // group with offsets in the state applied through the takeover (a new cluster):
+                // no members anywhere to wait for. (Not whether a coordinator came before: the
+                // state read before the takeover applied may not hold the log replayed yet.)
                 if takeover.lock().map(|t| *t == Some(nonce)).unwrap_or(false) {
-                    node.groups.took_over(Instant::now(), first);
+                    let nobody = node.controller.state().groups.is_empty();
+                    node.groups.took_over(Instant::now(), nobody);
                 }
                 return;
             }

@@ -1354,15 +1354,20 @@ impl PartitionLog {
         let mut cut_index = index;
         let mut cut_offset = None;
         let position = loop {
-            // Inside the entries a segment cut short lost: the log ends where its frames do.
-            if let Some((offset, first_lost)) = self.segments[keep].lost
-                && index >= first_lost
-            {
-                cut_index = first_lost;
-                cut_offset = Some(offset);
-                break Some(self.segments[keep].data_len);
-            }
             match self.segments[keep].frame_position_of_index(index) {
+                // Inside the entries a segment cut short at a frame boundary lost: the log ends
+                // where its frames do. (Cut inside a frame, the walk ran into the partial frame
+                // and the cut is at the damage's start, below.)
+                Ok(None) => {
+                    if let Some((offset, first_lost)) = self.segments[keep].lost
+                        && index >= first_lost
+                    {
+                        cut_index = first_lost;
+                        cut_offset = Some(offset);
+                        break Some(self.segments[keep].data_len);
+                    }
+                    break None;
+                }
                 Err(error @ Error::Corruption { .. }) => {
                     attempts += 1;
                     let range = match self.map_damage(index)? {
@@ -1520,7 +1525,7 @@ impl PartitionLog {
         let new_first = &self.segments[count];
         let start = LogPosition {
             next_offset: new_first.base_offset,
-            next_index: new_first.first_index.unwrap_or(new_first.next_index),
+            next_index: new_first.start_index().unwrap_or(new_first.next_index),
         };
         write_log_meta(&self.dir, start, &self.config)?;
         for mut seg in self.segments.drain(..count) {

@@ -28,6 +28,17 @@ fn frames(bytes: &[u8]) -> Vec<(usize, usize, u64)> {
     out
 }
 
+/// The log's data files, in order.
+fn data_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
 fn snapshot(dir: &Path) -> HashMap<PathBuf, Vec<u8>> {
     fs::read_dir(dir)
         .expect("ls")
@@ -268,12 +279,7 @@ fn damaged_ranges_are_bounded_by_the_intact_entries_around_them() {
             .collect();
         log.close().expect("close");
 
-        let mut segments: Vec<PathBuf> = fs::read_dir(dir.path())
-            .expect("ls")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        segments.sort();
+        let segments = data_files(dir.path());
         assert!(segments.len() > 4, "several segments");
         let victim = &segments[segments.len() / 2];
         let mut bytes = fs::read(victim).expect("read");
@@ -395,12 +401,7 @@ fn a_damaged_range_is_repaired_with_the_same_entries_from_another_copy() {
             .map(|_| append_random(&mut log, &mut rng, 200))
             .collect();
         log.close().expect("close");
-        let mut segments: Vec<PathBuf> = fs::read_dir(dir.path())
-            .expect("ls")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        segments.sort();
+        let segments = data_files(dir.path());
         let victim = &segments[segments.len() / 2];
         let pristine = fs::read(victim).expect("read");
         let mut bytes = pristine.clone();
@@ -476,12 +477,7 @@ fn truncation_after_at_or_inside_damaged_entries_works() {
             .map(|_| append_random(&mut log, &mut rng, 200))
             .collect();
         log.close().expect("close");
-        let mut segments: Vec<PathBuf> = fs::read_dir(dir.path())
-            .expect("ls")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        segments.sort();
+        let segments = data_files(dir.path());
         let victim = &segments[segments.len() / 2];
         let mut bytes = fs::read(victim).expect("read");
         let positions = frames(&bytes);
@@ -808,12 +804,7 @@ fn a_sealed_segment_cut_short_is_damage_never_a_gap() {
             }
             let pristine = read_all_entries(&log).expect("read");
             log.close().expect("close");
-            let mut data: Vec<PathBuf> = fs::read_dir(dir.path())
-                .expect("ls")
-                .map(|e| e.expect("entry").path())
-                .filter(|p| p.extension().is_some_and(|e| e == "log"))
-                .collect();
-            data.sort();
+            let data = data_files(dir.path());
             let victim = data[victim_at].clone();
             let bytes = fs::read(&victim).expect("read");
             let layout = frames(&bytes);
@@ -944,11 +935,71 @@ fn a_sealed_segment_cut_short_is_damage_never_a_gap() {
 }
 
 /// Raft truncates a log inside the entries a segment cut short lost (a conflict with a new
-/// leader): the log then ends where the segment's frames end, and goes on from there.
+/// leader), the file cut at a frame boundary or inside a frame: the log then ends where the
+/// segment's intact frames end (the partial frame cut off too), and goes on from there.
 #[test]
 fn a_truncation_inside_the_entries_a_cut_segment_lost_ends_the_log_there() {
+    for extra in [0usize, 10] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = rng(98);
+        let config = small_config();
+        let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+        while log.segment_count() < 4 {
+            append_random(&mut log, &mut rng, 150);
+            log.flush().expect("flush");
+        }
+        log.close().expect("close");
+        let data = data_files(dir.path());
+        let bytes = fs::read(&data[1]).expect("read");
+        let layout = frames(&bytes);
+        let (cut, len, _) = layout[layout.len() / 2];
+        let lost = *Batch::decode(bytes::Bytes::copy_from_slice(
+            &bytes[cut + FRAME_HEADER_LEN..cut + len],
+        ))
+        .expect("batch")
+        .header();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&data[1])
+            .expect("open")
+            .set_len((cut + extra) as u64)
+            .expect("cut");
+
+        let mut log = PartitionLog::open(dir.path(), config.clone()).expect("reopen");
+        log.truncate_from_index(lost.index + 1).expect("truncate");
+        assert_eq!(
+            log.end().next_index,
+            lost.index,
+            "{extra}: the log ends where the frames do"
+        );
+        assert_eq!(log.end().next_offset, lost.base_offset, "{extra}");
+        assert_eq!(
+            fs::metadata(&data[1]).expect("stat").len(),
+            cut as u64,
+            "{extra}: the partial frame is cut off"
+        );
+        assert!(log.map_damage(lost.index).expect("map").is_none());
+        let end = log.end();
+        let fresh = make_batch(&mut rng, 2, 50, end.next_offset, 2, end.next_index);
+        log.append_entry(&[fresh]).expect("append after the cut");
+        log.flush().expect("flush");
+        let got = read_all_entries(&log).expect("read");
+        assert_eq!(got.last().expect("entries").header().index, lost.index);
+        drop(log);
+        let log = PartitionLog::open(dir.path(), config).expect("reopen");
+        assert_eq!(log.end().next_index, lost.index + 1, "{extra}");
+        assert!(log.recovery_report().corruptions.is_empty(), "{extra}");
+        read_all_entries(&log).expect("every entry reads");
+    }
+}
+
+/// A purge that leaves first a segment cut to nothing records the log's start at the first
+/// entry it lost, not at the next segment's: the lost entries stay damage (repairable), not
+/// a hole below the log's start.
+#[test]
+fn a_purge_keeps_the_start_of_a_first_segment_that_lost_its_frames() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut rng = rng(98);
+    let mut rng = rng(100);
     let config = small_config();
     let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
     while log.segment_count() < 4 {
@@ -956,17 +1007,10 @@ fn a_truncation_inside_the_entries_a_cut_segment_lost_ends_the_log_there() {
         log.flush().expect("flush");
     }
     log.close().expect("close");
-    let mut data: Vec<PathBuf> = fs::read_dir(dir.path())
-        .expect("ls")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    data.sort();
+    let data = data_files(dir.path());
     let bytes = fs::read(&data[1]).expect("read");
-    let layout = frames(&bytes);
-    let (cut, len, _) = layout[layout.len() / 2];
-    let lost = *Batch::decode(bytes::Bytes::copy_from_slice(
-        &bytes[cut + FRAME_HEADER_LEN..cut + len],
+    let first_lost = *Batch::decode(bytes::Bytes::copy_from_slice(
+        &bytes[FRAME_HEADER_LEN..frames(&bytes)[0].1],
     ))
     .expect("batch")
     .header();
@@ -974,27 +1018,20 @@ fn a_truncation_inside_the_entries_a_cut_segment_lost_ends_the_log_there() {
         .write(true)
         .open(&data[1])
         .expect("open")
-        .set_len(cut as u64)
+        .set_len(0)
         .expect("cut");
 
     let mut log = PartitionLog::open(dir.path(), config.clone()).expect("reopen");
-    log.truncate_from_index(lost.index + 1).expect("truncate");
-    assert_eq!(
-        log.end().next_index,
-        lost.index,
-        "the log ends where the frames do"
-    );
-    assert_eq!(log.end().next_offset, lost.base_offset);
-    assert!(log.map_damage(lost.index).expect("map").is_none());
-    let end = log.end();
-    let fresh = make_batch(&mut rng, 2, 50, end.next_offset, 2, end.next_index);
-    log.append_entry(&[fresh]).expect("append after the cut");
-    log.flush().expect("flush");
-    let got = read_all_entries(&log).expect("read");
-    assert_eq!(got.last().expect("entries").header().index, lost.index);
+    log.purge_through_index(first_lost.index - 1)
+        .expect("purge");
+    assert_eq!(log.first_index(), Some(first_lost.index));
     drop(log);
     let log = PartitionLog::open(dir.path(), config).expect("reopen");
-    assert_eq!(log.end().next_index, lost.index + 1);
+    assert_eq!(log.first_index(), Some(first_lost.index));
+    assert!(matches!(
+        log.read_entries(first_lost.index, log.end().next_index, 4096),
+        Err(Error::Corruption { .. })
+    ));
 }
 
 /// The last frame of a log closed cleanly is damaged while the node is down. The open that
@@ -1014,12 +1051,7 @@ fn an_open_that_stops_early_leaves_a_cleanly_closed_log_clean() {
     log.flush().expect("flush");
     let end = log.end();
     log.close().expect("close");
-    let mut data: Vec<PathBuf> = fs::read_dir(dir.path())
-        .expect("ls")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "log"))
-        .collect();
-    data.sort();
+    let data = data_files(dir.path());
     let tail = data.last().expect("segments").clone();
     let mut bytes = fs::read(&tail).expect("read");
     let (last, len, _) = *frames(&bytes).last().expect("frames");

@@ -472,7 +472,8 @@ impl SubscriberService {
 /// [`describe_group`], with the high watermarks (and so the lag) of the partitions this broker
 /// holds no replica of asked of brokers that do. For DescribeGroup and the admin API,
 /// answered by the group's coordinator (also for a describe forwarded to it: those reads are
-/// its own, one hop each).
+/// its own, one hop each). A partition whose high watermark cannot be read now (no replica
+/// answers) says so in its `unavailable`, the rest of the description stands.
 pub async fn describe_group_everywhere(
     node: &Arc<Node>,
     group_id: &str,
@@ -492,20 +493,28 @@ pub async fn describe_group_everywhere(
     }
     let service = SubscriberService::new(node.clone());
     for (topic, partitions) in elsewhere {
-        let request = v1::GetOffsetsRequest {
-            topic: topic.clone(),
-            partitions,
-            ..Default::default()
-        };
-        let answer = service.offsets_inner(&request, 0).await?;
-        for o in answer.partitions {
-            if let Some(p) = d
+        // One partition at a time: one that cannot be read leaves the others known.
+        for partition in partitions {
+            let request = v1::GetOffsetsRequest {
+                topic: topic.clone(),
+                partitions: vec![partition],
+                ..Default::default()
+            };
+            let answer = service.offsets_inner(&request, 0).await;
+            let Some(p) = d
                 .partitions
                 .iter_mut()
-                .find(|p| p.topic == topic && p.partition == o.partition)
-            {
-                p.high_watermark = o.high_watermark;
-                p.lag = o.high_watermark.saturating_sub(p.committed_offset);
+                .find(|p| p.topic == topic && p.partition == partition)
+            else {
+                continue;
+            };
+            match answer.map(|a| a.partitions.first().map(|o| o.high_watermark)) {
+                Ok(Some(high_watermark)) => {
+                    p.high_watermark = high_watermark;
+                    p.lag = high_watermark.saturating_sub(p.committed_offset);
+                }
+                Ok(None) => p.unavailable = "no offsets in the answer".into(),
+                Err(e) => p.unavailable = e.to_string(),
             }
         }
     }
@@ -544,6 +553,7 @@ pub fn describe_group(node: &Node, group_id: &str) -> Result<v1::GroupDescriptio
                 committed_offset: c.offset,
                 high_watermark,
                 lag: high_watermark.saturating_sub(c.offset),
+                unavailable: String::new(),
             })
         })
         .collect();

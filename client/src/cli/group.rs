@@ -210,6 +210,7 @@ pub(crate) async fn run(
                     "partitions": d.partitions.iter().map(|p| json!({
                         "topic": p.topic, "partition": p.partition, "committed_offset": p.committed_offset,
                         "high_watermark": p.high_watermark, "lag": p.lag,
+                        "unavailable": (!p.unavailable.is_empty()).then_some(&p.unavailable),
                     })).collect::<Vec<_>>(),
                 })),
                 Output::Text => {
@@ -228,10 +229,21 @@ pub(crate) async fn run(
                         "partition", "committed", "high watermark", "lag"
                     );
                     for p in &d.partitions {
-                        println!(
-                            "  {:>9}  {:>10}  {:>14}  {:>8}",
-                            p.partition, p.committed_offset, p.high_watermark, p.lag
-                        );
+                        if p.unavailable.is_empty() {
+                            println!(
+                                "  {:>9}  {:>10}  {:>14}  {:>8}",
+                                p.partition, p.committed_offset, p.high_watermark, p.lag
+                            );
+                        } else {
+                            println!(
+                                "  {:>9}  {:>10}  {:>14}  {:>8}  ({})",
+                                p.partition,
+                                p.committed_offset,
+                                "unknown",
+                                "unknown",
+                                p.unavailable
+                            );
+                        }
                     }
                 }
             }
