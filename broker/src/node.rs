@@ -1144,6 +1144,34 @@ impl Node {
         partition: u32,
         to: Option<NodeId>,
     ) -> Result<NodeId, BrokerError> {
+        let meta = self.topic(topic)?;
+        let placed = meta.partitions.get(partition as usize).ok_or_else(|| {
+            BrokerError::PartitionNotFound {
+                topic: topic.into(),
+                partition,
+            }
+        })?;
+        if !placed.replicas.contains(&self.node_id) {
+            // Asked of a broker holding no replica: say so, and which broker most likely leads
+            // (learned from earlier forwarded calls, else the first replica), as a replica
+            // that does not lead names its leader.
+            let leader = self.route_hints.pick(
+                &meta.topic_id,
+                partition,
+                &placed.replicas,
+                crate::grpc::route_hints::Purpose::Write,
+            );
+            return Err(BrokerError::Unavailable {
+                reason: format!(
+                    "node {} holds no replica of {topic}/{partition} (its replicas are on nodes \
+                     {:?}); send the transfer to its leader{}",
+                    self.node_id,
+                    placed.replicas,
+                    leader.map_or(String::new(), |l| format!(", most likely node {l}"))
+                ),
+                leader,
+            });
+        }
         let hosted = self.partition(topic, partition)?;
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
         let leader = hosted.group().transfer_leadership(to, timeout).await?;

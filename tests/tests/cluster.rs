@@ -1317,3 +1317,34 @@ fn cluster_status_keeps_to_its_timeout_with_a_leader_that_does_not_answer() {
         "cluster status took {took:?} with --timeout-ms 1000"
     );
 }
+
+/// A leader transfer sent to a broker that holds no replica of the partition is answered 503
+/// saying so and naming the broker that most likely leads it (before: "partition ... is not
+/// open yet", no leader named, so a caller that retries 503s retried there for ever).
+#[test]
+fn a_transfer_sent_to_a_broker_without_a_replica_names_where_to_send_it() {
+    let brokers = start_cluster(3);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"single","partitions":1,"replication_factor":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = brokers[0].http("GET", "/v1/topics/single", None);
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let holder = view["partition_details"][0]["replicas"][0]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a replica: {body}"));
+    let other = (1..=3u64).find(|n| *n != holder).expect("another broker");
+    let (status, body) = brokers[other as usize - 1].http(
+        "POST",
+        "/v1/topics/single/partitions/0/leader",
+        Some(&format!(r#"{{"node_id":{holder}}}"#)),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("holds no replica") && body.contains(&format!("most likely node {holder}")),
+        "{body}"
+    );
+}
