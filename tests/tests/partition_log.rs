@@ -181,6 +181,53 @@ async fn a_restart_reads_the_snapshot_and_replays_only_the_tail() {
     assert_dense_values(&broker, "snap", 0, end, 1024).await;
 }
 
+/// After a crash the records applied since the last snapshot are applied again at the next
+/// open. They are read a few MiB at a time, so the restarting broker's memory does not grow
+/// with that tail. Before, openraft applied the whole tail from one read once the partition
+/// had a leader again: the broker held all of it in memory (for every partition at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_restart_re_applies_the_tail_in_bounded_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No snapshot while publishing: the whole log is the tail after the crash.
+    let config = config_file(&dir, "snapshot_interval_bytes = 1073741824\n");
+    let mut broker = Broker::start_with(&["--config", &config]);
+    broker
+        .client()
+        .await
+        .admin()
+        .create_topic("tail", 1)
+        .await
+        .expect("create");
+    // What a broker holding this partition uses without re-applying anything.
+    let baseline = broker.peak_rss_bytes();
+    let tail_bytes: u64 = 128 * 1024 * 1024;
+    let end = publish_records(&broker, "tail", 0, tail_bytes / 1024, 1024).await;
+    // The log store saves the committed index at most once a second (it is what tells the
+    // next open which entries it may apply before the group has a leader).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    broker.kill9();
+    broker.start_again();
+    assert_eq!(
+        bounds_when_serving(&broker, "tail").await.high_watermark,
+        end
+    );
+    let replayed = metric(
+        &broker,
+        r#"weft_partition_replayed_bytes{topic="tail",partition="0"}"#,
+    )
+    .expect("replayed bytes");
+    assert!(
+        replayed >= tail_bytes as f64,
+        "replayed {replayed} bytes: the test wants the whole {tail_bytes}-byte log re-applied"
+    );
+    let peak = broker.peak_rss_bytes();
+    assert!(
+        peak.saturating_sub(baseline) < tail_bytes / 2,
+        "the broker's peak resident memory reached {peak} bytes re-applying a {tail_bytes}-byte \
+         tail ({baseline} bytes at the first start)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarting_broker_never_serves_a_partition_before_it_is_replayed() {
     let mut broker = Broker::start();

@@ -664,6 +664,19 @@ impl LogReader {
         Ok(f(&mut log))
     }
 
+    /// Entries `start .. end`, stopping after the first whose batches take their total to
+    /// `max_bytes` or beyond (at least one entry when the range holds one). Blocking.
+    pub fn read_limited(
+        &self,
+        start: u64,
+        end: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.shared
+            .read_limited(start, end, max_bytes)
+            .map(|(entries, _)| entries)
+    }
+
     /// The log index saved as committed (a lower bound of what was committed: saved lazily),
     /// if any.
     pub fn saved_committed(&self) -> Option<u64> {
@@ -1305,6 +1318,44 @@ mod tests {
             .await
             .expect("the entries before it read");
         assert_eq!(entries.len() as u64, end - 1);
+    }
+
+    /// At open a partition applies the committed entries after its snapshot itself, a chunk at
+    /// a time (see `PartitionStateMachine::apply_committed_tail`): only through the entry saved
+    /// as committed, and only when the log holds that very entry (a replica cut off may hold
+    /// other entries at those indexes, never committed).
+    #[tokio::test]
+    async fn the_committed_tail_is_applied_at_open_only_through_the_committed_entry() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (_store, reader) = reader_of(log_of(&dir.path().join("log"), 20, 1000), 1 << 20);
+        let sm = super::super::partition_sm::PartitionStateMachine::open(
+            dir.path().to_path_buf(),
+            LogConfig::default(),
+            reader.clone(),
+            1 << 30,
+            60_000,
+        )
+        .expect("state machine");
+        let id = |term, index| LogId::new(CommittedLeaderId::new(term, 0), index);
+        // The log holds entry 12 of term 1, not of term 2: nothing is applied.
+        assert_eq!(sm.apply_committed_tail(id(2, 12), 1).expect("apply"), 0);
+        assert_eq!(sm.state().last_applied, None);
+        // Past the log's end: nothing either.
+        assert_eq!(sm.apply_committed_tail(id(1, 25), 1).expect("apply"), 0);
+        // Through entry 12, one entry per read: the blank entry 0 and the records of 1 to 12.
+        assert_eq!(sm.apply_committed_tail(id(1, 12), 1).expect("apply"), 13);
+        let state = sm.state();
+        assert_eq!(state.last_applied, Some(id(1, 12)));
+        assert_eq!(state.high_watermark, 12);
+        assert_eq!(*sm.high_watermark().borrow(), 12);
+        // From there, in one read.
+        assert_eq!(sm.apply_committed_tail(id(1, 12), 1).expect("apply"), 0);
+        assert_eq!(
+            sm.apply_committed_tail(id(1, 20), 1 << 20).expect("apply"),
+            8
+        );
+        assert_eq!(sm.state().high_watermark, 20);
+        assert_eq!(sm.applied_since_open().1, 21);
     }
 
     #[tokio::test]

@@ -23,6 +23,10 @@ use super::{
 };
 use crate::error::BrokerError;
 
+/// Bytes of committed entries read at a time when a partition re-applies the tail after its
+/// snapshot at open (see `PartitionStateMachine::apply_committed_tail`).
+const TAIL_APPLY_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
 /// What opening a partition group needs.
 #[derive(Debug, Clone)]
 pub struct GroupSpec {
@@ -173,6 +177,18 @@ impl PartitionGroup {
         .map_err(|e| e.to_string())??;
         fill_missing_tail(&sm, &reader, &peers, group_id, node_id).await?;
         let opened_snapshot_index = sm.state().last_applied.map(|l| l.index);
+        if reader.syncs_before_ack()
+            && let Some(committed) = reader.saved_committed_log_id()
+        {
+            let tail_sm = sm.clone();
+            let entries = tokio::task::spawn_blocking(move || {
+                tail_sm.apply_committed_tail(committed, TAIL_APPLY_CHUNK_BYTES)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot re-apply the committed tail: {e}"))?;
+            tracing::info!(group_id, entries, committed = %committed, "re-applied the committed entries after the snapshot");
+        }
         if members.len() > 1 {
             // openraft checks election timeouts on a tick (every 1.5 heartbeats), and each
             // group draws its timeout once, from a range narrower than a tick: replicas that

@@ -702,6 +702,100 @@ impl PartitionStateMachine {
         })
     }
 
+    /// Applies `entries` (committed, in order) to the state: the high watermark, the producers,
+    /// and the counters that time snapshots.
+    fn apply_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<Vec<Response>, StorageError> {
+        let mut responses = Vec::new();
+        let mut bytes = 0u64;
+        let high_watermark = {
+            let mut state = self.shared.state.lock().map_err(sm_error)?;
+            for entry in entries {
+                let (response, size) = self.apply_one(&mut state, &entry)?;
+                responses.push(response);
+                bytes += size;
+            }
+            state.high_watermark
+        };
+        if bytes > 0
+            && let Ok(mut at) = self.shared.advanced_at.lock()
+        {
+            *at = std::time::Instant::now();
+        }
+        self.shared.high_watermark.send_replace(high_watermark);
+        self.shared
+            .applied_entries
+            .fetch_add(responses.len() as u64, Ordering::Relaxed);
+        self.shared
+            .applied_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        let since = self
+            .shared
+            .bytes_since_snapshot
+            .fetch_add(bytes, Ordering::Relaxed)
+            + bytes;
+        if since >= self.shared.snapshot_interval_bytes {
+            self.shared.snapshot_due.notify_waiters();
+        }
+        Ok(responses)
+    }
+
+    /// Applies the entries after the snapshot through `committed` before the Raft group starts,
+    /// reading at most about `chunk_bytes` of them at a time. `committed` is the log id the log
+    /// store saved as committed (under fsync before ack); it is used only when the log holds
+    /// that very entry (by Raft's log matching, every entry before it is then the committed
+    /// one too). Without this, once a leader commits again openraft applies the whole tail
+    /// after the snapshot from one read, so a restarting broker held up to
+    /// `snapshot_interval_bytes` of records in memory for every partition at once. Blocking.
+    /// A read that fails stops it early (openraft then meets the same entry, as before).
+    /// Returns the entries applied.
+    pub(crate) fn apply_committed_tail(
+        &self,
+        committed: LogId,
+        chunk_bytes: usize,
+    ) -> Result<u64, StorageError> {
+        let start = self
+            .state()
+            .last_applied
+            .map_or(0, |applied| applied.index + 1);
+        let end = committed.index + 1;
+        if start >= end {
+            return Ok(0);
+        }
+        let reader = &self.shared.reader;
+        match reader.read_limited(committed.index, end, 1) {
+            Ok(at) if at.first().map(|e| e.log_id) == Some(committed) => {}
+            _ => return Ok(0),
+        }
+        let mut next = start;
+        let mut applied = 0u64;
+        while next < end {
+            let entries = match reader.read_limited(next, end, chunk_bytes) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::warn!(index = next, %error, "re-applying the committed tail stopped early");
+                    break;
+                }
+            };
+            // Only a run without gaps from `next` (a log purged past it starts later).
+            let run = entries
+                .iter()
+                .zip(next..)
+                .take_while(|(e, index)| e.log_id.index == *index)
+                .count();
+            if run == 0 {
+                break;
+            }
+            let entries: Vec<Entry> = entries.into_iter().take(run).collect();
+            next += run as u64;
+            applied += run as u64;
+            self.apply_entries(entries)?;
+        }
+        Ok(applied)
+    }
+
     /// Writes `state` as the snapshot file, unless a snapshot at or after it exists already.
     /// The log's purges wait for it: call [`PartitionStateMachine::report_snapshot`] next.
     async fn persist(&self, state: PartitionState) -> Result<Snapshot<TypeConfig>, StorageError> {
@@ -799,38 +893,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut responses = Vec::new();
-        let mut bytes = 0u64;
-        let high_watermark = {
-            let mut state = self.shared.state.lock().map_err(sm_error)?;
-            for entry in entries {
-                let (response, size) = self.apply_one(&mut state, &entry)?;
-                responses.push(response);
-                bytes += size;
-            }
-            state.high_watermark
-        };
-        if bytes > 0
-            && let Ok(mut at) = self.shared.advanced_at.lock()
-        {
-            *at = std::time::Instant::now();
-        }
-        self.shared.high_watermark.send_replace(high_watermark);
-        self.shared
-            .applied_entries
-            .fetch_add(responses.len() as u64, Ordering::Relaxed);
-        self.shared
-            .applied_bytes
-            .fetch_add(bytes, Ordering::Relaxed);
-        let since = self
-            .shared
-            .bytes_since_snapshot
-            .fetch_add(bytes, Ordering::Relaxed)
-            + bytes;
-        if since >= self.shared.snapshot_interval_bytes {
-            self.shared.snapshot_due.notify_waiters();
-        }
-        Ok(responses)
+        self.apply_entries(entries)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
