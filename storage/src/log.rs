@@ -225,6 +225,15 @@ impl SyncTicket {
         Ok(())
     }
 
+    /// The filesystem (device number) that holds this ticket's file: a
+    /// [`SyncTicket::sync_filesystem`] covers only tickets of the same one.
+    pub fn device(&self) -> Result<u64> {
+        rustix::fs::fstat(&self.file)
+            .map(|stat| stat.st_dev)
+            .map_err(std::io::Error::from)
+            .io("fstat", &self.path)
+    }
+
     /// Marks this ticket's data durable after a [`SyncTicket::sync_filesystem`] of another
     /// ticket on the same filesystem covered it.
     pub fn covered(&self) {

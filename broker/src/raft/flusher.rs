@@ -302,7 +302,8 @@ fn sync_round(
             true
         }
     });
-    let (synced, outcome) = sync_all(&to_sync, pool, mode);
+    let (synced, outcome, syncs) = sync_all(&to_sync, pool, mode);
+    metrics::counter!("weft_flush_fsyncs_total").increment(syncs as u64);
     if !to_sync.is_empty() {
         metrics::histogram!("weft_flush_sync_seconds").record(now.elapsed().as_secs_f64());
     }
@@ -415,14 +416,14 @@ where
     outcomes
 }
 
-/// Syncs every log: with [`SyncMode::Syncfs`] and two logs or more, one `syncfs` of their
-/// filesystem; otherwise an fdatasync per log, side by side (the flusher's thread runs the first
-/// itself, the pool the others). The outcome per log, in order.
+/// Syncs every log: with [`SyncMode::Syncfs`], one `syncfs` per filesystem holding two logs or
+/// more; otherwise an fdatasync per log, side by side (the flusher's thread runs the first
+/// itself, the pool the others). The outcome per log, in order, and the syncs made.
 fn sync_all(
     logs: &[Arc<Shared>],
     pool: Option<&Pool>,
     mode: SyncMode,
-) -> (Vec<Result<(), String>>, Synced) {
+) -> (Vec<Result<(), String>>, Synced, usize) {
     // Prepare each log's sync under its lock; the fdatasync itself runs outside it.
     let mut tickets: Vec<Result<Option<weft_storage::SyncTicket>, String>> = logs
         .iter()
@@ -433,37 +434,46 @@ fn sync_all(
         .collect();
     let mut outcomes: Vec<Option<weft_storage::Result<()>>> =
         tickets.iter().map(|_| None).collect();
+    let mut syncfs_failed = false;
+    let mut syncs = 0;
     if mode == SyncMode::Syncfs {
-        let live: Vec<usize> = tickets
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| matches!(t, Ok(Some(_))))
-            .map(|(i, _)| i)
-            .collect();
-        if live.len() >= 2 {
-            let first = live[0];
-            let outcome = match &tickets[first] {
+        // One syncfs per filesystem that holds two logs or more of the round: a syncfs makes
+        // only its own filesystem durable, and the data directory's parts may be other mounts
+        // (the topics on a volume of their own, say). A log alone on its filesystem, or whose
+        // filesystem is unknown, gets its own fdatasync below.
+        let mut by_device: std::collections::BTreeMap<u64, Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (i, ticket) in tickets.iter().enumerate() {
+            if let Ok(Some(ticket)) = ticket
+                && let Ok(device) = ticket.device()
+            {
+                by_device.entry(device).or_default().push(i);
+            }
+        }
+        for members in by_device.values().filter(|m| m.len() >= 2) {
+            let outcome = match &tickets[members[0]] {
                 Ok(Some(t)) => t.sync_filesystem(),
                 _ => Ok(()),
             };
-            for &i in &live {
+            for &i in members {
                 if let Ok(Some(t)) = &tickets[i] {
                     t.covered();
                 }
                 outcomes[i] = Some(outcome.clone());
             }
-            metrics::counter!("weft_flush_fsyncs_total").increment(1);
-            let synced = if outcome.is_ok() {
-                Synced::Done
-            } else {
-                Synced::SyncfsFailed
-            };
-            return (finish(logs, tickets, outcomes), synced);
+            syncs += 1;
+            syncfs_failed |= outcome.is_err();
         }
     }
+    let synced_by = if syncfs_failed {
+        Synced::SyncfsFailed
+    } else {
+        Synced::Done
+    };
     let live: Vec<(usize, weft_storage::SyncTicket)> = tickets
         .iter_mut()
         .enumerate()
+        .filter(|(i, _)| outcomes[*i].is_none())
         .filter_map(|(i, slot)| match std::mem::replace(slot, Ok(None)) {
             Ok(Some(ticket)) => Some((i, ticket)),
             other => {
@@ -487,9 +497,8 @@ fn sync_all(
             None => tickets[i] = Err("the log's sync did not run".into()),
         }
     }
-    let synced = outcomes.iter().filter(|o| o.is_some()).count();
-    metrics::counter!("weft_flush_fsyncs_total").increment(synced as u64);
-    (finish(logs, tickets, outcomes), Synced::Done)
+    syncs += indices.len();
+    (finish(logs, tickets, outcomes), synced_by, syncs)
 }
 
 /// Reports each sync's outcome to its log.
@@ -537,6 +546,41 @@ mod syncfs_tests {
             "unknown",
         ] {
             assert!(!syncfs_reports_errors(release), "{release}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod sync_tests {
+    use super::{SyncMode, sync_all};
+    use std::os::unix::fs::MetadataExt;
+
+    /// A `syncfs` makes only its own filesystem durable. Two logs of a round on two filesystems
+    /// (the topics on a volume of their own, the controller's log on another) each get their
+    /// own sync. Before, the round's first log's filesystem was synced and both were reported
+    /// durable: acknowledged records on the other filesystem were never synced.
+    #[test]
+    fn one_syncfs_never_covers_logs_on_two_filesystems() {
+        let memory = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
+        let disk = tempfile::tempdir().expect("temp dir");
+        let device = |dir: &tempfile::TempDir| std::fs::metadata(dir.path()).expect("stat").dev();
+        assert_ne!(
+            device(&memory),
+            device(&disk),
+            "the test needs /dev/shm and the temp dir on two filesystems"
+        );
+        let (_a, on_memory) = super::super::log_store::tests::unsynced_store(memory.path(), 3);
+        let (_b, on_disk) = super::super::log_store::tests::unsynced_store(disk.path(), 3);
+        let (_c, on_disk_too) =
+            super::super::log_store::tests::unsynced_store(&disk.path().join("other"), 3);
+        let logs = [on_memory, on_disk, on_disk_too];
+        let (outcomes, _, syncs) = sync_all(&logs, None, SyncMode::Syncfs);
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        // One syncfs for the two logs on the disk, an fdatasync for the one in memory.
+        assert_eq!(syncs, 2);
+        for log in &logs {
+            let log = log.log().expect("log");
+            assert_eq!(log.durable(), log.end());
         }
     }
 }

@@ -31,6 +31,9 @@ use crate::meta::{MetaError, Metadata, RaftKey};
 
 /// Read entries in chunks of about this many bytes.
 const READ_CHUNK_BYTES: usize = 4 << 20;
+/// Damaged ranges before a log's last entry that an open maps and reads past, at most, to find
+/// that entry (each in the last index interval: a few at most in practice).
+const DAMAGE_BEFORE_LAST_RETRIES: usize = 16;
 /// Bytes of entries after which replication's read for one AppendEntries stops (the entry that
 /// reaches it is the last: a call carries up to this plus one entry): a replica catching up
 /// gets many small entries a call.
@@ -352,6 +355,7 @@ impl Shared {
                                 // entry (its damaged entries are repaired before it starts).
                                 Some(range)
                                     if range.first_index <= from
+                                        && from < range.next_index
                                         && self.group != super::CONTROLLER_GROUP =>
                                 {
                                     // Damaged entries: stand-ins move the state machine past them.
@@ -527,7 +531,23 @@ impl LogStore {
         let last_in_log = match log.first_index() {
             Some(_) => {
                 let end = log.end().next_index;
-                match log.read_entries(end - 1, end, 1) {
+                let mut read = log.read_entries(end - 1, end, 1);
+                // The read walks from the index point before the last entry and may run into
+                // damage before that entry: mapped, the damage gets an index point where intact
+                // frames resume, and the read is tried again from there (each pass maps another
+                // range, closer to the end).
+                for _ in 0..DAMAGE_BEFORE_LAST_RETRIES {
+                    if !matches!(read, Err(weft_storage::Error::Corruption { .. })) {
+                        break;
+                    }
+                    match log.map_damage(end - 1) {
+                        Ok(Some(range)) if range.next_index < end => {
+                            read = log.read_entries(end - 1, end, 1);
+                        }
+                        _ => break,
+                    }
+                }
+                match read {
                     Ok(batches) => batches.first().map(log_id_of),
                     // The last entries are damaged (found only now when the log was closed
                     // cleanly: its tail was not scanned). Their terms are unknown, and this
@@ -539,6 +559,7 @@ impl LogStore {
                         let Some(range) = log
                             .map_damage(end - 1)
                             .map_err(|e| read_error(end - 1, &e))?
+                            .filter(|range| range.next_index >= end)
                         else {
                             return Err(read_error(end - 1, &error));
                         };
@@ -1209,7 +1230,7 @@ fn run_removal(removal: weft_storage::SegmentRemoval) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::raft::Command;
     use bytes::Bytes;
@@ -1269,6 +1290,21 @@ mod tests {
         let mut reader = store.reader();
         reader.budget = Arc::new(tokio::sync::Semaphore::new(budget_bytes >> 10));
         (store, reader)
+    }
+
+    /// A log store in `dir` holding `count` entries written but not synced, and its shared state
+    /// (what the flusher syncs).
+    pub(in crate::raft) fn unsynced_store(
+        dir: &std::path::Path,
+        count: u64,
+    ) -> (LogStore, Arc<Shared>) {
+        let mut log = PartitionLog::open(dir, LogConfig::default()).expect("opens");
+        for index in 1..=count {
+            append_record(&mut log, index, &[7u8; 100]);
+        }
+        let (store, _reader) = reader_of(log, 1 << 20);
+        let shared = store.shared.clone();
+        (store, shared)
     }
 
     fn held(reader: &LogReader) -> Option<usize> {
@@ -1356,6 +1392,99 @@ mod tests {
         );
         assert_eq!(sm.state().high_watermark, 20);
         assert_eq!(sm.applied_since_open().1, 21);
+    }
+
+    /// Flips a byte in the value of record `nth` (0-based: entry `nth + 1`) of a closed
+    /// `log_of` log with `value_bytes` values in `dir`.
+    fn damage_record(dir: &std::path::Path, nth: usize, value_bytes: usize) {
+        let segment = std::fs::read_dir(dir)
+            .expect("ls")
+            .map(|e| e.expect("entry").path())
+            .find(|p| p.extension().is_some_and(|e| e == "log"))
+            .expect("a segment");
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let value = vec![7u8; value_bytes];
+        let at = bytes
+            .windows(value_bytes)
+            .enumerate()
+            .filter(|(_, w)| *w == value.as_slice())
+            .map(|(i, _)| i)
+            .scan(None, |last: &mut Option<usize>, i| {
+                // One match per record: the first position of each run.
+                let new = last.is_none_or(|l| i >= l + value_bytes);
+                if new {
+                    *last = Some(i);
+                }
+                Some(new.then_some(i))
+            })
+            .flatten()
+            .nth(nth)
+            .expect("the record's value");
+        bytes[at + value_bytes / 2] ^= 0x20;
+        std::fs::write(&segment, &bytes).expect("damage");
+    }
+
+    /// Damage in an entry before the last of a cleanly closed log, in the same index interval:
+    /// the read of the last entry runs into it. Before, the store took the damage for the last
+    /// entries' and cut the log there, intact entries and all (acknowledged records, lost for
+    /// good on a single replica).
+    #[tokio::test]
+    async fn damage_before_the_last_entry_of_a_cleanly_closed_log_cuts_nothing_at_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = log_of(dir.path(), 6, 100);
+        let end = log.end().next_index;
+        log.close().expect("close");
+        damage_record(dir.path(), 2, 100);
+        let log = PartitionLog::open(dir.path(), LogConfig::default()).expect("open");
+        assert!(log.recovery_report().clean_shutdown);
+        let (mut store, _reader) = reader_of(log, 1 << 20);
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(
+            state.last_log_id.map(|id| id.index),
+            Some(end - 1),
+            "{state:?}"
+        );
+        let entries = store
+            .try_get_log_entries(4..end)
+            .await
+            .expect("the entries after the damage read");
+        assert_eq!(
+            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            (4..end).collect::<Vec<_>>()
+        );
+    }
+
+    /// A read that starts after damaged entries of the same index interval runs into them.
+    /// Before, it answered with the entries from the damage's end on, ahead of the ones asked
+    /// for (openraft then found the wrong entries and stopped the group, open after open).
+    #[tokio::test]
+    async fn a_read_after_damaged_entries_starts_where_it_was_asked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = log_of(dir.path(), 40, 100);
+        log.close().expect("close");
+        damage_record(dir.path(), 4, 100);
+        let log = PartitionLog::open(dir.path(), LogConfig::default()).expect("open");
+        let (mut store, _reader) = reader_of(log, 1 << 20);
+        let entries = store
+            .try_get_log_entries(8..11)
+            .await
+            .expect("the entries after the damage read");
+        assert_eq!(
+            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            [8, 9, 10]
+        );
+        // The damaged entry itself reads as a stand-in.
+        let entries = store.try_get_log_entries(5..6).await.expect("a stand-in");
+        assert!(
+            matches!(
+                entries.as_slice(),
+                [Entry {
+                    payload: EntryPayload::Normal(Command::Lost { .. }),
+                    ..
+                }]
+            ),
+            "{entries:?}"
+        );
     }
 
     #[tokio::test]
