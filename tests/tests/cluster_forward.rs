@@ -904,3 +904,55 @@ async fn a_broker_without_a_replica_forwards_past_a_dead_one() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A subscriber reading every partition through one broker keeps getting the records of the
+/// partitions that answer when another partition's only replica goes down (that one is read
+/// again once it is back). Before, the forwarded read of the dead partition failed the whole
+/// stream, and every reconnect failed the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_keeps_reading_what_answers_when_a_partition_goes_down() {
+    let topic = "survivors";
+    let (mut brokers, near, far, entry, frozen) =
+        one_replica_partitions_on_two_brokers(topic).await;
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    for (partition, id) in [(near, 1), (far, 2)] {
+        publisher
+            .publish(one_record(topic, partition, id))
+            .await
+            .expect("publish");
+    }
+    let client = brokers[entry].client().await;
+    let mut consumer = client
+        .consumer(weft_client::ConsumerConfig {
+            reconnects_max: 0,
+            ..weft_client::ConsumerConfig::new(topic).start(weft_client::StartFrom::Earliest)
+        })
+        .await
+        .expect("consumer");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = consumer
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("next")
+            .expect("a record within 20 s");
+        seen.push(message.partition);
+    }
+    seen.sort_unstable();
+    let mut both = vec![near, far];
+    both.sort_unstable();
+    assert_eq!(seen, both);
+
+    brokers[frozen].kill9();
+    publisher
+        .publish(one_record(topic, near, 3))
+        .await
+        .expect("publish");
+    let message = consumer
+        .next_timeout(Duration::from_secs(20))
+        .await
+        .expect("the stream goes on with the partitions that answer")
+        .expect("a record within 20 s");
+    assert_eq!((message.partition, &message.value[..]), (near, &b"r3"[..]));
+}

@@ -426,3 +426,66 @@ async fn a_stream_whose_first_message_never_comes_is_ended() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("start"), "{status:?}");
 }
+
+/// A subscriber's credit goes round its partitions: one partition with a backlog larger than
+/// the credit does not take every delivery. Before, each round started at the lowest
+/// partition, so a subscriber catching up read all of partition 0 before anything of
+/// partition 1 (and partition 1 starved for as long as partition 0 kept its backlog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_with_a_backlog_does_not_starve_the_others() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("backlog", 2)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    let backlog = 8_000u64;
+    let mut acks = Vec::new();
+    for i in 0..backlog {
+        acks.push(
+            producer
+                .send_nowait("backlog", Record::new(format!("p0-{i}")).partition(0))
+                .await
+                .expect("queued"),
+        );
+    }
+    acks.push(
+        producer
+            .send_nowait("backlog", Record::new("p1").partition(1))
+            .await
+            .expect("queued"),
+    );
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    producer.close().await.expect("close");
+
+    let mut consumer = client
+        .consumer(ConsumerConfig::new("backlog").start(StartFrom::Earliest))
+        .await
+        .expect("consumer");
+    let mut read = 0u64;
+    loop {
+        let message = consumer
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .expect("a record within 10 s");
+        read += 1;
+        if message.partition == 1 {
+            break;
+        }
+        assert!(
+            read <= backlog,
+            "read all of partition 0 before partition 1"
+        );
+    }
+    // A round's credit (2,000 records by default) goes to partition 0 at most once before
+    // partition 1 gets its turn.
+    assert!(
+        read <= backlog / 2,
+        "partition 1's record came after {read} of partition 0's {backlog}"
+    );
+}

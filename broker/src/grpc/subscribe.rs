@@ -39,6 +39,10 @@ const NEW_PARTITION_WAIT: Duration = Duration::from_secs(3);
 
 /// Messages buffered towards one subscriber before the session waits.
 const STREAM_BUFFER: usize = 16;
+/// How long one delivery round waits for a broker that holds a partition this one does not: a
+/// holder that does not answer by then is skipped for the round (the stream goes on with the
+/// other partitions, and with its heartbeats).
+const REMOTE_DELIVERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The Subscriber service.
 #[derive(Debug, Clone)]
@@ -960,6 +964,9 @@ struct Session {
     view: Option<watch::Receiver<Arc<GroupView>>>,
     generation: u64,
     positions: BTreeMap<u32, u64>,
+    /// The partition the next delivery round starts at: the one after the last partition
+    /// delivered from, so one with a backlog larger than the credit cannot take every round.
+    next_first: u32,
     resume: HashMap<u32, u64>,
     credit_records: u64,
     credit_bytes: u64,
@@ -1067,6 +1074,7 @@ impl Session {
             view,
             generation: 0,
             positions: BTreeMap::new(),
+            next_first: 0,
             tx,
             pending: VecDeque::new(),
             last_word,
@@ -1319,7 +1327,9 @@ impl Session {
     async fn deliver(&mut self) -> Result<bool, BrokerError> {
         self.check_topic()?;
         let mut sent = false;
-        let owned: Vec<(u32, u64)> = self.positions.iter().map(|(&p, &o)| (p, o)).collect();
+        let mut owned: Vec<(u32, u64)> = self.positions.iter().map(|(&p, &o)| (p, o)).collect();
+        let first = owned.partition_point(|(p, _)| *p < self.next_first);
+        owned.rotate_left(first);
         for (p, position) in owned {
             if self.credit_records == 0 || self.credit_bytes == 0 {
                 break;
@@ -1338,12 +1348,22 @@ impl Session {
                 as usize;
             let service = SubscriberService::new(self.node.clone());
             if service.is_remote(&self.start.topic, p) {
-                sent |= self
+                if self
                     .deliver_remote(&service, p, position, max_bytes)
-                    .await?;
+                    .await?
+                {
+                    sent = true;
+                    self.next_first = p.saturating_add(1);
+                }
                 continue;
             }
-            let hosted = self.node.partition(&self.start.topic, p)?;
+            let hosted = match self.node.partition(&self.start.topic, p) {
+                Ok(hosted) => hosted,
+                // Not open here right now (opening, or down after a storage error): the other
+                // partitions go on; this one is read again once it is back.
+                Err(e) if e.code() == tonic::Code::Unavailable => continue,
+                Err(e) => return Err(e),
+            };
             let high_watermark = hosted.high_watermark();
             if position >= high_watermark {
                 continue;
@@ -1357,6 +1377,7 @@ impl Session {
                     sent = true;
                     continue;
                 }
+                Err(e) if e.code() == tonic::Code::Unavailable => continue,
                 Err(e) => return Err(e),
             };
             let records = to_records(&batches, position, self.credit_records as usize, max_bytes);
@@ -1384,6 +1405,7 @@ impl Session {
             }
             result?;
             sent = true;
+            self.next_first = p.saturating_add(1);
         }
         Ok(sent)
     }
@@ -1407,8 +1429,19 @@ impl Session {
             min_bytes: 0,
             max_records: u32::try_from(self.credit_records).unwrap_or(u32::MAX),
         };
-        let response = match service.fetch_inner(request, 0).await {
+        let answer = tokio::time::timeout(REMOTE_DELIVERY_TIMEOUT, service.fetch_inner(request, 0))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Unavailable {
+                    reason: "no broker holding the partition answered in time".into(),
+                    leader: None,
+                })
+            });
+        let response = match answer {
             Ok(response) => response,
+            // No replica can be read right now (its brokers down or cut off): the stream goes
+            // on with the other partitions, and reads this one again at the next round.
+            Err(e) if e.code() == tonic::Code::Unavailable => return Ok(false),
             Err(e) => {
                 match retained_range(&e) {
                     // Retention removed what this subscriber had not read: skip to what is left.
