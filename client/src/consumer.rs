@@ -180,6 +180,8 @@ pub struct Consumer {
     last_heard: tokio::time::Instant,
     /// A record was handed to the application since the consumer last waited on the stream.
     handed_out: bool,
+    /// Records were handed to the application since auto-commit last sent the positions.
+    handed_since_commit: bool,
     /// Streams in a row that failed (counted across calls of `next`, so a caller that polls
     /// with short timeouts still gets the error once `reconnects_max` is passed).
     failures: u32,
@@ -364,6 +366,7 @@ impl Consumer {
             broker_heartbeat: None,
             last_heard: tokio::time::Instant::now(),
             handed_out: false,
+            handed_since_commit: false,
             failures: 0,
             reconnecting: None,
             opening: None,
@@ -809,6 +812,7 @@ impl Consumer {
                     // broker may send nothing (the stream's window full), and that is not
                     // silence. It counts again from the next wait on the stream.
                     self.handed_out = true;
+                    self.handed_since_commit = true;
                     self.positions
                         .insert(message.partition, message.offset.saturating_add(1));
                     self.uncredited.0 += 1;
@@ -819,7 +823,24 @@ impl Consumer {
                     return Ok(Some(message));
                 }
             }
-            let event = self.receive().await;
+            // Nothing buffered: the records handed out before this call are processed. Once the
+            // interval is up their positions are committed, even while no record comes.
+            // Before, only the next record's arrival did: a quiet topic kept them uncommitted
+            // for as long as it stayed quiet, and a crash then delivered them again.
+            let event = match self.auto_commit_due() {
+                Some(at) if at <= Instant::now() => {
+                    self.send_commit().await;
+                    continue;
+                }
+                Some(at) => {
+                    let at = tokio::time::Instant::from_std(at);
+                    match tokio::time::timeout_at(at, self.receive()).await {
+                        Ok(event) => event,
+                        Err(_) => continue,
+                    }
+                }
+                None => self.receive().await,
+            };
             match event {
                 Ok(Some(event)) => {
                     if shows_a_working_stream(&event) {
@@ -984,6 +1005,14 @@ impl Consumer {
     }
 
     /// The positions not committed yet, as a commit names them.
+    /// When the positions of records handed out are due to be committed by auto-commit; None
+    /// when there is nothing to commit (or auto-commit is off, or no stream to send it on).
+    fn auto_commit_due(&self) -> Option<Instant> {
+        let on = self.config.auto_commit && self.config.group.is_some() && self.stream_live;
+        (on && self.handed_since_commit && self.commits_in_flight == 0)
+            .then(|| self.last_commit + self.config.auto_commit_interval)
+    }
+
     fn uncommitted(&self) -> Vec<proto::PartitionOffset> {
         self.positions
             .iter()
@@ -1023,6 +1052,7 @@ impl Consumer {
         if !changed.is_empty() {
             self.send_stream_commit(changed).await;
         }
+        self.handed_since_commit = false;
     }
 
     /// Reads the stream until every commit sent over it is acknowledged, buffering what arrives

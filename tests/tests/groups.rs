@@ -980,3 +980,55 @@ async fn a_member_that_commits_without_reading_the_answers_is_not_held() {
     );
     drop(tx);
 }
+
+/// Auto-commit commits what the application was handed once the interval is up, even when no
+/// record comes after it. Before, only the next record's arrival did: a topic gone quiet kept
+/// the last records uncommitted for as long as it stayed quiet, and the next owner of the
+/// partition (after a crash, a rebalance) was handed them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_commit_commits_what_was_read_while_the_topic_is_quiet() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("quiet", 1)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    for i in 0..10 {
+        producer
+            .send("quiet", Record::new(format!("r{i}")))
+            .await
+            .expect("stored");
+    }
+    let mut consumer = client
+        .consumer(ConsumerConfig {
+            auto_commit_interval: Duration::from_millis(200),
+            ..ConsumerConfig::new("quiet")
+                .group("quiet-group")
+                .start(StartFrom::Earliest)
+        })
+        .await
+        .expect("consumer");
+    for _ in 0..10 {
+        consumer
+            .next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .expect("a record");
+    }
+    // The application asks for more; none comes.
+    assert!(
+        consumer
+            .next_timeout(Duration::from_secs(2))
+            .await
+            .expect("next")
+            .is_none()
+    );
+    let committed = weft_tests::offsets(&broker.client_addr, "quiet", 0, Some("quiet-group"))
+        .await
+        .expect("offsets")
+        .committed_offset;
+    assert_eq!(committed, Some(10));
+    drop(consumer);
+}
