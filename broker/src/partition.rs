@@ -353,6 +353,20 @@ impl Partition {
         let committed_now = *watermark.borrow();
         if dirty || offset >= committed_now {
             let bounds = self.bounds();
+            if !dirty && offset > bounds.high_watermark && !self.group.is_leader() {
+                // A follower learns of commits after its leader: past what it has committed,
+                // the offset may well be committed on the leader (a consumer that read there,
+                // or through a replica further ahead). Only the leader can say it is out of
+                // range; a follower says to ask again (there, or here once it caught up).
+                return Err(BrokerError::Unavailable {
+                    reason: format!(
+                        "offset {offset} is past the high watermark {} of this replica, which \
+                         does not lead the partition; its leader may have committed it",
+                        bounds.high_watermark
+                    ),
+                    leader: self.group.leader(),
+                });
+            }
             if offset < bounds.log_start || offset > limit(bounds.high_watermark) {
                 return Err(BrokerError::OffsetOutOfRange {
                     offset,

@@ -956,3 +956,82 @@ async fn a_subscriber_keeps_reading_what_answers_when_a_partition_goes_down() {
         .expect("a record within 20 s");
     assert_eq!((message.partition, &message.value[..]), (near, &b"r3"[..]));
 }
+
+/// A replica learns of commits after its leader. A follower cut off from its leader's appends
+/// (the other follower keeps the partition committing) is asked for an offset the leader has
+/// committed and it has not: a Fetch there answers UNAVAILABLE with the leader (ask again),
+/// and a commit of that offset, checked by the group coordinator's follower replica, is taken
+/// (the coordinator asks the leader). Before, the Fetch answered OUT_OF_RANGE and the commit
+/// was refused as INVALID_ARGUMENT after 2 s: final errors for a consumer that read from the
+/// leader and then reached another broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_its_leader_never_calls_a_committed_offset_out_of_range() {
+    let brokers = start_cluster(3);
+    let topic = "behind";
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{topic}","partitions":3,"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let leaders = partition_leaders(&brokers, topic, 3).await;
+    let client = brokers[0].client().await;
+    let coordinator = wait_for("a controller leader", Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let status = client.admin().cluster_status().await.ok()?;
+            (status.controller_id != 0).then_some(status.controller_id)
+        }
+    })
+    .await;
+    // A partition the coordinator follows.
+    let partition = (0..3u32)
+        .find(|p| leaders[*p as usize] != coordinator)
+        .expect("a partition another broker leads");
+    let leader = &brokers[(leaders[partition as usize] - 1) as usize];
+    let follower = &brokers[(coordinator - 1) as usize];
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    let ip = |address: &str| {
+        address
+            .rsplit_once(':')
+            .map_or(address.to_string(), |(ip, _)| ip.to_string())
+    };
+    let mut firewall = Firewall::new();
+    firewall.drop_tcp(Some(&ip(&leader.peer_addr)), &follower.peer_addr);
+    let channel = grpc::channel(&leader.client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    for id in 1..=10 {
+        publisher
+            .publish(one_record(topic, partition, id))
+            .await
+            .expect("publish through the leader");
+    }
+    let end = fetch_range(&leader.client_addr, topic, partition, 0, 10)
+        .await
+        .len() as u64;
+    assert_eq!(end, 10);
+
+    let fetch = grpc::subscriber(&grpc::channel(&follower.client_addr).await)
+        .fetch(weft_proto::v1::FetchRequest {
+            topic: topic.into(),
+            partition,
+            offset: end,
+            max_bytes: 1 << 20,
+            max_wait_ms: 0,
+            ..Default::default()
+        })
+        .await;
+    let status = fetch.expect_err("the follower has not committed offset 10");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    client
+        .admin()
+        .commit_offsets("behind-group", topic, &[(partition, end)])
+        .await
+        .expect("a commit of what the leader committed");
+    firewall.heal();
+}

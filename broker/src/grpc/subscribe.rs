@@ -198,6 +198,50 @@ impl SubscriberService {
     }
 
     /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it).
+    /// Whether `offset` is within what the leader of `topic`/`partition` has committed, for an
+    /// offset past this broker's replica's high watermark: a follower learns of commits after
+    /// its leader (several seconds after a new leader was elected), and a consumer that read
+    /// from the leader may commit through it. False when this broker's replica leads (its high
+    /// watermark was the answer) or it holds none (the replica asked was a holder elsewhere).
+    /// UNAVAILABLE while the leader is unknown or does not answer: ask again.
+    async fn committed_on_leader(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<bool, BrokerError> {
+        let Ok(hosted) = self.node.partition(topic, partition) else {
+            return Ok(false);
+        };
+        let group = hosted.group();
+        if group.is_leader() {
+            return Ok(false);
+        }
+        let unknown = |reason: String| BrokerError::Unavailable {
+            reason,
+            leader: group.leader(),
+        };
+        let Some(leader) = group.leader() else {
+            return Err(unknown(format!(
+                "partition {partition}: offset {offset} is past this replica's high watermark, \
+                 and its leader is not known now"
+            )));
+        };
+        let request = GetOffsetsRequest {
+            topic: topic.into(),
+            partitions: vec![partition],
+            group_id: String::new(),
+            timestamp_ms: None,
+        };
+        match self.forward_offsets(request, leader, 0).await {
+            Ok(bounds) => Ok(offset <= bounds.high_watermark),
+            Err(e) => Err(unknown(format!(
+                "partition {partition}: offset {offset} is past this replica's high watermark, \
+                 and its leader (node {leader}) could not be asked: {e}"
+            ))),
+        }
+    }
+
     async fn forward_offsets(
         &self,
         request: GetOffsetsRequest,
@@ -327,7 +371,11 @@ impl SubscriberService {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
-            if o.offset > bounds.high_watermark {
+            if o.offset > bounds.high_watermark
+                && !self
+                    .committed_on_leader(topic, o.partition, o.offset)
+                    .await?
+            {
                 return Err(BrokerError::invalid(
                     "offsets",
                     format!(
