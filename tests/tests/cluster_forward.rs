@@ -1035,3 +1035,66 @@ async fn a_follower_behind_its_leader_never_calls_a_committed_offset_out_of_rang
         .expect("a commit of what the leader committed");
     firewall.heal();
 }
+
+/// A subscriber reading through a broker that holds some of its partitions and not others:
+/// commits of the local partition wake its session, but the partitions held elsewhere, with
+/// nothing new, are not asked again for each of them (one long poll each stays open across
+/// the session's rounds). Before, each local commit sent a new read and a new long poll per
+/// such partition to the brokers holding them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_commits_do_not_multiply_reads_of_partitions_held_elsewhere() {
+    let topic = "quiet-elsewhere";
+    let (brokers, near, far, entry, _frozen) = one_replica_partitions_on_two_brokers(topic).await;
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    publisher
+        .publish(one_record(topic, far, 1))
+        .await
+        .expect("publish");
+    let client = brokers[entry].client().await;
+    let mut consumer = client
+        .consumer(
+            weft_client::ConsumerConfig::new(topic)
+                .partitions(vec![near, far])
+                .start(weft_client::StartFrom::Earliest),
+        )
+        .await
+        .expect("consumer");
+    let first = consumer
+        .next_timeout(Duration::from_secs(20))
+        .await
+        .expect("next")
+        .expect("the record of the far partition");
+    assert_eq!(first.partition, far);
+    let forwarded = || {
+        weft_tests::metric(
+            &brokers[entry],
+            r#"weft_forwarded_calls_total{method="Fetch"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    let before = forwarded();
+    let publishes = 300u64;
+    for id in 0..publishes {
+        publisher
+            .publish(one_record(topic, near, 100 + id))
+            .await
+            .expect("publish");
+    }
+    let mut read = 0;
+    while read < publishes {
+        let message = consumer
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("next")
+            .expect("a record of the near partition");
+        assert_eq!(message.partition, near);
+        read += 1;
+    }
+    let calls = forwarded() - before;
+    // A long poll per heartbeat interval at most, whatever the number of local commits.
+    assert!(
+        calls < 20.0,
+        "{calls} forwarded Fetch calls for {publishes} commits of the local partition"
+    );
+}

@@ -1,7 +1,7 @@
 //! `weft.v1.Subscriber`: Fetch (unary long-poll), Subscribe (credit-based stream, optionally as a
 //! consumer-group member), CommitOffsets, GetOffsets.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1015,6 +1015,11 @@ struct Session {
     /// The partition the next delivery round starts at: the one after the last partition
     /// delivered from, so one with a backlog larger than the credit cannot take every round.
     next_first: u32,
+    /// Partitions held elsewhere that had nothing at their position at the last read: not read
+    /// again until the long poll on them (kept across the session's rounds) says they have.
+    remote_idle: BTreeSet<u32>,
+    /// Counts assignments: a long poll made before the last one polls old positions.
+    assignments: u64,
     resume: HashMap<u32, u64>,
     credit_records: u64,
     credit_bytes: u64,
@@ -1123,6 +1128,8 @@ impl Session {
             generation: 0,
             positions: BTreeMap::new(),
             next_first: 0,
+            remote_idle: BTreeSet::new(),
+            assignments: 0,
             tx,
             pending: VecDeque::new(),
             last_word,
@@ -1292,6 +1299,8 @@ impl Session {
         }
         self.positions = positions;
         self.generation = generation;
+        self.remote_idle.clear();
+        self.assignments += 1;
         // The client's resume offsets say where it was when this stream opened: they place the
         // first assignment only. A partition given back later (after a rebalance took it away)
         // starts at the group's commit, which its owner meanwhile moved on; before, the resume
@@ -1396,12 +1405,17 @@ impl Session {
                 as usize;
             let service = SubscriberService::new(self.node.clone());
             if service.is_remote(&self.start.topic, p) {
+                if self.remote_idle.contains(&p) {
+                    continue;
+                }
                 if self
                     .deliver_remote(&service, p, position, max_bytes)
                     .await?
                 {
                     sent = true;
                     self.next_first = p.saturating_add(1);
+                } else {
+                    self.remote_idle.insert(p);
                 }
                 continue;
             }
@@ -1546,14 +1560,22 @@ impl Session {
         ))
     }
 
-    /// Resolves once a partition this broker holds no replica of has a record at the owned
-    /// position (a long-poll Fetch forwarded to a broker that holds it), or after `wait`.
-    async fn remote_data(&self, wait: Duration) {
+    /// Long polls of the partitions held elsewhere that had nothing at their position, one per
+    /// partition not polled yet (`polling`): a Fetch forwarded to a broker that holds it,
+    /// waiting up to `wait`. Each resolves with its partition once it has a record there,
+    /// answered empty after its wait, or failed (after `wait`, so a holder that is down is
+    /// asked again only that often). They own what they need, so the session keeps them across
+    /// its rounds: a round woken by a commit neither cancels them nor starts others (before,
+    /// every commit of any partition sent a new one per such partition).
+    fn remote_polls(&self, wait: Duration, polling: &BTreeSet<u32>) -> Vec<(u32, RemotePoll)> {
         let service = SubscriberService::new(self.node.clone());
-        let polls: Vec<_> = self
-            .positions
+        self.positions
             .iter()
-            .filter(|(p, _)| service.is_remote(&self.start.topic, **p))
+            .filter(|(p, _)| {
+                self.remote_idle.contains(p)
+                    && !polling.contains(p)
+                    && service.is_remote(&self.start.topic, **p)
+            })
             .map(|(&p, &offset)| {
                 let service = service.clone();
                 let request = FetchRequest {
@@ -1565,20 +1587,16 @@ impl Session {
                     min_bytes: 1,
                     max_records: 1,
                 };
-                Box::pin(async move {
-                    match service.fetch_inner(request, 0).await {
-                        Ok(r) if !r.records.is_empty() => {}
-                        // Nothing yet (or the holder cannot answer now): wait before asking again.
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(wait).await,
+                let assignment = self.assignments;
+                let poll: RemotePoll = Box::pin(async move {
+                    if service.fetch_inner(request, 0).await.is_err() {
+                        tokio::time::sleep(wait).await;
                     }
-                })
+                    (assignment, p)
+                });
+                (p, poll)
             })
-            .collect();
-        if polls.is_empty() {
-            return futures::future::pending().await;
-        }
-        let _ = futures::future::select_all(polls).await;
+            .collect()
     }
 
     async fn handle_inbound(&mut self, message: SubscribeRequest) -> Result<(), BrokerError> {
@@ -1782,6 +1800,12 @@ impl Session {
         // Waits for room in the stream's queue (a sender of its own: `self` is borrowed by the
         // other arms).
         let room = self.tx.clone();
+        // The long polls of the idle partitions held elsewhere, and which partitions they are
+        // for (of the current assignment).
+        let mut remote_polls: futures::stream::FuturesUnordered<RemotePoll> =
+            futures::stream::FuturesUnordered::new();
+        let mut polling: BTreeSet<u32> = BTreeSet::new();
+        let mut polled_for = self.assignments;
         loop {
             // A rule change seen while waiting on something else counts before delivering.
             if let Some((watch, acls)) = &mut rules
@@ -1811,15 +1835,31 @@ impl Session {
             // wait too: they would add more.
             let backlog = self.pending.len() >= PENDING_CONTROL_MAX;
             let remote_wait = Duration::from_millis(config.stream_heartbeat_ms);
-            let remote = self.remote_data(remote_wait);
+            if polled_for != self.assignments {
+                // Polls of the positions of an earlier assignment.
+                remote_polls = futures::stream::FuturesUnordered::new();
+                polling.clear();
+                polled_for = self.assignments;
+            }
+            for (p, poll) in self.remote_polls(remote_wait, &polling) {
+                polling.insert(p);
+                remote_polls.push(poll);
+            }
+            // Some((assignment, partition)) when a long poll answered for it.
             let data = async {
+                let remote = async {
+                    match futures::StreamExt::next(&mut remote_polls).await {
+                        Some(answered) => Some(answered),
+                        None => futures::future::pending().await,
+                    }
+                };
                 if watermarks.is_empty() {
                     return remote.await;
                 }
                 let changes = watermarks.iter_mut().map(|w| Box::pin(w.changed()));
                 tokio::select! {
-                    _ = futures::future::select_all(changes) => {}
-                    () = remote => {}
+                    _ = futures::future::select_all(changes) => None,
+                    answered = remote => answered,
                 }
             };
             let group_change = async {
@@ -1901,7 +1941,15 @@ impl Session {
                         leader: None,
                     });
                 }
-                () = data, if has_credit && !delivered && !full => {}
+                answered = data, if has_credit && !delivered && !full => {
+                    if let Some((assignment, p)) = answered
+                        && assignment == self.assignments
+                    {
+                        // Read it again at the next round.
+                        polling.remove(&p);
+                        self.remote_idle.remove(&p);
+                    }
+                }
                 () = futures::future::ready(()), if delivered && !full => {}
                 permit = room.reserve(), if full => {
                     let permit = permit.map_err(|_| subscriber_gone())?;
@@ -1924,6 +1972,10 @@ impl Session {
         }
     }
 }
+
+/// A session's long poll of a partition held elsewhere (see `Session::remote_polls`): resolves
+/// with the assignment it was made for and the partition.
+type RemotePoll = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, u32)> + Send>>;
 
 /// The log start an OFFSET_OUT_OF_RANGE answer names (a local error or a forwarded status).
 pub(crate) fn retained_range(error: &BrokerError) -> Option<(u64, u64)> {
