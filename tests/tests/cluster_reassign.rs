@@ -1165,3 +1165,129 @@ async fn a_stalled_move_can_be_undone_at_the_limit() {
     })
     .await;
 }
+
+/// (replicas, moving_to, leader) of partition 0 of `topic` as `broker` sees it.
+fn partition_0(broker: &Broker, topic: &str) -> Option<(Vec<u64>, Vec<u64>, u64)> {
+    let (status, body) = broker.http("GET", &format!("/v1/topics/{topic}"), None);
+    if status != 200 {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let p = &value["partition_details"][0];
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_u64)
+            .collect()
+    };
+    Some((
+        ids(&p["replicas"]),
+        ids(&p["moving_to"]),
+        p["leader_id"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// A move whose target keeps a replica that is down completes: a majority of each
+/// configuration is enough, and the leadership goes to a replica that has every entry. Before,
+/// the move waited for every replica of the target to have every entry, the one that was down
+/// too, and handed the leadership (when the leader left) to the most senior replica even when
+/// that one was down: either way the move tried again every 30 s for as long as it was down
+/// (a removal of another broker waited on it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_completes_while_a_replica_it_keeps_is_down() {
+    let mut brokers = start_cluster(3);
+    let fourth = add_broker(&brokers, &[]);
+    brokers.push(fourth);
+    let topic = "keeps-one-down";
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{topic}","partitions":1,"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (replicas, _, leader) = wait_for("a leader", Duration::from_secs(30), || {
+        let p = partition_0(&brokers[0], topic);
+        async move { p.filter(|(r, _, l)| r.len() == 3 && *l != 0) }
+    })
+    .await;
+    publish_until_acknowledged(&[brokers[0].client_addr.clone()], topic, 0, 0, "before").await;
+    let client = brokers[0].client().await;
+    let controller = client
+        .admin()
+        .cluster_status()
+        .await
+        .expect("cluster status")
+        .controller_id;
+    // A replica to kill (neither the partition's leader nor the controller's), one to drop, and
+    // the broker that holds none.
+    let down = *replicas
+        .iter()
+        .find(|r| **r != leader && **r != controller)
+        .expect("a replica that leads nothing");
+    let dropped = *replicas
+        .iter()
+        .find(|r| **r != leader && **r != down)
+        .expect("another follower");
+    let spare = (1..=4u64)
+        .find(|b| !replicas.contains(b))
+        .expect("the broker without a replica");
+    brokers[(down - 1) as usize].kill9();
+    let asked = brokers
+        .iter()
+        .position(|b| b.peer_addr != brokers[(down - 1) as usize].peer_addr)
+        .expect("a broker that is up");
+
+    // The leader stays: the new replica is waited for, the one down is not.
+    let target = [leader, down, spare];
+    let (status, body) = brokers[asked].http(
+        "POST",
+        &format!("/v1/topics/{topic}/partitions/0/replicas"),
+        Some(&format!(r#"{{"replicas":{target:?}}}"#)),
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for("the first move", Duration::from_secs(60), || {
+        let p = partition_0(&brokers[asked], topic);
+        async move {
+            p.filter(|(r, moving, _)| {
+                r.iter().collect::<BTreeSet<_>>() == target.iter().collect() && moving.is_empty()
+            })
+        }
+    })
+    .await;
+
+    // The leader leaves: the replica that is down comes first among the old ones, but the
+    // leadership goes to one that has every entry.
+    let target = [down, spare, dropped];
+    let (status, body) = brokers[asked].http(
+        "POST",
+        &format!("/v1/topics/{topic}/partitions/0/replicas"),
+        Some(&format!(r#"{{"replicas":{target:?}}}"#)),
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for("the second move", Duration::from_secs(60), || {
+        let p = partition_0(&brokers[asked], topic);
+        async move {
+            p.filter(|(r, moving, _)| {
+                r.iter().collect::<BTreeSet<_>>() == target.iter().collect() && moving.is_empty()
+            })
+        }
+    })
+    .await;
+    // Led by a replica that is up, which takes publishes.
+    let (_, _, new_leader) = partition_0(&brokers[(spare - 1) as usize], topic).expect("topic");
+    assert!(
+        new_leader == spare || new_leader == dropped,
+        "led by {new_leader}"
+    );
+    publish_until_acknowledged(
+        &[brokers[(spare - 1) as usize].client_addr.clone()],
+        topic,
+        0,
+        1,
+        "after",
+    )
+    .await;
+}

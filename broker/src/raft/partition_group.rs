@@ -614,8 +614,16 @@ impl PartitionGroup {
                 }
             }
         }
+        // The new replicas must have every entry before they count toward a majority. The
+        // voters that stay need not: a majority of each configuration commits, so one of them
+        // down (a broker under maintenance) must not hold the move up (before, the move waited
+        // for it, and tried again every 30 s, for as long as it was down).
         let last = self.raft.metrics().borrow().last_log_index;
-        for (id, _) in target.iter().filter(|(id, _)| *id != m.id) {
+        let voters_before: BTreeSet<NodeId> = membership.voter_ids().collect();
+        for (id, _) in target
+            .iter()
+            .filter(|(id, _)| *id != m.id && !voters_before.contains(id))
+        {
             self.raft
                 .wait(Some(timeout))
                 .metrics(
@@ -663,11 +671,17 @@ impl PartitionGroup {
             .await?;
         }
         // A replica that held the partition before the move takes over when there is one; else
-        // the first new one.
+        // the first new one. Only one that has every entry: one that is down (or far behind)
+        // could not take over, and choosing it failed the step again and again.
+        let now = self.raft.metrics().borrow().clone();
+        let caught_up = |id: &NodeId| super::matched_index(&now, *id) >= last;
+        let rank = |id: &NodeId| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX);
         let to = target
             .iter()
             .map(|(id, _)| *id)
-            .min_by_key(|id| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX));
+            .filter(caught_up)
+            .min_by_key(rank)
+            .or_else(|| target.iter().map(|(id, _)| *id).min_by_key(rank));
         let leader = self.transfer_leadership(to, timeout).await?;
         Ok(MoveStep::LeadershipMoved(leader))
     }
