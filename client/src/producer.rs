@@ -497,16 +497,17 @@ impl Producer {
             };
             let config = metadata.config.unwrap_or_default();
             let name: Arc<str> = Arc::from(topic);
-            lock(&shared.state).topics.insert(
-                name.clone(),
-                (
-                    config.partitions.max(1),
-                    config.max_message_bytes.unwrap_or(1024 * 1024) as usize,
-                ),
-            );
+            lock(&shared.state)
+                .topics
+                .insert(name.clone(), crate::router::topic_limits(&config));
             // Learn the leaders before the first batch goes out.
             shared.router.refresh(&name).await;
         }
+        // The router refreshes the topic's metadata as it routes (every few seconds): its
+        // partition count and batch limit as of then. Before, the first ones stayed for the
+        // producer's life: a topic grown from 2 to 4 partitions kept its keys hashed over 2 by
+        // this producer and over 4 by any other (a key's records in two partitions).
+        let refreshed = shared.router.topic_config(topic);
         let config = &shared.config;
         let mut state = lock(&shared.state);
         let State {
@@ -519,6 +520,11 @@ impl Producer {
         if *closed {
             return Err(Error::Closed);
         }
+        if let Some(current) = refreshed
+            && let Some(cached) = topics.get_mut(topic)
+        {
+            *cached = current;
+        }
         let Some((topic, &(partitions, topic_bytes_max))) = topics.get_key_value(topic) else {
             // Topics are never forgotten; this is unreachable, and harmless if not.
             return Err(Error::Closed);
@@ -526,9 +532,15 @@ impl Producer {
         let partition = match record.partition {
             Some(p) => p,
             None if !record.key.is_empty() => partition_for_key(&record.key, partitions),
-            None => *sticky
-                .entry(topic.clone())
-                .or_insert_with(|| rand::random::<u32>() % partitions),
+            // (Within the partitions the topic has now: it may have been created again with
+            // fewer.)
+            None => {
+                let p = sticky
+                    .entry(topic.clone())
+                    .or_insert_with(|| rand::random::<u32>() % partitions);
+                *p %= partitions;
+                *p
+            }
         };
         let key = (topic.clone(), partition);
         let lane = lanes.entry(key).or_insert_with_key(|key| {
@@ -638,6 +650,19 @@ impl Producer {
     }
 }
 
+/// A batch of `topic`'s `partition` was closed (taken by its sender, or closed by the linger):
+/// keyless records move on to the next partition when it was theirs (the sticky partitioner
+/// moves on with every closed batch, as Kafka's does; before, only a full one moved it, so a
+/// producer sending few records at a time put every keyless record in one partition).
+fn batch_closed(state: &mut State, topic: &Arc<str>, partition: u32) {
+    let partitions = state.topics.get(topic).map_or(1, |(p, _)| (*p).max(1));
+    if let Some(sticky) = state.sticky.get_mut(topic)
+        && *sticky == partition
+    {
+        *sticky = (partition + 1) % partitions;
+    }
+}
+
 /// Closes batches that have waited `linger` since their first record, for producers whose
 /// partitions are busy (an idle partition's sender takes its batch at once).
 async fn linger(shared: std::sync::Weak<Shared>) {
@@ -655,7 +680,8 @@ async fn linger(shared: std::sync::Weak<Shared>) {
         if state.closed {
             return;
         }
-        for lane in state.lanes.values_mut() {
+        let mut closed = Vec::new();
+        for (key, lane) in state.lanes.iter_mut() {
             if lane
                 .open
                 .as_ref()
@@ -664,7 +690,11 @@ async fn linger(shared: std::sync::Weak<Shared>) {
             {
                 lane.ready.push_back(ToSender::Batch(open.batch));
                 lane.wake.notify_one();
+                closed.push(key.clone());
             }
+        }
+        for (topic, partition) in closed {
+            batch_closed(&mut state, &topic, partition);
         }
     }
 }
@@ -760,7 +790,8 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
         let (taken, finished) = {
             let mut state = lock(&shared.state);
             let closed = state.closed;
-            match state.lanes.get_mut(&key) {
+            let mut closed_open = false;
+            let outcome = match state.lanes.get_mut(&key) {
                 None => (None, true),
                 Some(lane) => {
                     let room = in_window.len() < config.in_flight_per_partition;
@@ -769,7 +800,9 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                     } else if let Some(next) = lane.ready.pop_front() {
                         Some(next)
                     } else if in_window.len() < shared.eager || closed {
-                        lane.open.take().map(|open| ToSender::Batch(open.batch))
+                        let open = lane.open.take().map(|open| ToSender::Batch(open.batch));
+                        closed_open = open.is_some();
+                        open
                     } else {
                         None
                     };
@@ -782,7 +815,11 @@ async fn send_partition(shared: Arc<Shared>, topic: Arc<str>, partition: u32, wa
                         && lane.open.is_none();
                     (taken, finished)
                 }
+            };
+            if closed_open {
+                batch_closed(&mut state, &key.0, key.1);
             }
+            outcome
         };
         match taken {
             Some(ToSender::Batch(batch)) => {

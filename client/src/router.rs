@@ -39,6 +39,10 @@ struct Tables {
     /// Client address of each broker seen leading a partition, by node id (to follow a
     /// broker's leader hint).
     nodes: HashMap<u64, String>,
+    /// Each topic's partition count and record batch limit (`max_message_bytes`), as of the
+    /// last refresh: a topic's partitions may grow, its limit change, or the topic be created
+    /// again under its name.
+    configs: HashMap<Arc<str>, (u32, usize)>,
 }
 
 impl Tables {
@@ -307,7 +311,7 @@ impl Router {
     /// Asks for `topic`'s leaders now and waits for the answer (a failure keeps the table).
     pub(crate) async fn refresh(&self, topic: &Arc<str>) {
         let asked_at = Instant::now();
-        let Ok(partitions) = self.base.topic_metadata(topic).await.map(|t| t.partitions) else {
+        let Ok(metadata) = self.base.topic_metadata(topic).await else {
             // Keep what is known, and do not ask again at once.
             if let Ok(mut tables) = self.tables.write() {
                 let entry = tables
@@ -318,7 +322,13 @@ impl Router {
             }
             return;
         };
-        let found = partitions
+        if let Some(config) = &metadata.config
+            && let Ok(mut tables) = self.tables.write()
+        {
+            tables.configs.insert(topic.clone(), topic_limits(config));
+        }
+        let found = metadata
+            .partitions
             .into_iter()
             .filter(|p| p.leader_id != 0 && !p.leader_address.is_empty())
             .map(|p| (p.partition, p.leader_id, p.leader_address))
@@ -326,6 +336,11 @@ impl Router {
         for address in self.learn(topic, found, asked_at) {
             self.probe(address, asked_at).await;
         }
+    }
+
+    /// `topic`'s partition count and record batch limit as of the last refresh, if known.
+    pub(crate) fn topic_config(&self, topic: &str) -> Option<(u32, usize)> {
+        self.tables.read().ok()?.configs.get(topic).copied()
     }
 
     /// Refreshes `topic` in the background when its table is older than `age` (one refresh
@@ -354,6 +369,17 @@ impl Router {
             }
         });
     }
+}
+
+/// A topic's partition count (at least 1) and record batch limit (`max_message_bytes`, 1 MiB
+/// when unset), from its configuration.
+pub(crate) fn topic_limits(config: &crate::proto::TopicConfig) -> (u32, usize) {
+    (
+        config.partitions.max(1),
+        config
+            .max_message_bytes
+            .map_or(1024 * 1024, |b| usize::try_from(b).unwrap_or(usize::MAX)),
+    )
 }
 
 #[cfg(test)]

@@ -1463,3 +1463,89 @@ async fn a_consumer_that_takes_its_time_over_a_record_is_not_cut_as_silent() {
     assert_eq!(second.offset, 1);
     assert_eq!(second.value.len(), 3 * 1024 * 1024);
 }
+
+/// A producer follows a topic's partitions as they grow: a key goes where every other producer
+/// (and a new one) puts it. Before, the partition count the producer saw at its first send
+/// stayed for its life: it kept hashing keys over 2 partitions after the topic grew to 4, and
+/// one key's records went to two partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_follows_a_topic_whose_partitions_grow() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("grows", 2)
+        .await
+        .expect("create");
+    let key = (0..1000u32)
+        .map(|i| format!("key-{i}"))
+        .find(|k| {
+            weft_client::partition_for_key(k.as_bytes(), 2)
+                != weft_client::partition_for_key(k.as_bytes(), 4)
+        })
+        .expect("a key that moves");
+    let producer = client.producer(ProducerConfig::default());
+    let first = producer
+        .send("grows", Record::new("before").key(key.clone()))
+        .await
+        .expect("stored");
+    assert_eq!(
+        first.partition,
+        weft_client::partition_for_key(key.as_bytes(), 2)
+    );
+    client
+        .admin()
+        .update_topic(
+            "grows",
+            &weft_client::TopicUpdate {
+                partitions: Some(4),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("grow");
+    let want = weft_client::partition_for_key(key.as_bytes(), 4);
+    // The producer learns of it at its next refresh of the topic (every 10 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ack = producer
+            .send("grows", Record::new("after").key(key.clone()))
+            .await
+            .expect("stored");
+        if ack.partition == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key still goes to partition {} 30 s after the topic grew",
+            ack.partition
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    producer.close().await.expect("close");
+}
+
+/// Keyless records sent one at a time spread over the topic's partitions: the sticky
+/// partitioner moves on with every batch that closes. Before, only a full batch moved it, so
+/// a producer sending few records at a time put all of them in one partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_records_sent_one_at_a_time_spread_over_the_partitions() {
+    let broker = Broker::start();
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("spread", 4)
+        .await
+        .expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    let mut partitions = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let ack = producer
+            .send("spread", Record::new(format!("r{i}")))
+            .await
+            .expect("stored");
+        partitions.insert(ack.partition);
+    }
+    assert_eq!(partitions.len(), 4, "{partitions:?}");
+    producer.close().await.expect("close");
+}
