@@ -913,7 +913,22 @@ async fn transfer_leadership(
     let Json(body) = body.map_err(bad_json)?;
     let leader_id = node
         .transfer_leadership(&name, partition, body.node_id)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // The body's field is `node_id` (`to_node_id` is the gRPC request's).
+            BrokerError::InvalidArgument(violations) => BrokerError::InvalidArgument(
+                violations
+                    .into_iter()
+                    .map(|mut v| {
+                        if v.field == "to_node_id" {
+                            v.field = "node_id".into();
+                        }
+                        v
+                    })
+                    .collect(),
+            ),
+            other => other,
+        })?;
     Ok(Json(LeaderView { leader_id }))
 }
 

@@ -915,6 +915,15 @@ async fn the_followers_stay_in_sync_while_the_leadership_is_handed_over() {
         .expect("publish");
     let leader = leader_with_every_replica_in_sync(&brokers).await;
     let leader_broker = &brokers[leader as usize - 1];
+    // A target that holds no replica: a 400 naming the body's field.
+    let (status, body) = leader_broker.http(
+        "POST",
+        "/v1/topics/orders/partitions/0/leader",
+        Some(r#"{"node_id":9}"#),
+    );
+    assert_eq!(status, 400, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(error["error"]["fields"][0]["field"], "node_id", "{body}");
     let target = leader % 3 + 1;
     let admin = leader_broker.admin_addr.clone();
     let transfer = std::thread::spawn(move || {
