@@ -698,6 +698,11 @@ impl LogReader {
             .map(|(entries, _)| entries)
     }
 
+    /// The last entry purged (recorded), if any.
+    pub fn last_purged(&self) -> Option<LogId> {
+        self.shared.last_purged()
+    }
+
     /// The log index saved as committed (a lower bound of what was committed: saved lazily),
     /// if any.
     pub fn saved_committed(&self) -> Option<u64> {
@@ -1240,7 +1245,7 @@ pub(super) mod tests {
 
     /// Appends entry `index` to `log`: one batch of one record of `value` (after a blank entry
     /// 0 when the log is empty).
-    fn append_record(log: &mut PartitionLog, index: u64, value: &[u8]) {
+    pub(in crate::raft) fn append_record(log: &mut PartitionLog, index: u64, value: &[u8]) {
         if log.end().next_index == 0 {
             let blank = Entry {
                 log_id: LogId::new(CommittedLeaderId::new(1, 0), 0),

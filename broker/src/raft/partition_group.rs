@@ -1444,16 +1444,13 @@ async fn fill_missing_tail(
 /// be opened by Raft: its first entries are gone and nothing says what they held. Give it the
 /// snapshot it lacks: the state right before its first entry, with an empty producer table (the
 /// deleted batches can no longer be retried anyway), and record that prefix as purged.
-fn adopt_headless_log(
+pub(super) fn adopt_headless_log(
     sm: &PartitionStateMachine,
     reader: &LogReader,
     group_id: GroupId,
     node_id: NodeId,
     peer_address: &str,
 ) -> Result<(), String> {
-    if sm.has_snapshot() {
-        return Ok(());
-    }
     let (first_index, start_offset, first_term) = reader
         .with_log(|log| {
             let end = log.end();
@@ -1475,6 +1472,32 @@ fn adopt_headless_log(
         CommittedLeaderId::new(first_term.unwrap_or(1), 0),
         first_index - 1,
     );
+    if sm.has_snapshot() {
+        // Adopted before, or a snapshot that covers the missing prefix: the purge through it
+        // must be recorded too. A crash between the snapshot's write and the purge's record
+        // left the log starting past a purge that was never recorded, and openraft, finding
+        // no entry at its start, refused to open the group, at every attempt.
+        let covered = sm
+            .state()
+            .last_applied
+            .is_some_and(|applied| applied.index >= purged.index);
+        let recorded = reader
+            .last_purged()
+            .is_some_and(|p| p.index >= purged.index);
+        if covered && !recorded {
+            tracing::warn!(
+                group_id,
+                first_index,
+                "the log starts after a purge its snapshot covers that was not recorded: recording it"
+            );
+            let purged = match sm.state().last_applied {
+                Some(applied) if applied.index == purged.index => applied,
+                _ => purged,
+            };
+            reader.record_purged(purged).map_err(|e| e.to_string())?;
+        }
+        return Ok(());
+    }
     tracing::warn!(
         group_id,
         first_index,

@@ -1362,6 +1362,66 @@ mod tests {
         (store, reader, sm)
     }
 
+    /// A log whose prefix was deleted without a snapshot (by an older build) is adopted with a
+    /// snapshot and a recorded purge through its first entry. A crash between the two left the
+    /// snapshot written and the purge not recorded: the next open skipped the adoption (a
+    /// snapshot existed), the log started past a purge nobody recorded, and openraft refused
+    /// to open the group, at every attempt. Now the purge a snapshot covers is recorded.
+    #[tokio::test]
+    async fn a_purge_a_snapshot_covers_is_recorded_when_a_crash_lost_it() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let meta = crate::meta::Metadata::new(Arc::new(
+            weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
+        ));
+        {
+            // A log that starts at index 5, offset 5.
+            let mut log =
+                weft_storage::PartitionLog::open(dir.path().join("log"), LogConfig::default())
+                    .expect("log");
+            log.reset(LogPosition {
+                next_offset: 5,
+                next_index: 5,
+            })
+            .expect("reset");
+            for index in 5..8 {
+                crate::raft::log_store::tests::append_record(&mut log, index, b"v");
+            }
+            log.flush().expect("flush");
+            log.close().expect("close");
+        }
+        let purged = LogId::new(openraft::CommittedLeaderId::new(1, 0), 4);
+        {
+            // The adoption's snapshot is written; the broker stops before the purge's record.
+            let (_store, _reader, sm) = open_partition(dir.path(), &meta);
+            sm.reset_to(PartitionState {
+                last_applied: Some(purged),
+                high_watermark: 5,
+                ..PartitionState::default()
+            })
+            .expect("snapshot");
+        }
+        let (mut store, reader, sm) = open_partition(dir.path(), &meta);
+        assert_eq!(
+            store
+                .get_log_state()
+                .await
+                .expect("state")
+                .last_purged_log_id,
+            None
+        );
+        crate::raft::partition_group::adopt_headless_log(&sm, &reader, 5, 1, "127.0.0.1:1")
+            .expect("adopt");
+        assert_eq!(
+            store
+                .get_log_state()
+                .await
+                .expect("state")
+                .last_purged_log_id,
+            Some(purged)
+        );
+    }
+
     /// openraft 0.9 purges the log through a snapshot it installs as soon as it hands the
     /// snapshot to the state machine, without waiting for the state machine to write it. A
     /// crash in between left the purge recorded and the snapshot not: the broker restarted from
