@@ -312,6 +312,8 @@ struct Lane {
 struct State {
     /// Per topic: partition count and the topic's largest batch.
     topics: HashMap<Arc<str>, (u32, usize)>,
+    /// When `topics` last took what the router's refreshes learned.
+    topics_checked: Instant,
     /// Where a topic's keyless records without a partition go now (sticky partitioner).
     sticky: HashMap<Arc<str>, u32>,
     lanes: HashMap<(Arc<str>, u32), Lane>,
@@ -407,6 +409,7 @@ impl Producer {
             room_bytes,
             state: Mutex::new(State {
                 topics: HashMap::new(),
+                topics_checked: Instant::now(),
                 sticky: HashMap::new(),
                 lanes: HashMap::new(),
                 resumes: HashMap::new(),
@@ -503,15 +506,11 @@ impl Producer {
             // Learn the leaders before the first batch goes out.
             shared.router.refresh(&name).await;
         }
-        // The router refreshes the topic's metadata as it routes (every few seconds): its
-        // partition count and batch limit as of then. Before, the first ones stayed for the
-        // producer's life: a topic grown from 2 to 4 partitions kept its keys hashed over 2 by
-        // this producer and over 4 by any other (a key's records in two partitions).
-        let refreshed = shared.router.topic_config(topic);
         let config = &shared.config;
         let mut state = lock(&shared.state);
         let State {
             topics,
+            topics_checked,
             sticky,
             lanes,
             closed,
@@ -520,10 +519,18 @@ impl Producer {
         if *closed {
             return Err(Error::Closed);
         }
-        if let Some(current) = refreshed
-            && let Some(cached) = topics.get_mut(topic)
-        {
-            *cached = current;
+        // The router refreshes a topic's metadata as it routes (every few seconds): its
+        // partition count and batch limit as of then, taken here once a second. Before, the
+        // first ones stayed for the producer's life: a topic grown from 2 to 4 partitions kept
+        // its keys hashed over 2 by this producer and over 4 by any other (a key's records in
+        // two partitions).
+        if topics_checked.elapsed() >= TOPICS_CHECK_EVERY {
+            *topics_checked = Instant::now();
+            for (name, cached) in topics.iter_mut() {
+                if let Some(current) = shared.router.topic_config(name) {
+                    *cached = current;
+                }
+            }
         }
         let Some((topic, &(partitions, topic_bytes_max))) = topics.get_key_value(topic) else {
             // Topics are never forgotten; this is unreachable, and harmless if not.
@@ -992,6 +999,10 @@ fn end_publish_span(cx: &opentelemetry::Context, result: &Result<proto::PublishR
     }
     span.end();
 }
+
+/// How often a producer takes the partition counts and batch limits its router's refreshes
+/// learned.
+const TOPICS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The reasons (ErrorInfo) with which the broker refuses a publish before storing anything: a
 /// gap (an earlier batch is missing), a fenced epoch, a forgotten producer, a full queue, or a
