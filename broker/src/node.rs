@@ -1233,6 +1233,10 @@ impl Node {
     /// Returns the partitions moved and those kept (with why).
     pub async fn drain(&self) -> (Vec<String>, Vec<String>) {
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
+        // Unmarked, the other brokers' leader balance hands this broker its preferred
+        // leaderships back within moments: the caller (a preStop hook) is told, in `kept`.
+        // Before, the failure was only logged and the drain answered as if all went well.
+        let mut unmarked = None;
         if !self.config.peers.is_empty()
             && let Err(e) = self
                 .propose(ControllerCommand::SetDraining {
@@ -1242,6 +1246,10 @@ impl Node {
                 .await
         {
             tracing::warn!("cannot mark this broker as draining: {e}");
+            unmarked = Some(format!(
+                "draining mark: this broker could not be marked as draining ({e}); leader \
+                 balancing may hand leaderships back to it"
+            ));
         }
         // Passes until this broker leads no partition it has not given up on, all within one
         // `timeout`: a partition that elected this broker while a pass ran (its election began
@@ -1311,6 +1319,7 @@ impl Node {
                 Err(e) => kept.push(format!("controller: {e}")),
             }
         }
+        kept.extend(unmarked);
         tracing::info!(
             moved = moved.len(),
             kept = kept.len(),

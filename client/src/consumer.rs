@@ -1004,7 +1004,6 @@ impl Consumer {
         Ok(())
     }
 
-    /// The positions not committed yet, as a commit names them.
     /// When the positions of records handed out are due to be committed by auto-commit; None
     /// when there is nothing to commit (or auto-commit is off, or no stream to send it on).
     fn auto_commit_due(&self) -> Option<Instant> {
@@ -1013,6 +1012,7 @@ impl Consumer {
             .then(|| self.last_commit + self.config.auto_commit_interval)
     }
 
+    /// The positions not committed yet, as a commit names them.
     fn uncommitted(&self) -> Vec<proto::PartitionOffset> {
         self.positions
             .iter()

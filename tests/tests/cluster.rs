@@ -1357,3 +1357,45 @@ fn a_transfer_sent_to_a_broker_without_a_replica_names_where_to_send_it() {
         "{body}"
     );
 }
+
+/// A drain whose broker cannot be marked as draining (here the controller has no majority)
+/// says so in `kept`: unmarked, the other brokers' leader balance hands the broker its
+/// preferred leaderships back. Before, the failure was only logged and the drain answered
+/// with nothing kept, as if all went well (a preStop hook then stopped a broker that was
+/// about to lead again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_cannot_mark_its_broker_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "request_timeout_ms = 3000\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let mut brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let client = brokers[0].client().await;
+    let controller = wait_for("a controller leader", Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let status = client.admin().cluster_status().await.ok()?;
+            (status.controller_id != 0).then_some(status.controller_id)
+        }
+    })
+    .await;
+    let survivor = (1..=3u64)
+        .find(|id| *id != controller)
+        .expect("a broker that does not lead the controller");
+    for id in (1..=3u64).filter(|id| *id != survivor) {
+        brokers[id as usize - 1].kill9();
+    }
+    let (status, body) = brokers[survivor as usize - 1].http("POST", "/v1/drain", None);
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        view["kept"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+            .any(|k| k.contains("draining mark")),
+        "{body}"
+    );
+}

@@ -1098,3 +1098,73 @@ async fn local_commits_do_not_multiply_reads_of_partitions_held_elsewhere() {
         "{calls} forwarded Fetch calls for {publishes} commits of the local partition"
     );
 }
+
+/// A partition held elsewhere gets its turn while a local partition keeps a backlog: its long
+/// poll is watched whatever the session does. Before, the poll was watched only when a round
+/// had delivered nothing, so a record on the partition held elsewhere waited until the local
+/// backlog was drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_held_elsewhere_gets_its_turn_beside_a_local_backlog() {
+    let topic = "turns";
+    let (brokers, near, far, entry, _frozen) = one_replica_partitions_on_two_brokers(topic).await;
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    publisher
+        .publish(one_record(topic, far, 1))
+        .await
+        .expect("publish");
+    let client = brokers[entry].client().await;
+    let mut consumer = client
+        .consumer(weft_client::ConsumerConfig {
+            credit_records: 100,
+            ..weft_client::ConsumerConfig::new(topic)
+                .partitions(vec![near, far])
+                .start(weft_client::StartFrom::Earliest)
+        })
+        .await
+        .expect("consumer");
+    let first = consumer
+        .next_timeout(Duration::from_secs(20))
+        .await
+        .expect("next")
+        .expect("the record of the far partition");
+    assert_eq!(first.partition, far);
+    // A backlog on the local partition, then one more record on the far one.
+    let backlog = 20_000u64;
+    for batch in 0..backlog / 500 {
+        let mut request = one_record(topic, near, 1_000 + batch);
+        request.records = (0..500)
+            .map(|i| Record {
+                value: format!("n{batch}-{i}").into_bytes().into(),
+                ..Record::default()
+            })
+            .collect();
+        publisher.publish(request).await.expect("publish");
+    }
+    publisher
+        .publish(one_record(topic, far, 2))
+        .await
+        .expect("publish");
+    let mut near_read = 0u64;
+    loop {
+        let message = consumer
+            .next_timeout(Duration::from_secs(20))
+            .await
+            .expect("next")
+            .expect("a record");
+        if message.partition == far {
+            break;
+        }
+        near_read += 1;
+        assert!(
+            near_read < backlog,
+            "the far partition's record waited behind the whole local backlog"
+        );
+        // A consumer slower than the broker: the backlog stays.
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    assert!(
+        near_read < backlog / 4,
+        "the far partition's record came after {near_read} of the {backlog} local ones"
+    );
+}

@@ -39,9 +39,9 @@ const NEW_PARTITION_WAIT: Duration = Duration::from_secs(3);
 
 /// Messages buffered towards one subscriber before the session waits.
 const STREAM_BUFFER: usize = 16;
-/// How long one delivery round waits for a broker that holds a partition this one does not: a
-/// holder that does not answer by then is skipped for the round (the stream goes on with the
-/// other partitions, and with its heartbeats).
+/// How long one delivery round waits, in all, for the brokers that hold partitions this one
+/// does not: a partition whose holder does not answer by then is skipped for the round (the
+/// stream goes on with the other partitions, and with its heartbeats between rounds).
 const REMOTE_DELIVERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The Subscriber service.
@@ -197,7 +197,6 @@ impl SubscriberService {
             })
     }
 
-    /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it).
     /// Whether `offset` is within what the leader of `topic`/`partition` has committed, for an
     /// offset past this broker's replica's high watermark: a follower learns of commits after
     /// its leader (several seconds after a new leader was elected), and a consumer that read
@@ -242,6 +241,7 @@ impl SubscriberService {
         }
     }
 
+    /// Hands one partition's GetOffsets to `holder` (this broker has no replica of it).
     async fn forward_offsets(
         &self,
         request: GetOffsetsRequest,
@@ -1387,6 +1387,9 @@ impl Session {
         let mut owned: Vec<(u32, u64)> = self.positions.iter().map(|(&p, &o)| (p, o)).collect();
         let first = owned.partition_point(|(p, _)| *p < self.next_first);
         owned.rotate_left(first);
+        // One deadline for the round's reads of partitions held elsewhere: holders that do not
+        // answer cost the round at most that, however many partitions they hold.
+        let remote_deadline = tokio::time::Instant::now() + REMOTE_DELIVERY_TIMEOUT;
         for (p, position) in owned {
             if self.credit_records == 0 || self.credit_bytes == 0 {
                 break;
@@ -1408,8 +1411,12 @@ impl Session {
                 if self.remote_idle.contains(&p) {
                     continue;
                 }
+                if tokio::time::Instant::now() >= remote_deadline {
+                    // Tried at a later round.
+                    continue;
+                }
                 if self
-                    .deliver_remote(&service, p, position, max_bytes)
+                    .deliver_remote(&service, p, position, max_bytes, remote_deadline)
                     .await?
                 {
                     sent = true;
@@ -1481,6 +1488,7 @@ impl Session {
         p: u32,
         position: u64,
         max_bytes: usize,
+        deadline: tokio::time::Instant,
     ) -> Result<bool, BrokerError> {
         let request = FetchRequest {
             topic: self.start.topic.clone(),
@@ -1491,7 +1499,7 @@ impl Session {
             min_bytes: 0,
             max_records: u32::try_from(self.credit_records).unwrap_or(u32::MAX),
         };
-        let answer = tokio::time::timeout(REMOTE_DELIVERY_TIMEOUT, service.fetch_inner(request, 0))
+        let answer = tokio::time::timeout_at(deadline, service.fetch_inner(request, 0))
             .await
             .unwrap_or_else(|_| {
                 Err(BrokerError::Unavailable {
@@ -1845,23 +1853,14 @@ impl Session {
                 polling.insert(p);
                 remote_polls.push(poll);
             }
-            // Some((assignment, partition)) when a long poll answered for it.
             let data = async {
-                let remote = async {
-                    match futures::StreamExt::next(&mut remote_polls).await {
-                        Some(answered) => Some(answered),
-                        None => futures::future::pending().await,
-                    }
-                };
                 if watermarks.is_empty() {
-                    return remote.await;
+                    return futures::future::pending::<()>().await;
                 }
                 let changes = watermarks.iter_mut().map(|w| Box::pin(w.changed()));
-                tokio::select! {
-                    _ = futures::future::select_all(changes) => None,
-                    answered = remote => answered,
-                }
+                let _ = futures::future::select_all(changes).await;
             };
+            let polled = !remote_polls.is_empty();
             let group_change = async {
                 match &mut view {
                     Some(view) => match view.changed().await {
@@ -1941,11 +1940,14 @@ impl Session {
                         leader: None,
                     });
                 }
-                answered = data, if has_credit && !delivered && !full => {
+                () = data, if has_credit && !delivered && !full => {}
+                // Whatever else goes on (a local partition delivering round after round, no
+                // credit): a partition held elsewhere whose poll answered is read again at the
+                // next round, which starts after the last partition delivered from.
+                answered = futures::StreamExt::next(&mut remote_polls), if polled => {
                     if let Some((assignment, p)) = answered
                         && assignment == self.assignments
                     {
-                        // Read it again at the next round.
                         polling.remove(&p);
                         self.remote_idle.remove(&p);
                     }

@@ -674,7 +674,16 @@ impl PartitionGroup {
         // the first new one. Only one that has every entry: one that is down (or far behind)
         // could not take over, and choosing it failed the step again and again.
         let now = self.raft.metrics().borrow().clone();
-        let caught_up = |id: &NodeId| super::matched_index(&now, *id) >= last;
+        // (A replica that went down after it matched everything still shows as matched: it
+        // must have answered lately too, as a transfer's target must.)
+        let lease = Duration::from_millis(self.raft.config().election_timeout_max);
+        let caught_up = |id: &NodeId| {
+            super::matched_index(&now, *id) >= last
+                && self
+                    .peers
+                    .last_contact(self.group_id, *id)
+                    .is_some_and(|t| self.pause.age(t) <= lease)
+        };
         let rank = |id: &NodeId| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX);
         let to = target
             .iter()

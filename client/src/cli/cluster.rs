@@ -394,8 +394,17 @@ pub(crate) async fn run(
                     }
                 }
             }
-            if !kept.is_empty() {
-                anyhow::bail!("{} partitions are still led by this broker", kept.len());
+            let unmarked = kept.iter().any(|k| k.starts_with("draining mark:"));
+            let led = kept.len() - usize::from(unmarked);
+            match (led, unmarked) {
+                (0, false) => {}
+                (0, true) => anyhow::bail!(
+                    "the broker could not be marked as draining: other brokers may hand it leaderships back"
+                ),
+                (led, false) => anyhow::bail!("{led} partitions are still led by this broker"),
+                (led, true) => anyhow::bail!(
+                    "{led} partitions are still led by this broker, and it could not be marked as draining"
+                ),
             }
         }
         ClusterCommand::Move {
