@@ -1005,13 +1005,18 @@ fn end_publish_span(cx: &opentelemetry::Context, result: &Result<proto::PublishR
 const TOPICS_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The reasons (ErrorInfo) with which the broker refuses a publish before storing anything: a
-/// gap (an earlier batch is missing), a fenced epoch, a forgotten producer, a full queue, or a
-/// batch it will never take (too large, invalid, unknown topic or partition).
-pub const NOT_STORED_REASONS: [&str; 9] = [
+/// gap (an earlier batch is missing), a fenced epoch, a forgotten producer, a full queue, a
+/// partition that remembers as many producers as it may (a new one is refused), a caller it
+/// does not know or allow, or a batch it will never take (too large, invalid, unknown topic or
+/// partition).
+pub const NOT_STORED_REASONS: [&str; 12] = [
     "SEQUENCE_GAP",
     "PRODUCER_FENCED",
     "UNKNOWN_PRODUCER",
     "OVERLOADED",
+    "LIMIT_REACHED",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
     "BATCH_TOO_LARGE",
     "TOO_MANY_RECORDS",
     "INVALID_ARGUMENT",
@@ -1385,6 +1390,39 @@ mod tests {
             vec![Err("BATCH_TOO_LARGE".into()), Err("BATCH_TOO_LARGE".into())]
         );
         assert_eq!(outcome(rb), vec![Ok(7), Ok(8), Ok(9)]);
+    }
+
+    /// A new producer refused by a partition that remembers as many producers as it may
+    /// (LIMIT_REACHED), or a caller refused its rights: nothing was stored, so only that batch
+    /// fails and the batch after it takes its sequences. Before, such a refusal counted as an
+    /// unknown outcome: every later batch of the partition failed with it, under a new epoch.
+    #[tokio::test]
+    async fn a_refusal_for_want_of_room_or_rights_fails_that_batch_alone() {
+        for (code, reason) in [
+            (tonic::Code::ResourceExhausted, "LIMIT_REACHED"),
+            (tonic::Code::PermissionDenied, "PERMISSION_DENIED"),
+            (tonic::Code::Unauthenticated, "UNAUTHENTICATED"),
+        ] {
+            let (a, ra) = numbered(1, 0, 0);
+            let (b, rb) = numbered(2, 0, 1);
+            let (next, epoch, attempts) = run(
+                vec![
+                    (a, Some(status(code, reason))),
+                    (
+                        b,
+                        Some(status(tonic::Code::FailedPrecondition, "SEQUENCE_GAP")),
+                    ),
+                ],
+                vec![Ok(stored(40))],
+                0,
+                3,
+            )
+            .await;
+            assert_eq!(attempts, vec![(0, 0)], "{reason}: b moves down to 0");
+            assert_eq!((next, epoch), (2, 0), "{reason}");
+            assert_eq!(outcome(ra), vec![Err(reason.into())]);
+            assert_eq!(outcome(rb), vec![Ok(40), Ok(41)], "{reason}");
+        }
     }
 
     /// The first batch is refused for good; the second's stream ended before its answer, so a

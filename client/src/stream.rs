@@ -122,13 +122,25 @@ fn fail_queued(inbox: &mut mpsc::Receiver<Job>, why: &str) {
     }
 }
 
-/// The request a status that ended the stream names (the broker's `weft-request-id` trailer).
-fn failed_request(status: &tonic::Status) -> Option<u64> {
-    status
-        .metadata()
-        .get(weft_proto::REQUEST_ID_TRAILER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+/// The request a status that ended the stream names: the broker's `weft-request-id` trailer,
+/// or, for a request it could not read (too large, say), the first one still unanswered after
+/// the request its `weft-request-after` trailer names (requests are numbered in the order they
+/// are sent, and the broker reads them in that order).
+fn failed_request(status: &tonic::Status, pending: &Unanswered) -> Option<u64> {
+    let trailer = |key| {
+        status
+            .metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    trailer(weft_proto::REQUEST_ID_TRAILER).or_else(|| {
+        let after = trailer(weft_proto::REQUEST_AFTER_TRAILER)?;
+        pending
+            .range(after.saturating_add(1)..)
+            .next()
+            .map(|(id, _)| *id)
+    })
 }
 
 async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
@@ -234,7 +246,7 @@ async fn run(client: Client, topic: Arc<str>, mut inbox: mpsc::Receiver<Job>) {
                         break;
                     }
                     Err(status) => {
-                        let named = failed_request(&status);
+                        let named = failed_request(&status, &pending);
                         fail_all(&mut pending, Some((named, Error::from(status))), "an earlier request failed");
                         break;
                     }

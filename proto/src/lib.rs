@@ -58,6 +58,10 @@ pub const GROUP_HEADER: &str = "weft-group";
 pub const ANSWER_ORDER_HEADER: &str = "weft-answer-order";
 /// Trailer of a PublishStream that a failing request ended: that request's `request_id`.
 pub const REQUEST_ID_TRAILER: &str = "weft-request-id";
+/// Trailer of a PublishStream that a request the broker could not read ended (one larger than its
+/// gRPC message limit, say): the `request_id` of the last request it read whole (0 for none).
+/// The unreadable request is the one sent after that, and it was not stored.
+pub const REQUEST_AFTER_TRAILER: &str = "weft-request-after";
 
 /// Peer-call metadata key: the identity of the caller a broker forwards a call for
 /// (percent-encoded), believed by the receiving broker only from a broker identity.

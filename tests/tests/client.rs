@@ -1549,3 +1549,57 @@ async fn keyless_records_sent_one_at_a_time_spread_over_the_partitions() {
     assert_eq!(partitions.len(), 4, "{partitions:?}");
     producer.close().await.expect("close");
 }
+
+/// A record larger than the broker's gRPC message limit (yet within what the client sends) ends
+/// the topic's publish stream: the broker cannot read it, so it cannot name it by its request
+/// id. It names the last request it read whole instead, and refuses the unreadable one as
+/// RESOURCE_EXHAUSTED, BATCH_TOO_LARGE. Only that record fails; the small records in flight
+/// beside it on the same stream are stored. Before, the stream's oldest unanswered request
+/// took the blame (OUT_OF_RANGE, an unknown outcome: a small record that was stored reported
+/// as failed) and the large one was sent again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_cannot_read_fails_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "grpc_message_bytes_max = 1048576\nfetch_bytes_max = 524288\n",
+    )
+    .expect("config");
+    let config = config.to_str().expect("utf-8").to_string();
+    let broker = Broker::start_with(&["--config", &config]);
+    let client = broker.client().await;
+    client.admin().create_topic("big", 2).await.expect("create");
+    let producer = client.producer(ProducerConfig::default());
+    for round in 0..5 {
+        let mut smalls = Vec::new();
+        for i in 0..8 {
+            smalls.push(
+                producer
+                    .send_nowait("big", Record::new(format!("s{round}-{i}")).partition(0))
+                    .await
+                    .expect("queued"),
+            );
+        }
+        let large = producer
+            .send_nowait("big", Record::new(vec![b'x'; 2 * 1024 * 1024]).partition(1))
+            .await
+            .expect("queued: within the client's own limit");
+        match large.await {
+            Err(e) => assert_eq!(e.reason(), "BATCH_TOO_LARGE", "round {round}: {e}"),
+            Ok(ack) => panic!("round {round}: a record the broker cannot read was stored: {ack:?}"),
+        }
+        for small in smalls {
+            small
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: a small record failed: {e}"));
+        }
+    }
+    producer.close().await.expect("close");
+    for (partition, stored) in [(0, 40), (1, 0)] {
+        let end = offsets(&broker.client_addr, "big", partition, None)
+            .await
+            .expect("offsets");
+        assert_eq!(end.high_watermark, stored, "partition {partition}: {end:?}");
+    }
+}

@@ -542,6 +542,38 @@ impl PassedOn {
     }
 }
 
+/// The status that ends a publish stream whose next request could not be read: one larger than
+/// `grpc_message_bytes_max` (tonic's OUT_OF_RANGE) is refused as RESOURCE_EXHAUSTED with reason
+/// BATCH_TOO_LARGE, as a unary publish that large is. Either way the trailer
+/// `weft-request-after` names the last request read whole (`after`, 0 for none): the
+/// unreadable one is the request sent after it, and it was surely not stored.
+fn unreadable_request(status: Status, after: u64, grpc_max: u64) -> Status {
+    let too_large = status.code() == tonic::Code::OutOfRange
+        && status
+            .message()
+            .starts_with("Error, decoded message length too large");
+    let mut status = if too_large {
+        // "... found {size} bytes, the limit is: {max} bytes"
+        let size = status
+            .message()
+            .split("found ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Status::from(BrokerError::BatchTooLarge {
+            size,
+            max: grpc_max,
+        })
+    } else {
+        status
+    };
+    status
+        .metadata_mut()
+        .insert(weft_proto::REQUEST_AFTER_TRAILER, after.into());
+    status
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<PublishResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -611,13 +643,21 @@ impl Publisher for PublisherService {
         // batch on first poll, and both `buffered` and `buffer_unordered` first poll them in
         // order); answers come back in request order, or as each is stored with `any_order`.
         // The first failure ends the stream with its status, naming its request in a trailer.
+        // The id of the last request read whole: a request too large to read has no id to
+        // name, so its failure names the one before it (`weft-request-after`).
+        let mut read_whole = 0u64;
+        let grpc_max = u64::from(self.node.config.grpc_message_bytes_max);
         let requests = inbound.map(move |item| {
             let service = service.clone();
             let header_topic = header_topic.clone();
             let passed_on = passed_on.clone();
             let identity = identity.clone();
+            let after = read_whole;
+            if let Ok(request) = &item {
+                read_whole = request.request_id;
+            }
             async move {
-                let request = item?;
+                let request = item.map_err(|status| unreadable_request(status, after, grpc_max))?;
                 let request_id = request.request_id;
                 let named = move |mut status: Status| {
                     status
