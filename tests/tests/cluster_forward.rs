@@ -957,6 +957,50 @@ async fn a_subscriber_keeps_reading_what_answers_when_a_partition_goes_down() {
     assert_eq!((message.partition, &message.value[..]), (near, &b"r3"[..]));
 }
 
+/// A subscriber that connects while a partition's only replica is down reads the partitions
+/// that answer, and gets the down one's records once its broker is back (a new Assignment of
+/// the same generation adds it). Before, the stream failed at its assignment, as it did at
+/// every reconnect while the broker was down: the subscriber read nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_starts_without_a_partition_that_is_down_and_takes_it_once_back() {
+    let topic = "latecomer";
+    let (mut brokers, near, far, entry, frozen) =
+        one_replica_partitions_on_two_brokers(topic).await;
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    publisher
+        .publish(one_record(topic, far, 1))
+        .await
+        .expect("publish");
+    brokers[frozen].kill9();
+    publisher
+        .publish(one_record(topic, near, 2))
+        .await
+        .expect("publish");
+    let client = brokers[entry].client().await;
+    let mut consumer = client
+        .consumer(weft_client::ConsumerConfig {
+            reconnects_max: 0,
+            ..weft_client::ConsumerConfig::new(topic).start(weft_client::StartFrom::Earliest)
+        })
+        .await
+        .expect("the stream opens while a partition is down");
+    let message = consumer
+        .next_timeout(Duration::from_secs(20))
+        .await
+        .expect("the stream starts with the partitions that answer")
+        .expect("a record within 20 s");
+    assert_eq!((message.partition, &message.value[..]), (near, &b"r2"[..]));
+    brokers[frozen].start_again_same_ports();
+    brokers[frozen].wait_ready();
+    let message = consumer
+        .next_timeout(Duration::from_secs(30))
+        .await
+        .expect("the stream takes the partition once it is back")
+        .expect("a record within 30 s");
+    assert_eq!((message.partition, &message.value[..]), (far, &b"r1"[..]));
+}
+
 /// A replica learns of commits after its leader. A follower cut off from its leader's appends
 /// (the other follower keeps the partition committing) is asked for an offset the leader has
 /// committed and it has not: a Fetch there answers UNAVAILABLE with the leader (ask again),

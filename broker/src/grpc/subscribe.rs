@@ -33,8 +33,9 @@ use crate::node::Node;
 /// to catch up (a replica learns of a commit a heartbeat after its leader) before it is refused.
 const COMMIT_HIGH_WATERMARK_WAIT: Duration = Duration::from_secs(2);
 
-/// How long a stream waits for a partition given to it that is not open yet (see
-/// `new_start_offset`): the session reads no heartbeats meanwhile.
+/// How long a stream waits, in all, for the partitions given to it that cannot be placed yet
+/// (see `start_offsets`: not open yet, or no replica answers) before it goes on without them:
+/// the session reads no heartbeats meanwhile.
 const NEW_PARTITION_WAIT: Duration = Duration::from_secs(3);
 
 /// Messages buffered towards one subscriber before the session waits.
@@ -1020,6 +1021,10 @@ struct Session {
     remote_idle: BTreeSet<u32>,
     /// Counts assignments: a long poll made before the last one polls old positions.
     assignments: u64,
+    /// Partitions of the assignment that could not be placed (no start offset: none of their
+    /// replicas answered): left out of what the subscriber was told it owns, tried again at
+    /// every heartbeat, and given to it with a new Assignment once placed.
+    unplaced: BTreeSet<u32>,
     resume: HashMap<u32, u64>,
     credit_records: u64,
     credit_bytes: u64,
@@ -1130,6 +1135,7 @@ impl Session {
             next_first: 0,
             remote_idle: BTreeSet::new(),
             assignments: 0,
+            unplaced: BTreeSet::new(),
             tx,
             pending: VecDeque::new(),
             last_word,
@@ -1138,26 +1144,42 @@ impl Session {
         Ok(rx)
     }
 
-    /// Where delivery of `partition` starts: resume offset > group commit > start position.
-    /// [`Self::start_offset`] of a partition given to this stream, waiting a moment for one
-    /// that is still opening (added to the topic just now: its replicas open and elect a leader
-    /// within about an election timeout) rather than ending the stream at once.
-    async fn new_start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
-        let patience = tokio::time::Instant::now() + NEW_PARTITION_WAIT;
+    /// Where delivery of each of `partitions` starts ([`Self::start_offset`]), and the ones
+    /// that cannot be placed yet: not open here yet (added to the topic just now: its replicas
+    /// open and elect a leader within about an election timeout), or held by brokers that do
+    /// not answer. Those are tried again until `patience` has passed in all (one wait for every
+    /// partition, not one each), then left unplaced: the stream goes on with the others rather
+    /// than ending (a partition whose only replica is down ended it at every reconnect).
+    async fn start_offsets(
+        &self,
+        partitions: &[u32],
+        patience: Duration,
+    ) -> Result<(BTreeMap<u32, u64>, BTreeSet<u32>), BrokerError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut placed = BTreeMap::new();
+        let mut waiting: Vec<u32> = partitions.to_vec();
         loop {
-            match self.start_offset(partition).await {
-                // (Here, or answered by the broker holding the partition.)
-                Err(e)
-                    if e.code() == tonic::Code::Unavailable
-                        && tokio::time::Instant::now() < patience =>
-                {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut still = Vec::new();
+            for p in waiting {
+                match tokio::time::timeout_at(deadline, self.start_offset(p)).await {
+                    Ok(Ok(offset)) => {
+                        placed.insert(p, offset);
+                    }
+                    // (Here, or answered by the broker holding the partition.)
+                    Ok(Err(e)) if e.code() == tonic::Code::Unavailable => still.push(p),
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => still.push(p),
                 }
-                outcome => return outcome,
             }
+            if still.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok((placed, still.into_iter().collect()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waiting = still;
         }
     }
 
+    /// Where delivery of `partition` starts: resume offset > group commit > start position.
     async fn start_offset(&self, partition: u32) -> Result<u64, BrokerError> {
         let service = SubscriberService::new(self.node.clone());
         let timestamp = match self.start.start.as_ref().and_then(|s| s.position.as_ref()) {
@@ -1236,27 +1258,111 @@ impl Session {
             .copied()
             .filter(|p| self.positions.contains_key(p) && !kept.contains(p))
             .collect();
-        let mut positions = BTreeMap::new();
-        for p in partitions {
-            let position = match self.positions.get(&p) {
-                Some(&position) if kept.contains(&p) => position,
-                _ => self.new_start_offset(p).await?,
-            };
-            positions.insert(p, position);
+        let new: Vec<u32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| !kept.contains(p))
+            .collect();
+        let (mut positions, unplaced) = self.start_offsets(&new, NEW_PARTITION_WAIT).await?;
+        for p in &kept {
+            if let Some(&position) = self.positions.get(p) {
+                positions.insert(*p, position);
+            }
         }
-        // A partition its group never committed on starts where the start position put it now
-        // ("latest", a time): that is stored as the group's commit at once, as Kafka's consumer
-        // commits the position it reset to. A member given the partition next starts there
-        // too; before, it took "latest" again, later, and what was published in between went
-        // to nobody (the first member had read none of it, or had not committed yet).
-        // ("Earliest" is not stored: taken again later it finds the same records, or fewer
-        // after retention.)
+        if !unplaced.is_empty() {
+            tracing::info!(
+                topic = %self.start.topic,
+                group = %self.start.group_id,
+                ?unplaced,
+                "partitions given to a subscriber cannot be read now: it goes on without them, and they are tried again"
+            );
+        }
+        self.store_start_positions(&positions, &kept, generation);
+        self.positions = positions;
+        self.unplaced = unplaced;
+        self.generation = generation;
+        self.remote_idle.clear();
+        self.assignments += 1;
+        // The client's resume offsets say where it was when this stream opened: they place the
+        // first assignment only. A partition given back later (after a rebalance took it away)
+        // starts at the group's commit, which its owner meanwhile moved on; before, the resume
+        // offset won again, the records in between came again, and the member's next commit
+        // was refused as going backwards.
+        if self.group.is_some() {
+            self.resume.clear();
+        }
+        self.send_assignment(restarted).await
+    }
+
+    /// Tells the subscriber what it owns now: the placed partitions and where each starts (or,
+    /// owned before on this stream, how far it was delivered); `restarted` as in
+    /// `Assignment::restarted_partitions`.
+    async fn send_assignment(&mut self, restarted: Vec<u32>) -> Result<(), BrokerError> {
+        let generation = self.generation;
+        let (group_id, member_id) = match &self.group {
+            Some(m) => (m.group_id.clone(), m.member_id.clone()),
+            None => (String::new(), String::new()),
+        };
+        // What the group's coordinator holds the member to (its default when the member asked
+        // for none: before, this broker's default was reported, and a member connected through
+        // a broker whose default is longer than the coordinator's heartbeated too seldom).
+        let session_timeout_ms = self.group.as_ref().map_or(0, |member| {
+            u32::try_from(member.session.as_millis()).unwrap_or(u32::MAX)
+        });
+        let assignment = Assignment {
+            group_id,
+            member_id,
+            generation,
+            session_timeout_ms,
+            partitions: self
+                .positions
+                .iter()
+                .map(|(&partition, &offset)| PartitionOffset { partition, offset })
+                .collect(),
+            restarted_partitions: restarted,
+            heartbeat_ms: u32::try_from(self.node.config.stream_heartbeat_ms).unwrap_or(u32::MAX),
+        };
+        self.send_control(event(Event::Assignment(assignment)))
+            .await
+    }
+
+    /// Places what can be placed now of the partitions left unplaced at the last assignment:
+    /// each gets its start offset (one try each, within [`REMOTE_DELIVERY_TIMEOUT`] in all), and
+    /// the subscriber a new Assignment of the same generation that adds them (it keeps its own
+    /// positions in the others).
+    async fn place_unplaced(&mut self) -> Result<(), BrokerError> {
+        let waiting: Vec<u32> = self.unplaced.iter().copied().collect();
+        let (placed, unplaced) = self
+            .start_offsets(&waiting, REMOTE_DELIVERY_TIMEOUT)
+            .await?;
+        if placed.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            topic = %self.start.topic,
+            group = %self.start.group_id,
+            placed = ?placed.keys().collect::<Vec<_>>(),
+            "partitions of a subscriber's assignment can be read again"
+        );
+        self.store_start_positions(&placed, &[], self.generation);
+        self.positions.extend(placed);
+        self.unplaced = unplaced;
+        self.send_assignment(Vec::new()).await
+    }
+
+    /// A partition its group never committed on starts where the start position put it now
+    /// ("latest", a time): that is stored as the group's commit at once, as Kafka's consumer
+    /// commits the position it reset to (of `positions`, those not `kept` from the previous
+    /// assignment). A member given the partition next starts there too; before, it took
+    /// "latest" again, later, and what was published in between went to nobody (the first
+    /// member had read none of it, or had not committed yet). ("Earliest" is not stored: taken
+    /// again later it finds the same records, or fewer after retention.)
+    fn store_start_positions(&self, positions: &BTreeMap<u32, u64>, kept: &[u32], generation: u64) {
         let earliest = matches!(
             self.start.start.as_ref().and_then(|s| s.position.as_ref()),
             Some(Position::Earliest(_))
         );
         if let Some(member) = &self.group
-            && view.is_some()
             && !earliest
         {
             let fresh: Vec<PartitionOffset> = positions
@@ -1297,43 +1403,6 @@ impl Session {
                 });
             }
         }
-        self.positions = positions;
-        self.generation = generation;
-        self.remote_idle.clear();
-        self.assignments += 1;
-        // The client's resume offsets say where it was when this stream opened: they place the
-        // first assignment only. A partition given back later (after a rebalance took it away)
-        // starts at the group's commit, which its owner meanwhile moved on; before, the resume
-        // offset won again, the records in between came again, and the member's next commit
-        // was refused as going backwards.
-        if self.group.is_some() {
-            self.resume.clear();
-        }
-        let (group_id, member_id) = match &self.group {
-            Some(m) => (m.group_id.clone(), m.member_id.clone()),
-            None => (String::new(), String::new()),
-        };
-        // What the group's coordinator holds the member to (its default when the member asked
-        // for none: before, this broker's default was reported, and a member connected through
-        // a broker whose default is longer than the coordinator's heartbeated too seldom).
-        let session_timeout_ms = self.group.as_ref().map_or(0, |member| {
-            u32::try_from(member.session.as_millis()).unwrap_or(u32::MAX)
-        });
-        let assignment = Assignment {
-            group_id,
-            member_id,
-            generation,
-            session_timeout_ms,
-            partitions: self
-                .positions
-                .iter()
-                .map(|(&partition, &offset)| PartitionOffset { partition, offset })
-                .collect(),
-            restarted_partitions: restarted,
-            heartbeat_ms: u32::try_from(self.node.config.stream_heartbeat_ms).unwrap_or(u32::MAX),
-        };
-        self.send_control(event(Event::Assignment(assignment)))
-            .await
     }
 
     async fn send(&self, message: Result<SubscribeResponse, Status>) -> Result<(), BrokerError> {
@@ -1969,6 +2038,9 @@ impl Session {
                         "subscription heartbeat"
                     );
                     self.send(event(Event::Heartbeat(Heartbeat { time_ms: now_ms() }))).await?;
+                    if !self.unplaced.is_empty() {
+                        self.place_unplaced().await?;
+                    }
                 }
             }
         }
