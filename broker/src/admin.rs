@@ -111,9 +111,9 @@ impl IntoResponse for ApiError {
             | BrokerError::NotAssigned { .. }
             | BrokerError::GroupNotEmpty(_)
             | BrokerError::Conflict(_) => StatusCode::CONFLICT,
-            BrokerError::Unavailable { .. } | BrokerError::TransferUnderWay { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            BrokerError::Unavailable { .. }
+            | BrokerError::TransferUnderWay { .. }
+            | BrokerError::NoTransferTarget { .. } => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Remote(status) => match status.0.code() {
                 tonic::Code::NotFound => StatusCode::NOT_FOUND,
                 tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => {
@@ -860,6 +860,13 @@ pub struct DrainView {
     pub kept: Vec<String>,
 }
 
+/// What an undrain did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UndrainView {
+    /// Whether the broker was marked as draining before.
+    pub was_draining: bool,
+}
+
 /// Ending a broker's recovery after it lost its data.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -936,8 +943,20 @@ async fn transfer_leadership(
 /// hook calls it before the broker stops).
 #[utoipa::path(post, path = "/v1/drain", responses((status = 200, body = DrainView)))]
 async fn drain(State(node): State<AppState>) -> Json<DrainView> {
-    let (moved, kept) = node.drain().await;
+    let budget = crate::node::drain_budget(std::time::Duration::from_millis(
+        node.config.request_timeout_ms,
+    ));
+    let (moved, kept) = node.drain(budget).await;
     Json(DrainView { moved, kept })
+}
+
+/// Clears this broker's draining mark (a drain sets it, a restart clears it): a broker drained
+/// and kept running gets new replicas and its preferred leaderships back.
+#[utoipa::path(delete, path = "/v1/drain", responses((status = 200, body = UndrainView),
+    (status = 503, body = ErrorBody)))]
+async fn undrain(State(node): State<AppState>) -> Result<Json<UndrainView>, ApiError> {
+    let was_draining = node.undrain().await?;
+    Ok(Json(UndrainView { was_draining }))
 }
 
 /// Every consumer group, with members and lag.
@@ -1176,6 +1195,7 @@ async fn remove_broker(
         reset_group_offsets,
         transfer_leadership,
         drain,
+        undrain,
         end_recovery,
         get_log_level,
         put_log_level,
@@ -1212,6 +1232,7 @@ async fn remove_broker(
         TransferBody,
         LeaderView,
         DrainView,
+        UndrainView,
         EndRecoveryBody,
         EndRecoveryView,
         BrokerView,
@@ -1447,7 +1468,7 @@ pub fn router(node: Arc<Node>, auth: crate::auth::Authenticator) -> Router {
             "/v1/topics/{name}/partitions/{partition}/replicas",
             axum::routing::post(move_partition),
         )
-        .route("/v1/drain", axum::routing::post(drain))
+        .route("/v1/drain", axum::routing::post(drain).delete(undrain))
         .route("/v1/recovery/end", axum::routing::post(end_recovery))
         .route("/v1/log-level", get(get_log_level).put(put_log_level))
         .route("/v1/rebalance", axum::routing::post(rebalance))

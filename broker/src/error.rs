@@ -173,6 +173,15 @@ pub enum BrokerError {
         /// The leader (this broker, until the transfer ends).
         leader: u64,
     },
+    /// A leadership transfer found no replica to take the leadership: no other voter answers
+    /// (or there is none).
+    #[error("unavailable: {reason}")]
+    NoTransferTarget {
+        /// Why.
+        reason: String,
+        /// The leader (this broker: the leadership stays).
+        leader: u64,
+    },
     /// The call ran past its deadline; it may or may not have happened.
     #[error("deadline exceeded: {0}")]
     Timeout(String),
@@ -379,9 +388,9 @@ impl BrokerError {
             | BrokerError::GroupNotEmpty(_)
             | BrokerError::Conflict(_) => Code::FailedPrecondition,
             BrokerError::OffsetOutOfRange { .. } => Code::OutOfRange,
-            BrokerError::Unavailable { .. } | BrokerError::TransferUnderWay { .. } => {
-                Code::Unavailable
-            }
+            BrokerError::Unavailable { .. }
+            | BrokerError::TransferUnderWay { .. }
+            | BrokerError::NoTransferTarget { .. } => Code::Unavailable,
             BrokerError::Timeout(_) => Code::DeadlineExceeded,
             BrokerError::DataLoss { .. } => Code::DataLoss,
             BrokerError::Internal(_) => Code::Internal,
@@ -413,7 +422,9 @@ impl BrokerError {
                 "STALE_GENERATION"
             }
             BrokerError::OffsetOutOfRange { .. } => "OFFSET_OUT_OF_RANGE",
-            BrokerError::Unavailable { .. } | BrokerError::TransferUnderWay { .. } => "UNAVAILABLE",
+            BrokerError::Unavailable { .. }
+            | BrokerError::TransferUnderWay { .. }
+            | BrokerError::NoTransferTarget { .. } => "UNAVAILABLE",
             BrokerError::Timeout(_) => "TIMEOUT",
             BrokerError::DataLoss { .. } => "DATA_LOSS",
             BrokerError::Internal(_) => "INTERNAL",
@@ -508,6 +519,10 @@ impl From<BrokerError> for tonic::Status {
                 if let Some(leader) = leader {
                     metadata.insert("leader_id".into(), leader.to_string());
                 }
+            }
+            BrokerError::NoTransferTarget { leader, .. } => {
+                details.set_retry_info(Some(Duration::from_millis(200)));
+                metadata.insert("leader_id".into(), leader.to_string());
             }
             BrokerError::TransferUnderWay { to, leader } => {
                 details.set_retry_info(Some(Duration::from_millis(200)));

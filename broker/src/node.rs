@@ -6,7 +6,7 @@
 //! stops and deletes the partitions of deleted topics. Each partition is opened, replayed and
 //! supervised by its own task; the node serves a partition only once it is ready.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -1174,7 +1174,10 @@ impl Node {
         }
         let hosted = self.partition(topic, partition)?;
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
-        let leader = hosted.group().transfer_leadership(to, timeout).await?;
+        let leader = hosted
+            .group()
+            .transfer_leadership(to, &self.leadership_avoided(), timeout)
+            .await?;
         tracing::info!(topic, partition, leader, "moved the partition's leadership");
         Ok(leader)
     }
@@ -1230,20 +1233,37 @@ impl Node {
     }
 
     /// Moves every partition leadership this broker holds to other replicas, side by side.
-    /// Returns the partitions moved and those kept (with why).
-    pub async fn drain(&self) -> (Vec<String>, Vec<String>) {
-        let timeout = Duration::from_millis(self.config.request_timeout_ms);
+    /// Returns the partitions moved and those kept (with why), all within `budget` (the
+    /// caller's deadline, a preStop hook's say): at most a quarter of it to mark this broker as
+    /// draining, the partitions until a quarter is left, the controller's leadership (moved
+    /// last) in what is left. Before, each step had a whole `request_timeout_ms`, so a drain
+    /// could run three times that, past the hook's deadline, and the controller's hand-off (the
+    /// last step) was what it cut.
+    pub async fn drain(&self, budget: Duration) -> (Vec<String>, Vec<String>) {
+        let started = tokio::time::Instant::now();
+        let end = started + budget;
+        let timeout = budget.saturating_sub(budget / 4);
         // Unmarked, the other brokers' leader balance hands this broker its preferred
         // leaderships back within moments: the caller (a preStop hook) is told, in `kept`.
         // Before, the failure was only logged and the drain answered as if all went well.
         let mut unmarked = None;
-        if !self.config.peers.is_empty()
-            && let Err(e) = self
-                .propose(ControllerCommand::SetDraining {
+        let mark = async {
+            tokio::time::timeout(
+                budget / 4,
+                self.propose(ControllerCommand::SetDraining {
                     node_id: self.node_id,
                     draining: true,
-                })
-                .await
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Timeout(
+                    "the controller did not take the mark in time".into(),
+                ))
+            })
+        };
+        if !self.config.peers.is_empty()
+            && let Err(e) = mark.await
         {
             tracing::warn!("cannot mark this broker as draining: {e}");
             unmarked = Some(format!(
@@ -1255,7 +1275,8 @@ impl Node {
         // `timeout`: a partition that elected this broker while a pass ran (its election began
         // before the drain), or that a leader balance which had not yet seen this broker
         // draining handed back, is moved too. One outcome per partition, the last.
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = started + timeout;
+        let avoided = &self.leadership_avoided();
         let mut outcomes: BTreeMap<String, Result<NodeId, BrokerError>> = BTreeMap::new();
         for pass in 0..DRAIN_PASSES_MAX {
             if pass > 0 {
@@ -1285,7 +1306,7 @@ impl Node {
                         let leader = group.leader();
                         (leader == Some(me), leader)
                     },
-                    |within| group.transfer_leadership(None, within),
+                    |within| group.transfer_leadership(None, avoided, within),
                 )
                 .await;
                 (name, outcome)
@@ -1306,12 +1327,12 @@ impl Node {
             let controller = &self.controller;
             let me = self.node_id;
             let outcome = move_away(
-                timeout,
+                end.saturating_duration_since(tokio::time::Instant::now()),
                 || {
                     let leader = controller.leader();
                     (leader == Some(me), leader)
                 },
-                |within| controller.transfer_leadership(None, within),
+                |within| controller.transfer_leadership(None, avoided, within),
             )
             .await;
             match outcome {
@@ -1326,6 +1347,24 @@ impl Node {
             "drained partition leaderships"
         );
         (moved, kept)
+    }
+
+    /// Clears this broker's draining mark (which [`Node::drain`] sets and a restart clears), so
+    /// it gets new replicas and its preferred leaderships back. Returns whether it was marked.
+    pub async fn undrain(&self) -> Result<bool, BrokerError> {
+        let was = self
+            .controller_state()
+            .brokers
+            .get(&self.node_id)
+            .is_some_and(|b| b.draining);
+        if !self.config.peers.is_empty() {
+            self.propose(ControllerCommand::SetDraining {
+                node_id: self.node_id,
+                draining: false,
+            })
+            .await?;
+        }
+        Ok(was)
     }
 
     /// One pass of the preferred-leader balance: each partition this broker leads whose first
@@ -1354,13 +1393,19 @@ impl Node {
             };
             let group = partition.group();
             let eligible = preferred != self.node_id
-                && state.brokers.get(&preferred).is_some_and(|b| !b.draining)
+                && state
+                    .brokers
+                    .get(&preferred)
+                    .is_some_and(|b| !b.draining && !b.removing)
                 && group.is_leader()
                 && group.has_every_entry(preferred);
             if !eligible {
                 continue;
             }
-            match group.transfer_leadership(Some(preferred), timeout).await {
+            match group
+                .transfer_leadership(Some(preferred), &BTreeSet::new(), timeout)
+                .await
+            {
                 Ok(leader) => {
                     moved += 1;
                     tracing::info!(topic = %partition.topic, partition = partition.partition, leader, "moved leadership back to the preferred replica");
@@ -1450,7 +1495,20 @@ impl Node {
         &self,
         timeout: Duration,
     ) -> Result<NodeId, BrokerError> {
-        self.controller.transfer_leadership(None, timeout).await
+        self.controller
+            .transfer_leadership(None, &self.leadership_avoided(), timeout)
+            .await
+    }
+
+    /// Brokers a leadership is not handed to when another replica can take it: those draining
+    /// (about to stop) or being removed, as this broker's copy of the controller's state says.
+    fn leadership_avoided(&self) -> BTreeSet<NodeId> {
+        self.controller_state()
+            .brokers
+            .iter()
+            .filter(|(_, b)| b.draining || b.removing)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// On the controller's leader: takes `node` out of the controller group.
@@ -1918,6 +1976,9 @@ async fn reconcile_loop(
 /// whether this broker leads it and who does, `transfer` moves it within the time given.
 /// Returns the new leader. A transfer of it already under way (the leader balance, an operator,
 /// a broker removal) is waited for, and the group counts as moved once another broker leads it.
+/// A transfer that failed is tried again while time is left (its target may have died since it
+/// last answered: the next choice leaves it out once its answers are older than a lease), but
+/// not one that found no replica to take the leadership at all. The last failure is the answer.
 async fn move_away<L, T, F>(timeout: Duration, leads: L, transfer: T) -> Result<NodeId, BrokerError>
 where
     L: Fn() -> (bool, Option<NodeId>),
@@ -1925,15 +1986,16 @@ where
     F: std::future::Future<Output = Result<NodeId, BrokerError>>,
 {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut failed: Option<BrokerError> = None;
     loop {
         if let (false, Some(leader)) = leads() {
             return Ok(leader);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
-            return Err(BrokerError::Timeout(
-                "the leadership did not move in time".into(),
-            ));
+            return Err(failed.unwrap_or_else(|| {
+                BrokerError::Timeout("the leadership did not move in time".into())
+            }));
         }
         // (A transfer gives each of its steps the time it is given: bounded as a whole here.)
         let outcome = tokio::time::timeout(left, transfer(left))
@@ -1944,6 +2006,7 @@ where
                 ))
             });
         match outcome {
+            Ok(leader) => return Ok(leader),
             // Another transfer of it runs (or ran, or an election moved it): look again shortly.
             Err(BrokerError::TransferUnderWay { .. }) => {
                 tokio::time::sleep(DRAIN_RECHECK.min(left)).await;
@@ -1951,10 +2014,26 @@ where
             Err(_) if !leads().0 => {
                 tokio::time::sleep(DRAIN_RECHECK.min(left)).await;
             }
-            outcome => return outcome,
+            Err(e @ (BrokerError::NoTransferTarget { .. } | BrokerError::InvalidArgument(_))) => {
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::info!("a transfer failed ({e}); trying again");
+                failed = Some(e);
+                tokio::time::sleep(DRAIN_RETRY_PAUSE.min(left)).await;
+            }
         }
     }
 }
+
+/// The time a drain takes at most when its caller waits `deadline` for the answer: a tenth
+/// less (at most 2 s less), for the answer to reach the caller in time.
+pub(crate) fn drain_budget(deadline: Duration) -> Duration {
+    deadline.saturating_sub((deadline / 10).min(Duration::from_secs(2)))
+}
+
+/// How long a drain waits before it tries again to move a leadership whose transfer failed.
+const DRAIN_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// How often a drain looks again at a partition whose leadership another transfer is moving.
 const DRAIN_RECHECK: Duration = Duration::from_millis(100);
@@ -1992,12 +2071,50 @@ mod tests {
         assert_eq!(outcome.expect("moved by the other transfer"), 3);
         assert_eq!(calls.load(Ordering::SeqCst), 3, "looked again twice");
 
+        let calls = AtomicU32::new(0);
         let outcome = move_away(
             Duration::from_secs(10),
             || (true, Some(1)),
             |_| async {
-                Err(BrokerError::Unavailable {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Err(BrokerError::NoTransferTarget {
                     reason: "the partition has no other replica that answers to lead it".into(),
+                    leader: 1,
+                })
+            },
+        )
+        .await;
+        assert!(
+            matches!(outcome, Err(BrokerError::NoTransferTarget { .. })),
+            "{outcome:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "not tried again");
+
+        // A transfer whose target failed it (died since it last answered) is tried again, and
+        // the next one moves the leadership. Before, the first failure was the drain's answer.
+        let calls = AtomicU32::new(0);
+        let outcome = move_away(
+            Duration::from_secs(10),
+            || (true, Some(1)),
+            |_| async {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(BrokerError::Unavailable {
+                        reason: "the connection to node 3 failed".into(),
+                        leader: Some(1),
+                    }),
+                    _ => Ok(2),
+                }
+            },
+        )
+        .await;
+        assert_eq!(outcome.expect("moved at the second try"), 2);
+        // Failing until the time is up, the last failure is the answer.
+        let outcome = move_away(
+            Duration::from_millis(500),
+            || (true, Some(1)),
+            |_| async {
+                Err(BrokerError::Unavailable {
+                    reason: "the connection to node 3 failed".into(),
                     leader: Some(1),
                 })
             },

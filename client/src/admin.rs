@@ -324,6 +324,21 @@ impl Admin {
         Ok((r.moved, r.kept))
     }
 
+    /// Clears the draining mark of the broker this client reaches (a drain sets it, a restart
+    /// clears it), so it gets new replicas and its preferred leaderships back. Returns whether
+    /// it was marked.
+    pub async fn undrain(&self) -> Result<bool> {
+        let request = self.client.request(proto::UndrainRequest {}, None, None);
+        Ok(self
+            .client
+            .cluster()
+            .undrain(request)
+            .await
+            .map_err(Error::from)?
+            .into_inner()
+            .was_draining)
+    }
+
     /// Makes broker `node_id` (the one this client reaches: another refuses) vote in every
     /// group at once although it lost its data and has not caught up everywhere (unsafe:
     /// `accept_data_loss` must be true). Returns its voting mode before: "normal" (nothing to

@@ -1399,3 +1399,85 @@ async fn a_drain_that_cannot_mark_its_broker_says_so() {
         "{body}"
     );
 }
+
+/// Leaderships a drain moves go to brokers that are not draining themselves, and `weft cluster
+/// undrain` gives a drained broker that stays up its preferred leaderships back. Before, a
+/// drain's own choice was the most caught-up other replica (on a tie, the highest node id),
+/// draining or not: once node 3 was drained and kept running, a drain of node 2 handed its
+/// leaderships to node 3. And a drained broker stayed marked until it restarted: no
+/// preferred leadership came back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_hands_leaderships_to_brokers_that_stay_and_undrain_takes_them_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "leader_balance_interval_ms = 500\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"stay","partitions":6,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    // Every partition led by its preferred replica (the leader balance sees to it).
+    wait_for("preferred leaders", Duration::from_secs(60), || {
+        let now = partitions(&brokers[0], "stay");
+        async move {
+            now.iter()
+                .all(|(_, leader, replicas, _)| replicas.first() == Some(leader))
+                .then_some(())
+        }
+    })
+    .await;
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    let leading = |node: u64| -> Vec<u32> {
+        partitions(&brokers[0], "stay")
+            .into_iter()
+            .filter(|(_, leader, _, _)| *leader == node)
+            .map(|(p, _, _, _)| p)
+            .collect()
+    };
+    let node3 = brokers[2].cli(&["cluster", "drain"]);
+    weft_tests::ok_stdout(&node3);
+    assert_eq!(leading(3), Vec::<u32>::new(), "node 3 drained");
+    let node2 = brokers[1].cli(&["cluster", "drain"]);
+    let out = weft_tests::ok_stdout(&node2);
+    assert!(out.contains("-> node 1"), "{out}");
+    assert!(
+        !out.contains("-> node 3"),
+        "handed to the draining node 3: {out}"
+    );
+    assert_eq!(leading(3), Vec::<u32>::new(), "node 3 leads again: {out}");
+    assert_eq!(leading(2), Vec::<u32>::new(), "node 2 drained");
+    assert_eq!(leading(1).len(), 6);
+
+    let undrained = brokers[1].cli(&["cluster", "undrain"]);
+    let out = weft_tests::ok_stdout(&undrained);
+    assert!(out.contains("no longer draining"), "{out}");
+    let preferred_on_2: Vec<u32> = partitions(&brokers[0], "stay")
+        .into_iter()
+        .filter(|(_, _, replicas, _)| replicas.first() == Some(&2))
+        .map(|(p, _, _, _)| p)
+        .collect();
+    assert!(
+        !preferred_on_2.is_empty(),
+        "leaders spread over the brokers"
+    );
+    wait_for(
+        "node 2's preferred leaderships back",
+        Duration::from_secs(30),
+        || {
+            let led = leading(2);
+            let expected = preferred_on_2.clone();
+            async move { (led == expected).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(leading(3), Vec::<u32>::new(), "node 3 is still draining");
+    let again = brokers[1].cli(&["cluster", "undrain"]);
+    let out = weft_tests::ok_stdout(&again);
+    assert!(out.contains("was not draining"), "{out}");
+}

@@ -214,9 +214,27 @@ impl Cluster for ClusterService {
     ) -> Result<Response<v1::DrainResponse>, Status> {
         let started = Instant::now();
         super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
-        let (moved, kept) = self.node.drain().await;
+        // Answered before the caller's deadline (the time it gave, at most request_timeout_ms).
+        let budget = crate::node::drain_budget(super::deadline(request.metadata(), &self.node));
+        let (moved, kept) = self.node.drain(budget).await;
         let result = Ok(Response::new(v1::DrainResponse { moved, kept }));
         crate::metrics::rpc("Drain", started, &result);
+        result
+    }
+
+    async fn undrain(
+        &self,
+        request: Request<v1::UndrainRequest>,
+    ) -> Result<Response<v1::UndrainResponse>, Status> {
+        let started = Instant::now();
+        super::authorize(&self.node, &request, Operation::Admin, Resource::Cluster)?;
+        let result = self
+            .node
+            .undrain()
+            .await
+            .map(|was_draining| Response::new(v1::UndrainResponse { was_draining }))
+            .map_err(Status::from);
+        crate::metrics::rpc("Undrain", started, &result);
         result
     }
 

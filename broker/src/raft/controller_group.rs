@@ -351,6 +351,7 @@ impl ControllerGroup {
     pub async fn transfer_leadership(
         &self,
         target: Option<NodeId>,
+        avoid: &BTreeSet<NodeId>,
         timeout: Duration,
     ) -> Result<NodeId, BrokerError> {
         super::transfer_leadership(
@@ -358,6 +359,7 @@ impl ControllerGroup {
             &self.peers,
             CONTROLLER_GROUP,
             target,
+            avoid,
             timeout,
             Some(self.peers.controller_transfer()),
             None,

@@ -555,6 +555,7 @@ impl PartitionGroup {
     pub async fn transfer_leadership(
         &self,
         target: Option<NodeId>,
+        avoid: &BTreeSet<NodeId>,
         timeout: Duration,
     ) -> Result<NodeId, BrokerError> {
         super::transfer_leadership(
@@ -562,6 +563,7 @@ impl PartitionGroup {
             &self.peers,
             self.group_id,
             target,
+            avoid,
             timeout,
             Some(&self.transferring_to),
             Some(&self.pause),
@@ -691,7 +693,9 @@ impl PartitionGroup {
             .filter(caught_up)
             .min_by_key(rank)
             .or_else(|| target.iter().map(|(id, _)| *id).min_by_key(rank));
-        let leader = self.transfer_leadership(to, timeout).await?;
+        let leader = self
+            .transfer_leadership(to, &BTreeSet::new(), timeout)
+            .await?;
         Ok(MoveStep::LeadershipMoved(leader))
     }
 

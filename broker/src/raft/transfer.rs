@@ -1,6 +1,6 @@
 //! Leadership transfer, built from what openraft 0.9 offers (it has no transfer call).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,6 +11,9 @@ use crate::error::BrokerError;
 /// How much longer than a maximum election timeout a transfer holds back heartbeats before the
 /// target stands, so that every follower's lease has run out.
 const TRANSFER_PAUSE_EXTRA: Duration = Duration::from_millis(100);
+
+/// The shortest time a transfer waits for its target's answer to the call to stand.
+const ELECT_CALL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 
 /// When transfers held back a group's heartbeats (followers then have nothing to answer,
 /// though nothing is wrong with them): the last few pauses, (held back at, resumed at).
@@ -112,11 +115,18 @@ impl Drop for Transferring<'_> {
 /// one transfer of a group runs at a time. A target that has not answered this leader within
 /// that timeout is refused at once (UNAVAILABLE), and so is a transfer to a named target that
 /// another replica won. Returns the new leader.
+///
+/// Chosen by this leader, the target is one of the voters not in `avoid` (brokers draining or
+/// being removed: they would have to hand it on again) when one of those answers; one in
+/// `avoid` only when no other does. With no voter to choose at all the answer is
+/// [`BrokerError::NoTransferTarget`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn transfer_leadership(
     raft: &Raft,
     peers: &Peers,
     group_id: GroupId,
     target: Option<NodeId>,
+    avoid: &BTreeSet<NodeId>,
     timeout: Duration,
     transferring_to: Option<&AtomicU64>,
     pause: Option<&HeartbeatPause>,
@@ -153,10 +163,10 @@ pub(crate) async fn transfer_leadership(
         None => *others
             .iter()
             .filter(|id| answered(id))
-            .max_by_key(|id| matched(id))
-            .ok_or_else(|| BrokerError::Unavailable {
+            .max_by_key(|id| (!avoid.contains(id), matched(id)))
+            .ok_or_else(|| BrokerError::NoTransferTarget {
                 reason: "the partition has no other replica that answers to lead it".into(),
-                leader: Some(me),
+                leader: me,
             })?,
     };
     // A target that has not answered lately (down, cut off) could not stand: the leader would
@@ -229,6 +239,9 @@ pub(crate) async fn transfer_leadership(
             .get_node(&target)
             .map(|n| n.addr.clone())
             .ok_or_else(|| BrokerError::Internal(format!("node {target} has no address")))?;
+        // The target only triggers its election and answers: one that does not answer within
+        // a lease (frozen since it last answered, say) is not waited for the whole timeout,
+        // and the caller may try another.
         let request = peers.request(
             target,
             weft_proto::internal::v1::ElectRequest {
@@ -236,7 +249,7 @@ pub(crate) async fn transfer_leadership(
                 term,
                 leader_id: me,
             },
-            timeout,
+            timeout.min(lease.max(ELECT_CALL_TIMEOUT_MIN)),
         );
         let mut client =
             peers

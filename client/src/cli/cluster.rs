@@ -1,4 +1,4 @@
-//! `weft cluster status | transfer | drain | move | rebalance | end-recovery | remove-broker`.
+//! `weft cluster status | transfer | drain | undrain | move | rebalance | end-recovery | remove-broker`.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -23,6 +23,9 @@ pub(crate) enum ClusterCommand {
     },
     /// Move every leadership the broker (-s) holds to other replicas, before it stops.
     Drain,
+    /// Clear the draining mark of the broker (-s) (a drain sets it, a restart clears it): it
+    /// gets new replicas and its preferred leaderships back.
+    Undrain,
     /// Move a partition's replicas to other brokers (the first becomes the preferred leader).
     Move {
         /// Topic.
@@ -405,6 +408,16 @@ pub(crate) async fn run(
                 (led, true) => anyhow::bail!(
                     "{led} partitions are still led by this broker, and it could not be marked as draining"
                 ),
+            }
+        }
+        ClusterCommand::Undrain => {
+            let was_draining = client.admin().undrain().await?;
+            match output {
+                Output::Json => print_json(&json!({ "was_draining": was_draining })),
+                Output::Text if was_draining => println!(
+                    "no longer draining: the broker gets new replicas and its preferred leaderships back"
+                ),
+                Output::Text => println!("the broker was not draining"),
             }
         }
         ClusterCommand::Move {
