@@ -128,6 +128,10 @@ pub struct Config {
     pub group_members_max: u32,
     /// Most publishes queued per partition before RESOURCE_EXHAUSTED.
     pub publish_queue_max: u32,
+    /// Most bytes of publishes queued on this broker, all partitions together, before
+    /// RESOURCE_EXHAUSTED (OVERLOADED, with a retry hint): what publishes waiting for their
+    /// partitions hold in memory during a slow disk. A batch larger than this is taken alone.
+    pub publish_queue_bytes_max: u64,
     /// How often retention runs.
     pub retention_check_interval_ms: u64,
     /// A partition writes a snapshot of its state after this many record bytes were applied
@@ -395,6 +399,7 @@ impl Default for Config {
             offsets_retention_ms: 7 * 24 * 3600 * 1000,
             group_members_max: 1_000,
             publish_queue_max: 1024,
+            publish_queue_bytes_max: 256 * 1024 * 1024,
             retention_check_interval_ms: 60_000,
             snapshot_interval_bytes: 64 * 1024 * 1024,
             partition_read_cache_bytes: 2 * 1024 * 1024,
@@ -813,6 +818,12 @@ impl Config {
         )?;
         range("group_members_max", self.group_members_max, 1, 100_000)?;
         range("publish_queue_max", self.publish_queue_max, 1, 1_000_000)?;
+        range(
+            "publish_queue_bytes_max",
+            self.publish_queue_bytes_max,
+            1024 * 1024,
+            1024 * 1024 * 1024 * 1024,
+        )?;
         range(
             "retention_check_interval_ms",
             self.retention_check_interval_ms,

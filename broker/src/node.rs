@@ -684,6 +684,7 @@ impl Node {
             meta: meta.clone(),
             raft_config: partition_raft,
             queue_max: config.publish_queue_max as usize,
+            queue_bytes: crate::partition::QueueBytes::new(config.publish_queue_bytes_max),
             retention_interval: Duration::from_millis(config.retention_check_interval_ms),
             snapshot_interval_bytes: config.snapshot_interval_bytes,
             read_cache_bytes: usize::try_from(config.partition_read_cache_bytes)

@@ -93,6 +93,8 @@ pub struct Partition {
     group: PartitionGroup,
     config: Mutex<TopicConfig>,
     jobs: mpsc::Sender<PublishJob>,
+    /// The broker's room for queued publishes, by bytes (see [`Partition::publish`]).
+    queue_bytes: QueueBytes,
     ready: AtomicBool,
     damage: Mutex<Vec<Damage>>,
 }
@@ -107,6 +109,41 @@ impl std::fmt::Debug for Partition {
     }
 }
 
+/// The room for publishes queued on a broker, all partitions together, by bytes
+/// (`publish_queue_bytes_max`): a permit per byte.
+#[derive(Debug, Clone)]
+pub struct QueueBytes {
+    room: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+impl QueueBytes {
+    /// Room for `capacity` bytes.
+    pub fn new(capacity: u64) -> QueueBytes {
+        let capacity = usize::try_from(capacity)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        QueueBytes {
+            room: Arc::new(tokio::sync::Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// Room for a batch of `bytes` (one larger than all of it takes all of it), or OVERLOADED.
+    fn take(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, BrokerError> {
+        let wanted = u32::try_from(bytes.min(self.capacity)).unwrap_or(u32::MAX);
+        self.room
+            .clone()
+            .try_acquire_many_owned(wanted)
+            .map_err(|_| {
+                BrokerError::Overloaded(format!(
+                    "the publish queues of this broker hold publish_queue_bytes_max ({} bytes)",
+                    self.capacity
+                ))
+            })
+    }
+}
+
 impl Partition {
     /// Wraps an opened group and starts the publish actor. The partition is not ready until
     /// [`Partition::set_ready`] (its group has caught up).
@@ -115,6 +152,7 @@ impl Partition {
         dir: &Path,
         group: PartitionGroup,
         queue_max: usize,
+        queue_bytes: QueueBytes,
         producer_expiration_ms: u64,
         producers_max: usize,
     ) -> Arc<Partition> {
@@ -144,6 +182,7 @@ impl Partition {
             group,
             config: Mutex::new(spec.config),
             jobs,
+            queue_bytes,
             ready: AtomicBool::new(false),
             damage: Mutex::new(damage),
         })
@@ -269,12 +308,16 @@ impl Partition {
                 max,
             });
         }
+        // Room in the broker's publish queues, by bytes (a batch larger than all of it takes
+        // all of it): held until the partition's publish actor has taken the batch.
+        let room = self.queue_bytes.take(batch.len())?;
         let (reply, answer) = oneshot::channel();
         self.jobs
             .try_send(PublishJob {
                 batch,
                 reply,
                 queued: tokio::time::Instant::now(),
+                room: Some(room),
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => BrokerError::Overloaded(format!(

@@ -66,6 +66,9 @@ pub struct HostContext {
     pub raft_config: Arc<RaftConfig>,
     /// Publishes queued per partition.
     pub queue_max: usize,
+    /// Bytes of publishes queued on this broker, all partitions together
+    /// (`publish_queue_bytes_max`): a permit per byte.
+    pub queue_bytes: crate::partition::QueueBytes,
     /// How often retention runs.
     pub retention_interval: Duration,
     /// Snapshot after this many applied record bytes.
@@ -379,6 +382,7 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             &dir,
             group.clone(),
             context.queue_max,
+            context.queue_bytes.clone(),
             context.producer_expiration_ms,
             context.producers_per_partition_max,
         );

@@ -147,6 +147,9 @@ pub struct PublishJob {
     pub reply: oneshot::Sender<Result<Published, BrokerError>>,
     /// When it was queued.
     pub queued: Instant,
+    /// Its room in the broker's publish queues (`publish_queue_bytes_max`), given back once
+    /// the actor has taken it.
+    pub room: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for PublishJob {
@@ -890,6 +893,7 @@ mod tests {
             batch,
             reply,
             queued: Instant::now(),
+            room: None,
         })
         .await
         .expect("the actor runs");
@@ -1436,6 +1440,7 @@ mod tests {
                 batch: idempotent_of(producer, 0, 0, &value),
                 reply,
                 queued: Instant::now(),
+                room: None,
             };
             match jobs.try_send(job) {
                 Ok(()) => answers.push(answer),

@@ -17,9 +17,40 @@ fn value(i: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_disk_fills_the_bounded_queue_and_further_publishes_are_refused() {
+    // 300 publishes of 64 KiB at once over 10 connections (19 MiB): while two entries wait for
+    // the stalled disk, the next entry takes at most 4 MiB of publishes and the queue 4 more;
+    // the others are refused without waiting for the disk.
+    let (stored, refused) = flood("publish_queue_max = 4\n", 300).await;
+    assert!(refused > 0, "the bounded queue refused some of the flood");
+    assert!(
+        stored >= 4,
+        "at least the queue's worth was accepted ({stored} stored)"
+    );
+}
+
+/// The publish queues are bounded by bytes too (`publish_queue_bytes_max`, here 1 MiB), not
+/// only by count: with room for 1,000 publishes per partition, a flood of 300 publishes of
+/// 64 KiB (19 MiB) during a stalled disk is refused in part instead of waiting in memory.
+/// Before, every one of them waited in the queue (1,000 publishes of up to 16 MiB each could).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_queues_are_bounded_by_bytes() {
+    let (stored, refused) = flood(
+        "publish_queue_max = 1000\npublish_queue_bytes_max = 1048576\n",
+        300,
+    )
+    .await;
+    assert!(stored > 0, "some of the flood was stored");
+    assert!(refused > 0, "{stored} stored, none refused");
+}
+
+/// Floods one partition of a broker with `config` and every sync 500 ms late with `count`
+/// publishes of 64 KiB at once, over 10 connections; checks that each was stored or refused
+/// with RESOURCE_EXHAUSTED (OVERLOADED, with a retry hint), some refused, and that everything
+/// acknowledged is there once, nothing else. Returns (stored, refused).
+async fn flood(config_text: &str, count: u32) -> (usize, usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
-    std::fs::write(&config, "publish_queue_max = 4\n").expect("config");
+    std::fs::write(&config, config_text).expect("config");
     let broker = Broker::start_with_env(
         &["--config", config.to_str().expect("utf-8")],
         &[("WEFT_SYNC_DELAY_MS", "500")],
@@ -35,16 +66,12 @@ async fn a_stalled_disk_fills_the_bounded_queue_and_further_publishes_are_refuse
         })
         .await
         .expect("create");
-
-    // 300 publishes of 64 KiB at once over 10 connections (19 MiB): while two entries wait for
-    // the stalled disk, the next entry takes at most 4 MiB of publishes and the queue 4 more;
-    // the others are refused without waiting for the disk.
     let mut channels = Vec::new();
     for _ in 0..10 {
         channels.push(grpc::channel(&broker.client_addr).await);
     }
     let mut calls = Vec::new();
-    for i in 0..300u32 {
+    for i in 0..count {
         let mut publisher = grpc::publisher(&channels[i as usize % channels.len()]);
         calls.push(tokio::spawn(async move {
             let result = publisher
@@ -82,13 +109,7 @@ async fn a_stalled_disk_fills_the_bounded_queue_and_further_publishes_are_refuse
             }
         }
     }
-    assert!(refused > 0, "the bounded queue refused some of the flood");
-    assert!(
-        stored.len() >= 4,
-        "at least the queue's worth was accepted ({} stored)",
-        stored.len()
-    );
-    assert_eq!(stored.len() + refused, 300);
+    assert_eq!(stored.len() + refused, count as usize);
     // Everything acknowledged is there, once.
     let end = offsets(&broker.client_addr, "stalled", 0, None)
         .await
@@ -96,7 +117,8 @@ async fn a_stalled_disk_fills_the_bounded_queue_and_further_publishes_are_refuse
         .high_watermark;
     assert_eq!(end, stored.len() as u64, "nothing refused was stored");
     let read = fetch_range(&broker.client_addr, "stalled", 0, 0, end).await;
-    for (offset, value) in stored {
-        assert_eq!(read[offset as usize].1.as_ref(), value.as_bytes());
+    for (offset, value) in &stored {
+        assert_eq!(read[*offset as usize].1.as_ref(), value.as_bytes());
     }
+    (stored.len(), refused)
 }
