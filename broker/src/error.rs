@@ -347,6 +347,19 @@ impl BrokerError {
         }
     }
 
+    /// The machine-readable reason, whether this broker made the error or it is a peer's
+    /// answer (its ErrorInfo reason; empty when it has none).
+    pub fn reason_anywhere(&self) -> String {
+        match self {
+            BrokerError::Remote(status) => status
+                .0
+                .get_details_error_info()
+                .map(|info| info.reason)
+                .unwrap_or_default(),
+            other => other.reason().to_string(),
+        }
+    }
+
     /// The leader this UNAVAILABLE names (its `leader_id`), whether this broker made it or it
     /// is a peer's answer.
     pub fn named_leader(&self) -> Option<u64> {

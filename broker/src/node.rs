@@ -1236,14 +1236,22 @@ impl Node {
     /// Moves every partition leadership this broker holds to other replicas, side by side.
     /// Returns the partitions moved and those kept (with why), all within `budget` (the
     /// caller's deadline, a preStop hook's say): at most a quarter of it to mark this broker as
-    /// draining, the partitions until a quarter is left, the controller's leadership (moved
-    /// last) in what is left. Before, each step had a whole `request_timeout_ms`, so a drain
-    /// could run three times that, past the hook's deadline, and the controller's hand-off (the
-    /// last step) was what it cut.
+    /// draining; when this broker leads the controller, a quarter (at least two leases) kept
+    /// for the controller's leadership, moved last; the partitions in the rest. No transfer
+    /// starts with less time left than one takes. Before, each step had a whole
+    /// `request_timeout_ms`, so a drain could run three times that, past the hook's deadline,
+    /// and the controller's hand-off (the last step) was what it cut.
     pub async fn drain(&self, budget: Duration) -> (Vec<String>, Vec<String>) {
         let started = tokio::time::Instant::now();
         let end = started + budget;
-        let timeout = budget.saturating_sub(budget / 4);
+        let lease = self.transfer_lease();
+        let reserve =
+            if self.config.peers.is_empty() || self.controller.leader() != Some(self.node_id) {
+                Duration::ZERO
+            } else {
+                (budget / 4).max(lease * 2).min(budget)
+            };
+        let timeout = budget.saturating_sub(reserve);
         // Unmarked, the other brokers' leader balance hands this broker its preferred
         // leaderships back within moments: the caller (a preStop hook) is told, in `kept`.
         // Before, the failure was only logged and the drain answered as if all went well.
@@ -1302,6 +1310,7 @@ impl Node {
                 let me = self.node_id;
                 let outcome = move_away(
                     left,
+                    lease,
                     || {
                         // (One reading of the metrics for both.)
                         let leader = group.leader();
@@ -1329,6 +1338,7 @@ impl Node {
             let me = self.node_id;
             let outcome = move_away(
                 end.saturating_duration_since(tokio::time::Instant::now()),
+                lease,
                 || {
                     let leader = controller.leader();
                     (leader == Some(me), leader)
@@ -1499,6 +1509,13 @@ impl Node {
         self.controller
             .transfer_leadership(None, &self.leadership_avoided(), timeout)
             .await
+    }
+
+    /// The least time a leadership transfer takes: the followers' leases (a maximum election
+    /// timeout) run out before the target stands, and its election follows.
+    fn transfer_lease(&self) -> Duration {
+        let election = Duration::from_millis(self.config.raft_election_timeout_ms);
+        election + election / 4 + Duration::from_millis(500)
     }
 
     /// Brokers a leadership is not handed to when another replica can take it: those draining
@@ -1980,7 +1997,14 @@ async fn reconcile_loop(
 /// A transfer that failed is tried again while time is left (its target may have died since it
 /// last answered: the next choice leaves it out once its answers are older than a lease), but
 /// not one that found no replica to take the leadership at all. The last failure is the answer.
-async fn move_away<L, T, F>(timeout: Duration, leads: L, transfer: T) -> Result<NodeId, BrokerError>
+/// No transfer starts with less than `least` left (it would hold back the group's heartbeats and
+/// proposals, then be cut off).
+async fn move_away<L, T, F>(
+    timeout: Duration,
+    least: Duration,
+    leads: L,
+    transfer: T,
+) -> Result<NodeId, BrokerError>
 where
     L: Fn() -> (bool, Option<NodeId>),
     T: Fn(Duration) -> F,
@@ -1993,7 +2017,7 @@ where
             return Ok(leader);
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || left < least {
             return Err(failed.unwrap_or_else(|| {
                 BrokerError::Timeout("the leadership did not move in time".into())
             }));
@@ -2054,6 +2078,7 @@ mod tests {
         let moved = AtomicBool::new(false);
         let outcome = move_away(
             Duration::from_secs(10),
+            Duration::ZERO,
             || {
                 if moved.load(Ordering::SeqCst) {
                     (false, Some(3))
@@ -2075,6 +2100,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let outcome = move_away(
             Duration::from_secs(10),
+            Duration::ZERO,
             || (true, Some(1)),
             |_| async {
                 calls.fetch_add(1, Ordering::SeqCst);
@@ -2096,6 +2122,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let outcome = move_away(
             Duration::from_secs(10),
+            Duration::ZERO,
             || (true, Some(1)),
             |_| async {
                 match calls.fetch_add(1, Ordering::SeqCst) {
@@ -2112,6 +2139,7 @@ mod tests {
         // Failing until the time is up, the last failure is the answer.
         let outcome = move_away(
             Duration::from_millis(500),
+            Duration::ZERO,
             || (true, Some(1)),
             |_| async {
                 Err(BrokerError::Unavailable {
@@ -2128,6 +2156,7 @@ mod tests {
 
         let outcome = move_away(
             Duration::from_millis(350),
+            Duration::ZERO,
             || (true, Some(1)),
             |_| async { Err(under_way()) },
         )

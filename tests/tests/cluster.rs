@@ -1481,3 +1481,60 @@ async fn a_drain_hands_leaderships_to_brokers_that_stay_and_undrain_takes_them_b
     let out = weft_tests::ok_stdout(&again);
     assert!(out.contains("was not draining"), "{out}");
 }
+
+/// A drain whose transfer fails (its target was killed moments before, so it still counts as
+/// answering) tries another replica next: at most one failed transfer per group, the
+/// leadership on the broker that is up. Before 50e91e5 the first failure was the drain's answer
+/// (the partition kept, although another replica could take it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_passes_over_a_replica_whose_transfer_failed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "leader_balance_interval_ms = 0\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let mut brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"over","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (leader, replicas) = wait_for("a leader of over/0", Duration::from_secs(30), || {
+        let now = partitions(&brokers[0], "over");
+        async move {
+            let (_, leader, replicas, _) = now.into_iter().next()?;
+            (leader != 0).then_some((leader, replicas))
+        }
+    })
+    .await;
+    for broker in &brokers {
+        broker.wait_ready();
+    }
+    // The followers are equally caught up (nothing was written): a tie goes to the higher id.
+    let mut followers: Vec<u64> = replicas.into_iter().filter(|r| *r != leader).collect();
+    followers.sort_unstable();
+    let (up, dead) = (followers[0], followers[1]);
+    brokers[dead as usize - 1].kill9();
+    let drained = &brokers[leader as usize - 1];
+    let (status, body) = drained.http("POST", "/v1/drain", None);
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(view["kept"], serde_json::json!([]), "{body}");
+    assert!(
+        view["moved"]
+            .as_array()
+            .expect("moved")
+            .iter()
+            .any(|m| m.as_str() == Some(&format!("over/0 -> node {up}"))),
+        "{body}"
+    );
+    // The partition's group and, when this broker led it, the controller's: at most one failed
+    // transfer each.
+    let failed = metric(
+        drained,
+        r#"weft_leadership_transfers_total{outcome="failed"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(failed <= 2.0, "{failed} failed transfers: {body}");
+}

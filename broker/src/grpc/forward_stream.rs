@@ -351,7 +351,13 @@ async fn carry(
                 Ok(Some(result)) => match in_flight.pop_front() {
                     Some(sent) => {
                         answered = true;
-                        let _ = sent.reply.send(Outcome::Answered(decode_result(result)));
+                        match answer_of(sent.sent_before, decode_result(result)) {
+                            Some(outcome) => {
+                                let _ = sent.reply.send(Outcome::Answered(outcome));
+                            }
+                            // Dropped: its caller hears the outcome is unknown.
+                            None => drop(sent),
+                        }
                     }
                     None => {
                         tracing::warn!(leader, "the leader answered a publish that was not sent");
@@ -376,6 +382,27 @@ async fn carry(
     }
     keep_resendable(in_flight, carried);
     Ended::Broke { answered }
+}
+
+/// What the caller of a forwarded publish is told of the leader's answer to it: the answer,
+/// or None (the outcome is unknown) for a refusal of a publish sent again after a stream broke
+/// (`sent_before`). Its first copy may have been stored, and a refusal that comes before the
+/// leader's duplicate check (a full queue, rights taken away meanwhile, ...) says nothing of
+/// that copy: passed on, the producer would count the batch as surely not stored and number
+/// its next batch into its sequences, which the leader then answers as a duplicate of the
+/// stored copy (that next batch lost, reported stored). A duplicate's own answer
+/// (DUPLICATE_SEQUENCE: stored, its offsets forgotten) is passed on.
+fn answer_of(
+    sent_before: bool,
+    result: Result<PublishResponse, BrokerError>,
+) -> Option<Result<PublishResponse, BrokerError>> {
+    match result {
+        Err(e) if sent_before && e.reason_anywhere() != "DUPLICATE_SEQUENCE" => {
+            tracing::debug!("a publish sent again was refused ({e}): its outcome is unknown");
+            None
+        }
+        result => Some(result),
+    }
 }
 
 /// Moves the publishes of `in_flight` that may be sent again into `carried`, in order; the
@@ -423,6 +450,31 @@ fn close(mut jobs: mpsc::Receiver<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal of a publish sent again after its stream broke leaves its outcome unknown (its
+    /// first copy may be stored); the same refusal of a publish sent once is passed on, and so
+    /// is a duplicate's answer and any success.
+    #[test]
+    fn a_refusal_of_a_publish_sent_again_leaves_its_outcome_unknown() {
+        let denied = || {
+            BrokerError::from(tonic::Status::from(BrokerError::PermissionDenied(
+                "no publish right".into(),
+            )))
+        };
+        assert!(answer_of(true, Err(denied())).is_none());
+        assert!(answer_of(true, Err(BrokerError::Overloaded("publish queue".into()))).is_none());
+        assert!(matches!(answer_of(false, Err(denied())), Some(Err(_))));
+        let duplicate = BrokerError::from(tonic::Status::from(BrokerError::DuplicateSequence {
+            producer_id: 7,
+            expected: 9,
+            got: 3,
+        }));
+        assert!(matches!(answer_of(true, Err(duplicate)), Some(Err(_))));
+        assert!(matches!(
+            answer_of(true, Ok(PublishResponse::default())),
+            Some(Ok(_))
+        ));
+    }
 
     /// Publishes still queued when a stream retires (idle, too old, or broken) were never sent:
     /// they are handed back to their callers to go on a new stream, not refused.

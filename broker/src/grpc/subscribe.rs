@@ -38,6 +38,10 @@ const COMMIT_HIGH_WATERMARK_WAIT: Duration = Duration::from_secs(2);
 /// the session reads no heartbeats meanwhile.
 const NEW_PARTITION_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a session waits, in all, at each heartbeat for the start offsets of partitions of
+/// its assignment that could not be placed before (see `Session::place_unplaced`).
+const PLACE_AGAIN_WAIT: Duration = Duration::from_millis(500);
+
 /// Messages buffered towards one subscriber before the session waits.
 const STREAM_BUFFER: usize = 16;
 /// How long one delivery round waits, in all, for the brokers that hold partitions this one
@@ -1147,13 +1151,15 @@ impl Session {
     /// Where delivery of each of `partitions` starts ([`Self::start_offset`]), and the ones
     /// that cannot be placed yet: not open here yet (added to the topic just now: its replicas
     /// open and elect a leader within about an election timeout), or held by brokers that do
-    /// not answer. Those are tried again until `patience` has passed in all (one wait for every
-    /// partition, not one each), then left unplaced: the stream goes on with the others rather
-    /// than ending (a partition whose only replica is down ended it at every reconnect).
+    /// not answer. Those are tried again (when `again`) until `patience` has passed in all (one
+    /// wait for every partition, not one each), then left unplaced: the stream goes on with the
+    /// others rather than ending (a partition whose only replica is down ended it at every
+    /// reconnect).
     async fn start_offsets(
         &self,
         partitions: &[u32],
         patience: Duration,
+        again: bool,
     ) -> Result<(BTreeMap<u32, u64>, BTreeSet<u32>), BrokerError> {
         let deadline = tokio::time::Instant::now() + patience;
         let mut placed = BTreeMap::new();
@@ -1171,7 +1177,7 @@ impl Session {
                     Err(_) => still.push(p),
                 }
             }
-            if still.is_empty() || tokio::time::Instant::now() >= deadline {
+            if !again || still.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok((placed, still.into_iter().collect()));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1263,7 +1269,7 @@ impl Session {
             .copied()
             .filter(|p| !kept.contains(p))
             .collect();
-        let (mut positions, unplaced) = self.start_offsets(&new, NEW_PARTITION_WAIT).await?;
+        let (mut positions, unplaced) = self.start_offsets(&new, NEW_PARTITION_WAIT, true).await?;
         for p in &kept {
             if let Some(&position) = self.positions.get(p) {
                 positions.insert(*p, position);
@@ -1327,13 +1333,14 @@ impl Session {
     }
 
     /// Places what can be placed now of the partitions left unplaced at the last assignment:
-    /// each gets its start offset (one try each, within [`REMOTE_DELIVERY_TIMEOUT`] in all), and
+    /// each gets its start offset (one try each, within [`PLACE_AGAIN_WAIT`] in all: the
+    /// session reads nothing else meanwhile), and
     /// the subscriber a new Assignment of the same generation that adds them (it keeps its own
     /// positions in the others).
     async fn place_unplaced(&mut self) -> Result<(), BrokerError> {
         let waiting: Vec<u32> = self.unplaced.iter().copied().collect();
         let (placed, unplaced) = self
-            .start_offsets(&waiting, REMOTE_DELIVERY_TIMEOUT)
+            .start_offsets(&waiting, PLACE_AGAIN_WAIT, false)
             .await?;
         if placed.is_empty() {
             return Ok(());

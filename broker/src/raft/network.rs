@@ -187,6 +187,8 @@ struct Inner {
     batchers: Mutex<HashMap<(NodeId, String), tokio::sync::mpsc::Sender<super::batch::Pending>>>,
     /// The node the controller's leadership is being handed to from this node (0: none).
     controller_transfer: std::sync::atomic::AtomicU64,
+    /// Per group and target: when a transfer this node chose that target for failed last.
+    transfer_failures: Mutex<HashMap<(GroupId, NodeId), Instant>>,
     /// Per peer: one large append at a time (see [`LargeAppend`]).
     large_lanes: Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>,
     /// Per group: a leadership transfer under way holds this replica's elections until then, in
@@ -291,6 +293,9 @@ pub struct Peers {
     inner: Arc<Inner>,
 }
 
+/// How long a failed transfer's record is kept (see [`Peers::note_transfer_failure`]).
+const TRANSFER_FAILURE_KEPT: Duration = Duration::from_secs(60);
+
 impl Peers {
     /// The peers of node `node_id` in cluster `cluster_name`; connections leave from
     /// `local_ip` when given, and go to a peer's upstream (a local proxy) when `upstreams` names
@@ -322,6 +327,7 @@ impl Peers {
                 connect_timeout: Duration::from_secs(2),
                 batchers: Mutex::new(HashMap::new()),
                 controller_transfer: std::sync::atomic::AtomicU64::new(0),
+                transfer_failures: Mutex::new(HashMap::new()),
                 large_lanes: Mutex::new(HashMap::new()),
                 holds: Mutex::new(HashMap::new()),
                 standbys: Mutex::new(HashMap::new()),
@@ -402,6 +408,33 @@ impl Peers {
         if let Ok(mut heard) = self.inner.heard_at.lock() {
             heard.remove(&group_id);
         }
+    }
+
+    /// Records that a transfer of `group`'s leadership to `target`, chosen by this node, failed
+    /// (see [`Peers::transfer_failed_within`]).
+    pub(crate) fn note_transfer_failure(&self, group: GroupId, target: NodeId) {
+        if let Ok(mut failures) = self.inner.transfer_failures.lock() {
+            let now = Instant::now();
+            // Old entries go (of groups since deleted, say): a failure matters for seconds.
+            failures.retain(|_, at| now.duration_since(*at) < TRANSFER_FAILURE_KEPT);
+            failures.insert((group, target), now);
+        }
+    }
+
+    /// Whether a transfer of `group`'s leadership to `target` chosen by this node failed within
+    /// `within`: the next choice passes it over (it died after it last answered, say, and
+    /// would otherwise be chosen again until its answers age past a lease).
+    pub(crate) fn transfer_failed_within(
+        &self,
+        group: GroupId,
+        target: NodeId,
+        within: Duration,
+    ) -> bool {
+        self.inner.transfer_failures.lock().is_ok_and(|failures| {
+            failures
+                .get(&(group, target))
+                .is_some_and(|at| at.elapsed() < within)
+        })
     }
 
     /// The node the controller's leadership is being handed to from this node (0: none):

@@ -160,10 +160,20 @@ pub(crate) async fn transfer_leadership(
                 format!("node {t} holds no voting replica of this partition"),
             ));
         }
+        // Caught up first (a replica far behind would keep proposals refused until it has every
+        // entry), then one not to avoid, then the furthest; never one a transfer this node
+        // chose failed to lately.
         None => *others
             .iter()
             .filter(|id| answered(id))
-            .max_by_key(|id| (!avoid.contains(id), matched(id)))
+            .filter(|id| !peers.transfer_failed_within(group_id, **id, lease * 3))
+            .max_by_key(|id| {
+                (
+                    matched(id) >= m.last_log_index,
+                    !avoid.contains(id),
+                    matched(id),
+                )
+            })
             .ok_or_else(|| BrokerError::NoTransferTarget {
                 reason: "the partition has no other replica that answers to lead it".into(),
                 leader: me,
@@ -276,6 +286,14 @@ pub(crate) async fn transfer_leadership(
         Ok::<_, BrokerError>(leader)
     }
     .await;
+    metrics::counter!(
+        "weft_leadership_transfers_total",
+        "outcome" => if outcome.is_ok() { "moved" } else { "failed" }
+    )
+    .increment(1);
+    if outcome.is_err() && !explicit {
+        peers.note_transfer_failure(group_id, target);
+    }
     if let Some((_, _, _, hold_id)) = transferring.held.take()
         && outcome.is_err()
     {
