@@ -130,7 +130,9 @@ pub struct Config {
     pub publish_queue_max: u32,
     /// Most bytes of publishes queued on this broker, all partitions together, before
     /// RESOURCE_EXHAUSTED (OVERLOADED, with a retry hint): what publishes waiting for their
-    /// partitions hold in memory during a slow disk. A batch larger than this is taken alone.
+    /// partitions hold in memory during a slow disk. One partition holds at most a quarter of it
+    /// (the others keep room while its queue does not drain). A batch larger than that is taken
+    /// alone.
     pub publish_queue_bytes_max: u64,
     /// How often retention runs.
     pub retention_check_interval_ms: u64,

@@ -1249,7 +1249,8 @@ impl Node {
             if self.config.peers.is_empty() || self.controller.leader() != Some(self.node_id) {
                 Duration::ZERO
             } else {
-                (budget / 4).max(lease * 2).min(budget)
+                // (The partitions keep at least half.)
+                (budget / 4).max(lease * 2).min(budget / 2)
             };
         let timeout = budget.saturating_sub(reserve);
         // Unmarked, the other brokers' leader balance hands this broker its preferred
@@ -1323,6 +1324,25 @@ impl Node {
             }))
             .await;
             outcomes.extend(results);
+        }
+        // Led here still, with no failure to tell (the time ran out before a pass came to it,
+        // or it came back after a pass moved it): kept, said so. Before, a drain whose time
+        // ran out left them out of its answer, and a caller saw nothing kept.
+        for p in self
+            .partitions()
+            .into_iter()
+            .filter(|p| p.group().is_leader())
+        {
+            let name = format!("{}/{}", p.topic, p.partition);
+            if !matches!(outcomes.get(&name), Some(Err(_))) {
+                outcomes.insert(
+                    name,
+                    Err(BrokerError::Timeout(format!(
+                        "still led here: the drain's {} ms ran out before it moved",
+                        budget.as_millis()
+                    ))),
+                );
+            }
         }
         let (mut moved, mut kept) = (Vec::new(), Vec::new());
         for (name, outcome) in outcomes {
@@ -2019,7 +2039,12 @@ where
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() || left < least {
             return Err(failed.unwrap_or_else(|| {
-                BrokerError::Timeout("the leadership did not move in time".into())
+                BrokerError::Timeout(format!(
+                    "the leadership did not move in time ({} ms left, a transfer takes about {} \
+                     ms)",
+                    left.as_millis(),
+                    least.as_millis()
+                ))
             }));
         }
         // (A transfer gives each of its steps the time it is given: bounded as a whole here.)

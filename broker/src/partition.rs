@@ -94,7 +94,7 @@ pub struct Partition {
     config: Mutex<TopicConfig>,
     jobs: mpsc::Sender<PublishJob>,
     /// The broker's room for queued publishes, by bytes (see [`Partition::publish`]).
-    queue_bytes: QueueBytes,
+    queue_bytes: PartitionQueueBytes,
     ready: AtomicBool,
     damage: Mutex<Vec<Damage>>,
 }
@@ -110,12 +110,17 @@ impl std::fmt::Debug for Partition {
 }
 
 /// The room for publishes queued on a broker, all partitions together, by bytes
-/// (`publish_queue_bytes_max`): a permit per byte.
+/// (`publish_queue_bytes_max`): a permit per byte. One partition holds at most
+/// [`PARTITION_SHARE`] of it, so a partition whose queue does not drain (its disk stalled, its
+/// leader cut off) leaves the others room.
 #[derive(Debug, Clone)]
 pub struct QueueBytes {
     room: Arc<tokio::sync::Semaphore>,
     capacity: usize,
 }
+
+/// The part of the broker's publish-queue bytes one partition may hold: 1 / this.
+pub const PARTITION_SHARE: usize = 4;
 
 impl QueueBytes {
     /// Room for `capacity` bytes.
@@ -129,19 +134,64 @@ impl QueueBytes {
         }
     }
 
+    /// A partition's way into this room, with its own share.
+    fn for_partition(&self) -> PartitionQueueBytes {
+        let share = (self.capacity / PARTITION_SHARE).max(1);
+        PartitionQueueBytes {
+            broker: self.clone(),
+            own: Arc::new(tokio::sync::Semaphore::new(share)),
+            share,
+        }
+    }
+}
+
+/// One partition's room in its broker's publish-queue bytes (see [`QueueBytes`]).
+#[derive(Debug)]
+struct PartitionQueueBytes {
+    broker: QueueBytes,
+    own: Arc<tokio::sync::Semaphore>,
+    share: usize,
+}
+
+impl PartitionQueueBytes {
     /// Room for a batch of `bytes` (one larger than all of it takes all of it), or OVERLOADED.
-    fn take(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, BrokerError> {
-        let wanted = u32::try_from(bytes.min(self.capacity)).unwrap_or(u32::MAX);
-        self.room
+    fn take(&self, bytes: usize) -> Result<QueueRoom, BrokerError> {
+        let wanted = |limit: usize| u32::try_from(bytes.min(limit)).unwrap_or(u32::MAX);
+        let own = self
+            .own
             .clone()
-            .try_acquire_many_owned(wanted)
+            .try_acquire_many_owned(wanted(self.share))
             .map_err(|_| {
                 BrokerError::Overloaded(format!(
-                    "the publish queues of this broker hold publish_queue_bytes_max ({} bytes)",
-                    self.capacity
+                    "this partition's share of the broker's publish queues ({} bytes, a \
+                     quarter of publish_queue_bytes_max)",
+                    self.share
                 ))
-            })
+            })?;
+        let broker = self
+            .broker
+            .room
+            .clone()
+            .try_acquire_many_owned(wanted(self.broker.capacity))
+            .map_err(|_| {
+                BrokerError::Overloaded(format!(
+                    "the broker's publish queues (publish_queue_bytes_max, {} bytes)",
+                    self.broker.capacity
+                ))
+            })?;
+        Ok(QueueRoom {
+            _own: own,
+            _broker: broker,
+        })
     }
+}
+
+/// A queued publish's room in its partition's share and its broker's publish-queue bytes,
+/// given back when dropped.
+#[derive(Debug)]
+pub struct QueueRoom {
+    _own: tokio::sync::OwnedSemaphorePermit,
+    _broker: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Partition {
@@ -182,7 +232,7 @@ impl Partition {
             group,
             config: Mutex::new(spec.config),
             jobs,
-            queue_bytes,
+            queue_bytes: queue_bytes.for_partition(),
             ready: AtomicBool::new(false),
             damage: Mutex::new(damage),
         })

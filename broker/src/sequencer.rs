@@ -149,7 +149,7 @@ pub struct PublishJob {
     pub queued: Instant,
     /// Its room in the broker's publish queues (`publish_queue_bytes_max`), given back once
     /// the actor has taken it.
-    pub room: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub room: Option<crate::partition::QueueRoom>,
 }
 
 impl std::fmt::Debug for PublishJob {

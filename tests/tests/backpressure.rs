@@ -122,3 +122,83 @@ async fn flood(config_text: &str, count: u32) -> (usize, usize) {
     }
     (stored.len(), refused)
 }
+
+/// A partition whose queue does not drain (a flood during a stalled disk) holds at most a
+/// quarter of the broker's publish-queue bytes: publishes to another partition meanwhile are
+/// taken. With one bound for the whole broker and no share, the flood took all of it and the
+/// other partition's publishes were refused as OVERLOADED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_partition_leaves_the_others_room_in_the_queues() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "publish_queue_max = 1000\npublish_queue_bytes_max = 4194304\n",
+    )
+    .expect("config");
+    let broker = Broker::start_with_env(
+        &["--config", config.to_str().expect("utf-8")],
+        &[("WEFT_SYNC_DELAY_MS", "500")],
+    );
+    let channel = grpc::channel(&broker.client_addr).await;
+    weft_tests::grpc::topic_admin(&channel)
+        .create_topic(weft_proto::v1::CreateTopicRequest {
+            name: "shared".into(),
+            config: Some(weft_proto::v1::TopicConfig {
+                partitions: 2,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("create");
+    let publish = |channel: tonic::transport::Channel, partition: u32, i: u32| async move {
+        grpc::publisher(&channel)
+            .publish(PublishRequest {
+                topic: "shared".into(),
+                target: Some(Target::Partition(partition)),
+                records: vec![Record {
+                    value: value(i).into(),
+                    ..Record::default()
+                }],
+                ..PublishRequest::default()
+            })
+            .await
+    };
+    let mut channels = Vec::new();
+    for _ in 0..10 {
+        channels.push(grpc::channel(&broker.client_addr).await);
+    }
+    let mut flood = Vec::new();
+    for i in 0..300u32 {
+        let channel = channels[i as usize % channels.len()].clone();
+        flood.push(tokio::spawn(publish(channel, 0, i)));
+    }
+    // While the flood waits on the stalled disk.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut others = Vec::new();
+    for i in 0..8u32 {
+        others.push(tokio::spawn(publish(channel.clone(), 1, 1000 + i)));
+    }
+    for other in others {
+        other
+            .await
+            .expect("task")
+            .expect("a publish to the other partition is taken");
+    }
+    let mut refused = 0;
+    for call in flood {
+        if let Err(status) = call.await.expect("task") {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 0,
+        "the flooded partition's share refused some of it"
+    );
+    let end = offsets(&broker.client_addr, "shared", 1, None)
+        .await
+        .expect("offsets")
+        .high_watermark;
+    assert_eq!(end, 8);
+}

@@ -12,6 +12,11 @@ use crate::error::BrokerError;
 /// target stands, so that every follower's lease has run out.
 const TRANSFER_PAUSE_EXTRA: Duration = Duration::from_millis(100);
 
+/// A replica at most this many entries behind counts as caught up when a transfer chooses its
+/// target (entries in flight come and go: exact equality would be a matter of which replica
+/// answered last).
+const CAUGHT_UP_LAG_ENTRIES: u64 = 16;
+
 /// The shortest time a transfer waits for its target's answer to the call to stand.
 const ELECT_CALL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 
@@ -160,16 +165,20 @@ pub(crate) async fn transfer_leadership(
                 format!("node {t} holds no voting replica of this partition"),
             ));
         }
-        // Caught up first (a replica far behind would keep proposals refused until it has every
-        // entry), then one not to avoid, then the furthest; never one a transfer this node
-        // chose failed to lately.
+        // One a transfer this node chose did not fail to lately first, then one caught up
+        // (within a few entries: a replica far behind would keep proposals refused until it
+        // has every entry), then one not to avoid, then the furthest.
         None => *others
             .iter()
             .filter(|id| answered(id))
-            .filter(|id| !peers.transfer_failed_within(group_id, **id, lease * 3))
             .max_by_key(|id| {
+                let lag = m
+                    .last_log_index
+                    .unwrap_or(0)
+                    .saturating_sub(matched(id).unwrap_or(0));
                 (
-                    matched(id) >= m.last_log_index,
+                    !peers.transfer_failed_within(group_id, **id, lease * 3),
+                    lag <= CAUGHT_UP_LAG_ENTRIES,
                     !avoid.contains(id),
                     matched(id),
                 )
