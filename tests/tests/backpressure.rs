@@ -5,9 +5,10 @@
 //! stored once the disk catches up.
 
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 use weft_proto::v1::publish_request::Target;
-use weft_proto::v1::{PublishRequest, Record};
+use weft_proto::v1::{PublishRequest, PublishResponse, Record};
 use weft_tests::{Broker, fetch_range, grpc, offsets};
 
 /// A 64 KiB value that names its publish.
@@ -43,11 +44,13 @@ async fn the_publish_queues_are_bounded_by_bytes() {
     assert!(refused > 0, "{stored} stored, none refused");
 }
 
-/// Floods one partition of a broker with `config` and every sync 500 ms late with `count`
-/// publishes of 64 KiB at once, over 10 connections; checks that each was stored or refused
-/// with RESOURCE_EXHAUSTED (OVERLOADED, with a retry hint), some refused, and that everything
-/// acknowledged is there once, nothing else. Returns (stored, refused).
-async fn flood(config_text: &str, count: u32) -> (usize, usize) {
+/// A broker with `config_text` whose every sync is 500 ms late, a topic `topic` of
+/// `partitions`, and 10 connections to it (the temp dir holds the config file).
+async fn stalled_broker(
+    config_text: &str,
+    topic: &str,
+    partitions: u32,
+) -> (tempfile::TempDir, Broker, Vec<Channel>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
     std::fs::write(&config, config_text).expect("config");
@@ -58,9 +61,9 @@ async fn flood(config_text: &str, count: u32) -> (usize, usize) {
     let channel = grpc::channel(&broker.client_addr).await;
     weft_tests::grpc::topic_admin(&channel)
         .create_topic(weft_proto::v1::CreateTopicRequest {
-            name: "stalled".into(),
+            name: topic.into(),
             config: Some(weft_proto::v1::TopicConfig {
-                partitions: 1,
+                partitions,
                 ..Default::default()
             }),
         })
@@ -70,22 +73,41 @@ async fn flood(config_text: &str, count: u32) -> (usize, usize) {
     for _ in 0..10 {
         channels.push(grpc::channel(&broker.client_addr).await);
     }
+    (dir, broker, channels)
+}
+
+/// Publishes `value(i)` to `topic`/`partition` over `channel`.
+async fn publish(
+    channel: Channel,
+    topic: &'static str,
+    partition: u32,
+    i: u32,
+) -> Result<PublishResponse, tonic::Status> {
+    grpc::publisher(&channel)
+        .publish(PublishRequest {
+            topic: topic.into(),
+            target: Some(Target::Partition(partition)),
+            records: vec![Record {
+                value: value(i).into(),
+                ..Record::default()
+            }],
+            ..PublishRequest::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Floods one partition of a broker with `config` and every sync 500 ms late with `count`
+/// publishes of 64 KiB at once, over 10 connections; checks that each was stored or refused
+/// with RESOURCE_EXHAUSTED (OVERLOADED, with a retry hint), some refused, and that everything
+/// acknowledged is there once, nothing else. Returns (stored, refused).
+async fn flood(config_text: &str, count: u32) -> (usize, usize) {
+    let (_dir, broker, channels) = stalled_broker(config_text, "stalled", 1).await;
     let mut calls = Vec::new();
     for i in 0..count {
-        let mut publisher = grpc::publisher(&channels[i as usize % channels.len()]);
+        let channel = channels[i as usize % channels.len()].clone();
         calls.push(tokio::spawn(async move {
-            let result = publisher
-                .publish(PublishRequest {
-                    topic: "stalled".into(),
-                    target: Some(Target::Partition(0)),
-                    records: vec![Record {
-                        value: value(i).into(),
-                        ..Record::default()
-                    }],
-                    ..PublishRequest::default()
-                })
-                .await;
-            (i, result.map(|r| r.into_inner()))
+            (i, publish(channel, "stalled", 0, i).await)
         }));
     }
     let mut stored = Vec::new();
@@ -129,55 +151,27 @@ async fn flood(config_text: &str, count: u32) -> (usize, usize) {
 /// other partition's publishes were refused as OVERLOADED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooded_partition_leaves_the_others_room_in_the_queues() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("weft.toml");
-    std::fs::write(
-        &config,
+    let (_dir, broker, channels) = stalled_broker(
         "publish_queue_max = 1000\npublish_queue_bytes_max = 4194304\n",
+        "shared",
+        2,
     )
-    .expect("config");
-    let broker = Broker::start_with_env(
-        &["--config", config.to_str().expect("utf-8")],
-        &[("WEFT_SYNC_DELAY_MS", "500")],
-    );
-    let channel = grpc::channel(&broker.client_addr).await;
-    weft_tests::grpc::topic_admin(&channel)
-        .create_topic(weft_proto::v1::CreateTopicRequest {
-            name: "shared".into(),
-            config: Some(weft_proto::v1::TopicConfig {
-                partitions: 2,
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("create");
-    let publish = |channel: tonic::transport::Channel, partition: u32, i: u32| async move {
-        grpc::publisher(&channel)
-            .publish(PublishRequest {
-                topic: "shared".into(),
-                target: Some(Target::Partition(partition)),
-                records: vec![Record {
-                    value: value(i).into(),
-                    ..Record::default()
-                }],
-                ..PublishRequest::default()
-            })
-            .await
-    };
-    let mut channels = Vec::new();
-    for _ in 0..10 {
-        channels.push(grpc::channel(&broker.client_addr).await);
-    }
+    .await;
     let mut flood = Vec::new();
     for i in 0..300u32 {
         let channel = channels[i as usize % channels.len()].clone();
-        flood.push(tokio::spawn(publish(channel, 0, i)));
+        flood.push(tokio::spawn(publish(channel, "shared", 0, i)));
     }
     // While the flood waits on the stalled disk.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let mut others = Vec::new();
     for i in 0..8u32 {
-        others.push(tokio::spawn(publish(channel.clone(), 1, 1000 + i)));
+        others.push(tokio::spawn(publish(
+            channels[0].clone(),
+            "shared",
+            1,
+            1000 + i,
+        )));
     }
     for other in others {
         other
