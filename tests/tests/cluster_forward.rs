@@ -1001,6 +1001,102 @@ async fn a_subscriber_starts_without_a_partition_that_is_down_and_takes_it_once_
     assert_eq!((message.partition, &message.value[..]), (far, &b"r1"[..]));
 }
 
+/// A group member that opens its stream with resume offsets while a partition's only replica
+/// is down: the partition is left out of the first assignment, and once back it starts where
+/// the member said it resumes, not at the group's commit. Before, the resume offsets were
+/// dropped after the first assignment, also those of the partitions it left out, and the
+/// member was given again the records it had processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_placed_late_starts_where_the_member_resumes() {
+    use weft_proto::v1::{
+        PartitionOffset, StartPosition, SubscribeRequest, SubscribeStart, start_position,
+        subscribe_request, subscribe_response,
+    };
+    let topic = "late-resume";
+    let (mut brokers, near, far, entry, frozen) =
+        one_replica_partitions_on_two_brokers(topic).await;
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    for id in 1..=3 {
+        publisher
+            .publish(one_record(topic, far, id))
+            .await
+            .expect("publish");
+    }
+    brokers[frozen].kill9();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Start(SubscribeStart {
+            topic: topic.into(),
+            group_id: "late-resume-group".into(),
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
+            // The member processed the first two records of `far` on an earlier stream.
+            resume: vec![PartitionOffset {
+                partition: far,
+                offset: 2,
+            }],
+            credit: Some(weft_proto::v1::Credit {
+                records: 1000,
+                bytes: 0,
+            }),
+            ..SubscribeStart::default()
+        })),
+    })
+    .await
+    .expect("queue the start");
+    let mut stream = grpc::subscriber(&channel)
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let mut restarted = false;
+    let started_at = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let event = stream
+                .message()
+                .await
+                .expect("the stream goes on")
+                .expect("the stream stays open")
+                .event;
+            match event {
+                Some(subscribe_response::Event::Assignment(a)) => {
+                    let far_at = a.partitions.iter().find(|p| p.partition == far);
+                    match far_at {
+                        None => {
+                            assert!(
+                                a.partitions.iter().any(|p| p.partition == near),
+                                "the partitions that answer are assigned: {a:?}"
+                            );
+                            if !restarted {
+                                brokers[frozen].start_again_same_ports();
+                                restarted = true;
+                            }
+                        }
+                        Some(p) => return p.offset,
+                    }
+                }
+                Some(subscribe_response::Event::Delivery(d)) => assert_ne!(
+                    d.partition, far,
+                    "a delivery of the far partition before its assignment"
+                ),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the far partition is assigned within 60 s");
+    assert!(restarted, "the far partition was left out at first");
+    assert_eq!(
+        started_at, 2,
+        "the far partition starts where the member resumes"
+    );
+    drop(tx);
+}
+
 /// A replica learns of commits after its leader. A follower cut off from its leader's appends
 /// (the other follower keeps the partition committing) is asked for an offset the leader has
 /// committed and it has not: a Fetch there answers UNAVAILABLE with the leader (ask again),

@@ -1288,15 +1288,21 @@ impl Session {
         self.unplaced = unplaced;
         self.generation = generation;
         self.remote_idle.clear();
-        self.assignments += 1;
         // The client's resume offsets say where it was when this stream opened: they place the
-        // first assignment only. A partition given back later (after a rebalance took it away)
-        // starts at the group's commit, which its owner meanwhile moved on; before, the resume
-        // offset won again, the records in between came again, and the member's next commit
-        // was refused as going backwards.
+        // first assignment only (and, of it, the partitions left unplaced, once placed). A
+        // partition given back later (after a rebalance took it away) starts at the group's
+        // commit, which its owner meanwhile moved on; before, the resume offset won again, the
+        // records in between came again, and the member's next commit was refused as going
+        // backwards.
         if self.group.is_some() {
-            self.resume.clear();
+            if self.assignments == 0 {
+                let unplaced = &self.unplaced;
+                self.resume.retain(|p, _| unplaced.contains(p));
+            } else {
+                self.resume.clear();
+            }
         }
+        self.assignments += 1;
         self.send_assignment(restarted).await
     }
 
@@ -1352,6 +1358,11 @@ impl Session {
             "partitions of a subscriber's assignment can be read again"
         );
         self.store_start_positions(&placed, &[], self.generation);
+        if self.group.is_some() {
+            // Placed now, from its resume offset if it had one: a later assignment that gives
+            // it back starts at the group's commit.
+            self.resume.retain(|p, _| !placed.contains_key(p));
+        }
         self.positions.extend(placed);
         self.unplaced = unplaced;
         self.send_assignment(Vec::new()).await
