@@ -806,6 +806,7 @@ impl Node {
             client_address,
             features: crate::raft::feature_level(),
             cluster_id: self.local_cluster_id.clone(),
+            draining: self.peers.draining(),
         })
         .await
         .map(|_| ())
@@ -1244,6 +1245,9 @@ impl Node {
     pub async fn drain(&self, budget: Duration) -> (Vec<String>, Vec<String>) {
         let started = tokio::time::Instant::now();
         let end = started + budget;
+        // From now on it refuses to be a transfer's target, also of transfers other brokers
+        // chose before they saw its draining mark.
+        self.peers.set_draining(true);
         let lease = self.transfer_lease();
         let reserve =
             if self.config.peers.is_empty() || self.controller.leader() != Some(self.node_id) {
@@ -1395,6 +1399,7 @@ impl Node {
             })
             .await?;
         }
+        self.peers.set_draining(false);
         Ok(was)
     }
 

@@ -1405,7 +1405,8 @@ async fn a_drain_that_cannot_mark_its_broker_says_so() {
 /// drain's own choice was the most caught-up other replica (on a tie, the highest node id),
 /// draining or not: once node 3 was drained and kept running, a drain of node 2 handed its
 /// leaderships to node 3. And a drained broker stayed marked until it restarted: no
-/// preferred leadership came back to it.
+/// preferred leadership came back to it. A drained broker refuses to be a transfer's target
+/// (before, a transfer another broker chose before it saw the mark made it leader again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_hands_leaderships_to_brokers_that_stay_and_undrain_takes_them_back() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1443,6 +1444,17 @@ async fn a_drain_hands_leaderships_to_brokers_that_stay_and_undrain_takes_them_b
     let node3 = brokers[2].cli(&["cluster", "drain"]);
     weft_tests::ok_stdout(&node3);
     assert_eq!(leading(3), Vec::<u32>::new(), "node 3 drained");
+    // A transfer to the drained broker (as a leader balance that had not seen the mark yet
+    // would ask for) is refused by the broker itself, before any heartbeat is held back.
+    let (p, leader, _, _) = partitions(&brokers[0], "stay")[0].clone();
+    let (status, body) = brokers[leader as usize - 1].http(
+        "POST",
+        &format!("/v1/topics/stay/partitions/{p}/leader"),
+        Some(r#"{"node_id":3}"#),
+    );
+    assert_eq!(status, 409, "a transfer to a draining broker: {body}");
+    assert!(body.contains("node 3 is draining"), "{body}");
+    assert_eq!(leading(3), Vec::<u32>::new(), "node 3 took a leadership");
     let node2 = brokers[1].cli(&["cluster", "drain"]);
     let out = weft_tests::ok_stdout(&node2);
     assert!(out.contains("-> node 1"), "{out}");

@@ -218,6 +218,10 @@ pub enum ControllerCommand {
         /// The cluster id its data directory holds (see [`ControllerState::cluster_id`]).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         cluster_id: String,
+        /// It is draining (a registration again while it drains keeps the mark; the first
+        /// after a restart clears it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        draining: bool,
     },
     /// The controller's new leader takes over coordinating the consumer groups (proposed by
     /// the leader itself, once per leadership): the coordinator epoch moves on, and with it the
@@ -605,13 +609,14 @@ impl ControllerState {
                 client_address,
                 features,
                 cluster_id,
+                draining,
             } => {
                 self.brokers.insert(
                     *node_id,
                     BrokerMeta {
                         peer_address: peer_address.clone(),
                         client_address: client_address.clone(),
-                        draining: false,
+                        draining: *draining,
                         // A broker being removed stays so when it registers again.
                         removing: self.brokers.get(node_id).is_some_and(|b| b.removing),
                         features: *features,
@@ -2010,6 +2015,43 @@ mod tests {
         register_at(state, node, FEATURE_LEVEL);
     }
 
+    /// A broker registering again while it drains (a build upgrade's registration) keeps its
+    /// draining mark; its first registration after a restart (not draining) clears it.
+    #[test]
+    fn a_registration_carries_the_draining_mark() {
+        let mut state = ControllerState::default();
+        let register = |state: &mut ControllerState, draining: bool| {
+            state.apply(&ControllerCommand::RegisterBroker {
+                node_id: 2,
+                peer_address: "127.0.0.2:7401".into(),
+                client_address: "127.0.0.2:7400".into(),
+                features: 0,
+                cluster_id: String::new(),
+                draining,
+            });
+            state.brokers.get(&2).map(|b| b.draining)
+        };
+        assert_eq!(register(&mut state, false), Some(false));
+        state.apply(&ControllerCommand::SetDraining {
+            node_id: 2,
+            draining: true,
+        });
+        assert_eq!(register(&mut state, true), Some(true));
+        assert_eq!(register(&mut state, false), Some(false));
+        // An entry of an older build (no field) reads as not draining.
+        let older: ControllerCommand = serde_json::from_str(
+            r#"{"RegisterBroker":{"node_id":2,"peer_address":"a","client_address":"b"}}"#,
+        )
+        .expect("an older entry reads");
+        assert!(matches!(
+            older,
+            ControllerCommand::RegisterBroker {
+                draining: false,
+                ..
+            }
+        ));
+    }
+
     /// Registers `node` as a build of feature level `features`.
     fn register_at(state: &mut ControllerState, node: NodeId, features: u32) {
         state.apply(&ControllerCommand::RegisterBroker {
@@ -2018,6 +2060,7 @@ mod tests {
             client_address: format!("127.0.0.{node}:7400"),
             features,
             cluster_id: format!("cluster-of-{node}"),
+            draining: false,
         });
     }
 

@@ -196,6 +196,8 @@ struct Inner {
     holds: Mutex<HashMap<GroupId, Hold>>,
     /// Per group: a leadership transfer to this node is under way (see [`Standby`]).
     standbys: Mutex<HashMap<GroupId, Standby>>,
+    /// This broker is draining ([`Peers::set_draining`]): a transfer's target here refuses.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -334,6 +336,7 @@ impl Peers {
                 settled: Mutex::new(None),
                 sole_replicas: RwLock::new(std::collections::HashSet::new()),
                 ended_by_operator: std::sync::atomic::AtomicBool::new(false),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -494,6 +497,24 @@ impl Peers {
             .sole_replicas
             .read()
             .is_ok_and(|sole| sole.contains(&group_id))
+    }
+
+    /// Whether this broker refuses to be a leadership transfer's target: set while it drains
+    /// (from the drain's start until it is undrained or restarts), so that a transfer another
+    /// broker started before it saw the draining mark (its leader balance, an operator) does
+    /// not hand it a leadership after its drain moved them all away. Elections it wins
+    /// otherwise (its leader died) still stand: they keep the partition available.
+    pub fn set_draining(&self, draining: bool) {
+        self.inner
+            .draining
+            .store(draining, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether this broker is draining (see [`Peers::set_draining`]).
+    pub fn draining(&self) -> bool {
+        self.inner
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// An operator ends this node's recovery: it votes everywhere from now on, whatever a late
@@ -1256,7 +1277,7 @@ impl Peers {
         hold: Duration,
         stand_after: Duration,
         hold_id: u64,
-    ) {
+    ) -> Option<String> {
         let (me, term, others) = {
             let m = raft.metrics();
             let m = m.borrow();
@@ -1294,18 +1315,29 @@ impl Peers {
                     Err(e) => Err(e),
                 };
                 match answer {
-                    Ok(a) if a.held => {}
-                    Ok(a) => tracing::debug!(
-                        group = group_id,
-                        node,
-                        reason = a.reason,
-                        "elections not held"
-                    ),
-                    Err(e) => tracing::debug!(group = group_id, node, "elections not held: {e}"),
+                    Ok(a) if a.held => None,
+                    Ok(a) if a.refused && node == target => Some(a.reason),
+                    Ok(a) => {
+                        tracing::debug!(
+                            group = group_id,
+                            node,
+                            reason = a.reason,
+                            "elections not held"
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(group = group_id, node, "elections not held: {e}");
+                        None
+                    }
                 }
             }
         });
-        futures::future::join_all(asked).await;
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
     }
 
     /// This node grants a vote in group `group_id`: the candidate gets its time to win before
@@ -2141,12 +2173,23 @@ impl pb::raft_server::Raft for RaftService {
                     "this replica is in term {term} with leader {leader:?}, not term {} with leader {}",
                     message.term, message.leader_id
                 ),
+                refused: false,
             }));
         }
         // At most a few leases, whatever the leader asked (0 ends a hold).
         let lease = Duration::from_millis(raft.config().election_timeout_max);
         let cap = lease.saturating_mul(4);
         if message.target == self.peers.inner.node_id {
+            if message.hold_ms != 0 && self.peers.draining() {
+                return Ok(Response::new(pb::HoldElectionsResponse {
+                    held: false,
+                    reason: format!(
+                        "node {} is draining: it takes no leadership (undrain it first)",
+                        self.peers.inner.node_id
+                    ),
+                    refused: true,
+                }));
+            }
             let stand_after = if message.hold_ms == 0 {
                 Duration::ZERO
             } else {
@@ -2157,6 +2200,7 @@ impl pb::raft_server::Raft for RaftService {
                 return Ok(Response::new(pb::HoldElectionsResponse {
                     held: false,
                     reason: "this replica is the transfer's target".into(),
+                    refused: false,
                 }));
             }
             self.peers
@@ -2164,6 +2208,7 @@ impl pb::raft_server::Raft for RaftService {
             return Ok(Response::new(pb::HoldElectionsResponse {
                 held: false,
                 reason: "this replica is the transfer's target: it stands by".into(),
+                refused: false,
             }));
         }
         let hold = Duration::from_millis(message.hold_ms).min(cap);
@@ -2172,6 +2217,7 @@ impl pb::raft_server::Raft for RaftService {
         Ok(Response::new(pb::HoldElectionsResponse {
             held: true,
             reason: String::new(),
+            refused: false,
         }))
     }
 
@@ -2246,6 +2292,14 @@ impl pb::raft_server::Raft for RaftService {
                     leader.map_or_else(|| "no known leader".to_string(), |l| format!("node {l}"))
                 )));
             }
+        }
+        // (Its answer to the hold said so already; a leader that did not ask first learns it
+        // here.)
+        if self.peers.draining() {
+            return Err(Status::failed_precondition(format!(
+                "node {} is draining: it takes no leadership (undrain it first)",
+                self.peers.node_id()
+            )));
         }
         // The leader's call came: no standing by itself any more.
         if let Ok(mut standbys) = self.peers.inner.standbys.lock() {

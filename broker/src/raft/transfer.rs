@@ -236,7 +236,9 @@ pub(crate) async fn transfer_leadership(
         // pause (this leader died meanwhile: the others would wait out their hold).
         let hold_id = super::network::new_hold_id();
         transferring.held = Some((peers.clone(), group_id, target, hold_id));
-        peers
+        // A target that will not lead (draining since this leader chose it) says so here,
+        // before the heartbeats stop: the transfer ends and the followers' holds are lifted.
+        if let Some(refused) = peers
             .hold_elections(
                 group_id,
                 raft,
@@ -245,7 +247,12 @@ pub(crate) async fn transfer_leadership(
                 lease + TRANSFER_PAUSE_EXTRA + lease / 2,
                 hold_id,
             )
-            .await;
+            .await
+        {
+            return Err(BrokerError::Conflict(format!(
+                "the transfer's target refused: {refused}"
+            )));
+        }
         if let Some(p) = pause {
             p.hold();
         }
@@ -306,7 +313,7 @@ pub(crate) async fn transfer_leadership(
     if let Some((_, _, _, hold_id)) = transferring.held.take()
         && outcome.is_err()
     {
-        peers
+        let _ = peers
             .hold_elections(
                 group_id,
                 raft,
