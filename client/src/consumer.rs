@@ -256,22 +256,35 @@ fn reconnect_delay(quick_ends: u32) -> Duration {
 /// taken by the application (a commit of the broker's position would cover them). A restarted
 /// partition starts at the broker's offset: another member held it in between (a generation
 /// this stream never saw), and may have committed past this member's position.
+///
+/// Outside a group (`plain`) the partitions are this consumer's for good: one the broker left
+/// out (its replicas did not answer; the broker adds it once they do) keeps the position it
+/// had, which the next stream names again. Before, it was dropped, and the next stream started
+/// it at the configured start ("latest" skipped what it had not read yet).
 fn kept_positions(
     before: BTreeMap<u32, u64>,
     owned: BTreeMap<u32, u64>,
     restarted: &BTreeSet<u32>,
     same_stream: bool,
+    plain: bool,
 ) -> BTreeMap<u32, u64> {
-    if !same_stream {
-        return owned;
+    let mut positions: BTreeMap<u32, u64> = if same_stream {
+        owned
+            .iter()
+            .map(|(&partition, &offset)| match before.get(&partition) {
+                Some(&mine) if !restarted.contains(&partition) => (partition, mine),
+                _ => (partition, offset),
+            })
+            .collect()
+    } else {
+        owned.clone()
+    };
+    if plain {
+        for (partition, mine) in before {
+            positions.entry(partition).or_insert(mine);
+        }
     }
-    owned
-        .into_iter()
-        .map(|(partition, offset)| match before.get(&partition) {
-            Some(&mine) if !restarted.contains(&partition) => (partition, mine),
-            _ => (partition, offset),
-        })
-        .collect()
+    positions
 }
 
 /// How often the client heartbeats: `heartbeat_interval`, and at least three times per session
@@ -655,6 +668,7 @@ impl Consumer {
                     owned,
                     &restarted,
                     self.assigned_on_stream,
+                    self.config.group.is_none(),
                 );
                 self.assigned_on_stream = true;
                 self.committed.retain(|p, _| self.positions.contains_key(p));
@@ -1216,17 +1230,38 @@ mod tests {
         let owned = BTreeMap::from([(0, 100), (1, 200), (2, 5)]);
         let none = BTreeSet::new();
         assert_eq!(
-            kept_positions(before.clone(), owned.clone(), &none, true),
+            kept_positions(before.clone(), owned.clone(), &none, true, false),
             BTreeMap::from([(0, 10), (1, 20), (2, 5)])
         );
         assert_eq!(
-            kept_positions(before.clone(), owned.clone(), &BTreeSet::from([1]), true),
+            kept_positions(
+                before.clone(),
+                owned.clone(),
+                &BTreeSet::from([1]),
+                true,
+                false
+            ),
             BTreeMap::from([(0, 10), (1, 200), (2, 5)])
         );
         assert_eq!(
-            kept_positions(before, owned.clone(), &none, false),
+            kept_positions(before.clone(), owned.clone(), &none, false, false),
             owned,
             "a stream's first assignment places every partition"
+        );
+        // A group member loses what it is not given; a plain consumer keeps its place in a
+        // partition the broker left out for now.
+        let given = BTreeMap::from([(0, 100)]);
+        assert_eq!(
+            kept_positions(before.clone(), given.clone(), &none, false, false),
+            given
+        );
+        assert_eq!(
+            kept_positions(before.clone(), given.clone(), &none, false, true),
+            BTreeMap::from([(0, 100), (1, 20)])
+        );
+        assert_eq!(
+            kept_positions(before, given, &none, true, true),
+            BTreeMap::from([(0, 10), (1, 20)])
         );
     }
 

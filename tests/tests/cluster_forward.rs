@@ -394,7 +394,15 @@ async fn partition_leaders(
 async fn one_replica_partitions_on_two_brokers(
     topic: &str,
 ) -> (Vec<weft_tests::Broker>, u32, u32, usize, usize) {
-    let brokers = start_cluster(3);
+    one_replica_partitions_on_two_brokers_with(topic, &[]).await
+}
+
+/// [`one_replica_partitions_on_two_brokers`] with more flags for every broker.
+async fn one_replica_partitions_on_two_brokers_with(
+    topic: &str,
+    extra: &[&str],
+) -> (Vec<weft_tests::Broker>, u32, u32, usize, usize) {
+    let brokers = weft_tests::start_cluster_with(3, extra);
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",
@@ -999,6 +1007,71 @@ async fn a_subscriber_starts_without_a_partition_that_is_down_and_takes_it_once_
         .expect("the stream takes the partition once it is back")
         .expect("a record within 30 s");
     assert_eq!((message.partition, &message.value[..]), (far, &b"r1"[..]));
+}
+
+/// A plain consumer (no group) whose stream reopens while the only replica of its partition is
+/// down keeps its position there: the broker leaves the partition out of the assignment, and
+/// the consumer names its position again at every later stream. Before, the position was
+/// dropped with the assignment that left the partition out, the next stream started at
+/// "latest", and what was published there before the broker went down was never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_consumer_keeps_its_place_in_a_partition_down_across_streams() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "stream_age_ms_max = 1000\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path");
+    let topic = "keeps-its-place";
+    let (mut brokers, _near, far, entry, frozen) =
+        one_replica_partitions_on_two_brokers_with(topic, &["--config", config]).await;
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    let mut publisher = grpc::publisher(&channel);
+    let client = brokers[entry].client().await;
+    let mut consumer = client
+        .consumer(weft_client::ConsumerConfig {
+            credit_records: 1,
+            ..weft_client::ConsumerConfig::new(topic).partitions(vec![far])
+        })
+        .await
+        .expect("the consumer starts");
+    publisher
+        .publish(one_record(topic, far, 1))
+        .await
+        .expect("publish");
+    let first = consumer
+        .next_timeout(Duration::from_secs(20))
+        .await
+        .expect("a record")
+        .expect("r1 within 20 s");
+    assert_eq!((first.offset, &first.value[..]), (0, &b"r1"[..]));
+    for id in 2..=3 {
+        publisher
+            .publish(one_record(topic, far, id))
+            .await
+            .expect("publish");
+    }
+    brokers[frozen].kill9();
+    // Streams end every second meanwhile, each opened again without the partition (r2 may
+    // have come before the broker went down).
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
+        if let Ok(Some(m)) = consumer.next_timeout(Duration::from_millis(500)).await {
+            seen.push((m.offset, String::from_utf8_lossy(&m.value).to_string()));
+        }
+    }
+    brokers[frozen].start_again_same_ports();
+    brokers[frozen].wait_ready();
+    let until = tokio::time::Instant::now() + Duration::from_secs(40);
+    while seen.len() < 2 && tokio::time::Instant::now() < until {
+        if let Ok(Some(m)) = consumer.next_timeout(Duration::from_secs(1)).await {
+            seen.push((m.offset, String::from_utf8_lossy(&m.value).to_string()));
+        }
+    }
+    assert_eq!(
+        seen,
+        [(1, "r2".to_string()), (2, "r3".to_string())],
+        "what was published before the broker went down comes once back"
+    );
 }
 
 /// A group member that opens its stream with resume offsets while a partition's only replica
