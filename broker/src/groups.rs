@@ -196,8 +196,6 @@ struct Group {
     generation: u64,
     members: BTreeMap<String, Member>,
     view: watch::Sender<Arc<GroupView>>,
-    /// Held across a commit's check, read and write.
-    commit_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Group {
@@ -297,7 +295,18 @@ struct Inner {
     /// Where this coordinator stands since it took the groups over: until its members had
     /// time to come back, it does not know them (see [`Coordinator::lock_without_members`]).
     takeover: Mutex<Takeover>,
+    /// Each group id's commit lock (held across a commit's check, read and write), kept while
+    /// a commit holds it or waits for it: a commit outlives its group's stay in memory (its
+    /// last member left meanwhile), and a member of the group joined again waits for it
+    /// ([`Coordinator::settle_commits`]).
+    /// Before, the lock went with the group, and commits outside membership shared one lock
+    /// of the whole broker: a new member found a fresh lock, read its offset before the
+    /// commit was stored, and its own commits were refused as going backwards. Locked last.
+    commit_locks: Mutex<CommitLocks>,
 }
+
+/// Per group id, its commit lock while anyone holds it (see `Inner::commit_locks`).
+type CommitLocks = HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>;
 
 /// How far a coordinator's takeover of the groups has gone.
 #[derive(Debug, Clone, Copy)]
@@ -384,6 +393,7 @@ impl Coordinator {
                 changing: Mutex::new(Default::default()),
                 idle_since: Mutex::new(HashMap::new()),
                 takeover: Mutex::new(Takeover::Settled),
+                commit_locks: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -491,7 +501,6 @@ impl Coordinator {
                         .max(floor),
                     members: BTreeMap::new(),
                     view: watch::Sender::new(Arc::new(GroupView::default())),
-                    commit_lock: Arc::new(tokio::sync::Mutex::new(())),
                 })
             }
         };
@@ -1051,9 +1060,9 @@ impl Coordinator {
     /// against the new generation. Returns at once on a broker that does not coordinate the
     /// group.
     pub async fn settle_commits(&self, group_id: &str) {
-        let lock = match self.groups() {
-            Ok(groups) => match groups.get(group_id) {
-                Some(group) => group.commit_lock.clone(),
+        let lock = match self.commit_locks() {
+            Ok(locks) => match locks.get(group_id).and_then(std::sync::Weak::upgrade) {
+                Some(lock) => lock,
                 None => return,
             },
             Err(_) => return,
@@ -1061,15 +1070,27 @@ impl Coordinator {
         let _ = tokio::time::timeout(COMMIT_SETTLE_MAX, lock.lock()).await;
     }
 
+    fn commit_locks(&self) -> Result<std::sync::MutexGuard<'_, CommitLocks>, BrokerError> {
+        self.inner
+            .commit_locks
+            .lock()
+            .map_err(|_| BrokerError::Internal("commit locks poisoned".into()))
+    }
+
+    /// `group_id`'s commit lock: the one a commit in flight holds (or waits for), else a new
+    /// one. Locks nobody holds any more are forgotten whenever the map is full, before it
+    /// grows.
     fn commit_lock(&self, group_id: &str) -> Result<Arc<tokio::sync::Mutex<()>>, BrokerError> {
-        static OUTSIDE: std::sync::OnceLock<Arc<tokio::sync::Mutex<()>>> =
-            std::sync::OnceLock::new();
-        Ok(match self.groups()?.get(group_id) {
-            Some(group) => group.commit_lock.clone(),
-            None => OUTSIDE
-                .get_or_init(|| Arc::new(tokio::sync::Mutex::new(())))
-                .clone(),
-        })
+        let mut locks = self.commit_locks()?;
+        if let Some(lock) = locks.get(group_id).and_then(std::sync::Weak::upgrade) {
+            return Ok(lock);
+        }
+        if locks.len() >= 64 && locks.len() >= locks.capacity() {
+            locks.retain(|_, lock| lock.strong_count() > 0);
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(group_id.to_string(), Arc::downgrade(&lock));
+        Ok(lock)
     }
 
     fn check_commit(
@@ -1498,6 +1519,75 @@ mod tests {
         assert!(late.is_err(), "{late:?}");
         // No group here: nothing to wait for.
         coordinator.settle_commits("nobody").await;
+    }
+
+    /// A commit in flight when its group's last member leaves (the group leaves memory) is
+    /// still waited for by a member joining again, and so is a commit from outside membership.
+    /// Before, the commit lock went with the group in memory (and commits outside membership
+    /// shared one lock of the whole broker): the new member found a fresh lock, read its
+    /// offset before the commit was stored, and its own commits were refused as going
+    /// backwards (helper-109).
+    #[tokio::test]
+    async fn a_commit_in_flight_outlives_its_group_in_memory() {
+        let go = Arc::new(tokio::sync::Notify::new());
+        let store = Arc::new(Gated {
+            inner: store(),
+            go: go.clone(),
+        });
+        let coordinator = Coordinator::new(store, Duration::from_secs(10));
+        let now = Instant::now();
+        for (member, committer) in [("a", "a"), ("c", "")] {
+            let joined = coordinator
+                .join("g", Some(member), "t", "id-t", 1, None, now)
+                .expect("join");
+            let generation = if committer.is_empty() {
+                0
+            } else {
+                joined.view.borrow().generation
+            };
+            if committer.is_empty() {
+                coordinator.leave("g", member, joined.incarnation);
+            }
+            let commit = tokio::spawn({
+                let coordinator = coordinator.clone();
+                async move {
+                    coordinator
+                        .commit("g", committer, generation, "id-t", &[(0, 100)])
+                        .await
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!commit.is_finished(), "the commit waits for its proposal");
+            if !committer.is_empty() {
+                coordinator.leave("g", member, joined.incarnation);
+            }
+            let b = coordinator
+                .join("g", Some("b"), "t", "id-t", 1, None, now)
+                .expect("join");
+            let settled = tokio::spawn({
+                let coordinator = coordinator.clone();
+                async move { coordinator.settle_commits("g").await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                !settled.is_finished(),
+                "settled before the commit in flight (committer {committer:?})"
+            );
+            go.notify_one();
+            commit.await.expect("task").expect("the commit");
+            settled.await.expect("task");
+            assert_eq!(
+                coordinator.committed("g", "id-t", 0).expect("read"),
+                Some(100)
+            );
+            coordinator.leave("g", "b", b.incarnation);
+            coordinator
+                .inner
+                .store
+                .reset("g".into(), "id-t".into(), vec![(0, 0)])
+                .await
+                .expect("reset for the next round");
+        }
     }
 
     /// A group whose topic was deleted leaves memory once this broker's metadata no longer

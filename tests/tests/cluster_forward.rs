@@ -1081,10 +1081,7 @@ async fn a_plain_consumer_keeps_its_place_in_a_partition_down_across_streams() {
 /// member was given again the records it had processed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_placed_late_starts_where_the_member_resumes() {
-    use weft_proto::v1::{
-        PartitionOffset, StartPosition, SubscribeRequest, SubscribeStart, start_position,
-        subscribe_request, subscribe_response,
-    };
+    use weft_proto::v1::{PartitionOffset, subscribe_response};
     let topic = "late-resume";
     let (mut brokers, near, far, entry, frozen) =
         one_replica_partitions_on_two_brokers(topic).await;
@@ -1097,35 +1094,12 @@ async fn a_partition_placed_late_starts_where_the_member_resumes() {
             .expect("publish");
     }
     brokers[frozen].kill9();
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(SubscribeRequest {
-        request: Some(subscribe_request::Request::Start(SubscribeStart {
-            topic: topic.into(),
-            group_id: "late-resume-group".into(),
-            start: Some(StartPosition {
-                position: Some(start_position::Position::Earliest(
-                    start_position::Earliest {},
-                )),
-            }),
-            // The member processed the first two records of `far` on an earlier stream.
-            resume: vec![PartitionOffset {
-                partition: far,
-                offset: 2,
-            }],
-            credit: Some(weft_proto::v1::Credit {
-                records: 1000,
-                bytes: 0,
-            }),
-            ..SubscribeStart::default()
-        })),
-    })
-    .await
-    .expect("queue the start");
-    let mut stream = grpc::subscriber(&channel)
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("the stream opens")
-        .into_inner();
+    // The member processed the first two records of `far` on an earlier stream.
+    let resume = vec![PartitionOffset {
+        partition: far,
+        offset: 2,
+    }];
+    let (tx, mut stream) = group_stream(&channel, topic, "late-resume-group", resume).await;
     let mut restarted = false;
     let started_at = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
@@ -1168,6 +1142,115 @@ async fn a_partition_placed_late_starts_where_the_member_resumes() {
         "the far partition starts where the member resumes"
     );
     drop(tx);
+}
+
+/// A group member's Subscribe stream (raw gRPC) on `topic`, from the earliest offsets or
+/// `resume`: the sender of its requests (its start already sent) and the server's messages.
+async fn group_stream(
+    channel: &tonic::transport::Channel,
+    topic: &str,
+    group: &str,
+    resume: Vec<weft_proto::v1::PartitionOffset>,
+) -> (
+    tokio::sync::mpsc::Sender<weft_proto::v1::SubscribeRequest>,
+    tonic::Streaming<weft_proto::v1::SubscribeResponse>,
+) {
+    use weft_proto::v1::{
+        StartPosition, SubscribeRequest, SubscribeStart, start_position, subscribe_request,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Start(SubscribeStart {
+            topic: topic.into(),
+            group_id: group.into(),
+            start: Some(StartPosition {
+                position: Some(start_position::Position::Earliest(
+                    start_position::Earliest {},
+                )),
+            }),
+            resume,
+            credit: Some(weft_proto::v1::Credit {
+                records: 1000,
+                bytes: 0,
+            }),
+            ..SubscribeStart::default()
+        })),
+    })
+    .await
+    .expect("queue the start");
+    let stream = grpc::subscriber(channel)
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    (tx, stream)
+}
+
+/// A member commits over its stream an offset of a partition its group gave it but that the
+/// broker left out of its assignment (its only replica down): the offset is checked against
+/// the partition's high watermark, as every other commit is, and not stored when it cannot be.
+/// Before, only partitions the stream was reading were checked: an offset past the end of the
+/// log was stored, every later commit of the partition was refused as going backwards, and
+/// each new owner started past the end (helper-109).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_commit_of_a_partition_left_out_is_checked() {
+    use weft_proto::v1::{
+        PartitionOffset, StreamCommit, SubscribeRequest, subscribe_request, subscribe_response,
+    };
+    let topic = "left-out-commit";
+    let (mut brokers, near, far, entry, frozen) =
+        one_replica_partitions_on_two_brokers(topic).await;
+    brokers[frozen].kill9();
+    let channel = grpc::channel(&brokers[entry].client_addr).await;
+    let (tx, mut stream) = group_stream(&channel, topic, "left-out-group", Vec::new()).await;
+    let generation = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let message = stream.message().await.expect("the stream goes on");
+            if let Some(subscribe_response::Event::Assignment(a)) =
+                message.expect("the stream stays open").event
+            {
+                let placed: Vec<u32> = a.partitions.iter().map(|p| p.partition).collect();
+                assert!(placed.contains(&near), "{a:?}");
+                assert!(!placed.contains(&far), "{a:?}");
+                return a.generation;
+            }
+        }
+    })
+    .await
+    .expect("an assignment within 30 s");
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Commit(StreamCommit {
+            generation,
+            offsets: vec![PartitionOffset {
+                partition: far,
+                offset: 1_000_000,
+            }],
+        })),
+    })
+    .await
+    .expect("queue the commit");
+    let answer = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Err(status) => return Err(status),
+                Ok(None) => panic!("the stream ended with no answer"),
+                Ok(Some(m)) => {
+                    if let Some(subscribe_response::Event::CommitAck(ack)) = m.event {
+                        return Ok(ack);
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("an answer within 30 s");
+    match answer {
+        Ok(ack) => assert!(
+            ack.offsets.iter().all(|o| o.partition != far),
+            "an offset past the end of the log was stored: {ack:?}"
+        ),
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+    }
 }
 
 /// A replica learns of commits after its leader. A follower cut off from its leader's appends

@@ -839,6 +839,54 @@ async fn a_slow_commit_of_the_start_does_not_expire_the_member() {
     producer.close().await.expect("close");
 }
 
+/// A member whose own commit over its stream is slow to be stored (the controller's proposal
+/// takes 3 s, the member's session 1 s) stays a member: its stream's session keeps it alive
+/// while it waits for the commit. Before, the session read none of the member's heartbeats
+/// meanwhile, the member expired, its group rebalanced, and its stream ended (helper-109).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_commit_over_the_stream_does_not_expire_the_member() {
+    let broker = Broker::start_with_env(&[], &[("WEFT_TEST_COMMIT_STALL_MS", "3000")]);
+    broker.wait_ready();
+    let client = work_topic(&broker, 1).await;
+    let producer = client.producer(ProducerConfig::default());
+    producer
+        .send("work", Record::new("r0"))
+        .await
+        .expect("stored");
+    let mut member = client
+        .consumer(
+            ConsumerConfig::new("work")
+                .group("g")
+                .start(StartFrom::Earliest)
+                .auto_commit(false)
+                .session_timeout(Duration::from_secs(1)),
+        )
+        .await
+        .expect("join");
+    let (id, generation) = (member.member_id().to_string(), member.generation());
+    let first = member
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("next")
+        .expect("r0 within 10 s");
+    assert_eq!(first.value, bytes::Bytes::from("r0"));
+    member.commit().await.expect("the commit is stored");
+    producer
+        .send("work", Record::new("r1"))
+        .await
+        .expect("stored");
+    let next = member
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("next")
+        .expect("r1 within 10 s");
+    assert_eq!(next.value, bytes::Bytes::from("r1"), "nothing read twice");
+    assert_eq!(member.member_id(), id, "the member kept its id");
+    assert_eq!(member.generation(), generation, "no rebalance");
+    member.close().await.expect("close");
+    producer.close().await.expect("close");
+}
+
 /// A member that commits over its stream but reads none of the answers (the stream's queue and
 /// its HTTP/2 window full of deliveries it does not read) does not hold its session stuck: at
 /// 64 acknowledgements waiting the session reads no more of its commits, and the stream still

@@ -974,6 +974,34 @@ struct Bounds {
     at_timestamp: Option<u64>,
 }
 
+/// Runs `work` (a step of a group member's session that may take seconds: its commit's
+/// proposal, the wait for the group's commits in flight, the start offsets of a new
+/// assignment) and heartbeats the member meanwhile: the session reads none of the member's own
+/// heartbeats until it is done. Before, a member whose session was shorter than such a step
+/// expired while its stream waited, and its group rebalanced.
+async fn kept_alive<T>(
+    member: Option<&GroupLink>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(member) = member else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    // Four times per session timeout.
+    let every = (member.session / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut beat = tokio::time::interval(every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = beat.tick() => {
+                // (A member gone meanwhile is found at its next message.)
+                let _ = member.heartbeat();
+            }
+        }
+    }
+}
+
 /// Where a stream starts reading a partition: where the client says it resumes, else the
 /// group's committed offset, else the asked start position.
 ///
@@ -1256,7 +1284,11 @@ impl Session {
         if let Some(member) = &self.group
             && partitions.len() > kept.len()
         {
-            self.node.groups.settle_commits(&member.group_id).await;
+            kept_alive(
+                Some(member),
+                self.node.groups.settle_commits(&member.group_id),
+            )
+            .await;
         }
         // Owned at the previous assignment, but not kept: they start again.
         let restarted: Vec<u32> = partitions
@@ -1269,7 +1301,11 @@ impl Session {
             .copied()
             .filter(|p| !kept.contains(p))
             .collect();
-        let (mut positions, unplaced) = self.start_offsets(&new, NEW_PARTITION_WAIT, true).await?;
+        let (mut positions, unplaced) = kept_alive(
+            self.group.as_ref(),
+            self.start_offsets(&new, NEW_PARTITION_WAIT, true),
+        )
+        .await?;
         for p in &kept {
             if let Some(&position) = self.positions.get(p) {
                 positions.insert(*p, position);
@@ -1739,8 +1775,10 @@ impl Session {
                 // Checked as a unary commit is (an offset past the high watermark would be
                 // stored, and every later commit of the partition refused as going backwards).
                 // An offset within what this stream delivered is within the high watermark:
-                // only those past it are looked up (a replica elsewhere may be asked). A
-                // partition this stream does not own is the coordinator's to refuse.
+                // only those past it, and those of partitions this stream does not read (left
+                // out of its assignment while their replicas do not answer), are looked up (a
+                // replica elsewhere may be asked). A partition this stream does not own is the
+                // coordinator's to refuse.
                 let mut named = std::collections::BTreeSet::new();
                 if let Some(o) = commit.offsets.iter().find(|o| !named.insert(o.partition)) {
                     return Err(BrokerError::invalid(
@@ -1754,14 +1792,21 @@ impl Session {
                     .filter(|o| {
                         self.positions
                             .get(&o.partition)
-                            .is_some_and(|&p| o.offset > p)
+                            .is_none_or(|&p| o.offset > p)
                     })
                     .cloned()
                     .collect();
                 if !beyond.is_empty() {
-                    SubscriberService::new(self.node.clone())
-                        .check_offsets(&self.start.topic, partitions, &beyond, false)
-                        .await?;
+                    kept_alive(
+                        Some(member),
+                        SubscriberService::new(self.node.clone()).check_offsets(
+                            &self.start.topic,
+                            partitions,
+                            &beyond,
+                            false,
+                        ),
+                    )
+                    .await?;
                 }
                 let request = CommitOffsetsRequest {
                     topic: self.start.topic.clone(),
@@ -1771,22 +1816,22 @@ impl Session {
                     offsets: commit.offsets.clone(),
                     reset: false,
                 };
-                let committed =
-                    match group_link::commit(&self.node, &request, &self.topic_id, 0).await {
-                        Ok(committed) => committed,
-                        // From a generation that a rebalance has since replaced: nothing is
-                        // committed and the stream goes on (its new assignment follows). An
-                        // acknowledgement with no offsets says so.
-                        // (Refused here, or by the coordinator on another broker.)
-                        Err(e)
-                            if e.replaced_generation()
-                                .is_some_and(|current| commit.generation < current)
-                                && !commit.offsets.is_empty() =>
-                        {
-                            Vec::new()
-                        }
-                        Err(e) => return Err(e),
-                    };
+                let committing = group_link::commit(&self.node, &request, &self.topic_id, 0);
+                let committed = match kept_alive(Some(member), committing).await {
+                    Ok(committed) => committed,
+                    // From a generation that a rebalance has since replaced: nothing is
+                    // committed and the stream goes on (its new assignment follows). An
+                    // acknowledgement with no offsets says so.
+                    // (Refused here, or by the coordinator on another broker.)
+                    Err(e)
+                        if e.replaced_generation()
+                            .is_some_and(|current| commit.generation < current)
+                            && !commit.offsets.is_empty() =>
+                    {
+                        Vec::new()
+                    }
+                    Err(e) => return Err(e),
+                };
                 let ack = CommitAck {
                     generation: commit.generation,
                     offsets: committed
