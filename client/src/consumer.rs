@@ -248,6 +248,25 @@ fn reconnect_delay(quick_ends: u32) -> Duration {
     Duration::from_millis(100 * u64::from(quick_ends.min(20)))
 }
 
+/// The stream's next message of a kind this client knows; None when the stream ended. A
+/// message whose event this build does not know (a newer broker's) is passed over: before, it
+/// read as the end of the stream, the consumer opened another while the old one was still
+/// open, and its group rebalanced at each.
+async fn next_known(
+    responses: &mut tonic::Streaming<proto::SubscribeResponse>,
+) -> std::result::Result<Option<proto::SubscribeResponse>, tonic::Status> {
+    loop {
+        match responses.message().await? {
+            Some(message) if message.event.is_none() => {
+                tracing::debug!(
+                    "a subscription message of a kind this client does not know: passed over"
+                );
+            }
+            other => return Ok(other),
+        }
+    }
+}
+
 /// The positions after an assignment that announced `owned` (each partition with the broker's
 /// position in it), `restarted` of them lost and given back since the previous assignment on
 /// this stream. The first assignment of a stream (`same_stream` false) places every partition.
@@ -594,7 +613,7 @@ impl Consumer {
         let Some(responses) = self.responses.as_mut() else {
             return Err(Error::Closed);
         };
-        let message = match tokio::time::timeout_at(until, responses.message()).await {
+        let message = match tokio::time::timeout_at(until, next_known(responses)).await {
             Ok(Ok(message)) => {
                 self.last_heard = tokio::time::Instant::now();
                 message
@@ -700,8 +719,14 @@ impl Consumer {
             ),
             Event::CommitAck(ack) => {
                 self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
-                // No offsets: refused, the generation it named is no longer current.
+                // No offsets: refused, the generation it named is no longer current. An
+                // automatic commit is then due again at its next interval, under the new
+                // generation (the positions of the partitions kept are still uncommitted);
+                // before, it counted as done, and a quiet topic left them uncommitted.
                 self.last_commit_refused = ack.offsets.is_empty();
+                if self.last_commit_refused {
+                    self.handed_since_commit = true;
+                }
                 for o in &ack.offsets {
                     if self.positions.contains_key(&o.partition) {
                         self.committed.insert(o.partition, o.offset);
@@ -1220,6 +1245,43 @@ impl Drop for Consumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message whose event this build does not know (a newer broker's: field 9 here) is
+    /// passed over; the next known one is read. Before, it read as the end of the stream.
+    #[tokio::test]
+    async fn a_message_of_an_unknown_kind_is_passed_over() {
+        use prost::Message as _;
+        use tonic::codec::Codec as _;
+        let frame = |body: &[u8]| {
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            framed.extend_from_slice(body);
+            framed
+        };
+        let known = proto::SubscribeResponse {
+            event: Some(Event::Heartbeat(proto::Heartbeat { time_ms: 7 })),
+        };
+        let mut body = frame(&[0x48, 0x01]);
+        body.extend(frame(&known.encode_to_vec()));
+        let stream = || {
+            let mut codec = tonic_prost::ProstCodec::<
+                proto::SubscribeRequest,
+                proto::SubscribeResponse,
+            >::default();
+            tonic::Streaming::new_response(
+                codec.decoder(),
+                http_body_util::Full::new(bytes::Bytes::from(body.clone())),
+                tonic::codegen::http::StatusCode::OK,
+                None,
+                None,
+            )
+        };
+        // Read as it comes, the first message has no event (what was taken for the end).
+        let raw = stream().message().await.expect("decoded");
+        assert_eq!(raw, Some(proto::SubscribeResponse { event: None }));
+        let first = next_known(&mut stream()).await.expect("decoded");
+        assert_eq!(first, Some(known));
+    }
 
     /// A later assignment on a stream keeps this consumer's own position in the partitions it
     /// owned, unless the broker says one restarted (given back after another member held it);

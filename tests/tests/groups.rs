@@ -839,6 +839,50 @@ async fn a_slow_commit_of_the_start_does_not_expire_the_member() {
     producer.close().await.expect("close");
 }
 
+/// An automatic commit refused because the group rebalanced meanwhile (it named the
+/// generation before) is sent again at the next interval under the new one, also while no
+/// record comes. Before, it counted as done: on a quiet topic the member's positions stayed
+/// uncommitted for as long as it stayed quiet, and a crash or the next rebalance delivered
+/// those records again (helper-108).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automatic_commit_refused_by_a_rebalance_is_sent_again() {
+    // Member a's session takes the rebalance 3 s late: its automatic commit, due 2 s after
+    // it started, names the generation before.
+    let broker = Broker::start_with_env(&[], &[("WEFT_TEST_GROUP_CHANGE_DELAY_MS", "3000")]);
+    let client = broker.client().await;
+    let config = two_partitions_of_ten(&client).await;
+    let mut a = client
+        .consumer(ConsumerConfig {
+            auto_commit: true,
+            auto_commit_interval: Duration::from_secs(2),
+            ..config.clone()
+        })
+        .await
+        .expect("a joins");
+    for _ in 0..20 {
+        a.next_timeout(Duration::from_secs(10))
+            .await
+            .expect("next")
+            .expect("a record within 10 s");
+    }
+    let mut b = client.consumer(config).await.expect("b joins");
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(9) {
+        let _ = a.next_timeout(Duration::from_millis(200)).await;
+        let _ = b.next_timeout(Duration::from_millis(10)).await;
+    }
+    let kept = a.assignment();
+    assert_eq!(kept.len(), 1, "the partitions are shared: {kept:?}");
+    let committed = committed(&client).await;
+    assert_eq!(
+        committed.get(&kept[0]),
+        Some(&10),
+        "a committed what it read of the partition it kept: {committed:?}"
+    );
+    a.close().await.expect("close");
+    b.close().await.expect("close");
+}
+
 /// A member whose own commit over its stream is slow to be stored (the controller's proposal
 /// takes 3 s, the member's session 1 s) stays a member: its stream's session keeps it alive
 /// while it waits for the commit. Before, the session read none of the member's heartbeats
