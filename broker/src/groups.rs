@@ -1051,9 +1051,8 @@ impl Coordinator {
         })
     }
 
-    /// The lock that serialises commits of `group_id` (groups without members share one).
-    /// Waits (at most [`COMMIT_SETTLE_MAX`]) until the commits of `group_id` checked before now
-    /// are stored or refused: a member given a partition in a new generation reads its
+    /// Waits (at most [`COMMIT_SETTLE_MAX`], on its commit lock) until the commits of
+    /// `group_id` checked before now are stored or refused: a member given a partition in a new generation reads its
     /// committed offset after this, so a commit its previous owner made just before the
     /// rebalance is not read as older than it is (the new owner would start before it, and its
     /// first commit be refused as going backwards). Commits checked after now are checked

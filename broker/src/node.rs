@@ -806,7 +806,12 @@ impl Node {
             client_address,
             features: crate::raft::feature_level(),
             cluster_id: self.local_cluster_id.clone(),
-            draining: self.peers.draining(),
+            // (A broker of an older build would apply the mark as not draining.)
+            draining: self.peers.draining()
+                && self
+                    .controller_state()
+                    .behind(crate::raft::DRAINING_MARK_LEVEL)
+                    .is_none(),
         })
         .await
         .map(|_| ())
@@ -1392,6 +1397,9 @@ impl Node {
             .brokers
             .get(&self.node_id)
             .is_some_and(|b| b.draining);
+        // The local mark first: a registration meanwhile (at a build upgrade) must not carry
+        // the draining mark back after this.
+        self.peers.set_draining(false);
         if !self.config.peers.is_empty() {
             self.propose(ControllerCommand::SetDraining {
                 node_id: self.node_id,
@@ -1399,7 +1407,6 @@ impl Node {
             })
             .await?;
         }
-        self.peers.set_draining(false);
         Ok(was)
     }
 

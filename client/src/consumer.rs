@@ -1126,12 +1126,13 @@ impl Consumer {
         }
     }
 
-    /// Partitions this consumer owns now.
+    /// Partitions this consumer owns now (outside a group, also those the broker left out of
+    /// its stream for now, their replicas not answering: it reads them once they answer).
     pub fn assignment(&self) -> Vec<u32> {
         self.positions.keys().copied().collect()
     }
 
-    /// The position (next offset to return) per owned partition.
+    /// The position (next offset to return) per owned partition (see [`Consumer::assignment`]).
     pub fn positions(&self) -> &BTreeMap<u32, u64> {
         &self.positions
     }

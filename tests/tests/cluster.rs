@@ -1228,6 +1228,7 @@ async fn a_stale_call_to_stand_leaves_the_leader_in_place() {
             group_id: 1,
             term: stale_term,
             leader_id: from,
+            last_resort: false,
         });
         request
             .metadata_mut()
@@ -1421,6 +1422,20 @@ async fn a_drain_hands_leaderships_to_brokers_that_stay_and_undrain_takes_them_b
         Some(r#"{"name":"stay","partitions":6,"replication_factor":3}"#),
     );
     assert_eq!(status, 201, "{body}");
+    // Two replicas each: once node 3 is drained, a partition on nodes 2 and 3 has no other
+    // replica to take node 2's leadership than the draining node 3.
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"pair","partitions":3,"replication_factor":2}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let on_2_and_3: Vec<u32> = partitions(&brokers[0], "pair")
+        .into_iter()
+        .filter(|(_, _, replicas, _)| replicas.contains(&2) && replicas.contains(&3))
+        .map(|(p, _, _, _)| p)
+        .collect();
+    assert!(!on_2_and_3.is_empty(), "replicas spread over the brokers");
     // Every partition led by its preferred replica (the leader balance sees to it).
     wait_for("preferred leaders", Duration::from_secs(60), || {
         let now = partitions(&brokers[0], "stay");
@@ -1459,9 +1474,18 @@ async fn a_drain_hands_leaderships_to_brokers_that_stay_and_undrain_takes_them_b
     let out = weft_tests::ok_stdout(&node2);
     assert!(out.contains("-> node 1"), "{out}");
     assert!(
-        !out.contains("-> node 3"),
+        !out.lines()
+            .any(|l| l.contains("stay/") && l.contains("-> node 3")),
         "handed to the draining node 3: {out}"
     );
+    // The leader chose the draining node 3 knowing it drains, for want of another replica: it
+    // takes the leadership (before, it refused, and the partition was kept).
+    for p in &on_2_and_3 {
+        assert!(
+            out.contains(&format!("pair/{p} -> node 3")),
+            "pair/{p} handed to node 3, its only other replica: {out}"
+        );
+    }
     assert_eq!(leading(3), Vec::<u32>::new(), "node 3 leads again: {out}");
     assert_eq!(leading(2), Vec::<u32>::new(), "node 2 drained");
     assert_eq!(leading(1).len(), 6);

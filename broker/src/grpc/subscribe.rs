@@ -987,9 +987,10 @@ async fn kept_alive<T>(
         return work.await;
     };
     tokio::pin!(work);
-    // Four times per session timeout.
+    // Four times per session timeout, the first once the work has taken that long (a step
+    // done at once says nothing of whether the client is alive).
     let every = (member.session / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut beat = tokio::time::interval(every);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -1270,6 +1271,14 @@ impl Session {
         view: Option<&GroupView>,
     ) -> Result<(), BrokerError> {
         let generation = view.map_or(0, |v| v.generation);
+        // A resume offset kept for a partition left unplaced at the first assignment places it
+        // in a later one only if this member held it without a break since (another member
+        // may have read and committed further in between).
+        if self.group.is_some() && self.assignments > 0 {
+            let previous = self.generation;
+            self.resume
+                .retain(|p, _| view.is_some_and(|v| v.held_since(*p, previous)));
+        }
         let kept: Vec<u32> = partitions
             .iter()
             .copied()
@@ -1331,12 +1340,8 @@ impl Session {
         // records in between came again, and the member's next commit was refused as going
         // backwards.
         if self.group.is_some() {
-            if self.assignments == 0 {
-                let unplaced = &self.unplaced;
-                self.resume.retain(|p, _| unplaced.contains(p));
-            } else {
-                self.resume.clear();
-            }
+            let unplaced = &self.unplaced;
+            self.resume.retain(|p, _| unplaced.contains(p));
         }
         self.assignments += 1;
         self.send_assignment(restarted).await

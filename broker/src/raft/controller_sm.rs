@@ -219,7 +219,8 @@ pub enum ControllerCommand {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         cluster_id: String,
         /// It is draining (a registration again while it drains keeps the mark; the first
-        /// after a restart clears it).
+        /// after a restart clears it). Proposed true only while every broker is at
+        /// [`DRAINING_MARK_LEVEL`].
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         draining: bool,
     },
@@ -295,7 +296,13 @@ pub struct BrokerMeta {
 ///   replica move is applied (`replicas_max`: an older broker applies them whatever a broker
 ///   then holds), so that two changes checked at once by their proposers against the same
 ///   state cannot both pass. The first change so checked raises `features_in_use` to 6.
-pub const FEATURE_LEVEL: u32 = 6;
+/// - 7: a registration carries the broker's draining mark (`RegisterBroker.draining`: an
+///   older broker applies one as not draining). The first such registration raises
+///   `features_in_use` to 7.
+pub const FEATURE_LEVEL: u32 = 7;
+
+/// The feature level whose registrations carry the draining mark (see [`FEATURE_LEVEL`]).
+pub const DRAINING_MARK_LEVEL: u32 = 7;
 
 /// The feature level that checks `partition_replicas_max` when a placement or a move is
 /// applied (see [`FEATURE_LEVEL`]).
@@ -611,6 +618,9 @@ impl ControllerState {
                 cluster_id,
                 draining,
             } => {
+                if *draining {
+                    self.features_in_use = self.features_in_use.max(DRAINING_MARK_LEVEL);
+                }
                 self.brokers.insert(
                     *node_id,
                     BrokerMeta {
@@ -2037,6 +2047,7 @@ mod tests {
             draining: true,
         });
         assert_eq!(register(&mut state, true), Some(true));
+        assert_eq!(state.features_in_use, DRAINING_MARK_LEVEL);
         assert_eq!(register(&mut state, false), Some(false));
         // An entry of an older build (no field) reads as not draining.
         let older: ControllerCommand = serde_json::from_str(

@@ -39,8 +39,9 @@ use serde::{Deserialize, Serialize};
 pub use controller_group::{ControllerGroup, ControllerService, controller_raft_config};
 pub use controller_sm::{
     BrokerMeta, CLUSTER_ID_LEVEL, ControllerCommand, ControllerResponse, ControllerState,
-    ControllerStateMachine, FEATURE_LEVEL, GroupOffsets, LAST_BROKER_CHECK_LEVEL, PLACEMENT_LEVEL,
-    PartitionMeta, PlannedMove, TopicBase, TopicMeta, UPDATE_BASE_LEVEL, feature_level,
+    ControllerStateMachine, DRAINING_MARK_LEVEL, FEATURE_LEVEL, GroupOffsets,
+    LAST_BROKER_CHECK_LEVEL, PLACEMENT_LEVEL, PartitionMeta, PlannedMove, TopicBase, TopicMeta,
+    UPDATE_BASE_LEVEL, feature_level,
 };
 pub use flusher::{Flusher, SyncMode, syncfs_reports_errors};
 pub use log_store::{LogReader, LogStore};

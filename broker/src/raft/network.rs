@@ -502,8 +502,10 @@ impl Peers {
     /// Whether this broker refuses to be a leadership transfer's target: set while it drains
     /// (from the drain's start until it is undrained or restarts), so that a transfer another
     /// broker started before it saw the draining mark (its leader balance, an operator) does
-    /// not hand it a leadership after its drain moved them all away. Elections it wins
-    /// otherwise (its leader died) still stand: they keep the partition available.
+    /// not hand it a leadership after its drain moved them all away. A leader that chose it
+    /// knowing it drains (no other replica to take the leadership: `last_resort`) is not
+    /// refused. Elections it wins otherwise (its leader died) still stand: they keep the
+    /// partition available.
     pub fn set_draining(&self, draining: bool) {
         self.inner
             .draining
@@ -1269,6 +1271,7 @@ impl Peers {
     /// win, may stand first and take the leadership meant for the target (seen on a loaded
     /// 2-core machine). Best effort: a voter that does not answer in time (or a broker of an
     /// earlier version) is not waited for; it only races the target as before.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn hold_elections(
         &self,
         group_id: GroupId,
@@ -1277,6 +1280,7 @@ impl Peers {
         hold: Duration,
         stand_after: Duration,
         hold_id: u64,
+        last_resort: bool,
     ) -> Option<String> {
         let (me, term, others) = {
             let m = raft.metrics();
@@ -1305,6 +1309,7 @@ impl Peers {
                 } else {
                     0
                 },
+                last_resort,
             };
             async move {
                 let answer = match self.raft_client(&address) {
@@ -2180,7 +2185,7 @@ impl pb::raft_server::Raft for RaftService {
         let lease = Duration::from_millis(raft.config().election_timeout_max);
         let cap = lease.saturating_mul(4);
         if message.target == self.peers.inner.node_id {
-            if message.hold_ms != 0 && self.peers.draining() {
+            if message.hold_ms != 0 && self.peers.draining() && !message.last_resort {
                 return Ok(Response::new(pb::HoldElectionsResponse {
                     held: false,
                     reason: format!(
@@ -2295,7 +2300,7 @@ impl pb::raft_server::Raft for RaftService {
         }
         // (Its answer to the hold said so already; a leader that did not ask first learns it
         // here.)
-        if self.peers.draining() {
+        if self.peers.draining() && !request.get_ref().last_resort {
             return Err(Status::failed_precondition(format!(
                 "node {} is draining: it takes no leadership (undrain it first)",
                 self.peers.node_id()

@@ -96,7 +96,15 @@ impl Drop for Transferring<'_> {
             let raft = self.raft.clone();
             runtime.spawn(async move {
                 peers
-                    .hold_elections(group_id, &raft, target, Duration::ZERO, Duration::ZERO, id)
+                    .hold_elections(
+                        group_id,
+                        &raft,
+                        target,
+                        Duration::ZERO,
+                        Duration::ZERO,
+                        id,
+                        false,
+                    )
                     .await;
             });
         }
@@ -188,6 +196,9 @@ pub(crate) async fn transfer_leadership(
                 leader: me,
             })?,
     };
+    // Chosen by this leader although it drains (no other replica ranks above it): a draining
+    // target takes it. Named by the caller, or not known here to drain, it refuses.
+    let last_resort = !explicit && avoid.contains(&target);
     // A target that has not answered lately (down, cut off) could not stand: the leader would
     // refuse proposals and hold back its heartbeats for nothing (and the other followers'
     // leases run out).
@@ -246,6 +257,7 @@ pub(crate) async fn transfer_leadership(
                 lease * 3 + TRANSFER_PAUSE_EXTRA,
                 lease + TRANSFER_PAUSE_EXTRA + lease / 2,
                 hold_id,
+                last_resort,
             )
             .await
         {
@@ -274,6 +286,7 @@ pub(crate) async fn transfer_leadership(
                 group_id,
                 term,
                 leader_id: me,
+                last_resort,
             },
             timeout.min(lease.max(ELECT_CALL_TIMEOUT_MIN)),
         );
@@ -321,6 +334,7 @@ pub(crate) async fn transfer_leadership(
                 Duration::ZERO,
                 Duration::ZERO,
                 hold_id,
+                false,
             )
             .await;
     }
