@@ -335,9 +335,16 @@ impl PartitionLog {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.ends_with(".tmp") || name.ends_with(PURGED_SUFFIX) {
-                // (A purged segment's data file whose removal was cut off is one of these.)
+                // (A purged segment's data file whose removal was cut off is one of these; a
+                // removal still running, of this log's instance before a reopen, may delete
+                // it first.)
                 let path = entry.path();
-                fs::remove_file(&path).io("remove leftover", &path)?;
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).io("remove leftover", &path);
+                    }
+                    _ => {}
+                }
             } else if let Some(base) = segment::parse_data_file_name(&name) {
                 bases.push(base);
             }
@@ -484,6 +491,17 @@ impl PartitionLog {
                 }
             }
             segments.push(seg);
+            // At most `open_segments_max` sealed segments' files open meanwhile: the one that
+            // falls out of the last ones checked is closed (reads open it again). Before, every
+            // segment's file stayed open until the end of the open, and a log of more segments
+            // than the process may open files failed to open at all.
+            if let Some(behind) = segments
+                .len()
+                .checked_sub(2 + config.open_segments_max)
+                .and_then(|i| segments.get(i))
+            {
+                behind.close_file();
+            }
         }
         for corruption in &report.corruptions {
             tracing::error!(
@@ -812,6 +830,10 @@ impl PartitionLog {
         }
         self.durable = ticket.next;
         self.segments.push(prepared.segment);
+        // The segment sealed now keeps its file open: the least recently read beyond the bound
+        // are closed (before, only reads closed them, and a log never read from its files
+        // kept one open per segment).
+        self.trim_open_files();
         Ok(())
     }
 
@@ -844,6 +866,7 @@ impl PartitionLog {
         self.durable = self.end();
         let segment = Segment::create(&dir, base, next_index, &config)?;
         self.segments.push(segment);
+        self.trim_open_files();
         Ok(())
     }
 

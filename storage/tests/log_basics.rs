@@ -990,6 +990,13 @@ fn open_segment_files_stay_bounded_and_closed_ones_reopen_on_read() {
         .map(|_| append_random(&mut log, &mut rng, 200))
         .collect();
     assert!(log.segment_count() > 10, "{} segments", log.segment_count());
+    // Rolls close files too, not only reads (a log nobody reads from its files kept one
+    // open per segment).
+    assert!(
+        log.open_segment_files() <= 3,
+        "{} sealed segment files open after the appends",
+        log.open_segment_files()
+    );
     // Read everything, twice, from the start: every segment's file is used.
     for _ in 0..2 {
         let got = read_all_entries(&log).expect("read");
