@@ -735,7 +735,7 @@ pub(crate) fn le_u64(b: &[u8]) -> u64 {
 
 /// Whether the test-only canary switched batch CRC checks off (never, without the
 /// `unsafe-canaries` feature).
-fn crc_check_skipped() -> bool {
+pub(crate) fn crc_check_skipped() -> bool {
     #[cfg(feature = "unsafe-canaries")]
     {
         crate::canary::batch_crc_skipped()

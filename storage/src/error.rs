@@ -89,6 +89,21 @@ pub enum Error {
     /// The group committer has stopped.
     #[error("the group committer has stopped")]
     Closed,
+    /// Intact stored data in a format this build does not read (a newer build wrote it): the
+    /// log is not opened, and nothing is cut or skipped. Run a build that reads it.
+    #[error(
+        "{} at byte {position} holds data in format version {version}, which this build does          not read (it reads version {}): a newer build wrote it; run that build again",
+        segment.display(),
+        crate::codec::FORMAT_VERSION
+    )]
+    NewerFormat {
+        /// The segment file.
+        segment: PathBuf,
+        /// Byte position of the frame.
+        position: u64,
+        /// The version found.
+        version: u8,
+    },
 }
 
 /// Result alias for this crate.

@@ -256,6 +256,40 @@ impl<'a> Window<'a> {
         Ok(Some(self.buf.slice(from..from + len)))
     }
 
+    /// The format version of the intact batch that begins the frame at `pos`, when it is one
+    /// this build does not read: the frame's CRC and the batch's CRC both hold (what a newer
+    /// build wrote), only the version differs. None for anything else (damage among them).
+    fn newer_format(&mut self, pos: u64) -> Result<Option<u8>> {
+        if crate::codec::crc_check_skipped() {
+            return Ok(None);
+        }
+        let Some(probe) = self.slice(pos, FRAME_PROBE_LEN)? else {
+            return Ok(None);
+        };
+        let header_len = if probe[4..8] == FRAME_MAGIC {
+            FRAME_HEADER_LEN
+        } else if probe[4..8] == MULTI_FRAME_MAGIC {
+            MULTI_FRAME_HEADER_LEN
+        } else {
+            return Ok(None);
+        };
+        let stored = le_u32(&probe[0..4]);
+        if stored != frame_crc(&probe[..header_len], &probe[header_len..header_len + 8]) {
+            return Ok(None);
+        }
+        // (A batch begins with its CRC, then its length; the CRC covers what follows it.)
+        let len = le_u32(&probe[header_len + 4..header_len + 8]) as usize;
+        if !(crate::BATCH_HEADER_LEN..=BATCH_LEN_LIMIT).contains(&len) {
+            return Ok(None);
+        }
+        let Some(batch) = self.slice(pos + header_len as u64, len)? else {
+            return Ok(None);
+        };
+        let intact = le_u32(&batch[0..4]) == crc32fast::hash(&batch[4..]);
+        let version = batch[8];
+        Ok((intact && version != crate::codec::FORMAT_VERSION).then_some(version))
+    }
+
     /// Whether the file holds only zeros from `pos` to its end, which is the end of a block and
     /// less than a block away: the padding of a direct write (see [`Writes::Direct`]).
     fn is_padding(&mut self, pos: u64) -> Result<bool> {
@@ -797,7 +831,19 @@ impl Segment {
                     self.next_offset,
                     self.next_index
                 ),
-                Frame::Invalid(detail) => detail,
+                Frame::Invalid(detail) => {
+                    // Intact, in a format this build does not read (a build rolled back after
+                    // a newer one wrote here): refused, not cut as a torn tail or mapped as
+                    // damage.
+                    if let Some(version) = window.newer_format(position)? {
+                        return Err(Error::NewerFormat {
+                            segment: path.clone(),
+                            position,
+                            version,
+                        });
+                    }
+                    detail
+                }
             };
             let padding_fits = match mode {
                 ScanMode::Sealed {
@@ -995,7 +1041,7 @@ impl Segment {
                 Frame::Valid { batches, len, .. } => (batches, len),
                 Frame::Invalid(detail) => {
                     if taken.is_empty() {
-                        return Err(self.corruption(position, detail));
+                        return Err(self.invalid_frame(&mut window, position, detail)?);
                     }
                     return Ok((taken, ReadEnd::Stopped));
                 }
@@ -1076,7 +1122,9 @@ impl Segment {
                     }
                     position += len;
                 }
-                Frame::Invalid(detail) => return Err(self.corruption(position, detail)),
+                Frame::Invalid(detail) => {
+                    return Err(self.invalid_frame(&mut window, position, detail)?);
+                }
             }
         }
         Ok(None)
@@ -1151,6 +1199,24 @@ impl Segment {
             return Ok(Some(damage));
         }
         Ok(None)
+    }
+
+    /// The error of a read that found the frame at `position` invalid: damage, or intact data
+    /// of a newer build (see [`Error::NewerFormat`]).
+    fn invalid_frame(
+        &self,
+        window: &mut Window<'_>,
+        position: u64,
+        detail: String,
+    ) -> Result<Error> {
+        Ok(match window.newer_format(position)? {
+            Some(version) => Error::NewerFormat {
+                segment: self.path.clone(),
+                position,
+                version,
+            },
+            None => self.corruption(position, detail),
+        })
     }
 
     pub(crate) fn corruption(&self, position: u64, detail: String) -> Error {
