@@ -1160,3 +1160,45 @@ fn newer_last_batch(dir: &Path) -> (PathBuf, Vec<u8>, usize) {
     fs::write(&file, &bytes).expect("write");
     (file, bytes, start)
 }
+
+/// Two damaged frames in the tail after a crash: a frame after the second proves the entries
+/// from the first on durable (it was written after a sync that covered them), so both are
+/// damage and the intact frames between and after them stay. Before, the proof looked only at
+/// the frames up to the second damaged one, and everything from the first was cut as a torn
+/// tail, acknowledged entries among them (helper-111).
+#[test]
+fn a_proof_of_durability_is_found_past_a_second_damaged_frame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes_max: 1 << 20,
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    let mut rng = rng(32);
+    append_random(&mut log, &mut rng, 200);
+    log.flush().expect("flush");
+    // F2, F3, F4 written together (each says only F1 was durable), then F5 after their sync.
+    for _ in 0..3 {
+        append_random(&mut log, &mut rng, 200);
+    }
+    log.flush().expect("flush");
+    append_random(&mut log, &mut rng, 200);
+    log.flush().expect("flush");
+    let end = log.end();
+    drop(log); // unclean: the next open scans the tail
+    cut_direct_padding(dir.path(), &config);
+    let file = data_files(dir.path()).pop().expect("a data file");
+    let mut bytes = fs::read(&file).expect("read");
+    let layout = frames(&bytes);
+    assert_eq!(layout.len(), 5);
+    for &frame in &[1, 3] {
+        let (start, len, _) = layout[frame];
+        bytes[start + len - 3] ^= 0x10;
+    }
+    fs::write(&file, &bytes).expect("write");
+    let log = PartitionLog::open(dir.path(), config).expect("open");
+    let report = log.recovery_report();
+    assert!(report.torn_tail.is_none(), "{report:?}");
+    assert_eq!(report.corruptions.len(), 2, "{report:?}");
+    assert_eq!(log.end(), end, "nothing cut");
+}
