@@ -910,11 +910,8 @@ impl Segment {
         Ok(report)
     }
 
-    /// The largest `synced_len` among the valid frames from `at` to the end of the file (past
-    /// more damage too, each found as the scan finds them): every byte below it was on disk
-    /// before one of those frames was written. Before, the walk stopped at the next damaged
-    /// frame, and a later frame's proof was not seen: with two damaged frames, the durable
-    /// entries from the first on were cut as a torn tail.
+    /// The largest `synced_len` among the valid frames that follow each other from `at`: every
+    /// byte below it was on disk before one of those frames was written.
     fn synced_len_proven_after(window: &mut Window<'_>, at: u64) -> Result<u64> {
         let mut position = at;
         let mut proven = 0;
@@ -926,10 +923,7 @@ impl Segment {
                     proven = proven.max(synced_len);
                     position += len;
                 }
-                Frame::Invalid(_) => match Self::resync_after(window, position + 1, 0, None)? {
-                    Some((next, _, _)) => position = next,
-                    None => break,
-                },
+                Frame::Invalid(_) => break,
             }
         }
         Ok(proven)
