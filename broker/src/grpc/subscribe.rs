@@ -1780,10 +1780,10 @@ impl Session {
                 // Checked as a unary commit is (an offset past the high watermark would be
                 // stored, and every later commit of the partition refused as going backwards).
                 // An offset within what this stream delivered is within the high watermark:
-                // only those past it, and those of partitions this stream does not read (left
-                // out of its assignment while their replicas do not answer), are looked up (a
-                // replica elsewhere may be asked). A partition this stream does not own is the
-                // coordinator's to refuse.
+                // only those past it, and those of partitions this stream was given but does
+                // not read (left out of its assignment while their replicas do not answer), are
+                // looked up (a replica elsewhere may be asked). A partition this stream was not
+                // given is the coordinator's to refuse.
                 let mut named = std::collections::BTreeSet::new();
                 if let Some(o) = commit.offsets.iter().find(|o| !named.insert(o.partition)) {
                     return Err(BrokerError::invalid(
@@ -1794,10 +1794,9 @@ impl Session {
                 let beyond: Vec<PartitionOffset> = commit
                     .offsets
                     .iter()
-                    .filter(|o| {
-                        self.positions
-                            .get(&o.partition)
-                            .is_none_or(|&p| o.offset > p)
+                    .filter(|o| match self.positions.get(&o.partition) {
+                        Some(&p) => o.offset > p,
+                        None => self.unplaced.contains(&o.partition),
                     })
                     .cloned()
                     .collect();

@@ -618,20 +618,26 @@ impl ControllerState {
                 cluster_id,
                 draining,
             } => {
-                if *draining {
-                    self.features_in_use = self.features_in_use.max(DRAINING_MARK_LEVEL);
-                }
                 self.brokers.insert(
                     *node_id,
                     BrokerMeta {
                         peer_address: peer_address.clone(),
                         client_address: client_address.clone(),
-                        draining: *draining,
+                        draining: false,
                         // A broker being removed stays so when it registers again.
                         removing: self.brokers.get(node_id).is_some_and(|b| b.removing),
                         features: *features,
                     },
                 );
+                // Checked when applied too, with this registration's level (the proposer's
+                // state may be behind a broker of an older build joining meanwhile, which
+                // applies the mark as not draining).
+                if *draining && self.behind(DRAINING_MARK_LEVEL).is_none() {
+                    self.features_in_use = self.features_in_use.max(DRAINING_MARK_LEVEL);
+                    if let Some(broker) = self.brokers.get_mut(node_id) {
+                        broker.draining = true;
+                    }
+                }
                 // Once every broker stores it (an older build would leave it out of its
                 // snapshots), and from then on no older build may join or run.
                 if self.cluster_id.is_empty()
@@ -2035,7 +2041,7 @@ mod tests {
                 node_id: 2,
                 peer_address: "127.0.0.2:7401".into(),
                 client_address: "127.0.0.2:7400".into(),
-                features: 0,
+                features: FEATURE_LEVEL,
                 cluster_id: String::new(),
                 draining,
             });
@@ -2049,6 +2055,12 @@ mod tests {
         assert_eq!(register(&mut state, true), Some(true));
         assert_eq!(state.features_in_use, DRAINING_MARK_LEVEL);
         assert_eq!(register(&mut state, false), Some(false));
+        // With a broker of an older build registered (it applies the mark as not draining),
+        // the mark is not applied, nor the level raised, whatever the proposer saw.
+        let mut mixed = ControllerState::default();
+        register_at(&mut mixed, 3, DRAINING_MARK_LEVEL - 1);
+        assert_eq!(register(&mut mixed, true), Some(false));
+        assert!(mixed.features_in_use < DRAINING_MARK_LEVEL);
         // An entry of an older build (no field) reads as not draining.
         let older: ControllerCommand = serde_json::from_str(
             r#"{"RegisterBroker":{"node_id":2,"peer_address":"a","client_address":"b"}}"#,

@@ -196,9 +196,13 @@ pub(crate) async fn transfer_leadership(
                 leader: me,
             })?,
     };
-    // Chosen by this leader although it drains (no other replica ranks above it): a draining
-    // target takes it. Named by the caller, or not known here to drain, it refuses.
-    let last_resort = !explicit && avoid.contains(&target);
+    // Chosen by this leader although it drains, and no replica that answers is free of that: a
+    // draining target takes it. Named by the caller, not known here to drain, or with another
+    // replica that could take it (further behind, or a transfer to it failed lately: the
+    // ranking puts those first), it refuses, and the next try goes elsewhere.
+    let last_resort = !explicit
+        && avoid.contains(&target)
+        && others.iter().all(|id| avoid.contains(id) || !answered(id));
     // A target that has not answered lately (down, cut off) could not stand: the leader would
     // refuse proposals and hold back its heartbeats for nothing (and the other followers'
     // leases run out).
