@@ -1154,9 +1154,7 @@ async fn a_partition_placed_late_starts_where_the_member_resumes() {
 /// M was given again what N had read (helper-110).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_offset_does_not_win_over_a_commit_made_in_between() {
-    use weft_proto::v1::{
-        PartitionOffset, StreamCommit, SubscribeRequest, subscribe_request, subscribe_response,
-    };
+    use weft_proto::v1::{PartitionOffset, subscribe_response};
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
     std::fs::write(&config, "stream_heartbeat_ms = 200\n").expect("write the config");
@@ -1225,17 +1223,7 @@ async fn a_resume_offset_does_not_win_over_a_commit_made_in_between() {
     })
     .await
     .expect("n reads the partition within 30 s");
-    n_tx.send(SubscribeRequest {
-        request: Some(subscribe_request::Request::Commit(StreamCommit {
-            generation,
-            offsets: vec![PartitionOffset {
-                partition: far,
-                offset: 3,
-            }],
-        })),
-    })
-    .await
-    .expect("queue the commit");
+    stream_commit(&n_tx, generation, far, 3).await;
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Some(subscribe_response::Event::CommitAck(ack)) = n_stream
@@ -1266,6 +1254,24 @@ async fn a_resume_offset_does_not_win_over_a_commit_made_in_between() {
     .await
     .expect("far is given back to m within 60 s");
     assert_eq!(placed_at, 3, "m starts far at the group's commit");
+}
+
+/// Commits `offset` of `partition` over a Subscribe stream, as of `generation`.
+async fn stream_commit(
+    tx: &tokio::sync::mpsc::Sender<weft_proto::v1::SubscribeRequest>,
+    generation: u64,
+    partition: u32,
+    offset: u64,
+) {
+    use weft_proto::v1::{PartitionOffset, StreamCommit, SubscribeRequest, subscribe_request};
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Commit(StreamCommit {
+            generation,
+            offsets: vec![PartitionOffset { partition, offset }],
+        })),
+    })
+    .await
+    .expect("queue the commit");
 }
 
 /// The next Assignment on a Subscribe stream (within 30 s).
@@ -1344,41 +1350,18 @@ async fn group_stream(
 /// each new owner started past the end (helper-109).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_commit_of_a_partition_left_out_is_checked() {
-    use weft_proto::v1::{
-        PartitionOffset, StreamCommit, SubscribeRequest, subscribe_request, subscribe_response,
-    };
+    use weft_proto::v1::subscribe_response;
     let topic = "left-out-commit";
     let (mut brokers, near, far, entry, frozen) =
         one_replica_partitions_on_two_brokers(topic).await;
     brokers[frozen].kill9();
     let channel = grpc::channel(&brokers[entry].client_addr).await;
     let (tx, mut stream) = group_stream(&channel, topic, "left-out-group", "", Vec::new()).await;
-    let generation = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let message = stream.message().await.expect("the stream goes on");
-            if let Some(subscribe_response::Event::Assignment(a)) =
-                message.expect("the stream stays open").event
-            {
-                let placed: Vec<u32> = a.partitions.iter().map(|p| p.partition).collect();
-                assert!(placed.contains(&near), "{a:?}");
-                assert!(!placed.contains(&far), "{a:?}");
-                return a.generation;
-            }
-        }
-    })
-    .await
-    .expect("an assignment within 30 s");
-    tx.send(SubscribeRequest {
-        request: Some(subscribe_request::Request::Commit(StreamCommit {
-            generation,
-            offsets: vec![PartitionOffset {
-                partition: far,
-                offset: 1_000_000,
-            }],
-        })),
-    })
-    .await
-    .expect("queue the commit");
+    let a = next_assignment(&mut stream).await;
+    let placed: Vec<u32> = a.partitions.iter().map(|p| p.partition).collect();
+    assert!(placed.contains(&near), "{a:?}");
+    assert!(!placed.contains(&far), "{a:?}");
+    stream_commit(&tx, a.generation, far, 1_000_000).await;
     let answer = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match stream.message().await {
