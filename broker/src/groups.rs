@@ -1456,6 +1456,21 @@ mod tests {
         }
     }
 
+    /// `settle_commits("g")` in a task of its own, still waiting 50 ms later (for a commit in
+    /// flight, of `committer`).
+    async fn settling(coordinator: &Coordinator, committer: &str) -> tokio::task::JoinHandle<()> {
+        let settled = tokio::spawn({
+            let coordinator = coordinator.clone();
+            async move { coordinator.settle_commits("g").await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !settled.is_finished(),
+            "settled before the commit in flight (committer {committer:?})"
+        );
+        settled
+    }
+
     /// A partition's new owner reads its committed offset only after the commits its previous
     /// owner made before the rebalance are stored: `settle_commits` waits for them. Before,
     /// it read the offset before them, started behind, and its first commit was refused as
@@ -1488,15 +1503,7 @@ mod tests {
             .join("g", Some("a"), "t", "id-t", 1, None, now)
             .expect("join");
         assert_eq!(a.view.borrow().assignments["a"], vec![0]);
-        let settled = tokio::spawn({
-            let coordinator = coordinator.clone();
-            async move { coordinator.settle_commits("g").await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            !settled.is_finished(),
-            "settled before the commit in flight"
-        );
+        let settled = settling(&coordinator, "").await;
         go.notify_one();
         commit
             .await
@@ -1563,15 +1570,7 @@ mod tests {
             let b = coordinator
                 .join("g", Some("b"), "t", "id-t", 1, None, now)
                 .expect("join");
-            let settled = tokio::spawn({
-                let coordinator = coordinator.clone();
-                async move { coordinator.settle_commits("g").await }
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert!(
-                !settled.is_finished(),
-                "settled before the commit in flight (committer {committer:?})"
-            );
+            let settled = settling(&coordinator, committer).await;
             go.notify_one();
             commit.await.expect("task").expect("the commit");
             settled.await.expect("task");

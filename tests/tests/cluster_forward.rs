@@ -426,6 +426,23 @@ async fn one_replica_partitions_on_two_brokers_with(
     (brokers, near, far, entry, frozen)
 }
 
+/// Publishes one record per id of `ids` to `partition` (each [`one_record`]), one after the
+/// other.
+async fn publish_each(
+    channel: &tonic::transport::Channel,
+    topic: &str,
+    partition: u32,
+    ids: impl IntoIterator<Item = u64>,
+) {
+    let mut publisher = grpc::publisher(channel);
+    for id in ids {
+        publisher
+            .publish(one_record(topic, partition, id))
+            .await
+            .expect("publish");
+    }
+}
+
 fn one_record(topic: &str, partition: u32, request_id: u64) -> PublishRequest {
     PublishRequest {
         topic: topic.into(),
@@ -1026,7 +1043,6 @@ async fn a_plain_consumer_keeps_its_place_in_a_partition_down_across_streams() {
     let (mut brokers, _near, far, entry, frozen) =
         one_replica_partitions_on_two_brokers_with(topic, &["--config", config], &[]).await;
     let channel = grpc::channel(&brokers[entry].client_addr).await;
-    let mut publisher = grpc::publisher(&channel);
     let client = brokers[entry].client().await;
     let mut consumer = client
         .consumer(weft_client::ConsumerConfig {
@@ -1035,22 +1051,14 @@ async fn a_plain_consumer_keeps_its_place_in_a_partition_down_across_streams() {
         })
         .await
         .expect("the consumer starts");
-    publisher
-        .publish(one_record(topic, far, 1))
-        .await
-        .expect("publish");
+    publish_each(&channel, topic, far, [1]).await;
     let first = consumer
         .next_timeout(Duration::from_secs(20))
         .await
         .expect("a record")
         .expect("r1 within 20 s");
     assert_eq!((first.offset, &first.value[..]), (0, &b"r1"[..]));
-    for id in 2..=3 {
-        publisher
-            .publish(one_record(topic, far, id))
-            .await
-            .expect("publish");
-    }
+    publish_each(&channel, topic, far, 2..=3).await;
     brokers[frozen].kill9();
     // Streams end every second meanwhile, each opened again without the partition (r2 may
     // have come before the broker went down).
@@ -1088,13 +1096,7 @@ async fn a_partition_placed_late_starts_where_the_member_resumes() {
     let (mut brokers, near, far, entry, frozen) =
         one_replica_partitions_on_two_brokers(topic).await;
     let channel = grpc::channel(&brokers[entry].client_addr).await;
-    let mut publisher = grpc::publisher(&channel);
-    for id in 1..=3 {
-        publisher
-            .publish(one_record(topic, far, id))
-            .await
-            .expect("publish");
-    }
+    publish_each(&channel, topic, far, 1..=3).await;
     brokers[frozen].kill9();
     // The member processed the first two records of `far` on an earlier stream.
     let resume = vec![PartitionOffset {
@@ -1167,13 +1169,7 @@ async fn a_resume_offset_does_not_win_over_a_commit_made_in_between() {
     )
     .await;
     let channel = grpc::channel(&brokers[entry].client_addr).await;
-    let mut publisher = grpc::publisher(&channel);
-    for id in 1..=3 {
-        publisher
-            .publish(one_record(topic, far, id))
-            .await
-            .expect("publish");
-    }
+    publish_each(&channel, topic, far, 1..=3).await;
     brokers[frozen].kill9();
     let group = "resume-then-commit-group";
     // Partitions go round the members sorted by id: with 3 partitions and two members, the

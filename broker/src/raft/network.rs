@@ -512,6 +512,14 @@ impl Peers {
             .store(draining, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Why a draining target refuses a transfer (see [`Peers::set_draining`]).
+    fn draining_refusal(&self) -> String {
+        format!(
+            "node {} is draining: it takes no leadership (undrain it first)",
+            self.inner.node_id
+        )
+    }
+
     /// Whether this broker is draining (see [`Peers::set_draining`]).
     pub fn draining(&self) -> bool {
         self.inner
@@ -2188,10 +2196,7 @@ impl pb::raft_server::Raft for RaftService {
             if message.hold_ms != 0 && self.peers.draining() && !message.last_resort {
                 return Ok(Response::new(pb::HoldElectionsResponse {
                     held: false,
-                    reason: format!(
-                        "node {} is draining: it takes no leadership (undrain it first)",
-                        self.peers.inner.node_id
-                    ),
+                    reason: self.peers.draining_refusal(),
                     refused: true,
                 }));
             }
@@ -2301,10 +2306,7 @@ impl pb::raft_server::Raft for RaftService {
         // (Its answer to the hold said so already; a leader that did not ask first learns it
         // here.)
         if self.peers.draining() && !request.get_ref().last_resort {
-            return Err(Status::failed_precondition(format!(
-                "node {} is draining: it takes no leadership (undrain it first)",
-                self.peers.node_id()
-            )));
+            return Err(Status::failed_precondition(self.peers.draining_refusal()));
         }
         // The leader's call came: no standing by itself any more.
         if let Ok(mut standbys) = self.peers.inner.standbys.lock() {
