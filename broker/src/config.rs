@@ -566,7 +566,15 @@ impl Config {
                         "the host name {host_name:?} does not end in -<ordinal> (as weft-2 does)"
                     ),
                 })?;
-            self.node_id = ordinal + 1;
+            self.node_id = ordinal
+                .checked_add(1)
+                .filter(|id| *id <= u64::MAX / 2)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: "node_id_from_host_name",
+                    reason: format!(
+                        "the ordinal of the host name {host_name:?} is too large for a node id"
+                    ),
+                })?;
         }
         if let Some(pattern) = &self.peer_address_pattern {
             let invalid = |reason: String| ConfigError::Invalid {
@@ -869,6 +877,16 @@ impl Config {
         )?;
         range("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000)?;
         range("raft_heartbeat_ms", self.raft_heartbeat_ms, 10, 60_000)?;
+        if self.leader_balance_interval_ms != 0 {
+            // 0 turns the balance off; otherwise once per 100 ms at most (a pass goes over
+            // every partition the broker leads).
+            range(
+                "leader_balance_interval_ms",
+                self.leader_balance_interval_ms,
+                100,
+                86_400_000,
+            )?;
+        }
         range(
             "raft_election_timeout_ms",
             self.raft_election_timeout_ms,
@@ -931,7 +949,7 @@ impl Config {
             "topic_defaults.replication_factor",
             d.replication_factor,
             1,
-            16,
+            crate::topic::REPLICATION_FACTOR_MAX,
         )?;
         range(
             "topic_defaults.max_message_bytes",
@@ -1109,6 +1127,15 @@ mod tests {
             error.to_string().contains("node_id_from_host_name"),
             "{error}"
         );
+        // An ordinal too large for a node id is named as the host name's (before: ordinal + 1
+        // overflowed, a panic in a debug build).
+        for host in ["weft-18446744073709551615", "weft-9223372036854775807"] {
+            let error = bad_host.resolve_identity(host).expect_err("too large");
+            assert!(
+                error.to_string().contains("node_id_from_host_name"),
+                "{host}: {error}"
+            );
+        }
 
         for (pattern, size, key) in [
             ("weft.svc:7401", 3, "peer_address_pattern"),
@@ -1182,7 +1209,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let cases: [(&str, &str); 13] = [
+        let cases: [(&str, &str); 14] = [
             ("[auth]\nclient_sidecar = \"nginx\"", "auth.client_sidecar"),
             ("connections_idle_ms = 50", "connections_idle_ms"),
             ("[auth]\ntokens = [\"ci=plaintext\"]", "auth.tokens"),
@@ -1196,6 +1223,10 @@ mod tests {
             ),
             ("flush_sync = \"sometimes\"", "flush_sync"),
             ("node_id = 0", "node_id"),
+            (
+                "leader_balance_interval_ms = 1",
+                "leader_balance_interval_ms",
+            ),
             ("fetch_bytes_max = 1", "fetch_bytes_max"),
             (
                 "[topic_defaults]\nfsync_policy = \"sometimes\"",

@@ -210,15 +210,18 @@ impl Registry {
             slots.retain(|_, partitions| !partitions.is_empty());
             for slot in slots.values().flat_map(|partitions| partitions.values()) {
                 let key = (slot.topic.clone(), slot.partition);
-                if let Some(spec) = wanted.remove(&key) {
-                    let changed = slot.spec.lock().is_ok_and(|s| s.config != spec.config);
-                    if changed {
-                        if let Phase::Ready(p) | Phase::Replaying(p) = slot.phase() {
-                            p.set_config(spec.config.clone());
-                        }
-                        if let Ok(mut s) = slot.spec.lock() {
-                            *s = spec;
-                        }
+                if let Some(spec) = wanted.remove(&key)
+                    && let Ok(mut s) = slot.spec.lock()
+                    && s.config != spec.config
+                {
+                    // The spec first, then the phase, both under the spec's lock: a partition
+                    // that starts meanwhile finds the new spec once it is Replaying (supervise
+                    // checks it then). Before, a change made while the partition opened was
+                    // stored here and never applied to it.
+                    let config = spec.config.clone();
+                    *s = spec;
+                    if let Phase::Ready(p) | Phase::Replaying(p) = slot.phase() {
+                        p.set_config(config);
                     }
                 }
             }
@@ -362,6 +365,10 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             snapshot_interval_bytes: context.snapshot_interval_bytes,
             producer_expiration_ms: context.producer_expiration_ms,
         };
+        if let Some(delay) = crate::test_hook_ms("WEFT_TEST_OPEN_DELAY_MS") {
+            // Tests: a partition that takes this long to open (a long log scan).
+            tokio::time::sleep(delay).await;
+        }
         let opened = tokio::select! {
             opened = PartitionGroup::open(group_spec, context.meta.clone(), context.raft_config.clone(), context.flusher.clone(), context.peers.clone()) => opened,
             _ = stop.changed() => return,
@@ -387,6 +394,12 @@ async fn supervise(context: Arc<HostContext>, slot: Arc<Slot>, changed: watch::S
             context.producers_per_partition_max,
         );
         set_phase(Phase::Replaying(partition.clone()));
+        if let Ok(current) = slot.spec.lock()
+            && current.config != spec.config
+        {
+            // Changed while the partition opened (reconcile had no partition to give it to).
+            partition.set_config(current.config.clone());
+        }
         let caught_up = tokio::select! {
             caught_up = group.caught_up() => caught_up,
             _ = stop.changed() => {

@@ -49,6 +49,8 @@ impl Default for TopicConfig {
 
 /// Most partitions a topic may have.
 pub const PARTITIONS_MAX: u32 = 1024;
+/// Most replicas a topic may ask for (the bound of `topic_defaults.replication_factor` too).
+pub const REPLICATION_FACTOR_MAX: u32 = 16;
 /// Largest `max_message_bytes` a topic may set.
 pub const MESSAGE_BYTES_MAX: u32 = 64 * 1024 * 1024;
 
@@ -114,10 +116,13 @@ impl TopicConfig {
                 format!("{} is outside 1 ..= {PARTITIONS_MAX}", self.partitions),
             ));
         }
-        if self.replication_factor == 0 {
+        if self.replication_factor == 0 || self.replication_factor > REPLICATION_FACTOR_MAX {
             violations.push(FieldViolation::new(
                 "config.replication_factor",
-                "must be at least 1",
+                format!(
+                    "{} is outside 1 ..= {REPLICATION_FACTOR_MAX}",
+                    self.replication_factor
+                ),
             ));
         }
         if self.max_message_bytes < 128 || self.max_message_bytes > MESSAGE_BYTES_MAX {

@@ -376,6 +376,25 @@ fn bad_admin_requests_get_a_4xx_json_body() {
             "INVALID_ARGUMENT",
             Some("config.replication_factor"),
         ),
+        // Before: stored, every partition under-replicated for good, and each rebalance grew
+        // the topic's partitions onto every broker.
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"x","replication_factor":4294967295}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("config.replication_factor"),
+        ),
+        // An interval with the policy that has none: refused, never dropped unseen.
+        (
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"x","fsync_policy":"always","fsync_interval_ms":50}"#),
+            400,
+            "INVALID_ARGUMENT",
+            Some("config.fsync_interval_ms"),
+        ),
         (
             "POST",
             "/v1/brokers/abc/remove",
@@ -656,6 +675,12 @@ fn cli_failures_exit_non_zero_with_one_line() {
         vec!["topic", "frobnicate"],
         vec!["topic", "create", "z", "--partitions", "0"],
         vec!["topic", "create", "z", "--replication-factor", "0"],
+        vec!["topic", "create", "z", "--replication-factor", "1000"],
+        // Node ids start at 1 (before: `--to 0` went out as "no target given", and the broker
+        // moved the leadership to a replica of its own choosing).
+        vec!["cluster", "transfer", "t", "0", "--to", "0"],
+        vec!["cluster", "move", "t", "0", "--replicas", "1,0"],
+        vec!["cluster", "remove-broker", "0"],
         vec!["topic", "alter", "t", "--partitions", "0"],
         vec!["--timeout-ms", "400000000000000", "topic", "list"],
         vec!["--timeout-ms", "0", "topic", "list"],

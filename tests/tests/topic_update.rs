@@ -379,3 +379,93 @@ fn changes_made_at_once_through_three_brokers_all_stand() {
     let admins: Vec<&str> = brokers.iter().map(|b| b.admin_addr.as_str()).collect();
     changes_made_at_once_all_stand(&admins, "many");
 }
+
+/// The interval policy asked for without an interval keeps the topic's interval, or takes the
+/// configured default (before: 100 ms whatever the topic had or the config said); an interval
+/// given with the "always" policy is refused (before: dropped unseen).
+#[test]
+fn the_interval_policy_asked_again_keeps_its_interval() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "[topic_defaults]\nfsync_interval_ms = 250\n").expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8 path")]);
+    let view = |body: &str| -> serde_json::Value { serde_json::from_str(body).expect("json") };
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"iv","partitions":1,"fsync_interval_ms":500}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(view(&body)["fsync_interval_ms"], 500, "{body}");
+    let patch = |body: &str| {
+        let (status, answer) = broker.http("PATCH", "/v1/topics/iv", Some(body));
+        (status, answer)
+    };
+    let (status, body) = patch(r#"{"fsync_policy":"interval"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            &view(&body)["fsync_policy"],
+            &view(&body)["fsync_interval_ms"]
+        ),
+        (&serde_json::json!("interval"), &serde_json::json!(500)),
+        "the topic's interval stays: {body}"
+    );
+    let (status, body) = patch(r#"{"fsync_policy":"always","fsync_interval_ms":0}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("config.fsync_interval_ms"), "{body}");
+    let (status, body) = patch(r#"{"fsync_policy":"always"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(view(&body)["fsync_policy"], "always", "{body}");
+    let (status, body) = patch(r#"{"fsync_policy":"interval"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        view(&body)["fsync_interval_ms"],
+        250,
+        "the configured default: {body}"
+    );
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"iv2","partitions":1,"fsync_policy":"interval"}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        view(&body)["fsync_interval_ms"],
+        250,
+        "the configured default: {body}"
+    );
+}
+
+/// A topic change made while a partition opens (a restart scanning a long log) is applied to
+/// it once it opens. Before, the change was stored and shown, but the partition kept the
+/// limits it opened with until the next restart: a record within the raised limit was refused.
+#[test]
+fn a_change_made_while_the_partition_opens_is_applied() {
+    let mut broker = Broker::start();
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"opening","partitions":1,"max_message_bytes":1048576}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    broker.stop();
+    broker.set_env("WEFT_TEST_OPEN_DELAY_MS", "3000");
+    broker.start_again();
+    let (status, body) = broker.http("GET", "/readyz", None);
+    assert_ne!(status, 200, "the partition is still opening: {body}");
+    let (status, body) = broker.http(
+        "PATCH",
+        "/v1/topics/opening",
+        Some(r#"{"max_message_bytes":4194304}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    broker.wait_ready();
+    let output = broker.cli_with_stdin(&["produce", "opening"], &"x".repeat(2_000_000));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a 2 MB record under the raised 4 MiB limit: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -45,6 +45,7 @@ pub fn resolve_config(
         } else {
             Fsync::Always
         },
+        d.fsync_interval_ms,
     )?;
     // One broker holds one replica: the controller places at most one replica per broker
     // registered when it applies the creation; a topic asking for more is under-replicated until
@@ -72,15 +73,36 @@ pub fn resolve_config(
     })
 }
 
-fn fsync_from_proto(p: &v1::TopicConfig, default: Fsync) -> Result<Fsync, BrokerError> {
+/// The fsync policy `p` asks for. `default` is what stands without one (the topic's current
+/// policy on an update, the configured default on a create); the interval policy asked without
+/// an interval keeps `default`'s interval, or takes the configured `default_interval_ms`.
+fn fsync_from_proto(
+    p: &v1::TopicConfig,
+    default: Fsync,
+    default_interval_ms: u32,
+) -> Result<Fsync, BrokerError> {
     match v1::FsyncPolicy::try_from(p.fsync_policy) {
         // An interval given without a policy means the interval policy.
         Ok(v1::FsyncPolicy::Unspecified) => Ok(match p.fsync_interval_ms {
             Some(ms) => Fsync::IntervalMs(ms),
             None => default,
         }),
-        Ok(v1::FsyncPolicy::Always) => Ok(Fsync::Always),
-        Ok(v1::FsyncPolicy::Interval) => Ok(Fsync::IntervalMs(p.fsync_interval_ms.unwrap_or(100))),
+        Ok(v1::FsyncPolicy::Always) => match p.fsync_interval_ms {
+            // Never dropped unseen: the caller meant one of the two.
+            Some(ms) => Err(BrokerError::invalid(
+                "config.fsync_interval_ms",
+                format!(
+                    "{ms} given with fsync_policy \"always\": an interval applies only to the \"interval\" policy"
+                ),
+            )),
+            None => Ok(Fsync::Always),
+        },
+        Ok(v1::FsyncPolicy::Interval) => Ok(Fsync::IntervalMs(p.fsync_interval_ms.unwrap_or(
+            match default {
+                Fsync::IntervalMs(ms) => ms,
+                Fsync::Always => default_interval_ms,
+            },
+        ))),
         Err(_) => Err(BrokerError::invalid(
             "config.fsync_policy",
             format!("unknown value {}", p.fsync_policy),
@@ -156,7 +178,11 @@ pub fn apply_mask(
                     .unwrap_or(node.config.topic_defaults.segment_bytes)
             }
             "fsync_policy" | "fsync_interval_ms" => {
-                next.fsync = fsync_from_proto(update, current.fsync)?
+                next.fsync = fsync_from_proto(
+                    update,
+                    current.fsync,
+                    node.config.topic_defaults.fsync_interval_ms,
+                )?
             }
             "replication_factor" => {
                 return Err(BrokerError::invalid(

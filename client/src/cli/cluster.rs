@@ -17,8 +17,8 @@ pub(crate) enum ClusterCommand {
         topic: String,
         /// Partition.
         partition: u32,
-        /// The replica to lead (default: the most caught-up other replica).
-        #[arg(long)]
+        /// The replica to lead (default: the most caught-up other replica). Node ids start at 1.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         to: Option<u64>,
     },
     /// Move every leadership the broker (-s) holds to other replicas, before it stops.
@@ -33,7 +33,8 @@ pub(crate) enum ClusterCommand {
         /// Partition.
         partition: u32,
         /// Node ids to hold the replicas, comma-separated: 1,2,4.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',', required = true,
+              value_parser = clap::value_parser!(u64).range(1..))]
         replicas: Vec<u64>,
         /// Wait until the move is done.
         #[arg(long)]
@@ -50,6 +51,7 @@ pub(crate) enum ClusterCommand {
     /// their data.
     EndRecovery {
         /// The broker's node id (a broker that is not this one refuses).
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         node_id: u64,
         /// Accept that records acknowledged before the loss may be lost (required).
         #[arg(long)]
@@ -58,6 +60,7 @@ pub(crate) enum ClusterCommand {
     /// Move every replica off a broker; it then leaves the cluster and can be stopped.
     RemoveBroker {
         /// Its node id.
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
         node_id: u64,
         /// Wait until it has left the cluster.
         #[arg(long)]

@@ -16,8 +16,8 @@ pub(crate) enum TopicCommand {
         /// Partitions (default: the broker's).
         #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
         partitions: Option<u32>,
-        /// Replication factor (default: the broker's; capped by the number of brokers).
-        #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Replication factor, at most 16 (default: the broker's; capped by the number of brokers).
+        #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=16))]
         replication_factor: Option<u32>,
         /// Delete data older than this.
         #[arg(long)]
