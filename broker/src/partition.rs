@@ -460,7 +460,17 @@ impl Partition {
                     leader: self.group.leader(),
                 });
             }
-            if offset < bounds.log_start || offset > limit(bounds.high_watermark) {
+            // A leader holds every committed entry, so past its log end nothing was ever
+            // acknowledged. Up to its log end are entries it may not have seen committed yet (a
+            // new leader learns the commits of the term before only with its own first entry):
+            // a reader there waits for them. Before, it was told OUT_OF_RANGE, a final error,
+            // for an offset the cluster may have acknowledged already.
+            let end = if self.group.is_leader() {
+                bounds.high_watermark.max(bounds.log_end)
+            } else {
+                bounds.high_watermark
+            };
+            if offset < bounds.log_start || offset > limit(end) {
                 return Err(BrokerError::OffsetOutOfRange {
                     offset,
                     start: bounds.log_start,

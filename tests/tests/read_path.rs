@@ -122,3 +122,82 @@ async fn a_fetch_does_not_wait_behind_a_segment_roll() {
     assert_eq!(all[0].1.as_ref(), value('a').as_slice());
     assert_eq!(all[1].1.as_ref(), value('b').as_slice());
 }
+
+/// A leader asked for an offset it has written but not yet seen committed (a new leader learns
+/// the commits of the term before only with its own first entry; here, syncs that take 1 s)
+/// waits for it, and answers once it is committed. Before, it answered OUT_OF_RANGE, a final
+/// error, for an offset the cluster may have acknowledged already. Past its log end, the
+/// offset is out of range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_waits_for_an_offset_it_wrote_and_has_not_committed() {
+    let mut broker = Broker::start();
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"written","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    // Slow syncs from now on (the partition's creation synced at full speed).
+    broker.stop();
+    broker.set_env("WEFT_SYNC_DELAY_MS", "1000");
+    broker.start_again();
+    broker.wait_ready();
+    let channel = grpc::channel(&broker.client_addr).await;
+    let publish = tokio::spawn({
+        let channel = channel.clone();
+        async move {
+            grpc::publisher(&channel)
+                .publish(PublishRequest {
+                    topic: "written".into(),
+                    target: Some(Target::Partition(0)),
+                    records: (0..2)
+                        .map(|i| Record {
+                            value: vec![b'a' + i; 10].into(),
+                            ..Record::default()
+                        })
+                        .collect(),
+                    ..PublishRequest::default()
+                })
+                .await
+        }
+    });
+    weft_tests::wait_for(
+        "the two records written",
+        Duration::from_secs(10),
+        || async {
+            let o = weft_tests::offsets(&broker.client_addr, "written", 0, None)
+                .await
+                .ok()?;
+            (o.log_end_offset == 2 && o.high_watermark == 0).then_some(())
+        },
+    )
+    .await;
+    let fetch = |offset: u64, max_wait_ms: u32| {
+        let channel = channel.clone();
+        async move {
+            grpc::subscriber(&channel)
+                .fetch(FetchRequest {
+                    topic: "written".into(),
+                    partition: 0,
+                    offset,
+                    max_bytes: 1 << 20,
+                    max_wait_ms,
+                    ..FetchRequest::default()
+                })
+                .await
+        }
+    };
+    let past = fetch(3, 0).await.expect_err("past the log end");
+    assert_eq!(past.code(), tonic::Code::OutOfRange, "{past:?}");
+    let read = fetch(1, 10_000)
+        .await
+        .expect("offset 1 is written: the read waits for its commit")
+        .into_inner();
+    let offsets: Vec<u64> = read.records.iter().map(|r| r.offset).collect();
+    assert!(offsets.contains(&1), "offset 1 once committed: {offsets:?}");
+    assert_eq!(read.high_watermark, 2);
+    publish
+        .await
+        .expect("publish task")
+        .expect("the publish is acknowledged");
+}
