@@ -96,6 +96,9 @@ pub struct Partition {
     /// The broker's room for queued publishes, by bytes (see [`Partition::publish`]).
     queue_bytes: PartitionQueueBytes,
     ready: AtomicBool,
+    /// Set once the partition stops on this broker (its topic deleted, its replica moved, a
+    /// reopen after a storage error, the broker stopping): wakes the reads waiting on it.
+    stopped: watch::Sender<bool>,
     damage: Mutex<Vec<Damage>>,
 }
 
@@ -234,6 +237,7 @@ impl Partition {
             jobs,
             queue_bytes: queue_bytes.for_partition(),
             ready: AtomicBool::new(false),
+            stopped: watch::Sender::new(false),
             damage: Mutex::new(damage),
         })
     }
@@ -430,6 +434,7 @@ impl Partition {
         let min_bytes = min_bytes.clamp(1, max_bytes);
         let deadline = Instant::now() + max_wait;
         let mut watermark = self.group.high_watermark();
+        let mut stopped = self.stopped.subscribe();
         let tail = self.group.reader().tail_cache().clone();
         // The dirty-read canary (test-only builds): read what is written, committed or not.
         let dirty = crate::sync_journal::read_uncommitted();
@@ -525,10 +530,21 @@ impl Partition {
                 return Ok(out);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, watermark.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(unavailable("partition is shutting down")),
-                Err(_) => return Ok(out),
+            tokio::select! {
+                waited = tokio::time::timeout(left, watermark.changed()) => match waited {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(unavailable("partition is shutting down")),
+                    Err(_) => return Ok(out),
+                },
+                // Before, a long poll on a partition stopped meanwhile (its topic deleted and
+                // created again, say) waited out its whole wait on the old instance, then
+                // answered with nothing and the old bounds.
+                _ = stopped.wait_for(|stopped| *stopped) => {
+                    return Err(unavailable(
+                        "the partition stopped on this broker (its topic deleted, its replica \
+                         moved, or reopening); ask again",
+                    ));
+                }
             }
         }
     }
@@ -602,6 +618,7 @@ impl Partition {
     /// Every acknowledged batch is durable already.
     pub async fn shutdown(&self, snapshot: bool) {
         self.ready.store(false, Ordering::SeqCst);
+        self.stopped.send_replace(true);
         self.group.shutdown(snapshot).await;
     }
 }

@@ -201,3 +201,66 @@ async fn a_leader_waits_for_an_offset_it_wrote_and_has_not_committed() {
         .expect("publish task")
         .expect("the publish is acknowledged");
 }
+
+/// A long poll on a partition whose topic is deleted (and created again) meanwhile ends at
+/// once with UNAVAILABLE (ask again), and the next Fetch reads the new topic. Before, it waited
+/// out its whole wait on the old partition, then answered with nothing and the old bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_ends_when_its_partition_stops() {
+    let broker = Broker::start();
+    let create = || {
+        let (status, body) = broker.http(
+            "POST",
+            "/v1/topics",
+            Some(r#"{"name":"gone","partitions":1}"#),
+        );
+        assert_eq!(status, 201, "{body}");
+    };
+    create();
+    let channel = grpc::channel(&broker.client_addr).await;
+    let request = FetchRequest {
+        topic: "gone".into(),
+        partition: 0,
+        offset: 0,
+        max_bytes: 1 << 20,
+        max_wait_ms: 20_000,
+        ..FetchRequest::default()
+    };
+    let started = Instant::now();
+    let poll = tokio::spawn({
+        let channel = channel.clone();
+        let request = request.clone();
+        async move { grpc::subscriber(&channel).fetch(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = broker.http("DELETE", "/v1/topics/gone", None);
+    assert!(status == 200 || status == 204, "{status} {body}");
+    let answer = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll ends within 10 s of the deletion, not after its 20 s")
+        .expect("fetch task");
+    let status = answer.expect_err("the partition it waited on is gone");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::NotFound
+        ),
+        "{status:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    create();
+    grpc::publisher(&channel)
+        .publish(PublishRequest {
+            topic: "gone".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Record {
+                value: b"new".to_vec().into(),
+                ..Record::default()
+            }],
+            ..PublishRequest::default()
+        })
+        .await
+        .expect("publish to the new topic");
+    let read = fetch_range(&broker.client_addr, "gone", 0, 0, 1).await;
+    assert_eq!(read[0].1.as_ref(), b"new");
+}
