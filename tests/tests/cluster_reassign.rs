@@ -1291,3 +1291,76 @@ async fn a_move_completes_while_a_replica_it_keeps_is_down() {
     )
     .await;
 }
+
+/// A removal whose move would shrink a partition onto a replica that is down ([1,2,3] ->
+/// [1,3] with 3 down, broker 2 removed) waits for it: the partition keeps taking publishes on
+/// the two replicas that are up, and the removal ends once the replica is back. Before, the
+/// partition's leader made [1,3] the voters (a joint configuration needing 3), and the
+/// partition took no publish for as long as 3 stayed down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_never_shrinks_a_partition_onto_a_replica_that_is_down() {
+    let mut brokers = start_cluster(3);
+    let topic = "shrink";
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{topic}","partitions":1,"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let (replicas, _, leader) = wait_for("a leader", Duration::from_secs(30), || {
+        let p = partition_0(&brokers[0], topic);
+        async move { p.filter(|(r, _, l)| r.len() == 3 && *l != 0) }
+    })
+    .await;
+    publish_until_acknowledged(&[brokers[0].client_addr.clone()], topic, 0, 0, "before").await;
+    let client = brokers[0].client().await;
+    let controller = client
+        .admin()
+        .cluster_status()
+        .await
+        .expect("cluster status")
+        .controller_id;
+    let down = *replicas
+        .iter()
+        .find(|r| **r != leader && **r != controller)
+        .expect("a replica that leads nothing");
+    let removed = *replicas
+        .iter()
+        .find(|r| **r != leader && **r != down)
+        .expect("the other follower");
+    brokers[(down - 1) as usize].kill9();
+    let at = (leader - 1) as usize;
+    let (status, body) = brokers[at].http("POST", &format!("/v1/brokers/{removed}/remove"), None);
+    assert!(status < 300, "{status}: {body}");
+    // A few rounds of the removal's work.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let channel = weft_tests::grpc::channel(&brokers[at].client_addr).await;
+    let during = tokio::time::timeout(
+        Duration::from_secs(20),
+        weft_tests::grpc::publisher(&channel).publish(weft_proto::v1::PublishRequest {
+            topic: topic.into(),
+            target: Some(weft_proto::v1::publish_request::Target::Partition(0)),
+            records: vec![weft_proto::v1::Record {
+                value: b"during".to_vec().into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("the partition takes publishes while its replica is down");
+    during.expect("published on the two replicas that are up");
+    brokers[(down - 1) as usize].start_again_same_ports();
+    let mut left = vec![leader, down];
+    left.sort_unstable();
+    wait_for(
+        "the removal ends once the replica is back",
+        Duration::from_secs(90),
+        || async { (brokers_listed(&brokers[at]) == left).then_some(()) },
+    )
+    .await;
+    let produced = brokers[at].cli(&["--timeout-ms", "15000", "produce", topic, "after"]);
+    ok_stdout(&produced);
+}

@@ -636,6 +636,54 @@ impl PartitionGroup {
                 .map_err(|e| BrokerError::Timeout(format!("node {id} is catching up: {e}")))?;
         }
         let ids: BTreeSet<NodeId> = target.iter().map(|(id, _)| *id).collect();
+        // The voters the change makes (the target; or, this leader leaving, the target with
+        // the voters now) must have a majority that answers: from the joint configuration on,
+        // every commit needs one. Before, a removal that shrank a partition onto a replica that
+        // was down ([1,2,3] -> [1,3], 3 down) stopped it committing for as long as 3 stayed
+        // down, and every later change of its voters (an undo) was refused meanwhile.
+        let lease = Duration::from_millis(self.raft.config().election_timeout_max);
+        let answers = |id: &NodeId| {
+            *id == m.id
+                || self
+                    .peers
+                    .last_contact(self.group_id, *id)
+                    .is_some_and(|t| self.pause.age(t) <= lease)
+        };
+        let next_voters: BTreeSet<NodeId> = if ids.contains(&m.id) {
+            ids.clone()
+        } else {
+            voters_before.union(&ids).copied().collect()
+        };
+        // Answers received after this point prove it: one received a moment before a broker
+        // died would not (a lease lets a dead broker count for seconds).
+        let asked_at = std::time::Instant::now();
+        let heartbeat = Duration::from_millis(self.raft.config().heartbeat_interval.max(1));
+        loop {
+            let up = next_voters
+                .iter()
+                .filter(|id| {
+                    **id == m.id
+                        || self
+                            .peers
+                            .last_contact(self.group_id, **id)
+                            .is_some_and(|t| t > asked_at)
+                })
+                .count();
+            if up * 2 > next_voters.len() {
+                break;
+            }
+            if asked_at.elapsed() >= lease + heartbeat {
+                return Err(BrokerError::Unavailable {
+                    reason: format!(
+                        "only {up} of the voters {next_voters:?} the move makes answer: they \
+                         could not commit (the partition would stop taking writes); the move \
+                         waits for them"
+                    ),
+                    leader: Some(m.id),
+                });
+            }
+            tokio::time::sleep((heartbeat / 4).max(Duration::from_millis(10))).await;
+        }
         if ids.contains(&m.id) {
             self.membership_change(
                 openraft::ChangeMembers::ReplaceAllVoters(ids.clone()),
@@ -678,14 +726,7 @@ impl PartitionGroup {
         let now = self.raft.metrics().borrow().clone();
         // (A replica that went down after it matched everything still shows as matched: it
         // must have answered lately too, as a transfer's target must.)
-        let lease = Duration::from_millis(self.raft.config().election_timeout_max);
-        let caught_up = |id: &NodeId| {
-            super::matched_index(&now, *id) >= last
-                && self
-                    .peers
-                    .last_contact(self.group_id, *id)
-                    .is_some_and(|t| self.pause.age(t) <= lease)
-        };
+        let caught_up = |id: &NodeId| super::matched_index(&now, *id) >= last && answers(id);
         let rank = |id: &NodeId| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX);
         let to = target
             .iter()
