@@ -293,7 +293,7 @@ pub struct CreateTopicBody {
     pub name: String,
     /// Partitions.
     pub partitions: Option<u32>,
-    /// Replication factor (capped by the number of brokers).
+    /// Replication factor, 1 to 16 (capped by the number of brokers).
     pub replication_factor: Option<u32>,
     /// Retention by bytes per partition.
     pub retention_bytes: Option<u64>,
@@ -737,6 +737,7 @@ async fn update_topic(
         body.fsync_policy.is_some() || body.fsync_interval_ms.is_some(),
         "fsync_policy",
     );
+    mark(body.fsync_interval_ms.is_some(), "fsync_interval_ms");
     let update = weft_proto::v1::TopicConfig {
         partitions: body.partitions.unwrap_or(0),
         replication_factor: body.replication_factor.unwrap_or(0),

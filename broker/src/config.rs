@@ -167,7 +167,7 @@ pub struct Config {
 
     /// In a cluster, how often a broker moves the leadership of partitions it leads back to
     /// their preferred replica (the first, so leaders spread) when that broker is up, caught up
-    /// and not draining; 0 never does.
+    /// and not draining; 0 never does; otherwise 100 to 86,400,000.
     pub leader_balance_interval_ms: u64,
     /// Raft heartbeat interval; also how long a leader waits for a follower to take an
     /// AppendEntries (written and synced there).
@@ -338,7 +338,7 @@ impl Default for AuthConfig {
 pub struct TopicDefaults {
     /// Partitions.
     pub partitions: u32,
-    /// Replication factor (capped by the number of brokers).
+    /// Replication factor, 1 to 16 (capped by the number of brokers).
     pub replication_factor: u32,
     /// Largest batch, encoded.
     pub max_message_bytes: u32,

@@ -1656,29 +1656,17 @@ impl Node {
         }
     }
 
-    /// What is wrong with a topic's `config`: its own limits, and a record size this broker's
-    /// gRPC listener would refuse (`grpc_message_bytes_max`), so no publish of it could arrive.
-    /// Only a change checks the latter: a topic made by an older build or through a broker
-    /// with a larger limit keeps its value through other changes.
+    /// What is wrong with a topic's `config`: its own limits, a record size this broker's gRPC
+    /// listener would refuse (`grpc_message_bytes_max`), so no publish of it could arrive, and
+    /// a replication factor above [`crate::topic::REPLICATION_FACTOR_MAX`]. Only a change
+    /// checks the last two: a topic made by an older build or through a broker with a larger
+    /// limit keeps its values through other changes.
     fn topic_config_violations(
         &self,
         config: &TopicConfig,
         current: Option<&TopicConfig>,
     ) -> Vec<crate::topic::FieldViolation> {
-        let mut violations = config.validate();
-        let grpc_max = self.config.grpc_message_bytes_max;
-        let changed = current.is_none_or(|c| c.max_message_bytes != config.max_message_bytes);
-        if changed && config.max_message_bytes > grpc_max {
-            violations.push(crate::topic::FieldViolation::new(
-                "config.max_message_bytes",
-                format!(
-                    "{} is above this broker's grpc_message_bytes_max ({grpc_max}): a \
-                     publish that large would be refused before it reached the topic",
-                    config.max_message_bytes
-                ),
-            ));
-        }
-        violations
+        crate::topic::config_violations(config, current, self.config.grpc_message_bytes_max)
     }
 
     /// Creates a topic and waits until its partitions serve here.

@@ -106,6 +106,41 @@ pub fn validate_name(name: &str) -> Result<(), FieldViolation> {
     Ok(())
 }
 
+/// What is wrong with a topic's `config` (created when `current` is None, else changed from
+/// `current`): its own limits, a record size a gRPC listener with `grpc_max` would refuse (no
+/// publish of it could arrive), and a replication factor above [`REPLICATION_FACTOR_MAX`]. Only
+/// a change checks the last two: a topic made by an older build, or through a broker with a
+/// larger limit, keeps its values through other changes.
+pub fn config_violations(
+    config: &TopicConfig,
+    current: Option<&TopicConfig>,
+    grpc_max: u32,
+) -> Vec<FieldViolation> {
+    let mut violations = config.validate();
+    let changed = current.is_none_or(|c| c.max_message_bytes != config.max_message_bytes);
+    if changed && config.max_message_bytes > grpc_max {
+        violations.push(FieldViolation::new(
+            "config.max_message_bytes",
+            format!(
+                "{} is above this broker's grpc_message_bytes_max ({grpc_max}): a publish that \
+                 large would be refused before it reached the topic",
+                config.max_message_bytes
+            ),
+        ));
+    }
+    let rf_changed = current.is_none_or(|c| c.replication_factor != config.replication_factor);
+    if rf_changed && config.replication_factor > REPLICATION_FACTOR_MAX {
+        violations.push(FieldViolation::new(
+            "config.replication_factor",
+            format!(
+                "{} is outside 1 ..= {REPLICATION_FACTOR_MAX}",
+                config.replication_factor
+            ),
+        ));
+    }
+    violations
+}
+
 impl TopicConfig {
     /// Checks every value; returns all violations.
     pub fn validate(&self) -> Vec<FieldViolation> {
@@ -116,13 +151,12 @@ impl TopicConfig {
                 format!("{} is outside 1 ..= {PARTITIONS_MAX}", self.partitions),
             ));
         }
-        if self.replication_factor == 0 || self.replication_factor > REPLICATION_FACTOR_MAX {
+        // (The upper bound, REPLICATION_FACTOR_MAX, is checked where a topic is created: a
+        // topic an older build stored with more keeps its value through other changes.)
+        if self.replication_factor == 0 {
             violations.push(FieldViolation::new(
                 "config.replication_factor",
-                format!(
-                    "{} is outside 1 ..= {REPLICATION_FACTOR_MAX}",
-                    self.replication_factor
-                ),
+                "must be at least 1",
             ));
         }
         if self.max_message_bytes < 128 || self.max_message_bytes > MESSAGE_BYTES_MAX {
@@ -193,6 +227,39 @@ impl TopicConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replication factor above the maximum is refused when a topic is created with it or
+    /// changed to it, never when a topic an older build stored with it changes another field
+    /// (before, such a topic could no longer be changed at all).
+    #[test]
+    fn the_replication_factor_bound_holds_for_new_values_only() {
+        let grpc_max = 16 * 1024 * 1024;
+        let named =
+            |v: Vec<FieldViolation>| v.iter().any(|v| v.field == "config.replication_factor");
+        let wide = TopicConfig {
+            replication_factor: 20,
+            ..TopicConfig::default()
+        };
+        assert!(named(config_violations(&wide, None, grpc_max)), "created");
+        let narrow = TopicConfig::default();
+        assert!(
+            named(config_violations(&wide, Some(&narrow), grpc_max)),
+            "raised"
+        );
+        let changed = TopicConfig {
+            retention_ms: Some(60_000),
+            ..wide.clone()
+        };
+        assert!(
+            config_violations(&changed, Some(&wide), grpc_max).is_empty(),
+            "another field of a topic stored with 20"
+        );
+        let bounded = TopicConfig {
+            replication_factor: REPLICATION_FACTOR_MAX,
+            ..TopicConfig::default()
+        };
+        assert!(config_violations(&bounded, None, grpc_max).is_empty());
+    }
 
     #[test]
     fn names() {

@@ -252,7 +252,13 @@ def check_schema_bounds(broker):
             for bound in ("minimum", "maximum"):
                 if bound in leaf:
                     cases.append((path, bound, leaf[bound]))
-            # The broker bounds every such key but these (any positive value is fine).
+            for alt in leaf.get("anyOf", []):
+                for bound in ("minimum", "maximum", "const"):
+                    if bound in alt:
+                        cases.append((path, bound, alt[bound]))
+            # The broker bounds every such key but these (any positive value is fine; the
+            # leader balance's interval is 0 or within bounds: an anyOf, whose bounds are
+            # checked above).
             if path not in ("leader_balance_interval_ms", "topic_defaults.retention_bytes",
                             "topic_defaults.retention_ms"):
                 check("minimum" in leaf and "maximum" in leaf,

@@ -1188,18 +1188,10 @@ fn partition_0(broker: &Broker, topic: &str) -> Option<(Vec<u64>, Vec<u64>, u64)
     ))
 }
 
-/// A move whose target keeps a replica that is down completes: a majority of each
-/// configuration is enough, and the leadership goes to a replica that has every entry. Before,
-/// the move waited for every replica of the target to have every entry, the one that was down
-/// too, and handed the leadership (when the leader left) to the most senior replica even when
-/// that one was down: either way the move tried again every 30 s for as long as it was down
-/// (a removal of another broker waited on it too).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_completes_while_a_replica_it_keeps_is_down() {
-    let mut brokers = start_cluster(3);
-    let fourth = add_broker(&brokers, &[]);
-    brokers.push(fourth);
-    let topic = "keeps-one-down";
+/// Creates `topic` (one partition, three replicas) through `brokers[0]` and publishes a record
+/// to it; returns its replicas, its leader, a follower that leads neither it nor the controller
+/// (a broker a test may kill), and the other follower.
+async fn three_replicas_and_roles(brokers: &[Broker], topic: &str) -> (Vec<u64>, u64, u64, u64) {
     let (status, body) = brokers[0].http(
         "POST",
         "/v1/topics",
@@ -1221,16 +1213,32 @@ async fn a_move_completes_while_a_replica_it_keeps_is_down() {
         .await
         .expect("cluster status")
         .controller_id;
-    // A replica to kill (neither the partition's leader nor the controller's), one to drop, and
-    // the broker that holds none.
-    let down = *replicas
+    let quiet = *replicas
         .iter()
         .find(|r| **r != leader && **r != controller)
         .expect("a replica that leads nothing");
-    let dropped = *replicas
+    let other = *replicas
         .iter()
-        .find(|r| **r != leader && **r != down)
-        .expect("another follower");
+        .find(|r| **r != leader && **r != quiet)
+        .expect("the other follower");
+    (replicas, leader, quiet, other)
+}
+
+/// A move whose target keeps a replica that is down completes: a majority of each
+/// configuration is enough, and the leadership goes to a replica that has every entry. Before,
+/// the move waited for every replica of the target to have every entry, the one that was down
+/// too, and handed the leadership (when the leader left) to the most senior replica even when
+/// that one was down: either way the move tried again every 30 s for as long as it was down
+/// (a removal of another broker waited on it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_completes_while_a_replica_it_keeps_is_down() {
+    let mut brokers = start_cluster(3);
+    let fourth = add_broker(&brokers, &[]);
+    brokers.push(fourth);
+    let topic = "keeps-one-down";
+    // A replica to kill (neither the partition's leader nor the controller's), one to drop, and
+    // the broker that holds none.
+    let (replicas, leader, down, dropped) = three_replicas_and_roles(&brokers, topic).await;
     let spare = (1..=4u64)
         .find(|b| !replicas.contains(b))
         .expect("the broker without a replica");
@@ -1301,35 +1309,7 @@ async fn a_move_completes_while_a_replica_it_keeps_is_down() {
 async fn a_removal_never_shrinks_a_partition_onto_a_replica_that_is_down() {
     let mut brokers = start_cluster(3);
     let topic = "shrink";
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(&format!(
-            r#"{{"name":"{topic}","partitions":1,"replication_factor":3}}"#
-        )),
-    );
-    assert_eq!(status, 201, "{body}");
-    let (replicas, _, leader) = wait_for("a leader", Duration::from_secs(30), || {
-        let p = partition_0(&brokers[0], topic);
-        async move { p.filter(|(r, _, l)| r.len() == 3 && *l != 0) }
-    })
-    .await;
-    publish_until_acknowledged(&[brokers[0].client_addr.clone()], topic, 0, 0, "before").await;
-    let client = brokers[0].client().await;
-    let controller = client
-        .admin()
-        .cluster_status()
-        .await
-        .expect("cluster status")
-        .controller_id;
-    let down = *replicas
-        .iter()
-        .find(|r| **r != leader && **r != controller)
-        .expect("a replica that leads nothing");
-    let removed = *replicas
-        .iter()
-        .find(|r| **r != leader && **r != down)
-        .expect("the other follower");
+    let (_, leader, down, removed) = three_replicas_and_roles(&brokers, topic).await;
     brokers[(down - 1) as usize].kill9();
     let at = (leader - 1) as usize;
     let (status, body) = brokers[at].http("POST", &format!("/v1/brokers/{removed}/remove"), None);

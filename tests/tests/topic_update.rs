@@ -383,8 +383,8 @@ fn changes_made_at_once_through_three_brokers_all_stand() {
 /// The interval policy asked for without an interval keeps the topic's interval, or takes the
 /// configured default (before: 100 ms whatever the topic had or the config said); an interval
 /// given with the "always" policy is refused (before: dropped unseen).
-#[test]
-fn the_interval_policy_asked_again_keeps_its_interval() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_interval_policy_asked_again_keeps_its_interval() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("weft.toml");
     std::fs::write(&config, "[topic_defaults]\nfsync_interval_ms = 250\n").expect("config");
@@ -414,6 +414,28 @@ fn the_interval_policy_asked_again_keeps_its_interval() {
     let (status, body) = patch(r#"{"fsync_policy":"always","fsync_interval_ms":0}"#);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("config.fsync_interval_ms"), "{body}");
+    // A gRPC client that read the topic (interval 500) and set the policy alone, its mask
+    // naming the policy only: the interval left in the message is not part of the change.
+    let channel = grpc::channel(&broker.client_addr).await;
+    let topic = grpc::topic_admin(&channel)
+        .update_topic(weft_proto::v1::UpdateTopicRequest {
+            name: "iv".into(),
+            config: Some(weft_proto::v1::TopicConfig {
+                fsync_policy: weft_proto::v1::FsyncPolicy::Always as i32,
+                fsync_interval_ms: Some(500),
+                ..weft_proto::v1::TopicConfig::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["fsync_policy".into()],
+            }),
+        })
+        .await
+        .expect("the policy alone changes")
+        .into_inner();
+    assert_eq!(
+        topic.config.expect("config").fsync_policy,
+        weft_proto::v1::FsyncPolicy::Always as i32
+    );
     let (status, body) = patch(r#"{"fsync_policy":"always"}"#);
     assert_eq!(status, 200, "{body}");
     assert_eq!(view(&body)["fsync_policy"], "always", "{body}");

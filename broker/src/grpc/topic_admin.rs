@@ -46,6 +46,7 @@ pub fn resolve_config(
             Fsync::Always
         },
         d.fsync_interval_ms,
+        true,
     )?;
     // One broker holds one replica: the controller places at most one replica per broker
     // registered when it applies the creation; a topic asking for more is under-replicated until
@@ -75,11 +76,15 @@ pub fn resolve_config(
 
 /// The fsync policy `p` asks for. `default` is what stands without one (the topic's current
 /// policy on an update, the configured default on a create); the interval policy asked without
-/// an interval keeps `default`'s interval, or takes the configured `default_interval_ms`.
+/// an interval keeps `default`'s interval, or takes the configured `default_interval_ms`. An
+/// interval given with the "always" policy is refused when `interval_named` (a create, or an
+/// update whose mask names `fsync_interval_ms`), else ignored (a client that read the topic and
+/// set the policy alone).
 fn fsync_from_proto(
     p: &v1::TopicConfig,
     default: Fsync,
     default_interval_ms: u32,
+    interval_named: bool,
 ) -> Result<Fsync, BrokerError> {
     match v1::FsyncPolicy::try_from(p.fsync_policy) {
         // An interval given without a policy means the interval policy.
@@ -89,13 +94,13 @@ fn fsync_from_proto(
         }),
         Ok(v1::FsyncPolicy::Always) => match p.fsync_interval_ms {
             // Never dropped unseen: the caller meant one of the two.
-            Some(ms) => Err(BrokerError::invalid(
+            Some(ms) if interval_named => Err(BrokerError::invalid(
                 "config.fsync_interval_ms",
                 format!(
                     "{ms} given with fsync_policy \"always\": an interval applies only to the \"interval\" policy"
                 ),
             )),
-            None => Ok(Fsync::Always),
+            _ => Ok(Fsync::Always),
         },
         Ok(v1::FsyncPolicy::Interval) => Ok(Fsync::IntervalMs(p.fsync_interval_ms.unwrap_or(
             match default {
@@ -182,6 +187,9 @@ pub fn apply_mask(
                     update,
                     current.fsync,
                     node.config.topic_defaults.fsync_interval_ms,
+                    paths
+                        .iter()
+                        .any(|p| p.trim_start_matches("config.") == "fsync_interval_ms"),
                 )?
             }
             "replication_factor" => {

@@ -649,35 +649,39 @@ impl PartitionGroup {
                     .last_contact(self.group_id, *id)
                     .is_some_and(|t| self.pause.age(t) <= lease)
         };
-        let next_voters: BTreeSet<NodeId> = if ids.contains(&m.id) {
-            ids.clone()
+        // This leader leaving, the target must have one too: the replica it hands the
+        // leadership to makes the target the voters next (before, the union alone was checked,
+        // and the leadership moved to a replica that could then not take the step).
+        let next_voters: Vec<BTreeSet<NodeId>> = if ids.contains(&m.id) {
+            vec![ids.clone()]
         } else {
-            voters_before.union(&ids).copied().collect()
+            vec![voters_before.union(&ids).copied().collect(), ids.clone()]
         };
         // Answers received after this point prove it: one received a moment before a broker
         // died would not (a lease lets a dead broker count for seconds).
         let asked_at = std::time::Instant::now();
         let heartbeat = Duration::from_millis(self.raft.config().heartbeat_interval.max(1));
         loop {
-            let up = next_voters
-                .iter()
-                .filter(|id| {
-                    **id == m.id
-                        || self
-                            .peers
-                            .last_contact(self.group_id, **id)
-                            .is_some_and(|t| t > asked_at)
-                })
-                .count();
-            if up * 2 > next_voters.len() {
-                break;
-            }
+            let short = next_voters.iter().find_map(|voters| {
+                let up = voters
+                    .iter()
+                    .filter(|id| {
+                        **id == m.id
+                            || self
+                                .peers
+                                .last_contact(self.group_id, **id)
+                                .is_some_and(|t| t > asked_at)
+                    })
+                    .count();
+                (up * 2 <= voters.len()).then_some((up, voters))
+            });
+            let Some((up, voters)) = short else { break };
             if asked_at.elapsed() >= lease + heartbeat {
                 return Err(BrokerError::Unavailable {
                     reason: format!(
-                        "only {up} of the voters {next_voters:?} the move makes answer: they \
-                         could not commit (the partition would stop taking writes); the move \
-                         waits for them"
+                        "only {up} of the voters {voters:?} the move makes answer: they could \
+                         not commit (the partition would stop taking writes); the move waits \
+                         for them"
                     ),
                     leader: Some(m.id),
                 });
