@@ -264,3 +264,66 @@ async fn a_long_poll_ends_when_its_partition_stops() {
     let read = fetch_range(&broker.client_addr, "gone", 0, 0, 1).await;
     assert_eq!(read[0].1.as_ref(), b"new");
 }
+
+/// A group commit of an offset a leader has written but not yet seen committed (syncs that take
+/// 3 s, longer than the 2 s a commit waits for a replica's high watermark) waits for the
+/// commit and is taken. Before, it was refused as past the high watermark (INVALID_ARGUMENT, a
+/// final error), as a new leader refused offsets acknowledged in the term before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_of_an_offset_a_leader_wrote_waits_for_it() {
+    let mut broker = Broker::start();
+    let (status, body) = broker.http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"committing","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    broker.stop();
+    broker.set_env("WEFT_SYNC_DELAY_MS", "3000");
+    broker.start_again();
+    broker.wait_ready();
+    let channel = grpc::channel(&broker.client_addr).await;
+    let publish = tokio::spawn({
+        let channel = channel.clone();
+        async move {
+            grpc::publisher(&channel)
+                .publish(PublishRequest {
+                    topic: "committing".into(),
+                    target: Some(Target::Partition(0)),
+                    records: (0..2)
+                        .map(|i| Record {
+                            value: vec![b'a' + i; 10].into(),
+                            ..Record::default()
+                        })
+                        .collect(),
+                    ..PublishRequest::default()
+                })
+                .await
+        }
+    });
+    weft_tests::wait_for(
+        "the two records written",
+        Duration::from_secs(20),
+        || async {
+            let o = weft_tests::offsets(&broker.client_addr, "committing", 0, None)
+                .await
+                .ok()?;
+            (o.log_end_offset == 2 && o.high_watermark == 0).then_some(())
+        },
+    )
+    .await;
+    let client = broker.client().await;
+    client
+        .admin()
+        .commit_offsets("waits", "committing", &[(0, 2)])
+        .await
+        .expect("a commit of offsets the leader wrote, once they are committed");
+    let committed = weft_tests::offsets(&broker.client_addr, "committing", 0, Some("waits"))
+        .await
+        .expect("offsets");
+    assert_eq!(committed.committed_offset, Some(2));
+    publish
+        .await
+        .expect("publish task")
+        .expect("the publish is acknowledged");
+}

@@ -218,13 +218,29 @@ impl SubscriberService {
             return Ok(false);
         };
         let group = hosted.group();
-        if group.is_leader() {
-            return Ok(false);
-        }
         let unknown = |reason: String| BrokerError::Unavailable {
             reason,
             leader: group.leader(),
         };
+        if group.is_leader() {
+            // A leader holds every committed entry: past its log end nothing was acknowledged.
+            // Up to it, the entries may be committed already (a new leader learns the commits
+            // of the term before only with its own first entry): wait for them. Before, such a
+            // commit was refused as past the high watermark, a final error.
+            if offset > hosted.bounds().log_end {
+                return Ok(false);
+            }
+            let mut high_watermark = hosted.watch_high_watermark();
+            let wait = Duration::from_millis(self.node.config.request_timeout_ms);
+            return match tokio::time::timeout(wait, high_watermark.wait_for(|h| *h >= offset)).await
+            {
+                Ok(Ok(_)) => Ok(true),
+                _ => Err(unknown(format!(
+                    "partition {partition}: offset {offset} is written on this leader and not \
+                     committed yet; ask again"
+                ))),
+            };
+        }
         let Some(leader) = group.leader() else {
             return Err(unknown(format!(
                 "partition {partition}: offset {offset} is past this replica's high watermark, \
