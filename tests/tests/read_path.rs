@@ -123,23 +123,28 @@ async fn a_fetch_does_not_wait_behind_a_segment_roll() {
     assert_eq!(all[1].1.as_ref(), value('b').as_slice());
 }
 
-/// A leader asked for an offset it has written but not yet seen committed (a new leader learns
-/// the commits of the term before only with its own first entry; here, syncs that take 1 s)
-/// waits for it, and answers once it is committed. Before, it answered OUT_OF_RANGE, a final
-/// error, for an offset the cluster may have acknowledged already. Past its log end, the
-/// offset is out of range.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_waits_for_an_offset_it_wrote_and_has_not_committed() {
+/// A broker whose partition 0 of `topic` holds two records written and not yet committed:
+/// the topic created at full speed, then every sync made `sync_delay_ms` slower (a restart),
+/// and one publish of two records under way (its task, answered once they are committed).
+async fn two_records_written_not_committed(
+    topic: &'static str,
+    sync_delay_ms: u64,
+) -> (
+    Broker,
+    tonic::transport::Channel,
+    tokio::task::JoinHandle<
+        Result<tonic::Response<weft_proto::v1::PublishResponse>, tonic::Status>,
+    >,
+) {
     let mut broker = Broker::start();
     let (status, body) = broker.http(
         "POST",
         "/v1/topics",
-        Some(r#"{"name":"written","partitions":1}"#),
+        Some(&format!(r#"{{"name":"{topic}","partitions":1}}"#)),
     );
     assert_eq!(status, 201, "{body}");
-    // Slow syncs from now on (the partition's creation synced at full speed).
     broker.stop();
-    broker.set_env("WEFT_SYNC_DELAY_MS", "1000");
+    broker.set_env("WEFT_SYNC_DELAY_MS", &sync_delay_ms.to_string());
     broker.start_again();
     broker.wait_ready();
     let channel = grpc::channel(&broker.client_addr).await;
@@ -148,7 +153,7 @@ async fn a_leader_waits_for_an_offset_it_wrote_and_has_not_committed() {
         async move {
             grpc::publisher(&channel)
                 .publish(PublishRequest {
-                    topic: "written".into(),
+                    topic: topic.into(),
                     target: Some(Target::Partition(0)),
                     records: (0..2)
                         .map(|i| Record {
@@ -163,15 +168,26 @@ async fn a_leader_waits_for_an_offset_it_wrote_and_has_not_committed() {
     });
     weft_tests::wait_for(
         "the two records written",
-        Duration::from_secs(10),
+        Duration::from_millis(10_000 + 4 * sync_delay_ms),
         || async {
-            let o = weft_tests::offsets(&broker.client_addr, "written", 0, None)
+            let o = weft_tests::offsets(&broker.client_addr, topic, 0, None)
                 .await
                 .ok()?;
             (o.log_end_offset == 2 && o.high_watermark == 0).then_some(())
         },
     )
     .await;
+    (broker, channel, publish)
+}
+
+/// A leader asked for an offset it has written but not yet seen committed (a new leader learns
+/// the commits of the term before only with its own first entry; here, syncs that take 1 s)
+/// waits for it, and answers once it is committed. Before, it answered OUT_OF_RANGE, a final
+/// error, for an offset the cluster may have acknowledged already. Past its log end, the
+/// offset is out of range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_waits_for_an_offset_it_wrote_and_has_not_committed() {
+    let (_broker, channel, publish) = two_records_written_not_committed("written", 1000).await;
     let fetch = |offset: u64, max_wait_ms: u32| {
         let channel = channel.clone();
         async move {
@@ -271,47 +287,7 @@ async fn a_long_poll_ends_when_its_partition_stops() {
 /// final error), as a new leader refused offsets acknowledged in the term before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_of_an_offset_a_leader_wrote_waits_for_it() {
-    let mut broker = Broker::start();
-    let (status, body) = broker.http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"committing","partitions":1}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    broker.stop();
-    broker.set_env("WEFT_SYNC_DELAY_MS", "3000");
-    broker.start_again();
-    broker.wait_ready();
-    let channel = grpc::channel(&broker.client_addr).await;
-    let publish = tokio::spawn({
-        let channel = channel.clone();
-        async move {
-            grpc::publisher(&channel)
-                .publish(PublishRequest {
-                    topic: "committing".into(),
-                    target: Some(Target::Partition(0)),
-                    records: (0..2)
-                        .map(|i| Record {
-                            value: vec![b'a' + i; 10].into(),
-                            ..Record::default()
-                        })
-                        .collect(),
-                    ..PublishRequest::default()
-                })
-                .await
-        }
-    });
-    weft_tests::wait_for(
-        "the two records written",
-        Duration::from_secs(20),
-        || async {
-            let o = weft_tests::offsets(&broker.client_addr, "committing", 0, None)
-                .await
-                .ok()?;
-            (o.log_end_offset == 2 && o.high_watermark == 0).then_some(())
-        },
-    )
-    .await;
+    let (broker, _channel, publish) = two_records_written_not_committed("committing", 3000).await;
     let client = broker.client().await;
     client
         .admin()
