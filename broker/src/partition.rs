@@ -434,7 +434,6 @@ impl Partition {
         let min_bytes = min_bytes.clamp(1, max_bytes);
         let deadline = Instant::now() + max_wait;
         let mut watermark = self.group.high_watermark();
-        let mut stopped = self.stopped.subscribe();
         let tail = self.group.reader().tail_cache().clone();
         // The dirty-read canary (test-only builds): read what is written, committed or not.
         let dirty = crate::sync_journal::read_uncommitted();
@@ -530,6 +529,8 @@ impl Partition {
                 return Ok(out);
             }
             let left = deadline.saturating_duration_since(Instant::now());
+            // (Subscribed only to wait: `wait_for` sees a stop made before it.)
+            let mut stopped = self.stopped.subscribe();
             tokio::select! {
                 waited = tokio::time::timeout(left, watermark.changed()) => match waited {
                     Ok(Ok(())) => {}

@@ -642,13 +642,6 @@ impl PartitionGroup {
         // was down ([1,2,3] -> [1,3], 3 down) stopped it committing for as long as 3 stayed
         // down, and every later change of its voters (an undo) was refused meanwhile.
         let lease = Duration::from_millis(self.raft.config().election_timeout_max);
-        let answers = |id: &NodeId| {
-            *id == m.id
-                || self
-                    .peers
-                    .last_contact(self.group_id, *id)
-                    .is_some_and(|t| self.pause.age(t) <= lease)
-        };
         // This leader leaving, the target must have one too: the replica it hands the
         // leadership to makes the target the voters next (before, the union alone was checked,
         // and the leadership moved to a replica that could then not take the step).
@@ -730,7 +723,13 @@ impl PartitionGroup {
         let now = self.raft.metrics().borrow().clone();
         // (A replica that went down after it matched everything still shows as matched: it
         // must have answered lately too, as a transfer's target must.)
-        let caught_up = |id: &NodeId| super::matched_index(&now, *id) >= last && answers(id);
+        let caught_up = |id: &NodeId| {
+            super::matched_index(&now, *id) >= last
+                && self
+                    .peers
+                    .last_contact(self.group_id, *id)
+                    .is_some_and(|t| self.pause.age(t) <= lease)
+        };
         let rank = |id: &NodeId| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX);
         let to = target
             .iter()
