@@ -209,6 +209,16 @@ impl Metadata {
         )?)
     }
 
+    /// Every group with Raft state stored here.
+    pub fn raft_groups(&self) -> Result<std::collections::BTreeSet<u64>> {
+        Ok(self
+            .store
+            .scan_prefix(RAFT, &[])?
+            .into_iter()
+            .filter_map(|(k, _)| Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?)))
+            .collect())
+    }
+
     /// Removes all Raft state of `group` (the group was deleted).
     pub fn delete_raft_group(&self, group: u64) -> Result<()> {
         let ops = self

@@ -1974,6 +1974,76 @@ impl Node {
         true
     }
 
+    /// Removes what this broker keeps of partitions it no longer hosts and holds no slot for:
+    /// their data directories and Raft state, left by a topic deleted or a replica moved away
+    /// while it was down (a reconcile removes only partitions open here when the change
+    /// arrives). Called between reconciles, once the controller state here is current: every
+    /// partition directory was made for a state no newer than it (a broker that restarts
+    /// applies at least what it applied before), so a partition whose topic id it lacks was
+    /// deleted, and one whose replicas (and replicas being added) leave this broker out was
+    /// moved away. A partition it cannot place (a topic id it knows, a partition number past
+    /// the topic's) stays.
+    async fn remove_unhosted(&self) {
+        let state = self.controller.state();
+        let me = self.node_id;
+        let hosted = move |p: &crate::raft::PartitionMeta| {
+            p.replicas.contains(&me) || p.adding.contains(&me)
+        };
+        let known = state.clone();
+        let removed = self
+            .registry
+            .remove_unheld(move |topic_id, partition| {
+                known
+                    .topics
+                    .values()
+                    .find(|t| t.topic_id == topic_id)
+                    .is_some_and(|t| {
+                        t.partitions
+                            .get(partition as usize)
+                            .is_none_or(|p| hosted(p))
+                    })
+            })
+            .await;
+        for (topic_id, partition) in &removed {
+            tracing::info!(
+                topic_id,
+                partition,
+                "removed the data of a partition this broker no longer hosts (its topic was deleted, or its replica moved away, while the broker was down)"
+            );
+        }
+        // Their Raft state: every group but the controller's, the partitions held here and
+        // those the state gives this broker.
+        let mut kept = self.registry.held_groups();
+        kept.insert(crate::raft::CONTROLLER_GROUP);
+        kept.extend(
+            state
+                .topics
+                .values()
+                .flat_map(|t| t.partitions.iter())
+                .filter(|p| hosted(p))
+                .map(|p| p.group_id),
+        );
+        let stored = match self.meta.raft_groups() {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!("cannot list the Raft groups stored here: {e}");
+                return;
+            }
+        };
+        for group_id in stored.into_iter().filter(|g| !kept.contains(g)) {
+            match self.meta.delete_raft_group(group_id) {
+                Ok(()) => tracing::info!(
+                    group_id,
+                    "removed the Raft state of a group this broker no longer hosts"
+                ),
+                Err(e) => tracing::warn!(
+                    group_id,
+                    "cannot delete the Raft state of a group this broker no longer hosts: {e}"
+                ),
+            }
+        }
+    }
+
     /// Stops every Raft group, snapshotting each partition so the next start replays nothing.
     /// Acknowledged data is already durable.
     pub async fn shutdown(&self) {
@@ -1988,25 +2058,37 @@ async fn reconcile_loop(
     mut state: watch::Receiver<Arc<ControllerState>>,
     mut done: bool,
 ) {
+    // Whether the data left by partitions this broker no longer hosts has been removed (once
+    // per start, once the controller state here is current).
+    let mut swept = false;
     loop {
-        if done {
+        let changed = if done && swept {
             if state.changed().await.is_err() {
                 return;
             }
+            true
         } else {
-            // Deferred (see `Node::reconcile`): tried again soon, changed or not.
-            let changed = tokio::time::timeout(Duration::from_millis(250), state.changed());
-            if let Ok(Err(_)) = changed.await {
-                return;
+            // Deferred (see `Node::reconcile`), or the sweep waits for the controller state to
+            // be current: tried again soon, changed or not.
+            match tokio::time::timeout(Duration::from_millis(250), state.changed()).await {
+                Ok(Err(_)) => return,
+                Ok(Ok(())) => true,
+                Err(_) => false,
             }
-        }
+        };
         let Some(node) = node.upgrade() else { return };
         if node.stopping.load(Ordering::SeqCst) {
             return;
         }
-        // (Marks the state seen; reconcile reads the latest itself.)
-        state.borrow_and_update();
-        done = node.reconcile().await;
+        if changed || !done {
+            // (Marks the state seen; reconcile reads the latest itself.)
+            state.borrow_and_update();
+            done = node.reconcile().await;
+        }
+        if done && !swept && node.controller.is_current() {
+            node.remove_unhosted().await;
+            swept = true;
+        }
     }
 }
 

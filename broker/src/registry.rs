@@ -278,6 +278,81 @@ impl Registry {
         }
     }
 
+    /// Removes the data of partitions that no slot holds and `keep` does not claim: what a
+    /// broker down when a topic was deleted or a replica moved away still holds on disk (the
+    /// reconcile that removes them runs only for partitions open here then). Only directories
+    /// laid out as this registry makes them are looked at (a topic id, then partition numbers);
+    /// anything else in the topics directory stays. Returns the (topic id, partition) removed.
+    /// Called between reconciles, never beside one (a partition that starts meanwhile would
+    /// not be seen as held).
+    pub async fn remove_unheld(
+        &self,
+        keep: impl Fn(&str, u32) -> bool + Send + 'static,
+    ) -> Vec<(String, u32)> {
+        let held: std::collections::HashSet<(String, u32)> = self
+            .slots()
+            .into_iter()
+            .map(|(_, slot)| (slot.topic_id.clone(), slot.partition))
+            .collect();
+        let topics_dir = self.context.topics_dir.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let mut removed = Vec::new();
+            let Ok(topics) = std::fs::read_dir(&topics_dir) else {
+                return removed;
+            };
+            for topic in topics.flatten() {
+                let Some(topic_id) = topic.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if uuid::Uuid::parse_str(&topic_id).is_err() || !topic.path().is_dir() {
+                    continue;
+                }
+                let Ok(partitions) = std::fs::read_dir(topic.path()) else {
+                    continue;
+                };
+                let mut removed_here = false;
+                for partition in partitions.flatten() {
+                    let Some(number) = partition
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<u32>().ok())
+                    else {
+                        continue;
+                    };
+                    let key = (topic_id.clone(), number);
+                    if held.contains(&key) || keep(&topic_id, number) {
+                        continue;
+                    }
+                    match remove_dir_durably(&partition.path()) {
+                        Ok(()) => {
+                            removed.push(key);
+                            removed_here = true;
+                        }
+                        Err(e) => tracing::warn!(
+                            topic_id,
+                            partition = number,
+                            "cannot delete the data of a partition this broker no longer hosts: {e}"
+                        ),
+                    }
+                }
+                if removed_here && let Err(e) = remove_dir_if_empty(&topic.path()) {
+                    tracing::warn!(topic_id, "cannot delete an empty topic directory: {e}");
+                }
+            }
+            removed
+        })
+        .await;
+        swept.unwrap_or_default()
+    }
+
+    /// The Raft group ids of the partitions held here.
+    pub fn held_groups(&self) -> std::collections::HashSet<crate::raft::GroupId> {
+        self.slots()
+            .into_iter()
+            .filter_map(|(_, slot)| slot.spec.lock().ok().map(|s| s.group_id))
+            .collect()
+    }
+
     /// Stops every partition (snapshotting each, so the next start replays nothing).
     pub async fn shutdown(&self) {
         let slots: Vec<Arc<Slot>> = self.slots().into_iter().map(|(_, s)| s).collect();

@@ -1344,3 +1344,144 @@ async fn a_removal_never_shrinks_a_partition_onto_a_replica_that_is_down() {
     let produced = brokers[at].cli(&["--timeout-ms", "15000", "produce", topic, "after"]);
     ok_stdout(&produced);
 }
+
+/// A topic's id, as `broker` lists it.
+fn topic_id(broker: &Broker, topic: &str) -> String {
+    let (status, body) = broker.http("GET", &format!("/v1/topics/{topic}"), None);
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).expect("json");
+    value["topic_id"].as_str().expect("topic id").to_string()
+}
+
+/// The partition numbers of `topic_id` whose directories a broker holds.
+fn partitions_on_disk(broker: &Broker, topic_id: &str) -> BTreeSet<u32> {
+    std::fs::read_dir(broker.data_dir().join("topics").join(topic_id))
+        .map(|dirs| {
+            dirs.flatten()
+                .filter_map(|d| d.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The data a broker holds of a topic deleted, and of a replica moved away, while it was down
+/// goes once it is back (and its copy of the metadata has caught up); the partitions it still
+/// hosts stay and serve. Before, only partitions open on a broker when the change arrived were
+/// removed: a broker that was down kept the rest on its disk for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_a_broker_no_longer_hosts_goes_when_it_returns() {
+    let mut brokers = start_cluster(3);
+    let fourth = add_broker(&brokers, &[]);
+    brokers.push(fourth);
+    let (replicas, _, down, _) = three_replicas_and_roles(&brokers, "moved-away").await;
+    let spare = (1..=4u64)
+        .find(|b| !replicas.contains(b))
+        .expect("the broker without a replica");
+    for topic in ["gone", "kept"] {
+        let (status, body) = brokers[0].http(
+            "POST",
+            "/v1/topics",
+            Some(&format!(
+                r#"{{"name":"{topic}","partitions":4,"replication_factor":3}}"#
+            )),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let ids: Vec<String> = ["gone", "kept", "moved-away"]
+        .iter()
+        .map(|t| topic_id(&brokers[0], t))
+        .collect();
+    let at = (down - 1) as usize;
+    // Its replicas (3 of each 4-partition topic's 12) and partition 0 of the one to move.
+    let (gone_here, kept_here) = wait_for(
+        "the broker to hold its replicas",
+        Duration::from_secs(30),
+        || {
+            let (gone, kept, moved) = (
+                partitions_on_disk(&brokers[at], &ids[0]),
+                partitions_on_disk(&brokers[at], &ids[1]),
+                partitions_on_disk(&brokers[at], &ids[2]),
+            );
+            async move {
+                (!gone.is_empty() && !kept.is_empty() && moved.contains(&0)).then_some((gone, kept))
+            }
+        },
+    )
+    .await;
+    let kept_partition = *kept_here.first().expect("a kept partition");
+    publish_until_acknowledged(
+        &[brokers[0].client_addr.clone()],
+        "kept",
+        kept_partition,
+        0,
+        "before",
+    )
+    .await;
+
+    brokers[at].stop();
+    let asked = (spare - 1) as usize;
+    let (status, body) = brokers[asked].http("DELETE", "/v1/topics/gone", None);
+    assert_eq!(status, 204, "{body}");
+    let target: Vec<u64> = replicas
+        .iter()
+        .map(|r| if *r == down { spare } else { *r })
+        .collect();
+    let (status, body) = brokers[asked].http(
+        "POST",
+        "/v1/topics/moved-away/partitions/0/replicas",
+        Some(&format!(r#"{{"replicas":{target:?}}}"#)),
+    );
+    assert_eq!(status, 202, "{body}");
+    let wanted: BTreeSet<u64> = target.iter().copied().collect();
+    wait_for("the move", Duration::from_secs(60), || {
+        let p = partition_0(&brokers[asked], "moved-away");
+        let wanted = &wanted;
+        async move {
+            p.filter(|(r, moving, _)| {
+                r.iter().copied().collect::<BTreeSet<_>>() == *wanted && moving.is_empty()
+            })
+        }
+    })
+    .await;
+    assert_eq!(partitions_on_disk(&brokers[at], &ids[0]), gone_here);
+
+    brokers[at].start_again_same_ports();
+    wait_for(
+        "the data of the deleted topic and the moved replica to go",
+        Duration::from_secs(60),
+        || {
+            let (gone, moved) = (
+                brokers[at].data_dir().join("topics").join(&ids[0]).exists(),
+                partitions_on_disk(&brokers[at], &ids[2]),
+            );
+            async move { (!gone && moved.is_empty()).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(partitions_on_disk(&brokers[at], &ids[1]), kept_here);
+    let log = brokers[at].log();
+    assert!(
+        log.contains("removed the Raft state of a group this broker no longer hosts"),
+        "{log}"
+    );
+    // What it still hosts serves: the record published before, read from this broker.
+    let address = brokers[at].client_addr.clone();
+    let read = wait_for(
+        "a read of the kept partition",
+        Duration::from_secs(30),
+        || {
+            let address = address.clone();
+            async move {
+                weft_tests::try_fetch_range(&address, "kept", kept_partition, 0, 1)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        read,
+        [(0, bytes::Bytes::from_static(b"before"))],
+        "{read:?}"
+    );
+}
