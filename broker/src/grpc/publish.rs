@@ -375,13 +375,22 @@ impl PublisherService {
             partition,
             hops: 1,
             from_node_id: self.node.node_id,
-            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            timeout_ms: forwarded_timeout_ms(timeout),
             passed_on: passed_on.to_map(),
         };
         self.forwarders
             .publish(&self.node, leader, peer_address, forwarded, timeout)
             .await
     }
+}
+
+/// The `timeout_ms` a forwarded publish carries for the time its caller has left: whole
+/// milliseconds, rounded up, never 0 (which tells the leader no timeout was given, so it would
+/// wait up to `request_timeout_ms` for a caller that gave up within a millisecond).
+fn forwarded_timeout_ms(left: Duration) -> u32 {
+    u32::try_from(left.as_micros().div_ceil(1000))
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 /// Largest publish forwarded to a partition's leader: what a peer message carries, less room
@@ -720,6 +729,21 @@ mod tests {
     use super::*;
 
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// A caller with less than a millisecond left is forwarded with 1 ms, not 0 (which the
+    /// leader reads as "no timeout given" and waits `request_timeout_ms`); partial
+    /// milliseconds round up, and a timeout past u32 milliseconds is capped.
+    #[test]
+    fn a_forwarded_publish_never_carries_a_zero_timeout() {
+        assert_eq!(forwarded_timeout_ms(Duration::ZERO), 1);
+        assert_eq!(forwarded_timeout_ms(Duration::from_micros(400)), 1);
+        assert_eq!(forwarded_timeout_ms(Duration::from_micros(1_500)), 2);
+        assert_eq!(forwarded_timeout_ms(Duration::from_millis(30_000)), 30_000);
+        assert_eq!(
+            forwarded_timeout_ms(Duration::from_secs(u64::MAX / 4)),
+            u32::MAX
+        );
+    }
 
     fn pairs(entries: &[(&str, String)]) -> std::collections::HashMap<String, String> {
         entries
