@@ -910,20 +910,33 @@ impl Segment {
         Ok(report)
     }
 
-    /// The largest `synced_len` among the valid frames that follow each other from `at`: every
-    /// byte below it was on disk before one of those frames was written.
+    /// The largest `synced_len` among the valid frames from `at` on, each continuing the one
+    /// before (past further damage too, as a scan resumes past it): every byte below it was on
+    /// disk before one of those frames was written. Before, the frames after a second damaged
+    /// frame were not asked, so a tail whose first damage only they proved durable was cut
+    /// there, durable entries and all.
     fn synced_len_proven_after(window: &mut Window<'_>, at: u64) -> Result<u64> {
         let mut position = at;
         let mut proven = 0;
+        let (mut min_offset, mut min_index) = (0, None);
         while position < window.end {
             match window.frame(position)? {
                 Frame::Valid {
-                    synced_len, len, ..
+                    batches,
+                    synced_len,
+                    len,
                 } => {
                     proven = proven.max(synced_len);
+                    let header = batches[0].header();
+                    (min_offset, min_index) = (header.base_offset, Some(header.index));
                     position += len;
                 }
-                Frame::Invalid(_) => break,
+                Frame::Invalid(_) => {
+                    match Self::resync_after(window, position + 1, min_offset, min_index)? {
+                        Some((next, _, _)) => position = next,
+                        None => break,
+                    }
+                }
             }
         }
         Ok(proven)

@@ -1160,3 +1160,65 @@ fn newer_last_batch(dir: &Path) -> (PathBuf, Vec<u8>, usize) {
     fs::write(&file, &bytes).expect("write");
     (file, bytes, start)
 }
+
+/// Two damaged frames in the tail after a crash, the second being the first frame written
+/// after a sync that covered the first: the frames after the second prove both durable, so
+/// both are reported as corruption and nothing is cut. Before, only the valid frames that ran
+/// on from the first damage without a break were asked for proof; they ended at the second
+/// damage before any of them proved the first, so the tail was cut at the first damage and
+/// every entry written after it (acknowledged, and durable) was deleted.
+#[test]
+fn a_second_damaged_frame_does_not_hide_the_proof_that_the_first_was_durable() {
+    let mut rng = rng(seed(
+        "a_second_damaged_frame_does_not_hide_the_proof_that_the_first_was_durable",
+    ));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LogConfig {
+        segment_bytes_max: 1 << 20,
+        ..small_config()
+    };
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    // Groups of three entries, each group synced (group commit): a frame proves durable what
+    // the groups before its own hold.
+    for i in 0..30 {
+        append_random(&mut log, &mut rng, 200);
+        if i % 3 == 2 {
+            log.flush().expect("flush");
+        }
+    }
+    let end = log.end();
+    let pristine = read_all_entries(&log).expect("read");
+    drop(log); // unclean: the next open scans the tail
+    cut_direct_padding(dir.path(), &config);
+    let file = data_files(dir.path()).pop().expect("data");
+    let bytes = fs::read(&file).expect("read");
+    let layout = frames(&bytes);
+    assert_eq!(layout.len(), 30);
+    // The first frame of the fourth group, and the first of the fifth: the first frame that
+    // proves the fourth group durable, and the one before the rest of the fifth group (which
+    // proves it too).
+    let (first, _, _) = layout[9];
+    let (second, _, _) = layout[12];
+    assert!(
+        layout[10..12]
+            .iter()
+            .all(|(_, _, s)| (*s as usize) <= first)
+    );
+    assert!(layout[13..].iter().all(|(_, _, s)| (*s as usize) > first));
+    assert!(layout[15..].iter().all(|(_, _, s)| (*s as usize) > second));
+    let mut damaged = bytes.clone();
+    for (start, len, _) in [layout[9], layout[12]] {
+        damaged[start + len / 2] ^= 0x10;
+    }
+    fs::write(&file, &damaged).expect("damage");
+
+    let log = PartitionLog::open(dir.path(), config).expect("open after the damage");
+    let report = log.recovery_report();
+    assert_eq!(report.torn_tail, None, "durable entries cut: {report:?}");
+    let positions: Vec<u64> = report.corruptions.iter().map(|c| c.position).collect();
+    assert_eq!(positions, [first as u64, second as u64], "{report:?}");
+    assert_eq!(log.end(), end, "the log still ends where it did");
+    let (by_offset, by_index) = read_until_error(&log, &pristine);
+    assert_names(by_offset, &file, first, "a read by offset");
+    assert_names(by_index, &file, first, "a read by index");
+}
