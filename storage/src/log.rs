@@ -103,6 +103,9 @@ pub struct RecoveryReport {
     pub corruptions: Vec<CorruptionFound>,
     /// Segments whose index files were missing, stale or damaged and were rebuilt.
     pub rebuilt_indexes: Vec<PathBuf>,
+    /// Why `log.meta` (the log's start) was written again from the first segment: it failed
+    /// its checks.
+    pub rebuilt_log_meta: Option<String>,
 }
 
 /// What a purge removed.
@@ -351,7 +354,15 @@ impl PartitionLog {
         }
         bases.sort_unstable();
 
-        let start = read_log_meta(&dir)?;
+        // A damaged log.meta with segments left: the log starts where its first segment does
+        // (a purge records a segment's base, then deletes the segments before it; any it had
+        // not deleted yet stay in the log). It is written again below. Before, the partition
+        // never opened again. Without a segment the start is unknown: refused.
+        let (start, meta_damaged) = match read_log_meta(&dir) {
+            Ok(start) => (start, None),
+            Err(Error::Corruption { detail, .. }) if !bases.is_empty() => (None, Some(detail)),
+            Err(e) => return Err(e),
+        };
         if let Some(start) = start {
             // Segments before the recorded start, which is always a segment's base: a purge
             // recorded that start and was cut off before its removal had deleted their files
@@ -502,6 +513,42 @@ impl PartitionLog {
             {
                 behind.close_file();
             }
+        }
+        if let Some(detail) = meta_damaged {
+            // The first entry tells the start's Raft index; an empty first segment, or one
+            // whose first frame is damaged, does not (its index would come from the damaged
+            // file): refused.
+            let Some((next_offset, next_index)) = segments
+                .first()
+                .filter(|first| {
+                    !report
+                        .corruptions
+                        .iter()
+                        .any(|c| c.segment == first.path && c.position == 0)
+                })
+                .and_then(|first| Some((first.base_offset, first.start_index()?)))
+            else {
+                return Err(Error::Corruption {
+                    segment: dir.join(LOG_META_FILE),
+                    position: 0,
+                    detail: format!(
+                        "{detail}, and the first segment holds no entry to rebuild it from"
+                    ),
+                });
+            };
+            let start = LogPosition {
+                next_offset,
+                next_index,
+            };
+            write_log_meta(&dir, start, &config)?;
+            tracing::error!(
+                dir = %dir.display(),
+                detail,
+                next_offset = start.next_offset,
+                next_index = start.next_index,
+                "log.meta was damaged; written again from the first segment"
+            );
+            report.rebuilt_log_meta = Some(detail);
         }
         for corruption in &report.corruptions {
             tracing::error!(

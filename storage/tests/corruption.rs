@@ -1222,3 +1222,63 @@ fn a_second_damaged_frame_does_not_hide_the_proof_that_the_first_was_durable() {
     assert_names(by_offset, &file, first, "a read by offset");
     assert_names(by_index, &file, first, "a read by index");
 }
+
+/// A damaged `log.meta` (the log's start, written by purges) is written again from the first
+/// segment, whose first entry tells where the log starts: the log opens with the start and
+/// entries it had, and says so in its recovery report. Before, the open failed on it for good
+/// and the partition never opened again. Without a segment to rebuild it from, it is refused.
+#[test]
+fn a_damaged_log_meta_is_rebuilt_from_the_first_segment() {
+    let mut rng = rng(seed("a_damaged_log_meta_is_rebuilt_from_the_first_segment"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = small_config();
+    let mut log = PartitionLog::open(dir.path(), config.clone()).expect("open");
+    let expected: Vec<Expected> = (0..300)
+        .map(|_| append_random(&mut log, &mut rng, 200))
+        .collect();
+    log.purge_through_index(expected[150].index).expect("purge");
+    let (start, first_index, end) = (log.start_offset(), log.first_index(), log.end());
+    assert!(start > 0, "the purge moved the start");
+    let kept = read_all_entries(&log).expect("read");
+    drop(log);
+    let meta = dir.path().join("log.meta");
+    let mut bytes = fs::read(&meta).expect("log.meta");
+    bytes[14] ^= 0x01;
+    fs::write(&meta, &bytes).expect("damage");
+
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("opens");
+    assert!(
+        log.recovery_report().rebuilt_log_meta.is_some(),
+        "{:?}",
+        log.recovery_report()
+    );
+    assert_eq!(
+        (log.start_offset(), log.first_index(), log.end()),
+        (start, first_index, end)
+    );
+    let got = read_all_entries(&log).expect("read");
+    assert_eq!(got.len(), kept.len());
+    for (got, want) in got.iter().zip(&kept) {
+        assert_eq!(got.bytes(), want.bytes());
+    }
+    drop(log);
+    let log = PartitionLog::open(dir.path(), config.clone()).expect("opens again");
+    assert_eq!(
+        log.recovery_report().rebuilt_log_meta,
+        None,
+        "written again"
+    );
+    assert_eq!(log.start_offset(), start);
+    drop(log);
+
+    // No segment left to tell the start: refused, naming the file.
+    let empty = tempfile::tempdir().expect("tempdir");
+    fs::write(empty.path().join("log.meta"), &bytes).expect("damaged log.meta alone");
+    match PartitionLog::open(empty.path(), config) {
+        Err(Error::Corruption { segment, .. }) => assert!(segment.ends_with("log.meta")),
+        other => panic!(
+            "a damaged log.meta alone must be refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+}
