@@ -1997,11 +1997,7 @@ impl Node {
                     .topics
                     .values()
                     .find(|t| t.topic_id == topic_id)
-                    .is_some_and(|t| {
-                        t.partitions
-                            .get(partition as usize)
-                            .is_none_or(|p| hosted(p))
-                    })
+                    .is_some_and(|t| t.partitions.get(partition as usize).is_none_or(&hosted))
             })
             .await;
         for (topic_id, partition) in &removed {
