@@ -209,6 +209,13 @@ impl Metadata {
         )?)
     }
 
+    /// Removes Raft state `key` of `group`, durably.
+    pub fn delete_raft_key(&self, group: u64, key: RaftKey) -> Result<()> {
+        Ok(self
+            .store
+            .apply(RAFT, vec![MetaOp::Delete(Self::raft_key(group, key))])?)
+    }
+
     /// Every group with Raft state stored here.
     pub fn raft_groups(&self) -> Result<std::collections::BTreeSet<u64>> {
         Ok(self

@@ -676,6 +676,34 @@ impl LogReader {
         self.shared.record_purged(log_id)
     }
 
+    /// Forgets the recorded purge, durably, when the log still holds every entry from the
+    /// first through the purged one (a purge deletes whole segments only, and none was
+    /// deleted yet): a state machine whose snapshot was lost is then rebuilt by applying them
+    /// all. Only before the group starts. Returns whether it forgot one.
+    pub fn forget_purge_of_a_whole_log(&self) -> Result<bool, StorageError> {
+        let Some(purged) = self.shared.last_purged() else {
+            return Ok(false);
+        };
+        let whole = {
+            let log = self.shared.log()?;
+            log.first_index() == Some(0) && log.end().next_index > purged.index
+        };
+        if !whole {
+            return Ok(false);
+        }
+        self.shared
+            .meta
+            .delete_raft_key(self.shared.group, RaftKey::LastPurged)
+            .map_err(|e| meta_error(&e))?;
+        if let Ok(mut on_disk) = self.shared.purged_on_disk.lock() {
+            *on_disk = None;
+        }
+        if let Ok(mut last) = self.shared.last_purged.lock() {
+            *last = None;
+        }
+        Ok(true)
+    }
+
     /// Runs `f` with the partition log locked for writing.
     pub fn with_log_mut<T>(
         &self,
@@ -1375,6 +1403,7 @@ pub(super) mod tests {
             reader.clone(),
             1 << 30,
             60_000,
+            false,
         )
         .expect("state machine");
         let id = |term, index| LogId::new(CommittedLeaderId::new(term, 0), index);

@@ -162,6 +162,7 @@ impl PartitionGroup {
         let sm_dir = dir.clone();
         let sm_reader = reader.clone();
         let address = peer_address.clone();
+        let sole_replica = members.iter().all(|(id, _)| *id == node_id);
         let sm = tokio::task::spawn_blocking(move || {
             let sm = PartitionStateMachine::open(
                 sm_dir,
@@ -169,6 +170,7 @@ impl PartitionGroup {
                 sm_reader.clone(),
                 snapshot_interval_bytes,
                 producer_expiration_ms,
+                sole_replica,
             )?;
             adopt_headless_log(&sm, &sm_reader, group_id, node_id, &address)?;
             Ok::<_, String>(sm)

@@ -329,18 +329,59 @@ pub struct PartitionStateMachine {
     shared: Arc<Shared>,
 }
 
+/// When `reader`'s log still holds every entry from the first through a purge recorded over
+/// them, forgets that purge (the log is then one never purged, and a state machine without
+/// a snapshot applies it all). A log whose first entries are gone keeps its purge: a
+/// state machine without a snapshot is then given one by `adopt_headless_log`.
+fn forget_purge_of_a_whole_log(reader: &LogReader) -> Result<(), String> {
+    let holds_all = reader
+        .with_log(|log| log.first_index() == Some(0) && log.start_offset() == 0)
+        .map_err(|e| e.to_string())?;
+    if holds_all && reader.last_purged().is_some() {
+        reader
+            .forget_purge_of_a_whole_log()
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 impl PartitionStateMachine {
     /// Opens the state machine of the partition in `dir`, from its snapshot file if there is one.
     /// `reader` is the partition's log (installing a snapshot may restart it). Blocking: it reads
-    /// a small file.
+    /// a small file. With `sole_replica` (a partition with no other replica to take a snapshot
+    /// from), a damaged snapshot file is set aside and the state rebuilt from the log: the
+    /// whole log, or (`adopt_headless_log`) the state right before its first entry, with an
+    /// empty producer table, then its entries. Before, the partition never opened again. A
+    /// replicated partition still refuses it (its membership is not in the log alone).
     pub fn open(
         dir: PathBuf,
         log_config: LogConfig,
         reader: LogReader,
         snapshot_interval_bytes: u64,
         producer_expiration_ms: u64,
+        sole_replica: bool,
     ) -> Result<Self, String> {
-        let stored = weft_storage::snapshot::read_snapshot(&dir).map_err(|e| e.to_string())?;
+        let stored = match weft_storage::snapshot::read_snapshot(&dir) {
+            Ok(stored) => stored,
+            Err(e @ weft_storage::Error::Corruption { .. }) if sole_replica => {
+                let path = dir.join(weft_storage::snapshot::SNAPSHOT_FILE);
+                let aside = dir.join("snapshot.damaged");
+                tracing::error!(
+                    snapshot = %path.display(),
+                    "{e}; the state is rebuilt from the log (the damaged file is kept as {})",
+                    aside.display()
+                );
+                std::fs::rename(&path, &aside).map_err(|e| {
+                    format!(
+                        "cannot set the damaged snapshot {} aside: {e}",
+                        path.display()
+                    )
+                })?;
+                forget_purge_of_a_whole_log(&reader)?;
+                None
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let (state, snapshot) = match stored {
             Some(bytes) => {
                 let state = decode(&bytes)
@@ -1209,6 +1250,7 @@ mod tests {
             reader.clone(),
             1 << 20,
             60_000,
+            false,
         )
         .expect("state machine");
         let last = LogId::new(openraft::CommittedLeaderId::new(3, 0), 7098);
@@ -1357,6 +1399,7 @@ mod tests {
             reader.clone(),
             1 << 20,
             60_000,
+            false,
         )
         .expect("state machine");
         (store, reader, sm)
