@@ -49,6 +49,7 @@ impl StoreBuilder<TypeConfig, LogStore, PartitionStateMachine, TempDir> for Buil
             store.reader(),
             64 * 1024 * 1024,
             86_400_000,
+            false,
         )
         .expect("state machine");
         Ok((dir, store, sm))
