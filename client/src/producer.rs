@@ -1170,6 +1170,19 @@ where
                         reason: "OUTCOME_UNKNOWN".into(),
                         leader_id: None,
                     };
+                } else if maybe_stored && surely_not_stored(&error) {
+                    // The last answer says "not stored" (a full queue, a refusal for good), but
+                    // an earlier attempt may have stored it: the caller must not take it for a
+                    // record that surely is not there.
+                    error = Error::Status {
+                        code: tonic::Code::Unknown,
+                        message: format!(
+                            "an earlier attempt may have stored this batch (its answer was \
+                             lost), then it was refused ({error}): its outcome stays unknown"
+                        ),
+                        reason: "OUTCOME_UNKNOWN".into(),
+                        leader_id: None,
+                    };
                 }
                 tracing::warn!(%topic, partition, "publish failed for good: {error}");
                 if surely_not_stored(&error) && !maybe_stored {
@@ -1582,6 +1595,46 @@ mod tests {
             "only the retry under its own number"
         );
         assert_eq!((next, epoch), (0, 2), "a new epoch fences the old one");
+        assert_eq!(outcome(ra), vec![Err("OUTCOME_UNKNOWN".into())]);
+        assert_eq!(outcome(rb), vec![Err("EARLIER_BATCH_UNKNOWN".into())]);
+    }
+
+    /// An attempt that may have stored the batch (its answer lost), then refusals that say
+    /// "not stored" (a full queue each time, or a refusal for good): the batch's outcome stays
+    /// unknown, and that is what its caller hears (OUTCOME_UNKNOWN), not the last refusal.
+    /// Before, the caller got OVERLOADED or PERMISSION_DENIED, reasons that promise the record
+    /// was not stored (`NOT_STORED_REASONS`), while the producer itself treated it as unknown.
+    #[tokio::test]
+    async fn a_batch_that_may_have_been_stored_never_fails_as_not_stored() {
+        let overloaded = || Err(status(tonic::Code::ResourceExhausted, "OVERLOADED"));
+        let (a, ra) = numbered(1, 2, 40);
+        let (_, epoch, _) = run(
+            vec![(a, Some(status(tonic::Code::Unavailable, "")))],
+            vec![overloaded(), overloaded(), overloaded()],
+            2,
+            41,
+        )
+        .await;
+        assert_eq!(epoch, 3, "a new epoch fences the batch that may be stored");
+        assert_eq!(outcome(ra), vec![Err("OUTCOME_UNKNOWN".into())]);
+
+        let (a, ra) = numbered(1, 2, 40);
+        let (b, rb) = numbered(1, 2, 41);
+        let (_, epoch, attempts) = run(
+            vec![
+                (a, Some(status(tonic::Code::DeadlineExceeded, "TIMEOUT"))),
+                (b, Some(status(tonic::Code::Unavailable, ""))),
+            ],
+            vec![Err(status(
+                tonic::Code::PermissionDenied,
+                "PERMISSION_DENIED",
+            ))],
+            2,
+            42,
+        )
+        .await;
+        assert_eq!(attempts, vec![(2, 40)]);
+        assert_eq!(epoch, 3);
         assert_eq!(outcome(ra), vec![Err("OUTCOME_UNKNOWN".into())]);
         assert_eq!(outcome(rb), vec![Err("EARLIER_BATCH_UNKNOWN".into())]);
     }
