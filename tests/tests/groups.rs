@@ -1124,3 +1124,79 @@ async fn auto_commit_commits_what_was_read_while_the_topic_is_quiet() {
     assert_eq!(committed, Some(10));
     drop(consumer);
 }
+
+/// A member that resumes its stream from an offset past the end of the log (raw gRPC: the
+/// `resume` of its Subscribe start) and commits that offset over the stream: the commit is
+/// checked against the high watermark, as a unary commit is, and refused. Before, only offsets
+/// past the stream's position were checked, and a position it started from was taken for one
+/// it had delivered: the offset was stored, the group's later owners started past the end of
+/// the log (skipping every record up to it), and their commits were refused as going backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_commit_of_a_resumed_offset_past_the_log_is_refused() {
+    use weft_proto::v1::{
+        Credit, PartitionOffset, StreamCommit, SubscribeRequest, SubscribeStart, subscribe_request,
+        subscribe_response,
+    };
+    let broker = Broker::start();
+    weft_tests::ok_stdout(&broker.cli(&["topic", "create", "resumed", "--partitions", "1"]));
+    weft_tests::ok_stdout(&broker.cli(&["produce", "resumed", "a", "b", "c"]));
+    let (tx, mut responses) = weft_tests::grpc::subscribe(
+        &broker.client_addr,
+        SubscribeStart {
+            topic: "resumed".into(),
+            group_id: "rg".into(),
+            resume: vec![PartitionOffset {
+                partition: 0,
+                offset: 1_000_000,
+            }],
+            credit: Some(Credit {
+                records: 100,
+                bytes: 1 << 20,
+            }),
+            session_timeout_ms: 60_000,
+            ..SubscribeStart::default()
+        },
+    )
+    .await;
+    let assigned = tokio::time::timeout(
+        Duration::from_secs(30),
+        weft_tests::grpc::next_assignment(&mut responses, 1),
+    )
+    .await
+    .expect("an assignment within 30 s");
+    tx.send(SubscribeRequest {
+        request: Some(subscribe_request::Request::Commit(StreamCommit {
+            generation: assigned.generation,
+            offsets: vec![PartitionOffset {
+                partition: 0,
+                offset: 1_000_000,
+            }],
+        })),
+    })
+    .await
+    .expect("queue the commit");
+    let answer = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match responses.message().await {
+                Ok(Some(m)) => {
+                    if let Some(subscribe_response::Event::CommitAck(ack)) = m.event {
+                        return Ok(ack);
+                    }
+                }
+                Ok(None) => panic!("the stream ended without an answer"),
+                Err(status) => return Err(status),
+            }
+        }
+    })
+    .await
+    .expect("an answer within 30 s");
+    match answer {
+        Ok(ack) => panic!("an offset past the log was committed: {ack:?}"),
+        Err(status) => assert!(status.message().contains("high watermark"), "{status:?}"),
+    }
+    drop(tx);
+    let committed = weft_tests::offsets(&broker.client_addr, "resumed", 0, Some("rg"))
+        .await
+        .expect("offsets");
+    assert_eq!(committed.committed_offset, None, "{committed:?}");
+}

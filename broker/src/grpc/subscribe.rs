@@ -1074,6 +1074,11 @@ struct Session {
     /// replicas answered): left out of what the subscriber was told it owns, tried again at
     /// every heartbeat, and given to it with a new Assignment once placed.
     unplaced: BTreeSet<u32>,
+    /// Per partition, the position this stream's deliveries (or a skip past retention) took it
+    /// to since it was assigned: within the high watermark. A position it started from (a
+    /// committed offset, or an offset the subscriber resumed from) is not in it: it may lie
+    /// past the high watermark.
+    delivered: BTreeMap<u32, u64>,
     resume: HashMap<u32, u64>,
     credit_records: u64,
     credit_bytes: u64,
@@ -1185,6 +1190,7 @@ impl Session {
             remote_idle: BTreeSet::new(),
             assignments: 0,
             unplaced: BTreeSet::new(),
+            delivered: BTreeMap::new(),
             tx,
             pending: VecDeque::new(),
             last_word,
@@ -1345,6 +1351,7 @@ impl Session {
             );
         }
         self.store_start_positions(&positions, &kept, generation);
+        self.delivered.retain(|p, _| kept.contains(p));
         self.positions = positions;
         self.unplaced = unplaced;
         self.generation = generation;
@@ -1587,6 +1594,7 @@ impl Session {
                     // Retention removed what this subscriber had not read: skip to what is left,
                     // and deliver again at once (no new record need come to wake the stream).
                     self.positions.insert(p, start);
+                    self.delivered.insert(p, start);
                     sent = true;
                     continue;
                 }
@@ -1600,6 +1608,7 @@ impl Session {
             self.credit_records = self.credit_records.saturating_sub(records.len() as u64);
             self.credit_bytes = self.credit_bytes.saturating_sub(bytes);
             self.positions.insert(p, next);
+            self.delivered.insert(p, next);
             if next >= high_watermark {
                 // Caught up with the last commit: how long after it the records go out.
                 metrics::histogram!("weft_delivery_seconds")
@@ -1661,6 +1670,7 @@ impl Session {
                     // Retention removed what this subscriber had not read: skip to what is left.
                     Some((start, _)) if position < start => {
                         self.positions.insert(p, start);
+                        self.delivered.insert(p, start);
                         return Ok(true);
                     }
                     // Past what the replica read from has committed (a position read from one
@@ -1680,6 +1690,7 @@ impl Session {
             .saturating_sub(response.records.len() as u64);
         self.credit_bytes = self.credit_bytes.saturating_sub(bytes);
         self.positions.insert(p, next);
+        self.delivered.insert(p, next);
         let span = self.deliver_span(p, &response.records);
         let result = self
             .send(event(Event::Delivery(Delivery {
@@ -1799,7 +1810,10 @@ impl Session {
                 // only those past it, and those of partitions this stream was given but does
                 // not read (left out of its assignment while their replicas do not answer), are
                 // looked up (a replica elsewhere may be asked). A partition this stream was not
-                // given is the coordinator's to refuse.
+                // given is the coordinator's to refuse. (Past what it delivered, not past its
+                // position: a position it started from, an offset the subscriber resumed from,
+                // may lie past the high watermark. Before, a commit of such an offset was
+                // stored unchecked.)
                 let mut named = std::collections::BTreeSet::new();
                 if let Some(o) = commit.offsets.iter().find(|o| !named.insert(o.partition)) {
                     return Err(BrokerError::invalid(
@@ -1811,7 +1825,9 @@ impl Session {
                     .offsets
                     .iter()
                     .filter(|o| match self.positions.get(&o.partition) {
-                        Some(&p) => o.offset > p,
+                        Some(_) => {
+                            o.offset > self.delivered.get(&o.partition).copied().unwrap_or(0)
+                        }
                         None => self.unplaced.contains(&o.partition),
                     })
                     .cloned()
