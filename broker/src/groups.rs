@@ -1022,18 +1022,8 @@ impl Coordinator {
             }
             Some(_) => {}
             None => {
-                if let Some(wait) = self.rejoining(Instant::now())
-                    && self.inner.store.group(group_id).is_some()
-                {
-                    return Err(BrokerError::Unavailable {
-                        reason: format!(
-                            "the group coordinator moved here just now and group {group_id:?} \
-                             has not rejoined it yet (its members have {} ms left to come \
-                             back); try again then",
-                            wait.as_millis()
-                        ),
-                        leader: None,
-                    });
+                if let Some(refused) = self.not_rejoined_yet(group_id) {
+                    return Err(refused);
                 }
             }
         }
@@ -1135,6 +1125,10 @@ impl Coordinator {
                 "a commit without a member id comes from outside the group's membership: \
                  generation 0",
             )),
+            // Not in memory right after a takeover: its members may be on their way back, and
+            // a commit from outside the membership (a member fenced before it, committing as
+            // it closes) would move the offsets under them. Refused as a reset is.
+            None => self.not_rejoined_yet(group_id).map_or(Ok(()), Err),
             _ => Ok(()),
         }
     }
@@ -1245,6 +1239,22 @@ impl Coordinator {
                 Takeover::Since(at)
             };
         }
+    }
+
+    /// The refusal of a change from outside the membership of `group_id` (not in memory here)
+    /// while its members may still be on their way back from the previous coordinator: only
+    /// for a group with stored offsets.
+    fn not_rejoined_yet(&self, group_id: &str) -> Option<BrokerError> {
+        let wait = self.rejoining(Instant::now())?;
+        self.inner.store.group(group_id)?;
+        Some(BrokerError::Unavailable {
+            reason: format!(
+                "the group coordinator moved here just now and group {group_id:?} has not \
+                 rejoined it yet (its members have {} ms left to come back); try again then",
+                wait.as_millis()
+            ),
+            leader: None,
+        })
     }
 
     /// How long the members of the previous coordinator may still take to rejoin this one
@@ -1792,6 +1802,13 @@ mod tests {
         assert!(unavailable(
             c.reset_offsets("g", "id-t", &[(0, 1)]).await.map(|_| ())
         ));
+        // Nor is a commit from outside its membership taken (a member fenced before the
+        // takeover, committing as it closes, would move the offsets under the members on
+        // their way back). Before, it was stored.
+        assert!(unavailable(
+            c.commit("g", "", 0, "id-t", &[(0, 9)]).await.map(|_| ())
+        ));
+        assert_eq!(c.committed("g", "id-t", 0).expect("read"), Some(5));
         // Nothing stored: nothing to wait for.
         assert!(matches!(
             c.delete("nothing").await,
