@@ -445,15 +445,26 @@ impl Consumer {
         let Some(opening) = self.opening.take() else {
             return Err(Error::Closed);
         };
+        let failed = |consumer: &mut Self| {
+            // A stream that failed to open counts as one that ended at once: the next
+            // reconnection waits longer ([`Consumer::begin_reconnect`]), and the stream before
+            // it no longer counts as one that worked. Before, the old stream's times stood, and
+            // an application calling `next` again after each refusal made a Subscribe call at
+            // once, every time.
+            consumer.stream_opened = Instant::now();
+            consumer.assigned_on_stream = false;
+        };
         let responses = match answer {
             Ok(Ok(responses)) => responses,
             Ok(Err(e)) => {
                 opening.abort();
+                failed(self);
                 return Err(e);
             }
             // The task panicked or was aborted: no stream.
             Err(_) => {
                 opening.abort();
+                failed(self);
                 return Err(Error::Closed);
             }
         };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use weft_client::{
     Client, Consumer, ConsumerConfig, ProducerConfig, PublishTransport, Record, StartFrom,
 };
-use weft_tests::{Broker, offsets, wait_for};
+use weft_tests::{Broker, offsets, ok_stdout, wait_for};
 
 /// Publishes values `tag-from .. tag-to` to partition 0 and waits for every acknowledgement.
 async fn publish(client: &Client, tag: &str, from: u64, to: u64) {
@@ -1602,4 +1602,61 @@ async fn a_record_the_broker_cannot_read_fails_alone() {
             .expect("offsets");
         assert_eq!(end.high_watermark, stored, "partition {partition}: {end:?}");
     }
+}
+
+/// Subscribe calls a broker has answered, whatever their outcome.
+fn subscribe_calls(broker: &Broker) -> f64 {
+    let (status, body) = broker.http("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    body.lines()
+        .filter(|l| {
+            l.starts_with("weft_rpc_requests_total{") && l.contains(r#"method="Subscribe""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A consumer whose subscription is refused for good (its topic deleted), called again and
+/// again by an application that logs the error and carries on, waits longer before each new
+/// attempt: a handful of Subscribe calls in 3 s. Before, a failed open left the old stream's
+/// times in place, so each call found a stream that "had worked", waited nothing, and asked
+/// again at once: thousands of calls a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_refused_for_good_does_not_spin() {
+    let broker = Broker::start();
+    ok_stdout(&broker.cli(&["topic", "create", "spin", "--partitions", "1"]));
+    ok_stdout(&broker.cli(&["produce", "spin", "a"]));
+    let client = broker.client().await;
+    let mut consumer = client
+        .consumer(ConsumerConfig::new("spin").start(StartFrom::Earliest))
+        .await
+        .expect("subscribe");
+    let first = consumer
+        .next_timeout(Duration::from_secs(10))
+        .await
+        .expect("read")
+        .expect("a record");
+    assert_eq!(first.value.as_ref(), b"a");
+    // A stream that lived a while, then its topic goes.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    ok_stdout(&broker.cli(&["topic", "delete", "spin"]));
+    let before = subscribe_calls(&broker);
+    let (mut calls, mut errors) = (0u32, 0u32);
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until && calls < 100_000 {
+        calls += 1;
+        if consumer
+            .next_timeout(Duration::from_millis(200))
+            .await
+            .is_err()
+        {
+            errors += 1;
+        }
+    }
+    assert!(errors > 0, "the refusal is reported ({calls} calls)");
+    let made = subscribe_calls(&broker) - before;
+    assert!(
+        made <= 25.0,
+        "{made} Subscribe calls in 3 s ({calls} calls of next, {errors} errors)"
+    );
 }
