@@ -1974,20 +1974,70 @@ impl Node {
         true
     }
 
+    /// Whether the sweep of partitions this broker no longer hosts may run: once its
+    /// controller state holds what the controller had committed when this broker came back.
+    /// Its own controller log is not enough: a log that lost entries (a failing disk, a
+    /// restore) replays to an older state, in which topics created since are unknown. So a
+    /// broker with peers waits for the commit index a controller leader sent it (`target`
+    /// keeps the first one seen) and applies through it, or leads the controller; a single
+    /// node has only its own log.
+    fn sweep_due(&self, target: &mut Option<u64>) -> bool {
+        if !self.controller.is_current() {
+            return false;
+        }
+        if self.config.peers.is_empty() {
+            return true;
+        }
+        if self.controller.leader() == Some(self.node_id) {
+            // A leader holds every committed entry (it hears no leader's commit index), and
+            // has applied them all once it applied an entry of its own term.
+            return self
+                .controller
+                .state()
+                .last_applied
+                .is_some_and(|l| l.leader_id.term == self.controller.term());
+        }
+        if target.is_none() {
+            *target = self.peers.controller_commit_heard();
+        }
+        target.is_some_and(|t| self.controller.applied_index() >= t)
+    }
+
     /// Removes what this broker keeps of partitions it no longer hosts and holds no slot for:
     /// their data directories and Raft state, left by a topic deleted or a replica moved away
     /// while it was down (a reconcile removes only partitions open here when the change
-    /// arrives). Called between reconciles, once the controller state here is current: every
-    /// partition directory was made for a state no newer than it (a broker that restarts
-    /// applies at least what it applied before), so a partition whose topic id it lacks was
-    /// deleted, and one whose replicas (and replicas being added) leave this broker out was
-    /// moved away. A partition it cannot place (a topic id it knows, a partition number past
-    /// the topic's) stays.
+    /// arrives). Called between reconciles, once [`Node::sweep_due`]: every partition
+    /// directory was made for a state no newer than this one, so a partition whose topic id it
+    /// lacks was deleted, and one whose replicas (and replicas being added) leave this broker
+    /// out was moved away. A partition it cannot place (a topic id it knows, a partition
+    /// number past the topic's) stays, and so does its Raft state. Nothing is removed when
+    /// Raft state is stored here for a group the state has not numbered yet (a state older
+    /// than what this broker hosted after all).
     async fn remove_unhosted(&self) {
         let state = self.controller.state();
+        let stored = match self.meta.raft_groups() {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!("cannot list the Raft groups stored here: {e}");
+                return;
+            }
+        };
+        if let Some(unknown) = stored
+            .iter()
+            .find(|g| **g != crate::raft::CONTROLLER_GROUP && **g >= state.next_group_id)
+        {
+            tracing::warn!(
+                group_id = unknown,
+                next_group_id = state.next_group_id,
+                "Raft state is stored here for a group the controller state has not numbered yet: the state is older than this broker's data, and nothing it does not list is removed"
+            );
+            return;
+        }
         let me = self.node_id;
-        let hosted = move |p: &crate::raft::PartitionMeta| {
-            p.replicas.contains(&me) || p.adding.contains(&me)
+        // Whether the state leaves this partition here (hosted, or not placeable): one answer
+        // for its directory and its Raft state.
+        let keeps = move |p: Option<&crate::raft::PartitionMeta>| {
+            p.is_none_or(|p| p.replicas.contains(&me) || p.adding.contains(&me))
         };
         let known = state.clone();
         let removed = self
@@ -1997,7 +2047,7 @@ impl Node {
                     .topics
                     .values()
                     .find(|t| t.topic_id == topic_id)
-                    .is_some_and(|t| t.partitions.get(partition as usize).is_none_or(&hosted))
+                    .is_some_and(|t| keeps(t.partitions.get(partition as usize)))
             })
             .await;
         for (topic_id, partition) in &removed {
@@ -2007,8 +2057,9 @@ impl Node {
                 "removed the data of a partition this broker no longer hosts (its topic was deleted, or its replica moved away, while the broker was down)"
             );
         }
-        // Their Raft state: every group but the controller's, the partitions held here and
-        // those the state gives this broker.
+        // Their Raft state: only of groups the state numbers and leaves this broker out of
+        // (every group stored here is numbered: checked above). The controller's, the
+        // partitions held here and those the state leaves here stay.
         let mut kept = self.registry.held_groups();
         kept.insert(crate::raft::CONTROLLER_GROUP);
         kept.extend(
@@ -2016,16 +2067,9 @@ impl Node {
                 .topics
                 .values()
                 .flat_map(|t| t.partitions.iter())
-                .filter(|p| hosted(p))
+                .filter(|p| keeps(Some(p)))
                 .map(|p| p.group_id),
         );
-        let stored = match self.meta.raft_groups() {
-            Ok(stored) => stored,
-            Err(e) => {
-                tracing::warn!("cannot list the Raft groups stored here: {e}");
-                return;
-            }
-        };
         for group_id in stored.into_iter().filter(|g| !kept.contains(g)) {
             match self.meta.delete_raft_group(group_id) {
                 Ok(()) => tracing::info!(
@@ -2055,8 +2099,10 @@ async fn reconcile_loop(
     mut done: bool,
 ) {
     // Whether the data left by partitions this broker no longer hosts has been removed (once
-    // per start, once the controller state here is current).
+    // per start, once the controller state here holds what the controller had committed when
+    // this broker came back: see `Node::sweep_due`), and the commit index that waits for.
     let mut swept = false;
+    let mut sweep_target = None;
     loop {
         let changed = if done && swept {
             if state.changed().await.is_err() {
@@ -2081,7 +2127,7 @@ async fn reconcile_loop(
             state.borrow_and_update();
             done = node.reconcile().await;
         }
-        if done && !swept && node.controller.is_current() {
+        if done && !swept && node.sweep_due(&mut sweep_target) {
             node.remove_unhosted().await;
             swept = true;
         }

@@ -858,9 +858,12 @@ impl Segment {
             }
             // A damaged frame: look for the next valid frame that continues the log.
             let resume = self.resync(&mut window, position + 1)?;
-            let proven_durable = match resume {
-                Some((at, _)) => Self::synced_len_proven_after(&mut window, at)? > position,
-                None => false,
+            // (Asked in a tail only: a sealed segment was synced whole.)
+            let proven_durable = match (mode, resume) {
+                (ScanMode::Tail, Some((at, _))) => {
+                    Self::proven_durable_past(&mut window, at, position)?
+                }
+                _ => false,
             };
             match (mode, resume) {
                 (ScanMode::Tail, Some(_)) if !proven_durable => {
@@ -910,14 +913,14 @@ impl Segment {
         Ok(report)
     }
 
-    /// The largest `synced_len` among the valid frames from `at` on, each continuing the one
-    /// before (past further damage too, as a scan resumes past it): every byte below it was on
-    /// disk before one of those frames was written. Before, the frames after a second damaged
-    /// frame were not asked, so a tail whose first damage only they proved durable was cut
-    /// there, durable entries and all.
-    fn synced_len_proven_after(window: &mut Window<'_>, at: u64) -> Result<u64> {
+    /// Whether a valid frame from `at` on, each continuing the one before (past further
+    /// damage too, as a scan resumes past it), was written after a sync that covered
+    /// `damaged`: its `synced_len` is past it. Before, the frames after a second damaged frame
+    /// were not asked, so a tail whose first damage only they proved durable was cut there,
+    /// durable entries and all. Stops at the first proof (a tail with many damaged frames is
+    /// not read to its end for each).
+    fn proven_durable_past(window: &mut Window<'_>, at: u64, damaged: u64) -> Result<bool> {
         let mut position = at;
-        let mut proven = 0;
         let (mut min_offset, mut min_index) = (0, None);
         while position < window.end {
             match window.frame(position)? {
@@ -926,7 +929,9 @@ impl Segment {
                     synced_len,
                     len,
                 } => {
-                    proven = proven.max(synced_len);
+                    if synced_len > damaged {
+                        return Ok(true);
+                    }
                     let header = batches[0].header();
                     (min_offset, min_index) = (header.base_offset, Some(header.index));
                     position += len;
@@ -939,7 +944,7 @@ impl Segment {
                 }
             }
         }
-        Ok(proven)
+        Ok(false)
     }
 
     fn continues(&self, header: &BatchHeader) -> bool {

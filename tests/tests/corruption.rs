@@ -274,6 +274,11 @@ async fn a_damaged_snapshot_of_a_sole_replica_is_rebuilt_from_its_log() {
     let expected: Vec<String> = (0..50).map(|i| format!("r-{i}")).collect();
     assert_eq!(values, expected);
     assert!(dir.join("snapshot.damaged").exists(), "kept aside");
+    let log = broker.log();
+    assert!(
+        !log.contains("cannot open partition"),
+        "opened at the first attempt: {log}"
+    );
     let client = broker.client().await;
     let producer = client.producer(ProducerConfig::default());
     let next = producer

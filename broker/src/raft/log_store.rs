@@ -676,6 +676,18 @@ impl LogReader {
         self.shared.record_purged(log_id)
     }
 
+    /// Records that the log is purged through `log_id` exactly, durably: also when a purge
+    /// further on was recorded (a state machine whose snapshot was lost is given one at the
+    /// log's start, and re-applies the entries after it: a purge past them would keep them
+    /// from being read). Only before the group starts.
+    pub fn record_purged_exactly(&self, log_id: LogId) -> Result<(), StorageError> {
+        self.shared.record_purged(log_id)?;
+        if let Ok(mut last) = self.shared.last_purged.lock() {
+            *last = Some(log_id);
+        }
+        Ok(())
+    }
+
     /// Forgets the recorded purge, durably, when the log still holds every entry from the
     /// first through the purged one (a purge deletes whole segments only, and none was
     /// deleted yet): a state machine whose snapshot was lost is then rebuilt by applying them

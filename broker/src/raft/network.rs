@@ -161,6 +161,9 @@ struct Inner {
     snapshot_received: Mutex<HashMap<GroupId, (String, u64)>>,
     /// When each group last received an AppendEntries (a leader's heartbeat or entries) here.
     heard_at: Mutex<HashMap<GroupId, std::time::Instant>>,
+    /// The highest commit index a controller leader's AppendEntries carried here since this
+    /// node started (see [`Peers::controller_commit_heard`]).
+    controller_commit_heard: Mutex<Option<u64>>,
     /// Per group: when it was opened here, and when this node last granted a vote in it or
     /// was seen leading it (the election watch's clock, beside `heard_at`).
     election_clock: Mutex<HashMap<GroupId, (Instant, Option<Instant>)>>,
@@ -320,6 +323,7 @@ impl Peers {
                 snapshot_from: Mutex::new(HashMap::new()),
                 snapshot_received: Mutex::new(HashMap::new()),
                 heard_at: Mutex::new(HashMap::new()),
+                controller_commit_heard: Mutex::new(None),
                 election_clock: Mutex::new(HashMap::new()),
                 recovery: Mutex::new((Recovery::Normal, HashMap::new())),
                 contacts: Mutex::new(HashMap::new()),
@@ -736,6 +740,17 @@ impl Peers {
                 self.try_open(group_id, gate);
             }
         }
+    }
+
+    /// The highest commit index a controller leader's AppendEntries carried to this node since
+    /// it started (None: none came yet). A broker whose controller state has applied it holds
+    /// what the controller had committed when it came back, even if its own controller log
+    /// had lost entries.
+    pub fn controller_commit_heard(&self) -> Option<u64> {
+        self.inner
+            .controller_commit_heard
+            .lock()
+            .map_or(None, |heard| *heard)
     }
 
     /// Group `group_id` here hears from its leader now (see [`Peers::silent_for`]).
@@ -2074,6 +2089,11 @@ impl RaftService {
             self.peers.heard_now(group_id);
             self.peers
                 .heard_leader(group_id, leader_term, leader_commit);
+            if group_id == super::CONTROLLER_GROUP
+                && let Ok(mut heard) = self.peers.inner.controller_commit_heard.lock()
+            {
+                *heard = (*heard).max(Some(leader_commit));
+            }
         }
         if with_entries {
             // On the follower: from the call's arrival to the entries stored and synced.

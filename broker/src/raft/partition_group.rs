@@ -1575,7 +1575,11 @@ pub(super) fn adopt_headless_log(
         lost: BTreeMap::new(),
     };
     sm.reset_to(state)?;
-    reader.record_purged(purged).map_err(|e| e.to_string())
+    // Exactly there: a purge recorded further on (with a snapshot that was lost since, the
+    // file damaged) would keep the entries after it from being re-applied.
+    reader
+        .record_purged_exactly(purged)
+        .map_err(|e| e.to_string())
 }
 
 /// How long a proposal waits for its answer after a snapshot was installed over the log.
