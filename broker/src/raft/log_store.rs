@@ -698,7 +698,9 @@ impl LogReader {
         };
         let whole = {
             let log = self.shared.log()?;
-            log.first_index() == Some(0) && log.end().next_index > purged.index
+            log.first_index() == Some(0)
+                && log.start_offset() == 0
+                && log.end().next_index > purged.index
         };
         if !whole {
             return Ok(false);

@@ -329,22 +329,6 @@ pub struct PartitionStateMachine {
     shared: Arc<Shared>,
 }
 
-/// When `reader`'s log still holds every entry from the first through a purge recorded over
-/// them, forgets that purge (the log is then one never purged, and a state machine without
-/// a snapshot applies it all). A log whose first entries are gone keeps its purge: a
-/// state machine without a snapshot is then given one by `adopt_headless_log`.
-fn forget_purge_of_a_whole_log(reader: &LogReader) -> Result<(), String> {
-    let holds_all = reader
-        .with_log(|log| log.first_index() == Some(0) && log.start_offset() == 0)
-        .map_err(|e| e.to_string())?;
-    if holds_all && reader.last_purged().is_some() {
-        reader
-            .forget_purge_of_a_whole_log()
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
-
 impl PartitionStateMachine {
     /// Opens the state machine of the partition in `dir`, from its snapshot file if there is one.
     /// `reader` is the partition's log (installing a snapshot may restart it). Blocking: it reads
@@ -377,7 +361,12 @@ impl PartitionStateMachine {
                         path.display()
                     )
                 })?;
-                forget_purge_of_a_whole_log(&reader)?;
+                // A log that still holds every entry forgets a purge recorded over them; one
+                // whose first entries are gone keeps it, and is given a snapshot at its start
+                // by `adopt_headless_log`.
+                reader
+                    .forget_purge_of_a_whole_log()
+                    .map_err(|e| e.to_string())?;
                 None
             }
             Err(e) => return Err(e.to_string()),
