@@ -966,12 +966,17 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         // (`fill_missing_tail`). The other way round, it left a log restarted after a state
         // that was never written.
         let persisted = self.persist(state.clone()).await?;
+        // openraft purges the log through every snapshot it installs: that purge keeps
+        // whatever the log holds (`keep_through`), only out of Raft's reach: entries the leader
+        // wrote too (a log whose entry at the snapshot's index differs was cut back to its
+        // commit first, and is behind). Records go only by retention; before, a log that held the snapshot's last entry lost its sealed segments
+        // through it, records a consumer reading from this replica still asked for.
+        self.shared.reader.keep_through(next.next_index - 1);
         if behind {
-            // Then the purge through the snapshot is recorded, keeping whatever the log holds
-            // (`keep_through`), before the log changes: a crash while it is filled must not
-            // leave a log whose first entries are gone with no purge recorded before them
-            // (openraft would look for them at the next start, and fail).
-            self.shared.reader.keep_through(next.next_index - 1);
+            // Then the purge through the snapshot is recorded before the log changes: a crash
+            // while it is filled must not leave a log whose first entries are gone with no
+            // purge recorded before them (openraft would look for them at the next start, and
+            // fail).
             self.report_snapshot(&persisted.meta).await?;
             // From the sender first, then, if that fails (its copy damaged, say), from the
             // other replicas in turn.
@@ -1262,6 +1267,75 @@ mod tests {
                 next_index: 7099
             }
         );
+    }
+
+    /// A snapshot installed on a replica whose log already holds the snapshot's last entry (and
+    /// more) takes no record away: openraft purges through every snapshot it installs, and that
+    /// purge deleted the sealed segments up to the snapshot, records still inside the topic's
+    /// retention that a consumer reading from this replica asked for (helper-121: only retention
+    /// deletes records).
+    #[tokio::test]
+    async fn a_snapshot_installed_over_a_log_that_holds_it_deletes_no_record() {
+        use openraft::storage::RaftLogStorage;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogConfig {
+            segment_bytes_max: 4096,
+            ..LogConfig::default()
+        };
+        let mut log =
+            weft_storage::PartitionLog::open(dir.path().join("log"), config.clone()).expect("log");
+        // Entries 1 to 30, one record of 1 KiB each (offsets 0 to 29), over several segments.
+        for index in 1..=30 {
+            crate::raft::log_store::tests::append_record(&mut log, index, &[7u8; 1024]);
+        }
+        log.flush().expect("flush");
+        assert!(log.segment_count() > 3, "{} segments", log.segment_count());
+        let meta = crate::meta::Metadata::new(Arc::new(
+            weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
+        ));
+        let flusher =
+            crate::raft::Flusher::start(crate::raft::SyncMode::Fdatasync).expect("flusher");
+        let mut store = crate::raft::LogStore::new(5, log, meta, flusher).expect("store");
+        let reader = store.reader();
+        std::fs::create_dir_all(dir.path().join("sm")).expect("state machine dir");
+        let mut sm = PartitionStateMachine::open(
+            dir.path().join("sm"),
+            config,
+            reader.clone(),
+            1 << 20,
+            60_000,
+            false,
+        )
+        .expect("state machine");
+        // The snapshot ends at entry 20 (offset 19): the log holds it and ten entries more.
+        let last = LogId::new(openraft::CommittedLeaderId::new(1, 0), 20);
+        let state = PartitionState {
+            last_applied: Some(last),
+            high_watermark: 20,
+            ..PartitionState::default()
+        };
+        let bytes = encode(&state).expect("encode");
+        sm.install_snapshot(&meta_of(&state), Box::new(Cursor::new(bytes)))
+            .await
+            .expect("install");
+        // What openraft does right after.
+        store.purge(last).await.expect("purge");
+        let (start, end) = reader
+            .with_log(|log| (log.start_offset(), log.end()))
+            .expect("log");
+        assert_eq!(start, 0, "no record deleted");
+        assert_eq!(
+            end,
+            LogPosition {
+                next_offset: 30,
+                next_index: 31
+            }
+        );
+        let read = reader
+            .with_log(|log| log.read(0, 1 << 20, 30))
+            .expect("log")
+            .expect("the first record reads");
+        assert!(!read.is_empty(), "offset 0 reads");
     }
 
     /// Entries applied as lost (damaged on this replica) are recorded, so a leader knows its
