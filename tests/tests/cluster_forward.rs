@@ -1592,3 +1592,85 @@ async fn a_partition_held_elsewhere_gets_its_turn_beside_a_local_backlog() {
         "the far partition's record came after {near_read} of the {backlog} local ones"
     );
 }
+
+/// A long poll that a broker with no replica forwards is one wait in all, however many replicas
+/// it asks, and a replica that does not answer in time is passed over. Four brokers, three
+/// replicas: the leader, which the forwarding broker asks first (it learnt it from a publish),
+/// is paused; the Fetch at the log's end with a 12 s wait goes to it, is given up after
+/// `request_timeout_ms` (2 s) plus the wait, and another replica is asked for what is left of
+/// the wait: nothing. Before, a replica that timed out was not passed over (the Fetch failed
+/// with DEADLINE_EXCEEDED, and so did every read after it while the leader stayed paused), and
+/// every replica asked after one that failed waited the whole 12 s again (26 s in all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_long_poll_waits_once_across_the_replicas_it_asks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "request_timeout_ms = 2000\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(4, |_| vec!["--config".into(), config.clone()], &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"poll","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    assert_eq!(replicas.len(), 3, "{body}");
+    let outsider = (1..=4u64)
+        .find(|id| !replicas.contains(id))
+        .expect("a broker without a replica");
+    let replica = &brokers[replicas[0] as usize - 1];
+    let leader_id = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(replica, "poll");
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let through = brokers[outsider as usize - 1].client_addr.clone();
+    let channel = grpc::channel(&through).await;
+    // A publish through the outsider: it learns the leader, and asks it first from now on.
+    grpc::publisher(&channel)
+        .publish(PublishRequest {
+            topic: "poll".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Record {
+                value: b"r0".to_vec().into(),
+                ..Record::default()
+            }],
+            ..PublishRequest::default()
+        })
+        .await
+        .expect("a publish through the broker without a replica");
+    assert_eq!(fetch_range(&through, "poll", 0, 0, 1).await.len(), 1);
+
+    let leader = &brokers[leader_id as usize - 1];
+    leader.pause();
+    let began = std::time::Instant::now();
+    let answer = grpc::subscriber(&channel)
+        .fetch(weft_proto::v1::FetchRequest {
+            topic: "poll".into(),
+            partition: 0,
+            offset: 1,
+            max_bytes: 65536,
+            max_wait_ms: 12_000,
+            min_bytes: 1,
+            ..Default::default()
+        })
+        .await;
+    let took = began.elapsed();
+    leader.resume();
+    let answer = answer.expect("an answer from a replica that is not paused");
+    assert!(answer.get_ref().records.is_empty(), "{answer:?}");
+    // 2 s + 12 s for the paused leader, then nothing left to wait; a few seconds of slack.
+    assert!(
+        took < Duration::from_secs(20),
+        "the forwarded long poll took {took:?}"
+    );
+    eprintln!("the forwarded long poll answered after {took:?}");
+}

@@ -331,8 +331,8 @@ impl RouteHints {
 
     /// Learns from the outcome of a read forwarded to `target` for `topic_id`/`partition`; an
     /// answer reports at least the highest high watermark seen before. Returns whether another
-    /// replica should be asked at once (the target did not answer, cannot serve the partition
-    /// now, or lags; a read is safe to repeat).
+    /// replica should be asked at once (the target did not answer, or not in time, cannot serve
+    /// the partition now, or lags; a read is safe to repeat).
     pub fn learn_read<T: Watermarked>(
         &self,
         topic_id: &str,
@@ -350,6 +350,14 @@ impl RouteHints {
             // controller's, which a read with a group waits for), not the partition's. The
             // replica cannot serve the read now; it stays a candidate for publishes.
             Verdict::NamedLeader(_) => Verdict::Lagging,
+            // A forwarded read waits this broker's own time for its replica (its
+            // `request_timeout_ms`, plus a long poll's wait), never the caller's deadline: a
+            // replica that did not answer by then (paused, its disk stalled) is passed over like
+            // one that cannot be reached. Before, it stayed the one asked first, and every read
+            // through this broker timed out there for as long as it did not answer.
+            Verdict::Nothing if matches!(outcome, Err(BrokerError::Timeout(_))) => {
+                Verdict::Unreachable
+            }
             other => other,
         };
         if let Ok(answer) = outcome {
@@ -488,6 +496,16 @@ mod tests {
         // 1 answers for another partition: reachable again, but partition 0 stays with 2.
         assert!(!hints.learn_read("t", 5, 1, &mut fetched(10, 1)));
         assert_eq!(hints.pick("t", 0, &ALL, r), Some(2));
+        // 2 does not answer in time (paused): another replica is asked, and then first.
+        assert!(hints.learn_read(
+            "t",
+            0,
+            2,
+            &mut Err::<FetchResponse, _>(BrokerError::Timeout("no answer in time".into()))
+        ));
+        assert_eq!(hints.pick("t", 0, &ALL, r), Some(1));
+        assert!(!hints.learn_read("t", 0, 1, &mut fetched(10, 1)));
+        assert_eq!(hints.pick("t", 0, &ALL, r), Some(1));
 
         // A leader known from publishes; its copy then refuses a read as damaged.
         hints.learn_write("t", 0, 3, &Ok::<(), BrokerError>(()));

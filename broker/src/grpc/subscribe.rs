@@ -71,8 +71,20 @@ impl SubscriberService {
         let topic = self.node.topic(&request.topic)?;
         if let Some(holder) = self.holder_elsewhere(&topic, request.partition) {
             let partition = request.partition;
+            // One long poll in all, however many replicas are asked: each is asked to wait only
+            // what is left of it (and no longer than this broker lets a poll wait). Before,
+            // every replica asked after one that failed waited the whole `max_wait_ms` again.
+            let polled_until = Instant::now()
+                + Duration::from_millis(
+                    u64::from(request.max_wait_ms).min(config.fetch_wait_ms_max),
+                );
             let fetched = self.read_elsewhere(&topic, partition, holder, hops, |holder| {
-                self.forward_fetch(request.clone(), holder, hops)
+                let left = polled_until.saturating_duration_since(Instant::now());
+                let request = FetchRequest {
+                    max_wait_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX),
+                    ..request.clone()
+                };
+                self.forward_fetch(request, holder, hops)
             });
             // A long poll waiting at another broker ends too when this one shuts down.
             return tokio::select! {
