@@ -1674,3 +1674,100 @@ async fn a_forwarded_long_poll_waits_once_across_the_replicas_it_asks() {
     );
     eprintln!("the forwarded long poll answered after {took:?}");
 }
+
+/// Publishes that a broker with no replica forwards go past a leader that stopped answering
+/// (paused) once the other replicas elected another. Four brokers, three replicas: the leader,
+/// which the forwarding broker learnt from a publish, is paused; an idempotent producer keeps
+/// publishing through the fourth broker, each call with a 3 s deadline, and is stored again
+/// within 20 s of the new leader's election. Before, the forwarding broker kept sending every
+/// publish to the paused leader (a call that ran out of time taught it nothing), and every call
+/// failed with DEADLINE_EXCEEDED for as long as the leader stayed paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_publishes_go_past_a_leader_that_stopped_answering() {
+    let brokers = start_cluster(4);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"frozen","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    assert_eq!(replicas.len(), 3, "{body}");
+    let outsider = (1..=4u64)
+        .find(|id| !replicas.contains(id))
+        .expect("a broker without a replica");
+    let first = &brokers[replicas[0] as usize - 1];
+    let paused_id = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(first, "frozen");
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let through = brokers[outsider as usize - 1].client_addr.clone();
+    let channel = grpc::channel(&through).await;
+    let mut publisher = grpc::publisher(&channel);
+    let publish = |n: u64| {
+        let mut request = tonic::Request::new(PublishRequest {
+            topic: "frozen".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Record {
+                value: format!("record-{n}").into_bytes().into(),
+                ..Record::default()
+            }],
+            producer_id: 5151,
+            base_sequence: n,
+            ..PublishRequest::default()
+        });
+        request.set_timeout(Duration::from_secs(3));
+        request
+    };
+    publisher
+        .publish(publish(0))
+        .await
+        .expect("a publish through the broker without a replica");
+
+    let paused = &brokers[paused_id as usize - 1];
+    paused.pause();
+    let other = brokers
+        .iter()
+        .enumerate()
+        .find(|(i, _)| replicas.contains(&(*i as u64 + 1)) && *i as u64 + 1 != paused_id)
+        .map(|(_, b)| b)
+        .expect("another replica");
+    wait_for("a new leader", Duration::from_secs(30), || {
+        let l = leader(other, "frozen");
+        async move { (l != 0 && l != paused_id).then_some(l) }
+    })
+    .await;
+    let elected = std::time::Instant::now();
+    let mut stored = None;
+    let mut last_error = None;
+    while elected.elapsed() < Duration::from_secs(20) {
+        match publisher.publish(publish(1)).await {
+            Ok(answer) => {
+                stored = Some(answer.into_inner().base_offset);
+                break;
+            }
+            Err(status) => {
+                last_error = Some(status);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let took = elected.elapsed();
+    paused.resume();
+    assert_eq!(
+        stored,
+        Some(1),
+        "no publish through node {outsider} stored within {took:?} of the new leader's \
+         election (node {paused_id} paused): last error {last_error:?}"
+    );
+    eprintln!(
+        "a publish through node {outsider} was stored {took:?} after the new leader's election"
+    );
+}

@@ -49,10 +49,30 @@ struct Job {
 /// Where one partition's publishes go: (leader, topic, partition).
 type Key = (u64, String, u32);
 
+/// When the leader last answered a publish on a forwarder's streams (None: never yet).
+#[derive(Debug, Default)]
+struct Heard(Mutex<Option<Instant>>);
+
+impl Heard {
+    fn now(&self) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(Instant::now());
+        }
+    }
+
+    /// Whether the leader answered anything since `since`.
+    fn since(&self, since: Instant) -> bool {
+        self.0
+            .lock()
+            .map(|last| last.is_some_and(|at| at >= since))
+            .unwrap_or(true)
+    }
+}
+
 /// The forwarding streams of one broker, by leader and partition.
 #[derive(Debug, Default)]
 pub(crate) struct Forwarders {
-    streams: Mutex<HashMap<Key, mpsc::Sender<Job>>>,
+    streams: Mutex<HashMap<Key, (mpsc::Sender<Job>, std::sync::Arc<Heard>)>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -116,11 +136,16 @@ impl Forwarders {
             // Not named as the leader: it did not answer.
             leader: None,
         };
+        let queued = Instant::now();
+        // The forwarder the publish went to last (it may go to a new one when a stream closes
+        // before sending it).
+        let mut heard: Option<std::sync::Arc<Heard>> = None;
         // The whole wait, room in the queue included, stays within the caller's deadline.
         let waited = tokio::time::timeout(timeout, async {
             let mut request = request;
             for _ in 0..REQUEUE_MAX {
-                let sender = self.sender(node, key.clone(), leader, peer_address)?;
+                let (sender, answers) = self.sender(node, key.clone(), leader, peer_address)?;
+                heard = Some(answers);
                 let (reply, answer) = oneshot::channel();
                 if let Err(refused) = sender.send(Job { request, reply }).await {
                     // The stream ended between lookup and send: a new one takes it.
@@ -146,6 +171,22 @@ impl Forwarders {
         })
         .await;
         waited.unwrap_or_else(|_| {
+            if heard.is_some_and(|heard| !heard.since(queued)) {
+                // The leader answered no publish at all meanwhile (paused, its disk stalled,
+                // the link silently dead): what a connection that failed says, so that this
+                // broker passes it over for a while (`RouteHints::learn_write`). Before, a
+                // publish that ran out of time taught nothing, and a broker with no replica
+                // kept sending every publish to a leader that had stopped answering, long after
+                // the other replicas had elected another.
+                return Err(BrokerError::Unavailable {
+                    reason: format!(
+                        "node {leader} answered no forwarded publish within {} ms: the publish \
+                         may or may not be stored (retry it with the same producer sequence)",
+                        timeout.as_millis()
+                    ),
+                    leader: None,
+                });
+            }
             Err(BrokerError::Timeout(format!(
                 "node {leader} did not answer the forwarded publish in time"
             )))
@@ -159,20 +200,27 @@ impl Forwarders {
         key: Key,
         leader: u64,
         peer_address: &str,
-    ) -> Result<mpsc::Sender<Job>, BrokerError> {
+    ) -> Result<(mpsc::Sender<Job>, std::sync::Arc<Heard>), BrokerError> {
         let mut streams = self
             .streams
             .lock()
             .map_err(|_| BrokerError::Internal("forwarding streams poisoned".into()))?;
-        streams.retain(|_, s| !s.is_closed());
-        if let Some(sender) = streams.get(&key) {
-            return Ok(sender.clone());
+        streams.retain(|_, (s, _)| !s.is_closed());
+        if let Some((sender, heard)) = streams.get(&key) {
+            return Ok((sender.clone(), heard.clone()));
         }
         let client = super::forward_to(node, leader, peer_address, "PublishStream")?;
         let (sender, jobs) = mpsc::channel(QUEUE_MAX);
-        tokio::spawn(run(client, node.peers().clone(), jobs, leader));
-        streams.insert(key, sender.clone());
-        Ok(sender)
+        let heard = std::sync::Arc::new(Heard::default());
+        tokio::spawn(run(
+            client,
+            node.peers().clone(),
+            jobs,
+            leader,
+            heard.clone(),
+        ));
+        streams.insert(key, (sender.clone(), heard.clone()));
+        Ok((sender, heard))
     }
 }
 
@@ -239,6 +287,7 @@ async fn run(
     peers: crate::raft::Peers,
     mut jobs: mpsc::Receiver<Job>,
     leader: u64,
+    heard: std::sync::Arc<Heard>,
 ) {
     let opened = Instant::now();
     // Sent on a stream that broke, to go first, in order, on the next.
@@ -252,6 +301,7 @@ async fn run(
             &mut carried,
             leader,
             opened,
+            &heard,
         )
         .await;
         match ended {
@@ -284,6 +334,7 @@ async fn carry(
     carried: &mut VecDeque<Sent>,
     leader: u64,
     opened: Instant,
+    heard: &Heard,
 ) -> Ended {
     let (outbound, requests) = mpsc::channel(QUEUE_MAX);
     let mut in_flight: VecDeque<Sent> = std::mem::take(carried);
@@ -351,6 +402,7 @@ async fn carry(
                 Ok(Some(result)) => match in_flight.pop_front() {
                     Some(sent) => {
                         answered = true;
+                        heard.now();
                         match answer_of(sent.sent_before, decode_result(result)) {
                             Some(outcome) => {
                                 let _ = sent.reply.send(Outcome::Answered(outcome));

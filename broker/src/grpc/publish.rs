@@ -370,6 +370,10 @@ impl PublisherService {
         request.target = Some(Target::Partition(partition));
         // Its trace context travels in `passed_on` (this broker's span, or the request's own).
         request.trace_context.clear();
+        // Given up a little before the caller does, so that the caller hears why, and this
+        // broker learns from a leader that answered nothing (it learns nothing from a call its
+        // caller dropped first: the caller's timer starts before this broker's).
+        let timeout = timeout.saturating_sub((timeout / 10).min(FORWARD_ANSWER_MARGIN));
         let forwarded = ForwardPublishRequest {
             request: Some(request),
             partition,
@@ -383,6 +387,10 @@ impl PublisherService {
             .await
     }
 }
+
+/// How much sooner than its caller a broker gives up a publish it forwarded (at most a tenth of
+/// the caller's time).
+const FORWARD_ANSWER_MARGIN: Duration = Duration::from_millis(200);
 
 /// The `timeout_ms` a forwarded publish carries for the time its caller has left: whole
 /// milliseconds, rounded up, never 0 (which tells the leader no timeout was given, so it would
