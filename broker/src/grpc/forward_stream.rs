@@ -69,10 +69,13 @@ impl Heard {
     }
 }
 
+/// A forwarder: its queue, and when its leader last answered.
+type Forwarder = (mpsc::Sender<Job>, std::sync::Arc<Heard>);
+
 /// The forwarding streams of one broker, by leader and partition.
 #[derive(Debug, Default)]
 pub(crate) struct Forwarders {
-    streams: Mutex<HashMap<Key, (mpsc::Sender<Job>, std::sync::Arc<Heard>)>>,
+    streams: Mutex<HashMap<Key, Forwarder>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -200,7 +203,7 @@ impl Forwarders {
         key: Key,
         leader: u64,
         peer_address: &str,
-    ) -> Result<(mpsc::Sender<Job>, std::sync::Arc<Heard>), BrokerError> {
+    ) -> Result<Forwarder, BrokerError> {
         let mut streams = self
             .streams
             .lock()
