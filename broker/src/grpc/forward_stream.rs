@@ -387,7 +387,11 @@ async fn carry(
     let mut answered = false;
     loop {
         let idle = tokio::time::sleep(IDLE);
-        if in_flight.is_empty() && opened.elapsed() >= AGE_MAX {
+        // Only with nothing queued either: publishes handed back from a retiring stream go
+        // again each from its own caller, in whatever order those run (and a caller waiting for
+        // room in the queue got in first), so a later publish could reach the leader ahead of an
+        // earlier one (helper-122).
+        if in_flight.is_empty() && jobs.is_empty() && opened.elapsed() >= AGE_MAX {
             return Ended::Retired;
         }
         tokio::select! {
@@ -406,13 +410,8 @@ async fn carry(
                     Some(sent) => {
                         answered = true;
                         heard.now();
-                        match answer_of(sent.sent_before, decode_result(result)) {
-                            Some(outcome) => {
-                                let _ = sent.reply.send(Outcome::Answered(outcome));
-                            }
-                            // Dropped: its caller hears the outcome is unknown.
-                            None => drop(sent),
-                        }
+                        let outcome = answer_of(sent.sent_before, decode_result(result), leader);
+                        let _ = sent.reply.send(Outcome::Answered(outcome));
                     }
                     None => {
                         tracing::warn!(leader, "the leader answered a publish that was not sent");
@@ -440,23 +439,34 @@ async fn carry(
 }
 
 /// What the caller of a forwarded publish is told of the leader's answer to it: the answer,
-/// or None (the outcome is unknown) for a refusal of a publish sent again after a stream broke
+/// or UNAVAILABLE naming `leader` (the outcome is unknown, and the leader answered: it is not
+/// passed over as one that did not) for a refusal of a publish sent again after a stream broke
 /// (`sent_before`). Its first copy may have been stored, and a refusal that comes before the
 /// leader's duplicate check (a full queue, rights taken away meanwhile, ...) says nothing of
 /// that copy: passed on, the producer would count the batch as surely not stored and number
 /// its next batch into its sequences, which the leader then answers as a duplicate of the
 /// stored copy (that next batch lost, reported stored). A duplicate's own answer
 /// (DUPLICATE_SEQUENCE: stored, its offsets forgotten) is passed on.
+/// Before, its caller was told the stream broke (no leader named), and the leader that had
+/// just answered was passed over for every partition for a while (helper-122).
 fn answer_of(
     sent_before: bool,
     result: Result<PublishResponse, BrokerError>,
-) -> Option<Result<PublishResponse, BrokerError>> {
+    leader: u64,
+) -> Result<PublishResponse, BrokerError> {
     match result {
         Err(e) if sent_before && e.reason_anywhere() != "DUPLICATE_SEQUENCE" => {
             tracing::debug!("a publish sent again was refused ({e}): its outcome is unknown");
-            None
+            Err(BrokerError::Unavailable {
+                reason: format!(
+                    "node {leader} refused a publish sent again after the forwarding stream \
+                     broke ({e}): its first copy may or may not be stored (retry it with the \
+                     same producer sequence)"
+                ),
+                leader: Some(leader),
+            })
         }
-        result => Some(result),
+        result => result,
     }
 }
 
@@ -507,8 +517,10 @@ mod tests {
     use super::*;
 
     /// A refusal of a publish sent again after its stream broke leaves its outcome unknown (its
-    /// first copy may be stored); the same refusal of a publish sent once is passed on, and so
-    /// is a duplicate's answer and any success.
+    /// first copy may be stored), naming the leader, which answered: a broker with no replica
+    /// does not pass it over (before, the caller was told the stream broke, and the leader was
+    /// passed over for every partition for a while); the same refusal of a publish sent once
+    /// is passed on, and so is a duplicate's answer and any success.
     #[test]
     fn a_refusal_of_a_publish_sent_again_leaves_its_outcome_unknown() {
         let denied = || {
@@ -516,19 +528,41 @@ mod tests {
                 "no publish right".into(),
             )))
         };
-        assert!(answer_of(true, Err(denied())).is_none());
-        assert!(answer_of(true, Err(BrokerError::Overloaded("publish queue".into()))).is_none());
-        assert!(matches!(answer_of(false, Err(denied())), Some(Err(_))));
+        let unknown = |answer: Result<PublishResponse, BrokerError>| match answer {
+            Err(BrokerError::Unavailable {
+                reason,
+                leader: Some(3),
+            }) => reason.contains("may or may not be stored"),
+            _ => false,
+        };
+        assert!(unknown(answer_of(true, Err(denied()), 3)));
+        assert!(unknown(answer_of(
+            true,
+            Err(BrokerError::Overloaded("publish queue".into())),
+            3
+        )));
+        assert!(matches!(
+            answer_of(false, Err(denied()), 3),
+            Err(BrokerError::Remote(_))
+        ));
         let duplicate = BrokerError::from(tonic::Status::from(BrokerError::DuplicateSequence {
             producer_id: 7,
             expected: 9,
             got: 3,
         }));
-        assert!(matches!(answer_of(true, Err(duplicate)), Some(Err(_))));
         assert!(matches!(
-            answer_of(true, Ok(PublishResponse::default())),
-            Some(Ok(_))
+            answer_of(true, Err(duplicate), 3),
+            Err(BrokerError::Remote(_))
         ));
+        assert!(answer_of(true, Ok(PublishResponse::default()), 3).is_ok());
+        // What a broker with no replica learns from the ambiguous answer: node 3 is still the
+        // one to send to.
+        let hints = crate::grpc::route_hints::RouteHints::default();
+        let replicas = [1, 2, 3];
+        let write = crate::grpc::route_hints::Purpose::Write;
+        hints.learn_write("t", 0, 3, &Ok::<(), BrokerError>(()));
+        hints.learn_write("t", 0, 3, &answer_of(true, Err(denied()), 3));
+        assert_eq!(hints.pick("t", 0, &replicas, write), Some(3));
     }
 
     /// Publishes still queued when a stream retires (idle, too old, or broken) were never sent:
