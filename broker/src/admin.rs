@@ -3,6 +3,7 @@
 //! a 4xx/5xx status.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, State};
@@ -1448,8 +1449,39 @@ async fn whoami(
     Json(identity)
 }
 
+/// How much longer than `request_timeout_ms` an admin request may take before it is answered
+/// 504 ([`request_limit`]), and an admin connection may move no byte past that before it is
+/// closed ([`crate::tls::AdminListener`]).
+pub const REQUEST_LIMIT_MARGIN: Duration = Duration::from_secs(2);
+
+/// The most an admin request takes, its body's arrival included: `request_timeout_ms` (what
+/// each step of a handler waits at most) and [`REQUEST_LIMIT_MARGIN`].
+pub fn request_limit(config: &crate::config::Config) -> Duration {
+    Duration::from_millis(config.request_timeout_ms) + REQUEST_LIMIT_MARGIN
+}
+
+/// Answers 504 (a JSON error) an admin request that takes longer than [`request_limit`]: one
+/// whose body stops coming, or whose handler retries for longer. Before, nothing bounded
+/// either: a caller that sent half a body held its request open for good.
+async fn time_limit(
+    State(limit): State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Broker(BrokerError::Timeout(format!(
+            "the request took longer than {} ms (its body did not come, or the change did not \
+             finish): it may or may not have taken effect",
+            limit.as_millis()
+        )))
+        .into_response(),
+    }
+}
+
 /// The admin router; `auth` identifies callers.
 pub fn router(node: Arc<Node>, auth: crate::auth::Authenticator) -> Router {
+    let limit = request_limit(&node.config);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -1492,5 +1524,6 @@ pub fn router(node: Arc<Node>, auth: crate::auth::Authenticator) -> Router {
             (auth, node.clone()),
             identify,
         ))
+        .layer(axum::middleware::from_fn_with_state(limit, time_limit))
         .with_state(node)
 }

@@ -103,6 +103,11 @@ pub struct Config {
     /// by default, as Kafka's); 0 keeps idle connections open. Our client connects again on
     /// its next call.
     pub connections_idle_ms: u64,
+    /// Most admin API (HTTP) connections held at once: one past it is closed once accepted
+    /// (counted in `weft_admin_connections_refused_total`). An admin connection is also closed
+    /// once it has moved no byte for `request_timeout_ms` plus 4 s, and an admin request is
+    /// answered 504 once it has taken `request_timeout_ms` plus 2 s.
+    pub admin_connections_max: u32,
     /// Most partition replicas per broker that topic creation and growth may reach: a topic
     /// created or grown past it (on any broker it would place replicas on) is refused with
     /// LIMIT_REACHED, and so is a replica move onto a broker that holds that many; rebalances
@@ -393,6 +398,7 @@ impl Default for Config {
             streams_per_connection_max: 256,
             connections_max: 10_000,
             connections_idle_ms: 600_000,
+            admin_connections_max: 128,
             partition_replicas_max: 10_000,
             stream_age_ms_max: 15 * 60 * 1000,
             stream_heartbeat_ms: 5_000,
@@ -792,6 +798,12 @@ impl Config {
             100_000,
         )?;
         range("connections_max", self.connections_max, 1, 1_000_000)?;
+        range(
+            "admin_connections_max",
+            self.admin_connections_max,
+            1,
+            100_000,
+        )?;
         if self.connections_idle_ms != 0 {
             range(
                 "connections_idle_ms",

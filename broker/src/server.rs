@@ -298,7 +298,12 @@ pub async fn run(
             stopped(stop_rx.clone()),
         );
     let admin_server = axum::serve(
-        crate::tls::AdminListener::new(listeners.admin, admin_tls)?,
+        crate::tls::AdminListener::new(
+            listeners.admin,
+            admin_tls,
+            config.admin_connections_max,
+            crate::admin::request_limit(&config) + crate::admin::REQUEST_LIMIT_MARGIN,
+        )?,
         crate::admin::router(node.clone(), admin_auth)
             .into_make_service_with_connect_info::<crate::tls::AdminConn>(),
     )

@@ -742,39 +742,72 @@ impl tokio::io::AsyncWrite for Guarded {
     }
 }
 
-/// The admin listener as axum's `serve` takes it.
+/// The admin listener as axum's `serve` takes it: at most `admin_connections_max` connections
+/// at once (one past it is closed once accepted), each closed once it has moved no byte for
+/// `idle` ([`AdminIo`]). Before, it held every connection it accepted for as long as its
+/// caller kept it: a caller that sent half a request and nothing more held a task and a file
+/// descriptor for good, and enough of them ran the broker out of file descriptors.
 #[derive(Debug)]
 pub struct AdminListener {
     rx: mpsc::Receiver<Conn>,
     local: SocketAddr,
+    slots: Arc<tokio::sync::Semaphore>,
+    max: u32,
+    idle: Duration,
 }
 
 impl AdminListener {
-    /// Over `listener`, through TLS when `tls` is given.
+    /// Over `listener`, through TLS when `tls` is given; `max` connections at once, each closed
+    /// after `idle` without a byte moved.
     pub fn new(
         listener: TcpListener,
         tls: Option<Arc<Reloading<ServerConfig>>>,
+        max: u32,
+        idle: Duration,
     ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
+        metrics::counter!("weft_admin_connections_refused_total").absolute(0);
         Ok(AdminListener {
             rx: weft_proto::tls::incoming(listener, tls, "admin"),
             local,
+            slots: Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            max,
+            idle,
         })
     }
 }
 
 impl axum::serve::Listener for AdminListener {
-    type Io = Conn;
+    type Io = AdminIo;
     type Addr = ConnInfo;
 
-    async fn accept(&mut self) -> (Conn, ConnInfo) {
-        match self.rx.recv().await {
-            Some(conn) => {
-                let info = conn.info();
-                (conn, info)
-            }
-            // The accept task ended (it only does when this receiver is gone): nothing more.
-            None => std::future::pending().await,
+    async fn accept(&mut self) -> (AdminIo, ConnInfo) {
+        loop {
+            let Some(conn) = self.rx.recv().await else {
+                // The accept task ended (it only does when this receiver is gone): nothing
+                // more.
+                return std::future::pending().await;
+            };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                metrics::counter!("weft_admin_connections_refused_total").increment(1);
+                tracing::warn!(
+                    admin_connections_max = self.max,
+                    "an admin connection was closed once accepted: admin_connections_max are \
+                     open already"
+                );
+                continue;
+            };
+            let info = conn.info();
+            let quiet_until = Box::pin(tokio::time::sleep(self.idle));
+            return (
+                AdminIo {
+                    conn,
+                    _slot: slot,
+                    idle: self.idle,
+                    quiet_until,
+                },
+                info,
+            );
         }
     }
 
@@ -784,6 +817,95 @@ impl axum::serve::Listener for AdminListener {
             local: Some(self.local),
             peer_certificates: None,
         })
+    }
+}
+
+/// One admin connection: its place among `admin_connections_max`, held while it is open, and
+/// an end once it has moved no byte for `idle` (a read or a write then fails, and the HTTP
+/// server closes it): what bounds a request whose head or body stops coming, and an idle
+/// keep-alive connection.
+#[derive(Debug)]
+pub struct AdminIo {
+    conn: Conn,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    idle: Duration,
+    quiet_until: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl AdminIo {
+    fn moved(&mut self) {
+        let until = tokio::time::Instant::now() + self.idle;
+        self.quiet_until.as_mut().reset(until);
+    }
+
+    /// An error once it has been quiet for `idle`.
+    fn quiet_too_long(&mut self, cx: &mut std::task::Context<'_>) -> Option<std::io::Error> {
+        self.quiet_until.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the admin connection moved no byte for {} ms",
+                    self.idle.as_millis()
+                ),
+            )
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for AdminIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.conn).poll_read(cx, buf);
+        match read {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => this.moved(),
+            std::task::Poll::Pending => {
+                if let Some(error) = this.quiet_too_long(cx) {
+                    return std::task::Poll::Ready(Err(error));
+                }
+            }
+            _ => {}
+        }
+        read
+    }
+}
+
+impl tokio::io::AsyncWrite for AdminIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.conn).poll_write(cx, buf);
+        match written {
+            std::task::Poll::Ready(Ok(n)) if n > 0 => this.moved(),
+            std::task::Poll::Pending => {
+                if let Some(error) = this.quiet_too_long(cx) {
+                    return std::task::Poll::Ready(Err(error));
+                }
+            }
+            _ => {}
+        }
+        written
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_shutdown(cx)
     }
 }
 

@@ -768,3 +768,114 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }
+
+/// The admin API bounds what a caller can make it hold. With `request_timeout_ms = 1000` and
+/// `admin_connections_max = 3`: a request whose body stops coming is answered 504 with a JSON
+/// body once it has taken 3 s (the timeout plus 2 s); a connection that sends half a request
+/// head is closed once it has moved no byte for 5 s; a fourth connection is closed once
+/// accepted while three are open, and the three are served. Before, the first two waited for
+/// as long as their callers kept them (a task and a file descriptor each, without limit), and
+/// every connection was kept (helper-123).
+#[test]
+fn the_admin_api_bounds_stalled_requests_and_its_connections() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(
+        &config,
+        "request_timeout_ms = 1000\nadmin_connections_max = 3\n",
+    )
+    .expect("config");
+    let broker = Broker::start_with(&["--config", config.to_str().expect("utf-8 path")]);
+    broker.wait_ready();
+    let connect = || {
+        let stream = TcpStream::connect(&broker.admin_addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("read timeout");
+        stream
+    };
+    // What the broker sends until it closes the connection (or 15 s pass: an error).
+    let until_closed = |stream: &mut TcpStream| {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return Ok(String::from_utf8_lossy(&answer).into_owned()),
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    // A whole answer: its head and a JSON body.
+                    if String::from_utf8_lossy(&answer).trim_end().ends_with('}') {
+                        return Ok(String::from_utf8_lossy(&answer).into_owned());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Ok(String::from_utf8_lossy(&answer).into_owned());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+
+    let mut half_body = connect();
+    half_body
+        .write_all(
+            b"POST /v1/topics HTTP/1.1\r\nHost: weft\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{",
+        )
+        .expect("write");
+    let began = Instant::now();
+    let answer = until_closed(&mut half_body).expect("an answer to a request whose body stopped");
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains(r#""error""#), "{answer}");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    drop(half_body);
+
+    let mut half_head = connect();
+    half_head
+        .write_all(b"GET /healthz HTTP/1.1\r\nHo")
+        .expect("write");
+    let began = Instant::now();
+    let answer = until_closed(&mut half_head).expect("a connection closed after a half head");
+    assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
+    assert!(
+        began.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        began.elapsed()
+    );
+    drop(half_head);
+    // The broker notices the closed connections.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut open: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
+    let mut fourth = connect();
+    let began = Instant::now();
+    let answer = until_closed(&mut fourth).expect("the fourth connection closed");
+    assert_eq!(answer, "", "nothing served on the fourth connection");
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    for stream in &mut open {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: weft\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    drop(open);
+    drop(fourth);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        weft_tests::metric(&broker, "weft_admin_connections_refused_total").unwrap_or(0.0) >= 1.0,
+        "the refusal is counted"
+    );
+}
