@@ -1,5 +1,5 @@
 //! `weft`: the command-line client. Exit status 0 on success, 1 with a one-line reason on stderr
-//! on failure, 2 for usage errors.
+//! on failure, 2 for usage errors, 141 (quietly) when its output's reader went away.
 
 mod cli;
 
@@ -20,6 +20,9 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(cli::run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The output's reader went away (`weft topic list | head -1`): end quietly, with the
+        // status a shell gives a command a closed pipe ended (128 + SIGPIPE).
+        Err(e) if cli::closed_pipe(&e) => std::process::ExitCode::from(141),
         Err(e) => {
             eprintln!("weft: {}", one_line(&e));
             std::process::ExitCode::FAILURE

@@ -879,3 +879,54 @@ fn the_admin_api_bounds_stalled_requests_and_its_connections() {
         "the refusal is counted"
     );
 }
+
+/// The CLI whose output pipe closes (`weft topic list | head -0`) ends quietly, as Unix tools
+/// do: no panic, the shell's status for a closed pipe (141), nothing on stderr; a group member
+/// does not commit the record it could not print. Before, printing panicked ("failed printing
+/// to stdout") and the process exited 101 with the panic's message (helper-123).
+#[test]
+fn the_cli_ends_quietly_when_its_output_pipe_closes() {
+    use std::process::{Command, Stdio};
+    let broker = Broker::start();
+    for n in 0..20 {
+        ok_stdout(&broker.cli(&["topic", "create", &format!("t{n}")]));
+    }
+    ok_stdout(&broker.cli_with_stdin(&["produce", "t0"], &"v\n".repeat(5000)));
+    let closed = |args: &[&str]| {
+        let mut child = Command::new(binary("weft"))
+            .args(["--server", &broker.client_addr])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn weft");
+        // The reader goes away at once.
+        drop(child.stdout.take());
+        let output = child.wait_with_output().expect("weft ends");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    };
+    closed(&["topic", "list"]);
+    closed(&["consume", "t0", "--from", "earliest", "-n", "5000"]);
+    closed(&[
+        "consume", "t0", "--from", "earliest", "-g", "g", "-n", "5000",
+    ]);
+    // The member committed at most what it printed: none of it was read, and the group starts
+    // again at most where its first record was.
+    let output = broker.cli(&[
+        "consume",
+        "t0",
+        "-g",
+        "g",
+        "--from",
+        "earliest",
+        "-n",
+        "1",
+        "--idle-timeout-ms",
+        "5000",
+    ]);
+    let stdout = ok_stdout(&output);
+    assert_eq!(stdout.trim(), "v", "a record left for the group");
+}

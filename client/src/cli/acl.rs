@@ -82,9 +82,9 @@ pub(crate) async fn run(
                     "enabled": enabled,
                     "config_rules": config.iter().map(rule_json).collect::<Vec<_>>(),
                     "stored_rules": stored.iter().map(rule_json).collect::<Vec<_>>(),
-                })),
+                }))?,
                 Output::Text => {
-                    println!(
+                    outln!(
                         "ACLs are {}",
                         if enabled {
                             "on (deny by default)"
@@ -93,10 +93,10 @@ pub(crate) async fn run(
                         }
                     );
                     for rule in &config {
-                        println!("config  {}", rule_text(rule));
+                        outln!("config  {}", rule_text(rule));
                     }
                     for rule in &stored {
-                        println!("stored  {}", rule_text(rule));
+                        outln!("stored  {}", rule_text(rule));
                     }
                 }
             }
@@ -141,12 +141,12 @@ async fn change(
     }
     match output {
         Output::Json => {
-            print_json(&json!({ "rule": rule_json(&rule), "existed": existed, "added": add }))
+            print_json(&json!({ "rule": rule_json(&rule), "existed": existed, "added": add }))?
         }
         Output::Text => match (add, existed) {
-            (true, false) => println!("added {}", rule_text(&rule)),
-            (true, true) => println!("already there: {}", rule_text(&rule)),
-            (false, _) => println!("removed {}", rule_text(&rule)),
+            (true, false) => outln!("added {}", rule_text(&rule)),
+            (true, true) => outln!("already there: {}", rule_text(&rule)),
+            (false, _) => outln!("removed {}", rule_text(&rule)),
         },
     }
     Ok(())

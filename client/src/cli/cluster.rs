@@ -240,26 +240,32 @@ async fn partitions_from_leaders(
     Ok(partitions)
 }
 
-fn print_reassign(output: Output, started: &[String], waiting: &[String], done: &[String]) {
+fn print_reassign(
+    output: Output,
+    started: &[String],
+    waiting: &[String],
+    done: &[String],
+) -> anyhow::Result<()> {
     match output {
         Output::Json => {
-            print_json(&json!({ "started": started, "waiting": waiting, "done": done }))
+            print_json(&json!({ "started": started, "waiting": waiting, "done": done }))?
         }
         Output::Text => {
             for d in done {
-                println!("{d}");
+                outln!("{d}");
             }
             for m in started {
-                println!("moving {m}");
+                outln!("moving {m}");
             }
             for w in waiting {
-                println!("waiting {w}");
+                outln!("waiting {w}");
             }
             if started.is_empty() && waiting.is_empty() && done.is_empty() {
-                println!("nothing to move");
+                outln!("nothing to move");
             }
         }
     }
+    Ok(())
 }
 
 /// Runs a cluster command.
@@ -292,14 +298,17 @@ pub(crate) async fn run(
                             "node_id": l.node_id, "entries": l.entries, "bytes": l.bytes,
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
-                })),
+                }))?,
                 Output::Text => {
-                    println!(
+                    outln!(
                         "cluster {}  controller {}  topics {}  partitions {}",
-                        s.cluster_id, s.controller_id, s.topic_count, s.partition_count
+                        s.cluster_id,
+                        s.controller_id,
+                        s.topic_count,
+                        s.partition_count
                     );
                     for n in &s.nodes {
-                        println!(
+                        outln!(
                             "  node {}  client {}  peer {}  reachable {}{}",
                             n.id,
                             n.client_address,
@@ -323,7 +332,7 @@ pub(crate) async fn run(
                             .map(|l| format!("{}:{}/{}B", l.node_id, l.entries, l.bytes))
                             .collect::<Vec<_>>()
                             .join(" ");
-                        println!(
+                        outln!(
                             "  partition {}/{}  leader {}  replicas {}  in sync {}  lag {}{}{}",
                             p.topic,
                             p.partition,
@@ -358,8 +367,8 @@ pub(crate) async fn run(
             match output {
                 Output::Json => print_json(&json!({
                     "topic": topic, "partition": partition, "leader_id": leader,
-                })),
-                Output::Text => println!("{topic}/{partition} is led by node {leader}"),
+                }))?,
+                Output::Text => outln!("{topic}/{partition} is led by node {leader}"),
             }
         }
         ClusterCommand::EndRecovery {
@@ -375,28 +384,28 @@ pub(crate) async fn run(
             }
             let was = client.admin().end_recovery(node_id, true).await?;
             match output {
-                Output::Json => print_json(&json!({ "node_id": node_id, "was": was })),
+                Output::Json => print_json(&json!({ "node_id": node_id, "was": was }))?,
                 Output::Text if was == "normal" => {
-                    println!("node {node_id} was not recovering: nothing to end")
+                    outln!("node {node_id} was not recovering: nothing to end")
                 }
                 Output::Text => {
-                    println!("recovery of node {node_id} ended (was {was}): it votes everywhere")
+                    outln!("recovery of node {node_id} ended (was {was}): it votes everywhere")
                 }
             }
         }
         ClusterCommand::Drain => {
             let (moved, kept) = client.admin().drain().await?;
             match output {
-                Output::Json => print_json(&json!({ "moved": moved, "kept": kept })),
+                Output::Json => print_json(&json!({ "moved": moved, "kept": kept }))?,
                 Output::Text => {
                     for m in &moved {
-                        println!("moved {m}");
+                        outln!("moved {m}");
                     }
                     for k in &kept {
-                        println!("kept {k}");
+                        outln!("kept {k}");
                     }
                     if moved.is_empty() && kept.is_empty() {
-                        println!("this broker leads no partition");
+                        outln!("this broker leads no partition");
                     }
                 }
             }
@@ -416,11 +425,11 @@ pub(crate) async fn run(
         ClusterCommand::Undrain => {
             let was_draining = client.admin().undrain().await?;
             match output {
-                Output::Json => print_json(&json!({ "was_draining": was_draining })),
-                Output::Text if was_draining => println!(
+                Output::Json => print_json(&json!({ "was_draining": was_draining }))?,
+                Output::Text if was_draining => outln!(
                     "no longer draining: the broker gets new replicas and its preferred leaderships back"
                 ),
-                Output::Text => println!("the broker was not draining"),
+                Output::Text => outln!("the broker was not draining"),
             }
         }
         ClusterCommand::Move {
@@ -442,14 +451,14 @@ pub(crate) async fn run(
                 Output::Json => print_json(&json!({
                     "topic": topic, "partition": partition, "replicas": p.replicas,
                     "moving_to": p.moving_to, "done": wait || p.moving_to.is_empty(),
-                })),
+                }))?,
                 Output::Text if p.moving_to.is_empty() => {
-                    println!("{topic}/{partition} is on {}", ids(&p.replicas))
+                    outln!("{topic}/{partition} is on {}", ids(&p.replicas))
                 }
                 Output::Text if wait => {
-                    println!("{topic}/{partition} moved to {}", ids(&p.moving_to))
+                    outln!("{topic}/{partition} moved to {}", ids(&p.moving_to))
                 }
-                Output::Text => println!(
+                Output::Text => outln!(
                     "{topic}/{partition} is moving from {} to {}",
                     ids(&p.replicas),
                     ids(&p.moving_to)
@@ -458,19 +467,19 @@ pub(crate) async fn run(
         }
         ClusterCommand::Rebalance { wait } => {
             let (started, waiting) = client.admin().rebalance().await?;
-            print_reassign(output, &started, &waiting, &[]);
+            print_reassign(output, &started, &waiting, &[])?;
             if wait {
                 wait_for_moves(client, None, &started).await?;
             }
         }
         ClusterCommand::RemoveBroker { node_id, wait } => {
             let removal = client.admin().remove_broker(node_id).await?;
-            print_reassign(output, &removal.started, &removal.waiting, &removal.done);
+            print_reassign(output, &removal.started, &removal.waiting, &removal.done)?;
             if wait {
                 // Done once the broker is gone: its moves may be planned again meanwhile.
                 wait_for_moves(client, Some(node_id), &[]).await?;
                 if output == Output::Text {
-                    println!("node {node_id} has left the cluster: stop it");
+                    outln!("node {node_id} has left the cluster: stop it");
                 }
             }
         }

@@ -59,9 +59,9 @@ fn parse_start(from: &str) -> anyhow::Result<StartFrom> {
     })
 }
 
-fn print(message: &Message, format: Format) {
+fn print(message: &Message, format: Format) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             json!({
                 "topic": message.topic,
@@ -74,14 +74,15 @@ fn print(message: &Message, format: Format) {
             })
         ),
         Format::Text if message.key.is_empty() => {
-            println!("{}", String::from_utf8_lossy(&message.value))
+            outln!("{}", String::from_utf8_lossy(&message.value))
         }
-        Format::Text => println!(
+        Format::Text => outln!(
             "{}\t{}",
             String::from_utf8_lossy(&message.key),
             String::from_utf8_lossy(&message.value)
         ),
     }
+    Ok(())
 }
 
 /// Prints records until the count, the idle timeout, or Ctrl-C.
@@ -109,7 +110,9 @@ pub(crate) async fn run(client: &Client, args: ConsumeArgs) -> anyhow::Result<()
             _ = tokio::signal::ctrl_c() => None,
         };
         let Some(message) = next else { break };
-        print(&message, args.format);
+        // A record that cannot be printed (the output's reader went away) ends the command
+        // before the consumer's close commits its position: it was not consumed.
+        print(&message, args.format)?;
         seen += 1;
     }
     consumer.close().await?;

@@ -153,20 +153,22 @@ async fn reset_offsets(
             "partitions": plan.iter().map(|(p, from, to)| json!({
                 "partition": p, "committed_offset": from, "new_offset": to,
             })).collect::<Vec<_>>(),
-        })),
+        }))?,
         Output::Text => {
-            println!(
+            outln!(
                 "  {:>9}  {:>10}  {:>10}",
-                "partition", "committed", "new offset"
+                "partition",
+                "committed",
+                "new offset"
             );
             for (p, from, to) in &plan {
                 let from = from.map_or_else(|| "-".to_string(), |o| o.to_string());
-                println!("  {p:>9}  {from:>10}  {to:>10}");
+                outln!("  {p:>9}  {from:>10}  {to:>10}");
             }
             if args.execute {
-                println!("group {} moved on topic {}", args.group, args.topic);
+                outln!("group {} moved on topic {}", args.group, args.topic);
             } else {
-                println!("(a plan only: add --execute to apply it)");
+                outln!("(a plan only: add --execute to apply it)");
             }
         }
     }
@@ -184,16 +186,20 @@ pub(crate) async fn run(
         GroupCommand::List => {
             let groups = admin.groups().await?;
             match output {
-                Output::Json => print_json(&json!(groups)),
-                Output::Text => groups.iter().for_each(|g| println!("{g}")),
+                Output::Json => print_json(&json!(groups))?,
+                Output::Text => {
+                    for g in &groups {
+                        outln!("{g}");
+                    }
+                }
             }
         }
         GroupCommand::ResetOffsets(args) => reset_offsets(&admin, output, args).await?,
         GroupCommand::Delete { group } => {
             admin.delete_group(&group).await?;
             match output {
-                Output::Json => print_json(&json!({ "deleted": group })),
-                Output::Text => println!("deleted group {group}"),
+                Output::Json => print_json(&json!({ "deleted": group }))?,
+                Output::Text => outln!("deleted group {group}"),
             }
         }
         GroupCommand::Describe { group } => {
@@ -212,30 +218,41 @@ pub(crate) async fn run(
                         "high_watermark": p.high_watermark, "lag": p.lag,
                         "unavailable": (!p.unavailable.is_empty()).then_some(&p.unavailable),
                     })).collect::<Vec<_>>(),
-                })),
+                }))?,
                 Output::Text => {
-                    println!(
+                    outln!(
                         "group {}  topic {}  generation {}  lag {}",
-                        d.group_id, d.topic, d.generation, d.lag
+                        d.group_id,
+                        d.topic,
+                        d.generation,
+                        d.lag
                     );
                     for m in &d.members {
-                        println!(
+                        outln!(
                             "  member {}  partitions {:?}  connected {}",
-                            m.member_id, m.partitions, m.connected
+                            m.member_id,
+                            m.partitions,
+                            m.connected
                         );
                     }
-                    println!(
+                    outln!(
                         "  {:>9}  {:>10}  {:>14}  {:>8}",
-                        "partition", "committed", "high watermark", "lag"
+                        "partition",
+                        "committed",
+                        "high watermark",
+                        "lag"
                     );
                     for p in &d.partitions {
                         if p.unavailable.is_empty() {
-                            println!(
+                            outln!(
                                 "  {:>9}  {:>10}  {:>14}  {:>8}",
-                                p.partition, p.committed_offset, p.high_watermark, p.lag
+                                p.partition,
+                                p.committed_offset,
+                                p.high_watermark,
+                                p.lag
                             );
                         } else {
-                            println!(
+                            outln!(
                                 "  {:>9}  {:>10}  {:>14}  {:>8}  ({})",
                                 p.partition,
                                 p.committed_offset,

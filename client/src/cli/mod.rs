@@ -1,5 +1,15 @@
 //! The `weft` command line: one file per command.
 
+/// `println!` that returns from the command with an error ([`stdout_error`]) when standard
+/// output cannot be written (its pipe closed: `weft topic list | head -1`), instead of
+/// panicking as `println!` does.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err($crate::cli::stdout_error)?
+    }};
+}
+
 mod acl;
 mod cluster;
 mod consume;
@@ -150,8 +160,8 @@ async fn run_command(args: Args) -> anyhow::Result<()> {
         Command::Whoami => {
             let (principal, source) = client.who_am_i().await?;
             match args.output {
-                Output::Text => println!("{principal} (from {source})"),
-                Output::Json => println!(
+                Output::Text => outln!("{principal} (from {source})"),
+                Output::Json => outln!(
                     "{}",
                     serde_json::json!({ "principal": principal, "source": source })
                 ),
@@ -162,6 +172,25 @@ async fn run_command(args: Args) -> anyhow::Result<()> {
 }
 
 /// Prints a JSON value on one line.
-pub(crate) fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    outln!("{value}");
+    Ok(())
+}
+
+/// Standard output could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the output: {0}")]
+pub(crate) struct StdoutError(#[source] pub(crate) std::io::Error);
+
+/// The error of a failed write to standard output (see [`closed_pipe`]).
+pub(crate) fn stdout_error(error: std::io::Error) -> anyhow::Error {
+    StdoutError(error).into()
+}
+
+/// Whether `error` is a write to standard output whose reader went away: the command ends
+/// quietly then, as Unix tools do.
+pub(crate) fn closed_pipe(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<StdoutError>()
+        .is_some_and(|e| e.0.kind() == std::io::ErrorKind::BrokenPipe)
 }

@@ -81,8 +81,8 @@ pub(crate) async fn run(client: &Client, output: Output, args: ProduceArgs) -> a
                 match output {
                     Output::Json => print_json(
                         &json!({ "topic": &*ack.topic, "partition": ack.partition, "offset": ack.offset }),
-                    ),
-                    Output::Text => println!("{}/{} offset {}", ack.topic, ack.partition, ack.offset),
+                    )?,
+                    Output::Text => outln!("{}/{} offset {}", ack.topic, ack.partition, ack.offset),
                 }
             }
             value = values.recv(), if !input_done && pending.len() < UNANSWERED_MAX => {

@@ -127,9 +127,9 @@ fn topic_json(t: &proto::Topic) -> serde_json::Value {
     })
 }
 
-fn print_topic(t: &proto::Topic) {
+fn print_topic(t: &proto::Topic) -> anyhow::Result<()> {
     let c = t.config.unwrap_or_default();
-    println!(
+    outln!(
         "topic {}  id {}  partitions {}  replication {}{}",
         t.name,
         t.topic_id,
@@ -142,12 +142,18 @@ fn print_topic(t: &proto::Topic) {
         }
     );
     let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-    println!(
+    outln!(
         "{:>9}  {:>6}  {:>9}  {:>9}  {:>12}  {:>14}  {:>12}",
-        "partition", "leader", "replicas", "in sync", "start offset", "high watermark", "bytes"
+        "partition",
+        "leader",
+        "replicas",
+        "in sync",
+        "start offset",
+        "high watermark",
+        "bytes"
     );
     for p in &t.partitions {
-        println!(
+        outln!(
             "{:>9}  {:>6}  {:>9}  {:>9}  {:>12}  {:>14}  {:>12}",
             p.partition,
             p.leader_id,
@@ -158,9 +164,10 @@ fn print_topic(t: &proto::Topic) {
             p.size_bytes
         );
         if !p.moving_to.is_empty() {
-            println!("{:>9}  moving to {}", "", ids(&p.moving_to));
+            outln!("{:>9}  moving to {}", "", ids(&p.moving_to));
         }
     }
+    Ok(())
 }
 
 /// Runs a topic command.
@@ -191,8 +198,8 @@ pub(crate) async fn run(
             };
             let topic = admin.create_topic_with(&name, settings).await?;
             match output {
-                Output::Json => print_json(&topic_json(&topic)),
-                Output::Text => println!(
+                Output::Json => print_json(&topic_json(&topic))?,
+                Output::Text => outln!(
                     "created topic {} with {} partitions",
                     topic.name,
                     topic.partitions.len()
@@ -203,15 +210,17 @@ pub(crate) async fn run(
             let topics = admin.topics().await?;
             match output {
                 Output::Json => {
-                    print_json(&json!(topics.iter().map(topic_json).collect::<Vec<_>>()))
+                    print_json(&json!(topics.iter().map(topic_json).collect::<Vec<_>>()))?
                 }
                 Output::Text => {
-                    println!("{:<40} {:>10} {:>12}", "topic", "partitions", "replication");
+                    outln!("{:<40} {:>10} {:>12}", "topic", "partitions", "replication");
                     for t in &topics {
                         let c = t.config.unwrap_or_default();
-                        println!(
+                        outln!(
                             "{:<40} {:>10} {:>12}",
-                            t.name, c.partitions, c.replication_factor
+                            t.name,
+                            c.partitions,
+                            c.replication_factor
                         );
                     }
                 }
@@ -220,8 +229,8 @@ pub(crate) async fn run(
         TopicCommand::Describe { name } => {
             let topic = admin.topic(&name).await?;
             match output {
-                Output::Json => print_json(&topic_json(&topic)),
-                Output::Text => print_topic(&topic),
+                Output::Json => print_json(&topic_json(&topic))?,
+                Output::Text => print_topic(&topic)?,
             }
         }
         TopicCommand::Alter {
@@ -249,15 +258,15 @@ pub(crate) async fn run(
             }
             let topic = admin.update_topic(&name, &update).await?;
             match output {
-                Output::Json => print_json(&topic_json(&topic)),
-                Output::Text => println!("altered topic {}", topic.name),
+                Output::Json => print_json(&topic_json(&topic))?,
+                Output::Text => outln!("altered topic {}", topic.name),
             }
         }
         TopicCommand::Delete { name } => {
             admin.delete_topic(&name).await?;
             match output {
-                Output::Json => print_json(&json!({ "deleted": name })),
-                Output::Text => println!("deleted topic {name}"),
+                Output::Json => print_json(&json!({ "deleted": name }))?,
+                Output::Text => outln!("deleted topic {name}"),
             }
         }
     }
