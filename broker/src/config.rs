@@ -508,6 +508,13 @@ pub struct Flags {
     pub check_config: bool,
 }
 
+/// Whether `address` is HOST:PORT (a host, and a port from 1 to 65535).
+fn is_host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 impl Config {
     /// Loads the file (if any), then applies environment variables and flags, then validates.
     pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
@@ -587,11 +594,6 @@ impl Config {
                 key: "peer_address_pattern",
                 reason,
             };
-            if !self.peers.is_empty() {
-                return Err(invalid(
-                    "give peers or peer_address_pattern, not both".into(),
-                ));
-            }
             if !pattern.contains("{ordinal}") {
                 return Err(invalid(format!("{pattern:?} has no {{ordinal}}")));
             }
@@ -604,9 +606,19 @@ impl Config {
                     ),
                 });
             }
-            self.peers = (0..self.cluster_size)
+            let named: Vec<String> = (0..self.cluster_size)
                 .map(|i| format!("{}@{}", i + 1, pattern.replace("{ordinal}", &i.to_string())))
                 .collect();
+            // `peers` as the pattern names them is what `--print-config` writes (with the
+            // pattern): such a file loads again. Other peers beside a pattern are refused.
+            if !self.peers.is_empty() && self.peers != named {
+                return Err(invalid(
+                    "give peers or peer_address_pattern, not both (peers differ from the ones \
+                     the pattern names)"
+                        .into(),
+                ));
+            }
+            self.peers = named;
         }
         Ok(())
     }
@@ -671,11 +683,6 @@ impl Config {
         let invalid = |reason: String| ConfigError::Invalid {
             key: "peer_upstreams",
             reason,
-        };
-        let is_host_port = |a: &str| {
-            a.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            })
         };
         let mut map = HashMap::new();
         for entry in &self.peer_upstreams {
@@ -752,6 +759,24 @@ impl Config {
             Ok(())
         }
         range("node_id", self.node_id, 1, u64::MAX / 2)?;
+        if let Some(address) = &self.advertised_client_address {
+            // What clients dial: HOST:PORT, after an optional scheme. Before, anything was
+            // taken: "weft-0" (no port) sent every client of this broker to port 80, and an
+            // empty one turned routing to partition leaders off.
+            let bare = ["http://", "https://", "quic://"]
+                .iter()
+                .find_map(|scheme| address.strip_prefix(scheme))
+                .unwrap_or(address);
+            if !is_host_port(bare) {
+                return Err(ConfigError::Invalid {
+                    key: "advertised_client_address",
+                    reason: format!(
+                        "{address:?} is not HOST:PORT (optionally after http://, https:// or \
+                         quic://)"
+                    ),
+                });
+            }
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid {
                 key: "data_dir",
@@ -1168,6 +1193,68 @@ mod tests {
             ..Config::default()
         };
         assert!(both.resolve_identity("w-0").is_err());
+    }
+
+    /// A config with a peer address pattern, as `--print-config` writes it (the pattern and the
+    /// peers it names), loads again; peers that differ from the pattern's are still refused.
+    /// Before, the printed file was refused ("not both"), though the chart's values tell
+    /// operators to take their keys from it (helper-123).
+    #[test]
+    fn a_printed_config_with_a_peer_pattern_loads_again() {
+        let mut config = Config {
+            peer_address_pattern: Some("weft-{ordinal}.weft-peers:7401".into()),
+            cluster_size: 3,
+            node_id: 2,
+            ..Config::default()
+        };
+        config.resolve_identity("weft-1").expect("resolves");
+        config.validate().expect("valid");
+        let printed = toml::to_string_pretty(&config).expect("prints");
+        let mut again = Config::from_toml(&printed).expect("parses");
+        again
+            .resolve_identity("weft-1")
+            .expect("the printed config resolves again");
+        again.validate().expect("valid again");
+        assert_eq!(again, config);
+        let mut other = again.clone();
+        other.peers[0] = "1@elsewhere:7401".into();
+        assert!(other.resolve_identity("weft-1").is_err());
+    }
+
+    /// `advertised_client_address` must be what a client can dial: HOST:PORT, after an
+    /// optional scheme. Before, "weft-0" (no port: clients dialled port 80) and "" (routing to
+    /// leaders off) were taken as valid (helper-123).
+    #[test]
+    fn an_advertised_client_address_must_be_host_and_port() {
+        for good in [
+            "weft-0.weft-peers:7400",
+            "10.0.0.1:7400",
+            "https://weft.example:443",
+        ] {
+            let config = Config {
+                advertised_client_address: Some(good.into()),
+                ..Config::default()
+            };
+            config.validate().expect(good);
+        }
+        for bad in [
+            "weft-0",
+            "",
+            ":7400",
+            "weft-0:0",
+            "weft-0:http",
+            "https://weft",
+        ] {
+            let config = Config {
+                advertised_client_address: Some(bad.into()),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(
+                error.contains("advertised_client_address"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]
