@@ -1040,6 +1040,74 @@ async fn a_transfer_goes_to_its_target_even_when_the_target_is_slow_to_stand() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A transfer whose target stops answering while it catches up gives up soon, and the leader
+/// takes publishes again. Three brokers: the target follower is paused, a record is published
+/// (the target lacks it), and the transfer to it is asked at once: a publish to the leader is
+/// stored again within 10 s, and the transfer fails. Before, the leader refused every publish
+/// ("leadership is moving") for the transfer's whole timeout (30 s), waiting for a target that
+/// could not catch up (helper-124).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_to_a_target_that_stops_answering_gives_publishes_back_soon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "leader_balance_interval_ms = 0\n").expect("write the config");
+    let config = config.to_str().expect("utf-8 path").to_string();
+    let brokers =
+        weft_tests::start_cluster_each(3, |_| vec!["--config".into(), config.clone()], &[]);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"orders","partitions":1}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    publish(&brokers[0].client_addr, 0, 0, 3)
+        .await
+        .expect("publish");
+    let leader = leader_with_every_replica_in_sync(&brokers).await;
+    let target = leader % 3 + 1;
+    let leader_client = brokers[leader as usize - 1].client_addr.clone();
+    brokers[target as usize - 1].pause();
+    publish(&leader_client, 0, 3, 4)
+        .await
+        .expect("stored by the leader and the other follower");
+    let admin = brokers[leader as usize - 1].admin_addr.clone();
+    let transfer = std::thread::spawn(move || {
+        weft_tests::http(
+            &admin,
+            "POST",
+            "/v1/topics/orders/partitions/0/leader",
+            Some(&format!(r#"{{"node_id":{target}}}"#)),
+        )
+    });
+    let asked = std::time::Instant::now();
+    // The transfer refuses publishes first...
+    let mut refused = false;
+    let mut next = 4;
+    let stored_again = loop {
+        match publish(&leader_client, 0, next, next + 1).await {
+            Ok(_) if refused => break asked.elapsed(),
+            Ok(_) => next += 1,
+            Err(status) if status.code() == tonic::Code::Unavailable => refused = true,
+            Err(status) => panic!("publish during the transfer: {status:?}"),
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(25),
+            "node {leader} took no publish for {:?} after the transfer to the paused node \
+             {target} was asked (refused one: {refused})",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (status, body) = transfer.join().expect("the transfer thread");
+    brokers[target as usize - 1].resume();
+    assert!(status >= 400, "the transfer failed: {status} {body}");
+    assert!(
+        stored_again < Duration::from_secs(10),
+        "publishes taken again {stored_again:?} after the transfer was asked"
+    );
+    eprintln!("publishes taken again {stored_again:?} after the transfer was asked: {body}");
+}
+
 /// A leader that dies during a transfer, after the other voters began to hold their elections
 /// (for three leases) and before it called the target's election, leaves the partition to the
 /// target: the target was told to stand by itself if that call is overdue. Before, the target

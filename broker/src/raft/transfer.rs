@@ -17,6 +17,13 @@ const TRANSFER_PAUSE_EXTRA: Duration = Duration::from_millis(100);
 /// answered last).
 const CAUGHT_UP_LAG_ENTRIES: u64 = 16;
 
+/// The most a transfer's target may take to catch up, in leases (maximum election timeouts),
+/// while proposals are refused.
+const CATCH_UP_LEASES: u32 = 3;
+
+/// How often a transfer waiting for its target to catch up checks that it still answers.
+const CATCH_UP_RECHECK: Duration = Duration::from_millis(100);
+
 /// The shortest time a transfer waits for its target's answer to the call to stand.
 const ELECT_CALL_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 
@@ -237,13 +244,52 @@ pub(crate) async fn transfer_leadership(
             let metrics = raft.metrics().borrow().clone();
             (metrics.last_log_index, metrics.current_term)
         };
-        raft.wait(Some(timeout))
-            .metrics(
-                |m| super::matched_index(m, target) >= last,
-                "the target has every entry",
-            )
-            .await
-            .map_err(|e| BrokerError::Timeout(format!("transfer to node {target}: {e}")))?;
+        // Within a few leases, and only while the target answers and this node leads in the
+        // same term: proposals are refused all along. Before, the wait was the caller's whole
+        // timeout whatever happened, and a leader whose target died (or that lost its term
+        // meanwhile) refused every write for up to 30 s (helper-124).
+        let catch_up_until = Instant::now() + timeout.min(lease * CATCH_UP_LEASES);
+        let mut watch = raft.metrics();
+        loop {
+            {
+                let m = watch.borrow_and_update();
+                if super::matched_index(&m, target) >= last {
+                    break;
+                }
+                if m.current_term != term || m.current_leader != Some(me) {
+                    return Err(BrokerError::Unavailable {
+                        reason: format!(
+                            "this node stopped leading the group while node {target} caught up"
+                        ),
+                        leader: m.current_leader,
+                    });
+                }
+            }
+            if !answered(&target) {
+                return Err(BrokerError::Unavailable {
+                    reason: format!(
+                        "node {target} stopped answering while it caught up to lead: the \
+                         leadership stays"
+                    ),
+                    leader: Some(me),
+                });
+            }
+            let left = catch_up_until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BrokerError::Timeout(format!(
+                    "transfer to node {target}: it did not catch up within {} ms",
+                    timeout.min(lease * CATCH_UP_LEASES).as_millis()
+                )));
+            }
+            if let Ok(Err(_)) =
+                tokio::time::timeout(left.min(CATCH_UP_RECHECK), watch.changed()).await
+            {
+                return Err(BrokerError::Unavailable {
+                    reason: "the group stopped during the transfer".into(),
+                    leader: None,
+                });
+            }
+        }
         // The other voters stand for no election meanwhile (their leases run out too), long
         // enough for the pause, the call to the target and its election (which moves the term
         // on, and so ends the hold), with a lease to spare for a target slow to stand. The
