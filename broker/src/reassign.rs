@@ -463,10 +463,18 @@ impl Node {
                 );
                 let target = target.clone();
                 let seniority = p.replicas.clone();
+                // Brokers draining or being removed take the leadership last: a draining one
+                // refuses it, and the step chose it again at every try (helper-124).
+                let avoid: BTreeSet<NodeId> = state
+                    .brokers
+                    .iter()
+                    .filter(|(_, b)| b.draining || b.removing)
+                    .map(|(id, _)| *id)
+                    .collect();
                 tokio::spawn(async move {
                     let group = partition.group();
                     let outcome = group
-                        .move_step(&addresses, &seniority, MOVE_STEP_TIMEOUT)
+                        .move_step(&addresses, &seniority, &avoid, MOVE_STEP_TIMEOUT)
                         .await;
                     drop(partition);
                     let Some(node) = node.upgrade() else { return };

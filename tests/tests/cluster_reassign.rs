@@ -1485,3 +1485,49 @@ async fn data_a_broker_no_longer_hosts_goes_when_it_returns() {
         "{read:?}"
     );
 }
+
+/// A move whose leader leaves hands the leadership to a replica that is not draining, though a
+/// draining one comes first by seniority. Four brokers: the partition's most senior follower is
+/// drained (and keeps running), then the partition is moved off its leader onto that follower,
+/// the other one and the fourth broker: the move completes. Before, every step chose the
+/// draining follower, which refused the leadership, and the move (a removal too) never ended
+/// while it drained (helper-124).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_hands_the_leadership_past_a_draining_replica() {
+    let mut brokers = start_cluster(3);
+    let fourth = add_broker(&brokers, &[]);
+    brokers.push(fourth);
+    let topic = "past-draining";
+    let (replicas, leader, _, _) = three_replicas_and_roles(&brokers, topic).await;
+    let spare = (1..=4u64)
+        .find(|b| !replicas.contains(b))
+        .expect("the broker without a replica");
+    let followers: Vec<u64> = replicas.iter().copied().filter(|r| *r != leader).collect();
+    let (senior, other) = (followers[0], followers[1]);
+    // Marked as draining in the controller once it answers (else it says what it kept).
+    let (status, body) = brokers[(senior - 1) as usize].http("POST", "/v1/drain", None);
+    assert_eq!(status, 200, "{body}");
+    let drained: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(drained["kept"], serde_json::json!([]), "{body}");
+    let asked = (spare - 1) as usize;
+    let target = [senior, other, spare];
+    let (status, body) = brokers[asked].http(
+        "POST",
+        &format!("/v1/topics/{topic}/partitions/0/replicas"),
+        Some(&format!(r#"{{"replicas":{target:?}}}"#)),
+    );
+    assert_eq!(status, 202, "{body}");
+    let (_, _, new_leader) = wait_for("the move", Duration::from_secs(60), || {
+        let p = partition_0(&brokers[asked], topic);
+        async move {
+            p.filter(|(r, moving, l)| {
+                r.iter().collect::<BTreeSet<_>>() == target.iter().collect()
+                    && moving.is_empty()
+                    && *l != 0
+            })
+        }
+    })
+    .await;
+    assert_ne!(new_leader, senior, "the draining replica leads");
+    publish_until_acknowledged(&[brokers[asked].client_addr.clone()], topic, 0, 1, "after").await;
+}

@@ -578,11 +578,13 @@ impl PartitionGroup {
     /// makes `target` the voters when this leader is one of them ([`MoveStep::Done`]), or else
     /// adds them as voters and moves the leadership to one of them
     /// ([`MoveStep::LeadershipMoved`]: the new leader takes the next step), preferring the one
-    /// that comes first in `seniority` (the partition's replicas, the old ones first).
+    /// that comes first in `seniority` (the partition's replicas, the old ones first) among
+    /// those not in `avoid` (brokers draining or being removed).
     pub async fn move_step(
         &self,
         target: &[(NodeId, String)],
         seniority: &[NodeId],
+        avoid: &BTreeSet<NodeId>,
         timeout: Duration,
     ) -> Result<MoveStep, BrokerError> {
         let m = self.raft.metrics().borrow().clone();
@@ -732,7 +734,14 @@ impl PartitionGroup {
                     .last_contact(self.group_id, *id)
                     .is_some_and(|t| self.pause.age(t) <= lease)
         };
-        let rank = |id: &NodeId| seniority.iter().position(|s| s == id).unwrap_or(usize::MAX);
+        // Not one draining or being removed when another can take it (one that drains refuses
+        // it), then by seniority.
+        let rank = |id: &NodeId| {
+            (
+                avoid.contains(id),
+                seniority.iter().position(|s| s == id).unwrap_or(usize::MAX),
+            )
+        };
         let to = target
             .iter()
             .map(|(id, _)| *id)
