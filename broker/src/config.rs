@@ -125,6 +125,10 @@ pub struct Config {
     /// first join or commit) is refused with RESOURCE_EXHAUSTED (LIMIT_REACHED). At most
     /// 50,000, so a list of every group fits in one answer.
     pub groups_max: u32,
+    /// Most stored ACL rules (`weft acl add`, `POST /v1/acls`): one more is refused with
+    /// RESOURCE_EXHAUSTED (LIMIT_REACHED). Every rule is in the replicated controller state
+    /// and its snapshots, and every authorised call reads them.
+    pub acl_rules_max: u32,
     /// A consumer group with no members that committed nothing for this long loses its
     /// committed offsets, as with Kafka's `offsets.retention.minutes` (default 7 days).
     pub offsets_retention_ms: u64,
@@ -404,6 +408,7 @@ impl Default for Config {
             stream_heartbeat_ms: 5_000,
             session_timeout_ms: 10_000,
             groups_max: 10_000,
+            acl_rules_max: 10_000,
             offsets_retention_ms: 7 * 24 * 3600 * 1000,
             group_members_max: 1_000,
             publish_queue_max: 1024,
@@ -857,6 +862,7 @@ impl Config {
             3_600_000,
         )?;
         range("groups_max", self.groups_max, 1, 50_000)?;
+        range("acl_rules_max", self.acl_rules_max, 1, 100_000)?;
         range(
             "offsets_retention_ms",
             self.offsets_retention_ms,

@@ -1854,6 +1854,21 @@ impl Node {
         if add && rule.permission == crate::acl::Permission::Deny {
             self.require_feature(1, "deny rules").await?;
         }
+        // Checked against this broker's copy of the rules (two adds checked at once may pass
+        // it by one each). Before, rules were stored without limit.
+        let max = self.config.acl_rules_max;
+        if add && self.controller_state().acls.len() >= max as usize {
+            let mut normalized = rule.clone();
+            normalized.operations.sort_unstable();
+            normalized.operations.dedup();
+            if !self.controller_state().acls.contains(&normalized) {
+                return Err(BrokerError::LimitReached {
+                    what: "a new ACL rule".into(),
+                    key: "acl_rules_max",
+                    max: u64::from(max),
+                });
+            }
+        }
         let command = if add {
             ControllerCommand::AddAcl(rule)
         } else {

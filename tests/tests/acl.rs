@@ -1033,3 +1033,36 @@ async fn a_refusal_does_not_echo_a_huge_name() {
         assert!(line.len() < 4096, "an audit line of {} bytes", line.len());
     }
 }
+
+/// Stored ACL rules are bounded by `acl_rules_max`: with 3, a fourth distinct rule is refused
+/// with 429 LIMIT_REACHED naming the key; adding a rule stored already, or a new one once
+/// another was removed, still works. Before, every rule was stored, without limit, in the
+/// replicated controller state (helper-123).
+#[test]
+fn stored_acl_rules_are_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("weft.toml");
+    std::fs::write(&config, "acl_rules_max = 3\n").expect("config");
+    let broker = weft_tests::Broker::start_with(&["--config", config.to_str().expect("path")]);
+    broker.wait_ready();
+    let rule = |n: u32| {
+        format!(r#"{{"identity":"user-{n}","resource":"topic:t{n}","operations":["publish"]}}"#)
+    };
+    for n in 0..3 {
+        let (status, body) = broker.http("POST", "/v1/acls", Some(&rule(n)));
+        assert_eq!(status, 200, "rule {n}: {body}");
+    }
+    let (status, body) = broker.http("POST", "/v1/acls", Some(&rule(3)));
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("LIMIT_REACHED") && body.contains("acl_rules_max"),
+        "{body}"
+    );
+    let (status, body) = broker.http("POST", "/v1/acls", Some(&rule(1)));
+    assert_eq!(status, 200, "a rule stored already: {body}");
+    assert!(body.contains(r#""existed":true"#), "{body}");
+    let (status, body) = broker.http("DELETE", "/v1/acls", Some(&rule(0)));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = broker.http("POST", "/v1/acls", Some(&rule(3)));
+    assert_eq!(status, 200, "room again: {body}");
+}
