@@ -1449,15 +1449,19 @@ async fn whoami(
     Json(identity)
 }
 
-/// How much longer than `request_timeout_ms` an admin request may take before it is answered
-/// 504 ([`request_limit`]), and an admin connection may move no byte past that before it is
+/// How much longer than its steps an admin request may take before it is answered 504
+/// ([`request_limit`]), and an admin connection may send nothing past that before it is
 /// closed ([`crate::tls::AdminListener`]).
 pub const REQUEST_LIMIT_MARGIN: Duration = Duration::from_secs(2);
 
-/// The most an admin request takes, its body's arrival included: `request_timeout_ms` (what
-/// each step of a handler waits at most) and [`REQUEST_LIMIT_MARGIN`].
+/// The steps an admin request may take, each waiting up to `request_timeout_ms` (a removal:
+/// a read of the controller state, a proposal, the moves, another read).
+const REQUEST_LIMIT_STEPS: u32 = 4;
+
+/// The most an admin request takes, its body's arrival included: [`REQUEST_LIMIT_STEPS`] times
+/// `request_timeout_ms`, and [`REQUEST_LIMIT_MARGIN`].
 pub fn request_limit(config: &crate::config::Config) -> Duration {
-    Duration::from_millis(config.request_timeout_ms) + REQUEST_LIMIT_MARGIN
+    Duration::from_millis(config.request_timeout_ms) * REQUEST_LIMIT_STEPS + REQUEST_LIMIT_MARGIN
 }
 
 /// Answers 504 (a JSON error) an admin request that takes longer than [`request_limit`]: one

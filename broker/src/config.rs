@@ -104,9 +104,10 @@ pub struct Config {
     /// its next call.
     pub connections_idle_ms: u64,
     /// Most admin API (HTTP) connections held at once: one past it is closed once accepted
-    /// (counted in `weft_admin_connections_refused_total`). An admin connection is also closed
-    /// once it has moved no byte for `request_timeout_ms` plus 4 s, and an admin request is
-    /// answered 504 once it has taken `request_timeout_ms` plus 2 s.
+    /// (counted in `weft_admin_connections_refused_total`). An admin request is answered 504
+    /// once it has taken four times `request_timeout_ms` plus 2 s (its steps each wait up to
+    /// `request_timeout_ms`), and an admin connection is closed once nothing has gone out on
+    /// it for 2 s more than that (a request that does not come whole, an idle keep-alive).
     pub admin_connections_max: u32,
     /// Most partition replicas per broker that topic creation and growth may reach: a topic
     /// created or grown past it (on any broker it would place replicas on) is refused with

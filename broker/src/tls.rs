@@ -743,8 +743,8 @@ impl tokio::io::AsyncWrite for Guarded {
 }
 
 /// The admin listener as axum's `serve` takes it: at most `admin_connections_max` connections
-/// at once (one past it is closed once accepted), each closed once it has moved no byte for
-/// `idle` ([`AdminIo`]). Before, it held every connection it accepted for as long as its
+/// at once (one past it is closed once accepted), each closed once nothing has gone out on it
+/// for `idle` ([`AdminIo`]). Before, it held every connection it accepted for as long as its
 /// caller kept it: a caller that sent half a request and nothing more held a task and a file
 /// descriptor for good, and enough of them ran the broker out of file descriptors.
 #[derive(Debug)]
@@ -758,7 +758,7 @@ pub struct AdminListener {
 
 impl AdminListener {
     /// Over `listener`, through TLS when `tls` is given; `max` connections at once, each closed
-    /// after `idle` without a byte moved.
+    /// after `idle` with nothing sent.
     pub fn new(
         listener: TcpListener,
         tls: Option<Arc<Reloading<ServerConfig>>>,
@@ -821,9 +821,11 @@ impl axum::serve::Listener for AdminListener {
 }
 
 /// One admin connection: its place among `admin_connections_max`, held while it is open, and
-/// an end once it has moved no byte for `idle` (a read or a write then fails, and the HTTP
-/// server closes it): what bounds a request whose head or body stops coming, and an idle
-/// keep-alive connection.
+/// an end once nothing has gone out on it for `idle` since it was accepted or since its last
+/// answer (a read or a write then fails, and the HTTP server closes it): what bounds a request
+/// whose head or body does not come whole, however slowly its bytes trickle in (a caller
+/// sending a byte now and then would keep a timer that bytes read reset, and enough of them
+/// would hold every place, the kubelet's probes refused), and an idle keep-alive connection.
 #[derive(Debug)]
 pub struct AdminIo {
     conn: Conn,
@@ -844,7 +846,7 @@ impl AdminIo {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!(
-                    "the admin connection moved no byte for {} ms",
+                    "nothing went out on the admin connection for {} ms",
                     self.idle.as_millis()
                 ),
             )
@@ -859,16 +861,11 @@ impl tokio::io::AsyncRead for AdminIo {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
         let read = Pin::new(&mut this.conn).poll_read(cx, buf);
-        match read {
-            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => this.moved(),
-            std::task::Poll::Pending => {
-                if let Some(error) = this.quiet_too_long(cx) {
-                    return std::task::Poll::Ready(Err(error));
-                }
-            }
-            _ => {}
+        if read.is_pending()
+            && let Some(error) = this.quiet_too_long(cx)
+        {
+            return std::task::Poll::Ready(Err(error));
         }
         read
     }

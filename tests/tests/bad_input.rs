@@ -771,11 +771,12 @@ impl tonic::codec::Decoder for RawCodec {
 
 /// The admin API bounds what a caller can make it hold. With `request_timeout_ms = 1000` and
 /// `admin_connections_max = 3`: a request whose body stops coming is answered 504 with a JSON
-/// body once it has taken 3 s (the timeout plus 2 s); a connection that sends half a request
-/// head is closed once it has moved no byte for 5 s; a fourth connection is closed once
-/// accepted while three are open, and the three are served. Before, the first two waited for
-/// as long as their callers kept them (a task and a file descriptor each, without limit), and
-/// every connection was kept (helper-123).
+/// body once it has taken 6 s (four times the timeout plus 2 s); a connection that sends half
+/// a request head, and then a byte every half second, is closed once nothing has gone out on
+/// it for 8 s; a fourth connection is closed once accepted while three are open, and the three
+/// are served. Before, the first two waited for as long as their callers kept them (a task and
+/// a file descriptor each, without limit), and every connection was kept (helper-123,
+/// helper-125).
 #[test]
 fn the_admin_api_bounds_stalled_requests_and_its_connections() {
     use std::io::{Read, Write};
@@ -831,7 +832,7 @@ fn the_admin_api_bounds_stalled_requests_and_its_connections() {
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     assert!(answer.contains(r#""error""#), "{answer}");
     assert!(
-        began.elapsed() < Duration::from_secs(10),
+        began.elapsed() < Duration::from_secs(12),
         "{:?}",
         began.elapsed()
     );
@@ -842,14 +843,25 @@ fn the_admin_api_bounds_stalled_requests_and_its_connections() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHo")
         .expect("write");
     let began = Instant::now();
+    // The head trickles on, a byte every half second, and never ends.
+    let mut trickle = half_head.try_clone().expect("clone");
+    let trickling = std::thread::spawn(move || {
+        for _ in 0..60 {
+            if trickle.write_all(b"o").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
     let answer = until_closed(&mut half_head).expect("a connection closed after a half head");
     assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
     assert!(
-        began.elapsed() < Duration::from_secs(12),
+        began.elapsed() < Duration::from_secs(15),
         "{:?}",
         began.elapsed()
     );
     drop(half_head);
+    trickling.join().expect("the trickling thread");
     // The broker notices the closed connections.
     std::thread::sleep(Duration::from_millis(500));
 

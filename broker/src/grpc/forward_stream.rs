@@ -49,7 +49,8 @@ struct Job {
 /// Where one partition's publishes go: (leader, topic, partition).
 type Key = (u64, String, u32);
 
-/// When the leader last answered a publish on a forwarder's streams (None: never yet).
+/// When a leader last answered a publish on any of this broker's forwarding streams to it
+/// (None: never yet, while one of them stayed open).
 #[derive(Debug, Default)]
 struct Heard(Mutex<Option<Instant>>);
 
@@ -175,7 +176,9 @@ impl Forwarders {
         .await;
         waited.unwrap_or_else(|_| {
             if heard.is_some_and(|heard| !heard.since(queued)) {
-                // The leader answered no publish at all meanwhile (paused, its disk stalled,
+                // The leader answered no publish at all meanwhile, for any partition (it is
+                // given a shorter time than this wait, so a live one answers first even when
+                // it cannot store the publish in time): paused, its disk stalled,
                 // the link silently dead): what a connection that failed says, so that this
                 // broker passes it over for a while (`RouteHints::learn_write`). Before, a
                 // publish that ran out of time taught nothing, and a broker with no replica
@@ -214,7 +217,14 @@ impl Forwarders {
         }
         let client = super::forward_to(node, leader, peer_address, "PublishStream")?;
         let (sender, jobs) = mpsc::channel(QUEUE_MAX);
-        let heard = std::sync::Arc::new(Heard::default());
+        // Shared by every stream to the same leader: an answer for any partition shows it is
+        // alive (one partition slow to answer, say without its quorum, does not make it
+        // unreachable for all).
+        let heard = streams
+            .iter()
+            .find(|((to, _, _), _)| *to == leader)
+            .map(|(_, (_, heard))| heard.clone())
+            .unwrap_or_default();
         tokio::spawn(run(
             client,
             node.peers().clone(),

@@ -373,13 +373,16 @@ impl PublisherService {
         // Given up a little before the caller does, so that the caller hears why, and this
         // broker learns from a leader that answered nothing (it learns nothing from a call its
         // caller dropped first: the caller's timer starts before this broker's).
-        let timeout = timeout.saturating_sub((timeout / 10).min(FORWARD_ANSWER_MARGIN));
+        let timeout = answer_before(timeout);
         let forwarded = ForwardPublishRequest {
             request: Some(request),
             partition,
             hops: 1,
             from_node_id: self.node.node_id,
-            timeout_ms: forwarded_timeout_ms(timeout),
+            // The leader gives up sooner again, so that its answer (stored, or not in time)
+            // arrives within this broker's wait: a leader that answered nothing by then is
+            // taken for one that stopped answering (see `Forwarders::publish`).
+            timeout_ms: forwarded_timeout_ms(answer_before(timeout)),
             passed_on: passed_on.to_map(),
         };
         self.forwarders
@@ -389,8 +392,13 @@ impl PublisherService {
 }
 
 /// How much sooner than its caller a broker gives up a publish it forwarded (at most a tenth of
-/// the caller's time).
+/// the caller's time), and the leader sooner again.
 const FORWARD_ANSWER_MARGIN: Duration = Duration::from_millis(200);
+
+/// `time` less what its answer needs to reach whoever waits `time` ([`FORWARD_ANSWER_MARGIN`]).
+fn answer_before(time: Duration) -> Duration {
+    time.saturating_sub((time / 10).min(FORWARD_ANSWER_MARGIN))
+}
 
 /// The `timeout_ms` a forwarded publish carries for the time its caller has left: whole
 /// milliseconds, rounded up, never 0 (which tells the leader no timeout was given, so it would
