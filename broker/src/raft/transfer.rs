@@ -17,8 +17,8 @@ const TRANSFER_PAUSE_EXTRA: Duration = Duration::from_millis(100);
 /// answered last).
 const CAUGHT_UP_LAG_ENTRIES: u64 = 16;
 
-/// The most a transfer's target may take to catch up, in leases (maximum election timeouts),
-/// while proposals are refused.
+/// The longest a transfer's target may go without catching up any further, in leases (maximum
+/// election timeouts), while proposals are refused.
 const CATCH_UP_LEASES: u32 = 3;
 
 /// How often a transfer waiting for its target to catch up checks that it still answers.
@@ -244,16 +244,23 @@ pub(crate) async fn transfer_leadership(
             let metrics = raft.metrics().borrow().clone();
             (metrics.last_log_index, metrics.current_term)
         };
-        // Within a few leases, and only while the target answers and this node leads in the
-        // same term: proposals are refused all along. Before, the wait was the caller's whole
-        // timeout whatever happened, and a leader whose target died (or that lost its term
-        // meanwhile) refused every write for up to 30 s (helper-124).
-        let catch_up_until = Instant::now() + timeout.min(lease * CATCH_UP_LEASES);
+        // Only while the target answers, makes progress (a few leases without, and it is given
+        // up) and this node leads in the same term, and at most the caller's timeout: proposals
+        // are refused all along. Before, the wait was the caller's whole timeout whatever
+        // happened, and a leader whose target died (or that lost its term meanwhile) refused
+        // every write for up to 30 s (helper-124).
+        let deadline = Instant::now() + timeout;
+        let stall = lease * CATCH_UP_LEASES;
+        let mut progress = (
+            super::matched_index(&raft.metrics().borrow(), target),
+            Instant::now(),
+        );
         let mut watch = raft.metrics();
         loop {
             {
                 let m = watch.borrow_and_update();
-                if super::matched_index(&m, target) >= last {
+                let matched = super::matched_index(&m, target);
+                if matched >= last {
                     break;
                 }
                 if m.current_term != term || m.current_leader != Some(me) {
@@ -263,6 +270,9 @@ pub(crate) async fn transfer_leadership(
                         ),
                         leader: m.current_leader,
                     });
+                }
+                if matched > progress.0 {
+                    progress = (matched, Instant::now());
                 }
             }
             if !answered(&target) {
@@ -274,13 +284,18 @@ pub(crate) async fn transfer_leadership(
                     leader: Some(me),
                 });
             }
-            let left = catch_up_until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            let now = Instant::now();
+            if now >= deadline || now.duration_since(progress.1) >= stall {
                 return Err(BrokerError::Timeout(format!(
-                    "transfer to node {target}: it did not catch up within {} ms",
-                    timeout.min(lease * CATCH_UP_LEASES).as_millis()
+                    "transfer to node {target}: it did not catch up (no progress for {} ms, or \
+                     not within {} ms)",
+                    stall.as_millis(),
+                    timeout.as_millis()
                 )));
             }
+            let left = deadline
+                .min(progress.1 + stall)
+                .saturating_duration_since(now);
             if let Ok(Err(_)) =
                 tokio::time::timeout(left.min(CATCH_UP_RECHECK), watch.changed()).await
             {
