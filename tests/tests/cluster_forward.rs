@@ -1771,3 +1771,81 @@ async fn forwarded_publishes_go_past_a_leader_that_stopped_answering() {
         "a publish through node {outsider} was stored {took:?} after the new leader's election"
     );
 }
+
+/// A broker with no replica passes over a replica that does not answer a forwarded read within
+/// its caller's deadline, with the default `request_timeout_ms` (30 s). Four brokers, three
+/// replicas: the leader, which the forwarding broker asks first, is paused; Fetches with a 3 s
+/// wait and a 6 s deadline go through the fourth broker: by the second, one is answered.
+/// Before, the forwarding broker waited 33 s for the paused leader, its caller went away at 6
+/// s, it learnt nothing, and every Fetch went to the paused leader again and failed
+/// (helper-125).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_read_passes_over_a_replica_silent_past_its_callers_deadline() {
+    let brokers = start_cluster(4);
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(r#"{"name":"silent","partitions":1,"replication_factor":3}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    let outsider = (1..=4u64)
+        .find(|id| !replicas.contains(id))
+        .expect("a broker without a replica");
+    let first = &brokers[replicas[0] as usize - 1];
+    let leader_id = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(first, "silent");
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let through = brokers[outsider as usize - 1].client_addr.clone();
+    let channel = grpc::channel(&through).await;
+    grpc::publisher(&channel)
+        .publish(PublishRequest {
+            topic: "silent".into(),
+            target: Some(Target::Partition(0)),
+            records: vec![Record {
+                value: b"r0".to_vec().into(),
+                ..Record::default()
+            }],
+            ..PublishRequest::default()
+        })
+        .await
+        .expect("a publish through the broker without a replica");
+    let leader = &brokers[leader_id as usize - 1];
+    leader.pause();
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        let mut fetch = tonic::Request::new(weft_proto::v1::FetchRequest {
+            topic: "silent".into(),
+            partition: 0,
+            offset: 0,
+            max_bytes: 65536,
+            max_wait_ms: 3000,
+            min_bytes: 1,
+            ..Default::default()
+        });
+        fetch.set_timeout(Duration::from_secs(6));
+        let outcome = grpc::subscriber(&channel).fetch(fetch).await;
+        let read = outcome
+            .as_ref()
+            .is_ok_and(|a| a.get_ref().records.len() == 1);
+        outcomes.push(outcome.map(|a| a.into_inner().records.len()));
+        if read {
+            break;
+        }
+    }
+    leader.resume();
+    assert!(
+        outcomes
+            .last()
+            .is_some_and(|o| o.as_ref().is_ok_and(|n| *n == 1)),
+        "reads through node {outsider} with node {leader_id} paused: {outcomes:?}"
+    );
+}

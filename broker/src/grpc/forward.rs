@@ -235,7 +235,7 @@ impl Forward for ForwardService {
             Resource::Topic(&fetch.topic),
         )?;
         self.subscriber
-            .fetch_inner(fetch, message.hops.max(1))
+            .fetch_inner(fetch, message.hops.max(1), None)
             .await
             .map(Response::new)
             .map_err(Status::from)

@@ -42,6 +42,12 @@ const NEW_PARTITION_WAIT: Duration = Duration::from_secs(3);
 /// its assignment that could not be placed before (see `Session::place_unplaced`).
 const PLACE_AGAIN_WAIT: Duration = Duration::from_millis(500);
 
+/// What an answer needs to reach a caller that waits `left` more: a tenth of it, at most
+/// 200 ms.
+fn answer_margin(left: Duration) -> Duration {
+    (left / 10).min(Duration::from_millis(200))
+}
+
 /// Messages buffered towards one subscriber before the session waits.
 const STREAM_BUFFER: usize = 16;
 /// How long one delivery round waits, in all, for the brokers that hold partitions this one
@@ -61,11 +67,13 @@ impl SubscriberService {
         SubscriberService { node }
     }
 
-    /// Serves a Fetch from this broker's replica, or forwards it once to a broker holding one.
+    /// Serves a Fetch from this broker's replica, or forwards it once to a broker holding one;
+    /// `answer_by`: when its caller stops waiting (its deadline), if it said.
     pub async fn fetch_inner(
         &self,
         request: FetchRequest,
         hops: u32,
+        answer_by: Option<Instant>,
     ) -> Result<FetchResponse, BrokerError> {
         let config = &self.node.config;
         let topic = self.node.topic(&request.topic)?;
@@ -74,17 +82,33 @@ impl SubscriberService {
             // One long poll in all, however many replicas are asked: each is asked to wait only
             // what is left of it (and no longer than this broker lets a poll wait). Before,
             // every replica asked after one that failed waited the whole `max_wait_ms` again.
-            let polled_until = Instant::now()
+            // Within the caller's deadline too: the poll ends early enough for the replica's
+            // answer to come back in time, and a replica that has not answered a little before
+            // the deadline is given up, and so passed over (`RouteHints::learn_read`). Before,
+            // the caller went away first, and a replica that did not answer (paused) taught
+            // this broker nothing: every read went to it again.
+            let now = Instant::now();
+            let mut polled_until = now
                 + Duration::from_millis(
                     u64::from(request.max_wait_ms).min(config.fetch_wait_ms_max),
                 );
+            if let Some(by) = answer_by {
+                let left = by.saturating_duration_since(now);
+                polled_until = polled_until.min(now + left.saturating_sub(answer_margin(left) * 2));
+            }
             let fetched = self.read_elsewhere(&topic, partition, holder, hops, |holder| {
-                let left = polled_until.saturating_duration_since(Instant::now());
+                let now = Instant::now();
+                let left = polled_until.saturating_duration_since(now);
                 let request = FetchRequest {
                     max_wait_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX),
                     ..request.clone()
                 };
-                self.forward_fetch(request, holder, hops)
+                let mut timeout = Duration::from_millis(config.request_timeout_ms) + left;
+                if let Some(by) = answer_by {
+                    let caller_left = by.saturating_duration_since(now);
+                    timeout = timeout.min(caller_left.saturating_sub(answer_margin(caller_left)));
+                }
+                self.forward_fetch(request, holder, hops, timeout)
             });
             // A long poll waiting at another broker ends too when this one shuts down.
             return tokio::select! {
@@ -308,10 +332,9 @@ impl SubscriberService {
         request: FetchRequest,
         holder: u64,
         hops: u32,
+        timeout: Duration,
     ) -> Result<FetchResponse, BrokerError> {
         let address = self.holder_address(holder, hops)?;
-        let timeout = Duration::from_millis(self.node.config.request_timeout_ms)
-            + Duration::from_millis(u64::from(request.max_wait_ms));
         let call = self.node.peers().request(
             holder,
             weft_proto::internal::v1::ForwardFetchRequest {
@@ -694,13 +717,19 @@ impl Subscriber for SubscriberService {
                 Operation::Subscribe,
                 Resource::Topic(&request.get_ref().topic),
             )?;
+            let answer_by = request
+                .metadata()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(weft_proto::parse_grpc_timeout)
+                .and_then(|t| started.checked_add(t));
             if !weft_proto::otel::enabled() {
-                return self.fetch_inner(request.into_inner(), 0).await;
+                return self.fetch_inner(request.into_inner(), 0, answer_by).await;
             }
             let caller = weft_proto::otel::metadata_context(request.metadata());
             let request = request.into_inner();
             let (topic, partition) = (request.topic.clone(), request.partition);
-            let result = self.fetch_inner(request, 0).await;
+            let result = self.fetch_inner(request, 0, answer_by).await;
             if let Ok(response) = &result
                 && !response.records.is_empty()
             {
@@ -1664,14 +1693,17 @@ impl Session {
             min_bytes: 0,
             max_records: u32::try_from(self.credit_records).unwrap_or(u32::MAX),
         };
-        let answer = tokio::time::timeout_at(deadline, service.fetch_inner(request, 0))
-            .await
-            .unwrap_or_else(|_| {
-                Err(BrokerError::Unavailable {
-                    reason: "no broker holding the partition answered in time".into(),
-                    leader: None,
-                })
-            });
+        let answer = tokio::time::timeout_at(
+            deadline,
+            service.fetch_inner(request, 0, Some(deadline.into_std())),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::Unavailable {
+                reason: "no broker holding the partition answered in time".into(),
+                leader: None,
+            })
+        });
         let response = match answer {
             Ok(response) => response,
             // No replica can be read right now (its brokers down or cut off): the stream goes
@@ -1764,7 +1796,7 @@ impl Session {
                 };
                 let assignment = self.assignments;
                 let poll: RemotePoll = Box::pin(async move {
-                    if service.fetch_inner(request, 0).await.is_err() {
+                    if service.fetch_inner(request, 0, None).await.is_err() {
                         tokio::time::sleep(wait).await;
                     }
                     (assignment, p)
