@@ -1609,31 +1609,7 @@ async fn a_forwarded_long_poll_waits_once_across_the_replicas_it_asks() {
     let config = config.to_str().expect("utf-8 path").to_string();
     let brokers =
         weft_tests::start_cluster_each(4, |_| vec!["--config".into(), config.clone()], &[]);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"poll","partitions":1,"replication_factor":3}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
-        .as_array()
-        .expect("replicas")
-        .iter()
-        .filter_map(serde_json::Value::as_u64)
-        .collect();
-    assert_eq!(replicas.len(), 3, "{body}");
-    let outsider = (1..=4u64)
-        .find(|id| !replicas.contains(id))
-        .expect("a broker without a replica");
-    let replica = &brokers[replicas[0] as usize - 1];
-    let leader_id = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader(replica, "poll");
-        async move { (l != 0).then_some(l) }
-    })
-    .await;
-    let through = brokers[outsider as usize - 1].client_addr.clone();
-    let channel = grpc::channel(&through).await;
+    let (_, _, leader_id, through, channel) = partition_beside_an_outsider(&brokers, "poll").await;
     // A publish through the outsider: it learns the leader, and asks it first from now on.
     grpc::publisher(&channel)
         .publish(PublishRequest {
@@ -1685,31 +1661,8 @@ async fn a_forwarded_long_poll_waits_once_across_the_replicas_it_asks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_publishes_go_past_a_leader_that_stopped_answering() {
     let brokers = start_cluster(4);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"frozen","partitions":1,"replication_factor":3}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
-        .as_array()
-        .expect("replicas")
-        .iter()
-        .filter_map(serde_json::Value::as_u64)
-        .collect();
-    assert_eq!(replicas.len(), 3, "{body}");
-    let outsider = (1..=4u64)
-        .find(|id| !replicas.contains(id))
-        .expect("a broker without a replica");
-    let first = &brokers[replicas[0] as usize - 1];
-    let paused_id = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader(first, "frozen");
-        async move { (l != 0).then_some(l) }
-    })
-    .await;
-    let through = brokers[outsider as usize - 1].client_addr.clone();
-    let channel = grpc::channel(&through).await;
+    let (replicas, outsider, paused_id, _, channel) =
+        partition_beside_an_outsider(&brokers, "frozen").await;
     let mut publisher = grpc::publisher(&channel);
     let publish = |n: u64| {
         let mut request = tonic::Request::new(PublishRequest {
@@ -1782,30 +1735,8 @@ async fn forwarded_publishes_go_past_a_leader_that_stopped_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_read_passes_over_a_replica_silent_past_its_callers_deadline() {
     let brokers = start_cluster(4);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"silent","partitions":1,"replication_factor":3}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
-        .as_array()
-        .expect("replicas")
-        .iter()
-        .filter_map(serde_json::Value::as_u64)
-        .collect();
-    let outsider = (1..=4u64)
-        .find(|id| !replicas.contains(id))
-        .expect("a broker without a replica");
-    let first = &brokers[replicas[0] as usize - 1];
-    let leader_id = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader(first, "silent");
-        async move { (l != 0).then_some(l) }
-    })
-    .await;
-    let through = brokers[outsider as usize - 1].client_addr.clone();
-    let channel = grpc::channel(&through).await;
+    let (_, outsider, leader_id, _, channel) =
+        partition_beside_an_outsider(&brokers, "silent").await;
     grpc::publisher(&channel)
         .publish(PublishRequest {
             topic: "silent".into(),
@@ -1848,4 +1779,41 @@ async fn a_forwarded_read_passes_over_a_replica_silent_past_its_callers_deadline
             .is_some_and(|o| o.as_ref().is_ok_and(|n| *n == 1)),
         "reads through node {outsider} with node {leader_id} paused: {outcomes:?}"
     );
+}
+
+/// Creates `topic` (one partition, three replicas) through the first of four `brokers`, and
+/// waits for its leader: its replicas, the broker that holds none (the outsider), the leader,
+/// and the outsider's client address and a channel to it.
+async fn partition_beside_an_outsider(
+    brokers: &[weft_tests::Broker],
+    topic: &str,
+) -> (Vec<u64>, u64, u64, String, tonic::transport::Channel) {
+    let (status, body) = brokers[0].http(
+        "POST",
+        "/v1/topics",
+        Some(&format!(
+            r#"{{"name":"{topic}","partitions":1,"replication_factor":3}}"#
+        )),
+    );
+    assert_eq!(status, 201, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    assert_eq!(replicas.len(), 3, "{body}");
+    let outsider = (1..=4u64)
+        .find(|id| !replicas.contains(id))
+        .expect("a broker without a replica");
+    let replica = &brokers[replicas[0] as usize - 1];
+    let leader_id = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader(replica, topic);
+        async move { (l != 0).then_some(l) }
+    })
+    .await;
+    let through = brokers[outsider as usize - 1].client_addr.clone();
+    let channel = grpc::channel(&through).await;
+    (replicas, outsider, leader_id, through, channel)
 }
