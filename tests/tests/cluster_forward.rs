@@ -813,31 +813,8 @@ async fn a_publish_too_large_to_forward_is_refused_and_the_stream_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_without_a_replica_forwards_past_a_dead_one() {
     let mut brokers = start_cluster(4);
-    let (status, body) = brokers[0].http(
-        "POST",
-        "/v1/topics",
-        Some(r#"{"name":"past","partitions":1,"replication_factor":3}"#),
-    );
-    assert_eq!(status, 201, "{body}");
-    let view: serde_json::Value = serde_json::from_str(&body).expect("json");
-    let replicas: Vec<u64> = view["partition_details"][0]["replicas"]
-        .as_array()
-        .expect("replicas")
-        .iter()
-        .filter_map(serde_json::Value::as_u64)
-        .collect();
-    assert_eq!(replicas.len(), 3, "{body}");
-    let outsider = (1..=4u64)
-        .find(|id| !replicas.contains(id))
-        .expect("a broker without a replica");
-    let replica = &brokers[replicas[1] as usize - 1];
-    wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader(replica, "past");
-        async move { (l != 0).then_some(l) }
-    })
-    .await;
-    let through = brokers[outsider as usize - 1].client_addr.clone();
-    let channel = grpc::channel(&through).await;
+    let (replicas, outsider, _, through, channel) =
+        partition_beside_an_outsider(&brokers, "past").await;
     let mut publisher = grpc::publisher(&channel);
     let publish = |n: u64| PublishRequest {
         topic: "past".into(),

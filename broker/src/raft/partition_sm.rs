@@ -1293,20 +1293,7 @@ mod tests {
         let meta = crate::meta::Metadata::new(Arc::new(
             weft_storage::SledMetaStore::open(dir.path().join("meta")).expect("meta"),
         ));
-        let flusher =
-            crate::raft::Flusher::start(crate::raft::SyncMode::Fdatasync).expect("flusher");
-        let mut store = crate::raft::LogStore::new(5, log, meta, flusher).expect("store");
-        let reader = store.reader();
-        std::fs::create_dir_all(dir.path().join("sm")).expect("state machine dir");
-        let mut sm = PartitionStateMachine::open(
-            dir.path().join("sm"),
-            config,
-            reader.clone(),
-            1 << 20,
-            60_000,
-            false,
-        )
-        .expect("state machine");
+        let (mut store, reader, mut sm) = partition_over(dir.path(), log, config, &meta);
         // The snapshot ends at entry 20 (offset 19): the log holds it and ten entries more.
         let last = LogId::new(openraft::CommittedLeaderId::new(1, 0), 20);
         let state = PartitionState {
@@ -1450,6 +1437,16 @@ mod tests {
     ) -> (crate::raft::LogStore, LogReader, PartitionStateMachine) {
         let log =
             weft_storage::PartitionLog::open(dir.join("log"), LogConfig::default()).expect("log");
+        partition_over(dir, log, LogConfig::default(), meta)
+    }
+
+    /// [`open_partition`] over `log`, opened already with `config`.
+    fn partition_over(
+        dir: &std::path::Path,
+        log: weft_storage::PartitionLog,
+        config: LogConfig,
+        meta: &crate::meta::Metadata,
+    ) -> (crate::raft::LogStore, LogReader, PartitionStateMachine) {
         let meta = meta.clone();
         let flusher =
             crate::raft::Flusher::start(crate::raft::SyncMode::Fdatasync).expect("flusher");
@@ -1458,7 +1455,7 @@ mod tests {
         std::fs::create_dir_all(dir.join("sm")).expect("state machine dir");
         let sm = PartitionStateMachine::open(
             dir.join("sm"),
-            LogConfig::default(),
+            config,
             reader.clone(),
             1 << 20,
             60_000,
